@@ -1,0 +1,39 @@
+"""edgert's error types. Every failure a user can cause raises one of these, with a message that says what was
+expected, what was found, and what to do. Built-in bases (ValueError, TypeError, ...) are mixed in where they fit so
+ordinary ``except ValueError`` code keeps working."""
+
+
+class EdgertError(Exception):
+    """Base of every edgert error."""
+
+
+class NativeBuildError(EdgertError, ImportError):
+    """The compiled C core is missing or does not match this edgert."""
+
+
+class InvalidArgumentError(EdgertError, ValueError):
+    """A value the caller passed is out of range or inconsistent."""
+
+
+class ShapeError(InvalidArgumentError):
+    """Array shapes do not fit together (or do not fit the block size)."""
+
+
+class DTypeError(EdgertError, TypeError):
+    """An array or object has the wrong type."""
+
+
+class ModelFormatError(EdgertError, ValueError):
+    """A model file (GGUF, ONNX, TFLite) is malformed, truncated, hostile, or uses what edgert does not support."""
+
+
+class UnsupportedOpError(EdgertError):
+    """A graph op (or op/dtype combination) no available delegate can run."""
+
+
+class DeviceError(EdgertError):
+    """A device, delegate or CPU variant is unavailable or failed."""
+
+
+class LinkError(EdgertError):
+    """The host<->device link failed (timeouts, broken frames, protocol mismatch)."""

@@ -1,0 +1,102 @@
+"""The raw binding to the C core (``ffi``, ``lib``), C status -> edgert error, and the start-up choices of ISA and
+thread count. Nothing else: shapes and dtypes are validated by the callers (quant.py) before any pointer gets here.
+
+Environment, read once at import:
+    EDGERT_ISA=ref|avx2|avx512|neon   force one kernel variant (an error if this CPU cannot run it)
+    EDGERT_THREADS=N                  size of the kernel thread pool (default: the number of physical cores)
+"""
+from __future__ import annotations
+
+import os
+
+from .errors import DeviceError, EdgertError, InvalidArgumentError, NativeBuildError
+
+try:
+    from ._ffi import ffi, lib
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise NativeBuildError(
+        "edgert's C core (edgert._ffi) is not built. It is compiled when the package is installed: run "
+        "`pip install .` in the source checkout (needs a C compiler and cffi); running from the source tree "
+        f"without installing does not build it. ({exc})"
+    ) from exc
+
+# C status codes (edgert.h) -> the error raised for them
+_STATUS_ERRORS = {1: InvalidArgumentError, 2: MemoryError, 3: DeviceError, 4: InvalidArgumentError}
+
+
+def check(status: int) -> None:
+    """Raise the edgert error for a non-zero C status, with the C core's message."""
+    if status:
+        msg = ffi.string(lib.et_last_error()).decode("utf-8", "replace")
+        raise _STATUS_ERRORS.get(status, EdgertError)(msg)
+
+
+def _str(p) -> str:
+    return ffi.string(p).decode()
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share a core's SIMD units, so they do not count)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # pragma: no cover - non-Linux
+        allowed = set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/topology"
+        try:
+            with open(f"{base}/core_id") as f1, open(f"{base}/physical_package_id") as f2:
+                cores.add((f2.read().strip(), f1.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
+def set_isa(name: str | None) -> str:
+    """Select a kernel variant ("ref", "avx2", "avx512", "neon"; None or "auto" = the best this CPU runs)."""
+    st = lib.et_isa_select(ffi.NULL if name in (None, "", "auto") else name.encode())
+    if st:
+        msg = ffi.string(lib.et_last_error()).decode()
+        raise DeviceError(f"EDGERT_ISA / set_isa: {msg}") if st == 3 else InvalidArgumentError(msg)
+    return _str(lib.et_isa_current())
+
+
+def set_threads(n: int) -> None:
+    """Resize the kernel thread pool (threads are created once and kept)."""
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise InvalidArgumentError(f"thread count must be an int, got {type(n).__name__}")
+    check(lib.et_set_threads(n))
+
+
+def threads() -> int:
+    return lib.et_get_threads()
+
+
+def info() -> dict:
+    """What the C core runs with: the ISA variant in use, those this CPU can run, threads, CPU features."""
+    return {
+        "version": _str(lib.et_version()),
+        "isa": _str(lib.et_isa_current()),
+        "isas": [s for s in _str(lib.et_isa_available()).split(",") if s],
+        "threads": lib.et_get_threads(),
+        "physical_cores": physical_cores(),
+        "features": [s for s in _str(lib.et_cpu_features()).split(",") if s],
+    }
+
+
+def _init_from_env() -> None:
+    set_isa(os.environ.get("EDGERT_ISA") or None)
+    env_threads = os.environ.get("EDGERT_THREADS")
+    if env_threads:
+        try:
+            n = int(env_threads)
+        except ValueError:
+            raise InvalidArgumentError(f"EDGERT_THREADS must be a positive integer, got {env_threads!r}") from None
+        if n < 1:
+            raise InvalidArgumentError(f"EDGERT_THREADS must be a positive integer, got {env_threads!r}")
+        set_threads(n)
+    else:
+        set_threads(physical_cores())
+
+
+_init_from_env()

@@ -1,0 +1,222 @@
+"""Quantized tensors: QTensor (GGUF block layouts), quantize, matmul, and import of onnxruntime MatMulNBits weights.
+
+Every array is checked here (dtype, contiguity, shape, buffer size) before a pointer reaches the C core.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import native
+from .errors import DTypeError, InvalidArgumentError, ShapeError
+from .native import ffi, lib
+
+BLOCK = 32  # values per block in every block format
+
+# format name -> ggml/GGUF type id
+FORMATS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 8}
+FORMAT_BY_ID = {v: k for k, v in FORMATS.items()}
+BLOCK_FORMATS = ("q4_0", "q4_1", "q8_0")
+
+
+def _fmt_id(fmt: str) -> int:
+    if fmt not in FORMATS:
+        raise InvalidArgumentError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def row_bytes(fmt: str, k: int) -> int:
+    """Bytes in one row of k values stored as fmt."""
+    n = lib.et_row_size(_fmt_id(fmt), k)
+    if n == 0:
+        raise ShapeError(f"{fmt} rows need K to be a positive multiple of {BLOCK}, got K={k}")
+    return n
+
+
+def _ptr(a: np.ndarray, ctype: str = "void *"):
+    return ffi.cast(ctype, a.ctypes.data)
+
+
+class QTensor:
+    """A 2-D weight matrix (N, K) in one of the GGUF formats. ``raw`` is a uint8 view (N, row_bytes) of the blocks,
+    byte-for-byte the GGUF layout; it may alias a memory-mapped file or a caller's buffer (no copy is made)."""
+
+    __slots__ = ("fmt", "shape", "raw")
+
+    def __init__(self, fmt: str, shape: tuple[int, int], raw: np.ndarray):
+        # use quantize() or from_raw(); this constructor trusts its arguments
+        self.fmt = fmt
+        self.shape = shape
+        self.raw = raw
+
+    @property
+    def type_id(self) -> int:
+        return FORMATS[self.fmt]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+    @classmethod
+    def from_raw(cls, fmt: str, shape, raw) -> "QTensor":
+        """Wrap existing blocks (numpy array, bytes, memoryview, mmap) without copying; the size must match."""
+        _fmt_id(fmt)
+        try:
+            n, k = (int(s) for s in shape)
+        except (TypeError, ValueError):
+            raise ShapeError(f"shape must be (N, K), got {shape!r}") from None
+        if n < 1 or k < 1:
+            raise ShapeError(f"shape must be positive, got ({n}, {k})")
+        rb = row_bytes(fmt, k)
+        if isinstance(raw, np.ndarray):
+            if not raw.flags.c_contiguous:
+                raise InvalidArgumentError("raw blocks must be C-contiguous (got a strided view); pass a contiguous copy")
+            buf = raw.reshape(-1).view(np.uint8)
+        else:
+            try:
+                buf = np.frombuffer(raw, dtype=np.uint8)
+            except (TypeError, ValueError) as exc:
+                raise DTypeError(f"raw must be a numpy array or a buffer, got {type(raw).__name__}") from exc
+        if buf.nbytes != n * rb:
+            raise ShapeError(
+                f"{fmt} tensor of shape ({n}, {k}) needs {n * rb} bytes ({n} rows x {rb}), got {buf.nbytes}"
+            )
+        return cls(fmt, (n, k), buf.reshape(n, rb))
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 (N, K) values the blocks encode."""
+        n, k = self.shape
+        out = np.empty((n, k), dtype=np.float32)
+        native.check(lib.et_dequantize(self.type_id, _ptr(self.raw), _ptr(out, "float *"), n, k))
+        return out
+
+    def __repr__(self) -> str:
+        return f"QTensor(fmt={self.fmt!r}, shape={self.shape}, nbytes={self.nbytes})"
+
+
+def quantize(w: np.ndarray, fmt: str) -> QTensor:
+    """Quantize float32 weights (N, K) to fmt; bit-identical to ggml's reference quantizers. NaN/Inf are refused."""
+    fid = _fmt_id(fmt)
+    if not isinstance(w, np.ndarray):
+        raise DTypeError(f"weights must be a numpy float32 array, got {type(w).__name__}")
+    if w.dtype != np.float32:
+        raise DTypeError(f"weights must be float32, got {w.dtype} (use w.astype(np.float32))")
+    if w.ndim != 2:
+        raise ShapeError(f"weights must be 2-D (N, K), got shape {w.shape}")
+    n, k = w.shape
+    if n < 1 or k < 1:
+        raise ShapeError(f"weights must be non-empty, got shape {w.shape}")
+    rb = row_bytes(fmt, k)
+    w = np.ascontiguousarray(w)
+    raw = np.empty((n, rb), dtype=np.uint8)
+    native.check(lib.et_quantize(fid, _ptr(w, "float *"), _ptr(raw), n, k))
+    return QTensor(fmt, (n, k), raw)
+
+
+def matmul(x: np.ndarray, w: QTensor, threads: int | None = None) -> np.ndarray:
+    """y = x @ w.T for x float32 (M, K) C-contiguous and w a QTensor (N, K) -> float32 (M, N).
+    A 1-D x of length K gives a 1-D result of length N. Block formats quantize x per block of 32 to 8 bits."""
+    if not isinstance(w, QTensor):
+        raise DTypeError(f"w must be an edgert.QTensor (see edgert.quantize), got {type(w).__name__}")
+    if not isinstance(x, np.ndarray):
+        raise DTypeError(f"x must be a numpy float32 array, got {type(x).__name__}")
+    if x.dtype != np.float32:
+        raise DTypeError(f"x must be float32, got {x.dtype} (use x.astype(np.float32))")
+    squeeze = x.ndim == 1
+    if squeeze:
+        x = x.reshape(1, -1)
+    if x.ndim != 2:
+        raise ShapeError(f"x must be (M, K) or (K,), got shape {x.shape}")
+    if not x.flags.c_contiguous:
+        raise InvalidArgumentError(
+            f"x must be C-contiguous (got strides {x.strides} for shape {x.shape}); use np.ascontiguousarray(x)"
+        )
+    m, k = x.shape
+    n, wk = w.shape
+    if k != wk:
+        raise ShapeError(f"x has K={k} but w has shape ({n}, {wk}): K must match")
+    if m < 1:
+        raise ShapeError(f"x must have at least one row, got shape {x.shape}")
+    nth = 0
+    if threads is not None:
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}")
+        nth = threads
+    y = np.empty((m, n), dtype=np.float32)
+    ss = lib.et_matmul_scratch_size(w.type_id, m, k)
+    scratch = np.empty(max(ss, 1), dtype=np.uint8)
+    native.check(
+        lib.et_matmul(_ptr(x, "float *"), m, k, w.type_id, _ptr(w.raw), n, _ptr(y, "float *"), _ptr(scratch), ss, nth)
+    )
+    return y[0] if squeeze else y
+
+
+def from_matmul_nbits(b, scales, zero_points=None, *, k: int, n: int, block_size: int, bits: int = 4) -> QTensor:
+    """Import onnxruntime ``MatMulNBits`` INT4 weights (inputs B, scales, zero_points; attributes K, N, block_size)
+    into a host QTensor of shape (N, K).
+
+    w[n, k] = (q - zp) * scale, q the 4-bit code (low nibble first), zp 8 when zero_points is absent.
+    block_size >= 32: q4_0 without zero points (d = scale), q4_1 with them (d = scale, m = -zp * scale); exact up
+    to the fp16 rounding of d and m. block_size 16 has two scales per 32-value block, which no GGUF block format
+    holds, so it is imported as f16 (exact up to the fp16 rounding of each weight).
+    """
+    if bits != 4:
+        raise InvalidArgumentError(f"MatMulNBits import supports bits=4, got bits={bits}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise InvalidArgumentError(f"MatMulNBits block_size must be a power of two >= 16, got {block_size}")
+    if k < 1 or n < 1:
+        raise ShapeError(f"K and N must be positive, got K={k}, N={n}")
+    if k % BLOCK:
+        raise ShapeError(f"host formats need K to be a multiple of {BLOCK}, got K={k}")
+    nblk = -(-k // block_size)
+    blob = block_size // 2
+    b = np.asarray(b)
+    if b.dtype != np.uint8 or b.size != n * nblk * blob:
+        raise ShapeError(f"B must be uint8 [N={n}, n_blocks={nblk}, {blob}], got {b.dtype} {b.shape}")
+    scales = np.asarray(scales)
+    if scales.dtype not in (np.float32, np.float16) or scales.size != n * nblk:
+        raise ShapeError(f"scales must be float32/float16 with N*n_blocks={n * nblk} values, got {scales.dtype} {scales.shape}")
+    scale = scales.astype(np.float32).reshape(n, nblk)
+    packed = b.reshape(n, nblk * blob)
+    q = np.empty((n, nblk * block_size), dtype=np.uint8)
+    q[:, 0::2] = packed & 0x0F
+    q[:, 1::2] = packed >> 4
+    q = q[:, :k]
+    if zero_points is None:
+        zp = None
+    else:
+        zero_points = np.asarray(zero_points)
+        if zero_points.dtype == np.uint8:
+            per_row = -(-nblk // 2)
+            if zero_points.size != n * per_row:
+                raise ShapeError(f"packed uint8 zero_points must hold N*ceil(n_blocks/2)={n * per_row} bytes, got {zero_points.size}")
+            zpp = zero_points.reshape(n, per_row)
+            zp = np.empty((n, per_row * 2), dtype=np.float32)
+            zp[:, 0::2] = zpp & 0x0F
+            zp[:, 1::2] = zpp >> 4
+            zp = zp[:, :nblk]
+        elif zero_points.dtype in (np.float32, np.float16) and zero_points.size == n * nblk:
+            zp = zero_points.astype(np.float32).reshape(n, nblk)
+        else:
+            raise ShapeError(f"zero_points must be packed uint8 or float with N*n_blocks values, got {zero_points.dtype} {zero_points.shape}")
+
+    if block_size == 16:
+        zpv = 8.0 if zp is None else np.repeat(zp, 16, axis=1)[:, :k]
+        w = (q.astype(np.float32) - zpv) * np.repeat(scale, 16, axis=1)[:, :k]
+        return quantize(np.ascontiguousarray(w, dtype=np.float32), "f16")
+
+    nb = k // BLOCK
+    per = block_size // BLOCK  # host blocks per MatMulNBits block
+    d = np.repeat(scale, per, axis=1)[:, :nb].astype(np.float16)
+    qb = q.reshape(n, nb, BLOCK)
+    qs = (qb[:, :, :16] | (qb[:, :, 16:] << 4)).astype(np.uint8)
+    if zp is None:
+        raw = np.empty((n, nb, 18), dtype=np.uint8)
+        raw[:, :, 0:2] = d.reshape(n, nb, 1).view(np.uint8)
+        raw[:, :, 2:] = qs
+        return QTensor("q4_0", (n, k), raw.reshape(n, nb * 18))
+    m = np.repeat(-zp * scale, per, axis=1)[:, :nb].astype(np.float16)
+    raw = np.empty((n, nb, 20), dtype=np.uint8)
+    raw[:, :, 0:2] = d.reshape(n, nb, 1).view(np.uint8)
+    raw[:, :, 2:4] = m.reshape(n, nb, 1).view(np.uint8)
+    raw[:, :, 4:] = qs
+    return QTensor("q4_1", (n, k), raw.reshape(n, nb * 20))

@@ -1,0 +1,74 @@
+/* edgert.h — the one public header of the edgert C core.
+ *
+ * Every function returns an int status (ET_OK or an et_status); on failure et_last_error() holds a message that
+ * says what was expected and what was found. The caller owns every buffer: the core never allocates memory the
+ * caller has to free, and never keeps a pointer past the call that received it. Callers validate shapes and sizes
+ * before calling; the core checks them again and refuses what it cannot handle.
+ *
+ * The block between the cdef markers is read by native/build_ffi.py as the cffi declaration: keep it free of
+ * preprocessor directives.
+ */
+#ifndef EDGERT_H
+#define EDGERT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* cdef-begin */
+typedef enum {
+    ET_OK = 0,
+    ET_ERR_INVALID = 1,     /* bad argument: shape, size, type, value */
+    ET_ERR_NOMEM = 2,       /* an allocation the core owns failed (thread pool, model state) */
+    ET_ERR_UNSUPPORTED = 3, /* valid request this build or CPU cannot serve */
+    ET_ERR_RANGE = 4        /* a position or index outside what was allocated (e.g. past the KV cache) */
+} et_status;
+
+/* ggml type ids, so a GGUF tensor type maps to itself */
+typedef enum {
+    ET_TYPE_F32 = 0,
+    ET_TYPE_F16 = 1,
+    ET_TYPE_Q4_0 = 2,
+    ET_TYPE_Q4_1 = 3,
+    ET_TYPE_Q8_0 = 8
+} et_type;
+
+const char *et_last_error(void);
+const char *et_version(void);
+
+/* CPU variants: "ref", "avx2", "avx512", "neon". et_isa_select(NULL or "auto") picks the best this CPU runs. */
+int et_isa_select(const char *name);
+const char *et_isa_current(void);
+const char *et_isa_available(void);  /* comma-separated names this CPU can run, best last */
+const char *et_cpu_features(void);   /* comma-separated CPU features the dispatcher looked at */
+
+/* persistent thread pool shared by all kernels; n >= 1 */
+int et_set_threads(int n);
+int et_get_threads(void);
+
+/* bytes of one row of k values of type t; 0 when k is not a whole number of blocks or t is unknown */
+size_t et_row_size(int type, int64_t k);
+
+/* (n, k) float32 <-> (n, row_size) blocks; quantize refuses NaN/Inf and names the first one */
+int et_quantize(int type, const float *x, void *y, int64_t n, int64_t k);
+int et_dequantize(int type, const void *x, float *y, int64_t n, int64_t k);
+
+/* y (m, n) = x (m, k) @ w (n, k)^T; x, y float32 row-major contiguous, w rows of type wtype.
+ * scratch holds the on-the-fly quantized activations: et_matmul_scratch_size() bytes.
+ * nthreads <= 0 uses the pool's size. */
+size_t et_matmul_scratch_size(int wtype, int64_t m, int64_t k);
+int et_matmul(const float *x, int64_t m, int64_t k, int wtype, const void *w, int64_t n, float *y, void *scratch,
+              size_t scratch_size, int nthreads);
+
+/* streaming read of n bytes over nthreads threads (a bandwidth probe); returns a checksum in *out */
+int et_stream_read(const void *buf, size_t n, int nthreads, uint64_t *out);
+/* cdef-end */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* EDGERT_H */

@@ -1,0 +1,116 @@
+/* core.h — internal to the C core: error reporting, fp16 conversion, the kernel trait table, the thread pool.
+ * Nothing here is public; edgert.h is the interface.
+ */
+#ifndef ET_CORE_H
+#define ET_CORE_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "edgert.h"
+#include "et_quant.h"
+
+#if defined(__GNUC__)
+#define ET_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#define ET_INLINE static inline __attribute__((always_inline))
+#else
+#define ET_PRINTF(a, b)
+#define ET_INLINE static inline
+#endif
+
+/* sets the calling thread's error message and returns status */
+int et_error(int status, const char *fmt, ...) ET_PRINTF(2, 3);
+
+/* ---- fp16: IEEE binary16, round to nearest even, as numpy's astype(float16) ---- */
+
+ET_INLINE uint32_t et_f32_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+ET_INLINE float et_f32_from_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+ET_INLINE float et_fp16_to_fp32(et_half h) {
+    /* exponent re-bias by scaling: exact for normals, subnormals, inf and nan */
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const uint32_t exp_offset = 0xE0u << 23;
+    const float exp_scale = 0x1.0p-112f;
+    const float normalized = et_f32_from_bits((two_w >> 4) + exp_offset) * exp_scale;
+    const uint32_t magic_mask = 126u << 23;
+    const float magic_bias = 0.5f;
+    const float denormalized = et_f32_from_bits((two_w >> 17) | magic_mask) - magic_bias;
+    const uint32_t denormalized_cutoff = 1u << 27;
+    const uint32_t result =
+        sign | (two_w < denormalized_cutoff ? et_f32_bits(denormalized) : et_f32_bits(normalized));
+    return et_f32_from_bits(result);
+}
+
+ET_INLINE et_half et_fp32_to_fp16(float f) {
+    /* rounding happens in the float add below: scale into the fp16 range so the hardware rounds to nearest even */
+    const float scale_to_inf = 0x1.0p+112f;
+    const float scale_to_zero = 0x1.0p-110f;
+    float base = (fabsf(f) * scale_to_inf) * scale_to_zero;
+    const uint32_t w = et_f32_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = et_f32_from_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = et_f32_bits(base);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+    const uint32_t mantissa_bits = bits & 0x00000FFFu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return (et_half)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+/* ---- kernel trait table: one per ISA, filled at start-up (cpu.c) ---- */
+
+/* y[i*ldy + j] = dot(w row j, x row i) for j in [0, n), i in [0, m).
+ * Block formats: w rows of nb blocks (w_stride bytes apart), x rows of nb block_q8_s (x_stride bytes apart).
+ * F32/F16: w rows of k values, x float rows of k values. */
+typedef void (*et_gemm_fn)(int64_t k, const void *w, size_t w_stride, int64_t n, const void *x, size_t x_stride,
+                           int64_t m, float *y, size_t ldy);
+
+typedef struct {
+    const char *name;
+    et_gemm_fn gemm_q4_0;
+    et_gemm_fn gemm_q4_1;
+    et_gemm_fn gemm_q8_0;
+    et_gemm_fn gemm_f16;
+    et_gemm_fn gemm_f32;
+} et_kernels;
+
+extern const et_kernels et_kernels_ref;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const et_kernels et_kernels_avx2;
+extern const et_kernels et_kernels_avx512;
+extern const et_kernels et_kernels_avx512vnni;
+#endif
+#if defined(__aarch64__)
+extern const et_kernels et_kernels_neon;
+extern const et_kernels et_kernels_neon_dotprod;
+#endif
+
+/* the table in use; set once by et_isa_select (or lazily on first use) */
+const et_kernels *et_active_kernels(void);
+
+/* ---- reference quantization (src/quant/ref.c), shared by every ISA ---- */
+
+/* x (k values) -> k/32 activation blocks; the one activation quantizer, so every ISA sees the same blocks.
+ * Returns -1 (and writes a partial row) when x holds NaN or Inf. */
+int et_quantize_row_q8_s(const float *x, block_q8_s *y, int64_t k);
+
+/* ---- thread pool (src/threadpool.c) ---- */
+
+/* runs fn(ctx, ith, nth) for ith in [0, nth) on the pool (the caller is thread 0); returns when all are done */
+typedef void (*et_task_fn)(void *ctx, int ith, int nth);
+int et_parallel(et_task_fn fn, void *ctx, int nth);
+
+#endif /* ET_CORE_H */

@@ -1,0 +1,140 @@
+/* matmul/avx2.c — AVX2 + FMA + F16C kernels on the GGUF block layout.
+ * Tile: 4 weight rows against one activation row, so each activation block load serves four rows; the weight
+ * tile stays in L1 while every activation row streams past it. Row tails use 1-row tiles.
+ */
+#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#include <immintrin.h>
+
+#include "../core.h"
+
+ET_INLINE float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+ET_INLINE float h2f(et_half h) { return _cvtsh_ss(h); }
+
+/* 16 packed bytes -> 32 nibbles in element order: low nibbles are elements 0..15, high nibbles 16..31 */
+ET_INLINE __m256i unpack_nibbles(const uint8_t *qs) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)qs);
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
+}
+
+/* 8 int32 partial sums of u8 x s8 products (|pair| <= 2*255*127 would saturate int16: callers keep u <= 128) */
+ET_INLINE __m256i dot_us8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* --- per-block contributions, each added into one float accumulator --- */
+
+ET_INLINE __m256 blk_q4_0(__m256 acc, const block_q4_0 *w, const block_q8_s *x, __m256i xq) {
+    __m256i p = dot_us8(unpack_nibbles(w->qs), xq);
+    p = _mm256_sub_epi32(p, _mm256_castsi128_si256(_mm_cvtsi32_si128(8 * x->sum))); /* the -8 offset, exactly */
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(h2f(w->d) * x->d), acc);
+}
+
+ET_INLINE __m256 blk_q4_1(__m256 acc, const block_q4_1 *w, const block_q8_s *x, __m256i xq) {
+    const __m256i p = dot_us8(unpack_nibbles(w->qs), xq);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(h2f(w->d) * x->d), acc);
+    /* the min term m*dx*sum(qx) rides in lane 0 */
+    return _mm256_add_ps(acc, _mm256_castps128_ps256(_mm_set_ss(h2f(w->m) * (x->d * (float)x->sum))));
+}
+
+ET_INLINE __m256 blk_q8_0(__m256 acc, const block_q8_0 *w, const block_q8_s *x, __m256i xq) {
+    const __m256i wq = _mm256_loadu_si256((const __m256i *)w->qs);
+    const __m256i p = dot_us8(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq)); /* |w| * (x * sign w) */
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(h2f(w->d) * x->d), acc);
+}
+
+#define ET_GEMM_BLOCKS(name, btype, blk)                                                                       \
+    static void name(int64_t k, const void *w, size_t ws, int64_t n, const void *x, size_t xs, int64_t m,      \
+                     float *y, size_t ldy) {                                                                  \
+        const int64_t nb = k / ET_QK;                                                                         \
+        int64_t j = 0;                                                                                        \
+        for (; j + 4 <= n; j += 4) {                                                                          \
+            const btype *w0 = (const btype *)((const uint8_t *)w + (size_t)j * ws);                           \
+            const btype *w1 = (const btype *)((const uint8_t *)w0 + ws);                                      \
+            const btype *w2 = (const btype *)((const uint8_t *)w1 + ws);                                      \
+            const btype *w3 = (const btype *)((const uint8_t *)w2 + ws);                                      \
+            for (int64_t i = 0; i < m; i++) {                                                                 \
+                const block_q8_s *xi = (const block_q8_s *)((const uint8_t *)x + (size_t)i * xs);             \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                   \
+                for (int64_t b = 0; b < nb; b++) {                                                            \
+                    const __m256i xq = _mm256_loadu_si256((const __m256i *)xi[b].qs);                        \
+                    a0 = blk(a0, &w0[b], &xi[b], xq);                                                         \
+                    a1 = blk(a1, &w1[b], &xi[b], xq);                                                         \
+                    a2 = blk(a2, &w2[b], &xi[b], xq);                                                         \
+                    a3 = blk(a3, &w3[b], &xi[b], xq);                                                         \
+                }                                                                                             \
+                float *yi = y + (size_t)i * ldy + j;                                                          \
+                yi[0] = hsum_ps(a0), yi[1] = hsum_ps(a1), yi[2] = hsum_ps(a2), yi[3] = hsum_ps(a3);           \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (; j < n; j++) {                                                                                  \
+            const btype *w0 = (const btype *)((const uint8_t *)w + (size_t)j * ws);                           \
+            for (int64_t i = 0; i < m; i++) {                                                                 \
+                const block_q8_s *xi = (const block_q8_s *)((const uint8_t *)x + (size_t)i * xs);             \
+                __m256 a0 = _mm256_setzero_ps();                                                              \
+                for (int64_t b = 0; b < nb; b++)                                                              \
+                    a0 = blk(a0, &w0[b], &xi[b], _mm256_loadu_si256((const __m256i *)xi[b].qs));             \
+                y[(size_t)i * ldy + j] = hsum_ps(a0);                                                         \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+
+ET_GEMM_BLOCKS(gemm_q4_0_avx2, block_q4_0, blk_q4_0)
+ET_GEMM_BLOCKS(gemm_q4_1_avx2, block_q4_1, blk_q4_1)
+ET_GEMM_BLOCKS(gemm_q8_0_avx2, block_q8_0, blk_q8_0)
+
+/* --- float weights: 8 lanes per step, scalar tail --- */
+
+ET_INLINE __m256 load_w_f32(const float *w) { return _mm256_loadu_ps(w); }
+ET_INLINE __m256 load_w_f16(const et_half *w) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w)); }
+ET_INLINE float scalar_w_f32(const float *w) { return *w; }
+ET_INLINE float scalar_w_f16(const et_half *w) { return h2f(*w); }
+
+#define ET_GEMM_FLOAT(name, wt, loadw, scalarw)                                                                \
+    static void name(int64_t k, const void *w, size_t ws, int64_t n, const void *x, size_t xs, int64_t m,      \
+                     float *y, size_t ldy) {                                                                  \
+        for (int64_t j = 0; j < n; j++) {                                                                     \
+            const wt *wj = (const wt *)((const uint8_t *)w + (size_t)j * ws);                                 \
+            for (int64_t i = 0; i < m; i++) {                                                                 \
+                const float *xi = (const float *)((const uint8_t *)x + (size_t)i * xs);                       \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0;                                                     \
+                int64_t c = 0;                                                                                \
+                for (; c + 16 <= k; c += 16) {                                                                \
+                    a0 = _mm256_fmadd_ps(loadw(wj + c), _mm256_loadu_ps(xi + c), a0);                         \
+                    a1 = _mm256_fmadd_ps(loadw(wj + c + 8), _mm256_loadu_ps(xi + c + 8), a1);                 \
+                }                                                                                             \
+                for (; c + 8 <= k; c += 8) a0 = _mm256_fmadd_ps(loadw(wj + c), _mm256_loadu_ps(xi + c), a0);  \
+                float s = hsum_ps(_mm256_add_ps(a0, a1));                                                     \
+                for (; c < k; c++) s += scalarw(wj + c) * xi[c];                                              \
+                y[(size_t)i * ldy + j] = s;                                                                   \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+
+ET_GEMM_FLOAT(gemm_f32_avx2, float, load_w_f32, scalar_w_f32)
+ET_GEMM_FLOAT(gemm_f16_avx2, et_half, load_w_f16, scalar_w_f16)
+
+const et_kernels et_kernels_avx2 = {
+    .name = "avx2",
+    .gemm_q4_0 = gemm_q4_0_avx2,
+    .gemm_q4_1 = gemm_q4_1_avx2,
+    .gemm_q8_0 = gemm_q8_0_avx2,
+    .gemm_f16 = gemm_f16_avx2,
+    .gemm_f32 = gemm_f32_avx2,
+};
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+#endif

@@ -1,0 +1,91 @@
+/* matmul/matmul.c — et_matmul: checks, activation quantization, and work splitting over the thread pool.
+ * The arithmetic lives in the per-ISA kernel tables; this file is ISA-independent.
+ */
+#include <stdatomic.h>
+
+#include "../core.h"
+
+#define ET_ROW_TILE 16 /* chunks of weight rows are multiples of this: every kernel's row tile divides it */
+
+typedef struct {
+    et_gemm_fn fn;
+    int64_t k, n, m;
+    const uint8_t *w;
+    size_t ws;
+    const void *x;
+    size_t xs;
+    float *y;
+    int64_t chunk;
+    atomic_llong next; /* next unclaimed weight row */
+} matmul_job;
+
+static void matmul_task(void *arg, int ith, int nth) {
+    (void)ith;
+    (void)nth;
+    matmul_job *job = arg;
+    for (;;) {
+        const int64_t r0 = atomic_fetch_add(&job->next, job->chunk);
+        if (r0 >= job->n) break;
+        const int64_t rows = job->n - r0 < job->chunk ? job->n - r0 : job->chunk;
+        job->fn(job->k, job->w + (size_t)r0 * job->ws, job->ws, rows, job->x, job->xs, job->m, job->y + r0,
+                (size_t)job->n);
+    }
+}
+
+static int is_block_type(int t) { return t == ET_TYPE_Q4_0 || t == ET_TYPE_Q4_1 || t == ET_TYPE_Q8_0; }
+
+size_t et_matmul_scratch_size(int wtype, int64_t m, int64_t k) {
+    if (!is_block_type(wtype) || m <= 0 || k <= 0 || k % ET_QK) return 0;
+    return (size_t)m * (size_t)(k / ET_QK) * sizeof(block_q8_s);
+}
+
+static et_gemm_fn pick(const et_kernels *kt, int t) {
+    switch (t) {
+    case ET_TYPE_Q4_0: return kt->gemm_q4_0;
+    case ET_TYPE_Q4_1: return kt->gemm_q4_1;
+    case ET_TYPE_Q8_0: return kt->gemm_q8_0;
+    case ET_TYPE_F16: return kt->gemm_f16;
+    case ET_TYPE_F32: return kt->gemm_f32;
+    default: return NULL;
+    }
+}
+
+int et_matmul(const float *x, int64_t m, int64_t k, int wtype, const void *w, int64_t n, float *y, void *scratch,
+              size_t scratch_size, int nthreads) {
+    if (m <= 0 || n <= 0 || k <= 0)
+        return et_error(ET_ERR_INVALID, "matmul shape m=%lld n=%lld k=%lld must be positive", (long long)m,
+                        (long long)n, (long long)k);
+    if (!x || !w || !y) return et_error(ET_ERR_INVALID, "matmul got a NULL buffer");
+    const size_t ws = et_row_size(wtype, k);
+    if (ws == 0)
+        return et_error(ET_ERR_INVALID, "weight type %d cannot hold rows of k=%lld (block formats need k %% 32 == 0)",
+                        wtype, (long long)k);
+    const et_kernels *kt = et_active_kernels();
+    et_gemm_fn fn = pick(kt, wtype);
+    if (!fn) return et_error(ET_ERR_UNSUPPORTED, "no %s kernel for weight type %d", kt->name, wtype);
+
+    const void *xa = x;
+    size_t xs = (size_t)k * sizeof(float);
+    if (is_block_type(wtype)) {
+        const size_t need = et_matmul_scratch_size(wtype, m, k);
+        if (!scratch || scratch_size < need)
+            return et_error(ET_ERR_INVALID, "matmul scratch of %zu bytes is too small: need %zu", scratch_size, need);
+        xs = (size_t)(k / ET_QK) * sizeof(block_q8_s);
+        for (int64_t i = 0; i < m; i++) {
+            if (et_quantize_row_q8_s(x + i * k, (block_q8_s *)((uint8_t *)scratch + (size_t)i * xs), k))
+                return et_error(ET_ERR_INVALID, "activations must be finite: row %lld holds NaN or Inf", (long long)i);
+        }
+        xa = scratch;
+    }
+
+    int nth = nthreads > 0 ? nthreads : et_get_threads();
+    /* a few chunks per thread so a slow core does not hold the others back; rows in whole tiles */
+    int64_t chunk = (n + (int64_t)nth * 4 - 1) / ((int64_t)nth * 4);
+    chunk = (chunk + ET_ROW_TILE - 1) / ET_ROW_TILE * ET_ROW_TILE;
+    const int64_t n_chunks = (n + chunk - 1) / chunk;
+    if (nth > n_chunks) nth = (int)n_chunks;
+
+    matmul_job job = {.fn = fn, .k = k, .n = n, .m = m, .w = w, .ws = ws, .x = xa, .xs = xs, .y = y, .chunk = chunk};
+    atomic_init(&job.next, 0);
+    return et_parallel(matmul_task, &job, nth);
+}
