@@ -107,6 +107,13 @@ const et_kernels *et_active_kernels(void);
  * Returns -1 (and writes a partial row) when x holds NaN or Inf. */
 int et_quantize_row_q8_s(const float *x, block_q8_s *y, int64_t k);
 
+/* ---- matmul on prepared activations (src/matmul/matmul.c), for callers inside the core ---- */
+
+/* y[i*ldy + j] = w row j . activation row i; xa holds block_q8_s rows (block formats, see et_quantize_row_q8_s)
+ * or float rows (f32/f16), xs bytes apart. Arguments are trusted: callers inside the core validate them. */
+int et_gemm_prepared(int wtype, const void *w, int64_t n, int64_t k, const void *xa, size_t xs, int64_t m, float *y,
+                     size_t ldy, int nthreads);
+
 /* ---- thread pool (src/threadpool.c) ---- */
 
 /* runs fn(ctx, ith, nth) for ith in [0, nth) on the pool (the caller is thread 0); returns when all are done */

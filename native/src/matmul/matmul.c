@@ -15,6 +15,7 @@ typedef struct {
     const void *x;
     size_t xs;
     float *y;
+    size_t ldy;
     int64_t chunk;
     atomic_llong next; /* next unclaimed weight row */
 } matmul_job;
@@ -28,7 +29,7 @@ static void matmul_task(void *arg, int ith, int nth) {
         if (r0 >= job->n) break;
         const int64_t rows = job->n - r0 < job->chunk ? job->n - r0 : job->chunk;
         job->fn(job->k, job->w + (size_t)r0 * job->ws, job->ws, rows, job->x, job->xs, job->m, job->y + r0,
-                (size_t)job->n);
+                job->ldy);
     }
 }
 
@@ -78,6 +79,15 @@ int et_matmul(const float *x, int64_t m, int64_t k, int wtype, const void *w, in
         xa = scratch;
     }
 
+    return et_gemm_prepared(wtype, w, n, k, xa, xs, m, y, (size_t)n, nthreads);
+}
+
+int et_gemm_prepared(int wtype, const void *w, int64_t n, int64_t k, const void *xa, size_t xs, int64_t m, float *y,
+                     size_t ldy, int nthreads) {
+    const et_kernels *kt = et_active_kernels();
+    et_gemm_fn fn = pick(kt, wtype);
+    const size_t ws = et_row_size(wtype, k);
+    if (!fn || ws == 0) return et_error(ET_ERR_INVALID, "no kernel for weight type %d with k=%lld", wtype, (long long)k);
     int nth = nthreads > 0 ? nthreads : et_get_threads();
     /* a few chunks per thread so a slow core does not hold the others back; rows in whole tiles */
     int64_t chunk = (n + (int64_t)nth * 4 - 1) / ((int64_t)nth * 4);
@@ -85,7 +95,8 @@ int et_matmul(const float *x, int64_t m, int64_t k, int wtype, const void *w, in
     const int64_t n_chunks = (n + chunk - 1) / chunk;
     if (nth > n_chunks) nth = (int)n_chunks;
 
-    matmul_job job = {.fn = fn, .k = k, .n = n, .m = m, .w = w, .ws = ws, .x = xa, .xs = xs, .y = y, .chunk = chunk};
+    matmul_job job = {.fn = fn, .k = k, .n = n, .m = m, .w = w, .ws = ws, .x = xa, .xs = xs, .y = y, .ldy = ldy,
+                      .chunk = chunk};
     atomic_init(&job.next, 0);
     return et_parallel(matmul_task, &job, nth);
 }
