@@ -1,0 +1,177 @@
+/* matmul/neon.c — AArch64 Advanced SIMD kernels on the GGUF block layout.
+ *
+ * neon_dotprod.c compiles this file a second time with ET_DOTPROD=1: the two variants differ only in how one
+ * block's 32 int8 products become four int32 partial sums (SDOT, or widening multiplies and pairwise adds).
+ * Tile: 4 weight rows against one activation row, as avx2.c; row tails use 1-row tiles.
+ */
+#if defined(__aarch64__)
+
+#ifndef ET_DOTPROD
+#define ET_DOTPROD 0
+#endif
+
+#if ET_DOTPROD
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("dotprod"))), apply_to = function)
+#else
+#pragma GCC target("arch=armv8.2-a+dotprod")
+#endif
+#define ET_NEON_NAME(base) base##_neon_dotprod
+#else
+#define ET_NEON_NAME(base) base##_neon
+#endif
+
+#include <arm_neon.h>
+
+#include "../core.h"
+
+/* exact, like et_fp16_to_fp32: FCVT is part of every AArch64 FPU */
+ET_INLINE float h2f(et_half h) {
+    __fp16 f;
+    memcpy(&f, &h, sizeof f);
+    return (float)f;
+}
+
+/* 4 int32 partial sums of a[i] * b[i] over 32 int8 pairs (a0/b0 elements 0..15, a1/b1 elements 16..31).
+ * Without SDOT each int16 lane holds two products: |a| <= 128 and |b| <= 127 keep it below 32767. */
+ET_INLINE int32x4_t dot_s8x32(int8x16_t a0, int8x16_t a1, int8x16_t b0, int8x16_t b1) {
+#if ET_DOTPROD
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), a0, b0), a1, b1);
+#else
+    const int16x8_t p0 = vmlal_high_s8(vmull_s8(vget_low_s8(a0), vget_low_s8(b0)), a0, b0);
+    const int16x8_t p1 = vmlal_high_s8(vmull_s8(vget_low_s8(a1), vget_low_s8(b1)), a1, b1);
+    return vpadalq_s16(vpaddlq_s16(p0), p1);
+#endif
+}
+
+/* 16 packed bytes -> nibbles in element order: *lo gets elements 0..15, *hi elements 16..31 */
+ET_INLINE void unpack_nibbles(const uint8_t *qs, int8x16_t *lo, int8x16_t *hi) {
+    const uint8x16_t b = vld1q_u8(qs);
+    *lo = vreinterpretq_s8_u8(vandq_u8(b, vdupq_n_u8(0x0F)));
+    *hi = vreinterpretq_s8_u8(vshrq_n_u8(b, 4));
+}
+
+/* --- per-block contributions, each added into one float accumulator --- */
+
+ET_INLINE float32x4_t blk_q4_0(float32x4_t acc, const block_q4_0 *w, const block_q8_s *x, int8x16_t x0,
+                               int8x16_t x1) {
+    int8x16_t w0, w1;
+    unpack_nibbles(w->qs, &w0, &w1);
+    int32x4_t p = dot_s8x32(w0, w1, x0, x1);
+    p = vsubq_s32(p, vsetq_lane_s32(8 * x->sum, vdupq_n_s32(0), 0)); /* the -8 offset, exactly */
+    return vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f(w->d) * x->d);
+}
+
+ET_INLINE float32x4_t blk_q4_1(float32x4_t acc, const block_q4_1 *w, const block_q8_s *x, int8x16_t x0,
+                               int8x16_t x1) {
+    int8x16_t w0, w1;
+    unpack_nibbles(w->qs, &w0, &w1);
+    const int32x4_t p = dot_s8x32(w0, w1, x0, x1);
+    acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f(w->d) * x->d);
+    /* the min term m*dx*sum(qx) rides in lane 0 */
+    return vaddq_f32(acc, vsetq_lane_f32(h2f(w->m) * (x->d * (float)x->sum), vdupq_n_f32(0.0f), 0));
+}
+
+ET_INLINE float32x4_t blk_q8_0(float32x4_t acc, const block_q8_0 *w, const block_q8_s *x, int8x16_t x0,
+                               int8x16_t x1) {
+    const int32x4_t p = dot_s8x32(vld1q_s8(w->qs), vld1q_s8(w->qs + 16), x0, x1);
+    return vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f(w->d) * x->d);
+}
+
+#define ET_GEMM_BLOCKS(name, btype, blk)                                                                       \
+    static void name(int64_t k, const void *w, size_t ws, int64_t n, const void *x, size_t xs, int64_t m,      \
+                     float *y, size_t ldy) {                                                                  \
+        const int64_t nb = k / ET_QK;                                                                         \
+        int64_t j = 0;                                                                                        \
+        for (; j + 4 <= n; j += 4) {                                                                          \
+            const btype *w0 = (const btype *)((const uint8_t *)w + (size_t)j * ws);                           \
+            const btype *w1 = (const btype *)((const uint8_t *)w0 + ws);                                      \
+            const btype *w2 = (const btype *)((const uint8_t *)w1 + ws);                                      \
+            const btype *w3 = (const btype *)((const uint8_t *)w2 + ws);                                      \
+            for (int64_t i = 0; i < m; i++) {                                                                 \
+                const block_q8_s *xi = (const block_q8_s *)((const uint8_t *)x + (size_t)i * xs);             \
+                float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;                                \
+                for (int64_t b = 0; b < nb; b++) {                                                            \
+                    const int8x16_t x0 = vld1q_s8(xi[b].qs), x1 = vld1q_s8(xi[b].qs + 16);                    \
+                    a0 = blk(a0, &w0[b], &xi[b], x0, x1);                                                     \
+                    a1 = blk(a1, &w1[b], &xi[b], x0, x1);                                                     \
+                    a2 = blk(a2, &w2[b], &xi[b], x0, x1);                                                     \
+                    a3 = blk(a3, &w3[b], &xi[b], x0, x1);                                                     \
+                }                                                                                             \
+                float *yi = y + (size_t)i * ldy + j;                                                          \
+                yi[0] = vaddvq_f32(a0), yi[1] = vaddvq_f32(a1), yi[2] = vaddvq_f32(a2), yi[3] = vaddvq_f32(a3); \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (; j < n; j++) {                                                                                  \
+            const btype *w0 = (const btype *)((const uint8_t *)w + (size_t)j * ws);                           \
+            for (int64_t i = 0; i < m; i++) {                                                                 \
+                const block_q8_s *xi = (const block_q8_s *)((const uint8_t *)x + (size_t)i * xs);             \
+                float32x4_t a0 = vdupq_n_f32(0.0f);                                                           \
+                for (int64_t b = 0; b < nb; b++)                                                              \
+                    a0 = blk(a0, &w0[b], &xi[b], vld1q_s8(xi[b].qs), vld1q_s8(xi[b].qs + 16));                \
+                y[(size_t)i * ldy + j] = vaddvq_f32(a0);                                                      \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+
+ET_GEMM_BLOCKS(ET_NEON_NAME(gemm_q4_0), block_q4_0, blk_q4_0)
+ET_GEMM_BLOCKS(ET_NEON_NAME(gemm_q4_1), block_q4_1, blk_q4_1)
+ET_GEMM_BLOCKS(ET_NEON_NAME(gemm_q8_0), block_q8_0, blk_q8_0)
+
+/* --- float weights: 16 lanes per step, then 4, then the scalar tail --- */
+
+ET_INLINE float32x4_t load_w_f32(const float *w) { return vld1q_f32(w); }
+ET_INLINE float32x4_t load_w_f16(const et_half *w) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(w))); }
+ET_INLINE float scalar_w_f32(const float *w) { return *w; }
+ET_INLINE float scalar_w_f16(const et_half *w) { return h2f(*w); }
+
+#define ET_GEMM_FLOAT(name, wt, loadw, scalarw)                                                                \
+    static void name(int64_t k, const void *w, size_t ws, int64_t n, const void *x, size_t xs, int64_t m,      \
+                     float *y, size_t ldy) {                                                                  \
+        for (int64_t j = 0; j < n; j++) {                                                                     \
+            const wt *wj = (const wt *)((const uint8_t *)w + (size_t)j * ws);                                 \
+            for (int64_t i = 0; i < m; i++) {                                                                 \
+                const float *xi = (const float *)((const uint8_t *)x + (size_t)i * xs);                       \
+                float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;                                \
+                int64_t c = 0;                                                                                \
+                for (; c + 16 <= k; c += 16) {                                                                \
+                    a0 = vfmaq_f32(a0, loadw(wj + c), vld1q_f32(xi + c));                                     \
+                    a1 = vfmaq_f32(a1, loadw(wj + c + 4), vld1q_f32(xi + c + 4));                             \
+                    a2 = vfmaq_f32(a2, loadw(wj + c + 8), vld1q_f32(xi + c + 8));                             \
+                    a3 = vfmaq_f32(a3, loadw(wj + c + 12), vld1q_f32(xi + c + 12));                           \
+                }                                                                                             \
+                for (; c + 4 <= k; c += 4) a0 = vfmaq_f32(a0, loadw(wj + c), vld1q_f32(xi + c));              \
+                float s = vaddvq_f32(vaddq_f32(vaddq_f32(a0, a1), vaddq_f32(a2, a3)));                        \
+                for (; c < k; c++) s += scalarw(wj + c) * xi[c];                                              \
+                y[(size_t)i * ldy + j] = s;                                                                   \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+
+ET_GEMM_FLOAT(ET_NEON_NAME(gemm_f32), float, load_w_f32, scalar_w_f32)
+ET_GEMM_FLOAT(ET_NEON_NAME(gemm_f16), et_half, load_w_f16, scalar_w_f16)
+
+#if ET_DOTPROD
+const et_kernels et_kernels_neon_dotprod = {
+    .name = "neon",
+    .gemm_q4_0 = gemm_q4_0_neon_dotprod,
+    .gemm_q4_1 = gemm_q4_1_neon_dotprod,
+    .gemm_q8_0 = gemm_q8_0_neon_dotprod,
+    .gemm_f16 = gemm_f16_neon_dotprod,
+    .gemm_f32 = gemm_f32_neon_dotprod,
+};
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+#else
+const et_kernels et_kernels_neon = {
+    .name = "neon",
+    .gemm_q4_0 = gemm_q4_0_neon,
+    .gemm_q4_1 = gemm_q4_1_neon,
+    .gemm_q8_0 = gemm_q8_0_neon,
+    .gemm_f16 = gemm_f16_neon,
+    .gemm_f32 = gemm_f32_neon,
+};
+#endif
+
+#endif /* __aarch64__ */
