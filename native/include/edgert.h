@@ -63,6 +63,44 @@ size_t et_matmul_scratch_size(int wtype, int64_t m, int64_t k);
 int et_matmul(const float *x, int64_t m, int64_t k, int wtype, const void *w, int64_t n, float *y, void *scratch,
               size_t scratch_size, int nthreads);
 
+/* ---- llama-family decoder (src/llm/llama.c) ---- */
+
+typedef struct {
+    int32_t dim;        /* model width */
+    int32_t hidden_dim; /* feed-forward width */
+    int32_t n_layers;
+    int32_t n_heads;    /* query heads */
+    int32_t n_kv_heads; /* key/value heads (grouped-query attention when < n_heads) */
+    int32_t head_dim;
+    int32_t vocab_size;
+    int32_t n_ctx;      /* KV cache positions */
+    int32_t n_batch;    /* most tokens one forward pass runs at once; longer inputs are split */
+    float rope_base;
+    float norm_eps;
+} et_llama_config;
+
+typedef struct {
+    const void *data;
+    int32_t type;   /* et_type */
+    int64_t nbytes; /* must equal what the role's shape implies */
+} et_tensor;
+
+typedef struct et_llama et_llama;
+
+/* tensors: 3 + 9 * n_layers, in role order: token_embd (vocab, dim), output_norm (dim), output (vocab, dim), then
+ * per layer attn_norm (dim), attn_q (n_heads*head_dim, dim), attn_k (n_kv_heads*head_dim, dim), attn_v (same),
+ * attn_output (dim, n_heads*head_dim), ffn_norm (dim), ffn_gate (hidden, dim), ffn_up (hidden, dim),
+ * ffn_down (dim, hidden); shapes (rows, row length). Weights stay where they are (e.g. a memory-mapped file) and
+ * must outlive the model. The model owns its run state and KV cache: et_llama_free releases them. */
+int et_llama_build(const et_llama_config *cfg, const et_tensor *tensors, int32_t n_tensors, et_llama **out);
+void et_llama_free(et_llama *model);
+/* bytes of run state + KV cache the model allocated */
+size_t et_llama_state_bytes(const et_llama *model);
+/* runs tokens at positions pos .. pos+n-1 (their KV entries are written; later positions become stale) and writes
+ * logits: (n, vocab) when logits_all, else the last position's (vocab). pos + n > n_ctx -> ET_ERR_RANGE. */
+int et_llama_forward(et_llama *model, const int32_t *tokens, int32_t n, int32_t pos, float *logits,
+                     int32_t logits_all, int32_t nthreads);
+
 /* streaming read of n bytes over nthreads threads (a bandwidth probe); returns a checksum in *out */
 int et_stream_read(const void *buf, size_t n, int nthreads, uint64_t *out);
 /* cdef-end */
