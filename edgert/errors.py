@@ -37,3 +37,7 @@ class DeviceError(EdgertError):
 
 class LinkError(EdgertError):
     """The host<->device link failed (timeouts, broken frames, protocol mismatch)."""
+
+
+class ModelNotFoundError(EdgertError, FileNotFoundError):
+    """A model name or path matches no file, no known model and nothing in the model cache."""
