@@ -1,0 +1,128 @@
+"""LlamaModel: a validated GGUF llama model handed to the C decoder.
+
+Weights are used in place: the C core gets pointers into the memory-mapped GGUF file (no copy, no repacking), so
+loading costs one parse of the header and the weights' pages are read from disk as the first forward pass touches
+them. The C side owns the run state and the KV cache (fp16 K by position, fp16 V transposed); their size is
+``state_bytes``. This module must not tokenize, sample or talk to users: that is llm.py's job.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import native
+from ..errors import InvalidArgumentError, ModelFormatError
+from ..formats.gguf import GGUFFile, open_gguf
+from ..native import ffi, lib
+from .spec import LlamaSpec, llama_spec
+
+DEFAULT_N_BATCH = 64  # tokens per prefill pass: large enough for the GEMM path, small enough for L2-resident activations
+
+
+class LlamaModel:
+    """A loaded model: ``forward(tokens, pos)`` runs tokens at positions pos.. and returns logits."""
+
+    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_batch: int = DEFAULT_N_BATCH):
+        self.path = os.fspath(path)
+        self.gguf: GGUFFile = open_gguf(self.path)
+        try:
+            self.spec: LlamaSpec = llama_spec(self.gguf)
+            cfg = self.spec.config
+            if not isinstance(n_ctx, int) or n_ctx < 1:
+                raise InvalidArgumentError(f"n_ctx must be a positive int, got {n_ctx!r}")
+            if n_ctx > cfg.context_length:
+                raise InvalidArgumentError(
+                    f"n_ctx={n_ctx} exceeds the model's context length {cfg.context_length}; use n_ctx <= {cfg.context_length}"
+                )
+            if not isinstance(n_batch, int) or n_batch < 1:
+                raise InvalidArgumentError(f"n_batch must be a positive int, got {n_batch!r}")
+            self.n_ctx = n_ctx
+            self.n_batch = min(n_batch, n_ctx)
+            self._build()
+        except BaseException:
+            self.gguf.close()
+            raise
+
+    def _build(self) -> None:
+        c = self.spec.config
+        cfg = ffi.new(
+            "et_llama_config *",
+            {
+                "dim": c.dim, "hidden_dim": c.hidden_dim, "n_layers": c.n_layers, "n_heads": c.n_heads,
+                "n_kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size, "n_ctx": self.n_ctx,
+                "n_batch": self.n_batch, "rope_base": c.rope_base, "norm_eps": c.norm_eps,
+            },
+        )
+        tensors = ffi.new("et_tensor[]", len(self.spec.tensors))
+        self._views = []  # the mmap views the C side points into: kept alive with the model
+        for i, (role, info) in enumerate(self.spec.tensors):
+            view = self.gguf.tensor_bytes(info.name)
+            self._views.append(view)
+            tensors[i].data = ffi.cast("void *", view.ctypes.data)
+            tensors[i].type = info.type_id
+            tensors[i].nbytes = info.nbytes
+        out = ffi.new("et_llama **")
+        st = lib.et_llama_build(cfg, tensors, len(self.spec.tensors), out)
+        if st:
+            msg = ffi.string(lib.et_last_error()).decode()
+            if st == 1:
+                raise ModelFormatError(f"{self.path}: {msg}")
+            native.check(st)
+        self._handle = ffi.gc(out[0], lib.et_llama_free)
+
+    @property
+    def config(self):
+        return self.spec.config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.config.vocab_size
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of run state and KV cache allocated by the C core."""
+        return int(lib.et_llama_state_bytes(self._handle))
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step streams: every matrix including the output head (which is the
+        embedding table when tied); the embedding lookup itself reads one row."""
+        return sum(info.nbytes for role, info in self.spec.tensors if role != "token_embd")
+
+    def forward(self, tokens, pos: int, logits_all: bool = False, threads: int | None = None) -> np.ndarray:
+        """Run tokens at positions pos .. pos+len-1. Returns (len, vocab) logits when logits_all, else (vocab,)."""
+        ids = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
+        n = int(ids.size)
+        if n < 1:
+            raise InvalidArgumentError("forward needs at least one token")
+        if pos < 0 or pos + n > self.n_ctx:
+            raise InvalidArgumentError(
+                f"context full: positions {pos}..{pos + n - 1} do not fit n_ctx={self.n_ctx}"
+            )
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise InvalidArgumentError(f"token id {int(ids[i])} at index {i} is outside the vocabulary [0, {self.vocab_size})")
+        out = np.empty((n, self.vocab_size) if logits_all else (self.vocab_size,), dtype=np.float32)
+        native.check(
+            lib.et_llama_forward(
+                self._handle, ffi.cast("int32_t *", ids.ctypes.data), n, pos, ffi.cast("float *", out.ctypes.data),
+                1 if logits_all else 0, threads or 0,
+            )
+        )
+        return out
+
+    def close(self) -> None:
+        h = getattr(self, "_handle", None)
+        if h is not None:
+            ffi.release(h)  # runs et_llama_free now instead of at garbage collection
+            self._handle = None
+        self._views = []
+        self.gguf.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
