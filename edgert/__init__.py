@@ -18,8 +18,18 @@ from .quant import FORMATS, QTensor, from_matmul_nbits, matmul, quantize
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # the LLM stack pulls in tokenizers and jinja2: import it on first use, not with the kernels
+    if name in ("LLM", "GenerationResult", "ContextLengthError"):
+        from . import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module 'edgert' has no attribute {name!r}")
+
+
 __all__ = [
-    "DeviceError", "DTypeError", "EdgertError", "FORMATS", "InvalidArgumentError", "LinkError", "ModelFormatError",
+    "ContextLengthError", "DeviceError", "DTypeError", "GenerationResult", "LLM", "EdgertError", "FORMATS", "InvalidArgumentError", "LinkError", "ModelFormatError",
     "NativeBuildError", "QTensor", "ShapeError", "UnsupportedOpError", "from_matmul_nbits", "matmul", "native",
     "quantize",
 ]

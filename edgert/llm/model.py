@@ -23,7 +23,9 @@ DEFAULT_N_BATCH = 64  # tokens per prefill pass: large enough for the GEMM path,
 class LlamaModel:
     """A loaded model: ``forward(tokens, pos)`` runs tokens at positions pos.. and returns logits."""
 
-    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_batch: int = DEFAULT_N_BATCH):
+    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_batch: int = DEFAULT_N_BATCH,
+                 clamp_ctx: bool = False):
+        """clamp_ctx: an n_ctx above the model's context length is lowered to it (else it is an error)."""
         self.path = os.fspath(path)
         self.gguf: GGUFFile = open_gguf(self.path)
         try:
@@ -31,6 +33,9 @@ class LlamaModel:
             cfg = self.spec.config
             if not isinstance(n_ctx, int) or n_ctx < 1:
                 raise InvalidArgumentError(f"n_ctx must be a positive int, got {n_ctx!r}")
+            self.requested_n_ctx = n_ctx
+            if n_ctx > cfg.context_length and clamp_ctx:
+                n_ctx = cfg.context_length
             if n_ctx > cfg.context_length:
                 raise InvalidArgumentError(
                     f"n_ctx={n_ctx} exceeds the model's context length {cfg.context_length}; use n_ctx <= {cfg.context_length}"

@@ -1,0 +1,209 @@
+"""The ``edgert`` command: pull, models, chat, generate, info.
+
+Each subcommand is a thin shell over the Python API; errors print one ``edgert: error: ...`` line and exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import EdgertError
+
+DEFAULT_MODEL = "smollm2-135m"  # kept equal to edgert.llm.DEFAULT_MODEL without importing the LLM stack
+
+
+def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="same seed, same output")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"a known model name or a .gguf path (default {DEFAULT_MODEL})")
+    p.add_argument("--n-ctx", type=int, default=2048, help="context length / KV cache size (default 2048)")
+    p.add_argument("--threads", type=int, default=None, help="kernel threads (default: physical cores)")
+
+
+def _sampling(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repeat_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
+
+
+def _load(args):
+    from .llm import LLM
+
+    return LLM(args.model, n_ctx=args.n_ctx, threads=args.threads)
+
+
+def cmd_pull(args) -> int:
+    from .llm import store
+
+    path = store.pull(args.name, progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .llm import store
+
+    rows = store.list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print(f"no models in {store.models_dir()} (try: edgert pull {DEFAULT_MODEL})")
+        return 0
+    print(f"{'name':<36} {'size':>9}  {'arch':<8} {'ctx':>6}  quantization")
+    for r in rows:
+        mix = ", ".join(f"{k}:{v}" for k, v in sorted(r["quant_mix"].items(), key=lambda kv: -kv[1]))
+        print(f"{r['name']:<36} {r['size_bytes'] / 1e6:>7.1f}MB  {str(r['architecture']):<8} "
+              f"{str(r['context_length']):>6}  {mix}")
+    return 0
+
+
+def _stats_line(res) -> str:
+    t = res.timings
+    return (f"[{res.prompt_tokens} prompt, {len(res.tokens)} generated tokens | prefill {t['prefill_tok_s']:.1f} tok/s, "
+            f"decode {t['decode_tok_s']:.1f} tok/s, first token {t['ttft_s'] * 1000:.0f} ms | {res.finish_reason}]")
+
+
+def cmd_generate(args) -> int:
+    llm = _load(args)
+    kw = _sampling(args)
+    if args.json:
+        res = llm.chat([{"role": "user", "content": args.prompt}], **kw) if args.chat else llm.generate(args.prompt, **kw)
+        print(json.dumps(res.to_dict()))
+        return 0
+    pieces = llm.chat_stream([{"role": "user", "content": args.prompt}], **kw) if args.chat else llm.stream(args.prompt, **kw)
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        print("\n[stopped]")
+        return 130
+    print()
+    if llm.last_result is not None and not args.quiet:
+        print(_stats_line(llm.last_result), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = _load(args)
+    kw = _sampling(args)
+    history: list[dict] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    base = list(history)
+    print(f"edgert chat — {llm.name} ({llm.path}), n_ctx {llm.n_ctx}. /reset clears the conversation, /exit quits; "
+          "Ctrl-C stops an answer.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            return 0
+        if text == "/reset":
+            history = list(base)
+            llm.reset()
+            print("[conversation cleared]", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        answer = []
+        try:
+            for piece in llm.chat_stream(history, **kw):
+                answer.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            print()
+            if llm.last_result is not None:
+                print(_stats_line(llm.last_result), file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
+        except EdgertError as exc:
+            # e.g. the conversation outgrew the context: keep the chat alive, drop this turn
+            print(f"\nedgert: error: {exc}", file=sys.stderr)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def cmd_info(args) -> int:
+    from . import native
+
+    info = native.info()
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k:>15}: {', '.join(v) if isinstance(v, list) else v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgert", description="edgert — portable edge-inference runtime")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("pull", help="fetch a known model into the model cache")
+    s.add_argument("name", nargs="?", default=DEFAULT_MODEL)
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    s.set_defaults(func=cmd_pull)
+
+    s = sub.add_parser("models", help="list cached models")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("chat", help="interactive chat (streams; /reset, /exit)")
+    _add_model(s)
+    _add_sampling(s, temperature=0.8)
+    s.add_argument("--system", default=None, help="system prompt")
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("generate", help="complete one prompt")
+    _add_model(s)
+    s.add_argument("-p", "--prompt", required=True)
+    _add_sampling(s, temperature=0.8)
+    s.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    s.add_argument("--json", action="store_true", help="print text, tokens and timings as JSON")
+    s.add_argument("-q", "--quiet", action="store_true", help="no stats line")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("info", help="the C core's ISA variant, threads and CPU features")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except EdgertError as exc:
+        print(f"edgert: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

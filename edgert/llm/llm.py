@@ -1,0 +1,315 @@
+"""LLM: the user-facing language model — resolve a model name, load it, tokenize, template, sample, stream.
+
+The per-token loop lives here and costs one C call per generated token (the whole forward step runs in C). The
+KV cache is reused across calls: a prompt that starts with the tokens already in the cache (the previous turns of
+a chat) only prefills what is new.
+
+Context limit policy: a prompt that does not fit n_ctx (leaving room for one generated token) is refused with
+ContextLengthError; a generation that fills the context stops with finish_reason "length".
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import InvalidArgumentError
+from . import chat_template, store
+from .model import DEFAULT_N_BATCH, LlamaModel
+from .sampler import Sampler
+from .tokenizer import StreamDecoder, Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_N_CTX = 2048
+REPEAT_WINDOW = 64  # tokens of history the repetition penalty looks at (llama.cpp's default)
+
+
+class ContextLengthError(InvalidArgumentError):
+    """The input does not fit the model's context (n_ctx)."""
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (EOS, end of turn or a stop string) or "length" (max_tokens or the context is full)
+    timings: dict = field(default_factory=dict)
+    prompt_tokens: int = 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "timings": self.timings,
+        }
+
+
+def _stop_list(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not all(isinstance(s, str) for s in stop):
+        raise InvalidArgumentError(f"stop must be a string or a list of strings, got {stop!r}")
+    return [s for s in stop if s]
+
+
+class _StopScanner:
+    """Emits text as it arrives except the tail that could still become a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.pending = ""
+        self.hit = False
+
+    def push(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.hit = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        keep = 0  # longest suffix of pending that is a proper prefix of some stop string
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class LLM:
+    """A local language model. ``model`` is a known name (pulled into the cache on first use) or a .gguf path."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, n_ctx: int = DEFAULT_N_CTX, threads: int | None = None,
+                 n_batch: int = DEFAULT_N_BATCH, progress: bool = True):
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise InvalidArgumentError(f"threads must be a positive int or None, got {threads!r}")
+        if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 2:
+            raise InvalidArgumentError(f"n_ctx must be an int >= 2, got {n_ctx!r}")
+        t0 = time.perf_counter()
+        self.path = store.resolve(model, pull_missing=True, progress=progress)
+        self.name = str(model)
+        self.threads = threads
+        self.model = LlamaModel(self.path, n_ctx=n_ctx, n_batch=n_batch, clamp_ctx=True)
+        if self.model.n_ctx < n_ctx and n_ctx != DEFAULT_N_CTX:
+            warnings.warn(f"n_ctx={n_ctx} exceeds the model's context length; using {self.model.n_ctx}")
+        n_ctx = self.model.n_ctx
+        meta = self.model.gguf.metadata
+        self.tokenizer = Tokenizer.from_gguf_metadata(meta)
+        self.template = meta.get("tokenizer.chat_template")
+        self.n_ctx = n_ctx
+        self._kv: list[int] = []  # tokens whose keys/values are in the cache, by position
+        self.load_s = time.perf_counter() - t0
+
+    # ---- text ----
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def chat_tokens(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of messages rendered with the model's chat template (ChatML when it has none). Markup becomes
+        control tokens; message content never does."""
+        tok = self.tokenizer
+        segments = chat_template.render_segments(
+            self.template, messages, add_generation_prompt=add_generation_prompt,
+            bos_token=_piece_text(tok, tok.bos_id), eos_token=_piece_text(tok, tok.eos_id),
+        )
+        ids: list[int] = []
+        for text, is_markup in segments:
+            ids += tok.encode_special(text) if is_markup else tok.encode(text)
+        if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+            ids.insert(0, tok.bos_id)
+        return ids
+
+    # ---- numerics ----
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced logits (len(ids), vocab), float32: row i predicts the token after ids[i]."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise InvalidArgumentError("logits needs at least one token id")
+        if len(ids) > self.n_ctx:
+            raise ContextLengthError(f"{len(ids)} tokens do not fit n_ctx={self.n_ctx}")
+        self._kv = []
+        out = self.model.forward(ids, 0, logits_all=True, threads=self.threads)
+        self._kv = ids
+        return out
+
+    # ---- generation ----
+
+    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
+                 stop=None) -> GenerationResult:
+        it = self._iterate(self._prompt_ids(prompt), max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+                           seed, stop)
+        return _drain(it)
+
+    def stream(self, prompt: str, **kwargs) -> Iterator[str]:
+        """Yields text pieces as they are decoded (the full result is then in ``last_result``)."""
+        return self._stream(self._iterate(self._prompt_ids(prompt), **_sampling(kwargs)))
+
+    def chat(self, messages, **kwargs) -> GenerationResult:
+        return _drain(self._iterate(self.chat_tokens(messages), **_sampling(kwargs)))
+
+    def chat_stream(self, messages, **kwargs) -> Iterator[str]:
+        return self._stream(self._iterate(self.chat_tokens(messages), **_sampling(kwargs)))
+
+    def _stream(self, it):
+        self.last_result = None
+        while True:
+            try:
+                piece = next(it)
+            except StopIteration as done:
+                self.last_result = done.value
+                return
+            if piece:
+                yield piece
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise InvalidArgumentError(f"prompt must be a string, got {type(prompt).__name__}")
+        ids = self.tokenizer.encode(prompt, add_special=True)
+        if not ids:
+            raise InvalidArgumentError("prompt is empty: give at least one token of text")
+        return ids
+
+    def _iterate(self, prompt_ids: list[int], max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
+                 stop=None):
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise InvalidArgumentError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repeat_penalty=repeat_penalty, seed=seed)
+        scanner = _StopScanner(_stop_list(stop))
+        n_prompt = len(prompt_ids)
+        if n_prompt >= self.n_ctx:
+            raise ContextLengthError(
+                f"the prompt has {n_prompt} tokens but n_ctx is {self.n_ctx}: shorten it or load the model with a "
+                f"larger n_ctx (at most {self.model.config.context_length})"
+            )
+        return self._loop(prompt_ids, max_tokens, sampler, scanner)
+
+    def _loop(self, prompt_ids, max_tokens, sampler, scanner):
+        t0 = time.perf_counter()
+        tok = self.tokenizer
+        n_prompt = len(prompt_ids)
+        common = 0
+        limit = min(len(self._kv), n_prompt - 1)  # always run at least one prompt token to get logits
+        while common < limit and self._kv[common] == prompt_ids[common]:
+            common += 1
+        self._kv = self._kv[:common]
+        logits = self.model.forward(prompt_ids[common:], common, threads=self.threads)
+        self._kv = list(prompt_ids)
+        t_prefill = time.perf_counter()
+
+        decoder = StreamDecoder(tok)
+        out: list[int] = []
+        text = []
+        finish = "length"
+        ttft = None
+        history = list(prompt_ids[-REPEAT_WINDOW:])
+        t_decode0 = t_prefill
+        n_decode = 0
+        while True:
+            token = sampler.sample(logits, history)
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+                t_decode0 = time.perf_counter()
+            if token in tok.stop_ids:
+                finish = "stop"
+                break
+            out.append(token)
+            history = (history + [token])[-REPEAT_WINDOW:]
+            piece = scanner.push(decoder.push(token))
+            if piece:
+                text.append(piece)
+                yield piece
+            if scanner.hit:
+                finish = "stop"
+                break
+            if len(out) >= max_tokens or len(self._kv) >= self.n_ctx:
+                break
+            logits = self.model.forward([token], len(self._kv), threads=self.threads)
+            self._kv.append(token)
+            n_decode += 1
+        if not scanner.hit:
+            tail = scanner.push(decoder.flush())
+            tail += "" if scanner.hit else scanner.flush()
+            if tail:
+                text.append(tail)
+                yield tail
+        t_end = time.perf_counter()
+        prefill_s = t_prefill - t0
+        decode_s = t_end - t_decode0
+        return GenerationResult(
+            text="".join(text), tokens=out, finish_reason=finish, prompt_tokens=n_prompt,
+            timings={
+                "load_s": self.load_s,
+                "ttft_s": ttft if ttft is not None else prefill_s,
+                "prefill_tokens": n_prompt - common,
+                "prefill_s": prefill_s,
+                "prefill_tok_s": (n_prompt - common) / prefill_s if prefill_s > 0 else 0.0,
+                "decode_tokens": n_decode,
+                "decode_s": decode_s,
+                "decode_tok_s": n_decode / decode_s if decode_s > 0 and n_decode else 0.0,
+                "total_s": t_end - t0,
+            },
+        )
+
+    def reset(self) -> None:
+        """Forget the cached context (the next call prefills its whole prompt)."""
+        self._kv = []
+
+    def close(self) -> None:
+        self.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LLM({self.name!r}, n_ctx={self.n_ctx}, path={str(self.path)!r})"
+
+
+_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "stop")
+
+
+def _sampling(kwargs: dict) -> dict:
+    unknown = set(kwargs) - set(_SAMPLING)
+    if unknown:
+        raise InvalidArgumentError(f"unknown argument(s) {sorted(unknown)}; expected some of {list(_SAMPLING)}")
+    return kwargs
+
+
+def _drain(it) -> GenerationResult:
+    while True:
+        try:
+            next(it)
+        except StopIteration as done:
+            return done.value
+
+
+def _piece_text(tok: Tokenizer, token_id) -> str:
+    if token_id is None:
+        return ""
+    return tok.token_to_piece(token_id).decode("utf-8", "replace")
