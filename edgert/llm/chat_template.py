@@ -1,0 +1,235 @@
+"""Chat prompts from a model's own Jinja chat template (GGUF ``tokenizer.chat_template``), rendered in Jinja's
+immutable sandbox, and split so message content can never be tokenized as template markup.
+
+A template comes from a downloaded file and is treated as hostile: it runs in ``ImmutableSandboxedEnvironment``;
+any attempt to touch an unsafe attribute (``__class__``, ``__globals__``, ...) fails at once (the stock sandbox
+would render it as an empty string), ``*``/``**`` on strings/lists and huge outputs are bounded, and every failure
+of the template becomes ``ModelFormatError``. ``raise_exception`` in a template means the *messages* break the
+template's rules (say, roles not alternating), so it raises ``InvalidArgumentError``.
+
+``render_segments`` renders once with each message's content replaced by a unique sentinel of private-use code
+points, then splits the output at the sentinels: the template's own text comes back flagged ``is_markup=True``
+(tokenize with ``Tokenizer.encode_special``), message content flagged ``False`` (tokenize with ``encode``), so a
+user typing "<|im_end|>" gets text, not a control token. Templates that rewrite content beyond trimming
+whitespace cannot be split this way and are refused with ModelFormatError.
+
+Globals offered to templates, as in Hugging Face transformers: messages, add_generation_prompt, bos_token,
+eos_token, raise_exception, strftime_now; filter tojson (non-ASCII kept). This module must not tokenize.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from collections.abc import Mapping, Sequence
+
+from ..errors import EdgertError, InvalidArgumentError, ModelFormatError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+# The de-facto default: what llama.cpp and transformers fall back to when a model ships no template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+MAX_OUTPUT_CHARS = 1 << 22      # a prompt longer than this is a template bug or an attack
+MAX_REPEAT_ITEMS = 1 << 20      # bound on 'x' * n / [..] * n inside a template
+MAX_POWER_EXPONENT = 1024
+
+_ALLOWED_KEYS = frozenset({"role", "content"})
+
+
+class _TemplateRaised(Exception):
+    """raise_exception() called by the template."""
+
+
+def _raise_exception(message="the chat template refused these messages"):
+    raise _TemplateRaised(str(message))
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(str(fmt))
+
+
+def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=False):
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+
+
+_env = None
+
+
+def _environment():
+    """One shared sandbox (Jinja environments are thread-safe once configured)."""
+    global _env
+    if _env is not None:
+        return _env
+    from jinja2.exceptions import SecurityError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class _StrictSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def unsafe_undefined(self, obj, attribute):
+            raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**":
+                if isinstance(right, (int, float)) and abs(right) > MAX_POWER_EXPONENT:
+                    raise SecurityError(f"exponent {right} is larger than {MAX_POWER_EXPONENT}")
+                return left ** right
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT_ITEMS:
+                    raise SecurityError(f"repetition producing {len(seq) * n} items is larger than {MAX_REPEAT_ITEMS}")
+            return left * right
+
+    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols], autoescape=False)
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    _env = env
+    return env
+
+
+def template_from_metadata(meta: Mapping[str, object]) -> str:
+    """The model's chat template, or ChatML when the GGUF has none."""
+    t = meta.get("tokenizer.chat_template")
+    if t is None or (isinstance(t, str) and not t.strip()):
+        return CHATML_TEMPLATE
+    if not isinstance(t, str):
+        raise ModelFormatError(f"GGUF tokenizer.chat_template must be a string, found {type(t).__name__}")
+    return t
+
+
+def validate_messages(messages) -> list[dict[str, str]]:
+    """Check a chat history: a list of {"role", "content"} dicts, role one of ROLES, content a str."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
+        raise InvalidArgumentError(f"messages must be a list of {{'role', 'content'}} dicts, got "
+                                   f"{type(messages).__name__}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise InvalidArgumentError(f"messages[{i}] must be a dict with 'role' and 'content', got "
+                                       f"{type(m).__name__}")
+        extra = set(m) - _ALLOWED_KEYS
+        if extra:
+            raise InvalidArgumentError(f"messages[{i}] has unsupported keys {sorted(map(str, extra))}; only 'role' "
+                                       "and 'content' are accepted")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise InvalidArgumentError(f"messages[{i}]['role'] must be one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise InvalidArgumentError(f"messages[{i}]['content'] must be a str, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _run(template: str | None, messages: list[dict], add_generation_prompt: bool, bos_token: str,
+         eos_token: str) -> str:
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    source = CHATML_TEMPLATE if template is None else template
+    if not isinstance(source, str):
+        raise InvalidArgumentError(f"template must be a str or None, got {type(source).__name__}")
+    env = _environment()
+    try:
+        tpl = env.from_string(source)
+        parts, size = [], 0
+        for piece in tpl.generate(messages=messages, add_generation_prompt=bool(add_generation_prompt),
+                                  bos_token=bos_token, eos_token=eos_token):
+            size += len(piece)
+            if size > MAX_OUTPUT_CHARS:
+                raise SecurityError(f"output is longer than {MAX_OUTPUT_CHARS} characters")
+            parts.append(piece)
+        return "".join(parts)
+    except _TemplateRaised as e:
+        raise InvalidArgumentError(f"the model's chat template rejected the messages: {e}") from None
+    except SecurityError as e:
+        raise ModelFormatError(f"the chat template did something the sandbox forbids ({e}); the model file's "
+                               "template is broken or hostile — pass a template of your own") from None
+    except TemplateError as e:
+        raise ModelFormatError(f"the chat template failed: {type(e).__name__}: {e}; pass a template of your "
+                               "own if the model's is broken") from None
+    except EdgertError:
+        raise
+    except Exception as e:  # a template can make Python raise almost anything (TypeError, ZeroDivision, ...)
+        raise ModelFormatError(f"the chat template failed: {type(e).__name__}: {e}") from None
+
+
+def render(template: str | None, messages, add_generation_prompt: bool = True, bos_token: str = "",
+           eos_token: str = "") -> str:
+    """The prompt as one string (``template`` None = ChatML). For tokenizing, prefer ``render_segments``."""
+    return _run(template, validate_messages(messages), add_generation_prompt, bos_token, eos_token)
+
+
+def _sentinel_alphabet(texts: Sequence[str], n: int) -> tuple[str, str, int]:
+    """Open/close marks and a base code point for n index characters, none occurring in ``texts``."""
+    used = set()
+    for t in texts:
+        used.update(ch for ch in t if ord(ch) >= 0xF0000)
+    marks = [chr(c) for c in range(0x10FFFD, 0x10FF00, -1) if chr(c) not in used]
+    base = 0xF0000
+    while any(chr(base + k) in used for k in range(n)):
+        base += n
+    if len(marks) < 2 or base + n > 0x10FF00:
+        raise InvalidArgumentError("message content uses so many private-use code points that edgert cannot mark "
+                                   "it safely")
+    return marks[0], marks[1], base
+
+
+def render_segments(template: str | None, messages, add_generation_prompt: bool = True, bos_token: str = "",
+                    eos_token: str = "") -> list[tuple[str, bool]]:
+    """The rendered prompt as ``(text, is_markup)`` pieces in order; joined they equal ``render(...)``.
+
+    Markup (template text, including bos/eos strings) is to be tokenized with control tokens recognised; content
+    (what the messages said) as plain text. Empty pieces are dropped.
+    """
+    msgs = validate_messages(messages)
+    source = CHATML_TEMPLATE if template is None else template
+    if not isinstance(source, str):
+        raise InvalidArgumentError(f"template must be a str or None, got {type(source).__name__}")
+    contents = [m["content"] for m in msgs]
+    opening, closing, base = _sentinel_alphabet(contents + [source, bos_token, eos_token], len(msgs))
+    sentinels = [f"{opening}{chr(base + i)}{closing}" for i in range(len(msgs))]
+    marked = [{"role": m["role"], "content": s} for m, s in zip(msgs, sentinels)]
+    with_marks = _run(source, marked, add_generation_prompt, bos_token, eos_token)
+    real = _run(source, msgs, add_generation_prompt, bos_token, eos_token)
+
+    pieces = re.split(f"({re.escape(opening)}.{re.escape(closing)})", with_marks, flags=re.S)
+    markup = pieces[0::2]
+    if any(opening in p or closing in p for p in markup):
+        raise ModelFormatError("the chat template cuts or rewrites message content (a content marker came out "
+                               "broken), so edgert cannot keep content apart from markup; pass a simpler template")
+    by_mark = dict(zip(sentinels, contents))
+    # Each content slot in the real output is the content itself, or (templates love `| trim`) a stripped form;
+    # find which, checking the markup that follows so content can't fake a boundary.
+    segs: list[tuple[str, bool]] = []
+    pos = 0
+    for k, text in enumerate(markup):
+        if not real.startswith(text, pos):
+            raise ModelFormatError("the chat template's output changes with message content beyond the content "
+                                   "itself; edgert cannot split it safely — pass a simpler template")
+        if text:
+            segs.append((text, True))
+        pos += len(text)
+        if k == len(markup) - 1:
+            break
+        content = by_mark[pieces[2 * k + 1]]
+        nxt = markup[k + 1]
+        for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+            end = pos + len(cand)
+            if real.startswith(cand, pos) and real.startswith(nxt, end) and (
+                    k + 1 < len(markup) - 1 or end + len(nxt) == len(real)):
+                break
+        else:
+            raise ModelFormatError("the chat template rewrites message content (beyond trimming whitespace); "
+                                   "edgert cannot keep content apart from markup — pass a simpler template")
+        if cand:
+            segs.append((cand, False))
+        pos = end
+    if pos != len(real):
+        raise ModelFormatError("the chat template's output changes with message content; cannot split it safely")
+    return segs
