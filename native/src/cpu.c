@@ -45,9 +45,7 @@ static void detect_once_fn(void) {
     if (avx512) add_feature("avx512f"), add_feature("avx512bw"), add_feature("avx512vl");
     if (vnni) add_feature("avx512vnni");
     variants[n_variants++] = (et_variant){"avx2", &et_kernels_avx2, avx2};
-#if defined(ET_HAVE_AVX512)
     variants[n_variants++] = (et_variant){"avx512", vnni ? &et_kernels_avx512vnni : &et_kernels_avx512, avx512};
-#endif
 #elif defined(__aarch64__)
     int dotprod = 0;
 #if defined(__linux__)

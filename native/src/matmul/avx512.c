@@ -1,0 +1,413 @@
+/* matmul/avx512.c — AVX-512 F/BW/VL kernels on the GGUF block layout; avx512vnni.c compiles this same source with
+ * ET_VNNI 1, which turns every 4-byte dot product into one vpdpbusd.
+ *
+ * Two kernels per block format, picked per call by the number of activation rows m:
+ *   - direct (m < ET_PACK_MIN_M): reads the GGUF blocks in place, two blocks per zmm register. This is the GEMV of
+ *     token-by-token decode; it is bound by memory bandwidth, so it does the least work per byte and nothing else.
+ *   - packed (m >= ET_PACK_MIN_M): transposes a tile of 16 weight rows x ET_SEG blocks into a stack buffer
+ *     (lane r of each register = 4 bytes of row r), then streams every activation row past it. One vpdpbusd with
+ *     the activation's 4 bytes broadcast from memory then serves 16 rows, each block's 8 dot steps accumulate in
+ *     one int32 register, and the float scale work is one convert + one multiply + one fma per 16x32 products.
+ *     The transpose is paid once per weight tile and shared by all m rows. Nothing is kept between calls: the
+ *     buffer lives on the stack (sizeof(pk_block) * ET_SEG = 20 KiB) and QTensor.raw stays the GGUF layout.
+ *
+ * vpdpbusd multiplies unsigned by signed bytes, so every weight goes in as u8 and its offset is removed exactly in
+ * the int32 accumulator's starting value: q4 nibbles are already unsigned (q4_0 starts at -8*sum(qx)); q8_0 weights
+ * are xor'ed with 0x80 (w + 128) and start at -128*sum(qx). The q4_1 min adds m*dx*sum(qx) per block in float.
+ *
+ * Tails are handled with masks rather than scalar loops: odd block counts use a half-empty pair, row tails use
+ * masked stores of a 16-row tile whose missing rows repeat a valid one, float k tails use masked loads.
+ */
+#if defined(__x86_64__) || defined(_M_X64)
+#if defined(ET_VNNI)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), \
+                             apply_to = function)
+#else
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+#endif
+#define ET_KNAME(name) name##_avx512vnni
+#else
+#define ET_VNNI 0
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+#endif
+#define ET_KNAME(name) name##_avx512
+#endif
+#include <immintrin.h>
+
+#include "../core.h"
+
+#define ET_PACK_MIN_M 4 /* from this many activation rows on, transposing the weight tile pays for itself */
+#define ET_TILE_N 16    /* weight rows per packed tile: one per zmm lane */
+#define ET_TILE_M 8     /* activation rows whose float accumulators stay in registers */
+#define ET_SEG 32       /* blocks per packed segment */
+
+/* ---- 4-byte dot products: acc[l] += sum_{i<4} u[4l+i] * s[4l+i], u unsigned, s signed ---- */
+
+/* u in [0, 15]: the int16 pair sums of maddubs cannot saturate */
+ET_INLINE __m512i dot4_u4(__m512i acc, __m512i u, __m512i s) {
+#if ET_VNNI
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+
+/* u in [0, 255]: without VNNI the pair sums (up to 2*255*127) would saturate int16, so split u into nibbles */
+ET_INLINE __m512i dot4_u8(__m512i acc, __m512i u, __m512i s) {
+#if ET_VNNI
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const __m512i lo = _mm512_maddubs_epi16(_mm512_and_si512(u, m4), s);
+    const __m512i hi = _mm512_maddubs_epi16(_mm512_and_si512(_mm512_srli_epi16(u, 4), m4), s);
+    return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(lo, _mm512_set1_epi16(1)),
+                                                  _mm512_madd_epi16(hi, _mm512_set1_epi16(16))));
+#endif
+}
+
+ET_INLINE int32_t load_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* two fp16 scales -> [a x8, b x8] as float */
+ET_INLINE __m512 half_pair(et_half a, et_half b) {
+    return _mm512_cvtph_ps(_mm256_mask_set1_epi16(_mm256_set1_epi16((short)a), 0xFF00, (short)b));
+}
+
+ET_INLINE __m512 float_pair(float a, float b) { return _mm512_mask_mov_ps(_mm512_set1_ps(a), 0xFF00, _mm512_set1_ps(b)); }
+ET_INLINE __m512i int_pair(int32_t a, int32_t b) {
+    return _mm512_mask_mov_epi32(_mm512_set1_epi32(a), 0xFF00, _mm512_set1_epi32(b));
+}
+
+/* 16 packed bytes of two blocks -> 64 nibbles in element order: [q0 lo, q0 hi, q1 lo, q1 hi] */
+ET_INLINE __m512i nibble_pair(const uint8_t *qs0, const uint8_t *qs1) {
+    __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)qs0));
+    v = _mm512_mask_broadcast_i32x4(v, 0xFF00, _mm_loadu_si128((const __m128i *)qs1));
+    v = _mm512_srlv_epi64(v, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
+    return _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+}
+
+/* ---- direct kernels: R weight rows x one activation row, two blocks per step ---- */
+
+/* activation side of one block pair, shared by the R rows; a lone last block leaves the upper half zero */
+typedef struct {
+    __m512i q;   /* [qs_b, qs_b+1] */
+    __m512 d;    /* [dx_b x8, dx_b+1 x8] */
+    __m512i off; /* int32 start value that removes the weight offset (8 lanes per block) */
+    __m512 ms;   /* q4_1: dx*sum/8 per lane, so 8 lanes add up to dx*sum */
+} x_pair;
+
+enum { FMT_Q4_0, FMT_Q4_1, FMT_Q8_0 };
+
+ET_INLINE x_pair load_x_pair(int fmt, const block_q8_s *x, int two) {
+    x_pair p;
+    const __m256i q0 = _mm256_loadu_si256((const __m256i *)x[0].qs);
+    const float d1 = two ? x[1].d : 0.0f;
+    const int32_t s1 = two ? x[1].sum : 0;
+    p.q = _mm512_inserti64x4(_mm512_castsi256_si512(q0),
+                             two ? _mm256_loadu_si256((const __m256i *)x[1].qs) : _mm256_setzero_si256(), 1);
+    p.d = float_pair(x[0].d, d1);
+    p.off = fmt == FMT_Q4_0 ? int_pair(-x[0].sum, -s1) : fmt == FMT_Q8_0 ? int_pair(-16 * x[0].sum, -16 * s1)
+                                                                          : _mm512_setzero_si512();
+    p.ms = fmt == FMT_Q4_1 ? float_pair(0.125f * x[0].d * (float)x[0].sum, 0.125f * d1 * (float)s1) : _mm512_setzero_ps();
+    return p;
+}
+
+/* one row's contribution from a block pair; w points at block b (and b+1 when two) */
+ET_INLINE __m512 row_pair(int fmt, __m512 acc, const uint8_t *w, int two, const x_pair *x) {
+    __m512i u;
+    __m512 dw, mw = _mm512_setzero_ps();
+    if (fmt == FMT_Q4_0) {
+        const block_q4_0 *b = (const block_q4_0 *)w;
+        const block_q4_0 *b1 = two ? b + 1 : b;
+        u = nibble_pair(b->qs, b1->qs);
+        dw = half_pair(b->d, b1->d);
+    } else if (fmt == FMT_Q4_1) {
+        const block_q4_1 *b = (const block_q4_1 *)w;
+        const block_q4_1 *b1 = two ? b + 1 : b;
+        u = nibble_pair(b->qs, b1->qs);
+        dw = half_pair(b->d, b1->d);
+        mw = half_pair(b->m, b1->m);
+    } else {
+        const block_q8_0 *b = (const block_q8_0 *)w;
+        const block_q8_0 *b1 = two ? b + 1 : b;
+        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b->qs)),
+                                             _mm256_loadu_si256((const __m256i *)b1->qs), 1);
+        u = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
+        dw = half_pair(b->d, b1->d);
+    }
+    const __m512i p = fmt == FMT_Q8_0 ? dot4_u8(x->off, u, x->q) : dot4_u4(x->off, u, x->q);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, x->d), acc);
+    if (fmt == FMT_Q4_1) acc = _mm512_fmadd_ps(mw, x->ms, acc);
+    return acc;
+}
+
+ET_INLINE size_t block_bytes(int fmt) {
+    return fmt == FMT_Q4_0 ? sizeof(block_q4_0) : fmt == FMT_Q4_1 ? sizeof(block_q4_1) : sizeof(block_q8_0);
+}
+
+/* y[j..j+R) of one activation row */
+ET_INLINE void direct_tile(int fmt, int R, int64_t nb, const uint8_t *w, size_t ws, const block_q8_s *x, float *y) {
+    const size_t bs = block_bytes(fmt);
+    __m512 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const x_pair xp = load_x_pair(fmt, x + b, 1);
+        for (int r = 0; r < R; r++) acc[r] = row_pair(fmt, acc[r], w + (size_t)r * ws + (size_t)b * bs, 1, &xp);
+    }
+    if (b < nb) {
+        const x_pair xp = load_x_pair(fmt, x + b, 0);
+        for (int r = 0; r < R; r++) acc[r] = row_pair(fmt, acc[r], w + (size_t)r * ws + (size_t)b * bs, 0, &xp);
+    }
+    for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+ET_INLINE void gemm_direct(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x, size_t xs,
+                           int64_t m, float *y, size_t ldy) {
+    const int64_t nb = k / ET_QK;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int64_t i = 0; i < m; i++)
+            direct_tile(fmt, 4, nb, w + (size_t)j * ws, ws, (const block_q8_s *)(x + (size_t)i * xs), y + (size_t)i * ldy + j);
+    for (; j < n; j++)
+        for (int64_t i = 0; i < m; i++)
+            direct_tile(fmt, 1, nb, w + (size_t)j * ws, ws, (const block_q8_s *)(x + (size_t)i * xs), y + (size_t)i * ldy + j);
+}
+
+/* ---- packed kernels: 16 weight rows x up to ET_TILE_M activation rows ---- */
+
+/* one block of 16 rows: q[t] lane r holds unsigned bytes 4t..4t+3 of row r's block (element order) */
+typedef struct {
+    __m512i q[8];
+    __m512 d; /* weight scale of each row */
+    __m512 m; /* q4_1: weight min of each row */
+} pk_block;
+
+/* 16 rows x 16 bytes -> p[t] lane r = bytes 4t..4t+3 of row r */
+ET_INLINE void transpose_16x16(const uint8_t *const rows[16], size_t off, __m512i p[4]) {
+    const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    __m512i z[4];
+    for (int i = 0; i < 4; i++) {
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(rows[4 * i] + off)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rows[4 * i + 1] + off)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rows[4 * i + 2] + off)), 2);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rows[4 * i + 3] + off)), 3);
+        z[i] = _mm512_permutexvar_epi32(idx, v); /* 128-bit lane t = dword t of its 4 rows */
+    }
+    const __m512i t0 = _mm512_shuffle_i32x4(z[0], z[1], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i t1 = _mm512_shuffle_i32x4(z[0], z[1], _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512i t2 = _mm512_shuffle_i32x4(z[2], z[3], _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512i t3 = _mm512_shuffle_i32x4(z[2], z[3], _MM_SHUFFLE(3, 2, 3, 2));
+    p[0] = _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(2, 0, 2, 0));
+    p[1] = _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(3, 1, 3, 1));
+    p[2] = _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(2, 0, 2, 0));
+    p[3] = _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+/* blocks [b0, b0+nbs) of 16 rows (rows past nr repeat the last valid row; their results are never stored) */
+ET_INLINE void pack_tile(int fmt, const uint8_t *w, size_t ws, int nr, int64_t b0, int nbs, pk_block *pk) {
+    const size_t bs = block_bytes(fmt);
+    const uint8_t *rows[16];
+    for (int r = 0; r < 16; r++) rows[r] = w + (size_t)(r < nr ? r : nr - 1) * ws + (size_t)b0 * bs;
+    /* scales first with scalar copies (load/store ports), converted 16 at a time below */
+    _Alignas(64) et_half dh[ET_SEG][16], mh[ET_SEG][16];
+    for (int r = 0; r < 16; r++) {
+        for (int b = 0; b < nbs; b++) {
+            const uint8_t *blk = rows[r] + (size_t)b * bs;
+            memcpy(&dh[b][r], blk, 2);
+            if (fmt == FMT_Q4_1) memcpy(&mh[b][r], blk + 2, 2);
+        }
+    }
+    const size_t qoff = fmt == FMT_Q4_1 ? 4 : 2;
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    for (int b = 0; b < nbs; b++) {
+        const size_t off = (size_t)b * bs + qoff;
+        __m512i p[4];
+        transpose_16x16(rows, off, p);
+        if (fmt == FMT_Q8_0) {
+            const __m512i flip = _mm512_set1_epi8((char)0x80);
+            for (int t = 0; t < 4; t++) pk[b].q[t] = _mm512_xor_si512(p[t], flip);
+            transpose_16x16(rows, off + 16, p);
+            for (int t = 0; t < 4; t++) pk[b].q[t + 4] = _mm512_xor_si512(p[t], flip);
+        } else {
+            for (int t = 0; t < 4; t++) {
+                pk[b].q[t] = _mm512_and_si512(p[t], m4);
+                pk[b].q[t + 4] = _mm512_and_si512(_mm512_srli_epi16(p[t], 4), m4);
+            }
+        }
+        pk[b].d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)dh[b]));
+        if (fmt == FMT_Q4_1) pk[b].m = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)mh[b]));
+    }
+}
+
+/* acc[c] += the packed segment against activation rows xc[c], blocks [b0, b0+nbs) */
+ET_INLINE void packed_cols(int fmt, int C, const pk_block *pk, int nbs, const block_q8_s *const *xc, int64_t b0,
+                           __m512 *acc) {
+    /* per (row, block) start values and q4_1 min terms, so the inner loop only broadcasts from memory */
+    int32_t off[ET_TILE_M][ET_SEG];
+    float ms[ET_TILE_M][ET_SEG];
+    for (int c = 0; c < C; c++) {
+        for (int b = 0; b < nbs; b++) {
+            const block_q8_s *xb = xc[c] + b0 + b;
+            off[c][b] = fmt == FMT_Q4_0 ? -8 * xb->sum : fmt == FMT_Q8_0 ? -128 * xb->sum : 0;
+            ms[c][b] = xb->d * (float)xb->sum;
+        }
+    }
+    for (int b = 0; b < nbs; b++) {
+        __m512i q[8];
+        for (int t = 0; t < 8; t++) q[t] = _mm512_load_si512(&pk[b].q[t]);
+        const __m512 dw = pk[b].d;
+#pragma GCC unroll 16
+        for (int c = 0; c < C; c++) {
+            const block_q8_s *xb = xc[c] + b0 + b;
+            __m512i s = _mm512_set1_epi32(off[c][b]);
+#pragma GCC unroll 8
+            for (int t = 0; t < 8; t++) {
+                const __m512i xv = _mm512_set1_epi32(load_i32(xb->qs + 4 * t));
+                s = fmt == FMT_Q8_0 ? dot4_u8(s, q[t], xv) : dot4_u4(s, q[t], xv);
+            }
+            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(xb->d)), acc[c]);
+            if (fmt == FMT_Q4_1) acc[c] = _mm512_fmadd_ps(pk[b].m, _mm512_set1_ps(ms[c][b]), acc[c]);
+        }
+    }
+}
+
+ET_INLINE void packed_tile_cols(int fmt, int C, const pk_block *pk, int nbs, const uint8_t *x, size_t xs, int64_t i0,
+                                int64_t b0, float *y, size_t ldy, __mmask16 rmask) {
+    const block_q8_s *xc[ET_TILE_M];
+    __m512 acc[ET_TILE_M];
+    for (int c = 0; c < C; c++) {
+        xc[c] = (const block_q8_s *)(x + (size_t)(i0 + c) * xs);
+        acc[c] = b0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(rmask, y + (size_t)(i0 + c) * ldy);
+    }
+    packed_cols(fmt, C, pk, nbs, xc, b0, acc);
+    for (int c = 0; c < C; c++) _mm512_mask_storeu_ps(y + (size_t)(i0 + c) * ldy, rmask, acc[c]);
+}
+
+ET_INLINE void gemm_packed(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x, size_t xs,
+                           int64_t m, float *y, size_t ldy) {
+    const int64_t nb = k / ET_QK;
+    _Alignas(64) pk_block pk[ET_SEG];
+    for (int64_t j = 0; j < n; j += ET_TILE_N) {
+        const int nr = n - j < ET_TILE_N ? (int)(n - j) : ET_TILE_N;
+        const __mmask16 rmask = (__mmask16)((1u << nr) - 1);
+        for (int64_t b0 = 0; b0 < nb; b0 += ET_SEG) {
+            const int nbs = nb - b0 < ET_SEG ? (int)(nb - b0) : ET_SEG;
+            pack_tile(fmt, w + (size_t)j * ws, ws, nr, b0, nbs, pk);
+            int64_t i = 0;
+            for (; i + ET_TILE_M <= m; i += ET_TILE_M)
+                packed_tile_cols(fmt, ET_TILE_M, pk, nbs, x, xs, i, b0, y + j, ldy, rmask);
+            switch (m - i) { /* constant C so the accumulators stay in registers */
+            case 7: packed_tile_cols(fmt, 7, pk, nbs, x, xs, i, b0, y + j, ldy, rmask); break;
+            case 6: packed_tile_cols(fmt, 6, pk, nbs, x, xs, i, b0, y + j, ldy, rmask); break;
+            case 5: packed_tile_cols(fmt, 5, pk, nbs, x, xs, i, b0, y + j, ldy, rmask); break;
+            case 4: packed_tile_cols(fmt, 4, pk, nbs, x, xs, i, b0, y + j, ldy, rmask); break;
+            case 3: packed_tile_cols(fmt, 3, pk, nbs, x, xs, i, b0, y + j, ldy, rmask); break;
+            case 2: packed_tile_cols(fmt, 2, pk, nbs, x, xs, i, b0, y + j, ldy, rmask); break;
+            case 1: packed_tile_cols(fmt, 1, pk, nbs, x, xs, i, b0, y + j, ldy, rmask); break;
+            default: break;
+            }
+        }
+    }
+}
+
+#define ET_GEMM_BLOCKS(name, fmt)                                                                              \
+    static void name(int64_t k, const void *w, size_t ws, int64_t n, const void *x, size_t xs, int64_t m,      \
+                     float *y, size_t ldy) {                                                                  \
+        if (m >= ET_PACK_MIN_M)                                                                               \
+            gemm_packed(fmt, k, (const uint8_t *)w, ws, n, (const uint8_t *)x, xs, m, y, ldy);                \
+        else                                                                                                  \
+            gemm_direct(fmt, k, (const uint8_t *)w, ws, n, (const uint8_t *)x, xs, m, y, ldy);                \
+    }
+
+ET_GEMM_BLOCKS(ET_KNAME(gemm_q4_0), FMT_Q4_0)
+ET_GEMM_BLOCKS(ET_KNAME(gemm_q4_1), FMT_Q4_1)
+ET_GEMM_BLOCKS(ET_KNAME(gemm_q8_0), FMT_Q8_0)
+
+/* ---- float weights: 4 rows x 1 activation row, 16 lanes per step, masked k tail ---- */
+
+ET_INLINE __m512 load_w_f32(const void *w, int64_t c, __mmask16 mk) {
+    return _mm512_maskz_loadu_ps(mk, (const float *)w + c);
+}
+ET_INLINE __m512 load_w_f16(const void *w, int64_t c, __mmask16 mk) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, (const et_half *)w + c));
+}
+
+#define ET_GEMM_FLOAT(name, loadw)                                                                             \
+    static void name(int64_t k, const void *w, size_t ws, int64_t n, const void *x, size_t xs, int64_t m,      \
+                     float *y, size_t ldy) {                                                                  \
+        const uint8_t *wb = (const uint8_t *)w;                                                               \
+        const __mmask16 tail = (__mmask16)((1u << (k % 16)) - 1);                                             \
+        int64_t j = 0;                                                                                        \
+        for (; j + 4 <= n; j += 4) {                                                                          \
+            const uint8_t *w0 = wb + (size_t)j * ws, *w1 = w0 + ws, *w2 = w1 + ws, *w3 = w2 + ws;             \
+            for (int64_t i = 0; i < m; i++) {                                                                 \
+                const float *xi = (const float *)((const uint8_t *)x + (size_t)i * xs);                       \
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                   \
+                int64_t c = 0;                                                                                \
+                for (; c + 16 <= k; c += 16) {                                                                \
+                    const __m512 xv = _mm512_loadu_ps(xi + c);                                                \
+                    a0 = _mm512_fmadd_ps(loadw(w0, c, 0xFFFF), xv, a0);                                       \
+                    a1 = _mm512_fmadd_ps(loadw(w1, c, 0xFFFF), xv, a1);                                       \
+                    a2 = _mm512_fmadd_ps(loadw(w2, c, 0xFFFF), xv, a2);                                       \
+                    a3 = _mm512_fmadd_ps(loadw(w3, c, 0xFFFF), xv, a3);                                       \
+                }                                                                                             \
+                if (tail) {                                                                                   \
+                    const __m512 xv = _mm512_maskz_loadu_ps(tail, xi + c);                                    \
+                    a0 = _mm512_fmadd_ps(loadw(w0, c, tail), xv, a0);                                         \
+                    a1 = _mm512_fmadd_ps(loadw(w1, c, tail), xv, a1);                                         \
+                    a2 = _mm512_fmadd_ps(loadw(w2, c, tail), xv, a2);                                         \
+                    a3 = _mm512_fmadd_ps(loadw(w3, c, tail), xv, a3);                                         \
+                }                                                                                             \
+                float *yi = y + (size_t)i * ldy + j;                                                          \
+                yi[0] = _mm512_reduce_add_ps(a0), yi[1] = _mm512_reduce_add_ps(a1);                           \
+                yi[2] = _mm512_reduce_add_ps(a2), yi[3] = _mm512_reduce_add_ps(a3);                           \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (; j < n; j++) {                                                                                  \
+            const uint8_t *w0 = wb + (size_t)j * ws;                                                          \
+            for (int64_t i = 0; i < m; i++) {                                                                 \
+                const float *xi = (const float *)((const uint8_t *)x + (size_t)i * xs);                       \
+                __m512 a0 = _mm512_setzero_ps();                                                              \
+                int64_t c = 0;                                                                                \
+                for (; c + 16 <= k; c += 16) a0 = _mm512_fmadd_ps(loadw(w0, c, 0xFFFF), _mm512_loadu_ps(xi + c), a0); \
+                if (tail) a0 = _mm512_fmadd_ps(loadw(w0, c, tail), _mm512_maskz_loadu_ps(tail, xi + c), a0);  \
+                y[(size_t)i * ldy + j] = _mm512_reduce_add_ps(a0);                                            \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+
+ET_GEMM_FLOAT(ET_KNAME(gemm_f32), load_w_f32)
+ET_GEMM_FLOAT(ET_KNAME(gemm_f16), load_w_f16)
+
+#if ET_VNNI
+const et_kernels et_kernels_avx512vnni = {
+    .name = "avx512vnni",
+    .gemm_q4_0 = gemm_q4_0_avx512vnni,
+    .gemm_q4_1 = gemm_q4_1_avx512vnni,
+    .gemm_q8_0 = gemm_q8_0_avx512vnni,
+    .gemm_f16 = gemm_f16_avx512vnni,
+    .gemm_f32 = gemm_f32_avx512vnni,
+};
+#else
+const et_kernels et_kernels_avx512 = {
+    .name = "avx512",
+    .gemm_q4_0 = gemm_q4_0_avx512,
+    .gemm_q4_1 = gemm_q4_1_avx512,
+    .gemm_q8_0 = gemm_q8_0_avx512,
+    .gemm_f16 = gemm_f16_avx512,
+    .gemm_f32 = gemm_f32_avx512,
+};
+#endif
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+#endif
