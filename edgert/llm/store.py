@@ -231,7 +231,8 @@ def _quant_mix(tensors) -> dict[str, int]:
 
 
 def list_models() -> list[dict]:
-    """Every ``.gguf`` in ``home()/models``: name, path, size_bytes, architecture, quant mix, context_length.
+    """Every ``.gguf`` in ``home()/models``: name, path, size_bytes, architecture, quant_mix ({type: tensors}),
+    context_length.
     A file that does not parse is listed with an ``error`` entry instead of failing the listing."""
     from ..formats.gguf import open_gguf  # lazily: listing is the only reason the store reads GGUF
 
@@ -244,14 +245,14 @@ def list_models() -> list[dict]:
         if not p.is_file():
             continue
         entry: dict = {"name": by_file.get(p.name, p.stem), "path": p, "size_bytes": p.stat().st_size,
-                       "architecture": None, "quant": {}, "context_length": None}
+                       "architecture": None, "quant_mix": {}, "context_length": None}
         try:
             with open_gguf(p) as g:
                 arch = g.metadata.get("general.architecture")
                 entry["architecture"] = arch if isinstance(arch, str) else None
                 ctx = g.metadata.get(f"{arch}.context_length") if isinstance(arch, str) else None
                 entry["context_length"] = int(ctx) if isinstance(ctx, int) else None
-                entry["quant"] = _quant_mix(g.tensors)
+                entry["quant_mix"] = _quant_mix(g.tensors)
         except (EdgertError, OSError) as e:
             entry["error"] = str(e)
         out.append(entry)
