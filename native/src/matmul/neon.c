@@ -53,12 +53,13 @@ ET_INLINE void unpack_nibbles(const uint8_t *qs, int8x16_t *lo, int8x16_t *hi) {
 
 /* --- per-block contributions, each added into one float accumulator --- */
 
+/* the -8 offset goes on the nibbles, so no lane carries a large partial sum that the offset would cancel later */
 ET_INLINE float32x4_t blk_q4_0(float32x4_t acc, const block_q4_0 *w, const block_q8_s *x, int8x16_t x0,
                                int8x16_t x1) {
     int8x16_t w0, w1;
     unpack_nibbles(w->qs, &w0, &w1);
-    int32x4_t p = dot_s8x32(w0, w1, x0, x1);
-    p = vsubq_s32(p, vsetq_lane_s32(8 * x->sum, vdupq_n_s32(0), 0)); /* the -8 offset, exactly */
+    const int8x16_t eight = vdupq_n_s8(8);
+    const int32x4_t p = dot_s8x32(vsubq_s8(w0, eight), vsubq_s8(w1, eight), x0, x1);
     return vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f(w->d) * x->d);
 }
 

@@ -1,0 +1,623 @@
+/* test_kernels.c — C-level tests of the core: every ISA variant this CPU runs against the reference kernels, the
+ * reference against a double-precision dot, quantizer round trips, fp16 conversion, and the error returns.
+ *
+ * Built and run by native/Makefile (host, sanitizers, AArch64 under qemu). Prints one line per failure and ends
+ * with exactly "N passed, M failed"; exits non-zero on any failure. It must not depend on Python or on files.
+ *
+ *   test_kernels [--expect-isa LIST] [--expect-features LIST]
+ *     fail unless et_isa_available() / et_cpu_features() equal LIST (the Makefile uses it to prove that a qemu CPU
+ *     model really exercised the variant it was meant to).
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core.h"
+
+/* Error budgets, relative to the output's magnitude: the sum of |terms| that ref.c's formula adds for it (for f32
+ * and f16 sum_k |w_k * x_k|; block formats see term_magnitude), the quantity float rounding scales with. Integer
+ * block sums are exact everywhere, so the variants differ from the reference only in float summation order and
+ * fused multiply-adds: a few ulps of the magnitude. A wrong block, nibble or tail element of a K = 4128 row costs
+ * ~1/K = 2.4e-4 of it, far above either budget. */
+#define BUDGET_ISA_VS_REF 1e-5    /* any ISA variant vs the scalar reference kernel */
+#define BUDGET_REF_VS_DOUBLE 1e-5 /* reference kernel vs a double dot of dequantized weights and activations */
+
+/* quantizer round trips: |x - dequant(quant(x))| <= STEP * |d| + FP16_SLACK * block amax (fp16-rounded scales) */
+#define ROUNDTRIP_STEP_Q4_0 1.0    /* q4_0 maps the far end of the range to q = 15, a whole step short */
+#define ROUNDTRIP_STEP_Q4_1 0.5
+#define ROUNDTRIP_STEP_Q8_0 0.5
+#define ROUNDTRIP_FP16_SLACK 0x1p-8 /* scale (and min) rounded to fp16, times up to 16 steps */
+#define ROUNDTRIP_F16_REL 0x1p-11   /* half an ulp of fp16, relative (or half the smallest subnormal) */
+
+static int n_passed, n_failed;
+
+static void check(int ok, const char *fmt, ...) ET_PRINTF(2, 3);
+static void check(int ok, const char *fmt, ...) {
+    if (ok) {
+        n_passed++;
+        return;
+    }
+    n_failed++;
+    va_list ap;
+    va_start(ap, fmt);
+    printf("FAIL: ");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+}
+
+/* ---- deterministic data ---- */
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15u;
+
+static uint64_t rng_next(void) { /* xorshift64* */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545F4914F6CDD1Du;
+}
+
+static float rng_uniform(void) { return (float)(rng_next() >> 40) * 0x1p-24f; } /* [0, 1) */
+
+static float rng_normal(void) { /* Irwin-Hall, good enough for test data */
+    float s = 0.0f;
+    for (int i = 0; i < 4; i++) s += rng_uniform();
+    return (s - 2.0f) * 1.7320508f;
+}
+
+static void *xmalloc(size_t n) {
+    void *p = malloc(n ? n : 1);
+    if (!p) {
+        fprintf(stderr, "test_kernels: out of memory (%zu bytes)\n", n);
+        exit(2);
+    }
+    return p;
+}
+
+static const char *type_name(int t) {
+    switch (t) {
+    case ET_TYPE_F32: return "f32";
+    case ET_TYPE_F16: return "f16";
+    case ET_TYPE_Q4_0: return "q4_0";
+    case ET_TYPE_Q4_1: return "q4_1";
+    case ET_TYPE_Q8_0: return "q8_0";
+    default: return "?";
+    }
+}
+
+static int is_block(int t) { return t == ET_TYPE_Q4_0 || t == ET_TYPE_Q4_1 || t == ET_TYPE_Q8_0; }
+
+static size_t block_qs_offset(int t) { return t == ET_TYPE_Q4_1 ? 4 : 2; }
+static size_t block_bytes(int t) {
+    return t == ET_TYPE_Q4_0 ? sizeof(block_q4_0) : t == ET_TYPE_Q4_1 ? sizeof(block_q4_1) : sizeof(block_q8_0);
+}
+
+/* n weight rows of type t: quantized from floats with a different scale per row (row 1 all zero), and for block
+ * formats every third row's quants replaced by random bytes so every nibble and int8 value (incl. -128) occurs */
+static void *make_weights(int t, int64_t n, int64_t k) {
+    const size_t rs = et_row_size(t, k);
+    float *wf = xmalloc((size_t)(n * k) * sizeof(float));
+    static const float row_scale[] = {1.0f, 0.0f, 0.02f, 30.0f, 1e-3f};
+    for (int64_t j = 0; j < n; j++) {
+        const float s = row_scale[j % 5];
+        for (int64_t c = 0; c < k; c++) wf[j * k + c] = s * rng_normal() + (j % 7 == 6 ? 0.5f * s : 0.0f);
+    }
+    uint8_t *w = xmalloc((size_t)n * rs);
+    if (et_quantize(t, wf, w, n, k) != ET_OK) {
+        fprintf(stderr, "test_kernels: et_quantize failed: %s\n", et_last_error());
+        exit(2);
+    }
+    if (is_block(t)) {
+        for (int64_t j = 2; j < n; j += 3) {
+            for (int64_t b = 0; b < k / ET_QK; b++) {
+                uint8_t *blk = w + (size_t)j * rs + (size_t)b * block_bytes(t);
+                for (size_t q = block_qs_offset(t); q < block_bytes(t); q++) blk[q] = (uint8_t)rng_next();
+            }
+        }
+    }
+    free(wf);
+    return w;
+}
+
+/* m activation rows: row 2 all zero, row 4 with one large outlier, the rest at varied scales */
+static float *make_activations(int64_t m, int64_t k) {
+    float *x = xmalloc((size_t)(m * k) * sizeof(float));
+    for (int64_t i = 0; i < m; i++) {
+        const float s = i == 2 ? 0.0f : (i % 3 == 1 ? 5.0f : 1.0f);
+        for (int64_t c = 0; c < k; c++) x[i * k + c] = s * rng_normal();
+        if (i == 4) x[i * k + (k - 1) / 2] = 1e4f;
+    }
+    return x;
+}
+
+/* ---- the reference against double precision ---- */
+
+typedef struct {
+    int64_t m, n, k;
+    int type;
+    void *w;
+    float *x;
+    double *scale; /* (m, n): magnitude of each output, see term_magnitude */
+} problem;
+
+/* sum of |terms| that ref.c's formula for one output adds up: for block formats the integer dot of unsigned
+ * nibbles and the -8 offset (q4_0) or the min term (q4_1) are separate terms, and they can be far larger than
+ * the dequantized |w * x| when they cancel (a weight near 0) */
+static double term_magnitude(int type, const uint8_t *wrow, const block_q8_s *xq, const float *wd, const double *xd,
+                             int64_t k) {
+    double mag = 0.0;
+    if (!is_block(type)) {
+        for (int64_t c = 0; c < k; c++) mag += fabs((double)wd[c] * xd[c]);
+        return mag;
+    }
+    for (int64_t b = 0; b < k / ET_QK; b++) {
+        const uint8_t *blk = wrow + (size_t)b * block_bytes(type);
+        et_half dh, mh;
+        memcpy(&dh, blk, 2);
+        memcpy(&mh, blk + 2, 2);
+        const double dwdx = fabs((double)et_fp16_to_fp32(dh) * xq[b].d);
+        const uint8_t *qs = blk + block_qs_offset(type);
+        double isum = 0.0;
+        for (int c = 0; c < ET_QK; c++) {
+            const int qw = type == ET_TYPE_Q8_0 ? (int8_t)qs[c] : c < ET_QK / 2 ? qs[c] & 0x0F : qs[c - ET_QK / 2] >> 4;
+            isum += fabs((double)qw * xq[b].qs[c]);
+        }
+        if (type == ET_TYPE_Q4_0) isum += 8.0 * fabs((double)xq[b].sum);
+        mag += dwdx * isum;
+        if (type == ET_TYPE_Q4_1) mag += fabs((double)et_fp16_to_fp32(mh) * xq[b].d * xq[b].sum);
+    }
+    return mag;
+}
+
+/* checks the reference kernel's output against a double dot of the dequantized weights and the activations
+ * exactly as the block kernels see them (quantized to block_q8_s, then d * q); fills p->scale */
+static void check_ref_vs_double(const problem *p, const float *yref) {
+    const int64_t m = p->m, n = p->n, k = p->k, nb = k / ET_QK;
+    const size_t rs = et_row_size(p->type, k);
+    float *wd = xmalloc((size_t)(n * k) * sizeof(float));
+    et_dequantize(p->type, p->w, wd, n, k);
+    double *xd = xmalloc((size_t)k * sizeof(double));
+    block_q8_s *xq = xmalloc((size_t)(nb ? nb : 1) * sizeof(block_q8_s));
+    double worst = 0.0;
+    int64_t bad = -1;
+    for (int64_t i = 0; i < m; i++) {
+        if (is_block(p->type)) {
+            et_quantize_row_q8_s(p->x + i * k, xq, k);
+            for (int64_t c = 0; c < k; c++) xd[c] = (double)xq[c / ET_QK].d * (double)xq[c / ET_QK].qs[c % ET_QK];
+        } else {
+            for (int64_t c = 0; c < k; c++) xd[c] = p->x[i * k + c];
+        }
+        for (int64_t j = 0; j < n; j++) {
+            double dot = 0.0;
+            for (int64_t c = 0; c < k; c++) dot += (double)wd[j * k + c] * xd[c];
+            const double mag =
+                term_magnitude(p->type, (const uint8_t *)p->w + (size_t)j * rs, xq, wd + j * k, xd, k);
+            p->scale[i * n + j] = mag;
+            const double err = fabs((double)yref[i * n + j] - dot);
+            const double rel = mag > 0.0 ? err / mag : (err > 0.0 ? INFINITY : 0.0);
+            if (!(rel <= worst)) worst = rel, bad = i * n + j;
+        }
+    }
+    check(worst <= BUDGET_REF_VS_DOUBLE, "ref vs double: %s m=%lld n=%lld k=%lld: error %.3g of the magnitude at y[%lld] "
+          "(budget %.1g)", type_name(p->type), (long long)m, (long long)n, (long long)k, worst, (long long)bad,
+          BUDGET_REF_VS_DOUBLE);
+    free(wd), free(xd), free(xq);
+}
+
+/* ---- every ISA against the reference ---- */
+
+#define CANARY 16 /* floats past the end of every output, which no kernel may touch */
+
+static float *alloc_output(size_t n) {
+    float *y = xmalloc((n + CANARY) * sizeof(float));
+    for (size_t i = 0; i < n + CANARY; i++) y[i] = NAN; /* an output a kernel forgets stays NaN and fails */
+    for (size_t i = n; i < n + CANARY; i++) y[i] = -1234.5f;
+    return y;
+}
+
+static int canary_intact(const float *y, size_t n) {
+    for (size_t i = n; i < n + CANARY; i++)
+        if (y[i] != -1234.5f) return 0;
+    return 1;
+}
+
+static int run_matmul(const problem *p, float *y, int nthreads) {
+    const size_t ss = et_matmul_scratch_size(p->type, p->m, p->k);
+    void *scratch = ss ? xmalloc(ss) : NULL;
+    const int st = et_matmul(p->x, p->m, p->k, p->type, p->w, p->n, y, scratch, ss, nthreads);
+    if (st != ET_OK) printf("  et_matmul: %s\n", et_last_error());
+    free(scratch);
+    return st;
+}
+
+static double worst_rel(const float *y, const float *yref, const double *scale, int64_t count, int64_t *at) {
+    double worst = 0.0;
+    *at = -1;
+    for (int64_t i = 0; i < count; i++) {
+        const double err = fabs((double)y[i] - (double)yref[i]);
+        const double rel = scale[i] > 0.0 ? err / scale[i] : (err > 0.0 ? INFINITY : 0.0);
+        if (!(rel <= worst)) worst = rel, *at = i; /* NaN counts as the worst */
+    }
+    return worst;
+}
+
+/* names of the variants this CPU runs, from et_isa_available() */
+static int isa_list(char names[][16], int cap) {
+    char buf[128];
+    snprintf(buf, sizeof buf, "%s", et_isa_available());
+    int n = 0;
+    for (char *tok = strtok(buf, ","); tok && n < cap; tok = strtok(NULL, ",")) snprintf(names[n++], 16, "%s", tok);
+    return n;
+}
+
+static void sweep_shape(int type, int64_t m, int64_t n, int64_t k, char isas[][16], int n_isas) {
+    problem p = {.m = m, .n = n, .k = k, .type = type};
+    p.w = make_weights(type, n, k);
+    p.x = make_activations(m, k);
+    p.scale = xmalloc((size_t)(m * n) * sizeof(double));
+    const size_t count = (size_t)(m * n);
+
+    float *yref = alloc_output(count);
+    et_isa_select("ref");
+    check(run_matmul(&p, yref, 1) == ET_OK && canary_intact(yref, count), "ref %s m=%lld n=%lld k=%lld ran",
+          type_name(type), (long long)m, (long long)n, (long long)k);
+    check_ref_vs_double(&p, yref);
+
+    float *y1 = alloc_output(count), *y2 = alloc_output(count);
+    for (int v = 0; v < n_isas; v++) {
+        check(et_isa_select(isas[v]) == ET_OK && strcmp(et_isa_current(), isas[v]) == 0, "select %s", isas[v]);
+        for (int nth = 1; nth <= 2; nth++) {
+            float *y = nth == 1 ? y1 : y2;
+            for (size_t i = 0; i < count; i++) y[i] = NAN;
+            const int st = run_matmul(&p, y, nth);
+            int64_t at;
+            const double worst = worst_rel(y, yref, p.scale, (int64_t)count, &at);
+            check(st == ET_OK && worst <= BUDGET_ISA_VS_REF && canary_intact(y, count),
+                  "%s vs ref: %s m=%lld n=%lld k=%lld threads=%d: status %d, error %.3g of the magnitude at y[%lld] "
+                  "= %g (ref %g, budget %.1g)%s", isas[v], type_name(type), (long long)m, (long long)n, (long long)k,
+                  nth, st, worst, (long long)at, at >= 0 ? y[at] : 0.0, at >= 0 ? yref[at] : 0.0, BUDGET_ISA_VS_REF,
+                  canary_intact(y, count) ? "" : ", wrote past the output");
+        }
+        check(memcmp(y1, y2, count * sizeof(float)) == 0, "%s: %s m=%lld n=%lld k=%lld: 2 threads differ from 1",
+              isas[v], type_name(type), (long long)m, (long long)n, (long long)k);
+    }
+    free(y1), free(y2), free(yref), free(p.w), free(p.x), free(p.scale);
+}
+
+static void test_matmul_sweep(void) {
+    static const int types[] = {ET_TYPE_Q4_0, ET_TYPE_Q4_1, ET_TYPE_Q8_0, ET_TYPE_F16, ET_TYPE_F32};
+    static const int64_t ks[] = {32, 64, 96, 4128};
+    static const int64_t ks_float[] = {1, 5, 17, 31, 4131}; /* float kernels take any k: exercise their tails */
+    static const int64_t ns[] = {1, 3, 17, 33, 64};
+    static const int64_t ms[] = {1, 2, 7, 64};
+    char isas[8][16];
+    const int n_isas = isa_list(isas, 8);
+    for (size_t t = 0; t < sizeof types / sizeof *types; t++) {
+        const int n_before = n_failed;
+        for (size_t ik = 0; ik < 4 + (is_block(types[t]) ? 0 : 5); ik++) {
+            const int64_t k = ik < 4 ? ks[ik] : ks_float[ik - 4];
+            for (size_t in = 0; in < sizeof ns / sizeof *ns; in++)
+                for (size_t im = 0; im < sizeof ms / sizeof *ms; im++) sweep_shape(types[t], ms[im], ns[in], k, isas, n_isas);
+        }
+        printf("matmul sweep %-4s over %s: %s\n", type_name(types[t]), et_isa_available(),
+               n_failed == n_before ? "ok" : "FAILED");
+    }
+}
+
+/* the kernel contract itself, called through the trait table: padded weight rows, activation rows and output rows
+ * (ldy > n) */
+static void test_strided_kernels(void) {
+    static const int types[] = {ET_TYPE_Q4_0, ET_TYPE_Q4_1, ET_TYPE_Q8_0, ET_TYPE_F16, ET_TYPE_F32};
+    const int64_t m = 7, n = 17, k = 96, ldy = n + 5;
+    char isas[8][16];
+    const int n_isas = isa_list(isas, 8);
+    for (size_t t = 0; t < sizeof types / sizeof *types; t++) {
+        const int type = types[t];
+        const size_t rs = et_row_size(type, k), ws = rs + 8;
+        uint8_t *wc = make_weights(type, n, k);
+        uint8_t *w = xmalloc((size_t)n * ws);
+        memset(w, 0x5A, (size_t)n * ws);
+        for (int64_t j = 0; j < n; j++) memcpy(w + (size_t)j * ws, wc + (size_t)j * rs, rs);
+        float *x = make_activations(m, k);
+        const size_t xrow = is_block(type) ? (size_t)(k / ET_QK) * sizeof(block_q8_s) : (size_t)k * sizeof(float);
+        const size_t xs = xrow + sizeof(block_q8_s);
+        uint8_t *xa = xmalloc((size_t)m * xs);
+        memset(xa, 0x5A, (size_t)m * xs);
+        for (int64_t i = 0; i < m; i++) {
+            if (is_block(type)) et_quantize_row_q8_s(x + i * k, (block_q8_s *)(xa + (size_t)i * xs), k);
+            else memcpy(xa + (size_t)i * xs, x + i * k, xrow);
+        }
+        problem p = {.m = m, .n = n, .k = k, .type = type, .w = wc, .x = x};
+        p.scale = xmalloc((size_t)(m * n) * sizeof(double));
+        float *ydense = alloc_output((size_t)(m * n));
+        et_isa_select("ref");
+        run_matmul(&p, ydense, 1);
+        check_ref_vs_double(&p, ydense); /* fills p.scale */
+        for (int v = 0; v < n_isas; v++) {
+            et_isa_select(isas[v]);
+            float *y = alloc_output((size_t)(m * ldy));
+            for (size_t i = 0; i < (size_t)(m * ldy); i++) y[i] = -7.0f;
+            const et_kernels *kt = et_active_kernels();
+            const et_gemm_fn fn = type == ET_TYPE_Q4_0   ? kt->gemm_q4_0
+                                  : type == ET_TYPE_Q4_1 ? kt->gemm_q4_1
+                                  : type == ET_TYPE_Q8_0 ? kt->gemm_q8_0
+                                  : type == ET_TYPE_F16  ? kt->gemm_f16
+                                                         : kt->gemm_f32;
+            fn(k, w, ws, n, xa, xs, m, y, (size_t)ldy);
+            const int st = ET_OK;
+            float *yd = xmalloc((size_t)(m * n) * sizeof(float));
+            int pad_ok = canary_intact(y, (size_t)(m * ldy));
+            for (int64_t i = 0; i < m; i++) {
+                memcpy(yd + i * n, y + i * ldy, (size_t)n * sizeof(float));
+                for (int64_t j = n; j < ldy; j++) pad_ok &= y[i * ldy + j] == -7.0f;
+            }
+            int64_t at;
+            const double worst = worst_rel(yd, ydense, p.scale, m * n, &at);
+            check(st == ET_OK && pad_ok && worst <= BUDGET_ISA_VS_REF,
+                  "%s strided %s (ws=%zu xs=%zu ldy=%lld): status %d, error %.3g at %lld%s", isas[v], type_name(type), ws,
+                  xs, (long long)ldy, st, worst, (long long)at, pad_ok ? "" : ", wrote outside its output rows");
+            free(y), free(yd);
+        }
+        free(wc), free(w), free(x), free(xa), free(p.scale), free(ydense);
+    }
+}
+
+/* ---- quantizers ---- */
+
+static void test_quant_roundtrip(void) {
+    static const int types[] = {ET_TYPE_Q4_0, ET_TYPE_Q4_1, ET_TYPE_Q8_0, ET_TYPE_F16, ET_TYPE_F32};
+    const int64_t n = 6, k = 4128;
+    float *x = xmalloc((size_t)(n * k) * sizeof(float)), *y = xmalloc((size_t)(n * k) * sizeof(float));
+    static const float row_scale[] = {1.0f, 1e-3f, 100.0f, 0.0f, 1.0f, 7.0f};
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t c = 0; c < k; c++) x[j * k + c] = row_scale[j] * rng_normal() + (j == 4 ? 3.0f : 0.0f);
+    for (size_t t = 0; t < sizeof types / sizeof *types; t++) {
+        const int type = types[t];
+        uint8_t *q = xmalloc((size_t)n * et_row_size(type, k));
+        const int st = et_quantize(type, x, q, n, k) | et_dequantize(type, q, y, n, k);
+        double worst = 0.0; /* error / allowed */
+        for (int64_t j = 0; j < n; j++) {
+            for (int64_t b = 0; b < k / ET_QK; b++) {
+                const float *xb = x + j * k + b * ET_QK, *yb = y + j * k + b * ET_QK;
+                float amax = 0.0f, lo = xb[0], hi = xb[0];
+                for (int c = 0; c < ET_QK; c++) {
+                    amax = fmaxf(amax, fabsf(xb[c]));
+                    lo = fminf(lo, xb[c]), hi = fmaxf(hi, xb[c]);
+                }
+                for (int c = 0; c < ET_QK; c++) {
+                    double allowed;
+                    switch (type) {
+                    case ET_TYPE_Q4_0: allowed = ROUNDTRIP_STEP_Q4_0 * amax / 8 + ROUNDTRIP_FP16_SLACK * amax; break;
+                    case ET_TYPE_Q4_1: allowed = ROUNDTRIP_STEP_Q4_1 * (hi - lo) / 15 + ROUNDTRIP_FP16_SLACK * amax; break;
+                    case ET_TYPE_Q8_0: allowed = ROUNDTRIP_STEP_Q8_0 * amax / 127 + ROUNDTRIP_FP16_SLACK * amax; break;
+                    case ET_TYPE_F16: allowed = fmax(ROUNDTRIP_F16_REL * fabsf(xb[c]), 0x1p-25); break;
+                    default: allowed = 0.0;
+                    }
+                    const double err = fabs((double)xb[c] - (double)yb[c]);
+                    const double r = allowed > 0 ? err / allowed : (err > 0 ? INFINITY : 0.0);
+                    if (!(r <= worst)) worst = r;
+                }
+            }
+        }
+        check(st == ET_OK && worst <= 1.0, "%s round trip: status %d, worst error %.3g of its budget", type_name(type), st,
+              worst);
+        free(q);
+    }
+    free(x), free(y);
+}
+
+/* the activation quantizer: |q| <= 127, the block's largest magnitude maps to +-127, sum is exact, error <= d/2 */
+static void test_quantize_q8_s(void) {
+    const int64_t k = 256;
+    float x[256];
+    block_q8_s b[256 / ET_QK];
+    for (int64_t c = 0; c < k; c++) x[c] = (c / ET_QK == 3 ? 0.0f : (float)(c / ET_QK + 1)) * rng_normal();
+    x[70] = -50.0f;
+    int ok = et_quantize_row_q8_s(x, b, k) == 0;
+    for (int64_t i = 0; i < k / ET_QK && ok; i++) {
+        int32_t sum = 0, qmax = 0;
+        for (int c = 0; c < ET_QK; c++) {
+            const int q = b[i].qs[c];
+            sum += q;
+            qmax = abs(q) > qmax ? abs(q) : qmax;
+            ok &= q >= -127 && q <= 127;
+            ok &= fabs((double)x[i * ET_QK + c] - (double)b[i].d * q) <= 0.5 * b[i].d * (1 + 1e-6) + 1e-30;
+        }
+        ok &= sum == b[i].sum && (i == 3 ? b[i].d == 0.0f && qmax == 0 : qmax == 127);
+    }
+    check(ok, "et_quantize_row_q8_s: quant range, scale, exact sum, error <= d/2");
+    x[100] = NAN;
+    check(et_quantize_row_q8_s(x, b, k) == -1, "et_quantize_row_q8_s refuses NaN");
+    x[100] = -INFINITY;
+    check(et_quantize_row_q8_s(x, b, k) == -1, "et_quantize_row_q8_s refuses -Inf");
+}
+
+/* ---- fp16 ---- */
+
+static double half_value(et_half h) { /* straight from the IEEE binary16 definition */
+    const int s = h >> 15, e = (h >> 10) & 0x1F, mant = h & 0x3FF;
+    const double v = e == 0 ? ldexp(mant, -24) : e == 31 ? (mant ? NAN : INFINITY) : ldexp(1024 + mant, e - 25);
+    return s ? -v : v;
+}
+
+static int is_half_nan(et_half h) { return (h & 0x7C00) == 0x7C00 && (h & 0x03FF) != 0; }
+
+static void test_fp16(void) {
+    int bad_value = 0, bad_trip = 0, first = -1;
+    for (uint32_t u = 0; u < 65536; u++) {
+        const et_half h = (et_half)u;
+        const float f = et_fp16_to_fp32(h);
+        const double want = half_value(h);
+        if (isnan(want) ? !isnan(f) : ((double)f != want || !!signbit(f) != (h >> 15))) bad_value++, first = (int)u;
+        const et_half back = et_fp32_to_fp16(f);
+        if (is_half_nan(h) ? !(is_half_nan(back) && (back & 0x8000) == (h & 0x8000)) : back != h)
+            bad_trip++, first = (int)u;
+    }
+    check(bad_value == 0, "fp16->fp32 disagrees with the binary16 definition for %d halves (e.g. 0x%04x)", bad_value,
+          first);
+    check(bad_trip == 0, "fp16->fp32->fp16 does not round-trip for %d halves (e.g. 0x%04x)", bad_trip, first);
+
+    static const struct {
+        float f;
+        et_half h;
+        const char *why;
+    } cases[] = {
+        {0.0f, 0x0000, "zero"},
+        {-0.0f, 0x8000, "negative zero keeps its sign"},
+        {1.0f, 0x3C00, "one"},
+        {-2.0f, 0xC000, "minus two"},
+        {0.1f, 0x2E66, "0.1 rounds to nearest"},
+        {3.14159265f, 0x4248, "pi"},
+        {65504.0f, 0x7BFF, "largest half"},
+        {65519.99f, 0x7BFF, "just below the overflow tie"},
+        {65520.0f, 0x7C00, "overflow tie rounds to even = inf"},
+        {1e10f, 0x7C00, "overflow to inf"},
+        {-1e10f, 0xFC00, "overflow to -inf"},
+        {INFINITY, 0x7C00, "inf"},
+        {-INFINITY, 0xFC00, "-inf"},
+        {1.0f + 0x1p-11f, 0x3C00, "tie rounds to even (down)"},
+        {1.0f + 3 * 0x1p-11f, 0x3C02, "tie rounds to even (up)"},
+        {1.0f + 0x1p-11f + 0x1p-23f, 0x3C01, "just above a tie rounds up"},
+        {0x1p-14f, 0x0400, "smallest normal"},
+        {0x1p-14f - 0x1p-24f, 0x03FF, "largest subnormal"},
+        {0x1p-24f, 0x0001, "smallest subnormal"},
+        {-0x1p-24f, 0x8001, "smallest negative subnormal"},
+        {0x1p-25f, 0x0000, "half the smallest subnormal: tie to even = 0"},
+        {0x1.8p-25f, 0x0001, "above that tie rounds up"},
+        {3 * 0x1p-25f, 0x0002, "subnormal tie rounds to even (up)"},
+        {5 * 0x1p-25f, 0x0002, "subnormal tie rounds to even (down)"},
+        {0x1p-26f, 0x0000, "underflow to zero"},
+        {-1e-30f, 0x8000, "underflow to negative zero"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        const et_half got = et_fp32_to_fp16(cases[i].f);
+        check(got == cases[i].h, "fp32->fp16(%a) = 0x%04x, expected 0x%04x (%s)", (double)cases[i].f, got, cases[i].h,
+              cases[i].why);
+    }
+    check(is_half_nan(et_fp32_to_fp16(NAN)), "fp32->fp16(NaN) is a NaN");
+    check(is_half_nan(et_fp32_to_fp16(-NAN)) && (et_fp32_to_fp16(-NAN) & 0x8000), "fp32->fp16(-NaN) is a negative NaN");
+
+#if defined(__FLT16_MAX__)
+    /* the compiler's own conversion (hardware or libgcc), over random float bit patterns */
+    int bad = 0;
+    uint32_t first_bits = 0;
+    for (int i = 0; i < 1 << 20; i++) {
+        const uint32_t bits = (uint32_t)rng_next();
+        const float f = et_f32_from_bits(bits);
+        if (isnan(f)) continue;
+        const _Float16 hv = (_Float16)f;
+        et_half want;
+        memcpy(&want, &hv, 2);
+        if (et_fp32_to_fp16(f) != want) bad++, first_bits = bits;
+    }
+    check(bad == 0, "fp32->fp16 disagrees with the compiler's _Float16 for %d floats (e.g. bits 0x%08x)", bad,
+          first_bits);
+#endif
+}
+
+/* ---- error returns ---- */
+
+static void expect_status(int got, int want, const char *what) {
+    check(got == want && (want == ET_OK || et_last_error()[0]), "%s: status %d, expected %d (message: '%s')", what, got,
+          want, et_last_error());
+}
+
+static void test_errors(void) {
+    const int64_t m = 2, n = 4, k = 64;
+    float x[2 * 64], y[2 * 4], wf[4 * 64];
+    for (int i = 0; i < 2 * 64; i++) x[i] = rng_normal();
+    for (int i = 0; i < 4 * 64; i++) wf[i] = rng_normal();
+    block_q8_0 w[4 * 2];
+    et_quantize(ET_TYPE_Q8_0, wf, w, n, k);
+    const size_t ss = et_matmul_scratch_size(ET_TYPE_Q8_0, m, k);
+    uint8_t *scratch = xmalloc(ss);
+
+    et_isa_select(NULL);
+    expect_status(et_matmul(x, m, k, ET_TYPE_Q8_0, w, n, y, scratch, ss, 1), ET_OK, "valid matmul");
+    expect_status(et_matmul(x, m, k, ET_TYPE_Q8_0, w, n, y, scratch, ss, 0), ET_OK, "valid matmul, pool's threads");
+    expect_status(et_matmul(x, m, 48, ET_TYPE_Q8_0, w, n, y, scratch, ss, 1), ET_ERR_INVALID, "k not a multiple of 32");
+    expect_status(et_matmul(x, m, 48, ET_TYPE_Q4_0, w, n, y, scratch, ss, 1), ET_ERR_INVALID, "q4_0 k=48");
+    expect_status(et_matmul(x, 0, k, ET_TYPE_Q8_0, w, n, y, scratch, ss, 1), ET_ERR_INVALID, "m = 0");
+    expect_status(et_matmul(x, m, k, ET_TYPE_Q8_0, w, -1, y, scratch, ss, 1), ET_ERR_INVALID, "n < 0");
+    expect_status(et_matmul(x, m, 0, ET_TYPE_F32, wf, n, y, NULL, 0, 1), ET_ERR_INVALID, "k = 0");
+    expect_status(et_matmul(NULL, m, k, ET_TYPE_Q8_0, w, n, y, scratch, ss, 1), ET_ERR_INVALID, "NULL activations");
+    expect_status(et_matmul(x, m, k, ET_TYPE_Q8_0, NULL, n, y, scratch, ss, 1), ET_ERR_INVALID, "NULL weights");
+    expect_status(et_matmul(x, m, k, ET_TYPE_Q8_0, w, n, NULL, scratch, ss, 1), ET_ERR_INVALID, "NULL output");
+    expect_status(et_matmul(x, m, k, ET_TYPE_Q8_0, w, n, y, NULL, ss, 1), ET_ERR_INVALID, "NULL scratch");
+    expect_status(et_matmul(x, m, k, ET_TYPE_Q8_0, w, n, y, scratch, ss - 1, 1), ET_ERR_INVALID, "scratch one byte short");
+    expect_status(et_matmul(x, m, k, 7, w, n, y, scratch, ss, 1), ET_ERR_INVALID, "unknown weight type");
+    expect_status(et_matmul(x, m, k, ET_TYPE_F32, wf, n, y, NULL, 0, 1), ET_OK, "f32 needs no scratch");
+    x[70] = NAN;
+    expect_status(et_matmul(x, m, k, ET_TYPE_Q8_0, w, n, y, scratch, ss, 1), ET_ERR_INVALID, "NaN activation");
+    x[70] = INFINITY;
+    expect_status(et_matmul(x, m, k, ET_TYPE_Q4_1, w, n, y, scratch, ss, 1), ET_ERR_INVALID, "Inf activation");
+    x[70] = 0.0f;
+
+    check(et_matmul_scratch_size(ET_TYPE_Q4_0, 3, 64) == 3 * 2 * sizeof(block_q8_s), "scratch size q4_0 (3, 64)");
+    check(et_matmul_scratch_size(ET_TYPE_Q4_0, 3, 33) == 0, "scratch size is 0 for k=33");
+    check(et_matmul_scratch_size(ET_TYPE_F32, 3, 64) == 0, "float weights need no scratch");
+    check(et_row_size(ET_TYPE_Q4_0, 64) == 36 && et_row_size(ET_TYPE_Q4_1, 64) == 40 &&
+              et_row_size(ET_TYPE_Q8_0, 64) == 68 && et_row_size(ET_TYPE_F16, 3) == 6 && et_row_size(ET_TYPE_F32, 3) == 12,
+          "row sizes");
+    check(et_row_size(ET_TYPE_Q8_0, 33) == 0 && et_row_size(ET_TYPE_F32, 0) == 0 && et_row_size(99, 32) == 0,
+          "row size 0 for k=33, k=0, unknown type");
+
+    uint8_t q[4 * 68];
+    expect_status(et_quantize(ET_TYPE_Q4_0, wf, q, 1, 33), ET_ERR_INVALID, "quantize q4_0 k=33");
+    expect_status(et_quantize(99, wf, q, 1, 32), ET_ERR_INVALID, "quantize unknown type");
+    expect_status(et_dequantize(99, q, wf, 1, 32), ET_ERR_INVALID, "dequantize unknown type");
+    wf[40] = NAN;
+    expect_status(et_quantize(ET_TYPE_Q8_0, wf, q, n, k), ET_ERR_INVALID, "quantize NaN weights");
+    wf[40] = INFINITY;
+    expect_status(et_quantize(ET_TYPE_F16, wf, q, n, k), ET_ERR_INVALID, "quantize Inf weights");
+
+    expect_status(et_isa_select("no-such-isa"), ET_ERR_INVALID, "select an unknown ISA");
+#if defined(__aarch64__)
+    expect_status(et_isa_select("avx2"), ET_ERR_UNSUPPORTED, "select an ISA this CPU cannot run");
+#else
+    expect_status(et_isa_select("neon"), ET_ERR_UNSUPPORTED, "select an ISA this CPU cannot run");
+#endif
+    expect_status(et_isa_select("auto"), ET_OK, "select auto");
+    expect_status(et_set_threads(0), ET_ERR_INVALID, "0 threads");
+    expect_status(et_set_threads(100000), ET_ERR_INVALID, "too many threads");
+    free(scratch);
+}
+
+int main(int argc, char **argv) {
+    const char *expect_isa = NULL, *expect_features = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--expect-isa") && i + 1 < argc) expect_isa = argv[++i];
+        else if (!strcmp(argv[i], "--expect-features") && i + 1 < argc) expect_features = argv[++i];
+        else {
+            fprintf(stderr, "usage: %s [--expect-isa LIST] [--expect-features LIST]\n", argv[0]);
+            return 2;
+        }
+    }
+    printf("edgert %s: ISA variants %s; CPU features %s\n", et_version(), et_isa_available(), et_cpu_features());
+    if (expect_isa)
+        check(!strcmp(et_isa_available(), expect_isa), "ISA variants are '%s', expected '%s'", et_isa_available(),
+              expect_isa);
+    if (expect_features)
+        check(!strcmp(et_cpu_features(), expect_features), "CPU features are '%s', expected '%s'", et_cpu_features(),
+              expect_features);
+
+#if defined(__aarch64__)
+    /* both NEON tables answer to "neon": make sure the one cpu.c picked matches the CPU's dot-product support */
+    const int dotprod = strstr(et_cpu_features(), "asimddp") != NULL;
+    check(et_isa_select("neon") == ET_OK && et_active_kernels() == (dotprod ? &et_kernels_neon_dotprod : &et_kernels_neon),
+          "\"neon\" selects the %s table", dotprod ? "SDOT" : "plain NEON");
+#endif
+    check(et_set_threads(2) == ET_OK && et_get_threads() == 2, "thread pool of 2");
+    test_fp16();
+    test_quantize_q8_s();
+    test_quant_roundtrip();
+    test_errors();
+    test_strided_kernels();
+    test_matmul_sweep();
+    et_set_threads(1);
+
+    printf("%d passed, %d failed\n", n_passed, n_failed);
+    return n_failed ? 1 : 0;
+}
