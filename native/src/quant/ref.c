@@ -8,11 +8,23 @@
 
 #include "../core.h"
 
+/* numpy's float32 -> uint8/int8 cast as it behaves on x86-64 (cvttss2si, then the low byte): NaN, Inf and values
+ * outside int32 become 0. Scales that underflow make 1/d infinite, and the gguf quantizers feed such values through
+ * that cast, so matching them bit for bit means casting the same way (and never hitting C's undefined cast). */
+static inline int32_t np_cast_i32(float v) {
+    return (v >= -2147483648.0f && v < 2147483648.0f) ? (int32_t)v : INT32_MIN;
+}
+static inline uint8_t np_u8_clip15(float v) { /* trunc(v).astype(uint8).clip(0, 15) */
+    const uint8_t u = (uint8_t)(np_cast_i32(v) & 0xFF);
+    return u < 15 ? u : 15;
+}
+
 static void quantize_row_q4_0(const float *x, block_q4_0 *y, int64_t k) {
     for (int64_t b = 0; b < k / ET_QK; b++) {
         const float *xb = x + b * ET_QK;
-        float amax = 0.0f, max = 0.0f; /* max: the value of largest magnitude, first one wins */
-        for (int j = 0; j < ET_QK; j++) {
+        /* max: the value of largest magnitude, first one wins (so an all-zero block starting with -0.0 keeps it) */
+        float amax = fabsf(xb[0]), max = xb[0];
+        for (int j = 1; j < ET_QK; j++) {
             if (amax < fabsf(xb[j])) {
                 amax = fabsf(xb[j]);
                 max = xb[j];
@@ -22,10 +34,8 @@ static void quantize_row_q4_0(const float *x, block_q4_0 *y, int64_t k) {
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[b].d = et_fp32_to_fp16(d);
         for (int j = 0; j < ET_QK / 2; j++) {
-            const float x0 = xb[j] * id + 8.5f;
-            const float x1 = xb[j + ET_QK / 2] * id + 8.5f;
-            const uint8_t q0 = (uint8_t)(x0 < 15.0f ? (int)x0 : 15);
-            const uint8_t q1 = (uint8_t)(x1 < 15.0f ? (int)x1 : 15);
+            const uint8_t q0 = np_u8_clip15(xb[j] * id + 8.5f);
+            const uint8_t q1 = np_u8_clip15(xb[j + ET_QK / 2] * id + 8.5f);
             y[b].qs[j] = (uint8_t)(q0 | (q1 << 4));
         }
     }
@@ -44,10 +54,8 @@ static void quantize_row_q4_1(const float *x, block_q4_1 *y, int64_t k) {
         y[b].d = et_fp32_to_fp16(d);
         y[b].m = et_fp32_to_fp16(min);
         for (int j = 0; j < ET_QK / 2; j++) {
-            const float x0 = (xb[j] - min) * id + 0.5f;
-            const float x1 = (xb[j + ET_QK / 2] - min) * id + 0.5f;
-            const uint8_t q0 = (uint8_t)(x0 < 15.0f ? (int)x0 : 15);
-            const uint8_t q1 = (uint8_t)(x1 < 15.0f ? (int)x1 : 15);
+            const uint8_t q0 = np_u8_clip15((xb[j] - min) * id + 0.5f);
+            const uint8_t q1 = np_u8_clip15((xb[j + ET_QK / 2] - min) * id + 0.5f);
             y[b].qs[j] = (uint8_t)(q0 | (q1 << 4));
         }
     }
@@ -61,7 +69,7 @@ static void quantize_row_q8_0(const float *x, block_q8_0 *y, int64_t k) {
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[b].d = et_fp32_to_fp16(d);
-        for (int j = 0; j < ET_QK; j++) y[b].qs[j] = (int8_t)roundf(xb[j] * id);
+        for (int j = 0; j < ET_QK; j++) y[b].qs[j] = (int8_t)(np_cast_i32(roundf(xb[j] * id)) & 0xFF);
     }
 }
 
