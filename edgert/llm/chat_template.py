@@ -185,7 +185,8 @@ def render_segments(template: str | None, messages, add_generation_prompt: bool 
     """The rendered prompt as ``(text, is_markup)`` pieces in order; joined they equal ``render(...)``.
 
     Markup (template text, including bos/eos strings) is to be tokenized with control tokens recognised; content
-    (what the messages said) as plain text. Empty pieces are dropped.
+    (what the messages said) as plain text. Empty pieces are dropped and neighbours of one kind merged, so the kinds
+    alternate.
     """
     msgs = validate_messages(messages)
     source = CHATML_TEMPLATE if template is None else template
@@ -232,4 +233,10 @@ def render_segments(template: str | None, messages, add_generation_prompt: bool 
         pos = end
     if pos != len(real):
         raise ModelFormatError("the chat template's output changes with message content; cannot split it safely")
-    return segs
+    merged: list[tuple[str, bool]] = []
+    for text, is_markup in segs:  # neighbours of one kind tokenize as one piece, as the whole prompt would
+        if merged and merged[-1][1] == is_markup:
+            merged[-1] = (merged[-1][0] + text, is_markup)
+        else:
+            merged.append((text, is_markup))
+    return merged
