@@ -235,3 +235,37 @@ def test_k_quant_parses_but_is_refused_by_the_spec(tmp_path):
 @pytest.mark.parametrize("extra", [{"rope_freqs.weight": (HEAD_DIM // 2,)}, {"blk.2.attn_norm.weight": (DIM,)}])
 def test_unused_tensors_refused(tmp_path, extra):
     refused(tmp_path, repr(next(iter(extra))), "does not use", extra=extra)
+
+
+# ---------------------------------------------------------------- the real model
+
+def real_model_path():
+    import os
+    from pathlib import Path
+    env = os.environ.get("EDGERT_TEST_MODEL")
+    if env:
+        return Path(env) if Path(env).is_file() else None
+    from edgert.llm import store
+    return store.cached_path("smollm2-135m")
+
+
+@pytest.mark.model
+def test_real_smollm2_spec():
+    import time
+    from collections import Counter
+    path = real_model_path()
+    if path is None:
+        pytest.skip("SmolLM2 model not cached (run `edgert pull smollm2-135m` or set EDGERT_TEST_MODEL)")
+    t0 = time.perf_counter()
+    with open_gguf(path) as g:
+        s = llama_spec(g)
+        elapsed = time.perf_counter() - t0
+        assert s.config == LlamaConfig(
+            dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, vocab_size=49152,
+            context_length=8192, rope_base=100000.0, norm_eps=pytest.approx(1e-5), rope_dim=64, tied_output=True,
+        )
+        assert Counter(t.type_name for t in g.tensors.values()) == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+        ref = gguf.GGUFReader(path)
+        assert [(t.name, t.data_offset, t.n_bytes) for t in ref.tensors] == \
+               [(t.name, t.offset, t.nbytes) for t in g.tensors.values()]
+    assert elapsed < 1.0, f"parsing SmolLM2 took {elapsed:.3f}s"
