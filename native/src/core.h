@@ -78,8 +78,12 @@ ET_INLINE et_half et_fp32_to_fp16(float f) {
 typedef void (*et_gemm_fn)(int64_t k, const void *w, size_t w_stride, int64_t n, const void *x, size_t x_stride,
                            int64_t m, float *y, size_t ldy);
 
+/* x (k values) -> k/32 block_q8_s, bit for bit what et_quantize_row_q8_s writes; -1 on NaN or Inf */
+typedef int (*et_quantize_row_fn)(const float *x, block_q8_s *y, int64_t k);
+
 typedef struct {
     const char *name;
+    et_quantize_row_fn quantize_row_q8_s; /* NULL: the table uses et_quantize_row_q8_s */
     et_gemm_fn gemm_q4_0;
     et_gemm_fn gemm_q4_1;
     et_gemm_fn gemm_q8_0;

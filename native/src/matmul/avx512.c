@@ -331,6 +331,29 @@ ET_GEMM_BLOCKS(ET_KNAME(gemm_q4_0), FMT_Q4_0)
 ET_GEMM_BLOCKS(ET_KNAME(gemm_q4_1), FMT_Q4_1)
 ET_GEMM_BLOCKS(ET_KNAME(gemm_q8_0), FMT_Q8_0)
 
+/* ---- activations: et_quantize_row_q8_s with the same float operations, 32 lanes at a time ---- */
+
+static int ET_KNAME(quantize_row_q8_s)(const float *x, block_q8_s *y, int64_t k) {
+    const __m512 fmax = _mm512_set1_ps(3.4028234663852886e38f);
+    for (int64_t b = 0; b < k / ET_QK; b++) {
+        const __m512 v0 = _mm512_loadu_ps(x + b * ET_QK), v1 = _mm512_loadu_ps(x + b * ET_QK + 16);
+        const __m512 a0 = _mm512_abs_ps(v0), a1 = _mm512_abs_ps(v1);
+        /* NaN compares false, so it fails the finite test like Inf */
+        if ((_mm512_cmp_ps_mask(a0, fmax, _CMP_LE_OQ) & _mm512_cmp_ps_mask(a1, fmax, _CMP_LE_OQ)) != 0xFFFF) return -1;
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        const __m512 vid = _mm512_set1_ps(id);
+        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC; /* nearbyintf in the default rounding mode */
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v0, vid), rnd));
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v1, vid), rnd));
+        _mm_storeu_si128((__m128i *)y[b].qs, _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(y[b].qs + 16), _mm512_cvtsepi32_epi8(q1));
+        y[b].d = amax / 127.0f;
+        y[b].sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+    return 0;
+}
+
 /* ---- float weights: 4 rows x 1 activation row, 16 lanes per step, masked k tail ---- */
 
 ET_INLINE __m512 load_w_f32(const void *w, int64_t c, __mmask16 mk) {
@@ -390,6 +413,7 @@ ET_GEMM_FLOAT(ET_KNAME(gemm_f16), load_w_f16)
 #if ET_VNNI
 const et_kernels et_kernels_avx512vnni = {
     .name = "avx512vnni",
+    .quantize_row_q8_s = quantize_row_q8_s_avx512vnni,
     .gemm_q4_0 = gemm_q4_0_avx512vnni,
     .gemm_q4_1 = gemm_q4_1_avx512vnni,
     .gemm_q8_0 = gemm_q8_0_avx512vnni,
@@ -399,6 +423,7 @@ const et_kernels et_kernels_avx512vnni = {
 #else
 const et_kernels et_kernels_avx512 = {
     .name = "avx512",
+    .quantize_row_q8_s = quantize_row_q8_s_avx512,
     .gemm_q4_0 = gemm_q4_0_avx512,
     .gemm_q4_1 = gemm_q4_1_avx512,
     .gemm_q8_0 = gemm_q8_0_avx512,

@@ -33,6 +33,28 @@ static void matmul_task(void *arg, int ith, int nth) {
     }
 }
 
+typedef struct {
+    et_quantize_row_fn fn;
+    const float *x;
+    int64_t m, k;
+    uint8_t *y;
+    size_t ys;
+    atomic_llong bad; /* first row holding NaN or Inf; m when none */
+} quantize_job;
+
+static void quantize_task(void *arg, int ith, int nth) {
+    quantize_job *job = arg;
+    const int64_t lo = job->m * ith / nth, hi = job->m * (ith + 1) / nth;
+    for (int64_t i = lo; i < hi; i++) {
+        if (job->fn(job->x + i * job->k, (block_q8_s *)(job->y + (size_t)i * job->ys), job->k)) {
+            long long seen = atomic_load(&job->bad);
+            while (i < seen && !atomic_compare_exchange_weak(&job->bad, &seen, i)) {
+            }
+            return;
+        }
+    }
+}
+
 static int is_block_type(int t) { return t == ET_TYPE_Q4_0 || t == ET_TYPE_Q4_1 || t == ET_TYPE_Q8_0; }
 
 size_t et_matmul_scratch_size(int wtype, int64_t m, int64_t k) {
@@ -72,10 +94,16 @@ int et_matmul(const float *x, int64_t m, int64_t k, int wtype, const void *w, in
         if (!scratch || scratch_size < need)
             return et_error(ET_ERR_INVALID, "matmul scratch of %zu bytes is too small: need %zu", scratch_size, need);
         xs = (size_t)(k / ET_QK) * sizeof(block_q8_s);
-        for (int64_t i = 0; i < m; i++) {
-            if (et_quantize_row_q8_s(x + i * k, (block_q8_s *)((uint8_t *)scratch + (size_t)i * xs), k))
-                return et_error(ET_ERR_INVALID, "activations must be finite: row %lld holds NaN or Inf", (long long)i);
-        }
+        quantize_job qj = {.fn = kt->quantize_row_q8_s ? kt->quantize_row_q8_s : et_quantize_row_q8_s,
+                           .x = x, .m = m, .k = k, .y = scratch, .ys = xs};
+        atomic_init(&qj.bad, m);
+        /* a GEMM's activations are worth a dispatch of their own: quantizing 64 rows alone costs a third of it */
+        int qth = nthreads > 0 ? nthreads : et_get_threads();
+        if (qth > m) qth = (int)m;
+        const int st = et_parallel(quantize_task, &qj, qth);
+        if (st) return st;
+        const long long bad = atomic_load(&qj.bad);
+        if (bad < m) return et_error(ET_ERR_INVALID, "activations must be finite: row %lld holds NaN or Inf", bad);
         xa = scratch;
     }
 
