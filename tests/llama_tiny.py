@@ -15,11 +15,13 @@ QTYPES = {
     "q8_0": gguf.GGMLQuantizationType.Q8_0,
 }
 
+TINY_VOCAB = 256 + 2 + 3  # every byte symbol, two merges, three control tokens
+
 LAYER_ROLES = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def write_tiny_llama(path, *, fmt="q4_0", embd_fmt="q8_0", tied=True, dim=64, hidden=96, n_layers=2, n_heads=4,
-                     n_kv_heads=2, vocab=80, ctx=256, rope_base=10000.0, eps=1e-5, seed=0, tokenizer=True):
+                     n_kv_heads=2, vocab=TINY_VOCAB, ctx=256, rope_base=10000.0, eps=1e-5, seed=0, tokenizer=True):
     """Write a random llama GGUF; returns the float64 weights as they decode from the file (name -> array)."""
     rng = np.random.default_rng(seed)
     hd = dim // n_heads
@@ -78,21 +80,19 @@ def write_tiny_llama(path, *, fmt="q4_0", embd_fmt="q8_0", tied=True, dim=64, hi
 
 
 def add_byte_tokenizer(w, vocab):
-    """A byte-level BPE vocabulary: the 256 byte symbols are not all there (vocab is tiny), so the model only
-    needs ids < vocab; tokens beyond the first few are placeholders and three control tokens close the list."""
+    """A byte-level BPE vocabulary: the 256 byte symbols, two merges, and ChatML's control tokens at the end."""
     from tokenizers.pre_tokenizers import ByteLevel
 
-    alphabet = ByteLevel.alphabet()
-    alphabet.sort()
-    tokens = alphabet[: vocab - 3] + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert vocab == TINY_VOCAB, f"the tiny tokenizer has {TINY_VOCAB} tokens"
+    tokens = sorted(ByteLevel.alphabet()) + ["\u0120t", "he", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     types = [1] * (vocab - 3) + [3, 3, 3]
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges([])
+    w.add_token_merges(["\u0120 t", "h e"])
     w.add_bos_token_id(vocab - 3)
-    w.add_eos_token_id(vocab - 1)
+    w.add_eos_token_id(vocab - 3)
     w.add_add_bos_token(False)
 
 

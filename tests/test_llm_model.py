@@ -1,0 +1,131 @@
+"""The C llama decoder against a numpy float64 forward pass on the same dequantized weights (tiny random models
+written with gguf.GGUFWriter), KV-cache consistency, chunked prefill, and the context limit."""
+import numpy as np
+import pytest
+
+import edgert
+from edgert.llm.model import LlamaModel
+from llama_tiny import reference_logits, write_tiny_llama
+
+# Budgets, relative to the largest |logit| of the reference:
+# float weights: only the fp16 KV cache and float32 accumulation differ from float64
+FLOAT_LOGITS_RTOL = 1e-2
+# block formats also quantize every activation row to 8 bits per block of 32 (as llama.cpp's q8 activations do)
+QUANT_LOGITS_RTOL = 6e-2
+# the same model run two ways (batched vs token by token, chunked vs whole) differs only by summation order, but a
+# last-bit change can flip one 8-bit activation rounding in the next layer, so the budget is a few 8-bit steps
+SAME_MODEL_RTOL = 1e-2
+
+FORMATS = ["f32", "f16", "q8_0", "q4_0", "q4_1"]
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return [int(t) for t in np.random.default_rng(7).integers(0, 250, 24)]
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "separate-head"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_logits_match_float64_reference(tmp_path, fmt, tied, tokens):
+    wts = write_tiny_llama(tmp_path / "m.gguf", fmt=fmt, tied=tied, embd_fmt="f32" if fmt == "f32" else "q8_0")
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=64, n_batch=8) as m:
+        got = m.forward(tokens, 0, logits_all=True)
+    ref = reference_logits(wts, tokens)
+    assert got.shape == (len(tokens), wts["_config"]["vocab"])
+    budget = FLOAT_LOGITS_RTOL if fmt in ("f32", "f16") and not tied else QUANT_LOGITS_RTOL
+    assert rel_err(got, ref) < budget
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (4, 1), (6, 2), (2, 1)])
+def test_grouped_query_attention_head_counts(tmp_path, n_heads, n_kv_heads, tokens):
+    wts = write_tiny_llama(tmp_path / "m.gguf", fmt="f32", embd_fmt="f32", tied=False, dim=96, n_heads=n_heads,
+                           n_kv_heads=n_kv_heads)
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=32) as m:
+        got = m.forward(tokens, 0, logits_all=True)
+    assert rel_err(got, reference_logits(wts, tokens)) < FLOAT_LOGITS_RTOL
+
+
+def test_incremental_decode_equals_full_recompute(tmp_path, tokens):
+    write_tiny_llama(tmp_path / "m.gguf", fmt="q4_1")
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=64, n_batch=64) as m:
+        full = m.forward(tokens, 0, logits_all=True)
+        steps = np.stack([m.forward([t], i) for i, t in enumerate(tokens)])
+        # prefill half, then step through the rest
+        half = len(tokens) // 2
+        mixed = [m.forward(tokens[:half], 0, logits_all=True)]
+        mixed += [m.forward([t], half + i)[None] for i, t in enumerate(tokens[half:])]
+    assert rel_err(steps, full) < SAME_MODEL_RTOL
+    assert rel_err(np.concatenate(mixed), full) < SAME_MODEL_RTOL
+
+
+@pytest.mark.parametrize("n_batch", [1, 5, 8, 64])
+def test_prefill_chunks_equal_single_pass(tmp_path, tokens, n_batch):
+    write_tiny_llama(tmp_path / "m.gguf", fmt="q8_0")
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=64, n_batch=64) as m:
+        whole = m.forward(tokens, 0, logits_all=True)
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=64, n_batch=n_batch) as m:
+        chunked = m.forward(tokens, 0, logits_all=True)
+        last = m.forward(tokens, 0)
+    assert rel_err(chunked, whole) < SAME_MODEL_RTOL
+    assert rel_err(last, whole[-1]) < SAME_MODEL_RTOL
+
+
+def test_every_isa_agrees_with_ref(tmp_path, tokens):
+    write_tiny_llama(tmp_path / "m.gguf", fmt="q4_0")
+    before = edgert.native.info()["isa"]
+    outs = {}
+    try:
+        for isa in edgert.native.info()["isas"]:
+            edgert.native.set_isa(isa)
+            with LlamaModel(tmp_path / "m.gguf", n_ctx=64) as m:
+                outs[isa] = m.forward(tokens, 0, logits_all=True)
+    finally:
+        edgert.native.set_isa(before)
+    for isa, out in outs.items():
+        assert rel_err(out, outs["ref"]) < SAME_MODEL_RTOL, isa
+
+
+def test_threads_do_not_change_results(tmp_path, tokens):
+    write_tiny_llama(tmp_path / "m.gguf", fmt="q4_1")
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=64) as m:
+        one = m.forward(tokens, 0, logits_all=True, threads=1)
+        two = m.forward(tokens, 0, logits_all=True, threads=2)
+    np.testing.assert_array_equal(one, two)
+
+
+def test_context_limit_is_a_clear_error(tmp_path):
+    write_tiny_llama(tmp_path / "m.gguf", fmt="q4_0")
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=16) as m:
+        m.forward(list(range(16)), 0)  # exactly full is fine
+        with pytest.raises(edgert.InvalidArgumentError, match="context full"):
+            m.forward([1], 16)
+        with pytest.raises(edgert.InvalidArgumentError, match="context full"):
+            m.forward(list(range(17)), 0)
+
+
+def test_bad_tokens_and_arguments(tmp_path):
+    write_tiny_llama(tmp_path / "m.gguf", fmt="q4_0")
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=16) as m:
+        with pytest.raises(edgert.InvalidArgumentError, match="outside the vocabulary"):
+            m.forward([m.vocab_size], 0)
+        with pytest.raises(edgert.InvalidArgumentError, match="outside the vocabulary"):
+            m.forward([-1], 0)
+        with pytest.raises(edgert.InvalidArgumentError):
+            m.forward([], 0)
+    with pytest.raises(edgert.InvalidArgumentError, match="n_ctx"):
+        LlamaModel(tmp_path / "m.gguf", n_ctx=100000)
+
+
+def test_state_is_sized_by_n_ctx(tmp_path):
+    write_tiny_llama(tmp_path / "m.gguf", fmt="q4_0")
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=32, n_batch=16) as small, \
+            LlamaModel(tmp_path / "m.gguf", n_ctx=256, n_batch=16) as big:
+        cfg = small.config
+        kv_per_pos = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # K and V, fp16
+        att_per_pos = cfg.n_heads * small.n_batch * 4
+        assert big.state_bytes - small.state_bytes == (256 - 32) * (kv_per_pos + att_per_pos)
