@@ -55,7 +55,7 @@ def _stop_list(stop) -> list[str]:
         return []
     if isinstance(stop, str):
         stop = [stop]
-    if not all(isinstance(s, str) for s in stop):
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
         raise InvalidArgumentError(f"stop must be a string or a list of strings, got {stop!r}")
     return [s for s in stop if s]
 

@@ -6,13 +6,15 @@
  * The caller runs share 0 itself. One job at a time: concurrent callers queue on run_lock. Jobs must not nest.
  */
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 
 #include "core.h"
 
 #define ET_MAX_THREADS 256
-#define ET_SPIN_ITERS 200000 /* about 0.1-1 ms of pause instructions before a worker sleeps */
+#define ET_SPIN_ITERS 2000   /* pause instructions before a waiting thread starts yielding its core */
+#define ET_YIELD_ITERS 2000  /* sched_yield calls before a worker sleeps (about a millisecond when idle) */
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -50,10 +52,13 @@ static void *worker_main(void *arg) {
     const int id = (int)(intptr_t)arg; /* 1..n_workers; the caller is 0 */
     unsigned seen = atomic_load(&pool.generation);
     for (;;) {
+        /* spin, then yield (so an oversubscribed machine runs the thread we wait for), then sleep */
         int spins = 0;
-        while (atomic_load(&pool.generation) == seen && spins < ET_SPIN_ITERS) {
-            ET_PAUSE();
-            spins++;
+        while (atomic_load(&pool.generation) == seen && spins < ET_SPIN_ITERS + ET_YIELD_ITERS) {
+            if (spins++ < ET_SPIN_ITERS)
+                ET_PAUSE();
+            else
+                sched_yield();
         }
         if (atomic_load(&pool.generation) == seen) {
             pthread_mutex_lock(&pool.sleep_lock);
@@ -114,7 +119,12 @@ int et_parallel(et_task_fn fn, void *ctx, int nth) {
         pthread_mutex_unlock(&pool.sleep_lock);
     }
     fn(ctx, 0, nth);
-    while (atomic_load(&pool.pending) > 0) ET_PAUSE();
+    for (int spins = 0; atomic_load(&pool.pending) > 0; spins++) {
+        if (spins < ET_SPIN_ITERS)
+            ET_PAUSE();
+        else
+            sched_yield();
+    }
     pthread_mutex_unlock(&pool.run_lock);
     return ET_OK;
 }

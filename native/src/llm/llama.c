@@ -303,7 +303,8 @@ static int forward_chunk(et_llama *m, const int32_t *tokens, int n, int pos, flo
         /* multi-head attention over positions 0 .. pos+t, heads sharing kv heads in groups */
         attn_job job = {.m = m, .layer = l, .n = n, .pos = pos};
         atomic_init(&job.next, 0);
-        if ((st = et_parallel(attention_task, &job, nth > 0 ? nth : et_get_threads()))) return st;
+        const double attn_macs = 2.0 * n * c->n_heads * (pos + n) * hd;
+        if ((st = et_parallel(attention_task, &job, attn_macs < 32768.0 ? 1 : nth))) return st;
 
         /* x += xb @ Wo */
         ready = 0;

@@ -5,6 +5,7 @@
 
 #include "../core.h"
 
+#define ET_MIN_PARALLEL_MACS 32768.0 /* below this a thread-pool dispatch costs more than it saves */
 #define ET_ROW_TILE 16 /* chunks of weight rows are multiples of this: every kernel's row tile divides it */
 
 typedef struct {
@@ -122,6 +123,7 @@ int et_gemm_prepared(int wtype, const void *w, int64_t n, int64_t k, const void 
     chunk = (chunk + ET_ROW_TILE - 1) / ET_ROW_TILE * ET_ROW_TILE;
     const int64_t n_chunks = (n + chunk - 1) / chunk;
     if (nth > n_chunks) nth = (int)n_chunks;
+    if ((double)n * (double)k * (double)m < ET_MIN_PARALLEL_MACS) nth = 1;
 
     matmul_job job = {.fn = fn, .k = k, .n = n, .m = m, .w = w, .ws = ws, .x = xa, .xs = xs, .y = y, .ldy = ldy,
                       .chunk = chunk};

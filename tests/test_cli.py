@@ -1,0 +1,81 @@
+"""The edgert command, run as a user runs it (a subprocess) on a tiny model."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from llama_tiny import write_tiny_llama
+
+
+def edgert_cmd(*args, input=None, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "edgert.cli", *args], input=input, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "tiny.gguf"
+    write_tiny_llama(path, fmt="q8_0", ctx=512)
+    return path
+
+
+def test_generate_json(tiny_path):
+    r = edgert_cmd("generate", str(tiny_path), "-p", "the hat", "-n", "6", "--temperature", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) >= {"text", "tokens", "timings", "finish_reason"}
+    assert 1 <= len(out["tokens"]) <= 6
+    assert {"load_s", "ttft_s", "prefill_tok_s", "decode_tok_s"} <= set(out["timings"])
+    again = json.loads(edgert_cmd("generate", str(tiny_path), "-p", "the hat", "-n", "6", "--temperature", "0",
+                                  "--json").stdout)
+    assert again["tokens"] == out["tokens"]
+
+
+def test_generate_streams_text_and_stats(tiny_path):
+    r = edgert_cmd("generate", str(tiny_path), "-p", "the", "-n", "5", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert "decode" in r.stderr and "tok/s" in r.stderr
+
+
+def test_chat_session_with_reset_and_exit(tiny_path):
+    r = edgert_cmd("chat", str(tiny_path), "-n", "4", "--temperature", "0", input="hello\n/reset\nthe hat\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("generated tokens") == 2  # a stats line after each answer
+    assert "[conversation cleared]" in r.stderr
+
+
+def test_chat_ends_on_eof(tiny_path):
+    r = edgert_cmd("chat", str(tiny_path), "-n", "2", input="hello\n")
+    assert r.returncode == 0, r.stderr
+
+
+def test_models_lists_cache(tmp_path, tiny_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_path, models / "tiny.gguf")
+    r = edgert_cmd("models", "--json", env={"EDGERT_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["name"] for row in rows] == ["tiny"]
+    assert rows[0]["architecture"] == "llama" and rows[0]["context_length"] == 512
+    r = edgert_cmd("models", env={"EDGERT_HOME": str(tmp_path)})
+    assert "tiny" in r.stdout and "Q8_0" in r.stdout
+
+
+def test_errors_are_one_line_not_tracebacks(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 10)
+    r = edgert_cmd("generate", str(bad), "-p", "x")
+    assert r.returncode == 1
+    assert r.stderr.startswith("edgert: error:") and "Traceback" not in r.stderr
+    r = edgert_cmd("generate", "no-such-model", "-p", "x", env={"EDGERT_HOME": str(tmp_path)})
+    assert r.returncode == 1 and "smollm2-135m" in r.stderr
+
+
+def test_info_reports_isa():
+    r = edgert_cmd("info", "--json")
+    info = json.loads(r.stdout)
+    assert info["isa"] in info["isas"] and info["threads"] >= 1
