@@ -42,7 +42,9 @@
 
 #define ET_PACK_MIN_M 4 /* from this many activation rows on, transposing the weight tile pays for itself */
 #define ET_TILE_N 16    /* weight rows per packed tile: one per zmm lane */
-#define ET_TILE_M 8     /* activation rows whose float accumulators stay in registers */
+#ifndef ET_TILE_M
+#define ET_TILE_M 8 /* activation rows whose float accumulators stay in registers */
+#endif
 #define ET_SEG 32       /* blocks per packed segment */
 
 /* ---- 4-byte dot products: acc[l] += sum_{i<4} u[4l+i] * s[4l+i], u unsigned, s signed ---- */

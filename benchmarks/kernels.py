@@ -1,0 +1,321 @@
+"""Kernel benchmark: edgert.matmul against onnxruntime (MatMulNBits, MatMulInteger) and numpy, same shapes, same
+threads, one run, one table.
+
+    python benchmarks/kernels.py [--quick]
+
+Shapes are (N, K) weight matrices: 576x1536, 1536x576, 4096x4096, 49152x576 (small-LLM projections and an output
+embedding). For each, at 1 and 2 threads:
+  - GEMV (M=1), q4_0 / q4_1 / q8_0: edgert rotates through >= 1 GiB of distinct weight matrices, so every call
+    streams its weights from DRAM (this machine's L3 is hundreds of MB). Reported as GB/s of weight bytes and as %
+    of the streaming-read bandwidth (lib.et_stream_read) measured in the same run.
+  - GEMM (M=64), GOP/s = 2*M*N*K / s, cache-resident weights (the kernel is compute bound).
+Peers: q4_0/q4_1 against onnxruntime MatMulNBits (bits=4, block_size=32, accuracy_level=4, symmetric), q8_0 against
+MatMulInteger (int8 weights, activations through DynamicQuantizeLinear, output cast to float and rescaled), and
+numpy float32 x @ w.T. The 4096x4096 GEMV peers run DRAM-sized too: sessions that each chain 16 distinct
+matrices, rotated until >= 1 GiB of weights has been read; the other GEMV peers have warm caches (marked "warm").
+The ratio is peer time / edgert time (> 1: edgert is faster). Timings: time.perf_counter, warm-up, best of
+several repetitions (other processes share the CPU).
+
+This script measures; it does not check results (tests/ do).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+import edgert.quant as eq
+from edgert import native
+from edgert.native import ffi, lib
+
+SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (49152, 576)]
+FORMATS = ["q4_0", "q4_1", "q8_0"]
+THREADS = [1, 2]
+GEMM_M = 64
+GIB = 1 << 30
+PEER_OP = {"q4_0": "MatMulNBits", "q4_1": "MatMulNBits", "q8_0": "MatMulInteger"}
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+HALF_0_01 = np.array([0.01], dtype=np.float16).view(np.uint8)  # a scale whose products stay normal floats
+
+
+def best_time(fn, reps: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# ---- edgert ----
+
+
+class WeightPool:
+    """One >= 1 GiB buffer of random blocks, viewed as many distinct (N, K) matrices of one format."""
+
+    def __init__(self, nbytes: int, rng: np.random.Generator):
+        self.buf = np.frombuffer(rng.bytes(nbytes), dtype=np.uint8).copy()
+        self.fmt = None
+
+    def matrices(self, fmt: str, shape: tuple[int, int], min_bytes: int) -> list[eq.QTensor]:
+        if fmt != self.fmt:  # valid fp16 scales (and q4_1 mins) where this format keeps them
+            bs = BLOCK_BYTES[fmt]
+            blocks = self.buf[: self.buf.size // bs * bs].reshape(-1, bs)
+            blocks[:, 0], blocks[:, 1] = HALF_0_01
+            if fmt == "q4_1":
+                blocks[:, 2], blocks[:, 3] = HALF_0_01
+            self.fmt = fmt
+        n, k = shape
+        size = n * eq.row_bytes(fmt, k)
+        count = min(self.buf.size // size, -(-min_bytes // size))
+        return [eq.QTensor.from_raw(fmt, shape, self.buf[i * size : (i + 1) * size]) for i in range(count)]
+
+
+def stream_bandwidth(buf: np.ndarray, threads: int, reps: int) -> float:
+    out = ffi.new("uint64_t *")
+    ptr = ffi.cast("void *", buf.ctypes.data)
+    t = best_time(lambda: native.check(lib.et_stream_read(ptr, buf.nbytes, threads, out)), reps)
+    return buf.nbytes / t / 1e9
+
+
+def edgert_gemv(mats: list[eq.QTensor], threads: int, passes: int) -> float:
+    """seconds per call, best pass over all matrices"""
+    x = np.random.default_rng(1).standard_normal(mats[0].shape[1]).astype(np.float32)
+
+    def run():
+        for w in mats:
+            eq.matmul(x, w, threads=threads)
+
+    return best_time(run, passes) / len(mats)
+
+
+def edgert_gemm(w: eq.QTensor, m: int, threads: int, reps: int) -> float:
+    x = np.random.default_rng(2).standard_normal((m, w.shape[1])).astype(np.float32)
+    return best_time(lambda: eq.matmul(x, w, threads=threads), reps)
+
+
+# ---- onnxruntime ----
+
+
+def _ort():
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime
+
+
+def _nbits_node(helper, numpy_helper, rng, n, k, inp, out, tag):
+    nb = k // 32
+    b = rng.integers(0, 256, size=(n, nb, 16), dtype=np.uint8)
+    scales = np.full(n * nb, 1.0 / (4.6 * np.sqrt(k)), dtype=np.float32)  # keeps chained activations near unit size
+    inits = [numpy_helper.from_array(b, f"B{tag}"), numpy_helper.from_array(scales, f"S{tag}")]
+    node = helper.make_node(
+        "MatMulNBits", [inp, f"B{tag}", f"S{tag}"], [out], domain="com.microsoft",
+        K=k, N=n, bits=4, block_size=32, accuracy_level=4,
+    )
+    return [node], inits
+
+
+def _int8_node(helper, numpy_helper, rng, n, k, inp, out, tag):
+    from onnx import TensorProto
+
+    w = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
+    wscale = np.array(1.0 / (73.0 * np.sqrt(k)), dtype=np.float32)
+    inits = [numpy_helper.from_array(w, f"W{tag}"), numpy_helper.from_array(wscale, f"WS{tag}")]
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", [inp], [f"xq{tag}", f"xs{tag}", f"xz{tag}"]),
+        helper.make_node("MatMulInteger", [f"xq{tag}", f"W{tag}", f"xz{tag}"], [f"yi{tag}"]),
+        helper.make_node("Cast", [f"yi{tag}"], [f"yf{tag}"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"yf{tag}", f"xs{tag}"], [f"ys{tag}"]),
+        helper.make_node("Mul", [f"ys{tag}", f"WS{tag}"], [out]),
+    ]
+    return nodes, inits
+
+
+def ort_session(ort, op: str, n: int, k: int, chain: int, threads: int, seed: int):
+    """A session of `chain` distinct (N, K) matmuls; chained output -> input (needs N == K when chain > 1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    make = _nbits_node if op == "MatMulNBits" else _int8_node
+    nodes, inits = [], []
+    for i in range(chain):
+        inp = "x" if i == 0 else f"h{i}"
+        out = "y" if i == chain - 1 else f"h{i + 1}"
+        nd, it = make(helper, numpy_helper, rng, n, k, inp, out, i)
+        nodes += nd
+        inits += it
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], initializer=inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def ort_time(sessions, m: int, k: int, reps: int, per_call: int) -> float:
+    """seconds per matmul: best pass over all sessions / matmuls in them"""
+    x = np.random.default_rng(3).standard_normal((m, k)).astype(np.float32)
+
+    def run():
+        for s in sessions:
+            s.run(None, {"x": x})
+
+    return best_time(run, reps) / (len(sessions) * per_call)
+
+
+def ort_weight_bytes(op: str, n: int, k: int) -> int:
+    return n * k // 2 + n * (k // 32) * 4 if op == "MatMulNBits" else n * k
+
+
+def numpy_time(n: int, k: int, m: int, reps: int) -> float:
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    return best_time(lambda: x @ w.T, reps)
+
+
+# ---- table ----
+
+
+def fmt_us(t):
+    return "-" if t is None else f"{t * 1e6:,.0f}" if t >= 1e-4 else f"{t * 1e6:.1f}"
+
+
+def fmt_ratio(peer, mine):
+    return "-" if peer is None or mine is None else f"{peer / mine:.2f}x"
+
+
+def print_table(title: str, columns: list[str], rows: list[list[str]], notes: list[str]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+        print(title)
+        print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+        for r in rows:
+            print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+        for n in notes:
+            print(n)
+        return
+    table = Table(title=title, caption="\n".join(notes), caption_justify="left")
+    for c in columns:
+        table.add_column(c, justify="left" if c in ("op", "shape", "fmt", "peer") else "right")
+    prev = None
+    for r in rows:
+        if prev is not None and r[0] != prev:
+            table.add_section()
+        prev = r[0]
+        table.add_row(*r)
+    Console(width=200).print(table)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller DRAM pools (< 1 minute)")
+    args = ap.parse_args(argv)
+    quick = args.quick
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    pool_bytes = (GIB // 4 if quick else GIB) + (64 << 20)
+    min_rotation = pool_bytes - (64 << 20)
+    reps = 2 if quick else 4
+    ort = _ort()
+    info = native.info()
+    notes = [
+        f"edgert {info['version']} isa={info['isa']} (features {','.join(info['features'])}); "
+        f"numpy {np.__version__}; onnxruntime {ort.__version__ if ort else 'not installed'}",
+        "ratio = peer time / edgert time (> 1: edgert faster). GEMV edgert rotates through "
+        f"{min_rotation / GIB:.2f} GiB of distinct matrices per row; "
+        "peer 'dram' = rotating sessions of 16 chained 4096x4096 matrices, 'warm' = one cached matrix.",
+    ]
+    if quick:
+        notes.append("--quick: 0.25 GiB rotations (may be served partly from L3), 2 repetitions, fewer peers.")
+
+    pool = WeightPool(pool_bytes, rng)
+    stream = {t: stream_bandwidth(pool.buf, t, 3 if quick else 5) for t in THREADS}
+
+    cols = ["op", "shape", "fmt", "T", "edgert us", "edgert rate", "% stream", "peer", "peer us", "ratio",
+            "numpy f32 us", "ratio np"]
+    rows = []
+    for t in THREADS:
+        rows.append(["stream", f"{min_rotation / GIB:.2f} GiB", "-", str(t), "-", f"{stream[t]:.1f} GB/s", "100%",
+                     "-", "-", "-", "-", "-"])
+
+    # GEMV
+    peer_cache = {}
+    for n, k in SHAPES:
+        np_t = {t: None for t in THREADS}
+        for fmt in FORMATS:
+            mats = pool.matrices(fmt, (n, k), min_rotation)
+            wbytes = mats[0].nbytes
+            for t in THREADS:
+                et = edgert_gemv(mats, t, 2 if quick else 3)
+                gbs = wbytes / et / 1e9
+                op = PEER_OP[fmt]
+                key = (op, n, k, t)
+                if ort and key not in peer_cache:
+                    dram = (n, k) == (4096, 4096)
+                    if dram:
+                        per = ort_weight_bytes(op, n, k) * 16
+                        n_sess = 1 if quick else max(1, -(-GIB // per))
+                        sessions = [ort_session(ort, op, n, k, 16, t, seed=10 + i) for i in range(n_sess)]
+                        peer_cache[key] = (ort_time(sessions, 1, k, 2 if quick else 3, 16), "dram")
+                    else:
+                        sessions = [ort_session(ort, op, n, k, 1, t, seed=10)]
+                        peer_cache[key] = (ort_time(sessions, 1, k, 20 if quick else 50, 1), "warm")
+                    del sessions
+                pt, where = peer_cache.get(key, (None, ""))
+                if np_t[t] is None and not quick:
+                    np_t[t] = numpy_time(n, k, 1, 20)
+                rows.append(["GEMV M=1", f"{n}x{k}", fmt, str(t), fmt_us(et), f"{gbs:.1f} GB/s",
+                             f"{100 * gbs / stream[t]:.0f}%", f"{op} ({where})" if pt else "-", fmt_us(pt),
+                             fmt_ratio(pt, et), fmt_us(np_t[t]), fmt_ratio(np_t[t], et)])
+            del mats
+
+    # GEMM
+    import os
+
+    for n, k in SHAPES:
+        np_t = {}
+        for fmt in FORMATS:
+            w = eq.QTensor.from_raw(fmt, (n, k), pool.matrices(fmt, (n, k), 1)[0].raw.copy())
+            for t in THREADS:
+                et = edgert_gemm(w, GEMM_M, t, 3 if quick else 6)
+                ops = 2.0 * GEMM_M * n * k
+                op = PEER_OP[fmt]
+                key = ("gemm", op, n, k, t)
+                if ort and key not in peer_cache:
+                    s = [ort_session(ort, op, n, k, 1, t, seed=20)]
+                    peer_cache[key] = ort_time(s, GEMM_M, k, 3 if quick else 6, 1)
+                pt = peer_cache.get(key)
+                if t not in np_t:
+                    # numpy's BLAS sizes its own pool; OMP/OPENBLAS_NUM_THREADS fix it only at import, so numpy
+                    # runs with what it has (both cores) unless the environment pinned it
+                    np_t[t] = numpy_time(n, k, GEMM_M, 3 if quick else 6)
+                rows.append(["GEMM M=64", f"{n}x{k}", fmt, str(t), fmt_us(et), f"{ops / et / 1e9:.0f} GOP/s", "-",
+                             f"{op} (warm)" if pt else "-", fmt_us(pt), fmt_ratio(pt, et), fmt_us(np_t[t]),
+                             fmt_ratio(np_t[t], et)])
+    blas_threads = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or "default"
+    notes.append(f"numpy BLAS threads: {blas_threads} (not set per row). Total run {time.perf_counter() - t_start:.0f} s.")
+    print_table(f"edgert kernels vs peers (M=1 GEMV, M={GEMM_M} GEMM)", cols, rows, notes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
