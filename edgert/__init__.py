@@ -4,12 +4,14 @@ Public face: quantize, matmul, QTensor, the error types, and ``edgert.native.inf
 """
 from . import native
 from .errors import (
+    ContextLengthError,
     DeviceError,
     DTypeError,
     EdgertError,
     InvalidArgumentError,
     LinkError,
     ModelFormatError,
+    ModelNotFoundError,
     NativeBuildError,
     ShapeError,
     UnsupportedOpError,
@@ -21,7 +23,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # the LLM stack pulls in tokenizers and jinja2: import it on first use, not with the kernels
-    if name in ("LLM", "GenerationResult", "ContextLengthError"):
+    if name in ("LLM", "GenerationResult"):
         from . import llm
 
         return getattr(llm, name)
@@ -30,6 +32,6 @@ def __getattr__(name):
 
 __all__ = [
     "ContextLengthError", "DeviceError", "DTypeError", "GenerationResult", "LLM", "EdgertError", "FORMATS", "InvalidArgumentError", "LinkError", "ModelFormatError",
-    "NativeBuildError", "QTensor", "ShapeError", "UnsupportedOpError", "from_matmul_nbits", "matmul", "native",
+    "ModelNotFoundError", "NativeBuildError", "QTensor", "ShapeError", "UnsupportedOpError", "from_matmul_nbits", "matmul", "native",
     "quantize",
 ]

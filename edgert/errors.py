@@ -41,3 +41,7 @@ class LinkError(EdgertError):
 
 class ModelNotFoundError(EdgertError, FileNotFoundError):
     """A model name or path matches no file, no known model and nothing in the model cache."""
+
+
+class ContextLengthError(InvalidArgumentError):
+    """The input does not fit the model's context (n_ctx)."""

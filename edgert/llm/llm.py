@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import InvalidArgumentError
+from ..errors import ContextLengthError, InvalidArgumentError
 from . import chat_template, store
 from .model import DEFAULT_N_BATCH, LlamaModel
 from .sampler import Sampler
@@ -25,10 +25,6 @@ from .tokenizer import StreamDecoder, Tokenizer
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_N_CTX = 2048
 REPEAT_WINDOW = 64  # tokens of history the repetition penalty looks at (llama.cpp's default)
-
-
-class ContextLengthError(InvalidArgumentError):
-    """The input does not fit the model's context (n_ctx)."""
 
 
 @dataclass
