@@ -18,15 +18,21 @@
  * Tails are handled with masks rather than scalar loops: odd block counts use a half-empty pair, row tails use
  * masked stores of a 16-row tile whose missing rows repeat a valid one, float k tails use masked loads.
  */
+#if defined(ET_VNNI) && defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE /* syscall(), for the AMX permission request */
+#endif
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(ET_VNNI)
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))), \
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,amx-tile,amx-int8"))), \
                              apply_to = function)
 #else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,amx-tile,amx-int8")
 #endif
 #define ET_KNAME(name) name##_avx512vnni
+#if defined(__linux__)
+#define ET_AMX 1 /* AMX-INT8 tiles for m >= 16, when the CPU has them and the kernel grants their state */
+#endif
 #else
 #define ET_VNNI 0
 #if defined(__clang__)
@@ -35,6 +41,15 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
 #endif
 #define ET_KNAME(name) name##_avx512
+#endif
+#ifndef ET_AMX
+#define ET_AMX 0
+#endif
+#if ET_AMX
+#include <cpuid.h>
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 #include <immintrin.h>
 
@@ -46,6 +61,7 @@
 #define ET_TILE_M 8 /* activation rows whose float accumulators stay in registers */
 #endif
 #define ET_SEG 32       /* blocks per packed segment */
+#define ET_GROUP_M 64   /* activation rows whose per-block terms are precomputed together (stack: 16 KiB) */
 
 /* ---- 4-byte dot products: acc[l] += sum_{i<4} u[4l+i] * s[4l+i], u unsigned, s signed ---- */
 
@@ -218,15 +234,10 @@ ET_INLINE void pack_tile(int fmt, const uint8_t *w, size_t ws, int nr, int64_t b
     const size_t bs = block_bytes(fmt);
     const uint8_t *rows[16];
     for (int r = 0; r < 16; r++) rows[r] = w + (size_t)(r < nr ? r : nr - 1) * ws + (size_t)b0 * bs;
-    /* scales first with scalar copies (load/store ports), converted 16 at a time below */
-    _Alignas(64) et_half dh[ET_SEG][16], mh[ET_SEG][16];
-    for (int r = 0; r < 16; r++) {
-        for (int b = 0; b < nbs; b++) {
-            const uint8_t *blk = rows[r] + (size_t)b * bs;
-            memcpy(&dh[b][r], blk, 2);
-            if (fmt == FMT_Q4_1) memcpy(&mh[b][r], blk + 2, 2);
-        }
-    }
+    /* the 16 rows' scale (and q4_1 min) of a block: one gather of the block's first dword per row */
+    const __m512i roff = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32((int)ws));
+    const __m512i rofs = _mm512_min_epi32(roff, _mm512_set1_epi32((int)ws * (nr - 1)));
     const size_t qoff = fmt == FMT_Q4_1 ? 4 : 2;
     const __m512i m4 = _mm512_set1_epi8(0x0F);
     for (int b = 0; b < nbs; b++) {
@@ -244,24 +255,15 @@ ET_INLINE void pack_tile(int fmt, const uint8_t *w, size_t ws, int nr, int64_t b
                 pk[b].q[t + 4] = _mm512_and_si512(_mm512_srli_epi16(p[t], 4), m4);
             }
         }
-        pk[b].d = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)dh[b]));
-        if (fmt == FMT_Q4_1) pk[b].m = _mm512_cvtph_ps(_mm256_load_si256((const __m256i *)mh[b]));
+        const __m512i dm = _mm512_i32gather_epi32(rofs, rows[0] + (size_t)b * bs, 1);
+        pk[b].d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+        if (fmt == FMT_Q4_1) pk[b].m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
     }
 }
 
 /* acc[c] += the packed segment against activation rows xc[c], blocks [b0, b0+nbs) */
 ET_INLINE void packed_cols(int fmt, int C, const pk_block *pk, int nbs, const block_q8_s *const *xc, int64_t b0,
-                           __m512 *acc) {
-    /* per (row, block) start values and q4_1 min terms, so the inner loop only broadcasts from memory */
-    int32_t off[ET_TILE_M][ET_SEG];
-    float ms[ET_TILE_M][ET_SEG];
-    for (int c = 0; c < C; c++) {
-        for (int b = 0; b < nbs; b++) {
-            const block_q8_s *xb = xc[c] + b0 + b;
-            off[c][b] = fmt == FMT_Q4_0 ? -8 * xb->sum : fmt == FMT_Q8_0 ? -128 * xb->sum : 0;
-            ms[c][b] = xb->d * (float)xb->sum;
-        }
-    }
+                           const int32_t (*off)[ET_SEG], const float (*ms)[ET_SEG], __m512 *acc) {
     for (int b = 0; b < nbs; b++) {
         __m512i q[8];
         for (int t = 0; t < 8; t++) q[t] = _mm512_load_si512(&pk[b].q[t]);
@@ -282,42 +284,156 @@ ET_INLINE void packed_cols(int fmt, int C, const pk_block *pk, int nbs, const bl
 }
 
 ET_INLINE void packed_tile_cols(int fmt, int C, const pk_block *pk, int nbs, const uint8_t *x, size_t xs, int64_t i0,
-                                int64_t b0, float *y, size_t ldy, __mmask16 rmask) {
+                                int64_t b0, float *y, size_t ldy, __mmask16 rmask, const int32_t (*off)[ET_SEG],
+                                const float (*ms)[ET_SEG]) {
     const block_q8_s *xc[ET_TILE_M];
     __m512 acc[ET_TILE_M];
     for (int c = 0; c < C; c++) {
         xc[c] = (const block_q8_s *)(x + (size_t)(i0 + c) * xs);
         acc[c] = b0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(rmask, y + (size_t)(i0 + c) * ldy);
     }
-    packed_cols(fmt, C, pk, nbs, xc, b0, acc);
+    packed_cols(fmt, C, pk, nbs, xc, b0, off, ms, acc);
     for (int c = 0; c < C; c++) _mm512_mask_storeu_ps(y + (size_t)(i0 + c) * ldy, rmask, acc[c]);
 }
+
+#if ET_AMX
+/* ---- AMX-INT8: the same packed tile, 16 activation rows x 16 weight rows per tile multiply ----
+ * A = 16 activation rows x 32 s8 (tile-loaded straight from the block_q8_s rows), B = the packed weight block
+ * (pk_block.q is already the 8 x 64-byte "VNNI" layout tdpbsud wants: row t, lane r = bytes 4t..4t+3 of weight
+ * row r), C = 16 x 16 int32 exact block dots, scaled in zmm as in packed_cols. */
+
+static int amx_usable;
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+
+static void amx_detect(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return;
+    if (!((d >> 24) & 1) || !((d >> 25) & 1)) return; /* AMX-TILE, AMX-INT8 */
+    /* Linux hands out the 8 KiB tile state only on request: ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA */
+    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return;
+    amx_usable = 1;
+}
+
+typedef struct {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+static void amx_begin(void) {
+    _Alignas(64) amx_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    cfg.rows[0] = 16, cfg.colsb[0] = 64; /* C: 16 activation rows x 16 int32 */
+    cfg.rows[1] = 16, cfg.colsb[1] = 32; /* A: 16 activation rows x 32 s8 */
+    cfg.rows[2] = 8, cfg.colsb[2] = 64;  /* B: 8 groups of 4 x 16 weight rows u8 */
+    cfg.rows[3] = 16, cfg.colsb[3] = 64; /* second C, so consecutive blocks overlap */
+    cfg.rows[4] = 16, cfg.colsb[4] = 32;
+    cfg.rows[5] = 8, cfg.colsb[5] = 64;
+    _tile_loadconfig(&cfg);
+}
+
+ET_INLINE void amx_scale(int fmt, const int32_t *cb, const pk_block *pk, const int32_t *off, const float *ms,
+                         const block_q8_s *const *xc, int64_t bx, __m512 *acc) {
+#pragma GCC unroll 16
+    for (int c = 0; c < 16; c++) {
+        const __m512i s = _mm512_add_epi32(_mm512_load_si512(cb + 16 * c), _mm512_set1_epi32(off[c * ET_SEG]));
+        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(pk->d, _mm512_set1_ps(xc[c][bx].d)), acc[c]);
+        if (fmt == FMT_Q4_1) acc[c] = _mm512_fmadd_ps(pk->m, _mm512_set1_ps(ms[c * ET_SEG]), acc[c]);
+    }
+}
+
+ET_INLINE void amx_tile_cols(int fmt, const pk_block *pk, int nbs, const uint8_t *x, size_t xs, int64_t i0,
+                             int64_t b0, float *y, size_t ldy, __mmask16 rmask, const int32_t (*off)[ET_SEG],
+                             const float (*ms)[ET_SEG]) {
+    const block_q8_s *xc[16];
+    __m512 acc[16];
+    _Alignas(64) int32_t cb[4][256]; /* ring of C tiles: each is scaled one step after its store, off the tile path */
+    for (int c = 0; c < 16; c++) {
+        xc[c] = (const block_q8_s *)(x + (size_t)(i0 + c) * xs);
+        acc[c] = b0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(rmask, y + (size_t)(i0 + c) * ldy);
+    }
+    const uint8_t *xq = x + (size_t)i0 * xs + offsetof(block_q8_s, qs);
+    int b = 0;
+    for (; b < nbs; b += 2) {
+        _tile_zero(0);
+        _tile_loadd(1, xq + (size_t)(b0 + b) * sizeof(block_q8_s), xs);
+        _tile_loadd(2, pk[b].q, 64);
+        _tile_dpbsud(0, 1, 2);
+        _tile_stored(0, cb[b & 3], 64);
+        if (b + 1 < nbs) {
+            _tile_zero(3);
+            _tile_loadd(4, xq + (size_t)(b0 + b + 1) * sizeof(block_q8_s), xs);
+            _tile_loadd(5, pk[b + 1].q, 64);
+            _tile_dpbsud(3, 4, 5);
+            _tile_stored(3, cb[(b + 1) & 3], 64);
+        }
+        if (b >= 2) {
+            amx_scale(fmt, cb[(b - 2) & 3], &pk[b - 2], &off[0][b - 2], &ms[0][b - 2], xc, b0 + b - 2, acc);
+            amx_scale(fmt, cb[(b - 1) & 3], &pk[b - 1], &off[0][b - 1], &ms[0][b - 1], xc, b0 + b - 1, acc);
+        }
+    }
+    for (int bb = b - 2; bb < nbs; bb++) amx_scale(fmt, cb[bb & 3], &pk[bb], &off[0][bb], &ms[0][bb], xc, b0 + bb, acc);
+    for (int c = 0; c < 16; c++) _mm512_mask_storeu_ps(y + (size_t)(i0 + c) * ldy, rmask, acc[c]);
+}
+#endif
 
 ET_INLINE void gemm_packed(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x, size_t xs,
                            int64_t m, float *y, size_t ldy) {
     const int64_t nb = k / ET_QK;
     _Alignas(64) pk_block pk[ET_SEG];
-    for (int64_t j = 0; j < n; j += ET_TILE_N) {
-        const int nr = n - j < ET_TILE_N ? (int)(n - j) : ET_TILE_N;
-        const __mmask16 rmask = (__mmask16)((1u << nr) - 1);
+#if ET_AMX
+    pthread_once(&amx_once, amx_detect);
+    const int amx = amx_usable && m >= 16;
+    if (amx) amx_begin();
+#endif
+    /* per (activation row, block) start values and q4_1 min terms, computed once per segment for a group of rows,
+     * so the inner loops only broadcast them from memory */
+    int32_t off[ET_GROUP_M][ET_SEG];
+    float ms[ET_GROUP_M][ET_SEG];
+    for (int64_t ig = 0; ig < m; ig += ET_GROUP_M) {
+        const int64_t ie = m - ig < ET_GROUP_M ? m : ig + ET_GROUP_M;
         for (int64_t b0 = 0; b0 < nb; b0 += ET_SEG) {
             const int nbs = nb - b0 < ET_SEG ? (int)(nb - b0) : ET_SEG;
-            pack_tile(fmt, w + (size_t)j * ws, ws, nr, b0, nbs, pk);
-            int64_t i = 0;
-            for (; i + ET_TILE_M <= m; i += ET_TILE_M)
-                packed_tile_cols(fmt, ET_TILE_M, pk, nbs, x, xs, i, b0, y + j, ldy, rmask);
-            switch (m - i) { /* constant C so the accumulators stay in registers */
-            case 7: packed_tile_cols(fmt, 7, pk, nbs, x, xs, i, b0, y + j, ldy, rmask); break;
-            case 6: packed_tile_cols(fmt, 6, pk, nbs, x, xs, i, b0, y + j, ldy, rmask); break;
-            case 5: packed_tile_cols(fmt, 5, pk, nbs, x, xs, i, b0, y + j, ldy, rmask); break;
-            case 4: packed_tile_cols(fmt, 4, pk, nbs, x, xs, i, b0, y + j, ldy, rmask); break;
-            case 3: packed_tile_cols(fmt, 3, pk, nbs, x, xs, i, b0, y + j, ldy, rmask); break;
-            case 2: packed_tile_cols(fmt, 2, pk, nbs, x, xs, i, b0, y + j, ldy, rmask); break;
-            case 1: packed_tile_cols(fmt, 1, pk, nbs, x, xs, i, b0, y + j, ldy, rmask); break;
-            default: break;
+            for (int64_t i = ig; i < ie; i++) {
+                const block_q8_s *xb = (const block_q8_s *)(x + (size_t)i * xs) + b0;
+                for (int b = 0; b < nbs; b++) {
+                    off[i - ig][b] = fmt == FMT_Q4_0 ? -8 * xb[b].sum : fmt == FMT_Q8_0 ? -128 * xb[b].sum : 0;
+                    ms[i - ig][b] = xb[b].d * (float)xb[b].sum;
+                }
+            }
+            for (int64_t j = 0; j < n; j += ET_TILE_N) {
+                const int nr = n - j < ET_TILE_N ? (int)(n - j) : ET_TILE_N;
+                const __mmask16 rmask = (__mmask16)((1u << nr) - 1);
+                pack_tile(fmt, w + (size_t)j * ws, ws, nr, b0, nbs, pk);
+                int64_t i = ig;
+#define ET_TERMS off + (i - ig), (const float(*)[ET_SEG])ms + (i - ig)
+#if ET_AMX
+                if (amx)
+                    for (; i + 16 <= ie; i += 16)
+                        amx_tile_cols(fmt, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS);
+#endif
+                for (; i + ET_TILE_M <= ie; i += ET_TILE_M)
+                    packed_tile_cols(fmt, ET_TILE_M, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS);
+                switch (ie - i) { /* constant C so the accumulators stay in registers */
+                case 7: packed_tile_cols(fmt, 7, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 6: packed_tile_cols(fmt, 6, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 5: packed_tile_cols(fmt, 5, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 4: packed_tile_cols(fmt, 4, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 3: packed_tile_cols(fmt, 3, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 2: packed_tile_cols(fmt, 2, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 1: packed_tile_cols(fmt, 1, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                default: break;
+                }
+#undef ET_TERMS
             }
         }
     }
+#if ET_AMX
+    if (amx) _tile_release();
+#endif
 }
 
 #define ET_GEMM_BLOCKS(name, fmt)                                                                              \
