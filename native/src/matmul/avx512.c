@@ -326,12 +326,9 @@ static void amx_begin(void) {
     _Alignas(64) amx_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette_id = 1;
-    cfg.rows[0] = 16, cfg.colsb[0] = 64; /* C: 16 activation rows x 16 int32 */
-    cfg.rows[1] = 16, cfg.colsb[1] = 32; /* A: 16 activation rows x 32 s8 */
-    cfg.rows[2] = 8, cfg.colsb[2] = 64;  /* B: 8 groups of 4 x 16 weight rows u8 */
-    cfg.rows[3] = 16, cfg.colsb[3] = 64; /* second C, so consecutive blocks overlap */
-    cfg.rows[4] = 16, cfg.colsb[4] = 32;
-    cfg.rows[5] = 8, cfg.colsb[5] = 64;
+    for (int t = 0; t < 4; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64; /* C: 16 activation rows x 16 int32 */
+    cfg.rows[4] = cfg.rows[6] = 16, cfg.colsb[4] = cfg.colsb[6] = 32; /* A: 16 activation rows x 32 s8 */
+    cfg.rows[5] = cfg.rows[7] = 8, cfg.colsb[5] = cfg.colsb[7] = 64;  /* B: 8 groups of 4 x 16 weight rows u8 */
     _tile_loadconfig(&cfg);
 }
 
@@ -350,32 +347,33 @@ ET_INLINE void amx_tile_cols(int fmt, const pk_block *pk, int nbs, const uint8_t
                              const float (*ms)[ET_SEG]) {
     const block_q8_s *xc[16];
     __m512 acc[16];
-    _Alignas(64) int32_t cb[4][256]; /* ring of C tiles: each is scaled one step after its store, off the tile path */
+    _Alignas(64) int32_t cb[8][256]; /* ring of C tiles: each is scaled a step after its store, off the tile path */
     for (int c = 0; c < 16; c++) {
         xc[c] = (const block_q8_s *)(x + (size_t)(i0 + c) * xs);
         acc[c] = b0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(rmask, y + (size_t)(i0 + c) * ldy);
     }
     const uint8_t *xq = x + (size_t)i0 * xs + offsetof(block_q8_s, qs);
+    /* four blocks in flight: C tiles 0-3, (A, B) pairs 4/5 and 6/7 alternate */
+#define ET_AMX_BLOCK(ct, at, bt, bb)                                                                             \
+    do {                                                                                                      \
+        _tile_zero(ct);                                                                                       \
+        _tile_loadd(at, xq + (size_t)(b0 + (bb)) * sizeof(block_q8_s), xs);                                   \
+        _tile_loadd(bt, pk[bb].q, 64);                                                                        \
+        _tile_dpbsud(ct, at, bt);                                                                             \
+        _tile_stored(ct, cb[(bb) & 7], 64);                                                                   \
+    } while (0)
     int b = 0;
-    for (; b < nbs; b += 2) {
-        _tile_zero(0);
-        _tile_loadd(1, xq + (size_t)(b0 + b) * sizeof(block_q8_s), xs);
-        _tile_loadd(2, pk[b].q, 64);
-        _tile_dpbsud(0, 1, 2);
-        _tile_stored(0, cb[b & 3], 64);
-        if (b + 1 < nbs) {
-            _tile_zero(3);
-            _tile_loadd(4, xq + (size_t)(b0 + b + 1) * sizeof(block_q8_s), xs);
-            _tile_loadd(5, pk[b + 1].q, 64);
-            _tile_dpbsud(3, 4, 5);
-            _tile_stored(3, cb[(b + 1) & 3], 64);
-        }
-        if (b >= 2) {
-            amx_scale(fmt, cb[(b - 2) & 3], &pk[b - 2], &off[0][b - 2], &ms[0][b - 2], xc, b0 + b - 2, acc);
-            amx_scale(fmt, cb[(b - 1) & 3], &pk[b - 1], &off[0][b - 1], &ms[0][b - 1], xc, b0 + b - 1, acc);
-        }
+    for (; b < nbs; b += 4) {
+        ET_AMX_BLOCK(0, 4, 5, b);
+        if (b + 1 < nbs) ET_AMX_BLOCK(1, 6, 7, b + 1);
+        if (b + 2 < nbs) ET_AMX_BLOCK(2, 4, 5, b + 2);
+        if (b + 3 < nbs) ET_AMX_BLOCK(3, 6, 7, b + 3);
+        if (b >= 4)
+            for (int bb = b - 4; bb < b; bb++)
+                amx_scale(fmt, cb[bb & 7], &pk[bb], &off[0][bb], &ms[0][bb], xc, b0 + bb, acc);
     }
-    for (int bb = b - 2; bb < nbs; bb++) amx_scale(fmt, cb[bb & 3], &pk[bb], &off[0][bb], &ms[0][bb], xc, b0 + bb, acc);
+#undef ET_AMX_BLOCK
+    for (int bb = b - 4; bb < nbs; bb++) amx_scale(fmt, cb[bb & 7], &pk[bb], &off[0][bb], &ms[0][bb], xc, b0 + bb, acc);
     for (int c = 0; c < 16; c++) _mm512_mask_storeu_ps(y + (size_t)(i0 + c) * ldy, rmask, acc[c]);
 }
 #endif
