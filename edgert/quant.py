@@ -121,15 +121,15 @@ def matmul(x: np.ndarray, w: QTensor, threads: int | None = None) -> np.ndarray:
         raise DTypeError(f"x must be a numpy float32 array, got {type(x).__name__}")
     if x.dtype != np.float32:
         raise DTypeError(f"x must be float32, got {x.dtype} (use x.astype(np.float32))")
-    squeeze = x.ndim == 1
-    if squeeze:
-        x = x.reshape(1, -1)
-    if x.ndim != 2:
+    if x.ndim not in (1, 2):
         raise ShapeError(f"x must be (M, K) or (K,), got shape {x.shape}")
-    if not x.flags.c_contiguous:
+    if not x.flags.c_contiguous:  # checked before the 1-D reshape so the message shows the caller's array
         raise InvalidArgumentError(
             f"x must be C-contiguous (got strides {x.strides} for shape {x.shape}); use np.ascontiguousarray(x)"
         )
+    squeeze = x.ndim == 1
+    if squeeze:
+        x = x.reshape(1, -1)
     m, k = x.shape
     n, wk = w.shape
     if k != wk:

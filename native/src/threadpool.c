@@ -39,6 +39,7 @@ typedef struct {
     et_task_fn fn;
     void *ctx;
     int nth;
+    unsigned start_generation[ET_MAX_THREADS + 1]; /* per worker: the generation before its first job */
 } et_pool;
 
 static et_pool pool = {
@@ -50,7 +51,8 @@ static et_pool pool = {
 
 static void *worker_main(void *arg) {
     const int id = (int)(intptr_t)arg; /* 1..n_workers; the caller is 0 */
-    unsigned seen = atomic_load(&pool.generation);
+    /* not a fresh load: et_parallel may already have published the job this worker was created for */
+    unsigned seen = pool.start_generation[id];
     for (;;) {
         /* spin, then yield (so an oversubscribed machine runs the thread we wait for), then sleep */
         int spins = 0;
@@ -76,6 +78,7 @@ static void *worker_main(void *arg) {
 
 static int grow(int n_workers) {
     while (pool.n_workers < n_workers) {
+        pool.start_generation[pool.n_workers + 1] = atomic_load(&pool.generation);
         if (pthread_create(&pool.threads[pool.n_workers], NULL, worker_main, (void *)(intptr_t)(pool.n_workers + 1)))
             return et_error(ET_ERR_NOMEM, "could not start worker thread %d", pool.n_workers + 1);
         pool.n_workers++;
