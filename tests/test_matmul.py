@@ -1,0 +1,266 @@
+"""edgert.matmul: the reference kernel against float64 numpy, every SIMD variant against the reference, bad input.
+
+Error budgets are derived, not tuned: a float32 sum of n terms, each carrying a few roundings, is within
+(n + FP32_ROUNDINGS_PER_TERM) * FP32_UNIT_ROUNDOFF * sum(|term|) of the exact sum (the standard gamma_n bound).
+"""
+import zlib
+
+import numpy as np
+import pytest
+
+import edgert
+
+FORMATS = ["q4_0", "q4_1", "q8_0", "f16", "f32"]
+BLOCK_FORMATS = ["q4_0", "q4_1", "q8_0"]
+SWEEP_K = [32, 64, 96, 4128]
+SWEEP_N = [1, 3, 17, 33, 64]
+SWEEP_M = [1, 2, 7, 64]
+
+FP32_UNIT_ROUNDOFF = 2.0**-24
+# per block: int->float of the integer dot (exact below 2^24), dw*dx, the product with it, the min term of q4_1
+FP32_ROUNDINGS_PER_TERM = 4
+# two float32 results, each within the gamma bound of the same exact value, differ by at most twice that bound
+SIMD_VS_REF_RTOL = 2.0
+# activations are quantized to int8 per block of 32 with step amax/127, so each one moves by at most half a step
+# (plus the float32 rounding of x * (127/amax)); that error is not in the weights, so the budget against the
+# float64 product of the *unquantized* x scales with |w| * amax / 254, far looser than the accumulation bound
+ACT_Q8_MAX_ERR_PER_AMAX = 0.5 / 127 * (1 + 1e-5)
+
+
+def rng_for(*key) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def make_case(fmt, n, m, k, seed_key=()):
+    rng = rng_for(fmt, n, m, k, *seed_key)
+    # a per-row offset makes q4_1's min term matter; varied block magnitudes exercise the scales
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.1, 3.0, (n, 1)) + rng.uniform(-1, 1, (n, 1))).astype(np.float32)
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.5, 2.0, (m, 1))).astype(np.float32)
+    return x, edgert.quantize(w, fmt)
+
+
+def q8_activations(x: np.ndarray) -> np.ndarray:
+    """x as the C core sees it for block formats: per block of 32, q = rint(x * (127 / amax)), d = amax / 127,
+    every step in float32 as in et_quantize_row_q8_s; returned dequantized (q * d) in float64."""
+    m, k = x.shape
+    xb = x.reshape(m, k // 32, 32)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(xb * inv)  # numpy rint rounds half to even, as nearbyintf does
+    d = (amax / np.float32(127)).astype(np.float32)
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(m, k)
+
+
+def q4_1_mins(w: edgert.QTensor) -> np.ndarray:
+    """Per-weight |m| of a q4_1 tensor (the min term the kernel adds separately), zeros for other formats."""
+    n, k = w.shape
+    if w.fmt != "q4_1":
+        return np.zeros((n, k))
+    m = w.raw.reshape(n, k // 32, 20)[:, :, 2:4].copy().view(np.float16).astype(np.float64)
+    return np.repeat(np.abs(m).reshape(n, k // 32), 32, axis=1)
+
+
+def exact_and_budget(x: np.ndarray, w: edgert.QTensor):
+    """(float64 product of what the kernel actually multiplies, its float32 accumulation budget)."""
+    wd = w.dequantize().astype(np.float64)
+    k = w.shape[1]
+    if w.fmt in BLOCK_FORMATS:
+        xa, n_terms = q8_activations(x), k // 32
+    else:
+        xa, n_terms = x.astype(np.float64), k
+    # each term's magnitude is at most (|w| + 2|m|) |x|: for q4_1 the kernel adds d*q*x and m*x separately
+    magnitude = np.abs(xa) @ (np.abs(wd) + 2 * q4_1_mins(w)).T
+    budget = (n_terms + FP32_ROUNDINGS_PER_TERM) * FP32_UNIT_ROUNDOFF * magnitude
+    return xa @ wd.T, budget
+
+
+def assert_within(y, expected, budget, what):
+    err = np.abs(y.astype(np.float64) - expected)
+    worst = np.unravel_index(np.argmax(err - budget), err.shape)
+    assert np.all(err <= budget), (
+        f"{what}: |error| {err[worst]:.3g} > budget {budget[worst]:.3g} at {worst} (value {y[worst]:.6g})"
+    )
+
+
+# --- the reference kernel against float64 ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("k", SWEEP_K)
+def test_ref_matches_float64_on_what_it_multiplies(fmt, k):
+    """Tight: float64 math on the dequantized weights and the same q8 activations the kernel computes."""
+    edgert.native.set_isa("ref")
+    for n in SWEEP_N:
+        for m in (1, 7):
+            x, w = make_case(fmt, n, m, k)
+            expected, budget = exact_and_budget(x, w)
+            assert_within(edgert.matmul(x, w, threads=1), expected, budget, f"ref {fmt} n={n} m={m} k={k}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("k", SWEEP_K)
+def test_ref_matches_float64_on_unquantized_activations(fmt, k):
+    """Looser: against x @ dequantized(w).T with the original float activations."""
+    edgert.native.set_isa("ref")
+    x, w = make_case(fmt, 17, 7, k, ("loose",))
+    wd = w.dequantize().astype(np.float64)
+    exact = x.astype(np.float64) @ wd.T
+    _, budget = exact_and_budget(x, w)
+    if fmt in BLOCK_FORMATS:
+        amax = np.repeat(np.abs(x.reshape(7, k // 32, 32)).max(axis=-1), 32, axis=1).astype(np.float64)
+        budget = budget + ACT_Q8_MAX_ERR_PER_AMAX * (amax @ np.abs(wd).T)
+    assert_within(edgert.matmul(x, w), exact, budget, f"ref {fmt} vs float64, k={k}")
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_activation_budget_is_not_vacuous(fmt):
+    """The q8 activation error the loose test allows for is real: the kernel does not multiply float x."""
+    x, w = make_case(fmt, 8, 2, 256, ("vacuous",))
+    y = edgert.matmul(x, w)
+    exact_float_x = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
+    _, tight = exact_and_budget(x, w)
+    assert np.any(np.abs(y - exact_float_x) > tight)
+
+
+# --- every SIMD variant against the reference ----------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("k", SWEEP_K)
+def test_simd_matches_ref_over_shape_sweep(simd_isa, fmt, k):
+    for n in SWEEP_N:
+        for m in SWEEP_M:
+            x, w = make_case(fmt, n, m, k)
+            _, budget = exact_and_budget(x, w)
+            edgert.native.set_isa("ref")
+            y_ref = edgert.matmul(x, w, threads=1)
+            edgert.native.set_isa(simd_isa)
+            for threads in (1, 2):
+                y = edgert.matmul(x, w, threads=threads)
+                assert y.shape == (m, n) and y.dtype == np.float32
+                assert_within(y, y_ref, SIMD_VS_REF_RTOL * budget, f"{simd_isa} {fmt} n={n} m={m} k={k} t={threads}")
+
+
+@pytest.mark.parametrize("fmt", ["f16", "f32"])
+def test_simd_float_formats_scalar_tail(simd_isa, fmt):
+    """Float formats take any K: every vector loop must end with its scalar tail."""
+    for k in (1, 7, 8, 9, 15, 16, 17, 31, 33, 47, 100):
+        x, w = make_case(fmt, 9, 3, k)
+        _, budget = exact_and_budget(x, w)
+        edgert.native.set_isa("ref")
+        y_ref = edgert.matmul(x, w)
+        edgert.native.set_isa(simd_isa)
+        assert_within(edgert.matmul(x, w), y_ref, SIMD_VS_REF_RTOL * budget, f"{simd_isa} {fmt} k={k}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_result_does_not_depend_on_thread_count(isa, fmt):
+    # work is split in whole row tiles, so each output is computed by the same instructions whatever the split
+    x, w = make_case(fmt, 1000, 5, 256, ("threads",))
+    y1 = edgert.matmul(x, w, threads=1)
+    for threads in (2, 3, 8):
+        np.testing.assert_array_equal(edgert.matmul(x, w, threads=threads), y1, err_msg=f"{isa} threads={threads}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_zero_inputs_give_exact_zeros(isa, fmt):
+    x, w = make_case(fmt, 33, 3, 96)
+    np.testing.assert_array_equal(edgert.matmul(np.zeros_like(x), w), np.zeros((3, 33), np.float32))
+    zero_w = edgert.quantize(np.zeros((33, 96), np.float32), fmt)
+    np.testing.assert_array_equal(edgert.matmul(x, zero_w), np.zeros((3, 33), np.float32))
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+def test_extreme_q8_codes(isa, fmt):
+    """Saturated codes everywhere: q8_0 +-127 (and -128 from a foreign file), q4 nibbles 0 and 15."""
+    n, k = 8, 128
+    rng = rng_for("extreme", fmt)
+    raw = edgert.quantize(np.ones((n, k), np.float32), fmt).raw.copy()
+    bs = raw.shape[1] // (k // 32)
+    blocks = raw.reshape(n, k // 32, bs)
+    head = bs - (32 if fmt == "q8_0" else 16)
+    codes = [0x80, 0x81, 0x7F] if fmt == "q8_0" else [0x00, 0xFF, 0xF0, 0x0F]
+    blocks[:, :, head:] = rng.choice(np.array(codes, np.uint8), blocks[:, :, head:].shape)
+    w = edgert.QTensor.from_raw(fmt, (n, k), raw)
+    x = np.where(rng.random((4, k)) < 0.5, -1.0, 1.0).astype(np.float32) * 3.0
+    expected, budget = exact_and_budget(x, w)
+    assert_within(edgert.matmul(x, w), expected, budget, f"{isa} {fmt} saturated codes")
+
+
+# --- shapes and bad input -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_one_dimensional_x(fmt):
+    x, w = make_case(fmt, 17, 1, 64)
+    y = edgert.matmul(x[0], w)
+    assert y.shape == (17,)
+    np.testing.assert_array_equal(y, edgert.matmul(x, w)[0])
+
+
+def _views_that_are_not_c_contiguous():
+    base = np.random.default_rng(1).standard_normal((8, 128)).astype(np.float32)
+    return {
+        "column_stride": base[:4, ::2],          # (4, 64), stride 8 bytes
+        "row_slice_step": base[::2, :64],        # (4, 64), rows 512 bytes apart
+        "transposed": np.ascontiguousarray(base[:, :64].T[:, :4]).T,  # (4, 64) Fortran order
+        "one_d_strided": base[0, ::2],           # (64,)
+    }
+
+
+@pytest.mark.parametrize("view", list(_views_that_are_not_c_contiguous()))
+def test_non_contiguous_x_is_rejected(view):
+    x = _views_that_are_not_c_contiguous()[view]
+    assert x.shape[-1] == 64 and not x.flags.c_contiguous
+    w = edgert.quantize(np.ones((3, 64), np.float32), "q4_0")
+    with pytest.raises(edgert.InvalidArgumentError, match="C-contiguous") as e:
+        edgert.matmul(x, w)
+    assert str(x.strides) in str(e.value) and "ascontiguousarray" in str(e.value)
+    assert edgert.matmul(np.ascontiguousarray(x), w).shape[-1] == 3
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int32])
+def test_wrong_x_dtype(dtype):
+    w = edgert.quantize(np.ones((3, 64), np.float32), "q8_0")
+    with pytest.raises(edgert.DTypeError) as e:
+        edgert.matmul(np.ones((2, 64), dtype), w)
+    assert np.dtype(dtype).name in str(e.value) and "float32" in str(e.value)
+
+
+def test_x_must_be_an_array_and_w_a_qtensor():
+    w = edgert.quantize(np.ones((3, 64), np.float32), "q8_0")
+    with pytest.raises(edgert.DTypeError, match="list"):
+        edgert.matmul([[1.0] * 64], w)
+    with pytest.raises(edgert.DTypeError, match="QTensor"):
+        edgert.matmul(np.ones((2, 64), np.float32), np.ones((3, 64), np.float32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_k_mismatch(fmt):
+    w = edgert.quantize(np.ones((3, 64), np.float32), fmt)
+    for x in (np.ones((2, 96), np.float32), np.ones(32, np.float32)):
+        with pytest.raises(edgert.ShapeError) as e:
+            edgert.matmul(x, w)
+        assert f"K={x.shape[-1]}" in str(e.value) and "(3, 64)" in str(e.value)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64), (0, 64), ()])
+def test_bad_x_rank_or_empty(shape):
+    w = edgert.quantize(np.ones((3, 64), np.float32), "q4_1")
+    with pytest.raises(edgert.ShapeError):
+        edgert.matmul(np.ones(shape, np.float32), w)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_bad_thread_argument(threads):
+    w = edgert.quantize(np.ones((3, 64), np.float32), "q4_0")
+    with pytest.raises(edgert.InvalidArgumentError, match="threads"):
+        edgert.matmul(np.ones((2, 64), np.float32), w, threads=threads)
+
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_activations_for_block_formats(isa, fmt, bad):
+    w = edgert.quantize(np.ones((3, 64), np.float32), fmt)
+    x = np.ones((4, 64), np.float32)
+    x[2, 5] = bad
+    with pytest.raises(edgert.InvalidArgumentError, match="row 2"):
+        edgert.matmul(x, w)
