@@ -1,0 +1,206 @@
+"""edgert.native: info(), ISA selection (set_isa and EDGERT_ISA), thread pool (set_threads and EDGERT_THREADS),
+C status -> edgert error, and the GIL being released while kernels run."""
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import edgert
+from edgert import native
+
+KNOWN_ISAS = ("ref", "avx2", "avx512", "neon")
+
+
+def unavailable_isa() -> str | None:
+    """A known ISA name this CPU cannot run (neon on x86, avx2 on ARM)."""
+    missing = [name for name in KNOWN_ISAS if name not in native.info()["isas"]]
+    return missing[0] if missing else None
+
+
+def run_with_env(**env) -> subprocess.CompletedProcess:
+    """Import edgert in a fresh interpreter with the given environment and print info() as JSON."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("EDGERT_")}
+    full.update(env)
+    code = "import json, edgert; print(json.dumps(edgert.native.info()))"
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=60)
+
+
+# --- info and run-time selection ------------------------------------------------------------------------------
+
+def test_info_fields():
+    info = native.info()
+    assert info["isa"] in info["isas"]
+    assert "ref" in info["isas"] and set(info["isas"]) <= set(KNOWN_ISAS)
+    assert isinstance(info["threads"], int) and info["threads"] >= 1
+    assert isinstance(info["features"], list) and info["version"] == edgert.__version__
+
+
+def test_expected_variants_for_this_architecture():
+    isas = native.info()["isas"]
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        assert "neon" not in isas
+        if "avx2" in native.info()["features"]:
+            assert "avx2" in isas
+    elif machine in ("aarch64", "arm64"):
+        assert "neon" in isas and "avx2" not in isas
+
+
+def test_set_isa_selects_each_available_variant(isa):
+    assert native.info()["isa"] == isa
+
+
+def test_set_isa_auto_picks_the_best():
+    native.set_isa("ref")
+    assert native.set_isa("auto") == native.info()["isas"][-1]
+    native.set_isa("ref")
+    assert native.set_isa(None) == native.info()["isas"][-1]
+
+
+def test_set_isa_unknown_name():
+    with pytest.raises(edgert.InvalidArgumentError, match="sse9") as e:
+        native.set_isa("sse9")
+    assert "ref" in str(e.value)
+
+
+def test_set_isa_unavailable_variant():
+    name = unavailable_isa()
+    if name is None:
+        pytest.skip("this CPU runs every known variant")
+    before = native.info()["isa"]
+    with pytest.raises(edgert.DeviceError, match=name) as e:
+        native.set_isa(name)
+    assert "ref" in str(e.value)  # says what this CPU can run instead
+    assert native.info()["isa"] == before
+
+
+def test_set_threads():
+    native.set_threads(1)
+    assert native.info()["threads"] == 1
+    native.set_threads(3)
+    assert native.info()["threads"] == 3
+    for bad in (0, -2, 1.5, "2", True):
+        with pytest.raises(edgert.InvalidArgumentError):
+            native.set_threads(bad)
+    assert native.info()["threads"] == 3
+
+
+def test_c_status_becomes_typed_error_with_c_message():
+    st = native.lib.et_dequantize(99, native.ffi.NULL, native.ffi.NULL, 1, 32)
+    assert st == 1
+    with pytest.raises(edgert.InvalidArgumentError, match="unknown tensor type 99"):
+        native.check(st)
+    native.check(0)
+
+
+# --- environment variables, read once at import -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", native.info()["isas"])
+def test_env_isa_forces_variant(name):
+    proc = run_with_env(EDGERT_ISA=name)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["isa"] == name
+
+
+def test_env_isa_unavailable_is_an_error():
+    name = unavailable_isa()
+    if name is None:
+        pytest.skip("this CPU runs every known variant")
+    proc = run_with_env(EDGERT_ISA=name)
+    assert proc.returncode != 0
+    assert "DeviceError" in proc.stderr and f"'{name}'" in proc.stderr and "EDGERT_ISA" in proc.stderr
+
+
+def test_env_isa_unknown_is_an_error():
+    proc = run_with_env(EDGERT_ISA="mmx")
+    assert proc.returncode != 0 and "InvalidArgumentError" in proc.stderr and "mmx" in proc.stderr
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_env_threads(n):
+    proc = run_with_env(EDGERT_THREADS=str(n))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["threads"] == n
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_env_threads_invalid(value):
+    proc = run_with_env(EDGERT_THREADS=value)
+    assert proc.returncode != 0
+    assert "EDGERT_THREADS" in proc.stderr and repr(value) in proc.stderr
+
+
+def test_default_threads_is_physical_cores():
+    proc = run_with_env()
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["threads"] == info["physical_cores"] and info["isa"] == info["isas"][-1]
+
+
+# --- concurrency ----------------------------------------------------------------------------------------------
+
+def test_gil_is_released_while_a_kernel_runs():
+    """With a huge switch interval a thread holding the GIL is never preempted, so the counter thread can only
+    advance while the main thread is blocked in C with the GIL released. The pure-Python control holds the GIL for
+    a comparable time and must see the counter stand still: that shows the test can fail."""
+    native.set_isa("ref")
+    rng = np.random.default_rng(0)
+    w = edgert.quantize(rng.standard_normal((1024, 2048)).astype(np.float32), "f32")
+    x = rng.standard_normal((48, 2048)).astype(np.float32)
+    counter = [0]
+    stop = threading.Event()
+
+    def count():
+        while not stop.is_set():
+            counter[0] += 1
+            time.sleep(0.0005)  # releases the GIL, then needs it back to run the next increment
+
+    old_interval = sys.getswitchinterval()
+    t = threading.Thread(target=count)
+    t.start()
+    try:
+        time.sleep(0.05)  # let the counter thread get going
+        sys.setswitchinterval(1000.0)
+        before = counter[0]
+        deadline = time.perf_counter() + 0.1
+        while time.perf_counter() < deadline:  # control: pure Python, GIL held throughout
+            pass
+        held = counter[0] - before
+        before = counter[0]
+        edgert.matmul(x, w, threads=1)
+        released = counter[0] - before
+    finally:
+        sys.setswitchinterval(old_interval)
+        stop.set()
+        t.join()
+    assert held == 0, f"control: the counter moved {held} times while Python held the GIL"
+    assert released > 0, "the counter thread never ran during the matmul: the GIL was not released"
+
+
+def test_concurrent_matmuls_from_python_threads_match_sequential(isa):
+    rng = np.random.default_rng(1)
+    cases = []
+    for fmt in ("q4_0", "q4_1", "q8_0", "f16"):
+        w = edgert.quantize(rng.standard_normal((257, 512)).astype(np.float32), fmt)
+        x = rng.standard_normal((9, 512)).astype(np.float32)
+        cases.append((x, w, edgert.matmul(x, w, threads=1)))
+    errors = []
+
+    def worker(threads):
+        for _ in range(10):
+            for x, w, expected in cases:
+                if not np.array_equal(edgert.matmul(x, w, threads=threads), expected):
+                    errors.append((threads, w.fmt))
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in (1, 2, 2, 3)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors, f"concurrent results differ from sequential: {errors[:5]}"
