@@ -261,3 +261,21 @@ def test_real_stream_equals_full_on_generated_like_ids(real):
     assert "".join(sd.push(i) for i in ids) + sd.flush() == real.decode(ids)
     sd = StreamDecoder(real, skip_special=True)
     assert "".join(sd.push(i) for i in ids) + sd.flush() == real.decode(ids, skip_special=True)
+
+
+CROSS_CHECK_EXTRA = [
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "x<|im_end|>y", "  \n\n  x\t\ty", "1234567890 a1b2",
+    "Ünïcödé ﬁ ½ ²³ ١٢٣ ४५", "a  b   c    ", "\r\n\r\n", "'s 'S 'll", "hello!!! ??? ...", "🇫🇷🏳️‍🌈", "x" * 300,
+]
+
+
+@pytest.mark.model
+def test_real_matches_llama_cpp_tokenizer(real, real_meta):
+    """Cross-check with llama.cpp's own tokenizer (vocab only) when llama-cpp-python happens to be installed."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ref = llama_cpp.Llama(model_path=str(real_meta[1]), vocab_only=True, verbose=False)
+    for text in TRICKY + CROSS_CHECK_EXTRA:
+        assert real.encode(text) == ref.tokenize(text.encode(), add_bos=False, special=False), text
+        assert real.encode_special(text) == ref.tokenize(text.encode(), add_bos=False, special=True), text
+        ids = real.encode_special(text)
+        assert real.decode(ids).encode() == ref.detokenize(ids, special=True), text
