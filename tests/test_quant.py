@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -43,35 +43,6 @@ def assert_matches_gguf(w: np.ndarray, fmt: str) -> None:
     mismatch = np.argwhere(q.raw != expected)
     assert mismatch.size == 0, f"{fmt}: raw differs from gguf first at (row, byte) {tuple(mismatch[0])}"
     np.testing.assert_array_equal(q.dequantize(), gguf_dequant(expected, fmt, w.shape), strict=True)
-
-
-def known_divergence(w: np.ndarray, fmt: str) -> str | None:
-    """Why edgert is known to differ from gguf on w (reported C-core bugs, see the xfails below), or None.
-
-    1. q4_0/q4_1 blocks whose scale over- or underflows float32 (subnormal or zero-crossing d -> id = inf, or
-       max - min = inf): gguf casts the non-finite or out-of-range pre-cast values with astype(uint8).clip(0, 15)
-       (NaN/Inf -> 0 on x86), the C core maps every value that is not < 15 (NaN, +Inf) to 15.
-    2. q4_0 blocks of only zeros whose first value is -0.0: gguf's argmax takes that -0.0 as the max, so
-       d = -0.0 / -8 = +0.0; the C core starts from max = +0.0 and stores d = -0.0 (0x8000).
-    """
-    if fmt not in ("q4_0", "q4_1"):
-        return None
-    blocks = w.reshape(-1, 32).astype(np.float32)
-    with np.errstate(all="ignore"):
-        if fmt == "q4_0":
-            top = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1, keepdims=True), axis=-1)
-            d = top / np.float32(-8)
-            v = blocks * np.where(d == 0, np.float32(0), np.float32(1) / d) + np.float32(8.5)
-            all_zero = ~np.any(blocks != 0, axis=-1)
-            if np.any(all_zero & np.signbit(blocks[:, 0])):
-                return "q4_0 all-zero block starting with -0.0"
-        else:
-            lo = blocks.min(axis=-1, keepdims=True)
-            d = (blocks.max(axis=-1, keepdims=True) - lo) / np.float32(15)
-            v = (blocks - lo) * np.where(d == 0, np.float32(0), np.float32(1) / d) + np.float32(0.5)
-    if not np.all(np.isfinite(v) & (v >= 0) & (v < 256)):
-        return f"{fmt} block whose scale over/underflows float32"
-    return None
 
 
 def block_of(values, k=32) -> np.ndarray:
@@ -125,12 +96,8 @@ EDGE_CASES = {
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
 @pytest.mark.parametrize("case", list(EDGE_CASES))
-def test_edge_cases_match_gguf(fmt, case, request):
-    w = EDGE_CASES[case]()
-    reason = known_divergence(w, fmt)
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"C-core bug, reported: {reason}"))
-    assert_matches_gguf(w, fmt)
+def test_edge_cases_match_gguf(fmt, case):
+    assert_matches_gguf(EDGE_CASES[case](), fmt)
 
 
 _finite_f32 = st.floats(width=32, allow_nan=False, allow_infinity=False, allow_subnormal=True)
@@ -158,7 +125,6 @@ def weight_matrices(draw):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(w=weight_matrices())
 def test_quantize_matches_gguf_property(fmt, w):
-    assume(known_divergence(w, fmt) is None)  # those blocks are pinned by the strict xfails above
     assert_matches_gguf(w, fmt)
 
 
