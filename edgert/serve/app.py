@@ -1,0 +1,437 @@
+"""The OpenAI-compatible HTTP server: a Starlette app over one loaded LLM.
+
+``create_app(llm, ...)`` returns an ASGI app (run it with uvicorn; ``edgert serve`` does). Handlers validate and
+tokenize on the event loop (cheap), hand generations to the Scheduler's worker thread, and stream pieces back as
+server-sent events in the OpenAI chunk format. Health and metrics never wait for the model. Every completion
+request that passes authentication records one telemetry event when it ends (from the worker thread for generations,
+so a client that disconnected is still counted with the tokens it cost).
+
+This module must not run model code on the event loop, and must not decide sampling semantics (schemas.py does).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .. import telemetry as telemetry_mod
+from ..errors import EdgertError
+from .schemas import APIError, GenerationRequest, bad, parse_detokenize, parse_generation, parse_tokenize
+from .scheduler import Job, QueueFullError, Scheduler
+
+DEFAULT_MAX_QUEUE = 64
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+MAX_BODY_BYTES = 8 << 20
+RETRY_AFTER_S = 1
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class Histogram:
+    def __init__(self, buckets=LATENCY_BUCKETS):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+        self.sum += v
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        out += [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+        return out
+
+
+class Metrics:
+    """Prometheus counters, gauges and histograms, updated from the loop and the worker thread under one lock."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.errors: dict[tuple[str, str], int] = {}
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.bytes_copied = 0
+        self.finished: dict[str, int] = {}
+        self.latency = Histogram()
+        self.ttft = Histogram()
+        self.queue_wait = Histogram()
+
+    def request(self, endpoint: str, status: int, error_code: str | None = None) -> None:
+        with self.lock:
+            self.requests[(endpoint, status)] = self.requests.get((endpoint, status), 0) + 1
+            if status >= 400:
+                key = (endpoint, error_code or str(status))
+                self.errors[key] = self.errors.get(key, 0) + 1
+
+    def generation(self, prompt_tokens, completion_tokens, latency_s, ttft_s, queue_wait_s, finish, bytes_copied):
+        with self.lock:
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += completion_tokens
+            self.bytes_copied += bytes_copied
+            self.finished[finish] = self.finished.get(finish, 0) + 1
+            self.latency.observe(latency_s)
+            self.queue_wait.observe(queue_wait_s)
+            if ttft_s is not None:
+                self.ttft.observe(ttft_s)
+
+    def render(self, scheduler: Scheduler, model_id: str) -> str:
+        with self.lock:
+            L = ["# HELP edgert_model_loaded 1 while a model is loaded and served.", "# TYPE edgert_model_loaded gauge",
+                 f'edgert_model_loaded{{model="{model_id}"}} 1',
+                 "# HELP edgert_queue_depth Requests waiting for the model.", "# TYPE edgert_queue_depth gauge",
+                 f"edgert_queue_depth {scheduler.queue_depth}",
+                 "# HELP edgert_requests_running Generations running now (0 or 1).",
+                 "# TYPE edgert_requests_running gauge", f"edgert_requests_running {int(scheduler.running is not None)}",
+                 "# HELP edgert_requests_total HTTP requests by endpoint and status.", "# TYPE edgert_requests_total counter"]
+            L += [f'edgert_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
+            L += ["# HELP edgert_errors_total Requests answered with an error, by endpoint and error code.",
+                  "# TYPE edgert_errors_total counter"]
+            L += [f'edgert_errors_total{{endpoint="{e}",code="{c}"}} {n}' for (e, c), n in sorted(self.errors.items())]
+            L += ["# HELP edgert_generations_total Generations by finish reason (stop, length, cancelled, timeout, error).",
+                  "# TYPE edgert_generations_total counter"]
+            L += [f'edgert_generations_total{{finish_reason="{f}"}} {n}' for f, n in sorted(self.finished.items())]
+            L += ["# HELP edgert_prompt_tokens_total Prompt tokens of finished generations.",
+                  "# TYPE edgert_prompt_tokens_total counter", f"edgert_prompt_tokens_total {self.prompt_tokens}",
+                  "# HELP edgert_completion_tokens_total Tokens generated (cancelled generations included).",
+                  "# TYPE edgert_completion_tokens_total counter",
+                  f"edgert_completion_tokens_total {self.completion_tokens}",
+                  "# HELP edgert_bytes_copied_total Bytes copied between host and device buffers.",
+                  "# TYPE edgert_bytes_copied_total counter", f"edgert_bytes_copied_total {self.bytes_copied}"]
+            for name, h, what in (("edgert_request_duration_seconds", self.latency, "Arrival to last token."),
+                                  ("edgert_time_to_first_token_seconds", self.ttft, "Arrival to first token."),
+                                  ("edgert_queue_wait_seconds", self.queue_wait, "Time waiting for the model.")):
+                L += [f"# HELP {name} {what}", f"# TYPE {name} histogram"] + h.lines(name)
+        return "\n".join(L) + "\n"
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _watch_disconnect(receive, job: Job) -> None:
+    """Cancels the job when the client goes away (the body is already read, so the next message is the disconnect)."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            job.cancel()
+            return
+
+
+class _SSEResponse(StreamingResponse):
+    """A StreamingResponse that watches for the client's disconnect itself (whatever the ASGI server's spec version)
+    and cancels the generation behind it, at once rather than at the next write."""
+
+    def __init__(self, content, job: Job):
+        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        watcher = asyncio.create_task(_watch_disconnect(receive, self.job))
+        try:
+            await self.stream_response(send)
+        except OSError:  # the client went away mid-write
+            self.job.cancel()
+        finally:
+            watcher.cancel()
+            self.job.cancel()  # no-op when the job has ended
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+class Server:
+    def __init__(self, llm, api_key, max_queue, request_timeout_s, telemetry, max_tokens_cap, model_id):
+        self.llm = llm
+        self.api_key = api_key
+        self.request_timeout_s = float(request_timeout_s)
+        self.telemetry = telemetry
+        self.max_tokens_cap = int(max_tokens_cap or llm.n_ctx)
+        path = Path(str(getattr(llm, "path", llm.name)))
+        self.model_id = model_id or (llm.name if not str(llm.name).endswith(".gguf") else path.stem)
+        self.model_aliases = {self.model_id, str(llm.name), path.name, path.stem, str(path)}
+        try:
+            self.created = int(path.stat().st_mtime)
+        except OSError:
+            self.created = int(time.time())
+        self.scheduler = Scheduler(llm, max_queue=max_queue)
+        self.metrics = Metrics()
+        self.fingerprint = "edgert-" + uuid.uuid5(uuid.NAMESPACE_URL, str(path)).hex[:8]
+
+    # ---- plumbing ----
+
+    def check_key(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not given:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", None, "missing_api_key")
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise APIError(401, "incorrect API key", None, "invalid_api_key")
+
+    async def json_body(self, request: Request):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes", None, "body_too_large")
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes", None, "body_too_large")
+        if not raw.strip():
+            raise bad("the request body is empty: send a JSON object", None, "invalid_json")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+
+    def record(self, **event) -> None:
+        if self.telemetry and telemetry_mod.enabled():
+            telemetry_mod.record({"source": "server", "model": self.model_id, **event})
+
+    # ---- endpoints ----
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": self.model_id, "model_loaded": True,
+                             "queue_depth": self.scheduler.queue_depth, "max_queue": self.scheduler.max_queue,
+                             "running": int(self.scheduler.running is not None), "n_ctx": self.llm.n_ctx})
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.render(self.scheduler, self.model_id),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "edgert",
+                "n_ctx": self.llm.n_ctx}
+
+    async def models(self, request: Request) -> Response:
+        self.check_key(request)
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        self.check_key(request)
+        if request.path_params["model"] not in self.model_aliases:
+            raise APIError(404, f"model {request.path_params['model']!r} is not served here", "model",
+                           "model_not_found")
+        return JSONResponse(self.model_card())
+
+    async def tokenize(self, request: Request) -> Response:
+        self.check_key(request)
+        content, add_special = parse_tokenize(await self.json_body(request))
+        return JSONResponse({"tokens": self.llm.tokenize(content, add_special=add_special)})
+
+    async def detokenize(self, request: Request) -> Response:
+        self.check_key(request)
+        tokens = parse_detokenize(await self.json_body(request), self.llm.model.vocab_size)
+        return JSONResponse({"content": self.llm.detokenize(tokens)})
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.complete(request, "chat", "/v1/chat/completions")
+
+    async def completions(self, request: Request) -> Response:
+        return await self.complete(request, "completion", "/v1/completions")
+
+    def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        try:
+            if req.kind == "chat":
+                ids = self.llm.chat_tokens(req.messages)
+            elif isinstance(req.prompt, list):
+                vocab = self.llm.model.vocab_size
+                if not all(0 <= t < vocab for t in req.prompt):
+                    raise bad(f"prompt token ids must be in [0, {vocab})", "prompt")
+                ids = list(req.prompt)
+            else:
+                ids = self.llm.tokenize(req.prompt, add_special=True)
+        except EdgertError as exc:  # e.g. a chat template that refuses the message order
+            raise bad(str(exc), "messages" if req.kind == "chat" else "prompt") from None
+        if not ids:
+            raise bad("the prompt is empty: give at least one token of text", "messages" if req.kind == "chat" else "prompt",
+                      "empty_prompt")
+        if len(ids) >= self.llm.n_ctx:
+            raise bad(f"the prompt has {len(ids)} tokens but this model's context holds {self.llm.n_ctx} (one more "
+                      "token is needed to answer): shorten the prompt", "messages" if req.kind == "chat" else "prompt",
+                      "context_length_exceeded")
+        return ids
+
+    async def complete(self, request: Request, kind: str, endpoint: str) -> Response:
+        t_arrival = time.monotonic()
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.check_key(request)  # unauthenticated requests are not recorded: they are nobody's cost
+        n_prompt = 0
+        try:
+            req = parse_generation(await self.json_body(request), kind)
+            if req.model is not None and req.model not in self.model_aliases:
+                raise APIError(404, f"model {req.model!r} is not served here; this server serves {self.model_id!r}",
+                               "model", "model_not_found")
+            ids = self.prompt_ids(req)
+            n_prompt = len(ids)
+            max_tokens = min(req.max_tokens or self.max_tokens_cap, self.max_tokens_cap)
+            sampling = dict(req.sampling, max_tokens=max_tokens)
+            try:
+                self.scheduler.start()
+                job = self.scheduler.submit(
+                    ids, sampling, self.request_timeout_s, submitted=t_arrival,
+                    on_done=lambda job, outcome: self.finish(rid, endpoint, job, outcome, t_arrival))
+            except QueueFullError as exc:
+                raise APIError(503, f"the server is busy: {exc}; retry after {RETRY_AFTER_S}s", None, "queue_full",
+                               headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except APIError as err:
+            self.metrics.request(endpoint, err.status, err.code)
+            self.record(request_id=rid, endpoint=endpoint, prompt_tokens=n_prompt, completion_tokens=0,
+                        latency_s=time.monotonic() - t_arrival, finish_reason="rejected", status=err.status,
+                        error=f"{err.code}: {err.message}")
+            return _error_response(err)
+        created = int(time.time())
+        if req.stream:
+            return _SSEResponse(self.sse(rid, created, req, job), job)
+        return await self.collect(request, rid, created, req, job)
+
+    def finish(self, rid, endpoint, job, out, t_arrival) -> None:
+        """Metrics and telemetry for one ended generation (called on the worker thread)."""
+        res = out.result
+        t = getattr(res, "timings", None) or {}
+        n_out = len(getattr(res, "tokens", None) or [])
+        n_prompt = len(job.prompt_ids)
+        latency = time.monotonic() - t_arrival
+        status = {"cancelled": 499, "error": 500}.get(out.finish_reason, 200)
+        copied = int(t.get("bytes_copied", 0))
+        self.metrics.request(endpoint, status, out.finish_reason if status != 200 else None)
+        self.metrics.generation(n_prompt, n_out, latency, out.ttft_s, out.queue_wait_s, out.finish_reason, copied)
+        self.record(request_id=rid, endpoint=endpoint, prompt_tokens=n_prompt, completion_tokens=n_out,
+                    queue_wait_s=out.queue_wait_s, ttft_s=out.ttft_s, prefill_s=t.get("prefill_s"),
+                    decode_s=t.get("decode_s"), latency_s=latency, bytes_copied=copied,
+                    finish_reason=out.finish_reason, status=status,
+                    error=None if out.error is None else f"{type(out.error).__name__}: {out.error}")
+
+    @staticmethod
+    def api_finish(reason: str) -> str:
+        # a timeout cuts the answer like a max_tokens cap; telemetry keeps the real reason
+        return "length" if reason == "timeout" else reason
+
+    def usage(self, job: Job) -> dict:
+        res = job.outcome.result if job.outcome else None
+        n_out = len(getattr(res, "tokens", None) or [])
+        return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n_out,
+                "total_tokens": len(job.prompt_ids) + n_out}
+
+    def _server_error(self, job: Job) -> APIError:
+        return APIError(500, f"the generation failed: {job.outcome.error}", None, "generation_failed")
+
+    async def collect(self, request: Request, rid, created, req: GenerationRequest, job: Job) -> Response:
+        watcher = asyncio.create_task(_watch_disconnect(request.receive, job))
+        try:
+            text = [piece async for piece in job.pieces()]
+        finally:
+            watcher.cancel()
+            if job.outcome is None:  # this handler was cancelled (server shutdown): stop the generation
+                job.cancel()
+        out = job.outcome
+        if out.error is not None:
+            return _error_response(self._server_error(job))
+        if out.finish_reason == "timeout" and job.started is not None and out.result is None:
+            return _error_response(APIError(503, "the request timed out waiting for the model", None, "timeout",
+                                            headers={"Retry-After": str(RETRY_AFTER_S)}))
+        finish = self.api_finish(out.finish_reason)
+        content = "".join(text)
+        if req.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+                      "finish_reason": finish}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return JSONResponse({"id": rid, "object": obj, "created": created, "model": self.model_id,
+                             "system_fingerprint": self.fingerprint, "choices": [choice], "usage": self.usage(job)},
+                            headers={"x-request-id": rid})
+
+    async def sse(self, rid, created, req: GenerationRequest, job: Job):
+        chat = req.kind == "chat"
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": self.model_id, "system_fingerprint": self.fingerprint}
+
+        def chunk(piece=None, finish=None, role=False):
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({} if piece is None else {"content": piece})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            return _sse({**head, "choices": [choice]})
+
+        if chat:
+            yield chunk(role=True)
+        async for piece in job.pieces():
+            yield chunk(piece)
+        out = job.outcome
+        if out.error is not None:
+            yield _sse(self._server_error(job).body())
+        else:
+            yield chunk(finish=self.api_finish(out.finish_reason))
+            if req.include_usage:
+                yield _sse({**head, "choices": [], "usage": self.usage(job)})
+        yield "data: [DONE]\n\n"
+
+
+def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+               request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, telemetry: bool = True,
+               max_tokens_cap: int | None = None, model_id: str | None = None) -> Starlette:
+    """The ASGI app serving ``llm`` (an edgert.llm.LLM). api_key: required as a Bearer token on /v1/* and
+    /tokenize, /detokenize when set (EDGERT_API_KEY is read when None). max_queue: requests that may wait while one
+    runs; more get 503. request_timeout_s: arrival to last token, queue wait included. max_tokens_cap: the most
+    tokens one request may generate (default n_ctx); larger max_tokens are lowered to it."""
+    if api_key is None:
+        api_key = os.environ.get("EDGERT_API_KEY") or None
+    server = Server(llm, api_key, max_queue, request_timeout_s, telemetry, max_tokens_cap, model_id)
+
+    def endpoint(fn):
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except APIError as err:
+                if request.url.path.startswith("/v1/") or request.url.path in ("/tokenize", "/detokenize"):
+                    server.metrics.request(request.url.path, err.status, err.code)
+                return _error_response(err)
+        return wrapped
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, code)
+        return _error_response(err)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error"))
+
+    async def lifespan(app):
+        server.scheduler.start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, server.scheduler.stop)
+
+    routes = [
+        Route("/v1/chat/completions", endpoint(server.chat_completions), methods=["POST"]),
+        Route("/v1/completions", endpoint(server.completions), methods=["POST"]),
+        Route("/v1/models", endpoint(server.models), methods=["GET"]),
+        Route("/v1/models/{model:path}", endpoint(server.model), methods=["GET"]),
+        Route("/health", server.health, methods=["GET"]),
+        Route("/metrics", server.metrics_text, methods=["GET"]),
+        Route("/tokenize", endpoint(server.tokenize), methods=["POST"]),
+        Route("/detokenize", endpoint(server.detokenize), methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
+    app.state.server = server
+    return app

@@ -1,0 +1,218 @@
+"""The single-model executor: one worker thread runs generations one at a time, in arrival order.
+
+The event loop never runs model code. A request becomes a Job; ``Scheduler.submit`` puts it in a bounded FIFO
+(QueueFullError when full) and the worker thread takes jobs from it. The worker passes each decoded piece to the
+job's asyncio side through a deque plus at most one pending ``call_soon_threadsafe`` wake-up, so a fast model does
+not flood the loop with callbacks. Between tokens the worker checks the job's cancel flag (set when the client
+disconnects) and its deadline (the per-request timeout), so either stops the generation after the token in flight.
+
+The LLM's KV-cache prefix reuse still applies between consecutive jobs. Jobs are not interleaved: the C decoder holds
+one sequence's KV cache, so continuous batching would need a multi-sequence cache in the C core first.
+
+This module must not know about HTTP: app.py turns jobs into responses.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..errors import EdgertError
+
+
+class QueueFullError(EdgertError):
+    """Every slot of the request queue is taken; retry later."""
+
+
+@dataclass
+class JobOutcome:
+    result: object = None  # edgert.llm GenerationResult, None when the job never ran or failed
+    finish_reason: str = "stop"  # the generation's reason, or "cancelled" / "timeout"
+    error: BaseException | None = None
+    queue_wait_s: float = 0.0
+    ttft_s: float | None = None  # from submission to the first piece, queue wait included
+
+
+@dataclass
+class Job:
+    prompt_ids: list
+    sampling: dict
+    deadline: float  # time.monotonic() after which the job stops
+    loop: asyncio.AbstractEventLoop
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: float | None = None
+    outcome: JobOutcome | None = None
+    on_done: object = None  # called with (job, outcome) on the worker thread when the job ends
+    _items: collections.deque = field(default_factory=collections.deque)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _wake_pending: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    # worker side
+    def _push(self, item) -> None:
+        self._items.append(item)
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self.loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                self.cancelled.set()
+
+    # asyncio side
+    async def pieces(self):
+        """Yields text pieces until the job ends; its outcome is then in ``self.outcome``."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._wake_pending = False  # before draining: a push after this point wakes us again
+            while self._items:
+                item = self._items.popleft()
+                if isinstance(item, JobOutcome):
+                    self.outcome = item
+                    return
+                yield item
+
+
+class Scheduler:
+    """Runs ``llm._iterate`` for queued jobs on one worker thread."""
+
+    def __init__(self, llm, max_queue: int = 64):
+        if not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue must be an int >= 0, got {max_queue!r}")
+        self.llm = llm
+        self.max_queue = max_queue
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self.running: Job | None = None
+        self._thread = threading.Thread(target=self._work, name="edgert-serve-worker", daemon=True)
+        self.counters = collections.Counter()  # cancelled, timeout, completed, failed, tokens
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            if self.running is not None:
+                self.running.cancel()
+            for job in self._waiting:
+                job.cancel()
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, prompt_ids: list, sampling: dict, timeout_s: float, submitted: float | None = None,
+               on_done=None) -> Job:
+        """Queue a job (from the event loop). QueueFullError when max_queue jobs are already waiting.
+        submitted: the request's arrival (time.monotonic()), from which the timeout and time to first token count."""
+        submitted = time.monotonic() if submitted is None else submitted
+        job = Job(prompt_ids=prompt_ids, sampling=sampling, deadline=submitted + timeout_s,
+                  loop=asyncio.get_running_loop(), submitted=submitted, on_done=on_done)
+        with self._cond:
+            if self._stop:
+                raise QueueFullError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue and (self.running is not None or self._waiting):
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue})")
+            self._waiting.append(job)
+            self._cond.notify()
+        return job
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stop:
+                    self._cond.wait()
+                if self._stop and not self._waiting:
+                    return
+                job = self._waiting.popleft()
+                self.running = job
+            try:
+                outcome = self._run(job)
+                job._push(outcome)
+                if job.on_done is not None:
+                    try:
+                        job.on_done(job, outcome)
+                    except Exception:  # bookkeeping must never kill the worker
+                        pass
+            finally:
+                with self._cond:
+                    self.running = None
+
+    def _run(self, job: Job) -> JobOutcome:
+        job.started = time.monotonic()
+        out = JobOutcome(queue_wait_s=job.started - job.submitted)
+        if job.cancelled.is_set() or self._stop:
+            out.finish_reason = "cancelled"
+            self.counters["cancelled"] += 1
+            return out
+        if job.started >= job.deadline:
+            out.finish_reason = "timeout"
+            self.counters["timeout"] += 1
+            return out
+        it = None
+        try:
+            it = self.llm._iterate(job.prompt_ids, record=False, **job.sampling)
+            while True:
+                try:
+                    piece = next(it)
+                except StopIteration as done:
+                    out.result = done.value
+                    out.finish_reason = done.value.finish_reason
+                    self.counters["completed"] += 1
+                    break
+                if piece:
+                    if out.ttft_s is None:
+                        out.ttft_s = time.monotonic() - job.submitted
+                    job._push(piece)
+                if job.cancelled.is_set():
+                    out.finish_reason = "cancelled"
+                    self.counters["cancelled"] += 1
+                    break
+                if time.monotonic() >= job.deadline:
+                    out.finish_reason = "timeout"
+                    self.counters["timeout"] += 1
+                    break
+        except Exception as exc:  # a model failure ends this job, never the worker
+            out.error = exc
+            out.finish_reason = "error"
+            self.counters["failed"] += 1
+        finally:
+            if it is not None and out.result is None:
+                # closing the generator would lose its timings: drive it to the end quickly is not possible, so
+                # build the partial result from what the LLM recorded so far
+                out.result = _partial(it)
+                it.close()
+        return out
+
+
+def _partial(it):
+    """A stand-in result for a generation stopped early: the frame's locals hold the tokens and timings so far."""
+    frame = getattr(it, "gi_frame", None)
+    loc = frame.f_locals if frame is not None else {}
+    return _Partial(tokens=list(loc.get("out") or []), prompt_tokens=len(loc.get("prompt_ids") or []),
+                    t0=loc.get("t0"), t_prefill=loc.get("t_prefill"), t_decode0=loc.get("t_decode0"),
+                    ttft=loc.get("ttft"))
+
+
+class _Partial:
+    def __init__(self, tokens, prompt_tokens, t0, t_prefill, t_decode0, ttft):
+        now = time.perf_counter()
+        self.tokens = tokens
+        self.prompt_tokens = prompt_tokens
+        self.finish_reason = None
+        self.text = ""
+        prefill = (t_prefill - t0) if (t0 is not None and t_prefill is not None) else 0.0
+        decode = (now - t_decode0) if t_decode0 is not None and t_prefill is not None else 0.0
+        self.timings = {"prefill_s": prefill, "decode_s": decode, "ttft_s": ttft,
+                        "total_s": (now - t0) if t0 is not None else 0.0}

@@ -1,0 +1,390 @@
+"""Telemetry: one event per inference request in a local SQLite database, the cost model, and report queries.
+
+Events go to ``$EDGERT_HOME/telemetry.db`` (``~/.cache/edgert/telemetry.db`` when EDGERT_HOME is unset), in WAL
+mode so ``edgert report`` can read while a server writes. ``record(event)`` only puts the event on an in-memory
+queue; one background thread batches queued events into a single transaction, so the request path pays a dict copy
+and a queue put. A full queue (the disk stalled) drops events and counts them in ``dropped()``; recording never
+raises into the caller. ``EDGERT_TELEMETRY=0`` or ``set_enabled(False)`` (the CLI's ``--no-telemetry``) turns it off.
+
+Cost: energy = power_w x busy seconds; cost = price_usd_per_hour x busy seconds / 3600 + energy (kWh) x
+electricity_usd_per_kwh. Busy seconds are prefill + decode time (not time spent waiting in a queue). The power and
+price come from the host's device profile when ``edgert.profiles`` can detect one, else from DEFAULT_POWER_W and
+DEFAULT_PRICE_USD_PER_HOUR; EDGERT_POWER_W, EDGERT_PRICE_USD_PER_HOUR and EDGERT_ELECTRICITY_USD_PER_KWH override.
+
+This module must not import the LLM stack or the server: they import it.
+"""
+from __future__ import annotations
+
+import atexit
+import csv
+import io
+import json
+import math
+import os
+import platform
+import queue
+import re
+import sqlite3
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+DEFAULT_POWER_W = 15.0  # an edge host's active draw when no device profile says otherwise
+DEFAULT_PRICE_USD_PER_HOUR = 0.0  # owned hardware with no amortisation data: cost is energy only
+DEFAULT_ELECTRICITY_USD_PER_KWH = 0.0
+MAX_PENDING = 100_000  # events held in memory before new ones are dropped
+BATCH_MAX = 512  # events per transaction
+BATCH_WAIT_S = 0.05  # how long the writer waits for more events before committing a batch
+
+COLUMNS = (
+    ("request_id", "TEXT"), ("ts", "REAL"), ("source", "TEXT"), ("endpoint", "TEXT"), ("model", "TEXT"),
+    ("device", "TEXT"), ("delegates", "TEXT"), ("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"),
+    ("queue_wait_s", "REAL"), ("ttft_s", "REAL"), ("prefill_s", "REAL"), ("decode_s", "REAL"), ("latency_s", "REAL"),
+    ("bytes_copied", "INTEGER"), ("finish_reason", "TEXT"), ("error", "TEXT"), ("status", "INTEGER"),
+    ("energy_j", "REAL"), ("cost_usd", "REAL"),
+)
+_NAMES = tuple(name for name, _ in COLUMNS)
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS events (" + ", ".join(f"{n} {t}" for n, t in COLUMNS) + ")",
+           "CREATE INDEX IF NOT EXISTS events_ts ON events (ts)")
+_INSERT = f"INSERT OR REPLACE INTO events ({', '.join(_NAMES)}) VALUES ({', '.join('?' * len(_NAMES))})"
+
+_enabled_override: bool | None = None
+
+
+def set_enabled(on: bool | None) -> None:
+    """Force telemetry on or off for this process (None: follow EDGERT_TELEMETRY again)."""
+    global _enabled_override
+    _enabled_override = on
+
+
+def enabled() -> bool:
+    if _enabled_override is not None:
+        return _enabled_override
+    return os.environ.get("EDGERT_TELEMETRY", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def db_path() -> Path:
+    env = os.environ.get("EDGERT_HOME")
+    home = Path(env).expanduser() if env else Path.home() / ".cache" / "edgert"
+    return home / "telemetry.db"
+
+
+def new_request_id(prefix: str = "req") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+# ---- cost model ----
+
+@dataclass(frozen=True)
+class CostModel:
+    device: str = "host"
+    power_w: float = DEFAULT_POWER_W
+    price_usd_per_hour: float = DEFAULT_PRICE_USD_PER_HOUR
+    electricity_usd_per_kwh: float = DEFAULT_ELECTRICITY_USD_PER_KWH
+
+    def energy_j(self, busy_s: float) -> float:
+        return self.power_w * max(busy_s, 0.0)
+
+    def cost_usd(self, busy_s: float) -> float:
+        busy_s = max(busy_s, 0.0)
+        return (self.price_usd_per_hour * busy_s / 3600.0
+                + self.energy_j(busy_s) / 3.6e6 * self.electricity_usd_per_kwh)
+
+
+_host_cost: CostModel | None = None
+
+
+def host_cost_model() -> CostModel:
+    """The host's cost model: its device profile if edgert.profiles can detect one, else the defaults; env overrides."""
+    global _host_cost
+    if _host_cost is not None:
+        return _host_cost
+    device, power, price = platform.machine() or "host", DEFAULT_POWER_W, DEFAULT_PRICE_USD_PER_HOUR
+    try:
+        from . import profiles  # written alongside; optional until it lands
+
+        prof = profiles.detect_host()
+        if isinstance(prof, str):
+            prof = profiles.load(prof)
+        if prof is not None:
+            device = str(getattr(prof, "name", device))
+            power = float(getattr(prof, "power_w", None) or power)
+            price = float(getattr(prof, "price_usd_per_hour", None) or price)
+    except Exception:  # no profiles module, or no profile for this host: documented defaults
+        pass
+
+    def env(name, default):
+        try:
+            return float(os.environ[name])
+        except (KeyError, ValueError):
+            return default
+
+    _host_cost = CostModel(device=device, power_w=env("EDGERT_POWER_W", power),
+                           price_usd_per_hour=env("EDGERT_PRICE_USD_PER_HOUR", price),
+                           electricity_usd_per_kwh=env("EDGERT_ELECTRICITY_USD_PER_KWH", DEFAULT_ELECTRICITY_USD_PER_KWH))
+    return _host_cost
+
+
+# ---- recording ----
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(str(path), timeout=10.0, check_same_thread=False)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")
+    version = con.execute("PRAGMA user_version").fetchone()[0]
+    if version < SCHEMA_VERSION:
+        for stmt in _SCHEMA:
+            con.execute(stmt)
+        con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        con.commit()
+    return con
+
+
+class _Writer:
+    """The one background thread that owns the write connections (one per database path)."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue(maxsize=MAX_PENDING)
+        self.lock = threading.Condition()
+        self.enqueued = 0
+        self.done = 0
+        self.dropped = 0
+        self.thread: threading.Thread | None = None
+        self.cons: dict[Path, sqlite3.Connection] = {}
+        self.warned = False
+
+    def put(self, path: Path, row: tuple) -> None:
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="edgert-telemetry", daemon=True)
+                self.thread.start()
+            try:
+                self.q.put_nowait((path, row))
+            except queue.Full:
+                self.dropped += 1
+                return
+            self.enqueued += 1
+
+    def _run(self) -> None:
+        while True:
+            batch = [self.q.get()]
+            deadline = time.monotonic() + BATCH_WAIT_S
+            while len(batch) < BATCH_MAX:
+                left = deadline - time.monotonic()
+                try:
+                    batch.append(self.q.get(timeout=left) if left > 0 else self.q.get_nowait())
+                except queue.Empty:
+                    break
+            by_path: dict[Path, list] = {}
+            for path, row in batch:
+                by_path.setdefault(path, []).append(row)
+            for path, rows in by_path.items():
+                try:
+                    con = self.cons.get(path)
+                    if con is None:
+                        if len(self.cons) > 8:  # tests switch EDGERT_HOME often: do not hoard connections
+                            for old in self.cons.values():
+                                old.close()
+                            self.cons.clear()
+                        con = self.cons[path] = _connect(path)
+                    with con:
+                        con.executemany(_INSERT, rows)
+                except Exception as exc:  # a broken disk must not break inference: warn once, drop the batch
+                    self.cons.pop(path, None)
+                    if not self.warned:
+                        self.warned = True
+                        warnings.warn(f"edgert telemetry: could not write {path}: {exc}", RuntimeWarning)
+            with self.lock:
+                self.done += len(batch)
+                self.lock.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        with self.lock:
+            target = self.enqueued
+            return self.lock.wait_for(lambda: self.done >= target, timeout=timeout)
+
+
+_writer = _Writer()
+
+
+def record(event: dict) -> str | None:
+    """Queue one event (keys: the COLUMNS names; missing ones are filled in). Returns its request id, or None when
+    telemetry is off. Never raises."""
+    if not enabled():
+        return None
+    try:
+        ev = dict(event)
+        ev.setdefault("request_id", new_request_id())
+        ev.setdefault("ts", time.time())
+        cost = host_cost_model()
+        ev.setdefault("device", cost.device)
+        ev.setdefault("delegates", "host")
+        if isinstance(ev.get("delegates"), (list, tuple)):
+            ev["delegates"] = ",".join(ev["delegates"])
+        busy = float(ev.get("prefill_s") or 0.0) + float(ev.get("decode_s") or 0.0)
+        if ev.get("energy_j") is None:
+            ev["energy_j"] = cost.energy_j(busy)
+        if ev.get("cost_usd") is None:
+            ev["cost_usd"] = cost.cost_usd(busy)
+        if ev.get("error") is not None and not isinstance(ev["error"], str):
+            ev["error"] = f"{type(ev['error']).__name__}: {ev['error']}"
+        _writer.put(db_path(), tuple(ev.get(name) for name in _NAMES))
+        return ev["request_id"]
+    except Exception:
+        return None
+
+
+def record_generation(result, *, model: str, source: str = "llm", endpoint: str | None = None,
+                      finish_reason: str | None = None, error=None, t_start: float | None = None,
+                      extra: dict | None = None) -> str | None:
+    """One event from an edgert.llm GenerationResult (or None when the generation failed before one existed)."""
+    if not enabled():
+        return None
+    t = getattr(result, "timings", None) or {}
+    ev = {
+        "source": source, "endpoint": endpoint, "model": model,
+        "prompt_tokens": getattr(result, "prompt_tokens", None),
+        "completion_tokens": len(result.tokens) if result is not None else 0,
+        "ttft_s": t.get("ttft_s"), "prefill_s": t.get("prefill_s"), "decode_s": t.get("decode_s"),
+        "latency_s": t.get("total_s", (time.perf_counter() - t_start) if t_start is not None else None),
+        "bytes_copied": int(t.get("bytes_copied", 0)), "queue_wait_s": 0.0,
+        "finish_reason": finish_reason or getattr(result, "finish_reason", None) or ("error" if error else None),
+        "error": error,
+    }
+    ev.update(extra or {})
+    return record(ev)
+
+
+def flush(timeout: float = 5.0) -> bool:
+    """Wait until every event recorded so far is committed (True) or timeout passes (False)."""
+    return _writer.flush(timeout)
+
+
+def dropped() -> int:
+    return _writer.dropped
+
+
+atexit.register(lambda: flush(2.0))
+
+
+# ---- reading ----
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d|w)?\s*$", re.IGNORECASE)
+_UNIT_S = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+GROUPS = ("model", "device", "delegate")
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '15m', '2h', '7d', '1w' or bare seconds -> seconds."""
+    m = _DURATION.match(str(text))
+    if not m:
+        raise ValueError(f"duration {text!r} is not understood: use a number with s, m, h, d or w (e.g. 30m, 24h)")
+    return float(m.group(1)) * _UNIT_S[m.group(2).lower() if m.group(2) else None]
+
+
+def events(since: float | None = None, path: Path | None = None) -> list[dict]:
+    """Raw events (oldest first) recorded in the last ``since`` seconds (all when None)."""
+    path = path or db_path()
+    if not path.exists():
+        return []
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+    try:
+        con.row_factory = sqlite3.Row
+        if since is None:
+            rows = con.execute("SELECT * FROM events ORDER BY ts").fetchall()
+        else:
+            rows = con.execute("SELECT * FROM events WHERE ts >= ? ORDER BY ts", (time.time() - since,)).fetchall()
+        return [dict(r) for r in rows]
+    except sqlite3.OperationalError:  # a database without the events table yet
+        return []
+    finally:
+        con.close()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default), None for no values."""
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    k = (len(vals) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return vals[lo] + (vals[hi] - vals[lo]) * (k - lo)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The report's figures for one group of events."""
+    n = len(rows)
+    errors = sum(1 for r in rows if r.get("error"))
+    completion = sum(r.get("completion_tokens") or 0 for r in rows)
+    prompt = sum(r.get("prompt_tokens") or 0 for r in rows)
+    busy = sum((r.get("prefill_s") or 0.0) + (r.get("decode_s") or 0.0) for r in rows)
+    cost = sum(r.get("cost_usd") or 0.0 for r in rows)
+    energy = sum(r.get("energy_j") or 0.0 for r in rows)
+    lat = [r.get("latency_s") for r in rows]
+    ttft = [r.get("ttft_s") for r in rows if not r.get("error")]
+    total_tokens = prompt + completion
+    return {
+        "requests": n, "errors": errors, "error_rate": errors / n if n else 0.0,
+        "prompt_tokens": prompt, "completion_tokens": completion,
+        "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
+        "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
+        "tokens_per_s": completion / busy if busy > 0 else 0.0,
+        "energy_j": energy, "cost_usd": cost,
+        "cost_per_1m_tokens_usd": cost / total_tokens * 1e6 if total_tokens else 0.0,
+    }
+
+
+def query(since: float | str | None = None, by: str | None = None, path: Path | None = None) -> list[dict]:
+    """Report rows: one per group (``by`` = model, device or delegate) or one overall row, each with summarize()'s
+    figures and the group key. An event run over several delegates counts once in each of their groups."""
+    if isinstance(since, str):
+        since = parse_duration(since)
+    if by is not None and by not in GROUPS:
+        raise ValueError(f"by must be one of {GROUPS}, got {by!r}")
+    rows = events(since, path)
+    if by is None:
+        return [{"group": "all", **summarize(rows)}]
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        keys = (r.get("delegates") or "").split(",") if by == "delegate" else [r.get(by)]
+        for k in keys:
+            groups.setdefault(str(k) if k else "-", []).append(r)
+    return [{by: k, **summarize(v)} for k, v in sorted(groups.items())]
+
+
+REPORT_FIELDS = ("requests", "error_rate", "latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s",
+                 "tokens_per_s", "cost_per_1m_tokens_usd", "energy_j", "cost_usd", "prompt_tokens", "completion_tokens")
+
+
+def format_report(rows: list[dict], fmt: str = "table") -> str:
+    key = next(iter(rows[0])) if rows else "group"
+    fields = (key,) + REPORT_FIELDS
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+        return buf.getvalue().rstrip("\n")
+    if fmt != "table":
+        raise ValueError(f"format must be table, json or csv, got {fmt!r}")
+
+    def ms(v):
+        return "-" if v is None else f"{v * 1000:.0f}"
+
+    head = (f"{key:<24} {'requests':>8} {'errors':>7} {'p50 ms':>8} {'p95 ms':>8} {'ttft50':>7} {'ttft95':>7} "
+            f"{'tok/s':>8} {'$/1M tok':>10} {'energy J':>9}")
+    lines = [head]
+    for r in rows:
+        lines.append(f"{str(r[key])[:24]:<24} {r['requests']:>8} {r['error_rate'] * 100:>6.1f}% "
+                     f"{ms(r['latency_p50_s']):>8} {ms(r['latency_p95_s']):>8} {ms(r['ttft_p50_s']):>7} "
+                     f"{ms(r['ttft_p95_s']):>7} {r['tokens_per_s']:>8.1f} {r['cost_per_1m_tokens_usd']:>10.4f} "
+                     f"{r['energy_j']:>9.1f}")
+    return "\n".join(lines)
