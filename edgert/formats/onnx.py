@@ -1,0 +1,517 @@
+"""ONNX -> edgert graph IR (``edgert.graph.ir.Graph``), validated.
+
+Order of work: parse (``onnx.load``, external data *not* pulled into the protobuf), our own structural checks
+(every node's domain and opset known, every input defined before use, no cycles, no duplicate outputs: these give
+the precise messages), ``onnx.checker``, binding of any dims the caller fixed, then ``onnx.shape_inference``
+(strict mode first; if that fails, the non-strict pass, recorded in ``Graph.warnings``). Every failure is an
+``edgert.ModelFormatError`` naming the node, op, domain and opset; ops outside the domains edgert's delegates run,
+and opsets newer than the installed ``onnx`` knows, raise ``edgert.UnsupportedOpError``.
+
+Initializer data: protobuf owns the bytes of an embedded initializer, so ``numpy_helper.to_array`` copies it once
+(there is no zero-copy view of a protobuf ``bytes`` field from Python). Initializers in external data files are
+memory-mapped read-only instead and never copied (plain little-endian numeric types; exotic ones such as bfloat16
+or int4 are read through onnx's own helper). ``Graph.bind`` reuses the arrays of the graph it binds.
+
+Control-flow nodes (If, Loop, Scan) stay whole: one IR node whose bodies are converted into ``Node.subgraphs``.
+
+This module must not import from the layers above it (plan, delegates, session).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import mmap
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import EdgertError, InvalidArgumentError, ModelFormatError, ModelNotFoundError, UnsupportedOpError
+from ..graph.ir import Graph, Node, QuantParams, Tensor, onnx_elem_type_to_dtype
+
+# domains whose ops some edgert delegate can run: ONNX's own, and onnxruntime's contrib ops (QLinearAdd, ...)
+ONNX_DOMAINS = ("", "ai.onnx.ml", "ai.onnx.preview.training", "ai.onnx.preview")
+RUNTIME_DOMAINS = ("com.microsoft",)
+
+# op -> ((tensor input/output position, scale position, zero-point position), ...) to attach QuantParams;
+# a negative tensor position -k means output k-1
+_QUANT_TRIPLES: dict[tuple[str, str], tuple[tuple[int, int, int], ...]] = {
+    ("", "QuantizeLinear"): ((-1, 1, 2),),
+    ("", "DequantizeLinear"): ((0, 1, 2),),
+    ("", "QLinearConv"): ((0, 1, 2), (3, 4, 5), (-1, 6, 7)),
+    ("", "QLinearMatMul"): ((0, 1, 2), (3, 4, 5), (-1, 6, 7)),
+    ("com.microsoft", "QuantizeLinear"): ((-1, 1, 2),),
+    ("com.microsoft", "DequantizeLinear"): ((0, 1, 2),),
+    ("com.microsoft", "QLinearAdd"): ((0, 1, 2), (3, 4, 5), (-1, 6, 7)),
+    ("com.microsoft", "QLinearMul"): ((0, 1, 2), (3, 4, 5), (-1, 6, 7)),
+    ("com.microsoft", "QLinearSigmoid"): ((0, 1, 2), (-1, 3, 4)),
+    ("com.microsoft", "QLinearLeakyRelu"): ((0, 1, 2), (-1, 3, 4)),
+    ("com.microsoft", "QLinearAveragePool"): ((0, 1, 2), (-1, 3, 4)),
+    ("com.microsoft", "QLinearGlobalAveragePool"): ((0, 1, 2), (-1, 3, 4)),
+    ("com.microsoft", "QLinearSoftmax"): ((0, 1, 2), (-1, 3, 4)),
+}
+
+
+def _norm_domain(domain: str) -> str:
+    return "" if domain in ("", "ai.onnx") else domain
+
+
+@functools.lru_cache(maxsize=None)
+def _max_opsets() -> dict[str, int]:
+    from onnx import defs
+
+    out: dict[str, int] = {}
+    for s in defs.get_all_schemas_with_history():
+        out[s.domain] = max(out.get(s.domain, 0), s.since_version)
+    return out
+
+
+def _where(node, opsets: Mapping[str, int], label: str | None = None) -> str:
+    domain = _norm_domain(node.domain)
+    return (f"node {label or node.name or '(unnamed)'!r} (op {node.op_type}, domain {domain or 'ai.onnx'}, "
+            f"opset {opsets.get(domain, '?')})")
+
+
+# ---- reading the file ---------------------------------------------------------------------------------------
+def _parse(src, base_dir):
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if isinstance(src, onnx.ModelProto):
+        return src, base_dir, "(in-memory model)"
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        what = f"({len(src)} bytes)"
+        try:
+            return onnx.load_model_from_string(bytes(src)), base_dir, what
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            raise ModelFormatError(f"ONNX model {what} could not be parsed as an ONNX protobuf ({exc}); the bytes "
+                                   "are truncated or not an ONNX model") from None
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.is_file():
+            raise ModelNotFoundError(f"ONNX model {str(path)!r} does not exist or is not a file")
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+            raise ModelFormatError(f"ONNX model {str(path)!r} could not be parsed as an ONNX protobuf ({exc}); the "
+                                   "file is truncated or not an ONNX model") from None
+        return model, str(path.parent) if base_dir is None else base_dir, repr(str(path))
+    raise InvalidArgumentError(f"load_onnx expects a path, bytes or an onnx.ModelProto, got {type(src).__name__}")
+
+
+class _ExternalData:
+    """Read-only memory maps of a model's external data files, one map per file, shared by its tensors."""
+
+    def __init__(self, base_dir: str | None, what: str):
+        self.base_dir, self.what, self.maps = base_dir, what, {}
+
+    def array(self, t) -> np.ndarray:
+        import onnx
+        from onnx import external_data_helper, numpy_helper
+
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        if not loc or os.path.isabs(loc) or os.path.normpath(loc).split(os.sep)[0] == "..":
+            raise ModelFormatError(f"ONNX model {self.what}: initializer {t.name!r} names external data location "
+                                   f"{loc!r}; it must be a relative path inside the model's directory")
+        if self.base_dir is None:
+            raise ModelFormatError(f"ONNX model {self.what}: initializer {t.name!r} lives in external file {loc!r} "
+                                   "but the model was not loaded from a path; pass base_dir= (the model's directory)")
+        path = os.path.join(self.base_dir, loc)
+        if not os.path.isfile(path):
+            raise ModelFormatError(f"ONNX model {self.what}: initializer {t.name!r}: external data file {loc!r} not "
+                                   f"found in {self.base_dir!r}")
+        dtype = onnx_elem_type_to_dtype(t.data_type)
+        try:
+            npdt = np.dtype(dtype).newbyteorder("<") if dtype and dtype != "string" else None
+        except TypeError:
+            npdt = None
+        if npdt is None or npdt.kind not in "biufc":
+            tmp = onnx.TensorProto()
+            tmp.CopyFrom(t)
+            external_data_helper.load_external_data_for_tensor(tmp, self.base_dir)
+            tmp.data_location = onnx.TensorProto.DEFAULT
+            return numpy_helper.to_array(tmp)
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise ModelFormatError(f"ONNX model {self.what}: initializer {t.name!r}: external data offset/length "
+                                   f"{info.get('offset')!r}/{info.get('length')!r} are not integers") from None
+        count = math.prod(t.dims)
+        nbytes = count * npdt.itemsize
+        size = os.path.getsize(path)
+        if offset < 0 or (length is not None and length != nbytes) or offset + nbytes > size:
+            raise ModelFormatError(
+                f"ONNX model {self.what}: initializer {t.name!r} ({dtype}{list(t.dims)}, {nbytes} bytes) does not fit "
+                f"its external data: offset {offset}, length {length}, file {loc!r} holds {size} bytes")
+        if count == 0:
+            return np.zeros(tuple(t.dims), npdt)
+        if path not in self.maps:
+            with open(path, "rb") as f:
+                self.maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(self.maps[path], dtype=npdt, count=count, offset=offset).reshape(tuple(t.dims))
+
+
+# ---- structural checks --------------------------------------------------------------------------------------
+def _check_graph(g, opsets: Mapping[str, int], functions: set[tuple[str, str]], what: str, outer: set[str],
+                 path: str = "") -> None:
+    """Domains/opsets known, inputs defined before use (outer scope visible), no cycles, single assignment."""
+    import onnx
+
+    defined = set(outer) | {i.name for i in g.input} | {i.name for i in g.initializer}
+    producers = {}
+    for idx, n in enumerate(g.node):
+        if not all(isinstance(v, str) for v in (n.name, n.op_type, n.domain, *n.input, *n.output)):
+            raise ModelFormatError(f"ONNX model {what}: {path}node #{idx} has a name, op type, domain or tensor name "
+                                   "that is not valid UTF-8 text; the file is damaged")
+        for o in n.output:
+            if o:
+                if o in producers or o in {i.name for i in g.input}:
+                    raise ModelFormatError(f"ONNX model {what}: {path}{_where(n, opsets)} writes tensor {o!r}, which "
+                                           "is already a graph input or another node's output (ONNX values are "
+                                           "assigned once)")
+                producers[o] = idx
+    max_opsets = _max_opsets()
+    for idx, n in enumerate(g.node):
+        dom = _norm_domain(n.domain)
+        if (dom, n.op_type) not in functions:
+            if dom not in opsets:
+                raise ModelFormatError(f"ONNX model {what}: {path}{_where(n, opsets)} uses domain "
+                                       f"{dom or 'ai.onnx'!r}, which the model's opset_import does not list "
+                                       f"({sorted(k or 'ai.onnx' for k in opsets)})")
+            if dom in ONNX_DOMAINS:
+                if opsets[dom] > max_opsets.get(dom, 0):
+                    raise UnsupportedOpError(
+                        f"ONNX model {what}: {path}{_where(n, opsets)}: opset {opsets[dom]} of domain "
+                        f"{dom or 'ai.onnx'} is newer than the installed onnx package knows (up to "
+                        f"{max_opsets.get(dom, 0)}); re-export with an older opset or upgrade onnx")
+                try:
+                    onnx.defs.get_schema(n.op_type, opsets[dom], dom)
+                except onnx.defs.SchemaError:
+                    raise UnsupportedOpError(f"ONNX model {what}: {path}{_where(n, opsets)}: {n.op_type} is not an "
+                                             f"operator of domain {dom or 'ai.onnx'} at opset {opsets[dom]}") from None
+            elif dom not in RUNTIME_DOMAINS:
+                raise UnsupportedOpError(
+                    f"ONNX model {what}: {path}{_where(n, opsets)}: custom domain {dom!r} is not one edgert's "
+                    f"delegates run (ai.onnx, ai.onnx.ml, {', '.join(RUNTIME_DOMAINS)}); replace the op or export "
+                    "it as a model-local function")
+        for i in n.input:
+            if not i or i in defined:
+                continue
+            if i not in producers:
+                raise ModelFormatError(f"ONNX model {what}: {path}{_where(n, opsets)} reads tensor {i!r}, which is "
+                                       "not a graph input, an initializer or any node's output")
+            cyc = _find_cycle(g, producers, idx)
+            if cyc:
+                raise ModelFormatError(f"ONNX model {what}: {path}the graph has a cycle: "
+                                       + " -> ".join(repr(g.node[k].name or f"#{k}") for k in cyc))
+            raise ModelFormatError(f"ONNX model {what}: {path}{_where(n, opsets)} reads {i!r} before node "
+                                   f"{g.node[producers[i]].name!r} (later in the file) produces it; ONNX requires "
+                                   "nodes in topological order")
+        for a in n.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for s in subs:
+                _check_graph(s, opsets, functions, what, defined, f"{path}{_where(n, opsets)} body {a.name!r}: ")
+        defined.update(o for o in n.output if o)
+
+
+def _find_cycle(g, producers: Mapping[str, int], start: int) -> list[int] | None:
+    """A cycle through node ``start`` following inputs back to their producers, as node indices, or None."""
+    stack, seen = [(start, [start])], set()
+    while stack:
+        idx, trail = stack.pop()
+        for i in g.node[idx].input:
+            p = producers.get(i)
+            if p is None:
+                continue
+            if p == start:
+                return list(reversed(trail)) + [trail[-1]] if len(trail) > 1 else [start, start]
+            if p not in seen:
+                seen.add(p)
+                stack.append((p, trail + [p]))
+    return None
+
+
+# ---- binding ------------------------------------------------------------------------------------------------
+def _bind_dims(model, dims: Mapping[str, int]) -> None:
+    """Replace symbolic dims by sizes in the model's inputs, outputs and value_info (in place)."""
+    for k, v in dims.items():
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+            raise InvalidArgumentError(f"dim {k!r} must be bound to a positive integer, got {v!r}")
+    g = model.graph
+    present = set()
+    for vi in [*g.input, *g.output, *g.value_info]:
+        if not vi.type.HasField("tensor_type"):
+            continue
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param:
+                present.add(d.dim_param)
+                if d.dim_param in dims:
+                    d.dim_value = int(dims[d.dim_param])  # a oneof: clears dim_param
+    unknown = set(dims) - present
+    if unknown:
+        raise InvalidArgumentError(f"cannot bind dim(s) {sorted(unknown)}: the model's symbolic dims are "
+                                   f"{sorted(present) or 'none'}")
+    # intermediates are re-inferred from the bound inputs rather than trusted
+    del g.value_info[:]
+
+
+# ---- conversion ---------------------------------------------------------------------------------------------
+def _shape_of(tp) -> tuple[str | None, tuple | None]:
+    if not tp.HasField("tensor_type"):
+        return None, None
+    tt = tp.tensor_type
+    dtype = onnx_elem_type_to_dtype(tt.elem_type) if tt.elem_type else None
+    if not tt.HasField("shape"):
+        return dtype, None
+    dims = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dtype, tuple(dims)
+
+
+def _attr_value(a):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    A = onnx.AttributeProto
+    if a.type == A.TENSOR:
+        return numpy_helper.to_array(a.t)
+    if a.type == A.TENSORS:
+        return [numpy_helper.to_array(t) for t in a.tensors]
+    if a.type == A.STRING:
+        return a.s.decode("utf-8", "replace")
+    if a.type == A.STRINGS:
+        return [s.decode("utf-8", "replace") for s in a.strings]
+    return helper.get_attribute_value(a)
+
+
+class _Converter:
+    def __init__(self, opsets, what, external: _ExternalData, reuse: Mapping[str, Tensor] | None):
+        self.opsets, self.what, self.external, self.reuse = opsets, what, external, reuse or {}
+
+    def initializer(self, t) -> np.ndarray:
+        import onnx
+        from onnx import numpy_helper
+
+        old = self.reuse.get(t.name)
+        if old is not None and old.initializer is not None:
+            return old.initializer
+        try:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                arr = self.external.array(t)
+            else:
+                arr = numpy_helper.to_array(t)
+        except ModelFormatError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnx raises assorted types on bad tensor payloads
+            raise ModelFormatError(f"ONNX model {self.what}: initializer {t.name!r} ({list(t.dims)}) could not be "
+                                   f"read: {exc}") from None
+        if arr.flags.writeable:
+            arr.flags.writeable = False
+        return arr
+
+    def graph(self, g, source) -> tuple[Graph, set[str]]:
+        """Convert one (sub)graph; returns it and its free names (outer-scope values it reads)."""
+        import onnx
+
+        tensors: dict[str, Tensor] = {}
+
+        def add(vi):
+            dtype, shape = _shape_of(vi.type)
+            old = tensors.get(vi.name)
+            if old is None:
+                tensors[vi.name] = Tensor(vi.name, dtype, shape)
+            else:
+                old.dtype = old.dtype or dtype
+                old.shape = old.shape if old.shape is not None else shape
+
+        for vi in [*g.input, *g.output, *g.value_info]:
+            add(vi)
+        for t in g.initializer:
+            arr = self.initializer(t)
+            tensors[t.name] = Tensor(t.name, onnx_elem_type_to_dtype(t.data_type), tuple(int(d) for d in t.dims),
+                                     initializer=arr)
+        init_names = {t.name for t in g.initializer}
+        defined = {i.name for i in g.input} | init_names
+        free: set[str] = set()
+        nodes: list[Node] = []
+        names_used: set[str] = set()
+        for idx, n in enumerate(g.node):
+            label = n.name or f"{n.op_type}_{idx}"
+            while label in names_used:
+                label = f"{label}_{idx}"
+            names_used.add(label)
+            attrs, subgraphs, implicit = {}, {}, []
+            for a in n.attribute:
+                bodies = ([(a.name, a.g)] if a.type == onnx.AttributeProto.GRAPH else
+                          [(f"{a.name}[{k}]", s) for k, s in enumerate(a.graphs)]
+                          if a.type == onnx.AttributeProto.GRAPHS else [])
+                if not bodies:
+                    attrs[a.name] = _attr_value(a)
+                for key, body in bodies:
+                    sub, sub_free = self.graph(body, body)
+                    subgraphs[key] = sub
+                    for f in sorted(sub_free):
+                        if f not in implicit:
+                            implicit.append(f)
+            node = Node(label, n.op_type, _norm_domain(n.domain), list(n.input), list(n.output), attrs, subgraphs,
+                        idx, implicit)
+            for i in node.all_inputs():
+                if i not in defined:
+                    free.add(i)
+            for o in node.outputs:
+                if o:
+                    defined.add(o)
+                    tensors.setdefault(o, Tensor(o, None, None))
+            nodes.append(node)
+        graph = Graph(g.name or "graph", nodes, tensors, [i.name for i in g.input if i.name not in init_names],
+                      [o.name for o in g.output], dict(self.opsets), source)
+        _attach_quant(graph)
+        return graph, free
+
+
+def _const_value(graph: Graph, name: str) -> np.ndarray | None:
+    t = graph.tensors.get(name)
+    if t is not None and t.initializer is not None:
+        return t.initializer
+    p = graph.producer(name)
+    if p is not None and p.op_type == "Constant" and isinstance(p.attrs.get("value"), np.ndarray):
+        return p.attrs["value"]
+    return None
+
+
+def _attach_quant(graph: Graph) -> None:
+    """QuantParams on every tensor a Q/DQ/QLinear op gives constant scale (and zero-point) inputs."""
+    for node in graph.nodes:
+        triples = _QUANT_TRIPLES.get((node.domain, node.op_type))
+        if triples is None and node.domain == "com.microsoft" and node.op_type == "QLinearConcat":
+            triples = ((-1, 0, 1),) + tuple((k, k + 1, k + 2) for k in range(2, len(node.inputs) - 2, 3))
+        for pos, s_pos, z_pos in triples or ():
+            name = node.outputs[-pos - 1] if pos < 0 else node.inputs[pos] if pos < len(node.inputs) else ""
+            if not name or name not in graph.tensors or s_pos >= len(node.inputs) or not node.inputs[s_pos]:
+                continue
+            scale = _const_value(graph, node.inputs[s_pos])
+            if scale is None:
+                continue  # dynamic quantization: parameters computed at run time
+            zp = _const_value(graph, node.inputs[z_pos]) if z_pos < len(node.inputs) and node.inputs[z_pos] else None
+            t = graph.tensors[name]
+            if zp is None:
+                zp = np.zeros(scale.shape, np.dtype(t.dtype) if t.dtype in ("int8", "uint8", "int16", "uint16")
+                              else np.uint8)
+            axis = None
+            if scale.size > 1:
+                if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                    axis = int(node.attrs.get("axis", 1))
+                elif node.op_type == "QLinearConv":
+                    axis = 0 if pos == 3 else 1  # weights per output channel (M), activations per channel (C)
+                else:
+                    axis = -1  # QLinearMatMul's b: per column
+                if axis < 0 and t.rank:
+                    axis += t.rank
+            t.quant = QuantParams(scale, zp, axis)
+
+
+# ---- entry point --------------------------------------------------------------------------------------------
+def load_onnx(src, dims: Mapping[str, int] | None = None, *, base_dir: str | None = None, check: bool = True,
+              _initializers: Mapping[str, Tensor] | None = None) -> Graph:
+    """Load an ONNX model into the graph IR.
+
+    ``src``: a path (external data is read from the model's directory), the model's bytes, or an ``onnx.ModelProto``
+    (pass ``base_dir`` if it refers to external data). ``dims`` binds symbolic dims (e.g. ``{"batch": 1}``) before
+    shape inference. ``check=False`` skips ``onnx.checker`` (our own structural checks always run).
+    The caller's ModelProto is never modified. Raises ModelFormatError / UnsupportedOpError / ModelNotFoundError.
+    """
+    import onnx
+
+    model, base_dir, what = _parse(src, base_dir)
+    try:
+        return _load(model, dims, base_dir, what, check, _initializers)
+    except (EdgertError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a hostile file must never escape as a bare TypeError/KeyError
+        raise ModelFormatError(f"ONNX model {what} is malformed: {type(exc).__name__}: {exc}") from exc
+
+
+def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
+    import onnx
+
+    if not model.HasField("graph") or model.ir_version < 3:
+        raise ModelFormatError(f"ONNX model {what} has no graph or an invalid IR version ({model.ir_version}); the "
+                               "file is not an ONNX model or is damaged")
+    if not model.opset_import:
+        raise ModelFormatError(f"ONNX model {what} imports no opset; an ONNX model must list opset_import")
+    opsets: dict[str, int] = {}
+    for o in model.opset_import:
+        opsets[_norm_domain(o.domain)] = int(o.version)
+    functions = {(_norm_domain(f.domain), f.name) for f in model.functions}
+    _check_graph(model.graph, opsets, functions, what, set())
+    if check:
+        try:
+            onnx.checker.check_model(_without_external(model))
+        except onnx.checker.ValidationError as exc:
+            msg = str(exc).strip().splitlines()
+            raise ModelFormatError(f"ONNX model {what} fails onnx.checker: {' '.join(msg)[:2000]}") from None
+    warnings: list[str] = []
+    if dims:
+        bound = onnx.ModelProto()
+        bound.CopyFrom(model)
+        _bind_dims(bound, dims)
+        model = bound
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
+        warnings.append(f"strict shape inference failed ({str(exc).strip()[:500]}); used the non-strict pass")
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        except Exception as exc2:  # noqa: BLE001 - keep the model's own annotations
+            warnings.append(f"shape inference failed ({str(exc2).strip()[:500]}); shapes are the model's own")
+            inferred = model
+    conv = _Converter(opsets, what, _ExternalData(base_dir, what), _initializers)
+    graph, free = conv.graph(inferred.graph, inferred)
+    if free:  # _check_graph already rejects these; kept as a guard for the invariant
+        raise ModelFormatError(f"ONNX model {what}: tensors {sorted(free)} are read but never defined")
+    graph.warnings.extend(warnings)
+    graph.base_dir = base_dir
+    return graph
+
+
+def _without_external(model):
+    """The checker wants external files next to a path; we check those ourselves when reading them, so hand the
+    checker a copy in which each external initializer is declared as a graph input of the same type and shape
+    (no data is read or copied)."""
+    import onnx
+    from onnx import helper
+
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    keep = [t for t in g.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    moved = [t for t in g.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    inputs = {i.name for i in g.input}
+    g.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in moved
+                   if t.name not in inputs)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return m
+
+
+def save_onnx(model, path) -> None:
+    """Write a ModelProto (e.g. ``Graph.subgraph_model``'s) to ``path``; large models go to external data."""
+    import onnx
+
+    big = model.ByteSize() > (1 << 30)
+    onnx.save_model(model, str(path), save_as_external_data=big,
+                    location=os.path.basename(str(path)) + ".data" if big else None)
+
+
+__all__ = ["load_onnx", "save_onnx"]

@@ -1,0 +1,261 @@
+"""ONNX loader: tiny models built here load into the IR with inferred dtypes/shapes, quantization parameters,
+external data (memory-mapped), control flow kept whole; hostile files raise edgert errors naming node/op/opset."""
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
+
+import edgert
+from edgert.formats.onnx import load_onnx
+
+import onnx_models as M
+
+
+def test_mlp_types_and_symbolic_dims():
+    g = load_onnx(M.mlp())
+    assert [n.op_type for n in g.nodes] == ["MatMul", "Add", "Relu", "MatMul", "Add", "Relu"]
+    assert g.inputs == ["x"] and g.outputs == ["y"] and g.opsets[""] == M.OPSET
+    assert g.tensors["h3"].dtype == "float32" and g.tensors["h3"].shape == ("batch", 16)
+    assert g.symbolic_dims() == {"batch"}
+    assert g.tensors["w1"].initializer.shape == (8, 16) and not g.tensors["w1"].initializer.flags.writeable
+    assert g.warnings == []
+
+
+def test_load_from_path_bytes_and_proto_agree(tmp_path):
+    m = M.convnet()
+    onnx.save(m, tmp_path / "c.onnx")
+    a, b, c = load_onnx(tmp_path / "c.onnx"), load_onnx(m.SerializeToString()), load_onnx(m)
+    for g in (b, c):
+        assert {k: (t.dtype, t.shape) for k, t in g.tensors.items()} == \
+               {k: (t.dtype, t.shape) for k, t in a.tensors.items()}
+    assert a.tensors["p1"].shape == (1, 8, 8, 8) and a.tensors["y"].shape == (1, 4)
+
+
+def test_caller_model_is_not_modified():
+    m = M.mlp()
+    before = m.SerializeToString()
+    load_onnx(m, dims={"batch": 2})
+    assert m.SerializeToString() == before
+
+
+def test_bind_at_load_and_after():
+    g = load_onnx(M.mlp(), dims={"batch": 5})
+    assert g.tensors["h1"].shape == (5, 16) and g.symbolic_dims() == set()
+    with pytest.raises(edgert.InvalidArgumentError, match="symbolic dims are \\['batch'\\]"):
+        load_onnx(M.mlp(), dims={"seq": 5})
+    with pytest.raises(edgert.InvalidArgumentError, match="positive integer"):
+        load_onnx(M.mlp(), dims={"batch": 0})
+
+
+def test_if_kept_whole_with_outer_scope_reads():
+    g = load_onnx(M.if_model())
+    node = g.node("branch")
+    assert node.op_type == "If" and set(node.subgraphs) == {"then_branch", "else_branch"}
+    assert sorted(node.implicit_inputs) == ["k", "x"]
+    assert [n.op_type for n in node.subgraphs["then_branch"].nodes] == ["Mul"]
+    assert node in g.consumers("k") and node in g.consumers("x")
+    assert g.tensors["z"].shape == (4,)
+
+
+def test_loop_body_converted():
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["acc_in", "step"], ["acc_out"])],
+        "body", [helper.make_tensor_value_info("i", T.INT64, []), helper.make_tensor_value_info("cond_in", T.BOOL, []),
+                 helper.make_tensor_value_info("acc_in", T.FLOAT, [2])],
+        [helper.make_tensor_value_info("cond_out", T.BOOL, []), helper.make_tensor_value_info("acc_out", T.FLOAT, [2])])
+    step = numpy_helper.from_array(np.ones(2, np.float32), "step")
+    trip = numpy_helper.from_array(np.array(3, np.int64), "trip")
+    m = M._model([helper.make_node("Loop", ["trip", "", "a"], ["out"], name="loop", body=body)],
+                 [helper.make_tensor_value_info("a", T.FLOAT, [2])], [helper.make_tensor_value_info("out", T.FLOAT, [2])],
+                 [step, trip])
+    g = load_onnx(m)
+    loop = g.node("loop")
+    assert loop.inputs == ["trip", "", "a"] and loop.implicit_inputs == ["step"]
+    assert loop.subgraphs["body"].inputs == ["i", "cond_in", "acc_in"]
+
+
+def test_qdq_model_has_quant_params(tmp_path):
+    g = load_onnx(M.qdq_convnet(tmp_path))
+    assert any(n.op_type == "QuantizeLinear" for n in g.nodes)
+    quantized = {k: t for k, t in g.tensors.items() if t.quant is not None}
+    acts = [t for t in quantized.values() if t.initializer is None]
+    weights = [t for t in quantized.values() if t.initializer is not None and t.dtype == "int8"]
+    assert acts and all(t.dtype == "int8" and t.quant.axis is None and t.quant.scale.size == 1 for t in acts)
+    # per-channel weights: one scale per output channel, along axis 0
+    assert weights and all(t.quant.axis == 0 and t.quant.scale.shape == (t.shape[0],) for t in weights)
+    dq = next(n for n in g.nodes if n.op_type == "DequantizeLinear" and g.tensors[n.inputs[0]].initializer is None)
+    assert list(g.node_dtypes(dq)) == [dq.inputs[0], dq.outputs[0]]  # scale and zero point are not data
+
+
+def test_dynamic_quantization_qlinear_and_integer_ops(tmp_path):
+    from onnxruntime.quantization import quantize_dynamic
+
+    onnx.save(M.mlp(batch=2), tmp_path / "mlp.onnx")
+    quantize_dynamic(str(tmp_path / "mlp.onnx"), str(tmp_path / "mlp_dyn.onnx"))
+    g = load_onnx(tmp_path / "mlp_dyn.onnx")
+    ops = {n.op_type for n in g.nodes}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    int8_weights = [t for t in g.tensors.values() if t.initializer is not None and t.dtype in ("int8", "uint8")
+                    and t.initializer.ndim == 2]
+    assert int8_weights
+
+
+def test_external_data_memory_mapped(tmp_path):
+    m = M.mlp(d_in=64, d_hidden=128)
+    want = numpy_helper.to_array(m.graph.initializer[0])  # onnx.save below moves m's data out to the file
+    onnx.save(m, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.bin", size_threshold=0)
+    g = load_onnx(tmp_path / "ext.onnx")
+    w1 = g.tensors["w1"].initializer
+    np.testing.assert_array_equal(w1, want)
+    assert not w1.flags.owndata and not w1.flags.writeable  # a view of the mapped file, not a copy
+    import mmap
+
+    base = w1
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
+    # the exported partition embeds the data, so it runs standalone
+    sub = g.subgraph_model(["mm1", "add1"])
+    onnx.checker.check_model(sub)
+    assert all(not i.external_data for i in sub.graph.initializer)
+
+
+def test_external_data_missing_or_escaping(tmp_path):
+    m = M.mlp()
+    onnx.save(m, tmp_path / "ext.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    (tmp_path / "w.bin").unlink()
+    with pytest.raises(edgert.ModelFormatError, match="external data file 'w.bin' not found"):
+        load_onnx(tmp_path / "ext.onnx")
+    m2 = onnx.load(tmp_path / "ext.onnx", load_external_data=False)
+    for t in m2.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../../etc/passwd"
+    with pytest.raises(edgert.ModelFormatError, match="relative path inside"):
+        load_onnx(m2, base_dir=str(tmp_path))
+
+
+def test_external_data_too_short(tmp_path):
+    onnx.save(M.mlp(), tmp_path / "ext.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    data = (tmp_path / "w.bin").read_bytes()
+    (tmp_path / "w.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(edgert.ModelFormatError, match="does not fit its external data"):
+        load_onnx(tmp_path / "ext.onnx")
+
+
+# ---- hostile models ------------------------------------------------------------------------------------------
+def test_missing_file():
+    with pytest.raises(edgert.ModelNotFoundError):
+        load_onnx("/nonexistent/model.onnx")
+
+
+@pytest.mark.parametrize("cut", [1, 7, 100, -1])
+def test_truncated(cut):
+    data = M.convnet().SerializeToString()
+    with pytest.raises(edgert.ModelFormatError):
+        load_onnx(data[:cut])
+
+
+def test_random_bytes():
+    for seed in range(20):
+        with pytest.raises(edgert.ModelFormatError):
+            load_onnx(np.random.default_rng(seed).bytes(256))
+
+
+def test_missing_input_names_node_and_op():
+    m = M.mlp()
+    m.graph.node[3].input[0] = "nope"
+    with pytest.raises(edgert.ModelFormatError, match=r"node 'mm2' \(op MatMul, domain ai.onnx, opset 17\) reads "
+                                                      r"tensor 'nope'"):
+        load_onnx(m)
+
+
+def test_cycle():
+    m = M.mlp()
+    m.graph.node[0].input[0] = "h3"  # mm1 reads relu1's output
+    with pytest.raises(edgert.ModelFormatError, match="cycle: 'add1' -> 'relu1' -> 'mm1' -> 'add1'"):
+        load_onnx(m)
+
+
+def test_out_of_order_nodes():
+    m = M.mlp()
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend([nodes[1], nodes[0], *nodes[2:]])
+    with pytest.raises(edgert.ModelFormatError, match="topological order"):
+        load_onnx(m)
+
+
+def test_duplicate_output():
+    m = M.mlp()
+    m.graph.node[1].output[0] = "h1"
+    with pytest.raises(edgert.ModelFormatError, match="assigned once"):
+        load_onnx(m)
+
+
+def test_unknown_domain_is_unsupported_op():
+    m = M.mlp()
+    m.graph.node[2].domain = "acme.ops"
+    m.opset_import.append(helper.make_opsetid("acme.ops", 3))
+    with pytest.raises(edgert.UnsupportedOpError, match=r"node 'relu1' \(op Relu, domain acme.ops, opset 3\)"):
+        load_onnx(m)
+
+
+def test_domain_not_imported():
+    m = M.mlp()
+    m.graph.node[2].domain = "acme.ops"
+    with pytest.raises(edgert.ModelFormatError, match="opset_import does not list"):
+        load_onnx(m)
+
+
+def test_opset_too_new():
+    m = M.mlp()
+    m.opset_import[0].version = 999
+    with pytest.raises(edgert.UnsupportedOpError, match="opset 999 .* newer than the installed onnx"):
+        load_onnx(m)
+
+
+def test_unknown_op():
+    m = M.mlp()
+    m.graph.node[2].op_type = "Frobnicate"
+    with pytest.raises(edgert.UnsupportedOpError, match="'relu1' .*Frobnicate is not an operator"):
+        load_onnx(m)
+
+
+def test_op_inside_if_body_named_with_path():
+    m = M.if_model()
+    then = next(a for a in m.graph.node[2].attribute if a.name == "then_branch")
+    then.g.node[0].op_type = "Frobnicate"
+    with pytest.raises(edgert.UnsupportedOpError, match="node 'branch' .* body .*'then_mul'"):
+        load_onnx(m)
+
+
+def test_checker_errors_wrapped():
+    m = M.mlp()
+    m.graph.node[2].attribute.append(helper.make_attribute("bogus", 1))
+    with pytest.raises(edgert.ModelFormatError, match="onnx.checker"):
+        load_onnx(m)
+
+
+def test_inconsistent_shapes_fall_back_with_warning():
+    m = M.mlp()
+    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 7  # declared [batch, 7], inferred [batch, 4]
+    g = load_onnx(m, check=False)
+    assert g.warnings and "strict shape inference failed" in g.warnings[0]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_mutated_bytes_raise_only_edgert_errors(data):
+    blob = bytearray(M.if_model().SerializeToString())
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(blob) - 1))
+        blob[pos] = data.draw(st.integers(0, 255))
+    try:
+        load_onnx(bytes(blob))
+    except edgert.EdgertError:
+        pass
