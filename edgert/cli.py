@@ -1,4 +1,4 @@
-"""The ``edgert`` command: pull, models, chat, generate, info.
+"""The ``edgert`` command: pull, models, chat, generate, info, serve, report.
 
 Each subcommand is a thin shell over the Python API; errors print one ``edgert: error: ...`` line and exit 1.
 """
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import EdgertError
@@ -75,6 +76,10 @@ def _stats_line(res) -> str:
 
 
 def cmd_generate(args) -> int:
+    if args.no_telemetry:
+        from . import telemetry
+
+        telemetry.set_enabled(False)
     llm = _load(args)
     kw = _sampling(args)
     if args.json:
@@ -143,6 +148,45 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(answer)})
 
 
+def cmd_serve(args) -> int:
+    import ipaddress
+
+    import uvicorn
+
+    from .serve import create_app
+
+    if args.no_telemetry:
+        from . import telemetry
+
+        telemetry.set_enabled(False)
+    api_key = args.api_key or None
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and not api_key and not os.environ.get("EDGERT_API_KEY"):
+        print(f"edgert: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    llm = _load(args)
+    app = create_app(llm, api_key=api_key, max_queue=args.max_queue, request_timeout_s=args.timeout,
+                     max_tokens_cap=args.max_tokens_cap, telemetry=not args.no_telemetry)
+    print(f"edgert serve — {llm.name} (n_ctx {llm.n_ctx}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from . import telemetry
+
+    try:
+        rows = telemetry.query(since=args.since, by=args.by)
+    except ValueError as exc:
+        print(f"edgert: error: {exc}", file=sys.stderr)
+        return 2
+    print(telemetry.format_report(rows, args.format))
+    return 0
+
+
 def cmd_info(args) -> int:
     from . import native
 
@@ -181,7 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     s.add_argument("--json", action="store_true", help="print text, tokens and timings as JSON")
     s.add_argument("-q", "--quiet", action="store_true", help="no stats line")
+    s.add_argument("--no-telemetry", action="store_true", help="record no event in $EDGERT_HOME/telemetry.db")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (loopback by default)")
+    _add_model(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EDGERT_API_KEY)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for the model (default 64)")
+    s.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds, queue included")
+    s.add_argument("--max-tokens-cap", type=int, default=None, help="most tokens per request (default n_ctx)")
+    s.add_argument("--no-telemetry", action="store_true", help="record no events in $EDGERT_HOME/telemetry.db")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("report", help="latency, tokens/s, cost and errors from the local telemetry")
+    s.add_argument("--since", default=None, help="only the last DURATION (e.g. 30m, 24h, 7d; default all)")
+    s.add_argument("--by", choices=["model", "device", "delegate"], default=None)
+    s.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("info", help="the C core's ISA variant, threads and CPU features")
     s.add_argument("--json", action="store_true")

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ContextLengthError, InvalidArgumentError
+from .. import telemetry
 from . import chat_template, store
 from .model import DEFAULT_N_BATCH, LlamaModel
 from .sampler import Sampler
@@ -189,7 +190,8 @@ class LLM:
 
     def _iterate(self, prompt_ids: list[int], max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop=None):
+                 stop=None, record: bool = True):
+        """record=False: the caller (the server) records its own telemetry event for this generation."""
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise InvalidArgumentError(f"max_tokens must be a positive int, got {max_tokens!r}")
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -201,7 +203,24 @@ class LLM:
                 f"the prompt has {n_prompt} tokens but n_ctx is {self.n_ctx}: shorten it or load the model with a "
                 f"larger n_ctx (at most {self.model.config.context_length})"
             )
+        if record and telemetry.enabled():
+            return self._recorded(self._loop(prompt_ids, max_tokens, sampler, scanner))
         return self._loop(prompt_ids, max_tokens, sampler, scanner)
+
+    def _recorded(self, it):
+        """Passes the generation through and queues one telemetry event when it ends, is closed early or fails."""
+        result, finish, error, t0 = None, None, None, time.perf_counter()
+        try:
+            result = yield from it
+            return result
+        except GeneratorExit:
+            finish = "cancelled"
+            raise
+        except BaseException as exc:
+            finish, error = "error", exc
+            raise
+        finally:
+            telemetry.record_generation(result, model=self.name, finish_reason=finish, error=error, t_start=t0)
 
     def _loop(self, prompt_ids, max_tokens, sampler, scanner):
         t0 = time.perf_counter()

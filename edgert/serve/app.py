@@ -11,6 +11,7 @@ This module must not run model code on the event loop, and must not decide sampl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -416,6 +417,7 @@ def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_
     async def server_error(request: Request, exc: Exception) -> Response:
         return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error"))
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         server.scheduler.start()
         yield
