@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -43,6 +43,16 @@ def assert_matches_gguf(w: np.ndarray, fmt: str) -> None:
     mismatch = np.argwhere(q.raw != expected)
     assert mismatch.size == 0, f"{fmt}: raw differs from gguf first at (row, byte) {tuple(mismatch[0])}"
     np.testing.assert_array_equal(q.dequantize(), gguf_dequant(expected, fmt, w.shape), strict=True)
+
+
+def q4_1_min_is_a_mixed_signed_zero(w: np.ndarray) -> bool:
+    """A q4_1 block whose minimum is zero and holds both -0.0 and +0.0: which zero numpy's min returns depends on
+    where the -0.0 sits (its SIMD reduction order), so gguf's m is 0x0000 or 0x8000 by position. Reported, open."""
+    blocks = w.reshape(-1, 32)
+    zero_min = blocks.min(axis=-1) == 0
+    zeros = blocks == 0
+    mixed = np.any(zeros & np.signbit(blocks), axis=-1) & np.any(zeros & ~np.signbit(blocks), axis=-1)
+    return bool(np.any(zero_min & mixed))
 
 
 def block_of(values, k=32) -> np.ndarray:
@@ -94,6 +104,13 @@ EDGE_CASES = {
 }
 
 
+@pytest.mark.xfail(strict=True, reason="open: numpy's min of mixed signed zeros depends on position; see report")
+def test_q4_1_mixed_signed_zero_min_matches_gguf():
+    w = np.zeros((1, 32), np.float32)
+    w[0, 0] = -0.0
+    assert_matches_gguf(w, "q4_1")
+
+
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
 @pytest.mark.parametrize("case", list(EDGE_CASES))
 def test_edge_cases_match_gguf(fmt, case):
@@ -125,6 +142,7 @@ def weight_matrices(draw):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(w=weight_matrices())
 def test_quantize_matches_gguf_property(fmt, w):
+    assume(fmt != "q4_1" or not q4_1_min_is_a_mixed_signed_zero(w))  # pinned by the strict xfail above
     assert_matches_gguf(w, fmt)
 
 
