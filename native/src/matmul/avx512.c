@@ -61,6 +61,9 @@
 #define ET_TILE_M 8 /* activation rows whose float accumulators stay in registers */
 #endif
 #define ET_SEG 32       /* blocks per packed segment */
+#ifndef ET_PF_TILES
+#define ET_PF_TILES 1 /* GEMV prefetch distance, in 4-row tiles */
+#endif
 #define ET_GROUP_M 64   /* activation rows whose per-block terms are precomputed together (stack: 16 KiB) */
 
 /* ---- 4-byte dot products: acc[l] += sum_{i<4} u[4l+i] * s[4l+i], u unsigned, s signed ---- */
@@ -178,7 +181,12 @@ ET_INLINE void direct_tile(int fmt, int R, int64_t nb, const uint8_t *w, size_t 
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
         const x_pair xp = load_x_pair(fmt, x + b, 1);
-        for (int r = 0; r < R; r++) acc[r] = row_pair(fmt, acc[r], w + (size_t)r * ws + (size_t)b * bs, 1, &xp);
+        for (int r = 0; r < R; r++) {
+            /* the next tile's rows at the same column: weights stream from DRAM, and four interleaved row streams
+             * are more than the hardware prefetcher keeps ahead of */
+            _mm_prefetch((const char *)(w + (size_t)(r + ET_PF_TILES * R) * ws + (size_t)b * bs), _MM_HINT_T0);
+            acc[r] = row_pair(fmt, acc[r], w + (size_t)r * ws + (size_t)b * bs, 1, &xp);
+        }
     }
     if (b < nb) {
         const x_pair xp = load_x_pair(fmt, x + b, 0);
