@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "core.h"
+#include "testutil.h"
 
 /* Error budgets, relative to the output's magnitude: the sum of |terms| that ref.c's formula adds for it (for f32
  * and f16 sum_k |w_k * x_k|; block formats see term_magnitude), the quantity float rounding scales with. Integer
@@ -30,51 +31,6 @@
 #define ROUNDTRIP_STEP_Q8_0 0.5
 #define ROUNDTRIP_FP16_SLACK 0x1p-8 /* scale (and min) rounded to fp16, times up to 16 steps */
 #define ROUNDTRIP_F16_REL 0x1p-11   /* half an ulp of fp16, relative (or half the smallest subnormal) */
-
-static int n_passed, n_failed;
-
-static void check(int ok, const char *fmt, ...) ET_PRINTF(2, 3);
-static void check(int ok, const char *fmt, ...) {
-    if (ok) {
-        n_passed++;
-        return;
-    }
-    n_failed++;
-    va_list ap;
-    va_start(ap, fmt);
-    printf("FAIL: ");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-}
-
-/* ---- deterministic data ---- */
-
-static uint64_t rng_state = 0x9E3779B97F4A7C15u;
-
-static uint64_t rng_next(void) { /* xorshift64* */
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * 0x2545F4914F6CDD1Du;
-}
-
-static float rng_uniform(void) { return (float)(rng_next() >> 40) * 0x1p-24f; } /* [0, 1) */
-
-static float rng_normal(void) { /* Irwin-Hall, good enough for test data */
-    float s = 0.0f;
-    for (int i = 0; i < 4; i++) s += rng_uniform();
-    return (s - 2.0f) * 1.7320508f;
-}
-
-static void *xmalloc(size_t n) {
-    void *p = malloc(n ? n : 1);
-    if (!p) {
-        fprintf(stderr, "test_kernels: out of memory (%zu bytes)\n", n);
-        exit(2);
-    }
-    return p;
-}
 
 static const char *type_name(int t) {
     switch (t) {
@@ -616,6 +572,7 @@ int main(int argc, char **argv) {
     test_errors();
     test_strided_kernels();
     test_matmul_sweep();
+    test_llama();
     et_set_threads(1);
 
     printf("%d passed, %d failed\n", n_passed, n_failed);
