@@ -1,0 +1,407 @@
+"""The OpenAI-compatible server, live on 127.0.0.1 with an ephemeral port, over a tiny random llama: the official
+openai client (chat, streaming, completions, models), 32 concurrent streams against solo greedy runs, the bounded
+queue's 503, client disconnects, timeouts, a table of malformed requests, the API key, and telemetry + report."""
+import asyncio
+import contextlib
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from edgert import telemetry
+from edgert.llm import LLM
+from edgert.serve import create_app
+from llama_tiny import write_tiny_llama
+
+LONG = 1500  # tokens: a few seconds of the tiny model, long enough to act on while it runs
+DEADLINE_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "tiny.gguf"
+    write_tiny_llama(path, fmt="q4_0", ctx=2048, dim=128, hidden=256, n_layers=4)
+    with LLM(str(path), n_ctx=2048, threads=1) as model:
+        yield model
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGERT_HOME", str(tmp_path))
+    monkeypatch.delenv("EDGERT_API_KEY", raising=False)
+    monkeypatch.delenv("EDGERT_TELEMETRY", raising=False)
+
+
+@contextlib.contextmanager
+def live(llm, **kw):
+    """Runs create_app(llm, **kw) under uvicorn in a thread; yields the base URL."""
+    app = create_app(llm, model_id="tiny", **kw)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    t0 = time.monotonic()
+    while not srv.started:
+        assert th.is_alive() and time.monotonic() - t0 < DEADLINE_S, "the server did not start"
+        time.sleep(0.01)
+    port = srv.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        th.join(DEADLINE_S)
+        assert not th.is_alive(), "the server did not stop"
+
+
+def wait_for(cond, what: str, timeout: float = DEADLINE_S):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def metric(base: str, name: str) -> float:
+    for line in httpx.get(base + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{") and line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def solo_chat(llm, content: str, max_tokens: int) -> str:
+    llm.reset()  # alone: nothing of another prompt in the KV cache
+    return llm.chat([{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0).text
+
+
+# ---- the official client ----
+
+def test_openai_client_chat_stream_completions_models(llm):
+    from openai import OpenAI
+
+    want_chat = solo_chat(llm, "the hat", 12)
+    llm.reset()
+    want_cmpl = llm.generate("the hat", max_tokens=12, temperature=0).text
+    with live(llm) as base:
+        client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=DEADLINE_S)
+        models = client.models.list()
+        assert [m.id for m in models.data] == ["tiny"]
+
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "the hat"}],
+                                           max_tokens=12, temperature=0)
+        assert r.object == "chat.completion" and r.model == "tiny"
+        assert r.choices[0].message.role == "assistant"
+        assert r.choices[0].message.content == want_chat
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert r.usage.prompt_tokens == len(llm.chat_tokens([{"role": "user", "content": "the hat"}]))
+        assert r.usage.completion_tokens <= 12
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+        chunks = list(client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "the hat"}], max_tokens=12, temperature=0,
+            stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == want_chat
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+        assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+        c = client.completions.create(model="tiny", prompt="the hat", max_tokens=12, temperature=0)
+        assert c.object == "text_completion" and c.choices[0].text == want_cmpl
+        assert c.usage.completion_tokens <= 12
+        streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+            model="tiny", prompt="the hat", max_tokens=12, temperature=0, stream=True) if ch.choices)
+        assert streamed == want_cmpl
+
+        seeded = [client.completions.create(model="tiny", prompt="the", max_tokens=16, temperature=1.0, seed=7)
+                  .choices[0].text for _ in range(2)]
+        assert seeded[0] == seeded[1]
+        stop = want_cmpl[2:4]
+        if len(want_cmpl) >= 4 and stop:
+            cut = client.completions.create(model="tiny", prompt="the hat", max_tokens=12, temperature=0, stop=[stop])
+            assert cut.choices[0].text == want_cmpl[:want_cmpl.index(stop)]
+            assert cut.choices[0].finish_reason == "stop"
+
+
+def test_tokenize_detokenize(llm):
+    with live(llm) as base:
+        r = httpx.post(base + "/tokenize", json={"content": "the hat"}, timeout=5)
+        assert r.status_code == 200 and r.json()["tokens"] == llm.tokenize("the hat")
+        r = httpx.post(base + "/detokenize", json={"tokens": llm.tokenize("the hat")}, timeout=5)
+        assert r.status_code == 200 and r.json() == {"content": "the hat"}
+        h = httpx.get(base + "/health", timeout=5).json()
+        assert h["model_loaded"] is True and h["queue_depth"] == 0 and h["status"] == "ok"
+
+
+# ---- scheduling ----
+
+def test_32_concurrent_streams_equal_solo_greedy_runs(llm):
+    prompts = [f"client {i}: the hat {'t' * (i % 5)}" for i in range(32)]
+    want = [solo_chat(llm, p, 16) for p in prompts]
+
+    async def one(client, p):
+        text, finish = [], None
+        async with client.stream("POST", "/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": p}], "max_tokens": 16,
+                "temperature": 0, "stream": True}) as resp:
+            assert resp.status_code == 200
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ch = json.loads(line[6:])["choices"][0]
+                text.append(ch["delta"].get("content") or "")
+                finish = ch["finish_reason"] or finish
+        return "".join(text), finish
+
+    async def run(base):
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=base, timeout=DEADLINE_S * 2, limits=limits) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    with live(llm, max_queue=32) as base:
+        got = asyncio.run(run(base))
+        assert metric(base, "edgert_queue_depth") == 0
+    assert all(f in ("stop", "length") for _, f in got)
+    mismatches = [i for i, ((text, _), w) in enumerate(zip(got, want)) if text != w]
+    assert not mismatches, f"streams differ from solo runs for prompts {mismatches}"
+
+
+def _start_long_stream(base, out: dict, max_tokens=LONG):
+    """Streams a long greedy completion on a thread; out['pieces'] counts chunks, out['stop'] ends it early."""
+    def run():
+        with httpx.stream("POST", base + "/v1/completions", timeout=DEADLINE_S,
+                          json={"prompt": "the hat", "max_tokens": max_tokens, "temperature": 0, "stream": True}) as r:
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    out["pieces"] = out.get("pieces", 0) + 1
+                    fin = json.loads(line[6:])["choices"][0]["finish_reason"]
+                    out["finish"] = fin or out.get("finish")
+                if out.get("stop"):
+                    return  # leaving the with-block closes the connection mid-stream
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th
+
+
+def test_full_queue_answers_503_and_health_answers_during_generation(llm):
+    with live(llm, max_queue=1) as base:
+        a = {}
+        ta = _start_long_stream(base, a)
+        wait_for(lambda: a.get("pieces", 0) > 2, "the first stream to run")
+        t0 = time.monotonic()
+        h = httpx.get(base + "/health", timeout=5).json()
+        assert time.monotonic() - t0 < 1.0 and h["running"] == 1  # the event loop is free while the model runs
+        b = {}
+        tb = _start_long_stream(base, b, max_tokens=4)
+        wait_for(lambda: httpx.get(base + "/health", timeout=5).json()["queue_depth"] == 1, "the second to queue")
+        r = httpx.post(base + "/v1/completions", json={"prompt": "the", "max_tokens": 4}, timeout=5)
+        assert r.status_code == 503
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["code"] == "queue_full"
+        assert metric(base, "edgert_queue_depth") == 1
+        a["stop"] = True
+        ta.join(DEADLINE_S)
+        tb.join(DEADLINE_S)
+        assert b["status"] == 200 and b["finish"] in ("stop", "length")
+        assert httpx.get(base + "/health", timeout=5).json()["queue_depth"] == 0
+
+
+def test_client_disconnect_stops_generation(llm):
+    with live(llm) as base:
+        a = {}
+        ta = _start_long_stream(base, a)
+        wait_for(lambda: a.get("pieces", 0) >= 3, "the stream to start")
+        a["stop"] = True
+        ta.join(DEADLINE_S)
+        t_close = time.monotonic()
+        wait_for(lambda: metric(base, 'edgert_generations_total{finish_reason="cancelled"}') == 1,
+                 "the generation to be cancelled", timeout=5)
+        assert time.monotonic() - t_close < 2.0
+        assert httpx.get(base + "/health", timeout=5).json()["running"] == 0
+        generated = metric(base, "edgert_completion_tokens_total")
+        assert 0 < generated < LONG / 2
+    telemetry.flush()
+    rows = [r for r in telemetry.events() if r["source"] == "server"]
+    assert len(rows) == 1 and rows[0]["finish_reason"] == "cancelled" and rows[0]["status"] == 499
+    assert rows[0]["completion_tokens"] == generated
+
+
+def test_request_timeout_cuts_generation(llm):
+    with live(llm, request_timeout_s=0.3) as base:
+        r = httpx.post(base + "/v1/completions", json={"prompt": "the hat", "max_tokens": LONG, "temperature": 0},
+                       timeout=DEADLINE_S)
+        assert r.status_code == 200
+        body = r.json()
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert 0 < body["usage"]["completion_tokens"] < LONG
+    telemetry.flush()
+    assert [r["finish_reason"] for r in telemetry.events() if r["source"] == "server"] == ["timeout"]
+
+
+def test_max_tokens_cap(llm):
+    with live(llm, max_tokens_cap=5) as base:
+        r = httpx.post(base + "/v1/completions", json={"prompt": "the hat", "max_tokens": 50, "temperature": 0},
+                       timeout=DEADLINE_S).json()
+        assert r["usage"]["completion_tokens"] <= 5
+
+
+# ---- bad input ----
+
+CHAT = "/v1/chat/completions"
+CMPL = "/v1/completions"
+MSG = [{"role": "user", "content": "hi"}]
+
+BAD = [
+    ("malformed json", "POST", CHAT, b'{"messages": [', 400, "invalid_json"),
+    ("empty body", "POST", CHAT, b"", 400, "invalid_json"),
+    ("body is a list", "POST", CHAT, [1, 2], 400, "invalid_type"),
+    ("no messages", "POST", CHAT, {"model": "tiny"}, 400, "missing_required_parameter"),
+    ("empty messages", "POST", CHAT, {"messages": []}, 400, "empty_array"),
+    ("messages not a list", "POST", CHAT, {"messages": "hi"}, 400, "invalid_type"),
+    ("message not an object", "POST", CHAT, {"messages": ["hi"]}, 400, "invalid_type"),
+    ("bad role", "POST", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "invalid_value"),
+    ("content is a number", "POST", CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "invalid_type"),
+    ("image content part", "POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "invalid_value"),
+    ("temperature a string", "POST", CHAT, {"messages": MSG, "temperature": "hot"}, 400, "invalid_type"),
+    ("temperature too high", "POST", CHAT, {"messages": MSG, "temperature": 3}, 400, "invalid_value"),
+    ("top_p zero", "POST", CHAT, {"messages": MSG, "top_p": 0}, 400, "invalid_value"),
+    ("max_tokens zero", "POST", CHAT, {"messages": MSG, "max_tokens": 0}, 400, "invalid_value"),
+    ("max_tokens a string", "POST", CHAT, {"messages": MSG, "max_tokens": "5"}, 400, "invalid_type"),
+    ("max_tokens a float", "POST", CHAT, {"messages": MSG, "max_tokens": 5.5}, 400, "invalid_type"),
+    ("seed a string", "POST", CHAT, {"messages": MSG, "seed": "x"}, 400, "invalid_type"),
+    ("n=2", "POST", CHAT, {"messages": MSG, "n": 2}, 400, "unsupported_value"),
+    ("stream a string", "POST", CHAT, {"messages": MSG, "stream": "yes"}, 400, "invalid_type"),
+    ("five stop strings", "POST", CHAT, {"messages": MSG, "stop": list("abcde")}, 400, "invalid_value"),
+    ("stop a number", "POST", CHAT, {"messages": MSG, "stop": 3}, 400, "invalid_type"),
+    ("logprobs", "POST", CHAT, {"messages": MSG, "logprobs": True}, 400, "unsupported_value"),
+    ("tools", "POST", CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "unsupported_value"),
+    ("json mode", "POST", CHAT, {"messages": MSG, "response_format": {"type": "json_object"}}, 400,
+     "unsupported_value"),
+    ("unknown model", "POST", CHAT, {"model": "gpt-4o", "messages": MSG}, 404, "model_not_found"),
+    ("model a number", "POST", CHAT, {"model": 4, "messages": MSG}, 400, "invalid_type"),
+    ("prompt longer than the context", "POST", CHAT, {"messages": [{"role": "user", "content": "x" * 5000}]}, 400,
+     "context_length_exceeded"),
+    ("completion without prompt", "POST", CMPL, {"max_tokens": 3}, 400, "missing_required_parameter"),
+    ("empty prompt", "POST", CMPL, {"prompt": ""}, 400, "empty_prompt"),
+    ("prompt a dict", "POST", CMPL, {"prompt": {"a": 1}}, 400, "invalid_type"),
+    ("two prompts", "POST", CMPL, {"prompt": ["a", "b"]}, 400, "unsupported_value"),
+    ("token id out of vocabulary", "POST", CMPL, {"prompt": [1, 99999]}, 400, "invalid_value"),
+    ("long completion prompt", "POST", CMPL, {"prompt": "x" * 5000}, 400, "context_length_exceeded"),
+    ("echo", "POST", CMPL, {"prompt": "the", "echo": True}, 400, "unsupported_value"),
+    ("tokenize without content", "POST", "/tokenize", {"text": "x"}, 400, "invalid_type"),
+    ("detokenize strings", "POST", "/detokenize", {"tokens": ["a"]}, 400, "invalid_type"),
+    ("detokenize out of vocabulary", "POST", "/detokenize", {"tokens": [-1]}, 400, "invalid_value"),
+    ("GET on a POST route", "GET", CHAT, None, 405, "method_not_allowed"),
+    ("unknown route", "GET", "/v1/nothing", None, 404, "not_found"),
+    ("unknown model card", "GET", "/v1/models/gpt-4o", None, 404, "model_not_found"),
+]
+
+
+def test_malformed_requests_get_openai_style_4xx(llm):
+    with live(llm) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+        failures = []
+        for name, method, path, body, status, code in BAD:
+            if isinstance(body, bytes):
+                r = client.request(method, path, content=body, headers={"content-type": "application/json"})
+            else:
+                r = client.request(method, path, json=body) if body is not None else client.request(method, path)
+            try:
+                err = r.json()["error"]
+                assert set(err) == {"message", "type", "param", "code"} and err["message"]
+                assert (r.status_code, err["code"]) == (status, code)
+            except (AssertionError, ValueError, KeyError):
+                failures.append((name, r.status_code, r.text[:200]))
+        assert not failures, failures
+        ok = client.post(CHAT, json={"messages": MSG, "max_tokens": 2})
+        assert ok.status_code == 200  # the server is alive and serving after all of them
+        assert client.get("/health").json()["queue_depth"] == 0
+        assert metric(base, 'edgert_errors_total{endpoint="/v1/chat/completions",code="invalid_json"}') == 2
+
+
+def test_api_key_enforced(llm):
+    from openai import AuthenticationError, OpenAI
+
+    with live(llm, api_key="sekrit") as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+        body = {"messages": MSG, "max_tokens": 2}
+        r = client.post(CHAT, json=body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+        r = client.post(CHAT, json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert client.get("/v1/models").status_code == 401
+        assert client.post("/tokenize", json={"content": "x"}).status_code == 401
+        assert client.post(CHAT, json=body, headers={"Authorization": "Bearer sekrit"}).status_code == 200
+        assert client.get("/health").status_code == 200  # probes stay open
+        good = OpenAI(base_url=base + "/v1", api_key="sekrit", max_retries=0)
+        assert good.chat.completions.create(model="tiny", messages=MSG, max_tokens=2).usage.completion_tokens >= 1
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=base + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+# ---- telemetry and report ----
+
+def test_telemetry_rows_match_requests_and_report(llm, tmp_path):
+    from edgert.cli import main
+
+    made = []
+    with live(llm) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+        for i in range(3):
+            r = client.post(CHAT, json={"messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 3 + i})
+            made.append((r.json()["id"], 200, r.json()["usage"]))
+        r = client.post(CMPL, json={"prompt": "the", "max_tokens": 4})
+        made.append((r.headers["x-request-id"], 200, r.json()["usage"]))
+        r = client.post(CHAT, json={"messages": []})
+        assert r.status_code == 400
+        with client.stream("POST", CMPL, json={"prompt": "the", "max_tokens": 5, "stream": True}) as s:
+            lines = [ln for ln in s.iter_lines() if ln.startswith("data: {")]
+        sid = json.loads(lines[0][6:])["id"]
+    assert telemetry.flush()
+    rows = [r for r in telemetry.events() if r["source"] == "server"]
+    assert len(rows) == 6
+    by_id = {r["request_id"]: r for r in rows}
+    for rid, status, usage in made:
+        row = by_id[rid]
+        assert row["status"] == status and row["error"] is None
+        assert row["prompt_tokens"] == usage["prompt_tokens"]
+        assert row["completion_tokens"] == usage["completion_tokens"]
+        assert row["model"] == "tiny" and row["prefill_s"] > 0 and row["ttft_s"] > 0
+        assert row["latency_s"] >= row["ttft_s"] >= row["queue_wait_s"] >= 0
+    assert by_id[sid]["completion_tokens"] <= 5 and by_id[sid]["endpoint"] == CMPL
+    (bad,) = [r for r in rows if r["status"] == 400]
+    assert bad["error"] and bad["finish_reason"] == "rejected"
+
+    rep = telemetry.query()[0]
+    assert rep["requests"] == 6 and rep["error_rate"] == pytest.approx(1 / 6)
+    assert rep["latency_p50_s"] == pytest.approx(np.percentile([r["latency_s"] for r in rows], 50))
+    assert rep["latency_p95_s"] == pytest.approx(np.percentile([r["latency_s"] for r in rows], 95))
+    ok = [r for r in rows if not r["error"]]
+    assert rep["ttft_p50_s"] == pytest.approx(np.percentile([r["ttft_s"] for r in ok], 50))
+    busy = sum(r["prefill_s"] + r["decode_s"] for r in ok)
+    assert rep["tokens_per_s"] == pytest.approx(sum(r["completion_tokens"] for r in rows) / busy)
+    cost = telemetry.host_cost_model()
+    assert rep["energy_j"] == pytest.approx(cost.power_w * busy)
+    total_tokens = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
+    assert rep["cost_per_1m_tokens_usd"] == pytest.approx(cost.cost_usd(busy) / total_tokens * 1e6)
+
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["report", "--format", "json", "--by", "model"]) == 0
+    (cli_row,) = json.loads(buf.getvalue())
+    assert cli_row["model"] == "tiny" and cli_row["requests"] == 6
+    assert cli_row["latency_p95_s"] == pytest.approx(rep["latency_p95_s"])
+
+
+def test_server_telemetry_off(llm, monkeypatch):
+    monkeypatch.setenv("EDGERT_TELEMETRY", "0")
+    with live(llm) as base:
+        assert httpx.post(base + CMPL, json={"prompt": "the", "max_tokens": 2}, timeout=DEADLINE_S).status_code == 200
+    telemetry.flush()
+    assert telemetry.events() == []
