@@ -104,11 +104,19 @@ EDGE_CASES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="open: numpy's min of mixed signed zeros depends on position; see report")
-def test_q4_1_mixed_signed_zero_min_matches_gguf():
+@pytest.mark.parametrize("pos", [0, 7, 16, 31])
+def test_q4_1_mixed_signed_zero_min_differs_only_in_the_sign_of_m(pos):
+    # numpy's min over +0.0 and -0.0 returns either, depending on where its SIMD reduction meets them, so gguf's
+    # stored min is +0 or -0 by position; edgert keeps the first zero's sign (docs/formats.md). Everything else
+    # is identical, and so are the decoded values.
     w = np.zeros((1, 32), np.float32)
-    w[0, 0] = -0.0
-    assert_matches_gguf(w, "q4_1")
+    w[0, pos] = -0.0
+    got = edgert.quantize(w, "q4_1")
+    ref = gguf_quants.quantize(w, GGMLQuantizationType.Q4_1)
+    diff = np.flatnonzero(got.raw[0] != ref[0])
+    assert set(diff) <= {3}  # byte 3: the high byte of the fp16 min, which holds its sign
+    assert np.all((got.raw[0, 3] ^ ref[0, 3]) & 0x7F == 0)
+    np.testing.assert_array_equal(got.dequantize(), gguf_dequant(ref, "q4_1", w.shape))
 
 
 @pytest.mark.parametrize("fmt", ALL_FORMATS)
@@ -142,7 +150,7 @@ def weight_matrices(draw):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(w=weight_matrices())
 def test_quantize_matches_gguf_property(fmt, w):
-    assume(fmt != "q4_1" or not q4_1_min_is_a_mixed_signed_zero(w))  # pinned by the strict xfail above
+    assume(fmt != "q4_1" or not q4_1_min_is_a_mixed_signed_zero(w))  # see the signed-zero test above
     assert_matches_gguf(w, fmt)
 
 
