@@ -1,0 +1,198 @@
+"""Telemetry: the SQLite event store (WAL, off-thread batched writes, on/off switches), the cost model, durations,
+grouped report queries and their formats, and the events LLM.generate / edgert generate record."""
+import csv
+import io
+import json
+import sqlite3
+import time
+from contextlib import redirect_stderr, redirect_stdout
+
+import numpy as np
+import pytest
+
+from edgert import telemetry
+from edgert.telemetry import CostModel
+from llama_tiny import write_tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGERT_HOME", str(tmp_path))
+    monkeypatch.delenv("EDGERT_TELEMETRY", raising=False)
+    telemetry.set_enabled(None)
+    yield
+    telemetry.set_enabled(None)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tel") / "tiny.gguf"
+    write_tiny_llama(path, fmt="q4_0", ctx=256)
+    return path
+
+
+def ev(**kw):
+    base = {"source": "test", "model": "m", "prompt_tokens": 10, "completion_tokens": 5, "prefill_s": 0.1,
+            "decode_s": 0.4, "latency_s": 0.5, "ttft_s": 0.12, "queue_wait_s": 0.0, "finish_reason": "stop"}
+    base.update(kw)
+    return base
+
+
+def test_record_roundtrip_in_wal_mode(tmp_path):
+    rid = telemetry.record(ev(request_id="r1", delegates=["host", "npu"]))
+    assert rid == "r1"
+    assert telemetry.flush()
+    (row,) = telemetry.events()
+    assert row["request_id"] == "r1" and row["delegates"] == "host,npu" and row["completion_tokens"] == 5
+    assert row["device"] == telemetry.host_cost_model().device and row["ts"] == pytest.approx(time.time(), abs=60)
+    con = sqlite3.connect(tmp_path / "telemetry.db")
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
+
+
+def test_off_switches(monkeypatch):
+    monkeypatch.setenv("EDGERT_TELEMETRY", "0")
+    assert telemetry.record(ev()) is None
+    monkeypatch.setenv("EDGERT_TELEMETRY", "1")
+    telemetry.set_enabled(False)
+    assert telemetry.record(ev()) is None
+    telemetry.flush()
+    assert telemetry.events() == []
+
+
+def test_record_is_cheap_and_batched():
+    n = 5000
+    t0 = time.perf_counter()
+    for i in range(n):
+        telemetry.record(ev(request_id=f"r{i}"))
+    per_call = (time.perf_counter() - t0) / n
+    assert per_call < 200e-6, f"record() costs {per_call * 1e6:.0f} us on the caller's thread"
+    assert telemetry.flush(30)
+    assert len(telemetry.events()) == n
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_never_raises_on_unwritable_home(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("EDGERT_HOME", str(blocker))
+    assert telemetry.record(ev()) is not None  # queued; the writer fails, warns once and drops the batch
+    assert telemetry.flush()
+    assert telemetry.events() == []
+
+
+def test_cost_model_formulas():
+    c = CostModel(device="d", power_w=10.0, price_usd_per_hour=3.6, electricity_usd_per_kwh=0.36)
+    assert c.energy_j(2.0) == 20.0
+    # 2 s at $3.6/h = $0.002, plus 20 J = 20/3.6e6 kWh at $0.36 = $2e-6
+    assert c.cost_usd(2.0) == pytest.approx(0.002 + 2e-6)
+    telemetry.record(ev(energy_j=None, cost_usd=None))
+    telemetry.flush()
+    (row,) = telemetry.events()
+    host = telemetry.host_cost_model()
+    assert row["energy_j"] == pytest.approx(host.energy_j(0.5))
+    assert row["cost_usd"] == pytest.approx(host.cost_usd(0.5))
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("15m", 900), ("2h", 7200), ("7d", 604800), ("1w", 604800),
+                                          ("30", 30), ("1.5h", 5400)])
+def test_parse_duration(text, seconds):
+    assert telemetry.parse_duration(text) == seconds
+
+
+def test_parse_duration_rejects_garbage():
+    with pytest.raises(ValueError, match="duration"):
+        telemetry.parse_duration("yesterday")
+
+
+def test_query_groups_since_and_figures():
+    now = time.time()
+    rows = [ev(request_id="a", model="x", device="pi5", delegates="host", latency_s=0.1, cost_usd=1e-6),
+            ev(request_id="b", model="x", device="pi5", delegates="host,npu", latency_s=0.3, cost_usd=3e-6),
+            ev(request_id="c", model="y", device="nuc", delegates="host", latency_s=0.9, error="boom", cost_usd=0.0),
+            ev(request_id="old", model="x", ts=now - 7200, latency_s=50.0)]
+    for r in rows:
+        telemetry.record(r)
+    telemetry.flush()
+    (all_,) = telemetry.query(since="1h")
+    assert all_["requests"] == 3 and all_["errors"] == 1 and all_["error_rate"] == pytest.approx(1 / 3)
+    assert all_["latency_p50_s"] == pytest.approx(0.3)
+    assert all_["latency_p95_s"] == pytest.approx(np.percentile([0.1, 0.3, 0.9], 95))
+    assert all_["ttft_p50_s"] == pytest.approx(0.12)  # failed requests have no first token
+    assert all_["tokens_per_s"] == pytest.approx(15 / 1.5)
+    assert all_["cost_per_1m_tokens_usd"] == pytest.approx(4e-6 / 45 * 1e6)
+    assert telemetry.query()[0]["requests"] == 4
+    by_model = {r["model"]: r for r in telemetry.query(since=3600, by="model")}
+    assert by_model["x"]["requests"] == 2 and by_model["y"]["requests"] == 1
+    by_dev = {r["device"]: r["requests"] for r in telemetry.query(since="1h", by="device")}
+    assert by_dev == {"pi5": 2, "nuc": 1}
+    by_del = {r["delegate"]: r["requests"] for r in telemetry.query(since="1h", by="delegate")}
+    assert by_del == {"host": 3, "npu": 1}
+    with pytest.raises(ValueError):
+        telemetry.query(by="colour")
+
+
+def test_report_formats():
+    telemetry.record(ev(model="x"))
+    telemetry.flush()
+    rows = telemetry.query(by="model")
+    assert json.loads(telemetry.format_report(rows, "json"))[0]["model"] == "x"
+    parsed = list(csv.DictReader(io.StringIO(telemetry.format_report(rows, "csv"))))
+    assert parsed[0]["model"] == "x" and int(parsed[0]["requests"]) == 1
+    table = telemetry.format_report(rows, "table")
+    assert table.splitlines()[0].startswith("model") and "x" in table.splitlines()[1]
+    with pytest.raises(ValueError):
+        telemetry.format_report(rows, "xml")
+
+
+def test_report_on_an_empty_home_is_zero():
+    (row,) = telemetry.query()
+    assert row["requests"] == 0 and row["latency_p50_s"] is None
+    assert "requests" in telemetry.format_report([row])
+
+
+def test_llm_generate_and_stream_record_one_event_each(tiny_path):
+    from edgert.llm import LLM
+
+    with LLM(str(tiny_path), n_ctx=128) as llm:
+        res = llm.generate("the hat", max_tokens=6, temperature=0)
+        it = llm.stream("the hat", max_tokens=50, temperature=0)
+        next(it)
+        it.close()  # stopped early: recorded as cancelled
+        llm.chat([{"role": "user", "content": "hi"}], max_tokens=3, temperature=0)
+    telemetry.flush()
+    rows = telemetry.events()
+    assert [r["source"] for r in rows] == ["llm"] * 3
+    assert rows[0]["completion_tokens"] == len(res.tokens) and rows[0]["prompt_tokens"] == res.prompt_tokens
+    assert rows[0]["finish_reason"] == res.finish_reason and rows[0]["model"] == str(tiny_path)
+    assert rows[0]["prefill_s"] == pytest.approx(res.timings["prefill_s"])
+    assert rows[1]["finish_reason"] == "cancelled"
+
+
+def test_llm_telemetry_off(tiny_path, monkeypatch):
+    from edgert.llm import LLM
+
+    monkeypatch.setenv("EDGERT_TELEMETRY", "0")
+    with LLM(str(tiny_path), n_ctx=128) as llm:
+        llm.generate("the", max_tokens=2, temperature=0)
+    telemetry.flush()
+    assert telemetry.events() == []
+
+
+def test_cli_generate_records_unless_no_telemetry(tiny_path):
+    from edgert.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        assert main(["generate", str(tiny_path), "-p", "the", "-n", "3", "--temperature", "0", "--n-ctx", "64"]) == 0
+        assert main(["generate", str(tiny_path), "-p", "the", "-n", "3", "--n-ctx", "64", "--no-telemetry"]) == 0
+    telemetry.set_enabled(None)
+    telemetry.flush()
+    assert len(telemetry.events()) == 1
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["report", "--format", "csv", "--since", "1h"]) == 0
+    (row,) = list(csv.DictReader(io.StringIO(out.getvalue())))
+    assert row["requests"] == "1"
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        assert main(["report", "--since", "soon"]) == 2
