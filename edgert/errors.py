@@ -45,3 +45,12 @@ class ModelNotFoundError(EdgertError, FileNotFoundError):
 
 class ContextLengthError(InvalidArgumentError):
     """The input does not fit the model's context (n_ctx)."""
+
+
+class ProfileError(InvalidArgumentError):
+    """A device profile (device_profiles/*.toml) is missing, malformed, or breaks the schema. ``file``, ``field``
+    (a path such as ``units[1].link.bandwidth_bytes_s``) and ``reason`` are kept as attributes."""
+
+    def __init__(self, message: str, *, file: str = "", field: str = "", reason: str = ""):
+        super().__init__(message)
+        self.file, self.field, self.reason = file, field, reason
