@@ -199,6 +199,35 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_devices(args) -> int:
+    from .profiles import devices_report
+
+    rep = devices_report()
+    if args.json:
+        print(json.dumps(rep, indent=2, default=str))
+        return 0
+    m = rep["machine"]
+    mem = f"{m['memory_bytes'] / 2**30:.1f} GiB" if m["memory_bytes"] else "unknown"
+    ports = m["serial_ports"]
+    print(f"this machine: {m['cpu']} ({m['machine']}), {m['physical_cores']} physical cores, {mem}")
+    print(f"  C core ISA: {m['isa']} (available: {', '.join(m['isas'])}; features: {', '.join(m['features']) or '-'})")
+    print(f"  onnxruntime: {m['onnxruntime'] or 'not installed'}"
+          + (f" ({', '.join(m['onnxruntime_providers'])})" if m["onnxruntime_providers"] else ""))
+    print(f"  LiteRT/TFLite: {m['litert'] or 'not installed'}")
+    print("  serial ports: " + ("pyserial not installed" if ports is None else
+                                ", ".join(p["device"] for p in ports) or "none"))
+    print()
+    for prof in rep["profiles"]:
+        if "error" in prof:
+            print(f"{prof['name']}: INVALID: {prof['error']}")
+            continue
+        print(f"{prof['name']}: {prof['description']}  [{prof['power_w']:g} W, ${prof['price_usd_per_hour']:.4f}/h]")
+        for u in prof["units"]:
+            mark = "yes" if u["available"] else "no "
+            print(f"  {u['name']:<6} {u['kind']:<4} {u['delegate']:<12} available: {mark} {u['status']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgert", description="edgert — portable edge-inference runtime")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -249,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="the C core's ISA variant, threads and CPU features")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("devices", help="device profiles, and what this machine has (CPU, providers, ports)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_devices)
     return p
 
 

@@ -580,3 +580,29 @@ def runtime_status(unit: ComputeUnit) -> tuple[bool, str]:
             return (any(p["device"] == want for p in ports), f"port {want}")
         return (bool(ports), f"{len(ports)} serial port(s) present" if ports else "no serial ports")
     return False, f"unknown delegate {d}"  # pragma: no cover - validation rejects these
+
+
+def devices_report() -> dict[str, Any]:
+    """What ``edgert devices`` shows: this machine (CPU, ISA variants, cores, memory, onnxruntime and its
+    execution providers, LiteRT availability, serial ports) and every shipped profile with, per unit, whether
+    the runtime that drives it is present here. A profile that fails validation is listed with its error."""
+    version, providers = onnxruntime_providers()
+    machine = {**host_facts(), "onnxruntime": version, "onnxruntime_providers": providers,
+               "litert": litert_module(), "serial_ports": serial_ports()}
+    rows = []
+    for name in list_profiles():
+        try:
+            prof = load(name)
+        except ProfileError as exc:
+            rows.append({"name": name, "error": str(exc)})
+            continue
+        units = []
+        for u in prof.units:
+            ok, why = runtime_status(u)
+            units.append({"name": u.name, "kind": u.kind, "delegate": u.delegate,
+                          "delegate_options": u.delegate_options, "throughput": u.throughput,
+                          "memory_bytes": u.memory_bytes, "link": None if u.link is None else u.link.__dict__,
+                          "available": ok, "status": why})
+        rows.append({"name": prof.name, "description": prof.description, "power_w": prof.power_w,
+                     "idle_w": prof.idle_w, "price_usd_per_hour": prof.price_usd_per_hour, "units": units})
+    return {"machine": machine, "profiles": rows}
