@@ -65,17 +65,23 @@ class Job:
 
     # asyncio side
     async def pieces(self):
-        """Yields text pieces until the job ends; its outcome is then in ``self.outcome``."""
+        """Yields text until the job ends; its outcome is then in ``self.outcome``. Pieces that arrived while the
+        consumer was busy come joined as one, so a slow client or a busy loop costs fewer events, not a backlog."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             self._wake_pending = False  # before draining: a push after this point wakes us again
+            text = []
             while self._items:
                 item = self._items.popleft()
                 if isinstance(item, JobOutcome):
                     self.outcome = item
-                    return
-                yield item
+                    break
+                text.append(item)
+            if text:
+                yield "".join(text)
+            if self.outcome is not None:
+                return
 
 
 class Scheduler:
