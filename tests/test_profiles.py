@@ -1,0 +1,254 @@
+"""Device profiles: every shipped profile loads, the host is detected, broken profiles name the field and the
+reason, and ComputeUnit.supports explains its refusals."""
+import copy
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgert
+from edgert import profiles as P
+from edgert.errors import ProfileError
+from edgert.formats.onnx import load_onnx
+
+import onnx_models as M
+
+SHIPPED = sorted(["host", "rpi5", "rk3588", "imx8mp", "coral-usb", "snapdragon-x", "ryzen-ai", "core-ultra-npu"])
+
+
+def test_list_profiles():
+    assert P.list_profiles() == SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_profile_loads(name):
+    prof = P.load(name)
+    assert prof.name == name and prof.units and prof.power_w > 0 and prof.price_usd_per_hour >= 0
+    assert prof.host_unit.delegate == "host" and prof.host_unit.ops.get("*") is not None
+    for u in prof.units:
+        assert u.throughput and all(v > 0 for v in u.throughput.values())
+        assert (u.link is None) == (u.delegate == "host")
+        ok, why = P.runtime_status(u)
+        assert isinstance(ok, bool) and why
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_figure_is_cited(name):
+    """Each figure carries a comment (on its line or the line above) saying where it comes from, or that it is an
+    estimate."""
+    lines = (Path(P.profiles_dir()) / f"{name}.toml").read_text().splitlines()
+    for k, line in enumerate(lines):
+        code = line.split("#")[0]
+        if any(key in code for key in ("active_w", "idle_w", "unit_usd", "throughput", "bandwidth_bytes_s",
+                                       "latency_s", "per_hour_usd")):
+            cited = "#" in line or (k and lines[k - 1].lstrip().startswith("#"))
+            assert cited, f"{name}.toml: figure without a source: {line.strip()}"
+
+
+def test_top_level_directory_is_the_packaged_one():
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "device_profiles").resolve() == (root / "edgert" / "device_profiles").resolve()
+
+
+def test_detect_host():
+    prof = P.detect_host()
+    info = edgert.native.info()
+    cpu = prof.host_unit
+    assert cpu.cores == info["physical_cores"] and cpu.isa == tuple(info["isas"])
+    assert cpu.memory_bytes > 1e8 and cpu.throughput["float32"] > 1e9
+    assert prof.host["isa"] == info["isa"]
+
+
+def test_attach_host_puts_the_host_cpu_first():
+    prof = P.load("coral-usb")
+    assert [u.name for u in prof.units] == ["cpu", "tpu"] and prof.units[0].cores == edgert.native.info()["physical_cores"]
+
+
+def test_price_and_link_math():
+    prof = P.load("rpi5")
+    assert prof.price_usd_per_hour == pytest.approx(80.0 / 26280)
+    assert prof.cost_usd(3600) == pytest.approx(prof.price_usd_per_hour)
+    link = P.load("coral-usb").unit("tpu").link
+    assert link.transfer_s(0) == link.latency_s
+    assert link.transfer_s(320_000_000) == pytest.approx(link.latency_s + 1.0)
+    assert P.Link("shared-memory", True, 1e9, 1e-6).transfer_s(10**9) == 1e-6  # zero-copy: latency only
+    with pytest.raises(ProfileError):
+        P.load("rpi5").unit("npu")
+
+
+# ---- broken profiles --------------------------------------------------------------------------------------
+GOOD = {
+    "name": "toy", "description": "a toy board",
+    "power": {"active_w": 5.0, "idle_w": 1.0},
+    "price": {"unit_usd": 100.0, "amortize_hours": 1000},
+    "units": [
+        {"name": "cpu", "kind": "cpu", "delegate": "host", "dtypes": ["*"], "ops": ["*"],
+         "throughput": {"float32": 1e10}, "memory_bytes": 1e9},
+        {"name": "npu", "kind": "npu", "delegate": "onnxruntime",
+         "delegate_options": {"providers": ["FooExecutionProvider"]}, "dtypes": ["int8", "uint8"],
+         "ops": ["Conv", "MatMul"], "op": [{"name": "Relu", "max_rank": 4}],
+         "throughput": {"int8": 1e12}, "memory_bytes": 0,
+         "link": {"kind": "pcie", "zero_copy": False, "bandwidth_bytes_s": 2e9, "latency_s": 2e-5}},
+    ],
+}
+
+
+def _set(d, path, value):
+    keys = path.split(".")
+    for k in keys[:-1]:
+        d = d[int(k)] if k.isdigit() else d[k]
+    last = keys[-1]
+    if value is _DELETE:
+        del d[int(last) if last.isdigit() else last]
+    else:
+        d[int(last) if last.isdigit() else last] = value
+
+
+_DELETE = object()
+
+BROKEN = [
+    ("description", _DELETE, "description", "missing required field"),
+    ("power.active_w", _DELETE, "power.active_w", "missing required field"),
+    ("power.idle_w", 9.0, "power.idle_w", "exceeds active"),
+    ("units.1.link.bandwidth_bytes_s", -2e9, "units[1].link.bandwidth_bytes_s", "must be > 0"),
+    ("units.1.link.latency_s", -1.0, "units[1].link.latency_s", "must be >= 0"),
+    ("units.1.link.kind", "wifi", "units[1].link.kind", "not one of"),
+    ("units.1.link", _DELETE, "units[1].link", "needs its host link"),
+    ("units.0.frequency", 3, "units[0].frequency", "unknown key"),
+    ("colour", "red", "colour", "unknown key"),
+    ("units.1.delegate", "cuda", "units[1].delegate", "not one of"),
+    ("units.1.delegate_options", {}, "units[1].delegate_options.providers", "missing required field"),
+    ("units.1.delegate_options.providers", [], "units[1].delegate_options.providers", "non-empty list"),
+    ("units.1.dtypes", ["int8", "float33"], "units[1].dtypes[1]", "unknown dtype 'float33'"),
+    ("units.1.throughput", {"float32": 1e12}, "units[1].throughput.float32", "not in this unit's dtypes"),
+    ("units.1.throughput.int8", "fast", "units[1].throughput.int8", "expected a number"),
+    ("units.1.ops", ["Conv2D"], "units[1].ops[0]", "not an ONNX operator"),
+    ("units.1.op.0.max_rank", 4.5, "units[1].op[0].max_rank", "expected an integer"),
+    ("units.1.name", "cpu", "units[1].name", "duplicate unit name"),
+    ("units.0.memory_bytes", -1, "units[0].memory_bytes", "must be >= 0"),
+    ("price", {"per_hour_usd": 1.0, "unit_usd": 5.0}, "price", "not both"),
+    ("price", {}, "price", "missing per_hour_usd"),
+    ("price.amortize_hours", 0, "price.amortize_hours", "must be > 0"),
+    ("units", [], "units", "at least one"),
+    ("power", "lots", "power", "expected a table"),
+]
+
+
+@pytest.mark.parametrize("path,value,field,reason", BROKEN, ids=[b[2] + ":" + b[3] for b in BROKEN])
+def test_broken_profile_names_field(path, value, field, reason):
+    data = copy.deepcopy(GOOD)
+    _set(data, path, value)
+    with pytest.raises(ProfileError) as exc:
+        P.parse_profile(data, "toy.toml")
+    assert exc.value.field == field and reason in exc.value.reason
+    assert str(exc.value).startswith(f"device profile toy.toml: {field}: ")
+    assert isinstance(exc.value, edgert.InvalidArgumentError)
+
+
+def test_good_toy_profile_parses():
+    prof = P.parse_profile(copy.deepcopy(GOOD), "toy.toml")
+    assert prof.price_usd_per_hour == pytest.approx(0.1)
+    assert set(prof.unit("npu").ops) == {"Conv", "MatMul", "Relu"} and prof.unit("npu").ops["Relu"].max_rank == 4
+
+
+def test_load_from_path_and_bad_toml(tmp_path):
+    src = (Path(P.profiles_dir()) / "rk3588.toml").read_text()
+    (tmp_path / "mine.toml").write_text(src.replace('name = "rk3588"', 'name = "mine"'))
+    assert P.load(tmp_path / "mine.toml").name == "mine"
+    (tmp_path / "bad.toml").write_text(src.replace("bandwidth_bytes_s = 1.0e10", "bandwidth_bytes_s = -1.0e10"))
+    with pytest.raises(ProfileError, match=r"units\[1\]\.link\.bandwidth_bytes_s: must be > 0"):
+        P.load(str(tmp_path / "bad.toml"))
+    (tmp_path / "junk.toml").write_text("name = [unclosed")
+    with pytest.raises(ProfileError, match="not valid TOML"):
+        P.load(str(tmp_path / "junk.toml"))
+    with pytest.raises(ProfileError, match="no device profile named 'nope'"):
+        P.load("nope")
+
+
+# ---- supports ---------------------------------------------------------------------------------------------
+def test_supports_reasons(tmp_path):
+    npu = P.parse_profile(copy.deepcopy(GOOD), "toy.toml").unit("npu")
+    g = load_onnx(M.mlp())
+    ok, why = npu.supports(g.node("mm1"), g)
+    assert not ok and why.startswith("dtype float32 not supported (tensor x")
+    ok, why = npu.supports(g.node("add1"), g)
+    assert not ok and why == "op Add not in the npu op list"
+    static = P.load("rk3588").unit("npu")
+    qg = load_onnx(M.qdq_convnet(tmp_path))
+    conv = qg.node("conv1")
+    assert P.load("host").host_unit.supports(conv, qg) == (True, "")
+    ok, why = static.supports(conv, qg)  # a QDQ Conv still computes in float32 between its DQ and Q
+    assert not ok and "float32" in why
+    q = next(n for n in qg.nodes if n.op_type == "DequantizeLinear" and qg.tensors[n.inputs[0]].initializer is None)
+    ok, why = static.supports(q, qg)
+    assert not ok and "dtype float32" in why  # DQ outputs float32; its scale input is not what refuses it
+
+
+def test_supports_dynamic_shape_and_rank():
+    unit = P.ComputeUnit("npu", "npu", "onnxruntime", {"providers": ["X"]}, ("float32",), {"*": P.OpConstraint("*")},
+                         {"float32": 1e12}, 0, P.Link("pcie", False, 1e9, 1e-5), max_rank=1, static_shapes=True)
+    g = load_onnx(M.mlp())
+    ok, why = unit.supports(g.node("relu1"), g)
+    assert not ok and why == "dynamic shape: tensor h2 has shape ('batch', 16)"
+    ok, why = unit.supports(g.node("relu1"), g, bindings={"batch": 2})
+    assert not ok and why == "rank 2 > max_rank 1 (tensor h2)"
+    unit.max_rank, unit.max_dim = 4, 8
+    ok, why = unit.supports(g.node("relu1"), g.bind({"batch": 2}))
+    assert not ok and why == "dim 16 > max_dim 8 (tensor h2)"
+
+
+def test_supports_control_flow_needs_its_bodies():
+    g = load_onnx(M.if_model())
+    unit = P.ComputeUnit("npu", "npu", "onnxruntime", {"providers": ["X"]}, ("float32", "bool"),
+                         {k: P.OpConstraint(k) for k in ("If", "Mul")}, {"float32": 1e12}, 0,
+                         P.Link("pcie", False, 1e9, 1e-5))
+    ok, why = unit.supports(g.node("branch"), g)
+    assert not ok and why == "If body else_branch: node else_sub: op Sub not in the npu op list"
+    assert P.load("host").host_unit.supports(g.node("branch"), g) == (True, "")
+
+
+# ---- packaging and CLI --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_wheel_ships_profiles(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
+                        str(root)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel = next(tmp_path.glob("edgert-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for n in SHIPPED:
+        assert f"edgert/device_profiles/{n}.toml" in names
+
+
+def edgert_cmd(*args):
+    return subprocess.run([sys.executable, "-m", "edgert.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ})
+
+
+def test_cli_devices_json():
+    r = edgert_cmd("devices", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    m = out["machine"]
+    assert m["physical_cores"] == edgert.native.info()["physical_cores"] and m["isa"] == edgert.native.info()["isa"]
+    assert "CPUExecutionProvider" in m["onnxruntime_providers"]
+    assert isinstance(m["serial_ports"], list)
+    assert [p["name"] for p in out["profiles"]] == SHIPPED
+    snap = next(p for p in out["profiles"] if p["name"] == "snapdragon-x")
+    npu = next(u for u in snap["units"] if u["name"] == "npu")
+    import onnxruntime
+
+    assert npu["available"] == ("QNNExecutionProvider" in onnxruntime.get_available_providers())
+
+
+def test_cli_devices_table():
+    r = edgert_cmd("devices")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("this machine: ") and "onnxruntime: " in r.stdout and "serial ports:" in r.stdout
+    for n in SHIPPED:
+        assert f"\n{n}: " in r.stdout
