@@ -160,7 +160,8 @@ def _check_graph(g, opsets: Mapping[str, int], functions: set[tuple[str, str]], 
     """Domains/opsets known, inputs defined before use (outer scope visible), no cycles, single assignment."""
     import onnx
 
-    defined = set(outer) | {i.name for i in g.input} | {i.name for i in g.initializer}
+    graph_inputs = {i.name for i in g.input}
+    defined = set(outer) | graph_inputs | {i.name for i in g.initializer}
     producers = {}
     for idx, n in enumerate(g.node):
         if not all(isinstance(v, str) for v in (n.name, n.op_type, n.domain, *n.input, *n.output)):
@@ -168,7 +169,7 @@ def _check_graph(g, opsets: Mapping[str, int], functions: set[tuple[str, str]], 
                                    "that is not valid UTF-8 text; the file is damaged")
         for o in n.output:
             if o:
-                if o in producers or o in {i.name for i in g.input}:
+                if o in producers or o in graph_inputs:
                     raise ModelFormatError(f"ONNX model {what}: {path}{_where(n, opsets)} writes tensor {o!r}, which "
                                            "is already a graph input or another node's output (ONNX values are "
                                            "assigned once)")
