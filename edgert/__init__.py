@@ -13,6 +13,7 @@ from .errors import (
     ModelFormatError,
     ModelNotFoundError,
     NativeBuildError,
+    ProfileError,
     ShapeError,
     UnsupportedOpError,
 )
@@ -32,6 +33,6 @@ def __getattr__(name):
 
 __all__ = [
     "ContextLengthError", "DeviceError", "DTypeError", "GenerationResult", "LLM", "EdgertError", "FORMATS", "InvalidArgumentError", "LinkError", "ModelFormatError",
-    "ModelNotFoundError", "NativeBuildError", "QTensor", "ShapeError", "UnsupportedOpError", "from_matmul_nbits", "matmul", "native",
+    "ModelNotFoundError", "NativeBuildError", "ProfileError", "QTensor", "ShapeError", "UnsupportedOpError", "from_matmul_nbits", "matmul", "native",
     "quantize",
 ]
