@@ -11,6 +11,10 @@
  *     The transpose is paid once per weight tile and shared by all m rows. Nothing is kept between calls: the
  *     buffer lives on the stack (sizeof(pk_block) * ET_SEG = 20 KiB) and QTensor.raw stays the GGUF layout.
  *
+ *   - with AMX-INT8 (avx512vnni build, Linux, checked at run time) the packed kernel hands 16 x 16 x 32 block
+ *     products to tdpbsud (A = 16 activation rows straight from block_q8_s, B = the packed weight block) and keeps
+ *     the per-block float scaling in zmm; the tile state is requested from the kernel once per process.
+ *
  * vpdpbusd multiplies unsigned by signed bytes, so every weight goes in as u8 and its offset is removed exactly in
  * the int32 accumulator's starting value: q4 nibbles are already unsigned (q4_0 starts at -8*sum(qx)); q8_0 weights
  * are xor'ed with 0x80 (w + 128) and start at -128*sum(qx). The q4_1 min adds m*dx*sum(qx) per block in float.
@@ -269,6 +273,19 @@ ET_INLINE void pack_tile(int fmt, const uint8_t *w, size_t ws, int nr, int64_t b
     }
 }
 
+/* y row c (16 weight rows) = acc[c]. When one segment covers k (y is written once, never read back), full aligned
+ * rows bypass the cache: rows of y are ldy floats apart, often a multiple of 4 KiB, so the lines a tile writes fall
+ * into the same few cache sets, and a normal store would first read each line from memory. */
+ET_INLINE void store_tile(int C, float *y, size_t ldy, __mmask16 rmask, int once, const __m512 *acc) {
+    const int stream = once && rmask == 0xFFFF && ((uintptr_t)y & 63) == 0 && (ldy & 15) == 0;
+    for (int c = 0; c < C; c++) {
+        if (stream)
+            _mm512_stream_ps(y + (size_t)c * ldy, acc[c]);
+        else
+            _mm512_mask_storeu_ps(y + (size_t)c * ldy, rmask, acc[c]);
+    }
+}
+
 /* acc[c] += the packed segment against activation rows xc[c], blocks [b0, b0+nbs) */
 ET_INLINE void packed_cols(int fmt, int C, const pk_block *pk, int nbs, const block_q8_s *const *xc, int64_t b0,
                            const int32_t (*off)[ET_SEG], const float (*ms)[ET_SEG], __m512 *acc) {
@@ -291,8 +308,8 @@ ET_INLINE void packed_cols(int fmt, int C, const pk_block *pk, int nbs, const bl
     }
 }
 
-ET_INLINE void packed_tile_cols(int fmt, int C, const pk_block *pk, int nbs, const uint8_t *x, size_t xs, int64_t i0,
-                                int64_t b0, float *y, size_t ldy, __mmask16 rmask, const int32_t (*off)[ET_SEG],
+ET_INLINE void packed_tile_cols(int fmt, int C, const pk_block *pk, int nbs, int64_t nb, const uint8_t *x, size_t xs,
+                                int64_t i0, int64_t b0, float *y, size_t ldy, __mmask16 rmask, const int32_t (*off)[ET_SEG],
                                 const float (*ms)[ET_SEG]) {
     const block_q8_s *xc[ET_TILE_M];
     __m512 acc[ET_TILE_M];
@@ -301,7 +318,7 @@ ET_INLINE void packed_tile_cols(int fmt, int C, const pk_block *pk, int nbs, con
         acc[c] = b0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(rmask, y + (size_t)(i0 + c) * ldy);
     }
     packed_cols(fmt, C, pk, nbs, xc, b0, off, ms, acc);
-    for (int c = 0; c < C; c++) _mm512_mask_storeu_ps(y + (size_t)(i0 + c) * ldy, rmask, acc[c]);
+    store_tile(C, y + (size_t)i0 * ldy, ldy, rmask, b0 == 0 && nbs == nb, acc);
 }
 
 #if ET_AMX
@@ -330,15 +347,19 @@ typedef struct {
     uint8_t rows[16];
 } amx_config;
 
-static void amx_begin(void) {
-    _Alignas(64) amx_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 4; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64; /* C: 16 activation rows x 16 int32 */
-    cfg.rows[4] = cfg.rows[6] = 16, cfg.colsb[4] = cfg.colsb[6] = 32; /* A: 16 activation rows x 32 s8 */
-    cfg.rows[5] = cfg.rows[7] = 8, cfg.colsb[5] = cfg.colsb[7] = 64;  /* B: 8 groups of 4 x 16 weight rows u8 */
-    _tile_loadconfig(&cfg);
-}
+/* a global, so the compiler cannot drop its stores: it does not see ldtilecfg read them */
+static const amx_config amx_cfg = {
+    .palette_id = 1,
+    /* C: 16 activation rows x 16 int32 (tiles 0-3); A: 16 activation rows x 32 s8 (4, 6);
+     * B: 8 groups of 4 bytes x 16 weight rows (5, 7) */
+    .colsb = {64, 64, 64, 64, 32, 64, 32, 64},
+    .rows = {16, 16, 16, 16, 16, 8, 16, 8},
+};
+
+/* GCC's tile load/store intrinsics are asm without a memory clobber: fence ordinary loads and stores around them */
+#define ET_MEMORY_BARRIER() __asm__ __volatile__("" ::: "memory")
+
+static void amx_begin(void) { _tile_loadconfig(&amx_cfg); }
 
 ET_INLINE void amx_scale(int fmt, const int32_t *cb, const pk_block *pk, const int32_t *off, const float *ms,
                          const block_q8_s *const *xc, int64_t bx, __m512 *acc) {
@@ -350,8 +371,8 @@ ET_INLINE void amx_scale(int fmt, const int32_t *cb, const pk_block *pk, const i
     }
 }
 
-ET_INLINE void amx_tile_cols(int fmt, const pk_block *pk, int nbs, const uint8_t *x, size_t xs, int64_t i0,
-                             int64_t b0, float *y, size_t ldy, __mmask16 rmask, const int32_t (*off)[ET_SEG],
+ET_INLINE void amx_tile_cols(int fmt, const pk_block *pk, int nbs, int64_t nb, const uint8_t *x, size_t xs,
+                             int64_t i0, int64_t b0, float *y, size_t ldy, __mmask16 rmask, const int32_t (*off)[ET_SEG],
                              const float (*ms)[ET_SEG]) {
     const block_q8_s *xc[16];
     __m512 acc[16];
@@ -371,18 +392,20 @@ ET_INLINE void amx_tile_cols(int fmt, const pk_block *pk, int nbs, const uint8_t
         _tile_stored(ct, cb[(bb) & 7], 64);                                                                   \
     } while (0)
     int b = 0;
+    ET_MEMORY_BARRIER(); /* pk and x are written before the tile loads read them */
     for (; b < nbs; b += 4) {
         ET_AMX_BLOCK(0, 4, 5, b);
         if (b + 1 < nbs) ET_AMX_BLOCK(1, 6, 7, b + 1);
         if (b + 2 < nbs) ET_AMX_BLOCK(2, 4, 5, b + 2);
         if (b + 3 < nbs) ET_AMX_BLOCK(3, 6, 7, b + 3);
+        ET_MEMORY_BARRIER(); /* cb is written by the tile stores above */
         if (b >= 4)
             for (int bb = b - 4; bb < b; bb++)
                 amx_scale(fmt, cb[bb & 7], &pk[bb], &off[0][bb], &ms[0][bb], xc, b0 + bb, acc);
     }
 #undef ET_AMX_BLOCK
     for (int bb = b - 4; bb < nbs; bb++) amx_scale(fmt, cb[bb & 7], &pk[bb], &off[0][bb], &ms[0][bb], xc, b0 + bb, acc);
-    for (int c = 0; c < 16; c++) _mm512_mask_storeu_ps(y + (size_t)(i0 + c) * ldy, rmask, acc[c]);
+    store_tile(16, y + (size_t)i0 * ldy, ldy, rmask, b0 == 0 && nbs == nb, acc);
 }
 #endif
 
@@ -419,18 +442,18 @@ ET_INLINE void gemm_packed(int fmt, int64_t k, const uint8_t *w, size_t ws, int6
 #if ET_AMX
                 if (amx)
                     for (; i + 16 <= ie; i += 16)
-                        amx_tile_cols(fmt, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS);
+                        amx_tile_cols(fmt, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS);
 #endif
                 for (; i + ET_TILE_M <= ie; i += ET_TILE_M)
-                    packed_tile_cols(fmt, ET_TILE_M, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS);
+                    packed_tile_cols(fmt, ET_TILE_M, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS);
                 switch (ie - i) { /* constant C so the accumulators stay in registers */
-                case 7: packed_tile_cols(fmt, 7, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
-                case 6: packed_tile_cols(fmt, 6, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
-                case 5: packed_tile_cols(fmt, 5, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
-                case 4: packed_tile_cols(fmt, 4, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
-                case 3: packed_tile_cols(fmt, 3, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
-                case 2: packed_tile_cols(fmt, 2, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
-                case 1: packed_tile_cols(fmt, 1, pk, nbs, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 7: packed_tile_cols(fmt, 7, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 6: packed_tile_cols(fmt, 6, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 5: packed_tile_cols(fmt, 5, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 4: packed_tile_cols(fmt, 4, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 3: packed_tile_cols(fmt, 3, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 2: packed_tile_cols(fmt, 2, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 1: packed_tile_cols(fmt, 1, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
                 default: break;
                 }
 #undef ET_TERMS
@@ -440,6 +463,7 @@ ET_INLINE void gemm_packed(int fmt, int64_t k, const uint8_t *w, size_t ws, int6
 #if ET_AMX
     if (amx) _tile_release();
 #endif
+    _mm_sfence(); /* order the streaming stores before the pool's completion flag */
 }
 
 #define ET_GEMM_BLOCKS(name, fmt)                                                                              \
