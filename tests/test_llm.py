@@ -146,3 +146,24 @@ def test_unknown_model_name_is_clear(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGERT_HOME", str(tmp_path))
     with pytest.raises(edgert.EdgertError, match="smollm2-135m"):
         LLM("no-such-model")
+
+
+def test_should_stop_ends_with_a_complete_result(llm):
+    calls = []
+
+    def stop_after_three():
+        calls.append(1)
+        return "cancelled" if len(calls) >= 3 else None
+
+    it = llm._iterate(llm.tokenize("the hat"), max_tokens=50, temperature=0, record=False,
+                      should_stop=stop_after_three)
+    pieces = []
+    while True:
+        try:
+            pieces.append(next(it))
+        except StopIteration as done:
+            res = done.value
+            break
+    assert res.finish_reason == "cancelled"
+    assert len(res.tokens) == 3 and res.text == "".join(pieces)
+    assert res.timings["ttft_s"] > 0

@@ -190,8 +190,10 @@ class LLM:
 
     def _iterate(self, prompt_ids: list[int], max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop=None, record: bool = True):
-        """record=False: the caller (the server) records its own telemetry event for this generation."""
+                 stop=None, record: bool = True, should_stop=None):
+        """record=False: the caller (the server) records its own telemetry event for this generation.
+        should_stop: called after every token; a non-empty string it returns (e.g. "cancelled", "timeout") ends the
+        generation there, with that string as the finish reason and a complete result (tokens, text, timings)."""
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise InvalidArgumentError(f"max_tokens must be a positive int, got {max_tokens!r}")
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -204,8 +206,8 @@ class LLM:
                 f"larger n_ctx (at most {self.model.config.context_length})"
             )
         if record and telemetry.enabled():
-            return self._recorded(self._loop(prompt_ids, max_tokens, sampler, scanner))
-        return self._loop(prompt_ids, max_tokens, sampler, scanner)
+            return self._recorded(self._loop(prompt_ids, max_tokens, sampler, scanner, should_stop))
+        return self._loop(prompt_ids, max_tokens, sampler, scanner, should_stop)
 
     def _recorded(self, it):
         """Passes the generation through and queues one telemetry event when it ends, is closed early or fails."""
@@ -222,7 +224,7 @@ class LLM:
         finally:
             telemetry.record_generation(result, model=self.name, finish_reason=finish, error=error, t_start=t0)
 
-    def _loop(self, prompt_ids, max_tokens, sampler, scanner):
+    def _loop(self, prompt_ids, max_tokens, sampler, scanner, should_stop=None):
         t0 = time.perf_counter()
         tok = self.tokenizer
         n_prompt = len(prompt_ids)
@@ -261,6 +263,10 @@ class LLM:
                 finish = "stop"
                 break
             if len(out) >= max_tokens or len(self._kv) >= self.n_ctx:
+                break
+            reason = should_stop() if should_stop is not None else None
+            if reason:
+                finish = reason
                 break
             logits = self.model.forward([token], len(self._kv), threads=self.threads)
             self._kv.append(token)

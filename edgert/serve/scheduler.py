@@ -166,59 +166,32 @@ class Scheduler:
             out.finish_reason = "timeout"
             self.counters["timeout"] += 1
             return out
-        it = None
+        def should_stop():
+            if job.cancelled.is_set():
+                return "cancelled"
+            if time.monotonic() >= job.deadline:
+                return "timeout"
+            return None
+
         try:
-            it = self.llm._iterate(job.prompt_ids, record=False, **job.sampling)
+            it = self.llm._iterate(job.prompt_ids, record=False, should_stop=should_stop, **job.sampling)
             while True:
                 try:
                     piece = next(it)
                 except StopIteration as done:
                     out.result = done.value
                     out.finish_reason = done.value.finish_reason
-                    self.counters["completed"] += 1
+                    self.counters[{"cancelled": "cancelled", "timeout": "timeout"}.get(out.finish_reason,
+                                                                                        "completed")] += 1
                     break
                 if piece:
                     if out.ttft_s is None:
                         out.ttft_s = time.monotonic() - job.submitted
                     job._push(piece)
-                if job.cancelled.is_set():
-                    out.finish_reason = "cancelled"
-                    self.counters["cancelled"] += 1
-                    break
-                if time.monotonic() >= job.deadline:
-                    out.finish_reason = "timeout"
-                    self.counters["timeout"] += 1
-                    break
         except Exception as exc:  # a model failure ends this job, never the worker
             out.error = exc
             out.finish_reason = "error"
             self.counters["failed"] += 1
-        finally:
-            if it is not None and out.result is None:
-                # closing the generator would lose its timings: drive it to the end quickly is not possible, so
-                # build the partial result from what the LLM recorded so far
-                out.result = _partial(it)
-                it.close()
         return out
 
 
-def _partial(it):
-    """A stand-in result for a generation stopped early: the frame's locals hold the tokens and timings so far."""
-    frame = getattr(it, "gi_frame", None)
-    loc = frame.f_locals if frame is not None else {}
-    return _Partial(tokens=list(loc.get("out") or []), prompt_tokens=len(loc.get("prompt_ids") or []),
-                    t0=loc.get("t0"), t_prefill=loc.get("t_prefill"), t_decode0=loc.get("t_decode0"),
-                    ttft=loc.get("ttft"))
-
-
-class _Partial:
-    def __init__(self, tokens, prompt_tokens, t0, t_prefill, t_decode0, ttft):
-        now = time.perf_counter()
-        self.tokens = tokens
-        self.prompt_tokens = prompt_tokens
-        self.finish_reason = None
-        self.text = ""
-        prefill = (t_prefill - t0) if (t0 is not None and t_prefill is not None) else 0.0
-        decode = (now - t_decode0) if t_decode0 is not None and t_prefill is not None else 0.0
-        self.timings = {"prefill_s": prefill, "decode_s": decode, "ttft_s": ttft,
-                        "total_s": (now - t0) if t0 is not None else 0.0}
