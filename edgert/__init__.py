@@ -28,6 +28,11 @@ def __getattr__(name):
         from . import llm
 
         return getattr(llm, name)
+    if name in ("plan", "Plan"):  # the partitioner; the module itself is callable: edgert.plan(model, device=...)
+        import importlib
+
+        module = importlib.import_module(".plan", __name__)
+        return module if name == "plan" else module.Plan
     raise AttributeError(f"module 'edgert' has no attribute {name!r}")
 
 
