@@ -6,6 +6,12 @@ Each engine runs in its own subprocess (so peak RSS is its own), loads the model
 prompt (same token ids for both), then decodes 128 tokens greedily, one forward call per token; the argmax is taken
 in numpy for both. Reported: load time, time to first token, prefill and decode tokens/s, peak RSS, and the decode
 roofline: weight bytes streamed per token / read bandwidth measured by a streaming-read loop in the same run.
+
+llama-cpp-python compiles llama.cpp when it installs (about 15 minutes on 2 cores; pip keeps the built wheel in its
+cache). On CPUs that report AMX, llama.cpp's native build uses AMX tiles, which crash in virtual machines that do
+not grant the tile state; build it without them:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+        -DGGML_AVX512_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" pip install llama-cpp-python
 """
 from __future__ import annotations
 
