@@ -228,6 +228,27 @@ def cmd_devices(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .errors import InvalidArgumentError
+    from .plan import plan
+
+    dims = {}
+    for item in args.dim:
+        name, _, value = item.partition("=")
+        if not name or not value.strip().isdigit():
+            raise InvalidArgumentError(f"--dim expects NAME=VALUE with a positive integer VALUE, got {item!r}")
+        dims[name.strip()] = int(value)
+    result = plan(args.model, device=args.device, fallback=args.fallback, min_nodes_per_partition=args.min_nodes,
+                  max_partitions=args.max_partitions, dims=dims)
+    if args.dot:
+        with open(args.dot, "w", encoding="utf-8") as f:
+            f.write(result.to_dot())
+    if args.svg:
+        result.to_svg(args.svg)
+    print(result.to_json() if args.json else result.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgert", description="edgert — portable edge-inference runtime")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -282,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("devices", help="device profiles, and what this machine has (CPU, providers, ports)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_devices)
+
+    s = sub.add_parser("plan", help="partition an ONNX model for a device: placement, copy points, estimates")
+    s.add_argument("model", help="an .onnx file")
+    s.add_argument("--device", default="host", help="a device profile name (see `edgert devices`) or a .toml path")
+    s.add_argument("--fallback", choices=["allow", "forbid"], default="allow",
+                   help="forbid: fail, naming every node the accelerators cannot run (default allow: host runs them)")
+    s.add_argument("--min-nodes", type=int, default=1, help="smaller device partitions go to the host (default 1)")
+    s.add_argument("--max-partitions", type=int, default=None, help="at most this many partitions")
+    s.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE", help="bind a symbolic dim (repeatable)")
+    s.add_argument("--svg", default=None, metavar="FILE", help="draw the partitioned graph as SVG")
+    s.add_argument("--dot", default=None, metavar="FILE", help="write the partitioned graph as Graphviz dot")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
+    s.set_defaults(func=cmd_plan)
     return p
 
 
