@@ -41,6 +41,14 @@ TEXT = (
 
 
 def peak_rss_mb() -> float:
+    # VmHWM is this process image's own high-water mark; ru_maxrss would carry over the parent's peak across exec
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
