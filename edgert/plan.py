@@ -546,7 +546,8 @@ def assign_by_capability(graph: Graph, profile, dims: Mapping[str, int] | None =
                 continue
             mem = getattr(u, "memory_bytes", None) or None  # 0: not published, so no limit to plan with
             need = _node_weight_bytes(node, graph)
-            io = sum(tensor_nbytes(graph, n, dims) for n in [*node.data_inputs(), *node.outputs] if n)
+            io = sum(tensor_nbytes(graph, n, dims) for n in [*node.data_inputs(), *node.outputs]
+                     if n and graph.tensors.get(n) is not None and graph.tensors[n].initializer is None)
             if mem is not None and (need + io > mem or used[u.name] + need > mem):
                 refusals.append(f"{u.name} memory: node needs {_bytes(need)} of weights + {_bytes(io)} of "
                                 f"activations, {_bytes(max(mem - used[u.name], 0))} of {_bytes(mem)} left")
@@ -688,7 +689,7 @@ def find_islands(topo: _Topology, units: Sequence[str]) -> list[list[int]]:
 
 
 # ---- step 3: copy-aware costing -------------------------------------------------------------------------------
-class _CostModel:
+class CostModel:
     """Everything the copy-aware search evaluates repeatedly, precomputed once: per-node time on each unit, tensor
     sizes, producers and consumers by node index."""
 
@@ -771,7 +772,7 @@ def _move(units: list[str], island: Iterable[int], unit: str) -> list[str]:
     return trial
 
 
-def copy_aware(model: _CostModel, units: list[str], capable: Sequence[set[str]], reasons: dict[str, str],
+def copy_aware(model: CostModel, units: list[str], capable: Sequence[set[str]], reasons: dict[str, str],
                locked: bool = False, max_rounds: int = 10_000) -> list[str]:
     """Step 3a. Local search on the plan's estimated latency: each round takes the single most profitable move —
     a device island back to the host, or a host island onto a device unit that can run all of it (which merges it
@@ -826,7 +827,7 @@ def copy_aware(model: _CostModel, units: list[str], capable: Sequence[set[str]],
     return units
 
 
-def _neighbour_units(model: _CostModel, islands, units, k) -> set[str]:
+def _neighbour_units(model: CostModel, islands, units, k) -> set[str]:
     """Units of the device islands that feed island ``k`` or read from it."""
     members = set(islands[k])
     out = set()
@@ -840,7 +841,7 @@ def _neighbour_units(model: _CostModel, islands, units, k) -> set[str]:
     return out
 
 
-def enforce_min_nodes(model: _CostModel, units: list[str], min_nodes: int, reasons: dict[str, str],
+def enforce_min_nodes(model: CostModel, units: list[str], min_nodes: int, reasons: dict[str, str],
                       locked: bool) -> list[str]:
     """Step 3b. Device islands with fewer than ``min_nodes`` nodes go to the host (repeated: a demotion can split
     nothing, but it can merge host islands, so one pass is enough; kept as a loop for clarity)."""
@@ -862,7 +863,7 @@ def enforce_min_nodes(model: _CostModel, units: list[str], min_nodes: int, reaso
     return units
 
 
-def enforce_max_partitions(model: _CostModel, units: list[str], capable, max_partitions: int | None,
+def enforce_max_partitions(model: CostModel, units: list[str], capable, max_partitions: int | None,
                            reasons: dict[str, str], locked: bool) -> list[str]:
     """Step 3c. While there are more than ``max_partitions`` islands, apply the move that removes at least one island
     for the smallest increase in estimated latency: a device island to the host, or a host island onto a
@@ -944,7 +945,7 @@ def plan(model, device="host", fallback: str = "allow", min_nodes_per_partition:
                 f"on its accelerator(s): {lines}. Use fallback='allow' to run them on {host.name}, or pick a "
                 "device that supports them")
 
-    model_cost = _CostModel(graph, profile, dims)
+    model_cost = CostModel(graph, profile, dims)
     names = model_cost.topo.names
     units = [assignment[n] for n in names]
     cap = [capable[n] for n in names]
@@ -1170,5 +1171,5 @@ class _PlanModule(types.ModuleType):
 sys.modules[__name__].__class__ = _PlanModule
 
 
-__all__ = ["CONTROL_FLOW_OPS", "Partition", "Plan", "Transfer", "assign_by_capability", "compute_dtype",
+__all__ = ["CONTROL_FLOW_OPS", "CostModel", "Partition", "Plan", "Transfer", "assign_by_capability", "compute_dtype",
            "copy_aware", "find_islands", "link_seconds", "node_ops", "plan", "tensor_nbytes", "unit_throughput"]
