@@ -773,58 +773,77 @@ def _move(units: list[str], island: Iterable[int], unit: str) -> list[str]:
 
 
 def copy_aware(model: CostModel, units: list[str], capable: Sequence[set[str]], reasons: dict[str, str],
-               locked: bool = False, max_rounds: int = 10_000) -> list[str]:
-    """Step 3a. Local search on the plan's estimated latency: each round takes the single most profitable move —
-    a device island back to the host, or a host island onto a device unit that can run all of it (which merges it
-    with its same-unit neighbours) — until no move helps. The all-host plan is compared last. With ``locked``
-    (fallback forbid) nothing moves. Demoted nodes get their reason in ``reasons``."""
+               locked: bool = False, max_rounds: int = 100) -> list[str]:
+    """Step 3a. Local search on the plan's estimated latency. The moves: a device island back to the host, or a
+    host island onto a device unit that can run all of it (which merges it with its same-unit neighbours). Each
+    round scores every move against the current plan, applies the best, then applies the others in order of
+    their score as long as each still lowers the estimate (checked again against the plan as it now is), so a
+    round settles many independent islands at once. Rounds repeat until no move helps; the all-host plan is
+    compared last. With ``locked`` (fallback forbid) nothing moves. Demoted nodes get their reason."""
     if locked:
         return units
     names, host = model.topo.names, model.host.name
+
+    def better(cost: float, than: float) -> bool:
+        return cost < than - max(_EPS, than * 1e-9)
+
     best, islands, compute, transfers = model.evaluate(units)
     for _ in range(max_rounds):
         moves = []
         for k, isl in enumerate(islands):
             u = units[isl[0]]
             if not model.is_host(u):
-                moves.append((_move(units, isl, host), ("demote", k, u)))
+                moves.append((tuple(isl), host))
             else:
-                neighbours = _neighbour_units(model, islands, units, k)
-                for cand in sorted(neighbours):
+                for cand in sorted(_neighbour_units(model, islands, units, k)):
                     if all(cand in capable[v] for v in isl):
-                        moves.append((_move(units, isl, cand), ("promote", k, cand)))
+                        moves.append((tuple(isl), cand))
         scored = []
-        for trial, what in moves:
-            cost = model.evaluate(trial)[0]
-            if cost < best - max(_EPS, best * 1e-9):
-                scored.append((cost, what, trial))
+        for nodes, target in moves:
+            cost = model.evaluate(_move(units, nodes, target))[0]
+            if better(cost, best):
+                scored.append((cost, nodes, target))
         if not scored:
             break
-        cost, what, trial = min(scored, key=lambda s: (s[0], s[1]))
-        if what[0] == "demote":
-            k = what[1]
-            isl = islands[k]
-            moved = sum(t.seconds for t in transfers if k in (t.src_partition, t.dst_partition))
-            on_host = sum(model.time[v][host] for v in isl)
-            link = _link_kind(model.units[what[2]].link)
-            for v in isl:
-                reasons[names[v]] = (f"copy-aware: its island of {len(isl)} node(s) would take {_secs(compute[k])} "
-                                     f"on {what[2]} plus {_secs(moved)} of {link} transfers, vs {_secs(on_host)} "
-                                     f"on {host}")
-        else:
-            for v in islands[what[1]]:
-                reasons.pop(names[v], None)
-        units, best = trial, cost
-        best, islands, compute, transfers = model.evaluate(units)
+        scored.sort()
+        applied = 0
+        for _cost, nodes, target in scored:
+            if any(units[v] == target for v in nodes):
+                continue  # an earlier move of this round already changed these nodes
+            trial = _move(units, nodes, target)
+            cost, t_islands, t_compute, t_transfers = model.evaluate(trial)
+            if applied and not better(cost, best):
+                continue
+            if model.is_host(target):
+                _note_demotion(model, nodes, units, islands, compute, transfers, reasons)
+            else:
+                for v in nodes:
+                    reasons.pop(names[v], None)
+            units, best, islands, compute, transfers = trial, cost, t_islands, t_compute, t_transfers
+            applied += 1
     all_host = [host] * len(units)
     cost = model.evaluate(all_host)[0]
-    if cost < best - max(_EPS, best * 1e-9):
+    if better(cost, best):
         for v, u in enumerate(units):
             if not model.is_host(u):
                 reasons[names[v]] = (f"copy-aware: the whole graph on {host} ({_secs(cost)}) beats any split "
                                      f"({_secs(best)})")
         units = all_host
     return units
+
+
+def _note_demotion(model: CostModel, nodes, units, islands, compute, transfers, reasons) -> None:
+    """Why an island left its device: its compute there plus the transfers it causes, against the host's time."""
+    host = model.host.name
+    k = next(i for i, isl in enumerate(islands) if nodes[0] in isl)
+    unit = units[nodes[0]]
+    moved = sum(t.seconds for t in transfers if k in (t.src_partition, t.dst_partition))
+    on_host = sum(model.time[v][host] for v in nodes)
+    link = _link_kind(model.units[unit].link)
+    for v in nodes:
+        reasons[model.topo.names[v]] = (f"copy-aware: its island of {len(nodes)} node(s) would take "
+                                        f"{_secs(compute[k])} on {unit} plus {_secs(moved)} of {link} transfers, "
+                                        f"vs {_secs(on_host)} on {host}")
 
 
 def _neighbour_units(model: CostModel, islands, units, k) -> set[str]:
@@ -873,40 +892,45 @@ def enforce_max_partitions(model: CostModel, units: list[str], capable, max_part
     if max_partitions < 1:
         raise InvalidArgumentError(f"max_partitions must be at least 1, got {max_partitions}")
     host = model.host.name
-    while True:
-        cost, islands, _, _ = model.evaluate(units)
-        if len(islands) <= max_partitions:
-            return units
-        moves = []
+    cost, islands, _, _ = model.evaluate(units)
+    while len(islands) > max_partitions:
+        moves = []  # (latency added per partition removed, nodes, target)
         for k, isl in enumerate(islands):
             u = units[isl[0]]
-            targets = [] if locked else [host]
             if model.is_host(u):
                 targets = [c for c in sorted(_neighbour_units(model, islands, units, k))
                            if all(c in capable[v] for v in isl)]
-            elif locked:
-                targets = []
+            else:
+                targets = [] if locked else [host]
             for t in targets:
-                if t == u:
-                    continue
-                trial = _move(units, isl, t)
-                c2, isl2, _, _ = model.evaluate(trial)
+                c2, isl2, _, _ = model.evaluate(_move(units, isl, t))
                 if len(isl2) < len(islands):
-                    moves.append((c2 - cost, k, t, trial))
+                    moves.append(((c2 - cost) / (len(islands) - len(isl2)), tuple(isl), t))
         if not moves:
             raise InvalidArgumentError(
                 f"cannot reach max_partitions={max_partitions}: {len(islands)} partitions remain and no allowed move "
                 "removes one" + (" (fallback='forbid' keeps every node on its accelerator)" if locked else ""))
-        delta, k, t, trial = min(moves, key=lambda m: (m[0], m[1]))
-        if model.is_host(t):
-            for v in islands[k]:
-                reasons[model.topo.names[v]] = (f"max_partitions={max_partitions}: moving its island of "
-                                                f"{len(islands[k])} node(s) from {units[v]} to the host was the "
-                                                f"cheapest way to drop a partition (+{_secs(delta)})")
-        else:
-            for v in islands[k]:
-                reasons.pop(model.topo.names[v], None)
-        units = trial
+        moves.sort()
+        # apply the least valuable moves in order (each re-checked on the plan as it now is) until the count fits
+        for delta, nodes, t in moves:
+            if len(islands) <= max_partitions:
+                break
+            if any(units[v] == t for v in nodes):
+                continue
+            c2, isl2, _, _ = model.evaluate(_move(units, nodes, t))
+            if len(isl2) >= len(islands):
+                continue
+            for v in nodes:
+                if model.is_host(t):
+                    reasons[model.topo.names[v]] = (
+                        f"max_partitions={max_partitions}: moving its island of {len(nodes)} node(s) from "
+                        f"{units[v]} to the host was among the cheapest ways to drop a partition "
+                        f"(+{_secs(max(c2 - cost, 0.0))})")
+                else:
+                    reasons.pop(model.topo.names[v], None)
+            units = _move(units, nodes, t)
+            cost, islands = c2, isl2
+    return units
 
 
 # ---- the entry point ------------------------------------------------------------------------------------------

@@ -302,14 +302,18 @@ def test_transfer_bytes_follow_dtype_sizes():
                           [helper.make_tensor_value_info("y", T.INT8, [3, 5, 7])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
-    p = edgert.plan(m, device=profile(npu_unit(["Relu"], dtypes=("float16",))), fallback="allow")
-    moved = {t.tensor: t.nbytes for t in p.transfers}
-    if p.assignment["relu"] == "npu":
-        assert moved == {"h": 3 * 5 * 7 * 2, "r": 3 * 5 * 7 * 2}
-    locked = edgert.plan(m, device=profile(npu_unit(["Relu"], dtypes=("float16",))), fallback="allow",
-                         max_partitions=None)
-    assert all(t.nbytes == nbytes_of(locked.graph, t.tensor) for t in locked.transfers)
-    assert P.tensor_nbytes(locked.graph, "y") == 105 and P.tensor_nbytes(locked.graph, "h") == 210
+    whole = edgert.plan(m, device=profile(npu_unit(["Cast", "Relu"], dtypes=("float32", "float16", "int8"))),
+                        fallback="forbid")
+    assert [(t.tensor, t.direction, t.nbytes) for t in whole.transfers] == [("x", "to_device", 3 * 5 * 7 * 4),
+                                                                            ("y", "to_host", 3 * 5 * 7 * 1)]
+    # only the float16 Relu on the accelerator: what crosses is float16 both ways
+    g = load_onnx(m)
+    cost = P.CostModel(g, profile(npu_unit(["Relu"], dtypes=("float16",))), {})
+    units = ["cpu", "npu", "cpu"]
+    moved = cost.transfers(P.find_islands(cost.topo, units), units)
+    assert [(t.tensor, t.direction, t.nbytes) for t in moved] == [("h", "to_device", 210), ("r", "to_host", 210)]
+    assert all(t.nbytes == nbytes_of(g, t.tensor) for t in moved)
+    assert P.tensor_nbytes(g, "y") == 105 and P.tensor_nbytes(g, "x") == 420
 
 
 def test_node_ops_estimates():
