@@ -33,11 +33,15 @@ def __getattr__(name):
 
         module = importlib.import_module(".plan", __name__)
         return module if name == "plan" else module.Plan
+    if name == "Session":  # onnx and the delegates: imported on first use
+        from .session import Session
+
+        return Session
     raise AttributeError(f"module 'edgert' has no attribute {name!r}")
 
 
 __all__ = [
     "ContextLengthError", "DeviceError", "DTypeError", "GenerationResult", "LLM", "EdgertError", "FORMATS", "InvalidArgumentError", "LinkError", "ModelFormatError",
     "ModelNotFoundError", "NativeBuildError", "ProfileError", "QTensor", "ShapeError", "UnsupportedOpError", "from_matmul_nbits", "matmul", "native",
-    "quantize",
+    "quantize", "Session",
 ]

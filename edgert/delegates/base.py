@@ -1,0 +1,95 @@
+"""The delegate interface: what a backend must do to run a partition of a graph, and the registry of backends.
+
+A delegate answers four questions, in this order:
+
+1. ``available(unit)`` -> ``(ok, reason)``: is its runtime present on this machine for this compute unit?
+2. ``supports(node, graph, unit)`` -> ``(ok, reason)``: can it run this node (the capability query; the profile's
+   op list is the planner's view, this is the delegate's own)?
+3. ``compile(partition, graph, unit, options)`` -> ``CompiledPartition``: prepare a partition once (import weights,
+   build a runtime session); nothing here runs per inference.
+4. ``CompiledPartition.run(inputs, outputs)``: run it, reading ``inputs`` (name -> array) and writing into the
+   caller's ``outputs`` (name -> preallocated array from the session's pinned pool). Buffer exchange is the caller's
+   business: a delegate never keeps or returns arrays of its own for boundary tensors.
+
+Adding a delegate is one module that subclasses ``Delegate`` plus one ``register("name", Cls)`` call
+(docs/delegates.md). This module must not import the session or anything above it.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import DeviceError
+
+
+class CompiledPartition(ABC):
+    """One partition prepared by a delegate. ``inputs``/``outputs`` are its boundary tensor names."""
+
+    inputs: list[str]
+    outputs: list[str]
+
+    @abstractmethod
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        """Compute every name in ``self.outputs`` into the matching array of ``outputs`` (shape and dtype set by
+        the caller). Raises an ``edgert`` error on failure."""
+
+    def output_shapes(self, inputs: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]] | None:
+        """Shapes the outputs take for these inputs, when the delegate can tell without the caller's buffers
+        (None: unknown; the session then probes)."""
+        return None
+
+    def close(self) -> None:
+        """Release runtime resources (sessions, device handles)."""
+
+
+class Delegate(ABC):
+    """A backend that runs partitions. Subclasses are registered by name; the session creates one per unit."""
+
+    name: str = ""
+
+    @classmethod
+    def available(cls, unit: Any = None) -> tuple[bool, str]:
+        """Whether this delegate can run on this machine for ``unit`` (its runtime, providers, device present)."""
+        return True, ""
+
+    def supports(self, node, graph, unit: Any = None) -> tuple[bool, str]:
+        """Whether this delegate can run ``node``; by default whatever the unit's profile lists."""
+        if unit is not None and hasattr(unit, "supports"):
+            return unit.supports(node, graph)
+        return True, ""
+
+    @abstractmethod
+    def compile(self, partition, graph, unit: Any = None, options: Mapping[str, Any] | None = None) -> CompiledPartition:
+        """Prepare ``partition`` (a plan Partition: ``nodes``, ``inputs``, ``outputs``) of ``graph`` for ``unit``."""
+
+
+_REGISTRY: dict[str, type[Delegate]] = {}
+
+
+def register(name: str, cls: type[Delegate]) -> type[Delegate]:
+    """Make ``cls`` the delegate called ``name`` (the ``delegate`` field of a profile unit). Re-registering a name
+    replaces it (tests use this to swap in fakes)."""
+    if not (isinstance(cls, type) and issubclass(cls, Delegate)):
+        raise TypeError(f"register({name!r}, ...) needs a Delegate subclass, got {cls!r}")
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+
+
+def get(name: str) -> type[Delegate]:
+    """The delegate class registered as ``name``; DeviceError naming the registered ones otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise DeviceError(f"edgert has no {name!r} delegate (registered: {', '.join(sorted(_REGISTRY))}); run the "
+                          "partition with emulate=True, or add one (docs/delegates.md)") from None
+
+
+def registered() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def is_registered(name: str) -> bool:
+    return name in _REGISTRY

@@ -1,0 +1,279 @@
+"""The ``host`` delegate: the edgert C core for quantized matrix products, onnxruntime's CPU provider for the rest.
+
+At compile time the partition's nodes are scanned for three weight patterns the C core takes (weights imported once):
+
+- ``MatMulNBits`` (com.microsoft, 4-bit, constant B/scales/zero points, K a multiple of 32): B imported by
+  ``edgert.from_matmul_nbits`` (q4_0 / q4_1, exact up to the fp16 rounding of each block's scale and min).
+- ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale)`` (onnxruntime's dynamic int8
+  quantization): the whole chain becomes one float matmul of the DynamicQuantizeLinear's float input with
+  ``(W - w_zero_point) * w_scale`` stored as q8_0. Not bit-exact by construction: onnxruntime quantizes the
+  activations per tensor to uint8, the C core per block of 32 to int8, and q8_0 re-scales the int8 weight codes per
+  block of 32 (exact when a block holds its row's largest code, else one rounding of the weight). Budget:
+  ``MATMUL_INTEGER_BUDGET`` (relative to the output's scale), checked in tests.
+- ``DequantizeLinear(constant weight) -> MatMul``: the dequantized weight re-quantized to q8_0 (a lossy
+  re-quantization, budget ``DEQUANT_MATMUL_BUDGET``); the activation side is whatever feeds the MatMul.
+
+Everything else (and any of the above the C core cannot take: K not a multiple of 32, weights that are not
+constant) runs through onnxruntime's CPU provider: the partition is cut, in topological order, into C-core steps and
+onnxruntime segments (each its own exported model). A partition without any of these patterns is one segment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import DeviceError
+from ..quant import BLOCK, QTensor, from_matmul_nbits, matmul, quantize
+from .base import CompiledPartition, Delegate, register
+from .onnxruntime import CPU, OnnxruntimePartition, session_options
+
+# error budgets of the C-core paths, as a fraction of max |reference output| (tests and docs name these)
+MATMUL_NBITS_BUDGET = 2e-2      # q8 activations x exact q4 weights
+MATMUL_INTEGER_BUDGET = 3e-2    # per-block int8 activations vs onnxruntime's per-tensor uint8, q8_0 weights
+DEQUANT_MATMUL_BUDGET = 3e-2    # q8_0 re-quantization of an int8 dequantized weight, q8 activations
+
+CLAIMED_OPS = ("com.microsoft:MatMulNBits", "DynamicQuantizeLinear", "MatMulInteger", "DequantizeLinear", "MatMul")
+
+
+@dataclass
+class CoreMatMul:
+    """One C-core step: ``out[..., N] = x[..., K] @ W.T (+ bias)``; W is (N, K) in ``weight``."""
+
+    kind: str            # "MatMulNBits" | "MatMulInteger" | "DequantizeLinear+MatMul"
+    x: str
+    out: str
+    weight: QTensor
+    bias: np.ndarray | None = None
+    nodes: list[str] = field(default_factory=list)   # the graph nodes this step replaces
+    threads: int | None = None
+
+    def compute(self, x: np.ndarray) -> np.ndarray:
+        n, k = self.weight.shape
+        if x.dtype != np.float32 or x.shape[-1] != k:
+            raise DeviceError(f"{self.kind} {self.out!r}: expected float32 [..., {k}], got {x.dtype} {x.shape}")
+        x2 = np.ascontiguousarray(x.reshape(-1, k))
+        y = matmul(x2, self.weight, self.threads) if x2.shape[0] else np.zeros((0, n), np.float32)
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*x.shape[:-1], n)
+
+
+def _const(graph, name: str) -> np.ndarray | None:
+    if not name:
+        return None
+    t = graph.tensors.get(name)
+    return None if t is None or t.initializer is None else np.asarray(t.initializer)
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int) -> np.ndarray:
+    q = q.astype(np.float32)
+    scale = scale.astype(np.float32)
+    zp = np.zeros_like(scale) if zp is None else zp.astype(np.float32)
+    if scale.size > 1:
+        shape = [1] * q.ndim
+        shape[axis] = scale.size
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return (q - zp) * scale
+
+
+def _float_input(graph, name: str) -> bool:
+    t = graph.tensors.get(name)
+    return t is not None and t.dtype == "float32"
+
+
+def find_core_matmuls(graph, nodes: list[str], threads: int | None = None) -> list[CoreMatMul]:
+    """The C-core steps of a partition (``nodes`` in topological order), weights imported."""
+    inside = set(nodes)
+    steps: list[CoreMatMul] = []
+    taken: set[str] = set()
+
+    def only_consumers(tensor: str, allowed: set[str]) -> bool:
+        cons = graph.consumers(tensor)
+        return bool(cons) and all(c.name in allowed for c in cons) and tensor not in graph.outputs
+
+    for name in nodes:
+        node = graph.node(name)
+        dom = node.domain if node.domain not in ("ai.onnx",) else ""
+        if node.op_type == "MatMulNBits" and dom == "com.microsoft":
+            ins = node.inputs + [""] * (6 - len(node.inputs))
+            k, n = int(node.attrs.get("K", 0)), int(node.attrs.get("N", 0))
+            bits, bs = int(node.attrs.get("bits", 4)), int(node.attrs.get("block_size", 0))
+            b, sc = _const(graph, ins[1]), _const(graph, ins[2])
+            zp = _const(graph, ins[3])
+            bias = _const(graph, ins[5])
+            if (bits != 4 or k % BLOCK or b is None or sc is None or (ins[3] and zp is None) or ins[4]
+                    or (ins[5] and bias is None) or not _float_input(graph, ins[0])):
+                continue
+            try:
+                qt = from_matmul_nbits(b, sc, zp, k=k, n=n, block_size=bs, bits=bits)
+            except Exception:
+                continue
+            steps.append(CoreMatMul("MatMulNBits", ins[0], node.outputs[0], qt,
+                                    None if bias is None else bias.astype(np.float32), [name], threads))
+        elif node.op_type == "MatMul" and dom == "":
+            d = graph.producer(node.inputs[1])
+            if d is None or d.op_type != "DequantizeLinear" or d.name not in inside:
+                continue
+            q = _const(graph, d.inputs[0])
+            sc = _const(graph, d.inputs[1]) if len(d.inputs) > 1 else None
+            zp = _const(graph, d.inputs[2]) if len(d.inputs) > 2 and d.inputs[2] else None
+            if q is None or sc is None or q.ndim != 2 or q.shape[0] % BLOCK or not _float_input(graph, node.inputs[0]):
+                continue
+            if int(d.attrs.get("block_size", 0) or 0):
+                continue  # blocked DequantizeLinear (opset 21): left to onnxruntime
+            axis = int(d.attrs.get("axis", 1)) % 2
+            w = _dequantize(q, sc, zp, axis)  # (K, N)
+            qt = quantize(np.ascontiguousarray(w.T), "q8_0")
+            claimed = [name]
+            steps.append(CoreMatMul("DequantizeLinear+MatMul", node.inputs[0], node.outputs[0], qt, None, claimed,
+                                    threads))
+        elif node.op_type == "MatMulInteger" and dom == "":
+            ins = node.inputs + [""] * (4 - len(node.inputs))
+            dq = graph.producer(ins[0])
+            if dq is None or dq.op_type != "DynamicQuantizeLinear" or dq.name not in inside:
+                continue
+            if ins[2] != dq.outputs[2] or not _float_input(graph, dq.inputs[0]):
+                continue
+            b = _const(graph, ins[1])
+            bzp = _const(graph, ins[3]) if ins[3] else None
+            if b is None or b.ndim != 2 or b.shape[0] % BLOCK or (ins[3] and bzp is None):
+                continue
+            cons = graph.consumers(node.outputs[0])
+            if len(cons) != 1 or cons[0].op_type != "Cast" or int(cons[0].attrs.get("to", 0)) != 1:
+                continue
+            cast = cons[0]
+            cons = graph.consumers(cast.outputs[0])
+            if len(cons) != 1 or cons[0].op_type != "Mul" or cons[0].name not in inside:
+                continue
+            mul = cons[0]
+            s = mul.inputs[1] if mul.inputs[0] == cast.outputs[0] else mul.inputs[0]
+            smul = graph.producer(s)
+            if smul is None or smul.op_type != "Mul" or smul.name not in inside or dq.outputs[1] not in smul.inputs:
+                continue
+            ws = _const(graph, smul.inputs[1] if smul.inputs[0] == dq.outputs[1] else smul.inputs[0])
+            if ws is None or ws.size not in (1, b.shape[1]):
+                continue
+            w = _dequantize(b, ws.reshape(-1), None if bzp is None else bzp.reshape(-1), axis=1)
+            qt = quantize(np.ascontiguousarray(w.T), "q8_0")
+            claimed = [name, cast.name, mul.name]
+            if only_consumers(s, {mul.name}):
+                claimed.append(smul.name)
+            steps.append(CoreMatMul("MatMulInteger", dq.inputs[0], mul.outputs[0], qt, None, claimed, threads))
+        else:
+            continue
+        taken.update(steps[-1].nodes)
+
+    # a DequantizeLinear / DynamicQuantizeLinear whose every output now feeds only claimed nodes is claimed too
+    for name in nodes:
+        node = graph.node(name)
+        if name in taken or node.op_type not in ("DequantizeLinear", "DynamicQuantizeLinear"):
+            continue
+        outs = [o for o in node.outputs if o]
+        used = [o for o in outs if graph.consumers(o)]
+        if used and all(only_consumers(o, taken) for o in used) and not any(o in graph.outputs for o in outs):
+            owner = next(s for s in steps if any(c.name in s.nodes for o in used for c in graph.consumers(o)))
+            owner.nodes.append(name)
+            taken.add(name)
+    return steps
+
+
+class _Segment:
+    """An onnxruntime segment of a host partition, with the buffers of the tensors it hands to later steps."""
+
+    def __init__(self, graph, nodes, sess_options, pid, idx):
+        ins, outs, _ = graph.boundary(nodes)
+        self.nodes = nodes
+        model = graph.subgraph_model(nodes, name=f"{graph.name}_p{pid}_s{idx}")
+        self.ort = OnnxruntimePartition(model, ins, outs, [CPU], None, sess_options)
+        self.inputs, self.outputs = ins, outs
+
+
+class HostPartition(CompiledPartition):
+    """A host partition: C-core steps and onnxruntime segments, run in topological order. Tensors passed between
+    steps inside the partition live in buffers kept from the first run (re-made only if a shape changes)."""
+
+    def __init__(self, partition, graph, steps: list[CoreMatMul], sess_options):
+        self.inputs, self.outputs = list(partition.inputs), list(partition.outputs)
+        self.core = steps
+        anchor = {graph.producer(s.out).name: s for s in steps}  # where the step's output is made
+        claimed = {n for s in steps for n in s.nodes}
+        pid = getattr(partition, "id", 0)
+        self.steps: list[Any] = []
+        pending: list[str] = []
+        for name in partition.nodes:
+            if name in anchor:
+                if pending:
+                    self.steps.append(_Segment(graph, pending, sess_options, pid, len(self.steps)))
+                    pending = []
+                self.steps.append(anchor[name])
+            elif name not in claimed:
+                pending.append(name)
+        if pending:
+            self.steps.append(_Segment(graph, pending, sess_options, pid, len(self.steps)))
+        self._internal: dict[str, np.ndarray] = {}
+        self._out_set = set(self.outputs)
+
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        if len(self.steps) == 1 and isinstance(self.steps[0], _Segment):
+            self.steps[0].ort.run(inputs, outputs)  # the whole partition is one onnxruntime model
+            return
+        env = dict(inputs)
+        env.update(self._internal)
+        env.update(outputs)
+        for step in self.steps:
+            if isinstance(step, CoreMatMul):
+                y = step.compute(env[step.x])
+                if step.out in self._out_set:
+                    np.copyto(outputs[step.out], y, casting="no")
+                else:
+                    env[step.out] = self._internal[step.out] = y
+                continue
+            outs = {}
+            for o in step.outputs:
+                buf = outputs.get(o) if o in self._out_set else self._internal.get(o)
+                if buf is None:
+                    outs = None
+                    break
+                outs[o] = buf
+            if outs is not None:
+                try:
+                    step.ort.run(env, outs)
+                    continue
+                except DeviceError:
+                    if all(o in self._out_set for o in step.outputs):
+                        raise
+            res = step.ort.run_alloc(env)  # first run, or an inner shape changed: learn the shapes
+            for o, a in res.items():
+                if o in self._out_set:
+                    np.copyto(outputs[o], a, casting="no")
+                else:
+                    self._internal[o] = env[o] = a
+
+    def close(self) -> None:
+        for s in self.steps:
+            if isinstance(s, _Segment):
+                s.ort.close()
+
+
+class HostDelegate(Delegate):
+    """``options``: ``threads`` (C core and onnxruntime intra-op threads), ``core`` (False: no C-core steps, every
+    node on onnxruntime; benchmarks use it as the peer)."""
+
+    @classmethod
+    def available(cls, unit: Any = None) -> tuple[bool, str]:
+        from .. import native
+
+        return True, f"edgert C core ({native.info()['isa']})"
+
+    def compile(self, partition, graph, unit: Any = None, options: Mapping[str, Any] | None = None):
+        options = dict(options or {})
+        dopts = dict(getattr(unit, "delegate_options", None) or {})
+        threads = options.get("threads") or dopts.get("threads")
+        so = session_options(None, threads)
+        steps = find_core_matmuls(graph, list(partition.nodes), threads) if options.get("core", True) else []
+        return HostPartition(partition, graph, steps, so)
+
+
+register("host", HostDelegate)

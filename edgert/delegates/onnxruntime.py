@@ -1,0 +1,155 @@
+"""The ``onnxruntime`` delegate: each partition exported as a standalone ONNX model (``Graph.subgraph_model``) and
+run by an onnxruntime InferenceSession with the execution providers the profile names, through IOBinding so that
+inputs are read from, and outputs written into, edgert's pinned buffers (no onnxruntime-owned output arrays).
+
+A provider the profile names but this onnxruntime lacks: with ``fallback="allow"`` it is dropped with a warning (the
+CPU provider stays last, as onnxruntime itself does); with ``"forbid"`` it is a DeviceError. ``emulate`` runs the
+partition on the CPU provider alone. Also used by the host delegate for the nodes the C core does not take.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import DeviceError, InvalidArgumentError
+from .base import CompiledPartition, Delegate, register
+
+CPU = "CPUExecutionProvider"
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:  # pragma: no cover - a test dependency; the host C core still works without it
+        raise DeviceError("onnxruntime is not installed; install it (pip install onnxruntime) to run ONNX "
+                          "partitions") from None
+    return onnxruntime
+
+
+def session_options(opts: Mapping[str, Any] | None = None, threads: int | None = None):
+    """An onnxruntime SessionOptions from a profile's ``session_options`` table (attribute name -> value)."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    for k, v in dict(opts or {}).items():
+        if k == "graph_optimization_level" and isinstance(v, str):
+            v = getattr(ort.GraphOptimizationLevel, v)
+        if not hasattr(so, k):
+            raise InvalidArgumentError(f"onnxruntime SessionOptions has no attribute {k!r} (from the profile's "
+                                       "delegate_options.session_options)")
+        setattr(so, k, v)
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    return so
+
+
+def resolve_providers(wanted: list[str], fallback: str = "allow", emulate: bool = False,
+                      provider_options: Mapping[str, Any] | None = None) -> tuple[list[str], list[dict]]:
+    """The providers to create a session with, and their options: ``wanted`` minus what this onnxruntime lacks
+    (warned about, or a DeviceError with ``fallback="forbid"``), CPU last. ``emulate``: the CPU provider alone."""
+    ort = _ort()
+    if emulate:
+        return [CPU], [{}]
+    have = set(ort.get_available_providers())
+    missing = [p for p in wanted if p not in have]
+    if missing:
+        msg = (f"onnxruntime {ort.__version__} lacks {', '.join(missing)} (available: {', '.join(sorted(have))})")
+        if fallback == "forbid":
+            raise DeviceError(msg + "; install the onnxruntime build that ships it, or use emulate=True / "
+                              "fallback='allow'")
+        warnings.warn(msg + "; running on what is available", RuntimeWarning, stacklevel=3)
+    providers = [p for p in wanted if p in have]
+    if CPU not in providers:
+        providers.append(CPU)
+    popts = dict(provider_options or {})
+    return providers, [dict(popts) if p != CPU and popts else {} for p in providers]
+
+
+class OnnxruntimePartition(CompiledPartition):
+    """An InferenceSession for one exported partition, run through IOBinding. The binding is kept between runs and
+    a buffer is rebound only when the caller hands a different one (pointer, shape or dtype), so the steady-state
+    run is one ``run_with_iobinding`` call."""
+
+    def __init__(self, model, inputs: list[str], outputs: list[str], providers: list[str],
+                 provider_options: list[dict] | None = None, sess_options=None):
+        ort = _ort()
+        self.inputs, self.outputs = list(inputs), list(outputs)
+        self.providers = list(providers)
+        data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
+        try:
+            self.session = ort.InferenceSession(data, sess_options, providers=self.providers,
+                                                provider_options=provider_options)
+        except Exception as exc:
+            raise DeviceError(f"onnxruntime could not load the partition ({', '.join(self.providers)}): {exc}") from exc
+        self._binding = self.session.io_binding()
+        self._bound: dict[str, tuple] = {}
+
+    def _key(self, a: np.ndarray) -> tuple:
+        return (a.ctypes.data, a.shape, a.dtype.str)
+
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        b = self._binding
+        for name in self.inputs:
+            a = inputs[name]
+            key = self._key(a)
+            if self._bound.get(name) != key:
+                if not a.flags.c_contiguous:
+                    a = np.ascontiguousarray(a)
+                    key = None  # a temporary: bind again next time
+                b.bind_cpu_input(name, a)
+                self._bound[name] = key
+        for name in self.outputs:
+            a = outputs[name]
+            key = self._key(a)
+            if self._bound.get("\0" + name) != key:
+                b.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+                self._bound["\0" + name] = key
+        try:
+            self.session.run_with_iobinding(b)
+        except Exception as exc:
+            self._bound.clear()  # the binding may be half-updated
+            self._binding = self.session.io_binding()
+            raise DeviceError(f"onnxruntime failed running a partition ({', '.join(self.providers)}): {exc}") from exc
+
+    def run_alloc(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run with onnxruntime allocating the outputs (used once per shape to learn output shapes)."""
+        try:
+            res = self.session.run(self.outputs, {n: inputs[n] for n in self.inputs})
+        except Exception as exc:
+            raise DeviceError(f"onnxruntime failed running a partition ({', '.join(self.providers)}): {exc}") from exc
+        return dict(zip(self.outputs, res))
+
+    def close(self) -> None:
+        self._binding = None
+        self.session = None
+
+
+class OnnxruntimeDelegate(Delegate):
+    """Runs a partition with the execution providers in ``unit.delegate_options["providers"]`` (the CPU provider
+    when the unit names none, as the host unit does). ``options``: ``fallback``, ``emulate``, ``threads``."""
+
+    @classmethod
+    def available(cls, unit: Any = None) -> tuple[bool, str]:
+        try:
+            ort = _ort()
+        except DeviceError as exc:
+            return False, str(exc)
+        wanted = list(((getattr(unit, "delegate_options", None) or {}).get("providers")) or [CPU])
+        have = ort.get_available_providers()
+        missing = [p for p in wanted if p not in have]
+        if missing:
+            return False, f"onnxruntime {ort.__version__} lacks {', '.join(missing)}"
+        return True, f"onnxruntime {ort.__version__} with {', '.join(wanted)}"
+
+    def compile(self, partition, graph, unit: Any = None, options: Mapping[str, Any] | None = None):
+        options = dict(options or {})
+        dopts = dict(getattr(unit, "delegate_options", None) or {})
+        providers, popts = resolve_providers(list(dopts.get("providers") or [CPU]), options.get("fallback", "allow"),
+                                             bool(options.get("emulate")), dopts.get("provider_options"))
+        so = session_options(dopts.get("session_options"), options.get("threads") or dopts.get("threads"))
+        model = graph.subgraph_model(partition.nodes, name=f"{graph.name}_p{getattr(partition, 'id', 0)}")
+        return OnnxruntimePartition(model, partition.inputs, partition.outputs, providers, popts, so)
+
+
+register("onnxruntime", OnnxruntimeDelegate)

@@ -1,0 +1,411 @@
+"""Session: run an ONNX model on a device profile — plan, compile each partition with its delegate, run with pinned
+buffers, count what crosses each link. onnxruntime's InferenceSession shape: ``get_inputs``/``get_outputs``/``run``.
+
+A tensor's trip in ``Session.run``: feed -> its host pool buffer -> partition 1 (delegate) -> counted copy into the
+device-side staging buffer (``to_device``) -> partition 2 -> counted copy back (``to_host``) -> ... -> outputs.
+Every tensor that crosses a partition boundary (and every graph input and output) lives in a buffer of a
+``PinnedPool`` laid out once per binding of the model's dims (at creation, or at the first run for a model with
+symbolic dims); the copies follow the plan's transfer list, so the bytes counted equal the plan's.
+
+``emulate=True`` runs device partitions on onnxruntime's CPU provider but keeps every staging buffer and copy, so
+plans, outputs and bytes moved can be checked on a machine without the device. Without ``emulate``, a device whose
+runtime is missing is a DeviceError (``fallback="forbid"``) or, with ``"allow"``, a warning and a plan for the host
+unit alone (then nothing crosses a link; ``requested_plan`` keeps the device plan).
+
+This module must not import the CLI or the server.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from . import delegates, profiles
+from .buffers import CopyCounter, PinnedPool
+from .errors import DeviceError, DTypeError, InvalidArgumentError, ShapeError
+from .formats.onnx import load_onnx
+from .graph.ir import Graph, onnx_types
+from .plan import Plan, plan as make_plan
+
+HOST = "host"  # the side of every buffer in host memory
+
+
+@dataclass(frozen=True)
+class IOInfo:
+    """A graph input or output: ``shape`` with symbolic dims as strings (None when unknown), ``dtype`` a numpy dtype
+    name. ``type`` is onnxruntime's spelling (``tensor(float)``)."""
+
+    name: str
+    shape: list
+    dtype: str | None
+
+    @property
+    def type(self) -> str:
+        names = {"float32": "float", "float64": "double", "bool": "bool"}
+        return f"tensor({names.get(self.dtype or '', self.dtype or 'unknown')})"
+
+
+@dataclass
+class _Copy:
+    tensor: str
+    direction: str
+    src: np.ndarray
+    dst: np.ndarray
+
+
+@dataclass
+class _Bound:
+    """Everything laid out for one binding of the model's dims."""
+
+    dims: dict
+    graph: Graph
+    plan: Plan
+    compiled: list
+    pools: dict                     # side -> PinnedPool
+    feeds: dict                     # graph input -> host buffer
+    in_bufs: list                   # per partition: name -> buffer
+    out_bufs: list
+    before: list                    # copies of graph inputs to device sides, before any partition
+    after: list                     # per partition: copies to run right after it
+    results: dict                   # graph output -> host buffer
+    input_shapes: dict
+    probed: bool
+
+
+def _side(plan: Plan, unit: str) -> str:
+    return HOST if unit == plan.host_unit else unit
+
+
+class Session:
+    """Run ``model_path`` (a path or an onnx.ModelProto) on ``device`` (a profile name, path or DeviceProfile).
+
+    ``fallback``: what to do with nodes or units the device cannot run ("allow": the host; "forbid": an error).
+    ``emulate``: run device partitions functionally on the host, copies over the link kept and counted.
+    ``dims``: bind symbolic dims now (else from the first run's feeds). ``threads``: host/onnxruntime threads.
+    ``output_views``: ``run`` returns the pool's output buffers themselves (valid until the next run; no copy).
+    ``core``: False keeps every node on onnxruntime (the host delegate's C core off). ``telemetry``: record one
+    event per run (when edgert telemetry is enabled)."""
+
+    def __init__(self, model_path, device: Any = "host", fallback: str = "allow", emulate: bool = False, *,
+                 dims: Mapping[str, int] | None = None, threads: int | None = None, output_views: bool = False,
+                 core: bool = True, telemetry: bool = True, min_nodes_per_partition: int = 1,
+                 max_partitions: int | None = None, lock_memory: bool = True):
+        if fallback not in ("allow", "forbid"):
+            raise InvalidArgumentError(f"fallback must be 'allow' or 'forbid', got {fallback!r}")
+        self.model_path = model_path if not hasattr(model_path, "__fspath__") else os.fspath(model_path)
+        self.model_name = (os.path.basename(self.model_path) if isinstance(self.model_path, str)
+                           else getattr(getattr(model_path, "graph", None), "name", "model"))
+        self._graph0 = load_onnx(self.model_path)
+        self.profile = profiles.load(device) if isinstance(device, (str, os.PathLike)) else device
+        self.device = self.profile.name
+        self.fallback, self.emulate = fallback, bool(emulate)
+        self.threads, self.output_views, self.core = threads, output_views, core
+        self.telemetry, self.lock_memory = telemetry, lock_memory
+        self._plan_kw = dict(min_nodes_per_partition=min_nodes_per_partition, max_partitions=max_partitions)
+        self.counter = CopyCounter()
+        self.requested_plan: Plan | None = None
+        self.fell_back: str | None = None
+        self._runs, self._busy_s, self._rebinds = 0, 0.0, 0
+        self._last = {"to_device": 0, "to_host": 0}
+        self._bound: _Bound | None = None
+        self._provisional: Plan | None = None
+        dims = {str(k): int(v) for k, v in (dims or {}).items()}
+        if not (self._graph0.symbolic_dims() - set(dims)):
+            self._bound = self._bind(dims, None)
+        elif self.fallback == "forbid" and not self.emulate:
+            self._check_runtimes(self.plan)  # fail at creation, not at the first run
+
+    def _check_runtimes(self, p: Plan) -> None:
+        missing = self._runtime_missing(p)
+        if missing:
+            what = "; ".join(f"unit {u.name!r} ({u.kind}, delegate {u.delegate}): {why}" for u, why in missing)
+            raise DeviceError(f"device {self.device!r} is not present on this machine: {what}. Run with "
+                              "emulate=True to check its plan, outputs and bytes moved on the host, or "
+                              "fallback='allow' to run everything on the host")
+
+    # ---- onnxruntime-shaped API ---------------------------------------------------------------------------
+    def get_inputs(self) -> list[IOInfo]:
+        g = self._graph0
+        return [IOInfo(n, list(g.tensors[n].shape or []), g.tensors[n].dtype) for n in g.inputs]
+
+    def get_outputs(self) -> list[IOInfo]:
+        g = self._bound.graph if self._bound else self._graph0
+        return [IOInfo(n, list(g.tensors[n].shape or []), g.tensors[n].dtype) for n in g.outputs]
+
+    @property
+    def plan(self) -> Plan:
+        """The plan being run (after a dims binding), or a provisional plan over unbound dims before the first run of
+        a model with symbolic dims (units that need static shapes refuse its dynamic nodes)."""
+        if self._bound is not None:
+            return self._bound.plan
+        if self._provisional is None:
+            self._provisional = make_plan(self._graph0, self.profile, fallback=self.fallback, **self._plan_kw)
+        return self._provisional
+
+    def stats(self) -> dict:
+        b = self._bound
+        pools = list(b.pools.values()) if b else []
+        return {
+            "runs": self._runs, "bytes_to_device": self.counter.bytes_to_device,
+            "bytes_to_host": self.counter.bytes_to_host, "copies_to_device": self.counter.copies["to_device"],
+            "copies_to_host": self.counter.copies["to_host"],
+            "last_run": {"bytes_to_device": self._last["to_device"], "bytes_to_host": self._last["to_host"]},
+            "busy_s": self._busy_s, "mean_s": self._busy_s / self._runs if self._runs else None,
+            "rebinds": self._rebinds, "device": self.device, "emulate": self.emulate, "fell_back": self.fell_back,
+            "partitions": len(b.plan.partitions) if b else None,
+            "pool_bytes": sum(p.nbytes for p in pools), "pool_allocations": sum(p.allocations for p in pools),
+            "pool_locked": bool(pools) and all(p.locked for p in pools),
+            "lock_error": "; ".join(p.lock_error for p in pools if p.lock_error) or None,
+        }
+
+    def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], run_options=None) -> list[np.ndarray]:
+        """Outputs ``output_names`` (None: all, in graph order) for ``feeds`` (input name -> array)."""
+        t0 = time.perf_counter()
+        err = None
+        try:
+            return self._run(output_names, feeds)
+        except BaseException as exc:
+            err = exc
+            raise
+        finally:
+            dt = time.perf_counter() - t0
+            if err is None:
+                self._runs += 1
+                self._busy_s += dt
+            if self.telemetry:
+                self._record(dt, err)
+
+    # ---- the run path -------------------------------------------------------------------------------------
+    def _run(self, output_names, feeds) -> list[np.ndarray]:
+        g = self._graph0
+        for n in g.inputs:
+            if n not in feeds:
+                raise InvalidArgumentError(f"missing feed for input {n!r}; the model's inputs are {g.inputs}")
+        names = list(g.outputs) if output_names is None else list(output_names)
+        for n in names:
+            if n not in g.outputs:
+                raise InvalidArgumentError(f"{n!r} is not an output of the model; its outputs are {g.outputs}")
+        b = self._bound
+        if b is None or any(np.shape(feeds[n]) != b.input_shapes[n] for n in g.inputs):
+            b = self._rebind(feeds)
+        try:
+            self._run_bound(b, feeds)
+        except DeviceError:
+            if not b.probed:
+                raise
+            b = self._rebind(feeds, force=True)  # a data-dependent shape changed: lay out again, once
+            self._run_bound(b, feeds)
+        if self.output_views:
+            return [b.results[n] for n in names]
+        return [b.results[n].copy() for n in names]
+
+    def _run_bound(self, b: _Bound, feeds) -> None:
+        for name, buf in b.feeds.items():
+            a = feeds[name]
+            if not isinstance(a, np.ndarray):
+                a = np.asarray(a, dtype=buf.dtype)
+            if a.dtype != buf.dtype:
+                raise DTypeError(f"input {name!r} must be {buf.dtype}, got {a.dtype}")
+            np.copyto(buf, a, casting="no")
+        c = self.counter
+        start = dict(c.bytes)
+        for cp in b.before:
+            c.copy(cp.dst, cp.src, cp.direction)
+        for k, part in enumerate(b.compiled):
+            part.run(b.in_bufs[k], b.out_bufs[k])
+            for cp in b.after[k]:
+                c.copy(cp.dst, cp.src, cp.direction)
+        self._last = {d: c.bytes[d] - start[d] for d in start}
+
+    # ---- binding: plan, compile, lay out buffers ----------------------------------------------------------
+    def _rebind(self, feeds, force: bool = False) -> _Bound:
+        dims = self._graph0.dims_from_feeds({n: np.asarray(feeds[n]) if not hasattr(feeds[n], "shape") else feeds[n]
+                                            for n in self._graph0.inputs})
+        if self._bound is not None:
+            self._rebinds += 1
+            self._close_bound()
+        self._bound = self._bind(dims, feeds)
+        return self._bound
+
+    def _runtime_missing(self, p: Plan) -> list[tuple[Any, str]]:
+        missing, seen = [], set()
+        for part in p.partitions:
+            if part.unit == p.host_unit or part.unit in seen:
+                continue
+            seen.add(part.unit)
+            unit = p.unit(part.unit)
+            if not delegates.is_registered(unit.delegate):
+                missing.append((unit, f"edgert has no {unit.delegate!r} delegate to drive it"))
+                continue
+            ok, why = delegates.get(unit.delegate).available(unit)
+            if not ok:
+                missing.append((unit, why))
+        return missing
+
+    def _bind(self, dims: dict, feeds) -> _Bound:
+        p = make_plan(self._graph0, self.profile, fallback=self.fallback, dims=dims, **self._plan_kw)
+        graph = p.graph  # bound to dims by the planner
+        self.requested_plan = p
+        missing = self._runtime_missing(p)
+        if missing and not self.emulate:
+            what = "; ".join(f"unit {u.name!r} ({u.kind}, delegate {u.delegate}): {why}" for u, why in missing)
+            if self.fallback == "forbid":
+                self._check_runtimes(p)
+            warnings.warn(f"device {self.device!r} is not present on this machine ({what}); running every node on "
+                          "the host (nothing crosses a link). Use emulate=True to emulate the device.", RuntimeWarning,
+                          stacklevel=4)
+            self.fell_back = what
+            host_unit = p.unit(p.host_unit)
+            host_only = dataclasses.replace(self.profile, units=[host_unit])
+            p = make_plan(self._graph0, host_only, fallback="allow", dims=dims, **self._plan_kw)
+            graph = p.graph
+
+        compiled = []
+        for part in p.partitions:
+            unit = p.unit(part.unit)
+            if part.unit == p.host_unit:
+                d = delegates.get(unit.delegate)()
+                opts = {"threads": self.threads, "core": self.core, "fallback": self.fallback}
+            elif self.emulate:
+                d = delegates.get("onnxruntime")()
+                unit = None  # the device's work, functionally, on onnxruntime's CPU provider
+                opts = {"threads": self.threads, "emulate": True}
+            else:
+                d = delegates.get(unit.delegate)()
+                opts = {"threads": self.threads, "fallback": self.fallback}
+            compiled.append(d.compile(part, graph, unit, opts))
+
+        # where each tensor must be: (side, tensor)
+        need: list[tuple[str, str]] = []
+
+        def want(side, t):
+            if (side, t) not in need:
+                need.append((side, t))
+
+        for t in graph.inputs:
+            want(HOST, t)
+        for part in p.partitions:
+            s = _side(p, part.unit)
+            for t in [*part.inputs, *part.outputs]:
+                want(s, t)
+        for t in graph.outputs:
+            want(HOST, t)
+        filled = {(HOST, t) for t in graph.inputs}
+        producer = {}
+        for part in p.partitions:
+            for t in part.outputs:
+                filled.add((_side(p, part.unit), t))
+                producer[t] = part.id
+        transfers = []
+        for tr in p.transfers:
+            src, dst = _side(p, tr.src), _side(p, tr.dst)
+            want(src, tr.tensor)
+            want(dst, tr.tensor)
+            filled.add((dst, tr.tensor))
+            sp = getattr(tr, "src_partition", producer.get(tr.tensor))
+            transfers.append((tr, src, dst, sp))
+        gaps = [f"{t!r} on {s}" for s, t in need if (s, t) not in filled]
+        if gaps:
+            raise DeviceError(f"plan for {self.device!r} leaves {', '.join(gaps)} without a producer or a transfer "
+                              "(a partitioner bug); please report it with the model")
+
+        # shapes and dtypes of every buffer: the bound graph's, else learnt by running the whole model once
+        spec, unknown = {}, []
+        for _, t in need:
+            tt = graph.tensors.get(t)
+            shape = tt.concrete_shape(dims) if tt is not None else None
+            dtype = tt.dtype if tt is not None else None
+            if shape is None or dtype is None or dtype not in np.sctypeDict:
+                unknown.append(t)
+            else:
+                spec[t] = (shape, np.dtype(dtype))
+        probed = False
+        if unknown:
+            if feeds is None:
+                return None  # laid out at the first run, when the feeds say what the shapes are
+            spec.update(self._probe(graph, sorted(set(unknown)), feeds))
+            probed = True
+
+        pools: dict[str, PinnedPool] = {}
+        for side, t in need:
+            pool = pools.get(side)
+            if pool is None:
+                pool = pools[side] = PinnedPool("host" if side == HOST else f"staging:{side}", lock=self.lock_memory)
+            pool.reserve(t, *spec[t])
+        for pool in pools.values():
+            pool.allocate()
+
+        def buf(side, t):
+            return pools[side].view(t)
+
+        in_bufs = [{t: buf(_side(p, part.unit), t) for t in part.inputs} for part in p.partitions]
+        out_bufs = [{t: buf(_side(p, part.unit), t) for t in part.outputs} for part in p.partitions]
+        before, after = [], [[] for _ in p.partitions]
+        for tr, src, dst, sp in transfers:
+            cp = _Copy(tr.tensor, tr.direction, buf(src, tr.tensor), buf(dst, tr.tensor))
+            (before if sp is None else after[sp]).append(cp)
+        return _Bound(dims, graph, p, compiled, pools, {t: buf(HOST, t) for t in graph.inputs}, in_bufs, out_bufs,
+                      before, after, {t: buf(HOST, t) for t in graph.outputs},
+                      {t: spec[t][0] for t in graph.inputs}, probed)
+
+    def _probe(self, graph: Graph, names: list[str], feeds) -> dict:
+        """Shapes and dtypes of ``names`` for these feeds, from one onnxruntime run of the whole model."""
+        import onnx
+        import onnxruntime as ort
+
+        model = graph.subgraph_model([n.name for n in graph.nodes], name=f"{graph.name}_probe")
+        have = {o.name for o in model.graph.output}
+        for n in names:
+            if n in have:
+                continue
+            t = graph.tensors.get(n)
+            if t is not None and t.dtype in onnx_types():
+                model.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx_types()[t.dtype], None))
+            else:
+                model.graph.output.append(onnx.ValueInfoProto(name=n))
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        res = sess.run(names, {n: np.asarray(feeds[n]) for n in graph.inputs})
+        return {n: (a.shape, a.dtype) for n, a in zip(names, res)}
+
+    # ---- telemetry and teardown ---------------------------------------------------------------------------
+    def _record(self, dt: float, err) -> None:
+        try:
+            from . import telemetry
+        except ImportError:  # pragma: no cover
+            return
+        if not telemetry.enabled():
+            return
+        b = self._bound
+        dl = sorted({part.delegate for part in b.plan.partitions}) if b else []
+        power = getattr(self.profile, "power_w", None)
+        telemetry.record({
+            "source": "session", "endpoint": "run", "model": self.model_name, "device": self.device,
+            "delegates": ",".join(dl) + (" (emulated)" if self.emulate and len(dl) > 1 else ""),
+            "latency_s": dt, "decode_s": dt, "queue_wait_s": 0.0,
+            "bytes_copied": int(self._last["to_device"] + self._last["to_host"]) if err is None else 0,
+            "error": err, "status": 200 if err is None else 500,
+            "energy_j": None if power is None else self.profile.energy_j(dt),
+            "cost_usd": None if power is None else self.profile.cost_usd(dt),
+        })
+
+    def _close_bound(self) -> None:
+        b = self._bound
+        if b is None:
+            return
+        for c in b.compiled:
+            c.close()
+        for pool in b.pools.values():
+            pool.close()
+
+    def close(self) -> None:
+        self._close_bound()
+        self._bound = None
+
+    def __repr__(self) -> str:
+        return (f"Session({self.model_name!r}, device={self.device!r}, emulate={self.emulate}, "
+                f"partitions={len(self._bound.plan.partitions) if self._bound else '?'})")
