@@ -184,9 +184,8 @@ static int matmul(et_llama *mo, const et_tensor *w, int64_t n, int64_t k, const 
         return et_gemm_prepared(w->type, w->data, n, k, x, (size_t)k * sizeof(float), m, y, (size_t)n, nth);
     const size_t xs = (size_t)(k / ET_QK) * sizeof(block_q8_s);
     if (!*xq_ready) {
-        for (int64_t i = 0; i < m; i++)
-            if (et_quantize_row_q8_s(x + i * k, (block_q8_s *)((uint8_t *)mo->s.xq + (size_t)i * xs), k))
-                return et_error(ET_ERR_INVALID, "activations became NaN or Inf (the weights may be corrupt)");
+        if (et_quantize_rows_q8_s(x, m, k, mo->s.xq, nth) >= 0)
+            return et_error(ET_ERR_INVALID, "activations became NaN or Inf (the weights may be corrupt)");
         *xq_ready = 1;
     }
     return et_gemm_prepared(w->type, w->data, n, k, mo->s.xq, xs, m, y, (size_t)n, nth);

@@ -56,6 +56,20 @@ static void quantize_task(void *arg, int ith, int nth) {
     }
 }
 
+int64_t et_quantize_rows_q8_s(const float *x, int64_t m, int64_t k, block_q8_s *y, int nthreads) {
+    const et_kernels *kt = et_active_kernels();
+    quantize_job qj = {.fn = kt->quantize_row_q8_s ? kt->quantize_row_q8_s : et_quantize_row_q8_s,
+                       .x = x, .m = m, .k = k, .y = (uint8_t *)y, .ys = (size_t)(k / ET_QK) * sizeof(block_q8_s)};
+    atomic_init(&qj.bad, m);
+    /* a GEMM's activations are worth a dispatch of their own: quantizing 64 rows alone costs a third of it */
+    int qth = nthreads > 0 ? nthreads : et_get_threads();
+    if (qth > m) qth = (int)m;
+    if ((double)m * (double)k < ET_MIN_PARALLEL_MACS) qth = 1;
+    if (et_parallel(quantize_task, &qj, qth) != ET_OK) quantize_task(&qj, 0, 1); /* no threads: do it here */
+    const long long bad = atomic_load(&qj.bad);
+    return bad < m ? bad : -1;
+}
+
 static int is_block_type(int t) { return t == ET_TYPE_Q4_0 || t == ET_TYPE_Q4_1 || t == ET_TYPE_Q8_0; }
 
 size_t et_matmul_scratch_size(int wtype, int64_t m, int64_t k) {
@@ -95,16 +109,8 @@ int et_matmul(const float *x, int64_t m, int64_t k, int wtype, const void *w, in
         if (!scratch || scratch_size < need)
             return et_error(ET_ERR_INVALID, "matmul scratch of %zu bytes is too small: need %zu", scratch_size, need);
         xs = (size_t)(k / ET_QK) * sizeof(block_q8_s);
-        quantize_job qj = {.fn = kt->quantize_row_q8_s ? kt->quantize_row_q8_s : et_quantize_row_q8_s,
-                           .x = x, .m = m, .k = k, .y = scratch, .ys = xs};
-        atomic_init(&qj.bad, m);
-        /* a GEMM's activations are worth a dispatch of their own: quantizing 64 rows alone costs a third of it */
-        int qth = nthreads > 0 ? nthreads : et_get_threads();
-        if (qth > m) qth = (int)m;
-        const int st = et_parallel(quantize_task, &qj, qth);
-        if (st) return st;
-        const long long bad = atomic_load(&qj.bad);
-        if (bad < m) return et_error(ET_ERR_INVALID, "activations must be finite: row %lld holds NaN or Inf", bad);
+        const int64_t bad = et_quantize_rows_q8_s(x, m, k, scratch, nthreads);
+        if (bad >= 0) return et_error(ET_ERR_INVALID, "activations must be finite: row %lld holds NaN or Inf", (long long)bad);
         xa = scratch;
     }
 
