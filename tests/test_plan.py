@@ -480,3 +480,21 @@ def test_edgert_plan_is_callable_however_imported():
     mod = importlib.import_module("edgert.plan")
     assert edgert.plan is mod and callable(edgert.plan) and edgert.Plan is mod.Plan
     assert isinstance(edgert.plan(chain(["Relu"]), device=profile()), edgert.Plan)
+
+
+def test_graph_built_with_the_ir_classes():
+    """No ONNX source at all: a symbolic batch is bound by lookup; transfers and estimates still follow."""
+    from edgert.graph import Graph, Node, Tensor
+
+    w = np.ones((32, 32), np.float32)
+    tensors = {"x": Tensor("x", "float32", ("n", 32)), "w": Tensor("w", "float32", (32, 32), initializer=w),
+               "h": Tensor("h", "float32", ("n", 32)), "y": Tensor("y", "float32", ("n", 32))}
+    nodes = [Node("mm", "MatMul", "", ["x", "w"], ["h"], index=0), Node("sm", "Softmax", "", ["h"], ["y"], index=1)]
+    g = Graph("ir", nodes, tensors, ["x"], ["y"], {"": 17})
+    prof = profile(npu_unit(["MatMul"], static=True))
+    assert edgert.plan(g, device=prof).assignment["mm"] == "cpu"
+    p = edgert.plan(g, device=prof, dims={"n": 4096})
+    assert p.assignment == {"mm": "npu", "sm": "cpu"}
+    assert [(t.tensor, t.nbytes) for t in p.transfers] == [("x", 4096 * 32 * 4), ("h", 4096 * 32 * 4)]
+    assert p.partitions[0].inputs == ["x"] and p.partitions[1].outputs == ["y"]
+    assert P.node_ops(g.node("mm"), g, {"n": 4096}) == 2 * 4096 * 32 * 32
