@@ -14,6 +14,7 @@ This module takes plain metadata dicts; it must not open files or know about mod
 from __future__ import annotations
 
 import codecs
+import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -168,12 +169,14 @@ class Tokenizer:
             got = hf.token_to_id(a.content)
             if got is None or tokens[got] != a.content:
                 raise ModelFormatError(f"GGUF special token {a.content!r} could not be registered")
-        # Two pipelines: one that treats control-token spellings as plain text (user content), one that doesn't.
-        self._markup = hf
-        self._text = HFTokenizer.from_str(hf.to_str())
-        self._text.encode_special_tokens = True
+        # One pipeline in two modes: encode() treats control-token spellings as plain text (user content),
+        # encode_special() turns them into control ids (template markup). The mode is a flag on the tokenizer, so
+        # switching it and encoding happen under one lock.
+        self._hf = hf
+        self._mode_lock = threading.Lock()
 
-        self._pieces: list[bytes] = [self._piece_bytes(t, ty) for t, ty in zip(tokens, types)]
+        # each token's bytes, worked out on first use: decoding touches a few hundred tokens, not the vocabulary
+        self._pieces: list[bytes | None] = [None] * n
         self._is_control = [ty == TOKEN_CONTROL for ty in types]
         stops = [] if eos_id is None else [eos_id]
         for name in END_OF_TURN_TOKENS:
@@ -246,13 +249,24 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = False) -> list[int]:
         """Tokenize user or model text. Control-token spellings in ``text`` stay text. ``add_special`` adds BOS/EOS
         as the model's add_bos_token/add_eos_token flags say."""
-        ids = self._text.encode(self._check_text(text), add_special_tokens=False).ids if text else []
-        return self._wrap(list(ids), add_special)
+        ids = self._encode(self._check_text(text), special=False) if text else []
+        return self._wrap(ids, add_special)
 
     def encode_special(self, text: str, add_special: bool = False) -> list[int]:
         """Tokenize template markup: control-token spellings become their control ids."""
-        ids = self._markup.encode(self._check_text(text), add_special_tokens=False).ids if text else []
-        return self._wrap(list(ids), add_special)
+        ids = self._encode(self._check_text(text), special=True) if text else []
+        return self._wrap(ids, add_special)
+
+    def _encode(self, text: str, special: bool) -> list[int]:
+        with self._mode_lock:
+            self._hf.encode_special_tokens = not special
+            return list(self._hf.encode(text, add_special_tokens=False).ids)
+
+    def _piece(self, j: int) -> bytes:
+        p = self._pieces[j]
+        if p is None:
+            p = self._pieces[j] = self._piece_bytes(self.tokens[j], self.token_types[j])
+        return p
 
     def _check_id(self, i) -> int:
         try:
@@ -265,7 +279,7 @@ class Tokenizer:
 
     def token_to_piece(self, token_id: int) -> bytes:
         """The raw bytes a token stands for (may be part of a UTF-8 sequence)."""
-        return self._pieces[self._check_id(token_id)]
+        return self._piece(self._check_id(token_id))
 
     def is_control(self, token_id: int) -> bool:
         return self._is_control[self._check_id(token_id)]
@@ -277,7 +291,7 @@ class Tokenizer:
         for i in ids:
             j = self._check_id(i)
             if not (skip_special and self._is_control[j]):
-                out.append(self._pieces[j])
+                out.append(self._piece(j))
         return b"".join(out).decode("utf-8", errors="replace")
 
     def __repr__(self) -> str:
@@ -299,7 +313,7 @@ class StreamDecoder:
         j = self._tok._check_id(token_id)
         if self._skip and self._tok._is_control[j]:
             return ""
-        return self._dec.decode(self._tok._pieces[j])
+        return self._dec.decode(self._tok._piece(j))
 
     def flush(self) -> str:
         """Emit what is still held (an incomplete sequence becomes U+FFFD) and reset."""
