@@ -439,10 +439,7 @@ def _resolve_graph(model, dims: Mapping[str, int] | None) -> Graph:
 def _unit_check(unit, node: Node, view: Graph, dims: Mapping[str, int]) -> tuple[bool, str]:
     """Can ``unit`` run ``node``? The unit's own check (op, dtypes, rank, static shapes with ``dims`` bound), asked
     on the quantized view of the graph (``quantized_view``) so that a QDQ model's int8 core is seen as int8."""
-    try:
-        ok, reason = unit.supports(node, view, dims)
-    except TypeError:  # a unit type whose check takes no bindings
-        ok, reason = unit.supports(node, view)
+    ok, reason = unit.supports(node, view, dims)
     if not ok:
         return False, f"{unit.name}: {reason}" if reason else f"{unit.name} cannot run {node.qualified_op}"
     return True, ""
@@ -1013,12 +1010,6 @@ def _link_kind(link) -> str | None:
     return str(getattr(link, "kind", link))
 
 
-def _fmt_shape(shape) -> str:
-    if shape is None:
-        return "unknown"
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
-
-
 def _si(x: float) -> str:
     for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if x >= div:
@@ -1196,4 +1187,5 @@ sys.modules[__name__].__class__ = _PlanModule
 
 
 __all__ = ["CONTROL_FLOW_OPS", "CostModel", "Partition", "Plan", "Transfer", "assign_by_capability", "compute_dtype",
-           "copy_aware", "find_islands", "link_seconds", "node_ops", "plan", "tensor_nbytes", "unit_throughput"]
+           "copy_aware", "enforce_max_partitions", "enforce_min_nodes", "find_islands", "is_constant_node",
+           "link_seconds", "node_ops", "plan", "quantized_view", "tensor_nbytes", "unit_throughput"]
