@@ -77,6 +77,49 @@ class _Bound:
     probed: bool
 
 
+def _load(src) -> Graph:
+    """Load the model with every unnamed dynamic dim of its inputs named (``-1`` or ``?`` dims, which exporters
+    write for "any size", become ``<input>_<axis>``) so that feeds can bind them one by one."""
+    import onnx
+
+    base_dir = None
+    if isinstance(src, str):
+        base_dir = os.path.dirname(os.path.abspath(src))
+        try:
+            src = onnx.load(src, load_external_data=False)
+        except Exception:
+            return load_onnx(src)  # let the loader say what is wrong with the file
+    inits = {i.name for i in src.graph.initializer}
+    for vi in src.graph.input:
+        if vi.name in inits or not vi.type.HasField("tensor_type"):
+            continue
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if (d.HasField("dim_value") and d.dim_value < 0) or (d.HasField("dim_param") and d.dim_param in ("?", "")):
+                d.dim_param = f"{vi.name}_{axis}"
+    return load_onnx(src, base_dir=base_dir)
+
+
+def _known(t) -> bool:
+    shape = t.concrete_shape()
+    return shape is not None and all(d >= 0 for d in shape) and t.dtype in np.sctypeDict
+
+
+def _with_shapes(graph: Graph, learnt: Mapping[str, tuple], dtype_only: bool = False) -> Graph:
+    """The graph with the shapes and dtypes in ``learnt`` (name -> (shape, numpy dtype)) filled in (only the
+    dtypes that are unknown, with ``dtype_only``)."""
+    tensors = dict(graph.tensors)
+    for name, (shape, dtype) in learnt.items():
+        t = tensors.get(name)
+        if t is None:
+            continue
+        if dtype_only:
+            if t.dtype is None:
+                tensors[name] = dataclasses.replace(t, dtype=np.dtype(dtype).name)
+        else:
+            tensors[name] = dataclasses.replace(t, shape=tuple(int(d) for d in shape), dtype=np.dtype(dtype).name)
+    return graph.replace(tensors=tensors)
+
+
 def _side(plan: Plan, unit: str) -> str:
     return HOST if unit == plan.host_unit else unit
 
@@ -100,7 +143,7 @@ class Session:
         self.model_path = model_path if not hasattr(model_path, "__fspath__") else os.fspath(model_path)
         self.model_name = (os.path.basename(self.model_path) if isinstance(self.model_path, str)
                            else getattr(getattr(model_path, "graph", None), "name", "model"))
-        self._graph0 = load_onnx(self.model_path)
+        self._graph0 = _load(self.model_path)
         self.profile = profiles.load(device) if isinstance(device, (str, os.PathLike)) else device
         self.device = self.profile.name
         self.fallback, self.emulate = fallback, bool(emulate)
@@ -248,8 +291,22 @@ class Session:
         return missing
 
     def _bind(self, dims: dict, feeds) -> _Bound:
-        p = make_plan(self._graph0, self.profile, fallback=self.fallback, dims=dims, **self._plan_kw)
-        graph = p.graph  # bound to dims by the planner
+        graph = self._graph0.bind(dims) if dims else self._graph0
+        unknown = [t for t, tt in graph.tensors.items() if tt.initializer is None and not _known(tt)]
+        # partitions are exported from the model as written (symbolic dims kept, as onnxruntime runs the whole
+        # model): baking bound dims in can make onnxruntime's inference reject branches that never run
+        export = self._graph0
+        probed = False
+        if unknown:
+            # shapes inference could not tell (data-dependent, or lost in the loader): learn them by running the
+            # whole model once on these feeds, so the plan's byte counts and the buffers agree
+            if feeds is None:
+                return None  # laid out at the first run, when the feeds say what the shapes are
+            learnt = self._probe(graph, unknown, feeds)
+            graph = _with_shapes(graph, learnt)
+            export = _with_shapes(export, learnt, dtype_only=True)
+            probed = True
+        p = make_plan(graph, self.profile, fallback=self.fallback, **self._plan_kw)
         self.requested_plan = p
         missing = self._runtime_missing(p)
         if missing and not self.emulate:
@@ -262,8 +319,7 @@ class Session:
             self.fell_back = what
             host_unit = p.unit(p.host_unit)
             host_only = dataclasses.replace(self.profile, units=[host_unit])
-            p = make_plan(self._graph0, host_only, fallback="allow", dims=dims, **self._plan_kw)
-            graph = p.graph
+            p = make_plan(graph, host_only, fallback="allow", **self._plan_kw)
 
         compiled = []
         for part in p.partitions:
@@ -278,7 +334,7 @@ class Session:
             else:
                 d = delegates.get(unit.delegate)()
                 opts = {"threads": self.threads, "fallback": self.fallback}
-            compiled.append(d.compile(part, graph, unit, opts))
+            compiled.append(d.compile(part, export, unit, opts))
 
         # where each tensor must be: (side, tensor)
         need: list[tuple[str, str]] = []
@@ -314,22 +370,7 @@ class Session:
             raise DeviceError(f"plan for {self.device!r} leaves {', '.join(gaps)} without a producer or a transfer "
                               "(a partitioner bug); please report it with the model")
 
-        # shapes and dtypes of every buffer: the bound graph's, else learnt by running the whole model once
-        spec, unknown = {}, []
-        for _, t in need:
-            tt = graph.tensors.get(t)
-            shape = tt.concrete_shape(dims) if tt is not None else None
-            dtype = tt.dtype if tt is not None else None
-            if shape is None or dtype is None or dtype not in np.sctypeDict:
-                unknown.append(t)
-            else:
-                spec[t] = (shape, np.dtype(dtype))
-        probed = False
-        if unknown:
-            if feeds is None:
-                return None  # laid out at the first run, when the feeds say what the shapes are
-            spec.update(self._probe(graph, sorted(set(unknown)), feeds))
-            probed = True
+        spec = {t: (graph.tensors[t].concrete_shape(), np.dtype(graph.tensors[t].dtype)) for _, t in need}
 
         pools: dict[str, PinnedPool] = {}
         for side, t in need:
