@@ -135,3 +135,16 @@ def int8_qdq(src: Path, dest: Path, n: int = 4) -> Path:
     quantize_static(str(tmp), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8, per_channel=opset >= 13)  # per-axis DequantizeLinear needs opset 13
     return out
+
+
+def slow_host(device: str, factor: float = 1e-4):
+    """A shipped profile whose host CPU is ``factor`` times as fast: the copy-aware planner then puts every node
+    the accelerator can run on it, so the link is exercised on models too small to pay for it on real figures."""
+    import dataclasses
+
+    from edgert import profiles
+
+    prof = profiles.load(device)
+    units = [dataclasses.replace(u, throughput={k: v * factor for k, v in u.throughput.items()}) if u.link is None
+             else u for u in prof.units]
+    return dataclasses.replace(prof, name=f"{prof.name}-slow-host", units=units)

@@ -13,8 +13,10 @@ At compile time the partition's nodes are scanned for three weight patterns the 
 - ``DequantizeLinear(constant weight) -> MatMul``: the dequantized weight re-quantized to q8_0 (a lossy
   re-quantization, budget ``DEQUANT_MATMUL_BUDGET``); the activation side is whatever feeds the MatMul.
 
-Everything else (and any of the above the C core cannot take: K not a multiple of 32, weights that are not
-constant) runs through onnxruntime's CPU provider: the partition is cut, in topological order, into C-core steps and
+The q8_0 paths pad K with zero columns up to a whole block (exact: zeros add nothing and leave each activation
+block's scale unchanged), so any K works; MatMulNBits needs K a multiple of 32 (its blocks are imported as they are).
+Everything else (and any of the above the C core cannot take: MatMulNBits with a ragged K or g_idx, weights that are
+not constant) runs through onnxruntime's CPU provider: the partition is cut, in topological order, into C-core steps and
 onnxruntime segments (each its own exported model). A partition without any of these patterns is one segment.
 """
 from __future__ import annotations
@@ -48,12 +50,23 @@ class CoreMatMul:
     bias: np.ndarray | None = None
     nodes: list[str] = field(default_factory=list)   # the graph nodes this step replaces
     threads: int | None = None
+    k: int = 0           # the graph's K; weight.shape[1] is K rounded up to a block (zero columns: exact)
+    _xpad: np.ndarray | None = None
 
     def compute(self, x: np.ndarray) -> np.ndarray:
-        n, k = self.weight.shape
+        n, kp = self.weight.shape
+        k = self.k or kp
         if x.dtype != np.float32 or x.shape[-1] != k:
             raise DeviceError(f"{self.kind} {self.out!r}: expected float32 [..., {k}], got {x.dtype} {x.shape}")
-        x2 = np.ascontiguousarray(x.reshape(-1, k))
+        x2 = x.reshape(-1, k)
+        if kp != k:  # zero-padded to whole blocks: the zeros add nothing and leave each block's scale as it was
+            m = x2.shape[0]
+            if self._xpad is None or self._xpad.shape[0] != m:
+                self._xpad = np.zeros((m, kp), np.float32)
+            self._xpad[:, :k] = x2
+            x2 = self._xpad
+        else:
+            x2 = np.ascontiguousarray(x2)
         y = matmul(x2, self.weight, self.threads) if x2.shape[0] else np.zeros((0, n), np.float32)
         if self.bias is not None:
             y += self.bias
@@ -76,6 +89,15 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: i
         shape[axis] = scale.size
         scale, zp = scale.reshape(shape), zp.reshape(shape)
     return (q - zp) * scale
+
+
+def _weight_q8(w_kn: np.ndarray) -> QTensor:
+    """A (K, N) float weight as a q8_0 QTensor (N, K rounded up to a block, zero columns appended)."""
+    k, n = w_kn.shape
+    kp = -(-k // BLOCK) * BLOCK
+    wt = np.zeros((n, kp), np.float32)
+    wt[:, :k] = w_kn.T
+    return quantize(wt, "q8_0")
 
 
 def _float_input(graph, name: str) -> bool:
@@ -119,16 +141,15 @@ def find_core_matmuls(graph, nodes: list[str], threads: int | None = None) -> li
             q = _const(graph, d.inputs[0])
             sc = _const(graph, d.inputs[1]) if len(d.inputs) > 1 else None
             zp = _const(graph, d.inputs[2]) if len(d.inputs) > 2 and d.inputs[2] else None
-            if q is None or sc is None or q.ndim != 2 or q.shape[0] % BLOCK or not _float_input(graph, node.inputs[0]):
+            if q is None or sc is None or q.ndim != 2 or not _float_input(graph, node.inputs[0]):
                 continue
             if int(d.attrs.get("block_size", 0) or 0):
                 continue  # blocked DequantizeLinear (opset 21): left to onnxruntime
             axis = int(d.attrs.get("axis", 1)) % 2
             w = _dequantize(q, sc, zp, axis)  # (K, N)
-            qt = quantize(np.ascontiguousarray(w.T), "q8_0")
             claimed = [name]
-            steps.append(CoreMatMul("DequantizeLinear+MatMul", node.inputs[0], node.outputs[0], qt, None, claimed,
-                                    threads))
+            steps.append(CoreMatMul("DequantizeLinear+MatMul", node.inputs[0], node.outputs[0], _weight_q8(w), None,
+                                    claimed, threads, k=w.shape[0]))
         elif node.op_type == "MatMulInteger" and dom == "":
             ins = node.inputs + [""] * (4 - len(node.inputs))
             dq = graph.producer(ins[0])
@@ -138,7 +159,7 @@ def find_core_matmuls(graph, nodes: list[str], threads: int | None = None) -> li
                 continue
             b = _const(graph, ins[1])
             bzp = _const(graph, ins[3]) if ins[3] else None
-            if b is None or b.ndim != 2 or b.shape[0] % BLOCK or (ins[3] and bzp is None):
+            if b is None or b.ndim != 2 or (ins[3] and bzp is None):
                 continue
             cons = graph.consumers(node.outputs[0])
             if len(cons) != 1 or cons[0].op_type != "Cast" or int(cons[0].attrs.get("to", 0)) != 1:
@@ -156,11 +177,11 @@ def find_core_matmuls(graph, nodes: list[str], threads: int | None = None) -> li
             if ws is None or ws.size not in (1, b.shape[1]):
                 continue
             w = _dequantize(b, ws.reshape(-1), None if bzp is None else bzp.reshape(-1), axis=1)
-            qt = quantize(np.ascontiguousarray(w.T), "q8_0")
             claimed = [name, cast.name, mul.name]
             if only_consumers(s, {mul.name}):
                 claimed.append(smul.name)
-            steps.append(CoreMatMul("MatMulInteger", dq.inputs[0], mul.outputs[0], qt, None, claimed, threads))
+            steps.append(CoreMatMul("MatMulInteger", dq.inputs[0], mul.outputs[0], _weight_q8(w), None, claimed,
+                                    threads, k=w.shape[0]))
         else:
             continue
         taken.update(steps[-1].nodes)
@@ -172,7 +193,9 @@ def find_core_matmuls(graph, nodes: list[str], threads: int | None = None) -> li
             continue
         outs = [o for o in node.outputs if o]
         used = [o for o in outs if graph.consumers(o)]
-        if used and all(only_consumers(o, taken) for o in used) and not any(o in graph.outputs for o in outs):
+        step_inputs = {s.x for s in steps}
+        if used and all(only_consumers(o, taken) for o in used) and not any(o in graph.outputs for o in outs) \
+                and not step_inputs.intersection(outs):
             owner = next(s for s in steps if any(c.name in s.nodes for o in used for c in graph.consumers(o)))
             owner.nodes.append(name)
             taken.add(name)
