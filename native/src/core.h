@@ -81,8 +81,22 @@ typedef void (*et_gemm_fn)(int64_t k, const void *w, size_t w_stride, int64_t n,
 /* x (k values) -> k/32 block_q8_s, bit for bit what et_quantize_row_q8_s writes; -1 on NaN or Inf */
 typedef int (*et_quantize_row_fn)(const float *x, block_q8_s *y, int64_t k);
 
+/* y[0:n] = sum_d a[d] * x[d * stride + 0:n] for d < k, x fp16: attention scores against transposed keys
+ * (src/attention/), one position per lane, no horizontal sums */
+typedef void (*et_gemv_t_f16_fn)(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y);
+
+void et_gemv_t_f16_ref(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y);
+#if defined(__x86_64__) || defined(_M_X64)
+void et_gemv_t_f16_avx2(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y);
+void et_gemv_t_f16_avx512(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y);
+#endif
+#if defined(__aarch64__)
+void et_gemv_t_f16_neon(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y);
+#endif
+
 typedef struct {
     const char *name;
+    et_gemv_t_f16_fn gemv_t_f16;
     et_quantize_row_fn quantize_row_q8_s; /* NULL: the table uses et_quantize_row_q8_s */
     et_gemm_fn gemm_q4_0;
     et_gemm_fn gemm_q4_1;

@@ -3,8 +3,9 @@
  * Config (hyper-parameters), Weights (pointers into the caller's memory, e.g. a memory-mapped GGUF) and RunState
  * (activations + KV cache, allocated once by et_llama_build) are separate. The forward pass never allocates.
  * Projections go through the kernel table (GEMM for a batch of tokens, GEMV for one); attention runs per
- * (token, head) pair on the thread pool, with K stored by position and V stored transposed, both fp16, so the
- * attention scores and the weighted sum of values are both f16 GEMVs.
+ * (token, head) pair on the thread pool, over an fp16 KV cache: keys transposed within tiles of 32 positions, so the
+ * scores take one position per lane with no horizontal sums, and values transposed, so their weighted sum is an
+ * f16 GEMV over positions.
  */
 #include <float.h>
 #include <math.h>
@@ -35,7 +36,8 @@ typedef struct {
     float *rope;       /* (n_batch, head_dim) cos, sin pairs for the batch's positions */
     float *inv_freq;   /* (head_dim / 2) */
     block_q8_s *xq;    /* (n_batch, max_k / 32) quantized activations */
-    et_half *key_cache;   /* (layer, n_ctx, kv_dim) */
+    et_half *key_cache;   /* (layer, kv_head, n_ctx / ET_KT, head_dim, ET_KT): keys transposed within tiles of
+                             ET_KT positions, so a tile's scores read one contiguous 4 KB run, one position per lane */
     et_half *value_cache; /* (layer, kv_dim, n_ctx): transposed, so out = att @ V is a row-major GEMV */
     size_t bytes;
 } RunState;
@@ -45,6 +47,7 @@ struct et_llama {
     Weights w;
     RunState s;
     int q_dim, kv_dim, max_k;
+    int ctx_tiles; /* n_ctx rounded up to whole key tiles, in tiles */
 };
 
 static int is_block(int t) { return t == ET_TYPE_Q4_0 || t == ET_TYPE_Q4_1 || t == ET_TYPE_Q8_0; }
@@ -71,6 +74,9 @@ static int check_tensor(const et_tensor *t, const char *what, int layer, int64_t
     return ET_OK;
 }
 
+#define ET_KT 32             /* positions per key tile */
+#define ET_MAX_HEAD_DIM 1024 /* a query head's scaled copy lives on the stack of each attention task */
+
 static int check_config(const et_llama_config *c) {
     const int32_t v[] = {c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
                          c->vocab_size, c->n_ctx, c->n_batch};
@@ -79,6 +85,8 @@ static int check_config(const et_llama_config *c) {
     if (c->n_heads % c->n_kv_heads)
         return et_error(ET_ERR_INVALID, "n_heads=%d must be a multiple of n_kv_heads=%d", c->n_heads, c->n_kv_heads);
     if (c->head_dim % 2) return et_error(ET_ERR_INVALID, "head_dim=%d must be even (RoPE rotates pairs)", c->head_dim);
+    if (c->head_dim > ET_MAX_HEAD_DIM)
+        return et_error(ET_ERR_INVALID, "head_dim=%d is larger than %d", c->head_dim, ET_MAX_HEAD_DIM);
     if (!(c->rope_base > 0.0f) || !(c->norm_eps > 0.0f) || !isfinite(c->rope_base) || !isfinite(c->norm_eps))
         return et_error(ET_ERR_INVALID, "rope_base and norm_eps must be positive and finite");
     return ET_OK;
@@ -151,7 +159,8 @@ int et_llama_build(const et_llama_config *cfg, const et_tensor *t, int32_t n_ten
     s->rope = alloc(m, B * (size_t)cfg->head_dim, sizeof(float), &failed);
     s->inv_freq = alloc(m, (size_t)cfg->head_dim / 2, sizeof(float), &failed);
     s->xq = alloc(m, B * (size_t)(m->max_k / ET_QK + 1), sizeof(block_q8_s), &failed);
-    s->key_cache = alloc(m, L * T * kv_dim, sizeof(et_half), &failed);
+    m->ctx_tiles = (cfg->n_ctx + ET_KT - 1) / ET_KT;
+    s->key_cache = alloc(m, L * (size_t)m->ctx_tiles * ET_KT * kv_dim, sizeof(et_half), &failed);
     s->value_cache = alloc(m, L * kv_dim * T, sizeof(et_half), &failed);
     if (failed) {
         const size_t bytes = s->bytes;
@@ -220,7 +229,8 @@ static void attention_task(void *arg, int ith, int nth) {
     const int hd = c->head_dim, group = c->n_heads / c->n_kv_heads, kv_dim = m->kv_dim;
     const float scale = 1.0f / sqrtf((float)hd);
     const size_t T = (size_t)c->n_ctx;
-    const et_half *kc = m->s.key_cache + (size_t)job->layer * T * kv_dim;
+    const size_t TT = (size_t)m->ctx_tiles * ET_KT; /* cache positions, whole tiles */
+    const et_half *kc = m->s.key_cache + (size_t)job->layer * kv_dim * TT;
     const et_half *vc = m->s.value_cache + (size_t)job->layer * kv_dim * T;
     for (;;) {
         const int task = atomic_fetch_add(&job->next, 1);
@@ -229,13 +239,15 @@ static void attention_task(void *arg, int ith, int nth) {
         const int len = job->pos + t + 1; /* causal: positions 0 .. pos+t */
         const float *q = m->s.q + (size_t)t * m->q_dim + (size_t)h * hd;
         float *att = m->s.att + (size_t)task * T;
-        /* scores = K[0:len, g] . q / sqrt(hd) */
-        kt->gemm_f16(hd, kc + (size_t)g * hd, (size_t)kv_dim * sizeof(et_half), len, q, 0, 1, att, 0);
+        /* scores = q . K[0:len, g] / sqrt(hd), one position per lane over the transposed keys */
+        float qs[ET_MAX_HEAD_DIM];
+        for (int d = 0; d < hd; d++) qs[d] = q[d] * scale;
+        const et_half *kg = kc + (size_t)g * hd * TT;
+        for (int p0 = 0; p0 < len; p0 += ET_KT)
+            kt->gemv_t_f16(len - p0 < ET_KT ? len - p0 : ET_KT, hd, qs, kg + (size_t)p0 * hd, ET_KT, att + p0);
         float max = -FLT_MAX;
-        for (int j = 0; j < len; j++) {
-            att[j] *= scale;
+        for (int j = 0; j < len; j++)
             if (att[j] > max) max = att[j];
-        }
         float sum = 0.0f;
         for (int j = 0; j < len; j++) {
             att[j] = expf(att[j] - max);
@@ -276,7 +288,7 @@ static int forward_chunk(et_llama *m, const int32_t *tokens, int n, int pos, flo
 
     for (int l = 0; l < c->n_layers; l++) {
         const et_tensor *w = m->w.layers + (size_t)ET_LAYER_ROLES * l;
-        et_half *kc = s->key_cache + (size_t)l * T * kv_dim;
+        et_half *kc = s->key_cache + (size_t)l * kv_dim * m->ctx_tiles * ET_KT;
         et_half *vc = s->value_cache + (size_t)l * kv_dim * T;
 
         /* attention: xb = rmsnorm(x); q, k, v = xb @ Wq, Wk, Wv */
@@ -287,14 +299,16 @@ static int forward_chunk(et_llama *m, const int32_t *tokens, int n, int pos, flo
         if ((st = matmul(m, &w[ATTN_K], kv_dim, dim, s->xb, n, s->k, &ready, nth))) return st;
         if ((st = matmul(m, &w[ATTN_V], kv_dim, dim, s->xb, n, s->v, &ready, nth))) return st;
 
-        /* RoPE on q and k, then k and v into the cache (fp16; v transposed) */
+        /* RoPE on q and k, then k and v into the cache (fp16, transposed) */
         for (int t = 0; t < n; t++) {
             const float *cs = s->rope + (size_t)t * hd;
             rope(s->q + (size_t)t * q_dim, c->n_heads, hd, cs);
             rope(s->k + (size_t)t * kv_dim, c->n_kv_heads, hd, cs);
             const size_t p = (size_t)pos + t;
             for (int j = 0; j < kv_dim; j++) {
-                kc[p * kv_dim + j] = et_fp32_to_fp16(s->k[(size_t)t * kv_dim + j]);
+                const size_t g = (size_t)j / hd, d = (size_t)j % hd;
+                kc[(g * m->ctx_tiles + p / ET_KT) * hd * ET_KT + d * ET_KT + p % ET_KT] =
+                    et_fp32_to_fp16(s->k[(size_t)t * kv_dim + j]);
                 vc[(size_t)j * T + p] = et_fp32_to_fp16(s->v[(size_t)t * kv_dim + j]);
             }
         }

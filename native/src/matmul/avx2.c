@@ -127,6 +127,7 @@ ET_GEMM_FLOAT(gemm_f16_avx2, et_half, load_w_f16, scalar_w_f16)
 
 const et_kernels et_kernels_avx2 = {
     .name = "avx2",
+    .gemv_t_f16 = et_gemv_t_f16_avx2,
     .gemm_q4_0 = gemm_q4_0_avx2,
     .gemm_q4_1 = gemm_q4_1_avx2,
     .gemm_q8_0 = gemm_q8_0_avx2,

@@ -155,6 +155,7 @@ ET_GEMM_FLOAT(ET_NEON_NAME(gemm_f16), et_half, load_w_f16, scalar_w_f16)
 #if ET_DOTPROD
 const et_kernels et_kernels_neon_dotprod = {
     .name = "neon",
+    .gemv_t_f16 = et_gemv_t_f16_neon,
     .gemm_q4_0 = gemm_q4_0_neon_dotprod,
     .gemm_q4_1 = gemm_q4_1_neon_dotprod,
     .gemm_q8_0 = gemm_q8_0_neon_dotprod,
@@ -167,6 +168,7 @@ const et_kernels et_kernels_neon_dotprod = {
 #else
 const et_kernels et_kernels_neon = {
     .name = "neon",
+    .gemv_t_f16 = et_gemv_t_f16_neon,
     .gemm_q4_0 = gemm_q4_0_neon,
     .gemm_q4_1 = gemm_q4_1_neon,
     .gemm_q8_0 = gemm_q8_0_neon,

@@ -73,6 +73,7 @@ ET_GEMM_REF(gemm_f32_ref, dot_f32_f32_ref, float, float, k)
 
 const et_kernels et_kernels_ref = {
     .name = "ref",
+    .gemv_t_f16 = et_gemv_t_f16_ref,
     .gemm_q4_0 = gemm_q4_0_ref,
     .gemm_q4_1 = gemm_q4_1_ref,
     .gemm_q8_0 = gemm_q8_0_ref,
