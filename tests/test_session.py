@@ -1,0 +1,238 @@
+"""Session: onnxruntime-shaped API, exact outputs where onnxruntime runs every node, emulated NPU partitions with
+the bytes moved equal to the plan's, a run path that allocates nothing for boundary tensors, fallback rules,
+telemetry, and the delegate registry."""
+import tracemalloc
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import edgert
+from edgert import delegates, telemetry
+from edgert.delegates.base import CompiledPartition, Delegate
+from edgert.errors import DeviceError, DTypeError, InvalidArgumentError
+
+from onnx_models import convnet, mlp
+
+TOY_NPU = """
+name = "toy-npu"
+description = "a float NPU this machine does not have (its onnxruntime provider is not installed)"
+[power]
+active_w = 5.0
+idle_w = 1.0
+[price]
+per_hour_usd = 0.36
+[[units]]
+name = "cpu"
+kind = "cpu"
+delegate = "host"
+dtypes = ["*"]
+ops = ["*"]
+throughput = { float32 = 1.0e6 }
+memory_bytes = 1.0e9
+[[units]]
+name = "npu"
+kind = "npu"
+delegate = "onnxruntime"
+delegate_options = { providers = ["ToyNPUExecutionProvider"] }
+dtypes = ["float32"]
+ops = ["MatMul", "Add"]
+throughput = { float32 = 1.0e13 }
+memory_bytes = 0
+[units.link]
+kind = "pcie"
+zero_copy = false
+bandwidth_bytes_s = 1.0e10
+latency_s = 1.0e-6
+"""
+
+
+@pytest.fixture
+def toy(tmp_path):
+    p = tmp_path / "toy.toml"
+    p.write_text(TOY_NPU)
+    return str(p)
+
+
+@pytest.fixture
+def mlp_path(tmp_path):
+    p = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), p)
+    return str(p)
+
+
+@pytest.fixture(autouse=True)
+def _no_telemetry():
+    telemetry.set_enabled(False)
+    yield
+    telemetry.set_enabled(None)
+
+
+def ort_run(path, feeds):
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def x_of(batch=2, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, 8)).astype(np.float32)
+
+
+def test_host_matches_onnxruntime_exactly(mlp_path):
+    s = edgert.Session(mlp_path)
+    assert [i.name for i in s.get_inputs()] == ["x"]
+    assert s.get_inputs()[0].shape == ["batch", 8] and s.get_inputs()[0].dtype == "float32"
+    assert s.get_inputs()[0].type == "tensor(float)"
+    assert [o.name for o in s.get_outputs()] == ["y"]
+    x = x_of()
+    (y,) = s.run(None, {"x": x})
+    np.testing.assert_array_equal(y, ort_run(mlp_path, {"x": x})[0])
+    assert s.run(["y"], {"x": x})[0].shape == (2, 4)
+    assert len(s.plan.partitions) == 1 and s.plan.partitions[0].delegate == "host"
+    st = s.stats()
+    assert st["runs"] == 2 and st["bytes_to_device"] == 0 and st["bytes_to_host"] == 0
+    assert st["pool_allocations"] == 1 and (st["pool_locked"] or st["lock_error"])
+
+
+def test_static_model_binds_at_creation(tmp_path):
+    p = tmp_path / "conv.onnx"
+    onnx.save(convnet(), p)
+    s = edgert.Session(str(p))
+    assert s.stats()["partitions"] == 1  # laid out before any run
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_array_equal(s.run(None, {"x": x})[0], ort_run(str(p), {"x": x})[0])
+
+
+def test_emulated_npu_outputs_and_bytes_equal_plan(mlp_path, toy):
+    s = edgert.Session(mlp_path, device=toy, emulate=True)
+    x = x_of()
+    ref = ort_run(mlp_path, {"x": x})[0]
+    np.testing.assert_array_equal(s.run(None, {"x": x})[0], ref)
+    p = s.plan
+    assert {q.unit for q in p.partitions} == {"cpu", "npu"}
+    assert p.estimates["bytes_to_device"] > 0 and p.estimates["bytes_to_host"] > 0
+    st = s.stats()
+    assert st["bytes_to_device"] == p.estimates["bytes_to_device"]
+    assert st["bytes_to_host"] == p.estimates["bytes_to_host"]
+    assert st["copies_to_device"] == sum(t.direction == "to_device" for t in p.transfers)
+    for _ in range(4):
+        np.testing.assert_array_equal(s.run(None, {"x": x})[0], ref)
+    st = s.stats()
+    assert st["runs"] == 5
+    assert st["bytes_to_device"] == 5 * p.estimates["bytes_to_device"]
+    assert st["bytes_to_host"] == 5 * p.estimates["bytes_to_host"]
+    assert st["last_run"] == {"bytes_to_device": p.estimates["bytes_to_device"],
+                              "bytes_to_host": p.estimates["bytes_to_host"]}
+
+
+def test_steady_state_run_allocates_nothing_for_boundary_tensors(mlp_path, toy):
+    s = edgert.Session(mlp_path, device=toy, emulate=True, output_views=True)
+    x = x_of(batch=8192)  # every boundary tensor >= 128 KiB, far above the run path's few small Python objects
+    s.run(None, {"x": x})
+    s.run(None, {"x": x})
+    pools = s._bound.pools
+    addrs = {(side, name): pools[side].view(name).ctypes.data for side in pools for name in pools[side].slots}
+    allocations = s.stats()["pool_allocations"]
+    boundary_bytes = min(pools[side].slots[name].nbytes for side, name in addrs if pools[side].slots[name].nbytes)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in range(20):
+        (y,) = s.run(None, {"x": x})
+    after, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # nothing of a boundary tensor's size was allocated, let alone kept, across 20 runs
+    assert peak - before < boundary_bytes, (peak - before, boundary_bytes)
+    assert after - before < boundary_bytes
+    assert s.stats()["pool_allocations"] == allocations
+    assert {k: pools[k[0]].view(k[1]).ctypes.data for k in addrs} == addrs
+    assert y.ctypes.data == pools["host"].view("y").ctypes.data  # output_views: the pool's own buffer
+
+
+def test_outputs_are_copies_by_default(mlp_path):
+    s = edgert.Session(mlp_path)
+    x = x_of()
+    (a,) = s.run(None, {"x": x})
+    (b,) = s.run(None, {"x": x * 2})
+    assert not np.array_equal(a, b)
+
+
+def test_dynamic_dims_rebind(mlp_path):
+    s = edgert.Session(mlp_path)
+    for batch in (1, 5, 5, 3):
+        x = x_of(batch, seed=batch)
+        np.testing.assert_array_equal(s.run(None, {"x": x})[0], ort_run(mlp_path, {"x": x})[0])
+    assert s.stats()["rebinds"] == 2
+
+
+def test_missing_device_forbid_raises_naming_device_and_emulate(mlp_path, tmp_path):
+    every_op = tmp_path / "toy_all.toml"
+    every_op.write_text(TOY_NPU.replace('ops = ["MatMul", "Add"]', 'ops = ["MatMul", "Add", "Relu"]'))
+    with pytest.raises(DeviceError) as e:
+        edgert.Session(mlp_path, device=str(every_op), fallback="forbid", emulate=False, dims={"batch": 2})
+    msg = str(e.value)
+    assert "toy-npu" in msg and "ToyNPUExecutionProvider" in msg and "emulate=True" in msg
+
+
+def test_missing_device_allow_runs_on_host_with_warning(mlp_path, toy):
+    with pytest.warns(RuntimeWarning, match="not present"):
+        s = edgert.Session(mlp_path, device=toy, fallback="allow", emulate=False, dims={"batch": 2})
+    x = x_of()
+    np.testing.assert_array_equal(s.run(None, {"x": x})[0], ort_run(mlp_path, {"x": x})[0])
+    st = s.stats()
+    assert st["bytes_to_device"] == 0 and st["bytes_to_host"] == 0 and st["fell_back"]
+    assert {p.unit for p in s.plan.partitions} == {"cpu"}
+    assert {p.unit for p in s.requested_plan.partitions} == {"cpu", "npu"}
+
+
+def test_feed_errors(mlp_path):
+    s = edgert.Session(mlp_path)
+    with pytest.raises(InvalidArgumentError, match="missing feed"):
+        s.run(None, {})
+    with pytest.raises(InvalidArgumentError, match="not an output"):
+        s.run(["nope"], {"x": x_of()})
+    s.run(None, {"x": x_of()})
+    with pytest.raises(DTypeError, match="float32"):
+        s.run(None, {"x": x_of().astype(np.float64)})
+
+
+def test_one_telemetry_event_per_run(mlp_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGERT_HOME", str(tmp_path / "home"))
+    telemetry.set_enabled(True)
+    s = edgert.Session(mlp_path)
+    for _ in range(3):
+        s.run(None, {"x": x_of()})
+    assert telemetry.flush(10)
+    rows = [r for r in telemetry.events() if r["source"] == "session"]
+    assert len(rows) == 3
+    assert rows[0]["model"] == "mlp.onnx" and rows[0]["device"] == "host" and rows[0]["latency_s"] > 0
+
+
+class _Doubler(CompiledPartition):
+    def __init__(self, inner):
+        self.inner, self.inputs, self.outputs = inner, inner.inputs, inner.outputs
+
+    def run(self, inputs, outputs):
+        self.inner.run(inputs, outputs)
+        for a in outputs.values():
+            a *= 2
+
+
+class _FakeHost(Delegate):
+    def compile(self, partition, graph, unit=None, options=None):
+        from edgert.delegates.onnxruntime import OnnxruntimeDelegate
+
+        return _Doubler(OnnxruntimeDelegate().compile(partition, graph, None, {}))
+
+
+def test_registering_a_delegate(mlp_path):
+    old = delegates.get("host")
+    try:
+        delegates.register("host", _FakeHost)
+        s = edgert.Session(mlp_path)
+        x = x_of()
+        np.testing.assert_array_equal(s.run(None, {"x": x})[0], 2 * ort_run(mlp_path, {"x": x})[0])
+    finally:
+        delegates.register("host", old)
+    assert "host" in delegates.registered() and "onnxruntime" in delegates.registered()
+    with pytest.raises(DeviceError, match="no 'tpu-x' delegate"):
+        delegates.get("tpu-x")
