@@ -561,6 +561,7 @@ ET_GEMM_FLOAT(ET_KNAME(gemm_f16), load_w_f16)
 #if ET_VNNI
 const et_kernels et_kernels_avx512vnni = {
     .name = "avx512vnni",
+    .gemv_t_f16 = et_gemv_t_f16_avx512,
     .quantize_row_q8_s = quantize_row_q8_s_avx512vnni,
     .gemm_q4_0 = gemm_q4_0_avx512vnni,
     .gemm_q4_1 = gemm_q4_1_avx512vnni,
@@ -571,6 +572,7 @@ const et_kernels et_kernels_avx512vnni = {
 #else
 const et_kernels et_kernels_avx512 = {
     .name = "avx512",
+    .gemv_t_f16 = et_gemv_t_f16_avx512,
     .quantize_row_q8_s = quantize_row_q8_s_avx512,
     .gemm_q4_0 = gemm_q4_0_avx512,
     .gemm_q4_1 = gemm_q4_1_avx512,
