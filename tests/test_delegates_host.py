@@ -1,0 +1,122 @@
+"""The host delegate's C-core paths against onnxruntime on the same models, within the named budgets:
+MatMulNBits (int4 blocks), DynamicQuantizeLinear -> MatMulInteger chains (onnxruntime's dynamic int8), and
+DequantizeLinear(weight) -> MatMul (QDQ int8), with K on and off the 32-value block; core=False is exact."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
+
+import edgert
+from edgert import telemetry
+from edgert.delegates.host import (DEQUANT_MATMUL_BUDGET, MATMUL_INTEGER_BUDGET, MATMUL_NBITS_BUDGET,
+                                   find_core_matmuls)
+from edgert.formats.onnx import load_onnx
+
+from onnx_models import calibration_reader, mlp
+
+
+@pytest.fixture(autouse=True)
+def _no_telemetry():
+    telemetry.set_enabled(False)
+    yield
+    telemetry.set_enabled(None)
+
+
+def ort_run(path, feeds):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def within(y, ref, budget):
+    err = float(np.abs(y - ref).max())
+    scale = float(np.abs(ref).max())
+    assert err <= budget * scale, f"max error {err:.3g} > {budget} x max|ref| {scale:.3g}"
+
+
+def core_kinds(s):
+    return [st.kind for c in s._bound.compiled for st in getattr(c, "core", [])]
+
+
+def nbits_model(m=3, k=64, n=48, block=32, zero_points=True, bias=False, seed=0):
+    rng = np.random.default_rng(seed)
+    nblk = k // block
+    b = rng.integers(0, 256, (n, nblk, block // 2), dtype=np.uint8)
+    scales = (rng.random(n * nblk).astype(np.float32) * 0.05 + 0.01)
+    inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S")]
+    ins = ["A", "B", "S"]
+    if zero_points:
+        zp = rng.integers(0, 256, (n * ((nblk + 1) // 2),), dtype=np.uint8)
+        inits.append(numpy_helper.from_array(zp, "Z"))
+        ins.append("Z")
+    if bias:
+        ins += [""] * (5 - len(ins))
+        inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "bias"))
+        ins.append("bias")
+    node = helper.make_node("MatMulNBits", ins, ["Y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=block,
+                            name="mmnb")
+    g = helper.make_graph([node, helper.make_node("Relu", ["Y"], ["out"], name="relu")], "nbits",
+                          [helper.make_tensor_value_info("A", T.FLOAT, [m, k])],
+                          [helper.make_tensor_value_info("out", T.FLOAT, [m, n])], initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(zero_points=False), dict(block=64, k=128), dict(bias=True, m=1)])
+def test_matmul_nbits_on_the_c_core(tmp_path, kw):
+    path = tmp_path / "nbits.onnx"
+    onnx.save(nbits_model(**kw), path)
+    m, k = kw.get("m", 3), kw.get("k", 64)
+    x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    s = edgert.Session(str(path))
+    within(s.run(None, {"A": x})[0], ort_run(path, {"A": x})[0], MATMUL_NBITS_BUDGET)
+    assert core_kinds(s) == ["MatMulNBits"]
+
+
+def dynamic_int8(tmp_path, d_in, d_hidden, d_out):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = tmp_path / "f32.onnx", tmp_path / "int8.onnx"
+    onnx.save(mlp(d_in=d_in, d_hidden=d_hidden, d_out=d_out), src)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    return dst
+
+
+@pytest.mark.parametrize("dims", [(64, 96, 32), (40, 120, 7)])  # K on whole blocks, and ragged K (zero-padded)
+def test_matmul_integer_chain_on_the_c_core(tmp_path, dims):
+    path = dynamic_int8(tmp_path, *dims)
+    x = np.random.default_rng(2).standard_normal((5, dims[0])).astype(np.float32)
+    s = edgert.Session(str(path))
+    y = s.run(None, {"x": x})[0]
+    assert core_kinds(s) == ["MatMulInteger", "MatMulInteger"]
+    claimed = {n for c in s._bound.compiled for st in c.core for n in st.nodes}
+    ops = {n.op_type for n in s.plan.graph.nodes if n.name in claimed}
+    assert {"MatMulInteger", "DynamicQuantizeLinear", "Cast", "Mul"} <= ops
+    within(y, ort_run(path, {"x": x})[0], MATMUL_INTEGER_BUDGET)
+    exact = edgert.Session(str(path), core=False)
+    np.testing.assert_array_equal(exact.run(None, {"x": x})[0], ort_run(path, {"x": x})[0])
+    assert core_kinds(exact) == []
+
+
+def test_dequantize_matmul_on_the_c_core(tmp_path):
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    src, dst = tmp_path / "f32.onnx", tmp_path / "qdq.onnx"
+    onnx.save(mlp(batch=4, d_in=64, d_hidden=48, d_out=16), src)
+    quantize_static(str(src), str(dst), calibration_reader("x", (4, 64)), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+    x = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
+    s = edgert.Session(str(dst))
+    within(s.run(None, {"x": x})[0], ort_run(dst, {"x": x})[0], DEQUANT_MATMUL_BUDGET)
+    assert core_kinds(s) == ["DequantizeLinear+MatMul", "DequantizeLinear+MatMul"]
+
+
+def test_non_constant_weights_stay_on_onnxruntime(tmp_path):
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("a", T.FLOAT, [2, 32]),
+                           helper.make_tensor_value_info("b", T.FLOAT, [32, 4])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [2, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    graph = load_onnx(m)
+    assert find_core_matmuls(graph, [n.name for n in graph.nodes]) == []
