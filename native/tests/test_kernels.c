@@ -262,6 +262,56 @@ static void test_matmul_sweep(void) {
     }
 }
 
+/* batch invariance: row i of an M-row product is bit for bit the 1-row product of x[i], whatever M, the row tile or
+ * kernel path M selects, the output tile tails and the thread split; the LLM relies on it (a prompt's logits must
+ * not depend on how it was batched or what the KV cache held) */
+static void test_batch_invariance(void) {
+    static const int types[] = {ET_TYPE_Q4_0, ET_TYPE_Q4_1, ET_TYPE_Q8_0, ET_TYPE_F16, ET_TYPE_F32};
+    static const int64_t ms[] = {2, 5, 16, 17, 64};
+    static const int64_t ns[] = {33, 75};
+    static const int64_t ks[] = {32, 96, 4128};          /* one block, a few, more than one packed segment */
+    static const int64_t ks_float[] = {17, 96, 4131}; /* float kernels: vector tails too */
+    char isas[8][16];
+    const int n_isas = isa_list(isas, 8);
+    for (size_t t = 0; t < sizeof types / sizeof *types; t++) {
+        const int type = types[t], n_before = n_failed;
+        for (size_t ik = 0; ik < 3; ik++) {
+            const int64_t k = is_block(type) ? ks[ik] : ks_float[ik];
+            for (size_t in = 0; in < sizeof ns / sizeof *ns; in++) {
+                const int64_t n = ns[in], m_max = ms[sizeof ms / sizeof *ms - 1];
+                problem p = {.m = m_max, .n = n, .k = k, .type = type};
+                p.w = make_weights(type, n, k);
+                p.x = make_activations(m_max, k);
+                float *y = alloc_output((size_t)(m_max * n)), *y1 = alloc_output((size_t)n);
+                for (int v = 0; v < n_isas; v++) {
+                    et_isa_select(isas[v]);
+                    for (size_t im = 0; im < sizeof ms / sizeof *ms; im++) {
+                        const int64_t m = ms[im];
+                        for (int nth = 1; nth <= 2; nth++) {
+                            problem pm = p;
+                            pm.m = m;
+                            int ok = run_matmul(&pm, y, nth) == ET_OK;
+                            int64_t bad_row = -1;
+                            for (int64_t i = 0; i < m && ok; i++) {
+                                problem p1 = p;
+                                p1.m = 1, p1.x = p.x + i * k;
+                                ok = run_matmul(&p1, y1, nth) == ET_OK;
+                                if (ok && memcmp(y + i * n, y1, (size_t)n * sizeof(float)) != 0) ok = 0, bad_row = i;
+                            }
+                            check(ok, "%s batch invariance %s m=%lld n=%lld k=%lld threads=%d: row %lld differs from "
+                                  "its 1-row product", isas[v], type_name(type), (long long)m, (long long)n, (long long)k,
+                                  nth, (long long)bad_row);
+                        }
+                    }
+                }
+                free(y), free(y1), free(p.w), free(p.x);
+            }
+        }
+        printf("batch invariance %-4s over %s: %s\n", type_name(type), et_isa_available(),
+               n_failed == n_before ? "ok" : "FAILED");
+    }
+}
+
 /* the kernel contract itself, called through the trait table: padded weight rows, activation rows and output rows
  * (ldy > n) */
 static void test_strided_kernels(void) {
@@ -572,6 +622,7 @@ int main(int argc, char **argv) {
     test_errors();
     test_strided_kernels();
     test_matmul_sweep();
+    test_batch_invariance();
     test_llama();
     et_set_threads(1);
 

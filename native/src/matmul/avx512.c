@@ -100,115 +100,25 @@ ET_INLINE int32_t load_i32(const void *p) {
     return v;
 }
 
-/* two fp16 scales -> [a x8, b x8] as float */
-ET_INLINE __m512 half_pair(et_half a, et_half b) {
-    return _mm512_cvtph_ps(_mm256_mask_set1_epi16(_mm256_set1_epi16((short)a), 0xFF00, (short)b));
-}
-
-ET_INLINE __m512 float_pair(float a, float b) { return _mm512_mask_mov_ps(_mm512_set1_ps(a), 0xFF00, _mm512_set1_ps(b)); }
-ET_INLINE __m512i int_pair(int32_t a, int32_t b) {
-    return _mm512_mask_mov_epi32(_mm512_set1_epi32(a), 0xFF00, _mm512_set1_epi32(b));
-}
-
-/* 16 packed bytes of two blocks -> 64 nibbles in element order: [q0 lo, q0 hi, q1 lo, q1 hi] */
-ET_INLINE __m512i nibble_pair(const uint8_t *qs0, const uint8_t *qs1) {
-    __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)qs0));
-    v = _mm512_mask_broadcast_i32x4(v, 0xFF00, _mm_loadu_si128((const __m128i *)qs1));
-    v = _mm512_srlv_epi64(v, _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0));
-    return _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
-}
-
-/* ---- direct kernels: R weight rows x one activation row, two blocks per step ---- */
-
-/* activation side of one block pair, shared by the R rows; a lone last block leaves the upper half zero */
-typedef struct {
-    __m512i q;   /* [qs_b, qs_b+1] */
-    __m512 d;    /* [dx_b x8, dx_b+1 x8] */
-    __m512i off; /* int32 start value that removes the weight offset (8 lanes per block) */
-    __m512 ms;   /* q4_1: dx*sum/8 per lane, so 8 lanes add up to dx*sum */
-} x_pair;
-
 enum { FMT_Q4_0, FMT_Q4_1, FMT_Q8_0 };
-
-ET_INLINE x_pair load_x_pair(int fmt, const block_q8_s *x, int two) {
-    x_pair p;
-    const __m256i q0 = _mm256_loadu_si256((const __m256i *)x[0].qs);
-    const float d1 = two ? x[1].d : 0.0f;
-    const int32_t s1 = two ? x[1].sum : 0;
-    p.q = _mm512_inserti64x4(_mm512_castsi256_si512(q0),
-                             two ? _mm256_loadu_si256((const __m256i *)x[1].qs) : _mm256_setzero_si256(), 1);
-    p.d = float_pair(x[0].d, d1);
-    p.off = fmt == FMT_Q4_0 ? int_pair(-x[0].sum, -s1) : fmt == FMT_Q8_0 ? int_pair(-16 * x[0].sum, -16 * s1)
-                                                                          : _mm512_setzero_si512();
-    p.ms = fmt == FMT_Q4_1 ? float_pair(0.125f * x[0].d * (float)x[0].sum, 0.125f * d1 * (float)s1) : _mm512_setzero_ps();
-    return p;
-}
-
-/* one row's contribution from a block pair; w points at block b (and b+1 when two) */
-ET_INLINE __m512 row_pair(int fmt, __m512 acc, const uint8_t *w, int two, const x_pair *x) {
-    __m512i u;
-    __m512 dw, mw = _mm512_setzero_ps();
-    if (fmt == FMT_Q4_0) {
-        const block_q4_0 *b = (const block_q4_0 *)w;
-        const block_q4_0 *b1 = two ? b + 1 : b;
-        u = nibble_pair(b->qs, b1->qs);
-        dw = half_pair(b->d, b1->d);
-    } else if (fmt == FMT_Q4_1) {
-        const block_q4_1 *b = (const block_q4_1 *)w;
-        const block_q4_1 *b1 = two ? b + 1 : b;
-        u = nibble_pair(b->qs, b1->qs);
-        dw = half_pair(b->d, b1->d);
-        mw = half_pair(b->m, b1->m);
-    } else {
-        const block_q8_0 *b = (const block_q8_0 *)w;
-        const block_q8_0 *b1 = two ? b + 1 : b;
-        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)b->qs)),
-                                             _mm256_loadu_si256((const __m256i *)b1->qs), 1);
-        u = _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
-        dw = half_pair(b->d, b1->d);
-    }
-    const __m512i p = fmt == FMT_Q8_0 ? dot4_u8(x->off, u, x->q) : dot4_u4(x->off, u, x->q);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, x->d), acc);
-    if (fmt == FMT_Q4_1) acc = _mm512_fmadd_ps(mw, x->ms, acc);
-    return acc;
-}
 
 ET_INLINE size_t block_bytes(int fmt) {
     return fmt == FMT_Q4_0 ? sizeof(block_q4_0) : fmt == FMT_Q4_1 ? sizeof(block_q4_1) : sizeof(block_q8_0);
 }
 
-/* y[j..j+R) of one activation row */
-ET_INLINE void direct_tile(int fmt, int R, int64_t nb, const uint8_t *w, size_t ws, const block_q8_s *x, float *y) {
-    const size_t bs = block_bytes(fmt);
-    __m512 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const x_pair xp = load_x_pair(fmt, x + b, 1);
-        for (int r = 0; r < R; r++) {
-            /* the next tile's rows at the same column: weights stream from DRAM, and four interleaved row streams
-             * are more than the hardware prefetcher keeps ahead of */
-            _mm_prefetch((const char *)(w + (size_t)(r + ET_PF_TILES * R) * ws + (size_t)b * bs), _MM_HINT_T0);
-            acc[r] = row_pair(fmt, acc[r], w + (size_t)r * ws + (size_t)b * bs, 1, &xp);
-        }
-    }
-    if (b < nb) {
-        const x_pair xp = load_x_pair(fmt, x + b, 0);
-        for (int r = 0; r < R; r++) acc[r] = row_pair(fmt, acc[r], w + (size_t)r * ws + (size_t)b * bs, 0, &xp);
-    }
-    for (int r = 0; r < R; r++) y[r] = _mm512_reduce_add_ps(acc[r]);
+/* int32 start value of a block dot that removes the weight offset exactly: q4_0 nibbles are q + 8, q8_0 weights
+ * go in as w + 128 */
+ET_INLINE int32_t block_offset(int fmt, const block_q8_s *xb) {
+    return fmt == FMT_Q4_0 ? -8 * xb->sum : fmt == FMT_Q8_0 ? -128 * xb->sum : 0;
 }
 
-ET_INLINE void gemm_direct(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x, size_t xs,
-                           int64_t m, float *y, size_t ldy) {
-    const int64_t nb = k / ET_QK;
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4)
-        for (int64_t i = 0; i < m; i++)
-            direct_tile(fmt, 4, nb, w + (size_t)j * ws, ws, (const block_q8_s *)(x + (size_t)i * xs), y + (size_t)i * ldy + j);
-    for (; j < n; j++)
-        for (int64_t i = 0; i < m; i++)
-            direct_tile(fmt, 1, nb, w + (size_t)j * ws, ws, (const block_q8_s *)(x + (size_t)i * xs), y + (size_t)i * ldy + j);
+/* The float stage, the one every path (GEMV, packed, AMX) runs, so that y[i, j] is the same bits whatever m:
+ * lanes are weight rows, blocks are added in order, acc = fma((float)isum_b, dw_b * dx_b, acc), and for q4_1
+ * acc = fma(mw_b, dx_b * sum_b, acc) after it. ms = dx_b * (float)sum_b, computed in float by the caller. */
+ET_INLINE __m512 scale_block(int fmt, __m512 acc, __m512i isum, __m512 dw, __m512 mw, float dx, float ms) {
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc);
+    if (fmt == FMT_Q4_1) acc = _mm512_fmadd_ps(mw, _mm512_set1_ps(ms), acc);
+    return acc;
 }
 
 /* ---- packed kernels: 16 weight rows x up to ET_TILE_M activation rows ---- */
@@ -241,36 +151,55 @@ ET_INLINE void transpose_16x16(const uint8_t *const rows[16], size_t off, __m512
     p[3] = _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(3, 1, 3, 1));
 }
 
-/* blocks [b0, b0+nbs) of 16 rows (rows past nr repeat the last valid row; their results are never stored) */
-ET_INLINE void pack_tile(int fmt, const uint8_t *w, size_t ws, int nr, int64_t b0, int nbs, pk_block *pk) {
-    const size_t bs = block_bytes(fmt);
-    const uint8_t *rows[16];
-    for (int r = 0; r < 16; r++) rows[r] = w + (size_t)(r < nr ? r : nr - 1) * ws + (size_t)b0 * bs;
-    /* the 16 rows' scale (and q4_1 min) of a block: one gather of the block's first dword per row */
+/* where a tile's 16 rows start (rows past nr repeat the last valid row; their results are never stored), and the
+ * byte offset of each row from the first, for the scale gather */
+ET_INLINE __m512i tile_rows(const uint8_t *w, size_t ws, int nr, const uint8_t *rows[16]) {
+    for (int r = 0; r < 16; r++) rows[r] = w + (size_t)(r < nr ? r : nr - 1) * ws;
     const __m512i roff = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                             _mm512_set1_epi32((int)ws));
-    const __m512i rofs = _mm512_min_epi32(roff, _mm512_set1_epi32((int)ws * (nr - 1)));
-    const size_t qoff = fmt == FMT_Q4_1 ? 4 : 2;
-    const __m512i m4 = _mm512_set1_epi8(0x0F);
-    for (int b = 0; b < nbs; b++) {
-        const size_t off = (size_t)b * bs + qoff;
-        __m512i p[4];
-        transpose_16x16(rows, off, p);
-        if (fmt == FMT_Q8_0) {
-            const __m512i flip = _mm512_set1_epi8((char)0x80);
-            for (int t = 0; t < 4; t++) pk[b].q[t] = _mm512_xor_si512(p[t], flip);
-            transpose_16x16(rows, off + 16, p);
-            for (int t = 0; t < 4; t++) pk[b].q[t + 4] = _mm512_xor_si512(p[t], flip);
-        } else {
-            for (int t = 0; t < 4; t++) {
-                pk[b].q[t] = _mm512_and_si512(p[t], m4);
-                pk[b].q[t + 4] = _mm512_and_si512(_mm512_srli_epi16(p[t], 4), m4);
-            }
+    return _mm512_min_epi32(roff, _mm512_set1_epi32((int)ws * (nr - 1)));
+}
+
+/* block b of 16 rows -> pk */
+ET_INLINE void pack_block(int fmt, const uint8_t *const rows[16], __m512i rofs, int64_t b, pk_block *pk) {
+    const size_t bs = block_bytes(fmt);
+    const size_t off = (size_t)b * bs + (fmt == FMT_Q4_1 ? 4 : 2);
+    __m512i p[4];
+    transpose_16x16(rows, off, p);
+    if (fmt == FMT_Q8_0) {
+        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        for (int t = 0; t < 4; t++) pk->q[t] = _mm512_xor_si512(p[t], flip);
+        transpose_16x16(rows, off + 16, p);
+        for (int t = 0; t < 4; t++) pk->q[t + 4] = _mm512_xor_si512(p[t], flip);
+    } else {
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        for (int t = 0; t < 4; t++) {
+            pk->q[t] = _mm512_and_si512(p[t], m4);
+            pk->q[t + 4] = _mm512_and_si512(_mm512_srli_epi16(p[t], 4), m4);
         }
-        const __m512i dm = _mm512_i32gather_epi32(rofs, rows[0] + (size_t)b * bs, 1);
-        pk[b].d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
-        if (fmt == FMT_Q4_1) pk[b].m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)));
     }
+    /* the 16 rows' scale (and q4_1 min) of a block: one gather of the block's first dword per row */
+    const __m512i dm = _mm512_i32gather_epi32(rofs, rows[0] + (size_t)b * bs, 1);
+    pk->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+    pk->m = fmt == FMT_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16))) : _mm512_setzero_ps();
+}
+
+/* blocks [b0, b0+nbs) of 16 rows */
+ET_INLINE void pack_tile(int fmt, const uint8_t *w, size_t ws, int nr, int64_t b0, int nbs, pk_block *pk) {
+    const uint8_t *rows[16];
+    const __m512i rofs = tile_rows(w, ws, nr, rows);
+    for (int b = 0; b < nbs; b++) pack_block(fmt, rows, rofs, b0 + b, &pk[b]);
+}
+
+/* the integer block dot of 16 packed rows with one activation block; off = block_offset() removes the weight offset */
+ET_INLINE __m512i block_dot(int fmt, const __m512i q[8], const block_q8_s *xb, int32_t off) {
+    __m512i s = _mm512_set1_epi32(off);
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; t++) {
+        const __m512i xv = _mm512_set1_epi32(load_i32(xb->qs + 4 * t));
+        s = fmt == FMT_Q8_0 ? dot4_u8(s, q[t], xv) : dot4_u4(s, q[t], xv);
+    }
+    return s;
 }
 
 /* y row c (16 weight rows) = acc[c]. When one segment covers k (y is written once, never read back), full aligned
@@ -292,18 +221,10 @@ ET_INLINE void packed_cols(int fmt, int C, const pk_block *pk, int nbs, const bl
     for (int b = 0; b < nbs; b++) {
         __m512i q[8];
         for (int t = 0; t < 8; t++) q[t] = _mm512_load_si512(&pk[b].q[t]);
-        const __m512 dw = pk[b].d;
 #pragma GCC unroll 16
         for (int c = 0; c < C; c++) {
             const block_q8_s *xb = xc[c] + b0 + b;
-            __m512i s = _mm512_set1_epi32(off[c][b]);
-#pragma GCC unroll 8
-            for (int t = 0; t < 8; t++) {
-                const __m512i xv = _mm512_set1_epi32(load_i32(xb->qs + 4 * t));
-                s = fmt == FMT_Q8_0 ? dot4_u8(s, q[t], xv) : dot4_u4(s, q[t], xv);
-            }
-            acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, _mm512_set1_ps(xb->d)), acc[c]);
-            if (fmt == FMT_Q4_1) acc[c] = _mm512_fmadd_ps(pk[b].m, _mm512_set1_ps(ms[c][b]), acc[c]);
+            acc[c] = scale_block(fmt, acc[c], block_dot(fmt, q, xb, off[c][b]), pk[b].d, pk[b].m, xb->d, ms[c][b]);
         }
     }
 }
@@ -366,8 +287,7 @@ ET_INLINE void amx_scale(int fmt, const int32_t *cb, const pk_block *pk, const i
 #pragma GCC unroll 16
     for (int c = 0; c < 16; c++) {
         const __m512i s = _mm512_add_epi32(_mm512_load_si512(cb + 16 * c), _mm512_set1_epi32(off[c * ET_SEG]));
-        acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(pk->d, _mm512_set1_ps(xc[c][bx].d)), acc[c]);
-        if (fmt == FMT_Q4_1) acc[c] = _mm512_fmadd_ps(pk->m, _mm512_set1_ps(ms[c * ET_SEG]), acc[c]);
+        acc[c] = scale_block(fmt, acc[c], s, pk->d, pk->m, xc[c][bx].d, ms[c * ET_SEG]);
     }
 }
 
@@ -409,6 +329,50 @@ ET_INLINE void amx_tile_cols(int fmt, const pk_block *pk, int nbs, int64_t nb, c
 }
 #endif
 
+/* ---- GEMV (m < ET_PACK_MIN_M): the packed kernel's arithmetic, each block of a 16-row tile packed in registers
+ * and used at once, so nothing is stored and reloaded; weights stream from memory once ---- */
+
+ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws, int nr, const uint8_t *x, size_t xs,
+                         float *y, size_t ldy, __mmask16 rmask) {
+    const size_t bs = block_bytes(fmt);
+    const uint8_t *rows[16];
+    const __m512i rofs = tile_rows(w, ws, nr, rows);
+    const block_q8_s *xc[ET_PACK_MIN_M];
+    __m512 acc[ET_PACK_MIN_M];
+    for (int c = 0; c < C; c++) xc[c] = (const block_q8_s *)(x + (size_t)c * xs), acc[c] = _mm512_setzero_ps();
+    /* the tile reads 16 rows side by side, more streams than the hardware prefetcher follows: fetch the next tiles'
+     * bytes (contiguous, 16 * ws of them) in step with this one */
+    const uint8_t *pf = w + (size_t)ET_PF_TILES * 16 * ws;
+    for (int64_t b = 0; b < nb; b++) {
+        for (size_t o = 0; o < 16 * bs; o += 64) _mm_prefetch((const char *)(pf + (size_t)b * 16 * bs + o), _MM_HINT_T0);
+        pk_block pk;
+        pack_block(fmt, rows, rofs, b, &pk);
+#pragma GCC unroll 4
+        for (int c = 0; c < C; c++) {
+            const block_q8_s *xb = xc[c] + b;
+            acc[c] = scale_block(fmt, acc[c], block_dot(fmt, pk.q, xb, block_offset(fmt, xb)), pk.d, pk.m, xb->d,
+                                 xb->d * (float)xb->sum);
+        }
+    }
+    store_tile(C, y, ldy, rmask, 1, acc);
+}
+
+ET_INLINE void gemm_gemv(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x, size_t xs,
+                         int64_t m, float *y, size_t ldy) {
+    const int64_t nb = k / ET_QK;
+    for (int64_t j = 0; j < n; j += ET_TILE_N) {
+        const int nr = n - j < ET_TILE_N ? (int)(n - j) : ET_TILE_N;
+        const __mmask16 rmask = (__mmask16)((1u << nr) - 1);
+        const uint8_t *wj = w + (size_t)j * ws;
+        switch (m) { /* constant C so the accumulators stay in registers */
+        case 1: gemv_tile(fmt, 1, nb, wj, ws, nr, x, xs, y + j, ldy, rmask); break;
+        case 2: gemv_tile(fmt, 2, nb, wj, ws, nr, x, xs, y + j, ldy, rmask); break;
+        default: gemv_tile(fmt, 3, nb, wj, ws, nr, x, xs, y + j, ldy, rmask); break;
+        }
+    }
+    _mm_sfence(); /* order the streaming stores before the pool's completion flag */
+}
+
 ET_INLINE void gemm_packed(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x, size_t xs,
                            int64_t m, float *y, size_t ldy) {
     const int64_t nb = k / ET_QK;
@@ -429,7 +393,7 @@ ET_INLINE void gemm_packed(int fmt, int64_t k, const uint8_t *w, size_t ws, int6
             for (int64_t i = ig; i < ie; i++) {
                 const block_q8_s *xb = (const block_q8_s *)(x + (size_t)i * xs) + b0;
                 for (int b = 0; b < nbs; b++) {
-                    off[i - ig][b] = fmt == FMT_Q4_0 ? -8 * xb[b].sum : fmt == FMT_Q8_0 ? -128 * xb[b].sum : 0;
+                    off[i - ig][b] = block_offset(fmt, &xb[b]);
                     ms[i - ig][b] = xb[b].d * (float)xb[b].sum;
                 }
             }
@@ -472,7 +436,7 @@ ET_INLINE void gemm_packed(int fmt, int64_t k, const uint8_t *w, size_t ws, int6
         if (m >= ET_PACK_MIN_M)                                                                               \
             gemm_packed(fmt, k, (const uint8_t *)w, ws, n, (const uint8_t *)x, xs, m, y, ldy);                \
         else                                                                                                  \
-            gemm_direct(fmt, k, (const uint8_t *)w, ws, n, (const uint8_t *)x, xs, m, y, ldy);                \
+            gemm_gemv(fmt, k, (const uint8_t *)w, ws, n, (const uint8_t *)x, xs, m, y, ldy);                    \
     }
 
 ET_GEMM_BLOCKS(ET_KNAME(gemm_q4_0), FMT_Q4_0)
