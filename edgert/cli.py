@@ -249,6 +249,49 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from .errors import InvalidArgumentError
+    from .session import Session
+
+    if args.no_telemetry:
+        from . import telemetry
+
+        telemetry.set_enabled(False)
+    feeds = {}
+    for item in args.input:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            raise InvalidArgumentError(f"--input expects NAME=FILE.npy, got {item!r}")
+        try:
+            feeds[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InvalidArgumentError(f"--input {name}: cannot read {path} as a .npy array: {exc}") from None
+    sess = Session(args.model, device=args.device, fallback=args.fallback, emulate=args.emulate)
+    names = [o.name for o in sess.get_outputs()]
+    outs = sess.run(names, feeds)
+    if args.output:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+    for name, arr in zip(names, outs):
+        line = f"{name}: {arr.dtype} {list(arr.shape)}"
+        if args.output:
+            dest = Path(args.output) / (name.replace("/", "_").replace(":", "_") + ".npy")
+            np.save(dest, arr)
+            line += f" -> {dest}"
+        elif arr.size and arr.dtype.kind in "fiub":
+            line += f"  min {arr.min():.6g} max {arr.max():.6g} mean {arr.astype(np.float64).mean():.6g}"
+        print(line)
+    st, p = sess.stats(), sess.plan
+    print(f"[{args.device}{' (emulated)' if args.emulate else ''}: {len(p.partitions)} partition(s), "
+          f"{st['busy_s'] * 1000:.2f} ms, bytes to device {st['bytes_to_device']} (plan "
+          f"{p.estimates['bytes_to_device']}), to host {st['bytes_to_host']} (plan {p.estimates['bytes_to_host']})]",
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgert", description="edgert — portable edge-inference runtime")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -316,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dot", default=None, metavar="FILE", help="write the partitioned graph as Graphviz dot")
     s.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("run", help="run an ONNX model on a device profile (outputs, bytes moved vs plan)")
+    s.add_argument("model", help="an .onnx file")
+    s.add_argument("--device", default="host", help="a device profile name (see `edgert devices`) or a .toml path")
+    s.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="a graph input (repeatable)")
+    s.add_argument("--output", default=None, metavar="DIR", help="save each output as DIR/<name>.npy")
+    s.add_argument("--emulate", action="store_true", help="run the device's partitions on the host, link copies kept")
+    s.add_argument("--fallback", choices=["allow", "forbid"], default="allow",
+                   help="forbid: fail when the device or an op is missing (default allow: run it on the host)")
+    s.add_argument("--no-telemetry", action="store_true", help="record no event in $EDGERT_HOME/telemetry.db")
+    s.set_defaults(func=cmd_run)
     return p
 
 
