@@ -33,6 +33,10 @@ def __getattr__(name):
 
         module = importlib.import_module(".plan", __name__)
         return module if name == "plan" else module.Plan
+    if name in ("evaluate", "EvalReport"):  # edgert.eval: model comparison, imported on first use
+        from . import eval as _eval
+
+        return getattr(_eval, name)
     if name == "Session":  # onnx and the delegates: imported on first use
         from .session import Session
 
@@ -43,5 +47,5 @@ def __getattr__(name):
 __all__ = [
     "ContextLengthError", "DeviceError", "DTypeError", "GenerationResult", "LLM", "EdgertError", "FORMATS", "InvalidArgumentError", "LinkError", "ModelFormatError",
     "ModelNotFoundError", "NativeBuildError", "ProfileError", "QTensor", "ShapeError", "UnsupportedOpError", "from_matmul_nbits", "matmul", "native",
-    "quantize", "Session",
+    "quantize", "Session", "evaluate", "EvalReport",
 ]

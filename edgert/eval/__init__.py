@@ -1,0 +1,47 @@
+"""edgert.eval — check a candidate model against a reference before migrating to it.
+
+``evaluate(reference, candidate, data=None, thresholds=None)`` dispatches on the files: ``.gguf`` pairs are
+language models (teacher-forced perplexity, KL, top-1 agreement, greedy match: ``edgert.eval.llm``), anything else
+is a graph model run through ``edgert.Session`` (per-tensor error, SQNR, first diverging tensor:
+``edgert.eval.graph``). Either returns an ``EvalReport``: ``.passed``, ``.metrics``, ``.failures``, ``.to_json()``,
+``.plot(path)``. Metric definitions live in ``edgert.eval.metrics``; thresholds in ``edgert.eval.thresholds``.
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import InvalidArgumentError
+from . import thresholds as _thresholds
+from .report import EvalReport, Failure, Side, parse_side
+
+
+def evaluate(reference, candidate, data=None, thresholds=None, *, ctx: int | None = None, chunks: int | None = None,
+             reference_threads: int | None = None, candidate_threads: int | None = None,
+             reference_device: str | None = None, candidate_device: str | None = None,
+             random: int | None = None, seed: int = 0, runs: int | None = None, intermediates: bool = True,
+             progress=None) -> EvalReport:
+    """Compare ``candidate`` with ``reference`` (paths, optionally ``MODEL@DEVICE`` / ``MODEL@threads=N``).
+
+    ``data``: for language models the text (a string or a path to a text file); for graph models a directory of
+    .npy/.npz samples, a dict of arrays (one sample), a list of such dicts, or None (random inputs from the
+    model's input specs: ``random`` samples, default 8, drawn with ``seed``). ``thresholds``: a dict
+    (``{"kl_mean": 0.2}`` or ``{"llm": {...}, "graph": {...}}``) or a TOML path, over the documented defaults."""
+    ref = parse_side(reference, reference_device, reference_threads)
+    cand = parse_side(candidate, candidate_device, candidate_threads)
+    is_llm = [s.path.lower().endswith(".gguf") for s in (ref, cand)]
+    if is_llm[0] != is_llm[1]:
+        raise InvalidArgumentError(f"cannot compare {ref.path} with {cand.path}: one is a GGUF language model and "
+                                   "the other a graph model")
+    if is_llm[0]:
+        from .llm import DEFAULT_CTX, evaluate_llm
+
+        limits = _thresholds.resolve("llm", thresholds)
+        return evaluate_llm(ref, cand, data, limits, ctx=ctx or DEFAULT_CTX, chunks=chunks, progress=progress)
+    from .graph import evaluate_graph
+
+    limits = _thresholds.resolve("graph", thresholds)
+    return evaluate_graph(ref, cand, data, limits, random=random, seed=seed, runs=runs, intermediates=intermediates,
+                          progress=progress)
+
+
+__all__ = ["EvalReport", "Failure", "Side", "evaluate", "parse_side"]

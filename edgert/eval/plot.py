@@ -1,0 +1,112 @@
+"""The report as a text table (for the terminal) and as a PNG (drift per layer + quality/cost), for EvalReport.
+
+matplotlib is optional: ``pip install 'edgert[eval]'`` (or ``pip install matplotlib``) for ``--plot``.
+"""
+from __future__ import annotations
+
+import math
+
+from ..errors import EdgertError
+
+
+def _f(v, spec=".4g") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return format(v, spec)
+    return str(v)
+
+
+def format_table(rep) -> str:
+    lines = [f"reference: {rep.reference.label}", f"candidate: {rep.candidate.label}", ""]
+    m, lim = rep.metrics, rep.thresholds
+    from .thresholds import TABLES
+
+    table = TABLES[rep.kind]
+    failed = {f.metric for f in rep.failures}
+    lines.append(f"{'metric':<20} {'value':>12}  {'threshold':<14} status")
+    for k, v in m.items():
+        if isinstance(v, (dict, list)):
+            continue
+        t = table.get(k)
+        thr = "" if t is None or lim.get(k) is None else f"{t.direction} {_f(lim[k])}"
+        status = "" if not thr else ("FAIL" if k in failed else "ok")
+        lines.append(f"{k:<20} {_f(v):>12}  {thr:<14} {status}")
+    lines.append("")
+    keys = [k for k in rep.sides["reference"] if k not in ("label",)]
+    lines.append(f"{'':<26} {'reference':>16} {'candidate':>16}")
+    for k in keys:
+        a, b = rep.sides["reference"].get(k), rep.sides["candidate"].get(k)
+        lines.append(f"{k:<26} {_f(a):>16} {_f(b):>16}")
+    if rep.first_divergence:
+        lines.append("")
+        lines.append(f"first divergence: {rep.first_divergence}")
+    if rep.failures:
+        lines.append("")
+        lines.append("failures: " + "; ".join(rep.failures))
+    lines.append("")
+    lines.append(rep.verdict)
+    return "\n".join(lines)
+
+
+MATPLOTLIB_MISSING = ("--plot needs matplotlib: pip install 'edgert[eval]' (or pip install matplotlib)")
+
+
+def plot_report(rep, path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EdgertError(MATPLOTLIB_MISSING) from None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    rows = rep.tensors
+    names = [r["name"] for r in rows]
+    sq = [r.get("sqnr_db", float("nan")) for r in rows]
+    cap = 120.0
+    shown = [cap if (isinstance(v, float) and math.isinf(v) and v > 0) else v for v in sq]
+    xs = range(len(rows))
+    colors = ["tab:red" if n == rep.first_divergence else "tab:blue" for n in names]
+    ax1.bar(xs, shown, color=colors)
+    lim = rep.thresholds.get("sqnr_db") if rep.kind == "graph" else None
+    if lim is not None:
+        ax1.axhline(lim, color="tab:red", ls="--", lw=1, label=f"sqnr_db threshold {lim:g}")
+        ax1.legend(loc="upper right", fontsize=8)
+    what = "tensor (topological order)" if rep.kind == "graph" else "weight tensor (model order)"
+    ax1.set_title(f"drift per layer: SQNR vs reference ({cap:g} = identical)")
+    ax1.set_xlabel(what)
+    ax1.set_ylabel("SQNR (dB)")
+    if len(rows) <= 40:
+        ax1.set_xticks(list(xs))
+        ax1.set_xticklabels(names, rotation=75, fontsize=7)
+    if not rows:
+        ax1.text(0.5, 0.5, "no shared tensors", ha="center", va="center", transform=ax1.transAxes)
+
+    s_r, s_c = rep.sides["reference"], rep.sides["candidate"]
+    if rep.kind == "llm":
+        q = [rep.metrics["ppl_reference"], rep.metrics["ppl_candidate"]]
+        qlab = "perplexity"
+        ckey = "cost_usd_per_1m_tokens" if s_r["cost_usd_per_1m_tokens"] > 0 else "energy_wh_per_1m_tokens"
+    else:
+        q = [1.0, rep.metrics.get("cosine", float("nan"))]
+        qlab = "output cosine (worst)"
+        ckey = "cost_usd_per_1k" if s_r.get("cost_usd_per_1k", 0) > 0 else "energy_wh_per_1k"
+    c = [s_r.get(ckey, float("nan")), s_c.get(ckey, float("nan"))]
+    ax2.bar([0, 1], c, color=["tab:gray", "tab:green" if rep.passed else "tab:red"])
+    ax2.set_xticks([0, 1])
+    ax2.set_xticklabels(["reference", "candidate"])
+    ax2.set_ylabel(ckey)
+    ax3 = ax2.twinx()
+    ax3.plot([0, 1], q, "ko-")
+    ax3.set_ylabel(qlab)
+    ax2.set_title("quality / cost", fontsize=10)
+    fig.suptitle(rep.verdict, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)

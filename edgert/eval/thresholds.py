@@ -1,0 +1,158 @@
+"""Gate thresholds: the documented defaults, a TOML file, and ``NAME=VALUE`` overrides.
+
+Each threshold names a metric of the report and a direction: ``max`` (the metric must not exceed it) or ``min``
+(it must not fall below it). Language-model and graph evaluations have their own tables because the same word
+means different things there (``top1_pct`` over tokens vs over classifier rows). A threshold set to ``"off"``
+(or None) is not checked.
+
+TOML layout (any section optional; top-level keys apply to whichever kind is being evaluated)::
+
+    [llm]
+    kl_mean = 0.1
+    ppl_delta_pct = 5.0
+
+    [graph]
+    sqnr_db = 20.0
+    max_abs = "off"
+
+This module reads files and dicts only; it must not load models.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import InvalidArgumentError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+KINDS = ("llm", "graph")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    metric: str
+    direction: str  # "max": metric <= value passes; "min": metric >= value passes
+    default: float | None
+    doc: str
+
+    def crossed(self, value: float, limit: float) -> bool:
+        if value is None or value != value:  # NaN never passes a gate
+            return True
+        return value > limit if self.direction == "max" else value < limit
+
+
+# Defaults: a 4-bit re-quantization of a small model passes them; a broken kernel or a scrambled layer does not.
+LLM_THRESHOLDS = {t.metric: t for t in (
+    Threshold("ppl_delta_pct", "max", 10.0, "candidate perplexity above the reference's, in percent"),
+    Threshold("kl_mean", "max", 0.15, "mean KL(P_ref || P_cand) per token, nats"),
+    Threshold("kl_p99", "max", 1.5, "99th percentile of the per-token KL, nats"),
+    Threshold("top1_pct", "min", 80.0, "positions where both sides' top token agrees, percent"),
+    Threshold("rms_dp_pct", "max", 12.0, "RMS of the probability change of the reference's top token, percent"),
+    Threshold("greedy_match_mean", "min", None, "mean greedy-continuation match length, tokens (off by default)"),
+)}
+
+GRAPH_THRESHOLDS = {t.metric: t for t in (
+    Threshold("cosine", "min", 0.99, "cosine similarity of each output (and intermediate) with the reference"),
+    Threshold("sqnr_db", "min", 20.0, "signal-to-quantization-noise ratio of each tensor, dB"),
+    Threshold("rel_l2", "max", 0.1, "||cand - ref|| / ||ref|| of each tensor"),
+    Threshold("max_abs", "max", None, "largest absolute difference of each tensor (scale-dependent: off by default)"),
+    Threshold("top1_pct", "min", 90.0, "rows of classifier-shaped outputs whose argmax agrees, percent"),
+)}
+
+TABLES = {"llm": LLM_THRESHOLDS, "graph": GRAPH_THRESHOLDS}
+
+
+def defaults(kind: str) -> dict[str, float | None]:
+    return {m: t.default for m, t in _table(kind).items()}
+
+
+def _table(kind: str) -> dict[str, Threshold]:
+    if kind not in TABLES:
+        raise InvalidArgumentError(f"threshold kind must be one of {KINDS}, got {kind!r}")
+    return TABLES[kind]
+
+
+def _value(metric: str, v) -> float | None:
+    if v is None or (isinstance(v, str) and v.strip().lower() in ("off", "none", "")):
+        return None
+    if isinstance(v, bool):
+        raise InvalidArgumentError(f"threshold {metric!r} must be a number or 'off', got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"threshold {metric!r} must be a number or 'off', got {v!r}") from None
+
+
+def load_toml(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot read thresholds file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgumentError(f"thresholds file {path} is not valid TOML: {exc}") from None
+
+
+def parse_overrides(items) -> dict[str, str]:
+    """``["kl_mean=0.2", "max_abs=off"]`` -> dict."""
+    out = {}
+    for item in items or ():
+        name, sep, value = str(item).partition("=")
+        if not sep or not name.strip():
+            raise InvalidArgumentError(f"--threshold expects NAME=VALUE (e.g. kl_mean=0.2), got {item!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def resolve(kind: str, *sources) -> dict[str, float | None]:
+    """The thresholds for ``kind``: the defaults, updated by each source in turn. A source is None, a TOML path, or
+    a dict (flat ``{metric: value}`` or with ``llm``/``graph`` sections). Unknown metric names are errors."""
+    table = _table(kind)
+    out = defaults(kind)
+    for src in sources:
+        if src is None:
+            continue
+        if isinstance(src, (str, os.PathLike)):
+            src = load_toml(src)
+        if not isinstance(src, dict):
+            raise InvalidArgumentError(f"thresholds must be a dict or a TOML path, got {type(src).__name__}")
+        flat = {k: v for k, v in src.items() if k not in KINDS}
+        section = src.get(kind) or {}
+        if not isinstance(section, dict):
+            raise InvalidArgumentError(f"thresholds section [{kind}] must be a table, got {section!r}")
+        for k, v in {**flat, **section}.items():
+            if k not in table:
+                other = [o for o in KINDS if o != kind and k in TABLES[o]]
+                if other and k in flat:
+                    continue  # a top-level key meant for the other kind
+                raise InvalidArgumentError(
+                    f"unknown {kind} threshold {k!r}; known: {', '.join(table)}")
+            out[k] = _value(k, v)
+    return out
+
+
+def check(kind: str, metrics: dict, limits: dict) -> list[tuple[str, float, str, float]]:
+    """The crossed thresholds as (metric, value, direction, limit), in table order. A metric the report lacks
+    (e.g. top1_pct for a model with no classifier output) is skipped."""
+    table = _table(kind)
+    out = []
+    for m, t in table.items():
+        limit = limits.get(m)
+        if limit is None or m not in metrics:
+            continue
+        if t.crossed(metrics[m], limit):
+            out.append((m, metrics[m], t.direction, limit))
+    return out
+
+
+def describe(kind: str) -> str:
+    """The defaults as text, for --help and docs."""
+    rows = []
+    for m, t in _table(kind).items():
+        d = "off" if t.default is None else f"{t.direction} {t.default:g}"
+        rows.append(f"{m} ({d}): {t.doc}")
+    return "; ".join(rows)

@@ -1,0 +1,202 @@
+"""Producing candidates: re-quantize a GGUF model with edgert's own quantizers, or quantize an ONNX model with
+``onnxruntime.quantization``.
+
+GGUF: every metadata key/value (tokenizer, chat template, hyper-parameters) is copied with its GGUF type, and
+``general.file_type`` is set to the target's llama.cpp file type. Each tensor is dequantized from its stored
+format (F32/F16/Q4_0/Q4_1/Q8_0) and, if it is a 2-D weight matrix whose rows are a whole number of 32-value
+blocks, re-quantized with ``edgert.quantize`` (bit-identical to ggml's reference quantizers); norms and other 1-D
+tensors stay F32. ``token_embd.weight`` follows the target unless ``keep_embeddings``, which keeps its stored
+format. The file is written with ``gguf.GGUFWriter``, so llama.cpp loads it as it loads its own.
+
+ONNX: ``int8-dynamic`` (weights int8, activations quantized at run time), ``int8-static`` (QDQ, activations
+calibrated on sample inputs from a directory of .npy/.npz files), ``int4`` (MatMul weights to MatMulNBits,
+block 32).
+
+This module sits beside the formats layer: it reads with ``edgert.formats.gguf`` and must not import the LLM stack,
+the session or the CLI.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+
+from .errors import InvalidArgumentError, ModelFormatError
+from .formats.gguf import open_gguf
+from .quant import BLOCK, FORMATS, quantize
+
+GGUF_TARGETS = ("q8_0", "q4_0", "q4_1")
+ONNX_TARGETS = ("int8-dynamic", "int8-static", "int4")
+# llama.cpp's llama_ftype for a model whose weights are mostly this type
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}
+_SKIP_KEYS = ("GGUF.", "general.architecture", "general.alignment")  # the writer writes these itself
+
+Progress = Callable[[int, int, str], None]
+
+
+def _requantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """2-D weight matrices with whole 32-value blocks per row (ggml shape[0] is the row length)."""
+    return len(shape) == 2 and shape[0] % BLOCK == 0 and name.endswith(".weight") and "norm" not in name
+
+
+def quantize_gguf(src, dst, fmt: str, *, keep_embeddings: bool = False, progress: Progress | None = None) -> dict:
+    """Write ``dst``: ``src`` with its weight matrices re-quantized to ``fmt`` (q8_0, q4_0, q4_1). Returns a
+    summary: tensors re-quantized/kept, bytes before and after."""
+    import gguf
+
+    if fmt not in GGUF_TARGETS:
+        raise InvalidArgumentError(f"GGUF target must be one of {', '.join(GGUF_TARGETS)}, got {fmt!r}")
+    src, dst = os.fspath(src), os.fspath(dst)
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise InvalidArgumentError(f"output {dst} is the input file: write the re-quantized model elsewhere")
+    reader = gguf.GGUFReader(src)  # the typed view of the metadata (edgert's reader keeps values, not types)
+    g = open_gguf(src)
+    try:
+        arch = g.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise ModelFormatError(f"{src}: general.architecture is missing; not a model GGUF")
+        writer = gguf.GGUFWriter(dst, arch)
+        alignment = g.metadata.get("general.alignment")
+        if isinstance(alignment, int) and alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
+            writer.add_custom_alignment(alignment)
+        for key, field in reader.fields.items():
+            if key.startswith(_SKIP_KEYS) or key == "general.file_type":
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+            if sub == gguf.GGUFValueType.ARRAY:
+                raise ModelFormatError(f"{src}: metadata {key!r} is an array of arrays, which GGUFWriter cannot copy")
+            writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        writer.add_file_type(FILE_TYPES[fmt])
+
+        summary = {"requantized": 0, "kept": 0, "bytes_in": 0, "bytes_out": 0, "tensors": []}
+        names = list(g.tensors)
+        for i, name in enumerate(names):
+            info = g.tensors[name]
+            summary["bytes_in"] += info.nbytes
+            target = fmt
+            if name == "token_embd.weight" and keep_embeddings:
+                target = None
+            if not _requantizable(name, info.shape):
+                target = None
+            if target is None:
+                data = np.array(g.tensor_bytes(name))  # as stored, byte for byte
+                if info.type_name in ("F32", "F16"):
+                    data = data.view("<f4" if info.type_name == "F32" else "<f2").reshape(info.shape[::-1])
+                    writer.add_tensor(name, data)
+                else:
+                    raw_dtype = gguf.GGMLQuantizationType(info.type_id)
+                    writer.add_tensor(name, data.reshape(info.shape[::-1][:-1] + (-1,)), raw_dtype=raw_dtype)
+                summary["kept"] += 1
+                nbytes = info.nbytes
+            else:
+                w = _dequantize(g, name)
+                q = quantize(w, target)
+                writer.add_tensor(name, q.raw, raw_dtype=gguf.GGMLQuantizationType(FORMATS[target]))
+                summary["requantized"] += 1
+                nbytes = q.nbytes
+            summary["bytes_out"] += nbytes
+            summary["tensors"].append({"name": name, "from": info.type_name,
+                                       "to": (target or info.type_name.lower()).upper()})
+            if progress:
+                progress(i + 1, len(names), name)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    finally:
+        g.close()
+    return summary
+
+
+def _dequantize(g, name: str) -> np.ndarray:
+    info = g.tensors[name]
+    if info.type_name not in ("F32", "F16", "Q4_0", "Q4_1", "Q8_0"):
+        raise ModelFormatError(f"tensor {name!r} is {info.type_name}; edgert re-quantizes from F32, F16, Q4_0, "
+                               "Q4_1 or Q8_0")
+    return np.ascontiguousarray(g.qtensor(name).dequantize(), dtype=np.float32)
+
+
+# ---- ONNX -------------------------------------------------------------------------------------------------------
+def read_samples(directory, input_names: list[str]) -> list[dict[str, np.ndarray]]:
+    """Samples from a directory: each ``*.npz`` is one sample (keys = input names); each ``*.npy`` is one sample
+    of a single-input model; each sub-directory holding ``<input>.npy`` files is one sample. Sorted by name."""
+    d = os.fspath(directory)
+    if not os.path.isdir(d):
+        raise InvalidArgumentError(f"inputs directory not found: {d}")
+    out = []
+    for entry in sorted(os.listdir(d)):
+        p = os.path.join(d, entry)
+        if entry.endswith(".npz"):
+            with np.load(p) as z:
+                out.append({k: z[k] for k in z.files})
+        elif entry.endswith(".npy"):
+            if len(input_names) != 1:
+                raise InvalidArgumentError(
+                    f"{p}: a bare .npy file is one sample of a single-input model, but this model has inputs "
+                    f"{input_names}; use .npz files (one array per input name) or one sub-directory per sample")
+            out.append({input_names[0]: np.load(p)})
+        elif os.path.isdir(p):
+            files = {f[:-4]: os.path.join(p, f) for f in os.listdir(p) if f.endswith(".npy")}
+            if files:
+                out.append({k: np.load(v) for k, v in files.items()})
+    if not out:
+        raise InvalidArgumentError(f"no samples in {d}: expected .npz files, .npy files or sub-directories of .npy")
+    for i, s in enumerate(out):
+        missing = [n for n in input_names if n not in s]
+        if missing:
+            raise InvalidArgumentError(f"sample #{i} in {d} lacks input(s) {missing}; it has {sorted(s)}")
+    return out
+
+
+def quantize_onnx(src, dst, mode: str, *, calibration=None, block_size: int = 32) -> dict:
+    """Write ``dst``: ``src`` quantized with onnxruntime.quantization in ``mode`` (int8-dynamic, int8-static with
+    ``calibration`` a directory of samples, int4)."""
+    import onnx
+
+    if mode not in ONNX_TARGETS:
+        raise InvalidArgumentError(f"ONNX target must be one of {', '.join(ONNX_TARGETS)}, got {mode!r}")
+    src, dst = os.fspath(src), os.fspath(dst)
+    from onnxruntime import quantization as q
+
+    if mode == "int8-dynamic":
+        q.quantize_dynamic(src, dst, weight_type=q.QuantType.QInt8)
+    elif mode == "int8-static":
+        if calibration is None:
+            raise InvalidArgumentError("int8-static needs --calibration DIR: sample inputs (.npz/.npy) to calibrate "
+                                       "activation ranges on")
+        model = onnx.load(src, load_external_data=False)
+        inits = {i.name for i in model.graph.initializer}
+        names = [i.name for i in model.graph.input if i.name not in inits]
+        samples = read_samples(calibration, names)
+
+        class _Reader(q.CalibrationDataReader):
+            def __init__(self):
+                self._it = iter(samples)
+
+            def get_next(self):
+                return next(self._it, None)
+
+        q.quantize_static(src, dst, _Reader(), quant_format=q.QuantFormat.QDQ,
+                          activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8, per_channel=True)
+    else:
+        try:
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        except ImportError as exc:
+            raise InvalidArgumentError(f"int4 quantization needs onnxruntime's MatMulNBitsQuantizer ({exc}); "
+                                       "pip install onnx-ir, or a newer onnxruntime") from None
+        model = onnx.load(src)
+        quant = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True)
+        quant.process()
+        quant.model.save_model_to_file(dst, use_external_data_format=False)
+    return {"mode": mode, "bytes_in": os.path.getsize(src), "bytes_out": os.path.getsize(dst)}
+
+
+def detect_kind(path) -> str:
+    p = os.fspath(path).lower()
+    if p.endswith(".gguf"):
+        return "gguf"
+    if p.endswith(".onnx"):
+        return "onnx"
+    raise InvalidArgumentError(f"{path}: expected a .gguf or .onnx model")
