@@ -131,12 +131,13 @@ class Session:
     ``emulate``: run device partitions functionally on the host, copies over the link kept and counted.
     ``dims``: bind symbolic dims now (else from the first run's feeds). ``threads``: host/onnxruntime threads.
     ``output_views``: ``run`` returns the pool's output buffers themselves (valid until the next run; no copy).
-    ``core``: False keeps every node on onnxruntime (the host delegate's C core off). ``telemetry``: record one
+    ``core``: the host delegate's C core: "auto" (where it measures faster than onnxruntime), True (every
+    quantized matmul it can take), False (off: every node on onnxruntime). ``telemetry``: record one
     event per run (when edgert telemetry is enabled)."""
 
     def __init__(self, model_path, device: Any = "host", fallback: str = "allow", emulate: bool = False, *,
                  dims: Mapping[str, int] | None = None, threads: int | None = None, output_views: bool = False,
-                 core: bool = True, telemetry: bool = True, min_nodes_per_partition: int = 1,
+                 core: bool | str = "auto", telemetry: bool = True, min_nodes_per_partition: int = 1,
                  max_partitions: int | None = None, lock_memory: bool = True):
         if fallback not in ("allow", "forbid"):
             raise InvalidArgumentError(f"fallback must be 'allow' or 'forbid', got {fallback!r}")
@@ -325,8 +326,11 @@ class Session:
         for part in p.partitions:
             unit = p.unit(part.unit)
             if part.unit == p.host_unit:
+                members = set(part.nodes)
                 d = delegates.get(unit.delegate)()
-                opts = {"threads": self.threads, "core": self.core, "fallback": self.fallback}
+                opts = {"threads": self.threads, "core": self.core, "fallback": self.fallback,
+                        "shapes": {t: graph.tensors[t].concrete_shape() for n in graph.nodes
+                                   if n.name in members for t in n.inputs if t in graph.tensors}}
             elif self.emulate:
                 d = delegates.get("onnxruntime")()
                 unit = None  # the device's work, functionally, on onnxruntime's CPU provider

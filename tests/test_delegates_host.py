@@ -69,7 +69,7 @@ def test_matmul_nbits_on_the_c_core(tmp_path, kw):
     onnx.save(nbits_model(**kw), path)
     m, k = kw.get("m", 3), kw.get("k", 64)
     x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
-    s = edgert.Session(str(path))
+    s = edgert.Session(str(path), core=True)
     within(s.run(None, {"A": x})[0], ort_run(path, {"A": x})[0], MATMUL_NBITS_BUDGET)
     assert core_kinds(s) == ["MatMulNBits"]
 
@@ -87,7 +87,7 @@ def dynamic_int8(tmp_path, d_in, d_hidden, d_out):
 def test_matmul_integer_chain_on_the_c_core(tmp_path, dims):
     path = dynamic_int8(tmp_path, *dims)
     x = np.random.default_rng(2).standard_normal((5, dims[0])).astype(np.float32)
-    s = edgert.Session(str(path))
+    s = edgert.Session(str(path), core=True)
     y = s.run(None, {"x": x})[0]
     assert core_kinds(s) == ["MatMulInteger", "MatMulInteger"]
     claimed = {n for c in s._bound.compiled for st in c.core for n in st.nodes}
@@ -107,7 +107,7 @@ def test_dequantize_matmul_on_the_c_core(tmp_path):
     quantize_static(str(src), str(dst), calibration_reader("x", (4, 64)), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
     x = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
-    s = edgert.Session(str(dst))
+    s = edgert.Session(str(dst), core=True)
     within(s.run(None, {"x": x})[0], ort_run(dst, {"x": x})[0], DEQUANT_MATMUL_BUDGET)
     assert core_kinds(s) == ["DequantizeLinear+MatMul", "DequantizeLinear+MatMul"]
 

@@ -52,6 +52,7 @@ class CoreMatMul:
     threads: int | None = None
     k: int = 0           # the graph's K; weight.shape[1] is K rounded up to a block (zero columns: exact)
     _xpad: np.ndarray | None = None
+    timing: tuple | None = None  # (C core s, onnxruntime s) when measured at compile time
 
     def compute(self, x: np.ndarray) -> np.ndarray:
         n, kp = self.weight.shape
@@ -202,6 +203,61 @@ def find_core_matmuls(graph, nodes: list[str], threads: int | None = None) -> li
     return steps
 
 
+def chain_nodes(graph, x: str, out: str) -> list[str]:
+    """The nodes between tensor ``x`` and tensor ``out``: what onnxruntime would run for one C-core step."""
+    seen, stack = set(), [graph.producer(out)]
+    while stack:
+        n = stack.pop()
+        if n is None or n.name in seen:
+            continue
+        seen.add(n.name)
+        for i in n.inputs:
+            t = graph.tensors.get(i)
+            if i and i != x and (t is None or t.initializer is None):
+                stack.append(graph.producer(i))
+    return [n.name for n in graph.nodes if n.name in seen]
+
+
+def _median_s(fn, runs: int = 15) -> float:
+    import time
+
+    fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def steps_that_pay(steps: list[CoreMatMul], graph, shapes: Mapping[str, tuple], sess_options) -> list[CoreMatMul]:
+    """The steps the C core runs faster than onnxruntime runs the same nodes, timed once at compile time on a
+    random input of the bound shape (a step whose input shape is not known yet is kept)."""
+    import onnxruntime as ort
+
+    keep = []
+    for st in steps:
+        shape = shapes.get(st.x)
+        if shape is None:
+            keep.append(st)
+            continue
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        try:
+            model = graph.subgraph_model(chain_nodes(graph, st.x, st.out), name="chain")
+            o = ort.InferenceSession(model.SerializeToString(), sess_options, providers=[CPU])
+            if [i.name for i in o.get_inputs()] != [st.x]:
+                keep.append(st)
+                continue
+            t_ort = _median_s(lambda: o.run(None, {st.x: x}))
+        except Exception:
+            keep.append(st)
+            continue
+        st.timing = (_median_s(lambda: st.compute(x)), t_ort)
+        if st.timing[0] < st.timing[1]:
+            keep.append(st)
+    return keep
+
+
 class _Segment:
     """An onnxruntime segment of a host partition, with the buffers of the tensors it hands to later steps."""
 
@@ -281,8 +337,9 @@ class HostPartition(CompiledPartition):
 
 
 class HostDelegate(Delegate):
-    """``options``: ``threads`` (C core and onnxruntime intra-op threads), ``core`` (False: no C-core steps, every
-    node on onnxruntime; benchmarks use it as the peer)."""
+    """``options``: ``threads`` (C core and onnxruntime intra-op threads); ``core``: ``"auto"`` (default: a step
+    goes to the C core only where it runs faster than onnxruntime runs the same nodes, timed once here on the bound
+    shapes in ``options["shapes"]``), True (every step the patterns find), False (none: every node on onnxruntime)."""
 
     @classmethod
     def available(cls, unit: Any = None) -> tuple[bool, str]:
@@ -295,7 +352,10 @@ class HostDelegate(Delegate):
         dopts = dict(getattr(unit, "delegate_options", None) or {})
         threads = options.get("threads") or dopts.get("threads")
         so = session_options(None, threads)
-        steps = find_core_matmuls(graph, list(partition.nodes), threads) if options.get("core", True) else []
+        core = options.get("core", "auto")
+        steps = find_core_matmuls(graph, list(partition.nodes), threads) if core else []
+        if steps and core == "auto":
+            steps = steps_that_pay(steps, graph, options.get("shapes") or {}, so)
         return HostPartition(partition, graph, steps, so)
 
 
