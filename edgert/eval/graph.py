@@ -1,0 +1,293 @@
+"""Graph-model evaluation: a reference and a candidate ONNX model, each run through ``edgert.Session`` on its own
+device profile (emulated when the device is not on this machine), fed the same samples.
+
+Compared: every graph output, and every intermediate tensor both graphs produce under the same name (quantizers
+keep the float tensor names of the nodes they rewrite, so a float model and its int8 version share most of them).
+Intermediates are read from a second pair of sessions whose models list them as extra outputs, so the timed
+sessions and their bytes moved are those of the unmodified models. Tensors are visited in the reference's
+topological order; the first one over a tensor threshold (cosine, SQNR, rel L2, max abs) is ``first_divergence``.
+The gate checks the outputs (worst output per metric, and top-1 of classifier-shaped outputs).
+
+This module runs models and measures; it must not print.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+
+import numpy as np
+
+from ..errors import InvalidArgumentError
+from . import metrics as M
+from . import thresholds as T
+from .report import EvalReport, Failure, Side, cost_model, per_units, ratio_phrase
+
+DEFAULT_RANDOM = 8
+MIN_TIMED_RUNS = 20
+TENSOR_METRICS = ("cosine", "sqnr_db", "rel_l2", "max_abs")
+_FLOAT = ("float32", "float16", "float64", "bfloat16")
+
+
+def random_samples(inputs, n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """n feeds drawn from the input specs (symbolic dims -> 1): floats standard normal, ints in [0, 10), bools."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        feed = {}
+        for io in inputs:
+            shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in (io.shape or []))
+            dt = np.dtype(io.dtype or "float32")
+            if dt.kind == "f":
+                feed[io.name] = rng.standard_normal(shape).astype(dt)
+            elif dt.kind in "iu":
+                feed[io.name] = rng.integers(0, 10, size=shape).astype(dt)
+            elif dt.kind == "b":
+                feed[io.name] = rng.integers(0, 2, size=shape).astype(bool)
+            else:
+                raise InvalidArgumentError(f"cannot draw random values for input {io.name!r} of dtype {dt}; "
+                                           "pass --inputs DIR")
+        out.append(feed)
+    return out
+
+
+def _samples(data, inputs, random: int | None, seed: int) -> list[dict[str, np.ndarray]]:
+    names = [i.name for i in inputs]
+    if data is None:
+        return random_samples(inputs, random or DEFAULT_RANDOM, seed)
+    if isinstance(data, (str, os.PathLike)):
+        from ..quantize_model import read_samples
+
+        return read_samples(data, names)
+    if isinstance(data, dict):
+        data = [data]
+    samples = [dict(s) for s in data]
+    for i, s in enumerate(samples):
+        missing = [n for n in names if n not in s]
+        if missing:
+            raise InvalidArgumentError(f"sample #{i} lacks input(s) {missing}")
+    return samples
+
+
+def _needs_emulation(device: str) -> bool:
+    from .. import profiles
+
+    prof = profiles.load(device)
+    for u in prof.units:
+        if u.delegate == "host":
+            continue
+        ok, _ = profiles.runtime_status(u)
+        if not ok:
+            return True
+    return False
+
+
+def _session(model, side: Side, emulate: bool):
+    from ..session import Session
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return Session(model, device=side.device or "host", fallback="allow", emulate=emulate, threads=side.threads,
+                       telemetry=False)
+
+
+def _float_outputs(model) -> dict[str, int]:
+    """Node output name -> position in topological order, for outputs whose inferred type is float or unknown."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    elem = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+        if vi.type.HasField("tensor_type"):
+            elem[vi.name] = vi.type.tensor_type.elem_type
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    order = {}
+    for node in model.graph.node:
+        for o in node.output:
+            if o and o not in order and elem.get(o, onnx.TensorProto.FLOAT) in floats:
+                order[o] = len(order)
+    return order
+
+
+def _with_outputs(model, names: list[str]):
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+    except Exception:
+        inferred = []
+    known = {vi.name: vi for vi in [*inferred, *m.graph.value_info] if vi.type.HasField("tensor_type")}
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            vi = onnx.ValueInfoProto()
+            if n in known:
+                vi.CopyFrom(known[n])
+            else:  # type unknown to inference: float is what the comparison reads
+                vi = onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+            m.graph.output.append(vi)
+    return m
+
+
+def _run_intermediates(model, names, side, emulate, samples, notes) -> list[dict[str, np.ndarray]]:
+    """The named tensors for every sample, through a Session on the side's device; plain onnxruntime if the
+    Session cannot run the augmented model (noted)."""
+    if not names:
+        return [{} for _ in samples]
+    aug = _with_outputs(model, names)
+    try:
+        sess = _session(aug, side, emulate)
+        res = []
+        for s in samples:
+            outs = sess.run(names, s)
+            res.append(dict(zip(names, outs)))
+        sess.close()
+        return res
+    except Exception as exc:  # the plan or a delegate refused the augmented graph: read them on onnxruntime
+        import onnxruntime as ort
+
+        notes.append(f"{side.label}: intermediates read with plain onnxruntime (Session: {type(exc).__name__}: {exc})")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
+        sess = ort.InferenceSession(aug.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return [dict(zip(names, sess.run(names, s))) for s in samples]
+
+
+def _stack(values: list[np.ndarray]):
+    shapes = {np.shape(v) for v in values}
+    if len(shapes) != 1:
+        return np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for v in values])
+    return np.stack([np.asarray(v) for v in values])
+
+
+def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, random: int | None = None,
+                   seed: int = 0, runs: int | None = None, intermediates: bool = True, progress=None) -> EvalReport:
+    import onnx
+
+    t_start = time.perf_counter()
+    notes: list[str] = []
+    models = {k: onnx.load(s.path) for k, s in (("reference", reference), ("candidate", candidate))}
+    sides_in = {"reference": reference, "candidate": candidate}
+    emulate = {}
+    sessions = {}
+    for k, side in sides_in.items():
+        emulate[k] = bool(side.device) and _needs_emulation(side.device)
+        if emulate[k]:
+            notes.append(f"{side.label}: device {side.device!r} is not on this machine; emulated (device partitions "
+                         "on onnxruntime CPU, link copies kept and counted)")
+        sessions[k] = _session(side.path, side, emulate[k])
+    inputs = sessions["reference"].get_inputs()
+    cand_inputs = {i.name for i in sessions["candidate"].get_inputs()}
+    if {i.name for i in inputs} != cand_inputs:
+        raise InvalidArgumentError(f"the models' inputs differ: reference {[i.name for i in inputs]}, "
+                                   f"candidate {sorted(cand_inputs)}")
+    samples = _samples(data, inputs, random, seed)
+    out_names = [o.name for o in sessions["reference"].get_outputs()]
+    cand_out = {o.name for o in sessions["candidate"].get_outputs()}
+    missing = [n for n in out_names if n not in cand_out]
+    if missing:
+        raise InvalidArgumentError(f"the candidate lacks output(s) {missing} of the reference")
+
+    # outputs, latency and bytes from the unmodified models
+    outputs, perf = {}, {}
+    n_timed = max(runs or MIN_TIMED_RUNS, len(samples))
+    for k, sess in sessions.items():
+        sess.run(out_names, samples[0])  # binding, first-run allocations: not timed
+        res = [sess.run(out_names, s) for s in samples]
+        lat, moved = [], []
+        for i in range(n_timed):
+            t0 = time.perf_counter()
+            sess.run(out_names, samples[i % len(samples)])
+            lat.append(time.perf_counter() - t0)
+            last = sess.stats()["last_run"]
+            moved.append(last["bytes_to_device"] + last["bytes_to_host"])
+        st = sess.stats()
+        outputs[k] = [dict(zip(out_names, r)) for r in res]
+        perf[k] = {"lat": np.array(lat), "moved": moved, "stats": st, "plan": sess.plan}
+        sess.close()
+        if progress:
+            progress(1 if k == "reference" else 2, 3 if intermediates else 2)
+
+    # shared intermediates, topological order of the reference
+    ref_order = _float_outputs(models["reference"])
+    cand_order = _float_outputs(models["candidate"])
+    shared = [n for n in ref_order if n in cand_order and n not in out_names] if intermediates else []
+    inter = {k: _run_intermediates(models[k], shared, sides_in[k], emulate[k], samples, notes) for k in sides_in}
+    if progress and intermediates:
+        progress(3, 3)
+
+    rows = []
+    order = {n: i for i, n in enumerate(ref_order)}
+    for name in sorted(set(shared) | set(out_names), key=lambda n: order.get(n, len(order))):
+        is_out = name in out_names
+        src = outputs if is_out else inter
+        a = [s[name] for s in src["reference"]]
+        b = [s[name] for s in src["candidate"]]
+        if any(np.asarray(v).dtype.name not in _FLOAT for v in a + b):
+            continue
+        if any(np.shape(x) != np.shape(y) for x, y in zip(a, b)):
+            continue
+        ra, rb = _stack(a), _stack(b)
+        row = {"name": name, "output": is_out, "shape": list(np.shape(a[0])), **M.tensor_metrics(ra, rb)}
+        if is_out and M.classifier_shaped(np.shape(a[0])):
+            row["top1_pct"] = M.top1_agreement(ra, rb) * 100.0
+        row["crossed"] = [m for m, v, d, lim in T.check("graph", row, {k: limits.get(k) for k in TENSOR_METRICS})]
+        rows.append(row)
+    first = next((r["name"] for r in rows if r["crossed"]), None)
+
+    outs = [r for r in rows if r["output"]]
+    m: dict = {}
+    if outs:
+        m["cosine"] = min(r["cosine"] for r in outs)
+        m["sqnr_db"] = min(r["sqnr_db"] for r in outs)
+        m["rel_l2"] = max(r["rel_l2"] for r in outs)
+        m["max_abs"] = max(r["max_abs"] for r in outs)
+    tops = [r["top1_pct"] for r in outs if "top1_pct" in r]
+    if tops:
+        m["top1_pct"] = min(tops)
+    m["samples"] = len(samples)
+    m["outputs_compared"] = len(outs)
+    m["intermediates_compared"] = len(rows) - len(outs)
+    failures = [Failure(*f, where=f"first tensor over a threshold: {first}" if first else "")
+                for f in T.check("graph", m, limits)]
+
+    sides = {}
+    for k, side in sides_in.items():
+        p = perf[k]
+        cm, prof = cost_model(side.device)
+        mean_s = float(p["lat"].mean())
+        per_k = per_units(cm, mean_s, 1000)
+        sides[k] = {
+            "label": side.label, "profile": prof, "emulated": emulate[k], "threads": side.threads or "default",
+            "partitions": len(p["plan"].partitions),
+            "latency_p50_ms": float(np.percentile(p["lat"], 50) * 1e3),
+            "latency_p95_ms": float(np.percentile(p["lat"], 95) * 1e3),
+            "bytes_moved_per_inference": int(np.median(p["moved"])),
+            "bytes_to_device_per_inference": int(p["stats"]["last_run"]["bytes_to_device"]),
+            "bytes_to_host_per_inference": int(p["stats"]["last_run"]["bytes_to_host"]),
+            "power_w": cm.power_w, "price_usd_per_hour": cm.price_usd_per_hour,
+            "energy_wh_per_1k": per_k["energy_wh"], "cost_usd_per_1k": per_k["cost_usd"],
+            "timed_runs": int(p["lat"].size),
+        }
+    rs, cs = sides["reference"], sides["candidate"]
+    if rs["cost_usd_per_1k"] > 0 and cs["cost_usd_per_1k"] > 0:
+        phrase = ratio_phrase(rs["cost_usd_per_1k"], cs["cost_usd_per_1k"], "per 1,000 inferences")
+    else:
+        phrase = ratio_phrase(rs["energy_wh_per_1k"], cs["energy_wh_per_1k"], "energy per 1,000 inferences")
+    q = (f"SQNR {m['sqnr_db']:.1f} dB, cosine {m['cosine']:.4f}" if outs else "no outputs compared")
+    if tops:
+        q += f", top-1 {m['top1_pct']:.1f}%"
+    verdict = f"candidate: {phrase} at {q} — {'PASS' if not failures else 'FAIL'}"
+    if first:
+        verdict += f" (first divergence: {first})"
+    if any(emulate.values()) or any(s.device for s in sides_in.values()):
+        notes.append("latency is measured on this machine; energy and cost apply each side's profile power and "
+                     "price to it")
+    return EvalReport(kind="graph", reference=reference, candidate=candidate, metrics=m, thresholds=dict(limits),
+                      failures=failures, sides=sides, tensors=rows, first_divergence=first, verdict=verdict,
+                      notes=notes, elapsed_s=time.perf_counter() - t_start)
