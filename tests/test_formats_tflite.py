@@ -1,0 +1,170 @@
+"""edgert.formats.tflite: .tflite -> IR (ops, dtypes, per-tensor / per-channel quantization, buffers in place from the
+mmapped file), the exporter (a subset of nodes as a standalone .tflite), and hostile files (truncations, bad offsets,
+byte flips) raising ModelFormatError and nothing else."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tflite_models as tm
+from edgert import ModelFormatError
+from edgert.errors import ModelNotFoundError
+from edgert.formats.tflite import load_tflite, parse_tflite, subgraph_tflite
+
+pytest.importorskip("tflite")
+
+
+@pytest.fixture(scope="module")
+def fc_bytes():
+    return tm.int8_fc()
+
+
+def test_float_mlp_ir():
+    g = load_tflite(tm.float_mlp())
+    assert [n.op_type for n in g.nodes] == ["Gemm", "Relu", "Gemm", "Softmax"]
+    assert [n.attrs["tflite_op"] for n in g.nodes] == ["FULLY_CONNECTED", "RELU", "FULLY_CONNECTED", "SOFTMAX"]
+    assert g.inputs == ["x"] and g.outputs == ["y"]
+    assert g.tensors["w1"].dtype == "float32" and g.tensors["w1"].shape == (32, 16)
+    w1, *_ = tm.float_mlp_weights()
+    np.testing.assert_array_equal(g.tensors["w1"].initializer, w1)
+    assert g.tensors["h1"].initializer is None and g.tensors["h1"].shape == (1, 32)
+
+
+def test_int8_quantization_parameters(fc_bytes):
+    g = load_tflite(fc_bytes)
+    wa, wc = g.tensors["wa"], g.tensors["wc"]
+    assert wa.dtype == "int8" and wa.quant.axis == 0 and wa.quant.scale.shape == (48,)
+    assert wc.quant.axis is None and wc.quant.scale.shape == (1,)
+    assert g.tensors["ba"].dtype == "int32"
+    assert g.tensors["probs_q"].quant.zero_point.tolist() == [-128]
+    conv = load_tflite(tm.int8_conv())
+    assert conv.tensors["dw_w"].quant.axis == 3
+    assert conv.node("depthwise_conv_2d_2").attrs["group"] == 8
+
+
+def test_buffers_are_views_of_the_mapped_file(tmp_path, fc_bytes):
+    p = tmp_path / "m.tflite"
+    p.write_bytes(fc_bytes)
+    g = load_tflite(p)
+    w = g.tensors["wa"].initializer
+    assert not w.flags.writeable and not w.flags.owndata
+    base = w
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    import mmap
+
+    assert isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelNotFoundError):
+        load_tflite(tmp_path / "nope.tflite")
+
+
+def test_export_subset_runs_like_the_whole(fc_bytes):
+    pytest.importorskip("ai_edge_litert")
+    g = load_tflite(fc_bytes)
+    feeds = tm.feeds_for(g)
+    ref = tm.litert_reference(fc_bytes, feeds, g.outputs)[0]
+    first = ["quantize_0", "fully_connected_1", "fully_connected_2", "add_3"]
+    rest = [n.name for n in g.nodes if n.name not in first]
+    d1, i1, o1 = subgraph_tflite(g, first)
+    d2, i2, o2 = subgraph_tflite(g, rest)
+    assert i1 == ["x"] and o1 == ["sum"] and i2 == ["sum"] and o2 == ["probs"]
+    g1, g2 = load_tflite(d1), load_tflite(d2)  # exported parts parse back
+    assert len(g1.nodes) == 4 and len(g2.nodes) == 4
+    (mid,) = tm.litert_reference(d1, feeds, o1)
+    (out,) = tm.litert_reference(d2, {"sum": mid}, o2)
+    np.testing.assert_array_equal(out, ref)
+    whole, _, _ = subgraph_tflite(g, [n.name for n in g.nodes])
+    assert whole == fc_bytes
+
+
+# ---- hostile files -----------------------------------------------------------------------------------------------
+def _load_or_format_error(data: bytes):
+    try:
+        load_tflite(data)
+    except ModelFormatError:
+        pass
+
+
+def test_not_tflite():
+    for data in (b"", b"1234", b"\x00" * 7, b"12345678", b"\x10\x00\x00\x00ONNX" + b"\x00" * 64):
+        with pytest.raises(ModelFormatError):
+            load_tflite(data)
+
+
+def test_every_truncation_is_a_format_error(fc_bytes):
+    for n in list(range(0, 64)) + list(range(64, len(fc_bytes) - 1, 37)):
+        with pytest.raises(ModelFormatError):
+            load_tflite(fc_bytes[:n])
+
+
+def test_root_offset_outside(fc_bytes):
+    bad = struct.pack("<I", len(fc_bytes) + 100) + fc_bytes[4:]
+    with pytest.raises(ModelFormatError, match="outside the file"):
+        load_tflite(bad)
+
+
+def test_bad_buffer_index(fc_bytes):
+    m = parse_tflite(fc_bytes)
+    tensors = []
+    for i, t in enumerate(m.tensors):
+        tensors.append({"name": m.tensor_names[i], "dtype": t["dtype"], "shape": t["shape"], "data": t["data"]})
+    good = tm.ModelSpec()
+    good.tensors = tensors
+    good.ops = m.operators
+    data = bytearray(good.build(m.inputs, m.outputs))
+    g = load_tflite(bytes(data))
+    assert len(g.nodes) == 8
+    # a weight tensor whose shape disagrees with its buffer size
+    tensors[2] = {**tensors[2], "shape": (48, 65)}
+    with pytest.raises(ModelFormatError, match="holds .* bytes"):
+        load_tflite(good.build(m.inputs, m.outputs))
+
+
+def test_operator_reading_a_missing_tensor():
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (1, 4))
+    y = m.tensor("y", "float32", (1, 4))
+    m.op("RELU", [x], [y])
+    m.ops[0]["inputs"] = [7]
+    with pytest.raises(ModelFormatError, match="out of range"):
+        load_tflite(m.build([x], [y]))
+    m.ops[0]["inputs"] = [y]
+    with pytest.raises(ModelFormatError, match="before any operator"):
+        load_tflite(m.build([x], [y]))
+
+
+def test_bad_opcode_index():
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (1, 4))
+    y = m.tensor("y", "float32", (1, 4))
+    m.op("RELU", [x], [y])
+    data = bytearray(m.build([x], [y]))
+    g = parse_tflite(bytes(data))
+    assert g.operators[0]["op"] == "RELU"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_byte_flips_never_crash(data):
+    base = tm.int8_plumbing()
+    buf = bytearray(base)
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(buf) - 1))
+        buf[i] = data.draw(st.integers(0, 255))
+    _load_or_format_error(bytes(buf))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10_000), st.integers(0, 2**32 - 1))
+def test_offset_words_overwritten(pos, value):
+    buf = bytearray(tm.int8_plumbing())
+    pos = pos % (len(buf) - 4) & ~3
+    buf[pos:pos + 4] = struct.pack("<I", value)
+    _load_or_format_error(bytes(buf))

@@ -1,0 +1,287 @@
+"""Tiny TFLite models written with the schema's flatbuffer builders (``edgert.formats.tflite.build_tflite``), for the
+TFLite tests and benchmarks: a float MLP, an INT8 per-channel FULLY_CONNECTED + ADD + RELU + SOFTMAX model, an INT8
+CONV_2D + DEPTHWISE_CONV_2D + AVERAGE_POOL_2D model, RESHAPE/CONCATENATION plumbing, and the float MLP as ONNX too.
+
+Quantization parameters are calibrated on the float network with a fixed seed, so activations use their int8 range
+(an uncalibrated model saturates and hides arithmetic differences)."""
+from __future__ import annotations
+
+import numpy as np
+
+from edgert.formats.tflite import build_tflite
+
+NONE, RELU = 0, 1
+SAME, VALID = 0, 1
+
+
+class ModelSpec:
+    def __init__(self):
+        self.tensors: list[dict] = []
+        self.ops: list[dict] = []
+
+    def tensor(self, name, dtype, shape, data=None, q=None, axis=0) -> int:
+        t = {"name": name, "dtype": dtype, "shape": tuple(shape), "data": data}
+        if q is not None:
+            t.update(scale=np.atleast_1d(np.asarray(q[0], np.float32)),
+                     zero_point=np.atleast_1d(np.asarray(q[1], np.int64)), quantized_dimension=axis)
+        self.tensors.append(t)
+        return len(self.tensors) - 1
+
+    def op(self, op, inputs, outputs, options_type=None, **options):
+        self.ops.append({"op": op, "inputs": list(inputs), "outputs": list(outputs), "options_type": options_type,
+                         "options": options, "version": 1})
+
+    def build(self, inputs, outputs) -> bytes:
+        return build_tflite(self.tensors, self.ops, list(inputs), list(outputs))
+
+
+def calib(a: np.ndarray) -> tuple[float, int]:
+    """int8 affine (scale, zero point) covering [min(a, 0), max(a, 0)]."""
+    lo, hi = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
+    scale = max(hi - lo, 1e-6) / 255.0
+    zp = int(np.clip(round(-128 - lo / scale), -128, 127))
+    return scale, zp
+
+
+def quant_weight(w: np.ndarray, per_channel: bool, axis: int = 0):
+    """Symmetric int8 weights: per output channel (along ``axis``) or per tensor."""
+    if per_channel:
+        red = tuple(i for i in range(w.ndim) if i != axis)
+        s = np.maximum(np.abs(w).max(axis=red), 1e-8) / 127.0
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.round(w / s.reshape(shape)), -127, 127).astype(np.int8)
+        return q, s.astype(np.float32)
+    s = np.float32(max(np.abs(w).max(), 1e-8) / 127.0)
+    return np.clip(np.round(w / s), -127, 127).astype(np.int8), np.array([s], np.float32)
+
+
+def fq(a, s, zp):
+    """Fake-quantize (the float network the int8 one approximates)."""
+    return (np.clip(np.round(a / s) + zp, -128, 127) - zp) * s
+
+
+# ---- float MLP ---------------------------------------------------------------------------------------------------
+def float_mlp_weights(k=16, h=32, n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((h, k)).astype(np.float32) * 0.3, rng.standard_normal(h).astype(np.float32) * 0.1,
+            rng.standard_normal((n, h)).astype(np.float32) * 0.3, rng.standard_normal(n).astype(np.float32) * 0.1)
+
+
+def float_mlp(k=16, h=32, n=8, batch=1, seed=0) -> bytes:
+    """x[batch,k] -> FULLY_CONNECTED -> RELU -> FULLY_CONNECTED -> SOFTMAX (float32)."""
+    w1, b1, w2, b2 = float_mlp_weights(k, h, n, seed)
+    m = ModelSpec()
+    x = m.tensor("x", "float32", (batch, k))
+    tw1, tb1 = m.tensor("w1", "float32", w1.shape, w1), m.tensor("b1", "float32", b1.shape, b1)
+    tw2, tb2 = m.tensor("w2", "float32", w2.shape, w2), m.tensor("b2", "float32", b2.shape, b2)
+    h1, r1 = m.tensor("h1", "float32", (batch, h)), m.tensor("r1", "float32", (batch, h))
+    h2, y = m.tensor("h2", "float32", (batch, n)), m.tensor("y", "float32", (batch, n))
+    m.op("FULLY_CONNECTED", [x, tw1, tb1], [h1], "FullyConnectedOptions", FusedActivationFunction=NONE)
+    m.op("RELU", [h1], [r1])
+    m.op("FULLY_CONNECTED", [r1, tw2, tb2], [h2], "FullyConnectedOptions", FusedActivationFunction=NONE)
+    m.op("SOFTMAX", [h2], [y], "SoftmaxOptions", Beta=1.0)
+    return m.build([x], [y])
+
+
+def float_mlp_onnx(k=16, h=32, n=8, batch=1, seed=0):
+    """The same network as ONNX: Gemm(transB) -> Relu -> Gemm(transB) -> Softmax."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w1, b1, w2, b2 = float_mlp_weights(k, h, n, seed)
+    inits = [numpy_helper.from_array(a, nm) for a, nm in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], "fc1", transB=1),
+             helper.make_node("Relu", ["h1"], ["r1"], "relu"),
+             helper.make_node("Gemm", ["r1", "w2", "b2"], ["h2"], "fc2", transB=1),
+             helper.make_node("Softmax", ["h2"], ["y"], "softmax", axis=-1)]
+    g = helper.make_graph(nodes, "float_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, n])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+# ---- INT8 FULLY_CONNECTED + ADD + RELU + SOFTMAX -----------------------------------------------------------------
+def int8_fc(k=64, h=48, n=10, batch=4, seed=1, float_io=True) -> bytes:
+    """x -> QUANTIZE -> {FC_a (per-channel), FC_b (per-channel)} -> ADD -> RELU -> FC_c (per-tensor) -> SOFTMAX ->
+    DEQUANTIZE. ``float_io=False`` drops the QUANTIZE/DEQUANTIZE edges (int8 in, int8 out)."""
+    rng = np.random.default_rng(seed)
+    calx = rng.uniform(-1, 1, (256, k)).astype(np.float32)
+    wa, wb = rng.standard_normal((h, k)) * 0.2, rng.standard_normal((h, k)) * 0.2
+    wc = rng.standard_normal((n, h)) * 0.3
+    ba, bb, bc = rng.standard_normal(h) * 0.1, rng.standard_normal(h) * 0.1, rng.standard_normal(n) * 0.1
+    sx, zx = calib(calx)
+    x8 = fq(calx, sx, zx)
+    qa, swa = quant_weight(wa, True)
+    qb, swb = quant_weight(wb, True)
+    qc, swc = quant_weight(wc, False)
+    fa = x8 @ (qa * swa[:, None]).T + ba
+    fb = x8 @ (qb * swb[:, None]).T + bb
+    sa, za = calib(fa)
+    sb, zb = calib(fb)
+    fadd = fq(fa, sa, za) + fq(fb, sb, zb)
+    sadd, zadd = calib(fadd)
+    frelu = np.maximum(fq(fadd, sadd, zadd), 0)
+    fc = frelu @ (qc * swc[0]).T + bc
+    sc, zc = calib(fc)
+
+    m = ModelSpec()
+    xf = m.tensor("x", "float32", (batch, k)) if float_io else None
+    xq = m.tensor("x_q", "int8", (batch, k), q=(sx, zx))
+    twa = m.tensor("wa", "int8", qa.shape, qa, q=(swa, np.zeros(h, np.int64)))
+    tba = m.tensor("ba", "int32", (h,), np.round(ba / (sx * swa)).astype(np.int32), q=(sx * swa, np.zeros(h)))
+    twb = m.tensor("wb", "int8", qb.shape, qb, q=(swb, np.zeros(h, np.int64)))
+    tbb = m.tensor("bb", "int32", (h,), np.round(bb / (sx * swb)).astype(np.int32), q=(sx * swb, np.zeros(h)))
+    ta = m.tensor("a", "int8", (batch, h), q=(sa, za))
+    tb = m.tensor("b", "int8", (batch, h), q=(sb, zb))
+    tadd = m.tensor("sum", "int8", (batch, h), q=(sadd, zadd))
+    trelu = m.tensor("relu", "int8", (batch, h), q=(sadd, zadd))
+    twc = m.tensor("wc", "int8", qc.shape, qc, q=(swc, [0]))
+    tbc = m.tensor("bc", "int32", (n,), np.round(bc / (sadd * swc[0])).astype(np.int32), q=(sadd * swc, [0]))
+    tc = m.tensor("logits", "int8", (batch, n), q=(sc, zc))
+    tp = m.tensor("probs_q", "int8", (batch, n), q=(1.0 / 256, -128))
+    yf = m.tensor("probs", "float32", (batch, n)) if float_io else None
+    if float_io:
+        m.op("QUANTIZE", [xf], [xq])
+    m.op("FULLY_CONNECTED", [xq, twa, tba], [ta], "FullyConnectedOptions", FusedActivationFunction=NONE)
+    m.op("FULLY_CONNECTED", [xq, twb, tbb], [tb], "FullyConnectedOptions", FusedActivationFunction=NONE)
+    m.op("ADD", [ta, tb], [tadd], "AddOptions", FusedActivationFunction=NONE)
+    m.op("RELU", [tadd], [trelu])
+    m.op("FULLY_CONNECTED", [trelu, twc, tbc], [tc], "FullyConnectedOptions", FusedActivationFunction=NONE)
+    m.op("SOFTMAX", [tc], [tp], "SoftmaxOptions", Beta=1.0)
+    if float_io:
+        m.op("DEQUANTIZE", [tp], [yf])
+        return m.build([xf], [yf])
+    return m.build([xq], [tp])
+
+
+def int8_fc_single(k=256, n=256, batch=1, per_channel=True, seed=2) -> tuple[bytes, dict]:
+    """One INT8 FULLY_CONNECTED (int8 in, int8 out) and its parameters, for kernel tests and the benchmark."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)) * 0.1
+    b = rng.standard_normal(n) * 0.1
+    sx, zx = 1.0 / 127, -3
+    q, sw = quant_weight(w, per_channel)
+    fy = rng.uniform(-1, 1, (64, k)) @ (q * sw.reshape(-1, 1)).T + b
+    sy, zy = calib(fy)
+    bias = np.round(b / (sx * (sw if per_channel else sw[0]))).astype(np.int32)
+    m = ModelSpec()
+    tx = m.tensor("x", "int8", (batch, k), q=(sx, zx))
+    tw = m.tensor("w", "int8", (n, k), q, q=(sw, np.zeros(sw.size, np.int64)))
+    tb = m.tensor("bias", "int32", (n,), bias, q=(sx * sw, np.zeros(sw.size)))
+    ty = m.tensor("y", "int8", (batch, n), q=(sy, zy))
+    m.op("FULLY_CONNECTED", [tx, tw, tb], [ty], "FullyConnectedOptions", FusedActivationFunction=NONE)
+    return m.build([tx], [ty]), {"w": q, "w_scale": sw, "bias": bias, "x": (sx, zx), "y": (sy, zy)}
+
+
+# ---- INT8 CONV_2D + DEPTHWISE_CONV_2D + AVERAGE_POOL_2D ----------------------------------------------------------
+def int8_conv(hw=8, cin=3, cout=8, batch=1, seed=3) -> bytes:
+    """x[batch,hw,hw,cin] -> QUANTIZE -> CONV_2D 3x3 SAME relu (per-channel) -> DEPTHWISE_CONV_2D 3x3 SAME
+    (per-channel) -> AVERAGE_POOL_2D 2x2/2 -> DEQUANTIZE."""
+    rng = np.random.default_rng(seed)
+    wc = rng.standard_normal((cout, 3, 3, cin)) * 0.3
+    bc = rng.standard_normal(cout) * 0.1
+    wd = rng.standard_normal((1, 3, 3, cout)) * 0.3
+    bd = rng.standard_normal(cout) * 0.1
+    sx, zx = 2.0 / 255, 0
+    qc, swc = quant_weight(wc, True, 0)
+    qd, swd = quant_weight(wd, True, 3)
+    # calibrate by a float pass (numpy, NHWC, SAME padding)
+    x = fq(rng.uniform(-1, 1, (16, hw, hw, cin)), sx, zx)
+
+    def conv(a, w):  # a NHWC, w OHWI
+        p = np.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        out = np.zeros(a.shape[:3] + (w.shape[0],))
+        for i in range(3):
+            for j in range(3):
+                out += p[:, i:i + a.shape[1], j:j + a.shape[2], :] @ w[:, i, j, :].T
+        return out
+
+    def dw(a, w):  # w 1HWC
+        p = np.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        out = np.zeros(a.shape)
+        for i in range(3):
+            for j in range(3):
+                out += p[:, i:i + a.shape[1], j:j + a.shape[2], :] * w[0, i, j, :]
+        return out
+
+    f1 = np.maximum(conv(x, qc * swc[:, None, None, None]) + bc, 0)
+    s1, z1 = calib(f1)
+    f2 = dw(fq(f1, s1, z1), qd * swd) + bd
+    s2, z2 = calib(f2)
+    m = ModelSpec()
+    xf = m.tensor("image", "float32", (batch, hw, hw, cin))
+    xq = m.tensor("image_q", "int8", (batch, hw, hw, cin), q=(sx, zx))
+    twc = m.tensor("conv_w", "int8", qc.shape, qc, q=(swc, np.zeros(cout, np.int64)), axis=0)
+    tbc = m.tensor("conv_b", "int32", (cout,), np.round(bc / (sx * swc)).astype(np.int32), q=(sx * swc, np.zeros(cout)))
+    t1 = m.tensor("conv", "int8", (batch, hw, hw, cout), q=(s1, z1))
+    twd = m.tensor("dw_w", "int8", qd.shape, qd, q=(swd, np.zeros(cout, np.int64)), axis=3)
+    tbd = m.tensor("dw_b", "int32", (cout,), np.round(bd / (s1 * swd)).astype(np.int32), q=(s1 * swd, np.zeros(cout)))
+    t2 = m.tensor("dw", "int8", (batch, hw, hw, cout), q=(s2, z2))
+    t3 = m.tensor("pool", "int8", (batch, hw // 2, hw // 2, cout), q=(s2, z2))
+    yf = m.tensor("features", "float32", (batch, hw // 2, hw // 2, cout))
+    m.op("QUANTIZE", [xf], [xq])
+    m.op("CONV_2D", [xq, twc, tbc], [t1], "Conv2DOptions", Padding=SAME, StrideW=1, StrideH=1,
+         FusedActivationFunction=RELU, DilationWFactor=1, DilationHFactor=1)
+    m.op("DEPTHWISE_CONV_2D", [t1, twd, tbd], [t2], "DepthwiseConv2DOptions", Padding=SAME, StrideW=1, StrideH=1,
+         DepthMultiplier=1, FusedActivationFunction=NONE, DilationWFactor=1, DilationHFactor=1)
+    m.op("AVERAGE_POOL_2D", [t2], [t3], "Pool2DOptions", Padding=VALID, StrideW=2, StrideH=2, FilterWidth=2,
+         FilterHeight=2, FusedActivationFunction=NONE)
+    m.op("DEQUANTIZE", [t3], [yf])
+    return m.build([xf], [yf])
+
+
+# ---- RESHAPE / CONCATENATION plumbing ----------------------------------------------------------------------------
+def int8_plumbing(seed=4) -> bytes:
+    """a[1,4,4,2], b[1,8] (float) -> QUANTIZE each -> RESHAPE a to [1,32] -> CONCATENATION [1,40] -> FC (per-channel)
+    -> DEQUANTIZE."""
+    rng = np.random.default_rng(seed)
+    s, z = 2.0 / 255, 0
+    w = rng.standard_normal((6, 40)) * 0.2
+    bias = rng.standard_normal(6) * 0.1
+    qw, sw = quant_weight(w, True)
+    fy = fq(rng.uniform(-1, 1, (64, 40)), s, z) @ (qw * sw[:, None]).T + bias
+    sy, zy = calib(fy)
+    m = ModelSpec()
+    af = m.tensor("a", "float32", (1, 4, 4, 2))
+    bf = m.tensor("b", "float32", (1, 8))
+    aq = m.tensor("a_q", "int8", (1, 4, 4, 2), q=(s, z))
+    bq = m.tensor("b_q", "int8", (1, 8), q=(s, z))
+    shape = m.tensor("shape", "int32", (2,), np.array([1, 32], np.int32))
+    ar = m.tensor("a_flat", "int8", (1, 32), q=(s, z))
+    cat = m.tensor("cat", "int8", (1, 40), q=(s, z))
+    tw = m.tensor("w", "int8", qw.shape, qw, q=(sw, np.zeros(6, np.int64)))
+    tb = m.tensor("bias", "int32", (6,), np.round(bias / (s * sw)).astype(np.int32), q=(s * sw, np.zeros(6)))
+    yq = m.tensor("y_q", "int8", (1, 6), q=(sy, zy))
+    yf = m.tensor("y", "float32", (1, 6))
+    m.op("QUANTIZE", [af], [aq])
+    m.op("QUANTIZE", [bf], [bq])
+    m.op("RESHAPE", [aq, shape], [ar], "ReshapeOptions", NewShape=np.array([1, 32], np.int32))
+    m.op("CONCATENATION", [ar, bq], [cat], "ConcatenationOptions", Axis=1, FusedActivationFunction=NONE)
+    m.op("FULLY_CONNECTED", [cat, tw, tb], [yq], "FullyConnectedOptions", FusedActivationFunction=NONE)
+    m.op("DEQUANTIZE", [yq], [yf])
+    return m.build([af, bf], [yf])
+
+
+def feeds_for(interp_or_graph, seed=0) -> dict:
+    """Random feeds in [-1, 1] for every input of a loaded Graph."""
+    rng = np.random.default_rng(seed)
+    g = interp_or_graph
+    out = {}
+    for n in g.inputs:
+        t = g.tensors[n]
+        if t.dtype == "float32":
+            out[n] = rng.uniform(-1, 1, t.shape).astype(np.float32)
+        else:
+            out[n] = rng.integers(-128, 128, t.shape).astype(t.dtype)
+    return out
+
+
+def litert_reference(data: bytes, feeds: dict, names: list[str], op_resolver: str = "AUTO") -> list[np.ndarray]:
+    """Whole-model outputs from plain LiteRT (XNNPACK by default; ``BUILTIN_REF`` for the reference kernels)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_content=data, experimental_op_resolver_type=getattr(OpResolverType, op_resolver))
+    it.allocate_tensors()
+    for d, (n, a) in zip(it.get_input_details(), feeds.items()):
+        it.set_tensor(d["index"], a)
+    it.invoke()
+    return [it.get_tensor(d["index"]) for d in it.get_output_details()]
