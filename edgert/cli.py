@@ -292,6 +292,102 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval import evaluate
+    from .eval.plot import MATPLOTLIB_MISSING
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(f"edgert: error: {MATPLOTLIB_MISSING}", file=sys.stderr)
+            return 2
+    from rich.progress import Progress
+
+    thresholds = _eval_thresholds(args.thresholds, args.threshold)
+    rt = args.reference_threads if args.reference_threads is not None else args.threads
+    ct = args.candidate_threads if args.candidate_threads is not None else args.threads
+    with Progress(transient=True, disable=args.quiet or not sys.stderr.isatty()) as bar:
+        task = bar.add_task("evaluating", total=None)
+        rep = evaluate(args.reference, args.candidate, data=args.text if args.text is not None else args.inputs,
+                       thresholds=thresholds, ctx=args.ctx, chunks=args.chunks, reference_threads=rt,
+                       candidate_threads=ct, random=args.random, seed=args.seed, runs=args.runs,
+                       intermediates=not args.no_intermediates,
+                       progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(rep.to_json())
+    if args.plot:
+        rep.plot(args.plot)
+    print(rep.table())
+    for note in rep.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.gate and not rep.passed:
+        print("edgert: gate failed: " + "; ".join(rep.failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _eval_thresholds(path, items) -> dict:
+    """--thresholds FILE.toml and the --threshold NAME=VALUE overrides as one dict (overrides win)."""
+    from .errors import InvalidArgumentError
+    from .eval import thresholds as th
+
+    merged: dict = dict(th.load_toml(path)) if path else {}
+    overrides = th.parse_overrides(items)
+    unknown = [k for k in overrides if not any(k in t for t in th.TABLES.values())]
+    if unknown:
+        raise InvalidArgumentError(f"unknown threshold(s) {unknown}; known: "
+                                   f"{', '.join(sorted(set().union(*th.TABLES.values())))}")
+    for kind in th.KINDS:
+        section = dict(merged.get(kind) or {})
+        section.update({k: v for k, v in overrides.items() if k in th.TABLES[kind]})
+        merged[kind] = section
+    return merged
+
+
+def cmd_quantize(args) -> int:
+    from .errors import InvalidArgumentError
+    from .quantize_model import GGUF_TARGETS, ONNX_TARGETS, detect_kind, quantize_gguf, quantize_onnx
+
+    rest = list(args.args)
+    qtype = args.to
+    for a in list(rest):
+        if a in GGUF_TARGETS + ONNX_TARGETS and qtype is None:
+            qtype = a
+            rest.remove(a)
+    output = args.output or (rest.pop(0) if rest else None)
+    if rest:
+        raise InvalidArgumentError(f"unexpected argument(s) {rest}: edgert quantize INPUT OUTPUT TYPE")
+    kind = detect_kind(args.input)
+    allowed = GGUF_TARGETS if kind == "gguf" else ONNX_TARGETS
+    if qtype is None:
+        raise InvalidArgumentError(f"give the target type: one of {', '.join(allowed)}")
+    if qtype not in allowed:
+        raise InvalidArgumentError(f"a {kind.upper()} model quantizes to {', '.join(allowed)}, not {qtype!r}")
+    if output is None:
+        base, ext = os.path.splitext(args.input)
+        output = f"{base}.{qtype}{ext}"
+    if kind == "gguf":
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      transient=True, disable=args.quiet) as bar:
+            task = bar.add_task(f"re-quantizing to {qtype}", total=None)
+            summary = quantize_gguf(args.input, output, qtype, keep_embeddings=args.keep_embeddings,
+                                    progress=lambda done, total, name: bar.update(task, completed=done, total=total,
+                                                                                  description=name))
+        print(f"{output}: {summary['requantized']} tensors re-quantized to {qtype}, {summary['kept']} kept; "
+              f"{summary['bytes_in'] / 1e6:.2f} MB -> {summary['bytes_out'] / 1e6:.2f} MB of tensor data")
+    else:
+        from rich.console import Console
+
+        with Console(stderr=True, quiet=args.quiet).status(f"quantizing to {qtype} (onnxruntime.quantization)"):
+            summary = quantize_onnx(args.input, output, qtype, calibration=args.calibration)
+        print(f"{output}: {qtype}; {summary['bytes_in'] / 1e6:.2f} MB -> {summary['bytes_out'] / 1e6:.2f} MB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgert", description="edgert — portable edge-inference runtime")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -370,6 +466,49 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forbid: fail when the device or an op is missing (default allow: run it on the host)")
     s.add_argument("--no-telemetry", action="store_true", help="record no event in $EDGERT_HOME/telemetry.db")
     s.set_defaults(func=cmd_run)
+
+    from .eval.thresholds import describe  # plain text, no models loaded
+
+    s = sub.add_parser("eval", help="compare a candidate model with a reference: drift, gate, speed and cost",
+                       description="Language models (.gguf): teacher-forced over --text in windows of --ctx tokens. "
+                                   "Graph models (.onnx): per output and shared intermediate tensor. "
+                                   "MODEL@DEVICE picks a device profile (emulated when absent); MODEL@threads=N "
+                                   f"a thread count. Default thresholds, llm: {describe('llm')}. "
+                                   f"graph: {describe('graph')}.")
+    s.add_argument("--reference", required=True, metavar="MODEL[@DEVICE|@threads=N]")
+    s.add_argument("--candidate", required=True, metavar="MODEL[@DEVICE|@threads=N]")
+    s.add_argument("--text", default=None, metavar="FILE", help="text to evaluate language models on")
+    s.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    s.add_argument("--chunks", type=int, default=None, help="evaluate at most N windows")
+    s.add_argument("--threads", type=int, default=None, help="threads for both sides")
+    s.add_argument("--reference-threads", type=int, default=None)
+    s.add_argument("--candidate-threads", type=int, default=None)
+    s.add_argument("--inputs", default=None, metavar="DIR", help="graph inputs: .npz per sample (or .npy)")
+    s.add_argument("--random", type=int, default=None, metavar="N", help="N random inputs from the input specs")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--runs", type=int, default=None, help="timed runs per side (graph models, default 20)")
+    s.add_argument("--no-intermediates", action="store_true", help="compare graph outputs only")
+    s.add_argument("--thresholds", default=None, metavar="FILE.toml", help="thresholds ([llm] / [graph] tables)")
+    s.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one threshold (repeatable; VALUE 'off' disables it)")
+    s.add_argument("--gate", action="store_true", help="exit 1 when any threshold is crossed")
+    s.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
+    s.add_argument("--plot", default=None, metavar="FILE.png", help="draw drift per layer and quality/cost (matplotlib)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("quantize", help="produce a candidate: GGUF -> q8_0/q4_0/q4_1, ONNX -> int8/int4",
+                       description="edgert quantize INPUT [OUTPUT] [TYPE]. GGUF: q8_0, q4_0, q4_1 (edgert's "
+                                   "quantizers; metadata and tokenizer kept). ONNX: int8-dynamic, int8-static "
+                                   "(--calibration DIR), int4 (MatMulNBits).")
+    s.add_argument("input")
+    s.add_argument("args", nargs="*", metavar="OUTPUT TYPE")
+    s.add_argument("--to", "--type", dest="to", default=None, metavar="TYPE")
+    s.add_argument("-o", "--output", default=None)
+    s.add_argument("--calibration", default=None, metavar="DIR", help="samples for int8-static (.npz/.npy)")
+    s.add_argument("--keep-embeddings", action="store_true", help="GGUF: keep token_embd in its stored format")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_quantize)
     return p
 
 
