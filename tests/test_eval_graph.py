@@ -1,0 +1,96 @@
+"""edgert.eval on ONNX graphs: an honest int8 candidate passes, a perturbed weight fails and is located, identical
+models have zero drift, devices are emulated, inputs from a directory, CLI exit codes, JSON schema, PNG."""
+import json
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from onnx import numpy_helper
+
+import edgert
+from edgert.cli import main
+from edgert.quantize_model import quantize_onnx
+from onnx_models import mlp
+
+N = 32
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval_graph")
+    ref = d / "mlp.onnx"
+    onnx.save(mlp(d_in=64, d_hidden=128, d_out=10), ref)
+    i8 = d / "mlp_int8.onnx"
+    quantize_onnx(ref, i8, "int8-dynamic")
+    bad_model = mlp(d_in=64, d_hidden=128, d_out=10)
+    for init in bad_model.graph.initializer:
+        if init.name == "w2":  # the second layer's weights: h1..h3 stay exact, h4 is the first affected tensor
+            a = numpy_helper.to_array(init).copy()
+            a[5] += 10.0
+            init.CopyFrom(numpy_helper.from_array(a, "w2"))
+    bad = d / "mlp_bad.onnx"
+    onnx.save(bad_model, bad)
+    return d, ref, i8, bad
+
+
+def test_honest_int8_passes_default_thresholds(models):
+    _, ref, i8, _ = models
+    rep = edgert.evaluate(ref, i8, random=N, seed=1)
+    assert rep.passed, rep.failures
+    assert rep.metrics["sqnr_db"] > 25 and rep.metrics["cosine"] > 0.999
+    assert rep.metrics["top1_pct"] >= 90 and rep.metrics["samples"] == N
+    names = [t["name"] for t in rep.tensors]
+    assert names == ["h1", "h2", "h3", "h4", "h5", "y"]  # topological order, intermediates shared by name
+    assert rep.first_divergence is None
+    assert {"latency_p50_ms", "latency_p95_ms", "bytes_moved_per_inference", "energy_wh_per_1k",
+            "cost_usd_per_1k"} <= set(rep.sides["candidate"])
+
+
+def test_perturbed_weight_fails_and_names_first_tensor(models):
+    _, ref, _, bad = models
+    rep = edgert.evaluate(ref, bad, random=N)
+    assert not rep.passed
+    assert rep.first_divergence == "h4"
+    assert any("h4" in f for f in rep.failures)
+    rows = {t["name"]: t for t in rep.tensors}
+    assert rows["h1"]["sqnr_db"] == float("inf") and rows["h4"]["crossed"]
+
+
+def test_identical_zero_drift_on_emulated_device(models):
+    _, ref, _, _ = models
+    rep = edgert.evaluate(ref, f"{ref}@imx8mp", random=4)
+    assert rep.passed
+    for t in rep.tensors:
+        assert t["max_abs"] == 0.0 and t["cosine"] == 1.0
+    assert rep.sides["candidate"]["profile"] == "imx8mp"
+    assert rep.sides["candidate"]["power_w"] != rep.sides["reference"]["power_w"]
+
+
+def test_inputs_dir_and_thresholds(models, tmp_path):
+    _, ref, i8, _ = models
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        np.save(tmp_path / f"{i}.npy", rng.standard_normal((2, 64)).astype(np.float32))
+    rep = edgert.evaluate(ref, i8, data=tmp_path, thresholds={"graph": {"sqnr_db": 200}})
+    assert rep.metrics["samples"] == 3
+    assert not rep.passed and [f.metric for f in rep.failures] == ["sqnr_db"]
+    assert rep.first_divergence == "h1"
+
+
+def test_cli_exit_codes_json_png(models, tmp_path, capsys):
+    _, ref, i8, bad = models
+    j, png = tmp_path / "r.json", tmp_path / "r.png"
+    args = ["eval", "--reference", str(ref), "--random", "8", "-q", "--gate"]
+    assert main([*args, "--candidate", str(i8), "--json", str(j), "--plot", str(png)]) == 0
+    rep = json.loads(j.read_text())
+    assert rep["schema"] == "edgert.eval/1" and rep["kind"] == "graph" and rep["passed"] is True
+    assert rep["failures"] == [] and rep["first_divergence"] is None
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main([*args, "--candidate", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "gate failed" in err and "h4" in err
+    assert main([*args[:-1], "--candidate", str(bad)]) == 0  # no --gate: report only
+    assert main([*args, "--candidate", str(bad), "--threshold", "nonsense=1"]) == 1

@@ -1,0 +1,150 @@
+"""edgert.eval on tiny random llama GGUFs: F32 vs its q4_0 re-quantization, a scrambled layer, identical models,
+thread counts, the CLI gate, JSON schema and PNG."""
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+import edgert
+from edgert.cli import main
+from edgert.eval import metrics as M
+from edgert.quantize_model import quantize_gguf
+from llama_tiny import write_tiny_llama
+
+CTX = 64
+LOOSE = {"ppl_delta_pct": 25.0, "kl_mean": 0.5, "kl_p99": 4.0, "top1_pct": 60.0, "rms_dp_pct": 30.0}
+
+
+def _text(n_words=900, seed=0) -> str:
+    rng = random.Random(seed)
+    words = ("the edge runtime reads a model and then quantizes its weights so that a small board can run "
+             "it with less memory while the reference stays in float").split()
+    return " ".join(rng.choice(words) for _ in range(n_words))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval_llm")
+    f32 = d / "f32.gguf"
+    write_tiny_llama(f32, fmt="f32", embd_fmt="f32", seed=1)
+    q40 = d / "q4_0.gguf"
+    quantize_gguf(f32, q40, "q4_0")
+    return d, f32, q40
+
+
+def _scrambled(src, dst, layer=1):
+    """src with layer `layer`'s ffn_down rows permuted (same values, wrong places)."""
+    from edgert.formats.gguf import open_gguf
+
+    w = gguf.GGUFWriter(str(dst), "llama")
+    r = gguf.GGUFReader(str(src))
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    g = open_gguf(src)
+    rng = np.random.default_rng(0)
+    for name in g.tensors:
+        a = np.array(g.tensor_array(name))
+        if name == f"blk.{layer}.ffn_down.weight":
+            a = a[rng.permutation(a.shape[0])]
+        w.add_tensor(name, a)
+    g.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_metrics_definitions():
+    ref = np.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    st = M.token_stats(ref, ref, [0, 1])
+    assert np.allclose(st["kl"], 0) and st["same_top"].all() and np.allclose(st["dp_top"], 0)
+    cand = np.array([[0.0, 2.0, -1.0], [0.0, 0.0, 0.0]])
+    st = M.token_stats(ref, cand, [0, 1])
+    p = np.exp(ref[0]) / np.exp(ref[0]).sum()
+    q = np.exp(cand[0]) / np.exp(cand[0]).sum()
+    assert st["kl"][0] == pytest.approx(float((p * np.log(p / q)).sum()))
+    assert not st["same_top"][0]
+    assert st["dp_top"][0] == pytest.approx(q[0] - p[0])
+    assert M.perplexity(np.array([math.log(4.0)] * 3)) == pytest.approx(4.0)
+    x = np.arange(1, 9, dtype=np.float32)
+    assert M.sqnr_db(x, x) == math.inf and M.cosine_similarity(x, -x) == pytest.approx(-1)
+    assert M.sqnr_db(x, x * 1.1) == pytest.approx(20.0)
+    assert M.relative_l2(x, x * 1.1) == pytest.approx(0.1)
+
+
+def test_f32_vs_q4_0_drifts_but_passes_loose_thresholds(models):
+    _, f32, q40 = models
+    rep = edgert.evaluate(f32, q40, _text(), thresholds=LOOSE, ctx=CTX)
+    m = rep.metrics
+    assert rep.passed, rep.failures
+    assert m["kl_mean"] > 0 and m["kl_max"] >= m["kl_p99"] >= m["kl_median"] > 0
+    # perplexity close: mean NLL within 3% (random models have very large perplexities)
+    assert abs(math.log(m["ppl_candidate"]) / math.log(m["ppl_reference"]) - 1) < 0.03
+    assert 50 < m["top1_pct"] < 100
+    assert m["chunks"] >= 8 and m["tokens_scored"] == m["chunks"] * (CTX // 2 - 1)
+    assert "cheaper" in rep.verdict or "costlier" in rep.verdict
+    assert rep.sides["candidate"]["weight_bytes"] < rep.sides["reference"]["weight_bytes"]
+
+
+def test_scrambled_layer_fails_and_is_named(models, tmp_path):
+    _, f32, _ = models
+    bad = tmp_path / "bad.gguf"
+    _scrambled(f32, bad, layer=1)
+    rep = edgert.evaluate(f32, bad, _text(), thresholds=LOOSE, ctx=CTX)
+    assert not rep.passed
+    assert {f.metric for f in rep.failures} & {"kl_mean", "top1_pct", "ppl_delta_pct"}
+    assert rep.first_divergence == "blk.1.ffn_down.weight"
+
+
+def test_identical_models_zero_drift_and_threads(models):
+    _, f32, _ = models
+    rep = edgert.evaluate(f32, f"{f32}@threads=1", _text(400), ctx=CTX, reference_threads=2)
+    m = rep.metrics
+    assert rep.passed
+    assert m["kl_max"] == pytest.approx(0.0, abs=1e-9) and m["top1_pct"] == 100.0
+    assert m["ppl_delta_pct"] == pytest.approx(0.0, abs=1e-6)
+    assert m["greedy_match_mean"] == m["greedy_tokens"]
+    assert rep.candidate.threads == 1 and rep.reference.threads == 2
+    assert rep.first_divergence is None
+
+
+def test_cli_gate_json_plot(models, tmp_path, capsys):
+    _, f32, q40 = models
+    text = tmp_path / "text.txt"
+    text.write_text(_text())
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    strict = ["--threshold", "kl_mean=0.000001"]
+    rc = main(["eval", "--reference", str(f32), "--candidate", str(q40), "--text", str(text), "--ctx", str(CTX),
+               "--chunks", "4", "--gate", "--json", str(out_json), "--plot", str(out_png), "-q", *strict])
+    assert rc == 1
+    assert "kl_mean" in capsys.readouterr().err
+    rep = json.loads(out_json.read_text())
+    assert rep["schema"] == "edgert.eval/1" and rep["kind"] == "llm" and rep["passed"] is False
+    assert {"metrics", "thresholds", "failures", "sides", "tensors", "verdict"} <= set(rep)
+    assert rep["failures"][0]["metric"] == "kl_mean" and rep["metrics"]["chunks"] == 4
+    assert {"prefill_tok_s", "decode_tok_s", "energy_wh_per_1m_tokens", "cost_usd_per_1m_tokens"} <= \
+        set(rep["sides"]["candidate"])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    toml = tmp_path / "t.toml"
+    toml.write_text("[llm]\n" + "".join(f"{k} = {v}\n" for k, v in LOOSE.items()))
+    rc = main(["eval", "--reference", str(f32), "--candidate", str(q40), "--text", str(text), "--ctx", str(CTX),
+               "--chunks", "4", "--gate", "--thresholds", str(toml), "-q"])
+    assert rc == 0
+    assert "candidate:" in capsys.readouterr().out
+
+
+def test_errors(models, tmp_path):
+    _, f32, q40 = models
+    with pytest.raises(edgert.InvalidArgumentError, match="fewer than one window"):
+        edgert.evaluate(f32, q40, "short", ctx=CTX)
+    with pytest.raises(edgert.InvalidArgumentError, match="unknown llm threshold"):
+        edgert.evaluate(f32, q40, _text(), thresholds={"kl_meen": 1})
+    with pytest.raises(edgert.InvalidArgumentError, match="not found"):
+        edgert.evaluate(tmp_path / "nope.gguf", q40, _text())

@@ -1,0 +1,104 @@
+"""Re-quantized GGUF files (metadata, tokenizer, tensor types, bytes, logits) and ONNX quantization modes."""
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+import edgert
+from edgert.cli import main
+from edgert.formats.gguf import open_gguf
+from edgert.quantize_model import quantize_gguf
+from llama_tiny import write_tiny_llama
+
+IDS = [5, 70, 200, 33, 101, 9, 250, 17, 64, 128, 3, 99]
+
+
+@pytest.fixture(scope="module")
+def f32(tmp_path_factory):
+    p = tmp_path_factory.mktemp("requant") / "f32.gguf"
+    write_tiny_llama(p, fmt="f32", embd_fmt="f32", seed=3)
+    return p
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+def test_requantized_gguf_round_trips(f32, tmp_path, fmt):
+    out = tmp_path / f"{fmt}.gguf"
+    summary = quantize_gguf(f32, out, fmt)
+    src, dst = gguf.GGUFReader(str(f32)), gguf.GGUFReader(str(out))
+    # every metadata key and the tokenizer survive; only the file type changes
+    for key, field in src.fields.items():
+        if key.startswith("GGUF.") or key == "general.file_type":
+            continue
+        got = dst.fields[key].contents()
+        assert got == field.contents(), key
+    assert dst.fields["general.file_type"].contents() == {"q8_0": 7, "q4_0": 2, "q4_1": 3}[fmt]
+    types = {t.name: t.tensor_type.name for t in dst.tensors}
+    assert types["output_norm.weight"] == "F32" and types["blk.0.attn_norm.weight"] == "F32"
+    assert types["blk.1.ffn_down.weight"] == fmt.upper() and types["token_embd.weight"] == fmt.upper()
+    assert summary["requantized"] == sum(1 for t in types.values() if t != "F32")
+    # the bytes equal edgert.quantize of the source in memory, and so do the logits
+    g_src, g_dst = open_gguf(f32), open_gguf(out)
+    for name in ("blk.0.attn_q.weight", "token_embd.weight"):
+        mem = edgert.quantize(np.ascontiguousarray(g_src.tensor_array(name), dtype=np.float32), fmt)
+        assert np.array_equal(g_dst.tensor_bytes(name).reshape(mem.raw.shape), mem.raw)
+    g_src.close()
+    g_dst.close()
+    if fmt == "q4_0":  # write_tiny_llama quantizes the same float weights with gguf's own quantizer
+        ref = tmp_path / "direct.gguf"
+        write_tiny_llama(ref, fmt="q4_0", embd_fmt="q4_0", seed=3)
+        a = edgert.LLM(str(out), n_ctx=32, progress=False).logits(IDS)
+        b = edgert.LLM(str(ref), n_ctx=32, progress=False).logits(IDS)
+        assert np.array_equal(a, b)
+
+
+def test_requantize_from_quantized_and_keep_embeddings(tmp_path):
+    src = tmp_path / "q8.gguf"
+    write_tiny_llama(src, fmt="q8_0", embd_fmt="q8_0", seed=4)
+    out = tmp_path / "q4_1.gguf"
+    quantize_gguf(src, out, "q4_1", keep_embeddings=True)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.ffn_up.weight"] == "Q4_1"
+    g_src, g_dst = open_gguf(src), open_gguf(out)
+    assert np.array_equal(g_src.tensor_bytes("token_embd.weight"), g_dst.tensor_bytes("token_embd.weight"))
+    mem = edgert.quantize(g_src.qtensor("blk.0.ffn_up.weight").dequantize(), "q4_1")
+    assert np.array_equal(g_dst.qtensor("blk.0.ffn_up.weight").raw, mem.raw)
+    g_src.close()
+    g_dst.close()
+    llm = edgert.LLM(str(out), n_ctx=32, progress=False)
+    assert np.isfinite(llm.logits(IDS)).all()
+
+
+def test_cli_quantize_gguf_and_errors(f32, tmp_path, capsys):
+    out = tmp_path / "cli.gguf"
+    assert main(["quantize", str(f32), str(out), "q8_0", "-q"]) == 0
+    assert "re-quantized to q8_0" in capsys.readouterr().out
+    assert main(["quantize", str(f32), str(out), "int4"]) == 1
+    assert "quantizes to q8_0" in capsys.readouterr().err
+    assert main(["quantize", str(f32), str(f32), "q4_0"]) == 1
+
+
+def test_onnx_modes(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx_models import mlp
+
+    src = tmp_path / "mlp.onnx"
+    onnx.save(mlp(batch=1, d_in=64, d_hidden=64, d_out=8), src)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        np.savez(calib / f"s{i}.npz", x=rng.standard_normal((1, 64)).astype(np.float32))
+    assert main(["quantize", str(src), str(tmp_path / "dyn.onnx"), "int8-dynamic", "-q"]) == 0
+    assert main(["quantize", str(src), "-o", str(tmp_path / "st.onnx"), "--to", "int8-static",
+                 "--calibration", str(calib), "-q"]) == 0
+    ops = {n.op_type for n in onnx.load(tmp_path / "dyn.onnx").graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(tmp_path / "st.onnx").graph.node}
+    assert main(["quantize", str(src), str(tmp_path / "st2.onnx"), "int8-static"]) == 1  # no calibration
+    try:
+        import onnx_ir  # noqa: F401  (onnxruntime's MatMulNBits quantizer needs it)
+    except ImportError:
+        return
+    assert main(["quantize", str(src), str(tmp_path / "i4.onnx"), "int4", "-q"]) == 0
+    assert "MatMulNBits" in {n.op_type for n in onnx.load(tmp_path / "i4.onnx").graph.node}
