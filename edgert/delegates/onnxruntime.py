@@ -84,14 +84,18 @@ class OnnxruntimePartition(CompiledPartition):
             raise DeviceError(f"onnxruntime could not load the partition ({', '.join(self.providers)}): {exc}") from exc
         self._binding = self.session.io_binding()
         self._bound: dict[str, tuple] = {}
+        self._same: dict[str, np.ndarray | None] = {}  # name -> the array object bound (identity fast path)
 
     def _key(self, a: np.ndarray) -> tuple:
         return (a.ctypes.data, a.shape, a.dtype.str)
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         b = self._binding
+        same = self._same
         for name in self.inputs:
             a = inputs[name]
+            if same.get(name) is a:  # the very buffer bound last run (the session's pool): nothing to do
+                continue
             key = self._key(a)
             if self._bound.get(name) != key:
                 if not a.flags.c_contiguous:
@@ -99,16 +103,26 @@ class OnnxruntimePartition(CompiledPartition):
                     key = None  # a temporary: bind again next time
                 b.bind_cpu_input(name, a)
                 self._bound[name] = key
+            same[name] = a if key is not None else None
         for name in self.outputs:
             a = outputs[name]
+            if same.get("\0" + name) is a:
+                continue
             key = self._key(a)
             if self._bound.get("\0" + name) != key:
                 b.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
                 self._bound["\0" + name] = key
+            same["\0" + name] = a
         try:
-            self.session.run_with_iobinding(b)
+            # the pybind call itself: the Python wrapper adds ~10 us of checks per run (measured on a 0.1 ms model)
+            raw, iob = getattr(self.session, "_sess", None), getattr(b, "_iobinding", None)
+            if raw is not None and iob is not None:
+                raw.run_with_iobinding(iob, None)
+            else:
+                self.session.run_with_iobinding(b)
         except Exception as exc:
             self._bound.clear()  # the binding may be half-updated
+            self._same.clear()
             self._binding = self.session.io_binding()
             raise DeviceError(f"onnxruntime failed running a partition ({', '.join(self.providers)}): {exc}") from exc
 
