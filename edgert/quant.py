@@ -141,7 +141,10 @@ def matmul(x: np.ndarray, w: QTensor, threads: int | None = None) -> np.ndarray:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}")
         nth = threads
-    y = np.empty((m, n), dtype=np.float32)
+    # 64-byte aligned: full output rows then leave the kernels as whole cache lines (non-temporal stores, no reads)
+    buf = np.empty(m * n * 4 + 64, dtype=np.uint8)
+    start = -buf.ctypes.data % 64
+    y = buf[start : start + m * n * 4].view(np.float32).reshape(m, n)
     ss = lib.et_matmul_scratch_size(w.type_id, m, k)
     scratch = np.empty(max(ss, 1), dtype=np.uint8)
     native.check(

@@ -162,6 +162,21 @@ def test_result_does_not_depend_on_thread_count(isa, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_rows_do_not_depend_on_the_batch(isa, fmt):
+    """Row i of an M-row product is bit for bit the 1-row product of x[i]: whatever kernel path M picks (GEMV, packed
+    tiles, AMX), however rows share a tile, N tails, K tails and thread splits. The LLM's output must not depend on
+    how a prompt was batched."""
+    for k in ((96, 4128) if fmt in BLOCK_FORMATS else (17, 4131)):
+        x, w = make_case(fmt, 75, 64, k, ("batch",))
+        for threads in (1, 2):
+            rows = [edgert.matmul(x[i : i + 1], w, threads=threads) for i in range(64)]
+            for m in (2, 5, 16, 17, 64):
+                y = edgert.matmul(np.ascontiguousarray(x[:m]), w, threads=threads)
+                for i in range(m):
+                    assert np.array_equal(y[i], rows[i][0]), f"{isa} {fmt} k={k} m={m} threads={threads}: row {i}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_zero_inputs_give_exact_zeros(isa, fmt):
     x, w = make_case(fmt, 33, 3, 96)
     np.testing.assert_array_equal(edgert.matmul(np.zeros_like(x), w), np.zeros((3, 33), np.float32))

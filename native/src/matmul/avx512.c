@@ -65,8 +65,14 @@
 #define ET_TILE_M 8 /* activation rows whose float accumulators stay in registers */
 #endif
 #define ET_SEG 32       /* blocks per packed segment */
-#ifndef ET_PF_TILES
-#define ET_PF_TILES 1 /* GEMV prefetch distance, in 4-row tiles */
+#ifndef ET_EXP
+#define ET_EXP 0
+#endif
+#ifndef ET_PF_BYTES
+#define ET_PF_BYTES 16384 /* GEMV prefetch distance, at least one 16-row tile */
+#endif
+#ifndef ET_PF_HINT
+#define ET_PF_HINT _MM_HINT_T1
 #endif
 #define ET_GROUP_M 64   /* activation rows whose per-block terms are precomputed together (stack: 16 KiB) */
 
@@ -130,46 +136,50 @@ typedef struct {
     __m512 m; /* q4_1: weight min of each row */
 } pk_block;
 
-/* 16 rows x 16 bytes -> p[t] lane r = bytes 4t..4t+3 of row r */
-ET_INLINE void transpose_16x16(const uint8_t *const rows[16], size_t off, __m512i p[4]) {
+/* row r of a tile that holds nr valid rows: rows past nr repeat the last valid one (their results are never
+ * stored). With nr the constant 16 this is base + r * ws, which the compiler keeps in addressing modes. */
+ET_INLINE const uint8_t *tile_row(const uint8_t *base, size_t ws, int nr, int r) {
+    return base + (size_t)(r < nr ? r : nr - 1) * ws;
+}
+
+/* 16 rows x 16 bytes at p + r * ws -> q[t] lane r = bytes 4t..4t+3 of row r */
+ET_INLINE void transpose_16x16(const uint8_t *p, size_t ws, int nr, __m512i q[4]) {
     const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
     __m512i z[4];
     for (int i = 0; i < 4; i++) {
-        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(rows[4 * i] + off)));
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rows[4 * i + 1] + off)), 1);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rows[4 * i + 2] + off)), 2);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(rows[4 * i + 3] + off)), 3);
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)tile_row(p, ws, nr, 4 * i)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)tile_row(p, ws, nr, 4 * i + 1)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)tile_row(p, ws, nr, 4 * i + 2)), 2);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)tile_row(p, ws, nr, 4 * i + 3)), 3);
         z[i] = _mm512_permutexvar_epi32(idx, v); /* 128-bit lane t = dword t of its 4 rows */
     }
     const __m512i t0 = _mm512_shuffle_i32x4(z[0], z[1], _MM_SHUFFLE(1, 0, 1, 0));
     const __m512i t1 = _mm512_shuffle_i32x4(z[0], z[1], _MM_SHUFFLE(3, 2, 3, 2));
     const __m512i t2 = _mm512_shuffle_i32x4(z[2], z[3], _MM_SHUFFLE(1, 0, 1, 0));
     const __m512i t3 = _mm512_shuffle_i32x4(z[2], z[3], _MM_SHUFFLE(3, 2, 3, 2));
-    p[0] = _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(2, 0, 2, 0));
-    p[1] = _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(3, 1, 3, 1));
-    p[2] = _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(2, 0, 2, 0));
-    p[3] = _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(3, 1, 3, 1));
+    q[0] = _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(2, 0, 2, 0));
+    q[1] = _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(3, 1, 3, 1));
+    q[2] = _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(2, 0, 2, 0));
+    q[3] = _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(3, 1, 3, 1));
 }
 
-/* where a tile's 16 rows start (rows past nr repeat the last valid row; their results are never stored), and the
- * byte offset of each row from the first, for the scale gather */
-ET_INLINE __m512i tile_rows(const uint8_t *w, size_t ws, int nr, const uint8_t *rows[16]) {
-    for (int r = 0; r < 16; r++) rows[r] = w + (size_t)(r < nr ? r : nr - 1) * ws;
+/* byte offset of each of a tile's rows from the first, for the scale gather */
+ET_INLINE __m512i tile_row_offsets(size_t ws, int nr) {
     const __m512i roff = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                             _mm512_set1_epi32((int)ws));
     return _mm512_min_epi32(roff, _mm512_set1_epi32((int)ws * (nr - 1)));
 }
 
-/* block b of 16 rows -> pk */
-ET_INLINE void pack_block(int fmt, const uint8_t *const rows[16], __m512i rofs, int64_t b, pk_block *pk) {
-    const size_t bs = block_bytes(fmt);
-    const size_t off = (size_t)b * bs + (fmt == FMT_Q4_1 ? 4 : 2);
+/* block b of the 16 rows at w, ws bytes apart -> pk */
+ET_INLINE void pack_block(int fmt, const uint8_t *w, size_t ws, int nr, __m512i rofs, int64_t b, pk_block *pk) {
+    const uint8_t *blk = w + (size_t)b * block_bytes(fmt);
+    const uint8_t *qs = blk + (fmt == FMT_Q4_1 ? 4 : 2);
     __m512i p[4];
-    transpose_16x16(rows, off, p);
+    transpose_16x16(qs, ws, nr, p);
     if (fmt == FMT_Q8_0) {
         const __m512i flip = _mm512_set1_epi8((char)0x80);
         for (int t = 0; t < 4; t++) pk->q[t] = _mm512_xor_si512(p[t], flip);
-        transpose_16x16(rows, off + 16, p);
+        transpose_16x16(qs + 16, ws, nr, p);
         for (int t = 0; t < 4; t++) pk->q[t + 4] = _mm512_xor_si512(p[t], flip);
     } else {
         const __m512i m4 = _mm512_set1_epi8(0x0F);
@@ -179,16 +189,19 @@ ET_INLINE void pack_block(int fmt, const uint8_t *const rows[16], __m512i rofs, 
         }
     }
     /* the 16 rows' scale (and q4_1 min) of a block: one gather of the block's first dword per row */
-    const __m512i dm = _mm512_i32gather_epi32(rofs, rows[0] + (size_t)b * bs, 1);
+#if ET_EXP == 1
+    const __m512i dm = _mm512_add_epi32(rofs, _mm512_set1_epi32(load_i32(blk)));
+#else
+    const __m512i dm = _mm512_i32gather_epi32(rofs, blk, 1);
+#endif
     pk->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
     pk->m = fmt == FMT_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16))) : _mm512_setzero_ps();
 }
 
 /* blocks [b0, b0+nbs) of 16 rows */
 ET_INLINE void pack_tile(int fmt, const uint8_t *w, size_t ws, int nr, int64_t b0, int nbs, pk_block *pk) {
-    const uint8_t *rows[16];
-    const __m512i rofs = tile_rows(w, ws, nr, rows);
-    for (int b = 0; b < nbs; b++) pack_block(fmt, rows, rofs, b0 + b, &pk[b]);
+    const __m512i rofs = tile_row_offsets(ws, nr);
+    for (int b = 0; b < nbs; b++) pack_block(fmt, w, ws, nr, rofs, b0 + b, &pk[b]);
 }
 
 /* the integer block dot of 16 packed rows with one activation block; off = block_offset() removes the weight offset */
@@ -335,18 +348,19 @@ ET_INLINE void amx_tile_cols(int fmt, const pk_block *pk, int nbs, int64_t nb, c
 ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws, int nr, const uint8_t *x, size_t xs,
                          float *y, size_t ldy, __mmask16 rmask) {
     const size_t bs = block_bytes(fmt);
-    const uint8_t *rows[16];
-    const __m512i rofs = tile_rows(w, ws, nr, rows);
+    const __m512i rofs = tile_row_offsets(ws, nr);
     const block_q8_s *xc[ET_PACK_MIN_M];
     __m512 acc[ET_PACK_MIN_M];
     for (int c = 0; c < C; c++) xc[c] = (const block_q8_s *)(x + (size_t)c * xs), acc[c] = _mm512_setzero_ps();
-    /* the tile reads 16 rows side by side, more streams than the hardware prefetcher follows: fetch the next tiles'
-     * bytes (contiguous, 16 * ws of them) in step with this one */
-    const uint8_t *pf = w + (size_t)ET_PF_TILES * 16 * ws;
+    /* the tile reads 16 rows side by side, more streams than the hardware prefetcher follows: fetch the bytes
+     * (contiguous) at least a tile ahead, in step with this one */
+    const size_t tile_bytes = 16 * ws;
+    const uint8_t *pf = w + (tile_bytes > ET_PF_BYTES ? tile_bytes : ET_PF_BYTES);
     for (int64_t b = 0; b < nb; b++) {
-        for (size_t o = 0; o < 16 * bs; o += 64) _mm_prefetch((const char *)(pf + (size_t)b * 16 * bs + o), _MM_HINT_T0);
+        if (ET_PF_BYTES)
+            for (size_t o = 0; o < 16 * bs; o += 64) _mm_prefetch((const char *)(pf + (size_t)b * 16 * bs + o), ET_PF_HINT);
         pk_block pk;
-        pack_block(fmt, rows, rofs, b, &pk);
+        pack_block(fmt, w, ws, nr, rofs, b, &pk);
 #pragma GCC unroll 4
         for (int c = 0; c < C; c++) {
             const block_q8_s *xb = xc[c] + b;
@@ -354,23 +368,27 @@ ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws
                                  xb->d * (float)xb->sum);
         }
     }
-    store_tile(C, y, ldy, rmask, 1, acc);
+    store_tile(C, y, ldy, rmask, 0, acc); /* a GEMV's few output lines are read next: keep them in the cache */
 }
 
 ET_INLINE void gemm_gemv(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x, size_t xs,
                          int64_t m, float *y, size_t ldy) {
     const int64_t nb = k / ET_QK;
-    for (int64_t j = 0; j < n; j += ET_TILE_N) {
-        const int nr = n - j < ET_TILE_N ? (int)(n - j) : ET_TILE_N;
-        const __mmask16 rmask = (__mmask16)((1u << nr) - 1);
+    int64_t j = 0;
+    for (; j + ET_TILE_N <= n; j += ET_TILE_N) { /* nr the constant 16: row addresses fold into addressing modes */
         const uint8_t *wj = w + (size_t)j * ws;
         switch (m) { /* constant C so the accumulators stay in registers */
-        case 1: gemv_tile(fmt, 1, nb, wj, ws, nr, x, xs, y + j, ldy, rmask); break;
-        case 2: gemv_tile(fmt, 2, nb, wj, ws, nr, x, xs, y + j, ldy, rmask); break;
-        default: gemv_tile(fmt, 3, nb, wj, ws, nr, x, xs, y + j, ldy, rmask); break;
+        case 1: gemv_tile(fmt, 1, nb, wj, ws, ET_TILE_N, x, xs, y + j, ldy, 0xFFFF); break;
+        case 2: gemv_tile(fmt, 2, nb, wj, ws, ET_TILE_N, x, xs, y + j, ldy, 0xFFFF); break;
+        default: gemv_tile(fmt, 3, nb, wj, ws, ET_TILE_N, x, xs, y + j, ldy, 0xFFFF); break;
         }
     }
-    _mm_sfence(); /* order the streaming stores before the pool's completion flag */
+    if (j < n) {
+        const int nr = (int)(n - j);
+        const __mmask16 rmask = (__mmask16)((1u << nr) - 1);
+        for (int64_t i = 0; i < m; i++) /* the same per-row arithmetic, one activation row at a time */
+            gemv_tile(fmt, 1, nb, w + (size_t)j * ws, ws, nr, x + (size_t)i * xs, xs, y + (size_t)i * ldy + j, ldy, rmask);
+    }
 }
 
 ET_INLINE void gemm_packed(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x, size_t xs,
