@@ -429,9 +429,12 @@ def _resolve_graph(model, dims: Mapping[str, int] | None) -> Graph:
             graph = graph.bind(dims)
         return graph
     from .formats.onnx import load_onnx
+    from .formats.tflite import is_tflite_bytes, is_tflite_path, load_tflite
 
     if hasattr(model, "__fspath__"):
         model = str(model)
+    if is_tflite_path(model) or (isinstance(model, (bytes, bytearray)) and is_tflite_bytes(model[:8])):
+        return load_tflite(model, dims=dict(dims) if dims else None)
     return load_onnx(model, dims=dict(dims) if dims else None)
 
 

@@ -421,6 +421,12 @@ def _node_attrs(op: dict, tensors: list[dict]) -> dict:
     attrs: dict[str, Any] = {"tflite_op": op["op"], "tflite_options": o}
     if op["op"] == "CUSTOM":
         attrs["custom_code"] = op["custom"]
+    # constant int32/int64 inputs after the first are parameters of the op, not data an accelerator must carry:
+    # the int32 bias of a quantized FULLY_CONNECTED / CONV_2D (folded into the int8 op), RESHAPE's shape, axes, pads
+    params = [k for k, i in enumerate(op["inputs"]) if k >= 1 and i >= 0 and tensors[i]["data"] is not None
+              and tensors[i]["dtype"] in ("int32", "int64")]
+    if params:
+        attrs["param_inputs"] = params
     if "FusedActivationFunction" in o:
         attrs["fused_activation"] = int(o["FusedActivationFunction"])
     if op["op"] in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):

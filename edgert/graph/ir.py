@@ -142,6 +142,8 @@ class Node:
         skip = QUANT_PARAM_INPUTS.get((_norm_domain(self.domain), self.op_type), frozenset())
         if self.op_type == "QLinearConcat" and _norm_domain(self.domain) == "com.microsoft":
             skip = frozenset({0, 1} | {i for i in range(2, len(self.inputs)) if (i - 2) % 3})
+        if "param_inputs" in self.attrs:  # a loader's list (TFLite: a quantized op's int32 bias, shape/axis args)
+            skip = skip | frozenset(self.attrs["param_inputs"])
         return [n for i, n in enumerate(self.inputs) if n and i not in skip]
 
     def all_inputs(self) -> list[str]:

@@ -101,6 +101,18 @@ size_t et_llama_state_bytes(const et_llama *model);
 int et_llama_forward(et_llama *model, const int32_t *tokens, int32_t n, int32_t pos, float *logits,
                      int32_t logits_all, int32_t nthreads);
 
+/* INT8 fully connected (TFLite FULLY_CONNECTED arithmetic, per-tensor or per-channel): w (n, k) int8 packed once by
+ * et_fc_s8_pack into et_fc_s8_packed_size bytes (64-byte aligned); then y (m, n) int8 =
+ * clamp(rint(float(sum_k (x - x_zp) w + bias) * scale[j]) + y_zp, lo, hi). bias may be NULL; scale holds n floats
+ * (input_scale * w_scale[j] / output_scale). scratch: et_fc_s8_scratch_size bytes, 64-byte aligned.
+ * nthreads <= 0: the core's thread count. */
+size_t et_fc_s8_packed_size(int64_t n, int64_t k);
+size_t et_fc_s8_scratch_size(int64_t m, int64_t k, int64_t n);
+int et_fc_s8_pack(const int8_t *w, int64_t n, int64_t k, void *packed);
+int et_fc_s8(const int8_t *x, int64_t m, int64_t k, const void *packed, int64_t n, const int32_t *bias,
+             int32_t x_zp, const float *scale, int32_t y_zp, int32_t lo, int32_t hi, int8_t *y, void *scratch,
+             int nthreads);
+
 /* streaming read of n bytes over nthreads threads (a bandwidth probe); returns a checksum in *out */
 int et_stream_read(const void *buf, size_t n, int nthreads, uint64_t *out);
 /* cdef-end */

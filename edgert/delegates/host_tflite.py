@@ -1,0 +1,202 @@
+"""The host delegate's TFLite path: the edgert C core for INT8 ``FULLY_CONNECTED`` (per-tensor and per-channel
+weights), LiteRT's CPU interpreter (XNNPACK) for everything else.
+
+The C core's ``et_fc_s8`` does TFLite's integer arithmetic: int32 accumulation of ``(x - x_zp) * w`` plus the int32
+bias, requantized in fp32 (``rint(acc * input_scale * w_scale[j] / output_scale) + y_zp``, clamped to the fused
+activation's range) — XNNPACK's requantization, which LiteRT runs by default. Budget: ``FC_INT8_LSB_BUDGET`` int8
+steps against LiteRT (0 on every shape tested; the budget names the one-step rounding difference a reference kernel
+with gemmlowp-style double rounding could show). Weights are packed once at compile.
+
+A partition is cut, in topological order, into C-core steps and LiteRT segments (each exported as its own .tflite);
+a partition without a qualifying FULLY_CONNECTED is one LiteRT interpreter whose tensor memory the session binds.
+This module must not import the session.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import DeviceError
+from .base import CompiledPartition
+from .litert import LiteRTPartition
+
+FC_INT8_LSB_BUDGET = 1   # int8 steps between the C core and LiteRT on an INT8 FULLY_CONNECTED output
+_ACT_NONE, _ACT_RELU, _ACT_RELU_N1_TO_1, _ACT_RELU6 = 0, 1, 2, 3
+
+
+def _aligned(nbytes: int, dtype=np.uint8) -> np.ndarray:
+    raw = np.zeros(nbytes + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + nbytes].view(dtype)
+
+
+class Int8FullyConnected:
+    """One C-core step: ``y[m, n] = requant(x[m, k] @ w[n, k].T + bias)``, int8 in and out."""
+
+    kind = "FULLY_CONNECTED"
+
+    def __init__(self, node: str, x: str, out: str, w: np.ndarray, bias: np.ndarray | None, x_zp: int,
+                 scale: np.ndarray, y_zp: int, lo: int, hi: int, threads: int | None = None):
+        from ..native import check, ffi, lib
+
+        self.nodes, self.x, self.out = [node], x, out
+        self.n, self.k = (int(d) for d in w.shape)
+        self.x_zp, self.y_zp, self.lo, self.hi = int(x_zp), int(y_zp), int(lo), int(hi)
+        self.scale = np.ascontiguousarray(scale, np.float32)
+        self.bias = None if bias is None else np.ascontiguousarray(bias, np.int32)
+        self.threads = int(threads or 0)
+        self.packed = _aligned(int(lib.et_fc_s8_packed_size(self.n, self.k)))
+        wc = np.ascontiguousarray(w, np.int8)
+        check(lib.et_fc_s8_pack(ffi.cast("const int8_t *", wc.ctypes.data), self.n, self.k,
+                                ffi.cast("void *", self.packed.ctypes.data)))
+        self._scratch = None
+        self._m = -1
+
+    def compute_into(self, x: np.ndarray, y: np.ndarray) -> None:
+        from ..native import check, ffi, lib
+
+        if x.dtype != np.int8 or x.shape[-1] != self.k or y.dtype != np.int8 or y.size != x.size // self.k * self.n:
+            raise DeviceError(f"FULLY_CONNECTED {self.out!r}: expected int8 [..., {self.k}] -> [..., {self.n}], got "
+                              f"{x.dtype} {x.shape} -> {y.dtype} {y.shape}")
+        m = x.size // self.k
+        if m != self._m:
+            self._scratch = _aligned(int(lib.et_fc_s8_scratch_size(m, self.k, self.n)))
+            self._m = m
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        if not y.flags.c_contiguous:
+            raise DeviceError(f"FULLY_CONNECTED {self.out!r}: output buffer must be contiguous")
+        check(lib.et_fc_s8(ffi.cast("const int8_t *", x.ctypes.data), m, self.k,
+                           ffi.cast("const void *", self.packed.ctypes.data), self.n,
+                           ffi.NULL if self.bias is None else ffi.cast("const int32_t *", self.bias.ctypes.data),
+                           self.x_zp, ffi.cast("const float *", self.scale.ctypes.data), self.y_zp, self.lo, self.hi,
+                           ffi.cast("int8_t *", y.ctypes.data), ffi.cast("void *", self._scratch.ctypes.data),
+                           self.threads))
+
+
+def _act_range(act: int, s: float, zp: int) -> tuple[int, int] | None:
+    def q(v):
+        return int(np.clip(zp + round(v / s), -128, 127))
+    if act == _ACT_NONE:
+        return -128, 127
+    if act == _ACT_RELU:
+        return max(-128, q(0.0)), 127
+    if act == _ACT_RELU6:
+        return max(-128, q(0.0)), min(127, q(6.0))
+    if act == _ACT_RELU_N1_TO_1:
+        return max(-128, q(-1.0)), min(127, q(1.0))
+    return None
+
+
+def int8_fc_step(graph, node, threads: int | None = None) -> Int8FullyConnected | None:
+    """The C-core step for ``node`` if it is an INT8 FULLY_CONNECTED the core takes (int8 activations and output,
+    constant 2-D int8 weights with zero points 0, optional constant int32 bias, a plain or ReLU-family activation,
+    default weights format), else None."""
+    if node.attrs.get("tflite_op") != "FULLY_CONNECTED" or len(node.inputs) < 2 or len(node.outputs) != 1:
+        return None
+    opts = node.attrs.get("tflite_options", {})
+    if int(opts.get("WeightsFormat", 0)) != 0 or int(opts.get("AsymmetricQuantizeInputs", 0)):
+        return None
+    t = graph.tensors
+    x, w, y = t.get(node.inputs[0]), t.get(node.inputs[1]), t.get(node.outputs[0])
+    b = t.get(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
+    if x is None or w is None or y is None or x.dtype != "int8" or w.dtype != "int8" or y.dtype != "int8":
+        return None
+    if w.initializer is None or w.initializer.ndim != 2 or x.quant is None or w.quant is None or y.quant is None:
+        return None
+    if b is not None and (b.initializer is None or b.dtype != "int32" or b.initializer.size != w.initializer.shape[0]):
+        return None
+    n, k = w.initializer.shape
+    xs, ws, ys = (np.asarray(q.quant.scale, np.float32).reshape(-1) for q in (x, w, y))
+    if xs.size != 1 or ys.size != 1 or ws.size not in (1, n) or np.any(np.asarray(w.quant.zero_point) != 0):
+        return None
+    if ws.size > 1 and w.quant.axis not in (0, None):
+        return None
+    xshape, yshape = x.concrete_shape(), y.concrete_shape()
+    if xshape is None or yshape is None or not xshape or xshape[-1] * 0 != 0:
+        return None
+    if int(np.prod(xshape)) % k or int(np.prod(yshape)) != int(np.prod(xshape)) // k * n:
+        return None
+    yzp = int(np.asarray(y.quant.zero_point).reshape(-1)[0])
+    rng = _act_range(int(node.attrs.get("fused_activation", 0)), float(ys[0]), yzp)
+    if rng is None:
+        return None
+    scale = (xs[0] * np.broadcast_to(ws, (n,)).astype(np.float32) / ys[0]).astype(np.float32)
+    return Int8FullyConnected(node.name, node.inputs[0], node.outputs[0], w.initializer,
+                              None if b is None else b.initializer, int(np.asarray(x.quant.zero_point).reshape(-1)[0]),
+                              scale, yzp, rng[0], rng[1], threads)
+
+
+class _Segment:
+    def __init__(self, graph, nodes, threads, pid, idx):
+        from ..formats.tflite import subgraph_tflite
+
+        data, ins, outs = subgraph_tflite(graph, nodes, name=f"{graph.name}_p{pid}_s{idx}")
+        self.lrt = LiteRTPartition(data, ins, outs, threads, None, f"segment {idx} of partition {pid}")
+        self.inputs, self.outputs = ins, outs
+
+
+class HostTFLitePartition(CompiledPartition):
+    """C-core steps and LiteRT segments in topological order; tensors between them live in buffers made at compile
+    (TFLite shapes are static)."""
+
+    def __init__(self, partition, graph, steps: list[Int8FullyConnected], threads):
+        self.inputs, self.outputs = list(partition.inputs), list(partition.outputs)
+        self.core = steps
+        at = {s.nodes[0]: s for s in steps}
+        pid = getattr(partition, "id", 0)
+        self.steps: list[Any] = []
+        pending: list[str] = []
+        for name in partition.nodes:
+            if name in at:
+                if pending:
+                    self.steps.append(_Segment(graph, pending, threads, pid, len(self.steps)))
+                    pending = []
+                self.steps.append(at[name])
+            else:
+                pending.append(name)
+        if pending:
+            self.steps.append(_Segment(graph, pending, threads, pid, len(self.steps)))
+        out_set = set(self.outputs)
+        self._internal: dict[str, np.ndarray] = {}
+        for s in self.steps:
+            for o in ([s.out] if isinstance(s, Int8FullyConnected) else s.outputs):
+                if o not in out_set:
+                    t = graph.tensors[o]
+                    self._internal[o] = np.zeros(t.concrete_shape(), np.dtype(t.dtype))
+
+    def tensor_views(self) -> dict[str, np.ndarray]:
+        if len(self.steps) == 1 and isinstance(self.steps[0], _Segment):
+            return self.steps[0].lrt.tensor_views()
+        return {}
+
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        if len(self.steps) == 1 and isinstance(self.steps[0], _Segment):
+            self.steps[0].lrt.run(inputs, outputs)
+            return
+        env = {**inputs, **self._internal, **outputs}
+        for s in self.steps:
+            if isinstance(s, Int8FullyConnected):
+                s.compute_into(env[s.x], env[s.out])
+            else:
+                s.lrt.run(env, env)
+
+    def close(self) -> None:
+        for s in self.steps:
+            if isinstance(s, _Segment):
+                s.lrt.close()
+
+
+def compile_host_tflite(partition, graph, unit: Any = None, options: Mapping[str, Any] | None = None):
+    """The host delegate's compile for a TFLite graph (``options``: ``threads``, ``core``)."""
+    options = dict(options or {})
+    dopts = dict(getattr(unit, "delegate_options", None) or {})
+    threads = options.get("threads") or dopts.get("threads")
+    steps = []
+    if options.get("core", True):
+        for name in partition.nodes:
+            s = int8_fc_step(graph, graph.node(name), threads)
+            if s is not None:
+                steps.append(s)
+    return HostTFLitePartition(partition, graph, steps, threads)

@@ -1,0 +1,165 @@
+"""The ``litert`` delegate: partitions of a TFLite graph run in a LiteRT interpreter (XNNPACK on the CPU), or, where
+the unit's profile names an external delegate library (``libedgetpu.so.1``, ``libvx_delegate.so``) and it is
+present, through ``load_delegate(library, options)``.
+
+The interpreter comes from ``ai-edge-litert`` (LiteRT, built for NumPy 2); ``tflite-runtime`` is used only where it
+imports cleanly (its 2.14 wheels fail beside NumPy 2 with ``_ARRAY_API not found``). A partition is exported as a
+standalone ``.tflite`` (``formats.tflite.subgraph_tflite``; the whole graph is the original file's bytes).
+
+Buffers: ``tensor_views()`` hands the session numpy views of the interpreter's own input and output tensor memory
+(``interpreter.tensor(i)()``), which the session binds in place of its pool buffers, so a run copies only what the
+plan says. Holding such views makes ``Interpreter.invoke``'s safety check refuse to run, so the bound interpreter is
+invoked through its wrapper object (the views stay valid: tensors are never re-allocated after compile).
+This module must not import the session.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import DeviceError
+from .base import CompiledPartition, Delegate, register
+
+PACKAGES = (("ai_edge_litert.interpreter", "ai-edge-litert"), ("tflite_runtime.interpreter", "tflite-runtime"))
+_CACHE: dict[str, Any] = {}
+
+
+def interpreter_module() -> tuple[Any, str]:
+    """(the interpreter module, its package name): ai-edge-litert first, tflite-runtime only if it imports cleanly.
+    DeviceError naming the package to install when neither does."""
+    if "mod" in _CACHE:
+        return _CACHE["mod"]
+    errors = []
+    for mod, pkg in PACKAGES:
+        try:
+            m = importlib.import_module(mod)
+            m.Interpreter  # noqa: B018 - a half-imported tflite_runtime lacks it
+        except Exception as exc:  # ImportError, or tflite-runtime 2.14 beside NumPy 2 (AttributeError/_ARRAY_API)
+            errors.append(f"{pkg}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        _CACHE["mod"] = (m, pkg)
+        return m, pkg
+    raise DeviceError("no LiteRT interpreter: install ai-edge-litert (pip install ai-edge-litert, or "
+                      "'edgert[tflite]'); tflite-runtime works only with NumPy 1.x (" + "; ".join(errors) + ")")
+
+
+def runtime_description() -> str | None:
+    """'ai-edge-litert 2.3.0' (what ``edgert devices`` shows), or None when no interpreter imports."""
+    try:
+        _, pkg = interpreter_module()
+    except DeviceError:
+        return None
+    try:
+        from importlib.metadata import version
+
+        return f"{pkg} {version(pkg)}"
+    except Exception:  # pragma: no cover
+        return pkg
+
+
+def load_external_delegate(library: str, options: Mapping[str, Any] | None = None):
+    """``load_delegate(library, options)``; DeviceError naming the library when it cannot be loaded."""
+    mod, pkg = interpreter_module()
+    try:
+        return mod.load_delegate(library, {str(k): str(v) for k, v in dict(options or {}).items()})
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise DeviceError(f"{pkg} could not load delegate library {library!r}: {exc}") from None
+
+
+class LiteRTPartition(CompiledPartition):
+    """One interpreter for one exported partition; inputs/outputs bound by position to the subgraph's."""
+
+    def __init__(self, data: bytes, inputs: list[str], outputs: list[str], threads: int | None = None,
+                 delegates: list | None = None, what: str = "partition"):
+        mod, pkg = interpreter_module()
+        self.inputs, self.outputs = list(inputs), list(outputs)
+        self._data = data  # the interpreter reads the model from this buffer for its whole life
+        try:
+            self.interpreter = mod.Interpreter(model_content=data, num_threads=threads or None,
+                                               experimental_delegates=delegates or None)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise DeviceError(f"{pkg} could not prepare {what}: {exc}") from None
+        ins, outs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        if len(ins) != len(self.inputs) or len(outs) != len(self.outputs):
+            raise DeviceError(f"{what}: the interpreter has {len(ins)} inputs / {len(outs)} outputs, the plan "
+                              f"{len(self.inputs)} / {len(self.outputs)}")
+        self._in_idx = [d["index"] for d in ins]
+        self._out_idx = [d["index"] for d in outs]
+        self._views = {n: self.interpreter.tensor(i)() for n, i in zip(self.inputs, self._in_idx)}
+        self._views.update({n: self.interpreter.tensor(i)() for n, i in zip(self.outputs, self._out_idx)})
+        wrapped = getattr(self.interpreter, "_interpreter", None)
+        self._invoke = getattr(wrapped, "Invoke", None) or self.interpreter.invoke
+        self.what = what
+
+    def tensor_views(self) -> dict[str, np.ndarray]:
+        """Boundary tensor -> a numpy view of the interpreter's own memory for it."""
+        return dict(self._views)
+
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        views = self._views
+        for name in self.inputs:
+            a, v = inputs[name], views[name]
+            if a.ctypes.data != v.ctypes.data:
+                if a.shape != v.shape:
+                    raise DeviceError(f"{self.what}: input {name!r} has shape {a.shape}, the interpreter "
+                                      f"{v.shape}")
+                np.copyto(v, a, casting="no")
+        try:
+            self._invoke()
+        except RuntimeError as exc:
+            raise DeviceError(f"LiteRT failed running {self.what}: {exc}") from None
+        for name in self.outputs:
+            o, v = outputs[name], views[name]
+            if o.ctypes.data != v.ctypes.data:
+                np.copyto(o, v, casting="no")
+
+    def close(self) -> None:
+        self._views = {}
+        self.interpreter = None
+
+
+class LiteRTDelegate(Delegate):
+    """Runs TFLite partitions. Unit ``delegate_options``: ``library`` (external delegate) and ``options`` (its
+    options table). Compile ``options``: ``threads``, ``emulate`` (the CPU interpreter, no external delegate)."""
+
+    @classmethod
+    def available(cls, unit: Any = None) -> tuple[bool, str]:
+        try:
+            _, pkg = interpreter_module()
+        except DeviceError as exc:
+            return False, str(exc)
+        lib = (getattr(unit, "delegate_options", None) or {}).get("library")
+        if not lib:
+            return True, f"{runtime_description()} (XNNPACK on the CPU)"
+        from ..profiles import _find_library
+
+        if _find_library(lib) is None:  # load_delegate on a missing file only fails (noisily)
+            return False, f"{runtime_description()} present; delegate library {lib} not found"
+        try:
+            d = load_external_delegate(lib, (unit.delegate_options or {}).get("options"))
+        except DeviceError as exc:
+            return False, str(exc)
+        del d
+        return True, f"{runtime_description()} with {lib}"
+
+    def compile(self, partition, graph, unit: Any = None, options: Mapping[str, Any] | None = None):
+        from ..formats.tflite import is_tflite_graph, subgraph_tflite
+
+        options = dict(options or {})
+        if not is_tflite_graph(graph):
+            raise DeviceError("the litert delegate runs TFLite graphs; convert the ONNX model to .tflite for this "
+                              "device, or run with emulate=True")
+        dopts = dict(getattr(unit, "delegate_options", None) or {})
+        delegates = []
+        if dopts.get("library") and not options.get("emulate"):
+            delegates.append(load_external_delegate(dopts["library"], dopts.get("options")))
+        pid = getattr(partition, "id", 0)
+        data, ins, outs = subgraph_tflite(graph, partition.nodes, name=f"{graph.name}_p{pid}")
+        return LiteRTPartition(data, ins, outs, options.get("threads"), delegates, f"partition {pid} of "
+                               f"{graph.name!r}")
+
+
+register("litert", LiteRTDelegate)
