@@ -213,7 +213,8 @@ def cmd_devices(args) -> int:
     print(f"  C core ISA: {m['isa']} (available: {', '.join(m['isas'])}; features: {', '.join(m['features']) or '-'})")
     print(f"  onnxruntime: {m['onnxruntime'] or 'not installed'}"
           + (f" ({', '.join(m['onnxruntime_providers'])})" if m["onnxruntime_providers"] else ""))
-    print(f"  LiteRT/TFLite: {m['litert'] or 'not installed'}")
+    print(f"  LiteRT/TFLite: " + (f"{m.get('litert_package') or m['litert']} ({m['litert']})" if m["litert"] else
+                                  "not installed (pip install ai-edge-litert)"))
     print("  serial ports: " + ("pyserial not installed" if ports is None else
                                 ", ".join(p["device"] for p in ports) or "none"))
     print()

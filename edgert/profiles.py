@@ -518,11 +518,28 @@ def litert_module() -> str | None:
     """The importable LiteRT/TFLite interpreter module, or None (import check only, nothing is loaded)."""
     for mod in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter", "tensorflow.lite"):
         try:
-            if importlib.util.find_spec(mod.split(".")[0]) is not None and importlib.util.find_spec(mod):
-                return mod
-        except (ImportError, ValueError):
+            if importlib.util.find_spec(mod.split(".")[0]) is None or not importlib.util.find_spec(mod):
+                continue
+            if mod.startswith("tflite_runtime"):  # 2.14 wheels fail beside NumPy 2 (_ARRAY_API): import to be sure
+                importlib.import_module(mod).Interpreter  # noqa: B018
+            return mod
+        except Exception:
             continue
     return None
+
+
+def litert_package() -> str | None:
+    """'ai-edge-litert 2.3.0' / 'tflite-runtime 2.14.0': the package behind ``litert_module()``, or None."""
+    mod = litert_module()
+    if mod is None:
+        return None
+    pkg = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime"}.get(mod.split(".")[0], "tensorflow")
+    try:
+        from importlib.metadata import version
+
+        return f"{pkg} {version(pkg)}"
+    except Exception:
+        return pkg
 
 
 def onnxruntime_providers() -> tuple[str | None, list[str]]:
@@ -563,7 +580,8 @@ def runtime_status(unit: ComputeUnit) -> tuple[bool, str]:
         mod = litert_module()
         lib = _find_library(opts["library"])
         if mod is None:
-            return False, "no LiteRT/TFLite interpreter (ai_edge_litert, tflite_runtime) installed"
+            return False, ("no LiteRT/TFLite interpreter installed: pip install ai-edge-litert (tflite-runtime only "
+                           "with NumPy 1.x)")
         if lib is None:
             return False, f"{mod} present; delegate library {opts['library']} not found"
         return True, f"{mod} with {lib}"
@@ -588,7 +606,7 @@ def devices_report() -> dict[str, Any]:
     the runtime that drives it is present here. A profile that fails validation is listed with its error."""
     version, providers = onnxruntime_providers()
     machine = {**host_facts(), "onnxruntime": version, "onnxruntime_providers": providers,
-               "litert": litert_module(), "serial_ports": serial_ports()}
+               "litert": litert_module(), "litert_package": litert_package(), "serial_ports": serial_ports()}
     rows = []
     for name in list_profiles():
         try:

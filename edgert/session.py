@@ -82,6 +82,10 @@ def _load(src) -> Graph:
     write for "any size", become ``<input>_<axis>``) so that feeds can bind them one by one."""
     import onnx
 
+    from .formats.tflite import is_tflite_bytes, is_tflite_path, load_tflite
+
+    if is_tflite_path(src) or (isinstance(src, (bytes, bytearray)) and is_tflite_bytes(src[:8])):
+        return load_tflite(src)  # static shapes: nothing to name
     base_dir = None
     if isinstance(src, str):
         base_dir = os.path.dirname(os.path.abspath(src))
@@ -332,7 +336,7 @@ class Session:
                         "shapes": {t: graph.tensors[t].concrete_shape() for n in graph.nodes
                                    if n.name in members for t in n.inputs if t in graph.tensors}}
             elif self.emulate:
-                d = delegates.get("onnxruntime")()
+                d = delegates.get("litert" if getattr(graph.source, "format", None) == "tflite" else "onnxruntime")()
                 unit = None  # the device's work, functionally, on onnxruntime's CPU provider
                 opts = {"threads": self.threads, "emulate": True}
             else:
@@ -385,8 +389,16 @@ class Session:
         for pool in pools.values():
             pool.allocate()
 
+        # a delegate that computes in its own tensor memory (LiteRT) lends it: those buffers replace the pool's
+        views: dict = {}
+        for part, c in zip(p.partitions, compiled):
+            for t, a in (getattr(c, "tensor_views", lambda: {})() or {}).items():
+                key = (_side(p, part.unit), t)
+                if key in need and key not in views and a.shape == spec[t][0] and a.dtype == spec[t][1]:
+                    views[key] = a
+
         def buf(side, t):
-            return pools[side].view(t)
+            return views[(side, t)] if (side, t) in views else pools[side].view(t)
 
         in_bufs = [{t: buf(_side(p, part.unit), t) for t in part.inputs} for part in p.partitions]
         out_bufs = [{t: buf(_side(p, part.unit), t) for t in part.outputs} for part in p.partitions]

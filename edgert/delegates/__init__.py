@@ -6,5 +6,6 @@ Shipped: ``host`` (the edgert C core for quantized matmuls, onnxruntime's CPU pr
 from .base import CompiledPartition, Delegate, get, is_registered, register, registered
 from . import onnxruntime as _onnxruntime  # noqa: F401  (registers "onnxruntime")
 from . import host as _host  # noqa: F401  (registers "host")
+from . import litert as _litert  # noqa: F401  (registers "litert"; LiteRT itself is imported on first use)
 
 __all__ = ["CompiledPartition", "Delegate", "get", "is_registered", "register", "registered"]

@@ -348,6 +348,10 @@ class HostDelegate(Delegate):
         return True, f"edgert C core ({native.info()['isa']})"
 
     def compile(self, partition, graph, unit: Any = None, options: Mapping[str, Any] | None = None):
+        if getattr(graph.source, "format", None) == "tflite":  # C core + LiteRT segments (host_tflite.py)
+            from .host_tflite import compile_host_tflite
+
+            return compile_host_tflite(partition, graph, unit, options)
         options = dict(options or {})
         dopts = dict(getattr(unit, "delegate_options", None) or {})
         threads = options.get("threads") or dopts.get("threads")
