@@ -1,0 +1,183 @@
+"""TFLite models through Session / plan / CLI: outputs equal plain LiteRT's whole-model outputs on the host profile and
+on emulated NPU profiles (Edge TPU, i.MX 8M Plus), bytes moved equal the plan, forbid names float ops on an INT8-only
+device, interpreter memory bound in place, the C-core INT8 FULLY_CONNECTED (ref and AVX-512 VNNI) against LiteRT,
+and the ONNX/TFLite equivalence of one small network."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import tflite_models as tm
+import edgert
+from edgert import UnsupportedOpError
+from edgert.delegates.host_tflite import FC_INT8_LSB_BUDGET, HostTFLitePartition, Int8FullyConnected
+from edgert.delegates.litert import LiteRTPartition
+from edgert.formats.tflite import load_tflite
+
+pytest.importorskip("ai_edge_litert")
+
+MODELS = {"float_mlp": tm.float_mlp, "int8_fc": tm.int8_fc, "int8_conv": tm.int8_conv,
+          "int8_plumbing": tm.int8_plumbing, "int8_fc_int8io": lambda: tm.int8_fc(float_io=False)}
+EQUIV_BUDGET = 1e-5   # float MLP, onnxruntime vs LiteRT (float32 summation order)
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tflite")
+    out = {}
+    for name, fn in MODELS.items():
+        p = d / f"{name}.tflite"
+        p.write_bytes(fn())
+        out[name] = p
+    return out
+
+
+def cheap_link(profile_name: str):
+    """The profile with a near-free link, so the plan offloads the int8 core and cuts at the float edges."""
+    prof = edgert.profiles.load(profile_name)
+    units = [dataclasses.replace(u, link=dataclasses.replace(u.link, latency_s=0.0, bandwidth_bytes_s=1e18))
+             if u.link is not None else u for u in prof.units]
+    return dataclasses.replace(prof, units=units)
+
+
+def _check(path, device, emulate=False, fallback="allow", feeds_seed=0):
+    data = path.read_bytes()
+    g = load_tflite(data)
+    feeds = tm.feeds_for(g, feeds_seed)
+    ref = tm.litert_reference(data, feeds, g.outputs)
+    s = edgert.Session(str(path), device=device, emulate=emulate, fallback=fallback)
+    out = s.run(None, feeds)
+    for a, b in zip(out, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    st = s.stats()
+    assert st["last_run"]["bytes_to_device"] == s.plan.estimates["bytes_to_device"]
+    assert st["last_run"]["bytes_to_host"] == s.plan.estimates["bytes_to_host"]
+    return s
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_host_profile_equals_litert(model_files, name):
+    s = _check(model_files[name], "host")
+    assert len(s.plan.partitions) == 1
+
+
+@pytest.mark.parametrize("device", ["coral-usb", "imx8mp"])
+@pytest.mark.parametrize("name", ["int8_fc", "int8_conv", "int8_plumbing"])
+def test_emulated_npu_equals_litert(model_files, name, device):
+    s = _check(model_files[name], cheap_link(device), emulate=True)
+    units = {p.unit for p in s.plan.partitions}
+    assert len(units) == 2, s.plan.table()          # the int8 core offloaded, float edges on the host
+    assert s.stats()["bytes_to_device"] > 0
+
+
+@pytest.mark.parametrize("device", ["coral-usb", "imx8mp"])
+def test_forbid_int8_model_runs_whole_on_the_npu(model_files, device):
+    s = _check(model_files["int8_fc_int8io"], device, emulate=True, fallback="forbid")
+    assert [p.delegate for p in s.plan.partitions] == ["litert"]
+    x = s.get_inputs()[0]
+    assert s.stats()["bytes_to_device"] == int(np.prod(x.shape))  # int8 input, once
+
+
+def test_forbid_names_float_ops(model_files):
+    with pytest.raises(UnsupportedOpError) as e:
+        edgert.plan(str(model_files["float_mlp"]), device="coral-usb", fallback="forbid")
+    msg = str(e.value)
+    for n in ("fully_connected_0", "relu_1", "fully_connected_2", "softmax_3"):
+        assert n in msg
+    assert "float32" in msg
+    with pytest.raises(UnsupportedOpError) as e:
+        edgert.plan(str(model_files["int8_fc"]), device="imx8mp", fallback="forbid")
+    assert "quantize_0" in str(e.value) and "dequantize_7" in str(e.value) and "add_3" not in str(e.value)
+
+
+def test_missing_device_runtime(model_files):
+    p = str(model_files["int8_fc_int8io"])
+    with pytest.raises(edgert.DeviceError, match="libedgetpu"):
+        edgert.Session(p, device="coral-usb", fallback="forbid")
+    with pytest.warns(RuntimeWarning):
+        s = edgert.Session(p, device=cheap_link("coral-usb"), fallback="allow")
+        g = load_tflite(model_files["int8_fc_int8io"].read_bytes())
+        s.run(None, tm.feeds_for(g))
+    assert s.fell_back and s.stats()["bytes_to_device"] == 0
+
+
+def test_interpreter_memory_is_bound(model_files):
+    s = edgert.Session(str(model_files["int8_conv"]), device="host", core=False)
+    (part,) = s._bound.compiled
+    views = part.tensor_views()
+    assert s._bound.feeds["image"].ctypes.data == views["image"].ctypes.data
+    assert s._bound.results["features"].ctypes.data == views["features"].ctypes.data
+    s2 = edgert.Session(str(model_files["int8_conv"]), device=cheap_link("imx8mp"), emulate=True)
+    dev = [c for c, p in zip(s2._bound.compiled, s2.plan.partitions) if p.delegate == "litert"]
+    assert dev and isinstance(dev[0], LiteRTPartition)
+    k = [p.id for p in s2.plan.partitions if p.delegate == "litert"][0]
+    for name, v in dev[0].tensor_views().items():
+        buf = s2._bound.in_bufs[k].get(name, s2._bound.out_bufs[k].get(name))
+        assert buf.ctypes.data == v.ctypes.data
+
+
+def test_host_fc_runs_on_the_c_core(model_files):
+    s = edgert.Session(str(model_files["int8_fc"]), device="host")
+    (part,) = s._bound.compiled
+    assert isinstance(part, HostTFLitePartition) and len(part.core) == 3
+    assert all(isinstance(c, Int8FullyConnected) for c in part.core)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("m,k,n", [(1, 4, 16), (1, 3, 5), (3, 37, 33), (4, 64, 48), (7, 256, 100), (16, 300, 17)])
+def test_fc_kernel_vs_litert(isa, per_channel, m, k, n):
+    data, p = tm.int8_fc_single(k=k, n=n, batch=m, per_channel=per_channel, seed=k + n)
+    g = load_tflite(data)
+    x = np.random.default_rng(m).integers(-128, 128, (m, k)).astype(np.int8)
+    (ref,) = tm.litert_reference(data, {"x": x}, ["y"])
+    (ref_builtin,) = tm.litert_reference(data, {"x": x}, ["y"], "BUILTIN_REF")
+    from edgert.delegates.host_tflite import int8_fc_step
+
+    step = int8_fc_step(g, g.nodes[0])
+    y = np.zeros((m, n), np.int8)
+    step.compute_into(x, y)
+    np.testing.assert_array_equal(y, ref)  # exact against LiteRT's default (XNNPACK) path
+    assert np.abs(y.astype(int) - ref_builtin).max() <= FC_INT8_LSB_BUDGET
+
+
+def test_fc_fused_relu_clamps(isa):
+    data, p = tm.int8_fc_single(k=32, n=16, batch=2)
+    spec_ops = load_tflite(data)
+    node = spec_ops.nodes[0]
+    node.attrs["fused_activation"] = 1
+    from edgert.delegates.host_tflite import int8_fc_step
+
+    step = int8_fc_step(spec_ops, node)
+    assert step.lo == max(-128, p["y"][1])
+
+
+def test_cli_plan_and_run(model_files, tmp_path, capsys):
+    from edgert.cli import main
+
+    assert main(["plan", str(model_files["int8_fc"]), "--device", "imx8mp"]) == 0
+    out = capsys.readouterr().out
+    assert "fully_connected_1" in out and "Gemm" in out
+    assert main(["plan", str(model_files["int8_fc"]), "--device", "imx8mp", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["partitions"]
+    svg = tmp_path / "p.svg"
+    assert main(["plan", str(model_files["int8_conv"]), "--device", "coral-usb", "--svg", str(svg)]) == 0
+    assert svg.read_text().startswith("<svg") or "<svg" in svg.read_text()
+
+
+def test_onnx_and_tflite_same_plan_and_outputs(model_files):
+    onnx_model = tm.float_mlp_onnx()
+    x = np.random.default_rng(5).uniform(-1, 1, (1, 16)).astype(np.float32)
+    for device in ("host", "imx8mp", "coral-usb"):
+        po = edgert.plan(onnx_model, device=device)
+        pt = edgert.plan(str(model_files["float_mlp"]), device=device)
+        assert [(p.unit, len(p.nodes)) for p in po.partitions] == [(p.unit, len(p.nodes)) for p in pt.partitions]
+        assert [n.op_type for n in po.graph.nodes] == [n.op_type for n in pt.graph.nodes]
+    so = edgert.Session(onnx_model, device="host")
+    st = edgert.Session(str(model_files["float_mlp"]), device="host")
+    (yo,) = so.run(None, {"x": x})
+    (yt,) = st.run(None, {"x": x})
+    assert np.abs(yo - yt).max() <= EQUIV_BUDGET
