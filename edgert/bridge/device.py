@@ -1,0 +1,160 @@
+"""SerialNpuDevice: the protocol's commands as Python calls — handshake, load a graph by hash, allocate/free,
+write/read tensors in chunks, invoke, stats, reset — over a SerialLink.
+
+A device reset is noticed (``ERR_NO_SESSION``, or a new ``boot_id`` in HELLO) and raised as DeviceResetError after
+the session is re-opened; ``generation`` then counts up so callers know every handle and graph they held is gone.
+What to redo is the caller's business (the serial-npu delegate reloads by hash and falls back to the host).
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from ..errors import LinkError
+from . import protocol as P
+from .link import DeviceStatusError, SerialLink
+
+
+class DeviceResetError(LinkError):
+    """The device reset (power cycle, watchdog, RESET): its graphs and tensors are gone. The session is open again."""
+
+
+class ProtocolVersionError(LinkError):
+    """Host and device speak different protocol versions."""
+
+
+class SerialNpuDevice:
+    """``SerialNpuDevice(url, baudrate=..., timeout=..., retries=...)`` or ``SerialNpuDevice(link=SerialLink(...))``."""
+
+    def __init__(self, url: str | None = None, baudrate: int = 921600, timeout: float = 0.2, retries: int = 8, *,
+                 link: SerialLink | None = None, protocol_version: int = P.PROTOCOL_VERSION):
+        self.link = link or SerialLink(url, baudrate=baudrate, timeout=timeout, retries=retries)
+        self.protocol_version = protocol_version
+        self.info: P.HelloInfo | None = None
+        self.generation = 0  # +1 at every device reset the host notices
+        self.resets = 0
+        self.bytes_graph = 0       # graph blobs (weights) sent
+        self.bytes_to_device = 0   # tensor bytes written
+        self.bytes_to_host = 0     # tensor bytes read
+        self.graphs_sent = 0
+        self.graphs_cached = 0     # LOAD_BEGIN found the graph already on the device
+
+    # ---- session ----------------------------------------------------------------------------------------------
+    def hello(self) -> P.HelloInfo:
+        f = self.link.transact(P.HELLO, P.hello_request(self.protocol_version), check=False)
+        try:
+            info = P.HelloInfo.parse(f.payload)
+        except ValueError as exc:
+            raise LinkError(f"serial NPU {self.link.url}: malformed HELLO answer ({exc})") from None
+        if f.status == P.ERR_VERSION or info.protocol_version != self.protocol_version:
+            raise ProtocolVersionError(
+                f"serial NPU {self.link.url}: protocol version mismatch: edgert speaks version {self.protocol_version}, "
+                f"the device ({info.firmware_version}) speaks version {info.protocol_version}. Update the firmware or "
+                "edgert so both speak the same version")
+        if f.status:
+            raise DeviceStatusError(f"serial NPU {self.link.url}: HELLO failed with {P.ERRORS.get(f.status)}", f.status)
+        reset = self.info is not None and info.boot_id != self.info.boot_id
+        self.info = info
+        self.link.max_payload = info.max_payload
+        if reset:
+            self._note_reset()
+        return info
+
+    def _note_reset(self) -> None:
+        self.generation += 1
+        self.resets += 1
+
+    def ensure_session(self) -> P.HelloInfo:
+        return self.info if self.info is not None else self.hello()
+
+    def _call(self, type_: int, payload: bytes = b"", expect_bytes: int = 0):
+        self.ensure_session()
+        try:
+            return self.link.transact(type_, payload, expect_bytes=expect_bytes)
+        except DeviceStatusError as exc:
+            if exc.status != P.ERR_NO_SESSION:
+                raise
+        old = self.info.boot_id if self.info else None
+        self.info = None
+        info = self.hello()
+        if old is None or info.boot_id == old:
+            self._note_reset()
+        raise DeviceResetError(f"serial NPU {self.link.url} reset (boot id {old} -> {info.boot_id}): its graphs and "
+                               "tensors are gone; the session is open again")
+
+    # ---- graphs -----------------------------------------------------------------------------------------------
+    def load_graph(self, blob: bytes, graph_hash: int | None = None) -> int:
+        """Make the graph ``blob`` resident; returns its hash. Sends nothing but LOAD_BEGIN when it already is."""
+        h = P.fnv1a64(blob) if graph_hash is None else graph_hash
+        f = self._call(P.LOAD_BEGIN, struct.pack("<QI", h, len(blob)))
+        if f.payload[:1] == b"\x01":
+            self.graphs_cached += 1
+            return h
+        step = self.link.max_payload - 12
+        mv = memoryview(blob)
+        for off in range(0, len(blob), step):
+            self._call(P.LOAD_CHUNK, struct.pack("<QI", h, off) + mv[off:off + step].tobytes())
+        self._call(P.LOAD_COMMIT, struct.pack("<Q", h))
+        self.bytes_graph += len(blob)
+        self.graphs_sent += 1
+        return h
+
+    def unload_graph(self, graph_hash: int) -> None:
+        self._call(P.UNLOAD, struct.pack("<Q", graph_hash))
+
+    # ---- tensors ----------------------------------------------------------------------------------------------
+    def alloc(self, nbytes: int) -> int:
+        return struct.unpack("<I", self._call(P.ALLOC, struct.pack("<I", nbytes)).payload[:4])[0]
+
+    def free(self, handle: int) -> None:
+        self._call(P.FREE, struct.pack("<I", handle))
+
+    def write(self, handle: int, data, offset: int = 0) -> None:
+        """Stream ``data`` (any buffer) into the tensor, one frame per chunk of at most max_payload - 8 bytes."""
+        mv = memoryview(np.ascontiguousarray(data)).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+        step = self.link.max_payload - 8
+        for off in range(0, len(mv), step):
+            chunk = mv[off:off + step]
+            self._call(P.WRITE, struct.pack("<II", handle, offset + off) + chunk.tobytes())
+            self.bytes_to_device += len(chunk)
+
+    def read(self, handle: int, out, offset: int = 0) -> None:
+        """Stream the tensor into ``out`` (a writable contiguous buffer: numpy array, bytearray)."""
+        mv = memoryview(out).cast("B") if not isinstance(out, bytearray) else memoryview(out)
+        step = self.link.max_payload
+        for off in range(0, len(mv), step):
+            n = min(step, len(mv) - off)
+            f = self._call(P.READ, struct.pack("<III", handle, offset + off, n), expect_bytes=n + n // 254 + 20)
+            if len(f.payload) != n:
+                raise LinkError(f"serial NPU {self.link.url}: READ returned {len(f.payload)} bytes, asked for {n}")
+            mv[off:off + n] = f.payload
+            self.bytes_to_host += n
+
+    def invoke(self, graph_hash: int, inputs: list[int], outputs: list[int]) -> tuple[float, int]:
+        """Run a resident graph on bound tensors; returns (device compute seconds, ops)."""
+        p = struct.pack("<QHH", graph_hash, len(inputs), len(outputs)) + struct.pack(f"<{len(inputs) + len(outputs)}I",
+                                                                                     *inputs, *outputs)
+        us, lo, hi = struct.unpack("<III", self._call(P.INVOKE, p).payload[:12])
+        return us * 1e-6, lo | hi << 32
+
+    # ---- housekeeping -----------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """The device's own counters (PROTOCOL.md §3.3)."""
+        return P.parse_stats(self._call(P.STATS).payload)
+
+    def reset(self) -> None:
+        """Ask the device to reset: every graph and tensor goes; the next call re-handshakes."""
+        self.link.transact(P.RESET)
+        self.info = None
+        self._note_reset()
+
+    def link_stats(self) -> dict:
+        d = self.link.stats.as_dict()
+        d.update(bytes_graph=self.bytes_graph, bytes_tensors_to_device=self.bytes_to_device,
+                 bytes_tensors_to_host=self.bytes_to_host, graphs_sent=self.graphs_sent,
+                 graphs_cached=self.graphs_cached, device_resets=self.resets)
+        return d
+
+    def close(self) -> None:
+        self.link.close()

@@ -1,0 +1,193 @@
+"""SerialLink: one request, one answer, over any pyserial URL (a real port, ``loop://``, ``socket://host:port``, the
+emulator's pty), with the retransmission rules of firmware_bridge/PROTOCOL.md §4.
+
+``transact`` sends a request, waits for the answer with its sequence number, and retransmits on a timeout (with
+back-off), on a NAK, or when a broken frame arrives; frames that are not the awaited answer are discarded. Framing is
+framing.py's; this module only moves bytes and counts what happened. It knows nothing about graphs or tensors
+(device.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from ..errors import LinkError
+from . import protocol as P
+from .framing import FLAG_ERROR, FLAG_RESPONSE, FLAG_RETRANSMIT, Frame, FrameDecoder, encode_frame
+
+log = logging.getLogger("edgert.bridge")
+READ_POLL_S = 0.005
+
+
+class DeviceStatusError(LinkError):
+    """The device answered with an error status. ``status`` is the code, ``name`` its PROTOCOL.md name."""
+
+    def __init__(self, msg: str, status: int):
+        super().__init__(msg)
+        self.status = status
+        self.name = P.ERRORS.get(status, f"status {status}")
+
+
+@dataclass
+class LinkStats:
+    bytes_tx: int = 0
+    bytes_rx: int = 0
+    frames_tx: int = 0
+    frames_rx: int = 0
+    retransmits: int = 0
+    timeouts: int = 0
+    naks: int = 0
+    broken: int = 0    # broken frames received (each a resync on the next delimiter)
+    resyncs: int = 0   # broken frames dropped by either side (host: decoder; device: NAKs received)
+    discarded: int = 0  # well-formed frames that were not the awaited answer
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class SerialLink:
+    """``SerialLink(url, baudrate=115200, timeout=0.2, retries=8)``: the host end of the protocol's link layer.
+
+    ``timeout`` is the first wait for an answer (the time the request and a full answer take at ``baudrate`` is
+    added); each retransmission doubles it, up to 8x. ``retries`` retransmissions of one request, then LinkError.
+    ``serial`` may be an open pyserial-like object instead of a URL (tests)."""
+
+    def __init__(self, url: str | None = None, baudrate: int = 115200, timeout: float = 0.2, retries: int = 8, *,
+                 serial=None, max_payload: int = 4096):
+        if serial is None:
+            try:
+                import serial as pyserial
+            except ImportError as exc:  # pragma: no cover
+                raise LinkError("the serial NPU link needs pyserial: pip install pyserial") from exc
+            try:
+                serial = pyserial.serial_for_url(url, baudrate=baudrate, timeout=READ_POLL_S, write_timeout=10)
+            except (pyserial.SerialException, ValueError, OSError) as exc:
+                raise LinkError(f"cannot open the serial NPU link {url!r}: {exc}. Start the emulator with "
+                                "`edgert npu-sim` and pass the path it prints, or check the port") from None
+        self.url = url or getattr(serial, "port", "?")
+        self.port = serial
+        self.baudrate = int(baudrate)
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.max_payload = int(max_payload)
+        self.stats = LinkStats()
+        self.decoder = FrameDecoder()
+        self._seq = int.from_bytes(os.urandom(2), "little")  # any start: HELLO sets the device's baseline
+        self._closed = False
+
+    # ---- bytes ------------------------------------------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        try:
+            self.port.write(data)
+            self.port.flush()
+        except Exception as exc:  # pyserial raises SerialException/OSError/SerialTimeoutException
+            raise LinkError(f"serial NPU link {self.url}: write failed: {exc}") from None
+        self.stats.bytes_tx += len(data)
+
+    def _read(self, wait: float) -> bytes:
+        try:
+            n = self.port.in_waiting
+            if n:
+                data = self.port.read(n)
+            else:
+                # the port's timeout stays at READ_POLL_S (setting it per call costs a tcsetattr on a tty)
+                data = b""
+                end = time.monotonic() + wait
+                while True:
+                    data = self.port.read(1)
+                    if data or time.monotonic() >= end:
+                        break
+                if data:
+                    n = self.port.in_waiting
+                    if n:
+                        data += self.port.read(n)
+        except Exception as exc:
+            raise LinkError(f"serial NPU link {self.url}: read failed (device gone?): {exc}") from None
+        self.stats.bytes_rx += len(data)
+        return data
+
+    def send_frame(self, frame: Frame) -> None:
+        self._write(encode_frame(frame))
+        self.stats.frames_tx += 1
+
+    def recv_frames(self, wait: float) -> list[Frame]:
+        """Frames completed within ``wait`` seconds (possibly none)."""
+        before = self.decoder.broken
+        frames = self.decoder.feed(self._read(wait))
+        self.stats.broken += self.decoder.broken - before
+        self.stats.resyncs += self.decoder.broken - before  # the decoder skipped to the next delimiter
+        self.stats.frames_rx += len(frames)
+        return frames
+
+    def line_seconds(self, nbytes: int) -> float:
+        return nbytes * 10.0 / self.baudrate if self.baudrate > 0 else 0.0
+
+    # ---- one request, one answer ------------------------------------------------------------------------------
+    def next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    def transact(self, type_: int, payload: bytes = b"", *, expect_bytes: int = 0, check: bool = True) -> Frame:
+        """Send request ``type_`` with ``payload`` and return its answer (a Frame). Retransmits per PROTOCOL.md §4.
+        ``check``: raise DeviceStatusError when the answer carries an error status."""
+        if self._closed:
+            raise LinkError(f"serial NPU link {self.url} is closed")
+        seq = self.next_seq()
+        req = Frame(type_, seq, bytes(payload))
+        wire = encode_frame(req)
+        base = self.timeout + self.line_seconds(len(wire) + expect_bytes + 64)
+        wait, tries = base, 0
+        self._write(wire)
+        self.stats.frames_tx += 1
+        while True:
+            deadline = time.monotonic() + wait
+            resend = False
+            while not resend:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.stats.timeouts += 1
+                    break
+                before = self.decoder.broken
+                for f in self.recv_frames(min(left, 0.05)):
+                    if f.type == P.NAK and f.flags & FLAG_RESPONSE:
+                        self.stats.naks += 1
+                        self.stats.resyncs += 1  # the device dropped a broken frame and resynchronised
+                        resend = True
+                    elif f.flags & FLAG_RESPONSE and f.seq == seq and f.type == type_:
+                        if check and (f.flags & FLAG_ERROR or f.status):
+                            raise DeviceStatusError(
+                                f"serial NPU {self.url}: {P.MESSAGE_NAMES.get(type_, type_)} failed with "
+                                f"{P.ERRORS.get(f.status, f.status)}: {f.payload.decode('ascii', 'replace')}",
+                                f.status)
+                        return f
+                    else:
+                        self.stats.discarded += 1
+                if self.decoder.broken != before:
+                    resend = True
+            tries += 1
+            if tries > self.retries:
+                raise LinkError(f"serial NPU {self.url}: no answer to {P.MESSAGE_NAMES.get(type_, type_)} (seq {seq}) "
+                                f"after {self.retries} retransmissions; the device stopped answering (is the "
+                                "emulator running, the cable in, the baud rate right?)")
+            if not resend:
+                wait = min(wait * 2, base * 8)
+            self.stats.retransmits += 1
+            # a delimiter first ends any partial frame the device holds, then the same request again (same seq)
+            self._write(b"\x00" + encode_frame(Frame(type_, seq, req.payload, FLAG_RETRANSMIT)))
+            self.stats.frames_tx += 1
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self.port.close()
+            except Exception:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

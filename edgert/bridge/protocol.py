@@ -1,0 +1,144 @@
+"""The serial NPU protocol's tables and payloads (firmware_bridge/PROTOCOL.md §2-§6): message types, error codes,
+dtypes, ops, the HELLO and STATS answers, and the graph blob. Pure data: no I/O (link.py sends these).
+
+The constants must stay equal to firmware_bridge/core/fw.h; tests/test_bridge_framing.py checks that they do.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+# message types
+HELLO, LOAD_BEGIN, LOAD_CHUNK, LOAD_COMMIT, ALLOC, FREE, WRITE, INVOKE, READ, STATS, RESET, UNLOAD = range(1, 13)
+NAK = 0x7F
+MESSAGE_NAMES = {HELLO: "HELLO", LOAD_BEGIN: "LOAD_BEGIN", LOAD_CHUNK: "LOAD_CHUNK", LOAD_COMMIT: "LOAD_COMMIT",
+                 ALLOC: "ALLOC", FREE: "FREE", WRITE: "WRITE", INVOKE: "INVOKE", READ: "READ", STATS: "STATS",
+                 RESET: "RESET", UNLOAD: "UNLOAD", NAK: "NAK"}
+
+# error codes
+ERRORS = {0: "OK", 1: "ERR_VERSION", 2: "ERR_NO_SESSION", 3: "ERR_BAD_REQUEST", 4: "ERR_UNKNOWN_TYPE",
+          5: "ERR_NOMEM", 6: "ERR_HANDLE", 7: "ERR_RANGE", 8: "ERR_HASH", 9: "ERR_GRAPH", 10: "ERR_UNSUPPORTED",
+          11: "ERR_NO_GRAPH", 12: "ERR_SHAPE", 13: "ERR_STALE", 14: "ERR_COMPUTE"}
+OK, ERR_VERSION, ERR_NO_SESSION = 0, 1, 2
+ERR_NOMEM, ERR_HASH, ERR_NO_GRAPH, ERR_STALE = 5, 8, 11, 13
+
+# dtypes: code -> numpy name (block formats by their GGUF names)
+DTYPES = {1: "int8", 2: "uint8", 3: "int32", 4: "float32", 5: "int64", 8: "q4_0", 9: "q4_1", 10: "q8_0"}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+
+# ops: code -> name (ONNX op names where the op is one)
+OPS = {1: "MatMulInteger", 2: "QLinearMatMul", 3: "ConvInteger", 4: "QLinearConv", 5: "Add", 6: "Mul", 7: "Relu",
+       8: "Copy", 9: "MatMulQBlock", 10: "Clip"}
+OP_CODES = {v: k for k, v in OPS.items()}
+# ONNX ops the Copy op runs (same bytes, a new shape)
+COPY_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+STATS_FIELDS = ("boot_id", "frames_ok", "frames_bad", "duplicates", "stale", "invokes", "bytes_rx", "bytes_tx",
+                "arena_bytes", "arena_used", "arena_high_water", "graphs", "tensors", "compute_us")
+
+
+@dataclass(frozen=True)
+class HelloInfo:
+    """What a device says about itself in its HELLO answer."""
+
+    protocol_version: int
+    boot_id: int
+    arena_bytes: int
+    max_payload: int
+    dtypes: tuple[str, ...]
+    ops: tuple[str, ...]
+    firmware_version: str
+
+    @classmethod
+    def parse(cls, p: bytes) -> "HelloInfo":
+        if len(p) < 22:
+            raise ValueError(f"HELLO answer of {len(p)} bytes, expected at least 22")
+        ver, _, boot, arena, maxp, mask, n_ops, n_fw = struct.unpack_from("<HHIIIIBB", p)
+        if len(p) < 22 + n_ops + n_fw:
+            raise ValueError("HELLO answer shorter than its op list and firmware version")
+        ops = tuple(OPS.get(c, f"op{c}") for c in p[22:22 + n_ops])
+        fw = p[22 + n_ops:22 + n_ops + n_fw].decode("ascii", "replace")
+        dts = tuple(name for code, name in DTYPES.items() if mask >> code & 1)
+        return cls(ver, boot, arena, maxp, dts, ops, fw)
+
+
+def hello_request(version: int = PROTOCOL_VERSION) -> bytes:
+    return struct.pack("<HH", version, 0)
+
+
+def parse_stats(p: bytes) -> dict:
+    vals = struct.unpack_from(f"<{len(STATS_FIELDS)}I", p)
+    return dict(zip(STATS_FIELDS, vals))
+
+
+def fnv1a64(data) -> int:
+    """The graph hash (PROTOCOL.md §3.2): 64-bit FNV-1a of the blob."""
+    a = np.frombuffer(bytes(data), dtype=np.uint8)
+    h = 0xCBF29CE484222325
+    prime = 0x100000001B3
+    # pure Python per byte is slow for megabyte blobs: fold 8 lanes? FNV is inherently serial, so walk in chunks
+    # with int arithmetic on a bytes object (fast enough: ~10 MB/s; graphs are hashed once per compile)
+    for b in a.tobytes():
+        h = ((h ^ b) * prime) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def tensor_nbytes(dtype: str, shape) -> int:
+    shape = tuple(int(d) for d in shape)
+    if dtype in BLOCK_BYTES:
+        n, k = shape
+        return n * (k // 32) * BLOCK_BYTES[dtype]
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+@dataclass
+class BlobTensor:
+    dtype: str
+    shape: tuple
+    data: bytes | None = None  # constant data, or None for activations and graph inputs/outputs
+
+
+@dataclass
+class BlobNode:
+    op: str
+    inputs: list  # tensor ids, None for an absent optional input
+    output: int
+    attrs: list = field(default_factory=list)
+
+
+def encode_graph(tensors: list[BlobTensor], nodes: list[BlobNode], inputs: list[int], outputs: list[int]) -> bytes:
+    """The graph blob of PROTOCOL.md §6."""
+    meta = bytearray(struct.pack("<IHHHH", 0x46524745, len(tensors), len(nodes), len(inputs), len(outputs)))
+    size = len(meta)
+    for t in tensors:
+        size += 4 + 4 * len(t.shape) + (8 if t.data is not None else 0)
+    for nd in nodes:
+        size += 4 + 2 * len(nd.inputs) + 2 + 4 * len(nd.attrs)
+    size += 2 * (len(inputs) + len(outputs))
+    data_at = (size + 7) & ~7
+    blobs = bytearray()
+    for t in tensors:
+        meta += struct.pack("<BBBB", DTYPE_CODES[t.dtype], len(t.shape), t.data is not None, 0)
+        meta += struct.pack(f"<{len(t.shape)}I", *t.shape)
+        if t.data is not None:
+            want = tensor_nbytes(t.dtype, t.shape)
+            if len(t.data) != want:
+                raise ValueError(f"constant of {t.dtype}{tuple(t.shape)} holds {len(t.data)} bytes, expected {want}")
+            meta += struct.pack("<II", len(t.data), data_at + len(blobs))
+            blobs += t.data
+            blobs += b"\x00" * (-len(blobs) % 8)
+    for nd in nodes:
+        meta += struct.pack("<BBBB", OP_CODES[nd.op], len(nd.inputs), 1, len(nd.attrs))
+        meta += struct.pack(f"<{len(nd.inputs)}H", *[0xFFFF if i is None else i for i in nd.inputs])
+        meta += struct.pack("<H", nd.output)
+        meta += struct.pack(f"<{len(nd.attrs)}i", *nd.attrs)
+    meta += struct.pack(f"<{len(inputs)}H", *inputs)
+    meta += struct.pack(f"<{len(outputs)}H", *outputs)
+    assert len(meta) == size
+    meta += b"\x00" * (data_at - size)
+    return bytes(meta + blobs)

@@ -1,0 +1,130 @@
+"""The NPU emulator, host side: build the reference firmware as a native program and run it on a pseudo-terminal
+(``edgert npu-sim``, the tests, the benchmark).
+
+Build: on first use, ``make -C firmware_bridge sim`` with the system C compiler into ``$EDGERT_HOME/npu-sim/``
+(``~/.cache/edgert/npu-sim``); make rebuilds when a source changed. The sources are firmware_bridge/ and the C core's
+reference kernels in native/src/, found next to the package (a source checkout or an editable install), or under
+``$EDGERT_FIRMWARE_SRC`` (a firmware_bridge directory with native/ beside it). ``asan=True`` (or
+``EDGERT_NPU_SIM_ASAN=1``) runs the AddressSanitizer + UBSan build instead.
+
+Must not import anything above edgert.bridge.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from ..errors import DeviceError
+
+
+def _home() -> Path:
+    env = os.environ.get("EDGERT_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgert"
+
+
+def firmware_dir() -> Path:
+    env = os.environ.get("EDGERT_FIRMWARE_SRC")
+    d = Path(env) if env else Path(__file__).resolve().parents[2] / "firmware_bridge"
+    if not (d / "Makefile").is_file() or not (d.parent / "native" / "src" / "matmul" / "ref.c").is_file():
+        raise DeviceError(f"the NPU emulator's sources are not at {d} (firmware_bridge/ with native/ beside it): run "
+                          "from an edgert source checkout (pip install -e .) or set EDGERT_FIRMWARE_SRC")
+    return d
+
+
+def build(asan: bool = False) -> Path:
+    """Path of the emulator binary, built (or brought up to date) now. One build at a time (a file lock)."""
+    out = _home() / "npu-sim"
+    out.mkdir(parents=True, exist_ok=True)
+    if shutil.which("make") is None:
+        raise DeviceError("building the NPU emulator needs make and a C compiler (apt-get install make gcc)")
+    target = "sim-asan" if asan else "sim"
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        r = subprocess.run(["make", "-s", "-C", str(firmware_dir()), target, f"BUILD={out}"], capture_output=True,
+                           text=True)
+    if r.returncode != 0:
+        raise DeviceError(f"building the NPU emulator failed:\n{r.stdout}{r.stderr}")
+    return out / ("npu-sim-asan" if asan else "npu-sim")
+
+
+class NpuSim:
+    """A running emulator. ``url`` is its pty's path (any pyserial client opens it).
+
+    Device model: ``baud`` (0: unpaced), ``ops_per_s`` (compute speed, 0: as fast as this CPU), ``arena`` (bytes).
+    Faults: ``drop``/``corrupt``/``duplicate`` (per byte, both directions), ``stall_ms`` (per answer),
+    ``reset_after`` (reset when that many frames have ended), ``seed``."""
+
+    def __init__(self, *, baud: float = 0, ops_per_s: float = 0, arena: int = 0, drop: float = 0, corrupt: float = 0,
+                 duplicate: float = 0, stall_ms: int = 0, reset_after: int | None = None, seed: int | None = None,
+                 asan: bool | None = None):
+        if asan is None:
+            asan = os.environ.get("EDGERT_NPU_SIM_ASAN", "") not in ("", "0")
+        self.asan = asan
+        self.args = ["--baud", str(baud), "--ops-per-s", str(ops_per_s), "--arena", str(int(arena)), "--drop",
+                     str(drop), "--corrupt", str(corrupt), "--duplicate", str(duplicate), "--stall-ms",
+                     str(int(stall_ms))]
+        if reset_after is not None:
+            self.args += ["--reset-after", str(int(reset_after))]
+        if seed is not None:
+            self.args += ["--seed", str(int(seed))]
+        self.baud = baud
+        self.proc: subprocess.Popen | None = None
+        self.url: str | None = None
+        self.stderr = b""
+
+    def start(self) -> "NpuSim":
+        exe = build(self.asan)
+        env = dict(os.environ)
+        if self.asan:
+            env.setdefault("ASAN_OPTIONS", "abort_on_error=1:detect_leaks=0")
+            env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
+        # stdin is a pipe we hold: the emulator exits when this process goes away
+        self.proc = subprocess.Popen([str(exe), *self.args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env)
+        line = self.proc.stdout.readline().decode().strip()
+        if not line.startswith("npu-sim: "):
+            self.stop()
+            raise DeviceError(f"the NPU emulator did not start: {line!r} {self.stderr.decode(errors='replace')}")
+        self.url = line.split(": ", 1)[1]
+        self._err = threading.Thread(target=self._drain, daemon=True)
+        self._err.start()
+        return self
+
+    def _drain(self) -> None:
+        for chunk in iter(lambda: self.proc.stderr.read1(4096), b""):
+            self.stderr += chunk
+            sys.stderr.write(chunk.decode(errors="replace"))
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """Kill the emulator outright (a device that disappears)."""
+        if self.alive:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> int | None:
+        """Stop it; returns its exit status (a sanitizer report makes it non-zero, and shows on stderr)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # the emulator exits cleanly when its stdin closes
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> "NpuSim":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
