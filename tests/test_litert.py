@@ -128,7 +128,7 @@ def test_host_fc_runs_on_the_c_core(model_files):
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
-@pytest.mark.parametrize("m,k,n", [(1, 4, 16), (1, 3, 5), (3, 37, 33), (4, 64, 48), (7, 256, 100), (16, 300, 17)])
+@pytest.mark.parametrize("m,k,n", [(1, 4, 16), (1, 3, 5), (3, 37, 33), (4, 64, 48), (7, 256, 100), (16, 300, 17), (1, 96, 200), (2, 1030, 130)])
 def test_fc_kernel_vs_litert(isa, per_channel, m, k, n):
     data, p = tm.int8_fc_single(k=k, n=n, batch=m, per_channel=per_channel, seed=k + n)
     g = load_tflite(data)

@@ -52,6 +52,12 @@ class Int8FullyConnected:
                                 ffi.cast("void *", self.packed.ctypes.data)))
         self._scratch = None
         self._m = -1
+        # pointers cast once: a cffi cast costs about a microsecond, the whole kernel a few on small shapes
+        self._p_packed = ffi.cast("const void *", self.packed.ctypes.data)
+        self._p_bias = ffi.NULL if self.bias is None else ffi.cast("const int32_t *", self.bias.ctypes.data)
+        self._p_scale = ffi.cast("const float *", self.scale.ctypes.data)
+        self._p_scratch = ffi.NULL
+        self._lib = lib
 
     def compute_into(self, x: np.ndarray, y: np.ndarray) -> None:
         from ..native import check, ffi, lib
@@ -62,17 +68,17 @@ class Int8FullyConnected:
         m = x.size // self.k
         if m != self._m:
             self._scratch = _aligned(int(lib.et_fc_s8_scratch_size(m, self.k, self.n)))
+            self._p_scratch = ffi.cast("void *", self._scratch.ctypes.data)
             self._m = m
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
         if not y.flags.c_contiguous:
             raise DeviceError(f"FULLY_CONNECTED {self.out!r}: output buffer must be contiguous")
-        check(lib.et_fc_s8(ffi.cast("const int8_t *", x.ctypes.data), m, self.k,
-                           ffi.cast("const void *", self.packed.ctypes.data), self.n,
-                           ffi.NULL if self.bias is None else ffi.cast("const int32_t *", self.bias.ctypes.data),
-                           self.x_zp, ffi.cast("const float *", self.scale.ctypes.data), self.y_zp, self.lo, self.hi,
-                           ffi.cast("int8_t *", y.ctypes.data), ffi.cast("void *", self._scratch.ctypes.data),
-                           self.threads))
+        st = self._lib.et_fc_s8(ffi.cast("const int8_t *", x.ctypes.data), m, self.k, self._p_packed, self.n,
+                                self._p_bias, self.x_zp, self._p_scale, self.y_zp, self.lo, self.hi,
+                                ffi.cast("int8_t *", y.ctypes.data), self._p_scratch, self.threads)
+        if st:
+            check(st)
 
 
 def _act_range(act: int, s: float, zp: int) -> tuple[int, int] | None:
