@@ -620,7 +620,8 @@ def find_islands(topo: _Topology, units: Sequence[str]) -> list[list[int]]:
 
     def closes_cycle(merge: set[int], pred_groups: set[int]) -> bool:
         # after merging, a path leaving the merged island must never come back to it (or reach a producer island
-        # of the new node, which will point into it)
+        # of the new node, which will point into it). Edges between the merged islands themselves are fine; an edge
+        # from outside back into any of them is the cycle, so it is tested before the merged islands are skipped.
         targets = merge | pred_groups
         stack = [s for g in merge for s in succ[g] if s not in merge]
         seen = set(stack)
@@ -629,7 +630,9 @@ def find_islands(topo: _Topology, units: Sequence[str]) -> list[list[int]]:
             if g in targets:
                 return True
             for s in succ[g]:
-                if s not in seen and s not in merge:
+                if s in targets:
+                    return True
+                if s not in seen:
                     seen.add(s)
                     stack.append(s)
         return False

@@ -176,6 +176,33 @@ def test_find_islands_merges_branches_of_one_unit():
     assert P.find_islands(topo, ["npu", "cpu", "npu", "npu"]) == [[0, 2], [1], [3]]
 
 
+def reentrant(d=64):
+    """x -> b(Relu) -> x1(Softmax) -> a1(Relu) -> a2(Relu); b, a2 -> v(Add) -> y. With Softmax on the host, v's two
+    producer islands {b} and {a1, a2} cannot both take it: the merged island would feed x1 (through b) and wait for
+    it (through a1). The larger island is tried first, so only the path from {b} back into {a1, a2} shows the cycle."""
+    nodes = [helper.make_node("Relu", ["x"], ["tb"], name="b"),
+             helper.make_node("Softmax", ["tb"], ["tx"], name="x1"),
+             helper.make_node("Relu", ["tx"], ["ta1"], name="a1"),
+             helper.make_node("Relu", ["ta1"], ["ta2"], name="a2"),
+             helper.make_node("Add", ["tb", "ta2"], ["y"], name="v")]
+    g = helper.make_graph(nodes, "reentrant", [helper.make_tensor_value_info("x", T.FLOAT, [64, d])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [64, d])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_merge_of_two_producer_islands_checks_paths_back_into_either():
+    # regression: the reachability search skipped the merged islands themselves, so a path leaving one merged island
+    # and re-entering the other was missed ("partitioner produced a cyclic island graph" on rapidocr QDQ models)
+    topo = P._Topology(load_onnx(reentrant()))
+    islands = P.find_islands(topo, ["npu", "cpu", "npu", "npu", "npu"])
+    assert islands == [[0], [1], [2, 3, 4]]
+    p = edgert.plan(reentrant(), device=profile(npu_unit(["Relu", "Add"])))
+    assert_executable(p)
+    assert p.partition_of("b").id != p.partition_of("v").id
+
+
 def test_control_flow_node_is_atomic_and_judged_by_its_bodies():
     g = load_onnx(M.if_model())
     prof = profile(npu_unit(["ReduceSum", "Greater", "If", "Relu", "Mul"], dtypes=("float32", "bool")))
