@@ -142,7 +142,8 @@ class Session:
     def __init__(self, model_path, device: Any = "host", fallback: str = "allow", emulate: bool = False, *,
                  dims: Mapping[str, int] | None = None, threads: int | None = None, output_views: bool = False,
                  core: bool | str = "auto", telemetry: bool = True, min_nodes_per_partition: int = 1,
-                 max_partitions: int | None = None, lock_memory: bool = True):
+                 max_partitions: int | None = None, lock_memory: bool = True,
+                 device_options: Mapping[str, Any] | None = None):
         if fallback not in ("allow", "forbid"):
             raise InvalidArgumentError(f"fallback must be 'allow' or 'forbid', got {fallback!r}")
         self.model_path = model_path if not hasattr(model_path, "__fspath__") else os.fspath(model_path)
@@ -150,6 +151,15 @@ class Session:
                            else getattr(getattr(model_path, "graph", None), "name", "model"))
         self._graph0 = _load(self.model_path)
         self.profile = profiles.load(device) if isinstance(device, (str, os.PathLike)) else device
+        # device_options (e.g. {"url": ...} for serial-npu) go to device delegates; a delegate with refine_unit
+        # narrows its unit to what the device itself reports (serial-npu: HELLO) before anything is planned
+        self.device_options = dict(device_options or {})
+        if not emulate:
+            units = [getattr(delegates.get(u.delegate), "refine_unit", None) if delegates.is_registered(u.delegate)
+                     else None for u in self.profile.units]
+            if any(units):
+                self.profile = dataclasses.replace(self.profile, units=[
+                    f(u, self.device_options) if f else u for f, u in zip(units, self.profile.units)])
         self.device = self.profile.name
         self.fallback, self.emulate = fallback, bool(emulate)
         self.threads, self.output_views, self.core = threads, output_views, core
@@ -209,6 +219,7 @@ class Session:
             "pool_bytes": sum(p.nbytes for p in pools), "pool_allocations": sum(p.allocations for p in pools),
             "pool_locked": bool(pools) and all(p.locked for p in pools),
             "lock_error": "; ".join(p.lock_error for p in pools if p.lock_error) or None,
+            **delegates.serial_npu.link_stats(b.compiled if b else []),
         }
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], run_options=None) -> list[np.ndarray]:
@@ -341,7 +352,7 @@ class Session:
                 opts = {"threads": self.threads, "emulate": True}
             else:
                 d = delegates.get(unit.delegate)()
-                opts = {"threads": self.threads, "fallback": self.fallback}
+                opts = {"threads": self.threads, "fallback": self.fallback, **self.device_options}
             compiled.append(d.compile(part, export, unit, opts))
 
         # where each tensor must be: (side, tensor)

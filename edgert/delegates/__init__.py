@@ -7,5 +7,6 @@ from .base import CompiledPartition, Delegate, get, is_registered, register, reg
 from . import onnxruntime as _onnxruntime  # noqa: F401  (registers "onnxruntime")
 from . import host as _host  # noqa: F401  (registers "host")
 from . import litert as _litert  # noqa: F401  (registers "litert"; LiteRT itself is imported on first use)
+from . import serial_npu as _serial_npu  # noqa: F401  (registers "serial-npu"; pyserial is imported on first use)
 
 __all__ = ["CompiledPartition", "Delegate", "get", "is_registered", "register", "registered"]

@@ -1,0 +1,80 @@
+"""Tiny int8 ONNX models for the serial NPU tests and benchmark, built in code (QOperator form: QLinearConv,
+depthwise QLinearConv, Relu, Reshape, QLinearMatMul, MatMulInteger + Add)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def int8_cnn(seed: int = 0, c: int = 3, hw: int = 8, classes: int = 10, uint8_input: bool = False):
+    """x int8/uint8 (1, c, hw, hw) -> QLinearConv 3x3 (8 ch) -> depthwise QLinearConv 3x3 s2 -> Relu -> Reshape ->
+    QLinearMatMul -> y int8 (1, classes)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    xdt = np.uint8 if uint8_input else np.int8
+    xtp = TensorProto.UINT8 if uint8_input else TensorProto.INT8
+    h2 = (hw + 1) // 2
+    inits = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
+        numpy_helper.from_array(np.array(128 if uint8_input else 3, xdt), "xzp"),
+        numpy_helper.from_array(rng.integers(-60, 60, (8, c, 3, 3)).astype(np.int8), "w1"),
+        numpy_helper.from_array((rng.random(8) * 0.02 + 0.005).astype(np.float32), "w1s"),
+        numpy_helper.from_array(np.zeros(8, np.int8), "w1zp"),
+        numpy_helper.from_array(np.array(0.11, np.float32), "y1s"),
+        numpy_helper.from_array(np.array(-2, np.int8), "y1zp"),
+        numpy_helper.from_array(rng.integers(-500, 500, 8).astype(np.int32), "b1"),
+        numpy_helper.from_array(rng.integers(-60, 60, (8, 1, 3, 3)).astype(np.int8), "w2"),
+        numpy_helper.from_array(np.array(0.013, np.float32), "w2s"),
+        numpy_helper.from_array(np.array(0, np.int8), "w2zp"),
+        numpy_helper.from_array(np.array(0.07, np.float32), "y2s"),
+        numpy_helper.from_array(np.array(1, np.int8), "y2zp"),
+        numpy_helper.from_array(np.array([1, 8 * h2 * h2], np.int64), "shape"),
+        numpy_helper.from_array(rng.integers(-60, 60, (8 * h2 * h2, classes)).astype(np.int8), "w3"),
+        numpy_helper.from_array(np.array(0.009, np.float32), "w3s"),
+        numpy_helper.from_array(np.array(0, np.int8), "w3zp"),
+        numpy_helper.from_array(np.array(0.2, np.float32), "y3s"),
+        numpy_helper.from_array(np.array(0, np.int8), "y3zp"),
+    ]
+    nodes = [
+        helper.make_node("QLinearConv", ["x", "xs", "xzp", "w1", "w1s", "w1zp", "y1s", "y1zp", "b1"], ["c1"],
+                         pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("QLinearConv", ["c1", "y1s", "y1zp", "w2", "w2s", "w2zp", "y2s", "y2zp"], ["c2"],
+                         pads=[1, 1, 1, 1], strides=[2, 2], group=8, name="dw2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Reshape", ["r2", "shape"], ["f"], name="flat"),
+        helper.make_node("QLinearMatMul", ["f", "y2s", "y2zp", "w3", "w3s", "w3zp", "y3s", "y3zp"], ["y"], name="fc"),
+    ]
+    g = helper.make_graph(nodes, "int8_cnn", [helper.make_tensor_value_info("x", xtp, [1, c, hw, hw])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT8, [1, classes])], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def int8_mlp(seed: int = 0, k: int = 64, n: int = 32, m: int = 4):
+    """x int8 (m, k) -> MatMulInteger (int32) -> Add bias (int32) -> Relu -> y int32 (m, n)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (k, n)).astype(np.int8), "w"),
+             numpy_helper.from_array(np.array(5, np.int8), "xzp"),
+             numpy_helper.from_array(rng.integers(-20000, 20000, n).astype(np.int32), "b")]
+    nodes = [helper.make_node("MatMulInteger", ["x", "w", "xzp"], ["acc"], name="mm"),
+             helper.make_node("Add", ["acc", "b"], ["z"], name="bias"),
+             helper.make_node("Relu", ["z"], ["y"], name="relu")]
+    g = helper.make_graph(nodes, "int8_mlp", [helper.make_tensor_value_info("x", TensorProto.INT8, [m, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])], initializer=inits)
+    mdl = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    mdl.ir_version = 8
+    onnx.checker.check_model(mdl)
+    return mdl
+
+
+def ort_run(model, feeds):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)
