@@ -53,7 +53,14 @@ def _generated():
             if PATTERN.match(c.name) and c.model is not None and c.data_sets]
 
 
-CASES = _from_files() or _generated()
+def _numpy_values(case) -> bool:
+    arrays = [np.asarray(a) if isinstance(a, np.generic) else a for a in [*case[2], *case[3]]]
+    return all(isinstance(a, np.ndarray) and a.dtype.kind != "V" and a.dtype.name in np.sctypeDict for a in arrays)
+
+
+# float8 / int4 / int2 / float4 DequantizeLinear cases are left out: their values have no numpy dtype (edgert's
+# pools hold numpy arrays) and the host delegate claims DequantizeLinear only for int8 / uint8 / int32 weights
+CASES = [c for c in (_from_files() or _generated()) if _numpy_values(c)]
 
 
 def test_cases_cover_every_claimed_op():
@@ -70,10 +77,6 @@ def test_node_case_on_host(tmp_path, name, model, inputs, outputs):
     telemetry.set_enabled(False)
     inputs = [np.asarray(a) if isinstance(a, np.generic) else a for a in inputs]
     outputs = [np.asarray(a) if isinstance(a, np.generic) else a for a in outputs]
-    odd = [a for a in [*inputs, *outputs] if not isinstance(a, np.ndarray) or a.dtype.kind == "V"
-           or a.dtype.name not in np.sctypeDict]
-    if odd:  # float8 / int4 values have no numpy dtype: the pool holds numpy arrays only
-        pytest.skip(f"{name}: values of a type numpy lacks ({type(odd[0]).__name__})")
     path = tmp_path / "model.onnx"
     onnx.save(model, path)
     names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
@@ -82,17 +85,11 @@ def test_node_case_on_host(tmp_path, name, model, inputs, outputs):
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception:
         # cases are written at the newest opset; onnxruntime may implement the op only up to an older one
-        try:
-            from onnx import version_converter
+        from onnx import version_converter
 
-            onnx.save(version_converter.convert_version(model, 21), path)
-            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # the CPU provider itself lacks the type (int2, float4e2m1, ...)
-            pytest.skip(f"onnxruntime {ort.__version__} cannot load {name}: {str(exc)[:120]}")
-    try:
-        s = edgert.Session(str(path), "host")
-    except edgert.ModelFormatError as exc:
-        pytest.skip(f"edgert's loader does not take {name}: {str(exc)[:160]}")
+        onnx.save(version_converter.convert_version(model, 21), path)
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    s = edgert.Session(str(path), "host")
     got = s.run(None, feeds)
     assert len(got) == len(outputs)
     for g, want in zip(got, outputs):
