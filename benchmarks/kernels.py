@@ -11,8 +11,9 @@ embedding). For each, at 1 and 2 threads:
   - GEMM (M=64), GOP/s = 2*M*N*K / s, cache-resident weights (the kernel is compute bound).
 Peers: q4_0/q4_1 against onnxruntime MatMulNBits (bits=4, block_size=32, accuracy_level=4, symmetric), q8_0 against
 MatMulInteger (int8 weights, activations through DynamicQuantizeLinear, output cast to float and rescaled), and
-numpy float32 x @ w.T. The 4096x4096 GEMV peers run DRAM-sized too: sessions that each chain 16 distinct
-matrices, rotated until >= 1 GiB of weights has been read; the other GEMV peers have warm caches (marked "warm").
+numpy float32 x @ w.T. The onnxruntime GEMV peers stream from DRAM too (marked "dram"): sessions of >= 16 distinct
+matrices (chained output -> input when N == K, side by side on one input otherwise), rotated until they have read as
+many weight bytes as edgert's rotation. GEMM peers, like edgert's GEMM, use one cached matrix ("warm").
 The ratio is peer time / edgert time (> 1: edgert is faster). Timings: time.perf_counter, warm-up, best of
 several repetitions (other processes share the CPU).
 
@@ -139,21 +140,27 @@ def _int8_node(helper, numpy_helper, rng, n, k, inp, out, tag):
 
 
 def ort_session(ort, op: str, n: int, k: int, chain: int, threads: int, seed: int):
-    """A session of `chain` distinct (N, K) matmuls; chained output -> input (needs N == K when chain > 1)."""
+    """A session of `chain` distinct (N, K) matmuls: chained output -> input when N == K, else side by side on the
+    same input, every output a graph output (copying them out costs < 2% of reading the weights)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     make = _nbits_node if op == "MatMulNBits" else _int8_node
-    nodes, inits = [], []
+    chained = n == k
+    nodes, inits, outs = [], [], []
     for i in range(chain):
-        inp = "x" if i == 0 else f"h{i}"
-        out = "y" if i == chain - 1 else f"h{i + 1}"
+        if chained:
+            inp = "x" if i == 0 else f"h{i}"
+            out = "y" if i == chain - 1 else f"h{i + 1}"
+        else:
+            inp, out = "x", f"y{i}"
         nd, it = make(helper, numpy_helper, rng, n, k, inp, out, i)
         nodes += nd
         inits += it
+        if out.startswith("y"):
+            outs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, ["M", n]))
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], initializer=inits,
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])], outs, initializer=inits,
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
@@ -263,7 +270,8 @@ def main(argv=None) -> int:
         f"numpy {np.__version__}; onnxruntime {ort.__version__ if ort else 'not installed'}",
         "ratio = peer time / edgert time (> 1: edgert faster). GEMV edgert rotates through "
         f"{min_rotation / GIB:.2f} GiB of distinct matrices per row; "
-        "peer 'dram' = rotating sessions of 16 chained 4096x4096 matrices, 'warm' = one cached matrix.",
+        "GEMV peer 'dram' = rotating sessions of distinct matrices (chained when N == K) over as many bytes; "
+        "GEMM peers 'warm' = one cached matrix, as edgert's.",
     ]
     if quick:
         notes.append("--quick: 0.25 GiB rotations (may be served partly from L3), 2 repetitions, fewer peers.")
@@ -292,15 +300,12 @@ def main(argv=None) -> int:
                 op = PEER_OP[fmt]
                 key = (op, n, k, t)
                 if ort and key not in peer_cache:
-                    dram = (n, k) == (4096, 4096)
-                    if dram:
-                        per = ort_weight_bytes(op, n, k) * 16
-                        n_sess = 1 if quick else max(1, -(-GIB // per))
-                        sessions = [ort_session(ort, op, n, k, 16, t, seed=10 + i) for i in range(n_sess)]
-                        peer_cache[key] = (ort_time(sessions, 1, k, 2 if quick else 3, 16), "dram")
-                    else:
-                        sessions = [ort_session(ort, op, n, k, 1, t, seed=10)]
-                        peer_cache[key] = (ort_time(sessions, 1, k, 20 if quick else 50, 1), "warm")
+                    # the peer rotates through as many weight bytes as edgert does (>= 64 MiB per session)
+                    one = ort_weight_bytes(op, n, k)
+                    chain = max(16, -(-(64 << 20) // one))
+                    n_sess = max(1, -(-min_rotation // (one * chain)))
+                    sessions = [ort_session(ort, op, n, k, chain, t, seed=10 + i) for i in range(n_sess)]
+                    peer_cache[key] = (ort_time(sessions, 1, k, 2 if quick else 3, chain), "dram")
                     del sessions
                 pt, where = peer_cache.get(key, (None, ""))
                 if np_t[t] is None and not quick:

@@ -65,11 +65,11 @@
 #define ET_TILE_M 8 /* activation rows whose float accumulators stay in registers */
 #endif
 #define ET_SEG 32       /* blocks per packed segment */
-#ifndef ET_EXP
-#define ET_EXP 0
-#endif
 #ifndef ET_PF_BYTES
 #define ET_PF_BYTES 16384 /* GEMV prefetch distance, at least one 16-row tile */
+#endif
+#ifndef ET_PF_STEP
+#define ET_PF_STEP 64
 #endif
 #ifndef ET_PF_HINT
 #define ET_PF_HINT _MM_HINT_T1
@@ -142,25 +142,24 @@ ET_INLINE const uint8_t *tile_row(const uint8_t *base, size_t ws, int nr, int r)
     return base + (size_t)(r < nr ? r : nr - 1) * ws;
 }
 
-/* 16 rows x 16 bytes at p + r * ws -> q[t] lane r = bytes 4t..4t+3 of row r */
+/* 16 rows x 16 bytes at p + r * ws -> q[t] lane r = bytes 4t..4t+3 of row r: 8 two-source permutes */
 ET_INLINE void transpose_16x16(const uint8_t *p, size_t ws, int nr, __m512i q[4]) {
-    const __m512i idx = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
-    __m512i z[4];
+    __m512i z[4]; /* z[i] lane 4s + t = dword t of row 4i + s */
     for (int i = 0; i < 4; i++) {
         __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)tile_row(p, ws, nr, 4 * i)));
         v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)tile_row(p, ws, nr, 4 * i + 1)), 1);
         v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)tile_row(p, ws, nr, 4 * i + 2)), 2);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)tile_row(p, ws, nr, 4 * i + 3)), 3);
-        z[i] = _mm512_permutexvar_epi32(idx, v); /* 128-bit lane t = dword t of its 4 rows */
+        z[i] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)tile_row(p, ws, nr, 4 * i + 3)), 3);
     }
-    const __m512i t0 = _mm512_shuffle_i32x4(z[0], z[1], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i t1 = _mm512_shuffle_i32x4(z[0], z[1], _MM_SHUFFLE(3, 2, 3, 2));
-    const __m512i t2 = _mm512_shuffle_i32x4(z[2], z[3], _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512i t3 = _mm512_shuffle_i32x4(z[2], z[3], _MM_SHUFFLE(3, 2, 3, 2));
-    q[0] = _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(2, 0, 2, 0));
-    q[1] = _mm512_shuffle_i32x4(t0, t2, _MM_SHUFFLE(3, 1, 3, 1));
-    q[2] = _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(2, 0, 2, 0));
-    q[3] = _mm512_shuffle_i32x4(t1, t3, _MM_SHUFFLE(3, 1, 3, 1));
+    /* lane 8u + r of lo (hi) = dword u (2 + u) of row r of the 8 rows in (z[2h], z[2h+1]) */
+    const __m512i ilo = _mm512_set_epi32(29, 25, 21, 17, 13, 9, 5, 1, 28, 24, 20, 16, 12, 8, 4, 0);
+    const __m512i ihi = _mm512_set_epi32(31, 27, 23, 19, 15, 11, 7, 3, 30, 26, 22, 18, 14, 10, 6, 2);
+    const __m512i lo0 = _mm512_permutex2var_epi32(z[0], ilo, z[1]), hi0 = _mm512_permutex2var_epi32(z[0], ihi, z[1]);
+    const __m512i lo1 = _mm512_permutex2var_epi32(z[2], ilo, z[3]), hi1 = _mm512_permutex2var_epi32(z[2], ihi, z[3]);
+    q[0] = _mm512_shuffle_i32x4(lo0, lo1, _MM_SHUFFLE(1, 0, 1, 0));
+    q[1] = _mm512_shuffle_i32x4(lo0, lo1, _MM_SHUFFLE(3, 2, 3, 2));
+    q[2] = _mm512_shuffle_i32x4(hi0, hi1, _MM_SHUFFLE(1, 0, 1, 0));
+    q[3] = _mm512_shuffle_i32x4(hi0, hi1, _MM_SHUFFLE(3, 2, 3, 2));
 }
 
 /* byte offset of each of a tile's rows from the first, for the scale gather */
@@ -189,11 +188,7 @@ ET_INLINE void pack_block(int fmt, const uint8_t *w, size_t ws, int nr, __m512i 
         }
     }
     /* the 16 rows' scale (and q4_1 min) of a block: one gather of the block's first dword per row */
-#if ET_EXP == 1
-    const __m512i dm = _mm512_add_epi32(rofs, _mm512_set1_epi32(load_i32(blk)));
-#else
     const __m512i dm = _mm512_i32gather_epi32(rofs, blk, 1);
-#endif
     pk->d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
     pk->m = fmt == FMT_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16))) : _mm512_setzero_ps();
 }
@@ -358,7 +353,7 @@ ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws
     const uint8_t *pf = w + (tile_bytes > ET_PF_BYTES ? tile_bytes : ET_PF_BYTES);
     for (int64_t b = 0; b < nb; b++) {
         if (ET_PF_BYTES)
-            for (size_t o = 0; o < 16 * bs; o += 64) _mm_prefetch((const char *)(pf + (size_t)b * 16 * bs + o), ET_PF_HINT);
+            for (size_t o = 0; o < 16 * bs; o += ET_PF_STEP) _mm_prefetch((const char *)(pf + (size_t)b * 16 * bs + o), ET_PF_HINT);
         pk_block pk;
         pack_block(fmt, w, ws, nr, rofs, b, &pk);
 #pragma GCC unroll 4
