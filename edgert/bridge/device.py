@@ -8,6 +8,7 @@ What to redo is the caller's business (the serial-npu delegate reloads by hash a
 from __future__ import annotations
 
 import struct
+import sys
 
 import numpy as np
 
@@ -39,6 +40,8 @@ class SerialNpuDevice:
         self.bytes_to_host = 0     # tensor bytes read
         self.graphs_sent = 0
         self.graphs_cached = 0     # LOAD_BEGIN found the graph already on the device
+        self.chunk = None          # bytes per WRITE/READ/LOAD_CHUNK frame: adapts to the line's error rate
+        self._clean = 0
 
     # ---- session ----------------------------------------------------------------------------------------------
     def hello(self) -> P.HelloInfo:
@@ -68,10 +71,10 @@ class SerialNpuDevice:
     def ensure_session(self) -> P.HelloInfo:
         return self.info if self.info is not None else self.hello()
 
-    def _call(self, type_: int, payload: bytes = b"", expect_bytes: int = 0):
+    def _call(self, type_: int, payload: bytes = b"", expect_bytes: int = 0, retries: int | None = None):
         self.ensure_session()
         try:
-            return self.link.transact(type_, payload, expect_bytes=expect_bytes)
+            return self.link.transact(type_, payload, expect_bytes=expect_bytes, retries=retries)
         except DeviceStatusError as exc:
             if exc.status != P.ERR_NO_SESSION:
                 raise
@@ -91,10 +94,9 @@ class SerialNpuDevice:
         if f.payload[:1] == b"\x01":
             self.graphs_cached += 1
             return h
-        step = self.link.max_payload - 12
         mv = memoryview(blob)
-        for off in range(0, len(blob), step):
-            self._call(P.LOAD_CHUNK, struct.pack("<QI", h, off) + mv[off:off + step].tobytes())
+        self._chunked(len(blob), 12, lambda off, n, r: self._call(
+            P.LOAD_CHUNK, struct.pack("<QI", h, off) + mv[off:off + n].tobytes(), retries=r))
         self._call(P.LOAD_COMMIT, struct.pack("<Q", h))
         self.bytes_graph += len(blob)
         self.graphs_sent += 1
@@ -113,23 +115,53 @@ class SerialNpuDevice:
     def write(self, handle: int, data, offset: int = 0) -> None:
         """Stream ``data`` (any buffer) into the tensor, one frame per chunk of at most max_payload - 8 bytes."""
         mv = memoryview(np.ascontiguousarray(data)).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
-        step = self.link.max_payload - 8
-        for off in range(0, len(mv), step):
-            chunk = mv[off:off + step]
-            self._call(P.WRITE, struct.pack("<II", handle, offset + off) + chunk.tobytes())
-            self.bytes_to_device += len(chunk)
+        def put(off, n, r):
+            self._call(P.WRITE, struct.pack("<II", handle, offset + off) + mv[off:off + n].tobytes(), retries=r)
+            self.bytes_to_device += n
+        self._chunked(len(mv), 8, put)
 
     def read(self, handle: int, out, offset: int = 0) -> None:
         """Stream the tensor into ``out`` (a writable contiguous buffer: numpy array, bytearray)."""
         mv = memoryview(out).cast("B") if not isinstance(out, bytearray) else memoryview(out)
-        step = self.link.max_payload
-        for off in range(0, len(mv), step):
-            n = min(step, len(mv) - off)
-            f = self._call(P.READ, struct.pack("<III", handle, offset + off, n), expect_bytes=n + n // 254 + 20)
+        def get(off, n, r):
+            f = self._call(P.READ, struct.pack("<III", handle, offset + off, n), expect_bytes=n + n // 254 + 20,
+                           retries=r)
             if len(f.payload) != n:
                 raise LinkError(f"serial NPU {self.link.url}: READ returned {len(f.payload)} bytes, asked for {n}")
             mv[off:off + n] = f.payload
             self.bytes_to_host += n
+        self._chunked(len(mv), 0, get)
+
+    MIN_CHUNK = 32
+
+    def _chunked(self, total: int, overhead: int, send) -> None:
+        """Call ``send(offset, n, retries)`` over ``total`` bytes in chunks. WRITE, READ and LOAD_CHUNK are
+        idempotent by content (the same bytes at the same offset), so a chunk that gets no answer within a few
+        retransmissions is sent again as two halves under new sequence numbers: on a noisy line long frames rarely
+        arrive whole, short ones do. The chunk grows back after a run of clean transfers."""
+        top = self.link.max_payload - overhead
+        if self.chunk is None:
+            self.chunk = top
+        off = 0
+        while off < total:
+            n = min(self.chunk, top, total - off)
+            small = n <= self.MIN_CHUNK
+            before = self.link.stats.retransmits
+            try:
+                send(off, n, None if small else 3)
+            except DeviceStatusError:
+                raise
+            except LinkError:
+                if small or isinstance(sys.exc_info()[1], DeviceResetError):
+                    raise
+                self.chunk = max(self.MIN_CHUNK, n // 2)
+                self._clean = 0
+                continue
+            off += n
+            self._clean = self._clean + 1 if self.link.stats.retransmits == before else 0
+            if self._clean >= 8 and self.chunk < top:
+                self.chunk = min(top, self.chunk * 2)
+                self._clean = 0
 
     def invoke(self, graph_hash: int, inputs: list[int], outputs: list[int]) -> tuple[float, int]:
         """Run a resident graph on bound tensors; returns (device compute seconds, ops)."""

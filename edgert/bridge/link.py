@@ -129,9 +129,10 @@ class SerialLink:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
 
-    def transact(self, type_: int, payload: bytes = b"", *, expect_bytes: int = 0, check: bool = True) -> Frame:
+    def transact(self, type_: int, payload: bytes = b"", *, expect_bytes: int = 0, check: bool = True,
+                 retries: int | None = None) -> Frame:
         """Send request ``type_`` with ``payload`` and return its answer (a Frame). Retransmits per PROTOCOL.md §4.
-        ``check``: raise DeviceStatusError when the answer carries an error status."""
+        ``check``: raise DeviceStatusError when the answer carries an error status. ``retries`` overrides the link's."""
         if self._closed:
             raise LinkError(f"serial NPU link {self.url} is closed")
         seq = self.next_seq()
@@ -167,9 +168,10 @@ class SerialLink:
                 if self.decoder.broken != before:
                     resend = True
             tries += 1
-            if tries > self.retries:
+            limit = self.retries if retries is None else retries
+            if tries > limit:
                 raise LinkError(f"serial NPU {self.url}: no answer to {P.MESSAGE_NAMES.get(type_, type_)} (seq {seq}) "
-                                f"after {self.retries} retransmissions; the device stopped answering (is the "
+                                f"after {limit} retransmissions; the device stopped answering (is the "
                                 "emulator running, the cable in, the baud rate right?)")
             if not resend:
                 wait = min(wait * 2, base * 8)

@@ -1,0 +1,174 @@
+"""The reference firmware under the emulator (the AddressSanitizer + UBSan build): end to end bit-exact against
+onnxruntime, graphs cached on the device, a fault soak, device reset and a killed emulator (failover), the q-block
+matmul against the C core, version mismatch."""
+import logging
+import os
+
+import numpy as np
+import pytest
+
+import edgert
+from edgert.bridge import NpuSim, SerialNpuDevice
+from edgert.bridge import protocol as P
+from edgert.bridge.device import ProtocolVersionError
+from edgert.delegates import serial_npu
+
+from bridge_models import int8_cnn, int8_mlp, ort_run
+
+ASAN = os.environ.get("EDGERT_NPU_SIM_ASAN", "1") != "0"  # tests run the sanitizer build unless told otherwise
+
+
+def sim(**kw):
+    return NpuSim(asan=ASAN, **kw)
+
+
+def feeds(model, rng):
+    t = model.graph.input[0].type.tensor_type
+    shape = [d.dim_value for d in t.shape.dim]
+    dt = np.uint8 if t.elem_type == 2 else np.int8
+    return {"x": rng.integers(np.iinfo(dt).min, np.iinfo(dt).max + 1, shape).astype(dt)}
+
+
+def session(model, url, **kw):
+    return edgert.Session(model, device="serial-npu", fallback="forbid", device_options={"url": url, **kw},
+                          telemetry=False)
+
+
+@pytest.mark.parametrize("make", [int8_cnn, lambda: int8_cnn(seed=3, hw=7), int8_mlp])
+def test_end_to_end_bit_exact_and_weights_sent_once(make):
+    model = make()
+    rng = np.random.default_rng(0)
+    with sim() as s:
+        sess = session(model, s.url)
+        assert [p.delegate for p in sess.plan.partitions] == ["serial-npu"]
+        for _ in range(5):
+            f = feeds(model, rng)
+            np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        st = sess.stats()
+        assert st["failovers"] == 0 and st["retransmits"] == 0
+        part = sess._bound.compiled[0]
+        sent = part.state.device.bytes_graph
+        assert sent == len(part.blob) and part.state.device.graphs_sent == 1
+        sess.close()
+        # a second session (a new connection) finds the graph on the device by its hash: no weights sent again
+        sess2 = session(model, s.url)
+        f = feeds(model, rng)
+        np.testing.assert_array_equal(sess2.run(None, f)[0], ort_run(model, f)[0])
+        dev = sess2._bound.compiled[0].state.device
+        assert dev.bytes_graph == 0 and dev.graphs_cached == 1
+        # only boundary tensors crossed: tensor bytes equal the plan's transfers
+        est = sess2.plan.estimates
+        assert dev.bytes_to_device == est["bytes_to_device"] and dev.bytes_to_host == est["bytes_to_host"]
+        stats = dev.stats()
+        assert stats["invokes"] == 6 and stats["arena_used"] > 0 and stats["graphs"] == 1
+        sess2.close()
+    assert s.proc.returncode == 0, s.stderr.decode()
+
+
+@pytest.mark.slow
+def test_fault_soak_1000_invocations():
+    """1% dropped and 1% corrupted bytes (each direction): 1000 invocations, none wrong, lost or duplicated."""
+    model = int8_mlp(k=16, n=4, m=1)
+    rng = np.random.default_rng(7)
+    with sim(drop=0.01, corrupt=0.01, seed=11) as s:
+        sess = session(model, s.url, timeout_s=0.05, retries=200)
+        part = None
+        for i in range(1000):
+            f = feeds(model, rng)
+            np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0], err_msg=f"invocation {i}")
+            part = sess._bound.compiled[0]
+        st = sess.stats()
+        dev = part.state.device.stats()
+        sess.close()
+    assert st["failovers"] == 0 and part.runs_on_device == 1000
+    assert dev["invokes"] == 1000          # exactly once each: retransmitted INVOKEs were answered from the cache
+    assert st["retransmits"] > 50 and st["resyncs"] > 50
+    assert dev["duplicates"] > 0
+
+
+def test_reset_mid_inference_fails_over_then_recovers(caplog):
+    model = int8_cnn()
+    rng = np.random.default_rng(1)
+    with sim(reset_after=12) as s:  # HELLO, LOAD x3, ALLOC, WRITE, ALLOC, INVOKE, READ = 9; the 2nd run dies
+        sess = session(model, s.url, retry_after_s=0.0)
+        with caplog.at_level(logging.WARNING, logger="edgert.serial_npu"):
+            for _ in range(4):
+                f = feeds(model, rng)
+                np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        st = sess.stats()
+        part = sess._bound.compiled[0]
+        assert st["failovers"] == 1 and part.runs_on_host == 1 and part.runs_on_device == 3
+        assert "completes on the host" in caplog.text
+        assert part.state.device.graphs_sent == 1  # the new connection re-handshook and reloaded by hash
+        sess.close()
+
+
+def test_killed_emulator_fails_over_with_back_off():
+    model = int8_mlp()
+    rng = np.random.default_rng(2)
+    s = sim().start()
+    sess = session(model, s.url, retry_after_s=30.0, timeout_s=0.05, retries=2)
+    f = feeds(model, rng)
+    np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+    s.kill()
+    for _ in range(3):
+        f = feeds(model, rng)
+        np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+    part = sess._bound.compiled[0]
+    assert sess.stats()["failovers"] == 1 and part.runs_on_host == 3  # backed off: the device is not retried yet
+    sess.close()
+
+
+def test_stalled_device_retransmits_and_executes_once():
+    with sim(stall_ms=80) as s:
+        dev = SerialNpuDevice(s.url, timeout=0.03, retries=10)
+        dev.hello()
+        h = dev.alloc(64)
+        dev.write(h, np.arange(64, dtype=np.uint8))
+        out = np.zeros(64, np.uint8)
+        dev.read(h, out)
+        assert (out == np.arange(64)).all()
+        st = dev.stats()
+        assert dev.link.stats.retransmits > 0 and st["duplicates"] > 0 and st["tensors"] == 1
+        dev.close()
+
+
+def test_qblock_matmul_is_the_c_core_reference():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((24, 64)).astype(np.float32)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    before = edgert.native.info()["isa"]
+    edgert.native.set_isa("ref")
+    try:
+        for fmt in ("q4_0", "q4_1", "q8_0"):
+            qw = edgert.quantize(w, fmt)
+            want = edgert.matmul(x, qw, threads=1)
+            blob = P.encode_graph([P.BlobTensor("float32", (3, 64)), P.BlobTensor(fmt, (24, 64), bytes(qw.raw)),
+                                   P.BlobTensor("float32", (3, 24))], [P.BlobNode("MatMulQBlock", [0, 1], 2)], [0], [2])
+            with sim() as s:
+                dev = SerialNpuDevice(s.url)
+                g = dev.load_graph(blob)
+                hx, hy = dev.alloc(x.nbytes), dev.alloc(3 * 24 * 4)
+                dev.write(hx, x)
+                dev.invoke(g, [hx], [hy])
+                y = np.zeros((3, 24), np.float32)
+                dev.read(hy, y)
+                dev.close()
+            np.testing.assert_array_equal(y, want)
+    finally:
+        edgert.native.set_isa(before)
+
+
+def test_protocol_errors_and_version_mismatch():
+    with sim(arena=4096) as s:
+        with pytest.raises(ProtocolVersionError, match="edgert speaks version 2, the device .* speaks version 1"):
+            SerialNpuDevice(s.url, protocol_version=2).hello()
+        dev = SerialNpuDevice(s.url)
+        assert dev.hello().arena_bytes == 4096
+        with pytest.raises(edgert.LinkError, match="ERR_NOMEM"):
+            dev.alloc(8192)
+        with pytest.raises(edgert.LinkError, match="ERR_HANDLE"):
+            dev.write(99, b"x")
+        with pytest.raises(edgert.LinkError, match="ERR_GRAPH"):
+            dev.load_graph(b"not a graph at all")
+        dev.close()
