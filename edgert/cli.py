@@ -229,6 +229,24 @@ def cmd_devices(args) -> int:
     return 0
 
 
+def cmd_npu_sim(args) -> int:
+    from .bridge import NpuSim
+
+    sim = NpuSim(baud=args.baud, ops_per_s=args.ops_per_s, arena=args.arena, drop=args.drop, corrupt=args.corrupt,
+                 duplicate=args.duplicate, stall_ms=args.stall_ms, reset_after=args.reset_after, asan=args.asan)
+    sim.start()
+    print(sim.url, flush=True)
+    print(f"edgert npu-sim: firmware on {sim.url} at {args.baud:g} baud; use --device serial-npu --device-url "
+          f"{sim.url}; Ctrl-C stops it", file=sys.stderr, flush=True)
+    try:
+        sim.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sim.stop()
+    return 0
+
+
 def cmd_plan(args) -> int:
     from .errors import InvalidArgumentError
     from .plan import plan
@@ -271,7 +289,8 @@ def cmd_run(args) -> int:
             feeds[name] = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise InvalidArgumentError(f"--input {name}: cannot read {path} as a .npy array: {exc}") from None
-    sess = Session(args.model, device=args.device, fallback=args.fallback, emulate=args.emulate)
+    sess = Session(args.model, device=args.device, fallback=args.fallback, emulate=args.emulate,
+                   device_options={"url": args.device_url} if getattr(args, "device_url", None) else None)
     names = [o.name for o in sess.get_outputs()]
     outs = sess.run(names, feeds)
     if args.output:
@@ -466,7 +485,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fallback", choices=["allow", "forbid"], default="allow",
                    help="forbid: fail when the device or an op is missing (default allow: run it on the host)")
     s.add_argument("--no-telemetry", action="store_true", help="record no event in $EDGERT_HOME/telemetry.db")
+    s.add_argument("--device-url", default=None, metavar="URL",
+                   help="serial-npu: the device's pyserial URL (a port, socket://..., the path `edgert npu-sim` prints)")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("npu-sim", help="run the reference NPU firmware as an emulator on a pty (prints its path)")
+    s.add_argument("--baud", type=float, default=921600, help="line rate, 10 bits per byte (0: unpaced)")
+    s.add_argument("--ops-per-s", type=float, default=0, help="device compute speed (0: as fast as this CPU)")
+    s.add_argument("--arena", type=int, default=0, help="arena bytes (0: the build's 64 MiB)")
+    s.add_argument("--drop", type=float, default=0, help="probability a byte is lost (each direction)")
+    s.add_argument("--corrupt", type=float, default=0, help="probability a byte has a bit flipped")
+    s.add_argument("--duplicate", type=float, default=0, help="probability a byte arrives twice")
+    s.add_argument("--stall-ms", type=int, default=0, help="delay every answer by this much")
+    s.add_argument("--reset-after", type=int, default=None, metavar="N", help="reset when the Nth frame ends")
+    s.add_argument("--asan", action="store_true", help="the AddressSanitizer build")
+    s.set_defaults(func=cmd_npu_sim)
 
     from .eval.thresholds import describe  # plain text, no models loaded
 
