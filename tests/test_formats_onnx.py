@@ -60,6 +60,58 @@ def test_if_kept_whole_with_outer_scope_reads():
     assert g.tensors["z"].shape == (4,)
 
 
+def if_reading_a_later_value(cycle=False):
+    """As onnxruntime.quantization writes silero-vad: an If placed before the node producing the outer value ``k``
+    that its bodies read, the else branch only through a nested If (two scopes down). With ``cycle``, ``k`` is
+    computed from the If's own output."""
+    inner_then = helper.make_graph([helper.make_node("Identity", ["k"], ["it"], name="inner_id")], "inner_then", [],
+                                   [helper.make_tensor_value_info("it", T.FLOAT, [4])])
+    inner_else = helper.make_graph([helper.make_node("Neg", ["k"], ["ie"], name="inner_neg")], "inner_else", [],
+                                   [helper.make_tensor_value_info("ie", T.FLOAT, [4])])
+    then_g = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["t_out"], name="then_mul")], "then", [],
+                               [helper.make_tensor_value_info("t_out", T.FLOAT, [4])])
+    else_g = helper.make_graph([helper.make_node("If", ["c"], ["e_out"], name="inner_if", then_branch=inner_then,
+                                                 else_branch=inner_else)], "else", [],
+                               [helper.make_tensor_value_info("e_out", T.FLOAT, [4])])
+    nodes = [helper.make_node("If", ["c"], ["z"], name="branch", then_branch=then_g, else_branch=else_g),
+             helper.make_node("Relu", ["z" if cycle else "x"], ["k"], name="make_k"),
+             helper.make_node("Add", ["z", "k"], ["y"], name="add")]
+    return M._model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [4]),
+                            helper.make_tensor_value_info("c", T.BOOL, [])],
+                    [helper.make_tensor_value_info("y", T.FLOAT, [4])], [], name="later")
+
+
+def test_body_reading_an_outer_value_produced_later_is_reordered():
+    # onnxruntime accepts it (it sorts nodes by explicit and implicit inputs); so does the loader, moving the If
+    g = load_onnx(if_reading_a_later_value())
+    assert [n.name for n in g.nodes] == ["make_k", "branch", "add"]
+    assert sorted(g.node("branch").implicit_inputs) == ["c", "k", "x"]  # c: the nested If's condition
+    assert [g.source.graph.node[n.index].name for n in g.nodes] == ["make_k", "branch", "add"]
+    import onnxruntime as ort
+
+    m = if_reading_a_later_value()
+    x = np.array([-1.0, 2.0, -3.0, 4.0], np.float32)
+    for c in (True, False):
+        feeds = {"x": x, "c": np.array(c)}
+        ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        out = edgert.Session(m, "host").run(None, feeds)
+        np.testing.assert_array_equal(out[0], ref[0])
+
+
+def test_body_reading_an_outer_value_that_depends_on_it_is_a_cycle():
+    with pytest.raises(edgert.ModelFormatError, match="cycle through the outer-scope values"):
+        load_onnx(if_reading_a_later_value(cycle=True))
+
+
+def test_negative_dim_value_is_an_unknown_dim():
+    # PaddlePaddle exports write dim_value -1 for a dynamic batch: unknown, never a negative size
+    m = M.mlp()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    g = load_onnx(m)
+    assert g.tensors["x"].shape[0] is None and g.tensors["x"].nbytes() is None
+    assert edgert.plan(m).estimates["bytes_to_device"] == 0
+
+
 def test_loop_body_converted():
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Add", ["acc_in", "step"], ["acc_out"])],

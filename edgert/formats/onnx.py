@@ -19,6 +19,7 @@ This module must not import from the layers above it (plan, delegates, session).
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 import mmap
 import os
@@ -156,13 +157,19 @@ class _ExternalData:
 
 # ---- structural checks --------------------------------------------------------------------------------------
 def _check_graph(g, opsets: Mapping[str, int], functions: set[tuple[str, str]], what: str, outer: set[str],
-                 path: str = "") -> None:
-    """Domains/opsets known, inputs defined before use (outer scope visible), no cycles, single assignment."""
+                 path: str = "") -> bool:
+    """Domains/opsets known, inputs defined before use (outer scope visible), no cycles, single assignment.
+
+    A control-flow body may read an outer value whose producer comes later in the file (onnxruntime.quantization's
+    topological sort ignores bodies' implicit inputs, and onnxruntime sorts them itself). That is accepted when
+    moving the node after those producers breaks no cycle; returns True when some (sub)graph needs that reordering
+    (``_sort_by_scope``). Explicit inputs must still come in file order."""
     import onnx
 
     graph_inputs = {i.name for i in g.input}
     defined = set(outer) | graph_inputs | {i.name for i in g.initializer}
     producers = {}
+    reorder = reorder_here = False
     for idx, n in enumerate(g.node):
         if not all(isinstance(v, str) for v in (n.name, n.op_type, n.domain, *n.input, *n.output)):
             raise ModelFormatError(f"ONNX model {what}: {path}node #{idx} has a name, op type, domain or tensor name "
@@ -214,8 +221,86 @@ def _check_graph(g, opsets: Mapping[str, int], functions: set[tuple[str, str]], 
         for a in n.attribute:
             subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
             for s in subs:
-                _check_graph(s, opsets, functions, what, defined, f"{path}{_where(n, opsets)} body {a.name!r}: ")
+                # a body sees every value of the scopes around it; one produced later here makes a reorder
+                visible = defined | set(producers)
+                reorder |= _check_graph(s, opsets, functions, what, visible, f"{path}{_where(n, opsets)} body "
+                                        f"{a.name!r}: ")
+                if any(f in producers and f not in defined for f in _free_names(s)):
+                    reorder_here = True
         defined.update(o for o in n.output if o)
+    if reorder_here:
+        order = _scope_order(g, producers)
+        if len(order) < len(g.node):
+            stuck = [g.node[k].name or f"#{k}" for k in sorted(set(range(len(g.node))) - set(order))]
+            raise ModelFormatError(f"ONNX model {what}: {path}the graph has a cycle through the outer-scope values "
+                                   f"its control-flow bodies read, among nodes {stuck[:8]}")
+    return reorder or reorder_here
+
+
+def _bodies(n) -> list:
+    import onnx
+
+    return [b for a in n.attribute for b in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                                             list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])]
+
+
+def _free_names(g) -> set[str]:
+    """The values a (sub)graph reads from the scopes around it: its nodes' inputs, and its nested bodies' own free
+    names, that it does not define itself."""
+    own = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output if o}
+    out = set()
+    for n in g.node:
+        out.update(i for i in n.input if i and i not in own)
+        for b in _bodies(n):
+            out.update(f for f in _free_names(b) if f not in own)
+    return out
+
+
+def _scope_order(g, producers: Mapping[str, int]) -> list[int]:
+    """Node indices in a topological order over explicit and implicit (bodies' outer-scope) inputs, as close to file
+    order as it allows; shorter than ``g.node`` when there is a cycle."""
+    deps = []
+    for idx, n in enumerate(g.node):
+        reads = set(i for i in n.input if i)
+        for b in _bodies(n):
+            reads |= _free_names(b)
+        deps.append({producers[r] for r in reads if r in producers and producers[r] != idx}
+                    | ({idx} if any(producers.get(r) == idx for r in reads) else set()))
+    users: dict[int, list[int]] = {}
+    indeg = [len(d) for d in deps]
+    for idx, d in enumerate(deps):
+        for p in d:
+            users.setdefault(p, []).append(idx)
+    ready = [k for k in range(len(deps)) if indeg[k] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for u in users.get(k, ()):
+            indeg[u] -= 1
+            if indeg[u] == 0:
+                heapq.heappush(ready, u)
+    return order
+
+
+def _sort_by_scope(g) -> None:
+    """Reorder ``g``'s nodes (and its bodies', in place) so every node follows the producers of the outer values its
+    bodies read; ``_check_graph`` has ruled out cycles."""
+    for n in g.node:
+        for b in _bodies(n):
+            _sort_by_scope(b)
+    producers = {o: idx for idx, n in enumerate(g.node) for o in n.output if o}
+    order = _scope_order(g, producers)
+    if order != list(range(len(g.node))):
+        nodes = [g.node[k] for k in order]
+        copies = []
+        for n in nodes:
+            c = type(n)()
+            c.CopyFrom(n)
+            copies.append(c)
+        del g.node[:]
+        g.node.extend(copies)
 
 
 def _find_cycle(g, producers: Mapping[str, int], start: int) -> list[int] | None:
@@ -270,7 +355,7 @@ def _shape_of(tp) -> tuple[str | None, tuple | None]:
     dims = []
     for d in tt.shape.dim:
         if d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
+            dims.append(int(d.dim_value) if d.dim_value >= 0 else None)  # exporters write -1 for "unknown"
         elif d.HasField("dim_param") and d.dim_param:
             dims.append(d.dim_param)
         else:
@@ -453,7 +538,11 @@ def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
     for o in model.opset_import:
         opsets[_norm_domain(o.domain)] = int(o.version)
     functions = {(_norm_domain(f.domain), f.name) for f in model.functions}
-    _check_graph(model.graph, opsets, functions, what, set())
+    if _check_graph(model.graph, opsets, functions, what, set()):
+        sorted_model = onnx.ModelProto()
+        sorted_model.CopyFrom(model)
+        _sort_by_scope(sorted_model.graph)
+        model = sorted_model
     if check:
         try:
             onnx.checker.check_model(_without_external(model))
