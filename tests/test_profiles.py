@@ -18,7 +18,8 @@ from edgert.formats.onnx import load_onnx
 
 import onnx_models as M
 
-SHIPPED = sorted(["host", "rpi5", "rk3588", "imx8mp", "coral-usb", "snapdragon-x", "ryzen-ai", "core-ultra-npu"])
+SHIPPED = sorted(["host", "rpi5", "rk3588", "imx8mp", "coral-usb", "snapdragon-x", "ryzen-ai", "core-ultra-npu",
+                  "serial-npu"])
 
 
 def test_list_profiles():
