@@ -3,8 +3,8 @@
 
 Build: on first use, ``make -C firmware_bridge sim`` with the system C compiler into ``$EDGERT_HOME/npu-sim/``
 (``~/.cache/edgert/npu-sim``); make rebuilds when a source changed. The sources are firmware_bridge/ and the C core's
-reference kernels in native/src/, found next to the package (a source checkout or an editable install), or under
-``$EDGERT_FIRMWARE_SRC`` (a firmware_bridge directory with native/ beside it). ``asan=True`` (or
+reference kernels in native/src/, shipped inside the package as edgert/_src/ (setup.py), found next to the package
+in a source checkout or an editable install, or under ``$EDGERT_FIRMWARE_SRC`` (a firmware_bridge directory with native/ beside it). ``asan=True`` (or
 ``EDGERT_NPU_SIM_ASAN=1``) runs the AddressSanitizer + UBSan build instead.
 
 Must not import anything above edgert.bridge.
@@ -29,7 +29,12 @@ def _home() -> Path:
 
 def firmware_dir() -> Path:
     env = os.environ.get("EDGERT_FIRMWARE_SRC")
-    d = Path(env) if env else Path(__file__).resolve().parents[2] / "firmware_bridge"
+    if env:
+        d = Path(env)
+    else:
+        here = Path(__file__).resolve()
+        shipped = here.parents[1] / "_src" / "firmware_bridge"  # an installed package (setup.py ships them)
+        d = shipped if shipped.is_dir() else here.parents[2] / "firmware_bridge"  # a source checkout
     if not (d / "Makefile").is_file() or not (d.parent / "native" / "src" / "matmul" / "ref.c").is_file():
         raise DeviceError(f"the NPU emulator's sources are not at {d} (firmware_bridge/ with native/ beside it): run "
                           "from an edgert source checkout (pip install -e .) or set EDGERT_FIRMWARE_SRC")
