@@ -1,26 +1,32 @@
 /* matmul/avx512.c — AVX-512 F/BW/VL kernels on the GGUF block layout; avx512vnni.c compiles this same source with
  * ET_VNNI 1, which turns every 4-byte dot product into one vpdpbusd.
  *
- * Two kernels per block format, picked per call by the number of activation rows m:
- *   - direct (m < ET_PACK_MIN_M): reads the GGUF blocks in place, two blocks per zmm register. This is the GEMV of
- *     token-by-token decode; it is bound by memory bandwidth, so it does the least work per byte and nothing else.
- *   - packed (m >= ET_PACK_MIN_M): transposes a tile of 16 weight rows x ET_SEG blocks into a stack buffer
- *     (lane r of each register = 4 bytes of row r), then streams every activation row past it. One vpdpbusd with
- *     the activation's 4 bytes broadcast from memory then serves 16 rows, each block's 8 dot steps accumulate in
- *     one int32 register, and the float scale work is one convert + one multiply + one fma per 16x32 products.
- *     The transpose is paid once per weight tile and shared by all m rows. Nothing is kept between calls: the
- *     buffer lives on the stack (sizeof(pk_block) * ET_SEG = 20 KiB) and QTensor.raw stays the GGUF layout.
- *
- *   - with AMX-INT8 (avx512vnni build, Linux, checked at run time) the packed kernel hands 16 x 16 x 32 block
- *     products to tdpbsud (A = 16 activation rows straight from block_q8_s, B = the packed weight block) and keeps
- *     the per-block float scaling in zmm; the tile state is requested from the kernel once per process.
+ * Batch invariance is the contract: y[i, j] is computed by the same float operations, in the same order, whatever
+ * m, whichever rows share a tile, wherever the tile or its tail falls and however rows are split over threads, so
+ * row i of an m-row product is bit for bit the 1-row product of x[i] (the LLM's logits must not depend on how a
+ * prompt was batched or what the KV cache held). Integer block dots are exact in any order; the float stage is one
+ * function, scale_block(): lanes are 16 weight rows, blocks are added in order,
+ *     acc = fma((float)isum_b, dw_b * dx_b, acc)            (q4_1 then: acc = fma(mw_b, dx_b * sum_b, acc))
+ * and every path below calls it. Each path transposes a tile of 16 weight rows so that lane r of a register holds
+ * 4 bytes of row r; one vpdpbusd with the activation's 4 bytes broadcast then serves 16 rows.
+ *   - GEMV (m < ET_PACK_MIN_M): each block of the tile is transposed in registers and used at once, then dropped.
+ *     The tile reads 16 rows side by side, so the next tile is prefetched (to L2) in memory order.
+ *   - packed (m >= ET_PACK_MIN_M): a tile of 16 rows x ET_SEG blocks is transposed into a stack buffer
+ *     (sizeof(pk_block) * ET_SEG = 20 KiB), then every activation row streams past it; the transpose is paid once
+ *     per weight tile and shared by all m rows. Segments of k accumulate through y (a float store and reload,
+ *     exact). Nothing is kept between calls and QTensor.raw stays the GGUF layout.
+ *   - with AMX-INT8 (avx512vnni build, Linux, checked at run time) groups of 16 activation rows hand 16 x 16 x 32
+ *     block products to tdpbsud (A = 16 activation rows straight from block_q8_s, B = the packed weight block) and
+ *     scale the int32 results with scale_block() in zmm; the tile state is requested once per process.
  *
  * vpdpbusd multiplies unsigned by signed bytes, so every weight goes in as u8 and its offset is removed exactly in
  * the int32 accumulator's starting value: q4 nibbles are already unsigned (q4_0 starts at -8*sum(qx)); q8_0 weights
  * are xor'ed with 0x80 (w + 128) and start at -128*sum(qx). The q4_1 min adds m*dx*sum(qx) per block in float.
  *
- * Tails are handled with masks rather than scalar loops: odd block counts use a half-empty pair, row tails use
- * masked stores of a 16-row tile whose missing rows repeat a valid one, float k tails use masked loads.
+ * Tails are handled with masks rather than scalar loops: row tails use masked stores of a 16-row tile whose missing
+ * rows repeat a valid one (lanes never mix, so a row's result does not depend on its neighbours), float k tails use
+ * masked loads. The float-weight kernels (4 rows x 1 activation row, one accumulator per output, fixed reduction)
+ * are invariant as they are: nothing in an output's arithmetic depends on m or on the row tile.
  */
 #if defined(ET_VNNI) && defined(__linux__) && !defined(_GNU_SOURCE)
 #define _GNU_SOURCE /* syscall(), for the AMX permission request */
@@ -59,7 +65,7 @@
 
 #include "../core.h"
 
-#define ET_PACK_MIN_M 4 /* from this many activation rows on, transposing the weight tile pays for itself */
+#define ET_PACK_MIN_M 4 /* from this many activation rows on, a stored transposed tile pays for itself */
 #define ET_TILE_N 16    /* weight rows per packed tile: one per zmm lane */
 #ifndef ET_TILE_M
 #define ET_TILE_M 8 /* activation rows whose float accumulators stay in registers */
