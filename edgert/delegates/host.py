@@ -293,10 +293,12 @@ class HostPartition(CompiledPartition):
             self.steps.append(_Segment(graph, pending, sess_options, pid, len(self.steps)))
         self._internal: dict[str, np.ndarray] = {}
         self._out_set = set(self.outputs)
+        # the whole partition is one onnxruntime model: run() hands the buffers straight to it
+        self._whole = self.steps[0].ort if len(self.steps) == 1 and isinstance(self.steps[0], _Segment) else None
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
-        if len(self.steps) == 1 and isinstance(self.steps[0], _Segment):
-            self.steps[0].ort.run(inputs, outputs)  # the whole partition is one onnxruntime model
+        if self._whole is not None:
+            self._whole.run(inputs, outputs)
             return
         env = dict(inputs)
         env.update(self._internal)
