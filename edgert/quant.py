@@ -112,9 +112,14 @@ def quantize(w: np.ndarray, fmt: str) -> QTensor:
     return QTensor(fmt, (n, k), raw)
 
 
-def matmul(x: np.ndarray, w: QTensor, threads: int | None = None) -> np.ndarray:
+def matmul(x: np.ndarray, w: QTensor, threads: int | None = None, *, out: np.ndarray | None = None,
+           scratch: np.ndarray | None = None) -> np.ndarray:
     """y = x @ w.T for x float32 (M, K) C-contiguous and w a QTensor (N, K) -> float32 (M, N).
-    A 1-D x of length K gives a 1-D result of length N. Block formats quantize x per block of 32 to 8 bits."""
+    A 1-D x of length K gives a 1-D result of length N. Block formats quantize x per block of 32 to 8 bits.
+
+    ``out``: a float32 C-contiguous array of the result's shape to write into (returned), instead of a new one.
+    ``scratch``: a uint8 C-contiguous array of at least ``matmul_scratch_size(w, m)`` bytes, reused instead of
+    allocated. With both, a call allocates nothing (callers in a run loop keep them)."""
     if not isinstance(w, QTensor):
         raise DTypeError(f"w must be an edgert.QTensor (see edgert.quantize), got {type(w).__name__}")
     if not isinstance(x, np.ndarray):
@@ -141,16 +146,37 @@ def matmul(x: np.ndarray, w: QTensor, threads: int | None = None) -> np.ndarray:
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}")
         nth = threads
-    # 64-byte aligned: full output rows then leave the kernels as whole cache lines (non-temporal stores, no reads)
-    buf = np.empty(m * n * 4 + 64, dtype=np.uint8)
-    start = -buf.ctypes.data % 64
-    y = buf[start : start + m * n * 4].view(np.float32).reshape(m, n)
+    if out is None:
+        # 64-byte aligned: full output rows then leave the kernels as whole cache lines (non-temporal stores, no reads)
+        buf = np.empty(m * n * 4 + 64, dtype=np.uint8)
+        start = -buf.ctypes.data % 64
+        y = buf[start : start + m * n * 4].view(np.float32).reshape(m, n)
+    else:  # any alignment works: the kernels stream only to 64-byte aligned rows
+        want = (n,) if squeeze else (m, n)
+        if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != want \
+                or not out.flags.c_contiguous or not out.flags.writeable:
+            raise InvalidArgumentError(f"out must be a writeable C-contiguous float32 array of shape {want}, got "
+                                       f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+        y = out.reshape(m, n)
     ss = lib.et_matmul_scratch_size(w.type_id, m, k)
-    scratch = np.empty(max(ss, 1), dtype=np.uint8)
+    if scratch is None:
+        scratch = np.empty(max(ss, 1), dtype=np.uint8)
+    elif (not isinstance(scratch, np.ndarray) or scratch.dtype != np.uint8 or not scratch.flags.c_contiguous
+          or scratch.nbytes < ss):
+        raise InvalidArgumentError(f"scratch must be a C-contiguous uint8 array of at least {ss} bytes "
+                                   f"(matmul_scratch_size), got {getattr(scratch, 'dtype', type(scratch).__name__)} "
+                                   f"of {getattr(scratch, 'nbytes', '?')} bytes")
     native.check(
         lib.et_matmul(_ptr(x, "float *"), m, k, w.type_id, _ptr(w.raw), n, _ptr(y, "float *"), _ptr(scratch), ss, nth)
     )
+    if out is not None:
+        return out
     return y[0] if squeeze else y
+
+
+def matmul_scratch_size(w: QTensor, m: int) -> int:
+    """Bytes of scratch ``matmul`` needs for ``m`` rows of activations against ``w`` (for its ``scratch=``)."""
+    return max(int(lib.et_matmul_scratch_size(w.type_id, int(m), int(w.shape[1]))), 1)
 
 
 def from_matmul_nbits(b, scales, zero_points=None, *, k: int, n: int, block_size: int, bits: int = 4) -> QTensor:

@@ -120,3 +120,39 @@ def test_non_constant_weights_stay_on_onnxruntime(tmp_path):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     graph = load_onnx(m)
     assert find_core_matmuls(graph, [n.name for n in graph.nodes]) == []
+
+
+def test_steady_state_with_c_core_steps_allocates_nothing_and_segments_do_not_spin(tmp_path):
+    import tracemalloc
+
+    path = dynamic_int8(tmp_path, 256, 512, 256)
+    x = np.random.default_rng(4).standard_normal((64, 256)).astype(np.float32)
+    s = edgert.Session(str(path), core=True, output_views=True)
+    ref = s.run(None, {"x": x})[0].copy()
+    s.run(None, {"x": x})
+    assert core_kinds(s) == ["MatMulInteger", "MatMulInteger"]
+    part = s._bound.compiled[0]
+    segments = [st for st in part.steps if hasattr(st, "ort")]
+    assert segments, "the Relu between the two matmuls runs on onnxruntime"
+    for seg in segments:  # spinning intra-op threads would take the cores the C core's pool needs next
+        opts = seg.ort.session.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    smallest = 64 * 256 * 4  # the smallest tensor a step hands on (64 KiB)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in range(10):
+        (y,) = s.run(None, {"x": x})
+    after, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak - before < smallest // 4, (peak - before, smallest)
+    assert after - before < smallest // 4
+    np.testing.assert_array_equal(y, ref)
+
+
+def test_one_partition_without_c_core_keeps_onnxruntime_defaults(tmp_path):
+    path = dynamic_int8(tmp_path, 64, 96, 32)
+    s = edgert.Session(str(path), core=False)
+    s.run(None, {"x": np.zeros((2, 64), np.float32)})
+    opts = s._bound.compiled[0].steps[0].ort.session.get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # nothing set: onnxruntime's default
+        opts.get_session_config_entry("session.intra_op.allow_spinning")

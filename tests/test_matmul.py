@@ -279,3 +279,43 @@ def test_non_finite_activations_for_block_formats(isa, fmt, bad):
     x[2, 5] = bad
     with pytest.raises(edgert.InvalidArgumentError, match="row 2"):
         edgert.matmul(x, w)
+
+
+def test_out_and_scratch_are_used_and_nothing_is_allocated():
+    import tracemalloc
+
+    from edgert.quant import matmul_scratch_size
+
+    rng = np.random.default_rng(7)
+    w = edgert.quantize(rng.standard_normal((96, 128)).astype(np.float32), "q8_0")
+    x = rng.standard_normal((40, 128)).astype(np.float32)
+    want = edgert.matmul(x, w)
+    out = np.full((40, 96), np.nan, np.float32)
+    scratch = np.empty(matmul_scratch_size(w, 40), np.uint8)
+    assert edgert.matmul(x, w, out=out, scratch=scratch) is out
+    np.testing.assert_array_equal(out, want)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in range(20):
+        edgert.matmul(x, w, out=out, scratch=scratch)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak - before < min(out.nbytes, scratch.nbytes) // 2, (peak - before)
+    y1 = np.empty(96, np.float32)  # a 1-D x writes a 1-D out
+    np.testing.assert_array_equal(edgert.matmul(x[3], w, out=y1), want[3])
+
+
+@pytest.mark.parametrize("bad", [np.empty((40, 95), np.float32), np.empty((40, 96), np.float64),
+                                 np.empty((96, 40), np.float32).T, "not an array"])
+def test_bad_out_is_rejected(bad):
+    rng = np.random.default_rng(8)
+    w = edgert.quantize(rng.standard_normal((96, 128)).astype(np.float32), "q8_0")
+    with pytest.raises(edgert.InvalidArgumentError, match="out must be"):
+        edgert.matmul(rng.standard_normal((40, 128)).astype(np.float32), w, out=bad)
+
+
+def test_short_scratch_is_rejected():
+    rng = np.random.default_rng(9)
+    w = edgert.quantize(rng.standard_normal((96, 128)).astype(np.float32), "q8_0")
+    with pytest.raises(edgert.InvalidArgumentError, match="scratch must be"):
+        edgert.matmul(rng.standard_normal((40, 128)).astype(np.float32), w, scratch=np.empty(1, np.uint8))
