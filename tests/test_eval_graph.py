@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+import onnx
+import onnxruntime  # noqa: F401
 from onnx import numpy_helper
 
 import edgert

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
+import gguf
 
 import edgert
 from edgert.cli import main

@@ -17,7 +17,7 @@ from edgert.delegates.host_tflite import FC_INT8_LSB_BUDGET, HostTFLitePartition
 from edgert.delegates.litert import LiteRTPartition
 from edgert.formats.tflite import load_tflite
 
-pytest.importorskip("ai_edge_litert")
+import ai_edge_litert  # noqa: F401
 
 MODELS = {"float_mlp": tm.float_mlp, "int8_fc": tm.int8_fc, "int8_conv": tm.int8_conv,
           "int8_plumbing": tm.int8_plumbing, "int8_fc_int8io": lambda: tm.int8_fc(float_io=False)}

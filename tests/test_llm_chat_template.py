@@ -151,21 +151,10 @@ def test_template_from_metadata():
 
 # ---------------------------------------------------------------- the real model
 
-def _real_model_path():
-    env = os.environ.get("EDGERT_TEST_MODEL")
-    if env:
-        return Path(env) if Path(env).is_file() else None
-    from edgert.llm import store
-    return store.cached_path("smollm2-135m")
-
-
 @pytest.fixture(scope="module")
-def real_meta():
-    path = _real_model_path()
-    if path is None:
-        pytest.skip("SmolLM2 model not cached (run `edgert pull smollm2-135m` or set EDGERT_TEST_MODEL)")
+def real_meta(smollm2_path):
     from edgert.formats.gguf import open_gguf
-    with open_gguf(path) as g:
+    with open_gguf(smollm2_path) as g:
         yield dict(g.metadata)
 
 

@@ -10,8 +10,8 @@ import pytest
 
 import edgert
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 FP16_UNIT_ROUNDOFF = 2.0**-11
