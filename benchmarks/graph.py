@@ -44,6 +44,24 @@ def timeit(fn, runs: int, warmup: int = 3) -> float:
     return float(np.median(ts))
 
 
+def interleaved(fa, fb, blocks: int, per: int) -> tuple[float, float, np.ndarray]:
+    """Median seconds per call of ``fa`` and ``fb`` measured in alternating blocks (order flipped every block, so
+    drift and neighbours' load hit both alike), and the per-block ratios b/a (their spread is the noise)."""
+    for _ in range(3):
+        fa(), fb()
+    ta, tb = [], []
+    for blk in range(blocks):
+        for fn, acc in ((fa, ta), (fb, tb)) if blk % 2 == 0 else ((fb, tb), (fa, ta)):
+            ts = []
+            for _ in range(per):
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
+            acc.append(float(np.median(ts)))
+    ta, tb = np.array(ta), np.array(tb)
+    return float(np.median(ta)), float(np.median(tb)), tb / ta
+
+
 def ms(s: float | None) -> str:
     return "-" if s is None else f"{s * 1000:8.3f}"
 
@@ -119,14 +137,19 @@ def main(argv=None) -> int:
                 print(f"{label:<40} {rlabel:<26} {ms(t)} {t / t_ort:7.2f} {len(p.partitions):>5} {dev_b:>10} "
                       f"{p.estimates['bytes_to_device']:>10} {host_b:>10} {p.estimates['bytes_to_host']:>10}")
                 if rlabel == "edgert host (one ORT part)":
-                    overhead_rows.append((label, t_ort, t))
+                    overhead_rows.append((label, *interleaved(lambda: ref.run(None, feeds),
+                                                              lambda: s.run(None, feeds), 2 * runs // 3 + 1,
+                                                              max(3, runs // 2))))
                 if rlabel == "edgert host (C core all)" and kind:
                     core_rows += [(label, *r) for r in core_vs_ort(s, runs * 3)]
         print()
 
-    print("orchestration overhead on a one-partition plan (edgert host, C core off, vs plain onnxruntime; target <= 5%)")
-    for label, t_ort, t in overhead_rows:
-        print(f"  {label:<40} ort {ms(t_ort)} ms  edgert {ms(t)} ms  overhead {100 * (t / t_ort - 1):+6.1f}%")
+    print("orchestration overhead on a one-partition plan (edgert host, C core off, vs plain onnxruntime, both with "
+          "onnxruntime's default threads;\n target <= 5%; interleaved blocks, median and inter-quartile range of the "
+          "per-block ratios)")
+    for label, t_ort, t, ratios in overhead_rows:
+        q1, q2, q3 = (100 * (np.percentile(ratios, q) - 1) for q in (25, 50, 75))
+        print(f"  {label:<40} ort {ms(t_ort)} ms  edgert {ms(t)} ms  overhead {q2:+6.1f}% [{q1:+.1f}%, {q3:+.1f}%]")
     print()
     print("host C core vs onnxruntime on every quantized matmul chain the patterns find (same input; target >= 1.5x;")
     print("with core='auto', the default, the host delegate keeps only the steps where the C core is faster)")
