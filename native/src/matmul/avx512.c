@@ -71,15 +71,8 @@
 #define ET_TILE_M 8 /* activation rows whose float accumulators stay in registers */
 #endif
 #define ET_SEG 32       /* blocks per packed segment */
-#ifndef ET_PF_BYTES
-#define ET_PF_BYTES 16384 /* GEMV prefetch distance, at least one 16-row tile */
-#endif
-#ifndef ET_PF_STEP
-#define ET_PF_STEP 64
-#endif
-#ifndef ET_PF_HINT
-#define ET_PF_HINT _MM_HINT_T1
-#endif
+#define ET_PF_BYTES 16384 /* GEMV prefetch distance for short rows, at least one 16-row tile */
+#define ET_PF_BLOCKS 8    /* GEMV prefetch distance for rows of a page or more, in blocks */
 #define ET_GROUP_M 64   /* activation rows whose per-block terms are precomputed together (stack: 16 KiB) */
 
 /* ---- 4-byte dot products: acc[l] += sum_{i<4} u[4l+i] * s[4l+i], u unsigned, s signed ---- */
@@ -353,13 +346,19 @@ ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws
     const block_q8_s *xc[ET_PACK_MIN_M];
     __m512 acc[ET_PACK_MIN_M];
     for (int c = 0; c < C; c++) xc[c] = (const block_q8_s *)(x + (size_t)c * xs), acc[c] = _mm512_setzero_ps();
-    /* the tile reads 16 rows side by side, more streams than the hardware prefetcher follows: fetch the bytes
-     * (contiguous) at least a tile ahead, in step with this one */
+    /* the tile reads 16 rows side by side. Rows of a page or more each are 16 clean streams the hardware prefetcher
+     * follows; software prefetches a few blocks ahead in each row only move them on to L1. Shorter rows interleave
+     * within pages, which the hardware does not follow: then the next tile's bytes (contiguous) are fetched to L2
+     * in memory order, at least ET_PF_BYTES ahead, in step with this tile. */
     const size_t tile_bytes = 16 * ws;
+    const int per_row = ws >= 4096;
     const uint8_t *pf = w + (tile_bytes > ET_PF_BYTES ? tile_bytes : ET_PF_BYTES);
     for (int64_t b = 0; b < nb; b++) {
-        if (ET_PF_BYTES)
-            for (size_t o = 0; o < 16 * bs; o += ET_PF_STEP) _mm_prefetch((const char *)(pf + (size_t)b * 16 * bs + o), ET_PF_HINT);
+        if (per_row)
+            for (int r = (int)(b & 1) * 8; r < (int)(b & 1) * 8 + 8; r++)
+                _mm_prefetch((const char *)(tile_row(w, ws, nr, r) + (size_t)(b + ET_PF_BLOCKS) * bs), _MM_HINT_T0);
+        else
+            for (size_t o = 0; o < 16 * bs; o += 64) _mm_prefetch((const char *)(pf + (size_t)b * 16 * bs + o), _MM_HINT_T1);
         pk_block pk;
         pack_block(fmt, w, ws, nr, rofs, b, &pk);
 #pragma GCC unroll 4
