@@ -5,12 +5,16 @@ from edgert.llm import LLM
 
 pytestmark = pytest.mark.model
 
+# questions whose greedy answer holds the fact on every kernel variant (ref, avx2, avx512): a 135M model at 4 bits
+# answers some questions (a spider's legs, France's capital) right or wrong depending on last-bit rounding
 FACTS = [
     ("What is the capital of Japan?", "tokyo"),
-    ("How many legs does a spider have?", "8"),
     ("What is 2 + 2?", "4"),
     ("Who wrote Romeo and Juliet?", "shakespeare"),
     ("What is the boiling point of water in Celsius?", "100"),
+    ("What color is the sky on a clear day?", "blue"),
+    ("What is the largest ocean on Earth?", "pacific"),
+    ("How many days are in a week?", "7"),
 ]
 
 
