@@ -75,11 +75,15 @@ def _stats_line(res) -> str:
             f"decode {t['decode_tok_s']:.1f} tok/s, first token {t['ttft_s'] * 1000:.0f} ms | {res.finish_reason}]")
 
 
-def cmd_generate(args) -> int:
-    if args.no_telemetry:
+def _telemetry_flag(args) -> None:
+    if getattr(args, "no_telemetry", False):
         from . import telemetry
 
         telemetry.set_enabled(False)
+
+
+def cmd_generate(args) -> int:
+    _telemetry_flag(args)
     llm = _load(args)
     kw = _sampling(args)
     if args.json:
@@ -101,6 +105,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    _telemetry_flag(args)
     llm = _load(args)
     kw = _sampling(args)
     history: list[dict] = []
@@ -155,10 +160,7 @@ def cmd_serve(args) -> int:
 
     from .serve import create_app
 
-    if args.no_telemetry:
-        from . import telemetry
-
-        telemetry.set_enabled(False)
+    _telemetry_flag(args)
     api_key = args.api_key or None
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -276,10 +278,7 @@ def cmd_run(args) -> int:
     from .errors import InvalidArgumentError
     from .session import Session
 
-    if args.no_telemetry:
-        from . import telemetry
-
-        telemetry.set_enabled(False)
+    _telemetry_flag(args)
     feeds = {}
     for item in args.input:
         name, _, path = item.partition("=")
@@ -425,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(s)
     _add_sampling(s, temperature=0.8)
     s.add_argument("--system", default=None, help="system prompt")
+    s.add_argument("--no-telemetry", action="store_true", help="record no events in $EDGERT_HOME/telemetry.db")
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("generate", help="complete one prompt")

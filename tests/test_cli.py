@@ -79,3 +79,30 @@ def test_info_reports_isa():
     r = edgert_cmd("info", "--json")
     info = json.loads(r.stdout)
     assert info["isa"] in info["isas"] and info["threads"] >= 1
+
+
+@pytest.mark.model
+def test_ctrl_c_stops_an_answer_but_not_the_chat(smollm2_path):
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "edgert.cli", "chat", str(smollm2_path), "-n", "1500", "--n-ctx", "2048",
+                          "--temperature", "0.9", "--seed", "1", "--no-telemetry"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        p.stdin.write("Write a very long story about a dragon.\n")
+        p.stdin.flush()
+        first = p.stdout.read(20)  # the answer is streaming
+        assert first
+        time.sleep(0.3)
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        p.stdin.write("/exit\n")
+        p.stdin.flush()
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert "[stopped]" in err
