@@ -2,8 +2,13 @@
  *
  * Workers are created once (and grown on demand), then wait for a job: they spin briefly on a generation counter,
  * because an LLM decode step dispatches hundreds of small matmuls per token and a condition-variable wake-up per
- * dispatch would cost more than the matmul, and then sleep on a condition variable so an idle pool costs nothing.
- * The caller runs share 0 itself. One job at a time: concurrent callers queue on run_lock. Jobs must not nest.
+ * dispatch would cost more than the matmul, then yield, then sleep on a condition variable so an idle pool costs
+ * nothing. One job at a time: concurrent callers queue on run_lock. Jobs must not nest.
+ *
+ * A job's nth shares are claimed from a counter by whoever arrives, the caller included, so the caller never waits
+ * for a worker that has not started: on a machine with more runnable threads than cores (a server answering HTTP
+ * beside the kernels, another process) a descheduled worker costs nothing, the caller runs its share. When the
+ * caller has run out of shares it closes the job's entry gate and waits only for the workers that got in.
  */
 #include <pthread.h>
 #include <sched.h>
@@ -13,6 +18,7 @@
 #include "core.h"
 
 #define ET_MAX_THREADS 256
+#define ET_CLOSED 0x80000000u
 #define ET_SPIN_ITERS 2000   /* pause instructions before a waiting thread starts yielding its core */
 #define ET_YIELD_ITERS 2000  /* sched_yield calls before a worker sleeps (about a millisecond when idle) */
 
@@ -33,7 +39,9 @@ typedef struct {
     int n_workers;      /* threads besides the caller */
     int n_threads;      /* size requested by et_set_threads */
     atomic_uint generation;
-    atomic_int pending; /* workers that have not finished the current job */
+    atomic_int next_share; /* next unclaimed share of the current job */
+    atomic_uint entry;     /* workers that entered the current job, | ET_CLOSED once the caller closed it */
+    atomic_uint left;      /* workers that entered and are done */
     atomic_int sleeping;
     atomic_int stop;
     et_task_fn fn;
@@ -71,8 +79,19 @@ static void *worker_main(void *arg) {
         }
         seen = atomic_load(&pool.generation);
         if (atomic_load(&pool.stop)) return NULL;
-        if (id < pool.nth) pool.fn(pool.ctx, id, pool.nth);
-        atomic_fetch_sub(&pool.pending, 1);
+        /* enter unless the caller already closed the job (it then ran every share itself) */
+        unsigned e = atomic_load(&pool.entry);
+        while (!(e & ET_CLOSED) && !atomic_compare_exchange_weak(&pool.entry, &e, e + 1)) {
+        }
+        if (e & ET_CLOSED) continue;
+        /* the job entered may be newer than the one seen: mark that one seen, so it is not entered twice */
+        seen = atomic_load(&pool.generation);
+        for (;;) {
+            const int share = atomic_fetch_add(&pool.next_share, 1);
+            if (share >= pool.nth) break;
+            pool.fn(pool.ctx, share, pool.nth);
+        }
+        atomic_fetch_add(&pool.left, 1);
     }
 }
 
@@ -114,15 +133,23 @@ int et_parallel(et_task_fn fn, void *ctx, int nth) {
     pool.fn = fn;
     pool.ctx = ctx;
     pool.nth = nth;
-    atomic_store(&pool.pending, pool.n_workers);
-    atomic_fetch_add(&pool.generation, 1); /* publishes fn/ctx/nth (seq_cst) */
+    atomic_store(&pool.next_share, 0);
+    atomic_store(&pool.left, 0);
+    atomic_store(&pool.entry, 0);          /* opens the gate: fn/ctx/nth above are already in place */
+    atomic_fetch_add(&pool.generation, 1); /* wakes the workers (seq_cst) */
     if (atomic_load(&pool.sleeping) > 0) {
         pthread_mutex_lock(&pool.sleep_lock);
         pthread_cond_broadcast(&pool.wake);
         pthread_mutex_unlock(&pool.sleep_lock);
     }
-    fn(ctx, 0, nth);
-    for (int spins = 0; atomic_load(&pool.pending) > 0; spins++) {
+    for (;;) {
+        const int share = atomic_fetch_add(&pool.next_share, 1);
+        if (share >= nth) break;
+        fn(ctx, share, nth);
+    }
+    /* no share left: close the gate, then wait for the workers inside (ctx lives on the caller's stack) */
+    const unsigned entered = atomic_fetch_or(&pool.entry, ET_CLOSED) & ~ET_CLOSED;
+    for (int spins = 0; atomic_load(&pool.left) < entered; spins++) {
         if (spins < ET_SPIN_ITERS)
             ET_PAUSE();
         else
