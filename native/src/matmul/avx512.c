@@ -10,7 +10,8 @@
  * and every path below calls it. Each path transposes a tile of 16 weight rows so that lane r of a register holds
  * 4 bytes of row r; one vpdpbusd with the activation's 4 bytes broadcast then serves 16 rows.
  *   - GEMV (m < ET_PACK_MIN_M): each block of the tile is transposed in registers and used at once, then dropped.
- *     The tile reads 16 rows side by side, so the next tile is prefetched (to L2) in memory order.
+ *     The tile reads 16 rows side by side: rows shorter than a page are copied a tile at a time into a stack
+ *     buffer (double-buffered, the next tile in memory order during this one's blocks), so memory sees one stream.
  *   - packed (m >= ET_PACK_MIN_M): a tile of 16 rows x ET_SEG blocks is transposed into a stack buffer
  *     (sizeof(pk_block) * ET_SEG = 20 KiB), then every activation row streams past it; the transpose is paid once
  *     per weight tile and shared by all m rows. Segments of k accumulate through y (a float store and reload,
@@ -72,6 +73,7 @@
 #endif
 #define ET_SEG 32       /* blocks per packed segment */
 #define ET_PF_BYTES 16384 /* GEMV prefetch distance for short rows, at least one 16-row tile */
+#define ET_CP_PF_BYTES 8192 /* GEMV tile copy: L2 prefetch distance ahead of the copy's loads */
 #define ET_PF_BLOCKS 8    /* GEMV prefetch distance for rows of a page or more, in blocks */
 #define ET_GROUP_M 64   /* activation rows whose per-block terms are precomputed together (stack: 16 KiB) */
 
@@ -371,10 +373,58 @@ ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws
     store_tile(C, y, ldy, rmask, 0, acc); /* a GEMV's few output lines are read next: keep them in the cache */
 }
 
+/* gemv_tile on a full tile already copied to buf (the same bytes at the same offsets, so the same arithmetic), while
+ * the next tile (nxt, tile_bytes, contiguous) is copied into nbuf in memory order, a slice per block, with L2
+ * prefetches ET_CP_PF_BYTES ahead of the copy: memory sees one sequential stream instead of 16 interleaved rows of
+ * short runs, and the tile's interleaved reads hit L1. */
+ET_INLINE void gemv_tile_copy(int fmt, int C, int64_t nb, const uint8_t *buf, size_t ws, const uint8_t *x, size_t xs,
+                              float *y, size_t ldy, const uint8_t *nxt, uint8_t *nbuf, size_t tile_bytes) {
+    const __m512i rofs = tile_row_offsets(ws, 16);
+    const block_q8_s *xc[ET_PACK_MIN_M];
+    __m512 acc[ET_PACK_MIN_M];
+    for (int c = 0; c < C; c++) xc[c] = (const block_q8_s *)(x + (size_t)c * xs), acc[c] = _mm512_setzero_ps();
+    const size_t slice = ((tile_bytes + (size_t)nb - 1) / (size_t)nb + 63) & ~(size_t)63;
+    size_t o = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        if (nxt) {
+            const size_t e = o + slice < tile_bytes ? o + slice : tile_bytes;
+            for (; o + 64 <= e; o += 64) {
+                _mm_prefetch((const char *)(nxt + o + ET_CP_PF_BYTES), _MM_HINT_T1);
+                _mm512_store_si512(nbuf + o, _mm512_loadu_si512(nxt + o));
+            }
+            for (; o < e; o++) nbuf[o] = nxt[o];
+        }
+        pk_block pk;
+        pack_block(fmt, buf, ws, 16, rofs, b, &pk);
+#pragma GCC unroll 4
+        for (int c = 0; c < C; c++) {
+            const block_q8_s *xb = xc[c] + b;
+            acc[c] = scale_block(fmt, acc[c], block_dot(fmt, pk.q, xb, block_offset(fmt, xb)), pk.d, pk.m, xb->d,
+                                 xb->d * (float)xb->sum);
+        }
+    }
+    store_tile(C, y, ldy, 0xFFFF, 0, acc);
+}
+
 ET_INLINE void gemm_gemv(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x, size_t xs,
                          int64_t m, float *y, size_t ldy) {
     const int64_t nb = k / ET_QK;
     int64_t j = 0;
+    const size_t tile_bytes = (size_t)ET_TILE_N * ws;
+    /* rows shorter than a page: double-buffered tile copies (gemv_tile_copy); longer rows are 16 clean streams */
+    if (ws < 4096 && n >= 2 * ET_TILE_N) {
+        _Alignas(64) uint8_t bufs[2][ET_TILE_N * 4096]; /* 128 KiB of stack */
+        memcpy(bufs[0], w, tile_bytes);
+        int cur = 0; /* bufs[cur] holds the tile at j */
+        for (; j + ET_TILE_N <= n; j += ET_TILE_N, cur ^= 1) {
+            const uint8_t *nxt = j + 2 * ET_TILE_N <= n ? w + (size_t)(j + ET_TILE_N) * ws : NULL;
+            switch (m) {
+            case 1: gemv_tile_copy(fmt, 1, nb, bufs[cur], ws, x, xs, y + j, ldy, nxt, bufs[cur ^ 1], tile_bytes); break;
+            case 2: gemv_tile_copy(fmt, 2, nb, bufs[cur], ws, x, xs, y + j, ldy, nxt, bufs[cur ^ 1], tile_bytes); break;
+            default: gemv_tile_copy(fmt, 3, nb, bufs[cur], ws, x, xs, y + j, ldy, nxt, bufs[cur ^ 1], tile_bytes); break;
+            }
+        }
+    }
     for (; j + ET_TILE_N <= n; j += ET_TILE_N) { /* nr the constant 16: row addresses fold into addressing modes */
         const uint8_t *wj = w + (size_t)j * ws;
         switch (m) { /* constant C so the accumulators stay in registers */
