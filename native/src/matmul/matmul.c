@@ -124,8 +124,10 @@ int et_gemm_prepared(int wtype, const void *w, int64_t n, int64_t k, const void 
     const size_t ws = et_row_size(wtype, k);
     if (!fn || ws == 0) return et_error(ET_ERR_INVALID, "no kernel for weight type %d with k=%lld", wtype, (long long)k);
     int nth = nthreads > 0 ? nthreads : et_get_threads();
-    /* a few chunks per thread so a slow core does not hold the others back; rows in whole tiles */
-    int64_t chunk = (n + (int64_t)nth * 4 - 1) / ((int64_t)nth * 4);
+    /* a few chunks per thread so a slow core does not hold the others back; rows in whole tiles. A GEMV streams its
+     * weights from memory and each chunk starts its stream cold: one contiguous range per thread. */
+    const int64_t per_thread = m == 1 ? 1 : 4;
+    int64_t chunk = (n + (int64_t)nth * per_thread - 1) / ((int64_t)nth * per_thread);
     chunk = (chunk + ET_ROW_TILE - 1) / ET_ROW_TILE * ET_ROW_TILE;
     const int64_t n_chunks = (n + chunk - 1) / chunk;
     if (nth > n_chunks) nth = (int)n_chunks;
