@@ -94,3 +94,24 @@ def test_cli_exit_codes_json_png(models, tmp_path, capsys):
     assert "gate failed" in err and "h4" in err
     assert main([*args[:-1], "--candidate", str(bad)]) == 0  # no --gate: report only
     assert main([*args, "--candidate", str(bad), "--threshold", "nonsense=1"]) == 1
+
+
+def test_tflite_models_are_compared_at_their_outputs(tmp_path):
+    import tflite_models as tm
+
+    ref, same, other = tmp_path / "ref.tflite", tmp_path / "same.tflite", tmp_path / "other.tflite"
+    ref.write_bytes(tm.int8_fc(seed=1))
+    same.write_bytes(tm.int8_fc(seed=1))
+    other.write_bytes(tm.int8_fc(seed=2))
+    ok = edgert.evaluate(str(ref), f"{same}@imx8mp", random=4)
+    assert ok.passed and ok.metrics["sqnr_db"] == float("inf") and ok.metrics["outputs_compared"] == 1
+    assert any("TFLite" in n for n in ok.notes)
+    bad = edgert.evaluate(str(ref), str(other), random=4)
+    assert not bad.passed and bad.first_divergence == "probs"
+
+
+def test_a_file_that_is_not_a_model_is_a_model_format_error(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(edgert.ModelFormatError):
+        edgert.evaluate(str(junk), str(junk), random=1)

@@ -1,4 +1,4 @@
-"""Graph-model evaluation: a reference and a candidate ONNX model, each run through ``edgert.Session`` on its own
+"""Graph-model evaluation: a reference and a candidate ONNX or .tflite model, each run through ``edgert.Session`` on its own
 device profile (emulated when the device is not on this machine), fed the same samples.
 
 Compared: every graph output, and every intermediate tensor both graphs produce under the same name (quantizers
@@ -167,12 +167,15 @@ def _stack(values: list[np.ndarray]):
 
 def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, random: int | None = None,
                    seed: int = 0, runs: int | None = None, intermediates: bool = True, progress=None) -> EvalReport:
-    import onnx
-
     t_start = time.perf_counter()
     notes: list[str] = []
-    models = {k: onnx.load(s.path) for k, s in (("reference", reference), ("candidate", candidate))}
     sides_in = {"reference": reference, "candidate": candidate}
+    tflite = [k for k, s in sides_in.items() if str(s.path).lower().endswith(".tflite")]
+    if tflite and intermediates:
+        # a .tflite graph's intermediates are not outputs of its interpreter; the comparison reads its outputs
+        intermediates = False
+        notes.append(f"{', '.join(sides_in[k].label for k in tflite)}: TFLite model, compared at its outputs only")
+
     emulate = {}
     sessions = {}
     for k, side in sides_in.items():
@@ -214,10 +217,15 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
             progress(1 if k == "reference" else 2, 3 if intermediates else 2)
 
     # shared intermediates, topological order of the reference
-    ref_order = _float_outputs(models["reference"])
-    cand_order = _float_outputs(models["candidate"])
-    shared = [n for n in ref_order if n in cand_order and n not in out_names] if intermediates else []
-    inter = {k: _run_intermediates(models[k], shared, sides_in[k], emulate[k], samples, notes) for k in sides_in}
+    models = {}
+    if intermediates:  # both ONNX, and both already loaded and checked by their sessions
+        import onnx
+
+        models = {k: onnx.load(s.path) for k, s in sides_in.items()}
+    ref_order = _float_outputs(models["reference"]) if intermediates else {}
+    cand_order = _float_outputs(models["candidate"]) if intermediates else {}
+    shared = [n for n in ref_order if n in cand_order and n not in out_names]
+    inter = {k: _run_intermediates(models.get(k), shared, sides_in[k], emulate[k], samples, notes) for k in sides_in}
     if progress and intermediates:
         progress(3, 3)
 
