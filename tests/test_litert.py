@@ -121,10 +121,23 @@ def test_interpreter_memory_is_bound(model_files):
 
 
 def test_host_fc_runs_on_the_c_core(model_files):
-    s = edgert.Session(str(model_files["int8_fc"]), device="host")
+    s = edgert.Session(str(model_files["int8_fc"]), device="host", core=True)
     (part,) = s._bound.compiled
     assert isinstance(part, HostTFLitePartition) and len(part.core) == 3
     assert all(isinstance(c, Int8FullyConnected) for c in part.core)
+    off = edgert.Session(str(model_files["int8_fc"]), device="host", core=False)
+    (part,) = off._bound.compiled
+    assert part.core == []
+
+
+def test_host_core_auto_keeps_the_faster_variant_with_the_same_outputs(model_files):
+    auto = edgert.Session(str(model_files["int8_fc"]), device="host")  # core="auto": timed at compile
+    (part,) = auto._bound.compiled
+    assert len(part.core) in (0, 3)
+    forced = edgert.Session(str(model_files["int8_fc"]), device="host", core=True)
+    feeds = tm.feeds_for(load_tflite(model_files["int8_fc"]))
+    for a, b in zip(auto.run(None, feeds), forced.run(None, feeds)):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("per_channel", [True, False])

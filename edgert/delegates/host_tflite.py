@@ -194,15 +194,45 @@ class HostTFLitePartition(CompiledPartition):
                 s.lrt.close()
 
 
+AUTO_TIMING_RUNS = 15  # runs per variant when core="auto" picks between the C core and LiteRT at compile time
+
+
+def _median_run_s(compiled: HostTFLitePartition, graph) -> float:
+    import time
+
+    feeds = {n: np.zeros(graph.tensors[n].concrete_shape(), np.dtype(graph.tensors[n].dtype))
+             for n in compiled.inputs}
+    outs = {n: np.zeros(graph.tensors[n].concrete_shape(), np.dtype(graph.tensors[n].dtype))
+            for n in compiled.outputs}
+    compiled.run(feeds, outs)
+    ts = []
+    for _ in range(AUTO_TIMING_RUNS):
+        t = time.perf_counter()
+        compiled.run(feeds, outs)
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
 def compile_host_tflite(partition, graph, unit: Any = None, options: Mapping[str, Any] | None = None):
-    """The host delegate's compile for a TFLite graph (``options``: ``threads``, ``core``)."""
+    """The host delegate's compile for a TFLite graph (``options``: ``threads``; ``core``: ``"auto"`` (default:
+    the partition runs with its C-core steps only if that measured faster than LiteRT alone at compile time — a
+    small FULLY_CONNECTED costs more in the cut around it than the C core saves), ``True`` (always), ``False``)."""
     options = dict(options or {})
     dopts = dict(getattr(unit, "delegate_options", None) or {})
     threads = options.get("threads") or dopts.get("threads")
+    core = options.get("core", "auto")
     steps = []
-    if options.get("core", True):
+    if core:
         for name in partition.nodes:
             s = int8_fc_step(graph, graph.node(name), threads)
             if s is not None:
                 steps.append(s)
-    return HostTFLitePartition(partition, graph, steps, threads)
+    with_core = HostTFLitePartition(partition, graph, steps, threads)
+    if core != "auto" or not steps:
+        return with_core
+    plain = HostTFLitePartition(partition, graph, [], threads)
+    if _median_run_s(with_core, graph) < _median_run_s(plain, graph):
+        plain.close()
+        return with_core
+    with_core.close()
+    return plain
