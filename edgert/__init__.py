@@ -1,6 +1,8 @@
 """edgert — a portable edge-inference runtime: quantized C kernels on the host, models partitioned over NPUs.
 
-Public face: quantize, matmul, QTensor, the error types, and ``edgert.native.info()``.
+Public face: quantize, matmul, QTensor, from_matmul_nbits, ``edgert.native.info()`` and the error types (imported
+with the package); LLM, plan / Plan, Session, evaluate / EvalReport (imported on first use, so ``import edgert``
+stays light).
 """
 from . import native
 from .errors import (
@@ -47,5 +49,5 @@ def __getattr__(name):
 __all__ = [
     "ContextLengthError", "DeviceError", "DTypeError", "GenerationResult", "LLM", "EdgertError", "FORMATS", "InvalidArgumentError", "LinkError", "ModelFormatError",
     "ModelNotFoundError", "NativeBuildError", "ProfileError", "QTensor", "ShapeError", "UnsupportedOpError", "from_matmul_nbits", "matmul", "native",
-    "quantize", "Session", "evaluate", "EvalReport",
+    "quantize", "Session", "evaluate", "EvalReport", "plan", "Plan",
 ]
