@@ -47,6 +47,11 @@ _INTEGER_OPS = frozenset({"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLin
                           "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearAveragePool",
                           "QLinearGlobalAveragePool", "QLinearSoftmax", "QLinearConcat"})
 DEFAULT_THROUGHPUT = 1e9  # ops/s assumed for a unit whose profile gives no figure at all
+# delegates that keep tensors resident on their device between partitions (a tensor produced by one partition of
+# such a unit and read by a later partition of the same unit crosses no link). delegates.base.register keeps this in
+# step with each delegate class's ``keeps_tensors_resident`` flag; seeded here so a plan made without importing the
+# delegates is the same plan.
+RESIDENT_DELEGATES: set[str] = {"serial-npu"}
 _EPS = 1e-12
 
 
@@ -734,7 +739,9 @@ class CostModel:
         """Every copy a run of these islands makes: a tensor produced on a device goes to the host once if anything
         outside its island (or the caller) needs it; each device island reading a tensor it does not produce gets
         its own copy. Tensors between two islands of one unit go through the host too (the conservative model:
-        what a session that returns every partition's outputs does)."""
+        what a session that returns every partition's outputs does) — except on a unit whose delegate keeps tensors
+        resident (``RESIDENT_DELEGATES``): a tensor between two islands of such a unit stays on the device (no
+        ``to_device`` for a same-unit reader; a ``to_host`` only if a reader elsewhere or the caller needs it)."""
         island_of = {}
         for k, isl in enumerate(islands):
             for v in isl:
@@ -745,6 +752,10 @@ class CostModel:
             src_unit = units[prod] if prod is not None else self.host.name
             nbytes = self.nbytes[x]
             reader_isls = sorted({island_of[r] for r in readers} - {src_isl})
+            resident = (src_isl is not None and not self.is_host(src_unit)
+                        and getattr(self.units[src_unit], "delegate", None) in RESIDENT_DELEGATES)
+            if resident:  # same-unit readers take the device's copy: only the others count
+                reader_isls = [k for k in reader_isls if units[islands[k][0]] != src_unit]
             if src_isl is not None and not self.is_host(src_unit) and (reader_isls or x in self.graph_outputs):
                 link = self.units[src_unit].link
                 host_reader = next((k for k in reader_isls if self.is_host(units[islands[k][0]])), None)
@@ -1192,6 +1203,6 @@ class _PlanModule(types.ModuleType):
 sys.modules[__name__].__class__ = _PlanModule
 
 
-__all__ = ["CONTROL_FLOW_OPS", "CostModel", "Partition", "Plan", "Transfer", "assign_by_capability", "compute_dtype",
+__all__ = ["CONTROL_FLOW_OPS", "CostModel", "RESIDENT_DELEGATES", "Partition", "Plan", "Transfer", "assign_by_capability", "compute_dtype",
            "copy_aware", "enforce_max_partitions", "enforce_min_nodes", "find_islands", "is_constant_node",
            "link_seconds", "node_ops", "plan", "quantized_view", "tensor_nbytes", "unit_throughput"]

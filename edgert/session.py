@@ -5,7 +5,9 @@ A tensor's trip in ``Session.run``: feed -> its host pool buffer -> partition 1 
 device-side staging buffer (``to_device``) -> partition 2 -> counted copy back (``to_host``) -> ... -> outputs.
 Every tensor that crosses a partition boundary (and every graph input and output) lives in a buffer of a
 ``PinnedPool`` laid out once per binding of the model's dims (at creation, or at the first run for a model with
-symbolic dims); the copies follow the plan's transfer list, so the bytes counted equal the plan's.
+symbolic dims); the copies follow the plan's transfer list, so the bytes counted equal the plan's. A tensor between
+two partitions of one unit whose delegate keeps tensors resident (serial-npu) has no transfer: it stays on the device
+(the delegate is told which of its partition's inputs and outputs those are) and no host buffer is copied for it.
 
 ``emulate=True`` runs device partitions on onnxruntime's CPU provider but keeps every staging buffer and copy, so
 plans, outputs and bytes moved can be checked on a machine without the device. Without ``emulate``, a device whose
@@ -379,6 +381,12 @@ class Session:
             else:
                 d = delegates.get(unit.delegate)()
                 opts = {"threads": self.threads, "fallback": self.fallback, **self.device_options}
+                if getattr(d, "keeps_tensors_resident", False):
+                    # tensors the plan moves over no link: they stay in the device's memory between partitions
+                    back = {t.tensor for t in p.transfers_out_of(part.id)}
+                    sent = {t.tensor for t in p.transfers_into(part.id) if t.direction == "to_device"}
+                    opts["resident_outputs"] = [t for t in part.outputs if t not in back]
+                    opts["resident_inputs"] = [t for t in part.inputs if t not in sent]
             compiled.append(d.compile(part, export, unit, opts))
 
         # where each tensor must be: (side, tensor)

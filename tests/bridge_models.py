@@ -78,3 +78,26 @@ def ort_run(model, feeds):
 
     s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return s.run(None, feeds)
+
+
+def int8_split(seed: int = 0, k: int = 64, n: int = 32, m: int = 4):
+    """Two device partitions with a direct device -> device edge: x int8 (m, k) -> MatMulInteger -> acc (int32) ->
+    Relu -> r; a host-only Neg on a side branch reads acc; y = Add(r, Neg(acc)) int32 (m, n). The Add cannot join
+    the first partition (it waits for the host's Neg, which waits for acc), so r goes from one device partition to
+    the next and is read by nothing else."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (k, n)).astype(np.int8), "w"),
+             numpy_helper.from_array(np.array(5, np.int8), "xzp")]
+    nodes = [helper.make_node("MatMulInteger", ["x", "w", "xzp"], ["acc"], name="mm"),
+             helper.make_node("Relu", ["acc"], ["r"], name="relu"),
+             helper.make_node("Neg", ["acc"], ["h"], name="neg"),
+             helper.make_node("Add", ["r", "h"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "int8_split", [helper.make_tensor_value_info("x", TensorProto.INT8, [m, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])], initializer=inits)
+    mdl = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    mdl.ir_version = 8
+    onnx.checker.check_model(mdl)
+    return mdl

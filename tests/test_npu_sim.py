@@ -13,7 +13,7 @@ from edgert.bridge import protocol as P
 from edgert.bridge.device import ProtocolVersionError
 from edgert.delegates import serial_npu
 
-from bridge_models import int8_cnn, int8_mlp, ort_run
+from bridge_models import int8_cnn, int8_mlp, int8_split, ort_run
 
 ASAN = os.environ.get("EDGERT_NPU_SIM_ASAN", "1") != "0"  # tests run the sanitizer build unless told otherwise
 
@@ -27,6 +27,15 @@ def feeds(model, rng):
     shape = [d.dim_value for d in t.shape.dim]
     dt = np.uint8 if t.elem_type == 2 else np.int8
     return {"x": rng.integers(np.iinfo(dt).min, np.iinfo(dt).max + 1, shape).astype(dt)}
+
+
+def slow_host_profile():
+    """serial-npu with a host so slow that the copy-aware search keeps both device islands of int8_split."""
+    import dataclasses
+
+    prof = edgert.profiles.load("serial-npu")
+    return dataclasses.replace(prof, units=[dataclasses.replace(u, throughput={d: 1e3 for d in u.throughput})
+                                            if u.delegate == "host" else u for u in prof.units])
 
 
 def session(model, url, **kw):
@@ -172,3 +181,63 @@ def test_protocol_errors_and_version_mismatch():
         with pytest.raises(edgert.LinkError, match="ERR_GRAPH"):
             dev.load_graph(b"not a graph at all")
         dev.close()
+
+
+def test_tensor_between_two_device_partitions_stays_on_the_device():
+    model = int8_split()
+    rng = np.random.default_rng(4)
+    with sim() as s:
+        sess = edgert.Session(model, device=slow_host_profile(), fallback="allow", device_options={"url": s.url},
+                              telemetry=False)
+        p = sess.plan
+        assert [q.unit for q in p.partitions] == ["npu", "cpu", "npu"]
+        assert "r" in p.partitions[0].outputs and "r" in p.partitions[2].inputs
+        assert not [t for t in p.transfers if t.tensor == "r"]  # device -> device: no transfer at all
+        est = p.estimates
+        runs = 4
+        for _ in range(runs):
+            f = feeds(model, rng)
+            np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+            assert sess.stats()["last_run"] == {"bytes_to_device": est["bytes_to_device"],
+                                                "bytes_to_host": est["bytes_to_host"]}
+        first, second = sess._bound.compiled[0], sess._bound.compiled[2]
+        assert first.runs_on_device == runs and second.runs_on_device == runs
+        dev = first.state.device
+        # over the link: exactly the plan's boundary tensors (r is neither read back nor written again)
+        assert dev.bytes_to_device == runs * est["bytes_to_device"]
+        assert dev.bytes_to_host == runs * est["bytes_to_host"]
+        sess.close()
+    assert s.proc.returncode == 0, s.stderr.decode()
+
+
+def test_resident_tensor_lost_with_a_reset_is_recomputed_on_the_host():
+    """A reset between the two device partitions loses r on the device: the second partition's run recomputes it
+    on the host (the first partition again) instead of reading a stale host buffer; every output stays exact."""
+    model = int8_split()
+    failovers, lost = 0, 0
+    for reset_after in range(9, 22):
+        rng = np.random.default_rng(reset_after)
+        with sim(reset_after=reset_after) as s:
+            sess = edgert.Session(model, device=slow_host_profile(), fallback="allow",
+                                  device_options={"url": s.url, "retry_after_s": 0.0}, telemetry=False)
+            for _ in range(3):
+                f = feeds(model, rng)
+                np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0],
+                                              err_msg=f"reset_after={reset_after}")
+            failovers += sess.stats()["failovers"]
+            first, second = sess._bound.compiled[0], sess._bound.compiled[2]
+            lost += first.runs_on_host == 0 and second.runs_on_host > 0  # r was only on the device when it reset
+            sess.close()
+    assert failovers > 0 and lost > 0
+
+
+def test_emulated_device_partitions_copy_only_the_plans_transfers():
+    model = int8_split()
+    rng = np.random.default_rng(6)
+    sess = edgert.Session(model, device=slow_host_profile(), fallback="allow", emulate=True, telemetry=False)
+    assert not [t for t in sess.plan.transfers if t.tensor == "r"]
+    f = feeds(model, rng)
+    np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+    est = sess.plan.estimates
+    assert sess.stats()["last_run"] == {"bytes_to_device": est["bytes_to_device"], "bytes_to_host": est["bytes_to_host"]}
+    sess.close()

@@ -48,6 +48,11 @@ class Delegate(ABC):
     """A backend that runs partitions. Subclasses are registered by name; the session creates one per unit."""
 
     name: str = ""
+    # True: partitions of one unit share the device's tensor memory, so a tensor one partition produces and only later
+    # partitions of the same unit read stays on the device (the planner emits no transfer for it and the session passes
+    # the partition ``resident_outputs``/``resident_inputs`` options naming such tensors). False: every boundary
+    # tensor goes through host buffers.
+    keeps_tensors_resident: bool = False
 
     @classmethod
     def available(cls, unit: Any = None) -> tuple[bool, str]:
@@ -75,6 +80,12 @@ def register(name: str, cls: type[Delegate]) -> type[Delegate]:
         raise TypeError(f"register({name!r}, ...) needs a Delegate subclass, got {cls!r}")
     cls.name = name
     _REGISTRY[name] = cls
+    from ..plan import RESIDENT_DELEGATES  # a lower layer: the planner's view of which delegates keep tensors resident
+
+    if getattr(cls, "keeps_tensors_resident", False):
+        RESIDENT_DELEGATES.add(name)
+    else:
+        RESIDENT_DELEGATES.discard(name)
     return cls
 
 

@@ -6,6 +6,12 @@
 - Partitions on the same device URL share one connection and one set of device tensors, one per tensor name.
   A partition input whose bytes equal what the device already holds under that name (the output of an earlier
   device partition, unchanged) is not sent again: only boundary tensors cross the link.
+- Tensors resident between partitions (``keeps_tensors_resident``): a tensor one partition produces and only later
+  partitions of the same unit read has no transfer in the plan; the session names them (``resident_outputs``,
+  ``resident_inputs``). The producer does not read it back; the consumer binds the producer's device tensor as its
+  input. Such a tensor is keyed by the session's buffer for it, so two sessions on one device never mix theirs up.
+  If its device copy is lost (a reset, a failover), the host recomputes it by re-running the producing partition
+  on the host (its own resident inputs first), so a failover never reads a stale host buffer.
 - Failover: when the device stops answering, resets, or answers an error mid-run, the partition runs on
   onnxruntime's CPU provider instead (the same integer arithmetic, so the same result), the event is logged and
   counted in ``failovers``, and the device is left alone for ``retry_after_s`` (default 1 s, doubling while it
@@ -64,6 +70,9 @@ class DeviceState:
         self.down_until = 0.0
         self.backoff = float(self.opts.get("retry_after_s", 1.0))
         self.refs = 0
+        # resident tensors whose value is only on the device (the host buffer is stale): key -> (producing partition,
+        # its inputs, its outputs, tensor name), to recompute it on the host if the device copy is lost
+        self.on_device_only: dict[str, tuple] = {}
         self.last_error: str | None = None
         self.closed_links: dict = {}                   # counters of links closed after a failure
 
@@ -222,10 +231,12 @@ def _digest(a: np.ndarray) -> bytes:
 
 
 class SerialNpuPartition(CompiledPartition):
-    def __init__(self, state: DeviceState, blob: bytes, inputs, outputs, fallback_factory):
+    def __init__(self, state: DeviceState, blob: bytes, inputs, outputs, fallback_factory, resident_inputs=(),
+                 resident_outputs=()):
         from ..bridge.protocol import fnv1a64
 
         self.state = state
+        self.resident_inputs, self.resident_outputs = set(resident_inputs), set(resident_outputs)
         self.blob = blob
         self.hash = fnv1a64(blob)
         self.inputs, self.outputs = list(inputs), list(outputs)
@@ -248,6 +259,30 @@ class SerialNpuPartition(CompiledPartition):
             st.digests.pop(name, None)
         return h[0]
 
+    @staticmethod
+    def _key(name: str, buf: np.ndarray) -> str:
+        """The device tensor of a resident tensor: its name and the session buffer producer and consumer share."""
+        return f"{name}@{id(buf):x}"
+
+    def _materialize(self, key: str) -> None:
+        """Fill the host buffer of a resident tensor whose device copy is lost: re-run its producer on the host."""
+        entry = self.state.on_device_only.get(key)
+        if entry is not None:
+            producer, p_in, p_out, _ = entry
+            producer._run_host(p_in, p_out)
+
+    def _run_host(self, inputs, outputs) -> None:
+        st = self.state
+        for name in self.resident_inputs:
+            self._materialize(self._key(name, inputs[name]))
+        if self._fallback is None:
+            self._fallback = self._fallback_factory()
+        self._fallback.run(inputs, outputs)
+        for o in self.resident_outputs:
+            k = self._key(o, outputs[o])
+            st.on_device_only.pop(k, None)
+            st.digests.pop(k, None)
+
     def _run_device(self, inputs, outputs) -> None:
         st = self.state
         st.connect()
@@ -259,18 +294,32 @@ class SerialNpuPartition(CompiledPartition):
         in_h = []
         for name in self.inputs:
             a = inputs[name]
-            h = self._handle(name, a.nbytes)
+            key = name
+            if name in self.resident_inputs:
+                key = self._key(name, a)
+                if key in st.on_device_only:
+                    h = st.tensors.get(key)
+                    if h is not None and h[1] == a.nbytes:  # the producer's device tensor: bound in place
+                        in_h.append(h[0])
+                        continue
+                    self._materialize(key)  # lost with a reset: recomputed on the host, then sent below
+            h = self._handle(key, a.nbytes)
             d = _digest(a)
-            if st.digests.get(name) != d:  # not already on the device (an earlier device partition's output)
-                st.digests.pop(name, None)
+            if st.digests.get(key) != d:  # not already on the device (an earlier device partition's output)
+                st.digests.pop(key, None)
                 dev.write(h, a)
-                st.digests[name] = d
+                st.digests[key] = d
             in_h.append(h)
-        out_h = [self._handle(o, outputs[o].nbytes) for o in self.outputs]
-        for o in self.outputs:
-            st.digests.pop(o, None)
+        keys = [self._key(o, outputs[o]) if o in self.resident_outputs else o for o in self.outputs]
+        out_h = [self._handle(k, outputs[o].nbytes) for k, o in zip(keys, self.outputs)]
+        for k in keys:
+            st.digests.pop(k, None)
+            st.on_device_only.pop(k, None)
         device_s, _ = dev.invoke(self.hash, in_h, out_h)
-        for o, h in zip(self.outputs, out_h):
+        for o, k, h in zip(self.outputs, keys, out_h):
+            if o in self.resident_outputs:  # stays on the device for a later partition: not read back
+                st.on_device_only[k] = (self, inputs, outputs, o)
+                continue
             dev.read(h, outputs[o])
             st.digests[o] = _digest(outputs[o])
         total = time.perf_counter() - t0
@@ -294,13 +343,14 @@ class SerialNpuPartition(CompiledPartition):
                     st.backoff = min(st.backoff * 2, 30.0)
                     st.drop_connection()
             t0 = time.perf_counter()
-            if self._fallback is None:
-                self._fallback = self._fallback_factory()
-            self._fallback.run(inputs, outputs)
+            self._run_host(inputs, outputs)
             self.runs_on_host += 1
             self.last_timing = {"link_s": 0.0, "device_s": 0.0, "host_s": time.perf_counter() - t0}
 
     def close(self) -> None:
+        if self.state is not None:
+            for k in [k for k, e in self.state.on_device_only.items() if e[0] is self]:
+                del self.state.on_device_only[k]
         if self._fallback is not None:
             self._fallback.close()
             self._fallback = None
@@ -311,6 +361,8 @@ class SerialNpuPartition(CompiledPartition):
 
 class SerialNpuDelegate(Delegate):
     """Runs partitions on a serial NPU; see the module docstring."""
+
+    keeps_tensors_resident = True
 
     @classmethod
     def available(cls, unit: Any = None) -> tuple[bool, str]:
@@ -365,7 +417,8 @@ class SerialNpuDelegate(Delegate):
         st = device_state(url, opts)
         with _STATES_LOCK:
             st.refs += 1
-        return SerialNpuPartition(st, blob, ins, outs, host_partition)
+        return SerialNpuPartition(st, blob, ins, outs, host_partition, opts.get("resident_inputs", ()),
+                                  opts.get("resident_outputs", ()))
 
 
 def link_stats(compiled) -> dict:
