@@ -29,6 +29,20 @@ def llm(tmp_path_factory):
         yield model
 
 
+@pytest.fixture()
+def paced_llm(llm, monkeypatch):
+    """The tiny model paced at 2 ms a step, so a LONG answer lasts seconds on any machine (tests that act while a
+    generation runs must not race a fast CPU)."""
+    forward = llm.model.forward
+
+    def paced(*args, **kwargs):
+        time.sleep(0.002)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(llm.model, "forward", paced)
+    return llm
+
+
 @pytest.fixture(autouse=True)
 def _home(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGERT_HOME", str(tmp_path))
@@ -188,7 +202,8 @@ def _start_long_stream(base, out: dict, max_tokens=LONG):
     return th
 
 
-def test_full_queue_answers_503_and_health_answers_during_generation(llm):
+def test_full_queue_answers_503_and_health_answers_during_generation(paced_llm):
+    llm = paced_llm
     with live(llm, max_queue=1) as base:
         a = {}
         ta = _start_long_stream(base, a)
@@ -211,7 +226,8 @@ def test_full_queue_answers_503_and_health_answers_during_generation(llm):
         assert httpx.get(base + "/health", timeout=5).json()["queue_depth"] == 0
 
 
-def test_client_disconnect_stops_generation(llm):
+def test_client_disconnect_stops_generation(paced_llm):
+    llm = paced_llm
     with live(llm) as base:
         a = {}
         ta = _start_long_stream(base, a)
@@ -231,7 +247,8 @@ def test_client_disconnect_stops_generation(llm):
     assert rows[0]["completion_tokens"] == generated
 
 
-def test_request_timeout_cuts_generation(llm):
+def test_request_timeout_cuts_generation(paced_llm):
+    llm = paced_llm
     with live(llm, request_timeout_s=0.3) as base:
         r = httpx.post(base + "/v1/completions", json={"prompt": "the hat", "max_tokens": LONG, "temperature": 0},
                        timeout=DEADLINE_S)
