@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import edgert  # noqa: E402
 from edgert.bridge import NpuSim, SerialNpuDevice  # noqa: E402
-from bridge_models import int8_cnn, ort_run  # noqa: E402
+from bridge_models import int8_cnn  # noqa: E402
+from onnx_models import ort_run  # noqa: E402
 
 
 def throughput(baud: float, nbytes: int) -> list[tuple]:

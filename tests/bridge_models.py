@@ -73,13 +73,6 @@ def int8_mlp(seed: int = 0, k: int = 64, n: int = 32, m: int = 4):
     return mdl
 
 
-def ort_run(model, feeds):
-    import onnxruntime as ort
-
-    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return s.run(None, feeds)
-
-
 def int8_split(seed: int = 0, k: int = 64, n: int = 32, m: int = 4):
     """Two device partitions with a direct device -> device edge: x int8 (m, k) -> MatMulInteger -> acc (int32) ->
     Relu -> r; a host-only Neg on a side branch reads acc; y = Add(r, Neg(acc)) int32 (m, n). The Add cannot join

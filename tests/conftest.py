@@ -46,3 +46,13 @@ def smollm2_path():
         return store.resolve("smollm2-135m", pull_missing=True, progress=False)
     except edgert.EdgertError as exc:
         pytest.skip(f"SmolLM2 is not cached and could not be pulled: {exc}")
+
+
+@pytest.fixture()
+def no_telemetry():
+    """Telemetry off for the test (the runtime records an event per run otherwise), back to the default after."""
+    from edgert import telemetry
+
+    telemetry.set_enabled(False)
+    yield
+    telemetry.set_enabled(None)

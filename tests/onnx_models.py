@@ -93,3 +93,12 @@ def qdq_convnet(tmp_path):
     quantize_static(str(src), str(dst), calibration_reader("x", (1, 3, 16, 16)), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
     return dst
+
+
+def ort_run(model, feeds):
+    """Whole-model outputs from onnxruntime's CPU provider: the reference edgert's outputs are compared with.
+    ``model`` is a path or an onnx.ModelProto."""
+    import onnxruntime as ort
+
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feeds)

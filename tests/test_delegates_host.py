@@ -3,29 +3,21 @@ MatMulNBits (int4 blocks), DynamicQuantizeLinear -> MatMulInteger chains (onnxru
 DequantizeLinear(weight) -> MatMul (QDQ int8), with K on and off the 32-value block; core=False is exact."""
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
 import edgert
-from edgert import telemetry
 from edgert.delegates.host import (DEQUANT_MATMUL_BUDGET, MATMUL_INTEGER_BUDGET, MATMUL_NBITS_BUDGET,
                                    find_core_matmuls)
 from edgert.formats.onnx import load_onnx
 
-from onnx_models import calibration_reader, mlp
+from onnx_models import calibration_reader, mlp, ort_run
 
 
 @pytest.fixture(autouse=True)
-def _no_telemetry():
-    telemetry.set_enabled(False)
-    yield
-    telemetry.set_enabled(None)
-
-
-def ort_run(path, feeds):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+def _no_telemetry(no_telemetry):
+    pass
 
 
 def within(y, ref, budget):

@@ -13,7 +13,8 @@ from edgert.bridge import protocol as P
 from edgert.bridge.device import ProtocolVersionError
 from edgert.delegates import serial_npu
 
-from bridge_models import int8_cnn, int8_mlp, int8_split, ort_run
+from bridge_models import int8_cnn, int8_mlp, int8_split
+from onnx_models import ort_run
 
 ASAN = os.environ.get("EDGERT_NPU_SIM_ASAN", "1") != "0"  # tests run the sanitizer build unless told otherwise
 

@@ -10,7 +10,6 @@ import onnxruntime as ort
 import pytest
 
 import edgert
-from edgert import telemetry
 
 import real_models as R
 
@@ -35,10 +34,8 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _no_telemetry():
-    telemetry.set_enabled(False)
-    yield
-    telemetry.set_enabled(None)
+def _no_telemetry(no_telemetry):
+    pass
 
 
 def variant(models, name, kind):

@@ -6,7 +6,6 @@ import warnings
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 import edgert
@@ -14,7 +13,7 @@ from edgert import delegates, telemetry
 from edgert.delegates.base import CompiledPartition, Delegate
 from edgert.errors import DeviceError, DTypeError, InvalidArgumentError
 
-from onnx_models import convnet, mlp
+from onnx_models import convnet, mlp, ort_run
 
 TOY_NPU = """
 name = "toy-npu"
@@ -64,14 +63,8 @@ def mlp_path(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _no_telemetry():
-    telemetry.set_enabled(False)
-    yield
-    telemetry.set_enabled(None)
-
-
-def ort_run(path, feeds):
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
+def _no_telemetry(no_telemetry):
+    pass
 
 
 def x_of(batch=2, seed=0):
