@@ -1,18 +1,12 @@
 """The edgert command, run as a user runs it (a subprocess) on a tiny model."""
 import json
-import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
+from cli_run import edgert_cmd, edgert_popen
 from llama_tiny import write_tiny_llama
-
-
-def edgert_cmd(*args, input=None, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "edgert.cli", *args], input=input, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +80,9 @@ def test_ctrl_c_stops_an_answer_but_not_the_chat(smollm2_path):
     import signal
     import time
 
-    p = subprocess.Popen([sys.executable, "-m", "edgert.cli", "chat", str(smollm2_path), "-n", "1500", "--n-ctx", "2048",
-                          "--temperature", "0.9", "--seed", "1", "--no-telemetry"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    p = edgert_popen("chat", str(smollm2_path), "-n", "1500", "--n-ctx", "2048", "--temperature", "0.9", "--seed", "1",
+                     "--no-telemetry", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                     env={"PYTHONUNBUFFERED": "1"})
     try:
         p.stdin.write("Write a very long story about a dragon.\n")
         p.stdin.flush()

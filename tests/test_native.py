@@ -3,7 +3,6 @@ C status -> edgert error, and the GIL being released while kernels run."""
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -14,6 +13,8 @@ import pytest
 import edgert
 from edgert import native
 
+from cli_run import run_python
+
 KNOWN_ISAS = ("ref", "avx2", "avx512", "neon")
 
 
@@ -23,12 +24,12 @@ def unavailable_isa() -> str | None:
     return missing[0] if missing else None
 
 
-def run_with_env(**env) -> subprocess.CompletedProcess:
+def run_with_env(**env):
     """Import edgert in a fresh interpreter with the given environment and print info() as JSON."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("EDGERT_")}
     full.update(env)
     code = "import json, edgert; print(json.dumps(edgert.native.info()))"
-    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=60)
+    return run_python("-c", code, env=full, timeout=60)
 
 
 # --- info and run-time selection ------------------------------------------------------------------------------

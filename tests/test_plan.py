@@ -5,8 +5,6 @@ Graphs are tiny ONNX models built here; profiles are synthetic (built in code or
 imx8mp and coral-usb profiles with an int8 QDQ MLP quantized by onnxruntime."""
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -21,6 +19,7 @@ from edgert.graph import DTYPE_BITS
 from edgert.profiles import ComputeUnit, DeviceProfile, Link, OpConstraint
 
 import onnx_models as M
+from cli_run import edgert_cmd
 
 HOST_OPS_S = 1e9     # synthetic host: 1 GOP/s
 NPU_OPS_S = 1e13     # synthetic accelerator: 10 TOP/s
@@ -472,10 +471,6 @@ zero_copy = true
 bandwidth_bytes_s = 1.0e10
 latency_s = 1.0e-6
 """
-
-
-def edgert_cmd(*args):
-    return subprocess.run([sys.executable, "-m", "edgert.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_cli_plan(tmp_path):

@@ -2,7 +2,6 @@
 reason, and ComputeUnit.supports explains its refusals."""
 import copy
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -17,6 +16,7 @@ from edgert.errors import ProfileError
 from edgert.formats.onnx import load_onnx
 
 import onnx_models as M
+from cli_run import edgert_cmd
 
 SHIPPED = sorted(["host", "rpi5", "rk3588", "imx8mp", "coral-usb", "snapdragon-x", "ryzen-ai", "core-ultra-npu",
                   "serial-npu"])
@@ -224,11 +224,6 @@ def test_wheel_ships_profiles(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for n in SHIPPED:
         assert f"edgert/device_profiles/{n}.toml" in names
-
-
-def edgert_cmd(*args):
-    return subprocess.run([sys.executable, "-m", "edgert.cli", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ})
 
 
 def test_cli_devices_json():

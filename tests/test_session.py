@@ -13,6 +13,7 @@ from edgert import delegates, telemetry
 from edgert.delegates.base import CompiledPartition, Delegate
 from edgert.errors import DeviceError, DTypeError, InvalidArgumentError
 
+from cli_run import edgert_cmd
 from onnx_models import convnet, mlp, ort_run
 
 TOY_NPU = """
@@ -232,17 +233,12 @@ def test_registering_a_delegate(mlp_path):
 
 
 def test_cli_run(tmp_path, mlp_path, toy):
-    import subprocess
-    import sys
-
     x = x_of()
     np.save(tmp_path / "x.npy", x)
-    r = subprocess.run([sys.executable, "-m", "edgert.cli", "run", mlp_path, "--device", toy, "--emulate", "--input",
-                        f"x={tmp_path / 'x.npy'}", "--output", str(tmp_path / "out"), "--no-telemetry"],
-                       capture_output=True, text=True, timeout=120)
+    r = edgert_cmd("run", mlp_path, "--device", toy, "--emulate", "--input", f"x={tmp_path / 'x.npy'}", "--output",
+                   str(tmp_path / "out"), "--no-telemetry")
     assert r.returncode == 0, r.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "out" / "y.npy"), ort_run(mlp_path, {"x": x})[0])
     assert "bytes to device 192 (plan 192)" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "edgert.cli", "run", mlp_path, "--input", "x=/does/not/exist.npy"],
-                       capture_output=True, text=True, timeout=120)
+    r = edgert_cmd("run", mlp_path, "--input", "x=/does/not/exist.npy")
     assert r.returncode == 1 and r.stderr.startswith("edgert: error:") and "Traceback" not in r.stderr
