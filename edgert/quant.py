@@ -8,7 +8,7 @@ import numpy as np
 
 from . import native
 from .errors import DTypeError, InvalidArgumentError, ShapeError
-from .native import ffi, lib
+from .native import lib
 
 BLOCK = 32  # values per block in every block format
 
@@ -30,10 +30,6 @@ def row_bytes(fmt: str, k: int) -> int:
     if n == 0:
         raise ShapeError(f"{fmt} rows need K to be a positive multiple of {BLOCK}, got K={k}")
     return n
-
-
-def _ptr(a: np.ndarray, ctype: str = "void *"):
-    return ffi.cast(ctype, a.ctypes.data)
 
 
 class QTensor:
@@ -86,7 +82,7 @@ class QTensor:
         """The float32 (N, K) values the blocks encode."""
         n, k = self.shape
         out = np.empty((n, k), dtype=np.float32)
-        native.check(lib.et_dequantize(self.type_id, _ptr(self.raw), _ptr(out, "float *"), n, k))
+        native.check(lib.et_dequantize(self.type_id, native.ptr(self.raw), native.ptr(out, "float *"), n, k))
         return out
 
     def __repr__(self) -> str:
@@ -108,7 +104,7 @@ def quantize(w: np.ndarray, fmt: str) -> QTensor:
     rb = row_bytes(fmt, k)
     w = np.ascontiguousarray(w)
     raw = np.empty((n, rb), dtype=np.uint8)
-    native.check(lib.et_quantize(fid, _ptr(w, "float *"), _ptr(raw), n, k))
+    native.check(lib.et_quantize(fid, native.ptr(w, "float *"), native.ptr(raw), n, k))
     return QTensor(fmt, (n, k), raw)
 
 
@@ -167,7 +163,7 @@ def matmul(x: np.ndarray, w: QTensor, threads: int | None = None, *, out: np.nda
                                    f"(matmul_scratch_size), got {getattr(scratch, 'dtype', type(scratch).__name__)} "
                                    f"of {getattr(scratch, 'nbytes', '?')} bytes")
     native.check(
-        lib.et_matmul(_ptr(x, "float *"), m, k, w.type_id, _ptr(w.raw), n, _ptr(y, "float *"), _ptr(scratch), ss, nth)
+        lib.et_matmul(native.ptr(x, "float *"), m, k, w.type_id, native.ptr(w.raw), n, native.ptr(y, "float *"), native.ptr(scratch), ss, nth)
     )
     if out is not None:
         return out

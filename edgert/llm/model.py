@@ -112,7 +112,7 @@ class LlamaModel:
         out = np.empty((n, self.vocab_size) if logits_all else (self.vocab_size,), dtype=np.float32)
         native.check(
             lib.et_llama_forward(
-                self._handle, ffi.cast("int32_t *", ids.ctypes.data), n, pos, ffi.cast("float *", out.ctypes.data),
+                self._handle, native.ptr(ids, "int32_t *"), n, pos, native.ptr(out, "float *"),
                 1 if logits_all else 0, threads or 0,
             )
         )
