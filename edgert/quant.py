@@ -170,6 +170,59 @@ def matmul(x: np.ndarray, w: QTensor, threads: int | None = None, *, out: np.nda
     return y[0] if squeeze else y
 
 
+class BoundMatMul:
+    """``y = x @ w.T`` for one weight and one row count, for a caller that runs the same product again and again
+    (the host delegate's C-core steps): the output, the scratch and the weight's pointer are made once, so a call
+    checks x and makes one C call.
+
+    ``x``: float32 (m, kx) with ``kx <= K`` (the weight's K; block formats only when shorter: the missing columns
+    count as zeros, which is exact) and unit column stride; rows may be further apart (a slice of a wider array).
+    Returns the bound output (m, N), overwritten by the next call."""
+
+    __slots__ = ("w", "m", "kx", "threads", "out", "_scratch", "_ss", "_pw", "_py", "_ps", "_nth")
+
+    def __init__(self, w: QTensor, m: int, kx: int | None = None, threads: int | None = None):
+        if not isinstance(w, QTensor):
+            raise DTypeError(f"w must be an edgert.QTensor (see edgert.quantize), got {type(w).__name__}")
+        n, k = w.shape
+        kx = k if kx is None else kx
+        if not isinstance(m, int) or m < 1:
+            raise ShapeError(f"m must be a positive int, got {m!r}")
+        if not isinstance(kx, int) or not 1 <= kx <= k or (kx != k and w.fmt in ("f16", "f32")):
+            raise ShapeError(f"kx={kx!r} must be in [1, K={k}] ({w.fmt} weights: exactly K)")
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}")
+        self.w, self.m, self.kx, self.threads = w, m, kx, threads
+        buf = np.empty(m * n * 4 + 64, dtype=np.uint8)  # 64-byte aligned rows: see matmul()
+        start = -buf.ctypes.data % 64
+        self.out = buf[start:start + m * n * 4].view(np.float32).reshape(m, n)
+        self._ss = lib.et_matmul_scratch_size(w.type_id, m, k)
+        self._scratch = np.empty(max(self._ss, 1), dtype=np.uint8)
+        self._pw, self._py, self._ps = native.ptr(w.raw), native.ptr(self.out, "float *"), native.ptr(self._scratch)
+        self._nth = threads or 0
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The product for ``x``, in the bound output, or in ``out`` (float32 C-contiguous (m, N)) when given."""
+        m, kx = self.m, self.kx
+        if (type(x) is not np.ndarray or x.dtype != np.float32 or x.shape != (m, kx) or x.strides[1] != 4
+                or (m > 1 and (x.strides[0] % 4 or x.strides[0] < 4 * kx))):
+            raise ShapeError(f"x must be float32 ({m}, {kx}) with unit column stride, got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')} "
+                             f"strides {getattr(x, 'strides', '')}")
+        n, k = self.w.shape
+        py = self._py
+        if out is not None:
+            if (type(out) is not np.ndarray or out.dtype != np.float32 or out.shape != (m, n)
+                    or not out.flags.c_contiguous or not out.flags.writeable):
+                raise InvalidArgumentError(f"out must be a writeable C-contiguous float32 array of shape {(m, n)}")
+            py = native.ptr(out, "float *")
+        # from_buffer needs a contiguous buffer: a strided x is passed by its first element's address
+        px = native.ptr(x, "float *") if x.flags.c_contiguous else native.ffi.cast("float *", x.ctypes.data)
+        native.check(lib.et_matmul_ex(px, m, kx, x.strides[0] // 4 if m > 1 else kx, self.w.type_id, self._pw, n,
+                                      k, py, n, self._ps, self._ss, self._nth))
+        return self.out if out is None else out
+
+
 def matmul_scratch_size(w: QTensor, m: int) -> int:
     """Bytes of scratch ``matmul`` needs for ``m`` rows of activations against ``w`` (for its ``scratch=``)."""
     return max(int(lib.et_matmul_scratch_size(w.type_id, int(m), int(w.shape[1]))), 1)

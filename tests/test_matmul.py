@@ -319,3 +319,71 @@ def test_short_scratch_is_rejected():
     w = edgert.quantize(rng.standard_normal((96, 128)).astype(np.float32), "q8_0")
     with pytest.raises(edgert.InvalidArgumentError, match="scratch must be"):
         edgert.matmul(rng.standard_normal((40, 128)).astype(np.float32), w, scratch=np.empty(1, np.uint8))
+
+
+# --- BoundMatMul: short and strided rows, bound buffers ---------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+@pytest.mark.parametrize("m,kx,k", [(1, 1, 32), (3, 31, 32), (40, 120, 128), (5, 33, 96), (17, 64, 64)])
+def test_bound_matmul_equals_the_zero_padded_product(isa, fmt, m, kx, k):
+    from edgert.quant import BoundMatMul
+
+    rng = rng_for("bound", fmt, m, kx, k)
+    w = edgert.quantize(rng.standard_normal((37, k)).astype(np.float32), fmt)
+    wide = np.full((m, kx + 5), np.nan, np.float32)   # rows kx + 5 apart; what lies past kx is never read
+    wide[:, :kx] = rng.standard_normal((m, kx))
+    padded = np.zeros((m, k), np.float32)
+    padded[:, :kx] = wide[:, :kx]
+    want = edgert.matmul(padded, w)
+    bound = BoundMatMul(w, m, kx)
+    got = bound(wide[:, :kx])
+    np.testing.assert_array_equal(got, want)
+    assert got is bound.out
+    x = np.ascontiguousarray(wide[:, :kx])
+    out = np.full((m, 37), np.nan, np.float32)
+    assert bound(x, out) is out
+    np.testing.assert_array_equal(out, want)
+
+
+def test_bound_matmul_float64_reference_and_no_allocation():
+    import tracemalloc
+
+    from edgert.quant import BoundMatMul
+
+    rng = rng_for("bound-f64")
+    w = edgert.quantize(rng.standard_normal((96, 128)).astype(np.float32), "q8_0")
+    x = rng.standard_normal((40, 120)).astype(np.float32)
+    padded = np.zeros((40, 128), np.float32)
+    padded[:, :120] = x
+    expected, budget = exact_and_budget(padded, w)
+    bound = BoundMatMul(w, 40, 120)
+    assert_within(bound(x), expected, budget, "BoundMatMul q8_0 kx=120")
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in range(20):
+        bound(x)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak - before < bound.out.nbytes // 2, (peak - before)
+
+
+def test_bound_matmul_rejects_bad_input():
+    from edgert.quant import BoundMatMul
+
+    rng = rng_for("bound-bad")
+    w = edgert.quantize(rng.standard_normal((8, 64)).astype(np.float32), "q4_0")
+    wf = edgert.quantize(rng.standard_normal((8, 64)).astype(np.float32), "f32")
+    for bad in [dict(m=0), dict(m=2, kx=65), dict(m=2, kx=0), dict(m=2, threads=0)]:
+        with pytest.raises((edgert.ShapeError, edgert.InvalidArgumentError)):
+            BoundMatMul(w, **bad)
+    with pytest.raises(edgert.ShapeError, match="exactly K"):
+        BoundMatMul(wf, 2, 60)
+    bound = BoundMatMul(w, 2, 60)
+    for x in [np.zeros((2, 64), np.float32), np.zeros((3, 60), np.float32), np.zeros((2, 60), np.float64),
+              np.zeros((60, 2), np.float32).T, np.zeros((2, 120), np.float32)[:, ::2], [[0.0] * 60] * 2]:
+        with pytest.raises(edgert.ShapeError, match="x must be float32"):
+            bound(x)
+    with pytest.raises(edgert.InvalidArgumentError, match="out must be"):
+        bound(np.zeros((2, 60), np.float32), np.zeros((2, 9), np.float32))
+    with pytest.raises(edgert.InvalidArgumentError, match="finite"):
+        bound(np.full((2, 60), np.inf, np.float32))

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import DeviceError
-from ..quant import BLOCK, QTensor, from_matmul_nbits, matmul, matmul_scratch_size, quantize
+from ..quant import BLOCK, BoundMatMul, QTensor, from_matmul_nbits, quantize
 from .base import CompiledPartition, Delegate, register
 from .onnxruntime import CPU, OnnxruntimePartition, session_options
 
@@ -51,45 +51,30 @@ class CoreMatMul:
     nodes: list[str] = field(default_factory=list)   # the graph nodes this step replaces
     threads: int | None = None
     k: int = 0           # the graph's K; weight.shape[1] is K rounded up to a block (zero columns: exact)
-    _xpad: np.ndarray | None = None
-    _y: np.ndarray | None = None        # (M, N) result, kept between runs (re-made only when M changes)
-    _scratch: np.ndarray | None = None  # the kernel's scratch for M rows, kept likewise
+    _bound: BoundMatMul | None = None  # the product for the last row count (re-made only when M changes)
     timing: tuple | None = None  # (C core s, onnxruntime s) when measured at compile time
 
     def compute(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The step's output for ``x``: written into ``out`` (float32, C-contiguous, [..., N]) when given, else into
-        the step's own buffer (valid until the next call). The steady state allocates nothing."""
+        the step's own buffer (valid until the next call). The steady state allocates nothing; a K short of whole
+        blocks is zero-padded inside the C core (exact)."""
         n, kp = self.weight.shape
         k = self.k or kp
         if x.dtype != np.float32 or x.shape[-1] != k:
             raise DeviceError(f"{self.kind} {self.out!r}: expected float32 [..., {k}], got {x.dtype} {x.shape}")
         x2 = x.reshape(-1, k)
         m = x2.shape[0]
-        if kp != k:  # zero-padded to whole blocks: the zeros add nothing and leave each block's scale as it was
-            if self._xpad is None or self._xpad.shape[0] != m:
-                self._xpad = np.zeros((m, kp), np.float32)
-            self._xpad[:, :k] = x2
-            x2 = self._xpad
-        elif not x2.flags.c_contiguous:
-            x2 = np.ascontiguousarray(x2)
         if m == 0:
             return np.zeros((*x.shape[:-1], n), np.float32)
-        if self._scratch is None or self._y.shape[0] != m:
-            self._y = _aligned_empty((m, n))
-            self._scratch = np.empty(matmul_scratch_size(self.weight, m), np.uint8)
-        y = self._y if out is None else out.reshape(m, n)
-        matmul(x2, self.weight, self.threads, out=y, scratch=self._scratch)
+        if x2.strides[1] != 4 or (m > 1 and x2.strides[0] < 4 * k):  # rows the C core cannot walk
+            x2 = np.ascontiguousarray(x2)
+        b = self._bound
+        if b is None or b.m != m:
+            b = self._bound = BoundMatMul(self.weight, m, k, self.threads)
+        y = b(x2, None if out is None else out.reshape(m, n))
         if self.bias is not None:
             np.add(y, self.bias, out=y)
         return y.reshape(*x.shape[:-1], n) if out is None else out
-
-
-def _aligned_empty(shape: tuple[int, int]) -> np.ndarray:
-    """A float32 array whose rows start 64-byte aligned when N is a multiple of 16 (the kernels' streaming stores)."""
-    nbytes = shape[0] * shape[1] * 4
-    buf = np.empty(nbytes + 64, np.uint8)
-    start = -buf.ctypes.data % 64
-    return buf[start:start + nbytes].view(np.float32).reshape(shape)
 
 
 def _const(graph, name: str) -> np.ndarray | None:

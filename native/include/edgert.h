@@ -63,6 +63,12 @@ size_t et_matmul_scratch_size(int wtype, int64_t m, int64_t k);
 int et_matmul(const float *x, int64_t m, int64_t k, int wtype, const void *w, int64_t n, float *y, void *scratch,
               size_t scratch_size, int nthreads);
 
+/* et_matmul on strided and short rows: x row i at x + i*ldx holds kx <= k floats, the columns kx..k-1 count as zeros
+ * (exact for every weight type: zeros add nothing, and a zero-padded activation block keeps its scale); y row i at
+ * y + i*ldy (ldy >= n). Float weight types (F32, F16) need kx == k. Same scratch as et_matmul(m, k). */
+int et_matmul_ex(const float *x, int64_t m, int64_t kx, size_t ldx, int wtype, const void *w, int64_t n, int64_t k,
+                 float *y, size_t ldy, void *scratch, size_t scratch_size, int nthreads);
+
 /* ---- llama-family decoder (src/llm/llama.c) ---- */
 
 typedef struct {

@@ -130,6 +130,10 @@ int et_quantize_row_q8_s(const float *x, block_q8_s *y, int64_t k);
 /* m rows of k floats -> m rows of k/32 block_q8_s (the active ISA's quantizer, rows split over threads);
  * returns -1, or the first row holding NaN or Inf */
 int64_t et_quantize_rows_q8_s(const float *x, int64_t m, int64_t k, block_q8_s *y, int nthreads);
+/* the same for rows of kx <= k floats, ldx floats apart, zero-padded to k: the blocks are exactly those of the
+ * padded rows (an all-zero block quantizes to d = 0, sum = 0, qs = 0) */
+int64_t et_quantize_rows_q8_s_ex(const float *x, int64_t m, int64_t kx, size_t ldx, int64_t k, block_q8_s *y,
+                                 int nthreads);
 
 /* y[i*ldy + j] = w row j . activation row i; xa holds block_q8_s rows (block formats, see et_quantize_row_q8_s)
  * or float rows (f32/f16), xs bytes apart. Arguments are trusted: callers inside the core validate them. */

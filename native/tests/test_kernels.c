@@ -591,6 +591,66 @@ static void test_errors(void) {
     free(scratch);
 }
 
+/* et_matmul_ex: rows of kx <= k floats, ldx apart, equal bit for bit the dense product of the zero-padded rows;
+ * what lies between kx and ldx (NaN here) is never read, and nothing outside y's n columns of each row is written */
+static void test_matmul_ex(void) {
+    static const int types[] = {ET_TYPE_Q4_0, ET_TYPE_Q4_1, ET_TYPE_Q8_0};
+    static const int64_t ms[] = {1, 5, 20};
+    static const int64_t kxs[][2] = {{1, 32}, {31, 32}, {33, 64}, {95, 96}, {96, 96}, {40, 128}, {120, 128}};
+    const int64_t n = 37, ldy = n + 4;
+    char isas[8][16];
+    const int n_isas = isa_list(isas, 8);
+    for (size_t t = 0; t < sizeof types / sizeof *types; t++) {
+        const int type = types[t], n_before = n_failed;
+        for (size_t ik = 0; ik < sizeof kxs / sizeof *kxs; ik++) {
+            const int64_t kx = kxs[ik][0], k = kxs[ik][1], ldx = kx + 3, m_max = ms[2];
+            uint8_t *w = make_weights(type, n, k);
+            float *dense = make_activations(m_max, k);
+            float *x = xmalloc((size_t)(m_max * ldx) * sizeof(float));
+            for (int64_t i = 0; i < m_max; i++) {
+                for (int64_t c = 0; c < ldx; c++) x[i * ldx + c] = c < kx ? dense[i * k + c] : NAN;
+                for (int64_t c = kx; c < k; c++) dense[i * k + c] = 0.0f;
+            }
+            const size_t ss = et_matmul_scratch_size(type, m_max, k);
+            void *scratch = xmalloc(ss);
+            float *yd = alloc_output((size_t)(m_max * n)), *y = alloc_output((size_t)(m_max * ldy));
+            for (int v = 0; v < n_isas; v++) {
+                et_isa_select(isas[v]);
+                for (size_t im = 0; im < sizeof ms / sizeof *ms; im++) {
+                    const int64_t m = ms[im];
+                    for (int64_t i = 0; i < m * ldy; i++) y[i] = -7.0f;
+                    int ok = et_matmul(dense, m, k, type, w, n, yd, scratch, ss, 2) == ET_OK &&
+                             et_matmul_ex(x, m, kx, (size_t)ldx, type, w, n, k, y, (size_t)ldy, scratch, ss, 2) == ET_OK;
+                    for (int64_t i = 0; i < m && ok; i++) {
+                        ok = memcmp(y + i * ldy, yd + i * n, (size_t)n * sizeof(float)) == 0;
+                        for (int64_t j = n; j < ldy; j++) ok &= y[i * ldy + j] == -7.0f;
+                    }
+                    ok &= canary_intact(y, (size_t)(m_max * ldy));
+                    check(ok, "%s matmul_ex %s m=%lld kx=%lld k=%lld ldx=%lld ldy=%lld: differs from the zero-padded "
+                          "product or wrote outside its rows (%s)", isas[v], type_name(type), (long long)m, (long long)kx,
+                          (long long)k, (long long)ldx, (long long)ldy, et_last_error());
+                }
+            }
+            free(w), free(dense), free(x), free(scratch), free(yd), free(y);
+        }
+        printf("matmul_ex (short, strided rows) %-4s over %s: %s\n", type_name(type), et_isa_available(),
+               n_failed == n_before ? "ok" : "FAILED");
+    }
+    /* arguments it refuses */
+    float x[64] = {0}, y[64], wf[64] = {0};
+    uint8_t w[64] = {0}, scratch[256];
+    expect_status(et_matmul_ex(x, 1, 33, 33, ET_TYPE_Q8_0, w, 1, 32, y, 1, scratch, sizeof scratch, 1), ET_ERR_INVALID,
+                  "kx > k");
+    expect_status(et_matmul_ex(x, 1, 0, 1, ET_TYPE_Q8_0, w, 1, 32, y, 1, scratch, sizeof scratch, 1), ET_ERR_INVALID,
+                  "kx = 0");
+    expect_status(et_matmul_ex(x, 1, 20, 19, ET_TYPE_Q8_0, w, 1, 32, y, 1, scratch, sizeof scratch, 1), ET_ERR_INVALID,
+                  "ldx < kx");
+    expect_status(et_matmul_ex(x, 1, 20, 20, ET_TYPE_Q8_0, w, 2, 32, y, 1, scratch, sizeof scratch, 1), ET_ERR_INVALID,
+                  "ldy < n");
+    expect_status(et_matmul_ex(x, 1, 20, 20, ET_TYPE_F32, wf, 1, 32, y, 1, NULL, 0, 1), ET_ERR_INVALID,
+                  "float weights with kx < k");
+}
+
 int main(int argc, char **argv) {
     const char *expect_isa = NULL, *expect_features = NULL;
     for (int i = 1; i < argc; i++) {
@@ -621,6 +681,7 @@ int main(int argc, char **argv) {
     test_quant_roundtrip();
     test_errors();
     test_strided_kernels();
+    test_matmul_ex();
     test_matmul_sweep();
     test_batch_invariance();
     test_llama();

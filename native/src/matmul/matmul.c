@@ -2,6 +2,7 @@
  * The arithmetic lives in the per-ISA kernel tables; this file is ISA-independent.
  */
 #include <stdatomic.h>
+#include <string.h>
 
 #include "../core.h"
 
@@ -37,17 +38,35 @@ static void matmul_task(void *arg, int ith, int nth) {
 typedef struct {
     et_quantize_row_fn fn;
     const float *x;
-    int64_t m, k;
+    int64_t m, kx, k;
+    size_t ldx;
     uint8_t *y;
     size_t ys;
     atomic_llong bad; /* first row holding NaN or Inf; m when none */
 } quantize_job;
 
+/* one row: whole blocks straight from x, a partial last block through a zero-padded copy, zero blocks after it */
+static int quantize_row_padded(const quantize_job *job, const float *x, block_q8_s *y) {
+    const int64_t full = job->kx / ET_QK * ET_QK;
+    if (full && job->fn(x, y, full)) return -1;
+    int64_t b = full / ET_QK;
+    if (full < job->kx) {
+        float tail[ET_QK] = {0};
+        memcpy(tail, x + full, (size_t)(job->kx - full) * sizeof(float));
+        if (job->fn(tail, y + b, ET_QK)) return -1;
+        b++;
+    }
+    if (b < job->k / ET_QK) memset(y + b, 0, (size_t)(job->k / ET_QK - b) * sizeof(block_q8_s));
+    return 0;
+}
+
 static void quantize_task(void *arg, int ith, int nth) {
     quantize_job *job = arg;
     const int64_t lo = job->m * ith / nth, hi = job->m * (ith + 1) / nth;
     for (int64_t i = lo; i < hi; i++) {
-        if (job->fn(job->x + i * job->k, (block_q8_s *)(job->y + (size_t)i * job->ys), job->k)) {
+        const float *xi = job->x + (size_t)i * job->ldx;
+        block_q8_s *yi = (block_q8_s *)(job->y + (size_t)i * job->ys);
+        if (job->kx == job->k ? job->fn(xi, yi, job->k) : quantize_row_padded(job, xi, yi)) {
             long long seen = atomic_load(&job->bad);
             while (i < seen && !atomic_compare_exchange_weak(&job->bad, &seen, i)) {
             }
@@ -56,10 +75,12 @@ static void quantize_task(void *arg, int ith, int nth) {
     }
 }
 
-int64_t et_quantize_rows_q8_s(const float *x, int64_t m, int64_t k, block_q8_s *y, int nthreads) {
+int64_t et_quantize_rows_q8_s_ex(const float *x, int64_t m, int64_t kx, size_t ldx, int64_t k, block_q8_s *y,
+                                 int nthreads) {
     const et_kernels *kt = et_active_kernels();
     quantize_job qj = {.fn = kt->quantize_row_q8_s ? kt->quantize_row_q8_s : et_quantize_row_q8_s,
-                       .x = x, .m = m, .k = k, .y = (uint8_t *)y, .ys = (size_t)(k / ET_QK) * sizeof(block_q8_s)};
+                       .x = x, .m = m, .kx = kx, .k = k, .ldx = ldx, .y = (uint8_t *)y,
+                       .ys = (size_t)(k / ET_QK) * sizeof(block_q8_s)};
     atomic_init(&qj.bad, m);
     /* a GEMM's activations are worth a dispatch of their own: quantizing 64 rows alone costs a third of it */
     int qth = nthreads > 0 ? nthreads : et_get_threads();
@@ -68,6 +89,10 @@ int64_t et_quantize_rows_q8_s(const float *x, int64_t m, int64_t k, block_q8_s *
     if (et_parallel(quantize_task, &qj, qth) != ET_OK) quantize_task(&qj, 0, 1); /* no threads: do it here */
     const long long bad = atomic_load(&qj.bad);
     return bad < m ? bad : -1;
+}
+
+int64_t et_quantize_rows_q8_s(const float *x, int64_t m, int64_t k, block_q8_s *y, int nthreads) {
+    return et_quantize_rows_q8_s_ex(x, m, k, (size_t)k, k, y, nthreads);
 }
 
 static int is_block_type(int t) { return t == ET_TYPE_Q4_0 || t == ET_TYPE_Q4_1 || t == ET_TYPE_Q8_0; }
@@ -88,11 +113,14 @@ static et_gemm_fn pick(const et_kernels *kt, int t) {
     }
 }
 
-int et_matmul(const float *x, int64_t m, int64_t k, int wtype, const void *w, int64_t n, float *y, void *scratch,
-              size_t scratch_size, int nthreads) {
+int et_matmul_ex(const float *x, int64_t m, int64_t kx, size_t ldx, int wtype, const void *w, int64_t n, int64_t k,
+                 float *y, size_t ldy, void *scratch, size_t scratch_size, int nthreads) {
     if (m <= 0 || n <= 0 || k <= 0)
         return et_error(ET_ERR_INVALID, "matmul shape m=%lld n=%lld k=%lld must be positive", (long long)m,
                         (long long)n, (long long)k);
+    if (kx <= 0 || kx > k || ldx < (size_t)kx || ldy < (size_t)n)
+        return et_error(ET_ERR_INVALID, "matmul rows: kx=%lld must be in [1, k=%lld], ldx=%zu >= kx, ldy=%zu >= n=%lld",
+                        (long long)kx, (long long)k, ldx, ldy, (long long)n);
     if (!x || !w || !y) return et_error(ET_ERR_INVALID, "matmul got a NULL buffer");
     const size_t ws = et_row_size(wtype, k);
     if (ws == 0)
@@ -103,18 +131,27 @@ int et_matmul(const float *x, int64_t m, int64_t k, int wtype, const void *w, in
     if (!fn) return et_error(ET_ERR_UNSUPPORTED, "no %s kernel for weight type %d", kt->name, wtype);
 
     const void *xa = x;
-    size_t xs = (size_t)k * sizeof(float);
+    size_t xs = ldx * sizeof(float);
     if (is_block_type(wtype)) {
         const size_t need = et_matmul_scratch_size(wtype, m, k);
         if (!scratch || scratch_size < need)
             return et_error(ET_ERR_INVALID, "matmul scratch of %zu bytes is too small: need %zu", scratch_size, need);
         xs = (size_t)(k / ET_QK) * sizeof(block_q8_s);
-        const int64_t bad = et_quantize_rows_q8_s(x, m, k, scratch, nthreads);
+        const int64_t bad = et_quantize_rows_q8_s_ex(x, m, kx, ldx, k, scratch, nthreads);
         if (bad >= 0) return et_error(ET_ERR_INVALID, "activations must be finite: row %lld holds NaN or Inf", (long long)bad);
         xa = scratch;
+    } else if (kx != k) {
+        return et_error(ET_ERR_INVALID, "float weights (type %d) need whole rows: kx=%lld != k=%lld", wtype,
+                        (long long)kx, (long long)k);
     }
 
-    return et_gemm_prepared(wtype, w, n, k, xa, xs, m, y, (size_t)n, nthreads);
+    return et_gemm_prepared(wtype, w, n, k, xa, xs, m, y, ldy, nthreads);
+}
+
+int et_matmul(const float *x, int64_t m, int64_t k, int wtype, const void *w, int64_t n, float *y, void *scratch,
+              size_t scratch_size, int nthreads) {
+    /* a non-positive k or n fails et_matmul_ex's first check, before any stride derived from it is used */
+    return et_matmul_ex(x, m, k, (size_t)k, wtype, w, n, k, y, (size_t)n, scratch, scratch_size, nthreads);
 }
 
 int et_gemm_prepared(int wtype, const void *w, int64_t n, int64_t k, const void *xa, size_t xs, int64_t m, float *y,
