@@ -331,7 +331,9 @@ def node_ops(node: Node, graph: Graph, dims: Mapping[str, int] | None = None, as
         return 2.0 * out_elems * int(node.attrs.get("K", 1))
     if op in _CONV_OPS:
         w = shape(_CONV_OPS[op])
-        return 2.0 * out_elems * (math.prod(w[1:]) if len(w) > 1 else 1)
+        if node.attrs.get("tflite_op") == "DEPTHWISE_CONV_2D" and len(w) == 4:
+            return 2.0 * out_elems * w[1] * w[2]  # filter (1, kh, kw, C * multiplier): one input channel an output
+        return 2.0 * out_elems * (math.prod(w[1:]) if len(w) > 1 else 1)  # ONNX (O, I/group, kh, kw); TFLite OHWI
     if op == "ConvTranspose":
         w = shape(1)
         return 2.0 * math.prod(shape(0)) * (math.prod(w[1:]) if len(w) > 1 else 1)

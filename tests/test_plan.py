@@ -361,6 +361,20 @@ def test_node_ops_estimates():
     assert P.node_ops(gg.node("gemm"), gg) == 2 * 4 * 5 * 6
 
 
+def test_node_ops_tflite_convolutions():
+    """TFLite layouts: CONV_2D filters are OHWI (kh * kw * Cin per output), DEPTHWISE_CONV_2D filters (1, kh, kw, C)
+    read one input channel per output (kh * kw)."""
+    import tflite_models as tm
+    from edgert.formats.tflite import load_tflite
+
+    g = load_tflite(tm.int8_conv(hw=8, cin=4, cout=8))
+    conv = next(n for n in g.nodes if n.attrs.get("tflite_op") == "CONV_2D")
+    dw = next(n for n in g.nodes if n.attrs.get("tflite_op") == "DEPTHWISE_CONV_2D")
+    assert g.tensors[conv.inputs[1]].shape == (8, 3, 3, 4) and g.tensors[dw.inputs[1]].shape == (1, 3, 3, 8)
+    assert P.node_ops(conv, g) == 2 * (8 * 8 * 8) * (3 * 3 * 4)
+    assert P.node_ops(dw, g) == 2 * (8 * 8 * 8) * (3 * 3)
+
+
 # ---- the shipped profiles and a real int8 QDQ model ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def qdq_mlp(tmp_path_factory):
