@@ -141,7 +141,8 @@ def test_host_core_auto_keeps_the_faster_variant_with_the_same_outputs(model_fil
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
-@pytest.mark.parametrize("m,k,n", [(1, 4, 16), (1, 3, 5), (3, 37, 33), (4, 64, 48), (7, 256, 100), (16, 300, 17), (1, 96, 200), (2, 1030, 130)])
+@pytest.mark.parametrize("m,k,n", [(1, 4, 16), (1, 3, 5), (3, 37, 33), (4, 64, 48), (7, 256, 100), (16, 300, 17), (1, 96, 200), (2, 1030, 130),
+                                   (20, 64, 20), (33, 200, 70)])
 def test_fc_kernel_vs_litert(isa, per_channel, m, k, n):
     data, p = tm.int8_fc_single(k=k, n=n, batch=m, per_channel=per_channel, seed=k + n)
     g = load_tflite(data)
@@ -155,6 +156,52 @@ def test_fc_kernel_vs_litert(isa, per_channel, m, k, n):
     step.compute_into(x, y)
     np.testing.assert_array_equal(y, ref)  # exact against LiteRT's default (XNNPACK) path
     assert np.abs(y.astype(int) - ref_builtin).max() <= FC_INT8_LSB_BUDGET
+
+
+def test_fc_step_remembers_buffers_but_reads_them_each_run():
+    data, p = tm.int8_fc_single(k=70, n=40, batch=3, per_channel=True, seed=9)
+    g = load_tflite(data)
+    from edgert.delegates.host_tflite import int8_fc_step
+
+    step = int8_fc_step(g, g.nodes[0])
+    rng = np.random.default_rng(4)
+    x = rng.integers(-128, 128, (3, 70)).astype(np.int8)
+    y = np.zeros((3, 40), np.int8)
+    for _ in range(3):  # the same two arrays (the fast path) with new contents each time
+        x[...] = rng.integers(-128, 128, (3, 70))
+        step.compute_into(x, y)
+        np.testing.assert_array_equal(y, tm.litert_reference(data, {"x": x}, ["y"])[0])
+    xt = np.asfortranarray(rng.integers(-128, 128, (3, 70)).astype(np.int8))  # copied, never remembered
+    step.compute_into(xt, y)
+    np.testing.assert_array_equal(y, tm.litert_reference(data, {"x": np.ascontiguousarray(xt)}, ["y"])[0])
+    xt[...] = 0
+    step.compute_into(xt, y)
+    np.testing.assert_array_equal(y, tm.litert_reference(data, {"x": np.zeros((3, 70), np.int8)}, ["y"])[0])
+
+
+def test_fc_step_checks_arguments_before_the_c_core():
+    from edgert.delegates.host_tflite import Int8FullyConnected
+    from edgert.errors import DeviceError
+
+    w = np.ones((4, 8), np.int8)
+    step = Int8FullyConnected("fc", "x", "y", w, None, 0, np.full(4, 0.1, np.float32), 0, -128, 127)
+    x, y = np.zeros((2, 8), np.int8), np.zeros((2, 4), np.int8)
+    step.compute_into(x, y)
+    for bad_x, bad_y in ((x.astype(np.int16), y), (np.zeros((2, 7), np.int8), y), (x, np.zeros((3, 4), np.int8)),
+                         (x, y.astype(np.float32)), (x, np.zeros((4, 2), np.int8).T)):
+        with pytest.raises(DeviceError):
+            step.compute_into(bad_x, bad_y)
+    ro = np.zeros((2, 4), np.int8)
+    ro.flags.writeable = False
+    with pytest.raises(DeviceError):
+        step.compute_into(x, ro)
+    for kw in ({"x_zp": 128}, {"y_zp": -129}, {"lo": 5, "hi": 4}, {"scale": np.array([0.1, np.nan, 0.1, 0.1])},
+               {"scale": np.full(4, -1.0)}, {"bias": np.zeros(3, np.int32)}, {"w": np.ones((4, 8), np.int16)}):
+        args = dict(node="fc", x="x", out="y", w=w, bias=None, x_zp=0, scale=np.full(4, 0.1, np.float32), y_zp=0,
+                    lo=-128, hi=127)
+        args.update(kw)
+        with pytest.raises(DeviceError):
+            Int8FullyConnected(**args)
 
 
 def test_fc_fused_relu_clamps(isa):

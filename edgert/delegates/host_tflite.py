@@ -2,10 +2,11 @@
 weights), LiteRT's CPU interpreter (XNNPACK) for everything else.
 
 The C core's ``et_fc_s8`` does TFLite's integer arithmetic: int32 accumulation of ``(x - x_zp) * w`` plus the int32
-bias, requantized in fp32 (``rint(acc * input_scale * w_scale[j] / output_scale) + y_zp``, clamped to the fused
-activation's range) — XNNPACK's requantization, which LiteRT runs by default. Budget: ``FC_INT8_LSB_BUDGET`` int8
-steps against LiteRT (0 on every shape tested; the budget names the one-step rounding difference a reference kernel
-with gemmlowp-style double rounding could show). Weights are packed once at compile.
+bias, requantized in fp32 (``rint(clamp(acc * input_scale * w_scale[j] / output_scale)) + y_zp``, clamped to the
+fused activation's range) — XNNPACK's requantization, which LiteRT runs by default. Every C variant (reference,
+AVX2, AVX-512 VNNI, AMX-INT8, NEON, NEON SDOT) writes the same bytes. Budget: ``FC_INT8_LSB_BUDGET`` int8 steps
+against LiteRT (0 on every shape tested; the budget names the one-step rounding difference a reference kernel with
+gemmlowp-style double rounding could show). Weights, bias and zero-point corrections are planned once at compile.
 
 A partition is cut, in topological order, into C-core steps and LiteRT segments (each exported as its own .tflite);
 a partition without a qualifying FULLY_CONNECTED is one LiteRT interpreter whose tensor memory the session binds.
@@ -32,7 +33,12 @@ def _aligned(nbytes: int, dtype=np.uint8) -> np.ndarray:
 
 
 class Int8FullyConnected:
-    """One C-core step: ``y[m, n] = requant(x[m, k] @ w[n, k].T + bias)``, int8 in and out."""
+    """One C-core step: ``y[m, n] = requant(x[m, k] @ w[n, k].T + bias)``, int8 in and out.
+
+    Everything but the activations is planned once (``et_fc_s8_plan``: packed weights, bias and zero-point
+    corrections folded per channel, scales, clamp range). ``compute_into`` checks a pair of buffers once and keeps
+    their data pointers: calling it again with the same two arrays (the partition's own buffers, run after run)
+    costs one attribute test and the C call."""
 
     kind = "FULLY_CONNECTED"
 
@@ -41,44 +47,69 @@ class Int8FullyConnected:
         from ..native import check, ffi, lib
 
         self.nodes, self.x, self.out = [node], x, out
+        w = np.asarray(w)
+        if w.ndim != 2 or w.dtype != np.int8 or 0 in w.shape:
+            raise DeviceError(f"FULLY_CONNECTED {out!r}: weights must be non-empty 2-D int8, got {w.dtype} {w.shape}")
         self.n, self.k = (int(d) for d in w.shape)
         self.x_zp, self.y_zp, self.lo, self.hi = int(x_zp), int(y_zp), int(lo), int(hi)
-        self.scale = np.ascontiguousarray(scale, np.float32)
-        self.bias = None if bias is None else np.ascontiguousarray(bias, np.int32)
+        if not (-128 <= self.x_zp <= 127 and -128 <= self.y_zp <= 127 and -128 <= self.lo <= self.hi <= 127):
+            raise DeviceError(f"FULLY_CONNECTED {out!r}: zero points and clamp range must lie in int8 (x_zp "
+                              f"{self.x_zp}, y_zp {self.y_zp}, [{self.lo}, {self.hi}])")
+        self.scale = np.ascontiguousarray(np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (self.n,)))
+        if not (np.all(np.isfinite(self.scale)) and np.all(self.scale >= 0)):
+            raise DeviceError(f"FULLY_CONNECTED {out!r}: requantization scales must be finite and >= 0")
+        self.bias = None if bias is None else np.ascontiguousarray(bias, np.int32).reshape(-1)
+        if self.bias is not None and self.bias.size != self.n:
+            raise DeviceError(f"FULLY_CONNECTED {out!r}: bias holds {self.bias.size} values, expected {self.n}")
         self.threads = int(threads or 0)
-        self.packed = _aligned(int(lib.et_fc_s8_packed_size(self.n, self.k)))
-        wc = np.ascontiguousarray(w, np.int8)
-        check(lib.et_fc_s8_pack(ffi.cast("const int8_t *", wc.ctypes.data), self.n, self.k,
-                                ffi.cast("void *", self.packed.ctypes.data)))
-        self._scratch = None
-        self._m = -1
-        # pointers cast once: a cffi cast costs about a microsecond, the whole kernel a few on small shapes
-        self._p_packed = ffi.cast("const void *", self.packed.ctypes.data)
-        self._p_bias = ffi.NULL if self.bias is None else ffi.cast("const int32_t *", self.bias.ctypes.data)
-        self._p_scale = ffi.cast("const float *", self.scale.ctypes.data)
-        self._p_scratch = ffi.NULL
-        self._lib = lib
+        size = int(lib.et_fc_s8_plan_size(self.n, self.k))
+        if size == 0:
+            raise DeviceError(f"FULLY_CONNECTED {out!r}: weights {self.n}x{self.k} too large for the C core")
+        self.plan = _aligned(size)
+        wc = np.ascontiguousarray(w)
+        check(lib.et_fc_s8_plan(ffi.cast("const int8_t *", wc.ctypes.data), self.n, self.k,
+                                ffi.NULL if self.bias is None else ffi.cast("const int32_t *", self.bias.ctypes.data),
+                                self.x_zp, ffi.cast("const float *", self.scale.ctypes.data), self.y_zp, self.lo,
+                                self.hi, ffi.cast("void *", self.plan.ctypes.data), size))
+        # pointers cast once: a cffi cast or ndarray.ctypes costs about a microsecond, the kernel well under that on
+        # small shapes
+        self._p_plan = ffi.cast("const void *", self.plan.ctypes.data)
+        self._run = lib.et_fc_s8_run
+        self._bx = self._by = None  # the buffer pair last checked, their pointers and row count
+        self._px = self._py = ffi.NULL
+        self._m = 0
 
     def compute_into(self, x: np.ndarray, y: np.ndarray) -> None:
-        from ..native import check, ffi, lib
+        if x is self._bx and y is self._by:
+            st = self._run(self._p_plan, self._px, self._m, self._py, self.threads)
+            if st:
+                from ..native import check
+                check(st)
+            return
+        self._bind_and_run(x, y)
 
-        if x.dtype != np.int8 or x.shape[-1] != self.k or y.dtype != np.int8 or y.size != x.size // self.k * self.n:
+    def _bind_and_run(self, x: np.ndarray, y: np.ndarray) -> None:
+        from ..native import check, ffi
+
+        if (not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray) or x.dtype != np.int8 or x.ndim < 1
+                or x.shape[-1] != self.k or y.dtype != np.int8 or y.size != x.size // self.k * self.n):
             raise DeviceError(f"FULLY_CONNECTED {self.out!r}: expected int8 [..., {self.k}] -> [..., {self.n}], got "
-                              f"{x.dtype} {x.shape} -> {y.dtype} {y.shape}")
+                              f"{getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')} -> "
+                              f"{getattr(y, 'dtype', type(y))} {getattr(y, 'shape', '')}")
+        if not y.flags.c_contiguous or not y.flags.writeable:
+            raise DeviceError(f"FULLY_CONNECTED {self.out!r}: output buffer must be contiguous and writeable")
         m = x.size // self.k
-        if m != self._m:
-            self._scratch = _aligned(int(lib.et_fc_s8_scratch_size(m, self.k, self.n)))
-            self._p_scratch = ffi.cast("void *", self._scratch.ctypes.data)
-            self._m = m
-        if not x.flags.c_contiguous:
+        if m == 0:
+            return
+        keep = x.flags.c_contiguous  # a copied input cannot be remembered: the next call may bring new data
+        if not keep:
             x = np.ascontiguousarray(x)
-        if not y.flags.c_contiguous:
-            raise DeviceError(f"FULLY_CONNECTED {self.out!r}: output buffer must be contiguous")
-        st = self._lib.et_fc_s8(ffi.cast("const int8_t *", x.ctypes.data), m, self.k, self._p_packed, self.n,
-                                self._p_bias, self.x_zp, self._p_scale, self.y_zp, self.lo, self.hi,
-                                ffi.cast("int8_t *", y.ctypes.data), self._p_scratch, self.threads)
+        px, py = ffi.cast("const int8_t *", x.ctypes.data), ffi.cast("int8_t *", y.ctypes.data)
+        st = self._run(self._p_plan, px, m, py, self.threads)
         if st:
             check(st)
+        if keep:
+            self._bx, self._by, self._px, self._py, self._m = x, y, px, py, m
 
 
 def _act_range(act: int, s: float, zp: int) -> tuple[int, int] | None:

@@ -107,17 +107,19 @@ size_t et_llama_state_bytes(const et_llama *model);
 int et_llama_forward(et_llama *model, const int32_t *tokens, int32_t n, int32_t pos, float *logits,
                      int32_t logits_all, int32_t nthreads);
 
-/* INT8 fully connected (TFLite FULLY_CONNECTED arithmetic, per-tensor or per-channel): w (n, k) int8 packed once by
- * et_fc_s8_pack into et_fc_s8_packed_size bytes (64-byte aligned); then y (m, n) int8 =
- * clamp(rint(float(sum_k (x - x_zp) w + bias) * scale[j]) + y_zp, lo, hi). bias may be NULL; scale holds n floats
- * (input_scale * w_scale[j] / output_scale). scratch: et_fc_s8_scratch_size bytes, 64-byte aligned.
- * nthreads <= 0: the core's thread count. */
-size_t et_fc_s8_packed_size(int64_t n, int64_t k);
-size_t et_fc_s8_scratch_size(int64_t m, int64_t k, int64_t n);
-int et_fc_s8_pack(const int8_t *w, int64_t n, int64_t k, void *packed);
-int et_fc_s8(const int8_t *x, int64_t m, int64_t k, const void *packed, int64_t n, const int32_t *bias,
-             int32_t x_zp, const float *scale, int32_t y_zp, int32_t lo, int32_t hi, int8_t *y, void *scratch,
-             int nthreads);
+/* INT8 fully connected (TFLite FULLY_CONNECTED arithmetic, per-tensor or per-channel weights): a plan holds w (n, k)
+ * int8 packed for the kernels with bias, x_zp, scale, y_zp and [lo, hi] folded in, written once by et_fc_s8_plan
+ * into et_fc_s8_plan_size(n, k) bytes (64-byte aligned; 0: n x k too large). Then et_fc_s8_run writes y (m, n) int8
+ * from x (m, k) int8, both row-major contiguous:
+ *   y[i][j] = rint(clamp(float(sum_k (x[i][k] - x_zp) w[j][k] + bias[j]) * scale[j], lo - y_zp, hi - y_zp)) + y_zp
+ * with int32 accumulation (round half to even: XNNPACK's fp32 requantization). bias may be NULL; scale holds n finite
+ * floats >= 0 (input_scale * w_scale[j] / output_scale); x_zp, y_zp, lo <= hi within int8. Every ISA variant gives
+ * the same bytes. The plan must outlive the runs; the caller guarantees x holds m * k and y m * n bytes.
+ * nthreads <= 0: the core's thread count (small problems run on the calling thread). */
+size_t et_fc_s8_plan_size(int64_t n, int64_t k);
+int et_fc_s8_plan(const int8_t *w, int64_t n, int64_t k, const int32_t *bias, int32_t x_zp, const float *scale,
+                  int32_t y_zp, int32_t lo, int32_t hi, void *plan, size_t plan_size);
+int et_fc_s8_run(const void *plan, const int8_t *x, int64_t m, int8_t *y, int nthreads);
 
 /* streaming read of n bytes over nthreads threads (a bandwidth probe); returns a checksum in *out */
 int et_stream_read(const void *buf, size_t n, int nthreads, uint64_t *out);

@@ -1,5 +1,6 @@
 /* test_kernels.c — C-level tests of the core: every ISA variant this CPU runs against the reference kernels, the
- * reference against a double-precision dot, quantizer round trips, fp16 conversion, and the error returns.
+ * reference against a double-precision dot, quantizer round trips, fp16 conversion, and the error returns; the
+ * groups in test_llama.c (the decoder) and test_fc_s8.c (the INT8 fully-connected kernels) run from main too.
  *
  * Built and run by native/Makefile (host, sanitizers, AArch64 under qemu). Prints one line per failure and ends
  * with exactly "N passed, M failed"; exits non-zero on any failure. It must not depend on Python or on files.
@@ -685,6 +686,7 @@ int main(int argc, char **argv) {
     test_matmul_sweep();
     test_batch_invariance();
     test_llama();
+    test_fc_s8();
     et_set_threads(1);
 
     printf("%d passed, %d failed\n", n_passed, n_failed);

@@ -20,6 +20,7 @@ float rng_normal(void);  /* roughly standard normal */
 void *xmalloc(size_t n); /* exits with status 2 when out of memory */
 
 /* test groups in other files */
-void test_llama(void); /* test_llama.c */
+void test_llama(void);  /* test_llama.c */
+void test_fc_s8(void);  /* test_fc_s8.c */
 
 #endif

@@ -1,102 +1,167 @@
-/* fc_s8/avx512vnni.c — INT8 fully-connected with vpdpbusd: 16 output channels per zmm, 4 activation rows share
- * each weight load; requantization in fp32 (cvtps rounds half to even, as lrintf). Scalar tail: the spec. */
+/* fc_s8/avx512vnni.c — INT8 fully-connected with vpdpbusd (u8 x s8 -> s32): x + 128 (x ^ 0x80, made as each 4-byte
+ * group is broadcast) against the packed weights, rowc_u as the starting value. 16 output channels per zmm.
+ * One row: 4 tiles (64 channels) with 8 independent chains, so the weight stream runs at the cache's rate; 4 rows:
+ * 4 rows x 4 tiles, 16 accumulators, each weight load serving 4 rows. Requantization in fp32 (clamp, then cvtps,
+ * which rounds half to even as lrintf). */
 #if defined(__x86_64__) || defined(_M_X64)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))), apply_to = function)
+#else
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+#endif
 #include <immintrin.h>
 #include <string.h>
 
 #include "fc_s8.h"
 
+static inline __m512i bcast_u8(const int8_t *x) { /* 4 bytes of x at x, + 128 each */
+    int32_t v;
+    memcpy(&v, x, 4);
+    return _mm512_set1_epi32(v ^ (int32_t)0x80808080u);
+}
+
+static inline __m512i bcast_u8_tail(const int8_t *x, int64_t len) { /* len < 4 bytes, the rest 0 (+128: w is 0) */
+    int32_t v = 0;
+    memcpy(&v, x, (size_t)len);
+    return _mm512_set1_epi32(v ^ (int32_t)0x80808080u);
+}
+
+static inline __m512i wload(const int8_t *p) { return _mm512_load_si512((const void *)p); }
+
 static inline void store16(const et_fc_s8_args *a, __m512i acc, int64_t i, int64_t j, __mmask16 mask) {
-    __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_maskz_loadu_ps(mask, a->scale + j));
-    __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(f), _mm512_set1_epi32(a->y_zp));
-    v = _mm512_min_epi32(_mm512_max_epi32(v, _mm512_set1_epi32(a->lo)), _mm512_set1_epi32(a->hi));
+    __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(a->scale + j)); /* scale holds np floats */
+    f = _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(a->fmin)), _mm512_set1_ps(a->fmax));
+    const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(f), _mm512_set1_epi32(a->y_zp));
     _mm_mask_storeu_epi8(a->y + i * a->n + j, mask, _mm512_cvtepi32_epi8(v));
 }
 
-/* one activation row against 64 channels (4 tiles): 8 independent vpdpbusd chains hide its latency */
-static void row_x4tiles(const et_fc_s8_args *a, int64_t i, int64_t j) {
-    const int64_t kp = a->kp;
+static inline __mmask16 tail_mask(int64_t nj) { return nj >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nj) - 1u); }
+
+/* one row, 64 channels: 8 chains (two k-quads in flight per tile) */
+static void row1_x4(const et_fc_s8_args *a, int64_t i, int64_t j) {
+    const int64_t kp = a->kp, k = a->k, k4 = k & ~(int64_t)3;
     const int8_t *w0 = a->w + (j / 16) * kp * 16, *w1 = w0 + kp * 16, *w2 = w1 + kp * 16, *w3 = w2 + kp * 16;
-    const uint8_t *x = a->xu + i * kp;
-    __m512i s0 = _mm512_loadu_si512(a->rowc + j), s1 = _mm512_loadu_si512(a->rowc + j + 16);
-    __m512i s2 = _mm512_loadu_si512(a->rowc + j + 32), s3 = _mm512_loadu_si512(a->rowc + j + 48);
+    const int8_t *x = a->x + i * k;
+    __m512i s0 = _mm512_loadu_si512(a->rowc_u + j), s1 = _mm512_loadu_si512(a->rowc_u + j + 16);
+    __m512i s2 = _mm512_loadu_si512(a->rowc_u + j + 32), s3 = _mm512_loadu_si512(a->rowc_u + j + 48);
     __m512i t0 = _mm512_setzero_si512(), t1 = t0, t2 = t0, t3 = t0;
     int64_t kk = 0;
-    for (; kk + 8 <= kp; kk += 8) {
-        int32_t v0, v1;
-        memcpy(&v0, x + kk, 4), memcpy(&v1, x + kk + 4, 4);
-        const __m512i b0 = _mm512_set1_epi32(v0), b1 = _mm512_set1_epi32(v1);
-        s0 = _mm512_dpbusd_epi32(s0, b0, _mm512_load_si512((const void *)(w0 + kk * 16)));
-        s1 = _mm512_dpbusd_epi32(s1, b0, _mm512_load_si512((const void *)(w1 + kk * 16)));
-        s2 = _mm512_dpbusd_epi32(s2, b0, _mm512_load_si512((const void *)(w2 + kk * 16)));
-        s3 = _mm512_dpbusd_epi32(s3, b0, _mm512_load_si512((const void *)(w3 + kk * 16)));
-        t0 = _mm512_dpbusd_epi32(t0, b1, _mm512_load_si512((const void *)(w0 + kk * 16 + 64)));
-        t1 = _mm512_dpbusd_epi32(t1, b1, _mm512_load_si512((const void *)(w1 + kk * 16 + 64)));
-        t2 = _mm512_dpbusd_epi32(t2, b1, _mm512_load_si512((const void *)(w2 + kk * 16 + 64)));
-        t3 = _mm512_dpbusd_epi32(t3, b1, _mm512_load_si512((const void *)(w3 + kk * 16 + 64)));
+    for (; kk + 8 <= k4; kk += 8) {
+        const __m512i b0 = bcast_u8(x + kk), b1 = bcast_u8(x + kk + 4);
+        s0 = _mm512_dpbusd_epi32(s0, b0, wload(w0 + kk * 16));
+        s1 = _mm512_dpbusd_epi32(s1, b0, wload(w1 + kk * 16));
+        s2 = _mm512_dpbusd_epi32(s2, b0, wload(w2 + kk * 16));
+        s3 = _mm512_dpbusd_epi32(s3, b0, wload(w3 + kk * 16));
+        t0 = _mm512_dpbusd_epi32(t0, b1, wload(w0 + kk * 16 + 64));
+        t1 = _mm512_dpbusd_epi32(t1, b1, wload(w1 + kk * 16 + 64));
+        t2 = _mm512_dpbusd_epi32(t2, b1, wload(w2 + kk * 16 + 64));
+        t3 = _mm512_dpbusd_epi32(t3, b1, wload(w3 + kk * 16 + 64));
     }
     for (; kk < kp; kk += 4) {
-        int32_t v0;
-        memcpy(&v0, x + kk, 4);
-        const __m512i b0 = _mm512_set1_epi32(v0);
-        s0 = _mm512_dpbusd_epi32(s0, b0, _mm512_load_si512((const void *)(w0 + kk * 16)));
-        s1 = _mm512_dpbusd_epi32(s1, b0, _mm512_load_si512((const void *)(w1 + kk * 16)));
-        s2 = _mm512_dpbusd_epi32(s2, b0, _mm512_load_si512((const void *)(w2 + kk * 16)));
-        s3 = _mm512_dpbusd_epi32(s3, b0, _mm512_load_si512((const void *)(w3 + kk * 16)));
+        const __m512i b0 = kk < k4 ? bcast_u8(x + kk) : bcast_u8_tail(x + kk, k - kk);
+        s0 = _mm512_dpbusd_epi32(s0, b0, wload(w0 + kk * 16));
+        s1 = _mm512_dpbusd_epi32(s1, b0, wload(w1 + kk * 16));
+        s2 = _mm512_dpbusd_epi32(s2, b0, wload(w2 + kk * 16));
+        s3 = _mm512_dpbusd_epi32(s3, b0, wload(w3 + kk * 16));
     }
     store16(a, _mm512_add_epi32(s0, t0), i, j, 0xFFFF), store16(a, _mm512_add_epi32(s1, t1), i, j + 16, 0xFFFF);
     store16(a, _mm512_add_epi32(s2, t2), i, j + 32, 0xFFFF), store16(a, _mm512_add_epi32(s3, t3), i, j + 48, 0xFFFF);
 }
 
-void et_fc_s8_avx512vnni(const et_fc_s8_args *a, int64_t j0, int64_t j1) {
-    const int64_t kp = a->kp;
-    if (a->m < 4) {  /* few rows (decode-like): 64 channels per pass */
-        for (; j0 + 64 <= j1; j0 += 64)
-            for (int64_t i = 0; i < a->m; i++) row_x4tiles(a, i, j0);
+/* one row, one tile of nj <= 16 channels: 2 chains */
+static void row1_x1(const et_fc_s8_args *a, int64_t i, int64_t j, int64_t nj) {
+    const int64_t kp = a->kp, k = a->k, k4 = k & ~(int64_t)3;
+    const int8_t *wb = a->w + (j / 16) * kp * 16, *x = a->x + i * k;
+    __m512i s0 = _mm512_loadu_si512(a->rowc_u + j), s1 = _mm512_setzero_si512();
+    int64_t kk = 0;
+    for (; kk + 8 <= k4; kk += 8) {
+        s0 = _mm512_dpbusd_epi32(s0, bcast_u8(x + kk), wload(wb + kk * 16));
+        s1 = _mm512_dpbusd_epi32(s1, bcast_u8(x + kk + 4), wload(wb + kk * 16 + 64));
     }
-    for (int64_t j = j0; j < j1; j += 16) {
-        const int64_t nj = j1 - j < 16 ? j1 - j : 16;
-        const __mmask16 mask = (__mmask16)((1u << nj) - 1u);
-        const int8_t *wb = a->w + (j / 16) * kp * 16;
-        const __m512i c = _mm512_maskz_loadu_epi32(mask, a->rowc + j);
-        int64_t i = 0;
-        for (; i + 4 <= a->m; i += 4) {
-            const uint8_t *x0 = a->xu + i * kp, *x1 = x0 + kp, *x2 = x1 + kp, *x3 = x2 + kp;
-            __m512i s0 = c, s1 = c, s2 = c, s3 = c;
-            for (int64_t kk = 0; kk < kp; kk += 4) {
-                const __m512i w = _mm512_load_si512((const void *)(wb + kk * 16));
-                int32_t v0, v1, v2, v3;
-                memcpy(&v0, x0 + kk, 4), memcpy(&v1, x1 + kk, 4), memcpy(&v2, x2 + kk, 4), memcpy(&v3, x3 + kk, 4);
-                s0 = _mm512_dpbusd_epi32(s0, _mm512_set1_epi32(v0), w);
-                s1 = _mm512_dpbusd_epi32(s1, _mm512_set1_epi32(v1), w);
-                s2 = _mm512_dpbusd_epi32(s2, _mm512_set1_epi32(v2), w);
-                s3 = _mm512_dpbusd_epi32(s3, _mm512_set1_epi32(v3), w);
-            }
-            store16(a, s0, i, j, mask), store16(a, s1, i + 1, j, mask);
-            store16(a, s2, i + 2, j, mask), store16(a, s3, i + 3, j, mask);
+    for (; kk < kp; kk += 4)
+        s0 = _mm512_dpbusd_epi32(s0, kk < k4 ? bcast_u8(x + kk) : bcast_u8_tail(x + kk, k - kk), wload(wb + kk * 16));
+    store16(a, _mm512_add_epi32(s0, s1), i, j, tail_mask(nj));
+}
+
+/* four rows x four tiles (64 channels): 16 accumulators */
+static void row4_x4(const et_fc_s8_args *a, int64_t i, int64_t j) {
+    const int64_t kp = a->kp, k = a->k, k4 = k & ~(int64_t)3;
+    const int8_t *w0 = a->w + (j / 16) * kp * 16, *w1 = w0 + kp * 16, *w2 = w1 + kp * 16, *w3 = w2 + kp * 16;
+    const int8_t *x0 = a->x + i * k, *x1 = x0 + k, *x2 = x1 + k, *x3 = x2 + k;
+    const __m512i c0 = _mm512_loadu_si512(a->rowc_u + j), c1 = _mm512_loadu_si512(a->rowc_u + j + 16);
+    const __m512i c2 = _mm512_loadu_si512(a->rowc_u + j + 32), c3 = _mm512_loadu_si512(a->rowc_u + j + 48);
+    __m512i s00 = c0, s01 = c1, s02 = c2, s03 = c3, s10 = c0, s11 = c1, s12 = c2, s13 = c3;
+    __m512i s20 = c0, s21 = c1, s22 = c2, s23 = c3, s30 = c0, s31 = c1, s32 = c2, s33 = c3;
+#define STEP(BCAST)                                                                                                \
+    {                                                                                                              \
+        const __m512i v0 = wload(w0 + kk * 16), v1 = wload(w1 + kk * 16), v2 = wload(w2 + kk * 16),                 \
+                      v3 = wload(w3 + kk * 16);                                                                    \
+        __m512i b;                                                                                                 \
+        ROW(0, x0, BCAST) ROW(1, x1, BCAST) ROW(2, x2, BCAST) ROW(3, x3, BCAST)                                    \
+    }
+#define ROW(r, xr, BCAST)                                                                                          \
+    b = BCAST(xr);                                                                                                 \
+    s##r##0 = _mm512_dpbusd_epi32(s##r##0, b, v0), s##r##1 = _mm512_dpbusd_epi32(s##r##1, b, v1);                   \
+    s##r##2 = _mm512_dpbusd_epi32(s##r##2, b, v2), s##r##3 = _mm512_dpbusd_epi32(s##r##3, b, v3);
+#define FULL(xr) bcast_u8(xr + kk)
+#define TAIL(xr) bcast_u8_tail(xr + kk, k - kk)
+    int64_t kk = 0;
+    for (; kk < k4; kk += 4) STEP(FULL)
+    if (kk < kp) STEP(TAIL)
+#undef STEP
+#undef ROW
+#undef FULL
+#undef TAIL
+    store16(a, s00, i, j, 0xFFFF), store16(a, s01, i, j + 16, 0xFFFF);
+    store16(a, s02, i, j + 32, 0xFFFF), store16(a, s03, i, j + 48, 0xFFFF);
+    store16(a, s10, i + 1, j, 0xFFFF), store16(a, s11, i + 1, j + 16, 0xFFFF);
+    store16(a, s12, i + 1, j + 32, 0xFFFF), store16(a, s13, i + 1, j + 48, 0xFFFF);
+    store16(a, s20, i + 2, j, 0xFFFF), store16(a, s21, i + 2, j + 16, 0xFFFF);
+    store16(a, s22, i + 2, j + 32, 0xFFFF), store16(a, s23, i + 2, j + 48, 0xFFFF);
+    store16(a, s30, i + 3, j, 0xFFFF), store16(a, s31, i + 3, j + 16, 0xFFFF);
+    store16(a, s32, i + 3, j + 32, 0xFFFF), store16(a, s33, i + 3, j + 48, 0xFFFF);
+}
+
+/* four rows x one tile of nj <= 16 channels */
+static void row4_x1(const et_fc_s8_args *a, int64_t i, int64_t j, int64_t nj) {
+    const int64_t kp = a->kp, k = a->k, k4 = k & ~(int64_t)3;
+    const int8_t *wb = a->w + (j / 16) * kp * 16;
+    const int8_t *x0 = a->x + i * k, *x1 = x0 + k, *x2 = x1 + k, *x3 = x2 + k;
+    const __m512i c = _mm512_loadu_si512(a->rowc_u + j);
+    __m512i s0 = c, s1 = c, s2 = c, s3 = c;
+    for (int64_t kk = 0; kk < kp; kk += 4) {
+        const __m512i w = wload(wb + kk * 16);
+        if (kk < k4) {
+            s0 = _mm512_dpbusd_epi32(s0, bcast_u8(x0 + kk), w), s1 = _mm512_dpbusd_epi32(s1, bcast_u8(x1 + kk), w);
+            s2 = _mm512_dpbusd_epi32(s2, bcast_u8(x2 + kk), w), s3 = _mm512_dpbusd_epi32(s3, bcast_u8(x3 + kk), w);
+        } else {
+            const int64_t r = k - kk;
+            s0 = _mm512_dpbusd_epi32(s0, bcast_u8_tail(x0 + kk, r), w);
+            s1 = _mm512_dpbusd_epi32(s1, bcast_u8_tail(x1 + kk, r), w);
+            s2 = _mm512_dpbusd_epi32(s2, bcast_u8_tail(x2 + kk, r), w);
+            s3 = _mm512_dpbusd_epi32(s3, bcast_u8_tail(x3 + kk, r), w);
         }
-        for (; i < a->m; i++) {
-            const uint8_t *x0 = a->xu + i * kp;
-            __m512i s0 = c, s1 = _mm512_setzero_si512();
-            int64_t kk = 0;
-            for (; kk + 8 <= kp; kk += 8) {  /* two chains: vpdpbusd latency */
-                int32_t v0, v1;
-                memcpy(&v0, x0 + kk, 4), memcpy(&v1, x0 + kk + 4, 4);
-                s0 = _mm512_dpbusd_epi32(s0, _mm512_set1_epi32(v0), _mm512_load_si512((const void *)(wb + kk * 16)));
-                s1 = _mm512_dpbusd_epi32(s1, _mm512_set1_epi32(v1),
-                                         _mm512_load_si512((const void *)(wb + (kk + 4) * 16)));
-            }
-            for (; kk < kp; kk += 4) {
-                int32_t v0;
-                memcpy(&v0, x0 + kk, 4);
-                s0 = _mm512_dpbusd_epi32(s0, _mm512_set1_epi32(v0), _mm512_load_si512((const void *)(wb + kk * 16)));
-            }
-            store16(a, _mm512_add_epi32(s0, s1), i, j, mask);
-        }
+    }
+    const __mmask16 mask = tail_mask(nj);
+    store16(a, s0, i, j, mask), store16(a, s1, i + 1, j, mask), store16(a, s2, i + 2, j, mask);
+    store16(a, s3, i + 3, j, mask);
+}
+
+void et_fc_s8_avx512vnni(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    int64_t i = i0;
+    for (; i + 4 <= i1; i += 4) {
+        int64_t j = j0;
+        for (; j + 64 <= j1; j += 64) row4_x4(a, i, j);
+        for (; j < j1; j += 16) row4_x1(a, i, j, j1 - j);
+    }
+    for (; i < i1; i++) {
+        int64_t j = j0;
+        for (; j + 64 <= j1; j += 64) row1_x4(a, i, j);
+        for (; j < j1; j += 16) row1_x1(a, i, j, j1 - j);
     }
 }
-#else
-#include "fc_s8.h"
-void et_fc_s8_avx512vnni(const et_fc_s8_args *a, int64_t j0, int64_t j1) { et_fc_s8_ref(a, j0, j1); }
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
 #endif

@@ -1,6 +1,9 @@
-/* fc_s8/fc_s8.c — public entry points of the INT8 fully-connected kernels: pack once, run many; the variant follows
- * the selected ISA (avx512 with VNNI -> vpdpbusd, anything else -> the reference). Output channels split over the
- * thread pool in whole 16-channel tiles. */
+/* fc_s8/fc_s8.c — public entry points of the INT8 fully-connected kernels: plan once (weights packed, the per-channel
+ * corrections folded into the bias, scales and clamp range stored), run many. The kernel follows the selected ISA:
+ * avx512 with VNNI -> AMX-INT8 for 2+ rows when the CPU has it, else vpdpbusd; avx512 without VNNI and avx2 -> the
+ * AVX2 kernel; neon -> SDOT or widening multiplies; ref -> the scalar reference. Work splits over the thread pool in
+ * whole 16-channel tiles (rows when there are fewer tiles than threads), only above ET_FC_S8_MT_MACS. */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -8,78 +11,156 @@
 #include "fc_s8.h"
 
 #define FC_ALIGN 64
+/* below this many multiply-adds a call stays on the calling thread: waking the pool costs a few microseconds */
+#define ET_FC_S8_MT_MACS (1 << 20)
+/* AMX pays from this many rows on (one row: the VNNI kernel streams the weights as fast) */
+#define ET_FC_S8_AMX_MIN_ROWS 2
 
 static int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
-size_t et_fc_s8_packed_size(int64_t n, int64_t k) {
-    if (n <= 0 || k <= 0) return 0;
-    return (size_t)(round_up(n, 16) * round_up(k, 4) + round_up(n * 4, FC_ALIGN));
+static int64_t w_offset(int64_t np) { return round_up((int64_t)sizeof(et_fc_s8_header) + np * 12, FC_ALIGN); }
+
+size_t et_fc_s8_plan_size(int64_t n, int64_t k) {
+    if (n <= 0 || k <= 0 || n > ((int64_t)1 << 40) / (k + 4) || k > ((int64_t)1 << 31)) return 0;
+    const int64_t np = round_up(n, 16), kp = round_up(k, 4);
+    return (size_t)(w_offset(np) + np * kp + ET_FC_S8_SLACK);
 }
 
-size_t et_fc_s8_scratch_size(int64_t m, int64_t k, int64_t n) {
-    if (m <= 0 || k <= 0 || n <= 0) return 0;
-    return (size_t)(round_up(m * round_up(k, 4), FC_ALIGN) + n * 4);
-}
-
-int et_fc_s8_pack(const int8_t *w, int64_t n, int64_t k, void *packed) {
-    if (!w || !packed || n <= 0 || k <= 0) return et_error(ET_ERR_INVALID, "fc_s8_pack: need w, packed, n > 0, k > 0");
-    if ((uintptr_t)packed % FC_ALIGN) return et_error(ET_ERR_INVALID, "fc_s8_pack: packed must be 64-byte aligned");
-    const int64_t kp = round_up(k, 4), np = round_up(n, 16);
-    int8_t *p = (int8_t *)packed;
-    memset(p, 0, (size_t)(np * kp));
-    int32_t *wsum = (int32_t *)(p + np * kp);
+int et_fc_s8_plan(const int8_t *w, int64_t n, int64_t k, const int32_t *bias, int32_t x_zp, const float *scale,
+                  int32_t y_zp, int32_t lo, int32_t hi, void *plan, size_t plan_size) {
+    if (!w || !scale || !plan || n <= 0 || k <= 0)
+        return et_error(ET_ERR_INVALID, "fc_s8_plan: need w, scale, plan and n, k > 0 (n %lld, k %lld)", (long long)n,
+                        (long long)k);
+    const size_t need = et_fc_s8_plan_size(n, k);
+    if (!need) return et_error(ET_ERR_INVALID, "fc_s8_plan: n %lld x k %lld is too large", (long long)n, (long long)k);
+    if (plan_size < need)
+        return et_error(ET_ERR_INVALID, "fc_s8_plan: plan holds %zu bytes, (n %lld, k %lld) needs %zu", plan_size,
+                        (long long)n, (long long)k, need);
+    if ((uintptr_t)plan % FC_ALIGN) return et_error(ET_ERR_INVALID, "fc_s8_plan: plan must be 64-byte aligned");
+    if (x_zp < -128 || x_zp > 127 || y_zp < -128 || y_zp > 127 || lo < -128 || hi > 127 || lo > hi)
+        return et_error(ET_ERR_INVALID, "fc_s8_plan: zero points and clamp range must lie in int8 (x_zp %d, y_zp %d, "
+                        "[%d, %d])", x_zp, y_zp, lo, hi);
+    for (int64_t j = 0; j < n; j++)
+        if (!(scale[j] >= 0.0f && scale[j] <= 3.4e38f))
+            return et_error(ET_ERR_INVALID, "fc_s8_plan: scale[%lld] = %g, expected a finite value >= 0", (long long)j,
+                            (double)scale[j]);
+    const int64_t np = round_up(n, 16), kp = round_up(k, 4);
+    uint8_t *base = (uint8_t *)plan;
+    memset(base, 0, need);
+    et_fc_s8_header *h = (et_fc_s8_header *)plan;
+    *h = (et_fc_s8_header){ET_FC_S8_MAGIC, x_zp, y_zp, lo, hi, 0, n, k, kp, np, w_offset(np)};
+    int32_t *rowc_s = (int32_t *)(base + sizeof *h), *rowc_u = rowc_s + np;
+    float *sc = (float *)(rowc_u + np);
+    int8_t *p = (int8_t *)(base + h->w_off);
     for (int64_t j = 0; j < n; j++) {
-        int32_t s = 0;
+        uint32_t s = 0;
+        int8_t *tile = p + (j / 16) * kp * 16 + (j % 16) * 4;
         for (int64_t kk = 0; kk < k; kk++) {
-            p[(j / 16) * kp * 16 + (kk / 4) * 64 + (j % 16) * 4 + kk % 4] = w[j * k + kk];
-            s += w[j * k + kk];
+            const int8_t v = w[j * k + kk];
+            tile[(kk / 4) * 64 + kk % 4] = v;
+            s += (uint32_t)(int32_t)v;
         }
-        wsum[j] = s;
+        /* wrapping int32 arithmetic, written in uint32 */
+        const uint32_t rs = (uint32_t)(bias ? bias[j] : 0) - (uint32_t)x_zp * s;
+        rowc_s[j] = (int32_t)rs;
+        rowc_u[j] = (int32_t)(rs - 128u * s);
+        sc[j] = scale[j];
     }
     return ET_OK;
+}
+
+/* ---- variants ---- */
+
+static et_fc_s8_variant variants[6];
+static int n_variants;
+static pthread_once_t variants_once = PTHREAD_ONCE_INIT;
+
+static void variants_init(void) {
+    n_variants = 0;
+    variants[n_variants++] = (et_fc_s8_variant){"ref", et_fc_s8_ref, 1};
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2");
+    const int vnni = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    variants[n_variants++] = (et_fc_s8_variant){"avx2", et_fc_s8_avx2, avx2};
+    variants[n_variants++] = (et_fc_s8_variant){"avx512vnni", et_fc_s8_avx512vnni, vnni};
+    variants[n_variants++] = (et_fc_s8_variant){"amx", et_fc_s8_amx, vnni && et_fc_s8_amx_usable()};
+#elif defined(__aarch64__)
+    variants[n_variants++] = (et_fc_s8_variant){"neon", et_fc_s8_neon, 1};
+    variants[n_variants++] =
+        (et_fc_s8_variant){"neon_dotprod", et_fc_s8_neon_dotprod, strstr(et_cpu_features(), "asimddp") != NULL};
+#endif
+}
+
+const et_fc_s8_variant *et_fc_s8_variants(int *count) {
+    pthread_once(&variants_once, variants_init);
+    if (count) *count = n_variants;
+    return variants;
+}
+
+/* the kernel for the active ISA and m rows */
+static et_fc_s8_fn pick(int64_t m) {
+    const et_kernels *kt = et_active_kernels();
+    et_fc_s8_variants(NULL);
+#if defined(__x86_64__) || defined(_M_X64)
+    if (kt == &et_kernels_avx512vnni)
+        return m >= ET_FC_S8_AMX_MIN_ROWS && variants[3].available ? et_fc_s8_amx : et_fc_s8_avx512vnni;
+    if (kt == &et_kernels_avx512 || kt == &et_kernels_avx2) return et_fc_s8_avx2;
+#elif defined(__aarch64__)
+    if (kt == &et_kernels_neon_dotprod) return et_fc_s8_neon_dotprod;
+    if (kt == &et_kernels_neon) return et_fc_s8_neon;
+#else
+    (void)kt;
+#endif
+    (void)m;
+    return et_fc_s8_ref;
 }
 
 typedef struct {
     et_fc_s8_fn fn;
     const et_fc_s8_args *a;
+    int by_rows;
 } fc_task;
 
 static void fc_run(void *ctx, int ith, int nth) {
     const fc_task *t = (const fc_task *)ctx;
-    const int64_t tiles = (t->a->n + 15) / 16;
+    const et_fc_s8_args *a = t->a;
+    if (t->by_rows) {
+        const int64_t i0 = a->m * ith / nth, i1 = a->m * (ith + 1) / nth;
+        if (i0 < i1) t->fn(a, i0, i1, 0, a->n);
+        return;
+    }
+    const int64_t tiles = (a->n + 15) / 16;
     const int64_t t0 = tiles * ith / nth, t1 = tiles * (ith + 1) / nth;
-    int64_t j0 = t0 * 16, j1 = t1 * 16 < t->a->n ? t1 * 16 : t->a->n;
-    if (j0 < j1) t->fn(t->a, j0, j1);
+    const int64_t j0 = t0 * 16, j1 = t1 * 16 < a->n ? t1 * 16 : a->n;
+    if (j0 < j1) t->fn(a, 0, a->m, j0, j1);
 }
 
-int et_fc_s8(const int8_t *x, int64_t m, int64_t k, const void *packed, int64_t n, const int32_t *bias,
-             int32_t x_zp, const float *scale, int32_t y_zp, int32_t lo, int32_t hi, int8_t *y, void *scratch,
-             int nthreads) {
-    if (!x || !packed || !scale || !y || !scratch || m <= 0 || k <= 0 || n <= 0)
-        return et_error(ET_ERR_INVALID, "fc_s8: need x, packed, scale, y, scratch and m, k, n > 0");
-    if (x_zp < -128 || x_zp > 127 || y_zp < -128 || y_zp > 127 || lo < -128 || hi > 127 || lo > hi)
-        return et_error(ET_ERR_INVALID, "fc_s8: zero points and clamp range must lie in int8 (x_zp %d, y_zp %d, "
-                        "[%d, %d])", x_zp, y_zp, lo, hi);
-    if ((uintptr_t)packed % FC_ALIGN || (uintptr_t)scratch % FC_ALIGN)
-        return et_error(ET_ERR_INVALID, "fc_s8: packed weights and scratch must be 64-byte aligned");
-    const int64_t kp = round_up(k, 4), np = round_up(n, 16);
-    uint8_t *xu = (uint8_t *)scratch;
-    int32_t *rowc = (int32_t *)(xu + round_up(m * kp, FC_ALIGN));
-    for (int64_t i = 0; i < m; i++) {
-        for (int64_t kk = 0; kk < k; kk++) xu[i * kp + kk] = (uint8_t)(x[i * k + kk] ^ 0x80);
-        for (int64_t kk = k; kk < kp; kk++) xu[i * kp + kk] = 0;
-    }
-    const int32_t *wsum = (const int32_t *)((const int8_t *)packed + np * kp);
-    for (int64_t j = 0; j < n; j++) rowc[j] = (bias ? bias[j] : 0) - (128 + x_zp) * wsum[j];
-    et_fc_s8_args a = {xu, m, k, kp, n, (const int8_t *)packed, rowc, scale, y_zp, lo, hi, y};
-    const char *isa = et_isa_current();
-    static int vnni = -1;
-    if (vnni < 0) vnni = strstr(et_cpu_features(), "avx512vnni") != NULL;
-    fc_task t = {(!strcmp(isa, "avx512") && vnni) ? et_fc_s8_avx512vnni : et_fc_s8_ref, &a};
-    const int64_t tiles = np / 16;
+int et_fc_s8_run_with(const void *plan, const int8_t *x, int64_t m, int8_t *y, int nthreads, et_fc_s8_fn fn) {
+    if (!plan || !x || !y || m <= 0)
+        return et_error(ET_ERR_INVALID, "fc_s8_run: need plan, x, y and m > 0 (m %lld)", (long long)m);
+    const et_fc_s8_header *h = (const et_fc_s8_header *)plan;
+    if ((uintptr_t)plan % FC_ALIGN || h->magic != ET_FC_S8_MAGIC)
+        return et_error(ET_ERR_INVALID, "fc_s8_run: plan is not a 64-byte aligned buffer written by et_fc_s8_plan");
+    const uint8_t *base = (const uint8_t *)plan;
+    const int32_t *rowc_s = (const int32_t *)(base + sizeof *h);
+    et_fc_s8_args a = {x, m, h->k, h->kp, h->n, (const int8_t *)(base + h->w_off), rowc_s, rowc_s + h->np,
+                       (const float *)(rowc_s + 2 * h->np), (float)(h->lo - h->y_zp), (float)(h->hi - h->y_zp),
+                       h->y_zp, y};
+    fc_task t = {fn ? fn : pick(m), &a, 0};
+    const int64_t tiles = h->np / 16;
     int nth = nthreads > 0 ? nthreads : et_get_threads();
-    if (nth > tiles) nth = (int)tiles;
-    if (nth < 1) nth = 1;
-    if ((double)m * (double)n * (double)k < 65536.0) nth = 1;  /* not worth waking the pool */
-    return nth == 1 ? (fc_run(&t, 0, 1), ET_OK) : et_parallel(fc_run, &t, nth);
+    if ((double)m * (double)h->n * (double)h->k < (double)ET_FC_S8_MT_MACS) nth = 1;
+    if (nth > 1 && tiles < nth) t.by_rows = 1; /* few channels: split the rows */
+    if (nth > (t.by_rows ? m : tiles)) nth = (int)(t.by_rows ? m : tiles);
+    if (nth <= 1) {
+        t.fn(&a, 0, m, 0, h->n);
+        return ET_OK;
+    }
+    return et_parallel(fc_run, &t, nth);
+}
+
+int et_fc_s8_run(const void *plan, const int8_t *x, int64_t m, int8_t *y, int nthreads) {
+    return et_fc_s8_run_with(plan, x, m, y, nthreads, NULL);
 }

@@ -1,13 +1,21 @@
 /* fc_s8/fc_s8.h — internal: the INT8 fully-connected kernels (TFLite FULLY_CONNECTED arithmetic), one per ISA.
  *
- * Packed weights (et_fc_s8_pack): n rounded up to 16 output channels, k rounded up to 4, laid out so that one 64-byte
- * row holds 4 consecutive k of 16 channels: byte (j/16)*kp*16 + (kk/4)*64 + (j%16)*4 + kk%4 = w[j][kk] (zeros in the
- * padding), followed (64-byte aligned) by n int32 row sums of w. Activations are fed as u8 (x ^ 0x80 = x + 128) so
- * that the AVX-512 VNNI kernel can use vpdpbusd (u8 x s8 -> s32); the row sums take the 128 back out:
- *   acc[i][j] = sum_k (x[i][k] + 128) w[j][k] - (128 + x_zp) wsum[j] + bias[j]     (exact int32)
- *   y[i][j]   = clamp(rint((float)acc * scale[j]) + y_zp, lo, hi)                (round half to even)
- * The requantization is XNNPACK's fp32 one, which LiteRT's default CPU path runs and its reference kernels agree
- * with on the tested shapes. */
+ * A plan (et_fc_s8_plan, 64-byte aligned, caller-owned) holds everything that does not depend on the activations,
+ * computed once:
+ *   header      et_fc_s8_header (64 bytes)
+ *   rowc_s[np]  bias[j] - x_zp * wsum[j]           the correction for kernels that multiply signed x by w
+ *   rowc_u[np]  rowc_s[j] - 128 * wsum[j]          the same for kernels that multiply u8 (x + 128) by w (vpdpbusd)
+ *   scale[np]   float, input_scale * w_scale[j] / output_scale
+ *   w           np/16 tiles of kp * 16 bytes: byte (j/16)*kp*16 + (kk/4)*64 + (j%16)*4 + kk%4 = w[j][kk], zeros in the
+ *               padding (np = n rounded up to 16, kp = k rounded up to 4). One 64-byte row holds 4 consecutive k of
+ *               16 channels: a zmm operand of vpdpbusd, and 16 of them (64 k) one AMX B tile.
+ *   slack       ET_FC_S8_SLACK bytes, so a full AMX B tile loaded at the k tail never leaves the plan
+ * wsum[j] = sum_k w[j][k]. All int32 arithmetic wraps (mod 2^32), so the two corrections give bit-identical sums:
+ *   acc[i][j] = rowc_s[j] + sum_k x[i][k] w[j][k] = rowc_u[j] + sum_k (x[i][k] + 128) w[j][k]   (mod 2^32)
+ *   y[i][j]   = rint(clamp((float)acc * scale[j], lo - y_zp, hi - y_zp)) + y_zp               (round half to even)
+ * The requantization is XNNPACK's fp32 one (clamp in float, then round), which LiteRT's default CPU path runs.
+ * Clamping before rounding equals clamping after (the bounds are integers) and keeps every SIMD float->int
+ * conversion in range, so every variant equals the reference bit for bit for any finite scale. */
 #ifndef ET_FC_S8_H
 #define ET_FC_S8_H
 
@@ -15,27 +23,61 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#define ET_FC_S8_MAGIC 0x38734366u /* "fCs8" */
+#define ET_FC_S8_SLACK 1024
+
 typedef struct {
-    const uint8_t *xu;      /* (m, kp) activations + 128 */
+    uint32_t magic;
+    int32_t x_zp, y_zp, lo, hi;
+    int32_t pad_;
+    int64_t n, k, kp, np;
+    int64_t w_off; /* byte offset of the packed weights from the plan's start */
+} et_fc_s8_header;
+
+typedef struct {
+    const int8_t *x; /* (m, k) row-major */
     int64_t m, k, kp, n;
-    const int8_t *w;        /* packed */
-    const int32_t *rowc;    /* n: bias[j] - (128 + x_zp) * wsum[j] */
-    const float *scale;     /* n */
-    int32_t y_zp, lo, hi;
-    int8_t *y;              /* (m, n) */
+    const int8_t *w; /* packed */
+    const int32_t *rowc_s, *rowc_u;
+    const float *scale;
+    float fmin, fmax; /* lo - y_zp, hi - y_zp */
+    int32_t y_zp;
+    int8_t *y; /* (m, n) row-major */
 } et_fc_s8_args;
 
-/* rows [j0, j1) of output channels (multiples of 16 except the last) for every activation row */
-typedef void (*et_fc_s8_fn)(const et_fc_s8_args *a, int64_t j0, int64_t j1);
+/* rows [i0, i1) x output channels [j0, j1); j0 is a multiple of 16, j1 too unless it is n */
+typedef void (*et_fc_s8_fn)(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
 
-void et_fc_s8_ref(const et_fc_s8_args *a, int64_t j0, int64_t j1);
-void et_fc_s8_avx512vnni(const et_fc_s8_args *a, int64_t j0, int64_t j1);
+typedef struct {
+    const char *name;
+    et_fc_s8_fn fn;
+    int available; /* this CPU (and OS) runs it */
+} et_fc_s8_variant;
 
-static inline int32_t et_fc_s8_requant(int32_t acc, float scale, int32_t zp, int32_t lo,
-                                                           int32_t hi) {
+/* every variant compiled into this build, the reference first; *count set */
+const et_fc_s8_variant *et_fc_s8_variants(int *count);
+
+/* et_fc_s8_run with a given kernel (tests); fn NULL: the one the active ISA picks */
+int et_fc_s8_run_with(const void *plan, const int8_t *x, int64_t m, int8_t *y, int nthreads, et_fc_s8_fn fn);
+
+void et_fc_s8_ref(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
+#if defined(__x86_64__) || defined(_M_X64)
+void et_fc_s8_avx2(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
+void et_fc_s8_avx512vnni(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
+void et_fc_s8_amx(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
+int et_fc_s8_amx_usable(void); /* CPU has AMX-INT8 and the OS granted this process the tile data state */
+#endif
+#if defined(__aarch64__)
+void et_fc_s8_neon(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
+void et_fc_s8_neon_dotprod(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
+#endif
+
+/* the scalar requantization every variant reproduces */
+static inline int8_t et_fc_s8_requant(int32_t acc, float scale, float fmin, float fmax, int32_t zp) {
     float f = (float)acc * scale;
-    long v = lrintf(f) + zp;
-    return (int32_t)(v < lo ? lo : v > hi ? hi : v);
+    f = f < fmin ? fmin : f; /* NaN cannot occur: acc and scale are finite, inf clamps */
+    f = f > fmax ? fmax : f;
+    return (int8_t)(lrintf(f) + zp);
 }
 
 #endif

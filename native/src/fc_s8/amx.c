@@ -1,0 +1,199 @@
+/* fc_s8/amx.c — INT8 fully-connected on AMX-INT8 tiles (tdpbssd: s8 x s8 -> s32, 16 x 16 outputs x 64 k per
+ * instruction), rowc_s as the starting value; requantization with AVX-512 as avx512vnni.c.
+ *
+ * The packed weights are already AMX B tiles: 16 consecutive 64-byte rows of one 16-channel tile are 64 k of 16
+ * channels, in the 4-byte groups tdpbssd wants. A tiles are the activation rows, loaded in place (row stride k).
+ * Up to 16 rows: one A tile against 4 B tiles (64 channels, 4 accumulator tiles); 17-32 rows: 2 A x 2 B. The k tail
+ * (k % 64) comes from a zero-padded copy of the activations; its B tile is loaded whole (reading into the next
+ * channel tile or the plan's slack: those weights meet zero activations). */
+#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE /* syscall() under -std=c11 */
+#endif
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-int8"))), \
+                             apply_to = function)
+#else
+#pragma GCC target("avx512f,avx512bw,avx512vl,amx-tile,amx-int8")
+#endif
+#include <immintrin.h>
+#include <string.h>
+
+#include "fc_s8.h"
+
+#if defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#endif
+
+int et_fc_s8_amx_usable(void) {
+#if defined(__linux__)
+    unsigned int a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!((d >> 24) & 1) || !((d >> 25) & 1)) return 0; /* AMX-TILE, AMX-INT8 */
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return 0; /* OSXSAVE */
+    unsigned int lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return 0; /* XTILECFG, XTILEDATA enabled by the OS */
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    return 0;
+#endif
+}
+
+typedef struct {
+    uint8_t palette, start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tile_config;
+
+static void configure(int rows0, int rows1) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+    if (rows1 == 0) { /* tiles 0-3: C (rows0 x 16 int32), 4: A (rows0 x 64), 5-7: B */
+        for (int t = 0; t < 5; t++) cfg.rows[t] = (uint8_t)rows0;
+    } else { /* 0,1: C of A0 (rows0), 2,3: C of A1 (rows1), 4: A0, 5: A1, 6,7: B */
+        cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = (uint8_t)rows0;
+        cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = (uint8_t)rows1;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* c: rows x 16 int32 (stride 16) + rowc_s -> y rows i.., channels j.. (nj of them) */
+static void requant_block(const et_fc_s8_args *a, const int32_t *c, int rows, int64_t i, int64_t j, int64_t nj) {
+    const __m512i rc = _mm512_loadu_si512(a->rowc_s + j);
+    const __m512 sc = _mm512_loadu_ps(a->scale + j), lo = _mm512_set1_ps(a->fmin), hi = _mm512_set1_ps(a->fmax);
+    const __m512i zp = _mm512_set1_epi32(a->y_zp);
+    const __mmask16 mask = nj >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nj) - 1u);
+    for (int r = 0; r < rows; r++) {
+        const __m512i acc = _mm512_add_epi32(_mm512_load_si512((const void *)(c + r * 16)), rc);
+        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), sc);
+        f = _mm512_min_ps(_mm512_max_ps(f, lo), hi);
+        const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(f), zp);
+        _mm_mask_storeu_epi8(a->y + (i + r) * a->n + j, mask, _mm512_cvtepi32_epi8(v));
+    }
+}
+
+/* rows i..i+mr (mr <= 16), channel tiles from j: nt (1-4) tiles, the last one nj_last channels */
+static void block1(const et_fc_s8_args *a, const uint8_t *tail, int64_t i, int mr, int64_t j, int nt, int64_t nlast,
+                   int32_t *cbuf) {
+    const int64_t k = a->k, kp = a->kp, k64 = k / 64 * 64, stride = kp * 16;
+    const int8_t *w0 = a->w + (j / 16) * stride, *x = a->x + i * k;
+    _tile_zero(0);
+    if (nt > 1) _tile_zero(1);
+    if (nt > 2) _tile_zero(2);
+    if (nt > 3) _tile_zero(3);
+    for (int64_t kk = 0; kk <= k64; kk += 64) {
+        if (kk == k64) {
+            if (k64 == k) break;
+            _tile_loadd(4, tail, 64);
+        } else {
+            _tile_loadd(4, x + kk, k);
+        }
+        const int8_t *wk = w0 + kk * 16;
+        _tile_loadd(5, wk, 64);
+        _tile_dpbssd(0, 4, 5);
+        if (nt > 1) {
+            _tile_loadd(6, wk + stride, 64);
+            _tile_dpbssd(1, 4, 6);
+        }
+        if (nt > 2) {
+            _tile_loadd(7, wk + 2 * stride, 64);
+            _tile_dpbssd(2, 4, 7);
+        }
+        if (nt > 3) {
+            _tile_loadd(5, wk + 3 * stride, 64);
+            _tile_dpbssd(3, 4, 5);
+        }
+    }
+    _tile_stored(0, cbuf, 64);
+    requant_block(a, cbuf, mr, i, j, nt == 1 ? nlast : 16);
+    if (nt > 1) {
+        _tile_stored(1, cbuf, 64);
+        requant_block(a, cbuf, mr, i, j + 16, nt == 2 ? nlast : 16);
+    }
+    if (nt > 2) {
+        _tile_stored(2, cbuf, 64);
+        requant_block(a, cbuf, mr, i, j + 32, nt == 3 ? nlast : 16);
+    }
+    if (nt > 3) {
+        _tile_stored(3, cbuf, 64);
+        requant_block(a, cbuf, mr, i, j + 48, nlast);
+    }
+}
+
+/* rows i..i+16+mr1 (1 <= mr1 <= 16), channel tiles from j: nt (1-2) tiles */
+static void block2(const et_fc_s8_args *a, const uint8_t *tail, int64_t i, int mr1, int64_t j, int nt, int64_t nlast,
+                   int32_t *cbuf) {
+    const int64_t k = a->k, kp = a->kp, k64 = k / 64 * 64, stride = kp * 16;
+    const int8_t *w0 = a->w + (j / 16) * stride, *x = a->x + i * k;
+    _tile_zero(0);
+    _tile_zero(2);
+    if (nt > 1) {
+        _tile_zero(1);
+        _tile_zero(3);
+    }
+    for (int64_t kk = 0; kk <= k64; kk += 64) {
+        if (kk == k64) {
+            if (k64 == k) break;
+            _tile_loadd(4, tail, 64);
+            _tile_loadd(5, tail + 16 * 64, 64);
+        } else {
+            _tile_loadd(4, x + kk, k);
+            _tile_loadd(5, x + 16 * k + kk, k);
+        }
+        const int8_t *wk = w0 + kk * 16;
+        _tile_loadd(6, wk, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(2, 5, 6);
+        if (nt > 1) {
+            _tile_loadd(7, wk + stride, 64);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(3, 5, 7);
+        }
+    }
+    _tile_stored(0, cbuf, 64);
+    requant_block(a, cbuf, 16, i, j, nt == 1 ? nlast : 16);
+    _tile_stored(2, cbuf, 64);
+    requant_block(a, cbuf, mr1, i + 16, j, nt == 1 ? nlast : 16);
+    if (nt > 1) {
+        _tile_stored(1, cbuf, 64);
+        requant_block(a, cbuf, 16, i, j + 16, nlast);
+        _tile_stored(3, cbuf, 64);
+        requant_block(a, cbuf, mr1, i + 16, j + 16, nlast);
+    }
+}
+
+void et_fc_s8_amx(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    const int64_t k = a->k, k64 = k / 64 * 64;
+    _Alignas(64) uint8_t tail[32 * 64];
+    _Alignas(64) int32_t cbuf[16 * 16];
+    for (int64_t i = i0; i < i1; i += 32) {
+        const int mr = (int)(i1 - i < 32 ? i1 - i : 32);
+        if (k64 < k) { /* the k tail of these rows, zero-padded to 64 */
+            memset(tail, 0, sizeof tail);
+            for (int r = 0; r < mr; r++) memcpy(tail + r * 64, a->x + (i + r) * k + k64, (size_t)(k - k64));
+        }
+        const int per = mr > 16 ? 2 : 4; /* channel tiles per block */
+        configure(mr > 16 ? 16 : mr, mr > 16 ? mr - 16 : 0);
+        for (int64_t j = j0; j < j1; j += 16 * per) {
+            const int64_t left = j1 - j;
+            const int nt = (int)((left + 15) / 16 < per ? (left + 15) / 16 : per);
+            const int64_t nlast = left - 16 * (nt - 1) < 16 ? left - 16 * (nt - 1) : 16;
+            if (mr > 16) block2(a, tail, i, mr - 16, j, nt, nlast, cbuf);
+            else block1(a, tail, i, mr, j, nt, nlast, cbuf);
+        }
+    }
+    _tile_release();
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+#endif

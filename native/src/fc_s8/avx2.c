@@ -1,0 +1,91 @@
+/* fc_s8/avx2.c — INT8 fully-connected with AVX2 (no dot-product instruction): weights and activations widened to
+ * int16, vpmaddwd sums pairs of products exactly into int32 (vpmaddubsw would saturate), rowc_s as the starting
+ * value. A 16-byte quarter of a packed 64-byte row is 4 channels x 4 k: one vpmaddwd gives each of the 4 channels
+ * two partial sums, added pairwise at the end. Two rows share each widened weight vector. */
+#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC target("avx2,fma")
+#endif
+#include <immintrin.h>
+#include <string.h>
+
+#include "fc_s8.h"
+
+/* 4 int8 of x as 4 int16, repeated in each 64-bit lane; the tail form zero-pads past len < 4 */
+static inline __m256i xpat(const int8_t *x) {
+    int32_t v;
+    memcpy(&v, x, 4);
+    return _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(_mm_cvtsi32_si128(v)));
+}
+
+static inline __m256i xpat_tail(const int8_t *x, int64_t len) {
+    int32_t v = 0;
+    memcpy(&v, x, (size_t)len);
+    return _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(_mm_cvtsi32_si128(v)));
+}
+
+/* 8 int32 = 4 channels x 2 partials, twice -> 8 channel sums in order */
+static inline __m256i fold(__m256i p, __m256i q) {
+    return _mm256_permute4x64_epi64(_mm256_hadd_epi32(p, q), 0xD8);
+}
+
+static void store16(const et_fc_s8_args *a, __m256i lo8, __m256i hi8, int64_t i, int64_t j, int64_t nj) {
+    const __m256 fmin = _mm256_set1_ps(a->fmin), fmax = _mm256_set1_ps(a->fmax);
+    const __m256i zp = _mm256_set1_epi32(a->y_zp);
+    lo8 = _mm256_add_epi32(lo8, _mm256_loadu_si256((const __m256i *)(a->rowc_s + j)));
+    hi8 = _mm256_add_epi32(hi8, _mm256_loadu_si256((const __m256i *)(a->rowc_s + j + 8)));
+    __m256 f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(lo8), _mm256_loadu_ps(a->scale + j));
+    __m256 f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(hi8), _mm256_loadu_ps(a->scale + j + 8));
+    f0 = _mm256_min_ps(_mm256_max_ps(f0, fmin), fmax);
+    f1 = _mm256_min_ps(_mm256_max_ps(f1, fmin), fmax);
+    const __m256i v0 = _mm256_add_epi32(_mm256_cvtps_epi32(f0), zp), v1 = _mm256_add_epi32(_mm256_cvtps_epi32(f1), zp);
+    const __m256i h = _mm256_permute4x64_epi64(_mm256_packs_epi32(v0, v1), 0xD8); /* 16 int16 in channel order */
+    const __m128i b = _mm_packs_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    int8_t *dst = a->y + i * a->n + j;
+    if (nj >= 16) {
+        _mm_storeu_si128((__m128i *)dst, b);
+    } else {
+        int8_t tmp[16];
+        _mm_storeu_si128((__m128i *)tmp, b);
+        memcpy(dst, tmp, (size_t)nj);
+    }
+}
+
+/* rows i (and i + 1 when two) against one tile of nj <= 16 channels */
+static void tile(const et_fc_s8_args *a, int64_t i, int two, int64_t j, int64_t nj) {
+    const int64_t k = a->k, kp = a->kp;
+    const int8_t *wb = a->w + (j / 16) * kp * 16, *x0 = a->x + i * k, *x1 = two ? x0 + k : x0;
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0; /* row i, channel quads 0-3 */
+    __m256i r0 = s0, r1 = s0, r2 = s0, r3 = s0;                       /* row i + 1 */
+    for (int64_t kk = 0; kk < kp; kk += 4) {
+        const int8_t *p = wb + kk * 16;
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *)p));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *)(p + 16)));
+        const __m256i w2 = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *)(p + 32)));
+        const __m256i w3 = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *)(p + 48)));
+        const __m256i b0 = kk + 4 <= k ? xpat(x0 + kk) : xpat_tail(x0 + kk, k - kk);
+        s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(w0, b0)), s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(w1, b0));
+        s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(w2, b0)), s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(w3, b0));
+        if (two) {
+            const __m256i b1 = kk + 4 <= k ? xpat(x1 + kk) : xpat_tail(x1 + kk, k - kk);
+            r0 = _mm256_add_epi32(r0, _mm256_madd_epi16(w0, b1)), r1 = _mm256_add_epi32(r1, _mm256_madd_epi16(w1, b1));
+            r2 = _mm256_add_epi32(r2, _mm256_madd_epi16(w2, b1)), r3 = _mm256_add_epi32(r3, _mm256_madd_epi16(w3, b1));
+        }
+    }
+    store16(a, fold(s0, s1), fold(s2, s3), i, j, nj);
+    if (two) store16(a, fold(r0, r1), fold(r2, r3), i + 1, j, nj);
+}
+
+void et_fc_s8_avx2(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    for (int64_t i = i0; i < i1; i += 2) {
+        const int two = i + 1 < i1;
+        for (int64_t j = j0; j < j1; j += 16) tile(a, i, two, j, j1 - j < 16 ? j1 - j : 16);
+    }
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+#endif

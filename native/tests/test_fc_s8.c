@@ -1,0 +1,284 @@
+/* test_fc_s8.c — C-level tests of the INT8 fully-connected kernels (src/fc_s8/):
+ *   - the reference (et_fc_s8_ref through et_fc_s8_run_with) equals a straightforward int64 computation from the
+ *     unpacked weights (round, then clamp: the other order from the kernels'), and is within one step of the same
+ *     requantization done in double;
+ *   - every variant this CPU runs (et_fc_s8_variants: AVX2, AVX-512 VNNI, AMX / NEON, NEON SDOT) writes the
+ *     reference's bytes, on 1 and 2 threads, and nothing past y;
+ *   - et_fc_s8_run under every selectable ISA (the dispatcher's pick) writes them too;
+ *   - the error returns.
+ * Shapes cover k not a multiple of 4, 64 or the vector width, n = 1 and n not a multiple of 16, m = 1 and m across
+ * the 4-row, 16-row and 32-row blocks; per-tensor and per-channel scales, zero points and clamp bounds at the int8
+ * extremes, bias NULL, scale 0 and scales that saturate, and int32 sums that wrap. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fc_s8/fc_s8.h"
+#include "testutil.h"
+
+#define FC_CANARY 64 /* bytes past y that no kernel may touch */
+
+typedef struct {
+    int64_t m, n, k;
+    int8_t *x, *w;
+    int32_t *bias; /* NULL or n */
+    float *scale;  /* n */
+    int32_t x_zp, y_zp, lo, hi;
+    void *plan;
+} fc_problem;
+
+static int8_t rand_s8(int extreme_pct) {
+    const uint64_t r = rng_next();
+    if ((int)(r % 100) < extreme_pct) return (r >> 8) & 1 ? 127 : -128;
+    return (int8_t)(r >> 16);
+}
+
+static void fc_make(fc_problem *p, int64_t m, int64_t n, int64_t k, int per_channel, int with_bias, int32_t x_zp,
+                    int32_t y_zp, int32_t lo, int32_t hi, int extreme_pct) {
+    p->m = m, p->n = n, p->k = k, p->x_zp = x_zp, p->y_zp = y_zp, p->lo = lo, p->hi = hi;
+    p->x = xmalloc((size_t)(m * k)); /* exactly m * k bytes: a kernel reading past x trips ASan */
+    p->w = xmalloc((size_t)(n * k));
+    for (int64_t i = 0; i < m * k; i++) p->x[i] = rand_s8(extreme_pct);
+    for (int64_t i = 0; i < n * k; i++) p->w[i] = rand_s8(extreme_pct);
+    if (n > 2) /* one channel of all -128 weights, one of all zeros */
+        for (int64_t c = 0; c < k; c++) p->w[1 * k + c] = -128, p->w[2 * k + c] = 0;
+    p->bias = NULL;
+    if (with_bias) {
+        p->bias = xmalloc((size_t)n * sizeof(int32_t));
+        for (int64_t j = 0; j < n; j++) p->bias[j] = (int32_t)(rng_next() % 200001) - 100000;
+        if (n > 3) p->bias[3] = 1 << 28;
+    }
+    /* output scale so that acc * scale spreads over a few hundred steps: most outputs in range, some clamped */
+    const double typical = 60.0 * sqrt((double)k) * 75.0 + 1.0;
+    p->scale = xmalloc((size_t)n * sizeof(float));
+    const float s0 = (float)(300.0 / typical);
+    for (int64_t j = 0; j < n; j++) p->scale[j] = per_channel ? s0 * (0.25f + 2.0f * rng_uniform()) : s0;
+    if (per_channel && n > 4) p->scale[4] = 0.0f;
+    if (per_channel && n > 5) p->scale[5] = 1e30f; /* every output of channel 5 saturates (or is 0) */
+    const size_t ps = et_fc_s8_plan_size(n, k);
+    p->plan = aligned_alloc(64, (ps + 63) / 64 * 64);
+    if (!p->plan) exit(2);
+    const int st = et_fc_s8_plan(p->w, n, k, p->bias, x_zp, p->scale, y_zp, lo, hi, p->plan, ps);
+    if (st != ET_OK) {
+        fprintf(stderr, "test_fc_s8: et_fc_s8_plan failed: %s\n", et_last_error());
+        exit(2);
+    }
+}
+
+static void fc_free(fc_problem *p) { free(p->x), free(p->w), free(p->bias), free(p->scale), free(p->plan); }
+
+/* the spec, straight from TFLite's formula on the unpacked weights: int64 sum, wrapped to int32 as the kernels'
+ * int32 accumulators do, fp32 product, round half to even, add the zero point, then clamp */
+static int8_t spec_output(const fc_problem *p, int64_t i, int64_t j, int64_t *acc_out) {
+    int64_t acc = p->bias ? p->bias[j] : 0;
+    for (int64_t c = 0; c < p->k; c++) acc += (int64_t)(p->x[i * p->k + c] - p->x_zp) * p->w[j * p->k + c];
+    *acc_out = acc;
+    const int32_t acc32 = (int32_t)(uint32_t)(uint64_t)acc;
+    const float f = (float)acc32 * p->scale[j];
+    double r = nearbyint((double)f) + p->y_zp; /* f is exact in double; default rounding: half to even */
+    if (r < p->lo) r = p->lo;
+    if (r > p->hi) r = p->hi;
+    return (int8_t)r;
+}
+
+static int8_t *alloc_y(size_t count) {
+    int8_t *y = xmalloc(count + FC_CANARY);
+    memset(y, 0x5A, count + FC_CANARY);
+    return y;
+}
+
+static int canary_ok(const int8_t *y, size_t count) {
+    for (size_t i = count; i < count + FC_CANARY; i++)
+        if (y[i] != 0x5A) return 0;
+    return 1;
+}
+
+static int run_fn(const fc_problem *p, int8_t *y, int nth, et_fc_s8_fn fn) {
+    const int st = et_fc_s8_run_with(p->plan, p->x, p->m, y, nth, fn);
+    if (st != ET_OK) printf("  et_fc_s8_run: %s\n", et_last_error());
+    return st;
+}
+
+static void fc_case(int64_t m, int64_t n, int64_t k, int per_channel, int with_bias, int32_t x_zp, int32_t y_zp,
+                    int32_t lo, int32_t hi, int extreme_pct) {
+    fc_problem p;
+    fc_make(&p, m, n, k, per_channel, with_bias, x_zp, y_zp, lo, hi, extreme_pct);
+    char what[160];
+    snprintf(what, sizeof what, "m=%lld n=%lld k=%lld %s%s x_zp=%d y_zp=%d [%d,%d]", (long long)m, (long long)n,
+             (long long)k, per_channel ? "per-channel" : "per-tensor", with_bias ? "" : " no-bias", x_zp, y_zp, lo, hi);
+    const size_t count = (size_t)(m * n);
+
+    int8_t *yref = alloc_y(count);
+    check(run_fn(&p, yref, 1, et_fc_s8_ref) == ET_OK && canary_ok(yref, count), "fc ref %s ran", what);
+    int64_t bad = -1, bad_double = -1, acc;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            const int8_t want = spec_output(&p, i, j, &acc);
+            if (yref[i * n + j] != want && bad < 0) bad = i * n + j;
+            if (acc >= INT32_MIN && acc <= INT32_MAX) { /* no wrap: the double requantization is within one step */
+                double r = nearbyint((double)acc * (double)p.scale[j]) + p.y_zp;
+                r = r < lo ? lo : r > hi ? hi : r;
+                if (fabs(r - yref[i * n + j]) > 1.0 && bad_double < 0) bad_double = i * n + j;
+            }
+        }
+    check(bad < 0, "fc ref vs spec %s: first difference at y[%lld] = %d (spec %d)", what, (long long)bad,
+          bad >= 0 ? yref[bad] : 0, bad >= 0 ? spec_output(&p, bad / n, bad % n, &acc) : 0);
+    check(bad_double < 0, "fc ref vs double requantization %s: more than one step apart at y[%lld]", what,
+          (long long)bad_double);
+
+    int nv;
+    const et_fc_s8_variant *v = et_fc_s8_variants(&nv);
+    int8_t *y = alloc_y(count), *y2 = alloc_y(count);
+    for (int q = 1; q < nv; q++) {
+        if (!v[q].available) continue;
+        const int st1 = run_fn(&p, y, 1, v[q].fn), st2 = run_fn(&p, y2, 2, v[q].fn);
+        int64_t first = -1;
+        for (size_t t = 0; t < count && first < 0; t++)
+            if (y[t] != yref[t]) first = (int64_t)t;
+        check(st1 == ET_OK && first < 0 && canary_ok(y, count), "fc %s vs ref %s: status %d, first difference at "
+              "y[%lld] = %d (ref %d)%s", v[q].name, what, st1, (long long)first, first >= 0 ? y[first] : 0,
+              first >= 0 ? yref[first] : 0, canary_ok(y, count) ? "" : ", wrote past y");
+        check(st2 == ET_OK && memcmp(y2, yref, count) == 0 && canary_ok(y2, count), "fc %s vs ref %s, 2 threads",
+              v[q].name, what);
+        memset(y, 0x5A, count + FC_CANARY), memset(y2, 0x5A, count + FC_CANARY);
+    }
+    free(y), free(y2), free(yref);
+    fc_free(&p);
+}
+
+/* et_fc_s8_run under each selectable ISA: the dispatcher's pick (incl. AMX for 2+ rows) equals the reference */
+static void fc_dispatch(void) {
+    char buf[128];
+    snprintf(buf, sizeof buf, "%s", et_isa_available());
+    static const int64_t ms[] = {1, 2, 5, 33};
+    fc_problem p;
+    fc_make(&p, 33, 70, 131, 1, 1, -3, 5, -128, 127, 5);
+    int8_t *yref = alloc_y((size_t)(33 * 70)), *y = alloc_y((size_t)(33 * 70));
+    run_fn(&p, yref, 1, et_fc_s8_ref);
+    for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+        et_isa_select(tok);
+        for (size_t im = 0; im < sizeof ms / sizeof *ms; im++) {
+            memset(y, 0x5A, (size_t)(33 * 70) + FC_CANARY);
+            const int st = et_fc_s8_run(p.plan, p.x, ms[im], y, 0);
+            check(st == ET_OK && memcmp(y, yref, (size_t)(ms[im] * 70)) == 0 && canary_ok(y, (size_t)(ms[im] * 70)),
+                  "fc et_fc_s8_run under ISA %s, m=%lld: status %d, output differs from the reference", tok,
+                  (long long)ms[im], st);
+        }
+    }
+    et_isa_select(NULL);
+    free(y), free(yref);
+    fc_free(&p);
+}
+
+static void fc_errors(void) {
+    int8_t w[4 * 8] = {0}, x[8] = {0}, y[4];
+    float scale[4] = {0.1f, 0.1f, 0.1f, 0.1f};
+    const size_t ps = et_fc_s8_plan_size(4, 8);
+    uint8_t *plan = aligned_alloc(64, (ps + 63) / 64 * 64 + 64);
+    check(ps > 0 && et_fc_s8_plan_size(0, 8) == 0 && et_fc_s8_plan_size(4, 0) == 0 &&
+              et_fc_s8_plan_size(1, (int64_t)1 << 40) == 0, "fc plan sizes");
+#define PLAN(...) et_fc_s8_plan(__VA_ARGS__)
+    check(PLAN(w, 4, 8, NULL, 0, scale, 0, -128, 127, plan, ps) == ET_OK, "fc valid plan");
+    check(et_fc_s8_run(plan, x, 1, y, 1) == ET_OK, "fc valid run");
+    check(PLAN(w, 4, 8, NULL, 128, scale, 0, -128, 127, plan, ps) == ET_ERR_INVALID, "fc x_zp 128 refused");
+    check(PLAN(w, 4, 8, NULL, 0, scale, -129, -128, 127, plan, ps) == ET_ERR_INVALID, "fc y_zp -129 refused");
+    check(PLAN(w, 4, 8, NULL, 0, scale, 0, 5, 4, plan, ps) == ET_ERR_INVALID, "fc lo > hi refused");
+    check(PLAN(w, 4, 8, NULL, 0, scale, 0, -129, 127, plan, ps) == ET_ERR_INVALID, "fc lo -129 refused");
+    check(PLAN(w, 4, 8, NULL, 0, scale, 0, -128, 127, plan, ps - 1) == ET_ERR_INVALID, "fc plan one byte short");
+    check(PLAN(w, 4, 8, NULL, 0, scale, 0, -128, 127, plan + 1, ps) == ET_ERR_INVALID, "fc misaligned plan refused");
+    check(PLAN(NULL, 4, 8, NULL, 0, scale, 0, -128, 127, plan, ps) == ET_ERR_INVALID, "fc NULL weights refused");
+    check(PLAN(w, 0, 8, NULL, 0, scale, 0, -128, 127, plan, ps) == ET_ERR_INVALID, "fc n = 0 refused");
+    scale[2] = NAN;
+    check(PLAN(w, 4, 8, NULL, 0, scale, 0, -128, 127, plan, ps) == ET_ERR_INVALID, "fc NaN scale refused");
+    scale[2] = INFINITY;
+    check(PLAN(w, 4, 8, NULL, 0, scale, 0, -128, 127, plan, ps) == ET_ERR_INVALID, "fc Inf scale refused");
+    scale[2] = -0.5f;
+    check(PLAN(w, 4, 8, NULL, 0, scale, 0, -128, 127, plan, ps) == ET_ERR_INVALID, "fc negative scale refused");
+    scale[2] = 0.1f;
+#undef PLAN
+    memset(plan, 0, ps);
+    check(et_fc_s8_run(plan, x, 1, y, 1) == ET_ERR_INVALID, "fc run refuses a buffer that is not a plan");
+    check(et_fc_s8_run(NULL, x, 1, y, 1) == ET_ERR_INVALID, "fc run refuses a NULL plan");
+    check(et_fc_s8_plan(w, 4, 8, NULL, 0, scale, 0, -128, 127, plan, ps) == ET_OK &&
+              et_fc_s8_run(plan, x, 0, y, 1) == ET_ERR_INVALID && et_fc_s8_run(plan, NULL, 1, y, 1) == ET_ERR_INVALID &&
+              et_fc_s8_run(plan, x, 1, NULL, 1) == ET_ERR_INVALID,
+          "fc run refuses m = 0, NULL x, NULL y");
+    free(plan);
+}
+
+void test_fc_s8(void) {
+    const int before = n_failed;
+    int nv;
+    const et_fc_s8_variant *v = et_fc_s8_variants(&nv);
+    char names[128] = "";
+    for (int q = 0; q < nv; q++)
+        if (v[q].available) strncat(names, q ? "," : "", sizeof names - strlen(names) - 1),
+                            strncat(names, v[q].name, sizeof names - strlen(names) - 1);
+
+    /* shape sweep: k around 4, 8 (one row step), 64 (one AMX chunk) and the vector widths; n around 16 and 64;
+     * m around the 4-, 16- and 32-row blocks */
+    static const int64_t ks[] = {1, 3, 4, 5, 8, 63, 64, 65, 67, 130, 257};
+    static const int64_t ns[] = {1, 7, 16, 17, 48, 64, 65, 100};
+    static const int64_t ms[] = {1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 33, 40};
+    for (size_t ik = 0; ik < sizeof ks / sizeof *ks; ik++)
+        for (size_t in = 0; in < sizeof ns / sizeof *ns; in++) {
+            const int64_t m = ms[(ik * 5 + in * 3) % (sizeof ms / sizeof *ms)]; /* a spread of m per (k, n) */
+            fc_case(m, ns[in], ks[ik], (int)((ik + in) & 1), 1, -3, 7, -128, 127, 3);
+        }
+    for (size_t im = 0; im < sizeof ms / sizeof *ms; im++) fc_case(ms[im], 65, 67, 1, 1, 10, -4, -128, 127, 3);
+
+    /* parameters at their extremes */
+    fc_case(3, 33, 100, 1, 0, 0, 0, -128, 127, 0);        /* bias NULL */
+    fc_case(5, 40, 96, 0, 0, -128, -128, -128, 127, 50);   /* x_zp, y_zp at -128, half the values at the extremes */
+    fc_case(5, 40, 96, 1, 1, 127, 127, -128, 127, 50);     /* x_zp, y_zp at 127 */
+    fc_case(17, 20, 77, 1, 1, 127, -128, -128, -128, 100); /* lo == hi == -128; every input at an extreme */
+    fc_case(4, 18, 64, 0, 1, -128, 0, 0, 127, 10);         /* ReLU */
+    fc_case(9, 31, 200, 1, 1, 5, -2, -7, 9, 10);           /* a narrow range */
+    fc_case(2, 3, 5, 1, 1, 0, 0, 127, 127, 0);             /* lo == hi == 127 */
+
+    /* int32 sums that wrap: (x - x_zp) * w = (-128 - 127) * -128 = 32640 per k, 70000 k -> 2.3e9 */
+    {
+        fc_problem p;
+        const int64_t m = 2, n = 17, k = 70000;
+        fc_make(&p, m, n, k, 1, 1, 127, 0, -128, 127, 0);
+        for (int64_t i = 0; i < m * k; i++) p.x[i] = -128;
+        for (int64_t i = 0; i < n * k; i++) p.w[i] = (i / k) % 2 ? -128 : (int8_t)(rng_next() >> 7);
+        for (int64_t j = 0; j < n; j++) p.scale[j] = 1e-7f;
+        et_fc_s8_plan(p.w, n, k, p.bias, p.x_zp, p.scale, p.y_zp, p.lo, p.hi, p.plan, et_fc_s8_plan_size(n, k));
+        int8_t *yref = alloc_y((size_t)(m * n)), *y = alloc_y((size_t)(m * n));
+        run_fn(&p, yref, 1, et_fc_s8_ref);
+        int64_t acc;
+        int ok = 1, wrapped = 0;
+        for (int64_t t = 0; t < m * n; t++) {
+            ok &= yref[t] == spec_output(&p, t / n, t % n, &acc);
+            wrapped |= acc > INT32_MAX;
+        }
+        check(ok && wrapped, "fc ref vs spec with wrapping int32 sums (wrapped: %d)", wrapped);
+        for (int q = 1; q < nv; q++) {
+            if (!v[q].available) continue;
+            check(run_fn(&p, y, 1, v[q].fn) == ET_OK && memcmp(y, yref, (size_t)(m * n)) == 0, "fc %s vs ref with "
+                  "wrapping int32 sums", v[q].name);
+        }
+        free(y), free(yref);
+        fc_free(&p);
+    }
+
+    /* random shapes and parameters */
+    for (int r = 0; r < 40; r++) {
+        const int64_t m = 1 + (int64_t)(rng_next() % 40), n = 1 + (int64_t)(rng_next() % 90),
+                      k = 1 + (int64_t)(rng_next() % 300);
+        const int32_t x_zp = (int32_t)(rng_next() % 256) - 128, y_zp = (int32_t)(rng_next() % 256) - 128;
+        int32_t lo = (int32_t)(rng_next() % 256) - 128, hi = (int32_t)(rng_next() % 256) - 128;
+        if (lo > hi) {
+            const int32_t t = lo;
+            lo = hi, hi = t;
+        }
+        if (r % 3 == 0) lo = -128, hi = 127;
+        fc_case(m, n, k, (int)(rng_next() & 1), (int)(rng_next() % 4 != 0), x_zp, y_zp, lo, hi, (int)(rng_next() % 30));
+    }
+
+    fc_dispatch();
+    fc_errors();
+    printf("fc_s8 over %s: %s\n", names, n_failed == before ? "ok" : "FAILED");
+}
