@@ -314,6 +314,17 @@ BAD = [
     ("tokenize without content", "POST", "/tokenize", {"text": "x"}, 400, "invalid_type"),
     ("detokenize strings", "POST", "/detokenize", {"tokens": ["a"]}, 400, "invalid_type"),
     ("detokenize out of vocabulary", "POST", "/detokenize", {"tokens": [-1]}, 400, "invalid_value"),
+    ("JSON nested deeper than the stack", "POST", CHAT, b"[" * 100_000 + b"]" * 100_000, 400, "invalid_json"),
+    ("temperature a 400-digit integer", "POST", CHAT, {"messages": MSG, "temperature": 10 ** 400}, 400,
+     "invalid_value"),
+    ("presence_penalty a 400-digit integer", "POST", CHAT, {"messages": MSG, "presence_penalty": -10 ** 400}, 400,
+     "invalid_value"),
+    ("lone surrogate in content", "POST", CHAT, b'{"messages": [{"role": "user", "content": "a\\ud800"}]}', 400,
+     "invalid_value"),
+    ("lone surrogate in a content part", "POST", CHAT,
+     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}', 400, "invalid_value"),
+    ("lone surrogate in prompt", "POST", CMPL, b'{"prompt": "\\ud83d the"}', 400, "invalid_value"),
+    ("lone surrogate to tokenize", "POST", "/tokenize", b'{"content": "\\ud800"}', 400, "invalid_value"),
     ("GET on a POST route", "GET", CHAT, None, 405, "method_not_allowed"),
     ("unknown route", "GET", "/v1/nothing", None, 404, "not_found"),
     ("unknown model card", "GET", "/v1/models/gpt-4o", None, 404, "model_not_found"),
@@ -338,7 +349,32 @@ def test_malformed_requests_get_openai_style_4xx(llm):
         ok = client.post(CHAT, json={"messages": MSG, "max_tokens": 2})
         assert ok.status_code == 200  # the server is alive and serving after all of them
         assert client.get("/health").json()["queue_depth"] == 0
-        assert metric(base, 'edgert_errors_total{endpoint="/v1/chat/completions",code="invalid_json"}') == 2
+        assert metric(base, 'edgert_errors_total{endpoint="/v1/chat/completions",code="invalid_json"}') == 3
+        assert metric(base, 'edgert_requests_total{endpoint="/v1/chat/completions",status="500"}') == 0
+
+
+def test_chunked_body_is_cut_at_the_limit_not_buffered_whole(llm):
+    """A body sent without Content-Length (chunked) is refused once it passes MAX_BODY_BYTES, without reading the
+    rest: a client must not make the server hold an unbounded body in memory."""
+    from starlette.requests import Request
+
+    from edgert.serve import app as app_mod
+    from edgert.serve.schemas import APIError
+
+    server = create_app(llm, model_id="tiny").state.server
+    chunk = b" " * (1 << 20)
+    received = 0
+
+    async def receive():
+        nonlocal received
+        received += 1
+        return {"type": "http.request", "body": chunk, "more_body": received < 64}
+
+    request = Request({"type": "http", "method": "POST", "path": CHAT, "headers": []}, receive)
+    with pytest.raises(APIError) as ei:
+        asyncio.run(server.json_body(request))
+    assert ei.value.status == 413 and ei.value.code == "body_too_large"
+    assert received <= app_mod.MAX_BODY_BYTES // len(chunk) + 1
 
 
 def test_api_key_enforced(llm):

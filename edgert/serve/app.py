@@ -192,15 +192,23 @@ class Server:
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
             raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes", None, "body_too_large")
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes", None, "body_too_large")
+        # read chunk by chunk and stop at the limit: a chunked body (no Content-Length) must not be buffered whole
+        chunks, n = [], 0
+        async with contextlib.aclosing(request.stream()) as stream:
+            async for chunk in stream:
+                n += len(chunk)
+                if n > MAX_BODY_BYTES:
+                    raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes", None, "body_too_large")
+                chunks.append(chunk)
+        raw = b"".join(chunks)
         if not raw.strip():
             raise bad("the request body is empty: send a JSON object", None, "invalid_json")
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+        except RecursionError:  # arrays/objects nested deeper than the interpreter's stack
+            raise bad("the request body is not valid JSON: nested too deeply", None, "invalid_json") from None
 
     def record(self, **event) -> None:
         if self.telemetry and telemetry_mod.enabled():

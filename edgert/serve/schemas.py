@@ -63,7 +63,8 @@ def _number(body: dict, name: str, lo: float, hi: float, default, lo_open: bool 
     v = body.get(name)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    # an int is compared as an int: math.isfinite / float() of a 400-digit JSON integer raise OverflowError
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
         raise bad(f"{name} must be a number, got {v!r}", name, "invalid_type")
     if v < lo or v > hi or (lo_open and v == lo):
         raise bad(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name)
@@ -94,9 +95,20 @@ def _stop(body: dict):
     raise bad(f"stop must be a string or a list of strings, got {v!r}", "stop", "invalid_type")
 
 
+def _text(s: str, param: str) -> str:
+    """``s`` if it is encodable text. JSON's \\u escapes can spell a lone UTF-16 surrogate (``"\\ud800"``), which
+    is a Python str but no Unicode text: the tokenizer cannot take it."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad(f"{param} holds a lone surrogate code point (U+{ord(s[exc.start]):04X} at character {exc.start}); "
+                  "send valid Unicode text", param) from None
+    return s
+
+
 def _content_text(content, i: int) -> str:
     if isinstance(content, str):
-        return content
+        return _text(content, f"messages[{i}].content")
     if isinstance(content, list):  # content parts: only text parts can be honoured
         parts = []
         for j, part in enumerate(content):
@@ -104,7 +116,7 @@ def _content_text(content, i: int) -> str:
                 raise bad(f"messages[{i}].content[{j}] must be a text part {{'type': 'text', 'text': ...}}",
                           f"messages[{i}].content")
             parts.append(part["text"])
-        return "".join(parts)
+        return _text("".join(parts), f"messages[{i}].content")
     raise bad(f"messages[{i}].content must be a string or a list of text parts, got {type(content).__name__}",
               f"messages[{i}].content", "invalid_type")
 
@@ -142,7 +154,7 @@ def _prompt(body: dict):
     if isinstance(p, str):
         if not p:
             raise bad("prompt is empty", "prompt", "empty_prompt")
-        return p
+        return _text(p, "prompt")
     if isinstance(p, list) and p and all(_is_int(t) for t in p):
         return p
     if isinstance(p, list) and len(p) > 1:
@@ -218,6 +230,7 @@ def parse_tokenize(body) -> tuple[str, bool]:
     content = body.get("content")
     if not isinstance(content, str):
         raise bad(f"content must be a string, got {type(content).__name__}", "content", "invalid_type")
+    _text(content, "content")
     add_special = body.get("add_special", False)
     if not isinstance(add_special, bool):
         raise bad("add_special must be a boolean", "add_special", "invalid_type")
