@@ -98,7 +98,8 @@ def test_tables_match_firmware_header():
         assert consts[f"FW_DT_{name.upper()}"] == code
     ops = {"MatMulInteger": "MATMUL_INTEGER", "QLinearMatMul": "QLINEAR_MATMUL", "ConvInteger": "CONV_INTEGER",
            "QLinearConv": "QLINEAR_CONV", "Add": "ADD", "Mul": "MUL", "Relu": "RELU", "Copy": "COPY",
-           "MatMulQBlock": "MATMUL_QBLOCK", "Clip": "CLIP"}
+           "MatMulQBlock": "MATMUL_QBLOCK", "Clip": "CLIP", "FullyConnectedS8": "FC_S8", "Conv2DS8": "CONV2D_S8",
+           "DepthwiseConv2DS8": "DWCONV2D_S8", "AddS8": "ADD_S8", "AveragePool2DS8": "AVGPOOL_S8", "Concat": "CONCAT"}
     for code, name in P.OPS.items():
         assert consts[f"FW_OP_{ops[name]}"] == code
     assert f"FW_PROTOCOL_VERSION {P.PROTOCOL_VERSION}u" in h

@@ -33,7 +33,10 @@ BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 
 # ops: code -> name (ONNX op names where the op is one)
 OPS = {1: "MatMulInteger", 2: "QLinearMatMul", 3: "ConvInteger", 4: "QLinearConv", 5: "Add", 6: "Mul", 7: "Relu",
-       8: "Copy", 9: "MatMulQBlock", 10: "Clip"}
+       8: "Copy", 9: "MatMulQBlock", 10: "Clip",
+       # TFLite INT8 semantics (NHWC), PROTOCOL.md §6.1
+       11: "FullyConnectedS8", 12: "Conv2DS8", 13: "DepthwiseConv2DS8", 14: "AddS8", 15: "AveragePool2DS8",
+       16: "Concat"}
 OP_CODES = {v: k for k, v in OPS.items()}
 # ONNX ops the Copy op runs (same bytes, a new shape)
 COPY_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")

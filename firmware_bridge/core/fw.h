@@ -92,6 +92,13 @@ enum {
     FW_OP_COPY = 8,           /* Reshape/Flatten/Squeeze/Unsqueeze: same bytes, new shape */
     FW_OP_MATMUL_QBLOCK = 9,  /* x (M,K) float32, w (N,K) q4_0/q4_1/q8_0 blocks -> y (M,N) float32 (C core ref) */
     FW_OP_CLIP = 10,          /* int8 clip to [attr0, attr1] (ReLU6 on a quantized tensor) */
+    /* TFLite INT8 semantics (NHWC activations, requantization parameters computed on the host) */
+    FW_OP_FC_S8 = 11,         /* FULLY_CONNECTED: x, w packed (C core fc_s8 layout), [bias], scale -> int8 */
+    FW_OP_CONV2D_S8 = 12,     /* CONV_2D: x (N,H,W,C), w (O,kh,kw,C), [bias], scale (O) -> int8 (N,OH,OW,O) */
+    FW_OP_DWCONV2D_S8 = 13,   /* DEPTHWISE_CONV_2D: x (N,H,W,C), w (1,kh,kw,C*dm), [bias], scale -> int8 */
+    FW_OP_ADD_S8 = 14,        /* ADD: XNNPACK's fixed-point qs8 add (bias, multipliers, shift) */
+    FW_OP_AVGPOOL_S8 = 15,    /* AVERAGE_POOL_2D: NHWC, the mean of the taps inside the input, rounded half away */
+    FW_OP_CONCAT = 16,        /* CONCATENATION / Concat: the inputs' bytes along one axis (any dtype) */
     FW_OP_COUNT
 };
 

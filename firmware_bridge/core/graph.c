@@ -5,12 +5,21 @@
  * float(acc) * (s_in * s_w / s_out), clamped to the output range less the zero point, rounded half to even through
  * the 1.5 * 2^23 magic number, plus the zero point. The q-block matmul is the C core's reference kernel itself
  * (native/src/matmul/ref.c, native/src/quant/ref.c are compiled into the firmware, not copied).
+ *
+ * The TFLite-semantics INT8 ops (codes 11-16) follow LiteRT's default CPU path (XNNPACK): FULLY_CONNECTED is the
+ * C core's own reference kernel et_fc_s8_ref (native/src/fc_s8/ref.c, compiled in) on weights, row constants and
+ * scales the host laid out as the C core's plan holds them; CONV_2D / DEPTHWISE_CONV_2D accumulate int32 (padding
+ * taps contribute nothing) and requantize in fp32 with the host's per-channel scale (s_in * s_w[c] / s_out,
+ * float32), clamped, rounded half to even (the requantization above, which XNNPACK's fp32 one equals); ADD is XNNPACK's
+ * fixed-point qs8 add with the multipliers, bias and shift the host derived; AVERAGE_POOL_2D is TFLite's integer
+ * mean over the taps inside the input, rounded half away from zero (XNNPACK does not take int8 average pooling).
  */
 #include <string.h>
 
 #include "graph.h"
 #include "fw.h"
 #include "../../native/src/core.h"
+#include "../../native/src/fc_s8/fc_s8.h"
 
 #define FAIL(code, text) do { *msg = (text); return (code); } while (0)
 
@@ -81,6 +90,83 @@ static int32_t zp_at(const fw_tensor *t, uint32_t i) {
 }
 static int32_t q_at(const uint8_t *p, uint8_t dt, size_t i) {
     return dt == FW_DT_INT8 ? (int32_t)(int8_t)p[i] : (int32_t)p[i];
+}
+
+static int32_t i32_at(const fw_tensor *t, uint32_t i) {
+    int32_t v;
+    memcpy(&v, t->data + 4u * i, 4);
+    return v;
+}
+static int in_i8(int32_t v) { return v >= -128 && v <= 127; }
+static uint32_t round_up_u32(uint32_t v, uint32_t a) { return (v + a - 1) / a * a; }
+
+/* requantization scales of the TFLite ops: one float32 per output channel, finite, in (0, 256) (XNNPACK's range) */
+static int scales_ok(const fw_tensor *s, uint32_t ch) {
+    if (s == NULL || !s->is_const || s->dtype != FW_DT_FLOAT32 || numel(s) != ch || s->rank != 1) return 0;
+    for (uint32_t i = 0; i < ch; i++) {
+        float v = f32_at(s, i);
+        if (!(v > 0.0f && v < 256.0f)) return 0;
+    }
+    return 1;
+}
+static int bias_ok(const fw_tensor *b, uint32_t ch) {
+    return b == NULL || (b->is_const && b->dtype == FW_DT_INT32 && numel(b) == ch && b->rank == 1);
+}
+
+/* the TFLite ops' NHWC output size along one spatial axis (pads, strides and dilations checked by the caller) */
+static int64_t out_dim(uint32_t in, int32_t pa, int32_t pb, uint32_t k, int32_t s, int32_t d) {
+    int64_t e = (int64_t)in + pa + pb - (int64_t)d * (k - 1) - 1;
+    return e < 0 ? -1 : e / s + 1;
+}
+
+static int check_fc_s8(fw_graph *g, fw_node *n, const char **msg) {
+    const fw_tensor *x = in_t(g, n, 0), *w = in_t(g, n, 1), *rowc = in_t(g, n, 2), *sc = in_t(g, n, 3);
+    const fw_tensor *y = &g->t[n->out[0]];
+    if (n->n_in != 4 || n->n_attr != 5 || w == NULL) FAIL(FW_ERR_GRAPH, "FC_S8: x, w, rowc, scale; 5 attributes");
+    if (x->dtype != FW_DT_INT8 || y->dtype != FW_DT_INT8 || w->dtype != FW_DT_INT8 || !w->is_const || w->rank != 2)
+        FAIL(FW_ERR_UNSUPPORTED, "FC_S8: int8 x and y, constant packed int8 weights");
+    const int32_t nn = n->attr[0], k = n->attr[1], yzp = n->attr[2], lo = n->attr[3], hi = n->attr[4];
+    if (nn < 1 || k < 1 || nn > (1 << 20) || k > (1 << 20) || !in_i8(yzp) || !in_i8(lo) || !in_i8(hi) || lo > hi)
+        FAIL(FW_ERR_GRAPH, "FC_S8: bad attributes");
+    const uint32_t N = (uint32_t)nn, K = (uint32_t)k;
+    const uint64_t m = numel(x) / K;
+    if (numel(x) % K || numel(y) != m * N) FAIL(FW_ERR_SHAPE, "FC_S8: x (M*K elements), y (M*N elements)");
+    /* the C core's packed layout (native/src/fc_s8/fc_s8.h): N rounded up to 16 channels, K to 4 */
+    if (w->dims[0] != round_up_u32(N, 16) / 16 || w->dims[1] != round_up_u32(K, 4) * 16)
+        FAIL(FW_ERR_SHAPE, "FC_S8: packed weights must be (ceil(N/16), 16 * ceil(K/4))");
+    if (rowc == NULL || !rowc->is_const || rowc->dtype != FW_DT_INT32 || rowc->rank != 1 || numel(rowc) != N ||
+        !scales_ok(sc, N))
+        FAIL(FW_ERR_GRAPH, "FC_S8: rowc int32 (N), scale float32 (N) in (0, 256)");
+    g->ops += 2 * m * N * K;
+    return 0;
+}
+
+static int check_conv_s8(fw_graph *g, fw_node *n, const char **msg) {
+    const int dw = n->op == FW_OP_DWCONV2D_S8;
+    const fw_tensor *x = in_t(g, n, 0), *w = in_t(g, n, 1), *bias = in_t(g, n, 2), *sc = in_t(g, n, 3);
+    const fw_tensor *y = &g->t[n->out[0]];
+    if (n->n_in != 4 || n->n_attr != 12 || w == NULL) FAIL(FW_ERR_GRAPH, "CONV2D_S8: x, w, [bias], scale; 12 attributes");
+    if (x->dtype != FW_DT_INT8 || y->dtype != FW_DT_INT8 || w->dtype != FW_DT_INT8 || !w->is_const)
+        FAIL(FW_ERR_UNSUPPORTED, "CONV2D_S8: int8 x and y, constant int8 filter");
+    if (x->rank != 4 || w->rank != 4 || y->rank != 4) FAIL(FW_ERR_SHAPE, "CONV2D_S8: NHWC x and y, 4-D filter");
+    const int32_t sh = n->attr[0], sw = n->attr[1], pt = n->attr[2], pl = n->attr[3], pb = n->attr[4], pr = n->attr[5],
+                  dh = n->attr[6], dwi = n->attr[7], xzp = n->attr[8], yzp = n->attr[9], lo = n->attr[10], hi = n->attr[11];
+    if (sh < 1 || sw < 1 || dh < 1 || dwi < 1 || sh > 255 || sw > 255 || dh > 255 || dwi > 255 || pt < 0 || pl < 0 ||
+        pb < 0 || pr < 0 || pt > 255 || pl > 255 || pb > 255 || pr > 255 || !in_i8(xzp) || !in_i8(yzp) || !in_i8(lo) ||
+        !in_i8(hi) || lo > hi)
+        FAIL(FW_ERR_GRAPH, "CONV2D_S8: bad attributes");
+    const uint32_t C = x->dims[3], kh = w->dims[1], kw = w->dims[2];
+    const uint32_t O = dw ? w->dims[3] : w->dims[0];
+    if (kh == 0 || kw == 0 || C == 0 || O == 0) FAIL(FW_ERR_SHAPE, "CONV2D_S8: empty filter or channels");
+    if (dw ? (w->dims[0] != 1 || O % C) : w->dims[3] != C)
+        FAIL(FW_ERR_SHAPE, "CONV2D_S8: filter (O,kh,kw,C); depthwise (1,kh,kw,C*multiplier)");
+    int64_t oh = out_dim(x->dims[1], pt, pb, kh, sh, dh), ow = out_dim(x->dims[2], pl, pr, kw, sw, dwi);
+    if (oh < 0 || ow < 0) FAIL(FW_ERR_SHAPE, "CONV2D_S8: kernel larger than the padded input");
+    if (y->dims[0] != x->dims[0] || y->dims[1] != (uint64_t)oh || y->dims[2] != (uint64_t)ow || y->dims[3] != O)
+        FAIL(FW_ERR_SHAPE, "CONV2D_S8: output shape");
+    if (!bias_ok(bias, O) || !scales_ok(sc, O)) FAIL(FW_ERR_GRAPH, "CONV2D_S8: bias int32 (O), scale float32 (O) in (0, 256)");
+    g->ops += 2 * numel(y) * (uint64_t)kh * kw * (dw ? 1u : C);
+    return 0;
 }
 
 static int check_node(fw_graph *g, fw_node *n, const char **msg) {
@@ -174,6 +260,60 @@ static int check_node(fw_graph *g, fw_node *n, const char **msg) {
     case FW_OP_COPY:
         if (y->nbytes != a->nbytes || y->dtype != a->dtype) FAIL(FW_ERR_SHAPE, "reshape: same bytes and dtype");
         return 0;
+    case FW_OP_FC_S8:
+        return check_fc_s8(g, n, msg);
+    case FW_OP_CONV2D_S8:
+    case FW_OP_DWCONV2D_S8:
+        return check_conv_s8(g, n, msg);
+    case FW_OP_ADD_S8: {
+        if (b == NULL || n->n_in != 2 || n->n_attr != 7 || a->dtype != FW_DT_INT8 || b->dtype != FW_DT_INT8 ||
+            y->dtype != FW_DT_INT8)
+            FAIL(FW_ERR_UNSUPPORTED, "ADD_S8: two int8 operands, int8 output; 7 attributes");
+        if (n->attr[3] < 0 || n->attr[3] > 31 || !in_i8(n->attr[4]) || !in_i8(n->attr[5]) || !in_i8(n->attr[6]) ||
+            n->attr[5] > n->attr[6])
+            FAIL(FW_ERR_GRAPH, "ADD_S8: bad attributes");
+        int r = y->rank;
+        if (a->rank > r || b->rank > r) FAIL(FW_ERR_SHAPE, "ADD_S8: broadcast shape");
+        for (int i = 0; i < r; i++) {
+            uint32_t da = i >= r - a->rank ? a->dims[i - (r - a->rank)] : 1;
+            uint32_t db = i >= r - b->rank ? b->dims[i - (r - b->rank)] : 1;
+            if (!((da == y->dims[i] || da == 1) && (db == y->dims[i] || db == 1))) FAIL(FW_ERR_SHAPE, "ADD_S8: broadcast shape");
+        }
+        g->ops += numel(y);
+        return 0;
+    }
+    case FW_OP_AVGPOOL_S8: {
+        if (n->n_in != 1 || n->n_attr != 10 || a->dtype != FW_DT_INT8 || y->dtype != FW_DT_INT8)
+            FAIL(FW_ERR_UNSUPPORTED, "AVGPOOL_S8: int8 in and out; 10 attributes");
+        if (a->rank != 4 || y->rank != 4) FAIL(FW_ERR_SHAPE, "AVGPOOL_S8: NHWC");
+        const int32_t *at = n->attr;
+        if (at[0] < 1 || at[1] < 1 || at[0] > 255 || at[1] > 255 || at[2] < 1 || at[3] < 1 || at[2] > 255 ||
+            at[3] > 255 || at[4] < 0 || at[5] < 0 || at[6] < 0 || at[7] < 0 || at[4] >= at[0] || at[6] >= at[0] ||
+            at[5] >= at[1] || at[7] >= at[1] || !in_i8(at[8]) || !in_i8(at[9]) || at[8] > at[9])
+            FAIL(FW_ERR_GRAPH, "AVGPOOL_S8: bad attributes (every pad smaller than the window)");
+        int64_t oh = out_dim(a->dims[1], at[4], at[6], (uint32_t)at[0], at[2], 1);
+        int64_t ow = out_dim(a->dims[2], at[5], at[7], (uint32_t)at[1], at[3], 1);
+        if (oh < 1 || ow < 1 || y->dims[0] != a->dims[0] || y->dims[1] != (uint64_t)oh || y->dims[2] != (uint64_t)ow ||
+            y->dims[3] != a->dims[3])
+            FAIL(FW_ERR_SHAPE, "AVGPOOL_S8: output shape");
+        g->ops += numel(y) * (uint64_t)at[0] * at[1];
+        return 0;
+    }
+    case FW_OP_CONCAT: {
+        if (n->n_attr != 1 || n->attr[0] < 0 || n->attr[0] >= y->rank) FAIL(FW_ERR_GRAPH, "Concat: axis attribute");
+        const int ax = n->attr[0];
+        uint64_t sum = 0;
+        for (int k = 0; k < n->n_in; k++) {
+            const fw_tensor *t = in_t(g, n, k);
+            if (t == NULL || t->dtype != y->dtype || t->rank != y->rank || dtype_size(t->dtype) == 0)
+                FAIL(FW_ERR_SHAPE, "Concat: inputs of the output's dtype and rank");
+            for (int d = 0; d < y->rank; d++)
+                if (d != ax && t->dims[d] != y->dims[d]) FAIL(FW_ERR_SHAPE, "Concat: dims differ off the axis");
+            sum += t->dims[ax];
+        }
+        if (sum != y->dims[ax]) FAIL(FW_ERR_SHAPE, "Concat: output size along the axis");
+        return 0;
+    }
     case FW_OP_MATMUL_QBLOCK: {
         if (b == NULL || a->dtype != FW_DT_FLOAT32 || y->dtype != FW_DT_FLOAT32 || block_bytes(b->dtype) == 0)
             FAIL(FW_ERR_UNSUPPORTED, "q-block matmul: float32 x, q4_0/q4_1/q8_0 weights");
@@ -442,6 +582,132 @@ static int run_qblock(const fw_graph *g, const fw_node *n, uint8_t *scratch) {
     return 0;
 }
 
+/* FULLY_CONNECTED: the C core's reference kernel itself, on the host's packed weights, row constants
+ * (rowc_s = bias - x_zp * wsum) and scales */
+static void run_fc_s8(const fw_graph *g, const fw_node *n) {
+    const fw_tensor *x = in_t(g, n, 0), *w = in_t(g, n, 1), *rowc = in_t(g, n, 2), *sc = in_t(g, n, 3);
+    const fw_tensor *y = &g->t[n->out[0]];
+    const int64_t N = n->attr[0], K = n->attr[1], m = (int64_t)(numel(x) / (uint64_t)K);
+    et_fc_s8_args a = {.x = (const int8_t *)x->data, .m = m, .k = K, .kp = round_up_u32((uint32_t)K, 4), .n = N,
+                       .w = (const int8_t *)w->data, .rowc_s = (const int32_t *)rowc->data, .rowc_u = NULL,
+                       .scale = (const float *)sc->data, .fmin = (float)(n->attr[3] - n->attr[2]),
+                       .fmax = (float)(n->attr[4] - n->attr[2]), .y_zp = n->attr[2], .y = (int8_t *)y->data};
+    et_fc_s8_ref(&a, 0, m, 0, N);
+}
+
+/* CONV_2D / DEPTHWISE_CONV_2D, NHWC: int32 sums of (x - x_zp) * w over the taps inside the input (+ bias), then
+ * float(acc) * scale[o] clamped to [lo - y_zp, hi - y_zp], rounded half to even, + y_zp: XNNPACK's fp32 requant */
+static void run_conv_s8(const fw_graph *g, const fw_node *n) {
+    const int dw = n->op == FW_OP_DWCONV2D_S8;
+    const fw_tensor *x = in_t(g, n, 0), *w = in_t(g, n, 1), *bias = in_t(g, n, 2), *sc = in_t(g, n, 3);
+    const fw_tensor *y = &g->t[n->out[0]];
+    const int32_t sh = n->attr[0], sw = n->attr[1], pt = n->attr[2], pl = n->attr[3], dh = n->attr[6], dwi = n->attr[7];
+    const int32_t xzp = n->attr[8], yzp = n->attr[9], lo = n->attr[10], hi = n->attr[11];
+    const int32_t N = (int32_t)x->dims[0], H = (int32_t)x->dims[1], W = (int32_t)x->dims[2], C = (int32_t)x->dims[3];
+    const int32_t kh = (int32_t)w->dims[1], kw = (int32_t)w->dims[2], O = (int32_t)y->dims[3];
+    const int32_t OH = (int32_t)y->dims[1], OW = (int32_t)y->dims[2], dm = dw ? O / C : 1;
+    const int8_t *xs = (const int8_t *)x->data, *ws = (const int8_t *)w->data;
+    int8_t *ys = (int8_t *)y->data;
+    for (int32_t b = 0; b < N; b++)
+        for (int32_t oh = 0; oh < OH; oh++)
+            for (int32_t ow = 0; ow < OW; ow++)
+                for (int32_t o = 0; o < O; o++) {
+                    uint32_t acc = bias ? (uint32_t)i32_at(bias, (uint32_t)o) : 0u; /* int32 sums wrap */
+                    for (int32_t i = 0; i < kh; i++) {
+                        const int32_t ih = oh * sh - pt + i * dh;
+                        if (ih < 0 || ih >= H) continue;
+                        for (int32_t j = 0; j < kw; j++) {
+                            const int32_t iw = ow * sw - pl + j * dwi;
+                            if (iw < 0 || iw >= W) continue;
+                            const int8_t *xp = xs + (((size_t)b * H + ih) * W + iw) * C;
+                            if (dw) {
+                                acc += (uint32_t)(((int32_t)xp[o / dm] - xzp) * ws[((size_t)i * kw + j) * O + o]);
+                            } else {
+                                const int8_t *wp = ws + (((size_t)o * kh + i) * kw + j) * C;
+                                for (int32_t c = 0; c < C; c++) acc += (uint32_t)(((int32_t)xp[c] - xzp) * wp[c]);
+                            }
+                        }
+                    }
+                    ys[(((size_t)b * OH + oh) * OW + ow) * O + o] = (int8_t)requant((int32_t)acc, f32_at(sc, (uint32_t)o),
+                                                                                    yzp, lo, hi);
+                }
+}
+
+/* ADD: XNNPACK's qs8 add, acc = bias + a * a_mult + b * b_mult (the zero points and the rounding are in bias),
+ * an arithmetic shift right, clamped, + y_zp */
+static void run_add_s8(const fw_graph *g, const fw_node *n) {
+    const fw_tensor *a = in_t(g, n, 0), *b = in_t(g, n, 1), *y = &g->t[n->out[0]];
+    const int r = y->rank;
+    const uint32_t bias = (uint32_t)n->attr[0], am = (uint32_t)n->attr[1], bm = (uint32_t)n->attr[2];
+    const int32_t shift = n->attr[3], yzp = n->attr[4], lo = n->attr[5] - yzp, hi = n->attr[6] - yzp;
+    uint32_t yd[FW_MAX_RANK] = {1, 1, 1, 1};
+    uint64_t sa[FW_MAX_RANK] = {0}, sb[FW_MAX_RANK] = {0}, ma = 1, mb = 1;
+    for (int i = FW_MAX_RANK - 1, k = r - 1; i >= 0; i--, k--) {
+        if (k < 0) continue;
+        yd[i] = y->dims[k];
+        int ka = k - (r - a->rank), kb = k - (r - b->rank);
+        uint32_t da = ka >= 0 ? a->dims[ka] : 1, db = kb >= 0 ? b->dims[kb] : 1;
+        sa[i] = da == 1 ? 0 : ma;
+        sb[i] = db == 1 ? 0 : mb;
+        ma *= da;
+        mb *= db;
+    }
+    size_t o = 0;
+    for (uint32_t i0 = 0; i0 < yd[0]; i0++)
+        for (uint32_t i1 = 0; i1 < yd[1]; i1++)
+            for (uint32_t i2 = 0; i2 < yd[2]; i2++)
+                for (uint32_t i3 = 0; i3 < yd[3]; i3++, o++) {
+                    int32_t va = (int8_t)a->data[i0 * sa[0] + i1 * sa[1] + i2 * sa[2] + i3 * sa[3]];
+                    int32_t vb = (int8_t)b->data[i0 * sb[0] + i1 * sb[1] + i2 * sb[2] + i3 * sb[3]];
+                    int32_t acc = (int32_t)(bias + (uint32_t)va * am + (uint32_t)vb * bm);
+                    int32_t v = acc >= 0 ? acc >> shift : ~(~acc >> shift); /* floor, as an arithmetic shift */
+                    v = v < lo ? lo : v > hi ? hi : v;
+                    y->data[o] = (uint8_t)(int8_t)(v + yzp);
+                }
+}
+
+/* AVERAGE_POOL_2D: TFLite's integer kernel; taps outside the input are left out of the sum and the count */
+static void run_avgpool_s8(const fw_graph *g, const fw_node *n) {
+    const fw_tensor *x = in_t(g, n, 0), *y = &g->t[n->out[0]];
+    const int32_t kh = n->attr[0], kw = n->attr[1], sh = n->attr[2], sw = n->attr[3], pt = n->attr[4], pl = n->attr[5];
+    const int32_t lo = n->attr[8], hi = n->attr[9];
+    const int32_t N = (int32_t)x->dims[0], H = (int32_t)x->dims[1], W = (int32_t)x->dims[2], C = (int32_t)x->dims[3];
+    const int32_t OH = (int32_t)y->dims[1], OW = (int32_t)y->dims[2];
+    const int8_t *xs = (const int8_t *)x->data;
+    int8_t *ys = (int8_t *)y->data;
+    for (int32_t b = 0; b < N; b++)
+        for (int32_t oh = 0; oh < OH; oh++)
+            for (int32_t ow = 0; ow < OW; ow++) {
+                const int32_t h0 = oh * sh - pt, w0 = ow * sw - pl;
+                const int32_t hs = h0 < 0 ? 0 : h0, he = h0 + kh > H ? H : h0 + kh;
+                const int32_t ws = w0 < 0 ? 0 : w0, we = w0 + kw > W ? W : w0 + kw;
+                const int32_t cnt = (he - hs) * (we - ws); /* >= 1: every pad is smaller than the window */
+                for (int32_t c = 0; c < C; c++) {
+                    int32_t acc = 0;
+                    for (int32_t i = hs; i < he; i++)
+                        for (int32_t j = ws; j < we; j++) acc += xs[(((size_t)b * H + i) * W + j) * C + c];
+                    int32_t v = acc > 0 ? (acc + cnt / 2) / cnt : (acc - cnt / 2) / cnt;
+                    ys[(((size_t)b * OH + oh) * OW + ow) * C + c] = (int8_t)(v < lo ? lo : v > hi ? hi : v);
+                }
+            }
+}
+
+static void run_concat(const fw_graph *g, const fw_node *n) {
+    const fw_tensor *y = &g->t[n->out[0]];
+    const int ax = n->attr[0];
+    uint64_t outer = 1, inner = dtype_size(y->dtype);
+    for (int d = 0; d < ax; d++) outer *= y->dims[d];
+    for (int d = ax + 1; d < y->rank; d++) inner *= y->dims[d];
+    uint8_t *dst = y->data;
+    for (uint64_t o = 0; o < outer; o++)
+        for (int k = 0; k < n->n_in; k++) {
+            const fw_tensor *t = in_t(g, n, k);
+            const size_t len = (size_t)(t->dims[ax] * inner);
+            memmove(dst, t->data + o * len, len);
+            dst += len;
+        }
+}
+
 int fw_graph_run(fw_graph *g, uint8_t *act, const char **msg) {
     uint32_t off = 0;
     for (uint32_t i = 0; i < g->n_nodes; i++) {
@@ -463,6 +729,11 @@ int fw_graph_run(fw_graph *g, uint8_t *act, const char **msg) {
         case FW_OP_MATMUL_QBLOCK:
             if (run_qblock(g, n, scratch)) FAIL(FW_ERR_COMPUTE, "q-block matmul: input holds NaN or Inf");
             break;
+        case FW_OP_FC_S8: run_fc_s8(g, n); break;
+        case FW_OP_CONV2D_S8: case FW_OP_DWCONV2D_S8: run_conv_s8(g, n); break;
+        case FW_OP_ADD_S8: run_add_s8(g, n); break;
+        case FW_OP_AVGPOOL_S8: run_avgpool_s8(g, n); break;
+        case FW_OP_CONCAT: run_concat(g, n); break;
         default: FAIL(FW_ERR_UNSUPPORTED, "unknown op");
         }
     }

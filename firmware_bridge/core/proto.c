@@ -95,7 +95,9 @@ static handle_slot *find_handle(uint32_t h) {
 
 static int hello(const uint8_t *p, uint32_t n) {
     static const uint8_t ops[] = {FW_OP_MATMUL_INTEGER, FW_OP_QLINEAR_MATMUL, FW_OP_CONV_INTEGER, FW_OP_QLINEAR_CONV,
-                                  FW_OP_ADD, FW_OP_MUL, FW_OP_RELU, FW_OP_COPY, FW_OP_MATMUL_QBLOCK, FW_OP_CLIP};
+                                  FW_OP_ADD, FW_OP_MUL, FW_OP_RELU, FW_OP_COPY, FW_OP_MATMUL_QBLOCK, FW_OP_CLIP,
+                                  FW_OP_FC_S8, FW_OP_CONV2D_S8, FW_OP_DWCONV2D_S8, FW_OP_ADD_S8, FW_OP_AVGPOOL_S8,
+                                  FW_OP_CONCAT};
     static const char fw[] = FW_VERSION_STRING;
     uint8_t *r = S.resp;
     wr16(r, FW_PROTOCOL_VERSION);

@@ -1,8 +1,9 @@
 /* fuzz_frame.c — fuzzes the firmware's frame decoder, protocol state machine and graph parser/kernels.
  *
  * Built with ASan + UBSan. Without libFuzzer (gcc), main() runs a bounded random + mutation loop for N seconds:
- * raw garbage, valid frames of every message type with random payloads, byte-mutated valid frames, and a valid graph
- * blob (QLinearMatMul -> Relu -> QLinearConv) mutated byte by byte, loaded through the protocol and invoked. Every
+ * raw garbage, valid frames of every message type with random payloads, byte-mutated valid frames, and two valid graph
+ * blobs (QLinearMatMul -> Relu -> QLinearConv; the TFLite INT8 ops CONV2D_S8 -> DWCONV2D_S8 -> AVGPOOL_S8 -> ADD_S8
+ * -> CONCAT -> COPY -> FC_S8) mutated byte by byte, loaded through the protocol and invoked. Every
  * answer the firmware writes must itself decode as a well-formed frame. With clang, LLVMFuzzerTestOneInput is the
  * libFuzzer entry (FW_LIBFUZZER).
  */
@@ -43,7 +44,7 @@ static uint64_t rng = 88172645463325252ull;
 static uint32_t rnd(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return (uint32_t)rng; }
 
 /* ---- a valid blob: y = Relu(QLinearMatMul(x, w)) (2x8 @ 8x4, int8), then a 1x1 QLinearConv on it seen as NCHW ---- */
-static uint8_t blob[1024];
+static uint8_t blob[2048];
 static size_t blob_len;
 static void put(const void *p, size_t n) { memcpy(blob + blob_len, p, n); blob_len += n; }
 static void p8(uint32_t v) { uint8_t b = (uint8_t)v; put(&b, 1); }
@@ -94,6 +95,68 @@ static void build_blob(void) {
         blob_len = data;
     }
     blob_len = data;
+}
+
+/* ---- a second valid blob, the TFLite INT8 ops: x (1,2,2,4) -> CONV2D_S8 3x3 -> DWCONV2D_S8 3x3 (multiplier 2) ->
+ * AVGPOOL_S8 2x2 -> ADD_S8 (+ x) -> CONCAT (with the depthwise output) -> COPY (1,32) -> FC_S8 -> y (1,8) ---- */
+static uint8_t blob2[2048];
+static size_t blob2_len;
+
+typedef struct { uint8_t dt, rank; uint32_t d[4]; uint32_t cbytes; } tdesc;
+typedef struct { uint8_t op, n_in; uint16_t in[4], out; uint8_t n_attr; int32_t attr[12]; } ndesc;
+
+static void build_blob2(void) {
+    static const tdesc T[] = {
+        {FW_DT_INT8, 4, {1, 2, 2, 4}, 0},                                      /* 0 x */
+        {FW_DT_INT8, 4, {2, 3, 3, 4}, 72}, {FW_DT_INT32, 1, {2}, 8}, {FW_DT_FLOAT32, 1, {2}, 8},
+        {FW_DT_INT8, 4, {1, 2, 2, 2}, 0},                                      /* 4 conv */
+        {FW_DT_INT8, 4, {1, 3, 3, 4}, 36}, {FW_DT_INT32, 1, {4}, 16}, {FW_DT_FLOAT32, 1, {4}, 16},
+        {FW_DT_INT8, 4, {1, 2, 2, 4}, 0},                                      /* 8 depthwise */
+        {FW_DT_INT8, 4, {1, 2, 2, 4}, 0}, {FW_DT_INT8, 4, {1, 2, 2, 4}, 0},   /* 9 pool, 10 add */
+        {FW_DT_INT8, 4, {1, 2, 2, 8}, 0}, {FW_DT_INT8, 2, {1, 32}, 0},        /* 11 concat, 12 flat */
+        {FW_DT_INT8, 2, {1, 512}, 512}, {FW_DT_INT32, 1, {8}, 32}, {FW_DT_FLOAT32, 1, {8}, 32},
+        {FW_DT_INT8, 2, {1, 8}, 0}};                                           /* 16 y */
+    static const ndesc N[] = {
+        {FW_OP_CONV2D_S8, 4, {0, 1, 2, 3}, 4, 12, {1, 1, 1, 1, 1, 1, 1, 1, 0, 0, -128, 127}},
+        {FW_OP_DWCONV2D_S8, 4, {4, 5, 6, 7}, 8, 12, {1, 1, 1, 1, 1, 1, 1, 1, 3, -2, -100, 120}},
+        {FW_OP_AVGPOOL_S8, 1, {8}, 9, 10, {2, 2, 1, 1, 0, 0, 1, 1, -128, 127}},
+        {FW_OP_ADD_S8, 2, {9, 0}, 10, 7, {1 << 19, 1 << 19, 3 << 18, 20, 1, -128, 127}},
+        {FW_OP_CONCAT, 2, {10, 8}, 11, 1, {3}},
+        {FW_OP_COPY, 1, {11}, 12, 0, {0}},
+        {FW_OP_FC_S8, 4, {12, 13, 14, 15}, 16, 5, {8, 32, 0, -128, 127}}};
+    const int nt = sizeof T / sizeof T[0], nn = sizeof N / sizeof N[0];
+    size_t meta = 12, at[sizeof T / sizeof T[0]];
+    for (int i = 0; i < nt; i++) meta += 4 + 4u * T[i].rank + (T[i].cbytes ? 8 : 0);
+    for (int i = 0; i < nn; i++) meta += 4 + 2u * N[i].n_in + 2 + 4u * N[i].n_attr;
+    meta += 4;
+    size_t data = (meta + 7) & ~(size_t)7;
+    blob_len = 0;
+    p32(0x46524745u); p16((uint32_t)nt); p16((uint32_t)nn); p16(1); p16(1);
+    for (int i = 0; i < nt; i++) {
+        p8(T[i].dt); p8(T[i].rank); p8(T[i].cbytes ? 1 : 0); p8(0);
+        for (int d = 0; d < T[i].rank; d++) p32(T[i].d[d]);
+        if (T[i].cbytes) { at[i] = data; p32(T[i].cbytes); p32((uint32_t)data); data = (data + T[i].cbytes + 7) & ~(size_t)7; }
+    }
+    for (int i = 0; i < nn; i++) {
+        p8(N[i].op); p8(N[i].n_in); p8(1); p8(N[i].n_attr);
+        for (int k = 0; k < N[i].n_in; k++) p16(N[i].in[k]);
+        p16(N[i].out);
+        for (int k = 0; k < N[i].n_attr; k++) p32((uint32_t)N[i].attr[k]);
+    }
+    p16(0); p16(16);
+    while (blob_len < data) p8(0);
+    for (int i = 0; i < nt; i++) {
+        if (!T[i].cbytes) continue;
+        blob_len = at[i];
+        for (uint32_t b = 0; b < T[i].cbytes; b++) {
+            if (T[i].dt == FW_DT_FLOAT32 && b % 4 == 0) { float f = 0.001f + (float)(rnd() % 1000) * 1e-4f; put(&f, 4); }
+            else if (T[i].dt == FW_DT_INT32 && b % 4 == 0) p32(rnd() % 20001 - 10000);
+            else if (T[i].dt == FW_DT_INT8) p8(rnd());
+        }
+    }
+    blob_len = data;
+    memcpy(blob2, blob, blob_len);
+    blob2_len = blob_len;
 }
 
 static uint64_t fnv(const uint8_t *p, size_t n) {
@@ -152,13 +215,17 @@ static void one_case(void) {
                       buf, n > FW_MAX_PAYLOAD + 32 ? FW_MAX_PAYLOAD + 32 : n);
         if (kind == 2) for (int k = rnd() % 4; k >= 0; k--) frame[rnd() % frame_len] = (uint8_t)rnd();
         fw_rx(frame, frame_len);
-    } else if (kind == 3) { /* the valid graph, end to end */
-        load_and_run(blob, blob_len);
-    } else { /* the graph, mutated: exercises the parser's checks and, when they pass, the kernels under ASan */
-        uint8_t m[sizeof blob];
-        memcpy(m, blob, blob_len);
-        for (int k = rnd() % 4; k >= 0; k--) m[rnd() % blob_len] = (uint8_t)(rnd() % 3 ? rnd() : rnd() % 8);
-        load_and_run(m, blob_len);
+    } else if (kind == 3) { /* a valid graph, end to end */
+        if (rnd() % 2) load_and_run(blob, blob_len);
+        else load_and_run(blob2, blob2_len);
+    } else { /* a graph, mutated: exercises the parser's checks and, when they pass, the kernels under ASan */
+        const int second = rnd() % 2;
+        const uint8_t *src = second ? blob2 : blob;
+        const size_t len = second ? blob2_len : blob_len;
+        uint8_t m[sizeof blob2];
+        memcpy(m, src, len);
+        for (int k = rnd() % 4; k >= 0; k--) m[rnd() % len] = (uint8_t)(rnd() % 3 ? rnd() : rnd() % 8);
+        load_and_run(m, len);
     }
     if (rnd() % 50 == 0) { /* a HELLO now and then, sometimes from another protocol version */
         uint16_t v = rnd() % 8 ? FW_PROTOCOL_VERSION : (uint16_t)rnd();
@@ -169,7 +236,7 @@ static void one_case(void) {
 #ifdef FW_LIBFUZZER
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static int ready;
-    if (!ready) { fw_init(1); build_blob(); ready = 1; }
+    if (!ready) { fw_init(1); build_blob2(); build_blob(); ready = 1; }
     fw_rx(data, size);
     return 0;
 }
@@ -177,10 +244,33 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 int main(int argc, char **argv) {
     double seconds = argc > 1 ? atof(argv[1]) : 30;
     fw_init(1);
+    build_blob2();
     build_blob();
     uint16_t v = FW_PROTOCOL_VERSION;
     send(FW_MSG_HELLO, ++seq, (const uint8_t *)&v, 2);
     load_and_run(blob, blob_len);
+    load_and_run(blob2, blob2_len);
+    { /* both valid blobs must parse and run as they are, or the mutations would only test the parser's refusals */
+        static fw_graph g;
+        static uint8_t copy[sizeof blob2], act[1 << 14];
+        const uint8_t *srcs[2] = {blob, blob2};
+        const size_t lens[2] = {blob_len, blob2_len};
+        for (int i = 0; i < 2; i++) {
+            const char *msg = "";
+            memcpy(copy, srcs[i], lens[i]);
+            int rc = fw_graph_parse(&g, copy, (uint32_t)lens[i], &msg);
+            if (rc == 0 && g.act_bytes > sizeof act) rc = -1, msg = "activations too large for the check";
+            if (rc == 0) {
+                for (uint32_t k = 0; k < g.n_inputs; k++) g.t[g.inputs[k]].data = act;
+                for (uint32_t k = 0; k < g.n_outputs; k++) g.t[g.outputs[k]].data = act + 256 * (k + 1);
+                rc = fw_graph_run(&g, act + 1024, &msg);
+            }
+            if (rc) {
+                fprintf(stderr, "fuzz: valid blob %d fails: %s\n", i + 1, msg);
+                return 1;
+            }
+        }
+    }
     unsigned long cases = 0;
     clock_t end = clock() + (clock_t)(seconds * CLOCKS_PER_SEC);
     while (clock() < end) {
