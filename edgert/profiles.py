@@ -72,6 +72,7 @@ class OpConstraint:
     max_rank: int | None = None
     max_dim: int | None = None
     static_shapes: bool | None = None
+    formats: tuple[str, ...] | None = None  # model formats whose nodes of this op the unit takes (None: any)
 
 
 @dataclass
@@ -110,6 +111,11 @@ class ComputeUnit:
         c = self.constraint(node)
         if c is None:
             return False, f"op {node.qualified_op} not in the {self.name} op list"
+        if c.formats is not None:
+            fmt = node_format(node)
+            if fmt not in c.formats:
+                return False, (f"op {node.qualified_op} from a {fmt} model not in the {self.name} op list (only from "
+                               f"{', '.join(c.formats)})")
         dtypes = c.dtypes if c.dtypes is not None else self.dtypes
         max_rank = c.max_rank if c.max_rank is not None else self.max_rank
         max_dim = c.max_dim if c.max_dim is not None else self.max_dim
@@ -268,8 +274,15 @@ def _is_onnx_op(name: str) -> bool:
 _TOP_KEYS = {"name", "description", "power", "price", "units", "attach", "detect"}
 _UNIT_KEYS = {"name", "kind", "delegate", "delegate_options", "dtypes", "ops", "op", "throughput", "memory_bytes",
               "link", "max_rank", "max_dim", "static_shapes", "cores", "isa"}
-_OP_KEYS = {"name", "dtypes", "max_rank", "max_dim", "static_shapes"}
+_OP_KEYS = {"name", "dtypes", "max_rank", "max_dim", "static_shapes", "formats"}
 _LINK_KEYS = {"kind", "zero_copy", "bandwidth_bytes_s", "latency_s"}
+MODEL_FORMATS = ("onnx", "tflite")
+
+
+def node_format(node: Node) -> str:
+    """The model format a node was loaded from: ``tflite`` (the TFLite loader names each node's builtin) or
+    ``onnx``."""
+    return "tflite" if "tflite_op" in node.attrs else "onnx"
 
 
 def _parse_unit(c: _Checker, u: Mapping, path: str) -> ComputeUnit:
@@ -304,10 +317,15 @@ def _parse_unit(c: _Checker, u: Mapping, path: str) -> ComputeUnit:
         p = f"{path}.op[{i}]"
         c.keys(t, p, _OP_KEYS, {"name"})
         oname = c.op_name(t["name"], f"{p}.name")
+        formats = t.get("formats")
+        if formats is not None and (not isinstance(formats, list) or not formats
+                                    or not all(f in MODEL_FORMATS for f in formats)):
+            c.fail(f"{p}.formats", f"expected a non-empty list of model formats ({', '.join(MODEL_FORMATS)}), "
+                                   f"got {formats!r}")
         ops[oname] = OpConstraint(
             oname, c.dtypes(t["dtypes"], f"{p}.dtypes") if "dtypes" in t else None,
             c.num(t, "max_rank", p, required=False, integer=True), c.num(t, "max_dim", p, required=False, integer=True),
-            c.bool(t, "static_shapes", p, default=None))
+            c.bool(t, "static_shapes", p, default=None), tuple(formats) if formats is not None else None)
     if not ops:
         c.fail(f"{path}.ops", "a unit must list at least one op (or '*')")
     tp = u["throughput"]

@@ -3,6 +3,15 @@
 
 - Compile translates a partition's nodes into a graph blob (PROTOCOL.md §6). Weights are constants in the blob; the
   blob is loaded by its hash, so it crosses the link once per device power-on (``bytes_graph``), not per run.
+- ONNX nodes map to the QOperator ops (``ONNX_TO_DEVICE``, bit-identical to onnxruntime's CPU kernels). Nodes of a
+  ``.tflite`` model (``Node.attrs["tflite_op"]``) map to the TFLite INT8 ops (``TFLITE_TO_DEVICE``, PROTOCOL.md
+  §6.1): FULLY_CONNECTED, CONV_2D, DEPTHWISE_CONV_2D, ADD, AVERAGE_POOL_2D; RELU/RELU6/RELU_N1_TO_1 as Clip, RESHAPE
+  and SQUEEZE as Copy, CONCATENATION as Concat. Every requantization parameter is computed here, once, as the host's
+  C core computes it (FULLY_CONNECTED: weights in the C core's packed layout, ``bias - x_zp * wsum``, the float32
+  ``s_x * s_w / s_y`` scales, the fused activation's clamp; ADD: XNNPACK's multipliers and shift), so the device's
+  outputs equal LiteRT's (XNNPACK) bit for bit: no op here has an error budget. What the device cannot run that
+  exactly (a RELU or CONCATENATION that requantizes, a scale outside XNNPACK's range, float tensors, ...) raises
+  ``UnsupportedOpError``; the partition then runs on the host (with ``fallback="forbid"`` the error propagates).
 - Partitions on the same device URL share one connection and one set of device tensors, one per tensor name.
   A partition input whose bytes equal what the device already holds under that name (the output of an earlier
   device partition, unchanged) is not sent again: only boundary tensors cross the link.
@@ -12,8 +21,9 @@
   input. Such a tensor is keyed by the session's buffer for it, so two sessions on one device never mix theirs up.
   If its device copy is lost (a reset, a failover), the host recomputes it by re-running the producing partition
   on the host (its own resident inputs first), so a failover never reads a stale host buffer.
-- Failover: when the device stops answering, resets, or answers an error mid-run, the partition runs on
-  onnxruntime's CPU provider instead (the same integer arithmetic, so the same result), the event is logged and
+- Failover: when the device stops answering, resets, or answers an error mid-run, the partition runs on the host
+  instead — onnxruntime's CPU provider for an ONNX model, LiteRT (the host TFLite path, ``core=False``) for a
+  TFLite one: the arithmetic the device reproduces, so the same result — the event is logged and
   counted in ``failovers``, and the device is left alone for ``retry_after_s`` (default 1 s, doubling while it
   keeps failing, at most 30 s); the next run after that re-handshakes and reloads by hash.
 - ``refine_unit`` narrows a profile unit to what the device says in HELLO (ops and dtypes; memory = its arena), so the
@@ -34,6 +44,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import DeviceError, LinkError, UnsupportedOpError
+from ..formats.tflite import ONNX_EQUIVALENT as TFLITE_ONNX_EQUIVALENT
 from .base import CompiledPartition, Delegate, register
 
 log = logging.getLogger("edgert.serial_npu")
@@ -41,7 +52,19 @@ log = logging.getLogger("edgert.serial_npu")
 # ONNX ops -> device op (PROTOCOL.md §6)
 ONNX_TO_DEVICE = {"MatMulInteger": "MatMulInteger", "QLinearMatMul": "QLinearMatMul", "ConvInteger": "ConvInteger",
                   "QLinearConv": "QLinearConv", "Add": "Add", "Mul": "Mul", "Relu": "Relu", "Clip": "Clip",
-                  "Reshape": "Copy", "Flatten": "Copy", "Squeeze": "Copy", "Unsqueeze": "Copy"}
+                  "Reshape": "Copy", "Flatten": "Copy", "Squeeze": "Copy", "Unsqueeze": "Copy", "Concat": "Concat"}
+# TFLite builtins -> device op (PROTOCOL.md §6.1: TFLite INT8 semantics, NHWC)
+TFLITE_TO_DEVICE = {"FULLY_CONNECTED": "FullyConnectedS8", "CONV_2D": "Conv2DS8",
+                    "DEPTHWISE_CONV_2D": "DepthwiseConv2DS8", "ADD": "AddS8", "AVERAGE_POOL_2D": "AveragePool2DS8",
+                    "RELU": "Clip", "RELU6": "Clip", "RELU_N1_TO_1": "Clip", "RESHAPE": "Copy", "SQUEEZE": "Copy",
+                    "CONCATENATION": "Concat"}
+# a profile op (the IR's ONNX name) -> the device ops that run it, from either model format: refine_unit keeps the
+# op when the device reports any of them
+PROFILE_OP_DEVICE_OPS: dict[str, set[str]] = {}
+for _k, _v in ONNX_TO_DEVICE.items():
+    PROFILE_OP_DEVICE_OPS.setdefault(_k, set()).add(_v)
+for _k, _v in TFLITE_TO_DEVICE.items():
+    PROFILE_OP_DEVICE_OPS.setdefault(TFLITE_ONNX_EQUIVALENT[_k], set()).add(_v)
 
 
 def _options(unit, options) -> dict:
@@ -137,6 +160,196 @@ def _release(st: DeviceState) -> None:
 
 # ---- ONNX nodes -> graph blob ----------------------------------------------------------------------------------
 
+def _qparams(graph, name: str, what: str, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scale float32, zero point int64) of an int8 tensor; per-tensor unless ``channels`` allows that many."""
+    t = graph.tensors[name]
+    if t.dtype != "int8" or t.quant is None:
+        raise UnsupportedOpError(f"serial-npu: {what} {name!r} is {t.dtype}{'' if t.quant else ' without quantization'}"
+                                 " (the device runs INT8 TFLite ops)")
+    s = np.asarray(t.quant.scale, np.float32).reshape(-1)
+    z = np.asarray(t.quant.zero_point, np.int64).reshape(-1)
+    if s.size not in (1, channels or 1) or z.size not in (1, s.size):
+        raise UnsupportedOpError(f"serial-npu: {what} {name!r}: per-channel quantization is not supported here")
+    return s, z
+
+
+def _same_q(graph, a: str, b: str) -> bool:
+    qa, qb = graph.tensors[a].quant, graph.tensors[b].quant
+    return (qa is not None and qb is not None and np.array_equal(np.asarray(qa.scale, np.float32),
+                                                                  np.asarray(qb.scale, np.float32))
+            and np.array_equal(np.asarray(qa.zero_point), np.asarray(qb.zero_point)))
+
+
+def _act(n, graph, out: str, code: int | None = None) -> tuple[int, int]:
+    """The int8 clamp range of a fused (or standalone) activation, as the host C core computes it."""
+    from .host_tflite import _act_range
+
+    s, z = _qparams(graph, out, "output")
+    rng = _act_range(int(n.attrs.get("fused_activation", 0)) if code is None else code, float(s[0]), int(z[0]))
+    if rng is None:
+        raise UnsupportedOpError(f"serial-npu: {n.name!r}: fused activation "
+                                 f"{n.attrs.get('fused_activation')} is not supported")
+    return rng
+
+
+def _requant_scales(xs, ws, ys, channels: int) -> np.ndarray:
+    """s_in * s_w[c] / s_out in float32, in that order (the host C core's and XNNPACK's), one per output channel;
+    outside XNNPACK's [2^-32, 256) LiteRT runs another kernel, so the device does not take the op."""
+    sc = (np.float32(xs[0]) * np.broadcast_to(np.asarray(ws, np.float32), (channels,)) / np.float32(ys[0]))
+    sc = np.ascontiguousarray(sc, np.float32)
+    if not (np.all(sc >= np.float32(2.0 ** -32)) and np.all(sc < np.float32(256.0))):
+        raise UnsupportedOpError("serial-npu: requantization scale outside [2^-32, 256)")
+    return sc
+
+
+def pack_fc_weights(w: np.ndarray) -> np.ndarray:
+    """(N, K) int8 weights in the C core's packed layout (native/src/fc_s8/fc_s8.h): N rounded up to 16 channels,
+    K to 4; byte (j/16)*kp*16 + (kk/4)*64 + (j%16)*4 + kk%4 = w[j][kk], zeros in the padding. Shape (np/16, kp*16)."""
+    n, k = w.shape
+    np_, kp = -(-n // 16) * 16, -(-k // 4) * 4
+    p = np.zeros((np_, kp), np.int8)
+    p[:n, :k] = w
+    return np.ascontiguousarray(p.reshape(np_ // 16, 16, kp // 4, 4).transpose(0, 2, 1, 3)).reshape(np_ // 16, kp * 16)
+
+
+def _pads(in_size: int, k: int, s: int, d: int, same: bool, out_size: int, what: str) -> tuple[int, int]:
+    """TFLite's explicit padding (before, after) for SAME / VALID, checked against the model's output size."""
+    ek = (k - 1) * d + 1
+    out = -(-in_size // s) if same else (in_size - ek) // s + 1
+    total = max((out - 1) * s + ek - in_size, 0) if same else 0
+    if out != out_size:
+        raise UnsupportedOpError(f"serial-npu: {what}: output size {out_size} != {out} from the padding")
+    return total // 2, total - total // 2
+
+
+def tflite_node(n, graph) -> tuple[str, list, list[int]]:
+    """(device op, inputs: tensor names or constant arrays made here, attributes) for a TFLite builtin node, with
+    every requantization parameter computed here (PROTOCOL.md §6.1); UnsupportedOpError for what the device does
+    not run exactly as LiteRT does."""
+    tf = n.attrs["tflite_op"]
+    opts = n.attrs.get("tflite_options", {}) or {}
+    t = graph.tensors
+    if tf not in TFLITE_TO_DEVICE or not n.outputs or not n.inputs or not n.inputs[0]:
+        raise UnsupportedOpError(f"serial-npu: TFLite {tf} (node {n.name!r}) is not a device op")
+    op = TFLITE_TO_DEVICE[tf]
+    x, y = n.inputs[0], n.outputs[0]
+    if tf in ("RESHAPE", "SQUEEZE"):
+        if t[x].dtype != t[y].dtype:
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: reshape changes the dtype")
+        return op, [x], []
+    if tf == "CONCATENATION":
+        ins = [i for i in n.inputs if i]
+        if int(n.attrs.get("fused_activation", 0)) != 0 or any(not _same_q(graph, i, y) for i in ins):
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: concatenation that requantizes or clamps")
+        if len(ins) > 9:
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: more than 9 inputs")
+        rank = len(t[y].shape)
+        axis = int(n.attrs.get("axis", 0))
+        return op, ins, [axis + rank if axis < 0 else axis]
+    if tf in ("RELU", "RELU6", "RELU_N1_TO_1"):
+        _qparams(graph, x, "input")
+        if not _same_q(graph, x, y):
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: {tf} with different input and output quantization")
+        lo, hi = _act(n, graph, y, {"RELU": 1, "RELU_N1_TO_1": 2, "RELU6": 3}[tf])
+        return op, [x], [lo, hi]
+    ys, yz = _qparams(graph, y, "output")
+    if tf == "FULLY_CONNECTED":
+        if len(n.inputs) < 2 or int(opts.get("WeightsFormat", 0)) != 0 or int(opts.get("AsymmetricQuantizeInputs", 0)):
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: FULLY_CONNECTED format not supported")
+        w, b = t[n.inputs[1]], (t[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] else None)
+        if w.initializer is None or w.initializer.ndim != 2 or w.dtype != "int8":
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: weights must be a constant int8 (N, K)")
+        nn, k = (int(d) for d in w.initializer.shape)
+        xs, xz = _qparams(graph, x, "input")
+        ws, wz = _qparams(graph, n.inputs[1], "weights", nn)
+        if np.any(wz != 0) or (ws.size > 1 and w.quant.axis not in (0, None)):
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: weights must be symmetric, per tensor or per row")
+        if b is not None and (b.initializer is None or b.dtype != "int32" or b.initializer.size != nn):
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: bias must be a constant int32 (N)")
+        xn, yn = t[x].concrete_shape(), t[y].concrete_shape()
+        if xn is None or yn is None or int(np.prod(xn)) % k or int(np.prod(yn)) != int(np.prod(xn)) // k * nn:
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: input/output sizes do not fit (N, K) = {(nn, k)}")
+        wi = np.asarray(w.initializer, np.int8)
+        bias = np.zeros(nn, np.int64) if b is None else np.asarray(b.initializer, np.int64).reshape(-1)
+        # rowc_s = bias - x_zp * wsum, int32 wrapping: the C core plan's per-channel starting value
+        rowc = ((bias - int(xz[0]) * wi.astype(np.int64).sum(axis=1) + 2 ** 31) % 2 ** 32 - 2 ** 31).astype(np.int32)
+        lo, hi = _act(n, graph, y)
+        return op, [x, pack_fc_weights(wi), rowc, _requant_scales(xs, ws, ys, nn)], [nn, k, int(yz[0]), lo, hi]
+    if tf in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+        dw = tf == "DEPTHWISE_CONV_2D"
+        w, b = t[n.inputs[1]], (t[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] else None)
+        xn, yn = t[x].concrete_shape(), t[y].concrete_shape()
+        if w.initializer is None or w.initializer.ndim != 4 or w.dtype != "int8" or xn is None or yn is None \
+                or len(xn) != 4 or len(yn) != 4:
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: NHWC int8 input and a constant 4-D int8 filter")
+        wi = np.asarray(w.initializer, np.int8)
+        o = int(wi.shape[3] if dw else wi.shape[0])
+        if (dw and (wi.shape[0] != 1 or o % xn[3])) or (not dw and wi.shape[3] != xn[3]) or yn[3] != o:
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: filter {wi.shape} does not fit input {xn}")
+        if dw and int(opts.get("DepthMultiplier", o // xn[3]) or o // xn[3]) != o // xn[3]:
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: depth multiplier does not match the filter")
+        xs, xz = _qparams(graph, x, "input")
+        ws, wz = _qparams(graph, n.inputs[1], "filter", o)
+        if np.any(wz != 0) or (ws.size > 1 and w.quant.axis not in ((3,) if dw else (0,))):
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: filter must be symmetric, per tensor or per output "
+                                     "channel")
+        if b is not None and (b.initializer is None or b.dtype != "int32" or b.initializer.size != o):
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: bias must be a constant int32 (O)")
+        if int(opts.get("Padding", 0)) not in (0, 1):
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: padding {opts.get('Padding')}")
+        same = int(opts.get("Padding", 0)) == 0
+        (sh, sw), (dh, dwi) = n.attrs.get("strides", [1, 1]), n.attrs.get("dilations", [1, 1])
+        pt, pb = _pads(xn[1], wi.shape[1], sh, dh, same, yn[1], n.name)
+        pl, pr = _pads(xn[2], wi.shape[2], sw, dwi, same, yn[2], n.name)
+        lo, hi = _act(n, graph, y)
+        bias = (np.zeros(o, np.int32) if b is None else np.asarray(b.initializer, np.int32).reshape(-1))
+        return op, [x, n.inputs[1], bias, _requant_scales(xs, ws, ys, o)], \
+            [sh, sw, pt, pl, pb, pr, dh, dwi, int(xz[0]), int(yz[0]), lo, hi]
+    if tf == "ADD":
+        if len(n.inputs) != 2 or not n.inputs[1]:
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: ADD of two tensors")
+        (sa, za), (sb, zb) = _qparams(graph, x, "input"), _qparams(graph, n.inputs[1], "input")
+        bias, am, bm, shift = qs8_add_params(sa[0], int(za[0]), sb[0], int(zb[0]), ys[0])
+        lo, hi = _act(n, graph, y)
+        return op, [x, n.inputs[1]], [bias, am, bm, shift, int(yz[0]), lo, hi]
+    if tf == "AVERAGE_POOL_2D":
+        xn, yn = t[x].concrete_shape(), t[y].concrete_shape()
+        if xn is None or yn is None or len(xn) != 4 or len(yn) != 4 or not _same_q(graph, x, y):
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: NHWC int8 with equal input and output quantization")
+        _qparams(graph, x, "input")
+        (kh, kw), (sh, sw) = n.attrs.get("kernel_shape", [1, 1]), n.attrs.get("strides", [1, 1])
+        same = int(opts.get("Padding", 0)) == 0
+        pt, pb = _pads(xn[1], kh, sh, 1, same, yn[1], n.name)
+        pl, pr = _pads(xn[2], kw, sw, 1, same, yn[2], n.name)
+        lo, hi = _act(n, graph, y)
+        return op, [x], [kh, kw, sh, sw, pt, pl, pb, pr, lo, hi]
+    raise UnsupportedOpError(f"serial-npu: TFLite {tf} (node {n.name!r}) is not a device op")
+
+
+def qs8_add_params(sa: float, za: int, sb: float, zb: int, so: float) -> tuple[int, int, int, int]:
+    """XNNPACK's qs8 add parameters (bias, a_multiplier, b_multiplier, shift) from the operands' and the output's
+    scales and zero points: a/out and b/out in float32, 21-bit multipliers of the larger one's exponent, the zero
+    points and the rounding folded into bias. The device then computes
+    ``(bias + a * a_multiplier + b * b_multiplier) >> shift`` (arithmetic), clamped, plus the output zero point."""
+    f = np.float32
+    a_os, b_os = f(f(sa) / f(so)), f(f(sb) / f(so))
+    for v in (a_os, b_os):
+        if not (f(2.0 ** -10) <= abs(v) < f(256.0)):
+            raise UnsupportedOpError("serial-npu: ADD with an input/output scale ratio outside [2^-10, 256) "
+                                     "(LiteRT runs it with another kernel)")
+    mx = max(abs(a_os), abs(b_os))
+    shift = 20 - (int(np.array(mx, f).view(np.uint32)) >> 23) + 127
+
+    def mult(v):
+        bits = np.array(abs(v), f).view(np.uint32) + np.uint32(shift << 23)
+        m = int(np.rint(bits.view(f)))
+        return -m if np.signbit(v) else m
+
+    am, bm = mult(a_os), mult(b_os)
+    bias = (1 << (shift - 1)) - am * za - bm * zb
+    return int(bias), am, bm, int(shift)
+
+
 def translate(partition, graph):
     """(blob, input names, output names) for ``partition`` of ``graph``; UnsupportedOpError for what the device
     cannot run (the partition then stays on the host)."""
@@ -177,11 +390,27 @@ def translate(partition, graph):
             raise UnsupportedOpError(f"serial-npu: {name!r} must be a constant")
         return np.asarray(t.initializer)
 
+    def cid(a: np.ndarray) -> int:  # a constant the translation made (packed weights, per-channel scales)
+        a = np.ascontiguousarray(a)
+        tensors.append(BlobTensor(a.dtype.name, tuple(a.shape), a.tobytes()))
+        return len(tensors) - 1
+
     for name in partition.inputs:
         tid(name, const_ok=False)
     bnodes = []
     for nn in partition.nodes:
         n = nodes[nn]
+        if "tflite_op" in n.attrs:  # a TFLite builtin: TFLite INT8 semantics (PROTOCOL.md §6.1)
+            op, ins, attrs = tflite_node(n, graph)
+            for x in ins:
+                if isinstance(x, str) and x not in ids and graph.tensors[x].initializer is None:
+                    raise UnsupportedOpError(f"serial-npu: {n.name!r} reads {x!r} before it is produced")
+            in_ids = [cid(x) if isinstance(x, np.ndarray) else tid(x) for x in ins]
+            out = n.outputs[0] if len(n.outputs) == 1 else None
+            if out is None or out in ids:
+                raise UnsupportedOpError(f"serial-npu: {n.name!r}: one output, written once")
+            bnodes.append(BlobNode(op, in_ids, tid(out, const_ok=False), attrs))
+            continue
         if n.qualified_op not in ONNX_TO_DEVICE:
             raise UnsupportedOpError(f"serial-npu: op {n.qualified_op} (node {n.name!r}) is not a device op")
         op = ONNX_TO_DEVICE[n.qualified_op]
@@ -207,6 +436,10 @@ def translate(partition, graph):
             attrs, ins = [lo, hi], ins[:1]
         elif op == "Copy":
             ins = ins[:1]
+        elif op == "Concat":
+            rank = len(shape_of(n.outputs[0]))
+            axis = int(n.attrs.get("axis", 0))
+            attrs = [axis + rank if axis < 0 else axis]
         for i, name in enumerate(ins):
             if name and name not in ids and graph.tensors[name].initializer is None and name not in ids:
                 raise UnsupportedOpError(f"serial-npu: {n.name!r} reads {name!r} before it is produced")
@@ -231,14 +464,14 @@ def _digest(a: np.ndarray) -> bytes:
 
 
 class SerialNpuPartition(CompiledPartition):
-    def __init__(self, state: DeviceState, blob: bytes, inputs, outputs, fallback_factory, resident_inputs=(),
+    def __init__(self, state: DeviceState, blob: bytes | None, inputs, outputs, fallback_factory, resident_inputs=(),
                  resident_outputs=()):
         from ..bridge.protocol import fnv1a64
 
         self.state = state
         self.resident_inputs, self.resident_outputs = set(resident_inputs), set(resident_outputs)
-        self.blob = blob
-        self.hash = fnv1a64(blob)
+        self.blob = blob  # None: the device cannot run this partition (translate refused it); it runs on the host
+        self.hash = fnv1a64(blob) if blob is not None else None
         self.inputs, self.outputs = list(inputs), list(outputs)
         self._fallback_factory = fallback_factory
         self._fallback = None
@@ -328,7 +561,7 @@ class SerialNpuPartition(CompiledPartition):
     def run(self, inputs, outputs) -> None:
         st = self.state
         with st.lock:
-            if time.monotonic() >= st.down_until:
+            if self.blob is not None and time.monotonic() >= st.down_until:
                 try:
                     self._run_device(inputs, outputs)
                     self.runs_on_device += 1
@@ -392,18 +625,23 @@ class SerialNpuDelegate(Delegate):
             if st.refs <= 0:
                 _release(st)
         dev_ops = set(info.ops)
-        ops = {k: v for k, v in unit.ops.items() if k in ONNX_TO_DEVICE and ONNX_TO_DEVICE[k] in dev_ops}
+        ops = {k: v for k, v in unit.ops.items() if PROFILE_OP_DEVICE_OPS.get(k, set()) & dev_ops}
         dtypes = tuple(d for d in unit.dtypes if d in info.dtypes or d in ("int64",))
         mem = min(float(unit.memory_bytes or info.arena_bytes), float(info.arena_bytes))
         return dataclasses.replace(unit, ops=ops, dtypes=dtypes, memory_bytes=mem)
 
     def compile(self, partition, graph, unit: Any = None, options: Mapping[str, Any] | None = None):
+        from ..formats.tflite import is_tflite_graph
         from .onnxruntime import CPU, OnnxruntimePartition, session_options
 
         opts = _options(unit, options)
         threads = opts.get("threads")
 
         def host_partition():
+            if is_tflite_graph(graph):  # LiteRT's CPU path: the arithmetic the device reproduces
+                from .host_tflite import compile_host_tflite
+
+                return compile_host_tflite(partition, graph, None, {"threads": threads, "core": False})
             model = graph.subgraph_model(partition.nodes, name=f"{graph.name}_p{getattr(partition, 'id', 0)}_host")
             return OnnxruntimePartition(model, partition.inputs, partition.outputs, [CPU], None,
                                         session_options(None, threads))
@@ -413,7 +651,15 @@ class SerialNpuDelegate(Delegate):
             raise DeviceError("serial-npu: no device URL: pass device_options={'url': ...} to Session (CLI: "
                               "--device-url), or set delegate_options.port in the profile; `edgert npu-sim` "
                               "prints an emulator's")
-        blob, ins, outs = translate(partition, graph)
+        try:
+            blob, ins, outs = translate(partition, graph)
+        except UnsupportedOpError as exc:
+            if opts.get("fallback") == "forbid":
+                raise
+            # the profile's op list cannot say everything (a RELU that requantizes, a float bias, ...): what the
+            # device cannot run exactly stays on the host, the partition's tensors kept as the plan laid them out
+            log.warning("%s; partition %s runs on the host", exc, getattr(partition, "id", "?"))
+            blob, ins, outs = None, list(partition.inputs), list(partition.outputs)
         st = device_state(url, opts)
         with _STATES_LOCK:
             st.refs += 1

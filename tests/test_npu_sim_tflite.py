@@ -1,0 +1,320 @@
+"""TFLite INT8 models on the serial NPU emulator (the AddressSanitizer + UBSan build): outputs equal to LiteRT's
+whole-model outputs (XNNPACK, its default CPU path) with the INT8 nodes run by the device, bytes over the link equal
+to the plan, failover to LiteRT when the emulator dies, and random shapes of the device's CONV_2D /
+DEPTHWISE_CONV_2D / ADD / AVERAGE_POOL_2D against LiteRT op by op. Every op here is bit-exact: no budget."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import numpy as np
+import pytest
+
+import edgert
+import edgert.profiles as profiles
+import tflite_models as tm
+from edgert import UnsupportedOpError
+from edgert.bridge import NpuSim
+from edgert.delegates import serial_npu
+from edgert.formats.tflite import load_tflite
+
+import ai_edge_litert  # noqa: F401
+
+ASAN = os.environ.get("EDGERT_NPU_SIM_ASAN", "1") != "0"  # the sanitizer build unless told otherwise
+
+MODELS = {"int8_fc": tm.int8_fc, "int8_fc_int8io": lambda: tm.int8_fc(float_io=False), "int8_conv": tm.int8_conv,
+          "int8_plumbing": tm.int8_plumbing}
+# what the device must run of each: every INT8 node of a device op; QUANTIZE/SOFTMAX/DEQUANTIZE stay on the host
+ON_DEVICE = {"int8_fc": {"fully_connected_1", "fully_connected_2", "add_3", "relu_4", "fully_connected_5"},
+             "int8_fc_int8io": {"fully_connected_0", "fully_connected_1", "add_2", "relu_3", "fully_connected_4"},
+             "int8_conv": {"conv_2d_1", "depthwise_conv_2d_2", "average_pool_2d_3"},
+             "int8_plumbing": {"reshape_2", "concatenation_3", "fully_connected_4"}}
+
+
+def sim(**kw):
+    return NpuSim(asan=ASAN, **kw)
+
+
+def offloading_profile():
+    """serial-npu with a near-free link and a slow host, so the plan puts every node the device can run on it
+    (the real UART and host would keep these tiny models on the host)."""
+    prof = profiles.load("serial-npu")
+    units = [dataclasses.replace(u, link=dataclasses.replace(u.link, latency_s=0.0, bandwidth_bytes_s=1e18))
+             if u.link is not None else dataclasses.replace(u, throughput={d: 1e3 for d in u.throughput})
+             for u in prof.units]
+    return dataclasses.replace(prof, units=units)
+
+
+def session(data, url, device=None, **kw):
+    return edgert.Session(data, device=device or offloading_profile(), device_options={"url": url, **kw},
+                          telemetry=False)
+
+
+def device_parts(sess):
+    return [(c, p) for c, p in zip(sess._bound.compiled, sess.plan.partitions) if p.delegate == "serial-npu"]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_on_the_device_equals_litert(name):
+    data = MODELS[name]()
+    g = load_tflite(data)
+    runs = 3
+    with sim() as s:
+        sess = session(data, s.url)
+        placed = {n for p in sess.plan.partitions if p.delegate == "serial-npu" for n in p.nodes}
+        assert placed == ON_DEVICE[name], sess.plan.table()
+        est = sess.plan.estimates
+        for i in range(runs):
+            feeds = tm.feeds_for(g, seed=i)
+            ref = tm.litert_reference(data, feeds, g.outputs)
+            for a, b in zip(sess.run(None, feeds), ref):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                np.testing.assert_array_equal(a, b)
+            assert sess.stats()["last_run"] == {"bytes_to_device": est["bytes_to_device"],
+                                                "bytes_to_host": est["bytes_to_host"]}
+        parts = device_parts(sess)
+        assert parts and all(c.runs_on_device == runs and c.runs_on_host == 0 for c, _ in parts)
+        st = sess.stats()
+        assert st["failovers"] == 0 and st["bytes_over_link"] > 0
+        dev = parts[0][0].state.device
+        # over the link: the graph once, then exactly the plan's boundary tensors per run
+        assert dev.graphs_sent == len(parts) and dev.bytes_graph == sum(len(c.blob) for c, _ in parts)
+        assert dev.bytes_to_device == runs * est["bytes_to_device"] > 0
+        assert dev.bytes_to_host == runs * est["bytes_to_host"] > 0
+        assert dev.stats()["invokes"] == runs * len(parts)
+        sess.close()
+    assert s.proc.returncode == 0, s.stderr.decode()
+
+
+def test_int8_model_runs_whole_on_the_device():
+    """The real serial-npu profile, fallback forbidden: an INT8 model of device ops runs whole on the device, and
+    only its int8 input and output cross the link."""
+    data = conv_model(h=6, w=5, c=3, o=4, k=(3, 3), stride=(2, 1), dil=(1, 1), same=True, per_channel=True, act=3)
+    g = load_tflite(data)
+    with sim() as s:
+        sess = edgert.Session(data, device="serial-npu", fallback="forbid", device_options={"url": s.url},
+                              telemetry=False)
+        assert [p.delegate for p in sess.plan.partitions] == ["serial-npu"]
+        feeds = tm.feeds_for(g, seed=3)
+        np.testing.assert_array_equal(sess.run(None, feeds)[0], tm.litert_reference(data, feeds, g.outputs)[0])
+        (c, _), = device_parts(sess)
+        dev = c.state.device
+        assert c.runs_on_device == 1 and dev.bytes_to_device == feeds["x"].nbytes
+        assert dev.bytes_to_host == int(np.prod(g.tensors[g.outputs[0]].shape))
+        sess.close()
+
+
+def test_killed_emulator_fails_over_to_litert():
+    data = tm.int8_fc()
+    g = load_tflite(data)
+    s = sim().start()
+    sess = session(data, s.url, retry_after_s=30.0, timeout_s=0.05, retries=2)
+    feeds = tm.feeds_for(g, seed=0)
+    np.testing.assert_array_equal(sess.run(None, feeds)[0], tm.litert_reference(data, feeds, g.outputs)[0])
+    s.kill()
+    for i in range(1, 4):
+        feeds = tm.feeds_for(g, seed=i)
+        np.testing.assert_array_equal(sess.run(None, feeds)[0], tm.litert_reference(data, feeds, g.outputs)[0])
+    (c, _), = device_parts(sess)
+    assert sess.stats()["failovers"] == 1 and c.runs_on_device == 1 and c.runs_on_host == 3
+    from edgert.delegates.host_tflite import HostTFLitePartition
+
+    assert isinstance(c._fallback, HostTFLitePartition)  # LiteRT, not onnxruntime
+    sess.close()
+
+
+def test_hello_lists_the_tflite_ops_and_refine_keeps_them():
+    with sim() as s:
+        from edgert.bridge import SerialNpuDevice
+
+        dev = SerialNpuDevice(s.url)
+        ops = set(dev.hello().ops)
+        dev.close()
+        assert {"FullyConnectedS8", "Conv2DS8", "DepthwiseConv2DS8", "AddS8", "AveragePool2DS8", "Concat"} <= ops
+        unit = next(u for u in profiles.load("serial-npu").units if u.delegate == "serial-npu")
+        refined = serial_npu.SerialNpuDelegate.refine_unit(unit, {"url": s.url})
+        assert set(refined.ops) == set(unit.ops)
+        assert refined.ops["Conv"].formats == ("tflite",)
+
+
+def test_float_and_onnx_ops_stay_on_the_host(tmp_path):
+    p = edgert.plan(tm.float_mlp(), device=offloading_profile())
+    assert {q.delegate for q in p.partitions} == {"host"}
+    # an ONNX QDQ model's Conv looks int8 to the partitioner, but the device's Conv is TFLite's
+    from onnx_models import qdq_convnet
+
+    p = edgert.plan(str(qdq_convnet(tmp_path)), device=offloading_profile())
+    on_npu = [n for q in p.partitions if q.delegate == "serial-npu" for n in q.nodes]
+    assert not [n for n in on_npu if p.graph.node(n).op_type in ("Conv", "Gemm", "AveragePool")]
+
+
+def test_fc_parameters_are_the_host_c_cores():
+    from edgert.delegates.host_tflite import int8_fc_step
+
+    g = load_tflite(tm.int8_fc())
+    for node in g.nodes:
+        if node.attrs.get("tflite_op") != "FULLY_CONNECTED":
+            continue
+        op, ins, attrs = serial_npu.tflite_node(node, g)
+        step = int8_fc_step(g, node)
+        assert op == "FullyConnectedS8" and attrs == [step.n, step.k, step.y_zp, step.lo, step.hi]
+        assert ins[3].dtype == np.float32 and ins[3].tobytes() == step.scale.tobytes()
+        w = np.asarray(g.tensors[node.inputs[1]].initializer, np.int64)
+        b = np.asarray(g.tensors[node.inputs[2]].initializer, np.int64)
+        np.testing.assert_array_equal(ins[2], b - step.x_zp * w.sum(axis=1))
+        # byte for byte what the C core's plan holds (native/src/fc_s8/fc_s8.h: a 64-byte header, rowc_s[np],
+        # rowc_u[np], scale[np], then the packed weights at w_off)
+        plan = step.plan.view(np.uint8)
+        n, k, kp, n_pad, w_off = (int(v) for v in plan[24:64].view(np.int64))
+        assert (n, k) == (step.n, step.k) and n_pad == ins[1].shape[0] * 16 and kp * 16 == ins[1].shape[1]
+        assert plan[64:64 + 4 * step.n].tobytes() == ins[2].tobytes()
+        assert plan[64 + 8 * n_pad:64 + 8 * n_pad + 4 * step.n].tobytes() == ins[3].tobytes()
+        assert plan[w_off:w_off + n_pad * kp].tobytes() == ins[1].tobytes()
+
+
+def test_unsupported_tflite_op_stays_on_the_host(caplog):
+    """A RELU that requantizes is a Relu to the partitioner but not a device op: with fallback allowed the
+    partition runs on the host (LiteRT), with a warning; forbidden, the session says why."""
+    m = tm.ModelSpec()
+    x = m.tensor("x", "int8", (2, 16), q=(0.05, 3))
+    y = m.tensor("y", "int8", (2, 16), q=(0.04, -2))
+    m.op("RELU", [x], [y])
+    data = m.build([x], [y])
+    g = load_tflite(data)
+    feeds = tm.feeds_for(g, seed=1)
+    with sim() as s:
+        with caplog.at_level(logging.WARNING, logger="edgert.serial_npu"):
+            sess = session(data, s.url)
+            np.testing.assert_array_equal(sess.run(None, feeds)[0], tm.litert_reference(data, feeds, g.outputs)[0])
+        assert "different input and output quantization" in caplog.text
+        (c, _), = device_parts(sess)
+        assert c.blob is None and c.runs_on_host == 1 and c.runs_on_device == 0
+        sess.close()
+        with pytest.raises(UnsupportedOpError, match="relu_0"):
+            edgert.Session(data, device=offloading_profile(), fallback="forbid", device_options={"url": s.url},
+                           telemetry=False)
+
+
+# ---- single ops, random shapes, against LiteRT ------------------------------------------------------------------
+
+def conv_model(h, w, c, o, k, stride, dil, same, per_channel, act, dw=False, seed=0, batch=1) -> bytes:
+    """One int8 CONV_2D (o output channels) or DEPTHWISE_CONV_2D (o = depth multiplier) with random weights."""
+    rng = np.random.default_rng(seed)
+    oc = c * o if dw else o
+    wshape = (1, k[0], k[1], oc) if dw else (oc, k[0], k[1], c)
+    wq = rng.integers(-127, 128, wshape).astype(np.int8)
+    ws = rng.uniform(0.002, 0.02, oc if per_channel else 1).astype(np.float32)
+    sx, zx = float(rng.uniform(0.01, 0.05)), int(rng.integers(-20, 20))
+    sy, zy = float(rng.uniform(0.05, 0.3)), int(rng.integers(-30, 30))
+    ek = [(k[i] - 1) * dil[i] + 1 for i in range(2)]
+    oh = -(-h // stride[0]) if same else (h - ek[0]) // stride[0] + 1
+    ow = -(-w // stride[1]) if same else (w - ek[1]) // stride[1] + 1
+    m = tm.ModelSpec()
+    tx = m.tensor("x", "int8", (batch, h, w, c), q=(sx, zx))
+    tw = m.tensor("w", "int8", wshape, wq, q=(ws, np.zeros(ws.size, np.int64)), axis=3 if dw else 0)
+    tb = m.tensor("b", "int32", (oc,), rng.integers(-2000, 2000, oc).astype(np.int32),
+                  q=(np.float32(sx) * ws, np.zeros(ws.size)))
+    ty = m.tensor("y", "int8", (batch, oh, ow, oc), q=(sy, zy))
+    common = dict(Padding=tm.SAME if same else tm.VALID, StrideH=stride[0], StrideW=stride[1],
+                  DilationHFactor=dil[0], DilationWFactor=dil[1], FusedActivationFunction=act)
+    if dw:
+        m.op("DEPTHWISE_CONV_2D", [tx, tw, tb], [ty], "DepthwiseConv2DOptions", DepthMultiplier=o, **common)
+    else:
+        m.op("CONV_2D", [tx, tw, tb], [ty], "Conv2DOptions", **common)
+    return m.build([tx], [ty])
+
+
+def _run_on_device(url, data, seeds=(0, 1)):
+    g = load_tflite(data)
+    sess = edgert.Session(data, device="serial-npu", fallback="forbid", device_options={"url": url},
+                          telemetry=False)
+    assert [p.delegate for p in sess.plan.partitions] == ["serial-npu"]
+    for seed in seeds:
+        feeds = tm.feeds_for(g, seed=seed)
+        ref = tm.litert_reference(data, feeds, g.outputs)
+        for a, b in zip(sess.run(None, feeds), ref):
+            np.testing.assert_array_equal(a, b)
+    (c, _), = device_parts(sess)
+    assert c.runs_on_device == len(seeds)
+    sess.close()
+
+
+@pytest.fixture
+def device_url():  # one emulator per test: graphs stay loaded after a session closes, and it holds 8
+    with sim() as s:
+        yield s.url
+    assert s.proc.returncode == 0, s.stderr.decode()
+
+
+# (h, w, c, o or depth multiplier, kernel, stride, dilation, same, per_channel, fused activation)
+CONV_CASES = [
+    (7, 9, 3, 5, (3, 3), (1, 1), (1, 1), True, True, 0),
+    (8, 8, 4, 6, (3, 3), (2, 2), (1, 1), True, False, 1),
+    (9, 7, 2, 3, (3, 2), (2, 1), (2, 1), False, True, 3),
+    (10, 11, 5, 4, (1, 1), (1, 2), (1, 1), False, False, 0),
+    (6, 9, 3, 8, (5, 3), (1, 2), (1, 2), True, True, 1),
+    (12, 6, 1, 2, (2, 2), (3, 1), (2, 2), True, True, 0),
+]
+DW_CASES = [
+    (7, 9, 4, 1, (3, 3), (1, 1), (1, 1), True, True, 0),
+    (8, 8, 3, 2, (3, 3), (2, 2), (1, 1), True, True, 1),
+    (9, 7, 5, 2, (3, 2), (2, 1), (2, 2), False, False, 3),
+    (6, 10, 2, 3, (2, 3), (1, 2), (1, 2), True, False, 0),
+    (11, 5, 6, 1, (5, 1), (2, 1), (1, 1), False, True, 3),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:4])))
+def test_conv_shapes_vs_litert(device_url, case):
+    h, w, c, o, k, st, dl, same, pc, act = case
+    _run_on_device(device_url, conv_model(h, w, c, o, k, st, dl, same, pc, act, seed=h * w + c))
+
+
+@pytest.mark.parametrize("case", DW_CASES, ids=lambda c: "x".join(map(str, c[:4])))
+def test_depthwise_shapes_vs_litert(device_url, case):
+    h, w, c, dm, k, st, dl, same, pc, act = case
+    _run_on_device(device_url, conv_model(h, w, c, dm, k, st, dl, same, pc, act, dw=True, seed=h * w + c,
+                                          batch=2 if dm == 2 else 1))
+
+
+@pytest.mark.parametrize("shape_b,act,seed", [((2, 3, 4, 5), 0, 0), ((1, 1, 1, 5), 1, 1), ((5,), 3, 2),
+                                              ((2, 1, 4, 1), 0, 3)])
+def test_add_vs_litert(device_url, shape_b, act, seed):
+    rng = np.random.default_rng(seed)
+    m = tm.ModelSpec()
+    a = m.tensor("a", "int8", (2, 3, 4, 5), q=(float(rng.uniform(0.01, 0.1)), int(rng.integers(-50, 50))))
+    b = m.tensor("b", "int8", shape_b, q=(float(rng.uniform(0.01, 0.1)), int(rng.integers(-50, 50))))
+    y = m.tensor("y", "int8", (2, 3, 4, 5), q=(float(rng.uniform(0.02, 0.2)), int(rng.integers(-50, 50))))
+    m.op("ADD", [a, b], [y], "AddOptions", FusedActivationFunction=act)
+    _run_on_device(device_url, m.build([a, b], [y]))
+
+
+@pytest.mark.parametrize("hw,k,stride,same,act", [((8, 8), (2, 2), (2, 2), False, 0), ((7, 9), (3, 3), (2, 2), True, 1),
+                                                  ((5, 6), (3, 2), (1, 1), True, 3), ((9, 4), (4, 1), (3, 1), True, 0)])
+def test_average_pool_vs_litert(device_url, hw, k, stride, same, act):
+    rng = np.random.default_rng(hw[0])
+    oh = -(-hw[0] // stride[0]) if same else (hw[0] - k[0]) // stride[0] + 1
+    ow = -(-hw[1] // stride[1]) if same else (hw[1] - k[1]) // stride[1] + 1
+    q = (float(rng.uniform(0.01, 0.1)), int(rng.integers(-40, 40)))
+    m = tm.ModelSpec()
+    x = m.tensor("x", "int8", (2, hw[0], hw[1], 3), q=q)
+    y = m.tensor("y", "int8", (2, oh, ow, 3), q=q)
+    m.op("AVERAGE_POOL_2D", [x], [y], "Pool2DOptions", Padding=tm.SAME if same else tm.VALID, StrideH=stride[0],
+         StrideW=stride[1], FilterHeight=k[0], FilterWidth=k[1], FusedActivationFunction=act)
+    _run_on_device(device_url, m.build([x], [y]))
+
+
+def test_relu6_concat_reshape_vs_litert(device_url):
+    q = (0.03, -7)
+    m = tm.ModelSpec()
+    a = m.tensor("a", "int8", (1, 3, 4, 2), q=q)
+    b = m.tensor("b", "int8", (1, 3, 4, 5), q=q)
+    ra = m.tensor("ra", "int8", (1, 3, 4, 2), q=q)
+    cat = m.tensor("cat", "int8", (1, 3, 4, 7), q=q)
+    shape = m.tensor("shape", "int32", (2,), np.array([3, 28], np.int32))
+    y = m.tensor("y", "int8", (3, 28), q=q)
+    m.op("RELU6", [a], [ra])
+    m.op("CONCATENATION", [ra, b], [cat], "ConcatenationOptions", Axis=-1, FusedActivationFunction=0)
+    m.op("RESHAPE", [cat, shape], [y], "ReshapeOptions", NewShape=np.array([3, 28], np.int32))
+    _run_on_device(device_url, m.build([a, b], [y]))
