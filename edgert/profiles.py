@@ -114,7 +114,7 @@ class ComputeUnit:
         if c.formats is not None:
             fmt = node_format(node)
             if fmt not in c.formats:
-                return False, (f"op {node.qualified_op} from a {fmt} model not in the {self.name} op list (only from "
+                return False, (f"op {node.qualified_op} from {fmt} not in the {self.name} op list (only from "
                                f"{', '.join(c.formats)})")
         dtypes = c.dtypes if c.dtypes is not None else self.dtypes
         max_rank = c.max_rank if c.max_rank is not None else self.max_rank

@@ -318,3 +318,21 @@ def test_relu6_concat_reshape_vs_litert(device_url):
     m.op("CONCATENATION", [ra, b], [cat], "ConcatenationOptions", Axis=-1, FusedActivationFunction=0)
     m.op("RESHAPE", [cat, shape], [y], "ReshapeOptions", NewShape=np.array([3, 28], np.int32))
     _run_on_device(device_url, m.build([a, b], [y]))
+
+
+def test_profile_formats_are_checked(tmp_path):
+    from edgert.errors import ProfileError
+
+    from importlib import resources
+
+    src = (resources.files("edgert") / "device_profiles" / "serial-npu.toml").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(src.replace('formats = ["tflite"]', 'formats = ["caffe"]', 1))
+    with pytest.raises(ProfileError, match=r"op\[\d+\]\.formats: expected a non-empty list of model formats"):
+        profiles.load(bad)
+    unit = next(u for u in profiles.load("serial-npu").units if u.delegate == "serial-npu")
+    g = load_tflite(tm.int8_fc_single(k=8, n=4)[0])
+    assert unit.supports(g.nodes[0], g) == (True, "")
+    onnx_like = dataclasses.replace(g.nodes[0], attrs={})
+    ok, why = unit.supports(onnx_like, g)
+    assert not ok and "op Gemm from onnx not in the npu op list (only from tflite)" in why
