@@ -323,6 +323,19 @@ def cmd_eval(args) -> int:
             return 2
     from rich.progress import Progress
 
+    from .errors import InvalidArgumentError
+
+    # --text names a file; evaluate() also takes literal text, so a mistyped path would be scored as the text itself
+    if args.text is not None and not os.path.isfile(args.text):
+        raise InvalidArgumentError(f"--text {args.text}: no such file" if not os.path.exists(args.text) else
+                                   f"--text {args.text}: not a file")
+    # where the results go is checked before minutes of evaluation, not after
+    for flag, dest in (("--json", args.json), ("--plot", args.plot)):
+        if dest is not None:
+            parent = os.path.dirname(os.path.abspath(dest))
+            if os.path.isdir(dest) or not os.path.isdir(parent):
+                raise InvalidArgumentError(f"{flag} {dest}: " + ("is a directory" if os.path.isdir(dest) else
+                                                                 f"directory {parent} does not exist"))
     thresholds = _eval_thresholds(args.thresholds, args.threshold)
     rt = args.reference_threads if args.reference_threads is not None else args.threads
     ct = args.candidate_threads if args.candidate_threads is not None else args.threads
@@ -333,12 +346,16 @@ def cmd_eval(args) -> int:
                        candidate_threads=ct, random=args.random, seed=args.seed, runs=args.runs,
                        intermediates=not args.no_intermediates,
                        progress=lambda done, total: bar.update(task, completed=done, total=total))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            f.write(rep.to_json())
-    if args.plot:
-        rep.plot(args.plot)
     print(rep.table())
+    try:
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(rep.to_json())
+        if args.plot:
+            rep.plot(args.plot)
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot write {exc.filename or args.json or args.plot}: "
+                                   f"{exc.strerror or exc}") from None
     for note in rep.notes:
         print(f"note: {note}", file=sys.stderr)
     if args.gate and not rep.passed:
@@ -359,7 +376,13 @@ def _eval_thresholds(path, items) -> dict:
         raise InvalidArgumentError(f"unknown threshold(s) {unknown}; known: "
                                    f"{', '.join(sorted(set().union(*th.TABLES.values())))}")
     for kind in th.KINDS:
-        section = dict(merged.get(kind) or {})
+        section = merged.get(kind)
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            raise InvalidArgumentError(f"thresholds file {path}: [{kind}] must be a table of NAME = VALUE, got "
+                                       f"{section!r}")
+        section = dict(section)
         section.update({k: v for k, v in overrides.items() if k in th.TABLES[kind]})
         merged[kind] = section
     return merged

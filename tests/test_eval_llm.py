@@ -148,3 +148,46 @@ def test_errors(models, tmp_path):
         edgert.evaluate(f32, q40, _text(), thresholds={"kl_meen": 1})
     with pytest.raises(edgert.InvalidArgumentError, match="not found"):
         edgert.evaluate(tmp_path / "nope.gguf", q40, _text())
+
+
+def _cli_error(capsys, *argv) -> str:
+    """Runs `edgert eval ARGV` in-process; it must fail with exit 1 and one `edgert: error:` line (an exception
+    escaping main() is the traceback a user would see)."""
+    capsys.readouterr()
+    assert main(["eval", *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgert: error: ") and "\n" not in err, err
+    return err
+
+
+def test_cli_bad_text_thresholds_and_output_paths_are_one_line_errors(models, tmp_path, capsys):
+    _, f32, q40 = models
+    text = tmp_path / "text.txt"
+    text.write_text(_text())
+    base = ["--reference", str(f32), "--candidate", str(q40), "--ctx", str(CTX), "--chunks", "1", "-q"]
+    # a mistyped --text path was scored as the text itself (the path string), not refused
+    assert "no such file" in _cli_error(capsys, *base, "--text", str(tmp_path / "typo.txt"))
+    assert "not a file" in _cli_error(capsys, *base, "--text", str(tmp_path))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 ".encode("latin-1") * 200)
+    assert "not UTF-8" in _cli_error(capsys, *base, "--text", str(latin1))
+    with pytest.raises(edgert.InvalidArgumentError, match="not UTF-8"):
+        edgert.evaluate(f32, q40, b"\xff\xfe" * 100, ctx=CTX)
+    # thresholds files of the wrong shape: a section that is not a table, NaN, not text at all
+    for body, needle in (("llm = [1]\n", "must be a table"), ("llm = 5\n", "must be a table"),
+                         ('graph = "x"\n', "must be a table"), ("llm = 0\n", "must be a table"),
+                         ("[llm]\nkl_mean = nan\n", "NaN")):
+        toml = tmp_path / "t.toml"
+        toml.write_text(body)
+        assert needle in _cli_error(capsys, *base, "--text", str(text), "--thresholds", str(toml)), body
+    toml.write_bytes(b"\xff\xfe[llm]\n")
+    assert "not UTF-8" in _cli_error(capsys, *base, "--text", str(text), "--thresholds", str(toml))
+    assert "NaN" in _cli_error(capsys, *base, "--text", str(text), "--threshold", "kl_mean=nan")
+    with pytest.raises(edgert.InvalidArgumentError, match="must be a table"):
+        edgert.evaluate(f32, q40, _text(), ctx=CTX, thresholds={"llm": 0})
+    # where the results go is checked before the evaluation runs
+    assert "does not exist" in _cli_error(capsys, *base, "--text", str(text), "--json", str(tmp_path / "no" / "r.json"))
+    assert "is a directory" in _cli_error(capsys, *base, "--text", str(text), "--plot", str(tmp_path))
+    # --ctx 0 is refused as 0, not replaced by the default
+    assert "got 0" in _cli_error(capsys, *base[:4], "--ctx", "0", "--text", str(text))
+    assert "is a directory" in _cli_error(capsys, "--reference", str(tmp_path), "--candidate", str(q40))

@@ -36,7 +36,7 @@ def evaluate(reference, candidate, data=None, thresholds=None, *, ctx: int | Non
         from .llm import DEFAULT_CTX, evaluate_llm
 
         limits = _thresholds.resolve("llm", thresholds)
-        return evaluate_llm(ref, cand, data, limits, ctx=ctx or DEFAULT_CTX, chunks=chunks, progress=progress)
+        return evaluate_llm(ref, cand, data, limits, ctx=DEFAULT_CTX if ctx is None else ctx, chunks=chunks, progress=progress)
     from .graph import evaluate_graph
 
     limits = _thresholds.resolve("graph", thresholds)

@@ -32,14 +32,23 @@ def _read_text(data) -> str:
     if data is None:
         raise InvalidArgumentError("a language-model evaluation needs text: pass data='...' or --text FILE")
     if isinstance(data, bytes):
-        return data.decode("utf-8")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgumentError(f"the text is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     s = str(data)
     if "\n" not in s and len(s) < 4096:
         import os
 
         if os.path.isfile(s):
-            with open(s, encoding="utf-8") as f:
-                return f.read()
+            try:
+                with open(s, encoding="utf-8") as f:
+                    return f.read()
+            except UnicodeDecodeError as exc:
+                raise InvalidArgumentError(f"text file {s} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                           "give a UTF-8 text file") from None
+            except OSError as exc:
+                raise InvalidArgumentError(f"cannot read text file {s}: {exc.strerror or exc}") from None
     return s
 
 

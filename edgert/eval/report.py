@@ -54,6 +54,8 @@ def parse_side(spec, device: str | None = None, threads: int | None = None) -> S
     if not os.path.exists(path):
         raise InvalidArgumentError(f"model file not found: {path} (from {s!r}); give a path, optionally with "
                                    "@DEVICE or @threads=N")
+    if not os.path.isfile(path):
+        raise InvalidArgumentError(f"{path} is a directory, not a model file (from {s!r})")
     return Side(s, path, device if device is not None else dev, threads if threads is not None else th)
 
 

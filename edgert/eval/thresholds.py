@@ -82,9 +82,12 @@ def _value(metric: str, v) -> float | None:
     if isinstance(v, bool):
         raise InvalidArgumentError(f"threshold {metric!r} must be a number or 'off', got {v!r}")
     try:
-        return float(v)
-    except (TypeError, ValueError):
+        x = float(v)
+    except (TypeError, ValueError, OverflowError):
         raise InvalidArgumentError(f"threshold {metric!r} must be a number or 'off', got {v!r}") from None
+    if x != x:  # NaN: every comparison with it is False, so the gate would never fire
+        raise InvalidArgumentError(f"threshold {metric!r} is NaN; give a number or 'off'")
+    return x
 
 
 def load_toml(path: str | os.PathLike) -> dict:
@@ -95,6 +98,9 @@ def load_toml(path: str | os.PathLike) -> dict:
         raise InvalidArgumentError(f"cannot read thresholds file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgumentError(f"thresholds file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(f"thresholds file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                   "expected TOML") from None
 
 
 def parse_overrides(items) -> dict[str, str]:
@@ -121,7 +127,9 @@ def resolve(kind: str, *sources) -> dict[str, float | None]:
         if not isinstance(src, dict):
             raise InvalidArgumentError(f"thresholds must be a dict or a TOML path, got {type(src).__name__}")
         flat = {k: v for k, v in src.items() if k not in KINDS}
-        section = src.get(kind) or {}
+        section = src.get(kind)
+        if section is None:
+            section = {}
         if not isinstance(section, dict):
             raise InvalidArgumentError(f"thresholds section [{kind}] must be a table, got {section!r}")
         for k, v in {**flat, **section}.items():
