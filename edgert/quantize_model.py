@@ -18,6 +18,8 @@ the session or the CLI.
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from typing import Callable
 
 import numpy as np
@@ -125,22 +127,33 @@ def read_samples(directory, input_names: list[str]) -> list[dict[str, np.ndarray
     d = os.fspath(directory)
     if not os.path.isdir(d):
         raise InvalidArgumentError(f"inputs directory not found: {d}")
+
+    def load(path):
+        # a damaged or pickled file is the user's input, not a bug: name it (np.load raises assorted types)
+        try:
+            if path.endswith(".npz"):
+                with np.load(path, allow_pickle=False) as z:
+                    return {k: z[k] for k in z.files}
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise InvalidArgumentError(f"{path}: not a readable {'.npz' if path.endswith('.npz') else '.npy'} "
+                                       f"array file ({type(exc).__name__}: {exc})") from None
+
     out = []
     for entry in sorted(os.listdir(d)):
         p = os.path.join(d, entry)
         if entry.endswith(".npz"):
-            with np.load(p) as z:
-                out.append({k: z[k] for k in z.files})
+            out.append(load(p))
         elif entry.endswith(".npy"):
             if len(input_names) != 1:
                 raise InvalidArgumentError(
                     f"{p}: a bare .npy file is one sample of a single-input model, but this model has inputs "
                     f"{input_names}; use .npz files (one array per input name) or one sub-directory per sample")
-            out.append({input_names[0]: np.load(p)})
+            out.append({input_names[0]: load(p)})
         elif os.path.isdir(p):
             files = {f[:-4]: os.path.join(p, f) for f in os.listdir(p) if f.endswith(".npy")}
             if files:
-                out.append({k: np.load(v) for k, v in files.items()})
+                out.append({k: load(v) for k, v in files.items()})
     if not out:
         raise InvalidArgumentError(f"no samples in {d}: expected .npz files, .npy files or sub-directories of .npy")
     for i, s in enumerate(out):

@@ -115,3 +115,40 @@ def test_a_file_that_is_not_a_model_is_a_model_format_error(tmp_path):
     junk.write_bytes(b"\x00garbage" * 10)
     with pytest.raises(edgert.ModelFormatError):
         edgert.evaluate(str(junk), str(junk), random=1)
+
+
+def test_mismatched_models_and_bad_sample_options_are_clear_errors(models, tmp_path):
+    from onnx import TensorProto, helper
+
+    from onnx_models import _model
+
+    d, ref, _, _ = models
+    other = tmp_path / "mlp_out5.onnx"
+    onnx.save(mlp(d_in=64, d_hidden=128, d_out=5), other)
+    # an output of another shape used to be skipped, leaving nothing compared and the gate passing
+    with pytest.raises(edgert.InvalidArgumentError, match=r"output 'y' has shape \[1, 10\].*\[1, 5\]"):
+        edgert.evaluate(ref, other, random=2, runs=1)
+    # integer outputs only: nothing edgert can measure drift on is an error, not a PASS over zero outputs
+    amax = mlp(d_in=64, d_hidden=128, d_out=10)
+    amax.graph.node.append(helper.make_node("ArgMax", ["y"], ["cls"], name="argmax", axis=1))
+    del amax.graph.output[:]
+    amax.graph.output.append(helper.make_tensor_value_info("cls", TensorProto.INT64, ["batch", 1]))
+    ids = tmp_path / "argmax.onnx"
+    onnx.save(amax, ids)
+    with pytest.raises(edgert.InvalidArgumentError, match="no output could be compared.*'cls' \\(int64 vs int64\\)"):
+        edgert.evaluate(ids, ids, random=2, runs=1)
+    for kw in ({"random": 0}, {"random": -1}, {"runs": 0}):
+        with pytest.raises(edgert.InvalidArgumentError, match="must be an int >= 1"):
+            edgert.evaluate(ref, ref, **kw)
+    with pytest.raises(edgert.InvalidArgumentError, match="no samples"):
+        edgert.evaluate(ref, ref, data=[], runs=1)
+    bad = tmp_path / "inputs"
+    bad.mkdir()
+    (bad / "0.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(edgert.InvalidArgumentError, match="0.npy: not a readable .npy"):
+        edgert.evaluate(ref, ref, data=bad, runs=1)
+    np.savez(bad / "1.npz", x=np.zeros((1, 64), np.float32))
+    (bad / "0.npy").unlink()
+    (bad / "1.npz").write_bytes((bad / "1.npz").read_bytes()[:40])
+    with pytest.raises(edgert.InvalidArgumentError, match="1.npz: not a readable .npz"):
+        edgert.evaluate(ref, ref, data=bad, runs=1)

@@ -54,7 +54,7 @@ def random_samples(inputs, n: int, seed: int) -> list[dict[str, np.ndarray]]:
 def _samples(data, inputs, random: int | None, seed: int) -> list[dict[str, np.ndarray]]:
     names = [i.name for i in inputs]
     if data is None:
-        return random_samples(inputs, random or DEFAULT_RANDOM, seed)
+        return random_samples(inputs, DEFAULT_RANDOM if random is None else random, seed)
     if isinstance(data, (str, os.PathLike)):
         from ..quantize_model import read_samples
 
@@ -62,6 +62,9 @@ def _samples(data, inputs, random: int | None, seed: int) -> list[dict[str, np.n
     if isinstance(data, dict):
         data = [data]
     samples = [dict(s) for s in data]
+    if not samples:
+        raise InvalidArgumentError("no samples given: pass at least one feed dict, a directory, or None for random "
+                                   "inputs")
     for i, s in enumerate(samples):
         missing = [n for n in names if n not in s]
         if missing:
@@ -168,6 +171,9 @@ def _stack(values: list[np.ndarray]):
 def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, random: int | None = None,
                    seed: int = 0, runs: int | None = None, intermediates: bool = True, progress=None) -> EvalReport:
     t_start = time.perf_counter()
+    for name, v in (("random", random), ("runs", runs)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise InvalidArgumentError(f"{name} must be an int >= 1, got {v!r}")
     notes: list[str] = []
     sides_in = {"reference": reference, "candidate": candidate}
     tflite = [k for k, s in sides_in.items() if str(s.path).lower().endswith(".tflite")]
@@ -229,7 +235,7 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
     if progress and intermediates:
         progress(3, 3)
 
-    rows = []
+    rows, skipped = [], {}
     order = {n: i for i, n in enumerate(ref_order)}
     for name in sorted(set(shared) | set(out_names), key=lambda n: order.get(n, len(order))):
         is_out = name in out_names
@@ -237,8 +243,14 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
         a = [s[name] for s in src["reference"]]
         b = [s[name] for s in src["candidate"]]
         if any(np.asarray(v).dtype.name not in _FLOAT for v in a + b):
+            skipped[name] = f"{name!r} ({np.asarray(a[0]).dtype.name} vs {np.asarray(b[0]).dtype.name})"
             continue
         if any(np.shape(x) != np.shape(y) for x, y in zip(a, b)):
+            if is_out:  # the candidate does not compute what the reference does: nothing to measure drift on
+                bad = next((x, y) for x, y in zip(a, b) if np.shape(x) != np.shape(y))
+                raise InvalidArgumentError(f"output {name!r} has shape {list(np.shape(bad[0]))} in the reference but "
+                                           f"{list(np.shape(bad[1]))} in the candidate: the models do not compute "
+                                           "the same outputs")
             continue
         ra, rb = _stack(a), _stack(b)
         row = {"name": name, "output": is_out, "shape": list(np.shape(a[0])), **M.tensor_metrics(ra, rb)}
@@ -249,6 +261,10 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
     first = next((r["name"] for r in rows if r["crossed"]), None)
 
     outs = [r for r in rows if r["output"]]
+    if not outs:  # a gate over no outputs would pass whatever the candidate computes
+        raise InvalidArgumentError("no output could be compared: edgert compares floating-point outputs, and the "
+                                   "reference's vs the candidate's are "
+                                   + (", ".join(skipped[n] for n in out_names if n in skipped) or "none"))
     m: dict = {}
     if outs:
         m["cosine"] = min(r["cosine"] for r in outs)
