@@ -171,6 +171,9 @@ def test_wrong_architecture(tmp_path):
     ("llama.attention.layer_norm_rms_epsilon", "tiny", "must be a number, found str"),
     ("llama.rope.scaling.type", "linear", "rope.scaling.type is 'linear'"),
     ("llama.expert_count", 8, "mixture-of-experts"),
+    # arrays where scalars belong: a numpy array's `!=` / `in` used to raise "truth value ... is ambiguous"
+    ("llama.expert_count", [1, 2], "mixture-of-experts"),
+    ("llama.rope.scaling.type", [1, 2], "rope.scaling.type is array"),
     ("llama.attention.key_length", 32, "unsupported head layout"),
     ("llama.vocab_size", 100, "llama.vocab_size is 100 but token_embd.weight holds 128 rows"),
 ])
@@ -186,6 +189,8 @@ def test_odd_head_dim(tmp_path):
 def test_token_list_must_match_vocab(tmp_path):
     path, _ = write_llama(tmp_path / "m.gguf", tokens=False)
     assert spec_of(path).config.vocab_size == VOCAB  # no token list: nothing to compare
+    refused(tmp_path, "tokenizer.ggml.tokens must be an array of strings, found int", tokens=False,
+            meta={"tokenizer.ggml.tokens": 5})  # len(5) was a TypeError
     refused(tmp_path, "tokenizer.ggml.tokens has 128 entries but token_embd.weight holds 64 rows",
             shapes={"token_embd.weight": (DIM, 64), "output.weight": (DIM, 64)})
 

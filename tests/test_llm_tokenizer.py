@@ -3,6 +3,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -121,6 +122,16 @@ def test_unsupported_model_lists_supported():
 def test_malformed_metadata(over, match):
     with pytest.raises(ModelFormatError, match=match):
         Tokenizer.from_gguf_metadata(tiny_meta(**over))
+
+
+def test_hostile_token_types_and_merges_are_format_errors():
+    """Values a hostile GGUF can hold that used to escape as ValueError (int('x')) or tokenizers' bare Exception."""
+    n = len(tiny_meta()["tokenizer.ggml.tokens"])
+    for types in (["x"] * n, np.full(n, 1.5, np.float32)):
+        with pytest.raises(ModelFormatError, match="token_type must be an array of integers"):
+            Tokenizer.from_gguf_metadata(tiny_meta(**{"tokenizer.ggml.token_type": types}))
+    with pytest.raises(ModelFormatError, match="merges do not fit tokenizer.ggml.tokens.*out of vocabulary"):
+        Tokenizer.from_gguf_metadata(tiny_meta(**{"tokenizer.ggml.merges": ["zz yy"]}))
 
 
 def test_bos_eos_flags():

@@ -103,11 +103,13 @@ def _config(g: GGUFFile) -> tuple[LlamaConfig, int]:
     for key in (p + "attention.key_length", p + "attention.value_length"):
         if key in md and _int(md, key) != head_dim:
             raise ModelFormatError(f"metadata {key!r} is {md[key]} but head_dim is {head_dim}: unsupported head layout")
+    # metadata values may be arrays (numpy): `!=` / `in` on those compare elementwise and cannot be truth-tested
     scaling = md.get(p + "rope.scaling.type", "none")
-    if scaling != "none":
+    if not isinstance(scaling, str) or scaling != "none":
         raise ModelFormatError(f"{p}rope.scaling.type is {scaling!r}; edgert supports plain rotary embedding only ('none')")
-    if md.get(p + "expert_count", 0) not in (0, 1):
-        raise ModelFormatError(f"{p}expert_count is {md[p + 'expert_count']!r}: mixture-of-experts models are not supported")
+    experts = md.get(p + "expert_count", 0)
+    if not isinstance(experts, int) or experts not in (0, 1):
+        raise ModelFormatError(f"{p}expert_count is {experts!r}: mixture-of-experts models are not supported")
 
     emb = g.tensors.get("token_embd.weight")
     if emb is None:
@@ -122,6 +124,8 @@ def _config(g: GGUFFile) -> tuple[LlamaConfig, int]:
     if p + "vocab_size" in md and _int(md, p + "vocab_size", hi=MAX_VOCAB) != vocab:
         raise ModelFormatError(f"{p}vocab_size is {md[p + 'vocab_size']} but token_embd.weight holds {vocab} rows")
     tokens = md.get("tokenizer.ggml.tokens")
+    if tokens is not None and not isinstance(tokens, (list, tuple)):
+        raise ModelFormatError(f"tokenizer.ggml.tokens must be an array of strings, found {type(tokens).__name__}")
     if tokens is not None and len(tokens) != vocab:
         raise ModelFormatError(f"tokenizer.ggml.tokens has {len(tokens)} entries but token_embd.weight holds {vocab} rows")
     cfg = LlamaConfig(

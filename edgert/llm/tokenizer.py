@@ -14,6 +14,7 @@ This module takes plain metadata dicts; it must not open files or know about mod
 from __future__ import annotations
 
 import codecs
+import operator
 import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -111,7 +112,11 @@ class Tokenizer:
             raise ModelFormatError("GGUF tokenizer.ggml.tokens is empty; expected the model's vocabulary")
         if not all(isinstance(t, str) for t in tokens):
             raise ModelFormatError("GGUF tokenizer.ggml.tokens must be a list of strings")
-        types = [TOKEN_NORMAL] * n if token_types is None else [int(t) for t in token_types]
+        try:  # integers only: int() would also take "3" or 1.5 from a hostile file
+            types = [TOKEN_NORMAL] * n if token_types is None else [operator.index(t) for t in token_types]
+        except TypeError:
+            raise ModelFormatError("GGUF tokenizer.ggml.token_type must be an array of integers, found "
+                                   f"{type(next(iter(token_types))).__name__} entries") from None
         if len(types) != n:
             raise ModelFormatError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries, expected one per "
                                    f"token ({n})")
@@ -149,8 +154,11 @@ class Tokenizer:
             pairs.append((m[:cut], m[cut + 1:]))
 
         unk = tokens[unknown_id] if unknown_id is not None else None
-        bpe = models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=False, byte_fallback=False,
-                         ignore_merges=ignore_merges)
+        try:
+            bpe = models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=False, byte_fallback=False,
+                             ignore_merges=ignore_merges)
+        except Exception as exc:  # tokenizers raises a bare Exception, e.g. for a merge of a token not in the vocab
+            raise ModelFormatError(f"GGUF tokenizer.ggml.merges do not fit tokenizer.ggml.tokens: {exc}") from None
         hf = HFTokenizer(bpe)
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in regexes]
