@@ -75,6 +75,30 @@ def test_end_to_end_bit_exact_and_weights_sent_once(make):
     assert s.proc.returncode == 0, s.stderr.decode()
 
 
+def test_many_sessions_one_after_another_free_their_tensors_and_evict_idle_graphs():
+    """A process opening session after session (an appliance's usual life): each clean close frees its device
+    tensors, graphs stay cached by hash until the device is out of graph slots, then idle ones are unloaded, so the
+    12th distinct model still runs on the device (the emulator holds 8 graphs)."""
+    rng = np.random.default_rng(5)
+    with sim() as s:
+        for seed in range(12):
+            model = int8_mlp(seed=seed)
+            sess = session(model, s.url)
+            f = feeds(model, rng)
+            np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+            st = sess.stats()
+            assert st["failovers"] == 0, seed
+            sess.close()
+        dev = SerialNpuDevice(s.url)
+        try:
+            stats = dev.stats()
+            assert stats["tensors"] == 0 and stats["arena_used"] <= 8 * len(int8_mlp(seed=0).SerializeToString())
+            assert 1 <= stats["graphs"] <= 8
+        finally:
+            dev.close()
+    assert s.proc.returncode == 0, s.stderr.decode()
+
+
 @pytest.mark.slow
 def test_fault_soak_1000_invocations():
     """1% dropped and 1% corrupted bytes (each direction): 1000 invocations, none wrong, lost or duplicated."""

@@ -43,7 +43,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import DeviceError, LinkError, UnsupportedOpError
+from ..errors import DeviceError, EdgertError, LinkError, UnsupportedOpError
 from ..formats.tflite import ONNX_EQUIVALENT as TFLITE_ONNX_EQUIVALENT
 from .base import CompiledPartition, Delegate, register
 
@@ -114,6 +114,43 @@ class DeviceState:
             self.graphs.clear()
         return info
 
+    def free_tensors(self) -> None:
+        """On a clean close: free this process's device tensors. A HELLO keeps tensors (only a reset clears them),
+        so a process that opens sessions again and again would otherwise fill the device's arena. Graphs stay: they
+        are a cache by content hash (a later session finds them loaded), evicted when the device runs out of graph
+        slots (``load_graph``). Best effort, and only on a device that is answering: a failing one is left alone."""
+        dev = self.device
+        if dev is None or self.generation != dev.generation or time.monotonic() < self.down_until:
+            return
+        try:
+            for handle, _ in self.tensors.values():
+                dev.free(handle)
+        except EdgertError as exc:
+            log.info("serial-npu %s: freeing device tensors failed (%s); a device reset clears them", self.url, exc)
+        self.tensors.clear()
+        self.digests.clear()
+
+    def load_graph(self, blob: bytes, graph_hash: int) -> None:
+        """Make a graph resident. When the device has no free graph slot (ERR_NOMEM), the graphs this process loaded
+        earlier and no live partition uses are unloaded, then the load is tried once more."""
+        from ..bridge.link import DeviceStatusError
+        from ..bridge.protocol import ERR_NOMEM
+
+        try:
+            self.device.load_graph(blob, graph_hash)
+        except DeviceStatusError as exc:
+            idle = [h for h in _LOADED.get(self.url, ()) if not _GRAPH_USERS.get((self.url, h)) and h != graph_hash]
+            if exc.status != ERR_NOMEM or not idle:
+                raise
+            for h in idle:
+                self.device.unload_graph(h)
+                _LOADED[self.url].discard(h)
+                self.graphs.discard(h)
+            log.info("serial-npu %s: out of graph slots; unloaded %d idle graph(s)", self.url, len(idle))
+            self.device.load_graph(blob, graph_hash)
+        self.graphs.add(graph_hash)
+        _LOADED.setdefault(self.url, set()).add(graph_hash)
+
     def drop_connection(self) -> None:
         """After a failure: close the port (a fresh open next time, if the device comes back)."""
         if self.device is not None:
@@ -140,6 +177,17 @@ class DeviceState:
 
 _STATES: dict[str, DeviceState] = {}
 _STATES_LOCK = threading.Lock()
+_LOADED: dict[str, set[int]] = {}             # device URL -> hashes of graphs this process loaded there
+_GRAPH_USERS: dict[tuple[str, int], int] = {}  # (device URL, graph hash) -> live partitions running it
+
+
+def _graph_users(url: str, graph_hash: int, delta: int) -> None:
+    with _STATES_LOCK:
+        n = _GRAPH_USERS.get((url, graph_hash), 0) + delta
+        if n > 0:
+            _GRAPH_USERS[(url, graph_hash)] = n
+        else:
+            _GRAPH_USERS.pop((url, graph_hash), None)
 
 
 def device_state(url: str, opts: Mapping[str, Any] | None = None) -> DeviceState:
@@ -154,7 +202,9 @@ def _release(st: DeviceState) -> None:
     with _STATES_LOCK:
         st.refs -= 1
         if st.refs <= 0:
-            st.drop_connection()
+            with st.lock:
+                st.free_tensors()
+                st.drop_connection()
             _STATES.pop(st.url, None)
 
 
@@ -472,6 +522,8 @@ class SerialNpuPartition(CompiledPartition):
         self.resident_inputs, self.resident_outputs = set(resident_inputs), set(resident_outputs)
         self.blob = blob  # None: the device cannot run this partition (translate refused it); it runs on the host
         self.hash = fnv1a64(blob) if blob is not None else None
+        if self.hash is not None:
+            _graph_users(state.url, self.hash, +1)
         self.inputs, self.outputs = list(inputs), list(outputs)
         self._fallback_factory = fallback_factory
         self._fallback = None
@@ -521,8 +573,7 @@ class SerialNpuPartition(CompiledPartition):
         st.connect()
         dev = st.device
         if self.hash not in st.graphs:
-            dev.load_graph(self.blob, self.hash)
-            st.graphs.add(self.hash)
+            st.load_graph(self.blob, self.hash)
         t0 = time.perf_counter()
         in_h = []
         for name in self.inputs:
@@ -581,9 +632,12 @@ class SerialNpuPartition(CompiledPartition):
             self.last_timing = {"link_s": 0.0, "device_s": 0.0, "host_s": time.perf_counter() - t0}
 
     def close(self) -> None:
-        if self.state is not None:
-            for k in [k for k, e in self.state.on_device_only.items() if e[0] is self]:
-                del self.state.on_device_only[k]
+        st = self.state
+        if st is not None:
+            for k in [k for k, e in st.on_device_only.items() if e[0] is self]:
+                del st.on_device_only[k]
+            if self.hash is not None:
+                _graph_users(st.url, self.hash, -1)
         if self._fallback is not None:
             self._fallback.close()
             self._fallback = None
