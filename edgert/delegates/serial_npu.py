@@ -26,6 +26,9 @@
   TFLite one: the arithmetic the device reproduces, so the same result — the event is logged and
   counted in ``failovers``, and the device is left alone for ``retry_after_s`` (default 1 s, doubling while it
   keeps failing, at most 30 s); the next run after that re-handshakes and reloads by hash.
+- Device memory: a clean close of the last partition on a device frees this process's device tensors (a HELLO
+  keeps them). Graphs stay loaded as a cache by hash; when a load finds no free graph slot (ERR_NOMEM), the
+  graphs this process loaded that no live partition runs are unloaded and the load is tried again.
 - ``refine_unit`` narrows a profile unit to what the device says in HELLO (ops and dtypes; memory = its arena), so the
   partitioner assigns only what the device reports it can run.
 
