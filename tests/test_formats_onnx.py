@@ -311,3 +311,21 @@ def test_mutated_bytes_raise_only_edgert_errors(data):
         load_onnx(bytes(blob))
     except edgert.EdgertError:
         pass
+
+
+@pytest.mark.parametrize("dims", [[-1, 4], [2, -8], [-1]])
+def test_negative_initializer_dims_are_refused(tmp_path, dims):
+    """numpy takes a negative dim as 'infer it': an external initializer declared [-1, 4] used to load as whatever
+    shape its data file allowed (the checker never sees external initializers), an embedded one with check=False."""
+    data = np.arange(64, dtype=np.float32)
+    (tmp_path / "w.bin").write_bytes(data.tobytes())
+    ext = onnx.TensorProto(name="w", data_type=T.FLOAT, dims=dims, data_location=T.EXTERNAL)
+    ext.external_data.add(key="location", value="w.bin")
+    emb = onnx.TensorProto(name="w", data_type=T.FLOAT, dims=dims, raw_data=data.tobytes())
+    for init, check in ((ext, True), (emb, False)):
+        g = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", T.FLOAT, ["n"] * len(dims))], [init])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        with pytest.raises(edgert.ModelFormatError, match="initializer 'w' has negative dimension"):
+            load_onnx(m, base_dir=str(tmp_path), check=check)

@@ -390,6 +390,12 @@ class _Converter:
         old = self.reuse.get(t.name)
         if old is not None and old.initializer is not None:
             return old.initializer
+        # numpy reads a negative dim as "infer this one": dims [-1, 4] would load as (n, 4) from whatever the data
+        # holds. onnx.checker refuses them for embedded data, but never sees external initializers (see
+        # _without_external) and does not run with check=False.
+        if any(d < 0 for d in t.dims):
+            raise ModelFormatError(f"ONNX model {self.what}: initializer {t.name!r} has negative dimension(s) "
+                                   f"{list(t.dims)}; the file is damaged")
         try:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 arr = self.external.array(t)
@@ -400,6 +406,9 @@ class _Converter:
         except Exception as exc:  # noqa: BLE001 - onnx raises assorted types on bad tensor payloads
             raise ModelFormatError(f"ONNX model {self.what}: initializer {t.name!r} ({list(t.dims)}) could not be "
                                    f"read: {exc}") from None
+        if arr.shape != tuple(int(d) for d in t.dims):
+            raise ModelFormatError(f"ONNX model {self.what}: initializer {t.name!r} declares dims {list(t.dims)} but "
+                                   f"its data reads as shape {list(arr.shape)}")
         if arr.flags.writeable:
             arr.flags.writeable = False
         return arr
