@@ -160,7 +160,11 @@ def cmd_serve(args) -> int:
 
     from .serve import create_app
 
+    from .errors import InvalidArgumentError
+
     _telemetry_flag(args)
+    if not 0 <= args.port <= 65535:  # checked before the model loads, not by bind() after
+        raise InvalidArgumentError(f"--port must be in 0..65535, got {args.port}")
     api_key = args.api_key or None
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback

@@ -260,6 +260,23 @@ def test_request_timeout_cuts_generation(paced_llm):
     assert [r["finish_reason"] for r in telemetry.events() if r["source"] == "server"] == ["timeout"]
 
 
+def test_out_of_range_server_settings_are_refused_before_serving(llm, capsys):
+    """A negative --max-tokens-cap or a --timeout <= 0 used to start a server that failed (500) or timed out every
+    request; --max-queue -1 and --port 70000 ended `edgert serve` in a traceback."""
+    from edgert import InvalidArgumentError
+    from edgert.cli import main
+
+    for kw in ({"max_tokens_cap": -5}, {"max_tokens_cap": 0}, {"request_timeout_s": 0}, {"request_timeout_s": -1},
+               {"request_timeout_s": float("nan")}, {"max_queue": -1}, {"max_queue": 1.5}):
+        with pytest.raises(InvalidArgumentError):
+            create_app(llm, **kw)
+    for args in (["--port", "70000"], ["--max-queue", "-1"], ["--max-tokens-cap", "-5"], ["--timeout", "0"]):
+        capsys.readouterr()
+        assert main(["serve", str(llm.path), "--n-ctx", "64", *args]) == 1, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("edgert: error: ") and "Traceback" not in "\n".join(err), err
+
+
 def test_max_tokens_cap(llm):
     with live(llm, max_tokens_cap=5) as base:
         r = httpx.post(base + "/v1/completions", json={"prompt": "the hat", "max_tokens": 50, "temperature": 0},
