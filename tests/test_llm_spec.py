@@ -6,6 +6,8 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgert import ModelFormatError
 from edgert.formats.gguf import GGML_TYPES, open_gguf
@@ -262,3 +264,55 @@ def test_real_smollm2_spec(smollm2_path):
         assert [(t.name, t.data_offset, t.n_bytes) for t in ref.tensors] == \
                [(t.name, t.offset, t.nbytes) for t in g.tensors.values()]
     assert elapsed < 1.0, f"parsing SmolLM2 took {elapsed:.3f}s"
+
+
+# -- metadata of the wrong type, at random -------------------------------------------------------------------------
+# Byte flips mostly break the container (tests/test_formats_gguf.py); these keep the container valid and put a
+# value of a random type or range under one of the keys the llama spec, the tokenizer and the chat template read.
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from llama_tiny import write_tiny_llama
+
+    path = tmp_path_factory.mktemp("spec_fuzz") / "tiny.gguf"
+    write_tiny_llama(path, fmt="q8_0", dim=64, hidden=96, n_layers=1, ctx=64)
+    g = open_gguf(path)
+    yield g
+    g.close()
+
+
+_HOSTILE_VALUES = [0, 1, -1, 2**31, 2**64 - 1, 3, 0.0, -1.5, float("nan"), float("inf"), True, "", "none", "x",
+                   "llama", np.array([1, 2], np.int32), np.array([], np.int32), np.array([1.5], np.float32),
+                   np.array([True]), ["a", "b"], [], [np.array([1], np.int32)], ["zz yy"], ["<|im_end|>"] * 261,
+                   np.full(261, 7, np.int32), np.full(261, -1, np.int32), np.arange(261, dtype=np.int64)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_wrong_typed_metadata_raises_only_model_format_error(tiny_gguf, data):
+    import warnings
+
+    from edgert import EdgertError
+    from edgert.llm import chat_template
+    from edgert.llm.tokenizer import Tokenizer
+
+    g = tiny_gguf
+    original = g.metadata
+    md = dict(original)
+    keys = sorted(k for k in md if not k.startswith("general.")) + [
+        "llama.expert_count", "llama.rope.scaling.type", "llama.vocab_size", "llama.attention.key_length",
+        "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_eos_token"]
+    for _ in range(data.draw(st.integers(1, 2))):
+        md[data.draw(st.sampled_from(keys))] = data.draw(st.sampled_from(_HOSTILE_VALUES))
+    g.metadata = md
+    try:
+        llama_spec(g)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an unknown tokenizer.ggml.pre falls back, warning
+            tok = Tokenizer.from_gguf_metadata(md)
+        template = md.get("tokenizer.chat_template")
+        for text, markup in chat_template.render_segments(template, [{"role": "user", "content": "hi"}]):
+            tok.encode_special(text) if markup else tok.encode(text)
+    except EdgertError:
+        pass
+    finally:
+        g.metadata = original

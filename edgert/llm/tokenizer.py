@@ -78,9 +78,12 @@ def _meta_int(meta: Mapping, key: str) -> int | None:
     v = meta.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int,)) and not hasattr(v, "__index__"):
-        raise ModelFormatError(f"GGUF metadata {key} must be an integer, found {type(v).__name__} {v!r}")
-    return int(v)
+    try:  # numpy arrays have __index__ too, but only a one-element integer array gets through it
+        if isinstance(v, bool):
+            raise TypeError
+        return operator.index(v)
+    except TypeError:
+        raise ModelFormatError(f"GGUF metadata {key} must be an integer, found {type(v).__name__} {v!r}") from None
 
 
 def _meta_bool(meta: Mapping, key: str, default: bool) -> bool:
@@ -113,10 +116,12 @@ class Tokenizer:
         if not all(isinstance(t, str) for t in tokens):
             raise ModelFormatError("GGUF tokenizer.ggml.tokens must be a list of strings")
         try:  # integers only: int() would also take "3" or 1.5 from a hostile file
-            types = [TOKEN_NORMAL] * n if token_types is None else [operator.index(t) for t in token_types]
+            types = [TOKEN_NORMAL] * n if token_types is None else list(map(operator.index, token_types))
         except TypeError:
+            bad = token_types if not hasattr(token_types, "__iter__") else next(
+                t for t in token_types if not hasattr(t, "__index__") or hasattr(t, "shape") and t.shape)
             raise ModelFormatError("GGUF tokenizer.ggml.token_type must be an array of integers, found "
-                                   f"{type(next(iter(token_types))).__name__} entries") from None
+                                   f"{type(bad).__name__} {bad!r}"[:300]) from None
         if len(types) != n:
             raise ModelFormatError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries, expected one per "
                                    f"token ({n})")
@@ -213,7 +218,7 @@ class Tokenizer:
         if model is None:
             raise ModelFormatError("GGUF has no tokenizer.ggml.model; edgert needs an embedded tokenizer "
                                    f"(supported: {', '.join(SUPPORTED_MODELS)})")
-        if model not in SUPPORTED_MODELS:
+        if not isinstance(model, str) or model not in SUPPORTED_MODELS:  # (an array cannot be tested with `in`)
             raise ModelFormatError(f"GGUF tokenizer.ggml.model is {model!r}; edgert supports "
                                    f"{', '.join(repr(m) for m in SUPPORTED_MODELS)} (byte-level BPE) only — "
                                    "use a model with a byte-level BPE vocabulary")
@@ -225,11 +230,14 @@ class Tokenizer:
             raise ModelFormatError("GGUF tokenizer.ggml.merges is missing or not a list of strings "
                                    "(a gpt2 tokenizer needs its merges)")
         types = meta.get("tokenizer.ggml.token_type")
-        pre = meta.get("tokenizer.ggml.pre") or "default"
+        pre = meta.get("tokenizer.ggml.pre")
+        if pre is None:
+            pre = "default"
         if not isinstance(pre, str):
             raise ModelFormatError(f"GGUF tokenizer.ggml.pre must be a string, found {pre!r}")
+        pre = pre or "default"
         add_bos = meta.get("tokenizer.ggml.add_bos_token")
-        return cls(tokens, merges, None if types is None else list(types), pre=pre,
+        return cls(tokens, merges, types, pre=pre,
                    bos_id=_meta_int(meta, "tokenizer.ggml.bos_token_id"),
                    eos_id=_meta_int(meta, "tokenizer.ggml.eos_token_id"),
                    unknown_id=_meta_int(meta, "tokenizer.ggml.unknown_token_id"),
