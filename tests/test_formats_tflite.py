@@ -139,6 +139,24 @@ def test_operator_reading_a_missing_tensor():
         load_tflite(m.build([x], [y]))
 
 
+def test_operator_writing_a_graph_input_or_constant():
+    """An operator overwriting a graph input was accepted: the IR then had an earlier node reading what a later one
+    writes, and the planner failed on it with KeyError."""
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (1, 4))
+    y = m.tensor("y", "float32", (1, 4))
+    m.op("RELU", [x], [y])
+    m.op("RELU", [y], [x])
+    with pytest.raises(ModelFormatError, match="operator 1 \\(RELU\\) writes tensor 0 \\('x'\\), which is a graph input"):
+        load_tflite(m.build([x], [y]))
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (1, 4))
+    c = m.tensor("c", "float32", (1, 4), data=np.ones((1, 4), np.float32))
+    m.op("RELU", [x], [c])
+    with pytest.raises(ModelFormatError, match="which is a constant"):
+        load_tflite(m.build([x], [c]))
+
+
 def test_bad_opcode_index():
     m = tm.ModelSpec()
     x = m.tensor("x", "float32", (1, 4))

@@ -394,9 +394,12 @@ def _parse(tfl, r: _Reader, buf, what, path, fobj) -> TFLiteModel:
                 r.fail(f"operator {k} ({op['op']}) reads tensor {i} ({tensors[i]['name']!r}) before any operator "
                        "writes it (not a graph input or a constant)")
         for o in op["outputs"]:
-            if o >= 0 and (o in defined and o not in inputs or tensors[o]["data"] is not None):
-                r.fail(f"operator {k} ({op['op']}) writes tensor {o} ({tensors[o]['name']!r}), which is already "
-                       "defined")
+            # a graph input too: an operator overwriting it would make the operators that read it earlier depend
+            # on a later one (the IR, like ONNX, assigns each tensor once)
+            if o >= 0 and (o in defined or tensors[o]["data"] is not None):
+                what = ("a graph input" if o in inputs else "a constant" if tensors[o]["data"] is not None else
+                        "already defined")
+                r.fail(f"operator {k} ({op['op']}) writes tensor {o} ({tensors[o]['name']!r}), which is {what}")
             defined.add(o)
     for o in outputs:
         if o not in defined:
