@@ -393,6 +393,18 @@ def test_chunked_body_is_cut_at_the_limit_not_buffered_whole(llm):
     assert ei.value.status == 413 and ei.value.code == "body_too_large"
     assert received <= app_mod.MAX_BODY_BYTES // len(chunk) + 1
 
+    # a client gone mid-body is answered as a client error, not raised as ClientDisconnect (which the server
+    # logged as an 'Exception in ASGI application' traceback, once per such client)
+    messages = iter([{"type": "http.request", "body": b'{"prompt": ', "more_body": True}, {"type": "http.disconnect"}])
+
+    async def gone():
+        return next(messages)
+
+    request = Request({"type": "http", "method": "POST", "path": CMPL, "headers": []}, gone)
+    with pytest.raises(APIError) as ei:
+        asyncio.run(server.json_body(request))
+    assert ei.value.status == 499 and ei.value.code == "client_disconnected"
+
 
 def test_api_key_enforced(llm):
     from openai import AuthenticationError, OpenAI

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -199,12 +199,16 @@ class Server:
             raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes", None, "body_too_large")
         # read chunk by chunk and stop at the limit: a chunked body (no Content-Length) must not be buffered whole
         chunks, n = [], 0
-        async with contextlib.aclosing(request.stream()) as stream:
-            async for chunk in stream:
-                n += len(chunk)
-                if n > MAX_BODY_BYTES:
-                    raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes", None, "body_too_large")
-                chunks.append(chunk)
+        try:
+            async with contextlib.aclosing(request.stream()) as stream:
+                async for chunk in stream:
+                    n += len(chunk)
+                    if n > MAX_BODY_BYTES:
+                        raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes", None, "body_too_large")
+                    chunks.append(chunk)
+        except ClientDisconnect:  # gone mid-body: nobody to answer, and no server error (traceback) to log
+            raise APIError(499, "the client disconnected before sending the whole body", None,
+                           "client_disconnected") from None
         raw = b"".join(chunks)
         if not raw.strip():
             raise bad("the request body is empty: send a JSON object", None, "invalid_json")
