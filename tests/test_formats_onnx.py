@@ -329,3 +329,16 @@ def test_negative_initializer_dims_are_refused(tmp_path, dims):
         m.ir_version = 8
         with pytest.raises(edgert.ModelFormatError, match="initializer 'w' has negative dimension"):
             load_onnx(m, base_dir=str(tmp_path), check=check)
+
+
+def test_long_cycle_is_named_briefly():
+    """A cycle through every node of a long chain: found in linear time (a trail copied per node was quadratic)
+    and named by its ends, not by 5000 node names in one message."""
+    n = 5000
+    nodes = [helper.make_node("Relu", [f"t{n - 1}"], ["t0"], name="n0")]
+    nodes += [helper.make_node("Relu", [f"t{k - 1}"], [f"t{k}"], name=f"n{k}") for k in range(1, n)]
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", T.FLOAT, [1])],
+                          [helper.make_tensor_value_info(f"t{n - 1}", T.FLOAT, [1])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(edgert.ModelFormatError, match="cycle: 'n1' -> 'n2' .* \\(4989 more\\) .* -> 'n0' -> 'n1'$"):
+        load_onnx(m)
