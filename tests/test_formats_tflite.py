@@ -157,6 +157,23 @@ def test_operator_writing_a_graph_input_or_constant():
         load_tflite(m.build([x], [c]))
 
 
+def test_tensor_names_are_made_unique_even_when_a_suffix_collides():
+    """TFLite names need not be unique; a repeated one got '#<index>' appended, which could be another tensor's own
+    name: tensors 'x', 'x#2', 'x' became 'x', 'x#2', 'x#2', one IR tensor for two, and the partition exporter
+    failed with KeyError."""
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (1, 4))
+    a = m.tensor("x#2", "float32", (1, 4))
+    b = m.tensor("x", "float32", (1, 4))
+    m.op("RELU", [x], [a])
+    m.op("LOGISTIC", [a], [b])
+    g = load_tflite(m.build([x], [b]))
+    names = g.source.tensor_names
+    assert len(set(names)) == 3 and names[:2] == ["x", "x#2"]
+    assert [(n.inputs, n.outputs) for n in g.nodes] == [(["x"], ["x#2"]), (["x#2"], [names[2]])]
+    assert g.outputs == [names[2]]
+
+
 def test_bad_opcode_index():
     m = tm.ModelSpec()
     x = m.tensor("x", "float32", (1, 4))

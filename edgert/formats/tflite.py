@@ -408,7 +408,7 @@ def _parse(tfl, r: _Reader, buf, what, path, fobj) -> TFLiteModel:
     tnames = []
     for i, t in enumerate(tensors):
         n = t["name"] or f"tensor_{i}"
-        if n in seen:
+        while n in seen:  # the suffixed name may be another tensor's own name ('x', 'x#2', 'x' -> 'x#2' twice)
             n = f"{n}#{i}"
         seen[n] = i
         tnames.append(n)
