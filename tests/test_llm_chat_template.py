@@ -141,6 +141,31 @@ def test_hostile_or_broken_templates_fail_cleanly(template, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_endless_template_is_stopped_by_its_step_budget():
+    """Nested loops that produce nothing (10^10 steps) end in a ModelFormatError within the step budget, while a long
+    real conversation renders; a tracer installed before (a debugger, coverage) is put back."""
+    import sys
+    import time
+
+    from edgert.llm.chat_template import MAX_TEMPLATE_STEPS
+
+    hostile = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
+    marker = lambda *a: None  # noqa: E731
+    before = sys.gettrace()
+    sys.settrace(marker)
+    try:
+        t = time.perf_counter()
+        with pytest.raises(ModelFormatError, match=f"more than {MAX_TEMPLATE_STEPS} steps"):
+            render(hostile, [{"role": "user", "content": "x"}])
+        assert sys.gettrace() is marker
+    finally:
+        sys.settrace(before)
+    assert time.perf_counter() - t < 60  # not a speed test: 10^10 steps would take hours
+    long_chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(4000)]
+    out = render(SMOL_TEMPLATE, long_chat)
+    assert out.count("<|im_start|>") == 4002 and "turn 3999" in out  # + default system + generation prompt
+
+
 def test_template_from_metadata():
     assert template_from_metadata({}) == CHATML_TEMPLATE
     assert template_from_metadata({"tokenizer.chat_template": "  "}) == CHATML_TEMPLATE

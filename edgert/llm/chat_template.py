@@ -18,9 +18,11 @@ eos_token, raise_exception, strftime_now; filter tojson (non-ASCII kept). This m
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import re
+import sys
 from collections.abc import Mapping, Sequence
 
 from ..errors import EdgertError, InvalidArgumentError, ModelFormatError
@@ -38,6 +40,9 @@ CHATML_TEMPLATE = (
 MAX_OUTPUT_CHARS = 1 << 22      # a prompt longer than this is a template bug or an attack
 MAX_REPEAT_ITEMS = 1 << 20      # bound on 'x' * n / [..] * n inside a template
 MAX_POWER_EXPONENT = 1024
+# lines of template code one render may execute: a conversation of thousands of messages takes a few hundred
+# thousand; nested loops over range() in a hostile template would otherwise run for hours producing nothing
+MAX_TEMPLATE_STEPS = 2_000_000
 
 _ALLOWED_KEYS = frozenset({"role", "content"})
 
@@ -127,6 +132,33 @@ def validate_messages(messages) -> list[dict[str, str]]:
     return out
 
 
+@contextlib.contextmanager
+def _step_budget(limit: int, error: type):
+    """Count the lines of template code (Jinja compiles a template to Python whose frames have the file name
+    ``<template>``) this thread executes, and raise ``error`` past ``limit``: the sandbox bounds what a template may
+    touch and produce, this bounds how long it may run. Other code is not traced; the previous tracer (a debugger,
+    coverage) is put back afterwards."""
+    steps = 0
+
+    def local(frame, event, arg):
+        nonlocal steps
+        if event == "line":
+            steps += 1
+            if steps > limit:
+                raise error(f"the template ran more than {limit} steps")
+        return local
+
+    def calls(frame, event, arg):
+        return local if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(calls)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
 def _run(template: str | None, messages: list[dict], add_generation_prompt: bool, bos_token: str,
          eos_token: str) -> str:
     from jinja2.exceptions import SecurityError, TemplateError
@@ -138,12 +170,13 @@ def _run(template: str | None, messages: list[dict], add_generation_prompt: bool
     try:
         tpl = env.from_string(source)
         parts, size = [], 0
-        for piece in tpl.generate(messages=messages, add_generation_prompt=bool(add_generation_prompt),
-                                  bos_token=bos_token, eos_token=eos_token):
-            size += len(piece)
-            if size > MAX_OUTPUT_CHARS:
-                raise SecurityError(f"output is longer than {MAX_OUTPUT_CHARS} characters")
-            parts.append(piece)
+        with _step_budget(MAX_TEMPLATE_STEPS, SecurityError):
+            for piece in tpl.generate(messages=messages, add_generation_prompt=bool(add_generation_prompt),
+                                      bos_token=bos_token, eos_token=eos_token):
+                size += len(piece)
+                if size > MAX_OUTPUT_CHARS:
+                    raise SecurityError(f"output is longer than {MAX_OUTPUT_CHARS} characters")
+                parts.append(piece)
         return "".join(parts)
     except _TemplateRaised as e:
         raise InvalidArgumentError(f"the model's chat template rejected the messages: {e}") from None
