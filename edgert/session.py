@@ -99,6 +99,8 @@ def _load(src) -> Graph:
 
     from .formats.tflite import is_tflite_bytes, is_tflite_path, load_tflite
 
+    if isinstance(src, os.PathLike):
+        src = os.fspath(src)
     if is_tflite_path(src) or (isinstance(src, (bytes, bytearray)) and is_tflite_bytes(src[:8])):
         return load_tflite(src)  # static shapes: nothing to name
     base_dir = None
@@ -108,6 +110,18 @@ def _load(src) -> Graph:
             src = onnx.load(src, load_external_data=False)
         except Exception:
             return load_onnx(src)  # let the loader say what is wrong with the file
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        try:
+            src = onnx.load_from_string(bytes(src))
+        except Exception:
+            return load_onnx(bytes(src))  # let the loader say what is wrong with the bytes
+    elif isinstance(src, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(src)  # the dims are named below: the caller's model stays as it was
+        src = copy
+    else:
+        raise InvalidArgumentError(f"model must be a path, the model's bytes or an onnx.ModelProto, got "
+                                   f"{type(src).__name__}")
     inits = {i.name for i in src.graph.initializer}
     for vi in src.graph.input:
         if vi.name in inits or not vi.type.HasField("tensor_type"):
@@ -404,7 +418,9 @@ class Session:
                 want(s, t)
         for t in graph.outputs:
             want(HOST, t)
-        filled = {(HOST, t) for t in graph.inputs}
+        # a graph output that is a constant (an initializer) is produced by no node: its host buffer is filled once
+        const_outputs = [t for t in graph.outputs if graph.tensors[t].initializer is not None]
+        filled = {(HOST, t) for t in [*graph.inputs, *const_outputs]}
         producer = {}
         for part in p.partitions:
             for t in part.outputs:
@@ -445,6 +461,8 @@ class Session:
         def buf(side, t):
             return views[(side, t)] if (side, t) in views else pools[side].view(t)
 
+        for t in const_outputs:
+            np.copyto(buf(HOST, t), np.asarray(graph.tensors[t].initializer).reshape(spec[t][0]), casting="unsafe")
         in_bufs = [{t: buf(_side(p, part.unit), t) for t in part.inputs} for part in p.partitions]
         out_bufs = [{t: buf(_side(p, part.unit), t) for t in part.outputs} for part in p.partitions]
         before, after = [], [[] for _ in p.partitions]

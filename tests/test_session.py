@@ -242,3 +242,43 @@ def test_cli_run(tmp_path, mlp_path, toy):
     assert "bytes to device 192 (plan 192)" in r.stderr
     r = edgert_cmd("run", mlp_path, "--input", "x=/does/not/exist.npy")
     assert r.returncode == 1 and r.stderr.startswith("edgert: error:") and "Traceback" not in r.stderr
+
+
+def test_model_as_bytes_path_object_or_proto_and_the_callers_proto_is_untouched(tmp_path):
+    from pathlib import Path
+
+    model = mlp()
+    before = model.SerializeToString()
+    x = x_of()
+    want = ort_run(model, {"x": x})[0]
+    p = tmp_path / "m.onnx"
+    onnx.save(model, p)
+    for src in (model, before, Path(p), str(p)):
+        np.testing.assert_array_equal(edgert.Session(src, telemetry=False).run(None, {"x": x})[0], want)
+    assert model.SerializeToString() == before  # the dims Session names are named in its own copy
+    with pytest.raises(edgert.ModelFormatError):
+        edgert.Session(b"\x08\x07garbage that is not a model", telemetry=False)
+    with pytest.raises(InvalidArgumentError, match="model must be"):
+        edgert.Session(12345, telemetry=False)
+
+
+@pytest.mark.parametrize("device,emulate", [("host", False), ("imx8mp", True)])
+def test_constant_graph_output(device, emulate):
+    """A graph output that is an initializer (no node makes it) is returned as the constant, run after run."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    c = np.array([[3.0, -4.0]], np.float32)
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "const_out",
+                          [helper.make_tensor_value_info("x", T.FLOAT, [1, 2])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 2]),
+                           helper.make_tensor_value_info("c", T.FLOAT, [1, 2])],
+                          initializer=[numpy_helper.from_array(c, "c")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    s = edgert.Session(m, device, emulate=emulate, telemetry=False)
+    x = np.array([[-1.0, 2.0]], np.float32)
+    for _ in range(2):
+        y, got = s.run(None, {"x": x})
+        np.testing.assert_array_equal(y, ort_run(m, {"x": x})[0])
+        np.testing.assert_array_equal(got, c)
