@@ -1,5 +1,5 @@
-"""Kernel benchmark: edgert.matmul (through edgert.BoundMatMul, as a run loop calls it) against onnxruntime (MatMulNBits, MatMulInteger) and numpy, same shapes, same
-threads, one run, one table.
+"""Kernel benchmark: edgert.matmul (through edgert.BoundMatMul, as a run loop calls it) against onnxruntime
+(MatMulNBits, MatMulInteger) and numpy, same shapes, same threads, one run, one table.
 
     python benchmarks/kernels.py [--quick]
 
@@ -338,7 +338,8 @@ def main(argv=None) -> int:
                              fmt_ratio(np_t[t], et)])
     notes.append(
         f"numpy f32: x @ w.T on cached weights, BLAS threads {'set per row' if blas_threads else 'NOT set (BLAS default)'}. "
-        f"edgert us include the Python call of edgert.BoundMatMul (~1-2 us). Total run {time.perf_counter() - t_start:.0f} s."
+        f"edgert us include the Python call of edgert.BoundMatMul (~1-2 us). "
+        f"Total run {time.perf_counter() - t_start:.0f} s."
     )
     print_table(f"edgert kernels vs peers (M=1 GEMV, M={GEMM_M} GEMM)", cols, rows, notes)
     return 0
