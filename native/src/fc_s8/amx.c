@@ -4,9 +4,11 @@
  * The packed weights are already AMX B tiles: 16 consecutive 64-byte rows of one 16-channel tile are 64 k of 16
  * channels, in the 4-byte groups tdpbssd wants. The activation rows are copied once per call into a 64-byte aligned
  * panel, one 1 KB A tile per 64 k, zero-padded past k (in-place loads from an unaligned x split every row over two
- * cache lines: 25% slower on 32x512x512). Up to 16 rows: one A tile against 4 B tiles (64 channels, 4 accumulator
- * tiles); 17-32 rows: 2 A x 2 B. At the k tail the B tile is loaded whole, reading into the next channel tile or the
- * plan's slack: those weights meet zero activations. */
+ * cache lines: 25% slower on 32x512x512). Up to 16 rows: one A tile against 2 B tiles (32 channels) into one of two
+ * pairs of accumulator tiles, alternating, each group stored one group late and requantized two groups late (a
+ * tile store straight after the products, read back at once, drained the pipeline: ~2 us of 8.5 on 8x1024x1024).
+ * 17-32 rows: 2 A x 2 B tiles into 4 accumulators. At the k tail the B tile is loaded whole, reading into the next
+ * channel tile or the plan's slack: those weights meet zero activations. */
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(__linux__) && !defined(_GNU_SOURCE)
 #define _GNU_SOURCE /* syscall() under -std=c11 */
@@ -46,6 +48,12 @@ int et_fc_s8_amx_usable(void) {
 #endif
 }
 
+/* GCC's tile intrinsics are asm statements (and a builtin, for ldtilecfg) that do not tell the compiler they touch
+ * memory: without a barrier it dropped the stores that fill the tile configuration, and could equally drop or move
+ * the activation panel's stores or read a stored tile before the store. Every tile load/store of compiler-written
+ * memory sits behind one. */
+#define MEMORY_BARRIER() __asm__ __volatile__("" ::: "memory")
+
 typedef struct {
     uint8_t palette, start_row;
     uint8_t reserved[14];
@@ -58,17 +66,19 @@ static void configure(int rows0, int rows1) {
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
-    if (rows1 == 0) { /* tiles 0-3: C (rows0 x 16 int32), 4: A (rows0 x 64), 5-7: B */
+    if (rows1 == 0) { /* tiles 0-3: C (rows0 x 16 int32, two sets of two), 4: A (rows0 x 64), 5, 6: B */
         for (int t = 0; t < 5; t++) cfg.rows[t] = (uint8_t)rows0;
     } else { /* 0,1: C of A0 (rows0), 2,3: C of A1 (rows1), 4: A0, 5: A1, 6,7: B */
         cfg.rows[0] = cfg.rows[1] = cfg.rows[4] = (uint8_t)rows0;
         cfg.rows[2] = cfg.rows[3] = cfg.rows[5] = (uint8_t)rows1;
     }
+    MEMORY_BARRIER();
     _tile_loadconfig(&cfg);
 }
 
 /* c: rows x 16 int32 (stride 16) + rowc_s -> y rows i.., channels j.. (nj of them) */
 static void requant_block(const et_fc_s8_args *a, const int32_t *c, int rows, int64_t i, int64_t j, int64_t nj) {
+    MEMORY_BARRIER(); /* after the tile store that wrote c */
     const __m512i rc = _mm512_loadu_si512(a->rowc_s + j);
     const __m512 sc = _mm512_loadu_ps(a->scale + j), lo = _mm512_set1_ps(a->fmin), hi = _mm512_set1_ps(a->fmax);
     const __m512i zp = _mm512_set1_epi32(a->y_zp);
@@ -80,49 +90,69 @@ static void requant_block(const et_fc_s8_args *a, const int32_t *c, int rows, in
         const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(f), zp);
         _mm_mask_storeu_epi8(a->y + (i + r) * a->n + j, mask, _mm512_cvtepi32_epi8(v));
     }
+    MEMORY_BARRIER(); /* before the next tile store into c */
 }
 
-/* rows i..i+mr (mr <= 16), channel tiles from j: nt (1-4) tiles, the last one nj_last channels */
-static void block1(const et_fc_s8_args *a, const int8_t *panel, int64_t i, int mr, int64_t j, int nt, int64_t nlast,
-                   int32_t *cbuf) {
+/* rows i..i+mr (mr <= 16) x channels [j0, j1), software-pipelined: 32-channel groups alternate between
+ * accumulator tiles {0, 1} and {2, 3}, and a group's results are stored only after the next group's products
+ * have been issued, so the tile stores do not drain the pipeline after every group */
+static void rows1_pipelined(const et_fc_s8_args *a, const int8_t *panel, int64_t i, int mr, int64_t j0, int64_t j1,
+                            int32_t *cbuf) {
     const int64_t k = a->k, kp = a->kp, kc = (k + 63) / 64 * 64, stride = kp * 16;
-    const int8_t *w0 = a->w + (j / 16) * stride;
-    _tile_zero(0);
-    if (nt > 1) _tile_zero(1);
-    if (nt > 2) _tile_zero(2);
-    if (nt > 3) _tile_zero(3);
-    for (int64_t kk = 0; kk < kc; kk += 64) {
-        _tile_loadd(4, panel + kk * 32, 64);
-        const int8_t *wk = w0 + kk * 16;
-        _tile_loadd(5, wk, 64);
-        _tile_dpbssd(0, 4, 5);
-        if (nt > 1) {
-            _tile_loadd(6, wk + stride, 64);
-            _tile_dpbssd(1, 4, 6);
+    /* ring of 2 stored groups: slot g % 2 holds group g's sums from its store (one group later) to its requant
+     * (two groups later), so neither the stores nor the loads of a store wait on recent work */
+    int64_t gj[2] = {-1, -1}, gnt[2] = {0, 0}, gnl[2] = {0, 0};
+    int64_t pj = -1, pnt = 0, pnl = 0; /* the group still in its tiles */
+    int set = 0, slot = 0;
+    for (int64_t j = j0; j < j1; j += 32, set ^= 1) {
+        const int64_t left = j1 - j, nt = left > 16 ? 2 : 1, nlast = nt == 2 ? (left < 32 ? left - 16 : 16) : left;
+        const int8_t *w0 = a->w + (j / 16) * stride;
+        int32_t *cb = cbuf + 512 * slot;
+        if (gj[slot] >= 0) /* the group stored two steps ago: requantize before its slot is reused */
+            for (int t = 0; t < gnt[slot]; t++)
+                requant_block(a, cb + 256 * t, mr, i, gj[slot] + 16 * t, t == gnt[slot] - 1 ? gnl[slot] : 16);
+#define GROUP(C0, C1, P0, P1)                                                                                      \
+        _tile_zero(C0);                                                                                            \
+        _tile_zero(C1);                                                                                            \
+        for (int64_t kk = 0; kk < kc; kk += 64) {                                                                  \
+            _tile_loadd(4, panel + kk * mr, 64);                                                                   \
+            const int8_t *wk = w0 + kk * 16;                                                                       \
+            _tile_loadd(5, wk, 64);                                                                                \
+            _tile_dpbssd(C0, 4, 5);                                                                                \
+            if (nt > 1) {                                                                                          \
+                _tile_loadd(6, wk + stride, 64);                                                                   \
+                _tile_dpbssd(C1, 4, 6);                                                                            \
+            }                                                                                                      \
+        }                                                                                                          \
+        if (pj >= 0) {                                                                                             \
+            _tile_stored(P0, cb, 64);                                                                              \
+            if (pnt > 1) _tile_stored(P1, cb + 256, 64);                                                           \
         }
-        if (nt > 2) {
-            _tile_loadd(7, wk + 2 * stride, 64);
-            _tile_dpbssd(2, 4, 7);
+        if (set == 0) {
+            GROUP(0, 1, 2, 3)
+        } else {
+            GROUP(2, 3, 0, 1)
         }
-        if (nt > 3) {
-            _tile_loadd(5, wk + 3 * stride, 64);
-            _tile_dpbssd(3, 4, 5);
-        }
+#undef GROUP
+        gj[slot] = pj, gnt[slot] = pnt, gnl[slot] = pnl, slot ^= 1;
+        pj = j, pnt = nt, pnl = nlast;
     }
-    _tile_stored(0, cbuf, 64);
-    requant_block(a, cbuf, mr, i, j, nt == 1 ? nlast : 16);
-    if (nt > 1) {
-        _tile_stored(1, cbuf, 64);
-        requant_block(a, cbuf, mr, i, j + 16, nt == 2 ? nlast : 16);
+    int32_t *cb = cbuf + 512 * slot;
+    if (gj[slot] >= 0)
+        for (int t = 0; t < gnt[slot]; t++)
+            requant_block(a, cb + 256 * t, mr, i, gj[slot] + 16 * t, t == gnt[slot] - 1 ? gnl[slot] : 16);
+    if (set == 1) {
+        _tile_stored(0, cb, 64);
+        if (pnt > 1) _tile_stored(1, cb + 256, 64);
+    } else {
+        _tile_stored(2, cb, 64);
+        if (pnt > 1) _tile_stored(3, cb + 256, 64);
     }
-    if (nt > 2) {
-        _tile_stored(2, cbuf, 64);
-        requant_block(a, cbuf, mr, i, j + 32, nt == 3 ? nlast : 16);
-    }
-    if (nt > 3) {
-        _tile_stored(3, cbuf, 64);
-        requant_block(a, cbuf, mr, i, j + 48, nlast);
-    }
+    for (int t = 0; t < pnt; t++) requant_block(a, cb + 256 * t, mr, i, pj + 16 * t, t == pnt - 1 ? pnl : 16);
+    slot ^= 1;
+    if (gj[slot] >= 0)
+        for (int t = 0; t < gnt[slot]; t++)
+            requant_block(a, cbuf + 512 * slot + 256 * t, mr, i, gj[slot] + 16 * t, t == gnt[slot] - 1 ? gnl[slot] : 16);
 }
 
 /* rows i..i+16+mr1 (1 <= mr1 <= 16), channel tiles from j: nt (1-2) tiles */
@@ -137,8 +167,8 @@ static void block2(const et_fc_s8_args *a, const int8_t *panel, int64_t i, int m
         _tile_zero(3);
     }
     for (int64_t kk = 0; kk < kc; kk += 64) {
-        _tile_loadd(4, panel + kk * 32, 64);
-        _tile_loadd(5, panel + kk * 32 + 16 * 64, 64);
+        _tile_loadd(4, panel + kk * (16 + mr1), 64);
+        _tile_loadd(5, panel + kk * (16 + mr1) + 16 * 64, 64);
         const int8_t *wk = w0 + kk * 16;
         _tile_loadd(6, wk, 64);
         _tile_dpbssd(0, 4, 6);
@@ -161,18 +191,18 @@ static void block2(const et_fc_s8_args *a, const int8_t *panel, int64_t i, int m
     }
 }
 
-/* rows i..i+mr of x -> panel[chunk][row][64], zero-padded past k: every A tile is 1 KB of whole cache lines,
- * wherever x sits and whatever k is */
+/* rows i..i+mr of x -> panel[chunk][row][64] (chunk stride mr * 64 bytes), zero-padded past k: every A tile is
+ * whole aligned cache lines, wherever x sits and whatever k is */
 static void pack_rows(const et_fc_s8_args *a, int64_t i, int mr, int8_t *panel) {
     const int64_t k = a->k, k64 = k / 64 * 64;
     for (int r = 0; r < mr; r++) {
         const int8_t *x = a->x + (i + r) * k;
         int8_t *dst = panel + r * 64;
         int64_t kk = 0;
-        for (; kk < k64; kk += 64) _mm512_store_si512((void *)(dst + kk * 32), _mm512_loadu_si512((const void *)(x + kk)));
+        for (; kk < k64; kk += 64) _mm512_store_si512((void *)(dst + kk * mr), _mm512_loadu_si512((const void *)(x + kk)));
         if (kk < k) {
             const __mmask64 m = ((__mmask64)1 << (k - kk)) - 1; /* k - kk < 64 */
-            _mm512_store_si512((void *)(dst + kk * 32), _mm512_maskz_loadu_epi8(m, x + kk));
+            _mm512_store_si512((void *)(dst + kk * mr), _mm512_maskz_loadu_epi8(m, x + kk));
         }
     }
 }
@@ -181,26 +211,29 @@ static void pack_rows(const et_fc_s8_args *a, int64_t i, int mr, int8_t *panel) 
 
 void et_fc_s8_amx(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
     const int64_t kc = (a->k + 63) / 64 * 64, rows = i1 - i0 < 32 ? i1 - i0 : 32;
-    /* the panel is rows x kc at a row stride of 32 x 64 bytes: its last row ends at (kc - 64) * 32 + rows * 64 */
-    const size_t panel_bytes = (size_t)((kc - 64) * 32 + rows * 64);
+    const size_t panel_bytes = (size_t)(kc * rows); /* up to 32 rows x kc */
     _Alignas(64) int8_t on_stack[PANEL_STACK_BYTES];
     int8_t *panel = panel_bytes <= sizeof on_stack ? on_stack : aligned_alloc(64, (panel_bytes + 63) / 64 * 64);
     if (!panel) { /* no memory for the panel: the VNNI kernel needs none */
         et_fc_s8_avx512vnni(a, i0, i1, j0, j1);
         return;
     }
-    _Alignas(64) int32_t cbuf[16 * 16];
+    _Alignas(64) int32_t cbuf[4 * 16 * 16];
     for (int64_t i = i0; i < i1; i += 32) {
         const int mr = (int)(i1 - i < 32 ? i1 - i : 32);
         pack_rows(a, i, mr, panel);
-        const int per = mr > 16 ? 2 : 4; /* channel tiles per block */
-        configure(mr > 16 ? 16 : mr, mr > 16 ? mr - 16 : 0);
-        for (int64_t j = j0; j < j1; j += 16 * per) {
+        MEMORY_BARRIER();
+        if (mr <= 16) {
+            configure(mr, 0);
+            rows1_pipelined(a, panel, i, mr, j0, j1, cbuf);
+            continue;
+        }
+        configure(16, mr - 16);
+        for (int64_t j = j0; j < j1; j += 32) {
             const int64_t left = j1 - j;
-            const int nt = (int)((left + 15) / 16 < per ? (left + 15) / 16 : per);
+            const int nt = left > 16 ? 2 : 1;
             const int64_t nlast = left - 16 * (nt - 1) < 16 ? left - 16 * (nt - 1) : 16;
-            if (mr > 16) block2(a, panel, i, mr - 16, j, nt, nlast, cbuf);
-            else block1(a, panel, i, mr, j, nt, nlast, cbuf);
+            block2(a, panel, i, mr - 16, j, nt, nlast, cbuf);
         }
     }
     _tile_release();
