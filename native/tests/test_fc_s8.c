@@ -237,6 +237,11 @@ void test_fc_s8(void) {
     fc_case(9, 31, 200, 1, 1, 5, -2, -7, 9, 10);           /* a narrow range */
     fc_case(2, 3, 5, 1, 1, 0, 0, 127, 127, 0);             /* lo == hi == 127 */
 
+    /* above the threading threshold (ET_FC_S8_MT_MACS), so "2 threads" really splits: by channel tiles, and by rows
+     * when there are fewer tiles than threads */
+    fc_case(40, 100, 300, 1, 1, -7, 3, -128, 127, 3);
+    fc_case(35, 10, 3001, 0, 1, 4, -6, -128, 127, 3);
+
     /* int32 sums that wrap: (x - x_zp) * w = (-128 - 127) * -128 = 32640 per k, 70000 k -> 2.3e9 */
     {
         fc_problem p;
