@@ -387,7 +387,7 @@ class Session:
                 d = delegates.get(unit.delegate)()
                 opts = {"threads": self.threads, "core": self.core, "fallback": self.fallback,
                         "shapes": {t: graph.tensors[t].concrete_shape() for n in graph.nodes
-                                   if n.name in members for t in n.inputs if t in graph.tensors}}
+                                   if n.name in members for t in (*n.inputs, *n.outputs) if t in graph.tensors}}
             elif self.emulate:
                 d = delegates.get("litert" if getattr(graph.source, "format", None) == "tflite" else "onnxruntime")()
                 unit = None  # the device's work, functionally, on onnxruntime's CPU provider

@@ -148,3 +148,54 @@ def test_one_partition_without_c_core_keeps_onnxruntime_defaults(tmp_path):
     opts = s._bound.compiled[0].steps[0].ort.session.get_session_options()
     with pytest.raises(RuntimeError, match="does not have configuration"):  # nothing set: onnxruntime's default
         opts.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_faster_of_keeps_the_faster_compilation_and_closes_the_other():
+    import time
+
+    from edgert.delegates.base import CompiledPartition, faster_of
+
+    class Fake(CompiledPartition):
+        def __init__(self, delay):
+            self.inputs, self.outputs, self.delay, self.closed, self.runs = ["x"], ["y"], delay, False, 0
+
+        def run(self, inputs, outputs):
+            assert inputs["x"].shape == (2, 3) and outputs["y"].dtype == np.int8 and not inputs["x"].any()
+            self.runs += 1
+            time.sleep(self.delay)
+
+        def close(self):
+            self.closed = True
+
+    specs = {"x": ((2, 3), np.dtype(np.float32)), "y": ((2, 3), np.dtype(np.int8))}
+    slow, fast = Fake(0.004), Fake(0.0)
+    assert faster_of(slow, fast, specs, runs=5) is fast and slow.closed and not fast.closed
+    assert slow.runs == fast.runs == 6  # one warm-up run each
+    slow, fast = Fake(0.004), Fake(0.0)
+    assert faster_of(fast, slow, specs, runs=5) is fast and slow.closed and not fast.closed
+
+
+def test_auto_keeps_c_core_steps_only_if_the_whole_partition_is_faster(tmp_path, monkeypatch):
+    """core='auto': the steps that pay alone are kept only if the partition with them beats the partition as one
+    onnxruntime model (the comparison itself is timing: here it is forced both ways)."""
+    import edgert.delegates.host as H
+
+    path = dynamic_int8(tmp_path, 64, 48, 32)
+    x = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
+    monkeypatch.setattr(H, "steps_that_pay", lambda steps, *a: steps)  # every step pays alone
+    picked = []
+
+    def pick(i):
+        def faster_of(first, second, specs, runs=15):
+            picked.append((len(first.core), len(second.core)))
+            (second if i == 0 else first).close()
+            return (first, second)[i]
+        return faster_of
+
+    for i, want in ((0, ["MatMulInteger", "MatMulInteger"]), (1, [])):
+        monkeypatch.setattr(H, "faster_of", pick(i))
+        s = edgert.Session(str(path), core="auto")
+        y = s.run(None, {"x": x})[0]  # binds (the batch dim is dynamic), compiles, runs
+        assert core_kinds(s) == want
+        assert picked[-1] == (2, 0)
+        within(y, ort_run(path, {"x": x})[0], MATMUL_INTEGER_BUDGET)

@@ -44,6 +44,34 @@ class CompiledPartition(ABC):
         """Release runtime resources (sessions, device handles)."""
 
 
+AUTO_TIMING_RUNS = 15  # runs per variant when a delegate picks between two compilations of a partition
+
+
+def faster_of(first: CompiledPartition, second: CompiledPartition, specs, runs: int = AUTO_TIMING_RUNS):
+    """The one of two compilations of the same partition that runs faster on zero-filled inputs (median of
+    ``runs`` after one warm-up run each); the other is closed. Ties keep ``first``. ``specs``: boundary tensor ->
+    (shape, dtype). Used by ``core="auto"``: a C-core step can be faster alone and still slow the partition down,
+    because the cut around it costs the surrounding runtime its fusions and adds a call."""
+    import time
+
+    def median_s(c: CompiledPartition) -> float:
+        feeds = {n: np.zeros(*specs[n]) for n in c.inputs}
+        outs = {n: np.zeros(*specs[n]) for n in c.outputs}
+        c.run(feeds, outs)
+        ts = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            c.run(feeds, outs)
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[len(ts) // 2]
+
+    if median_s(second) < median_s(first):
+        first.close()
+        return second
+    second.close()
+    return first
+
+
 class Delegate(ABC):
     """A backend that runs partitions. Subclasses are registered by name; the session creates one per unit."""
 

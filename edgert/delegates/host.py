@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import DeviceError
 from ..quant import BLOCK, BoundMatMul, QTensor, from_matmul_nbits, quantize
-from .base import CompiledPartition, Delegate, register
+from .base import CompiledPartition, Delegate, faster_of, register
 from .onnxruntime import CPU, OnnxruntimePartition, session_options
 
 # error budgets of the C-core paths, as a fraction of max |reference output| (tests and docs name these)
@@ -343,7 +343,9 @@ class HostPartition(CompiledPartition):
 class HostDelegate(Delegate):
     """``options``: ``threads`` (C core and onnxruntime intra-op threads); ``core``: ``"auto"`` (default: a step
     goes to the C core only where it runs faster than onnxruntime runs the same nodes, timed once here on the bound
-    shapes in ``options["shapes"]``), True (every step the patterns find), False (none: every node on onnxruntime)."""
+    shapes in ``options["shapes"]``, and the steps are kept only if the whole partition then runs faster than as
+    one onnxruntime model — ``base.faster_of``), True (every step the patterns find), False (none: every node on
+    onnxruntime)."""
 
     @classmethod
     def available(cls, unit: Any = None) -> tuple[bool, str]:
@@ -369,7 +371,29 @@ class HostDelegate(Delegate):
         # C-core steps 87 ms in all with spinning threads, 1.6 ms without). Without C-core steps, onnxruntime's own
         # defaults (a one-partition plan runs exactly as plain onnxruntime)
         so = _no_spinning(session_options(None, threads)) if steps else session_options(None, threads)
-        return HostPartition(partition, graph, steps, so)
+        compiled = HostPartition(partition, graph, steps, so)
+        specs = _bound_specs(graph, [*partition.inputs, *partition.outputs], options.get("shapes") or {})
+        if steps and core == "auto" and specs is not None:
+            # each kept step ran faster alone; the partition as a whole may not (the cuts cost onnxruntime its
+            # fusions and a call per segment): keep the steps only if the whole partition is faster with them
+            plain = HostPartition(partition, graph, [], session_options(None, threads))
+            try:
+                return faster_of(compiled, plain, specs)
+            except Exception:  # a partition that cannot run on zeros: keep what the per-step timing chose
+                plain.close()
+        return compiled
+
+
+def _bound_specs(graph, names, shapes: Mapping[str, tuple]) -> dict | None:
+    """name -> (shape, dtype) for ``names`` with the session's bound shapes; None when one is unknown."""
+    out = {}
+    for n in names:
+        t = graph.tensors.get(n)
+        shape = shapes.get(n) or (None if t is None else t.concrete_shape())
+        if t is None or t.dtype is None or shape is None or any(not isinstance(d, int) or d < 0 for d in shape):
+            return None
+        out[n] = (tuple(shape), np.dtype(t.dtype))
+    return out
 
 
 def _no_spinning(so):

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import DeviceError
-from .base import CompiledPartition
+from .base import CompiledPartition, faster_of
 from .litert import LiteRTPartition
 
 FC_INT8_LSB_BUDGET = 1   # int8 steps between the C core and LiteRT on an INT8 FULLY_CONNECTED output
@@ -248,25 +248,6 @@ class HostTFLitePartition(CompiledPartition):
                 s.lrt.close()
 
 
-AUTO_TIMING_RUNS = 15  # runs per variant when core="auto" picks between the C core and LiteRT at compile time
-
-
-def _median_run_s(compiled: HostTFLitePartition, graph) -> float:
-    import time
-
-    feeds = {n: np.zeros(graph.tensors[n].concrete_shape(), np.dtype(graph.tensors[n].dtype))
-             for n in compiled.inputs}
-    outs = {n: np.zeros(graph.tensors[n].concrete_shape(), np.dtype(graph.tensors[n].dtype))
-            for n in compiled.outputs}
-    compiled.run(feeds, outs)
-    ts = []
-    for _ in range(AUTO_TIMING_RUNS):
-        t = time.perf_counter()
-        compiled.run(feeds, outs)
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
-
-
 def compile_host_tflite(partition, graph, unit: Any = None, options: Mapping[str, Any] | None = None):
     """The host delegate's compile for a TFLite graph (``options``: ``threads``; ``core``: ``"auto"`` (default:
     the partition runs with its C-core steps only if that measured faster than LiteRT alone at compile time — a
@@ -284,9 +265,6 @@ def compile_host_tflite(partition, graph, unit: Any = None, options: Mapping[str
     with_core = HostTFLitePartition(partition, graph, steps, threads)
     if core != "auto" or not steps:
         return with_core
-    plain = HostTFLitePartition(partition, graph, [], threads)
-    if _median_run_s(with_core, graph) < _median_run_s(plain, graph):
-        plain.close()
-        return with_core
-    with_core.close()
-    return plain
+    specs = {n: (graph.tensors[n].concrete_shape(), np.dtype(graph.tensors[n].dtype))  # TFLite shapes are static
+             for n in [*partition.inputs, *partition.outputs]}
+    return faster_of(with_core, HostTFLitePartition(partition, graph, [], threads), specs)
