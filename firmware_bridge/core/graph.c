@@ -514,13 +514,14 @@ static void run_conv(const fw_graph *g, const fw_node *n) {
         }
 }
 
-static void run_binary(const fw_graph *g, const fw_node *n) {
-    const fw_tensor *a = in_t(g, n, 0), *b = in_t(g, n, 1), *y = &g->t[n->out[0]];
-    const int r = y->rank, es = (int)dtype_size(y->dtype);
-    uint32_t yd[FW_MAX_RANK] = {1, 1, 1, 1};
-    uint64_t sa[FW_MAX_RANK] = {0}, sb[FW_MAX_RANK] = {0};
+/* numpy broadcasting of a and b to y (ranks <= FW_MAX_RANK, right-aligned): y's dims padded to FW_MAX_RANK with
+ * leading 1s in yd, and the element strides of a and b along each of them (0 where the operand repeats) */
+static void broadcast_strides(const fw_tensor *y, const fw_tensor *a, const fw_tensor *b, uint32_t yd[FW_MAX_RANK],
+                              uint64_t sa[FW_MAX_RANK], uint64_t sb[FW_MAX_RANK]) {
+    const int r = y->rank;
     uint64_t ma = 1, mb = 1;
     for (int i = FW_MAX_RANK - 1, k = r - 1; i >= 0; i--, k--) {
+        yd[i] = 1, sa[i] = sb[i] = 0;
         if (k < 0) continue;
         yd[i] = y->dims[k];
         int ka = k - (r - a->rank), kb = k - (r - b->rank);
@@ -530,6 +531,14 @@ static void run_binary(const fw_graph *g, const fw_node *n) {
         ma *= da;
         mb *= db;
     }
+}
+
+static void run_binary(const fw_graph *g, const fw_node *n) {
+    const fw_tensor *a = in_t(g, n, 0), *b = in_t(g, n, 1), *y = &g->t[n->out[0]];
+    const int es = (int)dtype_size(y->dtype);
+    uint32_t yd[FW_MAX_RANK];
+    uint64_t sa[FW_MAX_RANK], sb[FW_MAX_RANK];
+    broadcast_strides(y, a, b, yd, sa, sb);
     size_t o = 0;
     for (uint32_t i0 = 0; i0 < yd[0]; i0++)
         for (uint32_t i1 = 0; i1 < yd[1]; i1++)
@@ -637,21 +646,11 @@ static void run_conv_s8(const fw_graph *g, const fw_node *n) {
  * an arithmetic shift right, clamped, + y_zp */
 static void run_add_s8(const fw_graph *g, const fw_node *n) {
     const fw_tensor *a = in_t(g, n, 0), *b = in_t(g, n, 1), *y = &g->t[n->out[0]];
-    const int r = y->rank;
     const uint32_t bias = (uint32_t)n->attr[0], am = (uint32_t)n->attr[1], bm = (uint32_t)n->attr[2];
     const int32_t shift = n->attr[3], yzp = n->attr[4], lo = n->attr[5] - yzp, hi = n->attr[6] - yzp;
-    uint32_t yd[FW_MAX_RANK] = {1, 1, 1, 1};
-    uint64_t sa[FW_MAX_RANK] = {0}, sb[FW_MAX_RANK] = {0}, ma = 1, mb = 1;
-    for (int i = FW_MAX_RANK - 1, k = r - 1; i >= 0; i--, k--) {
-        if (k < 0) continue;
-        yd[i] = y->dims[k];
-        int ka = k - (r - a->rank), kb = k - (r - b->rank);
-        uint32_t da = ka >= 0 ? a->dims[ka] : 1, db = kb >= 0 ? b->dims[kb] : 1;
-        sa[i] = da == 1 ? 0 : ma;
-        sb[i] = db == 1 ? 0 : mb;
-        ma *= da;
-        mb *= db;
-    }
+    uint32_t yd[FW_MAX_RANK];
+    uint64_t sa[FW_MAX_RANK], sb[FW_MAX_RANK];
+    broadcast_strides(y, a, b, yd, sa, sb);
     size_t o = 0;
     for (uint32_t i0 = 0; i0 < yd[0]; i0++)
         for (uint32_t i1 = 0; i1 < yd[1]; i1++)
