@@ -163,7 +163,10 @@ def _prompt(body: dict):
 
 
 def _reject(body: dict) -> None:
-    if body.get("n") is not None and body.get("n") != 1:
+    n = body.get("n")
+    if n is not None and not _is_int(n):  # true == 1 and 1.0 == 1 in Python: neither is the integer 1 in JSON
+        raise bad(f"n must be an integer, got {n!r}", "n", "invalid_type")
+    if n is not None and n != 1:
         raise bad("only n=1 is supported", "n", "unsupported_value")
     if body.get("best_of") not in (None, 1):
         raise bad("only best_of=1 is supported", "best_of", "unsupported_value")
@@ -201,7 +204,12 @@ def parse_generation(body, kind: str) -> GenerationRequest:
     so = body.get("stream_options")
     if so is not None and not isinstance(so, dict):
         raise bad("stream_options must be an object", "stream_options", "invalid_type")
-    include_usage = bool((so or {}).get("include_usage", False))
+    include_usage = (so or {}).get("include_usage", False)
+    if include_usage is None:
+        include_usage = False
+    if not isinstance(include_usage, bool):
+        raise bad(f"stream_options.include_usage must be a boolean, got {include_usage!r}", "stream_options",
+                  "invalid_type")
     _reject(body)
     messages = _messages(body) if kind == "chat" else None
     prompt = _prompt(body) if kind == "completion" else None
