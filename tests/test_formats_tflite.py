@@ -202,3 +202,20 @@ def test_offset_words_overwritten(pos, value):
     pos = pos % (len(buf) - 4) & ~3
     buf[pos:pos + 4] = struct.pack("<I", value)
     _load_or_format_error(bytes(buf))
+
+
+def test_a_file_that_fails_to_parse_is_closed_at_once(tmp_path):
+    """The memory map and file of a .tflite path that fails validation are closed before the error propagates, not
+    left to the garbage collector while the traceback keeps them (a server loading many bad files would run out of
+    descriptors)."""
+    import os
+
+    fds = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    data = tm.int8_fc(k=16, h=16, n=4, batch=1)
+    for cut in (6, len(data) // 2):
+        p = tmp_path / f"bad{cut}.tflite"
+        p.write_bytes(data[:cut])
+        before = len(os.listdir(fds))
+        with pytest.raises(ModelFormatError) as exc:
+            load_tflite(str(p))
+        assert exc.value is not None and len(os.listdir(fds)) == before, f"cut at {cut}: the file is still open"

@@ -261,19 +261,33 @@ def parse_tflite(src) -> TFLiteModel:
     """Read and validate the flatbuffer (see the module docstring); the IR is built by ``load_tflite``."""
     tfl = _schema()
     buf, what, path, fobj = _open(src)
-    r = _Reader(buf, what)
-    if r.n < 8:
-        r.fail(f"only {r.n} bytes (a flatbuffer needs at least 8)")
-    if not is_tflite_bytes(buf[:8]):
-        r.fail(f"file identifier is {bytes(buf[4:8])!r}, expected b'TFL3'")
     try:
-        return _parse(tfl, r, buf, what, path, fobj)
-    except ModelFormatError:
+        r = _Reader(buf, what)
+        if r.n < 8:
+            r.fail(f"only {r.n} bytes (a flatbuffer needs at least 8)")
+        if not is_tflite_bytes(buf[:8]):
+            r.fail(f"file identifier is {bytes(buf[4:8])!r}, expected b'TFL3'")
+        try:
+            return _parse(tfl, r, buf, what, path, fobj)
+        except ModelFormatError:
+            raise
+        except (struct.error, IndexError, ValueError, TypeError, OverflowError, AttributeError, UnicodeDecodeError,
+                MemoryError) as exc:
+            raise ModelFormatError(f"TFLite model {what}: malformed flatbuffer ({type(exc).__name__}: {exc}); the "
+                                   "file is truncated, corrupt or not a TFLite model") from None
+    except BaseException:
+        _close_quietly(buf, fobj)  # a file that failed to parse is not kept open until the garbage collector runs
         raise
-    except (struct.error, IndexError, ValueError, TypeError, OverflowError, AttributeError, UnicodeDecodeError,
-            MemoryError) as exc:
-        raise ModelFormatError(f"TFLite model {what}: malformed flatbuffer ({type(exc).__name__}: {exc}); the file "
-                               "is truncated, corrupt or not a TFLite model") from None
+
+
+def _close_quietly(buf, fobj) -> None:
+    if fobj is None:
+        return
+    try:
+        buf.close()
+    except BufferError:  # a view made before the failure is still alive (in the traceback): the GC closes it
+        pass
+    fobj.close()
 
 
 def _parse(tfl, r: _Reader, buf, what, path, fobj) -> TFLiteModel:
