@@ -329,6 +329,15 @@ def cmd_eval(args) -> int:
 
     from .errors import InvalidArgumentError
 
+    # --text is for language models, --inputs/--random for graph models: a flag for the other kind is a mistake
+    from .eval.report import parse_side
+
+    llm = any(parse_side(m).path.lower().endswith(".gguf") for m in (args.reference, args.candidate))
+    if args.text is not None and not llm:
+        raise InvalidArgumentError("--text is for language models (.gguf); graph models take --inputs DIR or "
+                                   "--random N")
+    if args.inputs is not None and llm:
+        raise InvalidArgumentError("--inputs is for graph models; language models take --text FILE")
     # --text names a file; evaluate() also takes literal text, so a mistyped path would be scored as the text itself
     if args.text is not None and not os.path.isfile(args.text):
         raise InvalidArgumentError(f"--text {args.text}: no such file" if not os.path.exists(args.text) else

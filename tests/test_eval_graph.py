@@ -94,6 +94,11 @@ def test_cli_exit_codes_json_png(models, tmp_path, capsys):
     assert "gate failed" in err and "h4" in err
     assert main([*args[:-1], "--candidate", str(bad)]) == 0  # no --gate: report only
     assert main([*args, "--candidate", str(bad), "--threshold", "nonsense=1"]) == 1
+    capsys.readouterr()
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    assert main([*args, "--candidate", str(i8), "--text", str(text)]) == 1  # --text is for language models
+    assert "--text is for language models" in capsys.readouterr().err
 
 
 def test_tflite_models_are_compared_at_their_outputs(tmp_path):

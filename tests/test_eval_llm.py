@@ -191,3 +191,5 @@ def test_cli_bad_text_thresholds_and_output_paths_are_one_line_errors(models, tm
     # --ctx 0 is refused as 0, not replaced by the default
     assert "got 0" in _cli_error(capsys, *base[:4], "--ctx", "0", "--text", str(text))
     assert "is a directory" in _cli_error(capsys, "--reference", str(tmp_path), "--candidate", str(q40))
+    # the flag of the other model kind is named, not reported as a missing directory
+    assert "graph models; language models take --text" in _cli_error(capsys, *base, "--inputs", str(tmp_path))
