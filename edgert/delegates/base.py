@@ -45,11 +45,12 @@ class CompiledPartition(ABC):
 
 
 AUTO_TIMING_RUNS = 15  # runs per variant when a delegate picks between two compilations of a partition
+AUTO_TIMING_BUDGET_S = 0.25  # ... or fewer (at least 3) once a variant has run this long: a big model compiles fast
 
 
 def faster_of(first: CompiledPartition, second: CompiledPartition, specs, runs: int = AUTO_TIMING_RUNS):
     """The one of two compilations of the same partition that runs faster on zero-filled inputs (median of
-    ``runs`` after one warm-up run each); the other is closed. Ties keep ``first``. ``specs``: boundary tensor ->
+    ``runs`` after one warm-up run each, fewer for a slow partition); the other is closed. Ties keep ``first``. ``specs``: boundary tensor ->
     (shape, dtype). Used by ``core="auto"``: a C-core step can be faster alone and still slow the partition down,
     because the cut around it costs the surrounding runtime its fusions and adds a call."""
     import time
@@ -59,7 +60,7 @@ def faster_of(first: CompiledPartition, second: CompiledPartition, specs, runs: 
         outs = {n: np.zeros(*specs[n]) for n in c.outputs}
         c.run(feeds, outs)
         ts = []
-        for _ in range(runs):
+        while len(ts) < runs and (len(ts) < 3 or sum(ts) < AUTO_TIMING_BUDGET_S):
             t = time.perf_counter()
             c.run(feeds, outs)
             ts.append(time.perf_counter() - t)
