@@ -230,7 +230,11 @@ class _Checker:
         v = table[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
             self.fail(p, f"expected {'an integer' if integer else 'a number'}, got {v!r}")
-        if not math.isfinite(v):
+        try:
+            finite = math.isfinite(v)
+        except OverflowError:  # an integer too large for a float (TOML integers are unbounded here)
+            self.fail(p, f"too large, got {v!r}")
+        if not finite:
             self.fail(p, f"must be finite, got {v!r}")
         if positive and v <= 0:
             self.fail(p, f"must be > 0, got {v!r}")
@@ -413,7 +417,11 @@ def load(name_or_path: str | os.PathLike) -> DeviceProfile:
         path = Path(s)
         if not path.is_file():
             raise ProfileError(f"device profile {s}: file not found", file=s, field="", reason="file not found")
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, source = path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ProfileError(f"device profile {s}: cannot read it: {exc}", file=s, field="",
+                               reason=str(exc)) from None
     else:
         entry = profiles_dir() / f"{s}.toml"
         if not entry.is_file():

@@ -248,3 +248,21 @@ def test_cli_devices_table():
     assert r.stdout.startswith("this machine: ") and "onnxruntime: " in r.stdout and "serial ports:" in r.stdout
     for n in SHIPPED:
         assert f"\n{n}: " in r.stdout
+
+
+def test_huge_integer_is_a_profile_error_not_overflow():
+    import tomllib
+
+    data = tomllib.loads((P.profiles_dir() / "rk3588.toml").read_text())
+    data["power"]["active_w"] = 10**400  # an unbounded TOML integer: float() of it overflows
+    with pytest.raises(ProfileError) as ei:
+        P.parse_profile(data, "big.toml")
+    assert ei.value.field == "power.active_w" and "too large" in ei.value.reason
+
+
+def test_profile_file_not_utf8_is_a_profile_error(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_bytes(b'name = "\xff\xfe"\n')
+    with pytest.raises(ProfileError) as ei:
+        P.load(f)
+    assert ei.value.file == str(f) and "utf-8" in ei.value.reason
