@@ -330,6 +330,7 @@ class Session:
         if self._bound is not None:
             self._rebinds += 1
             self._close_bound()
+            self._bound = None  # closed: if binding the new dims fails, the next run lays out again
         self._bound = self._bind(dims, feeds)
         return self._bound
 

@@ -282,3 +282,12 @@ def test_constant_graph_output(device, emulate):
         y, got = s.run(None, {"x": x})
         np.testing.assert_array_equal(y, ort_run(m, {"x": x})[0])
         np.testing.assert_array_equal(got, c)
+
+
+def test_a_failed_rebind_leaves_the_session_usable(mlp_path):
+    s = edgert.Session(mlp_path)
+    x = x_of()
+    (want,) = s.run(None, {"x": x})
+    with pytest.raises(InvalidArgumentError, match="positive"):
+        s.run(None, {"x": np.ones((0, 8), np.float32)})  # the old binding is closed before the new one fails
+    np.testing.assert_array_equal(s.run(None, {"x": x})[0], want)  # was: AttributeError from a closed partition
