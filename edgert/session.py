@@ -153,6 +153,20 @@ def _with_shapes(graph: Graph, learnt: Mapping[str, tuple], dtype_only: bool = F
     return graph.replace(tensors=tensors)
 
 
+def _as_feed(name: str, a, dtype: np.dtype) -> np.ndarray:
+    """A non-array feed (a list, a scalar) as an array of the input's ``dtype``, refused when converting would
+    change its values (floats into an integer input, integers out of the input's range, strings, objects)."""
+    if dtype.kind not in "biuf":
+        return np.asarray(a, dtype=dtype)
+    raw = np.asarray(a)
+    if raw.dtype.kind not in "biuf" or (dtype.kind in "biu" and raw.dtype.kind == "f"):
+        raise DTypeError(f"input {name!r} must be {dtype}, got a {type(a).__name__} of {raw.dtype}")
+    out = raw.astype(dtype)
+    if dtype.kind in "biu" and not np.array_equal(out, raw):
+        raise DTypeError(f"input {name!r} must be {dtype}: the {type(a).__name__} fed holds values out of its range")
+    return out
+
+
 def _side(plan: Plan, unit: str) -> str:
     return HOST if unit == plan.host_unit else unit
 
@@ -175,6 +189,21 @@ class Session:
                  device_options: Mapping[str, Any] | None = None):
         if fallback not in ("allow", "forbid"):
             raise InvalidArgumentError(f"fallback must be 'allow' or 'forbid', got {fallback!r}")
+        if not isinstance(emulate, (bool, np.bool_)):
+            raise InvalidArgumentError(f"emulate must be True or False, got {emulate!r}")
+        if not (isinstance(device, (str, os.PathLike, profiles.DeviceProfile))):
+            raise InvalidArgumentError(f"device must be a profile name, a .toml path or a DeviceProfile, got "
+                                       f"{type(device).__name__}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                    or threads < 0):
+            raise InvalidArgumentError(f"threads must be a non-negative integer or None, got {threads!r}")
+        if not (core is True or core is False or core == "auto"):
+            raise InvalidArgumentError(f"core must be 'auto', True or False, got {core!r}")
+        if dims is not None and not isinstance(dims, Mapping):
+            raise InvalidArgumentError(f"dims must be a mapping of dim name -> size, got {type(dims).__name__}")
+        for k, v in (dims or {}).items():
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise InvalidArgumentError(f"dims[{k!r}] must be an integer, got {v!r}")
         self.model_path = model_path if not hasattr(model_path, "__fspath__") else os.fspath(model_path)
         self.model_name = (os.path.basename(self.model_path) if isinstance(self.model_path, str)
                            else getattr(getattr(model_path, "graph", None), "name", "model"))
@@ -202,6 +231,10 @@ class Session:
         self._bound: _Bound | None = None
         self._provisional: Plan | None = None
         dims = {str(k): int(v) for k, v in (dims or {}).items()}
+        unknown_dims = sorted(set(dims) - self._graph0.symbolic_dims())
+        if unknown_dims:
+            raise InvalidArgumentError(f"dims names {', '.join(map(repr, unknown_dims))}, not a symbolic dim of the "
+                                       f"model's inputs (those are {sorted(self._graph0.symbolic_dims())})")
         if not (self._graph0.symbolic_dims() - set(dims)):
             self._bound = self._bind(dims, None)
         elif self.fallback == "forbid" and not self.emulate:
@@ -275,10 +308,15 @@ class Session:
         if output_names is None:
             names = g.outputs
         else:
+            if isinstance(output_names, (str, bytes)) or not isinstance(output_names, Sequence):
+                raise InvalidArgumentError(f"output_names must be a list of output names or None, got "
+                                           f"{output_names!r}")
             names = list(output_names)
             for n in names:
                 if n not in g.outputs:
                     raise InvalidArgumentError(f"{n!r} is not an output of the model; its outputs are {g.outputs}")
+        if not isinstance(feeds, dict) and not isinstance(feeds, Mapping):
+            raise DTypeError(f"feeds must be a mapping of input name -> array, got {type(feeds).__name__}")
         b = self._bound
         stale = b is None
         for n in g.inputs:
@@ -287,6 +325,10 @@ class Session:
                 raise InvalidArgumentError(f"missing feed for input {n!r}; the model's inputs are {g.inputs}")
             if not stale and (a.shape if isinstance(a, np.ndarray) else np.shape(a)) != b.input_shapes[n]:
                 stale = True
+        if len(feeds) > len(g.inputs):
+            extra = [n for n in feeds if n not in g.inputs]
+            raise InvalidArgumentError(f"feeds name {', '.join(map(repr, extra))}, not an input of the model; its "
+                                       f"inputs are {g.inputs}")
         if stale:
             b = self._rebind(feeds)
         try:
@@ -304,7 +346,7 @@ class Session:
         for name, buf in b.feeds.items():
             a = feeds[name]
             if not isinstance(a, np.ndarray):
-                a = np.asarray(a, dtype=buf.dtype)
+                a = _as_feed(name, a, buf.dtype)
             if a.dtype != buf.dtype:
                 raise DTypeError(f"input {name!r} must be {buf.dtype}, got {a.dtype}")
             np.copyto(buf, a, casting="no")

@@ -291,3 +291,41 @@ def test_a_failed_rebind_leaves_the_session_usable(mlp_path):
     with pytest.raises(InvalidArgumentError, match="positive"):
         s.run(None, {"x": np.ones((0, 8), np.float32)})  # the old binding is closed before the new one fails
     np.testing.assert_array_equal(s.run(None, {"x": x})[0], want)  # was: AttributeError from a closed partition
+
+
+def test_feeds_and_output_names_that_are_not_what_run_takes(mlp_path):
+    s = edgert.Session(mlp_path)
+    x = x_of()
+    for bad in ([x], None, x):
+        with pytest.raises(DTypeError, match="mapping"):
+            s.run(None, bad)  # was ValueError (truth value of an array) / TypeError
+    with pytest.raises(InvalidArgumentError, match="'xx', not an input"):
+        s.run(None, {"x": x, "xx": x})  # a misspelt name was ignored silently
+    for bad in ("y", 5):
+        with pytest.raises(InvalidArgumentError, match="output_names"):
+            s.run(bad, {"x": x})  # "y" was split into characters; 5 was a TypeError
+    np.testing.assert_array_equal(s.run(["y"], {"x": x.tolist()})[0], s.run(None, {"x": x})[0])
+
+
+def test_list_feed_of_an_integer_input_is_not_truncated(tmp_path):
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Identity", ["ids"], ["out"])], "g",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+                          [helper.make_tensor_value_info("out", TensorProto.INT64, [3])])
+    s = edgert.Session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert s.run(None, {"ids": [1, 2, 3]})[0].tolist() == [1, 2, 3]
+    with pytest.raises(DTypeError, match="int64"):
+        s.run(None, {"ids": [1.5, 2.0, 3.0]})  # was silently truncated to [1, 2, 3]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"device": 5}, "device must be"), ({"device": None}, "device must be"),
+    ({"emulate": "false"}, "emulate must be"), ({"threads": -1}, "threads"), ({"threads": "a"}, "threads"),
+    ({"core": "yes"}, "core must be"), ({"dims": [2]}, "dims must be"), ({"dims": {"batch": "x"}}, "integer"),
+    ({"dims": {"batch": 2.7}}, "integer"), ({"dims": {"bacth": 2}}, "'bacth', not a symbolic dim"),
+])
+def test_session_arguments_are_validated(mlp_path, kw, match):
+    # were AttributeError (device), ValueError (int('x')), or accepted: "false" ran emulated, 2.7 bound batch=2
+    with pytest.raises(InvalidArgumentError, match=match):
+        edgert.Session(mlp_path, **kw)
