@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import InvalidArgumentError, ModelFormatError
+from .errors import InvalidArgumentError, ModelFormatError, ModelNotFoundError
 from .formats.gguf import open_gguf
 from .quant import BLOCK, FORMATS, quantize
 
@@ -52,9 +52,13 @@ def quantize_gguf(src, dst, fmt: str, *, keep_embeddings: bool = False, progress
     src, dst = os.fspath(src), os.fspath(dst)
     if os.path.abspath(src) == os.path.abspath(dst):
         raise InvalidArgumentError(f"output {dst} is the input file: write the re-quantized model elsewhere")
-    reader = gguf.GGUFReader(src)  # the typed view of the metadata (edgert's reader keeps values, not types)
-    g = open_gguf(src)
+    g = open_gguf(src)  # first: it names a missing, truncated or non-GGUF file (ModelFormatError)
     try:
+        _check_output_dir(dst)
+        try:
+            reader = gguf.GGUFReader(src)  # the typed view of the metadata (edgert's reader keeps values, not types)
+        except Exception as exc:  # gguf raises assorted types (ValueError, struct errors) for what it cannot read
+            raise ModelFormatError(f"{src}: gguf cannot read its metadata ({type(exc).__name__}: {exc})") from None
         arch = g.metadata.get("general.architecture")
         if not isinstance(arch, str):
             raise ModelFormatError(f"{src}: general.architecture is missing; not a model GGUF")
@@ -110,6 +114,14 @@ def quantize_gguf(src, dst, fmt: str, *, keep_embeddings: bool = False, progress
     finally:
         g.close()
     return summary
+
+
+def _check_output_dir(dst: str) -> None:
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise InvalidArgumentError(f"output {dst}: directory {parent} does not exist")
+    if os.path.isdir(dst):
+        raise InvalidArgumentError(f"output {dst} is a directory; give a file name")
 
 
 def _dequantize(g, name: str) -> np.ndarray:
@@ -171,6 +183,15 @@ def quantize_onnx(src, dst, mode: str, *, calibration=None, block_size: int = 32
     if mode not in ONNX_TARGETS:
         raise InvalidArgumentError(f"ONNX target must be one of {', '.join(ONNX_TARGETS)}, got {mode!r}")
     src, dst = os.fspath(src), os.fspath(dst)
+    if not os.path.isfile(src):
+        raise ModelNotFoundError(f"ONNX model {src!r} does not exist or is not a file")
+    if os.path.abspath(src) == os.path.abspath(dst):
+        raise InvalidArgumentError(f"output {dst} is the input file: write the quantized model elsewhere")
+    _check_output_dir(dst)
+    try:
+        onnx.load(src, load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelFormatError(f"ONNX model {src!r} could not be parsed ({type(exc).__name__}: {exc})") from None
     from onnxruntime import quantization as q
 
     if mode == "int8-dynamic":

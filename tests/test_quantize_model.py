@@ -98,3 +98,30 @@ def test_onnx_modes(tmp_path):
     # int4 goes through onnxruntime's MatMulNBits quantizer, which needs onnx-ir (in the test extra)
     assert main(["quantize", str(src), str(tmp_path / "i4.onnx"), "int4", "-q"]) == 0
     assert "MatMulNBits" in {n.op_type for n in onnx.load(tmp_path / "i4.onnx").graph.node}
+
+
+def test_cli_quantize_bad_paths_are_one_line_errors(f32, tmp_path, capsys):
+    import onnx
+
+    from onnx_models import mlp
+
+    model = tmp_path / "m.onnx"
+    onnx.save(mlp(), model)
+    garbage_gguf, garbage_onnx = tmp_path / "g.gguf", tmp_path / "g.onnx"
+    garbage_gguf.write_bytes(b"GGUF" + b"\xff" * 100)
+    garbage_onnx.write_bytes(b"\x08garbage" * 10)
+    cases = [  # were FileNotFoundError, ValueError (gguf's reader) and onnx's ValidationError tracebacks
+        ([str(tmp_path / "none.gguf"), str(tmp_path / "o.gguf"), "q8_0"], "cannot open GGUF"),
+        ([str(garbage_gguf), str(tmp_path / "o.gguf"), "q8_0"], "GGUF version"),
+        ([str(f32), str(tmp_path / "nodir" / "o.gguf"), "q8_0"], "does not exist"),
+        ([str(tmp_path / "none.onnx"), str(tmp_path / "o.onnx"), "int8-dynamic"], "does not exist"),
+        ([str(garbage_onnx), str(tmp_path / "o.onnx"), "int8-dynamic"], "could not be parsed"),
+        ([str(model), str(tmp_path / "nodir" / "o.onnx"), "int8-dynamic"], "does not exist"),
+        ([str(model), str(model), "int8-dynamic"], "is the input file"),  # was overwritten in place
+    ]
+    before = model.read_bytes()
+    for argv, match in cases:
+        assert main(["quantize", *argv]) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("edgert: error: ") and match in err and err.count("\n") == 1, (argv, err)
+    assert model.read_bytes() == before and not (tmp_path / "o.gguf").exists()
