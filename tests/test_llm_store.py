@@ -213,3 +213,12 @@ def test_real_pull(edgert_home):
     assert row["name"] == "smollm2-135m" and row["architecture"] == "llama" and row["context_length"] == 8192
     assert row["quant_mix"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
     assert store.resolve("smollm2-135m", pull_missing=False) == p
+
+
+def test_pull_into_an_unwritable_home_is_an_edgert_error(monkeypatch, tmp_path):
+    fake_registry(monkeypatch, hashlib.sha256(PAYLOAD).hexdigest())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("EDGERT_HOME", str(blocker / "home"))  # was NotADirectoryError from mkdir
+    with pytest.raises(EdgertError, match="EDGERT_HOME"):
+        store.pull("fake", progress=False)

