@@ -63,6 +63,9 @@ def cmd_models(args) -> int:
         return 0
     print(f"{'name':<36} {'size':>9}  {'arch':<8} {'ctx':>6}  quantization")
     for r in rows:
+        if "error" in r:  # a damaged or partial file: say so, instead of a row of Nones
+            print(f"{r['name']:<36} {r['size_bytes'] / 1e6:>7.1f}MB  unreadable: {r['error']}")
+            continue
         mix = ", ".join(f"{k}:{v}" for k, v in sorted(r["quant_mix"].items(), key=lambda kv: -kv[1]))
         print(f"{r['name']:<36} {r['size_bytes'] / 1e6:>7.1f}MB  {str(r['architecture']):<8} "
               f"{str(r['context_length']):>6}  {mix}")
@@ -265,11 +268,17 @@ def cmd_plan(args) -> int:
         dims[name.strip()] = int(value)
     result = plan(args.model, device=args.device, fallback=args.fallback, min_nodes_per_partition=args.min_nodes,
                   max_partitions=args.max_partitions, dims=dims)
-    if args.dot:
-        with open(args.dot, "w", encoding="utf-8") as f:
+
+    def write_dot(path):
+        with open(path, "w", encoding="utf-8") as f:
             f.write(result.to_dot())
-    if args.svg:
-        result.to_svg(args.svg)
+
+    for flag, path, write in (("--dot", args.dot, write_dot), ("--svg", args.svg, result.to_svg)):
+        if path:
+            try:
+                write(path)
+            except OSError as exc:
+                raise InvalidArgumentError(f"{flag} {path}: cannot write it: {exc.strerror or exc}") from None
     print(result.to_json() if args.json else result.table())
     return 0
 
@@ -288,6 +297,8 @@ def cmd_run(args) -> int:
         name, _, path = item.partition("=")
         if not name or not path:
             raise InvalidArgumentError(f"--input expects NAME=FILE.npy, got {item!r}")
+        if name in feeds:
+            raise InvalidArgumentError(f"--input {name} is given twice")
         try:
             feeds[name] = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -297,7 +308,11 @@ def cmd_run(args) -> int:
     names = [o.name for o in sess.get_outputs()]
     outs = sess.run(names, feeds)
     if args.output:
-        Path(args.output).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(args.output).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidArgumentError(f"--output {args.output}: cannot create the directory: "
+                                       f"{exc.strerror or exc}") from None
     for name, arr in zip(names, outs):
         line = f"{name}: {arr.dtype} {list(arr.shape)}"
         if args.output:

@@ -1,6 +1,7 @@
 """The edgert command, run as a user runs it (a subprocess) on a tiny model."""
 import json
 import shutil
+from pathlib import Path
 import subprocess
 
 import pytest
@@ -99,3 +100,41 @@ def test_ctrl_c_stops_an_answer_but_not_the_chat(smollm2_path):
             p.kill()
     assert p.returncode == 0, err
     assert "[stopped]" in err
+
+
+def test_models_table_says_which_files_are_unreadable(tmp_path, tiny_path, capsys, monkeypatch):
+    from edgert.cli import main
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_path, models / "tiny.gguf")
+    (models / "part.gguf").write_bytes(Path(tiny_path).read_bytes()[:1000])  # a partial copy
+    monkeypatch.setenv("EDGERT_HOME", str(tmp_path))
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    part = next(line for line in lines if line.startswith("part "))
+    assert "unreadable:" in part  # was a row of None, None and no reason
+    assert "unreadable" not in next(line for line in lines if line.startswith("tiny "))
+
+
+def test_graph_commands_bad_output_paths_are_one_line_errors(tmp_path, capsys, no_telemetry):
+    import numpy as np
+    import onnx
+
+    from edgert.cli import main
+    from onnx_models import mlp
+
+    model, x, afile = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "afile"
+    onnx.save(mlp(), model)
+    np.save(x, np.ones((2, 8), np.float32))
+    afile.write_text("x")
+    cases = [  # were FileNotFoundError / FileExistsError tracebacks, and a repeated --input was taken silently
+        (["plan", str(model), "--dot", str(tmp_path / "no" / "g.dot")], "--dot"),
+        (["plan", str(model), "--svg", str(tmp_path / "no" / "g.svg")], "--svg"),
+        (["run", str(model), "--input", f"x={x}", "--output", str(afile)], "--output"),
+        (["run", str(model), "--input", f"x={x}", "--input", f"x={x}"], "given twice"),
+    ]
+    for argv, match in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("edgert: error: ") and match in err and err.count("\n") == 1, (argv, err)
