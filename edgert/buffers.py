@@ -13,12 +13,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import operator
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidArgumentError, ShapeError
+from .errors import DTypeError, InvalidArgumentError, ShapeError
 
 ALIGN = 64  # bytes; a cache line, and what AVX-512 loads like
 DIRECTIONS = ("to_device", "to_host")
@@ -94,8 +95,17 @@ class PinnedPool:
     def reserve(self, name: str, shape, dtype) -> Slot:
         """Set aside a buffer for ``name``; before ``allocate`` only. Reserving a name twice with the same shape
         and dtype returns the existing slot."""
-        shape = tuple(int(d) for d in shape)
-        dtype = np.dtype(dtype)
+        try:
+            shape = tuple(operator.index(d) for d in shape)  # integers only: int(2.5) would silently be 2
+        except TypeError:
+            raise ShapeError(f"pool {self.name!r}: buffer {name!r} needs a shape of integers, got {shape!r}") from None
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError as exc:
+            raise DTypeError(f"pool {self.name!r}: buffer {name!r}: {exc}") from None
+        if dtype.hasobject:
+            raise DTypeError(f"pool {self.name!r}: buffer {name!r} is {dtype}: Python objects cannot live in a "
+                             "pool's raw memory")
         if any(d < 0 for d in shape):
             raise ShapeError(f"pool {self.name!r}: buffer {name!r} needs a concrete shape, got {shape}")
         old = self.slots.get(name)
@@ -116,7 +126,11 @@ class PinnedPool:
         """The pool's one allocation (zeroed, so first reads are deterministic), then page-locking."""
         if self._raw is not None:
             return
-        self._raw = np.zeros(self.nbytes + ALIGN, dtype=np.uint8)
+        try:
+            self._raw = np.zeros(self.nbytes + ALIGN, dtype=np.uint8)
+        except (MemoryError, ValueError) as exc:  # ValueError: more bytes than numpy can index
+            raise InvalidArgumentError(f"pool {self.name!r}: cannot allocate {self.nbytes} bytes for "
+                                       f"{len(self.slots)} buffers ({type(exc).__name__}: {exc})") from None
         self.allocations += 1
         addr = self._raw.ctypes.data
         start = _round_up(addr, ALIGN) - addr

@@ -76,3 +76,24 @@ def test_copy_counter():
         c.copy(np.zeros(6, np.float64), src, "to_host")  # no silent casts
     c.reset()
     assert c.bytes_to_device == 0
+
+
+def test_reserve_refuses_what_would_be_silently_wrong_or_crash_later():
+    from edgert.errors import DTypeError, InvalidArgumentError, ShapeError
+
+    p = PinnedPool("p")
+    with pytest.raises(ShapeError, match="integers"):
+        p.reserve("f", (2.5, 4), np.float32)  # was truncated to (2, 4)
+    with pytest.raises(ShapeError, match="integers"):
+        p.reserve("s", 3, np.float32)  # was TypeError: 'int' object is not iterable
+    with pytest.raises(DTypeError, match="objects"):
+        p.reserve("o", (2,), object)  # was accepted, then TypeError at allocate()
+    with pytest.raises(DTypeError, match="not understood"):
+        p.reserve("d", (2,), "nope")
+    p.reserve("ok", (np.int64(3),), np.float32)
+    p.allocate()
+    assert p.view("ok").shape == (3,)
+    huge = PinnedPool("huge")
+    huge.reserve("x", (2**40, 2**40), np.float32)
+    with pytest.raises(InvalidArgumentError, match="cannot allocate"):
+        huge.allocate()  # was numpy's ValueError
