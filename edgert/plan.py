@@ -965,6 +965,11 @@ def plan(model, device="host", fallback: str = "allow", min_nodes_per_partition:
         raise InvalidArgumentError(f"min_nodes_per_partition must be an integer >= 1, got {min_nodes_per_partition!r}")
     if max_partitions is not None and (not isinstance(max_partitions, int) or max_partitions < 1):
         raise InvalidArgumentError(f"max_partitions must be an integer >= 1 or None, got {max_partitions!r}")
+    if dims is not None and not isinstance(dims, Mapping):
+        raise InvalidArgumentError(f"dims must be a mapping of dim name -> size, got {type(dims).__name__}")
+    for k, v in (dims or {}).items():
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise InvalidArgumentError(f"dim {k!r} must be an integer size, got {v!r}")  # int(2.7) would be 2
     dims = {str(k): int(v) for k, v in (dims or {}).items()}
     for k, v in dims.items():
         if v < 1:

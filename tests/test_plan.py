@@ -536,3 +536,12 @@ def test_graph_built_with_the_ir_classes():
     assert [(t.tensor, t.nbytes) for t in p.transfers] == [("x", 4096 * 32 * 4), ("h", 4096 * 32 * 4)]
     assert p.partitions[0].inputs == ["x"] and p.partitions[1].outputs == ["y"]
     assert P.node_ops(g.node("mm"), g, {"n": 4096}) == 2 * 4096 * 32 * 32
+
+
+@pytest.mark.parametrize("dims, match", [({"batch": "x"}, "integer"), ({"batch": 2.7}, "integer"),
+                                         ([1], "mapping")])
+def test_plan_dims_must_be_a_mapping_of_integers(dims, match):
+    # were ValueError (int('x')), AttributeError (a list), or 2.7 silently planned as batch 2
+    with pytest.raises(edgert.errors.InvalidArgumentError, match=match):
+        P.plan(M.mlp(), dims=dims)
+    assert P.plan(M.mlp(), dims={"batch": np.int64(2)}).partitions
