@@ -393,6 +393,10 @@ class Session:
 
     def _bind(self, dims: dict, feeds) -> _Bound:
         graph = self._graph0.bind(dims) if dims else self._graph0
+        for t in [*graph.inputs, *graph.outputs]:
+            if graph.tensors[t].dtype == "string":  # a pool buffer is raw memory: no numpy dtype holds these
+                raise DTypeError(f"{'input' if t in graph.inputs else 'output'} {t!r} is a string tensor; a Session "
+                                 "runs numeric tensors only")
         unknown = [t for t, tt in graph.tensors.items() if tt.initializer is None and not _known(tt)]
         # partitions are exported from the model as written (symbolic dims kept, as onnxruntime runs the whole
         # model): baking bound dims in can make onnxruntime's inference reject branches that never run

@@ -329,3 +329,13 @@ def test_session_arguments_are_validated(mlp_path, kw, match):
     # were AttributeError (device), ValueError (int('x')), or accepted: "false" ran emulated, 2.7 bound batch=2
     with pytest.raises(InvalidArgumentError, match=match):
         edgert.Session(mlp_path, **kw)
+
+
+def test_string_tensor_model_is_a_dtype_error():
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Identity", ["s"], ["o"])], "g",
+                          [helper.make_tensor_value_info("s", TensorProto.STRING, [2])],
+                          [helper.make_tensor_value_info("o", TensorProto.STRING, [2])])
+    with pytest.raises(DTypeError, match="string tensor"):  # was TypeError: data type 'string' not understood
+        edgert.Session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
