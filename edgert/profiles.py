@@ -307,6 +307,17 @@ def _parse_unit(c: _Checker, u: Mapping, path: str) -> ComputeUnit:
         c.str(opts, "library", f"{path}.delegate_options")
     if delegate == "serial-npu" and "baudrate" in opts:
         c.num(opts, "baudrate", f"{path}.delegate_options", integer=True)
+    # the other options the schema gives a type (docs/profiles.md): wrong ones reached the delegates unchecked
+    if delegate == "host":
+        c.num(opts, "threads", f"{path}.delegate_options", required=False, integer=True)
+    for key in ("session_options", "options"):
+        if key in opts and not isinstance(opts[key], Mapping):
+            c.fail(f"{path}.delegate_options.{key}", f"expected a table, got {opts[key]!r}")
+    if delegate == "serial-npu":
+        c.str(opts, "port", f"{path}.delegate_options", required=False)
+        c.num(opts, "timeout_s", f"{path}.delegate_options", required=False)
+    if delegate == "rknn":
+        c.str(opts, "target", f"{path}.delegate_options")
     dtypes = c.dtypes(u["dtypes"], f"{path}.dtypes")
     ops: dict[str, OpConstraint] = {}
     op_list = u.get("ops", [])

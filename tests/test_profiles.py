@@ -266,3 +266,32 @@ def test_profile_file_not_utf8_is_a_profile_error(tmp_path):
     with pytest.raises(ProfileError) as ei:
         P.load(f)
     assert ei.value.file == str(f) and "utf-8" in ei.value.reason
+
+
+@pytest.mark.parametrize("unit, opts, field", [
+    (0, {"threads": "x"}, "units[0].delegate_options.threads"),
+    (0, {"threads": -3}, "units[0].delegate_options.threads"),
+    (1, {"library": "librknnrt.so", "target": 3588}, "units[1].delegate_options.target"),
+])
+def test_typed_delegate_options_are_checked(unit, opts, field):
+    import tomllib
+
+    data = tomllib.loads((P.profiles_dir() / "rk3588.toml").read_text())
+    data["units"][unit]["delegate_options"] = opts  # were accepted, and reached the delegate as they were
+    with pytest.raises(ProfileError) as ei:
+        P.parse_profile(data, "rk.toml")
+    assert ei.value.field == field
+
+
+def test_table_and_serial_options_are_checked():
+    import tomllib
+
+    for name, opts, field in (("snapdragon-x", {"providers": ["QNNExecutionProvider"], "session_options": "fast"},
+                               "session_options"),
+                              ("serial-npu", {"timeout_s": -1.0}, "timeout_s"), ("serial-npu", {"port": 7}, "port")):
+        data = tomllib.loads((P.profiles_dir() / f"{name}.toml").read_text())
+        unit = next(u for u in data["units"] if u["delegate"] != "host")
+        unit["delegate_options"] = opts
+        with pytest.raises(ProfileError) as ei:
+            P.parse_profile(data, f"{name}.toml")
+        assert ei.value.field.endswith(f"delegate_options.{field}"), (name, ei.value.field)
