@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import InvalidArgumentError, ModelFormatError, ModelNotFoundError
+from .errors import DTypeError, InvalidArgumentError, ModelFormatError, ModelNotFoundError, ShapeError
 from .formats.gguf import open_gguf
 from .quant import BLOCK, FORMATS, quantize
 
@@ -175,6 +175,29 @@ def read_samples(directory, input_names: list[str]) -> list[dict[str, np.ndarray
     return out
 
 
+def _check_samples(model, names: list[str], samples: list[dict], where) -> None:
+    """Each sample's arrays have the dtype and the fixed dims of the model's inputs (onnxruntime's calibration run
+    would otherwise fail deep inside quantize_static with its own exception)."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    types = {i.name: i.type.tensor_type for i in model.graph.input if i.type.HasField("tensor_type")}
+    for k, sample in enumerate(samples):
+        for n in names:
+            tt, a = types.get(n), np.asarray(sample[n])
+            if tt is None:
+                continue
+            if tt.elem_type:
+                want = np.dtype(tensor_dtype_to_np_dtype(tt.elem_type))
+                if a.dtype != want:
+                    raise DTypeError(f"sample #{k} in {where}: input {n!r} is {a.dtype}, the model takes {want}")
+            if tt.HasField("shape"):
+                dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+                if a.ndim != len(dims) or any(w is not None and w != g for w, g in zip(dims, a.shape)):
+                    shown = tuple(d if d is not None else "?" for d in dims)
+                    raise ShapeError(f"sample #{k} in {where}: input {n!r} has shape {a.shape}, the model takes "
+                                     f"{shown}")
+
+
 def quantize_onnx(src, dst, mode: str, *, calibration=None, block_size: int = 32) -> dict:
     """Write ``dst``: ``src`` quantized with onnxruntime.quantization in ``mode`` (int8-dynamic, int8-static with
     ``calibration`` a directory of samples, int4)."""
@@ -204,6 +227,7 @@ def quantize_onnx(src, dst, mode: str, *, calibration=None, block_size: int = 32
         inits = {i.name for i in model.graph.initializer}
         names = [i.name for i in model.graph.input if i.name not in inits]
         samples = read_samples(calibration, names)
+        _check_samples(model, names, samples, calibration)
 
         class _Reader(q.CalibrationDataReader):
             def __init__(self):

@@ -125,3 +125,20 @@ def test_cli_quantize_bad_paths_are_one_line_errors(f32, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("edgert: error: ") and match in err and err.count("\n") == 1, (argv, err)
     assert model.read_bytes() == before and not (tmp_path / "o.gguf").exists()
+
+
+@pytest.mark.parametrize("sample, match", [(np.ones((2, 8)), "is float64, the model takes float32"),
+                                           (np.ones((2, 7), np.float32), "has shape (2, 7)")])
+def test_int8_static_calibration_samples_of_the_wrong_dtype_or_shape(tmp_path, sample, match):
+    import onnx
+
+    from edgert.quantize_model import quantize_onnx
+    from onnx_models import mlp
+
+    model = tmp_path / "m.onnx"
+    onnx.save(mlp(), model)
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    np.save(cal / "a.npy", sample)
+    with pytest.raises(edgert.errors.EdgertError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        quantize_onnx(model, tmp_path / "o.onnx", "int8-static", calibration=cal)  # was onnxruntime's exception
