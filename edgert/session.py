@@ -199,6 +199,9 @@ class Session:
             raise InvalidArgumentError(f"threads must be a non-negative integer or None, got {threads!r}")
         if not (core is True or core is False or core == "auto"):
             raise InvalidArgumentError(f"core must be 'auto', True or False, got {core!r}")
+        if device_options is not None and not isinstance(device_options, Mapping):
+            raise InvalidArgumentError(f"device_options must be a mapping (e.g. {{'url': ...}}), got "
+                                       f"{type(device_options).__name__}")
         if dims is not None and not isinstance(dims, Mapping):
             raise InvalidArgumentError(f"dims must be a mapping of dim name -> size, got {type(dims).__name__}")
         for k, v in (dims or {}).items():

@@ -324,6 +324,7 @@ def test_list_feed_of_an_integer_input_is_not_truncated(tmp_path):
     ({"emulate": "false"}, "emulate must be"), ({"threads": -1}, "threads"), ({"threads": "a"}, "threads"),
     ({"core": "yes"}, "core must be"), ({"dims": [2]}, "dims must be"), ({"dims": {"batch": "x"}}, "integer"),
     ({"dims": {"batch": 2.7}}, "integer"), ({"dims": {"bacth": 2}}, "'bacth', not a symbolic dim"),
+    ({"device_options": "url"}, "device_options must be"),
 ])
 def test_session_arguments_are_validated(mlp_path, kw, match):
     # were AttributeError (device), ValueError (int('x')), or accepted: "false" ran emulated, 2.7 bound batch=2
