@@ -265,6 +265,8 @@ def cmd_plan(args) -> int:
         name, _, value = item.partition("=")
         if not name or not value.strip().isdigit():
             raise InvalidArgumentError(f"--dim expects NAME=VALUE with a positive integer VALUE, got {item!r}")
+        if name.strip() in dims:
+            raise InvalidArgumentError(f"--dim {name.strip()} is given twice")
         dims[name.strip()] = int(value)
     result = plan(args.model, device=args.device, fallback=args.fallback, min_nodes_per_partition=args.min_nodes,
                   max_partitions=args.max_partitions, dims=dims)

@@ -133,6 +133,7 @@ def test_graph_commands_bad_output_paths_are_one_line_errors(tmp_path, capsys, n
         (["plan", str(model), "--svg", str(tmp_path / "no" / "g.svg")], "--svg"),
         (["run", str(model), "--input", f"x={x}", "--output", str(afile)], "--output"),
         (["run", str(model), "--input", f"x={x}", "--input", f"x={x}"], "given twice"),
+        (["plan", str(model), "--dim", "batch=2", "--dim", "batch=3"], "given twice"),
     ]
     for argv, match in cases:
         assert main(argv) == 1, argv
