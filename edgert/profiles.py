@@ -400,6 +400,11 @@ def parse_profile(data: Mapping, source: str) -> DeviceProfile:
     if not isinstance(units_raw, list) or not units_raw:
         c.fail("units", "expected at least one [[units]] table")
     units = [_parse_unit(c, u, f"units[{i}]") for i, u in enumerate(units_raw)]
+    if data.get("attach") != "host" and not any(u.delegate == "host" for u in units):
+        # else DeviceProfile.host_unit falls back to units[0]: an accelerator would be planned every node, listed
+        # or not
+        c.fail("units", "no unit is driven by the 'host' delegate: a profile needs one to run what its accelerators "
+                        "cannot (or attach = \"host\" to put this machine's CPU in front)")
     seen = set()
     for i, u in enumerate(units):
         if u.name in seen:

@@ -295,3 +295,16 @@ def test_table_and_serial_options_are_checked():
         with pytest.raises(ProfileError) as ei:
             P.parse_profile(data, f"{name}.toml")
         assert ei.value.field.endswith(f"delegate_options.{field}"), (name, ei.value.field)
+
+
+def test_a_profile_without_a_host_unit_is_refused():
+    import tomllib
+
+    data = tomllib.loads((P.profiles_dir() / "rk3588.toml").read_text())
+    data["units"] = [u for u in data["units"] if u["delegate"] != "host"]
+    # was accepted: host_unit fell back to the NPU, and plan put every node on it, listed or not
+    with pytest.raises(ProfileError) as ei:
+        P.parse_profile(data, "rk.toml")
+    assert ei.value.field == "units" and "'host' delegate" in ei.value.reason
+    data["attach"] = "host"  # the detected CPU goes in front: fine
+    assert P.parse_profile(data, "rk.toml").units[0].delegate == "rknn"
