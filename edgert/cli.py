@@ -305,6 +305,10 @@ def cmd_run(args) -> int:
             feeds[name] = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise InvalidArgumentError(f"--input {name}: cannot read {path} as a .npy array: {exc}") from None
+        if not isinstance(feeds[name], np.ndarray):  # np.load opens a .npz archive (whatever the file's name)
+            feeds[name].close()
+            raise InvalidArgumentError(f"--input {name}: {path} is an .npz archive, not a .npy array; save each input "
+                                       "with np.save")
     sess = Session(args.model, device=args.device, fallback=args.fallback, emulate=args.emulate,
                    device_options={"url": args.device_url} if getattr(args, "device_url", None) else None)
     names = [o.name for o in sess.get_outputs()]

@@ -127,6 +127,8 @@ def test_graph_commands_bad_output_paths_are_one_line_errors(tmp_path, capsys, n
     model, x, afile = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "afile"
     onnx.save(mlp(), model)
     np.save(x, np.ones((2, 8), np.float32))
+    npz = tmp_path / "z.npz"
+    np.savez(npz, x=np.ones((2, 8), np.float32))
     afile.write_text("x")
     cases = [  # were FileNotFoundError / FileExistsError tracebacks, and a repeated --input was taken silently
         (["plan", str(model), "--dot", str(tmp_path / "no" / "g.dot")], "--dot"),
@@ -134,6 +136,7 @@ def test_graph_commands_bad_output_paths_are_one_line_errors(tmp_path, capsys, n
         (["run", str(model), "--input", f"x={x}", "--output", str(afile)], "--output"),
         (["run", str(model), "--input", f"x={x}", "--input", f"x={x}"], "given twice"),
         (["plan", str(model), "--dim", "batch=2", "--dim", "batch=3"], "given twice"),
+        (["run", str(model), "--input", f"x={npz}"], ".npz archive"),  # was 'expected rank 2, got shape (1,)'
     ]
     for argv, match in cases:
         assert main(argv) == 1, argv
