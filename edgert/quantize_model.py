@@ -50,7 +50,7 @@ def quantize_gguf(src, dst, fmt: str, *, keep_embeddings: bool = False, progress
     if fmt not in GGUF_TARGETS:
         raise InvalidArgumentError(f"GGUF target must be one of {', '.join(GGUF_TARGETS)}, got {fmt!r}")
     src, dst = os.fspath(src), os.fspath(dst)
-    if os.path.abspath(src) == os.path.abspath(dst):
+    if _same_file(src, dst):
         raise InvalidArgumentError(f"output {dst} is the input file: write the re-quantized model elsewhere")
     g = open_gguf(src)  # first: it names a missing, truncated or non-GGUF file (ModelFormatError)
     try:
@@ -114,6 +114,16 @@ def quantize_gguf(src, dst, fmt: str, *, keep_embeddings: bool = False, progress
     finally:
         g.close()
     return summary
+
+
+def _same_file(src: str, dst: str) -> bool:
+    """Whether writing ``dst`` would overwrite ``src`` (the same path, or a symlink or hard link to it)."""
+    if os.path.abspath(src) == os.path.abspath(dst):
+        return True
+    try:
+        return os.path.samefile(src, dst)
+    except OSError:  # either does not exist (yet)
+        return False
 
 
 def _check_output_dir(dst: str) -> None:
@@ -208,7 +218,7 @@ def quantize_onnx(src, dst, mode: str, *, calibration=None, block_size: int = 32
     src, dst = os.fspath(src), os.fspath(dst)
     if not os.path.isfile(src):
         raise ModelNotFoundError(f"ONNX model {src!r} does not exist or is not a file")
-    if os.path.abspath(src) == os.path.abspath(dst):
+    if _same_file(src, dst):
         raise InvalidArgumentError(f"output {dst} is the input file: write the quantized model elsewhere")
     _check_output_dir(dst)
     try:

@@ -142,3 +142,23 @@ def test_int8_static_calibration_samples_of_the_wrong_dtype_or_shape(tmp_path, s
     np.save(cal / "a.npy", sample)
     with pytest.raises(edgert.errors.EdgertError, match=match.replace("(", r"\(").replace(")", r"\)")):
         quantize_onnx(model, tmp_path / "o.onnx", "int8-static", calibration=cal)  # was onnxruntime's exception
+
+
+def test_output_that_is_a_link_to_the_input_is_refused(f32, tmp_path):
+    import onnx
+
+    from edgert.errors import InvalidArgumentError
+    from edgert.quantize_model import quantize_onnx
+    from onnx_models import mlp
+
+    before = f32.read_bytes()
+    link = tmp_path / "link.gguf"
+    link.symlink_to(f32)
+    with pytest.raises(InvalidArgumentError, match="is the input file"):
+        quantize_gguf(f32, link, "q4_0")  # the writer truncated the file being read through the link
+    assert f32.read_bytes() == before
+    model, hard = tmp_path / "m.onnx", tmp_path / "hard.onnx"
+    onnx.save(mlp(), model)
+    hard.hardlink_to(model)
+    with pytest.raises(InvalidArgumentError, match="is the input file"):
+        quantize_onnx(model, hard, "int8-dynamic")
