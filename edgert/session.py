@@ -326,7 +326,14 @@ class Session:
             a = feeds.get(n) if isinstance(feeds, dict) else (feeds[n] if n in feeds else None)
             if a is None:
                 raise InvalidArgumentError(f"missing feed for input {n!r}; the model's inputs are {g.inputs}")
-            if not stale and (a.shape if isinstance(a, np.ndarray) else np.shape(a)) != b.input_shapes[n]:
+            if isinstance(a, np.ndarray):
+                shape = a.shape
+            else:
+                try:
+                    shape = np.shape(a)
+                except ValueError as exc:  # a ragged nested list
+                    raise ShapeError(f"input {n!r} is not a rectangular array: {exc}") from None
+            if not stale and shape != b.input_shapes[n]:
                 stale = True
         if len(feeds) > len(g.inputs):
             extra = [n for n in feeds if n not in g.inputs]

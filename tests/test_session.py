@@ -11,7 +11,7 @@ import pytest
 import edgert
 from edgert import delegates, telemetry
 from edgert.delegates.base import CompiledPartition, Delegate
-from edgert.errors import DeviceError, DTypeError, InvalidArgumentError
+from edgert.errors import DeviceError, DTypeError, InvalidArgumentError, ShapeError
 
 from cli_run import edgert_cmd
 from onnx_models import convnet, mlp, ort_run
@@ -305,6 +305,8 @@ def test_feeds_and_output_names_that_are_not_what_run_takes(mlp_path):
         with pytest.raises(InvalidArgumentError, match="output_names"):
             s.run(bad, {"x": x})  # "y" was split into characters; 5 was a TypeError
     np.testing.assert_array_equal(s.run(["y"], {"x": x.tolist()})[0], s.run(None, {"x": x})[0])
+    with pytest.raises(ShapeError, match="rectangular"):
+        s.run(None, {"x": [[1.0] * 8, [1.0] * 7]})  # was numpy's ValueError (inhomogeneous shape)
 
 
 def test_list_feed_of_an_integer_input_is_not_truncated(tmp_path):
