@@ -961,9 +961,11 @@ def plan(model, device="host", fallback: str = "allow", min_nodes_per_partition:
     with unbound dynamic shapes stay off units that need static shapes."""
     if fallback not in FALLBACKS:
         raise InvalidArgumentError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
-    if not isinstance(min_nodes_per_partition, int) or min_nodes_per_partition < 1:
+    if (not isinstance(min_nodes_per_partition, int) or isinstance(min_nodes_per_partition, bool)
+            or min_nodes_per_partition < 1):
         raise InvalidArgumentError(f"min_nodes_per_partition must be an integer >= 1, got {min_nodes_per_partition!r}")
-    if max_partitions is not None and (not isinstance(max_partitions, int) or max_partitions < 1):
+    if max_partitions is not None and (not isinstance(max_partitions, int) or isinstance(max_partitions, bool)
+                                       or max_partitions < 1):
         raise InvalidArgumentError(f"max_partitions must be an integer >= 1 or None, got {max_partitions!r}")
     if dims is not None and not isinstance(dims, Mapping):
         raise InvalidArgumentError(f"dims must be a mapping of dim name -> size, got {type(dims).__name__}")

@@ -17,6 +17,7 @@ the session or the CLI.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import zipfile
 import zlib
@@ -24,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import DTypeError, InvalidArgumentError, ModelFormatError, ModelNotFoundError, ShapeError
+from .errors import DTypeError, EdgertError, InvalidArgumentError, ModelFormatError, ModelNotFoundError, ShapeError
 from .formats.gguf import open_gguf
 from .quant import BLOCK, FORMATS, quantize
 
@@ -53,7 +54,8 @@ def quantize_gguf(src, dst, fmt: str, *, keep_embeddings: bool = False, progress
     if _same_file(src, dst):
         raise InvalidArgumentError(f"output {dst} is the input file: write the re-quantized model elsewhere")
     g = open_gguf(src)  # first: it names a missing, truncated or non-GGUF file (ModelFormatError)
-    try:
+    with contextlib.ExitStack() as stack:  # on leaving: the writer closed, dst in place (or no dst), g closed
+        stack.callback(g.close)
         _check_output_dir(dst)
         try:
             reader = gguf.GGUFReader(src)  # the typed view of the metadata (edgert's reader keeps values, not types)
@@ -62,7 +64,9 @@ def quantize_gguf(src, dst, fmt: str, *, keep_embeddings: bool = False, progress
         arch = g.metadata.get("general.architecture")
         if not isinstance(arch, str):
             raise ModelFormatError(f"{src}: general.architecture is missing; not a model GGUF")
-        writer = gguf.GGUFWriter(dst, arch)
+        out = stack.enter_context(_written_whole(dst))  # dst appears only once the file is complete
+        writer = gguf.GGUFWriter(out, arch)
+        stack.callback(writer.close)
         alignment = g.metadata.get("general.alignment")
         if isinstance(alignment, int) and alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
             writer.add_custom_alignment(alignment)
@@ -110,10 +114,29 @@ def quantize_gguf(src, dst, fmt: str, *, keep_embeddings: bool = False, progress
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-    finally:
-        g.close()
+
     return summary
+
+
+@contextlib.contextmanager
+def _written_whole(dst: str):
+    """A temporary path beside ``dst`` to write to; renamed to ``dst`` when the block ends normally, removed when it
+    raises, so a failed or interrupted write (a full disk, Ctrl-C) never leaves a partial model under ``dst``."""
+    tmp = f"{dst}.partial-{os.getpid()}"
+    try:
+        yield tmp
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(exc, OSError):  # a full disk, a vanished directory: one line, not a traceback
+            raise EdgertError(f"output {dst}: writing failed ({exc})") from None
+        raise
+    try:
+        os.replace(tmp, dst)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise EdgertError(f"output {dst}: cannot be written ({exc})") from None
 
 
 def _same_file(src: str, dst: str) -> bool:
@@ -227,6 +250,14 @@ def quantize_onnx(src, dst, mode: str, *, calibration=None, block_size: int = 32
         raise ModelFormatError(f"ONNX model {src!r} could not be parsed ({type(exc).__name__}: {exc})") from None
     from onnxruntime import quantization as q
 
+    with _written_whole(dst) as out:  # dst appears only once the model is complete
+        _quantize_onnx_to(q, src, out, mode, calibration, block_size)
+    return {"mode": mode, "bytes_in": os.path.getsize(src), "bytes_out": os.path.getsize(dst)}
+
+
+def _quantize_onnx_to(q, src: str, dst: str, mode: str, calibration, block_size: int) -> None:
+    import onnx
+
     if mode == "int8-dynamic":
         q.quantize_dynamic(src, dst, weight_type=q.QuantType.QInt8)
     elif mode == "int8-static":
@@ -258,7 +289,6 @@ def quantize_onnx(src, dst, mode: str, *, calibration=None, block_size: int = 32
         quant = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True)
         quant.process()
         quant.model.save_model_to_file(dst, use_external_data_format=False)
-    return {"mode": mode, "bytes_in": os.path.getsize(src), "bytes_out": os.path.getsize(dst)}
 
 
 def detect_kind(path) -> str:

@@ -580,6 +580,8 @@ class Session:
             pool.close()
 
     def close(self) -> None:
+        """Release what the compiled partitions hold (runtime sessions, device tensors, serial links). The session
+        stays usable: a later ``run`` lays it out and compiles it again."""
         self._close_bound()
         self._bound = None
 

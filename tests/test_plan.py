@@ -545,3 +545,10 @@ def test_plan_dims_must_be_a_mapping_of_integers(dims, match):
     with pytest.raises(edgert.errors.InvalidArgumentError, match=match):
         P.plan(M.mlp(), dims=dims)
     assert P.plan(M.mlp(), dims={"batch": np.int64(2)}).partitions
+
+
+@pytest.mark.parametrize("kw", [dict(min_nodes_per_partition=True), dict(max_partitions=True),
+                                dict(min_nodes_per_partition=0), dict(max_partitions=2.0)])
+def test_plan_limits_must_be_integers_not_booleans(kw):
+    with pytest.raises(edgert.errors.InvalidArgumentError, match="must be an integer"):
+        P.plan(M.mlp(), **kw)

@@ -162,3 +162,23 @@ def test_output_that_is_a_link_to_the_input_is_refused(f32, tmp_path):
     hard.hardlink_to(model)
     with pytest.raises(InvalidArgumentError, match="is the input file"):
         quantize_onnx(model, hard, "int8-dynamic")
+
+
+def test_a_failed_write_leaves_no_output_and_no_partial_file(f32, tmp_path, monkeypatch, capsys):
+    """A write that fails half way (here: the disk fills while the tensors are written) leaves neither a partial
+    model under the output name nor the temporary file, and is one edgert error; an earlier good output stays."""
+    dst = tmp_path / "out.gguf"
+    quantize_gguf(f32, dst, "q8_0")
+    good = dst.read_bytes()
+
+    def disk_full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    with pytest.raises(edgert.EdgertError, match="No space left"):
+        quantize_gguf(f32, dst, "q4_0")
+    assert dst.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]
+    fresh = tmp_path / "fresh.gguf"
+    assert main(["quantize", str(f32), str(fresh), "q4_0", "-q"]) == 1
+    assert "No space left" in capsys.readouterr().err and not fresh.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]
