@@ -119,6 +119,18 @@ static int64_t out_dim(uint32_t in, int32_t pa, int32_t pb, uint32_t k, int32_t 
     return e < 0 ? -1 : e / s + 1;
 }
 
+/* whether a and b broadcast (numpy rules, right-aligned) to exactly y's shape */
+static int broadcasts_to(const fw_tensor *a, const fw_tensor *b, const fw_tensor *y) {
+    const int r = y->rank;
+    if (a->rank > r || b->rank > r) return 0;
+    for (int i = 0; i < r; i++) {
+        uint32_t da = i >= r - a->rank ? a->dims[i - (r - a->rank)] : 1;
+        uint32_t db = i >= r - b->rank ? b->dims[i - (r - b->rank)] : 1;
+        if (!((da == y->dims[i] || da == 1) && (db == y->dims[i] || db == 1))) return 0;
+    }
+    return 1;
+}
+
 static int check_fc_s8(fw_graph *g, fw_node *n, const char **msg) {
     const fw_tensor *x = in_t(g, n, 0), *w = in_t(g, n, 1), *rowc = in_t(g, n, 2), *sc = in_t(g, n, 3);
     const fw_tensor *y = &g->t[n->out[0]];
@@ -239,13 +251,7 @@ static int check_node(fw_graph *g, fw_node *n, const char **msg) {
         if (b == NULL || n->n_in != 2 || a->dtype != b->dtype || a->dtype != y->dtype ||
             !(a->dtype == FW_DT_INT32 || a->dtype == FW_DT_INT8))
             FAIL(FW_ERR_UNSUPPORTED, "Add/Mul: int32 (or int8) operands of one dtype");
-        int r = y->rank;
-        if (a->rank > r || b->rank > r) FAIL(FW_ERR_SHAPE, "Add/Mul: broadcast shape");
-        for (int i = 0; i < r; i++) {
-            uint32_t da = i >= r - a->rank ? a->dims[i - (r - a->rank)] : 1;
-            uint32_t db = i >= r - b->rank ? b->dims[i - (r - b->rank)] : 1;
-            if (!((da == y->dims[i] || da == 1) && (db == y->dims[i] || db == 1))) FAIL(FW_ERR_SHAPE, "Add/Mul: broadcast shape");
-        }
+        if (!broadcasts_to(a, b, y)) FAIL(FW_ERR_SHAPE, "Add/Mul: broadcast shape");
         g->ops += numel(y);
         return 0;
     }
@@ -272,13 +278,7 @@ static int check_node(fw_graph *g, fw_node *n, const char **msg) {
         if (n->attr[3] < 0 || n->attr[3] > 31 || !in_i8(n->attr[4]) || !in_i8(n->attr[5]) || !in_i8(n->attr[6]) ||
             n->attr[5] > n->attr[6])
             FAIL(FW_ERR_GRAPH, "ADD_S8: bad attributes");
-        int r = y->rank;
-        if (a->rank > r || b->rank > r) FAIL(FW_ERR_SHAPE, "ADD_S8: broadcast shape");
-        for (int i = 0; i < r; i++) {
-            uint32_t da = i >= r - a->rank ? a->dims[i - (r - a->rank)] : 1;
-            uint32_t db = i >= r - b->rank ? b->dims[i - (r - b->rank)] : 1;
-            if (!((da == y->dims[i] || da == 1) && (db == y->dims[i] || db == 1))) FAIL(FW_ERR_SHAPE, "ADD_S8: broadcast shape");
-        }
+        if (!broadcasts_to(a, b, y)) FAIL(FW_ERR_SHAPE, "ADD_S8: broadcast shape");
         g->ops += numel(y);
         return 0;
     }
