@@ -24,6 +24,7 @@ import onnxruntime as ort  # noqa: E402
 
 import edgert  # noqa: E402
 from edgert import telemetry  # noqa: E402
+from edgert.delegates.base import median_s  # noqa: E402
 from edgert.delegates.host import chain_nodes  # noqa: E402
 
 import real_models as R  # noqa: E402
@@ -33,15 +34,8 @@ NPUS = ["rk3588", "ryzen-ai", "imx8mp"]
 
 
 def timeit(fn, runs: int, warmup: int = 3) -> float:
-    """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+    """Median seconds per call (the host delegate's own timer)."""
+    return median_s(fn, runs, warmup=warmup)
 
 
 def interleaved(fa, fb, blocks: int, per: int) -> tuple[float, float, np.ndarray]:

@@ -48,25 +48,34 @@ AUTO_TIMING_RUNS = 15  # runs per variant when a delegate picks between two comp
 AUTO_TIMING_BUDGET_S = 0.25  # ... or fewer (at least 3) once a variant has run this long: a big model compiles fast
 
 
-def faster_of(first: CompiledPartition, second: CompiledPartition, specs, runs: int = AUTO_TIMING_RUNS):
-    """The one of two compilations of the same partition that runs faster on zero-filled inputs (median of
-    ``runs`` after one warm-up run each, fewer for a slow partition); the other is closed. Ties keep ``first``. ``specs``: boundary tensor ->
-    (shape, dtype). Used by ``core="auto"``: a C-core step can be faster alone and still slow the partition down,
-    because the cut around it costs the surrounding runtime its fusions and adds a call."""
+def median_s(fn, runs: int = AUTO_TIMING_RUNS, *, warmup: int = 1, budget_s: float | None = None) -> float:
+    """Median wall time of ``fn()`` over ``runs`` calls after ``warmup`` untimed ones; with ``budget_s``, fewer
+    calls (at least 3) once they have taken that long in all."""
     import time
 
-    def median_s(c: CompiledPartition) -> float:
+    for _ in range(warmup):
+        fn()
+    ts: list[float] = []
+    while len(ts) < runs and (budget_s is None or len(ts) < 3 or sum(ts) < budget_s):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def faster_of(first: CompiledPartition, second: CompiledPartition, specs, runs: int = AUTO_TIMING_RUNS):
+    """The one of two compilations of the same partition that runs faster on zero-filled inputs (median of
+    ``runs`` after one warm-up run each, fewer for a slow partition); the other is closed. Ties keep ``first``.
+    ``specs``: boundary tensor -> (shape, dtype). Used by ``core="auto"``: a C-core step can be faster alone and
+    still slow the partition down, because the cut around it costs the surrounding runtime its fusions and adds a
+    call."""
+
+    def run_time(c: CompiledPartition) -> float:
         feeds = {n: np.zeros(*specs[n]) for n in c.inputs}
         outs = {n: np.zeros(*specs[n]) for n in c.outputs}
-        c.run(feeds, outs)
-        ts = []
-        while len(ts) < runs and (len(ts) < 3 or sum(ts) < AUTO_TIMING_BUDGET_S):
-            t = time.perf_counter()
-            c.run(feeds, outs)
-            ts.append(time.perf_counter() - t)
-        return sorted(ts)[len(ts) // 2]
+        return median_s(lambda: c.run(feeds, outs), runs, budget_s=AUTO_TIMING_BUDGET_S)
 
-    if median_s(second) < median_s(first):
+    if run_time(second) < run_time(first):
         first.close()
         return second
     second.close()

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import DeviceError
 from ..quant import BLOCK, BoundMatMul, QTensor, from_matmul_nbits, quantize
-from .base import CompiledPartition, Delegate, faster_of, register
+from .base import CompiledPartition, Delegate, faster_of, median_s, register
 from .onnxruntime import CPU, OnnxruntimePartition, session_options
 
 # error budgets of the C-core paths, as a fraction of max |reference output| (tests and docs name these)
@@ -221,18 +221,6 @@ def chain_nodes(graph, x: str, out: str) -> list[str]:
     return [n.name for n in graph.nodes if n.name in seen]
 
 
-def _median_s(fn, runs: int = 15) -> float:
-    import time
-
-    fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
-
-
 def steps_that_pay(steps: list[CoreMatMul], graph, shapes: Mapping[str, tuple], sess_options) -> list[CoreMatMul]:
     """The steps the C core runs faster than onnxruntime runs the same nodes, timed once at compile time on a
     random input of the bound shape (a step whose input shape is not known yet is kept)."""
@@ -251,11 +239,11 @@ def steps_that_pay(steps: list[CoreMatMul], graph, shapes: Mapping[str, tuple], 
             if [i.name for i in o.get_inputs()] != [st.x]:
                 keep.append(st)
                 continue
-            t_ort = _median_s(lambda: o.run(None, {st.x: x}))
+            t_ort = median_s(lambda: o.run(None, {st.x: x}))
         except Exception:
             keep.append(st)
             continue
-        st.timing = (_median_s(lambda: st.compute(x)), t_ort)
+        st.timing = (median_s(lambda: st.compute(x)), t_ort)
         if st.timing[0] < st.timing[1]:
             keep.append(st)
     return keep
