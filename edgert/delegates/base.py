@@ -82,6 +82,25 @@ def faster_of(first: CompiledPartition, second: CompiledPartition, specs, runs: 
     return first
 
 
+def cut_into_steps(nodes, anchors: Mapping[str, Any], claimed, segment) -> list:
+    """A partition's ``nodes`` (topological order) as a list of steps: the step ``anchors[name]`` where its anchor
+    node comes, and between them runtime segments ``segment(pending_nodes, index)`` of the nodes no step claims.
+    The hosts' mixes of C-core steps and onnxruntime/LiteRT segments are cut this way."""
+    steps: list = []
+    pending: list[str] = []
+    for name in nodes:
+        if name in anchors:
+            if pending:
+                steps.append(segment(pending, len(steps)))
+                pending = []
+            steps.append(anchors[name])
+        elif name not in claimed:
+            pending.append(name)
+    if pending:
+        steps.append(segment(pending, len(steps)))
+    return steps
+
+
 class Delegate(ABC):
     """A backend that runs partitions. Subclasses are registered by name; the session creates one per unit."""
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import DeviceError
 from ..quant import BLOCK, BoundMatMul, QTensor, from_matmul_nbits, quantize
-from .base import CompiledPartition, Delegate, faster_of, median_s, register
+from .base import CompiledPartition, Delegate, cut_into_steps, faster_of, median_s, register
 from .onnxruntime import CPU, OnnxruntimePartition, session_options
 
 # error budgets of the C-core paths, as a fraction of max |reference output| (tests and docs name these)
@@ -270,18 +270,8 @@ class HostPartition(CompiledPartition):
         anchor = {graph.producer(s.out).name: s for s in steps}  # where the step's output is made
         claimed = {n for s in steps for n in s.nodes}
         pid = getattr(partition, "id", 0)
-        self.steps: list[Any] = []
-        pending: list[str] = []
-        for name in partition.nodes:
-            if name in anchor:
-                if pending:
-                    self.steps.append(_Segment(graph, pending, sess_options, pid, len(self.steps)))
-                    pending = []
-                self.steps.append(anchor[name])
-            elif name not in claimed:
-                pending.append(name)
-        if pending:
-            self.steps.append(_Segment(graph, pending, sess_options, pid, len(self.steps)))
+        self.steps: list[Any] = cut_into_steps(partition.nodes, anchor, claimed,
+                                               lambda nodes, i: _Segment(graph, nodes, sess_options, pid, i))
         self._internal: dict[str, np.ndarray] = {}
         self._out_set = set(self.outputs)
         # the whole partition is one onnxruntime model: run() hands the buffers straight to it

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import DeviceError
-from .base import CompiledPartition, faster_of
+from .base import CompiledPartition, cut_into_steps, faster_of
 from .litert import LiteRTPartition
 
 FC_INT8_LSB_BUDGET = 1   # int8 steps between the C core and LiteRT on an INT8 FULLY_CONNECTED output
@@ -204,20 +204,10 @@ class HostTFLitePartition(CompiledPartition):
     def __init__(self, partition, graph, steps: list[Int8FullyConnected], threads):
         self.inputs, self.outputs = list(partition.inputs), list(partition.outputs)
         self.core = steps
-        at = {s.nodes[0]: s for s in steps}
+        at = {s.nodes[0]: s for s in steps}  # a C-core step replaces exactly its one node
         pid = getattr(partition, "id", 0)
-        self.steps: list[Any] = []
-        pending: list[str] = []
-        for name in partition.nodes:
-            if name in at:
-                if pending:
-                    self.steps.append(_Segment(graph, pending, threads, pid, len(self.steps)))
-                    pending = []
-                self.steps.append(at[name])
-            else:
-                pending.append(name)
-        if pending:
-            self.steps.append(_Segment(graph, pending, threads, pid, len(self.steps)))
+        self.steps: list[Any] = cut_into_steps(partition.nodes, at, set(at),
+                                               lambda nodes, i: _Segment(graph, nodes, threads, pid, i))
         out_set = set(self.outputs)
         self._internal: dict[str, np.ndarray] = {}
         for s in self.steps:
