@@ -5,10 +5,23 @@ from __future__ import annotations
 import numpy as np
 
 
+def _checked_model(nodes, name: str, inits, x, y):
+    """An opset-17 model of ``nodes`` with one input ``x`` and one output ``y`` (each (name, elem type, shape)),
+    passed through onnx's checker."""
+    import onnx
+    from onnx import helper
+
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info(*x)], [helper.make_tensor_value_info(*y)],
+                          initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def int8_cnn(seed: int = 0, c: int = 3, hw: int = 8, classes: int = 10, uint8_input: bool = False):
     """x int8/uint8 (1, c, hw, hw) -> QLinearConv 3x3 (8 ch) -> depthwise QLinearConv 3x3 s2 -> Relu -> Reshape ->
     QLinearMatMul -> y int8 (1, classes)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -45,17 +58,11 @@ def int8_cnn(seed: int = 0, c: int = 3, hw: int = 8, classes: int = 10, uint8_in
         helper.make_node("Reshape", ["r2", "shape"], ["f"], name="flat"),
         helper.make_node("QLinearMatMul", ["f", "y2s", "y2zp", "w3", "w3s", "w3zp", "y3s", "y3zp"], ["y"], name="fc"),
     ]
-    g = helper.make_graph(nodes, "int8_cnn", [helper.make_tensor_value_info("x", xtp, [1, c, hw, hw])],
-                          [helper.make_tensor_value_info("y", TensorProto.INT8, [1, classes])], initializer=inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    return m
+    return _checked_model(nodes, "int8_cnn", inits, ("x", xtp, [1, c, hw, hw]), ("y", TensorProto.INT8, [1, classes]))
 
 
 def int8_mlp(seed: int = 0, k: int = 64, n: int = 32, m: int = 4):
     """x int8 (m, k) -> MatMulInteger (int32) -> Add bias (int32) -> Relu -> y int32 (m, n)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -65,12 +72,7 @@ def int8_mlp(seed: int = 0, k: int = 64, n: int = 32, m: int = 4):
     nodes = [helper.make_node("MatMulInteger", ["x", "w", "xzp"], ["acc"], name="mm"),
              helper.make_node("Add", ["acc", "b"], ["z"], name="bias"),
              helper.make_node("Relu", ["z"], ["y"], name="relu")]
-    g = helper.make_graph(nodes, "int8_mlp", [helper.make_tensor_value_info("x", TensorProto.INT8, [m, k])],
-                          [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])], initializer=inits)
-    mdl = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    mdl.ir_version = 8
-    onnx.checker.check_model(mdl)
-    return mdl
+    return _checked_model(nodes, "int8_mlp", inits, ("x", TensorProto.INT8, [m, k]), ("y", TensorProto.INT32, [m, n]))
 
 
 def int8_split(seed: int = 0, k: int = 64, n: int = 32, m: int = 4):
@@ -78,7 +80,6 @@ def int8_split(seed: int = 0, k: int = 64, n: int = 32, m: int = 4):
     Relu -> r; a host-only Neg on a side branch reads acc; y = Add(r, Neg(acc)) int32 (m, n). The Add cannot join
     the first partition (it waits for the host's Neg, which waits for acc), so r goes from one device partition to
     the next and is read by nothing else."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -88,9 +89,4 @@ def int8_split(seed: int = 0, k: int = 64, n: int = 32, m: int = 4):
              helper.make_node("Relu", ["acc"], ["r"], name="relu"),
              helper.make_node("Neg", ["acc"], ["h"], name="neg"),
              helper.make_node("Add", ["r", "h"], ["y"], name="add")]
-    g = helper.make_graph(nodes, "int8_split", [helper.make_tensor_value_info("x", TensorProto.INT8, [m, k])],
-                          [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])], initializer=inits)
-    mdl = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    mdl.ir_version = 8
-    onnx.checker.check_model(mdl)
-    return mdl
+    return _checked_model(nodes, "int8_split", inits, ("x", TensorProto.INT8, [m, k]), ("y", TensorProto.INT32, [m, n]))
