@@ -350,8 +350,10 @@ class HostDelegate(Delegate):
         # defaults (a one-partition plan runs exactly as plain onnxruntime)
         so = _no_spinning(session_options(None, threads)) if steps else session_options(None, threads)
         compiled = HostPartition(partition, graph, steps, so)
+        if not (steps and core == "auto"):
+            return compiled
         specs = _bound_specs(graph, [*partition.inputs, *partition.outputs], options.get("shapes") or {})
-        if steps and core == "auto" and specs is not None:
+        if specs is not None:
             # each kept step ran faster alone; the partition as a whole may not (the cuts cost onnxruntime its
             # fusions and a call per segment): keep the steps only if the whole partition is faster with them
             plain = HostPartition(partition, graph, [], session_options(None, threads))
