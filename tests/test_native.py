@@ -168,6 +168,9 @@ def test_gil_is_released_while_a_kernel_runs():
     try:
         time.sleep(0.05)  # let the counter thread get going
         sys.setswitchinterval(1000.0)
+        # A thread already waiting for the GIL keeps the old interval for that wait and may still force one switch:
+        # sleeping lets every such wait finish, so each later wait uses the new interval.
+        time.sleep(0.02)
         before = counter[0]
         deadline = time.perf_counter() + 0.1
         while time.perf_counter() < deadline:  # control: pure Python, GIL held throughout
@@ -180,8 +183,9 @@ def test_gil_is_released_while_a_kernel_runs():
         sys.setswitchinterval(old_interval)
         stop.set()
         t.join()
-    assert held == 0, f"control: the counter moved {held} times while Python held the GIL"
-    assert released > 0, "the counter thread never ran during the matmul: the GIL was not released"
+    # At most one increment already in flight when the control began; released must be far above it.
+    assert held <= 1, f"control: the counter moved {held} times while Python held the GIL"
+    assert released >= 5, f"the counter thread ran {released} times during the matmul: the GIL was not released"
 
 
 def test_concurrent_matmuls_from_python_threads_match_sequential(isa):
