@@ -309,6 +309,67 @@ def test_feeds_and_output_names_that_are_not_what_run_takes(mlp_path):
         s.run(None, {"x": [[1.0] * 8, [1.0] * 7]})  # was numpy's ValueError (inhomogeneous shape)
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+@pytest.mark.parametrize("views", [False, True])
+def test_one_partition_fast_path_checks_what_the_general_path_checks(tmp_path, fmt, views):
+    """A one-partition host plan runs through its bound buffers without the general path's layout work; every
+    feed it cannot take as it stands (missing, extra, a list, a new shape, another dtype, a strided view) still
+    gets the general path's answer, and a failure inside the runtime leaves the next run correct."""
+    import tflite_models as tm
+
+    if fmt == "onnx":
+        path = tmp_path / "mlp.onnx"
+        onnx.save(mlp(), path)
+        name, feed_shape = "x", (2, 8)
+
+        def ref(x):
+            return ort_run(str(path), {"x": x})[0]
+    else:
+        data = tm.float_mlp(batch=2)
+        path = tmp_path / "mlp.tflite"
+        path.write_bytes(data)
+        name, feed_shape = "x", (2, 16)
+
+        def ref(x):
+            return tm.litert_reference(data, {name: x}, [])[0]
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal(feed_shape).astype(np.float32) for _ in range(3)]
+    s = edgert.Session(str(path), output_views=views)
+    first = s.run(None, {name: xs[0]})[0]
+    assert s._bound.fast is not None  # the path under test
+    np.testing.assert_array_equal(first, ref(xs[0]))
+    second = s.run(None, {name: xs[1]})[0]
+    np.testing.assert_array_equal(second, ref(xs[1]))
+    if views:
+        assert second is first or second.ctypes.data == first.ctypes.data  # the session's buffer, as documented
+    else:
+        np.testing.assert_array_equal(first, ref(xs[0]))  # a copy: the second run left it alone
+    with pytest.raises(InvalidArgumentError, match="missing feed"):
+        s.run(None, {"y": xs[0]})
+    with pytest.raises(InvalidArgumentError, match="not an input"):
+        s.run(None, {name: xs[0], "extra": xs[0]})
+    with pytest.raises(DTypeError, match="float32"):
+        s.run(None, {name: xs[0].astype(np.float64)})
+    np.testing.assert_array_equal(s.run(None, {name: xs[2].tolist()})[0], ref(xs[2]))
+    strided = np.asfortranarray(xs[2])[:, ::-1][:, ::-1]
+    np.testing.assert_array_equal(s.run(None, {name: strided})[0], ref(xs[2]))
+    if fmt == "onnx":  # a dynamic batch: a new shape binds again, then the fast path serves it
+        x5 = rng.standard_normal((5, 8)).astype(np.float32)
+        for _ in range(2):
+            np.testing.assert_array_equal(s.run(None, {name: x5})[0], ref(x5))
+        assert s.stats()["rebinds"] == 1
+        part = s._bound.compiled[0]._whole  # the onnxruntime partition under the host delegate
+        part._bound.clear()  # what a failed onnxruntime run does to the partition's binding
+        part._same.clear()
+        part._new_binding()
+        np.testing.assert_array_equal(s.run(None, {name: x5})[0], ref(x5))
+    else:
+        with pytest.raises(ShapeError):
+            s.run(None, {name: np.zeros((3, 16), np.float32)})  # a TFLite model's shapes are fixed
+    np.testing.assert_array_equal(s.run(None, {name: xs[1]})[0], ref(xs[1]))
+    assert s.stats()["bytes_to_device"] == 0 and s.stats()["last_run"] == {"bytes_to_device": 0, "bytes_to_host": 0}
+
+
 def test_list_feed_of_an_integer_input_is_not_truncated(tmp_path):
     from onnx import TensorProto, helper
 

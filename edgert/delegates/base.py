@@ -16,6 +16,7 @@ Adding a delegate is one module that subclasses ``Delegate`` plus one ``register
 """
 from __future__ import annotations
 
+import statistics
 from abc import ABC, abstractmethod
 from typing import Any, Mapping
 
@@ -34,6 +35,12 @@ class CompiledPartition(ABC):
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         """Compute every name in ``self.outputs`` into the matching array of ``outputs`` (shape and dtype set by
         the caller). Raises an ``edgert`` error on failure."""
+
+    def bound_run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
+        """A call that runs the partition on exactly these buffers, every time: the session's one-partition fast
+        path calls it with no arguments once per run, having filled the input buffers. A delegate may check and
+        bind the buffers once here rather than on every run."""
+        return lambda: self.run(inputs, outputs)
 
     def output_shapes(self, inputs: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]] | None:
         """Shapes the outputs take for these inputs, when the delegate can tell without the caller's buffers
@@ -64,18 +71,41 @@ def median_s(fn, runs: int = AUTO_TIMING_RUNS, *, warmup: int = 1, budget_s: flo
 
 
 def faster_of(first: CompiledPartition, second: CompiledPartition, specs, runs: int = AUTO_TIMING_RUNS):
-    """The one of two compilations of the same partition that runs faster on zero-filled inputs (median of
-    ``runs`` after one warm-up run each, fewer for a slow partition); the other is closed. Ties keep ``first``.
-    ``specs``: boundary tensor -> (shape, dtype). Used by ``core="auto"``: a C-core step can be faster alone and
+    """The one of two compilations of the same partition that runs faster on zero-filled inputs; the other is
+    closed. Ties keep ``first``. ``specs``: boundary tensor -> (shape, dtype). Each runs as a session runs it (its
+    ``bound_run`` on its own tensor memory where it lends it), the two timed in alternation (``runs`` blocks each,
+    fewer for a slow partition; a block repeats a microsecond-sized partition so the clock can see it) so that a
+    passing disturbance of the machine hits both. Used by ``core="auto"``: a C-core step can be faster alone and
     still slow the partition down, because the cut around it costs the surrounding runtime its fusions and adds a
     call."""
+    import time
 
-    def run_time(c: CompiledPartition) -> float:
-        feeds = {n: np.zeros(*specs[n]) for n in c.inputs}
-        outs = {n: np.zeros(*specs[n]) for n in c.outputs}
-        return median_s(lambda: c.run(feeds, outs), runs, budget_s=AUTO_TIMING_BUDGET_S)
+    def runner(c: CompiledPartition):
+        views = getattr(c, "tensor_views", lambda: {})() or {}
 
-    if run_time(second) < run_time(first):
+        def buf(n):
+            v = views.get(n)
+            return v if v is not None and v.shape == specs[n][0] and v.dtype == specs[n][1] else np.zeros(*specs[n])
+        return c.bound_run({n: buf(n) for n in c.inputs}, {n: buf(n) for n in c.outputs})
+
+    fns = (runner(first), runner(second))
+    reps = []
+    for fn in fns:  # warm-up, and how many calls make a block of at least 20 us
+        fn()
+        t = time.perf_counter()
+        fn()
+        reps.append(max(1, min(1000, int(20e-6 / max(time.perf_counter() - t, 1e-9)))))
+    ts: tuple[list[float], list[float]] = ([], [])
+    spent = 0.0
+    while len(ts[0]) < runs and (len(ts[0]) < 3 or spent < 2 * AUTO_TIMING_BUDGET_S):
+        for fn, n, out in zip(fns, reps, ts):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            dt = time.perf_counter() - t
+            spent += dt
+            out.append(dt / n)
+    if statistics.median(ts[1]) < statistics.median(ts[0]):
         first.close()
         return second
     second.close()

@@ -312,6 +312,11 @@ class HostPartition(CompiledPartition):
                 else:
                     self._internal[o] = env[o] = a
 
+    def bound_run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
+        if self._whole is not None:
+            return self._whole.bound_run(inputs, outputs)
+        return super().bound_run(inputs, outputs)
+
     def close(self) -> None:
         for s in self.steps:
             if isinstance(s, _Segment):

@@ -232,6 +232,11 @@ class HostTFLitePartition(CompiledPartition):
             else:
                 s.lrt.run(env, env)
 
+    def bound_run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
+        if len(self.steps) == 1 and isinstance(self.steps[0], _Segment):
+            return self.steps[0].lrt.bound_run(inputs, outputs)
+        return super().bound_run(inputs, outputs)
+
     def close(self) -> None:
         for s in self.steps:
             if isinstance(s, _Segment):

@@ -116,6 +116,20 @@ class LiteRTPartition(CompiledPartition):
             if not self._is_view(name, o, v):
                 np.copyto(o, v, casting="no")
 
+    def bound_run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
+        views = self._views
+        bufs = [(n, inputs[n]) for n in self.inputs] + [(n, outputs[n]) for n in self.outputs]
+        if not all(self._is_view(n, a, views[n]) for n, a in bufs):
+            return super().bound_run(inputs, outputs)
+        invoke, what = self._invoke, self.what
+
+        def run() -> None:  # every buffer is the interpreter's own memory: a run is the invoke
+            try:
+                invoke()
+            except RuntimeError as exc:
+                raise DeviceError(f"LiteRT failed running {what}: {exc}") from None
+        return run
+
     def _is_view(self, name: str, a: np.ndarray, v: np.ndarray) -> bool:
         """Whether ``a`` is the interpreter's own memory for ``name``. The answer is remembered for the last buffer
         object seen per tensor (a session hands the same buffers every run, and an array's data pointer is fixed

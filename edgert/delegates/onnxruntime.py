@@ -99,6 +99,21 @@ class OnnxruntimePartition(CompiledPartition):
         return (a.ctypes.data, a.shape, a.dtype.str)
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        self._bind_buffers(inputs, outputs)
+        self._run_bound()
+
+    def bound_run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
+        self._bind_buffers(inputs, outputs)
+        if any(self._same.get(n) is not inputs[n] for n in self.inputs):
+            return super().bound_run(inputs, outputs)  # a buffer onnxruntime cannot read in place: copied each run
+
+        def run() -> None:  # the buffers stay bound: a run is one run_with_iobinding
+            if not self._same:  # a failed run dropped the binding: bind again
+                self._bind_buffers(inputs, outputs)
+            self._run_bound()
+        return run
+
+    def _bind_buffers(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         b = self._binding
         same = self._same
         for name in self.inputs:
@@ -122,11 +137,13 @@ class OnnxruntimePartition(CompiledPartition):
                 b.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
                 self._bound["\0" + name] = key
             same["\0" + name] = a
+
+    def _run_bound(self) -> None:
         try:
             if self._run_raw is not None:
                 self._run_raw.run_with_iobinding(self._iob_raw, None)
             else:
-                self.session.run_with_iobinding(b)
+                self.session.run_with_iobinding(self._binding)
         except Exception as exc:
             self._bound.clear()  # the binding may be half-updated
             self._same.clear()
