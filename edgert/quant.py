@@ -1,8 +1,11 @@
-"""Quantized tensors: QTensor (GGUF block layouts), quantize, matmul, and import of onnxruntime MatMulNBits weights.
+"""Quantized tensors: QTensor (GGUF block layouts), quantize, matmul, import of onnxruntime MatMulNBits weights, and
+Int8Weights (int8 weights planned for the C core's int8 product: TFLite FULLY_CONNECTED, onnxruntime dynamic int8).
 
 Every array is checked here (dtype, contiguity, shape, buffer size) before a pointer reaches the C core.
 """
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 
@@ -298,3 +301,109 @@ def from_matmul_nbits(b, scales, zero_points=None, *, k: int, n: int, block_size
     raw[:, :, 2:4] = m.reshape(n, nb, 1).view(np.uint8)
     raw[:, :, 4:] = qs
     return QTensor("q4_1", (n, k), raw.reshape(n, nb * 20))
+
+
+# ---- int8 weights for the C core's int8 product (et_fc_s8) -----------------------------------------------------
+_HUGE = 2 << 20                # transparent huge page size on x86-64 and most AArch64 kernels
+HUGE_PAGE_MIN_BYTES = 1 << 20  # plans from this size on sit on huge pages (see _plan_buffer)
+
+
+def _aligned(nbytes: int, dtype=np.uint8) -> np.ndarray:
+    raw = np.zeros(nbytes + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + nbytes].view(dtype)
+
+
+def _plan_buffer(nbytes: int) -> np.ndarray:
+    """A 64-byte aligned buffer for an FC plan. From HUGE_PAGE_MIN_BYTES on: 2 MiB aligned anonymous memory advised
+    to use transparent huge pages, so the weights are physically contiguous. On 4 KiB pages their placement in the
+    (physically indexed) L2 changes from one allocation to the next: a 1 MiB layer that stays in a 2 MiB L2 ran
+    7.0-8.3 us over eight allocations, and one TLB entry covers 2 MiB instead of 4 KiB."""
+    if nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return _aligned(nbytes)
+    size = -(-nbytes // _HUGE) * _HUGE
+    mm = mmap.mmap(-1, size + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: THP applies
+    raw = np.frombuffer(mm, np.uint8)
+    off = (-raw.ctypes.data) % _HUGE
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE, off, size)
+    except OSError:  # a kernel without transparent huge pages: ordinary pages, same contents
+        pass
+    return raw[off:off + nbytes]
+
+
+class Int8Weights:
+    """(N, K) int8 weights planned once for the C core's int8 product (``et_fc_s8_plan``: weights packed, the bias
+    and the activation zero point folded per channel, scales and the clamp range stored). ``scale``: N floats (or
+    one) >= 0 — for the int8-out product ``input_scale * w_scale / output_scale``, for the float-out dynamic product
+    (:class:`BoundDynamicInt8`) ``w_scale``. Errors are ``edgert`` errors naming what is wrong."""
+
+    def __init__(self, w: np.ndarray, bias: np.ndarray | None = None, x_zp: int = 0, scale=1.0, y_zp: int = 0,
+                 lo: int = -128, hi: int = 127):
+        w = np.asarray(w)
+        if w.ndim != 2 or w.dtype != np.int8 or 0 in w.shape:
+            raise DTypeError(f"weights must be non-empty 2-D int8, got {w.dtype} {w.shape}")
+        self.shape = (int(w.shape[0]), int(w.shape[1]))
+        n, k = self.shape
+        x_zp, y_zp, lo, hi = int(x_zp), int(y_zp), int(lo), int(hi)
+        if not (-128 <= x_zp <= 127 and -128 <= y_zp <= 127 and -128 <= lo <= hi <= 127):
+            raise InvalidArgumentError(f"zero points and clamp range must lie in int8 (x_zp {x_zp}, y_zp {y_zp}, "
+                                       f"[{lo}, {hi}])")
+        sc = np.asarray(scale, np.float32).reshape(-1)
+        if sc.size not in (1, n):
+            raise ShapeError(f"scale holds {sc.size} values, expected 1 or {n}")
+        self.scale = np.ascontiguousarray(np.broadcast_to(sc, (n,)))
+        if not (np.all(np.isfinite(self.scale)) and np.all(self.scale >= 0)):
+            raise InvalidArgumentError("scales must be finite and >= 0")
+        self.bias = None if bias is None else np.ascontiguousarray(bias, np.int32).reshape(-1)
+        if self.bias is not None and self.bias.size != n:
+            raise ShapeError(f"bias holds {self.bias.size} values, expected {n}")
+        size = int(lib.et_fc_s8_plan_size(n, k))
+        if size == 0:
+            raise ShapeError(f"weights {n}x{k} too large for the C core")
+        self.plan = _plan_buffer(size)
+        wc = np.ascontiguousarray(w)
+        native.check(lib.et_fc_s8_plan(native.ptr(wc, "const int8_t *"), n, k,
+                                       native.ffi.NULL if self.bias is None
+                                       else native.ptr(self.bias, "const int32_t *"),
+                                       x_zp, native.ptr(self.scale, "const float *"), y_zp, lo, hi,
+                                       native.ffi.cast("void *", self.plan.ctypes.data), size))
+        # cast once: a cffi cast or ndarray.ctypes costs about a microsecond, a small product well under that
+        self.p_plan = native.ffi.cast("const void *", self.plan.ctypes.data)
+
+
+class BoundDynamicInt8:
+    """onnxruntime's dynamic int8 product for one weight and one row count (``et_fc_s8_dyn``): ``x`` (m, K) float32
+    is quantized per call exactly as ``DynamicQuantizeLinear`` does (the whole tensor to uint8, scale and zero point
+    from its range), multiplied by the int8 weights in int32, and scaled by ``x_scale * w_scale`` — the arithmetic of
+    ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul``. ``w``: :class:`Int8Weights` planned with the weights
+    less their zero point and ``scale = w_scale``. A NaN or infinite activation makes every output NaN. Returns
+    the bound output (m, N), overwritten by the next call, or ``out`` when given."""
+
+    __slots__ = ("w", "m", "threads", "out", "_py", "_nth")
+
+    def __init__(self, w: Int8Weights, m: int, threads: int | None = None):
+        if not isinstance(w, Int8Weights):
+            raise DTypeError(f"w must be edgert.quant.Int8Weights, got {type(w).__name__}")
+        if not isinstance(m, int) or m < 1:
+            raise ShapeError(f"m must be a positive int, got {m!r}")
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}")
+        self.w, self.m, self.threads = w, m, threads
+        self.out = np.empty((m, w.shape[0]), np.float32)
+        self._py = native.ptr(self.out, "float *")
+        self._nth = threads or 0
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        m, (n, k) = self.m, self.w.shape
+        if type(x) is not np.ndarray or x.dtype != np.float32 or x.shape != (m, k) or not x.flags.c_contiguous:
+            raise ShapeError(f"x must be C-contiguous float32 ({m}, {k}), got {getattr(x, 'dtype', type(x).__name__)}"
+                             f" {getattr(x, 'shape', '')}")
+        py = self._py
+        if out is not None:
+            if (type(out) is not np.ndarray or out.dtype != np.float32 or out.shape != (m, n)
+                    or not out.flags.c_contiguous or not out.flags.writeable):
+                raise InvalidArgumentError(f"out must be a writeable C-contiguous float32 array of shape {(m, n)}")
+            py = native.ptr(out, "float *")
+        native.check(lib.et_fc_s8_dyn(self.w.p_plan, native.ptr(x, "const float *"), m, py, self._nth))
+        return self.out if out is None else out

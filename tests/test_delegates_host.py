@@ -66,29 +66,52 @@ def test_matmul_nbits_on_the_c_core(tmp_path, kw):
     assert core_kinds(s) == ["MatMulNBits"]
 
 
-def dynamic_int8(tmp_path, d_in, d_hidden, d_out):
+def dynamic_int8(tmp_path, d_in, d_hidden, d_out, weight_type="QInt8"):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = tmp_path / "f32.onnx", tmp_path / "int8.onnx"
     onnx.save(mlp(d_in=d_in, d_hidden=d_hidden, d_out=d_out), src)
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(src), str(dst), weight_type=getattr(QuantType, weight_type))
     return dst
 
 
-@pytest.mark.parametrize("dims", [(64, 96, 32), (40, 120, 7)])  # K on whole blocks, and ragged K (zero-padded)
-def test_matmul_integer_chain_on_the_c_core(tmp_path, dims):
+@pytest.mark.parametrize("dims", [(64, 96, 32), (40, 120, 7), (120, 40, 6625)])
+@pytest.mark.parametrize("batch", [1, 5, 40])
+def test_matmul_integer_chain_on_the_c_core_equals_onnxruntime(tmp_path, dims, batch):
+    """int8 weights: the C core quantizes the activations as DynamicQuantizeLinear does and sums in int32, so the
+    outputs are onnxruntime's, bit for bit."""
+    from edgert.delegates.host import DynamicInt8MatMul
+
     path = dynamic_int8(tmp_path, *dims)
+    s = edgert.Session(str(path), core=True)
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal((batch, dims[0])).astype(np.float32) * (1 + 10 * seed)
+        np.testing.assert_array_equal(s.run(None, {"x": x})[0], ort_run(path, {"x": x})[0])
+    assert core_kinds(s) == ["MatMulInteger", "MatMulInteger"]
+    assert all(isinstance(st, DynamicInt8MatMul) for c in s._bound.compiled for st in c.core)
+    claimed = {n for c in s._bound.compiled for st in c.core for n in st.nodes}
+    ops = {n.op_type for n in s.plan.graph.nodes if n.name in claimed}
+    assert {"MatMulInteger", "DynamicQuantizeLinear", "Cast", "Mul"} <= ops
+    exact = edgert.Session(str(path), core=False)
+    np.testing.assert_array_equal(exact.run(None, {"x": x})[0], ort_run(path, {"x": x})[0])
+    assert core_kinds(exact) == []
+    nan_x = x.copy()
+    nan_x[0, 0] = np.nan
+    assert np.isnan(s.run(None, {"x": nan_x})[0]).all()  # no quantized value exists: NaN out, no crash
+
+
+@pytest.mark.parametrize("dims", [(64, 96, 32), (40, 120, 7)])  # K on whole blocks, and ragged K (zero-padded)
+def test_matmul_integer_chain_with_uint8_weights_is_the_budgeted_q8_product(tmp_path, dims):
+    """uint8 weights less their zero point leave int8: the chain becomes the q8_0 float product, within budget."""
+    from edgert.delegates.host import DynamicInt8MatMul
+
+    path = dynamic_int8(tmp_path, *dims, weight_type="QUInt8")
     x = np.random.default_rng(2).standard_normal((5, dims[0])).astype(np.float32)
     s = edgert.Session(str(path), core=True)
     y = s.run(None, {"x": x})[0]
     assert core_kinds(s) == ["MatMulInteger", "MatMulInteger"]
-    claimed = {n for c in s._bound.compiled for st in c.core for n in st.nodes}
-    ops = {n.op_type for n in s.plan.graph.nodes if n.name in claimed}
-    assert {"MatMulInteger", "DynamicQuantizeLinear", "Cast", "Mul"} <= ops
+    assert not any(isinstance(st, DynamicInt8MatMul) for c in s._bound.compiled for st in c.core)
     within(y, ort_run(path, {"x": x})[0], MATMUL_INTEGER_BUDGET)
-    exact = edgert.Session(str(path), core=False)
-    np.testing.assert_array_equal(exact.run(None, {"x": x})[0], ort_run(path, {"x": x})[0])
-    assert core_kinds(exact) == []
 
 
 def test_dequantize_matmul_on_the_c_core(tmp_path):
@@ -201,4 +224,4 @@ def test_auto_keeps_c_core_steps_only_if_the_whole_partition_is_faster(tmp_path,
         y = s.run(None, {"x": x})[0]  # binds (the batch dim is dynamic), compiles, runs
         assert core_kinds(s) == want
         assert picked[-1] == (2, 0)
-        within(y, ort_run(path, {"x": x})[0], MATMUL_INTEGER_BUDGET)
+        np.testing.assert_array_equal(y, ort_run(path, {"x": x})[0])  # int8 weights: exact either way

@@ -278,3 +278,74 @@ def test_error_types_are_edgert_errors():
     for cls in (edgert.ShapeError, edgert.DTypeError, edgert.InvalidArgumentError, edgert.DeviceError):
         assert issubclass(cls, edgert.EdgertError)
     assert issubclass(edgert.ShapeError, ValueError) and issubclass(edgert.DTypeError, TypeError)
+
+
+# ---- the int8 product with per-call dynamic quantization (onnxruntime's dynamic int8) ------------------------
+
+
+def _dynamic_chain_reference(x, w_kn, w_scale, w_zp):
+    """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) by the ONNX reference evaluator."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    inits = [numpy_helper.from_array(w_kn, "w"), numpy_helper.from_array(w_scale, "ws"),
+             numpy_helper.from_array(w_zp, "wz")]
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+             helper.make_node("MatMulInteger", ["xq", "w", "xz", "wz"], ["acc"]),
+             helper.make_node("Cast", ["acc"], ["accf"], to=T.FLOAT),
+             helper.make_node("Mul", ["xs", "ws"], ["s"]),
+             helper.make_node("Mul", ["accf", "s"], ["y"])]
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", T.FLOAT, list(x.shape))],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [x.shape[0], w_kn.shape[1]])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return ReferenceEvaluator(model).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 200, 2), (3, 67, 17), (40, 120, 360), (17, 257, 129)])
+@pytest.mark.parametrize("per_column", [False, True])
+def test_bound_dynamic_int8_equals_the_onnx_reference(isa, m, k, n, per_column):
+    from edgert.quant import BoundDynamicInt8, Int8Weights
+
+    rng = np.random.default_rng(m * 1000 + k + n)
+    w = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    wz = (rng.integers(-20, 21, n) if per_column else np.array(rng.integers(-20, 21))).astype(np.int8)
+    ws = (rng.uniform(1e-3, 2e-2, n) if per_column else np.array(0.0123)).astype(np.float32)
+    d = np.clip(w.astype(np.int32) - wz.astype(np.int32), -128, 127)  # keep w - zp in int8, as the host requires
+    w = (d + wz.astype(np.int32)).astype(np.int8)
+    weights = Int8Weights(np.ascontiguousarray(d.T.astype(np.int8)), None, 0, ws)
+    b = BoundDynamicInt8(weights, m)
+    for scale, shift in ((1.0, 0.0), (50.0, 3.0), (1e-3, -1e-3), (0.0, 0.0)):
+        x = (rng.standard_normal((m, k)) * scale + shift).astype(np.float32)
+        np.testing.assert_array_equal(b(x), _dynamic_chain_reference(x, w, ws, wz))
+    out = np.empty((m, n), np.float32)
+    assert b(x, out) is out
+
+
+def test_bound_dynamic_int8_refuses_bad_arguments():
+    from edgert.quant import BoundDynamicInt8, Int8Weights
+
+    wt = Int8Weights(np.ones((4, 8), np.int8), scale=0.5)
+    b = BoundDynamicInt8(wt, 2)
+    for bad in (np.zeros((2, 8), np.float64), np.zeros((3, 8), np.float32), np.zeros((2, 7), np.float32),
+                np.zeros((8, 2), np.float32).T, [[0.0] * 8] * 2):
+        with pytest.raises(edgert.ShapeError):
+            b(bad)
+    for bad in (np.zeros((2, 3), np.float32), np.zeros((2, 4), np.float64), np.zeros((4, 2), np.float32).T):
+        with pytest.raises(edgert.InvalidArgumentError):
+            b(np.zeros((2, 8), np.float32), bad)
+    for kw, err in (({"m": 0}, edgert.ShapeError), ({"m": 2, "threads": 0}, edgert.InvalidArgumentError)):
+        with pytest.raises(err):
+            BoundDynamicInt8(wt, **kw)
+    with pytest.raises(edgert.DTypeError):
+        BoundDynamicInt8(edgert.quantize(np.ones((4, 32), np.float32), "q8_0"), 2)
+    for kw, err in (({"w": np.ones((4, 8), np.int16)}, edgert.DTypeError),
+                    ({"w": np.ones((0, 8), np.int8)}, edgert.DTypeError),
+                    ({"scale": np.full(3, 0.1)}, edgert.ShapeError), ({"scale": np.nan}, edgert.InvalidArgumentError),
+                    ({"scale": -1.0}, edgert.InvalidArgumentError), ({"bias": np.zeros(3)}, edgert.ShapeError),
+                    ({"x_zp": 128}, edgert.InvalidArgumentError), ({"lo": 3, "hi": 2}, edgert.InvalidArgumentError)):
+        args = {"w": np.ones((4, 8), np.int8), **kw}
+        with pytest.raises(err):
+            Int8Weights(**args)

@@ -5,10 +5,11 @@ At compile time the partition's nodes are scanned for three weight patterns the 
 - ``MatMulNBits`` (com.microsoft, 4-bit, constant B/scales/zero points, K a multiple of 32): B imported by
   ``edgert.from_matmul_nbits`` (q4_0 / q4_1, exact up to the fp16 rounding of each block's scale and min).
 - ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale)`` (onnxruntime's dynamic int8
-  quantization): the whole chain becomes one float matmul of the DynamicQuantizeLinear's float input with
-  ``(W - w_zero_point) * w_scale`` stored as q8_0. Not bit-exact by construction: onnxruntime quantizes the
-  activations per tensor to uint8, the C core per block of 32 to int8, and q8_0 re-scales the int8 weight codes per
-  block of 32 (exact when a block holds its row's largest code, else one rounding of the weight). Budget:
+  quantization): with int8 weights (``W - w_zero_point`` within int8), one ``et_fc_s8_dyn`` call that does
+  onnxruntime's arithmetic — the activations quantized per tensor to uint8 as DynamicQuantizeLinear does, int32 sums,
+  one multiply by ``x_scale * w_scale`` — so the outputs equal onnxruntime's bit for bit (``DynamicInt8MatMul``).
+  With uint8 weights the chain becomes one float matmul with ``(W - w_zero_point) * w_scale`` stored as q8_0: not
+  bit-exact (activations per block of 32 to int8, the weight codes re-scaled per block), budget
   ``MATMUL_INTEGER_BUDGET`` (relative to the output's scale), checked in tests.
 - ``DequantizeLinear(constant weight) -> MatMul``: the dequantized weight re-quantized to q8_0 (a lossy
   re-quantization, budget ``DEQUANT_MATMUL_BUDGET``); the activation side is whatever feeds the MatMul.
@@ -27,13 +28,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import DeviceError
-from ..quant import BLOCK, BoundMatMul, QTensor, from_matmul_nbits, quantize
+from ..quant import BLOCK, BoundDynamicInt8, BoundMatMul, Int8Weights, QTensor, from_matmul_nbits, quantize
 from .base import CompiledPartition, Delegate, cut_into_steps, faster_of, median_s, register
 from .onnxruntime import CPU, OnnxruntimePartition, session_options
 
 # error budgets of the C-core paths, as a fraction of max |reference output| (tests and docs name these)
 MATMUL_NBITS_BUDGET = 2e-2      # q8 activations x exact q4 weights
-MATMUL_INTEGER_BUDGET = 3e-2    # per-block int8 activations vs onnxruntime's per-tensor uint8, q8_0 weights
+MATMUL_INTEGER_BUDGET = 3e-2    # uint8 weights: per-block int8 activations vs per-tensor uint8, q8_0 weights
 DEQUANT_MATMUL_BUDGET = 3e-2    # q8_0 re-quantization of an int8 dequantized weight, q8 activations
 
 CLAIMED_OPS = ("com.microsoft:MatMulNBits", "DynamicQuantizeLinear", "MatMulInteger", "DequantizeLinear", "MatMul")
@@ -66,15 +67,35 @@ class CoreMatMul:
         m = x2.shape[0]
         if m == 0:
             return np.zeros((*x.shape[:-1], n), np.float32)
-        if x2.strides[1] != 4 or (m > 1 and x2.strides[0] < 4 * k):  # rows the C core cannot walk
+        if not self._walkable(x2, m, k):  # rows the C core cannot walk
             x2 = np.ascontiguousarray(x2)
         b = self._bound
         if b is None or b.m != m:
-            b = self._bound = BoundMatMul(self.weight, m, k, self.threads)
+            b = self._bound = self._product(m, k)
         y = b(x2, None if out is None else out.reshape(m, n))
         if self.bias is not None:
             np.add(y, self.bias, out=y)
         return y.reshape(*x.shape[:-1], n) if out is None else out
+
+
+    def _walkable(self, x2: np.ndarray, m: int, k: int) -> bool:
+        return x2.strides[1] == 4 and (m == 1 or x2.strides[0] >= 4 * k)
+
+    def _product(self, m: int, k: int):
+        return BoundMatMul(self.weight, m, k, self.threads)
+
+
+@dataclass
+class DynamicInt8MatMul(CoreMatMul):
+    """The ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul`` chain as onnxruntime computes it: activations
+    quantized per tensor to uint8 in the C core (``et_fc_s8_dyn``), int32 products with the int8 weights less their
+    zero point, one float multiply by ``x_scale * w_scale``. ``weight`` is :class:`~edgert.quant.Int8Weights`."""
+
+    def _walkable(self, x2: np.ndarray, m: int, k: int) -> bool:
+        return x2.flags.c_contiguous
+
+    def _product(self, m: int, k: int):
+        return BoundDynamicInt8(self.weight, m, self.threads)
 
 
 def _const(graph, name: str) -> np.ndarray | None:
@@ -102,6 +123,23 @@ def _weight_q8(w_kn: np.ndarray) -> QTensor:
     wt = np.zeros((n, kp), np.float32)
     wt[:, :k] = w_kn.T
     return quantize(wt, "q8_0")
+
+
+def _int8_weights(b: np.ndarray, w_scale: np.ndarray, b_zp: np.ndarray | None) -> Int8Weights | None:
+    """MatMulInteger's (K, N) weight ``b`` less its zero point (per tensor or per column), as the C core's int8
+    weights with scale ``w_scale`` (1 or N values); None when a difference leaves int8 (uint8 weights, mostly) or
+    the scale is not finite and >= 0."""
+    if b.dtype not in (np.int8, np.uint8):
+        return None
+    n = b.shape[1]
+    zp = np.zeros(1, np.int32) if b_zp is None else np.asarray(b_zp).astype(np.int32).reshape(-1)
+    sc = np.asarray(w_scale, np.float32).reshape(-1)
+    if zp.size not in (1, n) or sc.size not in (1, n) or not np.all(np.isfinite(sc)) or np.any(sc < 0):
+        return None
+    d = b.astype(np.int32) - zp.reshape(1, -1)
+    if d.min() < -128 or d.max() > 127:
+        return None
+    return Int8Weights(np.ascontiguousarray(d.T.astype(np.int8)), None, 0, sc)
 
 
 def _float_input(graph, name: str) -> bool:
@@ -180,12 +218,17 @@ def find_core_matmuls(graph, nodes: list[str], threads: int | None = None) -> li
             ws = _const(graph, smul.inputs[1] if smul.inputs[0] == dq.outputs[1] else smul.inputs[0])
             if ws is None or ws.size not in (1, b.shape[1]):
                 continue
-            w = _dequantize(b, ws.reshape(-1), None if bzp is None else bzp.reshape(-1), axis=1)
             claimed = [name, cast.name, mul.name]
             if only_consumers(s, {mul.name}):
                 claimed.append(smul.name)
-            steps.append(CoreMatMul("MatMulInteger", dq.inputs[0], mul.outputs[0], _weight_q8(w), None, claimed,
-                                    threads, k=w.shape[0]))
+            w8 = _int8_weights(b, ws, bzp)
+            if w8 is not None:  # exact: onnxruntime's own arithmetic
+                steps.append(DynamicInt8MatMul("MatMulInteger", dq.inputs[0], mul.outputs[0], w8, None, claimed,
+                                               threads, k=b.shape[0]))
+            else:  # weights less their zero point outside int8: the q8_0 float product (budgeted)
+                w = _dequantize(b, ws.reshape(-1), None if bzp is None else bzp.reshape(-1), axis=1)
+                steps.append(CoreMatMul("MatMulInteger", dq.inputs[0], mul.outputs[0], _weight_q8(w), None, claimed,
+                                        threads, k=w.shape[0]))
         else:
             continue
         taken.update(steps[-1].nodes)

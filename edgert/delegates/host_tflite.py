@@ -14,45 +14,17 @@ This module must not import the session.
 """
 from __future__ import annotations
 
-import mmap
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import DeviceError
+from ..errors import DeviceError, EdgertError
+from ..quant import Int8Weights
 from .base import CompiledPartition, cut_into_steps, faster_of
 from .litert import LiteRTPartition
 
 FC_INT8_LSB_BUDGET = 1   # int8 steps between the C core and LiteRT on an INT8 FULLY_CONNECTED output
 _ACT_NONE, _ACT_RELU, _ACT_RELU_N1_TO_1, _ACT_RELU6 = 0, 1, 2, 3
-
-
-_HUGE = 2 << 20                # transparent huge page size on x86-64 and most AArch64 kernels
-HUGE_PAGE_MIN_BYTES = 1 << 20  # plans from this size on sit on huge pages (see _plan_buffer)
-
-
-def _aligned(nbytes: int, dtype=np.uint8) -> np.ndarray:
-    raw = np.zeros(nbytes + 64, np.uint8)
-    off = (-raw.ctypes.data) % 64
-    return raw[off:off + nbytes].view(dtype)
-
-
-def _plan_buffer(nbytes: int) -> np.ndarray:
-    """A 64-byte aligned buffer for an FC plan. From HUGE_PAGE_MIN_BYTES on: 2 MiB aligned anonymous memory advised
-    to use transparent huge pages, so the weights are physically contiguous. On 4 KiB pages their placement in the
-    (physically indexed) L2 changes from one allocation to the next: a 1 MiB layer that stays in a 2 MiB L2 ran
-    7.0-8.3 us over eight allocations, and one TLB entry covers 2 MiB instead of 4 KiB."""
-    if nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return _aligned(nbytes)
-    size = -(-nbytes // _HUGE) * _HUGE
-    mm = mmap.mmap(-1, size + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: THP applies
-    raw = np.frombuffer(mm, np.uint8)
-    off = (-raw.ctypes.data) % _HUGE
-    try:
-        mm.madvise(mmap.MADV_HUGEPAGE, off, size)
-    except OSError:  # a kernel without transparent huge pages: ordinary pages, same contents
-        pass
-    return raw[off:off + nbytes]
 
 
 class Int8FullyConnected:
@@ -67,7 +39,7 @@ class Int8FullyConnected:
 
     def __init__(self, node: str, x: str, out: str, w: np.ndarray, bias: np.ndarray | None, x_zp: int,
                  scale: np.ndarray, y_zp: int, lo: int, hi: int, threads: int | None = None):
-        from ..native import check, ffi, lib
+        from ..native import ffi, lib
 
         self.nodes, self.x, self.out = [node], x, out
         w = np.asarray(w)
@@ -75,28 +47,15 @@ class Int8FullyConnected:
             raise DeviceError(f"FULLY_CONNECTED {out!r}: weights must be non-empty 2-D int8, got {w.dtype} {w.shape}")
         self.n, self.k = (int(d) for d in w.shape)
         self.x_zp, self.y_zp, self.lo, self.hi = int(x_zp), int(y_zp), int(lo), int(hi)
-        if not (-128 <= self.x_zp <= 127 and -128 <= self.y_zp <= 127 and -128 <= self.lo <= self.hi <= 127):
-            raise DeviceError(f"FULLY_CONNECTED {out!r}: zero points and clamp range must lie in int8 (x_zp "
-                              f"{self.x_zp}, y_zp {self.y_zp}, [{self.lo}, {self.hi}])")
-        self.scale = np.ascontiguousarray(np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (self.n,)))
-        if not (np.all(np.isfinite(self.scale)) and np.all(self.scale >= 0)):
-            raise DeviceError(f"FULLY_CONNECTED {out!r}: requantization scales must be finite and >= 0")
-        self.bias = None if bias is None else np.ascontiguousarray(bias, np.int32).reshape(-1)
-        if self.bias is not None and self.bias.size != self.n:
-            raise DeviceError(f"FULLY_CONNECTED {out!r}: bias holds {self.bias.size} values, expected {self.n}")
+        try:
+            self.weights = Int8Weights(w, bias, self.x_zp, scale, self.y_zp, self.lo, self.hi)
+        except EdgertError as exc:
+            raise DeviceError(f"FULLY_CONNECTED {out!r}: {exc}") from None
+        self.scale, self.bias, self.plan = self.weights.scale, self.weights.bias, self.weights.plan
         self.threads = int(threads or 0)
-        size = int(lib.et_fc_s8_plan_size(self.n, self.k))
-        if size == 0:
-            raise DeviceError(f"FULLY_CONNECTED {out!r}: weights {self.n}x{self.k} too large for the C core")
-        self.plan = _plan_buffer(size)
-        wc = np.ascontiguousarray(w)
-        check(lib.et_fc_s8_plan(ffi.cast("const int8_t *", wc.ctypes.data), self.n, self.k,
-                                ffi.NULL if self.bias is None else ffi.cast("const int32_t *", self.bias.ctypes.data),
-                                self.x_zp, ffi.cast("const float *", self.scale.ctypes.data), self.y_zp, self.lo,
-                                self.hi, ffi.cast("void *", self.plan.ctypes.data), size))
         # pointers cast once: a cffi cast or ndarray.ctypes costs about a microsecond, the kernel well under that on
         # small shapes
-        self._p_plan = ffi.cast("const void *", self.plan.ctypes.data)
+        self._p_plan = self.weights.p_plan
         self._run = lib.et_fc_s8_run
         self._bx = self._by = None  # the buffer pair last checked, their pointers and row count
         self._px = self._py = ffi.NULL

@@ -120,6 +120,14 @@ size_t et_fc_s8_plan_size(int64_t n, int64_t k);
 int et_fc_s8_plan(const int8_t *w, int64_t n, int64_t k, const int32_t *bias, int32_t x_zp, const float *scale,
                   int32_t y_zp, int32_t lo, int32_t hi, void *plan, size_t plan_size);
 int et_fc_s8_run(const void *plan, const int8_t *x, int64_t m, int8_t *y, int nthreads);
+/* onnxruntime's dynamic int8 product (DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale)) on
+ * a plan from et_fc_s8_plan (w: the weights less their zero point, as int8; its bias and scale[j] = w_scale[j]
+ * used; x_zp, y_zp, lo, hi ignored): x (m, k) float is quantized per call as onnxruntime's DynamicQuantizeLinear
+ * does (the whole m x k tensor to uint8 xq with x_scale and xq_zp, round half to even), then y (m, n) float:
+ *   y[i][j] = float(bias[j] + sum_k (xq[i][k] - xq_zp) w[j][k]) * (x_scale * scale[j])
+ * with int32 accumulation, the float product formed as onnxruntime forms it. x holding a NaN or an infinity makes
+ * every y NaN. Returns ET_ERR_NOMEM when the m x k scratch cannot be allocated. */
+int et_fc_s8_dyn(const void *plan, const float *x, int64_t m, float *y, int nthreads);
 
 /* streaming read of n bytes over nthreads threads (a bandwidth probe); returns a checksum in *out */
 int et_stream_read(const void *buf, size_t n, int nthreads, uint64_t *out);

@@ -207,6 +207,154 @@ static void fc_errors(void) {
     free(plan);
 }
 
+/* ---- et_fc_s8_dyn: onnxruntime's dynamic int8 product, float out ---------------------------------------------- */
+
+/* DynamicQuantizeLinear written from the ONNX/onnxruntime formula in double where that is exact: the range, the
+ * float scale, the zero point, then each code from the float quotient */
+static void spec_quantize(const float *x, int64_t count, uint8_t *u8, float *scale, int32_t *zp) {
+    float mn = 0.0f, mx = 0.0f;
+    for (int64_t i = 0; i < count; i++) mn = fminf(mn, x[i]), mx = fmaxf(mx, x[i]);
+    const float s = mx == mn ? 1.0f : (float)(mx - mn) / 255.0f;
+    float z0 = 0.0f - mn / s;
+    const double z = nearbyint(z0 < 0 ? 0 : z0 > 255 ? 255 : z0);
+    for (int64_t i = 0; i < count; i++) {
+        double v = nearbyint((double)(x[i] / s)) + z;
+        u8[i] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+    }
+    *scale = s, *zp = (int32_t)z;
+}
+
+static void dyn_case(int64_t m, int64_t n, int64_t k, int per_channel, int with_bias, int32_t plan_x_zp, int kind) {
+    char what[128];
+    snprintf(what, sizeof what, "m=%lld n=%lld k=%lld %s%s kind %d", (long long)m, (long long)n, (long long)k,
+             per_channel ? "per-channel" : "per-tensor", with_bias ? " bias" : "", kind);
+    float *x = xmalloc((size_t)(m * k) * sizeof(float)), *ws = xmalloc((size_t)n * sizeof(float));
+    int8_t *w = xmalloc((size_t)(n * k));
+    int32_t *bias = with_bias ? xmalloc((size_t)n * sizeof(int32_t)) : NULL;
+    const float spread = kind == 3 ? 1e-3f : 4.0f;
+    for (int64_t i = 0; i < m * k; i++) {
+        x[i] = spread * (2.0f * rng_uniform() - 1.0f);
+        if (kind == 1) x[i] = fabsf(x[i]);       /* all >= 0: zero point 0 */
+        if (kind == 2) x[i] = -fabsf(x[i]);      /* all <= 0: zero point 255 */
+        if (kind == 4) x[i] = 0.0f;              /* max == min: scale 1 */
+    }
+    if (kind == 5) { /* quotients exactly half-way between two codes: round half to even decides */
+        const float s = 8.0f / 255.0f;
+        x[0] = -4.0f, x[m * k - 1] = 4.0f;
+        for (int64_t i = 1; i + 1 < m * k; i++) { /* half-way, or one float step either side of it */
+            x[i] = ((float)((int)(rng_next() % 200) - 100) + 0.5f) * s;
+            if (i % 3) x[i] = nextafterf(x[i], i % 3 == 1 ? INFINITY : -INFINITY);
+        }
+    }
+    for (int64_t i = 0; i < n * k; i++) w[i] = rand_s8(3);
+    for (int64_t j = 0; j < n; j++) ws[j] = per_channel ? 0.01f * (0.5f + rng_uniform()) : 0.0123f;
+    for (int64_t j = 0; bias && j < n; j++) bias[j] = (int32_t)(rng_next() % 2001) - 1000;
+    const size_t ps = et_fc_s8_plan_size(n, k);
+    void *plan = aligned_alloc(64, (ps + 63) / 64 * 64);
+    if (!plan) exit(2);
+    check(et_fc_s8_plan(w, n, k, bias, plan_x_zp, ws, 9, -100, 100, plan, ps) == ET_OK, "dyn plan %s", what);
+
+    uint8_t *u8 = xmalloc((size_t)(m * k));
+    float xs;
+    int32_t xzp;
+    spec_quantize(x, m * k, u8, &xs, &xzp);
+    const size_t count = (size_t)(m * n);
+    float *want = xmalloc(count * sizeof(float)), *y = xmalloc((count + 16) * sizeof(float));
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            int64_t acc = bias ? bias[j] : 0;
+            for (int64_t c = 0; c < k; c++) acc += (int64_t)(u8[i * k + c] - xzp) * w[j * k + c];
+            want[i * n + j] = (float)acc * (xs * ws[j]);
+        }
+    int nv;
+    const et_fc_s8_variant *v = et_fc_s8_variants(&nv);
+    for (int q = 0; q < nv; q++) {
+        if (!v[q].available) continue;
+        for (int nth = 1; nth <= 2; nth++) {
+            for (size_t t = 0; t < count + 16; t++) y[t] = -7.5f;
+            const int st = et_fc_s8_dyn_with(plan, x, m, y, nth, v[q].fn);
+            int64_t first = -1;
+            for (size_t t = 0; t < count && first < 0; t++)
+                if (memcmp(&y[t], &want[t], sizeof(float))) first = (int64_t)t;
+            int canary = 1;
+            for (size_t t = count; t < count + 16; t++) canary &= y[t] == -7.5f;
+            check(st == ET_OK && first < 0 && canary, "fc dyn %s vs spec %s, %d thread(s): status %d, first "
+                  "difference at y[%lld] = %.9g (spec %.9g)%s", v[q].name, what, nth, st, (long long)first,
+                  first >= 0 ? y[first] : 0.0, first >= 0 ? want[first] : 0.0, canary ? "" : ", wrote past y");
+        }
+    }
+    free(x), free(ws), free(w), free(bias), free(plan), free(u8), free(want), free(y);
+}
+
+static void dyn_tests(void) {
+    static const int64_t ks[] = {1, 3, 5, 64, 67, 120, 257};
+    static const int64_t ns[] = {1, 2, 16, 17, 120, 129};
+    static const int64_t ms[] = {1, 2, 3, 17, 40};
+    int c = 0;
+    for (size_t ik = 0; ik < sizeof ks / sizeof *ks; ik++)
+        for (size_t in = 0; in < sizeof ns / sizeof *ns; in++, c++)
+            dyn_case(ms[c % 5], ns[in], ks[ik], c & 1, (c / 2) & 1, (c % 3) * 50 - 50, c % 6);
+    dyn_case(40, 360, 120, 0, 0, 0, 0); /* above the threading threshold */
+    dyn_case(1, 2, 200, 1, 1, 0, 5);
+
+    /* the SIMD quantizer writes the scalar one's bytes, also on half-way quotients and every tail length */
+    for (int64_t count = 1; count < 80; count += 7) {
+        float *x = xmalloc((size_t)count * sizeof(float));
+        const float s = 6.0f / 255.0f;
+        for (int64_t i = 0; i < count; i++) { /* the range [-3, 3] (scale 6/255), half-way quotients and their
+                                                  neighbours */
+            x[i] = ((float)((int)(rng_next() % 180) - 90) + 0.5f) * s;
+            if (i % 3) x[i] = nextafterf(x[i], i % 3 == 1 ? INFINITY : -INFINITY);
+        }
+        x[0] = -3.0f;
+        if (count > 1) x[count - 1] = 3.0f;
+        int8_t *q0 = xmalloc((size_t)count), *q1 = xmalloc((size_t)count);
+        float s0 = 0, s1 = 0;
+        int32_t z0 = 0, z1 = 0;
+        int st0 = et_fc_s8_quantize_dyn(x, count, q0, &s0, &z0), st1 = st0;
+#if defined(__x86_64__) || defined(_M_X64)
+        if (__builtin_cpu_supports("avx2")) st1 = et_fc_s8_quantize_dyn_avx2(x, count, q1, &s1, &z1);
+        else memcpy(q1, q0, (size_t)count), s1 = s0, z1 = z0;
+#else
+        memcpy(q1, q0, (size_t)count), s1 = s0, z1 = z0;
+#endif
+        check(st0 == 0 && st1 == 0 && s0 == s1 && z0 == z1 && memcmp(q0, q1, (size_t)count) == 0,
+              "fc dyn quantizer: SIMD vs scalar, %lld values", (long long)count);
+        x[count / 2] = NAN;
+        check(et_fc_s8_quantize_dyn(x, count, q0, &s0, &z0) == -1, "fc dyn quantizer refuses NaN (%lld)",
+              (long long)count);
+#if defined(__x86_64__) || defined(_M_X64)
+        if (__builtin_cpu_supports("avx2"))
+            check(et_fc_s8_quantize_dyn_avx2(x, count, q1, &s1, &z1) == -1, "fc dyn AVX2 quantizer refuses NaN");
+#endif
+        x[count / 2] = -INFINITY;
+        check(et_fc_s8_quantize_dyn(x, count, q0, &s0, &z0) == -1, "fc dyn quantizer refuses -inf");
+        free(x), free(q0), free(q1);
+    }
+
+    /* a NaN in x: every output NaN; bad arguments refused */
+    {
+        const int64_t m = 3, n = 5, k = 9;
+        int8_t w[45];
+        float ws[5], x[27], y[15];
+        for (int i = 0; i < 45; i++) w[i] = (int8_t)(i * 7);
+        for (int i = 0; i < 5; i++) ws[i] = 0.5f;
+        for (int i = 0; i < 27; i++) x[i] = (float)i;
+        x[13] = NAN;
+        const size_t ps = et_fc_s8_plan_size(n, k);
+        void *plan = aligned_alloc(64, (ps + 63) / 64 * 64);
+        et_fc_s8_plan(w, n, k, NULL, 0, ws, 0, -128, 127, plan, ps);
+        int nan = et_fc_s8_dyn(plan, x, m, y, 1) == ET_OK;
+        for (int i = 0; i < 15; i++) nan &= isnan(y[i]);
+        check(nan, "fc dyn: a NaN activation makes every output NaN");
+        check(et_fc_s8_dyn(plan, x, 0, y, 1) == ET_ERR_INVALID && et_fc_s8_dyn(plan, NULL, m, y, 1) == ET_ERR_INVALID &&
+              et_fc_s8_dyn(plan, x, m, NULL, 1) == ET_ERR_INVALID && et_fc_s8_dyn(NULL, x, m, y, 1) == ET_ERR_INVALID &&
+              et_fc_s8_dyn((char *)plan + 64, x, m, y, 1) == ET_ERR_INVALID,
+              "fc dyn refuses m = 0, NULL pointers and a buffer that is not a plan");
+        free(plan);
+    }
+}
+
 void test_fc_s8(void) {
     const int before = n_failed;
     int nv;
@@ -285,5 +433,6 @@ void test_fc_s8(void) {
 
     fc_dispatch();
     fc_errors();
+    dyn_tests();
     printf("fc_s8 over %s: %s\n", names, n_failed == before ? "ok" : "FAILED");
 }

@@ -86,6 +86,10 @@ static void requant_block(const et_fc_s8_args *a, const int32_t *c, int rows, in
     for (int r = 0; r < rows; r++) {
         const __m512i acc = _mm512_add_epi32(_mm512_load_si512((const void *)(c + r * 16)), rc);
         __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), sc);
+        if (a->yf) { /* float output */
+            _mm512_mask_storeu_ps(a->yf + (i + r) * a->n + j, mask, f);
+            continue;
+        }
         f = _mm512_min_ps(_mm512_max_ps(f, lo), hi);
         const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(f), zp);
         _mm_mask_storeu_epi8(a->y + (i + r) * a->n + j, mask, _mm512_cvtepi32_epi8(v));

@@ -38,6 +38,17 @@ static void store16(const et_fc_s8_args *a, __m256i lo8, __m256i hi8, int64_t i,
     hi8 = _mm256_add_epi32(hi8, _mm256_loadu_si256((const __m256i *)(a->rowc_s + j + 8)));
     __m256 f0 = _mm256_mul_ps(_mm256_cvtepi32_ps(lo8), _mm256_loadu_ps(a->scale + j));
     __m256 f1 = _mm256_mul_ps(_mm256_cvtepi32_ps(hi8), _mm256_loadu_ps(a->scale + j + 8));
+    if (a->yf) { /* float output */
+        float *df = a->yf + i * a->n + j;
+        if (nj >= 16) {
+            _mm256_storeu_ps(df, f0), _mm256_storeu_ps(df + 8, f1);
+        } else {
+            float tmp[16];
+            _mm256_storeu_ps(tmp, f0), _mm256_storeu_ps(tmp + 8, f1);
+            memcpy(df, tmp, (size_t)nj * sizeof(float));
+        }
+        return;
+    }
     f0 = _mm256_min_ps(_mm256_max_ps(f0, fmin), fmax);
     f1 = _mm256_min_ps(_mm256_max_ps(f1, fmin), fmax);
     const __m256i v0 = _mm256_add_epi32(_mm256_cvtps_epi32(f0), zp), v1 = _mm256_add_epi32(_mm256_cvtps_epi32(f1), zp);
@@ -83,6 +94,45 @@ void et_fc_s8_avx2(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, i
         const int two = i + 1 < i1;
         for (int64_t j = j0; j < j1; j += 16) tile(a, i, two, j, j1 - j < 16 ? j1 - j : 16);
     }
+}
+
+/* et_fc_s8_quantize_dyn with AVX2 (same bytes: true division, clamp, then vcvtps2dq rounds half to even) */
+int et_fc_s8_quantize_dyn_avx2(const float *x, int64_t count, int8_t *q, float *scale, int32_t *zp) {
+    __m256 mn8 = _mm256_setzero_ps(), mx8 = mn8, bad = mn8;
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+        mn8 = _mm256_min_ps(mn8, v), mx8 = _mm256_max_ps(mx8, v);
+    }
+    if (_mm256_movemask_ps(bad)) return -1;
+    float lanes_mn[8], lanes_mx[8], mn = 0.0f, mx = 0.0f;
+    _mm256_storeu_ps(lanes_mn, mn8), _mm256_storeu_ps(lanes_mx, mx8);
+    for (int l = 0; l < 8; l++) mn = lanes_mn[l] < mn ? lanes_mn[l] : mn, mx = lanes_mx[l] > mx ? lanes_mx[l] : mx;
+    for (int64_t t = i; t < count; t++) {
+        const float v = x[t];
+        if (!(v - v == 0.0f)) return -1;
+        mn = v < mn ? v : mn, mx = v > mx ? v : mx;
+    }
+    et_fc_s8_dyn_params(mn, mx, scale, zp);
+    const __m256 s8 = _mm256_set1_ps(*scale), lo = _mm256_set1_ps((float)-*zp), hi = _mm256_set1_ps((float)(255 - *zp));
+    const __m256i off = _mm256_set1_epi32(*zp - 128);
+    for (i = 0; i + 16 <= count; i += 16) {
+        const __m256 a0 = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), s8), lo), hi);
+        const __m256 a1 = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + i + 8), s8), lo), hi);
+        const __m256i v0 = _mm256_add_epi32(_mm256_cvtps_epi32(a0), off);
+        const __m256i v1 = _mm256_add_epi32(_mm256_cvtps_epi32(a1), off);
+        const __m256i h = _mm256_permute4x64_epi64(_mm256_packs_epi32(v0, v1), 0xD8); /* 16 int16 in order */
+        _mm_storeu_si128((__m128i *)(q + i),
+                         _mm_packs_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+    }
+    const float s = *scale, flo = (float)-*zp, fhi = (float)(255 - *zp);
+    for (; i < count; i++) {
+        float v = x[i] / s;
+        v = v < flo ? flo : (v > fhi ? fhi : v);
+        q[i] = (int8_t)(_mm_cvtss_si32(_mm_set_ss(v)) + *zp - 128);
+    }
+    return 0;
 }
 
 #if defined(__clang__)

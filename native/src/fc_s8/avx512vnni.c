@@ -30,6 +30,10 @@ static inline __m512i wload(const int8_t *p) { return _mm512_load_si512((const v
 
 static inline void store16(const et_fc_s8_args *a, __m512i acc, int64_t i, int64_t j, __mmask16 mask) {
     __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(a->scale + j)); /* scale holds np floats */
+    if (a->yf) { /* float output */
+        _mm512_mask_storeu_ps(a->yf + i * a->n + j, mask, f);
+        return;
+    }
     f = _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(a->fmin)), _mm512_set1_ps(a->fmax));
     const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(f), _mm512_set1_epi32(a->y_zp));
     _mm_mask_storeu_epi8(a->y + i * a->n + j, mask, _mm512_cvtepi32_epi8(v));

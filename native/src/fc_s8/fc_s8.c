@@ -18,7 +18,7 @@
 
 static int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
-static int64_t w_offset(int64_t np) { return round_up((int64_t)sizeof(et_fc_s8_header) + np * 12, FC_ALIGN); }
+static int64_t w_offset(int64_t np) { return round_up((int64_t)sizeof(et_fc_s8_header) + np * 16, FC_ALIGN); }
 
 size_t et_fc_s8_plan_size(int64_t n, int64_t k) {
     if (n <= 0 || k <= 0 || n > ((int64_t)1 << 40) / (k + 4) || k > ((int64_t)1 << 31)) return 0;
@@ -51,6 +51,7 @@ int et_fc_s8_plan(const int8_t *w, int64_t n, int64_t k, const int32_t *bias, in
     *h = (et_fc_s8_header){ET_FC_S8_MAGIC, x_zp, y_zp, lo, hi, 0, n, k, kp, np, w_offset(np)};
     int32_t *rowc_s = (int32_t *)(base + sizeof *h), *rowc_u = rowc_s + np;
     float *sc = (float *)(rowc_u + np);
+    int32_t *wsum = (int32_t *)(sc + np);
     int8_t *p = (int8_t *)(base + h->w_off);
     for (int64_t j = 0; j < n; j++) {
         uint32_t s = 0;
@@ -65,6 +66,7 @@ int et_fc_s8_plan(const int8_t *w, int64_t n, int64_t k, const int32_t *bias, in
         rowc_s[j] = (int32_t)rs;
         rowc_u[j] = (int32_t)(rs - 128u * s);
         sc[j] = scale[j];
+        wsum[j] = (int32_t)s;
     }
     return ET_OK;
 }
@@ -137,30 +139,101 @@ static void fc_run(void *ctx, int ith, int nth) {
     if (j0 < j1) t->fn(a, 0, a->m, j0, j1);
 }
 
-int et_fc_s8_run_with(const void *plan, const int8_t *x, int64_t m, int8_t *y, int nthreads, et_fc_s8_fn fn) {
-    if (!plan || !x || !y || m <= 0)
-        return et_error(ET_ERR_INVALID, "fc_s8_run: need plan, x, y and m > 0 (m %lld)", (long long)m);
-    const et_fc_s8_header *h = (const et_fc_s8_header *)plan;
-    if ((uintptr_t)plan % FC_ALIGN || h->magic != ET_FC_S8_MAGIC)
-        return et_error(ET_ERR_INVALID, "fc_s8_run: plan is not a 64-byte aligned buffer written by et_fc_s8_plan");
-    const uint8_t *base = (const uint8_t *)plan;
-    const int32_t *rowc_s = (const int32_t *)(base + sizeof *h);
-    et_fc_s8_args a = {x, m, h->k, h->kp, h->n, (const int8_t *)(base + h->w_off), rowc_s, rowc_s + h->np,
-                       (const float *)(rowc_s + 2 * h->np), (float)(h->lo - h->y_zp), (float)(h->hi - h->y_zp),
-                       h->y_zp, y};
-    fc_task t = {fn ? fn : pick(m), &a, 0};
+/* args a over the pool: whole 16-channel tiles per thread (rows when there are fewer tiles than threads) */
+static int run_args(const et_fc_s8_header *h, const et_fc_s8_args *a, int nthreads, et_fc_s8_fn fn) {
+    const int64_t m = a->m;
+    fc_task t = {fn ? fn : pick(m), a, 0};
     const int64_t tiles = h->np / 16;
     int nth = nthreads > 0 ? nthreads : et_get_threads();
     if ((double)m * (double)h->n * (double)h->k < (double)ET_FC_S8_MT_MACS) nth = 1;
     if (nth > 1 && tiles < nth) t.by_rows = 1; /* few channels: split the rows */
     if (nth > (t.by_rows ? m : tiles)) nth = (int)(t.by_rows ? m : tiles);
     if (nth <= 1) {
-        t.fn(&a, 0, m, 0, h->n);
+        t.fn(a, 0, m, 0, h->n);
         return ET_OK;
     }
     return et_parallel(fc_run, &t, nth);
 }
 
+static const et_fc_s8_header *checked_plan(const void *plan, const char *what) {
+    const et_fc_s8_header *h = (const et_fc_s8_header *)plan;
+    if ((uintptr_t)plan % FC_ALIGN || h->magic != ET_FC_S8_MAGIC) {
+        et_error(ET_ERR_INVALID, "%s: plan is not a 64-byte aligned buffer written by et_fc_s8_plan", what);
+        return NULL;
+    }
+    return h;
+}
+
+int et_fc_s8_run_with(const void *plan, const int8_t *x, int64_t m, int8_t *y, int nthreads, et_fc_s8_fn fn) {
+    if (!plan || !x || !y || m <= 0)
+        return et_error(ET_ERR_INVALID, "fc_s8_run: need plan, x, y and m > 0 (m %lld)", (long long)m);
+    const et_fc_s8_header *h = checked_plan(plan, "fc_s8_run");
+    if (!h) return ET_ERR_INVALID;
+    const uint8_t *base = (const uint8_t *)plan;
+    const int32_t *rowc_s = (const int32_t *)(base + sizeof *h);
+    et_fc_s8_args a = {x, m, h->k, h->kp, h->n, (const int8_t *)(base + h->w_off), rowc_s, rowc_s + h->np,
+                       (const float *)(rowc_s + 2 * h->np), (float)(h->lo - h->y_zp), (float)(h->hi - h->y_zp),
+                       h->y_zp, y, NULL};
+    return run_args(h, &a, nthreads, fn);
+}
+
 int et_fc_s8_run(const void *plan, const int8_t *x, int64_t m, int8_t *y, int nthreads) {
     return et_fc_s8_run_with(plan, x, m, y, nthreads, NULL);
+}
+
+/* the DynamicQuantizeLinear for the active ISA */
+static int quantize_dyn(const float *x, int64_t count, int8_t *q, float *scale, int32_t *zp, int ref) {
+#if defined(__x86_64__) || defined(_M_X64)
+    const et_kernels *kt = et_active_kernels();
+    if (!ref && (kt == &et_kernels_avx512vnni || kt == &et_kernels_avx512 || kt == &et_kernels_avx2))
+        return et_fc_s8_quantize_dyn_avx2(x, count, q, scale, zp);
+#endif
+    (void)ref;
+    return et_fc_s8_quantize_dyn(x, count, q, scale, zp);
+}
+
+int et_fc_s8_dyn_with(const void *plan, const float *x, int64_t m, float *y, int nthreads, et_fc_s8_fn fn) {
+    if (!plan || !x || !y || m <= 0)
+        return et_error(ET_ERR_INVALID, "fc_s8_dyn: need plan, x, y and m > 0 (m %lld)", (long long)m);
+    const et_fc_s8_header *h = checked_plan(plan, "fc_s8_dyn");
+    if (!h) return ET_ERR_INVALID;
+    if (m > INT64_MAX / h->k / 4)
+        return et_error(ET_ERR_INVALID, "fc_s8_dyn: m %lld x k %lld is too large", (long long)m, (long long)h->k);
+    const int64_t np = h->np, count = m * h->k;
+    /* one allocation: the int8 codes of x, then per-call row constants and scales (np each) */
+    const int64_t qbytes = round_up(count, FC_ALIGN);
+    uint8_t *scratch = (uint8_t *)malloc((size_t)(qbytes + np * 12));
+    if (!scratch) return et_error(ET_ERR_NOMEM, "fc_s8_dyn: out of memory for %lld activations", (long long)count);
+    int8_t *q = (int8_t *)scratch;
+    int32_t *rs = (int32_t *)(scratch + qbytes), *ru = rs + np;
+    float *sc = (float *)(ru + np);
+    float x_scale;
+    int32_t x_zp;
+    if (quantize_dyn(x, count, q, &x_scale, &x_zp, fn == et_fc_s8_ref)) {
+        /* a NaN or an infinity has no quantized value: every output is NaN (onnxruntime's are unspecified) */
+        for (int64_t i = 0; i < m * h->n; i++) y[i] = NAN;
+        free(scratch);
+        return ET_OK;
+    }
+    const uint8_t *base = (const uint8_t *)plan;
+    const int32_t *prs = (const int32_t *)(base + sizeof *h);
+    const float *psc = (const float *)(prs + 2 * np);
+    const int32_t *wsum = (const int32_t *)(psc + np);
+    /* the codes are u8 - 128, so x - x_zp = q - (x_zp - 128): re-fold that zero point in place of the plan's */
+    const uint32_t dz = (uint32_t)(x_zp - 128) - (uint32_t)h->x_zp;
+    for (int64_t j = 0; j < np; j++) {
+        const uint32_t r = (uint32_t)prs[j] - dz * (uint32_t)wsum[j]; /* wrapping int32 arithmetic */
+        rs[j] = (int32_t)r;
+        ru[j] = (int32_t)(r - 128u * (uint32_t)wsum[j]);
+        sc[j] = x_scale * psc[j];
+    }
+    et_fc_s8_args a = {(const int8_t *)q, m, h->k, h->kp, h->n, (const int8_t *)(base + h->w_off), rs, ru, sc,
+                       0.0f, 0.0f, 0, NULL, y};
+    const int st = run_args(h, &a, nthreads, fn);
+    free(scratch);
+    return st;
+}
+
+int et_fc_s8_dyn(const void *plan, const float *x, int64_t m, float *y, int nthreads) {
+    return et_fc_s8_dyn_with(plan, x, m, y, nthreads, NULL);
 }

@@ -6,6 +6,7 @@
  *   rowc_s[np]  bias[j] - x_zp * wsum[j]           the correction for kernels that multiply signed x by w
  *   rowc_u[np]  rowc_s[j] - 128 * wsum[j]          the same for kernels that multiply u8 (x + 128) by w (vpdpbusd)
  *   scale[np]   float, input_scale * w_scale[j] / output_scale
+ *   wsum[np]    int32, sum_k w[j][k] (et_fc_s8_dyn re-folds the activation zero point it finds per call)
  *   w           np/16 tiles of kp * 16 bytes: byte (j/16)*kp*16 + (kk/4)*64 + (j%16)*4 + kk%4 = w[j][kk], zeros in the
  *               padding (np = n rounded up to 16, kp = k rounded up to 4). One 64-byte row holds 4 consecutive k of
  *               16 channels: a zmm operand of vpdpbusd, and 16 of them (64 k) one AMX B tile.
@@ -15,7 +16,9 @@
  *   y[i][j]   = rint(clamp((float)acc * scale[j], lo - y_zp, hi - y_zp)) + y_zp               (round half to even)
  * The requantization is XNNPACK's fp32 one (clamp in float, then round), which LiteRT's default CPU path runs.
  * Clamping before rounding equals clamping after (the bounds are integers) and keeps every SIMD float->int
- * conversion in range, so every variant equals the reference bit for bit for any finite scale. */
+ * conversion in range, so every variant equals the reference bit for bit for any finite scale.
+ * Float output (args.yf non-NULL, et_fc_s8_dyn): yf[i][j] = (float)acc * scale[j], nothing clamped or rounded
+ * (the float multiply every variant does first), y unused. */
 #ifndef ET_FC_S8_H
 #define ET_FC_S8_H
 
@@ -42,7 +45,8 @@ typedef struct {
     const float *scale;
     float fmin, fmax; /* lo - y_zp, hi - y_zp */
     int32_t y_zp;
-    int8_t *y; /* (m, n) row-major */
+    int8_t *y;  /* (m, n) row-major */
+    float *yf;  /* non-NULL: float output (m, n) row-major instead of y */
 } et_fc_s8_args;
 
 /* rows [i0, i1) x output channels [j0, j1); j0 is a multiple of 16, j1 too unless it is n */
@@ -59,6 +63,8 @@ const et_fc_s8_variant *et_fc_s8_variants(int *count);
 
 /* et_fc_s8_run with a given kernel (tests); fn NULL: the one the active ISA picks */
 int et_fc_s8_run_with(const void *plan, const int8_t *x, int64_t m, int8_t *y, int nthreads, et_fc_s8_fn fn);
+/* et_fc_s8_dyn with a given kernel (tests); fn et_fc_s8_ref also picks the scalar quantizer */
+int et_fc_s8_dyn_with(const void *plan, const float *x, int64_t m, float *y, int nthreads, et_fc_s8_fn fn);
 
 void et_fc_s8_ref(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
 #if defined(__x86_64__) || defined(_M_X64)
@@ -71,6 +77,24 @@ int et_fc_s8_amx_usable(void); /* CPU has AMX-INT8 and the OS granted this proce
 void et_fc_s8_neon(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
 void et_fc_s8_neon_dotprod(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
 #endif
+
+/* onnxruntime's DynamicQuantizeLinear of x[count] (finite values), as int8 codes: q[i] = u8[i] - 128 where
+ * u8[i] = clamp(rint(x[i] / scale), -zp, 255 - zp) + zp (true division, round half to even), the range
+ * [min(0, min x), max(0, max x)], scale = (max - min) / 255 (1 when max == min), zp = rint(clamp(0 - min / scale,
+ * 0, 255)). Returns 0, or -1 (q untouched) when x holds a NaN or an infinity. The AVX2 variant gives the same bytes. */
+int et_fc_s8_quantize_dyn(const float *x, int64_t count, int8_t *q, float *scale, int32_t *zp);
+#if defined(__x86_64__) || defined(_M_X64)
+int et_fc_s8_quantize_dyn_avx2(const float *x, int64_t count, int8_t *q, float *scale, int32_t *zp);
+#endif
+
+/* the scale and zero point of onnxruntime's DynamicQuantizeLinear for the range [mn, mx] (mn <= 0 <= mx) */
+static inline void et_fc_s8_dyn_params(float mn, float mx, float *scale, int32_t *zp) {
+    const float s = mx == mn ? 1.0f : (mx - mn) / 255.0f;
+    float z = 0.0f - mn / s;
+    z = z < 0.0f ? 0.0f : (z > 255.0f ? 255.0f : z);
+    *scale = s;
+    *zp = (int32_t)rintf(z);
+}
 
 /* the scalar requantization every variant reproduces */
 static inline int8_t et_fc_s8_requant(int32_t acc, float scale, float fmin, float fmax, int32_t zp) {

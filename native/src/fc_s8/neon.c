@@ -32,14 +32,27 @@ static inline int32_t xquad(const int8_t *x, int64_t len) { /* 4 bytes of x, zer
     return v;
 }
 
+static inline float32x4_t float4(const et_fc_s8_args *a, int32x4_t acc, int64_t j);
+
 static inline int32x4_t requant4(const et_fc_s8_args *a, int32x4_t acc, int64_t j) {
-    float32x4_t f = vmulq_f32(vcvtq_f32_s32(vaddq_s32(acc, vld1q_s32(a->rowc_s + j))), vld1q_f32(a->scale + j));
+    float32x4_t f = float4(a, acc, j);
     f = vminq_f32(vmaxq_f32(f, vdupq_n_f32(a->fmin)), vdupq_n_f32(a->fmax));
     return vaddq_s32(vcvtnq_s32_f32(f), vdupq_n_s32(a->y_zp));
 }
 
+static inline float32x4_t float4(const et_fc_s8_args *a, int32x4_t acc, int64_t j) {
+    return vmulq_f32(vcvtq_f32_s32(vaddq_s32(acc, vld1q_s32(a->rowc_s + j))), vld1q_f32(a->scale + j));
+}
+
 static void store16(const et_fc_s8_args *a, int32x4_t c0, int32x4_t c1, int32x4_t c2, int32x4_t c3, int64_t i,
                     int64_t j, int64_t nj) {
+    if (a->yf) { /* float output */
+        float tmp[16], *df = a->yf + i * a->n + j, *dst = nj >= 16 ? df : tmp;
+        vst1q_f32(dst, float4(a, c0, j)), vst1q_f32(dst + 4, float4(a, c1, j + 4));
+        vst1q_f32(dst + 8, float4(a, c2, j + 8)), vst1q_f32(dst + 12, float4(a, c3, j + 12));
+        if (nj < 16) memcpy(df, tmp, (size_t)nj * sizeof(float));
+        return;
+    }
     const int16x8_t h0 = vcombine_s16(vqmovn_s32(requant4(a, c0, j)), vqmovn_s32(requant4(a, c1, j + 4)));
     const int16x8_t h1 = vcombine_s16(vqmovn_s32(requant4(a, c2, j + 8)), vqmovn_s32(requant4(a, c3, j + 12)));
     const int8x16_t b = vcombine_s8(vqmovn_s16(h0), vqmovn_s16(h1));

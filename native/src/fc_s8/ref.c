@@ -1,5 +1,7 @@
 /* fc_s8/ref.c — the INT8 fully-connected spec (plan layout and arithmetic in fc_s8.h): signed x against the packed
  * weights, rowc_s as the starting value, int32 sums that wrap (kept in uint32: no signed overflow). */
+#include <math.h>
+
 #include "fc_s8.h"
 
 void et_fc_s8_ref(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
@@ -10,7 +12,28 @@ void et_fc_s8_ref(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, in
             uint32_t acc = (uint32_t)a->rowc_s[j];
             for (int64_t kk = 0; kk < a->k; kk++)
                 acc += (uint32_t)((int32_t)x[kk] * (int32_t)wb[(kk / 4) * 64 + kk % 4]);
-            a->y[i * a->n + j] = et_fc_s8_requant((int32_t)acc, a->scale[j], a->fmin, a->fmax, a->y_zp);
+            if (a->yf)
+                a->yf[i * a->n + j] = (float)(int32_t)acc * a->scale[j];
+            else
+                a->y[i * a->n + j] = et_fc_s8_requant((int32_t)acc, a->scale[j], a->fmin, a->fmax, a->y_zp);
         }
     }
+}
+
+int et_fc_s8_quantize_dyn(const float *x, int64_t count, int8_t *q, float *scale, int32_t *zp) {
+    float mn = 0.0f, mx = 0.0f;
+    for (int64_t i = 0; i < count; i++) {
+        const float v = x[i];
+        if (!(v - v == 0.0f)) return -1; /* NaN or an infinity */
+        mn = v < mn ? v : mn;
+        mx = v > mx ? v : mx;
+    }
+    et_fc_s8_dyn_params(mn, mx, scale, zp);
+    const float s = *scale, lo = (float)-*zp, hi = (float)(255 - *zp);
+    for (int64_t i = 0; i < count; i++) {
+        float v = x[i] / s;
+        v = v < lo ? lo : (v > hi ? hi : v);
+        q[i] = (int8_t)((int32_t)rintf(v) + *zp - 128);
+    }
+    return 0;
 }
