@@ -322,9 +322,15 @@ class Session:
                         break
                     np.copyto(buf, a)
                 else:
-                    fast_run()
-                    self._last = _NO_COPIES
-                    return list(fast_out) if self.output_views else [r.copy() for r in fast_out]
+                    try:
+                        fast_run()
+                    except DeviceError:
+                        if not b.probed:
+                            raise
+                        # shapes learnt by probing: a data-dependent one changed; the general path lays out again
+                    else:
+                        self._last = _NO_COPIES
+                        return list(fast_out) if self.output_views else [r.copy() for r in fast_out]
         g = self._graph0
         if output_names is None:
             names = g.outputs
@@ -547,7 +553,7 @@ class Session:
         bound = _Bound(dims, graph, p, compiled, pools, {t: buf(HOST, t) for t in graph.inputs}, in_bufs,
                        out_bufs, before, after, {t: buf(HOST, t) for t in graph.outputs},
                        {t: spec[t][0] for t in graph.inputs}, probed)
-        if len(compiled) == 1 and not before and not after[0] and not probed:
+        if len(compiled) == 1 and not before and not after[0]:
             bound.fast = (tuple((t, bound.feeds[t], spec[t][0], spec[t][1]) for t in graph.inputs),
                           compiled[0].bound_run(in_bufs[0], out_bufs[0]),
                           tuple(bound.results[t] for t in graph.outputs))

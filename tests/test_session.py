@@ -370,6 +370,27 @@ def test_one_partition_fast_path_checks_what_the_general_path_checks(tmp_path, f
     assert s.stats()["bytes_to_device"] == 0 and s.stats()["last_run"] == {"bytes_to_device": 0, "bytes_to_host": 0}
 
 
+def test_a_data_dependent_output_shape_binds_again_when_it_changes():
+    """NonZero's output length depends on the values: the shapes learnt by probing go stale when it changes; the
+    failed run lays the session out again (on the one-partition fast path too) and the answer is right."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    g = h.make_graph([h.make_node("Greater", ["x", "zero"], ["m"]), h.make_node("NonZero", ["m"], ["nz"]),
+                      h.make_node("Cast", ["nz"], ["y"], to=T.FLOAT)], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, [6])], [h.make_tensor_value_info("y", T.FLOAT, [1, "n"])],
+                     [h.make_tensor("zero", T.FLOAT, [], [0.0])])
+    s = edgert.Session(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
+    rebinds = []
+    for x in ([1, -1, 2, -2, -3, -4], [1, 1, 1, -1, -1, 1], [1, 1, 1, -1, -1, 1], [-1] * 6, [1] * 6):
+        x = np.array(x, np.float32)
+        (y,) = s.run(None, {"x": x})
+        np.testing.assert_array_equal(y, np.array(np.nonzero(x > 0), np.float32))
+        assert s._bound.fast is not None and s._bound.probed
+        rebinds.append(s.stats()["rebinds"])
+    assert rebinds == [0, 1, 1, 2, 3]  # the same length again reuses the layout
+
+
 def test_list_feed_of_an_integer_input_is_not_truncated(tmp_path):
     from onnx import TensorProto, helper
 
