@@ -8,8 +8,10 @@ embedding). For each, at 1 and 2 threads:
   - GEMV (M=1), q4_0 / q4_1 / q8_0: edgert rotates through >= 1 GiB of distinct weight matrices, so every call
     streams its weights from DRAM (this machine's L3 is hundreds of MB). Reported as GB/s of weight bytes and as %
     of the streaming-read bandwidth (lib.et_stream_read) measured in the same run.
-  - GEMM (M=64), GOP/s = 2*M*N*K / s, cache-resident weights (the kernel is compute bound).
-Peers: q4_0/q4_1 against onnxruntime MatMulNBits (bits=4, block_size=32, accuracy_level=4, symmetric), q8_0 against
+  - GEMM (M=64), GOP/s = 2*M*N*K / s, cache-resident weights (the kernel is compute bound); also "int8": per-tensor
+    int8 weights through edgert.quant.BoundDynamicInt8, which computes MatMulInteger's chain exactly (the
+    activations quantized per tensor as DynamicQuantizeLinear does, int32 sums, float out).
+Peers: q4_0/q4_1 against onnxruntime MatMulNBits (bits=4, block_size=32, accuracy_level=4, symmetric), q8_0 and int8 against
 MatMulInteger (int8 weights, activations through DynamicQuantizeLinear, output cast to float and rescaled), and
 numpy float32 x @ w.T. The onnxruntime GEMV peers stream from DRAM too (marked "dram"): sessions of >= 16 distinct
 matrices (chained output -> input when N == K, side by side on one input otherwise), rotated until they have read as
@@ -36,7 +38,8 @@ FORMATS = ["q4_0", "q4_1", "q8_0"]
 THREADS = [1, 2]
 GEMM_M = 64
 GIB = 1 << 30
-PEER_OP = {"q4_0": "MatMulNBits", "q4_1": "MatMulNBits", "q8_0": "MatMulInteger"}
+PEER_OP = {"q4_0": "MatMulNBits", "q4_1": "MatMulNBits", "q8_0": "MatMulInteger", "int8": "MatMulInteger"}
+GEMM_FORMATS = ("q4_0", "q4_1", "q8_0", "int8")  # int8: per-tensor int8 weights, MatMulInteger's own arithmetic
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 HALF_0_01 = np.array([0.01], dtype=np.float16).view(np.uint8)  # a scale whose products stay normal floats
 
@@ -95,9 +98,11 @@ def edgert_gemv(mats: list[eq.QTensor], threads: int, passes: int) -> float:
     return best_time(run, passes) / len(mats)
 
 
-def edgert_gemm(w: eq.QTensor, m: int, threads: int, reps: int) -> float:
+def edgert_gemm(w, m: int, threads: int, reps: int) -> float:
+    """QTensor: the block-format product (BoundMatMul); Int8Weights: onnxruntime's dynamic int8 arithmetic
+    (BoundDynamicInt8: per-tensor DynamicQuantizeLinear of x in C, int32 sums, float out)."""
     x = np.random.default_rng(2).standard_normal((m, w.shape[1])).astype(np.float32)
-    b = eq.BoundMatMul(w, m, threads=threads)
+    b = eq.BoundMatMul(w, m, threads=threads) if isinstance(w, eq.QTensor) else eq.BoundDynamicInt8(w, m, threads)
     return best_time(lambda: b(x), reps)
 
 
@@ -320,8 +325,11 @@ def main(argv=None) -> int:
     # GEMM
     for n, k in SHAPES:
         np_t = {}
-        for fmt in FORMATS:
-            w = eq.QTensor.from_raw(fmt, (n, k), pool.matrices(fmt, (n, k), 1)[0].raw.copy())
+        for fmt in GEMM_FORMATS:
+            if fmt == "int8":
+                w = eq.Int8Weights(rng.integers(-128, 128, (n, k)).astype(np.int8), scale=0.01)
+            else:
+                w = eq.QTensor.from_raw(fmt, (n, k), pool.matrices(fmt, (n, k), 1)[0].raw.copy())
             for t in THREADS:
                 et = edgert_gemm(w, GEMM_M, t, 3 if quick else 6)
                 ops = 2.0 * GEMM_M * n * k

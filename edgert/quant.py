@@ -173,6 +173,15 @@ def matmul(x: np.ndarray, w: QTensor, threads: int | None = None, *, out: np.nda
     return y[0] if squeeze else y
 
 
+def _out_ptr(out, m: int, n: int):
+    """The C pointer of a caller's output buffer for a bound product, checked: float32 (m, n), C-contiguous,
+    writeable."""
+    if (type(out) is not np.ndarray or out.dtype != np.float32 or out.shape != (m, n) or not out.flags.c_contiguous
+            or not out.flags.writeable):
+        raise InvalidArgumentError(f"out must be a writeable C-contiguous float32 array of shape {(m, n)}")
+    return native.ptr(out, "float *")
+
+
 class BoundMatMul:
     """``y = x @ w.T`` for one weight and one row count, for a caller that runs the same product again and again
     (the host delegate's C-core steps): the output, the scratch and the weight's pointer are made once, so a call
@@ -215,10 +224,7 @@ class BoundMatMul:
         n, k = self.w.shape
         py = self._py
         if out is not None:
-            if (type(out) is not np.ndarray or out.dtype != np.float32 or out.shape != (m, n)
-                    or not out.flags.c_contiguous or not out.flags.writeable):
-                raise InvalidArgumentError(f"out must be a writeable C-contiguous float32 array of shape {(m, n)}")
-            py = native.ptr(out, "float *")
+            py = _out_ptr(out, m, n)
         # from_buffer needs a contiguous buffer: a strided x is passed by its first element's address
         px = native.ptr(x, "float *") if x.flags.c_contiguous else native.ffi.cast("float *", x.ctypes.data)
         native.check(lib.et_matmul_ex(px, m, kx, x.strides[0] // 4 if m > 1 else kx, self.w.type_id, self._pw, n,
@@ -401,9 +407,6 @@ class BoundDynamicInt8:
                              f" {getattr(x, 'shape', '')}")
         py = self._py
         if out is not None:
-            if (type(out) is not np.ndarray or out.dtype != np.float32 or out.shape != (m, n)
-                    or not out.flags.c_contiguous or not out.flags.writeable):
-                raise InvalidArgumentError(f"out must be a writeable C-contiguous float32 array of shape {(m, n)}")
-            py = native.ptr(out, "float *")
+            py = _out_ptr(out, m, n)
         native.check(lib.et_fc_s8_dyn(self.w.p_plan, native.ptr(x, "const float *"), m, py, self._nth))
         return self.out if out is None else out
