@@ -35,6 +35,14 @@ def row_bytes(fmt: str, k: int) -> int:
     return n
 
 
+def _aligned(nbytes: int, dtype=np.uint8) -> np.ndarray:
+    """An uninitialised buffer of ``nbytes`` starting on a 64-byte boundary (whole output rows then leave the
+    kernels as whole cache lines; the fc_s8 plan needs it)."""
+    raw = np.empty(nbytes + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + nbytes].view(dtype)
+
+
 class QTensor:
     """A 2-D weight matrix (N, K) in one of the GGUF formats. ``raw`` is a uint8 view (N, row_bytes) of the blocks,
     byte-for-byte the GGUF layout; it may alias a memory-mapped file or a caller's buffer (no copy is made)."""
@@ -140,16 +148,9 @@ def matmul(x: np.ndarray, w: QTensor, threads: int | None = None, *, out: np.nda
         raise ShapeError(f"x has K={k} but w has shape ({n}, {wk}): K must match")
     if m < 1:
         raise ShapeError(f"x must have at least one row, got shape {x.shape}")
-    nth = 0
-    if threads is not None:
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-            raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}")
-        nth = threads
-    if out is None:
-        # 64-byte aligned: full output rows then leave the kernels as whole cache lines (non-temporal stores, no reads)
-        buf = np.empty(m * n * 4 + 64, dtype=np.uint8)
-        start = -buf.ctypes.data % 64
-        y = buf[start : start + m * n * 4].view(np.float32).reshape(m, n)
+    nth = _threads(threads)
+    if out is None:  # 64-byte aligned: full output rows leave the kernels as whole cache lines (streaming stores)
+        y = _aligned(m * n * 4, np.float32).reshape(m, n)
     else:  # any alignment works: the kernels stream only to 64-byte aligned rows
         want = (n,) if squeeze else (m, n)
         if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != want \
@@ -165,12 +166,24 @@ def matmul(x: np.ndarray, w: QTensor, threads: int | None = None, *, out: np.nda
         raise InvalidArgumentError(f"scratch must be a C-contiguous uint8 array of at least {ss} bytes "
                                    f"(matmul_scratch_size), got {getattr(scratch, 'dtype', type(scratch).__name__)} "
                                    f"of {getattr(scratch, 'nbytes', '?')} bytes")
-    native.check(
-        lib.et_matmul(native.ptr(x, "float *"), m, k, w.type_id, native.ptr(w.raw), n, native.ptr(y, "float *"), native.ptr(scratch), ss, nth)
-    )
+    native.check(lib.et_matmul(native.ptr(x, "float *"), m, k, w.type_id, native.ptr(w.raw), n, native.ptr(y, "float *"),
+                               native.ptr(scratch), ss, nth))
     if out is not None:
         return out
     return y[0] if squeeze else y
+
+
+def _threads(threads) -> int:
+    """A product's ``threads`` argument (None or a positive int) as the C core's count (0: the pool's)."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}")
+    return threads or 0
+
+
+def _rows(m) -> int:
+    if not isinstance(m, int) or m < 1:
+        raise ShapeError(f"m must be a positive int, got {m!r}")
+    return m
 
 
 def _out_ptr(out, m: int, n: int):
@@ -198,20 +211,15 @@ class BoundMatMul:
             raise DTypeError(f"w must be an edgert.QTensor (see edgert.quantize), got {type(w).__name__}")
         n, k = w.shape
         kx = k if kx is None else kx
-        if not isinstance(m, int) or m < 1:
-            raise ShapeError(f"m must be a positive int, got {m!r}")
+        self._nth = _threads(threads)
+        self.m = _rows(m)
         if not isinstance(kx, int) or not 1 <= kx <= k or (kx != k and w.fmt in ("f16", "f32")):
             raise ShapeError(f"kx={kx!r} must be in [1, K={k}] ({w.fmt} weights: exactly K)")
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}")
-        self.w, self.m, self.kx, self.threads = w, m, kx, threads
-        buf = np.empty(m * n * 4 + 64, dtype=np.uint8)  # 64-byte aligned rows: see matmul()
-        start = -buf.ctypes.data % 64
-        self.out = buf[start:start + m * n * 4].view(np.float32).reshape(m, n)
+        self.w, self.kx, self.threads = w, kx, threads
+        self.out = _aligned(m * n * 4, np.float32).reshape(m, n)
         self._ss = lib.et_matmul_scratch_size(w.type_id, m, k)
         self._scratch = np.empty(max(self._ss, 1), dtype=np.uint8)
         self._pw, self._py, self._ps = native.ptr(w.raw), native.ptr(self.out, "float *"), native.ptr(self._scratch)
-        self._nth = threads or 0
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The product for ``x``, in the bound output, or in ``out`` (float32 C-contiguous (m, N)) when given."""
@@ -314,12 +322,6 @@ _HUGE = 2 << 20                # transparent huge page size on x86-64 and most A
 HUGE_PAGE_MIN_BYTES = 1 << 20  # plans from this size on sit on huge pages (see _plan_buffer)
 
 
-def _aligned(nbytes: int, dtype=np.uint8) -> np.ndarray:
-    raw = np.zeros(nbytes + 64, np.uint8)
-    off = (-raw.ctypes.data) % 64
-    return raw[off:off + nbytes].view(dtype)
-
-
 def _plan_buffer(nbytes: int) -> np.ndarray:
     """A 64-byte aligned buffer for an FC plan. From HUGE_PAGE_MIN_BYTES on: 2 MiB aligned anonymous memory advised
     to use transparent huge pages, so the weights are physically contiguous. On 4 KiB pages their placement in the
@@ -391,14 +393,11 @@ class BoundDynamicInt8:
     def __init__(self, w: Int8Weights, m: int, threads: int | None = None):
         if not isinstance(w, Int8Weights):
             raise DTypeError(f"w must be edgert.quant.Int8Weights, got {type(w).__name__}")
-        if not isinstance(m, int) or m < 1:
-            raise ShapeError(f"m must be a positive int, got {m!r}")
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}")
-        self.w, self.m, self.threads = w, m, threads
+        self._nth = _threads(threads)
+        self.m = _rows(m)
+        self.w, self.threads = w, threads
         self.out = np.empty((m, w.shape[0]), np.float32)
         self._py = native.ptr(self.out, "float *")
-        self._nth = threads or 0
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         m, (n, k) = self.m, self.w.shape

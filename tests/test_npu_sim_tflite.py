@@ -159,13 +159,13 @@ def test_fc_parameters_are_the_host_c_cores():
         op, ins, attrs = serial_npu.tflite_node(node, g)
         step = int8_fc_step(g, node)
         assert op == "FullyConnectedS8" and attrs == [step.n, step.k, step.y_zp, step.lo, step.hi]
-        assert ins[3].dtype == np.float32 and ins[3].tobytes() == step.scale.tobytes()
+        assert ins[3].dtype == np.float32 and ins[3].tobytes() == step.weights.scale.tobytes()
         w = np.asarray(g.tensors[node.inputs[1]].initializer, np.int64)
         b = np.asarray(g.tensors[node.inputs[2]].initializer, np.int64)
         np.testing.assert_array_equal(ins[2], b - step.x_zp * w.sum(axis=1))
         # byte for byte what the C core's plan holds (native/src/fc_s8/fc_s8.h: a 64-byte header, rowc_s[np],
-        # rowc_u[np], scale[np], then the packed weights at w_off)
-        plan = step.plan.view(np.uint8)
+        # rowc_u[np], scale[np], wsum[np], then the packed weights at w_off)
+        plan = step.weights.plan.view(np.uint8)
         n, k, kp, n_pad, w_off = (int(v) for v in plan[24:64].view(np.int64))
         assert (n, k) == (step.n, step.k) and n_pad == ins[1].shape[0] * 16 and kp * 16 == ins[1].shape[1]
         assert plan[64:64 + 4 * step.n].tobytes() == ins[2].tobytes()

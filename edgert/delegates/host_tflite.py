@@ -42,16 +42,12 @@ class Int8FullyConnected:
         from ..native import ffi, lib
 
         self.nodes, self.x, self.out = [node], x, out
-        w = np.asarray(w)
-        if w.ndim != 2 or w.dtype != np.int8 or 0 in w.shape:
-            raise DeviceError(f"FULLY_CONNECTED {out!r}: weights must be non-empty 2-D int8, got {w.dtype} {w.shape}")
-        self.n, self.k = (int(d) for d in w.shape)
         self.x_zp, self.y_zp, self.lo, self.hi = int(x_zp), int(y_zp), int(lo), int(hi)
         try:
             self.weights = Int8Weights(w, bias, self.x_zp, scale, self.y_zp, self.lo, self.hi)
         except EdgertError as exc:
             raise DeviceError(f"FULLY_CONNECTED {out!r}: {exc}") from None
-        self.scale, self.bias, self.plan = self.weights.scale, self.weights.bias, self.weights.plan
+        self.n, self.k = self.weights.shape
         self.threads = int(threads or 0)
         # pointers cast once: a cffi cast or ndarray.ctypes costs about a microsecond, the kernel well under that on
         # small shapes
