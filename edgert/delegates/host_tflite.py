@@ -104,10 +104,12 @@ def _act_range(act: int, s: float, zp: int) -> tuple[int, int] | None:
     return None
 
 
-def int8_fc_step(graph, node, threads: int | None = None) -> Int8FullyConnected | None:
-    """The C-core step for ``node`` if it is an INT8 FULLY_CONNECTED the core takes (int8 activations and output,
-    constant 2-D int8 weights with zero points 0, optional constant int32 bias, a plain or ReLU-family activation,
-    default weights format), else None."""
+def int8_fc_params(graph, node) -> dict | None:
+    """The arguments of the C core's INT8 FULLY_CONNECTED for ``node`` (``w``, ``bias``, ``x_zp``, ``scale`` =
+    s_in * s_w[j] / s_out in float32 in that order, ``y_zp``, ``lo``, ``hi``) if it is one the core takes (int8
+    activations and output, constant 2-D int8 weights with zero points 0, per tensor or per row, optional constant
+    int32 bias, a plain or ReLU-family activation, default weights format), else None. The host step and the serial
+    NPU's FullyConnectedS8 both start here."""
     if node.attrs.get("tflite_op") != "FULLY_CONNECTED" or len(node.inputs) < 2 or len(node.outputs) != 1:
         return None
     opts = node.attrs.get("tflite_options", {})
@@ -138,9 +140,18 @@ def int8_fc_step(graph, node, threads: int | None = None) -> Int8FullyConnected 
     if rng is None:
         return None
     scale = (xs[0] * np.broadcast_to(ws, (n,)).astype(np.float32) / ys[0]).astype(np.float32)
-    return Int8FullyConnected(node.name, node.inputs[0], node.outputs[0], w.initializer,
-                              None if b is None else b.initializer, int(np.asarray(x.quant.zero_point).reshape(-1)[0]),
-                              scale, yzp, rng[0], rng[1], threads)
+    return {"w": w.initializer, "bias": None if b is None else b.initializer,
+            "x_zp": int(np.asarray(x.quant.zero_point).reshape(-1)[0]), "scale": scale, "y_zp": yzp,
+            "lo": rng[0], "hi": rng[1]}
+
+
+def int8_fc_step(graph, node, threads: int | None = None) -> Int8FullyConnected | None:
+    """The C-core step for ``node`` if it is an INT8 FULLY_CONNECTED the core takes (``int8_fc_params``), else
+    None."""
+    p = int8_fc_params(graph, node)
+    if p is None:
+        return None
+    return Int8FullyConnected(node.name, node.inputs[0], node.outputs[0], threads=threads, **p)
 
 
 class _Segment:

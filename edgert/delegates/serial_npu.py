@@ -246,10 +246,15 @@ def _act(n, graph, out: str, code: int | None = None) -> tuple[int, int]:
 
 
 def _requant_scales(xs, ws, ys, channels: int) -> np.ndarray:
-    """s_in * s_w[c] / s_out in float32, in that order (the host C core's and XNNPACK's), one per output channel;
-    outside XNNPACK's [2^-32, 256) LiteRT runs another kernel, so the device does not take the op."""
+    """s_in * s_w[c] / s_out in float32, in that order (the host C core's and XNNPACK's), one per output channel,
+    checked by ``_scale_range``."""
     sc = (np.float32(xs[0]) * np.broadcast_to(np.asarray(ws, np.float32), (channels,)) / np.float32(ys[0]))
-    sc = np.ascontiguousarray(sc, np.float32)
+    return _scale_range(np.ascontiguousarray(sc, np.float32))
+
+
+def _scale_range(sc: np.ndarray) -> np.ndarray:
+    """``sc`` if every requantization scale lies in XNNPACK's [2^-32, 256): outside it LiteRT runs another kernel,
+    so the device does not take the op."""
     if not (np.all(sc >= np.float32(2.0 ** -32)) and np.all(sc < np.float32(256.0))):
         raise UnsupportedOpError("serial-npu: requantization scale outside [2^-32, 256)")
     return sc
@@ -303,31 +308,26 @@ def tflite_node(n, graph) -> tuple[str, list, list[int]]:
         _qparams(graph, x, "input")
         if not _same_q(graph, x, y):
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: {tf} with different input and output quantization")
-        lo, hi = _act(n, graph, y, {"RELU": 1, "RELU_N1_TO_1": 2, "RELU6": 3}[tf])
+        from .host_tflite import _ACT_RELU, _ACT_RELU6, _ACT_RELU_N1_TO_1
+
+        lo, hi = _act(n, graph, y, {"RELU": _ACT_RELU, "RELU_N1_TO_1": _ACT_RELU_N1_TO_1, "RELU6": _ACT_RELU6}[tf])
         return op, [x], [lo, hi]
     ys, yz = _qparams(graph, y, "output")
     if tf == "FULLY_CONNECTED":
-        if len(n.inputs) < 2 or int(opts.get("WeightsFormat", 0)) != 0 or int(opts.get("AsymmetricQuantizeInputs", 0)):
-            raise UnsupportedOpError(f"serial-npu: {n.name!r}: FULLY_CONNECTED format not supported")
-        w, b = t[n.inputs[1]], (t[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] else None)
-        if w.initializer is None or w.initializer.ndim != 2 or w.dtype != "int8":
-            raise UnsupportedOpError(f"serial-npu: {n.name!r}: weights must be a constant int8 (N, K)")
-        nn, k = (int(d) for d in w.initializer.shape)
-        xs, xz = _qparams(graph, x, "input")
-        ws, wz = _qparams(graph, n.inputs[1], "weights", nn)
-        if np.any(wz != 0) or (ws.size > 1 and w.quant.axis not in (0, None)):
-            raise UnsupportedOpError(f"serial-npu: {n.name!r}: weights must be symmetric, per tensor or per row")
-        if b is not None and (b.initializer is None or b.dtype != "int32" or b.initializer.size != nn):
-            raise UnsupportedOpError(f"serial-npu: {n.name!r}: bias must be a constant int32 (N)")
-        xn, yn = t[x].concrete_shape(), t[y].concrete_shape()
-        if xn is None or yn is None or int(np.prod(xn)) % k or int(np.prod(yn)) != int(np.prod(xn)) // k * nn:
-            raise UnsupportedOpError(f"serial-npu: {n.name!r}: input/output sizes do not fit (N, K) = {(nn, k)}")
-        wi = np.asarray(w.initializer, np.int8)
-        bias = np.zeros(nn, np.int64) if b is None else np.asarray(b.initializer, np.int64).reshape(-1)
+        from .host_tflite import int8_fc_params
+
+        p = int8_fc_params(graph, n)  # the host C core's own eligibility and requantization parameters
+        if p is None:
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: not an INT8 FULLY_CONNECTED the C core's kernel takes "
+                                     "(int8 in and out, constant symmetric int8 (N, K) weights per tensor or per row, "
+                                     "constant int32 bias, a ReLU-family activation, the default weights format)")
+        wi = np.asarray(p["w"], np.int8)
+        nn, k = (int(d) for d in wi.shape)
+        _scale_range(p["scale"])
+        bias = np.zeros(nn, np.int64) if p["bias"] is None else np.asarray(p["bias"], np.int64).reshape(-1)
         # rowc_s = bias - x_zp * wsum, int32 wrapping: the C core plan's per-channel starting value
-        rowc = ((bias - int(xz[0]) * wi.astype(np.int64).sum(axis=1) + 2 ** 31) % 2 ** 32 - 2 ** 31).astype(np.int32)
-        lo, hi = _act(n, graph, y)
-        return op, [x, pack_fc_weights(wi), rowc, _requant_scales(xs, ws, ys, nn)], [nn, k, int(yz[0]), lo, hi]
+        rowc = ((bias - p["x_zp"] * wi.astype(np.int64).sum(axis=1) + 2 ** 31) % 2 ** 32 - 2 ** 31).astype(np.int32)
+        return op, [x, pack_fc_weights(wi), rowc, p["scale"]], [nn, k, p["y_zp"], p["lo"], p["hi"]]
     if tf in ("CONV_2D", "DEPTHWISE_CONV_2D"):
         dw = tf == "DEPTHWISE_CONV_2D"
         w, b = t[n.inputs[1]], (t[n.inputs[2]] if len(n.inputs) > 2 and n.inputs[2] else None)
@@ -403,6 +403,39 @@ def qs8_add_params(sa: float, za: int, sb: float, zb: int, so: float) -> tuple[i
     return int(bias), am, bm, int(shift)
 
 
+def onnx_node(n, graph, shape_of, const) -> tuple[str, list, list[int]]:
+    """(device op, input names ("" for an absent optional input), attributes) for an ONNX node the device runs
+    (``ONNX_TO_DEVICE``); ``shape_of``/``const``: the translation's static-shape and constant lookups."""
+    op = ONNX_TO_DEVICE[n.qualified_op]
+    attrs: list[int] = []
+    ins = list(n.inputs)
+    if op in ("QLinearConv", "ConvInteger"):
+        if n.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: auto_pad is not supported (explicit pads only)")
+        w = graph.tensors[ins[3 if op == "QLinearConv" else 1]]
+        if w.shape is None or len(w.shape) != 4:
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: 2-D convolutions only")
+        pads = list(n.attrs.get("pads", [0, 0, 0, 0]))
+        st = list(n.attrs.get("strides", [1, 1]))
+        dl = list(n.attrs.get("dilations", [1, 1]))
+        attrs = [int(n.attrs.get("group", 1)), st[0], st[1], pads[0], pads[1], pads[2], pads[3], dl[0], dl[1]]
+    elif op == "Clip":
+        t = graph.tensors[ins[0]]
+        lo, hi = {"int8": (-128, 127), "uint8": (0, 255)}.get(t.dtype, (-2 ** 31, 2 ** 31 - 1))
+        if len(ins) > 1 and ins[1]:
+            lo = int(const(ins[1]))
+        if len(ins) > 2 and ins[2]:
+            hi = int(const(ins[2]))
+        attrs, ins = [lo, hi], ins[:1]
+    elif op == "Copy":
+        ins = ins[:1]
+    elif op == "Concat":
+        rank = len(shape_of(n.outputs[0]))
+        axis = int(n.attrs.get("axis", 0))
+        attrs = [axis + rank if axis < 0 else axis]
+    return op, ins, attrs
+
+
 def translate(partition, graph):
     """(blob, input names, output names) for ``partition`` of ``graph``; UnsupportedOpError for what the device
     cannot run (the partition then stays on the host)."""
@@ -426,14 +459,14 @@ def translate(partition, graph):
         if t.initializer is not None:
             if not const_ok:
                 raise UnsupportedOpError(f"serial-npu: {name!r} must not be a constant here")
-            a = np.ascontiguousarray(t.initializer)
+            a = np.asarray(t.initializer)
             if a.dtype.name not in ("int8", "uint8", "int32", "float32"):
                 raise UnsupportedOpError(f"serial-npu: constant {name!r} of dtype {a.dtype}")
-            tensors.append(BlobTensor(a.dtype.name, tuple(a.shape), a.tobytes()))
-        else:
-            if t.dtype not in ("int8", "uint8", "int32"):
-                raise UnsupportedOpError(f"serial-npu: tensor {name!r} of dtype {t.dtype} (int8/uint8/int32 only)")
-            tensors.append(BlobTensor(t.dtype, shape_of(name)))
+            ids[name] = cid(a)
+            return ids[name]
+        if t.dtype not in ("int8", "uint8", "int32"):
+            raise UnsupportedOpError(f"serial-npu: tensor {name!r} of dtype {t.dtype} (int8/uint8/int32 only)")
+        tensors.append(BlobTensor(t.dtype, shape_of(name)))
         ids[name] = len(tensors) - 1
         return ids[name]
 
@@ -455,53 +488,18 @@ def translate(partition, graph):
         n = nodes[nn]
         if "tflite_op" in n.attrs:  # a TFLite builtin: TFLite INT8 semantics (PROTOCOL.md §6.1)
             op, ins, attrs = tflite_node(n, graph)
-            for x in ins:
-                if isinstance(x, str) and x not in ids and graph.tensors[x].initializer is None:
-                    raise UnsupportedOpError(f"serial-npu: {n.name!r} reads {x!r} before it is produced")
-            in_ids = [cid(x) if isinstance(x, np.ndarray) else tid(x) for x in ins]
-            out = n.outputs[0] if len(n.outputs) == 1 else None
-            if out is None or out in ids:
-                raise UnsupportedOpError(f"serial-npu: {n.name!r}: one output, written once")
-            bnodes.append(BlobNode(op, in_ids, tid(out, const_ok=False), attrs))
-            continue
-        if n.qualified_op not in ONNX_TO_DEVICE:
+        elif n.qualified_op not in ONNX_TO_DEVICE:
             raise UnsupportedOpError(f"serial-npu: op {n.qualified_op} (node {n.name!r}) is not a device op")
-        op = ONNX_TO_DEVICE[n.qualified_op]
-        attrs: list[int] = []
-        ins = list(n.inputs)
-        if op in ("QLinearConv", "ConvInteger"):
-            if n.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-                raise UnsupportedOpError(f"serial-npu: {n.name!r}: auto_pad is not supported (explicit pads only)")
-            w = graph.tensors[ins[3 if op == "QLinearConv" else 1]]
-            if w.shape is None or len(w.shape) != 4:
-                raise UnsupportedOpError(f"serial-npu: {n.name!r}: 2-D convolutions only")
-            pads = list(n.attrs.get("pads", [0, 0, 0, 0]))
-            st = list(n.attrs.get("strides", [1, 1]))
-            dl = list(n.attrs.get("dilations", [1, 1]))
-            attrs = [int(n.attrs.get("group", 1)), st[0], st[1], pads[0], pads[1], pads[2], pads[3], dl[0], dl[1]]
-        elif op == "Clip":
-            t = graph.tensors[ins[0]]
-            lo, hi = {"int8": (-128, 127), "uint8": (0, 255)}.get(t.dtype, (-2 ** 31, 2 ** 31 - 1))
-            if len(ins) > 1 and ins[1]:
-                lo = int(const(ins[1]))
-            if len(ins) > 2 and ins[2]:
-                hi = int(const(ins[2]))
-            attrs, ins = [lo, hi], ins[:1]
-        elif op == "Copy":
-            ins = ins[:1]
-        elif op == "Concat":
-            rank = len(shape_of(n.outputs[0]))
-            axis = int(n.attrs.get("axis", 0))
-            attrs = [axis + rank if axis < 0 else axis]
-        for i, name in enumerate(ins):
-            if name and name not in ids and graph.tensors[name].initializer is None and name not in ids:
-                raise UnsupportedOpError(f"serial-npu: {n.name!r} reads {name!r} before it is produced")
-        in_ids = [tid(x) if x else None for x in ins]
+        else:
+            op, ins, attrs = onnx_node(n, graph, shape_of, const)
+        for x in ins:  # names, or constants the translation made (packed weights, per-channel scales)
+            if isinstance(x, str) and x and x not in ids and graph.tensors[x].initializer is None:
+                raise UnsupportedOpError(f"serial-npu: {n.name!r} reads {x!r} before it is produced")
+        in_ids = [cid(x) if isinstance(x, np.ndarray) else tid(x) if x else None for x in ins]
         out = n.outputs[0]
         if len(n.outputs) != 1 or out in ids:
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: one output, written once")
-        oid = tid(out, const_ok=False)
-        bnodes.append(BlobNode(op, in_ids, oid, attrs))
+        bnodes.append(BlobNode(op, in_ids, tid(out, const_ok=False), attrs))
     outs = list(partition.outputs)
     for o in outs:
         if o not in ids:
