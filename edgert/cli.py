@@ -161,13 +161,14 @@ def cmd_serve(args) -> int:
 
     import uvicorn
 
-    from .serve import create_app
-
     from .errors import InvalidArgumentError
+    from .serve import create_app
+    from .serve.app import check_settings
 
     _telemetry_flag(args)
     if not 0 <= args.port <= 65535:  # checked before the model loads, not by bind() after
         raise InvalidArgumentError(f"--port must be in 0..65535, got {args.port}")
+    check_settings(args.max_queue, args.timeout, args.max_tokens_cap)  # likewise
     api_key = args.api_key or None
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback

@@ -127,7 +127,7 @@ def test_malformed_metadata(over, match):
 def test_hostile_token_types_and_merges_are_format_errors():
     """Values a hostile GGUF can hold that used to escape as ValueError (int('x')) or tokenizers' bare Exception."""
     n = len(tiny_meta()["tokenizer.ggml.tokens"])
-    for types in (["x"] * n, np.full(n, 1.5, np.float32)):
+    for types in (["x"] * n, np.full(n, 1.5, np.float32), [np.array(1.5)] * n, 7):  # 0-d arrays: was StopIteration
         with pytest.raises(ModelFormatError, match="token_type must be an array of integers"):
             Tokenizer.from_gguf_metadata(tiny_meta(**{"tokenizer.ggml.token_type": types}))
     with pytest.raises(ModelFormatError, match="merges do not fit tokenizer.ggml.tokens.*out of vocabulary"):

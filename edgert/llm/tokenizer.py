@@ -95,6 +95,20 @@ def _meta_bool(meta: Mapping, key: str, default: bool) -> bool:
     return bool(v)
 
 
+
+def _token_types(token_types) -> list[int]:
+    """tokenizer.ggml.token_type as Python ints; integers only (int() would also take "3" or 1.5 from a hostile
+    file), else ModelFormatError naming the first value that is not one."""
+    bad = token_types
+    try:
+        types = []
+        for bad in token_types:
+            types.append(operator.index(bad))
+        return types
+    except TypeError:
+        raise ModelFormatError("GGUF tokenizer.ggml.token_type must be an array of integers, found "
+                               f"{type(bad).__name__} {bad!r}"[:300]) from None
+
 class Tokenizer:
     """Byte-level BPE tokenizer for a GGUF model (``tokenizer.ggml.model == "gpt2"``).
 
@@ -115,13 +129,7 @@ class Tokenizer:
             raise ModelFormatError("GGUF tokenizer.ggml.tokens is empty; expected the model's vocabulary")
         if not all(isinstance(t, str) for t in tokens):
             raise ModelFormatError("GGUF tokenizer.ggml.tokens must be a list of strings")
-        try:  # integers only: int() would also take "3" or 1.5 from a hostile file
-            types = [TOKEN_NORMAL] * n if token_types is None else list(map(operator.index, token_types))
-        except TypeError:
-            bad = token_types if not hasattr(token_types, "__iter__") else next(
-                t for t in token_types if not hasattr(t, "__index__") or hasattr(t, "shape") and t.shape)
-            raise ModelFormatError("GGUF tokenizer.ggml.token_type must be an array of integers, found "
-                                   f"{type(bad).__name__} {bad!r}"[:300]) from None
+        types = [TOKEN_NORMAL] * n if token_types is None else _token_types(token_types)
         if len(types) != n:
             raise ModelFormatError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries, expected one per "
                                    f"token ({n})")

@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import hmac
 import json
-import math
 import os
+import sys
 import threading
 import time
 import uuid
@@ -29,10 +29,11 @@ from starlette.routing import Route
 
 from .. import telemetry as telemetry_mod
 from ..errors import EdgertError, InvalidArgumentError
-from .schemas import APIError, GenerationRequest, bad, parse_detokenize, parse_generation, parse_tokenize
+from .schemas import APIError, GenerationRequest, _is_int, bad, parse_detokenize, parse_generation, parse_tokenize
 from .scheduler import Job, QueueFullError, Scheduler
 
 DEFAULT_MAX_QUEUE = 64
+_FLOAT_MAX = sys.float_info.max
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 MAX_BODY_BYTES = 8 << 20
 RETRY_AFTER_S = 1
@@ -121,10 +122,6 @@ class Metrics:
                                   ("edgert_queue_wait_seconds", self.queue_wait, "Time waiting for the model.")):
                 L += [f"# HELP {name} {what}", f"# TYPE {name} histogram"] + h.lines(name)
         return "\n".join(L) + "\n"
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -405,6 +402,20 @@ class Server:
         yield "data: [DONE]\n\n"
 
 
+def check_settings(max_queue, request_timeout_s, max_tokens_cap) -> None:
+    """InvalidArgumentError for a server setting out of range: it would start a server that fails every request (a
+    negative cap reaches the generator as max_tokens, a timeout <= 0 expires every request on arrival). ``edgert
+    serve`` calls it before loading the model."""
+    if not _is_int(max_queue) or max_queue < 0:
+        raise InvalidArgumentError(f"max_queue must be an int >= 0, got {max_queue!r}")
+    if max_tokens_cap is not None and (not _is_int(max_tokens_cap) or max_tokens_cap < 1):
+        raise InvalidArgumentError(f"max_tokens_cap must be an int >= 1 or None, got {max_tokens_cap!r}")
+    if (isinstance(request_timeout_s, bool) or not isinstance(request_timeout_s, (int, float))
+            or not 0 < request_timeout_s < _FLOAT_MAX):  # an int beyond any float would overflow the deadline sum
+        raise InvalidArgumentError(f"request_timeout_s must be a finite number of seconds > 0, got "
+                                   f"{request_timeout_s!r}")
+
+
 def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, telemetry: bool = True,
                max_tokens_cap: int | None = None, model_id: str | None = None) -> Starlette:
@@ -414,16 +425,7 @@ def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_
     tokens one request may generate (default n_ctx); larger max_tokens are lowered to it."""
     if api_key is None:
         api_key = os.environ.get("EDGERT_API_KEY") or None
-    # a value out of range here would start a server that fails every request (a negative cap reaches the
-    # generator as max_tokens, a timeout <= 0 expires every request on arrival): refuse it before serving
-    if not _is_int(max_queue) or max_queue < 0:
-        raise InvalidArgumentError(f"max_queue must be an int >= 0, got {max_queue!r}")
-    if max_tokens_cap is not None and (not _is_int(max_tokens_cap) or max_tokens_cap < 1):
-        raise InvalidArgumentError(f"max_tokens_cap must be an int >= 1 or None, got {max_tokens_cap!r}")
-    if (isinstance(request_timeout_s, bool) or not isinstance(request_timeout_s, (int, float))
-            or not request_timeout_s > 0 or not math.isfinite(request_timeout_s)):
-        raise InvalidArgumentError(f"request_timeout_s must be a finite number of seconds > 0, got "
-                                   f"{request_timeout_s!r}")
+    check_settings(max_queue, request_timeout_s, max_tokens_cap)
     server = Server(llm, api_key, max_queue, request_timeout_s, telemetry, max_tokens_cap, model_id)
 
     def endpoint(fn):
