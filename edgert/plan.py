@@ -23,6 +23,7 @@ import heapq
 import html
 import json
 import math
+import operator
 import sys
 import types
 from dataclasses import dataclass, field, replace
@@ -969,10 +970,15 @@ def plan(model, device="host", fallback: str = "allow", min_nodes_per_partition:
         raise InvalidArgumentError(f"max_partitions must be an integer >= 1 or None, got {max_partitions!r}")
     if dims is not None and not isinstance(dims, Mapping):
         raise InvalidArgumentError(f"dims must be a mapping of dim name -> size, got {type(dims).__name__}")
+    checked = {}
     for k, v in (dims or {}).items():
-        if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise InvalidArgumentError(f"dim {k!r} must be an integer size, got {v!r}")  # int(2.7) would be 2
-    dims = {str(k): int(v) for k, v in (dims or {}).items()}
+        try:  # operator.index: int(2.7) would be 2, and a 0-d float array has __index__ too
+            checked[str(k)] = operator.index(v) if not isinstance(v, bool) else None
+        except TypeError:
+            checked[str(k)] = None
+        if checked[str(k)] is None:
+            raise InvalidArgumentError(f"dim {k!r} must be an integer size, got {v!r}")
+    dims = checked
     for k, v in dims.items():
         if v < 1:
             raise InvalidArgumentError(f"dim {k!r} must be a positive size, got {v}")

@@ -244,27 +244,25 @@ def quantize_onnx(src, dst, mode: str, *, calibration=None, block_size: int = 32
     if _same_file(src, dst):
         raise InvalidArgumentError(f"output {dst} is the input file: write the quantized model elsewhere")
     _check_output_dir(dst)
+    if mode == "int8-static" and calibration is None:
+        raise InvalidArgumentError("int8-static needs --calibration DIR: sample inputs (.npz/.npy) to calibrate "
+                                   "activation ranges on")
     try:
-        onnx.load(src, load_external_data=False)
+        model = onnx.load(src, load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
         raise ModelFormatError(f"ONNX model {src!r} could not be parsed ({type(exc).__name__}: {exc})") from None
     from onnxruntime import quantization as q
 
     with _written_whole(dst) as out:  # dst appears only once the model is complete
-        _quantize_onnx_to(q, src, out, mode, calibration, block_size)
+        _quantize_onnx_to(q, src, model, out, mode, calibration, block_size)
     return {"mode": mode, "bytes_in": os.path.getsize(src), "bytes_out": os.path.getsize(dst)}
 
 
-def _quantize_onnx_to(q, src: str, dst: str, mode: str, calibration, block_size: int) -> None:
-    import onnx
-
+def _quantize_onnx_to(q, src: str, model, dst: str, mode: str, calibration, block_size: int) -> None:
+    """``model``: ``src`` as parsed (external data not loaded)."""
     if mode == "int8-dynamic":
         q.quantize_dynamic(src, dst, weight_type=q.QuantType.QInt8)
     elif mode == "int8-static":
-        if calibration is None:
-            raise InvalidArgumentError("int8-static needs --calibration DIR: sample inputs (.npz/.npy) to calibrate "
-                                       "activation ranges on")
-        model = onnx.load(src, load_external_data=False)
         inits = {i.name for i in model.graph.initializer}
         names = [i.name for i in model.graph.input if i.name not in inits]
         samples = read_samples(calibration, names)
@@ -285,7 +283,9 @@ def _quantize_onnx_to(q, src: str, dst: str, mode: str, calibration, block_size:
         except ImportError as exc:
             raise InvalidArgumentError(f"int4 quantization needs onnxruntime's MatMulNBitsQuantizer ({exc}); "
                                        "pip install onnx-ir, or a newer onnxruntime") from None
-        model = onnx.load(src)
+        import onnx
+
+        model = onnx.load(src)  # with its external data: the quantizer reads every weight
         quant = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True)
         quant.process()
         quant.model.save_model_to_file(dst, use_external_data_format=False)

@@ -15,9 +15,7 @@ from edgert.formats.onnx import load_onnx
 from onnx_models import calibration_reader, mlp, ort_run
 
 
-@pytest.fixture(autouse=True)
-def _no_telemetry(no_telemetry):
-    pass
+pytestmark = pytest.mark.usefixtures("no_telemetry")
 
 
 def within(y, ref, budget):

@@ -1,4 +1,6 @@
 """End-to-end on the real SmolLM2-135M-Instruct (Q4_1 GGUF), pulled once into the model cache."""
+import re
+
 import pytest
 
 from edgert.llm import LLM
@@ -27,7 +29,7 @@ def smol(smollm2_path):
 @pytest.mark.parametrize("question,word", FACTS)
 def test_greedy_answers_contain_the_fact(smol, question, word):
     res = smol.chat([{"role": "user", "content": question}], temperature=0, max_tokens=48)
-    assert word in res.text.lower(), res.text
+    assert re.search(rf"\b{word}\b", res.text.lower()), res.text  # a whole word: "4" must not match "14" or "40"
 
 
 def test_chat_template_two_turns_is_chatml(smol):

@@ -539,6 +539,7 @@ def test_graph_built_with_the_ir_classes():
 
 
 @pytest.mark.parametrize("dims, match", [({"batch": "x"}, "integer"), ({"batch": 2.7}, "integer"),
+                                         ({"batch": np.array(2.7)}, "integer"), ({"batch": True}, "integer"),
                                          ([1], "mapping")])
 def test_plan_dims_must_be_a_mapping_of_integers(dims, match):
     # were ValueError (int('x')), AttributeError (a list), or 2.7 silently planned as batch 2

@@ -13,7 +13,7 @@ import edgert
 
 import real_models as R
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_telemetry")]
 
 # whole-model budgets where the C core runs (max |edgert - onnxruntime| / max |onnxruntime|): the per-node budgets
 # of edgert.delegates.host compound through the layers after each C-core matmul
@@ -31,11 +31,6 @@ def models(tmp_path_factory):
             pytest.skip(f"no package index reachable: {str(exc)[:200]}")
         raise
     return found, tmp_path_factory.mktemp("variants")
-
-
-@pytest.fixture(autouse=True)
-def _no_telemetry(no_telemetry):
-    pass
 
 
 def variant(models, name, kind):

@@ -63,9 +63,7 @@ def mlp_path(tmp_path):
     return str(p)
 
 
-@pytest.fixture(autouse=True)
-def _no_telemetry(no_telemetry):
-    pass
+pytestmark = pytest.mark.usefixtures("no_telemetry")
 
 
 def x_of(batch=2, seed=0):

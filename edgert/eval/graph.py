@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 
 from ..errors import InvalidArgumentError
+from ..formats.tflite import is_tflite_path
 from . import metrics as M
 from . import thresholds as T
 from .report import EvalReport, Failure, Side, cost_model, per_units, ratio_phrase
@@ -176,7 +177,7 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
             raise InvalidArgumentError(f"{name} must be an int >= 1, got {v!r}")
     notes: list[str] = []
     sides_in = {"reference": reference, "candidate": candidate}
-    tflite = [k for k, s in sides_in.items() if str(s.path).lower().endswith(".tflite")]
+    tflite = [k for k, s in sides_in.items() if is_tflite_path(str(s.path))]
     if tflite and intermediates:
         # a .tflite graph's intermediates are not outputs of its interpreter; the comparison reads its outputs
         intermediates = False
@@ -265,12 +266,8 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
         raise InvalidArgumentError("no output could be compared: edgert compares floating-point outputs, and the "
                                    "reference's vs the candidate's are "
                                    + (", ".join(skipped[n] for n in out_names if n in skipped) or "none"))
-    m: dict = {}
-    if outs:
-        m["cosine"] = min(r["cosine"] for r in outs)
-        m["sqnr_db"] = min(r["sqnr_db"] for r in outs)
-        m["rel_l2"] = max(r["rel_l2"] for r in outs)
-        m["max_abs"] = max(r["max_abs"] for r in outs)
+    m: dict = {"cosine": min(r["cosine"] for r in outs), "sqnr_db": min(r["sqnr_db"] for r in outs),
+               "rel_l2": max(r["rel_l2"] for r in outs), "max_abs": max(r["max_abs"] for r in outs)}
     tops = [r["top1_pct"] for r in outs if "top1_pct" in r]
     if tops:
         m["top1_pct"] = min(tops)
