@@ -70,6 +70,10 @@ ET_INLINE et_half et_fp32_to_fp16(float f) {
     return (et_half)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
 }
 
+/* AMX-INT8 usable by this process (CPUID, OS tile state, Linux's tile data permission granted), detected once
+ * with the other features (cpu.c; listed as "amx_int8" in et_cpu_features) */
+int et_cpu_amx_int8(void);
+
 /* ---- kernel trait table: one per ISA, filled at start-up (cpu.c) ---- */
 
 /* y[i*ldy + j] = dot(w row j, x row i) for j in [0, n), i in [0, m).

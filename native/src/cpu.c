@@ -1,9 +1,20 @@
 /* cpu.c — CPU feature detection and the dispatch table, chosen once. */
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE /* syscall(), for the AMX permission request */
+#endif
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
 
 #include "core.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#endif
 
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
@@ -25,6 +36,24 @@ static char feature_names[128];
 static _Atomic(const et_kernels *) active;
 static pthread_once_t detect_once = PTHREAD_ONCE_INIT;
 static const char *active_name = "ref";
+static int amx_int8;
+
+/* AMX-TILE and AMX-INT8 in CPUID, the tile state enabled by the OS (XCR0), and this process granted it: Linux hands
+ * out the 8 KiB tile data state only on request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA) */
+static int detect_amx_int8(void) {
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__)
+    unsigned int a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    if (!((d >> 24) & 1) || !((d >> 25) & 1)) return 0; /* AMX-TILE, AMX-INT8 */
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return 0; /* OSXSAVE */
+    unsigned int lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return 0; /* XTILECFG, XTILEDATA enabled by the OS */
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    return 0;
+#endif
+}
 
 static void add_feature(const char *name) {
     if (feature_names[0]) strncat(feature_names, ",", sizeof feature_names - strlen(feature_names) - 1);
@@ -44,6 +73,8 @@ static void detect_once_fn(void) {
     if (avx2) add_feature("avx2"), add_feature("fma");
     if (avx512) add_feature("avx512f"), add_feature("avx512bw"), add_feature("avx512vl");
     if (vnni) add_feature("avx512vnni");
+    amx_int8 = vnni && detect_amx_int8();
+    if (amx_int8) add_feature("amx_int8");
     variants[n_variants++] = (et_variant){"avx2", &et_kernels_avx2, avx2};
     variants[n_variants++] = (et_variant){"avx512", vnni ? &et_kernels_avx512vnni : &et_kernels_avx512, avx512};
 #elif defined(__aarch64__)
@@ -107,4 +138,9 @@ const char *et_isa_available(void) {
 const char *et_cpu_features(void) {
     detect();
     return feature_names;
+}
+
+int et_cpu_amx_int8(void) {
+    detect();
+    return amx_int8;
 }

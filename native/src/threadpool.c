@@ -95,14 +95,25 @@ static void *worker_main(void *arg) {
     }
 }
 
+/* kernels keep tiles on the stack (the AVX-512 GEMM's 128 KiB double buffer, the AMX panels): workers get this
+ * much whatever the C library's default (glibc 8 MiB, musl 128 KiB) */
+#define ET_WORKER_STACK (2u << 20)
+
 static int grow(int n_workers) {
+    pthread_attr_t attr;
+    if (pthread_attr_init(&attr)) return et_error(ET_ERR_NOMEM, "could not set up worker thread attributes");
+    pthread_attr_setstacksize(&attr, ET_WORKER_STACK);
+    int st = ET_OK;
     while (pool.n_workers < n_workers) {
         pool.start_generation[pool.n_workers + 1] = atomic_load(&pool.generation);
-        if (pthread_create(&pool.threads[pool.n_workers], NULL, worker_main, (void *)(intptr_t)(pool.n_workers + 1)))
-            return et_error(ET_ERR_NOMEM, "could not start worker thread %d", pool.n_workers + 1);
+        if (pthread_create(&pool.threads[pool.n_workers], &attr, worker_main, (void *)(intptr_t)(pool.n_workers + 1))) {
+            st = et_error(ET_ERR_NOMEM, "could not start worker thread %d", pool.n_workers + 1);
+            break;
+        }
         pool.n_workers++;
     }
-    return ET_OK;
+    pthread_attr_destroy(&attr);
+    return st;
 }
 
 int et_set_threads(int n) {

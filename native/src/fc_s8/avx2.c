@@ -96,9 +96,10 @@ void et_fc_s8_avx2(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, i
     }
 }
 
-/* et_fc_s8_quantize_dyn with AVX2 (same bytes: true division, clamp, then vcvtps2dq rounds half to even) */
-int et_fc_s8_quantize_dyn_avx2(const float *x, int64_t count, int8_t *q, float *scale, int32_t *zp) {
-    __m256 mn8 = _mm256_setzero_ps(), mx8 = mn8, bad = mn8;
+/* the DynamicQuantizeLinear passes with AVX2 (the reference's bytes: true division, clamp, then vcvtps2dq rounds
+ * half to even under the default MXCSR) */
+static int range_avx2(const float *x, int64_t count, float *mn, float *mx) {
+    __m256 mn8 = _mm256_set1_ps(*mn), mx8 = _mm256_set1_ps(*mx), bad = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= count; i += 8) {
         const __m256 v = _mm256_loadu_ps(x + i);
@@ -106,18 +107,23 @@ int et_fc_s8_quantize_dyn_avx2(const float *x, int64_t count, int8_t *q, float *
         mn8 = _mm256_min_ps(mn8, v), mx8 = _mm256_max_ps(mx8, v);
     }
     if (_mm256_movemask_ps(bad)) return -1;
-    float lanes_mn[8], lanes_mx[8], mn = 0.0f, mx = 0.0f;
+    float lanes_mn[8], lanes_mx[8], lo = *mn, hi = *mx;
     _mm256_storeu_ps(lanes_mn, mn8), _mm256_storeu_ps(lanes_mx, mx8);
-    for (int l = 0; l < 8; l++) mn = lanes_mn[l] < mn ? lanes_mn[l] : mn, mx = lanes_mx[l] > mx ? lanes_mx[l] : mx;
-    for (int64_t t = i; t < count; t++) {
-        const float v = x[t];
+    for (int l = 0; l < 8; l++) lo = lanes_mn[l] < lo ? lanes_mn[l] : lo, hi = lanes_mx[l] > hi ? lanes_mx[l] : hi;
+    for (; i < count; i++) {
+        const float v = x[i];
         if (!(v - v == 0.0f)) return -1;
-        mn = v < mn ? v : mn, mx = v > mx ? v : mx;
+        lo = v < lo ? v : lo, hi = v > hi ? v : hi;
     }
-    et_fc_s8_dyn_params(mn, mx, scale, zp);
-    const __m256 s8 = _mm256_set1_ps(*scale), lo = _mm256_set1_ps((float)-*zp), hi = _mm256_set1_ps((float)(255 - *zp));
-    const __m256i off = _mm256_set1_epi32(*zp - 128);
-    for (i = 0; i + 16 <= count; i += 16) {
+    *mn = lo, *mx = hi;
+    return 0;
+}
+
+static void codes_avx2(const float *x, int64_t count, float scale, int32_t zp, int8_t *q) {
+    const __m256 s8 = _mm256_set1_ps(scale), lo = _mm256_set1_ps((float)-zp), hi = _mm256_set1_ps((float)(255 - zp));
+    const __m256i off = _mm256_set1_epi32(zp - 128);
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) {
         const __m256 a0 = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), s8), lo), hi);
         const __m256 a1 = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + i + 8), s8), lo), hi);
         const __m256i v0 = _mm256_add_epi32(_mm256_cvtps_epi32(a0), off);
@@ -126,14 +132,15 @@ int et_fc_s8_quantize_dyn_avx2(const float *x, int64_t count, int8_t *q, float *
         _mm_storeu_si128((__m128i *)(q + i),
                          _mm_packs_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
     }
-    const float s = *scale, flo = (float)-*zp, fhi = (float)(255 - *zp);
+    const float flo = (float)-zp, fhi = (float)(255 - zp);
     for (; i < count; i++) {
-        float v = x[i] / s;
+        float v = x[i] / scale;
         v = v < flo ? flo : (v > fhi ? fhi : v);
-        q[i] = (int8_t)(_mm_cvtss_si32(_mm_set_ss(v)) + *zp - 128);
+        q[i] = (int8_t)(_mm_cvtss_si32(_mm_set_ss(v)) + zp - 128);
     }
-    return 0;
 }
+
+const et_fc_s8_quantizer et_fc_s8_quantizer_avx2 = {range_avx2, codes_avx2};
 
 #if defined(__clang__)
 #pragma clang attribute pop

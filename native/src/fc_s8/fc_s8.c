@@ -41,7 +41,7 @@ int et_fc_s8_plan(const int8_t *w, int64_t n, int64_t k, const int32_t *bias, in
         return et_error(ET_ERR_INVALID, "fc_s8_plan: zero points and clamp range must lie in int8 (x_zp %d, y_zp %d, "
                         "[%d, %d])", x_zp, y_zp, lo, hi);
     for (int64_t j = 0; j < n; j++)
-        if (!(scale[j] >= 0.0f && scale[j] <= 3.4e38f))
+        if (!(scale[j] >= 0.0f) || !isfinite(scale[j]))
             return et_error(ET_ERR_INVALID, "fc_s8_plan: scale[%lld] = %g, expected a finite value >= 0", (long long)j,
                             (double)scale[j]);
     const int64_t np = round_up(n, 16), kp = round_up(k, 4);
@@ -81,13 +81,10 @@ static void variants_init(void) {
     n_variants = 0;
     variants[n_variants++] = (et_fc_s8_variant){"ref", et_fc_s8_ref, 1};
 #if defined(__x86_64__) || defined(_M_X64)
-    __builtin_cpu_init();
-    const int avx2 = __builtin_cpu_supports("avx2");
-    const int vnni = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-    variants[n_variants++] = (et_fc_s8_variant){"avx2", et_fc_s8_avx2, avx2};
-    variants[n_variants++] = (et_fc_s8_variant){"avx512vnni", et_fc_s8_avx512vnni, vnni};
-    variants[n_variants++] = (et_fc_s8_variant){"amx", et_fc_s8_amx, vnni && et_fc_s8_amx_usable()};
+    const char *f = et_cpu_features(); /* detected once, in cpu.c */
+    variants[n_variants++] = (et_fc_s8_variant){"avx2", et_fc_s8_avx2, strstr(f, "avx2") != NULL};
+    variants[n_variants++] = (et_fc_s8_variant){"avx512vnni", et_fc_s8_avx512vnni, strstr(f, "avx512vnni") != NULL};
+    variants[n_variants++] = (et_fc_s8_variant){"amx", et_fc_s8_amx, et_cpu_amx_int8()};
 #elif defined(__aarch64__)
     variants[n_variants++] = (et_fc_s8_variant){"neon", et_fc_s8_neon, 1};
     variants[n_variants++] =
@@ -181,15 +178,63 @@ int et_fc_s8_run(const void *plan, const int8_t *x, int64_t m, int8_t *y, int nt
     return et_fc_s8_run_with(plan, x, m, y, nthreads, NULL);
 }
 
-/* the DynamicQuantizeLinear for the active ISA */
-static int quantize_dyn(const float *x, int64_t count, int8_t *q, float *scale, int32_t *zp, int ref) {
+/* the DynamicQuantizeLinear passes for the active ISA */
+static const et_fc_s8_quantizer *quantizer(void) {
 #if defined(__x86_64__) || defined(_M_X64)
     const et_kernels *kt = et_active_kernels();
-    if (!ref && (kt == &et_kernels_avx512vnni || kt == &et_kernels_avx512 || kt == &et_kernels_avx2))
-        return et_fc_s8_quantize_dyn_avx2(x, count, q, scale, zp);
+    if (kt == &et_kernels_avx512vnni || kt == &et_kernels_avx512 || kt == &et_kernels_avx2)
+        return &et_fc_s8_quantizer_avx2;
 #endif
-    (void)ref;
-    return et_fc_s8_quantize_dyn(x, count, q, scale, zp);
+    return &et_fc_s8_quantizer_ref;
+}
+
+/* from this many activations on, both quantization passes run on the pool (below it waking the pool costs more) */
+#define ET_FC_S8_DYNQ_MT (1 << 14)
+#define DYNQ_MAX_SLICES 64
+
+typedef struct {
+    const et_fc_s8_quantizer *qz;
+    const float *x;
+    int64_t count;
+    int8_t *q;
+    int codes; /* 0: the range pass, 1: the codes pass */
+    float scale;
+    int32_t zp;
+    float mn[DYNQ_MAX_SLICES], mx[DYNQ_MAX_SLICES];
+    int bad[DYNQ_MAX_SLICES];
+} dynq_task;
+
+static void dynq_run(void *ctx, int ith, int nth) {
+    dynq_task *t = (dynq_task *)ctx;
+    const int64_t i0 = t->count * ith / nth / 64 * 64; /* whole 64-value chunks; the last slice takes the rest */
+    const int64_t i1 = ith + 1 == nth ? t->count : t->count * (ith + 1) / nth / 64 * 64;
+    if (t->codes) {
+        if (i0 < i1) t->qz->codes(t->x + i0, i1 - i0, t->scale, t->zp, t->q + i0);
+        return;
+    }
+    t->mn[ith] = t->mx[ith] = 0.0f;
+    t->bad[ith] = i0 < i1 ? t->qz->range(t->x + i0, i1 - i0, &t->mn[ith], &t->mx[ith]) : 0;
+}
+
+/* DynamicQuantizeLinear of x[count] into q, on up to nthreads threads (slices of x: min and max combine exactly,
+ * each code depends on its own value); -1 for a NaN or an infinity */
+static int quantize_dyn(const float *x, int64_t count, int8_t *q, float *scale, int32_t *zp, int nthreads) {
+    dynq_task t;
+    t.qz = quantizer(), t.x = x, t.count = count, t.q = q, t.codes = 0;
+    int nth = nthreads > 0 ? nthreads : et_get_threads();
+    if (count < ET_FC_S8_DYNQ_MT) nth = 1;
+    if (nth > DYNQ_MAX_SLICES) nth = DYNQ_MAX_SLICES;
+    if (nth <= 1) return et_fc_s8_quantize_dyn(t.qz, x, count, q, scale, zp);
+    int st = et_parallel(dynq_run, &t, nth);
+    if (st != ET_OK) return st;
+    float mn = 0.0f, mx = 0.0f;
+    for (int i = 0; i < nth; i++) {
+        if (t.bad[i]) return -1;
+        mn = t.mn[i] < mn ? t.mn[i] : mn, mx = t.mx[i] > mx ? t.mx[i] : mx;
+    }
+    et_fc_s8_dyn_params(mn, mx, scale, zp);
+    t.scale = *scale, t.zp = *zp, t.codes = 1;
+    return et_parallel(dynq_run, &t, nth);
 }
 
 int et_fc_s8_dyn_with(const void *plan, const float *x, int64_t m, float *y, int nthreads, et_fc_s8_fn fn) {
@@ -209,11 +254,12 @@ int et_fc_s8_dyn_with(const void *plan, const float *x, int64_t m, float *y, int
     float *sc = (float *)(ru + np);
     float x_scale;
     int32_t x_zp;
-    if (quantize_dyn(x, count, q, &x_scale, &x_zp, fn == et_fc_s8_ref)) {
+    const int qs = quantize_dyn(x, count, q, &x_scale, &x_zp, nthreads);
+    if (qs) {
         /* a NaN or an infinity has no quantized value: every output is NaN (onnxruntime's are unspecified) */
-        for (int64_t i = 0; i < m * h->n; i++) y[i] = NAN;
+        for (int64_t i = 0; qs == -1 && i < m * h->n; i++) y[i] = NAN;
         free(scratch);
-        return ET_OK;
+        return qs == -1 ? ET_OK : qs;
     }
     const uint8_t *base = (const uint8_t *)plan;
     const int32_t *prs = (const int32_t *)(base + sizeof *h);

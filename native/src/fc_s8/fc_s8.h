@@ -63,7 +63,7 @@ const et_fc_s8_variant *et_fc_s8_variants(int *count);
 
 /* et_fc_s8_run with a given kernel (tests); fn NULL: the one the active ISA picks */
 int et_fc_s8_run_with(const void *plan, const int8_t *x, int64_t m, int8_t *y, int nthreads, et_fc_s8_fn fn);
-/* et_fc_s8_dyn with a given kernel (tests); fn et_fc_s8_ref also picks the scalar quantizer */
+/* et_fc_s8_dyn with a given kernel (tests); the activations are quantized by the active ISA's passes */
 int et_fc_s8_dyn_with(const void *plan, const float *x, int64_t m, float *y, int nthreads, et_fc_s8_fn fn);
 
 void et_fc_s8_ref(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
@@ -71,7 +71,6 @@ void et_fc_s8_ref(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, in
 void et_fc_s8_avx2(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
 void et_fc_s8_avx512vnni(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
 void et_fc_s8_amx(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
-int et_fc_s8_amx_usable(void); /* CPU has AMX-INT8 and the OS granted this process the tile data state */
 #endif
 #if defined(__aarch64__)
 void et_fc_s8_neon(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1);
@@ -81,11 +80,23 @@ void et_fc_s8_neon_dotprod(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64
 /* onnxruntime's DynamicQuantizeLinear of x[count] (finite values), as int8 codes: q[i] = u8[i] - 128 where
  * u8[i] = clamp(rint(x[i] / scale), -zp, 255 - zp) + zp (true division, round half to even), the range
  * [min(0, min x), max(0, max x)], scale = (max - min) / 255 (1 when max == min), zp = rint(clamp(0 - min / scale,
- * 0, 255)). Returns 0, or -1 (q untouched) when x holds a NaN or an infinity. The AVX2 variant gives the same bytes. */
-int et_fc_s8_quantize_dyn(const float *x, int64_t count, int8_t *q, float *scale, int32_t *zp);
+ * 0, 255)). In two passes an ISA provides, each of which can run on slices of x:
+ *   range: *mn = min(*mn, min x), *mx = max(*mx, max x); returns -1 when x holds a NaN or an infinity, else 0;
+ *   codes: q from x with the scale and zero point found (et_fc_s8_dyn_params).
+ * The AVX2 passes give the reference's bytes. */
+typedef struct {
+    int (*range)(const float *x, int64_t count, float *mn, float *mx);
+    void (*codes)(const float *x, int64_t count, float scale, int32_t zp, int8_t *q);
+} et_fc_s8_quantizer;
+
+extern const et_fc_s8_quantizer et_fc_s8_quantizer_ref;
 #if defined(__x86_64__) || defined(_M_X64)
-int et_fc_s8_quantize_dyn_avx2(const float *x, int64_t count, int8_t *q, float *scale, int32_t *zp);
+extern const et_fc_s8_quantizer et_fc_s8_quantizer_avx2;
 #endif
+
+/* both passes over the whole of x on the calling thread: 0, or -1 (q untouched) for a NaN or an infinity */
+int et_fc_s8_quantize_dyn(const et_fc_s8_quantizer *qz, const float *x, int64_t count, int8_t *q, float *scale,
+                          int32_t *zp);
 
 /* the scale and zero point of onnxruntime's DynamicQuantizeLinear for the range [mn, mx] (mn <= 0 <= mx) */
 static inline void et_fc_s8_dyn_params(float mn, float mx, float *scale, int32_t *zp) {

@@ -20,20 +20,34 @@ void et_fc_s8_ref(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, in
     }
 }
 
-int et_fc_s8_quantize_dyn(const float *x, int64_t count, int8_t *q, float *scale, int32_t *zp) {
-    float mn = 0.0f, mx = 0.0f;
+static int range_ref(const float *x, int64_t count, float *mn, float *mx) {
+    float lo = *mn, hi = *mx;
     for (int64_t i = 0; i < count; i++) {
         const float v = x[i];
         if (!(v - v == 0.0f)) return -1; /* NaN or an infinity */
-        mn = v < mn ? v : mn;
-        mx = v > mx ? v : mx;
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
     }
-    et_fc_s8_dyn_params(mn, mx, scale, zp);
-    const float s = *scale, lo = (float)-*zp, hi = (float)(255 - *zp);
+    *mn = lo, *mx = hi;
+    return 0;
+}
+
+static void codes_ref(const float *x, int64_t count, float scale, int32_t zp, int8_t *q) {
+    const float lo = (float)-zp, hi = (float)(255 - zp);
     for (int64_t i = 0; i < count; i++) {
-        float v = x[i] / s;
+        float v = x[i] / scale;
         v = v < lo ? lo : (v > hi ? hi : v);
-        q[i] = (int8_t)((int32_t)rintf(v) + *zp - 128);
+        q[i] = (int8_t)((int32_t)rintf(v) + zp - 128);
     }
+}
+
+const et_fc_s8_quantizer et_fc_s8_quantizer_ref = {range_ref, codes_ref};
+
+int et_fc_s8_quantize_dyn(const et_fc_s8_quantizer *qz, const float *x, int64_t count, int8_t *q, float *scale,
+                          int32_t *zp) {
+    float mn = 0.0f, mx = 0.0f;
+    if (qz->range(x, count, &mn, &mx)) return -1;
+    et_fc_s8_dyn_params(mn, mx, scale, zp);
+    qz->codes(x, count, *scale, *zp, q);
     return 0;
 }

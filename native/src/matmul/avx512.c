@@ -29,9 +29,6 @@
  * masked loads. The float-weight kernels (4 rows x 1 activation row, one accumulator per output, fixed reduction)
  * are invariant as they are: nothing in an output's arithmetic depends on m or on the row tile.
  */
-#if defined(ET_VNNI) && defined(__linux__) && !defined(_GNU_SOURCE)
-#define _GNU_SOURCE /* syscall(), for the AMX permission request */
-#endif
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(ET_VNNI)
 #if defined(__clang__)
@@ -55,12 +52,6 @@
 #endif
 #ifndef ET_AMX
 #define ET_AMX 0
-#endif
-#if ET_AMX
-#include <cpuid.h>
-#include <pthread.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #endif
 #include <immintrin.h>
 
@@ -257,18 +248,6 @@ ET_INLINE void packed_tile_cols(int fmt, int C, const pk_block *pk, int nbs, int
  * (pk_block.q is already the 8 x 64-byte "VNNI" layout tdpbsud wants: row t, lane r = bytes 4t..4t+3 of weight
  * row r), C = 16 x 16 int32 exact block dots, scaled in zmm as in packed_cols. */
 
-static int amx_usable;
-static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
-
-static void amx_detect(void) {
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return;
-    if (!((d >> 24) & 1) || !((d >> 25) & 1)) return; /* AMX-TILE, AMX-INT8 */
-    /* Linux hands out the 8 KiB tile state only on request: ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA */
-    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return;
-    amx_usable = 1;
-}
-
 typedef struct {
     uint8_t palette_id;
     uint8_t start_row;
@@ -446,8 +425,7 @@ ET_INLINE void gemm_packed(int fmt, int64_t k, const uint8_t *w, size_t ws, int6
     const int64_t nb = k / ET_QK;
     _Alignas(64) pk_block pk[ET_SEG];
 #if ET_AMX
-    pthread_once(&amx_once, amx_detect);
-    const int amx = amx_usable && m >= 16;
+    const int amx = m >= 16 && et_cpu_amx_int8();
     if (amx) amx_begin();
 #endif
     /* per (activation row, block) start values and q4_1 min terms, computed once per segment for a group of rows,
