@@ -354,11 +354,13 @@ static void dyn_tests(void) {
         x[0] = -3.0f;
         if (count > 1) x[count - 1] = 3.0f;
         int8_t *q0 = xmalloc((size_t)count), *q1 = xmalloc((size_t)count);
-        float s0 = 0, s1 = 0;
-        int32_t z0 = 0, z1 = 0;
+        float s0 = 0;
+        int32_t z0 = 0;
         const int st0 = et_fc_s8_quantize_dyn(&et_fc_s8_quantizer_ref, x, count, q0, &s0, &z0);
         check(st0 == 0, "fc dyn reference quantizer, %lld values", (long long)count);
 #if defined(__x86_64__) || defined(_M_X64)
+        float s1 = 0;
+        int32_t z1 = 0;
         if (__builtin_cpu_supports("avx2")) {
             const int st1 = et_fc_s8_quantize_dyn(&et_fc_s8_quantizer_avx2, x, count, q1, &s1, &z1);
             check(st1 == 0 && s0 == s1 && z0 == z1 && memcmp(q0, q1, (size_t)count) == 0,
