@@ -5,20 +5,7 @@
  * fcvtns rounds half to even, as lrintf. */
 #if defined(__aarch64__)
 
-#ifndef ET_DOTPROD
-#define ET_DOTPROD 0
-#endif
-
-#if ET_DOTPROD
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("dotprod"))), apply_to = function)
-#else
-#pragma GCC target("arch=armv8.2-a+dotprod")
-#endif
-#define FC_NEON_NAME et_fc_s8_neon_dotprod
-#else
-#define FC_NEON_NAME et_fc_s8_neon
-#endif
+#include "../neon_target.h"
 
 #include <arm_neon.h>
 #include <string.h>
@@ -96,12 +83,10 @@ static void tile(const et_fc_s8_args *a, int64_t i, int64_t j, int64_t nj) {
     store16(a, c0, c1, c2, c3, i, j, nj);
 }
 
-void FC_NEON_NAME(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+void ET_NEON_NAME(et_fc_s8)(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
     for (int64_t i = i0; i < i1; i++)
         for (int64_t j = j0; j < j1; j += 16) tile(a, i, j, j1 - j < 16 ? j1 - j : 16);
 }
 
-#if ET_DOTPROD && defined(__clang__)
-#pragma clang attribute pop
-#endif
+ET_NEON_END
 #endif

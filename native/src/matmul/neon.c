@@ -6,20 +6,7 @@
  */
 #if defined(__aarch64__)
 
-#ifndef ET_DOTPROD
-#define ET_DOTPROD 0
-#endif
-
-#if ET_DOTPROD
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("dotprod"))), apply_to = function)
-#else
-#pragma GCC target("arch=armv8.2-a+dotprod")
-#endif
-#define ET_NEON_NAME(base) base##_neon_dotprod
-#else
-#define ET_NEON_NAME(base) base##_neon
-#endif
+#include "../neon_target.h"
 
 #include <arm_neon.h>
 
@@ -162,9 +149,7 @@ const et_kernels et_kernels_neon_dotprod = {
     .gemm_f16 = gemm_f16_neon_dotprod,
     .gemm_f32 = gemm_f32_neon_dotprod,
 };
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
+ET_NEON_END
 #else
 const et_kernels et_kernels_neon = {
     .name = "neon",
