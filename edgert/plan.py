@@ -709,6 +709,9 @@ class CostModel:
         self.topo = _Topology(graph)
         self.host = _host_unit(profile)
         self.units = {u.name: u for u in profile.units}
+        # units whose delegate keeps tensors resident between its partitions (read once: transfers() asks per flow)
+        self.resident_units = {n for n, u in self.units.items()
+                               if n != self.host.name and getattr(u, "delegate", None) in RESIDENT_DELEGATES}
         self.assumed: set[str] = set()
         # a constant node runs once when its partition is prepared, not per inference
         self.ops = [0.0 if is_constant_node(n, graph) else node_ops(n, graph, self.dims, self.assumed)
@@ -755,8 +758,7 @@ class CostModel:
             src_unit = units[prod] if prod is not None else self.host.name
             nbytes = self.nbytes[x]
             reader_isls = sorted({island_of[r] for r in readers} - {src_isl})
-            resident = (src_isl is not None and not self.is_host(src_unit)
-                        and getattr(self.units[src_unit], "delegate", None) in RESIDENT_DELEGATES)
+            resident = src_isl is not None and src_unit in self.resident_units
             if resident:  # same-unit readers take the device's copy: only the others count
                 reader_isls = [k for k in reader_isls if units[islands[k][0]] != src_unit]
             if src_isl is not None and not self.is_host(src_unit) and (reader_isls or x in self.graph_outputs):
