@@ -533,9 +533,13 @@ static void broadcast_strides(const fw_tensor *y, const fw_tensor *a, const fw_t
     }
 }
 
-static void run_binary(const fw_graph *g, const fw_node *n) {
+/* one output element of a broadcasting binary op: y[o] from a[ia] and b[ib] (element indices) */
+typedef void (*binary_elem_fn)(const fw_node *n, const fw_tensor *a, size_t ia, const fw_tensor *b, size_t ib,
+                               const fw_tensor *y, size_t o);
+
+/* every output element of a broadcasting binary op, in order (rank <= 4, numpy broadcasting: broadcast_strides) */
+static void run_broadcast(const fw_graph *g, const fw_node *n, binary_elem_fn elem) {
     const fw_tensor *a = in_t(g, n, 0), *b = in_t(g, n, 1), *y = &g->t[n->out[0]];
-    const int es = (int)dtype_size(y->dtype);
     uint32_t yd[FW_MAX_RANK];
     uint64_t sa[FW_MAX_RANK], sb[FW_MAX_RANK];
     broadcast_strides(y, a, b, yd, sa, sb);
@@ -543,21 +547,24 @@ static void run_binary(const fw_graph *g, const fw_node *n) {
     for (uint32_t i0 = 0; i0 < yd[0]; i0++)
         for (uint32_t i1 = 0; i1 < yd[1]; i1++)
             for (uint32_t i2 = 0; i2 < yd[2]; i2++)
-                for (uint32_t i3 = 0; i3 < yd[3]; i3++, o++) {
-                    size_t ia = i0 * sa[0] + i1 * sa[1] + i2 * sa[2] + i3 * sa[3];
-                    size_t ib = i0 * sb[0] + i1 * sb[1] + i2 * sb[2] + i3 * sb[3];
-                    if (es == 4) {
-                        int32_t va, vb, vy;
-                        memcpy(&va, a->data + 4 * ia, 4);
-                        memcpy(&vb, b->data + 4 * ib, 4);
-                        /* wrapping, as onnxruntime's int32 Add/Mul */
-                        vy = n->op == FW_OP_ADD ? (int32_t)((uint32_t)va + (uint32_t)vb) : (int32_t)((uint32_t)va * (uint32_t)vb);
-                        memcpy(y->data + 4 * o, &vy, 4);
-                    } else {
-                        int8_t va = (int8_t)a->data[ia], vb = (int8_t)b->data[ib];
-                        y->data[o] = (uint8_t)(n->op == FW_OP_ADD ? (uint8_t)(va + vb) : (uint8_t)(va * vb));
-                    }
-                }
+                for (uint32_t i3 = 0; i3 < yd[3]; i3++, o++)
+                    elem(n, a, i0 * sa[0] + i1 * sa[1] + i2 * sa[2] + i3 * sa[3], b,
+                         i0 * sb[0] + i1 * sb[1] + i2 * sb[2] + i3 * sb[3], y, o);
+}
+
+/* ONNX Add / Mul on int32 (wrapping, as onnxruntime's) or int8/uint8 (wrapping bytes) */
+static void add_mul_elem(const fw_node *n, const fw_tensor *a, size_t ia, const fw_tensor *b, size_t ib,
+                         const fw_tensor *y, size_t o) {
+    if (dtype_size(y->dtype) == 4) {
+        int32_t va, vb, vy;
+        memcpy(&va, a->data + 4 * ia, 4);
+        memcpy(&vb, b->data + 4 * ib, 4);
+        vy = n->op == FW_OP_ADD ? (int32_t)((uint32_t)va + (uint32_t)vb) : (int32_t)((uint32_t)va * (uint32_t)vb);
+        memcpy(y->data + 4 * o, &vy, 4);
+    } else {
+        int8_t va = (int8_t)a->data[ia], vb = (int8_t)b->data[ib];
+        y->data[o] = (uint8_t)(n->op == FW_OP_ADD ? (uint8_t)(va + vb) : (uint8_t)(va * vb));
+    }
 }
 
 static void run_unary(const fw_graph *g, const fw_node *n) {
@@ -644,25 +651,15 @@ static void run_conv_s8(const fw_graph *g, const fw_node *n) {
 
 /* ADD: XNNPACK's qs8 add, acc = bias + a * a_mult + b * b_mult (the zero points and the rounding are in bias),
  * an arithmetic shift right, clamped, + y_zp */
-static void run_add_s8(const fw_graph *g, const fw_node *n) {
-    const fw_tensor *a = in_t(g, n, 0), *b = in_t(g, n, 1), *y = &g->t[n->out[0]];
+static void add_s8_elem(const fw_node *n, const fw_tensor *a, size_t ia, const fw_tensor *b, size_t ib,
+                        const fw_tensor *y, size_t o) {
     const uint32_t bias = (uint32_t)n->attr[0], am = (uint32_t)n->attr[1], bm = (uint32_t)n->attr[2];
     const int32_t shift = n->attr[3], yzp = n->attr[4], lo = n->attr[5] - yzp, hi = n->attr[6] - yzp;
-    uint32_t yd[FW_MAX_RANK];
-    uint64_t sa[FW_MAX_RANK], sb[FW_MAX_RANK];
-    broadcast_strides(y, a, b, yd, sa, sb);
-    size_t o = 0;
-    for (uint32_t i0 = 0; i0 < yd[0]; i0++)
-        for (uint32_t i1 = 0; i1 < yd[1]; i1++)
-            for (uint32_t i2 = 0; i2 < yd[2]; i2++)
-                for (uint32_t i3 = 0; i3 < yd[3]; i3++, o++) {
-                    int32_t va = (int8_t)a->data[i0 * sa[0] + i1 * sa[1] + i2 * sa[2] + i3 * sa[3]];
-                    int32_t vb = (int8_t)b->data[i0 * sb[0] + i1 * sb[1] + i2 * sb[2] + i3 * sb[3]];
-                    int32_t acc = (int32_t)(bias + (uint32_t)va * am + (uint32_t)vb * bm);
-                    int32_t v = acc >= 0 ? acc >> shift : ~(~acc >> shift); /* floor, as an arithmetic shift */
-                    v = v < lo ? lo : v > hi ? hi : v;
-                    y->data[o] = (uint8_t)(int8_t)(v + yzp);
-                }
+    const int32_t va = (int8_t)a->data[ia], vb = (int8_t)b->data[ib];
+    const int32_t acc = (int32_t)(bias + (uint32_t)va * am + (uint32_t)vb * bm);
+    int32_t v = acc >= 0 ? acc >> shift : ~(~acc >> shift); /* floor, as an arithmetic shift */
+    v = v < lo ? lo : v > hi ? hi : v;
+    y->data[o] = (uint8_t)(int8_t)(v + yzp);
 }
 
 /* AVERAGE_POOL_2D: TFLite's integer kernel; taps outside the input are left out of the sum and the count */
@@ -722,7 +719,7 @@ int fw_graph_run(fw_graph *g, uint8_t *act, const char **msg) {
         switch (n->op) {
         case FW_OP_MATMUL_INTEGER: case FW_OP_QLINEAR_MATMUL: run_matmul(g, n); break;
         case FW_OP_CONV_INTEGER: case FW_OP_QLINEAR_CONV: run_conv(g, n); break;
-        case FW_OP_ADD: case FW_OP_MUL: run_binary(g, n); break;
+        case FW_OP_ADD: case FW_OP_MUL: run_broadcast(g, n, add_mul_elem); break;
         case FW_OP_RELU: case FW_OP_CLIP: run_unary(g, n); break;
         case FW_OP_COPY: memmove(g->t[n->out[0]].data, in_t(g, n, 0)->data, g->t[n->out[0]].nbytes); break;
         case FW_OP_MATMUL_QBLOCK:
@@ -730,7 +727,7 @@ int fw_graph_run(fw_graph *g, uint8_t *act, const char **msg) {
             break;
         case FW_OP_FC_S8: run_fc_s8(g, n); break;
         case FW_OP_CONV2D_S8: case FW_OP_DWCONV2D_S8: run_conv_s8(g, n); break;
-        case FW_OP_ADD_S8: run_add_s8(g, n); break;
+        case FW_OP_ADD_S8: run_broadcast(g, n, add_s8_elem); break;
         case FW_OP_AVGPOOL_S8: run_avgpool_s8(g, n); break;
         case FW_OP_CONCAT: run_concat(g, n); break;
         default: FAIL(FW_ERR_UNSUPPORTED, "unknown op");
