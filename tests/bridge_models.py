@@ -6,17 +6,35 @@ import numpy as np
 
 
 def _checked_model(nodes, name: str, inits, x, y):
-    """An opset-17 model of ``nodes`` with one input ``x`` and one output ``y`` (each (name, elem type, shape)),
-    passed through onnx's checker."""
+    """onnx_models' opset-17 model of ``nodes`` with one input ``x`` and one output ``y`` (each (name, elem type,
+    shape)), passed through onnx's checker."""
     import onnx
     from onnx import helper
 
-    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info(*x)], [helper.make_tensor_value_info(*y)],
-                          initializer=inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    from onnx_models import _model
+
+    model = _model(nodes, [helper.make_tensor_value_info(*x)], [helper.make_tensor_value_info(*y)], inits, name=name)
     onnx.checker.check_model(model)
     return model
+
+
+def serial_npu_profile(free_link: bool = False):
+    """The serial-npu profile with a host so slow (1e3 ops/s) that the copy-aware search keeps the device islands;
+    ``free_link``: the link costs nothing too, so every node the device can run goes to it (the real UART and host
+    would keep tiny test models on the host)."""
+    import dataclasses
+
+    import edgert.profiles
+
+    prof = edgert.profiles.load("serial-npu")
+    units = []
+    for u in prof.units:
+        if u.delegate == "host":
+            u = dataclasses.replace(u, throughput={d: 1e3 for d in u.throughput})
+        elif free_link and u.link is not None:
+            u = dataclasses.replace(u, link=dataclasses.replace(u.link, latency_s=0.0, bandwidth_bytes_s=1e18))
+        units.append(u)
+    return dataclasses.replace(prof, units=units)
 
 
 def int8_cnn(seed: int = 0, c: int = 3, hw: int = 8, classes: int = 10, uint8_input: bool = False):

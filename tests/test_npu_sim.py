@@ -13,7 +13,7 @@ from edgert.bridge import protocol as P
 from edgert.bridge.device import ProtocolVersionError
 from edgert.delegates import serial_npu
 
-from bridge_models import int8_cnn, int8_mlp, int8_split
+from bridge_models import int8_cnn, int8_mlp, int8_split, serial_npu_profile
 from onnx_models import ort_run
 
 ASAN = os.environ.get("EDGERT_NPU_SIM_ASAN", "1") != "0"  # tests run the sanitizer build unless told otherwise
@@ -28,15 +28,6 @@ def feeds(model, rng):
     shape = [d.dim_value for d in t.shape.dim]
     dt = np.uint8 if t.elem_type == 2 else np.int8
     return {"x": rng.integers(np.iinfo(dt).min, np.iinfo(dt).max + 1, shape).astype(dt)}
-
-
-def slow_host_profile():
-    """serial-npu with a host so slow that the copy-aware search keeps both device islands of int8_split."""
-    import dataclasses
-
-    prof = edgert.profiles.load("serial-npu")
-    return dataclasses.replace(prof, units=[dataclasses.replace(u, throughput={d: 1e3 for d in u.throughput})
-                                            if u.delegate == "host" else u for u in prof.units])
 
 
 def session(model, url, **kw):
@@ -212,7 +203,7 @@ def test_tensor_between_two_device_partitions_stays_on_the_device():
     model = int8_split()
     rng = np.random.default_rng(4)
     with sim() as s:
-        sess = edgert.Session(model, device=slow_host_profile(), fallback="allow", device_options={"url": s.url},
+        sess = edgert.Session(model, device=serial_npu_profile(), fallback="allow", device_options={"url": s.url},
                               telemetry=False)
         p = sess.plan
         assert [q.unit for q in p.partitions] == ["npu", "cpu", "npu"]
@@ -243,7 +234,7 @@ def test_resident_tensor_lost_with_a_reset_is_recomputed_on_the_host():
     for reset_after in range(9, 22):
         rng = np.random.default_rng(reset_after)
         with sim(reset_after=reset_after) as s:
-            sess = edgert.Session(model, device=slow_host_profile(), fallback="allow",
+            sess = edgert.Session(model, device=serial_npu_profile(), fallback="allow",
                                   device_options={"url": s.url, "retry_after_s": 0.0}, telemetry=False)
             for _ in range(3):
                 f = feeds(model, rng)
@@ -259,7 +250,7 @@ def test_resident_tensor_lost_with_a_reset_is_recomputed_on_the_host():
 def test_emulated_device_partitions_copy_only_the_plans_transfers():
     model = int8_split()
     rng = np.random.default_rng(6)
-    sess = edgert.Session(model, device=slow_host_profile(), fallback="allow", emulate=True, telemetry=False)
+    sess = edgert.Session(model, device=serial_npu_profile(), fallback="allow", emulate=True, telemetry=False)
     assert not [t for t in sess.plan.transfers if t.tensor == "r"]
     f = feeds(model, rng)
     np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])

@@ -14,6 +14,7 @@ import pytest
 import edgert
 import edgert.profiles as profiles
 import tflite_models as tm
+from bridge_models import serial_npu_profile
 from edgert import UnsupportedOpError
 from edgert.bridge import NpuSim
 from edgert.delegates import serial_npu
@@ -36,18 +37,8 @@ def sim(**kw):
     return NpuSim(asan=ASAN, **kw)
 
 
-def offloading_profile():
-    """serial-npu with a near-free link and a slow host, so the plan puts every node the device can run on it
-    (the real UART and host would keep these tiny models on the host)."""
-    prof = profiles.load("serial-npu")
-    units = [dataclasses.replace(u, link=dataclasses.replace(u.link, latency_s=0.0, bandwidth_bytes_s=1e18))
-             if u.link is not None else dataclasses.replace(u, throughput={d: 1e3 for d in u.throughput})
-             for u in prof.units]
-    return dataclasses.replace(prof, units=units)
-
-
 def session(data, url, device=None, **kw):
-    return edgert.Session(data, device=device or offloading_profile(), device_options={"url": url, **kw},
+    return edgert.Session(data, device=device or serial_npu_profile(free_link=True), device_options={"url": url, **kw},
                           telemetry=False)
 
 
@@ -139,12 +130,12 @@ def test_hello_lists_the_tflite_ops_and_refine_keeps_them():
 
 
 def test_float_and_onnx_ops_stay_on_the_host(tmp_path):
-    p = edgert.plan(tm.float_mlp(), device=offloading_profile())
+    p = edgert.plan(tm.float_mlp(), device=serial_npu_profile(free_link=True))
     assert {q.delegate for q in p.partitions} == {"host"}
     # an ONNX QDQ model's Conv looks int8 to the partitioner, but the device's Conv is TFLite's
     from onnx_models import qdq_convnet
 
-    p = edgert.plan(str(qdq_convnet(tmp_path)), device=offloading_profile())
+    p = edgert.plan(str(qdq_convnet(tmp_path)), device=serial_npu_profile(free_link=True))
     on_npu = [n for q in p.partitions if q.delegate == "serial-npu" for n in q.nodes]
     assert not [n for n in on_npu if p.graph.node(n).op_type in ("Conv", "Gemm", "AveragePool")]
 
@@ -192,7 +183,7 @@ def test_unsupported_tflite_op_stays_on_the_host(caplog):
         assert c.blob is None and c.runs_on_host == 1 and c.runs_on_device == 0
         sess.close()
         with pytest.raises(UnsupportedOpError, match="relu_0"):
-            edgert.Session(data, device=offloading_profile(), fallback="forbid", device_options={"url": s.url},
+            edgert.Session(data, device=serial_npu_profile(free_link=True), fallback="forbid", device_options={"url": s.url},
                            telemetry=False)
 
 
