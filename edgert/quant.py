@@ -388,7 +388,7 @@ class BoundDynamicInt8:
     less their zero point and ``scale = w_scale``. A NaN or infinite activation makes every output NaN. Returns
     the bound output (m, N), overwritten by the next call, or ``out`` when given."""
 
-    __slots__ = ("w", "m", "threads", "out", "_py", "_nth")
+    __slots__ = ("w", "m", "threads", "out", "_py", "_nth", "_scratch", "_ps", "_ss")
 
     def __init__(self, w: Int8Weights, m: int, threads: int | None = None):
         if not isinstance(w, Int8Weights):
@@ -398,6 +398,11 @@ class BoundDynamicInt8:
         self.w, self.threads = w, threads
         self.out = np.empty((m, w.shape[0]), np.float32)
         self._py = native.ptr(self.out, "float *")
+        self._ss = int(lib.et_fc_s8_dyn_scratch_size(w.p_plan, m))
+        if self._ss == 0:
+            raise ShapeError(f"m={m} rows of K={w.shape[1]} are too many for the C core")
+        self._scratch = _aligned(self._ss)  # the activations' codes and per-call row constants, kept between calls
+        self._ps = native.ptr(self._scratch)
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         m, (n, k) = self.m, self.w.shape
@@ -407,5 +412,6 @@ class BoundDynamicInt8:
         py = self._py
         if out is not None:
             py = _out_ptr(out, m, n)
-        native.check(lib.et_fc_s8_dyn(self.w.p_plan, native.ptr(x, "const float *"), m, py, self._nth))
+        native.check(lib.et_fc_s8_dyn_ex(self.w.p_plan, native.ptr(x, "const float *"), m, py, self._ps, self._ss,
+                                         self._nth))
         return self.out if out is None else out

@@ -128,6 +128,11 @@ int et_fc_s8_run(const void *plan, const int8_t *x, int64_t m, int8_t *y, int nt
  * with int32 accumulation, the float product formed as onnxruntime forms it. x holding a NaN or an infinity makes
  * every y NaN. Returns ET_ERR_NOMEM when the m x k scratch cannot be allocated. */
 int et_fc_s8_dyn(const void *plan, const float *x, int64_t m, float *y, int nthreads);
+/* the same on the caller's scratch (64-byte aligned, at least et_fc_s8_dyn_scratch_size(plan, m) bytes; 0 for a
+ * bad plan or m): a run loop keeps one and the call allocates nothing */
+size_t et_fc_s8_dyn_scratch_size(const void *plan, int64_t m);
+int et_fc_s8_dyn_ex(const void *plan, const float *x, int64_t m, float *y, void *scratch, size_t scratch_size,
+                    int nthreads);
 
 /* streaming read of n bytes over nthreads threads (a bandwidth probe); returns a checksum in *out */
 int et_stream_read(const void *buf, size_t n, int nthreads, uint64_t *out);

@@ -324,6 +324,19 @@ static void dyn_case(int64_t m, int64_t n, int64_t k, int per_channel, int with_
                   first >= 0 ? y[first] : 0.0, first >= 0 ? want[first] : 0.0, canary ? "" : ", wrote past y");
         }
     }
+    { /* on the caller's scratch, through the dispatcher's pick */
+        const size_t ss = et_fc_s8_dyn_scratch_size(plan, m);
+        void *scratch = aligned_alloc(64, (ss + 63) / 64 * 64);
+        memset(scratch, 0x5A, ss); /* stale bytes must not matter */
+        const int st = et_fc_s8_dyn_ex(plan, x, m, y, scratch, ss, 2);
+        check(st == ET_OK && memcmp(y, want, count * sizeof(float)) == 0, "fc dyn_ex vs spec %s", what);
+        check(et_fc_s8_dyn_ex(plan, x, m, y, scratch, ss - 1, 1) == ET_ERR_INVALID &&
+                  et_fc_s8_dyn_ex(plan, x, m, y, (char *)scratch + 1, ss, 1) == ET_ERR_INVALID &&
+                  et_fc_s8_dyn_ex(plan, x, m, y, NULL, ss, 1) == ET_ERR_INVALID &&
+                  et_fc_s8_dyn_scratch_size(plan, 0) == 0 && et_fc_s8_dyn_scratch_size(NULL, m) == 0,
+              "fc dyn_ex refuses a short, misaligned or missing scratch %s", what);
+        free(scratch);
+    }
     free(x), free(ws), free(w), free(bias), free(plan), free(u8), free(want), free(y);
 }
 

@@ -100,12 +100,21 @@ void et_fc_s8_avx2(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, i
  * half to even under the default MXCSR) */
 static int range_avx2(const float *x, int64_t count, float *mn, float *mx) {
     __m256 mn8 = _mm256_set1_ps(*mn), mx8 = _mm256_set1_ps(*mx), bad = _mm256_setzero_ps();
+    __m256 mn8b = mn8, mx8b = mx8, badb = bad; /* two chains: min/max latency, not the loads, bound one */
     int64_t i = 0;
+    for (; i + 16 <= count; i += 16) {
+        const __m256 v = _mm256_loadu_ps(x + i), u = _mm256_loadu_ps(x + i + 8);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+        badb = _mm256_or_ps(badb, _mm256_cmp_ps(_mm256_sub_ps(u, u), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+        mn8 = _mm256_min_ps(mn8, v), mx8 = _mm256_max_ps(mx8, v);
+        mn8b = _mm256_min_ps(mn8b, u), mx8b = _mm256_max_ps(mx8b, u);
+    }
     for (; i + 8 <= count; i += 8) {
         const __m256 v = _mm256_loadu_ps(x + i);
         bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
         mn8 = _mm256_min_ps(mn8, v), mx8 = _mm256_max_ps(mx8, v);
     }
+    bad = _mm256_or_ps(bad, badb), mn8 = _mm256_min_ps(mn8, mn8b), mx8 = _mm256_max_ps(mx8, mx8b);
     if (_mm256_movemask_ps(bad)) return -1;
     float lanes_mn[8], lanes_mx[8], lo = *mn, hi = *mx;
     _mm256_storeu_ps(lanes_mn, mn8), _mm256_storeu_ps(lanes_mx, mx8);
@@ -119,13 +128,33 @@ static int range_avx2(const float *x, int64_t count, float *mn, float *mx) {
     return 0;
 }
 
+/* lanes where t = x * fl(1/scale) may round differently from the correctly rounded x / scale: |t - x/scale| <=
+ * |t| * 2^-22.9 (two roundings of 2^-24 each, plus the quotient's own), so outside a band of |t| * 2^-20 around a
+ * half-integer both round to the same integer; inside it (rare: a tie, or data made of ties) the lane is divided */
+static inline __m256 quotient(__m256 xv, __m256 inv, __m256 s8) {
+    const __m256 t = _mm256_mul_ps(xv, inv);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 d = _mm256_andnot_ps(sign, _mm256_sub_ps(t, _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT |
+                                                                                   _MM_FROUND_NO_EXC)));
+    const __m256 band = _mm256_add_ps(_mm256_mul_ps(_mm256_andnot_ps(sign, t), _mm256_set1_ps(0x1p-20f)),
+                                      _mm256_set1_ps(0x1p-30f));
+    const __m256 near = _mm256_cmp_ps(_mm256_sub_ps(_mm256_set1_ps(0.5f), d), band, _CMP_LE_OQ);
+    return _mm256_movemask_ps(near) ? _mm256_blendv_ps(t, _mm256_div_ps(xv, s8), near) : t;
+}
+
 static void codes_avx2(const float *x, int64_t count, float scale, int32_t zp, int8_t *q) {
     const __m256 s8 = _mm256_set1_ps(scale), lo = _mm256_set1_ps((float)-zp), hi = _mm256_set1_ps((float)(255 - zp));
     const __m256i off = _mm256_set1_epi32(zp - 128);
+    const float inv1 = 1.0f / scale;
+    const int fast = inv1 - inv1 == 0.0f && inv1 < 0x1p100f; /* else every lane is divided */
+    const __m256 inv = _mm256_set1_ps(inv1);
     int64_t i = 0;
     for (; i + 16 <= count; i += 16) {
-        const __m256 a0 = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), s8), lo), hi);
-        const __m256 a1 = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(_mm256_loadu_ps(x + i + 8), s8), lo), hi);
+        const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+        const __m256 f0 = fast ? quotient(x0, inv, s8) : _mm256_div_ps(x0, s8);
+        const __m256 f1 = fast ? quotient(x1, inv, s8) : _mm256_div_ps(x1, s8);
+        const __m256 a0 = _mm256_min_ps(_mm256_max_ps(f0, lo), hi);
+        const __m256 a1 = _mm256_min_ps(_mm256_max_ps(f1, lo), hi);
         const __m256i v0 = _mm256_add_epi32(_mm256_cvtps_epi32(a0), off);
         const __m256i v1 = _mm256_add_epi32(_mm256_cvtps_epi32(a1), off);
         const __m256i h = _mm256_permute4x64_epi64(_mm256_packs_epi32(v0, v1), 0xD8); /* 16 int16 in order */

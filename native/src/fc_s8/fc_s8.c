@@ -237,20 +237,32 @@ static int quantize_dyn(const float *x, int64_t count, int8_t *q, float *scale, 
     return et_parallel(dynq_run, &t, nth);
 }
 
-int et_fc_s8_dyn_with(const void *plan, const float *x, int64_t m, float *y, int nthreads, et_fc_s8_fn fn) {
+size_t et_fc_s8_dyn_scratch_size(const void *plan, int64_t m) {
+    const et_fc_s8_header *h = (const et_fc_s8_header *)plan;
+    if (!plan || (uintptr_t)plan % FC_ALIGN || h->magic != ET_FC_S8_MAGIC || m <= 0 || m > INT64_MAX / h->k / 4)
+        return 0;
+    return (size_t)(round_up(m * h->k, FC_ALIGN) + h->np * 12);
+}
+
+/* et_fc_s8_dyn on caller scratch (NULL: allocated for the call) with a given kernel (NULL: the ISA's) */
+static int dyn_run(const void *plan, const float *x, int64_t m, float *y, void *scratch, size_t scratch_size,
+                   int nthreads, et_fc_s8_fn fn) {
     if (!plan || !x || !y || m <= 0)
         return et_error(ET_ERR_INVALID, "fc_s8_dyn: need plan, x, y and m > 0 (m %lld)", (long long)m);
     const et_fc_s8_header *h = checked_plan(plan, "fc_s8_dyn");
     if (!h) return ET_ERR_INVALID;
-    if (m > INT64_MAX / h->k / 4)
-        return et_error(ET_ERR_INVALID, "fc_s8_dyn: m %lld x k %lld is too large", (long long)m, (long long)h->k);
+    const size_t need = et_fc_s8_dyn_scratch_size(plan, m);
+    if (!need) return et_error(ET_ERR_INVALID, "fc_s8_dyn: m %lld x k %lld is too large", (long long)m, (long long)h->k);
+    if (scratch && (scratch_size < need || (uintptr_t)scratch % FC_ALIGN))
+        return et_error(ET_ERR_INVALID, "fc_s8_dyn: scratch of %zu bytes (64-byte aligned) needed, got %zu", need,
+                        scratch_size);
     const int64_t np = h->np, count = m * h->k;
-    /* one allocation: the int8 codes of x, then per-call row constants and scales (np each) */
-    const int64_t qbytes = round_up(count, FC_ALIGN);
-    uint8_t *scratch = (uint8_t *)malloc((size_t)(qbytes + np * 12));
-    if (!scratch) return et_error(ET_ERR_NOMEM, "fc_s8_dyn: out of memory for %lld activations", (long long)count);
-    int8_t *q = (int8_t *)scratch;
-    int32_t *rs = (int32_t *)(scratch + qbytes), *ru = rs + np;
+    /* the int8 codes of x, then per-call row constants and scales (np each); a scratch of the caller's avoids an
+     * allocation per call (a freed 100 KiB block is handed back to the OS and faulted in again next call) */
+    uint8_t *buf = scratch ? (uint8_t *)scratch : (uint8_t *)aligned_alloc(FC_ALIGN, round_up((int64_t)need, FC_ALIGN));
+    if (!buf) return et_error(ET_ERR_NOMEM, "fc_s8_dyn: out of memory for %lld activations", (long long)count);
+    int8_t *q = (int8_t *)buf;
+    int32_t *rs = (int32_t *)(buf + round_up(count, FC_ALIGN)), *ru = rs + np;
     float *sc = (float *)(ru + np);
     float x_scale;
     int32_t x_zp;
@@ -258,7 +270,7 @@ int et_fc_s8_dyn_with(const void *plan, const float *x, int64_t m, float *y, int
     if (qs) {
         /* a NaN or an infinity has no quantized value: every output is NaN (onnxruntime's are unspecified) */
         for (int64_t i = 0; qs == -1 && i < m * h->n; i++) y[i] = NAN;
-        free(scratch);
+        if (!scratch) free(buf);
         return qs == -1 ? ET_OK : qs;
     }
     const uint8_t *base = (const uint8_t *)plan;
@@ -276,10 +288,20 @@ int et_fc_s8_dyn_with(const void *plan, const float *x, int64_t m, float *y, int
     et_fc_s8_args a = {(const int8_t *)q, m, h->k, h->kp, h->n, (const int8_t *)(base + h->w_off), rs, ru, sc,
                        0.0f, 0.0f, 0, NULL, y};
     const int st = run_args(h, &a, nthreads, fn);
-    free(scratch);
+    if (!scratch) free(buf);
     return st;
 }
 
+int et_fc_s8_dyn_with(const void *plan, const float *x, int64_t m, float *y, int nthreads, et_fc_s8_fn fn) {
+    return dyn_run(plan, x, m, y, NULL, 0, nthreads, fn);
+}
+
 int et_fc_s8_dyn(const void *plan, const float *x, int64_t m, float *y, int nthreads) {
-    return et_fc_s8_dyn_with(plan, x, m, y, nthreads, NULL);
+    return dyn_run(plan, x, m, y, NULL, 0, nthreads, NULL);
+}
+
+int et_fc_s8_dyn_ex(const void *plan, const float *x, int64_t m, float *y, void *scratch, size_t scratch_size,
+                    int nthreads) {
+    if (!scratch) return et_error(ET_ERR_INVALID, "fc_s8_dyn_ex: need scratch (et_fc_s8_dyn_scratch_size bytes)");
+    return dyn_run(plan, x, m, y, scratch, scratch_size, nthreads, NULL);
 }
