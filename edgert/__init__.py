@@ -1,6 +1,6 @@
 """edgert — a portable edge-inference runtime: quantized C kernels on the host, models partitioned over NPUs.
 
-Public face: quantize, matmul, BoundMatMul, QTensor, from_matmul_nbits, ``edgert.native.info()`` and the error types (imported
+Public face: quantize, matmul, BoundMatMul, QTensor, repack / PackedQTensor, from_matmul_nbits, ``edgert.native.info()`` and the error types (imported
 with the package); LLM, plan / Plan, Session, evaluate / EvalReport (imported on first use, so ``import edgert``
 stays light).
 """
@@ -19,7 +19,7 @@ from .errors import (
     ShapeError,
     UnsupportedOpError,
 )
-from .quant import FORMATS, BoundMatMul, QTensor, from_matmul_nbits, matmul, quantize
+from .quant import FORMATS, BoundMatMul, PackedQTensor, QTensor, from_matmul_nbits, matmul, quantize, repack, repack_pays
 
 __version__ = "0.1.0"
 
@@ -48,6 +48,6 @@ def __getattr__(name):
 
 __all__ = [
     "ContextLengthError", "DeviceError", "DTypeError", "GenerationResult", "LLM", "EdgertError", "FORMATS", "InvalidArgumentError", "LinkError", "ModelFormatError",
-    "ModelNotFoundError", "NativeBuildError", "ProfileError", "BoundMatMul", "QTensor", "ShapeError", "UnsupportedOpError", "from_matmul_nbits", "matmul", "native",
-    "quantize", "Session", "evaluate", "EvalReport", "plan", "Plan",
+    "ModelNotFoundError", "NativeBuildError", "ProfileError", "BoundMatMul", "PackedQTensor", "QTensor", "ShapeError", "UnsupportedOpError", "from_matmul_nbits", "matmul", "native",
+    "quantize", "repack", "repack_pays", "Session", "evaluate", "EvalReport", "plan", "Plan",
 ]

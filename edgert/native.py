@@ -102,6 +102,8 @@ def info() -> dict:
         "threads": lib.et_get_threads(),
         "physical_cores": physical_cores(),
         "features": [s for s in _str(lib.et_cpu_features()).split(",") if s],
+        # block formats whose x16 layout (edgert.repack) this ISA reads with its own kernels
+        "repack": [f for f, t in (("q4_0", 2), ("q4_1", 3), ("q8_0", 8)) if lib.et_repack_native(t)],
     }
 
 

@@ -100,6 +100,69 @@ class QTensor:
         return f"QTensor(fmt={self.fmt!r}, shape={self.shape}, nbytes={self.nbytes})"
 
 
+class PackedQTensor:
+    """A block-format QTensor repacked into the x16 layout (docs/formats.md): rows in tiles of 16, each tile's
+    quants transposed so one 64-byte load holds 4 bytes of each of its 16 rows, the scales 16 to a vector. The
+    values are the QTensor's: ``matmul`` and ``BoundMatMul`` give the same bits as on the GGUF rows, faster on a CPU
+    whose kernels read the layout directly (``repack_pays``). ``raw`` is the uint8 tile bytes, ``nbytes`` about
+    the QTensor's (rows rounded up to 16, each tile to 64 bytes); drop the QTensor to keep one copy."""
+
+    __slots__ = ("fmt", "shape", "raw")
+    layout = "x16"
+
+    def __init__(self, fmt: str, shape: tuple[int, int], raw: np.ndarray):
+        # use repack(); this constructor trusts its arguments
+        self.fmt, self.shape, self.raw = fmt, shape, raw
+
+    @property
+    def type_id(self) -> int:
+        return FORMATS[self.fmt] | lib.ET_TYPE_X16
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+    def unpack(self) -> QTensor:
+        """The GGUF blocks again, as a new QTensor."""
+        n, k = self.shape
+        raw = np.empty((n, row_bytes(self.fmt, k)), np.uint8)
+        native.check(lib.et_unrepack(FORMATS[self.fmt], native.ptr(self.raw), n, k, native.ptr(raw), raw.nbytes))
+        return QTensor(self.fmt, (n, k), raw)
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 (N, K) values the blocks encode."""
+        return self.unpack().dequantize()
+
+    def __repr__(self) -> str:
+        return f"PackedQTensor(fmt={self.fmt!r}, shape={self.shape}, layout='x16', nbytes={self.nbytes})"
+
+
+def repack_pays(fmt: str) -> bool:
+    """Whether the ISA in use has its own kernels for the x16 layout of ``fmt`` (else ``repack``'d weights run on
+    the reference kernel: same results, slower)."""
+    return fmt in BLOCK_FORMATS and bool(lib.et_repack_native(FORMATS[fmt]))
+
+
+def repack(w: QTensor) -> PackedQTensor:
+    """``w`` (q4_0, q4_1 or q8_0) in the x16 layout: a new 64-byte aligned buffer about ``w.nbytes`` long."""
+    if not isinstance(w, QTensor):
+        raise DTypeError(f"w must be an edgert.QTensor, got {type(w).__name__}")
+    if w.fmt not in BLOCK_FORMATS:
+        raise InvalidArgumentError(f"only block formats ({', '.join(BLOCK_FORMATS)}) repack, got {w.fmt}")
+    n, k = w.shape
+    size = int(lib.et_repack_size(w.type_id, n, k))
+    raw = _aligned(size)
+    native.check(lib.et_repack(w.type_id, native.ptr(w.raw), n, k, native.ptr(raw), size))
+    return PackedQTensor(w.fmt, (n, k), raw)
+
+
+def _weight(w):
+    if not isinstance(w, (QTensor, PackedQTensor)):
+        raise DTypeError(f"w must be an edgert.QTensor (see edgert.quantize) or a PackedQTensor (edgert.repack), got "
+                         f"{type(w).__name__}")
+    return w
+
+
 def quantize(w: np.ndarray, fmt: str) -> QTensor:
     """Quantize float32 weights (N, K) to fmt; bit-identical to ggml's reference quantizers. NaN/Inf are refused."""
     fid = _fmt_id(fmt)
@@ -119,16 +182,15 @@ def quantize(w: np.ndarray, fmt: str) -> QTensor:
     return QTensor(fmt, (n, k), raw)
 
 
-def matmul(x: np.ndarray, w: QTensor, threads: int | None = None, *, out: np.ndarray | None = None,
+def matmul(x: np.ndarray, w: QTensor | PackedQTensor, threads: int | None = None, *, out: np.ndarray | None = None,
            scratch: np.ndarray | None = None) -> np.ndarray:
-    """y = x @ w.T for x float32 (M, K) C-contiguous and w a QTensor (N, K) -> float32 (M, N).
+    """y = x @ w.T for x float32 (M, K) C-contiguous and w a QTensor or PackedQTensor (N, K) -> float32 (M, N).
     A 1-D x of length K gives a 1-D result of length N. Block formats quantize x per block of 32 to 8 bits.
 
     ``out``: a float32 C-contiguous array of the result's shape to write into (returned), instead of a new one.
     ``scratch``: a uint8 C-contiguous array of at least ``matmul_scratch_size(w, m)`` bytes, reused instead of
     allocated. With both, a call allocates nothing (callers in a run loop keep them)."""
-    if not isinstance(w, QTensor):
-        raise DTypeError(f"w must be an edgert.QTensor (see edgert.quantize), got {type(w).__name__}")
+    _weight(w)
     if not isinstance(x, np.ndarray):
         raise DTypeError(f"x must be a numpy float32 array, got {type(x).__name__}")
     if x.dtype != np.float32:
@@ -206,10 +268,8 @@ class BoundMatMul:
 
     __slots__ = ("w", "m", "kx", "threads", "out", "_scratch", "_ss", "_pw", "_py", "_ps", "_nth")
 
-    def __init__(self, w: QTensor, m: int, kx: int | None = None, threads: int | None = None):
-        if not isinstance(w, QTensor):
-            raise DTypeError(f"w must be an edgert.QTensor (see edgert.quantize), got {type(w).__name__}")
-        n, k = w.shape
+    def __init__(self, w: QTensor | PackedQTensor, m: int, kx: int | None = None, threads: int | None = None):
+        n, k = _weight(w).shape
         kx = k if kx is None else kx
         self._nth = _threads(threads)
         self.m = _rows(m)

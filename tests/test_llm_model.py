@@ -130,3 +130,34 @@ def test_state_is_sized_by_n_ctx(tmp_path):
         kv_per_pos = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # K and V, fp16
         att_per_pos = cfg.n_heads * small.n_batch * 4
         assert big.state_bytes - small.state_bytes == (256 - 32) * (kv_per_pos + att_per_pos)
+
+
+@pytest.mark.parametrize("fmt,tied", [("q4_0", True), ("q4_1", False), ("q8_0", True)])
+def test_repacked_weights_give_the_same_logits(tmp_path, tokens, isa, fmt, tied):
+    """repack=True runs the projections and the output head on x16 copies (docs/formats.md) and releases the file's
+    pages; on an ISA with its own x16 kernels the logits are the same bits as on the GGUF rows. Elsewhere the
+    projections run on the reference kernel and the rest on the ISA's: the budget of two ISAs."""
+    write_tiny_llama(tmp_path / "m.gguf", fmt=fmt, tied=tied, embd_fmt="q8_0", dim=64, hidden=160)
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=64, n_batch=8, repack=False) as m:
+        want = m.forward(tokens, 0, logits_all=True)
+        want_step = m.forward(tokens[:1], len(tokens))
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=64, n_batch=8, repack=True) as m:
+        got = m.forward(tokens, 0, logits_all=True)
+        got_step = m.forward(tokens[:1], len(tokens))
+    if edgert.repack_pays(fmt):
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got_step, want_step)
+    else:
+        assert rel_err(got, want) < SAME_MODEL_RTOL and rel_err(got_step, want_step) < SAME_MODEL_RTOL
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=64, n_batch=8, repack=True) as m:
+        # the default repacks exactly when it pays
+        assert m._repacks(edgert.FORMATS[fmt])
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=64) as m:
+        assert m._repacks(edgert.FORMATS[fmt]) == edgert.repack_pays(fmt)
+        assert not m._repacks(edgert.FORMATS["f32"])
+
+
+def test_repack_argument_is_checked(tmp_path):
+    write_tiny_llama(tmp_path / "m.gguf", fmt="q4_0")
+    with pytest.raises(edgert.InvalidArgumentError, match="repack must be"):
+        LlamaModel(tmp_path / "m.gguf", n_ctx=32, repack="yes")

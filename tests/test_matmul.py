@@ -387,3 +387,63 @@ def test_bound_matmul_rejects_bad_input():
         bound(np.zeros((2, 60), np.float32), np.zeros((2, 9), np.float32))
     with pytest.raises(edgert.InvalidArgumentError, match="finite"):
         bound(np.full((2, 60), np.inf, np.float32))
+
+
+# --- repack: the x16 layout ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", BLOCK_FORMATS)
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 75])
+def test_repacked_weights_give_the_same_bits(isa, fmt, n):
+    """A PackedQTensor holds the QTensor's values: its products are bit for bit those of the GGUF rows on an ISA
+    with its own x16 kernels, and the reference kernel's GGUF product elsewhere; unpack() gives the blocks back."""
+    for k in (32, 96, 4128):
+        x, w = make_case(fmt, n, 17, k, ("x16",))
+        p = edgert.repack(w)
+        assert (p.fmt, p.shape, p.layout) == (fmt, w.shape, "x16")
+        assert p.raw.ctypes.data % 64 == 0 and p.nbytes % 64 == 0
+        assert w.nbytes <= p.nbytes <= -(-n // 16) * 16 * w.raw.shape[1] + 64 * -(-n // 16)
+        np.testing.assert_array_equal(p.unpack().raw, w.raw)
+        np.testing.assert_array_equal(p.dequantize(), w.dequantize())
+        native = edgert.repack_pays(fmt)
+        assert native == (fmt in edgert.native.info()["repack"])
+        for m in (1, 2, 3, 5, 17):
+            xm = np.ascontiguousarray(x[:m])
+            for threads in (1, 2):
+                if not native:
+                    edgert.native.set_isa("ref")
+                want = edgert.matmul(xm, w, threads=threads)
+                edgert.native.set_isa(isa)
+                np.testing.assert_array_equal(edgert.matmul(xm, p, threads=threads), want,
+                                              err_msg=f"{isa} {fmt} n={n} k={k} m={m} threads={threads}")
+        bound = edgert.BoundMatMul(p, 2, k - 1)  # short rows: the missing column counts as zero
+        padded = np.zeros((2, k), np.float32)
+        padded[:, : k - 1] = x[:2, : k - 1]
+        np.testing.assert_array_equal(bound(np.ascontiguousarray(x[:2, : k - 1])), edgert.matmul(padded, p))
+
+
+def test_repack_pays_only_where_the_isa_has_x16_kernels():
+    info = edgert.native.info()
+    expected = ["q4_0", "q4_1", "q8_0"] if info["isa"] == "avx512" else []
+    assert info["repack"] == expected
+    assert edgert.repack_pays("f16") is False and edgert.repack_pays("nope") is False
+    edgert.native.set_isa("ref")
+    try:
+        assert edgert.native.info()["repack"] == [] and not edgert.repack_pays("q4_0")
+    finally:
+        edgert.native.set_isa(info["isa"])
+
+
+def test_repack_rejects_what_it_cannot_hold():
+    rng = rng_for("x16-bad")
+    for fmt in ("f16", "f32"):
+        with pytest.raises(edgert.InvalidArgumentError, match="only block formats"):
+            edgert.repack(edgert.quantize(rng.standard_normal((4, 32)).astype(np.float32), fmt))
+    with pytest.raises(edgert.DTypeError, match="QTensor"):
+        edgert.repack(np.zeros((4, 32), np.float32))
+    with pytest.raises(edgert.DTypeError, match="PackedQTensor"):
+        edgert.matmul(np.zeros((1, 32), np.float32), np.zeros((4, 32), np.uint8))
+    p = edgert.repack(edgert.quantize(rng.standard_normal((4, 64)).astype(np.float32), "q4_0"))
+    with pytest.raises(edgert.ShapeError, match="K must match"):
+        edgert.matmul(np.zeros((1, 32), np.float32), p)
+    with pytest.raises(edgert.InvalidArgumentError, match="finite"):
+        edgert.matmul(np.full((1, 64), np.nan, np.float32), p)

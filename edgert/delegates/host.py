@@ -28,7 +28,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import DeviceError
-from ..quant import BLOCK, BoundDynamicInt8, BoundMatMul, Int8Weights, QTensor, from_matmul_nbits, quantize
+from ..quant import (BLOCK, BoundDynamicInt8, BoundMatMul, Int8Weights, PackedQTensor, QTensor, from_matmul_nbits, quantize,
+                     repack, repack_pays)
 from .base import CompiledPartition, Delegate, cut_into_steps, faster_of, median_s, register
 from .onnxruntime import CPU, OnnxruntimePartition, session_options
 
@@ -42,18 +43,24 @@ CLAIMED_OPS = ("com.microsoft:MatMulNBits", "DynamicQuantizeLinear", "MatMulInte
 
 @dataclass
 class CoreMatMul:
-    """One C-core step: ``out[..., N] = x[..., K] @ W.T (+ bias)``; W is (N, K) in ``weight``."""
+    """One C-core step: ``out[..., N] = x[..., K] @ W.T (+ bias)``; W is (N, K) in ``weight`` (a QTensor, kept as
+    its x16 PackedQTensor where that pays)."""
 
     kind: str            # "MatMulNBits" | "MatMulInteger" | "DequantizeLinear+MatMul"
     x: str
     out: str
-    weight: QTensor
+    weight: QTensor | PackedQTensor
     bias: np.ndarray | None = None
     nodes: list[str] = field(default_factory=list)   # the graph nodes this step replaces
     threads: int | None = None
     k: int = 0           # the graph's K; weight.shape[1] is K rounded up to a block (zero columns: exact)
     _bound: BoundMatMul | None = None  # the product for the last row count (re-made only when M changes)
     timing: tuple | None = None  # (C core s, onnxruntime s) when measured at compile time
+
+    def __post_init__(self):
+        # where the ISA reads the x16 layout with its own kernels, the step keeps that copy instead (same bits)
+        if isinstance(self.weight, QTensor) and repack_pays(self.weight.fmt):
+            self.weight = repack(self.weight)
 
     def compute(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The step's output for ``x``: written into ``out`` (float32, C-contiguous, [..., N]) when given, else into

@@ -377,6 +377,18 @@ class GGUFFile:
         t = self._info(name)
         return self._data[t.offset:t.offset + t.nbytes]
 
+    def release(self, name: str) -> None:
+        """Drop the pages of a tensor this process has read (a copy replaced them): they leave its resident memory
+        and are read again from the file if touched. A no-op where the platform cannot do it."""
+        t = self._info(name)
+        page = mmap.PAGESIZE
+        lo, hi = -(-t.offset // page) * page, (t.offset + t.nbytes) // page * page
+        if self._mm is not None and hi > lo and hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            except (OSError, ValueError):
+                pass
+
     def tensor_array(self, name: str) -> np.ndarray:
         """An F32/F16 tensor as a read-only float array; numpy shape is the ggml shape reversed. No copy."""
         t = self._info(name)

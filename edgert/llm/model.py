@@ -1,8 +1,11 @@
 """LlamaModel: a validated GGUF llama model handed to the C decoder.
 
-Weights are used in place: the C core gets pointers into the memory-mapped GGUF file (no copy, no repacking), so
-loading costs one parse of the header and the weights' pages are read from disk as the first forward pass touches
-them. The C side owns the run state and the KV cache (fp16 K by position, fp16 V transposed); their size is
+Weights are used in place: the C core gets pointers into the memory-mapped GGUF file, so loading costs one parse of
+the header and the weights' pages are read from disk as the first forward pass touches them. Where the ISA in use
+reads the x16 layout with its own kernels (``edgert.repack_pays``), the block-format projections and the output head
+are repacked at load instead (``repack``): the copies replace the file's pages in memory (those are released; a tied
+embedding's rows come back one page at a time as tokens use them), so resident memory stays about the same, and
+loading reads every weight once. The C side owns the run state and the KV cache (fp16 K by position, fp16 V transposed); their size is
 ``state_bytes``. This module must not tokenize, sample or talk to users: that is llm.py's job.
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ from .. import native
 from ..errors import InvalidArgumentError, ModelFormatError
 from ..formats.gguf import GGUFFile, open_gguf
 from ..native import ffi, lib
+from ..quant import FORMAT_BY_ID, QTensor, repack, repack_pays
 from .spec import LlamaSpec, llama_spec
 
 DEFAULT_N_BATCH = 64  # tokens per prefill pass: large enough for the GEMM path, small enough for L2-resident activations
@@ -24,8 +28,13 @@ class LlamaModel:
     """A loaded model: ``forward(tokens, pos)`` runs tokens at positions pos.. and returns logits."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_batch: int = DEFAULT_N_BATCH,
-                 clamp_ctx: bool = False):
-        """clamp_ctx: an n_ctx above the model's context length is lowered to it (else it is an error)."""
+                 clamp_ctx: bool = False, repack: bool | None = None):
+        """clamp_ctx: an n_ctx above the model's context length is lowered to it (else it is an error).
+        repack: None repacks the block-format matrices (not the token embedding) when it pays, True always, False
+        never; the logits are the same bits either way."""
+        if repack not in (None, True, False):
+            raise InvalidArgumentError(f"repack must be None, True or False, got {repack!r}")
+        self.repack = repack
         self.path = os.fspath(path)
         self.gguf: GGUFFile = open_gguf(self.path)
         try:
@@ -60,13 +69,20 @@ class LlamaModel:
             },
         )
         tensors = ffi.new("et_tensor[]", len(self.spec.tensors))
-        self._views = []  # the mmap views the C side points into: kept alive with the model
+        self._views = []  # the mmap views and repacked copies the C side points into: kept alive with the model
+        packed = {}  # tensor name -> its repacked copy (a tied output head shares the embedding's name)
         for i, (role, info) in enumerate(self.spec.tensors):
-            view = self.gguf.tensor_bytes(info.name)
+            view, type_id = self.gguf.tensor_bytes(info.name), info.type_id
+            if role != "token_embd" and self._repacks(info.type_id):
+                if info.name not in packed:
+                    packed[info.name] = repack(QTensor.from_raw(FORMAT_BY_ID[info.type_id], info.shape[::-1], view)).raw
+                    # the copy replaces these pages; a tied embedding's rows are read again one by one, as used
+                    self.gguf.release(info.name)
+                view, type_id = packed[info.name], info.type_id | lib.ET_TYPE_X16
             self._views.append(view)
             tensors[i].data = ffi.cast("void *", view.ctypes.data)
-            tensors[i].type = info.type_id
-            tensors[i].nbytes = info.nbytes
+            tensors[i].type = type_id
+            tensors[i].nbytes = view.nbytes
         out = ffi.new("et_llama **")
         st = lib.et_llama_build(cfg, tensors, len(self.spec.tensors), out)
         if st:
@@ -75,6 +91,10 @@ class LlamaModel:
                 raise ModelFormatError(f"{self.path}: {msg}")
             native.check(st)
         self._handle = ffi.gc(out[0], lib.et_llama_free)
+
+    def _repacks(self, type_id: int) -> bool:
+        fmt = FORMAT_BY_ID.get(type_id)
+        return fmt in ("q4_0", "q4_1", "q8_0") and (self.repack or (self.repack is None and repack_pays(fmt)))
 
     @property
     def config(self):

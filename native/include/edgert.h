@@ -33,7 +33,12 @@ typedef enum {
     ET_TYPE_F16 = 1,
     ET_TYPE_Q4_0 = 2,
     ET_TYPE_Q4_1 = 3,
-    ET_TYPE_Q8_0 = 8
+    ET_TYPE_Q8_0 = 8,
+    /* the same blocks repacked by et_repack into tiles of 16 rows (ET_TYPE_X16 | the GGUF type) */
+    ET_TYPE_X16 = 0x100,
+    ET_TYPE_Q4_0_X16 = 0x102,
+    ET_TYPE_Q4_1_X16 = 0x103,
+    ET_TYPE_Q8_0_X16 = 0x108
 } et_type;
 
 const char *et_last_error(void);
@@ -49,7 +54,8 @@ const char *et_cpu_features(void);   /* comma-separated CPU features the dispatc
 int et_set_threads(int n);
 int et_get_threads(void);
 
-/* bytes of one row of k values of type t; 0 when k is not a whole number of blocks or t is unknown */
+/* bytes of one row of k values of type t; 0 when k is not a whole number of blocks or t is unknown. x16 types: a
+ * 16-row tile's bytes / 16 */
 size_t et_row_size(int type, int64_t k);
 
 /* (n, k) float32 <-> (n, row_size) blocks; quantize refuses NaN/Inf and names the first one */
@@ -68,6 +74,19 @@ int et_matmul(const float *x, int64_t m, int64_t k, int wtype, const void *w, in
  * y + i*ldy (ldy >= n). Float weight types (F32, F16) need kx == k. Same scratch as et_matmul(m, k). */
 int et_matmul_ex(const float *x, int64_t m, int64_t kx, size_t ldx, int wtype, const void *w, int64_t n, int64_t k,
                  float *y, size_t ldy, void *scratch, size_t scratch_size, int nthreads);
+
+/* Weight repacking: (n, k) rows of Q4_0, Q4_1 or Q8_0 -> the x16 layout (docs/formats.md): tiles of 16 rows, each
+ * tile's quants transposed so one 64-byte load holds 4 bytes of each of the 16 rows, its scales 16 to a vector.
+ * Same values, same arithmetic: a product on the repacked weights (type | ET_TYPE_X16, passed to et_matmul and
+ * et_matmul_ex with the same n and k) is bit for bit the product on the GGUF rows, and it streams them without
+ * shuffles or gathers. et_repack_size() bytes: rows rounded up to 16, each tile to 64 bytes; 0 for a type or
+ * shape that cannot be repacked. et_repack_native(type): 1 when the active ISA has its own kernel for the layout
+ * (repacking pays); the reference kernel serves it everywhere else. */
+size_t et_repack_size(int type, int64_t n, int64_t k);
+int et_repack(int type, const void *w, int64_t n, int64_t k, void *out, size_t out_size);
+/* the inverse: the x16 bytes of (n, k) rows of type (the GGUF type) -> the GGUF rows (n * et_row_size bytes) */
+int et_unrepack(int type, const void *packed, int64_t n, int64_t k, void *out, size_t out_size);
+int et_repack_native(int type);
 
 /* ---- llama-family decoder (src/llm/llama.c) ---- */
 

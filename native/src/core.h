@@ -107,7 +107,42 @@ typedef struct {
     et_gemm_fn gemm_q8_0;
     et_gemm_fn gemm_f16;
     et_gemm_fn gemm_f32;
+    /* the x16 layout (below): w points at a tile, w_stride = a tile's bytes / 16, rows in whole tiles from w */
+    et_gemm_fn gemm_q4_0_x16;
+    et_gemm_fn gemm_q4_1_x16;
+    et_gemm_fn gemm_q8_0_x16;
 } et_kernels;
+
+/* ---- the x16 weight layout (et_repack, src/matmul/repack.c; docs/formats.md) ----
+ * Rows in tiles of 16; the last tile's missing rows are zeros. A tile of nb blocks holds
+ *   quants at 0, block b at b * et_x16_qbytes: 64-byte vectors, vector v dword r = bytes 4v..4v+3 of the qs of
+ *     row r's block b (q4: 16 qs bytes, 4 vectors; q8_0: 32, 8 vectors), the layout a vpdpbusd or an AMX B tile
+ *     takes with lanes = rows;
+ *   scales at nb * et_x16_qbytes, block b at b * et_x16_sbytes: the 16 rows' fp16 d, then (q4_1) their fp16 m;
+ * and is padded to a multiple of 64 bytes. */
+ET_INLINE size_t et_x16_qbytes(int base) { return base == ET_TYPE_Q8_0 ? 512 : 256; }
+ET_INLINE size_t et_x16_sbytes(int base) { return base == ET_TYPE_Q4_1 ? 64 : 32; }
+ET_INLINE size_t et_x16_tile_bytes(int base, int64_t nb) {
+    return ((size_t)nb * (et_x16_qbytes(base) + et_x16_sbytes(base)) + 63) & ~(size_t)63;
+}
+/* the GGUF type an x16 type repacks (ET_TYPE_Q4_0, ET_TYPE_Q4_1, ET_TYPE_Q8_0), or -1 */
+ET_INLINE int et_x16_base(int type) {
+    const int base = type & ~ET_TYPE_X16;
+    return (type & ET_TYPE_X16) && (base == ET_TYPE_Q4_0 || base == ET_TYPE_Q4_1 || base == ET_TYPE_Q8_0) ? base : -1;
+}
+/* where a GGUF block of the base type keeps its quants, and how many bytes they are */
+ET_INLINE size_t et_block_qs_at(int base) { return base == ET_TYPE_Q4_1 ? 4 : 2; }
+ET_INLINE size_t et_block_qs_bytes(int base) { return base == ET_TYPE_Q8_0 ? ET_QK : ET_QK / 2; }
+/* block b of row r (< 16) of an x16 tile of nb blocks -> the GGUF block it was packed from */
+ET_INLINE void et_x16_get_block(int base, const uint8_t *tile, int64_t nb, int r, int64_t b, void *block) {
+    uint8_t *blk = block;
+    const size_t qs_at = et_block_qs_at(base), qs_bytes = et_block_qs_bytes(base);
+    const uint8_t *q = tile + (size_t)b * et_x16_qbytes(base);
+    const uint8_t *s = tile + (size_t)nb * et_x16_qbytes(base) + (size_t)b * et_x16_sbytes(base);
+    memcpy(blk, s + 2 * r, 2);
+    if (base == ET_TYPE_Q4_1) memcpy(blk + 2, s + 32 + 2 * r, 2);
+    for (size_t v = 0; v < qs_bytes / 4; v++) memcpy(blk + qs_at + 4 * v, q + 64 * v + 4 * r, 4);
+}
 
 extern const et_kernels et_kernels_ref;
 #if defined(__x86_64__) || defined(_M_X64)

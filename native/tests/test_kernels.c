@@ -652,6 +652,111 @@ static void test_matmul_ex(void) {
                   "float weights with kx < k");
 }
 
+/* ---- the x16 layout: repacked weights give the GGUF rows' products bit for bit on every ISA ---- */
+
+static int x16_type(int t) { return t | ET_TYPE_X16; }
+
+static int run_matmul_w(const problem *p, int wtype, const void *w, float *y, int nthreads) {
+    problem q = *p;
+    q.w = (void *)w;
+    q.type = wtype;
+    return run_matmul(&q, y, nthreads);
+}
+
+static void test_x16(void) {
+    static const int types[] = {ET_TYPE_Q4_0, ET_TYPE_Q4_1, ET_TYPE_Q8_0};
+    static const int64_t ks[] = {32, 96, 4128};
+    static const int64_t ns[] = {1, 3, 16, 17, 33, 64};
+    static const int64_t ms[] = {1, 2, 3, 5, 16, 17};
+    char isas[8][16];
+    const int n_isas = isa_list(isas, 8);
+    for (size_t t = 0; t < sizeof types / sizeof *types; t++) {
+        const int type = types[t], n_before = n_failed;
+        for (size_t ik = 0; ik < sizeof ks / sizeof *ks; ik++)
+            for (size_t in = 0; in < sizeof ns / sizeof *ns; in++) {
+                const int64_t k = ks[ik], n = ns[in], nb = k / ET_QK, m_max = 17;
+                const size_t rs = et_row_size(type, k), size = et_repack_size(type, n, k);
+                const size_t tile_bytes = 16 * et_row_size(x16_type(type), k);
+                check(size == (size_t)((n + 15) / 16) * tile_bytes && tile_bytes % 64 == 0 &&
+                          tile_bytes >= (size_t)nb * (et_x16_qbytes(type) + et_x16_sbytes(type)),
+                      "x16 %s n=%lld k=%lld: size %zu, tile %zu", type_name(type), (long long)n, (long long)k, size,
+                      tile_bytes);
+                problem p = {.m = m_max, .n = n, .k = k, .type = type};
+                p.w = make_weights(type, n, k);
+                p.x = make_activations(m_max, k);
+                uint8_t *wx = xmalloc(size + 64);
+                memset(wx, 0xA5, size + 64);
+                check(et_repack(type, p.w, n, k, wx, size) == ET_OK, "repack %s", type_name(type));
+                /* every block reads back; the missing rows of the last tile and each tile's padding are zeros */
+                int same = 1, zero = 1, untouched = 1;
+                uint8_t blk[64];
+                for (int64_t j = 0; j < (n + 15) / 16 * 16; j++)
+                    for (int64_t b = 0; b < nb; b++) {
+                        et_x16_get_block(type, wx + (size_t)(j / 16) * tile_bytes, nb, (int)(j % 16), b, blk);
+                        if (j < n) same &= !memcmp(blk, (uint8_t *)p.w + (size_t)j * rs + (size_t)b * block_bytes(type),
+                                                   block_bytes(type));
+                        else for (size_t c = 0; c < block_bytes(type); c++) zero &= blk[c] == 0;
+                    }
+                for (int64_t tl = 0; tl < (n + 15) / 16; tl++)
+                    for (size_t c = (size_t)nb * (et_x16_qbytes(type) + et_x16_sbytes(type)); c < tile_bytes; c++)
+                        zero &= wx[(size_t)tl * tile_bytes + c] == 0;
+                for (size_t c = size; c < size + 64; c++) untouched &= wx[c] == 0xA5;
+                uint8_t *back = xmalloc((size_t)n * rs);
+                same &= et_unrepack(type, wx, n, k, back, (size_t)n * rs) == ET_OK && !memcmp(back, p.w, (size_t)n * rs);
+                expect_status(et_unrepack(type, wx, n, k, back, (size_t)n * rs - 1), ET_ERR_INVALID,
+                              "unrepack into too small an output");
+                free(back);
+                check(same && zero && untouched, "x16 %s n=%lld k=%lld: blocks read back %d, padding zero %d, "
+                      "nothing written past the size %d", type_name(type), (long long)n, (long long)k, same, zero,
+                      untouched);
+                for (int v = 0; v < n_isas; v++) {
+                    et_isa_select(isas[v]);
+                    for (size_t im = 0; im < sizeof ms / sizeof *ms; im++)
+                        for (int nth = 1; nth <= 2; nth++) {
+                            problem pm = p;
+                            pm.m = ms[im];
+                            const size_t count = (size_t)(pm.m * n);
+                            float *y = alloc_output(count), *yx = alloc_output(count);
+                            /* a table without its own x16 kernels runs the layout on the reference's */
+                            const int native = et_repack_native(type);
+                            int ok = run_matmul_w(&pm, x16_type(type), wx, yx, nth) == ET_OK;
+                            if (!native) et_isa_select("ref");
+                            ok &= run_matmul(&pm, y, nth) == ET_OK;
+                            et_isa_select(isas[v]);
+                            check(ok && !memcmp(y, yx, count * sizeof(float)) && canary_intact(yx, count),
+                                  "%s x16 %s m=%lld n=%lld k=%lld threads=%d: differs from the GGUF rows' product "
+                                  "(%s kernel)%s", isas[v], type_name(type), (long long)pm.m, (long long)n, (long long)k,
+                                  nth, native ? isas[v] : "ref", canary_intact(yx, count) ? "" : " (wrote past the output)");
+                            free(y), free(yx);
+                        }
+                }
+                free(wx), free(p.w), free(p.x);
+            }
+        printf("x16 repack %-4s over %s: %s\n", type_name(type), et_isa_available(), n_failed == n_before ? "ok" : "FAILED");
+    }
+    /* what et_repack refuses; sizes it cannot give */
+    uint8_t w[64] = {0}, out[1024];
+    expect_status(et_repack(ET_TYPE_F16, w, 1, 32, out, sizeof out), ET_ERR_INVALID, "repack f16");
+    expect_status(et_repack(ET_TYPE_Q4_0_X16, w, 1, 32, out, sizeof out), ET_ERR_INVALID, "repack an x16 type");
+    expect_status(et_repack(ET_TYPE_Q4_0, w, 1, 48, out, sizeof out), ET_ERR_INVALID, "repack k % 32");
+    expect_status(et_repack(ET_TYPE_Q4_0, w, 0, 32, out, sizeof out), ET_ERR_INVALID, "repack n = 0");
+    expect_status(et_repack(ET_TYPE_Q4_0, w, 1, 32, out, et_repack_size(ET_TYPE_Q4_0, 1, 32) - 1), ET_ERR_INVALID,
+                  "repack into too small an output");
+    expect_status(et_repack(ET_TYPE_Q4_0, NULL, 1, 32, out, sizeof out), ET_ERR_INVALID, "repack NULL weights");
+    check(et_repack_size(ET_TYPE_Q8_0, INT64_MAX / 2, 1 << 20) == 0, "et_repack_size overflow gives 0");
+    check(et_row_size(ET_TYPE_Q4_0_X16, 48) == 0 && et_row_size(ET_TYPE_X16, 32) == 0 && et_row_size(0x1FF, 32) == 0,
+          "et_row_size refuses bad x16 types and k");
+    et_isa_select("ref");
+    check(et_repack_native(ET_TYPE_Q4_0) == 0, "the reference table does not count as a native x16 kernel");
+#if defined(__x86_64__)
+    if (et_isa_select("avx512") == ET_OK)
+        check(et_repack_native(ET_TYPE_Q4_0) && et_repack_native(ET_TYPE_Q4_1_X16) && et_repack_native(ET_TYPE_Q8_0) &&
+                  !et_repack_native(ET_TYPE_F16),
+              "avx512 runs the x16 layout on its own kernels");
+#endif
+    et_isa_select(NULL);
+}
+
 int main(int argc, char **argv) {
     const char *expect_isa = NULL, *expect_features = NULL;
     for (int i = 1; i < argc; i++) {
@@ -685,6 +790,7 @@ int main(int argc, char **argv) {
     test_matmul_ex();
     test_matmul_sweep();
     test_batch_invariance();
+    test_x16();
     test_llama();
     test_fc_s8();
     et_set_threads(1);

@@ -50,7 +50,8 @@ struct et_llama {
     int ctx_tiles; /* n_ctx rounded up to whole key tiles, in tiles */
 };
 
-static int is_block(int t) { return t == ET_TYPE_Q4_0 || t == ET_TYPE_Q4_1 || t == ET_TYPE_Q8_0; }
+/* projections may be repacked (et_repack: x16 types); the token embedding is read a row at a time, so not it */
+static int is_block(int t) { return t == ET_TYPE_Q4_0 || t == ET_TYPE_Q4_1 || t == ET_TYPE_Q8_0 || et_x16_base(t) >= 0; }
 static int is_matrix_type(int t) { return is_block(t) || t == ET_TYPE_F16 || t == ET_TYPE_F32; }
 
 static const char *role_name(int i) {
@@ -61,16 +62,19 @@ static const char *role_name(int i) {
 
 static int check_tensor(const et_tensor *t, const char *what, int layer, int64_t rows, int64_t cols, int norm) {
     if (!t->data) return et_error(ET_ERR_INVALID, "tensor %s (layer %d) has no data", what, layer);
-    if (norm ? t->type != ET_TYPE_F32 : !is_matrix_type(t->type))
+    const int embd = !strcmp(what, "token_embd");
+    if (norm ? t->type != ET_TYPE_F32 : !is_matrix_type(t->type) || (embd && et_x16_base(t->type) >= 0))
         return et_error(ET_ERR_INVALID, "tensor %s (layer %d) has type %d: expected %s", what, layer, t->type,
-                        norm ? "f32" : "one of f32, f16, q4_0, q4_1, q8_0");
+                        norm ? "f32" : embd ? "one of f32, f16, q4_0, q4_1, q8_0" : "one of f32, f16, q4_0, q4_1, q8_0 "
+                        "or their x16 repacking");
     const size_t rs = et_row_size(t->type, cols);
     if (rs == 0)
         return et_error(ET_ERR_INVALID, "tensor %s (layer %d): rows of %lld values do not fit type %d", what, layer,
                         (long long)cols, t->type);
-    if ((int64_t)(rs * (size_t)rows) != t->nbytes)
+    const int64_t stored = et_x16_base(t->type) >= 0 ? (rows + 15) / 16 * 16 : rows; /* x16: whole tiles */
+    if ((int64_t)(rs * (size_t)stored) != t->nbytes)
         return et_error(ET_ERR_INVALID, "tensor %s (layer %d) holds %lld bytes: shape (%lld, %lld) needs %zu", what,
-                        layer, (long long)t->nbytes, (long long)rows, (long long)cols, rs * (size_t)rows);
+                        layer, (long long)t->nbytes, (long long)rows, (long long)cols, rs * (size_t)stored);
     return ET_OK;
 }
 

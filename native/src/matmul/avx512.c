@@ -66,6 +66,12 @@
 #define ET_PF_BYTES 16384 /* GEMV prefetch distance for short rows, at least one 16-row tile */
 #define ET_CP_PF_BYTES 8192 /* GEMV tile copy: L2 prefetch distance ahead of the copy's loads */
 #define ET_PF_BLOCKS 8    /* GEMV prefetch distance for rows of a page or more, in blocks */
+#ifndef ET_X16_PF_BYTES
+#define ET_X16_PF_BYTES 32768
+#endif
+#ifndef ET_X16_PF_HINT
+#define ET_X16_PF_HINT _MM_HINT_T1
+#endif
 #define ET_GROUP_M 64   /* activation rows whose per-block terms are precomputed together (stack: 16 KiB) */
 
 /* ---- 4-byte dot products: acc[l] += sum_{i<4} u[4l+i] * s[4l+i], u unsigned, s signed ---- */
@@ -99,6 +105,8 @@ ET_INLINE int32_t load_i32(const void *p) {
 }
 
 enum { FMT_Q4_0, FMT_Q4_1, FMT_Q8_0 };
+
+ET_INLINE int fmt_type(int fmt) { return fmt == FMT_Q4_0 ? ET_TYPE_Q4_0 : fmt == FMT_Q4_1 ? ET_TYPE_Q4_1 : ET_TYPE_Q8_0; }
 
 ET_INLINE size_t block_bytes(int fmt) {
     return fmt == FMT_Q4_0 ? sizeof(block_q4_0) : fmt == FMT_Q4_1 ? sizeof(block_q4_1) : sizeof(block_q8_0);
@@ -185,8 +193,33 @@ ET_INLINE void pack_block(int fmt, const uint8_t *w, size_t ws, int nr, __m512i 
     pk->m = fmt == FMT_Q4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16))) : _mm512_setzero_ps();
 }
 
-/* blocks [b0, b0+nbs) of 16 rows */
-ET_INLINE void pack_tile(int fmt, const uint8_t *w, size_t ws, int nr, int64_t b0, int nbs, pk_block *pk) {
+/* block b of an x16 tile of nb blocks (core.h) -> pk: the quants are already transposed and the scales 16 to a
+ * vector, so this is loads, the nibble split and the fp16 conversion */
+ET_INLINE void pack_block_x16(int fmt, const uint8_t *tile, int64_t nb, int64_t b, pk_block *pk) {
+    const uint8_t *q = tile + (size_t)b * et_x16_qbytes(fmt_type(fmt));
+    const uint8_t *sc = tile + (size_t)nb * et_x16_qbytes(fmt_type(fmt)) + (size_t)b * et_x16_sbytes(fmt_type(fmt));
+    if (fmt == FMT_Q8_0) {
+        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        for (int t = 0; t < 8; t++) pk->q[t] = _mm512_xor_si512(_mm512_loadu_si512(q + 64 * t), flip);
+    } else {
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        for (int t = 0; t < 4; t++) {
+            const __m512i p = _mm512_loadu_si512(q + 64 * t);
+            pk->q[t] = _mm512_and_si512(p, m4);
+            pk->q[t + 4] = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+        }
+    }
+    pk->d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+    pk->m = fmt == FMT_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 32))) : _mm512_setzero_ps();
+}
+
+/* blocks [b0, b0+nbs) of 16 rows: GGUF rows ws bytes apart, or (x16) the tile at w */
+ET_INLINE void pack_tile(int fmt, int x16, const uint8_t *w, size_t ws, int nr, int64_t nb, int64_t b0, int nbs,
+                         pk_block *pk) {
+    if (x16) {
+        for (int b = 0; b < nbs; b++) pack_block_x16(fmt, w, nb, b0 + b, &pk[b]);
+        return;
+    }
     const __m512i rofs = tile_row_offsets(ws, nr);
     for (int b = 0; b < nbs; b++) pack_block(fmt, w, ws, nr, rofs, b0 + b, &pk[b]);
 }
@@ -320,6 +353,16 @@ ET_INLINE void amx_tile_cols(int fmt, const pk_block *pk, int nbs, int64_t nb, c
 /* ---- GEMV (m < ET_PACK_MIN_M): the packed kernel's arithmetic, each block of a 16-row tile packed in registers
  * and used at once, so nothing is stored and reloaded; weights stream from memory once ---- */
 
+/* acc[c] += block b of the packed 16 rows against activation row xc[c] */
+ET_INLINE void gemv_block(int fmt, int C, const pk_block *pk, const block_q8_s *const *xc, int64_t b, __m512 *acc) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; c++) {
+        const block_q8_s *xb = xc[c] + b;
+        acc[c] = scale_block(fmt, acc[c], block_dot(fmt, pk->q, xb, block_offset(fmt, xb)), pk->d, pk->m, xb->d,
+                             xb->d * (float)xb->sum);
+    }
+}
+
 ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws, int nr, const uint8_t *x, size_t xs,
                          float *y, size_t ldy, __mmask16 rmask) {
     const size_t bs = block_bytes(fmt);
@@ -342,12 +385,7 @@ ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws
             for (size_t o = 0; o < 16 * bs; o += 64) _mm_prefetch((const char *)(pf + (size_t)b * 16 * bs + o), _MM_HINT_T1);
         pk_block pk;
         pack_block(fmt, w, ws, nr, rofs, b, &pk);
-#pragma GCC unroll 4
-        for (int c = 0; c < C; c++) {
-            const block_q8_s *xb = xc[c] + b;
-            acc[c] = scale_block(fmt, acc[c], block_dot(fmt, pk.q, xb, block_offset(fmt, xb)), pk.d, pk.m, xb->d,
-                                 xb->d * (float)xb->sum);
-        }
+        gemv_block(fmt, C, &pk, xc, b, acc);
     }
     store_tile(C, y, ldy, rmask, 0, acc); /* a GEMV's few output lines are read next: keep them in the cache */
 }
@@ -375,12 +413,7 @@ ET_INLINE void gemv_tile_copy(int fmt, int C, int64_t nb, const uint8_t *buf, si
         }
         pk_block pk;
         pack_block(fmt, buf, ws, 16, rofs, b, &pk);
-#pragma GCC unroll 4
-        for (int c = 0; c < C; c++) {
-            const block_q8_s *xb = xc[c] + b;
-            acc[c] = scale_block(fmt, acc[c], block_dot(fmt, pk.q, xb, block_offset(fmt, xb)), pk.d, pk.m, xb->d,
-                                 xb->d * (float)xb->sum);
-        }
+        gemv_block(fmt, C, &pk, xc, b, acc);
     }
     store_tile(C, y, ldy, 0xFFFF, 0, acc);
 }
@@ -420,7 +453,44 @@ ET_INLINE void gemm_gemv(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_
     }
 }
 
-ET_INLINE void gemm_packed(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x, size_t xs,
+/* x16 tiles are contiguous: quants and scales are two forward streams, prefetched ET_X16_PF_BLOCKS ahead; every
+ * tile runs whole (missing rows are zeros) and stores its valid rows */
+ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, const uint8_t *x, size_t xs, float *y,
+                             size_t ldy, __mmask16 rmask) {
+    const size_t qb = et_x16_qbytes(fmt_type(fmt));
+    const block_q8_s *xc[ET_PACK_MIN_M];
+    __m512 acc[ET_PACK_MIN_M];
+    for (int c = 0; c < C; c++) xc[c] = (const block_q8_s *)(x + (size_t)c * xs), acc[c] = _mm512_setzero_ps();
+    /* the tiles are one forward stream: block b has used about b * (qb + sb) of it; fetch ET_X16_PF_BYTES ahead */
+    const size_t step = qb + et_x16_sbytes(fmt_type(fmt));
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *pf = tile + (size_t)b * step + ET_X16_PF_BYTES;
+        for (size_t o = 0; o < step; o += 64) _mm_prefetch((const char *)(pf + o), ET_X16_PF_HINT);
+        pk_block pk;
+        pack_block_x16(fmt, tile, nb, b, &pk);
+        gemv_block(fmt, C, &pk, xc, b, acc);
+    }
+    store_tile(C, y, ldy, rmask, 0, acc);
+}
+
+ET_INLINE void gemm_gemv_x16(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x, size_t xs,
+                             int64_t m, float *y, size_t ldy) {
+    const int64_t nb = k / ET_QK;
+    /* the stream's first ET_X16_PF_BYTES, which the prefetches inside the loop never cover, are requested at once */
+    const size_t total = (size_t)((n + ET_TILE_N - 1) / ET_TILE_N) * ET_TILE_N * ws;
+    for (size_t o = 0; o < total && o < ET_X16_PF_BYTES; o += 64) _mm_prefetch((const char *)(w + o), ET_X16_PF_HINT);
+    for (int64_t j = 0; j < n; j += ET_TILE_N) {
+        const __mmask16 rmask = n - j < ET_TILE_N ? (__mmask16)((1u << (n - j)) - 1) : 0xFFFF;
+        const uint8_t *tile = w + (size_t)j * ws;
+        switch (m) { /* constant C so the accumulators stay in registers */
+        case 1: gemv_tile_x16(fmt, 1, nb, tile, x, xs, y + j, ldy, rmask); break;
+        case 2: gemv_tile_x16(fmt, 2, nb, tile, x, xs, y + j, ldy, rmask); break;
+        default: gemv_tile_x16(fmt, 3, nb, tile, x, xs, y + j, ldy, rmask); break;
+        }
+    }
+}
+
+ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x, size_t xs,
                            int64_t m, float *y, size_t ldy) {
     const int64_t nb = k / ET_QK;
     _Alignas(64) pk_block pk[ET_SEG];
@@ -446,7 +516,7 @@ ET_INLINE void gemm_packed(int fmt, int64_t k, const uint8_t *w, size_t ws, int6
             for (int64_t j = 0; j < n; j += ET_TILE_N) {
                 const int nr = n - j < ET_TILE_N ? (int)(n - j) : ET_TILE_N;
                 const __mmask16 rmask = (__mmask16)((1u << nr) - 1);
-                pack_tile(fmt, w + (size_t)j * ws, ws, nr, b0, nbs, pk);
+                pack_tile(fmt, x16, w + (size_t)j * ws, ws, nr, nb, b0, nbs, pk);
                 int64_t i = ig;
 #define ET_TERMS off + (i - ig), (const float(*)[ET_SEG])ms + (i - ig)
 #if ET_AMX
@@ -476,18 +546,23 @@ ET_INLINE void gemm_packed(int fmt, int64_t k, const uint8_t *w, size_t ws, int6
     _mm_sfence(); /* order the streaming stores before the pool's completion flag */
 }
 
-#define ET_GEMM_BLOCKS(name, fmt)                                                                              \
+#define ET_GEMM_BLOCKS(name, fmt, x16)                                                                         \
     static void name(int64_t k, const void *w, size_t ws, int64_t n, const void *x, size_t xs, int64_t m,      \
                      float *y, size_t ldy) {                                                                  \
         if (m >= ET_PACK_MIN_M)                                                                               \
-            gemm_packed(fmt, k, (const uint8_t *)w, ws, n, (const uint8_t *)x, xs, m, y, ldy);                \
+            gemm_packed(fmt, x16, k, (const uint8_t *)w, ws, n, (const uint8_t *)x, xs, m, y, ldy);           \
+        else if (x16)                                                                                         \
+            gemm_gemv_x16(fmt, k, (const uint8_t *)w, ws, n, (const uint8_t *)x, xs, m, y, ldy);              \
         else                                                                                                  \
             gemm_gemv(fmt, k, (const uint8_t *)w, ws, n, (const uint8_t *)x, xs, m, y, ldy);                    \
     }
 
-ET_GEMM_BLOCKS(ET_KNAME(gemm_q4_0), FMT_Q4_0)
-ET_GEMM_BLOCKS(ET_KNAME(gemm_q4_1), FMT_Q4_1)
-ET_GEMM_BLOCKS(ET_KNAME(gemm_q8_0), FMT_Q8_0)
+ET_GEMM_BLOCKS(ET_KNAME(gemm_q4_0), FMT_Q4_0, 0)
+ET_GEMM_BLOCKS(ET_KNAME(gemm_q4_1), FMT_Q4_1, 0)
+ET_GEMM_BLOCKS(ET_KNAME(gemm_q8_0), FMT_Q8_0, 0)
+ET_GEMM_BLOCKS(ET_KNAME(gemm_q4_0_x16), FMT_Q4_0, 1)
+ET_GEMM_BLOCKS(ET_KNAME(gemm_q4_1_x16), FMT_Q4_1, 1)
+ET_GEMM_BLOCKS(ET_KNAME(gemm_q8_0_x16), FMT_Q8_0, 1)
 
 /* ---- activations: et_quantize_row_q8_s with the same float operations, 32 lanes at a time ---- */
 
@@ -578,6 +653,9 @@ const et_kernels et_kernels_avx512vnni = {
     .gemm_q8_0 = gemm_q8_0_avx512vnni,
     .gemm_f16 = gemm_f16_avx512vnni,
     .gemm_f32 = gemm_f32_avx512vnni,
+    .gemm_q4_0_x16 = gemm_q4_0_x16_avx512vnni,
+    .gemm_q4_1_x16 = gemm_q4_1_x16_avx512vnni,
+    .gemm_q8_0_x16 = gemm_q8_0_x16_avx512vnni,
 };
 #else
 const et_kernels et_kernels_avx512 = {
@@ -589,6 +667,9 @@ const et_kernels et_kernels_avx512 = {
     .gemm_q8_0 = gemm_q8_0_avx512,
     .gemm_f16 = gemm_f16_avx512,
     .gemm_f32 = gemm_f32_avx512,
+    .gemm_q4_0_x16 = gemm_q4_0_x16_avx512,
+    .gemm_q4_1_x16 = gemm_q4_1_x16_avx512,
+    .gemm_q8_0_x16 = gemm_q8_0_x16_avx512,
 };
 #endif
 

@@ -7,7 +7,8 @@
 #include "../core.h"
 
 #define ET_MIN_PARALLEL_MACS 32768.0 /* below this a thread-pool dispatch costs more than it saves */
-#define ET_ROW_TILE 16 /* chunks of weight rows are multiples of this: every kernel's row tile divides it */
+#define ET_ROW_TILE 16 /* chunks of weight rows are multiples of this: every kernel's row tile divides it, and an
+                        * x16 chunk starts on a tile */
 
 typedef struct {
     et_gemm_fn fn;
@@ -19,15 +20,17 @@ typedef struct {
     float *y;
     size_t ldy;
     int64_t chunk;
-    atomic_llong next; /* next unclaimed weight row */
+    int more;          /* chunks beyond the first nth */
+    atomic_llong next; /* next unclaimed weight row past them */
 } matmul_job;
 
 static void matmul_task(void *arg, int ith, int nth) {
-    (void)ith;
-    (void)nth;
     matmul_job *job = arg;
-    for (;;) {
-        const int64_t r0 = atomic_fetch_add(&job->next, job->chunk);
+    for (int first = 1;; first = 0) {
+        /* the pool's share ith is chunk ith (no shared counter to bounce between cores for a GEMV's one chunk per
+         * thread); chunks past nth are claimed by whoever is free */
+        if (!first && !job->more) break;
+        const int64_t r0 = first ? (int64_t)ith * job->chunk : atomic_fetch_add(&job->next, job->chunk);
         if (r0 >= job->n) break;
         const int64_t rows = job->n - r0 < job->chunk ? job->n - r0 : job->chunk;
         job->fn(job->k, job->w + (size_t)r0 * job->ws, job->ws, rows, job->x, job->xs, job->m, job->y + r0,
@@ -95,7 +98,9 @@ int64_t et_quantize_rows_q8_s(const float *x, int64_t m, int64_t k, block_q8_s *
     return et_quantize_rows_q8_s_ex(x, m, k, (size_t)k, k, y, nthreads);
 }
 
-static int is_block_type(int t) { return t == ET_TYPE_Q4_0 || t == ET_TYPE_Q4_1 || t == ET_TYPE_Q8_0; }
+static int is_block_type(int t) {
+    return t == ET_TYPE_Q4_0 || t == ET_TYPE_Q4_1 || t == ET_TYPE_Q8_0 || et_x16_base(t) >= 0;
+}
 
 size_t et_matmul_scratch_size(int wtype, int64_t m, int64_t k) {
     if (!is_block_type(wtype) || m <= 0 || k <= 0 || k % ET_QK) return 0;
@@ -103,12 +108,17 @@ size_t et_matmul_scratch_size(int wtype, int64_t m, int64_t k) {
 }
 
 static et_gemm_fn pick(const et_kernels *kt, int t) {
+    /* a table without its own x16 kernels runs the layout on the reference's (et_repack_native says so) */
+    const et_kernels *kx = kt->gemm_q4_0_x16 ? kt : &et_kernels_ref;
     switch (t) {
     case ET_TYPE_Q4_0: return kt->gemm_q4_0;
     case ET_TYPE_Q4_1: return kt->gemm_q4_1;
     case ET_TYPE_Q8_0: return kt->gemm_q8_0;
     case ET_TYPE_F16: return kt->gemm_f16;
     case ET_TYPE_F32: return kt->gemm_f32;
+    case ET_TYPE_Q4_0_X16: return kx->gemm_q4_0_x16;
+    case ET_TYPE_Q4_1_X16: return kx->gemm_q4_1_x16;
+    case ET_TYPE_Q8_0_X16: return kx->gemm_q8_0_x16;
     default: return NULL;
     }
 }
@@ -171,7 +181,7 @@ int et_gemm_prepared(int wtype, const void *w, int64_t n, int64_t k, const void 
     if ((double)n * (double)k * (double)m < ET_MIN_PARALLEL_MACS) nth = 1;
 
     matmul_job job = {.fn = fn, .k = k, .n = n, .m = m, .w = w, .ws = ws, .x = xa, .xs = xs, .y = y, .ldy = ldy,
-                      .chunk = chunk};
-    atomic_init(&job.next, 0);
+                      .chunk = chunk, .more = (int64_t)nth * chunk < n};
+    atomic_init(&job.next, (int64_t)nth * chunk);
     return et_parallel(matmul_task, &job, nth);
 }

@@ -132,7 +132,8 @@ size_t et_row_size(int type, int64_t k) {
     case ET_TYPE_Q4_0: return k % ET_QK ? 0 : (size_t)(k / ET_QK) * sizeof(block_q4_0);
     case ET_TYPE_Q4_1: return k % ET_QK ? 0 : (size_t)(k / ET_QK) * sizeof(block_q4_1);
     case ET_TYPE_Q8_0: return k % ET_QK ? 0 : (size_t)(k / ET_QK) * sizeof(block_q8_0);
-    default: return 0;
+    default: /* x16 types: a tile's bytes per row, so rows r0 = 16t start tile t at r0 * row size */
+        return et_x16_base(type) < 0 || k % ET_QK ? 0 : et_x16_tile_bytes(et_x16_base(type), k / ET_QK) / 16;
     }
 }
 

@@ -1,0 +1,78 @@
+/* matmul/repack.c — GGUF block rows -> the x16 layout (core.h, docs/formats.md), and back one block at a time
+ * for the reference kernel. Repacking moves bytes only: every d, m and quant keeps its value, so a product on the
+ * repacked weights is the product on the GGUF rows.
+ */
+#include "../core.h"
+
+static size_t block_bytes(int base) {
+    return base == ET_TYPE_Q4_0 ? sizeof(block_q4_0) : base == ET_TYPE_Q4_1 ? sizeof(block_q4_1) : sizeof(block_q8_0);
+}
+
+static int repackable(int type) { return type == ET_TYPE_Q4_0 || type == ET_TYPE_Q4_1 || type == ET_TYPE_Q8_0; }
+
+size_t et_repack_size(int type, int64_t n, int64_t k) {
+    if (!repackable(type) || n <= 0 || k <= 0 || k % ET_QK) return 0;
+    const size_t tile = et_x16_tile_bytes(type, k / ET_QK), tiles = (size_t)((n + 15) / 16);
+    if (tile > SIZE_MAX / tiles) return 0; /* more bytes than an address space holds */
+    return tiles * tile;
+}
+
+int et_repack(int type, const void *w, int64_t n, int64_t k, void *out, size_t out_size) {
+    const size_t need = et_repack_size(type, n, k);
+    if (need == 0)
+        return et_error(ET_ERR_INVALID, "cannot repack type %d of shape (%lld, %lld): q4_0, q4_1 or q8_0 rows of k %% 32 "
+                        "== 0 values", type, (long long)n, (long long)k);
+    if (!w || !out) return et_error(ET_ERR_INVALID, "et_repack got a NULL buffer");
+    if (out_size < need)
+        return et_error(ET_ERR_INVALID, "repack output of %zu bytes is too small: need %zu", out_size, need);
+    const int64_t nb = k / ET_QK;
+    const size_t rs = et_row_size(type, k), bs = block_bytes(type), tile_bytes = et_x16_tile_bytes(type, nb);
+    const size_t qb = et_x16_qbytes(type), sb = et_x16_sbytes(type), used = (size_t)nb * (qb + sb);
+    const uint8_t *src = w;
+    for (int64_t t = 0; t < (n + 15) / 16; t++) {
+        uint8_t *tile = (uint8_t *)out + (size_t)t * tile_bytes;
+        const int rows = n - 16 * t < 16 ? (int)(n - 16 * t) : 16;
+        if (rows < 16) memset(tile, 0, used); /* missing rows: zero quants and scales */
+        memset(tile + used, 0, tile_bytes - used);
+        for (int r = 0; r < rows; r++) {
+            const uint8_t *row = src + (size_t)(16 * t + r) * rs;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = row + (size_t)b * bs;
+                uint8_t *q = tile + (size_t)b * qb, *s = tile + (size_t)nb * qb + (size_t)b * sb;
+                memcpy(s + 2 * r, blk, 2);
+                if (type == ET_TYPE_Q4_1) memcpy(s + 32 + 2 * r, blk + 2, 2);
+                for (size_t v = 0; v < et_block_qs_bytes(type) / 4; v++)
+                    memcpy(q + 64 * v + 4 * r, blk + et_block_qs_at(type) + 4 * v, 4);
+            }
+        }
+    }
+    return ET_OK;
+}
+
+int et_unrepack(int type, const void *packed, int64_t n, int64_t k, void *out, size_t out_size) {
+    const size_t size = et_repack_size(type, n, k);
+    if (size == 0)
+        return et_error(ET_ERR_INVALID, "cannot unpack type %d of shape (%lld, %lld): q4_0, q4_1 or q8_0 rows of k %% 32 "
+                        "== 0 values", type, (long long)n, (long long)k);
+    if (!packed || !out) return et_error(ET_ERR_INVALID, "et_unrepack got a NULL buffer");
+    const size_t rs = et_row_size(type, k), bs = block_bytes(type);
+    if (out_size / rs < (size_t)n)
+        return et_error(ET_ERR_INVALID, "unpack output of %zu bytes is too small: need %zu", out_size, (size_t)n * rs);
+    const int64_t nb = k / ET_QK;
+    const size_t tile_bytes = et_x16_tile_bytes(type, nb);
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t b = 0; b < nb; b++)
+            et_x16_get_block(type, (const uint8_t *)packed + (size_t)(j / 16) * tile_bytes, nb, (int)(j % 16), b,
+                             (uint8_t *)out + (size_t)j * rs + (size_t)b * bs);
+    return ET_OK;
+}
+
+int et_repack_native(int type) {
+    const et_kernels *kt = et_active_kernels();
+    const int base = repackable(type) ? type : et_x16_base(type);
+    const et_gemm_fn fn = base == ET_TYPE_Q4_0   ? kt->gemm_q4_0_x16
+                          : base == ET_TYPE_Q4_1 ? kt->gemm_q4_1_x16
+                          : base == ET_TYPE_Q8_0 ? kt->gemm_q8_0_x16
+                                                 : NULL;
+    return fn != NULL && kt != &et_kernels_ref;
+}
