@@ -8,6 +8,9 @@ embedding). For each, at 1 and 2 threads:
   - GEMV (M=1), q4_0 / q4_1 / q8_0: edgert rotates through >= 1 GiB of distinct weight matrices, so every call
     streams its weights from DRAM (this machine's L3 is hundreds of MB). Reported as GB/s of weight bytes and as %
     of the streaming-read bandwidth (lib.et_stream_read) measured in the same run.
+  - "x16" rows: the same matrices repacked (edgert.repack) where the ISA reads that layout with its own kernels.
+  - GEMV M=1 L3: rotating through 32 MiB, which this machine's L3 holds, as a small model's decode does: x16
+    against the GGUF rows (the ratio column).
   - GEMM (M=64), GOP/s = 2*M*N*K / s, cache-resident weights (the kernel is compute bound); also "int8": per-tensor
     int8 weights through edgert.quant.BoundDynamicInt8, which computes MatMulInteger's chain exactly (the
     activations quantized per tensor as DynamicQuantizeLinear does, int32 sums, float out).
@@ -38,6 +41,7 @@ FORMATS = ["q4_0", "q4_1", "q8_0"]
 THREADS = [1, 2]
 GEMM_M = 64
 GIB = 1 << 30
+L3_ROTATION = 32 << 20  # distinct matrices a large L3 holds (this machine's is hundreds of MB)
 PEER_OP = {"q4_0": "MatMulNBits", "q4_1": "MatMulNBits", "q8_0": "MatMulInteger", "int8": "MatMulInteger"}
 GEMM_FORMATS = ("q4_0", "q4_1", "q8_0", "int8")  # int8: per-tensor int8 weights, MatMulInteger's own arithmetic
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
@@ -98,11 +102,19 @@ def edgert_gemv(mats: list[eq.QTensor], threads: int, passes: int) -> float:
     return best_time(run, passes) / len(mats)
 
 
+def _layouts(fmt: str, mats: list) -> list[tuple[str, list]]:
+    """(label, matrices) to time: the GGUF rows, and their x16 repacking (edgert.repack) where the ISA reads it with
+    its own kernels."""
+    if fmt not in FORMATS or not eq.repack_pays(fmt):
+        return [(fmt, mats)]
+    return [(fmt, mats), (f"{fmt} x16", [eq.repack(w) for w in mats])]
+
+
 def edgert_gemm(w, m: int, threads: int, reps: int) -> float:
     """QTensor: the block-format product (BoundMatMul); Int8Weights: onnxruntime's dynamic int8 arithmetic
     (BoundDynamicInt8: per-tensor DynamicQuantizeLinear of x in C, int32 sums, float out)."""
     x = np.random.default_rng(2).standard_normal((m, w.shape[1])).astype(np.float32)
-    b = eq.BoundMatMul(w, m, threads=threads) if isinstance(w, eq.QTensor) else eq.BoundDynamicInt8(w, m, threads)
+    b = eq.BoundDynamicInt8(w, m, threads) if isinstance(w, eq.Int8Weights) else eq.BoundMatMul(w, m, threads=threads)
     return best_time(lambda: b(x), reps)
 
 
@@ -299,51 +311,67 @@ def main(argv=None) -> int:
     for n, k in SHAPES:
         np_t = {t: None for t in THREADS}
         for fmt in FORMATS:
-            mats = pool.matrices(fmt, (n, k), min_rotation)
-            wbytes = mats[0].nbytes
+            for label, mats in _layouts(fmt, pool.matrices(fmt, (n, k), min_rotation)):
+                wbytes = mats[0].nbytes
+                for t in THREADS:
+                    et = edgert_gemv(mats, t, 2 if quick else 3)
+                    gbs = wbytes / et / 1e9
+                    op = PEER_OP[fmt]
+                    key = (op, n, k, t)
+                    if ort and key not in peer_cache:
+                        # the peer rotates through as many weight bytes as edgert does (>= 64 MiB per session)
+                        one = ort_weight_bytes(op, n, k)
+                        chain = max(16, -(-(64 << 20) // one))
+                        n_sess = max(1, -(-min_rotation // (one * chain)))
+                        sessions = [ort_session(ort, op, n, k, chain, t, seed=10 + i) for i in range(n_sess)]
+                        peer_cache[key] = (ort_time(sessions, 1, k, 2 if quick else 3, chain), "dram")
+                        del sessions
+                    pt, where = peer_cache.get(key, (None, ""))
+                    if np_t[t] is None and not quick:
+                        np_t[t] = numpy_time(n, k, 1, 20, t, blas_threads)
+                    rows.append(["GEMV M=1", f"{n}x{k}", label, str(t), fmt_us(et), f"{gbs:.1f} GB/s",
+                                 f"{100 * gbs / stream[t]:.0f}%", f"{op} ({where})" if pt else "-", fmt_us(pt),
+                                 fmt_ratio(pt, et), fmt_us(np_t[t]), fmt_ratio(np_t[t], et)])
+                del mats
+
+    # GEMV on weights a large L3 holds (a small model's decode on this machine): x16 against the GGUF rows
+    for n, k in SHAPES[:3]:
+        for fmt in FORMATS:
+            layouts = _layouts(fmt, pool.matrices(fmt, (n, k), L3_ROTATION))
             for t in THREADS:
-                et = edgert_gemv(mats, t, 2 if quick else 3)
-                gbs = wbytes / et / 1e9
-                op = PEER_OP[fmt]
-                key = (op, n, k, t)
-                if ort and key not in peer_cache:
-                    # the peer rotates through as many weight bytes as edgert does (>= 64 MiB per session)
-                    one = ort_weight_bytes(op, n, k)
-                    chain = max(16, -(-(64 << 20) // one))
-                    n_sess = max(1, -(-min_rotation // (one * chain)))
-                    sessions = [ort_session(ort, op, n, k, chain, t, seed=10 + i) for i in range(n_sess)]
-                    peer_cache[key] = (ort_time(sessions, 1, k, 2 if quick else 3, chain), "dram")
-                    del sessions
-                pt, where = peer_cache.get(key, (None, ""))
-                if np_t[t] is None and not quick:
-                    np_t[t] = numpy_time(n, k, 1, 20, t, blas_threads)
-                rows.append(["GEMV M=1", f"{n}x{k}", fmt, str(t), fmt_us(et), f"{gbs:.1f} GB/s",
-                             f"{100 * gbs / stream[t]:.0f}%", f"{op} ({where})" if pt else "-", fmt_us(pt),
-                             fmt_ratio(pt, et), fmt_us(np_t[t]), fmt_ratio(np_t[t], et)])
-            del mats
+                base = None
+                for label, mats in layouts:
+                    et = edgert_gemv(mats, t, 5 if quick else 10)
+                    peer = (base is not None) and ("GGUF rows", fmt_us(base), fmt_ratio(base, et))
+                    rows.append(["GEMV M=1 L3", f"{n}x{k}", label, str(t), fmt_us(et),
+                                 f"{mats[0].nbytes / et / 1e9:.1f} GB/s", "-", *(peer or ("-", "-", "-")), "-", "-"])
+                    base = et if base is None else base
+            del layouts
 
     # GEMM
     for n, k in SHAPES:
         np_t = {}
         for fmt in GEMM_FORMATS:
             if fmt == "int8":
-                w = eq.Int8Weights(rng.integers(-128, 128, (n, k)).astype(np.int8), scale=0.01)
+                layouts = [(fmt, eq.Int8Weights(rng.integers(-128, 128, (n, k)).astype(np.int8), scale=0.01))]
             else:
                 w = eq.QTensor.from_raw(fmt, (n, k), pool.matrices(fmt, (n, k), 1)[0].raw.copy())
-            for t in THREADS:
-                et = edgert_gemm(w, GEMM_M, t, 3 if quick else 6)
-                ops = 2.0 * GEMM_M * n * k
-                op = PEER_OP[fmt]
-                key = ("gemm", op, n, k, t)
-                if ort and key not in peer_cache:
-                    s = [ort_session(ort, op, n, k, 1, t, seed=20)]
-                    peer_cache[key] = ort_time(s, GEMM_M, k, 3 if quick else 6, 1)
-                pt = peer_cache.get(key)
-                if t not in np_t:
-                    np_t[t] = numpy_time(n, k, GEMM_M, 3 if quick else 6, t, blas_threads)
-                rows.append(["GEMM M=64", f"{n}x{k}", fmt, str(t), fmt_us(et), f"{ops / et / 1e9:.0f} GOP/s", "-",
-                             f"{op} (warm)" if pt else "-", fmt_us(pt), fmt_ratio(pt, et), fmt_us(np_t[t]),
-                             fmt_ratio(np_t[t], et)])
+                layouts = [(label, ws[0]) for label, ws in _layouts(fmt, [w])]
+            for label, w in layouts:
+                for t in THREADS:
+                    et = edgert_gemm(w, GEMM_M, t, 3 if quick else 6)
+                    ops = 2.0 * GEMM_M * n * k
+                    op = PEER_OP[fmt]
+                    key = ("gemm", op, n, k, t)
+                    if ort and key not in peer_cache:
+                        s = [ort_session(ort, op, n, k, 1, t, seed=20)]
+                        peer_cache[key] = ort_time(s, GEMM_M, k, 3 if quick else 6, 1)
+                    pt = peer_cache.get(key)
+                    if t not in np_t:
+                        np_t[t] = numpy_time(n, k, GEMM_M, 3 if quick else 6, t, blas_threads)
+                    rows.append(["GEMM M=64", f"{n}x{k}", label, str(t), fmt_us(et), f"{ops / et / 1e9:.0f} GOP/s",
+                                 "-", f"{op} (warm)" if pt else "-", fmt_us(pt), fmt_ratio(pt, et), fmt_us(np_t[t]),
+                                 fmt_ratio(np_t[t], et)])
     notes.append(
         f"numpy f32: x @ w.T on cached weights, BLAS threads {'set per row' if blas_threads else 'NOT set (BLAS default)'}. "
         f"edgert us include the Python call of edgert.BoundMatMul (~1-2 us). "
