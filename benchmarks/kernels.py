@@ -104,10 +104,12 @@ def edgert_gemv(mats: list[eq.QTensor], threads: int, passes: int) -> float:
 
 def _layouts(fmt: str, mats: list) -> list[tuple[str, list]]:
     """(label, matrices) to time: the GGUF rows, and their x16 repacking (edgert.repack) where the ISA reads it with
-    its own kernels."""
+    its own kernels, into one arena as the LLM loader does (a large allocation gets huge pages, as the pool has)."""
     if fmt not in FORMATS or not eq.repack_pays(fmt):
         return [(fmt, mats)]
-    return [(fmt, mats), (f"{fmt} x16", [eq.repack(w) for w in mats])]
+    size = eq.repack_size(mats[0])
+    arena = eq.aligned_empty(size * len(mats))
+    return [(fmt, mats), (f"{fmt} x16", [eq.repack(w, arena[i * size:]) for i, w in enumerate(mats)])]
 
 
 def edgert_gemm(w, m: int, threads: int, reps: int) -> float:

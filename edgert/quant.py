@@ -35,7 +35,7 @@ def row_bytes(fmt: str, k: int) -> int:
     return n
 
 
-def _aligned(nbytes: int, dtype=np.uint8) -> np.ndarray:
+def aligned_empty(nbytes: int, dtype=np.uint8) -> np.ndarray:
     """An uninitialised buffer of ``nbytes`` starting on a 64-byte boundary (whole output rows then leave the
     kernels as whole cache lines; the fc_s8 plan needs it)."""
     raw = np.empty(nbytes + 64, np.uint8)
@@ -143,15 +143,30 @@ def repack_pays(fmt: str) -> bool:
     return fmt in BLOCK_FORMATS and bool(lib.et_repack_native(FORMATS[fmt]))
 
 
-def repack(w: QTensor) -> PackedQTensor:
-    """``w`` (q4_0, q4_1 or q8_0) in the x16 layout: a new 64-byte aligned buffer about ``w.nbytes`` long."""
+def repack_size(w: QTensor) -> int:
+    """Bytes ``repack(w)`` takes: ``ceil(N/16)`` tiles of 16 rows, each a multiple of 64 bytes."""
     if not isinstance(w, QTensor):
         raise DTypeError(f"w must be an edgert.QTensor, got {type(w).__name__}")
     if w.fmt not in BLOCK_FORMATS:
         raise InvalidArgumentError(f"only block formats ({', '.join(BLOCK_FORMATS)}) repack, got {w.fmt}")
+    return int(lib.et_repack_size(w.type_id, *w.shape))
+
+
+def repack(w: QTensor, out: np.ndarray | None = None) -> PackedQTensor:
+    """``w`` (q4_0, q4_1 or q8_0) in the x16 layout, in a new 64-byte aligned buffer about ``w.nbytes`` long, or
+    in ``out[:repack_size(w)]`` (uint8, C-contiguous, writeable). A loader repacking many matrices does better with
+    one arena for all of them (consecutive slices stay 64-byte aligned): one large allocation gets huge pages, which
+    spares the streaming kernels a TLB miss every 4 KiB."""
+    size = repack_size(w)
     n, k = w.shape
-    size = int(lib.et_repack_size(w.type_id, n, k))
-    raw = _aligned(size)
+    if out is None:
+        raw = aligned_empty(size)
+    else:
+        if (type(out) is not np.ndarray or out.dtype != np.uint8 or out.ndim != 1 or not out.flags.c_contiguous
+                or not out.flags.writeable or out.nbytes < size):
+            raise InvalidArgumentError(f"out must be a writeable C-contiguous 1-D uint8 array of at least {size} bytes, "
+                                       f"got {getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
+        raw = out[:size]
     native.check(lib.et_repack(w.type_id, native.ptr(w.raw), n, k, native.ptr(raw), size))
     return PackedQTensor(w.fmt, (n, k), raw)
 
@@ -212,7 +227,7 @@ def matmul(x: np.ndarray, w: QTensor | PackedQTensor, threads: int | None = None
         raise ShapeError(f"x must have at least one row, got shape {x.shape}")
     nth = _threads(threads)
     if out is None:  # 64-byte aligned: full output rows leave the kernels as whole cache lines (streaming stores)
-        y = _aligned(m * n * 4, np.float32).reshape(m, n)
+        y = aligned_empty(m * n * 4, np.float32).reshape(m, n)
     else:  # any alignment works: the kernels stream only to 64-byte aligned rows
         want = (n,) if squeeze else (m, n)
         if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != want \
@@ -276,7 +291,7 @@ class BoundMatMul:
         if not isinstance(kx, int) or not 1 <= kx <= k or (kx != k and w.fmt in ("f16", "f32")):
             raise ShapeError(f"kx={kx!r} must be in [1, K={k}] ({w.fmt} weights: exactly K)")
         self.w, self.kx, self.threads = w, kx, threads
-        self.out = _aligned(m * n * 4, np.float32).reshape(m, n)
+        self.out = aligned_empty(m * n * 4, np.float32).reshape(m, n)
         self._ss = lib.et_matmul_scratch_size(w.type_id, m, k)
         self._scratch = np.empty(max(self._ss, 1), dtype=np.uint8)
         self._pw, self._py, self._ps = native.ptr(w.raw), native.ptr(self.out, "float *"), native.ptr(self._scratch)
@@ -388,7 +403,7 @@ def _plan_buffer(nbytes: int) -> np.ndarray:
     (physically indexed) L2 changes from one allocation to the next: a 1 MiB layer that stays in a 2 MiB L2 ran
     7.0-8.3 us over eight allocations, and one TLB entry covers 2 MiB instead of 4 KiB."""
     if nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return _aligned(nbytes)
+        return aligned_empty(nbytes)
     size = -(-nbytes // _HUGE) * _HUGE
     mm = mmap.mmap(-1, size + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: THP applies
     raw = np.frombuffer(mm, np.uint8)
@@ -461,7 +476,7 @@ class BoundDynamicInt8:
         self._ss = int(lib.et_fc_s8_dyn_scratch_size(w.p_plan, m))
         if self._ss == 0:
             raise ShapeError(f"m={m} rows of K={w.shape[1]} are too many for the C core")
-        self._scratch = _aligned(self._ss)  # the activations' codes and per-call row constants, kept between calls
+        self._scratch = aligned_empty(self._ss)  # the activations' codes and per-call row constants, kept between calls
         self._ps = native.ptr(self._scratch)
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -447,3 +447,21 @@ def test_repack_rejects_what_it_cannot_hold():
         edgert.matmul(np.zeros((1, 32), np.float32), p)
     with pytest.raises(edgert.InvalidArgumentError, match="finite"):
         edgert.matmul(np.full((1, 64), np.nan, np.float32), p)
+
+
+def test_repack_into_an_arena():
+    """repack(w, out) writes into the caller's buffer (a loader's one arena for many matrices) and checks it."""
+    rng = rng_for("x16-arena")
+    ws = [edgert.quantize(rng.standard_normal((n, 64)).astype(np.float32), "q4_1") for n in (17, 32)]
+    sizes = [edgert.quant.repack_size(w) for w in ws]
+    arena = edgert.quant.aligned_empty(sum(sizes) + 10)
+    packed = [edgert.repack(ws[0], arena), edgert.repack(ws[1], arena[sizes[0]:])]
+    assert packed[1].raw.ctypes.data == arena.ctypes.data + sizes[0] and packed[1].raw.ctypes.data % 64 == 0
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    for w, p in zip(ws, packed):
+        np.testing.assert_array_equal(p.unpack().raw, w.raw)
+        if edgert.repack_pays("q4_1"):
+            np.testing.assert_array_equal(edgert.matmul(x, p), edgert.matmul(x, w))
+    for bad in (arena[: sizes[0] - 1], arena.view(np.int8), np.zeros((2, sizes[0]), np.uint8), bytearray(sizes[0])):
+        with pytest.raises(edgert.InvalidArgumentError, match="out must be"):
+            edgert.repack(ws[0], bad)

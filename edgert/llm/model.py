@@ -18,7 +18,7 @@ from .. import native
 from ..errors import InvalidArgumentError, ModelFormatError
 from ..formats.gguf import GGUFFile, open_gguf
 from ..native import ffi, lib
-from ..quant import FORMAT_BY_ID, QTensor, repack, repack_pays
+from ..quant import FORMAT_BY_ID, QTensor, aligned_empty, repack, repack_pays, repack_size
 from .spec import LlamaSpec, llama_spec
 
 DEFAULT_N_BATCH = 64  # tokens per prefill pass: large enough for the GEMM path, small enough for L2-resident activations
@@ -70,14 +70,20 @@ class LlamaModel:
         )
         tensors = ffi.new("et_tensor[]", len(self.spec.tensors))
         self._views = []  # the mmap views and repacked copies the C side points into: kept alive with the model
-        packed = {}  # tensor name -> its repacked copy (a tied output head shares the embedding's name)
+        # tensor name -> its GGUF blocks, for the matrices repacked (a tied output head shares the embedding's name)
+        to_pack = {info.name: QTensor.from_raw(FORMAT_BY_ID[info.type_id], info.shape[::-1],
+                                               self.gguf.tensor_bytes(info.name))
+                   for role, info in self.spec.tensors if role != "token_embd" and self._repacks(info.type_id)}
+        # one arena for all of them: a large allocation gets huge pages (one TLB entry per 2 MiB of weights)
+        arena = aligned_empty(sum(repack_size(w) for w in to_pack.values()))
+        packed, at = {}, 0
+        for name, w in to_pack.items():
+            packed[name] = repack(w, arena[at:]).raw
+            at += packed[name].nbytes
+            self.gguf.release(name)  # the copy replaces these pages; a tied embedding's rows come back as used
         for i, (role, info) in enumerate(self.spec.tensors):
             view, type_id = self.gguf.tensor_bytes(info.name), info.type_id
-            if role != "token_embd" and self._repacks(info.type_id):
-                if info.name not in packed:
-                    packed[info.name] = repack(QTensor.from_raw(FORMAT_BY_ID[info.type_id], info.shape[::-1], view)).raw
-                    # the copy replaces these pages; a tied embedding's rows are read again one by one, as used
-                    self.gguf.release(info.name)
+            if role != "token_embd" and info.name in packed:
                 view, type_id = packed[info.name], info.type_id | lib.ET_TYPE_X16
             self._views.append(view)
             tensors[i].data = ffi.cast("void *", view.ctypes.data)
