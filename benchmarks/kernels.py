@@ -7,7 +7,9 @@ Shapes are (N, K) weight matrices: 576x1536, 1536x576, 4096x4096, 49152x576 (sma
 embedding). For each, at 1 and 2 threads:
   - GEMV (M=1), q4_0 / q4_1 / q8_0: edgert rotates through >= 1 GiB of distinct weight matrices, so every call
     streams its weights from DRAM (this machine's L3 is hundreds of MB). Reported as GB/s of weight bytes and as %
-    of the streaming-read bandwidth (lib.et_stream_read) measured in the same run.
+    of the streaming-read bandwidth (lib.et_stream_read) measured in the same run: "% stream" through one
+    edgert.BoundMatMul per matrix (a Python run loop), "C call" through et_matmul_ex straight (as the LLM's C forward
+    pass calls the kernels: no per-call checks, one output buffer).
   - "x16" rows: the same matrices repacked (edgert.repack) where the ISA reads that layout with its own kernels.
   - GEMV M=1 L3: rotating through 32 MiB, which this machine's L3 holds, as a small model's decode does: x16
     against the GGUF rows (the ratio column).
@@ -90,14 +92,34 @@ def stream_bandwidth(buf: np.ndarray, threads: int, reps: int) -> float:
     return buf.nbytes / t / 1e9
 
 
-def edgert_gemv(mats: list[eq.QTensor], threads: int, passes: int) -> float:
-    """seconds per call, best pass over all matrices"""
+def edgert_gemv(mats: list, threads: int, passes: int) -> float:
+    """seconds per call, best pass over all matrices, each through its own edgert.BoundMatMul (how a Python run loop
+    calls it: buffers kept per product, x checked per call)"""
     x = np.random.default_rng(1).standard_normal((1, mats[0].shape[1])).astype(np.float32)
-    bound = [eq.BoundMatMul(w, 1, threads=threads) for w in mats]  # how a run loop calls it: buffers kept
+    bound = [eq.BoundMatMul(w, 1, threads=threads) for w in mats]
 
     def run():
         for b in bound:
             b(x)
+
+    return best_time(run, passes) / len(mats)
+
+
+def edgert_gemv_c(mats: list, threads: int, passes: int) -> float:
+    """the same rotation as one C call per matrix (et_matmul_ex, pointers made beforehand, one output and scratch),
+    as the LLM's forward pass in C calls its kernels: the kernel without BoundMatMul's checks and per-product buffers,
+    which the rotation leaves cold"""
+    n, k = mats[0].shape
+    x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
+    y = eq.aligned_empty(4 * n, np.float32)
+    ss = int(lib.et_matmul_scratch_size(mats[0].type_id, 1, k))
+    scratch = eq.aligned_empty(max(ss, 1))
+    px, py, ps = native.ptr(x, "float *"), native.ptr(y, "float *"), native.ptr(scratch)
+    ptrs, tid, f = [native.ptr(w.raw) for w in mats], mats[0].type_id, lib.et_matmul_ex
+
+    def run():
+        for pw in ptrs:
+            f(px, 1, k, k, tid, pw, n, k, py, n, ps, ss, threads)
 
     return best_time(run, passes) / len(mats)
 
@@ -301,12 +323,12 @@ def main(argv=None) -> int:
     pool = WeightPool(pool_bytes, rng)
     stream = {t: stream_bandwidth(pool.buf, t, 3 if quick else 5) for t in THREADS}
 
-    cols = ["op", "shape", "fmt", "T", "edgert us", "edgert rate", "% stream", "peer", "peer us", "ratio",
+    cols = ["op", "shape", "fmt", "T", "edgert us", "edgert rate", "% stream", "C call", "peer", "peer us", "ratio",
             "numpy f32 us", "ratio np"]
     rows = []
     for t in THREADS:
         rows.append(["stream", f"{min_rotation / GIB:.2f} GiB", "-", str(t), "-", f"{stream[t]:.1f} GB/s", "100%",
-                     "-", "-", "-", "-", "-"])
+                     "100%", "-", "-", "-", "-", "-"])
 
     # GEMV
     peer_cache = {}
@@ -317,6 +339,7 @@ def main(argv=None) -> int:
                 wbytes = mats[0].nbytes
                 for t in THREADS:
                     et = edgert_gemv(mats, t, 2 if quick else 3)
+                    ec = edgert_gemv_c(mats, t, 2 if quick else 3)
                     gbs = wbytes / et / 1e9
                     op = PEER_OP[fmt]
                     key = (op, n, k, t)
@@ -332,7 +355,8 @@ def main(argv=None) -> int:
                     if np_t[t] is None and not quick:
                         np_t[t] = numpy_time(n, k, 1, 20, t, blas_threads)
                     rows.append(["GEMV M=1", f"{n}x{k}", label, str(t), fmt_us(et), f"{gbs:.1f} GB/s",
-                                 f"{100 * gbs / stream[t]:.0f}%", f"{op} ({where})" if pt else "-", fmt_us(pt),
+                                 f"{100 * gbs / stream[t]:.0f}%", f"{100 * wbytes / ec / 1e9 / stream[t]:.0f}%",
+                                 f"{op} ({where})" if pt else "-", fmt_us(pt),
                                  fmt_ratio(pt, et), fmt_us(np_t[t]), fmt_ratio(np_t[t], et)])
                 del mats
 
@@ -346,7 +370,7 @@ def main(argv=None) -> int:
                     et = edgert_gemv(mats, t, 5 if quick else 10)
                     peer = (base is not None) and ("GGUF rows", fmt_us(base), fmt_ratio(base, et))
                     rows.append(["GEMV M=1 L3", f"{n}x{k}", label, str(t), fmt_us(et),
-                                 f"{mats[0].nbytes / et / 1e9:.1f} GB/s", "-", *(peer or ("-", "-", "-")), "-", "-"])
+                                 f"{mats[0].nbytes / et / 1e9:.1f} GB/s", "-", "-", *(peer or ("-", "-", "-")), "-", "-"])
                     base = et if base is None else base
             del layouts
 
@@ -372,7 +396,7 @@ def main(argv=None) -> int:
                     if t not in np_t:
                         np_t[t] = numpy_time(n, k, GEMM_M, 3 if quick else 6, t, blas_threads)
                     rows.append(["GEMM M=64", f"{n}x{k}", label, str(t), fmt_us(et), f"{ops / et / 1e9:.0f} GOP/s",
-                                 "-", f"{op} (warm)" if pt else "-", fmt_us(pt), fmt_ratio(pt, et), fmt_us(np_t[t]),
+                                 "-", "-", f"{op} (warm)" if pt else "-", fmt_us(pt), fmt_ratio(pt, et), fmt_us(np_t[t]),
                                  fmt_ratio(np_t[t], et)])
     notes.append(
         f"numpy f32: x @ w.T on cached weights, BLAS threads {'set per row' if blas_threads else 'NOT set (BLAS default)'}. "
