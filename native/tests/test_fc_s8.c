@@ -374,19 +374,31 @@ static void dyn_tests(void) {
 #if defined(__x86_64__) || defined(_M_X64)
         float s1 = 0;
         int32_t z1 = 0;
-        if (__builtin_cpu_supports("avx2")) {
-            const int st1 = et_fc_s8_quantize_dyn(&et_fc_s8_quantizer_avx2, x, count, q1, &s1, &z1);
+        const struct { const char *name; const et_fc_s8_quantizer *qz; int runs; } simd[] = {
+            {"AVX2", &et_fc_s8_quantizer_avx2, __builtin_cpu_supports("avx2")},
+            {"AVX-512", &et_fc_s8_quantizer_avx512, strstr(et_cpu_features(), "avx512vnni") != NULL},
+        };
+        for (size_t v = 0; v < sizeof simd / sizeof *simd; v++) {
+            if (!simd[v].runs) continue;
+            memset(q1, 0x55, (size_t)count);
+            const int st1 = et_fc_s8_quantize_dyn(simd[v].qz, x, count, q1, &s1, &z1);
             check(st1 == 0 && s0 == s1 && z0 == z1 && memcmp(q0, q1, (size_t)count) == 0,
-                  "fc dyn quantizer: AVX2 vs scalar, %lld values", (long long)count);
+                  "fc dyn quantizer: %s vs scalar, %lld values", simd[v].name, (long long)count);
         }
 #endif
         x[count / 2] = NAN;
         check(et_fc_s8_quantize_dyn(&et_fc_s8_quantizer_ref, x, count, q0, &s0, &z0) == -1,
               "fc dyn quantizer refuses NaN (%lld)", (long long)count);
 #if defined(__x86_64__) || defined(_M_X64)
-        if (__builtin_cpu_supports("avx2"))
-            check(et_fc_s8_quantize_dyn(&et_fc_s8_quantizer_avx2, x, count, q1, &s1, &z1) == -1,
-                  "fc dyn AVX2 quantizer refuses NaN");
+        for (size_t v = 0; v < sizeof simd / sizeof *simd; v++)
+            if (simd[v].runs)
+                check(et_fc_s8_quantize_dyn(simd[v].qz, x, count, q1, &s1, &z1) == -1,
+                      "fc dyn %s quantizer refuses NaN (%lld)", simd[v].name, (long long)count);
+        x[count / 2] = INFINITY;
+        for (size_t v = 0; v < sizeof simd / sizeof *simd; v++)
+            if (simd[v].runs)
+                check(et_fc_s8_quantize_dyn(simd[v].qz, x, count, q1, &s1, &z1) == -1,
+                      "fc dyn %s quantizer refuses inf (%lld)", simd[v].name, (long long)count);
 #endif
         x[count / 2] = -INFINITY;
         check(et_fc_s8_quantize_dyn(&et_fc_s8_quantizer_ref, x, count, q0, &s0, &z0) == -1,

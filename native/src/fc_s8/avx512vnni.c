@@ -165,6 +165,59 @@ void et_fc_s8_avx512vnni(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t
     }
 }
 
+/* ---- DynamicQuantizeLinear passes, 16 lanes: the AVX2 passes' arithmetic (fc_s8/avx2.c), tails masked ---- */
+
+static int range_avx512(const float *x, int64_t count, float *mn, float *mx) {
+    __m512 mn0 = _mm512_set1_ps(*mn), mx0 = _mm512_set1_ps(*mx), mn1 = mn0, mx1 = mx0;
+    __mmask16 bad = 0;
+    int64_t i = 0;
+    for (; i + 32 <= count; i += 32) { /* two chains: min/max latency, not the loads, bound one */
+        const __m512 v = _mm512_loadu_ps(x + i), u = _mm512_loadu_ps(x + i + 16);
+        bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+        bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(u, u), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+        mn0 = _mm512_min_ps(mn0, v), mx0 = _mm512_max_ps(mx0, v);
+        mn1 = _mm512_min_ps(mn1, u), mx1 = _mm512_max_ps(mx1, u);
+    }
+    for (; i < count; i += 16) {
+        const __mmask16 k = count - i >= 16 ? 0xFFFF : (__mmask16)((1u << (count - i)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(k, x + i);
+        bad |= _mm512_mask_cmp_ps_mask(k, _mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+        mn0 = _mm512_mask_min_ps(mn0, k, mn0, v), mx0 = _mm512_mask_max_ps(mx0, k, mx0, v);
+    }
+    if (bad) return -1;
+    *mn = _mm512_reduce_min_ps(_mm512_min_ps(mn0, mn1));
+    *mx = _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1));
+    return 0;
+}
+
+/* x / scale rounded as the correctly rounded quotient would be: x * fl(1/scale), divided only in lanes within a
+ * band of |t| * 2^-20 of a half-integer (see quotient() in avx2.c for the bound) */
+static inline __m512 quotient16(__m512 xv, __m512 inv, __m512 s16) {
+    const __m512 t = _mm512_mul_ps(xv, inv);
+    const __m512 d = _mm512_abs_ps(_mm512_sub_ps(t, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT |
+                                                                               _MM_FROUND_NO_EXC)));
+    const __m512 band = _mm512_fmadd_ps(_mm512_abs_ps(t), _mm512_set1_ps(0x1p-20f), _mm512_set1_ps(0x1p-30f));
+    const __mmask16 near = _mm512_cmp_ps_mask(_mm512_sub_ps(_mm512_set1_ps(0.5f), d), band, _CMP_LE_OQ);
+    return near ? _mm512_mask_div_ps(t, near, xv, s16) : t;
+}
+
+static void codes_avx512(const float *x, int64_t count, float scale, int32_t zp, int8_t *q) {
+    const __m512 s16 = _mm512_set1_ps(scale), lo = _mm512_set1_ps((float)-zp), hi = _mm512_set1_ps((float)(255 - zp));
+    const __m512i off = _mm512_set1_epi32(zp - 128);
+    const float inv1 = 1.0f / scale;
+    const int fast = inv1 - inv1 == 0.0f && inv1 < 0x1p100f; /* else every lane is divided */
+    const __m512 inv = _mm512_set1_ps(inv1);
+    for (int64_t i = 0; i < count; i += 16) {
+        const __mmask16 k = count - i >= 16 ? 0xFFFF : (__mmask16)((1u << (count - i)) - 1);
+        const __m512 xv = _mm512_maskz_loadu_ps(k, x + i);
+        const __m512 f = fast ? quotient16(xv, inv, s16) : _mm512_div_ps(xv, s16);
+        const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(f, lo), hi)), off);
+        _mm512_mask_cvtsepi32_storeu_epi8(q + i, k, v); /* v is in [-128, 127]: the narrowing is exact */
+    }
+}
+
+const et_fc_s8_quantizer et_fc_s8_quantizer_avx512 = {range_avx512, codes_avx512};
+
 #if defined(__clang__)
 #pragma clang attribute pop
 #endif

@@ -83,7 +83,7 @@ void et_fc_s8_neon_dotprod(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64
  * 0, 255)). In two passes an ISA provides, each of which can run on slices of x:
  *   range: *mn = min(*mn, min x), *mx = max(*mx, max x); returns -1 when x holds a NaN or an infinity, else 0;
  *   codes: q from x with the scale and zero point found (et_fc_s8_dyn_params).
- * The AVX2 passes give the reference's bytes. */
+ * The AVX2 and AVX-512 passes give the reference's bytes. */
 typedef struct {
     int (*range)(const float *x, int64_t count, float *mn, float *mx);
     void (*codes)(const float *x, int64_t count, float scale, int32_t zp, int8_t *q);
@@ -92,6 +92,7 @@ typedef struct {
 extern const et_fc_s8_quantizer et_fc_s8_quantizer_ref;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const et_fc_s8_quantizer et_fc_s8_quantizer_avx2;
+extern const et_fc_s8_quantizer et_fc_s8_quantizer_avx512; /* avx512vnni.c: F/BW/VL, compiled beside VNNI */
 #endif
 
 /* both passes over the whole of x on the calling thread: 0, or -1 (q untouched) for a NaN or an infinity */
