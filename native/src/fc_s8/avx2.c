@@ -145,8 +145,8 @@ static inline __m256 quotient(__m256 xv, __m256 inv, __m256 s8) {
 static void codes_avx2(const float *x, int64_t count, float scale, int32_t zp, int8_t *q) {
     const __m256 s8 = _mm256_set1_ps(scale), lo = _mm256_set1_ps((float)-zp), hi = _mm256_set1_ps((float)(255 - zp));
     const __m256i off = _mm256_set1_epi32(zp - 128);
-    const float inv1 = 1.0f / scale;
-    const int fast = inv1 - inv1 == 0.0f && inv1 < 0x1p100f; /* else every lane is divided */
+    float inv1;
+    const int fast = et_fc_s8_reciprocal(scale, &inv1);
     const __m256 inv = _mm256_set1_ps(inv1);
     int64_t i = 0;
     for (; i + 16 <= count; i += 16) {

@@ -204,8 +204,8 @@ static inline __m512 quotient16(__m512 xv, __m512 inv, __m512 s16) {
 static void codes_avx512(const float *x, int64_t count, float scale, int32_t zp, int8_t *q) {
     const __m512 s16 = _mm512_set1_ps(scale), lo = _mm512_set1_ps((float)-zp), hi = _mm512_set1_ps((float)(255 - zp));
     const __m512i off = _mm512_set1_epi32(zp - 128);
-    const float inv1 = 1.0f / scale;
-    const int fast = inv1 - inv1 == 0.0f && inv1 < 0x1p100f; /* else every lane is divided */
+    float inv1;
+    const int fast = et_fc_s8_reciprocal(scale, &inv1);
     const __m512 inv = _mm512_set1_ps(inv1);
     for (int64_t i = 0; i < count; i += 16) {
         const __mmask16 k = count - i >= 16 ? 0xFFFF : (__mmask16)((1u << (count - i)) - 1);

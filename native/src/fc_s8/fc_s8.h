@@ -95,6 +95,13 @@ extern const et_fc_s8_quantizer et_fc_s8_quantizer_avx2;
 extern const et_fc_s8_quantizer et_fc_s8_quantizer_avx512; /* avx512vnni.c: F/BW/VL, compiled beside VNNI */
 #endif
 
+/* the codes passes' reciprocal: *inv = 1 / scale; 0 when x * inv cannot stand in for x / scale (inv not finite or
+ * so large that the tie band of the SIMD passes no longer bounds the error): then every value is divided */
+static inline int et_fc_s8_reciprocal(float scale, float *inv) {
+    *inv = 1.0f / scale;
+    return *inv - *inv == 0.0f && *inv < 0x1p100f;
+}
+
 /* both passes over the whole of x on the calling thread: 0, or -1 (q untouched) for a NaN or an infinity */
 int et_fc_s8_quantize_dyn(const et_fc_s8_quantizer *qz, const float *x, int64_t count, int8_t *q, float *scale,
                           int32_t *zp);

@@ -106,7 +106,9 @@ ET_INLINE int32_t load_i32(const void *p) {
 
 enum { FMT_Q4_0, FMT_Q4_1, FMT_Q8_0 };
 
-ET_INLINE int fmt_type(int fmt) { return fmt == FMT_Q4_0 ? ET_TYPE_Q4_0 : fmt == FMT_Q4_1 ? ET_TYPE_Q4_1 : ET_TYPE_Q8_0; }
+ET_INLINE int fmt_type(int fmt) { /* the et_type of a format */
+    return fmt == FMT_Q4_0 ? ET_TYPE_Q4_0 : fmt == FMT_Q4_1 ? ET_TYPE_Q4_1 : ET_TYPE_Q8_0;
+}
 
 ET_INLINE size_t block_bytes(int fmt) {
     return fmt == FMT_Q4_0 ? sizeof(block_q4_0) : fmt == FMT_Q4_1 ? sizeof(block_q4_1) : sizeof(block_q8_0);
@@ -490,8 +492,8 @@ ET_INLINE void gemm_gemv_x16(int fmt, int64_t k, const uint8_t *w, size_t ws, in
     }
 }
 
-ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x, size_t xs,
-                           int64_t m, float *y, size_t ldy) {
+ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x,
+                           size_t xs, int64_t m, float *y, size_t ldy) {
     const int64_t nb = k / ET_QK;
     _Alignas(64) pk_block pk[ET_SEG];
 #if ET_AMX

@@ -17,47 +17,53 @@ size_t et_repack_size(int type, int64_t n, int64_t k) {
     return tiles * tile;
 }
 
+/* the checks both directions share: a type and shape that repack, and both buffers */
+static int check_args(const char *what, int type, int64_t n, int64_t k, const void *in, const void *out) {
+    if (et_repack_size(type, n, k) == 0)
+        return et_error(ET_ERR_INVALID, "et_%s: cannot take type %d of shape (%lld, %lld): q4_0, q4_1 or q8_0 rows of "
+                        "k %% 32 == 0 values", what, type, (long long)n, (long long)k);
+    if (!in || !out) return et_error(ET_ERR_INVALID, "et_%s got a NULL buffer", what);
+    return ET_OK;
+}
+
+/* the GGUF block at blk -> block b of row r of an x16 tile of nb blocks (the inverse of et_x16_get_block) */
+static void x16_put_block(int base, uint8_t *tile, int64_t nb, int r, int64_t b, const uint8_t *blk) {
+    uint8_t *q = tile + (size_t)b * et_x16_qbytes(base);
+    uint8_t *s = tile + (size_t)nb * et_x16_qbytes(base) + (size_t)b * et_x16_sbytes(base);
+    memcpy(s + 2 * r, blk, 2);
+    if (base == ET_TYPE_Q4_1) memcpy(s + 32 + 2 * r, blk + 2, 2);
+    for (size_t v = 0; v < et_block_qs_bytes(base) / 4; v++)
+        memcpy(q + 64 * v + 4 * r, blk + et_block_qs_at(base) + 4 * v, 4);
+}
+
 int et_repack(int type, const void *w, int64_t n, int64_t k, void *out, size_t out_size) {
+    const int st = check_args("repack", type, n, k, w, out);
+    if (st) return st;
     const size_t need = et_repack_size(type, n, k);
-    if (need == 0)
-        return et_error(ET_ERR_INVALID, "cannot repack type %d of shape (%lld, %lld): q4_0, q4_1 or q8_0 rows of k %% 32 "
-                        "== 0 values", type, (long long)n, (long long)k);
-    if (!w || !out) return et_error(ET_ERR_INVALID, "et_repack got a NULL buffer");
     if (out_size < need)
         return et_error(ET_ERR_INVALID, "repack output of %zu bytes is too small: need %zu", out_size, need);
     const int64_t nb = k / ET_QK;
     const size_t rs = et_row_size(type, k), bs = block_bytes(type), tile_bytes = et_x16_tile_bytes(type, nb);
-    const size_t qb = et_x16_qbytes(type), sb = et_x16_sbytes(type), used = (size_t)nb * (qb + sb);
-    const uint8_t *src = w;
+    const size_t used = (size_t)nb * (et_x16_qbytes(type) + et_x16_sbytes(type));
     for (int64_t t = 0; t < (n + 15) / 16; t++) {
         uint8_t *tile = (uint8_t *)out + (size_t)t * tile_bytes;
         const int rows = n - 16 * t < 16 ? (int)(n - 16 * t) : 16;
         if (rows < 16) memset(tile, 0, used); /* missing rows: zero quants and scales */
         memset(tile + used, 0, tile_bytes - used);
-        for (int r = 0; r < rows; r++) {
-            const uint8_t *row = src + (size_t)(16 * t + r) * rs;
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *blk = row + (size_t)b * bs;
-                uint8_t *q = tile + (size_t)b * qb, *s = tile + (size_t)nb * qb + (size_t)b * sb;
-                memcpy(s + 2 * r, blk, 2);
-                if (type == ET_TYPE_Q4_1) memcpy(s + 32 + 2 * r, blk + 2, 2);
-                for (size_t v = 0; v < et_block_qs_bytes(type) / 4; v++)
-                    memcpy(q + 64 * v + 4 * r, blk + et_block_qs_at(type) + 4 * v, 4);
-            }
-        }
+        for (int r = 0; r < rows; r++)
+            for (int64_t b = 0; b < nb; b++)
+                x16_put_block(type, tile, nb, r, b, (const uint8_t *)w + (size_t)(16 * t + r) * rs + (size_t)b * bs);
     }
     return ET_OK;
 }
 
 int et_unrepack(int type, const void *packed, int64_t n, int64_t k, void *out, size_t out_size) {
-    const size_t size = et_repack_size(type, n, k);
-    if (size == 0)
-        return et_error(ET_ERR_INVALID, "cannot unpack type %d of shape (%lld, %lld): q4_0, q4_1 or q8_0 rows of k %% 32 "
-                        "== 0 values", type, (long long)n, (long long)k);
-    if (!packed || !out) return et_error(ET_ERR_INVALID, "et_unrepack got a NULL buffer");
+    const int st = check_args("unrepack", type, n, k, packed, out);
+    if (st) return st;
     const size_t rs = et_row_size(type, k), bs = block_bytes(type);
     if (out_size / rs < (size_t)n)
-        return et_error(ET_ERR_INVALID, "unpack output of %zu bytes is too small: need %zu", out_size, (size_t)n * rs);
+        return et_error(ET_ERR_INVALID, "unrepack output of %zu bytes is too small: need %zu", out_size,
+                        (size_t)n * rs);
     const int64_t nb = k / ET_QK;
     const size_t tile_bytes = et_x16_tile_bytes(type, nb);
     for (int64_t j = 0; j < n; j++)
