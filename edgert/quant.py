@@ -11,7 +11,7 @@ import numpy as np
 
 from . import native
 from .errors import DTypeError, InvalidArgumentError, ShapeError
-from .native import lib
+from .native import ffi, lib
 
 BLOCK = 32  # values per block in every block format
 
@@ -281,7 +281,7 @@ class BoundMatMul:
     count as zeros, which is exact) and unit column stride; rows may be further apart (a slice of a wider array).
     Returns the bound output (m, N), overwritten by the next call."""
 
-    __slots__ = ("w", "m", "kx", "threads", "out", "_scratch", "_ss", "_pw", "_py", "_ps", "_nth")
+    __slots__ = ("w", "m", "kx", "threads", "out", "_scratch", "_ss", "_pw", "_py", "_ps", "_nth", "_call")
 
     def __init__(self, w: QTensor | PackedQTensor, m: int, kx: int | None = None, threads: int | None = None):
         n, k = _weight(w).shape
@@ -295,24 +295,32 @@ class BoundMatMul:
         self._ss = lib.et_matmul_scratch_size(w.type_id, m, k)
         self._scratch = np.empty(max(self._ss, 1), dtype=np.uint8)
         self._pw, self._py, self._ps = native.ptr(w.raw), native.ptr(self.out, "float *"), native.ptr(self._scratch)
+        # what every call passes, gathered once: a run loop's call then touches this object and x only
+        self._call = (lib.et_matmul_ex, m, kx, (m, kx), 4 * kx, w.type_id, self._pw, n, k, self._ps, self._ss,
+                      self._nth)
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The product for ``x``, in the bound output, or in ``out`` (float32 C-contiguous (m, N)) when given."""
-        m, kx = self.m, self.kx
-        if (type(x) is not np.ndarray or x.dtype != np.float32 or x.shape != (m, kx) or x.strides[1] != 4
-                or (m > 1 and (x.strides[0] % 4 or x.strides[0] < 4 * kx))):
-            raise ShapeError(f"x must be float32 ({m}, {kx}) with unit column stride, got "
-                             f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')} "
-                             f"strides {getattr(x, 'strides', '')}")
-        n, k = self.w.shape
-        py = self._py
-        if out is not None:
-            py = _out_ptr(out, m, n)
-        # from_buffer needs a contiguous buffer: a strided x is passed by its first element's address
-        px = native.ptr(x, "float *") if x.flags.c_contiguous else native.ffi.cast("float *", x.ctypes.data)
-        native.check(lib.et_matmul_ex(px, m, kx, x.strides[0] // 4 if m > 1 else kx, self.w.type_id, self._pw, n,
-                                      k, py, n, self._ps, self._ss, self._nth))
+        fn, m, kx, shape, row, tid, pw, n, k, ps, ss, nth = self._call
+        if type(x) is not np.ndarray or x.dtype != np.float32 or x.shape != shape:
+            raise self._bad_x(x)
+        st = x.strides
+        if st[1] != 4 or (m > 1 and (st[0] % 4 or st[0] < row)):
+            raise self._bad_x(x)
+        py = self._py if out is None else _out_ptr(out, m, n)
+        try:  # from_buffer needs a contiguous buffer: a strided x is passed by its first element's address
+            px = ffi.from_buffer("float[]", x)
+        except (BufferError, ValueError):
+            px = ffi.cast("float *", x.ctypes.data)
+        status = fn(px, m, kx, st[0] // 4 if m > 1 else kx, tid, pw, n, k, py, n, ps, ss, nth)
+        if status:
+            native.check(status)
         return self.out if out is None else out
+
+    def _bad_x(self, x) -> ShapeError:
+        return ShapeError(f"x must be float32 ({self.m}, {self.kx}) with unit column stride, got "
+                          f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')} "
+                          f"strides {getattr(x, 'strides', '')}")
 
 
 def matmul_scratch_size(w: QTensor, m: int) -> int:
