@@ -17,6 +17,7 @@ enum { DIM = 64, HID = 96, LAYERS = 2, HEADS = 4, KV_HEADS = 2, HEAD_DIM = 16, V
 typedef struct {
     et_tensor t[N_TENSORS];
     void *bufs[N_TENSORS];
+    int64_t rows[N_TENSORS], cols[N_TENSORS];
 } tiny_model;
 
 static void make_tensor(tiny_model *m, int i, int type, int64_t rows, int64_t cols, float scale, float bias) {
@@ -27,6 +28,7 @@ static void make_tensor(tiny_model *m, int i, int type, int64_t rows, int64_t co
     check(et_quantize(type, f, m->bufs[i], rows, cols) == ET_OK, "quantize tensor %d", i);
     free(f);
     m->t[i] = (et_tensor){.data = m->bufs[i], .type = type, .nbytes = (int64_t)bytes};
+    m->rows[i] = rows, m->cols[i] = cols;
 }
 
 static void make_model(tiny_model *m, int wtype) {
@@ -46,6 +48,21 @@ static void make_model(tiny_model *m, int wtype) {
         make_tensor(m, b + 6, wtype, HID, DIM, s, 0.0f);
         make_tensor(m, b + 7, wtype, HID, DIM, s, 0.0f);
         make_tensor(m, b + 8, wtype, DIM, HID, 1.0f / sqrtf((float)HID), 0.0f);
+    }
+}
+
+/* every block-format matrix but the token embedding into the x16 layout (et_repack), as LlamaModel does */
+static void repack_model(tiny_model *m) {
+    for (int i = 1; i < N_TENSORS; i++) {
+        const int type = m->t[i].type;
+        if (type != ET_TYPE_Q4_0 && type != ET_TYPE_Q4_1 && type != ET_TYPE_Q8_0) continue;
+        const int64_t rows = m->rows[i], cols = m->cols[i];
+        const size_t size = et_repack_size(type, rows, cols);
+        void *packed = xmalloc(size);
+        check(et_repack(type, m->bufs[i], rows, cols, packed, size) == ET_OK, "repack tensor %d", i);
+        free(m->bufs[i]);
+        m->bufs[i] = packed;
+        m->t[i] = (et_tensor){.data = packed, .type = type | ET_TYPE_X16, .nbytes = (int64_t)size};
     }
 }
 
@@ -88,6 +105,22 @@ static void test_build_errors(tiny_model *m) {
     check(et_llama_build(&c, m->t, N_TENSORS, &model) == ET_ERR_INVALID, "tensor without data");
     m->t[5] = saved;
     check(et_llama_build(NULL, m->t, N_TENSORS, &model) == ET_ERR_INVALID, "NULL config");
+    /* x16 matrices: their repacked size, and never the token embedding (read a row at a time) */
+    saved = m->t[0];
+    const size_t esize = et_repack_size(ET_TYPE_Q8_0, VOCAB, DIM);
+    void *packed = xmalloc(esize);
+    et_repack(ET_TYPE_Q8_0, saved.data, VOCAB, DIM, packed, esize);
+    m->t[0] = (et_tensor){.data = packed, .type = ET_TYPE_Q8_0_X16, .nbytes = (int64_t)esize};
+    check(et_llama_build(&c, m->t, N_TENSORS, &model) == ET_ERR_INVALID, "token_embd in the x16 layout");
+    m->t[0] = saved;
+    saved = m->t[2];
+    m->t[2] = (et_tensor){.data = packed, .type = ET_TYPE_Q8_0_X16, .nbytes = (int64_t)esize - 64};
+    check(et_llama_build(&c, m->t, N_TENSORS, &model) == ET_ERR_INVALID, "x16 output a tile short");
+    m->t[2] = (et_tensor){.data = packed, .type = ET_TYPE_Q8_0_X16, .nbytes = (int64_t)esize};
+    check(et_llama_build(&c, m->t, N_TENSORS, &model) == ET_OK && model != NULL, "x16 output head of its size");
+    et_llama_free(model);
+    m->t[2] = saved;
+    free(packed);
 }
 
 static float max_abs(const float *a, size_t n) {
@@ -147,6 +180,12 @@ void test_llama(void) {
         for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
             make_model(&m, types[i]);
             test_forward(&m, isa, types[i]);
+            free_model(&m);
+        }
+        for (size_t i = 0; i < 3; i++) { /* the block formats again, repacked */
+            make_model(&m, types[i]);
+            repack_model(&m);
+            test_forward(&m, isa, types[i] | ET_TYPE_X16);
             free_model(&m);
         }
     }
