@@ -734,6 +734,15 @@ static void test_x16(void) {
             }
         printf("x16 repack %-4s over %s: %s\n", type_name(type), et_isa_available(), n_failed == n_before ? "ok" : "FAILED");
     }
+    { /* above 1 MiB the tiles are shared out over the pool: the same bytes */
+        const int64_t n = 301, k = 4096;
+        const size_t rs = et_row_size(ET_TYPE_Q8_0, k), size = et_repack_size(ET_TYPE_Q8_0, n, k);
+        uint8_t *w = make_weights(ET_TYPE_Q8_0, n, k), *wx = xmalloc(size), *back = xmalloc((size_t)n * rs);
+        check(size > (1u << 20) && et_repack(ET_TYPE_Q8_0, w, n, k, wx, size) == ET_OK &&
+                  et_unrepack(ET_TYPE_Q8_0, wx, n, k, back, (size_t)n * rs) == ET_OK && !memcmp(back, w, (size_t)n * rs),
+              "x16 repack of %zu bytes on the pool reads back", size);
+        free(w), free(wx), free(back);
+    }
     /* what et_repack refuses; sizes it cannot give */
     uint8_t w[64] = {0}, out[1024];
     expect_status(et_repack(ET_TYPE_F16, w, 1, 32, out, sizeof out), ET_ERR_INVALID, "repack f16");

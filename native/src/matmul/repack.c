@@ -36,24 +36,41 @@ static void x16_put_block(int base, uint8_t *tile, int64_t nb, int r, int64_t b,
         memcpy(q + 64 * v + 4 * r, blk + et_block_qs_at(base) + 4 * v, 4);
 }
 
+typedef struct {
+    int type;
+    const uint8_t *w;
+    uint8_t *out;
+    int64_t n, nb;
+} repack_job;
+
+/* tiles [n_tiles * ith / nth, n_tiles * (ith + 1) / nth) */
+static void repack_task(void *arg, int ith, int nth) {
+    const repack_job *j = arg;
+    const int type = j->type;
+    const int64_t nb = j->nb, tiles = (j->n + 15) / 16;
+    const size_t rs = (size_t)nb * block_bytes(type), bs = block_bytes(type), tile_bytes = et_x16_tile_bytes(type, nb);
+    const size_t used = (size_t)nb * (et_x16_qbytes(type) + et_x16_sbytes(type));
+    for (int64_t t = tiles * ith / nth; t < tiles * (ith + 1) / nth; t++) {
+        uint8_t *tile = j->out + (size_t)t * tile_bytes;
+        const int rows = j->n - 16 * t < 16 ? (int)(j->n - 16 * t) : 16;
+        if (rows < 16) memset(tile, 0, used); /* missing rows: zero quants and scales */
+        memset(tile + used, 0, tile_bytes - used);
+        for (int r = 0; r < rows; r++)
+            for (int64_t b = 0; b < nb; b++)
+                x16_put_block(type, tile, nb, r, b, j->w + (size_t)(16 * t + r) * rs + (size_t)b * bs);
+    }
+}
+
 int et_repack(int type, const void *w, int64_t n, int64_t k, void *out, size_t out_size) {
     const int st = check_args("repack", type, n, k, w, out);
     if (st) return st;
     const size_t need = et_repack_size(type, n, k);
     if (out_size < need)
         return et_error(ET_ERR_INVALID, "repack output of %zu bytes is too small: need %zu", out_size, need);
-    const int64_t nb = k / ET_QK;
-    const size_t rs = et_row_size(type, k), bs = block_bytes(type), tile_bytes = et_x16_tile_bytes(type, nb);
-    const size_t used = (size_t)nb * (et_x16_qbytes(type) + et_x16_sbytes(type));
-    for (int64_t t = 0; t < (n + 15) / 16; t++) {
-        uint8_t *tile = (uint8_t *)out + (size_t)t * tile_bytes;
-        const int rows = n - 16 * t < 16 ? (int)(n - 16 * t) : 16;
-        if (rows < 16) memset(tile, 0, used); /* missing rows: zero quants and scales */
-        memset(tile + used, 0, tile_bytes - used);
-        for (int r = 0; r < rows; r++)
-            for (int64_t b = 0; b < nb; b++)
-                x16_put_block(type, tile, nb, r, b, (const uint8_t *)w + (size_t)(16 * t + r) * rs + (size_t)b * bs);
-    }
+    repack_job job = {type, w, out, n, k / ET_QK};
+    /* a model's load repacks every matrix: the tiles are independent, so the pool shares them out */
+    const int nth = need < (1u << 20) ? 1 : et_get_threads();
+    if (et_parallel(repack_task, &job, nth) != ET_OK) repack_task(&job, 0, 1);
     return ET_OK;
 }
 
