@@ -43,6 +43,7 @@ FORMATS = ["q4_0", "q4_1", "q8_0"]
 THREADS = [1, 2]
 GEMM_M = 64
 GIB = 1 << 30
+ORT_SETTLE_S = 0.1  # onnxruntime's workers spin ~30 ms after a run (measured: CPU time while idle)
 L3_ROTATION = 32 << 20  # distinct matrices a large L3 holds (this machine's is hundreds of MB)
 PEER_OP = {"q4_0": "MatMulNBits", "q4_1": "MatMulNBits", "q8_0": "MatMulInteger", "int8": "MatMulInteger"}
 GEMM_FORMATS = ("q4_0", "q4_1", "q8_0", "int8")  # int8: per-tensor int8 weights, MatMulInteger's own arithmetic
@@ -225,7 +226,9 @@ def ort_time(sessions, m: int, k: int, reps: int, per_call: int) -> float:
         for s in sessions:
             s.run(None, {"x": x})
 
-    return best_time(run, reps) / (len(sessions) * per_call)
+    t = best_time(run, reps) / (len(sessions) * per_call)
+    time.sleep(ORT_SETTLE_S)  # onnxruntime's pool spins on after a run: let it stop before edgert's next row
+    return t
 
 
 def ort_weight_bytes(op: str, n: int, k: int) -> int:
