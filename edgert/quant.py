@@ -167,6 +167,8 @@ def repack(w: QTensor, out: np.ndarray | None = None) -> PackedQTensor:
             raise InvalidArgumentError(f"out must be a writeable C-contiguous 1-D uint8 array of at least {size} bytes, "
                                        f"got {getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
         raw = out[:size]
+        if np.may_share_memory(raw, w.raw):
+            raise InvalidArgumentError("out overlaps the weights being repacked: repack into a separate buffer")
     native.check(lib.et_repack(w.type_id, native.ptr(w.raw), n, k, native.ptr(raw), size))
     return PackedQTensor(w.fmt, (n, k), raw)
 

@@ -62,6 +62,15 @@ def test_matmul_nbits_on_the_c_core(tmp_path, kw):
     s = edgert.Session(str(path), core=True)
     within(s.run(None, {"A": x})[0], ort_run(path, {"A": x})[0], MATMUL_NBITS_BUDGET)
     assert core_kinds(s) == ["MatMulNBits"]
+    assert_weights_repacked_when_it_pays(s)
+
+
+def assert_weights_repacked_when_it_pays(s):
+    """block-format C-core steps keep their weights in the x16 layout exactly where the ISA reads it natively"""
+    steps = [st for c in s._bound.compiled for st in c.core]
+    assert steps
+    for st in steps:
+        assert isinstance(st.weight, edgert.PackedQTensor) == edgert.repack_pays(st.weight.fmt), st.weight
 
 
 def dynamic_int8(tmp_path, d_in, d_hidden, d_out, weight_type="QInt8"):
@@ -110,6 +119,7 @@ def test_matmul_integer_chain_with_uint8_weights_is_the_budgeted_q8_product(tmp_
     assert core_kinds(s) == ["MatMulInteger", "MatMulInteger"]
     assert not any(isinstance(st, DynamicInt8MatMul) for c in s._bound.compiled for st in c.core)
     within(y, ort_run(path, {"x": x})[0], MATMUL_INTEGER_BUDGET)
+    assert_weights_repacked_when_it_pays(s)
 
 
 def test_dequantize_matmul_on_the_c_core(tmp_path):
@@ -123,6 +133,7 @@ def test_dequantize_matmul_on_the_c_core(tmp_path):
     s = edgert.Session(str(dst), core=True)
     within(s.run(None, {"x": x})[0], ort_run(dst, {"x": x})[0], DEQUANT_MATMUL_BUDGET)
     assert core_kinds(s) == ["DequantizeLinear+MatMul", "DequantizeLinear+MatMul"]
+    assert_weights_repacked_when_it_pays(s)
 
 
 def test_non_constant_weights_stay_on_onnxruntime(tmp_path):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import edgert
+from edgert.formats.gguf import GGUFFile
 from edgert.llm.model import LlamaModel
 from llama_tiny import reference_logits, write_tiny_llama
 
@@ -133,7 +134,7 @@ def test_state_is_sized_by_n_ctx(tmp_path):
 
 
 @pytest.mark.parametrize("fmt,tied", [("q4_0", True), ("q4_1", False), ("q8_0", True)])
-def test_repacked_weights_give_the_same_logits(tmp_path, tokens, isa, fmt, tied):
+def test_repacked_weights_give_the_same_logits(tmp_path, tokens, isa, fmt, tied, monkeypatch):
     """repack=True runs the projections and the output head on x16 copies (docs/formats.md) and releases the file's
     pages; on an ISA with its own x16 kernels the logits are the same bits as on the GGUF rows. Elsewhere the
     projections run on the reference kernel and the rest on the ISA's: the budget of two ISAs."""
@@ -149,15 +150,29 @@ def test_repacked_weights_give_the_same_logits(tmp_path, tokens, isa, fmt, tied)
         np.testing.assert_array_equal(got_step, want_step)
     else:
         assert rel_err(got, want) < SAME_MODEL_RTOL and rel_err(got_step, want_step) < SAME_MODEL_RTOL
+
+    def repacked_roles(m):
+        """roles whose weights the C side reads from a copy rather than the file's mapping"""
+        return {role for (role, info), view in zip(m.spec.tensors, m._views)
+                if not np.shares_memory(view, m.gguf.tensor_bytes(info.name))}
+
+    blocks = {edgert.FORMATS[f] for f in ("q4_0", "q4_1", "q8_0")}
+    matrices = {role for role, info in m.spec.tensors if info.type_id in blocks and role != "token_embd"}
+    released = []
+    monkeypatch.setattr(GGUFFile, "release", lambda self, name: released.append(name))
     with LlamaModel(tmp_path / "m.gguf", n_ctx=64, n_batch=8, repack=True) as m:
-        # the default repacks exactly when it pays
-        assert m._repacks(edgert.FORMATS[fmt])
-    with LlamaModel(tmp_path / "m.gguf", n_ctx=64) as m:
-        assert m._repacks(edgert.FORMATS[fmt]) == edgert.repack_pays(fmt)
-        assert not m._repacks(edgert.FORMATS["f32"])
+        assert matrices and repacked_roles(m) == matrices  # every block-format projection and the head, not the embedding
+        assert set(released) == {info.name for role, info in m.spec.tensors if role in matrices}
+    released.clear()
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=64) as m:  # the default repacks exactly when it pays
+        assert repacked_roles(m) == (matrices if edgert.repack_pays(fmt) else set())  # q8_0 head: pays with fmt
+        assert bool(released) == edgert.repack_pays(fmt)
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=64, repack=False) as m:
+        assert repacked_roles(m) == set()
 
 
 def test_repack_argument_is_checked(tmp_path):
     write_tiny_llama(tmp_path / "m.gguf", fmt="q4_0")
-    with pytest.raises(edgert.InvalidArgumentError, match="repack must be"):
-        LlamaModel(tmp_path / "m.gguf", n_ctx=32, repack="yes")
+    for bad in ("yes", 1, np.True_, np.array([1, 0])):
+        with pytest.raises(edgert.InvalidArgumentError, match="repack must be"):
+            LlamaModel(tmp_path / "m.gguf", n_ctx=32, repack=bad)

@@ -465,3 +465,5 @@ def test_repack_into_an_arena():
     for bad in (arena[: sizes[0] - 1], arena.view(np.int8), np.zeros((2, sizes[0]), np.uint8), bytearray(sizes[0])):
         with pytest.raises(edgert.InvalidArgumentError, match="out must be"):
             edgert.repack(ws[0], bad)
+    with pytest.raises(edgert.InvalidArgumentError, match="overlaps"):  # in place would read what it overwrote
+        edgert.repack(ws[1], ws[1].raw.reshape(-1))

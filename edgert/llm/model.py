@@ -3,9 +3,9 @@
 Weights are used in place: the C core gets pointers into the memory-mapped GGUF file, so loading costs one parse of
 the header and the weights' pages are read from disk as the first forward pass touches them. Where the ISA in use
 reads the x16 layout with its own kernels (``edgert.repack_pays``), the block-format projections and the output head
-are repacked at load instead (``repack``): the copies replace the file's pages in memory (those are released; a tied
-embedding's rows come back one page at a time as tokens use them), so resident memory stays about the same, and
-loading reads every weight once. The C side owns the run state and the KV cache (fp16 K by position, fp16 V transposed); their size is
+are repacked at load instead (``repack``): the copies replace the file's pages in memory (those are released), and
+loading reads every weight once. Resident memory stays about the same, except that a tied output head is then held
+twice: its x16 copy, and the embedding's pages as tokens bring them back (at most the embedding's size). The C side owns the run state and the KV cache (fp16 K by position, fp16 V transposed); their size is
 ``state_bytes``. This module must not tokenize, sample or talk to users: that is llm.py's job.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ class LlamaModel:
         """clamp_ctx: an n_ctx above the model's context length is lowered to it (else it is an error).
         repack: None repacks the block-format matrices (not the token embedding) when it pays, True always, False
         never; the logits are the same bits either way."""
-        if repack not in (None, True, False):
+        if repack is not None and not isinstance(repack, bool):
             raise InvalidArgumentError(f"repack must be None, True or False, got {repack!r}")
         self.repack = repack
         self.path = os.fspath(path)
