@@ -103,8 +103,8 @@ class QTensor:
 class PackedQTensor:
     """A block-format QTensor repacked into the x16 layout (docs/formats.md): rows in tiles of 16, each tile's
     quants transposed so one 64-byte load holds 4 bytes of each of its 16 rows, the scales 16 to a vector. The
-    values are the QTensor's: ``matmul`` and ``BoundMatMul`` give the same bits as on the GGUF rows, faster on a CPU
-    whose kernels read the layout directly (``repack_pays``). ``raw`` is the uint8 tile bytes, ``nbytes`` about
+    values are the QTensor's: where the ISA reads the layout with its own kernels (``repack_pays``), ``matmul`` and
+    ``BoundMatMul`` give the same bits as on the GGUF rows, faster; elsewhere the reference kernel's. ``raw`` is the uint8 tile bytes, ``nbytes`` about
     the QTensor's (rows rounded up to 16, each tile to 64 bytes); drop the QTensor to keep one copy."""
 
     __slots__ = ("fmt", "shape", "raw")
@@ -138,8 +138,8 @@ class PackedQTensor:
 
 
 def repack_pays(fmt: str) -> bool:
-    """Whether the ISA in use has its own kernels for the x16 layout of ``fmt`` (else ``repack``'d weights run on
-    the reference kernel: same results, slower)."""
+    """Whether the ISA in use has its own kernels for the x16 layout of ``fmt``: then products on ``repack``'d
+    weights are bit for bit those on the QTensor; elsewhere they run on the reference kernel (its results, slower)."""
     return fmt in BLOCK_FORMATS and bool(lib.et_repack_native(FORMATS[fmt]))
 
 

@@ -78,10 +78,11 @@ int et_matmul_ex(const float *x, int64_t m, int64_t kx, size_t ldx, int wtype, c
 /* Weight repacking: (n, k) rows of Q4_0, Q4_1 or Q8_0 -> the x16 layout (docs/formats.md): tiles of 16 rows, each
  * tile's quants transposed so one 64-byte load holds 4 bytes of each of the 16 rows, its scales 16 to a vector.
  * Same values, same arithmetic: a product on the repacked weights (type | ET_TYPE_X16, passed to et_matmul and
- * et_matmul_ex with the same n and k) is bit for bit the product on the GGUF rows, and it streams them without
- * shuffles or gathers. et_repack_size() bytes: rows rounded up to 16, each tile to 64 bytes; 0 for a type or
- * shape that cannot be repacked. et_repack_native(type): 1 when the active ISA has its own kernel for the layout
- * (repacking pays); the reference kernel serves it everywhere else. */
+ * et_matmul_ex with the same n and k) is bit for bit the product on the GGUF rows where et_repack_native(type) is 1
+ * (the active ISA has its own x16 kernels, which stream the tiles without shuffles or gathers: repacking pays);
+ * elsewhere the reference kernel runs the layout, and the result is the reference kernel's GGUF product.
+ * et_repack_size() bytes: rows rounded up to 16, each tile to 64 bytes; 0 for a type or shape that cannot be
+ * repacked. */
 size_t et_repack_size(int type, int64_t n, int64_t k);
 int et_repack(int type, const void *w, int64_t n, int64_t k, void *out, size_t out_size);
 /* the inverse: the x16 bytes of (n, k) rows of type (the GGUF type) -> the GGUF rows (n * et_row_size bytes) */

@@ -122,8 +122,10 @@ typedef struct {
  * and is padded to a multiple of 64 bytes. */
 ET_INLINE size_t et_x16_qbytes(int base) { return base == ET_TYPE_Q8_0 ? 512 : 256; }
 ET_INLINE size_t et_x16_sbytes(int base) { return base == ET_TYPE_Q4_1 ? 64 : 32; }
-ET_INLINE size_t et_x16_tile_bytes(int base, int64_t nb) {
-    return ((size_t)nb * (et_x16_qbytes(base) + et_x16_sbytes(base)) + 63) & ~(size_t)63;
+ET_INLINE size_t et_x16_tile_bytes(int base, int64_t nb) { /* 0 when it would not fit a size_t */
+    const size_t per = et_x16_qbytes(base) + et_x16_sbytes(base);
+    if (nb < 0 || (uint64_t)nb > (SIZE_MAX - 63) / per) return 0;
+    return ((size_t)nb * per + 63) & ~(size_t)63;
 }
 /* the GGUF type an x16 type repacks (ET_TYPE_Q4_0, ET_TYPE_Q4_1, ET_TYPE_Q8_0), or -1 */
 ET_INLINE int et_x16_base(int type) {

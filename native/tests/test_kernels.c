@@ -637,6 +637,18 @@ static void test_matmul_ex(void) {
         printf("matmul_ex (short, strided rows) %-4s over %s: %s\n", type_name(type), et_isa_available(),
                n_failed == n_before ? "ok" : "FAILED");
     }
+    { /* more threads asked for than the pool runs (256): every output row is still written */
+        const int64_t n = 8192, k = 64;
+        const size_t rs = et_row_size(ET_TYPE_Q8_0, k), ss = et_matmul_scratch_size(ET_TYPE_Q8_0, 1, k);
+        uint8_t *w = make_weights(ET_TYPE_Q8_0, n, k);
+        float *x1 = make_activations(1, k), *y1 = alloc_output((size_t)n), *yr = alloc_output((size_t)n);
+        void *sc = xmalloc(ss);
+        const int st = et_matmul(x1, 1, k, ET_TYPE_Q8_0, w, n, y1, sc, ss, 1000);
+        et_matmul(x1, 1, k, ET_TYPE_Q8_0, w, n, yr, sc, ss, 1);
+        check(st == ET_OK && !memcmp(y1, yr, (size_t)n * sizeof(float)) && canary_intact(y1, (size_t)n),
+              "matmul with nthreads = 1000 writes every row (%zu-byte rows)", rs);
+        free(w), free(x1), free(y1), free(yr), free(sc);
+    }
     /* arguments it refuses */
     float x[64] = {0}, y[64], wf[64] = {0};
     uint8_t w[64] = {0}, scratch[256];
@@ -753,6 +765,9 @@ static void test_x16(void) {
                   "repack into too small an output");
     expect_status(et_repack(ET_TYPE_Q4_0, NULL, 1, 32, out, sizeof out), ET_ERR_INVALID, "repack NULL weights");
     check(et_repack_size(ET_TYPE_Q8_0, INT64_MAX / 2, 1 << 20) == 0, "et_repack_size overflow gives 0");
+    check(et_repack_size(ET_TYPE_Q4_0, 1, 2049638230412172416LL) == 0 &&
+              et_row_size(ET_TYPE_Q4_0_X16, 2049638230412172416LL) == 0,
+          "a tile too large for size_t gives 0 (not a wrapped size)");
     check(et_row_size(ET_TYPE_Q4_0_X16, 48) == 0 && et_row_size(ET_TYPE_X16, 32) == 0 && et_row_size(0x1FF, 32) == 0,
           "et_row_size refuses bad x16 types and k");
     et_isa_select("ref");

@@ -106,9 +106,12 @@ static inline int et_fc_s8_reciprocal(float scale, float *inv) {
 int et_fc_s8_quantize_dyn(const et_fc_s8_quantizer *qz, const float *x, int64_t count, int8_t *q, float *scale,
                           int32_t *zp);
 
-/* the scale and zero point of onnxruntime's DynamicQuantizeLinear for the range [mn, mx] (mn <= 0 <= mx) */
+/* the scale and zero point of onnxruntime's DynamicQuantizeLinear for the range [mn, mx] (mn <= 0 <= mx); a range
+ * so narrow that (mx - mn) / 255 underflows to 0 is taken as empty (scale 1), like mx == mn, so no pass divides
+ * by zero */
 static inline void et_fc_s8_dyn_params(float mn, float mx, float *scale, int32_t *zp) {
-    const float s = mx == mn ? 1.0f : (mx - mn) / 255.0f;
+    const float d = (mx - mn) / 255.0f;
+    const float s = mx == mn || d == 0.0f ? 1.0f : d;
     float z = 0.0f - mn / s;
     z = z < 0.0f ? 0.0f : (z > 255.0f ? 255.0f : z);
     *scale = s;

@@ -20,21 +20,26 @@ typedef struct {
     float *y;
     size_t ldy;
     int64_t chunk;
+    int nth;           /* shares planned: share i runs chunk i */
     int more;          /* chunks beyond the first nth */
     atomic_llong next; /* next unclaimed weight row past them */
 } matmul_job;
 
+static void matmul_rows(const matmul_job *job, int64_t r0) {
+    const int64_t rows = job->n - r0 < job->chunk ? job->n - r0 : job->chunk;
+    job->fn(job->k, job->w + (size_t)r0 * job->ws, job->ws, rows, job->x, job->xs, job->m, job->y + r0, job->ldy);
+}
+
 static void matmul_task(void *arg, int ith, int nth) {
     matmul_job *job = arg;
-    for (int first = 1;; first = 0) {
-        /* the pool's share ith is chunk ith (no shared counter to bounce between cores for a GEMV's one chunk per
-         * thread); chunks past nth are claimed by whoever is free */
-        if (!first && !job->more) break;
-        const int64_t r0 = first ? (int64_t)ith * job->chunk : atomic_fetch_add(&job->next, job->chunk);
+    /* share ith runs chunk ith (no shared counter to bounce between cores for a GEMV's one chunk per thread), and
+     * ith + nth, ... when the pool ran fewer shares than planned; chunks past the planned count are claimed by
+     * whoever is free */
+    for (int64_t c = ith; c < job->nth && c * job->chunk < job->n; c += nth) matmul_rows(job, c * job->chunk);
+    while (job->more) {
+        const int64_t r0 = atomic_fetch_add(&job->next, job->chunk);
         if (r0 >= job->n) break;
-        const int64_t rows = job->n - r0 < job->chunk ? job->n - r0 : job->chunk;
-        job->fn(job->k, job->w + (size_t)r0 * job->ws, job->ws, rows, job->x, job->xs, job->m, job->y + r0,
-                job->ldy);
+        matmul_rows(job, r0);
     }
 }
 
@@ -181,7 +186,7 @@ int et_gemm_prepared(int wtype, const void *w, int64_t n, int64_t k, const void 
     if ((double)n * (double)k * (double)m < ET_MIN_PARALLEL_MACS) nth = 1;
 
     matmul_job job = {.fn = fn, .k = k, .n = n, .m = m, .w = w, .ws = ws, .x = xa, .xs = xs, .y = y, .ldy = ldy,
-                      .chunk = chunk, .more = (int64_t)nth * chunk < n};
+                      .chunk = chunk, .nth = nth, .more = (int64_t)nth * chunk < n};
     atomic_init(&job.next, (int64_t)nth * chunk);
     return et_parallel(matmul_task, &job, nth);
 }

@@ -13,7 +13,7 @@ static int repackable(int type) { return type == ET_TYPE_Q4_0 || type == ET_TYPE
 size_t et_repack_size(int type, int64_t n, int64_t k) {
     if (!repackable(type) || n <= 0 || k <= 0 || k % ET_QK) return 0;
     const size_t tile = et_x16_tile_bytes(type, k / ET_QK), tiles = (size_t)((n + 15) / 16);
-    if (tile > SIZE_MAX / tiles) return 0; /* more bytes than an address space holds */
+    if (tile == 0 || tile > SIZE_MAX / tiles) return 0; /* more bytes than an address space holds */
     return tiles * tile;
 }
 
