@@ -12,6 +12,10 @@
 
 #include "../core.h"
 
+#ifndef ET_PF_TILES
+#define ET_PF_TILES 2 /* GEMV prefetch distance, in 4-row tiles */
+#endif
+
 ET_INLINE float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -64,10 +68,17 @@ ET_INLINE __m256 blk_q8_0(__m256 acc, const block_q8_0 *w, const block_q8_s *x, 
             const btype *w1 = (const btype *)((const uint8_t *)w0 + ws);                                      \
             const btype *w2 = (const btype *)((const uint8_t *)w1 + ws);                                      \
             const btype *w3 = (const btype *)((const uint8_t *)w2 + ws);                                      \
+            /* the tile ET_PF_TILES ahead (contiguous rows), a slice per block: four interleaved short row \
+             * streams are more than the hardware prefetcher follows */                                     \
+            const uint8_t *pf = (const uint8_t *)w0 + ET_PF_TILES * 4 * ws;                                   \
+            const size_t slice = ((4 * ws + (size_t)nb - 1) / (size_t)nb + 63) & ~(size_t)63;                \
             for (int64_t i = 0; i < m; i++) {                                                                 \
                 const block_q8_s *xi = (const block_q8_s *)((const uint8_t *)x + (size_t)i * xs);             \
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                   \
                 for (int64_t b = 0; b < nb; b++) {                                                            \
+                    if (i == 0 && j + 4 * ET_PF_TILES + 4 <= n)                                                       \
+                        for (size_t o = 0; o < slice; o += 64)                                                \
+                            _mm_prefetch((const char *)(pf + (size_t)b * slice + o), _MM_HINT_T0);            \
                     const __m256i xq = _mm256_loadu_si256((const __m256i *)xi[b].qs);                        \
                     a0 = blk(a0, &w0[b], &xi[b], xq);                                                         \
                     a1 = blk(a1, &w1[b], &xi[b], xq);                                                         \
