@@ -190,9 +190,31 @@ static void pack_rows(const et_fc_s8_args *a, int64_t i, int mr, int8_t *panel) 
 
 #define PANEL_STACK_BYTES (32 * 1024)
 
+/* rows [i, i + mr) (mr <= 32) of x, packed into panel, against channels [j0, j1) */
+static void rows_upto32(const et_fc_s8_args *a, int8_t *panel, int64_t i, int mr, int64_t j0, int64_t j1,
+                        int32_t *cbuf) {
+    pack_rows(a, i, mr, panel);
+    MEMORY_BARRIER();
+    if (mr <= 16) {
+        configure(mr, 0);
+        rows1_pipelined(a, panel, i, mr, j0, j1, cbuf);
+        return;
+    }
+    configure(16, mr - 16);
+    for (int64_t j = j0; j < j1; j += 32) {
+        const int64_t left = j1 - j;
+        const int nt = left > 16 ? 2 : 1;
+        const int64_t nlast = left - 16 * (nt - 1) < 16 ? left - 16 * (nt - 1) : 16;
+        block2(a, panel, i, mr - 16, j, nt, nlast, cbuf);
+    }
+}
+
+/* Whole 32-row blocks share each 32-channel group of weights: the group's B tiles (32 channels x k) are read from
+ * memory for the first block and from L2 for the others, so the weights stream once per call, not once per 32 rows.
+ * The rows past the last whole block run after, as rows_upto32. */
 void et_fc_s8_amx(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    const int64_t kc = (a->k + 63) / 64 * 64, rows = i1 - i0 < 32 ? i1 - i0 : 32;
-    const size_t panel_bytes = (size_t)(kc * rows); /* up to 32 rows x kc */
+    const int64_t kc = (a->k + 63) / 64 * 64, full = (i1 - i0) / 32, tail = (i1 - i0) - 32 * full;
+    const size_t panel_bytes = (size_t)(kc * 32 * (full > 1 ? full : 1)); /* every whole block, or one */
     _Alignas(64) int8_t on_stack[PANEL_STACK_BYTES];
     int8_t *panel = panel_bytes <= sizeof on_stack ? on_stack : aligned_alloc(64, (panel_bytes + 63) / 64 * 64);
     if (!panel) { /* no memory for the panel: the VNNI kernel needs none */
@@ -200,23 +222,20 @@ void et_fc_s8_amx(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, in
         return;
     }
     _Alignas(64) int32_t cbuf[4 * 16 * 16];
-    for (int64_t i = i0; i < i1; i += 32) {
-        const int mr = (int)(i1 - i < 32 ? i1 - i : 32);
-        pack_rows(a, i, mr, panel);
+    if (full == 1) {
+        rows_upto32(a, panel, i0, 32, j0, j1, cbuf);
+    } else if (full > 1) {
+        for (int64_t b = 0; b < full; b++) pack_rows(a, i0 + 32 * b, 32, panel + b * kc * 32);
         MEMORY_BARRIER();
-        if (mr <= 16) {
-            configure(mr, 0);
-            rows1_pipelined(a, panel, i, mr, j0, j1, cbuf);
-            continue;
-        }
-        configure(16, mr - 16);
+        configure(16, 16);
         for (int64_t j = j0; j < j1; j += 32) {
             const int64_t left = j1 - j;
             const int nt = left > 16 ? 2 : 1;
             const int64_t nlast = left - 16 * (nt - 1) < 16 ? left - 16 * (nt - 1) : 16;
-            block2(a, panel, i, mr - 16, j, nt, nlast, cbuf);
+            for (int64_t b = 0; b < full; b++) block2(a, panel + b * kc * 32, i0 + 32 * b, 16, j, nt, nlast, cbuf);
         }
     }
+    if (tail) rows_upto32(a, panel, i0 + 32 * full, (int)tail, j0, j1, cbuf);
     _tile_release();
     if (panel != on_stack) free(panel);
 }
