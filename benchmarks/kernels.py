@@ -43,6 +43,7 @@ FORMATS = ["q4_0", "q4_1", "q8_0"]
 THREADS = [1, 2]
 GEMM_M = 64
 GIB = 1 << 30
+GEMM_WARM_S = 0.2  # warm-up per GEMM timing, the same for every engine: two threads can take a moment to run as two
 ORT_SETTLE_S = 0.1  # onnxruntime's workers spin ~30 ms after a run (measured: CPU time while idle)
 L3_ROTATION = 32 << 20  # distinct matrices a large L3 holds (this machine's is hundreds of MB)
 PEER_OP = {"q4_0": "MatMulNBits", "q4_1": "MatMulNBits", "q8_0": "MatMulInteger", "int8": "MatMulInteger"}
@@ -51,8 +52,12 @@ BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
 HALF_0_01 = np.array([0.01], dtype=np.float16).view(np.uint8)  # a scale whose products stay normal floats
 
 
-def best_time(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+def best_time(fn, reps: int, warmup: int = 1, warm_s: float = 0.0) -> float:
+    """best of reps calls of fn, after warmup calls and at least warm_s seconds of calls"""
+    t_end = time.perf_counter() + warm_s
+    for i in range(warmup):
+        fn()
+    while time.perf_counter() < t_end:
         fn()
     best = float("inf")
     for _ in range(reps):
@@ -140,7 +145,7 @@ def edgert_gemm(w, m: int, threads: int, reps: int) -> float:
     (BoundDynamicInt8: per-tensor DynamicQuantizeLinear of x in C, int32 sums, float out)."""
     x = np.random.default_rng(2).standard_normal((m, w.shape[1])).astype(np.float32)
     b = eq.BoundDynamicInt8(w, m, threads) if isinstance(w, eq.Int8Weights) else eq.BoundMatMul(w, m, threads=threads)
-    return best_time(lambda: b(x), reps)
+    return best_time(lambda: b(x), reps, warm_s=GEMM_WARM_S)
 
 
 # ---- onnxruntime ----
@@ -218,7 +223,7 @@ def ort_session(ort, op: str, n: int, k: int, chain: int, threads: int, seed: in
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def ort_time(sessions, m: int, k: int, reps: int, per_call: int) -> float:
+def ort_time(sessions, m: int, k: int, reps: int, per_call: int, warm_s: float = 0.0) -> float:
     """seconds per matmul: best pass over all sessions / matmuls in them"""
     x = np.random.default_rng(3).standard_normal((m, k)).astype(np.float32)
 
@@ -226,7 +231,7 @@ def ort_time(sessions, m: int, k: int, reps: int, per_call: int) -> float:
         for s in sessions:
             s.run(None, {"x": x})
 
-    t = best_time(run, reps) / (len(sessions) * per_call)
+    t = best_time(run, reps, warm_s=warm_s) / (len(sessions) * per_call)
     time.sleep(ORT_SETTLE_S)  # onnxruntime's pool spins on after a run: let it stop before edgert's next row
     return t
 
@@ -260,7 +265,7 @@ def numpy_time(n: int, k: int, m: int, reps: int, threads: int, set_threads) -> 
     x = rng.standard_normal((m, k), dtype=np.float32)
     if set_threads:
         set_threads(threads)
-    return best_time(lambda: x @ w.T, reps)
+    return best_time(lambda: x @ w.T, reps, warm_s=GEMM_WARM_S)
 
 
 # ---- table ----
@@ -394,7 +399,7 @@ def main(argv=None) -> int:
                     key = ("gemm", op, n, k, t)
                     if ort and key not in peer_cache:
                         s = [ort_session(ort, op, n, k, 1, t, seed=20)]
-                        peer_cache[key] = ort_time(s, GEMM_M, k, 3 if quick else 6, 1)
+                        peer_cache[key] = ort_time(s, GEMM_M, k, 3 if quick else 6, 1, GEMM_WARM_S)
                     pt = peer_cache.get(key)
                     if t not in np_t:
                         np_t[t] = numpy_time(n, k, GEMM_M, 3 if quick else 6, t, blas_threads)
