@@ -55,7 +55,7 @@ HALF_0_01 = np.array([0.01], dtype=np.float16).view(np.uint8)  # a scale whose p
 def best_time(fn, reps: int, warmup: int = 1, warm_s: float = 0.0) -> float:
     """best of reps calls of fn, after warmup calls and at least warm_s seconds of calls"""
     t_end = time.perf_counter() + warm_s
-    for i in range(warmup):
+    for _ in range(warmup):
         fn()
     while time.perf_counter() < t_end:
         fn()

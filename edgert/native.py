@@ -93,6 +93,12 @@ def threads() -> int:
     return lib.et_get_threads()
 
 
+def _quant():
+    from . import quant  # quant imports this module: resolved at call time
+
+    return quant
+
+
 def info() -> dict:
     """What the C core runs with: the ISA variant in use, those this CPU can run, threads, CPU features."""
     return {
@@ -103,7 +109,7 @@ def info() -> dict:
         "physical_cores": physical_cores(),
         "features": [s for s in _str(lib.et_cpu_features()).split(",") if s],
         # block formats whose x16 layout (edgert.repack) this ISA reads with its own kernels
-        "repack": [f for f, t in (("q4_0", 2), ("q4_1", 3), ("q8_0", 8)) if lib.et_repack_native(t)],
+        "repack": [f for f in _quant().BLOCK_FORMATS if _quant().repack_pays(f)],
     }
 
 

@@ -104,8 +104,9 @@ class PackedQTensor:
     """A block-format QTensor repacked into the x16 layout (docs/formats.md): rows in tiles of 16, each tile's
     quants transposed so one 64-byte load holds 4 bytes of each of its 16 rows, the scales 16 to a vector. The
     values are the QTensor's: where the ISA reads the layout with its own kernels (``repack_pays``), ``matmul`` and
-    ``BoundMatMul`` give the same bits as on the GGUF rows, faster; elsewhere the reference kernel's. ``raw`` is the uint8 tile bytes, ``nbytes`` about
-    the QTensor's (rows rounded up to 16, each tile to 64 bytes); drop the QTensor to keep one copy."""
+    ``BoundMatMul`` give the same bits as on the GGUF rows, faster; elsewhere the reference kernel's. ``raw`` is the
+    uint8 tile bytes, ``nbytes`` about the QTensor's (rows rounded up to 16, each tile to 64 bytes); drop the QTensor
+    to keep one copy."""
 
     __slots__ = ("fmt", "shape", "raw")
     layout = "x16"

@@ -5,8 +5,8 @@ the header and the weights' pages are read from disk as the first forward pass t
 reads the x16 layout with its own kernels (``edgert.repack_pays``), the block-format projections and the output head
 are repacked at load instead (``repack``): the copies replace the file's pages in memory (those are released), and
 loading reads every weight once. Resident memory stays about the same, except that a tied output head is then held
-twice: its x16 copy, and the embedding's pages as tokens bring them back (at most the embedding's size). The C side owns the run state and the KV cache (fp16 K by position, fp16 V transposed); their size is
-``state_bytes``. This module must not tokenize, sample or talk to users: that is llm.py's job.
+twice: its x16 copy, and the embedding's pages as tokens bring them back (at most the embedding's size). The C side
+owns the run state and the KV cache (fp16 K by position, fp16 V transposed); their size is ``state_bytes``. This module must not tokenize, sample or talk to users: that is llm.py's job.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .. import native
 from ..errors import InvalidArgumentError, ModelFormatError
 from ..formats.gguf import GGUFFile, open_gguf
 from ..native import ffi, lib
-from ..quant import FORMAT_BY_ID, QTensor, aligned_empty, repack, repack_pays, repack_size
+from ..quant import BLOCK_FORMATS, FORMAT_BY_ID, QTensor, aligned_empty, repack, repack_pays, repack_size
 from .spec import LlamaSpec, llama_spec
 
 DEFAULT_N_BATCH = 64  # tokens per prefill pass: large enough for the GEMM path, small enough for L2-resident activations
@@ -100,7 +100,7 @@ class LlamaModel:
 
     def _repacks(self, type_id: int) -> bool:
         fmt = FORMAT_BY_ID.get(type_id)
-        return fmt in ("q4_0", "q4_1", "q8_0") and (self.repack or (self.repack is None and repack_pays(fmt)))
+        return fmt in BLOCK_FORMATS and (repack_pays(fmt) if self.repack is None else self.repack)
 
     @property
     def config(self):

@@ -117,7 +117,8 @@ typedef struct et_llama et_llama;
  * per layer attn_norm (dim), attn_q (n_heads*head_dim, dim), attn_k (n_kv_heads*head_dim, dim), attn_v (same),
  * attn_output (dim, n_heads*head_dim), ffn_norm (dim), ffn_gate (hidden, dim), ffn_up (hidden, dim),
  * ffn_down (dim, hidden); shapes (rows, row length). Every matrix but token_embd may be an x16 type (et_repack:
- * nbytes the repacked size). Weights stay where they are (e.g. a memory-mapped file) and must outlive the model. The model owns its run state and KV cache: et_llama_free releases them. */
+ * nbytes the repacked size). Weights stay where they are (e.g. a memory-mapped file) and must outlive the model.
+ * The model owns its run state and KV cache: et_llama_free releases them. */
 int et_llama_build(const et_llama_config *cfg, const et_tensor *tensors, int32_t n_tensors, et_llama **out);
 void et_llama_free(et_llama *model);
 /* bytes of run state + KV cache the model allocated */

@@ -147,6 +147,9 @@ ET_INLINE void et_x16_get_block(int base, const uint8_t *tile, int64_t nb, int r
 }
 
 extern const et_kernels et_kernels_ref;
+
+/* a table fills its three x16 entries together or not at all */
+ET_INLINE int et_has_x16(const et_kernels *kt) { return kt->gemm_q4_0_x16 != NULL; }
 #if defined(__x86_64__) || defined(_M_X64)
 extern const et_kernels et_kernels_avx2;
 extern const et_kernels et_kernels_avx512;

@@ -74,6 +74,13 @@ static void requant_block(const et_fc_s8_args *a, const int32_t *c, int rows, in
     MEMORY_BARRIER(); /* before the next tile store into c */
 }
 
+/* the 32-channel group at j of [j, j1): its channel tiles (1 or 2), and the channels in its last tile */
+static inline int group_tiles(int64_t j, int64_t j1, int64_t *nlast) {
+    const int64_t left = j1 - j;
+    *nlast = left > 16 ? (left < 32 ? left - 16 : 16) : left;
+    return left > 16 ? 2 : 1;
+}
+
 /* rows i..i+mr (mr <= 16) x channels [j0, j1), software-pipelined: 32-channel groups alternate between
  * accumulator tiles {0, 1} and {2, 3}, and a group's results are stored only after the next group's products
  * have been issued, so the tile stores do not drain the pipeline after every group */
@@ -86,7 +93,8 @@ static void rows1_pipelined(const et_fc_s8_args *a, const int8_t *panel, int64_t
     int64_t pj = -1, pnt = 0, pnl = 0; /* the group still in its tiles */
     int set = 0, slot = 0;
     for (int64_t j = j0; j < j1; j += 32, set ^= 1) {
-        const int64_t left = j1 - j, nt = left > 16 ? 2 : 1, nlast = nt == 2 ? (left < 32 ? left - 16 : 16) : left;
+        int64_t nlast;
+        const int64_t nt = group_tiles(j, j1, &nlast);
         const int8_t *w0 = a->w + (j / 16) * stride;
         int32_t *cb = cbuf + 512 * slot;
         if (gj[slot] >= 0) /* the group stored two steps ago: requantize before its slot is reused */
@@ -136,9 +144,11 @@ static void rows1_pipelined(const et_fc_s8_args *a, const int8_t *panel, int64_t
             requant_block(a, cbuf + 512 * slot + 256 * t, mr, i, gj[slot] + 16 * t, t == gnt[slot] - 1 ? gnl[slot] : 16);
 }
 
-/* rows i..i+16+mr1 (1 <= mr1 <= 16), channel tiles from j: nt (1-2) tiles */
-static void block2(const et_fc_s8_args *a, const int8_t *panel, int64_t i, int mr1, int64_t j, int nt, int64_t nlast,
+/* rows i..i+16+mr1 (1 <= mr1 <= 16) x the 32-channel group at j of [j, j1) */
+static void block2(const et_fc_s8_args *a, const int8_t *panel, int64_t i, int mr1, int64_t j, int64_t j1,
                    int32_t *cbuf) {
+    int64_t nlast;
+    const int nt = group_tiles(j, j1, &nlast);
     const int64_t k = a->k, kp = a->kp, kc = (k + 63) / 64 * 64, stride = kp * 16;
     const int8_t *w0 = a->w + (j / 16) * stride;
     _tile_zero(0);
@@ -201,12 +211,7 @@ static void rows_upto32(const et_fc_s8_args *a, int8_t *panel, int64_t i, int mr
         return;
     }
     configure(16, mr - 16);
-    for (int64_t j = j0; j < j1; j += 32) {
-        const int64_t left = j1 - j;
-        const int nt = left > 16 ? 2 : 1;
-        const int64_t nlast = left - 16 * (nt - 1) < 16 ? left - 16 * (nt - 1) : 16;
-        block2(a, panel, i, mr - 16, j, nt, nlast, cbuf);
-    }
+    for (int64_t j = j0; j < j1; j += 32) block2(a, panel, i, mr - 16, j, j1, cbuf);
 }
 
 /* Whole 32-row blocks share each 32-channel group of weights: the group's B tiles (32 channels x k) are read from
@@ -222,18 +227,12 @@ void et_fc_s8_amx(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, in
         return;
     }
     _Alignas(64) int32_t cbuf[4 * 16 * 16];
-    if (full == 1) {
-        rows_upto32(a, panel, i0, 32, j0, j1, cbuf);
-    } else if (full > 1) {
+    if (full) {
         for (int64_t b = 0; b < full; b++) pack_rows(a, i0 + 32 * b, 32, panel + b * kc * 32);
         MEMORY_BARRIER();
         configure(16, 16);
-        for (int64_t j = j0; j < j1; j += 32) {
-            const int64_t left = j1 - j;
-            const int nt = left > 16 ? 2 : 1;
-            const int64_t nlast = left - 16 * (nt - 1) < 16 ? left - 16 * (nt - 1) : 16;
-            for (int64_t b = 0; b < full; b++) block2(a, panel + b * kc * 32, i0 + 32 * b, 16, j, nt, nlast, cbuf);
-        }
+        for (int64_t j = j0; j < j1; j += 32)
+            for (int64_t b = 0; b < full; b++) block2(a, panel + b * kc * 32, i0 + 32 * b, 16, j, j1, cbuf);
     }
     if (tail) rows_upto32(a, panel, i0 + 32 * full, (int)tail, j0, j1, cbuf);
     _tile_release();

@@ -66,12 +66,7 @@
 #define ET_PF_BYTES 16384 /* GEMV prefetch distance for short rows, at least one 16-row tile */
 #define ET_CP_PF_BYTES 8192 /* GEMV tile copy: L2 prefetch distance ahead of the copy's loads */
 #define ET_PF_BLOCKS 8    /* GEMV prefetch distance for rows of a page or more, in blocks */
-#ifndef ET_X16_PF_BYTES
-#define ET_X16_PF_BYTES 32768
-#endif
-#ifndef ET_X16_PF_HINT
-#define ET_X16_PF_HINT _MM_HINT_T1
-#endif
+#define ET_X16_PF_BYTES 32768 /* GEMV on x16 tiles: L2 prefetch distance in the tiles' one forward stream */
 #define ET_GROUP_M 64   /* activation rows whose per-block terms are precomputed together (stack: 16 KiB) */
 
 /* ---- 4-byte dot products: acc[l] += sum_{i<4} u[4l+i] * s[4l+i], u unsigned, s signed ---- */
@@ -455,8 +450,8 @@ ET_INLINE void gemm_gemv(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_
     }
 }
 
-/* x16 tiles are contiguous: quants and scales are two forward streams, prefetched ET_X16_PF_BLOCKS ahead; every
- * tile runs whole (missing rows are zeros) and stores its valid rows */
+/* x16 tiles are contiguous: the weights are one forward stream, prefetched ET_X16_PF_BYTES ahead; every tile runs
+ * whole (missing rows are zeros) and stores its valid rows */
 ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, const uint8_t *x, size_t xs, float *y,
                              size_t ldy, __mmask16 rmask) {
     const size_t qb = et_x16_qbytes(fmt_type(fmt));
@@ -467,7 +462,7 @@ ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, co
     const size_t step = qb + et_x16_sbytes(fmt_type(fmt));
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *pf = tile + (size_t)b * step + ET_X16_PF_BYTES;
-        for (size_t o = 0; o < step; o += 64) _mm_prefetch((const char *)(pf + o), ET_X16_PF_HINT);
+        for (size_t o = 0; o < step; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T1);
         pk_block pk;
         pack_block_x16(fmt, tile, nb, b, &pk);
         gemv_block(fmt, C, &pk, xc, b, acc);
@@ -478,9 +473,6 @@ ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, co
 ET_INLINE void gemm_gemv_x16(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x, size_t xs,
                              int64_t m, float *y, size_t ldy) {
     const int64_t nb = k / ET_QK;
-    /* the stream's first ET_X16_PF_BYTES, which the prefetches inside the loop never cover, are requested at once */
-    const size_t total = (size_t)((n + ET_TILE_N - 1) / ET_TILE_N) * ET_TILE_N * ws;
-    for (size_t o = 0; o < total && o < ET_X16_PF_BYTES; o += 64) _mm_prefetch((const char *)(w + o), ET_X16_PF_HINT);
     for (int64_t j = 0; j < n; j += ET_TILE_N) {
         const __mmask16 rmask = n - j < ET_TILE_N ? (__mmask16)((1u << (n - j)) - 1) : 0xFFFF;
         const uint8_t *tile = w + (size_t)j * ws;

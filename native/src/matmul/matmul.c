@@ -21,8 +21,7 @@ typedef struct {
     size_t ldy;
     int64_t chunk;
     int nth;           /* shares planned: share i runs chunk i */
-    int more;          /* chunks beyond the first nth */
-    atomic_llong next; /* next unclaimed weight row past them */
+    atomic_llong next; /* next unclaimed weight row past the first nth chunks */
 } matmul_job;
 
 static void matmul_rows(const matmul_job *job, int64_t r0) {
@@ -36,7 +35,7 @@ static void matmul_task(void *arg, int ith, int nth) {
      * ith + nth, ... when the pool ran fewer shares than planned; chunks past the planned count are claimed by
      * whoever is free */
     for (int64_t c = ith; c < job->nth && c * job->chunk < job->n; c += nth) matmul_rows(job, c * job->chunk);
-    while (job->more) {
+    while ((int64_t)job->nth * job->chunk < job->n) { /* more chunks than shares */
         const int64_t r0 = atomic_fetch_add(&job->next, job->chunk);
         if (r0 >= job->n) break;
         matmul_rows(job, r0);
@@ -114,7 +113,7 @@ size_t et_matmul_scratch_size(int wtype, int64_t m, int64_t k) {
 
 static et_gemm_fn pick(const et_kernels *kt, int t) {
     /* a table without its own x16 kernels runs the layout on the reference's (et_repack_native says so) */
-    const et_kernels *kx = kt->gemm_q4_0_x16 ? kt : &et_kernels_ref;
+    const et_kernels *kx = et_has_x16(kt) ? kt : &et_kernels_ref;
     switch (t) {
     case ET_TYPE_Q4_0: return kt->gemm_q4_0;
     case ET_TYPE_Q4_1: return kt->gemm_q4_1;
@@ -186,7 +185,7 @@ int et_gemm_prepared(int wtype, const void *w, int64_t n, int64_t k, const void 
     if ((double)n * (double)k * (double)m < ET_MIN_PARALLEL_MACS) nth = 1;
 
     matmul_job job = {.fn = fn, .k = k, .n = n, .m = m, .w = w, .ws = ws, .x = xa, .xs = xs, .y = y, .ldy = ldy,
-                      .chunk = chunk, .nth = nth, .more = (int64_t)nth * chunk < n};
+                      .chunk = chunk, .nth = nth};
     atomic_init(&job.next, (int64_t)nth * chunk);
     return et_parallel(matmul_task, &job, nth);
 }

@@ -92,10 +92,5 @@ int et_unrepack(int type, const void *packed, int64_t n, int64_t k, void *out, s
 
 int et_repack_native(int type) {
     const et_kernels *kt = et_active_kernels();
-    const int base = repackable(type) ? type : et_x16_base(type);
-    const et_gemm_fn fn = base == ET_TYPE_Q4_0   ? kt->gemm_q4_0_x16
-                          : base == ET_TYPE_Q4_1 ? kt->gemm_q4_1_x16
-                          : base == ET_TYPE_Q8_0 ? kt->gemm_q8_0_x16
-                                                 : NULL;
-    return fn != NULL && kt != &et_kernels_ref;
+    return (repackable(type) || et_x16_base(type) >= 0) && et_has_x16(kt) && kt != &et_kernels_ref;
 }
