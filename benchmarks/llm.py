@@ -4,8 +4,10 @@
 
 Each engine runs in its own subprocess (so peak RSS is its own), loads the model, prefills the same 128-token
 prompt (same token ids for both), then decodes 128 tokens greedily, one forward call per token; the argmax is taken
-in numpy for both. Reported: load time, time to first token, prefill and decode tokens/s, peak RSS, and the decode
-roofline: weight bytes streamed per token / read bandwidth measured by a streaming-read loop in the same run.
+in numpy for both. Reported: load time, time to first token, prefill and decode tokens/s, peak RSS, the decode
+roofline (weight bytes streamed per token / read bandwidth measured by a streaming-read loop in the same run), and
+the sampler's cost per token on the last logits with the chat defaults (temperature 0.8, top-k 40, top-p 0.95,
+min-p 0.05) and a repeat penalty of 1.1 over the last 64 tokens: edgert's Sampler against llama.cpp's.
 
 llama-cpp-python compiles llama.cpp when it installs (about 15 minutes on 2 cores; pip keeps the built wheel in its
 cache). On CPUs that report AMX, llama.cpp's native build uses AMX tiles, which crash in virtual machines that do
@@ -40,6 +42,18 @@ TEXT = (
 )
 
 
+SAMPLE_REPS = 200  # sampler calls timed per engine
+SAMPLE = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.1}
+
+
+def per_call(fn, reps: int = SAMPLE_REPS) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
 def peak_rss_mb() -> float:
     # VmHWM is this process image's own high-water mark; ru_maxrss would carry over the parent's peak across exec
     try:
@@ -55,6 +69,7 @@ def peak_rss_mb() -> float:
 def worker_edgert(model: str, threads: int, prompt: list[int], gen: int, n_ctx: int) -> dict:
     import edgert
     from edgert.llm import LLM
+    from edgert.llm.sampler import Sampler
 
     edgert.native.set_threads(threads)
     t0 = time.perf_counter()
@@ -76,8 +91,10 @@ def worker_edgert(model: str, threads: int, prompt: list[int], gen: int, n_ctx: 
     t2 = time.perf_counter()
     m.forward(prompt, 0, threads=threads)
     pre = time.perf_counter() - t2
+    sampler, history = Sampler(seed=0, repeat_last_n=64, **SAMPLE), prompt[-64:]
+    sample = per_call(lambda: sampler.sample(logits, history))
     return {"load_s": load, "ttft_s": ttft, "prefill_tok_s": len(prompt) / pre, "decode_tok_s": gen / dec,
-            "rss_mb": peak_rss_mb(), "weight_bytes": m.weight_bytes}
+            "rss_mb": peak_rss_mb(), "weight_bytes": m.weight_bytes, "sample_s": sample}
 
 
 def worker_llamacpp(model: str, threads: int, prompt: list[int], gen: int, n_ctx: int) -> dict:
@@ -99,9 +116,11 @@ def worker_llamacpp(model: str, threads: int, prompt: list[int], gen: int, n_ctx
     llm.reset()
     t2 = time.perf_counter()
     llm.eval(prompt)
-    pre = time.perf_counter() - t2
+    pre = time.perf_counter() - t2  # the prompt's last 64 ids are the penalty window (last_n_tokens_size 64)
+    sample = per_call(lambda: llm.sample(top_k=SAMPLE["top_k"], top_p=SAMPLE["top_p"], min_p=SAMPLE["min_p"],
+                                         temp=SAMPLE["temperature"], repeat_penalty=SAMPLE["repeat_penalty"]))
     return {"load_s": load, "ttft_s": ttft, "prefill_tok_s": len(prompt) / pre, "decode_tok_s": gen / dec,
-            "rss_mb": peak_rss_mb()}
+            "rss_mb": peak_rss_mb(), "sample_s": sample}
 
 
 def read_bandwidth(threads: int, nbytes: int = 1 << 30, reps: int = 5) -> float:
@@ -175,7 +194,7 @@ def main() -> int:
     print(f"\nedgert LLM benchmark — {os.path.basename(path)}, prompt {len(ids)} tokens, {args.gen_tokens} decoded, "
           f"n_ctx {args.n_ctx}; {roof_note}")
     hdr = f"{'threads':>7} {'engine':<10} {'load s':>7} {'TTFT ms':>8} {'prefill t/s':>12} {'decode t/s':>11} " \
-          f"{'peak RSS MB':>12} {'read GB/s':>10} {'roofline t/s':>13} {'% roof':>7}"
+          f"{'peak RSS MB':>12} {'read GB/s':>10} {'roofline t/s':>13} {'% roof':>7} {'sample ms':>10}"
     print(hdr)
     print("-" * len(hdr))
     for t, bw, ours, peer in rows:
@@ -185,11 +204,12 @@ def main() -> int:
                 continue
             print(f"{t:>7} {name:<10} {r['load_s']:>7.3f} {r['ttft_s'] * 1e3:>8.1f} {r['prefill_tok_s']:>12.1f} "
                   f"{r['decode_tok_s']:>11.1f} {r['rss_mb']:>12.1f} {bw / 1e9:>10.1f} {roof:>13.1f} "
-                  f"{100 * r['decode_tok_s'] / roof:>6.1f}%")
+                  f"{100 * r['decode_tok_s'] / roof:>6.1f}% {r['sample_s'] * 1e3:>10.3f}")
         if ours and peer:
             print(f"{t:>7} {'ratio':<10} {peer['load_s'] / ours['load_s']:>6.2f}x {peer['ttft_s'] / ours['ttft_s']:>7.2f}x "
                   f"{ours['prefill_tok_s'] / peer['prefill_tok_s']:>11.2f}x {ours['decode_tok_s'] / peer['decode_tok_s']:>10.2f}x "
-                  f"{peer['rss_mb'] / ours['rss_mb']:>11.2f}x   (edgert advantage: >1 is better for edgert)")
+                  f"{peer['rss_mb'] / ours['rss_mb']:>11.2f}x {'':>10} {'':>13} {'':>7} "
+                  f"{peer['sample_s'] / ours['sample_s']:>9.2f}x   (edgert advantage: >1 is better for edgert)")
     return 0
 
 

@@ -4,7 +4,6 @@ Every malformed file must raise ModelFormatError (never another exception, a cra
 the test with gguf.GGUFWriter, then truncated, patched at known byte positions, or flipped at random.
 """
 import struct
-import time
 
 import gguf
 import numpy as np
@@ -16,7 +15,6 @@ from hypothesis import strategies as st
 from edgert import ModelFormatError, QTensor
 from edgert.formats.gguf import COMPUTE_TYPES, GGML_TYPES, TensorInfo, open_gguf
 
-PARSE_BUDGET_S = 1.0  # a SmolLM2-sized vocabulary (49152 tokens, 48900 merges) must parse well within this
 
 RNG = np.random.default_rng(1234)
 W_F32 = RNG.standard_normal((2, 3, 32)).astype(np.float32)
@@ -228,20 +226,21 @@ def test_big_endian_writer_file_refused(tmp_path):
         open_gguf(tmp_path / "be.gguf")
 
 
-def test_parse_speed_of_a_full_vocabulary(tmp_path):
+def test_a_full_vocabulary_parses_into_arrays(tmp_path):
+    """A SmolLM2-sized vocabulary (49152 tokens, 48900 merges): every string and type arrives (its parse time is in
+    benchmarks/llm.py's load column, on the real model)."""
     def vocab(w):
         w.add_token_list([f"tok_{i:05d}_ĠΩ" for i in range(49152)])
         w.add_token_types([1] * 49152)
         w.add_token_merges([f"t{i} o{i}" for i in range(48900)])
 
     path = write_sample(tmp_path / "vocab.gguf", extra=vocab)
-    t0 = time.perf_counter()
     with open_gguf(path) as g:
-        elapsed = time.perf_counter() - t0
-        assert len(g.metadata["tokenizer.ggml.tokens"]) == 49152
-        assert len(g.metadata["tokenizer.ggml.merges"]) == 48900
+        tokens, merges = g.metadata["tokenizer.ggml.tokens"], g.metadata["tokenizer.ggml.merges"]
+        assert len(tokens) == 49152 and tokens[0] == "tok_00000_ĠΩ" and tokens[-1] == "tok_49151_ĠΩ"
+        assert len(merges) == 48900 and merges[48899] == "t48899 o48899"
         assert g.metadata["tokenizer.ggml.token_type"].shape == (49152,)
-    assert elapsed < PARSE_BUDGET_S, f"parse took {elapsed:.3f}s"
+        assert (g.metadata["tokenizer.ggml.token_type"] == 1).all()
 
 
 # -- hostile files ----------------------------------------------------------------------------------------------

@@ -248,13 +248,10 @@ def test_unused_tensors_refused(tmp_path, extra):
 
 @pytest.mark.model
 def test_real_smollm2_spec(smollm2_path):
-    import time
     from collections import Counter
     path = smollm2_path
-    t0 = time.perf_counter()
     with open_gguf(path) as g:
         s = llama_spec(g)
-        elapsed = time.perf_counter() - t0
         assert s.config == LlamaConfig(
             dim=576, hidden_dim=1536, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, vocab_size=49152,
             context_length=8192, rope_base=100000.0, norm_eps=pytest.approx(1e-5), rope_dim=64, tied_output=True,
@@ -263,7 +260,6 @@ def test_real_smollm2_spec(smollm2_path):
         ref = gguf.GGUFReader(path)
         assert [(t.name, t.data_offset, t.n_bytes) for t in ref.tensors] == \
                [(t.name, t.offset, t.nbytes) for t in g.tensors.values()]
-    assert elapsed < 1.0, f"parsing SmolLM2 took {elapsed:.3f}s"
 
 
 # -- metadata of the wrong type, at random -------------------------------------------------------------------------
