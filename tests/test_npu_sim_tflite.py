@@ -164,6 +164,24 @@ def test_fc_parameters_are_the_host_c_cores():
         assert plan[w_off:w_off + n_pad * kp].tobytes() == ins[1].tobytes()
 
 
+@pytest.mark.parametrize("op", ["AVERAGE_POOL_2D", "CONV_2D"])
+def test_padding_other_than_same_or_valid_is_not_a_device_op(op):
+    """TFLite's Padding enum has SAME (0) and VALID (1): a file with any other value is refused by name, not run
+    as VALID."""
+    q = (0.05, 3)
+    m = tm.ModelSpec()
+    x = m.tensor("x", "int8", (1, 4, 4, 2), q=q)
+    y = m.tensor("y", "int8", (1, 2, 2, 2), q=q)
+    if op == "CONV_2D":
+        w = m.tensor("w", "int8", (2, 3, 3, 2), np.ones((2, 3, 3, 2), np.int8), q=(0.01, 0))
+        m.op(op, [x, w, -1], [y], "Conv2DOptions", Padding=2, StrideH=1, StrideW=1)
+    else:
+        m.op(op, [x], [y], "Pool2DOptions", Padding=2, StrideH=2, StrideW=2, FilterHeight=2, FilterWidth=2)
+    g = load_tflite(m.build([x], [y]))
+    with pytest.raises(UnsupportedOpError, match="padding 2 is neither SAME"):
+        serial_npu.tflite_node(g.nodes[0], g)
+
+
 def test_unsupported_tflite_op_stays_on_the_host(caplog):
     """A RELU that requantizes is a Relu to the partitioner but not a device op: with fallback allowed the
     partition runs on the host (LiteRT), with a warning; forbidden, the session says why."""

@@ -270,6 +270,14 @@ def pack_fc_weights(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(p.reshape(np_ // 16, 16, kp // 4, 4).transpose(0, 2, 1, 3)).reshape(np_ // 16, kp * 16)
 
 
+def _same_padding(opts: dict, what: str) -> bool:
+    """TFLite's Padding option: SAME (0, the default) -> True, VALID (1) -> False; any other value is refused."""
+    p = opts.get("Padding", 0)
+    if p not in (0, 1):
+        raise UnsupportedOpError(f"serial-npu: {what!r}: padding {p!r} is neither SAME (0) nor VALID (1)")
+    return p == 0
+
+
 def _pads(in_size: int, k: int, s: int, d: int, same: bool, out_size: int, what: str) -> tuple[int, int]:
     """TFLite's explicit padding (before, after) for SAME / VALID, checked against the model's output size."""
     ek = (k - 1) * d + 1
@@ -348,9 +356,7 @@ def tflite_node(n, graph) -> tuple[str, list, list[int]]:
                                      "channel")
         if b is not None and (b.initializer is None or b.dtype != "int32" or b.initializer.size != o):
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: bias must be a constant int32 (O)")
-        if int(opts.get("Padding", 0)) not in (0, 1):
-            raise UnsupportedOpError(f"serial-npu: {n.name!r}: padding {opts.get('Padding')}")
-        same = int(opts.get("Padding", 0)) == 0
+        same = _same_padding(opts, n.name)
         (sh, sw), (dh, dwi) = n.attrs.get("strides", [1, 1]), n.attrs.get("dilations", [1, 1])
         pt, pb = _pads(xn[1], wi.shape[1], sh, dh, same, yn[1], n.name)
         pl, pr = _pads(xn[2], wi.shape[2], sw, dwi, same, yn[2], n.name)
@@ -371,7 +377,7 @@ def tflite_node(n, graph) -> tuple[str, list, list[int]]:
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: NHWC int8 with equal input and output quantization")
         _qparams(graph, x, "input")
         (kh, kw), (sh, sw) = n.attrs.get("kernel_shape", [1, 1]), n.attrs.get("strides", [1, 1])
-        same = int(opts.get("Padding", 0)) == 0
+        same = _same_padding(opts, n.name)
         pt, pb = _pads(xn[1], kh, sh, 1, same, yn[1], n.name)
         pl, pr = _pads(xn[2], kw, sw, 1, same, yn[2], n.name)
         lo, hi = _act(n, graph, y)
