@@ -338,7 +338,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval import evaluate
+    from .eval import evaluate, kind_of
     from .eval.plot import MATPLOTLIB_MISSING
 
     if args.plot:
@@ -350,11 +350,15 @@ def cmd_eval(args) -> int:
     from rich.progress import Progress
 
     from .errors import InvalidArgumentError
-
-    # --text is for language models, --inputs/--random for graph models: a flag for the other kind is a mistake
+    from .eval import thresholds as th
     from .eval.report import parse_side
+    from .quantize_model import check_output_path
 
-    llm = any(parse_side(m).path.lower().endswith(".gguf") for m in (args.reference, args.candidate))
+    rt = args.reference_threads if args.reference_threads is not None else args.threads
+    ct = args.candidate_threads if args.candidate_threads is not None else args.threads
+    ref, cand = parse_side(args.reference, threads=rt), parse_side(args.candidate, threads=ct)
+    # --text is for language models, --inputs/--random for graph models: a flag for the other kind is a mistake
+    llm = kind_of(ref, cand) == "llm"
     if args.text is not None and not llm:
         raise InvalidArgumentError("--text is for language models (.gguf); graph models take --inputs DIR or "
                                    "--random N")
@@ -367,18 +371,12 @@ def cmd_eval(args) -> int:
     # where the results go is checked before minutes of evaluation, not after
     for flag, dest in (("--json", args.json), ("--plot", args.plot)):
         if dest is not None:
-            parent = os.path.dirname(os.path.abspath(dest))
-            if os.path.isdir(dest) or not os.path.isdir(parent):
-                raise InvalidArgumentError(f"{flag} {dest}: " + ("is a directory" if os.path.isdir(dest) else
-                                                                 f"directory {parent} does not exist"))
-    thresholds = _eval_thresholds(args.thresholds, args.threshold)
-    rt = args.reference_threads if args.reference_threads is not None else args.threads
-    ct = args.candidate_threads if args.candidate_threads is not None else args.threads
+            check_output_path(dest, flag)
+    thresholds = th.merge(args.thresholds, args.threshold)  # checked by evaluate(), before any model is loaded
     with Progress(transient=True, disable=args.quiet or not sys.stderr.isatty()) as bar:
         task = bar.add_task("evaluating", total=None)
-        rep = evaluate(args.reference, args.candidate, data=args.text if args.text is not None else args.inputs,
-                       thresholds=thresholds, ctx=args.ctx, chunks=args.chunks, reference_threads=rt,
-                       candidate_threads=ct, random=args.random, seed=args.seed, runs=args.runs,
+        rep = evaluate(ref, cand, data=args.text if args.text is not None else args.inputs, thresholds=thresholds,
+                       ctx=args.ctx, chunks=args.chunks, random=args.random, seed=args.seed, runs=args.runs,
                        intermediates=not args.no_intermediates,
                        progress=lambda done, total: bar.update(task, completed=done, total=total))
     print(rep.table())
@@ -397,30 +395,6 @@ def cmd_eval(args) -> int:
         print("edgert: gate failed: " + "; ".join(rep.failures), file=sys.stderr)
         return 1
     return 0
-
-
-def _eval_thresholds(path, items) -> dict:
-    """--thresholds FILE.toml and the --threshold NAME=VALUE overrides as one dict (overrides win)."""
-    from .errors import InvalidArgumentError
-    from .eval import thresholds as th
-
-    merged: dict = dict(th.load_toml(path)) if path else {}
-    overrides = th.parse_overrides(items)
-    unknown = [k for k in overrides if not any(k in t for t in th.TABLES.values())]
-    if unknown:
-        raise InvalidArgumentError(f"unknown threshold(s) {unknown}; known: "
-                                   f"{', '.join(sorted(set().union(*th.TABLES.values())))}")
-    for kind in th.KINDS:
-        section = merged.get(kind)
-        if section is None:
-            section = {}
-        if not isinstance(section, dict):
-            raise InvalidArgumentError(f"thresholds file {path}: [{kind}] must be a table of NAME = VALUE, got "
-                                       f"{section!r}")
-        section = dict(section)
-        section.update({k: v for k, v in overrides.items() if k in th.TABLES[kind]})
-        merged[kind] = section
-    return merged
 
 
 def cmd_quantize(args) -> int:

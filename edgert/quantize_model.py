@@ -56,7 +56,7 @@ def quantize_gguf(src, dst, fmt: str, *, keep_embeddings: bool = False, progress
     g = open_gguf(src)  # first: it names a missing, truncated or non-GGUF file (ModelFormatError)
     with contextlib.ExitStack() as stack:  # on leaving: the writer closed, dst in place (or no dst), g closed
         stack.callback(g.close)
-        _check_output_dir(dst)
+        check_output_path(dst)
         try:
             reader = gguf.GGUFReader(src)  # the typed view of the metadata (edgert's reader keeps values, not types)
         except Exception as exc:  # gguf raises assorted types (ValueError, struct errors) for what it cannot read
@@ -149,12 +149,14 @@ def _same_file(src: str, dst: str) -> bool:
         return False
 
 
-def _check_output_dir(dst: str) -> None:
+def check_output_path(dst, what: str = "output") -> None:
+    """Refuse a file to be written whose directory does not exist or which is a directory, before the work that
+    produces it. ``what`` names it in the message (``output``, ``--json``)."""
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
-        raise InvalidArgumentError(f"output {dst}: directory {parent} does not exist")
+        raise InvalidArgumentError(f"{what} {dst}: directory {parent} does not exist")
     if os.path.isdir(dst):
-        raise InvalidArgumentError(f"output {dst} is a directory; give a file name")
+        raise InvalidArgumentError(f"{what} {dst} is a directory; give a file name")
 
 
 def _dequantize(g, name: str) -> np.ndarray:
@@ -243,7 +245,7 @@ def quantize_onnx(src, dst, mode: str, *, calibration=None, block_size: int = 32
         raise ModelNotFoundError(f"ONNX model {src!r} does not exist or is not a file")
     if _same_file(src, dst):
         raise InvalidArgumentError(f"output {dst} is the input file: write the quantized model elsewhere")
-    _check_output_dir(dst)
+    check_output_path(dst)
     if mode == "int8-static" and calibration is None:
         raise InvalidArgumentError("int8-static needs --calibration DIR: sample inputs (.npz/.npy) to calibrate "
                                    "activation ranges on")

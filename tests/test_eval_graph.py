@@ -157,3 +157,22 @@ def test_mismatched_models_and_bad_sample_options_are_clear_errors(models, tmp_p
     (bad / "1.npz").write_bytes((bad / "1.npz").read_bytes()[:40])
     with pytest.raises(edgert.InvalidArgumentError, match="1.npz: not a readable .npz"):
         edgert.evaluate(ref, ref, data=bad, runs=1)
+
+
+def test_mismatched_output_shape_is_refused_before_intermediates_are_run(models, tmp_path, monkeypatch):
+    from edgert.eval import graph
+    from edgert.eval import metrics as M
+
+    _, ref, _, _ = models
+    other = tmp_path / "mlp_out5.onnx"
+    onnx.save(mlp(d_in=64, d_hidden=128, d_out=5), other)  # h1..h5 shared by name, y of another shape
+    compared, read = [], []
+    real_metrics, real_read = M.tensor_metrics, graph._run_intermediates
+    monkeypatch.setattr(M, "tensor_metrics", lambda a, b: compared.append(np.shape(a)) or real_metrics(a, b))
+    monkeypatch.setattr(graph, "_run_intermediates", lambda *a, **k: read.append(a[1]) or real_read(*a, **k))
+    with pytest.raises(edgert.InvalidArgumentError, match=r"output 'y' has shape \[1, 10\] in the reference but "
+                                                          r"\[1, 5\] in the candidate"):
+        edgert.evaluate(ref, other, random=2, runs=1)
+    assert read == [] and compared == []  # refused before the intermediates were read or compared
+    rep = edgert.evaluate(ref, ref, random=2, runs=1)  # the recorders do see a normal evaluation
+    assert len(read) == 2 and len(compared) == len(rep.tensors) == 6

@@ -15,12 +15,23 @@ from . import thresholds as _thresholds
 from .report import EvalReport, Failure, Side, parse_side
 
 
+def kind_of(reference: Side, candidate: Side) -> str:
+    """The evaluation two sides take: "llm" for GGUF language models, "graph" for any other model; one of each
+    cannot be compared."""
+    is_llm = [s.path.lower().endswith(".gguf") for s in (reference, candidate)]
+    if is_llm[0] != is_llm[1]:
+        raise InvalidArgumentError(f"cannot compare {reference.path} with {candidate.path}: one is a GGUF language "
+                                   "model and the other a graph model")
+    return "llm" if is_llm[0] else "graph"
+
+
 def evaluate(reference, candidate, data=None, thresholds=None, *, ctx: int | None = None, chunks: int | None = None,
              reference_threads: int | None = None, candidate_threads: int | None = None,
              reference_device: str | None = None, candidate_device: str | None = None,
              random: int | None = None, seed: int = 0, runs: int | None = None, intermediates: bool = True,
              progress=None) -> EvalReport:
-    """Compare ``candidate`` with ``reference`` (paths, optionally ``MODEL@DEVICE`` / ``MODEL@threads=N``).
+    """Compare ``candidate`` with ``reference`` (paths, optionally ``MODEL@DEVICE`` / ``MODEL@threads=N``, or
+    Sides from ``parse_side``).
 
     ``data``: for language models the text (a string or a path to a text file); for graph models a directory of
     .npy/.npz samples, a dict of arrays (one sample), a list of such dicts, or None (random inputs from the
@@ -28,18 +39,14 @@ def evaluate(reference, candidate, data=None, thresholds=None, *, ctx: int | Non
     (``{"kl_mean": 0.2}`` or ``{"llm": {...}, "graph": {...}}``) or a TOML path, over the documented defaults."""
     ref = parse_side(reference, reference_device, reference_threads)
     cand = parse_side(candidate, candidate_device, candidate_threads)
-    is_llm = [s.path.lower().endswith(".gguf") for s in (ref, cand)]
-    if is_llm[0] != is_llm[1]:
-        raise InvalidArgumentError(f"cannot compare {ref.path} with {cand.path}: one is a GGUF language model and "
-                                   "the other a graph model")
-    if is_llm[0]:
+    kind = kind_of(ref, cand)
+    limits = _thresholds.resolve(kind, thresholds)
+    if kind == "llm":
         from .llm import DEFAULT_CTX, evaluate_llm
 
-        limits = _thresholds.resolve("llm", thresholds)
         return evaluate_llm(ref, cand, data, limits, ctx=DEFAULT_CTX if ctx is None else ctx, chunks=chunks, progress=progress)
     from .graph import evaluate_graph
 
-    limits = _thresholds.resolve("graph", thresholds)
     return evaluate_graph(ref, cand, data, limits, random=random, seed=seed, runs=runs, intermediates=intermediates,
                           progress=progress)
 

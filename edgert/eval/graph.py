@@ -162,6 +162,28 @@ def _run_intermediates(model, names, side, emulate, samples, notes) -> list[dict
         return [dict(zip(names, sess.run(names, s))) for s in samples]
 
 
+def _all_float(values) -> bool:
+    return all(np.asarray(v).dtype.name in _FLOAT for v in values)
+
+
+def _shape_mismatch(a: list, b: list):
+    """The first (reference, candidate) pair of values whose shapes differ, or None."""
+    return next(((x, y) for x, y in zip(a, b) if np.shape(x) != np.shape(y)), None)
+
+
+def _check_output_shapes(outputs: dict, out_names: list[str]) -> None:
+    """Refuse a candidate whose floating-point output has another shape than the reference's: it does not compute
+    what the reference does, so there is no drift to measure and no point in reading intermediates."""
+    for name in out_names:
+        a = [s[name] for s in outputs["reference"]]
+        b = [s[name] for s in outputs["candidate"]]
+        bad = _shape_mismatch(a, b) if _all_float(a + b) else None  # other dtypes are reported as skipped
+        if bad:
+            raise InvalidArgumentError(f"output {name!r} has shape {list(np.shape(bad[0]))} in the reference but "
+                                       f"{list(np.shape(bad[1]))} in the candidate: the models do not compute the "
+                                       "same outputs")
+
+
 def _stack(values: list[np.ndarray]):
     shapes = {np.shape(v) for v in values}
     if len(shapes) != 1:
@@ -222,6 +244,7 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
         sess.close()
         if progress:
             progress(1 if k == "reference" else 2, 3 if intermediates else 2)
+    _check_output_shapes(outputs, out_names)
 
     # shared intermediates, topological order of the reference
     models = {}
@@ -243,15 +266,10 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
         src = outputs if is_out else inter
         a = [s[name] for s in src["reference"]]
         b = [s[name] for s in src["candidate"]]
-        if any(np.asarray(v).dtype.name not in _FLOAT for v in a + b):
+        if not _all_float(a + b):
             skipped[name] = f"{name!r} ({np.asarray(a[0]).dtype.name} vs {np.asarray(b[0]).dtype.name})"
             continue
-        if any(np.shape(x) != np.shape(y) for x, y in zip(a, b)):
-            if is_out:  # the candidate does not compute what the reference does: nothing to measure drift on
-                bad = next((x, y) for x, y in zip(a, b) if np.shape(x) != np.shape(y))
-                raise InvalidArgumentError(f"output {name!r} has shape {list(np.shape(bad[0]))} in the reference but "
-                                           f"{list(np.shape(bad[1]))} in the candidate: the models do not compute "
-                                           "the same outputs")
+        if _shape_mismatch(a, b):  # an intermediate only: the outputs' shapes were checked before reading these
             continue
         ra, rb = _stack(a), _stack(b)
         row = {"name": name, "output": is_out, "shape": list(np.shape(a[0])), **M.tensor_metrics(ra, rb)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import InvalidArgumentError
@@ -31,7 +31,14 @@ class Side:
 
 
 def parse_side(spec, device: str | None = None, threads: int | None = None) -> Side:
-    """``MODEL[@DEVICE][,threads=N]`` / ``MODEL@threads=N`` -> Side; explicit ``device``/``threads`` win."""
+    """``MODEL[@DEVICE][,threads=N]`` / ``MODEL@threads=N`` (or a Side, parsed already) -> Side; explicit
+    ``device``/``threads`` win."""
+    side = spec if isinstance(spec, Side) else _parse_spec(spec)
+    return replace(side, device=side.device if device is None else device,
+                   threads=side.threads if threads is None else threads)
+
+
+def _parse_spec(spec) -> Side:
     s = os.fspath(spec)
     path, opts = s, ""
     if "@" in s:
@@ -56,7 +63,7 @@ def parse_side(spec, device: str | None = None, threads: int | None = None) -> S
                                    "@DEVICE or @threads=N")
     if not os.path.isfile(path):
         raise InvalidArgumentError(f"{path} is a directory, not a model file (from {s!r})")
-    return Side(s, path, device if device is not None else dev, threads if threads is not None else th)
+    return Side(s, path, dev, th)
 
 
 # ---- cost ----------------------------------------------------------------------------------------------------

@@ -114,6 +114,30 @@ def parse_overrides(items) -> dict[str, str]:
     return out
 
 
+def _section(src: dict, kind: str, where: str) -> dict:
+    """The ``[kind]`` table of a thresholds source, {} when it has none; anything but a table is refused."""
+    section = src.get(kind)
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise InvalidArgumentError(f"{where}: [{kind}] must be a table of NAME = VALUE, got {section!r}")
+    return section
+
+
+def merge(path, items) -> dict:
+    """One source for ``resolve``: the TOML file ``path`` (None: no file) with the ``NAME=VALUE`` overrides ``items``
+    on top. An override goes into the section of each kind whose table has the name, so it beats the file's value
+    there; a name no table has goes to the top level, where ``resolve`` refuses it. Values are checked by
+    ``resolve``."""
+    src = dict(load_toml(path)) if path else {}
+    overrides = parse_overrides(items)
+    for kind in KINDS:
+        mine = {k: v for k, v in overrides.items() if k in TABLES[kind]}
+        src[kind] = {**_section(src, kind, f"thresholds file {path}"), **mine}
+    src.update({k: v for k, v in overrides.items() if not any(k in t for t in TABLES.values())})
+    return src
+
+
 def resolve(kind: str, *sources) -> dict[str, float | None]:
     """The thresholds for ``kind``: the defaults, updated by each source in turn. A source is None, a TOML path, or
     a dict (flat ``{metric: value}`` or with ``llm``/``graph`` sections). Unknown metric names are errors."""
@@ -122,16 +146,14 @@ def resolve(kind: str, *sources) -> dict[str, float | None]:
     for src in sources:
         if src is None:
             continue
+        where = "thresholds"
         if isinstance(src, (str, os.PathLike)):
+            where = f"thresholds file {src}"
             src = load_toml(src)
         if not isinstance(src, dict):
             raise InvalidArgumentError(f"thresholds must be a dict or a TOML path, got {type(src).__name__}")
         flat = {k: v for k, v in src.items() if k not in KINDS}
-        section = src.get(kind)
-        if section is None:
-            section = {}
-        if not isinstance(section, dict):
-            raise InvalidArgumentError(f"thresholds section [{kind}] must be a table, got {section!r}")
+        section = _section(src, kind, where)
         for k, v in {**flat, **section}.items():
             if k not in table:
                 other = [o for o in KINDS if o != kind and k in TABLES[o]]
