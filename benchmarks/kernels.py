@@ -9,7 +9,9 @@ embedding). For each, at 1 and 2 threads:
     streams its weights from DRAM (this machine's L3 is hundreds of MB). Reported as GB/s of weight bytes and as %
     of the streaming-read bandwidth (lib.et_stream_read) measured in the same run: "% stream" through one
     edgert.BoundMatMul per matrix (a Python run loop), "C call" through et_matmul_ex straight (as the LLM's C forward
-    pass calls the kernels: no per-call checks, one output buffer).
+    pass calls the kernels: no per-call checks, one output buffer). "read/call" runs the streaming-read loop itself
+    on each matrix of the same rotation, one call per matrix: the ceiling at this call size for a kernel that did
+    nothing but read (every call starts its streams cold, and a call ends with its slowest thread).
   - "x16" rows: the same matrices repacked (edgert.repack) where the ISA reads that layout with its own kernels.
   - GEMV M=1 L3: rotating through 32 MiB, which this machine's L3 holds, as a small model's decode does: x16
     against the GGUF rows (the ratio column).
@@ -96,6 +98,21 @@ def stream_bandwidth(buf: np.ndarray, threads: int, reps: int) -> float:
     ptr = ffi.cast("void *", buf.ctypes.data)
     t = best_time(lambda: native.check(lib.et_stream_read(ptr, buf.nbytes, threads, out)), reps)
     return buf.nbytes / t / 1e9
+
+
+def stream_per_call(mats: list, threads: int, passes: int) -> float:
+    """seconds per call of the streaming-read loop run on each matrix of the rotation in turn: what a kernel that
+    only read its weights would reach at this call size (each call starts its streams cold and waits for the
+    slowest thread)"""
+    out = ffi.new("uint64_t *")
+    calls = [(native.ptr(w.raw), w.nbytes) for w in mats]
+    f = lib.et_stream_read
+
+    def run():
+        for p, nb in calls:
+            f(p, nb, threads, out)
+
+    return best_time(run, passes) / len(mats)
 
 
 def edgert_gemv(mats: list, threads: int, passes: int) -> float:
@@ -331,12 +348,12 @@ def main(argv=None) -> int:
     pool = WeightPool(pool_bytes, rng)
     stream = {t: stream_bandwidth(pool.buf, t, 3 if quick else 5) for t in THREADS}
 
-    cols = ["op", "shape", "fmt", "T", "edgert us", "edgert rate", "% stream", "C call", "peer", "peer us", "ratio",
-            "numpy f32 us", "ratio np"]
+    cols = ["op", "shape", "fmt", "T", "edgert us", "edgert rate", "% stream", "C call", "read/call", "peer",
+            "peer us", "ratio", "numpy f32 us", "ratio np"]
     rows = []
     for t in THREADS:
         rows.append(["stream", f"{min_rotation / GIB:.2f} GiB", "-", str(t), "-", f"{stream[t]:.1f} GB/s", "100%",
-                     "100%", "-", "-", "-", "-", "-"])
+                     "100%", "100%", "-", "-", "-", "-", "-"])
 
     # GEMV
     peer_cache = {}
@@ -348,6 +365,7 @@ def main(argv=None) -> int:
                 for t in THREADS:
                     et = edgert_gemv(mats, t, 2 if quick else 3)
                     ec = edgert_gemv_c(mats, t, 2 if quick else 3)
+                    sc = stream_per_call(mats, t, 2 if quick else 3)
                     gbs = wbytes / et / 1e9
                     op = PEER_OP[fmt]
                     key = (op, n, k, t)
@@ -364,6 +382,7 @@ def main(argv=None) -> int:
                         np_t[t] = numpy_time(n, k, 1, 20, t, blas_threads)
                     rows.append(["GEMV M=1", f"{n}x{k}", label, str(t), fmt_us(et), f"{gbs:.1f} GB/s",
                                  f"{100 * gbs / stream[t]:.0f}%", f"{100 * wbytes / ec / 1e9 / stream[t]:.0f}%",
+                                 f"{100 * wbytes / sc / 1e9 / stream[t]:.0f}%",
                                  f"{op} ({where})" if pt else "-", fmt_us(pt),
                                  fmt_ratio(pt, et), fmt_us(np_t[t]), fmt_ratio(np_t[t], et)])
                 del mats
@@ -378,7 +397,8 @@ def main(argv=None) -> int:
                     et = edgert_gemv(mats, t, 5 if quick else 10)
                     peer = (base is not None) and ("GGUF rows", fmt_us(base), fmt_ratio(base, et))
                     rows.append(["GEMV M=1 L3", f"{n}x{k}", label, str(t), fmt_us(et),
-                                 f"{mats[0].nbytes / et / 1e9:.1f} GB/s", "-", "-", *(peer or ("-", "-", "-")), "-", "-"])
+                                 f"{mats[0].nbytes / et / 1e9:.1f} GB/s", "-", "-", "-", *(peer or ("-", "-", "-")), "-",
+                                 "-"])
                     base = et if base is None else base
             del layouts
 
@@ -404,7 +424,7 @@ def main(argv=None) -> int:
                     if t not in np_t:
                         np_t[t] = numpy_time(n, k, GEMM_M, 3 if quick else 6, t, blas_threads)
                     rows.append(["GEMM M=64", f"{n}x{k}", label, str(t), fmt_us(et), f"{ops / et / 1e9:.0f} GOP/s",
-                                 "-", "-", f"{op} (warm)" if pt else "-", fmt_us(pt), fmt_ratio(pt, et), fmt_us(np_t[t]),
+                                 "-", "-", "-", f"{op} (warm)" if pt else "-", fmt_us(pt), fmt_ratio(pt, et), fmt_us(np_t[t]),
                                  fmt_ratio(np_t[t], et)])
     notes.append(
         f"numpy f32: x @ w.T on cached weights, BLAS threads {'set per row' if blas_threads else 'NOT set (BLAS default)'}. "
