@@ -1,5 +1,5 @@
 /* fc_s8/amx.c — INT8 fully-connected on AMX-INT8 tiles (tdpbssd: s8 x s8 -> s32, 16 x 16 outputs x 64 k per
- * instruction), rowc_s as the starting value; requantization with AVX-512 as avx512vnni.c.
+ * instruction), rowc_s as the starting value; the output step is avx512_store.h's, as avx512vnni.c's.
  *
  * The packed weights are already AMX B tiles: 16 consecutive 64-byte rows of one 16-channel tile are 64 k of 16
  * channels, in the 4-byte groups tdpbssd wants. The activation rows are copied once per call into a 64-byte aligned
@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "avx512_store.h"
 #include "fc_s8.h"
 
 /* GCC's tile intrinsics are asm statements (and a builtin, for ldtilecfg) that do not tell the compiler they touch
@@ -57,20 +58,9 @@ static void configure(int rows0, int rows1) {
 static void requant_block(const et_fc_s8_args *a, const int32_t *c, int rows, int64_t i, int64_t j, int64_t nj) {
     MEMORY_BARRIER(); /* after the tile store that wrote c */
     const __m512i rc = _mm512_loadu_si512(a->rowc_s + j);
-    const __m512 sc = _mm512_loadu_ps(a->scale + j), lo = _mm512_set1_ps(a->fmin), hi = _mm512_set1_ps(a->fmax);
-    const __m512i zp = _mm512_set1_epi32(a->y_zp);
-    const __mmask16 mask = nj >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nj) - 1u);
-    for (int r = 0; r < rows; r++) {
-        const __m512i acc = _mm512_add_epi32(_mm512_load_si512((const void *)(c + r * 16)), rc);
-        __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), sc);
-        if (a->yf) { /* float output */
-            _mm512_mask_storeu_ps(a->yf + (i + r) * a->n + j, mask, f);
-            continue;
-        }
-        f = _mm512_min_ps(_mm512_max_ps(f, lo), hi);
-        const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(f), zp);
-        _mm_mask_storeu_epi8(a->y + (i + r) * a->n + j, mask, _mm512_cvtepi32_epi8(v));
-    }
+    const __mmask16 mask = et_fc_s8_mask16(nj);
+    for (int r = 0; r < rows; r++)
+        et_fc_s8_store16(a, _mm512_add_epi32(_mm512_load_si512((const void *)(c + r * 16)), rc), i + r, j, mask);
     MEMORY_BARRIER(); /* before the next tile store into c */
 }
 
@@ -81,25 +71,30 @@ static inline int group_tiles(int64_t j, int64_t j1, int64_t *nlast) {
     return left > 16 ? 2 : 1;
 }
 
+/* the stored sums of the 32-channel group at j of [j, j1) (its 1 or 2 tiles 256 int32 apart at c), rows i.. */
+static void requant_group(const et_fc_s8_args *a, const int32_t *c, int rows, int64_t i, int64_t j, int64_t j1) {
+    int64_t nlast;
+    const int nt = group_tiles(j, j1, &nlast);
+    for (int t = 0; t < nt; t++) requant_block(a, c + 256 * t, rows, i, j + 16 * t, t == nt - 1 ? nlast : 16);
+}
+
 /* rows i..i+mr (mr <= 16) x channels [j0, j1), software-pipelined: 32-channel groups alternate between
  * accumulator tiles {0, 1} and {2, 3}, and a group's results are stored only after the next group's products
  * have been issued, so the tile stores do not drain the pipeline after every group */
 static void rows1_pipelined(const et_fc_s8_args *a, const int8_t *panel, int64_t i, int mr, int64_t j0, int64_t j1,
                             int32_t *cbuf) {
     const int64_t k = a->k, kp = a->kp, kc = (k + 63) / 64 * 64, stride = kp * 16;
-    /* ring of 2 stored groups: slot g % 2 holds group g's sums from its store (one group later) to its requant
-     * (two groups later), so neither the stores nor the loads of a store wait on recent work */
-    int64_t gj[2] = {-1, -1}, gnt[2] = {0, 0}, gnl[2] = {0, 0};
-    int64_t pj = -1, pnt = 0, pnl = 0; /* the group still in its tiles */
+    /* ring of 2 stored groups: slot g % 2 holds the sums of the group at gj[slot] from its store (one group later)
+     * to its requant (two groups later), so neither the stores nor the loads of a store wait on recent work; the
+     * group's tiles follow from its channel (group_tiles) */
+    int64_t gj[2] = {-1, -1}, nlast;
+    int64_t pj = -1, pnt = 0; /* the group still in its tiles, and its tile count */
     int set = 0, slot = 0;
     for (int64_t j = j0; j < j1; j += 32, set ^= 1) {
-        int64_t nlast;
         const int64_t nt = group_tiles(j, j1, &nlast);
         const int8_t *w0 = a->w + (j / 16) * stride;
         int32_t *cb = cbuf + 512 * slot;
-        if (gj[slot] >= 0) /* the group stored two steps ago: requantize before its slot is reused */
-            for (int t = 0; t < gnt[slot]; t++)
-                requant_block(a, cb + 256 * t, mr, i, gj[slot] + 16 * t, t == gnt[slot] - 1 ? gnl[slot] : 16);
+        if (gj[slot] >= 0) requant_group(a, cb, mr, i, gj[slot], j1); /* before its slot is reused */
 #define GROUP(C0, C1, P0, P1)                                                                                      \
         _tile_zero(C0);                                                                                            \
         _tile_zero(C1);                                                                                            \
@@ -123,13 +118,12 @@ static void rows1_pipelined(const et_fc_s8_args *a, const int8_t *panel, int64_t
             GROUP(2, 3, 0, 1)
         }
 #undef GROUP
-        gj[slot] = pj, gnt[slot] = pnt, gnl[slot] = pnl, slot ^= 1;
-        pj = j, pnt = nt, pnl = nlast;
+        gj[slot] = pj, slot ^= 1;
+        pj = j, pnt = nt;
     }
+    if (pj < 0) return; /* no channels */
     int32_t *cb = cbuf + 512 * slot;
-    if (gj[slot] >= 0)
-        for (int t = 0; t < gnt[slot]; t++)
-            requant_block(a, cb + 256 * t, mr, i, gj[slot] + 16 * t, t == gnt[slot] - 1 ? gnl[slot] : 16);
+    if (gj[slot] >= 0) requant_group(a, cb, mr, i, gj[slot], j1);
     if (set == 1) {
         _tile_stored(0, cb, 64);
         if (pnt > 1) _tile_stored(1, cb + 256, 64);
@@ -137,11 +131,9 @@ static void rows1_pipelined(const et_fc_s8_args *a, const int8_t *panel, int64_t
         _tile_stored(2, cb, 64);
         if (pnt > 1) _tile_stored(3, cb + 256, 64);
     }
-    for (int t = 0; t < pnt; t++) requant_block(a, cb + 256 * t, mr, i, pj + 16 * t, t == pnt - 1 ? pnl : 16);
+    requant_group(a, cb, mr, i, pj, j1);
     slot ^= 1;
-    if (gj[slot] >= 0)
-        for (int t = 0; t < gnt[slot]; t++)
-            requant_block(a, cbuf + 512 * slot + 256 * t, mr, i, gj[slot] + 16 * t, t == gnt[slot] - 1 ? gnl[slot] : 16);
+    if (gj[slot] >= 0) requant_group(a, cbuf + 512 * slot, mr, i, gj[slot], j1);
 }
 
 /* rows i..i+16+mr1 (1 <= mr1 <= 16) x the 32-channel group at j of [j, j1) */

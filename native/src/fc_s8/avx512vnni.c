@@ -1,8 +1,7 @@
 /* fc_s8/avx512vnni.c — INT8 fully-connected with vpdpbusd (u8 x s8 -> s32): x + 128 (x ^ 0x80, made as each 4-byte
  * group is broadcast) against the packed weights, rowc_u as the starting value. 16 output channels per zmm.
  * One row: 4 tiles (64 channels) with 8 independent chains, so the weight stream runs at the cache's rate; 4 rows:
- * 4 rows x 4 tiles, 16 accumulators, each weight load serving 4 rows. Requantization in fp32 (clamp, then cvtps,
- * which rounds half to even as lrintf). */
+ * 4 rows x 4 tiles, 16 accumulators, each weight load serving 4 rows. The output step is avx512_store.h's. */
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))), apply_to = function)
@@ -12,6 +11,7 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include "avx512_store.h"
 #include "fc_s8.h"
 
 static inline __m512i bcast_u8(const int8_t *x) { /* 4 bytes of x at x, + 128 each */
@@ -27,19 +27,6 @@ static inline __m512i bcast_u8_tail(const int8_t *x, int64_t len) { /* len < 4 b
 }
 
 static inline __m512i wload(const int8_t *p) { return _mm512_load_si512((const void *)p); }
-
-static inline void store16(const et_fc_s8_args *a, __m512i acc, int64_t i, int64_t j, __mmask16 mask) {
-    __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(a->scale + j)); /* scale holds np floats */
-    if (a->yf) { /* float output */
-        _mm512_mask_storeu_ps(a->yf + i * a->n + j, mask, f);
-        return;
-    }
-    f = _mm512_min_ps(_mm512_max_ps(f, _mm512_set1_ps(a->fmin)), _mm512_set1_ps(a->fmax));
-    const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(f), _mm512_set1_epi32(a->y_zp));
-    _mm_mask_storeu_epi8(a->y + i * a->n + j, mask, _mm512_cvtepi32_epi8(v));
-}
-
-static inline __mmask16 tail_mask(int64_t nj) { return nj >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nj) - 1u); }
 
 /* one row, 64 channels: 8 chains (two k-quads in flight per tile) */
 static void row1_x4(const et_fc_s8_args *a, int64_t i, int64_t j) {
@@ -68,8 +55,8 @@ static void row1_x4(const et_fc_s8_args *a, int64_t i, int64_t j) {
         s2 = _mm512_dpbusd_epi32(s2, b0, wload(w2 + kk * 16));
         s3 = _mm512_dpbusd_epi32(s3, b0, wload(w3 + kk * 16));
     }
-    store16(a, _mm512_add_epi32(s0, t0), i, j, 0xFFFF), store16(a, _mm512_add_epi32(s1, t1), i, j + 16, 0xFFFF);
-    store16(a, _mm512_add_epi32(s2, t2), i, j + 32, 0xFFFF), store16(a, _mm512_add_epi32(s3, t3), i, j + 48, 0xFFFF);
+    et_fc_s8_store16(a, _mm512_add_epi32(s0, t0), i, j, 0xFFFF), et_fc_s8_store16(a, _mm512_add_epi32(s1, t1), i, j + 16, 0xFFFF);
+    et_fc_s8_store16(a, _mm512_add_epi32(s2, t2), i, j + 32, 0xFFFF), et_fc_s8_store16(a, _mm512_add_epi32(s3, t3), i, j + 48, 0xFFFF);
 }
 
 /* one row, one tile of nj <= 16 channels: 2 chains */
@@ -84,7 +71,7 @@ static void row1_x1(const et_fc_s8_args *a, int64_t i, int64_t j, int64_t nj) {
     }
     for (; kk < kp; kk += 4)
         s0 = _mm512_dpbusd_epi32(s0, kk < k4 ? bcast_u8(x + kk) : bcast_u8_tail(x + kk, k - kk), wload(wb + kk * 16));
-    store16(a, _mm512_add_epi32(s0, s1), i, j, tail_mask(nj));
+    et_fc_s8_store16(a, _mm512_add_epi32(s0, s1), i, j, et_fc_s8_mask16(nj));
 }
 
 /* four rows x four tiles (64 channels): 16 accumulators */
@@ -116,14 +103,14 @@ static void row4_x4(const et_fc_s8_args *a, int64_t i, int64_t j) {
 #undef ROW
 #undef FULL
 #undef TAIL
-    store16(a, s00, i, j, 0xFFFF), store16(a, s01, i, j + 16, 0xFFFF);
-    store16(a, s02, i, j + 32, 0xFFFF), store16(a, s03, i, j + 48, 0xFFFF);
-    store16(a, s10, i + 1, j, 0xFFFF), store16(a, s11, i + 1, j + 16, 0xFFFF);
-    store16(a, s12, i + 1, j + 32, 0xFFFF), store16(a, s13, i + 1, j + 48, 0xFFFF);
-    store16(a, s20, i + 2, j, 0xFFFF), store16(a, s21, i + 2, j + 16, 0xFFFF);
-    store16(a, s22, i + 2, j + 32, 0xFFFF), store16(a, s23, i + 2, j + 48, 0xFFFF);
-    store16(a, s30, i + 3, j, 0xFFFF), store16(a, s31, i + 3, j + 16, 0xFFFF);
-    store16(a, s32, i + 3, j + 32, 0xFFFF), store16(a, s33, i + 3, j + 48, 0xFFFF);
+    et_fc_s8_store16(a, s00, i, j, 0xFFFF), et_fc_s8_store16(a, s01, i, j + 16, 0xFFFF);
+    et_fc_s8_store16(a, s02, i, j + 32, 0xFFFF), et_fc_s8_store16(a, s03, i, j + 48, 0xFFFF);
+    et_fc_s8_store16(a, s10, i + 1, j, 0xFFFF), et_fc_s8_store16(a, s11, i + 1, j + 16, 0xFFFF);
+    et_fc_s8_store16(a, s12, i + 1, j + 32, 0xFFFF), et_fc_s8_store16(a, s13, i + 1, j + 48, 0xFFFF);
+    et_fc_s8_store16(a, s20, i + 2, j, 0xFFFF), et_fc_s8_store16(a, s21, i + 2, j + 16, 0xFFFF);
+    et_fc_s8_store16(a, s22, i + 2, j + 32, 0xFFFF), et_fc_s8_store16(a, s23, i + 2, j + 48, 0xFFFF);
+    et_fc_s8_store16(a, s30, i + 3, j, 0xFFFF), et_fc_s8_store16(a, s31, i + 3, j + 16, 0xFFFF);
+    et_fc_s8_store16(a, s32, i + 3, j + 32, 0xFFFF), et_fc_s8_store16(a, s33, i + 3, j + 48, 0xFFFF);
 }
 
 /* four rows x one tile of nj <= 16 channels */
@@ -146,9 +133,9 @@ static void row4_x1(const et_fc_s8_args *a, int64_t i, int64_t j, int64_t nj) {
             s3 = _mm512_dpbusd_epi32(s3, bcast_u8_tail(x3 + kk, r), w);
         }
     }
-    const __mmask16 mask = tail_mask(nj);
-    store16(a, s0, i, j, mask), store16(a, s1, i + 1, j, mask), store16(a, s2, i + 2, j, mask);
-    store16(a, s3, i + 3, j, mask);
+    const __mmask16 mask = et_fc_s8_mask16(nj);
+    et_fc_s8_store16(a, s0, i, j, mask), et_fc_s8_store16(a, s1, i + 1, j, mask), et_fc_s8_store16(a, s2, i + 2, j, mask);
+    et_fc_s8_store16(a, s3, i + 3, j, mask);
 }
 
 void et_fc_s8_avx512vnni(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
