@@ -188,11 +188,7 @@ def cmd_serve(args) -> int:
 def cmd_report(args) -> int:
     from . import telemetry
 
-    try:
-        rows = telemetry.query(since=args.since, by=args.by)
-    except ValueError as exc:
-        print(f"edgert: error: {exc}", file=sys.stderr)
-        return 2
+    rows = telemetry.query(since=args.since, by=args.by)  # errors: one line and exit 1, as every command
     print(telemetry.format_report(rows, args.format))
     return 0
 
@@ -495,8 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_devices)
 
-    s = sub.add_parser("plan", help="partition an ONNX model for a device: placement, copy points, estimates")
-    s.add_argument("model", help="an .onnx file")
+    s = sub.add_parser("plan",
+                       help="partition an ONNX or TFLite model for a device: placement, copy points, estimates")
+    s.add_argument("model", help="an .onnx or .tflite file")
     s.add_argument("--device", default="host", help="a device profile name (see `edgert devices`) or a .toml path")
     s.add_argument("--fallback", choices=["allow", "forbid"], default="allow",
                    help="forbid: fail, naming every node the accelerators cannot run (default allow: host runs them)")
@@ -508,8 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the plan as JSON instead of the table")
     s.set_defaults(func=cmd_plan)
 
-    s = sub.add_parser("run", help="run an ONNX model on a device profile (outputs, bytes moved vs plan)")
-    s.add_argument("model", help="an .onnx file")
+    s = sub.add_parser("run", help="run an ONNX or TFLite model on a device profile (outputs, bytes moved vs plan)")
+    s.add_argument("model", help="an .onnx or .tflite file")
     s.add_argument("--device", default="host", help="a device profile name (see `edgert devices`) or a .toml path")
     s.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="a graph input (repeatable)")
     s.add_argument("--output", default=None, metavar="DIR", help="save each output as DIR/<name>.npy")
@@ -537,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="compare a candidate model with a reference: drift, gate, speed and cost",
                        description="Language models (.gguf): teacher-forced over --text in windows of --ctx tokens. "
-                                   "Graph models (.onnx): per output and shared intermediate tensor. "
+                                   "Graph models (.onnx, .tflite): per output and shared intermediate tensor "
+                                   "(a .tflite side: outputs only). "
                                    "MODEL@DEVICE picks a device profile (emulated when absent); MODEL@threads=N "
                                    f"a thread count. Default thresholds, llm: {describe('llm')}. "
                                    f"graph: {describe('graph')}.")
@@ -592,6 +590,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`edgert plan m.onnx | head`): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":

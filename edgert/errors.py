@@ -1,6 +1,8 @@
 """edgert's error types. Every failure a user can cause raises one of these, with a message that says what was
 expected, what was found, and what to do. Built-in bases (ValueError, TypeError, ...) are mixed in where they fit so
-ordinary ``except ValueError`` code keeps working."""
+ordinary ``except ValueError`` code keeps working. The argument checks every API shares live here too."""
+import math
+from numbers import Integral, Real
 
 
 class EdgertError(Exception):
@@ -54,3 +56,24 @@ class ProfileError(InvalidArgumentError):
     def __init__(self, message: str, *, file: str = "", field: str = "", reason: str = ""):
         super().__init__(message)
         self.file, self.field, self.reason = file, field, reason
+
+
+def check_number(name: str, v, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
+    """``v`` as a float, when it is a finite real number (not a bool) in the range; InvalidArgumentError naming the
+    argument and the range otherwise."""
+    if isinstance(v, bool) or not isinstance(v, Real):
+        raise InvalidArgumentError(f"{name} must be a number, got {v!r}")
+    x = float(v)
+    ok = math.isfinite(x) and (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise InvalidArgumentError(f"{name} must be in {rng}, got {v!r}")
+    return x
+
+
+def check_count(name: str, v, lo: int = 0, note: str = "") -> int:
+    """``v`` as an int, when it is an integer (not a bool) >= lo; InvalidArgumentError otherwise (``note`` is added
+    to the message, e.g. what 0 means)."""
+    if isinstance(v, bool) or not isinstance(v, Integral) or v < lo:
+        raise InvalidArgumentError(f"{name} must be an int >= {lo}{note}, got {v!r}")
+    return int(v)

@@ -8,6 +8,7 @@ Environment, read once at import:
 from __future__ import annotations
 
 import os
+import sys
 
 from .errors import DeviceError, EdgertError, InvalidArgumentError, NativeBuildError
 
@@ -75,10 +76,12 @@ def physical_cores() -> int:
 
 def set_isa(name: str | None) -> str:
     """Select a kernel variant ("ref", "avx2", "avx512", "neon"; None or "auto" = the best this CPU runs)."""
+    if name is not None and not isinstance(name, str):
+        raise InvalidArgumentError(f"EDGERT_ISA / set_isa: the ISA is a name (str) or None, got {name!r}")
     st = lib.et_isa_select(ffi.NULL if name in (None, "", "auto") else name.encode())
     if st:
-        msg = ffi.string(lib.et_last_error()).decode()
-        raise DeviceError(f"EDGERT_ISA / set_isa: {msg}") if st == 3 else InvalidArgumentError(msg)
+        msg = f"EDGERT_ISA / set_isa: {ffi.string(lib.et_last_error()).decode()}"
+        raise DeviceError(msg) if st == 3 else InvalidArgumentError(msg)
     return _str(lib.et_isa_current())
 
 
@@ -128,4 +131,19 @@ def _init_from_env() -> None:
         set_threads(physical_cores())
 
 
-_init_from_env()
+def _launched_as_cli() -> bool:
+    """This process is the `edgert` command: its console script, or `python -m edgert.cli`."""
+    if os.path.basename(sys.argv[0]) in ("edgert", "edgert.exe"):
+        return True
+    argv = getattr(sys, "orig_argv", [])
+    return any(a == "-m" and argv[i + 1:i + 2] == ["edgert.cli"] for i, a in enumerate(argv))
+
+
+try:
+    _init_from_env()
+except EdgertError as _exc:
+    # the command imports this before its main() can catch anything: it gets its one error line, not a traceback;
+    # a Python program importing edgert gets the exception
+    if _launched_as_cli():
+        sys.exit(f"edgert: error: {_exc}")
+    raise

@@ -32,6 +32,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import EdgertError, InvalidArgumentError
+
 SCHEMA_VERSION = 1
 DEFAULT_POWER_W = 15.0  # an edge host's active draw when no device profile says otherwise
 DEFAULT_PRICE_USD_PER_HOUR = 0.0  # owned hardware with no amortisation data: cost is energy only
@@ -283,7 +285,7 @@ def parse_duration(text: str) -> float:
     """'90s', '15m', '2h', '7d', '1w' or bare seconds -> seconds."""
     m = _DURATION.match(str(text))
     if not m:
-        raise ValueError(f"duration {text!r} is not understood: use a number with s, m, h, d or w (e.g. 30m, 24h)")
+        raise InvalidArgumentError(f"duration {text!r} is not understood: use a number with s, m, h, d or w (e.g. 30m, 24h)")
     return float(m.group(1)) * _UNIT_S[m.group(2).lower() if m.group(2) else None]
 
 
@@ -292,7 +294,10 @@ def events(since: float | None = None, path: Path | None = None) -> list[dict]:
     path = path or db_path()
     if not path.exists():
         return []
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
+    except sqlite3.Error as exc:
+        raise EdgertError(f"cannot open the telemetry database {path}: {exc}") from None
     try:
         con.row_factory = sqlite3.Row
         if since is None:
@@ -300,8 +305,13 @@ def events(since: float | None = None, path: Path | None = None) -> list[dict]:
         else:
             rows = con.execute("SELECT * FROM events WHERE ts >= ? ORDER BY ts", (time.time() - since,)).fetchall()
         return [dict(r) for r in rows]
-    except sqlite3.OperationalError:  # a database without the events table yet
-        return []
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # a database without the events table yet
+            return []
+        raise EdgertError(f"cannot read the telemetry database {path}: {exc}") from None
+    except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
+        raise EdgertError(f"cannot read the telemetry database {path}: {exc}; move it away to start a new one") \
+            from None
     finally:
         con.close()
 
@@ -322,7 +332,9 @@ def summarize(rows: list[dict]) -> dict:
     errors = sum(1 for r in rows if r.get("error"))
     completion = sum(r.get("completion_tokens") or 0 for r in rows)
     prompt = sum(r.get("prompt_tokens") or 0 for r in rows)
-    busy = sum((r.get("prefill_s") or 0.0) + (r.get("decode_s") or 0.0) for r in rows)
+    # tokens/s over the events that generate tokens: a Session run (source "session") has busy time and no tokens
+    token_busy = sum((r.get("prefill_s") or 0.0) + (r.get("decode_s") or 0.0) for r in rows
+                     if r.get("completion_tokens") is not None)
     cost = sum(r.get("cost_usd") or 0.0 for r in rows)
     energy = sum(r.get("energy_j") or 0.0 for r in rows)
     lat = [r.get("latency_s") for r in rows]
@@ -333,7 +345,7 @@ def summarize(rows: list[dict]) -> dict:
         "prompt_tokens": prompt, "completion_tokens": completion,
         "latency_p50_s": percentile(lat, 50), "latency_p95_s": percentile(lat, 95),
         "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
-        "tokens_per_s": completion / busy if busy > 0 else 0.0,
+        "tokens_per_s": completion / token_busy if token_busy > 0 else 0.0,
         "energy_j": energy, "cost_usd": cost,
         "cost_per_1m_tokens_usd": cost / total_tokens * 1e6 if total_tokens else 0.0,
     }
@@ -345,7 +357,7 @@ def query(since: float | str | None = None, by: str | None = None, path: Path | 
     if isinstance(since, str):
         since = parse_duration(since)
     if by is not None and by not in GROUPS:
-        raise ValueError(f"by must be one of {GROUPS}, got {by!r}")
+        raise InvalidArgumentError(f"by must be one of {GROUPS}, got {by!r}")
     rows = events(since, path)
     if by is None:
         return [{"group": "all", **summarize(rows)}]
@@ -374,17 +386,18 @@ def format_report(rows: list[dict], fmt: str = "table") -> str:
             w.writerow(r)
         return buf.getvalue().rstrip("\n")
     if fmt != "table":
-        raise ValueError(f"format must be table, json or csv, got {fmt!r}")
+        raise InvalidArgumentError(f"format must be table, json or csv, got {fmt!r}")
 
     def ms(v):
         return "-" if v is None else f"{v * 1000:.0f}"
 
     head = (f"{key:<24} {'requests':>8} {'errors':>7} {'p50 ms':>8} {'p95 ms':>8} {'ttft50':>7} {'ttft95':>7} "
-            f"{'tok/s':>8} {'$/1M tok':>10} {'energy J':>9}")
+            f"{'tok/s':>8} {'$/1M tok':>10} {'energy J':>9} {'cost $':>10} {'tokens':>9}")
     lines = [head]
     for r in rows:
         lines.append(f"{str(r[key])[:24]:<24} {r['requests']:>8} {r['error_rate'] * 100:>6.1f}% "
                      f"{ms(r['latency_p50_s']):>8} {ms(r['latency_p95_s']):>8} {ms(r['ttft_p50_s']):>7} "
                      f"{ms(r['ttft_p95_s']):>7} {r['tokens_per_s']:>8.1f} {r['cost_per_1m_tokens_usd']:>10.4f} "
-                     f"{r['energy_j']:>9.1f}")
+                     f"{r['energy_j']:>9.1f} {r['cost_usd']:>10.4f} "
+                     f"{r['prompt_tokens'] + r['completion_tokens']:>9}")
     return "\n".join(lines)

@@ -142,3 +142,28 @@ def test_graph_commands_bad_output_paths_are_one_line_errors(tmp_path, capsys, n
         assert main(argv) == 1, argv
         err = capsys.readouterr().err
         assert err.startswith("edgert: error: ") and match in err and err.count("\n") == 1, (argv, err)
+
+
+@pytest.mark.parametrize("env", [{"EDGERT_ISA": "bogus"}, {"EDGERT_THREADS": "0"}, {"EDGERT_THREADS": "abc"}])
+def test_bad_environment_is_one_error_line(env):
+    """The environment is read when edgert is imported, before main() runs: still one line and exit 1."""
+    r = edgert_cmd("info", env=env)
+    assert r.returncode == 1 and r.stderr.startswith("edgert: error: EDGERT_") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`edgert plan m.onnx | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", [f"t{i}"], [f"t{i + 1}"]) for i in range(200)]
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("t200", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "chain.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    p = edgert_popen("plan", str(path), "--device", "imx8mp", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()  # the reader is gone before the table is written
+    err = p.stderr.read().decode()
+    p.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

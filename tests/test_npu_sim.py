@@ -257,3 +257,11 @@ def test_emulated_device_partitions_copy_only_the_plans_transfers():
     est = sess.plan.estimates
     assert sess.stats()["last_run"] == {"bytes_to_device": est["bytes_to_device"], "bytes_to_host": est["bytes_to_host"]}
     sess.close()
+
+
+@pytest.mark.parametrize("kw", [{"baud": -1}, {"baud": float("nan")}, {"ops_per_s": float("inf")}, {"drop": 2},
+                                {"corrupt": -0.1}, {"duplicate": "x"}, {"arena": -1}, {"stall_ms": 1.5},
+                                {"reset_after": 0}, {"seed": True}])
+def test_emulator_settings_are_checked_before_it_starts(kw):
+    with pytest.raises(edgert.InvalidArgumentError, match=next(iter(kw))):
+        NpuSim(**kw)

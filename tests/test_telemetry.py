@@ -225,4 +225,32 @@ def test_cli_generate_records_unless_no_telemetry(tiny_path):
     (row,) = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert row["requests"] == "1"
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-        assert main(["report", "--since", "soon"]) == 2
+        assert main(["report", "--since", "soon"]) == 1
+
+
+def test_session_runs_do_not_dilute_tokens_per_s():
+    """A Session run records busy time and no tokens: tokens/s is over the events that generate tokens."""
+    for i in range(2):
+        telemetry.record(ev(request_id=f"g{i}", completion_tokens=5, prefill_s=0.1, decode_s=0.4))
+    telemetry.record({"source": "session", "endpoint": "run", "model": "m.onnx", "latency_s": 2.0, "decode_s": 2.0})
+    telemetry.flush()
+    (all_,) = telemetry.query()
+    assert all_["requests"] == 3 and all_["completion_tokens"] == 10
+    assert all_["tokens_per_s"] == pytest.approx(10 / 1.0)
+    table = telemetry.format_report(telemetry.query())
+    head, row = table.splitlines()
+    assert head.split()[-3:] == ["cost", "$", "tokens"]
+    assert row.split()[-1] == str(all_["prompt_tokens"] + all_["completion_tokens"])
+
+
+def test_a_damaged_database_is_an_edgert_error(tmp_path):
+    from edgert.cli import main
+    from edgert.errors import EdgertError
+
+    (tmp_path / "telemetry.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(EdgertError, match="telemetry.db.*move it away"):
+        telemetry.events()
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        assert main(["report"]) == 1
+    assert err.getvalue().startswith("edgert: error: cannot read the telemetry database")

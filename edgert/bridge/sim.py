@@ -12,6 +12,7 @@ Must not import anything above edgert.bridge.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ..errors import DeviceError
+from ..errors import DeviceError, check_count, check_number
 
 
 def _home() -> Path:
@@ -70,6 +71,16 @@ class NpuSim:
         if asan is None:
             asan = os.environ.get("EDGERT_NPU_SIM_ASAN", "") not in ("", "0")
         self.asan = asan
+        baud = check_number("baud", baud, 0.0, math.inf, hi_open=True)
+        ops_per_s = check_number("ops_per_s", ops_per_s, 0.0, math.inf, hi_open=True)
+        arena = check_count("arena", arena, note=" (0: the build's size)")
+        drop, corrupt, duplicate = (check_number(k, v, 0.0, 1.0) for k, v in
+                                    (("drop", drop), ("corrupt", corrupt), ("duplicate", duplicate)))
+        stall_ms = check_count("stall_ms", stall_ms)
+        if reset_after is not None:
+            reset_after = check_count("reset_after", reset_after, lo=1)
+        if seed is not None:
+            seed = check_count("seed", seed)
         self.args = ["--baud", str(baud), "--ops-per-s", str(ops_per_s), "--arena", str(int(arena)), "--drop",
                      str(drop), "--corrupt", str(corrupt), "--duplicate", str(duplicate), "--stall-ms",
                      str(int(stall_ms))]

@@ -211,7 +211,7 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
         emulate[k] = bool(side.device) and _needs_emulation(side.device)
         if emulate[k]:
             notes.append(f"{side.label}: device {side.device!r} is not on this machine; emulated (device partitions "
-                         "on onnxruntime CPU, link copies kept and counted)")
+                         "run on this CPU, link copies kept and counted)")
         sessions[k] = _session(side.path, side, emulate[k])
     inputs = sessions["reference"].get_inputs()
     cand_inputs = {i.name for i in sessions["candidate"].get_inputs()}

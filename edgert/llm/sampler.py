@@ -15,24 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import InvalidArgumentError, ShapeError
-
-
-def _real(name: str, v, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise InvalidArgumentError(f"{name} must be a number, got {v!r}")
-    x = float(v)
-    ok = math.isfinite(x) and (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
-    if not ok:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise InvalidArgumentError(f"{name} must be in {rng}, got {v!r}")
-    return x
-
-
-def _count(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-        raise InvalidArgumentError(f"{name} must be an int >= 0 (0 turns it off), got {v!r}")
-    return int(v)
+from ..errors import InvalidArgumentError, ShapeError, check_count, check_number
 
 
 class Sampler:
@@ -47,12 +30,12 @@ class Sampler:
 
     def __init__(self, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                  repeat_penalty: float = 1.0, seed: int | None = None, repeat_last_n: int = 64):
-        self.temperature = _real("temperature", temperature, 0.0, 100.0)
-        self.top_k = _count("top_k", top_k)
-        self.top_p = _real("top_p", top_p, 0.0, 1.0, lo_open=True)
-        self.min_p = _real("min_p", min_p, 0.0, 1.0, hi_open=True)
-        self.repeat_penalty = _real("repeat_penalty", repeat_penalty, 0.0, 100.0, lo_open=True)
-        self.repeat_last_n = _count("repeat_last_n", repeat_last_n)
+        self.temperature = check_number("temperature", temperature, 0.0, 100.0)
+        self.top_k = check_count("top_k", top_k, note=" (0 turns it off)")
+        self.top_p = check_number("top_p", top_p, 0.0, 1.0, lo_open=True)
+        self.min_p = check_number("min_p", min_p, 0.0, 1.0, hi_open=True)
+        self.repeat_penalty = check_number("repeat_penalty", repeat_penalty, 0.0, 100.0, lo_open=True)
+        self.repeat_last_n = check_count("repeat_last_n", repeat_last_n, note=" (0 turns it off)")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise InvalidArgumentError(f"seed must be an int >= 0 or None, got {seed!r}")
         self.seed = seed

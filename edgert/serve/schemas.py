@@ -39,6 +39,12 @@ _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_
           429: "rate_limit_error", 500: "server_error", 503: "server_overloaded", 504: "timeout_error"}
 
 
+# fields accepted and dropped, with the JSON type each must still have (docs/serve.md): (name, types, in words)
+IGNORED_TYPES = (("user", (str,), "a string"), ("metadata", (dict,), "an object"), ("store", (bool,), "a boolean"),
+                 ("service_tier", (str,), "a string"), ("parallel_tool_calls", (bool,), "a boolean"),
+                 ("top_logprobs", (int,), "an integer"))
+
+
 def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
     return APIError(400, message, param, code)
 
@@ -112,6 +118,9 @@ def _content_text(content, i: int) -> str:
     if isinstance(content, list):  # content parts: only text parts can be honoured
         parts = []
         for j, part in enumerate(content):
+            if isinstance(part, dict) and isinstance(part.get("type"), str) and part["type"] != "text":
+                raise bad(f"messages[{i}].content[{j}] is a {part['type']!r} part: only text parts are supported",
+                          f"messages[{i}].content", "unsupported_value")
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise bad(f"messages[{i}].content[{j}] must be a text part {{'type': 'text', 'text': ...}}",
                           f"messages[{i}].content")
@@ -187,6 +196,10 @@ def _reject(body: dict) -> None:
         raise bad("suffix is not supported", "suffix", "unsupported_value")
     for name in ("presence_penalty", "frequency_penalty"):
         _number(body, name, -2.0, 2.0, None)  # ignored, but a wrong type is still an error
+    for name, types, what in IGNORED_TYPES:
+        v = body.get(name)
+        if v is not None and (not isinstance(v, types) or (bool not in types and isinstance(v, bool))):
+            raise bad(f"{name} must be {what}, got {v!r}", name, "invalid_type")
 
 
 def parse_generation(body, kind: str) -> GenerationRequest:

@@ -66,11 +66,13 @@ static void detect_once_fn(void) {
     variants[n_variants++] = (et_variant){"ref", &et_kernels_ref, 1};
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
-    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    /* the AVX2 sources are compiled for avx2,fma,f16c (fp16 scales and KV cache): a CPU, or a VM's CPU model, with
+     * AVX2 but without F16C must not get them */
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     const int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                        __builtin_cpu_supports("avx512vl");
     const int vnni = avx512 && __builtin_cpu_supports("avx512vnni");
-    if (avx2) add_feature("avx2"), add_feature("fma");
+    if (avx2) add_feature("avx2"), add_feature("fma"), add_feature("f16c");
     if (avx512) add_feature("avx512f"), add_feature("avx512bw"), add_feature("avx512vl");
     if (vnni) add_feature("avx512vnni");
     amx_int8 = vnni && detect_amx_int8();
