@@ -10,7 +10,7 @@ import mmap
 import numpy as np
 
 from . import native
-from .errors import DTypeError, InvalidArgumentError, ShapeError
+from .errors import DTypeError, InvalidArgumentError, ShapeError, check_count
 from .native import ffi, lib
 
 BLOCK = 32  # values per block in every block format
@@ -22,7 +22,7 @@ BLOCK_FORMATS = ("q4_0", "q4_1", "q8_0")
 
 
 def _fmt_id(fmt: str) -> int:
-    if fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
         raise InvalidArgumentError(f"unknown format {fmt!r}: expected one of {', '.join(FORMATS)}")
     return FORMATS[fmt]
 
@@ -38,7 +38,10 @@ def row_bytes(fmt: str, k: int) -> int:
 def aligned_empty(nbytes: int, dtype=np.uint8) -> np.ndarray:
     """An uninitialised buffer of ``nbytes`` starting on a 64-byte boundary (whole output rows then leave the
     kernels as whole cache lines; the fc_s8 plan needs it)."""
-    raw = np.empty(nbytes + 64, np.uint8)
+    try:
+        raw = np.empty(nbytes + 64, np.uint8)
+    except (MemoryError, ValueError):
+        raise InvalidArgumentError(f"cannot allocate {nbytes} bytes: the array asked for is too large") from None
     off = (-raw.ctypes.data) % 64
     return raw[off:off + nbytes].view(dtype)
 
@@ -47,13 +50,16 @@ class QTensor:
     """A 2-D weight matrix (N, K) in one of the GGUF formats. ``raw`` is a uint8 view (N, row_bytes) of the blocks,
     byte-for-byte the GGUF layout; it may alias a memory-mapped file or a caller's buffer (no copy is made)."""
 
-    __slots__ = ("fmt", "shape", "raw")
+    __slots__ = ("_fmt", "_shape", "_raw")
 
     def __init__(self, fmt: str, shape: tuple[int, int], raw: np.ndarray):
-        # use quantize() or from_raw(); this constructor trusts its arguments
-        self.fmt = fmt
-        self.shape = shape
-        self.raw = raw
+        # quantize() and from_raw() are the usual ways in; this one checks what the C core will rely on
+        n, k = _shape2(shape)
+        self._fmt, self._shape, self._raw = fmt, (n, k), _blocks(raw, n * row_bytes(fmt, k), f"{fmt} ({n}, {k})")
+
+    fmt = property(lambda self: self._fmt, doc="the format name (q4_0, q4_1, q8_0, f16, f32)")
+    shape = property(lambda self: self._shape, doc="(N, K)")
+    raw = property(lambda self: self._raw, doc="the blocks, a uint8 (N, row bytes) array (read-only attribute)")
 
     @property
     def type_id(self) -> int:
@@ -67,22 +73,20 @@ class QTensor:
     def from_raw(cls, fmt: str, shape, raw) -> "QTensor":
         """Wrap existing blocks (numpy array, bytes, memoryview, mmap) without copying; the size must match."""
         _fmt_id(fmt)
-        try:
-            n, k = (int(s) for s in shape)
-        except (TypeError, ValueError):
-            raise ShapeError(f"shape must be (N, K), got {shape!r}") from None
-        if n < 1 or k < 1:
-            raise ShapeError(f"shape must be positive, got ({n}, {k})")
+        n, k = _shape2(shape)
         rb = row_bytes(fmt, k)
         if isinstance(raw, np.ndarray):
+            if raw.dtype.hasobject:
+                raise DTypeError(f"raw blocks must be plain bytes, got a {raw.dtype} array")
             if not raw.flags.c_contiguous:
                 raise InvalidArgumentError("raw blocks must be C-contiguous (got a strided view); pass a contiguous copy")
             buf = raw.reshape(-1).view(np.uint8)
         else:
             try:
                 buf = np.frombuffer(raw, dtype=np.uint8)
-            except (TypeError, ValueError) as exc:
-                raise DTypeError(f"raw must be a numpy array or a buffer, got {type(raw).__name__}") from exc
+            except (TypeError, ValueError, BufferError) as exc:
+                raise DTypeError(f"raw must be a numpy array or a contiguous buffer, got {type(raw).__name__}") \
+                    from exc
         if buf.nbytes != n * rb:
             raise ShapeError(
                 f"{fmt} tensor of shape ({n}, {k}) needs {n * rb} bytes ({n} rows x {rb}), got {buf.nbytes}"
@@ -100,6 +104,32 @@ class QTensor:
         return f"QTensor(fmt={self.fmt!r}, shape={self.shape}, nbytes={self.nbytes})"
 
 
+MAX_DIM = 1 << 40  # rows or columns: far beyond any model, and size arithmetic on it cannot overflow
+
+
+def _shape2(shape) -> tuple[int, int]:
+    """A weight shape (N, K): two ints in [1, MAX_DIM]."""
+    try:
+        n, k = shape
+    except (TypeError, ValueError):
+        raise ShapeError(f"shape must be (N, K), got {shape!r}") from None
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in (n, k)):
+        raise ShapeError(f"shape must be two ints (N, K), got {shape!r}")
+    if not (1 <= n <= MAX_DIM and 1 <= k <= MAX_DIM):
+        raise ShapeError(f"shape must be positive and at most {MAX_DIM} each, got ({n}, {k})")
+    return int(n), int(k)
+
+
+def _blocks(raw, nbytes: int, what: str) -> np.ndarray:
+    """raw, when it is a C-contiguous uint8 array of exactly nbytes (the bytes the C core will read)."""
+    if type(raw) is not np.ndarray or raw.dtype != np.uint8 or not raw.flags.c_contiguous:
+        raise DTypeError(f"{what}: raw must be a C-contiguous uint8 numpy array, got "
+                         f"{getattr(raw, 'dtype', type(raw).__name__)}")
+    if raw.nbytes != nbytes:
+        raise ShapeError(f"{what} needs {nbytes} bytes of blocks, got {raw.nbytes}")
+    return raw
+
+
 class PackedQTensor:
     """A block-format QTensor repacked into the x16 layout (docs/formats.md): rows in tiles of 16, each tile's
     quants transposed so one 64-byte load holds 4 bytes of each of its 16 rows, the scales 16 to a vector. The
@@ -108,12 +138,21 @@ class PackedQTensor:
     uint8 tile bytes, ``nbytes`` about the QTensor's (rows rounded up to 16, each tile to 64 bytes); drop the QTensor
     to keep one copy."""
 
-    __slots__ = ("fmt", "shape", "raw")
+    __slots__ = ("_fmt", "_shape", "_raw")
     layout = "x16"
 
     def __init__(self, fmt: str, shape: tuple[int, int], raw: np.ndarray):
-        # use repack(); this constructor trusts its arguments
-        self.fmt, self.shape, self.raw = fmt, shape, raw
+        # repack() is the way in; this one checks what the C core will rely on
+        n, k = _shape2(shape)
+        if fmt not in BLOCK_FORMATS or k % BLOCK:
+            raise InvalidArgumentError(f"the x16 layout holds {', '.join(BLOCK_FORMATS)} rows of K % {BLOCK} == 0, "
+                                       f"got {fmt!r} ({n}, {k})")
+        size = int(lib.et_repack_size(FORMATS[fmt], n, k))
+        self._fmt, self._shape, self._raw = fmt, (n, k), _blocks(raw, size, f"x16 {fmt} ({n}, {k})")
+
+    fmt = property(lambda self: self._fmt, doc="the format name (q4_0, q4_1, q8_0)")
+    shape = property(lambda self: self._shape, doc="(N, K)")
+    raw = property(lambda self: self._raw, doc="the tile bytes, a uint8 array (read-only attribute)")
 
     @property
     def type_id(self) -> int:
@@ -194,8 +233,11 @@ def quantize(w: np.ndarray, fmt: str) -> QTensor:
     if n < 1 or k < 1:
         raise ShapeError(f"weights must be non-empty, got shape {w.shape}")
     rb = row_bytes(fmt, k)
-    w = np.ascontiguousarray(w)
-    raw = np.empty((n, rb), dtype=np.uint8)
+    try:
+        w = np.ascontiguousarray(w)
+    except MemoryError:  # a broadcast view of a huge shape
+        raise InvalidArgumentError(f"weights of shape {w.shape} do not fit in memory as a contiguous array") from None
+    raw = aligned_empty(n * rb).reshape(n, rb)
     native.check(lib.et_quantize(fid, native.ptr(w, "float *"), native.ptr(raw), n, k))
     return QTensor(fmt, (n, k), raw)
 
@@ -238,14 +280,18 @@ def matmul(x: np.ndarray, w: QTensor | PackedQTensor, threads: int | None = None
             raise InvalidArgumentError(f"out must be a writeable C-contiguous float32 array of shape {want}, got "
                                        f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
         y = out.reshape(m, n)
-    ss = lib.et_matmul_scratch_size(w.type_id, m, k)
+        if np.may_share_memory(y, x) or np.may_share_memory(y, w.raw):
+            raise InvalidArgumentError("out overlaps x or the weights: the product would read what it writes")
+    ss = matmul_scratch_size(w, m)
     if scratch is None:
-        scratch = np.empty(max(ss, 1), dtype=np.uint8)
+        scratch = np.empty(ss, dtype=np.uint8)
     elif (not isinstance(scratch, np.ndarray) or scratch.dtype != np.uint8 or not scratch.flags.c_contiguous
-          or scratch.nbytes < ss):
-        raise InvalidArgumentError(f"scratch must be a C-contiguous uint8 array of at least {ss} bytes "
+          or not scratch.flags.writeable or scratch.nbytes < ss):
+        raise InvalidArgumentError(f"scratch must be a writeable C-contiguous uint8 array of at least {ss} bytes "
                                    f"(matmul_scratch_size), got {getattr(scratch, 'dtype', type(scratch).__name__)} "
                                    f"of {getattr(scratch, 'nbytes', '?')} bytes")
+    elif any(np.may_share_memory(scratch, a) for a in (x, w.raw, y)):
+        raise InvalidArgumentError("scratch overlaps x, the weights or the output")
     native.check(lib.et_matmul(native.ptr(x, "float *"), m, k, w.type_id, native.ptr(w.raw), n, native.ptr(y, "float *"),
                                native.ptr(scratch), ss, nth))
     if out is not None:
@@ -254,15 +300,19 @@ def matmul(x: np.ndarray, w: QTensor | PackedQTensor, threads: int | None = None
 
 
 def _threads(threads) -> int:
-    """A product's ``threads`` argument (None or a positive int) as the C core's count (0: the pool's)."""
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise InvalidArgumentError(f"threads must be a positive int, got {threads!r}")
-    return threads or 0
+    """A product's ``threads`` argument (None or an int in [1, 2^31)) as the C core's count (0: the pool's; the
+    pool runs at most its 256 threads whatever is asked)."""
+    if threads is None:
+        return 0
+    n = check_count("threads", threads, lo=1)
+    if n >= 2 ** 31:
+        raise InvalidArgumentError(f"threads must be below 2^31 (the pool runs at most 256), got {threads}")
+    return n
 
 
 def _rows(m) -> int:
-    if not isinstance(m, int) or m < 1:
-        raise ShapeError(f"m must be a positive int, got {m!r}")
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= MAX_DIM:
+        raise ShapeError(f"m must be an int in [1, {MAX_DIM}], got {m!r}")
     return m
 
 
@@ -328,7 +378,11 @@ class BoundMatMul:
 
 def matmul_scratch_size(w: QTensor, m: int) -> int:
     """Bytes of scratch ``matmul`` needs for ``m`` rows of activations against ``w`` (for its ``scratch=``)."""
-    return max(int(lib.et_matmul_scratch_size(w.type_id, int(m), int(w.shape[1]))), 1)
+    m = _rows(m)
+    ss = int(lib.et_matmul_scratch_size(_weight(w).type_id, m, int(w.shape[1])))
+    if ss == 0 and w.fmt in BLOCK_FORMATS:
+        raise ShapeError(f"m={m} rows of K={w.shape[1]} need more scratch than an address space holds")
+    return max(ss, 1)
 
 
 def from_matmul_nbits(b, scales, zero_points=None, *, k: int, n: int, block_size: int, bits: int = 4) -> QTensor:
@@ -426,6 +480,24 @@ def _plan_buffer(nbytes: int) -> np.ndarray:
     return raw[off:off + nbytes]
 
 
+def _exact_array(name: str, v, dtype, what: str) -> np.ndarray:
+    """v as a flat contiguous array of dtype, refused when a value is not a number of that kind or changes on the
+    way (an int out of range wraps, a fraction truncates: both would be silently different weights)."""
+    try:
+        a = np.asarray(v)
+        if a.dtype.kind not in "biuf" or a.dtype == np.bool_:
+            raise TypeError
+        with np.errstate(invalid="ignore", over="ignore"):
+            out = np.ascontiguousarray(a, dtype).reshape(-1)
+            same = np.array_equal(out.astype(np.float64), a.reshape(-1).astype(np.float64), equal_nan=True) \
+                if dtype != np.float32 else np.all(np.isfinite(out) == np.isfinite(a.reshape(-1).astype(np.float64)))
+    except (TypeError, ValueError, OverflowError):
+        raise DTypeError(f"{name} must be {what}, got {v!r}") from None
+    if not same:
+        raise InvalidArgumentError(f"{name} must be {what}: some values do not fit, got {v!r}")
+    return out
+
+
 class Int8Weights:
     """(N, K) int8 weights planned once for the C core's int8 product (``et_fc_s8_plan``: weights packed, the bias
     and the activation zero point folded per channel, scales and the clamp range stored). ``scale``: N floats (or
@@ -439,17 +511,18 @@ class Int8Weights:
             raise DTypeError(f"weights must be non-empty 2-D int8, got {w.dtype} {w.shape}")
         self.shape = (int(w.shape[0]), int(w.shape[1]))
         n, k = self.shape
-        x_zp, y_zp, lo, hi = int(x_zp), int(y_zp), int(lo), int(hi)
-        if not (-128 <= x_zp <= 127 and -128 <= y_zp <= 127 and -128 <= lo <= hi <= 127):
+        x_zp, y_zp, lo, hi = (check_count(name, v, lo=-128, note=" and <= 127") for name, v in
+                              (("x_zp", x_zp), ("y_zp", y_zp), ("lo", lo), ("hi", hi)))
+        if not (x_zp <= 127 and y_zp <= 127 and lo <= hi <= 127):
             raise InvalidArgumentError(f"zero points and clamp range must lie in int8 (x_zp {x_zp}, y_zp {y_zp}, "
                                        f"[{lo}, {hi}])")
-        sc = np.asarray(scale, np.float32).reshape(-1)
+        sc = _exact_array("scale", scale, np.float32, "real numbers")
         if sc.size not in (1, n):
             raise ShapeError(f"scale holds {sc.size} values, expected 1 or {n}")
         self.scale = np.ascontiguousarray(np.broadcast_to(sc, (n,)))
         if not (np.all(np.isfinite(self.scale)) and np.all(self.scale >= 0)):
             raise InvalidArgumentError("scales must be finite and >= 0")
-        self.bias = None if bias is None else np.ascontiguousarray(bias, np.int32).reshape(-1)
+        self.bias = None if bias is None else _exact_array("bias", bias, np.int32, "int32 integers")
         if self.bias is not None and self.bias.size != n:
             raise ShapeError(f"bias holds {self.bias.size} values, expected {n}")
         size = int(lib.et_fc_s8_plan_size(n, k))

@@ -349,3 +349,74 @@ def test_bound_dynamic_int8_refuses_bad_arguments():
         args = {"w": np.ones((4, 8), np.int8), **kw}
         with pytest.raises(err):
             Int8Weights(**args)
+
+
+# ---- hostile arguments: refused before any pointer reaches the C core ------------------------------------------
+
+def _q8():
+    return edgert.quantize(np.ones((4, 64), np.float32), "q8_0")
+
+
+@pytest.mark.parametrize("make, err", [
+    (lambda: edgert.QTensor("q8_0", (100000, 64), np.zeros((1, 68), np.uint8)), edgert.ShapeError),
+    (lambda: edgert.QTensor("q8_0", (4, 64), [0] * 272), edgert.DTypeError),
+    (lambda: edgert.QTensor("q8_0", (4, 64), np.zeros(272, np.int8)), edgert.DTypeError),
+    (lambda: edgert.QTensor("q9_9", (4, 64), np.zeros(272, np.uint8)), edgert.InvalidArgumentError),
+    (lambda: edgert.PackedQTensor("q4_0", (1000, 64), np.zeros(10, np.uint8)), edgert.ShapeError),
+    (lambda: edgert.PackedQTensor("f32", (16, 64), np.zeros(4096, np.uint8)), edgert.InvalidArgumentError),
+    (lambda: edgert.quantize(np.ones((1, 32), np.float32), ["q8_0"]), edgert.InvalidArgumentError),
+    (lambda: edgert.QTensor.from_raw(["f32"], (1, 1), b"abcd"), edgert.InvalidArgumentError),
+    (lambda: edgert.QTensor.from_raw("f32", (1, 1), np.array([object()] * 4)), edgert.DTypeError),
+    (lambda: edgert.QTensor.from_raw("f32", (1, 1), memoryview(bytes(8))[::2]), edgert.DTypeError),
+    (lambda: edgert.QTensor.from_raw("f32", (1, 2 ** 64), b"abcd"), edgert.ShapeError),
+    (lambda: edgert.QTensor.from_raw("f32", (1, 2 ** 62 + 1), b"abcd"), edgert.ShapeError),
+    (lambda: edgert.QTensor.from_raw("f32", (1.7, "1"), b"abcd"), edgert.ShapeError),
+    (lambda: edgert.QTensor.from_raw("f32", (True, 1), b"abcd"), edgert.ShapeError),
+    (lambda: edgert.matmul(np.ones((1, 64), np.float32), _q8(), threads=2 ** 31), edgert.InvalidArgumentError),
+    (lambda: edgert.BoundMatMul(_q8(), True), edgert.ShapeError),
+    (lambda: edgert.BoundMatMul(_q8(), 2 ** 62), edgert.ShapeError),
+    (lambda: edgert.quant.matmul_scratch_size(_q8(), 2 ** 61), edgert.ShapeError),
+])
+def test_hostile_arguments_are_edgert_errors(make, err):
+    with pytest.raises(err):
+        make()
+
+
+def test_qtensor_fields_cannot_be_reassigned():
+    """matmul trusts a QTensor's shape against its bytes: they are fixed when it is made."""
+    q = _q8()
+    for name, value in (("shape", (100000, 64)), ("raw", np.zeros(1, np.uint8)), ("fmt", "f32")):
+        with pytest.raises(AttributeError):
+            setattr(q, name, value)
+    x = np.ones((1, 64), np.float32)
+    np.testing.assert_array_equal(edgert.matmul(x, q), x @ q.dequantize().T)
+
+
+def test_matmul_refuses_a_read_only_or_overlapping_scratch_and_out():
+    q = _q8()
+    x = np.ones((2, 64), np.float32)
+    ss = edgert.quant.matmul_scratch_size(q, 2)
+    with pytest.raises(edgert.InvalidArgumentError, match="writeable"):
+        edgert.matmul(x, q, scratch=np.frombuffer(bytes(ss), np.uint8))  # the C core would write into a bytes object
+    with pytest.raises(edgert.InvalidArgumentError, match="overlaps"):
+        edgert.matmul(x, q, scratch=x.reshape(-1).view(np.uint8))
+    f = edgert.quantize(np.ones((64, 64), np.float32), "f32")
+    x64 = np.ones((64, 64), np.float32)
+    with pytest.raises(edgert.InvalidArgumentError, match="overlaps"):
+        edgert.matmul(x64, f, out=x64)  # in place would read rows it has already overwritten
+
+
+def test_sizes_beyond_the_address_space_are_zero_in_c():
+    from edgert.native import lib
+
+    assert lib.et_row_size(0, 2 ** 62 + 1) == 0  # f32: 4 bytes a value would wrap size_t
+    assert lib.et_matmul_scratch_size(8, 2 ** 61, 64) == 0
+
+
+@pytest.mark.parametrize("kw", [{"bias": np.array([2 ** 32 + 5, 1])}, {"bias": [1.5, 2]}, {"bias": [2 ** 40, 1]},
+                                {"bias": ["a", "b"]}, {"x_zp": 1.9}, {"x_zp": "a"}, {"x_zp": float("nan")},
+                                {"x_zp": None}, {"scale": "x"}, {"scale": 1 + 2j}, {"scale": 1e40}, {"y_zp": 200}])
+def test_int8_weights_refuse_values_that_would_change(kw):
+    """An int32 bias that wraps, a fractional zero point that truncates: refused, not silently different weights."""
+    with pytest.raises(edgert.EdgertError):
+        edgert.quant.Int8Weights(np.ones((2, 32), np.int8), **kw)

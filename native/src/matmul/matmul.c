@@ -108,7 +108,8 @@ static int is_block_type(int t) {
 
 size_t et_matmul_scratch_size(int wtype, int64_t m, int64_t k) {
     if (!is_block_type(wtype) || m <= 0 || k <= 0 || k % ET_QK) return 0;
-    return (size_t)m * (size_t)(k / ET_QK) * sizeof(block_q8_s);
+    const size_t row = (size_t)(k / ET_QK) * sizeof(block_q8_s);
+    return (size_t)m > SIZE_MAX / row ? 0 : (size_t)m * row; /* 0 for a block type: more than an address space */
 }
 
 static et_gemm_fn pick(const et_kernels *kt, int t) {
@@ -148,6 +149,9 @@ int et_matmul_ex(const float *x, int64_t m, int64_t kx, size_t ldx, int wtype, c
     size_t xs = ldx * sizeof(float);
     if (is_block_type(wtype)) {
         const size_t need = et_matmul_scratch_size(wtype, m, k);
+        if (need == 0)
+            return et_error(ET_ERR_INVALID, "matmul of m=%lld rows of k=%lld: the scratch exceeds the address space",
+                            (long long)m, (long long)k);
         if (!scratch || scratch_size < need)
             return et_error(ET_ERR_INVALID, "matmul scratch of %zu bytes is too small: need %zu", scratch_size, need);
         xs = (size_t)(k / ET_QK) * sizeof(block_q8_s);

@@ -127,8 +127,8 @@ static void dequantize_row_q8_0(const block_q8_0 *x, float *y, int64_t k) {
 size_t et_row_size(int type, int64_t k) {
     if (k <= 0) return 0;
     switch (type) {
-    case ET_TYPE_F32: return (size_t)k * 4;
-    case ET_TYPE_F16: return (size_t)k * 2;
+    case ET_TYPE_F32: return (uint64_t)k > SIZE_MAX / 4 ? 0 : (size_t)k * 4; /* 0: more than an address space */
+    case ET_TYPE_F16: return (uint64_t)k > SIZE_MAX / 2 ? 0 : (size_t)k * 2;
     case ET_TYPE_Q4_0: return k % ET_QK ? 0 : (size_t)(k / ET_QK) * sizeof(block_q4_0);
     case ET_TYPE_Q4_1: return k % ET_QK ? 0 : (size_t)(k / ET_QK) * sizeof(block_q4_1);
     case ET_TYPE_Q8_0: return k % ET_QK ? 0 : (size_t)(k / ET_QK) * sizeof(block_q8_0);
