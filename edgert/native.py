@@ -3,12 +3,13 @@ thread count. Nothing else: shapes and dtypes are validated by the callers (quan
 
 Environment, read once at import:
     EDGERT_ISA=ref|avx2|avx512|neon   force one kernel variant (an error if this CPU cannot run it)
-    EDGERT_THREADS=N                  size of the kernel thread pool (default: the number of physical cores)
+    EDGERT_THREADS=N                  size of the kernel thread pool, 1..256 (default: the number of physical cores)
 """
 from __future__ import annotations
 
 import os
 import sys
+from numbers import Integral
 
 from .errors import DeviceError, EdgertError, InvalidArgumentError, NativeBuildError
 
@@ -20,6 +21,10 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         "`pip install .` in the source checkout (needs a C compiler and cffi); running from the source tree "
         f"without installing does not build it. ({exc})"
     ) from exc
+
+# threads one call may use: ET_MAX_THREADS in native/src/threadpool.c (the pool's size limit; above it the C core
+# would quietly use fewer, and a count past 32 bits would not reach it at all)
+MAX_THREADS = 256
 
 # C status codes (edgert.h) -> the error raised for them
 _STATUS_ERRORS = {1: InvalidArgumentError, 2: MemoryError, 3: DeviceError, 4: InvalidArgumentError}
@@ -85,10 +90,22 @@ def set_isa(name: str | None) -> str:
     return _str(lib.et_isa_current())
 
 
+def check_threads(threads, name: str = "threads") -> int | None:
+    """A ``threads`` argument: None (the pool's size) or an int in [1, MAX_THREADS]; InvalidArgumentError naming
+    ``name`` otherwise."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, Integral) or not 1 <= threads <= MAX_THREADS:
+        raise InvalidArgumentError(f"{name} must be an int in [1, {MAX_THREADS}] or None, got {threads!r}")
+    return int(threads)
+
+
 def set_threads(n: int) -> None:
     """Resize the kernel thread pool (threads are created once and kept)."""
     if not isinstance(n, int) or isinstance(n, bool):
         raise InvalidArgumentError(f"thread count must be an int, got {type(n).__name__}")
+    if not 1 <= n <= MAX_THREADS:
+        raise InvalidArgumentError(f"thread count must be in [1, {MAX_THREADS}], got {n}")
     check(lib.et_set_threads(n))
 
 
@@ -123,9 +140,9 @@ def _init_from_env() -> None:
         try:
             n = int(env_threads)
         except ValueError:
-            raise InvalidArgumentError(f"EDGERT_THREADS must be a positive integer, got {env_threads!r}") from None
-        if n < 1:
-            raise InvalidArgumentError(f"EDGERT_THREADS must be a positive integer, got {env_threads!r}")
+            n = 0  # not an integer: refused with the range below
+        if not 1 <= n <= MAX_THREADS:
+            raise InvalidArgumentError(f"EDGERT_THREADS must be an integer in [1, {MAX_THREADS}], got {env_threads!r}")
         set_threads(n)
     else:
         set_threads(physical_cores())

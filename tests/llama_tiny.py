@@ -21,8 +21,10 @@ LAYER_ROLES = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_no
 
 
 def write_tiny_llama(path, *, fmt="q4_0", embd_fmt="q8_0", tied=True, dim=64, hidden=96, n_layers=2, n_heads=4,
-                     n_kv_heads=2, vocab=TINY_VOCAB, ctx=256, rope_base=10000.0, eps=1e-5, seed=0, tokenizer=True):
-    """Write a random llama GGUF; returns the float64 weights as they decode from the file (name -> array)."""
+                     n_kv_heads=2, vocab=TINY_VOCAB, ctx=256, rope_base=10000.0, eps=1e-5, seed=0, tokenizer=True,
+                     extra=None):
+    """Write a random llama GGUF; returns the float64 weights as they decode from the file (name -> array).
+    extra: a function given the gguf.GGUFWriter, to add metadata (a chat template, ...)."""
     rng = np.random.default_rng(seed)
     hd = dim // n_heads
     w = gguf.GGUFWriter(str(path), "llama")
@@ -37,6 +39,8 @@ def write_tiny_llama(path, *, fmt="q4_0", embd_fmt="q8_0", tied=True, dim=64, hi
     w.add_rope_dimension_count(hd)
     if tokenizer:
         add_byte_tokenizer(w, vocab)
+    if extra is not None:
+        extra(w)
     decoded = {}
 
     def add(name, arr, f):

@@ -144,7 +144,16 @@ def test_graph_commands_bad_output_paths_are_one_line_errors(tmp_path, capsys, n
         assert err.startswith("edgert: error: ") and match in err and err.count("\n") == 1, (argv, err)
 
 
-@pytest.mark.parametrize("env", [{"EDGERT_ISA": "bogus"}, {"EDGERT_THREADS": "0"}, {"EDGERT_THREADS": "abc"}])
+@pytest.mark.parametrize("threads", ["99999999999", "0", "257"])
+def test_bad_threads_option_is_one_error_line(tiny_path, threads):
+    """--threads 99999999999 used to be accepted by LLM and end in an OverflowError traceback from the C call."""
+    r = edgert_cmd("generate", str(tiny_path), "-p", "the", "-n", "2", "--threads", threads)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr == f"edgert: error: threads must be an int in [1, 256] or None, got {threads}\n"
+
+
+@pytest.mark.parametrize("env", [{"EDGERT_ISA": "bogus"}, {"EDGERT_THREADS": "0"}, {"EDGERT_THREADS": "abc"},
+                                 {"EDGERT_THREADS": "99999999999"}, {"EDGERT_THREADS": "257"}])
 def test_bad_environment_is_one_error_line(env):
     """The environment is read when edgert is imported, before main() runs: still one line and exit 1."""
     r = edgert_cmd("info", env=env)

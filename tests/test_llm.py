@@ -167,3 +167,98 @@ def test_should_stop_ends_with_a_complete_result(llm):
     assert res.finish_reason == "cancelled"
     assert len(res.tokens) == 3 and res.text == "".join(pieces)
     assert res.timings["ttft_s"] > 0
+
+
+# ---------------------------------------------------------------- bad input: edgert errors, never crashes
+
+@pytest.mark.parametrize("threads", [0, -1, 257, 2**40, 1.5, True, "2"])
+def test_bad_threads_are_refused_at_construction(tiny_path, threads):
+    """threads: None or an int in [1, 256] (the C pool's limit); 2**40 used to pass and overflow in generate()."""
+    with pytest.raises(edgert.InvalidArgumentError, match=r"threads must be an int in \[1, 256\]"):
+        LLM(str(tiny_path), n_ctx=32, threads=threads)
+
+
+def test_threads_in_range_are_kept(tiny_path):
+    with LLM(str(tiny_path), n_ctx=32, threads=2) as m:
+        assert m.threads == 2 and m.generate("the", max_tokens=2, temperature=0).tokens
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.generate("a\ud800b", max_tokens=2),
+    lambda m: m.tokenize("\udfff"),
+    lambda m: m.chat([{"role": "user", "content": "hi \ud800"}], max_tokens=2),
+    lambda m: list(m.stream("\ud800", max_tokens=2)),
+], ids=["generate", "tokenize", "chat", "stream"])
+def test_lone_surrogates_are_refused(llm, call):
+    with pytest.raises(edgert.InvalidArgumentError, match="lone surrogate code point"):
+        call(llm)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: m.logits([2**40]), r"ids\[0\] = 1099511627776 is outside the vocabulary \[0, 261\)"),
+    (lambda m: m.logits([1, -1]), r"ids\[1\] = -1 is outside the vocabulary"),
+    (lambda m: m.logits(["a"]), r"ids\[0\] must be an int token id, got 'a'"),
+    (lambda m: m.logits([1.5]), r"ids\[0\] must be an int token id, got 1.5"),
+    (lambda m: m.logits([True]), r"ids\[0\] must be an int token id"),
+    (lambda m: m.logits(None), "ids must be a list of token ids"),
+    (lambda m: m.logits("the"), "ids must be a list of token ids"),
+    (lambda m: m.logits(np.zeros(3, np.float32)), "1-D integer array"),
+    (lambda m: m.logits(np.zeros((1, 2), np.int32)), "1-D integer array"),
+    (lambda m: m.logits([]), "at least one token id"),
+    (lambda m: m.detokenize(None), "ids must be a list of token ids"),
+    (lambda m: m.detokenize("the"), "ids must be a list of token ids"),
+    (lambda m: m.detokenize([1.5]), "token id must be an int, got 1.5"),
+    (lambda m: m.detokenize([2**40]), "outside the vocabulary"),
+    (lambda m: m.tokenize(None), "text must be a str, got NoneType"),
+    (lambda m: m.tokenize(0), "text must be a str, got int"),
+    (lambda m: m.tokenize(b""), "text must be a str, got bytes"),
+])
+def test_bad_token_ids_and_text(llm, call, match):
+    with pytest.raises(edgert.InvalidArgumentError, match=match):
+        call(llm)
+
+
+def test_good_token_ids_in_any_integer_form(llm):
+    ids = llm.tokenize("the hat")
+    want = llm.logits(ids)
+    np.testing.assert_array_equal(llm.logits(np.array(ids, np.int64)), want)
+    np.testing.assert_array_equal(llm.logits(tuple(np.int32(i) for i in ids)), want)
+    assert llm.detokenize(np.array(ids)) == llm.detokenize(ids) == "the hat"
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.generate("the", max_tokens=2),
+    lambda m: list(m.stream("the", max_tokens=2)),
+    lambda m: m.chat([{"role": "user", "content": "hi"}], max_tokens=2),
+    lambda m: m.logits([1, 2]),
+    lambda m: m.model.forward([1], 0),
+    lambda m: m.model.state_bytes,
+], ids=["generate", "stream", "chat", "logits", "forward", "state_bytes"])
+def test_calls_after_close_say_the_model_is_closed(tiny_path, call):
+    m = LLM(str(tiny_path), n_ctx=32)
+    m.close()
+    with pytest.raises(edgert.InvalidArgumentError, match="the model is closed"):
+        call(m)
+    m.close()  # closing twice is fine
+
+
+@pytest.mark.parametrize("template", ["", "  \n"])
+def test_empty_chat_template_falls_back_to_chatml(tmp_path, template):
+    """An empty tokenizer.chat_template is a missing one (ChatML), as template_from_metadata says; LLM used to take
+    it as is and render nothing ("forward needs at least one token")."""
+    from edgert.llm.chat_template import CHATML_TEMPLATE
+
+    path = tmp_path / "m.gguf"
+    write_tiny_llama(path, ctx=64, extra=lambda w: w.add_chat_template(template))
+    with LLM(str(path), n_ctx=64) as m:
+        assert m.template == CHATML_TEMPLATE
+        assert m.detokenize(m.chat_tokens([{"role": "user", "content": "hi"}])) == (
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+        assert m.chat([{"role": "user", "content": "hi"}], max_tokens=2, temperature=0).tokens
+
+
+def test_chat_template_that_is_not_a_string_is_a_format_error(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_tiny_llama(path, ctx=64, extra=lambda w: w.add_uint32("tokenizer.chat_template", 7))
+    with pytest.raises(edgert.ModelFormatError, match="GGUF tokenizer.chat_template must be a string, found int"):
+        LLM(str(path), n_ctx=64)

@@ -142,14 +142,14 @@ def test_hostile_or_broken_templates_fail_cleanly(template, tmp_path, monkeypatc
 
 
 def test_endless_template_is_stopped_by_its_step_budget():
-    """Nested loops that produce nothing (10^10 steps) end in a ModelFormatError within the step budget, while a long
-    real conversation renders; a tracer installed before (a debugger, coverage) is put back."""
+    """Nested loops that produce nothing (4*10^9 steps) end in a ModelFormatError within the step budget, while a
+    long real conversation renders; a tracer installed before (a debugger, coverage) is put back."""
     import sys
     import time
 
     from edgert.llm.chat_template import MAX_TEMPLATE_STEPS
 
-    hostile = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
+    hostile = "{% for i in range(65536) %}{% for j in range(65536) %}{% endfor %}{% endfor %}x"
     marker = lambda *a: None  # noqa: E731
     before = sys.gettrace()
     sys.settrace(marker)
@@ -164,6 +164,57 @@ def test_endless_template_is_stopped_by_its_step_budget():
     long_chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(4000)]
     out = render(SMOL_TEMPLATE, long_chat)
     assert out.count("<|im_start|>") == 4002 and "turn 3999" in out  # + default system + generation prompt
+
+
+def test_work_inside_filters_is_bounded_by_the_clock(monkeypatch):
+    """A few thousand steps, each sorting a long range (hours of work the step budget does not see): refused by the
+    range cap as reported, and by the wall clock when every range fits the cap; the real templates still render."""
+    import time
+
+    from edgert.llm import chat_template
+
+    msgs = [{"role": "user", "content": "x"}]
+    for hostile in ("{{ range(100000)|sort|first }}",  # (first: fails fast where range is not capped)
+                    "{% for i in range(100000) %}{{ range(100000)|sort|first }}{% endfor %}"):
+        with pytest.raises(ModelFormatError, match="range of 100000 items is larger than 65536"):
+            render(hostile, msgs)
+    monkeypatch.setattr(chat_template, "MAX_TEMPLATE_SECONDS", 0.5)
+    t = time.perf_counter()
+    with pytest.raises(ModelFormatError, match="longer than 0.5 s"):
+        render("{% for i in range(65536) %}{{ range(65536)|sort|first }}{% endfor %}", msgs)
+    assert time.perf_counter() - t < 30  # unbounded, this is about 80 minutes
+    for template in (CHATML_TEMPLATE, SMOL_TEMPLATE):
+        assert render(template, TWO_TURNS) == TWO_TURNS_CHATML
+
+
+@pytest.mark.parametrize("template", [
+    "{% set a = 'x' * 1000000 %}{% set a = a ~ a ~ a ~ a ~ a %}{{ a|length }}",           # ~ concatenation
+    "{% set a = [0] * 1000000 %}{% set a = a + a + a + a + a %}{{ a|length }}",             # + on lists
+    "{% set a = 'x' * 4000 %}{{ a|replace('x', a)|length }}",                                # replace, quadratic
+    "{% set a = 'x' * 4000 %}{{ a.replace('', a)|length }}",                                 # str.replace
+    "{{ 'x'|center(10000000)|length }}",                                                     # width argument
+    "{{ 'x'.ljust(10000000)|length }}",                                                      # width in a call
+    "{{ ('%10000000s' % 'x')|length }}",                                                     # printf width
+    "{{ ('%*s' % (10000000, 'x'))|length }}",
+    "{{ '{:>10000000}'.format('x')|length }}",                                               # str.format width
+    "{{ [1]|batch(10000000, 0)|list|length }}",                                              # a count argument
+    "{% set n = 10 ** 1000 %}{{ n * n * n * n * n * n * n * n * n * n * n * n * n * n * n * n * n * n * n * n * n"
+    " * n > 0 }}",                                                                           # growing integers
+    "{{ (10 ** 1000) ** 1000 > 0 }}",
+    "{{ lipsum(100) }}",                                       # gone: lipsum(n) writes n paragraphs in one call
+])
+def test_what_a_template_builds_is_bounded(template):
+    """Each of these builds gigabytes or computes for minutes inside one step, where neither budget can see it."""
+    with pytest.raises(ModelFormatError):
+        render(template, [{"role": "user", "content": "x"}])
+
+
+def test_bounds_leave_ordinary_template_code_alone():
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    tpl = ("{% for i in range(messages|length - 1, -1, -1) %}{{ '%d:%s|' % (i, messages[i]['content']) }}"
+           "{{ ('[' ~ messages[i]['role'] ~ ']')|center(9) }}{{ '{}'.format(loop.index) + ('-' * 3) }}{% endfor %}"
+           "{{ (2 ** 10)|string }}{{ messages|map(attribute='role')|join(',')|replace(',', ';') }}")
+    assert render(tpl, msgs) == "1:Hello|[assistant]1---0:Hi|  [user] 2---1024user;assistant"
 
 
 def test_template_from_metadata():

@@ -123,6 +123,46 @@ def test_bad_tokens_and_arguments(tmp_path):
         LlamaModel(tmp_path / "m.gguf", n_ctx=100000)
 
 
+@pytest.mark.parametrize("args, kwargs, match", [
+    (([1], 1.5), {}, "pos must be an int >= 0"),
+    (([1], None), {}, "pos must be an int >= 0"),
+    (([1], -1), {}, "pos must be an int >= 0"),
+    (([1], True), {}, "pos must be an int >= 0"),
+    (([1], "0"), {}, "pos must be an int >= 0"),
+    (([1], 2**40), {}, "context full"),
+    ((None, 0), {}, "tokens must be a list of token ids"),
+    ((7, 0), {}, "tokens must be a list of token ids"),
+    (("ab", 0), {}, "tokens must be a list of token ids"),
+    (([1.5], 0), {}, r"tokens\[0\] must be an int token id, got 1.5"),
+    (([1, None], 0), {}, r"tokens\[1\] must be an int token id, got None"),
+    (([2**40], 0), {}, r"tokens\[0\] = 1099511627776 is outside the vocabulary"),
+    ((np.array([1.0]), 0), {}, "1-D integer array"),
+    ((np.array([[1]]), 0), {}, "1-D integer array"),
+    ((np.array([1, 2**40]), 0), {}, r"tokens\[1\] = 1099511627776 is outside the vocabulary"),
+    (([1], 0), {"threads": 1.5}, r"threads must be an int in \[1, 256\] or None, got 1.5"),
+    (([1], 0), {"threads": 0}, r"threads must be an int in \[1, 256\]"),
+    (([1], 0), {"threads": 257}, r"threads must be an int in \[1, 256\]"),
+    (([1], 0), {"threads": 2**40}, r"threads must be an int in \[1, 256\]"),
+])
+def test_bad_forward_arguments(tmp_path, args, kwargs, match):
+    """Each of these used to escape as TypeError, ValueError or OverflowError (or, 1.5 as a token, run token 1)."""
+    write_tiny_llama(tmp_path / "m.gguf", fmt="q4_0")
+    with LlamaModel(tmp_path / "m.gguf", n_ctx=16) as m:
+        with pytest.raises(edgert.InvalidArgumentError, match=match):
+            m.forward(*args, **kwargs)
+        assert m.forward(np.array([1, 2], np.int64), np.int64(0), threads=np.int32(1)).shape == (m.vocab_size,)
+
+
+def test_closed_model_is_a_clear_error(tmp_path):
+    write_tiny_llama(tmp_path / "m.gguf", fmt="q4_0")
+    m = LlamaModel(tmp_path / "m.gguf", n_ctx=16)
+    m.close()
+    for call in (lambda: m.forward([1], 0), lambda: m.state_bytes):
+        with pytest.raises(edgert.InvalidArgumentError, match="the model is closed"):
+            call()
+    m.close()
+
+
 def test_state_is_sized_by_n_ctx(tmp_path):
     write_tiny_llama(tmp_path / "m.gguf", fmt="q4_0")
     with LlamaModel(tmp_path / "m.gguf", n_ctx=32, n_batch=16) as small, \

@@ -1,6 +1,7 @@
 """Tokenizer: a tiny byte-level BPE vocabulary built here, plus marked end-to-end tests on the real SmolLM2 model."""
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,47 @@ def test_bad_ids_and_text(tiny):
     with pytest.raises(InvalidArgumentError):
         tiny.encode(b"bytes")
     assert tiny.encode("") == []
+
+
+def test_non_text_and_surrogates_are_refused(tiny):
+    """None and 0 used to tokenize to [] (the type was only checked for non-empty values); a lone surrogate escaped
+    as the tokenizers library's TypeError."""
+    for bad in (None, 0, [], b""):
+        for encode in (tiny.encode, tiny.encode_special):
+            with pytest.raises(InvalidArgumentError, match="text must be a str"):
+                encode(bad)
+    with pytest.raises(InvalidArgumentError, match=r"lone surrogate code point \(U\+D800 at character 2\)"):
+        tiny.encode("ab\ud800")
+    with pytest.raises(InvalidArgumentError, match="lone surrogate"):
+        tiny.encode_special("\udc80")
+    for bad in ([1.5], ["3"], [True], [None]):
+        with pytest.raises(InvalidArgumentError, match="token id must be an int"):
+            tiny.decode(bad)
+    for bad in (None, "abc", 5):
+        with pytest.raises(InvalidArgumentError, match="ids must be a list of token ids"):
+            tiny.decode(bad)
+
+
+def byte_token_meta(spelling: str) -> dict:
+    """tiny_meta with one more token, of type BYTE (6), spelled ``spelling``."""
+    meta = tiny_meta()
+    meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"] + [spelling]
+    meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"] + [6]
+    return meta
+
+
+@pytest.mark.parametrize("spelling", ["<0xZZ>", "<0x4Z>", "<0x 1>", "<0x+1>", "<0x1>", "<0x123>", "<0x>"])
+def test_malformed_byte_token_is_a_format_error(spelling):
+    """A byte-fallback token must be <0xHH>: "<0xZZ>" used to load and raise ValueError when decoded (llama.cpp
+    would read it with strtol as some other byte), " 1"/"+1" were read by int() as 1."""
+    with pytest.raises(ModelFormatError, match=rf"tokens\[\d+\] = '{re.escape(spelling)}' is a byte token"):
+        Tokenizer.from_gguf_metadata(byte_token_meta(spelling))
+
+
+@pytest.mark.parametrize("spelling, byte", [("<0x41>", b"A"), ("<0xff>", b"\xff"), ("<0x0A>", b"\n")])
+def test_byte_token_decodes_to_its_byte(spelling, byte):
+    tok = Tokenizer.from_gguf_metadata(byte_token_meta(spelling))
+    assert tok.token_to_piece(tok.vocab_size - 1) == byte
 
 
 def test_stream_decoder_holds_split_characters(tiny):

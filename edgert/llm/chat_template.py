@@ -3,8 +3,11 @@ immutable sandbox, and split so message content can never be tokenized as templa
 
 A template comes from a downloaded file and is treated as hostile: it runs in ``ImmutableSandboxedEnvironment``;
 any attempt to touch an unsafe attribute (``__class__``, ``__globals__``, ...) fails at once (the stock sandbox
-would render it as an empty string), ``*``/``**`` on strings/lists and huge outputs are bounded, and every failure
-of the template becomes ``ModelFormatError``. ``raise_exception`` in a template means the *messages* break the
+would render it as an empty string), and every failure of the template becomes ``ModelFormatError``. Its work is
+bounded as well as its reach: the lines it runs (MAX_TEMPLATE_STEPS) and its wall-clock time (MAX_TEMPLATE_SECONDS)
+are budgeted, and since a filter or operator does its work between two lines, every value it builds is bounded too
+(``range`` to MAX_RANGE_ITEMS, strings and collections to MAX_VALUE_ITEMS, integers to MAX_INT_BITS, integer
+arguments of calls and filters — widths, counts — to MAX_VALUE_ITEMS), so no single step runs for long. ``raise_exception`` in a template means the *messages* break the
 template's rules (say, roles not alternating), so it raises ``InvalidArgumentError``.
 
 ``render_segments`` renders once with each message's content replaced by a unique sentinel of private-use code
@@ -20,9 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import itertools
 import json
 import re
 import sys
+import time
 from collections.abc import Mapping, Sequence
 
 from ..errors import EdgertError, InvalidArgumentError, ModelFormatError
@@ -43,6 +49,14 @@ MAX_POWER_EXPONENT = 1024
 # lines of template code one render may execute: a conversation of thousands of messages takes a few hundred
 # thousand; nested loops over range() in a hostile template would otherwise run for hours producing nothing
 MAX_TEMPLATE_STEPS = 2_000_000
+# wall-clock budget of one render: a real template renders a long conversation in milliseconds; this catches work
+# done inside filters and operators (a sort per step), which the step budget does not see
+MAX_TEMPLATE_SECONDS = 10.0
+# range() in a template: chat templates loop over the messages (more than any context holds) or a handful of items;
+# jinja's own sandbox allows 100000, enough for one `range(100000)|sort` per step to take a tenth of a second
+MAX_RANGE_ITEMS = 1 << 16
+MAX_VALUE_ITEMS = MAX_OUTPUT_CHARS  # items in any string, list or dict a template builds (a prompt is at most that)
+MAX_INT_BITS = 1 << 16              # bits in any integer a template computes
 
 _ALLOWED_KEYS = frozenset({"role", "content"})
 
@@ -63,6 +77,72 @@ def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=F
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
 
 
+def _refuse(message: str):
+    from jinja2.exceptions import SecurityError
+
+    raise SecurityError(message)
+
+
+_SIZED = (str, list, tuple, dict, set, frozenset)
+_BIG_NUMBER = re.compile(r"\d{8,}")  # in a format string: a width or precision of 10^7 or more
+
+
+def _bounded(value):
+    """``value`` when it is within the bounds on what a template may build (MAX_VALUE_ITEMS, MAX_INT_BITS)."""
+    if isinstance(value, _SIZED):
+        if len(value) > MAX_VALUE_ITEMS:
+            _refuse(f"a {type(value).__name__} of {len(value)} items is larger than {MAX_VALUE_ITEMS}")
+    elif isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        _refuse(f"an integer of {value.bit_length()} bits is larger than {MAX_INT_BITS}")
+    return value
+
+
+def _check_ints(name: str, args, kwargs) -> None:
+    for a in itertools.chain(args, kwargs.values()):
+        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_VALUE_ITEMS:
+            _refuse(f"{name} got the integer argument {a}, larger than {MAX_VALUE_ITEMS}")
+
+
+def _check_call(name: str, target, args, kwargs) -> None:
+    """Before a call or filter runs: its integer arguments (widths, counts, padding) are at most MAX_VALUE_ITEMS, a
+    str.replace cannot build more than MAX_VALUE_ITEMS characters, a format string asks for no huge width."""
+    _check_ints(f"{name}()", args, kwargs)
+    _check_str_op(name, target, args)
+
+
+def _check_str_op(name: str, target, args) -> None:
+    if not isinstance(target, str):
+        return
+    if name == "replace" and len(args) >= 2:
+        old, new = str(args[0]), str(args[1])
+        n = target.count(old) if old else len(target) + 1
+        if len(args) >= 3 and isinstance(args[2], int) and args[2] >= 0:
+            n = min(n, args[2])
+        if len(target) + n * (len(new) - len(old)) > MAX_VALUE_ITEMS:
+            _refuse(f"replace() would build more than {MAX_VALUE_ITEMS} characters")
+    elif name in ("format", "format_map") and _BIG_NUMBER.search(target):
+        _refuse(f"format string asks for a width or precision of {_BIG_NUMBER.search(target).group()}")
+
+
+def _bounded_filter(name: str, f):
+    """A filter that checks its arguments (not the value it filters) and bounds what it returns."""
+    skip = 2 if getattr(f, "jinja_pass_arg", None) is not None else 1  # (context|eval_ctx|environment, value, ...)
+
+    @functools.wraps(f)  # keeps jinja_pass_arg
+    def bounded(*args, **kwargs):
+        _check_call(name, args[skip - 1] if len(args) >= skip else None, args[skip:], kwargs)
+        return _bounded(f(*args, **kwargs))
+
+    return bounded
+
+
+def _range(*args):
+    r = range(*args)
+    if len(r) > MAX_RANGE_ITEMS:
+        _refuse(f"range of {len(r)} items is larger than {MAX_RANGE_ITEMS}")
+    return r
+
+
 _env = None
 
 
@@ -71,28 +151,72 @@ def _environment():
     global _env
     if _env is not None:
         return _env
+    from jinja2.compiler import CodeGenerator
     from jinja2.exceptions import SecurityError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    class _BoundedConcat(CodeGenerator):
+        """`a ~ b` compiles to a call of the environment's bounded_concat instead of a plain join."""
+
+        def visit_Concat(self, node, frame):
+            self.write("environment.bounded_concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
     class _StrictSandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**"})
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+        code_generator_class = _BoundedConcat
 
         def unsafe_undefined(self, obj, attribute):
             raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
+
+        def call(self, context, obj, /, *args, **kwargs):
+            fn = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
+            _check_call(getattr(fn, "__name__", "call"), getattr(fn, "__self__", None), args, kwargs)
+            return _bounded(super().call(context, obj, *args, **kwargs))
+
+        @staticmethod
+        def bounded_concat(parts) -> str:
+            parts = [str(p) for p in parts]
+            n = sum(map(len, parts))
+            if n > MAX_VALUE_ITEMS:
+                raise SecurityError(f"a string of {n} characters is larger than {MAX_VALUE_ITEMS}")
+            return "".join(parts)
 
         def call_binop(self, context, operator, left, right):
             if operator == "**":
                 if isinstance(right, (int, float)) and abs(right) > MAX_POWER_EXPONENT:
                     raise SecurityError(f"exponent {right} is larger than {MAX_POWER_EXPONENT}")
+                if isinstance(left, int) and isinstance(right, int) and right > 0 and \
+                        left.bit_length() * right > MAX_INT_BITS:
+                    raise SecurityError(f"a power of about {left.bit_length() * right} bits is larger than "
+                                        f"{MAX_INT_BITS}")
                 return left ** right
+            if operator == "+":
+                if isinstance(left, _SIZED) and isinstance(right, _SIZED) and \
+                        len(left) + len(right) > MAX_VALUE_ITEMS:
+                    raise SecurityError(f"concatenation of {len(left) + len(right)} items is larger than "
+                                        f"{MAX_VALUE_ITEMS}")
+                return _bounded(left + right)
+            if operator == "%":
+                if isinstance(left, str):  # printf-style: "%*s" takes its width from the arguments
+                    _check_str_op("format", left, ())
+                    if "*" in left:
+                        _check_ints("%", right if isinstance(right, tuple) else (right,), {})
+                return _bounded(left % right)
             for seq, n in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT_ITEMS:
                     raise SecurityError(f"repetition producing {len(seq) * n} items is larger than {MAX_REPEAT_ITEMS}")
-            return left * right
+            return _bounded(left * right)
 
     env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols], autoescape=False)
     env.filters["tojson"] = _tojson
+    env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
+    env.globals["range"] = _range
+    env.globals.pop("lipsum", None)  # lipsum(n) writes n paragraphs in one call; no chat template needs it
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     _env = env
@@ -133,12 +257,14 @@ def validate_messages(messages) -> list[dict[str, str]]:
 
 
 @contextlib.contextmanager
-def _step_budget(limit: int, error: type):
+def _step_budget(limit: int, seconds: float, error: type):
     """Count the lines of template code (Jinja compiles a template to Python whose frames have the file name
-    ``<template>``) this thread executes, and raise ``error`` past ``limit``: the sandbox bounds what a template may
-    touch and produce, this bounds how long it may run. Other code is not traced; the previous tracer (a debugger,
-    coverage) is put back afterwards."""
+    ``<template>``) this thread executes, and raise ``error`` past ``limit`` lines or ``seconds`` of wall-clock
+    time: the sandbox bounds what a template may touch and build, this bounds how long it may run (the clock is
+    read at every line, and no single step can run long because every value a step builds is bounded). Other code is
+    not traced; the previous tracer (a debugger, coverage) is put back afterwards."""
     steps = 0
+    deadline = time.monotonic() + seconds
 
     def local(frame, event, arg):
         nonlocal steps
@@ -146,6 +272,8 @@ def _step_budget(limit: int, error: type):
             steps += 1
             if steps > limit:
                 raise error(f"the template ran more than {limit} steps")
+            if time.monotonic() > deadline:
+                raise error(f"the template ran longer than {seconds:g} s")
         return local
 
     def calls(frame, event, arg):
@@ -170,7 +298,7 @@ def _run(template: str | None, messages: list[dict], add_generation_prompt: bool
     try:
         tpl = env.from_string(source)
         parts, size = [], 0
-        with _step_budget(MAX_TEMPLATE_STEPS, SecurityError):
+        with _step_budget(MAX_TEMPLATE_STEPS, MAX_TEMPLATE_SECONDS, SecurityError):
             for piece in tpl.generate(messages=messages, add_generation_prompt=bool(add_generation_prompt),
                                       bos_token=bos_token, eos_token=eos_token):
                 size += len(piece)

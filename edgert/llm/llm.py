@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ContextLengthError, InvalidArgumentError
-from .. import telemetry
+from .. import native, telemetry
 from . import chat_template, store
 from .model import DEFAULT_N_BATCH, LlamaModel
 from .sampler import Sampler
@@ -94,8 +94,7 @@ class LLM:
 
     def __init__(self, model: str = DEFAULT_MODEL, n_ctx: int = DEFAULT_N_CTX, threads: int | None = None,
                  n_batch: int = DEFAULT_N_BATCH, progress: bool = True):
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise InvalidArgumentError(f"threads must be a positive int or None, got {threads!r}")
+        threads = native.check_threads(threads)
         if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 2:
             raise InvalidArgumentError(f"n_ctx must be an int >= 2, got {n_ctx!r}")
         t0 = time.perf_counter()
@@ -108,7 +107,7 @@ class LLM:
         n_ctx = self.model.n_ctx
         meta = self.model.gguf.metadata
         self.tokenizer = Tokenizer.from_gguf_metadata(meta)
-        self.template = meta.get("tokenizer.chat_template")
+        self.template = chat_template.template_from_metadata(meta)  # ChatML when the file has none (or "")
         self.n_ctx = n_ctx
         self._kv: list[int] = []  # tokens whose keys/values are in the cache, by position
         self.load_s = time.perf_counter() - t0
@@ -139,15 +138,16 @@ class LLM:
     # ---- numerics ----
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Teacher-forced logits (len(ids), vocab), float32: row i predicts the token after ids[i]."""
-        ids = [int(i) for i in ids]
-        if not ids:
+        """Teacher-forced logits (len(ids), vocab), float32: row i predicts the token after ids[i]. ``ids``: a list
+        of token ids (ints in [0, vocab)) or a 1-D integer array."""
+        arr = self.model.token_ids(ids, "ids")
+        if not arr.size:
             raise InvalidArgumentError("logits needs at least one token id")
-        if len(ids) > self.n_ctx:
-            raise ContextLengthError(f"{len(ids)} tokens do not fit n_ctx={self.n_ctx}")
+        if arr.size > self.n_ctx:
+            raise ContextLengthError(f"{arr.size} tokens do not fit n_ctx={self.n_ctx}")
         self._kv = []
-        out = self.model.forward(ids, 0, logits_all=True, threads=self.threads)
-        self._kv = ids
+        out = self.model.forward(arr, 0, logits_all=True, threads=self.threads)
+        self._kv = arr.tolist()
         return out
 
     # ---- generation ----

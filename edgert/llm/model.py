@@ -10,7 +10,9 @@ owns the run state and the KV cache (fp16 K by position, fp16 V transposed); the
 """
 from __future__ import annotations
 
+import operator
 import os
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -113,7 +115,43 @@ class LlamaModel:
     @property
     def state_bytes(self) -> int:
         """Bytes of run state and KV cache allocated by the C core."""
-        return int(lib.et_llama_state_bytes(self._handle))
+        return int(lib.et_llama_state_bytes(self._live()))
+
+    def _live(self):
+        """The C model, or InvalidArgumentError once close() has freed it."""
+        h = getattr(self, "_handle", None)
+        if h is None:
+            raise InvalidArgumentError(f"the model is closed ({self.path}): load it again to use it")
+        return h
+
+    def token_ids(self, tokens, name: str = "tokens") -> np.ndarray:
+        """``tokens`` (a list/tuple of ints or a 1-D integer array) as a contiguous int32 array, each id checked to
+        be an int in [0, vocab_size); InvalidArgumentError naming ``name`` and the first bad id otherwise."""
+        n = self.vocab_size
+        if isinstance(tokens, np.ndarray):
+            if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+                raise InvalidArgumentError(f"{name} must be a 1-D integer array of token ids, got a "
+                                           f"{tokens.ndim}-D {tokens.dtype} array")
+            bad = (tokens < 0) | (tokens >= n)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise InvalidArgumentError(f"{name}[{i}] = {tokens[i]} is outside the vocabulary [0, {n})")
+            return np.ascontiguousarray(tokens, dtype=np.int32)
+        if isinstance(tokens, (str, bytes, Mapping)) or not isinstance(tokens, Sequence):
+            raise InvalidArgumentError(f"{name} must be a list of token ids (ints in [0, {n})), got "
+                                       f"{type(tokens).__name__}")
+        ids = []
+        for i, t in enumerate(tokens):
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                v = operator.index(t)
+            except TypeError:
+                raise InvalidArgumentError(f"{name}[{i}] must be an int token id, got {t!r}") from None
+            if not 0 <= v < n:
+                raise InvalidArgumentError(f"{name}[{i}] = {v} is outside the vocabulary [0, {n})")
+            ids.append(v)
+        return np.array(ids, dtype=np.int32)
 
     @property
     def weight_bytes(self) -> int:
@@ -122,24 +160,27 @@ class LlamaModel:
         return sum(info.nbytes for role, info in self.spec.tensors if role != "token_embd")
 
     def forward(self, tokens, pos: int, logits_all: bool = False, threads: int | None = None) -> np.ndarray:
-        """Run tokens at positions pos .. pos+len-1. Returns (len, vocab) logits when logits_all, else (vocab,)."""
-        ids = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
+        """Run tokens at positions pos .. pos+len-1. Returns (len, vocab) logits when logits_all, else (vocab,).
+        tokens: a list of token ids or a 1-D integer array (``token_ids``); pos: an int >= 0; threads: None (the
+        pool's size) or an int in [1, native.MAX_THREADS]."""
+        handle = self._live()
+        ids = self.token_ids(tokens)
         n = int(ids.size)
         if n < 1:
             raise InvalidArgumentError("forward needs at least one token")
-        if pos < 0 or pos + n > self.n_ctx:
+        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0:
+            raise InvalidArgumentError(f"pos must be an int >= 0 (the position of the first token), got {pos!r}")
+        pos = int(pos)
+        if pos + n > self.n_ctx:
             raise InvalidArgumentError(
                 f"context full: positions {pos}..{pos + n - 1} do not fit n_ctx={self.n_ctx}"
             )
-        bad = (ids < 0) | (ids >= self.vocab_size)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise InvalidArgumentError(f"token id {int(ids[i])} at index {i} is outside the vocabulary [0, {self.vocab_size})")
+        nth = native.check_threads(threads)
         out = np.empty((n, self.vocab_size) if logits_all else (self.vocab_size,), dtype=np.float32)
         native.check(
             lib.et_llama_forward(
-                self._handle, native.ptr(ids, "int32_t *"), n, pos, native.ptr(out, "float *"),
-                1 if logits_all else 0, threads or 0,
+                handle, native.ptr(ids, "int32_t *"), n, pos, native.ptr(out, "float *"),
+                1 if logits_all else 0, nth or 0,
             )
         )
         return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import operator
+import re
 import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -69,6 +70,10 @@ def _bytes_to_unicode() -> dict[int, str]:
             n += 1
     return dict(zip(bs, map(chr, cs)))
 
+
+# a byte-fallback token's spelling (TOKEN_BYTE); llama.cpp reads the two characters after "<0x" with strtol, so a
+# malformed one would decode to some other byte (often 0) without a word: edgert refuses it when the file loads
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 _BYTE_TO_CHAR = _bytes_to_unicode()
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
@@ -133,6 +138,10 @@ class Tokenizer:
         if len(types) != n:
             raise ModelFormatError(f"GGUF tokenizer.ggml.token_type has {len(types)} entries, expected one per "
                                    f"token ({n})")
+        for i, (t, ty) in enumerate(zip(tokens, types)):
+            if ty == TOKEN_BYTE and t.startswith("<0x") and not _BYTE_TOKEN.fullmatch(t):
+                raise ModelFormatError(f"GGUF tokenizer.ggml.tokens[{i}] = {t[:40]!r} is a byte token (token_type "
+                                       f"{TOKEN_BYTE}) but not spelled <0xHH> with two hex digits")
         for key, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("unknown_token_id", unknown_id),
                        ("padding_token_id", padding_id)):
             if v is not None and not 0 <= v < n:
@@ -212,8 +221,9 @@ class Tokenizer:
             return token.encode("utf-8")  # stored verbatim, not in the byte-level alphabet
         if ty == TOKEN_UNUSED:
             return b""
-        if ty == TOKEN_BYTE and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            return bytes([int(token[3:5], 16)])
+        m = _BYTE_TOKEN.fullmatch(token) if ty == TOKEN_BYTE else None
+        if m:  # (a malformed <0x..> byte token was refused at load)
+            return bytes([int(m.group(1), 16)])
         try:
             return bytes(_CHAR_TO_BYTE[c] for c in token)
         except KeyError:
@@ -258,8 +268,15 @@ class Tokenizer:
         return len(self.tokens)
 
     def _check_text(self, text) -> str:
+        """``text`` when it is a str of Unicode text: a lone surrogate (U+D800..U+DFFF, which a JSON escape or a
+        surrogateescape'd file name can put in a Python str) cannot be encoded, so it cannot be tokenized."""
         if not isinstance(text, str):
             raise InvalidArgumentError(f"text must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidArgumentError(f"text holds a lone surrogate code point (U+{ord(text[exc.start]):04X} at "
+                                       f"character {exc.start}); give valid Unicode text") from None
         return text
 
     def _wrap(self, ids: list[int], add_special: bool) -> list[int]:
@@ -273,12 +290,14 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = False) -> list[int]:
         """Tokenize user or model text. Control-token spellings in ``text`` stay text. ``add_special`` adds BOS/EOS
         as the model's add_bos_token/add_eos_token flags say."""
-        ids = self._encode(self._check_text(text), special=False) if text else []
+        text = self._check_text(text)
+        ids = self._encode(text, special=False) if text else []
         return self._wrap(ids, add_special)
 
     def encode_special(self, text: str, add_special: bool = False) -> list[int]:
         """Tokenize template markup: control-token spellings become their control ids."""
-        ids = self._encode(self._check_text(text), special=True) if text else []
+        text = self._check_text(text)
+        ids = self._encode(text, special=True) if text else []
         return self._wrap(ids, add_special)
 
     def _encode(self, text: str, special: bool) -> list[int]:
@@ -293,9 +312,11 @@ class Tokenizer:
         return p
 
     def _check_id(self, i) -> int:
-        try:
-            j = int(i)
-        except (TypeError, ValueError):
+        try:  # ints only: int() would also take 1.5 or "7"
+            if isinstance(i, bool):
+                raise TypeError
+            j = operator.index(i)
+        except TypeError:
             raise InvalidArgumentError(f"token id must be an int, got {i!r}") from None
         if not 0 <= j < len(self.tokens):
             raise InvalidArgumentError(f"token id {j} is outside the vocabulary (0..{len(self.tokens) - 1})")
@@ -311,6 +332,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Token ids -> text. Broken UTF-8 (e.g. a sequence cut mid-character) decodes to U+FFFD.
         ``skip_special`` leaves control tokens out."""
+        if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+            raise InvalidArgumentError(f"ids must be a list of token ids (ints in [0, {len(self.tokens)})), got "
+                                       f"{type(ids).__name__}")
         out = []
         for i in ids:
             j = self._check_id(i)
