@@ -300,14 +300,9 @@ def matmul(x: np.ndarray, w: QTensor | PackedQTensor, threads: int | None = None
 
 
 def _threads(threads) -> int:
-    """A product's ``threads`` argument (None or an int in [1, 2^31)) as the C core's count (0: the pool's; the
-    pool runs at most its 256 threads whatever is asked)."""
-    if threads is None:
-        return 0
-    n = check_count("threads", threads, lo=1)
-    if n >= 2 ** 31:
-        raise InvalidArgumentError(f"threads must be below 2^31 (the pool runs at most 256), got {threads}")
-    return n
+    """A product's ``threads`` argument (None or an int in [1, native.MAX_THREADS]) as the C core's count (0: the
+    pool's)."""
+    return native.check_threads(threads) or 0
 
 
 def _rows(m) -> int:
