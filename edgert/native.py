@@ -21,6 +21,9 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         f"without installing does not build it. ({exc})"
     ) from exc
 
+# the most threads the kernel pool takes (ET_MAX_THREADS in native/src/threadpool.c)
+MAX_THREADS = 256
+
 # C status codes (edgert.h) -> the error raised for them
 _STATUS_ERRORS = {1: InvalidArgumentError, 2: MemoryError, 3: DeviceError, 4: InvalidArgumentError}
 
