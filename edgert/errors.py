@@ -71,9 +71,10 @@ def check_number(name: str, v, lo: float, hi: float, lo_open: bool = False, hi_o
     return x
 
 
-def check_count(name: str, v, lo: int = 0, note: str = "") -> int:
-    """``v`` as an int, when it is an integer (not a bool) >= lo; InvalidArgumentError otherwise (``note`` is added
-    to the message, e.g. what 0 means)."""
-    if isinstance(v, bool) or not isinstance(v, Integral) or v < lo:
-        raise InvalidArgumentError(f"{name} must be an int >= {lo}{note}, got {v!r}")
+def check_count(name: str, v, lo: int = 0, note: str = "", hi: int | None = None) -> int:
+    """``v`` as an int, when it is an integer (not a bool) >= lo (and <= hi, when given); InvalidArgumentError
+    otherwise (``note`` is added to the message, e.g. what 0 means)."""
+    if isinstance(v, bool) or not isinstance(v, Integral) or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise InvalidArgumentError(f"{name} must be an int {rng}{note}, got {v!r}")
     return int(v)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
-from numbers import Integral
 
-from .errors import DeviceError, EdgertError, InvalidArgumentError, NativeBuildError
+from .errors import DeviceError, EdgertError, InvalidArgumentError, NativeBuildError, check_count
 
 try:
     from ._ffi import ffi, lib
@@ -93,11 +92,7 @@ def set_isa(name: str | None) -> str:
 def check_threads(threads, name: str = "threads") -> int | None:
     """A ``threads`` argument: None (the pool's size) or an int in [1, MAX_THREADS]; InvalidArgumentError naming
     ``name`` otherwise."""
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, Integral) or not 1 <= threads <= MAX_THREADS:
-        raise InvalidArgumentError(f"{name} must be an int in [1, {MAX_THREADS}] or None, got {threads!r}")
-    return int(threads)
+    return None if threads is None else check_count(name, threads, lo=1, hi=MAX_THREADS, note=" or None")
 
 
 def set_threads(n: int) -> None:

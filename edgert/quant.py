@@ -506,9 +506,9 @@ class Int8Weights:
             raise DTypeError(f"weights must be non-empty 2-D int8, got {w.dtype} {w.shape}")
         self.shape = (int(w.shape[0]), int(w.shape[1]))
         n, k = self.shape
-        x_zp, y_zp, lo, hi = (check_count(name, v, lo=-128, note=" and <= 127") for name, v in
+        x_zp, y_zp, lo, hi = (check_count(name, v, lo=-128, hi=127) for name, v in
                               (("x_zp", x_zp), ("y_zp", y_zp), ("lo", lo), ("hi", hi)))
-        if not (x_zp <= 127 and y_zp <= 127 and lo <= hi <= 127):
+        if lo > hi:
             raise InvalidArgumentError(f"zero points and clamp range must lie in int8 (x_zp {x_zp}, y_zp {y_zp}, "
                                        f"[{lo}, {hi}])")
         sc = _exact_array("scale", scale, np.float32, "real numbers")

@@ -27,9 +27,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from . import delegates, profiles
+from . import delegates, native, profiles
 from .buffers import CopyCounter, PinnedPool
-from .errors import DeviceError, DTypeError, InvalidArgumentError, ShapeError
+from .errors import DeviceError, DTypeError, InvalidArgumentError, ShapeError, check_count
 from .formats.onnx import load_onnx
 from .graph.ir import Graph, onnx_types
 from .plan import Plan, plan as make_plan
@@ -97,42 +97,22 @@ class _Bound:
 
 def _load(src) -> Graph:
     """Load the model with every unnamed dynamic dim of its inputs named (``-1`` or ``?`` dims, which exporters
-    write for "any size", become ``<input>_<axis>``) so that feeds can bind them one by one."""
+    write for "any size", become ``<input>_<axis>``) so that feeds can bind them one by one. A path is read only
+    when it names a regular file (the loaders check)."""
     import onnx
 
     from .formats.tflite import is_tflite_bytes, is_tflite_path, load_tflite
 
     if isinstance(src, os.PathLike):
         src = os.fspath(src)
+    if isinstance(src, memoryview):
+        src = bytes(src)
     if is_tflite_path(src) or (isinstance(src, (bytes, bytearray)) and is_tflite_bytes(src[:8])):
         return load_tflite(src)  # static shapes: nothing to name
-    base_dir = None
-    if isinstance(src, str):
-        base_dir = os.path.dirname(os.path.abspath(src))
-        try:
-            src = onnx.load(src, load_external_data=False)
-        except Exception:
-            return load_onnx(src)  # let the loader say what is wrong with the file
-    elif isinstance(src, (bytes, bytearray, memoryview)):
-        try:
-            src = onnx.load_from_string(bytes(src))
-        except Exception:
-            return load_onnx(bytes(src))  # let the loader say what is wrong with the bytes
-    elif isinstance(src, onnx.ModelProto):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(src)  # the dims are named below: the caller's model stays as it was
-        src = copy
-    else:
+    if not isinstance(src, (str, bytes, bytearray, onnx.ModelProto)):
         raise InvalidArgumentError(f"model must be a path, the model's bytes or an onnx.ModelProto, got "
                                    f"{type(src).__name__}")
-    inits = {i.name for i in src.graph.initializer}
-    for vi in src.graph.input:
-        if vi.name in inits or not vi.type.HasField("tensor_type"):
-            continue
-        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
-            if (d.HasField("dim_value") and d.dim_value < 0) or (d.HasField("dim_param") and d.dim_param in ("?", "")):
-                d.dim_param = f"{vi.name}_{axis}"
-    return load_onnx(src, base_dir=base_dir)
+    return load_onnx(src, name_free_dims=True)
 
 
 def _known(t) -> bool:
@@ -179,7 +159,8 @@ class Session:
 
     ``fallback``: what to do with nodes or units the device cannot run ("allow": the host; "forbid": an error).
     ``emulate``: run device partitions functionally on the host, copies over the link kept and counted.
-    ``dims``: bind symbolic dims now (else from the first run's feeds). ``threads``: host/onnxruntime threads.
+    ``dims``: bind symbolic dims now (else from the first run's feeds). ``threads``: host/onnxruntime threads
+    (1 to ``edgert.native.MAX_THREADS``, 256; None: their defaults).
     ``output_views``: ``run`` returns the pool's output buffers themselves (valid until the next run; no copy).
     ``core``: the host delegate's C core: "auto" (where it measures faster than onnxruntime), True (every
     quantized matmul it can take), False (off: every node on onnxruntime). ``telemetry``: record one
@@ -197,9 +178,11 @@ class Session:
         if not (isinstance(device, (str, os.PathLike, profiles.DeviceProfile))):
             raise InvalidArgumentError(f"device must be a profile name, a .toml path or a DeviceProfile, got "
                                        f"{type(device).__name__}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
-                                    or threads < 0):
-            raise InvalidArgumentError(f"threads must be a non-negative integer or None, got {threads!r}")
+        threads = native.check_threads(threads)  # the C core's pool takes at most MAX_THREADS; onnxruntime an int32
+        # checked here, not first at the plan (a model with symbolic dims plans at its first run)
+        min_nodes_per_partition = check_count("min_nodes_per_partition", min_nodes_per_partition, lo=1)
+        if max_partitions is not None:
+            max_partitions = check_count("max_partitions", max_partitions, lo=1, note=" or None (no limit)")
         if not (core is True or core is False or core == "auto"):
             raise InvalidArgumentError(f"core must be 'auto', True or False, got {core!r}")
         if device_options is not None and not isinstance(device_options, Mapping):
@@ -573,8 +556,14 @@ class Session:
                 model.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx_types()[t.dtype], None))
             else:
                 model.graph.output.append(onnx.ValueInfoProto(name=n))
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        res = sess.run(names, {n: np.asarray(feeds[n]) for n in graph.inputs})
+        try:
+            sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own exception types: the model as onnxruntime refuses it
+            raise DeviceError(f"onnxruntime could not load the model to learn its shapes: {exc}") from exc
+        try:
+            res = sess.run(names, {n: np.asarray(feeds[n]) for n in graph.inputs})
+        except Exception as exc:
+            raise DeviceError(f"onnxruntime failed running the model to learn its shapes: {exc}") from exc
         return {n: (a.shape, a.dtype) for n, a in zip(names, res)}
 
     # ---- telemetry and teardown ---------------------------------------------------------------------------

@@ -92,3 +92,73 @@ def test_version_mismatch_is_clear():
     dev = SerialNpuDevice(link=SerialLink(serial=FakePort(script)))
     with pytest.raises(ProtocolVersionError, match="edgert speaks version 1, the device \\(fw9\\) speaks version 9"):
         dev.hello()
+
+
+def hello_answer(max_payload=4096, boot=1):
+    return struct.pack("<HHIIIIBB", P.PROTOCOL_VERSION, 0, boot, 1 << 16, max_payload, 0xFFFF, 1, 2) + b"\x01fw"
+
+
+def scripted_device(answers, limit=200):
+    """A FakePort script: HELLO answered by ``answers[P.HELLO]`` (a valid one by default), every other type by
+    ``answers[type]`` (b"" when absent). More than ``limit`` frames fail the test instead of looping forever."""
+    def script(f, n):
+        if n > limit:
+            raise AssertionError(f"the host sent {n} frames: it is looping")
+        return answer(f, answers.get(f.type, hello_answer() if f.type == P.HELLO else b""))
+    return script
+
+
+@pytest.mark.parametrize("max_payload", [0, 8, 12, 13, 63])
+def test_hello_with_a_tiny_max_payload_is_a_link_error(max_payload):
+    # were accepted: WRITE (8-byte header) at 8, READ at 0, LOAD_CHUNK (12) at 12 then sent 0-byte chunks forever
+    dev = SerialNpuDevice(link=SerialLink(serial=FakePort(scripted_device({P.HELLO: hello_answer(max_payload)}))))
+    with pytest.raises(LinkError, match=f"malformed HELLO answer \\(max_payload of {max_payload} bytes, expected at "
+                                        f"least {P.MIN_MAX_PAYLOAD}"):
+        dev.hello()
+    assert dev.info is None
+    assert P.HelloInfo.parse(hello_answer(P.MIN_MAX_PAYLOAD)).max_payload == P.MIN_MAX_PAYLOAD
+
+
+@pytest.mark.parametrize("max_payload, call", [(8, "write"), (0, "read"), (12, "load_graph")])
+def test_chunked_transfer_refuses_a_chunk_of_no_bytes(max_payload, call):
+    dev = SerialNpuDevice(link=SerialLink(serial=FakePort(scripted_device({P.LOAD_BEGIN: b"\x00"}))))
+    dev.hello()
+    dev.link.max_payload = max_payload  # a link that never saw such a HELLO (parse refuses it)
+    with pytest.raises(LinkError, match=f"max_payload of {max_payload} bytes leaves no room for data"):
+        {"write": lambda: dev.write(1, b"abc"), "read": lambda: dev.read(1, bytearray(3)),
+         "load_graph": lambda: dev.load_graph(b"blob")}[call]()
+
+
+@pytest.mark.parametrize("command, payload, call, want", [
+    ("STATS", b"\x01" * 12, lambda d: d.stats(), 56),
+    ("ALLOC", b"\x07\x00", lambda d: d.alloc(64), 4),
+    ("INVOKE", b"\x00" * 8, lambda d: d.invoke(1, [1], [2]), 12),
+])
+def test_short_answers_are_link_errors(command, payload, call, want):
+    # were struct.error (unpack of a short payload)
+    t = {"STATS": P.STATS, "ALLOC": P.ALLOC, "INVOKE": P.INVOKE}[command]
+    dev = SerialNpuDevice(link=SerialLink(serial=FakePort(scripted_device({t: payload}))))
+    with pytest.raises(LinkError, match=f"{command} answer of {len(payload)} bytes, expected {want}"):
+        call(dev)
+
+
+def test_device_with_a_tiny_max_payload_falls_back_to_the_host(monkeypatch, caplog):
+    # was a LOAD_CHUNK of 0 bytes sent again and again: the run never ended
+    import numpy as np
+
+    import edgert
+    from edgert.bridge import device as device_mod
+
+    from bridge_models import int8_mlp, serial_npu_profile
+    from onnx_models import ort_run
+
+    fake = scripted_device({P.HELLO: hello_answer(12), P.LOAD_BEGIN: b"\x00"}, limit=50)
+    monkeypatch.setattr(device_mod, "SerialLink", lambda url, **kw: SerialLink(serial=FakePort(fake), timeout=0.05,
+                                                                               retries=1))
+    model = int8_mlp()
+    x = np.random.default_rng(0).integers(-128, 128, (4, 64)).astype(np.int8)
+    sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
+                          device_options={"url": "fake://tiny-allow"}, telemetry=False)
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ort_run(model, {"x": x})[0])
+    assert sess.stats()["failovers"] == 1 and "max_payload of 12 bytes" in caplog.text
+    sess.close()

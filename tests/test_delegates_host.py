@@ -234,3 +234,106 @@ def test_auto_keeps_c_core_steps_only_if_the_whole_partition_is_faster(tmp_path,
         assert core_kinds(s) == want
         assert picked[-1] == (2, 0)
         np.testing.assert_array_equal(y, ort_run(path, {"x": x})[0])  # int8 weights: exact either way
+
+
+def dq_matmul_model(scale, zp=None, axis=None, k=64, n=48, seed=4):
+    """x (2, K) @ DequantizeLinear(int8 weight (K, N), scale, zero point) at opset 21."""
+    q = np.random.default_rng(seed).integers(-100, 100, (k, n)).astype(np.int8)
+    inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(np.asarray(scale, np.float32), "s")]
+    ins = ["q", "s"]
+    if zp is not None:
+        inits.append(numpy_helper.from_array(np.asarray(zp), "zp"))
+        ins.append("zp")
+    dq = helper.make_node("DequantizeLinear", ins, ["w"], name="dq", **({} if axis is None else {"axis": axis}))
+    g = helper.make_graph([dq, helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "dq_mm",
+                          [helper.make_tensor_value_info("x", T.FLOAT, [2, k])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [2, n])], initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+PER_COLUMN = np.linspace(0.01, 0.05, 48)
+
+
+@pytest.mark.parametrize("kw, match", [
+    # were run with axis % 2 (the scales on a wrong axis); onnxruntime refuses them
+    (dict(scale=PER_COLUMN, axis=2), "axis 2 is outside \\[-2, 2\\) for its 2-D weight \\(64, 48\\)"),
+    (dict(scale=PER_COLUMN, axis=3), "axis 3 is outside"), (dict(scale=PER_COLUMN, axis=-3), "axis -3 is outside"),
+    # a (1, N) scale was taken per column; a scale or zero point of another length was ValueError at Session()
+    (dict(scale=PER_COLUMN.reshape(1, -1), axis=1), "a per-axis scale must be 1-D of length 48 \\(axis 1 of the "
+                                                    "weight \\(64, 48\\)\\), found shape \\(1, 48\\)"),
+    (dict(scale=np.full(3, 0.01), axis=1), "a per-axis scale must be 1-D of length 48 .* found shape \\(3,\\)"),
+    (dict(scale=PER_COLUMN, zp=np.zeros(3, np.int8), axis=1),
+     "zero point of shape \\(3,\\), scale of shape \\(48,\\)"),
+    (dict(scale=0.01, zp=np.zeros(2, np.int8)), "a per-tensor scale \\(shape \\(\\)\\) with a zero point of shape"),
+    # a uint8 zero point with int8 weights was taken
+    (dict(scale=0.01, zp=np.array(3, np.uint8)), "its zero point is uint8, the weight int8"),
+])
+def test_dequantize_linear_onnx_refuses_is_a_format_error(kw, match):
+    for core in (True, "auto"):
+        with pytest.raises(edgert.ModelFormatError, match=f"DequantizeLinear node 'dq' \\(weight 'q'\\): {match}"):
+            edgert.Session(dq_matmul_model(**kw), core=core)
+
+
+@pytest.mark.parametrize("kw, taken", [
+    (dict(scale=PER_COLUMN, axis=1), True), (dict(scale=PER_COLUMN, axis=-1), True),
+    (dict(scale=np.linspace(0.01, 0.05, 64), axis=0), True), (dict(scale=np.linspace(0.01, 0.05, 64), axis=-2), True),
+    (dict(scale=[0.02], zp=np.array([3], np.int8)), True),
+    (dict(scale=0.02, axis=5), False),  # per tensor: onnxruntime ignores the axis; not valid ONNX, not taken
+])
+def test_dequantize_linear_axes_the_c_core_takes(kw, taken):
+    model = dq_matmul_model(**kw)
+    x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
+    s = edgert.Session(model, core=True)
+    y, ref = s.run(None, {"x": x})[0], ort_run(model, {"x": x})[0]
+    assert core_kinds(s) == (["DequantizeLinear+MatMul"] if taken else [])
+    within(y, ref, DEQUANT_MATMUL_BUDGET if taken else 0.0)
+
+
+@pytest.mark.parametrize("bias", [np.ones(1, np.float32), np.ones(3, np.float32), np.ones((2, 48), np.float32),
+                                  np.ones(48, np.float16)])
+def test_matmul_nbits_bias_onnxruntime_refuses_is_a_format_error(bias):
+    # (1,) and (2, N) were broadcast silently with core=True, (3,) was ValueError at run; onnxruntime refuses all
+    model = nbits_model(bias=True)
+    for t in model.graph.initializer:
+        if t.name == "bias":
+            t.CopyFrom(numpy_helper.from_array(bias, "bias"))
+    a = np.ones((3, 64), np.float32)
+    with pytest.raises(edgert.DeviceError, match="onnxruntime could not load the model to learn its shapes"):
+        edgert.Session(model, core=True).run(None, {"A": a})  # Y's shape unknown: probed (was onnxruntime's Fail)
+    model.graph.value_info.append(helper.make_tensor_value_info("Y", T.FLOAT, [3, 48]))  # known: bound at creation
+    for core in (True, "auto"):
+        with pytest.raises(edgert.ModelFormatError, match=f"MatMulNBits node 'mmnb': its bias must be float32 of "
+                                                          f"shape \\(48,\\) \\(N\\), found {bias.dtype} of shape"):
+            edgert.Session(model, core=core).run(None, {"A": a})
+
+
+def matmul_integer_chain(b, bzp, ws=0.02, k=64):
+    """DynamicQuantizeLinear(x) -> MatMulInteger(x_q, B, x_zp, B_zp) -> Cast -> Mul(x_scale * ws)."""
+    inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(np.asarray(ws, np.float32), "ws"),
+             numpy_helper.from_array(bzp, "bzp")]
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xzp"], name="dql"),
+             helper.make_node("MatMulInteger", ["xq", "B", "xzp", "bzp"], ["acc"], name="mmi"),
+             helper.make_node("Cast", ["acc"], ["accf"], to=T.FLOAT, name="cast"),
+             helper.make_node("Mul", ["xs", "ws"], ["sc"], name="smul"),
+             helper.make_node("Mul", ["accf", "sc"], ["y"], name="mul")]
+    g = helper.make_graph(nodes, "mmi", [helper.make_tensor_value_info("x", T.FLOAT, [2, k])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [2, b.shape[1]])], initializer=inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_matmul_integer_weight_zero_point_is_checked():
+    rng = np.random.default_rng(6)
+    b = rng.integers(0, 256, (64, 16)).astype(np.uint8)
+    # a zero point of 3 values was ValueError (a broadcast in the q8_0 import); an int8 one with uint8 weights taken
+    for bzp, match in ((np.zeros(3, np.uint8), "its weight zero point must be one value or one per column .* "
+                                               "found shape \\(3,\\)"),
+                       (np.zeros(16, np.int8), "its weight zero point is int8, the weight uint8")):
+        with pytest.raises(edgert.ModelFormatError, match=f"MatMulInteger node 'mmi': {match}"):
+            edgert.Session(matmul_integer_chain(b, bzp), core=True)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    model = matmul_integer_chain(b, np.full((1, 16), 128, np.uint8))  # (1, N): one per column, as onnxruntime reads it
+    s = edgert.Session(model, core=True)
+    within(s.run(None, {"x": x})[0], ort_run(model, {"x": x})[0], MATMUL_INTEGER_BUDGET)
+    assert core_kinds(s) == ["MatMulInteger"]

@@ -48,6 +48,11 @@ def test_bind_at_load_and_after():
         load_onnx(M.mlp(), dims={"seq": 5})
     with pytest.raises(edgert.InvalidArgumentError, match="positive integer"):
         load_onnx(M.mlp(), dims={"batch": 0})
+    # was ModelFormatError ("ONNX model ... is malformed: ValueError: Value out of range"): it blamed the model
+    with pytest.raises(edgert.InvalidArgumentError, match="dim 'batch' must be bound to at most 9223372036854775807 "
+                                                          "\\(an ONNX dim is an int64\\), got 99999999999999999999999"):
+        load_onnx(M.mlp(), dims={"batch": 99999999999999999999999})
+    assert load_onnx(M.mlp(), dims={"batch": 2**63 - 1}).tensors["x"].shape == (2**63 - 1, 8)
 
 
 def test_if_kept_whole_with_outer_scope_reads():

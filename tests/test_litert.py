@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -241,3 +242,32 @@ def test_onnx_and_tflite_same_plan_and_outputs(model_files):
     (yo,) = so.run(None, {"x": x})
     (yt,) = st.run(None, {"x": x})
     assert np.abs(yo - yt).max() <= EQUIV_BUDGET
+
+
+@pytest.mark.parametrize("data, kw, tensor, declared, computed", [
+    # AVERAGE_POOL_2D with stride 8 where the file keeps stride 2's shapes: was a silently broadcast answer
+    (lambda: tm.int8_conv(pool_stride_h=8), {}, "features", (1, 4, 4, 8), (1, 1, 4, 8)),
+    (lambda: tm.int8_conv(pool_stride_h=8), {"core": False}, "features", (1, 4, 4, 8), (1, 1, 4, 8)),
+    (lambda: tm.int8_conv(pool_stride_h=8), {"device": "coral-usb", "emulate": True}, "features", (1, 4, 4, 8),
+     (1, 1, 4, 8)),
+    # a FULLY_CONNECTED output declared with 1 row, computed with 4, cut out by a C-core step: was ValueError
+    # ("could not broadcast") from np.copyto
+    (lambda: tm.int8_fc(a_rows=1), {}, "a", (1, 48), (4, 48)),
+    (lambda: tm.int8_fc(a_rows=1), {"core": True}, "a", (1, 48), (4, 48)),
+])
+def test_declared_shape_litert_does_not_compute_is_a_format_error(data, kw, tensor, declared, computed):
+    want = f"output '{tensor}': the model declares shape {declared}, LiteRT computes {computed}"
+    with pytest.raises(edgert.ModelFormatError, match=re.escape(want)):
+        s = edgert.Session(data(), **kw)
+        g = s._graph0
+        s.run(None, tm.feeds_for(g))
+
+
+def test_litert_partition_refuses_an_output_buffer_of_another_shape():
+    data = tm.int8_conv()
+    g = load_tflite(data)
+    part = LiteRTPartition(data, g.inputs, g.outputs)
+    feeds = tm.feeds_for(g)
+    with pytest.raises(edgert.ModelFormatError, match="output 'features': the model declares shape \\(1, 1, 4, 8\\), "
+                                                      "LiteRT computes \\(1, 4, 4, 8\\)"):
+        part.run(feeds, {"features": np.zeros((1, 1, 4, 8), np.float32)})  # was a ValueError from np.copyto

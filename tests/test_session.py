@@ -407,6 +407,13 @@ def test_list_feed_of_an_integer_input_is_not_truncated(tmp_path):
     ({"core": "yes"}, "core must be"), ({"dims": [2]}, "dims must be"), ({"dims": {"batch": "x"}}, "integer"),
     ({"dims": {"batch": 2.7}}, "integer"), ({"dims": {"bacth": 2}}, "'bacth', not a symbolic dim"),
     ({"device_options": "url"}, "device_options must be"),
+    # were accepted: 10**6 threads hung the first run, 2**40 was onnxruntime's TypeError there, 0 and 257 went to
+    # the C pool; the partition limits were checked only when the first run planned (mlp has a symbolic batch)
+    ({"threads": 0}, "threads must be an int in \\[1, 256\\] or None"), ({"threads": 257}, "in \\[1, 256\\]"),
+    ({"threads": 10**6}, "got 1000000"), ({"threads": 2**40}, "threads must be"), ({"threads": 2.0}, "threads"),
+    ({"threads": True}, "threads"), ({"min_nodes_per_partition": 0}, "min_nodes_per_partition must be an int >= 1"),
+    ({"min_nodes_per_partition": "2"}, "min_nodes_per_partition"), ({"max_partitions": 0}, "max_partitions must be"),
+    ({"max_partitions": -1}, "max_partitions"), ({"max_partitions": 1.5}, "max_partitions"),
 ])
 def test_session_arguments_are_validated(mlp_path, kw, match):
     # were AttributeError (device), ValueError (int('x')), or accepted: "false" ran emulated, 2.7 bound batch=2
@@ -422,3 +429,38 @@ def test_string_tensor_model_is_a_dtype_error():
                           [helper.make_tensor_value_info("o", TensorProto.STRING, [2])])
     with pytest.raises(DTypeError, match="string tensor"):  # was TypeError: data type 'string' not understood
         edgert.Session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_valid_threads_and_partition_limits_run(mlp_path):
+    x = np.ones((2, 8), np.float32)
+    want = ort_run(mlp(), {"x": x})[0]
+    for kw in ({"threads": 1}, {"threads": np.int64(2)}, {"min_nodes_per_partition": np.int32(2), "max_partitions": 1}):
+        np.testing.assert_array_equal(edgert.Session(mlp_path, **kw).run(None, {"x": x})[0], want)
+
+
+def test_model_path_must_be_a_regular_file_named_as_given(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from edgert.errors import ModelFormatError, ModelNotFoundError
+
+    # was "ONNX model '.'" (the path as pathlib spells it)
+    with pytest.raises(ModelNotFoundError, match="ONNX model '' does not exist"):
+        edgert.Session("")
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelFormatError, match=f"ONNX model '{empty}' has no graph"):  # was "(in-memory model)"
+        edgert.Session(str(empty))
+    # /dev/null was parsed as an empty model, /dev/zero read until killed: the path was read before it was checked
+    for path in ("/dev/null", "/dev/zero", str(tmp_path)):
+        with pytest.raises(ModelNotFoundError, match=f"ONNX model '{path}' is not a regular file"):
+            edgert.Session(path)
+    # a FIFO blocked the open (in a child, so that a regression fails by its timeout rather than hanging the tests)
+    for name, kind in (("model.fifo", "ONNX"), ("model.tflite", "TFLite")):
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        code = (f"import edgert\ntry:\n    edgert.Session({str(fifo)!r})\nexcept edgert.ModelNotFoundError as e:\n"
+                "    print(e)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+        assert f"{kind} model '{fifo}' is not a regular file" in out

@@ -100,9 +100,11 @@ def float_mlp_onnx(k=16, h=32, n=8, batch=1, seed=0):
 
 
 # ---- INT8 FULLY_CONNECTED + ADD + RELU + SOFTMAX -----------------------------------------------------------------
-def int8_fc(k=64, h=48, n=10, batch=4, seed=1, float_io=True) -> bytes:
+def int8_fc(k=64, h=48, n=10, batch=4, seed=1, float_io=True, a_rows=None) -> bytes:
     """x -> QUANTIZE -> {FC_a (per-channel), FC_b (per-channel)} -> ADD -> RELU -> FC_c (per-tensor) -> SOFTMAX ->
-    DEQUANTIZE. ``float_io=False`` drops the QUANTIZE/DEQUANTIZE edges (int8 in, int8 out)."""
+    DEQUANTIZE. ``float_io=False`` drops the QUANTIZE/DEQUANTIZE edges (int8 in, int8 out). ``a_rows``: the rows
+    the file declares for FC_a's output (default ``batch``; another value is a file whose shapes disagree with its
+    ops: LiteRT computes ``batch`` rows)."""
     rng = np.random.default_rng(seed)
     calx = rng.uniform(-1, 1, (256, k)).astype(np.float32)
     wa, wb = rng.standard_normal((h, k)) * 0.2, rng.standard_normal((h, k)) * 0.2
@@ -130,7 +132,7 @@ def int8_fc(k=64, h=48, n=10, batch=4, seed=1, float_io=True) -> bytes:
     tba = m.tensor("ba", "int32", (h,), np.round(ba / (sx * swa)).astype(np.int32), q=(sx * swa, np.zeros(h)))
     twb = m.tensor("wb", "int8", qb.shape, qb, q=(swb, np.zeros(h, np.int64)))
     tbb = m.tensor("bb", "int32", (h,), np.round(bb / (sx * swb)).astype(np.int32), q=(sx * swb, np.zeros(h)))
-    ta = m.tensor("a", "int8", (batch, h), q=(sa, za))
+    ta = m.tensor("a", "int8", (batch if a_rows is None else a_rows, h), q=(sa, za))
     tb = m.tensor("b", "int8", (batch, h), q=(sb, zb))
     tadd = m.tensor("sum", "int8", (batch, h), q=(sadd, zadd))
     trelu = m.tensor("relu", "int8", (batch, h), q=(sadd, zadd))
@@ -173,9 +175,10 @@ def int8_fc_single(k=256, n=256, batch=1, per_channel=True, seed=2) -> tuple[byt
 
 
 # ---- INT8 CONV_2D + DEPTHWISE_CONV_2D + AVERAGE_POOL_2D ----------------------------------------------------------
-def int8_conv(hw=8, cin=3, cout=8, batch=1, seed=3) -> bytes:
+def int8_conv(hw=8, cin=3, cout=8, batch=1, seed=3, pool_stride_h=2) -> bytes:
     """x[batch,hw,hw,cin] -> QUANTIZE -> CONV_2D 3x3 SAME relu (per-channel) -> DEPTHWISE_CONV_2D 3x3 SAME
-    (per-channel) -> AVERAGE_POOL_2D 2x2/2 -> DEQUANTIZE."""
+    (per-channel) -> AVERAGE_POOL_2D 2x2/2 -> DEQUANTIZE. ``pool_stride_h``: the pool's vertical stride (another
+    than 2 is a file whose declared shapes disagree with its ops: they stay those of stride 2)."""
     rng = np.random.default_rng(seed)
     wc = rng.standard_normal((cout, 3, 3, cin)) * 0.3
     bc = rng.standard_normal(cout) * 0.1
@@ -223,8 +226,8 @@ def int8_conv(hw=8, cin=3, cout=8, batch=1, seed=3) -> bytes:
          FusedActivationFunction=RELU, DilationWFactor=1, DilationHFactor=1)
     m.op("DEPTHWISE_CONV_2D", [t1, twd, tbd], [t2], "DepthwiseConv2DOptions", Padding=SAME, StrideW=1, StrideH=1,
          DepthMultiplier=1, FusedActivationFunction=NONE, DilationWFactor=1, DilationHFactor=1)
-    m.op("AVERAGE_POOL_2D", [t2], [t3], "Pool2DOptions", Padding=VALID, StrideW=2, StrideH=2, FilterWidth=2,
-         FilterHeight=2, FusedActivationFunction=NONE)
+    m.op("AVERAGE_POOL_2D", [t2], [t3], "Pool2DOptions", Padding=VALID, StrideW=2, StrideH=pool_stride_h,
+         FilterWidth=2, FilterHeight=2, FusedActivationFunction=NONE)
     m.op("DEQUANTIZE", [t3], [yf])
     return m.build([xf], [yf])
 

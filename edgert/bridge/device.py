@@ -95,7 +95,7 @@ class SerialNpuDevice:
             self.graphs_cached += 1
             return h
         mv = memoryview(blob)
-        self._chunked(len(blob), 12, lambda off, n, r: self._call(
+        self._chunked(len(blob), P.CHUNK_HEADER["LOAD_CHUNK"], lambda off, n, r: self._call(
             P.LOAD_CHUNK, struct.pack("<QI", h, off) + mv[off:off + n].tobytes(), retries=r))
         self._call(P.LOAD_COMMIT, struct.pack("<Q", h))
         self.bytes_graph += len(blob)
@@ -107,7 +107,7 @@ class SerialNpuDevice:
 
     # ---- tensors ----------------------------------------------------------------------------------------------
     def alloc(self, nbytes: int) -> int:
-        return struct.unpack("<I", self._call(P.ALLOC, struct.pack("<I", nbytes)).payload[:4])[0]
+        return struct.unpack_from("<I", self._answer("ALLOC", self._call(P.ALLOC, struct.pack("<I", nbytes)), 4))[0]
 
     def free(self, handle: int) -> None:
         self._call(P.FREE, struct.pack("<I", handle))
@@ -118,7 +118,7 @@ class SerialNpuDevice:
         def put(off, n, r):
             self._call(P.WRITE, struct.pack("<II", handle, offset + off) + mv[off:off + n].tobytes(), retries=r)
             self.bytes_to_device += n
-        self._chunked(len(mv), 8, put)
+        self._chunked(len(mv), P.CHUNK_HEADER["WRITE"], put)
 
     def read(self, handle: int, out, offset: int = 0) -> None:
         """Stream the tensor into ``out`` (a writable contiguous buffer: numpy array, bytearray)."""
@@ -130,7 +130,7 @@ class SerialNpuDevice:
                 raise LinkError(f"serial NPU {self.link.url}: READ returned {len(f.payload)} bytes, asked for {n}")
             mv[off:off + n] = f.payload
             self.bytes_to_host += n
-        self._chunked(len(mv), 0, get)
+        self._chunked(len(mv), P.CHUNK_HEADER["READ"], get)
 
     MIN_CHUNK = 32
 
@@ -140,6 +140,9 @@ class SerialNpuDevice:
         retransmissions is sent again as two halves under new sequence numbers: on a noisy line long frames rarely
         arrive whole, short ones do. The chunk grows back after a run of clean transfers."""
         top = self.link.max_payload - overhead
+        if top < 1:  # HelloInfo.parse refuses such a device; a link made without HELLO could still get here
+            raise LinkError(f"serial NPU {self.link.url}: max_payload of {self.link.max_payload} bytes leaves no room "
+                            f"for data after a {overhead}-byte command header")
         if self.chunk is None:
             self.chunk = top
         off = 0
@@ -167,13 +170,20 @@ class SerialNpuDevice:
         """Run a resident graph on bound tensors; returns (device compute seconds, ops)."""
         p = struct.pack("<QHH", graph_hash, len(inputs), len(outputs)) + struct.pack(f"<{len(inputs) + len(outputs)}I",
                                                                                      *inputs, *outputs)
-        us, lo, hi = struct.unpack("<III", self._call(P.INVOKE, p).payload[:12])
+        us, lo, hi = struct.unpack_from("<III", self._answer("INVOKE", self._call(P.INVOKE, p), 12))
         return us * 1e-6, lo | hi << 32
+
+    def _answer(self, command: str, frame, nbytes: int) -> bytes:
+        """The payload of ``command``'s answer, when it holds at least ``nbytes``; LinkError otherwise."""
+        if len(frame.payload) < nbytes:
+            raise LinkError(f"serial NPU {self.link.url}: {command} answer of {len(frame.payload)} bytes, expected "
+                            f"{nbytes}")
+        return frame.payload
 
     # ---- housekeeping -----------------------------------------------------------------------------------------
     def stats(self) -> dict:
         """The device's own counters (PROTOCOL.md §3.3)."""
-        return P.parse_stats(self._call(P.STATS).payload)
+        return P.parse_stats(self._answer("STATS", self._call(P.STATS), P.STATS_BYTES))
 
     def reset(self) -> None:
         """Ask the device to reset: every graph and tensor goes; the next call re-handshakes."""

@@ -41,8 +41,16 @@ OP_CODES = {v: k for k, v in OPS.items()}
 # ONNX ops the Copy op runs (same bytes, a new shape)
 COPY_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
+# bytes of each chunked command's own fields before its data (u64 hash + u32 offset, u32 handle + u32 offset; a READ
+# answer is all data): a frame of max_payload carries max_payload minus these of a graph or tensor
+CHUNK_HEADER = {"LOAD_CHUNK": 12, "WRITE": 8, "READ": 0}
+# the smallest max_payload a device may report: the STATS answer (56 bytes) fits in one frame and a LOAD_CHUNK
+# carries at least 52 bytes of graph (a few bytes per frame would take millions of frames for a small model)
+MIN_MAX_PAYLOAD = 64
+
 STATS_FIELDS = ("boot_id", "frames_ok", "frames_bad", "duplicates", "stale", "invokes", "bytes_rx", "bytes_tx",
                 "arena_bytes", "arena_used", "arena_high_water", "graphs", "tensors", "compute_us")
+STATS_BYTES = 4 * len(STATS_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,9 @@ class HelloInfo:
         ver, _, boot, arena, maxp, mask, n_ops, n_fw = struct.unpack_from("<HHIIIIBB", p)
         if len(p) < 22 + n_ops + n_fw:
             raise ValueError("HELLO answer shorter than its op list and firmware version")
+        if maxp < MIN_MAX_PAYLOAD:
+            raise ValueError(f"max_payload of {maxp} bytes, expected at least {MIN_MAX_PAYLOAD}: a LOAD_CHUNK has a "
+                             f"{CHUNK_HEADER['LOAD_CHUNK']}-byte header, a STATS answer is {STATS_BYTES} bytes")
         ops = tuple(OPS.get(c, f"op{c}") for c in p[22:22 + n_ops])
         fw = p[22 + n_ops:22 + n_ops + n_fw].decode("ascii", "replace")
         dts = tuple(name for code, name in DTYPES.items() if mask >> code & 1)
@@ -75,6 +86,8 @@ def hello_request(version: int = PROTOCOL_VERSION) -> bytes:
 
 
 def parse_stats(p: bytes) -> dict:
+    if len(p) < STATS_BYTES:
+        raise ValueError(f"STATS answer of {len(p)} bytes, expected at least {STATS_BYTES}")
     vals = struct.unpack_from(f"<{len(STATS_FIELDS)}I", p)
     return dict(zip(STATS_FIELDS, vals))
 

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import DeviceError
+from ..errors import DeviceError, ModelFormatError
 from ..quant import (BLOCK, BoundDynamicInt8, BoundMatMul, Int8Weights, PackedQTensor, QTensor, from_matmul_nbits, quantize,
                      repack, repack_pays)
 from .base import CompiledPartition, Delegate, cut_into_steps, faster_of, median_s, register
@@ -112,15 +112,55 @@ def _const(graph, name: str) -> np.ndarray | None:
     return None if t is None or t.initializer is None else np.asarray(t.initializer)
 
 
-def _dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int) -> np.ndarray:
+def _dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, axis: int | None) -> np.ndarray:
+    """``(q - zp) * scale`` as float32: per tensor (``axis`` None: scale and zero point one value each) or per
+    ``axis`` (scale and zero point each one value or ``q.shape[axis]`` values). The callers have checked the
+    shapes (``_dequantize_linear_axis``, ``_check_b_zero_point``)."""
     q = q.astype(np.float32)
-    scale = scale.astype(np.float32)
-    zp = np.zeros_like(scale) if zp is None else zp.astype(np.float32)
-    if scale.size > 1:
+    scale = scale.astype(np.float32).reshape(-1)
+    zp = np.zeros(1, np.float32) if zp is None else zp.astype(np.float32).reshape(-1)
+    if axis is not None:
         shape = [1] * q.ndim
-        shape[axis] = scale.size
+        shape[axis] = -1
         scale, zp = scale.reshape(shape), zp.reshape(shape)
     return (q - zp) * scale
+
+
+def _one_value(a: np.ndarray) -> bool:
+    """A scalar or a 1-element vector: what onnxruntime takes as a per-tensor scale or zero point."""
+    return a.ndim <= 1 and a.size == 1
+
+
+def _dequantize_linear_axis(d, q: np.ndarray, sc: np.ndarray, zp: np.ndarray | None):
+    """How the C core reads DequantizeLinear ``d`` of the constant 2-D weight ``q``: ``None`` (per tensor) or the
+    axis (0 or 1) of a per-axis scale; ``False`` to leave the node to onnxruntime (valid, but not a case the C core
+    takes). ModelFormatError where the ONNX spec (and onnxruntime) refuse the node: an axis outside [-2, 2) with a
+    per-axis scale, a per-axis scale that is not 1-D of the axis' length, a zero point of another shape than the
+    scale or another dtype than the weight."""
+    where = f"DequantizeLinear node {d.name!r} (weight {d.inputs[0]!r})"
+    if q.dtype.kind not in "iu" or q.dtype.itemsize > 4 or sc.dtype != np.float32:
+        return False  # 4-bit, float8, float16 scales...: onnxruntime's
+    if zp is not None and zp.dtype != q.dtype:
+        raise ModelFormatError(f"{where}: its zero point is {zp.dtype}, the weight {q.dtype}; ONNX requires the "
+                               "zero point to have the quantized weight's dtype")
+    axis = int(d.attrs.get("axis", 1))
+    if _one_value(sc):
+        if zp is not None and not _one_value(zp):
+            raise ModelFormatError(f"{where}: a per-tensor scale (shape {sc.shape}) with a zero point of shape "
+                                   f"{zp.shape}; ONNX requires the zero point to have the scale's shape")
+        # onnxruntime ignores the axis of a per-tensor scale; one outside [-2, 2) is still not valid ONNX
+        return None if -q.ndim <= axis < q.ndim else False
+    if not -q.ndim <= axis < q.ndim:
+        raise ModelFormatError(f"{where}: axis {axis} is outside [-{q.ndim}, {q.ndim}) for its {q.ndim}-D weight "
+                               f"{q.shape}")
+    axis %= q.ndim
+    if sc.ndim != 1 or sc.size != q.shape[axis]:
+        raise ModelFormatError(f"{where}: a per-axis scale must be 1-D of length {q.shape[axis]} (axis {axis} of "
+                               f"the weight {q.shape}), found shape {sc.shape}")
+    if zp is not None and zp.shape != sc.shape:
+        raise ModelFormatError(f"{where}: zero point of shape {zp.shape}, scale of shape {sc.shape}; ONNX requires "
+                               "the same shape")
+    return axis
 
 
 def _weight_q8(w_kn: np.ndarray) -> QTensor:
@@ -147,6 +187,19 @@ def _int8_weights(b: np.ndarray, w_scale: np.ndarray, b_zp: np.ndarray | None) -
     if d.min() < -128 or d.max() > 127:
         return None
     return Int8Weights(np.ascontiguousarray(d.T.astype(np.int8)), None, 0, sc)
+
+
+def _check_b_zero_point(node, b: np.ndarray, bzp: np.ndarray) -> None:
+    """MatMulInteger's zero point of its 2-D weight ``b``: ``b``'s dtype, and one value or one per column (shape
+    (), (1,), (N,) or (1, N), as onnxruntime takes it); ModelFormatError otherwise."""
+    n = b.shape[1]
+    if bzp.dtype != b.dtype:
+        raise ModelFormatError(f"MatMulInteger node {node.name!r}: its weight zero point is {bzp.dtype}, the weight "
+                               f"{b.dtype}; ONNX requires the same dtype")
+    if bzp.shape not in ((), (1,), (n,), (1, n)):
+        raise ModelFormatError(f"MatMulInteger node {node.name!r}: its weight zero point must be one value or one "
+                               f"per column of the weight {b.shape} (shape (), (1,), ({n},) or (1, {n})), found "
+                               f"shape {bzp.shape}")
 
 
 def _float_input(graph, name: str) -> bool:
@@ -177,12 +230,16 @@ def find_core_matmuls(graph, nodes: list[str], threads: int | None = None) -> li
             if (bits != 4 or k % BLOCK or b is None or sc is None or (ins[3] and zp is None) or ins[4]
                     or (ins[5] and bias is None) or not _float_input(graph, ins[0])):
                 continue
+            if bias is not None and (bias.shape != (n,) or bias.dtype != np.float32):
+                # onnxruntime refuses the model (bias shape must be [N], of input A's type): broadcasting it here
+                # would answer what onnxruntime never runs
+                raise ModelFormatError(f"MatMulNBits node {name!r}: its bias must be float32 of shape ({n},) (N), "
+                                       f"found {bias.dtype} of shape {bias.shape}")
             try:
                 qt = from_matmul_nbits(b, sc, zp, k=k, n=n, block_size=bs, bits=bits)
             except Exception:
                 continue
-            steps.append(CoreMatMul("MatMulNBits", ins[0], node.outputs[0], qt,
-                                    None if bias is None else bias.astype(np.float32), [name], threads))
+            steps.append(CoreMatMul("MatMulNBits", ins[0], node.outputs[0], qt, bias, [name], threads))
         elif node.op_type == "MatMul" and dom == "":
             d = graph.producer(node.inputs[1])
             if d is None or d.op_type != "DequantizeLinear" or d.name not in inside:
@@ -194,7 +251,9 @@ def find_core_matmuls(graph, nodes: list[str], threads: int | None = None) -> li
                 continue
             if int(d.attrs.get("block_size", 0) or 0):
                 continue  # blocked DequantizeLinear (opset 21): left to onnxruntime
-            axis = int(d.attrs.get("axis", 1)) % 2
+            axis = _dequantize_linear_axis(d, q, sc, zp)
+            if axis is False:
+                continue
             w = _dequantize(q, sc, zp, axis)  # (K, N)
             claimed = [name]
             steps.append(CoreMatMul("DequantizeLinear+MatMul", node.inputs[0], node.outputs[0], _weight_q8(w), None,
@@ -210,6 +269,8 @@ def find_core_matmuls(graph, nodes: list[str], threads: int | None = None) -> li
             bzp = _const(graph, ins[3]) if ins[3] else None
             if b is None or b.ndim != 2 or (ins[3] and bzp is None):
                 continue
+            if bzp is not None:
+                _check_b_zero_point(node, b, bzp)
             cons = graph.consumers(node.outputs[0])
             if len(cons) != 1 or cons[0].op_type != "Cast" or int(cons[0].attrs.get("to", 0)) != 1:
                 continue
@@ -223,8 +284,8 @@ def find_core_matmuls(graph, nodes: list[str], threads: int | None = None) -> li
             if smul is None or smul.op_type != "Mul" or smul.name not in inside or dq.outputs[1] not in smul.inputs:
                 continue
             ws = _const(graph, smul.inputs[1] if smul.inputs[0] == dq.outputs[1] else smul.inputs[0])
-            if ws is None or ws.size not in (1, b.shape[1]):
-                continue
+            if ws is None or ws.size not in (1, b.shape[1]) or ws.ndim > 2 or (ws.ndim == 2 and ws.shape[0] != 1):
+                continue  # not one scale per tensor or per column (a Mul would broadcast it otherwise)
             claimed = [name, cast.name, mul.name]
             if only_consumers(s, {mul.name}):
                 claimed.append(smul.name)

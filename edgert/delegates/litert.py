@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import DeviceError
+from ..errors import DeviceError, ModelFormatError
 from .base import CompiledPartition, Delegate, register
 
 PACKAGES = (("ai_edge_litert.interpreter", "ai-edge-litert"), ("tflite_runtime.interpreter", "tflite-runtime"))
@@ -79,6 +79,7 @@ class LiteRTPartition(CompiledPartition):
         try:
             self.interpreter = mod.Interpreter(model_content=data, num_threads=threads or None,
                                                experimental_delegates=delegates or None)
+            declared = [tuple(int(d) for d in o["shape"]) for o in self.interpreter.get_output_details()]
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise DeviceError(f"{pkg} could not prepare {what}: {exc}") from None
@@ -86,6 +87,11 @@ class LiteRTPartition(CompiledPartition):
         if len(ins) != len(self.inputs) or len(outs) != len(self.outputs):
             raise DeviceError(f"{what}: the interpreter has {len(ins)} inputs / {len(outs)} outputs, the plan "
                               f"{len(self.inputs)} / {len(self.outputs)}")
+        self.what = what
+        # allocate_tensors computes each op's output shape from its inputs and parameters: where that is not the
+        # shape the file declares (which the plan and its buffers follow), the answer would be broadcast or cut
+        for name, want, d in zip(self.outputs, declared, outs):
+            self._check_shape(name, want, d["shape"])
         self._in_idx = [d["index"] for d in ins]
         self._out_idx = [d["index"] for d in outs]
         self._views = {n: self.interpreter.tensor(i)() for n, i in zip(self.inputs, self._in_idx)}
@@ -93,7 +99,14 @@ class LiteRTPartition(CompiledPartition):
         self._seen: dict[str, tuple] = {}  # boundary tensor -> (last buffer seen for it, is it the view)
         wrapped = getattr(self.interpreter, "_interpreter", None)
         self._invoke = getattr(wrapped, "Invoke", None) or self.interpreter.invoke
-        self.what = what
+
+    def _check_shape(self, name: str, planned, computed) -> None:
+        planned, computed = tuple(int(d) for d in planned), tuple(int(d) for d in computed)
+        if planned != computed:
+            raise ModelFormatError(
+                f"{self.what}: output {name!r}: the model declares shape {planned}, LiteRT computes {computed} from "
+                "its inputs and op parameters; the file's shapes disagree with its ops (a damaged or mis-converted "
+                "model)")
 
     def tensor_views(self) -> dict[str, np.ndarray]:
         """Boundary tensor -> a numpy view of the interpreter's own memory for it."""
@@ -114,6 +127,8 @@ class LiteRTPartition(CompiledPartition):
         for name in self.outputs:
             o, v = outputs[name], views[name]
             if not self._is_view(name, o, v):
+                if o.shape != v.shape:  # never broadcast into (or fail on) the planned buffer
+                    self._check_shape(name, o.shape, v.shape)
                 np.copyto(o, v, casting="no")
 
     def bound_run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):

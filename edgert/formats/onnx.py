@@ -23,13 +23,13 @@ import heapq
 import math
 import mmap
 import os
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from ..errors import EdgertError, InvalidArgumentError, ModelFormatError, ModelNotFoundError, UnsupportedOpError
+from ..errors import EdgertError, InvalidArgumentError, ModelFormatError, UnsupportedOpError
 from ..graph.ir import Graph, Node, QuantParams, Tensor, onnx_elem_type_to_dtype
+from . import model_file
 
 # domains whose ops some edgert delegate can run: ONNX's own, and onnxruntime's contrib ops (QLinearAdd, ...)
 ONNX_DOMAINS = ("", "ai.onnx.ml", "ai.onnx.preview.training", "ai.onnx.preview")
@@ -89,15 +89,13 @@ def _parse(src, base_dir):
             raise ModelFormatError(f"ONNX model {what} could not be parsed as an ONNX protobuf ({exc}); the bytes "
                                    "are truncated or not an ONNX model") from None
     if isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        if not path.is_file():
-            raise ModelNotFoundError(f"ONNX model {str(path)!r} does not exist or is not a file")
+        given = model_file(src, "ONNX")
         try:
-            model = onnx.load(str(path), load_external_data=False)
+            model = onnx.load(given, load_external_data=False)
         except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-            raise ModelFormatError(f"ONNX model {str(path)!r} could not be parsed as an ONNX protobuf ({exc}); the "
+            raise ModelFormatError(f"ONNX model {given!r} could not be parsed as an ONNX protobuf ({exc}); the "
                                    "file is truncated or not an ONNX model") from None
-        return model, str(path.parent) if base_dir is None else base_dir, repr(str(path))
+        return model, os.path.dirname(os.path.abspath(given)) if base_dir is None else base_dir, repr(given)
     raise InvalidArgumentError(f"load_onnx expects a path, bytes or an onnx.ModelProto, got {type(src).__name__}")
 
 
@@ -348,11 +346,17 @@ def _names(g, idx: list[int], limit: int = 12) -> str:
 
 
 # ---- binding ------------------------------------------------------------------------------------------------
+_MAX_DIM = 2**63 - 1  # TensorShapeProto.Dimension.dim_value is an int64
+
+
 def _bind_dims(model, dims: Mapping[str, int]) -> None:
     """Replace symbolic dims by sizes in the model's inputs, outputs and value_info (in place)."""
     for k, v in dims.items():
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
             raise InvalidArgumentError(f"dim {k!r} must be bound to a positive integer, got {v!r}")
+        if v > _MAX_DIM:
+            raise InvalidArgumentError(f"dim {k!r} must be bound to at most {_MAX_DIM} (an ONNX dim is an int64), "
+                                       f"got {v!r}")
     g = model.graph
     present = set()
     for vi in [*g.input, *g.output, *g.value_info]:
@@ -543,23 +547,46 @@ def _attach_quant(graph: Graph) -> None:
 
 # ---- entry point --------------------------------------------------------------------------------------------
 def load_onnx(src, dims: Mapping[str, int] | None = None, *, base_dir: str | None = None, check: bool = True,
-              _initializers: Mapping[str, Tensor] | None = None) -> Graph:
+              name_free_dims: bool = False, _initializers: Mapping[str, Tensor] | None = None) -> Graph:
     """Load an ONNX model into the graph IR.
 
     ``src``: a path (external data is read from the model's directory), the model's bytes, or an ``onnx.ModelProto``
     (pass ``base_dir`` if it refers to external data). ``dims`` binds symbolic dims (e.g. ``{"batch": 1}``) before
     shape inference. ``check=False`` skips ``onnx.checker`` (our own structural checks always run).
+    ``name_free_dims``: every unnamed dynamic dim of the inputs (``-1`` or ``?``, which exporters write for "any
+    size") becomes the symbolic dim ``<input>_<axis>``, so that a caller can bind them one by one.
     The caller's ModelProto is never modified. Raises ModelFormatError / UnsupportedOpError / ModelNotFoundError.
     """
     import onnx
 
     model, base_dir, what = _parse(src, base_dir)
     try:
+        if name_free_dims:
+            model = _name_free_dims(model, copy=model is src)
         return _load(model, dims, base_dir, what, check, _initializers)
     except (EdgertError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - a hostile file must never escape as a bare TypeError/KeyError
         raise ModelFormatError(f"ONNX model {what} is malformed: {type(exc).__name__}: {exc}") from exc
+
+
+def _name_free_dims(model, copy: bool):
+    """``model`` with each unnamed dynamic dim of its inputs named ``<input>_<axis>``; a copy when ``copy`` (the
+    caller's model: it stays as it was, and what the graph keeps does not change with it)."""
+    import onnx
+
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        model = out
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits or not vi.type.HasField("tensor_type"):
+            continue
+        for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+            if (d.HasField("dim_value") and d.dim_value < 0) or (d.HasField("dim_param") and d.dim_param in ("?", "")):
+                d.dim_param = f"{vi.name}_{axis}"
+    return model
 
 
 def _load(model, dims, base_dir, what, check, _initializers) -> Graph:

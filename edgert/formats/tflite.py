@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgumentError, ModelFormatError, ModelNotFoundError
+from ..errors import InvalidArgumentError, ModelFormatError
 from ..graph.ir import Graph, Node, QuantParams, Tensor
+from . import model_file
 
 # schema.fbs TensorType -> IR dtype name
 TENSOR_TYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 5: "string", 6: "bool", 7: "int16",
@@ -88,9 +89,13 @@ def is_tflite_path(path) -> bool:
     """True for a ``.tflite`` path, or a file whose flatbuffer identifier is ``TFL3``."""
     if not isinstance(path, (str, os.PathLike)):
         return False
-    p = str(path)
+    p = os.fspath(path)
+    if not isinstance(p, str):
+        return False
     if p.lower().endswith(".tflite"):
         return True
+    if not os.path.isfile(p):  # a FIFO would block the open, a device never ends
+        return False
     try:
         with open(p, "rb") as f:
             return is_tflite_bytes(f.read(8))
@@ -191,16 +196,14 @@ def _open(src) -> tuple[Any, str, str | None, Any]:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return (bytes(src) if not isinstance(src, bytes) else src), f"({len(src)} bytes)", None, None
     if isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        if not path.is_file():
-            raise ModelNotFoundError(f"TFLite model {str(path)!r} does not exist or is not a file")
+        path = model_file(src, "TFLite")
         f = open(path, "rb")
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             f.close()
-            raise ModelFormatError(f"TFLite model {str(path)!r} is empty (0 bytes)")
+            raise ModelFormatError(f"TFLite model {path!r} is empty (0 bytes)")
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return m, repr(str(path)), str(path), f
+        return m, repr(path), path, f
     raise InvalidArgumentError(f"load_tflite expects a path or bytes, got {type(src).__name__}")
 
 
