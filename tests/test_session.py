@@ -440,8 +440,8 @@ def test_valid_threads_and_partition_limits_run(mlp_path):
 
 def test_model_path_must_be_a_regular_file_named_as_given(tmp_path):
     import os
-    import subprocess
-    import sys
+
+    from cli_run import run_python
 
     from edgert.errors import ModelFormatError, ModelNotFoundError
 
@@ -462,5 +462,5 @@ def test_model_path_must_be_a_regular_file_named_as_given(tmp_path):
         os.mkfifo(fifo)
         code = (f"import edgert\ntry:\n    edgert.Session({str(fifo)!r})\nexcept edgert.ModelNotFoundError as e:\n"
                 "    print(e)")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
-        assert f"{kind} model '{fifo}' is not a regular file" in out
+        r = run_python("-c", code, timeout=60)  # in a neutral directory: the installed edgert, not the checkout
+        assert f"{kind} model '{fifo}' is not a regular file" in r.stdout, r.stderr
