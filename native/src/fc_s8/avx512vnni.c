@@ -55,8 +55,10 @@ static void row1_x4(const et_fc_s8_args *a, int64_t i, int64_t j) {
         s2 = _mm512_dpbusd_epi32(s2, b0, wload(w2 + kk * 16));
         s3 = _mm512_dpbusd_epi32(s3, b0, wload(w3 + kk * 16));
     }
-    et_fc_s8_store16(a, _mm512_add_epi32(s0, t0), i, j, 0xFFFF), et_fc_s8_store16(a, _mm512_add_epi32(s1, t1), i, j + 16, 0xFFFF);
-    et_fc_s8_store16(a, _mm512_add_epi32(s2, t2), i, j + 32, 0xFFFF), et_fc_s8_store16(a, _mm512_add_epi32(s3, t3), i, j + 48, 0xFFFF);
+    et_fc_s8_store16(a, _mm512_add_epi32(s0, t0), i, j, 0xFFFF);
+    et_fc_s8_store16(a, _mm512_add_epi32(s1, t1), i, j + 16, 0xFFFF);
+    et_fc_s8_store16(a, _mm512_add_epi32(s2, t2), i, j + 32, 0xFFFF);
+    et_fc_s8_store16(a, _mm512_add_epi32(s3, t3), i, j + 48, 0xFFFF);
 }
 
 /* one row, one tile of nj <= 16 channels: 2 chains */
@@ -134,8 +136,8 @@ static void row4_x1(const et_fc_s8_args *a, int64_t i, int64_t j, int64_t nj) {
         }
     }
     const __mmask16 mask = et_fc_s8_mask16(nj);
-    et_fc_s8_store16(a, s0, i, j, mask), et_fc_s8_store16(a, s1, i + 1, j, mask), et_fc_s8_store16(a, s2, i + 2, j, mask);
-    et_fc_s8_store16(a, s3, i + 3, j, mask);
+    et_fc_s8_store16(a, s0, i, j, mask), et_fc_s8_store16(a, s1, i + 1, j, mask);
+    et_fc_s8_store16(a, s2, i + 2, j, mask), et_fc_s8_store16(a, s3, i + 3, j, mask);
 }
 
 void et_fc_s8_avx512vnni(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
