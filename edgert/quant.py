@@ -55,7 +55,9 @@ class QTensor:
     def __init__(self, fmt: str, shape: tuple[int, int], raw: np.ndarray):
         # quantize() and from_raw() are the usual ways in; this one checks what the C core will rely on
         n, k = _shape2(shape)
-        self._fmt, self._shape, self._raw = fmt, (n, k), _blocks(raw, n * row_bytes(fmt, k), f"{fmt} ({n}, {k})")
+        rb = row_bytes(fmt, k)
+        self._fmt, self._shape = fmt, (n, k)
+        self._raw = _blocks(raw, n * rb, f"{fmt} tensor of shape ({n}, {k}) ({n} rows x {rb})").reshape(n, rb)
 
     fmt = property(lambda self: self._fmt, doc="the format name (q4_0, q4_1, q8_0, f16, f32)")
     shape = property(lambda self: self._shape, doc="(N, K)")
@@ -72,9 +74,8 @@ class QTensor:
     @classmethod
     def from_raw(cls, fmt: str, shape, raw) -> "QTensor":
         """Wrap existing blocks (numpy array, bytes, memoryview, mmap) without copying; the size must match."""
-        _fmt_id(fmt)
-        n, k = _shape2(shape)
-        rb = row_bytes(fmt, k)
+        _fmt_id(fmt)  # the format and the shape are judged before what raw is
+        _shape2(shape)
         if isinstance(raw, np.ndarray):
             if raw.dtype.hasobject:
                 raise DTypeError(f"raw blocks must be plain bytes, got a {raw.dtype} array")
@@ -87,11 +88,7 @@ class QTensor:
             except (TypeError, ValueError, BufferError) as exc:
                 raise DTypeError(f"raw must be a numpy array or a contiguous buffer, got {type(raw).__name__}") \
                     from exc
-        if buf.nbytes != n * rb:
-            raise ShapeError(
-                f"{fmt} tensor of shape ({n}, {k}) needs {n * rb} bytes ({n} rows x {rb}), got {buf.nbytes}"
-            )
-        return cls(fmt, (n, k), buf.reshape(n, rb))
+        return cls(fmt, shape, buf)  # checks the size
 
     def dequantize(self) -> np.ndarray:
         """The float32 (N, K) values the blocks encode."""
@@ -121,12 +118,13 @@ def _shape2(shape) -> tuple[int, int]:
 
 
 def _blocks(raw, nbytes: int, what: str) -> np.ndarray:
-    """raw, when it is a C-contiguous uint8 array of exactly nbytes (the bytes the C core will read)."""
-    if type(raw) is not np.ndarray or raw.dtype != np.uint8 or not raw.flags.c_contiguous:
+    """raw, when it is a C-contiguous uint8 array (an np.memmap too) of exactly nbytes (the bytes the C core will
+    read)."""
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or not raw.flags.c_contiguous:
         raise DTypeError(f"{what}: raw must be a C-contiguous uint8 numpy array, got "
                          f"{getattr(raw, 'dtype', type(raw).__name__)}")
     if raw.nbytes != nbytes:
-        raise ShapeError(f"{what} needs {nbytes} bytes of blocks, got {raw.nbytes}")
+        raise ShapeError(f"{what} needs {nbytes} bytes, got {raw.nbytes}")
     return raw
 
 

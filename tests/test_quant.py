@@ -420,3 +420,13 @@ def test_int8_weights_refuse_values_that_would_change(kw):
     """An int32 bias that wraps, a fractional zero point that truncates: refused, not silently different weights."""
     with pytest.raises(edgert.EdgertError):
         edgert.quant.Int8Weights(np.ones((2, 32), np.int8), **kw)
+
+
+def test_from_raw_wraps_a_numpy_memmap(tmp_path):
+    """np.memmap is an ndarray subclass: the blocks of a file mapped by numpy wrap without a copy."""
+    q = edgert.quantize(np.ones((2, 64), np.float32), "q8_0")
+    q.raw.tofile(tmp_path / "q.bin")
+    mm = np.memmap(tmp_path / "q.bin", dtype=np.uint8, mode="r")
+    w = edgert.QTensor.from_raw("q8_0", (2, 64), mm)
+    assert np.shares_memory(w.raw, mm)
+    np.testing.assert_array_equal(w.dequantize(), q.dequantize())
