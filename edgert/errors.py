@@ -71,6 +71,19 @@ def check_number(name: str, v, lo: float, hi: float, lo_open: bool = False, hi_o
     return x
 
 
+def check_text(name: str, v) -> str:
+    """``v`` when it is a str of Unicode text. A lone surrogate (U+D800..U+DFFF, which a JSON \\u escape or a
+    surrogateescape'd file name can put in a Python str) cannot be encoded, so no tokenizer can take it."""
+    if not isinstance(v, str):
+        raise InvalidArgumentError(f"{name} must be a str, got {type(v).__name__}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgumentError(f"{name} holds a lone surrogate code point (U+{ord(v[exc.start]):04X} at "
+                                   f"character {exc.start}); give valid Unicode text") from None
+    return v
+
+
 def check_count(name: str, v, lo: int = 0, note: str = "", hi: int | None = None) -> int:
     """``v`` as an int, when it is an integer (not a bool) >= lo (and <= hi, when given); InvalidArgumentError
     otherwise (``note`` is added to the message, e.g. what 0 means)."""

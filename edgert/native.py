@@ -97,11 +97,7 @@ def check_threads(threads, name: str = "threads") -> int | None:
 
 def set_threads(n: int) -> None:
     """Resize the kernel thread pool (threads are created once and kept)."""
-    if not isinstance(n, int) or isinstance(n, bool):
-        raise InvalidArgumentError(f"thread count must be an int, got {type(n).__name__}")
-    if not 1 <= n <= MAX_THREADS:
-        raise InvalidArgumentError(f"thread count must be in [1, {MAX_THREADS}], got {n}")
-    check(lib.et_set_threads(n))
+    check(lib.et_set_threads(check_count("thread count", n, lo=1, hi=MAX_THREADS)))
 
 
 def threads() -> int:

@@ -20,7 +20,7 @@ import threading
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
-from ..errors import InvalidArgumentError, ModelFormatError
+from ..errors import InvalidArgumentError, ModelFormatError, check_text
 
 # GGUF tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -267,18 +267,6 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.tokens)
 
-    def _check_text(self, text) -> str:
-        """``text`` when it is a str of Unicode text: a lone surrogate (U+D800..U+DFFF, which a JSON escape or a
-        surrogateescape'd file name can put in a Python str) cannot be encoded, so it cannot be tokenized."""
-        if not isinstance(text, str):
-            raise InvalidArgumentError(f"text must be a str, got {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidArgumentError(f"text holds a lone surrogate code point (U+{ord(text[exc.start]):04X} at "
-                                       f"character {exc.start}); give valid Unicode text") from None
-        return text
-
     def _wrap(self, ids: list[int], add_special: bool) -> list[int]:
         if add_special:
             if self.add_bos:
@@ -290,13 +278,13 @@ class Tokenizer:
     def encode(self, text: str, add_special: bool = False) -> list[int]:
         """Tokenize user or model text. Control-token spellings in ``text`` stay text. ``add_special`` adds BOS/EOS
         as the model's add_bos_token/add_eos_token flags say."""
-        text = self._check_text(text)
+        text = check_text("text", text)
         ids = self._encode(text, special=False) if text else []
         return self._wrap(ids, add_special)
 
     def encode_special(self, text: str, add_special: bool = False) -> list[int]:
         """Tokenize template markup: control-token spellings become their control ids."""
-        text = self._check_text(text)
+        text = check_text("text", text)
         ids = self._encode(text, special=True) if text else []
         return self._wrap(ids, add_special)
 

@@ -13,11 +13,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..errors import InvalidArgumentError, check_text
+
 MAX_STOP = 4
 
-IGNORED_FIELDS = ("presence_penalty", "frequency_penalty", "user", "metadata", "store", "service_tier",
-                  "parallel_tool_calls", "top_logprobs", "stream_options", "prediction", "reasoning_effort",
-                  "modalities", "audio", "web_search_options")
+# fields accepted and dropped that must still have their JSON type (docs/serve.md): (name, types, in words); the
+# penalties are numbers in [-2, 2] (_reject). Any other unknown field is dropped unchecked.
+IGNORED_TYPES = (("user", (str,), "a string"), ("metadata", (dict,), "an object"), ("store", (bool,), "a boolean"),
+                 ("service_tier", (str,), "a string"), ("parallel_tool_calls", (bool,), "a boolean"),
+                 ("top_logprobs", (int,), "an integer"))
 
 
 class APIError(Exception):
@@ -37,12 +41,6 @@ class APIError(Exception):
 
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 413: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 503: "server_overloaded", 504: "timeout_error"}
-
-
-# fields accepted and dropped, with the JSON type each must still have (docs/serve.md): (name, types, in words)
-IGNORED_TYPES = (("user", (str,), "a string"), ("metadata", (dict,), "an object"), ("store", (bool,), "a boolean"),
-                 ("service_tier", (str,), "a string"), ("parallel_tool_calls", (bool,), "a boolean"),
-                 ("top_logprobs", (int,), "an integer"))
 
 
 def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
@@ -103,13 +101,11 @@ def _stop(body: dict):
 
 def _text(s: str, param: str) -> str:
     """``s`` if it is encodable text. JSON's \\u escapes can spell a lone UTF-16 surrogate (``"\\ud800"``), which
-    is a Python str but no Unicode text: the tokenizer cannot take it."""
+    is a Python str but no Unicode text: the tokenizer cannot take it (errors.check_text)."""
     try:
-        s.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise bad(f"{param} holds a lone surrogate code point (U+{ord(s[exc.start]):04X} at character {exc.start}); "
-                  "send valid Unicode text", param) from None
-    return s
+        return check_text(param, s)
+    except InvalidArgumentError as exc:
+        raise bad(str(exc), param) from None
 
 
 def _content_text(content, i: int) -> str:
