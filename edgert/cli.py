@@ -583,7 +583,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, where it is handled, not as a warning at exit
+        return status
     except EdgertError as exc:
         print(f"edgert: error: {exc}", file=sys.stderr)
         return 1
