@@ -327,23 +327,23 @@ class BoundMatMul:
     count as zeros, which is exact) and unit column stride; rows may be further apart (a slice of a wider array).
     Returns the bound output (m, N), overwritten by the next call."""
 
-    __slots__ = ("w", "m", "kx", "threads", "out", "_scratch", "_ss", "_pw", "_py", "_ps", "_nth", "_call")
+    __slots__ = ("w", "m", "kx", "threads", "out", "_scratch", "_py", "_call")
 
     def __init__(self, w: QTensor | PackedQTensor, m: int, kx: int | None = None, threads: int | None = None):
         n, k = _weight(w).shape
         kx = k if kx is None else kx
-        self._nth = _threads(threads)
+        nth = _threads(threads)
         self.m = _rows(m)
         if not isinstance(kx, int) or not 1 <= kx <= k or (kx != k and w.fmt in ("f16", "f32")):
             raise ShapeError(f"kx={kx!r} must be in [1, K={k}] ({w.fmt} weights: exactly K)")
         self.w, self.kx, self.threads = w, kx, threads
         self.out = aligned_empty(m * n * 4, np.float32).reshape(m, n)
-        self._ss = lib.et_matmul_scratch_size(w.type_id, m, k)
-        self._scratch = np.empty(max(self._ss, 1), dtype=np.uint8)
-        self._pw, self._py, self._ps = native.ptr(w.raw), native.ptr(self.out, "float *"), native.ptr(self._scratch)
+        ss = matmul_scratch_size(w, m)
+        self._scratch = np.empty(ss, dtype=np.uint8)
+        self._py = native.ptr(self.out, "float *")
         # what every call passes, gathered once: a run loop's call then touches this object and x only
-        self._call = (lib.et_matmul_ex, m, kx, (m, kx), 4 * kx, w.type_id, self._pw, n, k, self._ps, self._ss,
-                      self._nth)
+        self._call = (lib.et_matmul_ex, m, kx, (m, kx), 4 * kx, w.type_id, native.ptr(w.raw), n, k,
+                      native.ptr(self._scratch), ss, nth)
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The product for ``x``, in the bound output, or in ``out`` (float32 C-contiguous (m, N)) when given."""

@@ -405,7 +405,6 @@ def test_repacked_weights_give_the_same_bits(isa, fmt, n):
         np.testing.assert_array_equal(p.unpack().raw, w.raw)
         np.testing.assert_array_equal(p.dequantize(), w.dequantize())
         native = edgert.repack_pays(fmt)
-        assert native == (fmt in edgert.native.info()["repack"])
         for m in (1, 2, 3, 5, 17):
             xm = np.ascontiguousarray(x[:m])
             for threads in (1, 2):

@@ -127,10 +127,16 @@ ET_INLINE size_t et_x16_tile_bytes(int base, int64_t nb) { /* 0 when it would no
     if (nb < 0 || (uint64_t)nb > (SIZE_MAX - 63) / per) return 0;
     return ((size_t)nb * per + 63) & ~(size_t)63;
 }
+/* tiles of 16 for n >= 0 rows (no overflow near INT64_MAX) */
+ET_INLINE int64_t et_x16_tiles(int64_t n) { return n / 16 + (n % 16 != 0); }
 /* the GGUF type an x16 type repacks (ET_TYPE_Q4_0, ET_TYPE_Q4_1, ET_TYPE_Q8_0), or -1 */
 ET_INLINE int et_x16_base(int type) {
     const int base = type & ~ET_TYPE_X16;
     return (type & ET_TYPE_X16) && (base == ET_TYPE_Q4_0 || base == ET_TYPE_Q4_1 || base == ET_TYPE_Q8_0) ? base : -1;
+}
+/* a GGUF block type (q4_0, q4_1, q8_0) or its x16 repacking: rows quantized per block of ET_QK */
+ET_INLINE int et_is_block_type(int t) {
+    return t == ET_TYPE_Q4_0 || t == ET_TYPE_Q4_1 || t == ET_TYPE_Q8_0 || et_x16_base(t) >= 0;
 }
 /* where a GGUF block of the base type keeps its quants, and how many bytes they are */
 ET_INLINE size_t et_block_qs_at(int base) { return base == ET_TYPE_Q4_1 ? 4 : 2; }

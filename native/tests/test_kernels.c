@@ -765,6 +765,7 @@ static void test_x16(void) {
                   "repack into too small an output");
     expect_status(et_repack(ET_TYPE_Q4_0, NULL, 1, 32, out, sizeof out), ET_ERR_INVALID, "repack NULL weights");
     check(et_repack_size(ET_TYPE_Q8_0, INT64_MAX / 2, 1 << 20) == 0, "et_repack_size overflow gives 0");
+    check(et_repack_size(ET_TYPE_Q8_0, INT64_MAX, 32) == 0, "et_repack_size of INT64_MAX rows gives 0 (no UB)");
     check(et_repack_size(ET_TYPE_Q4_0, 1, 2049638230412172416LL) == 0 &&
               et_row_size(ET_TYPE_Q4_0_X16, 2049638230412172416LL) == 0,
           "a tile too large for size_t gives 0 (not a wrapped size)");

@@ -51,8 +51,7 @@ struct et_llama {
 };
 
 /* projections may be repacked (et_repack: x16 types); the token embedding is read a row at a time, so not it */
-static int is_block(int t) { return t == ET_TYPE_Q4_0 || t == ET_TYPE_Q4_1 || t == ET_TYPE_Q8_0 || et_x16_base(t) >= 0; }
-static int is_matrix_type(int t) { return is_block(t) || t == ET_TYPE_F16 || t == ET_TYPE_F32; }
+static int is_matrix_type(int t) { return et_is_block_type(t) || t == ET_TYPE_F16 || t == ET_TYPE_F32; }
 
 static const char *role_name(int i) {
     static const char *names[] = {"attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
@@ -60,9 +59,13 @@ static const char *role_name(int i) {
     return names[i];
 }
 
-static int check_tensor(const et_tensor *t, const char *what, int layer, int64_t rows, int64_t cols, int norm) {
+/* what a tensor may be: a norm vector (f32), a matrix (any matrix type), the token embedding (no x16: rows are
+ * looked up one at a time) */
+enum { T_MATRIX, T_NORM, T_EMBD };
+
+static int check_tensor(const et_tensor *t, const char *what, int layer, int64_t rows, int64_t cols, int kind) {
     if (!t->data) return et_error(ET_ERR_INVALID, "tensor %s (layer %d) has no data", what, layer);
-    const int embd = !strcmp(what, "token_embd");
+    const int norm = kind == T_NORM, embd = kind == T_EMBD;
     if (norm ? t->type != ET_TYPE_F32 : !is_matrix_type(t->type) || (embd && et_x16_base(t->type) >= 0))
         return et_error(ET_ERR_INVALID, "tensor %s (layer %d) has type %d: expected %s", what, layer, t->type,
                         norm ? "f32" : embd ? "one of f32, f16, q4_0, q4_1, q8_0" : "one of f32, f16, q4_0, q4_1, q8_0 "
@@ -71,7 +74,7 @@ static int check_tensor(const et_tensor *t, const char *what, int layer, int64_t
     if (rs == 0)
         return et_error(ET_ERR_INVALID, "tensor %s (layer %d): rows of %lld values do not fit type %d", what, layer,
                         (long long)cols, t->type);
-    const int64_t stored = et_x16_base(t->type) >= 0 ? (rows + 15) / 16 * 16 : rows; /* x16: whole tiles */
+    const int64_t stored = et_x16_base(t->type) >= 0 ? et_x16_tiles(rows) * 16 : rows; /* x16: whole tiles */
     if ((int64_t)(rs * (size_t)stored) != t->nbytes)
         return et_error(ET_ERR_INVALID, "tensor %s (layer %d) holds %lld bytes: shape (%lld, %lld) needs %zu", what,
                         layer, (long long)t->nbytes, (long long)rows, (long long)cols, rs * (size_t)stored);
@@ -123,16 +126,17 @@ int et_llama_build(const et_llama_config *cfg, const et_tensor *t, int32_t n_ten
                         cfg->n_layers, n_tensors);
     const int64_t dim = cfg->dim, hid = cfg->hidden_dim, q_dim = (int64_t)cfg->n_heads * cfg->head_dim,
                   kv_dim = (int64_t)cfg->n_kv_heads * cfg->head_dim, vocab = cfg->vocab_size;
-    if ((st = check_tensor(&t[0], "token_embd", -1, vocab, dim, 0))) return st;
-    if ((st = check_tensor(&t[1], "output_norm", -1, 1, dim, 1))) return st;
-    if ((st = check_tensor(&t[2], "output", -1, vocab, dim, 0))) return st;
+    if ((st = check_tensor(&t[0], "token_embd", -1, vocab, dim, T_EMBD))) return st;
+    if ((st = check_tensor(&t[1], "output_norm", -1, 1, dim, T_NORM))) return st;
+    if ((st = check_tensor(&t[2], "output", -1, vocab, dim, T_MATRIX))) return st;
     for (int l = 0; l < cfg->n_layers; l++) {
         const et_tensor *lt = t + 3 + ET_LAYER_ROLES * l;
         const int64_t shapes[ET_LAYER_ROLES][2] = {{1, dim},   {q_dim, dim}, {kv_dim, dim}, {kv_dim, dim}, {dim, q_dim},
                                                    {1, dim},   {hid, dim},   {hid, dim},    {dim, hid}};
-        for (int r = 0; r < ET_LAYER_ROLES; r++)
-            if ((st = check_tensor(&lt[r], role_name(r), l, shapes[r][0], shapes[r][1], r == ATTN_NORM || r == FFN_NORM)))
-                return st;
+        for (int r = 0; r < ET_LAYER_ROLES; r++) {
+            const int kind = r == ATTN_NORM || r == FFN_NORM ? T_NORM : T_MATRIX;
+            if ((st = check_tensor(&lt[r], role_name(r), l, shapes[r][0], shapes[r][1], kind))) return st;
+        }
     }
 
     et_llama *m = calloc(1, sizeof *m);
@@ -193,7 +197,7 @@ static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) 
  * projections of the same input share one quantization) */
 static int matmul(et_llama *mo, const et_tensor *w, int64_t n, int64_t k, const float *x, int64_t m, float *y,
                   int *xq_ready, int nth) {
-    if (!is_block(w->type))
+    if (!et_is_block_type(w->type))
         return et_gemm_prepared(w->type, w->data, n, k, x, (size_t)k * sizeof(float), m, y, (size_t)n, nth);
     const size_t xs = (size_t)(k / ET_QK) * sizeof(block_q8_s);
     if (!*xq_ready) {

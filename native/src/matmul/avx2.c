@@ -12,9 +12,7 @@
 
 #include "../core.h"
 
-#ifndef ET_PF_TILES
 #define ET_PF_TILES 2 /* GEMV prefetch distance, in 4-row tiles */
-#endif
 
 ET_INLINE float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

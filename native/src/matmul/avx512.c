@@ -458,7 +458,10 @@ ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, co
     const block_q8_s *xc[ET_PACK_MIN_M];
     __m512 acc[ET_PACK_MIN_M];
     for (int c = 0; c < C; c++) xc[c] = (const block_q8_s *)(x + (size_t)c * xs), acc[c] = _mm512_setzero_ps();
-    /* the tiles are one forward stream: block b has used about b * (qb + sb) of it; fetch ET_X16_PF_BYTES ahead */
+    /* the tiles are one forward stream: block b has used about b * (qb + sb) of it; fetch ET_X16_PF_BYTES ahead.
+     * Near the end of a chunk this runs past it on purpose: a prefetch never faults, and where matrices sit one
+     * after another (the LLM's arena) it warms the next one's start (stopping at the chunk end measured 95% -> 90%
+     * of stream at 1 thread, no change at 2) */
     const size_t step = qb + et_x16_sbytes(fmt_type(fmt));
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *pf = tile + (size_t)b * step + ET_X16_PF_BYTES;

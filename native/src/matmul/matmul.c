@@ -102,12 +102,8 @@ int64_t et_quantize_rows_q8_s(const float *x, int64_t m, int64_t k, block_q8_s *
     return et_quantize_rows_q8_s_ex(x, m, k, (size_t)k, k, y, nthreads);
 }
 
-static int is_block_type(int t) {
-    return t == ET_TYPE_Q4_0 || t == ET_TYPE_Q4_1 || t == ET_TYPE_Q8_0 || et_x16_base(t) >= 0;
-}
-
 size_t et_matmul_scratch_size(int wtype, int64_t m, int64_t k) {
-    if (!is_block_type(wtype) || m <= 0 || k <= 0 || k % ET_QK) return 0;
+    if (!et_is_block_type(wtype) || m <= 0 || k <= 0 || k % ET_QK) return 0;
     const size_t row = (size_t)(k / ET_QK) * sizeof(block_q8_s);
     return (size_t)m > SIZE_MAX / row ? 0 : (size_t)m * row; /* 0 for a block type: more than an address space */
 }
@@ -147,7 +143,7 @@ int et_matmul_ex(const float *x, int64_t m, int64_t kx, size_t ldx, int wtype, c
 
     const void *xa = x;
     size_t xs = ldx * sizeof(float);
-    if (is_block_type(wtype)) {
+    if (et_is_block_type(wtype)) {
         const size_t need = et_matmul_scratch_size(wtype, m, k);
         if (need == 0)
             return et_error(ET_ERR_INVALID, "matmul of m=%lld rows of k=%lld: the scratch exceeds the address space",

@@ -4,15 +4,12 @@
  */
 #include "../core.h"
 
-static size_t block_bytes(int base) {
-    return base == ET_TYPE_Q4_0 ? sizeof(block_q4_0) : base == ET_TYPE_Q4_1 ? sizeof(block_q4_1) : sizeof(block_q8_0);
-}
-
+/* a GGUF type the x16 layout holds (not an x16 type itself) */
 static int repackable(int type) { return type == ET_TYPE_Q4_0 || type == ET_TYPE_Q4_1 || type == ET_TYPE_Q8_0; }
 
 size_t et_repack_size(int type, int64_t n, int64_t k) {
     if (!repackable(type) || n <= 0 || k <= 0 || k % ET_QK) return 0;
-    const size_t tile = et_x16_tile_bytes(type, k / ET_QK), tiles = (size_t)((n + 15) / 16);
+    const size_t tile = et_x16_tile_bytes(type, k / ET_QK), tiles = (size_t)et_x16_tiles(n);
     if (tile == 0 || tile > SIZE_MAX / tiles) return 0; /* more bytes than an address space holds */
     return tiles * tile;
 }
@@ -47,8 +44,8 @@ typedef struct {
 static void repack_task(void *arg, int ith, int nth) {
     const repack_job *j = arg;
     const int type = j->type;
-    const int64_t nb = j->nb, tiles = (j->n + 15) / 16;
-    const size_t rs = (size_t)nb * block_bytes(type), bs = block_bytes(type), tile_bytes = et_x16_tile_bytes(type, nb);
+    const int64_t nb = j->nb, tiles = et_x16_tiles(j->n);
+    const size_t bs = et_row_size(type, ET_QK), rs = (size_t)nb * bs, tile_bytes = et_x16_tile_bytes(type, nb);
     const size_t used = (size_t)nb * (et_x16_qbytes(type) + et_x16_sbytes(type));
     for (int64_t t = tiles * ith / nth; t < tiles * (ith + 1) / nth; t++) {
         uint8_t *tile = j->out + (size_t)t * tile_bytes;
@@ -77,7 +74,7 @@ int et_repack(int type, const void *w, int64_t n, int64_t k, void *out, size_t o
 int et_unrepack(int type, const void *packed, int64_t n, int64_t k, void *out, size_t out_size) {
     const int st = check_args("unrepack", type, n, k, packed, out);
     if (st) return st;
-    const size_t rs = et_row_size(type, k), bs = block_bytes(type);
+    const size_t rs = et_row_size(type, k), bs = et_row_size(type, ET_QK);
     if (out_size / rs < (size_t)n)
         return et_error(ET_ERR_INVALID, "unrepack output of %zu bytes is too small: need %zu", out_size,
                         (size_t)n * rs);
@@ -92,5 +89,5 @@ int et_unrepack(int type, const void *packed, int64_t n, int64_t k, void *out, s
 
 int et_repack_native(int type) {
     const et_kernels *kt = et_active_kernels();
-    return (repackable(type) || et_x16_base(type) >= 0) && et_has_x16(kt) && kt != &et_kernels_ref;
+    return et_x16_base(type | ET_TYPE_X16) >= 0 && et_has_x16(kt) && kt != &et_kernels_ref;
 }
