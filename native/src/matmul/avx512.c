@@ -17,12 +17,15 @@
  *     per weight tile and shared by all m rows. Segments of k accumulate through y (a float store and reload,
  *     exact). Nothing is kept between calls and QTensor.raw stays the GGUF layout.
  *   - with AMX-INT8 (avx512vnni build, Linux, checked at run time) groups of 16 activation rows hand 16 x 16 x 32
- *     block products to tdpbsud (A = 16 activation rows straight from block_q8_s, B = the packed weight block) and
- *     scale the int32 results with scale_block() in zmm; the tile state is requested once per process.
+ *     block products to the tile unit (A = 16 activation rows straight from block_q8_s, B = the packed weight block)
+ *     and scale the int32 results with scale_block() in zmm; the tile state is requested once per process.
  *
  * vpdpbusd multiplies unsigned by signed bytes, so every weight goes in as u8 and its offset is removed exactly in
  * the int32 accumulator's starting value: q4 nibbles are already unsigned (q4_0 starts at -8*sum(qx)); q8_0 weights
  * are xor'ed with 0x80 (w + 128) and start at -128*sum(qx). The q4_1 min adds m*dx*sum(qx) per block in float.
+ * The AMX path packs q8_0 and q4_0 weights signed instead (w, nibble - 8) for tdpbssd, whose dots need no offset:
+ * one integer add less per output and block (q4_1 stays unsigned, tdpbsud); the rows of a group left to the zmm
+ * kernel turn the signed tile back to unsigned bytes as they load it. Either way the block dot is the same integer.
  *
  * Tails are handled with masks rather than scalar loops: row tails use masked stores of a 16-row tile whose missing
  * rows repeat a valid one (lanes never mix, so a row's result does not depend on its neighbours), float k tails use
@@ -67,7 +70,7 @@
 #define ET_CP_PF_BYTES 8192 /* GEMV tile copy: L2 prefetch distance ahead of the copy's loads */
 #define ET_PF_BLOCKS 8    /* GEMV prefetch distance for rows of a page or more, in blocks */
 #define ET_X16_PF_BYTES 32768 /* GEMV on x16 tiles: L2 prefetch distance in the tiles' one forward stream */
-#define ET_GROUP_M 64   /* activation rows whose per-block terms are precomputed together (stack: 16 KiB) */
+#define ET_GROUP_M 64   /* activation rows whose per-block terms are precomputed together (stack: 16 KiB, 24 with AMX) */
 
 /* ---- 4-byte dot products: acc[l] += sum_{i<4} u[4l+i] * s[4l+i], u unsigned, s signed ---- */
 
@@ -167,21 +170,22 @@ ET_INLINE __m512i tile_row_offsets(size_t ws, int nr) {
 }
 
 /* block b of the 16 rows at w, ws bytes apart -> pk */
-ET_INLINE void pack_block(int fmt, const uint8_t *w, size_t ws, int nr, __m512i rofs, int64_t b, pk_block *pk) {
+ET_INLINE void pack_block(int fmt, int sgn, const uint8_t *w, size_t ws, int nr, __m512i rofs, int64_t b,
+                          pk_block *pk) {
     const uint8_t *blk = w + (size_t)b * block_bytes(fmt);
     const uint8_t *qs = blk + (fmt == FMT_Q4_1 ? 4 : 2);
     __m512i p[4];
     transpose_16x16(qs, ws, nr, p);
     if (fmt == FMT_Q8_0) {
-        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        const __m512i flip = _mm512_set1_epi8(sgn ? 0 : (char)0x80);
         for (int t = 0; t < 4; t++) pk->q[t] = _mm512_xor_si512(p[t], flip);
         transpose_16x16(qs + 16, ws, nr, p);
         for (int t = 0; t < 4; t++) pk->q[t + 4] = _mm512_xor_si512(p[t], flip);
     } else {
-        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        const __m512i m4 = _mm512_set1_epi8(0x0F), o = _mm512_set1_epi8(sgn ? 8 : 0);
         for (int t = 0; t < 4; t++) {
-            pk->q[t] = _mm512_and_si512(p[t], m4);
-            pk->q[t + 4] = _mm512_and_si512(_mm512_srli_epi16(p[t], 4), m4);
+            pk->q[t] = _mm512_sub_epi8(_mm512_and_si512(p[t], m4), o);
+            pk->q[t + 4] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(p[t], 4), m4), o);
         }
     }
     /* the 16 rows' scale (and q4_1 min) of a block: one gather of the block's first dword per row */
@@ -192,18 +196,18 @@ ET_INLINE void pack_block(int fmt, const uint8_t *w, size_t ws, int nr, __m512i 
 
 /* block b of an x16 tile of nb blocks (core.h) -> pk: the quants are already transposed and the scales 16 to a
  * vector, so this is loads, the nibble split and the fp16 conversion */
-ET_INLINE void pack_block_x16(int fmt, const uint8_t *tile, int64_t nb, int64_t b, pk_block *pk) {
+ET_INLINE void pack_block_x16(int fmt, int sgn, const uint8_t *tile, int64_t nb, int64_t b, pk_block *pk) {
     const uint8_t *q = tile + (size_t)b * et_x16_qbytes(fmt_type(fmt));
     const uint8_t *sc = tile + (size_t)nb * et_x16_qbytes(fmt_type(fmt)) + (size_t)b * et_x16_sbytes(fmt_type(fmt));
     if (fmt == FMT_Q8_0) {
-        const __m512i flip = _mm512_set1_epi8((char)0x80);
+        const __m512i flip = _mm512_set1_epi8(sgn ? 0 : (char)0x80);
         for (int t = 0; t < 8; t++) pk->q[t] = _mm512_xor_si512(_mm512_loadu_si512(q + 64 * t), flip);
     } else {
-        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        const __m512i m4 = _mm512_set1_epi8(0x0F), o = _mm512_set1_epi8(sgn ? 8 : 0);
         for (int t = 0; t < 4; t++) {
             const __m512i p = _mm512_loadu_si512(q + 64 * t);
-            pk->q[t] = _mm512_and_si512(p, m4);
-            pk->q[t + 4] = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+            pk->q[t] = _mm512_sub_epi8(_mm512_and_si512(p, m4), o);
+            pk->q[t + 4] = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(p, 4), m4), o);
         }
     }
     pk->d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
@@ -211,14 +215,14 @@ ET_INLINE void pack_block_x16(int fmt, const uint8_t *tile, int64_t nb, int64_t 
 }
 
 /* blocks [b0, b0+nbs) of 16 rows: GGUF rows ws bytes apart, or (x16) the tile at w */
-ET_INLINE void pack_tile(int fmt, int x16, const uint8_t *w, size_t ws, int nr, int64_t nb, int64_t b0, int nbs,
-                         pk_block *pk) {
+ET_INLINE void pack_tile(int fmt, int sgn, int x16, const uint8_t *w, size_t ws, int nr, int64_t nb, int64_t b0,
+                         int nbs, pk_block *pk) {
     if (x16) {
-        for (int b = 0; b < nbs; b++) pack_block_x16(fmt, w, nb, b0 + b, &pk[b]);
+        for (int b = 0; b < nbs; b++) pack_block_x16(fmt, sgn, w, nb, b0 + b, &pk[b]);
         return;
     }
     const __m512i rofs = tile_row_offsets(ws, nr);
-    for (int b = 0; b < nbs; b++) pack_block(fmt, w, ws, nr, rofs, b0 + b, &pk[b]);
+    for (int b = 0; b < nbs; b++) pack_block(fmt, sgn, w, ws, nr, rofs, b0 + b, &pk[b]);
 }
 
 /* the integer block dot of 16 packed rows with one activation block; off = block_offset() removes the weight offset */
@@ -246,11 +250,15 @@ ET_INLINE void store_tile(int C, float *y, size_t ldy, __mmask16 rmask, int once
 }
 
 /* acc[c] += the packed segment against activation rows xc[c], blocks [b0, b0+nbs) */
-ET_INLINE void packed_cols(int fmt, int C, const pk_block *pk, int nbs, const block_q8_s *const *xc, int64_t b0,
-                           const int32_t (*off)[ET_SEG], const float (*ms)[ET_SEG], __m512 *acc) {
+ET_INLINE void packed_cols(int fmt, int sgn, int C, const pk_block *pk, int nbs, const block_q8_s *const *xc,
+                           int64_t b0, const int32_t (*off)[ET_SEG], const float (*ms)[ET_SEG], __m512 *acc) {
     for (int b = 0; b < nbs; b++) {
         __m512i q[8];
         for (int t = 0; t < 8; t++) q[t] = _mm512_load_si512(&pk[b].q[t]);
+        if (sgn) /* the tile was packed signed for AMX: back to the unsigned bytes vpdpbusd takes */
+            for (int t = 0; t < 8; t++)
+                q[t] = fmt == FMT_Q8_0 ? _mm512_xor_si512(q[t], _mm512_set1_epi8((char)0x80))
+                                       : _mm512_add_epi8(q[t], _mm512_set1_epi8(8));
 #pragma GCC unroll 16
         for (int c = 0; c < C; c++) {
             const block_q8_s *xb = xc[c] + b0 + b;
@@ -259,7 +267,7 @@ ET_INLINE void packed_cols(int fmt, int C, const pk_block *pk, int nbs, const bl
     }
 }
 
-ET_INLINE void packed_tile_cols(int fmt, int C, const pk_block *pk, int nbs, int64_t nb, const uint8_t *x, size_t xs,
+ET_INLINE void packed_tile_cols(int fmt, int sgn, int C, const pk_block *pk, int nbs, int64_t nb, const uint8_t *x, size_t xs,
                                 int64_t i0, int64_t b0, float *y, size_t ldy, __mmask16 rmask, const int32_t (*off)[ET_SEG],
                                 const float (*ms)[ET_SEG]) {
     const block_q8_s *xc[ET_TILE_M];
@@ -268,7 +276,7 @@ ET_INLINE void packed_tile_cols(int fmt, int C, const pk_block *pk, int nbs, int
         xc[c] = (const block_q8_s *)(x + (size_t)(i0 + c) * xs);
         acc[c] = b0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(rmask, y + (size_t)(i0 + c) * ldy);
     }
-    packed_cols(fmt, C, pk, nbs, xc, b0, off, ms, acc);
+    packed_cols(fmt, sgn, C, pk, nbs, xc, b0, off, ms, acc);
     store_tile(C, y + (size_t)i0 * ldy, ldy, rmask, b0 == 0 && nbs == nb, acc);
 }
 
@@ -300,25 +308,21 @@ static const amx_config amx_cfg = {
 
 static void amx_begin(void) { _tile_loadconfig(&amx_cfg); }
 
-ET_INLINE void amx_scale(int fmt, const int32_t *cb, const pk_block *pk, const int32_t *off, const float *ms,
-                         const block_q8_s *const *xc, int64_t bx, __m512 *acc) {
+/* the C tile cb of one block into acc: its dots are exact (signed weights, no offset to remove) */
+ET_INLINE void amx_scale(int fmt, const int32_t *cb, const pk_block *pk, const float *dx, const float *ms,
+                         __m512 *acc) {
 #pragma GCC unroll 16
-    for (int c = 0; c < 16; c++) {
-        const __m512i s = _mm512_add_epi32(_mm512_load_si512(cb + 16 * c), _mm512_set1_epi32(off[c * ET_SEG]));
-        acc[c] = scale_block(fmt, acc[c], s, pk->d, pk->m, xc[c][bx].d, ms[c * ET_SEG]);
-    }
+    for (int c = 0; c < 16; c++)
+        acc[c] = scale_block(fmt, acc[c], _mm512_load_si512(cb + 16 * c), pk->d, pk->m, dx[c * ET_SEG], ms[c * ET_SEG]);
 }
 
 ET_INLINE void amx_tile_cols(int fmt, const pk_block *pk, int nbs, int64_t nb, const uint8_t *x, size_t xs,
-                             int64_t i0, int64_t b0, float *y, size_t ldy, __mmask16 rmask, const int32_t (*off)[ET_SEG],
+                             int64_t i0, int64_t b0, float *y, size_t ldy, __mmask16 rmask, const float (*dx)[ET_SEG],
                              const float (*ms)[ET_SEG]) {
-    const block_q8_s *xc[16];
     __m512 acc[16];
     _Alignas(64) int32_t cb[8][256]; /* ring of C tiles: each is scaled a step after its store, off the tile path */
-    for (int c = 0; c < 16; c++) {
-        xc[c] = (const block_q8_s *)(x + (size_t)(i0 + c) * xs);
+    for (int c = 0; c < 16; c++)
         acc[c] = b0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(rmask, y + (size_t)(i0 + c) * ldy);
-    }
     const uint8_t *xq = x + (size_t)i0 * xs + offsetof(block_q8_s, qs);
     /* four blocks in flight: C tiles 0-3, (A, B) pairs 4/5 and 6/7 alternate */
 #define ET_AMX_BLOCK(ct, at, bt, bb)                                                                             \
@@ -326,7 +330,10 @@ ET_INLINE void amx_tile_cols(int fmt, const pk_block *pk, int nbs, int64_t nb, c
         _tile_zero(ct);                                                                                       \
         _tile_loadd(at, xq + (size_t)(b0 + (bb)) * sizeof(block_q8_s), xs);                                   \
         _tile_loadd(bt, pk[bb].q, 64);                                                                        \
-        _tile_dpbsud(ct, at, bt);                                                                             \
+        if (fmt == FMT_Q4_1)                                                                                  \
+            _tile_dpbsud(ct, at, bt);                                                                         \
+        else                                                                                                  \
+            _tile_dpbssd(ct, at, bt);                                                                         \
         _tile_stored(ct, cb[(bb) & 7], 64);                                                                   \
     } while (0)
     int b = 0;
@@ -339,10 +346,10 @@ ET_INLINE void amx_tile_cols(int fmt, const pk_block *pk, int nbs, int64_t nb, c
         ET_MEMORY_BARRIER(); /* cb is written by the tile stores above */
         if (b >= 4)
             for (int bb = b - 4; bb < b; bb++)
-                amx_scale(fmt, cb[bb & 7], &pk[bb], &off[0][bb], &ms[0][bb], xc, b0 + bb, acc);
+                amx_scale(fmt, cb[bb & 7], &pk[bb], &dx[0][bb], &ms[0][bb], acc);
     }
 #undef ET_AMX_BLOCK
-    for (int bb = b - 4; bb < nbs; bb++) amx_scale(fmt, cb[bb & 7], &pk[bb], &off[0][bb], &ms[0][bb], xc, b0 + bb, acc);
+    for (int bb = b - 4; bb < nbs; bb++) amx_scale(fmt, cb[bb & 7], &pk[bb], &dx[0][bb], &ms[0][bb], acc);
     store_tile(16, y + (size_t)i0 * ldy, ldy, rmask, b0 == 0 && nbs == nb, acc);
 }
 #endif
@@ -381,7 +388,7 @@ ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws
         else
             for (size_t o = 0; o < 16 * bs; o += 64) _mm_prefetch((const char *)(pf + (size_t)b * 16 * bs + o), _MM_HINT_T1);
         pk_block pk;
-        pack_block(fmt, w, ws, nr, rofs, b, &pk);
+        pack_block(fmt, 0, w, ws, nr, rofs, b, &pk);
         gemv_block(fmt, C, &pk, xc, b, acc);
     }
     store_tile(C, y, ldy, rmask, 0, acc); /* a GEMV's few output lines are read next: keep them in the cache */
@@ -409,7 +416,7 @@ ET_INLINE void gemv_tile_copy(int fmt, int C, int64_t nb, const uint8_t *buf, si
             for (; o < e; o++) nbuf[o] = nxt[o];
         }
         pk_block pk;
-        pack_block(fmt, buf, ws, 16, rofs, b, &pk);
+        pack_block(fmt, 0, buf, ws, 16, rofs, b, &pk);
         gemv_block(fmt, C, &pk, xc, b, acc);
     }
     store_tile(C, y, ldy, 0xFFFF, 0, acc);
@@ -467,7 +474,7 @@ ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, co
         const uint8_t *pf = tile + (size_t)b * step + ET_X16_PF_BYTES;
         for (size_t o = 0; o < step; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T1);
         pk_block pk;
-        pack_block_x16(fmt, tile, nb, b, &pk);
+        pack_block_x16(fmt, 0, tile, nb, b, &pk);
         gemv_block(fmt, C, &pk, xc, b, acc);
     }
     store_tile(C, y, ldy, rmask, 0, acc);
@@ -499,6 +506,12 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
      * so the inner loops only broadcast them from memory */
     int32_t off[ET_GROUP_M][ET_SEG];
     float ms[ET_GROUP_M][ET_SEG];
+#if ET_AMX
+    float dx[ET_GROUP_M][ET_SEG];
+    const int sgn = amx && fmt != FMT_Q4_1; /* tdpbssd takes q8_0/q4_0 weights signed: no offset to remove */
+#else
+    const int sgn = 0;
+#endif
     for (int64_t ig = 0; ig < m; ig += ET_GROUP_M) {
         const int64_t ie = m - ig < ET_GROUP_M ? m : ig + ET_GROUP_M;
         for (int64_t b0 = 0; b0 < nb; b0 += ET_SEG) {
@@ -508,29 +521,33 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
                 for (int b = 0; b < nbs; b++) {
                     off[i - ig][b] = block_offset(fmt, &xb[b]);
                     ms[i - ig][b] = xb[b].d * (float)xb[b].sum;
+#if ET_AMX
+                    dx[i - ig][b] = xb[b].d;
+#endif
                 }
             }
             for (int64_t j = 0; j < n; j += ET_TILE_N) {
                 const int nr = n - j < ET_TILE_N ? (int)(n - j) : ET_TILE_N;
                 const __mmask16 rmask = (__mmask16)((1u << nr) - 1);
-                pack_tile(fmt, x16, w + (size_t)j * ws, ws, nr, nb, b0, nbs, pk);
+                pack_tile(fmt, sgn, x16, w + (size_t)j * ws, ws, nr, nb, b0, nbs, pk);
                 int64_t i = ig;
 #define ET_TERMS off + (i - ig), (const float(*)[ET_SEG])ms + (i - ig)
 #if ET_AMX
                 if (amx)
                     for (; i + 16 <= ie; i += 16)
-                        amx_tile_cols(fmt, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS);
+                        amx_tile_cols(fmt, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask,
+                                      (const float(*)[ET_SEG])dx + (i - ig), (const float(*)[ET_SEG])ms + (i - ig));
 #endif
                 for (; i + ET_TILE_M <= ie; i += ET_TILE_M)
-                    packed_tile_cols(fmt, ET_TILE_M, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS);
+                    packed_tile_cols(fmt, sgn, ET_TILE_M, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS);
                 switch (ie - i) { /* constant C so the accumulators stay in registers */
-                case 7: packed_tile_cols(fmt, 7, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
-                case 6: packed_tile_cols(fmt, 6, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
-                case 5: packed_tile_cols(fmt, 5, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
-                case 4: packed_tile_cols(fmt, 4, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
-                case 3: packed_tile_cols(fmt, 3, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
-                case 2: packed_tile_cols(fmt, 2, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
-                case 1: packed_tile_cols(fmt, 1, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 7: packed_tile_cols(fmt, sgn, 7, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 6: packed_tile_cols(fmt, sgn, 6, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 5: packed_tile_cols(fmt, sgn, 5, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 4: packed_tile_cols(fmt, sgn, 4, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 3: packed_tile_cols(fmt, sgn, 3, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 2: packed_tile_cols(fmt, sgn, 2, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
+                case 1: packed_tile_cols(fmt, sgn, 1, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS); break;
                 default: break;
                 }
 #undef ET_TERMS
