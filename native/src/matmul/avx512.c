@@ -17,8 +17,9 @@
  *     per weight tile and shared by all m rows. Segments of k accumulate through y (a float store and reload,
  *     exact). Nothing is kept between calls and QTensor.raw stays the GGUF layout.
  *   - with AMX-INT8 (avx512vnni build, Linux, checked at run time) groups of 16 activation rows hand 16 x 16 x 32
- *     block products to the tile unit (A = 16 activation rows straight from block_q8_s, B = the packed weight block)
- *     and scale the int32 results with scale_block() in zmm; the tile state is requested once per process.
+ *     block products to the tile unit (A = 16 activation rows' block, copied once per segment into one aligned
+ *     512-byte tile, B = the packed weight block) and scale the int32 results with scale_block() in zmm; the tile
+ *     state is requested once per process.
  *
  * vpdpbusd multiplies unsigned by signed bytes, so every weight goes in as u8 and its offset is removed exactly in
  * the int32 accumulator's starting value: q4 nibbles are already unsigned (q4_0 starts at -8*sum(qx)); q8_0 weights
@@ -70,7 +71,7 @@
 #define ET_CP_PF_BYTES 8192 /* GEMV tile copy: L2 prefetch distance ahead of the copy's loads */
 #define ET_PF_BLOCKS 8    /* GEMV prefetch distance for rows of a page or more, in blocks */
 #define ET_X16_PF_BYTES 32768 /* GEMV on x16 tiles: L2 prefetch distance in the tiles' one forward stream */
-#define ET_GROUP_M 64   /* activation rows whose per-block terms are precomputed together (stack: 16 KiB, 24 with AMX) */
+#define ET_GROUP_M 64   /* activation rows whose per-block terms are precomputed together (stack: 16 KiB, 88 with AMX) */
 
 /* ---- 4-byte dot products: acc[l] += sum_{i<4} u[4l+i] * s[4l+i], u unsigned, s signed ---- */
 
@@ -282,9 +283,10 @@ ET_INLINE void packed_tile_cols(int fmt, int sgn, int C, const pk_block *pk, int
 
 #if ET_AMX
 /* ---- AMX-INT8: the same packed tile, 16 activation rows x 16 weight rows per tile multiply ----
- * A = 16 activation rows x 32 s8 (tile-loaded straight from the block_q8_s rows), B = the packed weight block
- * (pk_block.q is already the 8 x 64-byte "VNNI" layout tdpbsud wants: row t, lane r = bytes 4t..4t+3 of weight
- * row r), C = 16 x 16 int32 exact block dots, scaled in zmm as in packed_cols. */
+ * A = 16 activation rows x 32 s8 (copied out of the block_q8_s rows once per segment, so each is one aligned
+ * 512-byte load), B = the packed weight block (pk_block.q is already the 8 x 64-byte "VNNI" layout the tile
+ * multiply wants: row t, lane r = bytes 4t..4t+3 of weight row r; signed for tdpbssd, q4_1 unsigned for tdpbsud),
+ * C = 16 x 16 int32 exact block dots, scaled in zmm as in packed_cols. */
 
 typedef struct {
     uint8_t palette_id;
@@ -316,19 +318,18 @@ ET_INLINE void amx_scale(int fmt, const int32_t *cb, const pk_block *pk, const f
         acc[c] = scale_block(fmt, acc[c], _mm512_load_si512(cb + 16 * c), pk->d, pk->m, dx[c * ET_SEG], ms[c * ET_SEG]);
 }
 
-ET_INLINE void amx_tile_cols(int fmt, const pk_block *pk, int nbs, int64_t nb, const uint8_t *x, size_t xs,
-                             int64_t i0, int64_t b0, float *y, size_t ldy, __mmask16 rmask, const float (*dx)[ET_SEG],
-                             const float (*ms)[ET_SEG]) {
+/* xa: the 16 activation rows' blocks [b0, b0+nbs) as A tiles, 16 x 32 bytes per block */
+ET_INLINE void amx_tile_cols(int fmt, const pk_block *pk, int nbs, int64_t nb, const int8_t *xa, int64_t i0, int64_t b0,
+                             float *y, size_t ldy, __mmask16 rmask, const float (*dx)[ET_SEG], const float (*ms)[ET_SEG]) {
     __m512 acc[16];
     _Alignas(64) int32_t cb[8][256]; /* ring of C tiles: each is scaled a step after its store, off the tile path */
     for (int c = 0; c < 16; c++)
         acc[c] = b0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(rmask, y + (size_t)(i0 + c) * ldy);
-    const uint8_t *xq = x + (size_t)i0 * xs + offsetof(block_q8_s, qs);
     /* four blocks in flight: C tiles 0-3, (A, B) pairs 4/5 and 6/7 alternate */
 #define ET_AMX_BLOCK(ct, at, bt, bb)                                                                             \
     do {                                                                                                      \
         _tile_zero(ct);                                                                                       \
-        _tile_loadd(at, xq + (size_t)(b0 + (bb)) * sizeof(block_q8_s), xs);                                   \
+        _tile_loadd(at, xa + (size_t)(bb) * 16 * ET_QK, ET_QK);                                                \
         _tile_loadd(bt, pk[bb].q, 64);                                                                        \
         if (fmt == FMT_Q4_1)                                                                                  \
             _tile_dpbsud(ct, at, bt);                                                                         \
@@ -508,6 +509,7 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
     float ms[ET_GROUP_M][ET_SEG];
 #if ET_AMX
     float dx[ET_GROUP_M][ET_SEG];
+    _Alignas(64) int8_t xa[ET_GROUP_M / 16][ET_SEG][16][ET_QK]; /* the group's activation blocks as A tiles */
     const int sgn = amx && fmt != FMT_Q4_1; /* tdpbssd takes q8_0/q4_0 weights signed: no offset to remove */
 #else
     const int sgn = 0;
@@ -523,6 +525,8 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
                     ms[i - ig][b] = xb[b].d * (float)xb[b].sum;
 #if ET_AMX
                     dx[i - ig][b] = xb[b].d;
+                    if (amx && i - ig < (ie - ig) / 16 * 16)
+                        memcpy(xa[(i - ig) / 16][b][(i - ig) % 16], xb[b].qs, ET_QK);
 #endif
                 }
             }
@@ -535,7 +539,7 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
 #if ET_AMX
                 if (amx)
                     for (; i + 16 <= ie; i += 16)
-                        amx_tile_cols(fmt, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask,
+                        amx_tile_cols(fmt, pk, nbs, nb, &xa[(i - ig) / 16][0][0][0], i, b0, y + j, ldy, rmask,
                                       (const float(*)[ET_SEG])dx + (i - ig), (const float(*)[ET_SEG])ms + (i - ig));
 #endif
                 for (; i + ET_TILE_M <= ie; i += ET_TILE_M)
