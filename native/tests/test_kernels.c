@@ -258,6 +258,10 @@ static void test_matmul_sweep(void) {
             for (size_t in = 0; in < sizeof ns / sizeof *ns; in++)
                 for (size_t im = 0; im < sizeof ms / sizeof *ms; im++) sweep_shape(types[t], ms[im], ns[in], k, isas, n_isas);
         }
+        /* tall products: a GEMM splits into more chunks than threads only past ET_GEMM_MIN_ROWS rows per chunk, so
+         * the chunks the pool's threads claim as they come free need n in the thousands */
+        sweep_shape(types[t], 17, 3100, 64, isas, n_isas);
+        sweep_shape(types[t], 5, 1553, 96, isas, n_isas);
         printf("matmul sweep %-4s over %s: %s\n", type_name(types[t]), et_isa_available(),
                n_failed == n_before ? "ok" : "FAILED");
     }

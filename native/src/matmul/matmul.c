@@ -7,6 +7,7 @@
 #include "../core.h"
 
 #define ET_MIN_PARALLEL_MACS 32768.0 /* below this a thread-pool dispatch costs more than it saves */
+#define ET_GEMM_MIN_ROWS 768 /* weight rows per GEMM chunk before a thread takes more than one (measured, M=64) */
 #define ET_ROW_TILE 16 /* chunks of weight rows are multiples of this: every kernel's row tile divides it, and an
                         * x16 chunk starts on a tile */
 
@@ -175,9 +176,14 @@ int et_gemm_prepared(int wtype, const void *w, int64_t n, int64_t k, const void 
     const size_t ws = et_row_size(wtype, k);
     if (!fn || ws == 0) return et_error(ET_ERR_INVALID, "no kernel for weight type %d with k=%lld", wtype, (long long)k);
     int nth = nthreads > 0 ? nthreads : et_get_threads();
-    /* a few chunks per thread so a slow core does not hold the others back; rows in whole tiles. A GEMV streams its
-     * weights from memory and each chunk starts its stream cold: one contiguous range per thread. */
-    const int64_t per_thread = m == 1 ? 1 : 4;
+    /* up to four chunks per thread so a slow core does not hold the others back; rows in whole tiles. A GEMM chunk
+     * first sets up its activation rows' per-block terms (the AMX path copies their blocks too), a cost that does
+     * not shrink with the chunk: chunks keep ET_GEMM_MIN_ROWS weight rows or more (at 576 rows, eight chunks had
+     * made the setup half of the work). A GEMV streams its weights from memory and each chunk starts its stream
+     * cold: one contiguous range per thread. */
+    int64_t per_thread = m == 1 ? 1 : n / nth / ET_GEMM_MIN_ROWS;
+    if (per_thread < 1) per_thread = 1;
+    if (per_thread > 4) per_thread = 4;
     int64_t chunk = (n + (int64_t)nth * per_thread - 1) / ((int64_t)nth * per_thread);
     chunk = (chunk + ET_ROW_TILE - 1) / ET_ROW_TILE * ET_ROW_TILE;
     const int64_t n_chunks = (n + chunk - 1) / chunk;
