@@ -268,9 +268,9 @@ ET_INLINE void packed_cols(int fmt, int sgn, int C, const pk_block *pk, int nbs,
     }
 }
 
-ET_INLINE void packed_tile_cols(int fmt, int sgn, int C, const pk_block *pk, int nbs, int64_t nb, const uint8_t *x, size_t xs,
-                                int64_t i0, int64_t b0, float *y, size_t ldy, __mmask16 rmask, const int32_t (*off)[ET_SEG],
-                                const float (*ms)[ET_SEG]) {
+ET_INLINE void packed_tile_cols(int fmt, int sgn, int C, const pk_block *pk, int nbs, int64_t nb, const uint8_t *x,
+                                size_t xs, int64_t i0, int64_t b0, float *y, size_t ldy, __mmask16 rmask,
+                                const int32_t (*off)[ET_SEG], const float (*ms)[ET_SEG]) {
     const block_q8_s *xc[ET_TILE_M];
     __m512 acc[ET_TILE_M];
     for (int c = 0; c < C; c++) {
@@ -310,7 +310,7 @@ static const amx_config amx_cfg = {
 
 static void amx_begin(void) { _tile_loadconfig(&amx_cfg); }
 
-/* the C tile cb of one block into acc: its dots are exact (signed weights, no offset to remove) */
+/* the C tile cb of one block into acc: its dots are already exact (no weight offset: q8_0/q4_0 went in signed) */
 ET_INLINE void amx_scale(int fmt, const int32_t *cb, const pk_block *pk, const float *dx, const float *ms,
                          __m512 *acc) {
 #pragma GCC unroll 16
