@@ -19,6 +19,7 @@ BLOCK = 32  # values per block in every block format
 FORMATS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 8}
 FORMAT_BY_ID = {v: k for k, v in FORMATS.items()}
 BLOCK_FORMATS = ("q4_0", "q4_1", "q8_0")
+_F32 = np.dtype(np.float32)  # compared by identity first: the per-call check of a run loop's x
 
 
 def _fmt_id(fmt: str) -> int:
@@ -327,7 +328,7 @@ class BoundMatMul:
     count as zeros, which is exact) and unit column stride; rows may be further apart (a slice of a wider array).
     Returns the bound output (m, N), overwritten by the next call."""
 
-    __slots__ = ("w", "m", "kx", "threads", "out", "_scratch", "_py", "_call")
+    __slots__ = ("w", "m", "kx", "threads", "out", "_scratch", "_py", "_call", "_x", "_px")
 
     def __init__(self, w: QTensor | PackedQTensor, m: int, kx: int | None = None, threads: int | None = None):
         n, k = _weight(w).shape
@@ -344,20 +345,27 @@ class BoundMatMul:
         # what every call passes, gathered once: a run loop's call then touches this object and x only
         self._call = (lib.et_matmul_ex, m, kx, (m, kx), 4 * kx, w.type_id, native.ptr(w.raw), n, k,
                       native.ptr(self._scratch), ss, nth)
+        self._x = self._px = None  # the last x and its pointer: a run loop passes the same buffer every call
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The product for ``x``, in the bound output, or in ``out`` (float32 C-contiguous (m, N)) when given."""
         fn, m, kx, shape, row, tid, pw, n, k, ps, ss, nth = self._call
-        if type(x) is not np.ndarray or x.dtype != np.float32 or x.shape != shape:
+        # dtype, shape and strides are checked every call: numpy lets them be reassigned in place (the data
+        # pointer cannot be, so the pointer made for the same x object last time is still its data)
+        if type(x) is not np.ndarray or (x.dtype is not _F32 and x.dtype != _F32) or x.shape != shape:
             raise self._bad_x(x)
         st = x.strides
         if st[1] != 4 or (m > 1 and (st[0] % 4 or st[0] < row)):
             raise self._bad_x(x)
         py = self._py if out is None else _out_ptr(out, m, n)
-        try:  # from_buffer needs a contiguous buffer: a strided x is passed by its first element's address
-            px = ffi.from_buffer("float[]", x)
-        except (BufferError, ValueError):
-            px = ffi.cast("float *", x.ctypes.data)
+        if x is self._x:
+            px = self._px
+        else:
+            try:  # from_buffer needs a contiguous buffer: a strided x is passed by its first element's address
+                px = ffi.from_buffer("float[]", x)
+            except (BufferError, ValueError):
+                px = ffi.cast("float *", x.ctypes.data)
+            self._x, self._px = x, px
         status = fn(px, m, kx, st[0] // 4 if m > 1 else kx, tid, pw, n, k, py, n, ps, ss, nth)
         if status:
             native.check(status)

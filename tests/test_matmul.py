@@ -389,6 +389,34 @@ def test_bound_matmul_rejects_bad_input():
         bound(np.full((2, 60), np.inf, np.float32))
 
 
+
+def test_bound_matmul_same_x_again_sees_its_new_data_and_checks_it_again():
+    """a run loop passes the same x every call: BoundMatMul reuses its pointer, so the product must follow the data,
+    and a dtype, shape or strides reassigned in place on that same object must still be refused"""
+    from edgert.quant import BoundMatMul
+
+    rng = rng_for("bound-same-x")
+    w = edgert.quantize(rng.standard_normal((24, 64)).astype(np.float32), "q4_1")
+    wide = rng.standard_normal((3, 70)).astype(np.float32)
+    for x in (np.ascontiguousarray(wide[:, :64]), wide[:, :64]):  # contiguous, and rows 70 apart
+        bound = BoundMatMul(w, 3, 64)
+        np.testing.assert_array_equal(bound(x), edgert.matmul(np.ascontiguousarray(x), w))
+        x[...] = rng.standard_normal(x.shape)  # same object, new values
+        np.testing.assert_array_equal(bound(x), edgert.matmul(np.ascontiguousarray(x), w))
+    x = np.zeros((3, 64), np.float32)
+    bound = BoundMatMul(w, 3, 64)
+    bound(x)
+    x.dtype = np.int32  # numpy allows this in place (same item size): the bytes are no longer float32
+    with pytest.raises(edgert.ShapeError, match="x must be float32"):
+        bound(x)
+    x.dtype = np.float32
+    x.shape = (64, 3)
+    with pytest.raises(edgert.ShapeError, match="x must be float32"):
+        bound(x)
+    x.shape = (3, 64)
+    np.testing.assert_array_equal(bound(x), np.zeros((3, 24), np.float32))
+
+
 # --- repack: the x16 layout ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", BLOCK_FORMATS)
