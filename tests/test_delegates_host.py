@@ -182,10 +182,15 @@ def test_one_partition_without_c_core_keeps_onnxruntime_defaults(tmp_path):
         opts.get_session_config_entry("session.intra_op.allow_spinning")
 
 
-def test_faster_of_keeps_the_faster_compilation_and_closes_the_other():
+def test_faster_of_keeps_the_faster_compilation_and_closes_the_other(monkeypatch):
     import time
 
     from edgert.delegates.base import CompiledPartition, faster_of
+
+    # a clock that moves only when a fake runs, so the block sizes do not depend on how busy the machine is (with
+    # real sleeps, a 20 us hiccup while the fast one was sized gave it one run per block)
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
 
     class Fake(CompiledPartition):
         def __init__(self, delay):
@@ -194,19 +199,18 @@ def test_faster_of_keeps_the_faster_compilation_and_closes_the_other():
         def run(self, inputs, outputs):
             assert inputs["x"].shape == (2, 3) and outputs["y"].dtype == np.int8 and not inputs["x"].any()
             self.runs += 1
-            if self.delay:
-                time.sleep(self.delay)
+            clock[0] += self.delay
 
         def close(self):
             self.closed = True
 
     specs = {"x": ((2, 3), np.dtype(np.float32)), "y": ((2, 3), np.dtype(np.int8))}
-    slow, fast = Fake(0.004), Fake(0.0)
+    slow, fast = Fake(0.004), Fake(1e-6)
     assert faster_of(slow, fast, specs, runs=5) is fast and slow.closed and not fast.closed
     # two untimed runs each (warm-up, block size), then 5 blocks: one run per block for the slow one (4 ms is
-    # enough for the clock), many for the fast one
-    assert slow.runs == 7 and fast.runs > 7
-    slow, fast = Fake(0.004), Fake(0.0)
+    # enough for the clock), ~20 per block for the 1 us one (blocks of at least 20 us)
+    assert slow.runs == 7 and fast.runs > 2 + 5 * 15
+    slow, fast = Fake(0.004), Fake(1e-6)
     assert faster_of(fast, slow, specs, runs=5) is fast and slow.closed and not fast.closed
 
 
