@@ -516,6 +516,9 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
 #endif
     for (int64_t ig = 0; ig < m; ig += ET_GROUP_M) {
         const int64_t ie = m - ig < ET_GROUP_M ? m : ig + ET_GROUP_M;
+#if ET_AMX
+        const int64_t amx_rows = amx ? (ie - ig) / 16 * 16 : 0; /* the group's rows the tile unit takes */
+#endif
         for (int64_t b0 = 0; b0 < nb; b0 += ET_SEG) {
             const int nbs = nb - b0 < ET_SEG ? (int)(nb - b0) : ET_SEG;
             for (int64_t i = ig; i < ie; i++) {
@@ -525,8 +528,7 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
                     ms[i - ig][b] = xb[b].d * (float)xb[b].sum;
 #if ET_AMX
                     dx[i - ig][b] = xb[b].d;
-                    if (amx && i - ig < (ie - ig) / 16 * 16)
-                        memcpy(xa[(i - ig) / 16][b][(i - ig) % 16], xb[b].qs, ET_QK);
+                    if (i - ig < amx_rows) memcpy(xa[(i - ig) / 16][b][(i - ig) % 16], xb[b].qs, ET_QK);
 #endif
                 }
             }
@@ -537,10 +539,9 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
                 int64_t i = ig;
 #define ET_TERMS off + (i - ig), (const float(*)[ET_SEG])ms + (i - ig)
 #if ET_AMX
-                if (amx)
-                    for (; i + 16 <= ie; i += 16)
-                        amx_tile_cols(fmt, pk, nbs, nb, &xa[(i - ig) / 16][0][0][0], i, b0, y + j, ldy, rmask,
-                                      (const float(*)[ET_SEG])dx + (i - ig), (const float(*)[ET_SEG])ms + (i - ig));
+                for (; i < ig + amx_rows; i += 16)
+                    amx_tile_cols(fmt, pk, nbs, nb, &xa[(i - ig) / 16][0][0][0], i, b0, y + j, ldy, rmask,
+                                  (const float(*)[ET_SEG])dx + (i - ig), (const float(*)[ET_SEG])ms + (i - ig));
 #endif
                 for (; i + ET_TILE_M <= ie; i += ET_TILE_M)
                     packed_tile_cols(fmt, sgn, ET_TILE_M, pk, nbs, nb, x, xs, i, b0, y + j, ldy, rmask, ET_TERMS);
