@@ -25,7 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import DTypeError, EdgertError, InvalidArgumentError, ModelFormatError, ModelNotFoundError, ShapeError
+from .errors import DTypeError, EdgertError, InvalidArgumentError, ModelFormatError, ShapeError
+from .formats import model_file
 from .formats.gguf import open_gguf
 from .quant import BLOCK, FORMATS, quantize
 
@@ -240,9 +241,7 @@ def quantize_onnx(src, dst, mode: str, *, calibration=None, block_size: int = 32
 
     if mode not in ONNX_TARGETS:
         raise InvalidArgumentError(f"ONNX target must be one of {', '.join(ONNX_TARGETS)}, got {mode!r}")
-    src, dst = os.fspath(src), os.fspath(dst)
-    if not os.path.isfile(src):
-        raise ModelNotFoundError(f"ONNX model {src!r} does not exist or is not a file")
+    src, dst = model_file(src, "ONNX"), os.fspath(dst)
     if _same_file(src, dst):
         raise InvalidArgumentError(f"output {dst} is the input file: write the quantized model elsewhere")
     check_output_path(dst)

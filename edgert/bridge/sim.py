@@ -81,13 +81,13 @@ class NpuSim:
             reset_after = check_count("reset_after", reset_after, lo=1)
         if seed is not None:
             seed = check_count("seed", seed)
-        self.args = ["--baud", str(baud), "--ops-per-s", str(ops_per_s), "--arena", str(int(arena)), "--drop",
+        self.args = ["--baud", str(baud), "--ops-per-s", str(ops_per_s), "--arena", str(arena), "--drop",
                      str(drop), "--corrupt", str(corrupt), "--duplicate", str(duplicate), "--stall-ms",
-                     str(int(stall_ms))]
+                     str(stall_ms)]
         if reset_after is not None:
-            self.args += ["--reset-after", str(int(reset_after))]
+            self.args += ["--reset-after", str(reset_after)]
         if seed is not None:
-            self.args += ["--seed", str(int(seed))]
+            self.args += ["--seed", str(seed)]
         self.baud = baud
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None

@@ -8,7 +8,6 @@ is a graph model run through ``edgert.Session`` (per-tensor error, SQNR, first d
 """
 from __future__ import annotations
 
-
 from ..errors import InvalidArgumentError
 from . import thresholds as _thresholds
 from .report import EvalReport, Failure, Side, parse_side
