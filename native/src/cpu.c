@@ -71,10 +71,11 @@ static void detect_once_fn(void) {
     const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     const int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                        __builtin_cpu_supports("avx512vl");
-    const int vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+    /* the VNNI sources also use AVX512DQ (fc_s8's activation codes); every VNNI CPU has it, a VM's model may not */
+    const int vnni = avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512dq");
     if (avx2) add_feature("avx2"), add_feature("fma"), add_feature("f16c");
     if (avx512) add_feature("avx512f"), add_feature("avx512bw"), add_feature("avx512vl");
-    if (vnni) add_feature("avx512vnni");
+    if (vnni) add_feature("avx512dq"), add_feature("avx512vnni");
     amx_int8 = vnni && detect_amx_int8();
     if (amx_int8) add_feature("amx_int8");
     variants[n_variants++] = (et_variant){"avx2", &et_kernels_avx2, avx2};

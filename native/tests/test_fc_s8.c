@@ -356,7 +356,7 @@ static void dyn_tests(void) {
     dyn_case(50, 17, 400, 1, 0, 0, 2);
 
     /* the SIMD quantizer writes the scalar one's bytes, also on half-way quotients and every tail length */
-    for (int64_t count = 1; count < 80; count += 7) {
+    for (int64_t count = 1; count < 400; count += count < 80 ? 7 : 29) { /* past 64: the 64-value steps, then tails */
         float *x = xmalloc((size_t)count * sizeof(float));
         const float s = 6.0f / 255.0f;
         for (int64_t i = 0; i < count; i++) { /* the range [-3, 3] (scale 6/255), half-way quotients and their
@@ -499,6 +499,7 @@ void test_fc_s8(void) {
      * when there are fewer tiles than threads */
     fc_case(40, 100, 300, 1, 1, -7, 3, -128, 127, 3);
     fc_case(35, 10, 3001, 0, 1, 4, -6, -128, 127, 3);
+    fc_case(81, 100, 300, 1, 0, -7, 3, -128, 127, 3); /* AMX, small weights, 32+ rows a thread: rows, with tails */
 
     /* int32 sums that wrap: (x - x_zp) * w = (-128 - 127) * -128 = 32640 per k, 70000 k -> 2.3e9 */
     {

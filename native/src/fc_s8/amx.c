@@ -7,7 +7,8 @@
  * cache lines: 25% slower on 32x512x512). Up to 16 rows: one A tile against 2 B tiles (32 channels) into one of two
  * pairs of accumulator tiles, alternating, each group stored one group late and requantized two groups late (a
  * tile store straight after the products, read back at once, drained the pipeline: ~2 us of 8.5 on 8x1024x1024).
- * 17-32 rows: 2 A x 2 B tiles into 4 accumulators. At the k tail the B tile is loaded whole, reading into the next
+ * 17-32 rows: 2 A x 2 B tiles into 4 accumulators, stored at the end of the block and requantized during the next
+ * block's first k steps (pending_sums). At the k tail the B tile is loaded whole, reading into the next
  * channel tile or the plan's slack: those weights meet zero activations. */
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(__linux__) && !defined(_GNU_SOURCE)
@@ -136,9 +137,30 @@ static void rows1_pipelined(const et_fc_s8_args *a, const int8_t *panel, int64_t
     if (gj[slot] >= 0) requant_group(a, cbuf + 512 * slot, mr, i, gj[slot], j1);
 }
 
-/* rows i..i+16+mr1 (1 <= mr1 <= 16) x the 32-channel group at j of [j, j1) */
+/* a 2 x 2 block's stored sums (cbuf: tiles C0, C2, C1, C3 at 256 int32 apart) not yet requantized: block2 leaves
+ * them to the next block, which requantizes one tile after each of its first k steps, so the vector work runs while
+ * the tile unit multiplies (requantizing at once, between the stores and the next block's loads, idled it ~10%) */
+typedef struct {
+    int64_t i, j, nlast; /* rows i.., channels j..; channels in the last channel tile */
+    int mr1, tiles;      /* rows of the second row tile; stored tiles (0: nothing pending) */
+} pending_sums;
+
+static void requant_pending(const et_fc_s8_args *a, const int32_t *cbuf, const pending_sums *p, int t) {
+    if (t >= p->tiles) return;
+    const int second_row = t & 1, second_ch = t >> 1;
+    requant_block(a, cbuf + 256 * t, second_row ? p->mr1 : 16, p->i + 16 * second_row, p->j + 16 * second_ch,
+                  second_ch || p->tiles == 2 ? p->nlast : 16);
+}
+
+static void flush_pending(const et_fc_s8_args *a, const int32_t *cbuf, pending_sums *p) {
+    for (int t = 0; t < p->tiles; t++) requant_pending(a, cbuf, p, t);
+    p->tiles = 0;
+}
+
+/* rows i..i+16+mr1 (1 <= mr1 <= 16) x the 32-channel group at j of [j, j1): requantizes the block *p left, then
+ * stores its own sums into cbuf and leaves them in *p */
 static void block2(const et_fc_s8_args *a, const int8_t *panel, int64_t i, int mr1, int64_t j, int64_t j1,
-                   int32_t *cbuf) {
+                   int32_t *cbuf, pending_sums *p) {
     int64_t nlast;
     const int nt = group_tiles(j, j1, &nlast);
     const int64_t k = a->k, kp = a->kp, kc = (k + 63) / 64 * 64, stride = kp * 16;
@@ -149,6 +171,7 @@ static void block2(const et_fc_s8_args *a, const int8_t *panel, int64_t i, int m
         _tile_zero(1);
         _tile_zero(3);
     }
+    int t = 0; /* the pending tile requantized next */
     for (int64_t kk = 0; kk < kc; kk += 64) {
         _tile_loadd(4, panel + kk * (16 + mr1), 64);
         _tile_loadd(5, panel + kk * (16 + mr1) + 16 * 64, 64);
@@ -161,17 +184,16 @@ static void block2(const et_fc_s8_args *a, const int8_t *panel, int64_t i, int m
             _tile_dpbssd(1, 4, 7);
             _tile_dpbssd(3, 5, 7);
         }
+        if (t < p->tiles) requant_pending(a, cbuf, p, t++);
     }
+    while (t < p->tiles) requant_pending(a, cbuf, p, t++); /* k shorter than the pending tiles */
     _tile_stored(0, cbuf, 64);
-    requant_block(a, cbuf, 16, i, j, nt == 1 ? nlast : 16);
-    _tile_stored(2, cbuf, 64);
-    requant_block(a, cbuf, mr1, i + 16, j, nt == 1 ? nlast : 16);
+    _tile_stored(2, cbuf + 256, 64);
     if (nt > 1) {
-        _tile_stored(1, cbuf, 64);
-        requant_block(a, cbuf, 16, i, j + 16, nlast);
-        _tile_stored(3, cbuf, 64);
-        requant_block(a, cbuf, mr1, i + 16, j + 16, nlast);
+        _tile_stored(1, cbuf + 512, 64);
+        _tile_stored(3, cbuf + 768, 64);
     }
+    *p = (pending_sums){i, j, nlast, mr1, 2 * nt};
 }
 
 /* rows i..i+mr of x -> panel[chunk][row][64] (chunk stride mr * 64 bytes), zero-padded past k: every A tile is
@@ -203,7 +225,9 @@ static void rows_upto32(const et_fc_s8_args *a, int8_t *panel, int64_t i, int mr
         return;
     }
     configure(16, mr - 16);
-    for (int64_t j = j0; j < j1; j += 32) block2(a, panel, i, mr - 16, j, j1, cbuf);
+    pending_sums p = {0};
+    for (int64_t j = j0; j < j1; j += 32) block2(a, panel, i, mr - 16, j, j1, cbuf, &p);
+    flush_pending(a, cbuf, &p);
 }
 
 /* Whole 32-row blocks share each 32-channel group of weights: the group's B tiles (32 channels x k) are read from
@@ -223,8 +247,10 @@ void et_fc_s8_amx(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, in
         for (int64_t b = 0; b < full; b++) pack_rows(a, i0 + 32 * b, 32, panel + b * kc * 32);
         MEMORY_BARRIER();
         configure(16, 16);
+        pending_sums p = {0};
         for (int64_t j = j0; j < j1; j += 32)
-            for (int64_t b = 0; b < full; b++) block2(a, panel + b * kc * 32, i0 + 32 * b, 16, j, j1, cbuf);
+            for (int64_t b = 0; b < full; b++) block2(a, panel + b * kc * 32, i0 + 32 * b, 16, j, j1, cbuf, &p);
+        flush_pending(a, cbuf, &p);
     }
     if (tail) rows_upto32(a, panel, i0 + 32 * full, (int)tail, j0, j1, cbuf);
     _tile_release();

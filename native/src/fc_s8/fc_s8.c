@@ -2,7 +2,8 @@
  * corrections folded into the bias, scales and clamp range stored), run many. The kernel follows the selected ISA:
  * avx512 with VNNI -> AMX-INT8 for 2+ rows when the CPU has it, else vpdpbusd; avx512 without VNNI and avx2 -> the
  * AVX2 kernel; neon -> SDOT or widening multiplies; ref -> the scalar reference. Work splits over the thread pool in
- * whole 16-channel tiles (rows when there are fewer tiles than threads), only above ET_FC_S8_MT_MACS. */
+ * whole 16-channel tiles (rows when there are fewer tiles than threads, or for AMX on small weights), only above
+ * ET_FC_S8_MT_MACS. */
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +16,11 @@
 #define ET_FC_S8_MT_MACS (1 << 20)
 /* AMX pays from this many rows on (one row: the VNNI kernel streams the weights as fast) */
 #define ET_FC_S8_AMX_MIN_ROWS 2
+/* The AMX kernel copies the rows it takes into an aligned panel, so over channels every thread copies every row.
+ * Weights up to this size stay in each core's L2 after the first call: there, with 32+ rows per thread, the rows are
+ * split instead (each thread copies only its own; 64x1536x576 at 2 threads: -10%). Larger weights stream from L3
+ * or memory, and every thread reading all of them costs more (64x4096x4096: +25%). */
+#define ET_FC_S8_AMX_ROWS_WEIGHTS (1 << 20)
 
 static int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
@@ -144,6 +150,10 @@ static int run_args(const et_fc_s8_header *h, const et_fc_s8_args *a, int nthrea
     int nth = nthreads > 0 ? nthreads : et_get_threads();
     if ((double)m * (double)h->n * (double)h->k < (double)ET_FC_S8_MT_MACS) nth = 1;
     if (nth > 1 && tiles < nth) t.by_rows = 1; /* few channels: split the rows */
+#if defined(__x86_64__) || defined(_M_X64)
+    if (nth > 1 && t.fn == et_fc_s8_amx && m >= 32 * (int64_t)nth && h->np * h->kp <= ET_FC_S8_AMX_ROWS_WEIGHTS)
+        t.by_rows = 1;
+#endif
     if (nth > (t.by_rows ? m : tiles)) nth = (int)(t.by_rows ? m : tiles);
     if (nth <= 1) {
         t.fn(a, 0, m, 0, h->n);
