@@ -148,6 +148,10 @@ def test_errors(models, tmp_path):
         edgert.evaluate(f32, q40, _text(), thresholds={"kl_meen": 1})
     with pytest.raises(edgert.InvalidArgumentError, match="not found"):
         edgert.evaluate(tmp_path / "nope.gguf", q40, _text())
+    # a thread count the pool cannot take is refused with the spec, before any model is opened
+    for bad, what in (("0", "got 0"), ("9999", "got 9999"), ("two", "positive integer, got 'two'")):
+        with pytest.raises(edgert.InvalidArgumentError, match=f"@threads={bad}: threads .*{what}"):
+            edgert.evaluate(f32, f"{q40}@threads={bad}", _text())
 
 
 def _cli_error(capsys, *argv) -> str:

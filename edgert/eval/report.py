@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import InvalidArgumentError
+from .. import native
+from ..errors import InvalidArgumentError, check_count
 
 
 @dataclass
@@ -53,9 +54,9 @@ def _parse_spec(spec) -> Side:
         elif key == "device":
             dev = value
         elif key == "threads":
-            if not value.isdigit() or int(value) < 1:
+            if not value.isdigit():
                 raise InvalidArgumentError(f"{s}: threads must be a positive integer, got {value!r}")
-            th = int(value)
+            th = check_count(f"{s}: threads", int(value), lo=1, hi=native.MAX_THREADS)
         else:
             raise InvalidArgumentError(f"{s}: unknown option {key!r} after '@' (expected DEVICE, device=NAME or threads=N)")
     if not os.path.exists(path):
