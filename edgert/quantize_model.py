@@ -54,7 +54,7 @@ def quantize_gguf(src, dst, fmt: str, *, keep_embeddings: bool = False, progress
     src, dst = os.fspath(src), os.fspath(dst)
     if _same_file(src, dst):
         raise InvalidArgumentError(f"output {dst} is the input file: write the re-quantized model elsewhere")
-    g = open_gguf(src)  # first: it names a missing, truncated or non-GGUF file (ModelFormatError)
+    g = open_gguf(src)  # first: it names a missing or non-regular (ModelNotFoundError), truncated or non-GGUF file
     with contextlib.ExitStack() as stack:  # on leaving: the writer closed, dst in place (or no dst), g closed
         stack.callback(g.close)
         check_output_path(dst)

@@ -247,10 +247,24 @@ def test_a_full_vocabulary_parses_into_arrays(tmp_path):
 
 
 def test_not_a_file_and_tiny_files(tmp_path, scratch):
-    with pytest.raises(ModelFormatError, match="cannot open"):
+    import os
+
+    from cli_run import run_python
+
+    from edgert.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
         open_gguf(tmp_path / "missing.gguf")
-    with pytest.raises(ModelFormatError, match="cannot open"):
-        open_gguf(tmp_path)
+    for path in (tmp_path, "/dev/zero"):
+        with pytest.raises(ModelNotFoundError, match=f"GGUF model '{path}' is not a regular file"):
+            open_gguf(path)
+    # a FIFO blocked the open (in a child, so that a regression fails by its timeout rather than hanging the tests)
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    code = (f"from edgert.formats.gguf import open_gguf\nfrom edgert import ModelNotFoundError\ntry:\n"
+            f"    open_gguf({str(fifo)!r})\nexcept ModelNotFoundError as e:\n    print(e)")
+    r = run_python("-c", code, timeout=60)
+    assert f"GGUF model '{fifo}' is not a regular file" in r.stdout, r.stderr
     _rejects(scratch, b"", "truncated")
     _rejects(scratch, b"GGUF", "truncated")
     _rejects(scratch, b"GGML" + bytes(20), "bad magic")

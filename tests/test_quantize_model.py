@@ -111,7 +111,7 @@ def test_cli_quantize_bad_paths_are_one_line_errors(f32, tmp_path, capsys):
     garbage_gguf.write_bytes(b"GGUF" + b"\xff" * 100)
     garbage_onnx.write_bytes(b"\x08garbage" * 10)
     cases = [  # were FileNotFoundError, ValueError (gguf's reader) and onnx's ValidationError tracebacks
-        ([str(tmp_path / "none.gguf"), str(tmp_path / "o.gguf"), "q8_0"], "cannot open GGUF"),
+        ([str(tmp_path / "none.gguf"), str(tmp_path / "o.gguf"), "q8_0"], f"'{tmp_path / 'none.gguf'}' does not exist"),
         ([str(garbage_gguf), str(tmp_path / "o.gguf"), "q8_0"], "GGUF version"),
         ([str(f32), str(tmp_path / "nodir" / "o.gguf"), "q8_0"], "does not exist"),
         ([str(tmp_path / "none.onnx"), str(tmp_path / "o.onnx"), "int8-dynamic"], "does not exist"),

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import EdgertError, ModelFormatError
 from ..quant import FORMATS, QTensor
+from . import model_file
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -233,9 +234,9 @@ class GGUFFile:
     """
 
     def __init__(self, path):
-        self.path = os.fspath(path)
         self._mm: mmap.mmap | None = None
         self._data: np.ndarray | None = None
+        self.path = model_file(path, "GGUF")  # checked before the open, which a FIFO would block
         try:
             with open(self.path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
@@ -440,5 +441,6 @@ class GGUFFile:
 
 
 def open_gguf(path) -> GGUFFile:
-    """Open and validate a GGUF file; raises ModelFormatError for anything malformed, truncated or hostile."""
+    """Open and validate a GGUF file; raises ModelNotFoundError for a path that is not a regular file and
+    ModelFormatError for anything malformed, truncated or hostile."""
     return GGUFFile(path)
