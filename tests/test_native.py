@@ -209,3 +209,38 @@ def test_concurrent_matmuls_from_python_threads_match_sequential(isa):
     for t in pool:
         t.join()
     assert not errors, f"concurrent results differ from sequential: {errors[:5]}"
+
+
+SMALL_STACK_CHILD = r"""
+import sys, threading
+import numpy as np
+import edgert, edgert.quant as eq
+rng = np.random.default_rng(3)
+cases = []
+for fmt in ("q4_0", "q4_1", "q8_0", "f16", "f32"):
+    w = edgert.quantize(rng.standard_normal((100, 512)).astype(np.float32), fmt)
+    ws = [w] + ([eq.repack(w)] if fmt in eq.BLOCK_FORMATS else [])
+    for m in (1, 64):  # the GEMV and the GEMM (AMX where the CPU has it): the largest frames
+        x = rng.standard_normal((m, 512)).astype(np.float32)
+        cases += [(lambda x=x, w=v, th=th: edgert.matmul(x, w, threads=th)) for v in ws for th in (1, 2)]
+w8 = eq.Int8Weights(rng.integers(-128, 128, (100, 512)).astype(np.int8), scale=0.01)
+x8 = rng.standard_normal((64, 512)).astype(np.float32)
+cases += [(lambda th=th: eq.BoundDynamicInt8(w8, 64, threads=th)(x8).copy()) for th in (1, 2)]
+expected = [f() for f in cases]  # on the main thread (8 MiB)
+threading.stack_size(int(sys.argv[1]) * 1024)
+got = []
+t = threading.Thread(target=lambda: got.extend(f() for f in cases))
+t.start()
+t.join()
+same = len(got) == len(expected) and all(np.array_equal(a, b) for a, b in zip(got, expected))
+print("same" if same else "differ", len(expected))
+"""
+
+
+@pytest.mark.parametrize("kib", [64, 128])
+def test_kernels_from_a_thread_with_a_small_stack(kib):
+    """A thread made with a small stack (musl's default 128 KiB; Python's threading.stack_size) segfaulted in the
+    AVX-512 GEMV/GEMM (frames up to ~190 KiB): now the pool's workers, which get 2 MiB, run its shares. In a child,
+    so that a regression fails the test rather than the test run."""
+    r = run_python("-c", SMALL_STACK_CHILD, str(kib), timeout=120)
+    assert r.returncode == 0 and r.stdout.split()[0] == "same", (r.returncode, r.stdout, r.stderr[-2000:])

@@ -9,7 +9,15 @@
  * for a worker that has not started: on a machine with more runnable threads than cores (a server answering HTTP
  * beside the kernels, another process) a descheduled worker costs nothing, the caller runs its share. When the
  * caller has run out of shares it closes the job's entry gate and waits only for the workers that got in.
+ *
+ * Kernels keep tiles on the stack (the AVX-512 GEMM up to ~190 KiB). Workers are made with ET_WORKER_STACK; a caller
+ * whose own stack has less than ET_CALLER_STACK left (a thread made small: musl's default is 128 KiB, Python's
+ * threading.stack_size can set less) runs no share: the workers run them all, one-thread jobs included, and the
+ * caller waits. Such a caller crashed in the kernel before.
  */
+#if defined(__linux__) && !defined(_GNU_SOURCE)
+#define _GNU_SOURCE /* pthread_getattr_np */
+#endif
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -19,6 +27,7 @@
 
 #define ET_MAX_THREADS 256
 #define ET_CLOSED 0x80000000u
+#define ET_CALLER_STACK (256u << 10) /* stack a caller must have left to run shares itself */
 #define ET_SPIN_ITERS 2000   /* pause instructions before a waiting thread starts yielding its core */
 #define ET_YIELD_ITERS 2000  /* sched_yield calls before a worker sleeps (about a millisecond when idle) */
 
@@ -99,6 +108,28 @@ static void *worker_main(void *arg) {
  * much whatever the C library's default (glibc 8 MiB, musl 128 KiB) */
 #define ET_WORKER_STACK (2u << 20)
 
+/* the lowest address of the calling thread's stack, looked up once per thread (NULL: unknown, or not Linux) */
+static _Thread_local const char *stack_low;
+static _Thread_local int stack_looked_up;
+
+/* whether the calling thread has ET_CALLER_STACK of stack left below this frame (assumed when unknown) */
+static int caller_has_stack(void) {
+    if (!stack_looked_up) {
+        stack_looked_up = 1;
+#if defined(__linux__)
+        pthread_attr_t attr;
+        void *addr;
+        size_t size;
+        if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+            if (pthread_attr_getstack(&attr, &addr, &size) == 0) stack_low = (const char *)addr;
+            pthread_attr_destroy(&attr);
+        }
+#endif
+    }
+    const char here = 0;
+    return !stack_low || (uintptr_t)&here - (uintptr_t)stack_low >= ET_CALLER_STACK;
+}
+
 static int grow(int n_workers) {
     pthread_attr_t attr;
     if (pthread_attr_init(&attr)) return et_error(ET_ERR_NOMEM, "could not set up worker thread attributes");
@@ -131,12 +162,13 @@ int et_get_threads(void) { return pool.n_threads; }
 int et_parallel(et_task_fn fn, void *ctx, int nth) {
     if (nth <= 0) nth = pool.n_threads;
     if (nth > ET_MAX_THREADS) nth = ET_MAX_THREADS;
-    if (nth == 1) {
+    const int here = caller_has_stack(); /* else the workers run every share (see the top) */
+    if (nth == 1 && here) {
         fn(ctx, 0, 1);
         return ET_OK;
     }
     pthread_mutex_lock(&pool.run_lock);
-    int st = grow(nth - 1);
+    int st = grow(here ? nth - 1 : nth);
     if (st) {
         pthread_mutex_unlock(&pool.run_lock);
         return st;
@@ -153,8 +185,14 @@ int et_parallel(et_task_fn fn, void *ctx, int nth) {
         pthread_cond_broadcast(&pool.wake);
         pthread_mutex_unlock(&pool.sleep_lock);
     }
+    for (int spins = 0; !here && atomic_load(&pool.next_share) < nth; spins++) { /* the workers claim them all */
+        if (spins < ET_SPIN_ITERS)
+            ET_PAUSE();
+        else
+            sched_yield();
+    }
     for (;;) {
-        const int share = atomic_fetch_add(&pool.next_share, 1);
+        const int share = here ? atomic_fetch_add(&pool.next_share, 1) : nth;
         if (share >= nth) break;
         fn(ctx, share, nth);
     }

@@ -10,6 +10,7 @@
  *     model really exercised the variant it was meant to).
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -786,6 +787,50 @@ static void test_x16(void) {
     et_isa_select(NULL);
 }
 
+/* et_matmul from a thread made with a small stack (musl's default is 128 KiB): the AVX-512 kernels' frames (up to
+ * ~190 KiB) overflowed it; the pool's workers now run every share of such a caller. Same bytes as on this thread. */
+typedef struct {
+    const problem *p;
+    float *y;
+    int nth, st;
+} small_stack_job;
+
+static void *small_stack_run(void *arg) {
+    small_stack_job *j = (small_stack_job *)arg;
+    j->st = run_matmul(j->p, j->y, j->nth);
+    return NULL;
+}
+
+static void test_small_stack_caller(void) {
+    static const int types[] = {ET_TYPE_Q4_0, ET_TYPE_Q4_1, ET_TYPE_Q8_0, ET_TYPE_F16};
+    char isas[8][16];
+    const int n_isas = isa_list(isas, 8);
+    for (int v = 0; v < n_isas; v++) {
+        et_isa_select(isas[v]);
+        for (size_t t = 0; t < sizeof types / sizeof *types; t++)
+            for (int64_t m = 1; m <= 64; m += 63)
+                for (int nth = 1; nth <= 2; nth++) {
+                    problem p = {.m = m, .n = 40, .k = 256, .type = types[t]};
+                    p.w = make_weights(p.type, p.n, p.k);
+                    p.x = make_activations(m, p.k);
+                    float *y = alloc_output((size_t)(m * p.n)), *ys = alloc_output((size_t)(m * p.n));
+                    small_stack_job j = {&p, ys, nth, -1};
+                    pthread_attr_t attr;
+                    pthread_t th;
+                    int made = pthread_attr_init(&attr) == 0 && pthread_attr_setstacksize(&attr, 160u << 10) == 0 &&
+                               pthread_create(&th, &attr, small_stack_run, &j) == 0;
+                    if (made) pthread_join(th, NULL);
+                    pthread_attr_destroy(&attr);
+                    check(made && j.st == ET_OK && run_matmul(&p, y, nth) == ET_OK &&
+                              memcmp(y, ys, (size_t)(m * p.n) * sizeof(float)) == 0,
+                          "%s %s m=%lld threads=%d from a 160 KiB thread: same bytes as from the main thread",
+                          isas[v], type_name(p.type), (long long)m, nth);
+                    free(y), free(ys), free(p.w), free(p.x);
+                }
+    }
+    et_isa_select(NULL);
+}
+
 int main(int argc, char **argv) {
     const char *expect_isa = NULL, *expect_features = NULL;
     for (int i = 1; i < argc; i++) {
@@ -820,6 +865,7 @@ int main(int argc, char **argv) {
     test_matmul_sweep();
     test_batch_invariance();
     test_x16();
+    test_small_stack_caller();
     test_llama();
     test_fc_s8();
     et_set_threads(1);

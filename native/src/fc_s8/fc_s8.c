@@ -155,11 +155,7 @@ static int run_args(const et_fc_s8_header *h, const et_fc_s8_args *a, int nthrea
         t.by_rows = 1;
 #endif
     if (nth > (t.by_rows ? m : tiles)) nth = (int)(t.by_rows ? m : tiles);
-    if (nth <= 1) {
-        t.fn(a, 0, m, 0, h->n);
-        return ET_OK;
-    }
-    return et_parallel(fc_run, &t, nth);
+    return et_parallel(fc_run, &t, nth < 1 ? 1 : nth); /* 1: runs here, unless this thread's stack is small */
 }
 
 static const et_fc_s8_header *checked_plan(const void *plan, const char *what) {
