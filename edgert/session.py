@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -161,7 +162,8 @@ class Session:
     ``emulate``: run device partitions functionally on the host, copies over the link kept and counted.
     ``dims``: bind symbolic dims now (else from the first run's feeds). ``threads``: host/onnxruntime threads
     (1 to ``edgert.native.MAX_THREADS``, 256; None: their defaults).
-    ``output_views``: ``run`` returns the pool's output buffers themselves (valid until the next run; no copy).
+    ``output_views``: ``run`` returns the pool's output buffers themselves (valid until the next run, from any thread;
+    no copy).
     ``core``: the host delegate's C core: "auto" (where it measures faster than onnxruntime), True (every
     quantized matmul it can take), False (off: every node on onnxruntime). ``telemetry``: record one
     event per run (when edgert telemetry is enabled)."""
@@ -216,6 +218,9 @@ class Session:
         self.requested_plan: Plan | None = None
         self.fell_back: str | None = None
         self._runs, self._busy_s, self._rebinds = 0, 0.0, 0
+        # one run at a time: a run fills and reads the session's bound buffers (and a LiteRT interpreter is not
+        # reentrant); runs from several threads were silently handed each other's outputs
+        self._lock = threading.Lock()
         self._last = {"to_device": 0, "to_host": 0}
         self._bound: _Bound | None = None
         self._provisional: Plan | None = None
@@ -274,19 +279,21 @@ class Session:
         }
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], run_options=None) -> list[np.ndarray]:
-        """Outputs ``output_names`` (None: all, in graph order) for ``feeds`` (input name -> array)."""
-        t0 = time.perf_counter()
-        try:
-            out = self._run(output_names, feeds)
-        except BaseException as exc:
-            if self.telemetry:
-                self._record(time.perf_counter() - t0, exc)
-            raise
-        dt = time.perf_counter() - t0
-        self._runs += 1
-        self._busy_s += dt
-        if self.telemetry and _telemetry_on():
-            self._record(dt, None)
+        """Outputs ``output_names`` (None: all, in graph order) for ``feeds`` (input name -> array). Runs from
+        several threads are taken one at a time."""
+        with self._lock:
+            t0 = time.perf_counter()
+            try:
+                out = self._run(output_names, feeds)
+            except BaseException as exc:
+                if self.telemetry:
+                    self._record(time.perf_counter() - t0, exc)
+                raise
+            dt = time.perf_counter() - t0
+            self._runs += 1
+            self._busy_s += dt
+            if self.telemetry and _telemetry_on():
+                self._record(dt, None)
         return out
 
     # ---- the run path -------------------------------------------------------------------------------------
@@ -599,8 +606,9 @@ class Session:
     def close(self) -> None:
         """Release what the compiled partitions hold (runtime sessions, device tensors, serial links). The session
         stays usable: a later ``run`` lays it out and compiles it again."""
-        self._close_bound()
-        self._bound = None
+        with self._lock:  # not under a run in another thread
+            self._close_bound()
+            self._bound = None
 
     def __repr__(self) -> str:
         return (f"Session({self.model_name!r}, device={self.device!r}, emulate={self.emulate}, "

@@ -157,6 +157,64 @@ def test_operator_writing_a_graph_input_or_constant():
         load_tflite(m.build([x], [c]))
 
 
+def _qdq(zp=0, scale=2 / 255, dtype="int8"):
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (1, 8))
+    q = m.tensor("x_q", dtype, (1, 8), q=(scale, zp))
+    y = m.tensor("y", "float32", (1, 8))
+    m.op("QUANTIZE", [x], [q])
+    m.op("DEQUANTIZE", [q], [y])
+    return m.build([x], [y])
+
+
+@pytest.mark.parametrize("zp, dtype", [(255, "int8"), (-129, "int8"), (2**32 - 1, "int8"), (-1, "uint8"),
+                                       (256, "uint8"), (40000, "int16")])
+def test_zero_point_outside_its_type_is_refused(zp, dtype):
+    """LiteRT segfaulted preparing such a model (a byte flip in a zero point was enough)."""
+    with pytest.raises(ModelFormatError, match=f"zero points \\[{zp}\\] outside {dtype}'s range"):
+        load_tflite(_qdq(zp=zp, dtype=dtype))
+    load_tflite(_qdq(zp=127 if dtype == "int8" else 0, dtype=dtype))  # the bounds themselves are fine
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, -1.7e38, 4.6e-41])
+def test_activation_scale_must_be_a_positive_normal_float(scale):
+    """A zero, negative or subnormal activation scale segfaulted LiteRT; constant weights keep theirs."""
+    with pytest.raises(ModelFormatError, match="activation scale .* is not a positive normal float32"):
+        load_tflite(_qdq(scale=scale))
+
+
+def test_absent_inputs_only_where_the_op_allows_them():
+    """Index -1 (absent) was accepted for any input: ADD [x, -1] and FULLY_CONNECTED [x, -1, -1] segfaulted LiteRT.
+    The bias of FULLY_CONNECTED / CONV_2D may be absent."""
+    def model(op, ins, options_type=None, **opts):
+        m = tm.ModelSpec()
+        x = m.tensor("x", "float32", (1, 4))
+        w = m.tensor("w", "float32", (4, 4), data=np.eye(4, dtype=np.float32))
+        y = m.tensor("y", "float32", (1, 4))
+        m.op(op, [{"x": x, "w": w, "-": -1}[i] for i in ins], [y], options_type, **opts)
+        return m.build([x], [y])
+
+    with pytest.raises(ModelFormatError, match="operator 0 \\(ADD\\): input 1 is absent \\(tensor index -1\\), "
+                                               "which ADD requires"):
+        load_tflite(model("ADD", "x-"))
+    with pytest.raises(ModelFormatError, match="input 1 is absent"):
+        load_tflite(model("FULLY_CONNECTED", "x--", "FullyConnectedOptions"))
+    g = load_tflite(model("FULLY_CONNECTED", "xw-", "FullyConnectedOptions"))  # no bias: valid
+    assert g.nodes[0].attrs["tflite_op"] == "FULLY_CONNECTED"
+
+
+@pytest.mark.parametrize("num_splits", [0, 2])
+def test_split_outputs_must_match_num_splits(num_splits):
+    """SPLIT with NumSplits 0 (or 2) and one output segfaulted LiteRT."""
+    m = tm.ModelSpec()
+    axis = m.tensor("axis", "int32", (), data=np.array(1, np.int32))
+    x = m.tensor("x", "float32", (1, 4))
+    o = m.tensor("o", "float32", (1, 4))
+    m.op("SPLIT", [axis, x], [o], "SplitOptions", NumSplits=num_splits)
+    with pytest.raises(ModelFormatError, match=f"SPLIT\\): NumSplits is {num_splits} but the operator has 1 outputs"):
+        load_tflite(m.build([x], [o]))
+
+
 def test_tensor_names_are_made_unique_even_when_a_suffix_collides():
     """TFLite names need not be unique; a repeated one got '#<index>' appended, which could be another tensor's own
     name: tensors 'x', 'x#2', 'x' became 'x', 'x#2', 'x#2', one IR tensor for two, and the partition exporter

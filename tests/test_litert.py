@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -271,3 +272,97 @@ def test_litert_partition_refuses_an_output_buffer_of_another_shape():
     with pytest.raises(edgert.ModelFormatError, match="output 'features': the model declares shape \\(1, 1, 4, 8\\), "
                                                       "LiteRT computes \\(1, 4, 4, 8\\)"):
         part.run(feeds, {"features": np.zeros((1, 1, 4, 8), np.float32)})  # was a ValueError from np.copyto
+
+
+def _fc_model(xshape=(1, 32), yshape=(1, 16), w_scale=0.01, const_x=False, keep_num_dims=False):
+    """An INT8 FULLY_CONNECTED (w 16x32, no bias), float in and out through QUANTIZE / DEQUANTIZE."""
+    rng = np.random.default_rng(7)
+    m = tm.ModelSpec()
+    n, k = 16, 32
+    ws = np.full(n, w_scale, np.float32) if np.ndim(w_scale) == 0 else np.asarray(w_scale, np.float32)
+    tw = m.tensor("w", "int8", (n, k), rng.integers(-100, 100, (n, k)).astype(np.int8), q=(ws, np.zeros(n)))
+    ty = m.tensor("y_q", "int8", yshape, q=(0.05, 3))
+    yf = m.tensor("y", "float32", yshape)
+    if const_x:
+        tx = m.tensor("x_q", "int8", xshape, rng.integers(-50, 50, xshape).astype(np.int8), q=(0.02, -1))
+        xf = m.tensor("x", "float32", yshape)
+        m.op("FULLY_CONNECTED", [tx, tw, -1], [ty], "FullyConnectedOptions", KeepNumDims=keep_num_dims)
+        m.op("DEQUANTIZE", [ty], [yf])
+        m.op("ADD", [yf, xf], [m.tensor("z", "float32", yshape)], "AddOptions")
+        return m.build([xf], [len(m.tensors) - 1])
+    xf = m.tensor("x", "float32", xshape)
+    tx = m.tensor("x_q", "int8", xshape, q=(0.02, -1))
+    m.op("QUANTIZE", [xf], [tx])
+    m.op("FULLY_CONNECTED", [tx, tw, -1], [ty], "FullyConnectedOptions", KeepNumDims=keep_num_dims)
+    m.op("DEQUANTIZE", [ty], [yf])
+    return m.build([xf], [yf])
+
+
+@pytest.mark.parametrize("core", ["auto", True, False])
+@pytest.mark.parametrize("kw", [
+    {"const_x": True},                                      # was KeyError from the C-core step
+    {"xshape": (1, 64), "yshape": (2, 16)},                  # LiteRT regroups x by k: was a DeviceError
+    {"xshape": (2, 3, 32), "yshape": (2, 3, 16), "keep_num_dims": True},
+])
+def test_fc_the_core_does_not_take_runs_on_litert_with_litert_outputs(kw, core):
+    data = _fc_model(**kw)
+    g = load_tflite(data)
+    feeds = tm.feeds_for(g)
+    s = edgert.Session(data, core=core)
+    for a, b in zip(s.run(None, feeds), tm.litert_reference(data, feeds, g.outputs)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("core", ["auto", True, False])
+def test_fc_output_declared_with_another_shape_is_a_format_error_with_the_core_too(core):
+    """core=True returned the declared (2, 8) where LiteRT computes (1, 16): the same 16 bytes, another shape."""
+    with pytest.raises(edgert.ModelFormatError, match=re.escape("the model declares shape (2, 8), LiteRT computes "
+                                                                 "(1, 16)")):
+        s = edgert.Session(_fc_model(yshape=(2, 8)), core=core)
+        s.run(None, tm.feeds_for(s._graph0))
+
+
+@pytest.mark.parametrize("kw", [{}, {"device": "coral-usb", "emulate": True}])
+def test_rank0_tensors(kw):
+    """A rank-0 boundary tensor has no numpy view of the interpreter's memory (tensor(i)() is a scalar copy): was
+    AttributeError ('numpy.float32' object has no attribute 'ctypes')."""
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", ())
+    y = m.tensor("y", "float32", ())
+    m.op("RELU", [x], [y])
+    s = edgert.Session(m.build([x], [y]), **kw)
+    for v in (-3.0, 2.5):
+        for feed in (np.float32(v), np.array(v, np.float32)):
+            (out,) = s.run(None, {"x": feed})
+            assert out.shape == () and out == max(v, 0.0)
+
+
+def test_one_session_run_from_two_threads_gives_each_its_own_outputs():
+    """Runs from several threads on one Session were silently handed each other's outputs (the bound buffers and
+    the interpreter are shared): runs now take turns."""
+    import threading
+
+    data = tm.float_mlp(batch=8)
+    g = load_tflite(data)
+    s = edgert.Session(data)
+    feeds = [tm.feeds_for(g, seed) for seed in range(4)]
+    refs = [tm.litert_reference(data, f, g.outputs)[0] for f in feeds]
+    wrong = []
+
+    def worker(first):
+        for i in range(600):
+            j = (first + i) % 4
+            if not np.array_equal(s.run(None, feeds[j])[0], refs[j]):
+                wrong.append(j)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(2)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch every few bytecodes: a race shows within a few runs
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not wrong

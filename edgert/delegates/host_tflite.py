@@ -120,8 +120,9 @@ def int8_fc_params(graph, node) -> dict | None:
     b = t.get(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
     if x is None or w is None or y is None or x.dtype != "int8" or w.dtype != "int8" or y.dtype != "int8":
         return None
-    if w.initializer is None or w.initializer.ndim != 2 or x.quant is None or w.quant is None or y.quant is None:
-        return None
+    if (w.initializer is None or w.initializer.ndim != 2 or x.initializer is not None or x.quant is None
+            or w.quant is None or y.quant is None):
+        return None  # a constant x: LiteRT's (the steps read activations from the run's buffers)
     if b is not None and (b.initializer is None or b.dtype != "int32" or b.initializer.size != w.initializer.shape[0]):
         return None
     n, k = w.initializer.shape
@@ -133,13 +134,19 @@ def int8_fc_params(graph, node) -> dict | None:
     xshape, yshape = x.concrete_shape(), y.concrete_shape()
     if xshape is None or yshape is None or not xshape or xshape[-1] * 0 != 0:
         return None
-    if int(np.prod(xshape)) % k or int(np.prod(yshape)) != int(np.prod(xshape)) // k * n:
+    # rows of k (LiteRT also takes x of another last dim and regroups it: left to LiteRT), and the output shape
+    # TFLite gives them, so a damaged shape reaches LiteRT's check rather than a reshaped answer
+    m = int(np.prod(xshape)) // k if xshape[-1] == k else -1
+    want = tuple(xshape[:-1]) + (n,) if int(opts.get("KeepNumDims", 0)) else (m, n)
+    if m < 0 or tuple(yshape) != want:
         return None
     yzp = int(np.asarray(y.quant.zero_point).reshape(-1)[0])
     rng = _act_range(int(node.attrs.get("fused_activation", 0)), float(ys[0]), yzp)
     if rng is None:
         return None
     scale = (xs[0] * np.broadcast_to(ws, (n,)).astype(np.float32) / ys[0]).astype(np.float32)
+    if not (np.isfinite(scale).all() and (scale >= 0).all()):
+        return None  # negative weight scales (LiteRT runs them), or a ratio past float32: not the core's
     return {"w": w.initializer, "bias": None if b is None else b.initializer,
             "x_zp": int(np.asarray(x.quant.zero_point).reshape(-1)[0]), "scale": scale, "y_zp": yzp,
             "lo": rng[0], "hi": rng[1]}

@@ -94,8 +94,15 @@ class LiteRTPartition(CompiledPartition):
             self._check_shape(name, want, d["shape"])
         self._in_idx = [d["index"] for d in ins]
         self._out_idx = [d["index"] for d in outs]
-        self._views = {n: self.interpreter.tensor(i)() for n, i in zip(self.inputs, self._in_idx)}
-        self._views.update({n: self.interpreter.tensor(i)() for n, i in zip(self.outputs, self._out_idx)})
+        # views of the interpreter's memory; a rank-0 tensor has none (tensor(i)() gives a numpy scalar, a copy):
+        # those go through set_tensor / get_tensor
+        self._views, self._scalars = {}, {}
+        for n, i in [*zip(self.inputs, self._in_idx), *zip(self.outputs, self._out_idx)]:
+            v = self.interpreter.tensor(i)()
+            if isinstance(v, np.ndarray):
+                self._views[n] = v
+            else:
+                self._scalars[n] = i
         self._seen: dict[str, tuple] = {}  # boundary tensor -> (last buffer seen for it, is it the view)
         wrapped = getattr(self.interpreter, "_interpreter", None)
         self._invoke = getattr(wrapped, "Invoke", None) or self.interpreter.invoke
@@ -114,6 +121,9 @@ class LiteRTPartition(CompiledPartition):
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         views = self._views
+        if self._scalars:
+            self._run_with_scalars(inputs, outputs)
+            return
         for name in self.inputs:
             a, v = inputs[name], views[name]
             if a.shape != v.shape:
@@ -131,8 +141,26 @@ class LiteRTPartition(CompiledPartition):
                     self._check_shape(name, o.shape, v.shape)
                 np.copyto(o, v, casting="no")
 
+    def _run_with_scalars(self, inputs, outputs) -> None:
+        """run() where some boundary tensor is rank 0: every tensor copied in and out through the interpreter's
+        set_tensor / get_tensor."""
+        it = self.interpreter
+        try:
+            for name, i in zip(self.inputs, self._in_idx):
+                it.set_tensor(i, inputs[name])
+            self._invoke()
+        except (ValueError, RuntimeError) as exc:
+            raise DeviceError(f"LiteRT failed running {self.what}: {exc}") from None
+        for name, i in zip(self.outputs, self._out_idx):
+            o, v = outputs[name], it.get_tensor(i)
+            if o.shape != v.shape:
+                self._check_shape(name, o.shape, v.shape)
+            np.copyto(o, v, casting="no")
+
     def bound_run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
         views = self._views
+        if self._scalars:
+            return super().bound_run(inputs, outputs)
         bufs = [(n, inputs[n]) for n in self.inputs] + [(n, outputs[n]) for n in self.outputs]
         if not all(self._is_view(n, a, views[n]) for n, a in bufs):
             return super().bound_run(inputs, outputs)

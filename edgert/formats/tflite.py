@@ -58,6 +58,18 @@ CONTROL_FLOW = ("WHILE", "IF", "CALL_ONCE", "CALL")
 MAX_RANK = 8
 MAX_ELEMENTS = 2**32  # no tensor of an edge model comes near; larger is a hostile shape
 
+# inputs an operator may leave absent (index -1): the optional bias of the convolutions and FULLY_CONNECTED; the
+# recurrent ops (and custom ops, whose inputs edgert cannot know) may leave any. Any other absent input, or an absent
+# output, is refused here: LiteRT's kernels read such a tensor without checking and crash.
+OPTIONAL_INPUTS = {"FULLY_CONNECTED": (2,), "CONV_2D": (2,), "DEPTHWISE_CONV_2D": (2,), "CONV_3D": (2,),
+                   "TRANSPOSE_CONV": (3,), "CONV_3D_TRANSPOSE": (3,)}
+ANY_ABSENT = ("LSTM", "UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM", "RNN",
+              "UNIDIRECTIONAL_SEQUENCE_RNN", "BIDIRECTIONAL_SEQUENCE_RNN", "SVDF", "CUSTOM")
+# ops whose output count an option fixes (LiteRT trusts the option): op -> options field
+OUTPUT_COUNT = {"SPLIT": "NumSplits", "SPLIT_V": "NumSplits", "UNPACK": "Num"}
+# the zero-point range of each quantized integer type
+ZP_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
+
 _ITEMSIZE = {"float32": 4, "float16": 2, "int32": 4, "uint8": 1, "int64": 8, "bool": 1, "int16": 2, "complex64": 8,
              "int8": 1, "float64": 8, "complex128": 16, "uint64": 8, "uint32": 4, "uint16": 2}
 
@@ -366,6 +378,15 @@ def _parse(tfl, r: _Reader, buf, what, path, fobj) -> TFLiteModel:
                     r.fail(f"{where}: {len(scale)} scales but {len(zp)} zero points")
                 if not np.isfinite(scale).all():
                     r.fail(f"{where}: quantization scales are not finite")
+                lo_hi = ZP_RANGE.get(dtype)
+                if lo_hi and len(zp) and ((zp < lo_hi[0]) | (zp > lo_hi[1])).any():
+                    r.fail(f"{where}: zero points {zp[(zp < lo_hi[0]) | (zp > lo_hi[1])][:4].tolist()} outside "
+                           f"{dtype}'s range [{lo_hi[0]}, {lo_hi[1]}]")
+                # an activation's scale divides at run time (LiteRT crashed on 0, negative and subnormal ones);
+                # constant weights keep whatever finite scales LiteRT runs them with
+                if lo_hi and data is None and not (scale >= np.finfo(np.float32).tiny).all():
+                    r.fail(f"{where}: activation scale {scale[scale < np.finfo(np.float32).tiny][0]:g} is not a "
+                           "positive normal float32")
                 qd = int(q.QuantizedDimension())
                 if len(scale) > 1 and not (0 <= qd < len(shape) and shape[qd] == len(scale)):
                     r.fail(f"{where}: {len(scale)} per-channel scales along dim {qd} of shape {shape.tolist()}")
@@ -398,7 +419,15 @@ def _parse(tfl, r: _Reader, buf, what, path, fobj) -> TFLiteModel:
                                    "subgraph models (convert with control flow lowered or inlined)")
         ins = indices(op, 6, f"{where} inputs", allow_absent=True)
         outs = indices(op, 8, f"{where} outputs", allow_absent=True)
+        if name not in ANY_ABSENT:
+            absent = [j for j, v in enumerate(ins) if v == -1 and j not in OPTIONAL_INPUTS.get(name, ())]
+            if absent or -1 in outs:
+                r.fail(f"{where}: {'input' if absent else 'output'} {absent[0] if absent else outs.index(-1)} is "
+                       f"absent (tensor index -1), which {name} requires")
         opt_cls, opts = _options(r, op, int(op.BuiltinOptionsType()), opt_names, where)
+        if name in OUTPUT_COUNT and opts.get(OUTPUT_COUNT[name], len(outs)) != len(outs):
+            r.fail(f"{where}: {OUTPUT_COUNT[name]} is {opts[OUTPUT_COUNT[name]]} but the operator has {len(outs)} "
+                   "outputs")
         cstart, ccount = r.vector(op, 14, 1, f"{where} custom_options")
         operators.append({"op": name, "custom": custom, "version": ver, "inputs": ins, "outputs": outs,
                           "options_type": opt_cls, "options": opts,
