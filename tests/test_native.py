@@ -244,3 +244,50 @@ def test_kernels_from_a_thread_with_a_small_stack(kib):
     so that a regression fails the test rather than the test run."""
     r = run_python("-c", SMALL_STACK_CHILD, str(kib), timeout=120)
     assert r.returncode == 0 and r.stdout.split()[0] == "same", (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+FORK_CHILD = r"""
+import os, signal, threading
+import numpy as np
+import edgert
+q = edgert.quantize(np.ones((256, 1024), np.float32), "q4_0")
+x = np.ones((32, 1024), np.float32)
+edgert.native.set_threads(2)
+expected = edgert.matmul(x, q)  # the pool's workers exist from here on
+
+def child(body):
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)  # a hang ends the child, not the test run
+        try:
+            os._exit(0 if np.array_equal(body(), expected) else 3)
+        except BaseException:
+            os._exit(4)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+def small_stack_thread():
+    threading.stack_size(128 * 1024)
+    out = []
+    t = threading.Thread(target=lambda: out.append(edgert.matmul(x, q)))
+    t.start()
+    t.join()
+    return out[0]
+
+codes = [child(small_stack_thread)]
+stop = []
+busy = threading.Thread(target=lambda: [edgert.matmul(x, q) for _ in iter(lambda: bool(stop), True)])
+busy.start()  # forks below land while this thread is inside a matmul, holding the pool
+codes += [child(lambda: edgert.matmul(x, q)) for _ in range(20)]
+stop.append(1)
+busy.join()
+print(" ".join(map(str, codes)))
+"""
+
+
+def test_pool_in_a_forked_child():
+    """fork() copies only the calling thread. A child whose small-stack thread handed its shares to the parent's
+    workers (absent in the child) spun for ever; a child forked while another parent thread was inside a matmul
+    inherited the pool's lock held and deadlocked (5 of 30). The child now starts from an empty pool."""
+    r = run_python("-c", FORK_CHILD, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["0"] * 21, r.stdout

@@ -130,7 +130,27 @@ static int caller_has_stack(void) {
     return !stack_low || (uintptr_t)&here - (uintptr_t)stack_low >= ET_CALLER_STACK;
 }
 
+/* fork() copies only the calling thread: the child's pool has no workers, whatever the parent's counted, and a lock
+ * or job a parent thread held mid-call is copied as it was. The child starts from an empty pool (workers are made
+ * again on its first job): a child waiting on the parent's workers (a small-stack caller) or on run_lock that a
+ * parent thread held at the fork hung. */
+static void pool_after_fork_in_child(void) {
+    pthread_mutex_init(&pool.run_lock, NULL);
+    pthread_mutex_init(&pool.sleep_lock, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pool.n_workers = 0;
+    atomic_store(&pool.next_share, 0);
+    atomic_store(&pool.entry, 0);
+    atomic_store(&pool.left, 0);
+    atomic_store(&pool.sleeping, 0);
+}
+
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void register_atfork(void) { pthread_atfork(NULL, NULL, pool_after_fork_in_child); }
+
 static int grow(int n_workers) {
+    pthread_once(&atfork_once, register_atfork);
     pthread_attr_t attr;
     if (pthread_attr_init(&attr)) return et_error(ET_ERR_NOMEM, "could not set up worker thread attributes");
     pthread_attr_setstacksize(&attr, ET_WORKER_STACK);
