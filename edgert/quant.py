@@ -328,7 +328,7 @@ class BoundMatMul:
     count as zeros, which is exact) and unit column stride; rows may be further apart (a slice of a wider array).
     Returns the bound output (m, N), overwritten by the next call."""
 
-    __slots__ = ("w", "m", "kx", "threads", "out", "_scratch", "_py", "_call", "_x", "_px")
+    __slots__ = ("w", "m", "kx", "threads", "out", "_scratch", "_py", "_call", "_x", "_px", "_x_in_out")
 
     def __init__(self, w: QTensor | PackedQTensor, m: int, kx: int | None = None, threads: int | None = None):
         n, k = _weight(w).shape
@@ -346,6 +346,7 @@ class BoundMatMul:
         self._call = (lib.et_matmul_ex, m, kx, (m, kx), 4 * kx, w.type_id, native.ptr(w.raw), n, k,
                       native.ptr(self._scratch), ss, nth)
         self._x = self._px = None  # the last x and its pointer: a run loop passes the same buffer every call
+        self._x_in_out = False  # whether that x shares memory with the bound output
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The product for ``x``, in the bound output, or in ``out`` (float32 C-contiguous (m, N)) when given."""
@@ -357,7 +358,6 @@ class BoundMatMul:
         st = x.strides
         if st[1] != 4 or (m > 1 and (st[0] % 4 or st[0] < row)):
             raise self._bad_x(x)
-        py = self._py if out is None else _out_ptr(out, m, n)
         if x is self._x:
             px = self._px
         else:
@@ -365,7 +365,16 @@ class BoundMatMul:
                 px = ffi.from_buffer("float[]", x)
             except (BufferError, ValueError):
                 px = ffi.cast("float *", x.ctypes.data)
-            self._x, self._px = x, px
+            self._x, self._px, self._x_in_out = x, px, bool(np.may_share_memory(x, self.out))
+        if out is None:
+            py = self._py
+            if self._x_in_out:  # e.g. b(b.out) when N == K: the kernels read x while they write the output
+                raise InvalidArgumentError("x overlaps the bound output: the product would read what it writes "
+                                           "(copy x, or pass out=)")
+        else:
+            py = _out_ptr(out, m, n)
+            if np.may_share_memory(x, out):
+                raise InvalidArgumentError("out overlaps x: the product would read what it writes")
         status = fn(px, m, kx, st[0] // 4 if m > 1 else kx, tid, pw, n, k, py, n, ps, ss, nth)
         if status:
             native.check(status)

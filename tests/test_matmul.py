@@ -389,6 +389,28 @@ def test_bound_matmul_rejects_bad_input():
         bound(np.full((2, 60), np.inf, np.float32))
 
 
+@pytest.mark.parametrize("fmt", ["f32", "f16", "q8_0"])
+def test_bound_matmul_refuses_x_that_overlaps_its_output(fmt):
+    """x in the output (b(b.out) with N == K, or out=x) was a silently wrong product on f32/f16 weights: the
+    kernels read x while they write the output. Another output buffer is fine."""
+    from edgert.quant import BoundMatMul
+
+    rng = rng_for("bound-overlap")
+    w = edgert.quantize(rng.standard_normal((64, 64)).astype(np.float32), fmt)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    b = BoundMatMul(w, 4)
+    expected = b(x).copy()
+    with pytest.raises(edgert.InvalidArgumentError, match="x overlaps the bound output"):
+        b(b.out)
+    xx = x.copy()
+    with pytest.raises(edgert.InvalidArgumentError, match="out overlaps x"):
+        b(xx, out=xx)
+    np.testing.assert_array_equal(xx, x)  # untouched
+    b.out[...] = x
+    np.testing.assert_array_equal(b(b.out, out=np.empty((4, 64), np.float32)), expected)
+    np.testing.assert_array_equal(b(x), expected)
+
+
 
 def test_bound_matmul_same_x_again_sees_its_new_data_and_checks_it_again():
     """a run loop passes the same x every call: BoundMatMul reuses its pointer, so the product must follow the data,
