@@ -94,7 +94,7 @@ class QTensor:
     def dequantize(self) -> np.ndarray:
         """The float32 (N, K) values the blocks encode."""
         n, k = self.shape
-        out = np.empty((n, k), dtype=np.float32)
+        out = aligned_empty(n * k * 4, np.float32).reshape(n, k)
         native.check(lib.et_dequantize(self.type_id, native.ptr(self.raw), native.ptr(out, "float *"), n, k))
         return out
 
@@ -164,7 +164,7 @@ class PackedQTensor:
     def unpack(self) -> QTensor:
         """The GGUF blocks again, as a new QTensor."""
         n, k = self.shape
-        raw = np.empty((n, row_bytes(self.fmt, k)), np.uint8)
+        raw = aligned_empty(n * row_bytes(self.fmt, k)).reshape(n, -1)
         native.check(lib.et_unrepack(FORMATS[self.fmt], native.ptr(self.raw), n, k, native.ptr(raw), raw.nbytes))
         return QTensor(self.fmt, (n, k), raw)
 
@@ -283,7 +283,7 @@ def matmul(x: np.ndarray, w: QTensor | PackedQTensor, threads: int | None = None
             raise InvalidArgumentError("out overlaps x or the weights: the product would read what it writes")
     ss = matmul_scratch_size(w, m)
     if scratch is None:
-        scratch = np.empty(ss, dtype=np.uint8)
+        scratch = aligned_empty(ss)
     elif (not isinstance(scratch, np.ndarray) or scratch.dtype != np.uint8 or not scratch.flags.c_contiguous
           or not scratch.flags.writeable or scratch.nbytes < ss):
         raise InvalidArgumentError(f"scratch must be a writeable C-contiguous uint8 array of at least {ss} bytes "
@@ -340,7 +340,7 @@ class BoundMatMul:
         self.w, self.kx, self.threads = w, kx, threads
         self.out = aligned_empty(m * n * 4, np.float32).reshape(m, n)
         ss = matmul_scratch_size(w, m)
-        self._scratch = np.empty(ss, dtype=np.uint8)
+        self._scratch = aligned_empty(ss)
         self._py = native.ptr(self.out, "float *")
         # what every call passes, gathered once: a run loop's call then touches this object and x only
         self._call = (lib.et_matmul_ex, m, kx, (m, kx), 4 * kx, w.type_id, native.ptr(w.raw), n, k,
@@ -499,8 +499,10 @@ def _exact_array(name: str, v, dtype, what: str) -> np.ndarray:
             raise TypeError
         with np.errstate(invalid="ignore", over="ignore"):
             out = np.ascontiguousarray(a, dtype).reshape(-1)
-            same = np.array_equal(out.astype(np.float64), a.reshape(-1).astype(np.float64), equal_nan=True) \
-                if dtype != np.float32 else np.all(np.isfinite(out) == np.isfinite(a.reshape(-1).astype(np.float64)))
+            a64 = a.reshape(-1).astype(np.float64)
+            # float32: rounding is fine, turning finite into inf or a nonzero value into 0 (1e-50) is not
+            same = np.array_equal(out.astype(np.float64), a64, equal_nan=True) if dtype != np.float32 else \
+                np.all((np.isfinite(out) == np.isfinite(a64)) & ((out == 0) == (a64 == 0)))
     except (TypeError, ValueError, OverflowError):
         raise DTypeError(f"{name} must be {what}, got {v!r}") from None
     if not same:
@@ -565,7 +567,7 @@ class BoundDynamicInt8:
         self._nth = _threads(threads)
         self.m = _rows(m)
         self.w, self.threads = w, threads
-        self.out = np.empty((m, w.shape[0]), np.float32)
+        self.out = aligned_empty(m * w.shape[0] * 4, np.float32).reshape(m, w.shape[0])
         self._py = native.ptr(self.out, "float *")
         self._ss = int(lib.et_fc_s8_dyn_scratch_size(w.p_plan, m))
         if self._ss == 0:

@@ -415,11 +415,22 @@ def test_sizes_beyond_the_address_space_are_zero_in_c():
 
 @pytest.mark.parametrize("kw", [{"bias": np.array([2 ** 32 + 5, 1])}, {"bias": [1.5, 2]}, {"bias": [2 ** 40, 1]},
                                 {"bias": ["a", "b"]}, {"x_zp": 1.9}, {"x_zp": "a"}, {"x_zp": float("nan")},
-                                {"x_zp": None}, {"scale": "x"}, {"scale": 1 + 2j}, {"scale": 1e40}, {"y_zp": 200}])
+                                {"x_zp": None}, {"scale": "x"}, {"scale": 1 + 2j}, {"scale": 1e40}, {"y_zp": 200},
+                                {"scale": 1e-50}])  # 1e-50: was stored as 0.0, every output 0
 def test_int8_weights_refuse_values_that_would_change(kw):
     """An int32 bias that wraps, a fractional zero point that truncates: refused, not silently different weights."""
     with pytest.raises(edgert.EdgertError):
         edgert.quant.Int8Weights(np.ones((2, 32), np.int8), **kw)
+
+
+def test_bound_products_too_large_to_allocate_are_edgert_errors():
+    """The scratch of BoundMatMul and the output of BoundDynamicInt8 were numpy MemoryErrors (40 TiB, 512 GiB)."""
+    from edgert.quant import BoundDynamicInt8, Int8Weights
+
+    with pytest.raises(edgert.InvalidArgumentError, match="cannot allocate"):
+        edgert.BoundMatMul(edgert.quantize(np.ones((1, 2 ** 15), np.float32), "q8_0"), 2 ** 30)
+    with pytest.raises(edgert.InvalidArgumentError, match="cannot allocate"):
+        BoundDynamicInt8(Int8Weights(np.ones((8, 64), np.int8)), 2 ** 34)
 
 
 def test_from_raw_wraps_a_numpy_memmap(tmp_path):
