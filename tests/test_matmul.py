@@ -516,3 +516,16 @@ def test_repack_into_an_arena():
             edgert.repack(ws[0], bad)
     with pytest.raises(edgert.InvalidArgumentError, match="overlaps"):  # in place would read what it overwrote
         edgert.repack(ws[1], ws[1].raw.reshape(-1))
+
+
+@pytest.mark.parametrize("m", [1, 64])
+def test_activation_blocks_too_small_to_scale_are_zero_on_every_isa(isa, m):
+    """127 / amax overflows below ~3.7e-37: the codes were x * inf, an undefined float->int conversion (avx512 gave
+    -6.5e-36 for an exact 3.2e-36, ref and avx2 0). Blocks below 2^-120 now quantize to zeros on every ISA."""
+    w = edgert.quantize(np.ones((3, 64), np.float32), "q8_0")
+    x = np.full((m, 64), 1e-37, np.float32)
+    x[:, 32:] = 1e-30  # the second block is representable
+    y = edgert.matmul(x, w)
+    np.testing.assert_allclose(y, np.full((m, 3), 32e-30), rtol=1e-2)
+    x[:, 32:] = 0
+    assert not np.any(y := edgert.matmul(x, w)) and not np.signbit(y).any()

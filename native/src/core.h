@@ -175,6 +175,11 @@ const et_kernels *et_active_kernels(void);
  * Returns -1 (and writes a partial row) when x holds NaN or Inf. */
 int et_quantize_row_q8_s(const float *x, block_q8_s *y, int64_t k);
 
+/* 127 / amax of an activation block, the factor its codes are x * id: 0 below 2^-120, where 127 / amax would
+ * overflow (from ~3.7e-37) and an infinite or NaN product has no int8 code (C leaves the conversion undefined;
+ * the ISAs disagreed, one in sign); such a block's codes are all 0 */
+static inline float et_q8s_inverse(float amax) { return amax >= 0x1p-120f ? 127.0f / amax : 0.0f; }
+
 /* ---- matmul on prepared activations (src/matmul/matmul.c), for callers inside the core ---- */
 
 /* m rows of k floats -> m rows of k/32 block_q8_s (the active ISA's quantizer, rows split over threads);

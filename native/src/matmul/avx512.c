@@ -593,7 +593,7 @@ static int ET_KNAME(quantize_row_q8_s)(const float *x, block_q8_s *y, int64_t k)
         /* NaN compares false, so it fails the finite test like Inf */
         if ((_mm512_cmp_ps_mask(a0, fmax, _CMP_LE_OQ) & _mm512_cmp_ps_mask(a1, fmax, _CMP_LE_OQ)) != 0xFFFF) return -1;
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
-        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        const float id = et_q8s_inverse(amax);
         const __m512 vid = _mm512_set1_ps(id);
         const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC; /* nearbyintf in the default rounding mode */
         const __m512i q0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v0, vid), rnd));

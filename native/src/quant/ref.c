@@ -83,7 +83,7 @@ int et_quantize_row_q8_s(const float *x, block_q8_s *y, int64_t k) {
             if (!(a <= 3.4028234663852886e38f)) return -1; /* NaN or Inf: float->int would be undefined */
             amax = a > amax ? a : amax;
         }
-        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        const float id = et_q8s_inverse(amax);
         int32_t sum = 0;
         for (int j = 0; j < ET_QK; j++) {
             const int8_t q = (int8_t)nearbyintf(xb[j] * id);
