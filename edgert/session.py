@@ -339,7 +339,10 @@ class Session:
         for n in g.inputs:
             a = feeds.get(n) if isinstance(feeds, dict) else (feeds[n] if n in feeds else None)
             if a is None:
-                raise InvalidArgumentError(f"missing feed for input {n!r}; the model's inputs are {g.inputs}")
+                extra = [k for k in feeds if k not in g.inputs]  # a misspelt name: say which one
+                raise InvalidArgumentError(f"missing feed for input {n!r}; the model's inputs are {g.inputs}"
+                                           + (f" (the feeds also name {', '.join(map(repr, extra))}, not an input)"
+                                              if extra else ""))
             if isinstance(a, np.ndarray):
                 shape = a.shape
             else:

@@ -180,6 +180,9 @@ def test_feed_errors(mlp_path):
     s = edgert.Session(mlp_path)
     with pytest.raises(InvalidArgumentError, match="missing feed"):
         s.run(None, {})
+    # a misspelt name (as many feeds as inputs) was reported only as the missing input
+    with pytest.raises(InvalidArgumentError, match="missing feed for input 'x'.*the feeds also name 'X', not an input"):
+        s.run(None, {"X": x_of()})
     with pytest.raises(InvalidArgumentError, match="not an output"):
         s.run(["nope"], {"x": x_of()})
     s.run(None, {"x": x_of()})
