@@ -35,6 +35,8 @@ from .formats.onnx import load_onnx
 from .graph.ir import Graph, onnx_types
 from .plan import Plan, plan as make_plan
 
+_clock = time.perf_counter
+
 HOST = "host"  # the side of every buffer in host memory
 
 
@@ -281,46 +283,55 @@ class Session:
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], run_options=None) -> list[np.ndarray]:
         """Outputs ``output_names`` (None: all, in graph order) for ``feeds`` (input name -> array). Runs from
         several threads are taken one at a time."""
-        with self._lock:
-            t0 = time.perf_counter()
+        lock = self._lock
+        lock.acquire()  # acquire/release: a `with` block cost twice as much (0.15 us of a 2 us model's run)
+        try:
+            t0 = _clock()
             try:
-                out = self._run(output_names, feeds)
+                # the steady state is a handful of dict lookups per input and output, here rather than in a call
+                # of its own: the whole run path costs about what onnxruntime's and LiteRT's own add (benchmarks/
+                # graph.py, tflite.py measure it)
+                out = None
+                b = self._bound
+                if b is not None and b.fast is not None and output_names is None and type(feeds) is dict:
+                    # one host partition: fill its buffers, run it. Anything unusual (a missing or extra feed, a
+                    # non-array, a new shape or a wrong dtype) takes the general path, which says what is wrong
+                    fast_in, fast_run, fast_out = b.fast
+                    if len(feeds) == len(fast_in):
+                        for name, buf, shape, dtype in fast_in:
+                            a = feeds.get(name)
+                            if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape:
+                                break
+                            np.copyto(buf, a)
+                        else:
+                            try:
+                                fast_run()
+                            except DeviceError:
+                                if not b.probed:
+                                    raise
+                                # shapes learnt by probing: a data-dependent one changed; the general path lays
+                                # out again
+                            else:
+                                self._last = _NO_COPIES
+                                out = list(fast_out) if self.output_views else [r.copy() for r in fast_out]
+                if out is None:
+                    out = self._run(output_names, feeds)
             except BaseException as exc:
                 if self.telemetry:
-                    self._record(time.perf_counter() - t0, exc)
+                    self._record(_clock() - t0, exc)
                 raise
-            dt = time.perf_counter() - t0
+            dt = _clock() - t0
             self._runs += 1
             self._busy_s += dt
             if self.telemetry and _telemetry_on():
                 self._record(dt, None)
+        finally:
+            lock.release()
         return out
 
     # ---- the run path -------------------------------------------------------------------------------------
     def _run(self, output_names, feeds) -> list[np.ndarray]:
-        # the steady state is a handful of dict lookups per input and output: the whole run path costs a few
-        # microseconds more than onnxruntime's own (benchmarks/graph.py measures it)
-        b = self._bound
-        if b is not None and b.fast is not None and output_names is None and type(feeds) is dict:
-            # one host partition: fill its buffers, run it. Anything unusual (a missing or extra feed, a
-            # non-array, a new shape or a wrong dtype) takes the general path below, which says what is wrong
-            fast_in, fast_run, fast_out = b.fast
-            if len(feeds) == len(fast_in):
-                for name, buf, shape, dtype in fast_in:
-                    a = feeds.get(name)
-                    if type(a) is not np.ndarray or a.dtype is not dtype or a.shape != shape:
-                        break
-                    np.copyto(buf, a)
-                else:
-                    try:
-                        fast_run()
-                    except DeviceError:
-                        if not b.probed:
-                            raise
-                        # shapes learnt by probing: a data-dependent one changed; the general path lays out again
-                    else:
-                        self._last = _NO_COPIES
-                        return list(fast_out) if self.output_views else [r.copy() for r in fast_out]
+        """The general run path: checks the feeds, lays the session out again for new shapes, runs the plan."""
         g = self._graph0
         if output_names is None:
             names = g.outputs
