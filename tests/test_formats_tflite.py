@@ -277,3 +277,26 @@ def test_a_file_that_fails_to_parse_is_closed_at_once(tmp_path):
         with pytest.raises(ModelFormatError) as exc:
             load_tflite(str(p))
         assert exc.value is not None and len(os.listdir(fds)) == before, f"cut at {cut}: the file is still open"
+
+
+def test_a_parsed_file_keeps_only_its_map(tmp_path):
+    """The file object of a parsed .tflite stayed open for the model's life and was closed by the garbage collector
+    with a ResourceWarning; the memory map holds its own descriptor, so the file is closed at once."""
+    import gc
+    import sys
+    import warnings
+
+    p = tmp_path / "m.tflite"
+    p.write_bytes(tm.int8_fc(k=16, h=16, n=4, batch=1))
+    unraisable, hook = [], sys.unraisablehook
+    sys.unraisablehook = unraisable.append  # a warning raised in a destructor lands here
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            g = load_tflite(str(p))
+            assert g.nodes and g.tensors[g.inputs[0]].shape
+            del g
+            gc.collect()
+    finally:
+        sys.unraisablehook = hook
+    assert not unraisable, [str(u.exc_value) for u in unraisable]

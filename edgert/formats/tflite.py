@@ -26,7 +26,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -198,24 +198,22 @@ class TFLiteModel:
     tensor_names: list[str]
     node_names: list[str]
     format: str = "tflite"
-    _file: Any = field(default=None, repr=False)
 
     def content(self) -> bytes:
         return bytes(self.data)
 
 
-def _open(src) -> tuple[Any, str, str | None, Any]:
+def _open(src) -> tuple[Any, str, str | None, bool]:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return (bytes(src) if not isinstance(src, bytes) else src), f"({len(src)} bytes)", None, None
     if isinstance(src, (str, os.PathLike)):
         path = model_file(src, "TFLite")
-        f = open(path, "rb")
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            f.close()
-            raise ModelFormatError(f"TFLite model {path!r} is empty (0 bytes)")
-        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return m, repr(path), path, f
+        with open(path, "rb") as f:  # the map keeps its own descriptor: the file closes here, not at collection
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise ModelFormatError(f"TFLite model {path!r} is empty (0 bytes)")
+            m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return m, repr(path), path, True
     raise InvalidArgumentError(f"load_tflite expects a path or bytes, got {type(src).__name__}")
 
 
@@ -275,7 +273,7 @@ _FLAG_DTYPES = {"Int8Flags": "int8", "Uint8Flags": "uint8", "Int16Flags": "int16
 def parse_tflite(src) -> TFLiteModel:
     """Read and validate the flatbuffer (see the module docstring); the IR is built by ``load_tflite``."""
     tfl = _schema()
-    buf, what, path, fobj = _open(src)
+    buf, what, path, mapped = _open(src)
     try:
         r = _Reader(buf, what)
         if r.n < 8:
@@ -283,7 +281,7 @@ def parse_tflite(src) -> TFLiteModel:
         if not is_tflite_bytes(buf[:8]):
             r.fail(f"file identifier is {bytes(buf[4:8])!r}, expected b'TFL3'")
         try:
-            return _parse(tfl, r, buf, what, path, fobj)
+            return _parse(tfl, r, buf, what, path)
         except ModelFormatError:
             raise
         except (struct.error, IndexError, ValueError, TypeError, OverflowError, AttributeError, UnicodeDecodeError,
@@ -291,21 +289,20 @@ def parse_tflite(src) -> TFLiteModel:
             raise ModelFormatError(f"TFLite model {what}: malformed flatbuffer ({type(exc).__name__}: {exc}); the "
                                    "file is truncated, corrupt or not a TFLite model") from None
     except BaseException:
-        _close_quietly(buf, fobj)  # a file that failed to parse is not kept open until the garbage collector runs
+        _close_quietly(buf, mapped)  # a file that failed to parse is not kept mapped until the garbage collector runs
         raise
 
 
-def _close_quietly(buf, fobj) -> None:
-    if fobj is None:
+def _close_quietly(buf, mapped) -> None:
+    if not mapped:
         return
     try:
         buf.close()
     except BufferError:  # a view made before the failure is still alive (in the traceback): the GC closes it
         pass
-    fobj.close()
 
 
-def _parse(tfl, r: _Reader, buf, what, path, fobj) -> TFLiteModel:
+def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
     root = r.u32(0, "root offset")
     model = r.table(tfl.Model.GetRootAs(buf, 0), "model")
     if model._tab.Pos != root:  # pragma: no cover - GetRootAs reads the same offset
@@ -461,8 +458,7 @@ def _parse(tfl, r: _Reader, buf, what, path, fobj) -> TFLiteModel:
     nnames = [f"{op['op'].lower() if op['op'] != 'CUSTOM' else 'custom_' + op['custom']}_{k}"
               for k, op in enumerate(operators)]
     desc = r.string(model, 10, "description")
-    return TFLiteModel(buf, what, path, version, desc, tensors, operators, inputs, outputs, tnames, nnames,
-                       _file=fobj)
+    return TFLiteModel(buf, what, path, version, desc, tensors, operators, inputs, outputs, tnames, nnames)
 
 
 def _node_attrs(op: dict, tensors: list[dict]) -> dict:
