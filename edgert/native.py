@@ -80,7 +80,7 @@ def physical_cores() -> int:
 
 def set_isa(name: str | None) -> str:
     """Select a kernel variant ("ref", "avx2", "avx512", "neon"; None or "auto" = the best this CPU runs)."""
-    if name is not None and not isinstance(name, str):
+    if name is not None and (not isinstance(name, str) or "\x00" in name):  # C would read up to the NUL
         raise InvalidArgumentError(f"EDGERT_ISA / set_isa: the ISA is a name (str) or None, got {name!r}")
     st = lib.et_isa_select(ffi.NULL if name in (None, "", "auto") else name.encode())
     if st:
@@ -133,7 +133,8 @@ def _init_from_env() -> None:
         except ValueError:
             n = 0  # not an integer: refused with the range below
         if not 1 <= n <= MAX_THREADS:
-            raise InvalidArgumentError(f"EDGERT_THREADS must be an integer in [1, {MAX_THREADS}], got {env_threads!r}")
+            shown = env_threads if len(env_threads) <= 24 else env_threads[:20] + "..."
+            raise InvalidArgumentError(f"EDGERT_THREADS must be an integer in [1, {MAX_THREADS}], got {shown!r}")
         set_threads(n)
     else:
         set_threads(physical_cores())

@@ -6,6 +6,7 @@ Every array is checked here (dtype, contiguity, shape, buffer size) before a poi
 from __future__ import annotations
 
 import mmap
+from numbers import Integral
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class QTensor:
                 raise DTypeError(f"raw blocks must be plain bytes, got a {raw.dtype} array")
             if not raw.flags.c_contiguous:
                 raise InvalidArgumentError("raw blocks must be C-contiguous (got a strided view); pass a contiguous copy")
-            buf = raw.reshape(-1).view(np.uint8)
+            buf = np.asarray(raw).reshape(-1).view(np.uint8)  # a subclass (np.matrix stays 2-D) as a plain view
         else:
             try:
                 buf = np.frombuffer(raw, dtype=np.uint8)
@@ -305,9 +306,9 @@ def _threads(threads) -> int:
 
 
 def _rows(m) -> int:
-    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= MAX_DIM:
+    if isinstance(m, bool) or not isinstance(m, Integral) or not 1 <= m <= MAX_DIM:  # numpy ints too, as threads
         raise ShapeError(f"m must be an int in [1, {MAX_DIM}], got {m!r}")
-    return m
+    return int(m)
 
 
 def _out_ptr(out, m: int, n: int):

@@ -68,6 +68,8 @@ def test_set_isa_unknown_name():
     with pytest.raises(edgert.InvalidArgumentError, match="sse9") as e:
         native.set_isa("sse9")
     assert "ref" in str(e.value)
+    with pytest.raises(edgert.InvalidArgumentError, match="ref\\\\x00junk"):  # C read it as "ref"
+        native.set_isa("ref\x00junk")
 
 
 def test_set_isa_unavailable_variant():
@@ -135,6 +137,11 @@ def test_env_threads_invalid(value):
     proc = run_with_env(EDGERT_THREADS=value)
     assert proc.returncode != 0
     assert "EDGERT_THREADS" in proc.stderr and repr(value) in proc.stderr
+
+
+def test_env_threads_invalid_long_value_is_shortened_in_the_message():
+    proc = run_with_env(EDGERT_THREADS="9" * 5000)
+    assert proc.returncode != 0 and "got '99999999999999999999...'" in proc.stderr and "9" * 100 not in proc.stderr
 
 
 def test_default_threads_is_physical_cores():

@@ -441,3 +441,19 @@ def test_from_raw_wraps_a_numpy_memmap(tmp_path):
     w = edgert.QTensor.from_raw("q8_0", (2, 64), mm)
     assert np.shares_memory(w.raw, mm)
     np.testing.assert_array_equal(w.dequantize(), q.dequantize())
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix itself
+def test_from_raw_of_an_ndarray_subclass_gives_a_plain_raw():
+    """An np.matrix stays 2-D under reshape: .raw was a matrix whose row 0 had shape (1, row_bytes)."""
+    q = edgert.quantize(np.ones((2, 64), np.float32), "q8_0")
+    w = edgert.QTensor.from_raw("q8_0", (2, 64), np.matrix(q.raw))
+    assert type(w.raw) is np.ndarray and w.raw.shape == q.raw.shape and w.raw[0].shape == (q.raw.shape[1],)
+    np.testing.assert_array_equal(w.dequantize(), q.dequantize())
+
+
+def test_bound_products_take_numpy_integer_row_counts():
+    """m=np.int64(3) was refused ('m must be an int') while threads=np.int64(2) was taken."""
+    q = edgert.quantize(np.ones((4, 64), np.float32), "q8_0")
+    b = edgert.BoundMatMul(q, np.int64(3), threads=np.int64(2))
+    assert b.m == 3 and type(b.m) is int and b(np.ones((3, 64), np.float32)).shape == (3, 4)
