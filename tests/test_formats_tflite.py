@@ -183,6 +183,19 @@ def test_activation_scale_must_be_a_positive_normal_float(scale):
         load_tflite(_qdq(scale=scale))
 
 
+def test_a_shape_keeping_op_with_two_shapes_is_refused_before_litert():
+    """A byte flip made an input dim 16 million: LiteRT recomputed every shape from it and allocated ~15 GB over
+    34 s before edgert's output check refused the file. Ops that keep their input's shape are compared here."""
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (1, 16711688, 8, 3))
+    q = m.tensor("x_q", "int8", (1, 8, 8, 3), q=(0.01, 0))
+    m.op("QUANTIZE", [x], [q])
+    with pytest.raises(ModelFormatError, match=r"operator 0 \(QUANTIZE\) keeps its input's shape, but tensor 0 "
+                                               r"\('x'\) is \[1, 16711688, 8, 3\] and tensor 1 \('x_q'\) "
+                                               r"\[1, 8, 8, 3\]"):
+        load_tflite(m.build([x], [q]))
+
+
 def test_absent_inputs_only_where_the_op_allows_them():
     """Index -1 (absent) was accepted for any input: ADD [x, -1] and FULLY_CONNECTED [x, -1, -1] segfaulted LiteRT.
     The bias of FULLY_CONNECTED / CONV_2D may be absent."""

@@ -67,6 +67,13 @@ ANY_ABSENT = ("LSTM", "UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LS
               "UNIDIRECTIONAL_SEQUENCE_RNN", "BIDIRECTIONAL_SEQUENCE_RNN", "SVDF", "CUSTOM")
 # ops whose output count an option fixes (LiteRT trusts the option): op -> options field
 OUTPUT_COUNT = {"SPLIT": "NumSplits", "SPLIT_V": "NumSplits", "UNPACK": "Num"}
+# ops whose output has their first input's shape: LiteRT recomputes every shape from the inputs at allocation, so a
+# file whose input shape was damaged (a byte flip made one dim 16 million) had LiteRT allocate gigabytes before any
+# check could compare; for these ops the two declared shapes are compared here
+SAME_SHAPE = ("QUANTIZE", "DEQUANTIZE", "RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1", "LEAKY_RELU", "LOGISTIC",
+              "TANH", "HARD_SWISH", "ELU", "GELU", "ABS", "NEG", "EXP", "LOG", "SQRT", "RSQRT", "SQUARE",
+              "SIN", "COS", "FLOOR", "CEIL", "ROUND", "SIGN", "LOGICAL_NOT", "SOFTMAX", "LOG_SOFTMAX", "CAST",
+              "L2_NORMALIZATION", "LOCAL_RESPONSE_NORMALIZATION")
 # the zero-point range of each quantized integer type
 ZP_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
 
@@ -429,6 +436,13 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
         operators.append({"op": name, "custom": custom, "version": ver, "inputs": ins, "outputs": outs,
                           "options_type": opt_cls, "options": opts,
                           "custom_options": bytes(buf[cstart:cstart + ccount]) if ccount else None})
+    for k, op in enumerate(operators):
+        if op["op"] in SAME_SHAPE and op["inputs"] and op["outputs"]:
+            i, o = op["inputs"][0], op["outputs"][0]
+            if i >= 0 and o >= 0 and tensors[i]["shape"] != tensors[o]["shape"]:
+                r.fail(f"operator {k} ({op['op']}) keeps its input's shape, but tensor {i} ({tensors[i]['name']!r}) "
+                       f"is {list(tensors[i]['shape'])} and tensor {o} ({tensors[o]['name']!r}) "
+                       f"{list(tensors[o]['shape'])}")
     # every operator input must be a graph input, a constant or an earlier operator's output (topological order)
     defined = set(inputs) | {i for i, t in enumerate(tensors) if t["data"] is not None or t["is_variable"]}
     for k, op in enumerate(operators):
