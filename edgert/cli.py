@@ -288,6 +288,7 @@ def cmd_run(args) -> int:
     import numpy as np
 
     from .errors import InvalidArgumentError
+    from .formats import array_file
     from .session import Session
 
     _telemetry_flag(args)
@@ -299,11 +300,10 @@ def cmd_run(args) -> int:
         if name in feeds:
             raise InvalidArgumentError(f"--input {name} is given twice")
         try:
-            feeds[name] = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise InvalidArgumentError(f"--input {name}: cannot read {path} as a .npy array: {exc}") from None
-        if not isinstance(feeds[name], np.ndarray):  # np.load opens a .npz archive (whatever the file's name)
-            feeds[name].close()
+            feeds[name] = array_file(path)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"--input {name}: {exc}") from None
+        if isinstance(feeds[name], dict):  # an .npz archive (whatever the file's name)
             raise InvalidArgumentError(f"--input {name}: {path} is an .npz archive, not a .npy array; save each input "
                                        "with np.save")
     sess = Session(args.model, device=args.device, fallback=args.fallback, emulate=args.emulate,

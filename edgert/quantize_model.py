@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import zipfile
-import zlib
 from typing import Callable
 
 import numpy as np
 
 from .errors import DTypeError, EdgertError, InvalidArgumentError, ModelFormatError, ShapeError
-from .formats import model_file
+from .formats import array_file, model_file
 from .formats.gguf import open_gguf
 from .quant import BLOCK, FORMATS, quantize
 
@@ -177,15 +175,11 @@ def read_samples(directory, input_names: list[str]) -> list[dict[str, np.ndarray
         raise InvalidArgumentError(f"inputs directory not found: {d}")
 
     def load(path):
-        # a damaged or pickled file is the user's input, not a bug: name it (np.load raises assorted types)
-        try:
-            if path.endswith(".npz"):
-                with np.load(path, allow_pickle=False) as z:
-                    return {k: z[k] for k in z.files}
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-            raise InvalidArgumentError(f"{path}: not a readable {'.npz' if path.endswith('.npz') else '.npy'} "
-                                       f"array file ({type(exc).__name__}: {exc})") from None
+        data = array_file(path)
+        if path.endswith(".npz") != isinstance(data, dict):
+            raise InvalidArgumentError(f"{path}: holds {'an .npz archive' if isinstance(data, dict) else 'one array'}"
+                                       f", not what its {path[-4:]} name says")
+        return data
 
     out = []
     for entry in sorted(os.listdir(d)):

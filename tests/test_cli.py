@@ -130,6 +130,10 @@ def test_graph_commands_bad_output_paths_are_one_line_errors(tmp_path, capsys, n
     npz = tmp_path / "z.npz"
     np.savez(npz, x=np.ones((2, 8), np.float32))
     afile.write_text("x")
+    empty, badzip, text = tmp_path / "empty.npy", tmp_path / "bad.npy", tmp_path / "text.npy"
+    empty.write_bytes(b"")
+    badzip.write_bytes(b"PK\x03\x04garbage")
+    text.write_text("1 2 3")
     cases = [  # were FileNotFoundError / FileExistsError tracebacks, and a repeated --input was taken silently
         (["plan", str(model), "--dot", str(tmp_path / "no" / "g.dot")], "--dot"),
         (["plan", str(model), "--svg", str(tmp_path / "no" / "g.svg")], "--svg"),
@@ -139,6 +143,10 @@ def test_graph_commands_bad_output_paths_are_one_line_errors(tmp_path, capsys, n
         # was "ONNX model ... is malformed: ValueError: Value out of range"
         (["plan", str(model), "--dim", "batch=99999999999999999999999"], "dim 'batch' must be bound to at most"),
         (["run", str(model), "--input", f"x={npz}"], ".npz archive"),  # was 'expected rank 2, got shape (1,)'
+        # were EOFError and BadZipFile tracebacks, and numpy's "contains pickled (object) data" for a text file
+        (["run", str(model), "--input", f"x={empty}"], "empty.npy: not a readable .npy array file (the file is empty)"),
+        (["run", str(model), "--input", f"x={badzip}"], "bad.npy: not a readable .npy array file (BadZipFile"),
+        (["run", str(model), "--input", f"x={text}"], "text.npy: not a readable .npy array file (no NumPy header)"),
     ]
     for argv, match in cases:
         assert main(argv) == 1, argv

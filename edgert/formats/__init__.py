@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import ModelNotFoundError
+from ..errors import InvalidArgumentError, ModelNotFoundError
 
 
 def model_file(src, kind: str) -> str:
@@ -17,3 +17,32 @@ def model_file(src, kind: str) -> str:
         raise ModelNotFoundError(f"{kind} model {path!r} is not a regular file (a directory, device or FIFO); give "
                                  "the path of a model file")
     return path
+
+
+def array_file(path):
+    """A user's array file: a ``.npy`` as an array, an ``.npz`` as {name: array} (told apart by content, as numpy
+    does). InvalidArgumentError naming the file for anything numpy cannot read without pickle: an empty, text,
+    truncated or damaged file, a pickled object array (numpy raises assorted types for these)."""
+    import zipfile
+    import zlib
+
+    import numpy as np
+
+    path = os.fspath(path)
+    kind = ".npz" if path.endswith(".npz") else ".npy"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if head != b"\x93NUMPY" and head[:4] != b"PK\x03\x04":
+            raise InvalidArgumentError(f"{path}: not a readable {kind} array file ("
+                                       + ("the file is empty" if not head else "no NumPy header")
+                                       + "); save arrays with np.save or np.savez")
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                return {k: data[k] for k in data.files}
+        return data
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        if isinstance(exc, InvalidArgumentError):
+            raise
+        raise InvalidArgumentError(f"{path}: not a readable {kind} array file ({type(exc).__name__}: {exc})") from None
