@@ -356,6 +356,8 @@ class Session:
                                               if extra else ""))
             if isinstance(a, np.ndarray):
                 shape = a.shape
+            elif isinstance(a, (str, bytes)):  # np.shape gives () and the error blamed the shape
+                raise DTypeError(f"input {n!r} must be an array (or a list of numbers), got a {type(a).__name__}")
             else:
                 try:
                     shape = np.shape(a)

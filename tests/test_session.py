@@ -183,6 +183,8 @@ def test_feed_errors(mlp_path):
     # a misspelt name (as many feeds as inputs) was reported only as the missing input
     with pytest.raises(InvalidArgumentError, match="missing feed for input 'x'.*the feeds also name 'X', not an input"):
         s.run(None, {"X": x_of()})
+    with pytest.raises(DTypeError, match="input 'x' must be an array \\(or a list of numbers\\), got a str"):
+        s.run(None, {"x": "abc"})  # was "expected rank 2 ..., got shape ()"
     with pytest.raises(InvalidArgumentError, match="not an output"):
         s.run(["nope"], {"x": x_of()})
     s.run(None, {"x": x_of()})
