@@ -434,6 +434,23 @@ def test_api_key_enforced(llm):
             OpenAI(base_url=base + "/v1", api_key="nope", max_retries=0).models.list()
 
 
+def test_metrics_label_the_route_not_the_clients_path(llm):
+    """The endpoint label was the request's decoded path: a quote in it broke the Prometheus text (a strict scraper
+    rejects the page) and every distinct path made a new series."""
+    with live(llm) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+        for tail in ('a%22%7D%20999%20%23', "b", "c%20d"):
+            assert client.get("/v1/models/" + tail).status_code == 404
+        text = client.get("/metrics").text
+    series = [ln for ln in text.splitlines() if ln.startswith("edgert_requests_total{")]
+    assert 'edgert_requests_total{endpoint="/v1/models/{model}",status="404"} 3' in series, series
+    assert not any('999' in ln or '"/v1/models/a' in ln for ln in text.splitlines())
+    for ln in text.splitlines():  # every sample line: name{labels} value, the labels' quotes balanced
+        if ln and not ln.startswith("#"):
+            name_labels, value = ln.rsplit(" ", 1)
+            float(value)
+            assert name_labels.count('"') % 2 == 0 and " " not in name_labels.split("{", 1)[0], ln
+
+
 # ---- telemetry and report ----
 
 def test_telemetry_rows_match_requests_and_report(llm, tmp_path):

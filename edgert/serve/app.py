@@ -94,19 +94,26 @@ class Metrics:
             if ttft_s is not None:
                 self.ttft.observe(ttft_s)
 
+    @staticmethod
+    def _label(v) -> str:
+        """A Prometheus label value, escaped as the text format says (backslash, double quote, line feed)."""
+        return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
     def render(self, scheduler: Scheduler, model_id: str) -> str:
+        q = self._label
         with self.lock:
             L = ["# HELP edgert_model_loaded 1 while a model is loaded and served.", "# TYPE edgert_model_loaded gauge",
-                 f'edgert_model_loaded{{model="{model_id}"}} 1',
+                 f'edgert_model_loaded{{model="{q(model_id)}"}} 1',
                  "# HELP edgert_queue_depth Requests waiting for the model.", "# TYPE edgert_queue_depth gauge",
                  f"edgert_queue_depth {scheduler.queue_depth}",
                  "# HELP edgert_requests_running Generations running now (0 or 1).",
                  "# TYPE edgert_requests_running gauge", f"edgert_requests_running {int(scheduler.running is not None)}",
                  "# HELP edgert_requests_total HTTP requests by endpoint and status.", "# TYPE edgert_requests_total counter"]
-            L += [f'edgert_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
+            L += [f'edgert_requests_total{{endpoint="{q(e)}",status="{s}"}} {n}'
+                  for (e, s), n in sorted(self.requests.items())]
             L += ["# HELP edgert_errors_total Requests answered with an error, by endpoint and error code.",
                   "# TYPE edgert_errors_total counter"]
-            L += [f'edgert_errors_total{{endpoint="{e}",code="{c}"}} {n}' for (e, c), n in sorted(self.errors.items())]
+            L += [f'edgert_errors_total{{endpoint="{q(e)}",code="{q(c)}"}} {n}' for (e, c), n in sorted(self.errors.items())]
             L += ["# HELP edgert_generations_total Generations by finish reason (stop, length, cancelled, timeout, error).",
                   "# TYPE edgert_generations_total counter"]
             L += [f'edgert_generations_total{{finish_reason="{f}"}} {n}' for f, n in sorted(self.finished.items())]
@@ -428,13 +435,14 @@ def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_
     check_settings(max_queue, request_timeout_s, max_tokens_cap)
     server = Server(llm, api_key, max_queue, request_timeout_s, telemetry, max_tokens_cap, model_id)
 
-    def endpoint(fn):
+    def endpoint(fn, route: str):
         async def wrapped(request: Request) -> Response:
             try:
                 return await fn(request)
             except APIError as err:
-                if request.url.path.startswith("/v1/") or request.url.path in ("/tokenize", "/detokenize"):
-                    server.metrics.request(request.url.path, err.status, err.code)
+                # the route, not the request's path: a path is the client's to choose (a label with a quote broke
+                # the Prometheus text, and every distinct path made a series of its own)
+                server.metrics.request(route, err.status, err.code)
                 return _error_response(err)
         return wrapped
 
@@ -453,14 +461,14 @@ def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_
         await asyncio.get_running_loop().run_in_executor(None, server.scheduler.stop)
 
     routes = [
-        Route("/v1/chat/completions", endpoint(server.chat_completions), methods=["POST"]),
-        Route("/v1/completions", endpoint(server.completions), methods=["POST"]),
-        Route("/v1/models", endpoint(server.models), methods=["GET"]),
-        Route("/v1/models/{model:path}", endpoint(server.model), methods=["GET"]),
+        Route("/v1/chat/completions", endpoint(server.chat_completions, "/v1/chat/completions"), methods=["POST"]),
+        Route("/v1/completions", endpoint(server.completions, "/v1/completions"), methods=["POST"]),
+        Route("/v1/models", endpoint(server.models, "/v1/models"), methods=["GET"]),
+        Route("/v1/models/{model:path}", endpoint(server.model, "/v1/models/{model}"), methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_text, methods=["GET"]),
-        Route("/tokenize", endpoint(server.tokenize), methods=["POST"]),
-        Route("/detokenize", endpoint(server.detokenize), methods=["POST"]),
+        Route("/tokenize", endpoint(server.tokenize, "/tokenize"), methods=["POST"]),
+        Route("/detokenize", endpoint(server.detokenize, "/detokenize"), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})
