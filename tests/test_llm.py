@@ -262,3 +262,43 @@ def test_chat_template_that_is_not_a_string_is_a_format_error(tmp_path):
     write_tiny_llama(path, ctx=64, extra=lambda w: w.add_uint32("tokenizer.chat_template", 7))
     with pytest.raises(edgert.ModelFormatError, match="GGUF tokenizer.chat_template must be a string, found int"):
         LLM(str(path), n_ctx=64)
+
+
+def test_a_stream_interrupted_by_another_call_on_the_same_llm_raises(llm):
+    """All calls share one KV cache: a second stream (or logits, or reset) taken while a stream was open made the
+    first go on from the other call's cache, silently giving other text. It now stops with an error; a stream run
+    to its end alone still equals generate."""
+    solo = llm.generate("the cat", max_tokens=12, temperature=0).text
+    for interrupt in (lambda: next(llm.stream("a dog", max_tokens=12, temperature=0)),
+                      lambda: llm.logits([1, 2, 3]), llm.reset,
+                      lambda: llm.generate("a dog", max_tokens=3, temperature=0)):
+        s1 = llm.stream("the cat", max_tokens=12, temperature=0)
+        next(s1)
+        interrupt()
+        with pytest.raises(edgert.InvalidArgumentError, match="this generation was interrupted"):
+            list(s1)
+    assert "".join(llm.stream("the cat", max_tokens=12, temperature=0)) == solo
+
+
+def test_generations_from_several_threads_take_turns(llm):
+    """Four threads generating on one LLM corrupted its cache ('activations became NaN or Inf (the weights may be
+    corrupt)') or gave wrong text: generate and chat now hold the LLM for their whole run."""
+    import threading
+
+    prompts = ["the cat", "a dog", "the sun", "one two"]
+    solo = {p: llm.generate(p, max_tokens=16, temperature=0).text for p in prompts}
+    got, errors = {}, []
+
+    def worker(p):
+        try:
+            for _ in range(3):
+                got.setdefault(p, []).append(llm.generate(p, max_tokens=16, temperature=0).text)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(got[p] == [solo[p]] * 3 for p in prompts), (errors, got, solo)

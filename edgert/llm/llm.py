@@ -9,6 +9,7 @@ ContextLengthError; a generation that fills the context stops with finish_reason
 """
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -110,6 +111,12 @@ class LLM:
         self.template = chat_template.template_from_metadata(meta)  # ChatML when the file has none (or "")
         self.n_ctx = n_ctx
         self._kv: list[int] = []  # tokens whose keys/values are in the cache, by position
+        # one KV cache: calls that use it take this lock for each step (generate/chat for their whole run, so calls
+        # from several threads take turns), and each claims the cache with a new epoch; a stream whose epoch is
+        # no longer the cache's was interrupted by another call and stops with an error (it went on silently from
+        # the other call's cache, giving wrong text)
+        self._lock = threading.RLock()
+        self._epoch = 0
         self.load_s = time.perf_counter() - t0
 
     # ---- text ----
@@ -145,9 +152,11 @@ class LLM:
             raise InvalidArgumentError("logits needs at least one token id")
         if arr.size > self.n_ctx:
             raise ContextLengthError(f"{arr.size} tokens do not fit n_ctx={self.n_ctx}")
-        self._kv = []
-        out = self.model.forward(arr, 0, logits_all=True, threads=self.threads)
-        self._kv = arr.tolist()
+        with self._lock:
+            self._epoch += 1
+            self._kv = []
+            out = self.model.forward(arr, 0, logits_all=True, threads=self.threads)
+            self._kv = arr.tolist()
         return out
 
     # ---- generation ----
@@ -155,16 +164,18 @@ class LLM:
     def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
                  stop=None) -> GenerationResult:
-        it = self._iterate(self._prompt_ids(prompt), max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-                           seed, stop)
-        return _drain(it)
+        with self._lock:  # the whole run: generations from several threads take turns
+            it = self._iterate(self._prompt_ids(prompt), max_tokens, temperature, top_k, top_p, min_p,
+                               repeat_penalty, seed, stop)
+            return _drain(it)
 
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
         """Yields text pieces as they are decoded (the full result is then in ``last_result``)."""
         return self._stream(self._iterate(self._prompt_ids(prompt), **_sampling(kwargs)))
 
     def chat(self, messages, **kwargs) -> GenerationResult:
-        return _drain(self._iterate(self.chat_tokens(messages), **_sampling(kwargs)))
+        with self._lock:
+            return _drain(self._iterate(self.chat_tokens(messages), **_sampling(kwargs)))
 
     def chat_stream(self, messages, **kwargs) -> Iterator[str]:
         return self._stream(self._iterate(self.chat_tokens(messages), **_sampling(kwargs)))
@@ -229,12 +240,15 @@ class LLM:
         tok = self.tokenizer
         n_prompt = len(prompt_ids)
         common = 0
-        limit = min(len(self._kv), n_prompt - 1)  # always run at least one prompt token to get logits
-        while common < limit and self._kv[common] == prompt_ids[common]:
-            common += 1
-        self._kv = self._kv[:common]
-        logits = self.model.forward(prompt_ids[common:], common, threads=self.threads)
-        self._kv = list(prompt_ids)
+        with self._lock:
+            self._epoch += 1
+            epoch = self._epoch
+            limit = min(len(self._kv), n_prompt - 1)  # always run at least one prompt token to get logits
+            while common < limit and self._kv[common] == prompt_ids[common]:
+                common += 1
+            self._kv = self._kv[:common]
+            logits = self.model.forward(prompt_ids[common:], common, threads=self.threads)
+            self._kv = list(prompt_ids)
         t_prefill = time.perf_counter()
 
         decoder = StreamDecoder(tok)
@@ -268,8 +282,14 @@ class LLM:
             if reason:
                 finish = reason
                 break
-            logits = self.model.forward([token], len(self._kv), threads=self.threads)
-            self._kv.append(token)
+            with self._lock:
+                if self._epoch != epoch:
+                    raise InvalidArgumentError(
+                        "this generation was interrupted: another call on the same LLM (a generation, a stream, "
+                        "logits or reset) used its KV cache since; finish or close a stream before the next call, "
+                        "or give each concurrent stream an LLM of its own")
+                logits = self.model.forward([token], len(self._kv), threads=self.threads)
+                self._kv.append(token)
             n_decode += 1
         if not scanner.hit:
             tail = scanner.push(decoder.flush())
@@ -296,8 +316,10 @@ class LLM:
         )
 
     def reset(self) -> None:
-        """Forget the cached context (the next call prefills its whole prompt)."""
-        self._kv = []
+        """Forget the cached context (the next call prefills its whole prompt; a stream still open ends)."""
+        with self._lock:
+            self._epoch += 1
+            self._kv = []
 
     def close(self) -> None:
         self.model.close()
