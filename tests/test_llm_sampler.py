@@ -200,3 +200,18 @@ def test_default_settings_on_a_real_vocab_draw_from_the_penalised_head():
     got = dist(s, x, history)
     assert len(got) == n and sorted(got.values(), reverse=True) == pytest.approx(softmax(top[:n] / 0.8), rel=1e-6)
 
+
+
+def test_a_tiny_repeat_penalty_boosts_without_overflowing():
+    """repeat_penalty=1e-40 divided a positive logit to +inf: 'every logit is -inf (or the best is +inf)', a 500
+    from the server. The boosted logit is now the largest float32: that token is the most likely, nothing fails."""
+    import warnings
+
+    logits = np.array([1.0, 5.0, -2.0, 3.0], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow warning leaked too
+        s = Sampler(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1e-40, seed=1)
+        x = s.apply_penalty(logits, [0, 2])
+        assert np.isfinite(x).all() and x[0] == np.finfo(np.float32).max and -1e-30 < x[2] <= 0
+        assert {s.sample(logits, [0, 2]) for _ in range(20)} == {0}
+        assert Sampler(temperature=0.0, repeat_penalty=1e-40).sample(logits, [0]) == 0

@@ -61,7 +61,12 @@ class Sampler:
             if recent[0] < 0 or recent[-1] >= x.shape[0]:
                 raise InvalidArgumentError(f"history holds token ids outside 0..{x.shape[0] - 1}")
             v = x[recent]
-            x[recent] = np.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)
+            with np.errstate(over="ignore", under="ignore"):
+                v = np.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)
+            # a tiny penalty (1e-40) divided a logit past float32 (+inf: "nothing can be sampled", a 500 from the
+            # server); the largest float stands for it, so the boosted token is simply the most likely
+            f32 = np.finfo(np.float32).max
+            x[recent] = np.clip(v, -f32, f32)
         return x
 
     def candidates(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
