@@ -129,6 +129,25 @@ def test_chunked_transfer_refuses_a_chunk_of_no_bytes(max_payload, call):
          "load_graph": lambda: dev.load_graph(b"blob")}[call]()
 
 
+def test_a_port_that_refuses_writes_ends_a_transfer_at_once():
+    """A write timeout (a device that stopped reading) was taken as a lost answer: the chunk was halved and sent
+    again down to 32 bytes, each try waiting out the port's write timeout (81 s with pyserial's 10 s)."""
+    class StalledPort(FakePort):
+        writes = 0
+
+        def write(self, data):
+            if self.n >= 1:  # HELLO went through; then the device stops reading
+                StalledPort.writes += 1
+                raise OSError("Write timeout")
+            return super().write(data)
+
+    dev = SerialNpuDevice(link=SerialLink(serial=StalledPort(scripted_device({}))))
+    dev.hello()
+    with pytest.raises(LinkError, match="write failed: Write timeout"):
+        dev.write(1, bytes(12000))
+    assert StalledPort.writes == 1
+
+
 @pytest.mark.parametrize("command, payload, call, want", [
     ("STATS", b"\x01" * 12, lambda d: d.stats(), 56),
     ("ALLOC", b"\x07\x00", lambda d: d.alloc(64), 4),

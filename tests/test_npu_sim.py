@@ -265,3 +265,20 @@ def test_emulated_device_partitions_copy_only_the_plans_transfers():
 def test_emulator_settings_are_checked_before_it_starts(kw):
     with pytest.raises(edgert.InvalidArgumentError, match=next(iter(kw))):
         NpuSim(**kw)
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"timeout_s": float("inf")}, "timeout_s must be in \\(0.0, 3600.0\\], got inf"),  # waited for ever
+    ({"timeout_s": -1}, "timeout_s must be in"), ({"timeout_s": "abc"}, "timeout_s must be a number"),
+    ({"retries": -1}, "retries must be an int in \\[0, 10000\\]"), ({"baudrate": "fast"}, "baudrate must be an int"),
+    ({"retry_after_s": float("nan")}, "retry_after_s must be in"),  # a NaN back-off never retried the device
+])
+def test_bad_device_options_are_refused_when_the_session_is_made(tmp_path, opts, match):
+    import onnx
+
+    from onnx_models import mlp
+
+    onnx.save(mlp(), tmp_path / "m.onnx")
+    with pytest.raises(edgert.InvalidArgumentError, match="device option " + match):
+        edgert.Session(str(tmp_path / "m.onnx"), device="serial-npu", fallback="allow",
+                       device_options={"url": str(tmp_path / f"nodev{len(str(opts))}"), **opts})

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import LinkError
 from . import protocol as P
-from .link import DeviceStatusError, SerialLink
+from .link import DeviceStatusError, LinkWriteError, SerialLink
 
 
 class DeviceResetError(LinkError):
@@ -152,7 +152,7 @@ class SerialNpuDevice:
             before = self.link.stats.retransmits
             try:
                 send(off, n, None if small else 3)
-            except DeviceStatusError:
+            except (DeviceStatusError, LinkWriteError):  # an answer, or a port that takes no more: no halving
                 raise
             except LinkError:
                 if small or isinstance(sys.exc_info()[1], DeviceResetError):

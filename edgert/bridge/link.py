@@ -21,6 +21,11 @@ log = logging.getLogger("edgert.bridge")
 READ_POLL_S = 0.005
 
 
+class LinkWriteError(LinkError):
+    """The port refused or timed out a write: the link is down (a device that stopped reading), not noisy, so
+    retrying smaller frames cannot help (each try waits out the port's write timeout)."""
+
+
 class DeviceStatusError(LinkError):
     """The device answered with an error status. ``status`` is the code, ``name`` its PROTOCOL.md name."""
 
@@ -83,7 +88,7 @@ class SerialLink:
             self.port.write(data)
             self.port.flush()
         except Exception as exc:  # pyserial raises SerialException/OSError/SerialTimeoutException
-            raise LinkError(f"serial NPU link {self.url}: write failed: {exc}") from None
+            raise LinkWriteError(f"serial NPU link {self.url}: write failed: {exc}") from None
         self.stats.bytes_tx += len(data)
 
     def _read(self, wait: float) -> bytes:

@@ -46,7 +46,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import DeviceError, EdgertError, LinkError, UnsupportedOpError
+from ..errors import DeviceError, EdgertError, LinkError, UnsupportedOpError, check_count, check_number
 from ..formats.tflite import ONNX_EQUIVALENT as TFLITE_ONNX_EQUIVALENT
 from .base import CompiledPartition, Delegate, register
 
@@ -86,6 +86,15 @@ class DeviceState:
     def __init__(self, url: str, opts: Mapping[str, Any]):
         self.url = url
         self.opts = dict(opts)
+        # checked here, once: timeout_s=inf waited for ever on a stalled device, a NaN back-off never retried it,
+        # a string was a bare ValueError at the first run
+        o = self.opts
+        self.link_args = {
+            "baudrate": check_count("device option baudrate", o.get("baudrate", 921600), lo=1, hi=100_000_000),
+            "timeout": check_number("device option timeout_s", o.get("timeout_s", 0.2), 0.0, 3600.0, lo_open=True),
+            "retries": check_count("device option retries", o.get("retries", 8), lo=0, hi=10_000),
+        }
+        self.retry_after_s = check_number("device option retry_after_s", o.get("retry_after_s", 1.0), 0.0, 86400.0)
         self.lock = threading.RLock()
         self.device = None
         self.generation = -1
@@ -94,7 +103,7 @@ class DeviceState:
         self.graphs: set[int] = set()                  # hashes loaded in this generation
         self.failovers = 0
         self.down_until = 0.0
-        self.backoff = float(self.opts.get("retry_after_s", 1.0))
+        self.backoff = self.retry_after_s
         self.refs = 0
         # resident tensors whose value is only on the device (the host buffer is stale): key -> (producing partition,
         # its inputs, its outputs, tensor name), to recompute it on the host if the device copy is lost
@@ -106,9 +115,7 @@ class DeviceState:
         from ..bridge import SerialNpuDevice
 
         if self.device is None:
-            self.device = SerialNpuDevice(self.url, baudrate=int(self.opts.get("baudrate", 921600)),
-                                          timeout=float(self.opts.get("timeout_s", 0.2)),
-                                          retries=int(self.opts.get("retries", 8)))
+            self.device = SerialNpuDevice(self.url, **self.link_args)
         info = self.device.ensure_session()
         if self.device.generation != self.generation:
             self.generation = self.device.generation
@@ -623,7 +630,7 @@ class SerialNpuPartition(CompiledPartition):
                 try:
                     self._run_device(inputs, outputs)
                     self.runs_on_device += 1
-                    st.backoff = float(st.opts.get("retry_after_s", 1.0))
+                    st.backoff = st.retry_after_s
                     return
                 except LinkError as exc:
                     st.failovers += 1
