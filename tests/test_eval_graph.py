@@ -176,3 +176,33 @@ def test_mismatched_output_shape_is_refused_before_intermediates_are_run(models,
     assert read == [] and compared == []  # refused before the intermediates were read or compared
     rep = edgert.evaluate(ref, ref, random=2, runs=1)  # the recorders do see a normal evaluation
     assert len(read) == 2 and len(compared) == len(rep.tensors) == 6
+
+
+def test_identical_models_with_non_finite_outputs_pass(tmp_path):
+    """Log of negative inputs gives NaN, x/0 inf: a model compared with itself scored cosine/SQNR NaN and failed
+    the gate (with numpy warnings). Non-finite values both sides share are equal; one side's alone is the worst
+    score, not NaN."""
+    import warnings
+
+    from onnx import TensorProto, helper
+
+    from edgert.eval import metrics
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])
+    for op in ("Log", "Reciprocal"):
+        m = helper.make_model(helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 13)])
+        path = tmp_path / f"{op}.onnx"
+        onnx.save(m, path)
+        sample = {"x": np.array([[-1.0, 0.0, 2.0] + [0.5] * 13], np.float32)}  # NaN, -inf / inf, finite
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            rep = edgert.evaluate(str(path), str(path), data=sample, runs=1)
+        assert rep.passed, rep.failures
+    a = np.array([1.0, np.nan, np.inf, 2.0])
+    assert metrics.cosine_similarity(a, a.copy()) == pytest.approx(1.0) and metrics.sqnr_db(a, a.copy()) == np.inf
+    b = a.copy()
+    b[1] = 0.0  # NaN on one side only
+    assert (metrics.cosine_similarity(a, b), metrics.sqnr_db(a, b), metrics.relative_l2(a, b),
+            metrics.max_abs_error(a, b)) == (-1.0, -np.inf, np.inf, np.inf)

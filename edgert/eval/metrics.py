@@ -84,21 +84,33 @@ def common_prefix(a, b) -> int:
 
 
 # ---- tensors ---------------------------------------------------------------------------------------------------
-def _pair(ref, cand) -> tuple[np.ndarray, np.ndarray]:
+def _pair(ref, cand) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Both tensors as flat float64, without the positions where both hold the same non-finite value (NaN and NaN,
+    inf and inf: they agree exactly; identical models gave NaN metrics and failed the gate), and whether some
+    non-finite value is not matched on the other side (a disagreement no finite metric can measure)."""
     r = np.asarray(ref)
     c = np.asarray(cand)
     if r.shape != c.shape:
         raise ShapeError(f"tensors differ in shape: reference {r.shape}, candidate {c.shape}")
-    return r.astype(np.float64).reshape(-1), c.astype(np.float64).reshape(-1)
+    r, c = r.astype(np.float64).reshape(-1), c.astype(np.float64).reshape(-1)
+    finite = np.isfinite(r) & np.isfinite(c)
+    if finite.all():
+        return r, c, False
+    agree = (r == c) | (np.isnan(r) & np.isnan(c))
+    return r[finite], c[finite], bool((~finite & ~agree).any())
 
 
 def max_abs_error(ref, cand) -> float:
-    r, c = _pair(ref, cand)
+    r, c, apart = _pair(ref, cand)
+    if apart:
+        return float("inf")
     return float(np.max(np.abs(c - r))) if r.size else 0.0
 
 
 def relative_l2(ref, cand) -> float:
-    r, c = _pair(ref, cand)
+    r, c, apart = _pair(ref, cand)
+    if apart:
+        return float("inf")
     num, den = float(np.linalg.norm(c - r)), float(np.linalg.norm(r))
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
@@ -106,7 +118,9 @@ def relative_l2(ref, cand) -> float:
 
 
 def cosine_similarity(ref, cand) -> float:
-    r, c = _pair(ref, cand)
+    r, c, apart = _pair(ref, cand)
+    if apart:
+        return -1.0
     nr, nc = float(np.linalg.norm(r)), float(np.linalg.norm(c))
     if nr == 0.0 and nc == 0.0:
         return 1.0
@@ -116,7 +130,9 @@ def cosine_similarity(ref, cand) -> float:
 
 
 def sqnr_db(ref, cand) -> float:
-    r, c = _pair(ref, cand)
+    r, c, apart = _pair(ref, cand)
+    if apart:
+        return float("-inf")
     noise, signal = float(np.sum((c - r) ** 2)), float(np.sum(r * r))
     if noise == 0.0:
         return float("inf")
