@@ -206,3 +206,17 @@ def test_identical_models_with_non_finite_outputs_pass(tmp_path):
     b[1] = 0.0  # NaN on one side only
     assert (metrics.cosine_similarity(a, b), metrics.sqnr_db(a, b), metrics.relative_l2(a, b),
             metrics.max_abs_error(a, b)) == (-1.0, -np.inf, np.inf, np.inf)
+
+
+def test_bad_api_arguments_are_edgert_errors(models, tmp_path):
+    """Were TypeError / ValueError / FileNotFoundError from numpy, the sample reader and matplotlib."""
+    _, ref, _, _ = models
+    for kw, match in (({"data": [1, 2]}, "data must be a directory of samples, a feed dict"),
+                      ({"seed": -1}, "seed must be an int >= 0"), ({"seed": "a"}, "seed must be an int >= 0")):
+        with pytest.raises(edgert.InvalidArgumentError, match=match):
+            edgert.evaluate(ref, ref, runs=1, **kw)
+    with pytest.raises(edgert.InvalidArgumentError, match="reference must be a model path"):
+        edgert.evaluate(None, ref)
+    rep = edgert.evaluate(ref, ref, random=1, runs=1)
+    with pytest.raises(edgert.InvalidArgumentError, match="cannot write the plot .*No such file or directory"):
+        rep.plot(tmp_path / "no" / "x.png")

@@ -148,6 +148,12 @@ def test_errors(models, tmp_path):
         edgert.evaluate(f32, q40, _text(), thresholds={"kl_meen": 1})
     with pytest.raises(edgert.InvalidArgumentError, match="not found"):
         edgert.evaluate(tmp_path / "nope.gguf", q40, _text())
+    # a mistyped text path was scored as the text itself (its few tokens, passed)
+    with pytest.raises(edgert.InvalidArgumentError, match="text file .*missing.txt not found"):
+        edgert.evaluate(f32, q40, str(tmp_path / "missing.txt"))
+    for kw in ({"chunks": 1.5}, {"chunks": "2"}, {"chunks": True}):  # were TypeErrors (True was taken as 1)
+        with pytest.raises(edgert.InvalidArgumentError, match="chunks must be an int >= 1"):
+            edgert.evaluate(f32, q40, _text(), **kw)
     # a thread count the pool cannot take is refused with the spec, before any model is opened
     for bad, what in (("0", "got 0"), ("9999", "got 9999"), ("two", "positive integer, got 'two'")):
         with pytest.raises(edgert.InvalidArgumentError, match=f"@threads={bad}: threads .*{what}"):

@@ -8,7 +8,9 @@ is a graph model run through ``edgert.Session`` (per-tensor error, SQNR, first d
 """
 from __future__ import annotations
 
-from ..errors import InvalidArgumentError
+import os
+
+from ..errors import InvalidArgumentError, check_count
 from . import thresholds as _thresholds
 from .report import EvalReport, Failure, Side, parse_side
 
@@ -35,6 +37,13 @@ def evaluate(reference, candidate, data=None, thresholds=None, *, ctx: int | Non
     .npy/.npz samples, a dict of arrays (one sample), a list of such dicts, or None (random inputs from the
     model's input specs: ``random`` samples, default 8, drawn with ``seed``). ``thresholds``: a dict
     (``{"kl_mean": 0.2}`` or ``{"llm": {...}, "graph": {...}}``) or a TOML path, over the documented defaults."""
+    # the arguments as such, here: numpy and the models met them before (TypeError, ValueError from deep inside)
+    for name, v in (("reference", reference), ("candidate", candidate)):
+        if not isinstance(v, (str, os.PathLike, Side)):
+            raise InvalidArgumentError(f"{name} must be a model path (str or path-like), got {type(v).__name__}")
+    if chunks is not None:
+        chunks = check_count("chunks", chunks, lo=1)
+    seed = check_count("seed", seed)
     ref = parse_side(reference, reference_device, reference_threads)
     cand = parse_side(candidate, candidate_device, candidate_threads)
     kind = kind_of(ref, cand)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -62,6 +63,11 @@ def _samples(data, inputs, random: int | None, seed: int) -> list[dict[str, np.n
         return read_samples(data, names)
     if isinstance(data, dict):
         data = [data]
+    if not isinstance(data, (list, tuple)) or not all(isinstance(s, Mapping) for s in data):
+        raise InvalidArgumentError("data must be a directory of samples, a feed dict (input name -> array), a list "
+                                   f"of feed dicts, or None; got {type(data).__name__}"
+                                   + (f" of {type(data[0]).__name__}" if isinstance(data, (list, tuple)) and data
+                                      else ""))
     samples = [dict(s) for s in data]
     if not samples:
         raise InvalidArgumentError("no samples given: pass at least one feed dict, a directory, or None for random "

@@ -12,6 +12,7 @@ This module loads models through ``edgert.llm`` and measures; it must not print 
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -38,8 +39,6 @@ def _read_text(data) -> str:
             raise InvalidArgumentError(f"the text is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     s = str(data)
     if "\n" not in s and len(s) < 4096:
-        import os
-
         if os.path.isfile(s):
             try:
                 with open(s, encoding="utf-8") as f:
@@ -49,6 +48,9 @@ def _read_text(data) -> str:
                                            "give a UTF-8 text file") from None
             except OSError as exc:
                 raise InvalidArgumentError(f"cannot read text file {s}: {exc.strerror or exc}") from None
+        # one line naming a file that is not there was scored as the text itself (a mistyped path passed)
+        if s.endswith((".txt", ".text", ".md")) or (os.sep in s and " " not in s):
+            raise InvalidArgumentError(f"text file {s} not found (pass the text itself, or the path of a file)")
     return s
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from ..errors import EdgertError
+from ..errors import EdgertError, InvalidArgumentError
 
 
 def _f(v, spec=".4g") -> str:
@@ -107,6 +107,10 @@ def plot_report(rep, path) -> str:
     ax2.set_title("quality / cost", fontsize=10)
     fig.suptitle(rep.verdict, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:  # a missing directory, no permission: the caller's path, named
+        raise InvalidArgumentError(f"cannot write the plot {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
     return str(path)
