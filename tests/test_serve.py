@@ -513,3 +513,29 @@ def test_server_telemetry_off(llm, monkeypatch):
         assert httpx.post(base + CMPL, json={"prompt": "the", "max_tokens": 2}, timeout=DEADLINE_S).status_code == 200
     telemetry.flush()
     assert telemetry.events() == []
+
+
+def test_a_finished_job_frees_the_worker_before_its_answer_goes_out(llm):
+    """The worker sent the answer and ran the bookkeeping before it marked itself free: with --max-queue 0 a client
+    sending its next request the moment it had the answer could get 503 from an idle server (1 in ~1100)."""
+    import asyncio
+
+    from edgert.serve.scheduler import Scheduler
+
+    sched = Scheduler(llm, max_queue=0)
+    seen = []
+
+    async def main():
+        sched.start()
+        try:
+            for _ in range(3):
+                job = sched.submit(llm.tokenize("the cat"), {"max_tokens": 1, "temperature": 0}, 30.0,
+                                   on_done=lambda job, outcome: seen.append(sched.running))
+                async for _ in job.pieces():
+                    pass
+                assert sched.running is None  # free once the answer is out
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, sched.stop)
+
+    asyncio.run(main())
+    assert seen == [None, None, None]

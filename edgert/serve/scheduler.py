@@ -145,15 +145,17 @@ class Scheduler:
                 self.running = job
             try:
                 outcome = self._run(job)
-                job._push(outcome)
-                if job.on_done is not None:
-                    try:
-                        job.on_done(job, outcome)
-                    except Exception:  # bookkeeping must never kill the worker
-                        pass
             finally:
+                # free before the answer goes out: a client that sends its next request the moment it has this
+                # one's could find the finished job still running and get 503 from an idle server (--max-queue 0)
                 with self._cond:
                     self.running = None
+            job._push(outcome)
+            if job.on_done is not None:
+                try:
+                    job.on_done(job, outcome)
+                except Exception:  # bookkeeping must never kill the worker
+                    pass
 
     def _run(self, job: Job) -> JobOutcome:
         job.started = time.monotonic()
