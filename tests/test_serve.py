@@ -330,6 +330,9 @@ BAD = [
     ("model a number", "POST", CHAT, {"model": 4, "messages": MSG}, 400, "invalid_type"),
     ("prompt longer than the context", "POST", CHAT, {"messages": [{"role": "user", "content": "x" * 5000}]}, 400,
      "context_length_exceeded"),
+    # 4.2 M characters reached the template sandbox's size limit, which blamed the model's template (invalid_value)
+    ("message of millions of characters", "POST", CHAT, {"messages": [{"role": "user", "content": "a" * 4_200_000}]},
+     400, "context_length_exceeded"),
     ("completion without prompt", "POST", CMPL, {"max_tokens": 3}, 400, "missing_required_parameter"),
     ("empty prompt", "POST", CMPL, {"prompt": ""}, 400, "empty_prompt"),
     ("prompt a dict", "POST", CMPL, {"prompt": {"a": 1}}, 400, "invalid_type"),

@@ -131,6 +131,13 @@ class LLM:
         """Token ids of messages rendered with the model's chat template (ChatML when it has none). Markup becomes
         control tokens; message content never does."""
         tok = self.tokenizer
+        # content that cannot fit n_ctx even at the longest token's length per token: said so here (a 4 MB message
+        # reached the template sandbox's size limit, which blamed the model file's template)
+        chars = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)) \
+            if isinstance(messages, (list, tuple)) else 0
+        if chars > self.n_ctx * self._longest_token():
+            raise ContextLengthError(f"the messages hold {chars} characters, more than n_ctx={self.n_ctx} tokens can "
+                                     "hold: shorten them or load the model with a larger n_ctx")
         segments = chat_template.render_segments(
             self.template, messages, add_generation_prompt=add_generation_prompt,
             bos_token=_piece_text(tok, tok.bos_id), eos_token=_piece_text(tok, tok.eos_id),
@@ -141,6 +148,12 @@ class LLM:
         if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
             ids.insert(0, tok.bos_id)
         return ids
+
+    def _longest_token(self) -> int:
+        """The most characters one token's text holds (a bound on how much text n tokens can cover)."""
+        if getattr(self, "_longest", None) is None:
+            self._longest = max(1, max((len(t) for t in self.tokenizer.tokens), default=1))
+        return self._longest
 
     # ---- numerics ----
 

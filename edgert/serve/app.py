@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import telemetry as telemetry_mod
-from ..errors import EdgertError, InvalidArgumentError
+from ..errors import ContextLengthError, EdgertError, InvalidArgumentError
 from .schemas import APIError, GenerationRequest, _is_int, bad, parse_detokenize, parse_generation, parse_tokenize
 from .scheduler import Job, QueueFullError, Scheduler
 
@@ -280,6 +280,8 @@ class Server:
                 ids = list(req.prompt)
             else:
                 ids = self.llm.tokenize(req.prompt, add_special=True)
+        except ContextLengthError as exc:  # messages far too long for the context, found before rendering
+            raise bad(str(exc), "messages" if req.kind == "chat" else "prompt", "context_length_exceeded") from None
         except EdgertError as exc:  # e.g. a chat template that refuses the message order
             raise bad(str(exc), "messages" if req.kind == "chat" else "prompt") from None
         if not ids:
