@@ -260,11 +260,19 @@ def test_emulated_device_partitions_copy_only_the_plans_transfers():
 
 
 @pytest.mark.parametrize("kw", [{"baud": -1}, {"baud": float("nan")}, {"ops_per_s": float("inf")}, {"drop": 2},
-                                {"corrupt": -0.1}, {"duplicate": "x"}, {"arena": -1}, {"stall_ms": 1.5},
+                                {"corrupt": -0.1}, {"duplicate": "x"}, {"arena": -1}, {"arena": 2**32},
+                                {"stall_ms": 1.5},
                                 {"reset_after": 0}, {"seed": True}])
 def test_emulator_settings_are_checked_before_it_starts(kw):
     with pytest.raises(edgert.InvalidArgumentError, match=next(iter(kw))):
         NpuSim(**kw)
+
+
+def test_an_emulator_that_refuses_its_arguments_says_why():
+    """Its message was lost (the error showed ''): the stderr reader had not started when the error was built."""
+    with pytest.raises(edgert.DeviceError, match="did not start: npu-sim: --arena 3000000000 is larger than this "
+                                                 "build's"):
+        NpuSim(arena=3_000_000_000).start()
 
 
 @pytest.mark.parametrize("opts, match", [

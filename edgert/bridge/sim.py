@@ -73,7 +73,7 @@ class NpuSim:
         self.asan = asan
         baud = check_number("baud", baud, 0.0, math.inf, hi_open=True)
         ops_per_s = check_number("ops_per_s", ops_per_s, 0.0, math.inf, hi_open=True)
-        arena = check_count("arena", arena, note=" (0: the build's size)")
+        arena = check_count("arena", arena, hi=2**32 - 1, note=" (0: the build's size)")  # the firmware's is 32-bit
         drop, corrupt, duplicate = (check_number(k, v, 0.0, 1.0) for k, v in
                                     (("drop", drop), ("corrupt", corrupt), ("duplicate", duplicate)))
         stall_ms = check_count("stall_ms", stall_ms)
@@ -105,7 +105,8 @@ class NpuSim:
         line = self.proc.stdout.readline().decode().strip()
         if not line.startswith("npu-sim: "):
             self.stop()
-            raise DeviceError(f"the NPU emulator did not start: {line!r} {self.stderr.decode(errors='replace')}")
+            why = (self.stderr + self.proc.stderr.read()).decode(errors="replace").strip()  # the drain has not started
+            raise DeviceError(f"the NPU emulator did not start: {why or line or 'no output'}")
         self.url = line.split(": ", 1)[1]
         self._err = threading.Thread(target=self._drain, daemon=True)
         self._err.start()
