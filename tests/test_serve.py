@@ -375,6 +375,8 @@ def test_malformed_requests_get_openai_style_4xx(llm):
             except (AssertionError, ValueError, KeyError):
                 failures.append((name, r.status_code, r.text[:200]))
         assert not failures, failures
+        r = client.get(CHAT)  # a 405 names the methods the route takes
+        assert r.status_code == 405 and r.headers.get("allow") == "POST", dict(r.headers)
         ok = client.post(CHAT, json={"messages": MSG, "max_tokens": 2})
         assert ok.status_code == 200  # the server is alive and serving after all of them
         assert client.get("/health").json()["queue_depth"] == 0

@@ -450,7 +450,8 @@ def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, code)
+        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, code,
+                       headers=dict(exc.headers or {}))  # a 405's Allow (RFC 9110 requires it)
         return _error_response(err)
 
     async def server_error(request: Request, exc: Exception) -> Response:
