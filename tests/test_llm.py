@@ -136,6 +136,11 @@ def test_bad_sampling_arguments(llm, kwargs):
 def test_bad_messages(llm):
     with pytest.raises(edgert.InvalidArgumentError):
         llm.chat([{"role": "user"}])
+    for call in (llm.chat, llm.chat_stream):  # [] answered the template's default system prompt
+        with pytest.raises(edgert.InvalidArgumentError, match="messages is empty"):
+            call([])
+    with pytest.raises(edgert.InvalidArgumentError, match="add_special must be True or False"):
+        llm.tokenize("hi", add_special="yes")
     with pytest.raises(edgert.InvalidArgumentError):
         llm.generate(123)
     with pytest.raises(edgert.InvalidArgumentError):

@@ -130,6 +130,8 @@ class LLM:
     def chat_tokens(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of messages rendered with the model's chat template (ChatML when it has none). Markup becomes
         control tokens; message content never does."""
+        if isinstance(messages, (list, tuple)) and not messages:  # chat answered the template's default prompt
+            raise InvalidArgumentError("messages is empty: give at least one {'role', 'content'} message")
         tok = self.tokenizer
         # content that cannot fit n_ctx even at the longest token's length per token: said so here (a 4 MB message
         # reached the template sandbox's size limit, which blamed the model file's template)

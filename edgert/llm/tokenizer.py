@@ -279,6 +279,8 @@ class Tokenizer:
         """Tokenize user or model text. Control-token spellings in ``text`` stay text. ``add_special`` adds BOS/EOS
         as the model's add_bos_token/add_eos_token flags say."""
         text = check_text("text", text)
+        if not isinstance(add_special, bool):  # "yes" was taken as true
+            raise InvalidArgumentError(f"add_special must be True or False, got {add_special!r}")
         ids = self._encode(text, special=False) if text else []
         return self._wrap(ids, add_special)
 
