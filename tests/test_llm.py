@@ -141,6 +141,10 @@ def test_bad_messages(llm):
             call([])
     with pytest.raises(edgert.InvalidArgumentError, match="add_special must be True or False"):
         llm.tokenize("hi", add_special="yes")
+    for call in (lambda: llm.generate("the", temprature=0), lambda: llm.chat([{"role": "user", "content": "x"}],
+                                                                             temprature=0)):
+        with pytest.raises(edgert.InvalidArgumentError, match="unknown argument\\(s\\) \\['temprature'\\]"):
+            call()  # generate raised TypeError
     with pytest.raises(edgert.InvalidArgumentError):
         llm.generate(123)
     with pytest.raises(edgert.InvalidArgumentError):

@@ -178,7 +178,8 @@ class LLM:
 
     def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop=None) -> GenerationResult:
+                 stop=None, **unknown) -> GenerationResult:
+        _sampling(unknown)  # a misspelt argument: the InvalidArgumentError chat and stream give, not a TypeError
         with self._lock:  # the whole run: generations from several threads take turns
             it = self._iterate(self._prompt_ids(prompt), max_tokens, temperature, top_k, top_p, min_p,
                                repeat_penalty, seed, stop)
