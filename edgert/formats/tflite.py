@@ -58,13 +58,12 @@ CONTROL_FLOW = ("WHILE", "IF", "CALL_ONCE", "CALL")
 MAX_RANK = 8
 MAX_ELEMENTS = 2**32  # no tensor of an edge model comes near; larger is a hostile shape
 
-# inputs an operator may leave absent (index -1): the optional bias of the convolutions and FULLY_CONNECTED; the
-# recurrent ops (and custom ops, whose inputs edgert cannot know) may leave any. Any other absent input, or an absent
-# output, is refused here: LiteRT's kernels read such a tensor without checking and crash.
-OPTIONAL_INPUTS = {"FULLY_CONNECTED": (2,), "CONV_2D": (2,), "DEPTHWISE_CONV_2D": (2,), "CONV_3D": (2,),
-                   "TRANSPOSE_CONV": (3,), "CONV_3D_TRANSPOSE": (3,)}
-ANY_ABSENT = ("LSTM", "UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM", "RNN",
-              "UNIDIRECTIONAL_SEQUENCE_RNN", "BIDIRECTIONAL_SEQUENCE_RNN", "SVDF", "CUSTOM")
+# inputs an operator edgert maps (ONNX_EQUIVALENT) may leave absent (index -1): the optional bias of the
+# convolutions and FULLY_CONNECTED, RESHAPE's shape tensor. Any other absent input or output of those ops is refused
+# here: LiteRT's kernels read such a tensor without checking and crash. Other ops (the recurrent ones leave many
+# inputs absent, custom ops are opaque) are left to LiteRT.
+OPTIONAL_INPUTS = {"FULLY_CONNECTED": (2,), "CONV_2D": (2,), "DEPTHWISE_CONV_2D": (2,), "TRANSPOSE_CONV": (3,),
+                   "RESHAPE": (1,)}
 # ops whose output count an option fixes (LiteRT trusts the option): op -> options field
 OUTPUT_COUNT = {"SPLIT": "NumSplits", "SPLIT_V": "NumSplits", "UNPACK": "Num"}
 # ops whose output has their first input's shape: LiteRT recomputes every shape from the inputs at allocation, so a
@@ -423,7 +422,7 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
                                    "subgraph models (convert with control flow lowered or inlined)")
         ins = indices(op, 6, f"{where} inputs", allow_absent=True)
         outs = indices(op, 8, f"{where} outputs", allow_absent=True)
-        if name not in ANY_ABSENT:
+        if name in ONNX_EQUIVALENT:
             absent = [j for j, v in enumerate(ins) if v == -1 and j not in OPTIONAL_INPUTS.get(name, ())]
             if absent or -1 in outs:
                 r.fail(f"{where}: {'input' if absent else 'output'} {absent[0] if absent else outs.index(-1)} is "
@@ -439,7 +438,10 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
     for k, op in enumerate(operators):
         if op["op"] in SAME_SHAPE and op["inputs"] and op["outputs"]:
             i, o = op["inputs"][0], op["outputs"][0]
-            if i >= 0 and o >= 0 and tensors[i]["shape"] != tensors[o]["shape"]:
+            # concrete shapes only: a rank-0 (unknown) or dynamic (-1 in the signature) one may be a placeholder
+            dynamic = i < 0 or o < 0 or any(not tensors[t]["shape"] or -1 in (tensors[t]["signature"] or ())
+                                            for t in (i, o))
+            if not dynamic and tensors[i]["shape"] != tensors[o]["shape"]:
                 r.fail(f"operator {k} ({op['op']}) keeps its input's shape, but tensor {i} ({tensors[i]['name']!r}) "
                        f"is {list(tensors[i]['shape'])} and tensor {o} ({tensors[o]['name']!r}) "
                        f"{list(tensors[o]['shape'])}")
