@@ -529,3 +529,7 @@ def test_activation_blocks_too_small_to_scale_are_zero_on_every_isa(isa, m):
     np.testing.assert_allclose(y, np.full((m, 3), 32e-30), rtol=1e-2)
     x[:, 32:] = 0
     assert not np.any(y := edgert.matmul(x, w)) and not np.signbit(y).any()
+    x[:, :32] = 5e-37  # 127/amax is finite here but the block is below 2^-120: zeros too, on every ISA
+    assert not np.any(edgert.matmul(x, w))
+    x[:, :32] = 1e-35  # above 2^-120: quantized as usual
+    np.testing.assert_allclose(edgert.matmul(x, w), np.full((m, 3), 32e-35), rtol=1e-2)

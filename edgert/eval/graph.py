@@ -277,7 +277,7 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
         if not _all_float(a + b):
             skipped[name] = f"{name!r} ({np.asarray(a[0]).dtype.name} vs {np.asarray(b[0]).dtype.name})"
             continue
-        if not is_out and _shape_mismatch(a, b):  # an intermediate only: the outputs' shapes were checked before reading these
+        if not is_out and _shape_mismatch(a, b):  # outputs' shapes were checked before these were read
             continue
         ra, rb = _stack(a), _stack(b)
         row = {"name": name, "output": is_out, "shape": list(np.shape(a[0])), **M.tensor_metrics(ra, rb)}

@@ -125,9 +125,7 @@ def evaluate_llm(reference: Side, candidate: Side, text, limits: dict, *, ctx: i
         if n_chunks < 1:
             raise InvalidArgumentError(f"the text has {len(tokens)} tokens, fewer than one window of --ctx {ctx}; "
                                        "give more text or a smaller --ctx")
-        if chunks is not None:
-            if chunks < 1:
-                raise InvalidArgumentError(f"chunks must be >= 1, got {chunks}")
+        if chunks is not None:  # an int >= 1: evaluate checked it
             n_chunks = min(n_chunks, chunks)
         bos = ref.tokenizer.bos_id if ref.tokenizer.add_bos else None
         first = ctx // 2

@@ -29,20 +29,20 @@ def array_file(path):
     import numpy as np
 
     path = os.fspath(path)
-    kind = ".npz" if path.endswith(".npz") else ".npy"
+    what = f"{path}: not a readable {'.npz' if path.endswith('.npz') else '.npy'} array file"
     try:
         with open(path, "rb") as f:
             head = f.read(6)
-        if head != b"\x93NUMPY" and head[:4] != b"PK\x03\x04":
-            raise InvalidArgumentError(f"{path}: not a readable {kind} array file ("
-                                       + ("the file is empty" if not head else "no NumPy header")
-                                       + "); save arrays with np.save or np.savez")
+    except OSError as exc:
+        raise InvalidArgumentError(f"{what} ({exc.strerror or exc})") from None
+    if head != b"\x93NUMPY" and head[:4] != b"PK\x03\x04":
+        raise InvalidArgumentError(f"{what} ({'the file is empty' if not head else 'no NumPy header'}); save arrays "
+                                   "with np.save or np.savez")
+    try:
         data = np.load(path, allow_pickle=False)
         if isinstance(data, np.lib.npyio.NpzFile):
             with data:
                 return {k: data[k] for k in data.files}
         return data
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        if isinstance(exc, InvalidArgumentError):
-            raise
-        raise InvalidArgumentError(f"{path}: not a readable {kind} array file ({type(exc).__name__}: {exc})") from None
+        raise InvalidArgumentError(f"{what} ({type(exc).__name__}: {exc})") from None

@@ -75,6 +75,7 @@ SAME_SHAPE = ("QUANTIZE", "DEQUANTIZE", "RELU", "RELU6", "RELU_N1_TO_1", "RELU_0
               "L2_NORMALIZATION", "LOCAL_RESPONSE_NORMALIZATION")
 # the zero-point range of each quantized integer type
 ZP_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
+_F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest positive normal float32
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "int32": 4, "uint8": 1, "int64": 8, "bool": 1, "int16": 2, "complex64": 8,
              "int8": 1, "float64": 8, "complex128": 16, "uint64": 8, "uint32": 4, "uint16": 2}
@@ -211,7 +212,7 @@ class TFLiteModel:
 
 def _open(src) -> tuple[Any, str, str | None, bool]:
     if isinstance(src, (bytes, bytearray, memoryview)):
-        return (bytes(src) if not isinstance(src, bytes) else src), f"({len(src)} bytes)", None, None
+        return (bytes(src) if not isinstance(src, bytes) else src), f"({len(src)} bytes)", None, False
     if isinstance(src, (str, os.PathLike)):
         path = model_file(src, "TFLite")
         with open(path, "rb") as f:  # the map keeps its own descriptor: the file closes here, not at collection
@@ -382,14 +383,15 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
                 if not np.isfinite(scale).all():
                     r.fail(f"{where}: quantization scales are not finite")
                 lo_hi = ZP_RANGE.get(dtype)
-                if lo_hi and len(zp) and ((zp < lo_hi[0]) | (zp > lo_hi[1])).any():
-                    r.fail(f"{where}: zero points {zp[(zp < lo_hi[0]) | (zp > lo_hi[1])][:4].tolist()} outside "
-                           f"{dtype}'s range [{lo_hi[0]}, {lo_hi[1]}]")
+                off = (zp < lo_hi[0]) | (zp > lo_hi[1]) if lo_hi and len(zp) else None
+                if off is not None and off.any():
+                    r.fail(f"{where}: zero points {zp[off][:4].tolist()} outside {dtype}'s range [{lo_hi[0]}, "
+                           f"{lo_hi[1]}]")
                 # an activation's scale divides at run time (LiteRT crashed on 0, negative and subnormal ones);
                 # constant weights keep whatever finite scales LiteRT runs them with
-                if lo_hi and data is None and not (scale >= np.finfo(np.float32).tiny).all():
-                    r.fail(f"{where}: activation scale {scale[scale < np.finfo(np.float32).tiny][0]:g} is not a "
-                           "positive normal float32")
+                tiny = scale < _F32_TINY
+                if lo_hi and data is None and tiny.any():
+                    r.fail(f"{where}: activation scale {scale[tiny][0]:g} is not a positive normal float32")
                 qd = int(q.QuantizedDimension())
                 if len(scale) > 1 and not (0 <= qd < len(shape) and shape[qd] == len(scale)):
                     r.fail(f"{where}: {len(scale)} per-channel scales along dim {qd} of shape {shape.tolist()}")

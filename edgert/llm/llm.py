@@ -117,6 +117,7 @@ class LLM:
         # the other call's cache, giving wrong text)
         self._lock = threading.RLock()
         self._epoch = 0
+        self._longest: int | None = None  # _longest_token()
         self.load_s = time.perf_counter() - t0
 
     # ---- text ----
@@ -130,13 +131,13 @@ class LLM:
     def chat_tokens(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of messages rendered with the model's chat template (ChatML when it has none). Markup becomes
         control tokens; message content never does."""
-        if isinstance(messages, (list, tuple)) and not messages:  # chat answered the template's default prompt
+        messages = chat_template.validate_messages(messages)
+        if not messages:  # chat answered the template's default prompt
             raise InvalidArgumentError("messages is empty: give at least one {'role', 'content'} message")
         tok = self.tokenizer
         # content that cannot fit n_ctx even at the longest token's length per token: said so here (a 4 MB message
         # reached the template sandbox's size limit, which blamed the model file's template)
-        chars = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)) \
-            if isinstance(messages, (list, tuple)) else 0
+        chars = sum(len(m["content"]) for m in messages)
         if chars > self.n_ctx * self._longest_token():
             raise ContextLengthError(f"the messages hold {chars} characters, more than n_ctx={self.n_ctx} tokens can "
                                      "hold: shorten them or load the model with a larger n_ctx")
@@ -153,7 +154,7 @@ class LLM:
 
     def _longest_token(self) -> int:
         """The most characters one token's text holds (a bound on how much text n tokens can cover)."""
-        if getattr(self, "_longest", None) is None:
+        if self._longest is None:  # on first use: a pass over the vocabulary, not at load
             self._longest = max(1, max((len(t) for t in self.tokenizer.tokens), default=1))
         return self._longest
 

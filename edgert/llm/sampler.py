@@ -18,6 +18,9 @@ import numpy as np
 from ..errors import InvalidArgumentError, ShapeError, check_count, check_number
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 class Sampler:
     """Samples a token id from logits.
 
@@ -65,8 +68,7 @@ class Sampler:
                 v = np.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)
             # a tiny penalty (1e-40) divided a logit past float32 (+inf: "nothing can be sampled", a 500 from the
             # server); the largest float stands for it, so the boosted token is simply the most likely
-            f32 = np.finfo(np.float32).max
-            x[recent] = np.clip(v, -f32, f32)
+            x[recent] = np.clip(v, -_F32_MAX, _F32_MAX)
         return x
 
     def candidates(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:

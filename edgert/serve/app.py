@@ -463,15 +463,18 @@ def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_
         yield
         await asyncio.get_running_loop().run_in_executor(None, server.scheduler.stop)
 
+    def api(path: str, fn, method: str) -> Route:  # an API route, its errors counted under its path pattern
+        return Route(path, endpoint(fn, path.replace(":path}", "}")), methods=[method])
+
     routes = [
-        Route("/v1/chat/completions", endpoint(server.chat_completions, "/v1/chat/completions"), methods=["POST"]),
-        Route("/v1/completions", endpoint(server.completions, "/v1/completions"), methods=["POST"]),
-        Route("/v1/models", endpoint(server.models, "/v1/models"), methods=["GET"]),
-        Route("/v1/models/{model:path}", endpoint(server.model, "/v1/models/{model}"), methods=["GET"]),
+        api("/v1/chat/completions", server.chat_completions, "POST"),
+        api("/v1/completions", server.completions, "POST"),
+        api("/v1/models", server.models, "GET"),
+        api("/v1/models/{model:path}", server.model, "GET"),
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics_text, methods=["GET"]),
-        Route("/tokenize", endpoint(server.tokenize, "/tokenize"), methods=["POST"]),
-        Route("/detokenize", endpoint(server.detokenize, "/detokenize"), methods=["POST"]),
+        api("/tokenize", server.tokenize, "POST"),
+        api("/detokenize", server.detokenize, "POST"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})

@@ -74,6 +74,9 @@ ET_INLINE et_half et_fp32_to_fp16(float f) {
  * with the other features (cpu.c; listed as "amx_int8" in et_cpu_features) */
 int et_cpu_amx_int8(void);
 
+/* AVX512DQ (listed as "avx512dq"): only fc_s8's AVX-512 DynamicQuantizeLinear codes pass needs it */
+int et_cpu_avx512dq(void);
+
 /* ---- kernel trait table: one per ISA, filled at start-up (cpu.c) ---- */
 
 /* y[i*ldy + j] = dot(w row j, x row i) for j in [0, n), i in [0, m).

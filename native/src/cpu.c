@@ -37,6 +37,7 @@ static _Atomic(const et_kernels *) active;
 static pthread_once_t detect_once = PTHREAD_ONCE_INIT;
 static const char *active_name = "ref";
 static int amx_int8;
+static int avx512dq;
 
 /* AMX-TILE and AMX-INT8 in CPUID, the tile state enabled by the OS (XCR0), and this process granted it: Linux hands
  * out the 8 KiB tile data state only on request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA) */
@@ -71,11 +72,12 @@ static void detect_once_fn(void) {
     const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     const int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                        __builtin_cpu_supports("avx512vl");
-    /* the VNNI sources also use AVX512DQ (fc_s8's activation codes); every VNNI CPU has it, a VM's model may not */
-    const int vnni = avx512 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512dq");
+    const int vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+    avx512dq = avx512 && __builtin_cpu_supports("avx512dq"); /* fc_s8's AVX-512 activation codes only */
     if (avx2) add_feature("avx2"), add_feature("fma"), add_feature("f16c");
     if (avx512) add_feature("avx512f"), add_feature("avx512bw"), add_feature("avx512vl");
-    if (vnni) add_feature("avx512dq"), add_feature("avx512vnni");
+    if (avx512dq) add_feature("avx512dq");
+    if (vnni) add_feature("avx512vnni");
     amx_int8 = vnni && detect_amx_int8();
     if (amx_int8) add_feature("amx_int8");
     variants[n_variants++] = (et_variant){"avx2", &et_kernels_avx2, avx2};
@@ -146,4 +148,9 @@ const char *et_cpu_features(void) {
 int et_cpu_amx_int8(void) {
     detect();
     return amx_int8;
+}
+
+int et_cpu_avx512dq(void) {
+    detect();
+    return avx512dq;
 }

@@ -147,10 +147,19 @@ static void pool_after_fork_in_child(void) {
 
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
+/* one step of a caller's wait on the workers: pause ET_SPIN_ITERS times, then yield the core */
+static void wait_a_little(int *spins) {
+    if ((*spins)++ < ET_SPIN_ITERS)
+        ET_PAUSE();
+    else
+        sched_yield();
+}
+
 static void register_atfork(void) { pthread_atfork(NULL, NULL, pool_after_fork_in_child); }
 
 static int grow(int n_workers) {
-    pthread_once(&atfork_once, register_atfork);
+    if (pool.n_workers >= n_workers) return ET_OK;
+    pthread_once(&atfork_once, register_atfork); /* before the first worker exists */
     pthread_attr_t attr;
     if (pthread_attr_init(&attr)) return et_error(ET_ERR_NOMEM, "could not set up worker thread attributes");
     pthread_attr_setstacksize(&attr, ET_WORKER_STACK);
@@ -200,30 +209,25 @@ int et_parallel(et_task_fn fn, void *ctx, int nth) {
     atomic_store(&pool.left, 0);
     atomic_store(&pool.entry, 0);          /* opens the gate: fn/ctx/nth above are already in place */
     atomic_fetch_add(&pool.generation, 1); /* wakes the workers (seq_cst) */
+    int spins_claim = 0;
     if (atomic_load(&pool.sleeping) > 0) {
         pthread_mutex_lock(&pool.sleep_lock);
         pthread_cond_broadcast(&pool.wake);
         pthread_mutex_unlock(&pool.sleep_lock);
     }
-    for (int spins = 0; !here && atomic_load(&pool.next_share) < nth; spins++) { /* the workers claim them all */
-        if (spins < ET_SPIN_ITERS)
-            ET_PAUSE();
-        else
-            sched_yield();
-    }
-    for (;;) {
-        const int share = here ? atomic_fetch_add(&pool.next_share, 1) : nth;
-        if (share >= nth) break;
-        fn(ctx, share, nth);
+    if (here) {
+        for (;;) {
+            const int share = atomic_fetch_add(&pool.next_share, 1);
+            if (share >= nth) break;
+            fn(ctx, share, nth);
+        }
+    } else { /* the workers claim them all */
+        while (atomic_load(&pool.next_share) < nth) wait_a_little(&spins_claim);
     }
     /* no share left: close the gate, then wait for the workers inside (ctx lives on the caller's stack) */
     const unsigned entered = atomic_fetch_or(&pool.entry, ET_CLOSED) & ~ET_CLOSED;
-    for (int spins = 0; atomic_load(&pool.left) < entered; spins++) {
-        if (spins < ET_SPIN_ITERS)
-            ET_PAUSE();
-        else
-            sched_yield();
-    }
+    int spins_done = 0;
+    while (atomic_load(&pool.left) < entered) wait_a_little(&spins_done);
     pthread_mutex_unlock(&pool.run_lock);
     return ET_OK;
 }

@@ -355,8 +355,11 @@ static void dyn_tests(void) {
     dyn_case(57, 33, 301, 0, 0, 0, 1);
     dyn_case(50, 17, 400, 1, 0, 0, 2);
 
-    /* the SIMD quantizer writes the scalar one's bytes, also on half-way quotients and every tail length */
-    for (int64_t count = 1; count < 400; count += count < 80 ? 7 : 29) { /* past 64: the 64-value steps, then tails */
+    /* the SIMD quantizer writes the scalar one's bytes, also on half-way quotients and every tail length; in turn
+     * on the range [-3, 3], on it times 1e-32 (a scale below 2^-100: every value divided, no reciprocal) and on its
+     * magnitudes (zero point 0, codes at the saturation's edge) */
+    int variant = 0;
+    for (int64_t count = 1; count < 400; count += count < 80 ? 7 : 29, variant = (variant + 1) % 3) {
         float *x = xmalloc((size_t)count * sizeof(float));
         const float s = 6.0f / 255.0f;
         for (int64_t i = 0; i < count; i++) { /* the range [-3, 3] (scale 6/255), half-way quotients and their
@@ -366,6 +369,7 @@ static void dyn_tests(void) {
         }
         x[0] = -3.0f;
         if (count > 1) x[count - 1] = 3.0f;
+        for (int64_t i = 0; i < count; i++) x[i] = variant == 1 ? x[i] * 1e-32f : variant == 2 ? fabsf(x[i]) : x[i];
         int8_t *q0 = xmalloc((size_t)count), *q1 = xmalloc((size_t)count);
         float s0 = 0;
         int32_t z0 = 0;
@@ -376,14 +380,14 @@ static void dyn_tests(void) {
         int32_t z1 = 0;
         const struct { const char *name; const et_fc_s8_quantizer *qz; int runs; } simd[] = {
             {"AVX2", &et_fc_s8_quantizer_avx2, __builtin_cpu_supports("avx2")},
-            {"AVX-512", &et_fc_s8_quantizer_avx512, strstr(et_cpu_features(), "avx512vnni") != NULL},
+            {"AVX-512", &et_fc_s8_quantizer_avx512, strstr(et_cpu_features(), "avx512vnni") && et_cpu_avx512dq()},
         };
         for (size_t v = 0; v < sizeof simd / sizeof *simd; v++) {
             if (!simd[v].runs) continue;
             memset(q1, 0x55, (size_t)count);
             const int st1 = et_fc_s8_quantize_dyn(simd[v].qz, x, count, q1, &s1, &z1);
             check(st1 == 0 && s0 == s1 && z0 == z1 && memcmp(q0, q1, (size_t)count) == 0,
-                  "fc dyn quantizer: %s vs scalar, %lld values", simd[v].name, (long long)count);
+                  "fc dyn quantizer: %s vs scalar, %lld values (variant %d)", simd[v].name, (long long)count, variant);
         }
 #endif
         x[count / 2] = NAN;
@@ -419,7 +423,8 @@ static void dyn_tests(void) {
         float s1 = 0;
         int32_t z1 = 0;
         const et_fc_s8_quantizer *qs[2] = {&et_fc_s8_quantizer_avx2, &et_fc_s8_quantizer_avx512};
-        const int runs[2] = {__builtin_cpu_supports("avx2"), strstr(et_cpu_features(), "avx512vnni") != NULL};
+        const int runs[2] = {__builtin_cpu_supports("avx2"),
+                             strstr(et_cpu_features(), "avx512vnni") && et_cpu_avx512dq()};
         for (int v = 0; v < 2; v++)
             if (runs[v])
                 check(et_fc_s8_quantize_dyn(qs[v], x, 40, q1, &s1, &z1) == 0 && s1 == s0 && z1 == z0 &&

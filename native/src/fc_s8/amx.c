@@ -145,15 +145,16 @@ typedef struct {
     int mr1, tiles;      /* rows of the second row tile; stored tiles (0: nothing pending) */
 } pending_sums;
 
+/* pending tile t (< p->tiles) */
 static void requant_pending(const et_fc_s8_args *a, const int32_t *cbuf, const pending_sums *p, int t) {
-    if (t >= p->tiles) return;
     const int second_row = t & 1, second_ch = t >> 1;
     requant_block(a, cbuf + 256 * t, second_row ? p->mr1 : 16, p->i + 16 * second_row, p->j + 16 * second_ch,
                   second_ch || p->tiles == 2 ? p->nlast : 16);
 }
 
-static void flush_pending(const et_fc_s8_args *a, const int32_t *cbuf, pending_sums *p) {
-    for (int t = 0; t < p->tiles; t++) requant_pending(a, cbuf, p, t);
+/* the pending tiles from t on */
+static void flush_pending(const et_fc_s8_args *a, const int32_t *cbuf, pending_sums *p, int t) {
+    for (; t < p->tiles; t++) requant_pending(a, cbuf, p, t);
     p->tiles = 0;
 }
 
@@ -186,7 +187,7 @@ static void block2(const et_fc_s8_args *a, const int8_t *panel, int64_t i, int m
         }
         if (t < p->tiles) requant_pending(a, cbuf, p, t++);
     }
-    while (t < p->tiles) requant_pending(a, cbuf, p, t++); /* k shorter than the pending tiles */
+    flush_pending(a, cbuf, p, t); /* k shorter than the pending tiles */
     _tile_stored(0, cbuf, 64);
     _tile_stored(2, cbuf + 256, 64);
     if (nt > 1) {
@@ -227,7 +228,7 @@ static void rows_upto32(const et_fc_s8_args *a, int8_t *panel, int64_t i, int mr
     configure(16, mr - 16);
     pending_sums p = {0};
     for (int64_t j = j0; j < j1; j += 32) block2(a, panel, i, mr - 16, j, j1, cbuf, &p);
-    flush_pending(a, cbuf, &p);
+    flush_pending(a, cbuf, &p, 0);
 }
 
 /* Whole 32-row blocks share each 32-channel group of weights: the group's B tiles (32 channels x k) are read from
@@ -250,7 +251,7 @@ void et_fc_s8_amx(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, in
         pending_sums p = {0};
         for (int64_t j = j0; j < j1; j += 32)
             for (int64_t b = 0; b < full; b++) block2(a, panel + b * kc * 32, i0 + 32 * b, 16, j, j1, cbuf, &p);
-        flush_pending(a, cbuf, &p);
+        flush_pending(a, cbuf, &p, 0);
     }
     if (tail) rows_upto32(a, panel, i0 + 32 * full, (int)tail, j0, j1, cbuf);
     _tile_release();

@@ -4,10 +4,9 @@
  * 4 rows x 4 tiles, 16 accumulators, each weight load serving 4 rows. The output step is avx512_store.h's. */
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni"))), \
-                             apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))), apply_to = function)
 #else
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 #endif
 #include <immintrin.h>
 #include <string.h>
@@ -181,24 +180,32 @@ static int range_avx512(const float *x, int64_t count, float *mn, float *mx) {
     return 0;
 }
 
+/* the codes pass alone also needs AVX512DQ (vreduceps): picked only where the CPU has it (et_cpu_avx512dq) */
+#define ET_CODES_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+/* |t| capped at 256, rounded to int32: past 256 the caller's saturation gives the code either way */
+ET_CODES_TARGET static inline __m512i cap_cvt16(__m512 t) {
+    const __m512 cap = _mm512_set1_ps(256.0f);
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(t, _mm512_sub_ps(_mm512_setzero_ps(), cap)), cap));
+}
+
 /* clamp(rint(x / scale), -zp, 255 - zp) + zp - 128 of 16 values, before the clamp: t = x * fl(1/scale), divided only
- * in lanes within 2^-12 of a half-integer, then |t| capped at 256 and rounded. |t - x/scale| <= |t| * 2^-22.9 (see
- * quotient() in avx2.c), so where |t| <= 256 the band 2^-12 holds every lane whose rounding could differ; where |t| >
- * 256 both round past 255 and the caller's saturation (at most 255 from any zero point) gives the same code */
-static inline __m512i code16(__m512 xv, __m512 inv, __m512 s16) {
+ * in lanes within 2^-12 of a half-integer, then cap_cvt16. |t - x/scale| <= |t| * 2^-22.9 (see quotient() in
+ * avx2.c), so where |t| <= 256 the band 2^-12 holds every lane whose rounding could differ; where |t| > 256 both
+ * round past 255 and the caller's saturation (at most 255 from any zero point) gives the same code */
+ET_CODES_TARGET static inline __m512i code16(__m512 xv, __m512 inv, __m512 s16) {
     __m512 t = _mm512_mul_ps(xv, inv);
     const __m512 frac = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); /* t - rint(t) */
     const __mmask16 near =
         _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0.5f - 0x1p-12f - 0x1p-29f), _CMP_GE_OQ);
     if (near) t = _mm512_mask_div_ps(t, near, xv, s16);
-    const __m512 cap = _mm512_set1_ps(256.0f);
-    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(t, _mm512_sub_ps(_mm512_setzero_ps(), cap)), cap));
+    return cap_cvt16(t);
 }
 
 /* 64 values a step: codes as int32 in [-256, 256], packed with signed saturation to int16, the zero point added
  * there (|sum| < 2^15), packed again with saturation to int8: that saturation is the clamp to [-zp, 255 - zp], and
  * one permute puts the 4 vectors' bytes, interleaved per 128-bit lane by the packs, back in order */
-static void codes_avx512(const float *x, int64_t count, float scale, int32_t zp, int8_t *q) {
+ET_CODES_TARGET static void codes_avx512(const float *x, int64_t count, float scale, int32_t zp, int8_t *q) {
     const __m512 s16 = _mm512_set1_ps(scale);
     float inv1;
     const int fast = et_fc_s8_reciprocal(scale, &inv1);
@@ -216,15 +223,10 @@ static void codes_avx512(const float *x, int64_t count, float scale, int32_t zp,
             const __m512i cd = _mm512_add_epi16(_mm512_packs_epi32(c, d), off16);
             _mm512_storeu_si512((void *)(q + i), _mm512_permutexvar_epi32(order, _mm512_packs_epi16(ab, cd)));
         }
-    const __m512 cap = _mm512_set1_ps(256.0f), zero = _mm512_setzero_ps();
     for (; i < count; i += 16) {
         const __mmask16 k = count - i >= 16 ? 0xFFFF : (__mmask16)((1u << (count - i)) - 1);
         const __m512 xv = _mm512_maskz_loadu_ps(k, x + i);
-        __m512i v;
-        if (fast)
-            v = code16(xv, inv, s16);
-        else
-            v = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_div_ps(xv, s16), _mm512_sub_ps(zero, cap)), cap));
+        const __m512i v = fast ? code16(xv, inv, s16) : cap_cvt16(_mm512_div_ps(xv, s16));
         _mm512_mask_cvtsepi32_storeu_epi8(q + i, k, _mm512_add_epi32(v, off)); /* saturating: the clamp */
     }
 }

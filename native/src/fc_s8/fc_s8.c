@@ -188,8 +188,9 @@ int et_fc_s8_run(const void *plan, const int8_t *x, int64_t m, int8_t *y, int nt
 static const et_fc_s8_quantizer *quantizer(void) {
 #if defined(__x86_64__) || defined(_M_X64)
     const et_kernels *kt = et_active_kernels();
-    if (kt == &et_kernels_avx512vnni) return &et_fc_s8_quantizer_avx512;
-    if (kt == &et_kernels_avx512 || kt == &et_kernels_avx2) return &et_fc_s8_quantizer_avx2;
+    if (kt == &et_kernels_avx512vnni && et_cpu_avx512dq()) return &et_fc_s8_quantizer_avx512;
+    if (kt == &et_kernels_avx512vnni || kt == &et_kernels_avx512 || kt == &et_kernels_avx2)
+        return &et_fc_s8_quantizer_avx2;
 #endif
     return &et_fc_s8_quantizer_ref;
 }

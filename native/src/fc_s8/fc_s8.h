@@ -92,7 +92,7 @@ typedef struct {
 extern const et_fc_s8_quantizer et_fc_s8_quantizer_ref;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const et_fc_s8_quantizer et_fc_s8_quantizer_avx2;
-extern const et_fc_s8_quantizer et_fc_s8_quantizer_avx512; /* avx512vnni.c: F/BW/VL, compiled beside VNNI */
+extern const et_fc_s8_quantizer et_fc_s8_quantizer_avx512; /* avx512vnni.c: F/BW/VL, and DQ for the codes */
 #endif
 
 /* the codes passes' reciprocal: *inv = 1 / scale; 0 when x * inv cannot stand in for x / scale (inv not finite or
