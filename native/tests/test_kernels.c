@@ -446,6 +446,48 @@ static void test_quantize_q8_s(void) {
     check(et_quantize_row_q8_s(x, b, k) == -1, "et_quantize_row_q8_s refuses -Inf");
 }
 
+/* every ISA's activation quantizer writes the reference's bytes: rows of 1..40 blocks (the AVX-512 one takes 16
+ * blocks at a time, then single blocks), block scales from 1e-38 to 1e30, zero blocks, ties (x * id exactly
+ * halfway: round half to even), and NaN/Inf in a group's first, middle and last block and in the tail */
+static void test_quantize_q8_s_isas(void) {
+    char isas[8][16];
+    const int n_isas = isa_list(isas, 8);
+    enum { NB = 40, K = NB * ET_QK };
+    static const float scales[] = {1.0f, 0.0f, 1e-38f, 0x1p-121f, 0x1p-120f, 3e-5f, 1e30f, 127.0f, 1.0f, 250.0f};
+    float *x = xmalloc(K * sizeof(float));
+    block_q8_s *want = xmalloc(NB * sizeof(block_q8_s)), *got = xmalloc(NB * sizeof(block_q8_s));
+    for (int64_t c = 0; c < K; c++) {
+        const int64_t blk = c / ET_QK;
+        const float sc = scales[blk % (sizeof scales / sizeof *scales)];
+        /* blocks 7 and 27: amax 127 (id = 1), halves on either side of zero: every code is a tie */
+        x[c] = blk == 7 || blk == 27 ? (c % ET_QK == 0 ? 127.0f : (float)((c % 9) - 4) + 0.5f) : sc * rng_normal();
+    }
+    for (int v = 0; v < n_isas; v++) {
+        check(et_isa_select(isas[v]) == ET_OK, "select %s", isas[v]);
+        for (int64_t nb = 1; nb <= NB; nb++) {
+            const int64_t k = nb * ET_QK;
+            memset(want, 0xA5, NB * sizeof(block_q8_s)), memset(got, 0x5A, NB * sizeof(block_q8_s));
+            const int64_t st = et_quantize_rows_q8_s(x, 1, k, got, 1);
+            check(et_quantize_row_q8_s(x, want, k) == 0 && st == -1 &&
+                      memcmp(got, want, (size_t)nb * sizeof(block_q8_s)) == 0,
+                  "%s activation quantizer, %lld blocks: the reference's bytes", isas[v], (long long)nb);
+            /* past the row: untouched */
+            check(nb == NB || ((const uint8_t *)got)[nb * sizeof(block_q8_s)] == 0x5A, "%s quantizer stays in its row",
+                  isas[v]);
+        }
+        static const int64_t bad_at[] = {0, 16 * ET_QK + 7, 31 * ET_QK + 31, 32 * ET_QK + 5, K - 1};
+        for (size_t i = 0; i < sizeof bad_at / sizeof *bad_at; i++) {
+            const float keep = x[bad_at[i]];
+            x[bad_at[i]] = i % 2 ? INFINITY : NAN;
+            check(et_quantize_rows_q8_s(x, 1, K, got, 1) == 0, "%s quantizer refuses %s at %lld", isas[v],
+                  i % 2 ? "Inf" : "NaN", (long long)bad_at[i]);
+            x[bad_at[i]] = keep;
+        }
+    }
+    et_isa_select(NULL);
+    free(x), free(want), free(got);
+}
+
 /* ---- fp16 ---- */
 
 static double half_value(et_half h) { /* straight from the IEEE binary16 definition */
@@ -858,6 +900,7 @@ int main(int argc, char **argv) {
     check(et_set_threads(2) == ET_OK && et_get_threads() == 2, "thread pool of 2");
     test_fp16();
     test_quantize_q8_s();
+    test_quantize_q8_s_isas();
     test_quant_roundtrip();
     test_errors();
     test_strided_kernels();

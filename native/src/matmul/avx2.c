@@ -134,6 +134,48 @@ ET_INLINE float scalar_w_f16(const et_half *w) { return h2f(*w); }
 ET_GEMM_FLOAT(gemm_f32_avx2, float, load_w_f32, scalar_w_f32)
 ET_GEMM_FLOAT(gemm_f16_avx2, et_half, load_w_f16, scalar_w_f16)
 
+/* ---- activations: et_quantize_row_q8_s with the same float operations (max and integer sums are exact in any
+ * order; one multiply and a round to nearest even per value), 8 lanes at a time ---- */
+
+ET_INLINE float hmax_ps(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+static int quantize_row_q8_s_avx2(const float *x, block_q8_s *y, int64_t k) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), fmax = _mm256_set1_ps(3.4028234663852886e38f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7); /* undoes the packs' 128-bit lane interleave */
+    for (int64_t b = 0; b < k / ET_QK; b++) {
+        const float *xb = x + b * ET_QK;
+        __m256 v[4], m = _mm256_setzero_ps();
+        int finite = 0xFF;
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            const __m256 a = _mm256_andnot_ps(sign, v[i]);
+            /* NaN compares false, so it fails the finite test like Inf */
+            finite &= _mm256_movemask_ps(_mm256_cmp_ps(a, fmax, _CMP_LE_OQ));
+            m = _mm256_max_ps(m, a);
+        }
+        if (finite != 0xFF) return -1;
+        const float amax = hmax_ps(m);
+        const __m256 id = _mm256_set1_ps(et_q8s_inverse(amax));
+        __m256i q[4];
+        for (int i = 0; i < 4; i++)
+            q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        /* codes are in [-127, 127]: the saturating packs are plain narrowings */
+        const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)y[b].qs, _mm256_permutevar8x32_epi32(p, order));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
+        y[b].d = amax / 127.0f;
+        y[b].sum = _mm_cvtsi128_si32(t);
+    }
+    return 0;
+}
+
 const et_kernels et_kernels_avx2 = {
     .name = "avx2",
     .gemv_t_f16 = et_gemv_t_f16_avx2,
@@ -142,6 +184,7 @@ const et_kernels et_kernels_avx2 = {
     .gemm_q8_0 = gemm_q8_0_avx2,
     .gemm_f16 = gemm_f16_avx2,
     .gemm_f32 = gemm_f32_avx2,
+    .quantize_row_q8_s = quantize_row_q8_s_avx2,
 };
 
 #if defined(__clang__)

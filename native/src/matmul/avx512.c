@@ -583,21 +583,77 @@ ET_GEMM_BLOCKS(ET_KNAME(gemm_q4_0_x16), FMT_Q4_0, 1)
 ET_GEMM_BLOCKS(ET_KNAME(gemm_q4_1_x16), FMT_Q4_1, 1)
 ET_GEMM_BLOCKS(ET_KNAME(gemm_q8_0_x16), FMT_Q8_0, 1)
 
-/* ---- activations: et_quantize_row_q8_s with the same float operations, 32 lanes at a time ---- */
+/* ---- activations: et_quantize_row_q8_s with the same float operations, 32 lanes at a time ----
+ * Sixteen blocks go together: their per-block maxima and sums come out of one transposing reduction (lane b = block
+ * b), and their scales from one vector division, instead of two horizontal reductions and two scalar divisions per
+ * block. max and integer sums are exact in any order and the divisions are the same IEEE operations, so the blocks
+ * are bit for bit the reference's. */
+
+ET_INLINE __m512 q8s_op(int add, __m512 a, __m512 b) { /* max_ps, or add_epi32 on float bits: exact in any order */
+    return add ? _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)))
+               : _mm512_max_ps(a, b);
+}
+
+/* v[i] lane l = a partial of block i (16 blocks) -> lane i = q8s_op over v[i]'s lanes */
+ET_INLINE __m512 q8s_reduce16(int add, const __m512 v[16]) {
+    __m512 w[8], x[4];
+    for (int i = 0; i < 8; i++) /* each 128-bit chunk: blocks 2i, 2i+1 at even, odd lanes */
+        w[i] = q8s_op(add, _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int j = 0; j < 4; j++) /* each 128-bit chunk: blocks 4j..4j+3 at lanes 0..3 */
+        x[j] = q8s_op(add, _mm512_shuffle_ps(w[2 * j], w[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                      _mm512_shuffle_ps(w[2 * j], w[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 z01 = q8s_op(add, _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 z23 = q8s_op(add, _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return q8s_op(add, _mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(2, 0, 2, 0)),
+                  _mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
 
 static int ET_KNAME(quantize_row_q8_s)(const float *x, block_q8_s *y, int64_t k) {
     const __m512 fmax = _mm512_set1_ps(3.4028234663852886e38f);
-    for (int64_t b = 0; b < k / ET_QK; b++) {
+    const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC; /* nearbyintf in the default rounding mode */
+    const int64_t nb = k / ET_QK;
+    int64_t b = 0;
+    for (; b + 16 <= nb; b += 16) {
+        const float *xg = x + b * ET_QK;
+        __m512 mx[16], sm[16];
+        __mmask16 finite = 0xFFFF;
+        for (int i = 0; i < 16; i++) {
+            const __m512 a0 = _mm512_abs_ps(_mm512_loadu_ps(xg + i * ET_QK));
+            const __m512 a1 = _mm512_abs_ps(_mm512_loadu_ps(xg + i * ET_QK + 16));
+            /* NaN compares false, so it fails the finite test like Inf */
+            finite &= _mm512_cmp_ps_mask(a0, fmax, _CMP_LE_OQ) & _mm512_cmp_ps_mask(a1, fmax, _CMP_LE_OQ);
+            mx[i] = _mm512_max_ps(a0, a1);
+        }
+        if (finite != 0xFFFF) return -1;
+        const __m512 amax = q8s_reduce16(0, mx);
+        /* et_q8s_inverse, 16 blocks at once */
+        const __m512 id = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(amax, _mm512_set1_ps(0x1p-120f), _CMP_GE_OQ),
+                                              _mm512_set1_ps(127.0f), amax);
+        _Alignas(64) float ids[16], ds[16];
+        _Alignas(64) int32_t sums[16];
+        _mm512_store_ps(ids, id);
+        _mm512_store_ps(ds, _mm512_div_ps(amax, _mm512_set1_ps(127.0f)));
+        for (int i = 0; i < 16; i++) {
+            const __m512 vid = _mm512_set1_ps(ids[i]);
+            const __m512i q0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + i * ET_QK), vid), rnd);
+            const __m512i q1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + i * ET_QK + 16), vid), rnd);
+            _mm_storeu_si128((__m128i *)y[b + i].qs, _mm512_cvtsepi32_epi8(q0));
+            _mm_storeu_si128((__m128i *)(y[b + i].qs + 16), _mm512_cvtsepi32_epi8(q1));
+            sm[i] = _mm512_castsi512_ps(_mm512_add_epi32(q0, q1));
+        }
+        _mm512_store_ps((float *)sums, q8s_reduce16(1, sm));
+        for (int i = 0; i < 16; i++) y[b + i].d = ds[i], y[b + i].sum = sums[i];
+    }
+    for (; b < nb; b++) { /* the last blocks, one at a time */
         const __m512 v0 = _mm512_loadu_ps(x + b * ET_QK), v1 = _mm512_loadu_ps(x + b * ET_QK + 16);
         const __m512 a0 = _mm512_abs_ps(v0), a1 = _mm512_abs_ps(v1);
-        /* NaN compares false, so it fails the finite test like Inf */
         if ((_mm512_cmp_ps_mask(a0, fmax, _CMP_LE_OQ) & _mm512_cmp_ps_mask(a1, fmax, _CMP_LE_OQ)) != 0xFFFF) return -1;
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
-        const float id = et_q8s_inverse(amax);
-        const __m512 vid = _mm512_set1_ps(id);
-        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC; /* nearbyintf in the default rounding mode */
-        const __m512i q0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v0, vid), rnd));
-        const __m512i q1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v1, vid), rnd));
+        const __m512 vid = _mm512_set1_ps(et_q8s_inverse(amax));
+        const __m512i q0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, vid), rnd);
+        const __m512i q1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, vid), rnd);
         _mm_storeu_si128((__m128i *)y[b].qs, _mm512_cvtsepi32_epi8(q0));
         _mm_storeu_si128((__m128i *)(y[b].qs + 16), _mm512_cvtsepi32_epi8(q1));
         y[b].d = amax / 127.0f;

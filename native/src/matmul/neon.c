@@ -139,6 +139,40 @@ ET_INLINE float scalar_w_f16(const et_half *w) { return h2f(*w); }
 ET_GEMM_FLOAT(ET_NEON_NAME(gemm_f32), float, load_w_f32, scalar_w_f32)
 ET_GEMM_FLOAT(ET_NEON_NAME(gemm_f16), et_half, load_w_f16, scalar_w_f16)
 
+/* ---- activations: et_quantize_row_q8_s with the same float operations (max and integer sums are exact in any
+ * order; one multiply and FCVTNS, round to nearest even, per value), 4 lanes at a time ---- */
+
+static int ET_NEON_NAME(quantize_row_q8_s)(const float *x, block_q8_s *y, int64_t k) {
+    const float32x4_t fmax = vdupq_n_f32(3.4028234663852886e38f);
+    for (int64_t b = 0; b < k / ET_QK; b++) {
+        const float *xb = x + b * ET_QK;
+        float32x4_t v[8], m = vdupq_n_f32(0.0f);
+        uint32x4_t finite = vdupq_n_u32(0xFFFFFFFFu);
+        for (int i = 0; i < 8; i++) {
+            v[i] = vld1q_f32(xb + 4 * i);
+            const float32x4_t a = vabsq_f32(v[i]);
+            finite = vandq_u32(finite, vcleq_f32(a, fmax)); /* NaN compares false, so it fails like Inf */
+            m = vmaxq_f32(m, a);
+        }
+        if (vminvq_u32(finite) != 0xFFFFFFFFu) return -1;
+        const float amax = vmaxvq_f32(m);
+        const float id = et_q8s_inverse(amax);
+        int32x4_t s = vdupq_n_s32(0);
+        int16x8_t h[4];
+        for (int i = 0; i < 4; i++) {
+            const int32x4_t q0 = vcvtnq_s32_f32(vmulq_n_f32(v[2 * i], id));
+            const int32x4_t q1 = vcvtnq_s32_f32(vmulq_n_f32(v[2 * i + 1], id));
+            s = vaddq_s32(s, vaddq_s32(q0, q1));
+            h[i] = vcombine_s16(vmovn_s32(q0), vmovn_s32(q1)); /* codes are in [-127, 127]: narrowing is exact */
+        }
+        vst1q_s8(y[b].qs, vcombine_s8(vmovn_s16(h[0]), vmovn_s16(h[1])));
+        vst1q_s8(y[b].qs + 16, vcombine_s8(vmovn_s16(h[2]), vmovn_s16(h[3])));
+        y[b].d = amax / 127.0f;
+        y[b].sum = vaddvq_s32(s);
+    }
+    return 0;
+}
+
 #if ET_DOTPROD
 const et_kernels et_kernels_neon_dotprod = {
     .name = "neon",
@@ -148,6 +182,7 @@ const et_kernels et_kernels_neon_dotprod = {
     .gemm_q8_0 = gemm_q8_0_neon_dotprod,
     .gemm_f16 = gemm_f16_neon_dotprod,
     .gemm_f32 = gemm_f32_neon_dotprod,
+    .quantize_row_q8_s = quantize_row_q8_s_neon_dotprod,
 };
 ET_NEON_END
 #else
@@ -159,6 +194,7 @@ const et_kernels et_kernels_neon = {
     .gemm_q8_0 = gemm_q8_0_neon,
     .gemm_f16 = gemm_f16_neon,
     .gemm_f32 = gemm_f32_neon,
+    .quantize_row_q8_s = quantize_row_q8_s_neon,
 };
 #endif
 
