@@ -35,56 +35,94 @@ ET_INLINE __m256i dot_us8(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-/* --- per-block contributions, each added into one float accumulator --- */
+/* --- per-block contributions, each added into one float accumulator ---
+ * A term is split in two: the weight side (wside: the block's bytes as the dot takes them, and its scale, which
+ * a 2-row step shares between its activation rows) and the product with one activation block (term). The float
+ * operations of an output are the same whichever path runs it (batch invariance: see avx512.c). */
 
-ET_INLINE __m256 blk_q4_0(__m256 acc, const block_q4_0 *w, const block_q8_s *x, __m256i xq) {
-    __m256i p = dot_us8(unpack_nibbles(w->qs), xq);
-    p = _mm256_sub_epi32(p, _mm256_castsi128_si256(_mm_cvtsi32_si128(8 * x->sum))); /* the -8 offset, exactly */
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(h2f(w->d) * x->d), acc);
+typedef struct {
+    __m256i q; /* the bytes the dot takes: q4 nibbles; q8_0 |w| */
+    __m256i s; /* q8_0: the signed weights, whose signs go onto the activations */
+    float d, m; /* scale; q4_1 min */
+} wside;
+
+ET_INLINE wside wside_q4_0(const block_q4_0 *w) { return (wside){.q = unpack_nibbles(w->qs), .d = h2f(w->d)}; }
+ET_INLINE wside wside_q4_1(const block_q4_1 *w) {
+    return (wside){.q = unpack_nibbles(w->qs), .d = h2f(w->d), .m = h2f(w->m)};
 }
-
-ET_INLINE __m256 blk_q4_1(__m256 acc, const block_q4_1 *w, const block_q8_s *x, __m256i xq) {
-    const __m256i p = dot_us8(unpack_nibbles(w->qs), xq);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(h2f(w->d) * x->d), acc);
-    /* the min term m*dx*sum(qx) rides in lane 0 */
-    return _mm256_add_ps(acc, _mm256_castps128_ps256(_mm_set_ss(h2f(w->m) * (x->d * (float)x->sum))));
-}
-
-ET_INLINE __m256 blk_q8_0(__m256 acc, const block_q8_0 *w, const block_q8_s *x, __m256i xq) {
+ET_INLINE wside wside_q8_0(const block_q8_0 *w) {
     const __m256i wq = _mm256_loadu_si256((const __m256i *)w->qs);
-    const __m256i p = dot_us8(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq)); /* |w| * (x * sign w) */
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(h2f(w->d) * x->d), acc);
+    return (wside){.q = _mm256_sign_epi8(wq, wq), .s = wq, .d = h2f(w->d)};
 }
 
-#define ET_GEMM_BLOCKS(name, btype, blk)                                                                       \
+/* lane 0 = v, the others 0 */
+ET_INLINE __m256i lane0_epi32(int32_t v) { return _mm256_setr_epi32(v, 0, 0, 0, 0, 0, 0, 0); }
+
+ET_INLINE __m256 term_q4_0(__m256 acc, wside w, const block_q8_s *x, __m256i xq) {
+    const __m256i p = _mm256_sub_epi32(dot_us8(w.q, xq), lane0_epi32(8 * x->sum)); /* the -8 offset, exactly */
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(w.d * x->d), acc);
+}
+
+ET_INLINE __m256 term_q4_1(__m256 acc, wside w, const block_q8_s *x, __m256i xq) {
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us8(w.q, xq)), _mm256_set1_ps(w.d * x->d), acc);
+    /* the min term m*dx*sum(qx) rides in lane 0 */
+    return _mm256_add_ps(acc, _mm256_castps128_ps256(_mm_set_ss(w.m * (x->d * (float)x->sum))));
+}
+
+ET_INLINE __m256 term_q8_0(__m256 acc, wside w, const block_q8_s *x, __m256i xq) {
+    const __m256i p = dot_us8(w.q, _mm256_sign_epi8(xq, w.s)); /* |w| * (x * sign w) */
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(w.d * x->d), acc);
+}
+
+ET_INLINE __m256i load_xq(const block_q8_s *x) { return _mm256_loadu_si256((const __m256i *)x->qs); }
+
+/* 4 weight rows (w[r] rows of blocks) x C activation rows (x[c]): each block's weight side is unpacked once for
+ * the C rows */
+#define ET_TILE_4xC(btype, wsd, term, C, w, x, nb, acc, pf_stmt)                                               \
+    for (int64_t b = 0; b < (nb); b++) {                                                                      \
+        pf_stmt;                                                                                              \
+        __m256i xq[C];                                                                                        \
+        for (int c = 0; c < (C); c++) xq[c] = load_xq(&(x)[c][b]);                                            \
+        for (int r = 0; r < 4; r++) {                                                                         \
+            const wside ws_ = wsd(&(w)[r][b]);                                                                \
+            for (int c = 0; c < (C); c++) (acc)[r][c] = term((acc)[r][c], ws_, &(x)[c][b], xq[c]);            \
+        }                                                                                                     \
+    }
+
+#define ET_GEMM_BLOCKS(name, btype, wsd, term)                                                                 \
     static void name(int64_t k, const void *w, size_t ws, int64_t n, const void *x, size_t xs, int64_t m,      \
                      float *y, size_t ldy) {                                                                  \
         const int64_t nb = k / ET_QK;                                                                         \
         int64_t j = 0;                                                                                        \
         for (; j + 4 <= n; j += 4) {                                                                          \
-            const btype *w0 = (const btype *)((const uint8_t *)w + (size_t)j * ws);                           \
-            const btype *w1 = (const btype *)((const uint8_t *)w0 + ws);                                      \
-            const btype *w2 = (const btype *)((const uint8_t *)w1 + ws);                                      \
-            const btype *w3 = (const btype *)((const uint8_t *)w2 + ws);                                      \
+            const btype *wr[4];                                                                               \
+            for (int r = 0; r < 4; r++) wr[r] = (const btype *)((const uint8_t *)w + (size_t)(j + r) * ws);   \
             /* the tile ET_PF_TILES ahead (contiguous rows), a slice per block: four interleaved short row \
              * streams are more than the hardware prefetcher follows */                                     \
-            const uint8_t *pf = (const uint8_t *)w0 + ET_PF_TILES * 4 * ws;                                   \
+            const uint8_t *pf = (const uint8_t *)wr[0] + ET_PF_TILES * 4 * ws;                                \
             const size_t slice = ((4 * ws + (size_t)nb - 1) / (size_t)nb + 63) & ~(size_t)63;                \
-            for (int64_t i = 0; i < m; i++) {                                                                 \
-                const block_q8_s *xi = (const block_q8_s *)((const uint8_t *)x + (size_t)i * xs);             \
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                   \
-                for (int64_t b = 0; b < nb; b++) {                                                            \
-                    if (i == 0 && j + 4 * ET_PF_TILES + 4 <= n)                                                       \
-                        for (size_t o = 0; o < slice; o += 64)                                                \
-                            _mm_prefetch((const char *)(pf + (size_t)b * slice + o), _MM_HINT_T0);            \
-                    const __m256i xq = _mm256_loadu_si256((const __m256i *)xi[b].qs);                        \
-                    a0 = blk(a0, &w0[b], &xi[b], xq);                                                         \
-                    a1 = blk(a1, &w1[b], &xi[b], xq);                                                         \
-                    a2 = blk(a2, &w2[b], &xi[b], xq);                                                         \
-                    a3 = blk(a3, &w3[b], &xi[b], xq);                                                         \
-                }                                                                                             \
-                float *yi = y + (size_t)i * ldy + j;                                                          \
-                yi[0] = hsum_ps(a0), yi[1] = hsum_ps(a1), yi[2] = hsum_ps(a2), yi[3] = hsum_ps(a3);           \
+            const int pf_on = j + 4 * ET_PF_TILES + 4 <= n;                                                   \
+            int64_t i = 0;                                                                                    \
+            for (; i + 2 <= m; i += 2) { /* two activation rows share each weight block's unpacking */     \
+                const block_q8_s *xi[2];                                                                      \
+                for (int c = 0; c < 2; c++)                                                                   \
+                    xi[c] = (const block_q8_s *)((const uint8_t *)x + (size_t)(i + c) * xs);                  \
+                __m256 acc[4][2];                                                                             \
+                for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();                      \
+                ET_TILE_4xC(btype, wsd, term, 2, wr, xi, nb, acc,                                             \
+                            if (i == 0 && pf_on) for (size_t o = 0; o < slice; o += 64)                       \
+                                _mm_prefetch((const char *)(pf + (size_t)b * slice + o), _MM_HINT_T0))        \
+                for (int c = 0; c < 2; c++)                                                                   \
+                    for (int r = 0; r < 4; r++) y[(size_t)(i + c) * ldy + j + r] = hsum_ps(acc[r][c]);        \
+            }                                                                                                 \
+            for (; i < m; i++) {                                                                              \
+                const block_q8_s *xi[1] = {(const block_q8_s *)((const uint8_t *)x + (size_t)i * xs)};        \
+                __m256 acc[4][1];                                                                             \
+                for (int r = 0; r < 4; r++) acc[r][0] = _mm256_setzero_ps();                                  \
+                ET_TILE_4xC(btype, wsd, term, 1, wr, xi, nb, acc,                                             \
+                            if (i == 0 && pf_on) for (size_t o = 0; o < slice; o += 64)                       \
+                                _mm_prefetch((const char *)(pf + (size_t)b * slice + o), _MM_HINT_T0))        \
+                for (int r = 0; r < 4; r++) y[(size_t)i * ldy + j + r] = hsum_ps(acc[r][0]);                  \
             }                                                                                                 \
         }                                                                                                     \
         for (; j < n; j++) {                                                                                  \
@@ -92,16 +130,15 @@ ET_INLINE __m256 blk_q8_0(__m256 acc, const block_q8_0 *w, const block_q8_s *x, 
             for (int64_t i = 0; i < m; i++) {                                                                 \
                 const block_q8_s *xi = (const block_q8_s *)((const uint8_t *)x + (size_t)i * xs);             \
                 __m256 a0 = _mm256_setzero_ps();                                                              \
-                for (int64_t b = 0; b < nb; b++)                                                              \
-                    a0 = blk(a0, &w0[b], &xi[b], _mm256_loadu_si256((const __m256i *)xi[b].qs));             \
+                for (int64_t b = 0; b < nb; b++) a0 = term(a0, wsd(&w0[b]), &xi[b], load_xq(&xi[b]));          \
                 y[(size_t)i * ldy + j] = hsum_ps(a0);                                                         \
             }                                                                                                 \
         }                                                                                                     \
     }
 
-ET_GEMM_BLOCKS(gemm_q4_0_avx2, block_q4_0, blk_q4_0)
-ET_GEMM_BLOCKS(gemm_q4_1_avx2, block_q4_1, blk_q4_1)
-ET_GEMM_BLOCKS(gemm_q8_0_avx2, block_q8_0, blk_q8_0)
+ET_GEMM_BLOCKS(gemm_q4_0_avx2, block_q4_0, wside_q4_0, term_q4_0)
+ET_GEMM_BLOCKS(gemm_q4_1_avx2, block_q4_1, wside_q4_1, term_q4_1)
+ET_GEMM_BLOCKS(gemm_q8_0_avx2, block_q8_0, wside_q8_0, term_q8_0)
 
 /* --- float weights: 8 lanes per step, scalar tail --- */
 
