@@ -82,6 +82,9 @@ def set_isa(name: str | None) -> str:
     """Select a kernel variant ("ref", "avx2", "avx512", "neon"; None or "auto" = the best this CPU runs)."""
     if name is not None and (not isinstance(name, str) or "\x00" in name):  # C would read up to the NUL
         raise InvalidArgumentError(f"EDGERT_ISA / set_isa: the ISA is a name (str) or None, got {name!r}")
+    if name is not None and len(name) > 24:  # no ISA is named that long; C's message would repeat all of it
+        raise InvalidArgumentError(f"EDGERT_ISA / set_isa: unknown ISA {name[:20] + '...'!r} "
+                                   f"(one of ref, avx2, avx512, neon, auto)")
     st = lib.et_isa_select(ffi.NULL if name in (None, "", "auto") else name.encode())
     if st:
         msg = f"EDGERT_ISA / set_isa: {ffi.string(lib.et_last_error()).decode()}"
@@ -128,10 +131,9 @@ def _init_from_env() -> None:
     set_isa(os.environ.get("EDGERT_ISA") or None)
     env_threads = os.environ.get("EDGERT_THREADS")
     if env_threads:
-        try:
-            n = int(env_threads)
-        except ValueError:
-            n = 0  # not an integer: refused with the range below
+        digits = env_threads.strip()
+        # plain ASCII digits only: int() would also take "1_0", "+2" and other scripts' digits
+        n = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 6 else 0
         if not 1 <= n <= MAX_THREADS:
             shown = env_threads if len(env_threads) <= 24 else env_threads[:20] + "..."
             raise InvalidArgumentError(f"EDGERT_THREADS must be an integer in [1, {MAX_THREADS}], got {shown!r}")

@@ -20,6 +20,7 @@ BLOCK = 32  # values per block in every block format
 FORMATS = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 8}
 FORMAT_BY_ID = {v: k for k, v in FORMATS.items()}
 BLOCK_FORMATS = ("q4_0", "q4_1", "q8_0")
+_ELEMENT = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16)}  # float formats' values, native byte order
 _F32 = np.dtype(np.float32)  # compared by identity first: the per-call check of a run loop's x
 
 
@@ -79,8 +80,11 @@ class QTensor:
         _fmt_id(fmt)  # the format and the shape are judged before what raw is
         _shape2(shape)
         if isinstance(raw, np.ndarray):
-            if raw.dtype.hasobject:
-                raise DTypeError(f"raw blocks must be plain bytes, got a {raw.dtype} array")
+            # bytes (uint8, int8), or f16/f32 values as the format holds them (native byte order); any other
+            # array's bytes are not what the name says (big-endian floats read as garbage)
+            if raw.dtype not in (np.uint8, np.int8) and not (fmt in _ELEMENT and raw.dtype == _ELEMENT[fmt]):
+                also = f" or native {_ELEMENT[fmt]} values" if fmt in _ELEMENT else ""
+                raise DTypeError(f"raw blocks must be a uint8 (or int8) array{also}, got a {raw.dtype} array")
             if not raw.flags.c_contiguous:
                 raise InvalidArgumentError("raw blocks must be C-contiguous (got a strided view); pass a contiguous copy")
             buf = np.asarray(raw).reshape(-1).view(np.uint8)  # a subclass (np.matrix stays 2-D) as a plain view
@@ -396,6 +400,12 @@ def matmul_scratch_size(w: QTensor, m: int) -> int:
     return max(ss, 1)
 
 
+def _fp16_holds(v: np.ndarray) -> bool:
+    """Whether fp16 holds every value of v to its own rounding: zeros, and magnitudes in [2^-14, 65504]."""
+    a = np.abs(v)
+    return bool(((a == 0) | ((a >= 2.0 ** -14) & (a <= 65504))).all())
+
+
 def from_matmul_nbits(b, scales, zero_points=None, *, k: int, n: int, block_size: int, bits: int = 4) -> QTensor:
     """Import onnxruntime ``MatMulNBits`` INT4 weights (inputs B, scales, zero_points; attributes K, N, block_size)
     into a host QTensor of shape (N, K).
@@ -403,16 +413,20 @@ def from_matmul_nbits(b, scales, zero_points=None, *, k: int, n: int, block_size
     w[n, k] = (q - zp) * scale, q the 4-bit code (low nibble first), zp 8 when zero_points is absent.
     block_size >= 32: q4_0 without zero points (d = scale), q4_1 with them (d = scale, m = -zp * scale); exact up
     to the fp16 rounding of d and m. block_size 16 has two scales per 32-value block, which no GGUF block format
-    holds, so it is imported as f16 (exact up to the fp16 rounding of each weight).
+    holds, so it is imported as f16 (exact up to the fp16 rounding of each weight). Where fp16 cannot hold them
+    (d, m or the f16 weights beyond 65504, or nonzero ones below fp16's smallest normal, 2^-14, where its rounding
+    loses digits or gives 0) the weights are imported as f32, exact. NaN or infinite scales or zero points are
+    refused.
     """
+    bits = check_count("MatMulNBits bits", bits, lo=1)
+    block_size = check_count("MatMulNBits block_size", block_size, lo=1)
+    k, n = check_count("MatMulNBits K", k, lo=1), check_count("MatMulNBits N", n, lo=1)
     if bits != 4:
         raise InvalidArgumentError(f"MatMulNBits import supports bits=4, got bits={bits}")
     if block_size < 16 or block_size & (block_size - 1):
         raise InvalidArgumentError(f"MatMulNBits block_size must be a power of two >= 16, got {block_size}")
-    if k < 1 or n < 1:
-        raise ShapeError(f"K and N must be positive, got K={k}, N={n}")
-    if k % BLOCK:
-        raise ShapeError(f"host formats need K to be a multiple of {BLOCK}, got K={k}")
+    if k % BLOCK and block_size != 16:  # block_size 16 is imported as f16, which holds any K
+        raise ShapeError(f"host block formats need K to be a multiple of {BLOCK} (block_size >= 32), got K={k}")
     nblk = -(-k // block_size)
     blob = block_size // 2
     b = np.asarray(b)
@@ -422,6 +436,8 @@ def from_matmul_nbits(b, scales, zero_points=None, *, k: int, n: int, block_size
     if scales.dtype not in (np.float32, np.float16) or scales.size != n * nblk:
         raise ShapeError(f"scales must be float32/float16 with N*n_blocks={n * nblk} values, got {scales.dtype} {scales.shape}")
     scale = scales.astype(np.float32).reshape(n, nblk)
+    if not np.isfinite(scale).all():
+        raise InvalidArgumentError("MatMulNBits scales must be finite (a NaN or infinite scale has no weights)")
     packed = b.reshape(n, nblk * blob)
     q = np.empty((n, nblk * block_size), dtype=np.uint8)
     q[:, 0::2] = packed & 0x0F
@@ -444,11 +460,13 @@ def from_matmul_nbits(b, scales, zero_points=None, *, k: int, n: int, block_size
             zp = zero_points.astype(np.float32).reshape(n, nblk)
         else:
             raise ShapeError(f"zero_points must be packed uint8 or float with N*n_blocks values, got {zero_points.dtype} {zero_points.shape}")
+        if not np.isfinite(zp).all():
+            raise InvalidArgumentError("MatMulNBits zero_points must be finite")
 
-    if block_size == 16:
-        zpv = 8.0 if zp is None else np.repeat(zp, 16, axis=1)[:, :k]
-        w = (q.astype(np.float32) - zpv) * np.repeat(scale, 16, axis=1)[:, :k]
-        return quantize(np.ascontiguousarray(w, dtype=np.float32), "f16")
+    if block_size == 16 or not (_fp16_holds(scale) and (zp is None or _fp16_holds(-zp * scale))):
+        zpv = 8.0 if zp is None else np.repeat(zp, block_size, axis=1)[:, :k]
+        w = np.ascontiguousarray((q.astype(np.float32) - zpv) * np.repeat(scale, block_size, axis=1)[:, :k])
+        return quantize(w, "f16" if _fp16_holds(w) else "f32")
 
     nb = k // BLOCK
     per = block_size // BLOCK  # host blocks per MatMulNBits block

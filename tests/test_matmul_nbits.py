@@ -82,7 +82,7 @@ def per_weight_scale(k, n, block_size, with_zp, fp16_scales=False) -> np.ndarray
 
 # (K, block_size): K a multiple of block_size, and K a multiple of 32 but not of block_size (last block padded)
 CASES = [
-    (64, 16), (96, 16),
+    (64, 16), (96, 16), (48, 16),  # block_size 16 imports as f16, which holds any K
     (64, 32), (160, 32),
     (128, 64), (96, 64), (160, 64),
     (256, 128), (160, 128), (96, 128),
@@ -163,9 +163,67 @@ def test_rejects_bad_block_size(block_size):
         edgert.from_matmul_nbits(np.zeros(64, np.uint8), np.ones(8, np.float32), k=64, n=1, block_size=block_size)
 
 
-def test_rejects_k_not_multiple_of_32():
+def test_rejects_k_not_multiple_of_32_for_block_formats():
     with pytest.raises(edgert.ShapeError, match="K=48"):
-        edgert.from_matmul_nbits(np.zeros((1, 3, 8), np.uint8), np.ones(3, np.float32), k=48, n=1, block_size=16)
+        edgert.from_matmul_nbits(np.zeros((1, 2, 16), np.uint8), np.ones(2, np.float32), k=48, n=1, block_size=32)
+
+
+@pytest.mark.parametrize("arg, value", [("k", 64.0), ("n", None), ("block_size", "32"), ("bits", 4.0),
+                                        ("k", True), ("n", 0)])
+def test_rejects_non_integer_attributes(arg, value):
+    b, scales, _ = nbits_case(64, N, 32, False)
+    kwargs = dict(k=64, n=N, block_size=32, bits=4)
+    kwargs[arg] = value
+    with pytest.raises(edgert.InvalidArgumentError, match=f"(?i)MatMulNBits {arg} must be an int"):
+        edgert.from_matmul_nbits(b, scales, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["scales", "zero_points"])
+def test_rejects_non_finite_scales_and_zero_points(bad, where):
+    b, scales, _ = nbits_case(64, N, 32, False)
+    scales = scales.copy()
+    zp = np.full(scales.size, 8.0, np.float32)
+    (scales if where == "scales" else zp)[3] = bad
+    with pytest.raises(edgert.InvalidArgumentError, match=where):
+        edgert.from_matmul_nbits(b, scales, zp, k=64, n=N, block_size=32)
+
+
+def _ort_nbits(b, scales, zp, k, n, block_size):
+    """a MatMulNBits session on the given arrays, and the (N, K) weights it multiplies"""
+    inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "scales")]
+    names = ["A", "B", "scales"]
+    if zp is not None:
+        inits.append(numpy_helper.from_array(zp, "zero_points"))
+        names.append("zero_points")
+    node = helper.make_node("MatMulNBits", names, ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=block_size)
+    graph = helper.make_graph([node], "nbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess, sess.run(None, {"A": np.eye(k, dtype=np.float32)})[0].T
+
+
+@pytest.mark.parametrize("scale", [1e5, 3e4, 1e-8, 2e-6], ids=["1e5", "3e4_zp_overflows", "1e-8", "2e-6"])
+@pytest.mark.parametrize("block_size", [16, 32, 64])
+def test_scales_fp16_cannot_hold_import_as_f32(scale, block_size):
+    """fp16 would make these weights inf, 0 or a few digits: they come in as f32 and match onnxruntime's"""
+    k, n = 128, 5
+    rng = np.random.default_rng([block_size, int(round(-np.log10(scale))) + 10])
+    nblk = k // block_size
+    b = rng.integers(0, 256, (n, nblk, block_size // 2), dtype=np.uint8)
+    scales = (scale * rng.uniform(0.5, 1.5, n * nblk) * rng.choice([-1, 1], n * nblk)).astype(np.float32)
+    zp = rng.integers(0, 256, n * -(-nblk // 2), dtype=np.uint8)
+    w = edgert.from_matmul_nbits(b, scales, zp, k=k, n=n, block_size=block_size)
+    sess, want = _ort_nbits(b, scales, zp, k, n, block_size)
+    assert w.fmt == "f32"
+    np.testing.assert_allclose(w.dequantize(), want, rtol=2e-7, atol=0)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    err = np.abs(edgert.matmul(x, w).astype(np.float64) - sess.run(None, {"A": x})[0])
+    assert np.all(err <= FP32_SLACK_RTOL * (np.abs(x).astype(np.float64) @ np.abs(want).T.astype(np.float64)))
 
 
 def test_rejects_wrong_sizes():

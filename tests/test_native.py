@@ -132,11 +132,16 @@ def test_env_threads(n):
     assert json.loads(proc.stdout)["threads"] == n
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "two"])
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1_0", "+2", "\u0662", "2.0"])
 def test_env_threads_invalid(value):
     proc = run_with_env(EDGERT_THREADS=value)
     assert proc.returncode != 0
     assert "EDGERT_THREADS" in proc.stderr and repr(value) in proc.stderr
+
+
+def test_env_isa_long_value_is_shortened_in_the_message():
+    proc = run_with_env(EDGERT_ISA="x" * 5000)
+    assert proc.returncode != 0 and "EDGERT_ISA" in proc.stderr and "x" * 100 not in proc.stderr
 
 
 def test_env_threads_invalid_long_value_is_shortened_in_the_message():

@@ -226,6 +226,33 @@ def test_from_raw_rejects_bad_arguments():
         edgert.QTensor.from_raw("q8_0", (2, 64), 12345)
 
 
+@pytest.mark.parametrize("fmt, raw", [
+    ("f32", np.arange(1, 5, dtype=">f4")),             # big-endian floats read natively were garbage (1.15e-40)
+    ("f32", np.ones(2, np.float64)),                    # 16 bytes, the right size, the wrong values
+    ("f16", np.ones(4, np.float32)[:2]),
+    ("q4_0", np.zeros(9, np.float16)),                  # 18 bytes of a block, as halves
+    ("q8_0", np.zeros(34, bool)),
+], ids=["f32_big_endian", "f32_from_float64", "f16_from_float32", "q4_0_from_float16", "q8_0_from_bool"])
+def test_from_raw_refuses_arrays_that_are_not_its_bytes(fmt, raw):
+    k = 32 if fmt in ("q4_0", "q8_0") else 4
+    with pytest.raises(edgert.DTypeError, match=str(raw.dtype)):
+        edgert.QTensor.from_raw(fmt, (1, k), raw)
+
+
+@pytest.mark.parametrize("fmt, dtype", [("f32", np.float32), ("f16", np.float16)])
+def test_from_raw_takes_float_formats_values_in_native_order(fmt, dtype):
+    w = np.arange(12, dtype=dtype).reshape(3, 4)
+    t = edgert.QTensor.from_raw(fmt, (3, 4), w)
+    np.testing.assert_array_equal(t.dequantize(), w.astype(np.float32))
+    assert t.raw.dtype == np.uint8 and np.shares_memory(t.raw, w)
+
+
+def test_from_raw_takes_int8_bytes():
+    q = edgert.quantize(np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32), "q8_0")
+    t = edgert.QTensor.from_raw("q8_0", (2, 64), q.raw.view(np.int8))
+    np.testing.assert_array_equal(t.dequantize(), q.dequantize())
+
+
 # --- bad input to quantize ------------------------------------------------------------------------------------
 
 def test_quantize_rejects_wrong_dtype():
