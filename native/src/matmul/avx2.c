@@ -1,6 +1,8 @@
 /* matmul/avx2.c — AVX2 + FMA + F16C kernels on the GGUF block layout.
- * Tile: 4 weight rows against one activation row, so each activation block load serves four rows; the weight
- * tile stays in L1 while every activation row streams past it. Row tails use 1-row tiles.
+ * Tile: 4 weight rows against two activation rows (block formats; one for an odd last row and the float formats),
+ * so each activation block load serves four weight rows and each weight block's unpacking and scale serve two
+ * activation rows; the weight tile stays in L1 while every activation row streams past it. Row tails use 1-row
+ * tiles. An output's float operations do not depend on the tile it falls in (batch invariance, see avx512.c).
  */
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(__clang__)

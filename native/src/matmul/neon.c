@@ -2,7 +2,7 @@
  *
  * neon_dotprod.c compiles this file a second time with ET_DOTPROD=1: the two variants differ only in how one
  * block's 32 int8 products become four int32 partial sums (SDOT, or widening multiplies and pairwise adds).
- * Tile: 4 weight rows against one activation row, as avx2.c; row tails use 1-row tiles.
+ * Tile: 4 weight rows against one activation row; row tails use 1-row tiles.
  */
 #if defined(__aarch64__)
 
