@@ -2,7 +2,7 @@
  *
  * neon_dotprod.c compiles this file a second time with ET_DOTPROD=1: the two variants differ only in how one
  * block's 32 int8 products become four int32 partial sums (SDOT, or widening multiplies and pairwise adds).
- * Tile: 4 weight rows against one activation row; row tails use 1-row tiles.
+ * Tile: 4 weight rows against two activation rows, as avx2.c; row tails use 1-row tiles.
  */
 #if defined(__aarch64__)
 
@@ -38,56 +38,79 @@ ET_INLINE void unpack_nibbles(const uint8_t *qs, int8x16_t *lo, int8x16_t *hi) {
     *hi = vreinterpretq_s8_u8(vshrq_n_u8(b, 4));
 }
 
-/* --- per-block contributions, each added into one float accumulator --- */
+/* --- per-block contributions, each added into one float accumulator ---
+ * A term is split in two, as in avx2.c: the weight side (the block's int8 values and scale, which a 2-row step
+ * shares between its activation rows) and the product with one activation block. The float operations of an
+ * output are the same whichever path runs it (batch invariance). */
+
+typedef struct {
+    int8x16_t q0, q1; /* values 0..15, 16..31 as int8 */
+    float d, m;       /* scale; q4_1 min */
+} wside;
 
 /* the -8 offset goes on the nibbles, so no lane carries a large partial sum that the offset would cancel later */
-ET_INLINE float32x4_t blk_q4_0(float32x4_t acc, const block_q4_0 *w, const block_q8_s *x, int8x16_t x0,
-                               int8x16_t x1) {
-    int8x16_t w0, w1;
-    unpack_nibbles(w->qs, &w0, &w1);
-    const int8x16_t eight = vdupq_n_s8(8);
-    const int32x4_t p = dot_s8x32(vsubq_s8(w0, eight), vsubq_s8(w1, eight), x0, x1);
-    return vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f(w->d) * x->d);
+ET_INLINE wside wside_q4_0(const block_q4_0 *w) {
+    wside s = {.d = h2f(w->d)};
+    unpack_nibbles(w->qs, &s.q0, &s.q1);
+    s.q0 = vsubq_s8(s.q0, vdupq_n_s8(8)), s.q1 = vsubq_s8(s.q1, vdupq_n_s8(8));
+    return s;
+}
+ET_INLINE wside wside_q4_1(const block_q4_1 *w) {
+    wside s = {.d = h2f(w->d), .m = h2f(w->m)};
+    unpack_nibbles(w->qs, &s.q0, &s.q1);
+    return s;
+}
+ET_INLINE wside wside_q8_0(const block_q8_0 *w) {
+    return (wside){.q0 = vld1q_s8(w->qs), .q1 = vld1q_s8(w->qs + 16), .d = h2f(w->d)};
 }
 
-ET_INLINE float32x4_t blk_q4_1(float32x4_t acc, const block_q4_1 *w, const block_q8_s *x, int8x16_t x0,
-                               int8x16_t x1) {
-    int8x16_t w0, w1;
-    unpack_nibbles(w->qs, &w0, &w1);
-    const int32x4_t p = dot_s8x32(w0, w1, x0, x1);
-    acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f(w->d) * x->d);
+/* q4_0 and q8_0: the dot carries every term */
+ET_INLINE float32x4_t term_dot(float32x4_t acc, wside w, const block_q8_s *x, int8x16_t x0, int8x16_t x1) {
+    return vfmaq_n_f32(acc, vcvtq_f32_s32(dot_s8x32(w.q0, w.q1, x0, x1)), w.d * x->d);
+}
+
+ET_INLINE float32x4_t term_q4_1(float32x4_t acc, wside w, const block_q8_s *x, int8x16_t x0, int8x16_t x1) {
+    acc = vfmaq_n_f32(acc, vcvtq_f32_s32(dot_s8x32(w.q0, w.q1, x0, x1)), w.d * x->d);
     /* the min term m*dx*sum(qx) rides in lane 0 */
-    return vaddq_f32(acc, vsetq_lane_f32(h2f(w->m) * (x->d * (float)x->sum), vdupq_n_f32(0.0f), 0));
+    return vaddq_f32(acc, vsetq_lane_f32(w.m * (x->d * (float)x->sum), vdupq_n_f32(0.0f), 0));
 }
 
-ET_INLINE float32x4_t blk_q8_0(float32x4_t acc, const block_q8_0 *w, const block_q8_s *x, int8x16_t x0,
-                               int8x16_t x1) {
-    const int32x4_t p = dot_s8x32(vld1q_s8(w->qs), vld1q_s8(w->qs + 16), x0, x1);
-    return vfmaq_n_f32(acc, vcvtq_f32_s32(p), h2f(w->d) * x->d);
-}
+/* 4 weight rows x C activation rows over all blocks: each weight block's side is made once for the C rows */
+#define ET_TILE_4xC(wsd, term, C, wr, xi, nb, acc)                                                             \
+    for (int64_t b = 0; b < (nb); b++) {                                                                      \
+        int8x16_t x0[C], x1[C];                                                                               \
+        for (int c = 0; c < (C); c++) x0[c] = vld1q_s8((xi)[c][b].qs), x1[c] = vld1q_s8((xi)[c][b].qs + 16);  \
+        for (int r = 0; r < 4; r++) {                                                                         \
+            const wside ws_ = wsd(&(wr)[r][b]);                                                               \
+            for (int c = 0; c < (C); c++) (acc)[r][c] = term((acc)[r][c], ws_, &(xi)[c][b], x0[c], x1[c]);    \
+        }                                                                                                     \
+    }
 
-#define ET_GEMM_BLOCKS(name, btype, blk)                                                                       \
+#define ET_GEMM_BLOCKS(name, btype, wsd, term)                                                                 \
     static void name(int64_t k, const void *w, size_t ws, int64_t n, const void *x, size_t xs, int64_t m,      \
                      float *y, size_t ldy) {                                                                  \
         const int64_t nb = k / ET_QK;                                                                         \
         int64_t j = 0;                                                                                        \
         for (; j + 4 <= n; j += 4) {                                                                          \
-            const btype *w0 = (const btype *)((const uint8_t *)w + (size_t)j * ws);                           \
-            const btype *w1 = (const btype *)((const uint8_t *)w0 + ws);                                      \
-            const btype *w2 = (const btype *)((const uint8_t *)w1 + ws);                                      \
-            const btype *w3 = (const btype *)((const uint8_t *)w2 + ws);                                      \
-            for (int64_t i = 0; i < m; i++) {                                                                 \
-                const block_q8_s *xi = (const block_q8_s *)((const uint8_t *)x + (size_t)i * xs);             \
-                float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;                                \
-                for (int64_t b = 0; b < nb; b++) {                                                            \
-                    const int8x16_t x0 = vld1q_s8(xi[b].qs), x1 = vld1q_s8(xi[b].qs + 16);                    \
-                    a0 = blk(a0, &w0[b], &xi[b], x0, x1);                                                     \
-                    a1 = blk(a1, &w1[b], &xi[b], x0, x1);                                                     \
-                    a2 = blk(a2, &w2[b], &xi[b], x0, x1);                                                     \
-                    a3 = blk(a3, &w3[b], &xi[b], x0, x1);                                                     \
-                }                                                                                             \
-                float *yi = y + (size_t)i * ldy + j;                                                          \
-                yi[0] = vaddvq_f32(a0), yi[1] = vaddvq_f32(a1), yi[2] = vaddvq_f32(a2), yi[3] = vaddvq_f32(a3); \
+            const btype *wr[4];                                                                               \
+            for (int r = 0; r < 4; r++) wr[r] = (const btype *)((const uint8_t *)w + (size_t)(j + r) * ws);   \
+            int64_t i = 0;                                                                                    \
+            for (; i + 2 <= m; i += 2) { /* two activation rows share each weight block's side */          \
+                const block_q8_s *xi[2];                                                                      \
+                for (int c = 0; c < 2; c++)                                                                   \
+                    xi[c] = (const block_q8_s *)((const uint8_t *)x + (size_t)(i + c) * xs);                  \
+                float32x4_t acc[4][2];                                                                        \
+                for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = vdupq_n_f32(0.0f);                        \
+                ET_TILE_4xC(wsd, term, 2, wr, xi, nb, acc)                                                    \
+                for (int c = 0; c < 2; c++)                                                                   \
+                    for (int r = 0; r < 4; r++) y[(size_t)(i + c) * ldy + j + r] = vaddvq_f32(acc[r][c]);     \
+            }                                                                                                 \
+            for (; i < m; i++) {                                                                              \
+                const block_q8_s *xi[1] = {(const block_q8_s *)((const uint8_t *)x + (size_t)i * xs)};        \
+                float32x4_t acc[4][1];                                                                        \
+                for (int r = 0; r < 4; r++) acc[r][0] = vdupq_n_f32(0.0f);                                    \
+                ET_TILE_4xC(wsd, term, 1, wr, xi, nb, acc)                                                    \
+                for (int r = 0; r < 4; r++) y[(size_t)i * ldy + j + r] = vaddvq_f32(acc[r][0]);               \
             }                                                                                                 \
         }                                                                                                     \
         for (; j < n; j++) {                                                                                  \
@@ -96,15 +119,15 @@ ET_INLINE float32x4_t blk_q8_0(float32x4_t acc, const block_q8_0 *w, const block
                 const block_q8_s *xi = (const block_q8_s *)((const uint8_t *)x + (size_t)i * xs);             \
                 float32x4_t a0 = vdupq_n_f32(0.0f);                                                           \
                 for (int64_t b = 0; b < nb; b++)                                                              \
-                    a0 = blk(a0, &w0[b], &xi[b], vld1q_s8(xi[b].qs), vld1q_s8(xi[b].qs + 16));                \
+                    a0 = term(a0, wsd(&w0[b]), &xi[b], vld1q_s8(xi[b].qs), vld1q_s8(xi[b].qs + 16));          \
                 y[(size_t)i * ldy + j] = vaddvq_f32(a0);                                                      \
             }                                                                                                 \
         }                                                                                                     \
     }
 
-ET_GEMM_BLOCKS(ET_NEON_NAME(gemm_q4_0), block_q4_0, blk_q4_0)
-ET_GEMM_BLOCKS(ET_NEON_NAME(gemm_q4_1), block_q4_1, blk_q4_1)
-ET_GEMM_BLOCKS(ET_NEON_NAME(gemm_q8_0), block_q8_0, blk_q8_0)
+ET_GEMM_BLOCKS(ET_NEON_NAME(gemm_q4_0), block_q4_0, wside_q4_0, term_dot)
+ET_GEMM_BLOCKS(ET_NEON_NAME(gemm_q4_1), block_q4_1, wside_q4_1, term_q4_1)
+ET_GEMM_BLOCKS(ET_NEON_NAME(gemm_q8_0), block_q8_0, wside_q8_0, term_dot)
 
 /* --- float weights: 16 lanes per step, then 4, then the scalar tail --- */
 
