@@ -282,6 +282,28 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def output_file_names(names: list[str]) -> list[str]:
+    """One .npy file name per graph output for ``edgert run --output DIR``, all distinct: a name's path separators
+    and ':' become '_'; where that (or a case-insensitive file system) would give two outputs one file, an output
+    whose name needed no change keeps it and the others get ``~2``, ``~3``... (deterministic: model output order)."""
+    bases = [n.replace("/", "_").replace("\\", "_").replace(":", "_").replace("\0", "_") for n in names]
+    natural = {b.casefold() for b in bases}
+    taken: set[str] = set()
+    files: list[str | None] = [None] * len(names)
+    # two passes: names kept as they are claim their file first, so `a_b` is never moved aside by `a/b`
+    for unchanged in (True, False):
+        for i, (name, base) in enumerate(zip(names, bases)):
+            if (name == base) != unchanged:
+                continue
+            stem, k = base, 1
+            while stem.casefold() in taken or (stem != base and stem.casefold() in natural):
+                k += 1
+                stem = f"{base}~{k}"
+            taken.add(stem.casefold())
+            files[i] = stem + ".npy"
+    return files  # type: ignore[return-value]
+
+
 def cmd_run(args) -> int:
     from pathlib import Path
 
@@ -316,10 +338,10 @@ def cmd_run(args) -> int:
         except OSError as exc:
             raise InvalidArgumentError(f"--output {args.output}: cannot create the directory: "
                                        f"{exc.strerror or exc}") from None
-    for name, arr in zip(names, outs):
+    for name, arr, file in zip(names, outs, output_file_names(names)):
         line = f"{name}: {arr.dtype} {list(arr.shape)}"
         if args.output:
-            dest = Path(args.output) / (name.replace("/", "_").replace(":", "_") + ".npy")
+            dest = Path(args.output) / file
             np.save(dest, arr)
             line += f" -> {dest}"
         elif arr.size and arr.dtype.kind in "fiub":
@@ -509,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="an .onnx or .tflite file")
     s.add_argument("--device", default="host", help="a device profile name (see `edgert devices`) or a .toml path")
     s.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="a graph input (repeatable)")
-    s.add_argument("--output", default=None, metavar="DIR", help="save each output as DIR/<name>.npy")
+    s.add_argument("--output", default=None, metavar="DIR", help="save each output as DIR/<name>.npy ('/' and ':' as '_'; "
+                   "names that would share a file get ~2, ~3...)")
     s.add_argument("--emulate", action="store_true", help="run the device's partitions on the host, link copies kept")
     s.add_argument("--fallback", choices=["allow", "forbid"], default="allow",
                    help="forbid: fail when the device or an op is missing (default allow: run it on the host)")

@@ -185,3 +185,32 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141, err  # the handled exit, not a crash or a clean exit that never wrote
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_run_output_names_that_share_a_file_name_get_distinct_files(tmp_path, capsys, no_telemetry):
+    """Outputs 'a/b' and 'a_b' were both written to DIR/a_b.npy: the second silently replaced the first."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto as T, helper
+
+    from edgert.cli import main
+    from onnx_models import ort_run
+
+    outs = [("a/b", "Relu"), ("a_b", "Neg"), ("a:b", "Abs"), ("A_B", "Sigmoid"), ("a_b~2", "Identity")]
+    g = helper.make_graph([helper.make_node(op, ["x"], [name]) for name, op in outs], "g",
+                          [helper.make_tensor_value_info("x", T.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info(name, T.FLOAT, [2, 3]) for name, _ in outs])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    path, xfile, out = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "out"
+    onnx.save(model, path)
+    x = np.array([[-1.5, 0.0, 2.0], [3.0, -4.0, 0.25]], np.float32)
+    np.save(xfile, x)
+    assert main(["run", str(path), "--input", f"x={xfile}", "--output", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # names that need no change claim their file first ('a_b', 'a_b~2'; 'A_B' would share a_b.npy on a
+    # case-insensitive file system); the rest get the next ~N no other output's file name uses
+    files = {"a/b": "a_b~4.npy", "a_b": "a_b.npy", "a:b": "a_b~5.npy", "A_B": "A_B~3.npy", "a_b~2": "a_b~2.npy"}
+    assert [line.split(" -> ")[1] for line in lines] == [str(out / files[name]) for name, _ in outs]
+    assert sorted(p.name for p in out.iterdir()) == sorted(files.values())
+    for (name, _), ref in zip(outs, ort_run(model, {"x": x})):
+        np.testing.assert_array_equal(np.load(out / files[name]), ref)
