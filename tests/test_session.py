@@ -436,6 +436,50 @@ def test_string_tensor_model_is_a_dtype_error():
         edgert.Session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
 
 
+def cast_model(x_type, y_type, dim=2):
+    """y = Cast(x) between two element types; ``dim`` 2 or a symbolic batch "B" (bound at the first run)."""
+    from onnx import TensorProto as T, helper
+
+    g = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=getattr(T, y_type))], "g",
+                          [helper.make_tensor_value_info("x", getattr(T, x_type), [dim, 3])],
+                          [helper.make_tensor_value_info("y", getattr(T, y_type), [dim, 3])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("x_type, y_type, bad", [
+    # a bfloat16 input was onnxruntime's bare RuntimeError ("Numpy_type 256 can't be converted to MLDataType") at
+    # Session(), a float8 output a DeviceError at the first run, an int4 output a bare RuntimeError
+    ("BFLOAT16", "FLOAT", "input 'x' is bfloat16"), ("FLOAT", "BFLOAT16", "output 'y' is bfloat16"),
+    ("FLOAT", "FLOAT8E4M3FN", "output 'y' is float8e4m3fn"), ("FLOAT8E5M2", "FLOAT", "input 'x' is float8e5m2"),
+    ("FLOAT", "INT4", "output 'y' is int4"), ("UINT4", "FLOAT", "input 'x' is uint4"),
+    ("FLOAT", "COMPLEX64", "output 'y' is complex64"),
+])
+def test_io_types_numpy_cannot_carry_are_refused_at_creation(x_type, y_type, bad):
+    for dim in (2, "B"):  # also when the dims bind only at the first run
+        with pytest.raises(DTypeError, match=f"^{bad}, a type a Session cannot feed or return as a numpy array "
+                                             r"\(it takes bool, int8, .*float64\): add a Cast"):
+            edgert.Session(cast_model(x_type, y_type, dim))
+    # nor does onnxruntime's own API take or give these as numpy arrays of their type
+    try:
+        y = ort_run(cast_model(x_type, y_type), {"x": np.zeros((2, 3), np.float32 if x_type == "FLOAT" else np.uint8)})
+    except Exception:  # noqa: BLE001 - onnxruntime's errors are of several bare types
+        pass
+    else:
+        assert y[0].dtype.name != y_type.lower()  # float8e4m3fn comes back as its bits in a uint8 array
+
+
+@pytest.mark.parametrize("x_type, y_type", [("FLOAT16", "UINT64"), ("BOOL", "DOUBLE"), ("INT16", "UINT32")])
+def test_io_types_numpy_carries_run_as_onnxruntime(x_type, y_type):
+    model = cast_model(x_type, y_type, "B")
+    x = np.abs(np.arange(-3, 3).reshape(2, 3)).astype({"FLOAT16": np.float16, "BOOL": bool, "INT16": np.int16}[x_type])
+    y = edgert.Session(model).run(None, {"x": x})[0]
+    want = ort_run(model, {"x": x})[0]
+    assert y.dtype == want.dtype
+    np.testing.assert_array_equal(y, want)
+
+
 def test_valid_threads_and_partition_limits_run(mlp_path):
     x = np.ones((2, 8), np.float32)
     want = ort_run(mlp(), {"x": x})[0]
