@@ -22,7 +22,6 @@ import dataclasses
 import os
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +29,7 @@ import numpy as np
 
 from . import delegates, native, profiles
 from .buffers import CopyCounter, PinnedPool
-from .errors import DeviceError, DTypeError, InvalidArgumentError, ShapeError, check_count
+from .errors import DeviceError, DTypeError, InvalidArgumentError, ShapeError, check_count, warn_caller
 from .formats.onnx import load_onnx
 from .graph.ir import Graph, onnx_types
 from .plan import Plan, plan as make_plan
@@ -477,9 +476,8 @@ class Session:
             what = "; ".join(f"unit {u.name!r} ({u.kind}, delegate {u.delegate}): {why}" for u, why in missing)
             if self.fallback == "forbid":
                 self._check_runtimes(p)
-            warnings.warn(f"device {self.device!r} is not present on this machine ({what}); running every node on "
-                          "the host (nothing crosses a link). Use emulate=True to emulate the device.", RuntimeWarning,
-                          stacklevel=4)
+            warn_caller(f"device {self.device!r} is not present on this machine ({what}); running every node on "
+                        "the host (nothing crosses a link). Use emulate=True to emulate the device.")
             self.fell_back = what
             host_unit = p.unit(p.host_unit)
             host_only = dataclasses.replace(self.profile, units=[host_unit])

@@ -176,6 +176,26 @@ def test_missing_device_allow_runs_on_host_with_warning(mlp_path, toy):
     assert {p.unit for p in s.requested_plan.partitions} == {"cpu", "npu"}
 
 
+def test_fall_back_warning_points_at_the_callers_line(mlp_path, toy):
+    # it named edgert/session.py when the dims bound at the first run (a fixed stacklevel fits only one path)
+    x = x_of()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        s = edgert.Session(mlp_path, device=toy, dims={"batch": 2}); line_made = _line()  # binds here
+        s2 = edgert.Session(mlp_path, device=toy)  # binds at its first run
+        y = s2.run(None, {"x": x})[0]; line_run = _line()
+    assert [(r.category, r.filename, r.lineno) for r in w] == [(RuntimeWarning, __file__, line_made),
+                                                               (RuntimeWarning, __file__, line_run)]
+    np.testing.assert_array_equal(y, ort_run(mlp_path, {"x": x})[0])
+    np.testing.assert_array_equal(s.run(None, {"x": x})[0], y)
+
+
+def _line() -> int:
+    import inspect
+
+    return inspect.currentframe().f_back.f_lineno
+
+
 def test_feed_errors(mlp_path):
     s = edgert.Session(mlp_path)
     with pytest.raises(InvalidArgumentError, match="missing feed"):
