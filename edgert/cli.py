@@ -1,17 +1,43 @@
 """The ``edgert`` command: pull, models, chat, generate, info, serve, report.
 
-Each subcommand is a thin shell over the Python API; errors print one ``edgert: error: ...`` line and exit 1.
+Each subcommand is a thin shell over the Python API; errors print one ``edgert: error: ...`` line and exit 1, and
+warnings one ``edgert: warning: ...`` line. Both name options as the command takes them (``--emulate``, not the API's
+``emulate=True``: ``cli_spelling``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
+import warnings
 
 from .errors import EdgertError
 
 DEFAULT_MODEL = "smollm2-135m"  # kept equal to edgert.llm.DEFAULT_MODEL without importing the LLM stack
+
+# the API's spelling of an option in edgert's messages -> the command's flag
+_CLI_SPELLINGS = (
+    (re.compile(r"\bemulate=True\b"), "--emulate"),
+    (re.compile(r"\bfallback=(['\"])(allow|forbid)\1"), r"--fallback \2"),
+    (re.compile(r"\bmin_nodes_per_partition=(\d+)"), r"--min-nodes \1"),
+    (re.compile(r"\bmin_nodes_per_partition\b"), "--min-nodes"),
+    (re.compile(r"\bmax_partitions=(\d+)"), r"--max-partitions \1"),
+    (re.compile(r"\bmax_partitions\b"), "--max-partitions"),
+)
+
+
+def cli_spelling(message: str) -> str:
+    """An edgert message with the Python API's option spellings (``emulate=True``, ``fallback='allow'``,
+    ``max_partitions=1``...) as the command's flags (``--emulate``, ``--fallback allow``, ``--max-partitions 1``)."""
+    for pattern, flag in _CLI_SPELLINGS:
+        message = pattern.sub(flag, message)
+    return message
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"edgert: warning: {cli_spelling(str(message))}", file=sys.stderr if file is None else file)
 
 
 def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -605,12 +631,14 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning  # the command's own warning lines, in its spelling
     try:
         status = args.func(args)
         sys.stdout.flush()  # a reader that went away shows here, where it is handled, not as a warning at exit
         return status
     except EdgertError as exc:
-        print(f"edgert: error: {exc}", file=sys.stderr)
+        print(f"edgert: error: {cli_spelling(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -618,6 +646,8 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # the reader went away (`edgert plan m.onnx | head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
         return 141  # 128 + SIGPIPE
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -214,3 +214,28 @@ def test_run_output_names_that_share_a_file_name_get_distinct_files(tmp_path, ca
     assert sorted(p.name for p in out.iterdir()) == sorted(files.values())
     for (name, _), ref in zip(outs, ort_run(model, {"x": x})):
         np.testing.assert_array_equal(np.load(out / files[name]), ref)
+
+
+def test_run_messages_name_the_commands_flags(tmp_path, capsys, no_telemetry):
+    """A missing device said "Run with emulate=True ... or fallback='allow'" (the Python API's spelling), and its
+    fall-back warning was a Python warning line pointing into edgert."""
+    import numpy as np
+    import onnx
+
+    from edgert.cli import main
+    from onnx_models import mlp, ort_run
+    from test_session import TOY_NPU
+
+    model, x, prof, out = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "toy.toml", tmp_path / "out"
+    onnx.save(mlp(), model)
+    np.save(x, np.ones((2, 8), np.float32))
+    prof.write_text(TOY_NPU.replace('ops = ["MatMul", "Add"]', 'ops = ["MatMul", "Add", "Relu"]'))
+    assert main(["run", str(model), "--device", str(prof), "--fallback", "forbid", "--input", f"x={x}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("edgert: error: device 'toy-npu' is not present") and err.count("\n") == 1, err
+    assert "Run with --emulate to check" in err and "or --fallback allow to run" in err and "=" not in err
+    assert main(["run", str(model), "--device", str(prof), "--input", f"x={x}", "--output", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("edgert: warning: device 'toy-npu' is not present") and err[0].endswith(
+        "Use --emulate to emulate the device."), err
+    np.testing.assert_array_equal(np.load(out / "y.npy"), ort_run(mlp(), {"x": np.ones((2, 8), np.float32)})[0])
