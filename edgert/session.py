@@ -417,13 +417,19 @@ class Session:
             self._last = _NO_COPIES
             return
         c = self.counter
-        start = dict(c.bytes)
-        for cp in b.before:
-            c.copy(cp.dst, cp.src, cp.direction)
-        for k, part in enumerate(b.compiled):
-            part.run(b.in_bufs[k], b.out_bufs[k])
-            for cp in b.after[k]:
+        start, start_copies = dict(c.bytes), dict(c.copies)
+        try:
+            for cp in b.before:
                 c.copy(cp.dst, cp.src, cp.direction)
+            for k, part in enumerate(b.compiled):
+                part.run(b.in_bufs[k], b.out_bufs[k])
+                for cp in b.after[k]:
+                    c.copy(cp.dst, cp.src, cp.direction)
+        except BaseException:
+            # a run counts its copies only when it completes (as it counts in "runs"), so stats() stays runs x plan
+            c.bytes.update(start)
+            c.copies.update(start_copies)
+            raise
         self._last = {d: c.bytes[d] - start[d] for d in start}
 
     # ---- binding: plan, compile, lay out buffers ----------------------------------------------------------

@@ -196,6 +196,30 @@ def _line() -> int:
     return inspect.currentframe().f_back.f_lineno
 
 
+def test_failed_run_adds_no_bytes_to_stats(toy):
+    # a run that failed in its second partition left the copies it had made in stats() (runs was not incremented)
+    from onnx import TensorProto as T, helper
+
+    g = helper.make_graph([helper.make_node("Add", ["x", "x"], ["a"]), helper.make_node("Gather", ["a", "idx"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", T.FLOAT, [4, 3]),
+                                helper.make_tensor_value_info("idx", T.INT64, [2])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [2, 3])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    s = edgert.Session(model, device=toy, emulate=True)
+    assert [p.unit for p in s.plan.partitions] == ["npu", "cpu"]
+    est = s.plan.estimates
+    x, good = np.arange(12, dtype=np.float32).reshape(4, 3), np.array([0, 3], np.int64)
+    np.testing.assert_array_equal(s.run(None, {"x": x, "idx": good})[0], ort_run(model, {"x": x, "idx": good})[0])
+    with pytest.raises(DeviceError, match="onnxruntime failed running a partition"):
+        s.run(None, {"x": x, "idx": np.array([0, 7], np.int64)})  # out of range: the cpu partition fails
+    np.testing.assert_array_equal(s.run(None, {"x": x, "idx": good})[0], ort_run(model, {"x": x, "idx": good})[0])
+    st = s.stats()
+    assert st["runs"] == 2 and est["bytes_to_device"] > 0 and est["bytes_to_host"] > 0
+    assert (st["bytes_to_device"], st["bytes_to_host"]) == (2 * est["bytes_to_device"], 2 * est["bytes_to_host"])
+    assert st["copies_to_device"] == 2 * len([t for t in s.plan.transfers if t.direction == "to_device"])
+    assert st["last_run"] == {"bytes_to_device": est["bytes_to_device"], "bytes_to_host": est["bytes_to_host"]}
+
+
 def test_feed_errors(mlp_path):
     s = edgert.Session(mlp_path)
     with pytest.raises(InvalidArgumentError, match="missing feed"):
