@@ -1,17 +1,43 @@
 """The ``edgert`` command: pull, models, chat, generate, info, serve, report.
 
-Each subcommand is a thin shell over the Python API; errors print one ``edgert: error: ...`` line and exit 1.
+Each subcommand is a thin shell over the Python API; errors print one ``edgert: error: ...`` line and exit 1, and
+warnings one ``edgert: warning: ...`` line. Both name options as the command takes them (``--emulate``, not the API's
+``emulate=True``: ``cli_spelling``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
+import warnings
 
 from .errors import EdgertError
 
 DEFAULT_MODEL = "smollm2-135m"  # kept equal to edgert.llm.DEFAULT_MODEL without importing the LLM stack
+
+# the API's spelling of an option in edgert's messages -> the command's flag
+_CLI_SPELLINGS = (
+    (re.compile(r"\bemulate=True\b"), "--emulate"),
+    (re.compile(r"\bfallback=(['\"])(allow|forbid)\1"), r"--fallback \2"),
+    (re.compile(r"\bmin_nodes_per_partition=(\d+)"), r"--min-nodes \1"),
+    (re.compile(r"\bmin_nodes_per_partition\b"), "--min-nodes"),
+    (re.compile(r"\bmax_partitions=(\d+)"), r"--max-partitions \1"),
+    (re.compile(r"\bmax_partitions\b"), "--max-partitions"),
+)
+
+
+def cli_spelling(message: str) -> str:
+    """An edgert message with the Python API's option spellings (``emulate=True``, ``fallback='allow'``,
+    ``max_partitions=1``...) as the command's flags (``--emulate``, ``--fallback allow``, ``--max-partitions 1``)."""
+    for pattern, flag in _CLI_SPELLINGS:
+        message = pattern.sub(flag, message)
+    return message
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"edgert: warning: {cli_spelling(str(message))}", file=sys.stderr if file is None else file)
 
 
 def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -282,6 +308,28 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def output_file_names(names: list[str]) -> list[str]:
+    """One .npy file name per graph output for ``edgert run --output DIR``, all distinct: a name's path separators
+    and ':' become '_'; where that (or a case-insensitive file system) would give two outputs one file, an output
+    whose name needed no change keeps it and the others get ``~2``, ``~3``... (deterministic: model output order)."""
+    bases = [n.replace("/", "_").replace("\\", "_").replace(":", "_").replace("\0", "_") for n in names]
+    natural = {b.casefold() for b in bases}
+    taken: set[str] = set()
+    files: list[str | None] = [None] * len(names)
+    # two passes: names kept as they are claim their file first, so `a_b` is never moved aside by `a/b`
+    for unchanged in (True, False):
+        for i, (name, base) in enumerate(zip(names, bases)):
+            if (name == base) != unchanged:
+                continue
+            stem, k = base, 1
+            while stem.casefold() in taken or (stem != base and stem.casefold() in natural):
+                k += 1
+                stem = f"{base}~{k}"
+            taken.add(stem.casefold())
+            files[i] = stem + ".npy"
+    return files  # type: ignore[return-value]
+
+
 def cmd_run(args) -> int:
     from pathlib import Path
 
@@ -316,10 +364,10 @@ def cmd_run(args) -> int:
         except OSError as exc:
             raise InvalidArgumentError(f"--output {args.output}: cannot create the directory: "
                                        f"{exc.strerror or exc}") from None
-    for name, arr in zip(names, outs):
+    for name, arr, file in zip(names, outs, output_file_names(names)):
         line = f"{name}: {arr.dtype} {list(arr.shape)}"
         if args.output:
-            dest = Path(args.output) / (name.replace("/", "_").replace(":", "_") + ".npy")
+            dest = Path(args.output) / file
             np.save(dest, arr)
             line += f" -> {dest}"
         elif arr.size and arr.dtype.kind in "fiub":
@@ -509,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="an .onnx or .tflite file")
     s.add_argument("--device", default="host", help="a device profile name (see `edgert devices`) or a .toml path")
     s.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="a graph input (repeatable)")
-    s.add_argument("--output", default=None, metavar="DIR", help="save each output as DIR/<name>.npy")
+    s.add_argument("--output", default=None, metavar="DIR", help="save each output as DIR/<name>.npy ('/' and ':' as '_'; "
+                   "names that would share a file get ~2, ~3...)")
     s.add_argument("--emulate", action="store_true", help="run the device's partitions on the host, link copies kept")
     s.add_argument("--fallback", choices=["allow", "forbid"], default="allow",
                    help="forbid: fail when the device or an op is missing (default allow: run it on the host)")
@@ -582,12 +631,14 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning  # the command's own warning lines, in its spelling
     try:
         status = args.func(args)
         sys.stdout.flush()  # a reader that went away shows here, where it is handled, not as a warning at exit
         return status
     except EdgertError as exc:
-        print(f"edgert: error: {exc}", file=sys.stderr)
+        print(f"edgert: error: {cli_spelling(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
@@ -595,6 +646,8 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # the reader went away (`edgert plan m.onnx | head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
         return 141  # 128 + SIGPIPE
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -2,7 +2,12 @@
 expected, what was found, and what to do. Built-in bases (ValueError, TypeError, ...) are mixed in where they fit so
 ordinary ``except ValueError`` code keeps working. The argument checks every API shares live here too."""
 import math
+import os
+import sys
+import warnings
 from numbers import Integral, Real
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class EdgertError(Exception):
@@ -91,3 +96,13 @@ def check_count(name: str, v, lo: int = 0, note: str = "", hi: int | None = None
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
         raise InvalidArgumentError(f"{name} must be an int {rng}{note}, got {v!r}")
     return int(v)
+
+
+def warn_caller(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside edgert: the user's line that reached it, however many
+    edgert calls lie between (a fixed stacklevel is wrong for one of two paths: a Session binds at creation or at
+    its first run)."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -8,7 +8,8 @@
 2. islands — maximal connected groups of nodes on the same unit whose contraction leaves the graph acyclic.
 3. copy-aware — a device island whose transfers over the link cost more than the compute it saves goes back to the
    host; a host island between device islands moves onto the device when that is allowed and cheaper; then
-   ``min_nodes_per_partition`` and ``max_partitions`` are enforced.
+   ``min_nodes_per_partition`` and ``max_partitions`` are enforced (the latter first joins independent islands of
+   one unit, which no path links).
 4. the ``Plan``: partitions in execution order, every transfer (tensor, bytes, direction), estimates per inference.
 
 The cost model (``node_ops``, ``Plan.estimates``) is deliberately simple: compute = ops / throughput of the unit for
@@ -613,12 +614,14 @@ class _Topology:
             self.preds.append({producer[x] for x in n.all_inputs() if x in producer and producer[x] != i})
 
 
-def find_islands(topo: _Topology, units: Sequence[str]) -> list[list[int]]:
+def find_islands(topo: _Topology, units: Sequence[str], join_independent: bool = False) -> list[list[int]]:
     """Step 2. Group node indices into maximal connected same-unit islands such that contracting every island to a
     single vertex leaves the graph acyclic; returns islands in execution order, each in topological order.
 
     Nodes are visited in topological order; a node joins (and so merges) the islands of its same-unit producers,
-    except those whose merge would close a cycle in the island graph (checked by reachability)."""
+    except those whose merge would close a cycle in the island graph (checked by reachability).
+    ``join_independent``: then also merge islands of one unit that no path joins, either way, through the island
+    graph (independent branches: ``_join_independent``)."""
     n = len(units)
     group_of = [-1] * n
     members: dict[int, list[int]] = {}
@@ -679,6 +682,9 @@ def find_islands(topo: _Topology, units: Sequence[str]) -> list[list[int]]:
             if group_of[p] != target:
                 succ[group_of[p]].add(target)
 
+    if join_independent:
+        _join_independent(members, gunit, succ)
+
     # execution order: a topological order of the island graph, earliest first node first among the ready ones
     indeg = {g: 0 for g in members}
     for g, ss in succ.items():
@@ -699,6 +705,50 @@ def find_islands(topo: _Topology, units: Sequence[str]) -> list[list[int]]:
     return [sorted(members[g]) for g in order]
 
 
+def _join_independent(members: dict[int, list[int]], gunit: dict[int, str], succ: dict[int, set[int]]) -> None:
+    """Merge (in place) islands of one unit between which the island graph has no path either way: contracting two
+    such islands cannot close a cycle, and it costs nothing (same compute; a device tensor both read is copied once).
+    Islands are taken in order of their first node and each joins the first earlier one of its unit it is
+    independent of. A merge adds paths between other islands (two merges each valid alone can together close a
+    cycle), so the reachability is updated after each one; merges only add paths, so one pass finds them all."""
+    indeg = {g: 0 for g in members}
+    for ss in succ.values():
+        for t in ss:
+            indeg[t] += 1
+    topo = [g for g, d in indeg.items() if d == 0]
+    for g in topo:  # Kahn's order of the island graph (appended to while walked)
+        for t in succ[g]:
+            indeg[t] -= 1
+            if indeg[t] == 0:
+                topo.append(t)
+    reach: dict[int, set[int]] = {}  # island -> the islands a path from it reaches
+    for g in reversed(topo):
+        r = set(succ[g])
+        for t in succ[g]:
+            r |= reach[t]
+        reach[g] = r
+    order = sorted(members, key=lambda g: min(members[g]))
+    kept: list[int] = []
+    for g in order:
+        h = next((h for h in kept if gunit[h] == gunit[g] and g not in reach[h] and h not in reach[g]), None)
+        if h is None:
+            kept.append(g)
+            continue
+        members[h].extend(members.pop(g))
+        succ[h] = (succ[h] | succ.pop(g)) - {h}
+        gunit.pop(g)
+        merged = reach[h] | reach.pop(g)
+        reach[h] = merged
+        for x, r in reach.items():
+            if g in succ.get(x, ()):
+                succ[x].discard(g)
+                succ[x].add(h)
+            if g in r or h in r:
+                r.discard(g)
+                r.add(h)
+                r |= merged
+
+
 # ---- step 3: copy-aware costing -------------------------------------------------------------------------------
 class CostModel:
     """Everything the copy-aware search evaluates repeatedly, precomputed once: per-node time on each unit, tensor
@@ -707,6 +757,7 @@ class CostModel:
     def __init__(self, graph: Graph, profile, dims: Mapping[str, int]):
         self.graph, self.profile, self.dims = graph, profile, dict(dims)
         self.topo = _Topology(graph)
+        self.join_independent = False  # islands as find_islands forms them; enforce_max_partitions may turn it on
         self.host = _host_unit(profile)
         self.units = {u.name: u for u in profile.units}
         # units whose delegate keeps tensors resident between its partitions (read once: transfers() asks per flow)
@@ -777,7 +828,7 @@ class CostModel:
         return [t for _, t in out]
 
     def evaluate(self, units: Sequence[str]):
-        islands = find_islands(self.topo, units)
+        islands = find_islands(self.topo, units, self.join_independent)
         compute = [sum(self.time[v][units[v]] for v in isl) for isl in islands]
         transfers = self.transfers(islands, units)
         total = sum(compute) + sum(t.seconds for t in transfers)
@@ -903,15 +954,19 @@ def enforce_min_nodes(model: CostModel, units: list[str], min_nodes: int, reason
 
 def enforce_max_partitions(model: CostModel, units: list[str], capable, max_partitions: int | None,
                            reasons: dict[str, str], locked: bool) -> list[str]:
-    """Step 3c. While there are more than ``max_partitions`` islands, apply the move that removes at least one island
-    for the smallest increase in estimated latency: a device island to the host, or a host island onto a
-    neighbouring unit that can run all of it. Demoting every device island always reaches one partition."""
+    """Step 3c. While there are more than ``max_partitions`` islands, first merge the islands of each unit that no
+    path joins (independent branches: free, and allowed with fallback forbid), then apply the move that removes at
+    least one island for the smallest increase in estimated latency: a device island to the host, or a host island
+    onto a neighbouring unit that can run all of it. Demoting every device island always reaches one partition."""
     if max_partitions is None:
         return units
     if max_partitions < 1:
         raise InvalidArgumentError(f"max_partitions must be at least 1, got {max_partitions}")
     host = model.host.name
     cost, islands, _, _ = model.evaluate(units)
+    if len(islands) > max_partitions:
+        model.join_independent = True  # from here on (and in the plan made from this model)
+        cost, islands, _, _ = model.evaluate(units)
     while len(islands) > max_partitions:
         moves = []  # (latency added per partition removed, nodes, target)
         for k, isl in enumerate(islands):

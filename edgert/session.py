@@ -22,7 +22,6 @@ import dataclasses
 import os
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +29,7 @@ import numpy as np
 
 from . import delegates, native, profiles
 from .buffers import CopyCounter, PinnedPool
-from .errors import DeviceError, DTypeError, InvalidArgumentError, ShapeError, check_count
+from .errors import DeviceError, DTypeError, InvalidArgumentError, ShapeError, check_count, warn_caller
 from .formats.onnx import load_onnx
 from .graph.ir import Graph, onnx_types
 from .plan import Plan, plan as make_plan
@@ -153,6 +152,28 @@ def _as_feed(name: str, a, dtype: np.dtype) -> np.ndarray:
     return out
 
 
+# the element types onnxruntime's Python API takes and returns as numpy arrays (its IOBinding binds the pool's buffers
+# as they are): bfloat16, float8, int4/uint4 and float4 have no numpy type it converts (a feed was onnxruntime's bare
+# "Numpy_type 256 can't be converted to MLDataType", a float8 output a DeviceError at the first run), complex none it
+# converts either, and strings are Python objects, which a pool buffer (raw memory) cannot hold
+ONNX_IO_DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16",
+                  "float32", "float64")
+
+
+def check_io_dtypes(graph: Graph) -> None:
+    """DTypeError for a graph input or output whose element type a Session cannot feed or return (dtypes not yet
+    known are left to the shape probe)."""
+    onnx_model = getattr(graph.source, "format", None) != "tflite"
+    for t in [*graph.inputs, *graph.outputs]:
+        dtype = graph.tensors[t].dtype
+        what = f"{'input' if t in graph.inputs else 'output'} {t!r}"
+        if dtype == "string":
+            raise DTypeError(f"{what} is a string tensor; a Session runs numeric tensors only")
+        if onnx_model and dtype is not None and dtype not in ONNX_IO_DTYPES:
+            raise DTypeError(f"{what} is {dtype}, a type a Session cannot feed or return as a numpy array (it takes "
+                             f"{', '.join(ONNX_IO_DTYPES)}): add a Cast to one of them at the model's edge")
+
+
 def _side(plan: Plan, unit: str) -> str:
     return HOST if unit == plan.host_unit else unit
 
@@ -201,6 +222,7 @@ class Session:
         self.model_name = (os.path.basename(self.model_path) if isinstance(self.model_path, str)
                            else getattr(getattr(model_path, "graph", None), "name", "model"))
         self._graph0 = _load(self.model_path)
+        check_io_dtypes(self._graph0)  # at creation, also when dims bind only at the first run
         self.profile = profiles.load(device) if isinstance(device, (str, os.PathLike)) else device
         # device_options (e.g. {"url": ...} for serial-npu) go to device delegates; a delegate with refine_unit
         # narrows its unit to what the device itself reports (serial-npu: HELLO) before anything is planned
@@ -395,13 +417,19 @@ class Session:
             self._last = _NO_COPIES
             return
         c = self.counter
-        start = dict(c.bytes)
-        for cp in b.before:
-            c.copy(cp.dst, cp.src, cp.direction)
-        for k, part in enumerate(b.compiled):
-            part.run(b.in_bufs[k], b.out_bufs[k])
-            for cp in b.after[k]:
+        start, start_copies = dict(c.bytes), dict(c.copies)
+        try:
+            for cp in b.before:
                 c.copy(cp.dst, cp.src, cp.direction)
+            for k, part in enumerate(b.compiled):
+                part.run(b.in_bufs[k], b.out_bufs[k])
+                for cp in b.after[k]:
+                    c.copy(cp.dst, cp.src, cp.direction)
+        except BaseException:
+            # a run counts its copies only when it completes (as it counts in "runs"), so stats() stays runs x plan
+            c.bytes.update(start)
+            c.copies.update(start_copies)
+            raise
         self._last = {d: c.bytes[d] - start[d] for d in start}
 
     # ---- binding: plan, compile, lay out buffers ----------------------------------------------------------
@@ -432,10 +460,7 @@ class Session:
 
     def _bind(self, dims: dict, feeds) -> _Bound:
         graph = self._graph0.bind(dims) if dims else self._graph0
-        for t in [*graph.inputs, *graph.outputs]:
-            if graph.tensors[t].dtype == "string":  # a pool buffer is raw memory: no numpy dtype holds these
-                raise DTypeError(f"{'input' if t in graph.inputs else 'output'} {t!r} is a string tensor; a Session "
-                                 "runs numeric tensors only")
+        check_io_dtypes(graph)
         unknown = [t for t, tt in graph.tensors.items() if tt.initializer is None and not _known(tt)]
         # partitions are exported from the model as written (symbolic dims kept, as onnxruntime runs the whole
         # model): baking bound dims in can make onnxruntime's inference reject branches that never run
@@ -457,9 +482,8 @@ class Session:
             what = "; ".join(f"unit {u.name!r} ({u.kind}, delegate {u.delegate}): {why}" for u, why in missing)
             if self.fallback == "forbid":
                 self._check_runtimes(p)
-            warnings.warn(f"device {self.device!r} is not present on this machine ({what}); running every node on "
-                          "the host (nothing crosses a link). Use emulate=True to emulate the device.", RuntimeWarning,
-                          stacklevel=4)
+            warn_caller(f"device {self.device!r} is not present on this machine ({what}); running every node on "
+                        "the host (nothing crosses a link). Use emulate=True to emulate the device.")
             self.fell_back = what
             host_unit = p.unit(p.host_unit)
             host_only = dataclasses.replace(self.profile, units=[host_unit])

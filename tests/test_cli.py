@@ -185,3 +185,57 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141, err  # the handled exit, not a crash or a clean exit that never wrote
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_run_output_names_that_share_a_file_name_get_distinct_files(tmp_path, capsys, no_telemetry):
+    """Outputs 'a/b' and 'a_b' were both written to DIR/a_b.npy: the second silently replaced the first."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto as T, helper
+
+    from edgert.cli import main
+    from onnx_models import ort_run
+
+    outs = [("a/b", "Relu"), ("a_b", "Neg"), ("a:b", "Abs"), ("A_B", "Sigmoid"), ("a_b~2", "Identity")]
+    g = helper.make_graph([helper.make_node(op, ["x"], [name]) for name, op in outs], "g",
+                          [helper.make_tensor_value_info("x", T.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info(name, T.FLOAT, [2, 3]) for name, _ in outs])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    path, xfile, out = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "out"
+    onnx.save(model, path)
+    x = np.array([[-1.5, 0.0, 2.0], [3.0, -4.0, 0.25]], np.float32)
+    np.save(xfile, x)
+    assert main(["run", str(path), "--input", f"x={xfile}", "--output", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # names that need no change claim their file first ('a_b', 'a_b~2'; 'A_B' would share a_b.npy on a
+    # case-insensitive file system); the rest get the next ~N no other output's file name uses
+    files = {"a/b": "a_b~4.npy", "a_b": "a_b.npy", "a:b": "a_b~5.npy", "A_B": "A_B~3.npy", "a_b~2": "a_b~2.npy"}
+    assert [line.split(" -> ")[1] for line in lines] == [str(out / files[name]) for name, _ in outs]
+    assert sorted(p.name for p in out.iterdir()) == sorted(files.values())
+    for (name, _), ref in zip(outs, ort_run(model, {"x": x})):
+        np.testing.assert_array_equal(np.load(out / files[name]), ref)
+
+
+def test_run_messages_name_the_commands_flags(tmp_path, capsys, no_telemetry):
+    """A missing device said "Run with emulate=True ... or fallback='allow'" (the Python API's spelling), and its
+    fall-back warning was a Python warning line pointing into edgert."""
+    import numpy as np
+    import onnx
+
+    from edgert.cli import main
+    from onnx_models import mlp, ort_run
+    from test_session import TOY_NPU
+
+    model, x, prof, out = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "toy.toml", tmp_path / "out"
+    onnx.save(mlp(), model)
+    np.save(x, np.ones((2, 8), np.float32))
+    prof.write_text(TOY_NPU.replace('ops = ["MatMul", "Add"]', 'ops = ["MatMul", "Add", "Relu"]'))
+    assert main(["run", str(model), "--device", str(prof), "--fallback", "forbid", "--input", f"x={x}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("edgert: error: device 'toy-npu' is not present") and err.count("\n") == 1, err
+    assert "Run with --emulate to check" in err and "or --fallback allow to run" in err and "=" not in err
+    assert main(["run", str(model), "--device", str(prof), "--input", f"x={x}", "--output", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("edgert: warning: device 'toy-npu' is not present") and err[0].endswith(
+        "Use --emulate to emulate the device."), err
+    np.testing.assert_array_equal(np.load(out / "y.npy"), ort_run(mlp(), {"x": np.ones((2, 8), np.float32)})[0])

@@ -240,9 +240,11 @@ def test_auto_keeps_c_core_steps_only_if_the_whole_partition_is_faster(tmp_path,
         np.testing.assert_array_equal(y, ort_run(path, {"x": x})[0])  # int8 weights: exact either way
 
 
-def dq_matmul_model(scale, zp=None, axis=None, k=64, n=48, seed=4):
-    """x (2, K) @ DequantizeLinear(int8 weight (K, N), scale, zero point) at opset 21."""
-    q = np.random.default_rng(seed).integers(-100, 100, (k, n)).astype(np.int8)
+def dq_matmul_model(scale, zp=None, axis=None, k=64, n=48, seed=4, q=None):
+    """x (2, K) @ DequantizeLinear(int8 weight (K, N) or ``q``, scale, zero point) at opset 21."""
+    if q is None:
+        q = np.random.default_rng(seed).integers(-100, 100, (k, n)).astype(np.int8)
+    k, n = q.shape
     inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(np.asarray(scale, np.float32), "s")]
     ins = ["q", "s"]
     if zp is not None:
@@ -282,7 +284,11 @@ def test_dequantize_linear_onnx_refuses_is_a_format_error(kw, match):
 
 @pytest.mark.parametrize("kw, taken", [
     (dict(scale=PER_COLUMN, axis=1), True), (dict(scale=PER_COLUMN, axis=-1), True),
-    (dict(scale=np.linspace(0.01, 0.05, 64), axis=0), True), (dict(scale=np.linspace(0.01, 0.05, 64), axis=-2), True),
+    # scales along K (axis 0) were taken: a q8_0 block runs along K and holds one scale (see the test below)
+    (dict(scale=np.linspace(0.01, 0.05, 64), axis=0), False), (dict(scale=np.linspace(0.01, 0.05, 64), axis=-2), False),
+    (dict(scale=np.linspace(0.01, 0.05, 64), zp=np.arange(64).astype(np.int8), axis=0), False),
+    (dict(scale=PER_COLUMN, zp=(np.arange(48) - 24).astype(np.int8), axis=1), True),
+    (dict(scale=0.02, zp=np.array(200, np.uint8), q=np.arange(64 * 48).reshape(64, 48).astype(np.uint8)), True),
     (dict(scale=[0.02], zp=np.array([3], np.int8)), True),
     (dict(scale=0.02, axis=5), False),  # per tensor: onnxruntime ignores the axis; not valid ONNX, not taken
 ])
@@ -293,6 +299,33 @@ def test_dequantize_linear_axes_the_c_core_takes(kw, taken):
     y, ref = s.run(None, {"x": x})[0], ort_run(model, {"x": x})[0]
     assert core_kinds(s) == (["DequantizeLinear+MatMul"] if taken else [])
     within(y, ref, DEQUANT_MATMUL_BUDGET if taken else 0.0)
+
+
+K_ROWS = np.arange(256)
+
+
+@pytest.mark.parametrize("kw", [
+    # per-K scales 1000x apart: q8_0 re-scaled each block of 32 along K to its large-scale rows, the small-scale rows
+    # became 0 (relative error 1.0 with core=True and core="auto")
+    dict(scale=np.where(K_ROWS % 2 == 0, 1e-1, 1e-4).astype(np.float32), axis=0),
+    dict(scale=np.where(K_ROWS % 2 == 0, 1e-1, 1e-4).astype(np.float32), axis=-2),
+    # 16- and 32-bit codes under one scale: a block's small codes are below its largest code / 254 (were rounded to 0)
+    dict(scale=1e-4, q=np.repeat(np.where(K_ROWS % 2 == 0, 30000, 1)[:, None], 64, 1).astype(np.int16)),
+    dict(scale=1e-6, q=np.repeat(np.where(K_ROWS % 2 == 0, 1 << 28, 3)[:, None], 64, 1).astype(np.int32)),
+])
+def test_dequantize_linear_scales_along_k_or_wide_codes_stay_with_onnxruntime(kw):
+    rng = np.random.default_rng(0)
+    q = kw.pop("q", None)
+    if q is None:
+        q = rng.integers(-127, 128, (256, 64)).astype(np.int8)
+    model = dq_matmul_model(q=q, **kw)
+    # x is 0 on the large rows: the product comes only from the small ones
+    x = (np.where(K_ROWS % 2 == 0, 0.0, 1.0) * rng.standard_normal((2, 256))).astype(np.float32)
+    ref = ort_run(model, {"x": x})[0]
+    for core in (True, "auto"):
+        s = edgert.Session(model, core=core)
+        np.testing.assert_array_equal(s.run(None, {"x": x})[0], ref)
+        assert core_kinds(s) == []
 
 
 @pytest.mark.parametrize("bias", [np.ones(1, np.float32), np.ones(3, np.float32), np.ones((2, 48), np.float32),

@@ -303,6 +303,60 @@ def test_max_partitions_demotes_the_least_valuable_island():
         edgert.plan(model, device=prof, max_partitions=0)
 
 
+def branches(pairs, d=64):
+    """Nodes ``(name, op, input)`` on x[16, d] ("x" or an earlier node's name), every node's output a graph output."""
+    nodes = [helper.make_node(op, [x, x] if op == "Add" else [x], [name], name=name) for name, op, x in pairs]
+    g = helper.make_graph(nodes, "branches", [helper.make_tensor_value_info("x", T.FLOAT, [16, d])],
+                          [helper.make_tensor_value_info(name, T.FLOAT, [16, d]) for name, _, _ in pairs])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("device", ["host", "rpi5"])
+def test_max_partitions_merges_independent_branches_of_one_unit(device):
+    # two branches no path joins were two cpu partitions, and max_partitions=1 "cannot reach max_partitions=1"
+    model = branches([("a", "Relu", "x"), ("b", "Neg", "x")])
+    assert len(edgert.plan(model, device=device).partitions) == 2  # the default plan keeps connected islands
+    p = edgert.plan(model, device=device, max_partitions=1)
+    assert [(q.unit, q.nodes) for q in p.partitions] == [("cpu", ["a", "b"])]
+    assert_executable(p)
+    x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    s = edgert.Session(model, device=device, max_partitions=1)
+    assert len(s.plan.partitions) == 1
+    for y, want in zip(s.run(None, {"x": x}), M.ort_run(model, {"x": x})):
+        np.testing.assert_array_equal(y, want)
+
+
+def test_max_partitions_merges_independent_device_islands_under_forbid():
+    # fallback forbid moves no node, but two independent npu islands still merge (nothing crosses between them)
+    model = branches([("a", "Add", "x"), ("b", "Add", "x")])
+    prof = profile(npu_unit(["Add"]))
+    p = edgert.plan(model, device=prof, fallback="forbid", max_partitions=1)
+    assert [(q.unit, q.nodes) for q in p.partitions] == [("npu", ["a", "b"])]
+    # one copy of x to the device instead of one per island
+    assert p.estimates["bytes_to_device"] == 16 * 64 * 4
+    s = edgert.Session(model, device=prof, fallback="forbid", emulate=True, max_partitions=1)
+    x = np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32)
+    for y, want in zip(s.run(None, {"x": x}), M.ort_run(model, {"x": x})):
+        np.testing.assert_array_equal(y, want)
+    assert s.stats()["bytes_to_device"] == p.estimates["bytes_to_device"]
+
+
+def test_joining_independent_islands_never_closes_a_cycle():
+    # a(npu) -> b(dsp) and c(dsp) -> dd(npu): either pair may join alone, not both (then a -> b..c -> dd -> a). b and
+    # c join first (the earlier island), after which a reaches dd through them, so {a, dd} stay apart
+    model = branches([("a", "Add", "x"), ("b", "Softmax", "a"), ("c", "Softmax", "x"), ("dd", "Add", "c")])
+    prof = profile(npu_unit(["Add"]), npu_unit(["Softmax"], name="dsp"))
+    p = edgert.plan(model, device=prof, fallback="forbid", max_partitions=3)
+    assert [q.nodes for q in p.partitions] == [["a"], ["b", "c"], ["dd"]]
+    assert_executable(p)
+    with pytest.raises(edgert.InvalidArgumentError, match="cannot reach max_partitions=2: 3 partitions remain"):
+        edgert.plan(model, device=prof, fallback="forbid", max_partitions=2)
+    x = np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)
+    s = edgert.Session(model, device=prof, fallback="forbid", emulate=True, max_partitions=3)
+    for y, want in zip(s.run(None, {"x": x}), M.ort_run(model, {"x": x})):
+        np.testing.assert_array_equal(y, want)
+
+
 def test_dynamic_dims_bound_vs_unbound():
     prof = profile(npu_unit(["MatMul", "Add", "Relu"], static=True))
     unbound = edgert.plan(M.mlp(), device=prof)

@@ -176,6 +176,50 @@ def test_missing_device_allow_runs_on_host_with_warning(mlp_path, toy):
     assert {p.unit for p in s.requested_plan.partitions} == {"cpu", "npu"}
 
 
+def test_fall_back_warning_points_at_the_callers_line(mlp_path, toy):
+    # it named edgert/session.py when the dims bound at the first run (a fixed stacklevel fits only one path)
+    x = x_of()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        s = edgert.Session(mlp_path, device=toy, dims={"batch": 2}); line_made = _line()  # binds here
+        s2 = edgert.Session(mlp_path, device=toy)  # binds at its first run
+        y = s2.run(None, {"x": x})[0]; line_run = _line()
+    assert [(r.category, r.filename, r.lineno) for r in w] == [(RuntimeWarning, __file__, line_made),
+                                                               (RuntimeWarning, __file__, line_run)]
+    np.testing.assert_array_equal(y, ort_run(mlp_path, {"x": x})[0])
+    np.testing.assert_array_equal(s.run(None, {"x": x})[0], y)
+
+
+def _line() -> int:
+    import inspect
+
+    return inspect.currentframe().f_back.f_lineno
+
+
+def test_failed_run_adds_no_bytes_to_stats(toy):
+    # a run that failed in its second partition left the copies it had made in stats() (runs was not incremented)
+    from onnx import TensorProto as T, helper
+
+    g = helper.make_graph([helper.make_node("Add", ["x", "x"], ["a"]), helper.make_node("Gather", ["a", "idx"], ["y"])],
+                          "g", [helper.make_tensor_value_info("x", T.FLOAT, [4, 3]),
+                                helper.make_tensor_value_info("idx", T.INT64, [2])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [2, 3])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    s = edgert.Session(model, device=toy, emulate=True)
+    assert [p.unit for p in s.plan.partitions] == ["npu", "cpu"]
+    est = s.plan.estimates
+    x, good = np.arange(12, dtype=np.float32).reshape(4, 3), np.array([0, 3], np.int64)
+    np.testing.assert_array_equal(s.run(None, {"x": x, "idx": good})[0], ort_run(model, {"x": x, "idx": good})[0])
+    with pytest.raises(DeviceError, match="onnxruntime failed running a partition"):
+        s.run(None, {"x": x, "idx": np.array([0, 7], np.int64)})  # out of range: the cpu partition fails
+    np.testing.assert_array_equal(s.run(None, {"x": x, "idx": good})[0], ort_run(model, {"x": x, "idx": good})[0])
+    st = s.stats()
+    assert st["runs"] == 2 and est["bytes_to_device"] > 0 and est["bytes_to_host"] > 0
+    assert (st["bytes_to_device"], st["bytes_to_host"]) == (2 * est["bytes_to_device"], 2 * est["bytes_to_host"])
+    assert st["copies_to_device"] == 2 * len([t for t in s.plan.transfers if t.direction == "to_device"])
+    assert st["last_run"] == {"bytes_to_device": est["bytes_to_device"], "bytes_to_host": est["bytes_to_host"]}
+
+
 def test_feed_errors(mlp_path):
     s = edgert.Session(mlp_path)
     with pytest.raises(InvalidArgumentError, match="missing feed"):
@@ -434,6 +478,50 @@ def test_string_tensor_model_is_a_dtype_error():
                           [helper.make_tensor_value_info("o", TensorProto.STRING, [2])])
     with pytest.raises(DTypeError, match="string tensor"):  # was TypeError: data type 'string' not understood
         edgert.Session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def cast_model(x_type, y_type, dim=2):
+    """y = Cast(x) between two element types; ``dim`` 2 or a symbolic batch "B" (bound at the first run)."""
+    from onnx import TensorProto as T, helper
+
+    g = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=getattr(T, y_type))], "g",
+                          [helper.make_tensor_value_info("x", getattr(T, x_type), [dim, 3])],
+                          [helper.make_tensor_value_info("y", getattr(T, y_type), [dim, 3])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("x_type, y_type, bad", [
+    # a bfloat16 input was onnxruntime's bare RuntimeError ("Numpy_type 256 can't be converted to MLDataType") at
+    # Session(), a float8 output a DeviceError at the first run, an int4 output a bare RuntimeError
+    ("BFLOAT16", "FLOAT", "input 'x' is bfloat16"), ("FLOAT", "BFLOAT16", "output 'y' is bfloat16"),
+    ("FLOAT", "FLOAT8E4M3FN", "output 'y' is float8e4m3fn"), ("FLOAT8E5M2", "FLOAT", "input 'x' is float8e5m2"),
+    ("FLOAT", "INT4", "output 'y' is int4"), ("UINT4", "FLOAT", "input 'x' is uint4"),
+    ("FLOAT", "COMPLEX64", "output 'y' is complex64"),
+])
+def test_io_types_numpy_cannot_carry_are_refused_at_creation(x_type, y_type, bad):
+    for dim in (2, "B"):  # also when the dims bind only at the first run
+        with pytest.raises(DTypeError, match=f"^{bad}, a type a Session cannot feed or return as a numpy array "
+                                             r"\(it takes bool, int8, .*float64\): add a Cast"):
+            edgert.Session(cast_model(x_type, y_type, dim))
+    # nor does onnxruntime's own API take or give these as numpy arrays of their type
+    try:
+        y = ort_run(cast_model(x_type, y_type), {"x": np.zeros((2, 3), np.float32 if x_type == "FLOAT" else np.uint8)})
+    except Exception:  # noqa: BLE001 - onnxruntime's errors are of several bare types
+        pass
+    else:
+        assert y[0].dtype.name != y_type.lower()  # float8e4m3fn comes back as its bits in a uint8 array
+
+
+@pytest.mark.parametrize("x_type, y_type", [("FLOAT16", "UINT64"), ("BOOL", "DOUBLE"), ("INT16", "UINT32")])
+def test_io_types_numpy_carries_run_as_onnxruntime(x_type, y_type):
+    model = cast_model(x_type, y_type, "B")
+    x = np.abs(np.arange(-3, 3).reshape(2, 3)).astype({"FLOAT16": np.float16, "BOOL": bool, "INT16": np.int16}[x_type])
+    y = edgert.Session(model).run(None, {"x": x})[0]
+    want = ort_run(model, {"x": x})[0]
+    assert y.dtype == want.dtype
+    np.testing.assert_array_equal(y, want)
 
 
 def test_valid_threads_and_partition_limits_run(mlp_path):

@@ -12,12 +12,14 @@ At compile time the partition's nodes are scanned for three weight patterns the 
   bit-exact (activations per block of 32 to int8, the weight codes re-scaled per block), budget
   ``MATMUL_INTEGER_BUDGET`` (relative to the output's scale), checked in tests.
 - ``DequantizeLinear(constant weight) -> MatMul``: the dequantized weight re-quantized to q8_0 (a lossy
-  re-quantization, budget ``DEQUANT_MATMUL_BUDGET``); the activation side is whatever feeds the MatMul.
+  re-quantization, budget ``DEQUANT_MATMUL_BUDGET``); the activation side is whatever feeds the MatMul. Only int8 /
+  uint8 weights with a per-tensor scale or one scale per output channel (axis 1, N): q8_0 blocks run along K, and
+  scales that vary along K, or wider codes, do not fit one block scale.
 
 The q8_0 paths pad K with zero columns up to a whole block (exact: zeros add nothing and leave each activation
 block's scale unchanged), so any K works; MatMulNBits needs K a multiple of 32 (its blocks are imported as they are).
 Everything else (and any of the above the C core cannot take: MatMulNBits with a ragged K or g_idx, weights that are
-not constant) runs through onnxruntime's CPU provider: the partition is cut, in topological order, into C-core steps and
+not constant, DequantizeLinear scales along K or codes wider than 8 bits) runs through onnxruntime's CPU provider: the partition is cut, in topological order, into C-core steps and
 onnxruntime segments (each its own exported model). A partition without any of these patterns is one segment.
 """
 from __future__ import annotations
@@ -132,14 +134,19 @@ def _one_value(a: np.ndarray) -> bool:
 
 
 def _dequantize_linear_axis(d, q: np.ndarray, sc: np.ndarray, zp: np.ndarray | None):
-    """How the C core reads DequantizeLinear ``d`` of the constant 2-D weight ``q``: ``None`` (per tensor) or the
-    axis (0 or 1) of a per-axis scale; ``False`` to leave the node to onnxruntime (valid, but not a case the C core
-    takes). ModelFormatError where the ONNX spec (and onnxruntime) refuse the node: an axis outside [-2, 2) with a
-    per-axis scale, a per-axis scale that is not 1-D of the axis' length, a zero point of another shape than the
-    scale or another dtype than the weight."""
+    """How the C core reads DequantizeLinear ``d`` of the constant 2-D weight ``q`` (K, N): ``None`` (per tensor) or
+    1 (a per-axis scale along N, one per output channel); ``False`` to leave the node to onnxruntime (valid, but not a
+    case the C core takes). ModelFormatError where the ONNX spec (and onnxruntime) refuse the node: an axis outside
+    [-2, 2) with a per-axis scale, a per-axis scale that is not 1-D of the axis' length, a zero point of another shape
+    than the scale or another dtype than the weight.
+
+    What q8_0 can hold: it re-scales each block of 32 values along K of one output channel to its largest value, so
+    every block must share one scale and hold 8-bit codes (less an 8-bit zero point). A per-axis scale along K (axis
+    0) mixes scales inside a block, and 16- or 32-bit codes span more than 8 bits: both would round the block's small
+    values to zero (1000x scales along K gave a relative error of 1.0), so they stay with onnxruntime."""
     where = f"DequantizeLinear node {d.name!r} (weight {d.inputs[0]!r})"
-    if q.dtype.kind not in "iu" or q.dtype.itemsize > 4 or sc.dtype != np.float32:
-        return False  # 4-bit, float8, float16 scales...: onnxruntime's
+    if q.dtype not in (np.int8, np.uint8) or sc.dtype != np.float32:
+        return False  # 4-, 16-, 32-bit codes, float8, float16 scales...: onnxruntime's
     if zp is not None and zp.dtype != q.dtype:
         raise ModelFormatError(f"{where}: its zero point is {zp.dtype}, the weight {q.dtype}; ONNX requires the "
                                "zero point to have the quantized weight's dtype")
@@ -160,7 +167,7 @@ def _dequantize_linear_axis(d, q: np.ndarray, sc: np.ndarray, zp: np.ndarray | N
     if zp is not None and zp.shape != sc.shape:
         raise ModelFormatError(f"{where}: zero point of shape {zp.shape}, scale of shape {sc.shape}; ONNX requires "
                                "the same shape")
-    return axis
+    return axis if axis == 1 else False  # scales along K: see above
 
 
 def _weight_q8(w_kn: np.ndarray) -> QTensor:

@@ -8,12 +8,11 @@ partition on the CPU provider alone. Also used by the host delegate for the node
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import DeviceError, InvalidArgumentError
+from ..errors import DeviceError, InvalidArgumentError, warn_caller
 from .base import CompiledPartition, Delegate, register
 
 CPU = "CPUExecutionProvider"
@@ -58,7 +57,7 @@ def resolve_providers(wanted: list[str], fallback: str = "allow", emulate: bool 
         if fallback == "forbid":
             raise DeviceError(msg + "; install the onnxruntime build that ships it, or use emulate=True / "
                               "fallback='allow'")
-        warnings.warn(msg + "; running on what is available", RuntimeWarning, stacklevel=3)
+        warn_caller(msg + "; running on what is available")
     providers = [p for p in wanted if p in have]
     if CPU not in providers:
         providers.append(CPU)
