@@ -3,7 +3,8 @@
 At compile time the partition's nodes are scanned for three weight patterns the C core takes (weights imported once):
 
 - ``MatMulNBits`` (com.microsoft, 4-bit, constant B/scales/zero points, K a multiple of 32): B imported by
-  ``edgert.from_matmul_nbits`` (q4_0 / q4_1, exact up to the fp16 rounding of each block's scale and min).
+  ``edgert.from_matmul_nbits`` (q4_0 / q4_1, exact up to the fp16 rounding of each block's scale and min; f16 for
+  block_size 16, f32 where fp16 cannot hold the scales).
 - ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale)`` (onnxruntime's dynamic int8
   quantization): with int8 weights (``W - w_zero_point`` within int8), one ``et_fc_s8_dyn`` call that does
   onnxruntime's arithmetic — the activations quantized per tensor to uint8 as DynamicQuantizeLinear does, int32 sums,
