@@ -279,9 +279,9 @@ def cmd_npu_sim(args) -> int:
     return 0
 
 
-def cmd_plan(args) -> int:
+def _dims(args) -> dict[str, int]:
+    """The --dim NAME=VALUE bindings of plan and run."""
     from .errors import InvalidArgumentError
-    from .plan import plan
 
     dims = {}
     for item in args.dim:
@@ -291,8 +291,14 @@ def cmd_plan(args) -> int:
         if name.strip() in dims:
             raise InvalidArgumentError(f"--dim {name.strip()} is given twice")
         dims[name.strip()] = int(value)
+    return dims
+
+
+def cmd_plan(args) -> int:
+    from .plan import plan
+
     result = plan(args.model, device=args.device, fallback=args.fallback, min_nodes_per_partition=args.min_nodes,
-                  max_partitions=args.max_partitions, dims=dims)
+                  max_partitions=args.max_partitions, dims=_dims(args))
 
     def write_dot(path):
         with open(path, "w", encoding="utf-8") as f:
@@ -354,7 +360,7 @@ def cmd_run(args) -> int:
         if isinstance(feeds[name], dict):  # an .npz archive (whatever the file's name)
             raise InvalidArgumentError(f"--input {name}: {path} is an .npz archive, not a .npy array; save each input "
                                        "with np.save")
-    sess = Session(args.model, device=args.device, fallback=args.fallback, emulate=args.emulate,
+    sess = Session(args.model, device=args.device, fallback=args.fallback, emulate=args.emulate, dims=_dims(args),
                    device_options={"url": args.device_url} if getattr(args, "device_url", None) else None)
     names = [o.name for o in sess.get_outputs()]
     outs = sess.run(names, feeds)
@@ -562,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--emulate", action="store_true", help="run the device's partitions on the host, link copies kept")
     s.add_argument("--fallback", choices=["allow", "forbid"], default="allow",
                    help="forbid: fail when the device or an op is missing (default allow: run it on the host)")
+    s.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE",
+                   help="bind a symbolic dim when the session is made (repeatable; a static-shape device plans with it)")
     s.add_argument("--no-telemetry", action="store_true", help="record no event in $EDGERT_HOME/telemetry.db")
     s.add_argument("--device-url", default=None, metavar="URL",
                    help="serial-npu: the device's pyserial URL (a port, socket://..., the path `edgert npu-sim` prints)")
