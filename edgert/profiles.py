@@ -275,6 +275,7 @@ def _is_onnx_op(name: str) -> bool:
         return True
 
 
+ISA_NAMES = ("ref", "avx2", "avx512", "neon")  # the C core's kernel variants (EDGERT_ISA, edgert.native.set_isa)
 _TOP_KEYS = {"name", "description", "power", "price", "units", "attach", "detect"}
 _UNIT_KEYS = {"name", "kind", "delegate", "delegate_options", "dtypes", "ops", "op", "throughput", "memory_bytes",
               "link", "max_rank", "max_dim", "static_shapes", "cores", "isa"}
@@ -365,6 +366,9 @@ def _parse_unit(c: _Checker, u: Mapping, path: str) -> ComputeUnit:
     isa = u.get("isa", [])
     if not isinstance(isa, list) or not all(isinstance(s, str) for s in isa):
         c.fail(f"{path}.isa", f"expected a list of strings, got {isa!r}")
+    unknown = [s for s in isa if s not in ISA_NAMES]
+    if unknown:
+        c.fail(f"{path}.isa", f"unknown kernel variant {unknown[0]!r} (the C core's are {', '.join(ISA_NAMES)})")
     return ComputeUnit(name, kind, delegate, dict(opts), dtypes, ops, throughput, memory, link,
                        c.num(u, "max_rank", path, required=False, integer=True),
                        c.num(u, "max_dim", path, required=False, integer=True), c.bool(u, "static_shapes", path),
@@ -432,7 +436,8 @@ def load(name_or_path: str | os.PathLike) -> DeviceProfile:
     if s.endswith(".toml") or os.sep in s or isinstance(name_or_path, os.PathLike):
         path = Path(s)
         if not path.is_file():
-            raise ProfileError(f"device profile {s}: file not found", file=s, field="", reason="file not found")
+            why = "a directory, not a .toml file" if path.is_dir() else "file not found"
+            raise ProfileError(f"device profile {s}: {why}", file=s, field="", reason=why)
         try:
             text, source = path.read_text(encoding="utf-8"), str(path)
         except (OSError, UnicodeDecodeError) as exc:

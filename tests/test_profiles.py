@@ -136,6 +136,7 @@ BROKEN = [
     ("price", {}, "price", "missing per_hour_usd"),
     ("price.amortize_hours", 0, "price.amortize_hours", "must be > 0"),
     ("units", [], "units", "at least one"),
+    ("units.0.isa", ["ref", "sse9"], "units[0].isa", "unknown kernel variant 'sse9'"),
     ("power", "lots", "power", "expected a table"),
 ]
 
@@ -169,6 +170,9 @@ def test_load_from_path_and_bad_toml(tmp_path):
         P.load(str(tmp_path / "junk.toml"))
     with pytest.raises(ProfileError, match="no device profile named 'nope'"):
         P.load("nope")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(ProfileError, match="a directory, not a .toml file"):
+        P.load(tmp_path / "adir")
 
 
 # ---- supports ---------------------------------------------------------------------------------------------
