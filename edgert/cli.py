@@ -295,6 +295,7 @@ def _dims(args) -> dict[str, int]:
 
 
 def cmd_plan(args) -> int:
+    from .errors import InvalidArgumentError
     from .plan import plan
 
     result = plan(args.model, device=args.device, fallback=args.fallback, min_nodes_per_partition=args.min_nodes,

@@ -557,3 +557,21 @@ def test_model_path_must_be_a_regular_file_named_as_given(tmp_path):
                 "    print(e)")
         r = run_python("-c", code, timeout=60)  # in a neutral directory: the installed edgert, not the checkout
         assert f"{kind} model '{fifo}' is not a regular file" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("case", ["softmax_axis", "add_types", "add_shapes"])
+def test_a_model_that_breaks_the_onnx_spec_is_a_model_format_error(case):
+    """Models onnxruntime refuses as invalid (an axis out of range, types or shapes that cannot meet) were reported as a
+    DeviceError ("onnxruntime could not load the partition"), as if the device were at fault."""
+    from onnx import TensorProto as T, helper
+
+    V = helper.make_tensor_value_info
+    node, ins = {
+        "softmax_axis": (helper.make_node("Softmax", ["x"], ["y"], axis=5), [V("x", T.FLOAT, [2, 3])]),
+        "add_types": (helper.make_node("Add", ["x", "z"], ["y"]), [V("x", T.FLOAT, [2, 3]), V("z", T.INT64, [2, 3])]),
+        "add_shapes": (helper.make_node("Add", ["x", "z"], ["y"]), [V("x", T.FLOAT, [2, 3]), V("z", T.FLOAT, [4, 5])]),
+    }[case]
+    model = helper.make_model(helper.make_graph([node], "g", ins, [V("y", T.FLOAT, [2, 3])]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(edgert.ModelFormatError, match="not valid ONNX"):
+        edgert.Session(model)

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import DeviceError, InvalidArgumentError, warn_caller
+from ..errors import DeviceError, InvalidArgumentError, ModelFormatError, warn_caller
 from .base import CompiledPartition, Delegate, register
 
 CPU = "CPUExecutionProvider"
@@ -80,6 +80,10 @@ class OnnxruntimePartition(CompiledPartition):
             self.session = ort.InferenceSession(data, sess_options, providers=self.providers,
                                                 provider_options=provider_options)
         except Exception as exc:
+            if type(exc).__name__ in ("InvalidGraph", "InvalidProtobuf") or any(
+                    m in str(exc) for m in ("ShapeInferenceError", "TypeInferenceError", "Type Error:")):
+                # the graph itself breaks the ONNX spec (an axis out of range, types or shapes that cannot meet)
+                raise ModelFormatError(f"the model is not valid ONNX: onnxruntime refused it: {exc}") from exc
             raise DeviceError(f"onnxruntime could not load the partition ({', '.join(self.providers)}): {exc}") from exc
         self._bound: dict[str, tuple] = {}
         self._same: dict[str, np.ndarray | None] = {}  # name -> the array object bound (identity fast path)
