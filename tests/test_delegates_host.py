@@ -53,7 +53,8 @@ def nbits_model(m=3, k=64, n=48, block=32, zero_points=True, bias=False, seed=0)
     return model
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(zero_points=False), dict(block=64, k=128), dict(bias=True, m=1)])
+@pytest.mark.parametrize("kw", [dict(), dict(zero_points=False), dict(block=64, k=128), dict(bias=True, m=1),
+                                dict(block=16, k=48), dict(block=16, k=80, zero_points=False)])
 def test_matmul_nbits_on_the_c_core(tmp_path, kw):
     path = tmp_path / "nbits.onnx"
     onnx.save(nbits_model(**kw), path)

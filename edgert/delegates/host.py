@@ -2,7 +2,8 @@
 
 At compile time the partition's nodes are scanned for three weight patterns the C core takes (weights imported once):
 
-- ``MatMulNBits`` (com.microsoft, 4-bit, constant B/scales/zero points, K a multiple of 32): B imported by
+- ``MatMulNBits`` (com.microsoft, 4-bit, constant B/scales/zero points, K a multiple of 32, any K at block_size
+  16): B imported by
   ``edgert.from_matmul_nbits`` (q4_0 / q4_1, exact up to the fp16 rounding of each block's scale and min; f16 for
   block_size 16, f32 where fp16 cannot hold the scales).
 - ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale)`` (onnxruntime's dynamic int8
@@ -18,7 +19,8 @@ At compile time the partition's nodes are scanned for three weight patterns the 
   scales that vary along K, or wider codes, do not fit one block scale.
 
 The q8_0 paths pad K with zero columns up to a whole block (exact: zeros add nothing and leave each activation
-block's scale unchanged), so any K works; MatMulNBits needs K a multiple of 32 (its blocks are imported as they are).
+block's scale unchanged), so any K works; MatMulNBits needs K a multiple of 32 (its blocks are imported as they are)
+except at block_size 16 (imported as f16, which holds any K).
 Everything else (and any of the above the C core cannot take: MatMulNBits with a ragged K or g_idx, weights that are
 not constant, DequantizeLinear scales along K or codes wider than 8 bits) runs through onnxruntime's CPU provider: the partition is cut, in topological order, into C-core steps and
 onnxruntime segments (each its own exported model). A partition without any of these patterns is one segment.
@@ -235,7 +237,7 @@ def find_core_matmuls(graph, nodes: list[str], threads: int | None = None) -> li
             b, sc = _const(graph, ins[1]), _const(graph, ins[2])
             zp = _const(graph, ins[3])
             bias = _const(graph, ins[5])
-            if (bits != 4 or k % BLOCK or b is None or sc is None or (ins[3] and zp is None) or ins[4]
+            if (bits != 4 or (k % BLOCK and bs != 16) or b is None or sc is None or (ins[3] and zp is None) or ins[4]
                     or (ins[5] and bias is None) or not _float_input(graph, ins[0])):
                 continue
             if bias is not None and (bias.shape != (n,) or bias.dtype != np.float32):
