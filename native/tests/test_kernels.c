@@ -15,6 +15,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdatomic.h>
+#include <time.h>
 
 #include "core.h"
 #include "testutil.h"
@@ -843,6 +845,51 @@ static void *small_stack_run(void *arg) {
     return NULL;
 }
 
+/* the pool's wake-up: jobs that arrive while the workers spin, yield or sleep (idle gaps of 0 to ~3 ms around the
+ * spin-then-sleep switch, where a worker going to sleep can miss one job) each run every share exactly once, from a
+ * normal caller and from one that runs no share (which waits for the workers: a missed wake-up would hang it) */
+typedef struct {
+    atomic_int runs[4];
+} wake_job;
+
+static void wake_task(void *arg, int ith, int nth) {
+    (void)nth;
+    atomic_fetch_add(&((wake_job *)arg)->runs[ith], 1);
+}
+
+static int wake_rounds(int rounds) {
+    int bad = 0;
+    for (int r = 0; r < rounds; r++) {
+        const struct timespec gap = {0, (long)(r % 7) * 450000L}; /* 0 .. 2.7 ms */
+        nanosleep(&gap, NULL);
+        wake_job j;
+        for (int i = 0; i < 4; i++) atomic_init(&j.runs[i], 0);
+        const int nth = 2 + r % 3;
+        bad += et_parallel(wake_task, &j, nth) != ET_OK;
+        for (int i = 0; i < nth; i++) bad += atomic_load(&j.runs[i]) != 1;
+    }
+    return bad;
+}
+
+static void *wake_rounds_thread(void *arg) {
+    *(int *)arg = wake_rounds(150);
+    return NULL;
+}
+
+static void test_pool_wake_up(void) {
+    check(et_set_threads(4) == ET_OK, "pool of 4");
+    check(wake_rounds(300) == 0, "thread pool: 300 jobs after idle gaps of 0-2.7 ms, every share run once");
+    pthread_t th;
+    pthread_attr_t attr;
+    int bad = -1;
+    int made = pthread_attr_init(&attr) == 0 && pthread_attr_setstacksize(&attr, 160u << 10) == 0 &&
+               pthread_create(&th, &attr, wake_rounds_thread, &bad) == 0;
+    if (made) pthread_join(th, NULL);
+    pthread_attr_destroy(&attr);
+    check(made && bad == 0, "thread pool: 150 jobs from a 160 KiB caller (it runs no share) after idle gaps");
+    check(et_set_threads(2) == ET_OK, "pool back to 2");
+}
+
 static void test_small_stack_caller(void) {
     static const int types[] = {ET_TYPE_Q4_0, ET_TYPE_Q4_1, ET_TYPE_Q8_0, ET_TYPE_F16};
     char isas[8][16];
@@ -909,6 +956,7 @@ int main(int argc, char **argv) {
     test_batch_invariance();
     test_x16();
     test_small_stack_caller();
+    test_pool_wake_up();
     test_llama();
     test_fc_s8();
     et_set_threads(1);
