@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import edgert
+
 from edgert.errors import EdgertError, InvalidArgumentError, ModelFormatError, ModelNotFoundError
 from edgert.llm import store
 
@@ -72,8 +74,11 @@ def test_resolve_unknown_explains(edgert_home):
 
 
 def test_resolve_directory_and_bad_types(tmp_path):
-    with pytest.raises(InvalidArgumentError):
+    # a directory is not a model file, as README says of directories, devices and FIFOs: ModelNotFoundError, which is
+    # a FileNotFoundError (it was an InvalidArgumentError, a ValueError)
+    with pytest.raises(edgert.ModelNotFoundError, match="is a directory, not a model file") as e:
         store.resolve(tmp_path)
+    assert isinstance(e.value, FileNotFoundError)
     with pytest.raises(InvalidArgumentError):
         store.resolve(42)
     with pytest.raises(InvalidArgumentError):

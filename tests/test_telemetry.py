@@ -197,6 +197,10 @@ def test_llm_generate_and_stream_record_one_event_each(tiny_path):
     assert rows[0]["finish_reason"] == res.finish_reason and rows[0]["model"] == str(tiny_path)
     assert rows[0]["prefill_s"] == pytest.approx(res.timings["prefill_s"])
     assert rows[1]["finish_reason"] == "cancelled"
+    # a stream closed early records what it did (it recorded no prompt, 0 tokens and no timings before)
+    assert rows[1]["prompt_tokens"] == res.prompt_tokens and rows[1]["completion_tokens"] >= 1
+    assert rows[1]["ttft_s"] is not None and rows[1]["prefill_s"] is not None and rows[1]["decode_s"] is not None
+    assert rows[1]["energy_j"] > 0
 
 
 def test_llm_telemetry_off(tiny_path, monkeypatch):

@@ -46,7 +46,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import DeviceError, EdgertError, LinkError, UnsupportedOpError, check_count, check_number
+from ..errors import DeviceError, EdgertError, InvalidArgumentError, LinkError, UnsupportedOpError, check_count, check_number
 from ..formats.tflite import ONNX_EQUIVALENT as TFLITE_ONNX_EQUIVALENT
 from .base import CompiledPartition, Delegate, register
 
@@ -80,21 +80,25 @@ def _options(unit, options) -> dict:
 
 # ---- one shared state per device URL --------------------------------------------------------------------------
 
+def link_settings(o: Mapping[str, Any]) -> tuple[dict, float]:
+    """The link arguments (baudrate, timeout, retries) and the failover back-off of device options ``o``, checked:
+    timeout_s=inf waited for ever on a stalled device, a NaN back-off never retried it, a string was a bare
+    ValueError at the first run."""
+    link = {
+        "baudrate": check_count("device option baudrate", o.get("baudrate", 921600), lo=1, hi=100_000_000),
+        "timeout": check_number("device option timeout_s", o.get("timeout_s", 0.2), 0.0, 3600.0, lo_open=True),
+        "retries": check_count("device option retries", o.get("retries", 8), lo=0, hi=10_000),
+    }
+    return link, check_number("device option retry_after_s", o.get("retry_after_s", 1.0), 0.0, 86400.0)
+
+
 class DeviceState:
     """A device as the partitions of a process share it: the connection, its tensors by name, failover state."""
 
     def __init__(self, url: str, opts: Mapping[str, Any]):
         self.url = url
         self.opts = dict(opts)
-        # checked here, once: timeout_s=inf waited for ever on a stalled device, a NaN back-off never retried it,
-        # a string was a bare ValueError at the first run
-        o = self.opts
-        self.link_args = {
-            "baudrate": check_count("device option baudrate", o.get("baudrate", 921600), lo=1, hi=100_000_000),
-            "timeout": check_number("device option timeout_s", o.get("timeout_s", 0.2), 0.0, 3600.0, lo_open=True),
-            "retries": check_count("device option retries", o.get("retries", 8), lo=0, hi=10_000),
-        }
-        self.retry_after_s = check_number("device option retry_after_s", o.get("retry_after_s", 1.0), 0.0, 86400.0)
+        self.link_args, self.retry_after_s = link_settings(self.opts)
         self.lock = threading.RLock()
         self.device = None
         self.generation = -1
@@ -201,10 +205,20 @@ def _graph_users(url: str, graph_hash: int, delta: int) -> None:
 
 
 def device_state(url: str, opts: Mapping[str, Any] | None = None) -> DeviceState:
+    """The process's one state for the device at ``url``. Every Session's options are checked, not only the first
+    one's; a Session cannot change the link settings of a device another Session of this process holds open (they
+    share the connection): that is an InvalidArgumentError, where a later Session's settings were ignored."""
+    link, retry_after_s = link_settings(opts or {})
     with _STATES_LOCK:
         st = _STATES.get(url)
         if st is None:
             st = _STATES[url] = DeviceState(url, opts or {})
+        elif (link, retry_after_s) != (st.link_args, st.retry_after_s):
+            raise InvalidArgumentError(
+                f"serial-npu {url}: this process already has the device open with baudrate={st.link_args['baudrate']}, "
+                f"timeout_s={st.link_args['timeout']}, retries={st.link_args['retries']}, "
+                f"retry_after_s={st.retry_after_s}; a second Session shares that connection and cannot change them "
+                f"(pass the same device options, or close the first Session)")
         return st
 
 

@@ -234,17 +234,20 @@ class LLM:
                 f"larger n_ctx (at most {self.model.config.context_length})"
             )
         if record and telemetry.enabled():
-            return self._recorded(self._loop(prompt_ids, max_tokens, sampler, scanner, should_stop))
+            partial: list = []
+            return self._recorded(self._loop(prompt_ids, max_tokens, sampler, scanner, should_stop, partial), partial)
         return self._loop(prompt_ids, max_tokens, sampler, scanner, should_stop)
 
-    def _recorded(self, it):
-        """Passes the generation through and queues one telemetry event when it ends, is closed early or fails."""
+    def _recorded(self, it, partial: list):
+        """Passes the generation through and queues one telemetry event when it ends, is closed early (with what it
+        had done: the loop leaves its partial result in ``partial``) or fails."""
         result, finish, error, t0 = None, None, None, time.perf_counter()
         try:
             result = yield from it
             return result
         except GeneratorExit:
             finish = "cancelled"
+            result = partial[0] if partial else None
             raise
         except BaseException as exc:
             finish, error = "error", exc
@@ -252,7 +255,7 @@ class LLM:
         finally:
             telemetry.record_generation(result, model=self.name, finish_reason=finish, error=error, t_start=t0)
 
-    def _loop(self, prompt_ids, max_tokens, sampler, scanner, should_stop=None):
+    def _loop(self, prompt_ids, max_tokens, sampler, scanner, should_stop=None, partial: list | None = None):
         t0 = time.perf_counter()
         tok = self.tokenizer
         n_prompt = len(prompt_ids)
@@ -276,61 +279,70 @@ class LLM:
         history = list(prompt_ids[-REPEAT_WINDOW:])
         t_decode0 = t_prefill
         n_decode = 0
-        while True:
-            token = sampler.sample(logits, history)
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-                t_decode0 = time.perf_counter()
-            if token in tok.stop_ids:
-                finish = "stop"
-                break
-            out.append(token)
-            history = (history + [token])[-REPEAT_WINDOW:]
-            piece = scanner.push(decoder.push(token))
-            if piece:
-                text.append(piece)
-                yield piece
-            if scanner.hit:
-                finish = "stop"
-                break
-            if len(out) >= max_tokens or len(self._kv) >= self.n_ctx:
-                break
-            reason = should_stop() if should_stop is not None else None
-            if reason:
-                finish = reason
-                break
-            with self._lock:
-                if self._epoch != epoch:
-                    raise InvalidArgumentError(
-                        "this generation was interrupted: another call on the same LLM (a generation, a stream, "
-                        "logits or reset) used its KV cache since; finish or close a stream before the next call, "
-                        "or give each concurrent stream an LLM of its own")
-                logits = self.model.forward([token], len(self._kv), threads=self.threads)
-                self._kv.append(token)
-            n_decode += 1
-        if not scanner.hit:
-            tail = scanner.push(decoder.flush())
-            tail += "" if scanner.hit else scanner.flush()
-            if tail:
-                text.append(tail)
-                yield tail
-        t_end = time.perf_counter()
-        prefill_s = t_prefill - t0
-        decode_s = t_end - t_decode0
-        return GenerationResult(
-            text="".join(text), tokens=out, finish_reason=finish, prompt_tokens=n_prompt,
-            timings={
-                "load_s": self.load_s,
-                "ttft_s": ttft if ttft is not None else prefill_s,
-                "prefill_tokens": n_prompt - common,
-                "prefill_s": prefill_s,
-                "prefill_tok_s": (n_prompt - common) / prefill_s if prefill_s > 0 else 0.0,
-                "decode_tokens": n_decode,
-                "decode_s": decode_s,
-                "decode_tok_s": n_decode / decode_s if decode_s > 0 and n_decode else 0.0,
-                "total_s": t_end - t0,
-            },
-        )
+
+        def result(finish_reason):
+            t_end = time.perf_counter()
+            prefill_s = t_prefill - t0
+            decode_s = t_end - t_decode0
+            return GenerationResult(
+                text="".join(text), tokens=list(out), finish_reason=finish_reason, prompt_tokens=n_prompt,
+                timings={
+                    "load_s": self.load_s,
+                    "ttft_s": ttft if ttft is not None else prefill_s,
+                    "prefill_tokens": n_prompt - common,
+                    "prefill_s": prefill_s,
+                    "prefill_tok_s": (n_prompt - common) / prefill_s if prefill_s > 0 else 0.0,
+                    "decode_tokens": n_decode,
+                    "decode_s": decode_s,
+                    "decode_tok_s": n_decode / decode_s if decode_s > 0 and n_decode else 0.0,
+                    "total_s": t_end - t0,
+                },
+            )
+
+        try:
+            while True:
+                token = sampler.sample(logits, history)
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                    t_decode0 = time.perf_counter()
+                if token in tok.stop_ids:
+                    finish = "stop"
+                    break
+                out.append(token)
+                history = (history + [token])[-REPEAT_WINDOW:]
+                piece = scanner.push(decoder.push(token))
+                if piece:
+                    text.append(piece)
+                    yield piece
+                if scanner.hit:
+                    finish = "stop"
+                    break
+                if len(out) >= max_tokens or len(self._kv) >= self.n_ctx:
+                    break
+                reason = should_stop() if should_stop is not None else None
+                if reason:
+                    finish = reason
+                    break
+                with self._lock:
+                    if self._epoch != epoch:
+                        raise InvalidArgumentError(
+                            "this generation was interrupted: another call on the same LLM (a generation, a stream, "
+                            "logits or reset) used its KV cache since; finish or close a stream before the next call, "
+                            "or give each concurrent stream an LLM of its own")
+                    logits = self.model.forward([token], len(self._kv), threads=self.threads)
+                    self._kv.append(token)
+                n_decode += 1
+            if not scanner.hit:
+                tail = scanner.push(decoder.flush())
+                tail += "" if scanner.hit else scanner.flush()
+                if tail:
+                    text.append(tail)
+                    yield tail
+        except GeneratorExit:  # the stream was closed: what it did goes to telemetry (_recorded)
+            if partial is not None:
+                partial.append(result("cancelled"))
+            raise
+        return result(finish)
 
     def reset(self) -> None:
         """Forget the cached context (the next call prefills its whole prompt; a stream still open ends)."""

@@ -219,8 +219,8 @@ def resolve(model: str | os.PathLike, pull_missing: bool = True, progress: bool 
     p = Path(text).expanduser()
     if p.is_file():
         return p
-    if p.is_dir():
-        raise InvalidArgumentError(f"{p} is a directory; pass the .gguf file inside it")
+    if p.is_dir():  # not a model file, as a device or FIFO is not (ModelNotFoundError, a FileNotFoundError)
+        raise ModelNotFoundError(f"{p} is a directory, not a model file; pass the .gguf file inside it")
     if isinstance(model, str) and text in KNOWN_MODELS:
         have = cached_path(text)
         if have is not None:
