@@ -241,38 +241,6 @@ def test_run_messages_name_the_commands_flags(tmp_path, capsys, no_telemetry):
     np.testing.assert_array_equal(np.load(out / "y.npy"), ort_run(mlp(), {"x": np.ones((2, 8), np.float32)})[0])
 
 
-STATIC_NPU = '''
-name = "ort-static-npu"
-description = "an accelerator driven by onnxruntime's CPU provider that needs static shapes"
-[power]
-active_w = 5.0
-idle_w = 1.0
-[price]
-per_hour_usd = 0.1
-[[units]]
-name = "cpu"
-kind = "cpu"
-delegate = "host"
-dtypes = ["*"]
-ops = ["*"]
-throughput = { float32 = 1.0e6 }
-memory_bytes = 0
-[[units]]
-name = "npu"
-kind = "npu"
-delegate = "onnxruntime"
-delegate_options = { providers = ["CPUExecutionProvider"] }
-dtypes = ["float32"]
-static_shapes = true
-ops = ["MatMul", "Relu"]
-throughput = { float32 = 1.0e15 }
-memory_bytes = 0
-[units.link]
-kind = "shared-memory"
-zero_copy = false
-bandwidth_bytes_s = 1.0e12
-latency_s = 0.0
-'''
 
 
 def test_run_dim_binds_a_symbolic_dim_for_a_static_shape_device(tmp_path, capsys, no_telemetry):
@@ -284,6 +252,7 @@ def test_run_dim_binds_a_symbolic_dim_for_a_static_shape_device(tmp_path, capsys
 
     from edgert.cli import main
     from onnx_models import ort_run
+    from test_session import TOY_NPU
 
     w = np.random.default_rng(5).standard_normal((8, 4)).astype(np.float32)
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "g",
@@ -292,7 +261,9 @@ def test_run_dim_binds_a_symbolic_dim_for_a_static_shape_device(tmp_path, capsys
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     path, xfile, prof, out = tmp_path / "m.onnx", tmp_path / "x.npy", tmp_path / "npu.toml", tmp_path / "out"
     onnx.save(model, path)
-    prof.write_text(STATIC_NPU)
+    # test_session's toy NPU, present (onnxruntime's CPU provider drives it) and needing static shapes
+    prof.write_text(TOY_NPU.replace("ToyNPUExecutionProvider", "CPUExecutionProvider")
+                    .replace('ops = ["MatMul", "Add"]', 'ops = ["MatMul", "Relu"]\nstatic_shapes = true'))
     x = np.random.default_rng(6).standard_normal((3, 8)).astype(np.float32)
     np.save(xfile, x)
     args = ["run", str(path), "--device", str(prof), "--fallback", "forbid", "--input", f"x={xfile}", "--output",
