@@ -286,7 +286,8 @@ def _dims(args) -> dict[str, int]:
     dims = {}
     for item in args.dim:
         name, _, value = item.partition("=")
-        if not name or not value.strip().isdigit():
+        v = value.strip()
+        if not name or not (v.isascii() and v.isdigit() and int(v) > 0):  # isdigit alone takes '²', which int refuses
             raise InvalidArgumentError(f"--dim expects NAME=VALUE with a positive integer VALUE, got {item!r}")
         if name.strip() in dims:
             raise InvalidArgumentError(f"--dim {name.strip()} is given twice")

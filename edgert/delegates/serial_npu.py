@@ -46,7 +46,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import DeviceError, EdgertError, InvalidArgumentError, LinkError, UnsupportedOpError, check_count, check_number
+from ..errors import DeviceError, EdgertError, LinkError, UnsupportedOpError, check_count, check_number, warn_caller
 from ..formats.tflite import ONNX_EQUIVALENT as TFLITE_ONNX_EQUIVALENT
 from .base import CompiledPartition, Delegate, register
 
@@ -206,19 +206,19 @@ def _graph_users(url: str, graph_hash: int, delta: int) -> None:
 
 def device_state(url: str, opts: Mapping[str, Any] | None = None) -> DeviceState:
     """The process's one state for the device at ``url``. Every Session's options are checked, not only the first
-    one's; a Session cannot change the link settings of a device another Session of this process holds open (they
-    share the connection): that is an InvalidArgumentError, where a later Session's settings were ignored."""
+    one's. Sessions of a process share the device's connection, so a later Session cannot change its link settings:
+    it keeps them, with a RuntimeWarning saying so (they were ignored without a word; an error would also refuse a
+    Session after one that was dropped without close(), whose state lives on)."""
     link, retry_after_s = link_settings(opts or {})
     with _STATES_LOCK:
         st = _STATES.get(url)
         if st is None:
             st = _STATES[url] = DeviceState(url, opts or {})
         elif (link, retry_after_s) != (st.link_args, st.retry_after_s):
-            raise InvalidArgumentError(
-                f"serial-npu {url}: this process already has the device open with baudrate={st.link_args['baudrate']}, "
-                f"timeout_s={st.link_args['timeout']}, retries={st.link_args['retries']}, "
-                f"retry_after_s={st.retry_after_s}; a second Session shares that connection and cannot change them "
-                f"(pass the same device options, or close the first Session)")
+            warn_caller(f"serial-npu {url}: this process already has the device open with baudrate="
+                        f"{st.link_args['baudrate']}, timeout_s={st.link_args['timeout']}, retries="
+                        f"{st.link_args['retries']}, retry_after_s={st.retry_after_s}; this Session shares that "
+                        f"connection and keeps those settings (close the other Sessions first to change them)")
         return st
 
 

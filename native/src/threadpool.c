@@ -207,7 +207,10 @@ int et_parallel(et_task_fn fn, void *ctx, int nth) {
     pool.nth = nth;
     atomic_store_explicit(&pool.next_share, 0, memory_order_relaxed);
     atomic_store_explicit(&pool.left, 0, memory_order_relaxed);
-    atomic_store_explicit(&pool.entry, 0, memory_order_relaxed); /* opens the gate (published with the job below) */
+    /* opens the gate, with release: a worker still on its way in from the last job (it saw that generation, then
+     * stalled) can read this 0 before the generation below, and must then see fn/ctx/nth and the counters above, not
+     * the last job's (relaxed let a weakly ordered CPU show it the old ctx, or wipe its left increment: a hang) */
+    atomic_store_explicit(&pool.entry, 0, memory_order_release);
     /* wakes the workers: a release store, which makes the job above visible first. Not a locked instruction, so the
      * caller does not stall until the spinning workers give up the line (576x1536 q4_0 x16 at 2 threads, cached:
      * 6.24 -> 5.77 us a call). Without a fence here a worker going to sleep this instant can miss the job (the
