@@ -24,6 +24,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 # threads one call may use: ET_MAX_THREADS in native/src/threadpool.c (the pool's size limit; above it the C core
 # would quietly use fewer, and a count past 32 bits would not reach it at all)
 MAX_THREADS = 256
+ISA_NAMES = ("ref", "avx2", "avx512", "neon")  # the C core's kernel variants (EDGERT_ISA, set_isa, a profile's isa)
 
 # C status codes (edgert.h) -> the error raised for them
 _STATUS_ERRORS = {1: InvalidArgumentError, 2: MemoryError, 3: DeviceError, 4: InvalidArgumentError}
@@ -84,7 +85,7 @@ def set_isa(name: str | None) -> str:
         raise InvalidArgumentError(f"EDGERT_ISA / set_isa: the ISA is a name (str) or None, got {name!r}")
     if name is not None and len(name) > 24:  # no ISA is named that long; C's message would repeat all of it
         raise InvalidArgumentError(f"EDGERT_ISA / set_isa: unknown ISA {name[:20] + '...'!r} "
-                                   f"(one of ref, avx2, avx512, neon, auto)")
+                                   f"(one of {', '.join(ISA_NAMES)}, auto)")
     st = lib.et_isa_select(ffi.NULL if name in (None, "", "auto") else name.encode())
     if st:
         msg = f"EDGERT_ISA / set_isa: {ffi.string(lib.et_last_error()).decode()}"

@@ -275,7 +275,6 @@ def _is_onnx_op(name: str) -> bool:
         return True
 
 
-ISA_NAMES = ("ref", "avx2", "avx512", "neon")  # the C core's kernel variants (EDGERT_ISA, edgert.native.set_isa)
 _TOP_KEYS = {"name", "description", "power", "price", "units", "attach", "detect"}
 _UNIT_KEYS = {"name", "kind", "delegate", "delegate_options", "dtypes", "ops", "op", "throughput", "memory_bytes",
               "link", "max_rank", "max_dim", "static_shapes", "cores", "isa"}
@@ -366,6 +365,8 @@ def _parse_unit(c: _Checker, u: Mapping, path: str) -> ComputeUnit:
     isa = u.get("isa", [])
     if not isinstance(isa, list) or not all(isinstance(s, str) for s in isa):
         c.fail(f"{path}.isa", f"expected a list of strings, got {isa!r}")
+    from .native import ISA_NAMES
+
     unknown = [s for s in isa if s not in ISA_NAMES]
     if unknown:
         c.fail(f"{path}.isa", f"unknown kernel variant {unknown[0]!r} (the C core's are {', '.join(ISA_NAMES)})")

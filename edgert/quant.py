@@ -463,7 +463,8 @@ def from_matmul_nbits(b, scales, zero_points=None, *, k: int, n: int, block_size
         if not np.isfinite(zp).all():
             raise InvalidArgumentError("MatMulNBits zero_points must be finite")
 
-    if block_size == 16 or not (_fp16_holds(scale) and (zp is None or _fp16_holds(-zp * scale))):
+    mz = None if zp is None else -zp * scale  # the q4_1 min of each MatMulNBits block
+    if block_size == 16 or not (_fp16_holds(scale) and (mz is None or _fp16_holds(mz))):
         zpv = 8.0 if zp is None else np.repeat(zp, block_size, axis=1)[:, :k]
         w = np.ascontiguousarray((q.astype(np.float32) - zpv) * np.repeat(scale, block_size, axis=1)[:, :k])
         return quantize(w, "f16" if _fp16_holds(w) else "f32")
@@ -478,7 +479,7 @@ def from_matmul_nbits(b, scales, zero_points=None, *, k: int, n: int, block_size
         raw[:, :, 0:2] = d.reshape(n, nb, 1).view(np.uint8)
         raw[:, :, 2:] = qs
         return QTensor("q4_0", (n, k), raw.reshape(n, nb * 18))
-    m = np.repeat(-zp * scale, per, axis=1)[:, :nb].astype(np.float16)
+    m = np.repeat(mz, per, axis=1)[:, :nb].astype(np.float16)
     raw = np.empty((n, nb, 20), dtype=np.uint8)
     raw[:, :, 0:2] = d.reshape(n, nb, 1).view(np.uint8)
     raw[:, :, 2:4] = m.reshape(n, nb, 1).view(np.uint8)

@@ -209,12 +209,11 @@ def device_state(url: str, opts: Mapping[str, Any] | None = None) -> DeviceState
     one's. Sessions of a process share the device's connection, so a later Session cannot change its link settings:
     it keeps them, with a RuntimeWarning saying so (they were ignored without a word; an error would also refuse a
     Session after one that was dropped without close(), whose state lives on)."""
-    link, retry_after_s = link_settings(opts or {})
     with _STATES_LOCK:
         st = _STATES.get(url)
         if st is None:
-            st = _STATES[url] = DeviceState(url, opts or {})
-        elif (link, retry_after_s) != (st.link_args, st.retry_after_s):
+            st = _STATES[url] = DeviceState(url, opts or {})  # checks them
+        elif link_settings(opts or {}) != (st.link_args, st.retry_after_s):
             warn_caller(f"serial-npu {url}: this process already has the device open with baudrate="
                         f"{st.link_args['baudrate']}, timeout_s={st.link_args['timeout']}, retries="
                         f"{st.link_args['retries']}, retry_after_s={st.retry_after_s}; this Session shares that "

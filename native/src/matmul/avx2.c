@@ -78,18 +78,29 @@ ET_INLINE __m256 term_q8_0(__m256 acc, wside w, const block_q8_s *x, __m256i xq)
 
 ET_INLINE __m256i load_xq(const block_q8_s *x) { return _mm256_loadu_si256((const __m256i *)x->qs); }
 
-/* 4 weight rows (w[r] rows of blocks) x C activation rows (x[c]): each block's weight side is unpacked once for
- * the C rows */
-#define ET_TILE_4xC(btype, wsd, term, C, w, x, nb, acc, pf_stmt)                                               \
-    for (int64_t b = 0; b < (nb); b++) {                                                                      \
-        pf_stmt;                                                                                              \
-        __m256i xq[C];                                                                                        \
-        for (int c = 0; c < (C); c++) xq[c] = load_xq(&(x)[c][b]);                                            \
-        for (int r = 0; r < 4; r++) {                                                                         \
-            const wside ws_ = wsd(&(w)[r][b]);                                                                \
-            for (int c = 0; c < (C); c++) (acc)[r][c] = term((acc)[r][c], ws_, &(x)[c][b], xq[c]);            \
+/* y rows i..i+C-1, columns j..j+3: 4 weight rows (wr) x C activation rows over all blocks, each block's weight
+ * side unpacked once for the C rows; the first activation rows also prefetch the tile ET_PF_TILES ahead (pf_on) */
+#define ET_STEP_4xC(wsd, term, C)                                                                              \
+    do {                                                                                                      \
+        const block_q8_s *xi[C];                                                                              \
+        __m256 acc[4][C];                                                                                     \
+        for (int c = 0; c < (C); c++) xi[c] = (const block_q8_s *)((const uint8_t *)x + (size_t)(i + c) * xs); \
+        for (int r = 0; r < 4; r++)                                                                           \
+            for (int c = 0; c < (C); c++) acc[r][c] = _mm256_setzero_ps();                                    \
+        for (int64_t b = 0; b < nb; b++) {                                                                    \
+            if (i == 0 && pf_on)                                                                              \
+                for (size_t o = 0; o < slice; o += 64)                                                        \
+                    _mm_prefetch((const char *)(pf + (size_t)b * slice + o), _MM_HINT_T0);                    \
+            __m256i xq[C];                                                                                    \
+            for (int c = 0; c < (C); c++) xq[c] = load_xq(&xi[c][b]);                                         \
+            for (int r = 0; r < 4; r++) {                                                                     \
+                const wside ws_ = wsd(&wr[r][b]);                                                             \
+                for (int c = 0; c < (C); c++) acc[r][c] = term(acc[r][c], ws_, &xi[c][b], xq[c]);             \
+            }                                                                                                 \
         }                                                                                                     \
-    }
+        for (int c = 0; c < (C); c++)                                                                         \
+            for (int r = 0; r < 4; r++) y[(size_t)(i + c) * ldy + j + r] = hsum_ps(acc[r][c]);                \
+    } while (0)
 
 #define ET_GEMM_BLOCKS(name, btype, wsd, term)                                                                 \
     static void name(int64_t k, const void *w, size_t ws, int64_t n, const void *x, size_t xs, int64_t m,      \
@@ -105,27 +116,8 @@ ET_INLINE __m256i load_xq(const block_q8_s *x) { return _mm256_loadu_si256((cons
             const size_t slice = ((4 * ws + (size_t)nb - 1) / (size_t)nb + 63) & ~(size_t)63;                \
             const int pf_on = j + 4 * ET_PF_TILES + 4 <= n;                                                   \
             int64_t i = 0;                                                                                    \
-            for (; i + 2 <= m; i += 2) { /* two activation rows share each weight block's unpacking */     \
-                const block_q8_s *xi[2];                                                                      \
-                for (int c = 0; c < 2; c++)                                                                   \
-                    xi[c] = (const block_q8_s *)((const uint8_t *)x + (size_t)(i + c) * xs);                  \
-                __m256 acc[4][2];                                                                             \
-                for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();                      \
-                ET_TILE_4xC(btype, wsd, term, 2, wr, xi, nb, acc,                                             \
-                            if (i == 0 && pf_on) for (size_t o = 0; o < slice; o += 64)                       \
-                                _mm_prefetch((const char *)(pf + (size_t)b * slice + o), _MM_HINT_T0))        \
-                for (int c = 0; c < 2; c++)                                                                   \
-                    for (int r = 0; r < 4; r++) y[(size_t)(i + c) * ldy + j + r] = hsum_ps(acc[r][c]);        \
-            }                                                                                                 \
-            for (; i < m; i++) {                                                                              \
-                const block_q8_s *xi[1] = {(const block_q8_s *)((const uint8_t *)x + (size_t)i * xs)};        \
-                __m256 acc[4][1];                                                                             \
-                for (int r = 0; r < 4; r++) acc[r][0] = _mm256_setzero_ps();                                  \
-                ET_TILE_4xC(btype, wsd, term, 1, wr, xi, nb, acc,                                             \
-                            if (i == 0 && pf_on) for (size_t o = 0; o < slice; o += 64)                       \
-                                _mm_prefetch((const char *)(pf + (size_t)b * slice + o), _MM_HINT_T0))        \
-                for (int r = 0; r < 4; r++) y[(size_t)i * ldy + j + r] = hsum_ps(acc[r][0]);                  \
-            }                                                                                                 \
+            for (; i + 2 <= m; i += 2) ET_STEP_4xC(wsd, term, 2); /* two rows share each block's unpacking */ \
+            for (; i < m; i++) ET_STEP_4xC(wsd, term, 1);                                                     \
         }                                                                                                     \
         for (; j < n; j++) {                                                                                  \
             const btype *w0 = (const btype *)((const uint8_t *)w + (size_t)j * ws);                           \

@@ -610,9 +610,19 @@ ET_INLINE __m512 q8s_reduce16(int add, const __m512 v[16]) {
                   _mm512_shuffle_f32x4(z01, z23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+/* one block's codes from its 32 values and 127/amax: round to nearest even, stored as int8; returns the codes'
+ * int32 lanes summed pairwise (q0 + q1), which add up to the block's sum */
+ET_INLINE __m512i q8s_codes(block_q8_s *yb, __m512 v0, __m512 v1, __m512 vid) {
+    const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC; /* nearbyintf in the default rounding mode */
+    const __m512i q0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, vid), rnd);
+    const __m512i q1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, vid), rnd);
+    _mm_storeu_si128((__m128i *)yb->qs, _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128((__m128i *)(yb->qs + 16), _mm512_cvtsepi32_epi8(q1));
+    return _mm512_add_epi32(q0, q1);
+}
+
 static int ET_KNAME(quantize_row_q8_s)(const float *x, block_q8_s *y, int64_t k) {
     const __m512 fmax = _mm512_set1_ps(3.4028234663852886e38f);
-    const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC; /* nearbyintf in the default rounding mode */
     const int64_t nb = k / ET_QK;
     int64_t b = 0;
     for (; b + 16 <= nb; b += 16) {
@@ -635,14 +645,9 @@ static int ET_KNAME(quantize_row_q8_s)(const float *x, block_q8_s *y, int64_t k)
         _Alignas(64) int32_t sums[16];
         _mm512_store_ps(ids, id);
         _mm512_store_ps(ds, _mm512_div_ps(amax, _mm512_set1_ps(127.0f)));
-        for (int i = 0; i < 16; i++) {
-            const __m512 vid = _mm512_set1_ps(ids[i]);
-            const __m512i q0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + i * ET_QK), vid), rnd);
-            const __m512i q1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + i * ET_QK + 16), vid), rnd);
-            _mm_storeu_si128((__m128i *)y[b + i].qs, _mm512_cvtsepi32_epi8(q0));
-            _mm_storeu_si128((__m128i *)(y[b + i].qs + 16), _mm512_cvtsepi32_epi8(q1));
-            sm[i] = _mm512_castsi512_ps(_mm512_add_epi32(q0, q1));
-        }
+        for (int i = 0; i < 16; i++)
+            sm[i] = _mm512_castsi512_ps(q8s_codes(&y[b + i], _mm512_loadu_ps(xg + i * ET_QK),
+                                                  _mm512_loadu_ps(xg + i * ET_QK + 16), _mm512_set1_ps(ids[i])));
         _mm512_store_ps((float *)sums, q8s_reduce16(1, sm));
         for (int i = 0; i < 16; i++) y[b + i].d = ds[i], y[b + i].sum = sums[i];
     }
@@ -651,13 +656,9 @@ static int ET_KNAME(quantize_row_q8_s)(const float *x, block_q8_s *y, int64_t k)
         const __m512 a0 = _mm512_abs_ps(v0), a1 = _mm512_abs_ps(v1);
         if ((_mm512_cmp_ps_mask(a0, fmax, _CMP_LE_OQ) & _mm512_cmp_ps_mask(a1, fmax, _CMP_LE_OQ)) != 0xFFFF) return -1;
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(a0, a1));
-        const __m512 vid = _mm512_set1_ps(et_q8s_inverse(amax));
-        const __m512i q0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, vid), rnd);
-        const __m512i q1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, vid), rnd);
-        _mm_storeu_si128((__m128i *)y[b].qs, _mm512_cvtsepi32_epi8(q0));
-        _mm_storeu_si128((__m128i *)(y[b].qs + 16), _mm512_cvtsepi32_epi8(q1));
+        const __m512i s = q8s_codes(&y[b], v0, v1, _mm512_set1_ps(et_q8s_inverse(amax)));
         y[b].d = amax / 127.0f;
-        y[b].sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        y[b].sum = _mm512_reduce_add_epi32(s);
     }
     return 0;
 }

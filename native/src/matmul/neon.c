@@ -75,16 +75,26 @@ ET_INLINE float32x4_t term_q4_1(float32x4_t acc, wside w, const block_q8_s *x, i
     return vaddq_f32(acc, vsetq_lane_f32(w.m * (x->d * (float)x->sum), vdupq_n_f32(0.0f), 0));
 }
 
-/* 4 weight rows x C activation rows over all blocks: each weight block's side is made once for the C rows */
-#define ET_TILE_4xC(wsd, term, C, wr, xi, nb, acc)                                                             \
-    for (int64_t b = 0; b < (nb); b++) {                                                                      \
-        int8x16_t x0[C], x1[C];                                                                               \
-        for (int c = 0; c < (C); c++) x0[c] = vld1q_s8((xi)[c][b].qs), x1[c] = vld1q_s8((xi)[c][b].qs + 16);  \
-        for (int r = 0; r < 4; r++) {                                                                         \
-            const wside ws_ = wsd(&(wr)[r][b]);                                                               \
-            for (int c = 0; c < (C); c++) (acc)[r][c] = term((acc)[r][c], ws_, &(xi)[c][b], x0[c], x1[c]);    \
+/* y rows i..i+C-1, columns j..j+3: 4 weight rows (wr) x C activation rows over all blocks, each weight block's side
+ * made once for the C rows */
+#define ET_STEP_4xC(wsd, term, C)                                                                              \
+    do {                                                                                                      \
+        const block_q8_s *xi[C];                                                                              \
+        float32x4_t acc[4][C];                                                                                \
+        for (int c = 0; c < (C); c++) xi[c] = (const block_q8_s *)((const uint8_t *)x + (size_t)(i + c) * xs); \
+        for (int r = 0; r < 4; r++)                                                                           \
+            for (int c = 0; c < (C); c++) acc[r][c] = vdupq_n_f32(0.0f);                                      \
+        for (int64_t b = 0; b < nb; b++) {                                                                    \
+            int8x16_t x0[C], x1[C];                                                                           \
+            for (int c = 0; c < (C); c++) x0[c] = vld1q_s8(xi[c][b].qs), x1[c] = vld1q_s8(xi[c][b].qs + 16);  \
+            for (int r = 0; r < 4; r++) {                                                                     \
+                const wside ws_ = wsd(&wr[r][b]);                                                             \
+                for (int c = 0; c < (C); c++) acc[r][c] = term(acc[r][c], ws_, &xi[c][b], x0[c], x1[c]);      \
+            }                                                                                                 \
         }                                                                                                     \
-    }
+        for (int c = 0; c < (C); c++)                                                                         \
+            for (int r = 0; r < 4; r++) y[(size_t)(i + c) * ldy + j + r] = vaddvq_f32(acc[r][c]);             \
+    } while (0)
 
 #define ET_GEMM_BLOCKS(name, btype, wsd, term)                                                                 \
     static void name(int64_t k, const void *w, size_t ws, int64_t n, const void *x, size_t xs, int64_t m,      \
@@ -95,23 +105,8 @@ ET_INLINE float32x4_t term_q4_1(float32x4_t acc, wside w, const block_q8_s *x, i
             const btype *wr[4];                                                                               \
             for (int r = 0; r < 4; r++) wr[r] = (const btype *)((const uint8_t *)w + (size_t)(j + r) * ws);   \
             int64_t i = 0;                                                                                    \
-            for (; i + 2 <= m; i += 2) { /* two activation rows share each weight block's side */          \
-                const block_q8_s *xi[2];                                                                      \
-                for (int c = 0; c < 2; c++)                                                                   \
-                    xi[c] = (const block_q8_s *)((const uint8_t *)x + (size_t)(i + c) * xs);                  \
-                float32x4_t acc[4][2];                                                                        \
-                for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = vdupq_n_f32(0.0f);                        \
-                ET_TILE_4xC(wsd, term, 2, wr, xi, nb, acc)                                                    \
-                for (int c = 0; c < 2; c++)                                                                   \
-                    for (int r = 0; r < 4; r++) y[(size_t)(i + c) * ldy + j + r] = vaddvq_f32(acc[r][c]);     \
-            }                                                                                                 \
-            for (; i < m; i++) {                                                                              \
-                const block_q8_s *xi[1] = {(const block_q8_s *)((const uint8_t *)x + (size_t)i * xs)};        \
-                float32x4_t acc[4][1];                                                                        \
-                for (int r = 0; r < 4; r++) acc[r][0] = vdupq_n_f32(0.0f);                                    \
-                ET_TILE_4xC(wsd, term, 1, wr, xi, nb, acc)                                                    \
-                for (int r = 0; r < 4; r++) y[(size_t)i * ldy + j + r] = vaddvq_f32(acc[r][0]);               \
-            }                                                                                                 \
+            for (; i + 2 <= m; i += 2) ET_STEP_4xC(wsd, term, 2); /* two rows share each block's side */      \
+            for (; i < m; i++) ET_STEP_4xC(wsd, term, 1);                                                     \
         }                                                                                                     \
         for (; j < n; j++) {                                                                                  \
             const btype *w0 = (const btype *)((const uint8_t *)w + (size_t)j * ws);                           \
