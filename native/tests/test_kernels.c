@@ -857,11 +857,13 @@ static void wake_task(void *arg, int ith, int nth) {
     atomic_fetch_add(&((wake_job *)arg)->runs[ith], 1);
 }
 
-static int wake_rounds(int rounds) {
+/* rounds jobs, after idle gaps of 0 .. 2.7 ms (gaps: 1) or back to back (gaps: 0, workers still on their way in
+ * from the last job when the next is published) */
+static int wake_rounds(int rounds, int gaps) {
     int bad = 0;
     for (int r = 0; r < rounds; r++) {
         const struct timespec gap = {0, (long)(r % 7) * 450000L}; /* 0 .. 2.7 ms */
-        nanosleep(&gap, NULL);
+        if (gaps) nanosleep(&gap, NULL);
         wake_job j;
         for (int i = 0; i < 4; i++) atomic_init(&j.runs[i], 0);
         const int nth = 2 + r % 3;
@@ -872,13 +874,17 @@ static int wake_rounds(int rounds) {
 }
 
 static void *wake_rounds_thread(void *arg) {
-    *(int *)arg = wake_rounds(150);
+    *(int *)arg = wake_rounds(150, 1);
     return NULL;
 }
 
+static int pool_only; /* --pool: only the tests that run work on the thread pool (the ThreadSanitizer build) */
+
 static void test_pool_wake_up(void) {
     check(et_set_threads(4) == ET_OK, "pool of 4");
-    check(wake_rounds(300) == 0, "thread pool: 300 jobs after idle gaps of 0-2.7 ms, every share run once");
+    check(wake_rounds(300, 1) == 0, "thread pool: 300 jobs after idle gaps of 0-2.7 ms, every share run once");
+    const int burst = pool_only ? 30000 : 3000; /* the ThreadSanitizer build: more chances to catch a worker mid-way */
+    check(wake_rounds(burst, 0) == 0, "thread pool: %d jobs back to back, every share run once", burst);
     pthread_t th;
     pthread_attr_t attr;
     int bad = -1;
@@ -925,8 +931,9 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--expect-isa") && i + 1 < argc) expect_isa = argv[++i];
         else if (!strcmp(argv[i], "--expect-features") && i + 1 < argc) expect_features = argv[++i];
+        else if (!strcmp(argv[i], "--pool")) pool_only = 1;
         else {
-            fprintf(stderr, "usage: %s [--expect-isa LIST] [--expect-features LIST]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--expect-isa LIST] [--expect-features LIST] [--pool]\n", argv[0]);
             return 2;
         }
     }
@@ -945,6 +952,13 @@ int main(int argc, char **argv) {
           "\"neon\" selects the %s table", dotprod ? "SDOT" : "plain NEON");
 #endif
     check(et_set_threads(2) == ET_OK && et_get_threads() == 2, "thread pool of 2");
+    if (pool_only) {
+        test_small_stack_caller();
+        test_pool_wake_up();
+        et_set_threads(1);
+        printf("%d passed, %d failed\n", n_passed, n_failed);
+        return n_failed ? 1 : 0;
+    }
     test_fp16();
     test_quantize_q8_s();
     test_quantize_q8_s_isas();
