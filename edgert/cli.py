@@ -13,7 +13,7 @@ import re
 import sys
 import warnings
 
-from .errors import EdgertError
+from .errors import ContextLengthError, EdgertError
 
 DEFAULT_MODEL = "smollm2-135m"  # kept equal to edgert.llm.DEFAULT_MODEL without importing the LLM stack
 
@@ -124,8 +124,8 @@ def cmd_generate(args) -> int:
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
-    except KeyboardInterrupt:
-        print("\n[stopped]")
+    except KeyboardInterrupt:  # the note on stderr: stdout holds only the generated text
+        print("\n[stopped]", file=sys.stderr)
         return 130
     print()
     if llm.last_result is not None and not args.quiet:
@@ -176,7 +176,8 @@ def cmd_chat(args) -> int:
             print("\n[stopped]", file=sys.stderr)
         except EdgertError as exc:
             # e.g. the conversation outgrew the context: keep the chat alive, drop this turn
-            print(f"\nedgert: error: {exc}", file=sys.stderr)
+            hint = " (type /reset to start a new conversation)" if isinstance(exc, ContextLengthError) else ""
+            print(f"\nedgert: error: {exc}{hint}", file=sys.stderr)
             history.pop()
             continue
         history.append({"role": "assistant", "content": "".join(answer)})

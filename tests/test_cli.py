@@ -42,6 +42,14 @@ def test_chat_session_with_reset_and_exit(tiny_path):
     assert "[conversation cleared]" in r.stderr
 
 
+def test_chat_past_the_context_points_at_reset_and_goes_on(tiny_path):
+    r = edgert_cmd("chat", str(tiny_path), "-n", "4", "--temperature", "0", "--n-ctx", "32",
+                   input="the hat " * 40 + "\n/reset\nhi\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "n_ctx" in r.stderr and "type /reset to start a new conversation" in r.stderr
+    assert r.stderr.count("generated tokens") == 1  # the turn after /reset was answered
+
+
 def test_chat_ends_on_eof(tiny_path):
     r = edgert_cmd("chat", str(tiny_path), "-n", "2", input="hello\n")
     assert r.returncode == 0, r.stderr

@@ -73,6 +73,20 @@ def test_stream_pieces_join_to_generate_text(llm):
     assert llm.last_result.tokens == ref.tokens
 
 
+def test_sampling_arguments_by_position_as_generate_takes_them(llm):
+    ref = llm.generate("the hat", 7, 0.9, 40, 0.95, 0.05, 1.0, 11)
+    assert ref.tokens == llm.generate("the hat", max_tokens=7, temperature=0.9, seed=11).tokens
+    assert "".join(llm.stream("the hat", 7, 0.9, 40, 0.95, 0.05, 1.0, 11)) == ref.text
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = llm.chat(msgs, 5, 0.0)
+    assert chat.tokens == llm.chat(msgs, max_tokens=5, temperature=0.0).tokens
+    assert "".join(llm.chat_stream(msgs, 5, 0.0)) == chat.text
+    with pytest.raises(edgert.InvalidArgumentError, match="both by position and by name"):
+        llm.chat(msgs, 5, max_tokens=6)
+    with pytest.raises(edgert.InvalidArgumentError, match="at most 8 positional"):
+        llm.stream("x", *range(9))
+
+
 def test_timings_are_reported(llm):
     t = llm.generate("the hat", max_tokens=4, temperature=0).timings
     for key in ("load_s", "ttft_s", "prefill_tok_s", "decode_tok_s"):

@@ -225,6 +225,24 @@ def test_template_from_metadata():
         template_from_metadata({"tokenizer.chat_template": 3})
 
 
+def test_a_huge_template_is_refused_before_compiling_and_a_template_compiles_once(monkeypatch):
+    from edgert.llm import chat_template as ct
+
+    huge = "{% if messages %}{{ 'x' }}{% endif %}" * (ct.MAX_TEMPLATE_CHARS // 36 + 1)  # 7 MB took 51 s, 2.5 GB
+    for call in (lambda: template_from_metadata({"tokenizer.chat_template": huge}),
+                 lambda: render(huge, [{"role": "user", "content": "hi"}])):
+        with pytest.raises(ModelFormatError, match=f"more than {ct.MAX_TEMPLATE_CHARS}"):
+            call()
+    compiled = []
+    monkeypatch.setattr(ct, "_compile", ct.functools.lru_cache(maxsize=8)(
+        lambda source: compiled.append(source) or ct._environment().from_string(source)))
+    msgs = [{"role": "user", "content": "hi"}]
+    for _ in range(3):
+        assert render(SMOL_TEMPLATE, msgs) == render(SMOL_TEMPLATE, msgs)
+        render_segments(SMOL_TEMPLATE, msgs)
+    assert compiled == [SMOL_TEMPLATE]
+
+
 # ---------------------------------------------------------------- the real model
 
 @pytest.fixture(scope="module")

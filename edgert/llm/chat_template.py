@@ -4,11 +4,12 @@ immutable sandbox, and split so message content can never be tokenized as templa
 A template comes from a downloaded file and is treated as hostile: it runs in ``ImmutableSandboxedEnvironment``;
 any attempt to touch an unsafe attribute (``__class__``, ``__globals__``, ...) fails at once (the stock sandbox
 would render it as an empty string), and every failure of the template becomes ``ModelFormatError``. Its work is
-bounded as well as its reach: the lines it runs (MAX_TEMPLATE_STEPS) and its wall-clock time (MAX_TEMPLATE_SECONDS)
-are budgeted, and since a filter or operator does its work between two lines, every value it builds is bounded too
-(``range`` to MAX_RANGE_ITEMS, strings and collections to MAX_VALUE_ITEMS, integers to MAX_INT_BITS, integer
-arguments of calls and filters — widths, counts — to MAX_VALUE_ITEMS), so no single step runs for long. ``raise_exception`` in a template means the *messages* break the
-template's rules (say, roles not alternating), so it raises ``InvalidArgumentError``.
+bounded as well as its reach: its size (MAX_TEMPLATE_CHARS, which bounds compiling it; it is compiled once), the
+lines it runs (MAX_TEMPLATE_STEPS) and its wall-clock time (MAX_TEMPLATE_SECONDS) are budgeted, and since a filter
+or operator does its work between two lines, every value it builds is bounded too (``range`` to MAX_RANGE_ITEMS,
+strings and collections to MAX_VALUE_ITEMS, integers to MAX_INT_BITS, integer arguments of calls and filters —
+widths, counts — to MAX_VALUE_ITEMS), so no single step runs for long. ``raise_exception`` in a template means the
+*messages* break the template's rules (say, roles not alternating), so it raises ``InvalidArgumentError``.
 
 ``render_segments`` renders once with each message's content replaced by a unique sentinel of private-use code
 points, then splits the output at the sentinels: the template's own text comes back flagged ``is_markup=True``
@@ -44,6 +45,7 @@ CHATML_TEMPLATE = (
 )
 
 MAX_OUTPUT_CHARS = 1 << 22      # a prompt longer than this is a template bug or an attack
+MAX_TEMPLATE_CHARS = 1 << 18    # real chat templates are under ~20 KB; compiling one costs time and memory by size
 MAX_REPEAT_ITEMS = 1 << 20      # bound on 'x' * n / [..] * n inside a template
 MAX_POWER_EXPONENT = 1024
 # lines of template code one render may execute: a conversation of thousands of messages takes a few hundred
@@ -230,7 +232,20 @@ def template_from_metadata(meta: Mapping[str, object]) -> str:
         return CHATML_TEMPLATE
     if not isinstance(t, str):
         raise ModelFormatError(f"GGUF tokenizer.chat_template must be a string, found {type(t).__name__}")
+    _check_size(t)
     return t
+
+
+def _check_size(source: str) -> None:
+    if len(source) > MAX_TEMPLATE_CHARS:
+        raise ModelFormatError(f"the chat template has {len(source)} characters, more than {MAX_TEMPLATE_CHARS}: "
+                               "broken or hostile — pass a template of your own")
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(source: str):
+    """The compiled template (rendering a compiled template is thread-safe): compiled once, not at every turn."""
+    return _environment().from_string(source)
 
 
 def validate_messages(messages) -> list[dict[str, str]]:
@@ -294,9 +309,9 @@ def _run(template: str | None, messages: list[dict], add_generation_prompt: bool
     source = CHATML_TEMPLATE if template is None else template
     if not isinstance(source, str):
         raise InvalidArgumentError(f"template must be a str or None, got {type(source).__name__}")
-    env = _environment()
+    _check_size(source)
     try:
-        tpl = env.from_string(source)
+        tpl = _compile(source)
         parts, size = [], 0
         with _step_budget(MAX_TEMPLATE_STEPS, MAX_TEMPLATE_SECONDS, SecurityError):
             for piece in tpl.generate(messages=messages, add_generation_prompt=bool(add_generation_prompt),

@@ -186,16 +186,17 @@ class LLM:
                                repeat_penalty, seed, stop)
             return _drain(it)
 
-    def stream(self, prompt: str, **kwargs) -> Iterator[str]:
-        """Yields text pieces as they are decoded (the full result is then in ``last_result``)."""
-        return self._stream(self._iterate(self._prompt_ids(prompt), **_sampling(kwargs)))
+    def stream(self, prompt: str, *args, **kwargs) -> Iterator[str]:
+        """Yields text pieces as they are decoded (the full result is then in ``last_result``); sampling arguments
+        as ``generate``'s, by position or name."""
+        return self._stream(self._iterate(self._prompt_ids(prompt), **_sampling(kwargs, args)))
 
-    def chat(self, messages, **kwargs) -> GenerationResult:
+    def chat(self, messages, *args, **kwargs) -> GenerationResult:
         with self._lock:
-            return _drain(self._iterate(self.chat_tokens(messages), **_sampling(kwargs)))
+            return _drain(self._iterate(self.chat_tokens(messages), **_sampling(kwargs, args)))
 
-    def chat_stream(self, messages, **kwargs) -> Iterator[str]:
-        return self._stream(self._iterate(self.chat_tokens(messages), **_sampling(kwargs)))
+    def chat_stream(self, messages, *args, **kwargs) -> Iterator[str]:
+        return self._stream(self._iterate(self.chat_tokens(messages), **_sampling(kwargs, args)))
 
     def _stream(self, it):
         self.last_result = None
@@ -366,11 +367,18 @@ class LLM:
 _SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "stop")
 
 
-def _sampling(kwargs: dict) -> dict:
+def _sampling(kwargs: dict, args: tuple = ()) -> dict:
+    """The sampling arguments of a call: ``args`` positional in generate's order (_SAMPLING), then ``kwargs``."""
+    if len(args) > len(_SAMPLING):
+        raise InvalidArgumentError(f"at most {len(_SAMPLING)} positional sampling arguments ({', '.join(_SAMPLING)}), "
+                                   f"got {len(args)}")
+    twice = set(_SAMPLING[:len(args)]) & set(kwargs)
+    if twice:
+        raise InvalidArgumentError(f"argument(s) {sorted(twice)} given both by position and by name")
     unknown = set(kwargs) - set(_SAMPLING)
     if unknown:
         raise InvalidArgumentError(f"unknown argument(s) {sorted(unknown)}; expected some of {list(_SAMPLING)}")
-    return kwargs
+    return {**dict(zip(_SAMPLING, args)), **kwargs}
 
 
 def _drain(it) -> GenerationResult:
