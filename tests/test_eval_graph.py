@@ -220,3 +220,21 @@ def test_bad_api_arguments_are_edgert_errors(models, tmp_path):
     rep = edgert.evaluate(ref, ref, random=1, runs=1)
     with pytest.raises(edgert.InvalidArgumentError, match="cannot write the plot .*No such file or directory"):
         rep.plot(tmp_path / "no" / "x.png")
+
+
+def test_identical_tensors_have_exactly_zero_drift(models):
+    """cosine(a, a) was 1 - 1 ulp for about 1 random array in 4 (the dot/norm quotient rounds), so identical models
+    showed drift."""
+    from edgert.eval import metrics as M
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        a = rng.standard_normal(rng.integers(2, 2000)).astype(np.float32)
+        assert M.tensor_metrics(a, a.copy()) == {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0, "sqnr_db": np.inf}
+        b = a + rng.standard_normal(a.size).astype(np.float32) * 0.1
+        r, c = a.astype(np.float64), b.astype(np.float64)
+        assert M.cosine_similarity(a, b) == pytest.approx(r @ c / np.sqrt((r @ r) * (c @ c)), rel=1e-12)
+    _, ref, _, _ = models
+    rep = edgert.evaluate(ref, ref, random=8, runs=1)
+    assert [(t["name"], t["cosine"], t["max_abs"]) for t in rep.tensors] == \
+        [(t["name"], 1.0, 0.0) for t in rep.tensors]
