@@ -238,3 +238,40 @@ def test_identical_tensors_have_exactly_zero_drift(models):
     rep = edgert.evaluate(ref, ref, random=8, runs=1)
     assert [(t["name"], t["cosine"], t["max_abs"]) for t in rep.tensors] == \
         [(t["name"], 1.0, 0.0) for t in rep.tensors]
+
+
+def _swap_classes(model, a=4, b=5):
+    """The mlp with output classes a and b swapped (w2's and b2's columns): every row whose top class is one of
+    them disagrees, the others agree."""
+    for init in model.graph.initializer:
+        if init.name in ("w2", "b2"):
+            w = numpy_helper.to_array(init).copy()
+            w[..., [a, b]] = w[..., [b, a]]
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+    return model
+
+
+def test_top1_and_drift_pool_rows_over_samples_of_different_batch_sizes(models, tmp_path):
+    """Samples of batch 1, 3 and 5 were concatenated into one flat vector, and top-1 read it as a single row (100%
+    for a candidate with two classes swapped)."""
+    from onnx_models import ort_run
+
+    _, ref, _, _ = models
+    cand = tmp_path / "swapped.onnx"
+    onnx.save(_swap_classes(mlp(d_in=64, d_hidden=128, d_out=10)), cand)
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.standard_normal((b, 64)).astype(np.float32)} for b in (1, 3, 5, 2)]
+    ya = np.concatenate([ort_run(ref, s)[0] for s in samples]).astype(np.float64)
+    yb = np.concatenate([ort_run(cand, s)[0] for s in samples]).astype(np.float64)
+    want = 100.0 * np.mean(ya.argmax(1) == yb.argmax(1))
+    assert 0 < want < 100  # the samples hit both swapped and unswapped rows
+    rep = edgert.evaluate(ref, cand, data=samples, runs=1)
+    y = next(t for t in rep.tensors if t["name"] == "y")
+    assert y["top1_pct"] == pytest.approx(want) and rep.metrics["top1_pct"] == pytest.approx(want)
+    # the element-wise metrics pool every sample's values, whatever its shape
+    ya, yb = ya.ravel(), yb.ravel()
+    noise = yb - ya
+    assert y["max_abs"] == pytest.approx(np.abs(noise).max(), rel=1e-5)
+    assert y["rel_l2"] == pytest.approx(np.linalg.norm(noise) / np.linalg.norm(ya), rel=1e-5)
+    assert y["cosine"] == pytest.approx(ya @ yb / (np.linalg.norm(ya) * np.linalg.norm(yb)), rel=1e-5)
+    assert y["sqnr_db"] == pytest.approx(10 * np.log10((ya @ ya) / (noise @ noise)), rel=1e-5)

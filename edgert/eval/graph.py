@@ -190,11 +190,18 @@ def _check_output_shapes(outputs: dict, out_names: list[str]) -> None:
                                        "same outputs")
 
 
-def _stack(values: list[np.ndarray]):
-    shapes = {np.shape(v) for v in values}
-    if len(shapes) != 1:
-        return np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for v in values])
-    return np.stack([np.asarray(v) for v in values])
+def _flat(values: list) -> np.ndarray:
+    """All samples' values as one vector: the tensor metrics pool elements, whatever each sample's shape."""
+    return np.concatenate([np.ravel(v) for v in values])
+
+
+def _class_rows(values: list) -> np.ndarray | None:
+    """All samples' (rows, classes) stacked when every sample is classifier-shaped with one class count, else None.
+    Top-1 is per row: the flat vector of samples of different batch sizes was one single row."""
+    shapes = [np.shape(v) for v in values]
+    if not all(M.classifier_shaped(s) for s in shapes) or len({s[-1] for s in shapes}) != 1:
+        return None
+    return np.concatenate([np.reshape(v, (-1, s[-1])) for v, s in zip(values, shapes)])
 
 
 def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, random: int | None = None,
@@ -279,10 +286,10 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
             continue
         if not is_out and _shape_mismatch(a, b):  # outputs' shapes were checked before these were read
             continue
-        ra, rb = _stack(a), _stack(b)
-        row = {"name": name, "output": is_out, "shape": list(np.shape(a[0])), **M.tensor_metrics(ra, rb)}
-        if is_out and M.classifier_shaped(np.shape(a[0])):
-            row["top1_pct"] = M.top1_agreement(ra, rb) * 100.0
+        row = {"name": name, "output": is_out, "shape": list(np.shape(a[0])), **M.tensor_metrics(_flat(a), _flat(b))}
+        rows_a = _class_rows(a) if is_out else None
+        if rows_a is not None:  # b's shapes are a's: checked with the outputs
+            row["top1_pct"] = M.top1_agreement(rows_a, _class_rows(b)) * 100.0
         row["crossed"] = [m for m, v, d, lim in T.check("graph", row, {k: limits.get(k) for k in TENSOR_METRICS})]
         rows.append(row)
     first = next((r["name"] for r in rows if r["crossed"]), None)
