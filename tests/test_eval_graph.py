@@ -275,3 +275,31 @@ def test_top1_and_drift_pool_rows_over_samples_of_different_batch_sizes(models, 
     assert y["rel_l2"] == pytest.approx(np.linalg.norm(noise) / np.linalg.norm(ya), rel=1e-5)
     assert y["cosine"] == pytest.approx(ya @ yb / (np.linalg.norm(ya) * np.linalg.norm(yb)), rel=1e-5)
     assert y["sqnr_db"] == pytest.approx(10 * np.log10((ya @ ya) / (noise @ noise)), rel=1e-5)
+
+
+def test_outputs_with_no_finite_values_to_compare_fail_the_gate(tmp_path):
+    """An output whose values are NaN in the same places on both sides left nothing to measure, yet scored cosine 1
+    and SQNR inf and passed; and min() over the outputs dropped a NaN that came second."""
+    from onnx import TensorProto, helper
+
+    from edgert.eval import metrics as M
+    from onnx_models import _model, ort_run
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("a", "b")]
+    path = tmp_path / "abs_log.onnx"
+    onnx.save(_model([helper.make_node("Abs", ["x"], ["a"]), helper.make_node("Log", ["x"], ["b"])], [x], outs), path)
+    sample = {"x": -np.arange(1, 5, dtype=np.float32).reshape(1, 4)}
+    a, b = ort_run(path, sample)
+    assert np.isfinite(a).all() and not np.isfinite(b).any()  # b: NaN everywhere, on both sides
+    with np.errstate(invalid="ignore"):
+        rep = edgert.evaluate(str(path), str(path), data=sample, runs=1)
+    rows = {t["name"]: t for t in rep.tensors}
+    assert rows["a"]["cosine"] == 1.0 and not rows["a"]["crossed"]
+    assert all(np.isnan(rows["b"][k]) for k in ("cosine", "sqnr_db", "rel_l2", "max_abs"))
+    assert not rep.passed and {"cosine", "sqnr_db", "rel_l2"} <= {f.metric for f in rep.failures}
+    assert np.isnan(rep.metrics["cosine"]) and rep.first_divergence == "b"
+    assert any(n.startswith("b: no finite values to compare") for n in rep.notes)
+    nan = np.full(5, np.nan)
+    for ra, rb in ((nan, nan), (np.zeros(0), np.zeros(0))):
+        assert all(np.isnan(v) for v in M.tensor_metrics(ra, rb).values())

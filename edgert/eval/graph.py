@@ -204,6 +204,14 @@ def _class_rows(values: list) -> np.ndarray | None:
     return np.concatenate([np.reshape(v, (-1, s[-1])) for v, s in zip(values, shapes)])
 
 
+def _worst(values: list, direction: str) -> float:
+    """The worst of the outputs' values for a threshold of ``direction`` ("min": the lowest); NaN (nothing measured)
+    when any is NaN, which min and max would keep or drop by its place in the list."""
+    if any(v != v for v in values):
+        return float("nan")
+    return min(values) if direction == "min" else max(values)
+
+
 def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, random: int | None = None,
                    seed: int = 0, runs: int | None = None, intermediates: bool = True, progress=None) -> EvalReport:
     t_start = time.perf_counter()
@@ -293,17 +301,18 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
         row["crossed"] = [m for m, v, d, lim in T.check("graph", row, {k: limits.get(k) for k in TENSOR_METRICS})]
         rows.append(row)
     first = next((r["name"] for r in rows if r["crossed"]), None)
+    unmeasured = [r["name"] for r in rows if any(r[k] != r[k] for k in TENSOR_METRICS if k in r)]
+    if unmeasured:
+        notes.append(f"{', '.join(unmeasured)}: no finite values to compare (NaN or ±inf in the same places on both "
+                     "sides, or empty): their metrics are nan, which fails every threshold")
 
     outs = [r for r in rows if r["output"]]
     if not outs:  # a gate over no outputs would pass whatever the candidate computes
         raise InvalidArgumentError("no output could be compared: edgert compares floating-point outputs, and the "
                                    "reference's vs the candidate's are "
                                    + (", ".join(skipped[n] for n in out_names if n in skipped) or "none"))
-    m: dict = {"cosine": min(r["cosine"] for r in outs), "sqnr_db": min(r["sqnr_db"] for r in outs),
-               "rel_l2": max(r["rel_l2"] for r in outs), "max_abs": max(r["max_abs"] for r in outs)}
-    tops = [r["top1_pct"] for r in outs if "top1_pct" in r]
-    if tops:
-        m["top1_pct"] = min(tops)
+    m: dict = {k: _worst([r[k] for r in outs if k in r], t.direction)
+               for k, t in T.GRAPH_THRESHOLDS.items() if any(k in r for r in outs)}
     m["samples"] = len(samples)
     m["outputs_compared"] = len(outs)
     m["intermediates_compared"] = len(rows) - len(outs)
@@ -334,7 +343,7 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
     else:
         phrase = ratio_phrase(rs["energy_wh_per_1k"], cs["energy_wh_per_1k"], "energy per 1,000 inferences")
     q = (f"SQNR {m['sqnr_db']:.1f} dB, cosine {m['cosine']:.4f}" if outs else "no outputs compared")
-    if tops:
+    if "top1_pct" in m:
         q += f", top-1 {m['top1_pct']:.1f}%"
     verdict = f"candidate: {phrase} at {q} — {'PASS' if not failures else 'FAIL'}"
     if first:
