@@ -133,15 +133,18 @@ def test_mismatched_models_and_bad_sample_options_are_clear_errors(models, tmp_p
     # an output of another shape used to be skipped, leaving nothing compared and the gate passing
     with pytest.raises(edgert.InvalidArgumentError, match=r"output 'y' has shape \[1, 10\].*\[1, 5\]"):
         edgert.evaluate(ref, other, random=2, runs=1)
-    # integer outputs only: nothing edgert can measure drift on is an error, not a PASS over zero outputs
+    # an output that is float on one side only is not the same output either
     amax = mlp(d_in=64, d_hidden=128, d_out=10)
-    amax.graph.node.append(helper.make_node("ArgMax", ["y"], ["cls"], name="argmax", axis=1))
+    amax.graph.node.append(helper.make_node("ArgMax", ["h5"], ["y_id"], name="argmax", axis=1))
+    amax.graph.node[-2].output[0] = "y_relu"  # relu2 no longer produces y: the int64 ArgMax output takes its name
+    amax.graph.node[-1].output[0] = "y"
     del amax.graph.output[:]
-    amax.graph.output.append(helper.make_tensor_value_info("cls", TensorProto.INT64, ["batch", 1]))
+    amax.graph.output.append(helper.make_tensor_value_info("y", TensorProto.INT64, ["batch", 1]))
     ids = tmp_path / "argmax.onnx"
     onnx.save(amax, ids)
-    with pytest.raises(edgert.InvalidArgumentError, match="no output could be compared.*'cls' \\(int64 vs int64\\)"):
-        edgert.evaluate(ids, ids, random=2, runs=1)
+    with pytest.raises(edgert.InvalidArgumentError, match="output 'y' is float32 in the reference but int64 in the "
+                                                          "candidate"):
+        edgert.evaluate(ref, ids, random=2, runs=1)
     for kw in ({"random": 0}, {"random": -1}, {"runs": 0}):
         with pytest.raises(edgert.InvalidArgumentError, match="must be an int >= 1"):
             edgert.evaluate(ref, ref, **kw)
@@ -303,3 +306,47 @@ def test_outputs_with_no_finite_values_to_compare_fail_the_gate(tmp_path):
     nan = np.full(5, np.nan)
     for ra, rb in ((nan, nan), (np.zeros(0), np.zeros(0))):
         assert all(np.isnan(v) for v in M.tensor_metrics(ra, rb).values())
+
+
+def test_integer_and_bool_outputs_are_compared_exactly(tmp_path):
+    """An int64 ArgMax and a bool output were left out of the comparison and the gate (an ArgMin candidate passed),
+    and an integer-only model was refused. They are compared element by element: mismatch_pct, gated at 0."""
+    from onnx import TensorProto, helper
+
+    from onnx_models import ort_run
+
+    def build(op):
+        m = mlp(d_in=8, d_hidden=16, d_out=4)
+        m.graph.node.extend([helper.make_node(op, ["y"], ["label"], axis=1, keepdims=0),
+                             helper.make_node("Greater", ["h5", "y"], ["neg"])])
+        m.graph.output.extend([helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+                               helper.make_tensor_value_info("neg", TensorProto.BOOL, ["batch", 4])])
+        return m
+
+    ref, cand = tmp_path / "argmax.onnx", tmp_path / "argmin.onnx"
+    onnx.save(build("ArgMax"), ref)
+    onnx.save(build("ArgMin"), cand)
+    rng = np.random.default_rng(3)
+    samples = [{"x": rng.standard_normal((b, 8)).astype(np.float32)} for b in (4, 3, 5)]
+    la = np.concatenate([ort_run(ref, s)[1] for s in samples])
+    lb = np.concatenate([ort_run(cand, s)[1] for s in samples])
+    want = 100.0 * np.mean(la != lb)
+    assert want > 0
+    rep = edgert.evaluate(ref, cand, data=samples, runs=1)
+    rows = {t["name"]: t for t in rep.tensors}
+    assert rows["label"]["mismatch_pct"] == pytest.approx(want) and rows["label"]["dtype"] == "int64"
+    assert rows["neg"]["mismatch_pct"] == 0.0 and rows["neg"]["dtype"] == "bool"  # the same mask on both sides
+    assert rep.metrics["mismatch_pct"] == pytest.approx(want) and rep.metrics["outputs_compared"] == 3
+    assert not rep.passed and [f.metric for f in rep.failures] == ["mismatch_pct"]
+    assert rep.first_divergence == "label" and "label" in rep.failures[0]
+    js = json.loads(rep.to_json())
+    assert {t["name"] for t in js["tensors"] if t["output"]} == {"y", "label", "neg"}
+    same = edgert.evaluate(ref, ref, data=samples, runs=1)
+    assert same.passed and same.metrics["mismatch_pct"] == 0.0
+    # an integer-only model is compared too (it was refused: "no output could be compared")
+    only = build("ArgMax")
+    del only.graph.output[:]
+    only.graph.output.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]))
+    onnx.save(only, tmp_path / "only.onnx")
+    rep = edgert.evaluate(tmp_path / "only.onnx", tmp_path / "only.onnx", data=samples, runs=1)
+    assert rep.passed and set(rep.metrics) >= {"mismatch_pct"} and "cosine" not in rep.metrics

@@ -1,12 +1,13 @@
 """Graph-model evaluation: a reference and a candidate ONNX or .tflite model, each run through ``edgert.Session`` on its own
 device profile (emulated when the device is not on this machine), fed the same samples.
 
-Compared: every graph output, and every intermediate tensor both graphs produce under the same name (quantizers
-keep the float tensor names of the nodes they rewrite, so a float model and its int8 version share most of them).
-Intermediates are read from a second pair of sessions whose models list them as extra outputs, so the timed
-sessions and their bytes moved are those of the unmodified models. Tensors are visited in the reference's
-topological order; the first one over a tensor threshold (cosine, SQNR, rel L2, max abs) is ``first_divergence``.
-The gate checks the outputs (worst output per metric, and top-1 of classifier-shaped outputs).
+Compared: every graph output (float ones by drift, integer and bool ones exactly), and every float intermediate
+tensor both graphs produce under the same name (quantizers keep the float tensor names of the nodes they rewrite,
+so a float model and its int8 version share most of them). Intermediates are read from a second pair of sessions
+whose models list them as extra outputs, so the timed sessions and their bytes moved are those of the unmodified
+models. Tensors are visited in the reference's topological order; the first one over a tensor threshold (cosine,
+SQNR, rel L2, max abs, mismatch) is ``first_divergence``. The gate checks the outputs (worst output per metric,
+and top-1 of classifier-shaped outputs).
 
 This module runs models and measures; it must not print.
 """
@@ -27,7 +28,7 @@ from .report import EvalReport, Failure, Side, cost_model, per_units, ratio_phra
 
 DEFAULT_RANDOM = 8
 MIN_TIMED_RUNS = 20
-TENSOR_METRICS = ("cosine", "sqnr_db", "rel_l2", "max_abs")
+TENSOR_METRICS = ("cosine", "sqnr_db", "rel_l2", "max_abs", "mismatch_pct")  # a row has the first four or the last
 _FLOAT = ("float32", "float16", "float64", "bfloat16")
 
 
@@ -177,13 +178,18 @@ def _shape_mismatch(a: list, b: list):
     return next(((x, y) for x, y in zip(a, b) if np.shape(x) != np.shape(y)), None)
 
 
-def _check_output_shapes(outputs: dict, out_names: list[str]) -> None:
-    """Refuse a candidate whose floating-point output has another shape than the reference's: it does not compute
-    what the reference does, so there is no drift to measure and no point in reading intermediates."""
+def _check_outputs(outputs: dict, out_names: list[str]) -> None:
+    """Refuse a candidate whose output has another shape than the reference's, or is float on one side only: it
+    does not compute what the reference does, so there is no drift to measure and no point in reading
+    intermediates."""
     for name in out_names:
         a = [s[name] for s in outputs["reference"]]
         b = [s[name] for s in outputs["candidate"]]
-        bad = _shape_mismatch(a, b) if _all_float(a + b) else None  # other dtypes are reported as skipped
+        if _all_float(a) != _all_float(b):
+            raise InvalidArgumentError(f"output {name!r} is {np.asarray(a[0]).dtype.name} in the reference but "
+                                       f"{np.asarray(b[0]).dtype.name} in the candidate: the models do not compute "
+                                       "the same outputs")
+        bad = _shape_mismatch(a, b)
         if bad:
             raise InvalidArgumentError(f"output {name!r} has shape {list(np.shape(bad[0]))} in the reference but "
                                        f"{list(np.shape(bad[1]))} in the candidate: the models do not compute the "
@@ -242,6 +248,8 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
     samples = _samples(data, inputs, random, seed)
     out_names = [o.name for o in sessions["reference"].get_outputs()]
     cand_out = {o.name for o in sessions["candidate"].get_outputs()}
+    if not out_names:  # a gate over no outputs would pass whatever the candidate computes
+        raise InvalidArgumentError("the reference model has no outputs: nothing to compare")
     missing = [n for n in out_names if n not in cand_out]
     if missing:
         raise InvalidArgumentError(f"the candidate lacks output(s) {missing} of the reference")
@@ -267,7 +275,7 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
         sess.close()
         if progress:
             progress(n + 1, 3 if intermediates else 2)
-    _check_output_shapes(outputs, out_names)
+    _check_outputs(outputs, out_names)
 
     # shared intermediates, topological order of the reference
     models = {}
@@ -282,19 +290,21 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
     if progress and intermediates:
         progress(3, 3)
 
-    rows, skipped = [], {}
+    rows = []
     order = {n: i for i, n in enumerate(ref_order)}
     for name in sorted(set(shared) | set(out_names), key=lambda n: order.get(n, len(order))):
         is_out = name in out_names
         src = outputs if is_out else inter
         a = [s[name] for s in src["reference"]]
         b = [s[name] for s in src["candidate"]]
-        if not _all_float(a + b):
-            skipped[name] = f"{name!r} ({np.asarray(a[0]).dtype.name} vs {np.asarray(b[0]).dtype.name})"
+        exact = not _all_float(a + b)  # outputs: both sides (checked); intermediates read as float may not be
+        if not is_out and (exact or _shape_mismatch(a, b)):  # outputs' shapes were checked before these were read
             continue
-        if not is_out and _shape_mismatch(a, b):  # outputs' shapes were checked before these were read
-            continue
-        row = {"name": name, "output": is_out, "shape": list(np.shape(a[0])), **M.tensor_metrics(_flat(a), _flat(b))}
+        row = {"name": name, "output": is_out, "shape": list(np.shape(a[0])), "dtype": np.asarray(a[0]).dtype.name}
+        if exact:  # integer, bool: a class id or a mask is right or wrong, no drift to measure
+            row["mismatch_pct"] = M.mismatch_fraction(_flat(a), _flat(b)) * 100.0
+        else:
+            row.update(M.tensor_metrics(_flat(a), _flat(b)))
         rows_a = _class_rows(a) if is_out else None
         if rows_a is not None:  # b's shapes are a's: checked with the outputs
             row["top1_pct"] = M.top1_agreement(rows_a, _class_rows(b)) * 100.0
@@ -306,11 +316,7 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
         notes.append(f"{', '.join(unmeasured)}: no finite values to compare (NaN or ±inf in the same places on both "
                      "sides, or empty): their metrics are nan, which fails every threshold")
 
-    outs = [r for r in rows if r["output"]]
-    if not outs:  # a gate over no outputs would pass whatever the candidate computes
-        raise InvalidArgumentError("no output could be compared: edgert compares floating-point outputs, and the "
-                                   "reference's vs the candidate's are "
-                                   + (", ".join(skipped[n] for n in out_names if n in skipped) or "none"))
+    outs = [r for r in rows if r["output"]]  # every output: float ones by drift, the others exactly
     m: dict = {k: _worst([r[k] for r in outs if k in r], t.direction)
                for k, t in T.GRAPH_THRESHOLDS.items() if any(k in r for r in outs)}
     m["samples"] = len(samples)
@@ -342,9 +348,12 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
         phrase = ratio_phrase(rs["cost_usd_per_1k"], cs["cost_usd_per_1k"], "per 1,000 inferences")
     else:
         phrase = ratio_phrase(rs["energy_wh_per_1k"], cs["energy_wh_per_1k"], "energy per 1,000 inferences")
-    q = (f"SQNR {m['sqnr_db']:.1f} dB, cosine {m['cosine']:.4f}" if outs else "no outputs compared")
+    q = [f"SQNR {m['sqnr_db']:.1f} dB, cosine {m['cosine']:.4f}"] if "cosine" in m else []
     if "top1_pct" in m:
-        q += f", top-1 {m['top1_pct']:.1f}%"
+        q.append(f"top-1 {m['top1_pct']:.1f}%")
+    if "mismatch_pct" in m:
+        q.append(f"{m['mismatch_pct']:.2f}% of integer/bool output elements differ")
+    q = ", ".join(q)
     verdict = f"candidate: {phrase} at {q} — {'PASS' if not failures else 'FAIL'}"
     if first:
         verdict += f" (first divergence: {first})"

@@ -12,6 +12,7 @@ Everything is computed in float64 from float32 inputs. Definitions (also in docs
 - ``cosine``: <ref, cand> / (||ref|| ||cand||) over the flattened tensors (exactly 1 when they are equal, all zeros
   included).
 - ``sqnr_db``: 10 log10(||ref||^2 / ||cand - ref||^2) (inf for identical tensors).
+- ``mismatch``: the fraction of elements that differ, for integer and bool tensors (compared exactly).
 
 Non-finite values the two sides share (NaN and NaN, inf and inf) are left out; one side's alone gives the worst
 score. With no finite pair left to measure (every value NaN, or empty tensors) every tensor metric is NaN.
@@ -157,6 +158,14 @@ def top1_agreement(ref, cand) -> float:
     r = r.reshape(-1, r.shape[-1])
     c = c.reshape(-1, c.shape[-1])
     return float(np.mean(r.argmax(-1) == c.argmax(-1))) if r.shape[0] else float("nan")
+
+
+def mismatch_fraction(ref, cand) -> float:
+    """Fraction of elements that differ, for tensors compared exactly (integer, bool); NaN when there are none."""
+    r, c = np.asarray(ref), np.asarray(cand)
+    if r.shape != c.shape:
+        raise ShapeError(f"tensors differ in shape: reference {r.shape}, candidate {c.shape}")
+    return float(np.mean(r != c)) if r.size else math.nan
 
 
 def classifier_shaped(shape) -> bool:
