@@ -350,3 +350,42 @@ def test_integer_and_bool_outputs_are_compared_exactly(tmp_path):
     onnx.save(only, tmp_path / "only.onnx")
     rep = edgert.evaluate(tmp_path / "only.onnx", tmp_path / "only.onnx", data=samples, runs=1)
     assert rep.passed and set(rep.metrics) >= {"mismatch_pct"} and "cosine" not in rep.metrics
+
+
+def _ort_tensors(path, names, feeds):
+    """Named tensors of a model on plain onnxruntime (listed as extra outputs, graph optimizations off)."""
+    import onnxruntime as ort
+
+    m = onnx.load(path)
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def test_honest_int8_static_candidate_has_no_false_first_divergence(tmp_path):
+    """onnxruntime's QDQ quantizer fuses Relu into the Conv before it and names the Conv's output after the Relu's
+    (r1): matched by name alone, a pre-activation tensor was compared with a post-activation one and named as the
+    first divergence of an honest int8-static candidate."""
+    from onnx_models import convnet
+
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    for i in range(8):
+        np.save(cal / f"{i}.npy", np.random.default_rng(i).standard_normal((1, 3, 16, 16)).astype(np.float32))
+    ref, cand = tmp_path / "f32.onnx", tmp_path / "int8.onnx"
+    onnx.save(convnet(), ref)
+    quantize_onnx(ref, cand, "int8-static", calibration=cal)
+    rep = edgert.evaluate(ref, cand, data=cal, runs=1)
+    assert rep.passed and rep.first_divergence is None, rep.failures
+    assert [t["name"] for t in rep.tensors] == ["p1", "c2", "g", "y"]
+    assert any("r1 (Relu vs Conv)" in n for n in rep.notes)
+    feeds = [{"x": np.load(cal / f"{i}.npy")} for i in range(8)]
+    a = [_ort_tensors(ref, ["r1", "c2"], f) for f in feeds]
+    b = [_ort_tensors(cand, ["r1", "c2"], f) for f in feeds]
+    assert all((s["r1"] >= 0).all() for s in a) and any((s["r1"] < 0).any() for s in b)  # pre- vs post-activation
+    ra = np.concatenate([s["c2"].ravel() for s in a]).astype(np.float64)
+    rb = np.concatenate([s["c2"].ravel() for s in b]).astype(np.float64)
+    c2 = next(t for t in rep.tensors if t["name"] == "c2")
+    assert c2["sqnr_db"] == pytest.approx(10 * np.log10((ra @ ra) / ((rb - ra) @ (rb - ra))), rel=1e-4)

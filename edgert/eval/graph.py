@@ -2,8 +2,8 @@
 device profile (emulated when the device is not on this machine), fed the same samples.
 
 Compared: every graph output (float ones by drift, integer and bool ones exactly), and every float intermediate
-tensor both graphs produce under the same name (quantizers keep the float tensor names of the nodes they rewrite,
-so a float model and its int8 version share most of them). Intermediates are read from a second pair of sessions
+tensor both graphs produce under the same name and with the same op (``_computing_ops``: quantizers mostly keep the
+float tensor names of the nodes they rewrite, but a fused op leaves its name on the op before it). Intermediates are read from a second pair of sessions
 whose models list them as extra outputs, so the timed sessions and their bytes moved are those of the unmodified
 models. Tensors are visited in the reference's topological order; the first one over a tensor threshold (cosine,
 SQNR, rel L2, max abs, mismatch) is ``first_divergence``. The gate checks the outputs (worst output per metric,
@@ -121,6 +121,41 @@ def _float_outputs(model) -> dict[str, int]:
             if o and o not in order and elem.get(o, onnx.TensorProto.FLOAT) in floats:
                 order[o] = len(order)
     return order
+
+
+# quantized kernels by the float op they stand for: int8-dynamic, QOperator and int4 rewrites keep its output name
+_FLOAT_OP = {"MatMulInteger": "MatMul", "MatMulNBits": "MatMul", "QLinearMatMul": "MatMul",
+             "DynamicQuantizeMatMul": "MatMul", "ConvInteger": "Conv", "QLinearConv": "Conv", "QGemm": "Gemm",
+             "QLinearAdd": "Add", "QLinearMul": "Mul", "QLinearSigmoid": "Sigmoid", "QLinearLeakyRelu": "LeakyRelu",
+             "QLinearAveragePool": "AveragePool", "QLinearGlobalAveragePool": "GlobalAveragePool",
+             "QLinearConcat": "Concat", "QLinearSoftmax": "Softmax"}
+_INTEGER_OPS = ("MatMulInteger", "ConvInteger")  # int32 out: int8-dynamic rescales them with Cast -> Mul
+
+
+def _computing_ops(model) -> dict[str, str]:
+    """Node output name -> the op that computes it, seen as the float model would have it: through the Q/DQ pairs
+    and Casts wrapped around a value and the Mul that rescales an integer MatMul/Conv, quantized kernels by their
+    float op. Intermediates are matched on name and this op: onnxruntime's QDQ quantizer fuses a Relu into the Conv
+    before it and gives the Conv's output, pre-activation, the Relu's output name."""
+    prod = {o: n for n in model.graph.node for o in n.output if o}
+
+    def through_cast(n):
+        return prod.get(n.input[0], n) if n is not None and n.op_type == "Cast" else n
+
+    def op(n) -> str:
+        while True:
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast") and n.input[0] in prod:
+                n = prod[n.input[0]]
+                continue
+            if n.op_type == "Mul":
+                src = [through_cast(prod.get(i)) for i in n.input]
+                integer = next((p for p in src if p is not None and p.op_type in _INTEGER_OPS), None)
+                if integer is not None:
+                    n = integer
+                    continue
+            return _FLOAT_OP.get(n.op_type, n.op_type)
+
+    return {o: op(n) for o, n in prod.items()}
 
 
 def _with_outputs(model, names: list[str]):
@@ -285,7 +320,13 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
         models = {k: onnx.load(s.path) for k, s in sides_in.items()}
     ref_order = _float_outputs(models["reference"]) if intermediates else {}
     cand_order = _float_outputs(models["candidate"]) if intermediates else {}
-    shared = [n for n in ref_order if n in cand_order and n not in out_names]
+    same_name = [n for n in ref_order if n in cand_order and n not in out_names]
+    ops = {k: _computing_ops(models[k]) for k in models}
+    shared = [n for n in same_name if ops["reference"][n] == ops["candidate"][n]]
+    if len(shared) < len(same_name):
+        notes.append("not compared, the candidate computes them with another op (a fused op leaves its output name "
+                     "on the op before it): " + ", ".join(f"{n} ({ops['reference'][n]} vs {ops['candidate'][n]})"
+                                                          for n in same_name if n not in shared))
     inter = {k: _run_intermediates(models.get(k), shared, sides_in[k], emulate[k], samples, notes) for k in sides_in}
     if progress and intermediates:
         progress(3, 3)
