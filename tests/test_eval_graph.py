@@ -389,3 +389,29 @@ def test_honest_int8_static_candidate_has_no_false_first_divergence(tmp_path):
     rb = np.concatenate([s["c2"].ravel() for s in b]).astype(np.float64)
     c2 = next(t for t in rep.tensors if t["name"] == "c2")
     assert c2["sqnr_db"] == pytest.approx(10 * np.log10((ra @ ra) / ((rb - ra) @ (rb - ra))), rel=1e-4)
+
+
+def test_int4_candidate_intermediates_run_through_the_session(models, tmp_path):
+    """onnx's shape inference cannot see through com.microsoft's MatMulNBits, so the intermediates added as outputs
+    had no shape, onnx.checker (and so the Session) refused the model, and they were read on plain onnxruntime."""
+    from edgert.eval import graph
+
+    _, ref, _, _ = models
+    int4 = tmp_path / "mlp_int4.onnx"
+    quantize_onnx(ref, int4, "int4")
+    aug = graph._with_outputs(onnx.load(int4), ["h1", "h4", "h5"])
+    onnx.checker.check_model(aug)
+    assert [(o.name, o.type.tensor_type.elem_type, len(o.type.tensor_type.shape.dim)) for o in aug.graph.output[1:]] \
+        == [("h1", onnx.TensorProto.FLOAT, 2), ("h4", onnx.TensorProto.FLOAT, 2), ("h5", onnx.TensorProto.FLOAT, 2)]
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.standard_normal((2, 64)).astype(np.float32)} for _ in range(3)]
+    rep = edgert.evaluate(ref, int4, data=samples, runs=1)
+    assert not any("plain onnxruntime" in n for n in rep.notes), rep.notes
+    assert [t["name"] for t in rep.tensors] == ["h1", "h2", "h3", "h4", "h5", "y"]
+    a = [_ort_tensors(ref, ["h1", "h4"], s) for s in samples]
+    b = [_ort_tensors(int4, ["h1", "h4"], s) for s in samples]
+    for name in ("h1", "h4"):
+        ra = np.concatenate([s[name].ravel() for s in a]).astype(np.float64)
+        rb = np.concatenate([s[name].ravel() for s in b]).astype(np.float64)
+        row = next(t for t in rep.tensors if t["name"] == name)
+        assert row["sqnr_db"] == pytest.approx(10 * np.log10((ra @ ra) / ((rb - ra) @ (rb - ra))), rel=1e-3)

@@ -158,7 +158,20 @@ def _computing_ops(model) -> dict[str, str]:
     return {o: op(n) for o, n in prod.items()}
 
 
+def _ort_session(model):
+    """A plain onnxruntime session of ``model`` with graph optimizations off, so every named tensor is kept."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3  # its notices about merging the shapes of the added outputs
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def _with_outputs(model, names: list[str]):
+    """``model`` with ``names`` as extra graph outputs, each with the element type and rank onnx.checker (so
+    edgert's Session) requires of an output: from onnx's shape inference or, for tensors behind an op it does not
+    know (com.microsoft's MatMulNBits in an int4 model), from onnxruntime's, which runs that op."""
     import onnx
 
     m = onnx.ModelProto()
@@ -169,14 +182,22 @@ def _with_outputs(model, names: list[str]):
         inferred = []
     known = {vi.name: vi for vi in [*inferred, *m.graph.value_info] if vi.type.HasField("tensor_type")}
     have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            vi = onnx.ValueInfoProto()
-            if n in known:
-                vi.CopyFrom(known[n])
-            else:  # type unknown to inference: float is what the comparison reads
-                vi = onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-            m.graph.output.append(vi)
+    added = [n for n in names if n not in have]
+    for n in added:  # float until typed: float is what the comparison reads
+        m.graph.output.append(known.get(n) or onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    untyped = [vi for vi in m.graph.output[len(m.graph.output) - len(added):]
+               if not vi.type.tensor_type.HasField("shape")]
+    if untyped:
+        try:
+            seen = {o.name: o for o in _ort_session(m).get_outputs()}
+        except Exception:  # left as they are: the Session refuses them and they are read on onnxruntime
+            seen = {}
+        for vi in untyped:
+            o = seen.get(vi.name)
+            elem = o.type[len("tensor("):-1].upper() if o is not None and o.type.startswith("tensor(") else None
+            if elem in onnx.TensorProto.DataType.keys():
+                dims = [d if isinstance(d, str) or (isinstance(d, int) and d >= 0) else None for d in o.shape]
+                vi.CopyFrom(onnx.helper.make_tensor_value_info(vi.name, onnx.TensorProto.DataType.Value(elem), dims))
     return m
 
 
@@ -195,12 +216,8 @@ def _run_intermediates(model, names, side, emulate, samples, notes) -> list[dict
         sess.close()
         return res
     except Exception as exc:  # the plan or a delegate refused the augmented graph: read them on onnxruntime
-        import onnxruntime as ort
-
         notes.append(f"{side.label}: intermediates read with plain onnxruntime (Session: {type(exc).__name__}: {exc})")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
-        sess = ort.InferenceSession(aug.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = _ort_session(aug)
         return [dict(zip(names, sess.run(names, s))) for s in samples]
 
 
