@@ -36,8 +36,9 @@ def models(tmp_path_factory):
     return d, f32, q40
 
 
-def _scrambled(src, dst, layer=1):
-    """src with layer `layer`'s ffn_down rows permuted (same values, wrong places)."""
+def _scrambled(src, dst, layer=1, names=None):
+    """src with layer `layer`'s ffn_down rows (or those of the tensors `names`) permuted (same values, wrong
+    places)."""
     from edgert.formats.gguf import open_gguf
 
     w = gguf.GGUFWriter(str(dst), "llama")
@@ -51,7 +52,7 @@ def _scrambled(src, dst, layer=1):
     rng = np.random.default_rng(0)
     for name in g.tensors:
         a = np.array(g.tensor_array(name))
-        if name == f"blk.{layer}.ffn_down.weight":
+        if name in (names or [f"blk.{layer}.ffn_down.weight"]):
             a = a[rng.permutation(a.shape[0])]
         w.add_tensor(name, a)
     g.close()
@@ -101,6 +102,33 @@ def test_scrambled_layer_fails_and_is_named(models, tmp_path):
     assert not rep.passed
     assert {f.metric for f in rep.failures} & {"kl_mean", "top1_pct", "ppl_delta_pct"}
     assert rep.first_divergence == "blk.1.ffn_down.weight"
+
+
+def test_first_divergence_is_the_first_changed_weight_in_compute_order(tmp_path):
+    """The weights were visited as the spec lists them (token_embd, output_norm, output, then the blocks), so a
+    scrambled output head was named before a scrambled block 0, which the model computes with first."""
+    from edgert.formats.gguf import open_gguf
+
+    src, bad = tmp_path / "untied.gguf", tmp_path / "bad.gguf"
+    write_tiny_llama(src, fmt="f32", embd_fmt="f32", tied=False, seed=5)
+    _scrambled(src, bad, names=["output.weight", "blk.0.ffn_down.weight"])
+    rep = edgert.evaluate(src, bad, _text(300), ctx=CTX, chunks=1)
+    ga, gb = open_gguf(src), open_gguf(bad)
+    n_layers = 1 + max(int(n.split(".")[1]) for n in ga.tensors if n.startswith("blk."))
+    order = ["token_embd.weight", *(n for i in range(n_layers) for n in ga.tensors if n.startswith(f"blk.{i}.")),
+             "output_norm.weight", "output.weight"]
+    assert [t["name"] for t in rep.tensors] == order
+
+    def sqnr(name):
+        a, b = (np.array(g.tensor_array(name), dtype=np.float64) for g in (ga, gb))
+        noise = ((b - a) ** 2).sum()
+        return np.inf if noise == 0 else 10 * np.log10((a * a).sum() / noise)
+
+    want = next(n for n in order if sqnr(n) < 10)
+    ga.close()
+    gb.close()
+    assert want == "blk.0.ffn_down.weight" and rep.first_divergence == want
+    assert "first changed weight: blk.0.ffn_down.weight" in rep.failures[0]
 
 
 def test_identical_models_zero_drift_and_threads(models):

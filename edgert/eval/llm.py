@@ -70,11 +70,13 @@ def _greedy(llm, prompt: list[int], n: int) -> tuple[list[int], float]:
 
 
 def _weight_drift(ref_llm, cand_llm) -> list[dict]:
-    """Per weight tensor (model order) present in both files with one shape: SQNR, rel L2 and types."""
+    """Per weight tensor present in both files with one shape, in the order the model computes with them (token
+    embedding, blocks 0..n-1, output norm, output; the spec lists the last two after the embedding, as the C decoder
+    takes them): SQNR, rel L2 and types."""
     rows = []
     rg, cg = ref_llm.model.gguf, cand_llm.model.gguf
     seen = set()
-    for role, info in ref_llm.model.spec.tensors:
+    for role, info in sorted(ref_llm.model.spec.tensors, key=lambda t: t[0] in ("output_norm", "output")):
         name = info.name
         if name in seen or name not in cg.tensors:
             continue

@@ -77,7 +77,7 @@ def plot_report(rep, path) -> str:
     if lim is not None:
         ax1.axhline(lim, color="tab:red", ls="--", lw=1, label=f"sqnr_db threshold {lim:g}")
         ax1.legend(loc="upper right", fontsize=8)
-    what = "tensor (topological order)" if rep.kind == "graph" else "weight tensor (model order)"
+    what = "tensor (topological order)" if rep.kind == "graph" else "weight tensor (compute order)"
     ax1.set_title(f"drift per layer: SQNR vs reference ({cap:g} = identical)")
     ax1.set_xlabel(what)
     ax1.set_ylabel("SQNR (dB)")
