@@ -131,6 +131,31 @@ def test_first_divergence_is_the_first_changed_weight_in_compute_order(tmp_path)
     assert "first changed weight: blk.0.ffn_down.weight" in rep.failures[0]
 
 
+def test_device_profile_sides_are_flagged_and_noted_as_graph_sides_are(models, tmp_path):
+    """A GGUF side on a device profile had no `emulated` flag and no note that its latency is this machine's while
+    its power and price are the profile's; graph reports had both."""
+    import onnx
+
+    from edgert import profiles
+    from onnx_models import mlp
+
+    _, f32, _ = models
+    onnx_path = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), onnx_path)
+    for device in ("imx8mp", "rpi5"):
+        rep = edgert.evaluate(f32, f"{f32}@{device}", _text(300), ctx=CTX, chunks=1)
+        graph = edgert.evaluate(onnx_path, f"{onnx_path}@{device}", random=1, runs=1)
+        prof = profiles.load(device)
+        absent = any(u.delegate != "host" and not profiles.runtime_status(u)[0] for u in prof.units)
+        for r in (rep, graph):
+            assert r.sides["candidate"]["emulated"] is absent and r.sides["reference"]["emulated"] is False
+            assert r.sides["candidate"]["power_w"] == prof.power_w
+            assert "latency is measured on this machine; energy and cost apply each side's profile power and price " \
+                   "to it" in r.notes
+            assert any(f"device '{device}' is not on this machine" in n for n in r.notes) is absent
+    assert absent is False  # rpi5: CPU only, so the second round checked the unflagged case
+
+
 def test_identical_models_zero_drift_and_threads(models):
     _, f32, _ = models
     rep = edgert.evaluate(f32, f"{f32}@threads=1", _text(400), ctx=CTX, reference_threads=2)

@@ -24,7 +24,7 @@ from ..errors import InvalidArgumentError
 from ..formats.tflite import is_tflite_path
 from . import metrics as M
 from . import thresholds as T
-from .report import EvalReport, Failure, Side, cost_model, per_units, ratio_phrase
+from .report import MEASURED_HERE, EvalReport, Failure, Side, cost_model, needs_emulation, per_units, ratio_phrase
 
 DEFAULT_RANDOM = 8
 MIN_TIMED_RUNS = 20
@@ -78,19 +78,6 @@ def _samples(data, inputs, random: int | None, seed: int) -> list[dict[str, np.n
         if missing:
             raise InvalidArgumentError(f"sample #{i} lacks input(s) {missing}")
     return samples
-
-
-def _needs_emulation(device: str) -> bool:
-    from .. import profiles
-
-    prof = profiles.load(device)
-    for u in prof.units:
-        if u.delegate == "host":
-            continue
-        ok, _ = profiles.runtime_status(u)
-        if not ok:
-            return True
-    return False
 
 
 def _session(model, side: Side, emulate: bool):
@@ -287,7 +274,7 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
     emulate = {}
     sessions = {}
     for k, side in sides_in.items():
-        emulate[k] = bool(side.device) and _needs_emulation(side.device)
+        emulate[k] = needs_emulation(side.device)
         if emulate[k]:
             notes.append(f"{side.label}: device {side.device!r} is not on this machine; emulated (device partitions "
                          "run on this CPU, link copies kept and counted)")
@@ -415,9 +402,8 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
     verdict = f"candidate: {phrase} at {q} — {'PASS' if not failures else 'FAIL'}"
     if first:
         verdict += f" (first divergence: {first})"
-    if any(emulate.values()) or any(s.device for s in sides_in.values()):
-        notes.append("latency is measured on this machine; energy and cost apply each side's profile power and "
-                     "price to it")
+    if any(s.device for s in sides_in.values()):
+        notes.append(MEASURED_HERE)
     return EvalReport(kind="graph", reference=reference, candidate=candidate, metrics=m, thresholds=dict(limits),
                       failures=failures, sides=sides, tensors=rows, first_divergence=first, verdict=verdict,
                       notes=notes, elapsed_s=time.perf_counter() - t_start)
