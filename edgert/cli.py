@@ -1,6 +1,7 @@
 """The ``edgert`` command: pull, models, chat, generate, info, serve, report.
 
-Each subcommand is a thin shell over the Python API; errors print one ``edgert: error: ...`` line and exit 1, and
+Each subcommand is a thin shell over the Python API; errors print one ``edgert: error: ...`` line and exit 1 (``eval``
+exits 2, as argparse's usage errors do, so that a CI job tells an error from a failed gate, which exits 1), and
 warnings one ``edgert: warning: ...`` line. Both name options as the command takes them (``--emulate``, not the API's
 ``emulate=True``: ``cli_spelling``).
 """
@@ -614,11 +615,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--thresholds", default=None, metavar="FILE.toml", help="thresholds ([llm] / [graph] tables)")
     s.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                    help="override one threshold (repeatable; VALUE 'off' disables it)")
-    s.add_argument("--gate", action="store_true", help="exit 1 when any threshold is crossed")
+    s.add_argument("--gate", action="store_true", help="exit 1 when any threshold is crossed (errors exit 2)")
     s.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     s.add_argument("--plot", default=None, metavar="FILE.png", help="draw drift per layer and quality/cost (matplotlib)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_eval)
+    s.set_defaults(func=cmd_eval, error_status=2)  # 1 is a failed gate
 
     s = sub.add_parser("quantize", help="produce a candidate: GGUF -> q8_0/q4_0/q4_1, ONNX -> int8/int4",
                        description="edgert quantize INPUT [OUTPUT] [TYPE]. GGUF: q8_0, q4_0, q4_1 (edgert's "
@@ -649,7 +650,7 @@ def main(argv=None) -> int:
         return status
     except EdgertError as exc:
         print(f"edgert: error: {cli_spelling(str(exc))}", file=sys.stderr)
-        return 1
+        return getattr(args, "error_status", 1)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

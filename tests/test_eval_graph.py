@@ -93,12 +93,18 @@ def test_cli_exit_codes_json_png(models, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "gate failed" in err and "h4" in err
     assert main([*args[:-1], "--candidate", str(bad)]) == 0  # no --gate: report only
-    assert main([*args, "--candidate", str(bad), "--threshold", "nonsense=1"]) == 1
+    # errors exit 2, told apart from a failed gate (1); argparse's usage errors are 2 as well
+    assert main([*args, "--candidate", str(bad), "--threshold", "nonsense=1"]) == 2
     capsys.readouterr()
     text = tmp_path / "t.txt"
     text.write_text("some text")
-    assert main([*args, "--candidate", str(i8), "--text", str(text)]) == 1  # --text is for language models
+    assert main([*args, "--candidate", str(i8), "--text", str(text)]) == 2  # --text is for language models
     assert "--text is for language models" in capsys.readouterr().err
+    assert main([*args, "--candidate", str(tmp_path / "missing.onnx")]) == 2
+    assert capsys.readouterr().err.startswith("edgert: error: model file not found")
+    with pytest.raises(SystemExit) as usage:
+        main([*args, "--candidate", str(i8), "--random", "two"])
+    assert usage.value.code == 2
 
 
 def test_tflite_models_are_compared_at_their_outputs(tmp_path):

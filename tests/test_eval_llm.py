@@ -214,10 +214,10 @@ def test_errors(models, tmp_path):
 
 
 def _cli_error(capsys, *argv) -> str:
-    """Runs `edgert eval ARGV` in-process; it must fail with exit 1 and one `edgert: error:` line (an exception
-    escaping main() is the traceback a user would see)."""
+    """Runs `edgert eval ARGV` in-process; it must fail with exit 2 (1 is a failed gate) and one `edgert: error:`
+    line (an exception escaping main() is the traceback a user would see)."""
     capsys.readouterr()
-    assert main(["eval", *argv]) == 1
+    assert main(["eval", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("edgert: error: ") and "\n" not in err, err
     return err
