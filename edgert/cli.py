@@ -392,14 +392,7 @@ def cmd_run(args) -> int:
 
 def cmd_eval(args) -> int:
     from .eval import evaluate, kind_of
-    from .eval.plot import MATPLOTLIB_MISSING
-
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print(f"edgert: error: {MATPLOTLIB_MISSING}", file=sys.stderr)
-            return 2
+    from .eval.plot import check_plot_path
     from rich.progress import Progress
 
     from .errors import InvalidArgumentError
@@ -425,6 +418,8 @@ def cmd_eval(args) -> int:
     for flag, dest in (("--json", args.json), ("--plot", args.plot)):
         if dest is not None:
             check_output_path(dest, flag)
+    if args.plot is not None:
+        check_plot_path(args.plot)
     thresholds = th.merge(args.thresholds, args.threshold)  # checked by evaluate(), before any model is loaded
     with Progress(transient=True, disable=args.quiet or not sys.stderr.isatty()) as bar:
         task = bar.add_task("evaluating", total=None)

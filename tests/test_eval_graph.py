@@ -421,3 +421,50 @@ def test_int4_candidate_intermediates_run_through_the_session(models, tmp_path):
         rb = np.concatenate([s[name].ravel() for s in b]).astype(np.float64)
         row = next(t for t in rep.tensors if t["name"] == name)
         assert row["sqnr_db"] == pytest.approx(10 * np.log10((ra @ ra) / ((rb - ra) @ (rb - ra))), rel=1e-3)
+
+
+def test_plot_format_is_checked_first_and_minus_inf_is_drawn_at_the_floor(models, tmp_path, capsys, monkeypatch):
+    """--plot out.xyz was a matplotlib ValueError traceback after the whole evaluation; a -inf SQNR drew no bar, so
+    a first divergence there had no red bar."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    from edgert import eval as ev
+
+    _, ref, _, _ = models
+    ran = []
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: ran.append(a))
+    capsys.readouterr()
+    assert main(["eval", "--reference", str(ref), "--candidate", str(ref), "-q", "--plot", str(tmp_path / "d.xyz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgert: error: cannot write the plot") and "no .xyz format" in err and "png" in err
+    assert ran == []  # refused before the evaluation
+    monkeypatch.undo()
+
+    nan_w = mlp(d_in=64, d_hidden=128, d_out=10)
+    for init in nan_w.graph.initializer:
+        if init.name == "w2":  # h4 on: NaN on the candidate's side only, so SQNR -inf
+            a = numpy_helper.to_array(init).copy()
+            a[5, 3] = np.nan
+            init.CopyFrom(numpy_helper.from_array(a, "w2"))
+    cand = tmp_path / "nan.onnx"
+    onnx.save(nan_w, cand)
+    rep = edgert.evaluate(ref, cand, random=2, runs=1)
+    assert rep.first_divergence == "h4"
+    with pytest.raises(edgert.InvalidArgumentError, match="no .xyz format"):
+        rep.plot(tmp_path / "d.xyz")
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    rep.plot(tmp_path / "d.png")
+    ax = figs[0].axes[0]
+    floor = ax.get_ylim()[0]
+    heights = {r["name"]: b.get_height() for r, b in zip(rep.tensors, ax.patches)}
+    colors = {r["name"]: to_hex(b.get_facecolor()) for r, b in zip(rep.tensors, ax.patches)}
+    for r in rep.tensors:
+        want = 120.0 if r["sqnr_db"] == np.inf else floor if r["sqnr_db"] == -np.inf else r["sqnr_db"]
+        assert heights[r["name"]] == pytest.approx(want)
+    assert np.isfinite(floor) and floor < 0 and heights["h4"] == floor and colors["h4"] == to_hex("tab:red")
+    monkeypatch.setattr(Figure, "savefig", lambda *a, **k: (_ for _ in ()).throw(ValueError("no such format")))
+    with pytest.raises(edgert.InvalidArgumentError, match="cannot write the plot .*no such format"):
+        rep.plot(tmp_path / "e.png")
