@@ -403,13 +403,19 @@ def cmd_eval(args) -> int:
     rt = args.reference_threads if args.reference_threads is not None else args.threads
     ct = args.candidate_threads if args.candidate_threads is not None else args.threads
     ref, cand = parse_side(args.reference, threads=rt), parse_side(args.candidate, threads=ct)
-    # --text is for language models, --inputs/--random for graph models: a flag for the other kind is a mistake
-    llm = kind_of(ref, cand) == "llm"
-    if args.text is not None and not llm:
-        raise InvalidArgumentError("--text is for language models (.gguf); graph models take --inputs DIR or "
-                                   "--random N")
-    if args.inputs is not None and llm:
-        raise InvalidArgumentError("--inputs is for graph models; language models take --text FILE")
+    # each kind's own flags: one given for the other kind was silently ignored
+    kind = kind_of(ref, cand)
+    own = {"llm": {"--text": args.text, "--ctx": args.ctx, "--chunks": args.chunks},
+           "graph": {"--inputs": args.inputs, "--random": args.random, "--seed": args.seed, "--runs": args.runs,
+                     "--no-intermediates": args.no_intermediates or None}}
+    wrong = [f for f, v in own["graph" if kind == "llm" else "llm"].items() if v is not None]
+    if wrong:
+        raise InvalidArgumentError(f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} for " + (
+            "graph models; language models take --text FILE [--ctx N] [--chunks N]" if kind == "llm" else
+            "language models (.gguf); graph models take --inputs DIR or --random N [--seed S]"))
+    if args.inputs is not None and (args.random is not None or args.seed is not None):
+        raise InvalidArgumentError(f"--inputs DIR and {'--random N' if args.random is not None else '--seed S'} are "
+                                   "alternatives: samples are read from DIR, or drawn at random (--random N --seed S)")
     # --text names a file; evaluate() also takes literal text, so a mistyped path would be scored as the text itself
     if args.text is not None and not os.path.isfile(args.text):
         raise InvalidArgumentError(f"--text {args.text}: no such file" if not os.path.exists(args.text) else
@@ -420,11 +426,11 @@ def cmd_eval(args) -> int:
             check_output_path(dest, flag)
     if args.plot is not None:
         check_plot_path(args.plot)
-    thresholds = th.merge(args.thresholds, args.threshold)  # checked by evaluate(), before any model is loaded
+    thresholds = th.merge(args.thresholds, args.threshold, kind)  # checked by evaluate(), before any model is loaded
     with Progress(transient=True, disable=args.quiet or not sys.stderr.isatty()) as bar:
         task = bar.add_task("evaluating", total=None)
         rep = evaluate(ref, cand, data=args.text if args.text is not None else args.inputs, thresholds=thresholds,
-                       ctx=args.ctx, chunks=args.chunks, random=args.random, seed=args.seed, runs=args.runs,
+                       ctx=args.ctx, chunks=args.chunks, random=args.random, seed=args.seed or 0, runs=args.runs,
                        intermediates=not args.no_intermediates,
                        progress=lambda done, total: bar.update(task, completed=done, total=total))
     print(rep.table())
@@ -464,6 +470,11 @@ def cmd_quantize(args) -> int:
         raise InvalidArgumentError(f"give the target type: one of {', '.join(allowed)}")
     if qtype not in allowed:
         raise InvalidArgumentError(f"a {kind.upper()} model quantizes to {', '.join(allowed)}, not {qtype!r}")
+    # flags for another target were silently ignored
+    if args.calibration is not None and qtype != "int8-static":
+        raise InvalidArgumentError(f"--calibration is for int8-static (ONNX); {qtype} takes no calibration samples")
+    if args.keep_embeddings and kind != "gguf":
+        raise InvalidArgumentError("--keep-embeddings is for GGUF models (token_embd); an ONNX model has none")
     if output is None:
         base, ext = os.path.splitext(args.input)
         output = f"{base}.{qtype}{ext}"
@@ -597,14 +608,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", required=True, metavar="MODEL[@DEVICE|@threads=N]")
     s.add_argument("--candidate", required=True, metavar="MODEL[@DEVICE|@threads=N]")
     s.add_argument("--text", default=None, metavar="FILE", help="text to evaluate language models on")
-    s.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    s.add_argument("--ctx", type=int, default=None, help="tokens per window (default 512)")
     s.add_argument("--chunks", type=int, default=None, help="evaluate at most N windows")
     s.add_argument("--threads", type=int, default=None, help="threads for both sides")
     s.add_argument("--reference-threads", type=int, default=None)
     s.add_argument("--candidate-threads", type=int, default=None)
     s.add_argument("--inputs", default=None, metavar="DIR", help="graph inputs: .npz per sample (or .npy)")
     s.add_argument("--random", type=int, default=None, metavar="N", help="N random inputs from the input specs")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None, help="seed of the --random inputs (default 0)")
     s.add_argument("--runs", type=int, default=None, help="timed runs per side (graph models, default 20)")
     s.add_argument("--no-intermediates", action="store_true", help="compare graph outputs only")
     s.add_argument("--thresholds", default=None, metavar="FILE.toml", help="thresholds ([llm] / [graph] tables)")

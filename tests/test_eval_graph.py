@@ -468,3 +468,26 @@ def test_plot_format_is_checked_first_and_minus_inf_is_drawn_at_the_floor(models
     monkeypatch.setattr(Figure, "savefig", lambda *a, **k: (_ for _ in ()).throw(ValueError("no such format")))
     with pytest.raises(edgert.InvalidArgumentError, match="cannot write the plot .*no such format"):
         rep.plot(tmp_path / "e.png")
+
+
+def test_flags_for_language_models_or_two_sample_sources_are_refused(models, tmp_path, capsys):
+    """--threshold kl_mean=..., --ctx and --chunks on a graph eval, and --inputs with --random or --seed, were
+    silently ignored (the eval ran on the directory's samples)."""
+    _, ref, i8, _ = models
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    np.save(inputs / "0.npy", np.zeros((1, 64), np.float32))
+    base = ["eval", "--reference", str(ref), "--candidate", str(i8), "-q"]
+    for extra, needle in ((["--threshold", "kl_mean=0"], "--threshold kl_mean is a language-model threshold; a graph "
+                                                          "evaluation takes cosine"),
+                          (["--ctx", "7", "--chunks", "3"], "--ctx, --chunks are for language models (.gguf)"),
+                          (["--inputs", str(inputs), "--random", "50"], "--inputs DIR and --random N are alternatives"),
+                          (["--inputs", str(inputs), "--seed", "9"], "--inputs DIR and --seed S are alternatives")):
+        capsys.readouterr()
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("edgert: error: ") and needle in err, err
+    for kw, needle in (({"ctx": 64}, "ctx is for language models"), ({"chunks": 2}, "chunks is for language models"),
+                       ({"data": inputs, "random": 3}, "data and random are alternatives")):
+        with pytest.raises(edgert.InvalidArgumentError, match=needle):
+            edgert.evaluate(ref, i8, **kw)

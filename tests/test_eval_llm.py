@@ -256,3 +256,12 @@ def test_cli_bad_text_thresholds_and_output_paths_are_one_line_errors(models, tm
     assert "is a directory" in _cli_error(capsys, "--reference", str(tmp_path), "--candidate", str(q40))
     # the flag of the other model kind is named, not reported as a missing directory
     assert "graph models; language models take --text" in _cli_error(capsys, *base, "--inputs", str(tmp_path))
+    # graph flags and thresholds were silently ignored on language models
+    txt = ["--text", str(text)]
+    assert "--threshold sqnr_db is a graph threshold; a language-model evaluation takes ppl_delta_pct" in \
+        _cli_error(capsys, *base, *txt, "--threshold", "sqnr_db=1000", "--gate")
+    assert "--random, --seed, --runs, --no-intermediates are for graph models" in \
+        _cli_error(capsys, *base, *txt, "--random", "2", "--seed", "1", "--runs", "3", "--no-intermediates")
+    for kw in ({"random": 2}, {"runs": 3}, {"intermediates": False}):
+        with pytest.raises(edgert.InvalidArgumentError, match=f"{next(iter(kw))} is for graph models"):
+            edgert.evaluate(f32, q40, _text(), ctx=CTX, **kw)
