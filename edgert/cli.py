@@ -455,21 +455,27 @@ def cmd_quantize(args) -> int:
     from .errors import InvalidArgumentError
     from .quantize_model import GGUF_TARGETS, ONNX_TARGETS, detect_kind, quantize_gguf, quantize_onnx
 
+    kind = detect_kind(args.input)
+    allowed = GGUF_TARGETS if kind == "gguf" else ONNX_TARGETS
+    unsupported = f"is not a supported type: {'an' if kind == 'onnx' else 'a'} {kind.upper()} model quantizes to " \
+                  f"{', '.join(allowed)}"
     rest = list(args.args)
     qtype = args.to
     for a in list(rest):
         if a in GGUF_TARGETS + ONNX_TARGETS and qtype is None:
             qtype = a
             rest.remove(a)
+    # a word with no extension and no directory is a type, not the output's name (q5_k was taken for the output)
+    word = next((a for a in rest if "." not in os.path.basename(a) and os.sep not in a), None)
+    if qtype is None and word is not None:
+        raise InvalidArgumentError(f"{word!r} {unsupported}")
     output = args.output or (rest.pop(0) if rest else None)
     if rest:
         raise InvalidArgumentError(f"unexpected argument(s) {rest}: edgert quantize INPUT OUTPUT TYPE")
-    kind = detect_kind(args.input)
-    allowed = GGUF_TARGETS if kind == "gguf" else ONNX_TARGETS
     if qtype is None:
         raise InvalidArgumentError(f"give the target type: one of {', '.join(allowed)}")
     if qtype not in allowed:
-        raise InvalidArgumentError(f"a {kind.upper()} model quantizes to {', '.join(allowed)}, not {qtype!r}")
+        raise InvalidArgumentError(f"{qtype!r} {unsupported}")
     # flags for another target were silently ignored
     if args.calibration is not None and qtype != "int8-static":
         raise InvalidArgumentError(f"--calibration is for int8-static (ONNX); {qtype} takes no calibration samples")
