@@ -436,7 +436,8 @@ def test_plot_format_is_checked_first_and_minus_inf_is_drawn_at_the_floor(models
     ran = []
     monkeypatch.setattr(ev, "evaluate", lambda *a, **k: ran.append(a))
     capsys.readouterr()
-    assert main(["eval", "--reference", str(ref), "--candidate", str(ref), "-q", "--plot", str(tmp_path / "d.xyz")]) == 2
+    argv = ["eval", "--reference", str(ref), "--candidate", str(ref), "-q", "--plot", str(tmp_path / "d.xyz")]
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("edgert: error: cannot write the plot") and "no .xyz format" in err and "png" in err
     assert ran == []  # refused before the evaluation

@@ -3,11 +3,11 @@ device profile (emulated when the device is not on this machine), fed the same s
 
 Compared: every graph output (float ones by drift, integer and bool ones exactly), and every float intermediate
 tensor both graphs produce under the same name and with the same op (``_computing_ops``: quantizers mostly keep the
-float tensor names of the nodes they rewrite, but a fused op leaves its name on the op before it). Intermediates are read from a second pair of sessions
-whose models list them as extra outputs, so the timed sessions and their bytes moved are those of the unmodified
-models. Tensors are visited in the reference's topological order; the first one over a tensor threshold (cosine,
-SQNR, rel L2, max abs, mismatch) is ``first_divergence``. The gate checks the outputs (worst output per metric,
-and top-1 of classifier-shaped outputs).
+float tensor names of the nodes they rewrite, but a fused op leaves its name on the op before it). Intermediates
+are read from a second pair of sessions whose models list them as extra outputs, so the timed sessions and their
+bytes moved are those of the unmodified models. Tensors are visited in the reference's topological order; the
+first one over a tensor threshold (cosine, SQNR, rel L2, max abs, mismatch) is ``first_divergence``. The gate
+checks the outputs (worst output per metric, and top-1 of classifier-shaped outputs).
 
 This module runs models and measures; it must not print.
 """
@@ -170,8 +170,9 @@ def _with_outputs(model, names: list[str]):
     known = {vi.name: vi for vi in [*inferred, *m.graph.value_info] if vi.type.HasField("tensor_type")}
     have = {o.name for o in m.graph.output}
     added = [n for n in names if n not in have]
-    for n in added:  # float until typed: float is what the comparison reads
-        m.graph.output.append(known.get(n) or onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+    untyped_float = onnx.TensorProto.FLOAT  # until typed below: float is what the comparison reads
+    for n in added:
+        m.graph.output.append(known[n] if n in known else onnx.helper.make_tensor_value_info(n, untyped_float, None))
     untyped = [vi for vi in m.graph.output[len(m.graph.output) - len(added):]
                if not vi.type.tensor_type.HasField("shape")]
     if untyped:

@@ -97,7 +97,6 @@ def plot_report(rep, path) -> str:
     rows = rep.tensors
     names = [r["name"] for r in rows]
     shown, floor = _sqnr_bars(rows)
-    cap = SQNR_CAP
     xs = range(len(rows))
     colors = ["tab:red" if n == rep.first_divergence else "tab:blue" for n in names]
     ax1.bar(xs, shown, color=colors)
@@ -107,7 +106,7 @@ def plot_report(rep, path) -> str:
         ax1.axhline(lim, color="tab:red", ls="--", lw=1, label=f"sqnr_db threshold {lim:g}")
         ax1.legend(loc="upper right", fontsize=8)
     what = "tensor (topological order)" if rep.kind == "graph" else "weight tensor (compute order)"
-    ax1.set_title(f"drift per layer: SQNR vs reference ({cap:g} = identical; {floor:g} = -inf or not measured)")
+    ax1.set_title(f"drift per layer: SQNR vs reference ({SQNR_CAP:g} = identical; {floor:g} = -inf or not measured)")
     ax1.set_xlabel(what)
     ax1.set_ylabel("SQNR (dB)")
     if len(rows) <= 40:

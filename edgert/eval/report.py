@@ -164,7 +164,8 @@ class EvalReport:
     """The result of ``edgert.evaluate``. ``metrics``: flat name -> number (the gated ones among them);
     ``failures``: the crossed thresholds (strings with ``.metric``); ``sides``: per side the speed, bytes moved,
     energy and cost; ``tensors``: per-tensor drift rows (graph: outputs and shared intermediates in topological
-    order; LLM: weight tensors in the order the model computes with them); ``first_divergence``: the first tensor over a threshold."""
+    order; LLM: weight tensors in the order the model computes with them); ``first_divergence``: the first tensor
+    over a threshold."""
 
     kind: str  # "llm" or "graph"
     reference: Side
