@@ -1,6 +1,7 @@
 """The ``edgert`` command: pull, models, chat, generate, info, serve, report.
 
-Each subcommand is a thin shell over the Python API; errors print one ``edgert: error: ...`` line and exit 1, and
+Each subcommand is a thin shell over the Python API; errors print one ``edgert: error: ...`` line and exit 1 (``eval``
+exits 2, as argparse's usage errors do, so that a CI job tells an error from a failed gate, which exits 1), and
 warnings one ``edgert: warning: ...`` line. Both name options as the command takes them (``--emulate``, not the API's
 ``emulate=True``: ``cli_spelling``).
 """
@@ -392,14 +393,7 @@ def cmd_run(args) -> int:
 
 def cmd_eval(args) -> int:
     from .eval import evaluate, kind_of
-    from .eval.plot import MATPLOTLIB_MISSING
-
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print(f"edgert: error: {MATPLOTLIB_MISSING}", file=sys.stderr)
-            return 2
+    from .eval.plot import check_plot_path
     from rich.progress import Progress
 
     from .errors import InvalidArgumentError
@@ -410,13 +404,19 @@ def cmd_eval(args) -> int:
     rt = args.reference_threads if args.reference_threads is not None else args.threads
     ct = args.candidate_threads if args.candidate_threads is not None else args.threads
     ref, cand = parse_side(args.reference, threads=rt), parse_side(args.candidate, threads=ct)
-    # --text is for language models, --inputs/--random for graph models: a flag for the other kind is a mistake
-    llm = kind_of(ref, cand) == "llm"
-    if args.text is not None and not llm:
-        raise InvalidArgumentError("--text is for language models (.gguf); graph models take --inputs DIR or "
-                                   "--random N")
-    if args.inputs is not None and llm:
-        raise InvalidArgumentError("--inputs is for graph models; language models take --text FILE")
+    # each kind's own flags: one given for the other kind was silently ignored
+    kind = kind_of(ref, cand)
+    own = {"llm": {"--text": args.text, "--ctx": args.ctx, "--chunks": args.chunks},
+           "graph": {"--inputs": args.inputs, "--random": args.random, "--seed": args.seed, "--runs": args.runs,
+                     "--no-intermediates": args.no_intermediates or None}}
+    wrong = [f for f, v in own["graph" if kind == "llm" else "llm"].items() if v is not None]
+    if wrong:
+        raise InvalidArgumentError(f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} for " + (
+            "graph models; language models take --text FILE [--ctx N] [--chunks N]" if kind == "llm" else
+            "language models (.gguf); graph models take --inputs DIR or --random N [--seed S]"))
+    if args.inputs is not None and (args.random is not None or args.seed is not None):
+        raise InvalidArgumentError(f"--inputs DIR and {'--random N' if args.random is not None else '--seed S'} are "
+                                   "alternatives: samples are read from DIR, or drawn at random (--random N --seed S)")
     # --text names a file; evaluate() also takes literal text, so a mistyped path would be scored as the text itself
     if args.text is not None and not os.path.isfile(args.text):
         raise InvalidArgumentError(f"--text {args.text}: no such file" if not os.path.exists(args.text) else
@@ -425,11 +425,13 @@ def cmd_eval(args) -> int:
     for flag, dest in (("--json", args.json), ("--plot", args.plot)):
         if dest is not None:
             check_output_path(dest, flag)
-    thresholds = th.merge(args.thresholds, args.threshold)  # checked by evaluate(), before any model is loaded
+    if args.plot is not None:
+        check_plot_path(args.plot)
+    thresholds = th.merge(args.thresholds, args.threshold, kind)  # checked by evaluate(), before any model is loaded
     with Progress(transient=True, disable=args.quiet or not sys.stderr.isatty()) as bar:
         task = bar.add_task("evaluating", total=None)
         rep = evaluate(ref, cand, data=args.text if args.text is not None else args.inputs, thresholds=thresholds,
-                       ctx=args.ctx, chunks=args.chunks, random=args.random, seed=args.seed, runs=args.runs,
+                       ctx=args.ctx, chunks=args.chunks, random=args.random, seed=args.seed or 0, runs=args.runs,
                        intermediates=not args.no_intermediates,
                        progress=lambda done, total: bar.update(task, completed=done, total=total))
     print(rep.table())
@@ -454,21 +456,32 @@ def cmd_quantize(args) -> int:
     from .errors import InvalidArgumentError
     from .quantize_model import GGUF_TARGETS, ONNX_TARGETS, detect_kind, quantize_gguf, quantize_onnx
 
+    kind = detect_kind(args.input)
+    allowed = GGUF_TARGETS if kind == "gguf" else ONNX_TARGETS
+    unsupported = f"is not a supported type: {'an' if kind == 'onnx' else 'a'} {kind.upper()} model quantizes to " \
+                  f"{', '.join(allowed)}"
     rest = list(args.args)
     qtype = args.to
     for a in list(rest):
         if a in GGUF_TARGETS + ONNX_TARGETS and qtype is None:
             qtype = a
             rest.remove(a)
+    # a word with no extension and no directory is a type, not the output's name (q5_k was taken for the output)
+    word = next((a for a in rest if "." not in os.path.basename(a) and os.sep not in a), None)
+    if qtype is None and word is not None:
+        raise InvalidArgumentError(f"{word!r} {unsupported}")
     output = args.output or (rest.pop(0) if rest else None)
     if rest:
         raise InvalidArgumentError(f"unexpected argument(s) {rest}: edgert quantize INPUT OUTPUT TYPE")
-    kind = detect_kind(args.input)
-    allowed = GGUF_TARGETS if kind == "gguf" else ONNX_TARGETS
     if qtype is None:
         raise InvalidArgumentError(f"give the target type: one of {', '.join(allowed)}")
     if qtype not in allowed:
-        raise InvalidArgumentError(f"a {kind.upper()} model quantizes to {', '.join(allowed)}, not {qtype!r}")
+        raise InvalidArgumentError(f"{qtype!r} {unsupported}")
+    # flags for another target were silently ignored
+    if args.calibration is not None and qtype != "int8-static":
+        raise InvalidArgumentError(f"--calibration is for int8-static (ONNX); {qtype} takes no calibration samples")
+    if args.keep_embeddings and kind != "gguf":
+        raise InvalidArgumentError("--keep-embeddings is for GGUF models (token_embd); an ONNX model has none")
     if output is None:
         base, ext = os.path.splitext(args.input)
         output = f"{base}.{qtype}{ext}"
@@ -602,24 +615,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", required=True, metavar="MODEL[@DEVICE|@threads=N]")
     s.add_argument("--candidate", required=True, metavar="MODEL[@DEVICE|@threads=N]")
     s.add_argument("--text", default=None, metavar="FILE", help="text to evaluate language models on")
-    s.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    s.add_argument("--ctx", type=int, default=None, help="tokens per window (default 512)")
     s.add_argument("--chunks", type=int, default=None, help="evaluate at most N windows")
     s.add_argument("--threads", type=int, default=None, help="threads for both sides")
     s.add_argument("--reference-threads", type=int, default=None)
     s.add_argument("--candidate-threads", type=int, default=None)
     s.add_argument("--inputs", default=None, metavar="DIR", help="graph inputs: .npz per sample (or .npy)")
     s.add_argument("--random", type=int, default=None, metavar="N", help="N random inputs from the input specs")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None, help="seed of the --random inputs (default 0)")
     s.add_argument("--runs", type=int, default=None, help="timed runs per side (graph models, default 20)")
     s.add_argument("--no-intermediates", action="store_true", help="compare graph outputs only")
     s.add_argument("--thresholds", default=None, metavar="FILE.toml", help="thresholds ([llm] / [graph] tables)")
     s.add_argument("--threshold", action="append", default=[], metavar="NAME=VALUE",
                    help="override one threshold (repeatable; VALUE 'off' disables it)")
-    s.add_argument("--gate", action="store_true", help="exit 1 when any threshold is crossed")
+    s.add_argument("--gate", action="store_true", help="exit 1 when any threshold is crossed (errors exit 2)")
     s.add_argument("--json", default=None, metavar="FILE", help="write the full report as JSON")
     s.add_argument("--plot", default=None, metavar="FILE.png", help="draw drift per layer and quality/cost (matplotlib)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_eval)
+    s.set_defaults(func=cmd_eval, error_status=2)  # 1 is a failed gate
 
     s = sub.add_parser("quantize", help="produce a candidate: GGUF -> q8_0/q4_0/q4_1, ONNX -> int8/int4",
                        description="edgert quantize INPUT [OUTPUT] [TYPE]. GGUF: q8_0, q4_0, q4_1 (edgert's "
@@ -650,7 +663,7 @@ def main(argv=None) -> int:
         return status
     except EdgertError as exc:
         print(f"edgert: error: {cli_spelling(str(exc))}", file=sys.stderr)
-        return 1
+        return getattr(args, "error_status", 1)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

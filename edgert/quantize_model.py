@@ -242,6 +242,8 @@ def quantize_onnx(src, dst, mode: str, *, calibration=None, block_size: int = 32
     if mode == "int8-static" and calibration is None:
         raise InvalidArgumentError("int8-static needs --calibration DIR: sample inputs (.npz/.npy) to calibrate "
                                    "activation ranges on")
+    if mode != "int8-static" and calibration is not None:  # it was silently ignored
+        raise InvalidArgumentError(f"calibration samples are for int8-static; {mode} takes none")
     try:
         model = onnx.load(src, load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends

@@ -93,12 +93,18 @@ def test_cli_exit_codes_json_png(models, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "gate failed" in err and "h4" in err
     assert main([*args[:-1], "--candidate", str(bad)]) == 0  # no --gate: report only
-    assert main([*args, "--candidate", str(bad), "--threshold", "nonsense=1"]) == 1
+    # errors exit 2, told apart from a failed gate (1); argparse's usage errors are 2 as well
+    assert main([*args, "--candidate", str(bad), "--threshold", "nonsense=1"]) == 2
     capsys.readouterr()
     text = tmp_path / "t.txt"
     text.write_text("some text")
-    assert main([*args, "--candidate", str(i8), "--text", str(text)]) == 1  # --text is for language models
+    assert main([*args, "--candidate", str(i8), "--text", str(text)]) == 2  # --text is for language models
     assert "--text is for language models" in capsys.readouterr().err
+    assert main([*args, "--candidate", str(tmp_path / "missing.onnx")]) == 2
+    assert capsys.readouterr().err.startswith("edgert: error: model file not found")
+    with pytest.raises(SystemExit) as usage:
+        main([*args, "--candidate", str(i8), "--random", "two"])
+    assert usage.value.code == 2
 
 
 def test_tflite_models_are_compared_at_their_outputs(tmp_path):
@@ -133,15 +139,18 @@ def test_mismatched_models_and_bad_sample_options_are_clear_errors(models, tmp_p
     # an output of another shape used to be skipped, leaving nothing compared and the gate passing
     with pytest.raises(edgert.InvalidArgumentError, match=r"output 'y' has shape \[1, 10\].*\[1, 5\]"):
         edgert.evaluate(ref, other, random=2, runs=1)
-    # integer outputs only: nothing edgert can measure drift on is an error, not a PASS over zero outputs
+    # an output that is float on one side only is not the same output either
     amax = mlp(d_in=64, d_hidden=128, d_out=10)
-    amax.graph.node.append(helper.make_node("ArgMax", ["y"], ["cls"], name="argmax", axis=1))
+    amax.graph.node.append(helper.make_node("ArgMax", ["h5"], ["y_id"], name="argmax", axis=1))
+    amax.graph.node[-2].output[0] = "y_relu"  # relu2 no longer produces y: the int64 ArgMax output takes its name
+    amax.graph.node[-1].output[0] = "y"
     del amax.graph.output[:]
-    amax.graph.output.append(helper.make_tensor_value_info("cls", TensorProto.INT64, ["batch", 1]))
+    amax.graph.output.append(helper.make_tensor_value_info("y", TensorProto.INT64, ["batch", 1]))
     ids = tmp_path / "argmax.onnx"
     onnx.save(amax, ids)
-    with pytest.raises(edgert.InvalidArgumentError, match="no output could be compared.*'cls' \\(int64 vs int64\\)"):
-        edgert.evaluate(ids, ids, random=2, runs=1)
+    with pytest.raises(edgert.InvalidArgumentError, match="output 'y' is float32 in the reference but int64 in the "
+                                                          "candidate"):
+        edgert.evaluate(ref, ids, random=2, runs=1)
     for kw in ({"random": 0}, {"random": -1}, {"runs": 0}):
         with pytest.raises(edgert.InvalidArgumentError, match="must be an int >= 1"):
             edgert.evaluate(ref, ref, **kw)
@@ -220,3 +229,266 @@ def test_bad_api_arguments_are_edgert_errors(models, tmp_path):
     rep = edgert.evaluate(ref, ref, random=1, runs=1)
     with pytest.raises(edgert.InvalidArgumentError, match="cannot write the plot .*No such file or directory"):
         rep.plot(tmp_path / "no" / "x.png")
+
+
+def test_identical_tensors_have_exactly_zero_drift(models):
+    """cosine(a, a) was 1 - 1 ulp for about 1 random array in 4 (the dot/norm quotient rounds), so identical models
+    showed drift."""
+    from edgert.eval import metrics as M
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        a = rng.standard_normal(rng.integers(2, 2000)).astype(np.float32)
+        assert M.tensor_metrics(a, a.copy()) == {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0, "sqnr_db": np.inf}
+        b = a + rng.standard_normal(a.size).astype(np.float32) * 0.1
+        r, c = a.astype(np.float64), b.astype(np.float64)
+        assert M.cosine_similarity(a, b) == pytest.approx(r @ c / np.sqrt((r @ r) * (c @ c)), rel=1e-12)
+    _, ref, _, _ = models
+    rep = edgert.evaluate(ref, ref, random=8, runs=1)
+    assert [(t["name"], t["cosine"], t["max_abs"]) for t in rep.tensors] == \
+        [(t["name"], 1.0, 0.0) for t in rep.tensors]
+
+
+def _swap_classes(model, a=4, b=5):
+    """The mlp with output classes a and b swapped (w2's and b2's columns): every row whose top class is one of
+    them disagrees, the others agree."""
+    for init in model.graph.initializer:
+        if init.name in ("w2", "b2"):
+            w = numpy_helper.to_array(init).copy()
+            w[..., [a, b]] = w[..., [b, a]]
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+    return model
+
+
+def test_top1_and_drift_pool_rows_over_samples_of_different_batch_sizes(models, tmp_path):
+    """Samples of batch 1, 3 and 5 were concatenated into one flat vector, and top-1 read it as a single row (100%
+    for a candidate with two classes swapped)."""
+    from onnx_models import ort_run
+
+    _, ref, _, _ = models
+    cand = tmp_path / "swapped.onnx"
+    onnx.save(_swap_classes(mlp(d_in=64, d_hidden=128, d_out=10)), cand)
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.standard_normal((b, 64)).astype(np.float32)} for b in (1, 3, 5, 2)]
+    ya = np.concatenate([ort_run(ref, s)[0] for s in samples]).astype(np.float64)
+    yb = np.concatenate([ort_run(cand, s)[0] for s in samples]).astype(np.float64)
+    want = 100.0 * np.mean(ya.argmax(1) == yb.argmax(1))
+    assert 0 < want < 100  # the samples hit both swapped and unswapped rows
+    rep = edgert.evaluate(ref, cand, data=samples, runs=1)
+    y = next(t for t in rep.tensors if t["name"] == "y")
+    assert y["top1_pct"] == pytest.approx(want) and rep.metrics["top1_pct"] == pytest.approx(want)
+    # the element-wise metrics pool every sample's values, whatever its shape
+    ya, yb = ya.ravel(), yb.ravel()
+    noise = yb - ya
+    assert y["max_abs"] == pytest.approx(np.abs(noise).max(), rel=1e-5)
+    assert y["rel_l2"] == pytest.approx(np.linalg.norm(noise) / np.linalg.norm(ya), rel=1e-5)
+    assert y["cosine"] == pytest.approx(ya @ yb / (np.linalg.norm(ya) * np.linalg.norm(yb)), rel=1e-5)
+    assert y["sqnr_db"] == pytest.approx(10 * np.log10((ya @ ya) / (noise @ noise)), rel=1e-5)
+
+
+def test_outputs_with_no_finite_values_to_compare_fail_the_gate(tmp_path):
+    """An output whose values are NaN in the same places on both sides left nothing to measure, yet scored cosine 1
+    and SQNR inf and passed; and min() over the outputs dropped a NaN that came second."""
+    from onnx import TensorProto, helper
+
+    from edgert.eval import metrics as M
+    from onnx_models import _model, ort_run
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("a", "b")]
+    path = tmp_path / "abs_log.onnx"
+    onnx.save(_model([helper.make_node("Abs", ["x"], ["a"]), helper.make_node("Log", ["x"], ["b"])], [x], outs), path)
+    sample = {"x": -np.arange(1, 5, dtype=np.float32).reshape(1, 4)}
+    a, b = ort_run(path, sample)
+    assert np.isfinite(a).all() and not np.isfinite(b).any()  # b: NaN everywhere, on both sides
+    with np.errstate(invalid="ignore"):
+        rep = edgert.evaluate(str(path), str(path), data=sample, runs=1)
+    rows = {t["name"]: t for t in rep.tensors}
+    assert rows["a"]["cosine"] == 1.0 and not rows["a"]["crossed"]
+    assert all(np.isnan(rows["b"][k]) for k in ("cosine", "sqnr_db", "rel_l2", "max_abs"))
+    assert not rep.passed and {"cosine", "sqnr_db", "rel_l2"} <= {f.metric for f in rep.failures}
+    assert np.isnan(rep.metrics["cosine"]) and rep.first_divergence == "b"
+    assert any(n.startswith("b: no finite values to compare") for n in rep.notes)
+    nan = np.full(5, np.nan)
+    for ra, rb in ((nan, nan), (np.zeros(0), np.zeros(0))):
+        assert all(np.isnan(v) for v in M.tensor_metrics(ra, rb).values())
+
+
+def test_integer_and_bool_outputs_are_compared_exactly(tmp_path):
+    """An int64 ArgMax and a bool output were left out of the comparison and the gate (an ArgMin candidate passed),
+    and an integer-only model was refused. They are compared element by element: mismatch_pct, gated at 0."""
+    from onnx import TensorProto, helper
+
+    from onnx_models import ort_run
+
+    def build(op):
+        m = mlp(d_in=8, d_hidden=16, d_out=4)
+        m.graph.node.extend([helper.make_node(op, ["y"], ["label"], axis=1, keepdims=0),
+                             helper.make_node("Greater", ["h5", "y"], ["neg"])])
+        m.graph.output.extend([helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+                               helper.make_tensor_value_info("neg", TensorProto.BOOL, ["batch", 4])])
+        return m
+
+    ref, cand = tmp_path / "argmax.onnx", tmp_path / "argmin.onnx"
+    onnx.save(build("ArgMax"), ref)
+    onnx.save(build("ArgMin"), cand)
+    rng = np.random.default_rng(3)
+    samples = [{"x": rng.standard_normal((b, 8)).astype(np.float32)} for b in (4, 3, 5)]
+    la = np.concatenate([ort_run(ref, s)[1] for s in samples])
+    lb = np.concatenate([ort_run(cand, s)[1] for s in samples])
+    want = 100.0 * np.mean(la != lb)
+    assert want > 0
+    rep = edgert.evaluate(ref, cand, data=samples, runs=1)
+    rows = {t["name"]: t for t in rep.tensors}
+    assert rows["label"]["mismatch_pct"] == pytest.approx(want) and rows["label"]["dtype"] == "int64"
+    assert rows["neg"]["mismatch_pct"] == 0.0 and rows["neg"]["dtype"] == "bool"  # the same mask on both sides
+    assert rep.metrics["mismatch_pct"] == pytest.approx(want) and rep.metrics["outputs_compared"] == 3
+    assert not rep.passed and [f.metric for f in rep.failures] == ["mismatch_pct"]
+    assert rep.first_divergence == "label" and "label" in rep.failures[0]
+    js = json.loads(rep.to_json())
+    assert {t["name"] for t in js["tensors"] if t["output"]} == {"y", "label", "neg"}
+    same = edgert.evaluate(ref, ref, data=samples, runs=1)
+    assert same.passed and same.metrics["mismatch_pct"] == 0.0
+    # an integer-only model is compared too (it was refused: "no output could be compared")
+    only = build("ArgMax")
+    del only.graph.output[:]
+    only.graph.output.append(helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]))
+    onnx.save(only, tmp_path / "only.onnx")
+    rep = edgert.evaluate(tmp_path / "only.onnx", tmp_path / "only.onnx", data=samples, runs=1)
+    assert rep.passed and set(rep.metrics) >= {"mismatch_pct"} and "cosine" not in rep.metrics
+
+
+def _ort_tensors(path, names, feeds):
+    """Named tensors of a model on plain onnxruntime (listed as extra outputs, graph optimizations off)."""
+    import onnxruntime as ort
+
+    m = onnx.load(path)
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def test_honest_int8_static_candidate_has_no_false_first_divergence(tmp_path):
+    """onnxruntime's QDQ quantizer fuses Relu into the Conv before it and names the Conv's output after the Relu's
+    (r1): matched by name alone, a pre-activation tensor was compared with a post-activation one and named as the
+    first divergence of an honest int8-static candidate."""
+    from onnx_models import convnet
+
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    for i in range(8):
+        np.save(cal / f"{i}.npy", np.random.default_rng(i).standard_normal((1, 3, 16, 16)).astype(np.float32))
+    ref, cand = tmp_path / "f32.onnx", tmp_path / "int8.onnx"
+    onnx.save(convnet(), ref)
+    quantize_onnx(ref, cand, "int8-static", calibration=cal)
+    rep = edgert.evaluate(ref, cand, data=cal, runs=1)
+    assert rep.passed and rep.first_divergence is None, rep.failures
+    assert [t["name"] for t in rep.tensors] == ["p1", "c2", "g", "y"]
+    assert any("r1 (Relu vs Conv)" in n for n in rep.notes)
+    feeds = [{"x": np.load(cal / f"{i}.npy")} for i in range(8)]
+    a = [_ort_tensors(ref, ["r1", "c2"], f) for f in feeds]
+    b = [_ort_tensors(cand, ["r1", "c2"], f) for f in feeds]
+    assert all((s["r1"] >= 0).all() for s in a) and any((s["r1"] < 0).any() for s in b)  # pre- vs post-activation
+    ra = np.concatenate([s["c2"].ravel() for s in a]).astype(np.float64)
+    rb = np.concatenate([s["c2"].ravel() for s in b]).astype(np.float64)
+    c2 = next(t for t in rep.tensors if t["name"] == "c2")
+    assert c2["sqnr_db"] == pytest.approx(10 * np.log10((ra @ ra) / ((rb - ra) @ (rb - ra))), rel=1e-4)
+
+
+def test_int4_candidate_intermediates_run_through_the_session(models, tmp_path):
+    """onnx's shape inference cannot see through com.microsoft's MatMulNBits, so the intermediates added as outputs
+    had no shape, onnx.checker (and so the Session) refused the model, and they were read on plain onnxruntime."""
+    from edgert.eval import graph
+
+    _, ref, _, _ = models
+    int4 = tmp_path / "mlp_int4.onnx"
+    quantize_onnx(ref, int4, "int4")
+    aug = graph._with_outputs(onnx.load(int4), ["h1", "h4", "h5"])
+    onnx.checker.check_model(aug)
+    assert [(o.name, o.type.tensor_type.elem_type, len(o.type.tensor_type.shape.dim)) for o in aug.graph.output[1:]] \
+        == [("h1", onnx.TensorProto.FLOAT, 2), ("h4", onnx.TensorProto.FLOAT, 2), ("h5", onnx.TensorProto.FLOAT, 2)]
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.standard_normal((2, 64)).astype(np.float32)} for _ in range(3)]
+    rep = edgert.evaluate(ref, int4, data=samples, runs=1)
+    assert not any("plain onnxruntime" in n for n in rep.notes), rep.notes
+    assert [t["name"] for t in rep.tensors] == ["h1", "h2", "h3", "h4", "h5", "y"]
+    a = [_ort_tensors(ref, ["h1", "h4"], s) for s in samples]
+    b = [_ort_tensors(int4, ["h1", "h4"], s) for s in samples]
+    for name in ("h1", "h4"):
+        ra = np.concatenate([s[name].ravel() for s in a]).astype(np.float64)
+        rb = np.concatenate([s[name].ravel() for s in b]).astype(np.float64)
+        row = next(t for t in rep.tensors if t["name"] == name)
+        assert row["sqnr_db"] == pytest.approx(10 * np.log10((ra @ ra) / ((rb - ra) @ (rb - ra))), rel=1e-3)
+
+
+def test_plot_format_is_checked_first_and_minus_inf_is_drawn_at_the_floor(models, tmp_path, capsys, monkeypatch):
+    """--plot out.xyz was a matplotlib ValueError traceback after the whole evaluation; a -inf SQNR drew no bar, so
+    a first divergence there had no red bar."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    from edgert import eval as ev
+
+    _, ref, _, _ = models
+    ran = []
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: ran.append(a))
+    capsys.readouterr()
+    argv = ["eval", "--reference", str(ref), "--candidate", str(ref), "-q", "--plot", str(tmp_path / "d.xyz")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgert: error: cannot write the plot") and "no .xyz format" in err and "png" in err
+    assert ran == []  # refused before the evaluation
+    monkeypatch.undo()
+
+    nan_w = mlp(d_in=64, d_hidden=128, d_out=10)
+    for init in nan_w.graph.initializer:
+        if init.name == "w2":  # h4 on: NaN on the candidate's side only, so SQNR -inf
+            a = numpy_helper.to_array(init).copy()
+            a[5, 3] = np.nan
+            init.CopyFrom(numpy_helper.from_array(a, "w2"))
+    cand = tmp_path / "nan.onnx"
+    onnx.save(nan_w, cand)
+    rep = edgert.evaluate(ref, cand, random=2, runs=1)
+    assert rep.first_divergence == "h4"
+    with pytest.raises(edgert.InvalidArgumentError, match="no .xyz format"):
+        rep.plot(tmp_path / "d.xyz")
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    rep.plot(tmp_path / "d.png")
+    ax = figs[0].axes[0]
+    floor = ax.get_ylim()[0]
+    heights = {r["name"]: b.get_height() for r, b in zip(rep.tensors, ax.patches)}
+    colors = {r["name"]: to_hex(b.get_facecolor()) for r, b in zip(rep.tensors, ax.patches)}
+    for r in rep.tensors:
+        want = 120.0 if r["sqnr_db"] == np.inf else floor if r["sqnr_db"] == -np.inf else r["sqnr_db"]
+        assert heights[r["name"]] == pytest.approx(want)
+    assert np.isfinite(floor) and floor < 0 and heights["h4"] == floor and colors["h4"] == to_hex("tab:red")
+    monkeypatch.setattr(Figure, "savefig", lambda *a, **k: (_ for _ in ()).throw(ValueError("no such format")))
+    with pytest.raises(edgert.InvalidArgumentError, match="cannot write the plot .*no such format"):
+        rep.plot(tmp_path / "e.png")
+
+
+def test_flags_for_language_models_or_two_sample_sources_are_refused(models, tmp_path, capsys):
+    """--threshold kl_mean=..., --ctx and --chunks on a graph eval, and --inputs with --random or --seed, were
+    silently ignored (the eval ran on the directory's samples)."""
+    _, ref, i8, _ = models
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    np.save(inputs / "0.npy", np.zeros((1, 64), np.float32))
+    base = ["eval", "--reference", str(ref), "--candidate", str(i8), "-q"]
+    for extra, needle in ((["--threshold", "kl_mean=0"], "--threshold kl_mean is a language-model threshold; a graph "
+                                                          "evaluation takes cosine"),
+                          (["--ctx", "7", "--chunks", "3"], "--ctx, --chunks are for language models (.gguf)"),
+                          (["--inputs", str(inputs), "--random", "50"], "--inputs DIR and --random N are alternatives"),
+                          (["--inputs", str(inputs), "--seed", "9"], "--inputs DIR and --seed S are alternatives")):
+        capsys.readouterr()
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("edgert: error: ") and needle in err, err
+    for kw, needle in (({"ctx": 64}, "ctx is for language models"), ({"chunks": 2}, "chunks is for language models"),
+                       ({"data": inputs, "random": 3}, "data and random are alternatives")):
+        with pytest.raises(edgert.InvalidArgumentError, match=needle):
+            edgert.evaluate(ref, i8, **kw)

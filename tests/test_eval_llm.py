@@ -36,8 +36,9 @@ def models(tmp_path_factory):
     return d, f32, q40
 
 
-def _scrambled(src, dst, layer=1):
-    """src with layer `layer`'s ffn_down rows permuted (same values, wrong places)."""
+def _scrambled(src, dst, layer=1, names=None):
+    """src with layer `layer`'s ffn_down rows (or those of the tensors `names`) permuted (same values, wrong
+    places)."""
     from edgert.formats.gguf import open_gguf
 
     w = gguf.GGUFWriter(str(dst), "llama")
@@ -51,7 +52,7 @@ def _scrambled(src, dst, layer=1):
     rng = np.random.default_rng(0)
     for name in g.tensors:
         a = np.array(g.tensor_array(name))
-        if name == f"blk.{layer}.ffn_down.weight":
+        if name in (names or [f"blk.{layer}.ffn_down.weight"]):
             a = a[rng.permutation(a.shape[0])]
         w.add_tensor(name, a)
     g.close()
@@ -101,6 +102,58 @@ def test_scrambled_layer_fails_and_is_named(models, tmp_path):
     assert not rep.passed
     assert {f.metric for f in rep.failures} & {"kl_mean", "top1_pct", "ppl_delta_pct"}
     assert rep.first_divergence == "blk.1.ffn_down.weight"
+
+
+def test_first_divergence_is_the_first_changed_weight_in_compute_order(tmp_path):
+    """The weights were visited as the spec lists them (token_embd, output_norm, output, then the blocks), so a
+    scrambled output head was named before a scrambled block 0, which the model computes with first."""
+    from edgert.formats.gguf import open_gguf
+
+    src, bad = tmp_path / "untied.gguf", tmp_path / "bad.gguf"
+    write_tiny_llama(src, fmt="f32", embd_fmt="f32", tied=False, seed=5)
+    _scrambled(src, bad, names=["output.weight", "blk.0.ffn_down.weight"])
+    rep = edgert.evaluate(src, bad, _text(300), ctx=CTX, chunks=1)
+    ga, gb = open_gguf(src), open_gguf(bad)
+    n_layers = 1 + max(int(n.split(".")[1]) for n in ga.tensors if n.startswith("blk."))
+    order = ["token_embd.weight", *(n for i in range(n_layers) for n in ga.tensors if n.startswith(f"blk.{i}.")),
+             "output_norm.weight", "output.weight"]
+    assert [t["name"] for t in rep.tensors] == order
+
+    def sqnr(name):
+        a, b = (np.array(g.tensor_array(name), dtype=np.float64) for g in (ga, gb))
+        noise = ((b - a) ** 2).sum()
+        return np.inf if noise == 0 else 10 * np.log10((a * a).sum() / noise)
+
+    want = next(n for n in order if sqnr(n) < 10)
+    ga.close()
+    gb.close()
+    assert want == "blk.0.ffn_down.weight" and rep.first_divergence == want
+    assert "first changed weight: blk.0.ffn_down.weight" in rep.failures[0]
+
+
+def test_device_profile_sides_are_flagged_and_noted_as_graph_sides_are(models, tmp_path):
+    """A GGUF side on a device profile had no `emulated` flag and no note that its latency is this machine's while
+    its power and price are the profile's; graph reports had both."""
+    import onnx
+
+    from edgert import profiles
+    from onnx_models import mlp
+
+    _, f32, _ = models
+    onnx_path = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), onnx_path)
+    for device in ("imx8mp", "rpi5"):
+        rep = edgert.evaluate(f32, f"{f32}@{device}", _text(300), ctx=CTX, chunks=1)
+        graph = edgert.evaluate(onnx_path, f"{onnx_path}@{device}", random=1, runs=1)
+        prof = profiles.load(device)
+        absent = any(u.delegate != "host" and not profiles.runtime_status(u)[0] for u in prof.units)
+        for r in (rep, graph):
+            assert r.sides["candidate"]["emulated"] is absent and r.sides["reference"]["emulated"] is False
+            assert r.sides["candidate"]["power_w"] == prof.power_w
+            assert "latency is measured on this machine; energy and cost apply each side's profile power and price " \
+                   "to it" in r.notes
+            assert any(f"device '{device}' is not on this machine" in n for n in r.notes) is absent
+    assert absent is False  # rpi5: CPU only, so the second round checked the unflagged case
 
 
 def test_identical_models_zero_drift_and_threads(models):
@@ -161,10 +214,10 @@ def test_errors(models, tmp_path):
 
 
 def _cli_error(capsys, *argv) -> str:
-    """Runs `edgert eval ARGV` in-process; it must fail with exit 1 and one `edgert: error:` line (an exception
-    escaping main() is the traceback a user would see)."""
+    """Runs `edgert eval ARGV` in-process; it must fail with exit 2 (1 is a failed gate) and one `edgert: error:`
+    line (an exception escaping main() is the traceback a user would see)."""
     capsys.readouterr()
-    assert main(["eval", *argv]) == 1
+    assert main(["eval", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("edgert: error: ") and "\n" not in err, err
     return err
@@ -203,3 +256,12 @@ def test_cli_bad_text_thresholds_and_output_paths_are_one_line_errors(models, tm
     assert "is a directory" in _cli_error(capsys, "--reference", str(tmp_path), "--candidate", str(q40))
     # the flag of the other model kind is named, not reported as a missing directory
     assert "graph models; language models take --text" in _cli_error(capsys, *base, "--inputs", str(tmp_path))
+    # graph flags and thresholds were silently ignored on language models
+    txt = ["--text", str(text)]
+    assert "--threshold sqnr_db is a graph threshold; a language-model evaluation takes ppl_delta_pct" in \
+        _cli_error(capsys, *base, *txt, "--threshold", "sqnr_db=1000", "--gate")
+    assert "--random, --seed, --runs, --no-intermediates are for graph models" in \
+        _cli_error(capsys, *base, *txt, "--random", "2", "--seed", "1", "--runs", "3", "--no-intermediates")
+    for kw in ({"random": 2}, {"runs": 3}, {"intermediates": False}):
+        with pytest.raises(edgert.InvalidArgumentError, match=f"{next(iter(kw))} is for graph models"):
+            edgert.evaluate(f32, q40, _text(), ctx=CTX, **kw)

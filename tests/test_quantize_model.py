@@ -182,3 +182,52 @@ def test_a_failed_write_leaves_no_output_and_no_partial_file(f32, tmp_path, monk
     assert main(["quantize", str(f32), str(fresh), "q4_0", "-q"]) == 1
     assert "No space left" in capsys.readouterr().err and not fresh.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]
+
+
+def test_flags_for_another_target_are_refused(f32, tmp_path, capsys):
+    """--calibration on a GGUF (or int8-dynamic/int4) quantization and --keep-embeddings on an ONNX one were
+    silently ignored."""
+    import onnx
+
+    from onnx_models import mlp
+
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    model = tmp_path / "m.onnx"
+    onnx.save(mlp(), model)
+    for argv, needle in (([str(f32), str(tmp_path / "o.gguf"), "q4_0", "--calibration", str(cal)],
+                          "--calibration is for int8-static (ONNX); q4_0 takes no calibration samples"),
+                         ([str(model), str(tmp_path / "o.onnx"), "int4", "--calibration", str(cal)],
+                          "--calibration is for int8-static (ONNX); int4 takes"),
+                         ([str(model), str(tmp_path / "o.onnx"), "int8-dynamic", "--keep-embeddings"],
+                          "--keep-embeddings is for GGUF models")):
+        capsys.readouterr()
+        assert main(["quantize", *argv, "-q"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("edgert: error: ") and needle in err, err
+    assert not (tmp_path / "o.gguf").exists() and not (tmp_path / "o.onnx").exists()
+    with pytest.raises(edgert.InvalidArgumentError, match="calibration samples are for int8-static"):
+        edgert.quantize_model.quantize_onnx(model, tmp_path / "o.onnx", "int8-dynamic", calibration=cal)
+
+
+def test_an_unsupported_type_is_named_not_taken_for_the_output(f32, tmp_path, capsys, monkeypatch):
+    """`edgert quantize m.gguf q5_k` took q5_k for the output and asked for the target type; an ONNX model's
+    message said "a ONNX model"."""
+    import onnx
+
+    from edgert.quantize_model import GGUF_TARGETS, ONNX_TARGETS
+    from onnx_models import mlp
+
+    model = tmp_path / "m.onnx"
+    onnx.save(mlp(), model)
+    monkeypatch.chdir(tmp_path)
+    for argv, want in (([str(f32), "q5_k"], f"'q5_k' is not a supported type: a GGUF model quantizes to "
+                                            f"{', '.join(GGUF_TARGETS)}"),
+                       ([str(f32), "out.gguf", "q5_k"], "'q5_k' is not a supported type: a GGUF"),
+                       ([str(model), "out.onnx", "--to", "q4_0"], f"'q4_0' is not a supported type: an ONNX model "
+                                                                  f"quantizes to {', '.join(ONNX_TARGETS)}")):
+        capsys.readouterr()
+        assert main(["quantize", *argv, "-q"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("edgert: error: ") and want in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

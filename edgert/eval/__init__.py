@@ -47,6 +47,16 @@ def evaluate(reference, candidate, data=None, thresholds=None, *, ctx: int | Non
     ref = parse_side(reference, reference_device, reference_threads)
     cand = parse_side(candidate, candidate_device, candidate_threads)
     kind = kind_of(ref, cand)
+    # the other kind's arguments were silently ignored
+    foreign = {"llm": {"random": random, "runs": runs, "intermediates": None if intermediates else False},
+               "graph": {"ctx": ctx, "chunks": chunks}}[kind]
+    wrong = [n for n, v in foreign.items() if v is not None]
+    if wrong:
+        raise InvalidArgumentError(f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} for "
+                                   f"{'graph' if kind == 'llm' else 'language'} models, and these are "
+                                   f"{'language' if kind == 'llm' else 'graph'} models")
+    if kind == "graph" and data is not None and random is not None:
+        raise InvalidArgumentError("data and random are alternatives: pass samples, or random=N to draw them")
     limits = _thresholds.resolve(kind, thresholds)
     if kind == "llm":
         from .llm import DEFAULT_CTX, evaluate_llm

@@ -1,12 +1,13 @@
 """Graph-model evaluation: a reference and a candidate ONNX or .tflite model, each run through ``edgert.Session`` on its own
 device profile (emulated when the device is not on this machine), fed the same samples.
 
-Compared: every graph output, and every intermediate tensor both graphs produce under the same name (quantizers
-keep the float tensor names of the nodes they rewrite, so a float model and its int8 version share most of them).
-Intermediates are read from a second pair of sessions whose models list them as extra outputs, so the timed
-sessions and their bytes moved are those of the unmodified models. Tensors are visited in the reference's
-topological order; the first one over a tensor threshold (cosine, SQNR, rel L2, max abs) is ``first_divergence``.
-The gate checks the outputs (worst output per metric, and top-1 of classifier-shaped outputs).
+Compared: every graph output (float ones by drift, integer and bool ones exactly), and every float intermediate
+tensor both graphs produce under the same name and with the same op (``_computing_ops``: quantizers mostly keep the
+float tensor names of the nodes they rewrite, but a fused op leaves its name on the op before it). Intermediates
+are read from a second pair of sessions whose models list them as extra outputs, so the timed sessions and their
+bytes moved are those of the unmodified models. Tensors are visited in the reference's topological order; the
+first one over a tensor threshold (cosine, SQNR, rel L2, max abs, mismatch) is ``first_divergence``. The gate
+checks the outputs (worst output per metric, and top-1 of classifier-shaped outputs).
 
 This module runs models and measures; it must not print.
 """
@@ -23,11 +24,11 @@ from ..errors import InvalidArgumentError
 from ..formats.tflite import is_tflite_path
 from . import metrics as M
 from . import thresholds as T
-from .report import EvalReport, Failure, Side, cost_model, per_units, ratio_phrase
+from .report import MEASURED_HERE, EvalReport, Failure, Side, cost_model, needs_emulation, per_units, ratio_phrase
 
 DEFAULT_RANDOM = 8
 MIN_TIMED_RUNS = 20
-TENSOR_METRICS = ("cosine", "sqnr_db", "rel_l2", "max_abs")
+TENSOR_METRICS = ("cosine", "sqnr_db", "rel_l2", "max_abs", "mismatch_pct")  # a row has the first four or the last
 _FLOAT = ("float32", "float16", "float64", "bfloat16")
 
 
@@ -79,19 +80,6 @@ def _samples(data, inputs, random: int | None, seed: int) -> list[dict[str, np.n
     return samples
 
 
-def _needs_emulation(device: str) -> bool:
-    from .. import profiles
-
-    prof = profiles.load(device)
-    for u in prof.units:
-        if u.delegate == "host":
-            continue
-        ok, _ = profiles.runtime_status(u)
-        if not ok:
-            return True
-    return False
-
-
 def _session(model, side: Side, emulate: bool):
     from ..session import Session
 
@@ -122,7 +110,55 @@ def _float_outputs(model) -> dict[str, int]:
     return order
 
 
+# quantized kernels by the float op they stand for: int8-dynamic, QOperator and int4 rewrites keep its output name
+_FLOAT_OP = {"MatMulInteger": "MatMul", "MatMulNBits": "MatMul", "QLinearMatMul": "MatMul",
+             "DynamicQuantizeMatMul": "MatMul", "ConvInteger": "Conv", "QLinearConv": "Conv", "QGemm": "Gemm",
+             "QLinearAdd": "Add", "QLinearMul": "Mul", "QLinearSigmoid": "Sigmoid", "QLinearLeakyRelu": "LeakyRelu",
+             "QLinearAveragePool": "AveragePool", "QLinearGlobalAveragePool": "GlobalAveragePool",
+             "QLinearConcat": "Concat", "QLinearSoftmax": "Softmax"}
+_INTEGER_OPS = ("MatMulInteger", "ConvInteger")  # int32 out: int8-dynamic rescales them with Cast -> Mul
+
+
+def _computing_ops(model) -> dict[str, str]:
+    """Node output name -> the op that computes it, seen as the float model would have it: through the Q/DQ pairs
+    and Casts wrapped around a value and the Mul that rescales an integer MatMul/Conv, quantized kernels by their
+    float op. Intermediates are matched on name and this op: onnxruntime's QDQ quantizer fuses a Relu into the Conv
+    before it and gives the Conv's output, pre-activation, the Relu's output name."""
+    prod = {o: n for n in model.graph.node for o in n.output if o}
+
+    def through_cast(n):
+        return prod.get(n.input[0], n) if n is not None and n.op_type == "Cast" else n
+
+    def op(n) -> str:
+        while True:
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast") and n.input[0] in prod:
+                n = prod[n.input[0]]
+                continue
+            if n.op_type == "Mul":
+                src = [through_cast(prod.get(i)) for i in n.input]
+                integer = next((p for p in src if p is not None and p.op_type in _INTEGER_OPS), None)
+                if integer is not None:
+                    n = integer
+                    continue
+            return _FLOAT_OP.get(n.op_type, n.op_type)
+
+    return {o: op(n) for o, n in prod.items()}
+
+
+def _ort_session(model):
+    """A plain onnxruntime session of ``model`` with graph optimizations off, so every named tensor is kept."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3  # its notices about merging the shapes of the added outputs
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
 def _with_outputs(model, names: list[str]):
+    """``model`` with ``names`` as extra graph outputs, each with the element type and rank onnx.checker (so
+    edgert's Session) requires of an output: from onnx's shape inference or, for tensors behind an op it does not
+    know (com.microsoft's MatMulNBits in an int4 model), from onnxruntime's, which runs that op."""
     import onnx
 
     m = onnx.ModelProto()
@@ -133,14 +169,23 @@ def _with_outputs(model, names: list[str]):
         inferred = []
     known = {vi.name: vi for vi in [*inferred, *m.graph.value_info] if vi.type.HasField("tensor_type")}
     have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            vi = onnx.ValueInfoProto()
-            if n in known:
-                vi.CopyFrom(known[n])
-            else:  # type unknown to inference: float is what the comparison reads
-                vi = onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-            m.graph.output.append(vi)
+    added = [n for n in names if n not in have]
+    untyped_float = onnx.TensorProto.FLOAT  # until typed below: float is what the comparison reads
+    for n in added:
+        m.graph.output.append(known[n] if n in known else onnx.helper.make_tensor_value_info(n, untyped_float, None))
+    untyped = [vi for vi in m.graph.output[len(m.graph.output) - len(added):]
+               if not vi.type.tensor_type.HasField("shape")]
+    if untyped:
+        try:
+            seen = {o.name: o for o in _ort_session(m).get_outputs()}
+        except Exception:  # left as they are: the Session refuses them and they are read on onnxruntime
+            seen = {}
+        for vi in untyped:
+            o = seen.get(vi.name)
+            elem = o.type[len("tensor("):-1].upper() if o is not None and o.type.startswith("tensor(") else None
+            if elem in onnx.TensorProto.DataType.keys():
+                dims = [d if isinstance(d, str) or (isinstance(d, int) and d >= 0) else None for d in o.shape]
+                vi.CopyFrom(onnx.helper.make_tensor_value_info(vi.name, onnx.TensorProto.DataType.Value(elem), dims))
     return m
 
 
@@ -159,12 +204,8 @@ def _run_intermediates(model, names, side, emulate, samples, notes) -> list[dict
         sess.close()
         return res
     except Exception as exc:  # the plan or a delegate refused the augmented graph: read them on onnxruntime
-        import onnxruntime as ort
-
         notes.append(f"{side.label}: intermediates read with plain onnxruntime (Session: {type(exc).__name__}: {exc})")
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every named tensor
-        sess = ort.InferenceSession(aug.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = _ort_session(aug)
         return [dict(zip(names, sess.run(names, s))) for s in samples]
 
 
@@ -177,24 +218,44 @@ def _shape_mismatch(a: list, b: list):
     return next(((x, y) for x, y in zip(a, b) if np.shape(x) != np.shape(y)), None)
 
 
-def _check_output_shapes(outputs: dict, out_names: list[str]) -> None:
-    """Refuse a candidate whose floating-point output has another shape than the reference's: it does not compute
-    what the reference does, so there is no drift to measure and no point in reading intermediates."""
+def _check_outputs(outputs: dict, out_names: list[str]) -> None:
+    """Refuse a candidate whose output has another shape than the reference's, or is float on one side only: it
+    does not compute what the reference does, so there is no drift to measure and no point in reading
+    intermediates."""
     for name in out_names:
         a = [s[name] for s in outputs["reference"]]
         b = [s[name] for s in outputs["candidate"]]
-        bad = _shape_mismatch(a, b) if _all_float(a + b) else None  # other dtypes are reported as skipped
+        if _all_float(a) != _all_float(b):
+            raise InvalidArgumentError(f"output {name!r} is {np.asarray(a[0]).dtype.name} in the reference but "
+                                       f"{np.asarray(b[0]).dtype.name} in the candidate: the models do not compute "
+                                       "the same outputs")
+        bad = _shape_mismatch(a, b)
         if bad:
             raise InvalidArgumentError(f"output {name!r} has shape {list(np.shape(bad[0]))} in the reference but "
                                        f"{list(np.shape(bad[1]))} in the candidate: the models do not compute the "
                                        "same outputs")
 
 
-def _stack(values: list[np.ndarray]):
-    shapes = {np.shape(v) for v in values}
-    if len(shapes) != 1:
-        return np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for v in values])
-    return np.stack([np.asarray(v) for v in values])
+def _flat(values: list) -> np.ndarray:
+    """All samples' values as one vector: the tensor metrics pool elements, whatever each sample's shape."""
+    return np.concatenate([np.ravel(v) for v in values])
+
+
+def _class_rows(values: list) -> np.ndarray | None:
+    """All samples' (rows, classes) stacked when every sample is classifier-shaped with one class count, else None.
+    Top-1 is per row: the flat vector of samples of different batch sizes was one single row."""
+    shapes = [np.shape(v) for v in values]
+    if not all(M.classifier_shaped(s) for s in shapes) or len({s[-1] for s in shapes}) != 1:
+        return None
+    return np.concatenate([np.reshape(v, (-1, s[-1])) for v, s in zip(values, shapes)])
+
+
+def _worst(values: list, direction: str) -> float:
+    """The worst of the outputs' values for a threshold of ``direction`` ("min": the lowest); NaN (nothing measured)
+    when any is NaN, which min and max would keep or drop by its place in the list."""
+    if any(v != v for v in values):
+        return float("nan")
+    return min(values) if direction == "min" else max(values)
 
 
 def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, random: int | None = None,
@@ -214,7 +275,7 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
     emulate = {}
     sessions = {}
     for k, side in sides_in.items():
-        emulate[k] = bool(side.device) and _needs_emulation(side.device)
+        emulate[k] = needs_emulation(side.device)
         if emulate[k]:
             notes.append(f"{side.label}: device {side.device!r} is not on this machine; emulated (device partitions "
                          "run on this CPU, link copies kept and counted)")
@@ -227,6 +288,8 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
     samples = _samples(data, inputs, random, seed)
     out_names = [o.name for o in sessions["reference"].get_outputs()]
     cand_out = {o.name for o in sessions["candidate"].get_outputs()}
+    if not out_names:  # a gate over no outputs would pass whatever the candidate computes
+        raise InvalidArgumentError("the reference model has no outputs: nothing to compare")
     missing = [n for n in out_names if n not in cand_out]
     if missing:
         raise InvalidArgumentError(f"the candidate lacks output(s) {missing} of the reference")
@@ -252,7 +315,7 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
         sess.close()
         if progress:
             progress(n + 1, 3 if intermediates else 2)
-    _check_output_shapes(outputs, out_names)
+    _check_outputs(outputs, out_names)
 
     # shared intermediates, topological order of the reference
     models = {}
@@ -262,41 +325,46 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
         models = {k: onnx.load(s.path) for k, s in sides_in.items()}
     ref_order = _float_outputs(models["reference"]) if intermediates else {}
     cand_order = _float_outputs(models["candidate"]) if intermediates else {}
-    shared = [n for n in ref_order if n in cand_order and n not in out_names]
+    same_name = [n for n in ref_order if n in cand_order and n not in out_names]
+    ops = {k: _computing_ops(models[k]) for k in models}
+    shared = [n for n in same_name if ops["reference"][n] == ops["candidate"][n]]
+    if len(shared) < len(same_name):
+        notes.append("not compared, the candidate computes them with another op (a fused op leaves its output name "
+                     "on the op before it): " + ", ".join(f"{n} ({ops['reference'][n]} vs {ops['candidate'][n]})"
+                                                          for n in same_name if n not in shared))
     inter = {k: _run_intermediates(models.get(k), shared, sides_in[k], emulate[k], samples, notes) for k in sides_in}
     if progress and intermediates:
         progress(3, 3)
 
-    rows, skipped = [], {}
+    rows = []
     order = {n: i for i, n in enumerate(ref_order)}
     for name in sorted(set(shared) | set(out_names), key=lambda n: order.get(n, len(order))):
         is_out = name in out_names
         src = outputs if is_out else inter
         a = [s[name] for s in src["reference"]]
         b = [s[name] for s in src["candidate"]]
-        if not _all_float(a + b):
-            skipped[name] = f"{name!r} ({np.asarray(a[0]).dtype.name} vs {np.asarray(b[0]).dtype.name})"
+        exact = not _all_float(a + b)  # outputs: both sides (checked); intermediates read as float may not be
+        if not is_out and (exact or _shape_mismatch(a, b)):  # outputs' shapes were checked before these were read
             continue
-        if not is_out and _shape_mismatch(a, b):  # outputs' shapes were checked before these were read
-            continue
-        ra, rb = _stack(a), _stack(b)
-        row = {"name": name, "output": is_out, "shape": list(np.shape(a[0])), **M.tensor_metrics(ra, rb)}
-        if is_out and M.classifier_shaped(np.shape(a[0])):
-            row["top1_pct"] = M.top1_agreement(ra, rb) * 100.0
+        row = {"name": name, "output": is_out, "shape": list(np.shape(a[0])), "dtype": np.asarray(a[0]).dtype.name}
+        if exact:  # integer, bool: a class id or a mask is right or wrong, no drift to measure
+            row["mismatch_pct"] = M.mismatch_fraction(_flat(a), _flat(b)) * 100.0
+        else:
+            row.update(M.tensor_metrics(_flat(a), _flat(b)))
+        rows_a = _class_rows(a) if is_out else None
+        if rows_a is not None:  # b's shapes are a's: checked with the outputs
+            row["top1_pct"] = M.top1_agreement(rows_a, _class_rows(b)) * 100.0
         row["crossed"] = [m for m, v, d, lim in T.check("graph", row, {k: limits.get(k) for k in TENSOR_METRICS})]
         rows.append(row)
     first = next((r["name"] for r in rows if r["crossed"]), None)
+    unmeasured = [r["name"] for r in rows if any(r[k] != r[k] for k in TENSOR_METRICS if k in r)]
+    if unmeasured:
+        notes.append(f"{', '.join(unmeasured)}: no finite values to compare (NaN or ±inf in the same places on both "
+                     "sides, or empty): their metrics are nan, which fails every threshold")
 
-    outs = [r for r in rows if r["output"]]
-    if not outs:  # a gate over no outputs would pass whatever the candidate computes
-        raise InvalidArgumentError("no output could be compared: edgert compares floating-point outputs, and the "
-                                   "reference's vs the candidate's are "
-                                   + (", ".join(skipped[n] for n in out_names if n in skipped) or "none"))
-    m: dict = {"cosine": min(r["cosine"] for r in outs), "sqnr_db": min(r["sqnr_db"] for r in outs),
-               "rel_l2": max(r["rel_l2"] for r in outs), "max_abs": max(r["max_abs"] for r in outs)}
-    tops = [r["top1_pct"] for r in outs if "top1_pct" in r]
-    if tops:
-        m["top1_pct"] = min(tops)
+    outs = [r for r in rows if r["output"]]  # every output: float ones by drift, the others exactly
+    m: dict = {k: _worst([r[k] for r in outs if k in r], t.direction)
+               for k, t in T.GRAPH_THRESHOLDS.items() if any(k in r for r in outs)}
     m["samples"] = len(samples)
     m["outputs_compared"] = len(outs)
     m["intermediates_compared"] = len(rows) - len(outs)
@@ -326,15 +394,17 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
         phrase = ratio_phrase(rs["cost_usd_per_1k"], cs["cost_usd_per_1k"], "per 1,000 inferences")
     else:
         phrase = ratio_phrase(rs["energy_wh_per_1k"], cs["energy_wh_per_1k"], "energy per 1,000 inferences")
-    q = (f"SQNR {m['sqnr_db']:.1f} dB, cosine {m['cosine']:.4f}" if outs else "no outputs compared")
-    if tops:
-        q += f", top-1 {m['top1_pct']:.1f}%"
+    q = [f"SQNR {m['sqnr_db']:.1f} dB, cosine {m['cosine']:.4f}"] if "cosine" in m else []
+    if "top1_pct" in m:
+        q.append(f"top-1 {m['top1_pct']:.1f}%")
+    if "mismatch_pct" in m:
+        q.append(f"{m['mismatch_pct']:.2f}% of integer/bool output elements differ")
+    q = ", ".join(q)
     verdict = f"candidate: {phrase} at {q} — {'PASS' if not failures else 'FAIL'}"
     if first:
         verdict += f" (first divergence: {first})"
-    if any(emulate.values()) or any(s.device for s in sides_in.values()):
-        notes.append("latency is measured on this machine; energy and cost apply each side's profile power and "
-                     "price to it")
+    if any(s.device for s in sides_in.values()):
+        notes.append(MEASURED_HERE)
     return EvalReport(kind="graph", reference=reference, candidate=candidate, metrics=m, thresholds=dict(limits),
                       failures=failures, sides=sides, tensors=rows, first_divergence=first, verdict=verdict,
                       notes=notes, elapsed_s=time.perf_counter() - t_start)

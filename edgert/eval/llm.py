@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from . import metrics as M
 from . import thresholds as T
-from .report import EvalReport, Failure, Side, cost_model, per_units, ratio_phrase
+from .report import MEASURED_HERE, EvalReport, Failure, Side, cost_model, needs_emulation, per_units, ratio_phrase
 
 DEFAULT_CTX = 512
 GREEDY_PROMPTS = 3
@@ -70,11 +70,13 @@ def _greedy(llm, prompt: list[int], n: int) -> tuple[list[int], float]:
 
 
 def _weight_drift(ref_llm, cand_llm) -> list[dict]:
-    """Per weight tensor (model order) present in both files with one shape: SQNR, rel L2 and types."""
+    """Per weight tensor present in both files with one shape, in the order the model computes with them (token
+    embedding, blocks 0..n-1, output norm, output; the spec lists the last two after the embedding, as the C decoder
+    takes them): SQNR, rel L2 and types."""
     rows = []
     rg, cg = ref_llm.model.gguf, cand_llm.model.gguf
     seen = set()
-    for role, info in ref_llm.model.spec.tensors:
+    for role, info in sorted(ref_llm.model.spec.tensors, key=lambda t: t[0] in ("output_norm", "output")):
         name = info.name
         if name in seen or name not in cg.tensors:
             continue
@@ -188,7 +190,8 @@ def evaluate_llm(reference: Side, candidate: Side, text, limits: dict, *, ctx: i
             spt = 1.0 / decode if decode == decode and decode > 0 else 1.0 / prefill
             per_m = per_units(cm, spt, 1e6)
             sides[key] = {
-                "label": side.label, "profile": prof, "threads": side.threads or "default",
+                "label": side.label, "profile": prof, "emulated": needs_emulation(side.device),
+                "threads": side.threads or "default",
                 "prefill_tok_s": prefill, "decode_tok_s": decode, "eval_s": t_eval,
                 "weight_bytes": int(llm.model.weight_bytes), "bytes_moved": 0,
                 "power_w": cm.power_w, "price_usd_per_hour": cm.price_usd_per_hour,
@@ -213,6 +216,12 @@ def evaluate_llm(reference: Side, candidate: Side, text, limits: dict, *, ctx: i
                f"same top token {m['top1_pct']:.1f}% — {'PASS' if not failures else 'FAIL'}")
     notes = ["bytes moved host↔device are 0 for the C decoder: weights are read in place from the mapped file "
              "(weight_bytes is what one decode step streams from memory)"]
+    for side, s in ((reference, rs), (candidate, cs)):
+        if s["emulated"]:
+            notes.append(f"{side.label}: device {side.device!r} is not on this machine; emulated (the C decoder "
+                         "ran on this CPU)")
+    if reference.device or candidate.device:
+        notes.append(MEASURED_HERE)
     if rs["cost_usd_per_1m_tokens"] == 0 and cs["cost_usd_per_1m_tokens"] == 0:
         notes.append("both profiles price the machine at $0/h and electricity at $0/kWh: the verdict compares "
                      "energy (set a price in the profile or EDGERT_ELECTRICITY_USD_PER_KWH for dollars)")

@@ -9,8 +9,13 @@ Everything is computed in float64 from float32 inputs. Definitions (also in docs
 - ``top1``: the fraction of positions (or rows) where both sides' argmax agree.
 - ``dp_top``: P_cand(t) - P_ref(t) for t the reference's top token at that position; its RMS is reported.
 - ``rel_l2``: ||cand - ref||_2 / ||ref||_2 (inf when ref is all zeros and cand is not; 0 when both are).
-- ``cosine``: <ref, cand> / (||ref|| ||cand||) over the flattened tensors (1 when both are all zeros).
+- ``cosine``: <ref, cand> / (||ref|| ||cand||) over the flattened tensors (exactly 1 when they are equal, all zeros
+  included).
 - ``sqnr_db``: 10 log10(||ref||^2 / ||cand - ref||^2) (inf for identical tensors).
+- ``mismatch``: the fraction of elements that differ, for integer and bool tensors (compared exactly).
+
+Non-finite values the two sides share (NaN and NaN, inf and inf) are left out; one side's alone gives the worst
+score. With no finite pair left to measure (every value NaN, or empty tensors) every tensor metric is NaN.
 
 This module is pure numpy: it must not load models or import anything from edgert above the error types.
 """
@@ -84,33 +89,37 @@ def common_prefix(a, b) -> int:
 
 
 # ---- tensors ---------------------------------------------------------------------------------------------------
-def _pair(ref, cand) -> tuple[np.ndarray, np.ndarray, bool]:
+def _pair(ref, cand, worst: float) -> tuple[np.ndarray, np.ndarray, float | None]:
     """Both tensors as flat float64, without the positions where both hold the same non-finite value (NaN and NaN,
-    inf and inf: they agree exactly; identical models gave NaN metrics and failed the gate), and whether some
-    non-finite value is not matched on the other side (a disagreement no finite metric can measure)."""
+    inf and inf: they agree exactly; identical models gave NaN metrics and failed the gate), and the value the
+    metric is instead of a measurement, or None: ``worst`` when some non-finite value is not matched on the other
+    side (a disagreement no finite metric can measure), NaN when no finite pair is left (nothing was measured, so a
+    gate must not pass: every value NaN, or empty tensors)."""
     r = np.asarray(ref)
     c = np.asarray(cand)
     if r.shape != c.shape:
         raise ShapeError(f"tensors differ in shape: reference {r.shape}, candidate {c.shape}")
     r, c = r.astype(np.float64).reshape(-1), c.astype(np.float64).reshape(-1)
     finite = np.isfinite(r) & np.isfinite(c)
-    if finite.all():
-        return r, c, False
-    agree = (r == c) | (np.isnan(r) & np.isnan(c))
-    return r[finite], c[finite], bool((~finite & ~agree).any())
+    if not finite.all():
+        agree = (r == c) | (np.isnan(r) & np.isnan(c))
+        if (~finite & ~agree).any():
+            return r, c, worst
+        r, c = r[finite], c[finite]
+    return r, c, None if r.size else math.nan
 
 
 def max_abs_error(ref, cand) -> float:
-    r, c, apart = _pair(ref, cand)
-    if apart:
-        return float("inf")
-    return float(np.max(np.abs(c - r))) if r.size else 0.0
+    r, c, instead = _pair(ref, cand, math.inf)
+    if instead is not None:
+        return instead
+    return float(np.max(np.abs(c - r)))
 
 
 def relative_l2(ref, cand) -> float:
-    r, c, apart = _pair(ref, cand)
-    if apart:
-        return float("inf")
+    r, c, instead = _pair(ref, cand, math.inf)
+    if instead is not None:
+        return instead
     num, den = float(np.linalg.norm(c - r)), float(np.linalg.norm(r))
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
@@ -118,21 +127,21 @@ def relative_l2(ref, cand) -> float:
 
 
 def cosine_similarity(ref, cand) -> float:
-    r, c, apart = _pair(ref, cand)
-    if apart:
-        return -1.0
-    nr, nc = float(np.linalg.norm(r)), float(np.linalg.norm(c))
-    if nr == 0.0 and nc == 0.0:
+    r, c, instead = _pair(ref, cand, -1.0)
+    if instead is not None:
+        return instead
+    if np.array_equal(r, c):  # exactly 1: the quotient below rounds to 1 - 1 ulp for about 1 tensor in 4
         return 1.0
+    nr, nc = float(np.linalg.norm(r)), float(np.linalg.norm(c))
     if nr == 0.0 or nc == 0.0:
         return 0.0
     return float(np.clip(np.dot(r, c) / (nr * nc), -1.0, 1.0))
 
 
 def sqnr_db(ref, cand) -> float:
-    r, c, apart = _pair(ref, cand)
-    if apart:
-        return float("-inf")
+    r, c, instead = _pair(ref, cand, -math.inf)
+    if instead is not None:
+        return instead
     noise, signal = float(np.sum((c - r) ** 2)), float(np.sum(r * r))
     if noise == 0.0:
         return float("inf")
@@ -149,6 +158,14 @@ def top1_agreement(ref, cand) -> float:
     r = r.reshape(-1, r.shape[-1])
     c = c.reshape(-1, c.shape[-1])
     return float(np.mean(r.argmax(-1) == c.argmax(-1))) if r.shape[0] else float("nan")
+
+
+def mismatch_fraction(ref, cand) -> float:
+    """Fraction of elements that differ, for tensors compared exactly (integer, bool); NaN when there are none."""
+    r, c = np.asarray(ref), np.asarray(cand)
+    if r.shape != c.shape:
+        raise ShapeError(f"tensors differ in shape: reference {r.shape}, candidate {c.shape}")
+    return float(np.mean(r != c)) if r.size else math.nan
 
 
 def classifier_shaped(shape) -> bool:

@@ -5,6 +5,7 @@ matplotlib is optional: ``pip install 'edgert[eval]'`` (or ``pip install matplot
 from __future__ import annotations
 
 import math
+import os
 
 from ..errors import EdgertError, InvalidArgumentError
 
@@ -56,29 +57,56 @@ def format_table(rep) -> str:
 MATPLOTLIB_MISSING = ("--plot needs matplotlib: pip install 'edgert[eval]' (or pip install matplotlib)")
 
 
-def plot_report(rep, path) -> str:
+def check_plot_path(path) -> None:
+    """Refuse a plot matplotlib cannot write (it is not installed, or has no format for the file's extension) before
+    the evaluation: savefig's ValueError came after all of it. No extension: savefig writes PNG."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise EdgertError(MATPLOTLIB_MISSING) from None
+    ext = os.path.splitext(os.fspath(path))[1][1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext and ext not in formats:
+        raise InvalidArgumentError(f"cannot write the plot {os.fspath(path)}: matplotlib has no .{ext} format; name "
+                                   f"the file with one of {', '.join(sorted(formats))} (e.g. drift.png)")
+
+
+SQNR_CAP = 120.0  # where an identical tensor's inf SQNR is drawn
+
+
+def _sqnr_bars(rows) -> tuple[list[float], float]:
+    """Bar heights for the rows' SQNR and the axis floor, where -inf, nan (nothing measured) and an exactly
+    compared output that differs are drawn (a first divergence there drew no bar at all)."""
+    finite = [r["sqnr_db"] for r in rows if math.isfinite(r.get("sqnr_db", math.nan))]
+    floor = min([0.0, *finite]) - 10.0
+    out = []
+    for r in rows:
+        v = r["sqnr_db"] if "sqnr_db" in r else (math.inf if r.get("mismatch_pct") == 0 else -math.inf)
+        out.append(SQNR_CAP if v == math.inf else v if math.isfinite(v) else floor)
+    return out, floor
+
+
+def plot_report(rep, path) -> str:
+    check_plot_path(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     rows = rep.tensors
     names = [r["name"] for r in rows]
-    sq = [r.get("sqnr_db", float("nan")) for r in rows]
-    cap = 120.0
-    shown = [cap if (isinstance(v, float) and math.isinf(v) and v > 0) else v for v in sq]
+    shown, floor = _sqnr_bars(rows)
     xs = range(len(rows))
     colors = ["tab:red" if n == rep.first_divergence else "tab:blue" for n in names]
     ax1.bar(xs, shown, color=colors)
+    ax1.set_ylim(bottom=floor)
     lim = rep.thresholds.get("sqnr_db") if rep.kind == "graph" else None
     if lim is not None:
         ax1.axhline(lim, color="tab:red", ls="--", lw=1, label=f"sqnr_db threshold {lim:g}")
         ax1.legend(loc="upper right", fontsize=8)
-    what = "tensor (topological order)" if rep.kind == "graph" else "weight tensor (model order)"
-    ax1.set_title(f"drift per layer: SQNR vs reference ({cap:g} = identical)")
+    what = "tensor (topological order)" if rep.kind == "graph" else "weight tensor (compute order)"
+    ax1.set_title(f"drift per layer: SQNR vs reference ({SQNR_CAP:g} = identical; {floor:g} = -inf or not measured)")
     ax1.set_xlabel(what)
     ax1.set_ylabel("SQNR (dB)")
     if len(rows) <= 40:
@@ -111,6 +139,8 @@ def plot_report(rep, path) -> str:
         fig.savefig(path, dpi=100)
     except OSError as exc:  # a missing directory, no permission: the caller's path, named
         raise InvalidArgumentError(f"cannot write the plot {path}: {exc.strerror or exc}") from None
+    except (ValueError, RuntimeError) as exc:  # what savefig refuses past check_plot_path (pgf without LaTeX...)
+        raise InvalidArgumentError(f"cannot write the plot {path}: {exc}") from None
     finally:
         plt.close(fig)
     return str(path)

@@ -82,6 +82,20 @@ def cost_model(device: str | None):
                                electricity_usd_per_kwh=host.electricity_usd_per_kwh), prof.name
 
 
+def needs_emulation(device: str | None) -> bool:
+    """Whether the device profile has a unit whose runtime is not on this machine (its partitions then run on this
+    CPU, emulated)."""
+    if not device:
+        return False
+    from .. import profiles
+
+    return any(u.delegate != "host" and not profiles.runtime_status(u)[0] for u in profiles.load(device).units)
+
+
+# noted whenever a side names a device profile: no evaluation runs on the profile's hardware
+MEASURED_HERE = "latency is measured on this machine; energy and cost apply each side's profile power and price to it"
+
+
 def per_units(cm, seconds_per_unit: float, units: float) -> dict[str, float]:
     """Energy (J, Wh) and cost (USD) of ``units`` items at ``seconds_per_unit`` busy seconds each."""
     busy = seconds_per_unit * units
@@ -150,7 +164,8 @@ class EvalReport:
     """The result of ``edgert.evaluate``. ``metrics``: flat name -> number (the gated ones among them);
     ``failures``: the crossed thresholds (strings with ``.metric``); ``sides``: per side the speed, bytes moved,
     energy and cost; ``tensors``: per-tensor drift rows (graph: outputs and shared intermediates in topological
-    order; LLM: weight tensors in model order); ``first_divergence``: the first tensor over a threshold."""
+    order; LLM: weight tensors in the order the model computes with them); ``first_divergence``: the first tensor
+    over a threshold."""
 
     kind: str  # "llm" or "graph"
     reference: Side

@@ -61,6 +61,8 @@ GRAPH_THRESHOLDS = {t.metric: t for t in (
     Threshold("rel_l2", "max", 0.1, "||cand - ref|| / ||ref|| of each tensor"),
     Threshold("max_abs", "max", None, "largest absolute difference of each tensor (scale-dependent: off by default)"),
     Threshold("top1_pct", "min", 90.0, "rows of classifier-shaped outputs whose argmax agrees, percent"),
+    Threshold("mismatch_pct", "max", 0.0, "elements of integer and bool outputs (compared exactly) that differ, "
+                                          "percent"),
 )}
 
 TABLES = {"llm": LLM_THRESHOLDS, "graph": GRAPH_THRESHOLDS}
@@ -124,17 +126,22 @@ def _section(src: dict, kind: str, where: str) -> dict:
     return section
 
 
-def merge(path, items) -> dict:
+def merge(path, items, kind: str) -> dict:
     """One source for ``resolve``: the TOML file ``path`` (None: no file) with the ``NAME=VALUE`` overrides ``items``
-    on top. An override goes into the section of each kind whose table has the name, so it beats the file's value
-    there; a name no table has goes to the top level, where ``resolve`` refuses it. Values are checked by
-    ``resolve``."""
+    (``--threshold``) for a ``kind`` evaluation on top. An override goes into the ``kind`` section, so it beats the
+    file's value there; one that only the other kind's table has is refused (it was silently ignored), and a name no
+    table has goes to the top level, where ``resolve`` refuses it. Values are checked by ``resolve``."""
+    table = _table(kind)
     src = dict(load_toml(path)) if path else {}
     overrides = parse_overrides(items)
-    for kind in KINDS:
-        mine = {k: v for k, v in overrides.items() if k in TABLES[kind]}
-        src[kind] = {**_section(src, kind, f"thresholds file {path}"), **mine}
-    src.update({k: v for k, v in overrides.items() if not any(k in t for t in TABLES.values())})
+    other = [k for k in overrides if k not in table and any(k in t for t in TABLES.values())]
+    if other:
+        what = {"llm": "language-model", "graph": "graph"}
+        raise InvalidArgumentError(f"--threshold {other[0]} is a {what['graph' if kind == 'llm' else 'llm']} "
+                                   f"threshold; a {what[kind]} evaluation takes {', '.join(table)}")
+    sections = {k: _section(src, k, f"thresholds file {path}") for k in KINDS}  # both checked: one file serves both
+    src[kind] = {**sections[kind], **{k: v for k, v in overrides.items() if k in table}}
+    src.update({k: v for k, v in overrides.items() if k not in table})
     return src
 
 
