@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import edgert
-from edgert.bridge import NpuSim, SerialNpuDevice
+from edgert.bridge import DeviceResetError, NpuSim, SerialNpuDevice
 from edgert.bridge import protocol as P
 from edgert.bridge.device import ProtocolVersionError
 from edgert.delegates import serial_npu
@@ -155,6 +155,23 @@ def test_stalled_device_retransmits_and_executes_once():
         assert (out == np.arange(64)).all()
         st = dev.stats()
         assert dev.link.stats.retransmits > 0 and st["duplicates"] > 0 and st["tensors"] == 1
+        dev.close()
+
+
+def test_a_reset_seen_through_no_session_is_counted_once():
+    """A reset noticed by ERR_NO_SESSION (here another client's RESET) left generation and resets unchanged: the
+    re-handshake forgot the old boot id before it compared the new one."""
+    with sim() as s:
+        dev = SerialNpuDevice(s.url)
+        boot = dev.hello().boot_id
+        dev.alloc(16)
+        other = SerialNpuDevice(s.url)
+        other.reset()
+        other.close()
+        with pytest.raises(DeviceResetError, match=f"boot id {boot} -> {boot + 1}"):
+            dev.alloc(16)
+        assert dev.generation == 1 and dev.resets == 1 and dev.link_stats()["device_resets"] == 1
+        dev.alloc(16)  # the session is open again
         dev.close()
 
 

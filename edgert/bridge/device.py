@@ -79,10 +79,9 @@ class SerialNpuDevice:
             if exc.status != P.ERR_NO_SESSION:
                 raise
         old = self.info.boot_id if self.info else None
-        self.info = None
+        self.info = None  # so hello() does not count the reset too: it is counted here, once, whatever the boot id
         info = self.hello()
-        if old is None or info.boot_id == old:
-            self._note_reset()
+        self._note_reset()
         raise DeviceResetError(f"serial NPU {self.link.url} reset (boot id {old} -> {info.boot_id}): its graphs and "
                                "tensors are gone; the session is open again")
 
