@@ -175,6 +175,30 @@ def test_a_reset_seen_through_no_session_is_counted_once():
         dev.close()
 
 
+def test_reset_is_idempotent_when_its_answer_is_lost():
+    """The device resets before its answer goes out, and the reset wiped the response cache: a RESET retransmitted
+    because its answer was lost got ERR_NO_SESSION. It gets the same OK now, and nothing runs twice."""
+    with sim() as s:
+        dev = SerialNpuDevice(s.url, timeout=0.05)
+        boot = dev.hello().boot_id
+        read, lost = dev.link._read, []
+
+        def lossy(wait):  # the first bytes back after RESET goes out (its answer) are lost on the line
+            data = read(wait)
+            if data and not lost:
+                lost.append(data)
+                return b""
+            return data
+
+        dev.link._read = lossy
+        dev.reset()
+        dev.link._read = read
+        assert lost and dev.link.stats.retransmits >= 1 and dev.generation == 1
+        st = dev.stats()
+        assert st["boot_id"] == boot + 1 and st["duplicates"] == 1  # reset once; the resent RESET answered again
+        dev.close()
+
+
 def test_qblock_matmul_is_the_c_core_reference():
     rng = np.random.default_rng(5)
     w = rng.standard_normal((24, 64)).astype(np.float32)

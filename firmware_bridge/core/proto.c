@@ -29,7 +29,8 @@ typedef struct {
 
 static struct {
     uint32_t boot_id, arena_limit;
-    uint8_t session, have_last;
+    uint32_t reset_seq; /* the RESET that caused this boot: its retransmission is answered OK again (§4) */
+    uint8_t reset_done, session, have_last;
     uint32_t last_seq;
     uint8_t last_type, last_flags, last_status;
     uint32_t last_len;
@@ -284,6 +285,11 @@ static void handle_frame(const uint8_t *f, uint32_t len) {
         goto send;
     }
     if (!S.session) {
+        if (type == FW_MSG_RESET && S.reset_done && seq == S.reset_seq) { /* its answer was lost: done already */
+            S.duplicates++;
+            fw_send_frame(sink, type, FW_FLAG_RESPONSE, FW_OK, seq, NULL, 0);
+            return;
+        }
         send_error(type, FW_ERR_NO_SESSION, seq, "no session: send HELLO");
         return;
     }
@@ -312,7 +318,9 @@ static void handle_frame(const uint8_t *f, uint32_t len) {
     case FW_MSG_RESET: {
         uint32_t boot = S.boot_id + 1;
         fw_send_frame(sink, type, FW_FLAG_RESPONSE, FW_OK, seq, NULL, 0);
-        fw_init(boot);
+        fw_init(boot); /* clears the response cache with everything else: the RESET's seq is kept on its own */
+        S.reset_seq = seq;
+        S.reset_done = 1;
         return;
     }
     default:
