@@ -199,6 +199,33 @@ def test_reset_is_idempotent_when_its_answer_is_lost():
         dev.close()
 
 
+def test_clip_equals_onnxruntime_also_when_min_exceeds_max():
+    """ONNX Clip is min(max(x, min), max): with min > max every element is max. The device clamped each element
+    towards whichever bound it was past (min below, max above)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bridge_models import _checked_model
+
+    rng = np.random.default_rng(8)
+    with sim() as s:
+        for dt, tp in ((np.int8, TensorProto.INT8), (np.uint8, TensorProto.UINT8), (np.int32, TensorProto.INT32)):
+            for lo, hi in ((3, -3) if dt != np.uint8 else (200, 50), (-3, 3) if dt != np.uint8 else (50, 200),
+                           (None, 2), (2, None)):
+                inits = [numpy_helper.from_array(np.array(v, dt), k) for k, v in (("lo", lo), ("hi", hi))
+                         if v is not None]
+                node = helper.make_node("Clip", ["x", "lo" if lo is not None else "", "hi" if hi is not None else ""],
+                                        ["y"])
+                model = _checked_model([node], "clip", inits, ("x", tp, [2, 8]), ("y", tp, [2, 8]))
+                info = np.iinfo(dt)
+                x = rng.integers(max(info.min, -300), min(info.max, 300) + 1, (2, 8)).astype(dt)
+                sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="forbid",
+                                      device_options={"url": s.url}, telemetry=False)
+                np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ort_run(model, {"x": x})[0],
+                                              err_msg=f"{dt.__name__} clip({lo}, {hi})")
+                assert sess._bound.compiled[0].runs_on_device == 1
+                sess.close()
+
+
 def test_qblock_matmul_is_the_c_core_reference():
     rng = np.random.default_rng(5)
     w = rng.standard_normal((24, 64)).astype(np.float32)
