@@ -129,6 +129,26 @@ def test_chunked_transfer_refuses_a_chunk_of_no_bytes(max_payload, call):
          "load_graph": lambda: dev.load_graph(b"blob")}[call]()
 
 
+def test_a_device_allowing_frames_larger_than_the_hosts_decoder_gets_reads_that_fit():
+    """A device reporting a max_payload above the host decoder's 64 KiB got READs whose answers the host dropped as
+    overlong frames, again and again, until the chunk had been halved under the cap."""
+    data = bytes(range(256)) * 400  # 102400 bytes
+    asked = []
+
+    def script(f, n):
+        if f.type == P.HELLO:
+            return answer(f, hello_answer(max_payload=200000))
+        handle, off, length = struct.unpack("<III", f.payload)
+        asked.append(length)
+        return answer(f, data[off:off + length])
+
+    dev = SerialNpuDevice(link=SerialLink(serial=FakePort(script), timeout=0.05))
+    dev.hello()
+    out = bytearray(len(data))
+    dev.read(1, out)
+    assert out == data and max(asked) <= dev.link.decoder.max_frame - 16 and dev.link.stats.retransmits == 0
+
+
 def test_a_port_that_refuses_writes_ends_a_transfer_at_once():
     """A write timeout (a device that stopped reading) was taken as a lost answer: the chunk was halved and sent
     again down to 32 bytes, each try waiting out the port's write timeout (81 s with pyserial's 10 s)."""

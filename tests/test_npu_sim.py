@@ -327,6 +327,24 @@ def test_emulated_device_partitions_copy_only_the_plans_transfers():
     sess.close()
 
 
+def test_stopped_emulators_leave_no_open_pipes():
+    """stop() left the emulator's stdout and stderr pipes open: two descriptors per emulator, and stdin too after
+    kill()."""
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    sim().start().stop()  # built, and anything lazily opened on the first start is open
+    before, kept = fds(), []  # kept alive: the pipes' finalizers do not close them for us
+    for k in range(4):
+        s = sim().start()
+        if k % 2:
+            s.kill()
+        s.stop()
+        assert s.stop() == s.proc.returncode  # a second stop is harmless
+        kept.append(s)
+    assert fds() == before
+
+
 @pytest.mark.parametrize("kw", [{"baud": -1}, {"baud": float("nan")}, {"ops_per_s": float("inf")}, {"drop": 2},
                                 {"corrupt": -0.1}, {"duplicate": "x"}, {"arena": -1}, {"arena": 2**32},
                                 {"stall_ms": 1.5},

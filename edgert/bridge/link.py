@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from ..errors import LinkError
 from . import protocol as P
-from .framing import FLAG_ERROR, FLAG_RESPONSE, FLAG_RETRANSMIT, Frame, FrameDecoder, encode_frame
+from .framing import (CRC_BYTES, FLAG_ERROR, FLAG_RESPONSE, FLAG_RETRANSMIT, HEADER_BYTES, Frame, FrameDecoder,
+                      encode_frame)
 
 log = logging.getLogger("edgert.bridge")
 READ_POLL_S = 0.005
@@ -76,11 +77,21 @@ class SerialLink:
         self.baudrate = int(baudrate)
         self.timeout = float(timeout)
         self.retries = int(retries)
-        self.max_payload = int(max_payload)
         self.stats = LinkStats()
         self.decoder = FrameDecoder()
+        self.max_payload = max_payload
         self._seq = int.from_bytes(os.urandom(2), "little")  # any start: HELLO sets the device's baseline
         self._closed = False
+
+    @property
+    def max_payload(self) -> int:
+        """The largest payload of a frame either way: the device's (HELLO), at most what the host's decoder takes
+        (64 KiB): READ asks for no more, so every answer fits, however much the device allows."""
+        return self._max_payload
+
+    @max_payload.setter
+    def max_payload(self, n: int) -> None:
+        self._max_payload = min(int(n), self.decoder.max_frame - HEADER_BYTES - CRC_BYTES)
 
     # ---- bytes ------------------------------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
