@@ -226,6 +226,39 @@ def test_clip_equals_onnxruntime_also_when_min_exceeds_max():
                 sess.close()
 
 
+def test_a_stalled_device_costs_the_configured_timeouts_not_a_fixed_write_timeout():
+    """A device that stops reading fills the pty, and the host's write blocked for pyserial's fixed 10 s per
+    attempt whatever timeout_s and retries said. The write timeout is now timeout_s plus the largest frame's time on
+    the line."""
+    import signal
+    import time
+
+    from edgert.bridge.link import SerialLink
+
+    model = int8_mlp(k=4096, n=8, m=4)  # x is 16 KiB: 4 WRITE frames, more than the pty holds
+    rng = np.random.default_rng(9)
+    with sim() as s:
+        link = SerialLink(s.url, baudrate=921600, timeout=0.02)
+        assert link.port.write_timeout == pytest.approx(0.02 + (4112 + 4112 // 254 + 3) * 10 / 921600)
+        link.max_payload = 1024
+        assert link.port.write_timeout == pytest.approx(0.02 + (1040 + 1040 // 254 + 3) * 10 / 921600)
+        link.close()
+        sess = session(model, s.url, timeout_s=0.02, retries=1, retry_after_s=0.0)
+        f = feeds(model, rng)
+        np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        os.kill(s.proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(2):  # the stalled run, then one that reconnects to the still stalled device
+                f = feeds(model, rng)
+                t0 = time.monotonic()
+                np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+                assert time.monotonic() - t0 < 3.0
+        finally:
+            os.kill(s.proc.pid, signal.SIGCONT)
+        assert sess.stats()["failovers"] == 2
+        sess.close()
+
+
 def test_qblock_matmul_is_the_c_core_reference():
     rng = np.random.default_rng(5)
     w = rng.standard_normal((24, 64)).astype(np.float32)
