@@ -94,6 +94,43 @@ def test_version_mismatch_is_clear():
         dev.hello()
 
 
+def test_a_device_of_another_protocol_version_stops_the_session(monkeypatch):
+    """PROTOCOL §2.2: the host raises, naming both versions, and stops. ProtocolVersionError is a LinkError, so
+    refine_unit planned with the profile instead and every run failed over to the host without a word to the
+    caller."""
+    import numpy as np
+
+    import edgert
+    from edgert.bridge import device as device_mod
+
+    from bridge_models import int8_mlp, serial_npu_profile
+
+    up = []
+
+    def script(f, n):  # silent until up, then a version-9 device
+        v9 = struct.pack("<HHIIIIBB", 9, 0, 1, 1 << 16, 4096, 0xFFFF, 0, 3) + b"fw9"
+        return answer(f, v9, P.ERR_VERSION) if up else b""
+
+    monkeypatch.setattr(device_mod, "SerialLink", lambda url, **kw: SerialLink(serial=FakePort(script), timeout=0.01,
+                                                                               retries=1))
+    model = int8_mlp()
+    want = "edgert speaks version 1, the device \\(fw9\\) speaks version 9"
+    up.append(1)
+    with pytest.raises(ProtocolVersionError, match=want):  # at Session creation (refine_unit's HELLO)
+        edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
+                       device_options={"url": "fake://v9-at-creation"}, telemetry=False)
+    up.clear()  # silent at creation (planned with the profile), a version-9 device at the first run
+    sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
+                          device_options={"url": "fake://v9-at-run"}, telemetry=False)
+    up.append(1)
+    x = np.zeros((4, 64), np.int8)
+    for _ in range(2):
+        with pytest.raises(ProtocolVersionError, match=want):
+            sess.run(None, {"x": x})
+    assert sess.stats()["failovers"] == 0
+    sess.close()
+
+
 def hello_answer(max_payload=4096, boot=1):
     return struct.pack("<HHIIIIBB", P.PROTOCOL_VERSION, 0, boot, 1 << 16, max_payload, 0xFFFF, 1, 2) + b"\x01fw"
 

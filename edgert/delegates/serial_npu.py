@@ -25,7 +25,9 @@
   instead — onnxruntime's CPU provider for an ONNX model, LiteRT (the host TFLite path, ``core=False``) for a
   TFLite one: the arithmetic the device reproduces, so the same result — the event is logged and
   counted in ``failovers``, and the device is left alone for ``retry_after_s`` (default 1 s, doubling while it
-  keeps failing, at most 30 s); the next run after that re-handshakes and reloads by hash.
+  keeps failing, at most 30 s); the next run after that re-handshakes and reloads by hash. A device of another
+  protocol version is no fault to ride out (PROTOCOL.md §2.2): ``ProtocolVersionError`` names both versions, raised
+  when the Session is made (refine_unit's HELLO) or by the run that first reaches such a device.
 - Device memory: a clean close of the last partition on a device frees this process's device tensors (a HELLO
   keeps them). Graphs stay loaded as a cache by hash; when a load finds no free graph slot (ERR_NOMEM), the
   graphs this process loaded that no live partition runs are unloaded and the load is tried again.
@@ -46,6 +48,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..bridge.device import ProtocolVersionError
 from ..errors import DeviceError, EdgertError, LinkError, UnsupportedOpError, check_count, check_number, warn_caller
 from ..formats.tflite import ONNX_EQUIVALENT as TFLITE_ONNX_EQUIVALENT
 from .base import CompiledPartition, Delegate, register
@@ -645,6 +648,9 @@ class SerialNpuPartition(CompiledPartition):
                     self.runs_on_device += 1
                     st.backoff = st.retry_after_s
                     return
+                except ProtocolVersionError:  # not a fault to ride out: the host and the device cannot talk
+                    st.drop_connection()
+                    raise
                 except LinkError as exc:
                     st.failovers += 1
                     st.last_error = str(exc)
@@ -698,6 +704,9 @@ class SerialNpuDelegate(Delegate):
         try:
             with st.lock:
                 info = st.connect()
+        except ProtocolVersionError:  # PROTOCOL §2.2: raise, naming both versions, and stop (no host plan)
+            st.drop_connection()
+            raise
         except LinkError as exc:
             log.warning("serial-npu %s: no HELLO (%s); planning with the profile's op list", url, exc)
             st.drop_connection()
