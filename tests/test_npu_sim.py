@@ -90,6 +90,79 @@ def test_many_sessions_one_after_another_free_their_tensors_and_evict_idle_graph
     assert s.proc.returncode == 0, s.stderr.decode()
 
 
+def test_a_new_host_session_frees_the_previous_ones_tensors_and_unfinished_loads():
+    """A HELLO kept every tensor, so a host that lost its connection (a failover, a crash) leaked its handles and
+    unfinished loads for good: the device filled up, for every process, until a reset. A HELLO from another host
+    session frees them (PROTOCOL §2.5); a re-handshake of the same session keeps them."""
+    import struct
+
+    with sim() as s:
+        a = SerialNpuDevice(s.url)
+        a.hello()
+        handles = [a.alloc(4096) for _ in range(3)]
+        a._call(P.LOAD_BEGIN, struct.pack("<QI", 1234, 8000))  # a load left unfinished
+        used = a.stats()["arena_used"]
+        assert used >= 3 * 4096 + 8000
+        a.hello()
+        a.write(handles[0], b"kept")  # the same host session: nothing freed
+        b = SerialNpuDevice(s.url)  # a new connection is a new host session
+        st = b.stats()
+        assert st["tensors"] == 0 and st["arena_used"] <= used - 3 * 4096 - 8000
+        with pytest.raises(edgert.LinkError, match="ERR_HANDLE"):
+            b.write(handles[0], b"gone")
+        a.close()
+        b.close()
+
+
+def test_failovers_and_reconnects_leak_no_device_tensors():
+    """Each failover forgot the connection's device tensors without FREE: after 24 the device's 48 handles were
+    gone and every later run failed over (also in a new process). The next connection's HELLO frees them now."""
+    import signal
+
+    model = int8_mlp()
+    rng = np.random.default_rng(10)
+    with sim() as s:
+        sess = session(model, s.url, timeout_s=0.02, retries=1, retry_after_s=0.0)
+        f = feeds(model, rng)
+        np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        part = sess._bound.compiled[0]
+        for _ in range(30):  # what a failover does to the connection, more often than the device has handles for
+            part.state.drop_connection()
+            f = feeds(model, rng)
+            np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        for _ in range(3):  # real failovers: the device stops answering
+            os.kill(s.proc.pid, signal.SIGSTOP)
+            try:
+                f = feeds(model, rng)
+                np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+            finally:
+                os.kill(s.proc.pid, signal.SIGCONT)
+        f = feeds(model, rng)
+        np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        assert sess.stats()["failovers"] == 3 and part.runs_on_host == 3 and part.runs_on_device == 32
+        assert part.state.device.stats()["tensors"] == 2  # x and y of this connection, nothing older
+        sess.close()
+
+
+def test_a_new_host_session_gets_room_from_an_earlier_ones_cached_graphs():
+    """Graphs stay loaded across sessions as a cache, and only the process that loaded them unloaded them: a device
+    whose 8 graph slots another process had filled refused every new graph, for good. The device now drops the
+    cached graphs the current host session has not named when it needs the room."""
+    with sim() as s:
+        other = SerialNpuDevice(s.url)
+        for k in range(1, 9):
+            other.load_graph(P.encode_graph([P.BlobTensor("int32", (k,)), P.BlobTensor("int32", (k,))],
+                                            [P.BlobNode("Relu", [0], 1)], [0], [1]))
+        assert other.stats()["graphs"] == 8
+        other.close()  # that process ends, its graphs loaded
+        model = int8_mlp()
+        sess = session(model, s.url)
+        f = feeds(model, np.random.default_rng(11))
+        np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        assert sess.stats()["failovers"] == 0 and sess._bound.compiled[0].state.device.stats()["graphs"] == 1
+        sess.close()
+
+
 @pytest.mark.slow
 def test_fault_soak_1000_invocations():
     """1% dropped and 1% corrupted bytes (each direction): 1000 invocations, none wrong, lost or duplicated."""

@@ -4,9 +4,14 @@ write/read tensors in chunks, invoke, stats, reset — over a SerialLink.
 A device reset is noticed (``ERR_NO_SESSION``, or a new ``boot_id`` in HELLO) and raised as DeviceResetError after
 the session is re-opened; ``generation`` then counts up so callers know every handle and graph they held is gone.
 What to redo is the caller's business (the serial-npu delegate reloads by hash and falls back to the host).
+
+Each SerialNpuDevice is one host session (PROTOCOL.md §2.5, a random ``host_session`` sent in HELLO): its HELLO
+makes the device free the tensors and unfinished loads of the connection before it, which a failed-over, crashed or
+reconnected host can no longer free itself.
 """
 from __future__ import annotations
 
+import os
 import struct
 import sys
 
@@ -32,6 +37,7 @@ class SerialNpuDevice:
                  link: SerialLink | None = None, protocol_version: int = P.PROTOCOL_VERSION):
         self.link = link or SerialLink(url, baudrate=baudrate, timeout=timeout, retries=retries)
         self.protocol_version = protocol_version
+        self.host_session = int.from_bytes(os.urandom(4), "little") or 1  # 0 would mean none
         self.info: P.HelloInfo | None = None
         self.generation = 0  # +1 at every device reset the host notices
         self.resets = 0
@@ -45,7 +51,7 @@ class SerialNpuDevice:
 
     # ---- session ----------------------------------------------------------------------------------------------
     def hello(self) -> P.HelloInfo:
-        f = self.link.transact(P.HELLO, P.hello_request(self.protocol_version), check=False)
+        f = self.link.transact(P.HELLO, P.hello_request(self.protocol_version, self.host_session), check=False)
         try:
             info = P.HelloInfo.parse(f.payload)
         except ValueError as exc:

@@ -81,8 +81,10 @@ class HelloInfo:
         return cls(ver, boot, arena, maxp, dts, ops, fw)
 
 
-def hello_request(version: int = PROTOCOL_VERSION) -> bytes:
-    return struct.pack("<HH", version, 0)
+def hello_request(version: int = PROTOCOL_VERSION, host_session: int = 0) -> bytes:
+    """HELLO's payload: the host's protocol version and its host session (§2.5; 0: none, the device keeps what it
+    holds)."""
+    return struct.pack("<HHI", version, 0, host_session)
 
 
 def parse_stats(p: bytes) -> dict:

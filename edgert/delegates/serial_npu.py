@@ -28,9 +28,12 @@
   keeps failing, at most 30 s); the next run after that re-handshakes and reloads by hash. A device of another
   protocol version is no fault to ride out (PROTOCOL.md §2.2): ``ProtocolVersionError`` names both versions, raised
   when the Session is made (refine_unit's HELLO) or by the run that first reaches such a device.
-- Device memory: a clean close of the last partition on a device frees this process's device tensors (a HELLO
-  keeps them). Graphs stay loaded as a cache by hash; when a load finds no free graph slot (ERR_NOMEM), the
-  graphs this process loaded that no live partition runs are unloaded and the load is tried again.
+- Device memory: every connection is a host session (PROTOCOL.md §2.5). A failover forgets the connection's
+  device tensors without freeing them (the device may not be answering); the next connection's HELLO, or another
+  process's, makes the device free them, so failovers and dead processes leak nothing. A clean close of the last
+  partition on a device frees its tensors at once. Graphs stay loaded as a cache by hash (the device drops an
+  earlier session's when it needs the room); when a load finds no free graph slot (ERR_NOMEM), the graphs this
+  process loaded that no live partition runs are unloaded and the load is tried again.
 - ``refine_unit`` narrows a profile unit to what the device says in HELLO (ops and dtypes; memory = its arena), so the
   partitioner assigns only what the device reports it can run.
 
@@ -132,10 +135,10 @@ class DeviceState:
         return info
 
     def free_tensors(self) -> None:
-        """On a clean close: free this process's device tensors. A HELLO keeps tensors (only a reset clears them),
-        so a process that opens sessions again and again would otherwise fill the device's arena. Graphs stay: they
-        are a cache by content hash (a later session finds them loaded), evicted when the device runs out of graph
-        slots (``load_graph``). Best effort, and only on a device that is answering: a failing one is left alone."""
+        """On a clean close: free this process's device tensors now, not at the next host session's HELLO (another
+        client may not come for a long time). Graphs stay: they are a cache by content hash (a later session finds
+        them loaded), evicted when the device runs out of graph slots (``load_graph``). Best effort, and only on a
+        device that is answering: a failing one is left to the next HELLO."""
         dev = self.device
         if dev is None or self.generation != dev.generation or time.monotonic() < self.down_until:
             return
@@ -169,7 +172,8 @@ class DeviceState:
         _LOADED.setdefault(self.url, set()).add(graph_hash)
 
     def drop_connection(self) -> None:
-        """After a failure: close the port (a fresh open next time, if the device comes back)."""
+        """After a failure: close the port (a fresh open next time, if the device comes back). The device tensors are
+        forgotten, not freed: the next connection is a new host session, whose HELLO frees them on the device."""
         if self.device is not None:
             for k, v in self.device.link_stats().items():
                 self.closed_links[k] = self.closed_links.get(k, 0) + v
