@@ -236,10 +236,11 @@ def test_a_reset_seen_through_no_session_is_counted_once():
     re-handshake forgot the old boot id before it compared the new one."""
     with sim() as s:
         dev = SerialNpuDevice(s.url)
+        dev.link._seq = 1 << 30  # ahead of any other host's: a RESET sent before a HELLO of its own was stale
         boot = dev.hello().boot_id
         dev.alloc(16)
         other = SerialNpuDevice(s.url)
-        other.reset()
+        other.reset()  # a fresh SerialNpuDevice: reset() opens its session first
         other.close()
         with pytest.raises(DeviceResetError, match=f"boot id {boot} -> {boot + 1}"):
             dev.alloc(16)

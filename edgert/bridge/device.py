@@ -192,6 +192,7 @@ class SerialNpuDevice:
 
     def reset(self) -> None:
         """Ask the device to reset: every graph and tensor goes; the next call re-handshakes."""
+        self.ensure_session()  # without one, RESET gets ERR_NO_SESSION, or ERR_STALE after another host's seq
         self.link.transact(P.RESET)
         self.info = None
         self._note_reset()
