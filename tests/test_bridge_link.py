@@ -145,6 +145,18 @@ def scripted_device(answers, limit=200):
     return script
 
 
+def test_hello_limits_are_read_compatibly():
+    """HELLO ends with the device's limits (u8 count, u16 each): an older answer without them means the reference
+    firmware's, limits a later firmware adds are skipped, a count the answer does not hold is a malformed answer."""
+    base = hello_answer()
+    assert P.HelloInfo.parse(base).limits == P.DeviceLimits()
+    lim = struct.pack("<B7H", 7, 32, 30, 8, 16, 4, 99, 98)
+    assert P.HelloInfo.parse(base + lim).limits == P.DeviceLimits(32, 30, 8, 16, 4)
+    assert P.HelloInfo.parse(base + struct.pack("<B2H", 2, 10, 20)).limits == P.DeviceLimits(10, 20)
+    with pytest.raises(ValueError, match="shorter than its limits"):
+        P.HelloInfo.parse(base + lim[:-1])
+
+
 @pytest.mark.parametrize("max_payload", [0, 8, 12, 13, 63])
 def test_hello_with_a_tiny_max_payload_is_a_link_error(max_payload):
     # were accepted: WRITE (8-byte header) at 8, READ at 0, LOAD_CHUNK (12) at 12 then sent 0-byte chunks forever

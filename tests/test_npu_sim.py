@@ -13,7 +13,8 @@ from edgert.bridge import protocol as P
 from edgert.bridge.device import ProtocolVersionError
 from edgert.delegates import serial_npu
 
-from bridge_models import int8_cnn, int8_mlp, int8_split, serial_npu_profile
+from bridge_models import (int8_cnn, int8_conv_chain, int8_mlp, int8_split, int32_add_chain, int32_relu_neg_islands,
+                           serial_npu_profile)
 from onnx_models import ort_run
 
 ASAN = os.environ.get("EDGERT_NPU_SIM_ASAN", "1") != "0"  # tests run the sanitizer build unless told otherwise
@@ -160,6 +161,101 @@ def test_a_new_host_session_gets_room_from_an_earlier_ones_cached_graphs():
         f = feeds(model, np.random.default_rng(11))
         np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
         assert sess.stats()["failovers"] == 0 and sess._bound.compiled[0].state.device.stats()["graphs"] == 1
+        sess.close()
+
+
+def _shrink_limits(monkeypatch, **kw):
+    """The emulator's HELLO as a smaller device's (its limits only): what the host then sends must keep to them."""
+    import dataclasses
+
+    parse = P.HelloInfo.parse
+    monkeypatch.setattr(P.HelloInfo, "parse", classmethod(
+        lambda cls, p: dataclasses.replace(parse(p), limits=dataclasses.replace(parse(p).limits, **kw))))
+
+
+def test_hello_reports_the_firmwares_limits():
+    with sim() as s:
+        dev = SerialNpuDevice(s.url)
+        assert dev.hello().limits == P.DeviceLimits(max_tensors=64, max_nodes=64, max_io=16, max_handles=48,
+                                                    max_graphs=8)
+        dev.close()
+
+
+@pytest.mark.parametrize("make, graphs", [(lambda: int8_conv_chain(12), 2), (lambda: int32_add_chain(70), 2)])
+def test_a_partition_over_the_graph_limits_runs_on_the_device_as_several_graphs(make, graphs):
+    """A 12-layer QLinearConv chain (~75 tensors) and a 70-node chain were one device graph over the firmware's 64
+    tensors / 64 nodes: LOAD_COMMIT refused it at every run (a failover each time, even with fallback="forbid").
+    They run as graphs that fit, the tensors between them staying on the device: no more bytes cross the link."""
+    model = make()
+    rng = np.random.default_rng(12)
+    with sim() as s:
+        sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="forbid",
+                              device_options={"url": s.url}, telemetry=False)
+        assert [p.delegate for p in sess.plan.partitions] == ["serial-npu"]
+        part = sess._bound.compiled[0]
+        assert len(part.graphs) == graphs
+        for _ in range(2):
+            x = rng.integers(-100, 100, sess.get_inputs()[0].shape).astype(sess.get_inputs()[0].dtype)
+            np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ort_run(model, {"x": x})[0])
+        dev = part.state.device
+        assert sess.stats()["failovers"] == 0 and part.runs_on_device == 2
+        assert dev.bytes_to_device == 2 * x.nbytes and dev.bytes_to_host == 2 * x.nbytes  # y is x's size
+        sess.close()
+
+
+def test_more_device_partitions_than_handles_run_on_the_device():
+    """25 device partitions of two tensors each held 50 handles, one per tensor name, for good: ALLOC ran out of the
+    device's 48 and every run failed over. The least recently used tensors are freed for new ones."""
+    model = int32_relu_neg_islands(25)
+    x = np.arange(-4, 4, dtype=np.int32)
+    with sim() as s:
+        sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
+                              device_options={"url": s.url}, telemetry=False)
+        parts = [c for c, p in zip(sess._bound.compiled, sess.plan.partitions) if p.delegate == "serial-npu"]
+        assert len(parts) == 25
+        for _ in range(2):
+            np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ort_run(model, {"x": x})[0])
+        assert sess.stats()["failovers"] == 0 and all(p.runs_on_device == 2 for p in parts)
+        assert parts[0].state.device.stats()["tensors"] <= 48
+        sess.close()
+
+
+def test_a_cortex_m4_sized_device_gets_graphs_and_tensors_that_fit(monkeypatch):
+    """With the Cortex-M4 build's limits (32 tensors and 32 nodes per graph, 16 handles) every graph and the live
+    tensors keep to them; with one node per graph the partition's 12 graphs outnumber the device's 8 slots, and the
+    least recently used are unloaded for the next (reloaded at the next run). The outputs stay exact."""
+    model = int8_conv_chain(12)
+    rng = np.random.default_rng(13)
+    with sim() as s:
+        for kw, graphs in (({"max_tensors": 32, "max_nodes": 32, "max_handles": 16, "max_graphs": 4}, 3),
+                           ({"max_nodes": 1}, 12)):
+            _shrink_limits(monkeypatch, **kw)
+            sess = session(model, s.url)
+            part = sess._bound.compiled[0]
+            assert len(part.graphs) == graphs
+            for _ in range(2):
+                f = feeds(model, rng)
+                np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+            assert sess.stats()["failovers"] == 0 and part.runs_on_device == 2
+            assert part.state.device.stats()["tensors"] <= 16
+            sess.close()
+
+
+def test_a_node_over_the_devices_limits_is_refused_at_compile(monkeypatch):
+    """A QLinearConv reads 8 tensors and writes one: a device of 8 tensors per graph cannot take it. Under
+    fallback="forbid" the Session is refused naming the limit; otherwise that partition runs on the host."""
+    model = int8_conv_chain(2)
+    _shrink_limits(monkeypatch, max_tensors=8)
+    with sim() as s:
+        with pytest.raises(edgert.UnsupportedOpError, match="node 'conv0' needs more than the device's limits per "
+                                                            "graph allow: tensors \\(9 > 8\\)"):
+            session(model, s.url)
+        sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
+                              device_options={"url": s.url}, telemetry=False)
+        f = feeds(model, np.random.default_rng(14))
+        np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        part = sess._bound.compiled[0]
+        assert part.graphs == [] and part.runs_on_host == 1 and sess.stats()["failovers"] == 0
         sess.close()
 
 

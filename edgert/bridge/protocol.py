@@ -54,6 +54,21 @@ STATS_BYTES = 4 * len(STATS_FIELDS)
 
 
 @dataclass(frozen=True)
+class DeviceLimits:
+    """What a device holds (HELLO, §3.1): per graph, tensors, nodes, and inputs and outputs (each); tensor handles
+    and graphs in all. The defaults are the reference firmware's (§7), for a device whose HELLO names none."""
+
+    max_tensors: int = 64
+    max_nodes: int = 64
+    max_io: int = 16
+    max_handles: int = 48
+    max_graphs: int = 8
+
+
+LIMIT_FIELDS = ("max_tensors", "max_nodes", "max_io", "max_handles", "max_graphs")  # their order in HELLO
+
+
+@dataclass(frozen=True)
 class HelloInfo:
     """What a device says about itself in its HELLO answer."""
 
@@ -64,6 +79,7 @@ class HelloInfo:
     dtypes: tuple[str, ...]
     ops: tuple[str, ...]
     firmware_version: str
+    limits: DeviceLimits = DeviceLimits()
 
     @classmethod
     def parse(cls, p: bytes) -> "HelloInfo":
@@ -78,7 +94,12 @@ class HelloInfo:
         ops = tuple(OPS.get(c, f"op{c}") for c in p[22:22 + n_ops])
         fw = p[22 + n_ops:22 + n_ops + n_fw].decode("ascii", "replace")
         dts = tuple(name for code, name in DTYPES.items() if mask >> code & 1)
-        return cls(ver, boot, arena, maxp, dts, ops, fw)
+        at, limits = 22 + n_ops + n_fw, DeviceLimits()
+        if len(p) > at:  # u8 count, u16 limits: ones this host does not know are skipped, missing ones defaulted
+            if len(p) < at + 1 + 2 * p[at]:
+                raise ValueError("HELLO answer shorter than its limits")
+            limits = DeviceLimits(**dict(zip(LIMIT_FIELDS, struct.unpack_from(f"<{p[at]}H", p, at + 1))))
+        return cls(ver, boot, arena, maxp, dts, ops, fw, limits)
 
 
 def hello_request(version: int = PROTOCOL_VERSION, host_session: int = 0) -> bytes:

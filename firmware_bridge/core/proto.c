@@ -130,6 +130,8 @@ static int hello(const uint8_t *p, uint32_t n) {
                                   FW_OP_FC_S8, FW_OP_CONV2D_S8, FW_OP_DWCONV2D_S8, FW_OP_ADD_S8, FW_OP_AVGPOOL_S8,
                                   FW_OP_CONCAT};
     static const char fw[] = FW_VERSION_STRING;
+    /* what this build holds (§3.1), so the host sizes graphs and keeps its tensors to it */
+    static const uint16_t limits[] = {FW_MAX_TENSORS, FW_MAX_NODES, FW_MAX_IO, FW_MAX_HANDLES, FW_MAX_GRAPHS};
     uint8_t *r = S.resp;
     wr16(r, FW_PROTOCOL_VERSION);
     wr16(r + 2, 0);
@@ -142,7 +144,10 @@ static int hello(const uint8_t *p, uint32_t n) {
     r[21] = (uint8_t)(sizeof fw - 1);
     memcpy(r + 22, ops, sizeof ops);
     memcpy(r + 22 + sizeof ops, fw, sizeof fw - 1);
-    S.last_len = 22 + (uint32_t)sizeof ops + (uint32_t)sizeof fw - 1;
+    uint8_t *l = r + 22 + sizeof ops + sizeof fw - 1;
+    l[0] = (uint8_t)(sizeof limits / sizeof limits[0]);
+    for (uint32_t i = 0; i < l[0]; i++) wr16(l + 1 + 2 * i, limits[i]);
+    S.last_len = (uint32_t)(l + 1 + sizeof limits - r);
     if (n < 2 || (uint32_t)(p[0] | p[1] << 8) != FW_PROTOCOL_VERSION) return FW_ERR_VERSION;
     if (n >= 8 && rd32(p + 4) != 0 && rd32(p + 4) != S.host) new_host_session(rd32(p + 4));
     S.session = 1;
