@@ -259,6 +259,134 @@ def test_a_node_over_the_devices_limits_is_refused_at_compile(monkeypatch):
         sess.close()
 
 
+def _t(dtype, shape, const=False):
+    return P.BlobTensor(dtype, tuple(shape), np.ones(shape, dtype).tobytes() if const else None)
+
+
+def _one_node_blob(op, ins, y, attrs=()):
+    """A graph of one node: ``ins`` (BlobTensors, constants with data; None: absent) -> ``y``."""
+    tensors = [t for t in ins if t is not None] + [y]
+    ids, k = [], 0
+    for t in ins:
+        ids.append(None if t is None else k)
+        k += t is not None
+    graph_in = [i for i in ids if i is not None and tensors[i].data is None]
+    return P.encode_graph(tensors, [P.BlobNode(op, ids, len(tensors) - 1, list(attrs))], graph_in, [len(tensors) - 1])
+
+
+I8, U8, I32, F32 = "int8", "uint8", "int32", "float32"
+_CONV = [1, 1, 1, 1, 1, 1, 1, 1, 1]  # group, strides, pads (1 each side), dilations
+
+
+def _qconv(y_shape=(1, 4, 8, 8), attrs=_CONV, w=(4, 4, 3, 3), bias=None, w_s=()):
+    return ("QLinearConv", [_t(I8, (1, 4, 8, 8)), _t(F32, (), 1), _t(I8, (), 1), _t(I8, w, 1), _t(F32, w_s, 1),
+                            _t(I8, (), 1), _t(F32, (), 1), _t(I8, (), 1), bias], _t(I8, y_shape), attrs)
+
+
+MIRROR_CASES = [  # (op, inputs, output, attributes): accepted and refused nodes of each ONNX-side op
+    ("MatMulInteger", [_t(I8, (2, 3, 8)), _t(I8, (8, 4), 1)], _t(I32, (2, 3, 4)), []),
+    ("MatMulInteger", [_t(I8, (2, 3, 8)), _t(I8, (2, 8, 4), 1)], _t(I32, (2, 3, 4)), []),  # batched B
+    ("MatMulInteger", [_t(U8, (8,)), _t(I8, (8, 4), 1)], _t(I32, (4,)), []),
+    ("MatMulInteger", [_t(U8, (3, 8)), _t(I8, (8, 4), 1), _t(U8, (), 1), _t(I8, (4,), 1)], _t(I32, (3, 4)), []),
+    ("MatMulInteger", [_t(I8, (3, 8)), _t(I8, (8, 4), 1), _t(I8, (3,), 1)], _t(I32, (3, 4)), []),  # a_zp per row
+    ("MatMulInteger", [_t(I8, (3, 8)), _t(I8, (8, 4), 1), _t(I8, ())], _t(I32, (3, 4)), []),  # a_zp not constant
+    ("MatMulInteger", [_t(I8, (3, 8)), _t(I8, (8, 4), 1)], _t(I8, (3, 4)), []),
+    ("MatMulInteger", [_t(I32, (3, 8)), _t(I8, (8, 4), 1)], _t(I32, (3, 4)), []),
+    ("QLinearMatMul", [_t(I8, (3, 8)), _t(F32, (), 1), _t(I8, (), 1), _t(I8, (8, 4), 1), _t(F32, (4,), 1),
+                       _t(I8, (4,), 1), _t(F32, (), 1), _t(I8, (), 1)], _t(I8, (3, 4)), []),
+    ("QLinearMatMul", [_t(I8, (3, 8)), _t(F32, (), 1), _t(I8, (), 1), _t(I8, (8, 4), 1), _t(F32, (), 1),
+                       _t(I8, (), 1), _t(F32, (), 1), _t(U8, (), 1)], _t(I8, (3, 4)), []),  # y_zp's dtype
+    _qconv(), _qconv(bias=_t(I32, (4,), 1)), _qconv(bias=_t(I32, (3,), 1)), _qconv(w_s=(4,)), _qconv(w_s=(3,)),
+    _qconv(y_shape=(1, 4, 7, 7)), _qconv(attrs=[3] + _CONV[1:]), _qconv(attrs=[1, 0] + _CONV[2:]),
+    _qconv(attrs=_CONV[:3] + [256] + _CONV[4:]), _qconv(w=(4, 2, 3, 3), attrs=[2] + _CONV[1:]),
+    *[("ConvInteger", [_t(U8, (1, 2, 5, 5)), _t(I8, (3, 2, 3, 3), 1)], _t(I32, (1, 3, 3, 3)),
+       [1, 1, 1, 0, 0, 0, 0, d, d]) for d in (1, 3)],  # dilation 3: the kernel spans 7 > 5
+    ("Add", [_t(I32, (2, 3)), _t(I32, (3,), 1)], _t(I32, (2, 3)), []),
+    ("Add", [_t(U8, (2, 3)), _t(U8, (3,), 1)], _t(U8, (2, 3)), []),
+    ("Mul", [_t(I8, (2, 3)), _t(I8, (2,), 1)], _t(I8, (2, 3)), []),
+    ("Relu", [_t(U8, (2, 3))], _t(U8, (2, 3)), []), ("Relu", [_t(F32, (2, 3))], _t(F32, (2, 3)), []),
+    ("Clip", [_t(I8, (2, 3))], _t(I8, (3, 2)), [0, 6]), ("Clip", [_t(I8, (2, 3))], _t(I8, (2, 3)), [0]),
+    ("Copy", [_t(I8, (2, 3))], _t(I8, (6,)), []), ("Copy", [_t(I8, (2, 3))], _t(I8, (5,)), []),
+    ("Concat", [_t(I8, (2, 3)), _t(I8, (2, 2))], _t(I8, (2, 5)), [1]),
+    ("Concat", [_t(I8, (2, 3)), _t(I8, (2, 2))], _t(I8, (2, 5)), [2]),
+    ("Concat", [_t(I8, (2, 3)), _t(I8, (3, 2))], _t(I8, (2, 5)), [1]),
+    ("Concat", [_t(I8, (2, 3)), _t(I8, (2, 2))], _t(I8, (2, 6)), [1]),
+    ("Relu", [_t(I8, (1, 1, 1, 2, 3))], _t(I8, (1, 1, 1, 2, 3)), []),
+]
+
+
+def test_the_hosts_node_check_is_the_firmwares():
+    """translate sent nodes the firmware refuses at LOAD_COMMIT (a MatMulInteger with a batched B): a failover at
+    every run, even under fallback="forbid". protocol.node_problem mirrors graph.c's check_node: for each node here,
+    it refuses exactly what the firmware refuses, with the firmware's message."""
+    with sim() as s:
+        dev = SerialNpuDevice(s.url)
+        refused = 0
+        for k, (op, ins, y, attrs) in enumerate(MIRROR_CASES):
+            why = P.node_problem(op, ins, y, attrs)
+            try:
+                dev.unload_graph(dev.load_graph(_one_node_blob(op, ins, y, attrs)))
+                firmware = None
+            except edgert.LinkError as exc:
+                firmware = str(exc).split(": ", 2)[-1]  # "serial NPU <url>: LOAD_COMMIT failed with <code>: <why>"
+            assert why == firmware, (k, op)
+            refused += why is not None
+        assert 0 < refused < len(MIRROR_CASES)
+        dev.close()
+
+
+def test_a_node_the_device_refuses_is_kept_on_the_host_at_compile(caplog):
+    """The batched-B MatMulInteger: a clear error at Session creation under fallback="forbid", the host otherwise,
+    with nothing sent to the device and no failover."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bridge_models import _checked_model
+
+    rng = np.random.default_rng(15)
+    model = _checked_model([helper.make_node("MatMulInteger", ["x", "b"], ["y"], name="mm")], "batched_b",
+                           [numpy_helper.from_array(rng.integers(-5, 5, (2, 8, 4)).astype(np.int8), "b")],
+                           ("x", TensorProto.INT8, [2, 3, 8]), ("y", TensorProto.INT32, [2, 3, 4]))
+    with sim() as s:
+        with pytest.raises(edgert.UnsupportedOpError, match="node 'mm' \\(MatMulInteger\\): the device refuses it: "
+                                                            "matmul: A \\(..,M,K\\) B \\(K,N\\)"):
+            edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="forbid",
+                           device_options={"url": s.url}, telemetry=False)
+        sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
+                              device_options={"url": s.url}, telemetry=False)
+        x = rng.integers(-5, 5, (2, 3, 8)).astype(np.int8)
+        np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ort_run(model, {"x": x})[0])
+        part = sess._bound.compiled[0]
+        assert part.blob is None and part.runs_on_host == 1 and sess.stats()["failovers"] == 0
+        sess.close()
+
+
+def test_a_graph_the_device_refuses_at_load_is_not_sent_again(monkeypatch, caplog):
+    """What node_problem does not foresee and the device refuses at LOAD_COMMIT (ERR_GRAPH, ERR_SHAPE,
+    ERR_UNSUPPORTED) would be refused every time: it was sent again after every back-off, a failover each time, and
+    bytes_graph counted none of it. Now: one failover, the partition on the host from then on, the blob's bytes
+    counted once."""
+    import dataclasses
+
+    model = int8_mlp()
+    monkeypatch.setattr(P, "node_problem", lambda *a: None)  # the host's check blind: only the device refuses
+    encode = P.encode_graph
+    monkeypatch.setattr(P, "encode_graph", lambda t, n, i, o: encode(  # a Clip without its two attributes
+        t, [dataclasses.replace(x, op="Clip") if x.op == "Relu" else x for x in n], i, o))
+    rng = np.random.default_rng(16)
+    with sim() as s:
+        sess = session(model, s.url, retry_after_s=0.0)
+        part = sess._bound.compiled[0]
+        with caplog.at_level(logging.ERROR, logger="edgert.serial_npu"):
+            for _ in range(4):
+                f = feeds(model, rng)
+                np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        st = part.state.stats()
+        assert sess.stats()["failovers"] == 1 and part.runs_on_host == 4 and part.runs_on_device == 0
+        assert st["bytes_graph"] == len(part.blob) and part.state.device.graphs_sent == 0
+        assert "ERR_GRAPH" in caplog.text and "runs on the host from now on" in caplog.text
+        sess.close()
+
+
 @pytest.mark.slow
 def test_fault_soak_1000_invocations():
     """1% dropped and 1% corrupted bytes (each direction): 1000 invocations, none wrong, lost or duplicated."""

@@ -100,10 +100,13 @@ class SerialNpuDevice:
             self.graphs_cached += 1
             return h
         mv = memoryview(blob)
-        self._chunked(len(blob), P.CHUNK_HEADER["LOAD_CHUNK"], lambda off, n, r: self._call(
-            P.LOAD_CHUNK, struct.pack("<QI", h, off) + mv[off:off + n].tobytes(), retries=r))
+
+        def put(off, n, r):
+            self._call(P.LOAD_CHUNK, struct.pack("<QI", h, off) + mv[off:off + n].tobytes(), retries=r)
+            self.bytes_graph += n  # what crossed, also when LOAD_COMMIT then refuses the graph
+
+        self._chunked(len(blob), P.CHUNK_HEADER["LOAD_CHUNK"], put)
         self._call(P.LOAD_COMMIT, struct.pack("<Q", h))
-        self.bytes_graph += len(blob)
         self.graphs_sent += 1
         return h
 

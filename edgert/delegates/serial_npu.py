@@ -15,6 +15,10 @@
   outputs equal LiteRT's (XNNPACK) bit for bit: no op here has an error budget. What the device cannot run that
   exactly (a RELU or CONCATENATION that requantizes, a scale outside XNNPACK's range, float tensors, ...) raises
   ``UnsupportedOpError``; the partition then runs on the host (with ``fallback="forbid"`` the error propagates).
+  So does a node the firmware would refuse at LOAD_COMMIT (``protocol.node_problem``, graph.c's check_node in
+  Python, e.g. a MatMulInteger with a batched B). Should the device still refuse a graph at LOAD_COMMIT
+  (ERR_GRAPH/ERR_SHAPE/ERR_UNSUPPORTED), that run fails over once and the partition stays on the host: the blob
+  is not sent again.
 - Partitions on the same device URL share one connection and one set of device tensors, one per tensor name.
   A partition input whose bytes equal what the device already holds under that name (the output of an earlier
   device partition, unchanged) is not sent again: only boundary tensors cross the link. The device's handles are
@@ -59,6 +63,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..bridge.device import ProtocolVersionError
+from ..bridge.link import DeviceStatusError
+from ..bridge.protocol import ERR_GRAPH, ERR_NOMEM, ERR_SHAPE, ERR_UNSUPPORTED
 from ..errors import DeviceError, EdgertError, LinkError, UnsupportedOpError, check_count, check_number, warn_caller
 from ..formats.tflite import ONNX_EQUIVALENT as TFLITE_ONNX_EQUIVALENT
 from .base import CompiledPartition, Delegate, register
@@ -161,9 +167,6 @@ class DeviceState:
     def load_graph(self, blob: bytes, graph_hash: int, pinned=()) -> None:
         """Make a graph resident, making room (``_make_room``) while the device has none (ERR_NOMEM: graph slots or
         arena) and something is left to free."""
-        from ..bridge.link import DeviceStatusError
-        from ..bridge.protocol import ERR_NOMEM
-
         while True:
             try:
                 self.device.load_graph(blob, graph_hash)
@@ -193,9 +196,6 @@ class DeviceState:
         """The handle of device tensor ``key`` (``nbytes``), allocated when missing or of another size. Handles are
         few (HELLO's max_handles: 16 on a Cortex-M4): when this connection holds that many, or ALLOC finds no room,
         the least recently used tensors a run can send again (not ``pinned``, not resident) are freed first."""
-        from ..bridge.link import DeviceStatusError
-        from ..bridge.protocol import ERR_NOMEM
-
         h = self.tensors.pop(key, None)
         if h is not None and h[1] == nbytes:
             self.tensors[key] = h  # most recently used last
@@ -523,7 +523,7 @@ def onnx_node(n, graph, shape_of, const) -> tuple[str, list, list[int]]:
 def _lower(partition, graph):
     """``partition`` as the parts of one graph blob: (blob tensors, blob nodes, their node names, input ids, output
     ids, ids by tensor name); UnsupportedOpError for what the device cannot run."""
-    from ..bridge.protocol import BlobNode, BlobTensor
+    from ..bridge.protocol import BlobNode, BlobTensor, node_problem
 
     nodes = {n.name: n for n in graph.nodes}
     tensors: list = []
@@ -584,6 +584,10 @@ def _lower(partition, graph):
         if len(n.outputs) != 1 or out in ids:
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: one output, written once")
         bnodes.append(BlobNode(op, in_ids, tid(out, const_ok=False), attrs))
+        # the firmware's own rules (graph.c check_node): what it would refuse at LOAD_COMMIT stays on the host
+        why = node_problem(op, [None if i is None else tensors[i] for i in in_ids], tensors[ids[out]], attrs)
+        if why:
+            raise UnsupportedOpError(f"serial-npu: node {n.name!r} ({n.qualified_op}): the device refuses it: {why}")
     for o in partition.outputs:
         if o not in ids:
             raise UnsupportedOpError(f"serial-npu: partition output {o!r} is not produced by its nodes")
@@ -713,6 +717,7 @@ class SerialNpuPartition(CompiledPartition):
         self._fallback = None
         self.runs_on_device = 0
         self.runs_on_host = 0
+        self.refused: str | None = None  # the device refused a graph at LOAD_COMMIT: the host runs it from then on
         self.last_timing = {"link_s": 0.0, "device_s": 0.0, "host_s": 0.0}
 
     def link_stats(self):
@@ -757,7 +762,12 @@ class SerialNpuPartition(CompiledPartition):
                 st.graphs[g.hash] = st.graphs.pop(g.hash)  # most recently used last
             else:
                 t1 = time.perf_counter()
-                st.load_graph(g.blob, g.hash, pinned)
+                try:
+                    st.load_graph(g.blob, g.hash, pinned)
+                except DeviceStatusError as exc:
+                    if exc.status in (ERR_GRAPH, ERR_UNSUPPORTED, ERR_SHAPE):
+                        self.refused = str(exc)  # what node_problem does not foresee: no use sending it again
+                    raise
                 load_s += time.perf_counter() - t1
             in_h = []
             for name in g.inputs:
@@ -800,7 +810,7 @@ class SerialNpuPartition(CompiledPartition):
     def run(self, inputs, outputs) -> None:
         st = self.state
         with st.lock:
-            if self.graphs and time.monotonic() >= st.down_until:
+            if self.graphs and self.refused is None and time.monotonic() >= st.down_until:
                 try:
                     self._run_device(inputs, outputs)
                     self.runs_on_device += 1
@@ -812,11 +822,14 @@ class SerialNpuPartition(CompiledPartition):
                 except LinkError as exc:
                     st.failovers += 1
                     st.last_error = str(exc)
-                    st.down_until = time.monotonic() + st.backoff
-                    log.warning("serial-npu %s: %s; this run completes on the host, the device is tried again in "
-                                "%.1f s", st.url, exc, st.backoff)
-                    st.backoff = min(st.backoff * 2, 30.0)
-                    st.drop_connection()
+                    if self.refused is not None:  # the device is well: this partition is not for it
+                        log.error("serial-npu %s: %s; this partition runs on the host from now on", st.url, exc)
+                    else:
+                        st.down_until = time.monotonic() + st.backoff
+                        log.warning("serial-npu %s: %s; this run completes on the host, the device is tried again "
+                                    "in %.1f s", st.url, exc, st.backoff)
+                        st.backoff = min(st.backoff * 2, 30.0)
+                        st.drop_connection()
             t0 = time.perf_counter()
             self._run_host(inputs, outputs)
             self.runs_on_host += 1
