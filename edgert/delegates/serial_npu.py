@@ -649,11 +649,10 @@ def _split(tensors, nodes, names, outputs, limits) -> list[tuple[int, int, list[
     def fit(lo, hi):
         made = [nd.output for nd in nodes[lo:hi]]
         used, ins = set(made), []
-        for nd in nodes[lo:hi]:
-            for i in nd.inputs:
-                if i is not None and i not in used and i not in const:
-                    ins.append(i)
-                used.update((i,) if i is not None else ())
+        for i in (i for nd in nodes[lo:hi] for i in nd.inputs if i is not None):
+            if i not in used and i not in const:
+                ins.append(i)
+            used.add(i)
         outs = [o for o in made if o in keep or last.get(o, -1) >= hi]
         held = {nd.output for nd in nodes[:lo] if last.get(nd.output, -1) >= hi} | set(ins) | set(outs)
         over = [f"{what} ({n} > {cap})" for what, n, cap in (
@@ -728,6 +727,17 @@ class SerialNpuPartition(CompiledPartition):
         """The device tensor of a resident tensor: its name and the session buffer producer and consumer share."""
         return f"{name}@{id(buf):x}"
 
+    def _device_key(self, name: str, inputs, outputs, made) -> str:
+        """The device tensor of ``name`` in this run: an earlier graph's output (``made``), a resident tensor (keyed by
+        its session buffer), or the name."""
+        if name in made:
+            return made[name]
+        if name in self.resident_inputs and name in inputs:
+            return self._key(name, inputs[name])
+        if name in self.resident_outputs and name in outputs:
+            return self._key(name, outputs[name])
+        return name
+
     def _materialize(self, key: str) -> None:
         """Fill the host buffer of a resident tensor whose device copy is lost: re-run its producer on the host."""
         entry = self.state.on_device_only.get(key)
@@ -754,9 +764,7 @@ class SerialNpuPartition(CompiledPartition):
         t0, load_s, device_s = time.perf_counter(), 0.0, 0.0
         made: dict[str, str] = {}  # name -> device tensor key of what an earlier graph of this run left there
         for g in self.graphs:
-            keys = {n: made[n] if n in made else self._key(n, inputs[n]) if n in self.resident_inputs and n in inputs
-                    else self._key(n, outputs[n]) if n in self.resident_outputs and n in outputs else n
-                    for n in (*g.inputs, *g.outputs)}
+            keys = {n: self._device_key(n, inputs, outputs, made) for n in (*g.inputs, *g.outputs)}
             pinned = {*keys.values(), *made.values()}
             if g.hash in st.graphs:
                 st.graphs[g.hash] = st.graphs.pop(g.hash)  # most recently used last
