@@ -108,3 +108,49 @@ def int8_split(seed: int = 0, k: int = 64, n: int = 32, m: int = 4):
              helper.make_node("Neg", ["acc"], ["h"], name="neg"),
              helper.make_node("Add", ["r", "h"], ["y"], name="add")]
     return _checked_model(nodes, "int8_split", inits, ("x", TensorProto.INT8, [m, k]), ("y", TensorProto.INT32, [m, n]))
+
+
+def int8_conv_chain(layers: int = 12, seed: int = 0):
+    """x int8 (1, 4, 8, 8) -> ``layers`` 3x3 QLinearConvs (4 -> 4 channels, pads 1) -> y int8 (1, 4, 8, 8): six
+    tensors a layer, so 12 layers are one device partition of ~75 tensors, more than the firmware takes per graph."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s0"),
+             numpy_helper.from_array(np.array(0, np.int8), "z0")]
+    nodes, prev = [], "x"
+    for i in range(layers):
+        inits += [numpy_helper.from_array(rng.integers(-20, 20, (4, 4, 3, 3)).astype(np.int8), f"w{i}"),
+                  numpy_helper.from_array(np.array(0.01, np.float32), f"ws{i}"),
+                  numpy_helper.from_array(np.array(0, np.int8), f"wz{i}"),
+                  numpy_helper.from_array(np.array(0.05, np.float32), f"s{i + 1}"),
+                  numpy_helper.from_array(np.array(i % 3 - 1, np.int8), f"z{i + 1}")]
+        out = "y" if i == layers - 1 else f"c{i}"
+        nodes.append(helper.make_node("QLinearConv", [prev, f"s{i}", f"z{i}", f"w{i}", f"ws{i}", f"wz{i}", f"s{i + 1}",
+                                                      f"z{i + 1}"], [out], pads=[1, 1, 1, 1], name=f"conv{i}"))
+        prev = out
+    return _checked_model(nodes, f"int8_conv_chain{layers}", inits, ("x", TensorProto.INT8, [1, 4, 8, 8]),
+                          ("y", TensorProto.INT8, [1, 4, 8, 8]))
+
+
+def int32_add_chain(n: int = 70):
+    """x int32 (4,) -> ``n`` Adds of one constant -> y: more nodes than the firmware takes per graph (64)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Add", ["x" if i == 0 else f"t{i - 1}", "c"], ["y" if i == n - 1 else f"t{i}"],
+                              name=f"add{i}") for i in range(n)]
+    return _checked_model(nodes, f"int32_add_chain{n}", [numpy_helper.from_array(np.arange(1, 5, dtype=np.int32), "c")],
+                          ("x", TensorProto.INT32, [4]), ("y", TensorProto.INT32, [4]))
+
+
+def int32_relu_neg_islands(k: int = 25):
+    """x int32 (8,) -> k x (Relu -> Neg) -> y: k device partitions (Relu) between host ops (Neg), two device tensors
+    each, more than the firmware's 48 handles at k = 25."""
+    from onnx import TensorProto, helper
+
+    nodes, prev = [], "x"
+    for i in range(k):
+        nodes += [helper.make_node("Relu", [prev], [f"r{i}"], name=f"relu{i}"),
+                  helper.make_node("Neg", [f"r{i}"], ["y" if i == k - 1 else f"n{i}"], name=f"neg{i}")]
+        prev = f"n{i}"
+    return _checked_model(nodes, f"int32_relu_neg{k}", [], ("x", TensorProto.INT32, [8]), ("y", TensorProto.INT32, [8]))

@@ -94,6 +94,43 @@ def test_version_mismatch_is_clear():
         dev.hello()
 
 
+def test_a_device_of_another_protocol_version_stops_the_session(monkeypatch):
+    """PROTOCOL §2.2: the host raises, naming both versions, and stops. ProtocolVersionError is a LinkError, so
+    refine_unit planned with the profile instead and every run failed over to the host without a word to the
+    caller."""
+    import numpy as np
+
+    import edgert
+    from edgert.bridge import device as device_mod
+
+    from bridge_models import int8_mlp, serial_npu_profile
+
+    up = []
+
+    def script(f, n):  # silent until up, then a version-9 device
+        v9 = struct.pack("<HHIIIIBB", 9, 0, 1, 1 << 16, 4096, 0xFFFF, 0, 3) + b"fw9"
+        return answer(f, v9, P.ERR_VERSION) if up else b""
+
+    monkeypatch.setattr(device_mod, "SerialLink", lambda url, **kw: SerialLink(serial=FakePort(script), timeout=0.01,
+                                                                               retries=1))
+    model = int8_mlp()
+    want = "edgert speaks version 1, the device \\(fw9\\) speaks version 9"
+    up.append(1)
+    with pytest.raises(ProtocolVersionError, match=want):  # at Session creation (refine_unit's HELLO)
+        edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
+                       device_options={"url": "fake://v9-at-creation"}, telemetry=False)
+    up.clear()  # silent at creation (planned with the profile), a version-9 device at the first run
+    sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
+                          device_options={"url": "fake://v9-at-run"}, telemetry=False)
+    up.append(1)
+    x = np.zeros((4, 64), np.int8)
+    for _ in range(2):
+        with pytest.raises(ProtocolVersionError, match=want):
+            sess.run(None, {"x": x})
+    assert sess.stats()["failovers"] == 0
+    sess.close()
+
+
 def hello_answer(max_payload=4096, boot=1):
     return struct.pack("<HHIIIIBB", P.PROTOCOL_VERSION, 0, boot, 1 << 16, max_payload, 0xFFFF, 1, 2) + b"\x01fw"
 
@@ -106,6 +143,18 @@ def scripted_device(answers, limit=200):
             raise AssertionError(f"the host sent {n} frames: it is looping")
         return answer(f, answers.get(f.type, hello_answer() if f.type == P.HELLO else b""))
     return script
+
+
+def test_hello_limits_are_read_compatibly():
+    """HELLO ends with the device's limits (u8 count, u16 each): an older answer without them means the reference
+    firmware's, limits a later firmware adds are skipped, a count the answer does not hold is a malformed answer."""
+    base = hello_answer()
+    assert P.HelloInfo.parse(base).limits == P.DeviceLimits()
+    lim = struct.pack("<B7H", 7, 32, 30, 8, 16, 4, 99, 98)
+    assert P.HelloInfo.parse(base + lim).limits == P.DeviceLimits(32, 30, 8, 16, 4)
+    assert P.HelloInfo.parse(base + struct.pack("<B2H", 2, 10, 20)).limits == P.DeviceLimits(10, 20)
+    with pytest.raises(ValueError, match="shorter than its limits"):
+        P.HelloInfo.parse(base + lim[:-1])
 
 
 @pytest.mark.parametrize("max_payload", [0, 8, 12, 13, 63])
@@ -127,6 +176,26 @@ def test_chunked_transfer_refuses_a_chunk_of_no_bytes(max_payload, call):
     with pytest.raises(LinkError, match=f"max_payload of {max_payload} bytes leaves no room for data"):
         {"write": lambda: dev.write(1, b"abc"), "read": lambda: dev.read(1, bytearray(3)),
          "load_graph": lambda: dev.load_graph(b"blob")}[call]()
+
+
+def test_a_device_allowing_frames_larger_than_the_hosts_decoder_gets_reads_that_fit():
+    """A device reporting a max_payload above the host decoder's 64 KiB got READs whose answers the host dropped as
+    overlong frames, again and again, until the chunk had been halved under the cap."""
+    data = bytes(range(256)) * 400  # 102400 bytes
+    asked = []
+
+    def script(f, n):
+        if f.type == P.HELLO:
+            return answer(f, hello_answer(max_payload=200000))
+        handle, off, length = struct.unpack("<III", f.payload)
+        asked.append(length)
+        return answer(f, data[off:off + length])
+
+    dev = SerialNpuDevice(link=SerialLink(serial=FakePort(script), timeout=0.05))
+    dev.hello()
+    out = bytearray(len(data))
+    dev.read(1, out)
+    assert out == data and max(asked) <= dev.link.decoder.max_frame - 16 and dev.link.stats.retransmits == 0
 
 
 def test_a_port_that_refuses_writes_ends_a_transfer_at_once():

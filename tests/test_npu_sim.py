@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 import edgert
-from edgert.bridge import NpuSim, SerialNpuDevice
+from edgert.bridge import DeviceResetError, NpuSim, SerialNpuDevice
 from edgert.bridge import protocol as P
 from edgert.bridge.device import ProtocolVersionError
 from edgert.delegates import serial_npu
 
-from bridge_models import int8_cnn, int8_mlp, int8_split, serial_npu_profile
+from bridge_models import (int8_cnn, int8_conv_chain, int8_mlp, int8_split, int32_add_chain, int32_relu_neg_islands,
+                           serial_npu_profile)
 from onnx_models import ort_run
 
 ASAN = os.environ.get("EDGERT_NPU_SIM_ASAN", "1") != "0"  # tests run the sanitizer build unless told otherwise
@@ -90,6 +91,302 @@ def test_many_sessions_one_after_another_free_their_tensors_and_evict_idle_graph
     assert s.proc.returncode == 0, s.stderr.decode()
 
 
+def test_a_new_host_session_frees_the_previous_ones_tensors_and_unfinished_loads():
+    """A HELLO kept every tensor, so a host that lost its connection (a failover, a crash) leaked its handles and
+    unfinished loads for good: the device filled up, for every process, until a reset. A HELLO from another host
+    session frees them (PROTOCOL §2.5); a re-handshake of the same session keeps them."""
+    import struct
+
+    with sim() as s:
+        a = SerialNpuDevice(s.url)
+        a.hello()
+        handles = [a.alloc(4096) for _ in range(3)]
+        a._call(P.LOAD_BEGIN, struct.pack("<QI", 1234, 8000))  # a load left unfinished
+        used = a.stats()["arena_used"]
+        assert used >= 3 * 4096 + 8000
+        a.hello()
+        a.write(handles[0], b"kept")  # the same host session: nothing freed
+        b = SerialNpuDevice(s.url)  # a new connection is a new host session
+        st = b.stats()
+        assert st["tensors"] == 0 and st["arena_used"] <= used - 3 * 4096 - 8000
+        with pytest.raises(edgert.LinkError, match="ERR_HANDLE"):
+            b.write(handles[0], b"gone")
+        a.close()
+        b.close()
+
+
+def test_failovers_and_reconnects_leak_no_device_tensors():
+    """Each failover forgot the connection's device tensors without FREE: after 24 the device's 48 handles were
+    gone and every later run failed over (also in a new process). The next connection's HELLO frees them now."""
+    import signal
+
+    model = int8_mlp()
+    rng = np.random.default_rng(10)
+    with sim() as s:
+        sess = session(model, s.url, timeout_s=0.02, retries=1, retry_after_s=0.0)
+        f = feeds(model, rng)
+        np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        part = sess._bound.compiled[0]
+        for _ in range(30):  # what a failover does to the connection, more often than the device has handles for
+            part.state.drop_connection()
+            f = feeds(model, rng)
+            np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        for _ in range(3):  # real failovers: the device stops answering
+            os.kill(s.proc.pid, signal.SIGSTOP)
+            try:
+                f = feeds(model, rng)
+                np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+            finally:
+                os.kill(s.proc.pid, signal.SIGCONT)
+        f = feeds(model, rng)
+        np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        assert sess.stats()["failovers"] == 3 and part.runs_on_host == 3 and part.runs_on_device == 32
+        assert part.state.device.stats()["tensors"] == 2  # x and y of this connection, nothing older
+        sess.close()
+
+
+def test_a_new_host_session_gets_room_from_an_earlier_ones_cached_graphs():
+    """Graphs stay loaded across sessions as a cache, and only the process that loaded them unloaded them: a device
+    whose 8 graph slots another process had filled refused every new graph, for good. The device now drops the
+    cached graphs the current host session has not named when it needs the room."""
+    with sim() as s:
+        other = SerialNpuDevice(s.url)
+        for k in range(1, 9):
+            other.load_graph(P.encode_graph([P.BlobTensor("int32", (k,)), P.BlobTensor("int32", (k,))],
+                                            [P.BlobNode("Relu", [0], 1)], [0], [1]))
+        assert other.stats()["graphs"] == 8
+        other.close()  # that process ends, its graphs loaded
+        model = int8_mlp()
+        sess = session(model, s.url)
+        f = feeds(model, np.random.default_rng(11))
+        np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        assert sess.stats()["failovers"] == 0 and sess._bound.compiled[0].state.device.stats()["graphs"] == 1
+        sess.close()
+
+
+def _shrink_limits(monkeypatch, **kw):
+    """The emulator's HELLO as a smaller device's (its limits only): what the host then sends must keep to them."""
+    import dataclasses
+
+    parse = P.HelloInfo.parse
+    monkeypatch.setattr(P.HelloInfo, "parse", classmethod(
+        lambda cls, p: dataclasses.replace(parse(p), limits=dataclasses.replace(parse(p).limits, **kw))))
+
+
+def test_hello_reports_the_firmwares_limits():
+    with sim() as s:
+        dev = SerialNpuDevice(s.url)
+        assert dev.hello().limits == P.DeviceLimits(max_tensors=64, max_nodes=64, max_io=16, max_handles=48,
+                                                    max_graphs=8)
+        dev.close()
+
+
+@pytest.mark.parametrize("make, graphs", [(lambda: int8_conv_chain(12), 2), (lambda: int32_add_chain(70), 2)])
+def test_a_partition_over_the_graph_limits_runs_on_the_device_as_several_graphs(make, graphs):
+    """A 12-layer QLinearConv chain (~75 tensors) and a 70-node chain were one device graph over the firmware's 64
+    tensors / 64 nodes: LOAD_COMMIT refused it at every run (a failover each time, even with fallback="forbid").
+    They run as graphs that fit, the tensors between them staying on the device: no more bytes cross the link."""
+    model = make()
+    rng = np.random.default_rng(12)
+    with sim() as s:
+        sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="forbid",
+                              device_options={"url": s.url}, telemetry=False)
+        assert [p.delegate for p in sess.plan.partitions] == ["serial-npu"]
+        part = sess._bound.compiled[0]
+        assert len(part.graphs) == graphs
+        for _ in range(2):
+            x = rng.integers(-100, 100, sess.get_inputs()[0].shape).astype(sess.get_inputs()[0].dtype)
+            np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ort_run(model, {"x": x})[0])
+        dev = part.state.device
+        assert sess.stats()["failovers"] == 0 and part.runs_on_device == 2
+        assert dev.bytes_to_device == 2 * x.nbytes and dev.bytes_to_host == 2 * x.nbytes  # y is x's size
+        sess.close()
+
+
+def test_more_device_partitions_than_handles_run_on_the_device():
+    """25 device partitions of two tensors each held 50 handles, one per tensor name, for good: ALLOC ran out of the
+    device's 48 and every run failed over. The least recently used tensors are freed for new ones."""
+    model = int32_relu_neg_islands(25)
+    x = np.arange(-4, 4, dtype=np.int32)
+    with sim() as s:
+        sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
+                              device_options={"url": s.url}, telemetry=False)
+        parts = [c for c, p in zip(sess._bound.compiled, sess.plan.partitions) if p.delegate == "serial-npu"]
+        assert len(parts) == 25
+        for _ in range(2):
+            np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ort_run(model, {"x": x})[0])
+        assert sess.stats()["failovers"] == 0 and all(p.runs_on_device == 2 for p in parts)
+        assert parts[0].state.device.stats()["tensors"] <= 48
+        sess.close()
+
+
+def test_a_cortex_m4_sized_device_gets_graphs_and_tensors_that_fit(monkeypatch):
+    """With the Cortex-M4 build's limits (32 tensors and 32 nodes per graph, 16 handles) every graph and the live
+    tensors keep to them; with one node per graph the partition's 12 graphs outnumber the device's 8 slots, and the
+    least recently used are unloaded for the next (reloaded at the next run). The outputs stay exact."""
+    model = int8_conv_chain(12)
+    rng = np.random.default_rng(13)
+    with sim() as s:
+        for kw, graphs in (({"max_tensors": 32, "max_nodes": 32, "max_handles": 16, "max_graphs": 4}, 3),
+                           ({"max_nodes": 1}, 12)):
+            _shrink_limits(monkeypatch, **kw)
+            sess = session(model, s.url)
+            part = sess._bound.compiled[0]
+            assert len(part.graphs) == graphs
+            for _ in range(2):
+                f = feeds(model, rng)
+                np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+            assert sess.stats()["failovers"] == 0 and part.runs_on_device == 2
+            assert part.state.device.stats()["tensors"] <= 16
+            sess.close()
+
+
+def test_a_node_over_the_devices_limits_is_refused_at_compile(monkeypatch):
+    """A QLinearConv reads 8 tensors and writes one: a device of 8 tensors per graph cannot take it. Under
+    fallback="forbid" the Session is refused naming the limit; otherwise that partition runs on the host."""
+    model = int8_conv_chain(2)
+    _shrink_limits(monkeypatch, max_tensors=8)
+    with sim() as s:
+        with pytest.raises(edgert.UnsupportedOpError, match="node 'conv0' needs more than the device's limits per "
+                                                            "graph allow: tensors \\(9 > 8\\)"):
+            session(model, s.url)
+        sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
+                              device_options={"url": s.url}, telemetry=False)
+        f = feeds(model, np.random.default_rng(14))
+        np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        part = sess._bound.compiled[0]
+        assert part.graphs == [] and part.runs_on_host == 1 and sess.stats()["failovers"] == 0
+        sess.close()
+
+
+def _t(dtype, shape, const=False):
+    return P.BlobTensor(dtype, tuple(shape), np.ones(shape, dtype).tobytes() if const else None)
+
+
+def _one_node_blob(op, ins, y, attrs=()):
+    """A graph of one node: ``ins`` (BlobTensors, constants with data; None: absent) -> ``y``."""
+    tensors = [t for t in ins if t is not None] + [y]
+    ids, k = [], 0
+    for t in ins:
+        ids.append(None if t is None else k)
+        k += t is not None
+    graph_in = [i for i in ids if i is not None and tensors[i].data is None]
+    return P.encode_graph(tensors, [P.BlobNode(op, ids, len(tensors) - 1, list(attrs))], graph_in, [len(tensors) - 1])
+
+
+I8, U8, I32, F32 = "int8", "uint8", "int32", "float32"
+_CONV = [1, 1, 1, 1, 1, 1, 1, 1, 1]  # group, strides, pads (1 each side), dilations
+
+
+def _qconv(y_shape=(1, 4, 8, 8), attrs=_CONV, w=(4, 4, 3, 3), bias=None, w_s=()):
+    return ("QLinearConv", [_t(I8, (1, 4, 8, 8)), _t(F32, (), 1), _t(I8, (), 1), _t(I8, w, 1), _t(F32, w_s, 1),
+                            _t(I8, (), 1), _t(F32, (), 1), _t(I8, (), 1), bias], _t(I8, y_shape), attrs)
+
+
+MIRROR_CASES = [  # (op, inputs, output, attributes): accepted and refused nodes of each ONNX-side op
+    ("MatMulInteger", [_t(I8, (2, 3, 8)), _t(I8, (8, 4), 1)], _t(I32, (2, 3, 4)), []),
+    ("MatMulInteger", [_t(I8, (2, 3, 8)), _t(I8, (2, 8, 4), 1)], _t(I32, (2, 3, 4)), []),  # batched B
+    ("MatMulInteger", [_t(U8, (8,)), _t(I8, (8, 4), 1)], _t(I32, (4,)), []),
+    ("MatMulInteger", [_t(U8, (3, 8)), _t(I8, (8, 4), 1), _t(U8, (), 1), _t(I8, (4,), 1)], _t(I32, (3, 4)), []),
+    ("MatMulInteger", [_t(I8, (3, 8)), _t(I8, (8, 4), 1), _t(I8, (3,), 1)], _t(I32, (3, 4)), []),  # a_zp per row
+    ("MatMulInteger", [_t(I8, (3, 8)), _t(I8, (8, 4), 1), _t(I8, ())], _t(I32, (3, 4)), []),  # a_zp not constant
+    ("MatMulInteger", [_t(I8, (3, 8)), _t(I8, (8, 4), 1)], _t(I8, (3, 4)), []),
+    ("MatMulInteger", [_t(I32, (3, 8)), _t(I8, (8, 4), 1)], _t(I32, (3, 4)), []),
+    ("QLinearMatMul", [_t(I8, (3, 8)), _t(F32, (), 1), _t(I8, (), 1), _t(I8, (8, 4), 1), _t(F32, (4,), 1),
+                       _t(I8, (4,), 1), _t(F32, (), 1), _t(I8, (), 1)], _t(I8, (3, 4)), []),
+    ("QLinearMatMul", [_t(I8, (3, 8)), _t(F32, (), 1), _t(I8, (), 1), _t(I8, (8, 4), 1), _t(F32, (), 1),
+                       _t(I8, (), 1), _t(F32, (), 1), _t(U8, (), 1)], _t(I8, (3, 4)), []),  # y_zp's dtype
+    _qconv(), _qconv(bias=_t(I32, (4,), 1)), _qconv(bias=_t(I32, (3,), 1)), _qconv(w_s=(4,)), _qconv(w_s=(3,)),
+    _qconv(y_shape=(1, 4, 7, 7)), _qconv(attrs=[3] + _CONV[1:]), _qconv(attrs=[1, 0] + _CONV[2:]),
+    _qconv(attrs=_CONV[:3] + [256] + _CONV[4:]), _qconv(w=(4, 2, 3, 3), attrs=[2] + _CONV[1:]),
+    *[("ConvInteger", [_t(U8, (1, 2, 5, 5)), _t(I8, (3, 2, 3, 3), 1)], _t(I32, (1, 3, 3, 3)),
+       [1, 1, 1, 0, 0, 0, 0, d, d]) for d in (1, 3)],  # dilation 3: the kernel spans 7 > 5
+    ("Add", [_t(I32, (2, 3)), _t(I32, (3,), 1)], _t(I32, (2, 3)), []),
+    ("Add", [_t(U8, (2, 3)), _t(U8, (3,), 1)], _t(U8, (2, 3)), []),
+    ("Mul", [_t(I8, (2, 3)), _t(I8, (2,), 1)], _t(I8, (2, 3)), []),
+    ("Relu", [_t(U8, (2, 3))], _t(U8, (2, 3)), []), ("Relu", [_t(F32, (2, 3))], _t(F32, (2, 3)), []),
+    ("Clip", [_t(I8, (2, 3))], _t(I8, (3, 2)), [0, 6]), ("Clip", [_t(I8, (2, 3))], _t(I8, (2, 3)), [0]),
+    ("Copy", [_t(I8, (2, 3))], _t(I8, (6,)), []), ("Copy", [_t(I8, (2, 3))], _t(I8, (5,)), []),
+    ("Concat", [_t(I8, (2, 3)), _t(I8, (2, 2))], _t(I8, (2, 5)), [1]),
+    ("Concat", [_t(I8, (2, 3)), _t(I8, (2, 2))], _t(I8, (2, 5)), [2]),
+    ("Concat", [_t(I8, (2, 3)), _t(I8, (3, 2))], _t(I8, (2, 5)), [1]),
+    ("Concat", [_t(I8, (2, 3)), _t(I8, (2, 2))], _t(I8, (2, 6)), [1]),
+    ("Relu", [_t(I8, (1, 1, 1, 2, 3))], _t(I8, (1, 1, 1, 2, 3)), []),
+]
+
+
+def test_the_hosts_node_check_is_the_firmwares():
+    """translate sent nodes the firmware refuses at LOAD_COMMIT (a MatMulInteger with a batched B): a failover at
+    every run, even under fallback="forbid". protocol.node_problem mirrors graph.c's check_node: for each node here,
+    it refuses exactly what the firmware refuses, with the firmware's message."""
+    with sim() as s:
+        dev = SerialNpuDevice(s.url)
+        refused = 0
+        for k, (op, ins, y, attrs) in enumerate(MIRROR_CASES):
+            why = P.node_problem(op, ins, y, attrs)
+            try:
+                dev.unload_graph(dev.load_graph(_one_node_blob(op, ins, y, attrs)))
+                firmware = None
+            except edgert.LinkError as exc:
+                firmware = str(exc).split(": ", 2)[-1]  # "serial NPU <url>: LOAD_COMMIT failed with <code>: <why>"
+            assert why == firmware, (k, op)
+            refused += why is not None
+        assert 0 < refused < len(MIRROR_CASES)
+        dev.close()
+
+
+def test_a_node_the_device_refuses_is_kept_on_the_host_at_compile(caplog):
+    """The batched-B MatMulInteger: a clear error at Session creation under fallback="forbid", the host otherwise,
+    with nothing sent to the device and no failover."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bridge_models import _checked_model
+
+    rng = np.random.default_rng(15)
+    model = _checked_model([helper.make_node("MatMulInteger", ["x", "b"], ["y"], name="mm")], "batched_b",
+                           [numpy_helper.from_array(rng.integers(-5, 5, (2, 8, 4)).astype(np.int8), "b")],
+                           ("x", TensorProto.INT8, [2, 3, 8]), ("y", TensorProto.INT32, [2, 3, 4]))
+    with sim() as s:
+        with pytest.raises(edgert.UnsupportedOpError, match="node 'mm' \\(MatMulInteger\\): the device refuses it: "
+                                                            "matmul: A \\(..,M,K\\) B \\(K,N\\)"):
+            edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="forbid",
+                           device_options={"url": s.url}, telemetry=False)
+        sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
+                              device_options={"url": s.url}, telemetry=False)
+        x = rng.integers(-5, 5, (2, 3, 8)).astype(np.int8)
+        np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ort_run(model, {"x": x})[0])
+        part = sess._bound.compiled[0]
+        assert part.blob is None and part.runs_on_host == 1 and sess.stats()["failovers"] == 0
+        sess.close()
+
+
+def test_a_graph_the_device_refuses_at_load_is_not_sent_again(monkeypatch, caplog):
+    """What node_problem does not foresee and the device refuses at LOAD_COMMIT (ERR_GRAPH, ERR_SHAPE,
+    ERR_UNSUPPORTED) would be refused every time: it was sent again after every back-off, a failover each time, and
+    bytes_graph counted none of it. Now: one failover, the partition on the host from then on, the blob's bytes
+    counted once."""
+    import dataclasses
+
+    model = int8_mlp()
+    monkeypatch.setattr(P, "node_problem", lambda *a: None)  # the host's check blind: only the device refuses
+    encode = P.encode_graph
+    monkeypatch.setattr(P, "encode_graph", lambda t, n, i, o: encode(  # a Clip without its two attributes
+        t, [dataclasses.replace(x, op="Clip") if x.op == "Relu" else x for x in n], i, o))
+    rng = np.random.default_rng(16)
+    with sim() as s:
+        sess = session(model, s.url, retry_after_s=0.0)
+        part = sess._bound.compiled[0]
+        with caplog.at_level(logging.ERROR, logger="edgert.serial_npu"):
+            for _ in range(4):
+                f = feeds(model, rng)
+                np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        st = part.state.stats()
+        assert sess.stats()["failovers"] == 1 and part.runs_on_host == 4 and part.runs_on_device == 0
+        assert st["bytes_graph"] == len(part.blob) and part.state.device.graphs_sent == 0
+        assert "ERR_GRAPH" in caplog.text and "runs on the host from now on" in caplog.text
+        sess.close()
+
+
 @pytest.mark.slow
 def test_fault_soak_1000_invocations():
     """1% dropped and 1% corrupted bytes (each direction): 1000 invocations, none wrong, lost or duplicated."""
@@ -156,6 +453,108 @@ def test_stalled_device_retransmits_and_executes_once():
         st = dev.stats()
         assert dev.link.stats.retransmits > 0 and st["duplicates"] > 0 and st["tensors"] == 1
         dev.close()
+
+
+def test_a_reset_seen_through_no_session_is_counted_once():
+    """A reset noticed by ERR_NO_SESSION (here another client's RESET) left generation and resets unchanged: the
+    re-handshake forgot the old boot id before it compared the new one."""
+    with sim() as s:
+        dev = SerialNpuDevice(s.url)
+        dev.link._seq = 1 << 30  # ahead of any other host's: a RESET sent before a HELLO of its own was stale
+        boot = dev.hello().boot_id
+        dev.alloc(16)
+        other = SerialNpuDevice(s.url)
+        other.reset()  # a fresh SerialNpuDevice: reset() opens its session first
+        other.close()
+        with pytest.raises(DeviceResetError, match=f"boot id {boot} -> {boot + 1}"):
+            dev.alloc(16)
+        assert dev.generation == 1 and dev.resets == 1 and dev.link_stats()["device_resets"] == 1
+        dev.alloc(16)  # the session is open again
+        dev.close()
+
+
+def test_reset_is_idempotent_when_its_answer_is_lost():
+    """The device resets before its answer goes out, and the reset wiped the response cache: a RESET retransmitted
+    because its answer was lost got ERR_NO_SESSION. It gets the same OK now, and nothing runs twice."""
+    with sim() as s:
+        dev = SerialNpuDevice(s.url, timeout=0.05)
+        boot = dev.hello().boot_id
+        read, lost = dev.link._read, []
+
+        def lossy(wait):  # the first bytes back after RESET goes out (its answer) are lost on the line
+            data = read(wait)
+            if data and not lost:
+                lost.append(data)
+                return b""
+            return data
+
+        dev.link._read = lossy
+        dev.reset()
+        dev.link._read = read
+        assert lost and dev.link.stats.retransmits >= 1 and dev.generation == 1
+        st = dev.stats()
+        assert st["boot_id"] == boot + 1 and st["duplicates"] == 1  # reset once; the resent RESET answered again
+        dev.close()
+
+
+def test_clip_equals_onnxruntime_also_when_min_exceeds_max():
+    """ONNX Clip is min(max(x, min), max): with min > max every element is max. The device clamped each element
+    towards whichever bound it was past (min below, max above)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bridge_models import _checked_model
+
+    rng = np.random.default_rng(8)
+    with sim() as s:
+        for dt, tp in ((np.int8, TensorProto.INT8), (np.uint8, TensorProto.UINT8), (np.int32, TensorProto.INT32)):
+            for lo, hi in ((3, -3) if dt != np.uint8 else (200, 50), (-3, 3) if dt != np.uint8 else (50, 200),
+                           (None, 2), (2, None)):
+                inits = [numpy_helper.from_array(np.array(v, dt), k) for k, v in (("lo", lo), ("hi", hi))
+                         if v is not None]
+                node = helper.make_node("Clip", ["x", "lo" if lo is not None else "", "hi" if hi is not None else ""],
+                                        ["y"])
+                model = _checked_model([node], "clip", inits, ("x", tp, [2, 8]), ("y", tp, [2, 8]))
+                info = np.iinfo(dt)
+                x = rng.integers(max(info.min, -300), min(info.max, 300) + 1, (2, 8)).astype(dt)
+                sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="forbid",
+                                      device_options={"url": s.url}, telemetry=False)
+                np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ort_run(model, {"x": x})[0],
+                                              err_msg=f"{dt.__name__} clip({lo}, {hi})")
+                assert sess._bound.compiled[0].runs_on_device == 1
+                sess.close()
+
+
+def test_a_stalled_device_costs_the_configured_timeouts_not_a_fixed_write_timeout():
+    """A device that stops reading fills the pty, and the host's write blocked for pyserial's fixed 10 s per
+    attempt whatever timeout_s and retries said. The write timeout is now timeout_s plus the largest frame's time on
+    the line."""
+    import signal
+    import time
+
+    from edgert.bridge.link import SerialLink
+
+    model = int8_mlp(k=4096, n=8, m=4)  # x is 16 KiB: 4 WRITE frames, more than the pty holds
+    rng = np.random.default_rng(9)
+    with sim() as s:
+        link = SerialLink(s.url, baudrate=921600, timeout=0.02)
+        assert link.port.write_timeout == pytest.approx(0.02 + (4112 + 4112 // 254 + 3) * 10 / 921600)
+        link.max_payload = 1024
+        assert link.port.write_timeout == pytest.approx(0.02 + (1040 + 1040 // 254 + 3) * 10 / 921600)
+        link.close()
+        sess = session(model, s.url, timeout_s=0.02, retries=1, retry_after_s=0.0)
+        f = feeds(model, rng)
+        np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        os.kill(s.proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(2):  # the stalled run, then one that reconnects to the still stalled device
+                f = feeds(model, rng)
+                t0 = time.monotonic()
+                np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+                assert time.monotonic() - t0 < 3.0
+        finally:
+            os.kill(s.proc.pid, signal.SIGCONT)
+        assert sess.stats()["failovers"] == 2
+        sess.close()
 
 
 def test_qblock_matmul_is_the_c_core_reference():
@@ -257,6 +656,24 @@ def test_emulated_device_partitions_copy_only_the_plans_transfers():
     est = sess.plan.estimates
     assert sess.stats()["last_run"] == {"bytes_to_device": est["bytes_to_device"], "bytes_to_host": est["bytes_to_host"]}
     sess.close()
+
+
+def test_stopped_emulators_leave_no_open_pipes():
+    """stop() left the emulator's stdout and stderr pipes open: two descriptors per emulator, and stdin too after
+    kill()."""
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    sim().start().stop()  # built, and anything lazily opened on the first start is open
+    before, kept = fds(), []  # kept alive: the pipes' finalizers do not close them for us
+    for k in range(4):
+        s = sim().start()
+        if k % 2:
+            s.kill()
+        s.stop()
+        assert s.stop() == s.proc.returncode  # a second stop is harmless
+        kept.append(s)
+    assert fds() == before
 
 
 @pytest.mark.parametrize("kw", [{"baud": -1}, {"baud": float("nan")}, {"ops_per_s": float("inf")}, {"drop": 2},

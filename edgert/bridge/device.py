@@ -4,9 +4,14 @@ write/read tensors in chunks, invoke, stats, reset — over a SerialLink.
 A device reset is noticed (``ERR_NO_SESSION``, or a new ``boot_id`` in HELLO) and raised as DeviceResetError after
 the session is re-opened; ``generation`` then counts up so callers know every handle and graph they held is gone.
 What to redo is the caller's business (the serial-npu delegate reloads by hash and falls back to the host).
+
+Each SerialNpuDevice is one host session (PROTOCOL.md §2.5, a random ``host_session`` sent in HELLO): its HELLO
+makes the device free the tensors and unfinished loads of the connection before it, which a failed-over, crashed or
+reconnected host can no longer free itself.
 """
 from __future__ import annotations
 
+import os
 import struct
 import sys
 
@@ -32,6 +37,7 @@ class SerialNpuDevice:
                  link: SerialLink | None = None, protocol_version: int = P.PROTOCOL_VERSION):
         self.link = link or SerialLink(url, baudrate=baudrate, timeout=timeout, retries=retries)
         self.protocol_version = protocol_version
+        self.host_session = int.from_bytes(os.urandom(4), "little") or 1  # 0 would mean none
         self.info: P.HelloInfo | None = None
         self.generation = 0  # +1 at every device reset the host notices
         self.resets = 0
@@ -45,7 +51,7 @@ class SerialNpuDevice:
 
     # ---- session ----------------------------------------------------------------------------------------------
     def hello(self) -> P.HelloInfo:
-        f = self.link.transact(P.HELLO, P.hello_request(self.protocol_version), check=False)
+        f = self.link.transact(P.HELLO, P.hello_request(self.protocol_version, self.host_session), check=False)
         try:
             info = P.HelloInfo.parse(f.payload)
         except ValueError as exc:
@@ -79,10 +85,9 @@ class SerialNpuDevice:
             if exc.status != P.ERR_NO_SESSION:
                 raise
         old = self.info.boot_id if self.info else None
-        self.info = None
+        self.info = None  # so hello() does not count the reset too: it is counted here, once, whatever the boot id
         info = self.hello()
-        if old is None or info.boot_id == old:
-            self._note_reset()
+        self._note_reset()
         raise DeviceResetError(f"serial NPU {self.link.url} reset (boot id {old} -> {info.boot_id}): its graphs and "
                                "tensors are gone; the session is open again")
 
@@ -95,10 +100,13 @@ class SerialNpuDevice:
             self.graphs_cached += 1
             return h
         mv = memoryview(blob)
-        self._chunked(len(blob), P.CHUNK_HEADER["LOAD_CHUNK"], lambda off, n, r: self._call(
-            P.LOAD_CHUNK, struct.pack("<QI", h, off) + mv[off:off + n].tobytes(), retries=r))
+
+        def put(off, n, r):
+            self._call(P.LOAD_CHUNK, struct.pack("<QI", h, off) + mv[off:off + n].tobytes(), retries=r)
+            self.bytes_graph += n  # what crossed, also when LOAD_COMMIT then refuses the graph
+
+        self._chunked(len(blob), P.CHUNK_HEADER["LOAD_CHUNK"], put)
         self._call(P.LOAD_COMMIT, struct.pack("<Q", h))
-        self.bytes_graph += len(blob)
         self.graphs_sent += 1
         return h
 
@@ -187,6 +195,7 @@ class SerialNpuDevice:
 
     def reset(self) -> None:
         """Ask the device to reset: every graph and tensor goes; the next call re-handshakes."""
+        self.ensure_session()  # without one, RESET gets ERR_NO_SESSION, or ERR_STALE after another host's seq
         self.link.transact(P.RESET)
         self.info = None
         self._note_reset()

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from ..errors import LinkError
 from . import protocol as P
-from .framing import FLAG_ERROR, FLAG_RESPONSE, FLAG_RETRANSMIT, Frame, FrameDecoder, encode_frame
+from .framing import (CRC_BYTES, FLAG_ERROR, FLAG_RESPONSE, FLAG_RETRANSMIT, HEADER_BYTES, Frame, FrameDecoder,
+                      encode_frame)
 
 log = logging.getLogger("edgert.bridge")
 READ_POLL_S = 0.005
@@ -57,30 +58,58 @@ class SerialLink:
 
     ``timeout`` is the first wait for an answer (the time the request and a full answer take at ``baudrate`` is
     added); each retransmission doubles it, up to 8x. ``retries`` retransmissions of one request, then LinkError.
+    A write may block for ``timeout`` plus the largest frame's time on the line (``write_timeout_s``): a port that
+    takes no more bytes for that long belongs to a device that stopped reading (LinkWriteError, no retry).
     ``serial`` may be an open pyserial-like object instead of a URL (tests)."""
 
     def __init__(self, url: str | None = None, baudrate: int = 115200, timeout: float = 0.2, retries: int = 8, *,
                  serial=None, max_payload: int = 4096):
+        self.baudrate = int(baudrate)
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.stats = LinkStats()
+        self.decoder = FrameDecoder()
+        self.port = None
+        self.max_payload = max_payload
         if serial is None:
             try:
                 import serial as pyserial
             except ImportError as exc:  # pragma: no cover
                 raise LinkError("the serial NPU link needs pyserial: pip install pyserial") from exc
             try:
-                serial = pyserial.serial_for_url(url, baudrate=baudrate, timeout=READ_POLL_S, write_timeout=10)
+                serial = pyserial.serial_for_url(url, baudrate=baudrate, timeout=READ_POLL_S,
+                                                 write_timeout=self.write_timeout_s())
             except (pyserial.SerialException, ValueError, OSError) as exc:
                 raise LinkError(f"cannot open the serial NPU link {url!r}: {exc}. Start the emulator with "
                                 "`edgert npu-sim` and pass the path it prints, or check the port") from None
         self.url = url or getattr(serial, "port", "?")
         self.port = serial
-        self.baudrate = int(baudrate)
-        self.timeout = float(timeout)
-        self.retries = int(retries)
-        self.max_payload = int(max_payload)
-        self.stats = LinkStats()
-        self.decoder = FrameDecoder()
+        self._set_write_timeout()
         self._seq = int.from_bytes(os.urandom(2), "little")  # any start: HELLO sets the device's baseline
         self._closed = False
+
+    @property
+    def max_payload(self) -> int:
+        """The largest payload of a frame either way: the device's (HELLO), at most what the host's decoder takes
+        (64 KiB): READ asks for no more, so every answer fits, however much the device allows."""
+        return self._max_payload
+
+    @max_payload.setter
+    def max_payload(self, n: int) -> None:
+        self._max_payload = min(int(n), self.decoder.max_frame - HEADER_BYTES - CRC_BYTES)
+        self._set_write_timeout()
+
+    def write_timeout_s(self) -> float:
+        """``timeout`` plus the time the largest frame (a retransmission: delimiter, COBS, header, CRC) takes on the
+        line. A fixed 10 s made every attempt on a stalled device cost 10 s whatever timeout and retries said."""
+        n = self._max_payload + HEADER_BYTES + CRC_BYTES
+        return self.timeout + self.line_seconds(n + n // 254 + 3)
+
+    def _set_write_timeout(self) -> None:
+        if self.port is not None and hasattr(self.port, "write_timeout"):
+            t = self.write_timeout_s()
+            if self.port.write_timeout != t:  # pyserial reconfigures a tty for each change: only when it changes
+                self.port.write_timeout = t
 
     # ---- bytes ------------------------------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:

@@ -25,6 +25,7 @@ ERRORS = {0: "OK", 1: "ERR_VERSION", 2: "ERR_NO_SESSION", 3: "ERR_BAD_REQUEST", 
           11: "ERR_NO_GRAPH", 12: "ERR_SHAPE", 13: "ERR_STALE", 14: "ERR_COMPUTE"}
 OK, ERR_VERSION, ERR_NO_SESSION = 0, 1, 2
 ERR_NOMEM, ERR_HASH, ERR_NO_GRAPH, ERR_STALE = 5, 8, 11, 13
+ERR_GRAPH, ERR_UNSUPPORTED, ERR_SHAPE = 9, 10, 12  # LOAD_COMMIT's refusals of a graph: sending it again cannot help
 
 # dtypes: code -> numpy name (block formats by their GGUF names)
 DTYPES = {1: "int8", 2: "uint8", 3: "int32", 4: "float32", 5: "int64", 8: "q4_0", 9: "q4_1", 10: "q8_0"}
@@ -54,6 +55,21 @@ STATS_BYTES = 4 * len(STATS_FIELDS)
 
 
 @dataclass(frozen=True)
+class DeviceLimits:
+    """What a device holds (HELLO, §3.1): per graph, tensors, nodes, and inputs and outputs (each); tensor handles
+    and graphs in all. The defaults are the reference firmware's (§7), for a device whose HELLO names none."""
+
+    max_tensors: int = 64
+    max_nodes: int = 64
+    max_io: int = 16
+    max_handles: int = 48
+    max_graphs: int = 8
+
+
+LIMIT_FIELDS = ("max_tensors", "max_nodes", "max_io", "max_handles", "max_graphs")  # their order in HELLO
+
+
+@dataclass(frozen=True)
 class HelloInfo:
     """What a device says about itself in its HELLO answer."""
 
@@ -64,6 +80,7 @@ class HelloInfo:
     dtypes: tuple[str, ...]
     ops: tuple[str, ...]
     firmware_version: str
+    limits: DeviceLimits = DeviceLimits()
 
     @classmethod
     def parse(cls, p: bytes) -> "HelloInfo":
@@ -78,11 +95,18 @@ class HelloInfo:
         ops = tuple(OPS.get(c, f"op{c}") for c in p[22:22 + n_ops])
         fw = p[22 + n_ops:22 + n_ops + n_fw].decode("ascii", "replace")
         dts = tuple(name for code, name in DTYPES.items() if mask >> code & 1)
-        return cls(ver, boot, arena, maxp, dts, ops, fw)
+        at, limits = 22 + n_ops + n_fw, DeviceLimits()
+        if len(p) > at:  # u8 count, u16 limits: ones this host does not know are skipped, missing ones defaulted
+            if len(p) < at + 1 + 2 * p[at]:
+                raise ValueError("HELLO answer shorter than its limits")
+            limits = DeviceLimits(**dict(zip(LIMIT_FIELDS, struct.unpack_from(f"<{p[at]}H", p, at + 1))))
+        return cls(ver, boot, arena, maxp, dts, ops, fw, limits)
 
 
-def hello_request(version: int = PROTOCOL_VERSION) -> bytes:
-    return struct.pack("<HH", version, 0)
+def hello_request(version: int = PROTOCOL_VERSION, host_session: int = 0) -> bytes:
+    """HELLO's payload: the host's protocol version and its host session (§2.5; 0: none, the device keeps what it
+    holds)."""
+    return struct.pack("<HHI", version, 0, host_session)
 
 
 def parse_stats(p: bytes) -> dict:
@@ -125,6 +149,109 @@ class BlobNode:
     inputs: list  # tensor ids, None for an absent optional input
     output: int
     attrs: list = field(default_factory=list)
+
+
+_Q8 = ("int8", "uint8")
+
+
+def node_problem(op: str, ins: list, y: BlobTensor, attrs: list) -> str | None:
+    """Why the reference firmware would refuse node ``op`` (its input tensors, None for an absent one; its output;
+    its attributes) at LOAD_COMMIT, in the firmware's own words (graph.c: fw_graph_parse's per-tensor and per-node
+    counts, check_node), or None. Covers the ops ONNX nodes become (1-8, 10, 16); the TFLite ops (11-15) are built
+    by the host with their own checks (serial_npu.tflite_node)."""
+    def numel(t):
+        return int(np.prod(t.shape, dtype=np.int64))
+
+    def param_ok(t, dt, ch):  # a constant of dtype dt: a scalar, or one per channel when ch > 0
+        return t is not None and t.data is not None and t.dtype == dt and (
+            numel(t) == 1 or (ch > 0 and numel(t) == ch and len(t.shape) == 1))
+
+    def at(i):
+        return ins[i] if i < len(ins) else None
+
+    for t in (*ins, y):
+        if t is not None and len(t.shape) > 4:
+            return "graph blob: tensor rank > 4"
+        if t is not None and (numel(t) > 1 << 30 or tensor_nbytes(t.dtype, t.shape) > 1 << 30):
+            return "graph blob: tensor too large"
+    if not 1 <= len(ins) <= 9 or len(attrs) > 12:
+        return "graph blob: node input/output/attribute counts"
+    a, b = ins[0], at(1)
+    if a is None:
+        return "node without its first input"
+    if op in ("MatMulInteger", "QLinearMatMul"):
+        q = op == "QLinearMatMul"
+        b = at(3) if q else b
+        if b is None or a.dtype not in _Q8 or b.dtype not in _Q8:
+            return "matmul needs int8/uint8 A and B"
+        if len(a.shape) < 2 or len(b.shape) != 2 or a.shape[-1] != b.shape[0]:
+            return "matmul: A (..,M,K) B (K,N)"
+        n = b.shape[1]
+        if tuple(y.shape) != (*a.shape[:-1], n):
+            return "matmul: output shape"
+        if q and (len(ins) != 8 or not (param_ok(at(1), "float32", 0) and param_ok(at(2), a.dtype, 0)
+                                        and param_ok(at(4), "float32", n) and param_ok(at(5), b.dtype, n)
+                                        and param_ok(at(6), "float32", 0) and y.dtype in _Q8
+                                        and param_ok(at(7), y.dtype, 0))):
+            return "QLinearMatMul: scales/zero points must be constants of the right dtype"
+        if not q and (len(ins) > 4 or y.dtype != "int32" or not (at(2) is None or param_ok(at(2), a.dtype, 0))
+                      or not (at(3) is None or param_ok(at(3), b.dtype, n))):
+            return "MatMulInteger: int32 output, constant zero points"
+    elif op in ("ConvInteger", "QLinearConv"):
+        q = op == "QLinearConv"
+        w = at(3) if q else b
+        if w is None or a.dtype not in _Q8 or w.dtype not in _Q8:
+            return "conv needs int8/uint8 x and w"
+        if len(a.shape) != 4 or len(w.shape) != 4 or len(y.shape) != 4 or len(attrs) != 9:
+            return "conv: 2-D (NCHW) only"
+        grp, sh, sw, pt, pl, pb, pr, dh, dw = attrs
+        if grp < 1 or min(sh, sw, dh, dw) < 1 or min(pt, pl, pb, pr) < 0 or max(sh, sw, dh, dw, pt, pl, pb, pr) > 255:
+            return "conv: bad attributes"
+        (nb, c, h, wd), (m, cg, kh, kw) = a.shape, w.shape
+        if c % grp or m % grp or cg != c // grp or kh == 0 or kw == 0:
+            return "conv: channels do not fit the group"
+        eh, ew = h + pt + pb - dh * (kh - 1) - 1, wd + pl + pr - dw * (kw - 1) - 1
+        if eh < 0 or ew < 0:
+            return "conv: kernel larger than the padded input"
+        if tuple(y.shape) != (nb, m, eh // sh + 1, ew // sw + 1):
+            return "conv: output shape"
+        if q and (not 8 <= len(ins) <= 9 or not (param_ok(at(1), "float32", 0) and param_ok(at(2), a.dtype, 0)
+                                                 and param_ok(at(4), "float32", m) and param_ok(at(5), w.dtype, m)
+                                                 and param_ok(at(6), "float32", 0) and y.dtype in _Q8
+                                                 and param_ok(at(7), y.dtype, 0))):
+            return "QLinearConv: scales/zero points must be constants of the right dtype"
+        if q and at(8) is not None and (at(8).dtype != "int32" or numel(at(8)) != m or at(8).data is None):
+            return "QLinearConv: bias must be a constant int32 (M)"
+        if not q and (len(ins) > 4 or y.dtype != "int32" or not (at(2) is None or param_ok(at(2), a.dtype, 0))
+                      or not (at(3) is None or param_ok(at(3), w.dtype, m))):
+            return "ConvInteger: int32 output, constant zero points"
+    elif op in ("Add", "Mul"):
+        if b is None or len(ins) != 2 or not a.dtype == b.dtype == y.dtype or a.dtype not in ("int32", "int8"):
+            return "Add/Mul: int32 (or int8) operands of one dtype"
+        r = len(y.shape)
+        pa, pb_ = ((1,) * (r - len(t.shape)) + tuple(t.shape) if len(t.shape) <= r else None for t in (a, b))
+        if pa is None or pb_ is None or any(not (da in (d, 1) and db in (d, 1)) for da, db, d in zip(pa, pb_, y.shape)):
+            return "Add/Mul: broadcast shape"
+    elif op in ("Relu", "Clip"):
+        if a.dtype not in ("int8", "int32", "uint8") or y.dtype != a.dtype or numel(y) != numel(a):
+            return "Relu/Clip: int8/uint8/int32, same shape"
+        if op == "Clip" and len(attrs) != 2:
+            return "Clip: two attributes (min, max)"
+    elif op == "Copy":
+        if tensor_nbytes(y.dtype, y.shape) != tensor_nbytes(a.dtype, a.shape) or y.dtype != a.dtype:
+            return "reshape: same bytes and dtype"
+    elif op == "Concat":
+        if len(attrs) != 1 or not 0 <= attrs[0] < len(y.shape):
+            return "Concat: axis attribute"
+        ax = attrs[0]
+        for t in ins:
+            if t is None or t.dtype != y.dtype or len(t.shape) != len(y.shape) or t.dtype in BLOCK_BYTES:
+                return "Concat: inputs of the output's dtype and rank"
+            if any(t.shape[d] != y.shape[d] for d in range(len(y.shape)) if d != ax):
+                return "Concat: dims differ off the axis"
+        if sum(t.shape[ax] for t in ins) != y.shape[ax]:
+            return "Concat: output size along the axis"
+    return None
 
 
 def encode_graph(tensors: list[BlobTensor], nodes: list[BlobNode], inputs: list[int], outputs: list[int]) -> bytes:

@@ -104,8 +104,9 @@ class NpuSim:
                                      stderr=subprocess.PIPE, env=env)
         line = self.proc.stdout.readline().decode().strip()
         if not line.startswith("npu-sim: "):
-            self.stop()
+            self._end()
             why = (self.stderr + self.proc.stderr.read()).decode(errors="replace").strip()  # the drain has not started
+            self.stop()
             raise DeviceError(f"the NPU emulator did not start: {why or line or 'no output'}")
         self.url = line.split(": ", 1)[1]
         self._err = threading.Thread(target=self._drain, daemon=True)
@@ -127,10 +128,7 @@ class NpuSim:
             self.proc.kill()
             self.proc.wait()
 
-    def stop(self) -> int | None:
-        """Stop it; returns its exit status (a sanitizer report makes it non-zero, and shows on stderr)."""
-        if self.proc is None:
-            return None
+    def _end(self) -> None:
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()  # the emulator exits cleanly when its stdin closes
@@ -138,6 +136,18 @@ class NpuSim:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def stop(self) -> int | None:
+        """Stop it and close its pipes (also after kill()); returns its exit status (a sanitizer report makes it
+        non-zero, and shows on stderr)."""
+        if self.proc is None:
+            return None
+        self._end()
+        drain = getattr(self, "_err", None)
+        if drain is not None:
+            drain.join(timeout=5)  # it ends at the EOF of the exited emulator's stderr, with the whole report read
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            pipe.close()
         return self.proc.returncode
 
     def __enter__(self) -> "NpuSim":

@@ -2,7 +2,10 @@
 ``edgert npu-sim``), with failover to the host.
 
 - Compile translates a partition's nodes into a graph blob (PROTOCOL.md §6). Weights are constants in the blob; the
-  blob is loaded by its hash, so it crosses the link once per device power-on (``bytes_graph``), not per run.
+  blob is loaded by its hash, so it crosses the link once per device power-on (``bytes_graph``), not per run. A
+  partition over the device's limits per graph (HELLO: tensors, nodes, inputs, outputs) becomes several graphs of
+  consecutive nodes (``translate_pieces``), run in order with the tensors between them left on the device; a node
+  that fits no graph alone is an ``UnsupportedOpError`` naming the limit.
 - ONNX nodes map to the QOperator ops (``ONNX_TO_DEVICE``, bit-identical to onnxruntime's CPU kernels). Nodes of a
   ``.tflite`` model (``Node.attrs["tflite_op"]``) map to the TFLite INT8 ops (``TFLITE_TO_DEVICE``, PROTOCOL.md
   §6.1): FULLY_CONNECTED, CONV_2D, DEPTHWISE_CONV_2D, ADD, AVERAGE_POOL_2D; RELU/RELU6/RELU_N1_TO_1 as Clip, RESHAPE
@@ -12,9 +15,15 @@
   outputs equal LiteRT's (XNNPACK) bit for bit: no op here has an error budget. What the device cannot run that
   exactly (a RELU or CONCATENATION that requantizes, a scale outside XNNPACK's range, float tensors, ...) raises
   ``UnsupportedOpError``; the partition then runs on the host (with ``fallback="forbid"`` the error propagates).
+  So does a node the firmware would refuse at LOAD_COMMIT (``protocol.node_problem``, graph.c's check_node in
+  Python, e.g. a MatMulInteger with a batched B). Should the device still refuse a graph at LOAD_COMMIT
+  (ERR_GRAPH/ERR_SHAPE/ERR_UNSUPPORTED), that run fails over once and the partition stays on the host: the blob
+  is not sent again.
 - Partitions on the same device URL share one connection and one set of device tensors, one per tensor name.
   A partition input whose bytes equal what the device already holds under that name (the output of an earlier
-  device partition, unchanged) is not sent again: only boundary tensors cross the link.
+  device partition, unchanged) is not sent again: only boundary tensors cross the link. The device's handles are
+  few (HELLO's max_handles): past them, or when ALLOC finds no room, the least recently used tensors a run can send
+  again are freed (``DeviceState.tensor``).
 - Tensors resident between partitions (``keeps_tensors_resident``): a tensor one partition produces and only later
   partitions of the same unit read has no transfer in the plan; the session names them (``resident_outputs``,
   ``resident_inputs``). The producer does not read it back; the consumer binds the producer's device tensor as its
@@ -25,12 +34,19 @@
   instead — onnxruntime's CPU provider for an ONNX model, LiteRT (the host TFLite path, ``core=False``) for a
   TFLite one: the arithmetic the device reproduces, so the same result — the event is logged and
   counted in ``failovers``, and the device is left alone for ``retry_after_s`` (default 1 s, doubling while it
-  keeps failing, at most 30 s); the next run after that re-handshakes and reloads by hash.
-- Device memory: a clean close of the last partition on a device frees this process's device tensors (a HELLO
-  keeps them). Graphs stay loaded as a cache by hash; when a load finds no free graph slot (ERR_NOMEM), the
-  graphs this process loaded that no live partition runs are unloaded and the load is tried again.
+  keeps failing, at most 30 s); the next run after that re-handshakes and reloads by hash. A device of another
+  protocol version is no fault to ride out (PROTOCOL.md §2.2): ``ProtocolVersionError`` names both versions, raised
+  when the Session is made (refine_unit's HELLO) or by the run that first reaches such a device.
+- Device memory: every connection is a host session (PROTOCOL.md §2.5). A failover forgets the connection's
+  device tensors without freeing them (the device may not be answering); the next connection's HELLO, or another
+  process's, makes the device free them, so failovers and dead processes leak nothing. A clean close of the last
+  partition on a device frees its tensors at once. Graphs stay loaded as a cache by hash (the device drops an
+  earlier session's when it needs the room); when a load finds no room (ERR_NOMEM), the graphs this process loaded
+  that no live partition runs, or else this connection's least recently used, are unloaded and the load is tried
+  again.
 - ``refine_unit`` narrows a profile unit to what the device says in HELLO (ops and dtypes; memory = its arena), so the
-  partitioner assigns only what the device reports it can run.
+  partitioner assigns only what the device reports it can run, and keeps its limits in the unit's
+  ``delegate_options["device_limits"]`` for compile (without a HELLO: the reference firmware's).
 
 Options (profile ``delegate_options`` or Session ``device_options``): ``url`` (or ``port``), ``baudrate``,
 ``timeout_s``, ``retries``, ``retry_after_s``.
@@ -46,6 +62,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..bridge.device import ProtocolVersionError
+from ..bridge.link import DeviceStatusError
+from ..bridge.protocol import ERR_GRAPH, ERR_NOMEM, ERR_SHAPE, ERR_UNSUPPORTED
 from ..errors import DeviceError, EdgertError, LinkError, UnsupportedOpError, check_count, check_number, warn_caller
 from ..formats.tflite import ONNX_EQUIVALENT as TFLITE_ONNX_EQUIVALENT
 from .base import CompiledPartition, Delegate, register
@@ -102,9 +121,10 @@ class DeviceState:
         self.lock = threading.RLock()
         self.device = None
         self.generation = -1
-        self.tensors: dict[str, tuple[int, int]] = {}  # name -> (handle, nbytes), valid for self.generation
+        # name -> (handle, nbytes), valid for self.generation; least recently used first (``tensor``)
+        self.tensors: dict[str, tuple[int, int]] = {}
         self.digests: dict[str, bytes] = {}            # name -> digest of the bytes the device holds
-        self.graphs: set[int] = set()                  # hashes loaded in this generation
+        self.graphs: dict[int, None] = {}              # hashes loaded in this generation, least recently used first
         self.failovers = 0
         self.down_until = 0.0
         self.backoff = self.retry_after_s
@@ -129,10 +149,10 @@ class DeviceState:
         return info
 
     def free_tensors(self) -> None:
-        """On a clean close: free this process's device tensors. A HELLO keeps tensors (only a reset clears them),
-        so a process that opens sessions again and again would otherwise fill the device's arena. Graphs stay: they
-        are a cache by content hash (a later session finds them loaded), evicted when the device runs out of graph
-        slots (``load_graph``). Best effort, and only on a device that is answering: a failing one is left alone."""
+        """On a clean close: free this process's device tensors now, not at the next host session's HELLO (another
+        client may not come for a long time). Graphs stay: they are a cache by content hash (a later session finds
+        them loaded), evicted when the device runs out of graph slots (``load_graph``). Best effort, and only on a
+        device that is answering: a failing one is left to the next HELLO."""
         dev = self.device
         if dev is None or self.generation != dev.generation or time.monotonic() < self.down_until:
             return
@@ -144,29 +164,67 @@ class DeviceState:
         self.tensors.clear()
         self.digests.clear()
 
-    def load_graph(self, blob: bytes, graph_hash: int) -> None:
-        """Make a graph resident. When the device has no free graph slot (ERR_NOMEM), the graphs this process loaded
-        earlier and no live partition uses are unloaded, then the load is tried once more."""
-        from ..bridge.link import DeviceStatusError
-        from ..bridge.protocol import ERR_NOMEM
-
-        try:
-            self.device.load_graph(blob, graph_hash)
-        except DeviceStatusError as exc:
-            idle = [h for h in _LOADED.get(self.url, ()) if not _GRAPH_USERS.get((self.url, h)) and h != graph_hash]
-            if exc.status != ERR_NOMEM or not idle:
-                raise
-            for h in idle:
-                self.device.unload_graph(h)
-                _LOADED[self.url].discard(h)
-                self.graphs.discard(h)
-            log.info("serial-npu %s: out of graph slots; unloaded %d idle graph(s)", self.url, len(idle))
-            self.device.load_graph(blob, graph_hash)
-        self.graphs.add(graph_hash)
+    def load_graph(self, blob: bytes, graph_hash: int, pinned=()) -> None:
+        """Make a graph resident, making room (``_make_room``) while the device has none (ERR_NOMEM: graph slots or
+        arena) and something is left to free."""
+        while True:
+            try:
+                self.device.load_graph(blob, graph_hash)
+                break
+            except DeviceStatusError as exc:
+                if exc.status != ERR_NOMEM or not self._make_room(graph_hash, pinned):
+                    raise
+        self.graphs[graph_hash] = None
         _LOADED.setdefault(self.url, set()).add(graph_hash)
 
+    def _make_room(self, keep: int, pinned) -> bool:
+        """Unload the graphs this process loaded that no live partition runs, or else the least recently used one of
+        this connection (a later run loads it again), and free the tensors a run can send again (not ``pinned``).
+        False when nothing was left to free."""
+        idle = [h for h in _LOADED.get(self.url, ()) if not _GRAPH_USERS.get((self.url, h)) and h != keep]
+        victims = idle or [h for h in self.graphs if h != keep][:1]
+        for h in victims:
+            self.device.unload_graph(h)
+            _LOADED[self.url].discard(h)
+            self.graphs.pop(h, None)
+        freed = self._evict(pinned, len(self.tensors))
+        log.info("serial-npu %s: device out of room; unloaded %d graph(s), freed %d tensor(s)", self.url,
+                 len(victims), freed)
+        return bool(victims or freed)
+
+    def tensor(self, key: str, nbytes: int, pinned) -> int:
+        """The handle of device tensor ``key`` (``nbytes``), allocated when missing or of another size. Handles are
+        few (HELLO's max_handles: 16 on a Cortex-M4): when this connection holds that many, or ALLOC finds no room,
+        the least recently used tensors a run can send again (not ``pinned``, not resident) are freed first."""
+        h = self.tensors.pop(key, None)
+        if h is not None and h[1] == nbytes:
+            self.tensors[key] = h  # most recently used last
+            return h[0]
+        if h is not None:
+            self.digests.pop(key, None)
+            self.device.free(h[0])
+        while len(self.tensors) >= self.device.info.limits.max_handles and self._evict(pinned, 1):
+            pass
+        try:
+            handle = self.device.alloc(nbytes)
+        except DeviceStatusError as exc:
+            if exc.status != ERR_NOMEM or not self._evict(pinned, len(self.tensors)):
+                raise
+            handle = self.device.alloc(nbytes)
+        self.tensors[key] = (handle, nbytes)
+        return handle
+
+    def _evict(self, pinned, n: int) -> int:
+        """Free up to ``n`` device tensors, least recently used first, of those a later run can send again."""
+        victims = [k for k in self.tensors if k not in pinned and k not in self.on_device_only][:n]
+        for k in victims:
+            self.device.free(self.tensors.pop(k)[0])
+            self.digests.pop(k, None)
+        return len(victims)
+
     def drop_connection(self) -> None:
-        """After a failure: close the port (a fresh open next time, if the device comes back)."""
+        """After a failure: close the port (a fresh open next time, if the device comes back). The device tensors are
+        forgotten, not freed: the next connection is a new host session, whose HELLO frees them on the device."""
         if self.device is not None:
             for k, v in self.device.link_stats().items():
                 self.closed_links[k] = self.closed_links.get(k, 0) + v
@@ -462,10 +520,10 @@ def onnx_node(n, graph, shape_of, const) -> tuple[str, list, list[int]]:
     return op, ins, attrs
 
 
-def translate(partition, graph):
-    """(blob, input names, output names) for ``partition`` of ``graph``; UnsupportedOpError for what the device
-    cannot run (the partition then stays on the host)."""
-    from ..bridge.protocol import BlobNode, BlobTensor, encode_graph
+def _lower(partition, graph):
+    """``partition`` as the parts of one graph blob: (blob tensors, blob nodes, their node names, input ids, output
+    ids, ids by tensor name); UnsupportedOpError for what the device cannot run."""
+    from ..bridge.protocol import BlobNode, BlobTensor, node_problem
 
     nodes = {n.name: n for n in graph.nodes}
     tensors: list = []
@@ -526,12 +584,98 @@ def translate(partition, graph):
         if len(n.outputs) != 1 or out in ids:
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: one output, written once")
         bnodes.append(BlobNode(op, in_ids, tid(out, const_ok=False), attrs))
-    outs = list(partition.outputs)
-    for o in outs:
+        # the firmware's own rules (graph.c check_node): what it would refuse at LOAD_COMMIT stays on the host
+        why = node_problem(op, [None if i is None else tensors[i] for i in in_ids], tensors[ids[out]], attrs)
+        if why:
+            raise UnsupportedOpError(f"serial-npu: node {n.name!r} ({n.qualified_op}): the device refuses it: {why}")
+    for o in partition.outputs:
         if o not in ids:
             raise UnsupportedOpError(f"serial-npu: partition output {o!r} is not produced by its nodes")
-    blob = encode_graph(tensors, bnodes, [ids[i] for i in partition.inputs], [ids[o] for o in outs])
-    return blob, list(partition.inputs), outs
+    return (tensors, bnodes, list(partition.nodes), [ids[i] for i in partition.inputs],
+            [ids[o] for o in partition.outputs], ids)
+
+
+def translate(partition, graph):
+    """(blob, input names, output names) for ``partition`` of ``graph`` as one graph; UnsupportedOpError for what
+    the device cannot run (the partition then stays on the host). ``translate_pieces`` keeps to a device's limits."""
+    from ..bridge.protocol import encode_graph
+
+    tensors, bnodes, _, ins, outs, _ = _lower(partition, graph)
+    return encode_graph(tensors, bnodes, ins, outs), list(partition.inputs), list(partition.outputs)
+
+
+def translate_pieces(partition, graph, limits) -> list[tuple[bytes, list[str], list[str]]]:
+    """``translate``, as graphs that each fit the device's ``limits`` (HELLO's ``DeviceLimits``: tensors, nodes,
+    inputs, outputs per graph; handles): one when the partition fits, else runs of consecutive nodes, each taking
+    nodes while it fits. The device runs them in order, the tensors between them staying in its memory, so the
+    link carries what one graph would. A node that fits no graph alone is an UnsupportedOpError naming the limit."""
+    from ..bridge.protocol import encode_graph
+
+    tensors, bnodes, names, ins, outs, ids = _lower(partition, graph)
+    whole = {"tensors": (len(tensors), limits.max_tensors), "nodes": (len(bnodes), limits.max_nodes),
+             "inputs": (len(ins), limits.max_io), "outputs": (len(outs), limits.max_io),
+             "tensor handles": (len(ins) + len(outs), limits.max_handles)}
+    if all(n <= cap for n, cap in whole.values()):
+        return [(encode_graph(tensors, bnodes, ins, outs), list(partition.inputs), list(partition.outputs))]
+    name_of = {i: n for n, i in ids.items()}
+    pieces = []
+    for lo, hi, p_in, p_out in _split(tensors, bnodes, names, outs, limits):
+        remap, sub = {}, []
+
+        def rid(i):
+            if i not in remap:
+                remap[i] = len(sub)
+                sub.append(tensors[i])
+            return remap[i]
+
+        for i in p_in:
+            rid(i)
+        nodes = [dataclasses.replace(nd, inputs=[None if i is None else rid(i) for i in nd.inputs],
+                                     output=rid(nd.output)) for nd in bnodes[lo:hi]]
+        pieces.append((encode_graph(sub, nodes, [remap[i] for i in p_in], [remap[o] for o in p_out]),
+                       [name_of[i] for i in p_in], [name_of[o] for o in p_out]))
+    log.info("serial-npu: partition %s (%s) is %d graphs on the device", getattr(partition, "id", "?"),
+             ", ".join(f"{k} {n} > {cap}" for k, (n, cap) in whole.items() if n > cap), len(pieces))
+    return pieces
+
+
+def _split(tensors, nodes, names, outputs, limits) -> list[tuple[int, int, list[int], list[int]]]:
+    """Consecutive runs ``nodes[lo:hi]`` that each fit ``limits`` as a graph: (lo, hi, input ids, output ids). A
+    run's inputs are what it reads and does not make (not constants), its outputs what it makes and the partition
+    outputs or a later run reads; the handles it needs are those plus the tensors earlier runs keep for later ones."""
+    last = {i: k for k, nd in enumerate(nodes) for i in nd.inputs if i is not None}
+    keep, const = set(outputs), {i for i, t in enumerate(tensors) if t.data is not None}
+
+    def fit(lo, hi):
+        made = [nd.output for nd in nodes[lo:hi]]
+        used, ins = set(made), []
+        for i in (i for nd in nodes[lo:hi] for i in nd.inputs if i is not None):
+            if i not in used and i not in const:
+                ins.append(i)
+            used.add(i)
+        outs = [o for o in made if o in keep or last.get(o, -1) >= hi]
+        held = {nd.output for nd in nodes[:lo] if last.get(nd.output, -1) >= hi} | set(ins) | set(outs)
+        over = [f"{what} ({n} > {cap})" for what, n, cap in (
+            ("tensors", len(used), limits.max_tensors), ("nodes", hi - lo, limits.max_nodes),
+            ("inputs", len(ins), limits.max_io), ("outputs", len(outs), limits.max_io),
+            ("tensor handles", len(held), limits.max_handles)) if n > cap]
+        return ins, outs, over
+
+    runs, lo = [], 0
+    while lo < len(nodes):
+        hi = lo + 1
+        ins, outs, over = fit(lo, hi)
+        if over:
+            raise UnsupportedOpError(f"serial-npu: node {names[lo]!r} needs more than the device's limits per graph "
+                                     f"allow: {', '.join(over)}")
+        while hi < len(nodes):
+            i2, o2, over = fit(lo, hi + 1)
+            if over:
+                break
+            hi, ins, outs = hi + 1, i2, o2
+        runs.append((lo, hi, ins, outs))
+        lo = hi
+    return runs
 
 
 # ---- the compiled partition ------------------------------------------------------------------------------------
@@ -540,41 +684,59 @@ def _digest(a: np.ndarray) -> bytes:
     return hashlib.blake2b(memoryview(np.ascontiguousarray(a)).cast("B"), digest_size=16).digest()
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceGraph:
+    """One graph a partition runs on the device (``translate_pieces``): its blob, hash and tensors by name."""
+
+    blob: bytes
+    hash: int
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
 class SerialNpuPartition(CompiledPartition):
-    def __init__(self, state: DeviceState, blob: bytes | None, inputs, outputs, fallback_factory, resident_inputs=(),
-                 resident_outputs=()):
+    def __init__(self, state: DeviceState, pieces, inputs, outputs, fallback_factory, resident_inputs=(),
+                 resident_outputs=(), between=None):
+        """``pieces``: ``translate_pieces``' (blob, inputs, outputs), run in order; None or [] when the device cannot
+        run the partition (it runs on the host). ``between``: name -> bytes of the tensors one piece leaves on the
+        device for a later one (no session buffer holds them)."""
         from ..bridge.protocol import fnv1a64
 
         self.state = state
         self.resident_inputs, self.resident_outputs = set(resident_inputs), set(resident_outputs)
-        self.blob = blob  # None: the device cannot run this partition (translate refused it); it runs on the host
-        self.hash = fnv1a64(blob) if blob is not None else None
-        if self.hash is not None:
-            _graph_users(state.url, self.hash, +1)
+        self.graphs = [DeviceGraph(b, fnv1a64(b), tuple(i), tuple(o)) for b, i, o in pieces or ()]
+        # the first (nearly always the only) graph; None: the partition runs on the host
+        self.blob = self.graphs[0].blob if self.graphs else None
+        self.hash = self.graphs[0].hash if self.graphs else None
+        self.between = dict(between or {})
+        for g in self.graphs:
+            _graph_users(state.url, g.hash, +1)
         self.inputs, self.outputs = list(inputs), list(outputs)
         self._fallback_factory = fallback_factory
         self._fallback = None
         self.runs_on_device = 0
         self.runs_on_host = 0
+        self.refused: str | None = None  # the device refused a graph at LOAD_COMMIT: the host runs it from then on
         self.last_timing = {"link_s": 0.0, "device_s": 0.0, "host_s": 0.0}
 
     def link_stats(self):
         return self.state.url, self.state.stats()
 
-    def _handle(self, name: str, nbytes: int) -> int:
-        st = self.state
-        h = st.tensors.get(name)
-        if h is None or h[1] != nbytes:
-            if h is not None:
-                st.device.free(h[0])
-            h = st.tensors[name] = (st.device.alloc(nbytes), nbytes)
-            st.digests.pop(name, None)
-        return h[0]
-
     @staticmethod
     def _key(name: str, buf: np.ndarray) -> str:
         """The device tensor of a resident tensor: its name and the session buffer producer and consumer share."""
         return f"{name}@{id(buf):x}"
+
+    def _device_key(self, name: str, inputs, outputs, made) -> str:
+        """The device tensor of ``name`` in this run: an earlier graph's output (``made``), a resident tensor (keyed by
+        its session buffer), or the name."""
+        if name in made:
+            return made[name]
+        if name in self.resident_inputs and name in inputs:
+            return self._key(name, inputs[name])
+        if name in self.resident_outputs and name in outputs:
+            return self._key(name, outputs[name])
+        return name
 
     def _materialize(self, key: str) -> None:
         """Fill the host buffer of a resident tensor whose device copy is lost: re-run its producer on the host."""
@@ -599,60 +761,83 @@ class SerialNpuPartition(CompiledPartition):
         st = self.state
         st.connect()
         dev = st.device
-        if self.hash not in st.graphs:
-            st.load_graph(self.blob, self.hash)
-        t0 = time.perf_counter()
-        in_h = []
-        for name in self.inputs:
-            a = inputs[name]
-            key = name
-            if name in self.resident_inputs:
-                key = self._key(name, a)
-                if key in st.on_device_only:
+        t0, load_s, device_s = time.perf_counter(), 0.0, 0.0
+        made: dict[str, str] = {}  # name -> device tensor key of what an earlier graph of this run left there
+        for g in self.graphs:
+            keys = {n: self._device_key(n, inputs, outputs, made) for n in (*g.inputs, *g.outputs)}
+            pinned = {*keys.values(), *made.values()}
+            if g.hash in st.graphs:
+                st.graphs[g.hash] = st.graphs.pop(g.hash)  # most recently used last
+            else:
+                t1 = time.perf_counter()
+                try:
+                    st.load_graph(g.blob, g.hash, pinned)
+                except DeviceStatusError as exc:
+                    if exc.status in (ERR_GRAPH, ERR_UNSUPPORTED, ERR_SHAPE):
+                        self.refused = str(exc)  # what node_problem does not foresee: no use sending it again
+                    raise
+                load_s += time.perf_counter() - t1
+            in_h = []
+            for name in g.inputs:
+                key = keys[name]
+                if name in made:  # an earlier graph's output: bound in place
+                    in_h.append(st.tensors[key][0])
+                    continue
+                a = inputs[name]
+                if name in self.resident_inputs and key in st.on_device_only:
                     h = st.tensors.get(key)
                     if h is not None and h[1] == a.nbytes:  # the producer's device tensor: bound in place
                         in_h.append(h[0])
                         continue
                     self._materialize(key)  # lost with a reset: recomputed on the host, then sent below
-            h = self._handle(key, a.nbytes)
-            d = _digest(a)
-            if st.digests.get(key) != d:  # not already on the device (an earlier device partition's output)
-                st.digests.pop(key, None)
-                dev.write(h, a)
-                st.digests[key] = d
-            in_h.append(h)
-        keys = [self._key(o, outputs[o]) if o in self.resident_outputs else o for o in self.outputs]
-        out_h = [self._handle(k, outputs[o].nbytes) for k, o in zip(keys, self.outputs)]
-        for k in keys:
-            st.digests.pop(k, None)
-            st.on_device_only.pop(k, None)
-        device_s, _ = dev.invoke(self.hash, in_h, out_h)
-        for o, k, h in zip(self.outputs, keys, out_h):
-            if o in self.resident_outputs:  # stays on the device for a later partition: not read back
-                st.on_device_only[k] = (self, inputs, outputs, o)
-                continue
-            dev.read(h, outputs[o])
-            st.digests[o] = _digest(outputs[o])
-        total = time.perf_counter() - t0
+                h = st.tensor(key, a.nbytes, pinned)
+                d = _digest(a)
+                if st.digests.get(key) != d:  # not already on the device (an earlier device partition's output)
+                    st.digests.pop(key, None)
+                    dev.write(h, a)
+                    st.digests[key] = d
+                in_h.append(h)
+            out_h = [st.tensor(keys[o], outputs[o].nbytes if o in outputs else self.between[o], pinned)
+                     for o in g.outputs]
+            for o in g.outputs:
+                st.digests.pop(keys[o], None)
+                st.on_device_only.pop(keys[o], None)
+            device_s += dev.invoke(g.hash, in_h, out_h)[0]
+            for o, h in zip(g.outputs, out_h):
+                made[o] = keys[o]
+                if o not in outputs:  # between two graphs of this partition: stays on the device
+                    continue
+                if o in self.resident_outputs:  # stays on the device for a later partition: not read back
+                    st.on_device_only[keys[o]] = (self, inputs, outputs, o)
+                    continue
+                dev.read(h, outputs[o])
+                st.digests[o] = _digest(outputs[o])
+        total = time.perf_counter() - t0 - load_s
         self.last_timing = {"link_s": max(total - device_s, 0.0), "device_s": device_s, "host_s": 0.0}
 
     def run(self, inputs, outputs) -> None:
         st = self.state
         with st.lock:
-            if self.blob is not None and time.monotonic() >= st.down_until:
+            if self.graphs and self.refused is None and time.monotonic() >= st.down_until:
                 try:
                     self._run_device(inputs, outputs)
                     self.runs_on_device += 1
                     st.backoff = st.retry_after_s
                     return
+                except ProtocolVersionError:  # not a fault to ride out: the host and the device cannot talk
+                    st.drop_connection()
+                    raise
                 except LinkError as exc:
                     st.failovers += 1
                     st.last_error = str(exc)
-                    st.down_until = time.monotonic() + st.backoff
-                    log.warning("serial-npu %s: %s; this run completes on the host, the device is tried again in "
-                                "%.1f s", st.url, exc, st.backoff)
-                    st.backoff = min(st.backoff * 2, 30.0)
-                    st.drop_connection()
+                    if self.refused is not None:  # the device is well: this partition is not for it
+                        log.error("serial-npu %s: %s; this partition runs on the host from now on", st.url, exc)
+                    else:
+                        st.down_until = time.monotonic() + st.backoff
+                        log.warning("serial-npu %s: %s; this run completes on the host, the device is tried again "
+                                    "in %.1f s", st.url, exc, st.backoff)
+                        st.backoff = min(st.backoff * 2, 30.0)
+                        st.drop_connection()
             t0 = time.perf_counter()
             self._run_host(inputs, outputs)
             self.runs_on_host += 1
@@ -663,8 +848,8 @@ class SerialNpuPartition(CompiledPartition):
         if st is not None:
             for k in [k for k, e in st.on_device_only.items() if e[0] is self]:
                 del st.on_device_only[k]
-            if self.hash is not None:
-                _graph_users(st.url, self.hash, -1)
+            for g in self.graphs:
+                _graph_users(st.url, g.hash, -1)
         if self._fallback is not None:
             self._fallback.close()
             self._fallback = None
@@ -698,6 +883,9 @@ class SerialNpuDelegate(Delegate):
         try:
             with st.lock:
                 info = st.connect()
+        except ProtocolVersionError:  # PROTOCOL §2.2: raise, naming both versions, and stop (no host plan)
+            st.drop_connection()
+            raise
         except LinkError as exc:
             log.warning("serial-npu %s: no HELLO (%s); planning with the profile's op list", url, exc)
             st.drop_connection()
@@ -709,9 +897,12 @@ class SerialNpuDelegate(Delegate):
         ops = {k: v for k, v in unit.ops.items() if PROFILE_OP_DEVICE_OPS.get(k, set()) & dev_ops}
         dtypes = tuple(d for d in unit.dtypes if d in info.dtypes or d in ("int64",))
         mem = min(float(unit.memory_bytes or info.arena_bytes), float(info.arena_bytes))
-        return dataclasses.replace(unit, ops=ops, dtypes=dtypes, memory_bytes=mem)
+        # the device's limits ride in the unit to compile (translate_pieces)
+        return dataclasses.replace(unit, ops=ops, dtypes=dtypes, memory_bytes=mem,
+                                   delegate_options={**(unit.delegate_options or {}), "device_limits": info.limits})
 
     def compile(self, partition, graph, unit: Any = None, options: Mapping[str, Any] | None = None):
+        from ..bridge.protocol import DeviceLimits, tensor_nbytes
         from ..formats.tflite import is_tflite_graph
         from .onnxruntime import CPU, OnnxruntimePartition, session_options
 
@@ -732,20 +923,25 @@ class SerialNpuDelegate(Delegate):
             raise DeviceError("serial-npu: no device URL: pass device_options={'url': ...} to Session (CLI: "
                               "--device-url), or set delegate_options.port in the profile; `edgert npu-sim` "
                               "prints an emulator's")
+        # HELLO's, when refine_unit got an answer; else the reference firmware's (a smaller device then refuses a
+        # graph at its first load and the partition runs on the host)
+        limits = (getattr(unit, "delegate_options", None) or {}).get("device_limits") or DeviceLimits()
         try:
-            blob, ins, outs = translate(partition, graph)
+            pieces = translate_pieces(partition, graph, limits)
         except UnsupportedOpError as exc:
             if opts.get("fallback") == "forbid":
                 raise
             # the profile's op list cannot say everything (a RELU that requantizes, a float bias, ...): what the
             # device cannot run exactly stays on the host, the partition's tensors kept as the plan laid them out
             log.warning("%s; partition %s runs on the host", exc, getattr(partition, "id", "?"))
-            blob, ins, outs = None, list(partition.inputs), list(partition.outputs)
+            pieces = []
         st = device_state(url, opts)
         with _STATES_LOCK:
             st.refs += 1
-        return SerialNpuPartition(st, blob, ins, outs, host_partition, opts.get("resident_inputs", ()),
-                                  opts.get("resident_outputs", ()))
+        between = {n: tensor_nbytes(graph.tensors[n].dtype, graph.tensors[n].concrete_shape())
+                   for _, _, outs in pieces for n in outs if n not in partition.outputs}
+        return SerialNpuPartition(st, pieces, partition.inputs, partition.outputs, host_partition,
+                                  opts.get("resident_inputs", ()), opts.get("resident_outputs", ()), between)
 
 
 def link_stats(compiled) -> dict:

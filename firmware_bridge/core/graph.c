@@ -567,6 +567,7 @@ static void add_mul_elem(const fw_node *n, const fw_tensor *a, size_t ia, const 
     }
 }
 
+/* Relu, Clip: min(max(v, lo), hi), in that order as ONNX's Clip, so lo > hi gives hi everywhere */
 static void run_unary(const fw_graph *g, const fw_node *n) {
     const fw_tensor *a = in_t(g, n, 0), *y = &g->t[n->out[0]];
     const uint64_t cnt = numel(y);
@@ -575,11 +576,13 @@ static void run_unary(const fw_graph *g, const fw_node *n) {
         if (a->dtype == FW_DT_INT32) {
             int32_t v;
             memcpy(&v, a->data + 4 * i, 4);
-            v = v < lo ? lo : v > hi ? hi : v;
+            v = v < lo ? lo : v;
+            v = v > hi ? hi : v;
             memcpy(y->data + 4 * i, &v, 4);
         } else {
             int32_t v = q_at(a->data, a->dtype, i);
-            v = v < lo ? lo : v > hi ? hi : v;
+            v = v < lo ? lo : v;
+            v = v > hi ? hi : v;
             y->data[i] = a->dtype == FW_DT_INT8 ? (uint8_t)clamp_i8(v) : (uint8_t)v;
         }
     }

@@ -14,12 +14,16 @@
 #ifndef FW_MAX_HANDLES
 #define FW_MAX_HANDLES 48u
 #endif
+/* each handle, and each graph's blob and activations, is one arena block: the block table never runs out first */
+_Static_assert(FW_MAX_ALLOCS >= FW_MAX_HANDLES + 2 * FW_MAX_GRAPHS, "FW_MAX_ALLOCS below handles + 2 x graphs");
 
 typedef struct {
     uint64_t hash;
     uint8_t *blob, *act;
     uint32_t len, act_bytes;
     uint8_t state; /* 0 free, 1 loading, 2 ready */
+    uint8_t used;  /* loaded, found or run in the current host session; a ready graph that is not is a cache of an
+                    * earlier host's, dropped when room is needed (§2.5) */
 } graph_slot;
 
 typedef struct {
@@ -29,7 +33,9 @@ typedef struct {
 
 static struct {
     uint32_t boot_id, arena_limit;
-    uint8_t session, have_last;
+    uint32_t host;      /* the host session of the last HELLO that named one (0: none yet) */
+    uint32_t reset_seq; /* the RESET that caused this boot: its retransmission is answered OK again (§4) */
+    uint8_t reset_done, session, have_last;
     uint32_t last_seq;
     uint8_t last_type, last_flags, last_status;
     uint32_t last_len;
@@ -85,6 +91,31 @@ static void drop_graph(graph_slot *g) {
     memset(g, 0, sizeof *g);
 }
 
+/* ready graphs no request of the current host session has named: another host's cache, dropped for room */
+static int drop_unused_graphs(void) {
+    int n = 0;
+    for (uint32_t i = 0; i < FW_MAX_GRAPHS; i++)
+        if (S.graphs[i].state == 2 && !S.graphs[i].used) drop_graph(&S.graphs[i]), n++;
+    return n;
+}
+
+static uint8_t *alloc_room(uint32_t nbytes) {
+    uint8_t *p = arena_alloc(nbytes);
+    return p || !drop_unused_graphs() ? p : arena_alloc(nbytes);
+}
+
+/* a HELLO from another host session: the previous host's tensors and unfinished loads are orphans (it failed over,
+ * crashed or reconnected, and holds their handles no more), freed here; its ready graphs stay as a cache */
+static void new_host_session(uint32_t host) {
+    for (uint32_t i = 0; i < FW_MAX_HANDLES; i++) arena_free(S.handles[i].p);
+    memset(S.handles, 0, sizeof S.handles);
+    for (uint32_t i = 0; i < FW_MAX_GRAPHS; i++) {
+        if (S.graphs[i].state == 1) drop_graph(&S.graphs[i]);
+        S.graphs[i].used = 0;
+    }
+    S.host = host;
+}
+
 static handle_slot *find_handle(uint32_t h) {
     return (h >= 1 && h <= FW_MAX_HANDLES && S.handles[h - 1].p) ? &S.handles[h - 1] : NULL;
 }
@@ -99,6 +130,8 @@ static int hello(const uint8_t *p, uint32_t n) {
                                   FW_OP_FC_S8, FW_OP_CONV2D_S8, FW_OP_DWCONV2D_S8, FW_OP_ADD_S8, FW_OP_AVGPOOL_S8,
                                   FW_OP_CONCAT};
     static const char fw[] = FW_VERSION_STRING;
+    /* what this build holds (§3.1), so the host sizes graphs and keeps its tensors to it */
+    static const uint16_t limits[] = {FW_MAX_TENSORS, FW_MAX_NODES, FW_MAX_IO, FW_MAX_HANDLES, FW_MAX_GRAPHS};
     uint8_t *r = S.resp;
     wr16(r, FW_PROTOCOL_VERSION);
     wr16(r + 2, 0);
@@ -111,8 +144,12 @@ static int hello(const uint8_t *p, uint32_t n) {
     r[21] = (uint8_t)(sizeof fw - 1);
     memcpy(r + 22, ops, sizeof ops);
     memcpy(r + 22 + sizeof ops, fw, sizeof fw - 1);
-    S.last_len = 22 + (uint32_t)sizeof ops + (uint32_t)sizeof fw - 1;
+    uint8_t *l = r + 22 + sizeof ops + sizeof fw - 1;
+    l[0] = (uint8_t)(sizeof limits / sizeof limits[0]);
+    for (uint32_t i = 0; i < l[0]; i++) wr16(l + 1 + 2 * i, limits[i]);
+    S.last_len = (uint32_t)(l + 1 + sizeof limits - r);
     if (n < 2 || (uint32_t)(p[0] | p[1] << 8) != FW_PROTOCOL_VERSION) return FW_ERR_VERSION;
+    if (n >= 8 && rd32(p + 4) != 0 && rd32(p + 4) != S.host) new_host_session(rd32(p + 4));
     S.session = 1;
     return FW_OK;
 }
@@ -123,17 +160,21 @@ static int load_begin(const uint8_t *p, uint32_t n) {
     uint32_t len = rd32(p + 8);
     graph_slot *g = find_graph(hash);
     S.last_len = 1;
-    if (g && g->state == 2) { S.resp[0] = 1; return FW_OK; }
+    if (g && g->state == 2) { g->used = 1; S.resp[0] = 1; return FW_OK; }
     if (g) drop_graph(g);
-    for (uint32_t i = 0; i < FW_MAX_GRAPHS && !g; i++)
-        if (!S.graphs[i].state) g = &S.graphs[i];
+    for (int pass = 0; pass < 2 && !g; pass++) {
+        for (uint32_t i = 0; i < FW_MAX_GRAPHS && !g; i++)
+            if (!S.graphs[i].state) g = &S.graphs[i];
+        if (!g && !drop_unused_graphs()) break;
+    }
     if (!g) ERR(FW_ERR_NOMEM, "no free graph slot: UNLOAD a graph first");
     if (len == 0 || len > arena_capacity()) ERR(FW_ERR_NOMEM, "graph larger than the arena");
-    g->blob = arena_alloc(len);
+    g->blob = alloc_room(len);
     if (!g->blob) ERR(FW_ERR_NOMEM, "graph does not fit in the free arena");
     g->hash = hash;
     g->len = len;
     g->state = 1;
+    g->used = 1;
     S.resp[0] = 0;
     S.last_len = 1;
     return FW_OK;
@@ -160,7 +201,7 @@ static int load_commit(const uint8_t *p, uint32_t n) {
     int rc = fw_graph_parse(&G, g->blob, g->len, &graph_msg);
     if (rc) { drop_graph(g); ERR(rc, graph_msg); }
     g->act_bytes = G.act_bytes;
-    g->act = arena_alloc(G.act_bytes ? G.act_bytes : 8);
+    g->act = alloc_room(G.act_bytes ? G.act_bytes : 8);
     if (!g->act) { drop_graph(g); ERR(FW_ERR_NOMEM, "graph activations do not fit in the free arena"); }
     g->state = 2;
     wr32(S.resp, g->act_bytes);
@@ -180,7 +221,7 @@ static int alloc(const uint8_t *p, uint32_t n) {
     for (uint32_t i = 0; i < FW_MAX_HANDLES; i++) {
         if (S.handles[i].p) continue;
         uint32_t nb = rd32(p);
-        S.handles[i].p = arena_alloc(nb);
+        S.handles[i].p = alloc_room(nb);
         if (!S.handles[i].p) ERR(FW_ERR_NOMEM, "ALLOC: does not fit in the free arena");
         S.handles[i].n = nb;
         wr32(S.resp, i + 1);
@@ -226,6 +267,7 @@ static int invoke(const uint8_t *p, uint32_t n) {
     graph_slot *gs = find_graph(rd64(p));
     uint32_t ni = (uint32_t)(p[8] | p[9] << 8), no = (uint32_t)(p[10] | p[11] << 8);
     if (!gs || gs->state != 2) ERR(FW_ERR_NO_GRAPH, "INVOKE: graph not loaded (LOAD it by hash first)");
+    gs->used = 1;
     if (n != 12 + 4 * (ni + no)) ERR(FW_ERR_BAD_REQUEST, "INVOKE: handle count does not match the length");
     int rc = fw_graph_parse(&G, gs->blob, gs->len, &graph_msg);
     if (rc) ERR(rc, graph_msg);
@@ -284,6 +326,11 @@ static void handle_frame(const uint8_t *f, uint32_t len) {
         goto send;
     }
     if (!S.session) {
+        if (type == FW_MSG_RESET && S.reset_done && seq == S.reset_seq) { /* its answer was lost: done already */
+            S.duplicates++;
+            fw_send_frame(sink, type, FW_FLAG_RESPONSE, FW_OK, seq, NULL, 0);
+            return;
+        }
         send_error(type, FW_ERR_NO_SESSION, seq, "no session: send HELLO");
         return;
     }
@@ -312,7 +359,9 @@ static void handle_frame(const uint8_t *f, uint32_t len) {
     case FW_MSG_RESET: {
         uint32_t boot = S.boot_id + 1;
         fw_send_frame(sink, type, FW_FLAG_RESPONSE, FW_OK, seq, NULL, 0);
-        fw_init(boot);
+        fw_init(boot); /* clears the response cache with everything else: the RESET's seq is kept on its own */
+        S.reset_seq = seq;
+        S.reset_done = 1;
         return;
     }
     default:

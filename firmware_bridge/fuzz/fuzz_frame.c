@@ -227,9 +227,10 @@ static void one_case(void) {
         for (int k = rnd() % 4; k >= 0; k--) m[rnd() % len] = (uint8_t)(rnd() % 3 ? rnd() : rnd() % 8);
         load_and_run(m, len);
     }
-    if (rnd() % 50 == 0) { /* a HELLO now and then, sometimes from another protocol version */
-        uint16_t v = rnd() % 8 ? FW_PROTOCOL_VERSION : (uint16_t)rnd();
-        send(FW_MSG_HELLO, ++seq, (const uint8_t *)&v, 2);
+    if (rnd() % 50 == 0) { /* a HELLO now and then, sometimes from another protocol version or host session */
+        const uint32_t v = rnd() % 8 ? FW_PROTOCOL_VERSION : rnd() & 0xFFFF, host = rnd() % 3; /* 0: none */
+        const uint8_t h[8] = {(uint8_t)v, (uint8_t)(v >> 8), 0, 0, (uint8_t)host, 0, 0, 0};
+        send(FW_MSG_HELLO, ++seq, h, rnd() % 2 ? 8 : 2);
     }
 }
 
