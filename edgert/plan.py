@@ -156,7 +156,7 @@ class Plan:
             "partitions": [p.to_dict() for p in self.partitions],
             "transfers": [t.to_dict() for t in self.transfers],
             "assignment": dict(self.assignment), "reasons": dict(self.reasons),
-            "estimates": dict(self.estimates), "assumed": list(self.assumed),
+            "estimates": dict(self.estimates), "assumed": list(self.assumed), "pruned": list(self.graph.pruned),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -168,6 +168,8 @@ class Plan:
         part_of = {n: p.id for p in self.partitions for n in p.nodes}
         lines.append(f"plan: {g.name!r} on {self.profile.name!r} ({len(g.nodes)} nodes, {len(self.partitions)} "
                      f"partitions, fallback={self.fallback})")
+        if g.pruned:
+            lines.append(f"dropped {len(g.pruned)} node(s) no graph output depends on: {_names(g.pruned, 8)}")
         lines.append("")
         lines.append("partitions")
         lines.append(_columns(["#", "unit", "delegate", "nodes", "ops", "compute", "inputs", "outputs"],

@@ -575,3 +575,33 @@ def test_a_model_that_breaks_the_onnx_spec_is_a_model_format_error(case):
                               opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(edgert.ModelFormatError, match="not valid ONNX"):
         edgert.Session(model)
+
+
+@pytest.mark.parametrize("device,emulate", [("host", False), ("toy", True)])
+def test_nodes_no_output_depends_on_are_dropped(device, emulate, request):
+    """Dead code (an unused Constant, a branch nothing reads, a node reading an input only it reads) is dropped as
+    onnxruntime drops it; each made a partition with no outputs, so no run could succeed."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    device = request.getfixturevalue("toy") if device == "toy" else device
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("Constant", [], ["unused"], value=numpy_helper.from_array(np.ones(1, np.float32))),
+             helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Sigmoid", ["h"], ["dead"]),
+             helper.make_node("Add", ["h", "h"], ["dead2"]), helper.make_node("Tanh", ["z"], ["dead3"]),
+             helper.make_node("Relu", ["h"], ["y"])]
+    g = helper.make_graph(nodes, "dead", [helper.make_tensor_value_info(n, T.FLOAT, [2, 4]) for n in "xz"],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [2, 4])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    feeds = {"x": x_of(2)[:, :4].copy(), "z": x_of(2)[:, 4:].copy()}
+    s = edgert.Session(m, device, emulate=emulate)
+    assert [n for p in s.plan.partitions for n in p.nodes] == ["MatMul_1", "Relu_5"]
+    assert s.plan.graph.pruned == ["Constant_0", "Sigmoid_2", "Add_3", "Tanh_4"]
+    assert "dropped 4 node(s) no graph output depends on" in s.plan.table()
+    for _ in range(2):
+        np.testing.assert_array_equal(s.run(None, feeds)[0], ort_run(m, feeds)[0])
+    assert s.stats()["last_run"] == {k: s.plan.estimates[k] for k in ("bytes_to_device", "bytes_to_host")}
+    if emulate:
+        assert s.plan.estimates["bytes_to_device"] > 0  # the MatMul ran on the emulated NPU

@@ -3,7 +3,8 @@
 Order of work: parse (``onnx.load``, external data *not* pulled into the protobuf), our own structural checks
 (every node's domain and opset known, every input defined before use, no cycles, no duplicate outputs: these give
 the precise messages), ``onnx.checker``, binding of any dims the caller fixed, then ``onnx.shape_inference``
-(strict mode first; if that fails, the non-strict pass, recorded in ``Graph.warnings``). Every failure is an
+(strict mode first; if that fails, the non-strict pass, recorded in ``Graph.warnings``), then dead nodes are dropped
+(``Graph.prune``: onnxruntime drops them too, and a partition must produce something). Every failure is an
 ``edgert.ModelFormatError`` naming the node, op, domain and opset; ops outside the domains edgert's delegates run,
 and opsets newer than the installed ``onnx`` knows, raise ``edgert.UnsupportedOpError``.
 
@@ -633,7 +634,7 @@ def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
         raise ModelFormatError(f"ONNX model {what}: tensors {sorted(free)} are read but never defined")
     graph.warnings.extend(warnings)
     graph.base_dir = base_dir
-    return graph
+    return graph.prune()
 
 
 def _without_external(model):

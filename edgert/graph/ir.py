@@ -162,7 +162,8 @@ class Graph:
     ``inputs`` (graph inputs that are not initializers), ``outputs``, ``opsets`` (domain -> version; the default
     domain is ``""``). ``source`` is the ``onnx.ModelProto`` for a top-level graph (its external data may not be
     loaded: initializer arrays are in ``tensors``), or the ``onnx.GraphProto`` of a control-flow body.
-    ``warnings`` lists what the loader had to relax (e.g. shape inference fell back from strict mode)."""
+    ``warnings`` lists what the loader had to relax (e.g. shape inference fell back from strict mode); ``pruned``
+    names the nodes ``prune`` dropped (dead code)."""
 
     name: str
     nodes: list[Node]
@@ -173,6 +174,7 @@ class Graph:
     source: Any = None
     warnings: list[str] = field(default_factory=list)
     base_dir: str | None = None
+    pruned: list[str] = field(default_factory=list)
     _producers: dict[str, Node] | None = field(default=None, repr=False, compare=False)
     _consumers: dict[str, list[Node]] | None = field(default=None, repr=False, compare=False)
 
@@ -256,6 +258,23 @@ class Graph:
         from ..formats.onnx import load_onnx  # the loader owns ONNX -> IR; import here to keep the layering one-way
 
         return load_onnx(self.source, dims=dict(dims), base_dir=self.base_dir, _initializers=self.initializers())
+
+    def prune(self) -> "Graph":
+        """The graph without its dead nodes, those none of whose outputs a graph output depends on (an unused
+        Constant, a branch nothing reads), as onnxruntime drops them: kept, such a node would make a partition with
+        no outputs. ``self`` when there are none; else a new graph whose ``pruned`` names them."""
+        needed, live = set(self.outputs), set()
+        for n in reversed(self.nodes):
+            if any(o in needed for o in n.outputs if o):
+                live.add(n.name)
+                needed.update(n.all_inputs())
+        if len(live) == len(self.nodes):
+            return self
+        dead = [n for n in self.nodes if n.name not in live]
+        gone = {o for n in dead for o in n.outputs}
+        return self.replace(nodes=[n for n in self.nodes if n.name in live],
+                            tensors={k: t for k, t in self.tensors.items() if k not in gone},
+                            pruned=[*self.pruned, *(n.name for n in dead)])
 
     def boundary(self, node_names: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
         """For a subset of this graph's nodes: (inputs, outputs, initializers) of the cut. ``inputs`` are the
