@@ -28,6 +28,7 @@ import edgert  # noqa: E402
 from edgert import telemetry  # noqa: E402
 from edgert.delegates.base import median_s  # noqa: E402
 from edgert.delegates.host import chain_nodes  # noqa: E402
+from edgert.delegates.onnxruntime import inference_session  # noqa: E402
 
 import real_models as R  # noqa: E402
 
@@ -72,8 +73,7 @@ def core_vs_ort(sess, runs: int) -> list[tuple]:
             x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
             nodes = chain_nodes(graph, step.x, step.out)
             model = graph.subgraph_model(nodes, name="chain")
-            so = ort.SessionOptions()
-            o = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            o = inference_session(model)
             in_names = [i.name for i in o.get_inputs()]
             if in_names != [step.x]:
                 continue

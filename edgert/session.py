@@ -592,7 +592,6 @@ class Session:
     def _probe(self, graph: Graph, names: list[str], feeds) -> dict:
         """Shapes and dtypes of ``names`` for these feeds, from one onnxruntime run of the whole model."""
         import onnx
-        import onnxruntime as ort
 
         model = graph.subgraph_model([n.name for n in graph.nodes], name=f"{graph.name}_probe")
         have = {o.name for o in model.graph.output}
@@ -605,7 +604,7 @@ class Session:
             else:
                 model.graph.output.append(onnx.ValueInfoProto(name=n))
         try:
-            sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            sess = delegates.onnxruntime.inference_session(model)
         except Exception as exc:  # onnxruntime's own exception types: the model as onnxruntime refuses it
             raise DeviceError(f"onnxruntime could not load the model to learn its shapes: {exc}") from exc
         try:

@@ -29,7 +29,8 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import EdgertError, InvalidArgumentError, ModelFormatError, UnsupportedOpError
-from ..graph.ir import Graph, Node, QuantParams, Tensor, onnx_elem_type_to_dtype
+from ..graph.ir import (EXTERNAL_DATA_DIR, Graph, Node, QuantParams, Tensor, external_data_dir,
+                        onnx_elem_type_to_dtype)
 from . import model_file
 
 # domains whose ops some edgert delegate can run: ONNX's own, and onnxruntime's contrib ops (QLinearAdd, ...)
@@ -660,9 +661,21 @@ def _without_external(model):
 
 
 def save_onnx(model, path) -> None:
-    """Write a ModelProto (e.g. ``Graph.subgraph_model``'s) to ``path``; large models go to external data."""
+    """Write a ModelProto (e.g. ``Graph.subgraph_model``'s) to ``path``; large models go to external data. Weights a
+    ``subgraph_model`` export references in the original model's external data files are copied into the written
+    model (or its own external file), so it does not depend on where the original lives."""
     import onnx
+    from onnx import external_data_helper
 
+    folder = external_data_dir(model)
+    if folder is not None:
+        own = onnx.ModelProto()
+        own.CopyFrom(model)
+        external_data_helper.load_external_data_for_model(own, folder)
+        keep = [p for p in own.metadata_props if p.key != EXTERNAL_DATA_DIR]  # the folder no longer applies
+        del own.metadata_props[:]
+        own.metadata_props.extend(keep)
+        model = own
     big = model.ByteSize() > (1 << 30)
     onnx.save_model(model, str(path), save_as_external_data=big,
                     location=os.path.basename(str(path)) + ".data" if big else None)

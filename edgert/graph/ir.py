@@ -307,9 +307,13 @@ class Graph:
     def subgraph_model(self, node_names: Iterable[str], name: str | None = None) -> "onnx.ModelProto":
         """A valid standalone ONNX model of a subset of this graph's nodes: the cut's boundary tensors become its
         inputs and outputs (typed from this graph's inferred shapes, symbolic dims kept), the initializers it reads
-        are embedded (copied: a protobuf owns its bytes), nodes are copied exactly (control-flow bodies included),
-        and the opsets, IR version and model-local functions are kept. This is what the onnxruntime delegate runs.
-        A boundary tensor with an unknown dtype raises InvalidArgumentError (bind the dims first)."""
+        are embedded (copied: a protobuf owns its bytes) or, where the model keeps them in external data files,
+        referenced there as the model does (file, offset, length: nothing is read or copied; ``base_dir``, the
+        directory they are relative to, is recorded in the model's metadata under ``EXTERNAL_DATA_DIR``), nodes are
+        copied exactly (control-flow bodies included), and the opsets, IR version and model-local functions are
+        kept. This is what the onnxruntime delegate runs (``delegates.onnxruntime.inference_session`` reads the
+        external files in place). A boundary tensor with an unknown dtype raises InvalidArgumentError (bind the
+        dims first)."""
         import onnx
         from onnx import helper, numpy_helper
 
@@ -332,11 +336,10 @@ class Graph:
         init_protos = []
         for iname in inits:
             proto = src_inits.get(iname)
-            if proto is not None and proto.data_location != onnx.TensorProto.EXTERNAL:
-                init_protos.append(proto)
-            else:
-                arr = self.tensors[iname].initializer
-                init_protos.append(numpy_helper.from_array(np.ascontiguousarray(arr), iname))
+            if proto is None:
+                proto = numpy_helper.from_array(np.ascontiguousarray(self.tensors[iname].initializer), iname)
+            init_protos.append(proto)
+        external = any(p.data_location == onnx.TensorProto.EXTERNAL for p in init_protos)
         nodes = [src.graph.node[n.index] for n in self.nodes if n.name in wanted]
         # keep value_info for the inner tensors so the exported model carries the same inferred types
         inner = {o for n in nodes for o in n.output} - set(outputs)
@@ -346,10 +349,22 @@ class Graph:
                                   [value_info(o) for o in outputs], initializer=init_protos, value_info=vis)
         model = helper.make_model(graph, opset_imports=list(src.opset_import), ir_version=src.ir_version,
                                   functions=list(src.functions))
+        if external:
+            model.metadata_props.add(key=EXTERNAL_DATA_DIR, value=self.base_dir)
         return model
 
     def replace(self, **changes) -> "Graph":
         return replace(self, _producers=None, _consumers=None, **changes)
+
+
+# the metadata key under which Graph.subgraph_model records the directory its external data references are relative to
+EXTERNAL_DATA_DIR = "edgert.external_data_dir"
+
+
+def external_data_dir(model) -> str | None:
+    """The directory a ``Graph.subgraph_model`` export's external data references are relative to (None: it has
+    none)."""
+    return next((p.value for p in model.metadata_props if p.key == EXTERNAL_DATA_DIR), None)
 
 
 @functools.lru_cache(maxsize=None)
