@@ -22,6 +22,7 @@ import dataclasses
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -37,6 +38,9 @@ from .plan import Plan, plan as make_plan
 _clock = time.perf_counter
 
 HOST = "host"  # the side of every buffer in host memory
+# bindings of the dims a Session keeps laid out, least recently used dropped first: inputs whose shapes alternate
+# re-plan and recompile nothing (each re-binding cost 4-19 ms). A binding holds its compiled partitions and pools
+LAYOUTS_KEPT = 8
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class _Bound:
     # bound_run(), the graph outputs' buffers in graph order; None otherwise
     fast: tuple | None = None
     runlog: Any = None              # telemetry.RunLog of the runs on this binding (made at the first recorded run)
+    on_device: bool = False         # a partition keeps tensors in a device's memory: kept alone, never beside others
 
 
 def _load(src) -> Graph:
@@ -248,6 +253,7 @@ class Session:
         self._lock = threading.Lock()
         self._last = {"to_device": 0, "to_host": 0}
         self._bound: _Bound | None = None
+        self._layouts: OrderedDict[tuple, _Bound] = OrderedDict()  # dims -> binding, most recently used last
         self._provisional: Plan | None = None
         dims = {str(k): int(v) for k, v in (dims or {}).items()}
         unknown_dims = sorted(set(dims) - self._graph0.symbolic_dims())
@@ -255,7 +261,7 @@ class Session:
             raise InvalidArgumentError(f"dims names {', '.join(map(repr, unknown_dims))}, not a symbolic dim of the "
                                        f"model's inputs (those are {sorted(self._graph0.symbolic_dims())})")
         if not (self._graph0.symbolic_dims() - set(dims)):
-            self._bound = self._bind(dims, None)
+            self._bound = self._keep(dims, self._bind(dims, None))
         elif self.fallback == "forbid" and not self.emulate:
             self._check_runtimes(self.plan)  # fail at creation, not at the first run
 
@@ -295,7 +301,7 @@ class Session:
             "copies_to_host": self.counter.copies["to_host"],
             "last_run": {"bytes_to_device": self._last["to_device"], "bytes_to_host": self._last["to_host"]},
             "busy_s": self._busy_s, "mean_s": self._busy_s / self._runs if self._runs else None,
-            "rebinds": self._rebinds, "device": self.device, "emulate": self.emulate, "fell_back": self.fell_back,
+            "rebinds": self._rebinds, "layouts": len(self._layouts), "device": self.device, "emulate": self.emulate, "fell_back": self.fell_back,
             "partitions": len(b.plan.partitions) if b else None,
             "pool_bytes": sum(p.nbytes for p in pools), "pool_allocations": sum(p.allocations for p in pools),
             "pool_locked": bool(pools) and all(p.locked for p in pools),
@@ -435,14 +441,40 @@ class Session:
 
     # ---- binding: plan, compile, lay out buffers ----------------------------------------------------------
     def _rebind(self, feeds, force: bool = False) -> _Bound:
+        """The binding for the feeds' dims: a kept one, else a new one (``force``: new even if kept, for a probed
+        binding whose data-dependent shapes changed)."""
         dims = self._graph0.dims_from_feeds({n: np.asarray(feeds[n]) if not hasattr(feeds[n], "shape") else feeds[n]
                                             for n in self._graph0.inputs})
+        key = tuple(sorted(dims.items()))
+        b = None if force else self._layouts.get(key)
+        if b is not None:
+            self._layouts.move_to_end(key)
+            self._bound = b
+            return b
         if self._bound is not None:
             self._rebinds += 1
-            self._close_bound()
-            self._bound = None  # closed: if binding the new dims fails, the next run lays out again
-        self._bound = self._bind(dims, feeds)
+            if self._bound.on_device:  # its device memory goes to the new binding
+                self._drop(tuple(sorted(self._bound.dims.items())))
+        self._drop(key)  # force: the probed binding being replaced
+        self._bound = self._keep(dims, self._bind(dims, feeds))
         return self._bound
+
+    def _keep(self, dims: dict, b: _Bound | None) -> _Bound | None:
+        """Keep ``b`` among the session's bindings, dropping the least recently used beyond LAYOUTS_KEPT (all
+        others when ``b`` keeps tensors on a device)."""
+        if b is not None:
+            self._layouts[tuple(sorted(dims.items()))] = b
+            while len(self._layouts) > (1 if b.on_device else LAYOUTS_KEPT):
+                self._drop(next(iter(self._layouts)))
+        return b
+
+    def _drop(self, key: tuple) -> None:
+        """Close the binding kept for ``key`` (if any); a run after a failed re-binding then lays out again."""
+        b = self._layouts.pop(key, None)
+        if b is not None:
+            if b is self._bound:
+                self._bound = None
+            self._close_layout(b)
 
     def _runtime_missing(self, p: Plan) -> list[tuple[Any, str]]:
         missing, seen = [], set()
@@ -490,7 +522,7 @@ class Session:
             host_only = dataclasses.replace(self.profile, units=[host_unit])
             p = make_plan(graph, host_only, fallback="allow", **self._plan_kw)
 
-        compiled = []
+        compiled, on_device = [], False
         for part in p.partitions:
             unit = p.unit(part.unit)
             if part.unit == p.host_unit:
@@ -507,6 +539,7 @@ class Session:
                 d = delegates.get(unit.delegate)()
                 opts = {"threads": self.threads, "fallback": self.fallback, **self.device_options}
                 if getattr(d, "keeps_tensors_resident", False):
+                    on_device = True
                     # tensors the plan moves over no link: they stay in the device's memory between partitions
                     back = {t.tensor for t in p.transfers_out_of(part.id)}
                     sent = {t.tensor for t in p.transfers_into(part.id) if t.direction == "to_device"}
@@ -582,7 +615,7 @@ class Session:
             (before if sp is None else after[sp]).append(cp)
         bound = _Bound(dims, graph, p, compiled, pools, {t: buf(HOST, t) for t in graph.inputs}, in_bufs,
                        out_bufs, before, after, {t: buf(HOST, t) for t in graph.outputs},
-                       {t: spec[t][0] for t in graph.inputs}, probed)
+                       {t: spec[t][0] for t in graph.inputs}, probed, on_device=on_device)
         if len(compiled) == 1 and not before and not after[0]:
             bound.fast = (tuple((t, bound.feeds[t], spec[t][0], spec[t][1]) for t in graph.inputs),
                           compiled[0].bound_run(in_bufs[0], out_bufs[0]),
@@ -630,8 +663,8 @@ class Session:
                 b.runlog = log
         log.add(dt, self._last["to_device"] + self._last["to_host"] if err is None else 0, err)
 
-    def _close_bound(self) -> None:
-        b = self._bound
+    @staticmethod
+    def _close_layout(b: _Bound | None) -> None:
         if b is None:
             return
         for c in b.compiled:
@@ -640,10 +673,11 @@ class Session:
             pool.close()
 
     def close(self) -> None:
-        """Release what the compiled partitions hold (runtime sessions, device tensors, serial links). The session
-        stays usable: a later ``run`` lays it out and compiles it again."""
+        """Release what the compiled partitions of every kept binding hold (runtime sessions, device tensors, serial
+        links). The session stays usable: a later ``run`` lays it out and compiles it again."""
         with self._lock:  # not under a run in another thread
-            self._close_bound()
+            while self._layouts:
+                self._close_layout(self._layouts.popitem()[1])
             self._bound = None
 
     def __repr__(self) -> str:
