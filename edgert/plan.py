@@ -1039,8 +1039,8 @@ def plan(model, device="host", fallback: str = "allow", min_nodes_per_partition:
             raise InvalidArgumentError(f"dim {k!r} must be an integer size, got {v!r}")
     dims = checked
     for k, v in dims.items():
-        if v < 1:
-            raise InvalidArgumentError(f"dim {k!r} must be a positive size, got {v}")
+        if v < 0:
+            raise InvalidArgumentError(f"dim {k!r} must be a size (0 or more), got {v}")
     profile = _resolve_profile(device)
     graph = _resolve_graph(model, dims)
     host = _host_unit(profile)

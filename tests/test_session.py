@@ -371,13 +371,44 @@ def test_constant_graph_output(device, emulate):
         np.testing.assert_array_equal(got, c)
 
 
-def test_a_failed_rebind_leaves_the_session_usable(mlp_path):
+def test_a_failed_rebind_leaves_the_session_usable(mlp_path, monkeypatch):
+    import edgert.session as session_mod
+
     s = edgert.Session(mlp_path)
     x = x_of()
     (want,) = s.run(None, {"x": x})
-    with pytest.raises(InvalidArgumentError, match="positive"):
-        s.run(None, {"x": np.ones((0, 8), np.float32)})  # the old binding is closed before the new one fails
+    real = session_mod.make_plan
+
+    def refuse_batch_5(graph, *a, **kw):
+        if graph.tensors["x"].shape[0] == 5:
+            raise InvalidArgumentError("no plan for batch 5")
+        return real(graph, *a, **kw)
+
+    monkeypatch.setattr(session_mod, "make_plan", refuse_batch_5)
+    with pytest.raises(InvalidArgumentError, match="batch 5"):
+        s.run(None, {"x": x_of(5)})
     np.testing.assert_array_equal(s.run(None, {"x": x})[0], want)  # was: AttributeError from a closed partition
+    np.testing.assert_array_equal(s.run(None, {"x": x_of(3)})[0], ort_run(mlp_path, {"x": x_of(3)})[0])
+
+
+@pytest.mark.parametrize("kw", [{}, {"core": True}, {"device": "toy", "emulate": True}, {"dims": {"batch": 0}}])
+def test_an_empty_batch_runs_as_onnxruntime_runs_it(mlp_path, kw, request):
+    """A symbolic dim bound to 0 (from the feeds or dims=) runs: onnxruntime returns the empty outputs, the C core
+    skips its product, pools hold zero-size buffers and nothing crosses a link. It was refused ('must be bound to a
+    positive integer')."""
+    if kw.get("device") == "toy":
+        kw = {**kw, "device": request.getfixturevalue("toy")}
+    s = edgert.Session(mlp_path, **kw)
+    for batch in (0, 3, 0):
+        x = x_of(batch, seed=batch)
+        (y,) = s.run(None, {"x": x})
+        want = ort_run(mlp_path, {"x": x})[0]
+        assert y.shape == want.shape == (batch, 4) and y.dtype == want.dtype
+        np.testing.assert_allclose(y, want, rtol=0, atol=3e-2 * max(np.abs(want).max(initial=0), 1))
+        if batch == 0:
+            assert s.stats()["last_run"] == {"bytes_to_device": 0, "bytes_to_host": 0}
+    p = edgert.plan(mlp_path, dims={"batch": 0}, device=kw.get("device", "host"))
+    assert p.estimates["bytes_to_device"] == 0 and "batch" not in " ".join(p.assumed)
 
 
 def test_feeds_and_output_names_that_are_not_what_run_takes(mlp_path):

@@ -354,8 +354,8 @@ _MAX_DIM = 2**63 - 1  # TensorShapeProto.Dimension.dim_value is an int64
 def _bind_dims(model, dims: Mapping[str, int]) -> None:
     """Replace symbolic dims by sizes in the model's inputs, outputs and value_info (in place)."""
     for k, v in dims.items():
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
-            raise InvalidArgumentError(f"dim {k!r} must be bound to a positive integer, got {v!r}")
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:  # 0: an empty batch, as onnxruntime
+            raise InvalidArgumentError(f"dim {k!r} must be bound to an integer size (0 or more), got {v!r}")
         if v > _MAX_DIM:
             raise InvalidArgumentError(f"dim {k!r} must be bound to at most {_MAX_DIM} (an ONNX dim is an int64), "
                                        f"got {v!r}")

@@ -251,7 +251,7 @@ class Graph:
     # ---- transformations ---------------------------------------------------------------------------------
     def bind(self, dims: Mapping[str, int]) -> "Graph":
         """A new graph with the symbolic dims in ``dims`` fixed and every shape re-inferred (the original is
-        unchanged). Unknown dim names or non-positive sizes raise InvalidArgumentError."""
+        unchanged). Unknown dim names or negative sizes raise InvalidArgumentError (0, an empty batch, binds)."""
         if not hasattr(self.source, "graph"):
             raise InvalidArgumentError("bind works on a top-level graph (one loaded from a model), not on a "
                                        "control-flow body")
