@@ -9,7 +9,7 @@
 3. copy-aware — a device island whose transfers over the link cost more than the compute it saves goes back to the
    host; a host island between device islands moves onto the device when that is allowed and cheaper; then
    ``min_nodes_per_partition`` and ``max_partitions`` are enforced (the latter first joins independent islands of
-   one unit, which no path links).
+   one unit, which no path links). When one unit runs every node, its independent islands are joined too.
 4. the ``Plan``: partitions in execution order, every transfer (tensor, bytes, direction), estimates per inference.
 
 The cost model (``node_ops``, ``Plan.estimates``) is deliberately simple: compute = ops / throughput of the unit for
@@ -759,7 +759,7 @@ class CostModel:
     def __init__(self, graph: Graph, profile, dims: Mapping[str, int]):
         self.graph, self.profile, self.dims = graph, profile, dict(dims)
         self.topo = _Topology(graph)
-        self.join_independent = False  # islands as find_islands forms them; enforce_max_partitions may turn it on
+        self.join_independent = False  # islands as find_islands forms them; max_partitions, or one unit, turn it on
         self.host = _host_unit(profile)
         self.units = {u.name: u for u in profile.units}
         # units whose delegate keeps tensors resident between its partitions (read once: transfers() asks per flow)
@@ -1064,6 +1064,10 @@ def plan(model, device="host", fallback: str = "allow", min_nodes_per_partition:
     units = copy_aware(model_cost, units, cap, reasons, locked=locked)
     units = enforce_min_nodes(model_cost, units, min_nodes_per_partition, reasons, locked)
     units = enforce_max_partitions(model_cost, units, cap, max_partitions, reasons, locked)
+    if len(set(units)) == 1:
+        # one unit runs everything: its islands are branches no path links (from different graph inputs), and one
+        # partition of them all moves nothing more (on the host nothing at all) and saves a delegate call per branch
+        model_cost.join_independent = True
 
     total, islands, compute, transfers = model_cost.evaluate(units)
     partitions = []
