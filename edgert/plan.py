@@ -1052,10 +1052,14 @@ def plan(model, device="host", fallback: str = "allow", min_nodes_per_partition:
                    and not reasons[n.name].startswith("constant node")]
         if refused:
             lines = "; ".join(f"{n.name} ({n.qualified_op}): {reasons[n.name]}" for n in refused)
+            unbound = sorted(graph.symbolic_dims() - set(dims))
             raise UnsupportedOpError(
                 f"fallback='forbid': device {profile.name!r} cannot run {len(refused)} of {len(graph.nodes)} nodes "
                 f"on its accelerator(s): {lines}. Use fallback='allow' to run them on {host.name}, or pick a "
-                "device that supports them")
+                "device that supports them" + (
+                    f". The model's symbolic dims {', '.join(map(repr, unbound))} are unbound here; a unit that "
+                    f"needs static shapes takes them once bound: dims={{{unbound[0]!r}: N, ...}} (plan(), Session()) "
+                    f"or --dim {unbound[0]}=N" if unbound else ""))
 
     model_cost = CostModel(graph, profile, dims)
     names = model_cost.topo.names

@@ -263,12 +263,26 @@ class Session:
         if not (self._graph0.symbolic_dims() - set(dims)):
             self._bound = self._keep(dims, self._bind(dims, None))
         elif self.fallback == "forbid" and not self.emulate:
-            self._check_runtimes(self.plan)  # fail at creation, not at the first run
+            # fail at creation, not at the first run. The plan waits for the dims (a unit that needs static shapes
+            # refuses unbound ones, which emulate=True planned at the first run), so every accelerator is checked
+            self._refuse_missing(self._missing_runtimes([u for u in self.profile.units
+                                                         if u is not self.profile.host_unit]))
 
-    def _check_runtimes(self, p: Plan) -> None:
-        missing = self._runtime_missing(p)
-        if missing:
-            what = "; ".join(f"unit {u.name!r} ({u.kind}, delegate {u.delegate}): {why}" for u, why in missing)
+    def _missing_runtimes(self, units) -> str:
+        """What is missing to drive ``units`` on this machine, unit by unit ('' when nothing is)."""
+        out = []
+        for unit in units:
+            if not delegates.is_registered(unit.delegate):
+                why = f"edgert has no {unit.delegate!r} delegate to drive it"
+            else:
+                ok, why = delegates.get(unit.delegate).available(unit)
+                if ok:
+                    continue
+            out.append(f"unit {unit.name!r} ({unit.kind}, delegate {unit.delegate}): {why}")
+        return "; ".join(out)
+
+    def _refuse_missing(self, what: str) -> None:
+        if what:
             raise DeviceError(f"device {self.device!r} is not present on this machine: {what}. Run with "
                               "emulate=True to check its plan, outputs and bytes moved on the host, or "
                               "fallback='allow' to run everything on the host")
@@ -476,21 +490,6 @@ class Session:
                 self._bound = None
             self._close_layout(b)
 
-    def _runtime_missing(self, p: Plan) -> list[tuple[Any, str]]:
-        missing, seen = [], set()
-        for part in p.partitions:
-            if part.unit == p.host_unit or part.unit in seen:
-                continue
-            seen.add(part.unit)
-            unit = p.unit(part.unit)
-            if not delegates.is_registered(unit.delegate):
-                missing.append((unit, f"edgert has no {unit.delegate!r} delegate to drive it"))
-                continue
-            ok, why = delegates.get(unit.delegate).available(unit)
-            if not ok:
-                missing.append((unit, why))
-        return missing
-
     def _bind(self, dims: dict, feeds) -> _Bound:
         graph = self._graph0.bind(dims) if dims else self._graph0
         check_io_dtypes(graph)
@@ -510,11 +509,11 @@ class Session:
             probed = True
         p = make_plan(graph, self.profile, fallback=self.fallback, **self._plan_kw)
         self.requested_plan = p
-        missing = self._runtime_missing(p)
-        if missing and not self.emulate:
-            what = "; ".join(f"unit {u.name!r} ({u.kind}, delegate {u.delegate}): {why}" for u, why in missing)
+        what = "" if self.emulate else self._missing_runtimes(
+            [p.unit(u) for u in dict.fromkeys(q.unit for q in p.partitions) if u != p.host_unit])
+        if what:
             if self.fallback == "forbid":
-                self._check_runtimes(p)
+                self._refuse_missing(what)
             warn_caller(f"device {self.device!r} is not present on this machine ({what}); running every node on "
                         "the host (nothing crosses a link). Use emulate=True to emulate the device.")
             self.fell_back = what

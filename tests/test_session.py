@@ -765,3 +765,28 @@ def test_a_binding_on_a_device_that_keeps_tensors_is_kept_alone():
             assert [p.delegate for p in s.plan.partitions] == ["serial-npu"] and len(s._layouts) == 1
         assert s.stats()["rebinds"] == 2
         s.close()
+
+
+@pytest.mark.parametrize("emulate", [False, True])
+def test_forbid_on_a_static_shape_unit_binds_symbolic_dims_at_the_first_run(tmp_path, mlp_path, emulate):
+    """fallback='forbid', a unit that needs static shapes and a model with a symbolic dim: the dims bind at the first
+    run with or without emulate (without it, the creation checked the provisional plan over unbound dims and refused
+    every node as dynamic). A missing device is still refused at creation; the planner's refusal of unbound dims
+    says how to bind them."""
+    from edgert.errors import UnsupportedOpError
+
+    static = TOY_NPU.replace('ops = ["MatMul", "Add"]', 'ops = ["MatMul", "Add", "Relu"]\nstatic_shapes = true')
+    prof = tmp_path / "static.toml"
+    prof.write_text(static.replace("ToyNPUExecutionProvider", "CPUExecutionProvider"))
+    s = edgert.Session(mlp_path, device=str(prof), fallback="forbid", emulate=emulate)
+    for batch in (3, 1):
+        x = x_of(batch, seed=batch)
+        np.testing.assert_array_equal(s.run(None, {"x": x})[0], ort_run(mlp_path, {"x": x})[0])
+        assert {p.unit for p in s.plan.partitions} == {"npu"}
+    with pytest.raises(UnsupportedOpError, match="dims 'batch' are unbound here.*dims={'batch': N, ...}"):
+        edgert.plan(mlp_path, device=str(prof), fallback="forbid")
+    absent = tmp_path / "absent.toml"
+    absent.write_text(static)
+    if not emulate:
+        with pytest.raises(DeviceError, match="ToyNPUExecutionProvider.*emulate=True"):
+            edgert.Session(mlp_path, device=str(absent), fallback="forbid")
