@@ -101,6 +101,7 @@ class _Bound:
     fast: tuple | None = None
     runlog: Any = None              # telemetry.RunLog of the runs on this binding (made at the first recorded run)
     on_device: bool = False         # a partition keeps tensors in a device's memory: kept alone, never beside others
+    overrides: tuple = ()           # overridable initializers fed as inputs on this binding (graph.with_inputs)
 
 
 def _load(src) -> Graph:
@@ -261,7 +262,7 @@ class Session:
             raise InvalidArgumentError(f"dims names {', '.join(map(repr, unknown_dims))}, not a symbolic dim of the "
                                        f"model's inputs (those are {sorted(self._graph0.symbolic_dims())})")
         if not (self._graph0.symbolic_dims() - set(dims)):
-            self._bound = self._keep(dims, self._bind(dims, None))
+            self._bound = self._keep(self._bind(dims, None))
         elif self.fallback == "forbid" and not self.emulate:
             # fail at creation, not at the first run. The plan waits for the dims (a unit that needs static shapes
             # refuses unbound ones, which emulate=True planned at the first run), so every accelerator is checked
@@ -291,6 +292,11 @@ class Session:
     def get_inputs(self) -> list[IOInfo]:
         g = self._graph0
         return [IOInfo(n, list(g.tensors[n].shape or []), g.tensors[n].dtype) for n in g.inputs]
+
+    def get_overridable_initializers(self) -> list[IOInfo]:
+        """Initializers the model also lists as inputs (IR 4 on): a run may feed them, as onnxruntime's may."""
+        g = self._graph0
+        return [IOInfo(n, list(g.tensors[n].shape or []), g.tensors[n].dtype) for n in g.overridable]
 
     def get_outputs(self) -> list[IOInfo]:
         g = self._bound.graph if self._bound else self._graph0
@@ -324,8 +330,8 @@ class Session:
         }
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], run_options=None) -> list[np.ndarray]:
-        """Outputs ``output_names`` (None: all, in graph order) for ``feeds`` (input name -> array). Runs from
-        several threads are taken one at a time."""
+        """Outputs ``output_names`` (None or empty: all, in graph order, as onnxruntime) for ``feeds`` (input name ->
+        array; an overridable initializer may be fed too). Runs from several threads are taken one at a time."""
         lock = self._lock
         lock.acquire()  # acquire/release: a `with` block cost twice as much (0.15 us of a 2 us model's run)
         try:
@@ -376,21 +382,19 @@ class Session:
     def _run(self, output_names, feeds) -> list[np.ndarray]:
         """The general run path: checks the feeds, lays the session out again for new shapes, runs the plan."""
         g = self._graph0
-        if output_names is None:
-            names = g.outputs
-        else:
-            if isinstance(output_names, (str, bytes)) or not isinstance(output_names, Sequence):
-                raise InvalidArgumentError(f"output_names must be a list of output names or None, got "
-                                           f"{output_names!r}")
-            names = list(output_names)
-            for n in names:
-                if n not in g.outputs:
-                    raise InvalidArgumentError(f"{n!r} is not an output of the model; its outputs are {g.outputs}")
+        if output_names is not None and (isinstance(output_names, (str, bytes))
+                                         or not isinstance(output_names, Sequence)):
+            raise InvalidArgumentError(f"output_names must be a list of output names or None, got {output_names!r}")
+        names = list(output_names or g.outputs)  # [] is every output too, as onnxruntime has it
+        for n in names:
+            if n not in g.outputs:
+                raise InvalidArgumentError(f"{n!r} is not an output of the model; its outputs are {g.outputs}")
         if not isinstance(feeds, dict) and not isinstance(feeds, Mapping):
             raise DTypeError(f"feeds must be a mapping of input name -> array, got {type(feeds).__name__}")
+        overrides = tuple(sorted(n for n in feeds if n in g.overridable)) if g.overridable else ()
         b = self._bound
-        stale = b is None
-        for n in g.inputs:
+        stale = b is None or b.overrides != overrides
+        for n in (*g.inputs, *overrides):
             a = feeds.get(n) if isinstance(feeds, dict) else (feeds[n] if n in feeds else None)
             if a is None:
                 extra = [k for k in feeds if k not in g.inputs]  # a misspelt name: say which one
@@ -408,18 +412,19 @@ class Session:
                     raise ShapeError(f"input {n!r} is not a rectangular array: {exc}") from None
             if not stale and shape != b.input_shapes[n]:
                 stale = True
-        if len(feeds) > len(g.inputs):
-            extra = [n for n in feeds if n not in g.inputs]
+        if len(feeds) > len(g.inputs) + len(overrides):
+            extra = [n for n in feeds if n not in g.inputs and n not in overrides]
             raise InvalidArgumentError(f"feeds name {', '.join(map(repr, extra))}, not an input of the model; its "
-                                       f"inputs are {g.inputs}")
+                                       f"inputs are {g.inputs}" + (f" (and overridable initializers {g.overridable})"
+                                                                   if g.overridable else ""))
         if stale:
-            b = self._rebind(feeds)
+            b = self._rebind(feeds, overrides)
         try:
             self._run_bound(b, feeds)
         except DeviceError:
             if not b.probed:
                 raise
-            b = self._rebind(feeds, force=True)  # a data-dependent shape changed: lay out again, once
+            b = self._rebind(feeds, overrides, force=True)  # a data-dependent shape changed: lay out again, once
             self._run_bound(b, feeds)
         if self.output_views:
             return [b.results[n] for n in names]
@@ -430,9 +435,9 @@ class Session:
             a = feeds[name]
             if not isinstance(a, np.ndarray):
                 a = _as_feed(name, a, buf.dtype)
-            if a.dtype != buf.dtype:
+            if a.dtype != buf.dtype and not np.can_cast(a.dtype, buf.dtype, casting="equiv"):
                 raise DTypeError(f"input {name!r} must be {buf.dtype}, got {a.dtype}")
-            np.copyto(buf, a, casting="no")
+            np.copyto(buf, a, casting="equiv")  # "equiv": a big-endian feed is byte-swapped on the way in
         if b.fast is not None:
             b.fast[1]()  # one partition on the host: nothing crosses a link
             self._last = _NO_COPIES
@@ -454,12 +459,13 @@ class Session:
         self._last = {d: c.bytes[d] - start[d] for d in start}
 
     # ---- binding: plan, compile, lay out buffers ----------------------------------------------------------
-    def _rebind(self, feeds, force: bool = False) -> _Bound:
-        """The binding for the feeds' dims: a kept one, else a new one (``force``: new even if kept, for a probed
-        binding whose data-dependent shapes changed)."""
-        dims = self._graph0.dims_from_feeds({n: np.asarray(feeds[n]) if not hasattr(feeds[n], "shape") else feeds[n]
-                                            for n in self._graph0.inputs})
-        key = tuple(sorted(dims.items()))
+    def _rebind(self, feeds, overrides: tuple = (), force: bool = False) -> _Bound:
+        """The binding for the feeds' dims and fed ``overrides`` (overridable initializers): a kept one, else a new
+        one (``force``: new even if kept, for a probed binding whose data-dependent shapes changed)."""
+        g = self._graph0.with_inputs(overrides)
+        dims = g.dims_from_feeds({n: np.asarray(feeds[n]) if not hasattr(feeds[n], "shape") else feeds[n]
+                                  for n in g.inputs})
+        key = (tuple(sorted(dims.items())), overrides)
         b = None if force else self._layouts.get(key)
         if b is not None:
             self._layouts.move_to_end(key)
@@ -468,16 +474,20 @@ class Session:
         if self._bound is not None:
             self._rebinds += 1
             if self._bound.on_device:  # its device memory goes to the new binding
-                self._drop(tuple(sorted(self._bound.dims.items())))
+                self._drop(self._key(self._bound))
         self._drop(key)  # force: the probed binding being replaced
-        self._bound = self._keep(dims, self._bind(dims, feeds))
+        self._bound = self._keep(self._bind(dims, feeds, overrides))
         return self._bound
 
-    def _keep(self, dims: dict, b: _Bound | None) -> _Bound | None:
+    @staticmethod
+    def _key(b: _Bound) -> tuple:
+        return tuple(sorted(b.dims.items())), b.overrides
+
+    def _keep(self, b: _Bound | None) -> _Bound | None:
         """Keep ``b`` among the session's bindings, dropping the least recently used beyond LAYOUTS_KEPT (all
         others when ``b`` keeps tensors on a device)."""
         if b is not None:
-            self._layouts[tuple(sorted(dims.items()))] = b
+            self._layouts[self._key(b)] = b
             while len(self._layouts) > (1 if b.on_device else LAYOUTS_KEPT):
                 self._drop(next(iter(self._layouts)))
         return b
@@ -490,13 +500,13 @@ class Session:
                 self._bound = None
             self._close_layout(b)
 
-    def _bind(self, dims: dict, feeds) -> _Bound:
-        graph = self._graph0.bind(dims) if dims else self._graph0
+    def _bind(self, dims: dict, feeds, overrides: tuple = ()) -> _Bound:
+        graph = (self._graph0.bind(dims) if dims else self._graph0).with_inputs(overrides)
         check_io_dtypes(graph)
         unknown = [t for t, tt in graph.tensors.items() if tt.initializer is None and not _known(tt)]
         # partitions are exported from the model as written (symbolic dims kept, as onnxruntime runs the whole
         # model): baking bound dims in can make onnxruntime's inference reject branches that never run
-        export = self._graph0
+        export = self._graph0.with_inputs(overrides)
         probed = False
         if unknown:
             # shapes inference could not tell (data-dependent, or lost in the loader): learn them by running the
@@ -614,7 +624,7 @@ class Session:
             (before if sp is None else after[sp]).append(cp)
         bound = _Bound(dims, graph, p, compiled, pools, {t: buf(HOST, t) for t in graph.inputs}, in_bufs,
                        out_bufs, before, after, {t: buf(HOST, t) for t in graph.outputs},
-                       {t: spec[t][0] for t in graph.inputs}, probed, on_device=on_device)
+                       {t: spec[t][0] for t in graph.inputs}, probed, on_device=on_device, overrides=overrides)
         if len(compiled) == 1 and not before and not after[0]:
             bound.fast = (tuple((t, bound.feeds[t], spec[t][0], spec[t][1]) for t in graph.inputs),
                           compiled[0].bound_run(in_bufs[0], out_bufs[0]),

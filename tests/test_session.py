@@ -727,15 +727,15 @@ def test_alternating_shapes_reuse_their_layouts(mlp_path, monkeypatch):
 
     s = edgert.Session(mlp_path)
     binds, real = [], s._bind
-    monkeypatch.setattr(s, "_bind", lambda dims, feeds: binds.append(dict(dims)) or real(dims, feeds))
+    monkeypatch.setattr(s, "_bind", lambda dims, *a: binds.append(dict(dims)) or real(dims, *a))
     for k in range(10):
         x = x_of(1 + k % 2, seed=k)
         np.testing.assert_array_equal(s.run(None, {"x": x})[0], ort_run(mlp_path, {"x": x})[0])
     assert binds == [{"batch": 1}, {"batch": 2}] and s.stats()["rebinds"] == 1 and s.stats()["layouts"] == 2
-    one = s._layouts[(("batch", 1),)]
+    one = s._layouts[((("batch", 1),), ())]
     for b in range(3, 3 + LAYOUTS_KEPT - 1):  # batch 1 is now the least recently used of LAYOUTS_KEPT + 1
         s.run(None, {"x": x_of(b)})
-    assert len(s._layouts) == LAYOUTS_KEPT and (("batch", 1),) not in s._layouts
+    assert len(s._layouts) == LAYOUTS_KEPT and ((("batch", 1),), ()) not in s._layouts
     assert one.compiled[0].steps[0].ort.session is None  # closed when dropped
     np.testing.assert_array_equal(s.run(None, {"x": x_of(1)})[0], ort_run(mlp_path, {"x": x_of(1)})[0])
     assert binds[-1] == {"batch": 1}
@@ -790,3 +790,43 @@ def test_forbid_on_a_static_shape_unit_binds_symbolic_dims_at_the_first_run(tmp_
     if not emulate:
         with pytest.raises(DeviceError, match="ToyNPUExecutionProvider.*emulate=True"):
             edgert.Session(mlp_path, device=str(absent), fallback="forbid")
+
+
+@pytest.mark.parametrize("device,emulate", [("host", False), ("toy", True)])
+def test_what_onnxruntime_runs_runs(device, emulate, request):
+    """onnxruntime's API where edgert differed: a fed overridable initializer (also a graph input, IR >= 4) is used,
+    alternating with runs that leave it to its value; run([]) returns every output; a graph output declared without
+    a shape runs (only edgert's own onnx.checker call refused it); a big-endian feed is byte-swapped (onnxruntime
+    reads its raw bytes); an invalid node is named by edgert's label in onnxruntime's refusal."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    device = request.getfixturevalue("toy") if device == "toy" else device
+    w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+                          "over", [helper.make_tensor_value_info("x", T.FLOAT, ["n", 8]),
+                                   helper.make_tensor_value_info("w", T.FLOAT, [8, 4])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, None)], [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    s = edgert.Session(m, device, emulate=emulate)
+    assert [i.name for i in s.get_inputs()] == ["x"] and [i.name for i in s.get_overridable_initializers()] == ["w"]
+    x = x_of(3)
+    for feeds in ({"x": x}, {"x": x, "w": 2 * w}, {"x": x}, {"x": x, "w": -w}, {"x": x, "w": -w}):
+        want = ort_run(m, feeds)
+        assert len(want) == 1
+        np.testing.assert_array_equal(s.run(None, feeds)[0], want[0])
+        assert s.stats()["last_run"] == {k: s.plan.estimates[k] for k in ("bytes_to_device", "bytes_to_host")}
+    np.testing.assert_array_equal(s.run([], {"x": x})[0], ort_run(m, {"x": x})[0])
+    big = x.astype(">f4")
+    np.testing.assert_array_equal(s.run(None, {"x": big})[0], ort_run(m, {"x": x})[0])
+    with pytest.raises(DTypeError, match="must be float32, got float64"):
+        s.run(None, {"x": x.astype(np.float64)})
+    with pytest.raises(InvalidArgumentError, match="not an input of the model.*overridable initializers \\['w'\\]"):
+        s.run(None, {"x": x, "v": w})
+    bad = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=5)], "bad",
+                            [helper.make_tensor_value_info("x", T.FLOAT, [2, 4])],
+                            [helper.make_tensor_value_info("y", T.FLOAT, [2, 4])])
+    bad = helper.make_model(bad, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(edgert.ModelFormatError, match="Node \\(Softmax_0\\)"):
+        edgert.Session(bad, device, emulate=emulate)

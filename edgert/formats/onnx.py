@@ -425,7 +425,7 @@ class _Converter:
             return old.initializer
         # numpy reads a negative dim as "infer this one": dims [-1, 4] would load as (n, 4) from whatever the data
         # holds. onnx.checker refuses them for embedded data, but never sees external initializers (see
-        # _without_external) and does not run with check=False.
+        # _for_checker) and does not run with check=False.
         if any(d < 0 for d in t.dims):
             raise ModelFormatError(f"ONNX model {self.what}: initializer {t.name!r} has negative dimension(s) "
                                    f"{list(t.dims)}; the file is damaged")
@@ -610,7 +610,7 @@ def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
         model = sorted_model
     if check:
         try:
-            onnx.checker.check_model(_without_external(model))
+            onnx.checker.check_model(_for_checker(model))
         except onnx.checker.ValidationError as exc:
             msg = str(exc).strip().splitlines()
             raise ModelFormatError(f"ONNX model {what} fails onnx.checker: {' '.join(msg)[:2000]}") from None
@@ -635,21 +635,33 @@ def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
         raise ModelFormatError(f"ONNX model {what}: tensors {sorted(free)} are read but never defined")
     graph.warnings.extend(warnings)
     graph.base_dir = base_dir
+    if model.ir_version >= 4:  # before IR 4 every initializer is listed as an input, and none is overridable
+        inits = {t.name for t in model.graph.initializer}
+        graph.overridable = [i.name for i in model.graph.input if i.name in inits]
     return graph.prune()
 
 
-def _without_external(model):
-    """The checker wants external files next to a path; we check those ourselves when reading them, so hand the
-    checker a copy in which each external initializer is declared as a graph input of the same type and shape
-    (no data is read or copied)."""
+def _for_checker(model):
+    """The model as onnx.checker should see it. The checker wants external files next to a path; we check those
+    ourselves when reading them, so each external initializer is declared as a graph input of the same type and shape
+    instead (no data is read or copied). And it requires every graph output to declare a shape, which onnxruntime
+    does not (shape inference gives it): an output without one is given an empty one here. A copy, when either
+    applies."""
     import onnx
     from onnx import helper
 
-    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+    shapeless = [k for k, o in enumerate(model.graph.output)
+                 if o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")]
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    if not (shapeless or external):
         return model
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
+    for k in shapeless:
+        g.output[k].type.tensor_type.shape.SetInParent()
+    if not external:
+        return m
     keep = [t for t in g.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
     moved = [t for t in g.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     inputs = {i.name for i in g.input}

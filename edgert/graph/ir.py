@@ -163,7 +163,8 @@ class Graph:
     domain is ``""``). ``source`` is the ``onnx.ModelProto`` for a top-level graph (its external data may not be
     loaded: initializer arrays are in ``tensors``), or the ``onnx.GraphProto`` of a control-flow body.
     ``warnings`` lists what the loader had to relax (e.g. shape inference fell back from strict mode); ``pruned``
-    names the nodes ``prune`` dropped (dead code)."""
+    names the nodes ``prune`` dropped (dead code); ``overridable`` the initializers the model also lists as graph
+    inputs (IR version 4 on), which a caller may feed instead (``with_inputs``)."""
 
     name: str
     nodes: list[Node]
@@ -175,6 +176,7 @@ class Graph:
     warnings: list[str] = field(default_factory=list)
     base_dir: str | None = None
     pruned: list[str] = field(default_factory=list)
+    overridable: list[str] = field(default_factory=list)
     _producers: dict[str, Node] | None = field(default=None, repr=False, compare=False)
     _consumers: dict[str, list[Node]] | None = field(default=None, repr=False, compare=False)
 
@@ -259,6 +261,21 @@ class Graph:
 
         return load_onnx(self.source, dims=dict(dims), base_dir=self.base_dir, _initializers=self.initializers())
 
+    def with_inputs(self, names: Iterable[str]) -> "Graph":
+        """The graph with the overridable initializers ``names`` made graph inputs (their values fed at run time, as
+        onnxruntime takes them): no longer constants, so nothing folds or imports them."""
+        names = [n for n in names if n not in self.inputs]
+        bad = [n for n in names if n not in self.overridable]
+        if bad:
+            raise InvalidArgumentError(f"graph {self.name!r}: {bad} are not overridable initializers (those are "
+                                       f"{self.overridable})")
+        if not names:
+            return self
+        tensors = dict(self.tensors)
+        for n in names:
+            tensors[n] = replace(tensors[n], initializer=None)
+        return self.replace(inputs=[*self.inputs, *names], tensors=tensors)
+
     def prune(self) -> "Graph":
         """The graph without its dead nodes, those none of whose outputs a graph output depends on (an unused
         Constant, a branch nothing reads), as onnxruntime drops them: kept, such a node would make a partition with
@@ -340,7 +357,15 @@ class Graph:
                 proto = numpy_helper.from_array(np.ascontiguousarray(self.tensors[iname].initializer), iname)
             init_protos.append(proto)
         external = any(p.data_location == onnx.TensorProto.EXTERNAL for p in init_protos)
-        nodes = [src.graph.node[n.index] for n in self.nodes if n.name in wanted]
+        nodes = []
+        for n in self.nodes:
+            if n.name in wanted:
+                proto = src.graph.node[n.index]
+                if proto.name != n.name:  # unnamed: onnxruntime's messages then name the node as edgert's do
+                    proto = type(proto)()
+                    proto.CopyFrom(src.graph.node[n.index])
+                    proto.name = n.name
+                nodes.append(proto)
         # keep value_info for the inner tensors so the exported model carries the same inferred types
         inner = {o for n in nodes for o in n.output} - set(outputs)
         vis = [value_info(t) for t in inner if t and self.tensors.get(t) is not None
