@@ -4,8 +4,9 @@ Events go to ``$EDGERT_HOME/telemetry.db`` (``~/.cache/edgert/telemetry.db`` whe
 mode so ``edgert report`` can read while a server writes. ``record(event)`` only puts the event on an in-memory
 queue; one background thread batches queued events into a single transaction, so the request path pays a dict copy
 and a queue put. A source of many small requests (``Session.run``, microseconds each) records through a ``RunLog``
-instead: a tuple appended per run, the row built on the writer thread. A full queue (the disk stalled) drops events
-and counts them in ``dropped()``; recording never raises into the caller. ``EDGERT_TELEMETRY=0`` or ``set_enabled(False)`` (the CLI's ``--no-telemetry``) turns it off.
+instead: a tuple appended per run, the rows made by the writer thread. A full queue (the disk stalled) drops events
+and counts them in ``dropped()``; recording never raises into the caller. ``EDGERT_TELEMETRY=0`` or
+``set_enabled(False)`` (the CLI's ``--no-telemetry``) turns it off.
 
 Cost: energy = power_w x busy seconds; cost = price_usd_per_hour x busy seconds / 3600 + energy (kWh) x
 electricity_usd_per_kwh. Busy seconds are prefill + decode time (not time spent waiting in a queue). The power and
