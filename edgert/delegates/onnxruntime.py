@@ -76,7 +76,13 @@ def inference_session(model, sess_options=None, providers=(CPU,), provider_optio
         folder = external_data_dir(model)
         if folder is not None:
             sess_options = sess_options or ort.SessionOptions()
-            sess_options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+            key = "session.model_external_initializers_file_folder_path"
+            try:  # a partition's segments share their options: set once (onnxruntime warns on each overwrite)
+                same = sess_options.get_session_config_entry(key) == folder
+            except Exception:  # not set yet
+                same = False
+            if not same:
+                sess_options.add_session_config_entry(key, folder)
         model = model.SerializeToString()
     return ort.InferenceSession(model, sess_options, providers=list(providers), provider_options=provider_options)
 
