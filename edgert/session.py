@@ -22,6 +22,7 @@ import dataclasses
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -37,6 +38,9 @@ from .plan import Plan, plan as make_plan
 _clock = time.perf_counter
 
 HOST = "host"  # the side of every buffer in host memory
+# bindings of the dims a Session keeps laid out, least recently used dropped first: inputs whose shapes alternate
+# re-plan and recompile nothing (each re-binding cost 4-19 ms). A binding holds its compiled partitions and pools
+LAYOUTS_KEPT = 8
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,9 @@ class _Bound:
     # one partition on the host, nothing to copy around it: ((input, buffer, shape, dtype), ...), the partition's
     # bound_run(), the graph outputs' buffers in graph order; None otherwise
     fast: tuple | None = None
+    runlog: Any = None              # telemetry.RunLog of the runs on this binding (made at the first recorded run)
+    on_device: bool = False         # a partition keeps tensors in a device's memory: kept alone, never beside others
+    overrides: tuple = ()           # overridable initializers fed as inputs on this binding (graph.with_inputs)
 
 
 def _load(src) -> Graph:
@@ -247,6 +254,7 @@ class Session:
         self._lock = threading.Lock()
         self._last = {"to_device": 0, "to_host": 0}
         self._bound: _Bound | None = None
+        self._layouts: OrderedDict[tuple, _Bound] = OrderedDict()  # dims -> binding, most recently used last
         self._provisional: Plan | None = None
         dims = {str(k): int(v) for k, v in (dims or {}).items()}
         unknown_dims = sorted(set(dims) - self._graph0.symbolic_dims())
@@ -254,14 +262,28 @@ class Session:
             raise InvalidArgumentError(f"dims names {', '.join(map(repr, unknown_dims))}, not a symbolic dim of the "
                                        f"model's inputs (those are {sorted(self._graph0.symbolic_dims())})")
         if not (self._graph0.symbolic_dims() - set(dims)):
-            self._bound = self._bind(dims, None)
+            self._bound = self._keep(self._bind(dims, None))
         elif self.fallback == "forbid" and not self.emulate:
-            self._check_runtimes(self.plan)  # fail at creation, not at the first run
+            # fail at creation, not at the first run. The plan waits for the dims (a unit that needs static shapes
+            # refuses unbound ones, which emulate=True planned at the first run), so every accelerator is checked
+            self._refuse_missing(self._missing_runtimes([u for u in self.profile.units
+                                                         if u is not self.profile.host_unit]))
 
-    def _check_runtimes(self, p: Plan) -> None:
-        missing = self._runtime_missing(p)
-        if missing:
-            what = "; ".join(f"unit {u.name!r} ({u.kind}, delegate {u.delegate}): {why}" for u, why in missing)
+    def _missing_runtimes(self, units) -> str:
+        """What is missing to drive ``units`` on this machine, unit by unit ('' when nothing is)."""
+        out = []
+        for unit in units:
+            if not delegates.is_registered(unit.delegate):
+                why = f"edgert has no {unit.delegate!r} delegate to drive it"
+            else:
+                ok, why = delegates.get(unit.delegate).available(unit)
+                if ok:
+                    continue
+            out.append(f"unit {unit.name!r} ({unit.kind}, delegate {unit.delegate}): {why}")
+        return "; ".join(out)
+
+    def _refuse_missing(self, what: str) -> None:
+        if what:
             raise DeviceError(f"device {self.device!r} is not present on this machine: {what}. Run with "
                               "emulate=True to check its plan, outputs and bytes moved on the host, or "
                               "fallback='allow' to run everything on the host")
@@ -270,6 +292,11 @@ class Session:
     def get_inputs(self) -> list[IOInfo]:
         g = self._graph0
         return [IOInfo(n, list(g.tensors[n].shape or []), g.tensors[n].dtype) for n in g.inputs]
+
+    def get_overridable_initializers(self) -> list[IOInfo]:
+        """Initializers the model also lists as inputs (IR 4 on): a run may feed them, as onnxruntime's may."""
+        g = self._graph0
+        return [IOInfo(n, list(g.tensors[n].shape or []), g.tensors[n].dtype) for n in g.overridable]
 
     def get_outputs(self) -> list[IOInfo]:
         g = self._bound.graph if self._bound else self._graph0
@@ -294,7 +321,8 @@ class Session:
             "copies_to_host": self.counter.copies["to_host"],
             "last_run": {"bytes_to_device": self._last["to_device"], "bytes_to_host": self._last["to_host"]},
             "busy_s": self._busy_s, "mean_s": self._busy_s / self._runs if self._runs else None,
-            "rebinds": self._rebinds, "device": self.device, "emulate": self.emulate, "fell_back": self.fell_back,
+            "rebinds": self._rebinds, "layouts": len(self._layouts), "device": self.device, "emulate": self.emulate,
+            "fell_back": self.fell_back,
             "partitions": len(b.plan.partitions) if b else None,
             "pool_bytes": sum(p.nbytes for p in pools), "pool_allocations": sum(p.allocations for p in pools),
             "pool_locked": bool(pools) and all(p.locked for p in pools),
@@ -303,8 +331,8 @@ class Session:
         }
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], run_options=None) -> list[np.ndarray]:
-        """Outputs ``output_names`` (None: all, in graph order) for ``feeds`` (input name -> array). Runs from
-        several threads are taken one at a time."""
+        """Outputs ``output_names`` (None or empty: all, in graph order, as onnxruntime) for ``feeds`` (input name ->
+        array; an overridable initializer may be fed too). Runs from several threads are taken one at a time."""
         lock = self._lock
         lock.acquire()  # acquire/release: a `with` block cost twice as much (0.15 us of a 2 us model's run)
         try:
@@ -339,8 +367,8 @@ class Session:
                 if out is None:
                     out = self._run(output_names, feeds)
             except BaseException as exc:
-                if self.telemetry:
-                    self._record(_clock() - t0, exc)
+                if self.telemetry and _telemetry_on():
+                    self._record(_clock() - t0, f"{type(exc).__name__}: {exc}")
                 raise
             dt = _clock() - t0
             self._runs += 1
@@ -355,21 +383,19 @@ class Session:
     def _run(self, output_names, feeds) -> list[np.ndarray]:
         """The general run path: checks the feeds, lays the session out again for new shapes, runs the plan."""
         g = self._graph0
-        if output_names is None:
-            names = g.outputs
-        else:
-            if isinstance(output_names, (str, bytes)) or not isinstance(output_names, Sequence):
-                raise InvalidArgumentError(f"output_names must be a list of output names or None, got "
-                                           f"{output_names!r}")
-            names = list(output_names)
-            for n in names:
-                if n not in g.outputs:
-                    raise InvalidArgumentError(f"{n!r} is not an output of the model; its outputs are {g.outputs}")
+        if output_names is not None and (isinstance(output_names, (str, bytes))
+                                         or not isinstance(output_names, Sequence)):
+            raise InvalidArgumentError(f"output_names must be a list of output names or None, got {output_names!r}")
+        names = list(output_names or g.outputs)  # [] is every output too, as onnxruntime has it
+        for n in names:
+            if n not in g.outputs:
+                raise InvalidArgumentError(f"{n!r} is not an output of the model; its outputs are {g.outputs}")
         if not isinstance(feeds, dict) and not isinstance(feeds, Mapping):
             raise DTypeError(f"feeds must be a mapping of input name -> array, got {type(feeds).__name__}")
+        overrides = tuple(sorted(n for n in feeds if n in g.overridable)) if g.overridable else ()
         b = self._bound
-        stale = b is None
-        for n in g.inputs:
+        stale = b is None or b.overrides != overrides
+        for n in (*g.inputs, *overrides):
             a = feeds.get(n) if isinstance(feeds, dict) else (feeds[n] if n in feeds else None)
             if a is None:
                 extra = [k for k in feeds if k not in g.inputs]  # a misspelt name: say which one
@@ -387,18 +413,19 @@ class Session:
                     raise ShapeError(f"input {n!r} is not a rectangular array: {exc}") from None
             if not stale and shape != b.input_shapes[n]:
                 stale = True
-        if len(feeds) > len(g.inputs):
-            extra = [n for n in feeds if n not in g.inputs]
+        if len(feeds) > len(g.inputs) + len(overrides):
+            extra = [n for n in feeds if n not in g.inputs and n not in overrides]
             raise InvalidArgumentError(f"feeds name {', '.join(map(repr, extra))}, not an input of the model; its "
-                                       f"inputs are {g.inputs}")
+                                       f"inputs are {g.inputs}" + (f" (and overridable initializers {g.overridable})"
+                                                                   if g.overridable else ""))
         if stale:
-            b = self._rebind(feeds)
+            b = self._rebind(feeds, overrides)
         try:
             self._run_bound(b, feeds)
         except DeviceError:
             if not b.probed:
                 raise
-            b = self._rebind(feeds, force=True)  # a data-dependent shape changed: lay out again, once
+            b = self._rebind(feeds, overrides, force=True)  # a data-dependent shape changed: lay out again, once
             self._run_bound(b, feeds)
         if self.output_views:
             return [b.results[n] for n in names]
@@ -409,9 +436,9 @@ class Session:
             a = feeds[name]
             if not isinstance(a, np.ndarray):
                 a = _as_feed(name, a, buf.dtype)
-            if a.dtype != buf.dtype:
+            if a.dtype != buf.dtype and not np.can_cast(a.dtype, buf.dtype, casting="equiv"):
                 raise DTypeError(f"input {name!r} must be {buf.dtype}, got {a.dtype}")
-            np.copyto(buf, a, casting="no")
+            np.copyto(buf, a, casting="equiv")  # "equiv": a big-endian feed is byte-swapped on the way in
         if b.fast is not None:
             b.fast[1]()  # one partition on the host: nothing crosses a link
             self._last = _NO_COPIES
@@ -433,38 +460,54 @@ class Session:
         self._last = {d: c.bytes[d] - start[d] for d in start}
 
     # ---- binding: plan, compile, lay out buffers ----------------------------------------------------------
-    def _rebind(self, feeds, force: bool = False) -> _Bound:
-        dims = self._graph0.dims_from_feeds({n: np.asarray(feeds[n]) if not hasattr(feeds[n], "shape") else feeds[n]
-                                            for n in self._graph0.inputs})
+    def _rebind(self, feeds, overrides: tuple = (), force: bool = False) -> _Bound:
+        """The binding for the feeds' dims and fed ``overrides`` (overridable initializers): a kept one, else a new
+        one (``force``: new even if kept, for a probed binding whose data-dependent shapes changed)."""
+        g = self._graph0.with_inputs(overrides)
+        dims = g.dims_from_feeds({n: np.asarray(feeds[n]) if not hasattr(feeds[n], "shape") else feeds[n]
+                                  for n in g.inputs})
+        key = (tuple(sorted(dims.items())), overrides)
+        b = None if force else self._layouts.get(key)
+        if b is not None:
+            self._layouts.move_to_end(key)
+            self._bound = b
+            return b
         if self._bound is not None:
             self._rebinds += 1
-            self._close_bound()
-            self._bound = None  # closed: if binding the new dims fails, the next run lays out again
-        self._bound = self._bind(dims, feeds)
+            if self._bound.on_device:  # its device memory goes to the new binding
+                self._drop(self._key(self._bound))
+        self._drop(key)  # force: the probed binding being replaced
+        self._bound = self._keep(self._bind(dims, feeds, overrides))
         return self._bound
 
-    def _runtime_missing(self, p: Plan) -> list[tuple[Any, str]]:
-        missing, seen = [], set()
-        for part in p.partitions:
-            if part.unit == p.host_unit or part.unit in seen:
-                continue
-            seen.add(part.unit)
-            unit = p.unit(part.unit)
-            if not delegates.is_registered(unit.delegate):
-                missing.append((unit, f"edgert has no {unit.delegate!r} delegate to drive it"))
-                continue
-            ok, why = delegates.get(unit.delegate).available(unit)
-            if not ok:
-                missing.append((unit, why))
-        return missing
+    @staticmethod
+    def _key(b: _Bound) -> tuple:
+        return tuple(sorted(b.dims.items())), b.overrides
 
-    def _bind(self, dims: dict, feeds) -> _Bound:
-        graph = self._graph0.bind(dims) if dims else self._graph0
+    def _keep(self, b: _Bound | None) -> _Bound | None:
+        """Keep ``b`` among the session's bindings, dropping the least recently used beyond LAYOUTS_KEPT (all
+        others when ``b`` keeps tensors on a device)."""
+        if b is not None:
+            self._layouts[self._key(b)] = b
+            while len(self._layouts) > (1 if b.on_device else LAYOUTS_KEPT):
+                self._drop(next(iter(self._layouts)))
+        return b
+
+    def _drop(self, key: tuple) -> None:
+        """Close the binding kept for ``key`` (if any); a run after a failed re-binding then lays out again."""
+        b = self._layouts.pop(key, None)
+        if b is not None:
+            if b is self._bound:
+                self._bound = None
+            self._close_layout(b)
+
+    def _bind(self, dims: dict, feeds, overrides: tuple = ()) -> _Bound:
+        graph = (self._graph0.bind(dims) if dims else self._graph0).with_inputs(overrides)
         check_io_dtypes(graph)
         unknown = [t for t, tt in graph.tensors.items() if tt.initializer is None and not _known(tt)]
         # partitions are exported from the model as written (symbolic dims kept, as onnxruntime runs the whole
         # model): baking bound dims in can make onnxruntime's inference reject branches that never run
-        export = self._graph0
+        export = self._graph0.with_inputs(overrides)
         probed = False
         if unknown:
             # shapes inference could not tell (data-dependent, or lost in the loader): learn them by running the
@@ -477,11 +520,11 @@ class Session:
             probed = True
         p = make_plan(graph, self.profile, fallback=self.fallback, **self._plan_kw)
         self.requested_plan = p
-        missing = self._runtime_missing(p)
-        if missing and not self.emulate:
-            what = "; ".join(f"unit {u.name!r} ({u.kind}, delegate {u.delegate}): {why}" for u, why in missing)
+        what = "" if self.emulate else self._missing_runtimes(
+            [p.unit(u) for u in dict.fromkeys(q.unit for q in p.partitions) if u != p.host_unit])
+        if what:
             if self.fallback == "forbid":
-                self._check_runtimes(p)
+                self._refuse_missing(what)
             warn_caller(f"device {self.device!r} is not present on this machine ({what}); running every node on "
                         "the host (nothing crosses a link). Use emulate=True to emulate the device.")
             self.fell_back = what
@@ -489,7 +532,7 @@ class Session:
             host_only = dataclasses.replace(self.profile, units=[host_unit])
             p = make_plan(graph, host_only, fallback="allow", **self._plan_kw)
 
-        compiled = []
+        compiled, on_device = [], False
         for part in p.partitions:
             unit = p.unit(part.unit)
             if part.unit == p.host_unit:
@@ -506,6 +549,7 @@ class Session:
                 d = delegates.get(unit.delegate)()
                 opts = {"threads": self.threads, "fallback": self.fallback, **self.device_options}
                 if getattr(d, "keeps_tensors_resident", False):
+                    on_device = True
                     # tensors the plan moves over no link: they stay in the device's memory between partitions
                     back = {t.tensor for t in p.transfers_out_of(part.id)}
                     sent = {t.tensor for t in p.transfers_into(part.id) if t.direction == "to_device"}
@@ -581,7 +625,7 @@ class Session:
             (before if sp is None else after[sp]).append(cp)
         bound = _Bound(dims, graph, p, compiled, pools, {t: buf(HOST, t) for t in graph.inputs}, in_bufs,
                        out_bufs, before, after, {t: buf(HOST, t) for t in graph.outputs},
-                       {t: spec[t][0] for t in graph.inputs}, probed)
+                       {t: spec[t][0] for t in graph.inputs}, probed, on_device=on_device, overrides=overrides)
         if len(compiled) == 1 and not before and not after[0]:
             bound.fast = (tuple((t, bound.feeds[t], spec[t][0], spec[t][1]) for t in graph.inputs),
                           compiled[0].bound_run(in_bufs[0], out_bufs[0]),
@@ -591,7 +635,6 @@ class Session:
     def _probe(self, graph: Graph, names: list[str], feeds) -> dict:
         """Shapes and dtypes of ``names`` for these feeds, from one onnxruntime run of the whole model."""
         import onnx
-        import onnxruntime as ort
 
         model = graph.subgraph_model([n.name for n in graph.nodes], name=f"{graph.name}_probe")
         have = {o.name for o in model.graph.output}
@@ -604,7 +647,7 @@ class Session:
             else:
                 model.graph.output.append(onnx.ValueInfoProto(name=n))
         try:
-            sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            sess = delegates.onnxruntime.inference_session(model)
         except Exception as exc:  # onnxruntime's own exception types: the model as onnxruntime refuses it
             raise DeviceError(f"onnxruntime could not load the model to learn its shapes: {exc}") from exc
         try:
@@ -614,28 +657,24 @@ class Session:
         return {n: (a.shape, a.dtype) for n, a in zip(names, res)}
 
     # ---- telemetry and teardown ---------------------------------------------------------------------------
-    def _record(self, dt: float, err) -> None:
-        try:
-            from . import telemetry
-        except ImportError:  # pragma: no cover
-            return
-        if not telemetry.enabled():
-            return
+    def _record(self, dt: float, err: str | None) -> None:
+        """One telemetry event for a run: a tuple appended to the binding's RunLog, which fixed the rest once (a
+        dict, a uuid, the cost model and a queue put per run cost ~40 us, 8x a small model's run)."""
         b = self._bound
-        dl = sorted({part.delegate for part in b.plan.partitions}) if b else []
-        power = getattr(self.profile, "power_w", None)
-        telemetry.record({
-            "source": "session", "endpoint": "run", "model": self.model_name, "device": self.device,
-            "delegates": ",".join(dl) + (" (emulated)" if self.emulate and len(dl) > 1 else ""),
-            "latency_s": dt, "decode_s": dt, "queue_wait_s": 0.0,
-            "bytes_copied": int(self._last["to_device"] + self._last["to_host"]) if err is None else 0,
-            "error": err, "status": 200 if err is None else 500,
-            "energy_j": None if power is None else self.profile.energy_j(dt),
-            "cost_usd": None if power is None else self.profile.cost_usd(dt),
-        })
+        log = b.runlog if b is not None else None
+        if log is None:
+            dl = sorted({part.delegate for part in b.plan.partitions}) if b else []
+            has_power = getattr(self.profile, "power_w", None) is not None
+            log = _telemetry.RunLog(
+                {"source": "session", "endpoint": "run", "model": self.model_name, "device": self.device,
+                 "delegates": ",".join(dl) + (" (emulated)" if self.emulate and len(dl) > 1 else "")},
+                self.profile.energy_j(1.0) if has_power else None, self.profile.cost_usd(1.0) if has_power else None)
+            if b is not None:
+                b.runlog = log
+        log.add(dt, self._last["to_device"] + self._last["to_host"] if err is None else 0, err)
 
-    def _close_bound(self) -> None:
-        b = self._bound
+    @staticmethod
+    def _close_layout(b: _Bound | None) -> None:
         if b is None:
             return
         for c in b.compiled:
@@ -644,10 +683,11 @@ class Session:
             pool.close()
 
     def close(self) -> None:
-        """Release what the compiled partitions hold (runtime sessions, device tensors, serial links). The session
-        stays usable: a later ``run`` lays it out and compiles it again."""
+        """Release what the compiled partitions of every kept binding hold (runtime sessions, device tensors, serial
+        links). The session stays usable: a later ``run`` lays it out and compiles it again."""
         with self._lock:  # not under a run in another thread
-            self._close_bound()
+            while self._layouts:
+                self._close_layout(self._layouts.popitem()[1])
             self._bound = None
 
     def __repr__(self) -> str:

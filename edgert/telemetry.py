@@ -3,8 +3,10 @@
 Events go to ``$EDGERT_HOME/telemetry.db`` (``~/.cache/edgert/telemetry.db`` when EDGERT_HOME is unset), in WAL
 mode so ``edgert report`` can read while a server writes. ``record(event)`` only puts the event on an in-memory
 queue; one background thread batches queued events into a single transaction, so the request path pays a dict copy
-and a queue put. A full queue (the disk stalled) drops events and counts them in ``dropped()``; recording never
-raises into the caller. ``EDGERT_TELEMETRY=0`` or ``set_enabled(False)`` (the CLI's ``--no-telemetry``) turns it off.
+and a queue put. A source of many small requests (``Session.run``, microseconds each) records through a ``RunLog``
+instead: a tuple appended per run, the rows made by the writer thread. A full queue (the disk stalled) drops events
+and counts them in ``dropped()``; recording never raises into the caller. ``EDGERT_TELEMETRY=0`` or
+``set_enabled(False)`` (the CLI's ``--no-telemetry``) turns it off.
 
 Cost: energy = power_w x busy seconds; cost = price_usd_per_hour x busy seconds / 3600 + energy (kWh) x
 electricity_usd_per_kwh. Busy seconds are prefill + decode time (not time spent waiting in a queue). The power and
@@ -16,6 +18,7 @@ This module must not import the LLM stack or the server: they import it.
 from __future__ import annotations
 
 import atexit
+import collections
 import csv
 import io
 import json
@@ -148,7 +151,9 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class _Writer:
-    """The one background thread that owns the write connections (one per database path)."""
+    """The one background thread that owns the write connections (one per database path). Queue items are
+    ``(path, row)``, or ``(None, None)``: a wake-up to drain ``runs``, the ``RunLog`` runs, which are appended
+    without a lock or a queue put (one wake-up is queued per batch of them: ``kicked``)."""
 
     def __init__(self):
         self.q: queue.Queue = queue.Queue(maxsize=MAX_PENDING)
@@ -159,8 +164,19 @@ class _Writer:
         self.thread: threading.Thread | None = None
         self.cons: dict[Path, sqlite3.Connection] = {}
         self.warned = False
+        self.runs: collections.deque = collections.deque()  # (RunLog, run) pairs, appended and popped atomically
+        self.kicked = False  # a wake-up for ``runs`` is queued and not yet taken
 
-    def put(self, path: Path, row: tuple) -> None:
+    def add_run(self, log: "RunLog", run: tuple) -> None:
+        if len(self.runs) >= MAX_PENDING:
+            self.dropped += 1
+            return
+        self.runs.append((log, run))
+        if not self.kicked:  # a race queues a second wake-up at worst; the writer clears this before it drains
+            self.kicked = True
+            self.put(None, None)
+
+    def put(self, path: Path | None, row: tuple | None) -> None:
         with self.lock:
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="edgert-telemetry", daemon=True)
@@ -182,10 +198,19 @@ class _Writer:
                     batch.append(self.q.get(timeout=left) if left > 0 else self.q.get_nowait())
                 except queue.Empty:
                     break
-            by_path: dict[Path, list] = {}
+            by_path: dict[Path, tuple[list, dict]] = {}  # path -> (rows, {RunLog: runs})
             for path, row in batch:
-                by_path.setdefault(path, []).append(row)
-            for path, rows in by_path.items():
+                if path is not None:
+                    by_path.setdefault(path, ([], {}))[0].append(row)
+            if any(path is None for path, _ in batch):
+                self.kicked = False  # before draining: a run appended from here on queues a wake-up of its own
+                last = acc = None
+                while self.runs:
+                    log, run = self.runs.popleft()
+                    if log is not last:  # runs come in long stretches of one log
+                        last, acc = log, by_path.setdefault(log.path, ([], {}))[1].setdefault(log, [])
+                    acc.append(run)
+            for path, (rows, runs) in by_path.items():
                 try:
                     con = self.cons.get(path)
                     if con is None:
@@ -195,7 +220,10 @@ class _Writer:
                             self.cons.clear()
                         con = self.cons[path] = _connect(path)
                     with con:
-                        con.executemany(_INSERT, rows)
+                        if rows:
+                            con.executemany(_INSERT, rows)
+                        for log, rs in runs.items():
+                            log.insert(con, rs)
                 except Exception as exc:  # a broken disk must not break inference: warn once, drop the batch
                     self.cons.pop(path, None)
                     if not self.warned:
@@ -206,6 +234,8 @@ class _Writer:
                 self.lock.notify_all()
 
     def flush(self, timeout: float) -> bool:
+        if self.runs:
+            self.put(None, None)  # the runs appended so far are drained before this wake-up counts as done
         with self.lock:
             target = self.enqueued
             return self.lock.wait_for(lambda: self.done >= target, timeout=timeout)
@@ -239,6 +269,53 @@ def record(event: dict) -> str | None:
         return ev["request_id"]
     except Exception:
         return None
+
+
+# a RunLog's columns that vary per run -> their value from json_each's ``value`` = [ts_ns, latency_ns, bytes, error]
+_RUN_COLUMNS = {
+    "request_id": ":prefix || '-' || (:n0 + key)", "ts": "json_extract(value, '$[0]') / 1e9",
+    "latency_s": "json_extract(value, '$[1]') / 1e9", "decode_s": "json_extract(value, '$[1]') / 1e9",
+    "bytes_copied": "json_extract(value, '$[2]')", "error": "json_extract(value, '$[3]')",
+    "status": "CASE WHEN json_extract(value, '$[3]') IS NULL THEN 200 ELSE 500 END",
+    "energy_j": ":joules_per_s * json_extract(value, '$[1]') / 1e9",
+    "cost_usd": ":usd_per_s * json_extract(value, '$[1]') / 1e9",
+}
+_INSERT_RUNS = (f"INSERT INTO events ({', '.join(_NAMES)}) SELECT "
+                + ", ".join(_RUN_COLUMNS.get(name, f":{name}") for name in _NAMES) + " FROM json_each(:runs)")
+
+
+class RunLog:
+    """The events of one source of many small requests (a Session's runs), one row per run at the cost of a tuple
+    append on the request path. The columns every run shares (``event``: source, endpoint, model, device,
+    delegates), the database path and the cost rates are fixed here once; the writer thread inserts a batch of runs
+    as one JSON text that SQLite expands into rows (``json_each``), so it holds the GIL for a ``json.dumps`` of
+    integers, not for a Python row per run (which cost the caller's thread 8 us a run in GIL hand-offs). Request ids
+    are ``<run-id>-<n>``. ``joules_per_s``/``usd_per_s``: energy and price per busy second (the device profile's;
+    default the host's cost model; both models are linear in busy time)."""
+
+    __slots__ = ("path", "params", "n")
+    CHUNK = 4096  # runs per INSERT: bounds the GIL-held json.dumps (~0.4 us a run) a caller may wait behind
+
+    def __init__(self, event: dict, joules_per_s: float | None = None, usd_per_s: float | None = None):
+        cost = host_cost_model()
+        self.path = db_path()
+        self.params = {name: None for name in _NAMES if name not in _RUN_COLUMNS}
+        self.params.update(device=cost.device, delegates="host", queue_wait_s=0.0)
+        self.params.update((k, v) for k, v in event.items() if k in self.params)
+        self.params.update(prefix=new_request_id("run"),
+                           joules_per_s=cost.energy_j(1.0) if joules_per_s is None else joules_per_s,
+                           usd_per_s=cost.cost_usd(1.0) if usd_per_s is None else usd_per_s)
+        self.n = 0  # runs inserted so far (the writer thread's alone)
+
+    def add(self, latency_s: float, bytes_copied: int, error: str | None = None) -> None:
+        """One run that took ``latency_s`` (busy time) and moved ``bytes_copied``; ``error``: why it failed."""
+        _writer.add_run(self, (time.time_ns(), int(latency_s * 1e9), bytes_copied, error))
+
+    def insert(self, con: sqlite3.Connection, runs: list) -> None:
+        for k in range(0, len(runs), self.CHUNK):
+            chunk = runs[k:k + self.CHUNK]
+            con.execute(_INSERT_RUNS, {**self.params, "n0": self.n + 1, "runs": json.dumps(chunk)})
+            self.n += len(chunk)
 
 
 def record_generation(result, *, model: str, source: str = "llm", endpoint: str | None = None,

@@ -143,3 +143,17 @@ def test_subgraph_model_unknown_type_refused():
     g.tensors["h2"].dtype = None
     with pytest.raises(edgert.InvalidArgumentError, match="tensor 'h2'"):
         g.subgraph_model(["relu1"])
+
+
+def test_prune_drops_what_no_graph_output_depends_on_and_bind_keeps_it_dropped():
+    from onnx import TensorProto as T
+
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="live1"), helper.make_node("Neg", ["h"], ["d1"], name="dead1"),
+             helper.make_node("Abs", ["d1"], ["d2"], name="dead2"), helper.make_node("Neg", ["h"], ["y"], name="live2")]
+    m = M._model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, ["n", 2])],
+                 [helper.make_tensor_value_info("y", T.FLOAT, ["n", 2])])
+    g = load_onnx(m)
+    assert [n.name for n in g.nodes] == ["live1", "live2"] and g.pruned == ["dead1", "dead2"]
+    assert "d1" not in g.tensors and g.boundary(["live1"])[1] == ["h"]  # a dead reader makes no boundary output
+    b = g.bind({"n": 3})
+    assert [n.name for n in b.nodes] == ["live1", "live2"] and b.prune() is b

@@ -315,7 +315,6 @@ def branches(pairs, d=64):
 def test_max_partitions_merges_independent_branches_of_one_unit(device):
     # two branches no path joins were two cpu partitions, and max_partitions=1 "cannot reach max_partitions=1"
     model = branches([("a", "Relu", "x"), ("b", "Neg", "x")])
-    assert len(edgert.plan(model, device=device).partitions) == 2  # the default plan keeps connected islands
     p = edgert.plan(model, device=device, max_partitions=1)
     assert [(q.unit, q.nodes) for q in p.partitions] == [("cpu", ["a", "b"])]
     assert_executable(p)
@@ -324,6 +323,25 @@ def test_max_partitions_merges_independent_branches_of_one_unit(device):
     assert len(s.plan.partitions) == 1
     for y, want in zip(s.run(None, {"x": x}), M.ort_run(model, {"x": x})):
         np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.parametrize("device", ["host", "rpi5"])
+def test_one_unit_runs_independent_branches_as_one_partition(device):
+    """When one unit runs every node, branches no path links (each from a graph input) are one partition: on the
+    host nothing crosses a link either way, and each partition was an onnxruntime session and a call of its own (4
+    branches: 18.5 us a run against onnxruntime's 8.7). Plans over several units keep such islands apart."""
+    model = branches([("a", "Relu", "x"), ("b", "Neg", "x"), ("c", "Abs", "b"), ("d", "Sigmoid", "x")])
+    p = edgert.plan(model, device=device)
+    assert [(q.unit, q.nodes) for q in p.partitions] == [("cpu", ["a", "b", "c", "d"])] and not p.transfers
+    assert_executable(p)
+    s = edgert.Session(model, device=device, telemetry=False)
+    assert s._bound.fast is not None  # one partition: the session's one-call run
+    x = np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)
+    for y, want in zip(s.run(None, {"x": x}), M.ort_run(model, {"x": x})):
+        np.testing.assert_array_equal(y, want)
+    mixed = edgert.plan(branches([("a", "Add", "x"), ("b", "Neg", "x"), ("c", "Abs", "x")], d=4096),
+                        device=profile(npu_unit(["Add"])))
+    assert [(q.unit, q.nodes) for q in mixed.partitions] == [("npu", ["a"]), ("cpu", ["b"]), ("cpu", ["c"])]
 
 
 def test_max_partitions_merges_independent_device_islands_under_forbid():

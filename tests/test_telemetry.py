@@ -101,6 +101,24 @@ def test_record_leaves_the_database_to_the_writer_thread_in_batches(monkeypatch)
     assert sum(inserts) == n and len(inserts) < n / 10, f"{len(inserts)} inserts for {n} events"
 
 
+def test_run_log_rows_one_per_run_with_the_shared_columns_and_the_host_cost_model():
+    log = telemetry.RunLog({"source": "session", "endpoint": "run", "model": "m.onnx", "delegates": "host"})
+    for k in range(3):
+        log.add(0.25 * (k + 1), 100 * k)
+    log.add(0.5, 0, "ShapeError: input 'x' \"wrong\" — ünïcode")
+    assert telemetry.flush()
+    rows = telemetry.events()
+    host = telemetry.host_cost_model()
+    assert [r["request_id"] for r in rows] == [f"{log.params['prefix']}-{k}" for k in range(1, 5)]
+    assert [r["latency_s"] for r in rows] == [0.25, 0.5, 0.75, 0.5] and [r["bytes_copied"] for r in rows][:3] == [
+        0, 100, 200]
+    assert all(r["model"] == "m.onnx" and r["device"] == host.device and r["prompt_tokens"] is None for r in rows)
+    assert rows[1]["energy_j"] == pytest.approx(host.energy_j(0.5)) and rows[1]["ts"] == pytest.approx(time.time(),
+                                                                                                       abs=60)
+    assert [r["status"] for r in rows] == [200, 200, 200, 500]
+    assert rows[3]["error"] == "ShapeError: input 'x' \"wrong\" — ünïcode"
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_never_raises_on_unwritable_home(tmp_path, monkeypatch):
     blocker = tmp_path / "file"

@@ -36,7 +36,7 @@ from ..errors import DeviceError, ModelFormatError
 from ..quant import (BLOCK, BoundDynamicInt8, BoundMatMul, Int8Weights, PackedQTensor, QTensor, from_matmul_nbits, quantize,
                      repack, repack_pays)
 from .base import CompiledPartition, Delegate, cut_into_steps, faster_of, median_s, register
-from .onnxruntime import CPU, OnnxruntimePartition, session_options
+from .onnxruntime import CPU, OnnxruntimePartition, inference_session, session_options
 
 # error budgets of the C-core paths, as a fraction of max |reference output| (tests and docs name these)
 MATMUL_NBITS_BUDGET = 2e-2      # q8 activations x exact q4 weights
@@ -345,8 +345,6 @@ def chain_nodes(graph, x: str, out: str) -> list[str]:
 def steps_that_pay(steps: list[CoreMatMul], graph, shapes: Mapping[str, tuple], sess_options) -> list[CoreMatMul]:
     """The steps the C core runs faster than onnxruntime runs the same nodes, timed once at compile time on a
     random input of the bound shape (a step whose input shape is not known yet is kept)."""
-    import onnxruntime as ort
-
     keep = []
     for st in steps:
         shape = shapes.get(st.x)
@@ -356,7 +354,7 @@ def steps_that_pay(steps: list[CoreMatMul], graph, shapes: Mapping[str, tuple], 
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         try:
             model = graph.subgraph_model(chain_nodes(graph, st.x, st.out), name="chain")
-            o = ort.InferenceSession(model.SerializeToString(), sess_options, providers=[CPU])
+            o = inference_session(model, sess_options)
             if [i.name for i in o.get_inputs()] != [st.x]:
                 keep.append(st)
                 continue

@@ -3,7 +3,8 @@
 Order of work: parse (``onnx.load``, external data *not* pulled into the protobuf), our own structural checks
 (every node's domain and opset known, every input defined before use, no cycles, no duplicate outputs: these give
 the precise messages), ``onnx.checker``, binding of any dims the caller fixed, then ``onnx.shape_inference``
-(strict mode first; if that fails, the non-strict pass, recorded in ``Graph.warnings``). Every failure is an
+(strict mode first; if that fails, the non-strict pass, recorded in ``Graph.warnings``), then dead nodes are dropped
+(``Graph.prune``: onnxruntime drops them too, and a partition must produce something). Every failure is an
 ``edgert.ModelFormatError`` naming the node, op, domain and opset; ops outside the domains edgert's delegates run,
 and opsets newer than the installed ``onnx`` knows, raise ``edgert.UnsupportedOpError``.
 
@@ -28,7 +29,8 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import EdgertError, InvalidArgumentError, ModelFormatError, UnsupportedOpError
-from ..graph.ir import Graph, Node, QuantParams, Tensor, onnx_elem_type_to_dtype
+from ..graph.ir import (EXTERNAL_DATA_DIR, Graph, Node, QuantParams, Tensor, external_data_dir,
+                        onnx_elem_type_to_dtype)
 from . import model_file
 
 # domains whose ops some edgert delegate can run: ONNX's own, and onnxruntime's contrib ops (QLinearAdd, ...)
@@ -352,8 +354,8 @@ _MAX_DIM = 2**63 - 1  # TensorShapeProto.Dimension.dim_value is an int64
 def _bind_dims(model, dims: Mapping[str, int]) -> None:
     """Replace symbolic dims by sizes in the model's inputs, outputs and value_info (in place)."""
     for k, v in dims.items():
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
-            raise InvalidArgumentError(f"dim {k!r} must be bound to a positive integer, got {v!r}")
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0:  # 0: an empty batch, as onnxruntime
+            raise InvalidArgumentError(f"dim {k!r} must be bound to an integer size (0 or more), got {v!r}")
         if v > _MAX_DIM:
             raise InvalidArgumentError(f"dim {k!r} must be bound to at most {_MAX_DIM} (an ONNX dim is an int64), "
                                        f"got {v!r}")
@@ -423,7 +425,7 @@ class _Converter:
             return old.initializer
         # numpy reads a negative dim as "infer this one": dims [-1, 4] would load as (n, 4) from whatever the data
         # holds. onnx.checker refuses them for embedded data, but never sees external initializers (see
-        # _without_external) and does not run with check=False.
+        # _for_checker) and does not run with check=False.
         if any(d < 0 for d in t.dims):
             raise ModelFormatError(f"ONNX model {self.what}: initializer {t.name!r} has negative dimension(s) "
                                    f"{list(t.dims)}; the file is damaged")
@@ -608,7 +610,7 @@ def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
         model = sorted_model
     if check:
         try:
-            onnx.checker.check_model(_without_external(model))
+            onnx.checker.check_model(_for_checker(model))
         except onnx.checker.ValidationError as exc:
             msg = str(exc).strip().splitlines()
             raise ModelFormatError(f"ONNX model {what} fails onnx.checker: {' '.join(msg)[:2000]}") from None
@@ -633,21 +635,33 @@ def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
         raise ModelFormatError(f"ONNX model {what}: tensors {sorted(free)} are read but never defined")
     graph.warnings.extend(warnings)
     graph.base_dir = base_dir
-    return graph
+    if model.ir_version >= 4:  # before IR 4 every initializer is listed as an input, and none is overridable
+        inits = {t.name for t in model.graph.initializer}
+        graph.overridable = [i.name for i in model.graph.input if i.name in inits]
+    return graph.prune()
 
 
-def _without_external(model):
-    """The checker wants external files next to a path; we check those ourselves when reading them, so hand the
-    checker a copy in which each external initializer is declared as a graph input of the same type and shape
-    (no data is read or copied)."""
+def _for_checker(model):
+    """The model as onnx.checker should see it. The checker wants external files next to a path; we check those
+    ourselves when reading them, so each external initializer is declared as a graph input of the same type and shape
+    instead (no data is read or copied). And it requires every graph output to declare a shape, which onnxruntime
+    does not (shape inference gives it): an output without one is given an empty one here. A copy, when either
+    applies."""
     import onnx
     from onnx import helper
 
-    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+    shapeless = [k for k, o in enumerate(model.graph.output)
+                 if o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")]
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    if not (shapeless or external):
         return model
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
+    for k in shapeless:
+        g.output[k].type.tensor_type.shape.SetInParent()
+    if not external:
+        return m
     keep = [t for t in g.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
     moved = [t for t in g.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     inputs = {i.name for i in g.input}
@@ -659,9 +673,21 @@ def _without_external(model):
 
 
 def save_onnx(model, path) -> None:
-    """Write a ModelProto (e.g. ``Graph.subgraph_model``'s) to ``path``; large models go to external data."""
+    """Write a ModelProto (e.g. ``Graph.subgraph_model``'s) to ``path``; large models go to external data. Weights a
+    ``subgraph_model`` export references in the original model's external data files are copied into the written
+    model (or its own external file), so it does not depend on where the original lives."""
     import onnx
+    from onnx import external_data_helper
 
+    folder = external_data_dir(model)
+    if folder is not None:
+        own = onnx.ModelProto()
+        own.CopyFrom(model)
+        external_data_helper.load_external_data_for_model(own, folder)
+        keep = [p for p in own.metadata_props if p.key != EXTERNAL_DATA_DIR]  # the folder no longer applies
+        del own.metadata_props[:]
+        own.metadata_props.extend(keep)
+        model = own
     big = model.ByteSize() > (1 << 30)
     onnx.save_model(model, str(path), save_as_external_data=big,
                     location=os.path.basename(str(path)) + ".data" if big else None)

@@ -162,7 +162,9 @@ class Graph:
     ``inputs`` (graph inputs that are not initializers), ``outputs``, ``opsets`` (domain -> version; the default
     domain is ``""``). ``source`` is the ``onnx.ModelProto`` for a top-level graph (its external data may not be
     loaded: initializer arrays are in ``tensors``), or the ``onnx.GraphProto`` of a control-flow body.
-    ``warnings`` lists what the loader had to relax (e.g. shape inference fell back from strict mode)."""
+    ``warnings`` lists what the loader had to relax (e.g. shape inference fell back from strict mode); ``pruned``
+    names the nodes ``prune`` dropped (dead code); ``overridable`` the initializers the model also lists as graph
+    inputs (IR version 4 on), which a caller may feed instead (``with_inputs``)."""
 
     name: str
     nodes: list[Node]
@@ -173,6 +175,8 @@ class Graph:
     source: Any = None
     warnings: list[str] = field(default_factory=list)
     base_dir: str | None = None
+    pruned: list[str] = field(default_factory=list)
+    overridable: list[str] = field(default_factory=list)
     _producers: dict[str, Node] | None = field(default=None, repr=False, compare=False)
     _consumers: dict[str, list[Node]] | None = field(default=None, repr=False, compare=False)
 
@@ -249,13 +253,45 @@ class Graph:
     # ---- transformations ---------------------------------------------------------------------------------
     def bind(self, dims: Mapping[str, int]) -> "Graph":
         """A new graph with the symbolic dims in ``dims`` fixed and every shape re-inferred (the original is
-        unchanged). Unknown dim names or non-positive sizes raise InvalidArgumentError."""
+        unchanged). Unknown dim names or negative sizes raise InvalidArgumentError (0, an empty batch, binds)."""
         if not hasattr(self.source, "graph"):
             raise InvalidArgumentError("bind works on a top-level graph (one loaded from a model), not on a "
                                        "control-flow body")
         from ..formats.onnx import load_onnx  # the loader owns ONNX -> IR; import here to keep the layering one-way
 
         return load_onnx(self.source, dims=dict(dims), base_dir=self.base_dir, _initializers=self.initializers())
+
+    def with_inputs(self, names: Iterable[str]) -> "Graph":
+        """The graph with the overridable initializers ``names`` made graph inputs (their values fed at run time, as
+        onnxruntime takes them): no longer constants, so nothing folds or imports them."""
+        names = [n for n in names if n not in self.inputs]
+        bad = [n for n in names if n not in self.overridable]
+        if bad:
+            raise InvalidArgumentError(f"graph {self.name!r}: {bad} are not overridable initializers (those are "
+                                       f"{self.overridable})")
+        if not names:
+            return self
+        tensors = dict(self.tensors)
+        for n in names:
+            tensors[n] = replace(tensors[n], initializer=None)
+        return self.replace(inputs=[*self.inputs, *names], tensors=tensors)
+
+    def prune(self) -> "Graph":
+        """The graph without its dead nodes, those none of whose outputs a graph output depends on (an unused
+        Constant, a branch nothing reads), as onnxruntime drops them: kept, such a node would make a partition with
+        no outputs. ``self`` when there are none; else a new graph whose ``pruned`` names them."""
+        needed, live = set(self.outputs), set()
+        for n in reversed(self.nodes):
+            if any(o in needed for o in n.outputs if o):
+                live.add(n.name)
+                needed.update(n.all_inputs())
+        if len(live) == len(self.nodes):
+            return self
+        dead = [n for n in self.nodes if n.name not in live]
+        gone = {o for n in dead for o in n.outputs}
+        return self.replace(nodes=[n for n in self.nodes if n.name in live],
+                            tensors={k: t for k, t in self.tensors.items() if k not in gone},
+                            pruned=[*self.pruned, *(n.name for n in dead)])
 
     def boundary(self, node_names: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
         """For a subset of this graph's nodes: (inputs, outputs, initializers) of the cut. ``inputs`` are the
@@ -288,9 +324,13 @@ class Graph:
     def subgraph_model(self, node_names: Iterable[str], name: str | None = None) -> "onnx.ModelProto":
         """A valid standalone ONNX model of a subset of this graph's nodes: the cut's boundary tensors become its
         inputs and outputs (typed from this graph's inferred shapes, symbolic dims kept), the initializers it reads
-        are embedded (copied: a protobuf owns its bytes), nodes are copied exactly (control-flow bodies included),
-        and the opsets, IR version and model-local functions are kept. This is what the onnxruntime delegate runs.
-        A boundary tensor with an unknown dtype raises InvalidArgumentError (bind the dims first)."""
+        are embedded (copied: a protobuf owns its bytes) or, where the model keeps them in external data files,
+        referenced there as the model does (file, offset, length: nothing is read or copied; ``base_dir``, the
+        directory they are relative to, is recorded in the model's metadata under ``EXTERNAL_DATA_DIR``), nodes are
+        copied exactly (control-flow bodies included), and the opsets, IR version and model-local functions are
+        kept. This is what the onnxruntime delegate runs (``delegates.onnxruntime.inference_session`` reads the
+        external files in place). A boundary tensor with an unknown dtype raises InvalidArgumentError (bind the
+        dims first)."""
         import onnx
         from onnx import helper, numpy_helper
 
@@ -313,12 +353,19 @@ class Graph:
         init_protos = []
         for iname in inits:
             proto = src_inits.get(iname)
-            if proto is not None and proto.data_location != onnx.TensorProto.EXTERNAL:
-                init_protos.append(proto)
-            else:
-                arr = self.tensors[iname].initializer
-                init_protos.append(numpy_helper.from_array(np.ascontiguousarray(arr), iname))
-        nodes = [src.graph.node[n.index] for n in self.nodes if n.name in wanted]
+            if proto is None:
+                proto = numpy_helper.from_array(np.ascontiguousarray(self.tensors[iname].initializer), iname)
+            init_protos.append(proto)
+        external = any(p.data_location == onnx.TensorProto.EXTERNAL for p in init_protos)
+        nodes = []
+        for n in self.nodes:
+            if n.name in wanted:
+                proto = src.graph.node[n.index]
+                if proto.name != n.name:  # unnamed: onnxruntime's messages then name the node as edgert's do
+                    proto = type(proto)()
+                    proto.CopyFrom(src.graph.node[n.index])
+                    proto.name = n.name
+                nodes.append(proto)
         # keep value_info for the inner tensors so the exported model carries the same inferred types
         inner = {o for n in nodes for o in n.output} - set(outputs)
         vis = [value_info(t) for t in inner if t and self.tensors.get(t) is not None
@@ -327,10 +374,22 @@ class Graph:
                                   [value_info(o) for o in outputs], initializer=init_protos, value_info=vis)
         model = helper.make_model(graph, opset_imports=list(src.opset_import), ir_version=src.ir_version,
                                   functions=list(src.functions))
+        if external:
+            model.metadata_props.add(key=EXTERNAL_DATA_DIR, value=self.base_dir)
         return model
 
     def replace(self, **changes) -> "Graph":
         return replace(self, _producers=None, _consumers=None, **changes)
+
+
+# the metadata key under which Graph.subgraph_model records the directory its external data references are relative to
+EXTERNAL_DATA_DIR = "edgert.external_data_dir"
+
+
+def external_data_dir(model) -> str | None:
+    """The directory a ``Graph.subgraph_model`` export's external data references are relative to (None: it has
+    none)."""
+    return next((p.value for p in model.metadata_props if p.key == EXTERNAL_DATA_DIR), None)
 
 
 @functools.lru_cache(maxsize=None)
