@@ -187,16 +187,17 @@ def cmd_chat(args) -> int:
 def cmd_serve(args) -> int:
     import ipaddress
 
-    import uvicorn
-
+    from . import telemetry
     from .errors import InvalidArgumentError
-    from .serve import create_app
+    from .serve import create_app, run_server
     from .serve.app import check_settings
 
     _telemetry_flag(args)
     if not 0 <= args.port <= 65535:  # checked before the model loads, not by bind() after
         raise InvalidArgumentError(f"--port must be in 0..65535, got {args.port}")
-    check_settings(args.max_queue, args.timeout, args.max_tokens_cap)  # likewise
+    check_settings(args.max_queue, args.timeout, args.max_tokens_cap, args.shutdown_timeout)  # likewise
+    if telemetry.enabled():
+        telemetry.host_cost_model()  # a bad EDGERT_POWER_W... is refused here, not turned into costless events
     api_key = args.api_key or None
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -207,9 +208,10 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     llm = _load(args)
     app = create_app(llm, api_key=api_key, max_queue=args.max_queue, request_timeout_s=args.timeout,
-                     max_tokens_cap=args.max_tokens_cap, telemetry=not args.no_telemetry)
+                     max_tokens_cap=args.max_tokens_cap, telemetry=not args.no_telemetry,
+                     shutdown_timeout_s=args.shutdown_timeout)
     print(f"edgert serve — {llm.name} (n_ctx {llm.n_ctx}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    run_server(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -543,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for the model (default 64)")
     s.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds, queue included")
     s.add_argument("--max-tokens-cap", type=int, default=None, help="most tokens per request (default n_ctx)")
+    s.add_argument("--shutdown-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGTERM/Ctrl+C generations stop at once; open responses get this long to end (default 5)")
     s.add_argument("--no-telemetry", action="store_true", help="record no events in $EDGERT_HOME/telemetry.db")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)

@@ -11,7 +11,8 @@ and counts them in ``dropped()``; recording never raises into the caller. ``EDGE
 Cost: energy = power_w x busy seconds; cost = price_usd_per_hour x busy seconds / 3600 + energy (kWh) x
 electricity_usd_per_kwh. Busy seconds are prefill + decode time (not time spent waiting in a queue). The power and
 price come from the host's device profile when ``edgert.profiles`` can detect one, else from DEFAULT_POWER_W and
-DEFAULT_PRICE_USD_PER_HOUR; EDGERT_POWER_W, EDGERT_PRICE_USD_PER_HOUR and EDGERT_ELECTRICITY_USD_PER_KWH override.
+DEFAULT_PRICE_USD_PER_HOUR; EDGERT_POWER_W, EDGERT_PRICE_USD_PER_HOUR and EDGERT_ELECTRICITY_USD_PER_KWH override
+(a finite number >= 0 each, else InvalidArgumentError: a NaN or negative power made every cost NaN or negative).
 
 This module must not import the LLM stack or the server: they import it.
 """
@@ -103,11 +104,28 @@ class CostModel:
 _host_cost: CostModel | None = None
 
 
+def _env_cost(name: str) -> float | None:
+    """An EDGERT_* cost override: None when unset, else a finite number >= 0 (InvalidArgumentError otherwise)."""
+    text = os.environ.get(name)
+    if text is None:
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 <= v < math.inf:
+        raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {text!r}: fix or unset it")
+    return v
+
+
 def host_cost_model() -> CostModel:
-    """The host's cost model: its device profile if edgert.profiles can detect one, else the defaults; env overrides."""
+    """The host's cost model: its device profile if edgert.profiles can detect one, else the defaults; env overrides
+    (checked first, so a bad one fails before the profile search)."""
     global _host_cost
     if _host_cost is not None:
         return _host_cost
+    power_env, price_env, kwh_env = map(_env_cost, ("EDGERT_POWER_W", "EDGERT_PRICE_USD_PER_HOUR",
+                                                    "EDGERT_ELECTRICITY_USD_PER_KWH"))
     device, power, price = platform.machine() or "host", DEFAULT_POWER_W, DEFAULT_PRICE_USD_PER_HOUR
     try:
         from . import profiles  # written alongside; optional until it lands
@@ -121,20 +139,25 @@ def host_cost_model() -> CostModel:
             price = float(getattr(prof, "price_usd_per_hour", None) or price)
     except Exception:  # no profiles module, or no profile for this host: documented defaults
         pass
-
-    def env(name, default):
-        try:
-            return float(os.environ[name])
-        except (KeyError, ValueError):
-            return default
-
-    _host_cost = CostModel(device=device, power_w=env("EDGERT_POWER_W", power),
-                           price_usd_per_hour=env("EDGERT_PRICE_USD_PER_HOUR", price),
-                           electricity_usd_per_kwh=env("EDGERT_ELECTRICITY_USD_PER_KWH", DEFAULT_ELECTRICITY_USD_PER_KWH))
+    _host_cost = CostModel(device=device, power_w=power if power_env is None else power_env,
+                           price_usd_per_hour=price if price_env is None else price_env,
+                           electricity_usd_per_kwh=DEFAULT_ELECTRICITY_USD_PER_KWH if kwh_env is None else kwh_env)
     return _host_cost
 
 
 # ---- recording ----
+
+def _cost_model_or_warn() -> CostModel | None:
+    """host_cost_model(), or None with one warning when an override is bad (EDGERT_POWER_W=nan...): recording never
+    raises, so the events go without energy and cost."""
+    try:
+        return host_cost_model()
+    except InvalidArgumentError as exc:
+        if not _writer.warned_cost:
+            _writer.warned_cost = True
+            warnings.warn(f"edgert telemetry: {exc}; events are recorded without energy and cost", RuntimeWarning)
+        return None
+
 
 def _connect(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +187,7 @@ class _Writer:
         self.thread: threading.Thread | None = None
         self.cons: dict[Path, sqlite3.Connection] = {}
         self.warned = False
+        self.warned_cost = False
         self.runs: collections.deque = collections.deque()  # (RunLog, run) pairs, appended and popped atomically
         self.kicked = False  # a wake-up for ``runs`` is queued and not yet taken
 
@@ -253,15 +277,15 @@ def record(event: dict) -> str | None:
         ev = dict(event)
         ev.setdefault("request_id", new_request_id())
         ev.setdefault("ts", time.time())
-        cost = host_cost_model()
-        ev.setdefault("device", cost.device)
+        cost = _cost_model_or_warn()
+        ev.setdefault("device", cost.device if cost else platform.machine() or "host")
         ev.setdefault("delegates", "host")
         if isinstance(ev.get("delegates"), (list, tuple)):
             ev["delegates"] = ",".join(ev["delegates"])
         busy = float(ev.get("prefill_s") or 0.0) + float(ev.get("decode_s") or 0.0)
-        if ev.get("energy_j") is None:
+        if ev.get("energy_j") is None and cost:
             ev["energy_j"] = cost.energy_j(busy)
-        if ev.get("cost_usd") is None:
+        if ev.get("cost_usd") is None and cost:
             ev["cost_usd"] = cost.cost_usd(busy)
         if ev.get("error") is not None and not isinstance(ev["error"], str):
             ev["error"] = f"{type(ev['error']).__name__}: {ev['error']}"
@@ -297,14 +321,15 @@ class RunLog:
     CHUNK = 4096  # runs per INSERT: bounds the GIL-held json.dumps (~0.4 us a run) a caller may wait behind
 
     def __init__(self, event: dict, joules_per_s: float | None = None, usd_per_s: float | None = None):
-        cost = host_cost_model()
+        cost = _cost_model_or_warn()
         self.path = db_path()
         self.params = {name: None for name in _NAMES if name not in _RUN_COLUMNS}
-        self.params.update(device=cost.device, delegates="host", queue_wait_s=0.0)
+        self.params.update(device=cost.device if cost else platform.machine() or "host", delegates="host",
+                           queue_wait_s=0.0)
         self.params.update((k, v) for k, v in event.items() if k in self.params)
         self.params.update(prefix=new_request_id("run"),
-                           joules_per_s=cost.energy_j(1.0) if joules_per_s is None else joules_per_s,
-                           usd_per_s=cost.cost_usd(1.0) if usd_per_s is None else usd_per_s)
+                           joules_per_s=cost.energy_j(1.0) if joules_per_s is None and cost else joules_per_s,
+                           usd_per_s=cost.cost_usd(1.0) if usd_per_s is None and cost else usd_per_s)
         self.n = 0  # runs inserted so far (the writer thread's alone)
 
     def add(self, latency_s: float, bytes_copied: int, error: str | None = None) -> None:
@@ -404,17 +429,21 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """The report's figures for one group of events."""
+    """The report's figures for one group of events. Tokens count where the model ran (the event has prefill or
+    decode time): a request rejected or ended in the queue records its prompt's tokens, which nothing processed and
+    which would dilute the cost per token. Latency, like time to first token, is over the requests without an
+    error (a rejection answers in microseconds)."""
     n = len(rows)
     errors = sum(1 for r in rows if r.get("error"))
-    completion = sum(r.get("completion_tokens") or 0 for r in rows)
-    prompt = sum(r.get("prompt_tokens") or 0 for r in rows)
+    ran = [r for r in rows if r.get("prefill_s") is not None or r.get("decode_s") is not None]
+    completion = sum(r.get("completion_tokens") or 0 for r in ran)
+    prompt = sum(r.get("prompt_tokens") or 0 for r in ran)
     # tokens/s over the events that generate tokens: a Session run (source "session") has busy time and no tokens
     token_busy = sum((r.get("prefill_s") or 0.0) + (r.get("decode_s") or 0.0) for r in rows
                      if r.get("completion_tokens") is not None)
     cost = sum(r.get("cost_usd") or 0.0 for r in rows)
     energy = sum(r.get("energy_j") or 0.0 for r in rows)
-    lat = [r.get("latency_s") for r in rows]
+    lat = [r.get("latency_s") for r in rows if not r.get("error")]
     ttft = [r.get("ttft_s") for r in rows if not r.get("error")]
     total_tokens = prompt + completion
     return {

@@ -132,6 +132,35 @@ def test_prompt_longer_than_context_is_refused(tiny_path):
         assert len(res.tokens) <= 16
 
 
+def test_prompt_and_completion_never_exceed_n_ctx(tiny_path):
+    """The loop stopped once the cache was full, but the token sampled from its last position came on top: a
+    generation that filled the context had n_ctx + 1 tokens in all (the server's usage.total_tokens showed it)."""
+    filled = 0
+    with LLM(str(tiny_path), n_ctx=16) as small:
+        for n_prompt in range(1, 16):
+            for seed in range(3):
+                res = small.generate("x" * n_prompt, max_tokens=100, temperature=1.0, seed=seed, top_k=0, top_p=1.0,
+                                     min_p=0.0)
+                assert res.prompt_tokens + len(res.tokens) <= small.n_ctx, (n_prompt, seed)
+                filled += res.prompt_tokens + len(res.tokens) == small.n_ctx
+    assert filled  # some runs reached the end of the context, so the bound was tested
+
+
+def test_chat_bounds_messages_before_rendering_them(llm):
+    """Content with a private-use code point in every block of n messages made chat_tokens raise ValueError
+    (chat_template's sentinel search ran past U+10FFFF); n_ctx or more messages cannot fit (each renders to a token
+    at least) and are refused before the template renders them (100,000 took seconds)."""
+    n = 100
+    marks = "".join(chr(c) for c in range(0xF0000, 0x110000, n))
+    ids = llm.chat_tokens([{"role": "user", "content": marks}] + [{"role": "user", "content": "hi"}] * (n - 1))
+    assert len(ids) > n
+    with pytest.raises(ContextLengthError, match="6253 tokens"):  # too long for n_ctx: no ValueError
+        llm.chat([{"role": "user", "content": marks}] + [{"role": "user", "content": "hi"}] * (n - 1))
+    with pytest.raises(ContextLengthError, match=f"{llm.n_ctx} messages cannot fit n_ctx={llm.n_ctx}"):
+        llm.chat_tokens([{"role": "user", "content": ""}] * llm.n_ctx)
+    llm.chat_tokens([{"role": "user", "content": ""}] * (llm.n_ctx // 16))
+
+
 def test_n_ctx_is_capped_at_model_context(tiny_path):
     with pytest.warns(UserWarning, match="context length"):
         big = LLM(str(tiny_path), n_ctx=100000)

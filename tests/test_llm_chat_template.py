@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from edgert.errors import InvalidArgumentError, ModelFormatError
-from edgert.llm.chat_template import CHATML_TEMPLATE, render, render_segments, template_from_metadata
+from edgert.llm.chat_template import (CHATML_TEMPLATE, _sentinel_alphabet, render, render_segments,
+                                      template_from_metadata)
 
 # SmolLM2-135M-Instruct's template, copied from its GGUF (tokenizer.chat_template)
 SMOL_TEMPLATE = (
@@ -62,6 +63,34 @@ def test_content_that_looks_like_a_sentinel_is_safe():
     segs = render_segments(None, msgs)
     assert [t for t, m in segs if not m] == [weird, weird + "x"]
     assert "".join(t for t, _ in segs) == render(None, msgs)
+
+
+def test_sentinels_never_run_out_of_code_points():
+    """Content with a private-use code point in every block of n (n messages) took the search for a free block of
+    n index characters past U+10FFFF: chr() raised ValueError, which the server answered with a 500."""
+    n = 1000
+    marks = "".join(chr(c) for c in range(0xF0000, 0x110000, n))
+    msgs = [{"role": "user", "content": marks}] + [{"role": "user", "content": "hi"}] * (n - 1)
+    segs = render_segments(None, msgs)
+    assert [t for t, m in segs if not m] == [marks] + ["hi"] * (n - 1)
+    assert "".join(t for t, _ in segs) == render(None, msgs)
+    # more messages than the private-use planes hold (250,000 empty ones raised the same ValueError), and content
+    # using every private-use code point: the marks come from the rest of Unicode
+    every_pua = "".join(map(chr, [*range(0xE000, 0xF900), *range(0xF0000, 0x110000)]))
+    for texts, k in (([""], 250_000), ([every_pua], 3)):
+        opening, closing, index = _sentinel_alphabet(texts, k)
+        chars = [opening, closing, *index]
+        assert len(set(chars)) == k + 2 and not set(chars) & set("".join(texts))
+    msgs = [{"role": "user", "content": every_pua}, {"role": "user", "content": "x"}]
+    assert [t for t, m in render_segments(None, msgs) if not m] == [every_pua, "x"]
+
+
+def test_template_that_builds_a_sentinel_lookalike_is_refused():
+    """A template that keeps a content's first and last characters around one of its own built a mark of the
+    sentinels' shape that was none of them (KeyError, a 500 from the server)."""
+    with pytest.raises(ModelFormatError, match="rewrites"):
+        render_segments("{% for m in messages %}{{ m.content[0] ~ 'x' ~ m.content[-1] }}{% endfor %}",
+                        [{"role": "user", "content": "abc"}])
 
 
 def test_bos_eos_and_trim_in_template():

@@ -4,6 +4,11 @@ queue's 503, client disconnects, timeouts, a table of malformed requests, the AP
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -149,6 +154,32 @@ def test_tokenize_detokenize(llm):
         assert r.status_code == 200 and r.json() == {"content": "the hat"}
         h = httpx.get(base + "/health", timeout=5).json()
         assert h["model_loaded"] is True and h["queue_depth"] == 0 and h["status"] == "ok"
+        assert httpx.get(base + "/v1/models", timeout=5).status_code == 200
+        assert httpx.post(base + "/tokenize", json={}, timeout=5).status_code == 400
+        # successful requests were never counted in edgert_requests_total, only failures (the wrapper's except)
+        for route, status, n in (("/tokenize", 200, 1), ("/detokenize", 200, 1), ("/v1/models", 200, 1),
+                                 ("/tokenize", 400, 1)):
+            assert metric(base, f'edgert_requests_total{{endpoint="{route}",status="{status}"}}') == n, route
+
+
+def test_completion_prompts_parse_control_tokens_like_llama_cpp(llm):
+    """/v1/completions tokenized "<|im_start|>" as the plain text "<", "|", "im"...: a hand-written ChatML prompt
+    never reached the model as ChatML. It now parses control-token spellings, as llama.cpp's server does, and
+    /tokenize does the same by default (parse_special, llama.cpp's field)."""
+    prompt = "<|im_start|>user\nthe hat<|im_end|>\n<|im_start|>assistant\n"
+    special = llm.tokenizer.encode_special(prompt, add_special=True)
+    plain = llm.tokenize(prompt, add_special=True)
+    im_start = llm.tokenizer.tokens.index("<|im_start|>")
+    assert special.count(im_start) == 2 and im_start not in plain
+    with live(llm) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+        r = client.post(CMPL, json={"prompt": prompt, "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(special)
+        assert client.post("/tokenize", json={"content": prompt}).json()["tokens"] == \
+            llm.tokenizer.encode_special(prompt)
+        assert client.post("/tokenize", json={"content": prompt, "parse_special": False}).json()["tokens"] == \
+            llm.tokenize(prompt)
+        r = client.post("/tokenize", json={"content": prompt, "parse_special": "yes"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "parse_special"
 
 
 # ---- scheduling ----
@@ -185,16 +216,20 @@ def test_32_concurrent_streams_equal_solo_greedy_runs(llm):
 
 
 def _start_long_stream(base, out: dict, max_tokens=LONG):
-    """Streams a long greedy completion on a thread; out['pieces'] counts chunks, out['stop'] ends it early."""
+    """Streams a long greedy completion on a thread; out['pieces'] counts chunks, out['error'] is the code of an
+    error event, out['stop'] ends it early."""
     def run():
         with httpx.stream("POST", base + "/v1/completions", timeout=DEADLINE_S,
                           json={"prompt": "the hat", "max_tokens": max_tokens, "temperature": 0, "stream": True}) as r:
             out["status"] = r.status_code
             for line in r.iter_lines():
                 if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    if "error" in event:  # a stream that failed once it had begun ends with an error event
+                        out["error"] = event["error"]["code"]
+                        continue
                     out["pieces"] = out.get("pieces", 0) + 1
-                    fin = json.loads(line[6:])["choices"][0]["finish_reason"]
-                    out["finish"] = fin or out.get("finish")
+                    out["finish"] = event["choices"][0]["finish_reason"] or out.get("finish")
                 if out.get("stop"):
                     return  # leaving the with-block closes the connection mid-stream
     th = threading.Thread(target=run, daemon=True)
@@ -247,6 +282,207 @@ def test_client_disconnect_stops_generation(paced_llm):
     assert rows[0]["completion_tokens"] == generated
 
 
+def _raw_request(base: str, path: str, body: dict) -> socket.socket:
+    """Sends a request on a socket of its own and returns the socket (closing it is a client that goes away)."""
+    host, port = base.rsplit("/", 1)[1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def test_a_client_gone_while_queued_frees_its_slot_at_once(paced_llm):
+    """A queued client that disconnected kept its queue slot until the worker reached its job (after the running
+    generation): two gone clients with --max-queue 2 made every new request a 503."""
+    llm = paced_llm
+    with live(llm, max_queue=2) as base:
+        a = {}
+        ta = _start_long_stream(base, a)
+        wait_for(lambda: a.get("pieces", 0) > 2, "the first stream to run")
+        gone = [_raw_request(base, CMPL, {"prompt": "the", "max_tokens": LONG, "stream": stream})
+                for stream in (True, False)]
+        wait_for(lambda: httpx.get(base + "/health", timeout=5).json()["queue_depth"] == 2, "two to queue")
+        for sock in gone:
+            sock.close()
+        wait_for(lambda: httpx.get(base + "/health", timeout=5).json()["queue_depth"] == 0, "the slots to free",
+                 timeout=5)
+        assert metric(base, 'edgert_generations_total{finish_reason="cancelled"}') == 2
+        assert httpx.get(base + "/health", timeout=5).json()["running"] == 1  # the first still runs
+        b = {}
+        tb = _start_long_stream(base, b, max_tokens=4)  # waits behind the first: not a 503
+        wait_for(lambda: httpx.get(base + "/health", timeout=5).json()["queue_depth"] == 1, "the new one to queue")
+        a["stop"] = True
+        ta.join(DEADLINE_S)
+        tb.join(DEADLINE_S)
+        assert b["status"] == 200 and b["finish"] in ("stop", "length")
+    telemetry.flush()
+    rows = [r for r in telemetry.events() if r["source"] == "server" and r["status"] == 499]
+    assert len(rows) == 3 and sum(r["prefill_s"] is None for r in rows) == 2  # two never ran
+
+
+def test_queue_admits_max_queue_besides_the_job_about_to_run():
+    """The job the worker had yet to take counted as waiting: a burst of max_queue + 1 requests on an idle server
+    got a 503 (8 in 30 bursts of 3 with --max-queue 2)."""
+    from edgert.serve import QueueFullError, Scheduler, ShuttingDownError
+
+    sched = Scheduler(llm=None, max_queue=2)  # never started: the first job stays "about to run"
+    ended = []
+
+    async def main():
+        jobs = [sched.submit([1], {}, 30.0, on_done=lambda job, out: ended.append(out.finish_reason))
+                for _ in range(3)]
+        with pytest.raises(QueueFullError, match="3 requests are already waiting"):
+            sched.submit([1], {}, 30.0)
+        jobs[1].cancel()  # a queued job leaves at once and frees its slot
+        assert sched.queue_depth == 2 and ended == ["cancelled"]
+        sched.submit([1], {}, 30.0, on_done=lambda job, out: ended.append(out.finish_reason))
+        sched.close()  # queued jobs end now, with the shutdown's reason
+        with pytest.raises(ShuttingDownError):
+            sched.submit([1], {}, 30.0)
+
+    asyncio.run(main())
+    assert ended == ["cancelled"] + ["shutdown"] * 3 and sched.queue_depth == 0
+
+
+def test_a_queue_timeout_is_recorded_as_the_503_it_answers(llm, monkeypatch):
+    """A request whose timeout passed while it waited answered 503 but was counted and recorded as status 200 with
+    no error; a stream got an empty answer with finish_reason "length"."""
+    forward = llm.model.forward
+
+    def slow(*args, **kwargs):  # the first request's one step holds the worker past the others' deadlines
+        time.sleep(1.0)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(llm.model, "forward", slow)
+    with live(llm, request_timeout_s=0.3) as base:
+        res = {}
+
+        def go(key, stream):
+            res[key] = httpx.post(base + CMPL, json={"prompt": "the", "max_tokens": 5, "stream": stream},
+                                  timeout=DEADLINE_S)
+
+        first = threading.Thread(target=go, args=("first", False))
+        first.start()
+        time.sleep(0.1)
+        late = [threading.Thread(target=go, args=(k, k == "stream")) for k in ("plain", "stream")]
+        for th in late:
+            th.start()
+        for th in (first, *late):
+            th.join(DEADLINE_S)
+        assert res["first"].status_code == 200
+        assert res["plain"].status_code == 503 and res["plain"].json()["error"]["code"] == "timeout"
+        events = [json.loads(ln[6:]) for ln in res["stream"].text.splitlines() if ln.startswith("data: {")]
+        assert events[-1]["error"]["code"] == "timeout"
+        assert metric(base, 'edgert_requests_total{endpoint="/v1/completions",status="503"}') == 2
+        assert metric(base, 'edgert_errors_total{endpoint="/v1/completions",code="timeout"}') == 2
+    telemetry.flush()
+    rows = {r["request_id"]: r for r in telemetry.events()}
+    row = rows[res["plain"].headers["x-request-id"]]
+    assert row["status"] == 503 and row["finish_reason"] == "timeout" and row["error"].startswith("timeout: ")
+    assert rows[res["stream"].headers["x-request-id"]]["status"] == 503
+
+
+def test_health_answers_while_a_big_request_is_prepared(llm):
+    """Validation, template rendering and tokenizing ran on the event loop: an 8 MB /tokenize or /v1/completions
+    body, or 130,000 empty chat messages, froze /health and /metrics for 6-20 s. They run in a thread now (and
+    the tokenizer releases the GIL while it works)."""
+    text = "the hat " * 400_000
+    with live(llm) as base:
+        res = {}
+
+        def big():
+            t0 = time.monotonic()
+            r = httpx.post(base + "/tokenize", json={"content": text}, timeout=DEADLINE_S * 2)
+            res["status"], res["took"] = r.status_code, time.monotonic() - t0
+
+        th = threading.Thread(target=big)
+        th.start()
+        worst, last = 0.0, time.monotonic()
+        while th.is_alive():
+            assert httpx.get(base + "/health", timeout=DEADLINE_S).status_code == 200
+            # the gap between answers, not one request's latency: this client shares the server's process, so a
+            # handler holding the GIL stalls it before it can start its clock
+            worst, last = max(worst, time.monotonic() - last), time.monotonic()
+            time.sleep(0.02)
+        th.join()
+        assert res["status"] == 200
+        # before: no /health answered for (nearly) the whole tokenization
+        assert worst < min(1.0, res["took"] / 3), (worst, res["took"])
+        for body in ({"prompt": "x" * 4_000_000}, {"messages": [{"role": "user", "content": ""}] * 100_000}):
+            t0 = time.monotonic()  # refused before tokenizing or rendering: n_ctx bounds characters and messages
+            r = httpx.post(base + (CMPL if "prompt" in body else CHAT), json=body, timeout=DEADLINE_S)
+            assert r.json()["error"]["code"] == "context_length_exceeded" and time.monotonic() - t0 < 2.0
+
+
+SERVE_PACED = """
+import sys, time
+from edgert.llm import model
+forward = model.LlamaModel.forward
+def paced(self, *args, **kwargs):  # 5 ms a step: a long answer lasts seconds on any machine
+    time.sleep(0.005)
+    return forward(self, *args, **kwargs)
+model.LlamaModel.forward = paced
+from edgert.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_sigterm_stops_the_server_within_its_shutdown_timeout(llm, tmp_path):
+    """uvicorn waited for every connection to close before the app's shutdown cancelled anything: SIGTERM during a
+    long generation with two queued behind it took their whole run (55 s with SmolLM2), and a client stalled
+    mid-body held the process forever. Now queued jobs end at once, the running one after the token in flight,
+    each answering 503 server_shutting_down, open connections get --shutdown-timeout, and telemetry is written."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, EDGERT_HOME=str(tmp_path), PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_PACED, "serve", str(llm.path), "--port", str(port),
+                             "--threads", "1", "--shutdown-timeout", "2", "--log-level", "warning"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: proc.poll() is None and _answers(base + "/health"), "the server to start")
+        a, b, plain = {}, {}, {}
+        ta = _start_long_stream(base, a)
+        wait_for(lambda: a.get("pieces", 0) > 2, "the first stream to run")
+        tb = _start_long_stream(base, b)
+        tc = threading.Thread(target=lambda: plain.update(r=httpx.post(
+            base + CMPL, json={"prompt": "the", "max_tokens": LONG}, timeout=DEADLINE_S)))
+        tc.start()
+        wait_for(lambda: httpx.get(base + "/health", timeout=5).json()["queue_depth"] == 2, "two to queue")
+        stalled = socket.create_connection(("127.0.0.1", port))  # a client that never sends the rest of its body
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(DEADLINE_S)
+        took = time.monotonic() - t0
+        stalled.close()
+        for th in (ta, tb, tc):
+            th.join(DEADLINE_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert took < 2 + 3, took  # the stalled client's 2 s, and slack for a loaded machine
+    assert proc.returncode in (0, -signal.SIGTERM), proc.stderr.read().decode()[-2000:]
+    assert a["status"] == b["status"] == 200 and a["error"] == b["error"] == "server_shutting_down"
+    assert plain["r"].status_code == 503
+    assert plain["r"].json()["error"]["code"] == "server_shutting_down"
+    rows = telemetry.events()
+    assert sorted(r["finish_reason"] for r in rows) == ["shutdown"] * 3
+    assert all(r["status"] == 503 and r["error"].startswith("server_shutting_down") for r in rows)
+    assert sorted(r["completion_tokens"] > 0 for r in rows) == [False, False, True]  # the running one's tokens
+
+
 def test_request_timeout_cuts_generation(paced_llm):
     llm = paced_llm
     with live(llm, request_timeout_s=0.3) as base:
@@ -267,14 +503,39 @@ def test_out_of_range_server_settings_are_refused_before_serving(llm, capsys):
     from edgert.cli import main
 
     for kw in ({"max_tokens_cap": -5}, {"max_tokens_cap": 0}, {"request_timeout_s": 0}, {"request_timeout_s": -1},
-               {"request_timeout_s": float("nan")}, {"max_queue": -1}, {"max_queue": 1.5}):
+               {"request_timeout_s": float("nan")}, {"max_queue": -1}, {"max_queue": 1.5},
+               {"shutdown_timeout_s": -1}, {"shutdown_timeout_s": float("inf")}):
         with pytest.raises(InvalidArgumentError):
             create_app(llm, **kw)
-    for args in (["--port", "70000"], ["--max-queue", "-1"], ["--max-tokens-cap", "-5"], ["--timeout", "0"]):
+    for args in (["--port", "70000"], ["--max-queue", "-1"], ["--max-tokens-cap", "-5"], ["--timeout", "0"],
+                 ["--shutdown-timeout", "nan"]):
         capsys.readouterr()
         assert main(["serve", str(llm.path), "--n-ctx", "64", *args]) == 1, args
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("edgert: error: ") and "Traceback" not in "\n".join(err), err
+
+
+def test_a_bad_cost_override_stops_serve_before_it_starts(tmp_path, capsys, monkeypatch):
+    """EDGERT_POWER_W=nan (or negative) gave every event a NaN (negative) energy and cost; `edgert serve` now
+    refuses it before loading the model (the model named here does not exist), naming the variable."""
+    from edgert.cli import main
+
+    monkeypatch.setattr(telemetry, "_host_cost", None)
+    monkeypatch.setenv("EDGERT_POWER_W", "nan")
+    assert main(["serve", str(tmp_path / "missing.gguf")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "edgert: error: EDGERT_POWER_W must be a finite number >= 0, got 'nan': fix or unset it"
+
+
+def test_usage_never_exceeds_n_ctx_and_names_the_model_as_llm_does(llm):
+    """usage.total_tokens reached n_ctx + 1 when a generation filled the context; and the server recorded a model
+    by its file's stem while LLM calls recorded the full path (one model, two rows in `edgert report --by model`)."""
+    with LLM(str(llm.path), n_ctx=16, threads=1) as small:
+        assert create_app(small).state.server.model_id == small.model_id == llm.path.stem
+        with live(small) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+            totals = [client.post(CMPL, json={"prompt": [5] * n, "max_tokens": 100, "seed": seed, "top_k": 0})
+                      .json()["usage"]["total_tokens"] for n in (13, 14, 15) for seed in range(3)]
+    assert max(totals) == small.n_ctx, totals
 
 
 def test_max_tokens_cap(llm):
@@ -317,6 +578,8 @@ BAD = [
     ("n=2", "POST", CHAT, {"messages": MSG, "n": 2}, 400, "unsupported_value"),
     ("n true", "POST", CHAT, {"messages": MSG, "n": True}, 400, "invalid_type"),
     ("n a float", "POST", CHAT, {"messages": MSG, "n": 1.0}, 400, "invalid_type"),
+    ("best_of true", "POST", CMPL, {"prompt": "the", "best_of": True}, 400, "invalid_type"),  # was taken as 1
+    ("best_of 2", "POST", CMPL, {"prompt": "the", "best_of": 2}, 400, "unsupported_value"),
     ("include_usage a string", "POST", CHAT, {"messages": MSG, "stream": True, "stream_options": {"include_usage": "no"}},
      400, "invalid_type"),
     ("stream a string", "POST", CHAT, {"messages": MSG, "stream": "yes"}, 400, "invalid_type"),
@@ -333,6 +596,15 @@ BAD = [
     # 4.2 M characters reached the template sandbox's size limit, which blamed the model's template (invalid_value)
     ("message of millions of characters", "POST", CHAT, {"messages": [{"role": "user", "content": "a" * 4_200_000}]},
      400, "context_length_exceeded"),
+    # one private-use code point in every block of 1000 code points, 1000 messages: the chat template's sentinel
+    # search ran past U+10FFFF (500 internal_error)
+    ("private-use code points in every sentinel block", "POST", CHAT,
+     {"messages": [{"role": "user", "content": "".join(map(chr, range(0xF0000, 0x110000, 1000)))}]
+      + [{"role": "user", "content": "hi"}] * 999}, 400, "context_length_exceeded"),
+    ("more messages than n_ctx", "POST", CHAT, {"messages": [{"role": "user", "content": ""}] * 250_000}, 400,
+     "context_length_exceeded"),
+    ("completion prompt of millions of characters", "POST", CMPL, {"prompt": "a" * 4_200_000}, 400,
+     "context_length_exceeded"),
     ("completion without prompt", "POST", CMPL, {"max_tokens": 3}, 400, "missing_required_parameter"),
     ("empty prompt", "POST", CMPL, {"prompt": ""}, 400, "empty_prompt"),
     ("prompt a dict", "POST", CMPL, {"prompt": {"a": 1}}, 400, "invalid_type"),
@@ -470,12 +742,18 @@ def test_telemetry_rows_match_requests_and_report(llm, tmp_path):
         made.append((r.headers["x-request-id"], 200, r.json()["usage"]))
         r = client.post(CHAT, json={"messages": []})
         assert r.status_code == 400
+        rejected = [r.headers["x-request-id"]]  # error responses carry it too (docs said every response did)
+        # a prompt refused once tokenized records its tokens (0 before), as a queue_full rejection does
+        r = client.post(CMPL, json={"prompt": [1] * llm.n_ctx})
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        rejected.append(r.headers["x-request-id"])
         with client.stream("POST", CMPL, json={"prompt": "the", "max_tokens": 5, "stream": True}) as s:
             lines = [ln for ln in s.iter_lines() if ln.startswith("data: {")]
+            assert s.headers["x-request-id"] == json.loads(lines[0][6:])["id"]  # and streams
         sid = json.loads(lines[0][6:])["id"]
     assert telemetry.flush()
     rows = [r for r in telemetry.events() if r["source"] == "server"]
-    assert len(rows) == 6
+    assert len(rows) == 7
     by_id = {r["request_id"]: r for r in rows}
     for rid, status, usage in made:
         row = by_id[rid]
@@ -485,20 +763,23 @@ def test_telemetry_rows_match_requests_and_report(llm, tmp_path):
         assert row["model"] == "tiny" and row["prefill_s"] > 0 and row["ttft_s"] > 0
         assert row["latency_s"] >= row["ttft_s"] >= row["queue_wait_s"] >= 0
     assert by_id[sid]["completion_tokens"] <= 5 and by_id[sid]["endpoint"] == CMPL
-    (bad,) = [r for r in rows if r["status"] == 400]
-    assert bad["error"] and bad["finish_reason"] == "rejected"
+    bad = [by_id[rid] for rid in rejected]
+    assert all(r["status"] == 400 and r["error"] and r["finish_reason"] == "rejected" for r in bad)
+    assert [r["prompt_tokens"] for r in bad] == [0, llm.n_ctx] and bad[1]["completion_tokens"] == 0
 
     rep = telemetry.query()[0]
-    assert rep["requests"] == 6 and rep["error_rate"] == pytest.approx(1 / 6)
-    assert rep["latency_p50_s"] == pytest.approx(np.percentile([r["latency_s"] for r in rows], 50))
-    assert rep["latency_p95_s"] == pytest.approx(np.percentile([r["latency_s"] for r in rows], 95))
+    assert rep["requests"] == 7 and rep["error_rate"] == pytest.approx(2 / 7)
     ok = [r for r in rows if not r["error"]]
+    # latency over the requests that were answered, as time to first token (a rejection takes microseconds)
+    assert rep["latency_p50_s"] == pytest.approx(np.percentile([r["latency_s"] for r in ok], 50))
+    assert rep["latency_p95_s"] == pytest.approx(np.percentile([r["latency_s"] for r in ok], 95))
     assert rep["ttft_p50_s"] == pytest.approx(np.percentile([r["ttft_s"] for r in ok], 50))
     busy = sum(r["prefill_s"] + r["decode_s"] for r in ok)
     assert rep["tokens_per_s"] == pytest.approx(sum(r["completion_tokens"] for r in rows) / busy)
     cost = telemetry.host_cost_model()
     assert rep["energy_j"] == pytest.approx(cost.power_w * busy)
-    total_tokens = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
+    total_tokens = sum(r["prompt_tokens"] + r["completion_tokens"] for r in ok)  # the rejected prompt never ran
+    assert rep["prompt_tokens"] + rep["completion_tokens"] == total_tokens
     assert rep["cost_per_1m_tokens_usd"] == pytest.approx(cost.cost_usd(busy) / total_tokens * 1e6)
 
     import io
@@ -508,7 +789,7 @@ def test_telemetry_rows_match_requests_and_report(llm, tmp_path):
     with redirect_stdout(buf):
         assert main(["report", "--format", "json", "--by", "model"]) == 0
     (cli_row,) = json.loads(buf.getvalue())
-    assert cli_row["model"] == "tiny" and cli_row["requests"] == 6
+    assert cli_row["model"] == "tiny" and cli_row["requests"] == 7
     assert cli_row["latency_p95_s"] == pytest.approx(rep["latency_p95_s"])
 
 

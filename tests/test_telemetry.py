@@ -164,8 +164,9 @@ def test_query_groups_since_and_figures():
     telemetry.flush()
     (all_,) = telemetry.query(since="1h")
     assert all_["requests"] == 3 and all_["errors"] == 1 and all_["error_rate"] == pytest.approx(1 / 3)
-    assert all_["latency_p50_s"] == pytest.approx(0.3)
-    assert all_["latency_p95_s"] == pytest.approx(np.percentile([0.1, 0.3, 0.9], 95))
+    # failed requests are left out of latency as they are of time to first token (they counted in it)
+    assert all_["latency_p50_s"] == pytest.approx(0.2)
+    assert all_["latency_p95_s"] == pytest.approx(np.percentile([0.1, 0.3], 95))
     assert all_["ttft_p50_s"] == pytest.approx(0.12)  # failed requests have no first token
     assert all_["tokens_per_s"] == pytest.approx(15 / 1.5)
     assert all_["cost_per_1m_tokens_usd"] == pytest.approx(4e-6 / 45 * 1e6)
@@ -212,7 +213,8 @@ def test_llm_generate_and_stream_record_one_event_each(tiny_path):
     rows = telemetry.events()
     assert [r["source"] for r in rows] == ["llm"] * 3
     assert rows[0]["completion_tokens"] == len(res.tokens) and rows[0]["prompt_tokens"] == res.prompt_tokens
-    assert rows[0]["finish_reason"] == res.finish_reason and rows[0]["model"] == str(tiny_path)
+    # the file's stem, as the server records it (the full path split one model's events by where it was loaded)
+    assert rows[0]["finish_reason"] == res.finish_reason and rows[0]["model"] == tiny_path.stem == llm.model_id
     assert rows[0]["prefill_s"] == pytest.approx(res.timings["prefill_s"])
     assert rows[1]["finish_reason"] == "cancelled"
     # a stream closed early records what it did (it recorded no prompt, 0 tokens and no timings before)
@@ -263,6 +265,47 @@ def test_session_runs_do_not_dilute_tokens_per_s():
     head, row = table.splitlines()
     assert head.split()[-3:] == ["cost", "$", "tokens"]
     assert row.split()[-1] == str(all_["prompt_tokens"] + all_["completion_tokens"])
+
+
+def test_tokens_of_requests_that_never_ran_are_not_counted():
+    """A request rejected or ended in the queue records its prompt's tokens, and the report added them to its token
+    totals and cost-per-token denominator although no model ever processed them."""
+    telemetry.record(ev(request_id="ran", prompt_tokens=10, completion_tokens=5))
+    for i, (status, finish) in enumerate([(503, "rejected"), (400, "rejected"), (503, "timeout"), (499, "cancelled")]):
+        telemetry.record(ev(request_id=f"never{i}", prompt_tokens=1000, completion_tokens=0, prefill_s=None,
+                            decode_s=None, ttft_s=None, status=status, finish_reason=finish,
+                            error=None if status == 499 else "x"))
+    telemetry.flush()
+    (all_,) = telemetry.query()
+    assert all_["requests"] == 5 and all_["prompt_tokens"] == 10 and all_["completion_tokens"] == 5
+    assert all_["cost_per_1m_tokens_usd"] == pytest.approx(all_["cost_usd"] / 15 * 1e6)
+
+
+@pytest.mark.parametrize("name, value", [("EDGERT_POWER_W", "nan"), ("EDGERT_POWER_W", "-5"),
+                                         ("EDGERT_POWER_W", "inf"), ("EDGERT_PRICE_USD_PER_HOUR", "-0.1"),
+                                         ("EDGERT_ELECTRICITY_USD_PER_KWH", "cheap")])
+def test_a_bad_cost_override_is_refused(monkeypatch, name, value):
+    """EDGERT_POWER_W=nan made every event's energy and cost NaN (a negative one, negative costs), and a value that
+    was no number was dropped without a word."""
+    from edgert.errors import InvalidArgumentError
+
+    monkeypatch.setattr(telemetry, "_host_cost", None)
+    monkeypatch.setattr(telemetry._writer, "warned_cost", False)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(InvalidArgumentError, match=f"{name} must be a finite number >= 0, got '{value}'"):
+        telemetry.host_cost_model()
+    with pytest.warns(RuntimeWarning, match=name):  # recording still never raises: the event, without a cost
+        assert telemetry.record(ev(request_id="r")) == "r"
+    log = telemetry.RunLog({"source": "session", "endpoint": "run"})  # a Session's runs: the same (it raised)
+    log.add(0.5, 10)
+    telemetry.flush()
+    rows = telemetry.events()
+    assert [r["request_id"] for r in rows] == ["r", f"{log.params['prefix']}-1"]
+    assert all(r["energy_j"] is None and r["cost_usd"] is None for r in rows) and rows[0]["completion_tokens"] == 5
+    assert rows[1]["latency_s"] == 0.5 and rows[1]["bytes_copied"] == 10
+    monkeypatch.setenv(name, "0")
+    monkeypatch.setattr(telemetry, "_host_cost", None)
+    assert telemetry.host_cost_model()  # 0 is a valid override
 
 
 def test_a_damaged_database_is_an_edgert_error(tmp_path):

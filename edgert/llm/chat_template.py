@@ -341,19 +341,23 @@ def render(template: str | None, messages, add_generation_prompt: bool = True, b
     return _run(template, validate_messages(messages), add_generation_prompt, bos_token, eos_token)
 
 
-def _sentinel_alphabet(texts: Sequence[str], n: int) -> tuple[str, str, int]:
-    """Open/close marks and a base code point for n index characters, none occurring in ``texts``."""
-    used = set()
-    for t in texts:
-        used.update(ch for ch in t if ord(ch) >= 0xF0000)
-    marks = [chr(c) for c in range(0x10FFFD, 0x10FF00, -1) if chr(c) not in used]
-    base = 0xF0000
-    while any(chr(base + k) in used for k in range(n)):
-        base += n
-    if len(marks) < 2 or base + n > 0x10FF00:
-        raise InvalidArgumentError("message content uses so many private-use code points that edgert cannot mark "
-                                   "it safely")
-    return marks[0], marks[1], base
+# code points the content sentinels are drawn from, in order: the private-use planes and area first (no case, no
+# whitespace, in no real template), then the rest of Unicode (surrogates left out), so they run out only when the
+# messages use almost every code point there is
+_SENTINEL_POOL = ((0xF0000, 0x110000), (0xE000, 0xF900), (0x80, 0xD800), (0xF900, 0xF0000))
+
+
+def _sentinel_alphabet(texts: Sequence[str], n: int) -> tuple[str, str, list[str]]:
+    """Open/close marks and n index characters, all distinct and none occurring in ``texts``. The free code points
+    need not be contiguous: content holding one private-use character in every block of n took the search for a
+    free block past U+10FFFF (chr() raised, a 500 from the server)."""
+    used = set().union(*texts)
+    free = (ch for lo, hi in _SENTINEL_POOL for ch in map(chr, range(lo, hi)) if ch not in used)
+    chars = list(itertools.islice(free, n + 2))
+    if len(chars) < n + 2:
+        raise InvalidArgumentError("the messages use so many distinct characters that edgert cannot mark their "
+                                   "content safely")
+    return chars[0], chars[1], chars[2:]
 
 
 def render_segments(template: str | None, messages, add_generation_prompt: bool = True, bos_token: str = "",
@@ -369,8 +373,8 @@ def render_segments(template: str | None, messages, add_generation_prompt: bool 
     if not isinstance(source, str):
         raise InvalidArgumentError(f"template must be a str or None, got {type(source).__name__}")
     contents = [m["content"] for m in msgs]
-    opening, closing, base = _sentinel_alphabet(contents + [source, bos_token, eos_token], len(msgs))
-    sentinels = [f"{opening}{chr(base + i)}{closing}" for i in range(len(msgs))]
+    opening, closing, index = _sentinel_alphabet(contents + [source, bos_token, eos_token], len(msgs))
+    sentinels = [opening + i + closing for i in index]
     marked = [{"role": m["role"], "content": s} for m, s in zip(msgs, sentinels)]
     with_marks = _run(source, marked, add_generation_prompt, bos_token, eos_token)
     real = _run(source, msgs, add_generation_prompt, bos_token, eos_token)
@@ -394,7 +398,10 @@ def render_segments(template: str | None, messages, add_generation_prompt: bool 
         pos += len(text)
         if k == len(markup) - 1:
             break
-        content = by_mark[pieces[2 * k + 1]]
+        content = by_mark.get(pieces[2 * k + 1])
+        if content is None:  # marks the template built itself (a reversed or sliced sentinel), not ours
+            raise ModelFormatError("the chat template rewrites message content; edgert cannot keep content apart "
+                                   "from markup — pass a simpler template")
         nxt = markup[k + 1]
         for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
             end = pos + len(cand)

@@ -5,7 +5,8 @@ KV cache is reused across calls: a prompt that starts with the tokens already in
 a chat) only prefills what is new.
 
 Context limit policy: a prompt that does not fit n_ctx (leaving room for one generated token) is refused with
-ContextLengthError; a generation that fills the context stops with finish_reason "length".
+ContextLengthError; a generation that fills the context stops with finish_reason "length" (prompt + completion
+tokens never exceed n_ctx).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -101,6 +103,9 @@ class LLM:
         t0 = time.perf_counter()
         self.path = store.resolve(model, pull_missing=True, progress=progress)
         self.name = str(model)
+        # the name telemetry and the server give the model: a known name as given, a file by its stem (a full path
+        # would split one model's events by where it was loaded from)
+        self.model_id = self.name if not self.name.endswith(".gguf") else Path(self.name).stem
         self.threads = threads
         self.model = LlamaModel(self.path, n_ctx=n_ctx, n_batch=n_batch, clamp_ctx=True)
         if self.model.n_ctx < n_ctx and n_ctx != DEFAULT_N_CTX:
@@ -135,12 +140,13 @@ class LLM:
         if not messages:  # chat answered the template's default prompt
             raise InvalidArgumentError("messages is empty: give at least one {'role', 'content'} message")
         tok = self.tokenizer
-        # content that cannot fit n_ctx even at the longest token's length per token: said so here (a 4 MB message
-        # reached the template sandbox's size limit, which blamed the model file's template)
-        chars = sum(len(m["content"]) for m in messages)
-        if chars > self.n_ctx * self._longest_token():
-            raise ContextLengthError(f"the messages hold {chars} characters, more than n_ctx={self.n_ctx} tokens can "
-                                     "hold: shorten them or load the model with a larger n_ctx")
+        # every template renders a message to at least one token (its role header or separator), and one more is
+        # needed for the answer: refused before rendering, which 100,000 empty messages made take seconds
+        if len(messages) >= self.n_ctx:
+            raise ContextLengthError(f"{len(messages)} messages cannot fit n_ctx={self.n_ctx} tokens (each takes at "
+                                     "least one): send fewer or load the model with a larger n_ctx")
+        # (a 4 MB message reached the template sandbox's size limit, which blamed the model file's template)
+        self.check_text_fits(sum(len(m["content"]) for m in messages), "the messages hold")
         segments = chat_template.render_segments(
             self.template, messages, add_generation_prompt=add_generation_prompt,
             bos_token=_piece_text(tok, tok.bos_id), eos_token=_piece_text(tok, tok.eos_id),
@@ -151,6 +157,13 @@ class LLM:
         if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
             ids.insert(0, tok.bos_id)
         return ids
+
+    def check_text_fits(self, chars: int, what: str = "the text holds") -> None:
+        """ContextLengthError when ``chars`` characters cannot fit n_ctx tokens even at the longest token's length
+        each: said before tokenizing or rendering, which megabytes of text make take seconds."""
+        if chars > self.n_ctx * self._longest_token():
+            raise ContextLengthError(f"{what} {chars} characters, more than n_ctx={self.n_ctx} tokens can hold: "
+                                     "shorten the text or load the model with a larger n_ctx")
 
     def _longest_token(self) -> int:
         """The most characters one token's text holds (a bound on how much text n tokens can cover)."""
@@ -254,7 +267,7 @@ class LLM:
             finish, error = "error", exc
             raise
         finally:
-            telemetry.record_generation(result, model=self.name, finish_reason=finish, error=error, t_start=t0)
+            telemetry.record_generation(result, model=self.model_id, finish_reason=finish, error=error, t_start=t0)
 
     def _loop(self, prompt_ids, max_tokens, sampler, scanner, should_stop=None, partial: list | None = None):
         t0 = time.perf_counter()
@@ -318,7 +331,8 @@ class LLM:
                 if scanner.hit:
                     finish = "stop"
                     break
-                if len(out) >= max_tokens or len(self._kv) >= self.n_ctx:
+                # the cache holds all but the token just sampled: prompt + completion never exceeds n_ctx
+                if len(out) >= max_tokens or len(self._kv) + 1 >= self.n_ctx:
                     break
                 reason = should_stop() if should_stop is not None else None
                 if reason:

@@ -293,7 +293,9 @@ class Tokenizer:
     def _encode(self, text: str, special: bool) -> list[int]:
         with self._mode_lock:
             self._hf.encode_special_tokens = not special
-            return list(self._hf.encode(text, add_special_tokens=False).ids)
+            # encode_batch releases the GIL while it works; encode holds it (bar a thread's first call), so a
+            # megabyte tokenized on a server's worker thread stalled its event loop for seconds
+            return list(self._hf.encode_batch([text], add_special_tokens=False)[0].ids)
 
     def _piece(self, j: int) -> bytes:
         p = self._pieces[j]

@@ -1,12 +1,14 @@
 """The OpenAI-compatible HTTP server: a Starlette app over one loaded LLM.
 
-``create_app(llm, ...)`` returns an ASGI app (run it with uvicorn; ``edgert serve`` does). Handlers validate and
-tokenize on the event loop (cheap), hand generations to the Scheduler's worker thread, and stream pieces back as
-server-sent events in the OpenAI chunk format. Health and metrics never wait for the model. Every completion
-request that passes authentication records one telemetry event when it ends (from the worker thread for generations,
-so a client that disconnected is still counted with the tokens it cost).
+``create_app(llm, ...)`` returns an ASGI app; ``run_server`` runs it under uvicorn with a bounded shutdown (``edgert
+serve`` does). Handlers read the body on the event loop and validate, render and tokenize in a thread (a request of
+megabytes takes seconds of that), hand generations to the Scheduler's worker thread, and stream pieces back as
+server-sent events in the OpenAI chunk format. Health and metrics never wait for the model or for another request's
+preparation. Every completion request that passes authentication records one telemetry event when it ends (from the
+worker thread for generations, so a client that disconnected is still counted with the tokens it cost).
 
-This module must not run model code on the event loop, and must not decide sampling semantics (schemas.py does).
+This module must not run model code or tokenize on the event loop, and must not decide sampling semantics
+(schemas.py does).
 """
 from __future__ import annotations
 
@@ -30,11 +32,12 @@ from starlette.routing import Route
 from .. import telemetry as telemetry_mod
 from ..errors import ContextLengthError, EdgertError, InvalidArgumentError
 from .schemas import APIError, GenerationRequest, _is_int, bad, parse_detokenize, parse_generation, parse_tokenize
-from .scheduler import Job, QueueFullError, Scheduler
+from .scheduler import Job, JobOutcome, QueueFullError, Scheduler, ShuttingDownError
 
 DEFAULT_MAX_QUEUE = 64
 _FLOAT_MAX = sys.float_info.max
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
+DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 MAX_BODY_BYTES = 8 << 20
 RETRY_AFTER_S = 1
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -131,8 +134,14 @@ class Metrics:
         return "\n".join(L) + "\n"
 
 
-def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down: retry on another instance or once it is back", None,
+                    "server_shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _error_response(err: APIError, rid: str | None = None) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status,
+                        headers={**err.headers, "x-request-id": rid} if rid else err.headers)
 
 
 async def _watch_disconnect(receive, job: Job) -> None:
@@ -148,8 +157,8 @@ class _SSEResponse(StreamingResponse):
     """A StreamingResponse that watches for the client's disconnect itself (whatever the ASGI server's spec version)
     and cancels the generation behind it, at once rather than at the next write."""
 
-    def __init__(self, content, job: Job):
-        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(self, content, job: Job, rid: str):
+        super().__init__(content, media_type="text/event-stream", headers={**SSE_HEADERS, "x-request-id": rid})
         self.job = job
 
     async def __call__(self, scope, receive, send) -> None:
@@ -168,14 +177,16 @@ def _sse(obj) -> str:
 
 
 class Server:
-    def __init__(self, llm, api_key, max_queue, request_timeout_s, telemetry, max_tokens_cap, model_id):
+    def __init__(self, llm, api_key, max_queue, request_timeout_s, telemetry, max_tokens_cap, model_id,
+                 shutdown_timeout_s):
         self.llm = llm
         self.api_key = api_key
         self.request_timeout_s = float(request_timeout_s)
+        self.shutdown_timeout_s = float(shutdown_timeout_s)
         self.telemetry = telemetry
         self.max_tokens_cap = int(max_tokens_cap or llm.n_ctx)
         path = Path(str(getattr(llm, "path", llm.name)))
-        self.model_id = model_id or (llm.name if not str(llm.name).endswith(".gguf") else path.stem)
+        self.model_id = model_id or llm.model_id  # the name LLM calls record in telemetry too
         self.model_aliases = {self.model_id, str(llm.name), path.name, path.stem, str(path)}
         try:
             self.created = int(path.stat().st_mtime)
@@ -227,6 +238,14 @@ class Server:
         if self.telemetry and telemetry_mod.enabled():
             telemetry_mod.record({"source": "server", "model": self.model_id, **event})
 
+    def stop(self) -> None:
+        """The app's last step (lifespan shutdown): stop the worker (waiting up to shutdown_timeout_s), then write
+        the telemetry still queued (up to flush's 5 s: the process may end by the signal that stopped it, and atexit
+        handlers do not run then)."""
+        self.scheduler.stop(timeout=self.shutdown_timeout_s)
+        if self.telemetry:
+            telemetry_mod.flush()
+
     # ---- endpoints ----
 
     async def health(self, request: Request) -> Response:
@@ -255,13 +274,17 @@ class Server:
 
     async def tokenize(self, request: Request) -> Response:
         self.check_key(request)
-        content, add_special = parse_tokenize(await self.json_body(request))
-        return JSONResponse({"tokens": self.llm.tokenize(content, add_special=add_special)})
+        content, add_special, parse_special = parse_tokenize(await self.json_body(request))
+        tok = self.llm.tokenizer
+        encode = tok.encode_special if parse_special else tok.encode
+        return await asyncio.to_thread(lambda: JSONResponse({"tokens": encode(content, add_special=add_special)}))
 
     async def detokenize(self, request: Request) -> Response:
         self.check_key(request)
-        tokens = parse_detokenize(await self.json_body(request), self.llm.model.vocab_size)
-        return JSONResponse({"content": self.llm.detokenize(tokens)})
+        body = await self.json_body(request)
+        vocab = self.llm.model.vocab_size
+        return await asyncio.to_thread(
+            lambda: JSONResponse({"content": self.llm.detokenize(parse_detokenize(body, vocab))}))
 
     async def chat_completions(self, request: Request) -> Response:
         return await self.complete(request, "chat", "/v1/chat/completions")
@@ -269,9 +292,16 @@ class Server:
     async def completions(self, request: Request) -> Response:
         return await self.complete(request, "completion", "/v1/completions")
 
-    def prompt_ids(self, req: GenerationRequest) -> list[int]:
+    def prepare(self, body, kind: str) -> tuple[GenerationRequest, list[int]]:
+        """The request and its prompt's token ids, not yet checked against n_ctx (run in a thread: rendering and
+        tokenizing a long prompt take seconds)."""
+        req = parse_generation(body, kind)
+        if req.model is not None and req.model not in self.model_aliases:
+            raise APIError(404, f"model {req.model!r} is not served here; this server serves {self.model_id!r}",
+                           "model", "model_not_found")
+        param = "messages" if kind == "chat" else "prompt"
         try:
-            if req.kind == "chat":
+            if kind == "chat":
                 ids = self.llm.chat_tokens(req.messages)
             elif isinstance(req.prompt, list):
                 vocab = self.llm.model.vocab_size
@@ -279,32 +309,34 @@ class Server:
                     raise bad(f"prompt token ids must be in [0, {vocab})", "prompt")
                 ids = list(req.prompt)
             else:
-                ids = self.llm.tokenize(req.prompt, add_special=True)
-        except ContextLengthError as exc:  # messages far too long for the context, found before rendering
-            raise bad(str(exc), "messages" if req.kind == "chat" else "prompt", "context_length_exceeded") from None
+                self.llm.check_text_fits(len(req.prompt), "the prompt holds")
+                # control-token spellings become control tokens, as in llama.cpp's server (docs/serve.md)
+                ids = self.llm.tokenizer.encode_special(req.prompt, add_special=True)
+        except ContextLengthError as exc:  # far too long for the context, found before rendering or tokenizing
+            raise bad(str(exc), param, "context_length_exceeded") from None
         except EdgertError as exc:  # e.g. a chat template that refuses the message order
-            raise bad(str(exc), "messages" if req.kind == "chat" else "prompt") from None
+            raise bad(str(exc), param) from None
         if not ids:
-            raise bad("the prompt is empty: give at least one token of text", "messages" if req.kind == "chat" else "prompt",
-                      "empty_prompt")
-        if len(ids) >= self.llm.n_ctx:
-            raise bad(f"the prompt has {len(ids)} tokens but this model's context holds {self.llm.n_ctx} (one more "
-                      "token is needed to answer): shorten the prompt", "messages" if req.kind == "chat" else "prompt",
-                      "context_length_exceeded")
-        return ids
+            raise bad("the prompt is empty: give at least one token of text", param, "empty_prompt")
+        return req, ids
 
     async def complete(self, request: Request, kind: str, endpoint: str) -> Response:
         t_arrival = time.monotonic()
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        self.check_key(request)  # unauthenticated requests are not recorded: they are nobody's cost
+        try:
+            self.check_key(request)
+        except APIError as err:  # not recorded: unauthenticated requests are nobody's cost
+            err.headers["x-request-id"] = rid
+            raise
         n_prompt = 0
         try:
-            req = parse_generation(await self.json_body(request), kind)
-            if req.model is not None and req.model not in self.model_aliases:
-                raise APIError(404, f"model {req.model!r} is not served here; this server serves {self.model_id!r}",
-                               "model", "model_not_found")
-            ids = self.prompt_ids(req)
+            body = await self.json_body(request)
+            req, ids = await asyncio.to_thread(self.prepare, body, kind)
             n_prompt = len(ids)
+            if n_prompt >= self.llm.n_ctx:
+                raise bad(f"the prompt has {n_prompt} tokens but this model's context holds {self.llm.n_ctx} (one "
+                          "more token is needed to answer): shorten the prompt",
+                          "messages" if kind == "chat" else "prompt", "context_length_exceeded")
             max_tokens = min(req.max_tokens or self.max_tokens_cap, self.max_tokens_cap)
             sampling = dict(req.sampling, max_tokens=max_tokens)
             try:
@@ -312,36 +344,61 @@ class Server:
                 job = self.scheduler.submit(
                     ids, sampling, self.request_timeout_s, submitted=t_arrival,
                     on_done=lambda job, outcome: self.finish(rid, endpoint, job, outcome, t_arrival))
+            except ShuttingDownError:
+                raise _shutting_down() from None
             except QueueFullError as exc:
                 raise APIError(503, f"the server is busy: {exc}; retry after {RETRY_AFTER_S}s", None, "queue_full",
                                headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except APIError as err:
+            # prompt tokens as counted (0 when the prompt was never tokenized); the report leaves out the tokens of
+            # requests that never ran
             self.metrics.request(endpoint, err.status, err.code)
             self.record(request_id=rid, endpoint=endpoint, prompt_tokens=n_prompt, completion_tokens=0,
                         latency_s=time.monotonic() - t_arrival, finish_reason="rejected", status=err.status,
                         error=f"{err.code}: {err.message}")
-            return _error_response(err)
+            return _error_response(err, rid)
         created = int(time.time())
         if req.stream:
-            return _SSEResponse(self.sse(rid, created, req, job), job)
+            return _SSEResponse(self.sse(rid, created, req, job), job, rid)
         return await self.collect(request, rid, created, req, job)
 
+    @staticmethod
+    def outcome_error(out: JobOutcome) -> APIError | None:
+        """The error an ended generation answers with (None: it answers with its text): one mapping for the
+        response, the stream's last event, metrics and telemetry."""
+        if out.error is not None:
+            return APIError(500, f"the generation failed: {out.error}", None, "generation_failed")
+        if out.finish_reason == "shutdown":
+            return _shutting_down()
+        if out.finish_reason == "timeout" and out.result is None:
+            return APIError(503, "the request timed out waiting for the model", None, "timeout",
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
+        if out.finish_reason == "cancelled":
+            return APIError(499, "the client disconnected", None, "cancelled")
+        return None
+
     def finish(self, rid, endpoint, job, out, t_arrival) -> None:
-        """Metrics and telemetry for one ended generation (called on the worker thread)."""
+        """Metrics and telemetry for one ended generation (called on the worker thread, or on the event loop for a
+        job cancelled while it waited)."""
         res = out.result
         t = getattr(res, "timings", None) or {}
         n_out = len(getattr(res, "tokens", None) or [])
         n_prompt = len(job.prompt_ids)
         latency = time.monotonic() - t_arrival
-        status = {"cancelled": 499, "error": 500}.get(out.finish_reason, 200)
+        err = self.outcome_error(out)
+        status = 200 if err is None else err.status
         copied = int(t.get("bytes_copied", 0))
-        self.metrics.request(endpoint, status, out.finish_reason if status != 200 else None)
-        self.metrics.generation(n_prompt, n_out, latency, out.ttft_s, out.queue_wait_s, out.finish_reason, copied)
+        self.metrics.request(endpoint, status, None if err is None else err.code)
+        self.metrics.generation(n_prompt if res is not None else 0, n_out, latency, out.ttft_s, out.queue_wait_s,
+                                out.finish_reason, copied)
+        if out.error is not None:
+            error = f"{type(out.error).__name__}: {out.error}"
+        else:  # a client that went away (499) made no error of the server's
+            error = None if err is None or status == 499 else f"{err.code}: {err.message}"
         self.record(request_id=rid, endpoint=endpoint, prompt_tokens=n_prompt, completion_tokens=n_out,
                     queue_wait_s=out.queue_wait_s, ttft_s=out.ttft_s, prefill_s=t.get("prefill_s"),
                     decode_s=t.get("decode_s"), latency_s=latency, bytes_copied=copied,
-                    finish_reason=out.finish_reason, status=status,
-                    error=None if out.error is None else f"{type(out.error).__name__}: {out.error}")
+                    finish_reason=out.finish_reason, status=status, error=error)
 
     @staticmethod
     def api_finish(reason: str) -> str:
@@ -354,9 +411,6 @@ class Server:
         return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": n_out,
                 "total_tokens": len(job.prompt_ids) + n_out}
 
-    def _server_error(self, job: Job) -> APIError:
-        return APIError(500, f"the generation failed: {job.outcome.error}", None, "generation_failed")
-
     async def collect(self, request: Request, rid, created, req: GenerationRequest, job: Job) -> Response:
         watcher = asyncio.create_task(_watch_disconnect(request.receive, job))
         try:
@@ -366,11 +420,9 @@ class Server:
             if job.outcome is None:  # this handler was cancelled (server shutdown): stop the generation
                 job.cancel()
         out = job.outcome
-        if out.error is not None:
-            return _error_response(self._server_error(job))
-        if out.finish_reason == "timeout" and job.started is not None and out.result is None:
-            return _error_response(APIError(503, "the request timed out waiting for the model", None, "timeout",
-                                            headers={"Retry-After": str(RETRY_AFTER_S)}))
+        err = self.outcome_error(out)
+        if err is not None:
+            return _error_response(err, rid)
         finish = self.api_finish(out.finish_reason)
         content = "".join(text)
         if req.kind == "chat":
@@ -401,20 +453,21 @@ class Server:
             yield chunk(role=True)
         async for piece in job.pieces():
             yield chunk(piece)
-        out = job.outcome
-        if out.error is not None:
-            yield _sse(self._server_error(job).body())
+        err = self.outcome_error(job.outcome)
+        if err is not None:
+            yield _sse(err.body())
         else:
-            yield chunk(finish=self.api_finish(out.finish_reason))
+            yield chunk(finish=self.api_finish(job.outcome.finish_reason))
             if req.include_usage:
                 yield _sse({**head, "choices": [], "usage": self.usage(job)})
         yield "data: [DONE]\n\n"
 
 
-def check_settings(max_queue, request_timeout_s, max_tokens_cap) -> None:
+def check_settings(max_queue, request_timeout_s, max_tokens_cap,
+                   shutdown_timeout_s=DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
     """InvalidArgumentError for a server setting out of range: it would start a server that fails every request (a
-    negative cap reaches the generator as max_tokens, a timeout <= 0 expires every request on arrival). ``edgert
-    serve`` calls it before loading the model."""
+    negative cap reaches the generator as max_tokens, a timeout <= 0 expires every request on arrival) or never
+    stops. ``edgert serve`` calls it before loading the model."""
     if not _is_int(max_queue) or max_queue < 0:
         raise InvalidArgumentError(f"max_queue must be an int >= 0, got {max_queue!r}")
     if max_tokens_cap is not None and (not _is_int(max_tokens_cap) or max_tokens_cap < 1):
@@ -423,29 +476,41 @@ def check_settings(max_queue, request_timeout_s, max_tokens_cap) -> None:
             or not 0 < request_timeout_s < _FLOAT_MAX):  # an int beyond any float would overflow the deadline sum
         raise InvalidArgumentError(f"request_timeout_s must be a finite number of seconds > 0, got "
                                    f"{request_timeout_s!r}")
+    if (isinstance(shutdown_timeout_s, bool) or not isinstance(shutdown_timeout_s, (int, float))
+            or not 0 <= shutdown_timeout_s < _FLOAT_MAX):
+        raise InvalidArgumentError(f"shutdown_timeout_s must be a finite number of seconds >= 0, got "
+                                   f"{shutdown_timeout_s!r}")
 
 
 def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
                request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, telemetry: bool = True,
-               max_tokens_cap: int | None = None, model_id: str | None = None) -> Starlette:
+               max_tokens_cap: int | None = None, model_id: str | None = None,
+               shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> Starlette:
     """The ASGI app serving ``llm`` (an edgert.llm.LLM). api_key: required as a Bearer token on /v1/* and
     /tokenize, /detokenize when set (EDGERT_API_KEY is read when None). max_queue: requests that may wait while one
     runs; more get 503. request_timeout_s: arrival to last token, queue wait included. max_tokens_cap: the most
-    tokens one request may generate (default n_ctx); larger max_tokens are lowered to it."""
+    tokens one request may generate (default n_ctx); larger max_tokens are lowered to it. model_id: the name the
+    API and telemetry give the model (default ``llm.model_id``). shutdown_timeout_s: how long ``run_server`` lets
+    open responses finish once their generations are stopped, and the worker and telemetry writer take to stop."""
     if api_key is None:
         api_key = os.environ.get("EDGERT_API_KEY") or None
-    check_settings(max_queue, request_timeout_s, max_tokens_cap)
-    server = Server(llm, api_key, max_queue, request_timeout_s, telemetry, max_tokens_cap, model_id)
+    check_settings(max_queue, request_timeout_s, max_tokens_cap, shutdown_timeout_s)
+    server = Server(llm, api_key, max_queue, request_timeout_s, telemetry, max_tokens_cap, model_id,
+                    shutdown_timeout_s)
 
-    def endpoint(fn, route: str):
+    def endpoint(fn, route: str, counted: bool = True):
+        """counted=False: the handler counts its own answers in edgert_requests_total (generations, when they end)."""
         async def wrapped(request: Request) -> Response:
             try:
-                return await fn(request)
+                response = await fn(request)
             except APIError as err:
                 # the route, not the request's path: a path is the client's to choose (a label with a quote broke
                 # the Prometheus text, and every distinct path made a series of its own)
                 server.metrics.request(route, err.status, err.code)
                 return _error_response(err)
+            if counted:
+                server.metrics.request(route, response.status_code)
+            return response
         return wrapped
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -461,14 +526,14 @@ def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_
     async def lifespan(app):
         server.scheduler.start()
         yield
-        await asyncio.get_running_loop().run_in_executor(None, server.scheduler.stop)
+        await asyncio.to_thread(server.stop)
 
-    def api(path: str, fn, method: str) -> Route:  # an API route, its errors counted under its path pattern
-        return Route(path, endpoint(fn, path.replace(":path}", "}")), methods=[method])
+    def api(path: str, fn, method: str, counted: bool = True) -> Route:  # counted under its path pattern
+        return Route(path, endpoint(fn, path.replace(":path}", "}"), counted), methods=[method])
 
     routes = [
-        api("/v1/chat/completions", server.chat_completions, "POST"),
-        api("/v1/completions", server.completions, "POST"),
+        api("/v1/chat/completions", server.chat_completions, "POST", counted=False),
+        api("/v1/completions", server.completions, "POST", counted=False),
         api("/v1/models", server.models, "GET"),
         api("/v1/models/{model:path}", server.model, "GET"),
         Route("/health", server.health, methods=["GET"]),
@@ -480,3 +545,25 @@ def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.server = server
     return app
+
+
+def run_server(app: Starlette, *, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
+    """Serve ``app`` (create_app's) under uvicorn until SIGINT or SIGTERM, then stop within a bounded time: new
+    connections are refused, queued generations end at once and the running one after the token in flight (each
+    answering 503 server_shutting_down, or that error as a stream's last event), open responses get the app's
+    shutdown_timeout_s to finish before their connections are closed, then the worker stops and telemetry is
+    written. (uvicorn alone waited for every connection to close before the app could cancel anything: a long
+    generation and its queue, or a client stalled mid-body, held the process for as long as they liked.)"""
+    import uvicorn
+
+    server = app.state.server
+
+    class Uvicorn(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            server.scheduler.close()  # before uvicorn waits for open responses: theirs end as their jobs do
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=server.shutdown_timeout_s)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the SIGINT it caught again once it is done
+        Uvicorn(config).run()

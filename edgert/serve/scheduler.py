@@ -4,7 +4,8 @@ The event loop never runs model code. A request becomes a Job; ``Scheduler.submi
 (QueueFullError when full) and the worker thread takes jobs from it. The worker passes each decoded piece to the
 job's asyncio side through a deque plus at most one pending ``call_soon_threadsafe`` wake-up, so a fast model does
 not flood the loop with callbacks. Between tokens the worker checks the job's cancel flag (set when the client
-disconnects) and its deadline (the per-request timeout), so either stops the generation after the token in flight.
+disconnects or the server shuts down) and its deadline (the per-request timeout), so either stops the generation
+after the token in flight. A job cancelled while it waits leaves the queue at once, freeing its slot.
 
 The LLM's KV-cache prefix reuse still applies between consecutive jobs. Jobs are not interleaved: the C decoder holds
 one sequence's KV cache, so continuous batching would need a multi-sequence cache in the C core first.
@@ -26,10 +27,14 @@ class QueueFullError(EdgertError):
     """Every slot of the request queue is taken; retry later."""
 
 
+class ShuttingDownError(QueueFullError):
+    """The scheduler is closed: the server is shutting down and takes no new jobs (a QueueFullError, as it was)."""
+
+
 @dataclass
 class JobOutcome:
     result: object = None  # edgert.llm GenerationResult, None when the job never ran or failed
-    finish_reason: str = "stop"  # the generation's reason, or "cancelled" / "timeout"
+    finish_reason: str = "stop"  # the generation's reason, or "cancelled" / "shutdown" / "timeout" / "error"
     error: BaseException | None = None
     queue_wait_s: float = 0.0
     ttft_s: float | None = None  # from submission to the first piece, queue wait included
@@ -41,17 +46,21 @@ class Job:
     sampling: dict
     deadline: float  # time.monotonic() after which the job stops
     loop: asyncio.AbstractEventLoop
+    scheduler: "Scheduler"
     submitted: float = field(default_factory=time.monotonic)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str | None = None  # the finish reason a cancel gives: "cancelled" (the client) or "shutdown"
     started: float | None = None
     outcome: JobOutcome | None = None
-    on_done: object = None  # called with (job, outcome) on the worker thread when the job ends
+    on_done: object = None  # called with (job, outcome) at its end: on the worker, or where a queued job was cancelled
     _items: collections.deque = field(default_factory=collections.deque)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _wake_pending: bool = False
 
-    def cancel(self) -> None:
-        self.cancelled.set()
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop the job: a queued one leaves the queue now and ends without running, a running one stops after the
+        token in flight. A no-op once it has ended."""
+        self.scheduler.cancel(self, reason)
 
     # worker side
     def _push(self, item) -> None:
@@ -97,7 +106,7 @@ class Scheduler:
         self._stop = False
         self.running: Job | None = None
         self._thread = threading.Thread(target=self._work, name="edgert-serve-worker", daemon=True)
-        self.counters = collections.Counter()  # cancelled, timeout, completed, failed, tokens
+        self.counters = collections.Counter()  # ended jobs: completed, failed, cancelled, shutdown, timeout
 
     @property
     def queue_depth(self) -> int:
@@ -107,39 +116,81 @@ class Scheduler:
         if not self._thread.is_alive():
             self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
+    def close(self) -> None:
+        """Take no new jobs (ShuttingDownError), end the queued ones now and stop the running one after the token in
+        flight, all with finish reason "shutdown". Returns at once; ``stop`` also waits for the worker."""
+        with self._cond:  # the queue is emptied in one step: the worker must not start a job that is being cancelled
             self._stop = True
-            if self.running is not None:
-                self.running.cancel()
-            for job in self._waiting:
-                job.cancel()
+            queued = list(self._waiting)
+            self._waiting.clear()
+            for job in (*queued, self.running):
+                if job is not None:
+                    self._flag(job, "shutdown")
             self._cond.notify_all()
+        for job in queued:
+            self._end_unrun(job)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.close()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
     def submit(self, prompt_ids: list, sampling: dict, timeout_s: float, submitted: float | None = None,
                on_done=None) -> Job:
-        """Queue a job (from the event loop). QueueFullError when max_queue jobs are already waiting.
-        submitted: the request's arrival (time.monotonic()), from which the timeout and time to first token count."""
+        """Queue a job (from the event loop). QueueFullError when max_queue jobs already wait besides the one
+        running; ShuttingDownError after ``close``. submitted: the request's arrival (time.monotonic()), from which
+        the timeout and time to first token count."""
         submitted = time.monotonic() if submitted is None else submitted
         job = Job(prompt_ids=prompt_ids, sampling=sampling, deadline=submitted + timeout_s,
-                  loop=asyncio.get_running_loop(), submitted=submitted, on_done=on_done)
+                  loop=asyncio.get_running_loop(), scheduler=self, submitted=submitted, on_done=on_done)
         with self._cond:
             if self._stop:
-                raise QueueFullError("the server is shutting down")
-            if len(self._waiting) >= self.max_queue and (self.running is not None or self._waiting):
+                raise ShuttingDownError("the server is shutting down")
+            # with nothing running, the head of the queue is about to run (the worker has yet to take it): counting
+            # it as waiting gave a burst of max_queue + 1 requests on an idle server a 503
+            if len(self._waiting) + (self.running is not None) > self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue})")
             self._waiting.append(job)
             self._cond.notify()
         return job
+
+    def cancel(self, job: Job, reason: str = "cancelled") -> None:
+        """Job.cancel: a queued job is taken out of the queue (its slot is free at once: a client that went away
+        while waiting kept it until the worker reached the job) and ended here."""
+        with self._cond:
+            self._flag(job, reason)
+            try:
+                self._waiting.remove(job)
+            except ValueError:  # running (it stops after the token in flight) or ended
+                return
+        self._end_unrun(job)
+
+    @staticmethod
+    def _flag(job: Job, reason: str) -> None:
+        if job.cancel_reason is None:  # the first reason stands: a client gone before the shutdown was "cancelled"
+            job.cancel_reason = reason
+        job.cancelled.set()
+
+    def _end_unrun(self, job: Job) -> None:
+        self._end(job, JobOutcome(finish_reason=job.cancel_reason, queue_wait_s=time.monotonic() - job.submitted))
+
+    def _end(self, job: Job, outcome: JobOutcome) -> None:
+        kind = {"stop": "completed", "length": "completed", "error": "failed"}.get(outcome.finish_reason)
+        with self._cond:  # jobs end on the worker and, cancelled while queued, on the loop
+            self.counters[kind or outcome.finish_reason] += 1
+        job._push(outcome)
+        if job.on_done is not None:
+            try:
+                job.on_done(job, outcome)
+            except Exception:  # bookkeeping must never kill the worker
+                pass
 
     def _work(self) -> None:
         while True:
             with self._cond:
                 while not self._waiting and not self._stop:
                     self._cond.wait()
-                if self._stop and not self._waiting:
+                if not self._waiting:  # stopped
                     return
                 job = self._waiting.popleft()
                 self.running = job
@@ -150,27 +201,21 @@ class Scheduler:
                 # one's could find the finished job still running and get 503 from an idle server (--max-queue 0)
                 with self._cond:
                     self.running = None
-            job._push(outcome)
-            if job.on_done is not None:
-                try:
-                    job.on_done(job, outcome)
-                except Exception:  # bookkeeping must never kill the worker
-                    pass
+            self._end(job, outcome)
 
     def _run(self, job: Job) -> JobOutcome:
         job.started = time.monotonic()
         out = JobOutcome(queue_wait_s=job.started - job.submitted)
-        if job.cancelled.is_set() or self._stop:
-            out.finish_reason = "cancelled"
-            self.counters["cancelled"] += 1
+        if job.cancelled.is_set():  # cancelled between leaving the queue and starting
+            out.finish_reason = job.cancel_reason
             return out
         if job.started >= job.deadline:
             out.finish_reason = "timeout"
-            self.counters["timeout"] += 1
             return out
+
         def should_stop():
             if job.cancelled.is_set():
-                return "cancelled"
+                return job.cancel_reason
             if time.monotonic() >= job.deadline:
                 return "timeout"
             return None
@@ -183,8 +228,6 @@ class Scheduler:
                 except StopIteration as done:
                     out.result = done.value
                     out.finish_reason = done.value.finish_reason
-                    self.counters[{"cancelled": "cancelled", "timeout": "timeout"}.get(out.finish_reason,
-                                                                                        "completed")] += 1
                     break
                 if piece:
                     if out.ttft_s is None:
@@ -193,7 +236,4 @@ class Scheduler:
         except Exception as exc:  # a model failure ends this job, never the worker
             out.error = exc
             out.finish_reason = "error"
-            self.counters["failed"] += 1
         return out
-
-

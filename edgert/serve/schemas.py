@@ -168,13 +168,12 @@ def _prompt(body: dict):
 
 
 def _reject(body: dict) -> None:
-    n = body.get("n")
-    if n is not None and not _is_int(n):  # true == 1 and 1.0 == 1 in Python: neither is the integer 1 in JSON
-        raise bad(f"n must be an integer, got {n!r}", "n", "invalid_type")
-    if n is not None and n != 1:
-        raise bad("only n=1 is supported", "n", "unsupported_value")
-    if body.get("best_of") not in (None, 1):
-        raise bad("only best_of=1 is supported", "best_of", "unsupported_value")
+    for name in ("n", "best_of"):
+        v = body.get(name)
+        if v is not None and not _is_int(v):  # true == 1 and 1.0 == 1 in Python: neither is the integer 1 in JSON
+            raise bad(f"{name} must be an integer, got {v!r}", name, "invalid_type")
+        if v is not None and v != 1:
+            raise bad(f"only {name}=1 is supported", name, "unsupported_value")
     if body.get("logprobs") not in (None, False):
         raise bad("logprobs are not supported", "logprobs", "unsupported_value")
     if body.get("logit_bias"):
@@ -241,17 +240,22 @@ def parse_generation(body, kind: str) -> GenerationRequest:
                              include_usage=include_usage, sampling=sampling, max_tokens=max_tokens)
 
 
-def parse_tokenize(body) -> tuple[str, bool]:
+def parse_tokenize(body) -> tuple[str, bool, bool]:
+    """content, add_special (BOS/EOS as the model adds them, default false) and parse_special (control-token
+    spellings become control tokens, default true, as /v1/completions tokenizes a prompt): llama.cpp's fields."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object", None, "invalid_type")
     content = body.get("content")
     if not isinstance(content, str):
         raise bad(f"content must be a string, got {type(content).__name__}", "content", "invalid_type")
     _text(content, "content")
-    add_special = body.get("add_special", False)
-    if not isinstance(add_special, bool):
-        raise bad("add_special must be a boolean", "add_special", "invalid_type")
-    return content, add_special
+    flags = []
+    for name, default in (("add_special", False), ("parse_special", True)):
+        v = body.get(name, default)
+        if not isinstance(v, bool):
+            raise bad(f"{name} must be a boolean", name, "invalid_type")
+        flags.append(v)
+    return content, *flags
 
 
 def parse_detokenize(body, vocab_size: int) -> list[int]:
