@@ -291,8 +291,9 @@ def _dims(args) -> dict[str, int]:
     for item in args.dim:
         name, _, value = item.partition("=")
         v = value.strip()
-        if not name or not (v.isascii() and v.isdigit() and int(v) > 0):  # isdigit alone takes '²', which int refuses
-            raise InvalidArgumentError(f"--dim expects NAME=VALUE with a positive integer VALUE, got {item!r}")
+        if not name or not (v.isascii() and v.isdigit()):  # isdigit alone takes '²', which int refuses
+            raise InvalidArgumentError(f"--dim expects NAME=VALUE with an integer VALUE >= 0 (0: an empty batch), "
+                                       f"got {item!r}")
         if name.strip() in dims:
             raise InvalidArgumentError(f"--dim {name.strip()} is given twice")
         dims[name.strip()] = int(value)

@@ -280,5 +280,8 @@ def test_run_dim_binds_a_symbolic_dim_for_a_static_shape_device(tmp_path, capsys
         assert main(args + dim) == 0, capsys.readouterr().err
         assert "1 partition(s)" in capsys.readouterr().err  # all on the npu
         np.testing.assert_allclose(np.load(out / "y.npy"), ort_run(model, {"x": x})[0], rtol=1e-6, atol=1e-6)
-    for bad in ("B=x", "B=0", "B=\u00b2"):  # '²' passed isdigit() and then int() raised: a traceback
+    for bad in ("B=x", "B=-1", "B=\u00b2"):  # '²' passed isdigit() and then int() raised: a traceback
         assert main(args + ["--dim", bad]) == 1 and "--dim expects NAME=VALUE" in capsys.readouterr().err
+    np.save(xfile, x[:0])  # an empty batch, as Session(dims={"B": 0}) and onnxruntime take it
+    assert main(args + ["--dim", "B=0"]) == 0, capsys.readouterr().err
+    assert np.load(out / "y.npy").shape == ort_run(model, {"x": x[:0]})[0].shape == (0, 4)
