@@ -12,6 +12,7 @@ and ``edgert.native`` (for the host's ISA and cores); it must not import from pl
 from __future__ import annotations
 
 import importlib.util
+import functools
 import math
 import os
 import platform
@@ -261,18 +262,40 @@ class _Checker:
     def op_name(self, v, path) -> str:
         if not isinstance(v, str) or not re.fullmatch(r"\*|([A-Za-z0-9_.]+:)?[A-Za-z][A-Za-z0-9_]*", v):
             self.fail(path, f"expected an op name like 'Conv' or 'com.microsoft:QLinearAdd', got {v!r}")
-        if v != "*" and ":" not in v and not _is_onnx_op(v):
-            self.fail(path, f"{v!r} is not an ONNX operator (names are ONNX op types, case-sensitive)")
+        if v != "*" and not _is_onnx_op(v):
+            domain = v.partition(":")[0] if ":" in v else ""
+            self.fail(path, f"{v!r} is not an operator of {'ONNX' if not domain else repr(domain)} (op types are "
+                            "case-sensitive)")
         return v
 
 
+@functools.lru_cache(maxsize=1)
+def _known_domain_ops() -> dict[str, frozenset[str]]:
+    """The op types of every domain onnxruntime registers (ai.onnx as '', com.microsoft...)."""
+    try:
+        from onnxruntime.capi import _pybind_state
+
+        ops: dict[str, set[str]] = {}
+        for schema in _pybind_state.get_all_operator_schema():
+            ops.setdefault(schema.domain, set()).add(schema.name)
+        return {d: frozenset(names) for d, names in ops.items()}
+    except Exception:  # pragma: no cover - an onnxruntime build without the schema list: names unchecked
+        return {}
+
+
 def _is_onnx_op(name: str) -> bool:
+    """Whether ``name`` ('Conv', 'com.microsoft:QLinearAdd') is an operator of its domain. A domain neither onnx nor
+    onnxruntime knows (a vendor's custom ops) is taken as written."""
+    domain, _, op = name.rpartition(":")
     try:
         import onnx.defs
 
-        return onnx.defs.has(name)
-    except ImportError:  # pragma: no cover - onnx is a dependency; without it accept the name
+        if onnx.defs.has(op, "" if domain == "ai.onnx" else domain):
+            return True
+    except ImportError:  # pragma: no cover - onnx is a dependency
         return True
+    known = _known_domain_ops()
+    return op in known[domain] if domain in known else domain not in ("", "ai.onnx", "ai.onnx.ml")
 
 
 _TOP_KEYS = {"name", "description", "power", "price", "units", "attach", "detect"}

@@ -128,7 +128,9 @@ BROKEN = [
     ("units.1.dtypes", ["int8", "float33"], "units[1].dtypes[1]", "unknown dtype 'float33'"),
     ("units.1.throughput", {"float32": 1e12}, "units[1].throughput.float32", "not in this unit's dtypes"),
     ("units.1.throughput.int8", "fast", "units[1].throughput.int8", "expected a number"),
-    ("units.1.ops", ["Conv2D"], "units[1].ops[0]", "not an ONNX operator"),
+    ("units.1.ops", ["Conv2D"], "units[1].ops[0]", "not an operator of ONNX"),
+    ("units.1.ops", ["Conv", "com.microsoft:NotAnOp"], "units[1].ops[1]", "not an operator of 'com.microsoft'"),
+    ("units.1.ops", ["ai.onnx.ml:Nope"], "units[1].ops[0]", "not an operator of 'ai.onnx.ml'"),
     ("units.1.op.0.max_rank", 4.5, "units[1].op[0].max_rank", "expected an integer"),
     ("units.1.name", "cpu", "units[1].name", "duplicate unit name"),
     ("units.0.memory_bytes", -1, "units[0].memory_bytes", "must be >= 0"),
@@ -150,6 +152,14 @@ def test_broken_profile_names_field(path, value, field, reason):
     assert exc.value.field == field and reason in exc.value.reason
     assert str(exc.value).startswith(f"device profile toy.toml: {field}: ")
     assert isinstance(exc.value, edgert.InvalidArgumentError)
+
+
+def test_op_names_of_known_and_custom_domains_are_taken():
+    data = copy.deepcopy(GOOD)
+    _set(data, "units.1.ops", ["Conv", "ai.onnx:Relu", "com.microsoft:QLinearAdd", "ai.onnx.ml:TreeEnsembleClassifier",
+                               "com.vendor:FusedThing"])  # a domain neither onnx nor onnxruntime knows: as written
+    assert set(P.parse_profile(data, "toy.toml").unit("npu").ops) >= {"Conv", "com.microsoft:QLinearAdd",
+                                                                        "com.vendor:FusedThing"}
 
 
 def test_good_toy_profile_parses():
