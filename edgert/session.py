@@ -102,6 +102,8 @@ class _Bound:
     runlog: Any = None              # telemetry.RunLog of the runs on this binding (made at the first recorded run)
     on_device: bool = False         # a partition keeps tensors in a device's memory: kept alone, never beside others
     overrides: tuple = ()           # overridable initializers fed as inputs on this binding (graph.with_inputs)
+    requested_plan: Any = None      # the plan asked for, and why it fell back to the host (Session's attributes)
+    fell_back: str | None = None
 
 
 def _load(src) -> Graph:
@@ -438,6 +440,9 @@ class Session:
                 a = _as_feed(name, a, buf.dtype)
             if a.dtype != buf.dtype and not np.can_cast(a.dtype, buf.dtype, casting="equiv"):
                 raise DTypeError(f"input {name!r} must be {buf.dtype}, got {a.dtype}")
+            if a.shape != buf.shape:  # copyto would broadcast a row over the buffer: a wrong answer, no error
+                raise ShapeError(f"input {name!r} has shape {a.shape}, this binding laid out {buf.shape} (an "
+                                 "edgert bug: please report it with the model)")
             np.copyto(buf, a, casting="equiv")  # "equiv": a big-endian feed is byte-swapped on the way in
         if b.fast is not None:
             b.fast[1]()  # one partition on the host: nothing crosses a link
@@ -464,13 +469,14 @@ class Session:
         """The binding for the feeds' dims and fed ``overrides`` (overridable initializers): a kept one, else a new
         one (``force``: new even if kept, for a probed binding whose data-dependent shapes changed)."""
         g = self._graph0.with_inputs(overrides)
-        dims = g.dims_from_feeds({n: np.asarray(feeds[n]) if not hasattr(feeds[n], "shape") else feeds[n]
-                                  for n in g.inputs})
-        key = (tuple(sorted(dims.items())), overrides)
+        arrays = {n: np.asarray(feeds[n]) if not hasattr(feeds[n], "shape") else feeds[n] for n in g.inputs}
+        dims = g.dims_from_feeds(arrays)
+        # kept by the input shapes, not the dims: a dim with no name (neither a value nor a param) is in no dims
+        key = (tuple(sorted((n, tuple(a.shape)) for n, a in arrays.items())), overrides)
         b = None if force else self._layouts.get(key)
         if b is not None:
             self._layouts.move_to_end(key)
-            self._bound = b
+            self._bound, self.requested_plan, self.fell_back = b, b.requested_plan, b.fell_back
             return b
         if self._bound is not None:
             self._rebinds += 1
@@ -482,7 +488,7 @@ class Session:
 
     @staticmethod
     def _key(b: _Bound) -> tuple:
-        return tuple(sorted(b.dims.items())), b.overrides
+        return tuple(sorted(b.input_shapes.items())), b.overrides
 
     def _keep(self, b: _Bound | None) -> _Bound | None:
         """Keep ``b`` among the session's bindings, dropping the least recently used beyond LAYOUTS_KEPT (all
@@ -519,7 +525,7 @@ class Session:
             export = _with_shapes(export, learnt, dtype_only=True)
             probed = True
         p = make_plan(graph, self.profile, fallback=self.fallback, **self._plan_kw)
-        self.requested_plan = p
+        self.requested_plan, self.fell_back = p, None
         what = "" if self.emulate else self._missing_runtimes(
             [p.unit(u) for u in dict.fromkeys(q.unit for q in p.partitions) if u != p.host_unit])
         if what:
@@ -625,7 +631,8 @@ class Session:
             (before if sp is None else after[sp]).append(cp)
         bound = _Bound(dims, graph, p, compiled, pools, {t: buf(HOST, t) for t in graph.inputs}, in_bufs,
                        out_bufs, before, after, {t: buf(HOST, t) for t in graph.outputs},
-                       {t: spec[t][0] for t in graph.inputs}, probed, on_device=on_device, overrides=overrides)
+                       {t: spec[t][0] for t in graph.inputs}, probed, on_device=on_device, overrides=overrides,
+                       requested_plan=self.requested_plan, fell_back=self.fell_back)
         if len(compiled) == 1 and not before and not after[0]:
             bound.fast = (tuple((t, bound.feeds[t], spec[t][0], spec[t][1]) for t in graph.inputs),
                           compiled[0].bound_run(in_bufs[0], out_bufs[0]),

@@ -732,10 +732,10 @@ def test_alternating_shapes_reuse_their_layouts(mlp_path, monkeypatch):
         x = x_of(1 + k % 2, seed=k)
         np.testing.assert_array_equal(s.run(None, {"x": x})[0], ort_run(mlp_path, {"x": x})[0])
     assert binds == [{"batch": 1}, {"batch": 2}] and s.stats()["rebinds"] == 1 and s.stats()["layouts"] == 2
-    one = s._layouts[((("batch", 1),), ())]
+    one = next(b for b in s._layouts.values() if b.dims == {"batch": 1})
     for b in range(3, 3 + LAYOUTS_KEPT - 1):  # batch 1 is now the least recently used of LAYOUTS_KEPT + 1
         s.run(None, {"x": x_of(b)})
-    assert len(s._layouts) == LAYOUTS_KEPT and ((("batch", 1),), ()) not in s._layouts
+    assert len(s._layouts) == LAYOUTS_KEPT and all(b.dims != {"batch": 1} for b in s._layouts.values())
     assert one.compiled[0].steps[0].ort.session is None  # closed when dropped
     np.testing.assert_array_equal(s.run(None, {"x": x_of(1)})[0], ort_run(mlp_path, {"x": x_of(1)})[0])
     assert binds[-1] == {"batch": 1}
@@ -743,6 +743,25 @@ def test_alternating_shapes_reuse_their_layouts(mlp_path, monkeypatch):
     s.close()
     assert not s._layouts and all(b.compiled[0].steps[0].ort.session is None for b in kept)
     np.testing.assert_array_equal(s.run(None, {"x": x_of(2)})[0], ort_run(mlp_path, {"x": x_of(2)})[0])
+
+
+def test_layouts_are_kept_by_input_shape_even_for_a_dim_with_no_name():
+    """A dim with neither a value nor a name ([None, 4] as onnx.helper writes it) is in no dims: layouts kept by dims
+    handed batch 1 the batch-2 layout (its row broadcast into both rows, no error) and batch 3 a ValueError."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    s = edgert.Session(model.SerializeToString(), telemetry=False)
+    rng = np.random.default_rng(3)
+    for batch in (2, 1, 3, 1, 0, 2):
+        a = rng.standard_normal((batch, 4)).astype(np.float32)
+        (out,) = s.run(None, {"x": a})
+        ref = ort_run(model, {"x": a})[0]
+        assert out.shape == ref.shape == (batch, 4) and np.array_equal(out, ref)
+    assert s.stats()["layouts"] == 4 and s.stats()["rebinds"] == 3
 
 
 def test_a_binding_on_a_device_that_keeps_tensors_is_kept_alone():
