@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import collections
 import csv
+import functools
 import io
 import json
 import math
@@ -188,19 +189,21 @@ class _Writer:
         self.cons: dict[Path, sqlite3.Connection] = {}
         self.warned = False
         self.warned_cost = False
-        self.runs: collections.deque = collections.deque()  # (RunLog, run) pairs, appended and popped atomically
+        # (RunLog, database path, run) triples, appended and popped atomically; every batch drains them
+        self.runs: collections.deque = collections.deque()
         self.kicked = False  # a wake-up for ``runs`` is queued and not yet taken
 
-    def add_run(self, log: "RunLog", run: tuple) -> None:
+    def add_run(self, log: "RunLog", path: Path, run: tuple) -> None:
         if len(self.runs) >= MAX_PENDING:
             self.dropped += 1
             return
-        self.runs.append((log, run))
+        self.runs.append((log, path, run))
         if not self.kicked:  # a race queues a second wake-up at worst; the writer clears this before it drains
             self.kicked = True
-            self.put(None, None)
+            if not self.put(None, None):  # a full queue: its next batch drains the runs, and the next run kicks
+                self.kicked = False
 
-    def put(self, path: Path | None, row: tuple | None) -> None:
+    def put(self, path: Path | None, row: tuple | None) -> bool:
         with self.lock:
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="edgert-telemetry", daemon=True)
@@ -209,8 +212,9 @@ class _Writer:
                 self.q.put_nowait((path, row))
             except queue.Full:
                 self.dropped += 1
-                return
+                return False
             self.enqueued += 1
+            return True
 
     def _run(self) -> None:
         while True:
@@ -226,14 +230,13 @@ class _Writer:
             for path, row in batch:
                 if path is not None:
                     by_path.setdefault(path, ([], {}))[0].append(row)
-            if any(path is None for path, _ in batch):
-                self.kicked = False  # before draining: a run appended from here on queues a wake-up of its own
-                last = acc = None
-                while self.runs:
-                    log, run = self.runs.popleft()
-                    if log is not last:  # runs come in long stretches of one log
-                        last, acc = log, by_path.setdefault(log.path, ([], {}))[1].setdefault(log, [])
-                    acc.append(run)
+            self.kicked = False  # before draining: a run appended from here on queues a wake-up of its own
+            last = acc = None
+            while self.runs:
+                log, path, run = self.runs.popleft()
+                if (log, path) != last:  # runs come in long stretches of one log and one database
+                    last, acc = (log, path), by_path.setdefault(path, ([], {}))[1].setdefault(log, [])
+                acc.append(run)
             for path, (rows, runs) in by_path.items():
                 try:
                     con = self.cons.get(path)
@@ -243,10 +246,11 @@ class _Writer:
                                 old.close()
                             self.cons.clear()
                         con = self.cons[path] = _connect(path)
-                    with con:
-                        if rows:
+                    if rows:
+                        with con:
                             con.executemany(_INSERT, rows)
-                        for log, rs in runs.items():
+                    for log, rs in runs.items():  # apart: a failure here must not take the rows with it
+                        with con:
                             log.insert(con, rs)
                 except Exception as exc:  # a broken disk must not break inference: warn once, drop the batch
                     self.cons.pop(path, None)
@@ -317,12 +321,12 @@ class RunLog:
     are ``<run-id>-<n>``. ``joules_per_s``/``usd_per_s``: energy and price per busy second (the device profile's;
     default the host's cost model; both models are linear in busy time)."""
 
-    __slots__ = ("path", "params", "n")
+    __slots__ = ("home", "path", "params", "n")
     CHUNK = 4096  # runs per INSERT: bounds the GIL-held json.dumps (~0.4 us a run) a caller may wait behind
 
     def __init__(self, event: dict, joules_per_s: float | None = None, usd_per_s: float | None = None):
         cost = _cost_model_or_warn()
-        self.path = db_path()
+        self.home, self.path = os.environ.get("EDGERT_HOME"), db_path()
         self.params = {name: None for name in _NAMES if name not in _RUN_COLUMNS}
         self.params.update(device=cost.device if cost else platform.machine() or "host", delegates="host",
                            queue_wait_s=0.0)
@@ -334,13 +338,45 @@ class RunLog:
 
     def add(self, latency_s: float, bytes_copied: int, error: str | None = None) -> None:
         """One run that took ``latency_s`` (busy time) and moved ``bytes_copied``; ``error``: why it failed."""
-        _writer.add_run(self, (time.time_ns(), int(latency_s * 1e9), bytes_copied, error))
+        home = os.environ.get("EDGERT_HOME")
+        if home != self.home:  # the database follows EDGERT_HOME, as record()'s events do
+            self.home, self.path = home, db_path()
+        _writer.add_run(self, self.path, (time.time_ns(), int(latency_s * 1e9), bytes_copied, error))
 
     def insert(self, con: sqlite3.Connection, runs: list) -> None:
         for k in range(0, len(runs), self.CHUNK):
             chunk = runs[k:k + self.CHUNK]
-            con.execute(_INSERT_RUNS, {**self.params, "n0": self.n + 1, "runs": json.dumps(chunk)})
+            if _has_json():
+                con.execute(_INSERT_RUNS, {**self.params, "n0": self.n + 1, "runs": json.dumps(chunk)})
+            else:
+                con.executemany(_INSERT, self.rows(chunk))
             self.n += len(chunk)
+
+    def rows(self, runs: list) -> list[tuple]:
+        """The rows of ``runs`` built in Python, as _INSERT_RUNS builds them in SQLite (for an SQLite without
+        JSON; tests check that both agree)."""
+        p, out = self.params, []
+        for i, (ts, lat, nbytes, error) in enumerate(runs):
+            s = lat / 1e9
+            v = dict(p, request_id=f"{p['prefix']}-{self.n + 1 + i}", ts=ts / 1e9, latency_s=s, decode_s=s,
+                     bytes_copied=nbytes, error=error, status=200 if error is None else 500,
+                     energy_j=None if p["joules_per_s"] is None else p["joules_per_s"] * s,
+                     cost_usd=None if p["usd_per_s"] is None else p["usd_per_s"] * s)
+            out.append(tuple(v[name] for name in _NAMES))
+        return out
+
+
+@functools.lru_cache(maxsize=1)
+def _has_json() -> bool:
+    """Whether this SQLite has the JSON functions (built in since 3.38; a build option before)."""
+    con = sqlite3.connect(":memory:")
+    try:
+        con.execute("SELECT json_extract('[1]', '$[0]'), (SELECT count(*) FROM json_each('[1]'))").fetchone()
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        con.close()
 
 
 def record_generation(result, *, model: str, source: str = "llm", endpoint: str | None = None,
@@ -429,21 +465,18 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """The report's figures for one group of events. Tokens count where the model ran (the event has prefill or
-    decode time): a request rejected or ended in the queue records its prompt's tokens, which nothing processed and
-    which would dilute the cost per token. Latency, like time to first token, is over the requests without an
-    error (a rejection answers in microseconds)."""
+    """The report's figures for one group of events: over every event (its rows sum and rank to them), but time to
+    first token, over the requests without an error (a rejected one has none)."""
     n = len(rows)
     errors = sum(1 for r in rows if r.get("error"))
-    ran = [r for r in rows if r.get("prefill_s") is not None or r.get("decode_s") is not None]
-    completion = sum(r.get("completion_tokens") or 0 for r in ran)
-    prompt = sum(r.get("prompt_tokens") or 0 for r in ran)
+    completion = sum(r.get("completion_tokens") or 0 for r in rows)
+    prompt = sum(r.get("prompt_tokens") or 0 for r in rows)
     # tokens/s over the events that generate tokens: a Session run (source "session") has busy time and no tokens
     token_busy = sum((r.get("prefill_s") or 0.0) + (r.get("decode_s") or 0.0) for r in rows
                      if r.get("completion_tokens") is not None)
     cost = sum(r.get("cost_usd") or 0.0 for r in rows)
     energy = sum(r.get("energy_j") or 0.0 for r in rows)
-    lat = [r.get("latency_s") for r in rows if not r.get("error")]
+    lat = [r.get("latency_s") for r in rows]
     ttft = [r.get("ttft_s") for r in rows if not r.get("error")]
     total_tokens = prompt + completion
     return {

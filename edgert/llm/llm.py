@@ -103,8 +103,8 @@ class LLM:
         t0 = time.perf_counter()
         self.path = store.resolve(model, pull_missing=True, progress=progress)
         self.name = str(model)
-        # the name telemetry and the server give the model: a known name as given, a file by its stem (a full path
-        # would split one model's events by where it was loaded from)
+        # the name the server gives the model: a known name as given, a file by its stem (LLM calls record
+        # ``name``, the model as the caller gave it)
         self.model_id = self.name if not self.name.endswith(".gguf") else Path(self.name).stem
         self.threads = threads
         self.model = LlamaModel(self.path, n_ctx=n_ctx, n_batch=n_batch, clamp_ctx=True)
@@ -267,7 +267,7 @@ class LLM:
             finish, error = "error", exc
             raise
         finally:
-            telemetry.record_generation(result, model=self.model_id, finish_reason=finish, error=error, t_start=t0)
+            telemetry.record_generation(result, model=self.name, finish_reason=finish, error=error, t_start=t0)
 
     def _loop(self, prompt_ids, max_tokens, sampler, scanner, should_stop=None, partial: list | None = None):
         t0 = time.perf_counter()

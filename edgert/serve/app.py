@@ -117,7 +117,7 @@ class Metrics:
             L += ["# HELP edgert_errors_total Requests answered with an error, by endpoint and error code.",
                   "# TYPE edgert_errors_total counter"]
             L += [f'edgert_errors_total{{endpoint="{q(e)}",code="{q(c)}"}} {n}' for (e, c), n in sorted(self.errors.items())]
-            L += ["# HELP edgert_generations_total Generations by finish reason (stop, length, cancelled, timeout, error).",
+            L += ["# HELP edgert_generations_total Generations by finish reason (stop, length, cancelled, timeout, error, shutdown).",
                   "# TYPE edgert_generations_total counter"]
             L += [f'edgert_generations_total{{finish_reason="{f}"}} {n}' for f, n in sorted(self.finished.items())]
             L += ["# HELP edgert_prompt_tokens_total Prompt tokens of finished generations.",
@@ -186,7 +186,7 @@ class Server:
         self.telemetry = telemetry
         self.max_tokens_cap = int(max_tokens_cap or llm.n_ctx)
         path = Path(str(getattr(llm, "path", llm.name)))
-        self.model_id = model_id or llm.model_id  # the name LLM calls record in telemetry too
+        self.model_id = model_id or llm.model_id
         self.model_aliases = {self.model_id, str(llm.name), path.name, path.stem, str(path)}
         try:
             self.created = int(path.stat().st_mtime)
