@@ -310,13 +310,51 @@ def test_outputs_with_no_finite_values_to_compare_fail_the_gate(tmp_path):
     assert np.isnan(rep.metrics["cosine"]) and rep.first_divergence == "b"
     assert any(n.startswith("b: no finite values to compare") for n in rep.notes)
     nan = np.full(5, np.nan)
-    for ra, rb in ((nan, nan), (np.zeros(0), np.zeros(0))):
-        assert all(np.isnan(v) for v in M.tensor_metrics(ra, rb).values())
+    assert all(np.isnan(v) for v in M.tensor_metrics(nan, nan).values())
+    # empty tensors are equal: zero drift (they failed the gate as unmeasured)
+    assert M.tensor_metrics(np.zeros(0), np.zeros((0, 3))[:, 0]) == {"cosine": 1.0, "sqnr_db": np.inf,
+                                                                      "rel_l2": 0.0, "max_abs": 0.0}
+
+
+def test_data_dependent_integer_outputs_and_empty_outputs(tmp_path):
+    """A NonZero output whose shape follows the data was refused (shapes differ); a sample whose shapes differ now
+    counts all its elements as mismatched. An output empty in every sample compared with itself failed the gate."""
+    from onnx import TensorProto, helper
+
+    from edgert.eval import metrics as M
+    from onnx_models import _model, ort_run
+
+    def build(t):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+        outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4]),
+                helper.make_tensor_value_info("idx", TensorProto.INT64, [2, "n"])]
+        c = helper.make_tensor("c", TensorProto.FLOAT, [], [t])
+        nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Greater", ["x", "c"], ["g"]),
+                 helper.make_node("NonZero", ["g"], ["idx"])]
+        return _model(nodes, [x], outs, [c])
+
+    rng = np.random.default_rng(5)
+    samples = [{"x": rng.standard_normal((2, 4)).astype(np.float32)} for _ in range(4)]
+    paths = {}
+    for name, t in (("never", 99.0), ("some", 0.5), ("more", 0.0)):
+        paths[name] = tmp_path / f"{name}.onnx"
+        onnx.save(build(t), paths[name])
+    same = edgert.evaluate(paths["never"], paths["never"], data=samples, runs=1)
+    assert same.passed and same.metrics["mismatch_pct"] == 0.0 and same.metrics["cosine"] == 1.0
+    rep = edgert.evaluate(paths["some"], paths["more"], data=samples, runs=1)
+    a = [ort_run(paths["some"], s)[1] for s in samples]
+    b = [ort_run(paths["more"], s)[1] for s in samples]
+    assert any(p.shape != q.shape for p, q in zip(a, b))
+    differ = sum(max(p.size, q.size) if p.shape != q.shape else int((p != q).sum()) for p, q in zip(a, b))
+    want = 100.0 * differ / sum(max(p.size, q.size) for p, q in zip(a, b))
+    rows = {t["name"]: t for t in rep.tensors}
+    assert rows["idx"]["mismatch_pct"] == pytest.approx(want) and rep.metrics["cosine"] == 1.0
+    assert M.mismatch_fraction([np.zeros(0, np.int64)], [np.zeros(0, np.int64)]) == 0.0
 
 
 def test_integer_and_bool_outputs_are_compared_exactly(tmp_path):
     """An int64 ArgMax and a bool output were left out of the comparison and the gate (an ArgMin candidate passed),
-    and an integer-only model was refused. They are compared element by element: mismatch_pct, gated at 0."""
+    and an integer-only model was refused. They are compared element by element: mismatch_pct, gated at 10."""
     from onnx import TensorProto, helper
 
     from onnx_models import ort_run
@@ -368,6 +406,30 @@ def _ort_tensors(path, names, feeds):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return dict(zip(names, sess.run(names, feeds)))
+
+
+def test_a_tensor_made_by_another_op_with_the_same_value_is_compared(tmp_path):
+    """Gemm vs MatMul + Add keep h's value: h was left out (ops differ), so a changed weight was first seen at r."""
+    from onnx import TensorProto as T, helper, numpy_helper
+
+    from onnx_models import _model
+
+    rng = np.random.default_rng(0)
+    w, b, w2 = (rng.standard_normal(s).astype(np.float32) for s in ((16, 32), (32,), (32, 10)))
+
+    def build(nodes, w):
+        inits = [numpy_helper.from_array(v, n) for v, n in ((w, "w"), (b, "b"), (w2, "w2"))]
+        return _model(nodes + [helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])],
+                      [helper.make_tensor_value_info("x", T.FLOAT, ["n", 16])],
+                      [helper.make_tensor_value_info("y", T.FLOAT, ["n", 10])], inits)
+
+    bad = w.copy()
+    bad[3] += 5
+    onnx.save(build([helper.make_node("Gemm", ["x", "w", "b"], ["h"])], w), tmp_path / "gemm.onnx")
+    onnx.save(build([helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["h"])],
+                    bad), tmp_path / "mm_add.onnx")
+    rep = edgert.evaluate(tmp_path / "gemm.onnx", tmp_path / "mm_add.onnx", random=4, runs=1)
+    assert [t["name"] for t in rep.tensors] == ["h", "r", "y"] and rep.first_divergence == "h" and not rep.notes
 
 
 def test_honest_int8_static_candidate_has_no_false_first_divergence(tmp_path):

@@ -2,8 +2,9 @@
 device profile (emulated when the device is not on this machine), fed the same samples.
 
 Compared: every graph output (float ones by drift, integer and bool ones exactly), and every float intermediate
-tensor both graphs produce under the same name and with the same op (``_computing_ops``: quantizers mostly keep the
-float tensor names of the nodes they rewrite, but a fused op leaves its name on the op before it). Intermediates
+tensor both graphs produce under the same name, unless one side's is an activation's output and the other's not
+(``_computing_ops``, ``_same_value``: quantizers mostly keep the float tensor names of the nodes they rewrite, but a
+fused activation leaves its name on the op before it). Intermediates
 are read from a second pair of sessions whose models list them as extra outputs, so the timed sessions and their
 bytes moved are those of the unmodified models. Tensors are visited in the reference's topological order; the
 first one over a tensor threshold (cosine, SQNR, rel L2, max abs, mismatch) is ``first_divergence``. The gate
@@ -145,6 +146,18 @@ def _computing_ops(model) -> dict[str, str]:
     return {o: op(n) for o, n in prod.items()}
 
 
+# elementwise activations: a tensor of one name made by one of these on one side only is pre- vs post-activation
+_ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu",
+                          "Selu", "Celu", "Softplus", "Softsign", "Gelu", "Mish", "ThresholdedRelu"})
+
+
+def _same_value(ref_op: str, cand_op: str) -> bool:
+    """Whether tensors of one name made by these ops hold the same value: unless one is an activation's output and
+    the other not. Other op differences keep the value: Gemm vs MatMul + Add, a Conv vs the bias Add after
+    ConvInteger, a BatchNormalization folded into its Conv."""
+    return (ref_op in _ACTIVATIONS) == (cand_op in _ACTIVATIONS)
+
+
 def _ort_session(model):
     """A plain onnxruntime session of ``model`` with graph optimizations off, so every named tensor is kept."""
     import onnxruntime as ort
@@ -219,9 +232,10 @@ def _shape_mismatch(a: list, b: list):
 
 
 def _check_outputs(outputs: dict, out_names: list[str]) -> None:
-    """Refuse a candidate whose output has another shape than the reference's, or is float on one side only: it
-    does not compute what the reference does, so there is no drift to measure and no point in reading
-    intermediates."""
+    """Refuse a candidate whose float output has another shape than the reference's, or whose output is float on
+    one side only: it does not compute what the reference does, so there is no drift to measure and no point in
+    reading intermediates. An integer output's shape may follow the data (NonZero, NMS indices): a sample whose
+    shapes differ counts as all mismatched."""
     for name in out_names:
         a = [s[name] for s in outputs["reference"]]
         b = [s[name] for s in outputs["candidate"]]
@@ -229,7 +243,7 @@ def _check_outputs(outputs: dict, out_names: list[str]) -> None:
             raise InvalidArgumentError(f"output {name!r} is {np.asarray(a[0]).dtype.name} in the reference but "
                                        f"{np.asarray(b[0]).dtype.name} in the candidate: the models do not compute "
                                        "the same outputs")
-        bad = _shape_mismatch(a, b)
+        bad = _shape_mismatch(a, b) if _all_float(a) else None  # integer ones may be data-dependent: mismatches
         if bad:
             raise InvalidArgumentError(f"output {name!r} has shape {list(np.shape(bad[0]))} in the reference but "
                                        f"{list(np.shape(bad[1]))} in the candidate: the models do not compute the "
@@ -327,10 +341,10 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
     cand_order = _float_outputs(models["candidate"]) if intermediates else {}
     same_name = [n for n in ref_order if n in cand_order and n not in out_names]
     ops = {k: _computing_ops(models[k]) for k in models}
-    shared = [n for n in same_name if ops["reference"][n] == ops["candidate"][n]]
+    shared = [n for n in same_name if _same_value(ops["reference"][n], ops["candidate"][n])]
     if len(shared) < len(same_name):
-        notes.append("not compared, the candidate computes them with another op (a fused op leaves its output name "
-                     "on the op before it): " + ", ".join(f"{n} ({ops['reference'][n]} vs {ops['candidate'][n]})"
+        notes.append("not compared, one side's tensor is an activation's output and the other's is not (a fused "
+                     "activation leaves its output name on the op before it): " + ", ".join(f"{n} ({ops['reference'][n]} vs {ops['candidate'][n]})"
                                                           for n in same_name if n not in shared))
     inter = {k: _run_intermediates(models.get(k), shared, sides_in[k], emulate[k], samples, notes) for k in sides_in}
     if progress and intermediates:
@@ -348,7 +362,7 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
             continue
         row = {"name": name, "output": is_out, "shape": list(np.shape(a[0])), "dtype": np.asarray(a[0]).dtype.name}
         if exact:  # integer, bool: a class id or a mask is right or wrong, no drift to measure
-            row["mismatch_pct"] = M.mismatch_fraction(_flat(a), _flat(b)) * 100.0
+            row["mismatch_pct"] = M.mismatch_fraction(a, b) * 100.0
         else:
             row.update(M.tensor_metrics(_flat(a), _flat(b)))
         rows_a = _class_rows(a) if is_out else None
@@ -360,7 +374,7 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
     unmeasured = [r["name"] for r in rows if any(r[k] != r[k] for k in TENSOR_METRICS if k in r)]
     if unmeasured:
         notes.append(f"{', '.join(unmeasured)}: no finite values to compare (NaN or ±inf in the same places on both "
-                     "sides, or empty): their metrics are nan, which fails every threshold")
+                     "sides): their metrics are nan, which fails every threshold")
 
     outs = [r for r in rows if r["output"]]  # every output: float ones by drift, the others exactly
     m: dict = {k: _worst([r[k] for r in outs if k in r], t.direction)

@@ -89,16 +89,18 @@ def common_prefix(a, b) -> int:
 
 
 # ---- tensors ---------------------------------------------------------------------------------------------------
-def _pair(ref, cand, worst: float) -> tuple[np.ndarray, np.ndarray, float | None]:
+def _pair(ref, cand, worst: float, equal: float) -> tuple[np.ndarray, np.ndarray, float | None]:
     """Both tensors as flat float64, without the positions where both hold the same non-finite value (NaN and NaN,
     inf and inf: they agree exactly; identical models gave NaN metrics and failed the gate), and the value the
-    metric is instead of a measurement, or None: ``worst`` when some non-finite value is not matched on the other
-    side (a disagreement no finite metric can measure), NaN when no finite pair is left (nothing was measured, so a
-    gate must not pass: every value NaN, or empty tensors)."""
+    metric is instead of a measurement, or None: ``equal`` (the metric of equal tensors) for empty ones, which are
+    equal; ``worst`` when some non-finite value is not matched on the other side (a disagreement no finite metric
+    can measure); NaN when every value is a matched non-finite one (nothing was measured, so a gate must not pass)."""
     r = np.asarray(ref)
     c = np.asarray(cand)
     if r.shape != c.shape:
         raise ShapeError(f"tensors differ in shape: reference {r.shape}, candidate {c.shape}")
+    if r.size == 0:
+        return r, c, equal
     r, c = r.astype(np.float64).reshape(-1), c.astype(np.float64).reshape(-1)
     finite = np.isfinite(r) & np.isfinite(c)
     if not finite.all():
@@ -110,14 +112,14 @@ def _pair(ref, cand, worst: float) -> tuple[np.ndarray, np.ndarray, float | None
 
 
 def max_abs_error(ref, cand) -> float:
-    r, c, instead = _pair(ref, cand, math.inf)
+    r, c, instead = _pair(ref, cand, math.inf, 0.0)
     if instead is not None:
         return instead
     return float(np.max(np.abs(c - r)))
 
 
 def relative_l2(ref, cand) -> float:
-    r, c, instead = _pair(ref, cand, math.inf)
+    r, c, instead = _pair(ref, cand, math.inf, 0.0)
     if instead is not None:
         return instead
     num, den = float(np.linalg.norm(c - r)), float(np.linalg.norm(r))
@@ -127,7 +129,7 @@ def relative_l2(ref, cand) -> float:
 
 
 def cosine_similarity(ref, cand) -> float:
-    r, c, instead = _pair(ref, cand, -1.0)
+    r, c, instead = _pair(ref, cand, -1.0, 1.0)
     if instead is not None:
         return instead
     if np.array_equal(r, c):  # exactly 1: the quotient below rounds to 1 - 1 ulp for about 1 tensor in 4
@@ -139,7 +141,7 @@ def cosine_similarity(ref, cand) -> float:
 
 
 def sqnr_db(ref, cand) -> float:
-    r, c, instead = _pair(ref, cand, -math.inf)
+    r, c, instead = _pair(ref, cand, -math.inf, math.inf)
     if instead is not None:
         return instead
     noise, signal = float(np.sum((c - r) ** 2)), float(np.sum(r * r))
@@ -160,12 +162,17 @@ def top1_agreement(ref, cand) -> float:
     return float(np.mean(r.argmax(-1) == c.argmax(-1))) if r.shape[0] else float("nan")
 
 
-def mismatch_fraction(ref, cand) -> float:
-    """Fraction of elements that differ, for tensors compared exactly (integer, bool); NaN when there are none."""
-    r, c = np.asarray(ref), np.asarray(cand)
-    if r.shape != c.shape:
-        raise ShapeError(f"tensors differ in shape: reference {r.shape}, candidate {c.shape}")
-    return float(np.mean(r != c)) if r.size else math.nan
+def mismatch_fraction(refs, cands) -> float:
+    """Fraction of elements that differ over sample pairs of tensors compared exactly (integer, bool); a pair of
+    other shapes (a data-dependent output: NonZero, NMS indices) differs in all of its larger side's elements. 0 when
+    every tensor is empty (they are equal)."""
+    differ = total = 0
+    for r, c in zip(refs, cands):
+        r, c = np.asarray(r), np.asarray(c)
+        size = max(r.size, c.size)
+        differ += int(np.count_nonzero(r != c)) if r.shape == c.shape else size
+        total += size
+    return differ / total if total else 0.0
 
 
 def classifier_shaped(shape) -> bool:

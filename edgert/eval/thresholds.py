@@ -61,8 +61,8 @@ GRAPH_THRESHOLDS = {t.metric: t for t in (
     Threshold("rel_l2", "max", 0.1, "||cand - ref|| / ||ref|| of each tensor"),
     Threshold("max_abs", "max", None, "largest absolute difference of each tensor (scale-dependent: off by default)"),
     Threshold("top1_pct", "min", 90.0, "rows of classifier-shaped outputs whose argmax agrees, percent"),
-    Threshold("mismatch_pct", "max", 0.0, "elements of integer and bool outputs (compared exactly) that differ, "
-                                          "percent"),
+    Threshold("mismatch_pct", "max", 10.0, "elements of integer and bool outputs (compared exactly) that differ, "
+                                           "percent (an ArgMax class id is top-1: 10 as top1_pct's 90)"),
 )}
 
 TABLES = {"llm": LLM_THRESHOLDS, "graph": GRAPH_THRESHOLDS}
