@@ -19,6 +19,7 @@ import uvicorn
 
 from edgert import telemetry
 from edgert.llm import LLM
+from cli_run import NEUTRAL_CWD, python_argv
 from edgert.serve import create_app
 from llama_tiny import write_tiny_llama
 
@@ -443,10 +444,11 @@ def test_sigterm_stops_the_server_within_its_shutdown_timeout(llm, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = dict(os.environ, EDGERT_HOME=str(tmp_path), PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.Popen([sys.executable, "-c", SERVE_PACED, "serve", str(llm.path), "--port", str(port),
-                             "--threads", "1", "--shutdown-timeout", "2", "--log-level", "warning"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(os.environ, EDGERT_HOME=str(tmp_path))
+    # in an empty directory (cli_run): `python -c` from the checkout's root imported the unbuilt source tree in CI
+    proc = subprocess.Popen(python_argv("-c", SERVE_PACED, "serve", str(llm.path), "--port", str(port), "--threads",
+                                        "1", "--shutdown-timeout", "2", "--log-level", "warning"),
+                            env=env, cwd=NEUTRAL_CWD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: proc.poll() is None and _answers(base + "/health"), "the server to start")
