@@ -119,7 +119,6 @@ def test_run_log_rows_one_per_run_with_the_shared_columns_and_the_host_cost_mode
     assert rows[3]["error"] == "ShapeError: input 'x' \"wrong\" — ünïcode"
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_run_log_rows_built_in_python_equal_sqlite_json_ones(tmp_path, monkeypatch):
     """An SQLite without JSON (before 3.38, built without it) gets the same rows built in Python; a RunLog's failure
     no longer rolls back record()'s events of the same batch (they went with it)."""
@@ -170,6 +169,7 @@ def test_a_session_run_log_follows_edgert_home_and_a_full_queue_does_not_strand_
     assert len(telemetry.events()) == 3
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_never_raises_on_unwritable_home(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
