@@ -366,3 +366,21 @@ def test_one_session_run_from_two_threads_gives_each_its_own_outputs():
     finally:
         sys.setswitchinterval(switch)
     assert not wrong
+
+
+def test_a_model_litert_refuses_is_a_format_error_not_a_device_error():
+    """A file whose flatbuffer LiteRT's verifier rejects in a field edgert never reads (one flipped bit in
+    int8_plumbing), and one whose CONCATENATION inputs and output have other zero points, parse; LiteRT's CPU path
+    then refused them and edgert said DeviceError, as if a device had failed."""
+    flipped = bytearray(tm.int8_plumbing())
+    flipped[864] ^= 0x01
+    m = tm.ModelSpec()
+    a = m.tensor("a", "int8", (1, 4), q=(0.05, 16))
+    b = m.tensor("b", "int8", (1, 4), q=(0.05, 0))
+    y = m.tensor("y", "int8", (1, 8), q=(0.05, 0))
+    m.op("CONCATENATION", [a, b], [y], "ConcatenationOptions", Axis=1)
+    for data, says in ((bytes(flipped), "not a valid Flatbuffer"), (m.build([a, b], [y]), "CONCATENATION")):
+        for kw in ({}, {"core": False}, {"device": "coral-usb", "emulate": True}):
+            with pytest.raises(edgert.ModelFormatError, match=f"TFLite model is invalid.*{says}"):
+                s = edgert.Session(data, telemetry=False, **kw)
+                s.run(None, tm.feeds_for(s._graph0))

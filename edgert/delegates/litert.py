@@ -82,7 +82,11 @@ class LiteRTPartition(CompiledPartition):
             declared = [tuple(int(d) for d in o["shape"]) for o in self.interpreter.get_output_details()]
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise DeviceError(f"{pkg} could not prepare {what}: {exc}") from None
+            if delegates:  # an external delegate (Edge TPU, VX...) may be what failed
+                raise DeviceError(f"{pkg} could not prepare {what}: {exc}") from None
+            # LiteRT's own CPU path refuses only the model: a buffer its flatbuffer verifier rejects (a field edgert
+            # never reads), or parameters its kernels refuse when they prepare (zero points, scales, shapes)
+            raise ModelFormatError(f"the TFLite model is invalid: {pkg} refuses {what}: {exc}") from None
         ins, outs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
         if len(ins) != len(self.inputs) or len(outs) != len(self.outputs):
             raise DeviceError(f"{what}: the interpreter has {len(ins)} inputs / {len(outs)} outputs, the plan "
