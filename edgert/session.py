@@ -267,9 +267,12 @@ class Session:
             self._bound = self._keep(self._bind(dims, None))
         elif self.fallback == "forbid" and not self.emulate:
             # fail at creation, not at the first run. The plan waits for the dims (a unit that needs static shapes
-            # refuses unbound ones, which emulate=True planned at the first run), so every accelerator is checked
-            self._refuse_missing(self._missing_runtimes([u for u in self.profile.units
-                                                         if u is not self.profile.host_unit]))
+            # refuses unbound ones, which emulate=True planned at the first run), so every accelerator that could
+            # take a node once the dims are bound is checked
+            g = self._graph0
+            self._refuse_missing(self._missing_runtimes([
+                u for u in self.profile.units if u is not self.profile.host_unit
+                and any(ok or why.startswith("dynamic shape") for ok, why in (u.supports(n, g) for n in g.nodes))]))
 
     def _missing_runtimes(self, units) -> str:
         """What is missing to drive ``units`` on this machine, unit by unit ('' when nothing is)."""

@@ -809,6 +809,15 @@ def test_forbid_on_a_static_shape_unit_binds_symbolic_dims_at_the_first_run(tmp_
     if not emulate:
         with pytest.raises(DeviceError, match="ToyNPUExecutionProvider.*emulate=True"):
             edgert.Session(mlp_path, device=str(absent), fallback="forbid")
+        # a second accelerator, absent, that runs none of the model's ops: not needed, so not refused (every
+        # accelerator of the profile was checked)
+        dsp = "\n".join(ln.replace('"npu"', '"dsp"').replace("ToyNPUExecutionProvider", "ToyDSPExecutionProvider")
+                        .replace('ops = ["MatMul", "Add"]', 'ops = ["Softmax"]') for ln in TOY_NPU[TOY_NPU.index(
+                            "[[units]]\nname = \"npu\""):].splitlines())
+        both = tmp_path / "both.toml"
+        both.write_text(prof.read_text() + dsp)
+        s = edgert.Session(mlp_path, device=str(both), fallback="forbid")
+        np.testing.assert_array_equal(s.run(None, {"x": x_of(2)})[0], ort_run(mlp_path, {"x": x_of(2)})[0])
 
 
 @pytest.mark.parametrize("device,emulate", [("host", False), ("toy", True)])
