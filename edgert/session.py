@@ -32,6 +32,7 @@ from . import delegates, native, profiles
 from .buffers import CopyCounter, PinnedPool
 from .errors import DeviceError, DTypeError, InvalidArgumentError, ShapeError, check_count, warn_caller
 from .formats.onnx import load_onnx
+from .formats.tflite import is_tflite_graph
 from .graph.ir import Graph, onnx_types
 from .plan import Plan, plan as make_plan
 
@@ -172,7 +173,7 @@ ONNX_IO_DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32",
 def check_io_dtypes(graph: Graph) -> None:
     """DTypeError for a graph input or output whose element type a Session cannot feed or return (dtypes not yet
     known are left to the shape probe)."""
-    onnx_model = getattr(graph.source, "format", None) != "tflite"
+    onnx_model = not is_tflite_graph(graph)
     for t in [*graph.inputs, *graph.outputs]:
         dtype = graph.tensors[t].dtype
         what = f"{'input' if t in graph.inputs else 'output'} {t!r}"
@@ -471,16 +472,16 @@ class Session:
     def _rebind(self, feeds, overrides: tuple = (), force: bool = False) -> _Bound:
         """The binding for the feeds' dims and fed ``overrides`` (overridable initializers): a kept one, else a new
         one (``force``: new even if kept, for a probed binding whose data-dependent shapes changed)."""
-        g = self._graph0.with_inputs(overrides)
-        arrays = {n: np.asarray(feeds[n]) if not hasattr(feeds[n], "shape") else feeds[n] for n in g.inputs}
-        dims = g.dims_from_feeds(arrays)
         # kept by the input shapes, not the dims: a dim with no name (neither a value nor a param) is in no dims
-        key = (tuple(sorted((n, tuple(a.shape)) for n, a in arrays.items())), overrides)
+        key = (tuple(sorted((n, tuple(np.shape(feeds[n]))) for n in (*self._graph0.inputs, *overrides))), overrides)
         b = None if force else self._layouts.get(key)
         if b is not None:
             self._layouts.move_to_end(key)
             self._bound, self.requested_plan, self.fell_back = b, b.requested_plan, b.fell_back
             return b
+        g = self._graph0.with_inputs(overrides)  # a new binding from here on
+        dims = g.dims_from_feeds({n: np.asarray(feeds[n]) if not hasattr(feeds[n], "shape") else feeds[n]
+                                  for n in g.inputs})
         if self._bound is not None:
             self._rebinds += 1
             if self._bound.on_device:  # its device memory goes to the new binding
@@ -551,7 +552,7 @@ class Session:
                         "shapes": {t: graph.tensors[t].concrete_shape() for n in graph.nodes
                                    if n.name in members for t in (*n.inputs, *n.outputs) if t in graph.tensors}}
             elif self.emulate:
-                d = delegates.get("litert" if getattr(graph.source, "format", None) == "tflite" else "onnxruntime")()
+                d = delegates.get("litert" if is_tflite_graph(graph) else "onnxruntime")()
                 unit = None  # the device's work, functionally, on onnxruntime's CPU provider
                 opts = {"threads": self.threads, "emulate": True}
             else:

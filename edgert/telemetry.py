@@ -119,6 +119,11 @@ def _env_cost(name: str) -> float | None:
     return v
 
 
+def _machine() -> str:
+    """The device name of a host with no profile (and of events recorded without a cost model)."""
+    return platform.machine() or "host"
+
+
 def host_cost_model() -> CostModel:
     """The host's cost model: its device profile if edgert.profiles can detect one, else the defaults; env overrides
     (checked first, so a bad one fails before the profile search)."""
@@ -127,7 +132,7 @@ def host_cost_model() -> CostModel:
         return _host_cost
     power_env, price_env, kwh_env = map(_env_cost, ("EDGERT_POWER_W", "EDGERT_PRICE_USD_PER_HOUR",
                                                     "EDGERT_ELECTRICITY_USD_PER_KWH"))
-    device, power, price = platform.machine() or "host", DEFAULT_POWER_W, DEFAULT_PRICE_USD_PER_HOUR
+    device, power, price = _machine(), DEFAULT_POWER_W, DEFAULT_PRICE_USD_PER_HOUR
     try:
         from . import profiles  # written alongside; optional until it lands
 
@@ -282,7 +287,7 @@ def record(event: dict) -> str | None:
         ev.setdefault("request_id", new_request_id())
         ev.setdefault("ts", time.time())
         cost = _cost_model_or_warn()
-        ev.setdefault("device", cost.device if cost else platform.machine() or "host")
+        ev.setdefault("device", cost.device if cost else _machine())
         ev.setdefault("delegates", "host")
         if isinstance(ev.get("delegates"), (list, tuple)):
             ev["delegates"] = ",".join(ev["delegates"])
@@ -328,7 +333,7 @@ class RunLog:
         cost = _cost_model_or_warn()
         self.home, self.path = os.environ.get("EDGERT_HOME"), db_path()
         self.params = {name: None for name in _NAMES if name not in _RUN_COLUMNS}
-        self.params.update(device=cost.device if cost else platform.machine() or "host", delegates="host",
+        self.params.update(device=cost.device if cost else _machine(), delegates="host",
                            queue_wait_s=0.0)
         self.params.update((k, v) for k, v in event.items() if k in self.params)
         self.params.update(prefix=new_request_id("run"),

@@ -146,14 +146,15 @@ def test_device_profile_sides_are_flagged_and_noted_as_graph_sides_are(models, t
         rep = edgert.evaluate(f32, f"{f32}@{device}", _text(300), ctx=CTX, chunks=1)
         graph = edgert.evaluate(onnx_path, f"{onnx_path}@{device}", random=1, runs=1)
         prof = profiles.load(device)
-        absent = any(u.delegate != "host" and not profiles.runtime_status(u)[0] for u in prof.units)
+        absent = device == "imx8mp"  # its NPU is not on this machine; rpi5 is CPU only
+        if absent and all(profiles.runtime_status(u)[0] for u in prof.units):
+            pytest.skip("this machine has the i.MX 8M Plus NPU's runtime")
         for r in (rep, graph):
             assert r.sides["candidate"]["emulated"] is absent and r.sides["reference"]["emulated"] is False
             assert r.sides["candidate"]["power_w"] == prof.power_w
             assert "latency is measured on this machine; energy and cost apply each side's profile power and price " \
                    "to it" in r.notes
             assert any(f"device '{device}' is not on this machine" in n for n in r.notes) is absent
-    assert absent is False  # rpi5: CPU only, so the second round checked the unflagged case
 
 
 def test_identical_models_zero_drift_and_threads(models):

@@ -5,6 +5,7 @@ The constants must stay equal to firmware_bridge/core/fw.h; tests/test_bridge_fr
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass, field
 
@@ -66,7 +67,7 @@ class DeviceLimits:
     max_graphs: int = 8
 
 
-LIMIT_FIELDS = ("max_tensors", "max_nodes", "max_io", "max_handles", "max_graphs")  # their order in HELLO
+LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceLimits))  # their order in HELLO: as declared
 
 
 @dataclass(frozen=True)

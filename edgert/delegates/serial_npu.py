@@ -595,15 +595,6 @@ def _lower(partition, graph):
             [ids[o] for o in partition.outputs], ids)
 
 
-def translate(partition, graph):
-    """(blob, input names, output names) for ``partition`` of ``graph`` as one graph; UnsupportedOpError for what
-    the device cannot run (the partition then stays on the host). ``translate_pieces`` keeps to a device's limits."""
-    from ..bridge.protocol import encode_graph
-
-    tensors, bnodes, _, ins, outs, _ = _lower(partition, graph)
-    return encode_graph(tensors, bnodes, ins, outs), list(partition.inputs), list(partition.outputs)
-
-
 def translate_pieces(partition, graph, limits) -> list[tuple[bytes, list[str], list[str]]]:
     """``translate``, as graphs that each fit the device's ``limits`` (HELLO's ``DeviceLimits``: tensors, nodes,
     inputs, outputs per graph; handles): one when the partition fits, else runs of consecutive nodes, each taking
@@ -707,7 +698,6 @@ class SerialNpuPartition(CompiledPartition):
         self.graphs = [DeviceGraph(b, fnv1a64(b), tuple(i), tuple(o)) for b, i, o in pieces or ()]
         # the first (nearly always the only) graph; None: the partition runs on the host
         self.blob = self.graphs[0].blob if self.graphs else None
-        self.hash = self.graphs[0].hash if self.graphs else None
         self.between = dict(between or {})
         for g in self.graphs:
             _graph_users(state.url, g.hash, +1)

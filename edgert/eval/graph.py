@@ -90,16 +90,24 @@ def _session(model, side: Side, emulate: bool):
                        telemetry=False)
 
 
-def _float_outputs(model) -> dict[str, int]:
-    """Node output name -> position in topological order, for outputs whose inferred type is float or unknown."""
+def _shape_inferred(model):
+    """``model`` with onnx's inferred value_info (the model as it is where inference fails): done once per side,
+    read by _float_outputs and _with_outputs."""
     import onnx
 
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        return onnx.shape_inference.infer_shapes(model)
     except Exception:
-        inferred = model
+        return model
+
+
+def _float_outputs(model) -> dict[str, int]:
+    """Node output name -> position in topological order, for outputs whose type (``model``'s value_info: see
+    _shape_inferred) is float or unknown."""
+    import onnx
+
     elem = {}
-    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+    for vi in [*model.graph.value_info, *model.graph.output]:
         if vi.type.HasField("tensor_type"):
             elem[vi.name] = vi.type.tensor_type.elem_type
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
@@ -170,17 +178,14 @@ def _ort_session(model):
 
 def _with_outputs(model, names: list[str]):
     """``model`` with ``names`` as extra graph outputs, each with the element type and rank onnx.checker (so
-    edgert's Session) requires of an output: from onnx's shape inference or, for tensors behind an op it does not
-    know (com.microsoft's MatMulNBits in an int4 model), from onnxruntime's, which runs that op."""
+    edgert's Session) requires of an output: from ``model``'s value_info (onnx's shape inference: _shape_inferred)
+    or, for tensors behind an op it does not know (com.microsoft's MatMulNBits in an int4 model), from
+    onnxruntime's, which runs that op."""
     import onnx
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
-    except Exception:
-        inferred = []
-    known = {vi.name: vi for vi in [*inferred, *m.graph.value_info] if vi.type.HasField("tensor_type")}
+    known = {vi.name: vi for vi in m.graph.value_info if vi.type.HasField("tensor_type")}
     have = {o.name for o in m.graph.output}
     added = [n for n in names if n not in have]
     untyped_float = onnx.TensorProto.FLOAT  # until typed below: float is what the comparison reads
@@ -332,20 +337,20 @@ def evaluate_graph(reference: Side, candidate: Side, data, limits: dict, *, rand
     _check_outputs(outputs, out_names)
 
     # shared intermediates, topological order of the reference
-    models = {}
+    models, ref_order, cand_order = {}, {}, {}
     if intermediates:  # both ONNX, and both already loaded and checked by their sessions
         import onnx
 
-        models = {k: onnx.load(s.path) for k, s in sides_in.items()}
-    ref_order = _float_outputs(models["reference"]) if intermediates else {}
-    cand_order = _float_outputs(models["candidate"]) if intermediates else {}
+        models = {k: _shape_inferred(onnx.load(s.path)) for k, s in sides_in.items()}
+        ref_order, cand_order = _float_outputs(models["reference"]), _float_outputs(models["candidate"])
     same_name = [n for n in ref_order if n in cand_order and n not in out_names]
     ops = {k: _computing_ops(models[k]) for k in models}
     shared = [n for n in same_name if _same_value(ops["reference"][n], ops["candidate"][n])]
-    if len(shared) < len(same_name):
+    dropped = [n for n in same_name if n not in shared]
+    if dropped:
         notes.append("not compared, one side's tensor is an activation's output and the other's is not (a fused "
-                     "activation leaves its output name on the op before it): " + ", ".join(f"{n} ({ops['reference'][n]} vs {ops['candidate'][n]})"
-                                                          for n in same_name if n not in shared))
+                     "activation leaves its output name on the op before it): "
+                     + ", ".join(f"{n} ({ops['reference'][n]} vs {ops['candidate'][n]})" for n in dropped))
     inter = {k: _run_intermediates(models.get(k), shared, sides_in[k], emulate[k], samples, notes) for k in sides_in}
     if progress and intermediates:
         progress(3, 3)

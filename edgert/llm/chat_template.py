@@ -371,6 +371,7 @@ def render_segments(template: str | None, messages, add_generation_prompt: bool 
     source = CHATML_TEMPLATE if template is None else template
     if not isinstance(source, str):
         raise InvalidArgumentError(f"template must be a str or None, got {type(source).__name__}")
+    _check_size(source)  # before the sentinel search reads it
     contents = [m["content"] for m in msgs]
     opening, closing, index = _sentinel_alphabet(contents + [source, bos_token, eos_token], len(msgs))
     sentinels = [opening + i + closing for i in index]

@@ -106,7 +106,6 @@ class Scheduler:
         self._stop = False
         self.running: Job | None = None
         self._thread = threading.Thread(target=self._work, name="edgert-serve-worker", daemon=True)
-        self.counters = collections.Counter()  # ended jobs: completed, failed, cancelled, shutdown, timeout
 
     @property
     def queue_depth(self) -> int:
@@ -175,10 +174,7 @@ class Scheduler:
         self._end(job, JobOutcome(finish_reason=job.cancel_reason, queue_wait_s=time.monotonic() - job.submitted))
 
     def _end(self, job: Job, outcome: JobOutcome) -> None:
-        kind = {"stop": "completed", "length": "completed", "error": "failed"}.get(outcome.finish_reason)
-        with self._cond:  # jobs end on the worker and, cancelled while queued, on the loop
-            self.counters[kind or outcome.finish_reason] += 1
-        job._push(outcome)
+        job._push(outcome)  # jobs end on the worker and, cancelled while queued, on the loop
         if job.on_done is not None:
             try:
                 job.on_done(job, outcome)
