@@ -603,10 +603,8 @@ def translate_pieces(partition, graph, limits) -> list[tuple[bytes, list[str], l
     from ..bridge.protocol import encode_graph
 
     tensors, bnodes, names, ins, outs, ids = _lower(partition, graph)
-    whole = {"tensors": (len(tensors), limits.max_tensors), "nodes": (len(bnodes), limits.max_nodes),
-             "inputs": (len(ins), limits.max_io), "outputs": (len(outs), limits.max_io),
-             "tensor handles": (len(ins) + len(outs), limits.max_handles)}
-    if all(n <= cap for n, cap in whole.values()):
+    over = _over_limits(limits, len(tensors), len(bnodes), len(ins), len(outs), len(ins) + len(outs))
+    if not over:
         return [(encode_graph(tensors, bnodes, ins, outs), list(partition.inputs), list(partition.outputs))]
     name_of = {i: n for n, i in ids.items()}
     pieces = []
@@ -626,8 +624,17 @@ def translate_pieces(partition, graph, limits) -> list[tuple[bytes, list[str], l
         pieces.append((encode_graph(sub, nodes, [remap[i] for i in p_in], [remap[o] for o in p_out]),
                        [name_of[i] for i in p_in], [name_of[o] for o in p_out]))
     log.info("serial-npu: partition %s (%s) is %d graphs on the device", getattr(partition, "id", "?"),
-             ", ".join(f"{k} {n} > {cap}" for k, (n, cap) in whole.items() if n > cap), len(pieces))
+             ", ".join(f"{what} {n} > {cap}" for what, n, cap in over), len(pieces))
     return pieces
+
+
+def _over_limits(limits, tensors: int, nodes: int, inputs: int, outputs: int, handles: int) -> list[tuple]:
+    """(what, count, cap) of each of the device's ``limits`` (HELLO's ``DeviceLimits``) a graph of these counts
+    exceeds, in the order messages name them: the one table of which count each limit caps."""
+    return [(what, n, cap) for what, n, cap in (
+        ("tensors", tensors, limits.max_tensors), ("nodes", nodes, limits.max_nodes),
+        ("inputs", inputs, limits.max_io), ("outputs", outputs, limits.max_io),
+        ("tensor handles", handles, limits.max_handles)) if n > cap]
 
 
 def _split(tensors, nodes, names, outputs, limits) -> list[tuple[int, int, list[int], list[int]]]:
@@ -646,10 +653,8 @@ def _split(tensors, nodes, names, outputs, limits) -> list[tuple[int, int, list[
             used.add(i)
         outs = [o for o in made if o in keep or last.get(o, -1) >= hi]
         held = {nd.output for nd in nodes[:lo] if last.get(nd.output, -1) >= hi} | set(ins) | set(outs)
-        over = [f"{what} ({n} > {cap})" for what, n, cap in (
-            ("tensors", len(used), limits.max_tensors), ("nodes", hi - lo, limits.max_nodes),
-            ("inputs", len(ins), limits.max_io), ("outputs", len(outs), limits.max_io),
-            ("tensor handles", len(held), limits.max_handles)) if n > cap]
+        over = [f"{what} ({n} > {cap})"
+                for what, n, cap in _over_limits(limits, len(used), hi - lo, len(ins), len(outs), len(held))]
         return ins, outs, over
 
     runs, lo = [], 0
