@@ -662,16 +662,8 @@ def find_islands(topo: _Topology, units: Sequence[str], join_independent: bool =
         if chosen:
             target = min(chosen)
             for g in chosen:
-                if g == target:
-                    continue
-                members[target].extend(members.pop(g))
-                succ[target] |= succ.pop(g)
-                gunit.pop(g)
-                for other in succ.values():
-                    if g in other:
-                        other.discard(g)
-                        other.add(target)
-            succ[target].discard(target)
+                if g != target:
+                    _merge_island(g, target, members, gunit, succ)
             for m in members[target]:
                 group_of[m] = target
         else:
@@ -707,6 +699,20 @@ def find_islands(topo: _Topology, units: Sequence[str], join_independent: bool =
     return [sorted(members[g]) for g in order]
 
 
+def _merge_island(g: int, into: int, members: dict[int, list[int]], gunit: dict[int, str],
+                  succ: dict[int, set[int]]) -> None:
+    """Contract island ``g`` into island ``into`` (in place): its nodes and its edges either way become ``into``'s,
+    an edge between the two is dropped (no island is its own successor)."""
+    members[into].extend(members.pop(g))
+    succ[into] |= succ.pop(g)
+    gunit.pop(g)
+    for other in succ.values():
+        if g in other:
+            other.discard(g)
+            other.add(into)
+    succ[into].discard(into)
+
+
 def _join_independent(members: dict[int, list[int]], gunit: dict[int, str], succ: dict[int, set[int]]) -> None:
     """Merge (in place) islands of one unit between which the island graph has no path either way: contracting two
     such islands cannot close a cycle, and it costs nothing (same compute; a device tensor both read is copied once).
@@ -736,15 +742,10 @@ def _join_independent(members: dict[int, list[int]], gunit: dict[int, str], succ
         if h is None:
             kept.append(g)
             continue
-        members[h].extend(members.pop(g))
-        succ[h] = (succ[h] | succ.pop(g)) - {h}
-        gunit.pop(g)
+        _merge_island(g, h, members, gunit, succ)
         merged = reach[h] | reach.pop(g)
         reach[h] = merged
-        for x, r in reach.items():
-            if g in succ.get(x, ()):
-                succ[x].discard(g)
-                succ[x].add(h)
+        for r in reach.values():
             if g in r or h in r:
                 r.discard(g)
                 r.add(h)
