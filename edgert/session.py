@@ -59,6 +59,11 @@ class IOInfo:
         return f"tensor({names.get(self.dtype or '', self.dtype or 'unknown')})"
 
 
+def _io_infos(graph: Graph, names) -> list[IOInfo]:
+    """``IOInfo`` of each of ``graph``'s tensors ``names`` (its inputs, outputs or overridable initializers)."""
+    return [IOInfo(n, list(graph.tensors[n].shape or []), graph.tensors[n].dtype) for n in names]
+
+
 @dataclass
 class _Copy:
     tensor: str
@@ -296,17 +301,15 @@ class Session:
 
     # ---- onnxruntime-shaped API ---------------------------------------------------------------------------
     def get_inputs(self) -> list[IOInfo]:
-        g = self._graph0
-        return [IOInfo(n, list(g.tensors[n].shape or []), g.tensors[n].dtype) for n in g.inputs]
+        return _io_infos(self._graph0, self._graph0.inputs)
 
     def get_overridable_initializers(self) -> list[IOInfo]:
         """Initializers the model also lists as inputs (IR 4 on): a run may feed them, as onnxruntime's may."""
-        g = self._graph0
-        return [IOInfo(n, list(g.tensors[n].shape or []), g.tensors[n].dtype) for n in g.overridable]
+        return _io_infos(self._graph0, self._graph0.overridable)
 
     def get_outputs(self) -> list[IOInfo]:
         g = self._bound.graph if self._bound else self._graph0
-        return [IOInfo(n, list(g.tensors[n].shape or []), g.tensors[n].dtype) for n in g.outputs]
+        return _io_infos(g, g.outputs)
 
     @property
     def plan(self) -> Plan:
