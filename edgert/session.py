@@ -515,12 +515,13 @@ class Session:
             self._close_layout(b)
 
     def _bind(self, dims: dict, feeds, overrides: tuple = ()) -> _Bound:
-        graph = (self._graph0.bind(dims) if dims else self._graph0).with_inputs(overrides)
-        check_io_dtypes(graph)
-        unknown = [t for t, tt in graph.tensors.items() if tt.initializer is None and not _known(tt)]
+        bound_dims = self._graph0.bind(dims) if dims else None
         # partitions are exported from the model as written (symbolic dims kept, as onnxruntime runs the whole
         # model): baking bound dims in can make onnxruntime's inference reject branches that never run
         export = self._graph0.with_inputs(overrides)
+        graph = export if bound_dims is None else bound_dims.with_inputs(overrides)
+        check_io_dtypes(graph)
+        unknown = [t for t, tt in graph.tensors.items() if tt.initializer is None and not _known(tt)]
         probed = False
         if unknown:
             # shapes inference could not tell (data-dependent, or lost in the loader): learn them by running the
