@@ -139,9 +139,14 @@ def _shutting_down() -> APIError:
                     "server_shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+def _with_request_id(headers: dict, rid: str | None) -> dict:
+    """``headers`` plus, when there is one, the generation request's id as ``x-request-id`` (last): every answer to a
+    generation request carries it, its errors and streams too."""
+    return {**headers, "x-request-id": rid} if rid else dict(headers)
+
+
 def _error_response(err: APIError, rid: str | None = None) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status,
-                        headers={**err.headers, "x-request-id": rid} if rid else err.headers)
+    return JSONResponse(err.body(), status_code=err.status, headers=_with_request_id(err.headers, rid))
 
 
 async def _watch_disconnect(receive, job: Job) -> None:
@@ -158,7 +163,7 @@ class _SSEResponse(StreamingResponse):
     and cancels the generation behind it, at once rather than at the next write."""
 
     def __init__(self, content, job: Job, rid: str):
-        super().__init__(content, media_type="text/event-stream", headers={**SSE_HEADERS, "x-request-id": rid})
+        super().__init__(content, media_type="text/event-stream", headers=_with_request_id(SSE_HEADERS, rid))
         self.job = job
 
     async def __call__(self, scope, receive, send) -> None:
@@ -326,7 +331,7 @@ class Server:
         try:
             self.check_key(request)
         except APIError as err:  # not recorded: unauthenticated requests are nobody's cost
-            err.headers["x-request-id"] = rid
+            err.headers = _with_request_id(err.headers, rid)  # the endpoint's wrapper answers (and counts) it
             raise
         n_prompt = 0
         try:
@@ -434,7 +439,7 @@ class Server:
             obj = "text_completion"
         return JSONResponse({"id": rid, "object": obj, "created": created, "model": self.model_id,
                              "system_fingerprint": self.fingerprint, "choices": [choice], "usage": self.usage(job)},
-                            headers={"x-request-id": rid})
+                            headers=_with_request_id({}, rid))
 
     async def sse(self, rid, created, req: GenerationRequest, job: Job):
         chat = req.kind == "chat"
