@@ -599,7 +599,8 @@ def translate_pieces(partition, graph, limits) -> list[tuple[bytes, list[str], l
     """The partition as device graphs (``encode_graph`` blobs with their input and output names) that each fit the
     device's ``limits`` (HELLO's ``DeviceLimits``: tensors, nodes, inputs, outputs per graph; handles): one when
     the partition fits, else runs of consecutive nodes, each taking nodes while it fits. The device runs them in
-    order, the tensors between them staying in its memory, so the link carries what one graph would. A node that fits no graph alone is an UnsupportedOpError naming the limit."""
+    order, the tensors between them staying in its memory, so the link carries what one graph would. A node that
+    fits no graph alone is an UnsupportedOpError naming the limit."""
     from ..bridge.protocol import encode_graph
 
     tensors, bnodes, names, ins, outs, ids = _lower(partition, graph)
