@@ -133,12 +133,13 @@ def int8_conv_chain(layers: int = 12, seed: int = 0):
                           ("y", TensorProto.INT8, [1, 4, 8, 8]))
 
 
-def int32_add_chain(n: int = 70):
-    """x int32 (4,) -> ``n`` Adds of one constant -> y: more nodes than the firmware takes per graph (64)."""
+def int32_add_chain(n: int = 70, residual: bool = False):
+    """x int32 (4,) -> ``n`` Adds of one constant -> y: more nodes than the firmware takes per graph (64).
+    ``residual``: the last Add adds x instead (x is read by the first node and the last)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    nodes = [helper.make_node("Add", ["x" if i == 0 else f"t{i - 1}", "c"], ["y" if i == n - 1 else f"t{i}"],
-                              name=f"add{i}") for i in range(n)]
+    nodes = [helper.make_node("Add", ["x" if i == 0 else f"t{i - 1}", "x" if residual and i == n - 1 else "c"],
+                              ["y" if i == n - 1 else f"t{i}"], name=f"add{i}") for i in range(n)]
     return _checked_model(nodes, f"int32_add_chain{n}", [numpy_helper.from_array(np.arange(1, 5, dtype=np.int32), "c")],
                           ("x", TensorProto.INT32, [4]), ("y", TensorProto.INT32, [4]))
 

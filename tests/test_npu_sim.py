@@ -227,7 +227,8 @@ def test_more_device_partitions_than_handles_run_on_the_device():
 def test_a_cortex_m4_sized_device_gets_graphs_and_tensors_that_fit(monkeypatch):
     """With the Cortex-M4 build's limits (32 tensors and 32 nodes per graph, 16 handles) every graph and the live
     tensors keep to them; with one node per graph the partition's 12 graphs outnumber the device's 8 slots, and the
-    least recently used are unloaded for the next (reloaded at the next run). The outputs stay exact."""
+    least recently used are unloaded for the next (reloaded at the next run), and the input the device holds is kept
+    (it was freed with them, and sent again). The outputs stay exact."""
     model = int8_conv_chain(12)
     rng = np.random.default_rng(13)
     with sim() as s:
@@ -242,7 +243,34 @@ def test_a_cortex_m4_sized_device_gets_graphs_and_tensors_that_fit(monkeypatch):
                 np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
             assert sess.stats()["failovers"] == 0 and part.runs_on_device == 2
             assert part.state.device.stats()["tensors"] <= 16
+            # graphs unloaded for slots, not the tensors: a run on the same input sends nothing again
+            sent = part.state.device.bytes_to_device
+            np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+            assert part.state.device.bytes_to_device == sent
             sess.close()
+
+
+@pytest.mark.parametrize("n, residual, handles", [(60, False, 48), (20, True, 3)])
+def test_a_partition_split_in_more_graphs_than_handles_keeps_only_what_later_graphs_read(monkeypatch, n, residual,
+                                                                                         handles):
+    """A run of a split partition kept every tensor an earlier graph of it had made from eviction: a chain split in
+    more graphs than the device has handles ran out of them (ERR_NOMEM, a failover at every run), and an input a later
+    graph reads again (the residual x) was not kept, so it could be freed and sent twice. Only what a later graph
+    reads is kept now: the chain runs on the device and x crosses the link once per run."""
+    _shrink_limits(monkeypatch, max_nodes=1, max_handles=handles)
+    model = int32_add_chain(n, residual=residual)
+    with sim() as s:
+        sess = session(model, s.url)
+        part = sess._bound.compiled[0]
+        assert len(part.graphs) == n
+        for run in range(2):
+            x = np.arange(-2, 2, dtype=np.int32) + run  # new data: sent again
+            np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ort_run(model, {"x": x})[0])
+        dev = part.state.device
+        assert sess.stats()["failovers"] == 0 and part.runs_on_device == 2
+        assert dev.bytes_to_device == 2 * x.nbytes and dev.bytes_to_host == 2 * x.nbytes
+        assert dev.stats()["tensors"] <= handles
+        sess.close()
 
 
 def test_a_node_over_the_devices_limits_is_refused_at_compile(monkeypatch):

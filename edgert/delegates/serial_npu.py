@@ -178,16 +178,19 @@ class DeviceState:
         _LOADED.setdefault(self.url, set()).add(graph_hash)
 
     def _make_room(self, keep: int, pinned) -> bool:
-        """Unload the graphs this process loaded that no live partition runs, or else the least recently used one of
-        this connection (a later run loads it again), and free the tensors a run can send again (not ``pinned``).
-        False when nothing was left to free."""
+        """Make room for graph ``keep``, cheapest first: unload the graphs this process loaded that no live partition
+        runs; else, when the device's graph slots are full, the least recently used graph of this connection (a
+        later run loads it again); else (its arena is full) free the tensors a run can send again (not ``pinned``),
+        and only when there are none, unload that graph. False when nothing was left to free."""
         idle = [h for h in _LOADED.get(self.url, ()) if not _GRAPH_USERS.get((self.url, h)) and h != keep]
-        victims = idle or [h for h in self.graphs if h != keep][:1]
+        freed = 0
+        if not idle and self.device.stats()["graphs"] < self.device.info.limits.max_graphs:
+            freed = self._evict(pinned, len(self.tensors))
+        victims = idle or ([] if freed else [h for h in self.graphs if h != keep][:1])
         for h in victims:
             self.device.unload_graph(h)
             _LOADED[self.url].discard(h)
             self.graphs.pop(h, None)
-        freed = self._evict(pinned, len(self.tensors))
         log.info("serial-npu %s: device out of room; unloaded %d graph(s), freed %d tensor(s)", self.url,
                  len(victims), freed)
         return bool(victims or freed)
@@ -644,6 +647,11 @@ def _split(tensors, nodes, names, outputs, limits) -> list[tuple[int, int, list[
     outputs or a later run reads; the handles it needs are those plus the tensors earlier runs keep for later ones."""
     last = {i: k for k, nd in enumerate(nodes) for i in nd.inputs if i is not None}
     keep, const = set(outputs), {i for i, t in enumerate(tensors) if t.data is not None}
+    first = {}  # the node from which each tensor is on the device: made there, or read (a partition input)
+    for k, nd in enumerate(nodes):
+        for i in (*nd.inputs, nd.output):
+            if i is not None and i not in const:
+                first.setdefault(i, k)
 
     def fit(lo, hi):
         made = [nd.output for nd in nodes[lo:hi]]
@@ -653,7 +661,7 @@ def _split(tensors, nodes, names, outputs, limits) -> list[tuple[int, int, list[
                 ins.append(i)
             used.add(i)
         outs = [o for o in made if o in keep or last.get(o, -1) >= hi]
-        held = {nd.output for nd in nodes[:lo] if last.get(nd.output, -1) >= hi} | set(ins) | set(outs)
+        held = {i for i, f in first.items() if f < lo and last.get(i, -1) >= hi} | set(ins) | set(outs)
         over = [f"{what} ({n} > {cap})"
                 for what, n, cap in _over_limits(limits, len(used), hi - lo, len(ins), len(outs), len(held))]
         return ins, outs, over
@@ -702,6 +710,10 @@ class SerialNpuPartition(CompiledPartition):
         self.state = state
         self.resident_inputs, self.resident_outputs = set(resident_inputs), set(resident_outputs)
         self.graphs = [DeviceGraph(b, fnv1a64(b), tuple(i), tuple(o)) for b, i, o in pieces or ()]
+        # per graph: the names a later graph of the partition reads (what a run keeps on the device past that graph)
+        self._read_later = [set()] * len(self.graphs)
+        for j in range(len(self.graphs) - 2, -1, -1):
+            self._read_later[j] = self._read_later[j + 1] | set(self.graphs[j + 1].inputs)
         # the first (nearly always the only) graph; None: the partition runs on the host
         self.blob = self.graphs[0].blob if self.graphs else None
         self.between = dict(between or {})
@@ -759,9 +771,13 @@ class SerialNpuPartition(CompiledPartition):
         dev = st.device
         t0, load_s, device_s = time.perf_counter(), 0.0, 0.0
         made: dict[str, str] = {}  # name -> device tensor key of what an earlier graph of this run left there
-        for g in self.graphs:
+        held: dict[str, str] = {}  # name -> device tensor key of what this run has put on the device so far
+        for g, later in zip(self.graphs, self._read_later):
             keys = {n: self._device_key(n, inputs, outputs, made) for n in (*g.inputs, *g.outputs)}
-            pinned = {*keys.values(), *made.values()}
+            held.update(keys)
+            # kept from eviction: this graph's tensors and what a later graph reads (an output or an input sent
+            # earlier), not every tensor of the run: a split partition has more of those than the device has handles
+            pinned = {*keys.values(), *(held[n] for n in later if n in held)}
             if g.hash in st.graphs:
                 st.graphs[g.hash] = st.graphs.pop(g.hash)  # most recently used last
             else:
