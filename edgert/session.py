@@ -245,9 +245,10 @@ class Session:
         if not emulate:
             units = [getattr(delegates.get(u.delegate), "refine_unit", None) if delegates.is_registered(u.delegate)
                      else None for u in self.profile.units]
-            if any(units):
+            if any(units):  # with the fallback: a device that does not answer is refused at creation under forbid
+                refine_opts = {**self.device_options, "fallback": fallback}
                 self.profile = dataclasses.replace(self.profile, units=[
-                    f(u, self.device_options) if f else u for f, u in zip(units, self.profile.units)])
+                    f(u, refine_opts) if f else u for f, u in zip(units, self.profile.units)])
         self.device = self.profile.name
         self.fallback, self.emulate = fallback, bool(emulate)
         self.threads, self.output_views, self.core = threads, output_views, core

@@ -250,6 +250,25 @@ def test_a_cortex_m4_sized_device_gets_graphs_and_tensors_that_fit(monkeypatch):
             sess.close()
 
 
+def test_forbid_refuses_a_device_that_does_not_answer_at_creation():
+    """fallback="forbid" on a serial NPU that gave no HELLO made a Session whose plan named the device, and every run
+    then completed on the host: the CPU fallback forbid rules out. It is a DeviceError at creation; with "allow" the
+    Session is made and runs fail over."""
+    master, slave = os.openpty()  # a port nobody answers on
+    try:
+        url = os.ttyname(slave)
+        opts = {"url": url, "timeout_s": 0.02, "retries": 1}
+        with pytest.raises(edgert.DeviceError, match="does not answer.*fallback='forbid'"):
+            edgert.Session(int8_mlp(), device="serial-npu", fallback="forbid", device_options=opts, telemetry=False)
+        sess = edgert.Session(int8_mlp(), device="serial-npu", fallback="allow", device_options=opts, telemetry=False)
+        f = feeds(int8_mlp(), np.random.default_rng(3))
+        np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(int8_mlp(), f)[0])
+        sess.close()
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 @pytest.mark.parametrize("n, residual, handles", [(60, False, 48), (20, True, 3)])
 def test_a_partition_split_in_more_graphs_than_handles_keeps_only_what_later_graphs_read(monkeypatch, n, residual,
                                                                                          handles):

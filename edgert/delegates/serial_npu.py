@@ -886,7 +886,8 @@ class SerialNpuDelegate(Delegate):
     @classmethod
     def refine_unit(cls, unit, options: Mapping[str, Any] | None = None):
         """``unit`` narrowed to the ops and dtypes the device reports in HELLO (profile ∩ device), its memory to the
-        device's arena. Unchanged when no URL is configured or the device does not answer (runs then fail over)."""
+        device's arena. Unchanged when no URL is configured or the device does not answer (runs then fail over), except
+        under ``fallback="forbid"`` (in ``options``): a device that does not answer is then a DeviceError."""
         opts = _options(unit, options)
         url = opts.get("url")
         if not url:
@@ -899,8 +900,12 @@ class SerialNpuDelegate(Delegate):
             st.drop_connection()
             raise
         except LinkError as exc:
-            log.warning("serial-npu %s: no HELLO (%s); planning with the profile's op list", url, exc)
             st.drop_connection()
+            if opts.get("fallback") == "forbid":  # its partitions would all run on the host
+                raise DeviceError(f"serial-npu {url}: the device does not answer ({exc}); fallback='forbid' runs "
+                                  "none of its partitions on the host. Check the port and that the device (or "
+                                  "`edgert npu-sim`) is running, or use fallback='allow'") from None
+            log.warning("serial-npu %s: no HELLO (%s); planning with the profile's op list", url, exc)
             return unit
         finally:
             if st.refs <= 0:
