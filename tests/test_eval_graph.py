@@ -77,6 +77,13 @@ def test_inputs_dir_and_thresholds(models, tmp_path):
     assert rep.metrics["samples"] == 3
     assert not rep.passed and [f.metric for f in rep.failures] == ["sqnr_db"]
     assert rep.first_divergence == "h1"
+    # a flat dict is this evaluation's own: a language-model threshold in it would never be checked (it passed)
+    with pytest.raises(edgert.InvalidArgumentError, match="'kl_mean' is a language-model threshold; a graph "):
+        edgert.evaluate(ref, i8, data=tmp_path, thresholds={"kl_mean": 1e-4})
+    # a file serves both kinds: its top-level key of the other kind is skipped
+    (tmp_path / "both.toml").write_text("kl_mean = 1e-4\nsqnr_db = 200\n")
+    assert [f.metric for f in edgert.evaluate(ref, i8, data=tmp_path, thresholds=tmp_path / "both.toml").failures] \
+        == ["sqnr_db"]
 
 
 def test_cli_exit_codes_json_png(models, tmp_path, capsys):

@@ -30,6 +30,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 KINDS = ("llm", "graph")
+KIND_WORDS = {"llm": "language-model", "graph": "graph"}  # each kind as messages name it
 
 
 @dataclass(frozen=True)
@@ -136,9 +137,8 @@ def merge(path, items, kind: str) -> dict:
     overrides = parse_overrides(items)
     other = [k for k in overrides if k not in table and any(k in t for t in TABLES.values())]
     if other:
-        what = {"llm": "language-model", "graph": "graph"}
-        raise InvalidArgumentError(f"--threshold {other[0]} is a {what['graph' if kind == 'llm' else 'llm']} "
-                                   f"threshold; a {what[kind]} evaluation takes {', '.join(table)}")
+        raise InvalidArgumentError(f"--threshold {other[0]} is a {KIND_WORDS['graph' if kind == 'llm' else 'llm']} "
+                                   f"threshold; a {KIND_WORDS[kind]} evaluation takes {', '.join(table)}")
     sections = {k: _section(src, k, f"thresholds file {path}") for k in KINDS}  # both checked: one file serves both
     src[kind] = {**sections[kind], **{k: v for k, v in overrides.items() if k in table}}
     src.update({k: v for k, v in overrides.items() if k not in table})
@@ -147,7 +147,8 @@ def merge(path, items, kind: str) -> dict:
 
 def resolve(kind: str, *sources) -> dict[str, float | None]:
     """The thresholds for ``kind``: the defaults, updated by each source in turn. A source is None, a TOML path, or
-    a dict (flat ``{metric: value}`` or with ``llm``/``graph`` sections). Unknown metric names are errors."""
+    a dict (flat ``{metric: value}`` or with ``llm``/``graph`` sections). Unknown metric names are errors, and so
+    is a flat dict's metric of the other kind (a file's top-level one is skipped: one file serves both)."""
     table = _table(kind)
     out = defaults(kind)
     for src in sources:
@@ -161,11 +162,18 @@ def resolve(kind: str, *sources) -> dict[str, float | None]:
             raise InvalidArgumentError(f"thresholds must be a dict or a TOML path, got {type(src).__name__}")
         flat = {k: v for k, v in src.items() if k not in KINDS}
         section = _section(src, kind, where)
+        # a file, or a dict with sections, may serve both kinds: a top-level key of the other kind's is skipped; a
+        # flat dict is this evaluation's own thresholds, where such a key is a mistake (it would never be checked)
+        shared = where != "thresholds" or any(k in src for k in KINDS)
         for k, v in {**flat, **section}.items():
             if k not in table:
                 other = [o for o in KINDS if o != kind and k in TABLES[o]]
-                if other and k in flat:
+                if other and k in flat and shared:
                     continue  # a top-level key meant for the other kind
+                if other:
+                    raise InvalidArgumentError(
+                        f"{k!r} is a {KIND_WORDS[other[0]]} threshold; a {KIND_WORDS[kind]} evaluation takes "
+                        f"{', '.join(table)}")
                 raise InvalidArgumentError(
                     f"unknown {kind} threshold {k!r}; known: {', '.join(table)}")
             out[k] = _value(k, v)
