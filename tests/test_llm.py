@@ -1,10 +1,15 @@
 """The LLM facade on a tiny random model: greedy/seeded generation, stop handling, streaming, chat templating,
 KV-prefix reuse across turns, teacher-forced logits, and argument errors."""
+import textwrap
+import threading
+import time
+
 import numpy as np
 import pytest
 
 import edgert
 from edgert.llm import LLM, ContextLengthError
+from cli_run import run_python
 from llama_tiny import write_tiny_llama
 
 
@@ -354,3 +359,87 @@ def test_generations_from_several_threads_take_turns(llm):
     for t in threads:
         t.join()
     assert not errors and all(got[p] == [solo[p]] * 3 for p in prompts), (errors, got, solo)
+
+
+_CLOSE_DURING_PREFILL = textwrap.dedent("""
+    import sys, threading, time
+    import edgert
+    llm = edgert.LLM(sys.argv[1], n_ctx=2048)
+    entered, real, out = threading.Event(), llm.model.forward, {}
+
+    def forward(*args, **kwargs):
+        entered.set()
+        return real(*args, **kwargs)
+
+    def run():
+        try:
+            out["finish"] = llm.generate("a " * 900, max_tokens=50, temperature=0).finish_reason
+        except edgert.EdgertError as exc:
+            out["error"] = str(exc)
+
+    llm.model.forward = forward
+    t = threading.Thread(target=run)
+    t.start()
+    entered.wait()
+    time.sleep(0.02)  # well inside the C prefill of 1800 tokens (about 150 ms here)
+    llm.close()
+    t.join()
+    print(out)
+""")
+
+
+def test_close_from_another_thread_during_a_prefill_does_not_crash(tmp_path):
+    """close() freed the C model and unmapped the file while et_llama_forward ran on another thread (the GIL
+    released): a segfault. It now waits for the step in flight; run in a child so a regression fails one test."""
+    path = tmp_path / "wide.gguf"
+    write_tiny_llama(path, dim=256, hidden=768, n_layers=4, ctx=2048)
+    proc = run_python("-c", _CLOSE_DURING_PREFILL, str(path), timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "the model is closed" in proc.stdout and "LLM.close() was called" in proc.stdout, proc.stdout
+
+
+def test_close_from_another_thread_waits_for_the_step_in_flight(tiny_path):
+    """close() during a generate on another thread: the step in flight finishes on a live model, the generation
+    ends with the closed error at its next step (close waits for one step, not for the whole run)."""
+    llm = LLM(str(tiny_path), n_ctx=128)
+    real, calls, entered = llm.model.forward, [], threading.Event()
+
+    def slow_forward(*args, **kwargs):
+        calls.append("started")
+        if len(calls) == 2:  # the first decode step: close() is called while it runs
+            entered.set()
+            time.sleep(0.3)
+        out = real(*args, **kwargs)
+        calls[-1] = "done"
+        return out
+
+    llm.model.forward = slow_forward
+    errors = []
+
+    def run():
+        try:
+            llm.generate("the hat", max_tokens=50, temperature=0)
+        except edgert.EdgertError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert entered.wait(10)
+    llm.close()
+    assert calls == ["done", "done"]  # close() returned after the step in flight, and no step ran after it
+    t.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], edgert.InvalidArgumentError)
+    assert "the model is closed" in str(errors[0]) and "LLM.close() was called" in str(errors[0])
+    with pytest.raises(edgert.InvalidArgumentError, match="the model is closed"):
+        llm.generate("the", max_tokens=2)
+
+
+def test_close_inside_a_stream_loop_ends_the_stream_with_an_error(tiny_path):
+    """close() from the stream's own loop: no deadlock (the lock is re-entrant and not held between pieces), and
+    the next step raises instead of running on the freed model."""
+    llm = LLM(str(tiny_path), n_ctx=128)
+    stream = llm.stream("the hat", max_tokens=50, temperature=0)
+    next(stream)
+    llm.close()
+    with pytest.raises(edgert.InvalidArgumentError, match=r"the model is closed .*LLM.close\(\) was called"):
+        next(stream)

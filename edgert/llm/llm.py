@@ -122,6 +122,9 @@ class LLM:
         # the other call's cache, giving wrong text)
         self._lock = threading.RLock()
         self._epoch = 0
+        # set by close() before it waits for the lock: a generation in progress (generate and chat hold the lock for
+        # their whole run) sees it at its next step and ends with an error, so close() waits for one step, not a run
+        self._closed = False
         self._longest: int | None = None  # _longest_token()
         self.load_s = time.perf_counter() - t0
 
@@ -275,6 +278,7 @@ class LLM:
         n_prompt = len(prompt_ids)
         common = 0
         with self._lock:
+            self._check_open()
             self._epoch += 1
             epoch = self._epoch
             limit = min(len(self._kv), n_prompt - 1)  # always run at least one prompt token to get logits
@@ -339,6 +343,7 @@ class LLM:
                     finish = reason
                     break
                 with self._lock:
+                    self._check_open()
                     if self._epoch != epoch:
                         raise InvalidArgumentError(
                             "this generation was interrupted: another call on the same LLM (a generation, a stream, "
@@ -365,8 +370,22 @@ class LLM:
             self._epoch += 1
             self._kv = []
 
+    def _check_open(self) -> None:
+        """Under the lock, before each step of a generation: the error close() leaves it with (a stream closed from
+        its own loop, or a generation another thread closed the LLM under), before any C call on the freed model."""
+        if self._closed:
+            raise InvalidArgumentError(f"the model is closed ({self.path}): LLM.close() was called while this "
+                                       "generation ran; load it again to use it")
+
     def close(self) -> None:
-        self.model.close()
+        """Free the model. A call in progress on another thread (generate, chat, a stream, logits) first finishes
+        the step it is in (the prompt's prefill or one token): close() waits for it; the generation then ends with
+        InvalidArgumentError ("the model is closed"), as every later call does. Safe from inside a stream's loop."""
+        self._closed = True
+        with self._lock:  # never while a C call runs on the model: it reads the weights close() unmaps
+            self._epoch += 1
+            self._kv = []
+            self.model.close()
 
     def __enter__(self):
         return self
