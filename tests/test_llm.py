@@ -9,6 +9,7 @@ import pytest
 
 import edgert
 from edgert.llm import LLM, ContextLengthError
+from edgert.llm.llm import STOPPABLE_PREFILL_CHUNK, _drain
 from cli_run import run_python
 from llama_tiny import write_tiny_llama
 
@@ -443,3 +444,65 @@ def test_close_inside_a_stream_loop_ends_the_stream_with_an_error(tiny_path):
     llm.close()
     with pytest.raises(edgert.InvalidArgumentError, match=r"the model is closed .*LLM.close\(\) was called"):
         next(stream)
+
+
+def _prefill_logits_and_tokens(llm, ids, should_stop=None, **sampling):
+    """The logits the prefill's last forward call returned, the prefill's forward calls (tokens, position), and the
+    generated tokens."""
+    real, calls = llm.model.forward, []
+
+    def forward(tokens, pos, **kwargs):
+        out = real(tokens, pos, **kwargs)
+        calls.append((len(tokens), pos, out.copy()))
+        return out
+
+    llm.model.forward = forward
+    try:
+        res = _drain(llm._iterate(list(ids), record=False, should_stop=should_stop, **sampling))
+    finally:
+        del llm.model.forward
+    prefill = [c for c in calls if c[1] < len(ids)]  # decode steps run at positions past the prompt
+    return prefill[-1][2], [(n, pos) for n, pos, _ in prefill], res.tokens
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_k=0, min_p=0.0, seed=3)],
+                         ids=["greedy", "sampled"])
+def test_a_prefill_split_into_chunks_equals_one_pass_bit_for_bit(tiny_path, sampling):
+    """The prompt is prefilled in chunks (n_batch, or STOPPABLE_PREFILL_CHUNK when should_stop is given) so a stop
+    or close() is seen between them; the logits and the tokens are exactly those of one pass."""
+    with LLM(str(tiny_path), n_ctx=128, n_batch=128) as one:
+        ids = one.tokenize("the hat sat on the mat, " * 6, add_special=True)[:100]
+        want_logits, want_calls, want_tokens = _prefill_logits_and_tokens(one, ids, max_tokens=20, **sampling)
+        assert want_calls == [(100, 0)]
+        one.reset()
+        got = _prefill_logits_and_tokens(one, ids, should_stop=lambda: None, max_tokens=20, **sampling)
+        assert got[1] == [(STOPPABLE_PREFILL_CHUNK, 0), (100 - STOPPABLE_PREFILL_CHUNK, STOPPABLE_PREFILL_CHUNK)]
+        np.testing.assert_array_equal(got[0], want_logits)
+        assert got[2] == want_tokens
+    with LLM(str(tiny_path), n_ctx=128, n_batch=7) as split:
+        got = _prefill_logits_and_tokens(split, ids, max_tokens=20, **sampling)
+        assert got[1] == [(min(7, 100 - p), p) for p in range(0, 100, 7)]
+        np.testing.assert_array_equal(got[0], want_logits)
+        assert got[2] == want_tokens
+
+
+def test_should_stop_ends_a_long_prefill_between_chunks(tiny_path):
+    """should_stop was first asked after the first sampled token, so a timeout or a client gone waited for the whole
+    prompt's prefill (3.8 s on a 2000-word prompt with --timeout 1). It is asked between prefill chunks now; the
+    result has no tokens, and the cache keeps the chunks that ran (a later call reuses them)."""
+    with LLM(str(tiny_path), n_ctx=128, n_batch=8) as m:
+        ids = m.tokenize("the hat sat on the mat, " * 6, add_special=True)[:100]
+        asked = []
+
+        def timeout_on_second_ask():
+            asked.append(len(m._kv))
+            return "timeout" if len(asked) == 2 else None
+
+        res = _drain(m._iterate(ids, max_tokens=20, temperature=0, record=False,
+                                should_stop=timeout_on_second_ask))
+        assert asked == [8, 16]
+        assert res.finish_reason == "timeout" and res.tokens == [] and res.text == ""
+        assert res.prompt_tokens == 100 and res.timings["prefill_tokens"] == 16
+        assert m._kv == ids[:16]
+        again = m.generate(m.detokenize(ids), max_tokens=3, temperature=0)
+        assert again.timings["prefill_tokens"] == 100 - 16

@@ -498,6 +498,33 @@ def test_request_timeout_cuts_generation(paced_llm):
     assert [r["finish_reason"] for r in telemetry.events() if r["source"] == "server"] == ["timeout"]
 
 
+def test_request_timeout_stops_a_long_prefill(llm, monkeypatch):
+    """The worker asked whether to stop only after the first sampled token: --timeout 1 on a 2000-word prompt
+    waited 3.8 s for the whole prefill. The prefill now stops between chunks, and the answer is the one a timeout
+    during decode gives: 200 with finish_reason "length", recorded as "timeout"."""
+    forward = llm.model.forward
+
+    def paced(tokens, *args, **kwargs):  # 2 ms a token: the prompt's prefill lasts 3 s on any machine
+        time.sleep(0.002 * len(tokens))
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(llm.model, "forward", paced)
+    llm.reset()
+    with live(llm, request_timeout_s=0.3) as base:
+        t0 = time.monotonic()
+        r = httpx.post(base + CMPL, json={"prompt": [66] * LONG, "max_tokens": 8, "temperature": 0},
+                       timeout=DEADLINE_S)
+        took = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["finish_reason"] == "length" and body["choices"][0]["text"] == ""
+        assert body["usage"]["completion_tokens"] == 0
+        assert took < 1.5, took  # 0.3 s, one chunk in flight (64 tokens, 0.13 s) and slack for a loaded machine
+    telemetry.flush()
+    rows = [r for r in telemetry.events() if r["source"] == "server"]
+    assert [(r["finish_reason"], r["status"], r["error"]) for r in rows] == [("timeout", 200, None)]
+
+
 def test_out_of_range_server_settings_are_refused_before_serving(llm, capsys):
     """A negative --max-tokens-cap or a --timeout <= 0 used to start a server that failed (500) or timed out every
     request; --max-queue -1 and --port 70000 ended `edgert serve` in a traceback."""

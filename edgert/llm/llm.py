@@ -29,6 +29,9 @@ from .tokenizer import StreamDecoder, Tokenizer
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_N_CTX = 2048
 REPEAT_WINDOW = 64  # tokens of history the repetition penalty looks at (llama.cpp's default)
+# the most prompt tokens one prefill step runs when a caller can stop the generation (should_stop): about 70 ms of
+# SmolLM2 on 2 cores between checks; a split prefill gives the same logits, bit for bit, as one pass
+STOPPABLE_PREFILL_CHUNK = 64
 
 
 @dataclass
@@ -237,8 +240,9 @@ class LLM:
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
                  stop=None, record: bool = True, should_stop=None):
         """record=False: the caller (the server) records its own telemetry event for this generation.
-        should_stop: called after every token; a non-empty string it returns (e.g. "cancelled", "timeout") ends the
-        generation there, with that string as the finish reason and a complete result (tokens, text, timings)."""
+        should_stop: called between the prompt's prefill chunks and after every token; a non-empty string it returns
+        (e.g. "cancelled", "timeout") ends the generation there, with that string as the finish reason and a complete
+        result (tokens, text, timings; no tokens when it came during the prefill)."""
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise InvalidArgumentError(f"max_tokens must be a positive int, got {max_tokens!r}")
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -285,8 +289,23 @@ class LLM:
             while common < limit and self._kv[common] == prompt_ids[common]:
                 common += 1
             self._kv = self._kv[:common]
-            logits = self.model.forward(prompt_ids[common:], common, threads=self.threads)
-            self._kv = list(prompt_ids)
+            # the prompt in chunks of at most n_batch tokens (the C core splits a longer call the same way), with
+            # close() and should_stop checked between them: a long prompt's prefill takes seconds, and a timeout,
+            # a client gone or a shutdown must not wait for all of it
+            step = self.model.n_batch
+            if should_stop is not None:
+                step = min(step, STOPPABLE_PREFILL_CHUNK)
+            stopped = None
+            for start in range(common, n_prompt, step):
+                if start > common:
+                    self._check_open()
+                    stopped = should_stop() if should_stop is not None else None
+                    if stopped:
+                        break
+                chunk = prompt_ids[start:start + step]
+                logits = self.model.forward(chunk, start, threads=self.threads)
+                self._kv += chunk
+            n_prefilled = len(self._kv) - common
         t_prefill = time.perf_counter()
 
         decoder = StreamDecoder(tok)
@@ -307,9 +326,9 @@ class LLM:
                 timings={
                     "load_s": self.load_s,
                     "ttft_s": ttft if ttft is not None else prefill_s,
-                    "prefill_tokens": n_prompt - common,
+                    "prefill_tokens": n_prefilled,
                     "prefill_s": prefill_s,
-                    "prefill_tok_s": (n_prompt - common) / prefill_s if prefill_s > 0 else 0.0,
+                    "prefill_tok_s": n_prefilled / prefill_s if prefill_s > 0 else 0.0,
                     "decode_tokens": n_decode,
                     "decode_s": decode_s,
                     "decode_tok_s": n_decode / decode_s if decode_s > 0 and n_decode else 0.0,
@@ -317,6 +336,8 @@ class LLM:
                 },
             )
 
+        if stopped:
+            return result(stopped)
         try:
             while True:
                 token = sampler.sample(logits, history)
@@ -379,8 +400,9 @@ class LLM:
 
     def close(self) -> None:
         """Free the model. A call in progress on another thread (generate, chat, a stream, logits) first finishes
-        the step it is in (the prompt's prefill or one token): close() waits for it; the generation then ends with
-        InvalidArgumentError ("the model is closed"), as every later call does. Safe from inside a stream's loop."""
+        the step it is in (a chunk of the prompt's prefill or one token): close() waits for it; the generation then
+        ends with InvalidArgumentError ("the model is closed"), as every later call does. Safe from inside a
+        stream's loop."""
         self._closed = True
         with self._lock:  # never while a C call runs on the model: it reads the weights close() unmaps
             self._epoch += 1

@@ -554,9 +554,9 @@ def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_
 
 def run_server(app: Starlette, *, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
     """Serve ``app`` (create_app's) under uvicorn until SIGINT or SIGTERM, then stop within a bounded time: new
-    connections are refused, queued generations end at once and the running one after the token in flight (each
-    answering 503 server_shutting_down, or that error as a stream's last event), open responses get the app's
-    shutdown_timeout_s to finish before their connections are closed, then the worker stops and telemetry is
+    connections are refused, queued generations end at once and the running one after the token or prefill chunk in
+    flight (each answering 503 server_shutting_down, or that error as a stream's last event), open responses get the
+    app's shutdown_timeout_s to finish before their connections are closed, then the worker stops and telemetry is
     written. (uvicorn alone waited for every connection to close before the app could cancel anything: a long
     generation and its queue, or a client stalled mid-body, held the process for as long as they liked.)"""
     import uvicorn

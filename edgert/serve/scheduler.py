@@ -3,9 +3,10 @@
 The event loop never runs model code. A request becomes a Job; ``Scheduler.submit`` puts it in a bounded FIFO
 (QueueFullError when full) and the worker thread takes jobs from it. The worker passes each decoded piece to the
 job's asyncio side through a deque plus at most one pending ``call_soon_threadsafe`` wake-up, so a fast model does
-not flood the loop with callbacks. Between tokens the worker checks the job's cancel flag (set when the client
-disconnects or the server shuts down) and its deadline (the per-request timeout), so either stops the generation
-after the token in flight. A job cancelled while it waits leaves the queue at once, freeing its slot.
+not flood the loop with callbacks. Between tokens, and between the prompt's prefill chunks (at most 64 tokens), the
+worker checks the job's cancel flag (set when the client disconnects or the server shuts down) and its deadline (the
+per-request timeout), so either stops the generation after the token or chunk in flight. A job cancelled while it
+waits leaves the queue at once, freeing its slot.
 
 The LLM's KV-cache prefix reuse still applies between consecutive jobs. Jobs are not interleaved: the C decoder holds
 one sequence's KV cache, so continuous batching would need a multi-sequence cache in the C core first.
@@ -59,7 +60,7 @@ class Job:
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop the job: a queued one leaves the queue now and ends without running, a running one stops after the
-        token in flight. A no-op once it has ended."""
+        token or prefill chunk in flight. A no-op once it has ended."""
         self.scheduler.cancel(self, reason)
 
     # worker side
@@ -160,7 +161,7 @@ class Scheduler:
             self._flag(job, reason)
             try:
                 self._waiting.remove(job)
-            except ValueError:  # running (it stops after the token in flight) or ended
+            except ValueError:  # running (it stops after the step in flight) or ended
                 return
         self._end_unrun(job)
 
