@@ -485,6 +485,67 @@ def test_sigterm_stops_the_server_within_its_shutdown_timeout(llm, tmp_path):
     assert sorted(r["completion_tokens"] > 0 for r in rows) == [False, False, True]  # the running one's tokens
 
 
+SERVE_SLOW_PREFILL = """
+import sys, time
+from edgert.llm import model
+forward = model.LlamaModel.forward
+def slow(self, tokens, *args, **kwargs):  # a prefill step that outlasts the shutdown timeout (a big model, slow box)
+    if len(tokens) > 1:
+        time.sleep(6)
+    return forward(self, tokens, *args, **kwargs)
+model.LlamaModel.forward = slow
+from edgert.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_sigterm_while_a_prefill_outlasts_the_shutdown_timeout(llm, tmp_path, stream):
+    """uvicorn cancels the handlers still open when --shutdown-timeout has passed: the CancelledError escaped
+    Server.collect, so the client got a plain-text 500 (a stream, a cut connection), a traceback was logged, and the
+    generation, still in its prefill when the process exited, was never recorded. Now the client gets 503
+    server_shutting_down (a stream, that error as its last event) and the event is recorded as the shutdown."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, EDGERT_HOME=str(tmp_path))
+    proc = subprocess.Popen(python_argv("-c", SERVE_SLOW_PREFILL, "serve", str(llm.path), "--port", str(port),
+                                        "--threads", "1", "--shutdown-timeout", "0.5", "--log-level", "warning"),
+                            env=env, cwd=NEUTRAL_CWD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    out = {}
+    try:
+        wait_for(lambda: proc.poll() is None and _answers(base + "/health"), "the server to start")
+        if stream:
+            th = _start_long_stream(base, out, max_tokens=4)
+        else:
+            th = threading.Thread(target=lambda: out.update(r=httpx.post(
+                base + CMPL, json={"prompt": "the hat", "max_tokens": 4}, timeout=DEADLINE_S)), daemon=True)
+            th.start()
+        wait_for(lambda: httpx.get(base + "/health", timeout=5).json()["running"] == 1, "the prefill to start")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(DEADLINE_S)
+        took = time.monotonic() - t0
+        th.join(DEADLINE_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read().decode()
+    assert proc.returncode in (0, -signal.SIGTERM), stderr[-2000:]
+    assert took < 5, took  # the two 0.5 s waits, not the 6 s prefill step
+    assert "Traceback" not in stderr and "Exception in ASGI application" not in stderr, stderr[-2000:]
+    if stream:
+        assert out["status"] == 200 and out["error"] == "server_shutting_down"
+    else:
+        assert out["r"].status_code == 503, out["r"].text
+        assert out["r"].json()["error"]["code"] == "server_shutting_down"
+    rows = telemetry.events()
+    assert [(r["finish_reason"], r["status"], r["error"].split(":")[0]) for r in rows] == [
+        ("shutdown", 503, "server_shutting_down")]
+
+
 def test_request_timeout_cuts_generation(paced_llm):
     llm = paced_llm
     with live(llm, request_timeout_s=0.3) as base:

@@ -172,6 +172,8 @@ class _SSEResponse(StreamingResponse):
             await self.stream_response(send)
         except OSError:  # the client went away mid-write
             self.job.cancel()
+        except asyncio.CancelledError:  # the shutdown timeout passed while a write waited for a client not reading:
+            self.job.cancel("shutdown")  # end it there (uvicorn closes the connection), no traceback
         finally:
             watcher.cancel()
             self.job.cancel()  # no-op when the job has ended
@@ -420,6 +422,12 @@ class Server:
         watcher = asyncio.create_task(_watch_disconnect(request.receive, job))
         try:
             text = [piece async for piece in job.pieces()]
+        except asyncio.CancelledError:
+            # uvicorn cancels the handlers still open once the shutdown timeout has passed (the generation is in a
+            # model step longer than that): answer as a shutdown, not with uvicorn's plain-text 500; the job ends,
+            # and is recorded, on the worker or in Scheduler.stop
+            job.cancel("shutdown")
+            return _error_response(_shutting_down(), rid)
         finally:
             watcher.cancel()
             if job.outcome is None:  # this handler was cancelled (server shutdown): stop the generation
@@ -456,8 +464,14 @@ class Server:
 
         if chat:
             yield chunk(role=True)
-        async for piece in job.pieces():
-            yield chunk(piece)
+        try:
+            async for piece in job.pieces():
+                yield chunk(piece)
+        except asyncio.CancelledError:  # the shutdown timeout passed (see collect): the stream's last event says so
+            job.cancel("shutdown")
+            yield _sse(_shutting_down().body())
+            yield "data: [DONE]\n\n"
+            return
         err = self.outcome_error(job.outcome)
         if err is not None:
             yield _sse(err.body())

@@ -54,6 +54,7 @@ class Job:
     started: float | None = None
     outcome: JobOutcome | None = None
     on_done: object = None  # called with (job, outcome) at its end: on the worker, or where a queued job was cancelled
+    ended: bool = False  # set once, by whichever ends the job first (the worker, a cancel while queued, or stop)
     _items: collections.deque = field(default_factory=collections.deque)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _wake_pending: bool = False
@@ -131,9 +132,18 @@ class Scheduler:
             self._end_unrun(job)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """close(), then wait up to ``timeout`` for the worker. A job still running then (a model step that outlasts
+        the timeout) is ended here with its cancel reason, so its answer and its bookkeeping (telemetry) happen
+        before the process exits; the worker's own end of it, if it comes, is skipped."""
         self.close()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        with self._cond:
+            job = self.running
+        if job is not None:
+            now = time.monotonic()
+            self._end(job, JobOutcome(finish_reason=job.cancel_reason,
+                                      queue_wait_s=(job.started or now) - job.submitted))
 
     def submit(self, prompt_ids: list, sampling: dict, timeout_s: float, submitted: float | None = None,
                on_done=None) -> Job:
@@ -175,6 +185,10 @@ class Scheduler:
         self._end(job, JobOutcome(finish_reason=job.cancel_reason, queue_wait_s=time.monotonic() - job.submitted))
 
     def _end(self, job: Job, outcome: JobOutcome) -> None:
+        with self._cond:
+            if job.ended:  # stop() ended it while the worker was still in a model step
+                return
+            job.ended = True
         job._push(outcome)  # jobs end on the worker and, cancelled while queued, on the loop
         if job.on_done is not None:
             try:
