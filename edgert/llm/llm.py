@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import ContextLengthError, InvalidArgumentError
+from ..errors import ContextLengthError, EdgertError, InvalidArgumentError
 from .. import native, telemetry
 from . import chat_template, store
 from .model import DEFAULT_N_BATCH, LlamaModel
@@ -199,23 +199,43 @@ class LLM:
     def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
                  stop=None, **unknown) -> GenerationResult:
-        _sampling(unknown)  # a misspelt argument: the InvalidArgumentError chat and stream give, not a TypeError
+        # a misspelt argument (in ``unknown``): the InvalidArgumentError chat and stream give, not a TypeError
+        sampling = dict(unknown, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop)
         with self._lock:  # the whole run: generations from several threads take turns
-            it = self._iterate(self._prompt_ids(prompt), max_tokens, temperature, top_k, top_p, min_p,
-                               repeat_penalty, seed, stop)
-            return _drain(it)
+            return _drain(self._start(lambda: self._prompt_ids(prompt), (), sampling))
 
     def stream(self, prompt: str, *args, **kwargs) -> Iterator[str]:
         """Yields text pieces as they are decoded (the full result is then in ``last_result``); sampling arguments
         as ``generate``'s, by position or name."""
-        return self._stream(self._iterate(self._prompt_ids(prompt), **_sampling(kwargs, args)))
+        return self._stream(self._start(lambda: self._prompt_ids(prompt), args, kwargs))
 
     def chat(self, messages, *args, **kwargs) -> GenerationResult:
         with self._lock:
-            return _drain(self._iterate(self.chat_tokens(messages), **_sampling(kwargs, args)))
+            return _drain(self._start(lambda: self.chat_tokens(messages), args, kwargs))
 
     def chat_stream(self, messages, *args, **kwargs) -> Iterator[str]:
-        return self._stream(self._iterate(self.chat_tokens(messages), **_sampling(kwargs, args)))
+        return self._stream(self._start(lambda: self.chat_tokens(messages), args, kwargs))
+
+    def _start(self, prompt_ids, args: tuple, kwargs: dict):
+        """``_iterate`` for a public call: the prompt's ids from ``prompt_ids()``, the sampling arguments from
+        ``args`` and ``kwargs``. A call refused before it generates (an unknown or out-of-range argument, an empty
+        prompt or messages, a prompt that does not fit n_ctx) records one telemetry event, as the server does for a
+        request it rejects: finish reason "rejected", the error, status 400 (500 for an error not of edgert's), 0
+        completion tokens and the prompt's tokens when it was tokenized. A call that started records its own
+        (``_recorded``)."""
+        t0, ids = time.perf_counter(), None
+        try:
+            sampling = _sampling(kwargs, args)
+            ids = prompt_ids()
+            return self._iterate(ids, **sampling)
+        except Exception as exc:
+            if telemetry.enabled():
+                telemetry.record({"source": "llm", "model": self.name, "prompt_tokens": len(ids) if ids else 0,
+                                  "completion_tokens": 0, "latency_s": time.perf_counter() - t0,
+                                  "finish_reason": "rejected", "status": 400 if isinstance(exc, EdgertError) else 500,
+                                  "error": f"{type(exc).__name__}: {exc}"})
+            raise
 
     def _stream(self, it):
         self.last_result = None
