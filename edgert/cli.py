@@ -53,8 +53,10 @@ def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"a known model name or a .gguf path (default {DEFAULT_MODEL})")
+    # no MODEL: None, and _load takes the default model by name (a file or directory named like it in the working
+    # directory is not it)
+    p.add_argument("model", nargs="?", default=None,
+                   help=f"a known model name or a .gguf path (default {DEFAULT_MODEL}, by name)")
     p.add_argument("--n-ctx", type=int, default=2048, help="context length / KV cache size (default 2048)")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: physical cores)")
 
@@ -65,9 +67,9 @@ def _sampling(args) -> dict:
 
 
 def _load(args):
-    from .llm import LLM
+    from .llm import DEFAULT_MODEL as default_model, LLM
 
-    return LLM(args.model, n_ctx=args.n_ctx, threads=args.threads)
+    return LLM(default_model if args.model is None else args.model, n_ctx=args.n_ctx, threads=args.threads)
 
 
 def cmd_pull(args) -> int:

@@ -26,7 +26,7 @@ from .model import DEFAULT_N_BATCH, LlamaModel
 from .sampler import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
 
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = store.ModelName("smollm2-135m")  # by name only: never a file or directory of that name in the cwd
 DEFAULT_N_CTX = 2048
 REPEAT_WINDOW = 64  # tokens of history the repetition penalty looks at (llama.cpp's default)
 # the most prompt tokens one prefill step runs when a caller can stop the generation (should_stop): about 70 ms of
@@ -105,7 +105,7 @@ class LLM:
             raise InvalidArgumentError(f"n_ctx must be an int >= 2, got {n_ctx!r}")
         t0 = time.perf_counter()
         self.path = store.resolve(model, pull_missing=True, progress=progress)
-        self.name = str(model)
+        self.name = str(model)  # a plain str (also for a store.ModelName)
         # the name the server gives the model: a known name as given, a file by its stem (LLM calls record
         # ``name``, the model as the caller gave it)
         self.model_id = self.name if not self.name.endswith(".gguf") else Path(self.name).stem

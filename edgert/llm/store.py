@@ -58,6 +58,12 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 }
 
 
+class ModelName(str):
+    """A model name that is never taken as a path: ``resolve`` looks it up among the known models and in the cache
+    only. The default model is one (``edgert.LLM()``, and ``edgert chat`` with no MODEL), so a file or directory of
+    that name in the working directory does not stand in for it."""
+
+
 def home() -> Path:
     """edgert's data directory: ``$EDGERT_HOME`` if set, else ``~/.cache/edgert``."""
     env = os.environ.get("EDGERT_HOME")
@@ -209,7 +215,9 @@ def resolve(model: str | os.PathLike, pull_missing: bool = True, progress: bool 
     """Turn what a user typed into a GGUF file path.
 
     In order: an existing file path; a known model name (cached, else pulled when ``pull_missing``); the name of a
-    file in ``home()/models`` with or without ``.gguf``. Anything else raises ModelNotFoundError.
+    file in ``home()/models`` with or without ``.gguf``. Anything else raises ModelNotFoundError. A directory is not
+    a model file, but one named like a known or cached model (``./smollm2-135m``) does not hide that model. A
+    ``ModelName`` (the default model) skips the path: a file of that name in the working directory is not used.
     """
     if not isinstance(model, (str, os.PathLike)):
         raise InvalidArgumentError(f"model must be a name or a path, got {type(model).__name__}")
@@ -217,10 +225,15 @@ def resolve(model: str | os.PathLike, pull_missing: bool = True, progress: bool 
     if not text:
         raise InvalidArgumentError("model name is empty; pass a known name, a cached file name or a .gguf path")
     p = Path(text).expanduser()
-    if p.is_file():
-        return p
-    if p.is_dir():  # not a model file, as a device or FIFO is not (ModelNotFoundError, a FileNotFoundError)
-        raise ModelNotFoundError(f"{p} is a directory, not a model file; pass the .gguf file inside it")
+    if not isinstance(model, ModelName):
+        if p.is_file():
+            return p
+        if p.is_dir():  # not a model file, as a device or FIFO is not (ModelNotFoundError, a FileNotFoundError)
+            try:
+                return resolve(ModelName(text), pull_missing, progress)
+            except ModelNotFoundError:
+                raise ModelNotFoundError(f"{p} is a directory, not a model file; pass the .gguf file inside it") \
+                    from None
     if isinstance(model, str) and text in KNOWN_MODELS:
         have = cached_path(text)
         if have is not None:
