@@ -118,8 +118,9 @@ class Scheduler:
             self._thread.start()
 
     def close(self) -> None:
-        """Take no new jobs (ShuttingDownError), end the queued ones now and stop the running one after the token in
-        flight, all with finish reason "shutdown". Returns at once; ``stop`` also waits for the worker."""
+        """Take no new jobs (ShuttingDownError), end the queued ones now and stop the running one after the token or
+        prefill chunk in flight, all with finish reason "shutdown". Returns at once; ``stop`` also waits for the
+        worker."""
         with self._cond:  # the queue is emptied in one step: the worker must not start a job that is being cancelled
             self._stop = True
             queued = list(self._waiting)
