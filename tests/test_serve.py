@@ -19,7 +19,7 @@ import uvicorn
 
 from edgert import telemetry
 from edgert.llm import LLM
-from cli_run import NEUTRAL_CWD, python_argv
+from cli_run import NEUTRAL_CWD, edgert_cmd, python_argv
 from edgert.serve import create_app
 from llama_tiny import write_tiny_llama
 
@@ -603,6 +603,26 @@ def test_out_of_range_server_settings_are_refused_before_serving(llm, capsys):
         assert main(["serve", str(llm.path), "--n-ctx", "64", *args]) == 1, args
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("edgert: error: ") and "Traceback" not in "\n".join(err), err
+
+
+def test_serve_that_cannot_listen_says_so_in_one_line_before_loading_the_model(llm, tmp_path):
+    """On a port in use (or a --host that does not resolve) serve loaded the model, then exited 3 with uvicorn's
+    'ERROR: [Errno 98] address already in use'. It binds first now: exit 1 and one edgert error line."""
+    env = {"EDGERT_HOME": str(tmp_path)}
+    with socket.socket() as held:  # the port another server holds
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        # the second model does not exist: the listen error comes first, so the model was never loaded
+        for model in (str(llm.path), str(tmp_path / "missing.gguf")):
+            r = edgert_cmd("serve", model, "--port", str(port), env=env, timeout=60)
+            assert r.returncode == 1, r.stderr
+            assert r.stderr.splitlines() == [f"edgert: error: cannot listen on 127.0.0.1:{port}: "
+                                             "Address already in use"], r.stderr
+    r = edgert_cmd("serve", str(llm.path), "--host", "no-such-host.invalid", "--port", "0", env=env, timeout=60)
+    assert r.returncode == 1, r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("edgert: error: cannot listen on no-such-host.invalid:0: "), line
 
 
 def test_a_bad_cost_override_stops_serve_before_it_starts(tmp_path, capsys, monkeypatch):

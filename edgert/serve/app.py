@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -566,13 +567,46 @@ def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_
     return app
 
 
-def run_server(app: Starlette, *, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
+def listen(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to (as asyncio's create_server makes them: SO_REUSEADDR,
+    IPv6 ones v6-only), bound and listening now: ``edgert serve`` calls it before loading the model, so a port in
+    use or a host that does not resolve is said at once, and hands the sockets to ``run_server`` (no window for
+    another process to take the port). EdgertError "cannot listen on HOST:PORT: <reason>" when it cannot."""
+    def refuse(reason) -> EdgertError:
+        return EdgertError(f"cannot listen on {host}:{port}: {reason}")
+
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise refuse(exc.strerror or exc) from None
+    except (UnicodeError, ValueError) as exc:  # e.g. a label over 63 characters, a NUL in the name
+        raise refuse(exc) from None
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):  # getaddrinfo may list an address twice
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        raise refuse(exc.strerror or exc) from None
+    return socks
+
+
+def run_server(app: Starlette, *, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info",
+               sockets: list[socket.socket] | None = None) -> None:
     """Serve ``app`` (create_app's) under uvicorn until SIGINT or SIGTERM, then stop within a bounded time: new
     connections are refused, queued generations end at once and the running one after the token or prefill chunk in
     flight (each answering 503 server_shutting_down, or that error as a stream's last event), open responses get the
     app's shutdown_timeout_s to finish before their connections are closed, then the worker stops and telemetry is
     written. (uvicorn alone waited for every connection to close before the app could cancel anything: a long
-    generation and its queue, or a client stalled mid-body, held the process for as long as they liked.)"""
+    generation and its queue, or a client stalled mid-body, held the process for as long as they liked.)
+    ``sockets``: listening sockets from ``listen`` (made here from host and port when None); closed at the end."""
     import uvicorn
 
     server = app.state.server
@@ -584,5 +618,10 @@ def run_server(app: Starlette, *, host: str = "127.0.0.1", port: int = 8080, log
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=server.shutdown_timeout_s)
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the SIGINT it caught again once it is done
-        Uvicorn(config).run()
+    sockets = listen(host, port) if sockets is None else sockets
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the SIGINT it caught again once it is done
+            Uvicorn(config).run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
