@@ -53,8 +53,10 @@ def _add_sampling(p: argparse.ArgumentParser, temperature: float) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"a known model name or a .gguf path (default {DEFAULT_MODEL})")
+    # no MODEL: None, and _load takes the default model by name (a file or directory named like it in the working
+    # directory is not it)
+    p.add_argument("model", nargs="?", default=None,
+                   help=f"a known model name or a .gguf path (default {DEFAULT_MODEL}, by name)")
     p.add_argument("--n-ctx", type=int, default=2048, help="context length / KV cache size (default 2048)")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: physical cores)")
 
@@ -65,9 +67,9 @@ def _sampling(args) -> dict:
 
 
 def _load(args):
-    from .llm import LLM
+    from .llm import DEFAULT_MODEL as default_model, LLM
 
-    return LLM(args.model, n_ctx=args.n_ctx, threads=args.threads)
+    return LLM(default_model if args.model is None else args.model, n_ctx=args.n_ctx, threads=args.threads)
 
 
 def cmd_pull(args) -> int:
@@ -190,7 +192,7 @@ def cmd_serve(args) -> int:
     from . import telemetry
     from .errors import InvalidArgumentError
     from .serve import create_app, run_server
-    from .serve.app import check_settings
+    from .serve.app import check_settings, listen
 
     _telemetry_flag(args)
     if not 0 <= args.port <= 65535:  # checked before the model loads, not by bind() after
@@ -198,20 +200,28 @@ def cmd_serve(args) -> int:
     check_settings(args.max_queue, args.timeout, args.max_tokens_cap, args.shutdown_timeout)  # likewise
     if telemetry.enabled():
         telemetry.host_cost_model()  # a bad EDGERT_POWER_W... is refused here, not turned into costless events
-    api_key = args.api_key or None
+    # bound before the model loads: a port in use or a bad --host is one error line at once, not uvicorn's after the
+    # load; uvicorn serves these sockets (no window for another process to take the port)
+    sockets = listen(args.host, args.port)
     try:
-        loopback = ipaddress.ip_address(args.host).is_loopback
-    except ValueError:
-        loopback = args.host == "localhost"
-    if not loopback and not api_key and not os.environ.get("EDGERT_API_KEY"):
-        print(f"edgert: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
-              file=sys.stderr)
-    llm = _load(args)
-    app = create_app(llm, api_key=api_key, max_queue=args.max_queue, request_timeout_s=args.timeout,
-                     max_tokens_cap=args.max_tokens_cap, telemetry=not args.no_telemetry,
-                     shutdown_timeout_s=args.shutdown_timeout)
-    print(f"edgert serve — {llm.name} (n_ctx {llm.n_ctx}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    run_server(app, host=args.host, port=args.port, log_level=args.log_level)
+        api_key = args.api_key or None
+        try:
+            loopback = ipaddress.ip_address(args.host).is_loopback
+        except ValueError:
+            loopback = args.host == "localhost"
+        if not loopback and not api_key and not os.environ.get("EDGERT_API_KEY"):
+            print(f"edgert: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+                  file=sys.stderr)
+        llm = _load(args)
+        app = create_app(llm, api_key=api_key, max_queue=args.max_queue, request_timeout_s=args.timeout,
+                         max_tokens_cap=args.max_tokens_cap, telemetry=not args.no_telemetry,
+                         shutdown_timeout_s=args.shutdown_timeout)
+        port = sockets[0].getsockname()[1]  # the port taken, for --port 0
+        print(f"edgert serve — {llm.name} (n_ctx {llm.n_ctx}) on http://{args.host}:{port}/v1", file=sys.stderr)
+        run_server(app, host=args.host, port=port, log_level=args.log_level, sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
 
 

