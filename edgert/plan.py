@@ -312,7 +312,8 @@ def node_ops(node: Node, graph: Graph, dims: Mapping[str, int] | None = None, as
 
     out_elems = max([math.prod(_dims_of(graph, o, dims, assumed)) for o in node.outputs if o] or [0])
     if op in CONTROL_FLOW_OPS:
-        bodies = [sum(node_ops(n, body, dims, assumed) for n in body.nodes) for body in node.subgraphs.values()]
+        scoped = [body.in_scope(graph) for body in node.subgraphs.values()]  # bodies read outer values too
+        bodies = [sum(node_ops(n, body, dims, assumed) for n in body.nodes) for body in scoped]
         if op == "If":
             return float(max(bodies or [0.0]))
         trips = 1.0

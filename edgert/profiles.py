@@ -108,7 +108,8 @@ class ComputeUnit:
         ``(True, "")`` or ``(False, "op Softmax not in the npu op list")``, ``"dtype float32 not supported
         (tensor h1)"``, ``"dynamic shape: tensor x has shape ('batch', 8)"``, ``"rank 5 > max_rank 4 (tensor t)"``.
         Quantization scale/zero-point inputs are not checked against ``dtypes`` (they are parameters, not data).
-        A control-flow node (If/Loop/Scan) is supported only if every node of its bodies is."""
+        A control-flow node (If/Loop/Scan) is supported only if every node of its bodies is; a body's reads of
+        enclosing graphs' values are judged by those values (``Graph.in_scope``)."""
         c = self.constraint(node)
         if c is None:
             return False, f"op {node.qualified_op} not in the {self.name} op list"
@@ -138,8 +139,9 @@ class ComputeUnit:
             if max_dim is not None and shape is not None and shape and max(shape) > max_dim:
                 return False, f"dim {max(shape)} > max_dim {max_dim} (tensor {name})"
         for key, body in node.subgraphs.items():
+            scoped = body.in_scope(graph)
             for inner in body.nodes:
-                ok, why = self.supports(inner, body, bindings)
+                ok, why = self.supports(inner, scoped, bindings)
                 if not ok:
                     return False, f"{node.op_type} body {key}: node {inner.name}: {why}"
         return True, ""

@@ -212,6 +212,46 @@ def test_control_flow_node_is_atomic_and_judged_by_its_bodies():
     assert P.node_ops(g.node("branch"), g) == 4  # the costlier branch: 4 elements
 
 
+def outer_scope_if_model():
+    """y = If(s > 0, then: Relu(sx @ w), else: Neg(sx @ w)), sx [8, 16] and w [16, 32] read from the outer graph."""
+    vi = helper.make_tensor_value_info
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32), "w")
+    then_g = helper.make_graph([helper.make_node("MatMul", ["sx", "w"], ["tm"], name="then_mm"),
+                                helper.make_node("Relu", ["tm"], ["t"], name="then_relu")], "then", [],
+                               [vi("t", T.FLOAT, [8, 32])])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["sx", "w"], ["em"], name="else_mm"),
+                                helper.make_node("Neg", ["em"], ["e"], name="else_neg")], "else", [],
+                               [vi("e", T.FLOAT, [8, 32])])
+    zero = numpy_helper.from_array(np.array(0, np.float32), "zero")
+    g = helper.make_graph([helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+                           helper.make_node("If", ["c"], ["y"], name="branch", then_branch=then_g,
+                                            else_branch=else_g)], "outer",
+                          [vi("sx", T.FLOAT, [8, 16]), vi("s", T.FLOAT, [])], [vi("y", T.FLOAT, [8, 32])],
+                          [zero, w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_bodies_reading_outer_scope_tensors_are_placed_and_costed():
+    """The If's branches read sx and w from the outer graph: a unit running float32 and bool takes the If (it was
+    refused for an "unknown dtype"), and the cost counts the branch MatMul as 2*8*16*32 ops (sx was a scalar)."""
+    model = outer_scope_if_model()
+    prof = profile(npu_unit(["Greater", "If", "MatMul", "Relu", "Neg"], dtypes=("float32", "bool")))
+    p = edgert.plan(model, device=prof, fallback="forbid")
+    assert p.assignment == {"gt": "npu", "branch": "npu"}
+    assert not any("sx" in a or "'w'" in a for a in p.assumed), p.assumed
+    g = load_onnx(model)
+    assumed = set()
+    assert P.node_ops(g.node("branch"), g, assumed=assumed) == 2 * 8 * 16 * 32 + 8 * 32
+    assert assumed == set()
+    s = edgert.Session(model, device=prof, fallback="forbid", emulate=True)
+    rng = np.random.default_rng(3)
+    for sign in (1.0, -1.0):
+        feeds = {"sx": rng.standard_normal((8, 16)).astype(np.float32), "s": np.array(sign, np.float32)}
+        np.testing.assert_array_equal(s.run(None, feeds)[0], M.ort_run(model, feeds)[0])
+
+
 # ---- copy-aware --------------------------------------------------------------------------------------------------
 def test_cheap_island_over_slow_link_returns_to_host_but_stays_over_zero_copy():
     model = chain(["Softmax", "Add", "Softmax"])
