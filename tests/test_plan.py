@@ -544,6 +544,30 @@ def split_plan():
     return edgert.plan(chain(["MatMul", "Softmax", "MatMul"]), device=profile(npu_unit(["MatMul"])))
 
 
+def test_copy_points_name_the_unit_each_partition_runs_on():
+    """A tensor partition 0 (npu) makes, copied back to the host and on to partition 2 (npu): its to_device row read
+    "cpu#0 -> npu#2", the link's host end with the producer's partition, which runs on the npu."""
+    rng = np.random.default_rng(0)
+    w = [numpy_helper.from_array(rng.standard_normal((256, 256)).astype(np.float32), f"w{i}") for i in range(2)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"], name="a"), helper.make_node("Softmax", ["a"], ["b"], name="b"),
+             helper.make_node("Add", ["a", "b"], ["c"], name="c"), helper.make_node("MatMul", ["c", "w1"], ["d"], name="d")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [64, 256])],
+                          [helper.make_tensor_value_info("d", T.FLOAT, [64, 256])], initializer=w)
+    p = edgert.plan(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+                    device=profile(npu_unit(["MatMul", "Add"])))
+    assert [q.unit for q in p.partitions] == ["npu", "cpu", "npu"]
+    lines = p.table().split("copy points")[1].split("estimates")[0].splitlines()
+    rows = [line.split()[:5] for line in lines[2:] if line.strip()]
+    assert rows == [["x", "65536", "to_device", "cpu", "npu#0"], ["a", "65536", "to_host", "npu#0", "cpu#1"],
+                    ["a", "65536", "to_device", "npu#0", "npu#2"], ["b", "65536", "to_device", "cpu#1", "npu#2"],
+                    ["d", "65536", "to_host", "npu#2", "cpu"]]
+    for q in p.partitions:  # every "unit#id" the table shows is that partition's unit
+        for line in lines:
+            for word in line.split():
+                if word.endswith(f"#{q.id}"):
+                    assert word == f"{q.unit}#{q.id}", line
+
+
 def test_table_json_dot_svg(split_plan, tmp_path):
     text = split_plan.table()
     for needle in ("partitions", "placement", "copy points", "estimates per inference", "to_device", "to_host",
