@@ -15,6 +15,7 @@ from .errors import (
     ModelFormatError,
     ModelNotFoundError,
     NativeBuildError,
+    NonFiniteError,
     ProfileError,
     ShapeError,
     UnsupportedOpError,
@@ -48,6 +49,6 @@ def __getattr__(name):
 
 __all__ = [
     "ContextLengthError", "DeviceError", "DTypeError", "GenerationResult", "LLM", "EdgertError", "FORMATS", "InvalidArgumentError", "LinkError", "ModelFormatError",
-    "ModelNotFoundError", "NativeBuildError", "ProfileError", "BoundMatMul", "PackedQTensor", "QTensor", "ShapeError", "UnsupportedOpError", "from_matmul_nbits", "matmul", "native",
+    "ModelNotFoundError", "NativeBuildError", "NonFiniteError", "ProfileError", "BoundMatMul", "PackedQTensor", "QTensor", "ShapeError", "UnsupportedOpError", "from_matmul_nbits", "matmul", "native",
     "quantize", "repack", "repack_pays", "Session", "evaluate", "EvalReport", "plan", "Plan",
 ]

@@ -26,6 +26,12 @@ class ShapeError(InvalidArgumentError):
     """Array shapes do not fit together (or do not fit the block size)."""
 
 
+class NonFiniteError(InvalidArgumentError):
+    """Activations a quantized C-core product needs finite hold NaN or Inf (it quantizes them, and a NaN or an
+    infinity has no code): nothing was computed. ``edgert.matmul`` and the bound products raise it; the host
+    delegate catches it and runs that step on onnxruntime."""
+
+
 class DTypeError(EdgertError, TypeError):
     """An array or object has the wrong type."""
 

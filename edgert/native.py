@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import DeviceError, EdgertError, InvalidArgumentError, NativeBuildError, check_count
+from .errors import DeviceError, EdgertError, InvalidArgumentError, NativeBuildError, NonFiniteError, check_count
 
 try:
     from ._ffi import ffi, lib
@@ -27,7 +27,7 @@ MAX_THREADS = 256
 ISA_NAMES = ("ref", "avx2", "avx512", "neon")  # the C core's kernel variants (EDGERT_ISA, set_isa, a profile's isa)
 
 # C status codes (edgert.h) -> the error raised for them
-_STATUS_ERRORS = {1: InvalidArgumentError, 2: MemoryError, 3: DeviceError, 4: InvalidArgumentError}
+_STATUS_ERRORS = {1: InvalidArgumentError, 2: MemoryError, 3: DeviceError, 4: InvalidArgumentError, 5: NonFiniteError}
 
 
 def check(status: int) -> None:

@@ -185,9 +185,10 @@ class Plan:
         lines.append("")
         lines.append("copy points")
         if self.transfers:
+            unit_of = {q.id: q.unit for q in self.partitions}
             lines.append(_columns(["tensor", "bytes", "direction", "from", "to", "link", "time"],
-                                  [[t.tensor, str(t.nbytes), t.direction, _endpoint(t.src, t.src_partition),
-                                    _endpoint(t.dst, t.dst_partition), _link_kind(t.link), _secs(t.seconds)]
+                                  [[t.tensor, str(t.nbytes), t.direction, _endpoint(t.src, t.src_partition, unit_of),
+                                    _endpoint(t.dst, t.dst_partition, unit_of), _link_kind(t.link), _secs(t.seconds)]
                                    for t in self.transfers]))
         else:
             lines.append("  none (the whole graph runs on one unit without a link)")
@@ -312,7 +313,8 @@ def node_ops(node: Node, graph: Graph, dims: Mapping[str, int] | None = None, as
 
     out_elems = max([math.prod(_dims_of(graph, o, dims, assumed)) for o in node.outputs if o] or [0])
     if op in CONTROL_FLOW_OPS:
-        bodies = [sum(node_ops(n, body, dims, assumed) for n in body.nodes) for body in node.subgraphs.values()]
+        scoped = [body.in_scope(graph) for body in node.subgraphs.values()]  # bodies read outer values too
+        bodies = [sum(node_ops(n, body, dims, assumed) for n in body.nodes) for body in scoped]
         if op == "If":
             return float(max(bodies or [0.0]))
         trips = 1.0
@@ -1139,8 +1141,10 @@ def _names(xs: Sequence[str], limit: int = 3) -> str:
     return shown + (f" +{len(xs) - limit}" if len(xs) > limit else "")
 
 
-def _endpoint(unit: str, partition: int | None) -> str:
-    return unit if partition is None else f"{unit}#{partition}"
+def _endpoint(unit: str, partition: int | None, unit_of: Mapping[int, str]) -> str:
+    """A copy point's end: its partition, named with the unit that runs it (a to_device copy of a tensor an
+    accelerator partition made starts from host memory, but the tensor is that partition's), else the unit."""
+    return unit if partition is None else f"{unit_of[partition]}#{partition}"
 
 
 def _columns(titles: Sequence[str], rows: Sequence[Sequence[str]], header: bool = True) -> str:

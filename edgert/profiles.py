@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,7 +31,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-DELEGATES = ("host", "onnxruntime", "litert", "serial-npu", "rknn")
+DELEGATES = ("host", "onnxruntime", "litert", "serial-npu", "rknn")  # edgert's own (rknn: a cost model, no driver)
 UNIT_KINDS = ("cpu", "gpu", "npu", "tpu", "dsp")
 LINK_KINDS = ("shared-memory", "pcie", "usb", "uart")
 DTYPES = tuple(DTYPE_BITS) + ("string",)
@@ -44,6 +45,19 @@ DELEGATE_OPTIONS: dict[str, tuple[set[str], set[str]]] = {
     "serial-npu": ({"port", "baudrate", "timeout_s"}, set()),
     "rknn": ({"library", "target", "core_mask"}, {"target"}),
 }
+
+
+def _registered_delegates() -> dict[str, Any]:
+    """name -> Delegate class of every delegate registered with ``edgert.delegates.register``. The registry lives in
+    that package, a layer above this one: it is read where it is when the package is loaded (nothing can have been
+    registered before), never imported from here."""
+    base = sys.modules.get("edgert.delegates.base")
+    return {} if base is None else {n: base.get(n) for n in base.registered()}
+
+
+def known_delegates() -> tuple[str, ...]:
+    """The names a unit's ``delegate`` may take: edgert's own (``DELEGATES``) and every registered one."""
+    return DELEGATES + tuple(n for n in sorted(_registered_delegates()) if n not in DELEGATES)
 
 
 # ---- the model ----------------------------------------------------------------------------------------------
@@ -108,7 +122,8 @@ class ComputeUnit:
         ``(True, "")`` or ``(False, "op Softmax not in the npu op list")``, ``"dtype float32 not supported
         (tensor h1)"``, ``"dynamic shape: tensor x has shape ('batch', 8)"``, ``"rank 5 > max_rank 4 (tensor t)"``.
         Quantization scale/zero-point inputs are not checked against ``dtypes`` (they are parameters, not data).
-        A control-flow node (If/Loop/Scan) is supported only if every node of its bodies is."""
+        A control-flow node (If/Loop/Scan) is supported only if every node of its bodies is; a body's reads of
+        enclosing graphs' values are judged by those values (``Graph.in_scope``)."""
         c = self.constraint(node)
         if c is None:
             return False, f"op {node.qualified_op} not in the {self.name} op list"
@@ -138,8 +153,9 @@ class ComputeUnit:
             if max_dim is not None and shape is not None and shape and max(shape) > max_dim:
                 return False, f"dim {max(shape)} > max_dim {max_dim} (tensor {name})"
         for key, body in node.subgraphs.items():
+            scoped = body.in_scope(graph)
             for inner in body.nodes:
-                ok, why = self.supports(inner, body, bindings)
+                ok, why = self.supports(inner, scoped, bindings)
                 if not ok:
                     return False, f"{node.op_type} body {key}: node {inner.name}: {why}"
         return True, ""
@@ -316,10 +332,13 @@ def _parse_unit(c: _Checker, u: Mapping, path: str) -> ComputeUnit:
     c.keys(u, path, _UNIT_KEYS, {"name", "kind", "delegate", "dtypes", "throughput", "memory_bytes"})
     name = c.str(u, "name", path, pattern=r"[a-z][a-z0-9_-]*")
     kind = c.str(u, "kind", path, choices=UNIT_KINDS)
-    delegate = c.str(u, "delegate", path, choices=DELEGATES)
+    delegate = c.str(u, "delegate", path, choices=known_delegates())
     opts = u.get("delegate_options", {})
-    allowed, required = DELEGATE_OPTIONS[delegate]
-    c.keys(opts, f"{path}.delegate_options", allowed, required)
+    if delegate in DELEGATE_OPTIONS:
+        allowed, required = DELEGATE_OPTIONS[delegate]
+        c.keys(opts, f"{path}.delegate_options", allowed, required)
+    else:  # a registered delegate's options are its own to check (at compile)
+        c.keys(opts, f"{path}.delegate_options", set(opts) if isinstance(opts, Mapping) else set())
     if delegate == "onnxruntime":
         prov = opts["providers"]
         if not isinstance(prov, list) or not prov or not all(isinstance(p, str) and p for p in prov):
@@ -668,6 +687,9 @@ def runtime_status(unit: ComputeUnit) -> tuple[bool, str]:
         if want:
             return (any(p["device"] == want for p in ports), f"port {want}")
         return (bool(ports), f"{len(ports)} serial port(s) present" if ports else "no serial ports")
+    cls = _registered_delegates().get(d)
+    if cls is not None:  # a delegate registered with edgert.delegates.register: its own answer
+        return cls.available(unit)
     return False, f"unknown delegate {d}"  # pragma: no cover - validation rejects these
 
 

@@ -331,7 +331,8 @@ class BoundMatMul:
 
     ``x``: float32 (m, kx) with ``kx <= K`` (the weight's K; block formats only when shorter: the missing columns
     count as zeros, which is exact) and unit column stride; rows may be further apart (a slice of a wider array).
-    Returns the bound output (m, N), overwritten by the next call."""
+    Returns the bound output (m, N), overwritten by the next call. Block formats quantize x: a NaN or Inf in it is
+    NonFiniteError (an InvalidArgumentError) naming its first row, nothing written."""
 
     __slots__ = ("w", "m", "kx", "threads", "out", "_scratch", "_py", "_call", "_x", "_px", "_x_in_out")
 
@@ -576,8 +577,8 @@ class BoundDynamicInt8:
     is quantized per call exactly as ``DynamicQuantizeLinear`` does (the whole tensor to uint8, scale and zero point
     from its range), multiplied by the int8 weights in int32, and scaled by ``x_scale * w_scale`` — the arithmetic of
     ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul``. ``w``: :class:`Int8Weights` planned with the weights
-    less their zero point and ``scale = w_scale``. A NaN or infinite activation makes every output NaN. Returns
-    the bound output (m, N), overwritten by the next call, or ``out`` when given."""
+    less their zero point and ``scale = w_scale``. A NaN or infinite activation has no quantized value: NonFiniteError,
+    nothing written. Returns the bound output (m, N), overwritten by the next call, or ``out`` when given."""
 
     __slots__ = ("w", "m", "threads", "out", "_py", "_nth", "_scratch", "_ps", "_ss")
 

@@ -10,7 +10,7 @@ format. The file is written with ``gguf.GGUFWriter``, so llama.cpp loads it as i
 
 ONNX: ``int8-dynamic`` (weights int8, activations quantized at run time), ``int8-static`` (QDQ, activations
 calibrated on sample inputs from a directory of .npy/.npz files), ``int4`` (MatMul weights to MatMulNBits,
-block 32).
+block 32). The written model takes the output's name only once onnxruntime loads it.
 
 This module sits beside the formats layer: it reads with ``edgert.formats.gguf`` and must not import the LLM stack,
 the session or the CLI.
@@ -27,6 +27,11 @@ from .errors import DTypeError, EdgertError, InvalidArgumentError, ModelFormatEr
 from .formats import array_file, model_file
 from .formats.gguf import open_gguf
 from .quant import BLOCK, FORMATS, quantize
+
+class QuantizedModelError(ModelFormatError):
+    """onnxruntime.quantization wrote a model onnxruntime cannot load (a float16 model in an int8 mode, for one):
+    it is not kept."""
+
 
 GGUF_TARGETS = ("q8_0", "q4_0", "q4_1")
 ONNX_TARGETS = ("int8-dynamic", "int8-static", "int4")
@@ -250,9 +255,39 @@ def quantize_onnx(src, dst, mode: str, *, calibration=None, block_size: int = 32
         raise ModelFormatError(f"ONNX model {src!r} could not be parsed ({type(exc).__name__}: {exc})") from None
     from onnxruntime import quantization as q
 
-    with _written_whole(dst) as out:  # dst appears only once the model is complete
+    with _written_whole(dst) as out:  # dst appears only once the model is complete, and loads
         _quantize_onnx_to(q, src, model, out, mode, calibration, block_size)
+        _check_loads(out, model, mode)
     return {"mode": mode, "bytes_in": os.path.getsize(src), "bytes_out": os.path.getsize(dst)}
+
+
+def _float16_values(model) -> bool:
+    """Whether the model's inputs or initializers hold float16."""
+    from onnx import TensorProto
+
+    return (any(i.type.tensor_type.elem_type == TensorProto.FLOAT16 for i in model.graph.input)
+            or any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer))
+
+
+def _check_loads(path: str, model, mode: str) -> None:
+    """QuantizedModelError unless onnxruntime loads the model just written at ``path`` (``model``: the input, as
+    parsed). onnxruntime.quantization writes some it refuses itself: on a float16 model the int8 modes put float16
+    into DynamicQuantizeLinear / QuantizeLinear (INVALID_GRAPH), and reported success."""
+    import re
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # checking, not running
+    so.log_severity_level = 3
+    try:
+        ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's Fail, InvalidGraph, NotImplemented...
+        why = re.sub(r"Load model from \S+ failed:\s*", "", " ".join(str(exc).split()))
+        hint = "; the input model holds float16 values, which onnxruntime's int8 quantizers do not take: convert it " \
+               "to float32 first" if mode != "int4" and _float16_values(model) else ""
+        raise QuantizedModelError(f"onnxruntime.quantization wrote an {mode} model that onnxruntime cannot load "
+                                  f"({why}){hint}; nothing was written") from None
 
 
 def _quantize_onnx_to(q, src: str, model, dst: str, mode: str, calibration, block_size: int) -> None:

@@ -103,9 +103,6 @@ def test_matmul_integer_chain_on_the_c_core_equals_onnxruntime(tmp_path, dims, b
     exact = edgert.Session(str(path), core=False)
     np.testing.assert_array_equal(exact.run(None, {"x": x})[0], ort_run(path, {"x": x})[0])
     assert core_kinds(exact) == []
-    nan_x = x.copy()
-    nan_x[0, 0] = np.nan
-    assert np.isnan(s.run(None, {"x": nan_x})[0]).all()  # no quantized value exists: NaN out, no crash
 
 
 @pytest.mark.parametrize("dims", [(64, 96, 32), (40, 120, 7)])  # K on whole blocks, and ragged K (zero-padded)
@@ -135,6 +132,85 @@ def test_dequantize_matmul_on_the_c_core(tmp_path):
     within(s.run(None, {"x": x})[0], ort_run(dst, {"x": x})[0], DEQUANT_MATMUL_BUDGET)
     assert core_kinds(s) == ["DequantizeLinear+MatMul", "DequantizeLinear+MatMul"]
     assert_weights_repacked_when_it_pays(s)
+
+
+def qdq_model(tmp_path):
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    src, dst = tmp_path / "f32.onnx", tmp_path / "qdq.onnx"
+    onnx.save(mlp(d_in=64, d_hidden=48, d_out=16), src)
+    quantize_static(str(src), str(dst), calibration_reader("x", (4, 64)), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+    return dst
+
+
+def dynamic_int8_matmul(tmp_path, k, n):
+    """x [batch, K] @ W [K, N] quantized by onnxruntime's quantize_dynamic (int8): the chain's output is the model's."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    w = numpy_helper.from_array((np.random.default_rng(1).standard_normal((k, n)) * 0.05).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "mm",
+                          [helper.make_tensor_value_info("x", T.FLOAT, ["batch", k])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, ["batch", n])], initializer=[w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    src, dst = tmp_path / "mm.onnx", tmp_path / "mm.int8.onnx"
+    onnx.save(m, src)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    return dst
+
+
+def assert_same_non_finite(y, ref):
+    """NaN, +inf and -inf in the same places as onnxruntime's."""
+    for kind in (np.isnan, np.isposinf, np.isneginf):
+        np.testing.assert_array_equal(kind(y), kind(ref), err_msg=kind.__name__)
+
+
+# each C-core path on a model with a dynamic batch: (model, input name, K, kind, budget; 0: exact)
+NON_FINITE_CASES = {
+    "MatMulNBits": (lambda p: nbits_model(m="batch", k=256, n=128, block=32), "A", 256, "MatMulNBits",
+                    MATMUL_NBITS_BUDGET),
+    "MatMulInteger int8": (lambda p: dynamic_int8_matmul(p, 1536, 576), "x", 1536, "MatMulInteger", 0),
+    "MatMulInteger uint8": (lambda p: dynamic_int8(p, 256, 96, 32, "QUInt8"), "x", 256, "MatMulInteger",
+                            MATMUL_INTEGER_BUDGET),
+    "DequantizeLinear+MatMul": (lambda p: dq_matmul_model(PER_COLUMN, batch="batch"), "x", 64,
+                                "DequantizeLinear+MatMul", DEQUANT_MATMUL_BUDGET),  # float activations
+    "QDQ": (qdq_model, "x", 64, "DequantizeLinear+MatMul", DEQUANT_MATMUL_BUDGET),  # activations QDQ'd first
+}
+
+
+@pytest.mark.parametrize("case", list(NON_FINITE_CASES))
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_activations_give_onnxruntimes_outputs(tmp_path, case, bad):
+    """NaN or Inf in a C-core step's activations: the C core reports them and the step runs its nodes on
+    onnxruntime, so the outputs are onnxruntime's (same NaN and Inf places) with or without the C core; a finite
+    run after it is the C core's again."""
+    make, name, k, kind, budget = NON_FINITE_CASES[case]
+    model = make(tmp_path)
+    path = model if not isinstance(model, onnx.ModelProto) else tmp_path / "m.onnx"
+    if isinstance(model, onnx.ModelProto):
+        onnx.save(model, path)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((7, k)).astype(np.float32)
+    bad_x = x.copy()
+    bad_x[2, 5] = bad
+    ref = ort_run(path, {name: bad_x})[0]
+    for core in (True, False):
+        s = edgert.Session(str(path), core=core)
+        y = s.run(None, {name: bad_x})[0]
+        assert set(core_kinds(s)) == ({kind} if core else set())
+        assert_same_non_finite(y, ref)
+        fin = np.isfinite(ref)  # none with an Inf in a per-tensor quantized input: its scale is Inf
+        if budget and core and fin.any():
+            within(y[fin], ref[fin], budget)
+        else:
+            np.testing.assert_array_equal(y[fin], ref[fin])
+        good = s.run(None, {name: x})[0]
+        want = ort_run(path, {name: x})[0]
+        if budget and core:
+            within(good, want, budget)
+        else:
+            np.testing.assert_array_equal(good, want)
 
 
 def test_non_constant_weights_stay_on_onnxruntime(tmp_path):
@@ -241,8 +317,8 @@ def test_auto_keeps_c_core_steps_only_if_the_whole_partition_is_faster(tmp_path,
         np.testing.assert_array_equal(y, ort_run(path, {"x": x})[0])  # int8 weights: exact either way
 
 
-def dq_matmul_model(scale, zp=None, axis=None, k=64, n=48, seed=4, q=None):
-    """x (2, K) @ DequantizeLinear(int8 weight (K, N) or ``q``, scale, zero point) at opset 21."""
+def dq_matmul_model(scale, zp=None, axis=None, k=64, n=48, seed=4, q=None, batch=2):
+    """x (batch, K) @ DequantizeLinear(int8 weight (K, N) or ``q``, scale, zero point) at opset 21."""
     if q is None:
         q = np.random.default_rng(seed).integers(-100, 100, (k, n)).astype(np.int8)
     k, n = q.shape
@@ -253,8 +329,8 @@ def dq_matmul_model(scale, zp=None, axis=None, k=64, n=48, seed=4, q=None):
         ins.append("zp")
     dq = helper.make_node("DequantizeLinear", ins, ["w"], name="dq", **({} if axis is None else {"axis": axis}))
     g = helper.make_graph([dq, helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "dq_mm",
-                          [helper.make_tensor_value_info("x", T.FLOAT, [2, k])],
-                          [helper.make_tensor_value_info("y", T.FLOAT, [2, n])], initializer=inits)
+                          [helper.make_tensor_value_info("x", T.FLOAT, [batch, k])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [batch, n])], initializer=inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
     return model

@@ -212,6 +212,46 @@ def test_control_flow_node_is_atomic_and_judged_by_its_bodies():
     assert P.node_ops(g.node("branch"), g) == 4  # the costlier branch: 4 elements
 
 
+def outer_scope_if_model():
+    """y = If(s > 0, then: Relu(sx @ w), else: Neg(sx @ w)), sx [8, 16] and w [16, 32] read from the outer graph."""
+    vi = helper.make_tensor_value_info
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32), "w")
+    then_g = helper.make_graph([helper.make_node("MatMul", ["sx", "w"], ["tm"], name="then_mm"),
+                                helper.make_node("Relu", ["tm"], ["t"], name="then_relu")], "then", [],
+                               [vi("t", T.FLOAT, [8, 32])])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["sx", "w"], ["em"], name="else_mm"),
+                                helper.make_node("Neg", ["em"], ["e"], name="else_neg")], "else", [],
+                               [vi("e", T.FLOAT, [8, 32])])
+    zero = numpy_helper.from_array(np.array(0, np.float32), "zero")
+    g = helper.make_graph([helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+                           helper.make_node("If", ["c"], ["y"], name="branch", then_branch=then_g,
+                                            else_branch=else_g)], "outer",
+                          [vi("sx", T.FLOAT, [8, 16]), vi("s", T.FLOAT, [])], [vi("y", T.FLOAT, [8, 32])],
+                          [zero, w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_bodies_reading_outer_scope_tensors_are_placed_and_costed():
+    """The If's branches read sx and w from the outer graph: a unit running float32 and bool takes the If (it was
+    refused for an "unknown dtype"), and the cost counts the branch MatMul as 2*8*16*32 ops (sx was a scalar)."""
+    model = outer_scope_if_model()
+    prof = profile(npu_unit(["Greater", "If", "MatMul", "Relu", "Neg"], dtypes=("float32", "bool")))
+    p = edgert.plan(model, device=prof, fallback="forbid")
+    assert p.assignment == {"gt": "npu", "branch": "npu"}
+    assert not any("sx" in a or "'w'" in a for a in p.assumed), p.assumed
+    g = load_onnx(model)
+    assumed = set()
+    assert P.node_ops(g.node("branch"), g, assumed=assumed) == 2 * 8 * 16 * 32 + 8 * 32
+    assert assumed == set()
+    s = edgert.Session(model, device=prof, fallback="forbid", emulate=True)
+    rng = np.random.default_rng(3)
+    for sign in (1.0, -1.0):
+        feeds = {"sx": rng.standard_normal((8, 16)).astype(np.float32), "s": np.array(sign, np.float32)}
+        np.testing.assert_array_equal(s.run(None, feeds)[0], M.ort_run(model, feeds)[0])
+
+
 # ---- copy-aware --------------------------------------------------------------------------------------------------
 def test_cheap_island_over_slow_link_returns_to_host_but_stays_over_zero_copy():
     model = chain(["Softmax", "Add", "Softmax"])
@@ -502,6 +542,30 @@ def test_qdq_mlp_on_coral_usb(qdq_mlp):
 @pytest.fixture()
 def split_plan():
     return edgert.plan(chain(["MatMul", "Softmax", "MatMul"]), device=profile(npu_unit(["MatMul"])))
+
+
+def test_copy_points_name_the_unit_each_partition_runs_on():
+    """A tensor partition 0 (npu) makes, copied back to the host and on to partition 2 (npu): its to_device row read
+    "cpu#0 -> npu#2", the link's host end with the producer's partition, which runs on the npu."""
+    rng = np.random.default_rng(0)
+    w = [numpy_helper.from_array(rng.standard_normal((256, 256)).astype(np.float32), f"w{i}") for i in range(2)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"], name="a"), helper.make_node("Softmax", ["a"], ["b"], name="b"),
+             helper.make_node("Add", ["a", "b"], ["c"], name="c"), helper.make_node("MatMul", ["c", "w1"], ["d"], name="d")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [64, 256])],
+                          [helper.make_tensor_value_info("d", T.FLOAT, [64, 256])], initializer=w)
+    p = edgert.plan(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]),
+                    device=profile(npu_unit(["MatMul", "Add"])))
+    assert [q.unit for q in p.partitions] == ["npu", "cpu", "npu"]
+    lines = p.table().split("copy points")[1].split("estimates")[0].splitlines()
+    rows = [line.split()[:5] for line in lines[2:] if line.strip()]
+    assert rows == [["x", "65536", "to_device", "cpu", "npu#0"], ["a", "65536", "to_host", "npu#0", "cpu#1"],
+                    ["a", "65536", "to_device", "npu#0", "npu#2"], ["b", "65536", "to_device", "cpu#1", "npu#2"],
+                    ["d", "65536", "to_host", "npu#2", "cpu"]]
+    for q in p.partitions:  # every "unit#id" the table shows is that partition's unit
+        for line in lines:
+            for word in line.split():
+                if word.endswith(f"#{q.id}"):
+                    assert word == f"{q.unit}#{q.id}", line
 
 
 def test_table_json_dot_svg(split_plan, tmp_path):

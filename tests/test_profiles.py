@@ -227,6 +227,48 @@ def test_supports_control_flow_needs_its_bodies():
     assert P.load("host").host_unit.supports(g.node("branch"), g) == (True, "")
 
 
+def nested_if_model():
+    """An If whose then-branch holds another If: both branches of the inner one read x from two scopes out."""
+    from onnx import TensorProto as T
+    from onnx import helper
+
+    vi = helper.make_tensor_value_info
+    inner = helper.make_node(
+        "If", ["c"], ["i_out"], name="inner_if",
+        then_branch=helper.make_graph([helper.make_node("Relu", ["x"], ["r"], name="inner_relu")], "it", [],
+                                      [vi("r", T.FLOAT, [4])]),
+        else_branch=helper.make_graph([helper.make_node("Neg", ["x"], ["n"], name="inner_neg")], "ie", [],
+                                      [vi("n", T.FLOAT, [4])]))
+    then_g = helper.make_graph([inner], "then", [], [vi("i_out", T.FLOAT, [4])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"], name="outer_neg")], "else", [],
+                               [vi("e", T.FLOAT, [4])])
+    g = helper.make_graph([helper.make_node("If", ["c"], ["y"], name="outer_if", then_branch=then_g,
+                                            else_branch=else_g)], "nested",
+                          [vi("x", T.FLOAT, [4]), vi("c", T.BOOL, [])], [vi("y", T.FLOAT, [4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("model, ops", [(M.if_model, ("If", "Mul", "Sub")), (nested_if_model, ("If", "Relu", "Neg"))])
+def test_supports_bodies_reading_outer_scope_tensors(model, ops):
+    """Body nodes reading a value of an enclosing graph (x, k) are judged by that value's dtype and shape, found
+    through the enclosing graphs: before, "unknown dtype (tensor x ...)" put them on units with dtypes ["*"] only."""
+    g = load_onnx(model())
+    node = next(n for n in g.nodes if n.op_type == "If")
+
+    def unit(dtypes, static=False):  # the If itself takes any dtype: what is judged here is its bodies
+        return P.ComputeUnit("npu", "npu", "onnxruntime", {"providers": ["X"]}, dtypes,
+                             {k: P.OpConstraint(k, dtypes=("*",) if k == "If" else None) for k in ops},
+                             {"float32": 1e12}, 0, P.Link("pcie", False, 1e9, 1e-5), static_shapes=static,
+                             max_rank=1)
+
+    assert unit(("float32", "bool")).supports(node, g) == (True, "")
+    assert unit(("float32", "bool"), static=True).supports(node, g) == (True, "")  # x is (4,): static, rank 1
+    ok, why = unit(("float16", "bool")).supports(node, g)
+    assert not ok and "dtype float32 not supported (tensor x" in why and "unknown" not in why
+
+
 # ---- packaging and CLI --------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_wheel_ships_profiles(tmp_path):

@@ -351,6 +351,23 @@ def test_bound_dynamic_int8_equals_the_onnx_reference(isa, m, k, n, per_column):
     assert b(x, out) is out
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_activations_are_reported_and_nothing_is_written(bad):
+    """A quantized product on NaN/Inf activations is NonFiniteError (an InvalidArgumentError), the output left as
+    it was: the host delegate then runs the step on onnxruntime."""
+    from edgert.quant import BoundDynamicInt8, BoundMatMul, Int8Weights
+
+    x = np.ones((3, 64), np.float32)
+    x[2, 5] = bad
+    for b in (BoundDynamicInt8(Int8Weights(np.ones((4, 64), np.int8), scale=0.5), 3),
+              BoundMatMul(edgert.quantize(np.ones((4, 64), np.float32), "q8_0"), 3)):
+        out = np.full((3, 4), 7.0, np.float32)
+        with pytest.raises(edgert.NonFiniteError, match="finite"):
+            b(x, out)
+        assert (out == 7.0).all()
+        assert issubclass(edgert.NonFiniteError, edgert.InvalidArgumentError)
+
+
 def test_bound_dynamic_int8_refuses_bad_arguments():
     from edgert.quant import BoundDynamicInt8, Int8Weights
 

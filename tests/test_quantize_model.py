@@ -231,3 +231,55 @@ def test_an_unsupported_type_is_named_not_taken_for_the_output(f32, tmp_path, ca
         err = capsys.readouterr().err
         assert err.startswith("edgert: error: ") and want in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def _float16_mlp():
+    """x [batch, 64] float16 -> MatMul -> Relu -> MatMul -> y [batch, 8], float16 weights."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float16), "w1"),
+             numpy_helper.from_array(rng.standard_normal((64, 8)).astype(np.float16), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    g = helper.make_graph(nodes, "f16", [helper.make_tensor_value_info("x", T.FLOAT16, ["batch", 64])],
+                          [helper.make_tensor_value_info("y", T.FLOAT16, ["batch", 8])], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_quantized_model_onnxruntime_cannot_load_is_an_error_and_not_written(tmp_path, capsys):
+    """onnxruntime.quantization's int8 modes write an invalid model for a float16 model (DynamicQuantizeLinear /
+    QuantizeLinear fed float16: onnxruntime's INVALID_GRAPH), which edgert reported as written, exit 0. The written
+    model is now loaded in onnxruntime first: exit 2, one error line naming the cause, no output left. int4 works on
+    the same model."""
+    import onnx
+    import onnxruntime as ort
+
+    src = tmp_path / "f16.onnx"
+    onnx.save(_float16_mlp(), src)
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    for i in range(4):
+        np.save(cal / f"s{i}.npy", np.random.default_rng(i).standard_normal((2, 64)).astype(np.float16))
+    for mode, extra in (("int8-dynamic", []), ("int8-static", ["--calibration", str(cal)])):
+        dst = tmp_path / f"{mode}.onnx"
+        capsys.readouterr()
+        assert main(["quantize", str(src), str(dst), mode, "-q", *extra]) == 2, mode
+        captured = capsys.readouterr()
+        err = captured.err
+        assert err.startswith("edgert: error: ") and err.count("\n") == 1, err
+        assert "onnxruntime cannot load" in err and "float16" in err and "float32" in err, err
+        assert captured.out == "" and not dst.exists()
+        with pytest.raises(edgert.ModelFormatError, match="float16"):
+            edgert.quantize_model.quantize_onnx(src, dst, mode, calibration=cal if extra else None)
+        assert not dst.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal", "f16.onnx"]
+    dst = tmp_path / "i4.onnx"
+    assert main(["quantize", str(src), str(dst), "int4", "-q"]) == 0
+    s = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    assert s.run(None, {"x": np.ones((2, 64), np.float16)})[0].shape == (2, 8)
+    assert "MatMulNBits" in {n.op_type for n in onnx.load(dst).graph.node}

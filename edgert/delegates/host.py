@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import DeviceError, ModelFormatError
+from ..errors import DeviceError, ModelFormatError, NonFiniteError
 from ..quant import (BLOCK, BoundDynamicInt8, BoundMatMul, Int8Weights, PackedQTensor, QTensor, from_matmul_nbits, quantize,
                      repack, repack_pays)
 from .base import CompiledPartition, Delegate, cut_into_steps, faster_of, median_s, register
@@ -379,13 +379,36 @@ class _Segment:
         self.inputs, self.outputs = ins, outs
 
 
+class _StepOnOnnxruntime:
+    """A C-core step's own nodes (``chain_nodes``) as an onnxruntime model: what runs a call whose activations hold
+    NaN or Inf, which the quantized paths have no code for (the C core reports them: ``NonFiniteError``), so that
+    those outputs are onnxruntime's."""
+
+    def __init__(self, graph, step: CoreMatMul, sess_options):
+        model = graph.subgraph_model(chain_nodes(graph, step.x, step.out), name=f"{graph.name}_{step.out}_ort")
+        self.session = inference_session(model, sess_options)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.out = step.out
+
+    def compute(self, env: Mapping[str, np.ndarray], out: np.ndarray | None) -> np.ndarray:
+        (y,) = self.session.run([self.out], {n: env[n] for n in self.inputs})
+        if out is None:
+            return y
+        np.copyto(out, y.reshape(out.shape), casting="no")
+        return out
+
+
 class HostPartition(CompiledPartition):
     """A host partition: C-core steps and onnxruntime segments, run in topological order. Tensors passed between
-    steps inside the partition live in buffers kept from the first run (re-made only if a shape changes)."""
+    steps inside the partition live in buffers kept from the first run (re-made only if a shape changes). A C-core
+    call on activations holding NaN or Inf runs that step's nodes on onnxruntime instead (``_StepOnOnnxruntime``,
+    made on first need)."""
 
     def __init__(self, partition, graph, steps: list[CoreMatMul], sess_options):
         self.inputs, self.outputs = list(partition.inputs), list(partition.outputs)
         self.core = steps
+        self._graph, self._so = graph, sess_options
+        self._on_ort: dict[str, _StepOnOnnxruntime] = {}  # step output -> its nodes on onnxruntime
         anchor = {graph.producer(s.out).name: s for s in steps}  # where the step's output is made
         claimed = {n for s in steps for n in s.nodes}
         pid = getattr(partition, "id", 0)
@@ -405,10 +428,13 @@ class HostPartition(CompiledPartition):
         env.update(outputs)
         for step in self.steps:
             if isinstance(step, CoreMatMul):
-                if step.out in self._out_set:  # straight into the session's buffer
-                    step.compute(env[step.x], outputs[step.out])
-                else:
-                    env[step.out] = self._internal[step.out] = step.compute(env[step.x])
+                dst = outputs[step.out] if step.out in self._out_set else None  # straight into the session's buffer
+                try:
+                    y = step.compute(env[step.x], dst)
+                except NonFiniteError:
+                    y = self._step_on_ort(step).compute(env, dst)
+                if dst is None:
+                    env[step.out] = self._internal[step.out] = y
                 continue
             outs = {}
             for o in step.outputs:
@@ -430,6 +456,12 @@ class HostPartition(CompiledPartition):
                     np.copyto(outputs[o], a, casting="no")
                 else:
                     self._internal[o] = env[o] = a
+
+    def _step_on_ort(self, step: CoreMatMul) -> _StepOnOnnxruntime:
+        o = self._on_ort.get(step.out)
+        if o is None:
+            o = self._on_ort[step.out] = _StepOnOnnxruntime(self._graph, step, self._so)
+        return o
 
     def bound_run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
         if self._whole is not None:

@@ -381,6 +381,12 @@ class Graph:
     def replace(self, **changes) -> "Graph":
         return replace(self, _producers=None, _consumers=None, **changes)
 
+    def in_scope(self, outer: "Graph") -> "Graph":
+        """This control-flow body with the values it reads from enclosing graphs findable in ``tensors``: ``outer``'s
+        tensors (its own enclosing ones too, when ``outer`` is itself a body seen this way) under the body's, which
+        shadow them as ONNX scoping does. For looking up dtypes and shapes; the nodes are the body's."""
+        return self.replace(tensors={**outer.tensors, **self.tensors})
+
 
 # the metadata key under which Graph.subgraph_model records the directory its external data references are relative to
 EXTERNAL_DATA_DIR = "edgert.external_data_dir"

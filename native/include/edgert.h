@@ -24,7 +24,9 @@ typedef enum {
     ET_ERR_INVALID = 1,     /* bad argument: shape, size, type, value */
     ET_ERR_NOMEM = 2,       /* an allocation the core owns failed (thread pool, model state) */
     ET_ERR_UNSUPPORTED = 3, /* valid request this build or CPU cannot serve */
-    ET_ERR_RANGE = 4        /* a position or index outside what was allocated (e.g. past the KV cache) */
+    ET_ERR_RANGE = 4,       /* a position or index outside what was allocated (e.g. past the KV cache) */
+    ET_ERR_NONFINITE = 5    /* activations a quantized product needs finite hold NaN or Inf; nothing was written,
+                             * so the caller can run that call elsewhere (edgert's host delegate: on onnxruntime) */
 } et_status;
 
 /* ggml type ids, so a GGUF tensor type maps to itself */
@@ -63,7 +65,8 @@ int et_quantize(int type, const float *x, void *y, int64_t n, int64_t k);
 int et_dequantize(int type, const void *x, float *y, int64_t n, int64_t k);
 
 /* y (m, n) = x (m, k) @ w (n, k)^T; x, y float32 row-major contiguous, w rows of type wtype.
- * scratch holds the on-the-fly quantized activations: et_matmul_scratch_size() bytes.
+ * scratch holds the on-the-fly quantized activations: et_matmul_scratch_size() bytes. Block weight types quantize x,
+ * so a NaN or Inf in x is ET_ERR_NONFINITE naming its first row (y not written); float types compute with it.
  * nthreads <= 0 uses the pool's size. */
 size_t et_matmul_scratch_size(int wtype, int64_t m, int64_t k);
 int et_matmul(const float *x, int64_t m, int64_t k, int wtype, const void *w, int64_t n, float *y, void *scratch,
@@ -146,8 +149,9 @@ int et_fc_s8_run(const void *plan, const int8_t *x, int64_t m, int8_t *y, int nt
  * used; x_zp, y_zp, lo, hi ignored): x (m, k) float is quantized per call as onnxruntime's DynamicQuantizeLinear
  * does (the whole m x k tensor to uint8 xq with x_scale and xq_zp, round half to even), then y (m, n) float:
  *   y[i][j] = float(bias[j] + sum_k (xq[i][k] - xq_zp) w[j][k]) * (x_scale * scale[j])
- * with int32 accumulation, the float product formed as onnxruntime forms it. x holding a NaN or an infinity makes
- * every y NaN. Returns ET_ERR_NOMEM when the m x k scratch cannot be allocated. */
+ * with int32 accumulation, the float product formed as onnxruntime forms it. x holding a NaN or an infinity has no
+ * quantized value: ET_ERR_NONFINITE, y not written. Returns ET_ERR_NOMEM when the m x k scratch cannot be
+ * allocated. */
 int et_fc_s8_dyn(const void *plan, const float *x, int64_t m, float *y, int nthreads);
 /* the same on the caller's scratch (64-byte aligned, at least et_fc_s8_dyn_scratch_size(plan, m) bytes; 0 for a
  * bad plan or m): a run loop keeps one and the call allocates nothing */

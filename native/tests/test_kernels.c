@@ -606,9 +606,9 @@ static void test_errors(void) {
     expect_status(et_matmul(x, m, k, 7, w, n, y, scratch, ss, 1), ET_ERR_INVALID, "unknown weight type");
     expect_status(et_matmul(x, m, k, ET_TYPE_F32, wf, n, y, NULL, 0, 1), ET_OK, "f32 needs no scratch");
     x[70] = NAN;
-    expect_status(et_matmul(x, m, k, ET_TYPE_Q8_0, w, n, y, scratch, ss, 1), ET_ERR_INVALID, "NaN activation");
+    expect_status(et_matmul(x, m, k, ET_TYPE_Q8_0, w, n, y, scratch, ss, 1), ET_ERR_NONFINITE, "NaN activation");
     x[70] = INFINITY;
-    expect_status(et_matmul(x, m, k, ET_TYPE_Q4_1, w, n, y, scratch, ss, 1), ET_ERR_INVALID, "Inf activation");
+    expect_status(et_matmul(x, m, k, ET_TYPE_Q4_1, w, n, y, scratch, ss, 1), ET_ERR_NONFINITE, "Inf activation");
     x[70] = 0.0f;
 
     check(et_matmul_scratch_size(ET_TYPE_Q4_0, 3, 64) == 3 * 2 * sizeof(block_q8_s), "scratch size q4_0 (3, 64)");

@@ -275,10 +275,9 @@ static int dyn_run(const void *plan, const float *x, int64_t m, float *y, void *
     int32_t x_zp;
     const int qs = quantize_dyn(x, count, q, &x_scale, &x_zp, nthreads);
     if (qs) {
-        /* a NaN or an infinity has no quantized value: every output is NaN (onnxruntime's are unspecified) */
-        for (int64_t i = 0; qs == -1 && i < m * h->n; i++) y[i] = NAN;
         if (!scratch) free(buf);
-        return qs == -1 ? ET_OK : qs;
+        /* a NaN or an infinity has no quantized value; y stays as it was, for the caller to compute elsewhere */
+        return qs == -1 ? et_error(ET_ERR_NONFINITE, "fc_s8_dyn: activations must be finite: x holds NaN or Inf") : qs;
     }
     const uint8_t *base = (const uint8_t *)plan;
     const int32_t *prs = (const int32_t *)(base + sizeof *h);

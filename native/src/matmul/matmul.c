@@ -153,7 +153,8 @@ int et_matmul_ex(const float *x, int64_t m, int64_t kx, size_t ldx, int wtype, c
             return et_error(ET_ERR_INVALID, "matmul scratch of %zu bytes is too small: need %zu", scratch_size, need);
         xs = (size_t)(k / ET_QK) * sizeof(block_q8_s);
         const int64_t bad = et_quantize_rows_q8_s_ex(x, m, kx, ldx, k, scratch, nthreads);
-        if (bad >= 0) return et_error(ET_ERR_INVALID, "activations must be finite: row %lld holds NaN or Inf", (long long)bad);
+        if (bad >= 0)
+            return et_error(ET_ERR_NONFINITE, "activations must be finite: row %lld holds NaN or Inf", (long long)bad);
         xa = scratch;
     } else if (kx != k) {
         return et_error(ET_ERR_INVALID, "float weights (type %d) need whole rows: kx=%lld != k=%lld", wtype,
