@@ -446,7 +446,8 @@ def _resolve_graph(model, dims: Mapping[str, int] | None) -> Graph:
         model = str(model)
     if is_tflite_path(model) or (isinstance(model, (bytes, bytearray)) and is_tflite_bytes(model[:8])):
         return load_tflite(model, dims=dict(dims) if dims else None)
-    return load_onnx(model, dims=dict(dims) if dims else None)
+    # free dims named as a Session names them (``<input>_<axis>``), so the dims one binds the other binds too
+    return load_onnx(model, dims=dict(dims) if dims else None, name_free_dims=True)
 
 
 # ---- step 1: capability ---------------------------------------------------------------------------------------

@@ -202,6 +202,21 @@ def test_external_data_missing_or_escaping(tmp_path):
         load_onnx(m2, base_dir=str(tmp_path))
 
 
+def test_external_data_of_an_in_memory_model_says_what_works(tmp_path):
+    """The message said "pass base_dir=", which neither Session nor plan takes: it names what does."""
+    onnx.save(M.mlp(), tmp_path / "ext.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    m = onnx.load(tmp_path / "ext.onnx", load_external_data=False)
+    for api in (edgert.Session, edgert.plan):
+        with pytest.raises(edgert.ModelFormatError, match="lives in external file 'w.bin'") as e:
+            api(m)
+        assert "edgert.Session(path)" in str(e.value) and "load_external_data=True" in str(e.value)
+        assert "to load_onnx" in str(e.value)  # the one API that does take base_dir=
+    x = np.ones((2, 8), np.float32)
+    for fixed in (str(tmp_path / "ext.onnx"), onnx.load(tmp_path / "ext.onnx", load_external_data=True)):
+        np.testing.assert_array_equal(edgert.Session(fixed).run(None, {"x": x})[0], M.ort_run(M.mlp(), {"x": x})[0])
+    assert load_onnx(m, base_dir=str(tmp_path)).tensors["w1"].initializer is not None
+
+
 def test_external_data_too_short(tmp_path):
     onnx.save(M.mlp(), tmp_path / "ext.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
     data = (tmp_path / "w.bin").read_bytes()

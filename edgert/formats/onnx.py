@@ -118,7 +118,10 @@ class _ExternalData:
                                    f"{loc!r}; it must be a relative path inside the model's directory")
         if self.base_dir is None:
             raise ModelFormatError(f"ONNX model {self.what}: initializer {t.name!r} lives in external file {loc!r} "
-                                   "but the model was not loaded from a path; pass base_dir= (the model's directory)")
+                                   "but the model was not loaded from a path: load it from its file "
+                                   "(edgert.Session(path), edgert.plan(path)), pass base_dir= (the model's directory) "
+                                   "to load_onnx, or read the weights into the model first (onnx.load(path, "
+                                   "load_external_data=True))")
         path = os.path.join(self.base_dir, loc)
         if not os.path.isfile(path):
             raise ModelFormatError(f"ONNX model {self.what}: initializer {t.name!r}: external data file {loc!r} not "
@@ -360,19 +363,21 @@ def _bind_dims(model, dims: Mapping[str, int]) -> None:
             raise InvalidArgumentError(f"dim {k!r} must be bound to at most {_MAX_DIM} (an ONNX dim is an int64), "
                                        f"got {v!r}")
     g = model.graph
-    present = set()
+    # a caller binds the dims of the graph inputs (as a Session's feeds do); the others (an output's data-dependent
+    # dim, shape inference's unk__N) follow from them
+    inits = {t.name for t in g.initializer}
+    bindable = {d.dim_param for vi in g.input if vi.name not in inits and vi.type.HasField("tensor_type")
+                for d in vi.type.tensor_type.shape.dim if d.HasField("dim_param") and d.dim_param}
+    unknown = set(dims) - bindable
+    if unknown:
+        raise InvalidArgumentError(f"cannot bind dim(s) {sorted(unknown)}: the model's symbolic dims are "
+                                   f"{sorted(bindable) or 'none'} (those of its inputs)")
     for vi in [*g.input, *g.output, *g.value_info]:
         if not vi.type.HasField("tensor_type"):
             continue
         for d in vi.type.tensor_type.shape.dim:
-            if d.HasField("dim_param") and d.dim_param:
-                present.add(d.dim_param)
-                if d.dim_param in dims:
-                    d.dim_value = int(dims[d.dim_param])  # a oneof: clears dim_param
-    unknown = set(dims) - present
-    if unknown:
-        raise InvalidArgumentError(f"cannot bind dim(s) {sorted(unknown)}: the model's symbolic dims are "
-                                   f"{sorted(present) or 'none'}")
+            if d.HasField("dim_param") and d.dim_param in dims:
+                d.dim_value = int(dims[d.dim_param])  # a oneof: clears dim_param
     # intermediates are re-inferred from the bound inputs rather than trusted
     del g.value_info[:]
 
