@@ -41,6 +41,28 @@ def test_caller_model_is_not_modified():
     assert m.SerializeToString() == before
 
 
+def test_graph_outputs_take_the_computed_shape_over_a_stale_declared_one():
+    """The loader trusted a graph output's declared shape over the one its nodes compute; a stale one (an export
+    that kept an old shape) laid out buffers onnxruntime could not fill. The computed one wins, noted in warnings;
+    the declared dims stay where inference cannot tell (NonZero's length, an op onnx does not know); the caller's
+    model is untouched."""
+    x = helper.make_tensor_value_info("x", T.FLOAT, ["N", 3])
+    nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("NonZero", ["x"], ["nz"])]
+    outs = [helper.make_tensor_value_info("y", T.FLOAT, [7, 5]), helper.make_tensor_value_info("nz", T.INT64, [2, 9]),
+            helper.make_tensor_value_info("z", T.FLOAT, ["batch", 3])]
+    nodes.append(helper.make_node("Custom", ["x"], ["z"], domain="com.microsoft"))
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], outs), opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    before = m.SerializeToString()
+    g = load_onnx(m)
+    assert g.tensors["y"].shape == ("N", 3) and g.tensors["nz"].shape == (2, 9)
+    assert g.tensors["z"].shape == ("batch", 3)
+    assert [w for w in g.warnings if "'y' declares shape [7, 5] but the model computes ['N', 3]" in w]
+    assert not [w for w in g.warnings if "'nz'" in w]
+    assert m.SerializeToString() == before
+    assert load_onnx(m, dims={"N": 4}).tensors["y"].shape == (4, 3)
+
+
 def test_bind_at_load_and_after():
     g = load_onnx(M.mlp(), dims={"batch": 5})
     assert g.tensors["h1"].shape == (5, 16) and g.symbolic_dims() == set()
@@ -321,7 +343,9 @@ def test_checker_errors_wrapped():
 
 def test_inconsistent_shapes_fall_back_with_warning():
     m = M.mlp()
-    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 7  # declared [batch, 7], inferred [batch, 4]
+    # an intermediate declared [batch, 7], inferred [batch, 16] (a graph output's declared shape no longer takes part:
+    # the computed one replaces it, test_graph_outputs_take_the_computed_shape_over_a_stale_declared_one)
+    m.graph.value_info.append(helper.make_tensor_value_info("h1", T.FLOAT, ["batch", 7]))
     g = load_onnx(m, check=False)
     assert g.warnings and "strict shape inference failed" in g.warnings[0]
 

@@ -488,6 +488,27 @@ def test_one_partition_fast_path_checks_what_the_general_path_checks(tmp_path, f
     assert s.stats()["bytes_to_device"] == 0 and s.stats()["last_run"] == {"bytes_to_device": 0, "bytes_to_host": 0}
 
 
+@pytest.mark.parametrize("x_shape, declared", [([2, 3], [5, 5]), (["N", 3], [7, 3]), ([2, 3], [2, 3, 1])])
+def test_a_stale_declared_output_shape_gives_way_to_the_computed_one(x_shape, declared):
+    """An export that kept an old output shape: onnxruntime warns and returns what Relu computes, (2, 3); every run
+    here was a DeviceError ("pre-allocated shapes"), the pool laid out for the declared shape."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    g = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [h.make_tensor_value_info("x", T.FLOAT, x_shape)],
+                     [h.make_tensor_value_info("y", T.FLOAT, declared)])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    x = np.arange(-3, 3, dtype=np.float32).reshape(2, 3)
+    (want,) = ort_run(model, {"x": x})
+    s = edgert.Session(model)
+    assert s.get_outputs()[0].shape == (["N", 3] if "N" in x_shape else [2, 3])
+    assert edgert.plan(model).graph.tensors["y"].shape == tuple(s.get_outputs()[0].shape)
+    for _ in range(2):
+        (y,) = s.run(None, {"x": x})
+        assert y.shape == want.shape == (2, 3)
+        np.testing.assert_array_equal(y, want)
+
+
 def test_a_data_dependent_output_shape_binds_again_when_it_changes():
     """NonZero's output length depends on the values: the shapes learnt by probing go stale when it changes; the
     failed run lays the session out again (on the one-partition fast path too) and the answer is right."""

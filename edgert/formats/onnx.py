@@ -3,8 +3,10 @@
 Order of work: parse (``onnx.load``, external data *not* pulled into the protobuf), our own structural checks
 (every node's domain and opset known, every input defined before use, no cycles, no duplicate outputs: these give
 the precise messages), ``onnx.checker``, binding of any dims the caller fixed, then ``onnx.shape_inference``
-(strict mode first; if that fails, the non-strict pass, recorded in ``Graph.warnings``), then dead nodes are dropped
-(``Graph.prune``: onnxruntime drops them too, and a partition must produce something). Every failure is an
+(strict mode first; if that fails, the non-strict pass, recorded in ``Graph.warnings``) with the graph outputs'
+declared shapes set aside, so that what the nodes compute wins over a stale declared shape as in onnxruntime (the
+declared dims fill what inference cannot tell; a contradiction is noted in ``Graph.warnings``), then dead nodes are
+dropped (``Graph.prune``: onnxruntime drops them too, and a partition must produce something). Every failure is an
 ``edgert.ModelFormatError`` naming the node, op, domain and opset; ops outside the domains edgert's delegates run,
 and opsets newer than the installed ``onnx`` knows, raise ``edgert.UnsupportedOpError``.
 
@@ -570,7 +572,7 @@ def load_onnx(src, dims: Mapping[str, int] | None = None, *, base_dir: str | Non
     try:
         if name_free_dims:
             model = _name_free_dims(model, copy=model is src)
-        return _load(model, dims, base_dir, what, check, _initializers)
+        return _load(model, dims, base_dir, what, check, _initializers, owned=model is not src)
     except (EdgertError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - a hostile file must never escape as a bare TypeError/KeyError
@@ -596,7 +598,8 @@ def _name_free_dims(model, copy: bool):
     return model
 
 
-def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
+def _load(model, dims, base_dir, what, check, _initializers, owned: bool) -> Graph:
+    """``owned``: ``model`` is the loader's own (parsed here, or a copy), free to change."""
     import onnx
 
     if not model.HasField("graph") or model.ir_version < 3:
@@ -612,7 +615,7 @@ def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
         sorted_model = onnx.ModelProto()
         sorted_model.CopyFrom(model)
         _sort_by_scope(sorted_model.graph)
-        model = sorted_model
+        model, owned = sorted_model, True
     if check:
         try:
             onnx.checker.check_model(_for_checker(model))
@@ -624,7 +627,16 @@ def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
         bound = onnx.ModelProto()
         bound.CopyFrom(model)
         _bind_dims(bound, dims)
-        model = bound
+        model, owned = bound, True
+    declared = _declared_output_shapes(model)
+    if declared:
+        if not owned:
+            own = onnx.ModelProto()
+            own.CopyFrom(model)
+            model = own
+        for o in model.graph.output:
+            if o.name in declared:
+                o.type.tensor_type.ClearField("shape")  # inferred from the nodes; merged back below
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
@@ -634,6 +646,7 @@ def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
         except Exception as exc2:  # noqa: BLE001 - keep the model's own annotations
             warnings.append(f"shape inference failed ({str(exc2).strip()[:500]}); shapes are the model's own")
             inferred = model
+    warnings.extend(_merge_declared_output_shapes(inferred, declared))
     conv = _Converter(opsets, what, _ExternalData(base_dir, what), _initializers)
     graph, free = conv.graph(inferred.graph, inferred)
     if free:  # _check_graph already rejects these; kept as a guard for the invariant
@@ -644,6 +657,52 @@ def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
         inits = {t.name for t in model.graph.initializer}
         graph.overridable = [i.name for i in model.graph.input if i.name in inits]
     return graph.prune()
+
+
+def _declared_output_shapes(model) -> dict:
+    """Graph output -> a copy of the shape it declares (tensor outputs with a declared shape with any dim)."""
+    out = {}
+    for o in model.graph.output:
+        if o.type.HasField("tensor_type") and o.type.tensor_type.HasField("shape") and o.type.tensor_type.shape.dim:
+            shape = type(o.type.tensor_type.shape)()
+            shape.CopyFrom(o.type.tensor_type.shape)
+            out[o.name] = shape
+    return out
+
+
+def _merge_declared_output_shapes(inferred, declared: Mapping) -> list[str]:
+    """Give each graph output of ``inferred`` (inferred with its declared shape cleared) the shape the model computes,
+    as onnxruntime does: it warns about a declared shape the nodes contradict (an export that kept an old shape) and
+    returns what they compute. Where shape inference cannot tell a dim (none, or a name of its own, ``unk__N``) the
+    declared one stays, as before. Returns a note per contradiction, for ``Graph.warnings``."""
+    notes = []
+
+    def text(shape):
+        return [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in shape.dim]
+
+    for o in inferred.graph.output:
+        want = declared.get(o.name)
+        if want is None:
+            continue
+        tt = o.type.tensor_type
+        if not tt.HasField("shape"):  # nothing computed (an op onnx does not know, or inference failed)
+            tt.shape.CopyFrom(want)
+            continue
+        got = tt.shape
+        if len(got.dim) != len(want.dim):
+            notes.append(f"output {o.name!r} declares shape {text(want)} but the model computes rank "
+                         f"{len(got.dim)} ({text(got)}): the computed shape is used, as onnxruntime does")
+            continue
+        clash = False
+        for g, w in zip(got.dim, want.dim):
+            if g.HasField("dim_value"):
+                clash |= w.HasField("dim_value") and g.dim_value != w.dim_value
+            elif not g.dim_param or g.dim_param.startswith("unk__"):
+                g.CopyFrom(w)
+        if clash:
+            notes.append(f"output {o.name!r} declares shape {text(want)} but the model computes {text(got)}: the "
+                         "computed shape is used, as onnxruntime does")
+    return notes
 
 
 def _for_checker(model):
