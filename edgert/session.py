@@ -167,6 +167,16 @@ def _as_feed(name: str, a, dtype: np.dtype) -> np.ndarray:
     return out
 
 
+def _checked_feed(name: str, a, dtype: np.dtype) -> np.ndarray:
+    """The feed for input ``name`` as an array whose values the input's ``dtype`` holds as they are (the same type,
+    perhaps in the other byte order); DTypeError otherwise."""
+    if not isinstance(a, np.ndarray):
+        a = _as_feed(name, a, dtype)
+    if a.dtype != dtype and not np.can_cast(a.dtype, dtype, casting="equiv"):
+        raise DTypeError(f"input {name!r} must be {dtype}, got {a.dtype}")
+    return a
+
+
 # the element types onnxruntime's Python API takes and returns as numpy arrays (its IOBinding binds the pool's buffers
 # as they are): bfloat16, float8, int4/uint4 and float4 have no numpy type it converts (a feed was onnxruntime's bare
 # "Numpy_type 256 can't be converted to MLDataType", a float8 output a DeviceError at the first run), complex none it
@@ -442,11 +452,7 @@ class Session:
 
     def _run_bound(self, b: _Bound, feeds) -> None:
         for name, buf in b.feeds.items():
-            a = feeds[name]
-            if not isinstance(a, np.ndarray):
-                a = _as_feed(name, a, buf.dtype)
-            if a.dtype != buf.dtype and not np.can_cast(a.dtype, buf.dtype, casting="equiv"):
-                raise DTypeError(f"input {name!r} must be {buf.dtype}, got {a.dtype}")
+            a = _checked_feed(name, feeds[name], buf.dtype)
             if a.shape != buf.shape:  # copyto would broadcast a row over the buffer: a wrong answer, no error
                 raise ShapeError(f"input {name!r} has shape {a.shape}, this binding laid out {buf.shape} (an "
                                  "edgert bug: please report it with the model)")
@@ -665,8 +671,18 @@ class Session:
             sess = delegates.onnxruntime.inference_session(model)
         except Exception as exc:  # onnxruntime's own exception types: the model as onnxruntime refuses it
             raise DeviceError(f"onnxruntime could not load the model to learn its shapes: {exc}") from exc
+        # the values the run will copy into the pool: a big-endian feed byte-swapped (onnxruntime reads raw bytes, and
+        # learnt a data-dependent shape from the unswapped ones), a list as the input's dtype
+        probe_feeds = {}
+        for n in graph.inputs:
+            dtype = graph.tensors[n].dtype
+            if dtype in np.sctypeDict:
+                dtype = np.dtype(dtype)
+                probe_feeds[n] = _checked_feed(n, feeds[n], dtype).astype(dtype, copy=False)
+            else:
+                probe_feeds[n] = np.asarray(feeds[n])
         try:
-            res = sess.run(names, {n: np.asarray(feeds[n]) for n in graph.inputs})
+            res = sess.run(names, probe_feeds)
         except Exception as exc:
             raise DeviceError(f"onnxruntime failed running the model to learn its shapes: {exc}") from exc
         return {n: (a.shape, a.dtype) for n, a in zip(names, res)}

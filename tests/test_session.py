@@ -530,6 +530,34 @@ def test_a_data_dependent_output_shape_binds_again_when_it_changes():
     assert rebinds == [0, 1, 1, 2, 3]  # the same length again reuses the layout
 
 
+@pytest.mark.parametrize("device", ["host", "toy"])
+def test_a_data_dependent_shape_is_probed_on_the_values_the_run_uses(device, request):
+    """The probe that learns a data-dependent shape got the feed as given: big-endian bytes (onnxruntime reads them
+    raw: NonZero counted the wrong values, the buffers did not fit, every run a DeviceError) or a list (float64: the
+    probe's onnxruntime refused it). The run byte-swaps and converts; the probe now sees those same values. On the
+    toy NPU (emulated) the NonZero positions cross the link both ways, in staging buffers sized by the probe."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    nodes = [h.make_node("Greater", ["x", "zero"], ["m"]), h.make_node("NonZero", ["m"], ["nz"]),
+             h.make_node("Cast", ["nz"], ["f"], to=T.FLOAT), h.make_node("Add", ["f", "f"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [6])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1, "n"])], [h.make_tensor("zero", T.FLOAT, [], [0.0])])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    x = np.array([1, -1, 2, -2, 3, 4], np.float32)
+    (want,) = ort_run(model, {"x": x})
+    assert want.shape == (1, 4)
+    device = request.getfixturevalue("toy") if device == "toy" else device
+    for feed in (x.astype(">f4"), x.tolist()):
+        s = edgert.Session(model, device=device, emulate=device != "host")
+        for _ in range(2):
+            (got,) = s.run(None, {"x": feed})
+            np.testing.assert_array_equal(got, want)
+        assert len(s.plan.partitions) == (1 if device == "host" else 2)
+    with pytest.raises(DTypeError, match="input 'x' must be float32, got int64"):
+        edgert.Session(model).run(None, {"x": np.ones(6, np.int64)})  # the probe refuses it as the run does
+
+
 def test_list_feed_of_an_integer_input_is_not_truncated(tmp_path):
     from onnx import TensorProto, helper
 
