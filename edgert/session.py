@@ -5,7 +5,9 @@ A tensor's trip in ``Session.run``: feed -> its host pool buffer -> partition 1 
 device-side staging buffer (``to_device``) -> partition 2 -> counted copy back (``to_host``) -> ... -> outputs.
 Every tensor that crosses a partition boundary (and every graph input and output) lives in a buffer of a
 ``PinnedPool`` laid out once per binding of the model's dims (at creation, or at the first run for a model with
-symbolic dims); the copies follow the plan's transfer list, so the bytes counted equal the plan's. A tensor between
+symbolic dims); the copies follow the plan's transfer list, so the bytes counted equal the plan's. The exception is
+a graph output whose shape the data decides, made on the host and read by no other partition: the partition's
+runtime allocates it at each run (``_Bound.allocated``). A tensor between
 two partitions of one unit whose delegate keeps tensors resident (serial-npu) has no transfer: it stays on the device
 (the delegate is told which of its partition's inputs and outputs those are) and no host buffer is copied for it.
 
@@ -110,6 +112,9 @@ class _Bound:
     overrides: tuple = ()           # overridable initializers fed as inputs on this binding (graph.with_inputs)
     requested_plan: Any = None      # the plan asked for, and why it fell back to the host (Session's attributes)
     fell_back: str | None = None
+    # graph output -> index of the partition whose runtime allocates it at each run (a data-dependent shape: no pool
+    # buffer); results[output] is the last run's array
+    allocated: dict = dataclasses.field(default_factory=dict)
 
 
 def _load(src) -> Graph:
@@ -470,6 +475,8 @@ class Session:
                 part.run(b.in_bufs[k], b.out_bufs[k])
                 for cp in b.after[k]:
                     c.copy(cp.dst, cp.src, cp.direction)
+            for t, k in b.allocated.items():
+                b.results[t] = b.out_bufs[k][t]
         except BaseException:
             # a run counts its copies only when it completes (as it counts in "runs"), so stats() stays runs x plan
             c.bytes.update(start)
@@ -528,6 +535,7 @@ class Session:
         graph = export if bound_dims is None else bound_dims.with_inputs(overrides)
         check_io_dtypes(graph)
         unknown = [t for t, tt in graph.tensors.items() if tt.initializer is None and not _known(tt)]
+        unprobed = graph
         probed = False
         if unknown:
             # shapes inference could not tell (data-dependent, or lost in the loader): learn them by running the
@@ -613,10 +621,22 @@ class Session:
             raise DeviceError(f"plan for {self.device!r} leaves {', '.join(gaps)} without a producer or a transfer "
                               "(a partitioner bug); please report it with the model")
 
+        # a graph output whose shape the data decides (probed: NonZero's count), made on the host and handed to no
+        # other partition, is allocated by the partition's runtime at each run, as onnxruntime returns it: a pool
+        # buffer of the probed size failed every run whose count differed (a re-layout and two onnxruntime error
+        # lines each time). One crossing a link or read by another partition keeps its probed buffer
+        moved = {tr.tensor for tr in p.transfers} | {t for part in p.partitions for t in part.inputs}
+        data_shaped = set(unknown)
+        allocated = {t: producer[t] for t in dict.fromkeys(graph.outputs) if t in data_shaped and t in producer
+                     and t not in moved and _side(p, p.partitions[producer[t]].unit) == HOST
+                     and getattr(compiled[producer[t]], "allocates_outputs", False)}
+
         spec = {t: (graph.tensors[t].concrete_shape(), np.dtype(graph.tensors[t].dtype)) for _, t in need}
 
         pools: dict[str, PinnedPool] = {}
         for side, t in need:
+            if side == HOST and t in allocated:
+                continue
             pool = pools.get(side)
             if pool is None:
                 pool = pools[side] = PinnedPool("host" if side == HOST else f"staging:{side}", lock=self.lock_memory)
@@ -633,6 +653,8 @@ class Session:
                     views[key] = a
 
         def buf(side, t):
+            if side == HOST and t in allocated:
+                return None
             return views[(side, t)] if (side, t) in views else pools[side].view(t)
 
         for t in const_outputs:
@@ -646,11 +668,24 @@ class Session:
         bound = _Bound(dims, graph, p, compiled, pools, {t: buf(HOST, t) for t in graph.inputs}, in_bufs,
                        out_bufs, before, after, {t: buf(HOST, t) for t in graph.outputs},
                        {t: spec[t][0] for t in graph.inputs}, probed, on_device=on_device, overrides=overrides,
-                       requested_plan=self.requested_plan, fell_back=self.fell_back)
+                       requested_plan=self.requested_plan, fell_back=self.fell_back, allocated=allocated)
+        if allocated:  # get_outputs() gives their shapes as the model has them, not the probe's one run
+            bound.graph = graph.replace(tensors={**graph.tensors, **{
+                t: dataclasses.replace(graph.tensors[t], shape=unprobed.tensors[t].shape) for t in allocated}})
         if len(compiled) == 1 and not before and not after[0]:
-            bound.fast = (tuple((t, bound.feeds[t], spec[t][0], spec[t][1]) for t in graph.inputs),
-                          compiled[0].bound_run(in_bufs[0], out_bufs[0]),
-                          tuple(bound.results[t] for t in graph.outputs))
+            run = compiled[0].bound_run(in_bufs[0], out_bufs[0])
+            fast_out = [bound.results[t] for t in graph.outputs]
+            if allocated:
+                made = out_bufs[0]
+                slots = [(k, t) for k, t in enumerate(graph.outputs) if t in allocated]
+                results, bound_run = bound.results, run
+
+                def run() -> None:
+                    bound_run()
+                    for k, t in slots:
+                        fast_out[k] = results[t] = made[t]
+            bound.fast = (tuple((t, bound.feeds[t], spec[t][0], spec[t][1]) for t in graph.inputs), run,
+                          fast_out if allocated else tuple(fast_out))
         return bound
 
     def _probe(self, graph: Graph, names: list[str], feeds) -> dict:

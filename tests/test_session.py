@@ -509,23 +509,74 @@ def test_a_stale_declared_output_shape_gives_way_to_the_computed_one(x_shape, de
         np.testing.assert_array_equal(y, want)
 
 
-def test_a_data_dependent_output_shape_binds_again_when_it_changes():
-    """NonZero's output length depends on the values: the shapes learnt by probing go stale when it changes; the
-    failed run lays the session out again (on the one-partition fast path too) and the answer is right."""
+def _nonzero_model(npu_add: bool = False, static: str | None = None):
+    """x[6] -> Greater(x, 0) -> NonZero -> Cast: y[1, n], n the count of positives (npu_add: then Add(y, y), which the
+    toy NPU takes: the positions cross its link both ways). static "before"/"after": a static output r = Relu(x)
+    before or after y."""
     from onnx import TensorProto as T
     from onnx import helper as h
 
-    g = h.make_graph([h.make_node("Greater", ["x", "zero"], ["m"]), h.make_node("NonZero", ["m"], ["nz"]),
-                      h.make_node("Cast", ["nz"], ["y"], to=T.FLOAT)], "g",
-                     [h.make_tensor_value_info("x", T.FLOAT, [6])], [h.make_tensor_value_info("y", T.FLOAT, [1, "n"])],
+    nodes = [h.make_node("Greater", ["x", "zero"], ["m"]), h.make_node("NonZero", ["m"], ["nz"]),
+             h.make_node("Cast", ["nz"], ["f" if npu_add else "y"], to=T.FLOAT)]
+    if npu_add:
+        nodes.append(h.make_node("Add", ["f", "f"], ["y"]))
+    outs = [h.make_tensor_value_info("y", T.FLOAT, [1, "n"])]
+    if static:
+        nodes.append(h.make_node("Relu", ["x"], ["r"]))
+        outs.insert(0 if static == "before" else 1, h.make_tensor_value_info("r", T.FLOAT, [6]))
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [6])], outs,
                      [h.make_tensor("zero", T.FLOAT, [], [0.0])])
-    s = edgert.Session(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+DATA_SHAPED = ([1, -1, 2, -2, -3, -4], [1, 1, 1, -1, -1, 1], [1, 1, 1, -1, -1, 1], [-1] * 6, [1] * 6)
+
+
+@pytest.mark.parametrize("static", [None, "before", "after"])
+def test_a_data_dependent_graph_output_is_allocated_by_onnxruntime_each_run(static, capfd):
+    """NonZero's count follows the values. Its output was a pool buffer of the probed size: every run with another
+    count failed inside onnxruntime (two "[E:onnxruntime ...] OutputMLValue" lines on stderr), was laid out again
+    and re-run, ~2 ms a run. Made on the host and handed to no other partition, it is now bound with no buffer:
+    onnxruntime allocates it, as its own run does. No re-layout, nothing on stderr, outputs equal onnxruntime's, on
+    the fast path, the general one and with output_views (each run's array its own); the pool does not hold it."""
+    model = _nonzero_model(static=static)
+    y_at = 1 if static == "before" else 0
+    for views in (False, True):
+        s = edgert.Session(model, output_views=views)
+        kept = []
+        for x in DATA_SHAPED:
+            x = np.array(x, np.float32)
+            want = ort_run(model, {"x": x})
+            got = s.run(None, {"x": x})
+            assert [(a.dtype, a.shape) for a in got] == [(w.dtype, w.shape) for w in want]
+            for a, w in zip(got, want):
+                np.testing.assert_array_equal(a, w)
+            (y,) = s.run(["y"], {"x": -x})  # the general path, on another count
+            np.testing.assert_array_equal(y, ort_run(model, {"x": -x})[y_at])
+            kept.append((got[y_at], want[y_at]))
+        for a, w in kept:  # output_views: each run's array is its own, not overwritten by the next
+            np.testing.assert_array_equal(a, w)
+        assert s.stats()["rebinds"] == 0 and "onnxruntime" not in capfd.readouterr().err
+        assert s.stats()["pool_bytes"] == 64 * (2 if static else 1)  # x (and r): 64-byte aligned
+        assert s.get_outputs()[y_at].shape == [1, "n"]  # the model's, not the probe's first count
+        b = s._bound
+        assert b.fast is not None and b.probed and list(b.allocated) == ["y"]
+
+
+def test_a_data_dependent_shape_crossing_a_link_binds_again_when_it_changes(tmp_path):
+    """NonZero's positions cross the toy NPU's link both ways in staging buffers of the probed size: when the count
+    changes the failed run lays the session out again (once per new count) and the answer is right. (A 1 ns link
+    keeps even one position's Add on the NPU.)"""
+    toy = tmp_path / "toy.toml"
+    toy.write_text(TOY_NPU.replace("latency_s = 1.0e-6", "latency_s = 1.0e-9"))
+    model = _nonzero_model(npu_add=True)
+    s = edgert.Session(model, device=str(toy), emulate=True)
     rebinds = []
-    for x in ([1, -1, 2, -2, -3, -4], [1, 1, 1, -1, -1, 1], [1, 1, 1, -1, -1, 1], [-1] * 6, [1] * 6):
+    for x in ([1, -1, 2, -2, -3, -4], [1, 1, 1, -1, -1, 1], [1, 1, 1, -1, -1, 1], [1, -1, -1, -1, -1, -1], [1] * 6):
         x = np.array(x, np.float32)
         (y,) = s.run(None, {"x": x})
-        np.testing.assert_array_equal(y, np.array(np.nonzero(x > 0), np.float32))
-        assert s._bound.fast is not None and s._bound.probed
+        np.testing.assert_array_equal(y, ort_run(model, {"x": x})[0])
+        assert len(s.plan.partitions) == 2 and s._bound.probed and not getattr(s._bound, "allocated", None)
         rebinds.append(s.stats()["rebinds"])
     assert rebinds == [0, 1, 1, 2, 3]  # the same length again reuses the layout
 
@@ -536,14 +587,7 @@ def test_a_data_dependent_shape_is_probed_on_the_values_the_run_uses(device, req
     raw: NonZero counted the wrong values, the buffers did not fit, every run a DeviceError) or a list (float64: the
     probe's onnxruntime refused it). The run byte-swaps and converts; the probe now sees those same values. On the
     toy NPU (emulated) the NonZero positions cross the link both ways, in staging buffers sized by the probe."""
-    from onnx import TensorProto as T
-    from onnx import helper as h
-
-    nodes = [h.make_node("Greater", ["x", "zero"], ["m"]), h.make_node("NonZero", ["m"], ["nz"]),
-             h.make_node("Cast", ["nz"], ["f"], to=T.FLOAT), h.make_node("Add", ["f", "f"], ["y"])]
-    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [6])],
-                     [h.make_tensor_value_info("y", T.FLOAT, [1, "n"])], [h.make_tensor("zero", T.FLOAT, [], [0.0])])
-    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    model = _nonzero_model(npu_add=True)
     x = np.array([1, -1, 2, -2, 3, 4], np.float32)
     (want,) = ort_run(model, {"x": x})
     assert want.shape == (1, 4)
