@@ -143,13 +143,17 @@ def _known(t) -> bool:
 
 
 def _with_shapes(graph: Graph, learnt: Mapping[str, tuple], dtype_only: bool = False) -> Graph:
-    """The graph with the shapes and dtypes in ``learnt`` (name -> (shape, numpy dtype)) filled in (only the
-    dtypes that are unknown, with ``dtype_only``)."""
+    """The graph with the shapes and dtypes in ``learnt`` (name -> (shape, numpy dtype), or the type of a value that
+    is not a tensor) filled in (only the dtypes that are unknown, with ``dtype_only``)."""
     tensors = dict(graph.tensors)
-    for name, (shape, dtype) in learnt.items():
+    for name, learnt_as in learnt.items():
         t = tensors.get(name)
         if t is None:
             continue
+        if isinstance(learnt_as, str):
+            tensors[name] = dataclasses.replace(t, value_type=learnt_as)
+            continue
+        shape, dtype = learnt_as
         if dtype_only:
             if t.dtype is None:
                 tensors[name] = dataclasses.replace(t, dtype=np.dtype(dtype).name)
@@ -191,17 +195,34 @@ ONNX_IO_DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32",
 
 
 def check_io_dtypes(graph: Graph) -> None:
-    """DTypeError for a graph input or output whose element type a Session cannot feed or return (dtypes not yet
-    known are left to the shape probe)."""
+    """DTypeError for a graph input or output whose type a Session cannot feed or return: not a tensor (a sequence,
+    map, optional), or of an element type numpy arrays in a pool cannot hold (dtypes not yet known are left to the
+    shape probe)."""
     onnx_model = not is_tflite_graph(graph)
     for t in [*graph.inputs, *graph.outputs]:
         dtype = graph.tensors[t].dtype
         what = f"{'input' if t in graph.inputs else 'output'} {t!r}"
+        value_type = graph.tensors[t].value_type
+        if value_type is not None:
+            raise DTypeError(f"{what} has type {value_type}, not a tensor: a Session feeds and returns numpy arrays "
+                             "only. Keep the value inside the model (e.g. ConcatFromSequence or SequenceAt to a tensor "
+                             "at its edge), or run this model with onnxruntime itself")
         if dtype == "string":
             raise DTypeError(f"{what} is a string tensor; a Session runs numeric tensors only")
         if onnx_model and dtype is not None and dtype not in ONNX_IO_DTYPES:
             raise DTypeError(f"{what} is {dtype}, a type a Session cannot feed or return as a numpy array (it takes "
                              f"{', '.join(ONNX_IO_DTYPES)}): add a Cast to one of them at the model's edge")
+
+
+def _refuse_non_tensor_cuts(graph: Graph, p: Plan) -> None:
+    """DTypeError when the plan passes a sequence (map, optional) between partitions: only tensors have buffers.
+    The planner keeps the nodes that read or write one on the host, so this takes two host partitions around a
+    device one."""
+    for part in p.partitions:
+        for t in graph.non_tensors([*part.inputs, *part.outputs]):
+            raise DTypeError(f"value {t!r} has type {graph.tensors[t].value_type}, not a tensor, and the plan for "
+                             f"{p.profile.name!r} passes it between partitions ({len(p.partitions)} in all): a Session "
+                             "moves only tensors between partitions. Run it with max_partitions=1, or on the host")
 
 
 def _side(plan: Plan, unit: str) -> str:
@@ -534,7 +555,8 @@ class Session:
         export = self._graph0.with_inputs(overrides)
         graph = export if bound_dims is None else bound_dims.with_inputs(overrides)
         check_io_dtypes(graph)
-        unknown = [t for t, tt in graph.tensors.items() if tt.initializer is None and not _known(tt)]
+        unknown = [t for t, tt in graph.tensors.items()
+                   if tt.initializer is None and tt.value_type is None and not _known(tt)]
         unprobed = graph
         probed = False
         if unknown:
@@ -545,6 +567,8 @@ class Session:
             learnt = self._probe(graph, unknown, feeds)
             graph = _with_shapes(graph, learnt)
             export = _with_shapes(export, learnt, dtype_only=True)
+            unknown = [t for t in unknown if graph.tensors[t].value_type is None]
+            check_io_dtypes(graph)  # an output the probe found to be a sequence
             probed = True
         p = make_plan(graph, self.profile, fallback=self.fallback, **self._plan_kw)
         self.requested_plan, self.fell_back = p, None
@@ -559,6 +583,7 @@ class Session:
             host_unit = p.unit(p.host_unit)
             host_only = dataclasses.replace(self.profile, units=[host_unit])
             p = make_plan(graph, host_only, fallback="allow", **self._plan_kw)
+        _refuse_non_tensor_cuts(graph, p)
 
         compiled, on_device = [], False
         for part in p.partitions:
@@ -689,7 +714,8 @@ class Session:
         return bound
 
     def _probe(self, graph: Graph, names: list[str], feeds) -> dict:
-        """Shapes and dtypes of ``names`` for these feeds, from one onnxruntime run of the whole model."""
+        """Shapes and dtypes of ``names`` for these feeds, from one onnxruntime run of the whole model; the type
+        (onnxruntime's spelling, ``seq(tensor(float))``) of one that is not a tensor."""
         import onnx
 
         model = graph.subgraph_model([n.name for n in graph.nodes], name=f"{graph.name}_probe")
@@ -720,7 +746,9 @@ class Session:
             res = sess.run(names, probe_feeds)
         except Exception as exc:
             raise DeviceError(f"onnxruntime failed running the model to learn its shapes: {exc}") from exc
-        return {n: (a.shape, a.dtype) for n, a in zip(names, res)}
+        types = {o.name: o.type for o in sess.get_outputs()}
+        return {n: (a.shape, a.dtype) if isinstance(a, np.ndarray) else types.get(n) or type(a).__name__
+                for n, a in zip(names, res)}
 
     # ---- telemetry and teardown ---------------------------------------------------------------------------
     def _record(self, dt: float, err: str | None) -> None:

@@ -63,6 +63,29 @@ def test_graph_outputs_take_the_computed_shape_over_a_stale_declared_one():
     assert load_onnx(m, dims={"N": 4}).tensors["y"].shape == (4, 3)
 
 
+def test_values_that_are_not_tensors_carry_their_type():
+    """Sequences, maps and optionals had dtype and shape None like an unknown tensor: the session probed them as
+    tensors. The IR names their type as onnxruntime spells it."""
+    from edgert.formats.onnx import type_text
+
+    seq_t = helper.make_sequence_type_proto(helper.make_tensor_type_proto(T.FLOAT, None))
+    nodes = [helper.make_node("SplitToSequence", ["x"], ["seq"], axis=0), helper.make_node("Optional", ["x"], ["opt"]),
+             helper.make_node("ConcatFromSequence", ["seq"], ["y"], axis=1)]
+    opt_t = helper.make_optional_type_proto(helper.make_tensor_type_proto(T.FLOAT, [3, 4]))
+    m = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [3, 4])], [
+        helper.make_tensor_value_info("y", T.FLOAT, None), helper.make_value_info("opt", opt_t)]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    g = load_onnx(m)
+    assert g.tensors["seq"].value_type == "seq(tensor(float))"  # from shape inference
+    assert g.tensors["opt"].value_type == "optional(tensor(float))"
+    assert g.tensors["y"].value_type is None and g.tensors["y"].dtype == "float32"
+    assert (g.tensors["seq"].dtype, g.tensors["seq"].shape) == (None, None)
+    assert g.non_tensors(["x", "seq", "y", "opt"]) == ["seq", "opt"]
+    assert type_text(helper.make_map_type_proto(T.INT64, helper.make_tensor_type_proto(T.DOUBLE, None))) == \
+        "map(int64,tensor(double))"
+    assert type_text(seq_t) == "seq(tensor(float))"
+
+
 def test_bind_at_load_and_after():
     g = load_onnx(M.mlp(), dims={"batch": 5})
     assert g.tensors["h1"].shape == (5, 16) and g.symbolic_dims() == set()

@@ -1,6 +1,7 @@
 """Session: onnxruntime-shaped API, exact outputs where onnxruntime runs every node, emulated NPU partitions with
 the bytes moved equal to the plan's, a run path that allocates nothing for boundary tensors, fallback rules,
 telemetry, and the delegate registry."""
+import re
 import tracemalloc
 import warnings
 
@@ -642,6 +643,88 @@ def test_string_tensor_model_is_a_dtype_error():
                           [helper.make_tensor_value_info("o", TensorProto.STRING, [2])])
     with pytest.raises(DTypeError, match="string tensor"):  # was TypeError: data type 'string' not understood
         edgert.Session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _sequence_model(kind):
+    """Models with an ONNX sequence. "inside": x[3,4] -> SplitToSequence(axis 0) -> ConcatFromSequence(axis 1) ->
+    y[1,12].
+    "crossing": x[2,64,64] -> SplitToSequence(keepdims 0) -> seq; t = SequenceAt(seq, 0); a = t @ t (the toy NPU's);
+    y = ConcatFromSequence(SequenceInsert(seq, a), new_axis 1) [64,3,64]: seq is made before the NPU runs and read
+    after it. "seq_in" / "seq_out" / "optional_out": a sequence or an optional as a graph input or output."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    V = h.make_tensor_value_info
+    seq_t = h.make_sequence_type_proto(h.make_tensor_type_proto(T.FLOAT, None))
+    if kind == "inside":
+        nodes = [h.make_node("SplitToSequence", ["x"], ["seq"], axis=0),
+                 h.make_node("ConcatFromSequence", ["seq"], ["y"], axis=1)]
+        ins, outs = [V("x", T.FLOAT, [3, 4])], [V("y", T.FLOAT, [1, 12])]
+    elif kind == "crossing":
+        nodes = [h.make_node("SplitToSequence", ["x"], ["seq"], axis=0, keepdims=0),
+                 h.make_node("SequenceAt", ["seq", "zero"], ["t"]), h.make_node("MatMul", ["t", "t"], ["a"]),
+                 h.make_node("SequenceInsert", ["seq", "a"], ["seq2"]),
+                 h.make_node("ConcatFromSequence", ["seq2"], ["y"], axis=1, new_axis=1)]
+        ins, outs = [V("x", T.FLOAT, [2, 64, 64])], [V("y", T.FLOAT, [64, 3, 64])]
+    elif kind == "seq_in":
+        nodes = [h.make_node("ConcatFromSequence", ["seq"], ["y"], axis=0)]
+        ins, outs = [h.make_value_info("seq", seq_t)], [V("y", T.FLOAT, None)]
+    elif kind == "seq_out":
+        nodes = [h.make_node("SplitToSequence", ["x"], ["seq"], axis=0)]
+        ins, outs = [V("x", T.FLOAT, [3, 4])], [h.make_value_info("seq", seq_t)]
+    else:
+        nodes = [h.make_node("Optional", ["x"], ["opt"])]
+        ins = [V("x", T.FLOAT, [3, 4])]
+        outs = [h.make_value_info("opt", h.make_optional_type_proto(h.make_tensor_type_proto(T.FLOAT, [3, 4])))]
+    g = h.make_graph(nodes, "g", ins, outs, [h.make_tensor("zero", T.INT64, [], [0])] if kind == "crossing" else [])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("device", ["host", "toy", "rk3588"])
+def test_a_sequence_inside_the_model_runs_as_onnxruntime_runs_it(device, request, tmp_path):
+    """A sequence between two nodes (onnxruntime runs it) made Session.run raise a raw AttributeError ('list' object
+    has no attribute 'shape': the shape probe took onnxruntime's list for an array) and `edgert run` print a
+    traceback. Its nodes stay on the host, inside one partition; the sequence has no buffer."""
+    model = _sequence_model("inside")
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    (want,) = ort_run(model, {"x": x})
+    device = request.getfixturevalue("toy") if device == "toy" else device
+    s = edgert.Session(model, device=device, emulate=True)
+    for _ in range(2):
+        (y,) = s.run(None, {"x": x})
+        assert y.shape == want.shape == (1, 12)
+        np.testing.assert_array_equal(y, want)
+    assert {p.unit for p in s.plan.partitions} == {s.plan.host_unit}
+    if device != "host":
+        assert "seq(tensor(float))" in s.plan.reasons["SplitToSequence_0"]
+    else:
+        onnx.save(model, tmp_path / "seq.onnx")
+        np.save(tmp_path / "x.npy", x)
+        r = edgert_cmd("run", str(tmp_path / "seq.onnx"), "--input", f"x={tmp_path / 'x.npy'}")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert "y: float32 [1, 12]" in r.stdout
+
+
+def test_a_sequence_passed_between_partitions_is_refused_at_creation(toy):
+    """Only tensors have buffers between partitions: a sequence made before a device partition and read after it is
+    a DTypeError naming it when the Session is made (one partition runs it, as onnxruntime does)."""
+    model = _sequence_model("crossing")
+    with pytest.raises(DTypeError, match="value 'seq' has type seq\\(tensor\\(float\\)\\), not a tensor, and the plan"):
+        edgert.Session(model, device=toy, emulate=True)
+    x = np.random.default_rng(0).standard_normal((2, 64, 64)).astype(np.float32)
+    (want,) = ort_run(model, {"x": x})
+    for s in (edgert.Session(model, device=toy, emulate=True, max_partitions=1), edgert.Session(model)):
+        np.testing.assert_array_equal(s.run(None, {"x": x})[0], want)
+
+
+@pytest.mark.parametrize("kind, what", [("seq_in", "input 'seq' has type seq(tensor(float))"),
+                                        ("seq_out", "output 'seq' has type seq(tensor(float))"),
+                                        ("optional_out", "output 'opt' has type optional(tensor(float))")])
+def test_a_sequence_or_optional_graph_input_or_output_is_a_dtype_error_at_creation(kind, what):
+    """A Session feeds and returns numpy arrays: such an input was accepted (get_inputs() said shape [], dtype None)
+    and failed at the run ("cannot cut graph ... element type unknown")."""
+    with pytest.raises(DTypeError, match=re.escape(what) + ", not a tensor"):
+        edgert.Session(_sequence_model(kind))
 
 
 def cast_model(x_type, y_type, dim=2):

@@ -403,6 +403,32 @@ def _shape_of(tp) -> tuple[str | None, tuple | None]:
     return dtype, tuple(dims)
 
 
+def _elem_text(elem_type: int) -> str:
+    import onnx
+
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:
+        return "unknown"
+
+
+def type_text(tp) -> str:
+    """An ONNX TypeProto in onnxruntime's spelling: ``tensor(float)``, ``seq(tensor(int64))``,
+    ``map(string,tensor(float))``, ``optional(tensor(float))``, ``sparse_tensor(float)``."""
+    which = tp.WhichOneof("value")
+    if which == "tensor_type":
+        return f"tensor({_elem_text(tp.tensor_type.elem_type)})"
+    if which == "sequence_type":
+        return f"seq({type_text(tp.sequence_type.elem_type)})"
+    if which == "map_type":
+        return f"map({_elem_text(tp.map_type.key_type)},{type_text(tp.map_type.value_type)})"
+    if which == "optional_type":
+        return f"optional({type_text(tp.optional_type.elem_type)})"
+    if which == "sparse_tensor_type":
+        return f"sparse_tensor({_elem_text(tp.sparse_tensor_type.elem_type)})"
+    return which or "unknown"
+
+
 def _attr_value(a):
     import onnx
     from onnx import helper, numpy_helper
@@ -461,12 +487,15 @@ class _Converter:
 
         def add(vi):
             dtype, shape = _shape_of(vi.type)
+            kind = vi.type.WhichOneof("value")
+            value_type = type_text(vi.type) if kind and kind != "tensor_type" else None
             old = tensors.get(vi.name)
             if old is None:
-                tensors[vi.name] = Tensor(vi.name, dtype, shape)
+                tensors[vi.name] = Tensor(vi.name, dtype, shape, value_type=value_type)
             else:
                 old.dtype = old.dtype or dtype
                 old.shape = old.shape if old.shape is not None else shape
+                old.value_type = old.value_type or value_type
 
         for vi in [*g.input, *g.output, *g.value_info]:
             add(vi)
