@@ -448,13 +448,18 @@ def _resolve_graph(model, dims: Mapping[str, int] | None) -> Graph:
         model = str(model)
     if is_tflite_path(model) or (isinstance(model, (bytes, bytearray)) and is_tflite_bytes(model[:8])):
         return load_tflite(model, dims=dict(dims) if dims else None)
-    return load_onnx(model, dims=dict(dims) if dims else None)
+    # free dims named as a Session names them (``<input>_<axis>``), so the dims one binds the other binds too
+    return load_onnx(model, dims=dict(dims) if dims else None, name_free_dims=True)
 
 
 # ---- step 1: capability ---------------------------------------------------------------------------------------
 def _unit_check(unit, node: Node, view: Graph, dims: Mapping[str, int]) -> tuple[bool, str]:
     """Can ``unit`` run ``node``? The unit's own check (op, dtypes, rank, static shapes with ``dims`` bound), asked
-    on the quantized view of the graph (``quantized_view``) so that a QDQ model's int8 core is seen as int8."""
+    on the quantized view of the graph (``quantized_view``) so that a QDQ model's int8 core is seen as int8. A node
+    that reads or writes a sequence (map, optional) stays on the host: only tensors cross between partitions."""
+    other = view.non_tensors(t for t in (*node.all_inputs(), *node.outputs) if t)
+    if other:
+        return False, f"{unit.name}: value {other[0]} has type {view.tensors[other[0]].value_type}: host only"
     ok, reason = unit.supports(node, view, dims)
     if not ok:
         return False, f"{unit.name}: {reason}" if reason else f"{unit.name} cannot run {node.qualified_op}"

@@ -5,7 +5,9 @@ A tensor's trip in ``Session.run``: feed -> its host pool buffer -> partition 1 
 device-side staging buffer (``to_device``) -> partition 2 -> counted copy back (``to_host``) -> ... -> outputs.
 Every tensor that crosses a partition boundary (and every graph input and output) lives in a buffer of a
 ``PinnedPool`` laid out once per binding of the model's dims (at creation, or at the first run for a model with
-symbolic dims); the copies follow the plan's transfer list, so the bytes counted equal the plan's. A tensor between
+symbolic dims); the copies follow the plan's transfer list, so the bytes counted equal the plan's. The exception is
+a graph output whose shape the data decides, made on the host and read by no other partition: the partition's
+runtime allocates it at each run (``_Bound.allocated``). A tensor between
 two partitions of one unit whose delegate keeps tensors resident (serial-npu) has no transfer: it stays on the device
 (the delegate is told which of its partition's inputs and outputs those are) and no host buffer is copied for it.
 
@@ -110,6 +112,9 @@ class _Bound:
     overrides: tuple = ()           # overridable initializers fed as inputs on this binding (graph.with_inputs)
     requested_plan: Any = None      # the plan asked for, and why it fell back to the host (Session's attributes)
     fell_back: str | None = None
+    # graph output -> index of the partition whose runtime allocates it at each run (a data-dependent shape: no pool
+    # buffer); results[output] is the last run's array
+    allocated: dict = dataclasses.field(default_factory=dict)
 
 
 def _load(src) -> Graph:
@@ -138,13 +143,17 @@ def _known(t) -> bool:
 
 
 def _with_shapes(graph: Graph, learnt: Mapping[str, tuple], dtype_only: bool = False) -> Graph:
-    """The graph with the shapes and dtypes in ``learnt`` (name -> (shape, numpy dtype)) filled in (only the
-    dtypes that are unknown, with ``dtype_only``)."""
+    """The graph with the shapes and dtypes in ``learnt`` (name -> (shape, numpy dtype), or the type of a value that
+    is not a tensor) filled in (only the dtypes that are unknown, with ``dtype_only``)."""
     tensors = dict(graph.tensors)
-    for name, (shape, dtype) in learnt.items():
+    for name, learnt_as in learnt.items():
         t = tensors.get(name)
         if t is None:
             continue
+        if isinstance(learnt_as, str):
+            tensors[name] = dataclasses.replace(t, value_type=learnt_as)
+            continue
+        shape, dtype = learnt_as
         if dtype_only:
             if t.dtype is None:
                 tensors[name] = dataclasses.replace(t, dtype=np.dtype(dtype).name)
@@ -167,6 +176,16 @@ def _as_feed(name: str, a, dtype: np.dtype) -> np.ndarray:
     return out
 
 
+def _checked_feed(name: str, a, dtype: np.dtype) -> np.ndarray:
+    """The feed for input ``name`` as an array whose values the input's ``dtype`` holds as they are (the same type,
+    perhaps in the other byte order); DTypeError otherwise."""
+    if not isinstance(a, np.ndarray):
+        a = _as_feed(name, a, dtype)
+    if a.dtype != dtype and not np.can_cast(a.dtype, dtype, casting="equiv"):
+        raise DTypeError(f"input {name!r} must be {dtype}, got {a.dtype}")
+    return a
+
+
 # the element types onnxruntime's Python API takes and returns as numpy arrays (its IOBinding binds the pool's buffers
 # as they are): bfloat16, float8, int4/uint4 and float4 have no numpy type it converts (a feed was onnxruntime's bare
 # "Numpy_type 256 can't be converted to MLDataType", a float8 output a DeviceError at the first run), complex none it
@@ -176,17 +195,34 @@ ONNX_IO_DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32",
 
 
 def check_io_dtypes(graph: Graph) -> None:
-    """DTypeError for a graph input or output whose element type a Session cannot feed or return (dtypes not yet
-    known are left to the shape probe)."""
+    """DTypeError for a graph input or output whose type a Session cannot feed or return: not a tensor (a sequence,
+    map, optional), or of an element type numpy arrays in a pool cannot hold (dtypes not yet known are left to the
+    shape probe)."""
     onnx_model = not is_tflite_graph(graph)
     for t in [*graph.inputs, *graph.outputs]:
         dtype = graph.tensors[t].dtype
         what = f"{'input' if t in graph.inputs else 'output'} {t!r}"
+        value_type = graph.tensors[t].value_type
+        if value_type is not None:
+            raise DTypeError(f"{what} has type {value_type}, not a tensor: a Session feeds and returns numpy arrays "
+                             "only. Keep the value inside the model (e.g. ConcatFromSequence or SequenceAt to a tensor "
+                             "at its edge), or run this model with onnxruntime itself")
         if dtype == "string":
             raise DTypeError(f"{what} is a string tensor; a Session runs numeric tensors only")
         if onnx_model and dtype is not None and dtype not in ONNX_IO_DTYPES:
             raise DTypeError(f"{what} is {dtype}, a type a Session cannot feed or return as a numpy array (it takes "
                              f"{', '.join(ONNX_IO_DTYPES)}): add a Cast to one of them at the model's edge")
+
+
+def _refuse_non_tensor_cuts(graph: Graph, p: Plan) -> None:
+    """DTypeError when the plan passes a sequence (map, optional) between partitions: only tensors have buffers.
+    The planner keeps the nodes that read or write one on the host, so this takes two host partitions around a
+    device one."""
+    for part in p.partitions:
+        for t in graph.non_tensors([*part.inputs, *part.outputs]):
+            raise DTypeError(f"value {t!r} has type {graph.tensors[t].value_type}, not a tensor, and the plan for "
+                             f"{p.profile.name!r} passes it between partitions ({len(p.partitions)} in all): a Session "
+                             "moves only tensors between partitions. Run it with max_partitions=1, or on the host")
 
 
 def _side(plan: Plan, unit: str) -> str:
@@ -443,11 +479,7 @@ class Session:
 
     def _run_bound(self, b: _Bound, feeds) -> None:
         for name, buf in b.feeds.items():
-            a = feeds[name]
-            if not isinstance(a, np.ndarray):
-                a = _as_feed(name, a, buf.dtype)
-            if a.dtype != buf.dtype and not np.can_cast(a.dtype, buf.dtype, casting="equiv"):
-                raise DTypeError(f"input {name!r} must be {buf.dtype}, got {a.dtype}")
+            a = _checked_feed(name, feeds[name], buf.dtype)
             if a.shape != buf.shape:  # copyto would broadcast a row over the buffer: a wrong answer, no error
                 raise ShapeError(f"input {name!r} has shape {a.shape}, this binding laid out {buf.shape} (an "
                                  "edgert bug: please report it with the model)")
@@ -465,6 +497,8 @@ class Session:
                 part.run(b.in_bufs[k], b.out_bufs[k])
                 for cp in b.after[k]:
                     c.copy(cp.dst, cp.src, cp.direction)
+            for t, k in b.allocated.items():
+                b.results[t] = b.out_bufs[k][t]
         except BaseException:
             # a run counts its copies only when it completes (as it counts in "runs"), so stats() stays runs x plan
             c.bytes.update(start)
@@ -522,7 +556,9 @@ class Session:
         export = self._graph0.with_inputs(overrides)
         graph = export if bound_dims is None else bound_dims.with_inputs(overrides)
         check_io_dtypes(graph)
-        unknown = [t for t, tt in graph.tensors.items() if tt.initializer is None and not _known(tt)]
+        unknown = [t for t, tt in graph.tensors.items()
+                   if tt.initializer is None and tt.value_type is None and not _known(tt)]
+        unprobed = graph
         probed = False
         if unknown:
             # shapes inference could not tell (data-dependent, or lost in the loader): learn them by running the
@@ -532,6 +568,8 @@ class Session:
             learnt = self._probe(graph, unknown, feeds)
             graph = _with_shapes(graph, learnt)
             export = _with_shapes(export, learnt, dtype_only=True)
+            unknown = [t for t in unknown if graph.tensors[t].value_type is None]
+            check_io_dtypes(graph)  # an output the probe found to be a sequence
             probed = True
         p = make_plan(graph, self.profile, fallback=self.fallback, **self._plan_kw)
         self.requested_plan, self.fell_back = p, None
@@ -546,6 +584,7 @@ class Session:
             host_unit = p.unit(p.host_unit)
             host_only = dataclasses.replace(self.profile, units=[host_unit])
             p = make_plan(graph, host_only, fallback="allow", **self._plan_kw)
+        _refuse_non_tensor_cuts(graph, p)
 
         compiled, on_device = [], False
         for part in p.partitions:
@@ -608,10 +647,22 @@ class Session:
             raise DeviceError(f"plan for {self.device!r} leaves {', '.join(gaps)} without a producer or a transfer "
                               "(a partitioner bug); please report it with the model")
 
+        # a graph output whose shape the data decides (probed: NonZero's count), made on the host and handed to no
+        # other partition, is allocated by the partition's runtime at each run, as onnxruntime returns it: a pool
+        # buffer of the probed size failed every run whose count differed (a re-layout and two onnxruntime error
+        # lines each time). One crossing a link or read by another partition keeps its probed buffer
+        moved = {tr.tensor for tr in p.transfers} | {t for part in p.partitions for t in part.inputs}
+        data_shaped = set(unknown)
+        allocated = {t: producer[t] for t in dict.fromkeys(graph.outputs) if t in data_shaped and t in producer
+                     and t not in moved and _side(p, p.partitions[producer[t]].unit) == HOST
+                     and getattr(compiled[producer[t]], "allocates_outputs", False)}
+
         spec = {t: (graph.tensors[t].concrete_shape(), np.dtype(graph.tensors[t].dtype)) for _, t in need}
 
         pools: dict[str, PinnedPool] = {}
         for side, t in need:
+            if side == HOST and t in allocated:
+                continue
             pool = pools.get(side)
             if pool is None:
                 pool = pools[side] = PinnedPool("host" if side == HOST else f"staging:{side}", lock=self.lock_memory)
@@ -628,6 +679,8 @@ class Session:
                     views[key] = a
 
         def buf(side, t):
+            if side == HOST and t in allocated:
+                return None
             return views[(side, t)] if (side, t) in views else pools[side].view(t)
 
         for t in const_outputs:
@@ -641,15 +694,29 @@ class Session:
         bound = _Bound(dims, graph, p, compiled, pools, {t: buf(HOST, t) for t in graph.inputs}, in_bufs,
                        out_bufs, before, after, {t: buf(HOST, t) for t in graph.outputs},
                        {t: spec[t][0] for t in graph.inputs}, probed, on_device=on_device, overrides=overrides,
-                       requested_plan=self.requested_plan, fell_back=self.fell_back)
+                       requested_plan=self.requested_plan, fell_back=self.fell_back, allocated=allocated)
+        if allocated:  # get_outputs() gives their shapes as the model has them, not the probe's one run
+            bound.graph = graph.replace(tensors={**graph.tensors, **{
+                t: dataclasses.replace(graph.tensors[t], shape=unprobed.tensors[t].shape) for t in allocated}})
         if len(compiled) == 1 and not before and not after[0]:
-            bound.fast = (tuple((t, bound.feeds[t], spec[t][0], spec[t][1]) for t in graph.inputs),
-                          compiled[0].bound_run(in_bufs[0], out_bufs[0]),
-                          tuple(bound.results[t] for t in graph.outputs))
+            run = compiled[0].bound_run(in_bufs[0], out_bufs[0])
+            fast_out = [bound.results[t] for t in graph.outputs]
+            if allocated:
+                made = out_bufs[0]
+                slots = [(k, t) for k, t in enumerate(graph.outputs) if t in allocated]
+                results, bound_run = bound.results, run
+
+                def run() -> None:
+                    bound_run()
+                    for k, t in slots:
+                        fast_out[k] = results[t] = made[t]
+            bound.fast = (tuple((t, bound.feeds[t], spec[t][0], spec[t][1]) for t in graph.inputs), run,
+                          fast_out if allocated else tuple(fast_out))
         return bound
 
     def _probe(self, graph: Graph, names: list[str], feeds) -> dict:
-        """Shapes and dtypes of ``names`` for these feeds, from one onnxruntime run of the whole model."""
+        """Shapes and dtypes of ``names`` for these feeds, from one onnxruntime run of the whole model; the type
+        (onnxruntime's spelling, ``seq(tensor(float))``) of one that is not a tensor."""
         import onnx
 
         model = graph.subgraph_model([n.name for n in graph.nodes], name=f"{graph.name}_probe")
@@ -666,11 +733,23 @@ class Session:
             sess = delegates.onnxruntime.inference_session(model)
         except Exception as exc:  # onnxruntime's own exception types: the model as onnxruntime refuses it
             raise DeviceError(f"onnxruntime could not load the model to learn its shapes: {exc}") from exc
+        # the values the run will copy into the pool: a big-endian feed byte-swapped (onnxruntime reads raw bytes, and
+        # learnt a data-dependent shape from the unswapped ones), a list as the input's dtype
+        probe_feeds = {}
+        for n in graph.inputs:
+            dtype = graph.tensors[n].dtype
+            if dtype in np.sctypeDict:
+                dtype = np.dtype(dtype)
+                probe_feeds[n] = _checked_feed(n, feeds[n], dtype).astype(dtype, copy=False)
+            else:
+                probe_feeds[n] = np.asarray(feeds[n])
         try:
-            res = sess.run(names, {n: np.asarray(feeds[n]) for n in graph.inputs})
+            res = sess.run(names, probe_feeds)
         except Exception as exc:
             raise DeviceError(f"onnxruntime failed running the model to learn its shapes: {exc}") from exc
-        return {n: (a.shape, a.dtype) for n, a in zip(names, res)}
+        types = {o.name: o.type for o in sess.get_outputs()}
+        return {n: (a.shape, a.dtype) if isinstance(a, np.ndarray) else types.get(n) or type(a).__name__
+                for n, a in zip(names, res)}
 
     # ---- telemetry and teardown ---------------------------------------------------------------------------
     def _record(self, dt: float, err: str | None) -> None:

@@ -41,6 +41,51 @@ def test_caller_model_is_not_modified():
     assert m.SerializeToString() == before
 
 
+def test_graph_outputs_take_the_computed_shape_over_a_stale_declared_one():
+    """The loader trusted a graph output's declared shape over the one its nodes compute; a stale one (an export
+    that kept an old shape) laid out buffers onnxruntime could not fill. The computed one wins, noted in warnings;
+    the declared dims stay where inference cannot tell (NonZero's length, an op onnx does not know); the caller's
+    model is untouched."""
+    x = helper.make_tensor_value_info("x", T.FLOAT, ["N", 3])
+    nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("NonZero", ["x"], ["nz"])]
+    outs = [helper.make_tensor_value_info("y", T.FLOAT, [7, 5]), helper.make_tensor_value_info("nz", T.INT64, [2, 9]),
+            helper.make_tensor_value_info("z", T.FLOAT, ["batch", 3])]
+    nodes.append(helper.make_node("Custom", ["x"], ["z"], domain="com.microsoft"))
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], outs), opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    before = m.SerializeToString()
+    g = load_onnx(m)
+    assert g.tensors["y"].shape == ("N", 3) and g.tensors["nz"].shape == (2, 9)
+    assert g.tensors["z"].shape == ("batch", 3)
+    assert [w for w in g.warnings if "'y' declares shape [7, 5] but the model computes ['N', 3]" in w]
+    assert not [w for w in g.warnings if "'nz'" in w]
+    assert m.SerializeToString() == before
+    assert load_onnx(m, dims={"N": 4}).tensors["y"].shape == (4, 3)
+
+
+def test_values_that_are_not_tensors_carry_their_type():
+    """Sequences, maps and optionals had dtype and shape None like an unknown tensor: the session probed them as
+    tensors. The IR names their type as onnxruntime spells it."""
+    from edgert.formats.onnx import type_text
+
+    seq_t = helper.make_sequence_type_proto(helper.make_tensor_type_proto(T.FLOAT, None))
+    nodes = [helper.make_node("SplitToSequence", ["x"], ["seq"], axis=0), helper.make_node("Optional", ["x"], ["opt"]),
+             helper.make_node("ConcatFromSequence", ["seq"], ["y"], axis=1)]
+    opt_t = helper.make_optional_type_proto(helper.make_tensor_type_proto(T.FLOAT, [3, 4]))
+    m = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [3, 4])], [
+        helper.make_tensor_value_info("y", T.FLOAT, None), helper.make_value_info("opt", opt_t)]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    g = load_onnx(m)
+    assert g.tensors["seq"].value_type == "seq(tensor(float))"  # from shape inference
+    assert g.tensors["opt"].value_type == "optional(tensor(float))"
+    assert g.tensors["y"].value_type is None and g.tensors["y"].dtype == "float32"
+    assert (g.tensors["seq"].dtype, g.tensors["seq"].shape) == (None, None)
+    assert g.non_tensors(["x", "seq", "y", "opt"]) == ["seq", "opt"]
+    assert type_text(helper.make_map_type_proto(T.INT64, helper.make_tensor_type_proto(T.DOUBLE, None))) == \
+        "map(int64,tensor(double))"
+    assert type_text(seq_t) == "seq(tensor(float))"
+
+
 def test_bind_at_load_and_after():
     g = load_onnx(M.mlp(), dims={"batch": 5})
     assert g.tensors["h1"].shape == (5, 16) and g.symbolic_dims() == set()
@@ -202,6 +247,21 @@ def test_external_data_missing_or_escaping(tmp_path):
         load_onnx(m2, base_dir=str(tmp_path))
 
 
+def test_external_data_of_an_in_memory_model_says_what_works(tmp_path):
+    """The message said "pass base_dir=", which neither Session nor plan takes: it names what does."""
+    onnx.save(M.mlp(), tmp_path / "ext.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    m = onnx.load(tmp_path / "ext.onnx", load_external_data=False)
+    for api in (edgert.Session, edgert.plan):
+        with pytest.raises(edgert.ModelFormatError, match="lives in external file 'w.bin'") as e:
+            api(m)
+        assert "edgert.Session(path)" in str(e.value) and "load_external_data=True" in str(e.value)
+        assert "to load_onnx" in str(e.value)  # the one API that does take base_dir=
+    x = np.ones((2, 8), np.float32)
+    for fixed in (str(tmp_path / "ext.onnx"), onnx.load(tmp_path / "ext.onnx", load_external_data=True)):
+        np.testing.assert_array_equal(edgert.Session(fixed).run(None, {"x": x})[0], M.ort_run(M.mlp(), {"x": x})[0])
+    assert load_onnx(m, base_dir=str(tmp_path)).tensors["w1"].initializer is not None
+
+
 def test_external_data_too_short(tmp_path):
     onnx.save(M.mlp(), tmp_path / "ext.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
     data = (tmp_path / "w.bin").read_bytes()
@@ -306,7 +366,9 @@ def test_checker_errors_wrapped():
 
 def test_inconsistent_shapes_fall_back_with_warning():
     m = M.mlp()
-    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 7  # declared [batch, 7], inferred [batch, 4]
+    # an intermediate declared [batch, 7], inferred [batch, 16] (a graph output's declared shape no longer takes part:
+    # the computed one replaces it, test_graph_outputs_take_the_computed_shape_over_a_stale_declared_one)
+    m.graph.value_info.append(helper.make_tensor_value_info("h1", T.FLOAT, ["batch", 7]))
     g = load_onnx(m, check=False)
     assert g.warnings and "strict shape inference failed" in g.warnings[0]
 

@@ -568,6 +568,44 @@ def test_copy_points_name_the_unit_each_partition_runs_on():
                     assert word == f"{q.unit}#{q.id}", line
 
 
+def test_plan_names_free_dims_as_a_session_does(tmp_path):
+    """'?' dims (any size, unnamed): a Session names them <input>_<axis> and binds those; plan() and `edgert plan`
+    refused the same names ("symbolic dims are ['?']") and took '?', which the Session refuses."""
+    def io(n):
+        return helper.make_tensor_value_info(n, T.FLOAT, ["?", 3])
+
+    model = helper.make_model(helper.make_graph([helper.make_node("Add", ["x", "y"], ["z"])], "g", [io("x"), io("y")],
+                                                [io("z")]), opset_imports=[helper.make_opsetid("", 17)])
+    s = edgert.Session(model, dims={"x_0": 2, "y_0": 2})
+    assert [i.shape for i in s.get_inputs()] == [["x_0", 3], ["y_0", 3]]
+    p = edgert.plan(model, dims={"x_0": 2, "y_0": 2})
+    assert p.dims == {"x_0": 2, "y_0": 2} and p.graph.tensors["z"].shape == (2, 3) and p.assumed == []
+    assert edgert.plan(model).graph.symbolic_dims() == {"x_0", "y_0"}
+    for api in (lambda: edgert.plan(model, dims={"?": 2}), lambda: edgert.Session(model, dims={"?": 2})):
+        with pytest.raises(edgert.InvalidArgumentError, match="'\\?'"):
+            api()
+    onnx.save(model, tmp_path / "q.onnx")
+    r = edgert_cmd("plan", str(tmp_path / "q.onnx"), "--dim", "x_0=2", "--dim", "y_0=2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["dims"] == {"x_0": 2, "y_0": 2}
+
+
+def test_binding_an_unknown_dim_lists_the_inputs_dims_only():
+    """The refusal named every dim shape inference made up for intermediates (unk__0, ...: ~80 on a real model),
+    which no caller can bind."""
+    x = helper.make_tensor_value_info("x", T.FLOAT, ["N", 4])
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("ConstantOfShape", ["s"], ["c"]),
+             helper.make_node("NonZero", ["c"], ["nz"]), helper.make_node("Cast", ["nz"], ["y"], to=T.FLOAT)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", T.FLOAT, None)]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    inner = {d for t in load_onnx(model).tensors.values() for d in (t.shape or ()) if isinstance(d, str)}
+    assert inner - {"N"}  # shape inference's own names are there to be left out
+    with pytest.raises(edgert.InvalidArgumentError, match="symbolic dims are \\['N'\\] \\(those of its inputs\\)$"):
+        edgert.plan(model, dims={"batch": 2})
+    with pytest.raises(edgert.InvalidArgumentError, match="cannot bind"):
+        edgert.plan(model, dims={sorted(inner - {"N"})[0]: 2})
+
+
 def test_table_json_dot_svg(split_plan, tmp_path):
     text = split_plan.table()
     for needle in ("partitions", "placement", "copy points", "estimates per inference", "to_device", "to_host",

@@ -1,6 +1,7 @@
 """Session: onnxruntime-shaped API, exact outputs where onnxruntime runs every node, emulated NPU partitions with
 the bytes moved equal to the plan's, a run path that allocates nothing for boundary tensors, fallback rules,
 telemetry, and the delegate registry."""
+import re
 import tracemalloc
 import warnings
 
@@ -488,25 +489,118 @@ def test_one_partition_fast_path_checks_what_the_general_path_checks(tmp_path, f
     assert s.stats()["bytes_to_device"] == 0 and s.stats()["last_run"] == {"bytes_to_device": 0, "bytes_to_host": 0}
 
 
-def test_a_data_dependent_output_shape_binds_again_when_it_changes():
-    """NonZero's output length depends on the values: the shapes learnt by probing go stale when it changes; the
-    failed run lays the session out again (on the one-partition fast path too) and the answer is right."""
+@pytest.mark.parametrize("x_shape, declared", [([2, 3], [5, 5]), (["N", 3], [7, 3]), ([2, 3], [2, 3, 1])])
+def test_a_stale_declared_output_shape_gives_way_to_the_computed_one(x_shape, declared):
+    """An export that kept an old output shape: onnxruntime warns and returns what Relu computes, (2, 3); every run
+    here was a DeviceError ("pre-allocated shapes"), the pool laid out for the declared shape."""
     from onnx import TensorProto as T
     from onnx import helper as h
 
-    g = h.make_graph([h.make_node("Greater", ["x", "zero"], ["m"]), h.make_node("NonZero", ["m"], ["nz"]),
-                      h.make_node("Cast", ["nz"], ["y"], to=T.FLOAT)], "g",
-                     [h.make_tensor_value_info("x", T.FLOAT, [6])], [h.make_tensor_value_info("y", T.FLOAT, [1, "n"])],
+    g = h.make_graph([h.make_node("Relu", ["x"], ["y"])], "g", [h.make_tensor_value_info("x", T.FLOAT, x_shape)],
+                     [h.make_tensor_value_info("y", T.FLOAT, declared)])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    x = np.arange(-3, 3, dtype=np.float32).reshape(2, 3)
+    (want,) = ort_run(model, {"x": x})
+    s = edgert.Session(model)
+    assert s.get_outputs()[0].shape == (["N", 3] if "N" in x_shape else [2, 3])
+    assert edgert.plan(model).graph.tensors["y"].shape == tuple(s.get_outputs()[0].shape)
+    for _ in range(2):
+        (y,) = s.run(None, {"x": x})
+        assert y.shape == want.shape == (2, 3)
+        np.testing.assert_array_equal(y, want)
+
+
+def _nonzero_model(npu_add: bool = False, static: str | None = None):
+    """x[6] -> Greater(x, 0) -> NonZero -> Cast: y[1, n], n the count of positives (npu_add: then Add(y, y), which the
+    toy NPU takes: the positions cross its link both ways). static "before"/"after": a static output r = Relu(x)
+    before or after y."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    nodes = [h.make_node("Greater", ["x", "zero"], ["m"]), h.make_node("NonZero", ["m"], ["nz"]),
+             h.make_node("Cast", ["nz"], ["f" if npu_add else "y"], to=T.FLOAT)]
+    if npu_add:
+        nodes.append(h.make_node("Add", ["f", "f"], ["y"]))
+    outs = [h.make_tensor_value_info("y", T.FLOAT, [1, "n"])]
+    if static:
+        nodes.append(h.make_node("Relu", ["x"], ["r"]))
+        outs.insert(0 if static == "before" else 1, h.make_tensor_value_info("r", T.FLOAT, [6]))
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [6])], outs,
                      [h.make_tensor("zero", T.FLOAT, [], [0.0])])
-    s = edgert.Session(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+DATA_SHAPED = ([1, -1, 2, -2, -3, -4], [1, 1, 1, -1, -1, 1], [1, 1, 1, -1, -1, 1], [-1] * 6, [1] * 6)
+
+
+@pytest.mark.parametrize("static", [None, "before", "after"])
+def test_a_data_dependent_graph_output_is_allocated_by_onnxruntime_each_run(static, capfd):
+    """NonZero's count follows the values. Its output was a pool buffer of the probed size: every run with another
+    count failed inside onnxruntime (two "[E:onnxruntime ...] OutputMLValue" lines on stderr), was laid out again
+    and re-run, ~2 ms a run. Made on the host and handed to no other partition, it is now bound with no buffer:
+    onnxruntime allocates it, as its own run does. No re-layout, nothing on stderr, outputs equal onnxruntime's, on
+    the fast path, the general one and with output_views (each run's array its own); the pool does not hold it."""
+    model = _nonzero_model(static=static)
+    y_at = 1 if static == "before" else 0
+    for views in (False, True):
+        s = edgert.Session(model, output_views=views)
+        kept = []
+        for x in DATA_SHAPED:
+            x = np.array(x, np.float32)
+            want = ort_run(model, {"x": x})
+            got = s.run(None, {"x": x})
+            assert [(a.dtype, a.shape) for a in got] == [(w.dtype, w.shape) for w in want]
+            for a, w in zip(got, want):
+                np.testing.assert_array_equal(a, w)
+            (y,) = s.run(["y"], {"x": -x})  # the general path, on another count
+            np.testing.assert_array_equal(y, ort_run(model, {"x": -x})[y_at])
+            kept.append((got[y_at], want[y_at]))
+        for a, w in kept:  # output_views: each run's array is its own, not overwritten by the next
+            np.testing.assert_array_equal(a, w)
+        assert s.stats()["rebinds"] == 0 and "onnxruntime" not in capfd.readouterr().err
+        assert s.stats()["pool_bytes"] == 64 * (2 if static else 1)  # x (and r): 64-byte aligned
+        assert s.get_outputs()[y_at].shape == [1, "n"]  # the model's, not the probe's first count
+        b = s._bound
+        assert b.fast is not None and b.probed and list(b.allocated) == ["y"]
+
+
+def test_a_data_dependent_shape_crossing_a_link_binds_again_when_it_changes(tmp_path):
+    """NonZero's positions cross the toy NPU's link both ways in staging buffers of the probed size: when the count
+    changes the failed run lays the session out again (once per new count) and the answer is right. (A 1 ns link
+    keeps even one position's Add on the NPU.)"""
+    toy = tmp_path / "toy.toml"
+    toy.write_text(TOY_NPU.replace("latency_s = 1.0e-6", "latency_s = 1.0e-9"))
+    model = _nonzero_model(npu_add=True)
+    s = edgert.Session(model, device=str(toy), emulate=True)
     rebinds = []
-    for x in ([1, -1, 2, -2, -3, -4], [1, 1, 1, -1, -1, 1], [1, 1, 1, -1, -1, 1], [-1] * 6, [1] * 6):
+    for x in ([1, -1, 2, -2, -3, -4], [1, 1, 1, -1, -1, 1], [1, 1, 1, -1, -1, 1], [1, -1, -1, -1, -1, -1], [1] * 6):
         x = np.array(x, np.float32)
         (y,) = s.run(None, {"x": x})
-        np.testing.assert_array_equal(y, np.array(np.nonzero(x > 0), np.float32))
-        assert s._bound.fast is not None and s._bound.probed
+        np.testing.assert_array_equal(y, ort_run(model, {"x": x})[0])
+        assert len(s.plan.partitions) == 2 and s._bound.probed and not getattr(s._bound, "allocated", None)
         rebinds.append(s.stats()["rebinds"])
     assert rebinds == [0, 1, 1, 2, 3]  # the same length again reuses the layout
+
+
+@pytest.mark.parametrize("device", ["host", "toy"])
+def test_a_data_dependent_shape_is_probed_on_the_values_the_run_uses(device, request):
+    """The probe that learns a data-dependent shape got the feed as given: big-endian bytes (onnxruntime reads them
+    raw: NonZero counted the wrong values, the buffers did not fit, every run a DeviceError) or a list (float64: the
+    probe's onnxruntime refused it). The run byte-swaps and converts; the probe now sees those same values. On the
+    toy NPU (emulated) the NonZero positions cross the link both ways, in staging buffers sized by the probe."""
+    model = _nonzero_model(npu_add=True)
+    x = np.array([1, -1, 2, -2, 3, 4], np.float32)
+    (want,) = ort_run(model, {"x": x})
+    assert want.shape == (1, 4)
+    device = request.getfixturevalue("toy") if device == "toy" else device
+    for feed in (x.astype(">f4"), x.tolist()):
+        s = edgert.Session(model, device=device, emulate=device != "host")
+        for _ in range(2):
+            (got,) = s.run(None, {"x": feed})
+            np.testing.assert_array_equal(got, want)
+        assert len(s.plan.partitions) == (1 if device == "host" else 2)
+    with pytest.raises(DTypeError, match="input 'x' must be float32, got int64"):
+        edgert.Session(model).run(None, {"x": np.ones(6, np.int64)})  # the probe refuses it as the run does
 
 
 def test_list_feed_of_an_integer_input_is_not_truncated(tmp_path):
@@ -549,6 +643,88 @@ def test_string_tensor_model_is_a_dtype_error():
                           [helper.make_tensor_value_info("o", TensorProto.STRING, [2])])
     with pytest.raises(DTypeError, match="string tensor"):  # was TypeError: data type 'string' not understood
         edgert.Session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _sequence_model(kind):
+    """Models with an ONNX sequence. "inside": x[3,4] -> SplitToSequence(axis 0) -> ConcatFromSequence(axis 1) ->
+    y[1,12].
+    "crossing": x[2,64,64] -> SplitToSequence(keepdims 0) -> seq; t = SequenceAt(seq, 0); a = t @ t (the toy NPU's);
+    y = ConcatFromSequence(SequenceInsert(seq, a), new_axis 1) [64,3,64]: seq is made before the NPU runs and read
+    after it. "seq_in" / "seq_out" / "optional_out": a sequence or an optional as a graph input or output."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    V = h.make_tensor_value_info
+    seq_t = h.make_sequence_type_proto(h.make_tensor_type_proto(T.FLOAT, None))
+    if kind == "inside":
+        nodes = [h.make_node("SplitToSequence", ["x"], ["seq"], axis=0),
+                 h.make_node("ConcatFromSequence", ["seq"], ["y"], axis=1)]
+        ins, outs = [V("x", T.FLOAT, [3, 4])], [V("y", T.FLOAT, [1, 12])]
+    elif kind == "crossing":
+        nodes = [h.make_node("SplitToSequence", ["x"], ["seq"], axis=0, keepdims=0),
+                 h.make_node("SequenceAt", ["seq", "zero"], ["t"]), h.make_node("MatMul", ["t", "t"], ["a"]),
+                 h.make_node("SequenceInsert", ["seq", "a"], ["seq2"]),
+                 h.make_node("ConcatFromSequence", ["seq2"], ["y"], axis=1, new_axis=1)]
+        ins, outs = [V("x", T.FLOAT, [2, 64, 64])], [V("y", T.FLOAT, [64, 3, 64])]
+    elif kind == "seq_in":
+        nodes = [h.make_node("ConcatFromSequence", ["seq"], ["y"], axis=0)]
+        ins, outs = [h.make_value_info("seq", seq_t)], [V("y", T.FLOAT, None)]
+    elif kind == "seq_out":
+        nodes = [h.make_node("SplitToSequence", ["x"], ["seq"], axis=0)]
+        ins, outs = [V("x", T.FLOAT, [3, 4])], [h.make_value_info("seq", seq_t)]
+    else:
+        nodes = [h.make_node("Optional", ["x"], ["opt"])]
+        ins = [V("x", T.FLOAT, [3, 4])]
+        outs = [h.make_value_info("opt", h.make_optional_type_proto(h.make_tensor_type_proto(T.FLOAT, [3, 4])))]
+    g = h.make_graph(nodes, "g", ins, outs, [h.make_tensor("zero", T.INT64, [], [0])] if kind == "crossing" else [])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("device", ["host", "toy", "rk3588"])
+def test_a_sequence_inside_the_model_runs_as_onnxruntime_runs_it(device, request, tmp_path):
+    """A sequence between two nodes (onnxruntime runs it) made Session.run raise a raw AttributeError ('list' object
+    has no attribute 'shape': the shape probe took onnxruntime's list for an array) and `edgert run` print a
+    traceback. Its nodes stay on the host, inside one partition; the sequence has no buffer."""
+    model = _sequence_model("inside")
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    (want,) = ort_run(model, {"x": x})
+    device = request.getfixturevalue("toy") if device == "toy" else device
+    s = edgert.Session(model, device=device, emulate=True)
+    for _ in range(2):
+        (y,) = s.run(None, {"x": x})
+        assert y.shape == want.shape == (1, 12)
+        np.testing.assert_array_equal(y, want)
+    assert {p.unit for p in s.plan.partitions} == {s.plan.host_unit}
+    if device != "host":
+        assert "seq(tensor(float))" in s.plan.reasons["SplitToSequence_0"]
+    else:
+        onnx.save(model, tmp_path / "seq.onnx")
+        np.save(tmp_path / "x.npy", x)
+        r = edgert_cmd("run", str(tmp_path / "seq.onnx"), "--input", f"x={tmp_path / 'x.npy'}")
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        assert "y: float32 [1, 12]" in r.stdout
+
+
+def test_a_sequence_passed_between_partitions_is_refused_at_creation(toy):
+    """Only tensors have buffers between partitions: a sequence made before a device partition and read after it is
+    a DTypeError naming it when the Session is made (one partition runs it, as onnxruntime does)."""
+    model = _sequence_model("crossing")
+    with pytest.raises(DTypeError, match="value 'seq' has type seq\\(tensor\\(float\\)\\), not a tensor, and the plan"):
+        edgert.Session(model, device=toy, emulate=True)
+    x = np.random.default_rng(0).standard_normal((2, 64, 64)).astype(np.float32)
+    (want,) = ort_run(model, {"x": x})
+    for s in (edgert.Session(model, device=toy, emulate=True, max_partitions=1), edgert.Session(model)):
+        np.testing.assert_array_equal(s.run(None, {"x": x})[0], want)
+
+
+@pytest.mark.parametrize("kind, what", [("seq_in", "input 'seq' has type seq(tensor(float))"),
+                                        ("seq_out", "output 'seq' has type seq(tensor(float))"),
+                                        ("optional_out", "output 'opt' has type optional(tensor(float))")])
+def test_a_sequence_or_optional_graph_input_or_output_is_a_dtype_error_at_creation(kind, what):
+    """A Session feeds and returns numpy arrays: such an input was accepted (get_inputs() said shape [], dtype None)
+    and failed at the run ("cannot cut graph ... element type unknown")."""
+    with pytest.raises(DTypeError, match=re.escape(what) + ", not a tensor"):
+        edgert.Session(_sequence_model(kind))
 
 
 def cast_model(x_type, y_type, dim=2):

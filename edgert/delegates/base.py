@@ -9,7 +9,10 @@ A delegate answers four questions, in this order:
    build a runtime session); nothing here runs per inference.
 4. ``CompiledPartition.run(inputs, outputs)``: run it, reading ``inputs`` (name -> array) and writing into the
    caller's ``outputs`` (name -> preallocated array from the session's pinned pool). Buffer exchange is the caller's
-   business: a delegate never keeps or returns arrays of its own for boundary tensors.
+   business: a delegate never keeps or returns arrays of its own for boundary tensors. The one exception is an
+   output whose shape the data decides (NonZero's): a partition with ``allocates_outputs`` takes ``None`` for it
+   and puts the array its runtime made in ``outputs[name]`` after each run, as onnxruntime itself returns them (the
+   same dict handed again, holding that array, still means "allocate it").
 
 Adding a delegate is one module that subclasses ``Delegate`` plus one ``register("name", Cls)`` call
 (docs/delegates.md). This module must not import the session or anything above it.
@@ -30,11 +33,15 @@ class CompiledPartition(ABC):
 
     inputs: list[str]
     outputs: list[str]
+    # True: an output given as None is allocated by the runtime at each run (its shape may change from run to run)
+    # and stored in ``outputs[name]`` after it
+    allocates_outputs: bool = False
 
     @abstractmethod
-    def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray | None]) -> None:
         """Compute every name in ``self.outputs`` into the matching array of ``outputs`` (shape and dtype set by
-        the caller). Raises an ``edgert`` error on failure."""
+        the caller; ``None`` with ``allocates_outputs``: the array made is stored there). Raises an ``edgert``
+        error on failure."""
 
     def bound_run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
         """A call that runs the partition on exactly these buffers, every time: the session's one-partition fast

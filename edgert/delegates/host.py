@@ -468,6 +468,10 @@ class HostPartition(CompiledPartition):
             return self._whole.bound_run(inputs, outputs)
         return super().bound_run(inputs, outputs)
 
+    @property
+    def allocates_outputs(self) -> bool:  # one onnxruntime model: it allocates what it is handed as None
+        return self._whole is not None
+
     def close(self) -> None:
         for s in self.steps:
             if isinstance(s, _Segment):

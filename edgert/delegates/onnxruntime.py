@@ -90,7 +90,12 @@ def inference_session(model, sess_options=None, providers=(CPU,), provider_optio
 class OnnxruntimePartition(CompiledPartition):
     """An InferenceSession for one exported partition, run through IOBinding. The binding is kept between runs and
     a buffer is rebound only when the caller hands a different one (pointer, shape or dtype), so the steady-state
-    run is one ``run_with_iobinding`` call."""
+    run is one ``run_with_iobinding`` call. An output handed as None (a data-dependent shape) is bound to the CPU
+    device before each run, onnxruntime allocates it, and the array (a view of onnxruntime's value, which it keeps
+    alive) is stored in the caller's ``outputs``: a pre-bound buffer of the wrong size failed the run. Handed again
+    holding that array, the output is still onnxruntime's to allocate."""
+
+    allocates_outputs = True
 
     def __init__(self, model, inputs: list[str], outputs: list[str], providers: list[str],
                  provider_options: list[dict] | None = None, sess_options=None):
@@ -108,6 +113,8 @@ class OnnxruntimePartition(CompiledPartition):
             raise DeviceError(f"onnxruntime could not load the partition ({', '.join(self.providers)}): {exc}") from exc
         self._bound: dict[str, tuple] = {}
         self._same: dict[str, np.ndarray | None] = {}  # name -> the array object bound (identity fast path)
+        self._alloc: dict[str, int] = {}  # output onnxruntime allocates -> its index among the binding's outputs
+        self._made: dict[str, np.ndarray] = {}  # its array from the last run (stored in the caller's outputs)
         self._new_binding()
 
     def _new_binding(self) -> None:
@@ -118,15 +125,24 @@ class OnnxruntimePartition(CompiledPartition):
         self._iob_raw = getattr(self._binding, "_iobinding", None)
         if self._run_raw is None or self._iob_raw is None:
             self._run_raw = self._iob_raw = None
+        else:
+            self._cpu = _ort().OrtDevice.make("cpu", 0)._get_c_device()
+
+    def _bind_alloc(self, name: str) -> None:
+        """Bind ``name`` to the CPU device with no buffer: the next run allocates it."""
+        if self._iob_raw is not None:
+            self._iob_raw.bind_output(name, self._cpu)
+        else:
+            self._binding.bind_output(name, "cpu")
 
     def _key(self, a: np.ndarray) -> tuple:
         return (a.ctypes.data, a.shape, a.dtype.str)
 
-    def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray | None]) -> None:
         self._bind_buffers(inputs, outputs)
-        self._run_bound()
+        self._run_bound(outputs)
 
-    def bound_run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]):
+    def bound_run(self, inputs: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray | None]):
         self._bind_buffers(inputs, outputs)
         if any(self._same.get(n) is not inputs[n] for n in self.inputs):
             return super().bound_run(inputs, outputs)  # a buffer onnxruntime cannot read in place: copied each run
@@ -134,7 +150,7 @@ class OnnxruntimePartition(CompiledPartition):
         def run() -> None:  # the buffers stay bound: a run is one run_with_iobinding
             if not self._same:  # a failed run dropped the binding: bind again
                 self._bind_buffers(inputs, outputs)
-            self._run_bound()
+            self._run_bound(outputs)
         return run
 
     def _bind_buffers(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
@@ -152,8 +168,18 @@ class OnnxruntimePartition(CompiledPartition):
                 b.bind_cpu_input(name, a)
                 self._bound[name] = key
             same[name] = a if key is not None else None
-        for name in self.outputs:
+        for k, name in enumerate(self.outputs):
             a = outputs[name]
+            if a is None or a is self._made.get(name):  # the dict handed again holds the last run's array
+                if name not in self._alloc:
+                    # bound here in the outputs' order, so its index in get_outputs() is k (a later bind of the same
+                    # name keeps its place); bound again before each run, which leaves the last value there
+                    self._bind_alloc(name)
+                    self._alloc[name] = k
+                    self._bound.pop("\0" + name, None)
+                    same.pop("\0" + name, None)
+                continue
+            self._alloc.pop(name, None)
             if same.get("\0" + name) is a:
                 continue
             key = self._key(a)
@@ -162,8 +188,11 @@ class OnnxruntimePartition(CompiledPartition):
                 self._bound["\0" + name] = key
             same["\0" + name] = a
 
-    def _run_bound(self) -> None:
+    def _run_bound(self, outputs: dict) -> None:
+        alloc = self._alloc
         try:
+            for name in alloc:
+                self._bind_alloc(name)
             if self._run_raw is not None:
                 self._run_raw.run_with_iobinding(self._iob_raw, None)
             else:
@@ -171,8 +200,13 @@ class OnnxruntimePartition(CompiledPartition):
         except Exception as exc:
             self._bound.clear()  # the binding may be half-updated
             self._same.clear()
+            alloc.clear()
             self._new_binding()
             raise DeviceError(f"onnxruntime failed running a partition ({', '.join(self.providers)}): {exc}") from exc
+        if alloc:
+            values = (self._iob_raw or self._binding).get_outputs()
+            for name, k in alloc.items():
+                outputs[name] = self._made[name] = values[k].numpy()
 
     def run_alloc(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run with onnxruntime allocating the outputs (used once per shape to learn output shapes)."""

@@ -3,8 +3,10 @@
 Order of work: parse (``onnx.load``, external data *not* pulled into the protobuf), our own structural checks
 (every node's domain and opset known, every input defined before use, no cycles, no duplicate outputs: these give
 the precise messages), ``onnx.checker``, binding of any dims the caller fixed, then ``onnx.shape_inference``
-(strict mode first; if that fails, the non-strict pass, recorded in ``Graph.warnings``), then dead nodes are dropped
-(``Graph.prune``: onnxruntime drops them too, and a partition must produce something). Every failure is an
+(strict mode first; if that fails, the non-strict pass, recorded in ``Graph.warnings``) with the graph outputs'
+declared shapes set aside, so that what the nodes compute wins over a stale declared shape as in onnxruntime (the
+declared dims fill what inference cannot tell; a contradiction is noted in ``Graph.warnings``), then dead nodes are
+dropped (``Graph.prune``: onnxruntime drops them too, and a partition must produce something). Every failure is an
 ``edgert.ModelFormatError`` naming the node, op, domain and opset; ops outside the domains edgert's delegates run,
 and opsets newer than the installed ``onnx`` knows, raise ``edgert.UnsupportedOpError``.
 
@@ -118,7 +120,10 @@ class _ExternalData:
                                    f"{loc!r}; it must be a relative path inside the model's directory")
         if self.base_dir is None:
             raise ModelFormatError(f"ONNX model {self.what}: initializer {t.name!r} lives in external file {loc!r} "
-                                   "but the model was not loaded from a path; pass base_dir= (the model's directory)")
+                                   "but the model was not loaded from a path: load it from its file "
+                                   "(edgert.Session(path), edgert.plan(path)), pass base_dir= (the model's directory) "
+                                   "to load_onnx, or read the weights into the model first (onnx.load(path, "
+                                   "load_external_data=True))")
         path = os.path.join(self.base_dir, loc)
         if not os.path.isfile(path):
             raise ModelFormatError(f"ONNX model {self.what}: initializer {t.name!r}: external data file {loc!r} not "
@@ -360,19 +365,21 @@ def _bind_dims(model, dims: Mapping[str, int]) -> None:
             raise InvalidArgumentError(f"dim {k!r} must be bound to at most {_MAX_DIM} (an ONNX dim is an int64), "
                                        f"got {v!r}")
     g = model.graph
-    present = set()
+    # a caller binds the dims of the graph inputs (as a Session's feeds do); the others (an output's data-dependent
+    # dim, shape inference's unk__N) follow from them
+    inits = {t.name for t in g.initializer}
+    bindable = {d.dim_param for vi in g.input if vi.name not in inits and vi.type.HasField("tensor_type")
+                for d in vi.type.tensor_type.shape.dim if d.HasField("dim_param") and d.dim_param}
+    unknown = set(dims) - bindable
+    if unknown:
+        raise InvalidArgumentError(f"cannot bind dim(s) {sorted(unknown)}: the model's symbolic dims are "
+                                   f"{sorted(bindable) or 'none'} (those of its inputs)")
     for vi in [*g.input, *g.output, *g.value_info]:
         if not vi.type.HasField("tensor_type"):
             continue
         for d in vi.type.tensor_type.shape.dim:
-            if d.HasField("dim_param") and d.dim_param:
-                present.add(d.dim_param)
-                if d.dim_param in dims:
-                    d.dim_value = int(dims[d.dim_param])  # a oneof: clears dim_param
-    unknown = set(dims) - present
-    if unknown:
-        raise InvalidArgumentError(f"cannot bind dim(s) {sorted(unknown)}: the model's symbolic dims are "
-                                   f"{sorted(present) or 'none'}")
+            if d.HasField("dim_param") and d.dim_param in dims:
+                d.dim_value = int(dims[d.dim_param])  # a oneof: clears dim_param
     # intermediates are re-inferred from the bound inputs rather than trusted
     del g.value_info[:]
 
@@ -394,6 +401,32 @@ def _shape_of(tp) -> tuple[str | None, tuple | None]:
         else:
             dims.append(None)
     return dtype, tuple(dims)
+
+
+def _elem_text(elem_type: int) -> str:
+    import onnx
+
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:
+        return "unknown"
+
+
+def type_text(tp) -> str:
+    """An ONNX TypeProto in onnxruntime's spelling: ``tensor(float)``, ``seq(tensor(int64))``,
+    ``map(string,tensor(float))``, ``optional(tensor(float))``, ``sparse_tensor(float)``."""
+    which = tp.WhichOneof("value")
+    if which == "tensor_type":
+        return f"tensor({_elem_text(tp.tensor_type.elem_type)})"
+    if which == "sequence_type":
+        return f"seq({type_text(tp.sequence_type.elem_type)})"
+    if which == "map_type":
+        return f"map({_elem_text(tp.map_type.key_type)},{type_text(tp.map_type.value_type)})"
+    if which == "optional_type":
+        return f"optional({type_text(tp.optional_type.elem_type)})"
+    if which == "sparse_tensor_type":
+        return f"sparse_tensor({_elem_text(tp.sparse_tensor_type.elem_type)})"
+    return which or "unknown"
 
 
 def _attr_value(a):
@@ -454,12 +487,15 @@ class _Converter:
 
         def add(vi):
             dtype, shape = _shape_of(vi.type)
+            kind = vi.type.WhichOneof("value")
+            value_type = type_text(vi.type) if kind and kind != "tensor_type" else None
             old = tensors.get(vi.name)
             if old is None:
-                tensors[vi.name] = Tensor(vi.name, dtype, shape)
+                tensors[vi.name] = Tensor(vi.name, dtype, shape, value_type=value_type)
             else:
                 old.dtype = old.dtype or dtype
                 old.shape = old.shape if old.shape is not None else shape
+                old.value_type = old.value_type or value_type
 
         for vi in [*g.input, *g.output, *g.value_info]:
             add(vi)
@@ -565,7 +601,7 @@ def load_onnx(src, dims: Mapping[str, int] | None = None, *, base_dir: str | Non
     try:
         if name_free_dims:
             model = _name_free_dims(model, copy=model is src)
-        return _load(model, dims, base_dir, what, check, _initializers)
+        return _load(model, dims, base_dir, what, check, _initializers, owned=model is not src)
     except (EdgertError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - a hostile file must never escape as a bare TypeError/KeyError
@@ -591,7 +627,8 @@ def _name_free_dims(model, copy: bool):
     return model
 
 
-def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
+def _load(model, dims, base_dir, what, check, _initializers, owned: bool) -> Graph:
+    """``owned``: ``model`` is the loader's own (parsed here, or a copy), free to change."""
     import onnx
 
     if not model.HasField("graph") or model.ir_version < 3:
@@ -607,7 +644,7 @@ def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
         sorted_model = onnx.ModelProto()
         sorted_model.CopyFrom(model)
         _sort_by_scope(sorted_model.graph)
-        model = sorted_model
+        model, owned = sorted_model, True
     if check:
         try:
             onnx.checker.check_model(_for_checker(model))
@@ -619,7 +656,16 @@ def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
         bound = onnx.ModelProto()
         bound.CopyFrom(model)
         _bind_dims(bound, dims)
-        model = bound
+        model, owned = bound, True
+    declared = _declared_output_shapes(model)
+    if declared:
+        if not owned:
+            own = onnx.ModelProto()
+            own.CopyFrom(model)
+            model = own
+        for o in model.graph.output:
+            if o.name in declared:
+                o.type.tensor_type.ClearField("shape")  # inferred from the nodes; merged back below
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
@@ -629,6 +675,7 @@ def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
         except Exception as exc2:  # noqa: BLE001 - keep the model's own annotations
             warnings.append(f"shape inference failed ({str(exc2).strip()[:500]}); shapes are the model's own")
             inferred = model
+    warnings.extend(_merge_declared_output_shapes(inferred, declared))
     conv = _Converter(opsets, what, _ExternalData(base_dir, what), _initializers)
     graph, free = conv.graph(inferred.graph, inferred)
     if free:  # _check_graph already rejects these; kept as a guard for the invariant
@@ -639,6 +686,52 @@ def _load(model, dims, base_dir, what, check, _initializers) -> Graph:
         inits = {t.name for t in model.graph.initializer}
         graph.overridable = [i.name for i in model.graph.input if i.name in inits]
     return graph.prune()
+
+
+def _declared_output_shapes(model) -> dict:
+    """Graph output -> a copy of the shape it declares (tensor outputs with a declared shape with any dim)."""
+    out = {}
+    for o in model.graph.output:
+        if o.type.HasField("tensor_type") and o.type.tensor_type.HasField("shape") and o.type.tensor_type.shape.dim:
+            shape = type(o.type.tensor_type.shape)()
+            shape.CopyFrom(o.type.tensor_type.shape)
+            out[o.name] = shape
+    return out
+
+
+def _merge_declared_output_shapes(inferred, declared: Mapping) -> list[str]:
+    """Give each graph output of ``inferred`` (inferred with its declared shape cleared) the shape the model computes,
+    as onnxruntime does: it warns about a declared shape the nodes contradict (an export that kept an old shape) and
+    returns what they compute. Where shape inference cannot tell a dim (none, or a name of its own, ``unk__N``) the
+    declared one stays, as before. Returns a note per contradiction, for ``Graph.warnings``."""
+    notes = []
+
+    def text(shape):
+        return [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in shape.dim]
+
+    for o in inferred.graph.output:
+        want = declared.get(o.name)
+        if want is None:
+            continue
+        tt = o.type.tensor_type
+        if not tt.HasField("shape"):  # nothing computed (an op onnx does not know, or inference failed)
+            tt.shape.CopyFrom(want)
+            continue
+        got = tt.shape
+        if len(got.dim) != len(want.dim):
+            notes.append(f"output {o.name!r} declares shape {text(want)} but the model computes rank "
+                         f"{len(got.dim)} ({text(got)}): the computed shape is used, as onnxruntime does")
+            continue
+        clash = False
+        for g, w in zip(got.dim, want.dim):
+            if g.HasField("dim_value"):
+                clash |= w.HasField("dim_value") and g.dim_value != w.dim_value
+            elif not g.dim_param or g.dim_param.startswith("unk__"):
+                g.CopyFrom(w)
+        if clash:
+            notes.append(f"output {o.name!r} declares shape {text(want)} but the model computes {text(got)}: the "
+                         "computed shape is used, as onnxruntime does")
+    return notes
 
 
 def _for_checker(model):

@@ -8,6 +8,9 @@ Conventions the partitioner, delegates and sessions rely on:
   "float8e4m3fn", "string"), or ``None`` when shape inference could not tell.
 - ``Tensor.shape`` is a tuple of dims: ``int`` (known), ``str`` (a symbolic dim such as "batch", bound later by
   ``Graph.bind``) or ``None`` (unknown, e.g. data-dependent). ``shape is None`` means even the rank is unknown.
+- ``Tensor.value_type`` is set for a value that is not a tensor (an ONNX sequence, map, optional or sparse tensor),
+  in onnxruntime's spelling (``"seq(tensor(float))"``); its ``dtype`` and ``shape`` are then None. Such a value has
+  no buffer: it must stay inside one partition.
 - ``Node.inputs`` keeps ONNX positions: ``""`` marks an absent optional input.
 - ``Node.implicit_inputs`` lists the outer-scope tensors a control-flow node's bodies read (If/Loop/Scan are kept
   whole: they are one node, their bodies live in ``Node.subgraphs``). Cutting the graph must treat them as inputs.
@@ -81,6 +84,7 @@ class Tensor:
     shape: tuple | None
     quant: QuantParams | None = None
     initializer: np.ndarray | None = None
+    value_type: str | None = None  # a non-tensor value: "seq(tensor(float))", "map(int64,tensor(float))", ...
 
     @property
     def rank(self) -> int | None:
@@ -223,6 +227,10 @@ class Graph:
 
     def initializers(self) -> dict[str, Tensor]:
         return {k: t for k, t in self.tensors.items() if t.initializer is not None}
+
+    def non_tensors(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` that are sequences, maps, optionals or sparse tensors (``Tensor.value_type``)."""
+        return [n for n in names if n in self.tensors and self.tensors[n].value_type is not None]
 
     def symbolic_dims(self) -> set[str]:
         """Names of the symbolic dims on the graph's inputs (what ``bind`` needs)."""
