@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import edgert
-from edgert.bridge import DeviceResetError, NpuSim, SerialNpuDevice
+from edgert.bridge import DeviceResetError, DeviceStatusError, NpuSim, SerialNpuDevice
 from edgert.bridge import protocol as P
 from edgert.bridge.device import ProtocolVersionError
 from edgert.delegates import serial_npu
@@ -384,6 +384,35 @@ def test_the_hosts_node_check_is_the_firmwares():
             refused += why is not None
         assert 0 < refused < len(MIRROR_CASES)
         dev.close()
+
+
+# graphs a kernel would divide by zero on, every other rule kept: (op, inputs, output, attributes, why refused)
+ZERO_DIVISOR_CASES = [
+    ("MatMulInteger", [_t(I8, (2, 0)), _t(I8, (0, 3), 1)], _t(I32, (2, 3)), [], "matmul: K is 0"),
+    ("MatMulInteger", [_t(U8, (4, 2, 0)), _t(I8, (0, 3), 1), _t(U8, (), 1)], _t(I32, (4, 2, 3)), [],
+     "matmul: K is 0"),
+    ("QLinearMatMul", [_t(I8, (2, 0)), _t(F32, (), 1), _t(I8, (), 1), _t(I8, (0, 3), 1), _t(F32, (), 1),
+                       _t(I8, (), 1), _t(F32, (), 1), _t(I8, (), 1)], _t(I8, (2, 3)), [], "matmul: K is 0"),
+    # H = 0 padded (2 above and below a window of 3) to an output of 2 rows: each window holds no tap of the input
+    ("AveragePool2DS8", [_t(I8, (1, 0, 2, 1))], _t(I8, (1, 2, 2, 1)), [3, 1, 1, 1, 2, 0, 2, 0, -128, 127],
+     "AVGPOOL_S8: input H or W is 0"),
+]
+
+
+def test_a_graph_a_kernel_would_divide_by_zero_on_is_refused_at_load():
+    """A MatMulInteger or QLinearMatMul with K = 0 was accepted at LOAD_COMMIT (and by node_problem), then INVOKE
+    divided by K (graph.c: M = numel(A) / K): the emulator died of SIGFPE (ASan: division by zero), and so did an
+    average pool of an input with H = 0 padded to a non-empty output (a window with no tap, a count of 0). Both are
+    ERR_SHAPE at LOAD_COMMIT now; node_problem says the same for the ONNX ops, so the host never sends them."""
+    with sim() as s:
+        dev = SerialNpuDevice(s.url)
+        for op, ins, y, attrs, why in ZERO_DIVISOR_CASES:
+            if op != "AveragePool2DS8":  # node_problem covers the ONNX-side ops (the TFLite ones: tflite_node)
+                assert P.node_problem(op, ins, y, attrs) == why, op
+            with pytest.raises(DeviceStatusError, match=f"LOAD_COMMIT failed with ERR_SHAPE: {why}"):
+                dev.load_graph(_one_node_blob(op, ins, y, attrs))
+        dev.close()
+    assert s.proc.returncode == 0, s.stderr.decode()  # alive to the end, no sanitizer report
 
 
 def test_a_node_the_device_refuses_is_kept_on_the_host_at_compile(caplog):

@@ -182,6 +182,20 @@ def test_padding_other_than_same_or_valid_is_not_a_device_op(op):
         serial_npu.tflite_node(g.nodes[0], g)
 
 
+def test_an_average_pool_of_an_empty_input_is_not_a_device_op():
+    """The firmware refuses an AVGPOOL_S8 whose input has H or W = 0 (a window could hold no tap: a count of 0 to
+    divide by): the host does not send one (it was refused at LOAD_COMMIT, a failover)."""
+    q = (0.05, 3)
+    m = tm.ModelSpec()
+    x = m.tensor("x", "int8", (1, 0, 4, 2), q=q)
+    y = m.tensor("y", "int8", (1, 0, 2, 2), q=q)
+    m.op("AVERAGE_POOL_2D", [x], [y], "Pool2DOptions", Padding=tm.SAME, StrideH=2, StrideW=2, FilterHeight=2,
+         FilterWidth=2)
+    g = load_tflite(m.build([x], [y]))
+    with pytest.raises(UnsupportedOpError, match="AVGPOOL_S8: input H or W is 0"):
+        serial_npu.tflite_node(g.nodes[0], g)
+
+
 def test_unsupported_tflite_op_stays_on_the_host(caplog):
     """A RELU that requantizes is a Relu to the partitioner but not a device op: with fallback allowed the
     partition runs on the host (LiteRT), with a warning; forbidden, the session says why."""

@@ -456,6 +456,8 @@ def tflite_node(n, graph) -> tuple[str, list, list[int]]:
         xn, yn = t[x].concrete_shape(), t[y].concrete_shape()
         if xn is None or yn is None or len(xn) != 4 or len(yn) != 4 or not _same_q(graph, x, y):
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: NHWC int8 with equal input and output quantization")
+        if 0 in xn[1:3]:  # graph.c: no tap inside the input, a count of 0 to divide by
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: the device refuses it: AVGPOOL_S8: input H or W is 0")
         _qparams(graph, x, "input")
         (kh, kw), (sh, sw) = n.attrs.get("kernel_shape", [1, 1]), n.attrs.get("strides", [1, 1])
         same = _same_padding(opts, n.name)
