@@ -577,6 +577,35 @@ def test_reset_is_idempotent_when_its_answer_is_lost():
         dev.close()
 
 
+def test_a_refused_hello_keeps_the_sequence_memory():
+    """A HELLO of another protocol version (ERR_VERSION) turned the device's duplicate and stale checks off: an ALLOC
+    retransmitted after it (seq 11, older than the refused HELLO's 12) was executed again, a second tensor. As every
+    HELLO it sets the remembered seq (PROTOCOL.md §2.2, §4): the ALLOC is stale, nothing runs twice, and the session
+    the refused HELLO found open stays open."""
+    import struct
+
+    from edgert.bridge import SerialLink
+
+    with sim() as s:
+        link = SerialLink(s.url)
+
+        def ask(type_, seq, payload=b""):
+            link._seq = seq - 1  # the request goes out with exactly this seq
+            f = link.transact(type_, payload, check=False)
+            return P.ERRORS[f.status], f.payload
+
+        assert ask(P.HELLO, 10, P.hello_request(host_session=77))[0] == "OK"
+        status, handle = ask(P.ALLOC, 11, struct.pack("<I", 16))
+        assert status == "OK" and handle == struct.pack("<I", 1)
+        assert ask(P.HELLO, 12, P.hello_request(version=2, host_session=77))[0] == "ERR_VERSION"
+        assert ask(P.ALLOC, 11, struct.pack("<I", 16))[0] == "ERR_STALE"  # the retransmission: not executed
+        assert ask(P.ALLOC, 5, struct.pack("<I", 16))[0] == "ERR_STALE"
+        status, stats = ask(P.STATS, 13)
+        assert status == "OK" and P.parse_stats(stats)["tensors"] == 1 and P.parse_stats(stats)["stale"] == 2
+        link.close()
+    assert s.proc.returncode == 0, s.stderr.decode()
+
+
 def test_clip_equals_onnxruntime_also_when_min_exceeds_max():
     """ONNX Clip is min(max(x, min), max): with min > max every element is max. The device clamped each element
     towards whichever bound it was past (min below, max above)."""
