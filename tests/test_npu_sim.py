@@ -3,6 +3,7 @@ onnxruntime, graphs cached on the device, a fault soak, device reset and a kille
 matmul against the C core, version mismatch."""
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -519,6 +520,77 @@ def test_killed_emulator_fails_over_with_back_off():
     part = sess._bound.compiled[0]
     assert sess.stats()["failovers"] == 1 and part.runs_on_host == 3  # backed off: the device is not retried yet
     sess.close()
+
+
+def test_a_session_dropped_without_close_gives_its_device_state_back():
+    """A Session dropped without close() kept its DeviceState (one per URL, counted by reference) for good: a later
+    Session on the URL inherited its options and back-off (30 s here, after a reset mid-run: every run of the new
+    Session went to the host), its failovers and bytes. Its partitions give their reference back when they are
+    collected now, also partitions that left a resident tensor on the device (the state's entry held them)."""
+    import gc
+    import warnings
+    import weakref
+
+    model = int8_cnn()
+    rng = np.random.default_rng(3)
+    with sim(reset_after=12) as s:  # 9 frames for the first run: the second run meets the reset
+        old = session(model, s.url, retry_after_s=30.0)
+        for _ in range(2):
+            f = feeds(model, rng)
+            np.testing.assert_array_equal(old.run(None, f)[0], ort_run(model, f)[0])
+        st, gone = old._bound.compiled[0].state, weakref.ref(old._bound.compiled[0])
+        assert old.stats()["failovers"] == 1 and time.monotonic() < st.down_until
+        del old
+        gc.collect()
+        assert gone() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # not "this process already has the device open with ... keeps those"
+            new = session(model, s.url)
+        part = new._bound.compiled[0]
+        assert part.state is not st and part.state.retry_after_s == 1.0 and st.refs == 0
+        f = feeds(model, rng)
+        np.testing.assert_array_equal(new.run(None, f)[0], ort_run(model, f)[0])
+        assert part.runs_on_device == 1 and new.stats()["failovers"] == 0
+        new.close()
+
+    model = int8_split()
+    with sim() as s:
+        sess = edgert.Session(model, device=serial_npu_profile(), fallback="allow", device_options={"url": s.url},
+                              telemetry=False)
+        sess.run(None, feeds(model, rng))
+        parts = [c for c in sess._bound.compiled if isinstance(c, serial_npu.SerialNpuPartition)]
+        st, gone = parts[0].state, [weakref.ref(c) for c in parts]
+        assert len(parts) == 2 and len(st.on_device_only) == 1  # r, made by the first for the second
+        del sess, parts
+        gc.collect()
+        assert all(g() is None for g in gone)
+        serial_npu.device_state(s.url)  # gives back what collected partitions held
+        assert st.refs == 0 and not st.on_device_only and serial_npu._STATES.pop(s.url) is not st
+
+
+LINK_KEYS = ("bytes_over_link", "retransmits", "resyncs", "failovers")
+
+
+def test_each_session_counts_its_own_link_traffic():
+    """Two Sessions on one device each reported the device's totals in stats() (bytes_over_link of both, the other
+    one's failovers). Each counts what its own runs moved now; together they make the device's traffic."""
+    model = int8_mlp()
+    rng = np.random.default_rng(8)
+    with sim() as s:
+        a, b = session(model, s.url), session(model, s.url)
+        st = a._bound.compiled[0].state
+        assert b._bound.compiled[0].state is st
+        base = st.stats()["bytes_over_link"]  # the HELLOs the Sessions made when they planned: no run's
+        for _ in range(2):
+            a.run(None, feeds(model, rng))
+        mine = {k: a.stats()[k] for k in LINK_KEYS}
+        assert mine["bytes_over_link"] > 0 and {k: b.stats()[k] for k in LINK_KEYS} == dict.fromkeys(LINK_KEYS, 0)
+        b.run(None, feeds(model, rng))
+        assert {k: a.stats()[k] for k in LINK_KEYS} == mine
+        assert 0 < b.stats()["bytes_over_link"] < mine["bytes_over_link"]  # one run, the graph already loaded
+        assert a.stats()["bytes_over_link"] + b.stats()["bytes_over_link"] == st.stats()["bytes_over_link"] - base
+        a.close()
+        b.close()
 
 
 def test_stalled_device_retransmits_and_executes_once():
