@@ -857,6 +857,42 @@ def test_stopped_emulators_leave_no_open_pipes():
     assert fds() == before
 
 
+def test_the_emulator_is_built_from_its_own_sources(tmp_path, monkeypatch):
+    """The emulator's build directory was one per EDGERT_HOME: a binary built from another checkout's sources was
+    run ("make" compares only times, and these sources' files are older, as after an upgrade that keeps the
+    packaged times). It is one per digest of the sources and compiler now: each tree runs its own firmware, and
+    going back to a tree finds its binary built."""
+    import shutil
+
+    from edgert.bridge import sim as sim_module
+
+    here = sim_module.firmware_dir().parent
+    monkeypatch.setenv("EDGERT_HOME", str(tmp_path / "home"))
+    trees = {}
+    for name in ("a", "b"):
+        for top in ("firmware_bridge", "native"):
+            shutil.copytree(here / top, tmp_path / name / top, ignore=shutil.ignore_patterns("build", "tests"))
+        trees[name] = tmp_path / name / "firmware_bridge"
+    fw_h = trees["b"] / "core" / "fw.h"
+    fw_h.write_text(fw_h.read_text().replace('#define FW_VERSION_STRING "edgert-npu-ref ',
+                                             '#define FW_VERSION_STRING "edgert-npu-ref b-'))
+    for f in (tmp_path / "b").rglob("*"):
+        os.utime(f, (1e9, 1e9))  # 2001: older than a's binary
+
+    def firmware_version(name):
+        monkeypatch.setenv("EDGERT_FIRMWARE_SRC", str(trees[name]))
+        with NpuSim(asan=False) as s:
+            dev = SerialNpuDevice(s.url)
+            version = dev.hello().firmware_version
+            dev.close()
+        return version, sim_module.build(False)
+
+    (va, exe_a), (vb, exe_b) = firmware_version("a"), firmware_version("b")
+    assert vb == "edgert-npu-ref b-" + va.split()[-1] and exe_a != exe_b
+    built = exe_a.stat().st_mtime_ns
+    assert firmware_version("a") == (va, exe_a) and exe_a.stat().st_mtime_ns == built  # not built again
+
+
 @pytest.mark.parametrize("kw", [{"baud": -1}, {"baud": float("nan")}, {"ops_per_s": float("inf")}, {"drop": 2},
                                 {"corrupt": -0.1}, {"duplicate": "x"}, {"arena": -1}, {"arena": 2**32},
                                 {"stall_ms": 1.5},
