@@ -293,21 +293,23 @@ def test_a_partition_split_in_more_graphs_than_handles_keeps_only_what_later_gra
         sess.close()
 
 
-def test_a_node_over_the_devices_limits_is_refused_at_compile(monkeypatch):
+def test_a_node_over_the_devices_limits_is_refused_when_planning(monkeypatch):
     """A QLinearConv reads 8 tensors and writes one: a device of 8 tensors per graph cannot take it. Under
-    fallback="forbid" the Session is refused naming the limit; otherwise that partition runs on the host."""
+    fallback="forbid" the Session is refused naming the limit for each such node; otherwise the plan puts them on
+    the host (the limits are HELLO's, which the planner's check asks)."""
     model = int8_conv_chain(2)
     _shrink_limits(monkeypatch, max_tensors=8)
     with sim() as s:
-        with pytest.raises(edgert.UnsupportedOpError, match="node 'conv0' needs more than the device's limits per "
-                                                            "graph allow: tensors \\(9 > 8\\)"):
+        with pytest.raises(edgert.UnsupportedOpError, match="cannot run 2 of 2 nodes.*node 'conv0' needs more than "
+                                                            "the device's limits per graph allow: tensors \\(9 > 8\\)"
+                                                            ".*node 'conv1' needs more"):
             session(model, s.url)
         sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
                               device_options={"url": s.url}, telemetry=False)
         f = feeds(model, np.random.default_rng(14))
         np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
-        part = sess._bound.compiled[0]
-        assert part.graphs == [] and part.runs_on_host == 1 and sess.stats()["failovers"] == 0
+        assert [p.delegate for p in sess.plan.partitions] == ["host"] and sess.stats()["failovers"] == 0
+        assert "tensors (9 > 8)" in sess.plan.reasons["conv0"]
         sess.close()
 
 
@@ -416,9 +418,9 @@ def test_a_graph_a_kernel_would_divide_by_zero_on_is_refused_at_load():
     assert s.proc.returncode == 0, s.stderr.decode()  # alive to the end, no sanitizer report
 
 
-def test_a_node_the_device_refuses_is_kept_on_the_host_at_compile(caplog):
-    """The batched-B MatMulInteger: a clear error at Session creation under fallback="forbid", the host otherwise,
-    with nothing sent to the device and no failover."""
+def test_a_node_the_device_refuses_is_kept_on_the_host_when_planning(caplog):
+    """The batched-B MatMulInteger: a clear error at Session creation under fallback="forbid", the host otherwise
+    (in the plan), with nothing sent to the device and no failover."""
     from onnx import TensorProto, helper, numpy_helper
 
     from bridge_models import _checked_model
@@ -436,8 +438,8 @@ def test_a_node_the_device_refuses_is_kept_on_the_host_at_compile(caplog):
                               device_options={"url": s.url}, telemetry=False)
         x = rng.integers(-5, 5, (2, 3, 8)).astype(np.int8)
         np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ort_run(model, {"x": x})[0])
-        part = sess._bound.compiled[0]
-        assert part.blob is None and part.runs_on_host == 1 and sess.stats()["failovers"] == 0
+        assert [p.delegate for p in sess.plan.partitions] == ["host"]
+        assert sess.stats()["bytes_over_link"] == 0 and sess.stats()["failovers"] == 0
         sess.close()
 
 

@@ -14,9 +14,12 @@
   ``s_x * s_w / s_y`` scales, the fused activation's clamp; ADD: XNNPACK's multipliers and shift), so the device's
   outputs equal LiteRT's (XNNPACK) bit for bit: no op here has an error budget. What the device cannot run that
   exactly (a RELU or CONCATENATION that requantizes, a scale outside XNNPACK's range, float tensors, ...) raises
-  ``UnsupportedOpError``; the partition then runs on the host (with ``fallback="forbid"`` the error propagates).
-  So does a node the firmware would refuse at LOAD_COMMIT (``protocol.node_problem``, graph.c's check_node in
-  Python, e.g. a MatMulInteger with a batched B). Should the device still refuse a graph at LOAD_COMMIT
+  ``UnsupportedOpError``. So does a node the firmware would refuse at LOAD_COMMIT (``protocol.node_problem``,
+  graph.c's check_node in Python, e.g. a MatMulInteger with a batched B), or one over the device's limits alone.
+  The planner asks the same, node by node (``translation_problem``, the unit's ``node_check`` from refine_unit):
+  such a node is on the host in the plan, the rest of its partition on the device, and ``fallback="forbid"``
+  names every one. What only a whole partition shows still sends that partition to the host at compile (with
+  ``fallback="forbid"`` the error propagates). Should the device still refuse a graph at LOAD_COMMIT
   (ERR_GRAPH/ERR_SHAPE/ERR_UNSUPPORTED), that run fails over once and the partition stays on the host: the blob
   is not sent again.
 - Partitions on the same device URL share one connection and one set of device tensors, one per tensor name.
@@ -49,7 +52,8 @@
   again.
 - ``refine_unit`` narrows a profile unit to what the device says in HELLO (ops and dtypes; memory = its arena), so the
   partitioner assigns only what the device reports it can run, and keeps its limits in the unit's
-  ``delegate_options["device_limits"]`` for compile (without a HELLO: the reference firmware's).
+  ``delegate_options["device_limits"]`` for compile (without a HELLO: the reference firmware's); its ``node_check``
+  is the translation's per-node check with those limits.
 
 Options (profile ``delegate_options`` or Session ``device_options``): ``url`` (or ``port``), ``baudrate``,
 ``timeout_s``, ``retries``, ``retry_after_s``.
@@ -57,6 +61,7 @@ Options (profile ``delegate_options`` or Session ``device_options``): ``url`` (o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import threading
@@ -684,6 +689,32 @@ def translate_pieces(partition, graph, limits) -> list[tuple[bytes, list[str], l
     return pieces
 
 
+@dataclasses.dataclass(frozen=True)
+class _OneNode:
+    """A partition of one node, as translate_pieces takes a plan's."""
+
+    id: str
+    nodes: tuple[str, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def translation_problem(node, graph, limits=None) -> str | None:
+    """Why the translation refuses ``node`` of ``graph`` (``translate_pieces`` of the node alone, with the device's
+    ``limits``: HELLO's, else the reference firmware's), in its words, or None. refine_unit puts it in the unit as its
+    ``node_check``, so the plan keeps such a node on the host and the rest of its partition on the device, as the
+    compile then finds (it sent the whole partition to the host), and fallback='forbid' names every such node."""
+    from ..bridge.protocol import DeviceLimits
+
+    ins = tuple(dict.fromkeys(x for x in node.inputs if x and graph.tensors[x].initializer is None))
+    try:
+        translate_pieces(_OneNode(node.name, (node.name,), ins, tuple(o for o in node.outputs if o)), graph,
+                         limits or DeviceLimits())
+    except UnsupportedOpError as exc:
+        return str(exc)
+    return None
+
+
 def _over_limits(limits, tensors: int, nodes: int, inputs: int, outputs: int, handles: int) -> list[tuple]:
     """(what, count, cap) of each of the device's ``limits`` (HELLO's ``DeviceLimits``) a graph of these counts
     exceeds, in the order messages name them: the one table of which count each limit caps."""
@@ -959,10 +990,15 @@ class SerialNpuDelegate(Delegate):
         """``unit`` narrowed to the ops and dtypes the device reports in HELLO (profile ∩ device), its memory to the
         device's arena. Unchanged when no URL is configured or the device does not answer (runs then fail over), except
         under ``fallback="forbid"`` (in ``options``): a device that does not answer is then a DeviceError."""
+        from ..bridge.protocol import DeviceLimits
+
         opts = _options(unit, options)
         url = opts.get("url")
         if not url:
             return unit
+        # what compile's translation refuses, asked node by node when planning (the reference firmware's limits
+        # until HELLO says the device's)
+        unit = dataclasses.replace(unit, node_check=functools.partial(translation_problem, limits=DeviceLimits()))
         st = device_state(url, opts)
         try:
             with st.lock:
@@ -987,7 +1023,8 @@ class SerialNpuDelegate(Delegate):
         mem = min(float(unit.memory_bytes or info.arena_bytes), float(info.arena_bytes))
         # the device's limits ride in the unit to compile (translate_pieces)
         return dataclasses.replace(unit, ops=ops, dtypes=dtypes, memory_bytes=mem,
-                                   delegate_options={**(unit.delegate_options or {}), "device_limits": info.limits})
+                                   delegate_options={**(unit.delegate_options or {}), "device_limits": info.limits},
+                                   node_check=functools.partial(translation_problem, limits=info.limits))
 
     def compile(self, partition, graph, unit: Any = None, options: Mapping[str, Any] | None = None):
         from ..bridge.protocol import DeviceLimits, tensor_nbytes
