@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import ProfileError
 from .graph.ir import DTYPE_BITS, Graph, Node
@@ -96,7 +96,9 @@ class ComputeUnit:
     for other domains; ``*`` = every op) to its constraints. ``dtypes`` may hold ``*`` (any dtype).
     ``throughput`` is ops/s per dtype (a multiply-accumulate counts as 2 ops, as datasheet TOPS do).
     ``memory_bytes``: system memory for a CPU, on-chip memory for an accelerator (0 = not published / none).
-    ``link`` is None for units that work in host memory directly (delegate ``host``)."""
+    ``link`` is None for units that work in host memory directly (delegate ``host``). ``node_check``: the delegate's
+    own check of one node, ``(node, graph) -> why it cannot run it, or None``, which a delegate's ``refine_unit`` may
+    put in (serial-npu: its translation's), so the plan refuses what the delegate's compile would; not in profiles."""
 
     name: str
     kind: str
@@ -112,6 +114,7 @@ class ComputeUnit:
     static_shapes: bool = False
     cores: int | None = None
     isa: tuple[str, ...] = ()
+    node_check: Callable[[Node, Graph], str | None] | None = field(default=None, compare=False, repr=False)
 
     def constraint(self, node: Node) -> OpConstraint | None:
         """The constraints this unit applies to ``node``'s op, or None if the op is not in its list."""
@@ -123,7 +126,8 @@ class ComputeUnit:
         (tensor h1)"``, ``"dynamic shape: tensor x has shape ('batch', 8)"``, ``"rank 5 > max_rank 4 (tensor t)"``.
         Quantization scale/zero-point inputs are not checked against ``dtypes`` (they are parameters, not data).
         A control-flow node (If/Loop/Scan) is supported only if every node of its bodies is; a body's reads of
-        enclosing graphs' values are judged by those values (``Graph.in_scope``)."""
+        enclosing graphs' values are judged by those values (``Graph.in_scope``). Last, the delegate's
+        ``node_check``, when the unit has one."""
         c = self.constraint(node)
         if c is None:
             return False, f"op {node.qualified_op} not in the {self.name} op list"
@@ -158,7 +162,8 @@ class ComputeUnit:
                 ok, why = self.supports(inner, scoped, bindings)
                 if not ok:
                     return False, f"{node.op_type} body {key}: node {inner.name}: {why}"
-        return True, ""
+        why = self.node_check(node, graph) if self.node_check is not None else None
+        return (False, why) if why else (True, "")
 
     def ops_per_s(self, dtype: str) -> float | None:
         """Throughput for ``dtype`` (ops/s), or None if the profile gives none."""

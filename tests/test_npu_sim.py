@@ -3,12 +3,13 @@ onnxruntime, graphs cached on the device, a fault soak, device reset and a kille
 matmul against the C core, version mismatch."""
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
 
 import edgert
-from edgert.bridge import DeviceResetError, NpuSim, SerialNpuDevice
+from edgert.bridge import DeviceResetError, DeviceStatusError, NpuSim, SerialNpuDevice
 from edgert.bridge import protocol as P
 from edgert.bridge.device import ProtocolVersionError
 from edgert.delegates import serial_npu
@@ -292,21 +293,23 @@ def test_a_partition_split_in_more_graphs_than_handles_keeps_only_what_later_gra
         sess.close()
 
 
-def test_a_node_over_the_devices_limits_is_refused_at_compile(monkeypatch):
+def test_a_node_over_the_devices_limits_is_refused_when_planning(monkeypatch):
     """A QLinearConv reads 8 tensors and writes one: a device of 8 tensors per graph cannot take it. Under
-    fallback="forbid" the Session is refused naming the limit; otherwise that partition runs on the host."""
+    fallback="forbid" the Session is refused naming the limit for each such node; otherwise the plan puts them on
+    the host (the limits are HELLO's, which the planner's check asks)."""
     model = int8_conv_chain(2)
     _shrink_limits(monkeypatch, max_tensors=8)
     with sim() as s:
-        with pytest.raises(edgert.UnsupportedOpError, match="node 'conv0' needs more than the device's limits per "
-                                                            "graph allow: tensors \\(9 > 8\\)"):
+        with pytest.raises(edgert.UnsupportedOpError, match="cannot run 2 of 2 nodes.*node 'conv0' needs more than "
+                                                            "the device's limits per graph allow: tensors \\(9 > 8\\)"
+                                                            ".*node 'conv1' needs more"):
             session(model, s.url)
         sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
                               device_options={"url": s.url}, telemetry=False)
         f = feeds(model, np.random.default_rng(14))
         np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
-        part = sess._bound.compiled[0]
-        assert part.graphs == [] and part.runs_on_host == 1 and sess.stats()["failovers"] == 0
+        assert [p.delegate for p in sess.plan.partitions] == ["host"] and sess.stats()["failovers"] == 0
+        assert "tensors (9 > 8)" in sess.plan.reasons["conv0"]
         sess.close()
 
 
@@ -386,9 +389,38 @@ def test_the_hosts_node_check_is_the_firmwares():
         dev.close()
 
 
-def test_a_node_the_device_refuses_is_kept_on_the_host_at_compile(caplog):
-    """The batched-B MatMulInteger: a clear error at Session creation under fallback="forbid", the host otherwise,
-    with nothing sent to the device and no failover."""
+# graphs a kernel would divide by zero on, every other rule kept: (op, inputs, output, attributes, why refused)
+ZERO_DIVISOR_CASES = [
+    ("MatMulInteger", [_t(I8, (2, 0)), _t(I8, (0, 3), 1)], _t(I32, (2, 3)), [], "matmul: K is 0"),
+    ("MatMulInteger", [_t(U8, (4, 2, 0)), _t(I8, (0, 3), 1), _t(U8, (), 1)], _t(I32, (4, 2, 3)), [],
+     "matmul: K is 0"),
+    ("QLinearMatMul", [_t(I8, (2, 0)), _t(F32, (), 1), _t(I8, (), 1), _t(I8, (0, 3), 1), _t(F32, (), 1),
+                       _t(I8, (), 1), _t(F32, (), 1), _t(I8, (), 1)], _t(I8, (2, 3)), [], "matmul: K is 0"),
+    # H = 0 padded (2 above and below a window of 3) to an output of 2 rows: each window holds no tap of the input
+    ("AveragePool2DS8", [_t(I8, (1, 0, 2, 1))], _t(I8, (1, 2, 2, 1)), [3, 1, 1, 1, 2, 0, 2, 0, -128, 127],
+     "AVGPOOL_S8: input H or W is 0"),
+]
+
+
+def test_a_graph_a_kernel_would_divide_by_zero_on_is_refused_at_load():
+    """A MatMulInteger or QLinearMatMul with K = 0 was accepted at LOAD_COMMIT (and by node_problem), then INVOKE
+    divided by K (graph.c: M = numel(A) / K): the emulator died of SIGFPE (ASan: division by zero), and so did an
+    average pool of an input with H = 0 padded to a non-empty output (a window with no tap, a count of 0). Both are
+    ERR_SHAPE at LOAD_COMMIT now; node_problem says the same for the ONNX ops, so the host never sends them."""
+    with sim() as s:
+        dev = SerialNpuDevice(s.url)
+        for op, ins, y, attrs, why in ZERO_DIVISOR_CASES:
+            if op != "AveragePool2DS8":  # node_problem covers the ONNX-side ops (the TFLite ones: tflite_node)
+                assert P.node_problem(op, ins, y, attrs) == why, op
+            with pytest.raises(DeviceStatusError, match=f"LOAD_COMMIT failed with ERR_SHAPE: {why}"):
+                dev.load_graph(_one_node_blob(op, ins, y, attrs))
+        dev.close()
+    assert s.proc.returncode == 0, s.stderr.decode()  # alive to the end, no sanitizer report
+
+
+def test_a_node_the_device_refuses_is_kept_on_the_host_when_planning(caplog):
+    """The batched-B MatMulInteger: a clear error at Session creation under fallback="forbid", the host otherwise
+    (in the plan), with nothing sent to the device and no failover."""
     from onnx import TensorProto, helper, numpy_helper
 
     from bridge_models import _checked_model
@@ -406,8 +438,8 @@ def test_a_node_the_device_refuses_is_kept_on_the_host_at_compile(caplog):
                               device_options={"url": s.url}, telemetry=False)
         x = rng.integers(-5, 5, (2, 3, 8)).astype(np.int8)
         np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ort_run(model, {"x": x})[0])
-        part = sess._bound.compiled[0]
-        assert part.blob is None and part.runs_on_host == 1 and sess.stats()["failovers"] == 0
+        assert [p.delegate for p in sess.plan.partitions] == ["host"]
+        assert sess.stats()["bytes_over_link"] == 0 and sess.stats()["failovers"] == 0
         sess.close()
 
 
@@ -492,6 +524,77 @@ def test_killed_emulator_fails_over_with_back_off():
     sess.close()
 
 
+def test_a_session_dropped_without_close_gives_its_device_state_back():
+    """A Session dropped without close() kept its DeviceState (one per URL, counted by reference) for good: a later
+    Session on the URL inherited its options and back-off (30 s here, after a reset mid-run: every run of the new
+    Session went to the host), its failovers and bytes. Its partitions give their reference back when they are
+    collected now, also partitions that left a resident tensor on the device (the state's entry held them)."""
+    import gc
+    import warnings
+    import weakref
+
+    model = int8_cnn()
+    rng = np.random.default_rng(3)
+    with sim(reset_after=12) as s:  # 9 frames for the first run: the second run meets the reset
+        old = session(model, s.url, retry_after_s=30.0)
+        for _ in range(2):
+            f = feeds(model, rng)
+            np.testing.assert_array_equal(old.run(None, f)[0], ort_run(model, f)[0])
+        st, gone = old._bound.compiled[0].state, weakref.ref(old._bound.compiled[0])
+        assert old.stats()["failovers"] == 1 and time.monotonic() < st.down_until
+        del old
+        gc.collect()
+        assert gone() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # not "this process already has the device open with ... keeps those"
+            new = session(model, s.url)
+        part = new._bound.compiled[0]
+        assert part.state is not st and part.state.retry_after_s == 1.0 and st.refs == 0
+        f = feeds(model, rng)
+        np.testing.assert_array_equal(new.run(None, f)[0], ort_run(model, f)[0])
+        assert part.runs_on_device == 1 and new.stats()["failovers"] == 0
+        new.close()
+
+    model = int8_split()
+    with sim() as s:
+        sess = edgert.Session(model, device=serial_npu_profile(), fallback="allow", device_options={"url": s.url},
+                              telemetry=False)
+        sess.run(None, feeds(model, rng))
+        parts = [c for c in sess._bound.compiled if isinstance(c, serial_npu.SerialNpuPartition)]
+        st, gone = parts[0].state, [weakref.ref(c) for c in parts]
+        assert len(parts) == 2 and len(st.on_device_only) == 1  # r, made by the first for the second
+        del sess, parts
+        gc.collect()
+        assert all(g() is None for g in gone)
+        serial_npu.device_state(s.url)  # gives back what collected partitions held
+        assert st.refs == 0 and not st.on_device_only and serial_npu._STATES.pop(s.url) is not st
+
+
+LINK_KEYS = ("bytes_over_link", "retransmits", "resyncs", "failovers")
+
+
+def test_each_session_counts_its_own_link_traffic():
+    """Two Sessions on one device each reported the device's totals in stats() (bytes_over_link of both, the other
+    one's failovers). Each counts what its own runs moved now; together they make the device's traffic."""
+    model = int8_mlp()
+    rng = np.random.default_rng(8)
+    with sim() as s:
+        a, b = session(model, s.url), session(model, s.url)
+        st = a._bound.compiled[0].state
+        assert b._bound.compiled[0].state is st
+        base = st.stats()["bytes_over_link"]  # the HELLOs the Sessions made when they planned: no run's
+        for _ in range(2):
+            a.run(None, feeds(model, rng))
+        mine = {k: a.stats()[k] for k in LINK_KEYS}
+        assert mine["bytes_over_link"] > 0 and {k: b.stats()[k] for k in LINK_KEYS} == dict.fromkeys(LINK_KEYS, 0)
+        b.run(None, feeds(model, rng))
+        assert {k: a.stats()[k] for k in LINK_KEYS} == mine
+        assert 0 < b.stats()["bytes_over_link"] < mine["bytes_over_link"]  # one run, the graph already loaded
+        assert a.stats()["bytes_over_link"] + b.stats()["bytes_over_link"] == st.stats()["bytes_over_link"] - base
+        a.close()
+        b.close()
+
+
 def test_stalled_device_retransmits_and_executes_once():
     with sim(stall_ms=80) as s:
         dev = SerialNpuDevice(s.url, timeout=0.03, retries=10)
@@ -546,6 +649,35 @@ def test_reset_is_idempotent_when_its_answer_is_lost():
         st = dev.stats()
         assert st["boot_id"] == boot + 1 and st["duplicates"] == 1  # reset once; the resent RESET answered again
         dev.close()
+
+
+def test_a_refused_hello_keeps_the_sequence_memory():
+    """A HELLO of another protocol version (ERR_VERSION) turned the device's duplicate and stale checks off: an ALLOC
+    retransmitted after it (seq 11, older than the refused HELLO's 12) was executed again, a second tensor. As every
+    HELLO it sets the remembered seq (PROTOCOL.md §2.2, §4): the ALLOC is stale, nothing runs twice, and the session
+    the refused HELLO found open stays open."""
+    import struct
+
+    from edgert.bridge import SerialLink
+
+    with sim() as s:
+        link = SerialLink(s.url)
+
+        def ask(type_, seq, payload=b""):
+            link._seq = seq - 1  # the request goes out with exactly this seq
+            f = link.transact(type_, payload, check=False)
+            return P.ERRORS[f.status], f.payload
+
+        assert ask(P.HELLO, 10, P.hello_request(host_session=77))[0] == "OK"
+        status, handle = ask(P.ALLOC, 11, struct.pack("<I", 16))
+        assert status == "OK" and handle == struct.pack("<I", 1)
+        assert ask(P.HELLO, 12, P.hello_request(version=2, host_session=77))[0] == "ERR_VERSION"
+        assert ask(P.ALLOC, 11, struct.pack("<I", 16))[0] == "ERR_STALE"  # the retransmission: not executed
+        assert ask(P.ALLOC, 5, struct.pack("<I", 16))[0] == "ERR_STALE"
+        status, stats = ask(P.STATS, 13)
+        assert status == "OK" and P.parse_stats(stats)["tensors"] == 1 and P.parse_stats(stats)["stale"] == 2
+        link.close()
+    assert s.proc.returncode == 0, s.stderr.decode()
 
 
 def test_clip_equals_onnxruntime_also_when_min_exceeds_max():
@@ -725,6 +857,42 @@ def test_stopped_emulators_leave_no_open_pipes():
         assert s.stop() == s.proc.returncode  # a second stop is harmless
         kept.append(s)
     assert fds() == before
+
+
+def test_the_emulator_is_built_from_its_own_sources(tmp_path, monkeypatch):
+    """The emulator's build directory was one per EDGERT_HOME: a binary built from another checkout's sources was
+    run ("make" compares only times, and these sources' files are older, as after an upgrade that keeps the
+    packaged times). It is one per digest of the sources and compiler now: each tree runs its own firmware, and
+    going back to a tree finds its binary built."""
+    import shutil
+
+    from edgert.bridge import sim as sim_module
+
+    here = sim_module.firmware_dir().parent
+    monkeypatch.setenv("EDGERT_HOME", str(tmp_path / "home"))
+    trees = {}
+    for name in ("a", "b"):
+        for top in ("firmware_bridge", "native"):
+            shutil.copytree(here / top, tmp_path / name / top, ignore=shutil.ignore_patterns("build", "tests"))
+        trees[name] = tmp_path / name / "firmware_bridge"
+    fw_h = trees["b"] / "core" / "fw.h"
+    fw_h.write_text(fw_h.read_text().replace('#define FW_VERSION_STRING "edgert-npu-ref ',
+                                             '#define FW_VERSION_STRING "edgert-npu-ref b-'))
+    for f in (tmp_path / "b").rglob("*"):
+        os.utime(f, (1e9, 1e9))  # 2001: older than a's binary
+
+    def firmware_version(name):
+        monkeypatch.setenv("EDGERT_FIRMWARE_SRC", str(trees[name]))
+        with NpuSim(asan=False) as s:
+            dev = SerialNpuDevice(s.url)
+            version = dev.hello().firmware_version
+            dev.close()
+        return version, sim_module.build(False)
+
+    (va, exe_a), (vb, exe_b) = firmware_version("a"), firmware_version("b")
+    assert vb == "edgert-npu-ref b-" + va.split()[-1] and exe_a != exe_b
+    built = exe_a.stat().st_mtime_ns
+    assert firmware_version("a") == (va, exe_a) and exe_a.stat().st_mtime_ns == built  # not built again
 
 
 @pytest.mark.parametrize("kw", [{"baud": -1}, {"baud": float("nan")}, {"ops_per_s": float("inf")}, {"drop": 2},

@@ -5,7 +5,6 @@ DEPTHWISE_CONV_2D / ADD / AVERAGE_POOL_2D against LiteRT op by op. Every op here
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 
 import numpy as np
@@ -182,9 +181,60 @@ def test_padding_other_than_same_or_valid_is_not_a_device_op(op):
         serial_npu.tflite_node(g.nodes[0], g)
 
 
-def test_unsupported_tflite_op_stays_on_the_host(caplog):
-    """A RELU that requantizes is a Relu to the partitioner but not a device op: with fallback allowed the
-    partition runs on the host (LiteRT), with a warning; forbidden, the session says why."""
+def test_an_average_pool_of_an_empty_input_is_not_a_device_op():
+    """The firmware refuses an AVGPOOL_S8 whose input has H or W = 0 (a window could hold no tap: a count of 0 to
+    divide by): the host does not send one (it was refused at LOAD_COMMIT, a failover)."""
+    q = (0.05, 3)
+    m = tm.ModelSpec()
+    x = m.tensor("x", "int8", (1, 0, 4, 2), q=q)
+    y = m.tensor("y", "int8", (1, 0, 2, 2), q=q)
+    m.op("AVERAGE_POOL_2D", [x], [y], "Pool2DOptions", Padding=tm.SAME, StrideH=2, StrideW=2, FilterHeight=2,
+         FilterWidth=2)
+    g = load_tflite(m.build([x], [y]))
+    with pytest.raises(UnsupportedOpError, match="AVGPOOL_S8: input H or W is 0"):
+        serial_npu.tflite_node(g.nodes[0], g)
+
+
+def test_nodes_the_translation_refuses_are_on_the_host_in_the_plan():
+    """A RELU or RELU6 that requantizes is a Relu / Clip to the profile but not a device op. The plan put them on the
+    device, then compile sent the whole partition to the host, the ADD the device runs with them, while stats()
+    reported the plan's bytes; under fallback="forbid" only the first was named. The planner asks the translation
+    node by node now: they are on the host in the plan, the ADD on the device, the bytes moved are the plan's, and
+    forbid names both."""
+    m = tm.ModelSpec()
+    x = m.tensor("x", "int8", (2, 8), q=(0.05, 0))
+    a = m.tensor("a", "int8", (2, 8), q=(0.04, -10))
+    b = m.tensor("b", "int8", (2, 8), q=(0.06, 3))
+    y = m.tensor("y", "int8", (2, 8), q=(0.03, -20))
+    m.op("RELU", [x], [a])
+    m.op("RELU6", [x], [b])
+    m.op("ADD", [a, b], [y], "AddOptions", FusedActivationFunction=0)
+    data = m.build([x], [y])
+    g = load_tflite(data)
+    with sim() as s:
+        with pytest.raises(UnsupportedOpError, match="cannot run 2 of 3 nodes.*'relu_0': RELU with different input "
+                                                     "and output quantization.*'relu6_1': RELU6 with different"):
+            edgert.Session(data, device=serial_npu_profile(free_link=True), fallback="forbid",
+                           device_options={"url": s.url}, telemetry=False)
+        sess = session(data, s.url)
+        assert {n: sess.plan.assignment[n] for n in ("relu_0", "relu6_1", "add_2")} == {
+            "relu_0": "cpu", "relu6_1": "cpu", "add_2": "npu"}
+        assert "different input and output quantization" in sess.plan.reasons["relu_0"]
+        for seed in range(2):
+            feeds = tm.feeds_for(g, seed=seed)
+            np.testing.assert_array_equal(sess.run(None, feeds)[0], tm.litert_reference(data, feeds, g.outputs)[0])
+        (c, _), = device_parts(sess)
+        assert c.runs_on_device == 2 and c.runs_on_host == 0
+        st, est = sess.stats(), sess.plan.estimates
+        assert st["last_run"] == {k: est[k] for k in ("bytes_to_device", "bytes_to_host")} == {
+            "bytes_to_device": 32, "bytes_to_host": 16}
+        assert st["failovers"] == 0 and st["bytes_over_link"] > 0
+        sess.close()
+
+
+def test_unsupported_tflite_op_stays_on_the_host():
+    """A RELU that requantizes is a Relu to the partitioner but not a device op: with fallback allowed it runs on the
+    host (LiteRT), planned there; forbidden, the session says why."""
     m = tm.ModelSpec()
     x = m.tensor("x", "int8", (2, 16), q=(0.05, 3))
     y = m.tensor("y", "int8", (2, 16), q=(0.04, -2))
@@ -193,12 +243,10 @@ def test_unsupported_tflite_op_stays_on_the_host(caplog):
     g = load_tflite(data)
     feeds = tm.feeds_for(g, seed=1)
     with sim() as s:
-        with caplog.at_level(logging.WARNING, logger="edgert.serial_npu"):
-            sess = session(data, s.url)
-            np.testing.assert_array_equal(sess.run(None, feeds)[0], tm.litert_reference(data, feeds, g.outputs)[0])
-        assert "different input and output quantization" in caplog.text
-        (c, _), = device_parts(sess)
-        assert c.blob is None and c.runs_on_host == 1 and c.runs_on_device == 0
+        sess = session(data, s.url)
+        np.testing.assert_array_equal(sess.run(None, feeds)[0], tm.litert_reference(data, feeds, g.outputs)[0])
+        assert "different input and output quantization" in sess.plan.reasons["relu_0"]
+        assert not device_parts(sess) and sess.stats()["bytes_over_link"] == 0
         sess.close()
         with pytest.raises(UnsupportedOpError, match="relu_0"):
             edgert.Session(data, device=serial_npu_profile(free_link=True), fallback="forbid", device_options={"url": s.url},

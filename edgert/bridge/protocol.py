@@ -187,6 +187,8 @@ def node_problem(op: str, ins: list, y: BlobTensor, attrs: list) -> str | None:
             return "matmul needs int8/uint8 A and B"
         if len(a.shape) < 2 or len(b.shape) != 2 or a.shape[-1] != b.shape[0]:
             return "matmul: A (..,M,K) B (K,N)"
+        if b.shape[0] == 0:
+            return "matmul: K is 0"
         n = b.shape[1]
         if tuple(y.shape) != (*a.shape[:-1], n):
             return "matmul: output shape"

@@ -1,17 +1,20 @@
 """The NPU emulator, host side: build the reference firmware as a native program and run it on a pseudo-terminal
 (``edgert npu-sim``, the tests, the benchmark).
 
-Build: on first use, ``make -C firmware_bridge sim`` with the system C compiler into ``$EDGERT_HOME/npu-sim/``
-(``~/.cache/edgert/npu-sim``); make rebuilds when a source changed. The sources are firmware_bridge/ and the C core's
-reference kernels in native/src/, shipped inside the package as edgert/_src/ (setup.py), found next to the package
-in a source checkout or an editable install, or under ``$EDGERT_FIRMWARE_SRC`` (a firmware_bridge directory with native/ beside it). ``asan=True`` (or
-``EDGERT_NPU_SIM_ASAN=1``) runs the AddressSanitizer + UBSan build instead.
+Build: on first use, ``make -C firmware_bridge sim`` with the system C compiler into
+``$EDGERT_HOME/npu-sim/<key>/`` (``~/.cache/edgert/npu-sim/<key>``), ``<key>`` a digest of the sources' contents and
+the compiler (``source_key``): checkouts and installs with other sources never share a binary, whatever their files'
+times say (make compares only times). The sources are firmware_bridge/ and the C core's reference kernels in
+native/src/, shipped inside the package as edgert/_src/ (setup.py), found next to the package in a source checkout or
+an editable install, or under ``$EDGERT_FIRMWARE_SRC`` (a firmware_bridge directory with native/ beside it).
+``asan=True`` (or ``EDGERT_NPU_SIM_ASAN=1``) runs the AddressSanitizer + UBSan build instead.
 
 Must not import anything above edgert.bridge.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import math
 import os
 import shutil
@@ -42,17 +45,43 @@ def firmware_dir() -> Path:
     return d
 
 
+# what the emulator is built from, as setup.py ships it (the Makefile holds the compiler flags); "build" dirs left out
+SOURCE_PATTERNS = {"firmware_bridge": ("*.c", "*.h", "*.ld", "Makefile"), "native": ("*.c", "*.h", "*.inc")}
+
+
+def source_key(src: Path) -> str:
+    """A digest naming the emulator's build: every source file's path and contents (``SOURCE_PATTERNS`` under
+    firmware_bridge ``src`` and native/ beside it), and the compiler make runs (``$CC``, else cc, and what its
+    ``--version`` says)."""
+    h = hashlib.blake2b(digest_size=10)
+    root = src.parent
+    for top, patterns in SOURCE_PATTERNS.items():
+        files = {f for p in patterns for f in (root / top).rglob(p) if "build" not in f.relative_to(root).parts}
+        for f in sorted(files):
+            data = f.read_bytes()
+            h.update(f"{f.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+            h.update(data)
+    cc = os.environ.get("CC") or "cc"
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        version = ""  # make says what is missing
+    h.update(f"\0{cc}\0{version}".encode())
+    return h.hexdigest()
+
+
 def build(asan: bool = False) -> Path:
-    """Path of the emulator binary, built (or brought up to date) now. One build at a time (a file lock)."""
-    out = _home() / "npu-sim"
-    out.mkdir(parents=True, exist_ok=True)
+    """Path of the emulator binary, built now unless this build directory (one per ``source_key``) has it. One build
+    at a time (a file lock)."""
     if shutil.which("make") is None:
         raise DeviceError("building the NPU emulator needs make and a C compiler (apt-get install make gcc)")
+    src = firmware_dir()
+    out = _home() / "npu-sim" / source_key(src)
+    out.mkdir(parents=True, exist_ok=True)
     target = "sim-asan" if asan else "sim"
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        r = subprocess.run(["make", "-s", "-C", str(firmware_dir()), target, f"BUILD={out}"], capture_output=True,
-                           text=True)
+        r = subprocess.run(["make", "-s", "-C", str(src), target, f"BUILD={out}"], capture_output=True, text=True)
     if r.returncode != 0:
         raise DeviceError(f"building the NPU emulator failed:\n{r.stdout}{r.stderr}")
     return out / ("npu-sim-asan" if asan else "npu-sim")

@@ -14,16 +14,22 @@
   ``s_x * s_w / s_y`` scales, the fused activation's clamp; ADD: XNNPACK's multipliers and shift), so the device's
   outputs equal LiteRT's (XNNPACK) bit for bit: no op here has an error budget. What the device cannot run that
   exactly (a RELU or CONCATENATION that requantizes, a scale outside XNNPACK's range, float tensors, ...) raises
-  ``UnsupportedOpError``; the partition then runs on the host (with ``fallback="forbid"`` the error propagates).
-  So does a node the firmware would refuse at LOAD_COMMIT (``protocol.node_problem``, graph.c's check_node in
-  Python, e.g. a MatMulInteger with a batched B). Should the device still refuse a graph at LOAD_COMMIT
+  ``UnsupportedOpError``. So does a node the firmware would refuse at LOAD_COMMIT (``protocol.node_problem``,
+  graph.c's check_node in Python, e.g. a MatMulInteger with a batched B), or one over the device's limits alone.
+  The planner asks the same, node by node (``translation_problem``, the unit's ``node_check`` from refine_unit):
+  such a node is on the host in the plan, the rest of its partition on the device, and ``fallback="forbid"``
+  names every one. What only a whole partition shows still sends that partition to the host at compile (with
+  ``fallback="forbid"`` the error propagates). Should the device still refuse a graph at LOAD_COMMIT
   (ERR_GRAPH/ERR_SHAPE/ERR_UNSUPPORTED), that run fails over once and the partition stays on the host: the blob
   is not sent again.
 - Partitions on the same device URL share one connection and one set of device tensors, one per tensor name.
   A partition input whose bytes equal what the device already holds under that name (the output of an earlier
   device partition, unchanged) is not sent again: only boundary tensors cross the link. The device's handles are
   few (HELLO's max_handles): past them, or when ALLOC finds no room, the least recently used tensors a run can send
-  again are freed (``DeviceState.tensor``).
+  again are freed (``DeviceState.tensor``). The state lives while a partition on the URL does: one dropped without
+  close() gives its reference back when it is collected, so a later Session gets a fresh state with its own
+  options, not a dead Session's back-off. Each partition counts the link traffic of its own runs, so a Session's
+  ``stats()`` are its own, not the device's totals (``DeviceState.stats``).
 - Tensors resident between partitions (``keeps_tensors_resident``): a tensor one partition produces and only later
   partitions of the same unit read has no transfer in the plan; the session names them (``resident_outputs``,
   ``resident_inputs``). The producer does not read it back; the consumer binds the producer's device tensor as its
@@ -46,7 +52,8 @@
   again.
 - ``refine_unit`` narrows a profile unit to what the device says in HELLO (ops and dtypes; memory = its arena), so the
   partitioner assigns only what the device reports it can run, and keeps its limits in the unit's
-  ``delegate_options["device_limits"]`` for compile (without a HELLO: the reference firmware's).
+  ``delegate_options["device_limits"]`` for compile (without a HELLO: the reference firmware's); its ``node_check``
+  is the translation's per-node check with those limits.
 
 Options (profile ``delegate_options`` or Session ``device_options``): ``url`` (or ``port``), ``baudrate``,
 ``timeout_s``, ``retries``, ``retry_after_s``.
@@ -54,10 +61,12 @@ Options (profile ``delegate_options`` or Session ``device_options``): ``url`` (o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import threading
 import time
+import weakref
 from typing import Any, Mapping
 
 import numpy as np
@@ -129,8 +138,9 @@ class DeviceState:
         self.down_until = 0.0
         self.backoff = self.retry_after_s
         self.refs = 0
-        # resident tensors whose value is only on the device (the host buffer is stale): key -> (producing partition,
-        # its inputs, its outputs, tensor name), to recompute it on the host if the device copy is lost
+        # resident tensors whose value is only on the device (the host buffer is stale): key -> (a weak reference to
+        # the producing partition, its inputs, its outputs, tensor name), to recompute it on the host if the device
+        # copy is lost. Weak: the device's state must not keep a dropped Session's partitions alive
         self.on_device_only: dict[str, tuple] = {}
         self.last_error: str | None = None
         self.closed_links: dict = {}                   # counters of links closed after a failure
@@ -238,16 +248,27 @@ class DeviceState:
         self.digests.clear()
         self.graphs.clear()
 
-    def stats(self) -> dict:
+    def link_totals(self) -> dict:
+        """The link's counters summed over every connection this state opened (closed ones too): they only grow, so
+        the difference over a run is that run's traffic."""
         d = dict(self.closed_links)
         if self.device is not None:
             for k, v in self.device.link_stats().items():
                 d[k] = d.get(k, 0) + v
-        return {"bytes_over_link": d.get("bytes_tx", 0) + d.get("bytes_rx", 0),
-                "retransmits": d.get("retransmits", 0), "resyncs": d.get("resyncs", 0), "failovers": self.failovers,
-                "bytes_graph": d.get("bytes_graph", 0), "bytes_tensors_to_device": d.get("bytes_tensors_to_device", 0),
-                "bytes_tensors_to_host": d.get("bytes_tensors_to_host", 0), "device_resets": d.get("device_resets", 0),
-                "timeouts": d.get("timeouts", 0), "naks": d.get("naks", 0)}
+        return d
+
+    def stats(self) -> dict:
+        """The whole device's, over every partition of the process on it (a Session's own: ``link_stats``)."""
+        return _link_summary(self.link_totals(), self.failovers)
+
+
+def _link_summary(d: Mapping[str, int], failovers: int) -> dict:
+    """Link counters ``d`` (``SerialNpuDevice.link_stats``' keys) as stats report them."""
+    return {"bytes_over_link": d.get("bytes_tx", 0) + d.get("bytes_rx", 0),
+            "retransmits": d.get("retransmits", 0), "resyncs": d.get("resyncs", 0), "failovers": failovers,
+            "bytes_graph": d.get("bytes_graph", 0), "bytes_tensors_to_device": d.get("bytes_tensors_to_device", 0),
+            "bytes_tensors_to_host": d.get("bytes_tensors_to_host", 0), "device_resets": d.get("device_resets", 0),
+            "timeouts": d.get("timeouts", 0), "naks": d.get("naks", 0)}
 
 
 _STATES: dict[str, DeviceState] = {}
@@ -267,9 +288,11 @@ def _graph_users(url: str, graph_hash: int, delta: int) -> None:
 
 def device_state(url: str, opts: Mapping[str, Any] | None = None) -> DeviceState:
     """The process's one state for the device at ``url``. Every Session's options are checked, not only the first
-    one's. Sessions of a process share the device's connection, so a later Session cannot change its link settings:
-    it keeps them, with a RuntimeWarning saying so (they were ignored without a word; an error would also refuse a
-    Session after one that was dropped without close(), whose state lives on)."""
+    one's. Sessions of a process share the device's connection, so a later Session cannot change its link settings
+    while another is alive: it keeps them, with a RuntimeWarning saying so (they were ignored without a word). A
+    Session dropped without close() holds none: its partitions' references go when they are collected
+    (``_collected``), so the next Session gets a fresh state with its own options."""
+    _reap()
     with _STATES_LOCK:
         st = _STATES.get(url)
         if st is None:
@@ -289,7 +312,39 @@ def _release(st: DeviceState) -> None:
             with st.lock:
                 st.free_tensors()
                 st.drop_connection()
-            _STATES.pop(st.url, None)
+            if _STATES.get(st.url) is st:  # not a newer state of the same URL
+                del _STATES[st.url]
+
+
+def _drop_partition(st: DeviceState, hashes) -> None:
+    """What a partition holds of its device's state, given back (``close``, or after it was collected): its graphs'
+    users, the entries of resident tensors it produced, its reference."""
+    for h in hashes:
+        _graph_users(st.url, h, -1)
+    with st.lock:
+        for k in [k for k, e in st.on_device_only.items() if e[0]() is None]:
+            del st.on_device_only[k]
+    _release(st)
+
+
+# partitions collected without close(): (state, graph hashes) to give back. The finalizer only appends here, as it
+# may run in the middle of any code (a garbage collection pass, maybe while this thread holds _STATES_LOCK or
+# iterates a state's dicts); the release is done at the next device_state() or partition run (``_reap``)
+_COLLECTED: list[tuple[DeviceState, tuple[int, ...]]] = []
+
+
+def _collected(st: DeviceState, hashes: tuple[int, ...]) -> None:
+    _COLLECTED.append((st, hashes))
+
+
+def _reap() -> None:
+    """Release what partitions collected without close() held (``_collected``)."""
+    while _COLLECTED:
+        try:
+            st, hashes = _COLLECTED.pop()
+        except IndexError:  # another thread took the last one
+            return
+        _drop_partition(st, hashes)
 
 
 # ---- ONNX nodes -> graph blob ----------------------------------------------------------------------------------
@@ -456,6 +511,8 @@ def tflite_node(n, graph) -> tuple[str, list, list[int]]:
         xn, yn = t[x].concrete_shape(), t[y].concrete_shape()
         if xn is None or yn is None or len(xn) != 4 or len(yn) != 4 or not _same_q(graph, x, y):
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: NHWC int8 with equal input and output quantization")
+        if 0 in xn[1:3]:  # graph.c: no tap inside the input, a count of 0 to divide by
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: the device refuses it: AVGPOOL_S8: input H or W is 0")
         _qparams(graph, x, "input")
         (kh, kw), (sh, sw) = n.attrs.get("kernel_shape", [1, 1]), n.attrs.get("strides", [1, 1])
         same = _same_padding(opts, n.name)
@@ -632,6 +689,32 @@ def translate_pieces(partition, graph, limits) -> list[tuple[bytes, list[str], l
     return pieces
 
 
+@dataclasses.dataclass(frozen=True)
+class _OneNode:
+    """A partition of one node, as translate_pieces takes a plan's."""
+
+    id: str
+    nodes: tuple[str, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def translation_problem(node, graph, limits=None) -> str | None:
+    """Why the translation refuses ``node`` of ``graph`` (``translate_pieces`` of the node alone, with the device's
+    ``limits``: HELLO's, else the reference firmware's), in its words, or None. refine_unit puts it in the unit as its
+    ``node_check``, so the plan keeps such a node on the host and the rest of its partition on the device, as the
+    compile then finds (it sent the whole partition to the host), and fallback='forbid' names every such node."""
+    from ..bridge.protocol import DeviceLimits
+
+    ins = tuple(dict.fromkeys(x for x in node.inputs if x and graph.tensors[x].initializer is None))
+    try:
+        translate_pieces(_OneNode(node.name, (node.name,), ins, tuple(o for o in node.outputs if o)), graph,
+                         limits or DeviceLimits())
+    except UnsupportedOpError as exc:
+        return str(exc)
+    return None
+
+
 def _over_limits(limits, tensors: int, nodes: int, inputs: int, outputs: int, handles: int) -> list[tuple]:
     """(what, count, cap) of each of the device's ``limits`` (HELLO's ``DeviceLimits``) a graph of these counts
     exceeds, in the order messages name them: the one table of which count each limit caps."""
@@ -717,18 +800,27 @@ class SerialNpuPartition(CompiledPartition):
         # the first (nearly always the only) graph; None: the partition runs on the host
         self.blob = self.graphs[0].blob if self.graphs else None
         self.between = dict(between or {})
+        with _STATES_LOCK:
+            state.refs += 1
         for g in self.graphs:
             _graph_users(state.url, g.hash, +1)
+        # a Session dropped without close(): its reference and graph users are given back when it is collected
+        self._finalizer = weakref.finalize(self, _collected, state, tuple(g.hash for g in self.graphs))
         self.inputs, self.outputs = list(inputs), list(outputs)
         self._fallback_factory = fallback_factory
         self._fallback = None
         self.runs_on_device = 0
         self.runs_on_host = 0
+        self.failovers = 0
+        self._link: dict[str, int] = {}  # the link counters of this partition's runs (DeviceState.link_totals' keys)
         self.refused: str | None = None  # the device refused a graph at LOAD_COMMIT: the host runs it from then on
         self.last_timing = {"link_s": 0.0, "device_s": 0.0, "host_s": 0.0}
 
-    def link_stats(self):
-        return self.state.url, self.state.stats()
+    def link_stats(self) -> dict:
+        """This partition's share of its device's link: what its own runs sent and received (handshakes, graph
+        loads, tensors), retransmitted and resynchronised, and its failovers. Two Sessions on one device each count
+        their own; the HELLO a Session makes when it plans (``refine_unit``) is no partition's."""
+        return _link_summary(self._link, self.failovers)
 
     @staticmethod
     def _key(name: str, buf: np.ndarray) -> str:
@@ -749,9 +841,9 @@ class SerialNpuPartition(CompiledPartition):
     def _materialize(self, key: str) -> None:
         """Fill the host buffer of a resident tensor whose device copy is lost: re-run its producer on the host."""
         entry = self.state.on_device_only.get(key)
-        if entry is not None:
-            producer, p_in, p_out, _ = entry
-            producer._run_host(p_in, p_out)
+        producer = entry[0]() if entry is not None else None
+        if producer is not None:  # else it is gone, and the Session whose buffer this is with it
+            producer._run_host(entry[1], entry[2])
 
     def _run_host(self, inputs, outputs) -> None:
         st = self.state
@@ -820,7 +912,7 @@ class SerialNpuPartition(CompiledPartition):
                 if o not in outputs:  # between two graphs of this partition: stays on the device
                     continue
                 if o in self.resident_outputs:  # stays on the device for a later partition: not read back
-                    st.on_device_only[keys[o]] = (self, inputs, outputs, o)
+                    st.on_device_only[keys[o]] = (weakref.ref(self), inputs, outputs, o)
                     continue
                 dev.read(h, outputs[o])
                 st.digests[o] = _digest(outputs[o])
@@ -829,8 +921,10 @@ class SerialNpuPartition(CompiledPartition):
 
     def run(self, inputs, outputs) -> None:
         st = self.state
+        _reap()
         with st.lock:
             if self.graphs and self.refused is None and time.monotonic() >= st.down_until:
+                before = st.link_totals()
                 try:
                     self._run_device(inputs, outputs)
                     self.runs_on_device += 1
@@ -841,15 +935,23 @@ class SerialNpuPartition(CompiledPartition):
                     raise
                 except LinkError as exc:
                     st.failovers += 1
+                    self.failovers += 1
+                    # logged as text: a record holding the exception would hold, through its traceback, this
+                    # partition (a handler that keeps records kept a dropped Session's partitions alive)
                     st.last_error = str(exc)
                     if self.refused is not None:  # the device is well: this partition is not for it
-                        log.error("serial-npu %s: %s; this partition runs on the host from now on", st.url, exc)
+                        log.error("serial-npu %s: %s; this partition runs on the host from now on", st.url,
+                                  st.last_error)
                     else:
                         st.down_until = time.monotonic() + st.backoff
                         log.warning("serial-npu %s: %s; this run completes on the host, the device is tried again "
-                                    "in %.1f s", st.url, exc, st.backoff)
+                                    "in %.1f s", st.url, st.last_error, st.backoff)
                         st.backoff = min(st.backoff * 2, 30.0)
                         st.drop_connection()
+                finally:  # the link only carried this run's traffic meanwhile: st.lock is held
+                    after = st.link_totals()
+                    for k, v in after.items():
+                        self._link[k] = self._link.get(k, 0) + v - before.get(k, 0)
             t0 = time.perf_counter()
             self._run_host(inputs, outputs)
             self.runs_on_host += 1
@@ -858,15 +960,15 @@ class SerialNpuPartition(CompiledPartition):
     def close(self) -> None:
         st = self.state
         if st is not None:
-            for k in [k for k, e in st.on_device_only.items() if e[0] is self]:
-                del st.on_device_only[k]
-            for g in self.graphs:
-                _graph_users(st.url, g.hash, -1)
+            with st.lock:
+                for k in [k for k, e in st.on_device_only.items() if e[0]() is self]:
+                    del st.on_device_only[k]
         if self._fallback is not None:
             self._fallback.close()
             self._fallback = None
-        if self.state is not None:
-            _release(self.state)
+        if st is not None:
+            if self._finalizer.detach() is not None:  # once: by close(), or after the collection
+                _drop_partition(st, tuple(g.hash for g in self.graphs))
             self.state = None
 
 
@@ -888,10 +990,15 @@ class SerialNpuDelegate(Delegate):
         """``unit`` narrowed to the ops and dtypes the device reports in HELLO (profile ∩ device), its memory to the
         device's arena. Unchanged when no URL is configured or the device does not answer (runs then fail over), except
         under ``fallback="forbid"`` (in ``options``): a device that does not answer is then a DeviceError."""
+        from ..bridge.protocol import DeviceLimits
+
         opts = _options(unit, options)
         url = opts.get("url")
         if not url:
             return unit
+        # what compile's translation refuses, asked node by node when planning (the reference firmware's limits
+        # until HELLO says the device's)
+        unit = dataclasses.replace(unit, node_check=functools.partial(translation_problem, limits=DeviceLimits()))
         st = device_state(url, opts)
         try:
             with st.lock:
@@ -916,7 +1023,8 @@ class SerialNpuDelegate(Delegate):
         mem = min(float(unit.memory_bytes or info.arena_bytes), float(info.arena_bytes))
         # the device's limits ride in the unit to compile (translate_pieces)
         return dataclasses.replace(unit, ops=ops, dtypes=dtypes, memory_bytes=mem,
-                                   delegate_options={**(unit.delegate_options or {}), "device_limits": info.limits})
+                                   delegate_options={**(unit.delegate_options or {}), "device_limits": info.limits},
+                                   node_check=functools.partial(translation_problem, limits=info.limits))
 
     def compile(self, partition, graph, unit: Any = None, options: Mapping[str, Any] | None = None):
         from ..bridge.protocol import DeviceLimits, tensor_nbytes
@@ -953,8 +1061,6 @@ class SerialNpuDelegate(Delegate):
             log.warning("%s; partition %s runs on the host", exc, getattr(partition, "id", "?"))
             pieces = []
         st = device_state(url, opts)
-        with _STATES_LOCK:
-            st.refs += 1
         between = {n: tensor_nbytes(graph.tensors[n].dtype, graph.tensors[n].concrete_shape())
                    for _, _, outs in pieces for n in outs if n not in partition.outputs}
         return SerialNpuPartition(st, pieces, partition.inputs, partition.outputs, host_partition,
@@ -962,18 +1068,15 @@ class SerialNpuDelegate(Delegate):
 
 
 def link_stats(compiled) -> dict:
-    """``bytes_over_link``, ``retransmits``, ``resyncs``, ``failovers`` summed over the devices of ``compiled``
-    (a session's compiled partitions), each device once."""
+    """``bytes_over_link``, ``retransmits``, ``resyncs``, ``failovers`` summed over the serial-NPU partitions of
+    ``compiled`` (a session's compiled partitions), each counting its own runs (``SerialNpuPartition.link_stats``):
+    a Session reports its own traffic, not that of every Session on the same device."""
     out = {"bytes_over_link": 0, "retransmits": 0, "resyncs": 0, "failovers": 0}
-    seen = set()
     for c in compiled or []:
         f = getattr(c, "link_stats", None)
         if f is None:
             continue
-        key, d = f()
-        if key in seen:
-            continue
-        seen.add(key)
+        d = f()
         for k in out:
             out[k] += d.get(k, 0)
     return out

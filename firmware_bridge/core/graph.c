@@ -192,6 +192,7 @@ static int check_node(fw_graph *g, fw_node *n, const char **msg) {
         if (q) b = in_t(g, n, 3);
         if (b == NULL || !is_q8(a->dtype) || !is_q8(b->dtype)) FAIL(FW_ERR_UNSUPPORTED, "matmul needs int8/uint8 A and B");
         if (a->rank < 2 || b->rank != 2 || a->dims[a->rank - 1] != b->dims[0]) FAIL(FW_ERR_SHAPE, "matmul: A (..,M,K) B (K,N)");
+        if (b->dims[0] == 0) FAIL(FW_ERR_SHAPE, "matmul: K is 0");
         uint32_t nn = b->dims[1];
         if (y->rank != a->rank || y->dims[y->rank - 1] != nn) FAIL(FW_ERR_SHAPE, "matmul: output shape");
         for (int i = 0; i + 1 < a->rank; i++)
@@ -286,6 +287,8 @@ static int check_node(fw_graph *g, fw_node *n, const char **msg) {
         if (n->n_in != 1 || n->n_attr != 10 || a->dtype != FW_DT_INT8 || y->dtype != FW_DT_INT8)
             FAIL(FW_ERR_UNSUPPORTED, "AVGPOOL_S8: int8 in and out; 10 attributes");
         if (a->rank != 4 || y->rank != 4) FAIL(FW_ERR_SHAPE, "AVGPOOL_S8: NHWC");
+        /* with H or W 0 a window holds no tap of the input (cnt 0, the kernel's divisor) however it is padded */
+        if (a->dims[1] == 0 || a->dims[2] == 0) FAIL(FW_ERR_SHAPE, "AVGPOOL_S8: input H or W is 0");
         const int32_t *at = n->attr;
         if (at[0] < 1 || at[1] < 1 || at[0] > 255 || at[1] > 255 || at[2] < 1 || at[3] < 1 || at[2] > 255 ||
             at[3] > 255 || at[4] < 0 || at[5] < 0 || at[6] < 0 || at[7] < 0 || at[4] >= at[0] || at[6] >= at[0] ||
@@ -680,7 +683,7 @@ static void run_avgpool_s8(const fw_graph *g, const fw_node *n) {
                 const int32_t h0 = oh * sh - pt, w0 = ow * sw - pl;
                 const int32_t hs = h0 < 0 ? 0 : h0, he = h0 + kh > H ? H : h0 + kh;
                 const int32_t ws = w0 < 0 ? 0 : w0, we = w0 + kw > W ? W : w0 + kw;
-                const int32_t cnt = (he - hs) * (we - ws); /* >= 1: every pad is smaller than the window */
+                const int32_t cnt = (he - hs) * (we - ws); /* >= 1: H, W >= 1, every pad smaller than the window */
                 for (int32_t c = 0; c < C; c++) {
                     int32_t acc = 0;
                     for (int32_t i = hs; i < he; i++)

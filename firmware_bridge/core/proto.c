@@ -322,7 +322,7 @@ static void handle_frame(const uint8_t *f, uint32_t len) {
     }
     if (type == FW_MSG_HELLO) {
         status = hello(p, n);
-        S.have_last = status == FW_OK;
+        S.have_last = 1; /* refused (ERR_VERSION) too: it sets the remembered seq (§4), so an older request is stale */
         goto send;
     }
     if (!S.session) {

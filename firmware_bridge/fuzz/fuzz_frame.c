@@ -3,7 +3,8 @@
  * Built with ASan + UBSan. Without libFuzzer (gcc), main() runs a bounded random + mutation loop for N seconds:
  * raw garbage, valid frames of every message type with random payloads, byte-mutated valid frames, and two valid graph
  * blobs (QLinearMatMul -> Relu -> QLinearConv; the TFLite INT8 ops CONV2D_S8 -> DWCONV2D_S8 -> AVGPOOL_S8 -> ADD_S8
- * -> CONCAT -> COPY -> FC_S8) mutated byte by byte, loaded through the protocol and invoked. Every
+ * -> CONCAT -> COPY -> FC_S8) mutated byte by byte, loaded through the protocol and invoked; first, graphs a kernel
+ * would divide by zero on (REFUSED) must be refused by the parser. Every
  * answer the firmware writes must itself decode as a well-formed frame. With clang, LLVMFuzzerTestOneInput is the
  * libFuzzer entry (FW_LIBFUZZER).
  */
@@ -159,6 +160,47 @@ static void build_blob2(void) {
     blob2_len = blob_len;
 }
 
+/* ---- graphs a kernel would divide by zero on, every other rule kept: the parser must refuse them (ERR_SHAPE at
+ * LOAD_COMMIT, PROTOCOL.md §3.2). MatMulInteger and QLinearMatMul with K = 0 (A (2,0), B (0,3)); AVGPOOL_S8 of an
+ * input with H = 0 padded to a (2,2) output, each window then holding no tap ---- */
+typedef struct { uint8_t dt, rank, is_const; uint32_t d[4], nbytes; } zdesc;
+typedef struct { uint8_t op, n_in, n_attr; int32_t attr[10]; } znode;
+static const struct { zdesc t[9]; int nt; znode node; } REFUSED[] = {
+    {{{FW_DT_INT8, 2, 0, {2, 0}, 0}, {FW_DT_INT8, 2, 1, {0, 3}, 0}, {FW_DT_INT32, 2, 0, {2, 3}, 0}}, 3,
+     {FW_OP_MATMUL_INTEGER, 2, 0, {0}}},
+    {{{FW_DT_INT8, 2, 0, {2, 0}, 0}, {FW_DT_FLOAT32, 0, 1, {0}, 4}, {FW_DT_INT8, 0, 1, {0}, 1},
+      {FW_DT_INT8, 2, 1, {0, 3}, 0}, {FW_DT_FLOAT32, 0, 1, {0}, 4}, {FW_DT_INT8, 0, 1, {0}, 1},
+      {FW_DT_FLOAT32, 0, 1, {0}, 4}, {FW_DT_INT8, 0, 1, {0}, 1}, {FW_DT_INT8, 2, 0, {2, 3}, 0}}, 9,
+     {FW_OP_QLINEAR_MATMUL, 8, 0, {0}}},
+    {{{FW_DT_INT8, 4, 0, {1, 0, 2, 1}, 0}, {FW_DT_INT8, 4, 0, {1, 2, 2, 1}, 0}}, 2,
+     {FW_OP_AVGPOOL_S8, 1, 10, {3, 1, 1, 1, 2, 0, 2, 0, -128, 127}}},
+};
+
+/* REFUSED[i] as a blob: its tensors, one node reading the first n_in of them (input: tensor 0) writing the last */
+static size_t build_refused(int i, uint8_t *dst) {
+    const zdesc *T = REFUSED[i].t;
+    const int nt = REFUSED[i].nt;
+    const znode *nd = &REFUSED[i].node;
+    size_t meta = 12 + 4 + 2u * nd->n_in + 2 + 4u * nd->n_attr + 4;
+    for (int k = 0; k < nt; k++) meta += 4 + 4u * T[k].rank + (T[k].is_const ? 8 : 0);
+    size_t data = (meta + 7) & ~(size_t)7;
+    blob_len = 0;
+    p32(0x46524745u); p16((uint32_t)nt); p16(1); p16(1); p16(1);
+    for (int k = 0; k < nt; k++) {
+        p8(T[k].dt); p8(T[k].rank); p8(T[k].is_const); p8(0);
+        for (int d = 0; d < T[k].rank; d++) p32(T[k].d[d]);
+        if (T[k].is_const) { p32(T[k].nbytes); p32((uint32_t)data); data = (data + T[k].nbytes + 7) & ~(size_t)7; }
+    }
+    p8(nd->op); p8(nd->n_in); p8(1); p8(nd->n_attr);
+    for (int k = 0; k < nd->n_in; k++) p16((uint32_t)k);
+    p16((uint32_t)nt - 1);
+    for (int k = 0; k < nd->n_attr; k++) p32((uint32_t)nd->attr[k]);
+    p16(0); p16((uint32_t)nt - 1);
+    while (blob_len < data) p8(0); /* the constants: zeros */
+    memcpy(dst, blob, blob_len);
+    return blob_len;
+}
+
 static uint64_t fnv(const uint8_t *p, size_t n) {
     uint64_t h = 0xcbf29ce484222325ull;
     for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
@@ -245,6 +287,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 int main(int argc, char **argv) {
     double seconds = argc > 1 ? atof(argv[1]) : 30;
     fw_init(1);
+    for (int i = 0; i < (int)(sizeof REFUSED / sizeof REFUSED[0]); i++) { /* before the seeds: it writes blob */
+        static fw_graph g;
+        static uint8_t z[512];
+        const char *msg = "";
+        int rc = fw_graph_parse(&g, z, (uint32_t)build_refused(i, z), &msg);
+        if (rc != FW_ERR_SHAPE) {
+            fprintf(stderr, "fuzz: graph %d a kernel would divide by zero on: parse gave %d (%s), expected ERR_SHAPE\n",
+                    i, rc, msg);
+            return 1;
+        }
+    }
     build_blob2();
     build_blob();
     uint16_t v = FW_PROTOCOL_VERSION;
