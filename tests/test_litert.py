@@ -24,6 +24,9 @@ import ai_edge_litert  # noqa: F401
 MODELS = {"float_mlp": tm.float_mlp, "int8_fc": tm.int8_fc, "int8_conv": tm.int8_conv,
           "int8_plumbing": tm.int8_plumbing, "int8_fc_int8io": lambda: tm.int8_fc(float_io=False)}
 EQUIV_BUDGET = 1e-5   # float MLP, onnxruntime vs LiteRT (float32 summation order)
+# the C core's INT8 FULLY_CONNECTED vs TFLite's own kernels (XNNPACK off; LiteRT's default is FC_INT8_LSB_BUDGET = 0):
+# the optimized ones requantize in fixed point and were 1 step off on a few outputs, the reference ones 0 off here
+TFLITE_KERNELS_FC_LSB_BUDGET = 1
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +154,15 @@ def test_fc_kernel_vs_litert(isa, per_channel, m, k, n):
     x = np.random.default_rng(m).integers(-128, 128, (m, k)).astype(np.int8)
     (ref,) = tm.litert_reference(data, {"x": x}, ["y"])
     (ref_builtin,) = tm.litert_reference(data, {"x": x}, ["y"], "BUILTIN_REF")
+    (ref_optimized,) = tm.litert_reference(data, {"x": x}, ["y"], "BUILTIN_WITHOUT_DEFAULT_DELEGATES")
     from edgert.delegates.host_tflite import int8_fc_step
 
     step = int8_fc_step(g, g.nodes[0])
     y = np.zeros((m, n), np.int8)
     step.compute_into(x, y)
-    np.testing.assert_array_equal(y, ref)  # exact against LiteRT's default (XNNPACK) path
-    assert np.abs(y.astype(int) - ref_builtin).max() <= FC_INT8_LSB_BUDGET
+    assert y.shape == ref.shape and np.abs(y.astype(int) - ref).max() <= FC_INT8_LSB_BUDGET  # 0: exact
+    for other in ref_builtin, ref_optimized:
+        assert np.abs(y.astype(int) - other).max() <= TFLITE_KERNELS_FC_LSB_BUDGET
 
 
 def test_fc_step_remembers_buffers_but_reads_them_each_run():

@@ -282,16 +282,16 @@ def conv_model(h, w, c, o, k, stride, dil, same, per_channel, act, dw=False, see
     return m.build([tx], [ty])
 
 
-def _run_on_device(url, data, seeds=(0, 1)):
+def _run_on_device(url, data, seeds=(0, 1), feeds_for=tm.feeds_for):
     g = load_tflite(data)
     sess = edgert.Session(data, device="serial-npu", fallback="forbid", device_options={"url": url},
                           telemetry=False)
     assert [p.delegate for p in sess.plan.partitions] == ["serial-npu"]
     for seed in seeds:
-        feeds = tm.feeds_for(g, seed=seed)
+        feeds = feeds_for(g, seed=seed)
         ref = tm.litert_reference(data, feeds, g.outputs)
-        for a, b in zip(sess.run(None, feeds), ref):
-            np.testing.assert_array_equal(a, b)
+        for name, a, b in zip(g.outputs, sess.run(None, feeds), ref):
+            np.testing.assert_array_equal(a, b, err_msg=name)
     (c, _), = device_parts(sess)
     assert c.runs_on_device == len(seeds)
     sess.close()
@@ -375,6 +375,37 @@ def test_relu6_concat_reshape_vs_litert(device_url):
     m.op("CONCATENATION", [ra, b], [cat], "ConcatenationOptions", Axis=-1, FusedActivationFunction=0)
     m.op("RESHAPE", [cat, shape], [y], "ReshapeOptions", NewShape=np.array([3, 28], np.int32))
     _run_on_device(device_url, m.build([a, b], [y]))
+
+
+@pytest.mark.parametrize("scale,zp", tm.ACTIVATION_SCALES, ids=[f"s{s:.4g}_zp{z}" for s, z in tm.ACTIVATION_SCALES])
+def test_activation_clamps_vs_litert(device_url, scale, zp):
+    """Every fused ReLU-family clamp of the device's FULLY_CONNECTED, CONV_2D, DEPTHWISE_CONV_2D, ADD and
+    AVERAGE_POOL_2D, and standalone RELU6 / RELU_N1_TO_1, over output scales and zero points that put a bound on or
+    next to a rounding tie: XNNPACK's bounds for the first four, TFLite's own kernels' for the rest."""
+    _run_on_device(device_url, tm.int8_activations(scale, zp), feeds_for=tm.clamping_feeds)
+
+
+def test_relu6_bound_tflite_leaves_undefined_stays_on_the_host():
+    """6 / scale past int32: TFLite's RELU6 kernel casts it to int32, which C++ leaves undefined; the device does not
+    take the node and LiteRT runs it."""
+    m = tm.ModelSpec()
+    x = m.tensor("x", "int8", (2, 16), q=(2e-9, 0))
+    y = m.tensor("y", "int8", (2, 16), q=(2e-9, 0))
+    m.op("RELU6", [x], [y])
+    data = m.build([x], [y])
+    g = load_tflite(data)
+    feeds = tm.clamping_feeds(g, seed=1)
+    with sim() as s:
+        sess = session(data, s.url)
+        np.testing.assert_array_equal(sess.run(None, feeds)[0], tm.litert_reference(data, feeds, g.outputs)[0])
+        (c, _), = device_parts(sess)
+        assert c.blob is None and c.runs_on_host == 1 and c.runs_on_device == 0
+        sess.close()
+        with pytest.raises(UnsupportedOpError, match="relu6_0.*activation 3 on output scale 2e-09"):
+            session_forbid = edgert.Session(data, device=serial_npu_profile(free_link=True), fallback="forbid",
+                                            device_options={"url": s.url}, telemetry=False)
+            session_forbid.close()
+    assert s.proc.returncode == 0, s.stderr.decode()
 
 
 def test_profile_formats_are_checked(tmp_path):

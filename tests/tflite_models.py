@@ -3,7 +3,8 @@ TFLite tests and benchmarks: a float MLP, an INT8 per-channel FULLY_CONNECTED + 
 CONV_2D + DEPTHWISE_CONV_2D + AVERAGE_POOL_2D model, RESHAPE/CONCATENATION plumbing, and the float MLP as ONNX too.
 
 Quantization parameters are calibrated on the float network with a fixed seed, so activations use their int8 range
-(an uncalibrated model saturates and hides arithmetic differences)."""
+(an uncalibrated model saturates and hides arithmetic differences). ``int8_activations`` is the exception: it is
+about where each op clamps, over ``ACTIVATION_SCALES``."""
 from __future__ import annotations
 
 import numpy as np
@@ -262,6 +263,104 @@ def int8_plumbing(seed=4) -> bytes:
     m.op("FULLY_CONNECTED", [cat, tw, tb], [yq], "FullyConnectedOptions", FusedActivationFunction=NONE)
     m.op("DEQUANTIZE", [yq], [yf])
     return m.build([af, bf], [yf])
+
+
+# ---- fused and standalone ReLU-family activations ----------------------------------------------------------------
+RELU_FAMILY = {"RELU": 1, "RELU_N1_TO_1": 2, "RELU6": 3}  # TFLite's ActivationFunctionType codes
+# (output scale, zero point) for int8_activations: LiteRT quantizes the bounds 6 and +-1 per kernel (XNNPACK:
+# lrintf(v / s + zp) in float32; TFLite's own: zp + std::round(v / s)), and these put the quotient on or next to a tie
+_F32 = np.float32
+ACTIVATION_SCALES = [
+    (0.8, 0),                          # 6 / s = 7.5 in float32: 8 either way (7 from a float64 quotient)
+    (0.48, 0),                         # 6 / s = 12.5 in float32 (12.500000279 in float64): XNNPACK 12, TFLite 13
+    (0.4, 0),                          # -1 / s = -2.5 in float32: XNNPACK -2, TFLite -3
+    (float(_F32(6 / 6.5)), 3),         # 6 / s = 6.5 in float32
+    (float(_F32(1 / 7.5)), -2),        # +-1 / s = +-7.5 in float32
+    (float(_F32(6 / 7.4999995)), 100),  # 6 / s = 7.4999995: + zp rounds to 107.5 in float32, so XNNPACK 108
+    (float(_F32(1 / 3.4999998)), -100),  # -1 / s + zp rounds to -103.5, 1 / s + zp to -96.5 in float32
+] + [(float(_F32(s)), int(z)) for s, z in zip(np.random.default_rng(8).uniform(0.03, 1.0, 6),
+                                              np.random.default_rng(9).integers(-30, 30, 6))]
+
+
+def int8_activations(scale: float, zp: int, seed: int = 5) -> bytes:
+    """FULLY_CONNECTED, CONV_2D, DEPTHWISE_CONV_2D, ADD and AVERAGE_POOL_2D, each with RELU, RELU_N1_TO_1 and RELU6
+    fused, and standalone RELU6 and RELU_N1_TO_1: 17 int8 outputs of scale ``scale`` and zero point ``zp`` (the pool
+    and the standalone activations read an input of that quantization, as TFLite wants). Every other op's
+    pre-activations reach well past the clamp bounds, so the outputs show where each op clamps."""
+    rng = np.random.default_rng(seed)
+    spread = 6 + 20 * scale  # float standard deviation of the pre-activations: past 6 and +-1 often, not always
+    sx = 0.5  # x: int8 codes of std ~74, so x * w sums to std ~ sqrt(K) * 37 * 73 * s_w
+
+    def weights(shape, k):
+        q = rng.integers(-127, 128, shape).astype(np.int8)
+        return q, np.array([spread / (np.sqrt(k) * 37 * 73)], np.float32)
+
+    m = ModelSpec()
+    y_q = (scale, zp)
+    outs = []
+    xfc = m.tensor("x_fc", "int8", (4, 16), q=(sx, 0))
+    qw, sw = weights((8, 16), 16)
+    tw = m.tensor("fc_w", "int8", qw.shape, qw, q=(sw, [0]))
+    tb = m.tensor("fc_b", "int32", (8,), rng.integers(-200, 200, 8).astype(np.int32), q=(sx * sw, [0]))
+    xc = m.tensor("x_conv", "int8", (1, 6, 6, 2), q=(sx, -3))
+    qc, swc = weights((4, 3, 3, 2), 18)
+    twc = m.tensor("conv_w", "int8", qc.shape, qc, q=(swc, [0]))
+    tbc = m.tensor("conv_b", "int32", (4,), rng.integers(-200, 200, 4).astype(np.int32), q=(sx * swc, [0]))
+    xd = m.tensor("x_dw", "int8", (1, 6, 6, 3), q=(sx, 4))
+    qd, swd = weights((1, 3, 3, 3), 9)
+    twd = m.tensor("dw_w", "int8", qd.shape, qd, q=(swd, [0]), axis=3)
+    tbd = m.tensor("dw_b", "int32", (3,), rng.integers(-200, 200, 3).astype(np.int32), q=(sx * swd, [0]))
+    xa = m.tensor("x_add_a", "int8", (2, 16), q=(spread / 74, 7))
+    xb = m.tensor("x_add_b", "int8", (2, 16), q=(spread / 90, -11))
+    xp = m.tensor("x_pool", "int8", (1, 5, 5, 3), q=y_q)
+    for act, code in RELU_FAMILY.items():
+        a = act.lower()
+        outs.append(m.tensor(f"fc_{a}", "int8", (4, 8), q=y_q))
+        m.op("FULLY_CONNECTED", [xfc, tw, tb], [outs[-1]], "FullyConnectedOptions", FusedActivationFunction=code)
+        outs.append(m.tensor(f"conv_{a}", "int8", (1, 6, 6, 4), q=y_q))
+        m.op("CONV_2D", [xc, twc, tbc], [outs[-1]], "Conv2DOptions", Padding=SAME, StrideW=1, StrideH=1,
+             FusedActivationFunction=code, DilationWFactor=1, DilationHFactor=1)
+        outs.append(m.tensor(f"dw_{a}", "int8", (1, 6, 6, 3), q=y_q))
+        m.op("DEPTHWISE_CONV_2D", [xd, twd, tbd], [outs[-1]], "DepthwiseConv2DOptions", Padding=SAME, StrideW=1,
+             StrideH=1, DepthMultiplier=1, FusedActivationFunction=code, DilationWFactor=1, DilationHFactor=1)
+        outs.append(m.tensor(f"add_{a}", "int8", (2, 16), q=y_q))
+        m.op("ADD", [xa, xb], [outs[-1]], "AddOptions", FusedActivationFunction=code)
+        outs.append(m.tensor(f"pool_{a}", "int8", (1, 4, 5, 3), q=y_q))
+        m.op("AVERAGE_POOL_2D", [xp], [outs[-1]], "Pool2DOptions", Padding=VALID, StrideW=1, StrideH=1,
+             FilterWidth=1, FilterHeight=2, FusedActivationFunction=code)
+    xr = m.tensor("x_relu", "int8", (2, 32), q=y_q)
+    for act in ("RELU6", "RELU_N1_TO_1"):
+        outs.append(m.tensor(act.lower(), "int8", (2, 32), q=y_q))
+        m.op(act, [xr], [outs[-1]])
+    return m.build([xfc, xc, xd, xa, xb, xp, xr], outs)
+
+
+def int8_fc_activation(m: int, k: int, n: int, scale: float, zp: int, act: int, seed: int = 6) -> bytes:
+    """One INT8 FULLY_CONNECTED ``x[m, k] -> y[m, n]`` (per-channel weights, bias) with fused activation ``act`` and an
+    output of scale ``scale`` and zero point ``zp``; pre-activations spread as in ``int8_activations``."""
+    rng = np.random.default_rng(seed)
+    sx, spread = 0.5, 6 + 20 * scale
+    q = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    sw = (spread / (np.sqrt(k) * 37 * 73) * rng.uniform(0.5, 1.5, n)).astype(np.float32)
+    mm = ModelSpec()
+    tx = mm.tensor("x", "int8", (m, k), q=(sx, -1))
+    tw = mm.tensor("w", "int8", (n, k), q, q=(sw, np.zeros(n, np.int64)))
+    tb = mm.tensor("bias", "int32", (n,), rng.integers(-2000, 2000, n).astype(np.int32), q=(sx * sw, np.zeros(n)))
+    ty = mm.tensor("y", "int8", (m, n), q=(scale, zp))
+    mm.op("FULLY_CONNECTED", [tx, tw, tb], [ty], "FullyConnectedOptions", FusedActivationFunction=act)
+    return mm.build([tx], [ty])
+
+
+def clamping_feeds(graph, seed=0) -> dict:
+    """Random int8 feeds for every input of a loaded Graph, two in five elements -128 and two in five 127, so that
+    pooled and unscaled values reach every clamp bound too."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in graph.inputs:
+        t = graph.tensors[n]
+        pick = rng.integers(0, 5, t.shape)
+        out[n] = np.where(pick < 2, -128, np.where(pick < 4, 127, rng.integers(-128, 128, t.shape))).astype(t.dtype)
+    return out
 
 
 def feeds_for(interp_or_graph, seed=0) -> dict:

@@ -3,10 +3,11 @@ weights), LiteRT's CPU interpreter (XNNPACK) for everything else.
 
 The C core's ``et_fc_s8`` does TFLite's integer arithmetic: int32 accumulation of ``(x - x_zp) * w`` plus the int32
 bias, requantized in fp32 (``rint(clamp(acc * input_scale * w_scale[j] / output_scale)) + y_zp``, clamped to the
-fused activation's range) — XNNPACK's requantization, which LiteRT runs by default. Every C variant (reference,
-AVX2, AVX-512 VNNI, AMX-INT8, NEON, NEON SDOT) writes the same bytes. Budget: ``FC_INT8_LSB_BUDGET`` int8 steps
-against LiteRT (0 on every shape tested; the budget names the one-step rounding difference a reference kernel with
-gemmlowp-style double rounding could show). Weights, bias and zero-point corrections are planned once at compile.
+fused activation's range as XNNPACK quantizes it, ``_act_range``) — XNNPACK's requantization, which LiteRT runs by
+default. Every C variant (reference, AVX2, AVX-512 VNNI, AMX-INT8, NEON, NEON SDOT) writes the same bytes. Budget:
+``FC_INT8_LSB_BUDGET`` = 0 int8 steps against LiteRT, fused activations included. (TFLite's own FULLY_CONNECTED
+kernels, which LiteRT runs only with XNNPACK off, requantize in fixed point and round clamp bounds half away from
+zero: a step off here and there.) Weights, bias and zero-point corrections are planned once at compile.
 
 A partition is cut, in topological order, into C-core steps and LiteRT segments (each exported as its own .tflite);
 a partition without a qualifying FULLY_CONNECTED is one LiteRT interpreter whose tensor memory the session binds.
@@ -14,6 +15,7 @@ This module must not import the session.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -23,7 +25,7 @@ from ..quant import Int8Weights
 from .base import CompiledPartition, cut_into_steps, faster_of
 from .litert import LiteRTPartition
 
-FC_INT8_LSB_BUDGET = 1   # int8 steps between the C core and LiteRT on an INT8 FULLY_CONNECTED output
+FC_INT8_LSB_BUDGET = 0   # int8 steps between the C core and LiteRT (XNNPACK) on an INT8 FULLY_CONNECTED output
 _ACT_NONE, _ACT_RELU, _ACT_RELU_N1_TO_1, _ACT_RELU6 = 0, 1, 2, 3
 
 
@@ -90,18 +92,41 @@ class Int8FullyConnected:
             self._bx, self._by, self._px, self._py, self._m = x, y, px, py, m
 
 
-def _act_range(act: int, s: float, zp: int) -> tuple[int, int] | None:
-    def q(v):
-        return int(np.clip(zp + round(v / s), -128, 127))
-    if act == _ACT_NONE:
-        return -128, 127
-    if act == _ACT_RELU:
-        return max(-128, q(0.0)), 127
-    if act == _ACT_RELU6:
-        return max(-128, q(0.0)), min(127, q(6.0))
-    if act == _ACT_RELU_N1_TO_1:
-        return max(-128, q(-1.0)), min(127, q(1.0))
-    return None
+# LiteRT quantizes an activation's float bounds to int8 one of two ways, by the kernel that runs the op. XNNPACK, which
+# takes these ops by default, computes lrintf(v / s + zp) in float32 (xnn_qs8_quantize: the zero point added before
+# rounding, ties to even); TFLite's own kernels (AVERAGE_POOL_2D and the standalone RELU family: XNNPACK takes neither
+# in int8) compute zp + (int32_t)std::round(v / s), the quotient in float32, ties away from zero.
+XNNPACK_ACTIVATION_OPS = frozenset({"FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "ADD"})
+_ACT_BOUNDS = {_ACT_NONE: (None, None), _ACT_RELU: (0.0, None), _ACT_RELU_N1_TO_1: (-1.0, 1.0), _ACT_RELU6: (0.0, 6.0)}
+_BUILTIN_ROUNDED_MAX = 2.0 ** 31 - 256  # past it TFLite's int32 cast (or zp + it) is undefined behaviour
+
+
+def _bound_xnnpack(v: float, s: np.float32, zp: int) -> int:
+    with np.errstate(over="ignore"):  # 6 / a scale near FLT_MIN is inf, which the clamp takes to 127 as in C
+        f = np.float32(np.float32(v) / s) + np.float32(zp)
+    return int(np.rint(np.clip(f, np.float32(-128), np.float32(127))))
+
+
+def _bound_builtin(v: float, s: np.float32, zp: int) -> int | None:
+    with np.errstate(over="ignore"):
+        q = float(np.float32(v) / s)
+    r = math.floor(abs(q) + 0.5)  # std::round of a float32: |q| + 0.5 is exact in float64
+    if r > _BUILTIN_ROUNDED_MAX:
+        return None
+    return int(np.clip(zp + math.copysign(r, q), -128, 127))
+
+
+def _act_range(act: int, s: float, zp: int, tflite_op: str) -> tuple[int, int] | None:
+    """LiteRT's int8 clamp [lo, hi] for fused activation ``act`` (a standalone RELU, RELU6, RELU_N1_TO_1: its code) on
+    an output of scale ``s`` and zero point ``zp``, as the kernel LiteRT runs ``tflite_op`` with computes it. None for
+    another activation, or for a bound TFLite's own kernels leave undefined (an output scale below about 3e-9)."""
+    if act not in _ACT_BOUNDS:
+        return None
+    quantize = _bound_xnnpack if tflite_op in XNNPACK_ACTIVATION_OPS else _bound_builtin
+    (vlo, vhi), s32 = _ACT_BOUNDS[act], np.float32(s)
+    lo = -128 if vlo is None else quantize(vlo, s32, zp)
+    hi = 127 if vhi is None else quantize(vhi, s32, zp)
+    return None if lo is None or hi is None else (lo, hi)
 
 
 def int8_fc_params(graph, node) -> dict | None:
@@ -141,7 +166,7 @@ def int8_fc_params(graph, node) -> dict | None:
     if m < 0 or tuple(yshape) != want:
         return None
     yzp = int(np.asarray(y.quant.zero_point).reshape(-1)[0])
-    rng = _act_range(int(node.attrs.get("fused_activation", 0)), float(ys[0]), yzp)
+    rng = _act_range(int(node.attrs.get("fused_activation", 0)), float(ys[0]), yzp, "FULLY_CONNECTED")
     if rng is None:
         return None
     scale = (xs[0] * np.broadcast_to(ws, (n,)).astype(np.float32) / ys[0]).astype(np.float32)

@@ -370,14 +370,15 @@ def _same_q(graph, a: str, b: str) -> bool:
 
 
 def _act(n, graph, out: str, code: int | None = None) -> tuple[int, int]:
-    """The int8 clamp range of a fused (or standalone) activation, as the host C core computes it."""
+    """The int8 clamp range of a fused (or standalone) activation, as the kernel LiteRT runs the op with computes it."""
     from .host_tflite import _act_range
 
     s, z = _qparams(graph, out, "output")
-    rng = _act_range(int(n.attrs.get("fused_activation", 0)) if code is None else code, float(s[0]), int(z[0]))
+    act = int(n.attrs.get("fused_activation", 0)) if code is None else code
+    rng = _act_range(act, float(s[0]), int(z[0]), n.attrs["tflite_op"])
     if rng is None:
-        raise UnsupportedOpError(f"serial-npu: {n.name!r}: fused activation "
-                                 f"{n.attrs.get('fused_activation')} is not supported")
+        raise UnsupportedOpError(f"serial-npu: {n.name!r}: activation {act} on output scale {s[0]:g} is not supported "
+                                 "(ReLU-family activations, with bounds LiteRT defines)")
     return rng
 
 
