@@ -8,38 +8,11 @@ from edgert import delegates, profiles
 from edgert.delegates import base
 
 import onnx_models as M
+from profile_toml import npu_profile_toml
 
-PROFILE = """
-name = "mynpu-board"
-description = "a board whose accelerator is driven by a delegate registered outside edgert"
-[power]
-active_w = 10.0
-idle_w = 1.0
-[price]
-per_hour_usd = 0.5
-[[units]]
-name = "cpu"
-kind = "cpu"
-delegate = "host"
-dtypes = ["*"]
-ops = ["*"]
-throughput = { float32 = 1.0e9 }
-memory_bytes = 8.0e9
-[[units]]
-name = "npu"
-kind = "npu"
-delegate = "DELEGATE"
-delegate_options = { clock_mhz = 800 }
-dtypes = ["float32"]
-ops = ["MatMul", "Add", "Relu"]
-throughput = { float32 = 1.0e13 }
-memory_bytes = 0
-[units.link]
-kind = "pcie"
-zero_copy = false
-bandwidth_bytes_s = 1.0e10
-latency_s = 1.0e-6
-"""
+PROFILE = npu_profile_toml("mynpu-board", "a board whose accelerator is driven by a delegate registered outside edgert",
+                           "DELEGATE", "{ clock_mhz = 800 }", active_w=10.0, per_hour_usd=0.5, cpu_memory="8.0e9",
+                           ops='"MatMul", "Add", "Relu"')
 
 
 class _Partition(delegates.CompiledPartition):

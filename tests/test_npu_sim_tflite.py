@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import numpy as np
 import pytest
@@ -232,25 +233,32 @@ def test_nodes_the_translation_refuses_are_on_the_host_in_the_plan():
         sess.close()
 
 
-def test_unsupported_tflite_op_stays_on_the_host():
-    """A RELU that requantizes is a Relu to the partitioner but not a device op: with fallback allowed it runs on the
-    host (LiteRT), planned there; forbidden, the session says why."""
+@pytest.mark.parametrize("op, xq, yq, feeds, refusal", [
+    # a RELU that requantizes is a Relu to the partitioner but not a device op
+    ("RELU", (0.05, 3), (0.04, -2), tm.feeds_for, "relu_0.*different input and output quantization"),
+    # 6 / scale past int32: TFLite's RELU6 kernel casts it to int32, which C++ leaves undefined
+    ("RELU6", (2e-9, 0), (2e-9, 0), tm.clamping_feeds, "relu6_0.*activation 3 on output scale 2e-09"),
+])
+def test_an_op_the_device_cannot_run_exactly_is_planned_on_the_host(op, xq, yq, feeds, refusal):
+    """The device does not take the node: with fallback allowed the plan puts it on the host and LiteRT runs it,
+    nothing crosses the link; forbidden, the session says why."""
     m = tm.ModelSpec()
-    x = m.tensor("x", "int8", (2, 16), q=(0.05, 3))
-    y = m.tensor("y", "int8", (2, 16), q=(0.04, -2))
-    m.op("RELU", [x], [y])
+    x = m.tensor("x", "int8", (2, 16), q=xq)
+    y = m.tensor("y", "int8", (2, 16), q=yq)
+    m.op(op, [x], [y])
     data = m.build([x], [y])
     g = load_tflite(data)
-    feeds = tm.feeds_for(g, seed=1)
+    f = feeds(g, seed=1)
     with sim() as s:
         sess = session(data, s.url)
-        np.testing.assert_array_equal(sess.run(None, feeds)[0], tm.litert_reference(data, feeds, g.outputs)[0])
-        assert "different input and output quantization" in sess.plan.reasons["relu_0"]
-        assert not device_parts(sess) and sess.stats()["bytes_over_link"] == 0
+        np.testing.assert_array_equal(sess.run(None, f)[0], tm.litert_reference(data, f, g.outputs)[0])
+        assert re.search(refusal.split(".*")[1], sess.plan.reasons[f"{op.lower()}_0"])
+        assert [p.unit for p in sess.plan.partitions] == ["cpu"] and sess.stats()["bytes_over_link"] == 0
         sess.close()
-        with pytest.raises(UnsupportedOpError, match="relu_0"):
-            edgert.Session(data, device=serial_npu_profile(free_link=True), fallback="forbid", device_options={"url": s.url},
-                           telemetry=False)
+        with pytest.raises(UnsupportedOpError, match=refusal):
+            edgert.Session(data, device=serial_npu_profile(free_link=True), fallback="forbid",
+                           device_options={"url": s.url}, telemetry=False).close()
+    assert s.proc.returncode == 0, s.stderr.decode()
 
 
 # ---- single ops, random shapes, against LiteRT ------------------------------------------------------------------
@@ -383,28 +391,6 @@ def test_activation_clamps_vs_litert(device_url, scale, zp):
     AVERAGE_POOL_2D, and standalone RELU6 / RELU_N1_TO_1, over output scales and zero points that put a bound on or
     next to a rounding tie: XNNPACK's bounds for the first four, TFLite's own kernels' for the rest."""
     _run_on_device(device_url, tm.int8_activations(scale, zp), feeds_for=tm.clamping_feeds)
-
-
-def test_relu6_bound_tflite_leaves_undefined_stays_on_the_host():
-    """6 / scale past int32: TFLite's RELU6 kernel casts it to int32, which C++ leaves undefined; the device does not
-    take the node (the plan puts it on the host) and LiteRT runs it."""
-    m = tm.ModelSpec()
-    x = m.tensor("x", "int8", (2, 16), q=(2e-9, 0))
-    y = m.tensor("y", "int8", (2, 16), q=(2e-9, 0))
-    m.op("RELU6", [x], [y])
-    data = m.build([x], [y])
-    g = load_tflite(data)
-    feeds = tm.clamping_feeds(g, seed=1)
-    with sim() as s:
-        sess = session(data, s.url)
-        np.testing.assert_array_equal(sess.run(None, feeds)[0], tm.litert_reference(data, feeds, g.outputs)[0])
-        assert device_parts(sess) == [] and [p.unit for p in sess.plan.partitions] == ["cpu"]  # when planning
-        sess.close()
-        with pytest.raises(UnsupportedOpError, match="relu6_0.*activation 3 on output scale 2e-09"):
-            session_forbid = edgert.Session(data, device=serial_npu_profile(free_link=True), fallback="forbid",
-                                            device_options={"url": s.url}, telemetry=False)
-            session_forbid.close()
-    assert s.proc.returncode == 0, s.stderr.decode()
 
 
 def test_profile_formats_are_checked(tmp_path):

@@ -20,6 +20,7 @@ from edgert.profiles import ComputeUnit, DeviceProfile, Link, OpConstraint
 
 import onnx_models as M
 from cli_run import edgert_cmd
+from profile_toml import npu_profile_toml
 
 HOST_OPS_S = 1e9     # synthetic host: 1 GOP/s
 NPU_OPS_S = 1e13     # synthetic accelerator: 10 TOP/s
@@ -628,37 +629,9 @@ def test_table_json_dot_svg(split_plan, tmp_path):
     xml.dom.minidom.parseString(svg)  # well-formed
 
 
-PROFILE_TOML = """
-name = "toy-npu"
-description = "a toy accelerator over a zero-copy link"
-[power]
-active_w = 4.0
-idle_w = 1.0
-[price]
-per_hour_usd = 0.36
-[[units]]
-name = "cpu"
-kind = "cpu"
-delegate = "host"
-dtypes = ["*"]
-ops = ["*"]
-throughput = { float32 = 1.0e9 }
-memory_bytes = 1.0e9
-[[units]]
-name = "npu"
-kind = "npu"
-delegate = "onnxruntime"
-delegate_options = { providers = ["CPUExecutionProvider"] }
-dtypes = ["float32"]
-ops = ["MatMul", "Add"]
-throughput = { float32 = 1.0e13 }
-memory_bytes = 0
-[units.link]
-kind = "shared-memory"
-zero_copy = true
-bandwidth_bytes_s = 1.0e10
-latency_s = 1.0e-6
-"""
+PROFILE_TOML = npu_profile_toml("toy-npu", "a toy accelerator over a zero-copy link", "onnxruntime",
+                                '{ providers = ["CPUExecutionProvider"] }', active_w=4.0, link_kind="shared-memory",
+                                zero_copy=True)
 
 
 def test_cli_plan(tmp_path):

@@ -16,38 +16,11 @@ from edgert.errors import DeviceError, DTypeError, InvalidArgumentError, ShapeEr
 
 from cli_run import edgert_cmd
 from onnx_models import convnet, mlp, ort_run
+from profile_toml import npu_profile_toml
 
-TOY_NPU = """
-name = "toy-npu"
-description = "a float NPU this machine does not have (its onnxruntime provider is not installed)"
-[power]
-active_w = 5.0
-idle_w = 1.0
-[price]
-per_hour_usd = 0.36
-[[units]]
-name = "cpu"
-kind = "cpu"
-delegate = "host"
-dtypes = ["*"]
-ops = ["*"]
-throughput = { float32 = 1.0e6 }
-memory_bytes = 1.0e9
-[[units]]
-name = "npu"
-kind = "npu"
-delegate = "onnxruntime"
-delegate_options = { providers = ["ToyNPUExecutionProvider"] }
-dtypes = ["float32"]
-ops = ["MatMul", "Add"]
-throughput = { float32 = 1.0e13 }
-memory_bytes = 0
-[units.link]
-kind = "pcie"
-zero_copy = false
-bandwidth_bytes_s = 1.0e10
-latency_s = 1.0e-6
-"""
+TOY_NPU = npu_profile_toml(
+    "toy-npu", "a float NPU this machine does not have (its onnxruntime provider is not installed)", "onnxruntime",
+    '{ providers = ["ToyNPUExecutionProvider"] }', cpu_float32="1.0e6")
 
 
 @pytest.fixture
