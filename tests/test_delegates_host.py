@@ -284,11 +284,32 @@ def test_faster_of_keeps_the_faster_compilation_and_closes_the_other(monkeypatch
     specs = {"x": ((2, 3), np.dtype(np.float32)), "y": ((2, 3), np.dtype(np.int8))}
     slow, fast = Fake(0.004), Fake(1e-6)
     assert faster_of(slow, fast, specs, runs=5) is fast and slow.closed and not fast.closed
-    # two untimed runs each (warm-up, block size), then 5 blocks: one run per block for the slow one (4 ms is
-    # enough for the clock), ~20 per block for the 1 us one (blocks of at least 20 us)
-    assert slow.runs == 7 and fast.runs > 2 + 5 * 15
+    # two untimed runs each (warm-up, block size), then 5 blocks, each starting with AUTO_TIMING_WARM_S untimed:
+    # one warm and one timed run per block for the slow one (4 ms is enough for both), for the 1 us one ~200 warm
+    # and ~500 timed (blocks of at least AUTO_TIMING_BLOCK_S)
+    assert slow.runs == 2 + 5 * 2 and fast.runs > 2 + 5 * 600
     slow, fast = Fake(0.004), Fake(1e-6)
     assert faster_of(fast, slow, specs, runs=5) is fast and slow.closed and not fast.closed
+
+    class Disturbed(Fake):
+        """1 us a run, but its first run after the other variant's pays 1 ms (threads the other left spinning on a
+        small machine): a session running only this one never pays it. Blocks that timed that run picked the 5 us
+        variant."""
+
+        def run(self, inputs, outputs):
+            super().run(inputs, outputs)
+            if last[0] is not self:
+                clock[0] += 1e-3
+            last[0] = self
+
+    class Steady(Fake):
+        def run(self, inputs, outputs):
+            super().run(inputs, outputs)
+            last[0] = self
+
+    last = [None]
+    disturbed, steady = Disturbed(1e-6), Steady(5e-6)
+    assert faster_of(steady, disturbed, specs, runs=5) is disturbed
 
 
 def test_auto_keeps_c_core_steps_only_if_the_whole_partition_is_faster(tmp_path, monkeypatch):

@@ -60,6 +60,8 @@ class CompiledPartition(ABC):
 
 AUTO_TIMING_RUNS = 15  # runs per variant when a delegate picks between two compilations of a partition
 AUTO_TIMING_BUDGET_S = 0.25  # ... or fewer (at least 3) once a variant has run this long: a big model compiles fast
+AUTO_TIMING_BLOCK_S = 500e-6  # timed calls per block: at least this long (a microsecond-sized partition repeats)
+AUTO_TIMING_WARM_S = 200e-6  # untimed calls at the start of each block
 
 
 def median_s(fn, runs: int = AUTO_TIMING_RUNS, *, warmup: int = 1, budget_s: float | None = None) -> float:
@@ -81,8 +83,8 @@ def faster_of(first: CompiledPartition, second: CompiledPartition, specs, runs: 
     """The one of two compilations of the same partition that runs faster on zero-filled inputs; the other is
     closed. Ties keep ``first``. ``specs``: boundary tensor -> (shape, dtype). Each runs as a session runs it (its
     ``bound_run`` on its own tensor memory where it lends it), the two timed in alternation (``runs`` blocks each,
-    fewer for a slow partition; a block repeats a microsecond-sized partition so the clock can see it) so that a
-    passing disturbance of the machine hits both. Used by ``core="auto"``: a C-core step can be faster alone and
+    fewer for a slow partition; a block repeats a fast partition for AUTO_TIMING_BLOCK_S after AUTO_TIMING_WARM_S
+    untimed) so that a passing disturbance of the machine hits both. Used by ``core="auto"``: a C-core step can be faster alone and
     still slow the partition down, because the cut around it costs the surrounding runtime its fusions and adds a
     call."""
     import time
@@ -97,15 +99,21 @@ def faster_of(first: CompiledPartition, second: CompiledPartition, specs, runs: 
 
     fns = (runner(first), runner(second))
     reps = []
-    for fn in fns:  # warm-up, and how many calls make a block of at least 20 us
+    for fn in fns:  # warm-up, and how many calls make a block of at least AUTO_TIMING_BLOCK_S
         fn()
         t = time.perf_counter()
         fn()
-        reps.append(max(1, min(1000, int(20e-6 / max(time.perf_counter() - t, 1e-9)))))
+        reps.append(max(1, min(1000, int(AUTO_TIMING_BLOCK_S / max(time.perf_counter() - t, 1e-9)))))
     ts: tuple[list[float], list[float]] = ([], [])
     spent = 0.0
     while len(ts[0]) < runs and (len(ts[0]) < 3 or spent < 2 * AUTO_TIMING_BUDGET_S):
         for fn, n, out in zip(fns, reps, ts):
+            # a block starts untimed, for AUTO_TIMING_WARM_S: it meets what the other variant left behind (on a
+            # small machine the C core's pool workers or the runtime's own threads still spinning), which a session
+            # running one variant never does. One-call blocks picked the C core for a model it made 15% slower
+            t_warm = time.perf_counter() + AUTO_TIMING_WARM_S
+            while time.perf_counter() < t_warm:
+                fn()
             t = time.perf_counter()
             for _ in range(n):
                 fn()
