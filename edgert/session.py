@@ -6,8 +6,8 @@ device-side staging buffer (``to_device``) -> partition 2 -> counted copy back (
 Every tensor that crosses a partition boundary (and every graph input and output) lives in a buffer of a
 ``PinnedPool`` laid out once per binding of the model's dims (at creation, or at the first run for a model with
 symbolic dims); the copies follow the plan's transfer list, so the bytes counted equal the plan's. The exception is
-a graph output whose shape the data decides, made on the host and read by no other partition: the partition's
-runtime allocates it at each run (``_Bound.allocated``). A tensor between
+a graph output whose shape the data decides, made on the host and read by no other partition: once a run has changed
+its shape, the partition's runtime allocates it at each run (``_Bound.allocated``). A tensor between
 two partitions of one unit whose delegate keeps tensors resident (serial-npu) has no transfer: it stays on the device
 (the delegate is told which of its partition's inputs and outputs those are) and no host buffer is copied for it.
 
@@ -115,6 +115,7 @@ class _Bound:
     # graph output -> index of the partition whose runtime allocates it at each run (a data-dependent shape: no pool
     # buffer); results[output] is the last run's array
     allocated: dict = dataclasses.field(default_factory=dict)
+    can_allocate: tuple = ()        # the graph outputs that could be (allocated once their shape has changed)
 
 
 def _load(src) -> Graph:
@@ -300,6 +301,7 @@ class Session:
         self._last = {"to_device": 0, "to_host": 0}
         self._bound: _Bound | None = None
         self._layouts: OrderedDict[tuple, _Bound] = OrderedDict()  # dims -> binding, most recently used last
+        self._shape_varies: set[str] = set()  # data-shaped graph outputs seen to change: the runtime allocates them
         self._provisional: Plan | None = None
         dims = {str(k): int(v) for k, v in (dims or {}).items()}
         unknown_dims = sorted(set(dims) - self._graph0.symbolic_dims())
@@ -522,6 +524,8 @@ class Session:
                                   for n in g.inputs})
         if self._bound is not None:
             self._rebinds += 1
+            if force:  # a data-dependent shape changed: its outputs are allocated at each run from now on
+                self._shape_varies.update(self._bound.can_allocate)
             if self._bound.on_device:  # its device memory goes to the new binding
                 self._drop(self._key(self._bound))
         self._drop(key)  # force: the probed binding being replaced
@@ -648,14 +652,17 @@ class Session:
                               "(a partitioner bug); please report it with the model")
 
         # a graph output whose shape the data decides (probed: NonZero's count), made on the host and handed to no
-        # other partition, is allocated by the partition's runtime at each run, as onnxruntime returns it: a pool
-        # buffer of the probed size failed every run whose count differed (a re-layout and two onnxruntime error
-        # lines each time). One crossing a link or read by another partition keeps its probed buffer
+        # other partition, can be allocated by the partition's runtime at each run, as onnxruntime returns it: a
+        # pool buffer of the probed size failed every run whose count differed (a re-layout and two onnxruntime
+        # error lines each time). It is, once its shape has changed (_shape_varies): a probed shape that never does
+        # (an If's branch output) keeps its pool buffer, bound once (the runtime's allocation cost silero_vad 8 us
+        # a run, 11%). One crossing a link or read by another partition keeps its probed buffer
         moved = {tr.tensor for tr in p.transfers} | {t for part in p.partitions for t in part.inputs}
         data_shaped = set(unknown)
-        allocated = {t: producer[t] for t in dict.fromkeys(graph.outputs) if t in data_shaped and t in producer
-                     and t not in moved and _side(p, p.partitions[producer[t]].unit) == HOST
-                     and getattr(compiled[producer[t]], "allocates_outputs", False)}
+        can_allocate = {t: producer[t] for t in dict.fromkeys(graph.outputs) if t in data_shaped and t in producer
+                        and t not in moved and _side(p, p.partitions[producer[t]].unit) == HOST
+                        and getattr(compiled[producer[t]], "allocates_outputs", False)}
+        allocated = {t: k for t, k in can_allocate.items() if t in self._shape_varies}
 
         spec = {t: (graph.tensors[t].concrete_shape(), np.dtype(graph.tensors[t].dtype)) for _, t in need}
 
@@ -694,7 +701,8 @@ class Session:
         bound = _Bound(dims, graph, p, compiled, pools, {t: buf(HOST, t) for t in graph.inputs}, in_bufs,
                        out_bufs, before, after, {t: buf(HOST, t) for t in graph.outputs},
                        {t: spec[t][0] for t in graph.inputs}, probed, on_device=on_device, overrides=overrides,
-                       requested_plan=self.requested_plan, fell_back=self.fell_back, allocated=allocated)
+                       requested_plan=self.requested_plan, fell_back=self.fell_back, allocated=allocated,
+                       can_allocate=tuple(can_allocate))
         if allocated:  # get_outputs() gives their shapes as the model has them, not the probe's one run
             bound.graph = graph.replace(tensors={**graph.tensors, **{
                 t: dataclasses.replace(graph.tensors[t], shape=unprobed.tensors[t].shape) for t in allocated}})
