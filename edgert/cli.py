@@ -203,6 +203,7 @@ def cmd_serve(args) -> int:
     # bound before the model loads: a port in use or a bad --host is one error line at once, not uvicorn's after the
     # load; uvicorn serves these sockets (no window for another process to take the port)
     sockets = listen(args.host, args.port)
+    llm = None
     try:
         api_key = args.api_key or None
         try:
@@ -222,6 +223,8 @@ def cmd_serve(args) -> int:
     finally:
         for sock in sockets:
             sock.close()
+        if llm is not None:  # waits for a step a generation still has in flight (Ctrl+C), then frees the model
+            llm.close()
     return 0
 
 
