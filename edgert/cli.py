@@ -438,9 +438,11 @@ def cmd_eval(args) -> int:
         raise InvalidArgumentError(f"--text {args.text}: no such file" if not os.path.exists(args.text) else
                                    f"--text {args.text}: not a file")
     # where the results go is checked before minutes of evaluation, not after
+    inputs = [ref.path, cand.path, args.text, args.thresholds]  # a result written over one destroyed it
     for flag, dest in (("--json", args.json), ("--plot", args.plot)):
         if dest is not None:
-            check_output_path(dest, flag)
+            check_output_path(dest, flag, inputs)
+            inputs.append(dest)  # --json and --plot the same file: the plot overwrote the report
     if args.plot is not None:
         check_plot_path(args.plot)
     thresholds = th.merge(args.thresholds, args.threshold, kind)  # checked by evaluate(), before any model is loaded

@@ -153,14 +153,19 @@ def _same_file(src: str, dst: str) -> bool:
         return False
 
 
-def check_output_path(dst, what: str = "output") -> None:
-    """Refuse a file to be written whose directory does not exist or which is a directory, before the work that
-    produces it. ``what`` names it in the message (``output``, ``--json``)."""
+def check_output_path(dst, what: str = "output", inputs=()) -> None:
+    """Refuse a file to be written whose directory does not exist, which is a directory, or which is one of the
+    command's ``inputs`` (paths; None skipped), before the work that produces it. ``what`` names it in the message
+    (``output``, ``--json``)."""
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise InvalidArgumentError(f"{what} {dst}: directory {parent} does not exist")
     if os.path.isdir(dst):
         raise InvalidArgumentError(f"{what} {dst} is a directory; give a file name")
+    for src in inputs:
+        if src is not None and _same_file(os.fspath(src), os.fspath(dst)):
+            raise InvalidArgumentError(f"{what} {dst} is the input {src}: writing it would destroy it; give "
+                                       "another file name")
 
 
 def _dequantize(g, name: str) -> np.ndarray:

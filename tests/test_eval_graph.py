@@ -102,6 +102,12 @@ def test_cli_exit_codes_json_png(models, tmp_path, capsys):
     assert main([*args[:-1], "--candidate", str(bad)]) == 0  # no --gate: report only
     # errors exit 2, told apart from a failed gate (1); argparse's usage errors are 2 as well
     assert main([*args, "--candidate", str(bad), "--threshold", "nonsense=1"]) == 2
+    # a result file that is an input, or the other result file, is refused before the run (it was overwritten)
+    before = bad.read_bytes()
+    assert main([*args, "--candidate", str(bad), "--json", str(bad)]) == 2
+    assert bad.read_bytes() == before and "--json" in capsys.readouterr().err
+    assert main([*args, "--candidate", str(i8), "--json", str(png), "--plot", str(png)]) == 2
+    assert "--plot" in capsys.readouterr().err
     capsys.readouterr()
     text = tmp_path / "t.txt"
     text.write_text("some text")
