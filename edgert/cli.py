@@ -520,6 +520,9 @@ def cmd_quantize(args) -> int:
         with Console(stderr=True, quiet=args.quiet).status(f"quantizing to {qtype} (onnxruntime.quantization)"):
             summary = quantize_onnx(args.input, output, qtype, calibration=args.calibration)
         print(f"{output}: {qtype}; {summary['bytes_in'] / 1e6:.2f} MB -> {summary['bytes_out'] / 1e6:.2f} MB")
+        if not summary["quantized_ops"]:  # onnxruntime.quantization found nothing it quantizes in this mode
+            print(f"edgert: warning: nothing was quantized: {qtype} found no op it takes"
+                  + (" (int4 quantizes MatMul with constant weights)" if qtype == "int4" else ""), file=sys.stderr)
     return 0
 
 

@@ -240,7 +240,9 @@ def _check_samples(model, names: list[str], samples: list[dict], where) -> None:
 
 def quantize_onnx(src, dst, mode: str, *, calibration=None, block_size: int = 32) -> dict:
     """Write ``dst``: ``src`` quantized with onnxruntime.quantization in ``mode`` (int8-dynamic, int8-static with
-    ``calibration`` a directory of samples, int4)."""
+    ``calibration`` a directory of samples, int4). Returns ``mode``, ``bytes_in``, ``bytes_out`` and
+    ``quantized_ops``: the op types the written model has and ``src`` had not (none: nothing was quantized, e.g.
+    int4 on a model without MatMul)."""
     import onnx
 
     if mode not in ONNX_TARGETS:
@@ -263,7 +265,10 @@ def quantize_onnx(src, dst, mode: str, *, calibration=None, block_size: int = 32
     with _written_whole(dst) as out:  # dst appears only once the model is complete, and loads
         _quantize_onnx_to(q, src, model, out, mode, calibration, block_size)
         _check_loads(out, model, mode)
-    return {"mode": mode, "bytes_in": os.path.getsize(src), "bytes_out": os.path.getsize(dst)}
+        written = onnx.load(out, load_external_data=False)
+    ops = {n.op_type for n in written.graph.node} - {n.op_type for n in model.graph.node}
+    return {"mode": mode, "bytes_in": os.path.getsize(src), "bytes_out": os.path.getsize(dst),
+            "quantized_ops": sorted(ops)}
 
 
 def _float16_values(model) -> bool:

@@ -77,9 +77,9 @@ def test_cli_quantize_gguf_and_errors(f32, tmp_path, capsys):
     assert main(["quantize", str(f32), str(f32), "q4_0"]) == 1
 
 
-def test_onnx_modes(tmp_path):
+def test_onnx_modes(tmp_path, capsys):
     import onnx
-    from onnx_models import mlp
+    from onnx_models import convnet, mlp
 
     src = tmp_path / "mlp.onnx"
     onnx.save(mlp(batch=1, d_in=64, d_hidden=64, d_out=8), src)
@@ -98,6 +98,11 @@ def test_onnx_modes(tmp_path):
     # int4 goes through onnxruntime's MatMulNBits quantizer, which needs onnx-ir (in the test extra)
     assert main(["quantize", str(src), str(tmp_path / "i4.onnx"), "int4", "-q"]) == 0
     assert "MatMulNBits" in {n.op_type for n in onnx.load(tmp_path / "i4.onnx").graph.node}
+    assert "nothing was quantized" not in capsys.readouterr().err
+    # a model int4 finds nothing in (no MatMul): it was reported written, the same model, without a word
+    onnx.save(convnet(), tmp_path / "cnn.onnx")
+    assert main(["quantize", str(tmp_path / "cnn.onnx"), str(tmp_path / "cnn4.onnx"), "int4", "-q"]) == 0
+    assert "warning: nothing was quantized: int4 found no op it takes" in capsys.readouterr().err
 
 
 def test_cli_quantize_bad_paths_are_one_line_errors(f32, tmp_path, capsys):
