@@ -414,7 +414,8 @@ def from_matmul_nbits(b, scales, zero_points=None, *, k: int, n: int, block_size
     w[n, k] = (q - zp) * scale, q the 4-bit code (low nibble first), zp 8 when zero_points is absent.
     block_size >= 32: q4_0 without zero points (d = scale), q4_1 with them (d = scale, m = -zp * scale); exact up
     to the fp16 rounding of d and m. block_size 16 has two scales per 32-value block, which no GGUF block format
-    holds, so it is imported as f16 (exact up to the fp16 rounding of each weight). Where fp16 cannot hold them
+    holds, so it is imported as f16 (exact up to the fp16 rounding of each weight), as is a K that is not a multiple
+    of 32 (the block formats need whole 32-value blocks). Where fp16 cannot hold them
     (d, m or the f16 weights beyond 65504, or nonzero ones below fp16's smallest normal, 2^-14, where its rounding
     loses digits or gives 0) the weights are imported as f32, exact. NaN or infinite scales or zero points are
     refused.
@@ -426,8 +427,6 @@ def from_matmul_nbits(b, scales, zero_points=None, *, k: int, n: int, block_size
         raise InvalidArgumentError(f"MatMulNBits import supports bits=4, got bits={bits}")
     if block_size < 16 or block_size & (block_size - 1):
         raise InvalidArgumentError(f"MatMulNBits block_size must be a power of two >= 16, got {block_size}")
-    if k % BLOCK and block_size != 16:  # block_size 16 is imported as f16, which holds any K
-        raise ShapeError(f"host block formats need K to be a multiple of {BLOCK} (block_size >= 32), got K={k}")
     nblk = -(-k // block_size)
     blob = block_size // 2
     b = np.asarray(b)
@@ -465,7 +464,8 @@ def from_matmul_nbits(b, scales, zero_points=None, *, k: int, n: int, block_size
             raise InvalidArgumentError("MatMulNBits zero_points must be finite")
 
     mz = None if zp is None else -zp * scale  # the q4_1 min of each MatMulNBits block
-    if block_size == 16 or not (_fp16_holds(scale) and (mz is None or _fp16_holds(mz))):
+    # f16/f32 hold any K: block_size 16, K not a multiple of 32 (no whole host blocks), or scales fp16 cannot hold
+    if block_size == 16 or k % BLOCK or not (_fp16_holds(scale) and (mz is None or _fp16_holds(mz))):
         zpv = 8.0 if zp is None else np.repeat(zp, block_size, axis=1)[:, :k]
         w = np.ascontiguousarray((q.astype(np.float32) - zpv) * np.repeat(scale, block_size, axis=1)[:, :k])
         return quantize(w, "f16" if _fp16_holds(w) else "f32")

@@ -30,7 +30,7 @@ def core_kinds(s):
 
 def nbits_model(m=3, k=64, n=48, block=32, zero_points=True, bias=False, seed=0):
     rng = np.random.default_rng(seed)
-    nblk = k // block
+    nblk = -(-k // block)  # the last block padded when block does not divide K
     b = rng.integers(0, 256, (n, nblk, block // 2), dtype=np.uint8)
     scales = (rng.random(n * nblk).astype(np.float32) * 0.05 + 0.01)
     inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S")]
@@ -54,7 +54,8 @@ def nbits_model(m=3, k=64, n=48, block=32, zero_points=True, bias=False, seed=0)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(zero_points=False), dict(block=64, k=128), dict(bias=True, m=1),
-                                dict(block=16, k=48), dict(block=16, k=80, zero_points=False)])
+                                dict(block=16, k=48), dict(block=16, k=80, zero_points=False),
+                                dict(block=32, k=80), dict(block=64, k=40, zero_points=False)])  # f16: K % 32
 def test_matmul_nbits_on_the_c_core(tmp_path, kw):
     path = tmp_path / "nbits.onnx"
     onnx.save(nbits_model(**kw), path)

@@ -2,10 +2,9 @@
 
 At compile time the partition's nodes are scanned for three weight patterns the C core takes (weights imported once):
 
-- ``MatMulNBits`` (com.microsoft, 4-bit, constant B/scales/zero points, K a multiple of 32, any K at block_size
-  16): B imported by
+- ``MatMulNBits`` (com.microsoft, 4-bit, constant B/scales/zero points): B imported by
   ``edgert.from_matmul_nbits`` (q4_0 / q4_1, exact up to the fp16 rounding of each block's scale and min; f16 for
-  block_size 16, f32 where fp16 cannot hold the scales).
+  block_size 16 or a K that is not a multiple of 32, f32 where fp16 cannot hold the scales).
 - ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale)`` (onnxruntime's dynamic int8
   quantization): with int8 weights (``W - w_zero_point`` within int8), one ``et_fc_s8_dyn`` call that does
   onnxruntime's arithmetic — the activations quantized per tensor to uint8 as DynamicQuantizeLinear does, int32 sums,
@@ -237,7 +236,7 @@ def find_core_matmuls(graph, nodes: list[str], threads: int | None = None) -> li
             b, sc = _const(graph, ins[1]), _const(graph, ins[2])
             zp = _const(graph, ins[3])
             bias = _const(graph, ins[5])
-            if (bits != 4 or (k % BLOCK and bs != 16) or b is None or sc is None or (ins[3] and zp is None) or ins[4]
+            if (bits != 4 or b is None or sc is None or (ins[3] and zp is None) or ins[4]
                     or (ins[5] and bias is None) or not _float_input(graph, ins[0])):
                 continue
             if bias is not None and (bias.shape != (n,) or bias.dtype != np.float32):
