@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, check_count
 from . import metrics as M
 from . import thresholds as T
 from .report import MEASURED_HERE, EvalReport, Failure, Side, cost_model, needs_emulation, per_units, ratio_phrase
@@ -108,8 +108,7 @@ def evaluate_llm(reference: Side, candidate: Side, text, limits: dict, *, ctx: i
 
     t_start = time.perf_counter()
     text = _read_text(text)
-    if not isinstance(ctx, int) or ctx < 4:
-        raise InvalidArgumentError(f"ctx must be an int >= 4, got {ctx!r}")
+    ctx = check_count("ctx", ctx, lo=4)  # a numpy integer too, as chunks and threads take
     ref = LLM(reference.path, n_ctx=ctx, threads=reference.threads, progress=False)
     cand = LLM(candidate.path, n_ctx=ctx, threads=candidate.threads, progress=False)
     try:
