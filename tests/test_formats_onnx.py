@@ -61,6 +61,10 @@ def test_graph_outputs_take_the_computed_shape_over_a_stale_declared_one():
     assert not [w for w in g.warnings if "'nz'" in w]
     assert m.SerializeToString() == before
     assert load_onnx(m, dims={"N": 4}).tensors["y"].shape == (4, 3)
+    # a declared name is not stale: it stays over inference's own name for the same dim, as onnxruntime reports it
+    named = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [
+        helper.make_tensor_value_info("y", T.FLOAT, ["batch", 3])]), opset_imports=[helper.make_opsetid("", 17)])
+    assert load_onnx(named).tensors["y"].shape == ("batch", 3) and not load_onnx(named).warnings
 
 
 def test_values_that_are_not_tensors_carry_their_type():

@@ -726,8 +726,8 @@ def _merge_declared_output_shapes(inferred, declared: Mapping) -> list[str]:
         for g, w in zip(got.dim, want.dim):
             if g.HasField("dim_value"):
                 clash |= w.HasField("dim_value") and g.dim_value != w.dim_value
-            elif not g.dim_param or g.dim_param.startswith("unk__"):
-                g.CopyFrom(w)
+            elif not g.dim_param or g.dim_param.startswith("unk__") or w.HasField("dim_param"):
+                g.CopyFrom(w)  # a name the model declares is kept over inference's (onnxruntime reports it too)
         if clash:
             notes.append(f"output {o.name!r} declares shape {text(want)} but the model computes {text(got)}: the "
                          "computed shape is used, as onnxruntime does")
