@@ -223,8 +223,8 @@ def cmd_serve(args) -> int:
     finally:
         for sock in sockets:
             sock.close()
-        if llm is not None:  # waits for a step a generation still has in flight (Ctrl+C), then frees the model
-            llm.close()
+        if llm is not None:  # a step a generation still has in flight (Ctrl+C) gets the shutdown timeout, as
+            llm.close(timeout=args.shutdown_timeout)  # open responses do; past it the process ends with the model
     return 0
 
 

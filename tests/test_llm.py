@@ -295,8 +295,9 @@ def test_good_token_ids_in_any_integer_form(llm):
 def test_calls_after_close_say_the_model_is_closed(tiny_path, call):
     m = LLM(str(tiny_path), n_ctx=32)
     m.close()
-    with pytest.raises(edgert.InvalidArgumentError, match="the model is closed"):
+    with pytest.raises(edgert.InvalidArgumentError, match="the model is closed") as e:
         call(m)
+    assert "while this generation ran" not in str(e.value)  # it started after close()
     m.close()  # closing twice is fine
 
 
@@ -433,6 +434,38 @@ def test_close_from_another_thread_waits_for_the_step_in_flight(tiny_path):
     assert "the model is closed" in str(errors[0]) and "LLM.close() was called" in str(errors[0])
     with pytest.raises(edgert.InvalidArgumentError, match="the model is closed"):
         llm.generate("the", max_tokens=2)
+
+
+def test_close_with_a_timeout_gives_up_on_a_step_that_outlasts_it(tiny_path):
+    """edgert serve closes the model on Ctrl+C with its shutdown timeout: a prefill step longer than that made the
+    process wait for the whole step. close(timeout) returns False then, the model left mapped, and the generation
+    still ends with the closed error at its next step."""
+    llm = LLM(str(tiny_path), n_ctx=128)
+    real, entered, release = llm.model.forward, threading.Event(), threading.Event()
+
+    def stuck_forward(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    llm.model.forward = stuck_forward
+    errors = []
+
+    def run():
+        try:
+            llm.generate("the hat", max_tokens=5, temperature=0)
+        except edgert.EdgertError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert entered.wait(10)
+    t0 = time.perf_counter()
+    assert llm.close(timeout=0.05) is False and time.perf_counter() - t0 < 1.0
+    release.set()
+    t.join(10)
+    assert len(errors) == 1 and "LLM.close() was called while this generation ran" in str(errors[0])
+    assert llm.close() is True  # nothing in flight now: freed
 
 
 def test_close_inside_a_stream_loop_ends_the_stream_with_an_error(tiny_path):

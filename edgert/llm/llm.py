@@ -302,7 +302,7 @@ class LLM:
         n_prompt = len(prompt_ids)
         common = 0
         with self._lock:
-            self._check_open()
+            self._check_open(running=False)
             self._epoch += 1
             epoch = self._epoch
             limit = min(len(self._kv), n_prompt - 1)  # always run at least one prompt token to get logits
@@ -411,23 +411,31 @@ class LLM:
             self._epoch += 1
             self._kv = []
 
-    def _check_open(self) -> None:
-        """Under the lock, before each step of a generation: the error close() leaves it with (a stream closed from
-        its own loop, or a generation another thread closed the LLM under), before any C call on the freed model."""
+    def _check_open(self, running: bool = True) -> None:
+        """Under the lock, before each step of a generation (``running``: not its first): the error close() leaves
+        it with (a stream closed from its own loop, or a generation another thread closed the LLM under), before any
+        C call on the freed model."""
         if self._closed:
-            raise InvalidArgumentError(f"the model is closed ({self.path}): LLM.close() was called while this "
-                                       "generation ran; load it again to use it")
+            raise InvalidArgumentError(f"the model is closed ({self.path}): " + (
+                "LLM.close() was called while this generation ran; " if running else "") + "load it again to use it")
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> bool:
         """Free the model. A call in progress on another thread (generate, chat, a stream, logits) first finishes
-        the step it is in (a chunk of the prompt's prefill or one token): close() waits for it; the generation then
-        ends with InvalidArgumentError ("the model is closed"), as every later call does. Safe from inside a
-        stream's loop."""
+        the step it is in (a chunk of the prompt's prefill or one token): close() waits for it, at most ``timeout``
+        seconds when given; the generation then ends with InvalidArgumentError ("the model is closed"), as every
+        later call does. Safe from inside a stream's loop. False when the timeout passed first: the model stays
+        mapped (the process is ending, say) and the generation still ends at its next step."""
         self._closed = True
-        with self._lock:  # never while a C call runs on the model: it reads the weights close() unmaps
+        # never while a C call runs on the model: it reads the weights close() unmaps
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(float(timeout), 0.0)):
+            return False
+        try:
             self._epoch += 1
             self._kv = []
             self.model.close()
+        finally:
+            self._lock.release()
+        return True
 
     def __enter__(self):
         return self
