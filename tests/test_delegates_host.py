@@ -285,10 +285,10 @@ def test_faster_of_keeps_the_faster_compilation_and_closes_the_other(monkeypatch
     specs = {"x": ((2, 3), np.dtype(np.float32)), "y": ((2, 3), np.dtype(np.int8))}
     slow, fast = Fake(0.004), Fake(1e-6)
     assert faster_of(slow, fast, specs, runs=5) is fast and slow.closed and not fast.closed
-    # two untimed runs each (warm-up, block size), then 5 blocks, each starting with AUTO_TIMING_WARM_S untimed:
-    # one warm and one timed run per block for the slow one (4 ms is enough for both), for the 1 us one ~200 warm
-    # and ~500 timed (blocks of at least AUTO_TIMING_BLOCK_S)
-    assert slow.runs == 2 + 5 * 2 and fast.runs > 2 + 5 * 600
+    # two untimed runs each (warm-up, block size), then 5 blocks: one timed run per block for the slow one (4 ms is
+    # enough for the clock, and a one-call block has no untimed start), for the 1 us one ~200 untimed
+    # (AUTO_TIMING_WARM_S) and ~500 timed (blocks of at least AUTO_TIMING_BLOCK_S)
+    assert slow.runs == 2 + 5 and fast.runs > 2 + 5 * 600
     slow, fast = Fake(0.004), Fake(1e-6)
     assert faster_of(fast, slow, specs, runs=5) is fast and slow.closed and not fast.closed
 
