@@ -613,7 +613,9 @@ class Session:
                     sent = {t.tensor for t in p.transfers_into(part.id) if t.direction == "to_device"}
                     opts["resident_outputs"] = [t for t in part.outputs if t not in back]
                     opts["resident_inputs"] = [t for t in part.inputs if t not in sent]
-            compiled.append(d.compile(part, export, unit, opts))
+            # a delegate that translates nodes itself (serial-npu) gets the bound graph: it needs every shape, and
+            # the model as written left a symbolic batch unknown to it (the partition ran on the host every time)
+            compiled.append(d.compile(part, graph if getattr(d, "needs_static_shapes", False) else export, unit, opts))
 
         # where each tensor must be: (side, tensor)
         need: list[tuple[str, str]] = []

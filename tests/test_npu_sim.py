@@ -251,6 +251,27 @@ def test_a_cortex_m4_sized_device_gets_graphs_and_tensors_that_fit(monkeypatch):
             sess.close()
 
 
+def test_a_model_with_a_symbolic_batch_runs_on_the_device():
+    """compile got the model as written: a symbolic batch left the translation without static shapes, so the
+    partition planned on the device ran on the host at every run (nothing over the link, the plan's bytes counted).
+    It gets the graph with the session's dims bound: each batch size runs on the device, bit for bit."""
+    model = int8_mlp()
+    for v in (model.graph.input[0], model.graph.output[0]):
+        d = v.type.tensor_type.shape.dim[0]
+        d.ClearField("dim_value")
+        d.dim_param = "B"
+    with sim() as s:
+        sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="forbid",
+                              device_options={"url": s.url}, telemetry=False)
+        for b in (4, 2, 4):
+            x = np.random.default_rng(b).integers(-128, 128, (b, 64)).astype(np.int8)
+            np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ort_run(model, {"x": x})[0])
+            (part,) = [c for c, p in zip(sess._bound.compiled, sess.plan.partitions) if p.delegate == "serial-npu"]
+            assert part.runs_on_device >= 1 and part.runs_on_host == 0
+        assert sess.stats()["bytes_over_link"] > 0 and sess.stats()["failovers"] == 0
+        sess.close()
+
+
 def test_forbid_refuses_a_device_that_does_not_answer_at_creation():
     """fallback="forbid" on a serial NPU that gave no HELLO made a Session whose plan named the device, and every run
     then completed on the host: the CPU fallback forbid rules out. It is a DeviceError at creation; with "allow" the

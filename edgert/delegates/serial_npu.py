@@ -977,6 +977,7 @@ class SerialNpuDelegate(Delegate):
     """Runs partitions on a serial NPU; see the module docstring."""
 
     keeps_tensors_resident = True
+    needs_static_shapes = True  # compile gets the graph with the session's dims bound (translate_pieces)
 
     @classmethod
     def available(cls, unit: Any = None) -> tuple[bool, str]:
