@@ -305,9 +305,12 @@ def device_state(url: str, opts: Mapping[str, Any] | None = None) -> DeviceState
         return st
 
 
-def _release(st: DeviceState) -> None:
+def _release(st: DeviceState, ref: int = 1) -> None:
+    """Give back ``ref`` references (0: none, e.g. refine_unit's look, which took none) and, when none is left,
+    close the device's connection and forget the state. Checked under the lock: a partition another thread is
+    making meanwhile keeps the state (refine_unit's own check, outside the lock, dropped it under that partition)."""
     with _STATES_LOCK:
-        st.refs -= 1
+        st.refs -= ref
         if st.refs <= 0:
             with st.lock:
                 st.free_tensors()
@@ -1017,8 +1020,7 @@ class SerialNpuDelegate(Delegate):
             log.warning("serial-npu %s: no HELLO (%s); planning with the profile's op list", url, exc)
             return unit
         finally:
-            if st.refs <= 0:
-                _release(st)
+            _release(st, ref=0)  # no partition holds it yet: planning's connection is closed
         dev_ops = set(info.ops)
         ops = {k: v for k, v in unit.ops.items() if PROFILE_OP_DEVICE_OPS.get(k, set()) & dev_ops}
         dtypes = tuple(d for d in unit.dtypes if d in info.dtypes or d in ("int64",))
