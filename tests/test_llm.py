@@ -400,6 +400,21 @@ def test_close_from_another_thread_during_a_prefill_does_not_crash(tmp_path):
     assert "the model is closed" in proc.stdout and "LLM.close() was called" in proc.stdout, proc.stdout
 
 
+def _generate_in_thread(llm, max_tokens: int):
+    """A greedy generate on a new thread: (the started thread, the list its edgert error lands in)."""
+    errors = []
+
+    def run():
+        try:
+            llm.generate("the hat", max_tokens=max_tokens, temperature=0)
+        except edgert.EdgertError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, errors
+
+
 def test_close_from_another_thread_waits_for_the_step_in_flight(tiny_path):
     """close() during a generate on another thread: the step in flight finishes on a live model, the generation
     ends with the closed error at its next step (close waits for one step, not for the whole run)."""
@@ -416,16 +431,7 @@ def test_close_from_another_thread_waits_for_the_step_in_flight(tiny_path):
         return out
 
     llm.model.forward = slow_forward
-    errors = []
-
-    def run():
-        try:
-            llm.generate("the hat", max_tokens=50, temperature=0)
-        except edgert.EdgertError as exc:
-            errors.append(exc)
-
-    t = threading.Thread(target=run)
-    t.start()
+    t, errors = _generate_in_thread(llm, 50)
     assert entered.wait(10)
     llm.close()
     assert calls == ["done", "done"]  # close() returned after the step in flight, and no step ran after it
@@ -449,16 +455,7 @@ def test_close_with_a_timeout_gives_up_on_a_step_that_outlasts_it(tiny_path):
         return real(*args, **kwargs)
 
     llm.model.forward = stuck_forward
-    errors = []
-
-    def run():
-        try:
-            llm.generate("the hat", max_tokens=5, temperature=0)
-        except edgert.EdgertError as exc:
-            errors.append(exc)
-
-    t = threading.Thread(target=run)
-    t.start()
+    t, errors = _generate_in_thread(llm, 5)
     assert entered.wait(10)
     t0 = time.perf_counter()
     assert llm.close(timeout=0.05) is False and time.perf_counter() - t0 < 1.0
