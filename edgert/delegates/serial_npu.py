@@ -286,12 +286,13 @@ def _graph_users(url: str, graph_hash: int, delta: int) -> None:
             _GRAPH_USERS.pop((url, graph_hash), None)
 
 
-def device_state(url: str, opts: Mapping[str, Any] | None = None) -> DeviceState:
+def device_state(url: str, opts: Mapping[str, Any] | None = None, ref: bool = False) -> DeviceState:
     """The process's one state for the device at ``url``. Every Session's options are checked, not only the first
     one's. Sessions of a process share the device's connection, so a later Session cannot change its link settings
     while another is alive: it keeps them, with a RuntimeWarning saying so (they were ignored without a word). A
     Session dropped without close() holds none: its partitions' references go when they are collected
-    (``_collected``), so the next Session gets a fresh state with its own options."""
+    (``_collected``), so the next Session gets a fresh state with its own options. ``ref``: the caller takes a
+    reference (a partition's, given back by ``_release``)."""
     _reap()
     with _STATES_LOCK:
         st = _STATES.get(url)
@@ -302,6 +303,8 @@ def device_state(url: str, opts: Mapping[str, Any] | None = None) -> DeviceState
                         f"{st.link_args['baudrate']}, timeout_s={st.link_args['timeout']}, retries="
                         f"{st.link_args['retries']}, retry_after_s={st.retry_after_s}; this Session shares that "
                         f"connection and keeps those settings (close the other Sessions first to change them)")
+        if ref:  # taken under the lock: no other thread's release can drop the state before the caller holds it
+            st.refs += 1
         return st
 
 
@@ -803,9 +806,7 @@ class SerialNpuPartition(CompiledPartition):
             self._read_later[j] = self._read_later[j + 1] | set(self.graphs[j + 1].inputs)
         # the first (nearly always the only) graph; None: the partition runs on the host
         self.blob = self.graphs[0].blob if self.graphs else None
-        self.between = dict(between or {})
-        with _STATES_LOCK:
-            state.refs += 1
+        self.between = dict(between or {})  # ``state`` comes with this partition's reference (device_state(ref=True))
         for g in self.graphs:
             _graph_users(state.url, g.hash, +1)
         # a Session dropped without close(): its reference and graph users are given back when it is collected
@@ -1064,7 +1065,7 @@ class SerialNpuDelegate(Delegate):
             # device cannot run exactly stays on the host, the partition's tensors kept as the plan laid them out
             log.warning("%s; partition %s runs on the host", exc, getattr(partition, "id", "?"))
             pieces = []
-        st = device_state(url, opts)
+        st = device_state(url, opts, ref=True)  # the partition's reference
         between = {n: tensor_nbytes(graph.tensors[n].dtype, graph.tensors[n].concrete_shape())
                    for _, _, outs in pieces for n in outs if n not in partition.outputs}
         return SerialNpuPartition(st, pieces, partition.inputs, partition.outputs, host_partition,
