@@ -6,8 +6,9 @@ device-side staging buffer (``to_device``) -> partition 2 -> counted copy back (
 Every tensor that crosses a partition boundary (and every graph input and output) lives in a buffer of a
 ``PinnedPool`` laid out once per binding of the model's dims (at creation, or at the first run for a model with
 symbolic dims); the copies follow the plan's transfer list, so the bytes counted equal the plan's. The exception is
-a graph output whose shape the data decides, made on the host and read by no other partition: once a run has changed
-its shape, the partition's runtime allocates it at each run (``_Bound.allocated``). A tensor between
+a graph output whose shape the data decides, made on the host and read by no other partition: when a value-sized op
+(NonZero, ...) makes it, or once a run has changed its shape, the partition's runtime allocates it at each run
+(``_Bound.allocated``). A tensor between
 two partitions of one unit whose delegate keeps tensors resident (serial-npu) has no transfer: it stays on the device
 (the delegate is told which of its partition's inputs and outputs those are) and no host buffer is copied for it.
 
@@ -116,6 +117,27 @@ class _Bound:
     # buffer); results[output] is the last run's array
     allocated: dict = dataclasses.field(default_factory=dict)
     can_allocate: tuple = ()        # the graph outputs that could be (allocated once their shape has changed)
+
+
+# ops whose output size is decided by their input values, whatever the shapes: NonZero's count of nonzeros, ...
+VALUE_SIZED_OPS = frozenset({"NonZero", "Unique", "NonMaxSuppression", "Compress"})
+# ops that keep their input's element count: an output reached through them from a VALUE_SIZED op is sized by values
+_SIZE_KEEPING_OPS = frozenset({"Cast", "Identity", "Neg", "Abs", "Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt",
+                               "Not", "Floor", "Ceil", "Round", "Sign", "Transpose"})
+
+
+def _value_sized(graph: Graph, name: str) -> bool:
+    """Whether tensor ``name`` comes from a VALUE_SIZED op through ops that keep its element count."""
+    node = graph.producer(name)
+    for _ in range(16):
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type in VALUE_SIZED_OPS:
+            return True
+        if node.op_type not in _SIZE_KEEPING_OPS or not node.inputs:
+            return False
+        node = graph.producer(node.inputs[0])
+    return False
 
 
 def _load(src) -> Graph:
@@ -656,15 +678,16 @@ class Session:
         # a graph output whose shape the data decides (probed: NonZero's count), made on the host and handed to no
         # other partition, can be allocated by the partition's runtime at each run, as onnxruntime returns it: a
         # pool buffer of the probed size failed every run whose count differed (a re-layout and two onnxruntime
-        # error lines each time). It is, once its shape has changed (_shape_varies): a probed shape that never does
-        # (an If's branch output) keeps its pool buffer, bound once (the runtime's allocation cost silero_vad 8 us
-        # a run, 11%). One crossing a link or read by another partition keeps its probed buffer
+        # error lines each time). It is from the start when an op whose output size is the data's makes it
+        # (_value_sized), else once its shape has changed (_shape_varies): a probed shape that never does (an If's
+        # branch output) keeps its pool buffer, bound once (the runtime's allocation cost silero_vad 8 us a run,
+        # 11%). One crossing a link or read by another partition keeps its probed buffer
         moved = {tr.tensor for tr in p.transfers} | {t for part in p.partitions for t in part.inputs}
         data_shaped = set(unknown)
         can_allocate = {t: producer[t] for t in dict.fromkeys(graph.outputs) if t in data_shaped and t in producer
                         and t not in moved and _side(p, p.partitions[producer[t]].unit) == HOST
                         and getattr(compiled[producer[t]], "allocates_outputs", False)}
-        allocated = {t: k for t, k in can_allocate.items() if t in self._shape_varies}
+        allocated = {t: k for t, k in can_allocate.items() if t in self._shape_varies or _value_sized(graph, t)}
 
         spec = {t: (graph.tensors[t].concrete_shape(), np.dtype(graph.tensors[t].dtype)) for _, t in need}
 
