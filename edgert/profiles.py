@@ -47,17 +47,17 @@ DELEGATE_OPTIONS: dict[str, tuple[set[str], set[str]]] = {
 }
 
 
-def _registered_delegates() -> dict[str, Any]:
-    """name -> Delegate class of every delegate registered with ``edgert.delegates.register``. The registry lives in
-    that package, a layer above this one: it is read where it is when the package is loaded (nothing can have been
-    registered before), never imported from here."""
-    base = sys.modules.get("edgert.delegates.base")
-    return {} if base is None else {n: base.get(n) for n in base.registered()}
+def _registry():
+    """``edgert.delegates.base``, where delegates are registered, or None. That package is a layer above this one: the
+    registry is read where it is when the package is loaded (nothing can have been registered before), never imported
+    from here."""
+    return sys.modules.get("edgert.delegates.base")
 
 
 def known_delegates() -> tuple[str, ...]:
     """The names a unit's ``delegate`` may take: edgert's own (``DELEGATES``) and every registered one."""
-    return DELEGATES + tuple(n for n in sorted(_registered_delegates()) if n not in DELEGATES)
+    base = _registry()
+    return DELEGATES + tuple(n for n in sorted(base.registered() if base else ()) if n not in DELEGATES)
 
 
 # ---- the model ----------------------------------------------------------------------------------------------
@@ -692,9 +692,9 @@ def runtime_status(unit: ComputeUnit) -> tuple[bool, str]:
         if want:
             return (any(p["device"] == want for p in ports), f"port {want}")
         return (bool(ports), f"{len(ports)} serial port(s) present" if ports else "no serial ports")
-    cls = _registered_delegates().get(d)
-    if cls is not None:  # a delegate registered with edgert.delegates.register: its own answer
-        return cls.available(unit)
+    base = _registry()
+    if base is not None and d in base.registered():  # a delegate registered with edgert.delegates.register
+        return base.get(d).available(unit)
     return False, f"unknown delegate {d}"  # pragma: no cover - validation rejects these
 
 

@@ -743,8 +743,7 @@ class Session:
                     bound_run()
                     for k, t in slots:
                         fast_out[k] = results[t] = made[t]
-            bound.fast = (tuple((t, bound.feeds[t], spec[t][0], spec[t][1]) for t in graph.inputs), run,
-                          fast_out if allocated else tuple(fast_out))
+            bound.fast = (tuple((t, bound.feeds[t], spec[t][0], spec[t][1]) for t in graph.inputs), run, fast_out)
         return bound
 
     def _probe(self, graph: Graph, names: list[str], feeds) -> dict:

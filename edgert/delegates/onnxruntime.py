@@ -204,7 +204,7 @@ class OnnxruntimePartition(CompiledPartition):
             self._new_binding()
             raise DeviceError(f"onnxruntime failed running a partition ({', '.join(self.providers)}): {exc}") from exc
         if alloc:
-            values = (self._iob_raw or self._binding).get_outputs()
+            values = (self._iob_raw if self._iob_raw is not None else self._binding).get_outputs()
             for name, k in alloc.items():
                 outputs[name] = self._made[name] = values[k].numpy()
 
