@@ -223,8 +223,8 @@ def cmd_serve(args) -> int:
     finally:
         for sock in sockets:
             sock.close()
-        if llm is not None:  # a step a generation still has in flight (Ctrl+C) gets the shutdown timeout, as
-            llm.close(timeout=args.shutdown_timeout)  # open responses do; past it the process ends with the model
+        if llm is not None:  # the server's stop already gave a step still in flight (Ctrl+C) the shutdown timeout:
+            llm.close(timeout=0)  # freed if it ended, else the process ends with the model
     return 0
 
 

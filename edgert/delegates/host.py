@@ -475,6 +475,7 @@ class HostPartition(CompiledPartition):
         for s in self.steps:
             if isinstance(s, _Segment):
                 s.ort.close()
+        self._on_ort.clear()  # the non-finite fallbacks' onnxruntime sessions
 
 
 class HostDelegate(Delegate):

@@ -154,8 +154,8 @@ def resolve(kind: str, *sources) -> dict[str, float | None]:
     for src in sources:
         if src is None:
             continue
-        where = "thresholds"
-        if isinstance(src, (str, os.PathLike)):
+        where, from_file = "thresholds", isinstance(src, (str, os.PathLike))
+        if from_file:
             where = f"thresholds file {src}"
             src = load_toml(src)
         if not isinstance(src, dict):
@@ -164,7 +164,7 @@ def resolve(kind: str, *sources) -> dict[str, float | None]:
         section = _section(src, kind, where)
         # a file, or a dict with sections, may serve both kinds: a top-level key of the other kind's is skipped; a
         # flat dict is this evaluation's own thresholds, where such a key is a mistake (it would never be checked)
-        shared = where != "thresholds" or any(k in src for k in KINDS)
+        shared = from_file or any(k in src for k in KINDS)
         for k, v in {**flat, **section}.items():
             if k not in table:
                 other = [o for o in KINDS if o != kind and k in TABLES[o]]

@@ -234,7 +234,7 @@ class LLM:
                 telemetry.record({"source": "llm", "model": self.name, "prompt_tokens": len(ids) if ids else 0,
                                   "completion_tokens": 0, "latency_s": time.perf_counter() - t0,
                                   "finish_reason": "rejected", "status": 400 if isinstance(exc, EdgertError) else 500,
-                                  "error": f"{type(exc).__name__}: {exc}"})
+                                  "error": exc})  # recorded as "Type: message"
             raise
 
     def _stream(self, it):
@@ -430,8 +430,7 @@ class LLM:
         if not self._lock.acquire(timeout=-1 if timeout is None else max(float(timeout), 0.0)):
             return False
         try:
-            self._epoch += 1
-            self._kv = []
+            self.reset()  # a stream still open ends
             self.model.close()
         finally:
             self._lock.release()
