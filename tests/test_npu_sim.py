@@ -349,6 +349,12 @@ def _one_node_blob(op, ins, y, attrs=()):
     return P.encode_graph(tensors, [P.BlobNode(op, ids, len(tensors) - 1, list(attrs))], graph_in, [len(tensors) - 1])
 
 
+def _tv(dtype, values):
+    """a constant holding ``values`` (a scalar or a 1-D list)"""
+    v = np.asarray(values, dtype)
+    return P.BlobTensor(dtype, v.shape, v.tobytes())
+
+
 I8, U8, I32, F32 = "int8", "uint8", "int32", "float32"
 _CONV = [1, 1, 1, 1, 1, 1, 1, 1, 1]  # group, strides, pads (1 each side), dilations
 
@@ -371,6 +377,14 @@ MIRROR_CASES = [  # (op, inputs, output, attributes): accepted and refused nodes
                        _t(I8, (4,), 1), _t(F32, (), 1), _t(I8, (), 1)], _t(I8, (3, 4)), []),
     ("QLinearMatMul", [_t(I8, (3, 8)), _t(F32, (), 1), _t(I8, (), 1), _t(I8, (8, 4), 1), _t(F32, (), 1),
                        _t(I8, (), 1), _t(F32, (), 1), _t(U8, (), 1)], _t(I8, (3, 4)), []),  # y_zp's dtype
+    # requantization scales s_a * s_b[c] / s_y: zero, negative, NaN, overflowing (refused); both negative (taken)
+    *[("QLinearMatMul", [_t(I8, (3, 8)), _tv(F32, sa), _t(I8, (), 1), _t(I8, (8, 4), 1), _tv(F32, sb),
+                         _t(I8, (4,), 1), _tv(F32, sy), _t(I8, (), 1)], _t(I8, (3, 4)), [])
+      for sa, sb, sy in ((0.1, [0.2] * 4, 0.0), (0.1, [0.2, 0.3, -0.1, 0.2], 0.5), (np.nan, 0.2, 0.5),
+                         (1e30, [1e30] * 4, 1.0), (0.1, 0.2, np.inf), (-0.1, -0.2, 0.5), (1e-30, 1e-30, 1e10))],
+    ("QLinearConv", [_t(I8, (1, 4, 8, 8)), _tv(F32, 0.1), _t(I8, (), 1), _t(I8, (4, 4, 3, 3), 1),
+                     _tv(F32, [0.2, 0.0, 0.2, 0.2]), _t(I8, (), 1), _tv(F32, 0.5), _t(I8, (), 1), None],
+     _t(I8, (1, 4, 8, 8)), _CONV),
     _qconv(), _qconv(bias=_t(I32, (4,), 1)), _qconv(bias=_t(I32, (3,), 1)), _qconv(w_s=(4,)), _qconv(w_s=(3,)),
     _qconv(y_shape=(1, 4, 7, 7)), _qconv(attrs=[3] + _CONV[1:]), _qconv(attrs=[1, 0] + _CONV[2:]),
     _qconv(attrs=_CONV[:3] + [256] + _CONV[4:]), _qconv(w=(4, 2, 3, 3), attrs=[2] + _CONV[1:]),
@@ -408,6 +422,29 @@ def test_the_hosts_node_check_is_the_firmwares():
             refused += why is not None
         assert 0 < refused < len(MIRROR_CASES)
         dev.close()
+
+
+@pytest.mark.parametrize("y3s", [0.0, -0.2, np.nan])
+def test_a_qlinear_node_without_a_usable_requantization_scale_runs_on_the_host(y3s):
+    """The firmware requantized with whatever s_a * s_b / s_y came out (zero, negative, NaN): an answer nobody
+    defines and onnxruntime's differs from. LOAD_COMMIT refuses such a node (graph.c: qlinear_scales_ok), the
+    planner asks the same check, so the node runs on the host: outputs equal onnxruntime's; forbid names it."""
+    from onnx import numpy_helper
+
+    model = int8_cnn()
+    for t in model.graph.initializer:
+        if t.name == "y3s":
+            t.CopyFrom(numpy_helper.from_array(np.array(y3s, np.float32), "y3s"))
+    with sim() as s:
+        with pytest.raises(edgert.UnsupportedOpError, match="node 'fc'.*s_a \\* s_b / s_y must be a positive finite"):
+            session(model, s.url)
+        sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
+                              device_options={"url": s.url}, telemetry=False)
+        f = feeds(model, np.random.default_rng(5))
+        np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        assert sess.plan.assignment["fc"] == "cpu" and sess.stats()["failovers"] == 0
+        assert {sess.plan.assignment[n] for n in ("conv1", "dw2")} == {"npu"}
+        sess.close()
 
 
 # graphs a kernel would divide by zero on, every other rule kept: (op, inputs, output, attributes, why refused)

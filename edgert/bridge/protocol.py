@@ -155,6 +155,15 @@ class BlobNode:
 _Q8 = ("int8", "uint8")
 
 
+def requant_scales_ok(sa: BlobTensor, sb: BlobTensor, sy: BlobTensor) -> bool:
+    """Whether every output channel's requantization scale ``s_a * s_b[c] / s_y`` of a QLinear node, in float32 in
+    that order as the firmware computes it, is a positive finite float (graph.c: qlinear_scales_ok)."""
+    f = [np.frombuffer(t.data, "<f4") for t in (sa, sb, sy)]
+    with np.errstate(all="ignore"):
+        v = (f[0][0] * f[1]) / f[2][0]
+    return bool(((v > 0) & np.isfinite(v)).all())
+
+
 def node_problem(op: str, ins: list, y: BlobTensor, attrs: list) -> str | None:
     """Why the reference firmware would refuse node ``op`` (its input tensors, None for an absent one; its output;
     its attributes) at LOAD_COMMIT, in the firmware's own words (graph.c: fw_graph_parse's per-tensor and per-node
@@ -197,6 +206,8 @@ def node_problem(op: str, ins: list, y: BlobTensor, attrs: list) -> str | None:
                                         and param_ok(at(6), "float32", 0) and y.dtype in _Q8
                                         and param_ok(at(7), y.dtype, 0))):
             return "QLinearMatMul: scales/zero points must be constants of the right dtype"
+        if q and not requant_scales_ok(at(1), at(4), at(6)):
+            return "QLinearMatMul: s_a * s_b / s_y must be a positive finite float32"
         if not q and (len(ins) > 4 or y.dtype != "int32" or not (at(2) is None or param_ok(at(2), a.dtype, 0))
                       or not (at(3) is None or param_ok(at(3), b.dtype, n))):
             return "MatMulInteger: int32 output, constant zero points"
@@ -223,6 +234,8 @@ def node_problem(op: str, ins: list, y: BlobTensor, attrs: list) -> str | None:
                                                  and param_ok(at(6), "float32", 0) and y.dtype in _Q8
                                                  and param_ok(at(7), y.dtype, 0))):
             return "QLinearConv: scales/zero points must be constants of the right dtype"
+        if q and not requant_scales_ok(at(1), at(4), at(6)):
+            return "QLinearConv: s_x * s_w / s_y must be a positive finite float32"
         if q and at(8) is not None and (at(8).dtype != "int32" or numel(at(8)) != m or at(8).data is None):
             return "QLinearConv: bias must be a constant int32 (M)"
         if not q and (len(ins) > 4 or y.dtype != "int32" or not (at(2) is None or param_ok(at(2), a.dtype, 0))

@@ -14,6 +14,7 @@
  * fixed-point qs8 add with the multipliers, bias and shift the host derived; AVERAGE_POOL_2D is TFLite's integer
  * mean over the taps inside the input, rounded half away from zero (XNNPACK does not take int8 average pooling).
  */
+#include <float.h>
 #include <string.h>
 
 #include "graph.h"
@@ -82,6 +83,16 @@ static float f32_at(const fw_tensor *t, uint32_t i) {
     float v;
     memcpy(&v, t->data + 4u * (numel(t) == 1 ? 0 : i), 4);
     return v;
+}
+/* QLinearMatMul / QLinearConv (params checked by param_ok): every output channel's requantization scale
+ * s_a * s_b[c] / s_y, in float32 as the kernels compute it, is a positive finite float. Anything else (a zero,
+ * negative, NaN or overflowing scale) has no meaning the kernels could share with onnxruntime's. */
+static int qlinear_scales_ok(const fw_tensor *sa, const fw_tensor *sb, const fw_tensor *sy, uint32_t ch) {
+    for (uint32_t c = 0; c < ch; c++) {
+        float v = f32_at(sa, 0) * f32_at(sb, c) / f32_at(sy, 0);
+        if (!(v > 0.0f && v <= FLT_MAX)) return 0;
+    }
+    return 1;
 }
 static int32_t zp_at(const fw_tensor *t, uint32_t i) {
     if (t == NULL) return 0;
@@ -202,6 +213,8 @@ static int check_node(fw_graph *g, fw_node *n, const char **msg) {
                 !param_ok(in_t(g, n, 4), FW_DT_FLOAT32, nn) || !param_ok(in_t(g, n, 5), b->dtype, nn) ||
                 !param_ok(in_t(g, n, 6), FW_DT_FLOAT32, 0) || !is_q8(y->dtype) || !param_ok(in_t(g, n, 7), y->dtype, 0))
                 FAIL(FW_ERR_GRAPH, "QLinearMatMul: scales/zero points must be constants of the right dtype");
+            if (!qlinear_scales_ok(in_t(g, n, 1), in_t(g, n, 4), in_t(g, n, 6), nn))
+                FAIL(FW_ERR_GRAPH, "QLinearMatMul: s_a * s_b / s_y must be a positive finite float32");
         } else {
             if (n->n_in > 4 || y->dtype != FW_DT_INT32 || !opt_param_ok(in_t(g, n, 2), a->dtype, 0) ||
                 !opt_param_ok(in_t(g, n, 3), b->dtype, nn))
@@ -236,6 +249,8 @@ static int check_node(fw_graph *g, fw_node *n, const char **msg) {
                 !param_ok(in_t(g, n, 5), w->dtype, M) || !param_ok(in_t(g, n, 6), FW_DT_FLOAT32, 0) || !is_q8(y->dtype) ||
                 !param_ok(in_t(g, n, 7), y->dtype, 0))
                 FAIL(FW_ERR_GRAPH, "QLinearConv: scales/zero points must be constants of the right dtype");
+            if (!qlinear_scales_ok(in_t(g, n, 1), in_t(g, n, 4), in_t(g, n, 6), M))
+                FAIL(FW_ERR_GRAPH, "QLinearConv: s_x * s_w / s_y must be a positive finite float32");
             const fw_tensor *bias = in_t(g, n, 8);
             if (bias && (bias->dtype != FW_DT_INT32 || numel(bias) != M || !bias->is_const))
                 FAIL(FW_ERR_GRAPH, "QLinearConv: bias must be a constant int32 (M)");
