@@ -953,6 +953,32 @@ def test_the_emulator_is_built_from_its_own_sources(tmp_path, monkeypatch):
     assert firmware_version("a") == (va, exe_a) and exe_a.stat().st_mtime_ns == built  # not built again
 
 
+def test_stale_emulator_builds_are_removed(tmp_path, monkeypatch):
+    """Every other source tree or compiler made a build directory of its own, and they accumulated for ever. A build
+    unused for STALE_BUILD_S goes when a build is next asked for; a recent one stays, one whose lock is held (a
+    process building there) stays, and anything that is not a build directory is left alone."""
+    import fcntl
+
+    from edgert.bridge import sim as sim_module
+
+    monkeypatch.setenv("EDGERT_HOME", str(tmp_path))
+    root = tmp_path / "npu-sim"
+    old = time.time() - sim_module.STALE_BUILD_S - 60
+    dirs = {}
+    for name in ("stale", "recent", "locked", "foreign"):
+        d = dirs[name] = root / name
+        d.mkdir(parents=True)
+        (d / "npu-sim").write_bytes(b"x")
+        if name != "foreign":
+            (d / ".lock").write_text("")
+        os.utime(d, (old, old) if name != "recent" else None)
+    with open(dirs["locked"] / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        exe = sim_module.build(False)
+    assert exe.is_file() and exe.parent.parent == root
+    assert sorted(p.name for p in root.iterdir()) == sorted([exe.parent.name, "recent", "locked", "foreign"])
+
+
 @pytest.mark.parametrize("kw", [{"baud": -1}, {"baud": float("nan")}, {"ops_per_s": float("inf")}, {"drop": 2},
                                 {"corrupt": -0.1}, {"duplicate": "x"}, {"arena": -1}, {"arena": 2**32},
                                 {"stall_ms": 1.5},

@@ -7,6 +7,7 @@ the compiler (``source_key``): checkouts and installs with other sources never s
 times say (make compares only times). The sources are firmware_bridge/ and the C core's reference kernels in
 native/src/, shipped inside the package as edgert/_src/ (setup.py), found next to the package in a source checkout or
 an editable install, or under ``$EDGERT_FIRMWARE_SRC`` (a firmware_bridge directory with native/ beside it).
+Builds unused for 14 days (other sources, other compilers) are removed when a build is next asked for.
 ``asan=True`` (or ``EDGERT_NPU_SIM_ASAN=1``) runs the AddressSanitizer + UBSan build instead.
 
 Must not import anything above edgert.bridge.
@@ -84,7 +85,29 @@ def build(asan: bool = False) -> Path:
         r = subprocess.run(["make", "-s", "-C", str(src), target, f"BUILD={out}"], capture_output=True, text=True)
     if r.returncode != 0:
         raise DeviceError(f"building the NPU emulator failed:\n{r.stdout}{r.stderr}")
+    os.utime(out)  # the directory's time says when a build was last used
+    _prune(out.parent, keep=out)
     return out / ("npu-sim-asan" if asan else "npu-sim")
+
+
+STALE_BUILD_S = 14 * 86400  # an emulator build no process has asked for in this long is removed
+
+
+def _prune(root: Path, keep: Path) -> None:
+    """Remove the build directories under ``root`` (other sources, other compilers) unused for ``STALE_BUILD_S``,
+    each only when nobody holds its lock (a process building there). A running emulator keeps its open binary."""
+    import time
+
+    for d in root.iterdir():
+        try:
+            if d == keep or not d.is_dir() or not (d / ".lock").is_file() or \
+                    time.time() - d.stat().st_mtime < STALE_BUILD_S:
+                continue
+            with open(d / ".lock") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(d)
+        except OSError:  # in use, gone already, or not ours to remove: leave it
+            continue
 
 
 class NpuSim:
