@@ -36,9 +36,9 @@ def models(tmp_path_factory):
     return d, f32, q40
 
 
-def _scrambled(src, dst, layer=1, names=None):
+def _scrambled(src, dst, layer=1, names=None, edit=None):
     """src with layer `layer`'s ffn_down rows (or those of the tensors `names`) permuted (same values, wrong
-    places)."""
+    places), or changed by ``edit(array) -> array``."""
     from edgert.formats.gguf import open_gguf
 
     w = gguf.GGUFWriter(str(dst), "llama")
@@ -53,7 +53,7 @@ def _scrambled(src, dst, layer=1, names=None):
     for name in g.tensors:
         a = np.array(g.tensor_array(name))
         if name in (names or [f"blk.{layer}.ffn_down.weight"]):
-            a = a[rng.permutation(a.shape[0])]
+            a = edit(a) if edit else a[rng.permutation(a.shape[0])]
         w.add_tensor(name, a)
     g.close()
     w.write_header_to_file()
@@ -102,6 +102,33 @@ def test_scrambled_layer_fails_and_is_named(models, tmp_path):
     assert not rep.passed
     assert {f.metric for f in rep.failures} & {"kl_mean", "top1_pct", "ppl_delta_pct"}
     assert rep.first_divergence == "blk.1.ffn_down.weight"
+
+
+def test_a_candidate_that_makes_nan_fails_the_gate(models, tmp_path, capsys):
+    """One NaN weight made every later logit NaN: the KL histogram raised ValueError ("autodetected range of [nan,
+    nan] is not finite"), so evaluate() raised and `edgert eval --gate` printed a traceback and exited 1 with no
+    report, as a failed gate would without one. Now the report fails, names the weight, and counts the non-finite
+    positions apart from the histogram."""
+    _, f32, _ = models
+    bad = tmp_path / "nan.gguf"
+
+    def one_nan(a):
+        a = a.copy()
+        a.flat[7] = np.nan
+        return a
+
+    _scrambled(f32, bad, names=["blk.1.attn_v.weight"], edit=one_nan)
+    rep = edgert.evaluate(f32, bad, _text(), thresholds=LOOSE, ctx=CTX, chunks=2)
+    assert not rep.passed and {"kl_mean", "ppl_delta_pct"} <= {f.metric for f in rep.failures}
+    assert rep.first_divergence == "blk.1.attn_v.weight"
+    hist = rep.details["kl_histogram"]
+    assert hist["nonfinite"] > 0 and sum(hist["counts"]) + hist["nonfinite"] == rep.metrics["tokens_scored"]
+    text, out_json = tmp_path / "text.txt", tmp_path / "r.json"
+    text.write_text(_text())
+    rc = main(["eval", "--reference", str(f32), "--candidate", str(bad), "--text", str(text), "--ctx", str(CTX),
+               "--chunks", "2", "--gate", "--json", str(out_json), "-q"])
+    assert rc == 1 and "gate failed: " in capsys.readouterr().err
+    assert json.loads(out_json.read_text())["metrics"]["kl_mean"] == "nan"
 
 
 def test_first_divergence_is_the_first_changed_weight_in_compute_order(tmp_path):

@@ -232,6 +232,9 @@ def evaluate_llm(reference: Side, candidate: Side, text, limits: dict, *, ctx: i
 
 
 def _histogram(kl: np.ndarray, bins: int = 30) -> dict:
-    v = np.log10(np.maximum(kl, 1e-8))
-    counts, edges = np.histogram(v, bins=bins)
-    return {"log10_kl_edges": edges.tolist(), "counts": counts.tolist()}
+    """log10 KL per position in ``bins`` bins; positions whose KL is not finite (a candidate that made NaN or Inf
+    logits) are counted apart, as ``nonfinite``"""
+    finite = np.isfinite(kl)
+    v = np.log10(np.maximum(kl[finite], 1e-8))
+    counts, edges = np.histogram(v, bins=bins) if v.size else (np.zeros(bins, np.int64), np.linspace(-8, 0, bins + 1))
+    return {"log10_kl_edges": edges.tolist(), "counts": counts.tolist(), "nonfinite": int(kl.size - finite.sum())}
