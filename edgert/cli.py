@@ -410,6 +410,7 @@ def cmd_run(args) -> int:
 def cmd_eval(args) -> int:
     from .eval import evaluate, kind_of
     from .eval.plot import check_plot_path
+    from rich.console import Console
     from rich.progress import Progress
 
     from .errors import InvalidArgumentError
@@ -446,7 +447,7 @@ def cmd_eval(args) -> int:
     if args.plot is not None:
         check_plot_path(args.plot)
     thresholds = th.merge(args.thresholds, args.threshold, kind)  # checked by evaluate(), before any model is loaded
-    with Progress(transient=True, disable=args.quiet or not sys.stderr.isatty()) as bar:
+    with Progress(transient=True, disable=args.quiet or not sys.stderr.isatty(), console=Console(stderr=True)) as bar:
         task = bar.add_task("evaluating", total=None)
         rep = evaluate(ref, cand, data=args.text if args.text is not None else args.inputs, thresholds=thresholds,
                        ctx=args.ctx, chunks=args.chunks, random=args.random, seed=args.seed or 0, runs=args.runs,
@@ -504,10 +505,12 @@ def cmd_quantize(args) -> int:
         base, ext = os.path.splitext(args.input)
         output = f"{base}.{qtype}{ext}"
     if kind == "gguf":
+        from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn
 
         with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      transient=True, disable=args.quiet) as bar:
+                      transient=True, disable=args.quiet or not sys.stderr.isatty(),
+                      console=Console(stderr=True)) as bar:
             task = bar.add_task(f"re-quantizing to {qtype}", total=None)
             summary = quantize_gguf(args.input, output, qtype, keep_embeddings=args.keep_embeddings,
                                     progress=lambda done, total, name: bar.update(task, completed=done, total=total,
@@ -693,6 +696,15 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # the reader went away (`edgert plan m.onnx | head`): stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
         return 141  # 128 + SIGPIPE
+    except Exception as exc:  # a bug: the traceback is for its report; the status keeps eval's meaning (1: gate)
+        if getattr(args, "error_status", 1) == 1:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"edgert: error: internal error ({type(exc).__name__}: {exc}); please report it with the traceback "
+              "above", file=sys.stderr)
+        return args.error_status
     finally:
         warnings.showwarning = shown
 

@@ -131,6 +131,24 @@ def test_a_candidate_that_makes_nan_fails_the_gate(models, tmp_path, capsys):
     assert json.loads(out_json.read_text())["metrics"]["kl_mean"] == "nan"
 
 
+def test_eval_that_breaks_inside_exits_2_not_1(models, tmp_path, monkeypatch, capsys):
+    """An exception that is not an edgert error (a bug) left `edgert eval --gate` with a traceback and status 1,
+    which a CI job reads as a failed gate; it is an evaluation that could not run: status 2, the traceback kept."""
+    import edgert.eval as ev
+
+    _, f32, q40 = models
+    text = tmp_path / "text.txt"
+    text.write_text(_text())
+
+    def broken(*a, **kw):
+        raise ValueError("something inside")
+
+    monkeypatch.setattr(ev, "evaluate", broken)
+    rc = main(["eval", "--reference", str(f32), "--candidate", str(q40), "--text", str(text), "--gate", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" in err and "edgert: error: internal error (ValueError: something inside)" in err
+
+
 def test_first_divergence_is_the_first_changed_weight_in_compute_order(tmp_path):
     """The weights were visited as the spec lists them (token_embd, output_norm, output, then the blocks), so a
     scrambled output head was named before a scrambled block 0, which the model computes with first."""

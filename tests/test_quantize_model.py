@@ -75,6 +75,12 @@ def test_cli_quantize_gguf_and_errors(f32, tmp_path, capsys):
     assert main(["quantize", str(f32), str(out), "int4"]) == 1
     assert "quantizes to q8_0" in capsys.readouterr().err
     assert main(["quantize", str(f32), str(f32), "q4_0"]) == 1
+    # without -q, stdout piped: it holds the one summary line (the progress bar's blank line came first), the bar
+    # goes to stderr and only to a terminal
+    from cli_run import edgert_cmd
+
+    r = edgert_cmd("quantize", str(f32), str(tmp_path / "piped.gguf"), "q4_0")
+    assert r.returncode == 0 and r.stdout.startswith(str(tmp_path / "piped.gguf") + ": ") and r.stderr == ""
 
 
 def test_onnx_modes(tmp_path, capsys):
