@@ -721,6 +721,12 @@ BAD = [
     ("token id out of vocabulary", "POST", CMPL, {"prompt": [1, 99999]}, 400, "invalid_value"),
     ("long completion prompt", "POST", CMPL, {"prompt": "x" * 5000}, 400, "context_length_exceeded"),
     ("echo", "POST", CMPL, {"prompt": "the", "echo": True}, 400, "unsupported_value"),
+    # 0 == 0.0 == False in Python: these passed as "not asked" (and a completion's logprobs: 0 asks for them)
+    ("completion logprobs 0", "POST", CMPL, {"prompt": "the", "logprobs": 0}, 400, "unsupported_value"),
+    ("logprobs 0.0", "POST", CHAT, {"messages": MSG, "logprobs": 0.0}, 400, "invalid_type"),
+    ("echo 0", "POST", CMPL, {"prompt": "the", "echo": 0}, 400, "invalid_type"),
+    ("suffix a number", "POST", CMPL, {"prompt": "the", "suffix": 5}, 400, "invalid_type"),
+    ("suffix", "POST", CMPL, {"prompt": "the", "suffix": "end"}, 400, "unsupported_value"),
     ("tokenize without content", "POST", "/tokenize", {"text": "x"}, 400, "invalid_type"),
     ("detokenize strings", "POST", "/detokenize", {"tokens": ["a"]}, 400, "invalid_type"),
     ("detokenize out of vocabulary", "POST", "/detokenize", {"tokens": [-1]}, 400, "invalid_value"),
@@ -933,3 +939,73 @@ def test_a_finished_job_frees_the_worker_before_its_answer_goes_out(llm):
 
     asyncio.run(main())
     assert seen == [None, None, None]
+
+
+def test_a_request_after_close_gets_503_and_one_app_serves_two_lifespans(llm):
+    """After SIGTERM (the scheduler closed, its idle worker gone), a request whose body finished arriving restarted
+    the worker thread: RuntimeError "threads can only be started once", a 500 without a request id. It gets 503
+    server_shutting_down now. And an app's second lifespan (a test client entered twice) failed at startup the same
+    way; it serves again."""
+    from starlette.testclient import TestClient
+
+    app = create_app(llm, model_id="tiny", telemetry=False)
+    body = {"messages": MSG, "max_tokens": 2, "temperature": 0}
+    with TestClient(app) as client:
+        assert client.post(CHAT, json=body).status_code == 200
+        sched = app.state.server.scheduler
+        sched.close()  # run_server's first step on SIGTERM
+        sched._thread.join(DEADLINE_S)
+        r = client.post(CHAT, json=body)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down"
+        assert r.headers["x-request-id"].startswith("chatcmpl-") and r.headers["retry-after"]
+    for _ in range(2):
+        with TestClient(app) as client:
+            r = client.post(CHAT, json=body)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == solo_chat(llm, "hi", 2)
+
+
+def test_metrics_count_an_answer_before_the_client_has_it(llm):
+    """The worker answered first and counted after: /metrics read the moment a response arrived missed it (14 of
+    30 in a row)."""
+    from starlette.testclient import TestClient
+
+    with TestClient(create_app(llm, model_id="tiny")) as client:  # in process: the answer arrives soonest
+        series = 'edgert_requests_total{endpoint="/v1/completions",status="200"} '
+        for i in range(1, 31):
+            r = client.post(CMPL, json={"prompt": "the", "max_tokens": 1, "temperature": 0})
+            assert r.status_code == 200
+            assert series + str(i) in client.get("/metrics").text.splitlines(), i  # the same connection: at once
+
+
+def test_routing_errors_are_counted_and_a_completion_routes_405_has_a_request_id(llm):
+    """404s and 405s are answered by routing, before the endpoints that count requests: they were in no
+    edgert_requests_total series, and a GET on a completion endpoint had no x-request-id."""
+    with live(llm) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+        r = client.get(CHAT)
+        assert r.status_code == 405 and r.headers["x-request-id"].startswith("chatcmpl-") and "POST" in r.headers["allow"]
+        assert client.get(CMPL).headers["x-request-id"].startswith("cmpl-")
+        assert client.get("/v1/nope").status_code == 404 and client.get("/nope/x").status_code == 404
+        assert client.post("/health").status_code == 405
+        text = client.get("/metrics").text
+    series = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+              if ln.startswith("edgert_requests_total{")}
+    assert series == {'edgert_requests_total{endpoint="/v1/chat/completions",status="405"}': 1,
+                      'edgert_requests_total{endpoint="/v1/completions",status="405"}': 1,
+                      'edgert_requests_total{endpoint="other",status="404"}': 2}, series
+
+
+def test_a_client_gone_mid_body_is_no_server_error_in_the_report(llm):
+    """A client that hung up mid-body was recorded with an error (the report's error rate grew with each), while
+    one gone mid-generation is not: both are 499s the server did nothing wrong in."""
+    with live(llm) as base:
+        host, port = base.rsplit("/", 1)[1].split(":")
+        for _ in range(3):
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(f"POST {CMPL} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          "Content-Length: 100\r\n\r\n{\"prompt\": ".encode())
+                time.sleep(0.05)
+        wait_for(lambda: metric(base, 'edgert_requests_total{endpoint="/v1/completions",status="499"}') == 3,
+                 "three 499s")
+    telemetry.flush()
+    rows = [r for r in telemetry.events() if r["source"] == "server"]
+    assert len(rows) == 3 and all(r["status"] == 499 and r["error"] is None for r in rows), rows

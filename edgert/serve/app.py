@@ -361,9 +361,10 @@ class Server:
             # prompt tokens as counted (0 when the prompt was never tokenized); the report leaves out the tokens of
             # requests that never ran
             self.metrics.request(endpoint, err.status, err.code)
+            # a client gone mid-body (499) made no error of the server's, as one gone mid-generation (finish)
             self.record(request_id=rid, endpoint=endpoint, prompt_tokens=n_prompt, completion_tokens=0,
                         latency_s=time.monotonic() - t_arrival, finish_reason="rejected", status=err.status,
-                        error=f"{err.code}: {err.message}")
+                        error=None if err.status == 499 else f"{err.code}: {err.message}")
             return _error_response(err, rid)
         created = int(time.time())
         if req.stream:
@@ -534,22 +535,33 @@ def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_
         return wrapped
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
+        """404 (no route) and 405 (a route's other method), answered by routing before any endpoint: counted here,
+        under the route (unknown paths together, as "other"); a completion endpoint's answer gets its request id."""
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, code,
                        headers=dict(exc.headers or {}))  # a 405's Allow (RFC 9110 requires it)
-        return _error_response(err)
+        path = request.url.path
+        route = next((r for r in api_labels if path == r or r.endswith("}") and path.startswith(r.split("{")[0])),
+                     None if path in ("/health", "/metrics") else "other")
+        if route is not None:
+            server.metrics.request(route, err.status, err.code)
+        rid = {"/v1/chat/completions": "chatcmpl-", "/v1/completions": "cmpl-"}.get(route)
+        return _error_response(err, rid and rid + uuid.uuid4().hex[:24])
 
     async def server_error(request: Request, exc: Exception) -> Response:
         return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        server.scheduler.start()
+        server.scheduler.reopen()
         yield
         await asyncio.to_thread(server.stop)
 
+    api_labels: list[str] = []  # the API routes' endpoint labels (/health and /metrics are not counted)
+
     def api(path: str, fn, method: str, counted: bool = True) -> Route:  # counted under its path pattern
-        return Route(path, endpoint(fn, path.replace(":path}", "}"), counted), methods=[method])
+        api_labels.append(path.replace(":path}", "}"))
+        return Route(path, endpoint(fn, api_labels[-1], counted), methods=[method])
 
     routes = [
         api("/v1/chat/completions", server.chat_completions, "POST", counted=False),

@@ -114,8 +114,23 @@ class Scheduler:
         return len(self._waiting)
 
     def start(self) -> None:
-        if not self._thread.is_alive():
-            self._thread.start()
+        """Start the worker unless it runs (an app's lifespan, or the first request of an app used without one).
+        After ``close``: ShuttingDownError (a request that finished arriving after SIGTERM gets its 503; restarting
+        a thread raised RuntimeError, a 500)."""
+        with self._cond:
+            if self._stop:
+                raise ShuttingDownError("the server is shutting down")
+            if not self._thread.is_alive():
+                if self._thread.ident is not None:  # a worker that ended: threads start once, so a new one
+                    self._thread = threading.Thread(target=self._work, name="edgert-serve-worker", daemon=True)
+                self._thread.start()
+
+    def reopen(self) -> None:
+        """Take jobs again after ``close``/``stop`` and start the worker: the app's next lifespan (one app may be
+        served, or put under a test client, more than once)."""
+        with self._cond:
+            self._stop = False
+        self.start()
 
     def close(self) -> None:
         """Take no new jobs (ShuttingDownError), end the queued ones now and stop the running one after the token or
@@ -190,12 +205,13 @@ class Scheduler:
             if job.ended:  # stop() ended it while the worker was still in a model step
                 return
             job.ended = True
-        job._push(outcome)  # jobs end on the worker and, cancelled while queued, on the loop
+        # bookkeeping first: a client reading /metrics the moment it has its answer finds the answer counted
         if job.on_done is not None:
             try:
                 job.on_done(job, outcome)
             except Exception:  # bookkeeping must never kill the worker
                 pass
+        job._push(outcome)  # jobs end on the worker and, cancelled while queued, on the loop
 
     def _work(self) -> None:
         while True:

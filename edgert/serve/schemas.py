@@ -167,6 +167,18 @@ def _prompt(body: dict):
     raise bad("prompt must be a non-empty string or a non-empty list of token ids", "prompt", "invalid_type")
 
 
+def _unsupported(body: dict, name: str, asks, typed, what: str) -> None:
+    """A field we cannot honour: 400 unsupported_value when it ``asks`` for something (a value of its type), 400
+    invalid_type when it is not ``typed`` (null, and the value that asks for nothing, pass)."""
+    v = body.get(name)
+    if v is None:
+        return
+    if not typed(v):
+        raise bad(f"{name} must be {what}, got {v!r}", name, "invalid_type")
+    if asks(v):
+        raise bad(f"{name} is not supported", name, "unsupported_value")
+
+
 def _reject(body: dict) -> None:
     for name in ("n", "best_of"):
         v = body.get(name)
@@ -174,8 +186,10 @@ def _reject(body: dict) -> None:
             raise bad(f"{name} must be an integer, got {v!r}", name, "invalid_type")
         if v is not None and v != 1:
             raise bad(f"only {name}=1 is supported", name, "unsupported_value")
-    if body.get("logprobs") not in (None, False):
-        raise bad("logprobs are not supported", "logprobs", "unsupported_value")
+    # `v is not False`, not `v not in (None, False)`: 0 == 0.0 == False in Python, and a completion's logprobs: 0
+    # asks for the chosen tokens' logprobs
+    _unsupported(body, "logprobs", lambda v: v is not False, lambda v: isinstance(v, bool) or _is_int(v),
+                 "true (chat) or an integer (completions)")
     if body.get("logit_bias"):
         raise bad("logit_bias is not supported", "logit_bias", "unsupported_value")
     if body.get("tools") or body.get("functions"):
@@ -185,10 +199,8 @@ def _reject(body: dict) -> None:
     rf = body.get("response_format")
     if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
         raise bad("only response_format {'type': 'text'} is supported", "response_format", "unsupported_value")
-    if body.get("echo") not in (None, False):
-        raise bad("echo is not supported", "echo", "unsupported_value")
-    if body.get("suffix") not in (None, ""):
-        raise bad("suffix is not supported", "suffix", "unsupported_value")
+    _unsupported(body, "echo", lambda v: v is not False, lambda v: isinstance(v, bool), "a boolean")
+    _unsupported(body, "suffix", lambda v: v != "", lambda v: isinstance(v, str), "a string")
     for name in ("presence_penalty", "frequency_penalty"):
         _number(body, name, -2.0, 2.0, None)  # ignored, but a wrong type is still an error
     for name, types, what in IGNORED_TYPES:
