@@ -1009,3 +1009,22 @@ def test_a_client_gone_mid_body_is_no_server_error_in_the_report(llm):
     telemetry.flush()
     rows = [r for r in telemetry.events() if r["source"] == "server"]
     assert len(rows) == 3 and all(r["status"] == 499 and r["error"] is None for r in rows), rows
+
+
+def test_a_body_that_stalls_is_answered_408(llm, monkeypatch):
+    """A client that sent its headers and part of its body held the connection and its request for ever (50 such
+    clients stayed open indefinitely); the body now has BODY_TIMEOUT_S to arrive."""
+    from edgert.serve import app as app_mod
+
+    monkeypatch.setattr(app_mod, "BODY_TIMEOUT_S", 0.5)
+    with live(llm) as base:
+        host, port = base.rsplit("/", 1)[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=DEADLINE_S) as s:
+            s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      "Content-Length: 100\r\n\r\n{\"messages\": ".encode())
+            t0 = time.monotonic()
+            head = s.recv(65536).decode()
+            waited = time.monotonic() - t0
+        assert head.startswith("HTTP/1.1 408 ") and "body_timeout" in head and "x-request-id: chatcmpl-" in head
+        assert 0.4 < waited < DEADLINE_S / 2
+        assert metric(base, 'edgert_requests_total{endpoint="/v1/chat/completions",status="408"}') == 1

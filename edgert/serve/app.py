@@ -40,6 +40,7 @@ _FLOAT_MAX = sys.float_info.max
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 MAX_BODY_BYTES = 8 << 20
+BODY_TIMEOUT_S = 30.0  # from the headers to the body's last byte
 RETRY_AFTER_S = 1
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -221,14 +222,21 @@ class Server:
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
             raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes", None, "body_too_large")
         # read chunk by chunk and stop at the limit: a chunked body (no Content-Length) must not be buffered whole
-        chunks, n = [], 0
-        try:
+        chunks = []
+
+        async def read():
+            n = 0
             async with contextlib.aclosing(request.stream()) as stream:
                 async for chunk in stream:
                     n += len(chunk)
                     if n > MAX_BODY_BYTES:
                         raise APIError(413, f"the body is larger than {MAX_BODY_BYTES} bytes", None, "body_too_large")
                     chunks.append(chunk)
+
+        try:  # a client that stalls mid-body held its connection (and its request) open for ever
+            await asyncio.wait_for(read(), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the body did not arrive within {BODY_TIMEOUT_S:g} s", None, "body_timeout") from None
         except ClientDisconnect:  # gone mid-body: nobody to answer, and no server error (traceback) to log
             raise APIError(499, "the client disconnected before sending the whole body", None,
                            "client_disconnected") from None
