@@ -243,7 +243,7 @@ class _Checker:
             self.fail(p, f"{v!r} does not match {pattern}")
         return v
 
-    def num(self, table, key, path, required=True, positive=True, integer=False, default=None):
+    def num(self, table, key, path, required=True, positive=True, integer=False, default=None, hi=None):
         p = f"{path}.{key}" if path else key
         if key not in table:
             if required:
@@ -262,6 +262,8 @@ class _Checker:
             self.fail(p, f"must be > 0, got {v!r}")
         if not positive and v < 0:
             self.fail(p, f"must be >= 0, got {v!r}")
+        if hi is not None and v > hi:
+            self.fail(p, f"must be <= {hi}, got {v!r}")
         return v
 
     def bool(self, table, key, path, default=False):
@@ -355,11 +357,21 @@ def _parse_unit(c: _Checker, u: Mapping, path: str) -> ComputeUnit:
     if delegate == "serial-npu" and "baudrate" in opts:
         c.num(opts, "baudrate", f"{path}.delegate_options", integer=True)
     # the other options the schema gives a type (docs/profiles.md): wrong ones reached the delegates unchecked
-    if delegate == "host":
-        c.num(opts, "threads", f"{path}.delegate_options", required=False, integer=True)
+    if delegate == "host":  # Session's threads= range: 5000 went to onnxruntime as is and hung Session creation
+        from .native import MAX_THREADS
+
+        c.num(opts, "threads", f"{path}.delegate_options", required=False, integer=True, hi=MAX_THREADS)
     for key in ("session_options", "options"):
         if key in opts and not isinstance(opts[key], Mapping):
             c.fail(f"{path}.delegate_options.{key}", f"expected a table, got {opts[key]!r}")
+    if opts.get("session_options") and importlib.util.find_spec("onnxruntime") is not None:
+        from .delegates.onnxruntime import session_options  # the check the delegate makes, at load
+        from .errors import InvalidArgumentError
+
+        try:
+            session_options(opts["session_options"])
+        except InvalidArgumentError as exc:
+            c.fail(f"{path}.delegate_options.session_options", str(exc))
     if delegate == "serial-npu":
         c.str(opts, "port", f"{path}.delegate_options", required=False)
         c.num(opts, "timeout_s", f"{path}.delegate_options", required=False)
@@ -502,6 +514,9 @@ def load(name_or_path: str | os.PathLike) -> DeviceProfile:
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"device profile {source}: not valid TOML: {exc}", file=source, field="",
                            reason=str(exc)) from None
+    except RecursionError:  # arrays or tables nested deeper than the parser's recursion (a hostile file)
+        raise ProfileError(f"device profile {source}: not valid TOML: nested too deeply", file=source, field="",
+                           reason="nested too deeply") from None
     prof = parse_profile(data, source)
     if data.get("detect"):
         _fill_host(prof)

@@ -327,6 +327,7 @@ def test_profile_file_not_utf8_is_a_profile_error(tmp_path):
 @pytest.mark.parametrize("unit, opts, field", [
     (0, {"threads": "x"}, "units[0].delegate_options.threads"),
     (0, {"threads": -3}, "units[0].delegate_options.threads"),
+    (0, {"threads": 257}, "units[0].delegate_options.threads"),  # 5000 hung Session creation in onnxruntime
     (1, {"library": "librknnrt.so", "target": 3588}, "units[1].delegate_options.target"),
 ])
 def test_typed_delegate_options_are_checked(unit, opts, field):
@@ -351,6 +352,35 @@ def test_table_and_serial_options_are_checked():
         with pytest.raises(ProfileError) as ei:
             P.parse_profile(data, f"{name}.toml")
         assert ei.value.field.endswith(f"delegate_options.{field}"), (name, ei.value.field)
+
+
+@pytest.mark.parametrize("so, why", [
+    ({"bogus": 1}, "no setting 'bogus'"), ({"optimized_model_filepath": "/tmp/x.onnx"}, "write files"),
+    ({"enable_profiling": True}, "write files"), ({"intra_op_num_threads": 100000}, "intra_op_num_threads must be"),
+    ({"graph_optimization_level": "FAST"}, "graph_optimization_level 'FAST' is not one of"),
+    ({"log_severity_level": "loud"}, "log_severity_level='loud' is not accepted"), ({"__class__": 1}, "no setting"),
+])
+def test_session_options_are_checked_when_the_profile_loads(so, why):
+    """session_options reached onnxruntime unchecked when a partition compiled: an unknown key failed only then, and
+    optimized_model_filepath made Session creation write a file wherever the profile said."""
+    import tomllib
+
+    data = tomllib.loads((P.profiles_dir() / "snapdragon-x.toml").read_text())
+    unit = next(u for u in data["units"] if u["delegate"] != "host")
+    unit["delegate_options"] = {"providers": ["QNNExecutionProvider"], "session_options": so}
+    with pytest.raises(ProfileError, match="session_options") as ei:
+        P.parse_profile(data, "sx.toml")
+    assert why in ei.value.reason and ei.value.field.endswith("delegate_options.session_options")
+    unit["delegate_options"]["session_options"] = {"intra_op_num_threads": 2, "graph_optimization_level":
+                                                   "ORT_ENABLE_BASIC"}
+    P.parse_profile(data, "sx.toml")
+
+
+def test_a_profile_nested_too_deeply_is_a_profile_error(tmp_path):
+    f = tmp_path / "deep.toml"
+    f.write_text("v = " + "[" * 1200 + "]" * 1200 + "\n")  # RecursionError from the TOML parser, a traceback
+    with pytest.raises(ProfileError, match="nested too deeply"):
+        P.load(f)
 
 
 def test_a_profile_without_a_host_unit_is_refused():
