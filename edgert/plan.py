@@ -1017,6 +1017,36 @@ def enforce_max_partitions(model: CostModel, units: list[str], capable, max_part
     return units
 
 
+def forbidden(profile, graph: Graph, refused: list[Node], reasons: Mapping[str, str], unbound=()):
+    """fallback='forbid''s error: every node of ``refused`` with its reason (``unbound``: symbolic dims not bound)."""
+    lines = "; ".join(f"{n.name} ({n.qualified_op}): {reasons[n.name]}" for n in refused)
+    return UnsupportedOpError(
+        f"fallback='forbid': device {profile.name!r} cannot run {len(refused)} of {len(graph.nodes)} nodes "
+        f"on its accelerator(s): {lines}. Use fallback='allow' to run them on {_host_unit(profile).name}, or pick a "
+        "device that supports them" + (
+            f". The model's symbolic dims {', '.join(map(repr, unbound))} are unbound here; a unit that "
+            f"needs static shapes takes them once bound: dims={{{unbound[0]!r}: N, ...}} (plan(), Session()) "
+            f"or --dim {unbound[0]}=N" if unbound else ""))
+
+
+def refused_at_any_dims(graph: Graph, profile) -> tuple[list[Node], dict[str, str]]:
+    """The nodes of ``graph`` (symbolic dims unbound) that no accelerator of ``profile`` takes whatever the dims are
+    bound to (op, dtype, rank, value type: not a unit that needs static shapes, nor a memory budget a binding
+    changes), and why: what fallback='forbid' can refuse before the dims are known."""
+    assignment, _, reasons = assign_by_capability(graph, profile, {})
+    host = _host_unit(profile)
+    accels = [u for u in profile.units if u is not host]
+    view = quantized_view(graph)
+
+    def never(node) -> bool:  # every accelerator refuses it, none for its unbound shapes (a memory refusal: all pass)
+        checks = [_unit_check(u, node, view, {}) for u in accels]
+        return all(not ok and not why.split(": ", 1)[-1].startswith("dynamic shape") for ok, why in checks)
+
+    refused = [n for n in graph.nodes if accels and assignment[n.name] == host.name
+               and not reasons[n.name].startswith("constant node") and never(n)]
+    return refused, reasons
+
+
 # ---- the entry point ------------------------------------------------------------------------------------------
 def plan(model, device="host", fallback: str = "allow", min_nodes_per_partition: int = 1,
          max_partitions: int | None = None, dims: Mapping[str, int] | None = None) -> Plan:
@@ -1059,15 +1089,7 @@ def plan(model, device="host", fallback: str = "allow", min_nodes_per_partition:
         refused = [n for n in graph.nodes if assignment[n.name] == host.name
                    and not reasons[n.name].startswith("constant node")]
         if refused:
-            lines = "; ".join(f"{n.name} ({n.qualified_op}): {reasons[n.name]}" for n in refused)
-            unbound = sorted(graph.symbolic_dims() - set(dims))
-            raise UnsupportedOpError(
-                f"fallback='forbid': device {profile.name!r} cannot run {len(refused)} of {len(graph.nodes)} nodes "
-                f"on its accelerator(s): {lines}. Use fallback='allow' to run them on {host.name}, or pick a "
-                "device that supports them" + (
-                    f". The model's symbolic dims {', '.join(map(repr, unbound))} are unbound here; a unit that "
-                    f"needs static shapes takes them once bound: dims={{{unbound[0]!r}: N, ...}} (plan(), Session()) "
-                    f"or --dim {unbound[0]}=N" if unbound else ""))
+            raise forbidden(profile, graph, refused, reasons, sorted(graph.symbolic_dims() - set(dims)))
 
     model_cost = CostModel(graph, profile, dims)
     names = model_cost.topo.names

@@ -37,7 +37,7 @@ from .errors import DeviceError, DTypeError, InvalidArgumentError, ShapeError, c
 from .formats.onnx import load_onnx
 from .formats.tflite import is_tflite_graph
 from .graph.ir import Graph, onnx_types
-from .plan import Plan, plan as make_plan
+from .plan import Plan, forbidden, plan as make_plan, refused_at_any_dims
 
 _clock = time.perf_counter
 
@@ -332,14 +332,18 @@ class Session:
                                        f"model's inputs (those are {sorted(self._graph0.symbolic_dims())})")
         if not (self._graph0.symbolic_dims() - set(dims)):
             self._bound = self._keep(self._bind(dims, None))
-        elif self.fallback == "forbid" and not self.emulate:
+        elif self.fallback == "forbid":
             # fail at creation, not at the first run. The plan waits for the dims (a unit that needs static shapes
-            # refuses unbound ones, which emulate=True planned at the first run), so every accelerator that could
-            # take a node once the dims are bound is checked
+            # refuses unbound ones), but a node no accelerator takes at any binding is refused now, and (on the
+            # real device) every accelerator that could take a node once the dims are bound is checked
             g = self._graph0
-            self._refuse_missing(self._missing_runtimes([
-                u for u in self.profile.units if u is not self.profile.host_unit
-                and any(ok or why.startswith("dynamic shape") for ok, why in (u.supports(n, g) for n in g.nodes))]))
+            refused, reasons = refused_at_any_dims(g, self.profile)
+            if refused:
+                raise forbidden(self.profile, g, refused, reasons, sorted(g.symbolic_dims()))
+            if not self.emulate:
+                self._refuse_missing(self._missing_runtimes([
+                    u for u in self.profile.units if u is not self.profile.host_unit and any(
+                        ok or why.startswith("dynamic shape") for ok, why in (u.supports(n, g) for n in g.nodes))]))
 
     def _missing_runtimes(self, units) -> str:
         """What is missing to drive ``units`` on this machine, unit by unit ('' when nothing is)."""

@@ -990,6 +990,28 @@ def test_forbid_on_a_static_shape_unit_binds_symbolic_dims_at_the_first_run(tmp_
         np.testing.assert_array_equal(s.run(None, {"x": x_of(2)})[0], ort_run(mlp_path, {"x": x_of(2)})[0])
 
 
+@pytest.mark.parametrize("emulate", [False, True])
+def test_forbid_refuses_at_creation_what_no_binding_of_the_dims_would_run(tmp_path, mlp_path, emulate):
+    """fallback='forbid' and a model with a symbolic batch: a node no accelerator takes at any binding (an op not in
+    its list) made a Session that failed at its first run; it is refused at creation now, naming every such node,
+    whatever emulate says. Nodes refused only for their unbound shapes still wait for the first run."""
+    from edgert.errors import UnsupportedOpError
+    from edgert.formats.onnx import load_onnx
+
+    static = TOY_NPU.replace('ops = ["MatMul", "Add"]', 'ops = ["MatMul", "Add"]\nstatic_shapes = true')
+    prof = tmp_path / "static.toml"
+    prof.write_text(static.replace("ToyNPUExecutionProvider", "CPUExecutionProvider"))
+    relu = [n.name for n in load_onnx(mlp_path).nodes if n.op_type == "Relu"]
+    with pytest.raises(UnsupportedOpError) as ei:
+        edgert.Session(mlp_path, device=str(prof), fallback="forbid", emulate=emulate)
+    msg = str(ei.value)
+    assert relu and all(f"{n} (Relu): npu: op Relu not in the npu op list" in msg for n in relu)
+    assert "MatMul" not in msg and "dims={'batch': N, ...}" in msg  # refused for an op, not for a shape
+    with pytest.raises(UnsupportedOpError) as bound:  # the same nodes as the plan of any binding refuses
+        edgert.Session(mlp_path, device=str(prof), fallback="forbid", emulate=emulate, dims={"batch": 2})
+    assert all(f"{n} (Relu)" in str(bound.value) for n in relu)
+
+
 @pytest.mark.parametrize("device,emulate", [("host", False), ("toy", True)])
 def test_what_onnxruntime_runs_runs(device, emulate, request):
     """onnxruntime's API where edgert differed: a fed overridable initializer (also a graph input, IR >= 4) is used,
