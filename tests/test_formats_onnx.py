@@ -67,6 +67,34 @@ def test_graph_outputs_take_the_computed_shape_over_a_stale_declared_one():
     assert load_onnx(named).tensors["y"].shape == ("batch", 3) and not load_onnx(named).warnings
 
 
+def test_a_stale_value_info_shape_gives_way_to_the_computed_one():
+    """An intermediate tensor's value_info declared [1, 8] where the nodes compute [2, 4]: strict inference failed,
+    the non-strict pass kept the wrong shape, and every run failed inside onnxruntime (a buffer of the declared
+    size); onnxruntime itself runs the model. The value_info shapes are dropped and inferred again, with a warning;
+    a value_info that agrees (or one that inference needs, e.g. after an op onnx does not know) is kept."""
+    from onnx_models import ort_run
+
+    vi = helper.make_tensor_value_info
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"]), helper.make_node("Tanh", ["a"], ["t"]),
+             helper.make_node("Add", ["t", "t"], ["y"])]
+    w = numpy_helper.from_array(np.eye(4, dtype=np.float32) * 0.5, "W")
+    m = helper.make_model(helper.make_graph(nodes, "g", [vi("x", T.FLOAT, [2, 4])], [vi("y", T.FLOAT, [2, 4])], [w],
+                                            value_info=[vi("t", T.FLOAT, [1, 8])]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    g = load_onnx(m)
+    assert g.tensors["t"].shape == (2, 4) and [w for w in g.warnings if "value_info shapes disagree" in w]
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    for device, emulate in (("host", False), ("rk3588", True)):
+        s = edgert.Session(m, device=device, emulate=emulate, telemetry=False)
+        np.testing.assert_allclose(s.run(None, {"x": x})[0], ort_run(m, {"x": x})[0], rtol=1e-6)
+    custom = helper.make_model(helper.make_graph(
+        [helper.make_node("Custom", ["x"], ["c"], domain="com.microsoft"), helper.make_node("Relu", ["c"], ["y"])],
+        "g", [vi("x", T.FLOAT, [2, 4])], [vi("y", T.FLOAT, None)], value_info=[vi("c", T.FLOAT, [2, 4])]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    g = load_onnx(custom)
+    assert g.tensors["c"].shape == (2, 4) and g.tensors["y"].shape == (2, 4)
+
+
 def test_values_that_are_not_tensors_carry_their_type():
     """Sequences, maps and optionals had dtype and shape None like an unknown tensor: the session probed them as
     tensors. The IR names their type as onnxruntime spells it."""

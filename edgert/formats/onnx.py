@@ -669,7 +669,23 @@ def _load(model, dims, base_dir, what, check, _initializers, owned: bool) -> Gra
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
-        warnings.append(f"strict shape inference failed ({str(exc).strip()[:500]}); used the non-strict pass")
+        inferred, strict_error = None, str(exc).strip()
+        if any(vi.type.tensor_type.HasField("shape") for vi in model.graph.value_info):
+            # a stale value_info shape (a tool's leftover) fails strict inference, and the non-strict pass kept it:
+            # a wrong size for a buffer, where onnxruntime computes the shape and runs
+            unshaped = onnx.ModelProto()
+            unshaped.CopyFrom(model)
+            for vi in unshaped.graph.value_info:
+                vi.type.tensor_type.ClearField("shape")
+            try:
+                inferred = onnx.shape_inference.infer_shapes(unshaped, check_type=True, strict_mode=True,
+                                                             data_prop=True)
+                warnings.append(f"the model's value_info shapes disagree with its nodes ({strict_error[:300]}); "
+                                "they were ignored and the shapes inferred")
+            except (onnx.shape_inference.InferenceError, RuntimeError):
+                pass
+    if inferred is None:
+        warnings.append(f"strict shape inference failed ({strict_error[:500]}); used the non-strict pass")
         try:
             inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
         except Exception as exc2:  # noqa: BLE001 - keep the model's own annotations
