@@ -402,7 +402,13 @@ def test_inconsistent_shapes_fall_back_with_warning():
     # the computed one replaces it, test_graph_outputs_take_the_computed_shape_over_a_stale_declared_one)
     m.graph.value_info.append(helper.make_tensor_value_info("h1", T.FLOAT, ["batch", 7]))
     g = load_onnx(m, check=False)
-    assert g.warnings and "strict shape inference failed" in g.warnings[0]
+    # the stale value_info is dropped and inference is strict again (it kept [batch, 7], non-strict)
+    assert g.warnings and "value_info shapes disagree with its nodes" in g.warnings[0]
+    assert g.tensors["h1"].shape == ("batch", 16)
+    # a model that strict inference refuses without any value_info still falls back to the non-strict pass
+    bad = M.mlp()
+    bad.graph.node[0].input[1] = "x"  # MatMul(x, x): [batch, 8] by [batch, 8], inner dims 8 and batch
+    assert "strict shape inference failed" in load_onnx(bad, check=False).warnings[0]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
