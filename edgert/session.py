@@ -63,8 +63,10 @@ class IOInfo:
 
 
 def _io_infos(graph: Graph, names) -> list[IOInfo]:
-    """``IOInfo`` of each of ``graph``'s tensors ``names`` (its inputs, outputs or overridable initializers)."""
-    return [IOInfo(n, list(graph.tensors[n].shape or []), graph.tensors[n].dtype) for n in names]
+    """``IOInfo`` of each of ``graph``'s tensors ``names`` (its inputs, outputs or overridable initializers); a dim
+    shape inference named itself (``unk__N``) is None, as onnxruntime lists it."""
+    return [IOInfo(n, [None if isinstance(d, str) and d.startswith("unk__") else d
+                       for d in graph.tensors[n].shape or []], graph.tensors[n].dtype) for n in names]
 
 
 @dataclass
@@ -373,8 +375,9 @@ class Session:
         return _io_infos(self._graph0, self._graph0.overridable)
 
     def get_outputs(self) -> list[IOInfo]:
-        g = self._bound.graph if self._bound else self._graph0
-        return _io_infos(g, g.outputs)
+        """The model's outputs as onnxruntime lists them: the shapes of the model (its declared dims, or inferred),
+        not those of the last run's binding; a dim shape inference named itself (``unk__N``) is None."""
+        return _io_infos(self._graph0, self._graph0.outputs)
 
     @property
     def plan(self) -> Plan:

@@ -462,6 +462,26 @@ def test_one_partition_fast_path_checks_what_the_general_path_checks(tmp_path, f
     assert s.stats()["bytes_to_device"] == 0 and s.stats()["last_run"] == {"bytes_to_device": 0, "bytes_to_host": 0}
 
 
+def test_get_outputs_lists_the_models_shapes_as_onnxruntime_does():
+    """get_outputs() switched to the last run's bound shapes (inputs stayed symbolic), and a dim shape inference
+    named itself leaked as 'unk__0' where onnxruntime says None."""
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    vi = h.make_tensor_value_info
+    g = h.make_graph([h.make_node("Relu", ["x"], ["y"]), h.make_node("Shape", ["x"], ["s"]),
+                      h.make_node("Cast", ["x"], ["c"], to=T.FLOAT16)], "g", [vi("x", T.FLOAT, [None, 4])],
+                     [vi("y", T.FLOAT, None), vi("s", T.INT64, None), vi("c", T.FLOAT16, ["a", "b"])])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    want = [(o.name, o.shape, o.type) for o in ort.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]).get_outputs()]
+    s = edgert.Session(model, telemetry=False)
+    assert [(o.name, o.shape, o.type) for o in s.get_outputs()] == want
+    s.run(None, {"x": np.ones((3, 4), np.float32)})
+    assert [(o.name, o.shape, o.type) for o in s.get_outputs()] == want
+
+
 @pytest.mark.parametrize("x_shape, declared", [([2, 3], [5, 5]), (["N", 3], [7, 3]), ([2, 3], [2, 3, 1])])
 def test_a_stale_declared_output_shape_gives_way_to_the_computed_one(x_shape, declared):
     """An export that kept an old output shape: onnxruntime warns and returns what Relu computes, (2, 3); every run
