@@ -25,6 +25,7 @@ import html
 import json
 import math
 import operator
+import re
 import sys
 import types
 from dataclasses import dataclass, field, replace
@@ -1218,6 +1219,9 @@ def _edges(graph: Graph):
             yield producer[x], None, x
 
 
+_XML_BAD = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")  # not XML 1.0 characters
+
+
 def _svg(p: Plan) -> str:
     """A layered drawing: each node on the row of its longest path from the inputs, rows centred."""
     g = p.graph
@@ -1249,7 +1253,9 @@ def _svg(p: Plan) -> str:
         x0 = (width - 220 - row_w) / 2
         for i, key in enumerate(keys):
             pos[key] = (x0 + i * (box_w + gap_x), margin + 40 + lv * (box_h + gap_y))
-    esc = html.escape
+    def esc(text) -> str:  # XML 1.0 has no character for C0 controls but tab/newline/CR: a name with one broke the file
+        return html.escape(_XML_BAD.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text)))
+
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica, Arial, sans-serif" font-size="11">',
            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '

@@ -629,6 +629,20 @@ def test_table_json_dot_svg(split_plan, tmp_path):
     xml.dom.minidom.parseString(svg)  # well-formed
 
 
+def test_svg_of_names_with_control_characters_is_well_formed():
+    """A tensor or node name holding a C0 control character (XML 1.0 has none of them) made an SVG no parser reads:
+    they are written as \\xNN."""
+    import xml.dom.minidom
+
+    x = helper.make_tensor_value_info("x\x01in", T.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y\x1f", T.FLOAT, [2, 3])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x\x01in"], ["y\x1f"], name="r\x08")],
+                                                "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    svg = edgert.plan(model, device="rk3588").to_svg()
+    xml.dom.minidom.parseString(svg)
+    assert "x\\x01in" in svg and "r\\x08" in svg
+
+
 PROFILE_TOML = npu_profile_toml("toy-npu", "a toy accelerator over a zero-copy link", "onnxruntime",
                                 '{ providers = ["CPUExecutionProvider"] }', active_w=4.0, link_kind="shared-memory",
                                 zero_copy=True)
