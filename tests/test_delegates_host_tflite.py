@@ -97,3 +97,22 @@ def test_tflite_kernels_round_the_float32_quotient_half_away_from_zero(op):
     assert _act_range(3, 2e-9, 0, op) is None
     assert _act_range(2, 4e-10, 0, op) is None
     assert _act_range(1, 1e-30, -5, op) == (-5, 127)
+
+
+@pytest.mark.parametrize("device", ["host-true", "host-false", "host-auto", "coral-usb", "imx8mp"])
+@pytest.mark.parametrize("kind", tm.FOREIGN_OPTIONS)
+def test_an_options_table_of_another_op_runs_as_litert_reads_it(kind, device):
+    """A FULLY_CONNECTED with AddOptions(RELU) or Conv2DOptions(RELU), an ADD with FullyConnectedOptions(RELU6):
+    LiteRT reads none of them (its own options type is null) and runs the op without an activation; the C core
+    clamped at RELU (and a default Session took the core on a large FC), and segments of an ADD beside it keep
+    LiteRT's reading."""
+    data = tm.foreign_options(kind)
+    if device.startswith("host"):
+        core = {"true": True, "false": False, "auto": "auto"}[device[5:]]
+        sess = edgert.Session(data, device="host", core=core, telemetry=False)
+        if core is True and kind != "add_fc":
+            assert [s.nodes[0] for s in sess._bound.compiled[0].core] == ["fully_connected_0"]
+    else:
+        sess = edgert.Session(data, device=free_link(device), emulate=True, telemetry=False)
+    assert_equals_litert(sess, data, seeds=range(3))
+    sess.close()

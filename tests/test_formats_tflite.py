@@ -228,6 +228,40 @@ def test_split_outputs_must_match_num_splits(num_splits):
         load_tflite(m.build([x], [o]))
 
 
+@pytest.mark.parametrize("options", [(None, {}), ("SplitVOptions", {"NumSplits": 1})])
+def test_split_without_its_own_options_table_is_refused(options):
+    """Without a SplitOptions table (none, or another op's: LiteRT reads its own as null) LiteRT's num_splits is 0
+    and it segfaulted; the split was accepted (a missing count read as the number of outputs)."""
+    m = tm.ModelSpec()
+    axis = m.tensor("axis", "int32", (), data=np.array(1, np.int32))
+    x = m.tensor("x", "float32", (1, 4))
+    o = m.tensor("o", "float32", (1, 4))
+    m.op("SPLIT", [axis, x], [o], options[0], **options[1])
+    with pytest.raises(ModelFormatError, match="NumSplits is 0 \\(no SplitOptions table\\) but the operator has 1 "
+                                               "outputs"):
+        load_tflite(m.build([x], [o]))
+
+
+def test_an_options_table_of_another_op_reads_as_litert_defaults():
+    """LiteRT's kernels read their own options type (``builtin_options_as_FullyConnectedOptions()`` is null for an
+    AddOptions table) and keep zero-initialised parameters; edgert read the fused RELU of an AddOptions on a
+    FULLY_CONNECTED (and RELU6 of a FullyConnectedOptions on an ADD) and its C core and serial NPU applied them.
+    Such a table is dropped at load and not exported (LiteRT's null again); ops edgert does not interpret keep
+    theirs as read, for LiteRT to judge."""
+    g = load_tflite(tm.foreign_options("fc_then_add"))
+    for n in g.nodes:
+        assert n.attrs["tflite_options"] == {} and "fused_activation" not in n.attrs, n.name
+    data, _, _ = subgraph_tflite(g, ["add_1"])
+    assert [op["options_type"] for op in parse_tflite(data).operators] == [None]
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (2, 4))
+    ax = m.tensor("axes", "int32", (1,), data=np.array([1], np.int32))
+    y = m.tensor("y", "float32", (2,))
+    m.op("MEAN", [x, ax], [y], "AddOptions", FusedActivationFunction=1)
+    op = parse_tflite(m.build([x], [y])).operators[0]
+    assert (op["options_type"], op["options"]) == ("AddOptions", {"FusedActivationFunction": 1, "PotScaleInt16": True})
+
+
 def test_tensor_names_are_made_unique_even_when_a_suffix_collides():
     """TFLite names need not be unique; a repeated one got '#<index>' appended, which could be another tensor's own
     name: tensors 'x', 'x#2', 'x' became 'x', 'x#2', 'x#2', one IR tensor for two, and the partition exporter

@@ -387,3 +387,31 @@ def litert_reference(data: bytes, feeds: dict, names: list[str], op_resolver: st
         it.set_tensor(d["index"], a)
     it.invoke()
     return [it.get_tensor(d["index"]) for d in it.get_output_details()]
+
+
+# ---- options tables of another op ---------------------------------------------------------------------------------
+FOREIGN_OPTIONS = ("fc_conv2d", "fc_add", "add_fc", "fc_then_add")
+
+
+def foreign_options(kind: str, seed: int = 7) -> bytes:
+    """INT8 ops whose ``builtin_options_type`` names another op's table, with a fused activation in it: LiteRT reads
+    its own table as null and runs the op without one. ``fc_conv2d`` / ``fc_add``: a FULLY_CONNECTED with
+    Conv2DOptions / AddOptions (RELU); ``add_fc``: an ADD with FullyConnectedOptions (RELU6); ``fc_then_add``: an FC
+    with AddOptions (RELU) feeding such an ADD (the C core's FC beside an exported LiteRT segment)."""
+    rng = np.random.default_rng(seed)
+    m = ModelSpec()
+    x = m.tensor("x", "int8", (4, 16), q=(0.05, -3))
+    ins, last = [x], x
+    if kind != "add_fc":
+        w = m.tensor("w", "int8", (16, 16), rng.integers(-127, 128, (16, 16)).astype(np.int8),
+                     q=(rng.uniform(0.001, 0.003, 16).astype(np.float32), np.zeros(16, np.int64)))
+        last = m.tensor("fc", "int8", (4, 16), q=(0.04, 5))
+        conv = dict(Padding=SAME, StrideW=1, StrideH=1, DilationWFactor=1, DilationHFactor=1)
+        m.op("FULLY_CONNECTED", [x, w, -1], [last], "Conv2DOptions" if kind == "fc_conv2d" else "AddOptions",
+             FusedActivationFunction=RELU, **(conv if kind == "fc_conv2d" else {}))
+    if kind in ("add_fc", "fc_then_add"):
+        b = m.tensor("b", "int8", (4, 16), q=(0.05, 0))
+        y = m.tensor("y", "int8", (4, 16), q=(0.02, 0))
+        m.op("ADD", [last, b], [y], "FullyConnectedOptions", FusedActivationFunction=3)
+        ins, last = [x, b], y
+    return m.build(ins, [last])

@@ -403,6 +403,25 @@ def _scale_range(sc: np.ndarray) -> np.ndarray:
     return sc
 
 
+def _reshape_target(n, graph, opts: dict) -> tuple[int, ...] | None:
+    """The output shape LiteRT's RESHAPE computes: from the shape input when that is a 1-D int32 tensor (None when
+    not a constant), else from ReshapeOptions.new_shape (``[0]``, or no options table: a scalar); one -1 takes the
+    rest of the input's elements."""
+    t = graph.tensors
+    sh = t.get(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1] else None
+    if sh is not None and sh.dtype == "int32" and len(sh.shape or ()) == 1:
+        if sh.initializer is None:
+            return None
+        new = [int(v) for v in np.asarray(sh.initializer).reshape(-1)]
+    else:
+        new = [int(v) for v in np.asarray(opts.get("NewShape", [])).reshape(-1)]
+        new = [] if new == [0] else new
+    size, known = t[n.inputs[0]].concrete_shape(), int(np.prod([d for d in new if d != -1]))
+    if new.count(-1) == 1 and size is not None and known > 0 and int(np.prod(size)) % known == 0:
+        new[new.index(-1)] = int(np.prod(size)) // known
+    return tuple(new)
+
+
 def pack_fc_weights(w: np.ndarray) -> np.ndarray:
     """(N, K) int8 weights in the C core's packed layout (native/src/fc_s8/fc_s8.h): N rounded up to 16 channels,
     K to 4; byte (j/16)*kp*16 + (kk/4)*64 + (j%16)*4 + kk%4 = w[j][kk], zeros in the padding. Shape (np/16, kp*16)."""
@@ -414,11 +433,20 @@ def pack_fc_weights(w: np.ndarray) -> np.ndarray:
 
 
 def _same_padding(opts: dict, what: str) -> bool:
-    """TFLite's Padding option: SAME (0, the default) -> True, VALID (1) -> False; any other value is refused."""
-    p = opts.get("Padding", 0)
+    """TFLite's Padding option: SAME (0, the schema's default) -> True, VALID (1) -> False; any other value, or no
+    options table (LiteRT's kTfLitePaddingUnknown), is refused."""
+    p = opts.get("Padding")
     if p not in (0, 1):
         raise UnsupportedOpError(f"serial-npu: {what!r}: padding {p!r} is neither SAME (0) nor VALID (1)")
     return p == 0
+
+
+def _positive(what: str, **params) -> None:
+    """LiteRT refuses a stride, dilation or window below 1 (its zero-initialised parameters when the op has no
+    options table of its own)."""
+    bad = {k: v for k, v in params.items() if min(v) < 1}
+    if bad:
+        raise UnsupportedOpError(f"serial-npu: {what!r}: {bad} below 1 (LiteRT refuses the op)")
 
 
 def _pads(in_size: int, k: int, s: int, d: int, same: bool, out_size: int, what: str) -> tuple[int, int]:
@@ -445,6 +473,9 @@ def tflite_node(n, graph) -> tuple[str, list, list[int]]:
     if tf in ("RESHAPE", "SQUEEZE"):
         if t[x].dtype != t[y].dtype:
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: reshape changes the dtype")
+        if tf == "RESHAPE" and _reshape_target(n, graph, opts) != t[y].concrete_shape():
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: the shape LiteRT's RESHAPE computes is not the "
+                                     f"output's {t[y].shape} (or not a constant)")
         return op, [x], []
     if tf == "CONCATENATION":
         ins = [i for i in n.inputs if i]
@@ -499,8 +530,9 @@ def tflite_node(n, graph) -> tuple[str, list, list[int]]:
                                      "channel")
         if b is not None and (b.initializer is None or b.dtype != "int32" or b.initializer.size != o):
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: bias must be a constant int32 (O)")
+        (sh, sw), (dh, dwi) = n.attrs["strides"], n.attrs["dilations"]
+        _positive(n.name, strides=(sh, sw), dilations=(dh, dwi))
         same = _same_padding(opts, n.name)
-        (sh, sw), (dh, dwi) = n.attrs.get("strides", [1, 1]), n.attrs.get("dilations", [1, 1])
         pt, pb = _pads(xn[1], wi.shape[1], sh, dh, same, yn[1], n.name)
         pl, pr = _pads(xn[2], wi.shape[2], sw, dwi, same, yn[2], n.name)
         lo, hi = _act(n, graph, y)
@@ -521,7 +553,8 @@ def tflite_node(n, graph) -> tuple[str, list, list[int]]:
         if 0 in xn[1:3]:  # graph.c: no tap inside the input, a count of 0 to divide by
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: the device refuses it: AVGPOOL_S8: input H or W is 0")
         _qparams(graph, x, "input")
-        (kh, kw), (sh, sw) = n.attrs.get("kernel_shape", [1, 1]), n.attrs.get("strides", [1, 1])
+        (kh, kw), (sh, sw) = n.attrs["kernel_shape"], n.attrs["strides"]
+        _positive(n.name, kernel_shape=(kh, kw), strides=(sh, sw))
         same = _same_padding(opts, n.name)
         pt, pb = _pads(xn[1], kh, sh, 1, same, yn[1], n.name)
         pl, pr = _pads(xn[2], kw, sw, 1, same, yn[2], n.name)

@@ -64,6 +64,18 @@ MAX_ELEMENTS = 2**32  # no tensor of an edge model comes near; larger is a hosti
 # inputs absent, custom ops are opaque) are left to LiteRT.
 OPTIONAL_INPUTS = {"FULLY_CONNECTED": (2,), "CONV_2D": (2,), "DEPTHWISE_CONV_2D": (2,), "TRANSPOSE_CONV": (3,),
                    "RESHAPE": (1,)}
+# the options table LiteRT's kernel reads for each op whose options edgert interprets too (its
+# op->builtin_options_as_XOptions()): a table of another type reads as null there, so the kernel keeps its
+# zero-initialised parameters (no activation, stride 0, axis 0...). Such a table is dropped at load and edgert reads
+# those same zeros (the exported segment then carries no table: LiteRT's null again). Other ops keep their table as
+# read; LiteRT applies its own rule to it in the exported segment.
+OPTIONS_TYPE = {"FULLY_CONNECTED": "FullyConnectedOptions", "CONV_2D": "Conv2DOptions",
+                "DEPTHWISE_CONV_2D": "DepthwiseConv2DOptions", "TRANSPOSE_CONV": "TransposeConvOptions",
+                "AVERAGE_POOL_2D": "Pool2DOptions", "MAX_POOL_2D": "Pool2DOptions", "L2_POOL_2D": "Pool2DOptions",
+                "ADD": "AddOptions", "SUB": "SubOptions", "MUL": "MulOptions", "DIV": "DivOptions",
+                "CONCATENATION": "ConcatenationOptions", "SOFTMAX": "SoftmaxOptions", "RESHAPE": "ReshapeOptions",
+                "SPLIT": "SplitOptions", "SPLIT_V": "SplitVOptions", "UNPACK": "UnpackOptions",
+                "GATHER": "GatherOptions"}
 # ops whose output count an option fixes (LiteRT trusts the option): op -> options field
 OUTPUT_COUNT = {"SPLIT": "NumSplits", "SPLIT_V": "NumSplits", "UNPACK": "Num"}
 # ops whose output has their first input's shape: LiteRT recomputes every shape from the inputs at allocation, so a
@@ -430,9 +442,12 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
                 r.fail(f"{where}: {'input' if absent else 'output'} {absent[0] if absent else outs.index(-1)} is "
                        f"absent (tensor index -1), which {name} requires")
         opt_cls, opts = _options(r, op, int(op.BuiltinOptionsType()), opt_names, where)
-        if name in OUTPUT_COUNT and opts.get(OUTPUT_COUNT[name], len(outs)) != len(outs):
-            r.fail(f"{where}: {OUTPUT_COUNT[name]} is {opts[OUTPUT_COUNT[name]]} but the operator has {len(outs)} "
-                   "outputs")
+        if opt_cls is not None and OPTIONS_TYPE.get(name, opt_cls) != opt_cls:
+            opt_cls, opts = None, {}
+        # no table of the op's own: LiteRT's count is 0 (SPLIT segfaulted on it)
+        if name in OUTPUT_COUNT and opts.get(OUTPUT_COUNT[name], 0) != len(outs):
+            r.fail(f"{where}: {OUTPUT_COUNT[name]} is {opts.get(OUTPUT_COUNT[name], 0)}"
+                   f"{'' if opts else f' (no {OPTIONS_TYPE[name]} table)'} but the operator has {len(outs)} outputs")
         cstart, ccount = r.vector(op, 14, 1, f"{where} custom_options")
         operators.append({"op": name, "custom": custom, "version": ver, "inputs": ins, "outputs": outs,
                           "options_type": opt_cls, "options": opts,
@@ -490,14 +505,16 @@ def _node_attrs(op: dict, tensors: list[dict]) -> dict:
               and tensors[i]["dtype"] in ("int32", "int64")]
     if params:
         attrs["param_inputs"] = params
+    # a table, when present, holds every field (the schema's defaults filled in); without one (or with another op's,
+    # dropped at parse) LiteRT's kernel keeps zero-initialised parameters, hence the zeros here
     if "FusedActivationFunction" in o:
         attrs["fused_activation"] = int(o["FusedActivationFunction"])
     if op["op"] in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
-        attrs["kernel_shape"] = [int(o.get("FilterHeight", 1)), int(o.get("FilterWidth", 1))]
-        attrs["strides"] = [int(o.get("StrideH", 1)), int(o.get("StrideW", 1))]
+        attrs["kernel_shape"] = [int(o.get("FilterHeight", 0)), int(o.get("FilterWidth", 0))]
+        attrs["strides"] = [int(o.get("StrideH", 0)), int(o.get("StrideW", 0))]
     if op["op"] in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-        attrs["strides"] = [int(o.get("StrideH", 1)), int(o.get("StrideW", 1))]
-        attrs["dilations"] = [int(o.get("DilationHFactor", 1)), int(o.get("DilationWFactor", 1))]
+        attrs["strides"] = [int(o.get("StrideH", 0)), int(o.get("StrideW", 0))]
+        attrs["dilations"] = [int(o.get("DilationHFactor", 0)), int(o.get("DilationWFactor", 0))]
         if op["op"] == "DEPTHWISE_CONV_2D":
             ins = op["inputs"]
             x = tensors[ins[0]]["shape"] if ins and ins[0] >= 0 else ()
@@ -505,7 +522,7 @@ def _node_attrs(op: dict, tensors: list[dict]) -> dict:
     if op["op"] == "CONCATENATION":
         attrs["axis"] = int(o.get("Axis", 0))
     if op["op"] == "SOFTMAX":
-        attrs["beta"] = float(o.get("Beta", 1.0))
+        attrs["beta"] = float(o.get("Beta", 0.0))
     return attrs
 
 
