@@ -176,6 +176,26 @@ def test_zero_point_outside_its_type_is_refused(zp, dtype):
     load_tflite(_qdq(zp=127 if dtype == "int8" else 0, dtype=dtype))  # the bounds themselves are fine
 
 
+@pytest.mark.parametrize("zp, axis, refusal", [
+    (np.zeros(0, np.int64), 0, "1 scales but 0 zero points"),
+    (0, 2, "quantized_dimension 2 outside the 2 dims of shape \\[1, 8\\]"),
+    (0, -1, "quantized_dimension -1 outside"),
+])
+def test_quantization_litert_refuses_is_refused_at_load(zp, axis, refusal):
+    """LiteRT refuses a tensor with scales but no zero points, or a quantized_dimension outside its dims (one scale
+    or many), when it builds the interpreter; edgert accepted both, so a model whose only op ran on the C core got
+    an answer."""
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (1, 8))
+    q = m.tensor("x_q", "int8", (1, 8), q=(0.02, zp), axis=axis)
+    m.op("QUANTIZE", [x], [q])
+    data = m.build([x], [q])
+    with pytest.raises(ValueError, match="zero_point|quantized_dimension"):
+        tm.litert_reference(data, {"x": np.zeros((1, 8), np.float32)}, ["x_q"])
+    with pytest.raises(ModelFormatError, match=refusal):
+        load_tflite(data)
+
+
 @pytest.mark.parametrize("scale", [0.0, -0.5, -1.7e38, 4.6e-41])
 def test_activation_scale_must_be_a_positive_normal_float(scale):
     """A zero, negative or subnormal activation scale segfaulted LiteRT; constant weights keep theirs."""

@@ -415,3 +415,42 @@ def foreign_options(kind: str, seed: int = 7) -> bytes:
         m.op("ADD", [last, b], [y], "FullyConnectedOptions", FusedActivationFunction=3)
         ins, last = [x, b], y
     return m.build(ins, [last])
+
+
+# ---- INT8 FULLY_CONNECTED quantization XNNPACK may or may not take -------------------------------------------------
+def int8_fc_quant(n=16, k=64, m=8, sw=None, xs=0.05, ys=0.04, bias="matched", bias_axis=0, x_axis=0, y_axis=0,
+                  version=1, seed=8) -> bytes:
+    """One INT8 FULLY_CONNECTED ``x[m, k] -> y[m, n]`` with per-channel weight scales ``sw`` (default: uniform in
+    [0.001, 0.003)) and a bias: ``"matched"`` (scales s_x * s_w), None (absent), ``"unquantized"`` (no quantization
+    parameters) or a (scales, zero points) pair; ``x_axis`` / ``y_axis`` / ``bias_axis`` the quantized_dimension
+    written for x / y / the bias, ``version`` the operator version."""
+    rng = np.random.default_rng(seed)
+    sw = rng.uniform(0.001, 0.003, n).astype(np.float32) if sw is None else np.asarray(sw, np.float32)
+    mm = ModelSpec()
+    tx = mm.tensor("x", "int8", (m, k), q=(xs, -3), axis=x_axis)
+    tw = mm.tensor("w", "int8", (n, k), rng.integers(-127, 128, (n, k)).astype(np.int8),
+                   q=(sw, np.zeros(sw.size, np.int64)))
+    ins = [tx, tw]
+    if bias is None:
+        ins.append(-1)
+    else:
+        bq = {"matched": (np.float32(xs) * sw, np.zeros(sw.size)), "unquantized": None}.get(bias) \
+            if isinstance(bias, str) else bias
+        ins.append(mm.tensor("b", "int32", (n,), rng.integers(-500, 500, n).astype(np.int32), q=bq, axis=bias_axis))
+    ty = mm.tensor("y", "int8", (m, n), q=(ys, 5), axis=y_axis)
+    mm.op("FULLY_CONNECTED", ins, [ty], "FullyConnectedOptions", FusedActivationFunction=NONE)
+    mm.ops[-1]["version"] = version
+    return mm.build([tx], [ty])
+
+
+def xnnpack_verdict(data: bytes) -> str:
+    """What plain LiteRT does with a one-op model: ``"took"`` (its XNNPACK delegate runs the op), ``"declined"``
+    (TFLite's own kernel runs it) or ``"refused"`` (the model does not allocate)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=data)
+    try:
+        it.allocate_tensors()
+    except RuntimeError:
+        return "refused"
+    return "took" if "DELEGATE" in [d["op_name"] for d in it._get_ops_details()] else "declined"

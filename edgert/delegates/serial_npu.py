@@ -389,17 +389,23 @@ def _act(n, graph, out: str, code: int | None = None) -> tuple[int, int]:
 
 
 def _requant_scales(xs, ws, ys, channels: int) -> np.ndarray:
-    """s_in * s_w[c] / s_out in float32, in that order (the host C core's and XNNPACK's), one per output channel,
-    checked by ``_scale_range``."""
-    sc = (np.float32(xs[0]) * np.broadcast_to(np.asarray(ws, np.float32), (channels,)) / np.float32(ys[0]))
-    return _scale_range(np.ascontiguousarray(sc, np.float32))
+    """XNNPACK's requantization scales (``host_tflite.xnnpack_requant_scales``: s_in * s_w[c] / s_out in float32, that
+    order), one per output channel, checked by ``_scale_range``."""
+    from .host_tflite import xnnpack_requant_scales
+
+    sc = xnnpack_requant_scales(xs, ws, ys, channels)
+    if sc is None:
+        raise UnsupportedOpError("serial-npu: requantization scale of 256 or more (XNNPACK cannot create the op; "
+                                 "LiteRT refuses the model)")
+    return _scale_range(sc)
 
 
 def _scale_range(sc: np.ndarray) -> np.ndarray:
-    """``sc`` if every requantization scale lies in XNNPACK's [2^-32, 256): outside it LiteRT runs another kernel,
-    so the device does not take the op."""
-    if not (np.all(sc >= np.float32(2.0 ** -32)) and np.all(sc < np.float32(256.0))):
-        raise UnsupportedOpError("serial-npu: requantization scale outside [2^-32, 256)")
+    """``sc`` (scales XNNPACK takes) if every one is positive too, as the device wants (graph.c ``scales_ok``: (0,
+    256)); s_in * s_w underflowing float32 to 0 is XNNPACK's but not the device's."""
+    if not np.all(sc > 0):
+        raise UnsupportedOpError("serial-npu: a requantization scale of 0 (s_in * s_w underflows float32): the device "
+                                 "takes (0, 256)")
     return sc
 
 
@@ -502,7 +508,8 @@ def tflite_node(n, graph) -> tuple[str, list, list[int]]:
         if p is None:
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: not an INT8 FULLY_CONNECTED the C core's kernel takes "
                                      "(int8 in and out, constant symmetric int8 (N, K) weights per tensor or per row, "
-                                     "constant int32 bias, a ReLU-family activation, the default weights format)")
+                                     "constant int32 bias, a ReLU-family activation, the default weights format, "
+                                     "quantization XNNPACK takes: host_tflite.int8_fc_params)")
         wi = np.asarray(p["w"], np.int8)
         nn, k = (int(d) for d in wi.shape)
         _scale_range(p["scale"])
@@ -528,8 +535,14 @@ def tflite_node(n, graph) -> tuple[str, list, list[int]]:
         if np.any(wz != 0) or (ws.size > 1 and w.quant.axis not in ((3,) if dw else (0,))):
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: filter must be symmetric, per tensor or per output "
                                      "channel")
-        if b is not None and (b.initializer is None or b.dtype != "int32" or b.initializer.size != o):
-            raise UnsupportedOpError(f"serial-npu: {n.name!r}: bias must be a constant int32 (O)")
+        if b is None or b.initializer is None or b.dtype != "int32" or b.initializer.size != o:
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: bias must be a constant int32 (O) (without one LiteRT "
+                                     "refuses the int8 op)")
+        from .host_tflite import xnnpack_quantization
+
+        if not xnnpack_quantization(graph, t[x], w, b, t[y]):
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: quantization XNNPACK does not take (LiteRT runs "
+                                     "TFLite's own kernel, or refuses the model): see host_tflite.xnnpack_quantization")
         (sh, sw), (dh, dwi) = n.attrs["strides"], n.attrs["dilations"]
         _positive(n.name, strides=(sh, sw), dilations=(dh, dwi))
         same = _same_padding(opts, n.name)

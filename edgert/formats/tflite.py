@@ -26,7 +26,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ SAME_SHAPE = ("QUANTIZE", "DEQUANTIZE", "RELU", "RELU6", "RELU_N1_TO_1", "RELU_0
               "L2_NORMALIZATION", "LOCAL_RESPONSE_NORMALIZATION")
 # the zero-point range of each quantized integer type
 ZP_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
-_F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest positive normal float32
+F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest positive normal float32
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "int32": 4, "uint8": 1, "int64": 8, "bool": 1, "int16": 2, "complex64": 8,
              "int8": 1, "float64": 8, "complex128": 16, "uint64": 8, "uint32": 4, "uint16": 2}
@@ -217,9 +217,17 @@ class TFLiteModel:
     tensor_names: list[str]
     node_names: list[str]
     format: str = "tflite"
+    _by_name: dict | None = field(default=None, repr=False)
 
     def content(self) -> bytes:
         return bytes(self.data)
+
+    def tensor(self, name: str) -> dict:
+        """The parsed tensor an IR tensor name stands for (what the IR leaves out: a per-tensor quantization's
+        quantized_dimension, ``is_variable``...)."""
+        if self._by_name is None:
+            self._by_name = {n: i for i, n in enumerate(self.tensor_names)}
+        return self.tensors[self._by_name[name]]
 
 
 def _open(src) -> tuple[Any, str, str | None, bool]:
@@ -390,7 +398,7 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
             scale = r.array(q, 8, "float32", f"{where} scale")
             zp = r.array(q, 10, "int64", f"{where} zero_point")
             if len(scale):
-                if len(zp) not in (0, len(scale)):
+                if len(zp) != len(scale):  # LiteRT refuses none either
                     r.fail(f"{where}: {len(scale)} scales but {len(zp)} zero points")
                 if not np.isfinite(scale).all():
                     r.fail(f"{where}: quantization scales are not finite")
@@ -401,15 +409,17 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
                            f"{lo_hi[1]}]")
                 # an activation's scale divides at run time (LiteRT crashed on 0, negative and subnormal ones);
                 # constant weights keep whatever finite scales LiteRT runs them with
-                tiny = scale < _F32_TINY
+                tiny = scale < F32_TINY
                 if lo_hi and data is None and tiny.any():
                     r.fail(f"{where}: activation scale {scale[tiny][0]:g} is not a positive normal float32")
                 qd = int(q.QuantizedDimension())
+                if len(shape) and not 0 <= qd < len(shape):  # LiteRT's check, per-tensor parameters too
+                    r.fail(f"{where}: quantized_dimension {qd} outside the {len(shape)} dims of shape "
+                           f"{shape.tolist()}")
                 if len(scale) > 1 and not (0 <= qd < len(shape) and shape[qd] == len(scale)):
                     r.fail(f"{where}: {len(scale)} per-channel scales along dim {qd} of shape {shape.tolist()}")
-                quant = {"scale": np.array(scale), "zero_point": np.array(zp) if len(zp) else np.zeros(len(scale),
-                                                                                                     np.int64),
-                         "axis": qd if len(scale) > 1 else None, "quantized_dimension": qd}
+                quant = {"scale": np.array(scale), "zero_point": np.array(zp), "axis": qd if len(scale) > 1 else None,
+                         "quantized_dimension": qd}
         tensors.append({"name": name, "dtype": dtype, "shape": tuple(int(d) for d in shape),
                         "signature": tuple(int(d) for d in sig) if len(sig) else None, "data": data,
                         "quant": quant, "is_variable": bool(t.IsVariable())})
