@@ -454,3 +454,28 @@ def xnnpack_verdict(data: bytes) -> str:
     except RuntimeError:
         return "refused"
     return "took" if "DELEGATE" in [d["op_name"] for d in it._get_ops_details()] else "declined"
+
+
+# ---- variable tensors -----------------------------------------------------------------------------------------------
+def with_variables(seed=9) -> bytes:
+    """x (int8, 4x16) -> FULLY_CONNECTED -> CONCATENATION with ``v`` (an int8 variable tensor, zero point 7, no buffer)
+    -> y (8x8); and f (float32) + ``fv`` (a float variable) -> z. No op updates either variable: LiteRT resets them
+    to their zero point / 0 and they stay there."""
+    rng = np.random.default_rng(seed)
+    q = (0.04, 7)
+    m = ModelSpec()
+    x = m.tensor("x", "int8", (4, 16), q=(0.05, -3))
+    w = m.tensor("w", "int8", (8, 16), rng.integers(-127, 128, (8, 16)).astype(np.int8),
+                 q=(np.full(8, 0.002, np.float32), np.zeros(8, np.int64)))
+    fc = m.tensor("fc", "int8", (4, 8), q=q)
+    v = m.tensor("v", "int8", (4, 8), q=q)
+    y = m.tensor("y", "int8", (8, 8), q=q)
+    f = m.tensor("f", "float32", (2, 3))
+    fv = m.tensor("fv", "float32", (2, 3))
+    z = m.tensor("z", "float32", (2, 3))
+    for t in (v, fv):
+        m.tensors[t]["is_variable"] = True
+    m.op("FULLY_CONNECTED", [x, w, -1], [fc], "FullyConnectedOptions")
+    m.op("CONCATENATION", [fc, v], [y], "ConcatenationOptions", Axis=0)
+    m.op("ADD", [f, fv], [z], "AddOptions")
+    return m.build([x, f], [y, z])

@@ -76,6 +76,9 @@ OPTIONS_TYPE = {"FULLY_CONNECTED": "FullyConnectedOptions", "CONV_2D": "Conv2DOp
                 "CONCATENATION": "ConcatenationOptions", "SOFTMAX": "SoftmaxOptions", "RESHAPE": "ReshapeOptions",
                 "SPLIT": "SplitOptions", "SPLIT_V": "SplitVOptions", "UNPACK": "UnpackOptions",
                 "GATHER": "GatherOptions"}
+# the builtins that update a variable input in place (TFLite's recurrent kernels keep their state that way)
+STATEFUL_OPS = ("LSTM", "UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM", "SVDF", "RNN",
+                "UNIDIRECTIONAL_SEQUENCE_RNN", "BIDIRECTIONAL_SEQUENCE_RNN")
 # ops whose output count an option fixes (LiteRT trusts the option): op -> options field
 OUTPUT_COUNT = {"SPLIT": "NumSplits", "SPLIT_V": "NumSplits", "UNPACK": "Num"}
 # ops whose output has their first input's shape: LiteRT recomputes every shape from the inputs at allocation, so a
@@ -420,6 +423,8 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
                     r.fail(f"{where}: {len(scale)} per-channel scales along dim {qd} of shape {shape.tolist()}")
                 quant = {"scale": np.array(scale), "zero_point": np.array(zp), "axis": qd if len(scale) > 1 else None,
                          "quantized_dimension": qd}
+        if t.IsVariable() and data is not None:
+            r.fail(f"{where}: a variable tensor with a buffer (LiteRT refuses it: its initial value is zero)")
         tensors.append({"name": name, "dtype": dtype, "shape": tuple(int(d) for d in shape),
                         "signature": tuple(int(d) for d in sig) if len(sig) else None, "data": data,
                         "quant": quant, "is_variable": bool(t.IsVariable())})
@@ -462,6 +467,7 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
         operators.append({"op": name, "custom": custom, "version": ver, "inputs": ins, "outputs": outs,
                           "options_type": opt_cls, "options": opts,
                           "custom_options": bytes(buf[cstart:cstart + ccount]) if ccount else None})
+    _variables_as_constants(tensors, operators, inputs, what)
     for k, op in enumerate(operators):
         if op["op"] in SAME_SHAPE and op["inputs"] and op["outputs"]:
             i, o = op["inputs"][0], op["outputs"][0]
@@ -502,6 +508,29 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
               for k, op in enumerate(operators)]
     desc = r.string(model, 10, "description")
     return TFLiteModel(buf, what, path, version, desc, tensors, operators, inputs, outputs, tnames, nnames)
+
+
+def _variables_as_constants(tensors: list[dict], operators: list[dict], inputs: list[int], what: str) -> None:
+    """A variable tensor (``is_variable``, no buffer) holds state only the ops in ``STATEFUL_OPS`` update, in place,
+    run after run; edgert does not keep state between runs, so a model with such an op reading a variable is
+    refused. Any other variable keeps the value LiteRT resets it to (``ResetVariableTensor``: the zero point of an
+    int8 tensor with one, else zero bytes): it becomes that constant, and is exported as one."""
+    for k, op in enumerate(operators):
+        if op["op"] in STATEFUL_OPS or op["op"] == "CUSTOM":
+            for i in op["inputs"]:
+                if i >= 0 and tensors[i]["is_variable"]:
+                    name = op["op"] if op["op"] != "CUSTOM" else f"custom op {op['custom']!r}"
+                    raise ModelFormatError(
+                        f"TFLite model {what}: operator {k} ({name}) updates variable tensor {i} "
+                        f"({tensors[i]['name']!r}) in place, run after run; edgert runs stateless models (export the "
+                        "model with its state as explicit inputs and outputs)")
+    for i, t in enumerate(tensors):
+        if t["is_variable"] and i not in inputs:
+            q = t["quant"]
+            zp = int(q["zero_point"][0]) if t["dtype"] == "int8" and q is not None and len(q["zero_point"]) == 1 else 0
+            t["data"] = np.full(t["shape"], zp, np.dtype(t["dtype"]))
+            t["data"].flags.writeable = False
+            t["is_variable"] = False
 
 
 def _node_attrs(op: dict, tensors: list[dict]) -> dict:
