@@ -462,3 +462,71 @@ def test_a_variable_with_a_buffer_is_refused_as_litert_does():
         tm.litert_reference(data, {"x": np.ones((2, 3), np.float32)}, ["y"])
     with pytest.raises(edgert.ModelFormatError, match="tensor 1 \\('v'\\): a variable tensor with a buffer"):
         load_tflite(data)
+
+
+def _split_and_transpose_conv() -> bytes:
+    """x (int8 NHWC) -> SPLIT along channels (its constant int32 axis is input 0) -> TRANSPOSE_CONV of one half (its
+    constant int32 output shape is input 0) and the other half as is."""
+    q = (0.02, 1)
+    rng = np.random.default_rng(0)
+    m = tm.ModelSpec()
+    x = m.tensor("x", "int8", (1, 4, 4, 8), q=q)
+    ax = m.tensor("axis", "int32", (), np.array(3, np.int32))
+    a = m.tensor("a", "int8", (1, 4, 4, 4), q=q)
+    b = m.tensor("b", "int8", (1, 4, 4, 4), q=q)
+    os_ = m.tensor("out_shape", "int32", (4,), np.array([1, 8, 8, 2], np.int32))
+    w = m.tensor("w", "int8", (2, 3, 3, 4), rng.integers(-127, 128, (2, 3, 3, 4)).astype(np.int8),
+                 q=(np.full(2, 0.01, np.float32), np.zeros(2, np.int64)))
+    y = m.tensor("y", "int8", (1, 8, 8, 2), q=(0.05, -2))
+    m.op("SPLIT", [ax, x], [a, b], "SplitOptions", NumSplits=2)
+    m.op("TRANSPOSE_CONV", [os_, w, a], [y], "TransposeConvOptions", Padding=tm.SAME, StrideW=2, StrideH=2)
+    return m.build([x], [y, b])
+
+
+@pytest.mark.parametrize("device", ["coral-usb", "imx8mp"])
+def test_a_constant_int32_first_input_is_a_parameter_not_data(device):
+    """SPLIT's axis and TRANSPOSE_CONV's output shape are their first inputs, constant int32: they were counted as
+    data, so an INT8-only accelerator refused the nodes ("dtype int32 not supported (tensor axis ...)"), as docs/
+    tflite.md says constant int32 parameters are not."""
+    data = _split_and_transpose_conv()
+    g = load_tflite(data)
+    assert [n.attrs.get("param_inputs") for n in g.nodes] == [[0], [0]]
+    # both profiles list Split; only imx8mp's NPU lists ConvTranspose
+    want = {"split_0", "transpose_conv_1"} if device == "imx8mp" else {"split_0"}
+    sess = edgert.Session(data, device=cheap_link(device), emulate=True,
+                          fallback="forbid" if device == "imx8mp" else "allow", telemetry=False)
+    on_npu = {n for p in sess.plan.partitions if p.unit != "cpu" for n in p.nodes}
+    assert on_npu == want, sess.plan.table()
+    for seed in range(3):
+        feeds = tm.feeds_for(g, seed)
+        for a, b in zip(sess.run(None, feeds), tm.litert_reference(data, feeds, g.outputs)):
+            np.testing.assert_array_equal(a, b)
+    sess.close()
+    m = tm.ModelSpec()  # the SPLIT alone, on the profile as it is
+    q = (0.02, 1)
+    x = m.tensor("x", "int8", (1, 4, 4, 8), q=q)
+    ax = m.tensor("axis", "int32", (), np.array(3, np.int32))
+    a, b = m.tensor("a", "int8", (1, 4, 4, 4), q=q), m.tensor("b", "int8", (1, 4, 4, 4), q=q)
+    m.op("SPLIT", [ax, x], [a, b], "SplitOptions", NumSplits=2)
+    assert [p.unit for p in edgert.plan(m.build([x], [a, b]), device=device, fallback="forbid").partitions] == [
+        "tpu" if device == "coral-usb" else "npu"]
+
+
+def test_fill_dims_are_a_parameter():
+    m = tm.ModelSpec()
+    dims = m.tensor("dims", "int32", (2,), np.array([2, 3], np.int32))
+    v = m.tensor("v", "float32", ())
+    y = m.tensor("y", "float32", (2, 3))
+    m.op("FILL", [dims, v], [y])
+    g = load_tflite(m.build([v], [y]))
+    assert g.nodes[0].attrs["param_inputs"] == [0] and g.nodes[0].data_inputs() == ["v"]
+
+
+def test_transpose_conv_cost_counts_its_input_not_its_output_shape_tensor():
+    """The cost model read TFLite's TRANSPOSE_CONV as ONNX's ConvTranspose: input 0 (the 4-element output shape) as
+    the data and the filter as (I, O, kh, kw). Each input element scatters into O * kh * kw outputs."""
+    from edgert.plan import node_ops
+
+    g = load_tflite(_split_and_transpose_conv())
+    tc = g.node("transpose_conv_1")
+    assert node_ops(tc, g) == 2.0 * (1 * 4 * 4 * 4) * (2 * 3 * 3)

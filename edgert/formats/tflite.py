@@ -76,6 +76,8 @@ OPTIONS_TYPE = {"FULLY_CONNECTED": "FullyConnectedOptions", "CONV_2D": "Conv2DOp
                 "CONCATENATION": "ConcatenationOptions", "SOFTMAX": "SoftmaxOptions", "RESHAPE": "ReshapeOptions",
                 "SPLIT": "SplitOptions", "SPLIT_V": "SplitVOptions", "UNPACK": "UnpackOptions",
                 "GATHER": "GatherOptions"}
+# ops whose first input is a parameter, not data: SPLIT's axis, TRANSPOSE_CONV's output shape, FILL's dims
+PARAM_FIRST = ("SPLIT", "TRANSPOSE_CONV", "FILL")
 # the builtins that update a variable input in place (TFLite's recurrent kernels keep their state that way)
 STATEFUL_OPS = ("LSTM", "UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM", "SVDF", "RNN",
                 "UNIDIRECTIONAL_SEQUENCE_RNN", "BIDIRECTIONAL_SEQUENCE_RNN")
@@ -538,9 +540,11 @@ def _node_attrs(op: dict, tensors: list[dict]) -> dict:
     attrs: dict[str, Any] = {"tflite_op": op["op"], "tflite_options": o}
     if op["op"] == "CUSTOM":
         attrs["custom_code"] = op["custom"]
-    # constant int32/int64 inputs after the first are parameters of the op, not data an accelerator must carry:
-    # the int32 bias of a quantized FULLY_CONNECTED / CONV_2D (folded into the int8 op), RESHAPE's shape, axes, pads
-    params = [k for k, i in enumerate(op["inputs"]) if k >= 1 and i >= 0 and tensors[i]["data"] is not None
+    # constant int32/int64 inputs after the data are parameters of the op, not data an accelerator must carry:
+    # the int32 bias of a quantized FULLY_CONNECTED / CONV_2D (folded into the int8 op), RESHAPE's shape, axes, pads;
+    # for the ops whose first input is such a parameter (PARAM_FIRST) that one too
+    first = 0 if op["op"] in PARAM_FIRST else 1
+    params = [k for k, i in enumerate(op["inputs"]) if k >= first and i >= 0 and tensors[i]["data"] is not None
               and tensors[i]["dtype"] in ("int32", "int64")]
     if params:
         attrs["param_inputs"] = params
