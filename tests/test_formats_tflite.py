@@ -367,3 +367,34 @@ def test_a_parsed_file_keeps_only_its_map(tmp_path):
     finally:
         sys.unraisablehook = hook
     assert not unraisable, [str(u.exc_value) for u in unraisable]
+
+
+@pytest.mark.parametrize("idx, axis, batch_dims, idtype", [
+    ([0, 7], 1, 0, "int32"), ([0, 3], 1, 0, "int64"), ([0, -1], 1, 0, "int32"), ([0, 3], -1, 0, "int32"),
+    ([[0, 3], [1, 0]], 1, 1, "int32"), ([2], 0, 0, "int32"),                       # LiteRT refuses these at invoke
+    ([0, 2], 1, 0, "int32"), ([0, 2], -1, 0, "int64"), ([[0, 2], [1, 0]], 1, -1, "int32"), ([1], 0, 0, "int32"),
+])
+def test_constant_gather_indices_outside_the_axis_are_refused_at_load(idx, axis, batch_dims, idtype):
+    """LiteRT's GATHER refuses an index outside [0, dim) (negative ones too) when it first runs: the Session was
+    created and its run raised DeviceError. With constant indices the file is malformed: ModelFormatError at load,
+    naming the operator and the index; the indices LiteRT takes load and run as LiteRT runs them."""
+    import edgert
+
+    idx = np.array(idx, idtype)
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (2, 3))
+    i = m.tensor("idx", idtype, idx.shape, idx)
+    yshape = (2, 2) if axis != 0 else (idx.size, 3)
+    y = m.tensor("y", "float32", yshape)
+    m.op("GATHER", [x, i], [y], "GatherOptions", Axis=axis, BatchDims=batch_dims)
+    data = m.build([x], [y])
+    feeds = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    try:
+        ref = tm.litert_reference(data, feeds, ["y"])[0]
+    except RuntimeError as e:
+        assert "gather" in str(e).lower()
+        with pytest.raises(ModelFormatError, match="operator 0 \\(GATHER\\): index -?\\d+ at \\[.*\\] of tensor 1 "
+                                                   "\\('idx'\\) lies outside \\[0, [23]\\)"):
+            load_tflite(data)
+        return
+    np.testing.assert_array_equal(edgert.Session(data, telemetry=False).run(None, feeds)[0], ref)

@@ -471,6 +471,8 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
                           "custom_options": bytes(buf[cstart:cstart + ccount]) if ccount else None})
     _variables_as_constants(tensors, operators, inputs, what)
     for k, op in enumerate(operators):
+        if op["op"] == "GATHER":
+            _gather_indices_in_range(r, k, op, tensors)
         if op["op"] in SAME_SHAPE and op["inputs"] and op["outputs"]:
             i, o = op["inputs"][0], op["outputs"][0]
             # concrete shapes only: a rank-0 (unknown) or dynamic (-1 in the signature) one may be a placeholder
@@ -510,6 +512,27 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
               for k, op in enumerate(operators)]
     desc = r.string(model, 10, "description")
     return TFLiteModel(buf, what, path, version, desc, tensors, operators, inputs, outputs, tnames, nnames)
+
+
+def _gather_indices_in_range(r: _Reader, k: int, op: dict, tensors: list[dict]) -> None:
+    """LiteRT's GATHER refuses, at its first run, an index outside [0, params.shape[axis]) (negative ones too;
+    batch_dims does not change the axis gathered): with constant indices and a static axis that is a malformed file,
+    said at load."""
+    if len(op["inputs"]) < 2 or min(op["inputs"][:2]) < 0:
+        return
+    p, i = tensors[op["inputs"][0]], tensors[op["inputs"][1]]
+    idx, shape, axis = i["data"], p["shape"], int(op["options"].get("Axis", 0))
+    if idx is None or idx.dtype.kind not in "iu" or not shape:
+        return
+    axis += len(shape) if axis < 0 else 0
+    if not 0 <= axis < len(shape) or (p["signature"] and p["signature"][axis] == -1):
+        return  # an axis LiteRT refuses when it prepares the op, or a dynamic one
+    bad = (idx < 0) | (idx >= shape[axis])
+    if bad.any():
+        at = tuple(int(v) for v in np.argwhere(bad)[0])
+        r.fail(f"operator {k} (GATHER): index {int(idx[at])} at {list(at)} of tensor {op['inputs'][1]} "
+               f"({i['name']!r}) lies outside [0, {shape[axis]}), axis {axis} of tensor {op['inputs'][0]} "
+               f"({p['name']!r}, shape {list(shape)})")
 
 
 def _variables_as_constants(tensors: list[dict], operators: list[dict], inputs: list[int], what: str) -> None:
