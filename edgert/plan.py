@@ -343,6 +343,8 @@ def node_ops(node: Node, graph: Graph, dims: Mapping[str, int] | None = None, as
         return 2.0 * out_elems * (math.prod(w[1:]) if len(w) > 1 else 1)  # ONNX (O, I/group, kh, kw); TFLite OHWI
     if op == "ConvTranspose":
         w = shape(1)
+        if node.attrs.get("tflite_op") == "TRANSPOSE_CONV":  # (output shape, w (O, kh, kw, I), x)
+            return 2.0 * math.prod(shape(2)) * (math.prod(w[:3]) if len(w) == 4 else 1)
         return 2.0 * math.prod(shape(0)) * (math.prod(w[1:]) if len(w) > 1 else 1)
     if op in ("MaxPool", "AveragePool", "QLinearAveragePool", "LpPool"):
         return float(out_elems * math.prod(node.attrs.get("kernel_shape", [1])))

@@ -97,3 +97,78 @@ def test_tflite_kernels_round_the_float32_quotient_half_away_from_zero(op):
     assert _act_range(3, 2e-9, 0, op) is None
     assert _act_range(2, 4e-10, 0, op) is None
     assert _act_range(1, 1e-30, -5, op) == (-5, 127)
+
+
+@pytest.mark.parametrize("device", ["host-true", "host-false", "host-auto", "coral-usb", "imx8mp"])
+@pytest.mark.parametrize("kind", tm.FOREIGN_OPTIONS)
+def test_an_options_table_of_another_op_runs_as_litert_reads_it(kind, device):
+    """A FULLY_CONNECTED with AddOptions(RELU) or Conv2DOptions(RELU), an ADD with FullyConnectedOptions(RELU6):
+    LiteRT reads none of them (its own options type is null) and runs the op without an activation; the C core
+    clamped at RELU (and a default Session took the core on a large FC), and segments of an ADD beside it keep
+    LiteRT's reading."""
+    data = tm.foreign_options(kind)
+    if device.startswith("host"):
+        core = {"true": True, "false": False, "auto": "auto"}[device[5:]]
+        sess = edgert.Session(data, device="host", core=core, telemetry=False)
+        if core is True and kind != "add_fc":
+            assert [s.nodes[0] for s in sess._bound.compiled[0].core] == ["fully_connected_0"]
+    else:
+        sess = edgert.Session(data, device=free_link(device), emulate=True, telemetry=False)
+    assert_equals_litert(sess, data, seeds=range(3))
+    sess.close()
+
+
+def _pruned(i, v, n=16):
+    sw = np.random.default_rng(8).uniform(0.001, 0.003, n).astype(np.float32)
+    sw[i] = v
+    return sw
+
+
+F = np.float32
+# INT8 FULLY_CONNECTEDs around the edges of what LiteRT's XNNPACK delegate takes
+XNNPACK_FC_CASES = {
+    "plain": {},
+    "per_tensor_weights": dict(sw=[0.002], bias=([F(0.05) * F(0.002)], [0])),
+    "pruned_channel": dict(sw=_pruned(5, 0.0)),                      # its bias scale 0 too: declined
+    "pruned_channel_no_bias": dict(sw=_pruned(5, 0.0), bias=None),   # refused
+    "denormal_channel": dict(sw=_pruned(3, 1e-40)),
+    "bias_unquantized": dict(bias="unquantized"),
+    "bias_scale_x2": dict(bias=(F(0.05) * _pruned(0, 0.002) * 2, np.zeros(16))),  # not read: taken
+    "bias_one_scale": dict(bias=([1e-4], [0])),
+    "bias_zero_point": dict(bias=([1e-4], [3])),
+    "bias_scale_0": dict(bias=(np.r_[np.full(15, 1e-4), 0.0].astype(F), np.zeros(16))),
+    "x_quantized_dimension_1": dict(x_axis=1),
+    "y_quantized_dimension_1": dict(y_axis=1),
+    "version_8": dict(version=8),                                    # sparse weights' version
+    "requant_255": dict(sw=np.full(16, 0.002, F), ys=F(0.05) * F(0.002) / F(255.5)),
+    "requant_256": dict(sw=np.full(16, 0.002, F), ys=F(0.05) * F(0.002) / F(256)),
+    "requant_1000_one_channel": dict(sw=np.r_[np.full(15, 1e-6), 0.002].astype(F), ys=1e-7),
+    "requant_2^-40": dict(sw=np.full(16, 2.0 ** -20, F), xs=2.0 ** -20, ys=1.0),
+    "requant_underflows_to_0": dict(sw=np.full(16, 2.0 ** -70, F), xs=2.0 ** -70, ys=2.0 ** 20, bias=None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(XNNPACK_FC_CASES))
+def test_the_c_core_takes_an_int8_fc_exactly_when_xnnpack_does(case):
+    """The C core does XNNPACK's arithmetic; LiteRT runs an FC XNNPACK does not take with TFLite's own kernel (a step
+    off here and there: a pruned channel of scale 0, an unquantized bias, a quantized_dimension other than 0 on x)
+    or refuses the model (requantization scale 256 and up). The core took all of those, so outputs drifted, and
+    core=True answered for a model LiteRT refuses. Now it takes an FC exactly when plain LiteRT's XNNPACK delegate
+    does (LiteRT's own verdict is the reference), and outputs equal LiteRT's over 20 inputs either way."""
+    data = tm.int8_fc_quant(**XNNPACK_FC_CASES[case])
+    verdict = tm.xnnpack_verdict(data)
+    g = load_tflite(data)
+    assert (int8_fc_step(g, g.nodes[0]) is not None) == (verdict == "took"), verdict
+    for core in (True, False, "auto"):
+        if verdict == "refused":
+            with pytest.raises(edgert.ModelFormatError, match="failed to create XNNPACK runtime|failed to prepare"):
+                edgert.Session(data, device="host", core=core, telemetry=False)
+            continue
+        sess = edgert.Session(data, device="host", core=core, telemetry=False)
+        assert_equals_litert(sess, data, seeds=range(20))
+        sess.close()
+
+
+def test_the_fc_cases_cover_every_litert_verdict():
+    assert {tm.xnnpack_verdict(tm.int8_fc_quant(**kw)) for kw in XNNPACK_FC_CASES.values()} == {
+        "took", "declined", "refused"}

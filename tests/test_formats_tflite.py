@@ -176,6 +176,26 @@ def test_zero_point_outside_its_type_is_refused(zp, dtype):
     load_tflite(_qdq(zp=127 if dtype == "int8" else 0, dtype=dtype))  # the bounds themselves are fine
 
 
+@pytest.mark.parametrize("zp, axis, refusal", [
+    (np.zeros(0, np.int64), 0, "1 scales but 0 zero points"),
+    (0, 2, "quantized_dimension 2 outside the 2 dims of shape \\[1, 8\\]"),
+    (0, -1, "quantized_dimension -1 outside"),
+])
+def test_quantization_litert_refuses_is_refused_at_load(zp, axis, refusal):
+    """LiteRT refuses a tensor with scales but no zero points, or a quantized_dimension outside its dims (one scale
+    or many), when it builds the interpreter; edgert accepted both, so a model whose only op ran on the C core got
+    an answer."""
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (1, 8))
+    q = m.tensor("x_q", "int8", (1, 8), q=(0.02, zp), axis=axis)
+    m.op("QUANTIZE", [x], [q])
+    data = m.build([x], [q])
+    with pytest.raises(ValueError, match="zero_point|quantized_dimension"):
+        tm.litert_reference(data, {"x": np.zeros((1, 8), np.float32)}, ["x_q"])
+    with pytest.raises(ModelFormatError, match=refusal):
+        load_tflite(data)
+
+
 @pytest.mark.parametrize("scale", [0.0, -0.5, -1.7e38, 4.6e-41])
 def test_activation_scale_must_be_a_positive_normal_float(scale):
     """A zero, negative or subnormal activation scale segfaulted LiteRT; constant weights keep theirs."""
@@ -226,6 +246,40 @@ def test_split_outputs_must_match_num_splits(num_splits):
     m.op("SPLIT", [axis, x], [o], "SplitOptions", NumSplits=num_splits)
     with pytest.raises(ModelFormatError, match=f"SPLIT\\): NumSplits is {num_splits} but the operator has 1 outputs"):
         load_tflite(m.build([x], [o]))
+
+
+@pytest.mark.parametrize("options", [(None, {}), ("SplitVOptions", {"NumSplits": 1})])
+def test_split_without_its_own_options_table_is_refused(options):
+    """Without a SplitOptions table (none, or another op's: LiteRT reads its own as null) LiteRT's num_splits is 0
+    and it segfaulted; the split was accepted (a missing count read as the number of outputs)."""
+    m = tm.ModelSpec()
+    axis = m.tensor("axis", "int32", (), data=np.array(1, np.int32))
+    x = m.tensor("x", "float32", (1, 4))
+    o = m.tensor("o", "float32", (1, 4))
+    m.op("SPLIT", [axis, x], [o], options[0], **options[1])
+    with pytest.raises(ModelFormatError, match="NumSplits is 0 \\(no SplitOptions table\\) but the operator has 1 "
+                                               "outputs"):
+        load_tflite(m.build([x], [o]))
+
+
+def test_an_options_table_of_another_op_reads_as_litert_defaults():
+    """LiteRT's kernels read their own options type (``builtin_options_as_FullyConnectedOptions()`` is null for an
+    AddOptions table) and keep zero-initialised parameters; edgert read the fused RELU of an AddOptions on a
+    FULLY_CONNECTED (and RELU6 of a FullyConnectedOptions on an ADD) and its C core and serial NPU applied them.
+    Such a table is dropped at load and not exported (LiteRT's null again); ops edgert does not interpret keep
+    theirs as read, for LiteRT to judge."""
+    g = load_tflite(tm.foreign_options("fc_then_add"))
+    for n in g.nodes:
+        assert n.attrs["tflite_options"] == {} and "fused_activation" not in n.attrs, n.name
+    data, _, _ = subgraph_tflite(g, ["add_1"])
+    assert [op["options_type"] for op in parse_tflite(data).operators] == [None]
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (2, 4))
+    ax = m.tensor("axes", "int32", (1,), data=np.array([1], np.int32))
+    y = m.tensor("y", "float32", (2,))
+    m.op("MEAN", [x, ax], [y], "AddOptions", FusedActivationFunction=1)
+    op = parse_tflite(m.build([x], [y])).operators[0]
+    assert (op["options_type"], op["options"]) == ("AddOptions", {"FusedActivationFunction": 1, "PotScaleInt16": True})
 
 
 def test_tensor_names_are_made_unique_even_when_a_suffix_collides():
@@ -313,3 +367,34 @@ def test_a_parsed_file_keeps_only_its_map(tmp_path):
     finally:
         sys.unraisablehook = hook
     assert not unraisable, [str(u.exc_value) for u in unraisable]
+
+
+@pytest.mark.parametrize("idx, axis, batch_dims, idtype", [
+    ([0, 7], 1, 0, "int32"), ([0, 3], 1, 0, "int64"), ([0, -1], 1, 0, "int32"), ([0, 3], -1, 0, "int32"),
+    ([[0, 3], [1, 0]], 1, 1, "int32"), ([2], 0, 0, "int32"),                       # LiteRT refuses these at invoke
+    ([0, 2], 1, 0, "int32"), ([0, 2], -1, 0, "int64"), ([[0, 2], [1, 0]], 1, -1, "int32"), ([1], 0, 0, "int32"),
+])
+def test_constant_gather_indices_outside_the_axis_are_refused_at_load(idx, axis, batch_dims, idtype):
+    """LiteRT's GATHER refuses an index outside [0, dim) (negative ones too) when it first runs: the Session was
+    created and its run raised DeviceError. With constant indices the file is malformed: ModelFormatError at load,
+    naming the operator and the index; the indices LiteRT takes load and run as LiteRT runs them."""
+    import edgert
+
+    idx = np.array(idx, idtype)
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (2, 3))
+    i = m.tensor("idx", idtype, idx.shape, idx)
+    yshape = (2, 2) if axis != 0 else (idx.size, 3)
+    y = m.tensor("y", "float32", yshape)
+    m.op("GATHER", [x, i], [y], "GatherOptions", Axis=axis, BatchDims=batch_dims)
+    data = m.build([x], [y])
+    feeds = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    try:
+        ref = tm.litert_reference(data, feeds, ["y"])[0]
+    except RuntimeError as e:
+        assert "gather" in str(e).lower()
+        with pytest.raises(ModelFormatError, match="operator 0 \\(GATHER\\): index -?\\d+ at \\[.*\\] of tensor 1 "
+                                                   "\\('idx'\\) lies outside \\[0, [23]\\)"):
+            load_tflite(data)
+        return
+    np.testing.assert_array_equal(edgert.Session(data, telemetry=False).run(None, feeds)[0], ref)

@@ -389,3 +389,144 @@ def test_a_model_litert_refuses_is_a_format_error_not_a_device_error():
             with pytest.raises(edgert.ModelFormatError, match=f"TFLite model is invalid.*{says}"):
                 s = edgert.Session(data, telemetry=False, **kw)
                 s.run(None, tm.feeds_for(s._graph0))
+
+
+@pytest.mark.parametrize("kw", [dict(core=True), dict(core=False), dict(device="coral-usb", emulate=True),
+                                dict(device="cheap-imx8mp", emulate=True)])
+def test_a_variable_no_op_updates_is_a_constant_of_litert_value(kw, tmp_path, capsys):
+    """A variable tensor (is_variable, no buffer) that only plain ops read: LiteRT resets it to its zero point
+    (int8) or 0 and runs the model; the plan listed it as a partition input and Session / edgert run failed ("leaves
+    'v' on host without a producer"). It is a constant of that value now, exported as one in a segment (the C
+    core's FC beside a LiteRT CONCATENATION, or an NPU partition)."""
+    data = tm.with_variables()
+    g = load_tflite(data)
+    kw = dict(kw, device=cheap_link("imx8mp")) if kw.get("device") == "cheap-imx8mp" else kw
+    sess = edgert.Session(data, telemetry=False, **kw)
+    assert not {"v", "fv"} & {i for p in sess.plan.partitions for i in p.inputs}
+    for seed in range(3):
+        feeds = tm.feeds_for(g, seed)
+        for a, b in zip(sess.run(None, feeds), tm.litert_reference(data, feeds, g.outputs)):
+            np.testing.assert_array_equal(a, b)
+    assert np.all(sess.run(None, tm.feeds_for(g, 0))[0][4:] == 7)  # v: its zero point
+    sess.close()
+    from edgert.cli import main
+
+    path, xfile, ffile, out = tmp_path / "m.tflite", tmp_path / "x.npy", tmp_path / "f.npy", tmp_path / "out"
+    path.write_bytes(data)
+    feeds = tm.feeds_for(g, 5)
+    np.save(xfile, feeds["x"])
+    np.save(ffile, feeds["f"])
+    assert main(["run", str(path), "--input", f"x={xfile}", "--input", f"f={ffile}", "--output", str(out)]) == 0
+    for name, ref in zip(g.outputs, tm.litert_reference(data, feeds, g.outputs)):
+        np.testing.assert_array_equal(np.load(out / f"{name}.npy"), ref)
+
+
+def test_a_variable_a_recurrent_op_updates_is_refused_by_name():
+    """RNN keeps its hidden state in a variable input and updates it every run (LiteRT's second run differs from its
+    first); edgert does not keep state between runs, so the model is refused at load, naming the op and tensor."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    rng = np.random.default_rng(0)
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (1, 3))
+    w = m.tensor("w", "float32", (4, 3), rng.standard_normal((4, 3)).astype(np.float32))
+    r = m.tensor("r", "float32", (4, 4), rng.standard_normal((4, 4)).astype(np.float32))
+    b = m.tensor("b", "float32", (4,), np.zeros(4, np.float32))
+    h = m.tensor("h", "float32", (1, 4))
+    m.tensors[h]["is_variable"] = True
+    y = m.tensor("y", "float32", (1, 4))
+    m.op("RNN", [x, w, r, b, h], [y], "RNNOptions", FusedActivationFunction=4)
+    data = m.build([x], [y])
+    it = Interpreter(model_content=data)
+    it.allocate_tensors()
+    runs = []
+    for _ in range(2):
+        it.set_tensor(it.get_input_details()[0]["index"], np.ones((1, 3), np.float32))
+        it.invoke()
+        runs.append(it.get_tensor(it.get_output_details()[0]["index"]).copy())
+    assert not np.array_equal(*runs)
+    with pytest.raises(edgert.ModelFormatError, match="operator 0 \\(RNN\\) updates variable tensor 4 \\('h'\\) in "
+                                                      "place"):
+        edgert.Session(data, telemetry=False)
+
+
+def test_a_variable_with_a_buffer_is_refused_as_litert_does():
+    m = tm.ModelSpec()
+    x = m.tensor("x", "float32", (2, 3))
+    v = m.tensor("v", "float32", (2, 3), np.ones((2, 3), np.float32))
+    m.tensors[v]["is_variable"] = True
+    y = m.tensor("y", "float32", (2, 3))
+    m.op("ADD", [x, v], [y], "AddOptions")
+    data = m.build([x], [y])
+    with pytest.raises(ValueError, match="variable tensor with buffer"):
+        tm.litert_reference(data, {"x": np.ones((2, 3), np.float32)}, ["y"])
+    with pytest.raises(edgert.ModelFormatError, match="tensor 1 \\('v'\\): a variable tensor with a buffer"):
+        load_tflite(data)
+
+
+def _split_and_transpose_conv() -> bytes:
+    """x (int8 NHWC) -> SPLIT along channels (its constant int32 axis is input 0) -> TRANSPOSE_CONV of one half (its
+    constant int32 output shape is input 0) and the other half as is."""
+    q = (0.02, 1)
+    rng = np.random.default_rng(0)
+    m = tm.ModelSpec()
+    x = m.tensor("x", "int8", (1, 4, 4, 8), q=q)
+    ax = m.tensor("axis", "int32", (), np.array(3, np.int32))
+    a = m.tensor("a", "int8", (1, 4, 4, 4), q=q)
+    b = m.tensor("b", "int8", (1, 4, 4, 4), q=q)
+    os_ = m.tensor("out_shape", "int32", (4,), np.array([1, 8, 8, 2], np.int32))
+    w = m.tensor("w", "int8", (2, 3, 3, 4), rng.integers(-127, 128, (2, 3, 3, 4)).astype(np.int8),
+                 q=(np.full(2, 0.01, np.float32), np.zeros(2, np.int64)))
+    y = m.tensor("y", "int8", (1, 8, 8, 2), q=(0.05, -2))
+    m.op("SPLIT", [ax, x], [a, b], "SplitOptions", NumSplits=2)
+    m.op("TRANSPOSE_CONV", [os_, w, a], [y], "TransposeConvOptions", Padding=tm.SAME, StrideW=2, StrideH=2)
+    return m.build([x], [y, b])
+
+
+@pytest.mark.parametrize("device", ["coral-usb", "imx8mp"])
+def test_a_constant_int32_first_input_is_a_parameter_not_data(device):
+    """SPLIT's axis and TRANSPOSE_CONV's output shape are their first inputs, constant int32: they were counted as
+    data, so an INT8-only accelerator refused the nodes ("dtype int32 not supported (tensor axis ...)"), as docs/
+    tflite.md says constant int32 parameters are not."""
+    data = _split_and_transpose_conv()
+    g = load_tflite(data)
+    assert [n.attrs.get("param_inputs") for n in g.nodes] == [[0], [0]]
+    # both profiles list Split; only imx8mp's NPU lists ConvTranspose
+    want = {"split_0", "transpose_conv_1"} if device == "imx8mp" else {"split_0"}
+    sess = edgert.Session(data, device=cheap_link(device), emulate=True,
+                          fallback="forbid" if device == "imx8mp" else "allow", telemetry=False)
+    on_npu = {n for p in sess.plan.partitions if p.unit != "cpu" for n in p.nodes}
+    assert on_npu == want, sess.plan.table()
+    for seed in range(3):
+        feeds = tm.feeds_for(g, seed)
+        for a, b in zip(sess.run(None, feeds), tm.litert_reference(data, feeds, g.outputs)):
+            np.testing.assert_array_equal(a, b)
+    sess.close()
+    m = tm.ModelSpec()  # the SPLIT alone, on the profile as it is
+    q = (0.02, 1)
+    x = m.tensor("x", "int8", (1, 4, 4, 8), q=q)
+    ax = m.tensor("axis", "int32", (), np.array(3, np.int32))
+    a, b = m.tensor("a", "int8", (1, 4, 4, 4), q=q), m.tensor("b", "int8", (1, 4, 4, 4), q=q)
+    m.op("SPLIT", [ax, x], [a, b], "SplitOptions", NumSplits=2)
+    assert [p.unit for p in edgert.plan(m.build([x], [a, b]), device=device, fallback="forbid").partitions] == [
+        "tpu" if device == "coral-usb" else "npu"]
+
+
+def test_fill_dims_are_a_parameter():
+    m = tm.ModelSpec()
+    dims = m.tensor("dims", "int32", (2,), np.array([2, 3], np.int32))
+    v = m.tensor("v", "float32", ())
+    y = m.tensor("y", "float32", (2, 3))
+    m.op("FILL", [dims, v], [y])
+    g = load_tflite(m.build([v], [y]))
+    assert g.nodes[0].attrs["param_inputs"] == [0] and g.nodes[0].data_inputs() == ["v"]
+
+
+def test_transpose_conv_cost_counts_its_input_not_its_output_shape_tensor():
+    """The cost model read TFLite's TRANSPOSE_CONV as ONNX's ConvTranspose: input 0 (the 4-element output shape) as
+    the data and the filter as (I, O, kh, kw). Each input element scatters into O * kh * kw outputs."""
+    from edgert.plan import node_ops
+
+    g = load_tflite(_split_and_transpose_conv())
+    tc = g.node("transpose_conv_1")
+    assert node_ops(tc, g) == 2.0 * (1 * 4 * 4 * 4) * (2 * 3 * 3)

@@ -174,7 +174,8 @@ def test_padding_other_than_same_or_valid_is_not_a_device_op(op):
     y = m.tensor("y", "int8", (1, 2, 2, 2), q=q)
     if op == "CONV_2D":
         w = m.tensor("w", "int8", (2, 3, 3, 2), np.ones((2, 3, 3, 2), np.int8), q=(0.01, 0))
-        m.op(op, [x, w, -1], [y], "Conv2DOptions", Padding=2, StrideH=1, StrideW=1)
+        b = m.tensor("b", "int32", (2,), np.zeros(2, np.int32), q=(0.0005, 0))  # without one: refused for that
+        m.op(op, [x, w, b], [y], "Conv2DOptions", Padding=2, StrideH=1, StrideW=1)
     else:
         m.op(op, [x], [y], "Pool2DOptions", Padding=2, StrideH=2, StrideW=2, FilterHeight=2, FilterWidth=2)
     g = load_tflite(m.build([x], [y]))
@@ -409,3 +410,139 @@ def test_profile_formats_are_checked(tmp_path):
     onnx_like = dataclasses.replace(g.nodes[0], attrs={})
     ok, why = unit.supports(onnx_like, g)
     assert not ok and "op Gemm from onnx not in the npu op list (only from tflite)" in why
+
+
+@pytest.mark.parametrize("kind", tm.FOREIGN_OPTIONS)
+def test_an_options_table_of_another_op_runs_as_litert_reads_it(device_url, kind):
+    """LiteRT reads a FULLY_CONNECTED's FullyConnectedOptions, an ADD's AddOptions, and nothing else: the fused
+    RELU of an AddOptions / Conv2DOptions table on an FC (RELU6 of a FullyConnectedOptions on an ADD) clamped the
+    device's output; LiteRT runs them without one."""
+    _run_on_device(device_url, tm.foreign_options(kind), seeds=range(3), feeds_for=tm.clamping_feeds)
+
+
+def _windowed(op: str, options_type: str, **opts) -> bytes:
+    q = (0.05, 3)
+    m = tm.ModelSpec()
+    x = m.tensor("x", "int8", (1, 4, 4, 2), q=q)
+    y = m.tensor("y", "int8", (1, 4, 4, 2), q=q)
+    if op == "AVERAGE_POOL_2D":
+        m.op(op, [x], [y], options_type, **opts)
+    else:
+        w = m.tensor("w", "int8", (2, 3, 3, 2), np.ones((2, 3, 3, 2), np.int8), q=(0.01, 0))
+        b = m.tensor("b", "int32", (2,), np.zeros(2, np.int32), q=(0.0005, 0))
+        m.op(op, [x, w, b], [y], options_type, **opts)
+    return m.build([x], [y])
+
+
+@pytest.mark.parametrize("op, options_type", [("CONV_2D", "DepthwiseConv2DOptions"), ("CONV_2D", None),
+                                              ("AVERAGE_POOL_2D", "Conv2DOptions")])
+def test_a_window_without_its_own_options_is_not_a_device_op(device_url, op, options_type):
+    """Without its own options table LiteRT's CONV_2D / pool has stride 0 and refuses the model; the device ran the
+    window with another table's strides (or stride 1 and SAME padding when there was none)."""
+    same = dict(Padding=tm.SAME, StrideW=1, StrideH=1, FusedActivationFunction=0)
+    data = _windowed(op, options_type, **(same if options_type else {}),
+                     **({"DepthMultiplier": 1} if options_type == "DepthwiseConv2DOptions" else {}))
+    g = load_tflite(data)
+    with pytest.raises(UnsupportedOpError, match="below 1 \\(LiteRT refuses the op\\)"):
+        serial_npu.tflite_node(g.nodes[0], g)
+    with pytest.raises(RuntimeError, match="stride_height > 0"):
+        tm.litert_reference(data, tm.feeds_for(g), g.outputs)
+    with pytest.raises(edgert.ModelFormatError, match="stride_height > 0"):
+        session(data, device_url)
+    # its own table: the device runs it as LiteRT does
+    own = _windowed(op, "Pool2DOptions" if op == "AVERAGE_POOL_2D" else "Conv2DOptions", **same,
+                    **({"FilterHeight": 1, "FilterWidth": 1} if op == "AVERAGE_POOL_2D" else
+                       {"DilationHFactor": 1, "DilationWFactor": 1}))
+    _run_on_device(device_url, own)
+
+
+@pytest.mark.parametrize("shape_input, options_type, on_device", [
+    (np.array([-1, 8], np.int32), "ReshapeOptions", True),   # the shape input wins, -1 takes the rest
+    (np.array([-1, 8], np.int32), "SqueezeOptions", True),   # another op's table: the shape input still decides
+    (None, "ReshapeOptions", True),                          # new_shape from the options
+    (None, "SqueezeOptions", False),                         # no new_shape LiteRT reads: a scalar, refused
+    (np.array([4, 4], np.int32), "ReshapeOptions", False),   # declared (2, 8), LiteRT computes (4, 4)
+])
+def test_reshape_on_the_device_only_to_the_shape_litert_computes(device_url, shape_input, options_type, on_device):
+    """The device's RESHAPE is a copy into the declared output: it ran a RESHAPE whose shape LiteRT reads from
+    nowhere (another op's options table, no shape input) or computes otherwise."""
+    q = (0.03, -7)
+    m = tm.ModelSpec()
+    x = m.tensor("x", "int8", (4, 4), q=q)
+    y = m.tensor("y", "int8", (2, 8), q=q)
+    ins = [x] if shape_input is None else [x, m.tensor("shape", "int32", (2,), shape_input)]
+    opts = {"NewShape": np.array([2, 8], np.int32)} if options_type == "ReshapeOptions" else {}
+    m.op("RESHAPE", ins, [y], options_type, **opts)
+    data = m.build([x], [y])
+    if on_device:
+        _run_on_device(device_url, data)
+        return
+    g = load_tflite(data)
+    with pytest.raises(UnsupportedOpError, match="the shape LiteRT's RESHAPE computes is not the output's"):
+        serial_npu.tflite_node(g.nodes[0], g)
+    with pytest.raises(edgert.ModelFormatError):  # LiteRT refuses it, or computes another shape than declared
+        session(data, device_url)
+
+
+@pytest.mark.parametrize("case, on_device", [
+    ("plain", True),
+    ("requant_2^-40", True),               # XNNPACK's (the 2^-32 floor the device had was an older XNNPACK's)
+    ("requant_underflows_to_0", False),    # XNNPACK's, not the device's: graph.c takes (0, 256)
+    ("pruned_channel", False),             # TFLite's own kernel runs these
+    ("denormal_channel", False),
+    ("bias_unquantized", False),
+    ("x_quantized_dimension_1", False),
+    ("version_8", False),
+])
+def test_the_device_takes_an_int8_fc_only_when_xnnpack_does(device_url, case, on_device):
+    """The device does XNNPACK's arithmetic (the host C core's plan): an FC LiteRT leaves to TFLite's own kernel (a
+    pruned channel of scale 0, an unquantized bias...) ran on it a step off LiteRT here and there. The rule is the C
+    core's (``host_tflite.int8_fc_params``); what the device adds is a positive scale."""
+    from test_delegates_host_tflite import XNNPACK_FC_CASES
+
+    data = tm.int8_fc_quant(**XNNPACK_FC_CASES[case])
+    assert (tm.xnnpack_verdict(data) == "took") >= on_device
+    g = load_tflite(data)
+    if not on_device:
+        with pytest.raises(UnsupportedOpError):
+            serial_npu.tflite_node(g.nodes[0], g)
+    sess = session(data, device_url)
+    assert sess.plan.assignment["fully_connected_0"] == ("npu" if on_device else "cpu")
+    for seed in range(5):
+        feeds = tm.feeds_for(g, seed=seed)
+        np.testing.assert_array_equal(sess.run(None, feeds)[0], tm.litert_reference(data, feeds, g.outputs)[0])
+    sess.close()
+
+
+@pytest.mark.parametrize("bias", ["none", "unquantized", "pruned_filter_channel"])
+def test_a_conv_xnnpack_does_not_take_is_not_a_device_op(device_url, bias):
+    """An int8 CONV_2D without a bias LiteRT refuses; with an unquantized bias or a filter channel of scale 0 it runs
+    TFLite's own kernel. The device took all three."""
+    q = (0.05, 3)
+    m = tm.ModelSpec()
+    x = m.tensor("x", "int8", (1, 5, 5, 2), q=q)
+    sw = np.array([0.01, 0.0 if bias == "pruned_filter_channel" else 0.02], np.float32)
+    w = m.tensor("w", "int8", (2, 3, 3, 2), np.random.default_rng(0).integers(-127, 128, (2, 3, 3, 2)).astype(np.int8),
+                 q=(sw, np.zeros(2, np.int64)))
+    ins = [x, w]
+    if bias != "none":
+        ins.append(m.tensor("b", "int32", (2,), np.array([100, -50], np.int32),
+                            q=None if bias == "unquantized" else (np.float32(0.05) * np.array([0.01, 0.02], np.float32),
+                                                                  np.zeros(2))))
+    y = m.tensor("y", "int8", (1, 5, 5, 2), q=(0.1, -4))
+    m.op("CONV_2D", ins, [y], "Conv2DOptions", Padding=tm.SAME, StrideW=1, StrideH=1, DilationWFactor=1,
+         DilationHFactor=1)
+    data = m.build([x], [y])
+    g = load_tflite(data)
+    assert tm.xnnpack_verdict(data) == ("refused" if bias == "none" else "declined")
+    with pytest.raises(UnsupportedOpError):
+        serial_npu.tflite_node(g.nodes[0], g)
+    if bias == "none":
+        with pytest.raises(edgert.ModelFormatError):
+            session(data, device_url)
+        return
+    sess = session(data, device_url)
+    assert sess.plan.assignment["conv_2d_0"] == "cpu"
+    feeds = tm.feeds_for(g, seed=1)
+    np.testing.assert_array_equal(sess.run(None, feeds)[0], tm.litert_reference(data, feeds, g.outputs)[0])
+    sess.close()

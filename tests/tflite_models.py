@@ -387,3 +387,95 @@ def litert_reference(data: bytes, feeds: dict, names: list[str], op_resolver: st
         it.set_tensor(d["index"], a)
     it.invoke()
     return [it.get_tensor(d["index"]) for d in it.get_output_details()]
+
+
+# ---- options tables of another op ---------------------------------------------------------------------------------
+FOREIGN_OPTIONS = ("fc_conv2d", "fc_add", "add_fc", "fc_then_add")
+
+
+def foreign_options(kind: str, seed: int = 7) -> bytes:
+    """INT8 ops whose ``builtin_options_type`` names another op's table, with a fused activation in it: LiteRT reads
+    its own table as null and runs the op without one. ``fc_conv2d`` / ``fc_add``: a FULLY_CONNECTED with
+    Conv2DOptions / AddOptions (RELU); ``add_fc``: an ADD with FullyConnectedOptions (RELU6); ``fc_then_add``: an FC
+    with AddOptions (RELU) feeding such an ADD (the C core's FC beside an exported LiteRT segment)."""
+    rng = np.random.default_rng(seed)
+    m = ModelSpec()
+    x = m.tensor("x", "int8", (4, 16), q=(0.05, -3))
+    ins, last = [x], x
+    if kind != "add_fc":
+        w = m.tensor("w", "int8", (16, 16), rng.integers(-127, 128, (16, 16)).astype(np.int8),
+                     q=(rng.uniform(0.001, 0.003, 16).astype(np.float32), np.zeros(16, np.int64)))
+        last = m.tensor("fc", "int8", (4, 16), q=(0.04, 5))
+        conv = dict(Padding=SAME, StrideW=1, StrideH=1, DilationWFactor=1, DilationHFactor=1)
+        m.op("FULLY_CONNECTED", [x, w, -1], [last], "Conv2DOptions" if kind == "fc_conv2d" else "AddOptions",
+             FusedActivationFunction=RELU, **(conv if kind == "fc_conv2d" else {}))
+    if kind in ("add_fc", "fc_then_add"):
+        b = m.tensor("b", "int8", (4, 16), q=(0.05, 0))
+        y = m.tensor("y", "int8", (4, 16), q=(0.02, 0))
+        m.op("ADD", [last, b], [y], "FullyConnectedOptions", FusedActivationFunction=3)
+        ins, last = [x, b], y
+    return m.build(ins, [last])
+
+
+# ---- INT8 FULLY_CONNECTED quantization XNNPACK may or may not take -------------------------------------------------
+def int8_fc_quant(n=16, k=64, m=8, sw=None, xs=0.05, ys=0.04, bias="matched", bias_axis=0, x_axis=0, y_axis=0,
+                  version=1, seed=8) -> bytes:
+    """One INT8 FULLY_CONNECTED ``x[m, k] -> y[m, n]`` with per-channel weight scales ``sw`` (default: uniform in
+    [0.001, 0.003)) and a bias: ``"matched"`` (scales s_x * s_w), None (absent), ``"unquantized"`` (no quantization
+    parameters) or a (scales, zero points) pair; ``x_axis`` / ``y_axis`` / ``bias_axis`` the quantized_dimension
+    written for x / y / the bias, ``version`` the operator version."""
+    rng = np.random.default_rng(seed)
+    sw = rng.uniform(0.001, 0.003, n).astype(np.float32) if sw is None else np.asarray(sw, np.float32)
+    mm = ModelSpec()
+    tx = mm.tensor("x", "int8", (m, k), q=(xs, -3), axis=x_axis)
+    tw = mm.tensor("w", "int8", (n, k), rng.integers(-127, 128, (n, k)).astype(np.int8),
+                   q=(sw, np.zeros(sw.size, np.int64)))
+    ins = [tx, tw]
+    if bias is None:
+        ins.append(-1)
+    else:
+        bq = {"matched": (np.float32(xs) * sw, np.zeros(sw.size)), "unquantized": None}.get(bias) \
+            if isinstance(bias, str) else bias
+        ins.append(mm.tensor("b", "int32", (n,), rng.integers(-500, 500, n).astype(np.int32), q=bq, axis=bias_axis))
+    ty = mm.tensor("y", "int8", (m, n), q=(ys, 5), axis=y_axis)
+    mm.op("FULLY_CONNECTED", ins, [ty], "FullyConnectedOptions", FusedActivationFunction=NONE)
+    mm.ops[-1]["version"] = version
+    return mm.build([tx], [ty])
+
+
+def xnnpack_verdict(data: bytes) -> str:
+    """What plain LiteRT does with a one-op model: ``"took"`` (its XNNPACK delegate runs the op), ``"declined"``
+    (TFLite's own kernel runs it) or ``"refused"`` (the model does not allocate)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=data)
+    try:
+        it.allocate_tensors()
+    except RuntimeError:
+        return "refused"
+    return "took" if "DELEGATE" in [d["op_name"] for d in it._get_ops_details()] else "declined"
+
+
+# ---- variable tensors -----------------------------------------------------------------------------------------------
+def with_variables(seed=9) -> bytes:
+    """x (int8, 4x16) -> FULLY_CONNECTED -> CONCATENATION with ``v`` (an int8 variable tensor, zero point 7, no buffer)
+    -> y (8x8); and f (float32) + ``fv`` (a float variable) -> z. No op updates either variable: LiteRT resets them
+    to their zero point / 0 and they stay there."""
+    rng = np.random.default_rng(seed)
+    q = (0.04, 7)
+    m = ModelSpec()
+    x = m.tensor("x", "int8", (4, 16), q=(0.05, -3))
+    w = m.tensor("w", "int8", (8, 16), rng.integers(-127, 128, (8, 16)).astype(np.int8),
+                 q=(np.full(8, 0.002, np.float32), np.zeros(8, np.int64)))
+    fc = m.tensor("fc", "int8", (4, 8), q=q)
+    v = m.tensor("v", "int8", (4, 8), q=q)
+    y = m.tensor("y", "int8", (8, 8), q=q)
+    f = m.tensor("f", "float32", (2, 3))
+    fv = m.tensor("fv", "float32", (2, 3))
+    z = m.tensor("z", "float32", (2, 3))
+    for t in (v, fv):
+        m.tensors[t]["is_variable"] = True
+    m.op("FULLY_CONNECTED", [x, w, -1], [fc], "FullyConnectedOptions")
+    m.op("CONCATENATION", [fc, v], [y], "ConcatenationOptions", Axis=0)
+    m.op("ADD", [f, fv], [z], "AddOptions")
+    return m.build([x, f], [y, z])

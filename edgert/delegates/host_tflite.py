@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import DeviceError, EdgertError
+from ..formats.tflite import F32_TINY
 from ..quant import Int8Weights
 from .base import CompiledPartition, cut_into_steps, faster_of
 from .litert import LiteRTPartition
@@ -129,16 +130,63 @@ def _act_range(act: int, s: float, zp: int, tflite_op: str) -> tuple[int, int] |
     return None if lo is None or hi is None else (lo, hi)
 
 
+# XNNPACK's requantization scale of an int8 FULLY_CONNECTED, CONV_2D or DEPTHWISE_CONV_2D is s_x * s_w[c] / s_y in
+# float32, that order. From 256 up XNNPACK cannot create the op and LiteRT refuses the model ("failed to create
+# XNNPACK runtime"); every smaller one, an underflow to 0 included, runs on XNNPACK (ai-edge-litert 2.3.0).
+XNNPACK_REQUANT_MAX = np.float32(256.0)
+
+
+def xnnpack_requant_scales(xs, ws, ys, channels: int) -> np.ndarray | None:
+    """The per-channel requantization scales XNNPACK computes (``s_x * s_w[c] / s_y`` in float32, that order), or
+    None when one lies outside [0, ``XNNPACK_REQUANT_MAX``). The C core and the serial NPU take such an op only with
+    these scales."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        sc = (np.float32(np.asarray(xs, np.float32).reshape(-1)[0]) *
+              np.broadcast_to(np.asarray(ws, np.float32).reshape(-1), (channels,))
+              / np.float32(np.asarray(ys, np.float32).reshape(-1)[0])).astype(np.float32)
+    return np.ascontiguousarray(sc) if np.all(sc >= 0) and np.all(sc < XNNPACK_REQUANT_MAX) else None
+
+
+def _positive_normal(s) -> bool:
+    s = np.asarray(s, np.float32).reshape(-1)
+    return bool(s.size) and bool(np.all(np.isfinite(s)) and np.all(s >= F32_TINY))
+
+
+def xnnpack_quantization(graph, x, w, b, y) -> bool:
+    """True if LiteRT's XNNPACK delegate takes the quantization of an int8 FULLY_CONNECTED / CONV_2D /
+    DEPTHWISE_CONV_2D with these tensors (xnnpack_delegate.cc, measured on ai-edge-litert 2.3.0): x and y one scale
+    each with quantized_dimension 0; every weight scale a positive normal float32 (a pruned channel of scale 0 or a
+    denormal one leaves the op to TFLite's own kernel, or has the model refused); an int32 bias (``b``, or None) with
+    quantization parameters: quantized_dimension 0, one or N positive normal scales, zero points 0 (the bias scale
+    itself is not used). Otherwise LiteRT runs the op with TFLite's own kernels (other rounding) or refuses it."""
+    src = graph.source
+    if any(v.quant is None for v in (x, w, y)) or (b is not None and b.quant is None):
+        return False
+    if (np.asarray(x.quant.scale).size != 1 or np.asarray(y.quant.scale).size != 1
+            or not _positive_normal(w.quant.scale)):
+        return False
+    if b is not None and (not _positive_normal(b.quant.scale) or np.any(np.asarray(b.quant.zero_point) != 0)
+                          or np.asarray(b.quant.scale).size not in (1, int(np.prod(b.shape or (1,))))):
+        return False
+    return all(src.tensor(v.name)["quant"]["quantized_dimension"] == 0 for v in (x, y, *([b] if b is not None else [])))
+
+
 def int8_fc_params(graph, node) -> dict | None:
     """The arguments of the C core's INT8 FULLY_CONNECTED for ``node`` (``w``, ``bias``, ``x_zp``, ``scale`` =
-    s_in * s_w[j] / s_out in float32 in that order, ``y_zp``, ``lo``, ``hi``) if it is one the core takes (int8
-    activations and output, constant 2-D int8 weights with zero points 0, per tensor or per row, optional constant
-    int32 bias, a plain or ReLU-family activation, default weights format), else None. The host step and the serial
-    NPU's FullyConnectedS8 both start here."""
+    s_in * s_w[j] / s_out in float32 in that order, ``y_zp``, ``lo``, ``hi``) if LiteRT's XNNPACK delegate takes the
+    op (``xnnpack_quantization``; requantization scales below 256, ``xnnpack_requant_scales``; no activation or a
+    ReLU-family one; not operator version 8, sparse weights) and the core does too (constant 2-D int8 weights with
+    zero points 0, per tensor or per row; an optional constant int32 bias; the default weights format; x a run-time
+    tensor whose last dim is K; the output shape TFLite gives), else None. The rest stays with LiteRT, which runs it
+    with TFLite's own kernels (other rounding) or refuses the model. The host step and the serial NPU's
+    FullyConnectedS8 both start here."""
     if node.attrs.get("tflite_op") != "FULLY_CONNECTED" or len(node.inputs) < 2 or len(node.outputs) != 1:
         return None
     opts = node.attrs.get("tflite_options", {})
     if int(opts.get("WeightsFormat", 0)) != 0 or int(opts.get("AsymmetricQuantizeInputs", 0)):
+        return None
+    src = getattr(graph, "source", None)
+    if getattr(src, "format", None) != "tflite" or src.operators[node.index]["version"] == 8:
         return None
     t = graph.tensors
     x, w, y = t.get(node.inputs[0]), t.get(node.inputs[1]), t.get(node.outputs[0])
@@ -150,9 +198,11 @@ def int8_fc_params(graph, node) -> dict | None:
         return None  # a constant x: LiteRT's (the steps read activations from the run's buffers)
     if b is not None and (b.initializer is None or b.dtype != "int32" or b.initializer.size != w.initializer.shape[0]):
         return None
+    if not xnnpack_quantization(graph, x, w, b, y):
+        return None
     n, k = w.initializer.shape
     xs, ws, ys = (np.asarray(q.quant.scale, np.float32).reshape(-1) for q in (x, w, y))
-    if xs.size != 1 or ys.size != 1 or ws.size not in (1, n) or np.any(np.asarray(w.quant.zero_point) != 0):
+    if ws.size not in (1, n) or np.any(np.asarray(w.quant.zero_point) != 0):
         return None
     if ws.size > 1 and w.quant.axis not in (0, None):
         return None
@@ -169,9 +219,9 @@ def int8_fc_params(graph, node) -> dict | None:
     rng = _act_range(int(node.attrs.get("fused_activation", 0)), float(ys[0]), yzp, "FULLY_CONNECTED")
     if rng is None:
         return None
-    scale = (xs[0] * np.broadcast_to(ws, (n,)).astype(np.float32) / ys[0]).astype(np.float32)
-    if not (np.isfinite(scale).all() and (scale >= 0).all()):
-        return None  # negative weight scales (LiteRT runs them), or a ratio past float32: not the core's
+    scale = xnnpack_requant_scales(xs, ws, ys, n)
+    if scale is None:
+        return None
     return {"w": w.initializer, "bias": None if b is None else b.initializer,
             "x_zp": int(np.asarray(x.quant.zero_point).reshape(-1)[0]), "scale": scale, "y_zp": yzp,
             "lo": rng[0], "hi": rng[1]}

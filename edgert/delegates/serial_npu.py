@@ -389,18 +389,43 @@ def _act(n, graph, out: str, code: int | None = None) -> tuple[int, int]:
 
 
 def _requant_scales(xs, ws, ys, channels: int) -> np.ndarray:
-    """s_in * s_w[c] / s_out in float32, in that order (the host C core's and XNNPACK's), one per output channel,
-    checked by ``_scale_range``."""
-    sc = (np.float32(xs[0]) * np.broadcast_to(np.asarray(ws, np.float32), (channels,)) / np.float32(ys[0]))
-    return _scale_range(np.ascontiguousarray(sc, np.float32))
+    """XNNPACK's requantization scales (``host_tflite.xnnpack_requant_scales``: s_in * s_w[c] / s_out in float32, that
+    order), one per output channel, checked by ``_scale_range``."""
+    from .host_tflite import xnnpack_requant_scales
+
+    sc = xnnpack_requant_scales(xs, ws, ys, channels)
+    if sc is None:
+        raise UnsupportedOpError("serial-npu: requantization scale of 256 or more (XNNPACK cannot create the op; "
+                                 "LiteRT refuses the model)")
+    return _scale_range(sc)
 
 
 def _scale_range(sc: np.ndarray) -> np.ndarray:
-    """``sc`` if every requantization scale lies in XNNPACK's [2^-32, 256): outside it LiteRT runs another kernel,
-    so the device does not take the op."""
-    if not (np.all(sc >= np.float32(2.0 ** -32)) and np.all(sc < np.float32(256.0))):
-        raise UnsupportedOpError("serial-npu: requantization scale outside [2^-32, 256)")
+    """``sc`` (scales XNNPACK takes) if every one is positive too, as the device wants (graph.c ``scales_ok``: (0,
+    256)); s_in * s_w underflowing float32 to 0 is XNNPACK's but not the device's."""
+    if not np.all(sc > 0):
+        raise UnsupportedOpError("serial-npu: a requantization scale of 0 (s_in * s_w underflows float32): the device "
+                                 "takes (0, 256)")
     return sc
+
+
+def _reshape_target(n, graph, opts: dict) -> tuple[int, ...] | None:
+    """The output shape LiteRT's RESHAPE computes: from the shape input when that is a 1-D int32 tensor (None when
+    not a constant), else from ReshapeOptions.new_shape (``[0]``, or no options table: a scalar); one -1 takes the
+    rest of the input's elements."""
+    t = graph.tensors
+    sh = t.get(n.inputs[1]) if len(n.inputs) > 1 and n.inputs[1] else None
+    if sh is not None and sh.dtype == "int32" and len(sh.shape or ()) == 1:
+        if sh.initializer is None:
+            return None
+        new = [int(v) for v in np.asarray(sh.initializer).reshape(-1)]
+    else:
+        new = [int(v) for v in np.asarray(opts.get("NewShape", [])).reshape(-1)]
+        new = [] if new == [0] else new
+    size, known = t[n.inputs[0]].concrete_shape(), int(np.prod([d for d in new if d != -1]))
+    if new.count(-1) == 1 and size is not None and known > 0 and int(np.prod(size)) % known == 0:
+        new[new.index(-1)] = int(np.prod(size)) // known
+    return tuple(new)
 
 
 def pack_fc_weights(w: np.ndarray) -> np.ndarray:
@@ -414,11 +439,20 @@ def pack_fc_weights(w: np.ndarray) -> np.ndarray:
 
 
 def _same_padding(opts: dict, what: str) -> bool:
-    """TFLite's Padding option: SAME (0, the default) -> True, VALID (1) -> False; any other value is refused."""
-    p = opts.get("Padding", 0)
+    """TFLite's Padding option: SAME (0, the schema's default) -> True, VALID (1) -> False; any other value, or no
+    options table (LiteRT's kTfLitePaddingUnknown), is refused."""
+    p = opts.get("Padding")
     if p not in (0, 1):
         raise UnsupportedOpError(f"serial-npu: {what!r}: padding {p!r} is neither SAME (0) nor VALID (1)")
     return p == 0
+
+
+def _positive(what: str, **params) -> None:
+    """LiteRT refuses a stride, dilation or window below 1 (its zero-initialised parameters when the op has no
+    options table of its own)."""
+    bad = {k: v for k, v in params.items() if min(v) < 1}
+    if bad:
+        raise UnsupportedOpError(f"serial-npu: {what!r}: {bad} below 1 (LiteRT refuses the op)")
 
 
 def _pads(in_size: int, k: int, s: int, d: int, same: bool, out_size: int, what: str) -> tuple[int, int]:
@@ -445,6 +479,9 @@ def tflite_node(n, graph) -> tuple[str, list, list[int]]:
     if tf in ("RESHAPE", "SQUEEZE"):
         if t[x].dtype != t[y].dtype:
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: reshape changes the dtype")
+        if tf == "RESHAPE" and _reshape_target(n, graph, opts) != t[y].concrete_shape():
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: the shape LiteRT's RESHAPE computes is not the "
+                                     f"output's {t[y].shape} (or not a constant)")
         return op, [x], []
     if tf == "CONCATENATION":
         ins = [i for i in n.inputs if i]
@@ -471,7 +508,8 @@ def tflite_node(n, graph) -> tuple[str, list, list[int]]:
         if p is None:
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: not an INT8 FULLY_CONNECTED the C core's kernel takes "
                                      "(int8 in and out, constant symmetric int8 (N, K) weights per tensor or per row, "
-                                     "constant int32 bias, a ReLU-family activation, the default weights format)")
+                                     "constant int32 bias, a ReLU-family activation, the default weights format, "
+                                     "quantization XNNPACK takes: host_tflite.int8_fc_params)")
         wi = np.asarray(p["w"], np.int8)
         nn, k = (int(d) for d in wi.shape)
         _scale_range(p["scale"])
@@ -497,10 +535,17 @@ def tflite_node(n, graph) -> tuple[str, list, list[int]]:
         if np.any(wz != 0) or (ws.size > 1 and w.quant.axis not in ((3,) if dw else (0,))):
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: filter must be symmetric, per tensor or per output "
                                      "channel")
-        if b is not None and (b.initializer is None or b.dtype != "int32" or b.initializer.size != o):
-            raise UnsupportedOpError(f"serial-npu: {n.name!r}: bias must be a constant int32 (O)")
+        if b is None or b.initializer is None or b.dtype != "int32" or b.initializer.size != o:
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: bias must be a constant int32 (O) (without one LiteRT "
+                                     "refuses the int8 op)")
+        from .host_tflite import xnnpack_quantization
+
+        if not xnnpack_quantization(graph, t[x], w, b, t[y]):
+            raise UnsupportedOpError(f"serial-npu: {n.name!r}: quantization XNNPACK does not take (LiteRT runs "
+                                     "TFLite's own kernel, or refuses the model): see host_tflite.xnnpack_quantization")
+        (sh, sw), (dh, dwi) = n.attrs["strides"], n.attrs["dilations"]
+        _positive(n.name, strides=(sh, sw), dilations=(dh, dwi))
         same = _same_padding(opts, n.name)
-        (sh, sw), (dh, dwi) = n.attrs.get("strides", [1, 1]), n.attrs.get("dilations", [1, 1])
         pt, pb = _pads(xn[1], wi.shape[1], sh, dh, same, yn[1], n.name)
         pl, pr = _pads(xn[2], wi.shape[2], sw, dwi, same, yn[2], n.name)
         lo, hi = _act(n, graph, y)
@@ -521,7 +566,8 @@ def tflite_node(n, graph) -> tuple[str, list, list[int]]:
         if 0 in xn[1:3]:  # graph.c: no tap inside the input, a count of 0 to divide by
             raise UnsupportedOpError(f"serial-npu: {n.name!r}: the device refuses it: AVGPOOL_S8: input H or W is 0")
         _qparams(graph, x, "input")
-        (kh, kw), (sh, sw) = n.attrs.get("kernel_shape", [1, 1]), n.attrs.get("strides", [1, 1])
+        (kh, kw), (sh, sw) = n.attrs["kernel_shape"], n.attrs["strides"]
+        _positive(n.name, kernel_shape=(kh, kw), strides=(sh, sw))
         same = _same_padding(opts, n.name)
         pt, pb = _pads(xn[1], kh, sh, 1, same, yn[1], n.name)
         pl, pr = _pads(xn[2], kw, sw, 1, same, yn[2], n.name)

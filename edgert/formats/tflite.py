@@ -26,7 +26,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,23 @@ MAX_ELEMENTS = 2**32  # no tensor of an edge model comes near; larger is a hosti
 # inputs absent, custom ops are opaque) are left to LiteRT.
 OPTIONAL_INPUTS = {"FULLY_CONNECTED": (2,), "CONV_2D": (2,), "DEPTHWISE_CONV_2D": (2,), "TRANSPOSE_CONV": (3,),
                    "RESHAPE": (1,)}
+# the options table LiteRT's kernel reads for each op whose options edgert interprets too (its
+# op->builtin_options_as_XOptions()): a table of another type reads as null there, so the kernel keeps its
+# zero-initialised parameters (no activation, stride 0, axis 0...). Such a table is dropped at load and edgert reads
+# those same zeros (the exported segment then carries no table: LiteRT's null again). Other ops keep their table as
+# read; LiteRT applies its own rule to it in the exported segment.
+OPTIONS_TYPE = {"FULLY_CONNECTED": "FullyConnectedOptions", "CONV_2D": "Conv2DOptions",
+                "DEPTHWISE_CONV_2D": "DepthwiseConv2DOptions", "TRANSPOSE_CONV": "TransposeConvOptions",
+                "AVERAGE_POOL_2D": "Pool2DOptions", "MAX_POOL_2D": "Pool2DOptions", "L2_POOL_2D": "Pool2DOptions",
+                "ADD": "AddOptions", "SUB": "SubOptions", "MUL": "MulOptions", "DIV": "DivOptions",
+                "CONCATENATION": "ConcatenationOptions", "SOFTMAX": "SoftmaxOptions", "RESHAPE": "ReshapeOptions",
+                "SPLIT": "SplitOptions", "SPLIT_V": "SplitVOptions", "UNPACK": "UnpackOptions",
+                "GATHER": "GatherOptions"}
+# ops whose first input is a parameter, not data: SPLIT's axis, TRANSPOSE_CONV's output shape, FILL's dims
+PARAM_FIRST = ("SPLIT", "TRANSPOSE_CONV", "FILL")
+# the builtins that update a variable input in place (TFLite's recurrent kernels keep their state that way)
+STATEFUL_OPS = ("LSTM", "UNIDIRECTIONAL_SEQUENCE_LSTM", "BIDIRECTIONAL_SEQUENCE_LSTM", "SVDF", "RNN",
+                "UNIDIRECTIONAL_SEQUENCE_RNN", "BIDIRECTIONAL_SEQUENCE_RNN")
 # ops whose output count an option fixes (LiteRT trusts the option): op -> options field
 OUTPUT_COUNT = {"SPLIT": "NumSplits", "SPLIT_V": "NumSplits", "UNPACK": "Num"}
 # ops whose output has their first input's shape: LiteRT recomputes every shape from the inputs at allocation, so a
@@ -75,7 +92,7 @@ SAME_SHAPE = ("QUANTIZE", "DEQUANTIZE", "RELU", "RELU6", "RELU_N1_TO_1", "RELU_0
               "L2_NORMALIZATION", "LOCAL_RESPONSE_NORMALIZATION")
 # the zero-point range of each quantized integer type
 ZP_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767)}
-_F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest positive normal float32
+F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest positive normal float32
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "int32": 4, "uint8": 1, "int64": 8, "bool": 1, "int16": 2, "complex64": 8,
              "int8": 1, "float64": 8, "complex128": 16, "uint64": 8, "uint32": 4, "uint16": 2}
@@ -205,9 +222,17 @@ class TFLiteModel:
     tensor_names: list[str]
     node_names: list[str]
     format: str = "tflite"
+    _by_name: dict | None = field(default=None, repr=False)
 
     def content(self) -> bytes:
         return bytes(self.data)
+
+    def tensor(self, name: str) -> dict:
+        """The parsed tensor an IR tensor name stands for (what the IR leaves out: a per-tensor quantization's
+        quantized_dimension, ``is_variable``...)."""
+        if self._by_name is None:
+            self._by_name = {n: i for i, n in enumerate(self.tensor_names)}
+        return self.tensors[self._by_name[name]]
 
 
 def _open(src) -> tuple[Any, str, str | None, bool]:
@@ -378,7 +403,7 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
             scale = r.array(q, 8, "float32", f"{where} scale")
             zp = r.array(q, 10, "int64", f"{where} zero_point")
             if len(scale):
-                if len(zp) not in (0, len(scale)):
+                if len(zp) != len(scale):  # LiteRT refuses none either
                     r.fail(f"{where}: {len(scale)} scales but {len(zp)} zero points")
                 if not np.isfinite(scale).all():
                     r.fail(f"{where}: quantization scales are not finite")
@@ -389,15 +414,19 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
                            f"{lo_hi[1]}]")
                 # an activation's scale divides at run time (LiteRT crashed on 0, negative and subnormal ones);
                 # constant weights keep whatever finite scales LiteRT runs them with
-                tiny = scale < _F32_TINY
+                tiny = scale < F32_TINY
                 if lo_hi and data is None and tiny.any():
                     r.fail(f"{where}: activation scale {scale[tiny][0]:g} is not a positive normal float32")
                 qd = int(q.QuantizedDimension())
+                if len(shape) and not 0 <= qd < len(shape):  # LiteRT's check, per-tensor parameters too
+                    r.fail(f"{where}: quantized_dimension {qd} outside the {len(shape)} dims of shape "
+                           f"{shape.tolist()}")
                 if len(scale) > 1 and not (0 <= qd < len(shape) and shape[qd] == len(scale)):
                     r.fail(f"{where}: {len(scale)} per-channel scales along dim {qd} of shape {shape.tolist()}")
-                quant = {"scale": np.array(scale), "zero_point": np.array(zp) if len(zp) else np.zeros(len(scale),
-                                                                                                     np.int64),
-                         "axis": qd if len(scale) > 1 else None, "quantized_dimension": qd}
+                quant = {"scale": np.array(scale), "zero_point": np.array(zp), "axis": qd if len(scale) > 1 else None,
+                         "quantized_dimension": qd}
+        if t.IsVariable() and data is not None:
+            r.fail(f"{where}: a variable tensor with a buffer (LiteRT refuses it: its initial value is zero)")
         tensors.append({"name": name, "dtype": dtype, "shape": tuple(int(d) for d in shape),
                         "signature": tuple(int(d) for d in sig) if len(sig) else None, "data": data,
                         "quant": quant, "is_variable": bool(t.IsVariable())})
@@ -430,14 +459,20 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
                 r.fail(f"{where}: {'input' if absent else 'output'} {absent[0] if absent else outs.index(-1)} is "
                        f"absent (tensor index -1), which {name} requires")
         opt_cls, opts = _options(r, op, int(op.BuiltinOptionsType()), opt_names, where)
-        if name in OUTPUT_COUNT and opts.get(OUTPUT_COUNT[name], len(outs)) != len(outs):
-            r.fail(f"{where}: {OUTPUT_COUNT[name]} is {opts[OUTPUT_COUNT[name]]} but the operator has {len(outs)} "
-                   "outputs")
+        if opt_cls is not None and OPTIONS_TYPE.get(name, opt_cls) != opt_cls:
+            opt_cls, opts = None, {}
+        # no table of the op's own: LiteRT's count is 0 (SPLIT segfaulted on it)
+        if name in OUTPUT_COUNT and opts.get(OUTPUT_COUNT[name], 0) != len(outs):
+            r.fail(f"{where}: {OUTPUT_COUNT[name]} is {opts.get(OUTPUT_COUNT[name], 0)}"
+                   f"{'' if opts else f' (no {OPTIONS_TYPE[name]} table)'} but the operator has {len(outs)} outputs")
         cstart, ccount = r.vector(op, 14, 1, f"{where} custom_options")
         operators.append({"op": name, "custom": custom, "version": ver, "inputs": ins, "outputs": outs,
                           "options_type": opt_cls, "options": opts,
                           "custom_options": bytes(buf[cstart:cstart + ccount]) if ccount else None})
+    _variables_as_constants(tensors, operators, inputs, what)
     for k, op in enumerate(operators):
+        if op["op"] == "GATHER":
+            _gather_indices_in_range(r, k, op, tensors)
         if op["op"] in SAME_SHAPE and op["inputs"] and op["outputs"]:
             i, o = op["inputs"][0], op["outputs"][0]
             # concrete shapes only: a rank-0 (unknown) or dynamic (-1 in the signature) one may be a placeholder
@@ -479,25 +514,73 @@ def _parse(tfl, r: _Reader, buf, what, path) -> TFLiteModel:
     return TFLiteModel(buf, what, path, version, desc, tensors, operators, inputs, outputs, tnames, nnames)
 
 
+def _gather_indices_in_range(r: _Reader, k: int, op: dict, tensors: list[dict]) -> None:
+    """LiteRT's GATHER refuses, at its first run, an index outside [0, params.shape[axis]) (negative ones too;
+    batch_dims does not change the axis gathered): with constant indices and a static axis that is a malformed file,
+    said at load."""
+    if len(op["inputs"]) < 2 or min(op["inputs"][:2]) < 0:
+        return
+    p, i = tensors[op["inputs"][0]], tensors[op["inputs"][1]]
+    idx, shape, axis = i["data"], p["shape"], int(op["options"].get("Axis", 0))
+    if idx is None or idx.dtype.kind not in "iu" or not shape:
+        return
+    axis += len(shape) if axis < 0 else 0
+    if not 0 <= axis < len(shape) or (p["signature"] and p["signature"][axis] == -1):
+        return  # an axis LiteRT refuses when it prepares the op, or a dynamic one
+    bad = (idx < 0) | (idx >= shape[axis])
+    if bad.any():
+        at = tuple(int(v) for v in np.argwhere(bad)[0])
+        r.fail(f"operator {k} (GATHER): index {int(idx[at])} at {list(at)} of tensor {op['inputs'][1]} "
+               f"({i['name']!r}) lies outside [0, {shape[axis]}), axis {axis} of tensor {op['inputs'][0]} "
+               f"({p['name']!r}, shape {list(shape)})")
+
+
+def _variables_as_constants(tensors: list[dict], operators: list[dict], inputs: list[int], what: str) -> None:
+    """A variable tensor (``is_variable``, no buffer) holds state only the ops in ``STATEFUL_OPS`` update, in place,
+    run after run; edgert does not keep state between runs, so a model with such an op reading a variable is
+    refused. Any other variable keeps the value LiteRT resets it to (``ResetVariableTensor``: the zero point of an
+    int8 tensor with one, else zero bytes): it becomes that constant, and is exported as one."""
+    for k, op in enumerate(operators):
+        if op["op"] in STATEFUL_OPS or op["op"] == "CUSTOM":
+            for i in op["inputs"]:
+                if i >= 0 and tensors[i]["is_variable"]:
+                    name = op["op"] if op["op"] != "CUSTOM" else f"custom op {op['custom']!r}"
+                    raise ModelFormatError(
+                        f"TFLite model {what}: operator {k} ({name}) updates variable tensor {i} "
+                        f"({tensors[i]['name']!r}) in place, run after run; edgert runs stateless models (export the "
+                        "model with its state as explicit inputs and outputs)")
+    for i, t in enumerate(tensors):
+        if t["is_variable"] and i not in inputs:
+            q = t["quant"]
+            zp = int(q["zero_point"][0]) if t["dtype"] == "int8" and q is not None and len(q["zero_point"]) == 1 else 0
+            t["data"] = np.full(t["shape"], zp, np.dtype(t["dtype"]))
+            t["data"].flags.writeable = False
+            t["is_variable"] = False
+
+
 def _node_attrs(op: dict, tensors: list[dict]) -> dict:
     o = dict(op["options"])
     attrs: dict[str, Any] = {"tflite_op": op["op"], "tflite_options": o}
     if op["op"] == "CUSTOM":
         attrs["custom_code"] = op["custom"]
-    # constant int32/int64 inputs after the first are parameters of the op, not data an accelerator must carry:
-    # the int32 bias of a quantized FULLY_CONNECTED / CONV_2D (folded into the int8 op), RESHAPE's shape, axes, pads
-    params = [k for k, i in enumerate(op["inputs"]) if k >= 1 and i >= 0 and tensors[i]["data"] is not None
+    # constant int32/int64 inputs after the data are parameters of the op, not data an accelerator must carry:
+    # the int32 bias of a quantized FULLY_CONNECTED / CONV_2D (folded into the int8 op), RESHAPE's shape, axes, pads;
+    # for the ops whose first input is such a parameter (PARAM_FIRST) that one too
+    first = 0 if op["op"] in PARAM_FIRST else 1
+    params = [k for k, i in enumerate(op["inputs"]) if k >= first and i >= 0 and tensors[i]["data"] is not None
               and tensors[i]["dtype"] in ("int32", "int64")]
     if params:
         attrs["param_inputs"] = params
+    # a table, when present, holds every field (the schema's defaults filled in); without one (or with another op's,
+    # dropped at parse) LiteRT's kernel keeps zero-initialised parameters, hence the zeros here
     if "FusedActivationFunction" in o:
         attrs["fused_activation"] = int(o["FusedActivationFunction"])
     if op["op"] in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
-        attrs["kernel_shape"] = [int(o.get("FilterHeight", 1)), int(o.get("FilterWidth", 1))]
-        attrs["strides"] = [int(o.get("StrideH", 1)), int(o.get("StrideW", 1))]
+        attrs["kernel_shape"] = [int(o.get("FilterHeight", 0)), int(o.get("FilterWidth", 0))]
+        attrs["strides"] = [int(o.get("StrideH", 0)), int(o.get("StrideW", 0))]
     if op["op"] in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-        attrs["strides"] = [int(o.get("StrideH", 1)), int(o.get("StrideW", 1))]
-        attrs["dilations"] = [int(o.get("DilationHFactor", 1)), int(o.get("DilationWFactor", 1))]
+        attrs["strides"] = [int(o.get("StrideH", 0)), int(o.get("StrideW", 0))]
+        attrs["dilations"] = [int(o.get("DilationHFactor", 0)), int(o.get("DilationWFactor", 0))]
         if op["op"] == "DEPTHWISE_CONV_2D":
             ins = op["inputs"]
             x = tensors[ins[0]]["shape"] if ins and ins[0] >= 0 else ()
@@ -505,7 +588,7 @@ def _node_attrs(op: dict, tensors: list[dict]) -> dict:
     if op["op"] == "CONCATENATION":
         attrs["axis"] = int(o.get("Axis", 0))
     if op["op"] == "SOFTMAX":
-        attrs["beta"] = float(o.get("Beta", 1.0))
+        attrs["beta"] = float(o.get("Beta", 0.0))
     return attrs
 
 
