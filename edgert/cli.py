@@ -27,6 +27,20 @@ _CLI_SPELLINGS = (
     (re.compile(r"\bmax_partitions=(\d+)"), r"--max-partitions \1"),
     (re.compile(r"\bmax_partitions\b"), "--max-partitions"),
 )
+# the LLM commands' (generate, chat, serve) options; a plain word only where it names the option ("seed must ...")
+_LLM_FLAGS = {
+    "max_tokens_cap": "--max-tokens-cap", "max_tokens": "--max-tokens", "n_ctx": "--n-ctx", "top_k": "--top-k",
+    "top_p": "--top-p", "min_p": "--min-p", "repeat_penalty": "--repeat-penalty", "max_queue": "--max-queue",
+    "request_timeout_s": "--timeout", "shutdown_timeout_s": "--shutdown-timeout",
+    "temperature": "--temperature", "seed": "--seed", "threads": "--threads", "stop": "--stop",
+}
+_CLI_SPELLINGS += (
+    (re.compile(r"\b(%s)\b(?:=(?=\S)|(?=[ ,:;)]|$))" % "|".join(n for n in _LLM_FLAGS if "_" in n)),
+     lambda m: _LLM_FLAGS[m[1]] + (" " if m[0].endswith("=") else "")),
+    (re.compile(r"\b(%s)(?:=(?=\S)|(?= must\b))" % "|".join(n for n in _LLM_FLAGS if "_" not in n)),
+     lambda m: _LLM_FLAGS[m[1]] + (" " if m[0].endswith("=") else "")),
+    (re.compile(r" or None(?=,)"), ""),  # a flag cannot be given None
+)
 
 
 def cli_spelling(message: str) -> str:
@@ -180,7 +194,7 @@ def cmd_chat(args) -> int:
         except EdgertError as exc:
             # e.g. the conversation outgrew the context: keep the chat alive, drop this turn
             hint = " (type /reset to start a new conversation)" if isinstance(exc, ContextLengthError) else ""
-            print(f"\nedgert: error: {exc}{hint}", file=sys.stderr)
+            print(f"\nedgert: error: {cli_spelling(str(exc))}{hint}", file=sys.stderr)
             history.pop()
             continue
         history.append({"role": "assistant", "content": "".join(answer)})
