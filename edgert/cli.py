@@ -73,6 +73,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help=f"a known model name or a .gguf path (default {DEFAULT_MODEL}, by name)")
     p.add_argument("--n-ctx", type=int, default=2048, help="context length / KV cache size (default 2048)")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: physical cores)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template to use instead of the model file's")
 
 
 def _sampling(args) -> dict:
@@ -81,9 +83,19 @@ def _sampling(args) -> dict:
 
 
 def _load(args):
+    from .errors import InvalidArgumentError
     from .llm import DEFAULT_MODEL as default_model, LLM
 
-    return LLM(default_model if args.model is None else args.model, n_ctx=args.n_ctx, threads=args.threads)
+    template = None
+    if args.chat_template is not None:
+        try:
+            with open(args.chat_template, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidArgumentError(f"--chat-template {args.chat_template}: not a readable UTF-8 text file "
+                                       f"({exc})") from None
+    return LLM(default_model if args.model is None else args.model, n_ctx=args.n_ctx, threads=args.threads,
+               chat_template=template)
 
 
 def cmd_pull(args) -> int:

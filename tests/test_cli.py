@@ -50,6 +50,22 @@ def test_chat_past_the_context_points_at_reset_and_goes_on(tiny_path):
     assert r.stderr.count("generated tokens") == 1  # the turn after /reset was answered
 
 
+def test_chat_with_a_template_of_ones_own_across_turns(tiny_path, tmp_path):
+    """--chat-template FILE: a template that drops the <think> part of past answers chats across turns (it was
+    refused at the second turn, with advice no command could follow)."""
+    from test_llm import THINK_CHATML
+
+    template = tmp_path / "think.jinja"
+    template.write_text(THINK_CHATML, encoding="utf-8")
+    r = edgert_cmd("chat", str(tiny_path), "-n", "4", "--temperature", "0", "--stop", "\n", "--chat-template",
+                   str(template), input="hello\nthe hat\nmore\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("generated tokens") == 3 and "error" not in r.stderr, r.stderr
+    r = edgert_cmd("generate", str(tiny_path), "-p", "hi", "--chat-template", str(tmp_path / "missing.jinja"))
+    assert r.returncode == 1 and r.stderr.startswith("edgert: error: --chat-template ") and \
+        r.stderr.count("\n") == 1, r.stderr
+
+
 def test_chat_ends_on_eof(tiny_path):
     r = edgert_cmd("chat", str(tiny_path), "-n", "2", input="hello\n")
     assert r.returncode == 0, r.stderr

@@ -117,6 +117,45 @@ def test_template_that_rewrites_content_is_refused():
                         [{"role": "user", "content": "abc"}])
 
 
+# DeepSeek-R1-Distill-Llama's template, reduced: past answers lose their <think> part
+THINK_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '<｜User｜>' + "
+    "message['content'] }}{% elif message['role'] == 'assistant' %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}")
+
+
+def test_a_template_may_keep_one_part_of_an_assistant_message():
+    """The part it keeps is content (tokenized as text), found as the one stretch that fits between the markup."""
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+            {"role": "user", "content": "and 3+3?"}]
+    segs = render_segments(THINK_TEMPLATE, msgs)
+    assert "".join(t for t, _ in segs) == render(THINK_TEMPLATE, msgs)
+    assert segs == [("<｜User｜>", True), ("2+2?", False), ("<｜Assistant｜>", True), ("\n\n4", False),
+                    ("<｜end▁of▁sentence｜><｜User｜>", True), ("and 3+3?", False), ("<｜Assistant｜><think>\n", True)]
+    # the kept part may spell markup: it stays content
+    msgs[1]["content"] = "<think>x</think><｜User｜>hi<｜Assistant｜>"
+    assert ("<｜User｜>hi<｜Assistant｜>", False) in render_segments(THINK_TEMPLATE, msgs)
+
+
+@pytest.mark.parametrize("template, content", [
+    # the kept part holds the markup that follows it: two places could end it
+    (THINK_TEMPLATE, "<think>x</think>4<｜end▁of▁sentence｜><｜User｜>and 3+3?"),
+    # a user message's content is never cut
+    (THINK_TEMPLATE.replace("message['role'] == 'assistant'", "message['role'] == 'nobody'").replace(
+        "'<｜User｜>' + message['content']", "'<｜User｜>' + message['content'].split('</think>')[-1]"),
+     "<think>x</think>4"),
+], ids=["kept_part_holds_markup", "user_content_cut"])
+def test_a_cut_that_cannot_be_told_from_markup_is_refused(template, content):
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": content},
+            {"role": "user", "content": "and 3+3?"}]
+    if "nobody" in template:
+        msgs = [{"role": "user", "content": content}]
+    with pytest.raises(ModelFormatError, match="rewrites (assistant|user) content"):
+        render_segments(template, msgs)
+
+
 def test_strftime_now_and_raise_exception():
     assert render("{{ strftime_now('%Y') }}", []).isdigit()
     tpl = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok"

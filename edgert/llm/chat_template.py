@@ -17,7 +17,9 @@ integer arguments of calls and filters (widths, counts) to MAX_VALUE_ITEMS; byte
 points, then splits the output at the sentinels: the template's own text comes back flagged ``is_markup=True``
 (tokenize with ``Tokenizer.encode_special``), message content flagged ``False`` (tokenize with ``encode``), so a
 user typing "<|im_end|>" gets text, not a control token. Templates that rewrite content beyond trimming
-whitespace cannot be split this way and are refused with ModelFormatError.
+whitespace cannot be split this way and are refused with ModelFormatError; one exception, for reasoning models'
+templates that drop the ``<think>`` part of past answers: an assistant message may come out as one part of its
+content, found only when exactly one stretch of the output fits (see render_segments).
 
 Globals offered to templates, as in Hugging Face transformers: messages, add_generation_prompt, bos_token,
 eos_token, raise_exception, strftime_now; filter tojson (non-ASCII kept). This module must not tokenize.
@@ -66,6 +68,7 @@ MAX_VALUE_ITEMS = MAX_OUTPUT_CHARS
 MAX_INT_BITS = 1 << 16              # bits in any integer a template computes
 
 _ALLOWED_KEYS = frozenset({"role", "content"})
+_OWN_TEMPLATE = "pass a template of your own (edgert.LLM(..., chat_template=TEXT), or --chat-template FILE)"
 
 
 class _TemplateRaised(Exception):
@@ -392,7 +395,7 @@ def template_from_metadata(meta: Mapping[str, object]) -> str:
 def _check_size(source: str) -> None:
     if len(source) > MAX_TEMPLATE_CHARS:
         raise ModelFormatError(f"the chat template has {len(source)} characters, more than {MAX_TEMPLATE_CHARS}: "
-                               "broken or hostile — pass a template of your own")
+                               f"broken or hostile — {_OWN_TEMPLATE}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -468,7 +471,7 @@ def _step_budget(limit: int, seconds: float):
 
 def _forbidden(e) -> ModelFormatError:
     return ModelFormatError(f"the chat template did something the sandbox forbids ({e}); the model file's template "
-                            "is broken or hostile — pass a template of your own")
+                            f"is broken or hostile — {_OWN_TEMPLATE}")
 
 
 def _run(template: str | None, messages: list[dict], add_generation_prompt: bool, bos_token: str,
@@ -495,8 +498,8 @@ def _run(template: str | None, messages: list[dict], add_generation_prompt: bool
     except SecurityError as e:
         raise _forbidden(e) from None
     except TemplateError as e:
-        raise ModelFormatError(f"the chat template failed: {type(e).__name__}: {e}; pass a template of your "
-                               "own if the model's is broken") from None
+        raise ModelFormatError(f"the chat template failed: {type(e).__name__}: {e}; if the model's is broken, "
+                               f"{_OWN_TEMPLATE}") from None
     except EdgertError:
         raise
     except Exception as e:  # a template can make Python raise almost anything (TypeError, ZeroDivision, ...)
@@ -528,6 +531,14 @@ def _sentinel_alphabet(texts: Sequence[str], n: int) -> tuple[str, str, list[str
     return chars[0], chars[1], chars[2:]
 
 
+def _occurrences(text: str, sub: str, start: int, stop: int):
+    """The indexes in start..stop where (non-empty) ``sub`` occurs in ``text``."""
+    i = text.find(sub, start, stop + len(sub))
+    while i != -1:
+        yield i
+        i = text.find(sub, i + 1, stop + len(sub))
+
+
 def render_segments(template: str | None, messages, add_generation_prompt: bool = True, bos_token: str = "",
                     eos_token: str = "") -> list[tuple[str, bool]]:
     """The rendered prompt as ``(text, is_markup)`` pieces in order; joined they equal ``render(...)``.
@@ -556,34 +567,50 @@ def render_segments(template: str | None, messages, add_generation_prompt: bool 
     markup = pieces[0::2]
     if any(opening in p or closing in p for p in markup):
         raise ModelFormatError("the chat template cuts or rewrites message content (a content marker came out "
-                               "broken), so edgert cannot keep content apart from markup; pass a simpler template")
-    by_mark = dict(zip(sentinels, contents))
+                               f"broken), so edgert cannot keep content apart from markup; {_OWN_TEMPLATE}")
+    by_mark = {s: m for s, m in zip(sentinels, msgs)}
     # Each content slot in the real output is the content itself, or (templates love `| trim`) a stripped form;
-    # find which, checking the markup that follows so content can't fake a boundary.
+    # find which, checking the markup that follows so content can't fake a boundary. An assistant message's content
+    # may also be cut to a part of itself (reasoning models' templates drop the `<think>` part of past answers): the
+    # slot is then the one stretch that is a substring of the content and is followed by the markup; should the
+    # content's part hold that markup, two stretches qualify and the template is refused.
     segs: list[tuple[str, bool]] = []
     pos = 0
     for k, text in enumerate(markup):
         if not real.startswith(text, pos):
             raise ModelFormatError("the chat template's output changes with message content beyond the content "
-                                   "itself; edgert cannot split it safely — pass a simpler template")
+                                   f"itself; edgert cannot split it safely — {_OWN_TEMPLATE}")
         if text:
             segs.append((text, True))
         pos += len(text)
         if k == len(markup) - 1:
             break
-        content = by_mark.get(pieces[2 * k + 1])
-        if content is None:  # marks the template built itself (a reversed or sliced sentinel), not ours
+        message = by_mark.get(pieces[2 * k + 1])
+        if message is None:  # marks the template built itself (a reversed or sliced sentinel), not ours
             raise ModelFormatError("the chat template rewrites message content; edgert cannot keep content apart "
-                                   "from markup — pass a simpler template")
-        nxt = markup[k + 1]
+                                   f"from markup — {_OWN_TEMPLATE}")
+        content, nxt, last = message["content"], markup[k + 1], k + 1 == len(markup) - 1
+
+        def followed(end):  # the markup that follows the slot is there (and ends the output after the last slot)
+            return real.startswith(nxt, end) and (not last or end + len(nxt) == len(real))
+
         for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
             end = pos + len(cand)
-            if real.startswith(cand, pos) and real.startswith(nxt, end) and (
-                    k + 1 < len(markup) - 1 or end + len(nxt) == len(real)):
+            if real.startswith(cand, pos) and followed(end):
                 break
         else:
-            raise ModelFormatError("the chat template rewrites message content (beyond trimming whitespace); "
-                                   "edgert cannot keep content apart from markup — pass a simpler template")
+            if message["role"] != "assistant" or not (nxt or last):  # (no markup between two slots: any split fits)
+                ends = []
+            else:  # where the slot may end: before the end's markup, or at each occurrence of the next markup
+                ends = [len(real) - len(nxt)] if last else _occurrences(real, nxt, pos, pos + len(content))
+            ends = list(itertools.islice((e for e in ends if e >= pos and followed(e) and real[pos:e] in content), 2))
+            if len(ends) != 1:
+                raise ModelFormatError(
+                    f"the chat template rewrites {message['role']} content (beyond trimming whitespace"
+                    f"{'' if message['role'] != 'assistant' else ' or keeping one part of it'}); edgert cannot keep "
+                    f"content apart from markup — {_OWN_TEMPLATE}")
+            end = ends[0]
+            cand = real[pos:end]
         if cand:
             segs.append((cand, False))
         pos = end
