@@ -407,8 +407,10 @@ def test_bounds_leave_ordinary_template_code_alone():
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     tpl = ("{% for i in range(messages|length - 1, -1, -1) %}{{ '%d:%s|' % (i, messages[i]['content']) }}"
            "{{ ('[' ~ messages[i]['role'] ~ ']')|center(9) }}{{ '{}'.format(loop.index) + ('-' * 3) }}{% endfor %}"
-           "{{ (2 ** 10)|string }}{{ messages|map(attribute='role')|join(',')|replace(',', ';') }}")
-    assert render(tpl, msgs) == "1:Hello|[assistant]1---0:Hi|  [user] 2---1024user;assistant"
+           "{{ (2 ** 10)|string }}{{ messages|map(attribute='role')|join(',')|replace(',', ';') }}"
+           "{{ '/'.join(messages|map(attribute='content')) }}{{ '{a}{b}'.format(a=1, b='x') }}{{ ('%s' * 2) % (3, 4) }}"
+           "{{ [messages|length, 'x'] * 2 }}{{ '\t'.expandtabs(2) }}")
+    assert render(tpl, msgs) == "1:Hello|[assistant]1---0:Hi|  [user] 2---1024user;assistantHi/Hello1x34[2, 'x', 2, 'x']  "
 
 
 def test_template_from_metadata():

@@ -329,7 +329,7 @@ def _environment():
 
         def call(self, context, obj, /, *args, **kwargs):
             fn = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
-            _check_call(getattr(fn, "__name__", "call"), getattr(fn, "__self__", None), args, kwargs)
+            args = _check_call(getattr(fn, "__name__", "call"), getattr(fn, "__self__", None), args, kwargs)
             return _bounded(super().call(context, obj, *args, **kwargs))
 
         @staticmethod
