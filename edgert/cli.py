@@ -27,6 +27,20 @@ _CLI_SPELLINGS = (
     (re.compile(r"\bmax_partitions=(\d+)"), r"--max-partitions \1"),
     (re.compile(r"\bmax_partitions\b"), "--max-partitions"),
 )
+# the LLM commands' (generate, chat, serve) options; a plain word only where it names the option ("seed must ...")
+_LLM_FLAGS = {
+    "max_tokens_cap": "--max-tokens-cap", "max_tokens": "--max-tokens", "n_ctx": "--n-ctx", "top_k": "--top-k",
+    "top_p": "--top-p", "min_p": "--min-p", "repeat_penalty": "--repeat-penalty", "max_queue": "--max-queue",
+    "request_timeout_s": "--timeout", "shutdown_timeout_s": "--shutdown-timeout",
+    "temperature": "--temperature", "seed": "--seed", "threads": "--threads", "stop": "--stop",
+}
+_CLI_SPELLINGS += (
+    (re.compile(r"\b(%s)\b(?:=(?=\S)|(?=[ ,:;)]|$))" % "|".join(n for n in _LLM_FLAGS if "_" in n)),
+     lambda m: _LLM_FLAGS[m[1]] + (" " if m[0].endswith("=") else "")),
+    (re.compile(r"\b(%s)(?:=(?=\S)|(?= must\b))" % "|".join(n for n in _LLM_FLAGS if "_" not in n)),
+     lambda m: _LLM_FLAGS[m[1]] + (" " if m[0].endswith("=") else "")),
+    (re.compile(r" or None(?=,)"), ""),  # a flag cannot be given None
+)
 
 
 def cli_spelling(message: str) -> str:
@@ -59,6 +73,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help=f"a known model name or a .gguf path (default {DEFAULT_MODEL}, by name)")
     p.add_argument("--n-ctx", type=int, default=2048, help="context length / KV cache size (default 2048)")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: physical cores)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template to use instead of the model file's")
 
 
 def _sampling(args) -> dict:
@@ -67,9 +83,19 @@ def _sampling(args) -> dict:
 
 
 def _load(args):
+    from .errors import InvalidArgumentError
     from .llm import DEFAULT_MODEL as default_model, LLM
 
-    return LLM(default_model if args.model is None else args.model, n_ctx=args.n_ctx, threads=args.threads)
+    template = None
+    if args.chat_template is not None:
+        try:
+            with open(args.chat_template, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidArgumentError(f"--chat-template {args.chat_template}: not a readable UTF-8 text file "
+                                       f"({exc})") from None
+    return LLM(default_model if args.model is None else args.model, n_ctx=args.n_ctx, threads=args.threads,
+               chat_template=template)
 
 
 def cmd_pull(args) -> int:
@@ -180,7 +206,7 @@ def cmd_chat(args) -> int:
         except EdgertError as exc:
             # e.g. the conversation outgrew the context: keep the chat alive, drop this turn
             hint = " (type /reset to start a new conversation)" if isinstance(exc, ContextLengthError) else ""
-            print(f"\nedgert: error: {exc}{hint}", file=sys.stderr)
+            print(f"\nedgert: error: {cli_spelling(str(exc))}{hint}", file=sys.stderr)
             history.pop()
             continue
         history.append({"role": "assistant", "content": "".join(answer)})

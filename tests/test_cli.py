@@ -46,8 +46,24 @@ def test_chat_past_the_context_points_at_reset_and_goes_on(tiny_path):
     r = edgert_cmd("chat", str(tiny_path), "-n", "4", "--temperature", "0", "--n-ctx", "32",
                    input="the hat " * 40 + "\n/reset\nhi\n/exit\n")
     assert r.returncode == 0, r.stderr
-    assert "n_ctx" in r.stderr and "type /reset to start a new conversation" in r.stderr
+    assert "--n-ctx is 32" in r.stderr and "type /reset to start a new conversation" in r.stderr
     assert r.stderr.count("generated tokens") == 1  # the turn after /reset was answered
+
+
+def test_chat_with_a_template_of_ones_own_across_turns(tiny_path, tmp_path):
+    """--chat-template FILE: a template that drops the <think> part of past answers chats across turns (it was
+    refused at the second turn, with advice no command could follow)."""
+    from test_llm import THINK_CHATML
+
+    template = tmp_path / "think.jinja"
+    template.write_text(THINK_CHATML, encoding="utf-8")
+    r = edgert_cmd("chat", str(tiny_path), "-n", "4", "--temperature", "0", "--stop", "\n", "--chat-template",
+                   str(template), input="hello\nthe hat\nmore\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("generated tokens") == 3 and "error" not in r.stderr, r.stderr
+    r = edgert_cmd("generate", str(tiny_path), "-p", "hi", "--chat-template", str(tmp_path / "missing.jinja"))
+    assert r.returncode == 1 and r.stderr.startswith("edgert: error: --chat-template ") and \
+        r.stderr.count("\n") == 1, r.stderr
 
 
 def test_chat_ends_on_eof(tiny_path):
@@ -167,7 +183,30 @@ def test_bad_threads_option_is_one_error_line(tiny_path, threads):
     """--threads 99999999999 used to be accepted by LLM and end in an OverflowError traceback from the C call."""
     r = edgert_cmd("generate", str(tiny_path), "-p", "the", "-n", "2", "--threads", threads)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr == f"edgert: error: threads must be an int in [1, 256] or None, got {threads}\n"
+    assert r.stderr == f"edgert: error: --threads must be an int in [1, 256], got {threads}\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-n", "-1"], "edgert: error: --max-tokens must be a positive int, got -1\n"),
+    (["--n-ctx", "0"], "edgert: error: --n-ctx must be an int >= 2, got 0\n"),
+    (["--top-k", "-1"], "edgert: error: --top-k must be an int >= 0 (0 turns it off), got -1\n"),
+    (["--top-p", "1.5"], "edgert: error: --top-p must be in [0.0, 1.0], got 1.5\n"),
+    (["--repeat-penalty", "0"], "edgert: error: --repeat-penalty must be in (0.0, 100.0], got 0.0\n"),
+    (["--seed", "-1"], "edgert: error: --seed must be an int >= 0, got -1\n"),
+])
+def test_llm_option_errors_name_the_flags(tiny_path, argv, message):
+    """The messages come from the Python API (max_tokens=..., n_ctx=...): the command names its own flags."""
+    r = edgert_cmd("generate", str(tiny_path), "-p", "the", *argv)
+    assert (r.returncode, r.stderr) == (1, message)
+
+
+def test_n_ctx_past_the_model_warns_with_the_flag(tiny_path):
+    r = edgert_cmd("generate", str(tiny_path), "-p", "the", "-n", "2", "--n-ctx", "100000", "--top-p", "0",
+                   "--min-p", "1", "--temperature", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "edgert: warning: --n-ctx 100000 exceeds the model's context length; using 512\n"
+    greedy = edgert_cmd("generate", str(tiny_path), "-p", "the", "-n", "2", "--temperature", "0", "--json")
+    assert json.loads(r.stdout)["tokens"] == json.loads(greedy.stdout)["tokens"]  # top_p 0: greedy's choice
 
 
 @pytest.mark.parametrize("env", [{"EDGERT_ISA": "bogus"}, {"EDGERT_THREADS": "0"}, {"EDGERT_THREADS": "abc"},

@@ -112,6 +112,32 @@ def test_chat_template_markup_is_control_but_content_is_not(llm):
     assert llm.detokenize(ids).count("<|im_start|>") == 3
 
 
+# a reasoning model's template in ChatML markup (the tiny tokenizer's control tokens): past answers lose <think>
+THINK_CHATML = (
+    "{% for m in messages %}{% set c = m.content %}{% if m.role == 'assistant' and '</think>' in c %}"
+    "{% set c = c.split('</think>')[-1] %}{% endif %}{{ '<|im_start|>' + m.role + '\\n' + c + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n' }}{% endif %}")
+
+
+def test_chat_template_keyword_replaces_the_files(tiny_path):
+    """LLM(chat_template=...) renders with the given template (the tiny file has none: ChatML); an answer's
+    <think> part is dropped from the history and a control-token spelling in what is kept stays text."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<think>a</think>ok <|im_start|>"},
+            {"role": "user", "content": "more"}]
+    with LLM(str(tiny_path), n_ctx=128, chat_template=THINK_CHATML) as model:
+        ids = model.chat_tokens(msgs)
+        im_start = model.tokenizer.encode_special("<|im_start|>")[0]
+        assert model.detokenize(ids) == ("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nok <|im_start|>"
+                                         "<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n"
+                                         "<think>\n")
+        assert ids.count(im_start) == 4  # the template's own: three turns and the answer's; the typed one is text
+        assert model.chat(msgs, max_tokens=2, temperature=0).prompt_tokens == len(ids)
+    with LLM(str(tiny_path), n_ctx=128) as model:  # the file's template (ChatML) keeps the <think> part
+        assert "<think>a</think>" in model.detokenize(model.chat_tokens(msgs))
+    with pytest.raises(edgert.InvalidArgumentError, match="chat_template must be a str"):
+        LLM(str(tiny_path), n_ctx=128, chat_template=3)
+
+
 def test_chat_second_turn_reuses_cache_and_matches_fresh_model(tiny_path, llm):
     turn1 = [{"role": "user", "content": "the hat"}]
     r1 = llm.chat(turn1, max_tokens=6, temperature=0)

@@ -117,6 +117,45 @@ def test_template_that_rewrites_content_is_refused():
                         [{"role": "user", "content": "abc"}])
 
 
+# DeepSeek-R1-Distill-Llama's template, reduced: past answers lose their <think> part
+THINK_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '<｜User｜>' + "
+    "message['content'] }}{% elif message['role'] == 'assistant' %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}")
+
+
+def test_a_template_may_keep_one_part_of_an_assistant_message():
+    """The part it keeps is content (tokenized as text), found as the one stretch that fits between the markup."""
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+            {"role": "user", "content": "and 3+3?"}]
+    segs = render_segments(THINK_TEMPLATE, msgs)
+    assert "".join(t for t, _ in segs) == render(THINK_TEMPLATE, msgs)
+    assert segs == [("<｜User｜>", True), ("2+2?", False), ("<｜Assistant｜>", True), ("\n\n4", False),
+                    ("<｜end▁of▁sentence｜><｜User｜>", True), ("and 3+3?", False), ("<｜Assistant｜><think>\n", True)]
+    # the kept part may spell markup: it stays content
+    msgs[1]["content"] = "<think>x</think><｜User｜>hi<｜Assistant｜>"
+    assert ("<｜User｜>hi<｜Assistant｜>", False) in render_segments(THINK_TEMPLATE, msgs)
+
+
+@pytest.mark.parametrize("template, content", [
+    # the kept part holds the markup that follows it: two places could end it
+    (THINK_TEMPLATE, "<think>x</think>4<｜end▁of▁sentence｜><｜User｜>and 3+3?"),
+    # a user message's content is never cut
+    (THINK_TEMPLATE.replace("message['role'] == 'assistant'", "message['role'] == 'nobody'").replace(
+        "'<｜User｜>' + message['content']", "'<｜User｜>' + message['content'].split('</think>')[-1]"),
+     "<think>x</think>4"),
+], ids=["kept_part_holds_markup", "user_content_cut"])
+def test_a_cut_that_cannot_be_told_from_markup_is_refused(template, content):
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": content},
+            {"role": "user", "content": "and 3+3?"}]
+    if "nobody" in template:
+        msgs = [{"role": "user", "content": content}]
+    with pytest.raises(ModelFormatError, match="rewrites (assistant|user) content"):
+        render_segments(template, msgs)
+
+
 def test_strftime_now_and_raise_exception():
     assert render("{{ strftime_now('%Y') }}", []).isdigit()
     tpl = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok"
@@ -238,12 +277,140 @@ def test_what_a_template_builds_is_bounded(template):
         render(template, [{"role": "user", "content": "x"}])
 
 
+def test_a_chain_of_filters_is_stopped_by_the_clock(monkeypatch):
+    """Filters chained in one expression run in Jinja's code, between two template lines: the clock is read at every
+    Python call too, so the refusal comes about when the budget ends (unbounded: ~5 s per link per render)."""
+    import time
+
+    from edgert.llm import chat_template
+
+    budget = 0.5
+    monkeypatch.setattr(chat_template, "MAX_TEMPLATE_SECONDS", budget)
+    chain = "|map('string')|sort|map('int')|sort(reverse=true)" * 8
+    hostile = "{% set x = (range(65536)|list) * 4 %}{{ (x" + chain + ")|length }}{{ messages[0].content }}"
+    for call in (render, render_segments):
+        t = time.perf_counter()
+        with pytest.raises(ModelFormatError, match=f"longer than {budget:g} s"):
+            call(hostile, [{"role": "user", "content": "x"}])
+        assert time.perf_counter() - t < 3 * budget
+
+
+def test_render_segments_renders_twice_on_one_budget(monkeypatch):
+    """Its two renders share the budget: a template taking 2/3 of it per render is refused (it took 2 budgets).
+    The clock is a counter (one ms per read), so the test does not depend on the machine's speed."""
+    import itertools
+    import types
+
+    from edgert.llm import chat_template
+
+    clock = itertools.count()
+    monkeypatch.setattr(chat_template, "time", types.SimpleNamespace(monotonic=lambda: next(clock) * 1e-3))
+    template = "{% for i in range(3000) %}{% endfor %}{{ messages[0].content }}"
+    msgs = [{"role": "user", "content": "x"}]
+    start = next(clock)
+    render(template, msgs)
+    reads = next(clock) - start
+    monkeypatch.setattr(chat_template, "MAX_TEMPLATE_SECONDS", 1.5 * reads * 1e-3)
+    assert render(template, msgs) == "x"
+    with pytest.raises(ModelFormatError, match="longer than"):
+        render_segments(template, msgs)
+
+
+_BIG = "{% set b = 'x' * 1000000 %}"
+_SETS = "".join(f"{{% set ns.a{i} = b %}}" for i in range(200))
+
+
+@pytest.mark.parametrize("template", [
+    _BIG + "{{ ([b] * 200)|string|length }}",                            # shared references, then str()
+    _BIG + "{{ [b] * 200 }}",
+    _BIG + "{{ [" + ", ".join(["b"] * 200) + "] }}",                     # a list display
+    _BIG + "{{ ((b,) * 200)|join|length }}",
+    _BIG + "{{ b.join(range(200)|map('string'))|length }}",              # the separator, 200 times
+    _BIG + "{{ ('{0}' * 200).format(b)|length }}",                       # one argument, 200 fields
+    _BIG + "{{ ('%(b)s' * 200) % {'b': b} }}",
+    "{{ (('%999999s' * 200) % ((1,) * 200))|length }}",                  # widths under the 10^7 cap, 200 times
+    "{{ ('\t' * 200).expandtabs(1000000)|length }}",
+    "{{ ('\n' * 200)|indent(1000000, blank=true)|length }}",
+    "{{ ('x'.encode() * 200000000)|length }}",                           # bytes
+    _BIG + "{% set ns = namespace(b=b) %}" + _SETS + "{{ ns }}",         # a namespace filled attribute by attribute
+    _BIG + "{% set c = b ~ '' %}{{ [b] * 1000 == [c] * 1000 }}",         # == compares 10^9 characters
+], ids=["string", "output", "display", "join", "join_sep", "format", "printf_map", "printf_width", "expandtabs", "indent", "bytes", "namespace", "compare"])
+def test_products_are_refused_before_they_are_built(template):
+    """Each builds (or walks) hundreds of megabytes in one C call from operands within every bound (a 1 MB string,
+    200 references to it): refused before the call, so memory stays far below what it would build."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelFormatError, match="sandbox forbids"):
+            render(template, [{"role": "user", "content": "x"}])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50e6
+
+
+def test_sum_of_lists_is_refused():
+    """sum(start=[]) copies the running sum at every item: quadratic inside one C call."""
+    with pytest.raises(ModelFormatError, match="sum"):
+        render("{{ ([[0] * 100] * 100)|sum(start=[])|length }}", [{"role": "user", "content": "x"}])
+    assert render("{{ [1, 2.5]|sum }}{{ messages|map(attribute='content')|map('length')|sum }}",
+                  [{"role": "user", "content": "abc"}]) == "3.53"
+
+
+# Real templates as their models ship them (reduced to the chat part); rendered by plain Jinja as the reference
+REAL_TEMPLATES = {
+    "llama3": "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+              "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+              "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+              "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+              "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+    "mistral": "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
+               "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+               "user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}"
+               "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+               "{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles "
+               "are supported!') }}{% endif %}{% endfor %}",
+    "zephyr": "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + "
+              "message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + "
+              "message['content'] + eos_token }}\n{% elif message['role'] == 'assistant' %}\n"
+              "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+              "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}",
+    "gemma": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+             "supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != "
+             "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+             "user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}"
+             "{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + "
+             "role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}",
+    "smollm2": SMOL_TEMPLATE,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_TEMPLATES))
+def test_real_templates_render_as_plain_jinja_renders_them(name):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    template = REAL_TEMPLATES[name]
+    msgs = [{"role": "user", "content": "  Hi there \n"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "x <|eot_id|>" * 50}]
+    reference = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(
+        messages=msgs, add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
+    assert render(template, msgs, bos_token="<s>", eos_token="</s>") == reference
+    segs = render_segments(template, msgs, bos_token="<s>", eos_token="</s>")
+    assert "".join(t for t, _ in segs) == reference
+    assert [t for t, markup in segs if not markup] == [m["content"].strip() if "trim" in template else m["content"]
+                                                       for m in msgs]
+
+
 def test_bounds_leave_ordinary_template_code_alone():
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     tpl = ("{% for i in range(messages|length - 1, -1, -1) %}{{ '%d:%s|' % (i, messages[i]['content']) }}"
            "{{ ('[' ~ messages[i]['role'] ~ ']')|center(9) }}{{ '{}'.format(loop.index) + ('-' * 3) }}{% endfor %}"
-           "{{ (2 ** 10)|string }}{{ messages|map(attribute='role')|join(',')|replace(',', ';') }}")
-    assert render(tpl, msgs) == "1:Hello|[assistant]1---0:Hi|  [user] 2---1024user;assistant"
+           "{{ (2 ** 10)|string }}{{ messages|map(attribute='role')|join(',')|replace(',', ';') }}"
+           "{{ '/'.join(messages|map(attribute='content')) }}{{ '{a}{b}'.format(a=1, b='x') }}{{ ('%s' * 2) % (3, 4) }}"
+           "{{ [messages|length, 'x'] * 2 }}{{ '\t'.expandtabs(2) }}")
+    assert render(tpl, msgs) == "1:Hello|[assistant]1---0:Hi|  [user] 2---1024user;assistantHi/Hello1x34[2, 'x', 2, 'x']  "
 
 
 def test_template_from_metadata():

@@ -157,9 +157,22 @@ def test_masked_logits_never_drawn():
         s.sample(np.full(4, -np.inf, dtype=np.float32), [])
 
 
+@pytest.mark.parametrize("cut", [dict(top_p=0.0), dict(min_p=1.0)])
+def test_top_p_0_and_min_p_1_keep_only_the_most_probable_token(cut):
+    """llama.cpp's meanings: top_p 0 keeps one token (it keeps at least min_keep=1), min_p 1 keeps p >= p_max. At
+    any temperature every draw is then greedy's choice."""
+    rng = np.random.default_rng(0)
+    for seed in range(20):
+        x = rng.standard_normal(300).astype(np.float32) * 2
+        greedy = Sampler(temperature=0.0).sample(x, [])
+        assert greedy == int(np.argmax(x))
+        s = Sampler(temperature=1.5, top_k=0, **{"top_p": 1.0, "min_p": 0.0, **cut}, seed=seed)
+        assert [s.sample(x, []) for _ in range(10)] == [greedy] * 10
+
+
 @pytest.mark.parametrize("kw", [
-    dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_k=-1), dict(top_k=2.5), dict(top_p=0.0),
-    dict(top_p=1.1), dict(min_p=1.0), dict(min_p=-0.1), dict(repeat_penalty=0.0), dict(repeat_penalty=-1.0),
+    dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_k=-1), dict(top_k=2.5), dict(top_p=-0.1),
+    dict(top_p=1.1), dict(min_p=1.1), dict(min_p=-0.1), dict(repeat_penalty=0.0), dict(repeat_penalty=-1.0),
     dict(seed=-1), dict(seed="x"), dict(repeat_last_n=-1), dict(temperature=True),
 ])
 def test_argument_validation(kw):

@@ -172,6 +172,11 @@ def test_wrong_architecture(tmp_path):
     ("llama.attention.layer_norm_rms_epsilon", 0.0, "layer_norm_rms_epsilon"),
     ("llama.attention.layer_norm_rms_epsilon", "tiny", "must be a number, found str"),
     ("llama.rope.scaling.type", "linear", "rope.scaling.type is 'linear'"),
+    # llama.cpp takes a missing scaling type as 'linear' and divides positions by the factor
+    ("llama.rope.scaling.factor", 4.0, "llama.rope.scaling.factor is 4.0"),
+    ("llama.rope.scale_linear", 4.0, "llama.rope.scale_linear is 4.0"),
+    ("llama.rope.scaling.factor", float("nan"), "llama.rope.scaling.factor is nan"),
+    ("llama.rope.scaling.factor", "4", "llama.rope.scaling.factor is '4'"),
     ("llama.expert_count", 8, "mixture-of-experts"),
     # arrays where scalars belong: a numpy array's `!=` / `in` used to raise "truth value ... is ambiguous"
     ("llama.expert_count", [1, 2], "mixture-of-experts"),
@@ -181,6 +186,14 @@ def test_wrong_architecture(tmp_path):
 ])
 def test_bad_metadata(tmp_path, key, value, needle):
     refused(tmp_path, needle, meta={key: value})
+
+
+@pytest.mark.parametrize("meta", [{"llama.rope.scaling.factor": 1.0}, {"llama.rope.scale_linear": 0.0},
+                                  {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 1.0}])
+def test_rope_scaling_factor_that_scales_nothing_is_accepted(tmp_path, meta):
+    # llama.cpp: factor 0 means unset, 1 leaves positions as they are
+    path, _ = write_llama(tmp_path / "m.gguf", meta=meta)
+    assert spec_of(path).config.rope_base == BASE_META["llama.rope.freq_base"]
 
 
 def test_odd_head_dim(tmp_path):
@@ -295,7 +308,8 @@ def test_wrong_typed_metadata_raises_only_model_format_error(tiny_gguf, data):
     original = g.metadata
     md = dict(original)
     keys = sorted(k for k in md if not k.startswith("general.")) + [
-        "llama.expert_count", "llama.rope.scaling.type", "llama.vocab_size", "llama.attention.key_length",
+        "llama.expert_count", "llama.rope.scaling.type", "llama.rope.scaling.factor", "llama.vocab_size",
+        "llama.attention.key_length",
         "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_eos_token"]
     for _ in range(data.draw(st.integers(1, 2))):
         md[data.draw(st.sampled_from(keys))] = data.draw(st.sampled_from(_HOSTILE_VALUES))

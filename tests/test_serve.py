@@ -3,6 +3,7 @@ openai client (chat, streaming, completions, models), 32 concurrent streams agai
 queue's 503, client disconnects, timeouts, a table of malformed requests, the API key, and telemetry + report."""
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -181,6 +182,18 @@ def test_completion_prompts_parse_control_tokens_like_llama_cpp(llm):
             llm.tokenize(prompt)
         r = client.post("/tokenize", json={"content": prompt, "parse_special": "yes"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "parse_special"
+
+
+def test_top_p_0_and_min_p_1_answer_as_greedy(llm):
+    """OpenAI clients send top_p 0 (refused before): llama.cpp keeps the most probable token, as min_p 1 does, so at
+    temperature 1 the answer is greedy's for every seed."""
+    llm.reset()
+    want = llm.generate("the hat", max_tokens=8, temperature=0).text
+    with live(llm) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+        for seed, cut in itertools.product((1, 2, 3), ({"top_p": 0}, {"min_p": 1})):
+            r = client.post(CMPL, json={"prompt": "the hat", "max_tokens": 8, "temperature": 1, "seed": seed, **cut})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == want, (seed, cut)
 
 
 # ---- scheduling ----
@@ -679,7 +692,8 @@ BAD = [
     ("top_logprobs true", "POST", CHAT, {"messages": MSG, "top_logprobs": True}, 400, "invalid_type"),
     ("temperature a string", "POST", CHAT, {"messages": MSG, "temperature": "hot"}, 400, "invalid_type"),
     ("temperature too high", "POST", CHAT, {"messages": MSG, "temperature": 3}, 400, "invalid_value"),
-    ("top_p zero", "POST", CHAT, {"messages": MSG, "top_p": 0}, 400, "invalid_value"),
+    ("top_p negative", "POST", CHAT, {"messages": MSG, "top_p": -0.1}, 400, "invalid_value"),
+    ("min_p above 1", "POST", CHAT, {"messages": MSG, "min_p": 1.1}, 400, "invalid_value"),
     ("max_tokens zero", "POST", CHAT, {"messages": MSG, "max_tokens": 0}, 400, "invalid_value"),
     ("max_tokens a string", "POST", CHAT, {"messages": MSG, "max_tokens": "5"}, 400, "invalid_type"),
     ("max_tokens a float", "POST", CHAT, {"messages": MSG, "max_tokens": 5.5}, 400, "invalid_type"),

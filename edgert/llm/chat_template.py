@@ -5,17 +5,21 @@ A template comes from a downloaded file and is treated as hostile: it runs in ``
 any attempt to touch an unsafe attribute (``__class__``, ``__globals__``, ...) fails at once (the stock sandbox
 would render it as an empty string), and every failure of the template becomes ``ModelFormatError``. Its work is
 bounded as well as its reach: its size (MAX_TEMPLATE_CHARS, which bounds compiling it; it is compiled once), the
-lines it runs (MAX_TEMPLATE_STEPS) and its wall-clock time (MAX_TEMPLATE_SECONDS) are budgeted, and since a filter
-or operator does its work between two lines, every value it builds is bounded too (``range`` to MAX_RANGE_ITEMS,
-strings and collections to MAX_VALUE_ITEMS, integers to MAX_INT_BITS, integer arguments of calls and filters —
-widths, counts — to MAX_VALUE_ITEMS), so no single step runs for long. ``raise_exception`` in a template means the
+lines it runs (MAX_TEMPLATE_STEPS) and its wall-clock time (MAX_TEMPLATE_SECONDS, read at every template line and
+every Python call, so a chain of filters is stopped too) are budgeted, and since a C call (str(), join, ==, a
+format) runs without reading the clock, every value a template builds is bounded too, before it is built where the
+result is a product of its operands: ``range`` to MAX_RANGE_ITEMS, the weight of strings and containers — their
+length, everything they hold, shared references counted each time — to MAX_VALUE_ITEMS, integers to MAX_INT_BITS,
+integer arguments of calls and filters (widths, counts) to MAX_VALUE_ITEMS; bytes are refused. ``raise_exception`` in a template means the
 *messages* break the template's rules (say, roles not alternating), so it raises ``InvalidArgumentError``.
 
 ``render_segments`` renders once with each message's content replaced by a unique sentinel of private-use code
 points, then splits the output at the sentinels: the template's own text comes back flagged ``is_markup=True``
 (tokenize with ``Tokenizer.encode_special``), message content flagged ``False`` (tokenize with ``encode``), so a
 user typing "<|im_end|>" gets text, not a control token. Templates that rewrite content beyond trimming
-whitespace cannot be split this way and are refused with ModelFormatError.
+whitespace cannot be split this way and are refused with ModelFormatError; one exception, for reasoning models'
+templates that drop the ``<think>`` part of past answers: an assistant message may come out as one part of its
+content, found only when exactly one stretch of the output fits (see render_segments).
 
 Globals offered to templates, as in Hugging Face transformers: messages, add_generation_prompt, bos_token,
 eos_token, raise_exception, strftime_now; filter tojson (non-ASCII kept). This module must not tokenize.
@@ -29,8 +33,9 @@ import itertools
 import json
 import re
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MappingView, Sequence
 
 from ..errors import EdgertError, InvalidArgumentError, ModelFormatError
 
@@ -57,10 +62,13 @@ MAX_TEMPLATE_SECONDS = 10.0
 # range() in a template: chat templates loop over the messages (more than any context holds) or a handful of items;
 # jinja's own sandbox allows 100000, enough for one `range(100000)|sort` per step to take a tenth of a second
 MAX_RANGE_ITEMS = 1 << 16
-MAX_VALUE_ITEMS = MAX_OUTPUT_CHARS  # items in any string, list or dict a template builds (a prompt is at most that)
+# the weight of any value a template builds: a string's length, a container's items and everything they hold, shared
+# references counted each time (about the length of its str()); a prompt is at most that
+MAX_VALUE_ITEMS = MAX_OUTPUT_CHARS
 MAX_INT_BITS = 1 << 16              # bits in any integer a template computes
 
 _ALLOWED_KEYS = frozenset({"role", "content"})
+_OWN_TEMPLATE = "pass a template of your own (edgert.LLM(..., chat_template=TEXT), or --chat-template FILE)"
 
 
 class _TemplateRaised(Exception):
@@ -79,6 +87,12 @@ def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=F
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
 
 
+def _security_error() -> type:
+    from jinja2.exceptions import SecurityError
+
+    return SecurityError
+
+
 def _refuse(message: str):
     from jinja2.exceptions import SecurityError
 
@@ -89,14 +103,85 @@ _SIZED = (str, list, tuple, dict, set, frozenset)
 _BIG_NUMBER = re.compile(r"\d{8,}")  # in a format string: a width or precision of 10^7 or more
 
 
+_budget = threading.local()  # .deadline, .seconds: the wall-clock budget of the render running on this thread
+
+
+def _check_clock() -> None:
+    deadline = getattr(_budget, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        _refuse(f"the template ran longer than {_budget.seconds:g} s")
+
+
+def _weight(value, limit: int = MAX_VALUE_ITEMS) -> int:
+    """About the length of ``str(value)``: a string's length, a number's digits, a container's items and all they
+    hold, a reference counted each time it occurs (``[s] * 1000`` weighs 1000 ``s``). Counting stops past ``limit``.
+    What one C call (str(), ==, join) walks is bounded by the weights of its operands, so bounding the weight of
+    every value a template builds bounds them all. A namespace inside another value is refused: it can grow after
+    the value was weighed."""
+    from jinja2.utils import Namespace
+
+    n, stack, top, walked = 0, [value], True, 0
+    while stack and n <= limit:
+        v = stack.pop()
+        if isinstance(v, str):
+            n += len(v) + 2
+        elif isinstance(v, int):
+            n += v.bit_length() // 3 + 2
+        elif isinstance(v, Mapping):
+            n += 2 + 4 * len(v)
+            stack.extend(itertools.chain.from_iterable(v.items()))
+        elif isinstance(v, (list, tuple, set, frozenset, MappingView)):
+            n += 2 + 2 * len(v)
+            stack.extend(v)
+        elif isinstance(v, Namespace):
+            if not top:
+                _refuse("a namespace inside a list, dict or namespace")
+            n += 12
+            stack.extend(object.__getattribute__(v, "_Namespace__attrs").values())
+        elif isinstance(v, (bytes, bytearray)):
+            _refuse("bytes are not for chat templates")  # they would need every str bound again
+        else:  # None, bool, float, undefined, loop and range objects: short reprs
+            n += 24
+        top, walked = False, walked + 1
+        if walked & 0xFFFF == 0:  # a walk of a few million items takes a second
+            _check_clock()
+    return n
+
+
 def _bounded(value):
     """``value`` when it is within the bounds on what a template may build (MAX_VALUE_ITEMS, MAX_INT_BITS)."""
-    if isinstance(value, _SIZED):
+    if isinstance(value, str):  # the common case, without a walk
         if len(value) > MAX_VALUE_ITEMS:
-            _refuse(f"a {type(value).__name__} of {len(value)} items is larger than {MAX_VALUE_ITEMS}")
-    elif isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
-        _refuse(f"an integer of {value.bit_length()} bits is larger than {MAX_INT_BITS}")
+            _refuse(f"a str of {len(value)} characters is larger than {MAX_VALUE_ITEMS}")
+    elif isinstance(value, int):
+        if value.bit_length() > MAX_INT_BITS:
+            _refuse(f"an integer of {value.bit_length()} bits is larger than {MAX_INT_BITS}")
+    elif not isinstance(value, (float, type(None))) and _weight(value) > MAX_VALUE_ITEMS:
+        _refuse(f"a {type(value).__name__} holding more than {MAX_VALUE_ITEMS} items and characters")
     return value
+
+
+def _check_product(what: str, size: int) -> None:
+    if size > MAX_VALUE_ITEMS:
+        _refuse(f"{what} would build about {size} characters, more than {MAX_VALUE_ITEMS}")
+
+
+_NUMBERS = re.compile(r"\d+")
+
+
+def _check_format(fmt: str, args, kwargs=None) -> None:
+    """Before ``fmt % args`` or ``fmt.format(*args, **kwargs)``: its size is at most the format, its widths and
+    precisions, and each field holding the largest argument (a tuple for % spends each argument once)."""
+    kwargs = dict(args) if isinstance(args, Mapping) else kwargs or {}  # '%(name)s' % mapping
+    args = () if isinstance(args, Mapping) else tuple(args)
+    pad = sum(int(m) for m in _NUMBERS.findall(fmt))
+    values = list(args) + list(kwargs.values())
+    ints = sum(abs(v) for v in values if isinstance(v, int) and not isinstance(v, bool))  # '%*s', '{:{}}' widths
+    if not kwargs and "{" not in fmt:  # printf with a tuple
+        fields = _weight(args)
+    else:
+        fields = (fmt.count("%") + fmt.count("{")) * max(map(_weight, values), default=0)
+    _check_product("formatting", len(fmt) + pad + ints + fields)
 
 
 def _check_ints(name: str, args, kwargs) -> None:
@@ -105,17 +190,49 @@ def _check_ints(name: str, args, kwargs) -> None:
             _refuse(f"{name} got the integer argument {a}, larger than {MAX_VALUE_ITEMS}")
 
 
-def _check_call(name: str, target, args, kwargs) -> None:
-    """Before a call or filter runs: its integer arguments (widths, counts, padding) are at most MAX_VALUE_ITEMS, a
-    str.replace cannot build more than MAX_VALUE_ITEMS characters, a format string asks for no huge width."""
+def _check_call(name: str, target, args, kwargs):
+    """Before a call or filter runs: its integer arguments (widths, counts, padding) are at most MAX_VALUE_ITEMS, and
+    a str method cannot build more than MAX_VALUE_ITEMS characters (see _check_str_op); returns the args to call
+    with."""
     _check_ints(f"{name}()", args, kwargs)
-    _check_str_op(name, target, args)
+    return _check_str_op(name, target, args, kwargs)
 
 
-def _check_str_op(name: str, target, args) -> None:
+def _check_filter(name: str, value, args, kwargs):
+    """The filters whose result can be a product of their operands' sizes, checked before they run; returns the
+    value to filter."""
+    if name == "join":  # value|join(sep): the str method's check, with the value materialized once
+        (value,) = _check_str_op("join", str(args[0]) if args else str(kwargs.get("d", "")), (value,))
+    elif name == "indent" and isinstance(value, str):
+        width = args[0] if args else kwargs.get("width", 4)
+        width = width if isinstance(width, int) else len(str(width))
+        _check_product("indent", len(value) + (value.count("\n") + 2) * width)
+    elif name == "wordwrap" and isinstance(value, str):
+        wrap = args[2] if len(args) > 2 else kwargs.get("wrapstring")
+        _check_product("wordwrap", len(value) * (1 + len(str(wrap if wrap is not None else "\n"))))
+    elif name == "sum":  # sum(lists, start=[]) copies the sum so far at each item: quadratic, inside one C call
+        start = args[1] if len(args) > 1 else kwargs.get("start", 0)
+        if not isinstance(start, (int, float)):
+            _refuse("sum() of anything but numbers")
+    return value
+
+
+def _check_str_op(name: str, target, args, kwargs=None):
+    """Checks for the str methods (and the filters of one name) whose result can be a product of their operands'
+    sizes; returns ``args``, with an iterable to join made a list (weighed once, joined once)."""
     if not isinstance(target, str):
-        return
-    if name == "replace" and len(args) >= 2:
+        return args
+    if name == "join" and args:
+        items = args[0] if isinstance(args[0], (list, tuple, str)) else list(args[0])
+        _check_product("join()", _weight(items) + len(target) * len(items))
+        return (items,) + tuple(args[1:])
+    if name == "expandtabs":
+        size = (args or list((kwargs or {}).values()) or [8])[0]
+        if isinstance(size, int):
+            _check_product("expandtabs()", len(target) + target.count("\t") * size)
+    elif name == "translate" and args and isinstance(args[0], Mapping):
+        _check_product("translate()", len(target) * max(map(_weight, args[0].values()), default=1))
+    elif name == "replace" and len(args) >= 2:
         old, new = str(args[0]), str(args[1])
         n = target.count(old) if old else len(target) + 1
         if len(args) >= 3 and isinstance(args[2], int) and args[2] >= 0:
@@ -124,6 +241,11 @@ def _check_str_op(name: str, target, args) -> None:
             _refuse(f"replace() would build more than {MAX_VALUE_ITEMS} characters")
     elif name in ("format", "format_map") and _BIG_NUMBER.search(target):
         _refuse(f"format string asks for a width or precision of {_BIG_NUMBER.search(target).group()}")
+    elif name == "format":
+        _check_format(target, args, kwargs)
+    elif name == "format_map" and args and isinstance(args[0], Mapping):
+        _check_format(target, (), args[0])
+    return args
 
 
 def _bounded_filter(name: str, f):
@@ -132,7 +254,10 @@ def _bounded_filter(name: str, f):
 
     @functools.wraps(f)  # keeps jinja_pass_arg
     def bounded(*args, **kwargs):
-        _check_call(name, args[skip - 1] if len(args) >= skip else None, args[skip:], kwargs)
+        if len(args) >= skip:
+            value = _check_filter(name, args[skip - 1], args[skip:], kwargs)
+            _check_call(name, value, args[skip:], kwargs)
+            args = args[:skip - 1] + (value,) + args[skip:]
         return _bounded(f(*args, **kwargs))
 
     return bounded
@@ -157,9 +282,11 @@ def _environment():
     from jinja2.exceptions import SecurityError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.utils import Namespace
 
-    class _BoundedConcat(CodeGenerator):
-        """`a ~ b` compiles to a call of the environment's bounded_concat instead of a plain join."""
+    class _BoundedCode(CodeGenerator):
+        """`a ~ b` compiles to a call of the environment's bounded_concat instead of a plain join; list, tuple and
+        dict displays (`[s, s, s]`) to a bounded() of what they build."""
 
         def visit_Concat(self, node, frame):
             self.write("environment.bounded_concat((")
@@ -168,25 +295,49 @@ def _environment():
                 self.write(", ")
             self.write("))")
 
+        def _bounded_display(self, visit, node, frame):
+            self.write("environment.bounded(")
+            visit(node, frame)
+            self.write(")")
+
+        def visit_List(self, node, frame):
+            self._bounded_display(super().visit_List, node, frame)
+
+        def visit_Dict(self, node, frame):
+            self._bounded_display(super().visit_Dict, node, frame)
+
+        def visit_Tuple(self, node, frame):
+            if node.ctx == "load":  # not `for a, b in ...` targets
+                self._bounded_display(super().visit_Tuple, node, frame)
+            else:
+                super().visit_Tuple(node, frame)
+
+    class _BoundedNamespace(Namespace):
+        """namespace(): what a template stores in one is weighed at every store (it is the one mutable value)."""
+
+        def __setitem__(self, name, value):
+            super().__setitem__(name, value)
+            _bounded(self)
+
     class _StrictSandbox(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "**", "+", "%"})
-        code_generator_class = _BoundedConcat
+        code_generator_class = _BoundedCode
+        bounded = staticmethod(_bounded)
 
         def unsafe_undefined(self, obj, attribute):
             raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
 
         def call(self, context, obj, /, *args, **kwargs):
             fn = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
-            _check_call(getattr(fn, "__name__", "call"), getattr(fn, "__self__", None), args, kwargs)
+            args = _check_call(getattr(fn, "__name__", "call"), getattr(fn, "__self__", None), args, kwargs)
             return _bounded(super().call(context, obj, *args, **kwargs))
 
         @staticmethod
         def bounded_concat(parts) -> str:
-            parts = [str(p) for p in parts]
-            n = sum(map(len, parts))
+            n = sum(len(p) if isinstance(p, str) else _weight(p) for p in parts)  # before str() builds them
             if n > MAX_VALUE_ITEMS:
                 raise SecurityError(f"a string of {n} characters is larger than {MAX_VALUE_ITEMS}")
-            return "".join(parts)
+            return _bounded("".join(map(str, parts)))
 
         def call_binop(self, context, operator, left, right):
             if operator == "**":
@@ -208,10 +359,14 @@ def _environment():
                     _check_str_op("format", left, ())
                     if "*" in left:
                         _check_ints("%", right if isinstance(right, tuple) else (right,), {})
+                    _check_format(left, right if isinstance(right, (tuple, Mapping)) else (right,))
                 return _bounded(left % right)
             for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT_ITEMS:
-                    raise SecurityError(f"repetition producing {len(seq) * n} items is larger than {MAX_REPEAT_ITEMS}")
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and not isinstance(n, bool):
+                    if len(seq) * n > MAX_REPEAT_ITEMS:
+                        raise SecurityError(f"repetition producing {len(seq) * n} items is larger than "
+                                            f"{MAX_REPEAT_ITEMS}")
+                    _check_product("repetition", (len(seq) if isinstance(seq, str) else _weight(seq)) * n)
             return _bounded(left * right)
 
     env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols], autoescape=False)
@@ -219,6 +374,8 @@ def _environment():
     env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
     env.globals["range"] = _range
     env.globals.pop("lipsum", None)  # lipsum(n) writes n paragraphs in one call; no chat template needs it
+    env.filters.pop("pprint", None)  # its indentation is not bounded by what it prints; no chat template needs it
+    env.globals["namespace"] = _BoundedNamespace
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     _env = env
@@ -238,7 +395,7 @@ def template_from_metadata(meta: Mapping[str, object]) -> str:
 def _check_size(source: str) -> None:
     if len(source) > MAX_TEMPLATE_CHARS:
         raise ModelFormatError(f"the chat template has {len(source)} characters, more than {MAX_TEMPLATE_CHARS}: "
-                               "broken or hostile — pass a template of your own")
+                               f"broken or hostile — {_OWN_TEMPLATE}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -271,13 +428,18 @@ def validate_messages(messages) -> list[dict[str, str]]:
 
 
 @contextlib.contextmanager
-def _step_budget(limit: int, seconds: float, error: type):
+def _step_budget(limit: int, seconds: float):
     """Count the lines of template code (Jinja compiles a template to Python whose frames have the file name
-    ``<template>``) this thread executes, and raise ``error`` past ``limit`` lines or ``seconds`` of wall-clock
-    time: the sandbox bounds what a template may touch and build, this bounds how long it may run (the clock is
-    read at every line, and no single step can run long because every value a step builds is bounded). Other code is
-    not traced; the previous tracer (a debugger, coverage) is put back afterwards."""
-    steps = 0
+    ``<template>``) this thread executes, and raise SecurityError past ``limit`` lines or ``seconds`` of wall-clock
+    time: the sandbox bounds what a template may touch and build, this bounds how long it may run. The clock is read
+    at every template line and at every call of any Python function (a chain of filters runs in Jinja's Python code
+    and calls back into it per item), and no single C call runs long because every value it works on is bounded.
+    Renders nested in an active budget share it (render_segments renders twice on one budget). The previous tracer
+    (a debugger, coverage) is put back afterwards."""
+    if getattr(_budget, "deadline", None) is not None:
+        yield
+        return
+    steps, expired = 0, False
     deadline = time.monotonic() + seconds
 
     def local(frame, event, arg):
@@ -285,20 +447,31 @@ def _step_budget(limit: int, seconds: float, error: type):
         if event == "line":
             steps += 1
             if steps > limit:
-                raise error(f"the template ran more than {limit} steps")
+                _refuse(f"the template ran more than {limit} steps")
             if time.monotonic() > deadline:
-                raise error(f"the template ran longer than {seconds:g} s")
+                _refuse(f"the template ran longer than {seconds:g} s")
         return local
 
     def calls(frame, event, arg):
+        nonlocal expired
+        if not expired and time.monotonic() > deadline:
+            expired = True  # once: the error's own handling calls Python code; template lines go on raising
+            _refuse(f"the template ran longer than {seconds:g} s")
         return local if frame.f_code.co_filename == "<template>" else None
 
     previous = sys.gettrace()
+    _budget.deadline, _budget.seconds = deadline, seconds
     sys.settrace(calls)
     try:
         yield
     finally:
         sys.settrace(previous)
+        _budget.deadline = None
+
+
+def _forbidden(e) -> ModelFormatError:
+    return ModelFormatError(f"the chat template did something the sandbox forbids ({e}); the model file's template "
+                            f"is broken or hostile — {_OWN_TEMPLATE}")
 
 
 def _run(template: str | None, messages: list[dict], add_generation_prompt: bool, bos_token: str,
@@ -312,7 +485,7 @@ def _run(template: str | None, messages: list[dict], add_generation_prompt: bool
     try:
         tpl = _compile(source)
         parts, size = [], 0
-        with _step_budget(MAX_TEMPLATE_STEPS, MAX_TEMPLATE_SECONDS, SecurityError):
+        with _step_budget(MAX_TEMPLATE_STEPS, MAX_TEMPLATE_SECONDS):
             for piece in tpl.generate(messages=messages, add_generation_prompt=bool(add_generation_prompt),
                                       bos_token=bos_token, eos_token=eos_token):
                 size += len(piece)
@@ -323,11 +496,10 @@ def _run(template: str | None, messages: list[dict], add_generation_prompt: bool
     except _TemplateRaised as e:
         raise InvalidArgumentError(f"the model's chat template rejected the messages: {e}") from None
     except SecurityError as e:
-        raise ModelFormatError(f"the chat template did something the sandbox forbids ({e}); the model file's "
-                               "template is broken or hostile — pass a template of your own") from None
+        raise _forbidden(e) from None
     except TemplateError as e:
-        raise ModelFormatError(f"the chat template failed: {type(e).__name__}: {e}; pass a template of your "
-                               "own if the model's is broken") from None
+        raise ModelFormatError(f"the chat template failed: {type(e).__name__}: {e}; if the model's is broken, "
+                               f"{_OWN_TEMPLATE}") from None
     except EdgertError:
         raise
     except Exception as e:  # a template can make Python raise almost anything (TypeError, ZeroDivision, ...)
@@ -359,6 +531,14 @@ def _sentinel_alphabet(texts: Sequence[str], n: int) -> tuple[str, str, list[str
     return chars[0], chars[1], chars[2:]
 
 
+def _occurrences(text: str, sub: str, start: int, stop: int):
+    """The indexes in start..stop where (non-empty) ``sub`` occurs in ``text``."""
+    i = text.find(sub, start, stop + len(sub))
+    while i != -1:
+        yield i
+        i = text.find(sub, i + 1, stop + len(sub))
+
+
 def render_segments(template: str | None, messages, add_generation_prompt: bool = True, bos_token: str = "",
                     eos_token: str = "") -> list[tuple[str, bool]]:
     """The rendered prompt as ``(text, is_markup)`` pieces in order; joined they equal ``render(...)``.
@@ -376,41 +556,61 @@ def render_segments(template: str | None, messages, add_generation_prompt: bool 
     opening, closing, index = _sentinel_alphabet(contents + [source, bos_token, eos_token], len(msgs))
     sentinels = [opening + i + closing for i in index]
     marked = [{"role": m["role"], "content": s} for m, s in zip(msgs, sentinels)]
-    with_marks = _run(source, marked, add_generation_prompt, bos_token, eos_token)
-    real = _run(source, msgs, add_generation_prompt, bos_token, eos_token)
+    try:
+        with _step_budget(MAX_TEMPLATE_STEPS, MAX_TEMPLATE_SECONDS):  # one budget for both renders
+            with_marks = _run(source, marked, add_generation_prompt, bos_token, eos_token)
+            real = _run(source, msgs, add_generation_prompt, bos_token, eos_token)
+    except _security_error() as e:  # the clock, read as the second render starts
+        raise _forbidden(e) from None
 
     pieces = re.split(f"({re.escape(opening)}.{re.escape(closing)})", with_marks, flags=re.S)
     markup = pieces[0::2]
     if any(opening in p or closing in p for p in markup):
         raise ModelFormatError("the chat template cuts or rewrites message content (a content marker came out "
-                               "broken), so edgert cannot keep content apart from markup; pass a simpler template")
-    by_mark = dict(zip(sentinels, contents))
+                               f"broken), so edgert cannot keep content apart from markup; {_OWN_TEMPLATE}")
+    by_mark = {s: m for s, m in zip(sentinels, msgs)}
     # Each content slot in the real output is the content itself, or (templates love `| trim`) a stripped form;
-    # find which, checking the markup that follows so content can't fake a boundary.
+    # find which, checking the markup that follows so content can't fake a boundary. An assistant message's content
+    # may also be cut to a part of itself (reasoning models' templates drop the `<think>` part of past answers): the
+    # slot is then the one stretch that is a substring of the content and is followed by the markup; should the
+    # content's part hold that markup, two stretches qualify and the template is refused.
     segs: list[tuple[str, bool]] = []
     pos = 0
     for k, text in enumerate(markup):
         if not real.startswith(text, pos):
             raise ModelFormatError("the chat template's output changes with message content beyond the content "
-                                   "itself; edgert cannot split it safely — pass a simpler template")
+                                   f"itself; edgert cannot split it safely — {_OWN_TEMPLATE}")
         if text:
             segs.append((text, True))
         pos += len(text)
         if k == len(markup) - 1:
             break
-        content = by_mark.get(pieces[2 * k + 1])
-        if content is None:  # marks the template built itself (a reversed or sliced sentinel), not ours
+        message = by_mark.get(pieces[2 * k + 1])
+        if message is None:  # marks the template built itself (a reversed or sliced sentinel), not ours
             raise ModelFormatError("the chat template rewrites message content; edgert cannot keep content apart "
-                                   "from markup — pass a simpler template")
-        nxt = markup[k + 1]
+                                   f"from markup — {_OWN_TEMPLATE}")
+        content, nxt, last = message["content"], markup[k + 1], k + 1 == len(markup) - 1
+
+        def followed(end):  # the markup that follows the slot is there (and ends the output after the last slot)
+            return real.startswith(nxt, end) and (not last or end + len(nxt) == len(real))
+
         for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
             end = pos + len(cand)
-            if real.startswith(cand, pos) and real.startswith(nxt, end) and (
-                    k + 1 < len(markup) - 1 or end + len(nxt) == len(real)):
+            if real.startswith(cand, pos) and followed(end):
                 break
         else:
-            raise ModelFormatError("the chat template rewrites message content (beyond trimming whitespace); "
-                                   "edgert cannot keep content apart from markup — pass a simpler template")
+            if message["role"] != "assistant" or not (nxt or last):  # (no markup between two slots: any split fits)
+                ends = []
+            else:  # where the slot may end: before the end's markup, or at each occurrence of the next markup
+                ends = [len(real) - len(nxt)] if last else _occurrences(real, nxt, pos, pos + len(content))
+            ends = list(itertools.islice((e for e in ends if e >= pos and followed(e) and real[pos:e] in content), 2))
+            if len(ends) != 1:
+                raise ModelFormatError(
+                    f"the chat template rewrites {message['role']} content (beyond trimming whitespace"
+                    f"{'' if message['role'] != 'assistant' else ' or keeping one part of it'}); edgert cannot keep "
+                    f"content apart from markup — {_OWN_TEMPLATE}")
+            end = ends[0]
+            cand = real[pos:end]
         if cand:
             segs.append((cand, False))
         pos = end

@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import ContextLengthError, EdgertError, InvalidArgumentError
 from .. import native, telemetry
 from . import chat_template, store
+from .chat_template import template_from_metadata
 from .model import DEFAULT_N_BATCH, LlamaModel
 from .sampler import Sampler
 from .tokenizer import StreamDecoder, Tokenizer
@@ -96,11 +97,15 @@ class _StopScanner:
 
 
 class LLM:
-    """A local language model. ``model`` is a known name (pulled into the cache on first use) or a .gguf path."""
+    """A local language model. ``model`` is a known name (pulled into the cache on first use) or a .gguf path.
+    ``chat_template``: a Jinja chat template (text) to use instead of the file's."""
 
     def __init__(self, model: str = DEFAULT_MODEL, n_ctx: int = DEFAULT_N_CTX, threads: int | None = None,
-                 n_batch: int = DEFAULT_N_BATCH, progress: bool = True):
+                 n_batch: int = DEFAULT_N_BATCH, progress: bool = True, chat_template: str | None = None):
         threads = native.check_threads(threads)
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise InvalidArgumentError(f"chat_template must be a str (the template's text) or None, got "
+                                       f"{type(chat_template).__name__}")
         if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 2:
             raise InvalidArgumentError(f"n_ctx must be an int >= 2, got {n_ctx!r}")
         t0 = time.perf_counter()
@@ -116,7 +121,8 @@ class LLM:
         n_ctx = self.model.n_ctx
         meta = self.model.gguf.metadata
         self.tokenizer = Tokenizer.from_gguf_metadata(meta)
-        self.template = chat_template.template_from_metadata(meta)  # ChatML when the file has none (or "")
+        # the file's template, ChatML when it has none (or "")
+        self.template = template_from_metadata(meta) if chat_template is None else chat_template
         self.n_ctx = n_ctx
         self._kv: list[int] = []  # tokens whose keys/values are in the cache, by position
         # one KV cache: calls that use it take this lock for each step (generate/chat for their whole run, so calls

@@ -25,8 +25,9 @@ class Sampler:
     """Samples a token id from logits.
 
     temperature: 0 = greedy, else logits / temperature before the draw (0..100).
-    top_k: keep the k largest logits (0 = all). top_p: keep the smallest head whose probability reaches p (1 = off).
-    min_p: keep tokens with p >= min_p * p_max (0 = off). repeat_penalty: > 1 discourages the ids in the last
+    top_k: keep the k largest logits (0 = all). top_p: keep the smallest head whose probability reaches p (1 = off;
+    0 keeps the most probable token, as llama.cpp keeps at least one). min_p: keep tokens with p >= min_p * p_max
+    (0 = off; 1 keeps the most probable token and any tied with it). repeat_penalty: > 1 discourages the ids in the last
     ``repeat_last_n`` history entries — positive logits are divided by it, negative ones multiplied (1 = off).
     seed: None draws a fresh seed from the OS.
     """
@@ -35,8 +36,8 @@ class Sampler:
                  repeat_penalty: float = 1.0, seed: int | None = None, repeat_last_n: int = 64):
         self.temperature = check_number("temperature", temperature, 0.0, 100.0)
         self.top_k = check_count("top_k", top_k, note=" (0 turns it off)")
-        self.top_p = check_number("top_p", top_p, 0.0, 1.0, lo_open=True)
-        self.min_p = check_number("min_p", min_p, 0.0, 1.0, hi_open=True)
+        self.top_p = check_number("top_p", top_p, 0.0, 1.0)
+        self.min_p = check_number("min_p", min_p, 0.0, 1.0)
         self.repeat_penalty = check_number("repeat_penalty", repeat_penalty, 0.0, 100.0, lo_open=True)
         self.repeat_last_n = check_count("repeat_last_n", repeat_last_n, note=" (0 turns it off)")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):

@@ -107,6 +107,13 @@ def _config(g: GGUFFile) -> tuple[LlamaConfig, int]:
     scaling = md.get(p + "rope.scaling.type", "none")
     if not isinstance(scaling, str) or scaling != "none":
         raise ModelFormatError(f"{p}rope.scaling.type is {scaling!r}; edgert supports plain rotary embedding only ('none')")
+    # llama.cpp reads a missing scaling type as 'linear' and applies the factor (positions / factor); 0 means unset
+    for key in (p + "rope.scaling.factor", p + "rope.scale_linear"):
+        factor = md.get(key, 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor not in (0.0, 1.0):
+            raise ModelFormatError(
+                f"{key} is {factor!r}; edgert supports plain rotary embedding only (no scaling factor, or 1)"
+            )
     experts = md.get(p + "expert_count", 0)
     if not isinstance(experts, int) or experts not in (0, 1):
         raise ModelFormatError(f"{p}expert_count is {experts!r}: mixture-of-experts models are not supported")

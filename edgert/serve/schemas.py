@@ -239,15 +239,13 @@ def parse_generation(body, kind: str) -> GenerationRequest:
     sampling = {
         # OpenAI defaults (temperature 1, top_p 1); top_k, min_p and repeat_penalty are llama.cpp-style extensions
         "temperature": _number(body, "temperature", 0.0, 2.0, 1.0),
-        "top_p": _number(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
+        "top_p": _number(body, "top_p", 0.0, 1.0, 1.0),
         "top_k": _int(body, "top_k", 0, 0),
         "min_p": _number(body, "min_p", 0.0, 1.0, 0.0),
         "repeat_penalty": _number(body, "repeat_penalty", 0.0, 10.0, 1.0, lo_open=True),
         "seed": None if seed is None else seed & 0xFFFFFFFFFFFFFFFF,
         "stop": _stop(body),
     }
-    if sampling["min_p"] >= 1.0:
-        raise bad("min_p must be < 1", "min_p")
     return GenerationRequest(kind=kind, model=model, messages=messages, prompt=prompt, stream=stream,
                              include_usage=include_usage, sampling=sampling, max_tokens=max_tokens)
 
