@@ -255,6 +255,30 @@ def test_work_inside_filters_is_bounded_by_the_clock(monkeypatch):
         assert render(template, TWO_TURNS) == TWO_TURNS_CHATML
 
 
+def test_the_budget_is_spent_on_the_renders_own_code_not_on_a_gc_callback():
+    """The clock was checked at every Python call, and the one refusal it makes raised wherever the deadline found
+    the thread: in a gc callback (another library's) it was swallowed ("Exception ignored in ..."), leaving a chain of
+    filters unchecked until the next template line. Only the render's own code (the template, Jinja, this module)
+    raises it now."""
+    import gc
+
+    import jinja2.utils
+
+    from edgert.llm import chat_template
+
+    def elsewhere():  # e.g. hypothesis's gc callback, run by whatever allocation triggers a collection
+        return 1
+
+    reached = []
+    with pytest.raises(jinja2.exceptions.SecurityError, match="longer than 0 s"):
+        with chat_template._step_budget(1000, 0.0):
+            gc.collect()
+            reached.append(elsewhere())  # not here: not the render's code
+            jinja2.utils.pass_context(elsewhere)  # Jinja's code: here
+            reached.append(2)
+    assert reached == [1]
+
+
 @pytest.mark.parametrize("template", [
     "{% set a = 'x' * 1000000 %}{% set a = a ~ a ~ a ~ a ~ a %}{{ a|length }}",           # ~ concatenation
     "{% set a = [0] * 1000000 %}{% set a = a + a + a + a + a %}{{ a|length }}",             # + on lists

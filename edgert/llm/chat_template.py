@@ -31,6 +31,7 @@ import datetime
 import functools
 import itertools
 import json
+import os
 import re
 import sys
 import threading
@@ -427,6 +428,15 @@ def validate_messages(messages) -> list[dict[str, str]]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _render_code_files() -> tuple[str, ...]:
+    """Where the code a render runs lives: the compiled template, Jinja and MarkupSafe, this module."""
+    import jinja2
+    import markupsafe
+
+    return ("<template>", os.path.dirname(jinja2.__file__), os.path.dirname(markupsafe.__file__), __file__)
+
+
 @contextlib.contextmanager
 def _step_budget(limit: int, seconds: float):
     """Count the lines of template code (Jinja compiles a template to Python whose frames have the file name
@@ -452,9 +462,13 @@ def _step_budget(limit: int, seconds: float):
                 _refuse(f"the template ran longer than {seconds:g} s")
         return local
 
+    render_code = _render_code_files()
+
     def calls(frame, event, arg):
         nonlocal expired
-        if not expired and time.monotonic() > deadline:
+        # raised from the render's own code only: a call the interpreter makes in between (a gc callback, a
+        # finalizer) would swallow it ("Exception ignored in ...")
+        if not expired and time.monotonic() > deadline and frame.f_code.co_filename.startswith(render_code):
             expired = True  # once: the error's own handling calls Python code; template lines go on raising
             _refuse(f"the template ran longer than {seconds:g} s")
         return local if frame.f_code.co_filename == "<template>" else None
