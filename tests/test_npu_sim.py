@@ -798,6 +798,35 @@ def test_a_stalled_device_costs_the_configured_timeouts_not_a_fixed_write_timeou
         sess.close()
 
 
+@pytest.mark.parametrize("retries", [0, 3])
+def test_a_stalled_device_gets_retries_retransmissions_also_for_large_chunks(retries):
+    """PROTOCOL §4: from one answer to the next the host sends at most 1 + retries frames. A chunk over 32 bytes got
+    3 retransmissions whatever retries said, then each half of it its own 3, down to 32 bytes: with retries=0 a
+    stalled device got 12 retransmissions (3.4 s at timeout_s=0.05) before the run failed over."""
+    import signal
+
+    model = int8_mlp(k=64, n=8, m=8)  # a 512-byte input: one WRITE frame, halved down to 32 bytes before
+    rng = np.random.default_rng(4)
+    with sim() as s:
+        sess = session(model, s.url, timeout_s=0.05, retries=retries, retry_after_s=0.0)
+        f = feeds(model, rng)
+        np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        before = sess.stats()
+        os.kill(s.proc.pid, signal.SIGSTOP)
+        try:
+            f = feeds(model, rng)
+            t0 = time.monotonic()
+            np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+            took = time.monotonic() - t0
+        finally:
+            os.kill(s.proc.pid, signal.SIGCONT)
+        st = sess.stats()
+        sess.close()
+    assert st["failovers"] - before["failovers"] == 1
+    assert st["retransmits"] - before["retransmits"] == retries
+    assert took < 0.05 * (1 + 2 + 4 + 8) + 2.0  # loose: the stall costs one request's waits
+
+
 def test_qblock_matmul_is_the_c_core_reference():
     rng = np.random.default_rng(5)
     w = rng.standard_normal((24, 64)).astype(np.float32)

@@ -141,35 +141,44 @@ class SerialNpuDevice:
         self._chunked(len(mv), P.CHUNK_HEADER["READ"], get)
 
     MIN_CHUNK = 32
+    HALVE_AFTER = 3  # retransmissions of a chunk over MIN_CHUNK before it is sent again as two halves
 
     def _chunked(self, total: int, overhead: int, send) -> None:
         """Call ``send(offset, n, retries)`` over ``total`` bytes in chunks. WRITE, READ and LOAD_CHUNK are
-        idempotent by content (the same bytes at the same offset), so a chunk that gets no answer within a few
-        retransmissions is sent again as two halves under new sequence numbers: on a noisy line long frames rarely
-        arrive whole, short ones do. The chunk grows back after a run of clean transfers."""
+        idempotent by content (the same bytes at the same offset), so a chunk that gets no answer within
+        HALVE_AFTER retransmissions is sent again as two halves under new sequence numbers: on a noisy line long
+        frames rarely arrive whole, short ones do. The halves are retransmissions of the chunk's data and spend the
+        same budget (PROTOCOL.md §4): from one answer to the next the host sends at most ``1 + retries`` frames, so
+        halving never makes a stalled device cost more than one request does. The chunk grows back after a run of
+        clean transfers."""
         top = self.link.max_payload - overhead
         if top < 1:  # HelloInfo.parse refuses such a device; a link made without HELLO could still get here
             raise LinkError(f"serial NPU {self.link.url}: max_payload of {self.link.max_payload} bytes leaves no room "
                             f"for data after a {overhead}-byte command header")
         if self.chunk is None:
             self.chunk = top
-        off = 0
+        stats = self.link.stats
+        off, left = 0, self.link.retries  # retransmissions left until the next answer
         while off < total:
             n = min(self.chunk, top, total - off)
             small = n <= self.MIN_CHUNK
-            before = self.link.stats.retransmits
+            before = stats.retransmits
             try:
-                send(off, n, None if small else 3)
+                send(off, n, left if small else min(left, self.HALVE_AFTER))
             except (DeviceStatusError, LinkWriteError):  # an answer, or a port that takes no more: no halving
                 raise
-            except LinkError:
-                if small or isinstance(sys.exc_info()[1], DeviceResetError):
+            except LinkError as exc:
+                left -= stats.retransmits - before
+                if small or left < 1 or isinstance(exc, DeviceResetError):
                     raise
+                left -= 1
+                stats.retransmits += 1  # the first half resends the chunk's data
                 self.chunk = max(self.MIN_CHUNK, n // 2)
                 self._clean = 0
                 continue
             off += n
-            self._clean = self._clean + 1 if self.link.stats.retransmits == before else 0
+            self._clean = self._clean + 1 if stats.retransmits == before else 0
+            left = self.link.retries
             if self._clean >= 8 and self.chunk < top:
                 self.chunk = min(top, self.chunk * 2)
                 self._clean = 0
