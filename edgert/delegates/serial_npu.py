@@ -40,12 +40,16 @@
   instead — onnxruntime's CPU provider for an ONNX model, LiteRT (the host TFLite path, ``core=False``) for a
   TFLite one: the arithmetic the device reproduces, so the same result — the event is logged and
   counted in ``failovers``, and the device is left alone for ``retry_after_s`` (default 1 s, doubling while it
-  keeps failing, at most 30 s); the next run after that re-handshakes and reloads by hash. A device of another
+  keeps failing, at most 30 s); the next run after that tries the device again. A request that got no answer (a
+  noisy line, a stalled device) keeps the connection and its host session (no new HELLO, graphs and tensors kept,
+  the line's measured error rate too), unless it was an ALLOC, FREE or UNLOAD, after which the host no longer knows
+  what the device holds; any other failure (a port error, a reset, an error answer) closes the connection, and the
+  next run re-handshakes and reloads by hash. A device of another
   protocol version is no fault to ride out (PROTOCOL.md §2.2): ``ProtocolVersionError`` names both versions, raised
   when the Session is made (refine_unit's HELLO) or by the run that first reaches such a device.
-- Device memory: every connection is a host session (PROTOCOL.md §2.5). A failover forgets the connection's
-  device tensors without freeing them (the device may not be answering); the next connection's HELLO, or another
-  process's, makes the device free them, so failovers and dead processes leak nothing. A clean close of the last
+- Device memory: every connection is a host session (PROTOCOL.md §2.5). A failover that closes the connection
+  forgets its device tensors without freeing them (the device may not be answering); the next connection's HELLO,
+  or another process's, makes the device free them, so failovers and dead processes leak nothing. A clean close of the last
   partition on a device frees its tensors at once. Graphs stay loaded as a cache by hash (the device drops an
   earlier session's when it needs the room); when a load finds no room (ERR_NOMEM), the graphs this process loaded
   that no live partition runs, or else this connection's least recently used, are unloaded and the load is tried
@@ -72,7 +76,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..bridge.device import ProtocolVersionError
-from ..bridge.link import DeviceStatusError
+from ..bridge.link import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, DeviceStatusError, NoAnswerError
 from ..bridge.protocol import ERR_GRAPH, ERR_NOMEM, ERR_SHAPE, ERR_UNSUPPORTED
 from ..errors import DeviceError, EdgertError, LinkError, UnsupportedOpError, check_count, check_number, warn_caller
 from ..formats.tflite import ONNX_EQUIVALENT as TFLITE_ONNX_EQUIVALENT
@@ -114,8 +118,9 @@ def link_settings(o: Mapping[str, Any]) -> tuple[dict, float]:
     ValueError at the first run."""
     link = {
         "baudrate": check_count("device option baudrate", o.get("baudrate", 921600), lo=1, hi=100_000_000),
-        "timeout": check_number("device option timeout_s", o.get("timeout_s", 0.2), 0.0, 3600.0, lo_open=True),
-        "retries": check_count("device option retries", o.get("retries", 8), lo=0, hi=10_000),
+        "timeout": check_number("device option timeout_s", o.get("timeout_s", DEFAULT_TIMEOUT_S), 0.0, 3600.0,
+                                lo_open=True),
+        "retries": check_count("device option retries", o.get("retries", DEFAULT_RETRIES), lo=0, hi=10_000),
     }
     return link, check_number("device option retry_after_s", o.get("retry_after_s", 1.0), 0.0, 86400.0)
 
@@ -144,12 +149,15 @@ class DeviceState:
         self.on_device_only: dict[str, tuple] = {}
         self.last_error: str | None = None
         self.closed_links: dict = {}                   # counters of links closed after a failure
+        from ..bridge.link import LineQuality
+
+        self.line = LineQuality()  # the line's measured error rate, kept across connections: chunks sized for it
 
     def connect(self):
         from ..bridge import SerialNpuDevice
 
         if self.device is None:
-            self.device = SerialNpuDevice(self.url, **self.link_args)
+            self.device = SerialNpuDevice(self.url, **self.link_args, line=self.line)
         info = self.device.ensure_session()
         if self.device.generation != self.generation:
             self.generation = self.device.generation
@@ -952,7 +960,12 @@ class SerialNpuPartition(CompiledPartition):
                         log.warning("serial-npu %s: %s; this run completes on the host, the device is tried again "
                                     "in %.1f s", st.url, st.last_error, st.backoff)
                         st.backoff = min(st.backoff * 2, 30.0)
-                        st.drop_connection()
+                        # a request the device did not answer in time (a noisy line, a stalled device) leaves the
+                        # port and the session usable: kept, so the next run needs no new HELLO, unless the host
+                        # lost track of a handle or graph (an ALLOC, FREE or UNLOAD without answer: a new host
+                        # session frees them). Everything else (a port error, a reset, an error answer) reconnects
+                        if not isinstance(exc, NoAnswerError) or st.device is None or st.device.lost_track:
+                            st.drop_connection()
                 finally:  # the link only carried this run's traffic meanwhile: st.lock is held
                     after = st.link_totals()
                     for k, v in after.items():
