@@ -853,6 +853,38 @@ def test_a_stalled_device_gets_retries_retransmissions_also_for_large_chunks(ret
     assert took < 0.05 * (1 + 2 + 4 + 8) + 2.0  # loose: the stall costs one request's waits
 
 
+@pytest.mark.parametrize("opset", [11, 13])  # axes an attribute, then an int64 constant input
+def test_squeeze_and_unsqueeze_run_on_the_device(opset):
+    """PROTOCOL §6 runs Squeeze and Unsqueeze as Copy and the delegate translates them, but the shipped profile
+    listed only Reshape and Flatten: fallback='forbid' refused such a model. Bit-exact against onnxruntime."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_models import _model
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.integers(-128, 128, (8, 4)).astype(np.int8), "w"),
+             numpy_helper.from_array(rng.integers(-999, 999, 4).astype(np.int32), "b")]
+    if opset >= 13:
+        inits += [numpy_helper.from_array(np.array([0, 2], np.int64), "ax")]
+        nodes = [helper.make_node("Unsqueeze", ["a", "ax"], ["u"]), helper.make_node("Squeeze", ["r", "ax"], ["y"])]
+    else:
+        nodes = [helper.make_node("Unsqueeze", ["a"], ["u"], axes=[0, 2]),
+                 helper.make_node("Squeeze", ["r"], ["y"], axes=[0, 2])]
+    nodes = [helper.make_node("MatMulInteger", ["x", "w"], ["a"]), nodes[0],
+             helper.make_node("Add", ["u", "b"], ["r"]), nodes[1]]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.INT8, [2, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.INT32, [2, 4])], inits, opset=opset)
+    with sim() as s:
+        sess = edgert.Session(model, device="serial-npu", fallback="forbid", device_options={"url": s.url},
+                              telemetry=False)
+        assert [(p.delegate, len(p.nodes)) for p in sess.plan.partitions] == [("serial-npu", 4)]
+        for _ in range(2):
+            f = {"x": rng.integers(-128, 128, (2, 8)).astype(np.int8)}
+            np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        assert sess._bound.compiled[0].runs_on_device == 2
+        sess.close()
+
+
 def test_qblock_matmul_is_the_c_core_reference():
     rng = np.random.default_rng(5)
     w = rng.standard_normal((24, 64)).astype(np.float32)
