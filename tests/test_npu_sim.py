@@ -885,6 +885,66 @@ def test_squeeze_and_unsqueeze_run_on_the_device(opset):
         sess.close()
 
 
+def test_a_partition_over_the_devices_arena_is_split_to_fit():
+    """The planner checked a node's weights and its own activations, not every tensor the device holds while its
+    graphs run: int8_mlp (16 KiB of weights) on a 24000-byte arena was planned whole on the device and failed over
+    every run (ALLOC: ERR_NOMEM). A unit that keeps tensors resident now counts them: the Relu goes to the host,
+    the rest fits and runs on the device; fallback='forbid' names the reason."""
+    model = int8_mlp(k=256, n=64, m=8)
+    rng = np.random.default_rng(6)
+    with sim(arena=24000) as s:
+        with pytest.raises(edgert.UnsupportedOpError, match="relu \\(Relu\\): npu memory: .*more tensors for the "
+                                                            "device to hold"):
+            session(model, s.url)
+        sess = edgert.Session(model, device=serial_npu_profile(free_link=True), fallback="allow",
+                              device_options={"url": s.url, "retry_after_s": 0.0}, telemetry=False)
+        assert [(p.delegate, p.nodes) for p in sess.plan.partitions] == [("serial-npu", ["mm", "bias"]),
+                                                                         ("host", ["relu"])]
+        for _ in range(3):
+            f = feeds(model, rng)
+            np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        assert sess.stats()["failovers"] == 0 and sess._bound.compiled[0].runs_on_device == 3
+        sess.close()
+
+
+@pytest.mark.parametrize("short", [0, 8])
+def test_the_hosts_arena_count_is_the_firmwares(short):
+    """serial_npu.arena_need (blob, activations, one tensor per input and output) is what the firmware takes: a
+    graph runs on an arena of exactly that size, and a compile for 8 bytes less refuses the partition (its every
+    run would fail with ERR_NOMEM)."""
+    from edgert.bridge.protocol import encode_graph
+    from edgert.formats.onnx import load_onnx
+
+    model = int8_cnn()  # activations between its nodes, a Reshape, per-channel weights
+    g = load_onnx(model.SerializeToString())
+    part = serial_npu._OneNode("p", tuple(n.name for n in g.nodes), tuple(g.inputs), tuple(g.outputs))
+    tensors, nodes, _, ins, outs, _ = serial_npu._lower(part, g)
+    blob = encode_graph(tensors, nodes, ins, outs)
+    need = sum(serial_npu.arena_need([(blob, tensors, nodes, ins, outs, part.inputs, part.outputs)]))
+    assert serial_npu.translate_pieces(part, g, P.DeviceLimits(), need)[0][0] == blob
+    if short:
+        with pytest.raises(edgert.UnsupportedOpError, match=f"needs {need} bytes of the device's arena"):
+            serial_npu.translate_pieces(part, g, P.DeviceLimits(), need - short)
+    f = feeds(model, np.random.default_rng(0))
+    with sim(arena=need - short) as s:
+        dev = SerialNpuDevice(s.url)
+        h = dev.load_graph(blob)
+        x = dev.alloc(f["x"].nbytes)
+        y_shape = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+        if short:
+            with pytest.raises(DeviceStatusError, match="ERR_NOMEM"):
+                dev.alloc(int(np.prod(y_shape)))
+        else:
+            y = dev.alloc(int(np.prod(y_shape)))
+            dev.write(x, f["x"])
+            dev.invoke(h, [x], [y])
+            out = np.zeros(y_shape, np.int8)
+            dev.read(y, out)
+            np.testing.assert_array_equal(out, ort_run(model, f)[0])
+            assert dev.stats()["arena_used"] == need
+        dev.close()
+
+
 def test_qblock_matmul_is_the_c_core_reference():
     rng = np.random.default_rng(5)
     w = rng.standard_normal((24, 64)).astype(np.float32)

@@ -670,20 +670,24 @@ def _lower(partition, graph):
             [ids[o] for o in partition.outputs], ids)
 
 
-def translate_pieces(partition, graph, limits) -> list[tuple[bytes, list[str], list[str]]]:
+def translate_pieces(partition, graph, limits,
+                     arena: float | None = None) -> list[tuple[bytes, list[str], list[str]]]:
     """The partition as device graphs (``encode_graph`` blobs with their input and output names) that each fit the
     device's ``limits`` (HELLO's ``DeviceLimits``: tensors, nodes, inputs, outputs per graph; handles): one when
     the partition fits, else runs of consecutive nodes, each taking nodes while it fits. The device runs them in
     order, the tensors between them staying in its memory, so the link carries what one graph would. A node that
-    fits no graph alone is an UnsupportedOpError naming the limit."""
+    fits no graph alone is an UnsupportedOpError naming the limit; so is a partition whose graphs and tensors need
+    more than the device's ``arena`` bytes (``_arena_need``): its every run would fail over with ERR_NOMEM."""
     from ..bridge.protocol import encode_graph
 
     tensors, bnodes, names, ins, outs, ids = _lower(partition, graph)
     over = _over_limits(limits, len(tensors), len(bnodes), len(ins), len(outs), len(ins) + len(outs))
     if not over:
-        return [(encode_graph(tensors, bnodes, ins, outs), list(partition.inputs), list(partition.outputs))]
+        blob = encode_graph(tensors, bnodes, ins, outs)
+        _check_arena(partition, arena, [(blob, tensors, bnodes, ins, outs, partition.inputs, partition.outputs)])
+        return [(blob, list(partition.inputs), list(partition.outputs))]
     name_of = {i: n for n, i in ids.items()}
-    pieces = []
+    pieces, parts = [], []
     for lo, hi, p_in, p_out in _split(tensors, bnodes, names, outs, limits):
         remap, sub = {}, []
 
@@ -697,11 +701,41 @@ def translate_pieces(partition, graph, limits) -> list[tuple[bytes, list[str], l
             rid(i)
         nodes = [dataclasses.replace(nd, inputs=[None if i is None else rid(i) for i in nd.inputs],
                                      output=rid(nd.output)) for nd in bnodes[lo:hi]]
-        pieces.append((encode_graph(sub, nodes, [remap[i] for i in p_in], [remap[o] for o in p_out]),
-                       [name_of[i] for i in p_in], [name_of[o] for o in p_out]))
+        sub_in, sub_out = [remap[i] for i in p_in], [remap[o] for o in p_out]
+        pieces.append((encode_graph(sub, nodes, sub_in, sub_out), [name_of[i] for i in p_in],
+                       [name_of[o] for o in p_out]))
+        parts.append((pieces[-1][0], sub, nodes, sub_in, sub_out, pieces[-1][1], pieces[-1][2]))
+    _check_arena(partition, arena, parts)
     log.info("serial-npu: partition %s (%s) is %d graphs on the device", getattr(partition, "id", "?"),
              ", ".join(f"{what} {n} > {cap}" for what, n, cap in over), len(pieces))
     return pieces
+
+
+def arena_need(graphs) -> tuple[int, int, int]:
+    """(blobs, activations, inputs and outputs): the bytes of the reference firmware's arena the device graphs
+    ``graphs`` ((blob, tensors, nodes, input ids, output ids, input names, output names) each) take together, all
+    on the device at once while their partition runs: each graph's blob (LOAD_BEGIN) and activations (LOAD_COMMIT),
+    and one tensor per input and output name (ALLOC; a tensor between two graphs once), each block rounded as
+    arena.c rounds it."""
+    from ..bridge.protocol import activation_bytes, arena_round, tensor_nbytes
+
+    io = {}
+    for _, tensors, _, ins, outs, in_names, out_names in graphs:
+        for i, name in zip((*ins, *outs), (*in_names, *out_names)):
+            io[name] = arena_round(tensor_nbytes(tensors[i].dtype, tensors[i].shape))
+    return (sum(arena_round(len(g[0])) for g in graphs), sum(activation_bytes(*g[1:5]) for g in graphs),
+            sum(io.values()))
+
+
+def _check_arena(partition, arena: float | None, graphs) -> None:
+    """UnsupportedOpError when ``graphs`` (``arena_need``'s) need more than the device's ``arena`` bytes."""
+    if not arena:
+        return
+    blobs, act, io = arena_need(graphs)
+    if blobs + act + io > arena:
+        raise UnsupportedOpError(
+            f"serial-npu: partition {getattr(partition, 'id', '?')} needs {blobs + act + io} bytes of the device's "
+            f"arena (graph blobs {blobs}, activations {act}, inputs and outputs {io}), more than its {int(arena)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1070,7 +1104,7 @@ class SerialNpuDelegate(Delegate):
         # graph at its first load and the partition runs on the host)
         limits = (getattr(unit, "delegate_options", None) or {}).get("device_limits") or DeviceLimits()
         try:
-            pieces = translate_pieces(partition, graph, limits)
+            pieces = translate_pieces(partition, graph, limits, getattr(unit, "memory_bytes", None))
         except UnsupportedOpError as exc:
             if opts.get("fallback") == "forbid":
                 raise
