@@ -1159,6 +1159,21 @@ def test_bad_device_options_are_refused_when_the_session_is_made(tmp_path, opts,
                        device_options={"url": str(tmp_path / f"nodev{len(str(opts))}"), **opts})
 
 
+def test_unknown_device_options_are_refused_naming_the_known_ones(tmp_path):
+    """A misspelt key ({"url": u, "timout_s": 5}) was dropped without a word: the session ran with the default
+    timeout. device_options take what a profile's delegate_options for the device's delegate take (one table)."""
+    import onnx
+
+    from onnx_models import mlp
+
+    onnx.save(mlp(), tmp_path / "m.onnx")
+    with pytest.raises(edgert.InvalidArgumentError, match="device_options: unknown key 'timout_s' for device "
+                                                          "'serial-npu' \\(serial-npu\\); known keys: baudrate, "
+                                                          "port, retries, retry_after_s, timeout_s, url"):
+        edgert.Session(str(tmp_path / "m.onnx"), device="serial-npu", fallback="allow",
+                       device_options={"url": str(tmp_path / "nodev"), "timout_s": 5})
+
+
 def test_a_second_session_on_an_open_device_has_its_options_checked():
     """Options were checked only when a process first opened a URL: a later Session with timeout_s=-3 was made
     without a word, and one with other settings ran with the first Session's without saying so."""
