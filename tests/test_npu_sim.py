@@ -986,6 +986,39 @@ def test_protocol_errors_and_version_mismatch():
         dev.close()
 
 
+def test_malformed_hellos_and_truncated_graphs_get_their_own_errors():
+    """A one-byte HELLO payload was answered ERR_VERSION (it is no version at all: ERR_BAD_REQUEST), and a graph blob
+    cut short ERR_UNSUPPORTED ("unknown dtype": the reader gives 0 past the end) instead of ERR_GRAPH."""
+    import struct
+
+    from edgert.bridge import SerialLink
+    from edgert.formats.onnx import load_onnx
+
+    g = load_onnx(int8_mlp().SerializeToString())
+    part = serial_npu._OneNode("p", tuple(n.name for n in g.nodes), tuple(g.inputs), tuple(g.outputs))
+    blob = serial_npu.translate_pieces(part, g, P.DeviceLimits())[0][0]
+    meta = struct.unpack_from("<I", blob, 12 + 12 + 4 + 8 + 4)[0]  # w's data offset (x, then w): the tables end there
+    assert 100 < meta < 200
+    with sim() as s:
+        link = SerialLink(s.url)
+        v = P.PROTOCOL_VERSION
+        for payload, want in [(b"\x01", "ERR_BAD_REQUEST"), (struct.pack("<H", v), "ERR_BAD_REQUEST"),
+                              (struct.pack("<HHH", v, 0, 0), "ERR_BAD_REQUEST"),
+                              (struct.pack("<HHIB", v, 0, 5, 0), "ERR_BAD_REQUEST"),
+                              (struct.pack("<H", v + 1), "ERR_VERSION"), (struct.pack("<HH", v, 0), "OK"),
+                              (P.hello_request(host_session=5), "OK")]:
+            f = link.transact(P.HELLO, payload, check=False)
+            assert P.ERRORS[f.status] == want, payload
+        link.close()
+        dev = SerialNpuDevice(s.url)
+        for n in [*range(1, meta + 1), len(blob) - 1]:
+            with pytest.raises(DeviceStatusError) as e:
+                dev.load_graph(blob[:n])
+            assert e.value.name == "ERR_GRAPH", (n, str(e.value))
+        dev.load_graph(blob)
+        dev.close()
+
+
 def test_tensor_between_two_device_partitions_stays_on_the_device():
     model = int8_split()
     rng = np.random.default_rng(4)
