@@ -274,6 +274,37 @@ def test_chunks_are_sized_for_the_measured_error_rate(rate):
     assert abs(line.chunk(8, 4088, 16) - max(16, best)) <= 1
 
 
+def test_a_silent_device_is_no_line_noise():
+    """Timeouts do not raise the measured error rate: after a stall the chunks would stay small for hundreds of
+    requests. A NAK does."""
+    link = SerialLink(serial=FakePort(lambda f, n: b""), timeout=0.01, retries=2)
+    with pytest.raises(LinkError, match="after 2 retransmissions"):
+        link.transact(P.STATS)
+    assert link.line.byte_error_rate == 0
+
+    def script(f, n):
+        return encode_frame(Frame(P.NAK, 0, b"", FLAG_RESPONSE | FLAG_ERROR)) if n == 1 else answer(f)
+    link = SerialLink(serial=FakePort(script), timeout=0.01)
+    link.transact(P.STATS)
+    assert link.line.byte_error_rate > 0
+
+
+@pytest.mark.parametrize("call, lost", [("alloc", True), ("free", True), ("unload", True), ("write", False),
+                                        ("invoke", False)])
+def test_an_unanswered_request_that_changes_handles_loses_track_of_the_device(call, lost):
+    """After an ALLOC, FREE or UNLOAD without answer the host no longer knows what the device holds: the serial-npu
+    delegate then opens a new host session (whose HELLO frees it) instead of keeping the connection."""
+    answering = [True]
+    dev = SerialNpuDevice(link=SerialLink(serial=FakePort(lambda f, n: answer(f, hello_answer()) if answering[0]
+                                                          else b""), timeout=0.01, retries=1))
+    dev.hello()
+    answering[0] = False
+    with pytest.raises(LinkError, match="no answer"):
+        {"alloc": lambda: dev.alloc(64), "free": lambda: dev.free(1), "unload": lambda: dev.unload_graph(5),
+         "write": lambda: dev.write(1, b"abc"), "invoke": lambda: dev.invoke(5, [1], [2])}[call]()
+    assert dev.lost_track is lost
+
+
 def test_an_unfinished_graph_load_resumes_where_the_answers_stopped():
     """A LOAD that ran out of retransmissions (a noisy line) started again with LOAD_BEGIN at its next try, so a
     graph of many chunks on a noisy line might never arrive whole. The device keeps an unfinished load (PROTOCOL

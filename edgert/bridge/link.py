@@ -65,8 +65,9 @@ FRAME_OVERHEAD = HEADER_BYTES + CRC_BYTES + 3
 
 class LineQuality:
     """The line's byte error rate, measured: each attempt at a request exposes its bytes (the request and its answer;
-    half of them when it failed, which on average happens half-way) and either got its answer or not. Estimated as
-    failures per byte exposed, both decayed per attempt
+    half of them when it failed, which on average happens half-way) and either got its answer or ended in a broken
+    frame (a NAK, a broken answer; a timeout says nothing about the line: the device may be busy or stalled).
+    Estimated as failures per byte exposed, both decayed per attempt
     (``DECAY``: about the last 100 attempts count), so it follows a line that gets better or worse. A chunked
     transfer sizes its chunks for it from the first one (``chunk``), instead of finding the size again by halving
     at every transfer. One estimate lives as long as the line does: the serial-npu delegate keeps it across
@@ -260,7 +261,9 @@ class SerialLink:
                 if self.decoder.broken != before:
                     resend = True
             tries += 1
-            self.line.note((len(wire) + max(expect_bytes, FRAME_OVERHEAD)) // 2, True)  # broken half-way, on average
+            if resend:  # a broken frame either way: noise (a silent device says nothing about the line); on
+                # average it broke half-way
+                self.line.note((len(wire) + max(expect_bytes, FRAME_OVERHEAD)) // 2, True)
             limit = self.retries if retries is None else retries
             if tries > limit:
                 raise NoAnswerError(f"serial NPU {self.url}: no answer to {P.MESSAGE_NAMES.get(type_, type_)} (seq {seq}) "
