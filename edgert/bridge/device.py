@@ -174,18 +174,19 @@ class SerialNpuDevice:
         """Call ``send(offset, n, retries)`` over ``total`` bytes in chunks sized for the line's measured error rate
         (``LineQuality.chunk``; the whole ``max_payload`` on a clean line). WRITE, READ and LOAD_CHUNK are
         idempotent by content (the same bytes at the same offset), so a chunk that gets no answer within
-        HALVE_AFTER retransmissions is sent again as two halves under new sequence numbers: on a noisy line long
-        frames rarely arrive whole, short ones do. The halves are retransmissions of the chunk's data and spend the
-        same budget (PROTOCOL.md §4): from one answer to the next the host sends at most ``1 + retries`` frames, so
-        halving never makes a stalled device cost more than one request does."""
+        HALVE_AFTER retransmissions is sent again smaller under new sequence numbers, halved or at once to the size
+        the failures measured: on a noisy line long frames rarely arrive whole, short ones do. The resends are
+        retransmissions of the chunk's data and spend the same budget (PROTOCOL.md §4): from one answer to the next
+        the host sends at most ``1 + retries`` frames, so halving never makes a stalled device cost more than one
+        request does."""
         top = self.link.max_payload - overhead
         if top < 1:  # HelloInfo.parse refuses such a device; a link made without HELLO could still get here
             raise LinkError(f"serial NPU {self.link.url}: max_payload of {self.link.max_payload} bytes leaves no room "
                             f"for data after a {overhead}-byte command header")
-        stats = self.link.stats
+        stats, line = self.link.stats, self.link.line
         off, left, cap = 0, self.link.retries, top  # retransmissions left until the next answer; halving's cap
         while off < total:
-            n = min(self.link.line.chunk(overhead, cap, min(self.MIN_CHUNK, cap)), total - off)
+            n = min(line.chunk(overhead, cap, min(self.MIN_CHUNK, cap)), total - off)
             small = n <= self.MIN_CHUNK
             before = stats.retransmits
             try:
@@ -197,8 +198,10 @@ class SerialNpuDevice:
                 if small or left < 1 or isinstance(exc, DeviceResetError):
                     raise
                 left -= 1
-                stats.retransmits += 1  # the first half resends the chunk's data
-                cap = max(self.MIN_CHUNK, n // 2)
+                stats.retransmits += 1  # the chunk's data again, under a new sequence number
+                # halved, or at once to the size the failures just measured when that is smaller (a stale
+                # estimate, the first transfer on a noisy line): each halving costs a retransmission
+                cap = max(self.MIN_CHUNK, min(n // 2, line.chunk(overhead, top, self.MIN_CHUNK)))
                 continue
             off += n
             left = self.link.retries

@@ -76,7 +76,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..bridge.device import ProtocolVersionError
-from ..bridge.link import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, DeviceStatusError, NoAnswerError
+from ..bridge.link import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, DeviceStatusError, LineQuality, NoAnswerError
 from ..bridge.protocol import ERR_GRAPH, ERR_NOMEM, ERR_SHAPE, ERR_UNSUPPORTED
 from ..errors import DeviceError, EdgertError, LinkError, UnsupportedOpError, check_count, check_number, warn_caller
 from ..formats.tflite import ONNX_EQUIVALENT as TFLITE_ONNX_EQUIVALENT
@@ -149,9 +149,9 @@ class DeviceState:
         self.on_device_only: dict[str, tuple] = {}
         self.last_error: str | None = None
         self.closed_links: dict = {}                   # counters of links closed after a failure
-        from ..bridge.link import LineQuality
-
-        self.line = LineQuality()  # the line's measured error rate, kept across connections: chunks sized for it
+        # the line's measured error rate, kept across connections and states (planning's HELLO measured it too):
+        # the first graph load's chunks are sized for it
+        self.line = _LINES.setdefault(url, LineQuality())
 
     def connect(self):
         from ..bridge import SerialNpuDevice
@@ -280,6 +280,7 @@ def _link_summary(d: Mapping[str, int], failovers: int) -> dict:
 
 
 _STATES: dict[str, DeviceState] = {}
+_LINES: dict[str, LineQuality] = {}           # device URL -> its line's measured error rate, for the process's life
 _STATES_LOCK = threading.Lock()
 _LOADED: dict[str, set[int]] = {}             # device URL -> hashes of graphs this process loaded there
 _GRAPH_USERS: dict[tuple[str, int], int] = {}  # (device URL, graph hash) -> live partitions running it
