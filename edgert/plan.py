@@ -547,11 +547,13 @@ def _node_weight_bytes(node: Node, graph: Graph) -> int:
 def assign_by_capability(graph: Graph, profile, dims: Mapping[str, int] | None = None):
     """Step 1. Returns (assignment: node -> unit name, capable: node -> set of accelerator unit names that can run
     it, reasons: node -> why no accelerator runs it). Accelerators are tried in the profile's order; memory is a
-    per-unit budget for resident weights, filled in graph order (a node that would overflow it goes elsewhere)."""
+    per-unit budget for resident weights (and, on a unit whose delegate keeps tensors resident, every tensor its
+    nodes read and make), filled in graph order (a node that would overflow it goes elsewhere)."""
     dims = dict(dims or {})
     host = _host_unit(profile)
     accels = [u for u in profile.units if u is not host]
     used = {u.name: 0 for u in accels}
+    held = {u.name: set() for u in accels}  # tensors counted in ``used`` of a unit that keeps them resident
     view = quantized_view(graph)
     assignment: dict[str, str] = {}
     capable: dict[str, set[str]] = {}
@@ -567,16 +569,24 @@ def assign_by_capability(graph: Graph, profile, dims: Mapping[str, int] | None =
                 continue
             mem = getattr(u, "memory_bytes", None) or None  # 0: not published, so no limit to plan with
             need = _node_weight_bytes(node, graph)
-            io = sum(tensor_nbytes(graph, n, dims) for n in [*node.data_inputs(), *node.outputs]
-                     if n and graph.tensors.get(n) is not None and graph.tensors[n].initializer is None)
-            if mem is not None and (need + io > mem or used[u.name] + need > mem):
+            acts = {n: tensor_nbytes(graph, n, dims) for n in [*node.data_inputs(), *node.outputs]
+                    if n and graph.tensors.get(n) is not None and graph.tensors[n].initializer is None}
+            io = sum(acts.values())
+            # a unit that keeps tensors resident (the serial NPU's arena) holds every tensor its graphs read and
+            # make, with their weights, at once: they count against its memory like weights (each once)
+            new = (sum(b for n, b in acts.items() if n not in held[u.name])
+                   if getattr(u, "delegate", None) in RESIDENT_DELEGATES else 0)
+            if mem is not None and (need + io > mem or used[u.name] + need + new > mem):
+                kept = f" ({_bytes(new)} of them more tensors for the device to hold)" if new else ""
                 refusals.append(f"{u.name} memory: node needs {_bytes(need)} of weights + {_bytes(io)} of "
-                                f"activations, {_bytes(max(mem - used[u.name], 0))} of {_bytes(mem)} left")
+                                f"activations{kept}, {_bytes(max(mem - used[u.name], 0))} of {_bytes(mem)} left")
                 continue
             capable[node.name].add(u.name)
             if chosen is None:
                 chosen = u
-                used[u.name] += need
+                used[u.name] += need + new
+                if new:
+                    held[u.name].update(acts)
         if chosen is None:
             assignment[node.name] = host.name
             reasons[node.name] = "; ".join(refusals) if refusals else (

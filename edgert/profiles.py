@@ -42,9 +42,26 @@ DELEGATE_OPTIONS: dict[str, tuple[set[str], set[str]]] = {
     "host": ({"threads"}, set()),
     "onnxruntime": ({"providers", "provider_options", "session_options"}, {"providers"}),
     "litert": ({"library", "options"}, {"library"}),
-    "serial-npu": ({"port", "baudrate", "timeout_s"}, set()),
+    "serial-npu": ({"url", "port", "baudrate", "timeout_s", "retries", "retry_after_s"}, set()),
     "rknn": ({"library", "target", "core_mask"}, {"target"}),
 }
+
+
+def check_device_options(profile, options: Mapping) -> None:
+    """Refuse a Session's ``device_options`` key that no accelerator unit of ``profile`` takes (``DELEGATE_OPTIONS``
+    of its delegate: what a profile's ``delegate_options`` may hold). A misspelt key (``timout_s``) was dropped
+    without a word. A registered delegate's options are its own to check."""
+    from .errors import InvalidArgumentError
+
+    devices = {u.delegate for u in profile.units if u.link is not None}
+    if not devices or any(d not in DELEGATE_OPTIONS for d in devices):
+        return
+    known = set().union(*(DELEGATE_OPTIONS[d][0] for d in devices))
+    unknown = sorted(str(k) for k in options if k not in known)
+    if unknown:
+        raise InvalidArgumentError(
+            f"device_options: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for device "
+            f"{profile.name!r} ({', '.join(sorted(devices))}); known keys: {', '.join(sorted(known))}")
 
 
 def _registry():
@@ -372,9 +389,12 @@ def _parse_unit(c: _Checker, u: Mapping, path: str) -> ComputeUnit:
             session_options(opts["session_options"])
         except InvalidArgumentError as exc:
             c.fail(f"{path}.delegate_options.session_options", str(exc))
-    if delegate == "serial-npu":
-        c.str(opts, "port", f"{path}.delegate_options", required=False)
+    if delegate == "serial-npu":  # the ranges are link_settings' (serial_npu), when the session is made
+        for key in ("url", "port"):
+            c.str(opts, key, f"{path}.delegate_options", required=False)
         c.num(opts, "timeout_s", f"{path}.delegate_options", required=False)
+        c.num(opts, "retry_after_s", f"{path}.delegate_options", required=False, positive=False)
+        c.num(opts, "retries", f"{path}.delegate_options", required=False, positive=False, integer=True)
     if delegate == "rknn":
         c.str(opts, "target", f"{path}.delegate_options")
     dtypes = c.dtypes(u["dtypes"], f"{path}.dtypes")

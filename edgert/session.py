@@ -303,6 +303,7 @@ class Session:
         # device_options (e.g. {"url": ...} for serial-npu) go to device delegates; a delegate with refine_unit
         # narrows its unit to what the device itself reports (serial-npu: HELLO) before anything is planned
         self.device_options = dict(device_options or {})
+        profiles.check_device_options(self.profile, self.device_options)
         if not emulate:
             units = [getattr(delegates.get(u.delegate), "refine_unit", None) if delegates.is_registered(u.delegate)
                      else None for u in self.profile.units]

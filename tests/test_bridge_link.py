@@ -250,3 +250,90 @@ def test_device_with_a_tiny_max_payload_falls_back_to_the_host(monkeypatch, capl
     np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ort_run(model, {"x": x})[0])
     assert sess.stats()["failovers"] == 1 and "max_payload of 12 bytes" in caplog.text
     sess.close()
+
+
+@pytest.mark.parametrize("rate", [1e-6, 1e-4, 1e-3, 0.02])
+def test_chunks_are_sized_for_the_measured_error_rate(rate):
+    """The chunk is the size that moves the most data per byte sent at the measured byte error rate (a brute force
+    over every size agrees); a clean line gets whole max_payload frames, a noisy one short frames at once (a
+    reconnection found the size again by halving from 4096 bytes, each halving three lost retransmissions)."""
+    import numpy as np
+
+    from edgert.bridge.link import FRAME_OVERHEAD, LineQuality
+
+    line = LineQuality()
+    assert line.chunk(8, 4088, 16) == 4088  # nothing measured: a clean line
+    every = 10  # attempts of 1 / (10 rate) bytes, one in ten failing: the estimate is the rate
+    for i in range(1000):
+        line.note(1 / (every * rate), i % every == every - 1)
+    lam = line.byte_error_rate
+    assert lam == pytest.approx(rate, rel=0.1)
+    n = np.arange(1, 4089)
+    o = 2 * FRAME_OVERHEAD + 8
+    best = int(n[np.argmax(n * np.exp(-lam * (n + o)) / (n + o))])
+    assert abs(line.chunk(8, 4088, 16) - max(16, best)) <= 1
+
+
+def test_a_silent_device_is_no_line_noise():
+    """Timeouts do not raise the measured error rate: after a stall the chunks would stay small for hundreds of
+    requests. A NAK does."""
+    link = SerialLink(serial=FakePort(lambda f, n: b""), timeout=0.01, retries=2)
+    with pytest.raises(LinkError, match="after 2 retransmissions"):
+        link.transact(P.STATS)
+    assert link.line.byte_error_rate == 0
+
+    def script(f, n):
+        return encode_frame(Frame(P.NAK, 0, b"", FLAG_RESPONSE | FLAG_ERROR)) if n == 1 else answer(f)
+    link = SerialLink(serial=FakePort(script), timeout=0.01)
+    link.transact(P.STATS)
+    assert link.line.byte_error_rate > 0
+
+
+@pytest.mark.parametrize("call, lost", [("alloc", True), ("free", True), ("unload", True), ("write", False),
+                                        ("invoke", False)])
+def test_an_unanswered_request_that_changes_handles_loses_track_of_the_device(call, lost):
+    """After an ALLOC, FREE or UNLOAD without answer the host no longer knows what the device holds: the serial-npu
+    delegate then opens a new host session (whose HELLO frees it) instead of keeping the connection."""
+    answering = [True]
+    dev = SerialNpuDevice(link=SerialLink(serial=FakePort(lambda f, n: answer(f, hello_answer()) if answering[0]
+                                                          else b""), timeout=0.01, retries=1))
+    dev.hello()
+    answering[0] = False
+    with pytest.raises(LinkError, match="no answer"):
+        {"alloc": lambda: dev.alloc(64), "free": lambda: dev.free(1), "unload": lambda: dev.unload_graph(5),
+         "write": lambda: dev.write(1, b"abc"), "invoke": lambda: dev.invoke(5, [1], [2])}[call]()
+    assert dev.lost_track is lost
+
+
+def test_an_unfinished_graph_load_resumes_where_the_answers_stopped():
+    """A LOAD that ran out of retransmissions (a noisy line) started again with LOAD_BEGIN at its next try, so a
+    graph of many chunks on a noisy line might never arrive whole. The device keeps an unfinished load (PROTOCOL
+    §3.2): the next try on the session sends only the chunks it has no answer for, then LOAD_COMMIT."""
+    blob = bytes(range(256)) * 3
+    got, seen = bytearray(len(blob)), []
+    silent = [None]  # None: not yet; True: silent now; False: answering again
+
+    def script(f, n):
+        if f.type == P.HELLO:
+            return answer(f, hello_answer(max_payload=64 + 12))
+        seen.append((f.type, struct.unpack_from("<I", f.payload, 8)[0] if f.type == P.LOAD_CHUNK else None))
+        if f.type == P.LOAD_CHUNK:
+            off = seen[-1][1]
+            if off >= 320 and silent[0] is None:
+                silent[0] = True  # the device stops answering mid-load
+            if silent[0]:
+                return b""
+            got[off:off + len(f.payload) - 12] = f.payload[12:]
+        return answer(f, b"\x00" if f.type == P.LOAD_BEGIN else b"")
+
+    dev = SerialNpuDevice(link=SerialLink(serial=FakePort(script), timeout=0.01, retries=1))
+    dev.hello()
+    with pytest.raises(LinkError, match="no answer to LOAD_CHUNK"):
+        dev.load_graph(blob)
+    first = len(seen)
+    silent[0] = False
+    dev.load_graph(blob)
+    again = seen[first:]
+    assert got == blob and again[-1] == (P.LOAD_COMMIT, None)
+    assert [t for t, _ in again[:-1]] == [P.LOAD_CHUNK] * (len(again) - 1)  # no LOAD_BEGIN: it would start anew
+    assert again[0][1] == 320  # from the first chunk without an answer

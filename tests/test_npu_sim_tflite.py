@@ -386,6 +386,19 @@ def test_relu6_concat_reshape_vs_litert(device_url):
     _run_on_device(device_url, m.build([a, b], [y]))
 
 
+def test_squeeze_vs_litert(device_url):
+    """PROTOCOL §6.1 runs SQUEEZE as Copy, but the shipped profile did not list Squeeze: fallback='forbid' refused
+    it."""
+    q = (0.03, -7)
+    m = tm.ModelSpec()
+    a = m.tensor("a", "int8", (1, 3, 1, 4), q=q)
+    r = m.tensor("r", "int8", (1, 3, 1, 4), q=q)
+    y = m.tensor("y", "int8", (3, 4), q=q)
+    m.op("RELU6", [a], [r])
+    m.op("SQUEEZE", [r], [y], "SqueezeOptions", SqueezeDims=np.array([0, 2], np.int32))
+    _run_on_device(device_url, m.build([a], [y]))
+
+
 @pytest.mark.parametrize("scale,zp", tm.ACTIVATION_SCALES, ids=[f"s{s:.4g}_zp{z}" for s, z in tm.ACTIVATION_SCALES])
 def test_activation_clamps_vs_litert(device_url, scale, zp):
     """Every fused ReLU-family clamp of the device's FULLY_CONNECTED, CONV_2D, DEPTHWISE_CONV_2D, ADD and

@@ -345,7 +345,9 @@ def test_table_and_serial_options_are_checked():
 
     for name, opts, field in (("snapdragon-x", {"providers": ["QNNExecutionProvider"], "session_options": "fast"},
                                "session_options"),
-                              ("serial-npu", {"timeout_s": -1.0}, "timeout_s"), ("serial-npu", {"port": 7}, "port")):
+                              ("serial-npu", {"timeout_s": -1.0}, "timeout_s"), ("serial-npu", {"port": 7}, "port"),
+                              ("serial-npu", {"retries": 2.5}, "retries"), ("serial-npu", {"url": 1}, "url"),
+                              ("serial-npu", {"retry_after_s": "soon"}, "retry_after_s")):
         data = tomllib.loads((P.profiles_dir() / f"{name}.toml").read_text())
         unit = next(u for u in data["units"] if u["delegate"] != "host")
         unit["delegate_options"] = opts
@@ -381,6 +383,18 @@ def test_a_profile_nested_too_deeply_is_a_profile_error(tmp_path):
     f.write_text("v = " + "[" * 1200 + "]" * 1200 + "\n")  # RecursionError from the TOML parser, a traceback
     with pytest.raises(ProfileError, match="nested too deeply"):
         P.load(f)
+
+
+def test_serial_npu_profiles_take_the_session_options_docs_list():
+    """docs/profiles.md lists url, retries and retry_after_s for a serial-npu unit; the profile refused them."""
+    import tomllib
+
+    data = tomllib.loads((P.profiles_dir() / "serial-npu.toml").read_text())
+    unit = next(u for u in data["units"] if u["delegate"] == "serial-npu")
+    unit["delegate_options"] = {"url": "/dev/ttyUSB0", "baudrate": 115200, "timeout_s": 0.1, "retries": 0,
+                                "retry_after_s": 0}
+    got = next(u for u in P.parse_profile(data, "s.toml").units if u.delegate == "serial-npu")
+    assert got.delegate_options["retries"] == 0 and got.delegate_options["url"] == "/dev/ttyUSB0"
 
 
 def test_a_profile_without_a_host_unit_is_refused():

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import LinkError
 from . import protocol as P
-from .link import DeviceStatusError, LinkWriteError, SerialLink
+from .link import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, DeviceStatusError, LinkWriteError, NoAnswerError, SerialLink
 
 
 class DeviceResetError(LinkError):
@@ -33,9 +33,10 @@ class ProtocolVersionError(LinkError):
 class SerialNpuDevice:
     """``SerialNpuDevice(url, baudrate=..., timeout=..., retries=...)`` or ``SerialNpuDevice(link=SerialLink(...))``."""
 
-    def __init__(self, url: str | None = None, baudrate: int = 921600, timeout: float = 0.2, retries: int = 8, *,
-                 link: SerialLink | None = None, protocol_version: int = P.PROTOCOL_VERSION):
-        self.link = link or SerialLink(url, baudrate=baudrate, timeout=timeout, retries=retries)
+    def __init__(self, url: str | None = None, baudrate: int = 921600, timeout: float = DEFAULT_TIMEOUT_S,
+                 retries: int = DEFAULT_RETRIES, *,
+                 link: SerialLink | None = None, protocol_version: int = P.PROTOCOL_VERSION, line=None):
+        self.link = link or SerialLink(url, baudrate=baudrate, timeout=timeout, retries=retries, line=line)
         self.protocol_version = protocol_version
         self.host_session = int.from_bytes(os.urandom(4), "little") or 1  # 0 would mean none
         self.info: P.HelloInfo | None = None
@@ -46,8 +47,11 @@ class SerialNpuDevice:
         self.bytes_to_host = 0     # tensor bytes read
         self.graphs_sent = 0
         self.graphs_cached = 0     # LOAD_BEGIN found the graph already on the device
-        self.chunk = None          # bytes per WRITE/READ/LOAD_CHUNK frame: adapts to the line's error rate
-        self._clean = 0
+        # a request that changes handles or graphs got no answer: the host no longer knows what the device holds,
+        # so only a new host session (HELLO, PROTOCOL.md §2.5) frees it
+        self.lost_track = False
+        self._loads: dict[int, tuple[int, int]] = {}  # unfinished loads: hash -> (generation, bytes acknowledged)
+        self._compute_s: dict[int, float] = {}         # graph hash -> its last INVOKE's device compute seconds
 
     # ---- session ----------------------------------------------------------------------------------------------
     def hello(self) -> P.HelloInfo:
@@ -77,13 +81,17 @@ class SerialNpuDevice:
     def ensure_session(self) -> P.HelloInfo:
         return self.info if self.info is not None else self.hello()
 
-    def _call(self, type_: int, payload: bytes = b"", expect_bytes: int = 0, retries: int | None = None):
+    def _call(self, type_: int, payload: bytes = b"", expect_bytes: int = 0, retries: int | None = None,
+              busy_s: float = 0.0):
         self.ensure_session()
         try:
-            return self.link.transact(type_, payload, expect_bytes=expect_bytes, retries=retries)
+            return self.link.transact(type_, payload, expect_bytes=expect_bytes, retries=retries, busy_s=busy_s)
         except DeviceStatusError as exc:
             if exc.status != P.ERR_NO_SESSION:
                 raise
+        except NoAnswerError:
+            self.lost_track |= type_ in (P.ALLOC, P.FREE, P.UNLOAD)
+            raise
         old = self.info.boot_id if self.info else None
         self.info = None  # so hello() does not count the reset too: it is counted here, once, whatever the boot id
         info = self.hello()
@@ -95,17 +103,36 @@ class SerialNpuDevice:
     def load_graph(self, blob: bytes, graph_hash: int | None = None) -> int:
         """Make the graph ``blob`` resident; returns its hash. Sends nothing but LOAD_BEGIN when it already is."""
         h = P.fnv1a64(blob) if graph_hash is None else graph_hash
-        f = self._call(P.LOAD_BEGIN, struct.pack("<QI", h, len(blob)))
-        if f.payload[:1] == b"\x01":
-            self.graphs_cached += 1
-            return h
+        done = self._loads.pop(h, None) if self._loads.get(h, (None,))[0] == self.generation else None
+        if done is None:
+            f = self._call(P.LOAD_BEGIN, struct.pack("<QI", h, len(blob)))
+            if f.payload[:1] == b"\x01":
+                self.graphs_cached += 1
+                return h
+            done = 0
+        else:
+            done = done[1]
         mv = memoryview(blob)
+        progress = [done]
 
         def put(off, n, r):
+            off += done
             self._call(P.LOAD_CHUNK, struct.pack("<QI", h, off) + mv[off:off + n].tobytes(), retries=r)
             self.bytes_graph += n  # what crossed, also when LOAD_COMMIT then refuses the graph
+            progress[0] = off + n
 
-        self._chunked(len(blob), P.CHUNK_HEADER["LOAD_CHUNK"], put)
+        try:
+            self._chunked(len(blob) - done, P.CHUNK_HEADER["LOAD_CHUNK"], put)
+        except DeviceStatusError as exc:
+            if exc.status == P.ERR_NO_GRAPH and done:  # the unfinished load is gone (another host session): anew
+                return self.load_graph(blob, h)
+            raise
+        except NoAnswerError:
+            # a noisy line ran out of retransmissions: the device keeps the unfinished load (§3.2), so the next
+            # try on this session sends only the rest instead of starting again (a big graph might never arrive
+            # whole otherwise)
+            self._loads[h] = (self.generation, progress[0])
+            raise
         self._call(P.LOAD_COMMIT, struct.pack("<Q", h))
         self.graphs_sent += 1
         return h
@@ -140,45 +167,54 @@ class SerialNpuDevice:
             self.bytes_to_host += n
         self._chunked(len(mv), P.CHUNK_HEADER["READ"], get)
 
-    MIN_CHUNK = 32
+    MIN_CHUNK = 16
+    HALVE_AFTER = 3  # retransmissions of a chunk over MIN_CHUNK before it is sent again as two halves
 
     def _chunked(self, total: int, overhead: int, send) -> None:
-        """Call ``send(offset, n, retries)`` over ``total`` bytes in chunks. WRITE, READ and LOAD_CHUNK are
-        idempotent by content (the same bytes at the same offset), so a chunk that gets no answer within a few
-        retransmissions is sent again as two halves under new sequence numbers: on a noisy line long frames rarely
-        arrive whole, short ones do. The chunk grows back after a run of clean transfers."""
+        """Call ``send(offset, n, retries)`` over ``total`` bytes in chunks sized for the line's measured error rate
+        (``LineQuality.chunk``; the whole ``max_payload`` on a clean line). WRITE, READ and LOAD_CHUNK are
+        idempotent by content (the same bytes at the same offset), so a chunk that gets no answer within
+        HALVE_AFTER retransmissions is sent again smaller under new sequence numbers, halved or at once to the size
+        the failures measured: on a noisy line long frames rarely arrive whole, short ones do. The resends are
+        retransmissions of the chunk's data and spend the same budget (PROTOCOL.md §4): from one answer to the next
+        the host sends at most ``1 + retries`` frames, so halving never makes a stalled device cost more than one
+        request does."""
         top = self.link.max_payload - overhead
         if top < 1:  # HelloInfo.parse refuses such a device; a link made without HELLO could still get here
             raise LinkError(f"serial NPU {self.link.url}: max_payload of {self.link.max_payload} bytes leaves no room "
                             f"for data after a {overhead}-byte command header")
-        if self.chunk is None:
-            self.chunk = top
-        off = 0
+        stats, line = self.link.stats, self.link.line
+        off, left, cap = 0, self.link.retries, top  # retransmissions left until the next answer; halving's cap
         while off < total:
-            n = min(self.chunk, top, total - off)
+            n = min(line.chunk(overhead, cap, min(self.MIN_CHUNK, cap)), total - off)
             small = n <= self.MIN_CHUNK
-            before = self.link.stats.retransmits
+            before = stats.retransmits
             try:
-                send(off, n, None if small else 3)
+                send(off, n, left if small else min(left, self.HALVE_AFTER))
             except (DeviceStatusError, LinkWriteError):  # an answer, or a port that takes no more: no halving
                 raise
-            except LinkError:
-                if small or isinstance(sys.exc_info()[1], DeviceResetError):
+            except LinkError as exc:
+                left -= stats.retransmits - before
+                if small or left < 1 or isinstance(exc, DeviceResetError):
                     raise
-                self.chunk = max(self.MIN_CHUNK, n // 2)
-                self._clean = 0
+                left -= 1
+                stats.retransmits += 1  # the chunk's data again, under a new sequence number
+                # halved, or at once to the size the failures just measured when that is smaller (a stale
+                # estimate, the first transfer on a noisy line): each halving costs a retransmission
+                cap = max(self.MIN_CHUNK, min(n // 2, line.chunk(overhead, top, self.MIN_CHUNK)))
                 continue
             off += n
-            self._clean = self._clean + 1 if self.link.stats.retransmits == before else 0
-            if self._clean >= 8 and self.chunk < top:
-                self.chunk = min(top, self.chunk * 2)
-                self._clean = 0
+            left = self.link.retries
 
     def invoke(self, graph_hash: int, inputs: list[int], outputs: list[int]) -> tuple[float, int]:
         """Run a resident graph on bound tensors; returns (device compute seconds, ops)."""
         p = struct.pack("<QHH", graph_hash, len(inputs), len(outputs)) + struct.pack(f"<{len(inputs) + len(outputs)}I",
                                                                                      *inputs, *outputs)
-        us, lo, hi = struct.unpack_from("<III", self._answer("INVOKE", self._call(P.INVOKE, p), 12))
+        # the device computes before it answers: its last compute time for this graph is added to the waits, so a
+        # slow graph is not retransmitted for (nor, with few retries, failed over)
+        f = self._call(P.INVOKE, p, busy_s=self._compute_s.get(graph_hash, 0.0))
+        us, lo, hi = struct.unpack_from("<III", self._answer("INVOKE", f, 12))
+        self._compute_s[graph_hash] = us * 1e-6
         return us * 1e-6, lo | hi << 32
 
     def _answer(self, command: str, frame, nbytes: int) -> bytes:

@@ -9,6 +9,7 @@ framing.py's; this module only moves bytes and counts what happened. It knows no
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ READ_POLL_S = 0.005
 class LinkWriteError(LinkError):
     """The port refused or timed out a write: the link is down (a device that stopped reading), not noisy, so
     retrying smaller frames cannot help (each try waits out the port's write timeout)."""
+
+
+class NoAnswerError(LinkError):
+    """A request got no answer within its retransmissions (a stalled device, or a line too noisy for the budget):
+    the port itself is fine, so the connection and its session can be kept."""
 
 
 class DeviceStatusError(LinkError):
@@ -53,8 +59,57 @@ class LinkStats:
         return dict(self.__dict__)
 
 
+# bytes of a frame on the wire beyond its payload: header, CRC, COBS (2 for a short frame), the delimiter
+FRAME_OVERHEAD = HEADER_BYTES + CRC_BYTES + 3
+
+
+class LineQuality:
+    """The line's byte error rate, measured: each attempt at a request exposes its bytes (the request and its answer;
+    half of them when it failed, which on average happens half-way) and either got its answer or ended in a broken
+    frame (a NAK, a broken answer; a timeout says nothing about the line: the device may be busy or stalled).
+    Estimated as failures per byte exposed, both decayed per attempt
+    (``DECAY``: about the last 100 attempts count), so it follows a line that gets better or worse. A chunked
+    transfer sizes its chunks for it from the first one (``chunk``), instead of finding the size again by halving
+    at every transfer. One estimate lives as long as the line does: the serial-npu delegate keeps it across
+    reconnections."""
+
+    DECAY = 0.99
+
+    def __init__(self):
+        self.exposed = 0.0  # bytes, decayed
+        self.failed = 0.0   # failed attempts, decayed
+
+    def note(self, nbytes: int, failed: bool) -> None:
+        self.exposed = self.exposed * self.DECAY + nbytes
+        self.failed = self.failed * self.DECAY + failed
+
+    @property
+    def byte_error_rate(self) -> float:
+        return self.failed / self.exposed if self.exposed else 0.0
+
+    def chunk(self, overhead: int, top: int, floor: int) -> int:
+        """The data bytes per frame that move the most data per byte sent at this error rate λ, in [floor, top]: a
+        round trip carrying n bytes beside o bytes of frames arrives whole with probability e^(-λ(n+o)), so
+        n·e^(-λ(n+o))/(n+o) is largest at n(n+o) = o/λ (o: both frames' overhead)."""
+        lam = self.byte_error_rate
+        if lam <= 0:
+            return top
+        o = 2 * FRAME_OVERHEAD + overhead
+        n = (-o + math.sqrt(o * o + 4 * o / lam)) / 2
+        return int(max(floor, min(top, n)))
+
+
+# The defaults for a UART (PROTOCOL.md §4): a device answers within milliseconds of a frame's end, so a short first
+# wait; a noisy line's losses are mostly answered at once (NAK, a broken frame: no wait), so many retransmissions cost
+# little there, and a stalled device costs sum(TIMEOUT_S * min(2^i, 8), i = 0..RETRIES) ~ 9 s before the host fails
+# over. 24 lets a request through 1% dropped + 1% corrupted bytes (a round trip arrives whole ~25% of the time)
+DEFAULT_TIMEOUT_S = 0.05
+DEFAULT_RETRIES = 24
+
+
 class SerialLink:
-    """``SerialLink(url, baudrate=115200, timeout=0.2, retries=8)``: the host end of the protocol's link layer.
+    """``SerialLink(url, baudrate=115200, timeout=DEFAULT_TIMEOUT_S, retries=DEFAULT_RETRIES)``: the host end of the
+    protocol's link layer.
 
     ``timeout`` is the first wait for an answer (the time the request and a full answer take at ``baudrate`` is
     added); each retransmission doubles it, up to 8x. ``retries`` retransmissions of one request, then LinkError.
@@ -62,12 +117,14 @@ class SerialLink:
     takes no more bytes for that long belongs to a device that stopped reading (LinkWriteError, no retry).
     ``serial`` may be an open pyserial-like object instead of a URL (tests)."""
 
-    def __init__(self, url: str | None = None, baudrate: int = 115200, timeout: float = 0.2, retries: int = 8, *,
-                 serial=None, max_payload: int = 4096):
+    def __init__(self, url: str | None = None, baudrate: int = 115200, timeout: float = DEFAULT_TIMEOUT_S,
+                 retries: int = DEFAULT_RETRIES, *,
+                 serial=None, max_payload: int = 4096, line: LineQuality | None = None):
         self.baudrate = int(baudrate)
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.stats = LinkStats()
+        self.line = line or LineQuality()
         self.decoder = FrameDecoder()
         self.port = None
         self.max_payload = max_payload
@@ -164,17 +221,18 @@ class SerialLink:
         return self._seq
 
     def transact(self, type_: int, payload: bytes = b"", *, expect_bytes: int = 0, check: bool = True,
-                 retries: int | None = None) -> Frame:
+                 retries: int | None = None, busy_s: float = 0.0) -> Frame:
         """Send request ``type_`` with ``payload`` and return its answer (a Frame). Retransmits per PROTOCOL.md §4.
-        ``check``: raise DeviceStatusError when the answer carries an error status. ``retries`` overrides the link's."""
+        ``check``: raise DeviceStatusError when the answer carries an error status. ``retries`` overrides the link's.
+        ``busy_s``: the time the device is expected to work on it (an INVOKE), added to the waits."""
         if self._closed:
             raise LinkError(f"serial NPU link {self.url} is closed")
         seq = self.next_seq()
         req = Frame(type_, seq, bytes(payload))
         wire = encode_frame(req)
-        base = self.timeout + self.line_seconds(len(wire) + expect_bytes + 64)
+        base = self.timeout + busy_s + self.line_seconds(len(wire) + expect_bytes + 64)
         wait, tries = base, 0
-        self._write(wire)
+        self._write(wire + b"\x00")  # a second delimiter: a frame whose one delimiter is lost waits for a timeout
         self.stats.frames_tx += 1
         while True:
             deadline = time.monotonic() + wait
@@ -191,6 +249,7 @@ class SerialLink:
                         self.stats.resyncs += 1  # the device dropped a broken frame and resynchronised
                         resend = True
                     elif f.flags & FLAG_RESPONSE and f.seq == seq and f.type == type_:
+                        self.line.note(len(wire) + len(f.payload) + FRAME_OVERHEAD, False)
                         if check and (f.flags & FLAG_ERROR or f.status):
                             raise DeviceStatusError(
                                 f"serial NPU {self.url}: {P.MESSAGE_NAMES.get(type_, type_)} failed with "
@@ -202,16 +261,19 @@ class SerialLink:
                 if self.decoder.broken != before:
                     resend = True
             tries += 1
+            if resend:  # a broken frame either way: noise (a silent device says nothing about the line); on
+                # average it broke half-way
+                self.line.note((len(wire) + max(expect_bytes, FRAME_OVERHEAD)) // 2, True)
             limit = self.retries if retries is None else retries
             if tries > limit:
-                raise LinkError(f"serial NPU {self.url}: no answer to {P.MESSAGE_NAMES.get(type_, type_)} (seq {seq}) "
+                raise NoAnswerError(f"serial NPU {self.url}: no answer to {P.MESSAGE_NAMES.get(type_, type_)} (seq {seq}) "
                                 f"after {limit} retransmissions; the device stopped answering (is the "
                                 "emulator running, the cable in, the baud rate right?)")
             if not resend:
                 wait = min(wait * 2, base * 8)
             self.stats.retransmits += 1
             # a delimiter first ends any partial frame the device holds, then the same request again (same seq)
-            self._write(b"\x00" + encode_frame(Frame(type_, seq, req.payload, FLAG_RETRANSMIT)))
+            self._write(b"\x00" + encode_frame(Frame(type_, seq, req.payload, FLAG_RETRANSMIT)) + b"\x00")
             self.stats.frames_tx += 1
 
     def close(self) -> None:

@@ -270,6 +270,23 @@ def node_problem(op: str, ins: list, y: BlobTensor, attrs: list) -> str | None:
     return None
 
 
+def arena_round(nbytes: int) -> int:
+    """What an allocation of ``nbytes`` takes of the reference firmware's arena (arena.c: 8-byte blocks, 8 for 0)."""
+    return max((int(nbytes) + 7) & ~7, 8)
+
+
+def activation_bytes(tensors: list[BlobTensor], nodes: list[BlobNode], inputs: list[int], outputs: list[int]) -> int:
+    """The activation memory LOAD_COMMIT reserves for a graph (graph.c, fw_graph_parse): every tensor a node writes
+    that is not a graph output, each rounded to 8 bytes, plus the largest q-block matmul's scratch (M·K/32 40-byte
+    block_q8_s), as one arena block."""
+    io = set(inputs) | set(outputs)
+    act = sum((tensor_nbytes(tensors[nd.output].dtype, tensors[nd.output].shape) + 7) & ~7
+              for nd in nodes if nd.output not in io)
+    scratch = [tensors[nd.inputs[0]].shape[0] * (tensors[nd.inputs[0]].shape[1] // 32) * 40
+               for nd in nodes if nd.op == "MatMulQBlock"]
+    return arena_round(act + max(scratch, default=0))
+
+
 def encode_graph(tensors: list[BlobTensor], nodes: list[BlobNode], inputs: list[int], outputs: list[int]) -> bytes:
     """The graph blob of PROTOCOL.md §6."""
     meta = bytearray(struct.pack("<IHHHH", 0x46524745, len(tensors), len(nodes), len(inputs), len(outputs)))

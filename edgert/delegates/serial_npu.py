@@ -40,12 +40,16 @@
   instead — onnxruntime's CPU provider for an ONNX model, LiteRT (the host TFLite path, ``core=False``) for a
   TFLite one: the arithmetic the device reproduces, so the same result — the event is logged and
   counted in ``failovers``, and the device is left alone for ``retry_after_s`` (default 1 s, doubling while it
-  keeps failing, at most 30 s); the next run after that re-handshakes and reloads by hash. A device of another
+  keeps failing, at most 30 s); the next run after that tries the device again. A request that got no answer (a
+  noisy line, a stalled device) keeps the connection and its host session (no new HELLO, graphs and tensors kept,
+  the line's measured error rate too), unless it was an ALLOC, FREE or UNLOAD, after which the host no longer knows
+  what the device holds; any other failure (a port error, a reset, an error answer) closes the connection, and the
+  next run re-handshakes and reloads by hash. A device of another
   protocol version is no fault to ride out (PROTOCOL.md §2.2): ``ProtocolVersionError`` names both versions, raised
   when the Session is made (refine_unit's HELLO) or by the run that first reaches such a device.
-- Device memory: every connection is a host session (PROTOCOL.md §2.5). A failover forgets the connection's
-  device tensors without freeing them (the device may not be answering); the next connection's HELLO, or another
-  process's, makes the device free them, so failovers and dead processes leak nothing. A clean close of the last
+- Device memory: every connection is a host session (PROTOCOL.md §2.5). A failover that closes the connection
+  forgets its device tensors without freeing them (the device may not be answering); the next connection's HELLO,
+  or another process's, makes the device free them, so failovers and dead processes leak nothing. A clean close of the last
   partition on a device frees its tensors at once. Graphs stay loaded as a cache by hash (the device drops an
   earlier session's when it needs the room); when a load finds no room (ERR_NOMEM), the graphs this process loaded
   that no live partition runs, or else this connection's least recently used, are unloaded and the load is tried
@@ -72,7 +76,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..bridge.device import ProtocolVersionError
-from ..bridge.link import DeviceStatusError
+from ..bridge.link import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, DeviceStatusError, LineQuality, NoAnswerError
 from ..bridge.protocol import ERR_GRAPH, ERR_NOMEM, ERR_SHAPE, ERR_UNSUPPORTED
 from ..errors import DeviceError, EdgertError, LinkError, UnsupportedOpError, check_count, check_number, warn_caller
 from ..formats.tflite import ONNX_EQUIVALENT as TFLITE_ONNX_EQUIVALENT
@@ -114,8 +118,9 @@ def link_settings(o: Mapping[str, Any]) -> tuple[dict, float]:
     ValueError at the first run."""
     link = {
         "baudrate": check_count("device option baudrate", o.get("baudrate", 921600), lo=1, hi=100_000_000),
-        "timeout": check_number("device option timeout_s", o.get("timeout_s", 0.2), 0.0, 3600.0, lo_open=True),
-        "retries": check_count("device option retries", o.get("retries", 8), lo=0, hi=10_000),
+        "timeout": check_number("device option timeout_s", o.get("timeout_s", DEFAULT_TIMEOUT_S), 0.0, 3600.0,
+                                lo_open=True),
+        "retries": check_count("device option retries", o.get("retries", DEFAULT_RETRIES), lo=0, hi=10_000),
     }
     return link, check_number("device option retry_after_s", o.get("retry_after_s", 1.0), 0.0, 86400.0)
 
@@ -144,12 +149,15 @@ class DeviceState:
         self.on_device_only: dict[str, tuple] = {}
         self.last_error: str | None = None
         self.closed_links: dict = {}                   # counters of links closed after a failure
+        # the line's measured error rate, kept across connections and states (planning's HELLO measured it too):
+        # the first graph load's chunks are sized for it
+        self.line = _LINES.setdefault(url, LineQuality())
 
     def connect(self):
         from ..bridge import SerialNpuDevice
 
         if self.device is None:
-            self.device = SerialNpuDevice(self.url, **self.link_args)
+            self.device = SerialNpuDevice(self.url, **self.link_args, line=self.line)
         info = self.device.ensure_session()
         if self.device.generation != self.generation:
             self.generation = self.device.generation
@@ -272,6 +280,7 @@ def _link_summary(d: Mapping[str, int], failovers: int) -> dict:
 
 
 _STATES: dict[str, DeviceState] = {}
+_LINES: dict[str, LineQuality] = {}           # device URL -> its line's measured error rate, for the process's life
 _STATES_LOCK = threading.Lock()
 _LOADED: dict[str, set[int]] = {}             # device URL -> hashes of graphs this process loaded there
 _GRAPH_USERS: dict[tuple[str, int], int] = {}  # (device URL, graph hash) -> live partitions running it
@@ -708,20 +717,24 @@ def _lower(partition, graph):
             [ids[o] for o in partition.outputs], ids)
 
 
-def translate_pieces(partition, graph, limits) -> list[tuple[bytes, list[str], list[str]]]:
+def translate_pieces(partition, graph, limits,
+                     arena: float | None = None) -> list[tuple[bytes, list[str], list[str]]]:
     """The partition as device graphs (``encode_graph`` blobs with their input and output names) that each fit the
     device's ``limits`` (HELLO's ``DeviceLimits``: tensors, nodes, inputs, outputs per graph; handles): one when
     the partition fits, else runs of consecutive nodes, each taking nodes while it fits. The device runs them in
     order, the tensors between them staying in its memory, so the link carries what one graph would. A node that
-    fits no graph alone is an UnsupportedOpError naming the limit."""
+    fits no graph alone is an UnsupportedOpError naming the limit; so is a partition whose graphs and tensors need
+    more than the device's ``arena`` bytes (``_arena_need``): its every run would fail over with ERR_NOMEM."""
     from ..bridge.protocol import encode_graph
 
     tensors, bnodes, names, ins, outs, ids = _lower(partition, graph)
     over = _over_limits(limits, len(tensors), len(bnodes), len(ins), len(outs), len(ins) + len(outs))
     if not over:
-        return [(encode_graph(tensors, bnodes, ins, outs), list(partition.inputs), list(partition.outputs))]
+        blob = encode_graph(tensors, bnodes, ins, outs)
+        _check_arena(partition, arena, [(blob, tensors, bnodes, ins, outs, partition.inputs, partition.outputs)])
+        return [(blob, list(partition.inputs), list(partition.outputs))]
     name_of = {i: n for n, i in ids.items()}
-    pieces = []
+    pieces, parts = [], []
     for lo, hi, p_in, p_out in _split(tensors, bnodes, names, outs, limits):
         remap, sub = {}, []
 
@@ -735,11 +748,41 @@ def translate_pieces(partition, graph, limits) -> list[tuple[bytes, list[str], l
             rid(i)
         nodes = [dataclasses.replace(nd, inputs=[None if i is None else rid(i) for i in nd.inputs],
                                      output=rid(nd.output)) for nd in bnodes[lo:hi]]
-        pieces.append((encode_graph(sub, nodes, [remap[i] for i in p_in], [remap[o] for o in p_out]),
-                       [name_of[i] for i in p_in], [name_of[o] for o in p_out]))
+        sub_in, sub_out = [remap[i] for i in p_in], [remap[o] for o in p_out]
+        pieces.append((encode_graph(sub, nodes, sub_in, sub_out), [name_of[i] for i in p_in],
+                       [name_of[o] for o in p_out]))
+        parts.append((pieces[-1][0], sub, nodes, sub_in, sub_out, pieces[-1][1], pieces[-1][2]))
+    _check_arena(partition, arena, parts)
     log.info("serial-npu: partition %s (%s) is %d graphs on the device", getattr(partition, "id", "?"),
              ", ".join(f"{what} {n} > {cap}" for what, n, cap in over), len(pieces))
     return pieces
+
+
+def arena_need(graphs) -> tuple[int, int, int]:
+    """(blobs, activations, inputs and outputs): the bytes of the reference firmware's arena the device graphs
+    ``graphs`` ((blob, tensors, nodes, input ids, output ids, input names, output names) each) take together, all
+    on the device at once while their partition runs: each graph's blob (LOAD_BEGIN) and activations (LOAD_COMMIT),
+    and one tensor per input and output name (ALLOC; a tensor between two graphs once), each block rounded as
+    arena.c rounds it."""
+    from ..bridge.protocol import activation_bytes, arena_round, tensor_nbytes
+
+    io = {}
+    for _, tensors, _, ins, outs, in_names, out_names in graphs:
+        for i, name in zip((*ins, *outs), (*in_names, *out_names)):
+            io[name] = arena_round(tensor_nbytes(tensors[i].dtype, tensors[i].shape))
+    return (sum(arena_round(len(g[0])) for g in graphs), sum(activation_bytes(*g[1:5]) for g in graphs),
+            sum(io.values()))
+
+
+def _check_arena(partition, arena: float | None, graphs) -> None:
+    """UnsupportedOpError when ``graphs`` (``arena_need``'s) need more than the device's ``arena`` bytes."""
+    if not arena:
+        return
+    blobs, act, io = arena_need(graphs)
+    if blobs + act + io > arena:
+        raise UnsupportedOpError(
+            f"serial-npu: partition {getattr(partition, 'id', '?')} needs {blobs + act + io} bytes of the device's "
+            f"arena (graph blobs {blobs}, activations {act}, inputs and outputs {io}), more than its {int(arena)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -998,7 +1041,12 @@ class SerialNpuPartition(CompiledPartition):
                         log.warning("serial-npu %s: %s; this run completes on the host, the device is tried again "
                                     "in %.1f s", st.url, st.last_error, st.backoff)
                         st.backoff = min(st.backoff * 2, 30.0)
-                        st.drop_connection()
+                        # a request the device did not answer in time (a noisy line, a stalled device) leaves the
+                        # port and the session usable: kept, so the next run needs no new HELLO, unless the host
+                        # lost track of a handle or graph (an ALLOC, FREE or UNLOAD without answer: a new host
+                        # session frees them). Everything else (a port error, a reset, an error answer) reconnects
+                        if not isinstance(exc, NoAnswerError) or st.device is None or st.device.lost_track:
+                            st.drop_connection()
                 finally:  # the link only carried this run's traffic meanwhile: st.lock is held
                     after = st.link_totals()
                     for k, v in after.items():
@@ -1103,7 +1151,7 @@ class SerialNpuDelegate(Delegate):
         # graph at its first load and the partition runs on the host)
         limits = (getattr(unit, "delegate_options", None) or {}).get("device_limits") or DeviceLimits()
         try:
-            pieces = translate_pieces(partition, graph, limits)
+            pieces = translate_pieces(partition, graph, limits, getattr(unit, "memory_bytes", None))
         except UnsupportedOpError as exc:
             if opts.get("fallback") == "forbid":
                 raise

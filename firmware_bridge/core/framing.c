@@ -112,6 +112,8 @@ void fw_send_frame(fw_sink sink, uint8_t type, uint8_t flags, uint8_t status, ui
     if (n) cobs_put(&o, payload, n);
     cobs_put(&o, c, sizeof c);
     cobs_flush(&o); /* the final block: its implied zero is dropped by the decoder */
-    static const uint8_t delim = 0;
-    sink(&delim, 1);
+    /* two delimiters (the second an ignored empty frame): a noisy line that loses one still ends the frame, so the
+     * host does not wait out its timeout for it */
+    static const uint8_t delim[2] = {0, 0};
+    sink(delim, 2);
 }

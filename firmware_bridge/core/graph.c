@@ -357,7 +357,8 @@ int fw_graph_parse(fw_graph *g, uint8_t *blob, uint32_t len, const char **msg) {
     g->n_nodes = (uint16_t)u16(&r);
     g->n_inputs = (uint16_t)u16(&r);
     g->n_outputs = (uint16_t)u16(&r);
-    if (r.bad || g->n_tensors > FW_MAX_TENSORS || g->n_nodes > FW_MAX_NODES || g->n_inputs > FW_MAX_IO ||
+    if (r.bad) FAIL(FW_ERR_GRAPH, "graph blob: truncated");
+    if (g->n_tensors > FW_MAX_TENSORS || g->n_nodes > FW_MAX_NODES || g->n_inputs > FW_MAX_IO ||
         g->n_outputs > FW_MAX_IO || g->n_outputs == 0)
         FAIL(FW_ERR_GRAPH, "graph blob: too many tensors/nodes/io for this firmware");
     for (uint32_t i = 0; i < g->n_tensors; i++) {
@@ -366,6 +367,8 @@ int fw_graph_parse(fw_graph *g, uint8_t *blob, uint32_t len, const char **msg) {
         t->rank = (uint8_t)u8(&r);
         t->is_const = (uint8_t)u8(&r);
         (void)u8(&r);
+        /* truncation first: the reader gives 0 past the end, which reads as a wrong field (dtype 0: unknown) */
+        if (r.bad) FAIL(FW_ERR_GRAPH, "graph blob: truncated");
         if (t->rank > FW_MAX_RANK || t->is_const > 1) FAIL(FW_ERR_GRAPH, "graph blob: tensor rank > 4");
         uint64_t n = 1;
         for (int d = 0; d < t->rank; d++) {
@@ -373,6 +376,7 @@ int fw_graph_parse(fw_graph *g, uint8_t *blob, uint32_t len, const char **msg) {
             n *= t->dims[d];
             if (n > 0x40000000u) FAIL(FW_ERR_GRAPH, "graph blob: tensor too large");
         }
+        if (r.bad) FAIL(FW_ERR_GRAPH, "graph blob: truncated");
         uint64_t nb;
         if (block_bytes(t->dtype)) {
             if (t->rank != 2 || t->dims[1] % ET_QK) FAIL(FW_ERR_GRAPH, "graph blob: block tensor must be (N, K%32==0)");
@@ -385,7 +389,8 @@ int fw_graph_parse(fw_graph *g, uint8_t *blob, uint32_t len, const char **msg) {
         t->nbytes = (uint32_t)nb;
         if (t->is_const) {
             uint32_t nbytes = u32(&r), off = u32(&r);
-            if (r.bad || nbytes != t->nbytes || off % 8 || off > len || len - off < nbytes)
+            if (r.bad) FAIL(FW_ERR_GRAPH, "graph blob: truncated");
+            if (nbytes != t->nbytes || off % 8 || off > len || len - off < nbytes)
                 FAIL(FW_ERR_GRAPH, "graph blob: constant data out of the blob or misaligned");
             t->data = blob + off;
         } else if (t->dtype == FW_DT_FLOAT32 || t->dtype == FW_DT_INT64) {
@@ -398,13 +403,16 @@ int fw_graph_parse(fw_graph *g, uint8_t *blob, uint32_t len, const char **msg) {
         n->n_in = (uint8_t)u8(&r);
         n->n_out = (uint8_t)u8(&r);
         n->n_attr = (uint8_t)u8(&r);
+        if (r.bad) FAIL(FW_ERR_GRAPH, "graph blob: truncated");
         if (n->n_in == 0 || n->n_in > FW_MAX_NODE_IN || n->n_out != 1 || n->n_attr > FW_MAX_ATTR)
             FAIL(FW_ERR_GRAPH, "graph blob: node input/output/attribute counts");
         for (int k = 0; k < n->n_in; k++) {
             n->in[k] = (uint16_t)u16(&r);
+            if (r.bad) FAIL(FW_ERR_GRAPH, "graph blob: truncated");
             if (n->in[k] != 0xFFFF && n->in[k] >= g->n_tensors) FAIL(FW_ERR_GRAPH, "graph blob: node input id");
         }
         n->out[0] = (uint16_t)u16(&r);
+        if (r.bad) FAIL(FW_ERR_GRAPH, "graph blob: truncated");
         if (n->out[0] >= g->n_tensors || g->t[n->out[0]].is_const) FAIL(FW_ERR_GRAPH, "graph blob: node output id");
         for (int k = 0; k < n->n_attr; k++) n->attr[k] = (int32_t)u32(&r);
         if (r.bad) FAIL(FW_ERR_GRAPH, "graph blob: truncated");

@@ -148,8 +148,12 @@ static int hello(const uint8_t *p, uint32_t n) {
     l[0] = (uint8_t)(sizeof limits / sizeof limits[0]);
     for (uint32_t i = 0; i < l[0]; i++) wr16(l + 1 + 2 * i, limits[i]);
     S.last_len = (uint32_t)(l + 1 + sizeof limits - r);
-    if (n < 2 || (uint32_t)(p[0] | p[1] << 8) != FW_PROTOCOL_VERSION) return FW_ERR_VERSION;
-    if (n >= 8 && rd32(p + 4) != 0 && rd32(p + 4) != S.host) new_host_session(rd32(p + 4));
+    /* a payload too short to hold a version is malformed, not another version; another version may lay HELLO out
+     * otherwise, so its length is checked only once the version is ours: u16 version, u16 0, [u32 host session] */
+    if (n < 2) ERR(FW_ERR_BAD_REQUEST, "HELLO: u16 version, u16 0, u32 host session (may be left out)");
+    if ((uint32_t)(p[0] | p[1] << 8) != FW_PROTOCOL_VERSION) return FW_ERR_VERSION;
+    if (n != 4 && n != 8) ERR(FW_ERR_BAD_REQUEST, "HELLO: u16 version, u16 0, u32 host session (may be left out)");
+    if (n == 8 && rd32(p + 4) != 0 && rd32(p + 4) != S.host) new_host_session(rd32(p + 4));
     S.session = 1;
     return FW_OK;
 }

@@ -272,7 +272,7 @@ static void one_case(void) {
     if (rnd() % 50 == 0) { /* a HELLO now and then, sometimes from another protocol version or host session */
         const uint32_t v = rnd() % 8 ? FW_PROTOCOL_VERSION : rnd() & 0xFFFF, host = rnd() % 3; /* 0: none */
         const uint8_t h[8] = {(uint8_t)v, (uint8_t)(v >> 8), 0, 0, (uint8_t)host, 0, 0, 0};
-        send(FW_MSG_HELLO, ++seq, h, rnd() % 2 ? 8 : 2);
+        send(FW_MSG_HELLO, ++seq, h, rnd() % 2 ? 8 : 4);
     }
 }
 
@@ -300,8 +300,8 @@ int main(int argc, char **argv) {
     }
     build_blob2();
     build_blob();
-    uint16_t v = FW_PROTOCOL_VERSION;
-    send(FW_MSG_HELLO, ++seq, (const uint8_t *)&v, 2);
+    const uint8_t v[4] = {FW_PROTOCOL_VERSION & 0xFF, FW_PROTOCOL_VERSION >> 8, 0, 0};
+    send(FW_MSG_HELLO, ++seq, v, sizeof v);
     load_and_run(blob, blob_len);
     load_and_run(blob2, blob2_len);
     { /* both valid blobs must parse and run as they are, or the mutations would only test the parser's refusals */

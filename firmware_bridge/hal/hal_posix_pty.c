@@ -29,6 +29,7 @@ static struct {
     uint64_t rng;
     double tx_free, rx_free; /* seconds (monotonic) when the line is next free */
     int at_frame_start;
+    uint8_t prev_rx; /* the last byte received */
     uint32_t boot_id;
 } H = {.fd = -1, .reset_after = -1, .rng = 0x9E3779B97F4A7C15ull, .at_frame_start = 1};
 
@@ -163,7 +164,9 @@ int main(int argc, char **argv) {
         if (n == 0) continue;
         size_t k = line_faults(in, n, got);
         for (size_t i = 0; i < k; i++) {
-            if (got[i] == 0 && H.reset_after >= 0 && ++H.frames == H.reset_after) {
+            int ends = got[i] == 0 && H.prev_rx != 0; /* a frame ends (an empty one, 0x00 0x00, is none) */
+            H.prev_rx = got[i];
+            if (ends && H.reset_after >= 0 && ++H.frames == H.reset_after) {
                 H.reset_after = -1;
                 fw_init(++H.boot_id); /* power cycle mid-command: the frame in flight is lost */
                 continue;
