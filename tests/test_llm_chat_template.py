@@ -358,7 +358,8 @@ _SETS = "".join(f"{{% set ns.a{i} = b %}}" for i in range(200))
     "{{ ('x'.encode() * 200000000)|length }}",                           # bytes
     _BIG + "{% set ns = namespace(b=b) %}" + _SETS + "{{ ns }}",         # a namespace filled attribute by attribute
     _BIG + "{% set c = b ~ '' %}{{ [b] * 1000 == [c] * 1000 }}",         # == compares 10^9 characters
-], ids=["string", "output", "display", "join", "join_sep", "format", "printf_map", "printf_width", "expandtabs", "indent", "bytes", "namespace", "compare"])
+], ids=["string", "output", "display", "join", "join_sep", "format", "printf_map", "printf_width", "expandtabs", "indent",
+        "bytes", "namespace", "compare"])
 def test_products_are_refused_before_they_are_built(template):
     """Each builds (or walks) hundreds of megabytes in one C call from operands within every bound (a 1 MB string,
     200 references to it): refused before the call, so memory stays far below what it would build."""

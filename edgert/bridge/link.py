@@ -266,9 +266,9 @@ class SerialLink:
                 self.line.note((len(wire) + max(expect_bytes, FRAME_OVERHEAD)) // 2, True)
             limit = self.retries if retries is None else retries
             if tries > limit:
-                raise NoAnswerError(f"serial NPU {self.url}: no answer to {P.MESSAGE_NAMES.get(type_, type_)} (seq {seq}) "
-                                f"after {limit} retransmissions; the device stopped answering (is the "
-                                "emulator running, the cable in, the baud rate right?)")
+                raise NoAnswerError(f"serial NPU {self.url}: no answer to {P.MESSAGE_NAMES.get(type_, type_)} "
+                                    f"(seq {seq}) after {limit} retransmissions; the device stopped answering (is "
+                                    "the emulator running, the cable in, the baud rate right?)")
             if not resend:
                 wait = min(wait * 2, base * 8)
             self.stats.retransmits += 1

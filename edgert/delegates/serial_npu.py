@@ -49,8 +49,8 @@
   when the Session is made (refine_unit's HELLO) or by the run that first reaches such a device.
 - Device memory: every connection is a host session (PROTOCOL.md §2.5). A failover that closes the connection
   forgets its device tensors without freeing them (the device may not be answering); the next connection's HELLO,
-  or another process's, makes the device free them, so failovers and dead processes leak nothing. A clean close of the last
-  partition on a device frees its tensors at once. Graphs stay loaded as a cache by hash (the device drops an
+  or another process's, makes the device free them, so failovers and dead processes leak nothing. A clean close of
+  the last partition on a device frees its tensors at once. Graphs stay loaded as a cache by hash (the device drops an
   earlier session's when it needs the room); when a load finds no room (ERR_NOMEM), the graphs this process loaded
   that no live partition runs, or else this connection's least recently used, are unloaded and the load is tried
   again.
