@@ -11,7 +11,8 @@ format) runs without reading the clock, every value a template builds is bounded
 result is a product of its operands: ``range`` to MAX_RANGE_ITEMS, the weight of strings and containers — their
 length, everything they hold, shared references counted each time — to MAX_VALUE_ITEMS, integers to MAX_INT_BITS,
 integer arguments of calls and filters (widths, counts) to MAX_VALUE_ITEMS; bytes are refused. ``raise_exception``
-in a template means the *messages* break the template's rules (say, roles not alternating), so it raises ``InvalidArgumentError``.
+in a template means the *messages* break the template's rules (say, roles not alternating), so it raises
+``InvalidArgumentError``.
 
 ``render_segments`` renders once with each message's content replaced by a unique sentinel of private-use code
 points, then splits the output at the sentinels: the template's own text comes back flagged ``is_markup=True``
