@@ -152,8 +152,26 @@ def test_a_cut_that_cannot_be_told_from_markup_is_refused(template, content):
             {"role": "user", "content": "and 3+3?"}]
     if "nobody" in template:
         msgs = [{"role": "user", "content": content}]
-    with pytest.raises(ModelFormatError, match="rewrites (assistant|user) content"):
+    with pytest.raises(ModelFormatError, match="rewrites message content"):
         render_segments(template, msgs)
+
+
+def test_finding_a_kept_part_reads_the_output_a_bounded_number_of_times():
+    """The kept part's end was checked at every occurrence of the following markup, each check a substring search
+    of the whole content, after the render's time budget had closed: a message full of the markup took 38 s at
+    2.6 M characters (quadratic). A stretch that is no part of the content ends the search (every longer one holds
+    it), so this is linear now; the split is the right one."""
+    import time
+
+    nxt = "<｜end▁of▁sentence｜><｜User｜>"
+    n = 40_000  # 1.4 M characters of content in each message
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": nxt * n + "</think>A"},
+            {"role": "user", "content": nxt * n}]
+    t = time.perf_counter()
+    segs = render_segments(THINK_TEMPLATE, msgs, bos_token="<s>")
+    assert time.perf_counter() - t < 5  # quadratic, this is minutes
+    assert ("A", False) in segs and (nxt * n, False) in segs
+    assert "".join(t for t, _ in segs) == render(THINK_TEMPLATE, msgs, bos_token="<s>")
 
 
 def test_strftime_now_and_raise_exception():

@@ -614,16 +614,24 @@ def render_segments(template: str | None, messages, add_generation_prompt: bool 
             if real.startswith(cand, pos) and followed(end):
                 break
         else:
-            if message["role"] != "assistant" or not (nxt or last):  # (no markup between two slots: any split fits)
-                ends = []
-            else:  # where the slot may end: before the end's markup, or at each occurrence of the next markup
-                ends = [len(real) - len(nxt)] if last else _occurrences(real, nxt, pos, pos + len(content))
-            ends = list(itertools.islice((e for e in ends if e >= pos and followed(e) and real[pos:e] in content), 2))
-            if len(ends) != 1:
+            ends = []
+            if message["role"] == "assistant" and (nxt or last):  # (no markup between two slots: any split fits)
+                # where the slot may end: before the end's markup, or at an occurrence of the next markup, in order.
+                # A stretch that is no part of the content makes every longer one none either (it is their
+                # prefix): the search stops there, so it reads the output a bounded number of times (checking each
+                # occurrence was quadratic: 38 s for a 2.6 M-character message full of the markup)
+                for e in [len(real) - len(nxt)] if last else _occurrences(real, nxt, pos, pos + len(content)):
+                    if e < pos or not followed(e):
+                        continue
+                    if real[pos:e] not in content:
+                        break
+                    ends.append(e)
+                    if len(ends) == 2:
+                        break
+            if len(ends) != 1:  # (the slot that fails may follow the message that changed: no role named)
                 raise ModelFormatError(
-                    f"the chat template rewrites {message['role']} content (beyond trimming whitespace"
-                    f"{'' if message['role'] != 'assistant' else ' or keeping one part of it'}); edgert cannot keep "
-                    f"content apart from markup — {_OWN_TEMPLATE}")
+                    "the chat template rewrites message content (beyond trimming whitespace, or keeping one part of "
+                    f"an assistant's); edgert cannot keep content apart from markup — {_OWN_TEMPLATE}")
             end = ends[0]
             cand = real[pos:end]
         if cand:
