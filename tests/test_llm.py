@@ -136,6 +136,16 @@ def test_chat_template_keyword_replaces_the_files(tiny_path):
         assert "<think>a</think>" in model.detokenize(model.chat_tokens(msgs))
     with pytest.raises(edgert.InvalidArgumentError, match="chat_template must be a str"):
         LLM(str(tiny_path), n_ctx=128, chat_template=3)
+    # an empty template rendered every chat to no tokens and chat() died of UnboundLocalError (no step ran); one
+    # that renders nothing for some messages is refused by chat_tokens, before any step
+    with pytest.raises(edgert.InvalidArgumentError, match="chat_template is empty"):
+        LLM(str(tiny_path), n_ctx=128, chat_template=" \n")
+    with LLM(str(tiny_path), n_ctx=128, chat_template="{% if messages|length > 1 %}{{ messages[0].content }}"
+                                                      "{% endif %}") as model:
+        if not model.tokenizer.add_bos:
+            with pytest.raises(edgert.InvalidArgumentError, match="rendered these messages to no tokens"):
+                model.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+        assert model.chat(msgs, max_tokens=2, temperature=0).prompt_tokens > 0
 
 
 def test_chat_second_turn_reuses_cache_and_matches_fresh_model(tiny_path, llm):

@@ -189,9 +189,12 @@ def test_bad_metadata(tmp_path, key, value, needle):
 
 
 @pytest.mark.parametrize("meta", [{"llama.rope.scaling.factor": 1.0}, {"llama.rope.scale_linear": 0.0},
-                                  {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 1.0}])
+                                  {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 1.0},
+                                  {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0},
+                                  {"llama.rope.scaling.type": "none", "llama.rope.scale_linear": 8.0}])
 def test_rope_scaling_factor_that_scales_nothing_is_accepted(tmp_path, meta):
-    # llama.cpp: factor 0 means unset, 1 leaves positions as they are
+    # llama.cpp: factor 0 means unset, 1 leaves positions as they are; an explicit type 'none' never scales
+    # ("never scale if scaling type is none"), whatever factor the file also holds
     path, _ = write_llama(tmp_path / "m.gguf", meta=meta)
     assert spec_of(path).config.rope_base == BASE_META["llama.rope.freq_base"]
 

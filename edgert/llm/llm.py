@@ -106,6 +106,8 @@ class LLM:
         if chat_template is not None and not isinstance(chat_template, str):
             raise InvalidArgumentError(f"chat_template must be a str (the template's text) or None, got "
                                        f"{type(chat_template).__name__}")
+        if chat_template is not None and not chat_template.strip():  # it would render every chat to nothing
+            raise InvalidArgumentError("chat_template is empty: give a template's text, or None for the model's")
         if not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 2:
             raise InvalidArgumentError(f"n_ctx must be an int >= 2, got {n_ctx!r}")
         t0 = time.perf_counter()
@@ -168,6 +170,8 @@ class LLM:
             ids += tok.encode_special(text) if is_markup else tok.encode(text)
         if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
             ids.insert(0, tok.bos_id)
+        if not ids:  # a template that renders nothing for these messages: nothing to answer (no step would run)
+            raise InvalidArgumentError("the chat template rendered these messages to no tokens: nothing to answer")
         return ids
 
     def check_text_fits(self, chars: int, what: str = "the text holds") -> None:

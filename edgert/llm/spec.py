@@ -107,8 +107,9 @@ def _config(g: GGUFFile) -> tuple[LlamaConfig, int]:
     scaling = md.get(p + "rope.scaling.type", "none")
     if not isinstance(scaling, str) or scaling != "none":
         raise ModelFormatError(f"{p}rope.scaling.type is {scaling!r}; edgert supports plain rotary embedding only ('none')")
-    # llama.cpp reads a missing scaling type as 'linear' and applies the factor (positions / factor); 0 means unset
-    for key in (p + "rope.scaling.factor", p + "rope.scale_linear"):
+    # llama.cpp reads a missing scaling type as 'linear' and applies the factor (positions / factor); 0 means unset.
+    # An explicit 'none' never scales, whatever factor the file also holds
+    for key in (p + "rope.scaling.factor", p + "rope.scale_linear") if p + "rope.scaling.type" not in md else ():
         factor = md.get(key, 1.0)
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor not in (0.0, 1.0):
             raise ModelFormatError(
