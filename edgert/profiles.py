@@ -47,6 +47,9 @@ DELEGATE_OPTIONS: dict[str, tuple[set[str], set[str]]] = {
 }
 
 
+SESSION_OPTION_DELEGATES = ("serial-npu",)  # delegates whose partitions take Session(device_options=...) over the unit's
+
+
 def check_device_options(profile, options: Mapping) -> None:
     """Refuse a Session's ``device_options`` key that no accelerator unit of ``profile`` takes (``DELEGATE_OPTIONS``
     of its delegate: what a profile's ``delegate_options`` may hold). A misspelt key (``timout_s``) was dropped
@@ -56,7 +59,8 @@ def check_device_options(profile, options: Mapping) -> None:
     devices = {u.delegate for u in profile.units if u.link is not None}
     if not devices or any(d not in DELEGATE_OPTIONS for d in devices):
         return
-    known = set().union(*(DELEGATE_OPTIONS[d][0] for d in devices))
+    # only these delegates read a Session's device_options (over their unit's); the others read the profile alone
+    known = set().union(*(DELEGATE_OPTIONS[d][0] for d in devices if d in SESSION_OPTION_DELEGATES))
     unknown = sorted(str(k) for k in options if k not in known)
     if unknown:
         raise InvalidArgumentError(

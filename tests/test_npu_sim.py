@@ -1205,6 +1205,11 @@ def test_unknown_device_options_are_refused_naming_the_known_ones(tmp_path):
                                                           "port, retries, retry_after_s, timeout_s, url"):
         edgert.Session(str(tmp_path / "m.onnx"), device="serial-npu", fallback="allow",
                        device_options={"url": str(tmp_path / "nodev"), "timout_s": 5})
+    # the onnxruntime delegate reads its options from the profile only: providers given here were dropped silently
+    with pytest.raises(edgert.InvalidArgumentError, match="device_options: unknown key 'providers' for device "
+                                                          "'snapdragon-x'"):
+        edgert.Session(str(tmp_path / "m.onnx"), device="snapdragon-x", emulate=True,
+                       device_options={"providers": ["CPUExecutionProvider"]})
 
 
 def test_a_second_session_on_an_open_device_has_its_options_checked():
