@@ -168,17 +168,17 @@ class SerialNpuDevice:
         self._chunked(len(mv), P.CHUNK_HEADER["READ"], get)
 
     MIN_CHUNK = 16
-    HALVE_AFTER = 3  # retransmissions of a chunk over MIN_CHUNK before it is sent again as two halves
+    HALVE_AFTER = 3  # unanswered waits of a chunk over MIN_CHUNK before it is sent again as two halves (a noisy
+    # line: NOISE_RESENDS times that immediate retransmissions)
 
     def _chunked(self, total: int, overhead: int, send) -> None:
         """Call ``send(offset, n, retries)`` over ``total`` bytes in chunks sized for the line's measured error rate
         (``LineQuality.chunk``; the whole ``max_payload`` on a clean line). WRITE, READ and LOAD_CHUNK are
         idempotent by content (the same bytes at the same offset), so a chunk that gets no answer within
         HALVE_AFTER retransmissions is sent again smaller under new sequence numbers, halved or at once to the size
-        the failures measured: on a noisy line long frames rarely arrive whole, short ones do. The resends are
-        retransmissions of the chunk's data and spend the same budget (PROTOCOL.md §4): from one answer to the next
-        the host sends at most ``1 + retries`` frames, so halving never makes a stalled device cost more than one
-        request does."""
+        the failures measured: on a noisy line long frames rarely arrive whole, short ones do. Unanswered waits spend
+        one budget across the halvings (PROTOCOL.md §4): from one answer to the next the host waits on at most
+        ``1 + retries`` frames, so halving never makes a stalled device cost more than one request does."""
         top = self.link.max_payload - overhead
         if top < 1:  # HelloInfo.parse refuses such a device; a link made without HELLO could still get here
             raise LinkError(f"serial NPU {self.link.url}: max_payload of {self.link.max_payload} bytes leaves no room "
@@ -188,19 +188,19 @@ class SerialNpuDevice:
         while off < total:
             n = min(line.chunk(overhead, cap, min(self.MIN_CHUNK, cap)), total - off)
             small = n <= self.MIN_CHUNK
-            before = stats.retransmits
             try:
                 send(off, n, left if small else min(left, self.HALVE_AFTER))
             except (DeviceStatusError, LinkWriteError):  # an answer, or a port that takes no more: no halving
                 raise
-            except LinkError as exc:
-                left -= stats.retransmits - before
-                if small or left < 1 or isinstance(exc, DeviceResetError):
+            except NoAnswerError as exc:
+                # the unanswered waits spend the budget; after one (the device may be stalled) the smaller chunk's
+                # first frame is a retransmission too. A line too noisy for the chunk leaves the budget alone
+                left -= exc.silent + exc.stalled
+                if small or left < 0 or (exc.stalled and left < 1):
                     raise
-                left -= 1
                 stats.retransmits += 1  # the chunk's data again, under a new sequence number
                 # halved, or at once to the size the failures just measured when that is smaller (a stale
-                # estimate, the first transfer on a noisy line): each halving costs a retransmission
+                # estimate, the first transfer on a noisy line)
                 cap = max(self.MIN_CHUNK, min(n // 2, line.chunk(overhead, top, self.MIN_CHUNK)))
                 continue
             off += n

@@ -30,7 +30,13 @@ class LinkWriteError(LinkError):
 
 class NoAnswerError(LinkError):
     """A request got no answer within its retransmissions (a stalled device, or a line too noisy for the budget):
-    the port itself is fine, so the connection and its session can be kept."""
+    the port itself is fine, so the connection and its session can be kept. ``silent``: the retransmissions made
+    after unanswered waits (what ``retries`` bounds); ``noisy``: those after a NAK or a broken answer; ``stalled``:
+    whether it gave up on silence (else on noise)."""
+
+    def __init__(self, message: str, silent: int = 0, noisy: int = 0, stalled: bool = True):
+        super().__init__(message)
+        self.silent, self.noisy, self.stalled = silent, noisy, stalled
 
 
 class DeviceStatusError(LinkError):
@@ -99,12 +105,15 @@ class LineQuality:
         return int(max(floor, min(top, n)))
 
 
-# The defaults for a UART (PROTOCOL.md §4): a device answers within milliseconds of a frame's end, so a short first
-# wait; a noisy line's losses are mostly answered at once (NAK, a broken frame: no wait), so many retransmissions cost
-# little there, and a stalled device costs sum(TIMEOUT_S * min(2^i, 8), i = 0..RETRIES) ~ 9 s before the host fails
-# over. 24 lets a request through 1% dropped + 1% corrupted bytes (a round trip arrives whole ~25% of the time)
-DEFAULT_TIMEOUT_S = 0.05
-DEFAULT_RETRIES = 24
+# The defaults (PROTOCOL.md §4). ``retries`` bounds the waits a device leaves unanswered (silence: a stalled or busy
+# device), which back off from ``timeout``: a stalled device costs sum(TIMEOUT_S * min(2^i, 8), i = 0..RETRIES) ~ 11 s
+# before the host fails over; 0.2 s leaves room for a device that answers a few hundred ms late. A loss the device or
+# the line reports at once (a NAK, a broken answer) costs line time, not a wait: those immediate retransmissions have
+# a budget of their own, NOISE_RESENDS per retry (32 by default carry a request through 1% dropped + 1% corrupted
+# bytes, where a round trip arrives whole about one time in four)
+DEFAULT_TIMEOUT_S = 0.2
+DEFAULT_RETRIES = 8
+NOISE_RESENDS = 4
 
 
 class SerialLink:
@@ -223,15 +232,18 @@ class SerialLink:
     def transact(self, type_: int, payload: bytes = b"", *, expect_bytes: int = 0, check: bool = True,
                  retries: int | None = None, busy_s: float = 0.0) -> Frame:
         """Send request ``type_`` with ``payload`` and return its answer (a Frame). Retransmits per PROTOCOL.md §4.
-        ``check``: raise DeviceStatusError when the answer carries an error status. ``retries`` overrides the link's.
-        ``busy_s``: the time the device is expected to work on it (an INVOKE), added to the waits."""
+        ``check``: raise DeviceStatusError when the answer carries an error status. ``retries`` overrides the link's
+        (unanswered waits; immediate retransmissions after a NAK or a broken answer: ``NOISE_RESENDS`` times that).
+        ``busy_s``: the time the device is expected to work on it (an INVOKE), added to the first wait and to the wait
+        after each immediate retransmission (the device had not got the request whole), not to the back-off."""
         if self._closed:
             raise LinkError(f"serial NPU link {self.url} is closed")
         seq = self.next_seq()
         req = Frame(type_, seq, bytes(payload))
         wire = encode_frame(req)
-        base = self.timeout + busy_s + self.line_seconds(len(wire) + expect_bytes + 64)
-        wait, tries = base, 0
+        base = self.timeout + self.line_seconds(len(wire) + expect_bytes + 64)
+        step = base  # the wait after an unanswered one: doubles, up to 8x
+        wait, silent, noisy = base + busy_s, 0, 0
         self._write(wire + b"\x00")  # a second delimiter: a frame whose one delimiter is lost waits for a timeout
         self.stats.frames_tx += 1
         while True:
@@ -260,17 +272,25 @@ class SerialLink:
                         self.stats.discarded += 1
                 if self.decoder.broken != before:
                     resend = True
-            tries += 1
-            if resend:  # a broken frame either way: noise (a silent device says nothing about the line); on
-                # average it broke half-way
-                self.line.note((len(wire) + max(expect_bytes, FRAME_OVERHEAD)) // 2, True)
             limit = self.retries if retries is None else retries
-            if tries > limit:
-                raise NoAnswerError(f"serial NPU {self.url}: no answer to {P.MESSAGE_NAMES.get(type_, type_)} "
-                                    f"(seq {seq}) after {limit} retransmissions; the device stopped answering (is "
-                                    "the emulator running, the cable in, the baud rate right?)")
-            if not resend:
-                wait = min(wait * 2, base * 8)
+            name = P.MESSAGE_NAMES.get(type_, type_)
+            if resend:  # a broken frame either way: noise (a silent device says nothing about the line); on
+                # average it broke half-way. The device is alive: the request goes again at once
+                self.line.note((len(wire) + max(expect_bytes, FRAME_OVERHEAD)) // 2, True)
+                noisy += 1
+                if noisy > NOISE_RESENDS * limit:
+                    raise NoAnswerError(f"serial NPU {self.url}: no whole answer to {name} (seq {seq}) after "
+                                        f"{noisy - 1} immediate retransmissions (NAKs, broken frames): the line is "
+                                        "too noisy", silent, noisy - 1, stalled=False)
+                wait = step + busy_s
+            else:
+                silent += 1
+                if silent > limit:
+                    raise NoAnswerError(f"serial NPU {self.url}: no answer to {name} (seq {seq}) after {limit} "
+                                        "retransmissions; the device stopped answering (is the emulator running, the "
+                                        "cable in, the baud rate right?)", silent - 1, noisy)
+                step = min(step * 2, base * 8)
+                wait = step
             self.stats.retransmits += 1
             # a delimiter first ends any partial frame the device holds, then the same request again (same seq)
             self._write(b"\x00" + encode_frame(Frame(type_, seq, req.payload, FLAG_RETRANSMIT)) + b"\x00")
