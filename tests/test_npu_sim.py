@@ -1228,3 +1228,55 @@ def test_a_second_session_on_an_open_device_has_its_options_checked():
         x = feeds(model, np.random.default_rng(0))
         np.testing.assert_array_equal(same.run(None, x)[0], first.run(None, x)[0])
         del first, same
+
+
+def test_a_busy_device_is_waited_for_and_a_stalled_one_costs_what_timeout_and_retries_say():
+    """INVOKE adds the graph's last compute time to its first wait only. It was inside the back-off (doubled up to 8x
+    at every unanswered wait): a device stalled during a 1 s INVOKE held the run ~(timeout + 1 s) x 183, minutes.
+    Now the stall costs the compute time plus what timeout and retries say; the slow graph itself, answered, is
+    waited for without a retransmission."""
+    import signal
+
+    from edgert.bridge import SerialNpuDevice
+    from edgert.formats.onnx import load_onnx
+
+    model = int8_mlp(k=256, n=64, m=8)
+    g = load_onnx(model.SerializeToString())
+    part = serial_npu._OneNode("p", tuple(n.name for n in g.nodes), tuple(g.inputs), tuple(g.outputs))
+    blob = serial_npu.translate_pieces(part, g, P.DeviceLimits())[0][0]
+    with sim(ops_per_s=1_000_000) as s:  # ~0.26 s per INVOKE
+        dev = SerialNpuDevice(s.url, timeout=0.02, retries=3)
+        h, x, y = dev.load_graph(blob), dev.alloc(8 * 256), dev.alloc(8 * 64 * 4)
+        dev.write(x, np.zeros(8 * 256, np.int8))
+        compute, _ = dev.invoke(h, [x], [y])
+        assert compute > 0.2
+        before = dev.link.stats.retransmits
+        dev.invoke(h, [x], [y])  # the compute time is known now: waited for, not retransmitted for
+        assert dev.link.stats.retransmits == before
+        os.kill(s.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(edgert.LinkError, match="no answer to INVOKE .* after 3 retransmissions"):
+                dev.invoke(h, [x], [y])
+            took = time.monotonic() - t0
+        finally:
+            os.kill(s.proc.pid, signal.SIGCONT)
+        dev.close()
+    # compute + 0.02 x (1 + 2 + 4 + 8) plus line time: about 0.6 s; inside the back-off it was (0.02 + 0.26) x 15
+    assert took < 2.5, took
+
+
+def test_a_device_that_answers_late_is_used_with_the_default_options():
+    """A device answering 150 ms after each request (--stall-ms 300) with the defaults of the day (timeout 0.05 s)
+    was never used: every request was retransmitted before its answer came, each duplicate answered 300 ms late
+    again, the writes blocked and every run failed over. The default timeout leaves room for it."""
+    model = int8_mlp()
+    rng = np.random.default_rng(8)
+    with sim(stall_ms=300) as s:
+        sess = edgert.Session(model, device="serial-npu", fallback="forbid",
+                              device_options={"url": s.url, "retry_after_s": 0}, telemetry=False)
+        for _ in range(2):
+            f = feeds(model, rng)
+            np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+        assert sess._bound.compiled[0].runs_on_device == 2 and sess.stats()["failovers"] == 0
+        sess.close()
