@@ -1267,7 +1267,7 @@ def test_a_busy_device_is_waited_for_and_a_stalled_one_costs_what_timeout_and_re
 
 
 def test_a_device_that_answers_late_is_used_with_the_default_options():
-    """A device answering 150 ms after each request (--stall-ms 300) with the defaults of the day (timeout 0.05 s)
+    """A device answering 300 ms after each request (--stall-ms 300) with the defaults of the day (timeout 0.05 s)
     was never used: every request was retransmitted before its answer came, each duplicate answered 300 ms late
     again, the writes blocked and every run failed over. The default timeout leaves room for it."""
     model = int8_mlp()
