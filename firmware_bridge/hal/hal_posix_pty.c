@@ -66,10 +66,13 @@ static size_t line_faults(const uint8_t *in, size_t n, uint8_t *out) {
     return k;
 }
 
+/* the line is busy until *free_at; n more bytes take n * 10 / baud. A line idle for a while starts from now; a short
+ * lag (a sleep that overshot) is kept, not dropped: COBS writes a zero-rich frame a byte or two at a time, and
+ * dropping each call's overshoot sent such frames at half the baud rate */
 static void pace(double *free_at, size_t n) {
     if (H.baud <= 0) return;
     double t = now_s();
-    if (*free_at < t) *free_at = t;
+    if (*free_at < t - 0.002) *free_at = t;
     *free_at += (double)n * 10.0 / H.baud;
     sleep_until(*free_at);
 }
