@@ -1301,3 +1301,22 @@ def test_the_emulator_sends_zero_rich_data_at_the_line_rate():
             assert bytes(buf) == data
         dev.close()
     assert min(took["zeros"], took["zeros again"]) < 1.3 * took["random"], took  # it was 2.1x
+
+
+def test_a_graph_slower_than_the_wait_budget_is_learned_and_then_waited_for():
+    """A graph computing longer than timeout and retries allow failed over at every run: only an answered INVOKE
+    told the host its compute time, and none was ever answered. An unanswered one now teaches the time waited, so
+    the waits grow until the device's answer comes; then every run is on the device."""
+    model = int8_mlp(k=256, n=64, m=8)  # ~0.26 M ops: ~0.65 s at 400k ops/s, against ~0.3 s of waits
+    rng = np.random.default_rng(12)
+    with sim(ops_per_s=400_000) as s:
+        sess = session(model, s.url, timeout_s=0.02, retries=3, retry_after_s=0.0)
+        part = sess._bound.compiled[0]
+        ran = []
+        for _ in range(8):
+            f = feeds(model, rng)
+            np.testing.assert_array_equal(sess.run(None, f)[0], ort_run(model, f)[0])
+            ran.append(part.runs_on_device)
+        failovers = sess.stats()["failovers"]
+        sess.close()
+    assert failovers >= 1 and ran[-1] - ran[-3] == 2, (ran, failovers)  # the last runs all on the device

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 import sys
 
 import numpy as np
@@ -210,9 +211,17 @@ class SerialNpuDevice:
         """Run a resident graph on bound tensors; returns (device compute seconds, ops)."""
         p = struct.pack("<QHH", graph_hash, len(inputs), len(outputs)) + struct.pack(f"<{len(inputs) + len(outputs)}I",
                                                                                      *inputs, *outputs)
-        # the device computes before it answers: its last compute time for this graph is added to the waits, so a
-        # slow graph is not retransmitted for (nor, with few retries, failed over)
-        f = self._call(P.INVOKE, p, busy_s=self._compute_s.get(graph_hash, 0.0))
+        # the device computes before it answers: its last compute time for this graph is added to the first wait, so
+        # a slow graph is not retransmitted for (nor, with few retries, failed over). An INVOKE left unanswered
+        # teaches a lower bound: the time waited (a graph computing longer than timeout and retries allow failed
+        # over at every run, the first wait of each knowing no compute time)
+        busy, t0 = self._compute_s.get(graph_hash, 0.0), time.monotonic()
+        try:
+            f = self._call(P.INVOKE, p, busy_s=busy)
+        except NoAnswerError as exc:
+            if exc.stalled:
+                self._compute_s[graph_hash] = max(busy, time.monotonic() - t0)
+            raise
         us, lo, hi = struct.unpack_from("<III", self._answer("INVOKE", f, 12))
         self._compute_s[graph_hash] = us * 1e-6
         return us * 1e-6, lo | hi << 32
