@@ -256,7 +256,8 @@ def matmul(x: np.ndarray, w: QTensor | PackedQTensor, threads: int | None = None
     allocated. With both, a call allocates nothing (callers in a run loop keep them)."""
     _weight(w)
     if not isinstance(x, np.ndarray):
-        raise DTypeError(f"x must be a numpy float32 array, got {type(x).__name__}")
+        raise DTypeError(f"x must be a numpy float32 array, got {type(x).__name__}"
+                         f"{' (a numpy scalar: pass an array of shape (M, K))' if isinstance(x, np.generic) else ''}")
     if x.dtype != np.float32:
         raise DTypeError(f"x must be float32, got {x.dtype} (use x.astype(np.float32))")
     if x.ndim not in (1, 2):
@@ -341,8 +342,11 @@ class BoundMatMul:
         kx = k if kx is None else kx
         nth = _threads(threads)
         self.m = _rows(m)
-        if not isinstance(kx, int) or not 1 <= kx <= k or (kx != k and w.fmt in ("f16", "f32")):
-            raise ShapeError(f"kx={kx!r} must be in [1, K={k}] ({w.fmt} weights: exactly K)")
+        exact = w.fmt in ("f16", "f32")  # block formats take shorter rows (zero-padded, exact); float ones do not
+        if isinstance(kx, bool) or not isinstance(kx, Integral) or not 1 <= kx <= k or (kx != k and exact):
+            raise ShapeError(f"kx={kx!r} must be " + (f"K={k} ({w.fmt} weights)" if exact else
+                                                      f"an int in [1, K={k}]"))
+        kx = int(kx)
         self.w, self.kx, self.threads = w, kx, threads
         self.out = aligned_empty(m * n * 4, np.float32).reshape(m, n)
         ss = matmul_scratch_size(w, m)

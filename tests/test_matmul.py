@@ -376,8 +376,14 @@ def test_bound_matmul_rejects_bad_input():
     for bad in [dict(m=0), dict(m=2, kx=65), dict(m=2, kx=0), dict(m=2, threads=0)]:
         with pytest.raises((edgert.ShapeError, edgert.InvalidArgumentError)):
             BoundMatMul(w, **bad)
-    with pytest.raises(edgert.ShapeError, match="exactly K"):
+    with pytest.raises(edgert.ShapeError, match="kx=60 must be K=64 \\(f32 weights\\)"):
         BoundMatMul(wf, 2, 60)
+    # a block format's message said 'exactly K' too (they take shorter rows), and a numpy int kx was refused
+    with pytest.raises(edgert.ShapeError, match="kx=0 must be an int in \\[1, K=64\\]$"):
+        BoundMatMul(w, 2, 0)
+    assert BoundMatMul(w, 2, np.int64(60)).kx == 60
+    with pytest.raises(edgert.DTypeError, match="a numpy scalar"):
+        edgert.matmul(np.float32(1.0), w)
     bound = BoundMatMul(w, 2, 60)
     for x in [np.zeros((2, 64), np.float32), np.zeros((3, 60), np.float32), np.zeros((2, 60), np.float64),
               np.zeros((60, 2), np.float32).T, np.zeros((2, 120), np.float32)[:, ::2], [[0.0] * 60] * 2]:
