@@ -35,9 +35,10 @@ _LLM_FLAGS = {
     "temperature": "--temperature", "seed": "--seed", "threads": "--threads", "stop": "--stop",
 }
 _CLI_SPELLINGS += (
-    (re.compile(r"\b(%s)\b(?:=(?=\S)|(?=[ ,:;)]|$))" % "|".join(n for n in _LLM_FLAGS if "_" in n)),
+    # (not a syntax's placeholder, as eval's MODEL@threads=N: an '=' before a capital alone, or right after '@')
+    (re.compile(r"\b(%s)\b(?:=(?=\S)(?![A-Z]\b)|(?=[ ,:;)]|$))" % "|".join(n for n in _LLM_FLAGS if "_" in n)),
      lambda m: _LLM_FLAGS[m[1]] + (" " if m[0].endswith("=") else "")),
-    (re.compile(r"\b(%s)(?:=(?=\S)|(?= must\b))" % "|".join(n for n in _LLM_FLAGS if "_" not in n)),
+    (re.compile(r"(?<!@)\b(%s)(?:=(?=\S)(?![A-Z]\b)|(?= must\b))" % "|".join(n for n in _LLM_FLAGS if "_" not in n)),
      lambda m: _LLM_FLAGS[m[1]] + (" " if m[0].endswith("=") else "")),
     (re.compile(r" or None(?=,)"), ""),  # a flag cannot be given None
 )

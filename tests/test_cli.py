@@ -356,3 +356,16 @@ def test_no_model_argument_takes_the_default_by_name_not_a_path_in_the_cwd(tiny_
     else:  # an explicit existing file is loaded, and refused here for what it is
         assert main(["generate", "smollm2-135m", "-p", "the", "-n", "2", "--n-ctx", "64"]) == 1
         assert "edgert: error:" in capsys.readouterr().err
+
+
+def test_cli_spelling_leaves_the_eval_side_syntax_alone():
+    """edgert eval's side syntax is MODEL@threads=N; the LLM flags' rewrite turned it into '@--threads N' (a syntax
+    that does not exist) in every eval error, even in the user's own spec."""
+    from edgert.cli import cli_spelling
+
+    assert cli_spelling("give a path, optionally with @DEVICE or @threads=N") == \
+        "give a path, optionally with @DEVICE or @threads=N"
+    assert cli_spelling("big.onnx@foo=1: unknown option 'foo' after '@' (expected DEVICE, device=NAME or threads=N)") \
+        .endswith("(expected DEVICE, device=NAME or threads=N)")
+    assert cli_spelling("n_ctx=100000 exceeds 8192; threads must be an int in [1, 256] or None, got 0") == \
+        "--n-ctx 100000 exceeds 8192; --threads must be an int in [1, 256], got 0"

@@ -110,6 +110,21 @@ def test_missing_device_runtime(model_files):
     assert s.fell_back and s.stats()["bytes_to_device"] == 0
 
 
+def test_a_library_that_is_no_tflite_delegate_is_a_device_error(model_files, tmp_path):
+    """A profile's delegate library that loads but has no tflite_plugin_create_delegate symbol (libm, a wrong file)
+    made LiteRT raise AttributeError: a traceback from Session and `edgert run`, not the clear missing-runtime
+    behaviour. edgert's own extension module stands in for such a library."""
+    import edgert._ffi
+    from edgert.profiles import profiles_dir
+
+    prof = tmp_path / "wrong-tpu.toml"
+    prof.write_text((profiles_dir() / "coral-usb.toml").read_text().replace(
+        'name = "coral-usb"', 'name = "wrong-tpu"').replace('"libedgetpu.so.1"', f'"{edgert._ffi.__file__}"'))
+    p = str(model_files["int8_fc_int8io"])
+    with pytest.raises(edgert.DeviceError, match="could not load delegate library"):
+        edgert.Session(p, device=str(prof), fallback="forbid")
+
+
 def test_interpreter_memory_is_bound(model_files):
     s = edgert.Session(str(model_files["int8_conv"]), device="host", core=False)
     (part,) = s._bound.compiled

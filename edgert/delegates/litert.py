@@ -61,10 +61,16 @@ def runtime_description() -> str | None:
 
 def load_external_delegate(library: str, options: Mapping[str, Any] | None = None):
     """``load_delegate(library, options)``; DeviceError naming the library when it cannot be loaded."""
+    import ctypes
+
     mod, pkg = interpreter_module()
     try:
+        # a library without the external-delegate entry points made LiteRT raise AttributeError (a traceback) and
+        # then its half-made Delegate's __del__ raised again ("Exception ignored"): look for them first
+        if not hasattr(ctypes.CDLL(library), "tflite_plugin_create_delegate"):
+            raise ValueError("it is no TFLite external delegate (no tflite_plugin_create_delegate symbol)")
         return mod.load_delegate(library, {str(k): str(v) for k, v in dict(options or {}).items()})
-    except (ValueError, OSError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError, AttributeError) as exc:
         raise DeviceError(f"{pkg} could not load delegate library {library!r}: {exc}") from None
 
 
