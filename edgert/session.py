@@ -799,11 +799,10 @@ class Session:
         log = b.runlog if b is not None else None
         if log is None:
             dl = sorted({part.delegate for part in b.plan.partitions}) if b else []
-            has_power = getattr(self.profile, "power_w", None) is not None
             log = _telemetry.RunLog(
                 {"source": "session", "endpoint": "run", "model": self.model_name, "device": self.device,
                  "delegates": ",".join(dl) + (" (emulated)" if self.emulate and len(dl) > 1 else "")},
-                self.profile.energy_j(1.0) if has_power else None, self.profile.cost_usd(1.0) if has_power else None)
+                profile=self.profile)
             if b is not None:
                 b.runlog = log
         log.add(dt, self._last["to_device"] + self._last["to_host"] if err is None else 0, err)

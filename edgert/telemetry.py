@@ -151,6 +151,15 @@ def host_cost_model() -> CostModel:
     return _host_cost
 
 
+def profile_cost_model(profile, host: CostModel) -> CostModel:
+    """The cost model of work on device ``profile``: this machine's (``host``, overrides included) when the profile
+    is the host's own, else the profile's power and price with this machine's electricity price."""
+    if profile is None or profile.name in ("host", host.device) or getattr(profile, "power_w", None) is None:
+        return host
+    return CostModel(device=profile.name, power_w=profile.power_w, price_usd_per_hour=profile.price_usd_per_hour,
+                     electricity_usd_per_kwh=host.electricity_usd_per_kwh)
+
+
 # ---- recording ----
 
 def _cost_model_or_warn() -> CostModel | None:
@@ -323,22 +332,23 @@ class RunLog:
     delegates), the database path and the cost rates are fixed here once; the writer thread inserts a batch of runs
     as one JSON text that SQLite expands into rows (``json_each``), so it holds the GIL for a ``json.dumps`` of
     integers, not for a Python row per run (which cost the caller's thread 8 us a run in GIL hand-offs). Request ids
-    are ``<run-id>-<n>``. ``joules_per_s``/``usd_per_s``: energy and price per busy second (the device profile's;
-    default the host's cost model; both models are linear in busy time)."""
+    are ``<run-id>-<n>``. Energy and price per busy second come from ``profile_cost_model(profile)`` (the host's
+    cost model when ``profile`` is None or the host's own; both models are linear in busy time)."""
 
     __slots__ = ("home", "path", "params", "n")
     CHUNK = 4096  # runs per INSERT: bounds the GIL-held json.dumps (~0.4 us a run) a caller may wait behind
 
-    def __init__(self, event: dict, joules_per_s: float | None = None, usd_per_s: float | None = None):
+    def __init__(self, event: dict, profile=None):
         cost = _cost_model_or_warn()
+        if cost is not None:  # the events of every source cost the same way (docs/serve.md)
+            cost = profile_cost_model(profile, cost)
         self.home, self.path = os.environ.get("EDGERT_HOME"), db_path()
         self.params = {name: None for name in _NAMES if name not in _RUN_COLUMNS}
-        self.params.update(device=cost.device if cost else _machine(), delegates="host",
-                           queue_wait_s=0.0)
+        self.params.update(device=cost.device if cost else _machine(), delegates="host", queue_wait_s=0.0)
         self.params.update((k, v) for k, v in event.items() if k in self.params)
         self.params.update(prefix=new_request_id("run"),
-                           joules_per_s=cost.energy_j(1.0) if joules_per_s is None and cost else joules_per_s,
-                           usd_per_s=cost.cost_usd(1.0) if usd_per_s is None and cost else usd_per_s)
+                           joules_per_s=cost.energy_j(1.0) if cost else None,
+                           usd_per_s=cost.cost_usd(1.0) if cost else None)
         self.n = 0  # runs inserted so far (the writer thread's alone)
 
     def add(self, latency_s: float, bytes_copied: int, error: str | None = None) -> None:

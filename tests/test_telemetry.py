@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import sqlite3
+import types
 import threading
 import time
 from contextlib import redirect_stderr, redirect_stdout
@@ -127,7 +128,8 @@ def test_run_log_rows_built_in_python_equal_sqlite_json_ones(tmp_path, monkeypat
     for json_ok in (True, False):
         monkeypatch.setenv("EDGERT_HOME", str(tmp_path / str(json_ok)))
         monkeypatch.setattr(telemetry, "_has_json", lambda ok=json_ok: ok)
-        log = telemetry.RunLog({"source": "session", "endpoint": "run", "model": "m"}, 2.0, 0.5)
+        dev = types.SimpleNamespace(name="npu-x", power_w=2.0, price_usd_per_hour=1800.0)  # 2 J and $0.5 a second
+        log = telemetry.RunLog({"source": "session", "endpoint": "run", "model": "m"}, profile=dev)
         log.params["prefix"] = "run-x"
         for lat, nbytes, err in runs:
             log.add(lat, nbytes, err)
@@ -408,3 +410,30 @@ def test_a_damaged_database_is_an_edgert_error(tmp_path):
     with redirect_stdout(io.StringIO()), redirect_stderr(err):
         assert main(["report"]) == 1
     assert err.getvalue().startswith("edgert: error: cannot read the telemetry database")
+
+
+def test_session_runs_cost_what_other_requests_cost(monkeypatch, tmp_path):
+    """Session.run events took power and price from the profile alone: on the host they ignored EDGERT_POWER_W,
+    EDGERT_PRICE_USD_PER_HOUR and the electricity price that every LLM and server event honours, so one report
+    added costs computed two ways. On the host profile a run now costs what the host cost model says; on another
+    device, its profile's power and price plus this machine's electricity price."""
+    import edgert
+    from edgert.profiles import load
+    from onnx_models import mlp
+
+    monkeypatch.setattr(telemetry, "_host_cost", None)
+    for k, v in (("EDGERT_POWER_W", "10"), ("EDGERT_PRICE_USD_PER_HOUR", "3600"),
+                 ("EDGERT_ELECTRICITY_USD_PER_KWH", "1")):
+        monkeypatch.setenv(k, v)
+    x = {"x": np.ones((2, 8), np.float32)}
+    for device in ("host", "rpi5"):
+        s = edgert.Session(mlp(batch=2, d_in=8), device=device, emulate=device != "host")
+        s.run(None, x)
+        s.close()
+    assert telemetry.flush()
+    host, rpi = (r for r in telemetry.events() if r["source"] == "session")
+    busy = host["latency_s"]
+    assert host["energy_j"] == pytest.approx(10 * busy) and host["cost_usd"] == pytest.approx(busy + 10 * busy / 3.6e6)
+    prof, busy = load("rpi5"), rpi["latency_s"]
+    assert rpi["energy_j"] == pytest.approx(prof.power_w * busy)
+    assert rpi["cost_usd"] == pytest.approx(prof.price_usd_per_hour * busy / 3600 + prof.power_w * busy / 3.6e6)

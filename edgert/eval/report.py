@@ -78,8 +78,7 @@ def cost_model(device: str | None):
     from .. import profiles
 
     prof = profiles.load(device)
-    return telemetry.CostModel(device=prof.name, power_w=prof.power_w, price_usd_per_hour=prof.price_usd_per_hour,
-                               electricity_usd_per_kwh=host.electricity_usd_per_kwh), prof.name
+    return telemetry.profile_cost_model(prof, host), prof.name
 
 
 def needs_emulation(device: str | None) -> bool:
