@@ -523,7 +523,7 @@ def query(since: float | str | None = None, by: str | None = None, path: Path | 
     return [{by: k, **summarize(v)} for k, v in sorted(groups.items())]
 
 
-REPORT_FIELDS = ("requests", "error_rate", "latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s",
+REPORT_FIELDS = ("requests", "errors", "error_rate", "latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s",
                  "tokens_per_s", "cost_per_1m_tokens_usd", "energy_j", "cost_usd", "prompt_tokens", "completion_tokens")
 
 
