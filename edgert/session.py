@@ -618,6 +618,7 @@ class Session:
             host_unit = p.unit(p.host_unit)
             host_only = dataclasses.replace(self.profile, units=[host_unit])
             p = make_plan(graph, host_only, fallback="allow", **self._plan_kw)
+        p.dims = dict(dims)  # the graph planned is bound already: the plan records the binding, as plan(dims=) does
         _refuse_non_tensor_cuts(graph, p)
 
         compiled, on_device = [], False

@@ -462,6 +462,16 @@ def test_one_partition_fast_path_checks_what_the_general_path_checks(tmp_path, f
     assert s.stats()["bytes_to_device"] == 0 and s.stats()["last_run"] == {"bytes_to_device": 0, "bytes_to_host": 0}
 
 
+def test_a_sessions_plan_records_the_dims_it_was_bound_to(mlp_path):
+    """Session(dims=...).plan.dims was {} while edgert.plan(dims=...).dims holds them (and the first run's binding
+    was not recorded either)."""
+    s = edgert.Session(mlp_path, dims={"batch": 5}, telemetry=False)
+    assert s.plan.dims == edgert.plan(mlp_path, dims={"batch": 5}).dims == {"batch": 5}
+    s = edgert.Session(mlp_path, telemetry=False)
+    s.run(None, {"x": x_of(3)})
+    assert s.plan.dims == {"batch": 3}
+
+
 def test_get_outputs_lists_the_models_shapes_as_onnxruntime_does():
     """get_outputs() switched to the last run's bound shapes (inputs stayed symbolic), and a dim shape inference
     named itself leaked as 'unk__0' where onnxruntime says None."""
