@@ -1048,3 +1048,21 @@ def test_a_body_that_stalls_is_answered_408(llm, monkeypatch):
         assert head.startswith("HTTP/1.1 408 ") and "body_timeout" in head and "x-request-id: chatcmpl-" in head
         assert 0.4 < waited < DEADLINE_S / 2
         assert metric(base, 'edgert_requests_total{endpoint="/v1/chat/completions",status="408"}') == 1
+
+
+def test_a_known_models_file_served_by_path_answers_to_the_models_name(tmp_path):
+    """`edgert serve ~/.cache/edgert/models/SmolLM2-135M-Instruct.Q4_1.gguf` answered 404 to model
+    'smollm2-135m', the name the README's client example uses (its id is the file's stem)."""
+    from starlette.testclient import TestClient
+
+    from edgert.llm.store import KNOWN_MODELS
+
+    km = KNOWN_MODELS["smollm2-135m"]
+    path = tmp_path / km.filename  # a tiny model under the known file's name
+    write_tiny_llama(path, fmt="q4_0", ctx=64)
+    with LLM(str(path), n_ctx=64, threads=1) as model:
+        with TestClient(create_app(model, telemetry=False)) as client:
+            for name, status in (("smollm2-135m", 200), (path.stem, 200), ("gpt-4o", 404)):
+                r = client.post(CHAT, json={"model": name, "messages": MSG, "max_tokens": 1})
+                assert r.status_code == status, (name, r.text)
+            assert client.get("/v1/models/smollm2-135m").status_code == 200

@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import telemetry as telemetry_mod
+from ..llm.store import KNOWN_MODELS
 from ..errors import ContextLengthError, EdgertError, InvalidArgumentError
 from .schemas import APIError, GenerationRequest, _is_int, bad, parse_detokenize, parse_generation, parse_tokenize
 from .scheduler import Job, JobOutcome, QueueFullError, Scheduler, ShuttingDownError
@@ -197,6 +198,8 @@ class Server:
         path = Path(str(getattr(llm, "path", llm.name)))
         self.model_id = model_id or llm.model_id
         self.model_aliases = {self.model_id, str(llm.name), path.name, path.stem, str(path)}
+        # a known model's file served by its path answers to the model's name too (the README's client uses it)
+        self.model_aliases |= {km.name for km in KNOWN_MODELS.values() if km.filename == path.name}
         try:
             self.created = int(path.stat().st_mtime)
         except OSError:
