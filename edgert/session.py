@@ -49,24 +49,33 @@ LAYOUTS_KEPT = 8
 
 @dataclass(frozen=True)
 class IOInfo:
-    """A graph input or output: ``shape`` with symbolic dims as strings (None when unknown), ``dtype`` a numpy dtype
-    name. ``type`` is onnxruntime's spelling (``tensor(float)``)."""
+    """A graph input or output: ``shape`` with symbolic dims as strings (None when unknown), ``dtype`` a
+    ``numpy.dtype`` (equal to its name too: ``dtype == np.float32`` and ``dtype == "float32"`` both hold; None when
+    unknown). ``type`` is onnxruntime's spelling (``tensor(float)``)."""
 
     name: str
     shape: list
-    dtype: str | None
+    dtype: np.dtype | None
 
     @property
     def type(self) -> str:
         names = {"float32": "float", "float64": "double", "bool": "bool"}
-        return f"tensor({names.get(self.dtype or '', self.dtype or 'unknown')})"
+        d = None if self.dtype is None else str(self.dtype)
+        return f"tensor({names.get(d or '', d or 'unknown')})"
+
+
+def _np_dtype(name: str | None):
+    try:
+        return None if name is None else np.dtype(name)
+    except TypeError:  # a type numpy has not (bfloat16, string...): its name
+        return name
 
 
 def _io_infos(graph: Graph, names) -> list[IOInfo]:
     """``IOInfo`` of each of ``graph``'s tensors ``names`` (its inputs, outputs or overridable initializers); a dim
     shape inference named itself (``unk__N``) is None, as onnxruntime lists it."""
     return [IOInfo(n, [None if isinstance(d, str) and d.startswith("unk__") else d
-                       for d in graph.tensors[n].shape or []], graph.tensors[n].dtype) for n in names]
+                       for d in graph.tensors[n].shape or []], _np_dtype(graph.tensors[n].dtype)) for n in names]
 
 
 @dataclass
