@@ -55,6 +55,16 @@ DEFAULT_THROUGHPUT = 1e9  # ops/s assumed for a unit whose profile gives no figu
 # step with each delegate class's ``keeps_tensors_resident`` flag; seeded here so a plan made without importing the
 # delegates is the same plan.
 RESIDENT_DELEGATES: set[str] = {"serial-npu"}
+# what a node costs such a device beyond its tensors, for planning (the exact count is the delegate's, at compile):
+# its share of its graph blob's tables (a header, a record per tensor and per node; weights padded as packed)
+RESIDENT_NODE_BYTES = 128
+
+
+def _arena_bytes(nbytes: int) -> int:
+    """An allocation of ``nbytes`` in a device arena of 8-byte blocks (the reference firmware's arena.c)."""
+    return max((int(nbytes) + 7) & ~7, 8)
+
+
 _EPS = 1e-12
 
 
@@ -568,14 +578,17 @@ def assign_by_capability(graph: Graph, profile, dims: Mapping[str, int] | None =
                 refusals.append(why)
                 continue
             mem = getattr(u, "memory_bytes", None) or None  # 0: not published, so no limit to plan with
+            resident = getattr(u, "delegate", None) in RESIDENT_DELEGATES
             need = _node_weight_bytes(node, graph)
             acts = {n: tensor_nbytes(graph, n, dims) for n in [*node.data_inputs(), *node.outputs]
                     if n and graph.tensors.get(n) is not None and graph.tensors[n].initializer is None}
+            if resident:  # an arena's blocks: 8-byte units, and the node's records in its graph's blob
+                need = _arena_bytes(need) + RESIDENT_NODE_BYTES
+                acts = {n: _arena_bytes(b) for n, b in acts.items()}
             io = sum(acts.values())
             # a unit that keeps tensors resident (the serial NPU's arena) holds every tensor its graphs read and
             # make, with their weights, at once: they count against its memory like weights (each once)
-            new = (sum(b for n, b in acts.items() if n not in held[u.name])
-                   if getattr(u, "delegate", None) in RESIDENT_DELEGATES else 0)
+            new = sum(b for n, b in acts.items() if n not in held[u.name]) if resident else 0
             if mem is not None and (need + io > mem or used[u.name] + need + new > mem):
                 kept = f" ({_bytes(new)} of them more tensors for the device to hold)" if new else ""
                 refusals.append(f"{u.name} memory: node needs {_bytes(need)} of weights + {_bytes(io)} of "
