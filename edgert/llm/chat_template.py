@@ -89,12 +89,6 @@ def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=F
     return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
 
 
-def _security_error() -> type:
-    from jinja2.exceptions import SecurityError
-
-    return SecurityError
-
-
 def _refuse(message: str):
     from jinja2.exceptions import SecurityError
 
@@ -105,6 +99,7 @@ _SIZED = (str, list, tuple, dict, set, frozenset)
 _BIG_NUMBER = re.compile(r"\d{8,}")  # in a format string: a width or precision of 10^7 or more
 
 
+_Namespace: type = type("_NoNamespace", (), {})  # jinja2's Namespace once _environment() has run
 _budget = threading.local()  # .deadline, .seconds: the wall-clock budget of the render running on this thread
 
 
@@ -120,8 +115,6 @@ def _weight(value, limit: int = MAX_VALUE_ITEMS) -> int:
     What one C call (str(), ==, join) walks is bounded by the weights of its operands, so bounding the weight of
     every value a template builds bounds them all. A namespace inside another value is refused: it can grow after
     the value was weighed."""
-    from jinja2.utils import Namespace
-
     n, stack, top, walked = 0, [value], True, 0
     while stack and n <= limit:
         v = stack.pop()
@@ -135,7 +128,7 @@ def _weight(value, limit: int = MAX_VALUE_ITEMS) -> int:
         elif isinstance(v, (list, tuple, set, frozenset, MappingView)):
             n += 2 + 2 * len(v)
             stack.extend(v)
-        elif isinstance(v, Namespace):
+        elif isinstance(v, _Namespace):
             if not top:
                 _refuse("a namespace inside a list, dict or namespace")
             n += 12
@@ -277,7 +270,7 @@ _env = None
 
 def _environment():
     """One shared sandbox (Jinja environments are thread-safe once configured)."""
-    global _env
+    global _env, _Namespace
     if _env is not None:
         return _env
     from jinja2.compiler import CodeGenerator
@@ -285,6 +278,8 @@ def _environment():
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     from jinja2.utils import Namespace
+
+    _Namespace = Namespace  # for _weight, which runs on every value a render builds (no import there)
 
     class _BoundedCode(CodeGenerator):
         """`a ~ b` compiles to a call of the environment's bounded_concat instead of a plain join; list, tuple and
@@ -357,10 +352,7 @@ def _environment():
                                         f"{MAX_VALUE_ITEMS}")
                 return _bounded(left + right)
             if operator == "%":
-                if isinstance(left, str):  # printf-style: "%*s" takes its width from the arguments
-                    _check_str_op("format", left, ())
-                    if "*" in left:
-                        _check_ints("%", right if isinstance(right, tuple) else (right,), {})
+                if isinstance(left, str):  # printf-style: widths and precisions ("%*s": from the arguments) counted
                     _check_format(left, right if isinstance(right, (tuple, Mapping)) else (right,))
                 return _bounded(left % right)
             for seq, n in ((left, right), (right, left)):
@@ -562,6 +554,8 @@ def render_segments(template: str | None, messages, add_generation_prompt: bool 
     (what the messages said) as plain text. Empty pieces are dropped and neighbours of one kind merged, so the kinds
     alternate.
     """
+    from jinja2.exceptions import SecurityError
+
     msgs = validate_messages(messages)
     source = CHATML_TEMPLATE if template is None else template
     if not isinstance(source, str):
@@ -575,7 +569,7 @@ def render_segments(template: str | None, messages, add_generation_prompt: bool 
         with _step_budget(MAX_TEMPLATE_STEPS, MAX_TEMPLATE_SECONDS):  # one budget for both renders
             with_marks = _run(source, marked, add_generation_prompt, bos_token, eos_token)
             real = _run(source, msgs, add_generation_prompt, bos_token, eos_token)
-    except _security_error() as e:  # the clock, read as the second render starts
+    except SecurityError as e:  # the clock, read as the second render starts
         raise _forbidden(e) from None
 
     pieces = re.split(f"({re.escape(opening)}.{re.escape(closing)})", with_marks, flags=re.S)
@@ -583,7 +577,7 @@ def render_segments(template: str | None, messages, add_generation_prompt: bool 
     if any(opening in p or closing in p for p in markup):
         raise ModelFormatError("the chat template cuts or rewrites message content (a content marker came out "
                                f"broken), so edgert cannot keep content apart from markup; {_OWN_TEMPLATE}")
-    by_mark = {s: m for s, m in zip(sentinels, msgs)}
+    by_mark = dict(zip(sentinels, msgs))
     # Each content slot in the real output is the content itself, or (templates love `| trim`) a stripped form;
     # find which, checking the markup that follows so content can't fake a boundary. An assistant message's content
     # may also be cut to a part of itself (reasoning models' templates drop the `<think>` part of past answers): the
