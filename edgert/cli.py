@@ -34,12 +34,18 @@ _LLM_FLAGS = {
     "request_timeout_s": "--timeout", "shutdown_timeout_s": "--shutdown-timeout",
     "temperature": "--temperature", "seed": "--seed", "threads": "--threads", "stop": "--stop",
 }
+
+
+def _llm_flag(m: re.Match) -> str:  # "max_tokens=5" -> "--max-tokens 5", "max_tokens must" -> "--max-tokens must"
+    return _LLM_FLAGS[m[1]] + (" " if m[0].endswith("=") else "")
+
+
 _CLI_SPELLINGS += (
     # (not a syntax's placeholder, as eval's MODEL@threads=N: an '=' before a capital alone, or right after '@')
     (re.compile(r"\b(%s)\b(?:=(?=\S)(?![A-Z]\b)|(?=[ ,:;)]|$))" % "|".join(n for n in _LLM_FLAGS if "_" in n)),
-     lambda m: _LLM_FLAGS[m[1]] + (" " if m[0].endswith("=") else "")),
+     _llm_flag),
     (re.compile(r"(?<!@)\b(%s)(?:=(?=\S)(?![A-Z]\b)|(?= must\b))" % "|".join(n for n in _LLM_FLAGS if "_" not in n)),
-     lambda m: _LLM_FLAGS[m[1]] + (" " if m[0].endswith("=") else "")),
+     _llm_flag),
     (re.compile(r" or None(?=,)"), ""),  # a flag cannot be given None
 )
 

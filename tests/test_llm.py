@@ -142,9 +142,9 @@ def test_chat_template_keyword_replaces_the_files(tiny_path):
         LLM(str(tiny_path), n_ctx=128, chat_template=" \n")
     with LLM(str(tiny_path), n_ctx=128, chat_template="{% if messages|length > 1 %}{{ messages[0].content }}"
                                                       "{% endif %}") as model:
-        if not model.tokenizer.add_bos:
-            with pytest.raises(edgert.InvalidArgumentError, match="rendered these messages to no tokens"):
-                model.chat([{"role": "user", "content": "hi"}], max_tokens=2)
+        assert not model.tokenizer.add_bos  # (with a BOS, the render's no tokens would still be one)
+        with pytest.raises(edgert.InvalidArgumentError, match="rendered these messages to no tokens"):
+            model.chat([{"role": "user", "content": "hi"}], max_tokens=2)
         assert model.chat(msgs, max_tokens=2, temperature=0).prompt_tokens > 0
 
 

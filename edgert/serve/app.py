@@ -142,6 +142,15 @@ def _shutting_down() -> APIError:
                     "server_shutting_down", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+RID_PREFIX = {"/v1/chat/completions": "chatcmpl", "/v1/completions": "cmpl"}  # request ids: OpenAI's prefixes
+
+
+def _recorded_error(err: APIError | None) -> str | None:
+    """The telemetry error of an answer: none for a success, nor for a client that went away (499: no error of
+    the server's, whether it left mid-body or mid-generation)."""
+    return None if err is None or err.status == 499 else f"{err.code}: {err.message}"
+
+
 def _with_request_id(headers: dict, rid: str | None) -> dict:
     """``headers`` plus, when there is one, the generation request's id as ``x-request-id`` (last): every answer to a
     generation request carries it, its errors and streams too."""
@@ -341,7 +350,7 @@ class Server:
 
     async def complete(self, request: Request, kind: str, endpoint: str) -> Response:
         t_arrival = time.monotonic()
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        rid = telemetry_mod.new_request_id(RID_PREFIX[endpoint])
         try:
             self.check_key(request)
         except APIError as err:  # not recorded: unauthenticated requests are nobody's cost
@@ -375,7 +384,7 @@ class Server:
             # a client gone mid-body (499) made no error of the server's, as one gone mid-generation (finish)
             self.record(request_id=rid, endpoint=endpoint, prompt_tokens=n_prompt, completion_tokens=0,
                         latency_s=time.monotonic() - t_arrival, finish_reason="rejected", status=err.status,
-                        error=None if err.status == 499 else f"{err.code}: {err.message}")
+                        error=_recorded_error(err))
             return _error_response(err, rid)
         created = int(time.time())
         if req.stream:
@@ -414,7 +423,7 @@ class Server:
         if out.error is not None:
             error = f"{type(out.error).__name__}: {out.error}"
         else:  # a client that went away (499) made no error of the server's
-            error = None if err is None or status == 499 else f"{err.code}: {err.message}"
+            error = _recorded_error(err)
         self.record(request_id=rid, endpoint=endpoint, prompt_tokens=n_prompt, completion_tokens=n_out,
                     queue_wait_s=out.queue_wait_s, ttft_s=out.ttft_s, prefill_s=t.get("prefill_s"),
                     decode_s=t.get("decode_s"), latency_s=latency, bytes_copied=copied,
@@ -556,8 +565,7 @@ def create_app(llm, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_
                      None if path in ("/health", "/metrics") else "other")
         if route is not None:
             server.metrics.request(route, err.status, err.code)
-        rid = {"/v1/chat/completions": "chatcmpl-", "/v1/completions": "cmpl-"}.get(route)
-        return _error_response(err, rid and rid + uuid.uuid4().hex[:24])
+        return _error_response(err, telemetry_mod.new_request_id(RID_PREFIX[route]) if route in RID_PREFIX else None)
 
     async def server_error(request: Request, exc: Exception) -> Response:
         return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", None, "internal_error"))

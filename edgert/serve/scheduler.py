@@ -107,7 +107,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stop = False
         self.running: Job | None = None
-        self._thread = threading.Thread(target=self._work, name="edgert-serve-worker", daemon=True)
+        self._thread: threading.Thread | None = None  # made by start(), again after a worker ended
 
     @property
     def queue_depth(self) -> int:
@@ -120,9 +120,8 @@ class Scheduler:
         with self._cond:
             if self._stop:
                 raise ShuttingDownError("the server is shutting down")
-            if not self._thread.is_alive():
-                if self._thread.ident is not None:  # a worker that ended: threads start once, so a new one
-                    self._thread = threading.Thread(target=self._work, name="edgert-serve-worker", daemon=True)
+            if self._thread is None or not self._thread.is_alive():  # (threads start once: an ended one, anew)
+                self._thread = threading.Thread(target=self._work, name="edgert-serve-worker", daemon=True)
                 self._thread.start()
 
     def reopen(self) -> None:
@@ -145,21 +144,19 @@ class Scheduler:
                     self._flag(job, "shutdown")
             self._cond.notify_all()
         for job in queued:
-            self._end_unrun(job)
+            self._end_cancelled(job)
 
     def stop(self, timeout: float = 10.0) -> None:
         """close(), then wait up to ``timeout`` for the worker. A job still running then (a model step that outlasts
         the timeout) is ended here with its cancel reason, so its answer and its bookkeeping (telemetry) happen
         before the process exits; the worker's own end of it, if it comes, is skipped."""
         self.close()
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
         with self._cond:
             job = self.running
         if job is not None:
-            now = time.monotonic()
-            self._end(job, JobOutcome(finish_reason=job.cancel_reason,
-                                      queue_wait_s=(job.started or now) - job.submitted))
+            self._end_cancelled(job)
 
     def submit(self, prompt_ids: list, sampling: dict, timeout_s: float, submitted: float | None = None,
                on_done=None) -> Job:
@@ -189,7 +186,7 @@ class Scheduler:
                 self._waiting.remove(job)
             except ValueError:  # running (it stops after the step in flight) or ended
                 return
-        self._end_unrun(job)
+        self._end_cancelled(job)
 
     @staticmethod
     def _flag(job: Job, reason: str) -> None:
@@ -197,8 +194,10 @@ class Scheduler:
             job.cancel_reason = reason
         job.cancelled.set()
 
-    def _end_unrun(self, job: Job) -> None:
-        self._end(job, JobOutcome(finish_reason=job.cancel_reason, queue_wait_s=time.monotonic() - job.submitted))
+    def _end_cancelled(self, job: Job) -> None:
+        """End ``job`` with its cancel reason: one still queued, or (stop) one whose model step outlasted the wait."""
+        self._end(job, JobOutcome(finish_reason=job.cancel_reason,
+                                  queue_wait_s=(job.started or time.monotonic()) - job.submitted))
 
     def _end(self, job: Job, outcome: JobOutcome) -> None:
         with self._cond:
