@@ -554,7 +554,7 @@ def _node_weight_bytes(node: Node, graph: Graph) -> int:
     return total
 
 
-def assign_by_capability(graph: Graph, profile, dims: Mapping[str, int] | None = None):
+def assign_by_capability(graph: Graph, profile, dims: Mapping[str, int] | None = None, checks: dict | None = None):
     """Step 1. Returns (assignment: node -> unit name, capable: node -> set of accelerator unit names that can run
     it, reasons: node -> why no accelerator runs it). Accelerators are tried in the profile's order; memory is a
     per-unit budget for resident weights (and, on a unit whose delegate keeps tensors resident, every tensor its
@@ -574,6 +574,8 @@ def assign_by_capability(graph: Graph, profile, dims: Mapping[str, int] | None =
         chosen = None
         for u in accels:
             ok, why = _unit_check(u, node, view, dims)
+            if checks is not None:  # each accelerator's (ok, why) for the node, for the caller to read
+                checks.setdefault(node.name, []).append((ok, why))
             if not ok:
                 refusals.append(why)
                 continue
@@ -1059,16 +1061,14 @@ def refused_at_any_dims(graph: Graph, profile) -> tuple[list[Node], dict[str, st
     """The nodes of ``graph`` (symbolic dims unbound) that no accelerator of ``profile`` takes whatever the dims are
     bound to (op, dtype, rank, value type: not a unit that needs static shapes, nor a memory budget a binding
     changes), and why: what fallback='forbid' can refuse before the dims are known."""
-    assignment, _, reasons = assign_by_capability(graph, profile, {})
+    checks: dict[str, list] = {}
+    assignment, _, reasons = assign_by_capability(graph, profile, {}, checks)
     host = _host_unit(profile)
-    accels = [u for u in profile.units if u is not host]
-    view = quantized_view(graph)
 
     def never(node) -> bool:  # every accelerator refuses it, none for its unbound shapes (a memory refusal: all pass)
-        checks = [_unit_check(u, node, view, {}) for u in accels]
-        return all(not ok and not why.split(": ", 1)[-1].startswith("dynamic shape") for ok, why in checks)
+        return all(not ok and not why.split(": ", 1)[-1].startswith("dynamic shape") for ok, why in checks[node.name])
 
-    refused = [n for n in graph.nodes if accels and assignment[n.name] == host.name
+    refused = [n for n in graph.nodes if n.name in checks and assignment[n.name] == host.name
                and not reasons[n.name].startswith("constant node") and never(n)]
     return refused, reasons
 

@@ -553,8 +553,8 @@ def test_the_default_link_options_ride_out_the_soak_noise():
     """1% dropped and 1% corrupted bytes with the default link options: the suite's int8_mlp (256 bytes in, 512 out)
     ran 0 of 60 runs on the device (each failed over: right results, never from the device). Chunks are sized for
     the measured error rate from the first transfer, a frame ends with two delimiters (one lost cost a timeout), an
-    unfinished graph load resumes, a failover of an unanswered request keeps the session (no HELLO), and the
-    defaults (timeout_s 0.05, retries 24) suit a UART."""
+    unfinished graph load resumes, a failover of an unanswered request keeps the session (no HELLO), and immediate
+    retransmissions (a NAK, a broken answer) have a budget of their own beside the default retries."""
     model = int8_mlp()
     rng = np.random.default_rng(8)
     with sim(drop=0.01, corrupt=0.01, seed=12) as s:

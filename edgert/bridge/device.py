@@ -14,13 +14,12 @@ from __future__ import annotations
 import os
 import struct
 import time
-import sys
 
 import numpy as np
 
 from ..errors import LinkError
 from . import protocol as P
-from .link import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, DeviceStatusError, LinkWriteError, NoAnswerError, SerialLink
+from .link import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S, DeviceStatusError, NoAnswerError, SerialLink
 
 
 class DeviceResetError(LinkError):
@@ -189,10 +188,8 @@ class SerialNpuDevice:
         while off < total:
             n = min(line.chunk(overhead, cap, min(self.MIN_CHUNK, cap)), total - off)
             small = n <= self.MIN_CHUNK
-            try:
+            try:  # (an answer, or a port that takes no more, is no reason to halve: those propagate)
                 send(off, n, left if small else min(left, self.HALVE_AFTER))
-            except (DeviceStatusError, LinkWriteError):  # an answer, or a port that takes no more: no halving
-                raise
             except NoAnswerError as exc:
                 # the unanswered waits spend the budget; after one (the device may be stalled) the smaller chunk's
                 # first frame is a retransmission too. A line too noisy for the chunk leaves the budget alone

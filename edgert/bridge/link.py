@@ -121,7 +121,8 @@ class SerialLink:
     protocol's link layer.
 
     ``timeout`` is the first wait for an answer (the time the request and a full answer take at ``baudrate`` is
-    added); each retransmission doubles it, up to 8x. ``retries`` retransmissions of one request, then LinkError.
+    added); each unanswered wait doubles it, up to 8x. ``retries`` retransmissions after unanswered waits, or
+    ``NOISE_RESENDS`` times that immediate ones after a NAK or broken answer, then NoAnswerError (PROTOCOL.md §4).
     A write may block for ``timeout`` plus the largest frame's time on the line (``write_timeout_s``): a port that
     takes no more bytes for that long belongs to a device that stopped reading (LinkWriteError, no retry).
     ``serial`` may be an open pyserial-like object instead of a URL (tests)."""
