@@ -386,7 +386,7 @@ def _parse_unit(c: _Checker, u: Mapping, path: str) -> ComputeUnit:
         if key in opts and not isinstance(opts[key], Mapping):
             c.fail(f"{path}.delegate_options.{key}", f"expected a table, got {opts[key]!r}")
     if opts.get("session_options") and importlib.util.find_spec("onnxruntime") is not None:
-        from .delegates.onnxruntime import session_options  # the check the delegate makes, at load
+        from .ort_options import session_options  # the check the delegate makes, at load
         from .errors import InvalidArgumentError
 
         try:
