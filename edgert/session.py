@@ -601,7 +601,6 @@ class Session:
         check_io_dtypes(graph)
         unknown = [t for t, tt in graph.tensors.items()
                    if tt.initializer is None and tt.value_type is None and not _known(tt)]
-        unprobed = graph
         probed = False
         if unknown:
             # shapes inference could not tell (data-dependent, or lost in the loader): learn them by running the
@@ -746,9 +745,6 @@ class Session:
                        {t: spec[t][0] for t in graph.inputs}, probed, on_device=on_device, overrides=overrides,
                        requested_plan=self.requested_plan, fell_back=self.fell_back, allocated=allocated,
                        can_allocate=tuple(can_allocate))
-        if allocated:  # get_outputs() gives their shapes as the model has them, not the probe's one run
-            bound.graph = graph.replace(tensors={**graph.tensors, **{
-                t: dataclasses.replace(graph.tensors[t], shape=unprobed.tensors[t].shape) for t in allocated}})
         if len(compiled) == 1 and not before and not after[0]:
             run = compiled[0].bound_run(in_bufs[0], out_bufs[0])
             fast_out = [bound.results[t] for t in graph.outputs]

@@ -48,7 +48,7 @@ def test_host_matches_onnxruntime_exactly(mlp_path):
     s = edgert.Session(mlp_path)
     assert [i.name for i in s.get_inputs()] == ["x"]
     assert s.get_inputs()[0].shape == ["batch", 8] and s.get_inputs()[0].dtype == "float32"
-    assert s.get_inputs()[0].dtype == np.float32 and s.get_inputs()[0].type == "tensor(float)"  # a numpy dtype
+    assert s.get_inputs()[0].dtype == np.float32  # a numpy dtype (equal to its name too, above)
     assert s.get_inputs()[0].type == "tensor(float)"
     assert [o.name for o in s.get_outputs()] == ["y"]
     x = x_of()

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import DeviceError, EdgertError
-from ..formats.tflite import F32_TINY
+from ..formats.tflite import F32_TINY, is_tflite_graph
 from ..quant import Int8Weights
 from .base import CompiledPartition, cut_into_steps, faster_of
 from .litert import LiteRTPartition
@@ -185,16 +185,14 @@ def int8_fc_params(graph, node) -> dict | None:
     opts = node.attrs.get("tflite_options", {})
     if int(opts.get("WeightsFormat", 0)) != 0 or int(opts.get("AsymmetricQuantizeInputs", 0)):
         return None
-    src = getattr(graph, "source", None)
-    if getattr(src, "format", None) != "tflite" or src.operators[node.index]["version"] == 8:
+    if not is_tflite_graph(graph) or graph.source.operators[node.index]["version"] == 8:
         return None
     t = graph.tensors
     x, w, y = t.get(node.inputs[0]), t.get(node.inputs[1]), t.get(node.outputs[0])
     b = t.get(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
     if x is None or w is None or y is None or x.dtype != "int8" or w.dtype != "int8" or y.dtype != "int8":
         return None
-    if (w.initializer is None or w.initializer.ndim != 2 or x.initializer is not None or x.quant is None
-            or w.quant is None or y.quant is None):
+    if w.initializer is None or w.initializer.ndim != 2 or x.initializer is not None:
         return None  # a constant x: LiteRT's (the steps read activations from the run's buffers)
     if b is not None and (b.initializer is None or b.dtype != "int32" or b.initializer.size != w.initializer.shape[0]):
         return None
