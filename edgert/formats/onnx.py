@@ -640,11 +640,17 @@ def _load(model, dims, base_dir, what, check, _initializers, owned: bool) -> Gra
     for o in model.opset_import:
         opsets[_norm_domain(o.domain)] = int(o.version)
     functions = {(_norm_domain(f.domain), f.name) for f in model.functions}
+
+    def own(m):  # a model free to change: the loader's own, else a copy (the caller's is never changed)
+        if owned:
+            return m
+        c = onnx.ModelProto()
+        c.CopyFrom(m)
+        return c
+
     if _check_graph(model.graph, opsets, functions, what, set()):
-        sorted_model = onnx.ModelProto()
-        sorted_model.CopyFrom(model)
-        _sort_by_scope(sorted_model.graph)
-        model, owned = sorted_model, True
+        model, owned = own(model), True
+        _sort_by_scope(model.graph)
     if check:
         try:
             onnx.checker.check_model(_for_checker(model))
@@ -653,16 +659,11 @@ def _load(model, dims, base_dir, what, check, _initializers, owned: bool) -> Gra
             raise ModelFormatError(f"ONNX model {what} fails onnx.checker: {' '.join(msg)[:2000]}") from None
     warnings: list[str] = []
     if dims:
-        bound = onnx.ModelProto()
-        bound.CopyFrom(model)
-        _bind_dims(bound, dims)
-        model, owned = bound, True
+        model, owned = own(model), True
+        _bind_dims(model, dims)
     declared = _declared_output_shapes(model)
     if declared:
-        if not owned:
-            own = onnx.ModelProto()
-            own.CopyFrom(model)
-            model = own
+        model, owned = own(model), True
         for o in model.graph.output:
             if o.name in declared:
                 o.type.tensor_type.ClearField("shape")  # inferred from the nodes; merged back below
