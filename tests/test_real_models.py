@@ -6,12 +6,12 @@ the bytes moved over the emulated links equal the plan's."""
 import warnings
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 import edgert
 
 import real_models as R
+from onnx_models import ort_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_telemetry")]
 
@@ -42,7 +42,7 @@ def variant(models, name, kind):
 
 
 def reference(path, feeds):
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    return ort_run(path, feeds)
 
 
 def check(outs, ref, budget):

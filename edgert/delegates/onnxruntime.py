@@ -50,6 +50,7 @@ def inference_session(model, sess_options=None, providers=(CPU,), provider_optio
     against plain onnxruntime's 578 MB for a 256 MB weight, and a model over protobuf's 2 GB could not run."""
     ort = _ort()
     if hasattr(model, "SerializeToString"):
+        explicit_zero_points(model)
         folder = external_data_dir(model)
         if folder is not None:
             sess_options = sess_options or ort.SessionOptions()
@@ -62,6 +63,32 @@ def inference_session(model, sess_options=None, providers=(CPU,), provider_optio
                 sess_options.add_session_config_entry(key, folder)
         model = model.SerializeToString()
     return ort.InferenceSession(model, sess_options, providers=list(providers), provider_options=provider_options)
+
+
+def explicit_zero_points(model) -> None:
+    """Give every DequantizeLinear of a constant int8 tensor with per-axis or blocked scales and no zero point an
+    explicit zero point of zeros (what an absent one means), in place. Exact int8 products (ort_options.EXACT_INT8_ENTRY)
+    make onnxruntime rewrite int8 weights to uint8 with a zero point of 128, and for such a node it writes that zero
+    point as a scalar, which the per-axis kernel then refuses at run time (onnxruntime 1.32)."""
+    import onnx
+
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        x, scale = inits.get(node.input[0]), inits.get(node.input[1])
+        if x is None or scale is None or x.data_type != onnx.TensorProto.INT8 or len(scale.dims) == 0:
+            continue
+        if len(node.input) > 2 and node.input[2]:
+            continue
+        name = f"{node.input[0]}__edgert_zero_point"
+        if name not in inits:
+            zp = onnx.helper.make_tensor(name, onnx.TensorProto.INT8, list(scale.dims),
+                                         np.zeros(int(np.prod(scale.dims)), np.int8).tobytes(), raw=True)
+            model.graph.initializer.append(zp)
+            inits[name] = zp
+        del node.input[2:]  # an empty name stands for no zero point too
+        node.input.append(name)
 
 
 class OnnxruntimePartition(CompiledPartition):

@@ -168,9 +168,10 @@ def _same_value(ref_op: str, cand_op: str) -> bool:
 
 def _ort_session(model):
     """A plain onnxruntime session of ``model`` with graph optimizations off, so every named tensor is kept."""
-    import onnxruntime as ort
+    from ..ort_options import onnxruntime_module, session_options
 
-    so = ort.SessionOptions()
+    ort = onnxruntime_module()
+    so = session_options()  # exact int8 products, as the sessions being compared use
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3  # its notices about merging the shapes of the added outputs
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
