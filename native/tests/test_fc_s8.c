@@ -40,6 +40,10 @@ static int8_t rand_s8(int extreme_pct) {
     return (int8_t)(r >> 16);
 }
 
+/* weights in [-127, 127] (TFLite's int8 weights; AVX2's vpmaddubsw kernel) or with -128 in them (its widening
+ * kernel): fc_case alternates, so every sweep runs both */
+static int fc_symmetric_w;
+
 static void fc_make(fc_problem *p, int64_t m, int64_t n, int64_t k, int per_channel, int with_bias, int32_t x_zp,
                     int32_t y_zp, int32_t lo, int32_t hi, int extreme_pct) {
     p->m = m, p->n = n, p->k = k, p->x_zp = x_zp, p->y_zp = y_zp, p->lo = lo, p->hi = hi;
@@ -49,6 +53,8 @@ static void fc_make(fc_problem *p, int64_t m, int64_t n, int64_t k, int per_chan
     for (int64_t i = 0; i < n * k; i++) p->w[i] = rand_s8(extreme_pct);
     if (n > 2) /* one channel of all -128 weights, one of all zeros */
         for (int64_t c = 0; c < k; c++) p->w[1 * k + c] = -128, p->w[2 * k + c] = 0;
+    if (fc_symmetric_w)
+        for (int64_t i = 0; i < n * k; i++) p->w[i] = p->w[i] == -128 ? -127 : p->w[i];
     p->bias = NULL;
     if (with_bias) {
         p->bias = xmalloc((size_t)n * sizeof(int32_t));
@@ -108,11 +114,16 @@ static int run_fn(const fc_problem *p, int8_t *y, int nth, et_fc_s8_fn fn) {
 
 static void fc_case(int64_t m, int64_t n, int64_t k, int per_channel, int with_bias, int32_t x_zp, int32_t y_zp,
                     int32_t lo, int32_t hi, int extreme_pct) {
+    static int cases;
     fc_problem p;
+    const int symmetric = cases++ & 1;
+    fc_symmetric_w = symmetric;
     fc_make(&p, m, n, k, per_channel, with_bias, x_zp, y_zp, lo, hi, extreme_pct);
-    char what[160];
-    snprintf(what, sizeof what, "m=%lld n=%lld k=%lld %s%s x_zp=%d y_zp=%d [%d,%d]", (long long)m, (long long)n,
-             (long long)k, per_channel ? "per-channel" : "per-tensor", with_bias ? "" : " no-bias", x_zp, y_zp, lo, hi);
+    fc_symmetric_w = 0;
+    char what[192];
+    snprintf(what, sizeof what, "m=%lld n=%lld k=%lld %s%s x_zp=%d y_zp=%d [%d,%d] w %s", (long long)m, (long long)n,
+             (long long)k, per_channel ? "per-channel" : "per-tensor", with_bias ? "" : " no-bias", x_zp, y_zp, lo, hi,
+             symmetric ? "in [-127, 127]" : "with -128");
     const size_t count = (size_t)(m * n);
 
     int8_t *yref = alloc_y(count);

@@ -1,7 +1,13 @@
-/* fc_s8/avx2.c — INT8 fully-connected with AVX2 (no dot-product instruction): weights and activations widened to
- * int16, vpmaddwd sums pairs of products exactly into int32 (vpmaddubsw would saturate), rowc_s as the starting
- * value. A 16-byte quarter of a packed 64-byte row is 4 channels x 4 k: one vpmaddwd gives each of the 4 channels
- * two partial sums, added pairwise at the end. Two rows share each widened weight vector. */
+/* fc_s8/avx2.c — INT8 fully-connected with AVX2 (no dot-product instruction), rowc_s as the starting value. Two
+ * kernels, both exact:
+ *   - weights in [-127, 127] (what TFLite's int8 weight quantization writes): vpmaddubsw(|x|, sign(w, x)) gives
+ *     pairs of x * w in int16 without saturating (|x| <= 128, |w| <= 127: a pair is at most 2 * 128 * 127 = 32512),
+ *     vpmaddwd with ones widens them to int32. Half a packed 64-byte row is 8 channels x 4 k, so each lane is one
+ *     channel's sum. A 16-channel tile (kp * 16 bytes, in L1) serves up to four activation rows at a time, and every
+ *     row before the tile moves on: each weight byte is read from memory once per call.
+ *   - a weight of -128 (its sign cannot be moved onto x): weights and activations widened to int16, vpmaddwd sums
+ *     pairs of products exactly; a 16-byte quarter of a packed row is 4 channels x 4 k, so each of the 4 channels
+ *     gets two partial sums, added pairwise at the end. Two rows share each widened weight vector. */
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
@@ -89,10 +95,66 @@ static void tile(const et_fc_s8_args *a, int64_t i, int two, int64_t j, int64_t 
     if (two) store16(a, fold(r0, r1), fold(r2, r3), i + 1, j, nj);
 }
 
+/* 4 int8 of x (len of them, the rest zero) repeated in each dword */
+static inline __m256i xquad(const int8_t *x, int64_t len) {
+    int32_t v = 0;
+    memcpy(&v, x, (size_t)len);
+    return _mm256_set1_epi32(v);
+}
+
+/* acc[0] (channels 0-7) and acc[1] (8-15) += 4 k of one row, x4 its bytes broadcast */
+static inline __attribute__((always_inline)) void quad_sign(__m256i w0, __m256i w1, __m256i x4, __m256i *acc) {
+    const __m256i ax = _mm256_abs_epi8(x4), ones = _mm256_set1_epi16(1);
+    acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, x4)), ones));
+    acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, x4)), ones));
+}
+
+/* rows i..i+R-1 (R <= 4) against one tile of nj <= 16 channels whose weights are all in [-127, 127] */
+static inline __attribute__((always_inline)) void tile_sign(const et_fc_s8_args *a, int64_t i, const int R, int64_t j,
+                                                            int64_t nj) {
+    const int64_t k = a->k, kf = k / 4 * 4;
+    const int8_t *wb = a->w + (j / 16) * a->kp * 16;
+    const int8_t *xr[4];
+    __m256i acc[4][2];
+    for (int r = 0; r < R; r++) {
+        xr[r] = a->x + (i + r) * k;
+        acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    }
+    for (int64_t kk = 0; kk < kf; kk += 4) {
+        const __m256i w0 = _mm256_load_si256((const __m256i *)(wb + kk * 16));
+        const __m256i w1 = _mm256_load_si256((const __m256i *)(wb + kk * 16 + 32));
+        for (int r = 0; r < R; r++) {
+            int32_t v;
+            memcpy(&v, xr[r] + kk, 4);
+            quad_sign(w0, w1, _mm256_set1_epi32(v), acc[r]);
+        }
+    }
+    if (kf < k) { /* the last 1-3 k: the packed weights past k are zeros, x is read only up to k */
+        const __m256i w0 = _mm256_load_si256((const __m256i *)(wb + kf * 16));
+        const __m256i w1 = _mm256_load_si256((const __m256i *)(wb + kf * 16 + 32));
+        for (int r = 0; r < R; r++) quad_sign(w0, w1, xquad(xr[r] + kf, k - kf), acc[r]);
+    }
+    for (int r = 0; r < R; r++) store16(a, acc[r][0], acc[r][1], i + r, j, nj);
+}
+
 void et_fc_s8_avx2(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    for (int64_t i = i0; i < i1; i += 2) {
-        const int two = i + 1 < i1;
-        for (int64_t j = j0; j < j1; j += 16) tile(a, i, two, j, j1 - j < 16 ? j1 - j : 16);
+    if (a->w_m128) {
+        for (int64_t i = i0; i < i1; i += 2) {
+            const int two = i + 1 < i1;
+            for (int64_t j = j0; j < j1; j += 16) tile(a, i, two, j, j1 - j < 16 ? j1 - j : 16);
+        }
+        return;
+    }
+    for (int64_t j = j0; j < j1; j += 16) {
+        const int64_t nj = j1 - j < 16 ? j1 - j : 16;
+        int64_t i = i0;
+        for (; i + 4 <= i1; i += 4) tile_sign(a, i, 4, j, nj);
+        switch (i1 - i) { /* constant R so the accumulators stay in registers */
+        case 3: tile_sign(a, i, 3, j, nj); break;
+        case 2: tile_sign(a, i, 2, j, nj); break;
+        case 1: tile_sign(a, i, 1, j, nj); break;
+        default: break;
+        }
     }
 }
 

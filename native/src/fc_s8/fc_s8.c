@@ -55,6 +55,7 @@ int et_fc_s8_plan(const int8_t *w, int64_t n, int64_t k, const int32_t *bias, in
     memset(base, 0, need);
     et_fc_s8_header *h = (et_fc_s8_header *)plan;
     *h = (et_fc_s8_header){ET_FC_S8_MAGIC, x_zp, y_zp, lo, hi, 0, n, k, kp, np, w_offset(np)};
+    for (int64_t i = 0; i < n * k && !h->w_m128; i++) h->w_m128 = w[i] == -128;
     int32_t *rowc_s = (int32_t *)(base + sizeof *h), *rowc_u = rowc_s + np;
     float *sc = (float *)(rowc_u + np);
     int32_t *wsum = (int32_t *)(sc + np);
@@ -176,7 +177,7 @@ int et_fc_s8_run_with(const void *plan, const int8_t *x, int64_t m, int8_t *y, i
     const int32_t *rowc_s = (const int32_t *)(base + sizeof *h);
     et_fc_s8_args a = {x, m, h->k, h->kp, h->n, (const int8_t *)(base + h->w_off), rowc_s, rowc_s + h->np,
                        (const float *)(rowc_s + 2 * h->np), (float)(h->lo - h->y_zp), (float)(h->hi - h->y_zp),
-                       h->y_zp, y, NULL};
+                       h->y_zp, y, NULL, h->w_m128};
     return run_args(h, &a, nthreads, fn);
 }
 
@@ -292,7 +293,7 @@ static int dyn_run(const void *plan, const float *x, int64_t m, float *y, void *
         sc[j] = x_scale * psc[j];
     }
     et_fc_s8_args a = {(const int8_t *)q, m, h->k, h->kp, h->n, (const int8_t *)(base + h->w_off), rs, ru, sc,
-                       0.0f, 0.0f, 0, NULL, y};
+                       0.0f, 0.0f, 0, NULL, y, h->w_m128};
     const int st = run_args(h, &a, nthreads, fn);
     if (!scratch) free(buf);
     return st;

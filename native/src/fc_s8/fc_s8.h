@@ -32,7 +32,7 @@
 typedef struct {
     uint32_t magic;
     int32_t x_zp, y_zp, lo, hi;
-    int32_t pad_;
+    int32_t w_m128; /* 1: some weight is -128, which the AVX2 vpmaddubsw kernel cannot take */
     int64_t n, k, kp, np;
     int64_t w_off; /* byte offset of the packed weights from the plan's start */
 } et_fc_s8_header;
@@ -47,6 +47,7 @@ typedef struct {
     int32_t y_zp;
     int8_t *y;  /* (m, n) row-major */
     float *yf;  /* non-NULL: float output (m, n) row-major instead of y */
+    int w_m128; /* the header's: some weight is -128 */
 } et_fc_s8_args;
 
 /* rows [i0, i1) x output channels [j0, j1); j0 is a multiple of 16, j1 too unless it is n */

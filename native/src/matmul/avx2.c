@@ -1,8 +1,6 @@
-/* matmul/avx2.c — AVX2 + FMA + F16C kernels on the GGUF block layout.
- * Tile: 4 weight rows against two activation rows (block formats; one for an odd last row and the float formats),
- * so each activation block load serves four weight rows and each weight block's unpacking and scale serve two
- * activation rows; the weight tile stays in L1 while every activation row streams past it. Row tails use 1-row
- * tiles. An output's float operations do not depend on the tile it falls in (batch invariance, see avx512.c).
+/* matmul/avx2.c — AVX2 + FMA + F16C kernels on the GGUF block layout and the x16 layout (block formats: below), the
+ * float formats (one weight row x one activation row, a fixed reduction: batch invariant as they are), and the
+ * activation quantizer.
  */
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(__clang__)
@@ -11,10 +9,9 @@
 #pragma GCC target("avx2,fma,f16c")
 #endif
 #include <immintrin.h>
+#include <string.h>
 
 #include "../core.h"
-
-#define ET_PF_TILES 2 /* GEMV prefetch distance, in 4-row tiles */
 
 ET_INLINE float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -25,114 +22,297 @@ ET_INLINE float hsum_ps(__m256 v) {
 
 ET_INLINE float h2f(et_half h) { return _cvtsh_ss(h); }
 
-/* 16 packed bytes -> 32 nibbles in element order: low nibbles are elements 0..15, high nibbles 16..31 */
-ET_INLINE __m256i unpack_nibbles(const uint8_t *qs) {
-    const __m128i b = _mm_loadu_si128((const __m128i *)qs);
-    const __m128i m4 = _mm_set1_epi8(0x0F);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
+/* --- block formats: lanes are 8 weight rows ---
+ * Batch invariance as in avx512.c: y[i, j] comes from the same float operations whatever m, whichever rows share a
+ * tile and however rows are split over threads, so an m-row product is row by row the 1-row product. Integer block
+ * dots are exact in any order; the float stage is scale_block(), which every path calls: blocks in order,
+ *     acc = fma((float)isum_b, dw_b * dx_b, acc)            (q4_1 then: acc = fma(mw_b, dx_b * sum_b, acc))
+ * Each path first brings a block of 8 weight rows into lanes (pk8: q[t] lane r = bytes 4t..4t+3 of row r's block in
+ * element order), then broadcasts the activation's 4 bytes t against it:
+ *   - q4: vpmaddubsw (unsigned nibble x signed code) pairs add up in int16 over the whole block (16 products of at
+ *     most 15 * 127 = 30480, no saturation), one vpmaddwd widens them; q4_0 then removes its +8 as -8 * sum(qx).
+ *   - q8_0: vpmaddubsw(|w|, sign(x, w)) per 4 bytes (a pair is at most 2 * 127 * 127), widened at once.
+ * The GGUF rows are transposed 8 x 16 bytes at a time (inserts and dword/qword unpacks) and their scales gathered;
+ * the x16 layout (core.h) already holds 16 rows that way, 8 per 32-byte half, so the same kernels read it with
+ * plain loads and give the GGUF rows' results bit for bit.
+ *   - GEMV (m < ET_PACK_MIN_M): each block is brought into lanes and used at once.
+ *   - packed (m >= ET_PACK_MIN_M): 8 rows x ET_SEG blocks are brought into lanes once into a stack buffer, and every
+ *     activation row streams past them, ET_TM rows at a time; segments of k accumulate through y (a float store and
+ *     reload: exact). */
+
+#define ET_PACK_MIN_M 4     /* from this many activation rows on, a stored tile pays for itself */
+#define ET_SEG 32           /* blocks per packed segment */
+#define ET_TM 4             /* activation rows per pass over a packed segment (their accumulators stay in registers) */
+#define ET_PF_BYTES 16384   /* GEMV prefetch distance in the weights' forward stream */
+
+enum { FMT_Q4_0, FMT_Q4_1, FMT_Q8_0 };
+
+ET_INLINE int fmt_type(int fmt) { return fmt == FMT_Q4_0 ? ET_TYPE_Q4_0 : fmt == FMT_Q4_1 ? ET_TYPE_Q4_1 : ET_TYPE_Q8_0; }
+
+ET_INLINE size_t block_bytes(int fmt) {
+    return fmt == FMT_Q4_0 ? sizeof(block_q4_0) : fmt == FMT_Q4_1 ? sizeof(block_q4_1) : sizeof(block_q8_0);
 }
 
-/* 8 int32 partial sums of u8 x s8 products (|pair| <= 2*255*127 would saturate int16: callers keep u <= 128) */
-ET_INLINE __m256i dot_us8(__m256i u, __m256i s) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+ET_INLINE int32_t load_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
 
-/* --- per-block contributions, each added into one float accumulator ---
- * A term is split in two: the weight side (wside: the block's bytes as the dot takes them, and its scale, which
- * a 2-row step shares between its activation rows) and the product with one activation block (term). The float
- * operations of an output are the same whichever path runs it (batch invariance: see avx512.c). */
-
+/* one block of 8 weight rows in lanes: q4 unsigned nibbles (q[0..3] low: elements 4t.., q[4..7] high: 16 + 4t..);
+ * q8_0 |w| in q and w in s */
 typedef struct {
-    __m256i q; /* the bytes the dot takes: q4 nibbles; q8_0 |w| */
-    __m256i s; /* q8_0: the signed weights, whose signs go onto the activations */
-    float d, m; /* scale; q4_1 min */
-} wside;
+    __m256i q[8];
+    __m256i s[8];
+    __m256 d; /* each row's scale */
+    __m256 m; /* q4_1: each row's min */
+} pk8;
 
-ET_INLINE wside wside_q4_0(const block_q4_0 *w) { return (wside){.q = unpack_nibbles(w->qs), .d = h2f(w->d)}; }
-ET_INLINE wside wside_q4_1(const block_q4_1 *w) {
-    return (wside){.q = unpack_nibbles(w->qs), .d = h2f(w->d), .m = h2f(w->m)};
-}
-ET_INLINE wside wside_q8_0(const block_q8_0 *w) {
-    const __m256i wq = _mm256_loadu_si256((const __m256i *)w->qs);
-    return (wside){.q = _mm256_sign_epi8(wq, wq), .s = wq, .d = h2f(w->d)};
-}
-
-/* lane 0 = v, the others 0 */
-ET_INLINE __m256i lane0_epi32(int32_t v) { return _mm256_setr_epi32(v, 0, 0, 0, 0, 0, 0, 0); }
-
-ET_INLINE __m256 term_q4_0(__m256 acc, wside w, const block_q8_s *x, __m256i xq) {
-    const __m256i p = _mm256_sub_epi32(dot_us8(w.q, xq), lane0_epi32(8 * x->sum)); /* the -8 offset, exactly */
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(w.d * x->d), acc);
+/* the float stage (see above); ms = dx * (float)sum(qx), computed in float by the caller */
+ET_INLINE __m256 scale_block(int fmt, __m256 acc, __m256i isum, __m256 dw, __m256 mw, float dx, float ms) {
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(dx)), acc);
+    if (fmt == FMT_Q4_1) acc = _mm256_fmadd_ps(mw, _mm256_set1_ps(ms), acc);
+    return acc;
 }
 
-ET_INLINE __m256 term_q4_1(__m256 acc, wside w, const block_q8_s *x, __m256i xq) {
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_us8(w.q, xq)), _mm256_set1_ps(w.d * x->d), acc);
-    /* the min term m*dx*sum(qx) rides in lane 0 */
-    return _mm256_add_ps(acc, _mm256_castps128_ps256(_mm_set_ss(w.m * (x->d * (float)x->sum))));
+/* the exact integer block dot of 8 rows with one activation block (q4_0: minus 8 * sum(qx)) */
+ET_INLINE __m256i block_dot(int fmt, const pk8 *pk, const block_q8_s *xb) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (fmt == FMT_Q8_0) {
+        __m256i s = _mm256_setzero_si256();
+        for (int t = 0; t < 8; t++) {
+            const __m256i xv = _mm256_set1_epi32(load_i32(xb->qs + 4 * t));
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(pk->q[t], _mm256_sign_epi8(xv, pk->s[t])),
+                                                      ones));
+        }
+        return s;
+    }
+    __m256i s16 = _mm256_maddubs_epi16(pk->q[0], _mm256_set1_epi32(load_i32(xb->qs)));
+    for (int t = 1; t < 8; t++)
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(pk->q[t], _mm256_set1_epi32(load_i32(xb->qs + 4 * t))));
+    const __m256i s = _mm256_madd_epi16(s16, ones);
+    return fmt == FMT_Q4_0 ? _mm256_sub_epi32(s, _mm256_set1_epi32(8 * xb->sum)) : s;
 }
 
-ET_INLINE __m256 term_q8_0(__m256 acc, wside w, const block_q8_s *x, __m256i xq) {
-    const __m256i p = dot_us8(w.q, _mm256_sign_epi8(xq, w.s)); /* |w| * (x * sign w) */
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(w.d * x->d), acc);
+/* q4: 4 vectors of packed bytes -> low and high nibbles; q8_0: |w| beside w */
+ET_INLINE void split_quants(int fmt, const __m256i *p, pk8 *pk) {
+    if (fmt == FMT_Q8_0) {
+        for (int t = 0; t < 8; t++) pk->s[t] = p[t], pk->q[t] = _mm256_abs_epi8(p[t]);
+        return;
+    }
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int t = 0; t < 4; t++) {
+        pk->q[t] = _mm256_and_si256(p[t], m4);
+        pk->q[t + 4] = _mm256_and_si256(_mm256_srli_epi16(p[t], 4), m4);
+    }
 }
 
-ET_INLINE __m256i load_xq(const block_q8_s *x) { return _mm256_loadu_si256((const __m256i *)x->qs); }
+/* row r of a tile holding nr valid rows: rows past nr repeat the last valid one (their results are never stored) */
+ET_INLINE const uint8_t *tile_row(const uint8_t *base, size_t ws, int nr, int r) {
+    return base + (size_t)(r < nr ? r : nr - 1) * ws;
+}
 
-/* y rows i..i+C-1, columns j..j+3: 4 weight rows (wr) x C activation rows over all blocks, each block's weight
- * side unpacked once for the C rows; the first activation rows also prefetch the tile ET_PF_TILES ahead (pf_on) */
-#define ET_STEP_4xC(wsd, term, C)                                                                              \
-    do {                                                                                                      \
-        const block_q8_s *xi[C];                                                                              \
-        __m256 acc[4][C];                                                                                     \
-        for (int c = 0; c < (C); c++) xi[c] = (const block_q8_s *)((const uint8_t *)x + (size_t)(i + c) * xs); \
-        for (int r = 0; r < 4; r++)                                                                           \
-            for (int c = 0; c < (C); c++) acc[r][c] = _mm256_setzero_ps();                                    \
-        for (int64_t b = 0; b < nb; b++) {                                                                    \
-            if (i == 0 && pf_on)                                                                              \
-                for (size_t o = 0; o < slice; o += 64)                                                        \
-                    _mm_prefetch((const char *)(pf + (size_t)b * slice + o), _MM_HINT_T0);                    \
-            __m256i xq[C];                                                                                    \
-            for (int c = 0; c < (C); c++) xq[c] = load_xq(&xi[c][b]);                                         \
-            for (int r = 0; r < 4; r++) {                                                                     \
-                const wside ws_ = wsd(&wr[r][b]);                                                             \
-                for (int c = 0; c < (C); c++) acc[r][c] = term(acc[r][c], ws_, &xi[c][b], xq[c]);             \
-            }                                                                                                 \
-        }                                                                                                     \
-        for (int c = 0; c < (C); c++)                                                                         \
-            for (int r = 0; r < 4; r++) y[(size_t)(i + c) * ldy + j + r] = hsum_ps(acc[r][c]);                \
-    } while (0)
+/* 8 rows x 16 bytes at p + r * ws -> q[t] lane r = bytes 4t..4t+3 of row r */
+ET_INLINE void transpose_8x16(const uint8_t *p, size_t ws, int nr, __m256i q[4]) {
+    __m256i a[4]; /* a[i]: row i in the low half, row i + 4 in the high half */
+    for (int i = 0; i < 4; i++)
+        a[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)tile_row(p, ws, nr, i))),
+                                       _mm_loadu_si128((const __m128i *)tile_row(p, ws, nr, i + 4)), 1);
+    const __m256i t0 = _mm256_unpacklo_epi32(a[0], a[1]), t1 = _mm256_unpackhi_epi32(a[0], a[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(a[2], a[3]), t3 = _mm256_unpackhi_epi32(a[2], a[3]);
+    q[0] = _mm256_unpacklo_epi64(t0, t2), q[1] = _mm256_unpackhi_epi64(t0, t2);
+    q[2] = _mm256_unpacklo_epi64(t1, t3), q[3] = _mm256_unpackhi_epi64(t1, t3);
+}
 
-#define ET_GEMM_BLOCKS(name, btype, wsd, term)                                                                 \
+/* lanes of 8 dwords -> their low (hi = 0) or high (hi = 1) 16 bits as fp16 -> float */
+ET_INLINE __m256 halves_to_ps(__m256i v, int hi) {
+    v = hi ? _mm256_srli_epi32(v, 16) : _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF));
+    return _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+}
+
+/* block b of the 8 GGUF rows at w, ws bytes apart (rofs: each row's byte offset, for the scale gather) -> pk */
+ET_INLINE void pack_rows(int fmt, const uint8_t *w, size_t ws, int nr, __m256i rofs, int64_t b, pk8 *pk) {
+    const uint8_t *blk = w + (size_t)b * block_bytes(fmt);
+    const uint8_t *qs = blk + (fmt == FMT_Q4_1 ? 4 : 2);
+    __m256i p[8];
+    transpose_8x16(qs, ws, nr, p);
+    if (fmt == FMT_Q8_0) transpose_8x16(qs + 16, ws, nr, p + 4);
+    split_quants(fmt, p, pk);
+    /* each row's first dword: d, and (q4_1) m; a gather while the rows' offsets fit its int32 indices */
+    __m256i dm;
+    if (ws <= (size_t)INT32_MAX / 8) {
+        dm = _mm256_i32gather_epi32((const int *)blk, rofs, 1);
+    } else {
+        int32_t v[8];
+        for (int r = 0; r < 8; r++) v[r] = load_i32(tile_row(blk, ws, nr, r));
+        dm = _mm256_loadu_si256((const __m256i *)v);
+    }
+    pk->d = halves_to_ps(dm, 0);
+    pk->m = fmt == FMT_Q4_1 ? halves_to_ps(dm, 1) : _mm256_setzero_ps();
+}
+
+/* byte offset of each of a tile's 8 rows from the first (rows past nr: the last valid one); used while
+ * ws <= INT32_MAX / 8 */
+ET_INLINE __m256i tile_row_offsets(size_t ws, int nr) {
+    const __m256i r = _mm256_min_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(nr - 1));
+    return _mm256_mullo_epi32(r, _mm256_set1_epi32(ws <= (size_t)INT32_MAX / 8 ? (int)ws : 0));
+}
+
+/* block b of half h (rows 8h..8h+7) of an x16 tile of nb blocks -> pk: plain loads */
+ET_INLINE void pack_x16(int fmt, const uint8_t *tile, int64_t nb, int64_t b, int h, pk8 *pk) {
+    const size_t qb = et_x16_qbytes(fmt_type(fmt));
+    const uint8_t *q = tile + (size_t)b * qb + 32 * h;
+    const uint8_t *sc = tile + (size_t)nb * qb + (size_t)b * et_x16_sbytes(fmt_type(fmt)) + 16 * h;
+    __m256i p[8];
+    for (int t = 0; t < (fmt == FMT_Q8_0 ? 8 : 4); t++) p[t] = _mm256_loadu_si256((const __m256i *)(q + 64 * t));
+    split_quants(fmt, p, pk);
+    pk->d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc));
+    pk->m = fmt == FMT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 32))) : _mm256_setzero_ps();
+}
+
+/* lanes below nr */
+ET_INLINE __m256i row_mask(int nr) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(nr), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+ET_INLINE void store_rows(float *y, int nr, __m256 v) {
+    if (nr == 8)
+        _mm256_storeu_ps(y, v);
+    else
+        _mm256_maskstore_ps(y, row_mask(nr), v);
+}
+
+ET_INLINE __m256 load_rows(const float *y, int nr) {
+    return nr == 8 ? _mm256_loadu_ps(y) : _mm256_maskload_ps(y, row_mask(nr));
+}
+
+/* acc[c] += block b of pk against activation row xc[c] */
+ET_INLINE void gemv_block(int fmt, int C, const pk8 *pk, const block_q8_s *const *xc, int64_t b, __m256 *acc) {
+    for (int c = 0; c < C; c++) {
+        const block_q8_s *xb = xc[c] + b;
+        acc[c] = scale_block(fmt, acc[c], block_dot(fmt, pk, xb), pk->d, pk->m, xb->d, xb->d * (float)xb->sum);
+    }
+}
+
+/* GEMV on 8 GGUF rows (nr valid) and C activation rows. The tile reads 8 rows side by side; rows of a page or more
+ * are clean streams the hardware prefetcher follows, shorter ones interleave within pages: then the next tiles'
+ * bytes (contiguous) are fetched ET_PF_BYTES ahead, a slice per block. */
+ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws, int nr, const uint8_t *x, size_t xs,
+                         float *y, size_t ldy) {
+    const __m256i rofs = tile_row_offsets(ws, nr);
+    const block_q8_s *xc[ET_PACK_MIN_M];
+    __m256 acc[ET_PACK_MIN_M];
+    for (int c = 0; c < C; c++) xc[c] = (const block_q8_s *)(x + (size_t)c * xs), acc[c] = _mm256_setzero_ps();
+    const size_t slice = 8 * block_bytes(fmt);
+    const uint8_t *pf = w + (8 * ws > ET_PF_BYTES ? 8 * ws : ET_PF_BYTES);
+    const int short_rows = ws < 4096;
+    for (int64_t b = 0; b < nb; b++) {
+        if (short_rows)
+            for (size_t o = 0; o < slice; o += 64) _mm_prefetch((const char *)(pf + (size_t)b * slice + o), _MM_HINT_T0);
+        pk8 pk;
+        pack_rows(fmt, w, ws, nr, rofs, b, &pk);
+        gemv_block(fmt, C, &pk, xc, b, acc);
+    }
+    for (int c = 0; c < C; c++) store_rows(y + (size_t)c * ldy, nr, acc[c]);
+}
+
+/* GEMV on half h of an x16 tile: the tiles are one forward stream, fetched ET_PF_BYTES ahead */
+ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, int h, int nr, const uint8_t *x,
+                             size_t xs, float *y, size_t ldy) {
+    const block_q8_s *xc[ET_PACK_MIN_M];
+    __m256 acc[ET_PACK_MIN_M];
+    for (int c = 0; c < C; c++) xc[c] = (const block_q8_s *)(x + (size_t)c * xs), acc[c] = _mm256_setzero_ps();
+    const size_t step = et_x16_qbytes(fmt_type(fmt)) + et_x16_sbytes(fmt_type(fmt));
+    for (int64_t b = 0; b < nb; b++) {
+        if (h == 0) {
+            const uint8_t *pf = tile + (size_t)b * step + ET_PF_BYTES;
+            for (size_t o = 0; o < step; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+        }
+        pk8 pk;
+        pack_x16(fmt, tile, nb, b, h, &pk);
+        gemv_block(fmt, C, &pk, xc, b, acc);
+    }
+    for (int c = 0; c < C; c++) store_rows(y + (size_t)c * ldy, nr, acc[c]);
+}
+
+/* rows j..j+nr-1 of the weights (nr <= 8) for C activation rows, GEMV style */
+ET_INLINE void gemv_rows(int fmt, int x16, int C, int64_t nb, const uint8_t *w, size_t ws, int64_t j, int nr,
+                         const uint8_t *x, size_t xs, float *y, size_t ldy) {
+    if (x16)
+        gemv_tile_x16(fmt, C, nb, w + (size_t)(j / 16) * 16 * ws, (int)(j % 16) / 8, nr, x, xs, y + j, ldy);
+    else
+        gemv_tile(fmt, C, nb, w + (size_t)j * ws, ws, nr, x, xs, y + j, ldy);
+}
+
+ET_INLINE void gemm_gemv(int fmt, int x16, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x,
+                         size_t xs, int64_t m, float *y, size_t ldy) {
+    const int64_t nb = k / ET_QK;
+    for (int64_t j = 0; j < n; j += 8) {
+        const int nr = n - j < 8 ? (int)(n - j) : 8;
+        switch (m) { /* constant C so the accumulators stay in registers */
+        case 1: gemv_rows(fmt, x16, 1, nb, w, ws, j, nr, x, xs, y, ldy); break;
+        case 2: gemv_rows(fmt, x16, 2, nb, w, ws, j, nr, x, xs, y, ldy); break;
+        default: gemv_rows(fmt, x16, 3, nb, w, ws, j, nr, x, xs, y, ldy); break;
+        }
+    }
+}
+
+/* y rows i0..i0+C-1, weight rows j..j+nr-1 (the segment's columns) += the packed segment, blocks [b0, b0 + nbs) */
+ET_INLINE void packed_rows(int fmt, int C, const pk8 *pk, int nbs, const uint8_t *x, size_t xs, int64_t i0, int64_t b0,
+                           float *y, size_t ldy, int nr) {
+    const block_q8_s *xc[ET_TM];
+    __m256 acc[ET_TM];
+    for (int c = 0; c < C; c++) {
+        xc[c] = (const block_q8_s *)(x + (size_t)(i0 + c) * xs) + b0;
+        acc[c] = b0 == 0 ? _mm256_setzero_ps() : load_rows(y + (size_t)(i0 + c) * ldy, nr);
+    }
+    for (int b = 0; b < nbs; b++) gemv_block(fmt, C, &pk[b], xc, b, acc);
+    for (int c = 0; c < C; c++) store_rows(y + (size_t)(i0 + c) * ldy, nr, acc[c]);
+}
+
+ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x,
+                           size_t xs, int64_t m, float *y, size_t ldy) {
+    const int64_t nb = k / ET_QK;
+    _Alignas(32) pk8 pk[ET_SEG]; /* 18 KiB */
+    for (int64_t j = 0; j < n; j += 8) {
+        const int nr = n - j < 8 ? (int)(n - j) : 8;
+        const uint8_t *tile = x16 ? w + (size_t)(j / 16) * 16 * ws : w + (size_t)j * ws;
+        const __m256i rofs = tile_row_offsets(ws, nr);
+        for (int64_t b0 = 0; b0 < nb; b0 += ET_SEG) {
+            const int nbs = nb - b0 < ET_SEG ? (int)(nb - b0) : ET_SEG;
+            for (int b = 0; b < nbs; b++) {
+                if (x16)
+                    pack_x16(fmt, tile, nb, b0 + b, (int)(j % 16) / 8, &pk[b]);
+                else
+                    pack_rows(fmt, tile, ws, nr, rofs, b0 + b, &pk[b]);
+            }
+            int64_t i = 0;
+            for (; i + ET_TM <= m; i += ET_TM) packed_rows(fmt, ET_TM, pk, nbs, x, xs, i, b0, y + j, ldy, nr);
+            switch (m - i) { /* constant C so the accumulators stay in registers */
+            case 3: packed_rows(fmt, 3, pk, nbs, x, xs, i, b0, y + j, ldy, nr); break;
+            case 2: packed_rows(fmt, 2, pk, nbs, x, xs, i, b0, y + j, ldy, nr); break;
+            case 1: packed_rows(fmt, 1, pk, nbs, x, xs, i, b0, y + j, ldy, nr); break;
+            default: break;
+            }
+        }
+    }
+}
+
+#define ET_GEMM_BLOCKS(name, fmt, x16)                                                                         \
     static void name(int64_t k, const void *w, size_t ws, int64_t n, const void *x, size_t xs, int64_t m,      \
                      float *y, size_t ldy) {                                                                  \
-        const int64_t nb = k / ET_QK;                                                                         \
-        int64_t j = 0;                                                                                        \
-        for (; j + 4 <= n; j += 4) {                                                                          \
-            const btype *wr[4];                                                                               \
-            for (int r = 0; r < 4; r++) wr[r] = (const btype *)((const uint8_t *)w + (size_t)(j + r) * ws);   \
-            /* the tile ET_PF_TILES ahead (contiguous rows), a slice per block: four interleaved short row \
-             * streams are more than the hardware prefetcher follows */                                     \
-            const uint8_t *pf = (const uint8_t *)wr[0] + ET_PF_TILES * 4 * ws;                                \
-            const size_t slice = ((4 * ws + (size_t)nb - 1) / (size_t)nb + 63) & ~(size_t)63;                \
-            const int pf_on = j + 4 * ET_PF_TILES + 4 <= n;                                                   \
-            int64_t i = 0;                                                                                    \
-            for (; i + 2 <= m; i += 2) ET_STEP_4xC(wsd, term, 2); /* two rows share each block's unpacking */ \
-            for (; i < m; i++) ET_STEP_4xC(wsd, term, 1);                                                     \
-        }                                                                                                     \
-        for (; j < n; j++) {                                                                                  \
-            const btype *w0 = (const btype *)((const uint8_t *)w + (size_t)j * ws);                           \
-            for (int64_t i = 0; i < m; i++) {                                                                 \
-                const block_q8_s *xi = (const block_q8_s *)((const uint8_t *)x + (size_t)i * xs);             \
-                __m256 a0 = _mm256_setzero_ps();                                                              \
-                for (int64_t b = 0; b < nb; b++) a0 = term(a0, wsd(&w0[b]), &xi[b], load_xq(&xi[b]));          \
-                y[(size_t)i * ldy + j] = hsum_ps(a0);                                                         \
-            }                                                                                                 \
-        }                                                                                                     \
+        if (m >= ET_PACK_MIN_M)                                                                               \
+            gemm_packed(fmt, x16, k, (const uint8_t *)w, ws, n, (const uint8_t *)x, xs, m, y, ldy);           \
+        else                                                                                                  \
+            gemm_gemv(fmt, x16, k, (const uint8_t *)w, ws, n, (const uint8_t *)x, xs, m, y, ldy);             \
     }
 
-ET_GEMM_BLOCKS(gemm_q4_0_avx2, block_q4_0, wside_q4_0, term_q4_0)
-ET_GEMM_BLOCKS(gemm_q4_1_avx2, block_q4_1, wside_q4_1, term_q4_1)
-ET_GEMM_BLOCKS(gemm_q8_0_avx2, block_q8_0, wside_q8_0, term_q8_0)
+ET_GEMM_BLOCKS(gemm_q4_0_avx2, FMT_Q4_0, 0)
+ET_GEMM_BLOCKS(gemm_q4_1_avx2, FMT_Q4_1, 0)
+ET_GEMM_BLOCKS(gemm_q8_0_avx2, FMT_Q8_0, 0)
+ET_GEMM_BLOCKS(gemm_q4_0_x16_avx2, FMT_Q4_0, 1)
+ET_GEMM_BLOCKS(gemm_q4_1_x16_avx2, FMT_Q4_1, 1)
+ET_GEMM_BLOCKS(gemm_q8_0_x16_avx2, FMT_Q8_0, 1)
 
 /* --- float weights: 8 lanes per step, scalar tail --- */
 
@@ -215,6 +395,9 @@ const et_kernels et_kernels_avx2 = {
     .gemm_q8_0 = gemm_q8_0_avx2,
     .gemm_f16 = gemm_f16_avx2,
     .gemm_f32 = gemm_f32_avx2,
+    .gemm_q4_0_x16 = gemm_q4_0_x16_avx2,
+    .gemm_q4_1_x16 = gemm_q4_1_x16_avx2,
+    .gemm_q8_0_x16 = gemm_q8_0_x16_avx2,
     .quantize_row_q8_s = quantize_row_q8_s_avx2,
 };
 
