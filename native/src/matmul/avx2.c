@@ -87,9 +87,10 @@ ET_INLINE __m256i block_dot(int fmt, const pk8 *pk, const block_q8_s *xb) {
         }
         return s;
     }
-    __m256i s16 = _mm256_maddubs_epi16(pk->q[0], _mm256_set1_epi32(load_i32(xb->qs)));
-    for (int t = 1; t < 8; t++)
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(pk->q[t], _mm256_set1_epi32(load_i32(xb->qs + 4 * t))));
+    __m256i p[8]; /* int16 sums added as a tree: a short dependency chain */
+    for (int t = 0; t < 8; t++) p[t] = _mm256_maddubs_epi16(pk->q[t], _mm256_set1_epi32(load_i32(xb->qs + 4 * t)));
+    for (int t = 0; t < 4; t++) p[t] = _mm256_add_epi16(p[t], p[t + 4]);
+    const __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(p[0], p[2]), _mm256_add_epi16(p[1], p[3]));
     const __m256i s = _mm256_madd_epi16(s16, ones);
     return fmt == FMT_Q4_0 ? _mm256_sub_epi32(s, _mm256_set1_epi32(8 * xb->sum)) : s;
 }
@@ -216,39 +217,88 @@ ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws
     for (int c = 0; c < C; c++) store_rows(y + (size_t)c * ldy, nr, acc[c]);
 }
 
-/* GEMV on half h of an x16 tile: the tiles are one forward stream, fetched ET_PF_BYTES ahead */
-ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, int h, int nr, const uint8_t *x,
-                             size_t xs, float *y, size_t ldy) {
-    const block_q8_s *xc[ET_PACK_MIN_M];
-    __m256 acc[ET_PACK_MIN_M];
-    for (int c = 0; c < C; c++) xc[c] = (const block_q8_s *)(x + (size_t)c * xs), acc[c] = _mm256_setzero_ps();
-    const size_t step = et_x16_qbytes(fmt_type(fmt)) + et_x16_sbytes(fmt_type(fmt));
-    for (int64_t b = 0; b < nb; b++) {
-        if (h == 0) {
-            const uint8_t *pf = tile + (size_t)b * step + ET_PF_BYTES;
-            for (size_t o = 0; o < step; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+/* block_dot of both halves of an x16 tile's block (quants at q) with one activation block, in the order that keeps
+ * few registers live: each 64-byte vector's two halves are split and multiplied at once. The same integers. */
+ET_INLINE void x16_block_dots(int fmt, const uint8_t *q, const block_q8_s *xb, __m256i isum[2]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+    if (fmt == FMT_Q8_0) {
+        for (int t = 0; t < 8; t++) {
+            const __m256i xv = _mm256_set1_epi32(load_i32(xb->qs + 4 * t));
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(q + 64 * t));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(q + 64 * t + 32));
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(xv, w0)), ones));
+            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(xv, w1)), ones));
         }
-        pk8 pk;
-        pack_x16(fmt, tile, nb, b, h, &pk);
-        gemv_block(fmt, C, &pk, xc, b, acc);
+        isum[0] = s0, isum[1] = s1;
+        return;
     }
-    for (int c = 0; c < C; c++) store_rows(y + (size_t)c * ldy, nr, acc[c]);
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int t = 0; t < 4; t++) { /* int16 sums: at most 16 * 15 * 127 in magnitude, in any order */
+        const __m256i xl = _mm256_set1_epi32(load_i32(xb->qs + 4 * t));
+        const __m256i xh = _mm256_set1_epi32(load_i32(xb->qs + 16 + 4 * t));
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(q + 64 * t));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(q + 64 * t + 32));
+        s0 = _mm256_add_epi16(s0, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w0, m4), xl),
+                                                   _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w0, 4), m4), xh)));
+        s1 = _mm256_add_epi16(s1, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w1, m4), xl),
+                                                   _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w1, 4), m4), xh)));
+    }
+    isum[0] = _mm256_madd_epi16(s0, ones), isum[1] = _mm256_madd_epi16(s1, ones);
+    if (fmt == FMT_Q4_0) {
+        const __m256i off = _mm256_set1_epi32(8 * xb->sum);
+        isum[0] = _mm256_sub_epi32(isum[0], off), isum[1] = _mm256_sub_epi32(isum[1], off);
+    }
 }
 
-/* rows j..j+nr-1 of the weights (nr <= 8) for C activation rows, GEMV style */
+/* GEMV on an x16 tile (16 rows, nr valid): both halves of each block at once, so each of the tile's lines is read
+ * once; the tiles are one forward stream, fetched ET_PF_BYTES ahead */
+ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, int nr, const uint8_t *x, size_t xs,
+                             float *y, size_t ldy) {
+    const block_q8_s *xc[ET_PACK_MIN_M];
+    __m256 acc[2][ET_PACK_MIN_M];
+    for (int c = 0; c < C; c++) {
+        xc[c] = (const block_q8_s *)(x + (size_t)c * xs);
+        acc[0][c] = acc[1][c] = _mm256_setzero_ps();
+    }
+    const size_t qb = et_x16_qbytes(fmt_type(fmt)), step = qb + et_x16_sbytes(fmt_type(fmt));
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *pf = tile + (size_t)b * step + ET_PF_BYTES;
+        for (size_t o = 0; o < step; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+        const uint8_t *q = tile + (size_t)b * qb, *sc = tile + (size_t)nb * qb + (size_t)b * et_x16_sbytes(fmt_type(fmt));
+        const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc));
+        const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 16)));
+        const __m256 m0 = fmt == FMT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 32))) : d0;
+        const __m256 m1 = fmt == FMT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 48))) : d1;
+        for (int c = 0; c < C; c++) {
+            const block_q8_s *xb = xc[c] + b;
+            __m256i isum[2];
+            x16_block_dots(fmt, q, xb, isum);
+            const float ms = xb->d * (float)xb->sum;
+            acc[0][c] = scale_block(fmt, acc[0][c], isum[0], d0, m0, xb->d, ms);
+            acc[1][c] = scale_block(fmt, acc[1][c], isum[1], d1, m1, xb->d, ms);
+        }
+    }
+    for (int c = 0; c < C; c++) {
+        store_rows(y + (size_t)c * ldy, nr < 8 ? nr : 8, acc[0][c]);
+        if (nr > 8) store_rows(y + (size_t)c * ldy + 8, nr - 8, acc[1][c]);
+    }
+}
+
+/* rows j.. of the weights for C activation rows, GEMV style: an x16 tile (16 rows), or 8 GGUF rows; nr valid */
 ET_INLINE void gemv_rows(int fmt, int x16, int C, int64_t nb, const uint8_t *w, size_t ws, int64_t j, int nr,
                          const uint8_t *x, size_t xs, float *y, size_t ldy) {
     if (x16)
-        gemv_tile_x16(fmt, C, nb, w + (size_t)(j / 16) * 16 * ws, (int)(j % 16) / 8, nr, x, xs, y + j, ldy);
+        gemv_tile_x16(fmt, C, nb, w + (size_t)j * ws, nr, x, xs, y + j, ldy);
     else
         gemv_tile(fmt, C, nb, w + (size_t)j * ws, ws, nr, x, xs, y + j, ldy);
 }
 
 ET_INLINE void gemm_gemv(int fmt, int x16, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x,
                          size_t xs, int64_t m, float *y, size_t ldy) {
-    const int64_t nb = k / ET_QK;
-    for (int64_t j = 0; j < n; j += 8) {
-        const int nr = n - j < 8 ? (int)(n - j) : 8;
+    const int64_t nb = k / ET_QK, rows = x16 ? 16 : 8; /* x16: j is a multiple of 16, tiles 16 * ws bytes apart */
+    for (int64_t j = 0; j < n; j += rows) {
+        const int nr = n - j < rows ? (int)(n - j) : (int)rows;
         switch (m) { /* constant C so the accumulators stay in registers */
         case 1: gemv_rows(fmt, x16, 1, nb, w, ws, j, nr, x, xs, y, ldy); break;
         case 2: gemv_rows(fmt, x16, 2, nb, w, ws, j, nr, x, xs, y, ldy); break;
