@@ -138,11 +138,9 @@ static inline __attribute__((always_inline)) void tile_sign(const et_fc_s8_args 
 }
 
 void et_fc_s8_avx2(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-    if (a->w_m128) {
-        for (int64_t i = i0; i < i1; i += 2) {
-            const int two = i + 1 < i1;
-            for (int64_t j = j0; j < j1; j += 16) tile(a, i, two, j, j1 - j < 16 ? j1 - j : 16);
-        }
+    if (a->w_m128) { /* channel tiles outer here too: each stays in L1 while the rows go past */
+        for (int64_t j = j0; j < j1; j += 16)
+            for (int64_t i = i0; i < i1; i += 2) tile(a, i, i + 1 < i1, j, j1 - j < 16 ? j1 - j : 16);
         return;
     }
     for (int64_t j = j0; j < j1; j += 16) {
