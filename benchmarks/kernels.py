@@ -6,8 +6,8 @@
 Shapes are (N, K) weight matrices: 576x1536, 1536x576, 4096x4096, 49152x576 (small-LLM projections and an output
 embedding). For each, at 1 and 2 threads:
   - GEMV (M=1), q4_0 / q4_1 / q8_0: edgert rotates through >= 1 GiB of distinct weight matrices, so every call
-    streams its weights from DRAM (more than any L3 of this class of machine: 32 MB on a Zen 3 EPYC, hundreds of MB on large Xeons). Reported as GB/s of weight bytes and as %
-    of the streaming-read bandwidth (lib.et_stream_read) measured in the same run: "% stream" through one
+    streams its weights from DRAM (more than any L3 of this class of machine: 32 MB on a Zen 3 EPYC, hundreds of
+    MB on large Xeons). Reported as GB/s of weight bytes and as % of the streaming-read bandwidth (lib.et_stream_read) measured in the same run: "% stream" through one
     edgert.BoundMatMul per matrix (a Python run loop), "C call" through et_matmul_ex straight (as the LLM's C forward
     pass calls the kernels: no per-call checks, one output buffer). "read/call" runs the streaming-read loop itself
     on each matrix of the same rotation, one call per matrix: the ceiling at this call size for a kernel that did
@@ -47,7 +47,7 @@ GEMM_M = 64
 GIB = 1 << 30
 GEMM_WARM_S = 0.2  # warm-up per GEMM timing, the same for every engine: two threads can take a moment to run as two
 ORT_SETTLE_S = 0.1  # onnxruntime's workers spin ~30 ms after a run (measured: CPU time while idle)
-L3_ROTATION = 32 << 20  # distinct matrices an L3 of 32 MB or more holds (on a 32 MB L3 part of each rotation comes from DRAM)
+L3_ROTATION = 32 << 20  # distinct matrices an L3 of 32 MB or more holds (on a 32 MB L3, partly from DRAM)
 PEER_OP = {"q4_0": "MatMulNBits", "q4_1": "MatMulNBits", "q8_0": "MatMulInteger", "int8": "MatMulInteger"}
 GEMM_FORMATS = ("q4_0", "q4_1", "q8_0", "int8")  # int8: per-tensor int8 weights, MatMulInteger's own arithmetic
 BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
