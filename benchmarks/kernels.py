@@ -9,7 +9,8 @@ embedding). For each, at 1 and 2 threads:
     streams its weights from DRAM (more than any L3 of this class of machine: 32 MB on a Zen 3 EPYC, hundreds of
     MB on large Xeons). Reported as GB/s of weight bytes and as % of the streaming-read bandwidth
     (lib.et_stream_read) measured in the same run: "% stream" through one edgert.BoundMatMul per matrix (a Python
-    run loop), "C call" through et_matmul_ex straight (as the LLM's C forward pass calls the kernels: no per-call checks, one output buffer). "read/call" runs the streaming-read loop itself
+    run loop), "C call" through et_matmul_ex straight (as the LLM's C forward pass calls the kernels: no per-call
+    checks, one output buffer). "read/call" runs the streaming-read loop itself
     on each matrix of the same rotation, one call per matrix: the ceiling at this call size for a kernel that did
     nothing but read (every call starts its streams cold, and a call ends with its slowest thread).
   - "x16" rows: the same matrices repacked (edgert.repack) where the ISA reads that layout with its own kernels.
