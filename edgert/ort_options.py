@@ -20,8 +20,9 @@ def onnxruntime_module():
 # onnxruntime's int8 matrix products on x86 without VNNI (AVX2, AVX-512F) multiply u8 by s8 with vpmaddubsw, whose
 # int16 pair sums saturate: a few outputs of a QLinearConv / MatMulInteger come out wrong (measured: 14% off on one
 # output of a 120x6625 MatMulInteger, and a two-class classifier's scores swapped). This entry makes it use exact
-# u8u8 products instead (it changes nothing on other CPUs). Every session edgert makes sets it: a partition gives
-# the same numbers as the whole model and as edgert's own C core, whatever the CPU.
+# u8u8 products instead (it changes nothing on other CPUs). Every session edgert makes sets it
+# (delegates.onnxruntime.inference_session), so a partition gives the same numbers as the whole model and as edgert's
+# own C core whatever the CPU, except on models where onnxruntime fails in that mode (exact_int8_fails there).
 EXACT_INT8_ENTRY = ("session.x64quantprecision", "1")
 
 # SessionOptions a device profile may not set: they make onnxruntime write files (a profile describes a device)
@@ -29,15 +30,14 @@ FILE_WRITING_SESSION_OPTIONS = ("optimized_model_filepath", "enable_profiling", 
 
 
 def session_options(opts: Mapping[str, Any] | None = None, threads: int | None = None):
-    """An onnxruntime SessionOptions from a profile's ``session_options`` table (attribute name -> value), with exact
-    int8 products (EXACT_INT8_ENTRY).
+    """An onnxruntime SessionOptions from a profile's ``session_options`` table (attribute name -> value). The
+    exact int8 products (EXACT_INT8_ENTRY) are added per model by delegates.onnxruntime.inference_session.
     InvalidArgumentError naming the key for an attribute SessionOptions lacks, one that writes files, a value of the
     wrong type, or a thread count outside [0, MAX_THREADS] (profiles.load checks the same through this)."""
     from .native import MAX_THREADS
 
     ort = onnxruntime_module()
     so = ort.SessionOptions()
-    so.add_session_config_entry(*EXACT_INT8_ENTRY)
     for k, v in dict(opts or {}).items():
         where = f"(the profile's delegate_options.session_options.{k})"
         if k == "graph_optimization_level" and isinstance(v, str):

@@ -105,3 +105,49 @@ def test_per_axis_int8_dequantize_without_zero_point_runs(scale_shape):
     # onnxruntime fuses the pair into an int8 product of dynamically quantized activations: 8-bit rounding error
     assert np.abs(got - want).max() <= 0.03 * np.abs(want).max()
     assert len(model.graph.node[0].input) == 2  # the caller's model is not changed
+
+
+def _dq_models():
+    """(name, model, weights as float64) for the DequantizeLinear forms onnxruntime 1.32 fails on in its exact int8
+    mode: one int8 initializer read by two DequantizeLinear nodes, a Constant node's scale, a DequantizeLinear inside
+    an If branch; each y = x @ w (+ x @ w again for the shared one)."""
+    rng = np.random.default_rng(6)
+    q = rng.integers(-127, 128, (64, 24)).astype(np.int8)
+    s = rng.uniform(0.01, 0.05, 24).astype(np.float32)
+    w = q.astype(np.float64) * s.astype(np.float64)
+    V = h.make_tensor_value_info
+    qt = h.make_tensor("q", T.INT8, [64, 24], q.tobytes(), raw=True)
+    st = h.make_tensor("s", T.FLOAT, [24], s.tolist())
+    io = ([V("x", T.FLOAT, [2, 64])], [V("y", T.FLOAT, [2, 24])])
+    shared = h.make_graph([h.make_node("DequantizeLinear", ["q", "s"], ["w1"], axis=1),
+                           h.make_node("DequantizeLinear", ["q", "s"], ["w2"], axis=1),
+                           h.make_node("MatMul", ["x", "w1"], ["a"]), h.make_node("MatMul", ["x", "w2"], ["b"]),
+                           h.make_node("Add", ["a", "b"], ["y"])], "shared", *io, [qt, st])
+    const = h.make_graph([h.make_node("Constant", [], ["sc"], value=st),
+                          h.make_node("DequantizeLinear", ["q", "sc"], ["w"], axis=1),
+                          h.make_node("MatMul", ["x", "w"], ["y"])], "const", *io, [qt])
+    branch = h.make_graph([h.make_node("DequantizeLinear", ["q", "s"], ["wb"], axis=1)], "then", [],
+                          [V("wb", T.FLOAT, [64, 24])])
+    cond = h.make_graph([h.make_node("If", ["c"], ["w"], then_branch=branch, else_branch=branch),
+                         h.make_node("MatMul", ["x", "w"], ["y"])], "cond", *io,
+                        [qt, st, h.make_tensor("c", T.BOOL, [], [True])])
+    out = []
+    for name, g, want_w in (("shared", shared, 2 * w), ("const", const, w), ("if", cond, w)):
+        m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
+        m.ir_version = 10
+        out.append((name, m, want_w))
+    return out
+
+
+@pytest.mark.parametrize("case", ["shared", "const", "if"])
+def test_models_onnxruntime_fails_on_in_exact_mode_run_with_its_default_kernels(case):
+    import edgert
+    from edgert.delegates.onnxruntime import exact_int8_fails
+
+    name, model, w = next(c for c in _dq_models() if c[0] == case)
+    assert exact_int8_fails(model)
+    x = np.random.default_rng(7).standard_normal((2, 64)).astype(np.float32)
+    want = x.astype(np.float64) @ w
+    for core in (False, "auto"):
+        got = edgert.Session(model, "host", core=core).run(None, {"x": x})[0]
+        assert np.abs(got - want).max() <= 0.03 * np.abs(want).max()  # int8 activations where onnxruntime fuses

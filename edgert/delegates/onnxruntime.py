@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import DeviceError, ModelFormatError, warn_caller
 from ..graph.ir import external_data_dir
 from ..ort_options import onnxruntime_module as _ort
-from ..ort_options import session_options
+from ..ort_options import EXACT_INT8_ENTRY, session_options
 from .base import CompiledPartition, Delegate, register
 
 CPU = "CPUExecutionProvider"
@@ -43,26 +43,85 @@ def resolve_providers(wanted: list[str], fallback: str = "allow", emulate: bool 
     return providers, [dict(popts) if p != CPU and popts else {} for p in providers]
 
 
+def _config_entry(sess_options, key: str) -> str | None:
+    """A SessionOptions config entry, None when not set (or no options)"""
+    if sess_options is None:
+        return None
+    try:
+        return sess_options.get_session_config_entry(key)
+    except Exception:  # onnxruntime raises for a key not set
+        return None
+
+
 def inference_session(model, sess_options=None, providers=(CPU,), provider_options=None):
-    """An InferenceSession of ``model``: a ModelProto (a ``Graph.subgraph_model`` export), its bytes or a path.
+    """An InferenceSession of ``model``: a ModelProto (a ``Graph.subgraph_model`` export), its bytes or a path. A
+    ModelProto runs with exact int8 products (ort_options.EXACT_INT8_ENTRY, set on ``sess_options``), with explicit
+    zero points where onnxruntime needs them (added in place: hand a copy to keep yours), unless onnxruntime fails
+    on it in that mode (exact_int8_fails): then with its default int8 kernels.
     Initializers the export references in the original model's external data files are read from there in place, as
     onnxruntime reads the whole model's (it maps them): embedding them cost a copy per partition, 1361 MB of RSS
     against plain onnxruntime's 578 MB for a 256 MB weight, and a model over protobuf's 2 GB could not run."""
     ort = _ort()
     if hasattr(model, "SerializeToString"):
-        explicit_zero_points(model)
+        sess_options = sess_options or _ort().SessionOptions()
+        exact = _config_entry(sess_options, EXACT_INT8_ENTRY[0])
+        if exact_int8_fails(model):
+            if exact == "1":  # options shared with an earlier segment (onnxruntime warns on this overwrite)
+                sess_options.add_session_config_entry(EXACT_INT8_ENTRY[0], "0")
+        elif exact is None:  # a segment after one that set "0" keeps the default kernels: no second overwrite
+            sess_options.add_session_config_entry(*EXACT_INT8_ENTRY)
+        if _config_entry(sess_options, EXACT_INT8_ENTRY[0]) == "1":
+            explicit_zero_points(model)
         folder = external_data_dir(model)
         if folder is not None:
-            sess_options = sess_options or ort.SessionOptions()
             key = "session.model_external_initializers_file_folder_path"
-            try:  # a partition's segments share their options: set once (onnxruntime warns on each overwrite)
-                same = sess_options.get_session_config_entry(key) == folder
-            except Exception:  # not set yet
-                same = False
-            if not same:
+            if _config_entry(sess_options, key) != folder:  # segments share options: set once (it warns on overwrites)
                 sess_options.add_session_config_entry(key, folder)
         model = model.SerializeToString()
     return ort.InferenceSession(model, sess_options, providers=list(providers), provider_options=provider_options)
+
+
+def _subgraphs(node):
+    import onnx
+
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
+def exact_int8_fails(model) -> bool:
+    """Whether onnxruntime 1.32 fails on ``model`` in its exact int8 mode (ort_options.EXACT_INT8_ENTRY), which
+    rewrites int8 weights to uint8: an int8 initializer that two or more DequantizeLinear nodes read ("Attempt to
+    replace the existing tensor" at load); a DequantizeLinear with a Constant node's output for its input or scale,
+    an int8 initializer with a scale that is not one, or one inside a subgraph (If, Loop, Scan), when its scales
+    are per-axis and it has no zero point (refused at run time; checked without looking at the scales). Such a
+    model runs with onnxruntime's default int8 kernels."""
+    import onnx
+
+    inits = {t.name: t for t in model.graph.initializer}
+    constants = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for g in _subgraphs(node):
+            stack = [g]
+            while stack:
+                sub = stack.pop()
+                for n in sub.node:
+                    if n.op_type == "DequantizeLinear":
+                        return True
+                    stack.extend(_subgraphs(n))
+        if node.op_type != "DequantizeLinear" or not node.input:
+            continue
+        if any(i in constants for i in node.input[:2]):
+            return True
+        x = inits.get(node.input[0])
+        if x is not None and x.data_type == onnx.TensorProto.INT8:
+            if len(node.input) < 2 or node.input[1] not in inits:  # explicit_zero_points cannot see its scale
+                return True
+            readers[x.name] = readers.get(x.name, 0) + 1
+    return any(count > 1 for count in readers.values())
 
 
 def explicit_zero_points(model) -> None:
@@ -73,6 +132,7 @@ def explicit_zero_points(model) -> None:
     import onnx
 
     inits = {t.name: t for t in model.graph.initializer}
+    taken = set(inits) | {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
@@ -81,12 +141,14 @@ def explicit_zero_points(model) -> None:
             continue
         if len(node.input) > 2 and node.input[2]:
             continue
-        name = f"{node.input[0]}__edgert_zero_point"
-        if name not in inits:
-            zp = onnx.helper.make_tensor(name, onnx.TensorProto.INT8, list(scale.dims),
-                                         np.zeros(int(np.prod(scale.dims)), np.int8).tobytes(), raw=True)
-            model.graph.initializer.append(zp)
-            inits[name] = zp
+        name, i = f"{node.input[0]}__edgert_zero_point", 0
+        while name in taken:  # a name of its own: nothing else defines it, no other node's shape
+            i += 1
+            name = f"{node.input[0]}__edgert_zero_point_{i}"
+        taken.add(name)
+        model.graph.initializer.append(onnx.helper.make_tensor(
+            name, onnx.TensorProto.INT8, list(scale.dims), np.zeros(int(np.prod(scale.dims)), np.int8).tobytes(),
+            raw=True))
         del node.input[2:]  # an empty name stands for no zero point too
         node.input.append(name)
 

@@ -168,13 +168,14 @@ def _same_value(ref_op: str, cand_op: str) -> bool:
 
 def _ort_session(model):
     """A plain onnxruntime session of ``model`` with graph optimizations off, so every named tensor is kept."""
+    from ..delegates.onnxruntime import inference_session
     from ..ort_options import onnxruntime_module, session_options
 
     ort = onnxruntime_module()
-    so = session_options()  # exact int8 products, as the sessions being compared use
+    so = session_options()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3  # its notices about merging the shapes of the added outputs
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return inference_session(model, so)  # exact int8 products, as the sessions being compared use
 
 
 def _with_outputs(model, names: list[str]):

@@ -41,7 +41,7 @@ static int8_t rand_s8(int extreme_pct) {
 }
 
 /* weights in [-127, 127] (TFLite's int8 weights; AVX2's vpmaddubsw kernel) or with -128 in them (its widening
- * kernel): fc_case alternates, so every sweep runs both */
+ * kernel): fc_case picks one at random per case, so every sweep runs both */
 static int fc_symmetric_w;
 
 static void fc_make(fc_problem *p, int64_t m, int64_t n, int64_t k, int per_channel, int with_bias, int32_t x_zp,
@@ -114,9 +114,8 @@ static int run_fn(const fc_problem *p, int8_t *y, int nth, et_fc_s8_fn fn) {
 
 static void fc_case(int64_t m, int64_t n, int64_t k, int per_channel, int with_bias, int32_t x_zp, int32_t y_zp,
                     int32_t lo, int32_t hi, int extreme_pct) {
-    static int cases;
     fc_problem p;
-    const int symmetric = cases++ & 1;
+    const int symmetric = (int)(rng_next() & 1); /* not in step with any sweep's period */
     fc_symmetric_w = symmetric;
     fc_make(&p, m, n, k, per_channel, with_bias, x_zp, y_zp, lo, hi, extreme_pct);
     fc_symmetric_w = 0;

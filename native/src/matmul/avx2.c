@@ -351,6 +351,7 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
 #define ET_GEMM_BLOCKS(name, fmt, x16)                                                                         \
     static void name(int64_t k, const void *w, size_t ws, int64_t n, const void *x, size_t xs, int64_t m,      \
                      float *y, size_t ldy) {                                                                  \
+        if (m <= 0 || n <= 0) return;                                                                         \
         if (m >= ET_PACK_MIN_M)                                                                               \
             gemm_packed(fmt, x16, k, (const uint8_t *)w, ws, n, (const uint8_t *)x, xs, m, y, ldy);           \
         else                                                                                                  \
