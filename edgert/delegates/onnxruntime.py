@@ -63,7 +63,7 @@ def inference_session(model, sess_options=None, providers=(CPU,), provider_optio
     against plain onnxruntime's 578 MB for a 256 MB weight, and a model over protobuf's 2 GB could not run."""
     ort = _ort()
     if hasattr(model, "SerializeToString"):
-        sess_options = sess_options or _ort().SessionOptions()
+        sess_options = sess_options or ort.SessionOptions()
         exact = _config_entry(sess_options, EXACT_INT8_ENTRY[0])
         if exact_int8_fails(model):
             if exact == "1":  # options shared with an earlier segment (onnxruntime warns on this overwrite)
