@@ -31,8 +31,8 @@ import edgert  # noqa: E402
 from edgert import telemetry  # noqa: E402
 from edgert.delegates.base import median_s  # noqa: E402
 from edgert.delegates.host import chain_nodes  # noqa: E402
-from edgert.delegates.onnxruntime import exact_int8_fails, inference_session  # noqa: E402
-from edgert.ort_options import EXACT_INT8_ENTRY, session_options  # noqa: E402
+from edgert.delegates.onnxruntime import inference_session  # noqa: E402
+from edgert.ort_options import session_options  # noqa: E402
 
 import real_models as R  # noqa: E402
 
@@ -112,10 +112,8 @@ def main(argv=None) -> int:
             path = src if not kind else (R.int8_dynamic if kind == "_int8" else R.int8_qdq)(src, dest)
             label = path.name
             feeds = R.FEEDS[name]()
-            so = session_options()  # the exact int8 products edgert's sessions use, where onnxruntime takes them
-            if not exact_int8_fails(onnx.load(str(path), load_external_data=False)):
-                so.add_session_config_entry(*EXACT_INT8_ENTRY)
-            ref = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            # the exact int8 products edgert's sessions use, where onnxruntime takes them: the same helper
+            ref = inference_session(onnx.load(str(path)), session_options())
             t_ort = timeit(lambda: ref.run(None, feeds), runs)
             print(f"{label:<40} {'onnxruntime':<26} {ms(t_ort)} {'1.00':>7}")
             runners = [("edgert host", "host", False, "auto"), ("edgert host (C core all)", "host", False, True)]
