@@ -47,6 +47,10 @@ ET_INLINE float h2f(et_half h) { return _cvtsh_ss(h); }
 
 enum { FMT_Q4_0, FMT_Q4_1, FMT_Q8_0 };
 
+/* keeps a running sum a running sum: without it GCC reassociates the chain into all products first and a tree of
+ * adds, which spills most of them to the stack */
+#define ET_IN_REGISTER(v) __asm__("" : "+x"(v))
+
 ET_INLINE int fmt_type(int fmt) { return fmt == FMT_Q4_0 ? ET_TYPE_Q4_0 : fmt == FMT_Q4_1 ? ET_TYPE_Q4_1 : ET_TYPE_Q8_0; }
 
 ET_INLINE size_t block_bytes(int fmt) {
@@ -75,24 +79,32 @@ ET_INLINE __m256 scale_block(int fmt, __m256 acc, __m256i isum, __m256 dw, __m25
     return acc;
 }
 
-/* the exact integer block dot of 8 rows with one activation block (q4_0: minus 8 * sum(qx)) */
-ET_INLINE __m256i block_dot(int fmt, const pk8 *pk, const block_q8_s *xb) {
+/* the exact integer block dots of 8 rows with C activation blocks xb[c] (q4_0: minus 8 * sum(qx)). Each weight
+ * vector is loaded once and multiplied against the C activations' broadcast bytes in turn, so the loads per product
+ * fall as C grows; q4 keeps one int16 sum per activation (a short chain each: C chains interleave). */
+ET_INLINE void block_dots(int fmt, int C, const pk8 *pk, const block_q8_s *const *xb, __m256i *isum) {
     const __m256i ones = _mm256_set1_epi16(1);
-    if (fmt == FMT_Q8_0) {
-        __m256i s = _mm256_setzero_si256();
-        for (int t = 0; t < 8; t++) {
-            const __m256i xv = _mm256_set1_epi32(load_i32(xb->qs + 4 * t));
-            s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(pk->q[t], _mm256_sign_epi8(xv, pk->s[t])),
-                                                      ones));
+    __m256i s[ET_TM];
+    for (int c = 0; c < C; c++) s[c] = _mm256_setzero_si256();
+    for (int t = 0; t < 8; t++) {
+        const __m256i q = pk->q[t];
+        for (int c = 0; c < C; c++) {
+            const __m256i xv = _mm256_set1_epi32(load_i32(xb[c]->qs + 4 * t));
+            if (fmt == FMT_Q8_0)
+                s[c] = _mm256_add_epi32(s[c], _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_sign_epi8(xv, pk->s[t])), ones));
+            else
+                s[c] = _mm256_add_epi16(s[c], _mm256_maddubs_epi16(q, xv));
+            ET_IN_REGISTER(s[c]);
         }
-        return s;
     }
-    __m256i p[8]; /* int16 sums added as a tree: a short dependency chain */
-    for (int t = 0; t < 8; t++) p[t] = _mm256_maddubs_epi16(pk->q[t], _mm256_set1_epi32(load_i32(xb->qs + 4 * t)));
-    for (int t = 0; t < 4; t++) p[t] = _mm256_add_epi16(p[t], p[t + 4]);
-    const __m256i s16 = _mm256_add_epi16(_mm256_add_epi16(p[0], p[2]), _mm256_add_epi16(p[1], p[3]));
-    const __m256i s = _mm256_madd_epi16(s16, ones);
-    return fmt == FMT_Q4_0 ? _mm256_sub_epi32(s, _mm256_set1_epi32(8 * xb->sum)) : s;
+    for (int c = 0; c < C; c++) {
+        if (fmt == FMT_Q8_0) {
+            isum[c] = s[c];
+            continue;
+        }
+        isum[c] = _mm256_madd_epi16(s[c], ones);
+        if (fmt == FMT_Q4_0) isum[c] = _mm256_sub_epi32(isum[c], _mm256_set1_epi32(8 * xb[c]->sum));
+    }
 }
 
 /* q4: 4 vectors of packed bytes -> low and high nibbles; q8_0: |w| beside w */
@@ -189,10 +201,12 @@ ET_INLINE __m256 load_rows(const float *y, int nr) {
 
 /* acc[c] += block b of pk against activation row xc[c] */
 ET_INLINE void gemv_block(int fmt, int C, const pk8 *pk, const block_q8_s *const *xc, int64_t b, __m256 *acc) {
-    for (int c = 0; c < C; c++) {
-        const block_q8_s *xb = xc[c] + b;
-        acc[c] = scale_block(fmt, acc[c], block_dot(fmt, pk, xb), pk->d, pk->m, xb->d, xb->d * (float)xb->sum);
-    }
+    const block_q8_s *xb[ET_TM];
+    __m256i isum[ET_TM];
+    for (int c = 0; c < C; c++) xb[c] = xc[c] + b;
+    block_dots(fmt, C, pk, xb, isum);
+    for (int c = 0; c < C; c++)
+        acc[c] = scale_block(fmt, acc[c], isum[c], pk->d, pk->m, xb[c]->d, xb[c]->d * (float)xb[c]->sum);
 }
 
 /* GEMV on 8 GGUF rows (nr valid) and C activation rows. The tile reads 8 rows side by side; rows of a page or more
