@@ -41,7 +41,7 @@ ET_INLINE float h2f(et_half h) { return _cvtsh_ss(h); }
  *     reload: exact). */
 
 #define ET_PACK_MIN_M 4     /* from this many activation rows on, a stored tile pays for itself */
-#define ET_SEG 32           /* blocks per packed segment */
+#define ET_SEG 16           /* blocks per packed segment (of 16 rows) */
 #define ET_TM 4             /* activation rows per pass over a packed segment (their accumulators stay in registers) */
 #define ET_PF_BYTES 16384   /* GEMV prefetch distance in the weights' forward stream */
 
@@ -79,32 +79,36 @@ ET_INLINE __m256 scale_block(int fmt, __m256 acc, __m256i isum, __m256 dw, __m25
     return acc;
 }
 
-/* the exact integer block dots of 8 rows with C activation blocks xb[c] (q4_0: minus 8 * sum(qx)). Each weight
- * vector is loaded once and multiplied against the C activations' broadcast bytes in turn, so the loads per product
- * fall as C grows; q4 keeps one int16 sum per activation (a short chain each: C chains interleave). */
-ET_INLINE void block_dots(int fmt, int C, const pk8 *pk, const block_q8_s *const *xb, __m256i *isum) {
+/* the exact integer block dots of H groups of 8 rows (pk[0..H-1]) with C activation blocks xb[c] (q4_0: minus
+ * 8 * sum(qx)) -> isum[h * ET_TM + c]. Each weight vector is loaded once and each activation's 4 bytes broadcast once
+ * per step, then multiplied against the other side's H or C vectors, so loads per product fall as H and C grow; q4
+ * keeps one int16 running sum per pair (C * H short chains interleave). */
+ET_INLINE void block_dots(int fmt, int H, int C, const pk8 *pk, const block_q8_s *const *xb, __m256i *isum) {
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i s[ET_TM];
-    for (int c = 0; c < C; c++) s[c] = _mm256_setzero_si256();
+    __m256i s[2][ET_TM];
+    for (int h = 0; h < H; h++)
+        for (int c = 0; c < C; c++) s[h][c] = _mm256_setzero_si256();
     for (int t = 0; t < 8; t++) {
-        const __m256i q = pk->q[t];
+        __m256i q[2];
+        for (int h = 0; h < H; h++) q[h] = pk[h].q[t];
         for (int c = 0; c < C; c++) {
             const __m256i xv = _mm256_set1_epi32(load_i32(xb[c]->qs + 4 * t));
-            if (fmt == FMT_Q8_0)
-                s[c] = _mm256_add_epi32(s[c], _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_sign_epi8(xv, pk->s[t])), ones));
-            else
-                s[c] = _mm256_add_epi16(s[c], _mm256_maddubs_epi16(q, xv));
-            ET_IN_REGISTER(s[c]);
+            for (int h = 0; h < H; h++) {
+                if (fmt == FMT_Q8_0)
+                    s[h][c] = _mm256_add_epi32(
+                        s[h][c], _mm256_madd_epi16(_mm256_maddubs_epi16(q[h], _mm256_sign_epi8(xv, pk[h].s[t])), ones));
+                else
+                    s[h][c] = _mm256_add_epi16(s[h][c], _mm256_maddubs_epi16(q[h], xv));
+                ET_IN_REGISTER(s[h][c]);
+            }
         }
     }
-    for (int c = 0; c < C; c++) {
-        if (fmt == FMT_Q8_0) {
-            isum[c] = s[c];
-            continue;
+    for (int h = 0; h < H; h++)
+        for (int c = 0; c < C; c++) {
+            __m256i v = fmt == FMT_Q8_0 ? s[h][c] : _mm256_madd_epi16(s[h][c], ones);
+            if (fmt == FMT_Q4_0) v = _mm256_sub_epi32(v, _mm256_set1_epi32(8 * xb[c]->sum));
+            isum[h * ET_TM + c] = v;
         }
-        isum[c] = _mm256_madd_epi16(s[c], ones);
-        if (fmt == FMT_Q4_0) isum[c] = _mm256_sub_epi32(isum[c], _mm256_set1_epi32(8 * xb[c]->sum));
-    }
 }
 
 /* q4: 4 vectors of packed bytes -> low and high nibbles; q8_0: |w| beside w */
@@ -204,7 +208,7 @@ ET_INLINE void gemv_block(int fmt, int C, const pk8 *pk, const block_q8_s *const
     const block_q8_s *xb[ET_TM];
     __m256i isum[ET_TM];
     for (int c = 0; c < C; c++) xb[c] = xc[c] + b;
-    block_dots(fmt, C, pk, xb, isum);
+    block_dots(fmt, 1, C, pk, xb, isum);
     for (int c = 0; c < C; c++)
         acc[c] = scale_block(fmt, acc[c], isum[c], pk->d, pk->m, xb[c]->d, xb[c]->d * (float)xb[c]->sum);
 }
@@ -321,43 +325,68 @@ ET_INLINE void gemm_gemv(int fmt, int x16, int64_t k, const uint8_t *w, size_t w
     }
 }
 
-/* y rows i0..i0+C-1, weight rows j..j+nr-1 (the segment's columns) += the packed segment, blocks [b0, b0 + nbs) */
-ET_INLINE void packed_rows(int fmt, int C, const pk8 *pk, int nbs, const uint8_t *x, size_t xs, int64_t i0, int64_t b0,
-                           float *y, size_t ldy, int nr) {
-    const block_q8_s *xc[ET_TM];
-    __m256 acc[ET_TM];
-    for (int c = 0; c < C; c++) {
-        xc[c] = (const block_q8_s *)(x + (size_t)(i0 + c) * xs) + b0;
-        acc[c] = b0 == 0 ? _mm256_setzero_ps() : load_rows(y + (size_t)(i0 + c) * ldy, nr);
+/* y rows i0..i0+C-1, weight rows j..j+nr-1 (the segment's columns, nr <= 8 * H) += the packed segment (pk[b * H + h]:
+ * block b0 + b of rows j + 8h..), blocks [b0, b0 + nbs) */
+ET_INLINE void packed_rows(int fmt, int H, int C, const pk8 *pk, int nbs, const uint8_t *x, size_t xs, int64_t i0,
+                           int64_t b0, float *y, size_t ldy, int nr) {
+    const block_q8_s *xb[ET_TM];
+    __m256 acc[2][ET_TM];
+    const int nrh[2] = {nr < 8 ? nr : 8, nr - 8};
+    for (int c = 0; c < C; c++)
+        for (int h = 0; h < H; h++)
+            acc[h][c] = b0 == 0 ? _mm256_setzero_ps() : load_rows(y + (size_t)(i0 + c) * ldy + 8 * h, nrh[h]);
+    for (int b = 0; b < nbs; b++) {
+        const pk8 *pb = pk + (size_t)b * H;
+        __m256i isum[2 * ET_TM];
+        for (int c = 0; c < C; c++) xb[c] = (const block_q8_s *)(x + (size_t)(i0 + c) * xs) + b0 + b;
+        block_dots(fmt, H, C, pb, xb, isum);
+        for (int h = 0; h < H; h++)
+            for (int c = 0; c < C; c++)
+                acc[h][c] = scale_block(fmt, acc[h][c], isum[h * ET_TM + c], pb[h].d, pb[h].m, xb[c]->d,
+                                        xb[c]->d * (float)xb[c]->sum);
     }
-    for (int b = 0; b < nbs; b++) gemv_block(fmt, C, &pk[b], xc, b, acc);
-    for (int c = 0; c < C; c++) store_rows(y + (size_t)(i0 + c) * ldy, nr, acc[c]);
+    for (int c = 0; c < C; c++)
+        for (int h = 0; h < H; h++) store_rows(y + (size_t)(i0 + c) * ldy + 8 * h, nrh[h], acc[h][c]);
 }
 
+/* every activation row past one packed segment (H groups of 8 rows), ET_TM rows at a time */
+ET_INLINE void packed_segment(int fmt, int H, const pk8 *pk, int nbs, const uint8_t *x, size_t xs, int64_t m,
+                              int64_t b0, float *y, size_t ldy, int nr) {
+    int64_t i = 0;
+    for (; i + ET_TM <= m; i += ET_TM) packed_rows(fmt, H, ET_TM, pk, nbs, x, xs, i, b0, y, ldy, nr);
+    switch (m - i) { /* constant C so the accumulators stay in registers */
+    case 3: packed_rows(fmt, H, 3, pk, nbs, x, xs, i, b0, y, ldy, nr); break;
+    case 2: packed_rows(fmt, H, 2, pk, nbs, x, xs, i, b0, y, ldy, nr); break;
+    case 1: packed_rows(fmt, H, 1, pk, nbs, x, xs, i, b0, y, ldy, nr); break;
+    default: break;
+    }
+}
+
+/* 16 weight rows (two groups of 8: H = 2; the last tile of n <= 8 rows: H = 1) x ET_SEG blocks at a time */
 ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x,
                            size_t xs, int64_t m, float *y, size_t ldy) {
     const int64_t nb = k / ET_QK;
-    _Alignas(32) pk8 pk[ET_SEG]; /* 18 KiB */
-    for (int64_t j = 0; j < n; j += 8) {
-        const int nr = n - j < 8 ? (int)(n - j) : 8;
-        const uint8_t *tile = x16 ? w + (size_t)(j / 16) * 16 * ws : w + (size_t)j * ws;
-        const __m256i rofs = tile_row_offsets(ws, nr);
+    _Alignas(32) pk8 pk[2 * ET_SEG]; /* 18 KiB */
+    for (int64_t j = 0; j < n; j += 16) {
+        const int nr = n - j < 16 ? (int)(n - j) : 16, H = nr > 8 ? 2 : 1;
+        const uint8_t *tile = w + (size_t)j * ws; /* x16: j / 16 tiles of 16 * ws bytes */
+        __m256i rofs[2];
+        if (!x16)
+            for (int h = 0; h < H; h++) rofs[h] = tile_row_offsets(ws, h ? nr - 8 : (nr < 8 ? nr : 8));
         for (int64_t b0 = 0; b0 < nb; b0 += ET_SEG) {
             const int nbs = nb - b0 < ET_SEG ? (int)(nb - b0) : ET_SEG;
-            for (int b = 0; b < nbs; b++) {
-                if (x16)
-                    pack_x16(fmt, tile, nb, b0 + b, (int)(j % 16) / 8, &pk[b]);
-                else
-                    pack_rows(fmt, tile, ws, nr, rofs, b0 + b, &pk[b]);
-            }
-            int64_t i = 0;
-            for (; i + ET_TM <= m; i += ET_TM) packed_rows(fmt, ET_TM, pk, nbs, x, xs, i, b0, y + j, ldy, nr);
-            switch (m - i) { /* constant C so the accumulators stay in registers */
-            case 3: packed_rows(fmt, 3, pk, nbs, x, xs, i, b0, y + j, ldy, nr); break;
-            case 2: packed_rows(fmt, 2, pk, nbs, x, xs, i, b0, y + j, ldy, nr); break;
-            case 1: packed_rows(fmt, 1, pk, nbs, x, xs, i, b0, y + j, ldy, nr); break;
-            default: break;
-            }
+            for (int b = 0; b < nbs; b++)
+                for (int h = 0; h < H; h++) {
+                    if (x16)
+                        pack_x16(fmt, tile, nb, b0 + b, h, &pk[b * H + h]);
+                    else
+                        pack_rows(fmt, tile + (size_t)(8 * h) * ws, ws, h ? nr - 8 : (nr < 8 ? nr : 8), rofs[h], b0 + b,
+                                  &pk[b * H + h]);
+                }
+            if (H == 2)
+                packed_segment(fmt, 2, pk, nbs, x, xs, m, b0, y + j, ldy, nr);
+            else
+                packed_segment(fmt, 1, pk, nbs, x, xs, m, b0, y + j, ldy, nr);
         }
     }
 }
