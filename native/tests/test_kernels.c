@@ -250,7 +250,7 @@ static void test_matmul_sweep(void) {
     static const int types[] = {ET_TYPE_Q4_0, ET_TYPE_Q4_1, ET_TYPE_Q8_0, ET_TYPE_F16, ET_TYPE_F32};
     static const int64_t ks[] = {32, 64, 96, 4128};
     static const int64_t ks_float[] = {1, 5, 17, 31, 4131}; /* float kernels take any k: exercise their tails */
-    static const int64_t ns[] = {1, 3, 17, 33, 64};
+    static const int64_t ns[] = {1, 3, 12, 17, 33, 64}; /* 12: a 16-row tile whose second group is half full */
     static const int64_t ms[] = {1, 2, 7, 64};
     char isas[8][16];
     const int n_isas = isa_list(isas, 8);
@@ -727,7 +727,7 @@ static int run_matmul_w(const problem *p, int wtype, const void *w, float *y, in
 static void test_x16(void) {
     static const int types[] = {ET_TYPE_Q4_0, ET_TYPE_Q4_1, ET_TYPE_Q8_0};
     static const int64_t ks[] = {32, 96, 4128};
-    static const int64_t ns[] = {1, 3, 16, 17, 33, 64};
+    static const int64_t ns[] = {1, 3, 12, 16, 17, 33, 64};
     static const int64_t ms[] = {1, 2, 3, 5, 16, 17};
     char isas[8][16];
     const int n_isas = isa_list(isas, 8);
