@@ -36,9 +36,10 @@ ET_INLINE float h2f(et_half h) { return _cvtsh_ss(h); }
  * the x16 layout (core.h) already holds 16 rows that way, 8 per 32-byte half, so the same kernels read it with
  * plain loads and give the GGUF rows' results bit for bit.
  *   - GEMV (m < ET_PACK_MIN_M): each block is brought into lanes and used at once.
- *   - packed (m >= ET_PACK_MIN_M): 8 rows x ET_SEG blocks are brought into lanes once into a stack buffer, and every
- *     activation row streams past them, ET_TM rows at a time; segments of k accumulate through y (a float store and
- *     reload: exact). */
+ *   - packed (m >= ET_PACK_MIN_M): 16 rows (two groups of 8) x ET_SEG blocks are brought into lanes once into a stack
+ *     buffer, and every activation row streams past them, ET_TM rows at a time (block_dots: each weight vector
+ *     loaded once per step, each activation broadcast used by both groups); segments of k accumulate through y (a
+ *     float store and reload: exact). */
 
 #define ET_PACK_MIN_M 4     /* from this many activation rows on, a stored tile pays for itself */
 #define ET_SEG 16           /* blocks per packed segment (of 16 rows) */
