@@ -19,8 +19,6 @@
 
 #include "fc_s8.h"
 
-#define ET_FC_PF_BYTES 4096 /* the weights' forward stream is fetched this far ahead, a line per 4 k */
-
 /* 4 int8 of x as 4 int16, repeated in each 64-bit lane; the tail form zero-pads past len < 4 */
 static inline __m256i xpat(const int8_t *x) {
     int32_t v;
@@ -123,7 +121,6 @@ static inline __attribute__((always_inline)) void tile_sign(const et_fc_s8_args 
         acc[r][0] = acc[r][1] = _mm256_setzero_si256();
     }
     for (int64_t kk = 0; kk < kf; kk += 4) {
-        _mm_prefetch((const char *)(wb + kk * 16 + ET_FC_PF_BYTES), _MM_HINT_T0);
         const __m256i w0 = _mm256_load_si256((const __m256i *)(wb + kk * 16));
         const __m256i w1 = _mm256_load_si256((const __m256i *)(wb + kk * 16 + 32));
         for (int r = 0; r < R; r++) {
