@@ -289,13 +289,29 @@ ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, in
         const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 16)));
         const __m256 m0 = fmt == FMT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 32))) : d0;
         const __m256 m1 = fmt == FMT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 48))) : d1;
+        if (C == 1 || fmt == FMT_Q8_0) {
+            for (int c = 0; c < C; c++) {
+                const block_q8_s *xb = xc[c] + b;
+                __m256i isum[2];
+                x16_block_dots(fmt, q, xb, isum);
+                const float ms = xb->d * (float)xb->sum;
+                acc[0][c] = scale_block(fmt, acc[0][c], isum[0], d0, m0, xb->d, ms);
+                acc[1][c] = scale_block(fmt, acc[1][c], isum[1], d1, m1, xb->d, ms);
+            }
+            continue;
+        }
+        /* q4 with more than one row: the block's nibbles are split once and shared (block_dots); measured 1.3-1.6x
+         * at m = 2, 3 (q8_0 has nothing to split: its per-row order stays, faster at m = 3) */
+        pk8 pk[2];
+        const block_q8_s *xb[ET_TM];
+        __m256i isum[2 * ET_TM];
+        for (int h = 0; h < 2; h++) pack_x16(fmt, tile, nb, b, h, &pk[h]);
+        for (int c = 0; c < C; c++) xb[c] = xc[c] + b;
+        block_dots(fmt, 2, C, pk, xb, isum);
         for (int c = 0; c < C; c++) {
-            const block_q8_s *xb = xc[c] + b;
-            __m256i isum[2];
-            x16_block_dots(fmt, q, xb, isum);
-            const float ms = xb->d * (float)xb->sum;
-            acc[0][c] = scale_block(fmt, acc[0][c], isum[0], d0, m0, xb->d, ms);
-            acc[1][c] = scale_block(fmt, acc[1][c], isum[1], d1, m1, xb->d, ms);
+            const float ms = xb[c]->d * (float)xb[c]->sum;
+            acc[0][c] = scale_block(fmt, acc[0][c], isum[c], d0, m0, xb[c]->d, ms);
+            acc[1][c] = scale_block(fmt, acc[1][c], isum[ET_TM + c], d1, m1, xb[c]->d, ms);
         }
     }
     for (int c = 0; c < C; c++) {
