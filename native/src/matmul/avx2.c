@@ -342,13 +342,12 @@ ET_INLINE void gemm_gemv(int fmt, int x16, int64_t k, const uint8_t *w, size_t w
     }
 }
 
-/* y rows i0..i0+C-1, weight rows j..j+nr-1 (the segment's columns, nr <= 8 * H) += the packed segment (pk[b * H + h]:
- * block b0 + b of rows j + 8h..), blocks [b0, b0 + nbs) */
+/* y rows i0..i0+C-1, weight rows j.. (the segment's columns: nrh[h] valid in group h) += the packed segment
+ * (pk[b * H + h]: block b0 + b of rows j + 8h..), blocks [b0, b0 + nbs) */
 ET_INLINE void packed_rows(int fmt, int H, int C, const pk8 *pk, int nbs, const uint8_t *x, size_t xs, int64_t i0,
-                           int64_t b0, float *y, size_t ldy, int nr) {
+                           int64_t b0, float *y, size_t ldy, const int *nrh) {
     const block_q8_s *xb[ET_TM];
     __m256 acc[2][ET_TM];
-    const int nrh[2] = {nr < 8 ? nr : 8, nr - 8};
     for (int c = 0; c < C; c++)
         for (int h = 0; h < H; h++)
             acc[h][c] = b0 == 0 ? _mm256_setzero_ps() : load_rows(y + (size_t)(i0 + c) * ldy + 8 * h, nrh[h]);
@@ -368,13 +367,13 @@ ET_INLINE void packed_rows(int fmt, int H, int C, const pk8 *pk, int nbs, const 
 
 /* every activation row past one packed segment (H groups of 8 rows), ET_TM rows at a time */
 ET_INLINE void packed_segment(int fmt, int H, const pk8 *pk, int nbs, const uint8_t *x, size_t xs, int64_t m,
-                              int64_t b0, float *y, size_t ldy, int nr) {
+                              int64_t b0, float *y, size_t ldy, const int *nrh) {
     int64_t i = 0;
-    for (; i + ET_TM <= m; i += ET_TM) packed_rows(fmt, H, ET_TM, pk, nbs, x, xs, i, b0, y, ldy, nr);
+    for (; i + ET_TM <= m; i += ET_TM) packed_rows(fmt, H, ET_TM, pk, nbs, x, xs, i, b0, y, ldy, nrh);
     switch (m - i) { /* constant C so the accumulators stay in registers */
-    case 3: packed_rows(fmt, H, 3, pk, nbs, x, xs, i, b0, y, ldy, nr); break;
-    case 2: packed_rows(fmt, H, 2, pk, nbs, x, xs, i, b0, y, ldy, nr); break;
-    case 1: packed_rows(fmt, H, 1, pk, nbs, x, xs, i, b0, y, ldy, nr); break;
+    case 3: packed_rows(fmt, H, 3, pk, nbs, x, xs, i, b0, y, ldy, nrh); break;
+    case 2: packed_rows(fmt, H, 2, pk, nbs, x, xs, i, b0, y, ldy, nrh); break;
+    case 1: packed_rows(fmt, H, 1, pk, nbs, x, xs, i, b0, y, ldy, nrh); break;
     default: break;
     }
 }
@@ -386,10 +385,11 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
     _Alignas(32) pk8 pk[2 * ET_SEG]; /* 18 KiB */
     for (int64_t j = 0; j < n; j += 16) {
         const int nr = n - j < 16 ? (int)(n - j) : 16, H = nr > 8 ? 2 : 1;
+        const int nrh[2] = {nr < 8 ? nr : 8, nr - 8}; /* valid rows in each group of 8 */
         const uint8_t *tile = w + (size_t)j * ws; /* x16: j / 16 tiles of 16 * ws bytes */
         __m256i rofs[2];
         if (!x16)
-            for (int h = 0; h < H; h++) rofs[h] = tile_row_offsets(ws, h ? nr - 8 : (nr < 8 ? nr : 8));
+            for (int h = 0; h < H; h++) rofs[h] = tile_row_offsets(ws, nrh[h]);
         for (int64_t b0 = 0; b0 < nb; b0 += ET_SEG) {
             const int nbs = nb - b0 < ET_SEG ? (int)(nb - b0) : ET_SEG;
             for (int b = 0; b < nbs; b++)
@@ -397,13 +397,13 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
                     if (x16)
                         pack_x16(fmt, tile, nb, b0 + b, h, &pk[b * H + h]);
                     else
-                        pack_rows(fmt, tile + (size_t)(8 * h) * ws, ws, h ? nr - 8 : (nr < 8 ? nr : 8), rofs[h], b0 + b,
+                        pack_rows(fmt, tile + (size_t)(8 * h) * ws, ws, nrh[h], rofs[h], b0 + b,
                                   &pk[b * H + h]);
                 }
             if (H == 2)
-                packed_segment(fmt, 2, pk, nbs, x, xs, m, b0, y + j, ldy, nr);
+                packed_segment(fmt, 2, pk, nbs, x, xs, m, b0, y + j, ldy, nrh);
             else
-                packed_segment(fmt, 1, pk, nbs, x, xs, m, b0, y + j, ldy, nr);
+                packed_segment(fmt, 1, pk, nbs, x, xs, m, b0, y + j, ldy, nrh);
         }
     }
 }
