@@ -45,6 +45,7 @@ ET_INLINE float h2f(et_half h) { return _cvtsh_ss(h); }
 #define ET_SEG 16           /* blocks per packed segment (of 16 rows) */
 #define ET_TM 4             /* activation rows per pass over a packed segment (their accumulators stay in registers) */
 #define ET_PF_BYTES 16384   /* GEMV prefetch distance in the weights' forward stream */
+_Static_assert(ET_PACK_MIN_M - 1 <= ET_TM, "GEMV rows use the packed path's ET_TM-row arrays (add_blocks)");
 
 enum { FMT_Q4_0, FMT_Q4_1, FMT_Q8_0 };
 
@@ -204,14 +205,18 @@ ET_INLINE __m256 load_rows(const float *y, int nr) {
     return nr == 8 ? _mm256_loadu_ps(y) : _mm256_maskload_ps(y, row_mask(nr));
 }
 
-/* acc[c] += block b of pk against activation row xc[c] */
-ET_INLINE void gemv_block(int fmt, int C, const pk8 *pk, const block_q8_s *const *xc, int64_t b, __m256 *acc) {
+/* acc[h][c] += one block of the H groups pk[h] against activation block xc[c] + b: the exact integer dots, then
+ * the float stage; every path but the x16 GEMV's single row goes through here */
+ET_INLINE void add_blocks(int fmt, int H, int C, const pk8 *pk, const block_q8_s *const *xc, int64_t b,
+                          __m256 acc[][ET_TM]) {
     const block_q8_s *xb[ET_TM];
-    __m256i isum[ET_TM];
+    __m256i isum[2 * ET_TM];
     for (int c = 0; c < C; c++) xb[c] = xc[c] + b;
-    block_dots(fmt, 1, C, pk, xb, isum);
-    for (int c = 0; c < C; c++)
-        acc[c] = scale_block(fmt, acc[c], isum[c], pk->d, pk->m, xb[c]->d, xb[c]->d * (float)xb[c]->sum);
+    block_dots(fmt, H, C, pk, xb, isum);
+    for (int h = 0; h < H; h++)
+        for (int c = 0; c < C; c++)
+            acc[h][c] = scale_block(fmt, acc[h][c], isum[h * ET_TM + c], pk[h].d, pk[h].m, xb[c]->d,
+                                    xb[c]->d * (float)xb[c]->sum);
 }
 
 /* GEMV on 8 GGUF rows (nr valid) and C activation rows. The tile reads 8 rows side by side; rows of a page or more
@@ -220,9 +225,9 @@ ET_INLINE void gemv_block(int fmt, int C, const pk8 *pk, const block_q8_s *const
 ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws, int nr, const uint8_t *x, size_t xs,
                          float *y, size_t ldy) {
     const __m256i rofs = tile_row_offsets(ws, nr);
-    const block_q8_s *xc[ET_PACK_MIN_M];
-    __m256 acc[ET_PACK_MIN_M];
-    for (int c = 0; c < C; c++) xc[c] = (const block_q8_s *)(x + (size_t)c * xs), acc[c] = _mm256_setzero_ps();
+    const block_q8_s *xc[ET_TM];
+    __m256 acc[1][ET_TM];
+    for (int c = 0; c < C; c++) xc[c] = (const block_q8_s *)(x + (size_t)c * xs), acc[0][c] = _mm256_setzero_ps();
     const size_t slice = 8 * block_bytes(fmt);
     const uint8_t *pf = w + (8 * ws > ET_PF_BYTES ? 8 * ws : ET_PF_BYTES);
     const int short_rows = ws < 4096;
@@ -231,9 +236,9 @@ ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws
             for (size_t o = 0; o < slice; o += 64) _mm_prefetch((const char *)(pf + (size_t)b * slice + o), _MM_HINT_T0);
         pk8 pk;
         pack_rows(fmt, w, ws, nr, rofs, b, &pk);
-        gemv_block(fmt, C, &pk, xc, b, acc);
+        add_blocks(fmt, 1, C, &pk, xc, b, acc);
     }
-    for (int c = 0; c < C; c++) store_rows(y + (size_t)c * ldy, nr, acc[c]);
+    for (int c = 0; c < C; c++) store_rows(y + (size_t)c * ldy, nr, acc[0][c]);
 }
 
 /* block_dot of both halves of an x16 tile's block (quants at q) with one activation block, in the order that keeps
@@ -274,8 +279,8 @@ ET_INLINE void x16_block_dots(int fmt, const uint8_t *q, const block_q8_s *xb, _
  * once; the tiles are one forward stream, fetched ET_PF_BYTES ahead */
 ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, int nr, const uint8_t *x, size_t xs,
                              float *y, size_t ldy) {
-    const block_q8_s *xc[ET_PACK_MIN_M];
-    __m256 acc[2][ET_PACK_MIN_M];
+    const block_q8_s *xc[ET_TM];
+    __m256 acc[2][ET_TM];
     for (int c = 0; c < C; c++) {
         xc[c] = (const block_q8_s *)(x + (size_t)c * xs);
         acc[0][c] = acc[1][c] = _mm256_setzero_ps();
@@ -284,34 +289,26 @@ ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, in
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *pf = tile + (size_t)b * step + ET_PF_BYTES;
         for (size_t o = 0; o < step; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T0);
+        if (C > 1 && fmt != FMT_Q8_0) {
+            /* q4 with more than one row: the block's nibbles are split once and shared (add_blocks); measured
+             * 1.3-1.6x at m = 2, 3 (q8_0 has nothing to split: its per-row order stays, faster at m = 3) */
+            pk8 pk[2];
+            for (int h = 0; h < 2; h++) pack_x16(fmt, tile, nb, b, h, &pk[h]);
+            add_blocks(fmt, 2, C, pk, xc, b, acc);
+            continue;
+        }
         const uint8_t *q = tile + (size_t)b * qb, *sc = tile + (size_t)nb * qb + (size_t)b * et_x16_sbytes(fmt_type(fmt));
         const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc));
         const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 16)));
         const __m256 m0 = fmt == FMT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 32))) : d0;
         const __m256 m1 = fmt == FMT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 48))) : d1;
-        if (C == 1 || fmt == FMT_Q8_0) {
-            for (int c = 0; c < C; c++) {
-                const block_q8_s *xb = xc[c] + b;
-                __m256i isum[2];
-                x16_block_dots(fmt, q, xb, isum);
-                const float ms = xb->d * (float)xb->sum;
-                acc[0][c] = scale_block(fmt, acc[0][c], isum[0], d0, m0, xb->d, ms);
-                acc[1][c] = scale_block(fmt, acc[1][c], isum[1], d1, m1, xb->d, ms);
-            }
-            continue;
-        }
-        /* q4 with more than one row: the block's nibbles are split once and shared (block_dots); measured 1.3-1.6x
-         * at m = 2, 3 (q8_0 has nothing to split: its per-row order stays, faster at m = 3) */
-        pk8 pk[2];
-        const block_q8_s *xb[ET_TM];
-        __m256i isum[2 * ET_TM];
-        for (int h = 0; h < 2; h++) pack_x16(fmt, tile, nb, b, h, &pk[h]);
-        for (int c = 0; c < C; c++) xb[c] = xc[c] + b;
-        block_dots(fmt, 2, C, pk, xb, isum);
         for (int c = 0; c < C; c++) {
-            const float ms = xb[c]->d * (float)xb[c]->sum;
-            acc[0][c] = scale_block(fmt, acc[0][c], isum[c], d0, m0, xb[c]->d, ms);
-            acc[1][c] = scale_block(fmt, acc[1][c], isum[ET_TM + c], d1, m1, xb[c]->d, ms);
+            const block_q8_s *xb = xc[c] + b;
+            __m256i isum[2];
+            x16_block_dots(fmt, q, xb, isum);
+            const float ms = xb->d * (float)xb->sum;
+            acc[0][c] = scale_block(fmt, acc[0][c], isum[0], d0, m0, xb->d, ms);
+            acc[1][c] = scale_block(fmt, acc[1][c], isum[1], d1, m1, xb->d, ms);
         }
     }
     for (int c = 0; c < C; c++) {
@@ -346,21 +343,14 @@ ET_INLINE void gemm_gemv(int fmt, int x16, int64_t k, const uint8_t *w, size_t w
  * (pk[b * H + h]: block b0 + b of rows j + 8h..), blocks [b0, b0 + nbs) */
 ET_INLINE void packed_rows(int fmt, int H, int C, const pk8 *pk, int nbs, const uint8_t *x, size_t xs, int64_t i0,
                            int64_t b0, float *y, size_t ldy, const int *nrh) {
-    const block_q8_s *xb[ET_TM];
+    const block_q8_s *xc[ET_TM];
     __m256 acc[2][ET_TM];
-    for (int c = 0; c < C; c++)
+    for (int c = 0; c < C; c++) {
+        xc[c] = (const block_q8_s *)(x + (size_t)(i0 + c) * xs) + b0;
         for (int h = 0; h < H; h++)
             acc[h][c] = b0 == 0 ? _mm256_setzero_ps() : load_rows(y + (size_t)(i0 + c) * ldy + 8 * h, nrh[h]);
-    for (int b = 0; b < nbs; b++) {
-        const pk8 *pb = pk + (size_t)b * H;
-        __m256i isum[2 * ET_TM];
-        for (int c = 0; c < C; c++) xb[c] = (const block_q8_s *)(x + (size_t)(i0 + c) * xs) + b0 + b;
-        block_dots(fmt, H, C, pb, xb, isum);
-        for (int h = 0; h < H; h++)
-            for (int c = 0; c < C; c++)
-                acc[h][c] = scale_block(fmt, acc[h][c], isum[h * ET_TM + c], pb[h].d, pb[h].m, xb[c]->d,
-                                        xb[c]->d * (float)xb[c]->sum);
     }
+    for (int b = 0; b < nbs; b++) add_blocks(fmt, H, C, pk + (size_t)b * H, xc, b, acc);
     for (int c = 0; c < C; c++)
         for (int h = 0; h < H; h++) store_rows(y + (size_t)(i0 + c) * ldy + 8 * h, nrh[h], acc[h][c]);
 }
