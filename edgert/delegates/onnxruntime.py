@@ -67,10 +67,12 @@ def inference_session(model, sess_options=None, providers=(CPU,), provider_optio
         exact = _config_entry(sess_options, EXACT_INT8_ENTRY[0])
         if exact_int8_fails(model):
             if exact == "1":  # options shared with an earlier segment (onnxruntime warns on this overwrite)
-                sess_options.add_session_config_entry(EXACT_INT8_ENTRY[0], "0")
+                exact = "0"
+                sess_options.add_session_config_entry(EXACT_INT8_ENTRY[0], exact)
         elif exact is None:  # a segment after one that set "0" keeps the default kernels: no second overwrite
-            sess_options.add_session_config_entry(*EXACT_INT8_ENTRY)
-        if _config_entry(sess_options, EXACT_INT8_ENTRY[0]) == "1":
+            exact = EXACT_INT8_ENTRY[1]
+            sess_options.add_session_config_entry(EXACT_INT8_ENTRY[0], exact)
+        if exact == "1":
             explicit_zero_points(model)
         folder = external_data_dir(model)
         if folder is not None:
