@@ -14,6 +14,9 @@
 #if defined(__GNUC__)
 #define ET_PRINTF(a, b) __attribute__((format(printf, a, b)))
 #define ET_INLINE static inline __attribute__((always_inline))
+/* keeps a SIMD running sum a running sum (x86 vector registers): without it GCC reassociates a chain of adds into all
+ * products first and a tree of adds, or keeps copies of the sums on the stack, in the kernels' inner loops */
+#define ET_IN_REGISTER(v) __asm__("" : "+x"(v))
 #else
 #define ET_PRINTF(a, b)
 #define ET_INLINE static inline

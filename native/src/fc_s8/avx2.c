@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include "../core.h"
 #include "fc_s8.h"
 
 /* 4 int8 of x as 4 int16, repeated in each 64-bit lane; the tail form zero-pads past len < 4 */
@@ -137,13 +138,53 @@ static inline __attribute__((always_inline)) void tile_sign(const et_fc_s8_args 
     for (int r = 0; r < R; r++) store16(a, acc[r][0], acc[r][1], i + r, j, nj);
 }
 
+/* acc += 4 k of one row against 16 channels (w0: channels 0-7, w1: 8-15): x4 the row's bytes broadcast, ax their
+ * absolute values */
+#define ET_SIGN_DOT(acc0, acc1, p, x4, ax)                                                                          \
+    do {                                                                                                           \
+        const __m256i w0_ = _mm256_load_si256((const __m256i *)(p)), w1_ = _mm256_load_si256((const __m256i *)(p) + 1); \
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0_, x4)), ones)); \
+        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1_, x4)), ones)); \
+        ET_IN_REGISTER(acc0);                                                                                      \
+        ET_IN_REGISTER(acc1);                                                                                      \
+    } while (0)
+
+/* one row against four full tiles from channel j (weights in [-127, 127]): four weight streams keep the loads going
+ * while the multiply ports work, where one stream left them waiting (an interleaved A/B at 1x1024x1024 ..
+ * 1x2048x2048, 1 thread: 15-20% faster, about a plain read's speed); the broadcast and |x| serve all four */
+static void row_tiles4(const et_fc_s8_args *a, int64_t i, int64_t j) {
+    const int64_t k = a->k, kf = k / 4 * 4, ts = a->kp * 16; /* ts: bytes per tile */
+    const int8_t *wb = a->w + (j / 16) * ts, *x = a->x + i * k;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, t0 = s0, t1 = s0, u0 = s0, u1 = s0, v0 = s0, v1 = s0;
+#define ET_ROW4_STEP(p, x4)                                                                                        \
+    do {                                                                                                           \
+        const __m256i ax = _mm256_abs_epi8(x4);                                                                    \
+        ET_SIGN_DOT(s0, s1, p, x4, ax); ET_SIGN_DOT(t0, t1, p + ts, x4, ax);                                       \
+        ET_SIGN_DOT(u0, u1, p + 2 * ts, x4, ax); ET_SIGN_DOT(v0, v1, p + 3 * ts, x4, ax);                          \
+    } while (0)
+    for (int64_t kk = 0; kk < kf; kk += 4) {
+        int32_t v;
+        memcpy(&v, x + kk, 4);
+        ET_ROW4_STEP(wb + kk * 16, _mm256_set1_epi32(v));
+    }
+    if (kf < k) /* the last 1-3 k: the packed weights past k are zeros, x is read only up to k */
+        ET_ROW4_STEP(wb + kf * 16, xquad(x + kf, k - kf));
+#undef ET_ROW4_STEP
+    store16(a, s0, s1, i, j, 16), store16(a, t0, t1, i, j + 16, 16);
+    store16(a, u0, u1, i, j + 32, 16), store16(a, v0, v1, i, j + 48, 16);
+}
+
 void et_fc_s8_avx2(const et_fc_s8_args *a, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
     if (a->w_m128) { /* channel tiles outer here too: each stays in L1 while the rows go past */
         for (int64_t j = j0; j < j1; j += 16)
             for (int64_t i = i0; i < i1; i += 2) tile(a, i, i + 1 < i1, j, j1 - j < 16 ? j1 - j : 16);
         return;
     }
-    for (int64_t j = j0; j < j1; j += 16) {
+    int64_t j = j0;
+    if (i1 - i0 == 1) /* one row (decode) */
+        for (; j + 64 <= j1; j += 64) row_tiles4(a, i0, j);
+    for (; j < j1; j += 16) {
         const int64_t nj = j1 - j < 16 ? j1 - j : 16;
         int64_t i = i0;
         for (; i + 4 <= i1; i += 4) tile_sign(a, i, 4, j, nj);

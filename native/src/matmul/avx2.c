@@ -49,10 +49,6 @@ _Static_assert(ET_PACK_MIN_M - 1 <= ET_TM, "GEMV rows use the packed path's ET_T
 
 enum { FMT_Q4_0, FMT_Q4_1, FMT_Q8_0 };
 
-/* keeps a running sum a running sum: without it GCC reassociates the chain into all products first and a tree of
- * adds, which spills most of them to the stack */
-#define ET_IN_REGISTER(v) __asm__("" : "+x"(v))
-
 ET_INLINE int fmt_type(int fmt) { return fmt == FMT_Q4_0 ? ET_TYPE_Q4_0 : fmt == FMT_Q4_1 ? ET_TYPE_Q4_1 : ET_TYPE_Q8_0; }
 
 ET_INLINE size_t block_bytes(int fmt) {
