@@ -96,46 +96,18 @@ static void tile(const et_fc_s8_args *a, int64_t i, int two, int64_t j, int64_t 
     if (two) store16(a, fold(r0, r1), fold(r2, r3), i + 1, j, nj);
 }
 
+/* 4 int8 of x repeated in each dword */
+static inline __m256i xat(const int8_t *x) {
+    int32_t v;
+    memcpy(&v, x, 4);
+    return _mm256_set1_epi32(v);
+}
+
 /* 4 int8 of x (len of them, the rest zero) repeated in each dword */
 static inline __m256i xquad(const int8_t *x, int64_t len) {
     int32_t v = 0;
     memcpy(&v, x, (size_t)len);
     return _mm256_set1_epi32(v);
-}
-
-/* acc[0] (channels 0-7) and acc[1] (8-15) += 4 k of one row, x4 its bytes broadcast */
-static inline __attribute__((always_inline)) void quad_sign(__m256i w0, __m256i w1, __m256i x4, __m256i *acc) {
-    const __m256i ax = _mm256_abs_epi8(x4), ones = _mm256_set1_epi16(1);
-    acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, x4)), ones));
-    acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, x4)), ones));
-}
-
-/* rows i..i+R-1 (R <= 4) against one tile of nj <= 16 channels whose weights are all in [-127, 127] */
-static inline __attribute__((always_inline)) void tile_sign(const et_fc_s8_args *a, int64_t i, const int R, int64_t j,
-                                                            int64_t nj) {
-    const int64_t k = a->k, kf = k / 4 * 4;
-    const int8_t *wb = a->w + (j / 16) * a->kp * 16;
-    const int8_t *xr[4];
-    __m256i acc[4][2];
-    for (int r = 0; r < R; r++) {
-        xr[r] = a->x + (i + r) * k;
-        acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-    }
-    for (int64_t kk = 0; kk < kf; kk += 4) {
-        const __m256i w0 = _mm256_load_si256((const __m256i *)(wb + kk * 16));
-        const __m256i w1 = _mm256_load_si256((const __m256i *)(wb + kk * 16 + 32));
-        for (int r = 0; r < R; r++) {
-            int32_t v;
-            memcpy(&v, xr[r] + kk, 4);
-            quad_sign(w0, w1, _mm256_set1_epi32(v), acc[r]);
-        }
-    }
-    if (kf < k) { /* the last 1-3 k: the packed weights past k are zeros, x is read only up to k */
-        const __m256i w0 = _mm256_load_si256((const __m256i *)(wb + kf * 16));
-        const __m256i w1 = _mm256_load_si256((const __m256i *)(wb + kf * 16 + 32));
-        for (int r = 0; r < R; r++) quad_sign(w0, w1, xquad(xr[r] + kf, k - kf), acc[r]);
-    }
-    for (int r = 0; r < R; r++) store16(a, acc[r][0], acc[r][1], i + r, j, nj);
 }
 
 /* acc += 4 k of one row against 16 channels (w0: channels 0-7, w1: 8-15): x4 the row's bytes broadcast, ax their
@@ -148,6 +120,35 @@ static inline __attribute__((always_inline)) void tile_sign(const et_fc_s8_args 
         ET_IN_REGISTER(acc0);                                                                                      \
         ET_IN_REGISTER(acc1);                                                                                      \
     } while (0)
+
+/* rows i..i+R-1 (R <= 4) against one tile of nj <= 16 channels whose weights are all in [-127, 127] */
+static inline __attribute__((always_inline)) void tile_sign(const et_fc_s8_args *a, int64_t i, const int R, int64_t j,
+                                                            int64_t nj) {
+    const int64_t k = a->k, kf = k / 4 * 4;
+    const int8_t *wb = a->w + (j / 16) * a->kp * 16, *x0 = a->x + i * k;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, t0 = s0, t1 = s0, u0 = s0, u1 = s0, v0 = s0, v1 = s0;
+#define ET_ROWS_STEP(p, X4)                                                                                        \
+    do {                                                                                                           \
+        __m256i x4 = X4(0), ax = _mm256_abs_epi8(x4);                                                              \
+        ET_SIGN_DOT(s0, s1, p, x4, ax);                                                                            \
+        if (R > 1) { x4 = X4(1), ax = _mm256_abs_epi8(x4); ET_SIGN_DOT(t0, t1, p, x4, ax); }                            \
+        if (R > 2) { x4 = X4(2), ax = _mm256_abs_epi8(x4); ET_SIGN_DOT(u0, u1, p, x4, ax); }                            \
+        if (R > 3) { x4 = X4(3), ax = _mm256_abs_epi8(x4); ET_SIGN_DOT(v0, v1, p, x4, ax); }                            \
+    } while (0)
+#define ET_X_AT(r) xat(x0 + (r) * k + kk)
+#define ET_X_TAIL(r) xquad(x0 + (r) * k + kf, k - kf)
+    for (int64_t kk = 0; kk < kf; kk += 4) ET_ROWS_STEP(wb + kk * 16, ET_X_AT);
+    if (kf < k) /* the last 1-3 k: the packed weights past k are zeros, x is read only up to k */
+        ET_ROWS_STEP(wb + kf * 16, ET_X_TAIL);
+#undef ET_X_TAIL
+#undef ET_X_AT
+#undef ET_ROWS_STEP
+    store16(a, s0, s1, i, j, nj);
+    if (R > 1) store16(a, t0, t1, i + 1, j, nj);
+    if (R > 2) store16(a, u0, u1, i + 2, j, nj);
+    if (R > 3) store16(a, v0, v1, i + 3, j, nj);
+}
 
 /* one row against four full tiles from channel j (weights in [-127, 127]): four weight streams keep the loads going
  * while the multiply ports work, where one stream left them waiting (an interleaved A/B at 1x1024x1024 ..
@@ -163,11 +164,7 @@ static void row_tiles4(const et_fc_s8_args *a, int64_t i, int64_t j) {
         ET_SIGN_DOT(s0, s1, p, x4, ax); ET_SIGN_DOT(t0, t1, p + ts, x4, ax);                                       \
         ET_SIGN_DOT(u0, u1, p + 2 * ts, x4, ax); ET_SIGN_DOT(v0, v1, p + 3 * ts, x4, ax);                          \
     } while (0)
-    for (int64_t kk = 0; kk < kf; kk += 4) {
-        int32_t v;
-        memcpy(&v, x + kk, 4);
-        ET_ROW4_STEP(wb + kk * 16, _mm256_set1_epi32(v));
-    }
+    for (int64_t kk = 0; kk < kf; kk += 4) ET_ROW4_STEP(wb + kk * 16, xat(x + kk));
     if (kf < k) /* the last 1-3 k: the packed weights past k are zeros, x is read only up to k */
         ET_ROW4_STEP(wb + kf * 16, xquad(x + kf, k - kf));
 #undef ET_ROW4_STEP
