@@ -43,6 +43,7 @@ ET_INLINE float h2f(et_half h) { return _cvtsh_ss(h); }
 
 #define ET_PACK_MIN_M 4     /* from this many activation rows on, a stored tile pays for itself */
 #define ET_SEG 16           /* blocks per packed segment (of 16 rows) */
+#define ET_SEG_MAX 20       /* a last stretch of up to this many blocks is one segment (k = 576: 18, not 16 + 2) */
 #define ET_TM 4             /* activation rows per pass over a packed segment (their accumulators stay in registers) */
 #define ET_PF_BYTES 16384   /* GEMV prefetch distance in the weights' forward stream */
 _Static_assert(ET_PACK_MIN_M - 1 <= ET_TM, "GEMV rows use the packed path's ET_TM-row arrays (add_blocks)");
@@ -368,7 +369,7 @@ ET_INLINE void packed_segment(int fmt, int H, const pk8 *pk, int nbs, const uint
 ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x,
                            size_t xs, int64_t m, float *y, size_t ldy) {
     const int64_t nb = k / ET_QK;
-    _Alignas(32) pk8 pk[2 * ET_SEG]; /* 18 KiB */
+    _Alignas(32) pk8 pk[2 * ET_SEG_MAX]; /* 22.5 KiB */
     for (int64_t j = 0; j < n; j += 16) {
         const int nr = n - j < 16 ? (int)(n - j) : 16, H = nr > 8 ? 2 : 1;
         const int nrh[2] = {nr < 8 ? nr : 8, nr - 8}; /* valid rows in each group of 8 */
@@ -376,8 +377,8 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
         __m256i rofs[2];
         if (!x16)
             for (int h = 0; h < H; h++) rofs[h] = tile_row_offsets(ws, nrh[h]);
-        for (int64_t b0 = 0; b0 < nb; b0 += ET_SEG) {
-            const int nbs = nb - b0 < ET_SEG ? (int)(nb - b0) : ET_SEG;
+        for (int64_t b0 = 0, nbs; b0 < nb; b0 += nbs) {
+            nbs = nb - b0 <= ET_SEG_MAX ? nb - b0 : ET_SEG;
             for (int b = 0; b < nbs; b++)
                 for (int h = 0; h < H; h++) {
                     if (x16)
