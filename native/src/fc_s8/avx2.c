@@ -4,7 +4,8 @@
  *     pairs of x * w in int16 without saturating (|x| <= 128, |w| <= 127: a pair is at most 2 * 128 * 127 = 32512),
  *     vpmaddwd with ones widens them to int32. Half a packed 64-byte row is 8 channels x 4 k, so each lane is one
  *     channel's sum. A 16-channel tile (kp * 16 bytes, in L1) serves up to four activation rows at a time, and every
- *     row before the tile moves on: each weight byte is read from memory once per call.
+ *     row before the tile moves on: each weight byte is read from memory once per call. A single row (decode)
+ *     takes four tiles at a time instead: four weight streams in flight.
  *   - a weight of -128 (its sign cannot be moved onto x): weights and activations widened to int16, vpmaddwd sums
  *     pairs of products exactly; a 16-byte quarter of a packed row is 4 channels x 4 k, so each of the 4 channels
  *     gets two partial sums, added pairwise at the end. Two rows share each widened weight vector. */
@@ -110,15 +111,16 @@ static inline __m256i xquad(const int8_t *x, int64_t len) {
     return _mm256_set1_epi32(v);
 }
 
-/* acc += 4 k of one row against 16 channels (w0: channels 0-7, w1: 8-15): x4 the row's bytes broadcast, ax their
- * absolute values */
-#define ET_SIGN_DOT(acc0, acc1, p, x4, ax)                                                                          \
-    do {                                                                                                           \
-        const __m256i w0_ = _mm256_load_si256((const __m256i *)(p)), w1_ = _mm256_load_si256((const __m256i *)(p) + 1); \
+/* acc0 (channels 0-7) and acc1 (8-15) += 4 k of one row against the 16 channels at p (64 bytes): x4 the row's bytes
+ * broadcast, ax their absolute values; `ones` (16-bit) from the caller */
+#define ET_SIGN_DOT(acc0, acc1, p, x4, ax)                                                                         \
+    do {                                                                                                          \
+        const __m256i w0_ = _mm256_load_si256((const __m256i *)(p));                                              \
+        const __m256i w1_ = _mm256_load_si256((const __m256i *)(p) + 1);                                          \
         acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0_, x4)), ones)); \
         acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1_, x4)), ones)); \
-        ET_IN_REGISTER(acc0);                                                                                      \
-        ET_IN_REGISTER(acc1);                                                                                      \
+        ET_IN_REGISTER(acc0);                                                                                     \
+        ET_IN_REGISTER(acc1);                                                                                     \
     } while (0)
 
 /* rows i..i+R-1 (R <= 4) against one tile of nj <= 16 channels whose weights are all in [-127, 127] */
@@ -128,13 +130,13 @@ static inline __attribute__((always_inline)) void tile_sign(const et_fc_s8_args 
     const int8_t *wb = a->w + (j / 16) * a->kp * 16, *x0 = a->x + i * k;
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i s0 = _mm256_setzero_si256(), s1 = s0, t0 = s0, t1 = s0, u0 = s0, u1 = s0, v0 = s0, v1 = s0;
-#define ET_ROWS_STEP(p, X4)                                                                                        \
-    do {                                                                                                           \
-        __m256i x4 = X4(0), ax = _mm256_abs_epi8(x4);                                                              \
-        ET_SIGN_DOT(s0, s1, p, x4, ax);                                                                            \
-        if (R > 1) { x4 = X4(1), ax = _mm256_abs_epi8(x4); ET_SIGN_DOT(t0, t1, p, x4, ax); }                            \
-        if (R > 2) { x4 = X4(2), ax = _mm256_abs_epi8(x4); ET_SIGN_DOT(u0, u1, p, x4, ax); }                            \
-        if (R > 3) { x4 = X4(3), ax = _mm256_abs_epi8(x4); ET_SIGN_DOT(v0, v1, p, x4, ax); }                            \
+#define ET_ROWS_STEP(p, X4) /* the weight loads of p are one per step: the compiler shares them over the rows */    \
+    do {                                                                                                          \
+        __m256i x4 = X4(0), ax = _mm256_abs_epi8(x4);                                                             \
+        ET_SIGN_DOT(s0, s1, p, x4, ax);                                                                           \
+        if (R > 1) { x4 = X4(1), ax = _mm256_abs_epi8(x4); ET_SIGN_DOT(t0, t1, p, x4, ax); }                      \
+        if (R > 2) { x4 = X4(2), ax = _mm256_abs_epi8(x4); ET_SIGN_DOT(u0, u1, p, x4, ax); }                      \
+        if (R > 3) { x4 = X4(3), ax = _mm256_abs_epi8(x4); ET_SIGN_DOT(v0, v1, p, x4, ax); }                      \
     } while (0)
 #define ET_X_AT(r) xat(x0 + (r) * k + kk)
 #define ET_X_TAIL(r) xquad(x0 + (r) * k + kf, k - kf)
@@ -158,11 +160,13 @@ static void row_tiles4(const et_fc_s8_args *a, int64_t i, int64_t j) {
     const int8_t *wb = a->w + (j / 16) * ts, *x = a->x + i * k;
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i s0 = _mm256_setzero_si256(), s1 = s0, t0 = s0, t1 = s0, u0 = s0, u1 = s0, v0 = s0, v1 = s0;
-#define ET_ROW4_STEP(p, x4)                                                                                        \
-    do {                                                                                                           \
-        const __m256i ax = _mm256_abs_epi8(x4);                                                                    \
-        ET_SIGN_DOT(s0, s1, p, x4, ax); ET_SIGN_DOT(t0, t1, p + ts, x4, ax);                                       \
-        ET_SIGN_DOT(u0, u1, p + 2 * ts, x4, ax); ET_SIGN_DOT(v0, v1, p + 3 * ts, x4, ax);                          \
+#define ET_ROW4_STEP(p, x4)                                                                                       \
+    do {                                                                                                          \
+        const __m256i ax = _mm256_abs_epi8(x4);                                                                   \
+        ET_SIGN_DOT(s0, s1, p, x4, ax);                                                                           \
+        ET_SIGN_DOT(t0, t1, p + ts, x4, ax);                                                                      \
+        ET_SIGN_DOT(u0, u1, p + 2 * ts, x4, ax);                                                                  \
+        ET_SIGN_DOT(v0, v1, p + 3 * ts, x4, ax);                                                                  \
     } while (0)
     for (int64_t kk = 0; kk < kf; kk += 4) ET_ROW4_STEP(wb + kk * 16, xat(x + kk));
     if (kf < k) /* the last 1-3 k: the packed weights past k are zeros, x is read only up to k */
