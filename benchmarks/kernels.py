@@ -8,7 +8,7 @@ embedding). For each, at 1 and 2 threads:
   - GEMV (M=1), q4_0 / q4_1 / q8_0: edgert rotates through >= 1 GiB of distinct weight matrices, so every call
     streams its weights from DRAM (more than any L3 of this class of machine: 32 MB on a Zen 3 EPYC, hundreds of
     MB on large Xeons). Reported as GB/s of weight bytes and as % of the streaming-read bandwidth
-    (lib.et_stream_read) measured in the same run: "% stream" through one edgert.BoundMatMul per matrix (a Python
+    (lib.et_stream_read over the whole pool) measured in alternating rounds with the row's own timings: "% stream" through one edgert.BoundMatMul per matrix (a Python
     run loop), "C call" through et_matmul_ex straight (as the LLM's C forward pass calls the kernels: no per-call
     checks, one output buffer). "read/call" runs the streaming-read loop itself
     on each matrix of the same rotation, one call per matrix: the ceiling at this call size for a kernel that did
@@ -95,16 +95,20 @@ class WeightPool:
         return [eq.QTensor.from_raw(fmt, shape, self.buf[i * size : (i + 1) * size]) for i in range(count)]
 
 
-def stream_bandwidth(buf: np.ndarray, threads: int, reps: int) -> float:
+def stream_run(buf: np.ndarray, threads: int):
+    """a call of the streaming-read loop over all of buf"""
     out = ffi.new("uint64_t *")
     ptr = ffi.cast("void *", buf.ctypes.data)
-    t = best_time(lambda: native.check(lib.et_stream_read(ptr, buf.nbytes, threads, out)), reps)
-    return buf.nbytes / t / 1e9
+    return lambda: native.check(lib.et_stream_read(ptr, buf.nbytes, threads, out))
 
 
-def stream_per_call(mats: list, threads: int, passes: int) -> float:
-    """seconds per call of the streaming-read loop run on each matrix of the rotation in turn: what a kernel that
-    only read its weights would reach at this call size (each call starts its streams cold and waits for the
+def stream_bandwidth(buf: np.ndarray, threads: int, reps: int) -> float:
+    return buf.nbytes / best_time(stream_run(buf, threads), reps) / 1e9
+
+
+def stream_per_call(mats: list, threads: int):
+    """a pass of the streaming-read loop run on each matrix of the rotation in turn, one call each: what a kernel
+    that only read its weights would reach at this call size (each call starts its streams cold and waits for the
     slowest thread)"""
     out = ffi.new("uint64_t *")
     calls = [(native.ptr(w.raw), w.nbytes) for w in mats]
@@ -115,12 +119,12 @@ def stream_per_call(mats: list, threads: int, passes: int) -> float:
         for p, nb in calls:
             f(p, nb, threads, out)
 
-    return best_time(run, passes) / len(mats)
+    return run
 
 
-def edgert_gemv(mats: list, threads: int, passes: int) -> float:
-    """seconds per call, best pass over all matrices, each through its own edgert.BoundMatMul (how a Python run loop
-    calls it: buffers kept per product, x checked per call)"""
+def edgert_gemv_run(mats: list, threads: int):
+    """a pass over all matrices, each through its own edgert.BoundMatMul (how a Python run loop calls it: buffers
+    kept per product, x checked per call)"""
     x = np.random.default_rng(1).standard_normal((1, mats[0].shape[1])).astype(np.float32)
     bound = [eq.BoundMatMul(w, 1, threads=threads) for w in mats]
 
@@ -128,11 +132,16 @@ def edgert_gemv(mats: list, threads: int, passes: int) -> float:
         for b in bound:
             b(x)
 
-    return best_time(run, passes) / len(mats)
+    return run
 
 
-def edgert_gemv_c(mats: list, threads: int, passes: int) -> float:
-    """the same rotation as one C call per matrix (et_matmul_ex, pointers made beforehand, one output and scratch),
+def edgert_gemv(mats: list, threads: int, passes: int) -> float:
+    """seconds per call, best pass over all matrices (edgert_gemv_run)"""
+    return best_time(edgert_gemv_run(mats, threads), passes) / len(mats)
+
+
+def edgert_gemv_c(mats: list, threads: int):
+    """a pass of the same rotation as one C call per matrix (et_matmul_ex, pointers made beforehand, one output and scratch),
     as the LLM's forward pass in C calls its kernels: the kernel without BoundMatMul's checks and per-product buffers,
     which the rotation leaves cold"""
     n, k = mats[0].shape
@@ -148,7 +157,7 @@ def edgert_gemv_c(mats: list, threads: int, passes: int) -> float:
         for pw in ptrs:
             f(px, 1, k, k, tid, pw, n, k, py, n, ps, ss, threads)
 
-    return best_time(run, passes) / len(mats)
+    return run
 
 
 def _layouts(fmt: str, mats: list) -> list[tuple[str, list]]:
@@ -378,12 +387,18 @@ def main(argv=None) -> int:
     for n, k in SHAPES:
         np_t = {t: None for t in THREADS}
         for fmt in FORMATS:
-            for label, mats in _layouts(fmt, pool.matrices(fmt, (n, k), min_rotation)):
-                wbytes = mats[0].nbytes
-                for t in THREADS:
-                    et = edgert_gemv(mats, t, 2 if quick else 3)
-                    ec = edgert_gemv_c(mats, t, 2 if quick else 3)
-                    sc = stream_per_call(mats, t, 2 if quick else 3)
+            layouts = _layouts(fmt, pool.matrices(fmt, (n, k), min_rotation))
+            for t in THREADS:
+                # the stream over the whole pool, then per layout: BoundMatMul, C call, read per call, all in
+                # alternating rounds, so every % below divides figures taken in the same phases of the machine
+                fns = [stream_run(pool.buf, t)]
+                for _, mats in layouts:
+                    fns += [edgert_gemv_run(mats, t), edgert_gemv_c(mats, t), stream_per_call(mats, t)]
+                times = alternating_best(fns, 2 if quick else 3, 0.0, set())
+                st = pool.buf.nbytes / times[0] / 1e9
+                for li, (label, mats) in enumerate(layouts):
+                    wbytes = mats[0].nbytes
+                    et, ec, sc = (tm / len(mats) for tm in times[1 + 3 * li: 4 + 3 * li])
                     gbs = wbytes / et / 1e9
                     op = PEER_OP[fmt]
                     key = (op, n, k, t)
@@ -399,11 +414,11 @@ def main(argv=None) -> int:
                     if np_t[t] is None and not quick:
                         np_t[t] = numpy_time(n, k, 1, 20, t, blas_threads)
                     rows.append(["GEMV M=1", f"{n}x{k}", label, str(t), fmt_us(et), f"{gbs:.1f} GB/s",
-                                 f"{100 * gbs / stream[t]:.0f}%", f"{100 * wbytes / ec / 1e9 / stream[t]:.0f}%",
-                                 f"{100 * wbytes / sc / 1e9 / stream[t]:.0f}%",
+                                 f"{100 * gbs / st:.0f}%", f"{100 * wbytes / ec / 1e9 / st:.0f}%",
+                                 f"{100 * wbytes / sc / 1e9 / st:.0f}%",
                                  f"{op} ({where})" if pt else "-", fmt_us(pt),
                                  fmt_ratio(pt, et), fmt_us(np_t[t]), fmt_ratio(np_t[t], et)])
-                del mats
+            del layouts
 
     # GEMV on weights a large L3 holds (a small model's decode on this machine): x16 against the GGUF rows
     for n, k in SHAPES[:3]:
