@@ -8,11 +8,12 @@ embedding). For each, at 1 and 2 threads:
   - GEMV (M=1), q4_0 / q4_1 / q8_0: edgert rotates through >= 1 GiB of distinct weight matrices, so every call
     streams its weights from DRAM (more than any L3 of this class of machine: 32 MB on a Zen 3 EPYC, hundreds of
     MB on large Xeons). Reported as GB/s of weight bytes and as % of the streaming-read bandwidth
-    (lib.et_stream_read over the whole pool) measured in alternating rounds with the row's own timings: "% stream" through one edgert.BoundMatMul per matrix (a Python
-    run loop), "C call" through et_matmul_ex straight (as the LLM's C forward pass calls the kernels: no per-call
-    checks, one output buffer). "read/call" runs the streaming-read loop itself
-    on each matrix of the same rotation, one call per matrix: the ceiling at this call size for a kernel that did
-    nothing but read (every call starts its streams cold, and a call ends with its slowest thread).
+    (lib.et_stream_read over the whole pool) measured in alternating rounds with the row's own timings: "% stream"
+    through one edgert.BoundMatMul per matrix (a Python run loop), "C call" through et_matmul_ex straight (as the
+    LLM's C forward pass calls the kernels: no per-call checks, one output buffer). "read/call" runs the
+    streaming-read loop itself on each matrix of the same rotation, one call per matrix: the ceiling at this call
+    size for a kernel that did nothing but read (every call starts its streams cold, and a call ends with its
+    slowest thread).
   - "x16" rows: the same matrices repacked (edgert.repack) where the ISA reads that layout with its own kernels.
   - GEMV M=1 L3: rotating through 32 MiB, which this machine's L3 holds, as a small model's decode does: x16
     against the GGUF rows (the ratio column).
@@ -23,8 +24,9 @@ Peers: q4_0/q4_1 against onnxruntime MatMulNBits (bits=4, block_size=32, accurac
 MatMulInteger (int8 weights, activations through DynamicQuantizeLinear, output cast to float and rescaled), and
 numpy float32 x @ w.T. The onnxruntime GEMV peers stream from DRAM too (marked "dram"): sessions of >= 16 distinct
 matrices (chained output -> input when N == K, side by side on one input otherwise), rotated until they have read as
-many weight bytes as edgert's rotation. GEMM peers, like edgert's GEMM, use one cached matrix ("warm"), and are timed in alternating rounds with edgert's
-layouts of the same shape and threads (the VM's slow and fast phases, seconds long, hit both alike).
+many weight bytes as edgert's rotation. GEMM peers, like edgert's GEMM, use one cached matrix ("warm"), and are
+timed in alternating rounds with edgert's layouts of the same shape and threads (the VM's slow and fast phases,
+seconds long, hit both alike).
 The ratio is peer time / edgert time (> 1: edgert is faster). Timings: time.perf_counter, warm-up, best of
 several repetitions (other processes share the CPU).
 
@@ -141,9 +143,9 @@ def edgert_gemv(mats: list, threads: int, passes: int) -> float:
 
 
 def edgert_gemv_c(mats: list, threads: int):
-    """a pass of the same rotation as one C call per matrix (et_matmul_ex, pointers made beforehand, one output and scratch),
-    as the LLM's forward pass in C calls its kernels: the kernel without BoundMatMul's checks and per-product buffers,
-    which the rotation leaves cold"""
+    """a pass of the same rotation as one C call per matrix (et_matmul_ex, pointers made beforehand, one output and
+    scratch), as the LLM's forward pass in C calls its kernels: the kernel without BoundMatMul's checks and
+    per-product buffers, which the rotation leaves cold"""
     n, k = mats[0].shape
     x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
     y = eq.aligned_empty(4 * n, np.float32)
@@ -454,7 +456,6 @@ def main(argv=None) -> int:
                     xo = np.random.default_rng(3).standard_normal((GEMM_M, k)).astype(np.float32)
                     fns.append(lambda: sess.run(None, {"x": xo}))
                 times = alternating_best(fns, 3 if quick else 6, GEMM_WARM_S / 4, {len(layouts)} if ort else set())
-                time.sleep(ORT_SETTLE_S)
                 pt = times[len(layouts)] if ort else None
                 if t not in np_t:
                     np_t[t] = numpy_time(n, k, GEMM_M, 3 if quick else 6, t, blas_threads)

@@ -20,6 +20,7 @@
 #else
 #define ET_PRINTF(a, b)
 #define ET_INLINE static inline
+#define ET_IN_REGISTER(v) ((void)0)
 #endif
 
 /* sets the calling thread's error message and returns status */

@@ -365,7 +365,8 @@ ET_INLINE void packed_segment(int fmt, int H, const pk8 *pk, int nbs, const uint
     }
 }
 
-/* 16 weight rows (two groups of 8: H = 2; the last tile of n <= 8 rows: H = 1) x ET_SEG blocks at a time */
+/* 16 weight rows (two groups of 8: H = 2; the last tile of n <= 8 rows: H = 1) x ET_SEG blocks at a time (the last
+ * ET_SEG_MAX or fewer in one piece) */
 ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x,
                            size_t xs, int64_t m, float *y, size_t ldy) {
     const int64_t nb = k / ET_QK;
