@@ -727,7 +727,7 @@ static int run_matmul_w(const problem *p, int wtype, const void *w, float *y, in
 static void test_x16(void) {
     static const int types[] = {ET_TYPE_Q4_0, ET_TYPE_Q4_1, ET_TYPE_Q8_0};
     static const int64_t ks[] = {32, 96, 4128};
-    static const int64_t ns[] = {1, 3, 12, 16, 17, 33, 64};
+    static const int64_t ns[] = {1, 3, 12, 16, 17, 33, 64, 100}; /* 1-7 tiles: pairs, a partial tile alone or paired */
     static const int64_t ms[] = {1, 2, 3, 5, 16, 17};
     char isas[8][16];
     const int n_isas = isa_list(isas, 8);
