@@ -17,10 +17,14 @@
 /* keeps a SIMD running sum a running sum (x86 vector registers): without it GCC reassociates a chain of adds into all
  * products first and a tree of adds, or keeps copies of the sums on the stack, in the kernels' inner loops */
 #define ET_IN_REGISTER(v) __asm__("" : "+x"(v))
+/* makes GCC treat pointer p as a new value: loads through it are not merged with earlier ones (which would keep their
+ * results live in registers across the code between) */
+#define ET_FRESH_POINTER(p) __asm__("" : "+r"(p))
 #else
 #define ET_PRINTF(a, b)
 #define ET_INLINE static inline
 #define ET_IN_REGISTER(v) ((void)0)
+#define ET_FRESH_POINTER(p) ((void)0)
 #endif
 
 /* sets the calling thread's error message and returns status */
