@@ -32,7 +32,7 @@ ET_INLINE float h2f(et_half h) { return _cvtsh_ss(h); }
  *   - q4: vpmaddubsw (unsigned nibble x signed code) pairs add up in int16 over the whole block (16 products of at
  *     most 15 * 127 = 30480, no saturation), one vpmaddwd widens them; q4_0 then removes its +8 as -8 * sum(qx).
  *   - q8_0: vpmaddubsw(|w|, sign(x, w)) per 4 bytes (a pair is at most 2 * 127 * 127), widened at once.
- * The GGUF rows are transposed 8 x 16 bytes at a time (inserts and dword/qword unpacks) and their scales gathered;
+ * The GGUF rows are transposed 8 x 16 bytes at a time (inserts and dword/qword unpacks) and their scales loaded;
  * the x16 layout (core.h) already holds 16 rows that way, 8 per 32-byte half, so the same kernels read it with
  * plain loads and give the GGUF rows' results bit for bit.
  *   - GEMV (m < ET_PACK_MIN_M): each block is brought into lanes and used at once; one x16 activation row walks two
@@ -147,32 +147,21 @@ ET_INLINE __m256 halves_to_ps(__m256i v, int hi) {
     return _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
 }
 
-/* block b of the 8 GGUF rows at w, ws bytes apart (rofs: each row's byte offset, for the scale gather) -> pk */
-ET_INLINE void pack_rows(int fmt, const uint8_t *w, size_t ws, int nr, __m256i rofs, int64_t b, pk8 *pk) {
+/* block b of the 8 GGUF rows at w, ws bytes apart -> pk */
+ET_INLINE void pack_rows(int fmt, const uint8_t *w, size_t ws, int nr, int64_t b, pk8 *pk) {
     const uint8_t *blk = w + (size_t)b * block_bytes(fmt);
     const uint8_t *qs = blk + (fmt == FMT_Q4_1 ? 4 : 2);
     __m256i p[8];
     transpose_8x16(qs, ws, nr, p);
     if (fmt == FMT_Q8_0) transpose_8x16(qs + 16, ws, nr, p + 4);
     split_quants(fmt, p, pk);
-    /* each row's first dword: d, and (q4_1) m; a gather while the rows' offsets fit its int32 indices */
-    __m256i dm;
-    if (ws <= (size_t)INT32_MAX / 8) {
-        dm = _mm256_i32gather_epi32((const int *)blk, rofs, 1);
-    } else {
-        int32_t v[8];
-        for (int r = 0; r < 8; r++) v[r] = load_i32(tile_row(blk, ws, nr, r));
-        dm = _mm256_loadu_si256((const __m256i *)v);
-    }
+    /* each row's first dword: d, and (q4_1) m; eight loads (a vpgatherdd made the Zen 3 GEMVs 5-18% slower) */
+    const __m256i dm = _mm256_setr_epi32(load_i32(tile_row(blk, ws, nr, 0)), load_i32(tile_row(blk, ws, nr, 1)),
+                                         load_i32(tile_row(blk, ws, nr, 2)), load_i32(tile_row(blk, ws, nr, 3)),
+                                         load_i32(tile_row(blk, ws, nr, 4)), load_i32(tile_row(blk, ws, nr, 5)),
+                                         load_i32(tile_row(blk, ws, nr, 6)), load_i32(tile_row(blk, ws, nr, 7)));
     pk->d = halves_to_ps(dm, 0);
     pk->m = fmt == FMT_Q4_1 ? halves_to_ps(dm, 1) : _mm256_setzero_ps();
-}
-
-/* byte offset of each of a tile's 8 rows from the first (rows past nr: the last valid one); used while
- * ws <= INT32_MAX / 8 */
-ET_INLINE __m256i tile_row_offsets(size_t ws, int nr) {
-    const __m256i r = _mm256_min_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(nr - 1));
-    return _mm256_mullo_epi32(r, _mm256_set1_epi32(ws <= (size_t)INT32_MAX / 8 ? (int)ws : 0));
 }
 
 /* block b of half h (rows 8h..8h+7) of an x16 tile of nb blocks -> pk: plain loads */
@@ -222,7 +211,6 @@ ET_INLINE void add_blocks(int fmt, int H, int C, const pk8 *pk, const block_q8_s
  * bytes (contiguous) are fetched ET_PF_BYTES ahead, a slice per block. */
 ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws, int nr, const uint8_t *x, size_t xs,
                          float *y, size_t ldy) {
-    const __m256i rofs = tile_row_offsets(ws, nr);
     const block_q8_s *xc[ET_TM];
     __m256 acc[1][ET_TM];
     for (int c = 0; c < C; c++) xc[c] = (const block_q8_s *)(x + (size_t)c * xs), acc[0][c] = _mm256_setzero_ps();
@@ -233,7 +221,7 @@ ET_INLINE void gemv_tile(int fmt, int C, int64_t nb, const uint8_t *w, size_t ws
         if (short_rows)
             for (size_t o = 0; o < slice; o += 64) _mm_prefetch((const char *)(pf + (size_t)b * slice + o), _MM_HINT_T0);
         pk8 pk;
-        pack_rows(fmt, w, ws, nr, rofs, b, &pk);
+        pack_rows(fmt, w, ws, nr, b, &pk);
         add_blocks(fmt, 1, C, &pk, xc, b, acc);
     }
     for (int c = 0; c < C; c++) store_rows(y + (size_t)c * ldy, nr, acc[0][c]);
@@ -430,9 +418,6 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
         const int nr = n - j < 16 ? (int)(n - j) : 16, H = nr > 8 ? 2 : 1;
         const int nrh[2] = {nr < 8 ? nr : 8, nr - 8}; /* valid rows in each group of 8 */
         const uint8_t *tile = w + (size_t)j * ws; /* x16: j / 16 tiles of 16 * ws bytes */
-        __m256i rofs[2];
-        if (!x16)
-            for (int h = 0; h < H; h++) rofs[h] = tile_row_offsets(ws, nrh[h]);
         for (int64_t b0 = 0, nbs; b0 < nb; b0 += nbs) {
             nbs = nb - b0 <= ET_SEG_MAX ? nb - b0 : ET_SEG;
             for (int b = 0; b < nbs; b++)
@@ -440,8 +425,7 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
                     if (x16)
                         pack_x16(fmt, tile, nb, b0 + b, h, &pk[b * H + h]);
                     else
-                        pack_rows(fmt, tile + (size_t)(8 * h) * ws, ws, nrh[h], rofs[h], b0 + b,
-                                  &pk[b * H + h]);
+                        pack_rows(fmt, tile + (size_t)(8 * h) * ws, ws, nrh[h], b0 + b, &pk[b * H + h]);
                 }
             if (H == 2)
                 packed_segment(fmt, 2, pk, nbs, x, xs, m, b0, y + j, ldy, nrh);
