@@ -325,7 +325,7 @@ ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, in
         xc[c] = (const block_q8_s *)(x + (size_t)c * xs);
         acc[0][c] = acc[1][c] = _mm256_setzero_ps();
     }
-    const size_t qb = et_x16_qbytes(fmt_type(fmt)), step = qb + et_x16_sbytes(fmt_type(fmt));
+    const size_t step = et_x16_qbytes(fmt_type(fmt)) + et_x16_sbytes(fmt_type(fmt));
     for (int64_t b = 0; b < nb; b++) {
         x16_prefetch(tile, b, step);
         if (C > 1 && fmt != FMT_Q8_0) {
