@@ -155,11 +155,13 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--n-ctx", type=int, default=2048)
-    ap.add_argument("--worker", choices=["edgert", "llamacpp"])
-    ap.add_argument("--prompt-ids")
+    ap.add_argument("--worker", choices=["edgert", "llamacpp"], help="internal: one engine's run, in a subprocess")
+    ap.add_argument("--prompt-ids", help="internal (with --worker): the prompt's token ids, comma-separated")
     args = ap.parse_args()
 
     if args.worker:
+        if not args.prompt_ids:
+            ap.error("--worker runs one engine on the parent's prompt: it needs --prompt-ids")
         prompt = [int(t) for t in args.prompt_ids.split(",")]
         fn = worker_edgert if args.worker == "edgert" else worker_llamacpp
         print(json.dumps(fn(args.model, args.threads[0], prompt, args.gen_tokens, args.n_ctx)))
