@@ -398,9 +398,10 @@ ET_INLINE void packed_rows(int fmt, int H, int C, const pk8 *pk, int nbs, const 
 
 /* the next packed segment's weights, fetched while this segment's last ET_PF_PASSES passes run. Without it the
  * packing's loads come as a burst after a long stretch of compute, which the hardware prefetcher has not run ahead
- * of, and wait on memory: at one thread, M = 64, 49152x576 and 4096x4096 from DRAM ran 1.1-1.4x faster with it (the
- * GGUF rows, whose 16 rows are 16 streams, gain the most), an L2-held matrix 0.97-0.99x. Up to 16 ranges: an x16
- * tile's quants and scales, or the blocks of each of 16 GGUF rows. */
+ * of, and wait on memory. Measured at one thread (Zen 3) on 49152x576 and 4096x4096, matrices larger than L2:
+ * 1.04-1.19x at M = 64, 1.08-1.45x at M = 16 (the GGUF rows, 16 streams, gain the most); an L2-held matrix
+ * 0.97-0.99x at M = 64, 0.82-0.95x at M = 7-16 (the loop's own cost). Up to 16 ranges: an x16 tile's quants and
+ * scales, or the blocks of each of 16 GGUF rows. */
 typedef struct {
     const uint8_t *at[16], *end[16]; /* at: the next line to fetch (64-byte aligned) */
     int n, r;                        /* ranges, and the one at hand */
