@@ -46,7 +46,7 @@ ET_INLINE float h2f(et_half h) { return _cvtsh_ss(h); }
 #define ET_SEG 16           /* blocks per packed segment (of 16 rows) */
 #define ET_SEG_MAX 20       /* a last stretch of up to this many blocks is one segment (k = 576: 18, not 16 + 2) */
 #define ET_TM 4             /* activation rows per pass over a packed segment (their accumulators stay in registers) */
-#define ET_PF_PASSES 4       /* a packed segment's last passes, which fetch the next segment's weights */
+#define ET_PF_PASSES 4      /* a packed segment's last passes, which fetch the next segment's weights */
 #define ET_PF_BYTES 16384   /* GEMV prefetch distance in the weights' forward stream */
 _Static_assert(ET_PACK_MIN_M - 1 <= ET_TM, "GEMV rows use the packed path's ET_TM-row arrays (add_blocks)");
 
@@ -412,8 +412,8 @@ ET_INLINE void seg_fetch_add(seg_fetch *f, const uint8_t *p, size_t len) {
     f->end[f->n++] = p + len;
 }
 
-/* fetches up to `lines` more lines of f. T1: on AMD it fills L1 as T0 does (measured alike); elsewhere it keeps the
- * lines out of an L1 the current segment is using */
+/* fetches up to `lines` more lines of f. T1 measured alike with T0 on Zen 3; where the levels differ, it keeps the
+ * lines out of the L1 the current segment is using */
 ET_INLINE void seg_fetch_lines(seg_fetch *f, int64_t lines) {
     int r = f->r;
     if (r >= f->n) return;
