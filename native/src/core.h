@@ -133,8 +133,14 @@ typedef struct {
  * and is padded to a multiple of 64 bytes. */
 ET_INLINE size_t et_x16_qbytes(int base) { return base == ET_TYPE_Q8_0 ? 512 : 256; }
 ET_INLINE size_t et_x16_sbytes(int base) { return base == ET_TYPE_Q4_1 ? 64 : 32; }
+ET_INLINE size_t et_x16_block_bytes(int base) { return et_x16_qbytes(base) + et_x16_sbytes(base); }
+/* byte offsets in a tile of nb blocks: block b's quants, and its scales */
+ET_INLINE size_t et_x16_quants_at(int base, int64_t b) { return (size_t)b * et_x16_qbytes(base); }
+ET_INLINE size_t et_x16_scales_at(int base, int64_t nb, int64_t b) {
+    return (size_t)nb * et_x16_qbytes(base) + (size_t)b * et_x16_sbytes(base);
+}
 ET_INLINE size_t et_x16_tile_bytes(int base, int64_t nb) { /* 0 when it would not fit a size_t */
-    const size_t per = et_x16_qbytes(base) + et_x16_sbytes(base);
+    const size_t per = et_x16_block_bytes(base);
     if (nb < 0 || (uint64_t)nb > (SIZE_MAX - 63) / per) return 0;
     return ((size_t)nb * per + 63) & ~(size_t)63;
 }
@@ -156,8 +162,7 @@ ET_INLINE size_t et_block_qs_bytes(int base) { return base == ET_TYPE_Q8_0 ? ET_
 ET_INLINE void et_x16_get_block(int base, const uint8_t *tile, int64_t nb, int r, int64_t b, void *block) {
     uint8_t *blk = block;
     const size_t qs_at = et_block_qs_at(base), qs_bytes = et_block_qs_bytes(base);
-    const uint8_t *q = tile + (size_t)b * et_x16_qbytes(base);
-    const uint8_t *s = tile + (size_t)nb * et_x16_qbytes(base) + (size_t)b * et_x16_sbytes(base);
+    const uint8_t *q = tile + et_x16_quants_at(base, b), *s = tile + et_x16_scales_at(base, nb, b);
     memcpy(blk, s + 2 * r, 2);
     if (base == ET_TYPE_Q4_1) memcpy(blk + 2, s + 32 + 2 * r, 2);
     for (size_t v = 0; v < qs_bytes / 4; v++) memcpy(blk + qs_at + 4 * v, q + 64 * v + 4 * r, 4);

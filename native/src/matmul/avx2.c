@@ -167,9 +167,8 @@ ET_INLINE void pack_rows(int fmt, const uint8_t *w, size_t ws, int nr, int64_t b
 
 /* block b of half h (rows 8h..8h+7) of an x16 tile of nb blocks -> pk: plain loads */
 ET_INLINE void pack_x16(int fmt, const uint8_t *tile, int64_t nb, int64_t b, int h, pk8 *pk) {
-    const size_t qb = et_x16_qbytes(fmt_type(fmt));
-    const uint8_t *q = tile + (size_t)b * qb + 32 * h;
-    const uint8_t *sc = tile + (size_t)nb * qb + (size_t)b * et_x16_sbytes(fmt_type(fmt)) + 16 * h;
+    const uint8_t *q = tile + et_x16_quants_at(fmt_type(fmt), b) + 32 * h;
+    const uint8_t *sc = tile + et_x16_scales_at(fmt_type(fmt), nb, b) + 16 * h;
     __m256i p[8];
     for (int t = 0; t < (fmt == FMT_Q8_0 ? 8 : 4); t++) p[t] = _mm256_loadu_si256((const __m256i *)(q + 64 * t));
     split_quants(fmt, p, pk);
@@ -273,14 +272,13 @@ typedef struct {
 
 /* acc += block b of an x16 tile of nb blocks against activation block xb */
 ET_INLINE acc16 x16_block_step(int fmt, const uint8_t *tile, int64_t nb, int64_t b, const block_q8_s *xb, acc16 acc) {
-    const size_t qb = et_x16_qbytes(fmt_type(fmt));
-    const uint8_t *sc = tile + (size_t)nb * qb + (size_t)b * et_x16_sbytes(fmt_type(fmt));
+    const uint8_t *sc = tile + et_x16_scales_at(fmt_type(fmt), nb, b);
     const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sc));
     const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 16)));
     const __m256 m0 = fmt == FMT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 32))) : d0;
     const __m256 m1 = fmt == FMT_Q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + 48))) : d1;
     __m256i isum[2];
-    x16_block_dots(fmt, tile + (size_t)b * qb, xb, isum);
+    x16_block_dots(fmt, tile + et_x16_quants_at(fmt_type(fmt), b), xb, isum);
     const float ms = xb->d * (float)xb->sum;
     acc.lo = scale_block(fmt, acc.lo, isum[0], d0, m0, xb->d, ms);
     acc.hi = scale_block(fmt, acc.hi, isum[1], d1, m1, xb->d, ms);
@@ -299,7 +297,7 @@ ET_INLINE void x16_prefetch(const uint8_t *tile, int64_t b, size_t step) {
 ET_INLINE void gemv_pair_x16(int fmt, int64_t nb, const uint8_t *ta, const uint8_t *tb, int nrb, const uint8_t *x,
                              float *ya, float *yb) {
     acc16 a = {_mm256_setzero_ps(), _mm256_setzero_ps()}, c = a;
-    const size_t step = et_x16_qbytes(fmt_type(fmt)) + et_x16_sbytes(fmt_type(fmt));
+    const size_t step = et_x16_block_bytes(fmt_type(fmt));
     for (int64_t b = 0; b < nb; b++) {
         x16_prefetch(ta, b, step);
         x16_prefetch(tb, b, step);
@@ -326,7 +324,7 @@ ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, in
         xc[c] = (const block_q8_s *)(x + (size_t)c * xs);
         acc[0][c] = acc[1][c] = _mm256_setzero_ps();
     }
-    const size_t step = et_x16_qbytes(fmt_type(fmt)) + et_x16_sbytes(fmt_type(fmt));
+    const size_t step = et_x16_block_bytes(fmt_type(fmt));
     for (int64_t b = 0; b < nb; b++) {
         x16_prefetch(tile, b, step);
         if (C > 1 && fmt != FMT_Q8_0) {
@@ -405,11 +403,14 @@ ET_INLINE void packed_rows(int fmt, int H, int C, const pk8 *pk, int nbs, const 
 typedef struct {
     const uint8_t *at[16], *end[16]; /* at: the next line to fetch (64-byte aligned) */
     int n, r;                        /* ranges, and the one at hand */
+    int64_t lines;                   /* in all ranges */
 } seg_fetch;
 
 ET_INLINE void seg_fetch_add(seg_fetch *f, const uint8_t *p, size_t len) {
     f->at[f->n] = (const uint8_t *)((uintptr_t)p & ~(uintptr_t)63);
-    f->end[f->n++] = p + len;
+    f->end[f->n] = p + len;
+    f->lines += (int64_t)((f->end[f->n] - f->at[f->n] + 63) / 64);
+    f->n++;
 }
 
 /* fetches up to `lines` more lines of f. T1 measured alike with T0 on Zen 3; where the levels differ, it keeps the
@@ -435,9 +436,8 @@ ET_INLINE void seg_fetch_lines(seg_fetch *f, int64_t lines) {
 ET_INLINE void packed_segment(int fmt, int H, const pk8 *pk, int nbs, const uint8_t *x, size_t xs, int64_t m,
                               int64_t b0, float *y, size_t ldy, const int *nrh, seg_fetch *f) {
     const int64_t passes = (m + ET_TM - 1) / ET_TM, pf = passes < ET_PF_PASSES ? passes : ET_PF_PASSES;
-    int64_t lines = 0, i = 0;
-    for (int r = 0; r < f->n; r++) lines += (f->end[r] - f->at[r] + 63) / 64;
-    const int64_t per = (lines + pf - 1) / pf;
+    const int64_t per = (f->lines + pf - 1) / pf;
+    int64_t i = 0;
     for (; i + ET_TM <= m; i += ET_TM) {
         if (i / ET_TM >= passes - pf) seg_fetch_lines(f, per);
         for (int64_t r = i + ET_TM; b0 == 0 && r < i + 2 * ET_TM && r < m; r++) {
@@ -459,11 +459,30 @@ ET_INLINE void packed_segment(int fmt, int H, const pk8 *pk, int nbs, const uint
 /* blocks per segment from block b0 of nb: ET_SEG, or the last ET_SEG_MAX or fewer in one piece */
 ET_INLINE int64_t seg_blocks(int64_t nb, int64_t b0) { return nb - b0 <= ET_SEG_MAX ? nb - b0 : ET_SEG; }
 
+/* the weights of the segment after blocks [.., b_end) of rows j.. (16 of them): this tile's next blocks, or the next
+ * tile's first; none past n */
+ET_INLINE seg_fetch next_segment(int fmt, int x16, const uint8_t *w, size_t ws, int64_t n, int64_t nb, int64_t j,
+                                 int64_t b_end) {
+    seg_fetch f = {.n = 0, .r = 0, .lines = 0};
+    const int64_t jn = b_end < nb ? j : j + 16, bn = b_end < nb ? b_end : 0, nbn = seg_blocks(nb, bn);
+    if (jn >= n) return f;
+    const uint8_t *tn = w + (size_t)jn * ws; /* x16: a tile of 16 * ws bytes */
+    const int base = fmt_type(fmt);
+    if (x16) {
+        seg_fetch_add(&f, tn + et_x16_quants_at(base, bn), (size_t)nbn * et_x16_qbytes(base));
+        seg_fetch_add(&f, tn + et_x16_scales_at(base, nb, bn), (size_t)nbn * et_x16_sbytes(base));
+    } else {
+        for (int64_t r = jn; r < n && r < jn + 16; r++)
+            seg_fetch_add(&f, tn + (size_t)(r - jn) * ws + (size_t)bn * block_bytes(fmt),
+                          (size_t)nbn * block_bytes(fmt));
+    }
+    return f;
+}
+
 /* 16 weight rows (two groups of 8: H = 2; the last tile of n <= 8 rows: H = 1) x one segment at a time */
 ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t ws, int64_t n, const uint8_t *x,
                            size_t xs, int64_t m, float *y, size_t ldy) {
     const int64_t nb = k / ET_QK;
-    const size_t qb = et_x16_qbytes(fmt_type(fmt)), sb = et_x16_sbytes(fmt_type(fmt));
     _Alignas(32) pk8 pk[2 * ET_SEG_MAX]; /* 22.5 KiB */
     for (int64_t j = 0; j < n; j += 16) {
         const int nr = n - j < 16 ? (int)(n - j) : 16, H = nr > 8 ? 2 : 1;
@@ -478,23 +497,10 @@ ET_INLINE void gemm_packed(int fmt, int x16, int64_t k, const uint8_t *w, size_t
                     else
                         pack_rows(fmt, tile + (size_t)(8 * h) * ws, ws, nrh[h], b0 + b, &pk[b * H + h]);
                 }
-            /* the next segment: this tile's next blocks, or the next tile's first. Not for x16 at m <= ET_TM (one
-             * pass): its tiles are one forward stream the hardware follows when the compute between is short (measured
-             * 0.92-1.10x at m = 4, where the GGUF rows still gained 1.3-1.9x) */
-            seg_fetch f = {.n = 0, .r = 0};
-            const int64_t jn = b0 + nbs < nb ? j : j + 16, bn = b0 + nbs < nb ? b0 + nbs : 0;
-            if (jn < n && (!x16 || m > ET_TM)) {
-                const int64_t nbn = seg_blocks(nb, bn);
-                const uint8_t *tn = w + (size_t)jn * ws;
-                if (x16) {
-                    seg_fetch_add(&f, tn + (size_t)bn * qb, (size_t)nbn * qb);
-                    seg_fetch_add(&f, tn + (size_t)nb * qb + (size_t)bn * sb, (size_t)nbn * sb);
-                } else {
-                    for (int64_t r = jn; r < n && r < jn + 16; r++)
-                        seg_fetch_add(&f, tn + (size_t)(r - jn) * ws + (size_t)bn * block_bytes(fmt),
-                                      (size_t)nbn * block_bytes(fmt));
-                }
-            }
+            /* not for x16 at m <= ET_TM (one pass): its tiles are one forward stream the hardware follows when the
+             * compute between is short (measured 0.92-1.10x at m = 4, where the GGUF rows still gained 1.3-1.9x) */
+            seg_fetch f = {.n = 0, .r = 0, .lines = 0};
+            if (!x16 || m > ET_TM) f = next_segment(fmt, x16, w, ws, n, nb, j, b0 + nbs);
             if (H == 2)
                 packed_segment(fmt, 2, pk, nbs, x, xs, m, b0, y + j, ldy, nrh, &f);
             else

@@ -198,8 +198,7 @@ ET_INLINE void pack_block(int fmt, int sgn, const uint8_t *w, size_t ws, int nr,
 /* block b of an x16 tile of nb blocks (core.h) -> pk: the quants are already transposed and the scales 16 to a
  * vector, so this is loads, the nibble split and the fp16 conversion */
 ET_INLINE void pack_block_x16(int fmt, int sgn, const uint8_t *tile, int64_t nb, int64_t b, pk_block *pk) {
-    const uint8_t *q = tile + (size_t)b * et_x16_qbytes(fmt_type(fmt));
-    const uint8_t *sc = tile + (size_t)nb * et_x16_qbytes(fmt_type(fmt)) + (size_t)b * et_x16_sbytes(fmt_type(fmt));
+    const uint8_t *q = tile + et_x16_quants_at(fmt_type(fmt), b), *sc = tile + et_x16_scales_at(fmt_type(fmt), nb, b);
     if (fmt == FMT_Q8_0) {
         const __m512i flip = _mm512_set1_epi8(sgn ? 0 : (char)0x80);
         for (int t = 0; t < 8; t++) pk->q[t] = _mm512_xor_si512(_mm512_loadu_si512(q + 64 * t), flip);
@@ -462,7 +461,6 @@ ET_INLINE void gemm_gemv(int fmt, int64_t k, const uint8_t *w, size_t ws, int64_
  * whole (missing rows are zeros) and stores its valid rows */
 ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, const uint8_t *x, size_t xs, float *y,
                              size_t ldy, __mmask16 rmask) {
-    const size_t qb = et_x16_qbytes(fmt_type(fmt));
     const block_q8_s *xc[ET_PACK_MIN_M];
     __m512 acc[ET_PACK_MIN_M];
     for (int c = 0; c < C; c++) xc[c] = (const block_q8_s *)(x + (size_t)c * xs), acc[c] = _mm512_setzero_ps();
@@ -470,7 +468,7 @@ ET_INLINE void gemv_tile_x16(int fmt, int C, int64_t nb, const uint8_t *tile, co
      * Near the end of a chunk this runs past it on purpose: a prefetch never faults, and where matrices sit one
      * after another (the LLM's arena) it warms the next one's start (stopping at the chunk end measured 95% -> 90%
      * of stream at 1 thread, no change at 2) */
-    const size_t step = qb + et_x16_sbytes(fmt_type(fmt));
+    const size_t step = et_x16_block_bytes(fmt_type(fmt));
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *pf = tile + (size_t)b * step + ET_X16_PF_BYTES;
         for (size_t o = 0; o < step; o += 64) _mm_prefetch((const char *)(pf + o), _MM_HINT_T1);

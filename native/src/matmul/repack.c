@@ -25,8 +25,7 @@ static int check_args(const char *what, int type, int64_t n, int64_t k, const vo
 
 /* the GGUF block at blk -> block b of row r of an x16 tile of nb blocks (the inverse of et_x16_get_block) */
 static void x16_put_block(int base, uint8_t *tile, int64_t nb, int r, int64_t b, const uint8_t *blk) {
-    uint8_t *q = tile + (size_t)b * et_x16_qbytes(base);
-    uint8_t *s = tile + (size_t)nb * et_x16_qbytes(base) + (size_t)b * et_x16_sbytes(base);
+    uint8_t *q = tile + et_x16_quants_at(base, b), *s = tile + et_x16_scales_at(base, nb, b);
     memcpy(s + 2 * r, blk, 2);
     if (base == ET_TYPE_Q4_1) memcpy(s + 32 + 2 * r, blk + 2, 2);
     for (size_t v = 0; v < et_block_qs_bytes(base) / 4; v++)
@@ -46,7 +45,7 @@ static void repack_task(void *arg, int ith, int nth) {
     const int type = j->type;
     const int64_t nb = j->nb, tiles = et_x16_tiles(j->n);
     const size_t bs = et_row_size(type, ET_QK), rs = (size_t)nb * bs, tile_bytes = et_x16_tile_bytes(type, nb);
-    const size_t used = (size_t)nb * (et_x16_qbytes(type) + et_x16_sbytes(type));
+    const size_t used = (size_t)nb * et_x16_block_bytes(type);
     for (int64_t t = tiles * ith / nth; t < tiles * (ith + 1) / nth; t++) {
         uint8_t *tile = j->out + (size_t)t * tile_bytes;
         const int rows = j->n - 16 * t < 16 ? (int)(j->n - 16 * t) : 16;
