@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import edgert  # noqa: E402
 from edgert.bridge import NpuSim, SerialNpuDevice  # noqa: E402
 from bridge_models import int8_cnn  # noqa: E402
-from onnx_models import ort_run  # noqa: E402
 
 
 def throughput(baud: float, nbytes: int) -> list[tuple]:
@@ -95,7 +94,7 @@ def main() -> int:
     for k, label in (("host_s", "host only (onnxruntime CPU)"), ("total_s", "serial NPU, total"),
                      ("link_s", "  link"), ("device_s", "  device compute"), ("other_s", "  host side (session)")):
         print(f"{label:<28} {r[k] * 1e3:>8.2f}")
-    print(f"\n## bytes over the link per inference vs the plan's prediction")
+    print("\n## bytes over the link per inference vs the plan's prediction")
     print(f"{'':<16} {'measured':>9} {'plan':>9} {'equal':>6}")
     for i, d in enumerate(("to device", "to host")):
         print(f"{d:<16} {r['moved'][i]:>9.0f} {r['plan'][i]:>9.0f} {str(r['moved'][i] == r['plan'][i]):>6}")

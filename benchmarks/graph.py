@@ -16,7 +16,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -29,10 +28,10 @@ import onnxruntime as ort  # noqa: E402
 
 import edgert  # noqa: E402
 from edgert import telemetry  # noqa: E402
-from edgert.delegates.base import median_s  # noqa: E402
 from edgert.delegates.host import chain_nodes  # noqa: E402
 from edgert.delegates.onnxruntime import inference_session  # noqa: E402
 from edgert.ort_options import session_options  # noqa: E402
+from edgert.timing import alternating, median_s  # noqa: E402
 
 import real_models as R  # noqa: E402
 
@@ -48,18 +47,8 @@ def timeit(fn, runs: int, warmup: int = 3) -> float:
 def interleaved(fa, fb, blocks: int, per: int) -> tuple[float, float, np.ndarray]:
     """Median seconds per call of ``fa`` and ``fb`` measured in alternating blocks (order flipped every block, so
     drift and neighbours' load hit both alike), and the per-block ratios b/a (their spread is the noise)."""
-    for _ in range(3):
-        fa(), fb()
-    ta, tb = [], []
-    for blk in range(blocks):
-        for fn, acc in ((fa, ta), (fb, tb)) if blk % 2 == 0 else ((fb, tb), (fa, ta)):
-            ts = []
-            for _ in range(per):
-                t = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t)
-            acc.append(float(np.median(ts)))
-    ta, tb = np.array(ta), np.array(tb)
+    ta, tb = (np.array([np.median(b) for b in t]) for t in alternating([fa, fb], blocks, calls=per, warmup=1,
+                                                                        flip=True))
     return float(np.median(ta)), float(np.median(tb)), tb / ta
 
 

@@ -43,6 +43,7 @@ import numpy as np
 import edgert.quant as eq
 from edgert import native
 from edgert.native import ffi, lib
+from edgert.timing import alternating
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (49152, 576)]
 FORMATS = ["q4_0", "q4_1", "q8_0"]
@@ -60,17 +61,7 @@ HALF_0_01 = np.array([0.01], dtype=np.float16).view(np.uint8)  # a scale whose p
 
 def best_time(fn, reps: int, warmup: int = 1, warm_s: float = 0.0) -> float:
     """best of reps calls of fn, after warmup calls and at least warm_s seconds of calls"""
-    t_end = time.perf_counter() + warm_s
-    for _ in range(warmup):
-        fn()
-    while time.perf_counter() < t_end:
-        fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(alternating([fn], 1, calls=reps, warmup=warmup, warm_s=warm_s)[0][0])
 
 
 # ---- edgert ----
@@ -182,16 +173,12 @@ def edgert_gemm(w, m: int, threads: int):
 
 
 def alternating_best(fns: list, rounds: int, warm_s: float, settle_after: set) -> list[float]:
-    """best seconds per call of each of fns, timed in alternating rounds (in each: warm_s of calls, then two timed
-    ones, per fn), so the machine's slow and fast phases (seconds long on a shared VM) hit every engine alike; after
-    the fns in settle_after (onnxruntime: its workers spin on after a run) the next waits ORT_SETTLE_S"""
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            best[i] = min(best[i], best_time(fn, 2, warm_s=warm_s))
-            if i in settle_after:
-                time.sleep(ORT_SETTLE_S)
-    return best
+    """best seconds per call of each of fns, timed in alternating rounds (in each: a warm-up call and warm_s of
+    calls, then two timed ones, per fn), so the machine's slow and fast phases (seconds long on a shared VM) hit every
+    engine alike; after the fns in settle_after (onnxruntime: its workers spin on after a run) the next waits
+    ORT_SETTLE_S"""
+    times = alternating(fns, rounds, calls=2, warmup=1, warm_s=warm_s, settle={i: ORT_SETTLE_S for i in settle_after})
+    return [min(min(block) for block in t) for t in times]
 
 
 # ---- onnxruntime ----
@@ -359,7 +346,6 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     pool_bytes = (GIB // 4 if quick else GIB) + (64 << 20)
     min_rotation = pool_bytes - (64 << 20)
-    reps = 2 if quick else 4
     ort = _ort()
     info = native.info()
     notes = [

@@ -17,7 +17,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -31,42 +30,18 @@ import edgert  # noqa: E402
 import edgert.profiles  # noqa: E402
 from edgert.delegates.host_tflite import int8_fc_step  # noqa: E402
 from edgert.formats.tflite import load_tflite  # noqa: E402
+from edgert.timing import alternating, block_means  # noqa: E402
 
 
 def timeit(fn, seconds: float) -> float:
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds / 10:
-        fn()
-        n += 1
-    n = max(n, 1)
-    blocks = []
-    for _ in range(7):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        blocks.append((time.perf_counter() - t) / n)
-    return statistics.median(blocks)
+    """Median seconds per call over 7 blocks of calls, each about seconds / 10 long."""
+    return statistics.median(block_means(alternating([fn], 7, block_s=seconds / 10)[0]))
 
 
 def timeit_pair(fa, fb, seconds: float, rounds: int = 15) -> tuple[float, float, float, float]:
     """Per-call seconds of fa and fb, timed in alternating blocks: (best a, best b, median a, median b)."""
-    ns = []
-    for fn in (fa, fb):
-        fn()
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / (2 * rounds):
-            fn()
-            n += 1
-        ns.append(max(n, 1))
-    blocks: tuple[list, list] = ([], [])
-    for _ in range(rounds):
-        for fn, n, out in zip((fa, fb), ns, blocks):
-            t = time.perf_counter()
-            for _ in range(n):
-                fn()
-            out.append((time.perf_counter() - t) / n)
-    return min(blocks[0]), min(blocks[1]), statistics.median(blocks[0]), statistics.median(blocks[1])
+    a, b = (block_means(t) for t in alternating([fa, fb], rounds, block_s=seconds / (2 * rounds)))
+    return min(a), min(b), statistics.median(a), statistics.median(b)
 
 
 def litert_runner(data: bytes, feeds: dict, threads: int):

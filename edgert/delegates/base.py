@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import DeviceError
+from ..timing import alternating, block_means
 
 
 class CompiledPartition(ABC):
@@ -64,21 +65,6 @@ AUTO_TIMING_BLOCK_S = 500e-6  # timed calls per block: at least this long (a mic
 AUTO_TIMING_WARM_S = 200e-6  # untimed calls at the start of each block
 
 
-def median_s(fn, runs: int = AUTO_TIMING_RUNS, *, warmup: int = 1, budget_s: float | None = None) -> float:
-    """Median wall time of ``fn()`` over ``runs`` calls after ``warmup`` untimed ones; with ``budget_s``, fewer
-    calls (at least 3) once they have taken that long in all."""
-    import time
-
-    for _ in range(warmup):
-        fn()
-    ts: list[float] = []
-    while len(ts) < runs and (budget_s is None or len(ts) < 3 or sum(ts) < budget_s):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
-
-
 def faster_of(first: CompiledPartition, second: CompiledPartition, specs, runs: int = AUTO_TIMING_RUNS):
     """The one of two compilations of the same partition that runs faster on zero-filled inputs; the other is
     closed. Ties keep ``first``. ``specs``: boundary tensor -> (shape, dtype). Each runs as a session runs it (its
@@ -87,7 +73,6 @@ def faster_of(first: CompiledPartition, second: CompiledPartition, specs, runs: 
     untimed) so that a passing disturbance of the machine hits both. Used by ``core="auto"``: a C-core step can be faster alone and
     still slow the partition down, because the cut around it costs the surrounding runtime its fusions and adds a
     call."""
-    import time
 
     def runner(c: CompiledPartition):
         views = getattr(c, "tensor_views", lambda: {})() or {}
@@ -97,32 +82,12 @@ def faster_of(first: CompiledPartition, second: CompiledPartition, specs, runs: 
             return v if v is not None and v.shape == specs[n][0] and v.dtype == specs[n][1] else np.zeros(*specs[n])
         return c.bound_run({n: buf(n) for n in c.inputs}, {n: buf(n) for n in c.outputs})
 
-    fns = (runner(first), runner(second))
-    reps = []
-    for fn in fns:  # warm-up, and how many calls make a block of at least AUTO_TIMING_BLOCK_S
-        fn()
-        t = time.perf_counter()
-        fn()
-        reps.append(max(1, min(1000, int(AUTO_TIMING_BLOCK_S / max(time.perf_counter() - t, 1e-9)))))
-    ts: tuple[list[float], list[float]] = ([], [])
-    spent = 0.0
-    while len(ts[0]) < runs and (len(ts[0]) < 3 or spent < 2 * AUTO_TIMING_BUDGET_S):
-        for fn, n, out in zip(fns, reps, ts):
-            # a block of several calls starts untimed, for AUTO_TIMING_WARM_S: its first call meets what the other
-            # variant left behind (on a small machine the C core's pool workers or the runtime's own threads still
-            # spinning), which a session running one variant never does; one-call blocks picked the C core for a
-            # model it made 15% slower. A partition of a block's length or more runs once a block, with no untimed
-            # start: what its one call meets weighs little, and the warm-up counts in the budget
-            t_warm = time.perf_counter()
-            while n > 1 and time.perf_counter() - t_warm < AUTO_TIMING_WARM_S:
-                fn()
-            spent += time.perf_counter() - t_warm
-            t = time.perf_counter()
-            for _ in range(n):
-                fn()
-            dt = time.perf_counter() - t
-            spent += dt
-            out.append(dt / n)
+    # blocks of several calls start untimed (AUTO_TIMING_WARM_S): their first call meets what the other variant left
+    # behind (on a small machine the C core's pool workers or the runtime's own threads still spinning), which a
+    # session running one variant never does; one-call blocks picked the C core for a model it made 15% slower
+    ts = [block_means(t) for t in alternating((runner(first), runner(second)), runs, block_s=AUTO_TIMING_BLOCK_S,
+                                              max_calls=1000, warm_s=AUTO_TIMING_WARM_S,
+                                              budget_s=2 * AUTO_TIMING_BUDGET_S)]
     if statistics.median(ts[1]) < statistics.median(ts[0]):
         first.close()
         return second

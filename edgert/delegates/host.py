@@ -34,7 +34,8 @@ import numpy as np
 from ..errors import DeviceError, ModelFormatError, NonFiniteError
 from ..quant import (BLOCK, BoundDynamicInt8, BoundMatMul, Int8Weights, PackedQTensor, QTensor, from_matmul_nbits, quantize,
                      repack, repack_pays)
-from .base import CompiledPartition, Delegate, cut_into_steps, faster_of, median_s, register
+from ..timing import median_s
+from .base import CompiledPartition, Delegate, cut_into_steps, faster_of, register
 from .onnxruntime import CPU, OnnxruntimePartition, inference_session, session_options
 
 # error budgets of the C-core paths, as a fraction of max |reference output| (tests and docs name these)
