@@ -6,7 +6,7 @@ reads the x16 layout with its own kernels (``edgert.repack_pays``), the block-fo
 are repacked at load instead (``repack``): the copies replace the file's pages in memory (those are released), and
 loading reads every weight once. Resident memory stays about the same, except that a tied output head is then held
 twice: its x16 copy, and the embedding's pages as tokens bring them back (at most the embedding's size). The C side
-owns the run state and the KV cache (fp16 K by position, fp16 V transposed); their size is ``state_bytes``. This module must not tokenize, sample or talk to users: that is llm.py's job.
+owns the run state and the KV cache (fp16 K transposed in tiles of 32 positions, fp16 V by position); their size is ``state_bytes``. This module must not tokenize, sample or talk to users: that is llm.py's job.
 """
 from __future__ import annotations
 

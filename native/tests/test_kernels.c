@@ -28,6 +28,7 @@
  * ~1/K = 2.4e-4 of it, far above either budget. */
 #define BUDGET_ISA_VS_REF 1e-5    /* any ISA variant vs the scalar reference kernel */
 #define BUDGET_REF_VS_DOUBLE 1e-5 /* reference kernel vs a double dot of dequantized weights and activations */
+#define BUDGET_GEMV_T 1e-5        /* every variant of gemv_t_f16 (reference included) vs a double sum of its terms */
 
 /* quantizer round trips: |x - dequant(quant(x))| <= STEP * |d| + FP16_SLACK * block amax (fp16-rounded scales) */
 #define ROUNDTRIP_STEP_Q4_0 1.0    /* q4_0 maps the far end of the range to q = 15, a whole step short */
@@ -575,6 +576,52 @@ static void test_fp16(void) {
 
 /* ---- error returns ---- */
 
+/* gemv_t_f16 (attention: scores over key tiles, n = 32 columns; values by position, n = head_dim) in every variant
+ * against a double sum, over widths around each ISA's column blocks (8, 16, 32, 64) and row counts with odd tails.
+ * x holds exactly the bytes a call may read (ASan catches a read past them); y has a guard past n. */
+static void test_gemv_t_f16(void) {
+    static const int64_t ns[] = {1, 3, 4, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40, 48, 63, 64, 65, 80, 96, 128, 131};
+    static const int64_t ks[] = {1, 2, 3, 31, 64, 257};
+    char isas[8][16];
+    const int n_isas = isa_list(isas, 8);
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++)
+        for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++)
+            for (int pad = 0; pad <= 5; pad += 5) {
+                const int64_t n = ns[ni], k = ks[ki];
+                const size_t stride = (size_t)n + (size_t)pad, count = (size_t)(k - 1) * stride + (size_t)n;
+                et_half *x = xmalloc(count * sizeof(et_half));
+                float *a = xmalloc((size_t)k * sizeof(float)), *y = xmalloc((size_t)(n + 4) * sizeof(float));
+                double *ref = xmalloc((size_t)n * sizeof(double)), *mag = xmalloc((size_t)n * sizeof(double));
+                for (size_t i = 0; i < count; i++) x[i] = et_fp32_to_fp16(rng_normal());
+                for (int64_t d = 0; d < k; d++) a[d] = rng_normal();
+                for (int64_t j = 0; j < n; j++) {
+                    ref[j] = mag[j] = 0.0;
+                    for (int64_t d = 0; d < k; d++) {
+                        const double t = (double)a[d] * half_value(x[(size_t)d * stride + (size_t)j]);
+                        ref[j] += t, mag[j] += fabs(t);
+                    }
+                }
+                for (int v = 0; v < n_isas; v++) {
+                    const int sel = et_isa_select(isas[v]);
+                    for (int64_t j = 0; j < n + 4; j++) y[j] = -7.0f;
+                    et_active_kernels()->gemv_t_f16(n, k, a, x, stride, y);
+                    double worst = 0.0;
+                    int64_t at = 0;
+                    for (int64_t j = 0; j < n; j++) {
+                        const double rel = fabs(y[j] - ref[j]) / (mag[j] > 0.0 ? mag[j] : 1.0);
+                        if (!(rel <= worst)) worst = rel, at = j;
+                    }
+                    const int guard = y[n] == -7.0f && y[n + 1] == -7.0f && y[n + 2] == -7.0f && y[n + 3] == -7.0f;
+                    check(sel == ET_OK && worst <= BUDGET_GEMV_T && guard,
+                          "gemv_t_f16 %s n=%lld k=%lld stride=%zu: error %.3g of the magnitude at y[%lld] = %g (double "
+                          "%g, budget %.1g)%s", isas[v], (long long)n, (long long)k, stride, worst, (long long)at,
+                          y[at], ref[at], BUDGET_GEMV_T, guard ? "" : ", wrote past y[n - 1]");
+                }
+                free(x), free(a), free(y), free(ref), free(mag);
+            }
+    et_isa_select(NULL);
+}
+
 static void expect_status(int got, int want, const char *what) {
     check(got == want && (want == ET_OK || et_last_error()[0]), "%s: status %d, expected %d (message: '%s')", what, got,
           want, et_last_error());
@@ -965,6 +1012,7 @@ int main(int argc, char **argv) {
     test_quant_roundtrip();
     test_errors();
     test_strided_kernels();
+    test_gemv_t_f16();
     test_matmul_ex();
     test_matmul_sweep();
     test_batch_invariance();

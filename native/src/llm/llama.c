@@ -38,7 +38,8 @@ typedef struct {
     block_q8_s *xq;    /* (n_batch, max_k / 32) quantized activations */
     et_half *key_cache;   /* (layer, kv_head, n_ctx / ET_KT, head_dim, ET_KT): keys transposed within tiles of
                              ET_KT positions, so a tile's scores read one contiguous 4 KB run, one position per lane */
-    et_half *value_cache; /* (layer, kv_dim, n_ctx): transposed, so out = att @ V is a row-major GEMV */
+    et_half *value_cache; /* (layer, kv_head, n_ctx, head_dim): by position, so out = att @ V reads one contiguous
+                             run of len * head_dim values, head_dim columns at a time (gemv_t_f16) */
     size_t bytes;
 } RunState;
 
@@ -263,9 +264,9 @@ static void attention_task(void *arg, int ith, int nth) {
         }
         const float inv = 1.0f / sum;
         for (int j = 0; j < len; j++) att[j] *= inv;
-        /* out = att[0:len] @ V[0:len, g], V stored transposed: hd rows of n_ctx */
+        /* out = att[0:len] @ V[0:len, g], V stored by position: len rows of hd */
         float *out = m->s.xb + (size_t)t * m->q_dim + (size_t)h * hd;
-        kt->gemm_f16(len, vc + (size_t)g * hd * T, T * sizeof(et_half), hd, att, 0, 1, out, 0);
+        kt->gemv_t_f16(hd, len, att, vc + (size_t)g * T * hd, (size_t)hd, out);
     }
 }
 
@@ -307,7 +308,7 @@ static int forward_chunk(et_llama *m, const int32_t *tokens, int n, int pos, flo
         if ((st = matmul(m, &w[ATTN_K], kv_dim, dim, s->xb, n, s->k, &ready, nth))) return st;
         if ((st = matmul(m, &w[ATTN_V], kv_dim, dim, s->xb, n, s->v, &ready, nth))) return st;
 
-        /* RoPE on q and k, then k and v into the cache (fp16, transposed) */
+        /* RoPE on q and k, then k (transposed in tiles) and v (by position) into the fp16 cache */
         for (int t = 0; t < n; t++) {
             const float *cs = s->rope + (size_t)t * hd;
             rope(s->q + (size_t)t * q_dim, c->n_heads, hd, cs);
@@ -317,7 +318,7 @@ static int forward_chunk(et_llama *m, const int32_t *tokens, int n, int pos, flo
                 const size_t g = (size_t)j / hd, d = (size_t)j % hd;
                 kc[(g * m->ctx_tiles + p / ET_KT) * hd * ET_KT + d * ET_KT + p % ET_KT] =
                     et_fp32_to_fp16(s->k[(size_t)t * kv_dim + j]);
-                vc[(size_t)j * T + p] = et_fp32_to_fp16(s->v[(size_t)t * kv_dim + j]);
+                vc[(g * T + p) * hd + d] = et_fp32_to_fp16(s->v[(size_t)t * kv_dim + j]);
             }
         }
 
