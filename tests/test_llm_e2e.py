@@ -49,7 +49,10 @@ def test_chat_template_two_turns_is_chatml(smol):
 
 
 def test_answer_ends_at_end_of_turn(smol):
-    res = smol.chat([{"role": "user", "content": "What is 2 + 2?"}], temperature=0, max_tokens=64)
+    # a question whose greedy answer leads its runner-up by a logit or more at every step on every variant ("The
+    # capital of Japan is Tokyo.", 7 tokens); "What is 2 + 2?" forks at its third token (" is" / " to", 0.02-0.3
+    # apart with the rounding of the attention's exp and sums) into an answer longer than 64 tokens
+    res = smol.chat([{"role": "user", "content": "What is the capital of Japan?"}], temperature=0, max_tokens=64)
     assert res.finish_reason == "stop"
     assert "<|im_end|>" not in res.text
 

@@ -109,9 +109,22 @@ void et_gemv_t_f16_avx512(int64_t n, int64_t k, const float *a, const et_half *x
 void et_gemv_t_f16_neon(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y);
 #endif
 
+/* x[0:n] = exp(x - max) / sum in place, n >= 1: the attention weights of one (token, head) (src/attention/). The
+ * SIMD variants' exp is a polynomial within 2 ulp of expf; any NaN or +Inf in x makes every output NaN. */
+typedef void (*et_softmax_fn)(float *x, int64_t n);
+
+void et_softmax_ref(float *x, int64_t n);
+#if defined(__x86_64__) || defined(_M_X64)
+void et_softmax_avx2(float *x, int64_t n); /* the AVX-512 tables use it too */
+#endif
+#if defined(__aarch64__)
+void et_softmax_neon(float *x, int64_t n);
+#endif
+
 typedef struct {
     const char *name;
     et_gemv_t_f16_fn gemv_t_f16;
+    et_softmax_fn softmax;
     et_quantize_row_fn quantize_row_q8_s; /* NULL: the table uses et_quantize_row_q8_s */
     et_gemm_fn gemm_q4_0;
     et_gemm_fn gemm_q4_1;

@@ -29,6 +29,11 @@
 #define BUDGET_ISA_VS_REF 1e-5    /* any ISA variant vs the scalar reference kernel */
 #define BUDGET_REF_VS_DOUBLE 1e-5 /* reference kernel vs a double dot of dequantized weights and activations */
 #define BUDGET_GEMV_T 1e-5        /* every variant of gemv_t_f16 (reference included) vs a double sum of its terms */
+/* softmax vs double: each output relative, a few ulp of exp, plus the float sum of n terms (n * 2^-24 at worst),
+ * plus the rounding of t = x - max (exp's condition number is |t|); or absolutely below FLT_MIN (the SIMD exp gives 0
+ * where expf gives subnormals) */
+#define BUDGET_SOFTMAX_REL(n, t) (4e-7 + 6e-8 * ((double)(n) + fabs(t)))
+#define BUDGET_SOFTMAX_ABS 2e-38
 
 /* quantizer round trips: |x - dequant(quant(x))| <= STEP * |d| + FP16_SLACK * block amax (fp16-rounded scales) */
 #define ROUNDTRIP_STEP_Q4_0 1.0    /* q4_0 maps the far end of the range to q = 15, a whole step short */
@@ -622,6 +627,50 @@ static void test_gemv_t_f16(void) {
     et_isa_select(NULL);
 }
 
+/* softmax in every variant against double exp, over lengths around each ISA's vector (4, 8) and spreads from equal
+ * scores to ones whose exp underflows; NaN or +Inf anywhere makes every output NaN (as the reference does), -Inf
+ * gives 0. x holds exactly n floats (ASan catches an access past them). */
+static void test_softmax(void) {
+    static const int64_t ns[] = {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 100, 1000, 2049};
+    static const float spreads[] = {0.0f, 1.0f, 10.0f, 60.0f, 200.0f};
+    char isas[8][16];
+    const int n_isas = isa_list(isas, 8);
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++)
+        for (size_t si = 0; si < sizeof spreads / sizeof spreads[0]; si++) {
+            const int64_t n = ns[ni];
+            float *in = xmalloc((size_t)n * sizeof(float)), *x = xmalloc((size_t)n * sizeof(float));
+            double *ref = xmalloc((size_t)n * sizeof(double));
+            double max = -INFINITY, sum = 0.0;
+            for (int64_t j = 0; j < n; j++) in[j] = spreads[si] * rng_normal() + 3.0f, max = fmax(max, in[j]);
+            for (int64_t j = 0; j < n; j++) sum += ref[j] = exp((double)in[j] - max);
+            for (int64_t j = 0; j < n; j++) ref[j] /= sum;
+            for (int v = 0; v < n_isas; v++) {
+                const int sel = et_isa_select(isas[v]);
+                memcpy(x, in, (size_t)n * sizeof(float));
+                et_active_kernels()->softmax(x, n);
+                int64_t bad = -1;
+                for (int64_t j = 0; j < n && bad < 0; j++)
+                    if (!(fabs(x[j] - ref[j]) <= BUDGET_SOFTMAX_REL(n, in[j] - max) * ref[j] + BUDGET_SOFTMAX_ABS)) bad = j;
+                check(sel == ET_OK && bad < 0, "softmax %s n=%lld spread %g: x[%lld] = %.9g, double %.9g", isas[v],
+                      (long long)n, spreads[si], (long long)bad, bad >= 0 ? x[bad] : 0.0, bad >= 0 ? ref[bad] : 0.0);
+                for (int special = 0; special < 3; special++) {
+                    memcpy(x, in, (size_t)n * sizeof(float));
+                    const int64_t at = (n * (special + 1)) / 4 % n;
+                    x[at] = special == 0 ? NAN : special == 1 ? INFINITY : -INFINITY;
+                    et_active_kernels()->softmax(x, n);
+                    int ok = 1;
+                    for (int64_t j = 0; j < n; j++)
+                        ok &= special < 2 ? isnan(x[j]) : j == at ? x[j] == 0.0f || n == 1 : isfinite(x[j]);
+                    check(ok, "softmax %s n=%lld: %s at %lld", isas[v], (long long)n,
+                          special == 0 ? "NaN makes every output NaN" : special == 1 ? "+Inf makes every output NaN"
+                                                                      : "-Inf gives 0", (long long)at);
+                }
+            }
+            free(in), free(x), free(ref);
+        }
+    et_isa_select(NULL);
+}
+
 static void expect_status(int got, int want, const char *what) {
     check(got == want && (want == ET_OK || et_last_error()[0]), "%s: status %d, expected %d (message: '%s')", what, got,
           want, et_last_error());
@@ -1013,6 +1062,7 @@ int main(int argc, char **argv) {
     test_errors();
     test_strided_kernels();
     test_gemv_t_f16();
+    test_softmax();
     test_matmul_ex();
     test_matmul_sweep();
     test_batch_invariance();

@@ -1,12 +1,14 @@
 /* attention/avx2.c — y = a^T x over fp16 rows (see ref.c): 64 columns in eight accumulators (a head of values),
- * then 32, 16 and 8 in two chains each (a tile of keys), then a scalar tail. */
+ * then 32, 16 and 8 in two chains each (a tile of keys), then a scalar tail; and the softmax of a row of scores. */
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #else
 #pragma GCC target("avx2,fma,f16c")
 #endif
+#include <float.h>
 #include <immintrin.h>
+#include <math.h>
 
 #include "../core.h"
 
@@ -42,6 +44,62 @@ void et_gemv_t_f16_avx2(int64_t n, int64_t k, const float *a, const et_half *x, 
         for (int64_t d = 0; d < k; d++) acc = fmaf(a[d], _cvtsh_ss(x[(size_t)d * stride + j]), acc);
         y[j] = acc;
     }
+}
+
+/* exp(t) for t <= 0 (Cephes' expf: t = n ln2 + r, |r| <= ln2 / 2, a degree-7 polynomial in r, times 2^n); below
+ * ln(FLT_MIN) it is 0 (expf gives subnormals there), NaN stays NaN */
+ET_INLINE __m256 exp_nonpos(__m256 t) {
+    const __m256 lo = _mm256_set1_ps(-87.33654f);
+    const __m256 below = _mm256_cmp_ps(t, lo, _CMP_LT_OQ);
+    t = _mm256_max_ps(lo, t); /* NaN stays (the second operand is returned) */
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), t);
+    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(below, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+/* the last n % 8 values, padded with -Inf (no effect on the max, exp 0) */
+ET_INLINE __m256 load_tail(const float *x, int64_t rem) {
+    float buf[8];
+    for (int i = 0; i < 8; i++) buf[i] = i < rem ? x[i] : -INFINITY;
+    return _mm256_loadu_ps(buf);
+}
+
+void et_softmax_avx2(float *x, int64_t n) {
+    const int64_t n8 = n & ~(int64_t)7, rem = n - n8;
+    __m256 m = _mm256_set1_ps(-FLT_MAX);
+    for (int64_t j = 0; j < n8; j += 8) m = _mm256_max_ps(_mm256_loadu_ps(x + j), m); /* NaN is skipped, as in ref */
+    if (rem) m = _mm256_max_ps(load_tail(x + n8, rem), m);
+    m = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0x4E));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, 0xB1));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n8; j += 8) {
+        const __m256 e = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(x + j), m));
+        _mm256_storeu_ps(x + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float tail[8];
+    if (rem) {
+        const __m256 e = exp_nonpos(_mm256_sub_ps(load_tail(x + n8, rem), m));
+        _mm256_storeu_ps(tail, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    sum = _mm256_add_ps(sum, _mm256_permute2f128_ps(sum, sum, 1));
+    sum = _mm256_add_ps(sum, _mm256_shuffle_ps(sum, sum, 0x4E));
+    sum = _mm256_add_ps(sum, _mm256_shuffle_ps(sum, sum, 0xB1));
+    const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
+    for (int64_t j = 0; j < n8; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), inv));
+    for (int64_t i = 0; i < rem; i++) x[n8 + i] = tail[i] * _mm256_cvtss_f32(inv);
 }
 
 #if defined(__clang__)

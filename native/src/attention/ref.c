@@ -1,6 +1,9 @@
 /* attention/ref.c — y[0:n] = sum_d a[d] * x[d][0:n] over fp16 rows x[d] (stride elements apart): attention scores
  * against keys stored transposed (a column per position, so no horizontal sums), and the weighted sum of values
  * stored by position. The reference. */
+#include <float.h>
+#include <math.h>
+
 #include "../core.h"
 
 void et_gemv_t_f16_ref(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y) {
@@ -9,4 +12,17 @@ void et_gemv_t_f16_ref(int64_t n, int64_t k, const float *a, const et_half *x, s
         for (int64_t d = 0; d < k; d++) acc += a[d] * et_fp16_to_fp32(x[(size_t)d * stride + j]);
         y[j] = acc;
     }
+}
+
+void et_softmax_ref(float *x, int64_t n) {
+    float max = -FLT_MAX;
+    for (int64_t j = 0; j < n; j++)
+        if (x[j] > max) max = x[j];
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        x[j] = expf(x[j] - max);
+        sum += x[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < n; j++) x[j] *= inv;
 }

@@ -7,7 +7,6 @@
  * scores take one position per lane with no horizontal sums, and values transposed, so their weighted sum is an
  * f16 GEMV over positions.
  */
-#include <float.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -254,16 +253,7 @@ static void attention_task(void *arg, int ith, int nth) {
         const et_half *kg = kc + (size_t)g * hd * TT;
         for (int p0 = 0; p0 < len; p0 += ET_KT)
             kt->gemv_t_f16(len - p0 < ET_KT ? len - p0 : ET_KT, hd, qs, kg + (size_t)p0 * hd, ET_KT, att + p0);
-        float max = -FLT_MAX;
-        for (int j = 0; j < len; j++)
-            if (att[j] > max) max = att[j];
-        float sum = 0.0f;
-        for (int j = 0; j < len; j++) {
-            att[j] = expf(att[j] - max);
-            sum += att[j];
-        }
-        const float inv = 1.0f / sum;
-        for (int j = 0; j < len; j++) att[j] *= inv;
+        kt->softmax(att, len);
         /* out = att[0:len] @ V[0:len, g], V stored by position: len rows of hd */
         float *out = m->s.xb + (size_t)t * m->q_dim + (size_t)h * hd;
         kt->gemv_t_f16(hd, len, att, vc + (size_t)g * T * hd, (size_t)hd, out);

@@ -602,6 +602,7 @@ static int quantize_row_q8_s_avx2(const float *x, block_q8_s *y, int64_t k) {
 const et_kernels et_kernels_avx2 = {
     .name = "avx2",
     .gemv_t_f16 = et_gemv_t_f16_avx2,
+    .softmax = et_softmax_avx2,
     .gemm_q4_0 = gemm_q4_0_avx2,
     .gemm_q4_1 = gemm_q4_1_avx2,
     .gemm_q8_0 = gemm_q8_0_avx2,

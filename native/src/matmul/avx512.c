@@ -721,6 +721,7 @@ ET_GEMM_FLOAT(ET_KNAME(gemm_f16), load_w_f16)
 const et_kernels et_kernels_avx512vnni = {
     .name = "avx512vnni",
     .gemv_t_f16 = et_gemv_t_f16_avx512,
+    .softmax = et_softmax_avx2,
     .quantize_row_q8_s = quantize_row_q8_s_avx512vnni,
     .gemm_q4_0 = gemm_q4_0_avx512vnni,
     .gemm_q4_1 = gemm_q4_1_avx512vnni,
@@ -735,6 +736,7 @@ const et_kernels et_kernels_avx512vnni = {
 const et_kernels et_kernels_avx512 = {
     .name = "avx512",
     .gemv_t_f16 = et_gemv_t_f16_avx512,
+    .softmax = et_softmax_avx2,
     .quantize_row_q8_s = quantize_row_q8_s_avx512,
     .gemm_q4_0 = gemm_q4_0_avx512,
     .gemm_q4_1 = gemm_q4_1_avx512,

@@ -195,6 +195,7 @@ static int ET_NEON_NAME(quantize_row_q8_s)(const float *x, block_q8_s *y, int64_
 const et_kernels et_kernels_neon_dotprod = {
     .name = "neon",
     .gemv_t_f16 = et_gemv_t_f16_neon,
+    .softmax = et_softmax_neon,
     .gemm_q4_0 = gemm_q4_0_neon_dotprod,
     .gemm_q4_1 = gemm_q4_1_neon_dotprod,
     .gemm_q8_0 = gemm_q8_0_neon_dotprod,
@@ -207,6 +208,7 @@ ET_NEON_END
 const et_kernels et_kernels_neon = {
     .name = "neon",
     .gemv_t_f16 = et_gemv_t_f16_neon,
+    .softmax = et_softmax_neon,
     .gemm_q4_0 = gemm_q4_0_neon,
     .gemm_q4_1 = gemm_q4_1_neon,
     .gemm_q8_0 = gemm_q8_0_neon,

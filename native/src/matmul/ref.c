@@ -99,6 +99,7 @@ ET_GEMM_REF_X16(gemm_q8_0_x16_ref, term_q8_0, block_q8_0, ET_TYPE_Q8_0)
 const et_kernels et_kernels_ref = {
     .name = "ref",
     .gemv_t_f16 = et_gemv_t_f16_ref,
+    .softmax = et_softmax_ref,
     .gemm_q4_0 = gemm_q4_0_ref,
     .gemm_q4_1 = gemm_q4_1_ref,
     .gemm_q8_0 = gemm_q8_0_ref,
