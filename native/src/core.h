@@ -96,17 +96,24 @@ typedef void (*et_gemm_fn)(int64_t k, const void *w, size_t w_stride, int64_t n,
 /* x (k values) -> k/32 block_q8_s, bit for bit what et_quantize_row_q8_s writes; -1 on NaN or Inf */
 typedef int (*et_quantize_row_fn)(const float *x, block_q8_s *y, int64_t k);
 
-/* y[0:n] = sum_d a[d] * x[d * stride + 0:n] for d < k, x fp16: attention scores against transposed keys
- * (src/attention/), one position per lane, no horizontal sums */
-typedef void (*et_gemv_t_f16_fn)(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y);
+/* for each of h rows a_i = a + i * lda: y_i[0:n] = sum_d a_i[d] * x[d * stride + 0:n] for d < k, y_i = y + i * ldy,
+ * x fp16 (src/attention/): the scores of a group of query heads against keys stored transposed (one position per
+ * lane, no horizontal sums), and their weighted sums of values stored by position. The heads of a group share each
+ * row of x as it is loaded and converted. */
+typedef void (*et_gemv_t_f16_fn)(int64_t n, int64_t k, int64_t h, const float *a, size_t lda, const et_half *x,
+                                 size_t stride, float *y, size_t ldy);
 
-void et_gemv_t_f16_ref(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y);
+void et_gemv_t_f16_ref(int64_t n, int64_t k, int64_t h, const float *a, size_t lda, const et_half *x, size_t stride,
+                         float *y, size_t ldy);
 #if defined(__x86_64__) || defined(_M_X64)
-void et_gemv_t_f16_avx2(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y);
-void et_gemv_t_f16_avx512(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y);
+void et_gemv_t_f16_avx2(int64_t n, int64_t k, int64_t h, const float *a, size_t lda, const et_half *x, size_t stride,
+                         float *y, size_t ldy);
+void et_gemv_t_f16_avx512(int64_t n, int64_t k, int64_t h, const float *a, size_t lda, const et_half *x, size_t stride,
+                         float *y, size_t ldy);
 #endif
 #if defined(__aarch64__)
-void et_gemv_t_f16_neon(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y);
+void et_gemv_t_f16_neon(int64_t n, int64_t k, int64_t h, const float *a, size_t lda, const et_half *x, size_t stride,
+                         float *y, size_t ldy);
 #endif
 
 /* x[0:n] = exp(x - max) / sum in place, n >= 1: the attention weights of one (token, head) (src/attention/). The

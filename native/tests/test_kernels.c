@@ -581,46 +581,57 @@ static void test_fp16(void) {
 
 /* ---- error returns ---- */
 
-/* gemv_t_f16 (attention: scores over key tiles, n = 32 columns; values by position, n = head_dim) in every variant
- * against a double sum, over widths around each ISA's column blocks (8, 16, 32, 64) and row counts with odd tails.
- * x holds exactly the bytes a call may read (ASan catches a read past them); y has a guard past n. */
+/* gemv_t_f16 (attention: scores over key tiles, n = 32 columns; values by position, n = head_dim; for a group of h
+ * query heads) in every variant against a double sum, over widths around each ISA's column blocks (8, 16, 32, 64),
+ * row counts with odd tails, and group sizes around AVX2's blocks of four heads. x holds exactly the bytes a call
+ * may read and a the rows it may read (ASan catches a read past them); y has a guard past each head's n values. */
 static void test_gemv_t_f16(void) {
     static const int64_t ns[] = {1, 3, 4, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40, 48, 63, 64, 65, 80, 96, 128, 131};
     static const int64_t ks[] = {1, 2, 3, 31, 64, 257};
+    static const int64_t hs[] = {1, 2, 3, 4, 5, 9};
     char isas[8][16];
     const int n_isas = isa_list(isas, 8);
     for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++)
         for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++)
-            for (int pad = 0; pad <= 5; pad += 5) {
-                const int64_t n = ns[ni], k = ks[ki];
-                const size_t stride = (size_t)n + (size_t)pad, count = (size_t)(k - 1) * stride + (size_t)n;
+            for (size_t hi = 0; hi < sizeof hs / sizeof hs[0]; hi++) {
+                const int64_t n = ns[ni], k = ks[ki], h = hs[hi];
+                const size_t pad = (size_t)(ni + hi) % 2 * 5, stride = (size_t)n + pad, lda = (size_t)k + pad;
+                const size_t ldy = (size_t)n + 4, count = (size_t)(k - 1) * stride + (size_t)n;
                 et_half *x = xmalloc(count * sizeof(et_half));
-                float *a = xmalloc((size_t)k * sizeof(float)), *y = xmalloc((size_t)(n + 4) * sizeof(float));
-                double *ref = xmalloc((size_t)n * sizeof(double)), *mag = xmalloc((size_t)n * sizeof(double));
+                float *a = xmalloc(((size_t)(h - 1) * lda + (size_t)k) * sizeof(float));
+                float *y = xmalloc((size_t)h * ldy * sizeof(float));
+                double *ref = xmalloc((size_t)(h * n) * sizeof(double)), *mag = xmalloc((size_t)(h * n) * sizeof(double));
                 for (size_t i = 0; i < count; i++) x[i] = et_fp32_to_fp16(rng_normal());
-                for (int64_t d = 0; d < k; d++) a[d] = rng_normal();
-                for (int64_t j = 0; j < n; j++) {
-                    ref[j] = mag[j] = 0.0;
-                    for (int64_t d = 0; d < k; d++) {
-                        const double t = (double)a[d] * half_value(x[(size_t)d * stride + (size_t)j]);
-                        ref[j] += t, mag[j] += fabs(t);
+                for (size_t i = 0; i < (size_t)(h - 1) * lda + (size_t)k; i++) a[i] = rng_normal();
+                for (int64_t i = 0; i < h; i++)
+                    for (int64_t j = 0; j < n; j++) {
+                        double r = 0.0, mg = 0.0;
+                        for (int64_t d = 0; d < k; d++) {
+                            const double t = (double)a[(size_t)i * lda + d] * half_value(x[(size_t)d * stride + j]);
+                            r += t, mg += fabs(t);
+                        }
+                        ref[i * n + j] = r, mag[i * n + j] = mg;
                     }
-                }
                 for (int v = 0; v < n_isas; v++) {
                     const int sel = et_isa_select(isas[v]);
-                    for (int64_t j = 0; j < n + 4; j++) y[j] = -7.0f;
-                    et_active_kernels()->gemv_t_f16(n, k, a, x, stride, y);
+                    for (size_t i = 0; i < (size_t)h * ldy; i++) y[i] = -7.0f;
+                    et_active_kernels()->gemv_t_f16(n, k, h, a, lda, x, stride, y, ldy);
                     double worst = 0.0;
-                    int64_t at = 0;
-                    for (int64_t j = 0; j < n; j++) {
-                        const double rel = fabs(y[j] - ref[j]) / (mag[j] > 0.0 ? mag[j] : 1.0);
-                        if (!(rel <= worst)) worst = rel, at = j;
+                    int64_t at = 0, guard = 1;
+                    for (int64_t i = 0; i < h; i++) {
+                        for (int64_t j = 0; j < n; j++) {
+                            const double m = mag[i * n + j];
+                            const double rel = fabs(y[(size_t)i * ldy + j] - ref[i * n + j]) / (m > 0.0 ? m : 1.0);
+                            if (!(rel <= worst)) worst = rel, at = i * n + j;
+                        }
+                        for (size_t j = (size_t)n; j < ldy; j++) guard &= y[(size_t)i * ldy + j] == -7.0f;
                     }
-                    const int guard = y[n] == -7.0f && y[n + 1] == -7.0f && y[n + 2] == -7.0f && y[n + 3] == -7.0f;
                     check(sel == ET_OK && worst <= BUDGET_GEMV_T && guard,
-                          "gemv_t_f16 %s n=%lld k=%lld stride=%zu: error %.3g of the magnitude at y[%lld] = %g (double "
-                          "%g, budget %.1g)%s", isas[v], (long long)n, (long long)k, stride, worst, (long long)at,
-                          y[at], ref[at], BUDGET_GEMV_T, guard ? "" : ", wrote past y[n - 1]");
+                          "gemv_t_f16 %s n=%lld k=%lld h=%lld stride=%zu: error %.3g of the magnitude at head %lld "
+                          "y[%lld] = %g (double %g, budget %.1g)%s", isas[v], (long long)n, (long long)k,
+                          (long long)h, stride, worst, (long long)(at / n), (long long)(at % n),
+                          y[(size_t)(at / n) * ldy + (size_t)(at % n)], ref[at], BUDGET_GEMV_T,
+                          guard ? "" : ", wrote past a head's n values");
                 }
                 free(x), free(a), free(y), free(ref), free(mag);
             }

@@ -1,5 +1,6 @@
-/* attention/avx2.c — y = a^T x over fp16 rows (see ref.c): 64 columns in eight accumulators (a head of values),
- * then 32, 16 and 8 in two chains each (a tile of keys), then a scalar tail; and the softmax of a row of scores. */
+/* attention/avx2.c — y = a^T x over fp16 rows (see ref.c). One head: 64 columns in eight accumulators (a head of
+ * values), then 32, 16 and 8 in two chains each (a tile of keys), then a scalar tail. A group of heads: up to four at
+ * a time sharing each converted row, 16 then 8 columns. And the softmax of a row of scores. */
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
@@ -14,6 +15,13 @@
 
 ET_INLINE __m256 load8(const et_half *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
+/* the cache lines ET_ATT_PF bytes past a row's C vectors: keys and values are read as one forward stream, but in 4 KB
+ * runs (a key tile; 32 positions of values) at whose page boundary the hardware prefetcher stops */
+#define ET_ATT_PF 4096
+ET_INLINE void prefetch_ahead(const et_half *row, int C) {
+    for (int l = 0; l < (C + 3) / 4; l++) _mm_prefetch((const char *)row + ET_ATT_PF + 64 * l, _MM_HINT_T0);
+}
+
 /* y[0:8C] over all k rows, C vectors of 8 columns; P = 2 runs even and odd rows in separate chains (summed at the
  * end) so that C * P >= 8 FMAs are in flight */
 ET_INLINE void cols(int C, int P, int64_t k, const float *a, const et_half *x, size_t stride, float *y) {
@@ -25,6 +33,7 @@ ET_INLINE void cols(int C, int P, int64_t k, const float *a, const et_half *x, s
         for (int p = 0; p < P; p++) {
             const __m256 ad = _mm256_set1_ps(a[d + p]);
             const et_half *row = x + (size_t)(d + p) * stride;
+            prefetch_ahead(row, C);
             for (int c = 0; c < C; c++) acc[p][c] = _mm256_fmadd_ps(ad, load8(row + 8 * c), acc[p][c]);
         }
     for (; d < k; d++)
@@ -33,7 +42,7 @@ ET_INLINE void cols(int C, int P, int64_t k, const float *a, const et_half *x, s
     for (int c = 0; c < C; c++) _mm256_storeu_ps(y + 8 * c, P == 2 ? _mm256_add_ps(acc[0][c], acc[1][c]) : acc[0][c]);
 }
 
-void et_gemv_t_f16_avx2(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y) {
+static void one_head(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y) {
     int64_t j = 0;
     for (; j + 64 <= n; j += 64) cols(8, 1, k, a, x + j, stride, y + j); /* a head of values: one pass */
     if (j + 32 <= n) cols(4, 2, k, a, x + j, stride, y + j), j += 32;  /* a tile of keys */
@@ -43,6 +52,64 @@ void et_gemv_t_f16_avx2(int64_t n, int64_t k, const float *a, const et_half *x, 
         float acc = 0.0f;
         for (int64_t d = 0; d < k; d++) acc = fmaf(a[d], _cvtsh_ss(x[(size_t)d * stride + j]), acc);
         y[j] = acc;
+    }
+}
+
+/* y_i[0:8C] for H heads (H <= 4, C <= 2) over all k rows: each row's C vectors are loaded and converted once and
+ * used by every head (one chain per head and vector) */
+ET_INLINE void heads_cols(int H, int C, int64_t k, const float *a, size_t lda, const et_half *x, size_t stride,
+                          float *y, size_t ldy) {
+    __m256 acc[4][2];
+    for (int i = 0; i < H; i++)
+        for (int c = 0; c < C; c++) acc[i][c] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < k; d++) {
+        const et_half *row = x + (size_t)d * stride;
+        prefetch_ahead(row, C);
+        __m256 xv[2];
+        for (int c = 0; c < C; c++) xv[c] = load8(row + 8 * c);
+        for (int i = 0; i < H; i++) {
+            const __m256 ad = _mm256_set1_ps(a[(size_t)i * lda + d]);
+            for (int c = 0; c < C; c++) acc[i][c] = _mm256_fmadd_ps(ad, xv[c], acc[i][c]);
+        }
+    }
+    for (int i = 0; i < H; i++)
+        for (int c = 0; c < C; c++) _mm256_storeu_ps(y + (size_t)i * ldy + 8 * c, acc[i][c]);
+}
+
+/* one head: the single-head blocks above; a group: up to four heads at a time, 16 then 8 columns per pass over the
+ * rows. SmolLM2-135M's shape (3 heads a group, head_dim 64), one token's attention over 30 layers with K and V cold:
+ * 1100 positions 4.1-4.4 ms one head at a time without the prefetch, 3.7-4.0 ms grouped; 2000 positions 6.3-7.2 ms,
+ * 5.8-6.1 ms. The rest is the cache's bytes (25 MB at 1100 positions) */
+void et_gemv_t_f16_avx2(int64_t n, int64_t k, int64_t h, const float *a, size_t lda, const et_half *x, size_t stride,
+                        float *y, size_t ldy) {
+    for (int64_t i0 = 0; i0 < h; i0 += 4) {
+        const int H = h - i0 < 4 ? (int)(h - i0) : 4;
+        const float *ai = a + (size_t)i0 * lda;
+        float *yi = y + (size_t)i0 * ldy;
+        if (H == 1) {
+            one_head(n, k, ai, x, stride, yi);
+            continue;
+        }
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16) switch (H) { /* constant H and C so the accumulators stay in registers */
+            case 2: heads_cols(2, 2, k, ai, lda, x + j, stride, yi + j, ldy); break;
+            case 3: heads_cols(3, 2, k, ai, lda, x + j, stride, yi + j, ldy); break;
+            default: heads_cols(4, 2, k, ai, lda, x + j, stride, yi + j, ldy); break;
+            }
+        if (j + 8 <= n) {
+            switch (H) {
+            case 2: heads_cols(2, 1, k, ai, lda, x + j, stride, yi + j, ldy); break;
+            case 3: heads_cols(3, 1, k, ai, lda, x + j, stride, yi + j, ldy); break;
+            default: heads_cols(4, 1, k, ai, lda, x + j, stride, yi + j, ldy); break;
+            }
+            j += 8;
+        }
+        for (; j < n; j++)
+            for (int i = 0; i < H; i++) {
+                float acc = 0.0f;
+                for (int64_t d = 0; d < k; d++) acc = fmaf(ai[(size_t)i * lda + d], _cvtsh_ss(x[(size_t)d * stride + j]), acc);
+                yi[(size_t)i * ldy + j] = acc;
+            }
     }
 }
 

@@ -12,7 +12,7 @@
 
 ET_INLINE __m512 load16(const et_half *p, __mmask16 mk) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, p)); }
 
-void et_gemv_t_f16_avx512(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y) {
+static void one_head(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y) {
     int64_t j = 0;
     for (; j + 32 <= n; j += 32) {
         /* four chains (even and odd d) so the fma latency overlaps */
@@ -41,6 +41,12 @@ void et_gemv_t_f16_avx512(int64_t n, int64_t k, const float *a, const et_half *x
             acc = _mm512_fmadd_ps(_mm512_set1_ps(a[d]), load16(x + (size_t)d * stride + j, mk), acc);
         _mm512_mask_storeu_ps(y + j, mk, acc);
     }
+}
+
+/* the heads one at a time (each converts the rows of x again) */
+void et_gemv_t_f16_avx512(int64_t n, int64_t k, int64_t h, const float *a, size_t lda, const et_half *x, size_t stride,
+                         float *y, size_t ldy) {
+    for (int64_t i = 0; i < h; i++) one_head(n, k, a + (size_t)i * lda, x, stride, y + (size_t)i * ldy);
 }
 
 #if defined(__clang__)

@@ -9,7 +9,7 @@
 
 ET_INLINE float32x4_t load4(const et_half *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
 
-void et_gemv_t_f16_neon(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y) {
+static void one_head(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y) {
     int64_t j = 0;
     for (; j + 32 <= n; j += 32) {
         float32x4_t acc[8];
@@ -44,6 +44,12 @@ void et_gemv_t_f16_neon(int64_t n, int64_t k, const float *a, const et_half *x, 
         for (int64_t d = 0; d < k; d++) acc = fmaf(a[d], et_fp16_to_fp32(x[(size_t)d * stride + j]), acc);
         y[j] = acc;
     }
+}
+
+/* the heads one at a time (each converts the rows of x again) */
+void et_gemv_t_f16_neon(int64_t n, int64_t k, int64_t h, const float *a, size_t lda, const et_half *x, size_t stride,
+                         float *y, size_t ldy) {
+    for (int64_t i = 0; i < h; i++) one_head(n, k, a + (size_t)i * lda, x, stride, y + (size_t)i * ldy);
 }
 
 /* exp(t) for t <= 0, as attention/avx2.c's exp_nonpos (same polynomial and the same 0 below ln(FLT_MIN)) */

@@ -81,8 +81,7 @@ static int check_tensor(const et_tensor *t, const char *what, int layer, int64_t
     return ET_OK;
 }
 
-#define ET_KT 32             /* positions per key tile */
-#define ET_MAX_HEAD_DIM 1024 /* a query head's scaled copy lives on the stack of each attention task */
+#define ET_KT 32 /* positions per key tile */
 
 static int check_config(const et_llama_config *c) {
     const int32_t v[] = {c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads, c->head_dim,
@@ -92,8 +91,6 @@ static int check_config(const et_llama_config *c) {
     if (c->n_heads % c->n_kv_heads)
         return et_error(ET_ERR_INVALID, "n_heads=%d must be a multiple of n_kv_heads=%d", c->n_heads, c->n_kv_heads);
     if (c->head_dim % 2) return et_error(ET_ERR_INVALID, "head_dim=%d must be even (RoPE rotates pairs)", c->head_dim);
-    if (c->head_dim > ET_MAX_HEAD_DIM)
-        return et_error(ET_ERR_INVALID, "head_dim=%d is larger than %d", c->head_dim, ET_MAX_HEAD_DIM);
     if (!(c->rope_base > 0.0f) || !(c->norm_eps > 0.0f) || !isfinite(c->rope_base) || !isfinite(c->norm_eps))
         return et_error(ET_ERR_INVALID, "rope_base and norm_eps must be positive and finite");
     return ET_OK;
@@ -224,9 +221,10 @@ static void rope(float *v, int n_heads, int hd, const float *cs) {
 typedef struct {
     et_llama *m;
     int layer, n, pos;
-    atomic_int next; /* next (token, head) task */
+    atomic_int next; /* next (token, kv head) task */
 } attn_job;
 
+/* one task per (token, kv head): the group of query heads that share it read its keys and values once, together */
 static void attention_task(void *arg, int ith, int nth) {
     (void)ith;
     (void)nth;
@@ -242,21 +240,22 @@ static void attention_task(void *arg, int ith, int nth) {
     const et_half *vc = m->s.value_cache + (size_t)job->layer * kv_dim * T;
     for (;;) {
         const int task = atomic_fetch_add(&job->next, 1);
-        if (task >= job->n * c->n_heads) break;
-        const int t = task / c->n_heads, h = task % c->n_heads, g = h / group;
+        if (task >= job->n * c->n_kv_heads) break;
+        const int t = task / c->n_kv_heads, g = task % c->n_kv_heads, h0 = g * group;
         const int len = job->pos + t + 1; /* causal: positions 0 .. pos+t */
-        const float *q = m->s.q + (size_t)t * m->q_dim + (size_t)h * hd;
-        float *att = m->s.att + (size_t)task * T;
+        /* the group's queries (heads h0.., hd apart), scaled in place: this layer reads them nowhere else */
+        float *q = m->s.q + (size_t)t * m->q_dim + (size_t)h0 * hd;
+        for (int d = 0; d < group * hd; d++) q[d] *= scale;
+        float *att = m->s.att + ((size_t)t * c->n_heads + (size_t)h0) * T; /* one row of T per head */
         /* scores = q . K[0:len, g] / sqrt(hd), one position per lane over the transposed keys */
-        float qs[ET_MAX_HEAD_DIM];
-        for (int d = 0; d < hd; d++) qs[d] = q[d] * scale;
         const et_half *kg = kc + (size_t)g * hd * TT;
         for (int p0 = 0; p0 < len; p0 += ET_KT)
-            kt->gemv_t_f16(len - p0 < ET_KT ? len - p0 : ET_KT, hd, qs, kg + (size_t)p0 * hd, ET_KT, att + p0);
-        kt->softmax(att, len);
+            kt->gemv_t_f16(len - p0 < ET_KT ? len - p0 : ET_KT, hd, group, q, (size_t)hd, kg + (size_t)p0 * hd, ET_KT,
+                           att + p0, T);
+        for (int i = 0; i < group; i++) kt->softmax(att + (size_t)i * T, len);
         /* out = att[0:len] @ V[0:len, g], V stored by position: len rows of hd */
-        float *out = m->s.xb + (size_t)t * m->q_dim + (size_t)h * hd;
-        kt->gemv_t_f16(hd, len, att, vc + (size_t)g * T * hd, (size_t)hd, out);
+        float *out = m->s.xb + (size_t)t * m->q_dim + (size_t)h0 * hd;
+        kt->gemv_t_f16(hd, len, group, att, T, vc + (size_t)g * T * hd, (size_t)hd, out, (size_t)hd);
     }
 }
 
