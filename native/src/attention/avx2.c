@@ -23,7 +23,7 @@ ET_INLINE void prefetch_ahead(const et_half *row, int C) {
 }
 
 /* y[0:8C] over all k rows, C vectors of 8 columns; P = 2 runs even and odd rows in separate chains (summed at the
- * end) so that C * P >= 8 FMAs are in flight */
+ * end): C * P independent FMA chains (8 for a head of values, C = 8, and for a tile of keys, C = 4) */
 ET_INLINE void cols(int C, int P, int64_t k, const float *a, const et_half *x, size_t stride, float *y) {
     __m256 acc[2][8];
     for (int p = 0; p < P; p++)

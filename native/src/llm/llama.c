@@ -3,9 +3,9 @@
  * Config (hyper-parameters), Weights (pointers into the caller's memory, e.g. a memory-mapped GGUF) and RunState
  * (activations + KV cache, allocated once by et_llama_build) are separate. The forward pass never allocates.
  * Projections go through the kernel table (GEMM for a batch of tokens, GEMV for one); attention runs per
- * (token, head) pair on the thread pool, over an fp16 KV cache: keys transposed within tiles of 32 positions, so the
- * scores take one position per lane with no horizontal sums, and values transposed, so their weighted sum is an
- * f16 GEMV over positions.
+ * (token, kv head) on the thread pool, the query heads of the group together, over an fp16 KV cache: keys transposed
+ * within tiles of 32 positions, so the scores take one position per lane with no horizontal sums, and values by
+ * position, so their weighted sum reads one contiguous run; both through gemv_t_f16.
  */
 #include <math.h>
 #include <stdatomic.h>
