@@ -42,17 +42,20 @@ ET_INLINE void cols(int C, int P, int64_t k, const float *a, const et_half *x, s
     for (int c = 0; c < C; c++) _mm256_storeu_ps(y + 8 * c, P == 2 ? _mm256_add_ps(acc[0][c], acc[1][c]) : acc[0][c]);
 }
 
+/* one column past the vector blocks: sum_d a[d] * x[d * stride] */
+ET_INLINE float col_dot(int64_t k, const float *a, const et_half *x, size_t stride) {
+    float acc = 0.0f;
+    for (int64_t d = 0; d < k; d++) acc = fmaf(a[d], _cvtsh_ss(x[(size_t)d * stride]), acc);
+    return acc;
+}
+
 static void one_head(int64_t n, int64_t k, const float *a, const et_half *x, size_t stride, float *y) {
     int64_t j = 0;
     for (; j + 64 <= n; j += 64) cols(8, 1, k, a, x + j, stride, y + j); /* a head of values: one pass */
     if (j + 32 <= n) cols(4, 2, k, a, x + j, stride, y + j), j += 32;  /* a tile of keys */
     if (j + 16 <= n) cols(2, 2, k, a, x + j, stride, y + j), j += 16;
     if (j + 8 <= n) cols(1, 2, k, a, x + j, stride, y + j), j += 8;
-    for (; j < n; j++) {
-        float acc = 0.0f;
-        for (int64_t d = 0; d < k; d++) acc = fmaf(a[d], _cvtsh_ss(x[(size_t)d * stride + j]), acc);
-        y[j] = acc;
-    }
+    for (; j < n; j++) y[j] = col_dot(k, a, x + j, stride);
 }
 
 /* y_i[0:8C] for H heads (H <= 4, C <= 2) over all k rows: each row's C vectors are loaded and converted once and
@@ -76,6 +79,16 @@ ET_INLINE void heads_cols(int H, int C, int64_t k, const float *a, size_t lda, c
         for (int c = 0; c < C; c++) _mm256_storeu_ps(y + (size_t)i * ldy + 8 * c, acc[i][c]);
 }
 
+/* heads_cols with H (2..4) made a constant, so the accumulators stay in registers */
+ET_INLINE void heads_block(int H, int C, int64_t k, const float *a, size_t lda, const et_half *x, size_t stride,
+                           float *y, size_t ldy) {
+    switch (H) {
+    case 2: heads_cols(2, C, k, a, lda, x, stride, y, ldy); break;
+    case 3: heads_cols(3, C, k, a, lda, x, stride, y, ldy); break;
+    default: heads_cols(4, C, k, a, lda, x, stride, y, ldy); break;
+    }
+}
+
 /* one head: the single-head blocks above; a group: up to four heads at a time, 16 then 8 columns per pass over the
  * rows. SmolLM2-135M's shape (3 heads a group, head_dim 64), one token's attention over 30 layers with K and V cold:
  * 1100 positions 4.1-4.4 ms one head at a time without the prefetch, 3.7-4.0 ms grouped; 2000 positions 6.3-7.2 ms,
@@ -91,25 +104,10 @@ void et_gemv_t_f16_avx2(int64_t n, int64_t k, int64_t h, const float *a, size_t 
             continue;
         }
         int64_t j = 0;
-        for (; j + 16 <= n; j += 16) switch (H) { /* constant H and C so the accumulators stay in registers */
-            case 2: heads_cols(2, 2, k, ai, lda, x + j, stride, yi + j, ldy); break;
-            case 3: heads_cols(3, 2, k, ai, lda, x + j, stride, yi + j, ldy); break;
-            default: heads_cols(4, 2, k, ai, lda, x + j, stride, yi + j, ldy); break;
-            }
-        if (j + 8 <= n) {
-            switch (H) {
-            case 2: heads_cols(2, 1, k, ai, lda, x + j, stride, yi + j, ldy); break;
-            case 3: heads_cols(3, 1, k, ai, lda, x + j, stride, yi + j, ldy); break;
-            default: heads_cols(4, 1, k, ai, lda, x + j, stride, yi + j, ldy); break;
-            }
-            j += 8;
-        }
+        for (; j + 16 <= n; j += 16) heads_block(H, 2, k, ai, lda, x + j, stride, yi + j, ldy);
+        if (j + 8 <= n) heads_block(H, 1, k, ai, lda, x + j, stride, yi + j, ldy), j += 8;
         for (; j < n; j++)
-            for (int i = 0; i < H; i++) {
-                float acc = 0.0f;
-                for (int64_t d = 0; d < k; d++) acc = fmaf(ai[(size_t)i * lda + d], _cvtsh_ss(x[(size_t)d * stride + j]), acc);
-                yi[(size_t)i * ldy + j] = acc;
-            }
+            for (int i = 0; i < H; i++) yi[(size_t)i * ldy + j] = col_dot(k, ai + (size_t)i * lda, x + j, stride);
     }
 }
 
